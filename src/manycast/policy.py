@@ -75,24 +75,23 @@ def striped(space: AddressSpace, servers: Iterable[str], portions: int) -> Alloc
     portions, every third to each of three servers), so each server gets a piece of
     every region of the space.
 
-    Portions are runs of the bit-reversed bucket index: with a power-of-two count P,
-    portion j is every bucket whose low index bits equal j, a single value/mask pair
-    (Fig 7C's interleaved masks), dealt to server j mod N; other counts are as even
-    as the buckets allow.
+    Portions are runs of buckets; in an interleaved space (the default) a run is a
+    value/mask pair on the low-order address bits, and with a power-of-two count
+    the portion whose low bits equal v goes to server v mod N (Fig 7C's masks).
+    Other counts are as even as the buckets allow.
     """
     ordered = _check_servers(servers)
     if not len(ordered) <= portions <= space.buckets:
         raise PolicyError(f"portions must be between {len(ordered)} and {space.buckets}")
     sizes = apportion(space.buckets, {f"{i:08d}": 1 for i in range(portions)})
     deal = list(range(portions))
-    if portions & (portions - 1) == 0:
-        # Number each portion by its low index bits, so that server k gets the
-        # buckets whose low bits are k modulo the pool size: one pair when it divides.
+    if portions & (portions - 1) == 0 and space.interleave:
+        # Run j of a power-of-two count fixes the low address bits to reverse(j):
+        # deal by that value, so server k gets the sources whose low bits are k
+        # modulo the pool size, a single value/mask pair when the size divides.
         deal = [int(v) for v in bit_reversal(portions.bit_length() - 1)]
     runs = [(ordered[deal[i] % len(ordered)], sizes[f"{i:08d}"]) for i in range(portions)]
-    in_reversed_order = Allocation.from_counts(space, runs)
-    owners = in_reversed_order.owners[bit_reversal(space.bits)]
-    return Allocation(space, in_reversed_order.servers, owners)
+    return Allocation.from_counts(space, runs)
 
 
 def reassign(

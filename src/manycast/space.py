@@ -20,7 +20,7 @@ import ipaddress
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Literal
 
 import numpy as np
@@ -156,11 +156,19 @@ class PortionSet:
 
 @dataclass(frozen=True)
 class AddressSpace:
-    """Declared clients (`prefix`) cut into 2**bits buckets by an index field."""
+    """Declared clients (`prefix`) cut into 2**bits buckets by an index field.
+
+    With `interleave` (the default, index on the low-order bits) the bucket number
+    is the field's bits in reverse order, so a run of consecutive buckets fixes
+    the lowest address bits: an equal split among four servers is `addr & 3`, and
+    every server gets a slice of every subnet. Without it, buckets follow the
+    field's natural order and runs are contiguous address ranges.
+    """
 
     prefix: Portion
     bits: int = 16
     shift: int = 0
+    interleave: bool = True
 
     def __post_init__(self) -> None:
         width = self.prefix.width
@@ -169,9 +177,7 @@ class AddressSpace:
         if not 1 <= self.bits <= 24:
             raise SpaceError(f"index bits must be 1..24, not {self.bits}")
         if self.shift < 0 or self.shift + self.bits > width:
-            raise SpaceError(
-                f"index field [{self.shift}, {self.shift + self.bits}) outside {width} bits"
-            )
+            raise SpaceError(f"index field at bit {self.shift} does not fit {width} bits")
         if self.index_mask & self.prefix.mask:
             raise SpaceError(
                 f"index field bits {self.shift}..{self.shift + self.bits - 1} "
@@ -192,12 +198,10 @@ class AddressSpace:
         if length is None:
             raise SpaceError(f"declared space {prefix!r} must be a prefix")
         if index == "low":
-            shift = 0
-        elif index == "high":
-            shift = portion.width - length - bits
-        else:
-            raise SpaceError(f"index must be 'low' or 'high', not {index!r}")
-        return cls(portion, bits, shift)
+            return cls(portion, bits, 0, interleave=True)
+        if index == "high":
+            return cls(portion, bits, portion.width - length - bits, interleave=False)
+        raise SpaceError(f"index must be 'low' or 'high', not {index!r}")
 
     @property
     def family(self) -> int:
@@ -214,30 +218,31 @@ class AddressSpace:
     def contains(self, addr: AddressLike) -> bool:
         return self.prefix.contains(addr)
 
+    def _swap(self, number: int) -> int:
+        """Bucket bits <-> field bits (an involution)."""
+        return _reverse_bits(number, self.bits) if self.interleave else number
+
     def bucket(self, addr: AddressLike) -> int:
         value = address_to_int(addr, self.family)
-        return (value >> self.shift) & (self.buckets - 1)
+        return self._swap((value >> self.shift) & (self.buckets - 1))
+
+    def _pattern(self, value: int, mask: int) -> Portion:
+        """The portion of addresses whose bucket number matches value/mask."""
+        return Portion(
+            self.family,
+            self.prefix.value | (self._swap(value) << self.shift),
+            self.prefix.mask | (self._swap(mask) << self.shift),
+        )
 
     def block(self, start: int, size: int) -> Portion:
         """The portion of an aligned run of `size` (a power of two) buckets from `start`."""
-        index_mask = (self.buckets - 1) & ~(size - 1)
-        return Portion(
-            self.family,
-            self.prefix.value | (start << self.shift),
-            self.prefix.mask | (index_mask << self.shift),
-        )
+        return self._pattern(start, (self.buckets - 1) & ~(size - 1))
 
     def stripe(self, start: int, size: int) -> Portion:
-        """Like `block`, in bit-reversed index order: the buckets whose low index bits
-        equal the reversal of `start` (every (buckets/size)-th bucket)."""
+        """Like `block`, in bit-reversed bucket order: every (buckets/size)-th bucket,
+        those whose low bucket bits equal the reversal of `start`."""
         fixed = self.bits - (size.bit_length() - 1)
-        low_value = int(bit_reversal(self.bits)[start]) if fixed else 0
-        index_mask = (1 << fixed) - 1
-        return Portion(
-            self.family,
-            self.prefix.value | (low_value << self.shift),
-            self.prefix.mask | (index_mask << self.shift),
-        )
+        return self._pattern(_reverse_bits(start, self.bits), (1 << fixed) - 1)
 
     def buckets_of(self, portion: Portion) -> npt.NDArray[np.bool_]:
         """Which buckets `portion` holds whole; SpaceError if it cuts one in part."""
@@ -251,11 +256,17 @@ class AddressSpace:
                 f"portion {portion} selects address bits outside the index field "
                 f"{self.shift}..{self.shift + self.bits - 1}: finer than this space's buckets"
             )
-        mask = (portion.mask & self.index_mask) >> self.shift
-        value = (portion.value & self.index_mask) >> self.shift
+        mask = self._swap((portion.mask & self.index_mask) >> self.shift)
+        value = self._swap((portion.value & self.index_mask) >> self.shift)
         index = np.arange(self.buckets, dtype=np.int64)
         selected: npt.NDArray[np.bool_] = (index & mask) == value
         return selected
+
+    def field_order(self) -> npt.NDArray[np.int64]:
+        """bucket_of_field[f]: the bucket of index-field value f (for table lookups)."""
+        if self.interleave:
+            return bit_reversal(self.bits)
+        return np.arange(self.buckets, dtype=np.int64)
 
     def cover(self, selected: npt.NDArray[np.bool_]) -> PortionSet:
         """The fewest aligned include/exclude portions that select exactly `selected`."""
@@ -322,13 +333,23 @@ def _trie_cover(selected: npt.NDArray[np.bool_]) -> _Plan:
     return plan
 
 
-def bit_reversal(bits: int) -> npt.NDArray[np.int64]:
-    """reversed[i] = i with its `bits` low bits in reverse order."""
+def _reverse_bits(number: int, bits: int) -> int:
+    return int(format(number, f"0{bits}b")[::-1], 2)
+
+
+@lru_cache(maxsize=8)
+def _bit_reversal_cached(bits: int) -> npt.NDArray[np.int64]:
     index = np.arange(1 << bits, dtype=np.int64)
     reversed_index = np.zeros_like(index)
     for bit in range(bits):
         reversed_index |= ((index >> bit) & 1) << (bits - 1 - bit)
+    reversed_index.flags.writeable = False
     return reversed_index
+
+
+def bit_reversal(bits: int) -> npt.NDArray[np.int64]:
+    """reversed[i] = i with its `bits` low bits in reverse order (read-only, cached)."""
+    return _bit_reversal_cached(bits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +481,12 @@ class Allocation:
             return None
         return self.servers[int(self.owners[self.space.bucket(addr)])]
 
+    @cached_property
+    def _by_field(self) -> npt.NDArray[np.int32]:
+        """Owners indexed by the raw index field, so a lookup is one gather."""
+        table: npt.NDArray[np.int32] = self.owners[self.space.field_order()]
+        return table
+
     def owner_many(self, addrs: IntArray) -> npt.NDArray[np.int32]:
         """Owner indices (into `servers`) for many addresses; -1 outside the space.
 
@@ -469,7 +496,7 @@ class Allocation:
         if space.family == 4:
             a = np.asarray(addrs)
             index = (a >> space.shift) & (space.buckets - 1)
-            found: npt.NDArray[np.int32] = self.owners.take(index)
+            found: npt.NDArray[np.int32] = self._by_field.take(index)
             if space.prefix.mask:
                 inside = (a & space.prefix.mask) == space.prefix.value
                 found = np.where(inside, found, np.int32(-1))
@@ -478,7 +505,7 @@ class Allocation:
         if halves.ndim != 2 or halves.shape[1] != 2:
             raise SpaceError("IPv6 addresses must be an (n, 2) array of (high, low) uint64 halves")
         low_mask = (1 << 64) - 1
-        found = self.owners.take(_field(halves, space.shift, space.bits).astype(np.int64))
+        found = self._by_field.take(_field(halves, space.shift, space.bits).astype(np.int64))
         if space.prefix.mask:
             hi_m, lo_m = np.uint64(space.prefix.mask >> 64), np.uint64(space.prefix.mask & low_mask)
             hi_v, lo_v = (
