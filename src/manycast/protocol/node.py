@@ -1,0 +1,107 @@
+"""The one interface every node offers, so any driver can host any node.
+
+A node is a sans-I/O state machine: a driver hands it packets that arrived on
+one of its interfaces and tells it when its deadline has passed; the node hands
+back frames to put on its links. It never reads a clock: every entry point is
+given `now` (seconds, from the driver's clock, virtual or real).
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Interface:
+    """One attachment of a node to a link: its address and the link's network."""
+
+    name: str
+    link: str
+    address: ipaddress.IPv4Address
+    network: ipaddress.IPv4Network
+
+    @property
+    def address_int(self) -> int:
+        return int(self.address)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A packet for a link. `next_hop` is the neighbour's address on that link (an
+    integer IPv4 address); None means every other node on the link."""
+
+    iface: str
+    packet: bytes
+    next_hop: int | None
+
+
+class Timers:
+    """Named deadlines of one node; re-arming a name replaces its deadline."""
+
+    __slots__ = ("_due", "_heap")
+
+    def __init__(self) -> None:
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def arm(self, name: str, at: float) -> None:
+        self._due[name] = at
+        heapq.heappush(self._heap, (at, name))
+
+    def cancel(self, name: str) -> None:
+        self._due.pop(name, None)
+
+    def armed(self, name: str) -> bool:
+        return name in self._due
+
+    def next_deadline(self) -> float | None:
+        heap = self._heap
+        while heap and self._due.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expired(self, now: float) -> list[str]:
+        """Names whose deadline is at or before `now`, each removed once."""
+        fired: list[str] = []
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            at, name = heapq.heappop(heap)
+            if self._due.get(name) == at:
+                del self._due[name]
+                fired.append(name)
+        return fired
+
+
+@dataclass
+class Node(ABC):
+    """Base of routers, servers and clients: interfaces, an outbox and timers."""
+
+    name: str
+    interfaces: dict[str, Interface]
+    outbox: list[Frame] = field(default_factory=list, init=False, repr=False)
+    timers: Timers = field(default_factory=Timers, init=False, repr=False)
+
+    @abstractmethod
+    def start(self, now: float) -> None:
+        """Called once when the node comes up."""
+
+    @abstractmethod
+    def receive(self, iface: str, packet: bytes, now: float) -> None:
+        """A packet arrived on `iface`."""
+
+    @abstractmethod
+    def on_timer(self, now: float) -> None:
+        """The node's deadline has passed (it may be called early; check your timers)."""
+
+    def next_deadline(self) -> float | None:
+        return self.timers.next_deadline()
+
+    def take_frames(self) -> list[Frame]:
+        frames, self.outbox = self.outbox, []
+        return frames
+
+    def send(self, iface: str, packet: bytes, next_hop: int | None) -> None:
+        self.outbox.append(Frame(iface, packet, next_hop))
