@@ -6,6 +6,7 @@ can only fail with `WireError`, never with `IndexError` or `struct.error`.
 
 from __future__ import annotations
 
+import builtins
 import struct
 
 from manycast.wire.errors import WireError
@@ -64,10 +65,10 @@ class Reader:
         value: float = struct.unpack("!d", self._take(8, field))[0]
         return value
 
-    def bytes(self, n: int, field: str = "bytes") -> bytes:
+    def bytes(self, n: int, field: str = "bytes") -> builtins.bytes:
         return self._take(n, field)
 
-    def rest(self) -> bytes:
+    def rest(self) -> builtins.bytes:
         return self._take(self.remaining, "rest")
 
     def sub(self, n: int, field: str) -> Reader:
@@ -76,7 +77,8 @@ class Reader:
 
     def expect_end(self) -> None:
         if self._pos != self._end:
-            raise WireError(f"{self.what}: {self._end - self._pos} trailing bytes at offset {self._pos}")
+            extra = self._end - self._pos
+            raise WireError(f"{self.what}: {extra} trailing bytes at offset {self._pos}")
 
 
 class Writer:
@@ -114,14 +116,14 @@ class Writer:
         self._buf += struct.pack("!d", v)
         return self
 
-    def bytes(self, b: bytes) -> Writer:
+    def bytes(self, b: builtins.bytes) -> Writer:
         self._buf += b
         return self
 
     def patch_u16(self, offset: int, v: int) -> None:
         self._buf[offset : offset + 2] = v.to_bytes(2, "big")
 
-    def getvalue(self) -> bytes:
+    def getvalue(self) -> builtins.bytes:
         return bytes(self._buf)
 
 
