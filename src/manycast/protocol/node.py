@@ -100,7 +100,9 @@ class Node(ABC):
         return self.timers.next_deadline()
 
     def take_frames(self) -> list[Frame]:
-        frames, self.outbox = self.outbox, []
+        # Emptied in place: helpers (a host stack) hold a reference to this list.
+        frames = self.outbox[:]
+        self.outbox.clear()
         return frames
 
     def send(self, iface: str, packet: bytes, next_hop: int | None) -> None:

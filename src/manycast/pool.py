@@ -1,0 +1,161 @@
+"""Build a running pool from a topology: routers, servers and clients as nodes.
+
+The same builder serves every driver; `PoolRun` adds the scenario and the
+measurements a user sees (per-server share, sessions and request rate; the
+clients' outcomes; the recovery time after each disruption).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from manycast.drivers.links import LinkSpec
+from manycast.protocol.client import Client
+from manycast.protocol.coordination import PoolSettings, initial_allocation
+from manycast.protocol.node import Node
+from manycast.protocol.router import Router
+from manycast.protocol.server import Server
+from manycast.topology import Step, Topology
+from manycast.wire import control
+
+
+def settings_for(topology: Topology, wall_base: float = 1.7e9) -> PoolSettings:
+    pool = topology.pool
+    return PoolSettings(
+        group=pool.group,
+        port=pool.port,
+        control_group=pool.control_group,
+        control_port=pool.control_port,
+        space=pool.space,
+        members=tuple(sorted(s.name for s in topology.servers.values() if not s.standby)),
+        policy=pool.policy,
+        portions=pool.portions,
+        weights={s.name: s.weight for s in topology.servers.values()},
+        technique=pool.technique,
+        heartbeat=pool.heartbeat_s,
+        misses=pool.heartbeat_misses,
+        report_interval=pool.report_interval_s,
+        wall_base=wall_base,
+    )
+
+
+@dataclass
+class Nodes:
+    routers: dict[str, Router]
+    servers: dict[str, Server]
+    standby: dict[str, Server]
+    clients: dict[str, Client]
+    links: list[LinkSpec]
+
+    def running(self) -> list[Node]:
+        return [*self.routers.values(), *self.servers.values(), *self.clients.values()]
+
+
+def build(topology: Topology, seed: int = 0, wall_base: float = 1.7e9) -> Nodes:
+    """Every node of the topology, each with its own random stream from `seed`."""
+    settings = settings_for(topology, wall_base)
+    initial = initial_allocation(settings)
+    pool = topology.pool
+
+    def rng(name: str) -> random.Random:
+        return random.Random(f"{seed}:{name}")
+
+    routers = {
+        name: Router(
+            name,
+            topology.interfaces[name],
+            [(r.network, r.iface, r.next_hop) for r in topology.routes[name]],
+            topology.router_ifaces[name],
+            hold_time=pool.report_interval_s * 3.5,
+        )
+        for name in topology.routers
+    }
+    servers: dict[str, Server] = {}
+    standby: dict[str, Server] = {}
+    for spec in topology.servers.values():
+        server = Server(
+            spec.name,
+            topology.interfaces[spec.name],
+            topology.gateways[spec.name],
+            settings,
+            rng(spec.name),
+            initial=None if spec.standby else initial,
+        )
+        (standby if spec.standby else servers)[spec.name] = server
+
+    def resolve(name: str) -> tuple[Any, int]:
+        if name != pool.name:
+            raise LookupError(f"unknown service {name!r}")
+        return pool.group, pool.port
+
+    clients = {
+        spec.name: Client(
+            spec.name,
+            topology.interfaces[spec.name],
+            topology.gateways[spec.name],
+            pool.name,
+            resolve,
+            spec.rate,
+            rng(spec.name),
+        )
+        for spec in topology.clients.values()
+    }
+    return Nodes(routers, servers, standby, clients, list(topology.links.values()))
+
+
+class Host(Protocol):
+    """What the scenario needs of a driver."""
+
+    now: float
+
+    def add(self, node: Node) -> None: ...
+
+    def kill(self, name: str) -> Node: ...
+
+
+@dataclass
+class EventRecord:
+    at: float
+    what: str
+
+
+@dataclass
+class Scenario:
+    """Carries out the topology's timed steps on a running pool."""
+
+    topology: Topology
+    nodes: Nodes
+    host: Host
+    events: list[EventRecord] = field(default_factory=list)
+    dead: set[str] = field(default_factory=set)
+
+    def step(self, step: Step) -> None:
+        now = self.host.now
+        action, args = step.action, step.args
+        if action == "kill":
+            name = args["server"]
+            if name in self.nodes.servers and name not in self.dead:
+                self.host.kill(name)
+                self.dead.add(name)
+        elif action == "add":
+            name = args["server"]
+            server = self.nodes.standby.pop(name, None)
+            if server is not None:
+                self.nodes.servers[name] = server
+                self.host.add(server)
+        elif action == "set_share":
+            self._command(control.SetShareOp(args["server"], args["share"]), now)
+        elif action == "rebalance":
+            self._command(control.RebalanceOp(float(args["target"]), ()), now)
+        elif action == "client_rate":
+            for client in self.nodes.clients.values():
+                if client.name.rstrip("0123456789") == args["clients"]:
+                    client.set_rate(float(args["rate"]), now)
+        self.events.append(EventRecord(now, step.describe()))
+
+    def _command(self, op: control.PolicyOp, now: float) -> None:
+        live = sorted(n for n in self.nodes.servers if n not in self.dead)
+        if live:
+            self.nodes.servers[live[0]].command(op, now)

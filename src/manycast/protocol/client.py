@@ -1,0 +1,205 @@
+"""A manycast client: resolves the service, keeps a session open, sends requests.
+
+The client knows nothing of servers: it sends to the well-published group
+address and whichever server owns its source address answers (from that same
+address). After a reset or a timeout it reconnects, and its next SYN reaches
+the portion's current owner. Every request's outcome and latency is recorded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from manycast.apps.counter import Answer, CounterSession
+from manycast.protocol.host import HostStack
+from manycast.protocol.node import Interface, Node
+from manycast.protocol.session import Connected as SessionConnected
+from manycast.protocol.session import (
+    ConnectionClosed,
+    ConnectionReset,
+    ConnectionTimedOut,
+    DataReceived,
+    Endpoint,
+    SessionConfig,
+    State,
+)
+from manycast.wire.ip import IPPROTO_TCP
+
+Resolver = Callable[[str], tuple[ipaddress.IPv4Address, int]]
+
+
+@dataclass
+class ClientStats:
+    requests_ok: int = 0
+    requests_failed: int = 0
+    resets: int = 0
+    timeouts: int = 0
+    reconnects: int = 0
+    connects: int = 0
+    state_lost: int = 0
+    latencies: list[float] = field(default_factory=list)
+    ok_times: list[float] = field(default_factory=list)
+    failures: list[tuple[float, str]] = field(default_factory=list)
+
+    def first_ok_after(self, t: float) -> float | None:
+        """When the first request completed successfully after time `t`."""
+        import bisect
+
+        i = bisect.bisect_right(self.ok_times, t)
+        return self.ok_times[i] if i < len(self.ok_times) else None
+
+
+class Client(Node):
+    def __init__(
+        self,
+        name: str,
+        interfaces: dict[str, Interface],
+        gateway: tuple[str, ipaddress.IPv4Address],
+        service: str,
+        resolve: Resolver,
+        rate: float,
+        rng: random.Random,
+        *,
+        session: SessionConfig | None = None,
+        request_timeout: float = 2.0,
+        start_spread: float = 1.0,
+    ) -> None:
+        super().__init__(name, interfaces)
+        iface, router = gateway
+        self.address = interfaces[iface].address
+        self.rng = rng
+        self.service = service
+        self.resolve = resolve
+        self.rate = rate
+        self.request_timeout = request_timeout
+        self.start_spread = start_spread
+        self.endpoint = Endpoint(
+            rng, session or SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
+        )
+        self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
+        self.stats = ClientStats()
+        self.conn_key: object | None = None
+        self.app: CounterSession | None = None
+        self._port = 20000 + rng.randrange(20000)
+        self.connected = False
+
+    # -- node interface --------------------------------------------------------
+    def start(self, now: float) -> None:
+        self.timers.arm("connect", now + self.rng.uniform(0, self.start_spread))
+
+    def receive(self, iface: str, packet: bytes, now: float) -> None:
+        ip = self.host.parse(packet)
+        if ip is None or ip.header.protocol != IPPROTO_TCP or ip.header.dst != self.address:
+            return
+        self.host.deliver_tcp(ip, now)
+        self._drain(now)
+
+    def on_timer(self, now: float) -> None:
+        for name in self.timers.expired(now):
+            if name == "connect":
+                self._connect(now)
+            elif name == "request":
+                self._request(now)
+            elif name == "deadline":
+                self._check_deadline(now)
+        self.endpoint.handle_timer(now)
+        self._drain(now)
+
+    def next_deadline(self) -> float | None:
+        mine = self.timers.next_deadline()
+        theirs = self.endpoint.next_deadline()
+        if mine is None:
+            return theirs
+        return mine if theirs is None else min(mine, theirs)
+
+    def set_rate(self, rate: float, now: float) -> None:
+        self.rate = rate
+        if rate > 0 and self.connected and not self.timers.armed("request"):
+            self.timers.arm("request", now)
+
+    # -- behaviour ---------------------------------------------------------------
+    def _connect(self, now: float) -> None:
+        group, port = self.resolve(self.service)
+        self._port = 20000 + (self._port - 20000 + 1 + self.rng.randrange(97)) % 40000
+        conn = self.endpoint.connect((self.address, self._port), (group, port), now)
+        self.conn_key = conn.key
+        self.app = CounterSession()
+        self.connected = False
+        self.stats.connects += 1
+
+    def _request(self, now: float) -> None:
+        if not self.connected or self.app is None or self.conn_key is None or self.rate <= 0:
+            return
+        conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
+        if conn is None or conn.state is not State.ESTABLISHED:
+            return
+        if not self.app.outstanding:
+            conn.send(self.app.request(1 + self.rng.randrange(9), now), now)
+            self.timers.arm("deadline", now + self.request_timeout)
+        self.timers.arm("request", now + self.rng.uniform(0.5, 1.5) / self.rate)
+
+    def _check_deadline(self, now: float) -> None:
+        if self.app is None or not self.app.outstanding:
+            return
+        oldest = min(sent for sent, _ in self.app.outstanding.values())
+        if now - oldest >= self.request_timeout:
+            self._fail_outstanding(now, "no answer")
+            if self.conn_key is not None:
+                conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
+                if conn is not None:
+                    conn.abort(now)
+            self._lost(now)
+        else:
+            self.timers.arm("deadline", oldest + self.request_timeout)
+
+    def _fail_outstanding(self, now: float, reason: str) -> None:
+        if self.app is None:
+            return
+        for _ in self.app.outstanding:
+            self.stats.requests_failed += 1
+            self.stats.failures.append((now, reason))
+        self.app.outstanding.clear()
+
+    def _lost(self, now: float) -> None:
+        """The session is gone: reconnect soon, to whichever server owns us now."""
+        self.connected = False
+        self.conn_key = None
+        self.timers.cancel("request")
+        self.timers.cancel("deadline")
+        self.stats.reconnects += 1
+        self.timers.arm("connect", now + self.rng.uniform(0.02, 0.1))
+
+    def _on_answers(self, answers: list[Answer], now: float) -> None:
+        for answer in answers:
+            if answer.ok:
+                self.stats.requests_ok += 1
+                self.stats.latencies.append(answer.latency)
+                self.stats.ok_times.append(now)
+            else:
+                self.stats.requests_failed += 1
+                self.stats.failures.append((now, answer.reason))
+                if answer.reason.startswith("state lost"):
+                    self.stats.state_lost += 1
+        if self.app is not None and not self.app.outstanding:
+            self.timers.cancel("deadline")
+
+    def _drain(self, now: float) -> None:
+        for key, event in self.endpoint.events():
+            if key != self.conn_key:
+                continue
+            if isinstance(event, SessionConnected):
+                self.connected = True
+                self.timers.arm("request", now)
+            elif isinstance(event, DataReceived) and self.app is not None:
+                self._on_answers(self.app.on_data(event.data, now), now)
+            elif isinstance(event, ConnectionReset | ConnectionTimedOut | ConnectionClosed):
+                if isinstance(event, ConnectionReset) and event.remote:
+                    self.stats.resets += 1
+                if isinstance(event, ConnectionTimedOut):
+                    self.stats.timeouts += 1
+                self._fail_outstanding(now, type(event).__name__)
+                self._lost(now)
+        self.host.flush()

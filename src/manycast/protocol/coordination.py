@@ -1,0 +1,463 @@
+"""How the servers of a pool agree on who is alive and which allocation is current.
+
+Every server runs this state machine; there is no fixed leader. The rule:
+
+* Liveness. Each server multicasts a heartbeat on the control channel every
+  `heartbeat` seconds with its epoch, allocation digest, state and load. A peer
+  not heard from for `misses` intervals is dead.
+* Coordinator. The live ACTIVE server with the smallest id coordinates. Every
+  server applies this rule to its own view, so when the coordinator dies the
+  next one takes over after the same timeout; no election is needed.
+* Changes. Only the coordinator proposes: a `Proposal` names the next epoch, the
+  base (epoch, digest) it applies to, the operation and the digest of the result.
+  Every server computes the result itself (policies are deterministic), checks
+  the digest and acks; when every live server has acked, or after a short
+  timeout, the coordinator commits and every server applies the new allocation
+  at the commit. So each change is distributed before it is executed.
+* Disagreement. States are ordered by (epoch, digest). A server that sees a
+  heartbeat with a greater state than its own asks for a snapshot and adopts
+  it; a coordinator does so before proposing. After a split pool heals, every
+  server converges on the greatest state, and the coordinator then adds back the
+  live servers that state lacks and removes the dead ones it holds. While views
+  disagree (a partition), each side serves what it believes it owns, so a source
+  may be served twice or not at all until the sides hear each other again.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from manycast import policy
+from manycast.space import AddressSpace, Allocation
+from manycast.wire import control
+from manycast.wire.control import ServerState
+from manycast.wire.errors import WireError
+
+NO_DIGEST = "0" * 16
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """What every server of a pool is configured with."""
+
+    group: ipaddress.IPv4Address
+    port: int
+    control_group: ipaddress.IPv4Address
+    control_port: int
+    space: AddressSpace
+    members: tuple[str, ...]
+    policy: str = "equal"
+    portions: int = 30
+    weights: Mapping[str, float] = field(default_factory=dict)
+    technique: str = "R1"
+    heartbeat: float = 0.1
+    misses: int = 3
+    report_interval: float = 1.0
+    wall_base: float = 1.7e9
+
+    @property
+    def dead_after(self) -> float:
+        return self.heartbeat * self.misses
+
+
+def initial_allocation(settings: PoolSettings) -> Allocation:
+    """The allocation every configured member computes at start (epoch 1)."""
+    members = sorted(settings.members)
+    if settings.policy == "weighted":
+        return policy.weighted_split(
+            settings.space, {m: settings.weights.get(m, 1.0) for m in members}
+        )
+    if settings.policy == "striped":
+        return policy.striped(settings.space, members, max(settings.portions, len(members)))
+    return policy.equal_split(settings.space, members)
+
+
+def apply_op(allocation: Allocation, op: control.PolicyOp) -> Allocation:
+    """The allocation after `op`; policy.PolicyError if it does not apply."""
+    if isinstance(op, control.AddServerOp):
+        return policy.add_server(allocation, op.server, op.share)
+    if isinstance(op, control.RemoveServerOp):
+        return policy.remove_server(allocation, op.server)
+    if isinstance(op, control.SetShareOp):
+        return policy.set_share(allocation, op.server, op.share)
+    if isinstance(op, control.RebalanceOp):
+        load = np.zeros(allocation.space.buckets)
+        for bucket, value in op.loads:
+            if 0 <= bucket < load.size:
+                load[bucket] = value
+        return policy.rebalance(allocation, load, op.target).allocation
+    raise policy.PolicyError(f"{type(op).__name__} cannot be proposed")
+
+
+@dataclass
+class Peer:
+    name: str
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    last_seen: float
+    state: ServerState
+    epoch: int
+    digest: str
+    load: float = 0.0
+    sessions: int = 0
+
+
+@dataclass
+class _Pending:
+    epoch: int
+    base: tuple[int, str]
+    op: control.PolicyOp
+    result: Allocation
+    acks: set[str]
+    deadline: float
+
+
+@dataclass
+class CoordinatorStats:
+    proposals: int = 0
+    commits: int = 0
+    snapshots_adopted: int = 0
+    rejected_ops: int = 0
+    messages_sent: int = 0
+
+
+class Coordinator:
+    def __init__(
+        self,
+        name: str,
+        address: ipaddress.IPv4Address,
+        settings: PoolSettings,
+        rng: random.Random,
+        *,
+        initial: Allocation | None = None,
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.settings = settings
+        self.rng = rng
+        self.allocation = initial
+        self.epoch = 1 if initial is not None else 0
+        self.state = ServerState.ACTIVE if initial is not None else ServerState.JOINING
+        self.peers: dict[str, Peer] = {}
+        self.stats = CoordinatorStats()
+        self.changes: list[tuple[float, int, str]] = []  # (time, epoch, what)
+        self._started = 0.0
+        self._seq = 0
+        self._outbox: list[control.ControlMessage] = []
+        self._new: Allocation | None = initial
+        self._pending: _Pending | None = None  # ours, as coordinator
+        self._offered: dict[
+            int, tuple[str, Allocation]
+        ] = {}  # others' proposals: epoch -> digest, result
+        self._queue: list[control.PolicyOp] = []
+        self._parts: dict[tuple[int, str], dict[int, control.Snapshot]] = {}
+        self._next_heartbeat = 0.0
+        self._snapshot_asked = -1.0
+        self._load = 0.0
+        self._sessions = 0
+        self._requests_seen: tuple[float, int] | None = None
+
+    # -- what the server agent calls ---------------------------------------------------
+    def start(self, now: float) -> None:
+        self._started = now
+        self._next_heartbeat = now
+        for member in self.settings.members:
+            if member != self.name and self.allocation is not None:
+                # Configured members get one timeout's grace to send their first heartbeat.
+                self.peers[member] = Peer(
+                    member, ipaddress.IPv4Address(0), now, ServerState.ACTIVE, 0, NO_DIGEST
+                )
+        self.on_timer(now)
+
+    @property
+    def digest(self) -> str:
+        return self.allocation.digest() if self.allocation is not None else NO_DIGEST
+
+    @property
+    def view(self) -> tuple[int, str]:
+        return (self.epoch, self.digest)
+
+    def alive(self, now: float) -> list[str]:
+        limit = now - self.settings.dead_after
+        return sorted([self.name] + [p.name for p in self.peers.values() if p.last_seen >= limit])
+
+    def coordinator(self, now: float) -> str | None:
+        limit = now - self.settings.dead_after
+        active = [
+            p.name
+            for p in self.peers.values()
+            if p.last_seen >= limit and p.state == ServerState.ACTIVE
+        ]
+        if self.state == ServerState.ACTIVE:
+            active.append(self.name)
+        return min(active, default=None)
+
+    def is_coordinator(self, now: float) -> bool:
+        return self.coordinator(now) == self.name
+
+    def report_load(self, requests_total: int, sessions: int, now: float) -> None:
+        """The agent's request counter; the heartbeat carries the rate since the last one."""
+        self._sessions = sessions
+        if self._requests_seen is None:
+            self._requests_seen = (now, requests_total)
+            return
+        then, count = self._requests_seen
+        if now - then >= self.settings.heartbeat:
+            self._load = (requests_total - count) / (now - then)
+            self._requests_seen = (now, requests_total)
+
+    def command(self, op: control.PolicyOp, now: float) -> None:
+        """An operator's change: proposed here if we coordinate, else sent to the pool."""
+        if self.is_coordinator(now):
+            self._queue.append(op)
+            self._duties(now)
+        else:
+            self._send(control.Command(self.name, self._next_seq(), self.rng.getrandbits(63), op))
+
+    def take_messages(self) -> list[control.ControlMessage]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def take_new_allocation(self) -> Allocation | None:
+        new, self._new = self._new, None
+        return new
+
+    def next_deadline(self) -> float | None:
+        deadlines = [self._next_heartbeat]
+        if self._pending is not None:
+            deadlines.append(self._pending.deadline)
+        return min(deadlines)
+
+    # -- time ---------------------------------------------------------------------------
+    def on_timer(self, now: float) -> None:
+        if now >= self._next_heartbeat:
+            self._heartbeat(now)
+            self._next_heartbeat = now + self.settings.heartbeat
+            self._duties(now)
+        if self._pending is not None and now >= self._pending.deadline:
+            self._commit(now)
+
+    def _heartbeat(self, now: float) -> None:
+        self._send(
+            control.Heartbeat(
+                self.name,
+                self._next_seq(),
+                self.epoch,
+                self.digest,
+                self.state,
+                self.address,
+                self._load,
+                self._sessions,
+                int(self.settings.heartbeat * 1000),
+            )
+        )
+
+    def _duties(self, now: float) -> None:
+        """What the coordinator does each heartbeat: catch up, then fix the allocation."""
+        if self._behind(now) or not self.is_coordinator(now) or self._pending is not None:
+            return
+        if self.allocation is None:
+            return
+        alive = set(self.alive(now))
+        for server in self.allocation.servers:
+            if server not in alive and len(self.allocation.servers) > 1:
+                self._propose(control.RemoveServerOp(server), now)
+                return
+        for peer in sorted(alive - set(self.allocation.servers)):
+            self._propose(control.AddServerOp(peer, None), now)
+            return
+        while self._queue:
+            op = self._queue.pop(0)
+            if self._propose(op, now):
+                return
+
+    def _behind(self, now: float) -> bool:
+        """True (and a snapshot asked for) when a live peer holds a greater state."""
+        limit = now - self.settings.dead_after
+        best = max(
+            (
+                (p.epoch, p.digest)
+                for p in self.peers.values()
+                if p.last_seen >= limit and p.epoch > 0
+            ),
+            default=(0, NO_DIGEST),
+        )
+        if best <= self.view:
+            return False
+        if self._offered.get(best[0], ("",))[0] == best[1]:
+            return False  # a commit for it is on its way
+        if now - self._snapshot_asked >= self.settings.heartbeat * 2:
+            self._snapshot_asked = now
+            self._send(control.SnapshotRequest(self.name, self._next_seq(), best[0]))
+        return True
+
+    # -- proposing ------------------------------------------------------------------------
+    def _propose(self, op: control.PolicyOp, now: float) -> bool:
+        assert self.allocation is not None
+        try:
+            result = apply_op(self.allocation, op)
+        except (policy.PolicyError, ValueError):
+            self.stats.rejected_ops += 1
+            return False
+        if result == self.allocation:
+            return False
+        epoch = self.epoch + 1
+        self._pending = _Pending(
+            epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat * 2
+        )
+        self.stats.proposals += 1
+        self._send(
+            control.Proposal(
+                self.name, self._next_seq(), epoch, self.epoch, self.digest, result.digest(), 0, op
+            )
+        )
+        self._maybe_commit(now)
+        return True
+
+    def _maybe_commit(self, now: float) -> None:
+        pending = self._pending
+        if pending is not None and set(self.alive(now)) <= pending.acks:
+            self._commit(now)
+
+    def _commit(self, now: float) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        self._pending = None
+        if self.view != pending.base:
+            return  # overtaken (we adopted a greater state meanwhile)
+        self._send(
+            control.Commit(self.name, self._next_seq(), pending.epoch, pending.result.digest())
+        )
+        self._install(pending.epoch, pending.result, now, f"commit {_describe(pending.op)}")
+        self.stats.commits += 1
+        self._duties(now)
+
+    def _install(self, epoch: int, allocation: Allocation, now: float, why: str) -> None:
+        self.epoch = epoch
+        self.allocation = allocation
+        self._new = allocation
+        self.state = ServerState.ACTIVE if self.name in allocation.servers else ServerState.JOINING
+        self._offered = {e: o for e, o in self._offered.items() if e > epoch}
+        self.changes.append((now, epoch, why))
+
+    # -- messages -----------------------------------------------------------------------
+    def on_message(self, message: control.ControlMessage, now: float) -> None:
+        if isinstance(message, control.Heartbeat):
+            self._on_heartbeat(message, now)
+        elif isinstance(message, control.Command):
+            if self.is_coordinator(now):
+                self._queue.append(message.op)
+                self._duties(now)
+        elif isinstance(message, control.Proposal):
+            self._on_proposal(message, now)
+        elif isinstance(message, control.Ack):
+            pending = self._pending
+            if (
+                pending is not None
+                and message.epoch == pending.epoch
+                and message.digest == pending.result.digest()
+            ):
+                pending.acks.add(message.sender)
+                self._maybe_commit(now)
+        elif isinstance(message, control.Commit):
+            offered = self._offered.get(message.epoch)
+            if (
+                offered is not None
+                and offered[0] == message.digest
+                and message.epoch == self.epoch + 1
+            ):
+                self._install(message.epoch, offered[1], now, f"commit from {message.sender}")
+        elif isinstance(message, control.SnapshotRequest):
+            self._on_snapshot_request(message, now)
+        elif isinstance(message, control.Snapshot):
+            self._on_snapshot(message, now)
+
+    def _on_heartbeat(self, hb: control.Heartbeat, now: float) -> None:
+        peer = self.peers.get(hb.sender)
+        if peer is None:
+            peer = self.peers[hb.sender] = Peer(
+                hb.sender, hb.address, now, hb.state, hb.epoch, hb.digest
+            )
+        peer.address, peer.last_seen, peer.state = hb.address, now, hb.state
+        peer.epoch, peer.digest, peer.load, peer.sessions = (
+            hb.epoch,
+            hb.digest,
+            hb.load,
+            hb.sessions,
+        )
+
+    def _on_proposal(self, proposal: control.Proposal, now: float) -> None:
+        if (proposal.base_epoch, proposal.base_digest) != self.view or self.allocation is None:
+            self._behind(now)
+            return
+        try:
+            result = apply_op(self.allocation, proposal.op)
+        except (policy.PolicyError, ValueError):
+            return
+        if result.digest() != proposal.digest:
+            return  # we would compute something else: do not ack; a snapshot will settle it
+        self._offered[proposal.epoch] = (proposal.digest, result)
+        self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))
+
+    def _on_snapshot_request(self, request: control.SnapshotRequest, now: float) -> None:
+        if self.allocation is None or self.epoch < request.epoch:
+            return
+        # Answer only if we are the smallest live id holding our state: one answer, usually.
+        limit = now - self.settings.dead_after
+        holders = [
+            p.name
+            for p in self.peers.values()
+            if p.last_seen >= limit and (p.epoch, p.digest) == self.view
+        ]
+        if min([self.name, *holders]) != self.name:
+            return
+        for part in control.snapshot_parts(
+            self.epoch, self.allocation, sender=self.name, seq=self._next_seq()
+        ):
+            self._send(part)
+
+    def _on_snapshot(self, part: control.Snapshot, now: float) -> None:
+        if (part.epoch, part.digest) <= self.view:
+            return
+        key = (part.epoch, part.digest)
+        parts = self._parts.setdefault(key, {})
+        parts[part.part] = part
+        if len(parts) < part.count:
+            return
+        del self._parts[key]
+        try:
+            allocation = control.assemble(parts.values())
+        except WireError:
+            return
+        self.stats.snapshots_adopted += 1
+        self._pending = None
+        self._install(part.epoch, allocation, now, f"snapshot from {part.sender}")
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _send(self, message: control.ControlMessage) -> None:
+        self._outbox.append(message)
+        self.stats.messages_sent += 1
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+
+def _describe(op: control.PolicyOp) -> str:
+    if isinstance(op, control.AddServerOp):
+        return f"add {op.server}"
+    if isinstance(op, control.RemoveServerOp):
+        return f"remove {op.server}"
+    if isinstance(op, control.SetShareOp):
+        return f"set {op.server} to {float(op.share):.1%}"
+    if isinstance(op, control.RebalanceOp):
+        return f"rebalance to max/mean {op.target}"
+    return type(op).__name__
+
+
+__all__ = ["Coordinator", "PoolSettings", "apply_op", "initial_allocation"]

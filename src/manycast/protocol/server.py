@@ -1,0 +1,233 @@
+"""The manycast server agent: joins the group for its portions and serves them.
+
+It joins the pool's group with a source-specific join whose masks are its
+portions (Fig 9), and the control group with an any-source join (Fig 13). When
+the allocation changes it leaves the old portions and joins the new ones in one
+report (claim 3), then deals with the connections whose clients it no longer
+serves, by the pool's technique (R1, Fig 12: reset them, so the clients
+reconnect and land on the new owner).
+
+Coordination (who is alive, which allocation is current) is the job of
+`coordination.Coordinator`, which this agent feeds with control messages and
+whose decisions it carries out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass
+
+from manycast.apps.counter import CounterService
+from manycast.protocol.coordination import Coordinator, PoolSettings
+from manycast.protocol.host import HostStack
+from manycast.protocol.membership import SourceFilter, any_source_record, record_for
+from manycast.protocol.node import Interface, Node
+from manycast.protocol.session import (
+    ConnectionClosed,
+    ConnectionReset,
+    ConnectionTimedOut,
+    DataReceived,
+    Endpoint,
+    SessionConfig,
+    StreamEnded,
+    UnknownSegment,
+)
+from manycast.space import Allocation, PortionSet
+from manycast.wire import control
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
+from manycast.wire.membership import (
+    IGMPv3Report,
+    RecordType,
+    SignedJoin,
+    igmp_packet,
+)
+
+
+@dataclass
+class ServerStats:
+    sessions_opened: int = 0
+    sessions_reset: int = 0
+    misrouted: int = 0
+    unknown_reset: int = 0
+    reports_sent: int = 0
+    control_sent: int = 0
+    control_received: int = 0
+
+
+class Server(Node):
+    def __init__(
+        self,
+        name: str,
+        interfaces: dict[str, Interface],
+        gateway: tuple[str, ipaddress.IPv4Address],
+        settings: PoolSettings,
+        rng: random.Random,
+        *,
+        initial: Allocation | None,
+        session: SessionConfig | None = None,
+    ) -> None:
+        super().__init__(name, interfaces)
+        iface, router = gateway
+        self.settings = settings
+        self.rng = rng
+        self.address = interfaces[iface].address
+        self.endpoint = Endpoint(
+            rng, session or SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
+        )
+        self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
+        self.app = CounterService()
+        self.stats = ServerStats()
+        self.coordinator = Coordinator(name, self.address, settings, rng, initial=initial)
+        self.portions: PortionSet | None = None
+        self._filter: SourceFilter | None = None
+        self._seq = 0
+
+    # -- node interface -----------------------------------------------------------------
+    def start(self, now: float) -> None:
+        self.endpoint.listen(self.settings.port)
+        self.coordinator.start(now)
+        self._send_report(now, refresh=True)  # the control channel, before any portion
+        self._act(now)
+
+    def receive(self, iface: str, packet: bytes, now: float) -> None:
+        ip = self.host.parse(packet)
+        if ip is None:
+            return
+        protocol, dst = ip.header.protocol, ip.header.dst
+        if protocol == IPPROTO_TCP and dst == self.settings.group:
+            if self._filter is None or not self._filter.matches(int(ip.header.src)):
+                # Not ours (a stale route during a change): drop, the client retries.
+                self.stats.misrouted += 1
+                return
+            self.host.deliver_tcp(ip, now)
+        elif protocol == IPPROTO_UDP and dst in (self.settings.control_group, self.address):
+            self._on_control(ip, now)
+        self._act(now)
+
+    def on_timer(self, now: float) -> None:
+        if self.timers.expired(now):
+            self._send_report(now, refresh=True)
+        self.coordinator.on_timer(now)
+        self.endpoint.handle_timer(now)
+        self._act(now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [
+            d
+            for d in (
+                self.timers.next_deadline(),
+                self.endpoint.next_deadline(),
+                self.coordinator.next_deadline(),
+            )
+            if d is not None
+        ]
+        return min(deadlines, default=None)
+
+    # -- operator --------------------------------------------------------------------------
+    def command(self, op: control.PolicyOp, now: float) -> None:
+        """An operator's request (the CLI or a scenario): pass it to the pool."""
+        self.coordinator.command(op, now)
+        self._act(now)
+
+    @property
+    def sessions(self) -> int:
+        return len(self.app)
+
+    # -- control channel ---------------------------------------------------------------------
+    def _on_control(self, ip: IPv4Packet, now: float) -> None:
+        datagram = self.host.parse_udp(ip)
+        if datagram is None or datagram.dst_port != self.settings.control_port:
+            return
+        try:
+            message = control.decode(datagram.payload)
+        except WireError:
+            self.host.counters.malformed += 1
+            return
+        if message.sender == self.name:
+            return
+        self.stats.control_received += 1
+        self.coordinator.on_message(message, now)
+
+    def _act(self, now: float) -> None:
+        """Carry out what the coordinator decided, then flush the session layer."""
+        for message in self.coordinator.take_messages():
+            self._seq += 1
+            payload = message.to_wire()
+            port = self.settings.control_port
+            self.host.send_udp(self.settings.control_group, port, port, payload)
+            self.stats.control_sent += 1
+        allocation = self.coordinator.take_new_allocation()
+        if allocation is not None:
+            self._apply(allocation, now)
+        load = self.app.requests
+        self.coordinator.report_load(load, len(self.app), now)
+        self._drain(now)
+
+    # -- allocation ------------------------------------------------------------------------
+    def _apply(self, allocation: Allocation, now: float) -> None:
+        old = self.portions
+        new = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
+        self.portions = new
+        self._filter = SourceFilter.of(new) if len(new) else None
+        self._send_report(now, refresh=False, previous=old)
+        self._release_moved(now)
+
+    def _release_moved(self, now: float) -> None:
+        """R1 (Fig 12): close the connections of clients we no longer serve."""
+        for key in self.endpoint.keys():
+            client = key[1][0]
+            if self._filter is None or not self._filter.matches(int(client)):
+                conn = self.endpoint.connection(key)
+                if conn is not None:
+                    conn.abort(now)
+                    self.stats.sessions_reset += 1
+                self.app.close(key)
+
+    def _send_report(
+        self, now: float, *, refresh: bool, previous: PortionSet | None = None
+    ) -> None:
+        group = self.settings.group
+        records = [any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)]
+        if refresh:
+            if self.portions is not None and len(self.portions):
+                records.append(record_for(group, self.portions, RecordType.MODE_IS_INCLUDE))
+        else:
+            if previous is not None and len(previous):
+                records.append(record_for(group, previous, RecordType.BLOCK_OLD_SOURCES))
+            if self.portions is not None and len(self.portions):
+                records.append(record_for(group, self.portions, RecordType.ALLOW_NEW_SOURCES))
+        wall_ms = int((self.settings.wall_base + now) * 1000)
+        signed = SignedJoin(wall_ms, self.address, self.rng.randbytes(8))
+        report = IGMPv3Report(tuple(records), signed)
+        packet = igmp_packet(report, self.address).to_wire()
+        self.send(self.host.iface, packet, self.host.gateway)
+        self.stats.reports_sent += 1
+        self.timers.arm("report", now + self.settings.report_interval)
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _drain(self, now: float) -> None:
+        for key, event in self.endpoint.events():
+            if isinstance(event, UnknownSegment):
+                # R1: a connection we have no state for cannot continue here.
+                self.endpoint.reset_for(event.src, event.dst, event.segment)
+                self.stats.unknown_reset += 1
+            elif isinstance(event, DataReceived):
+                if key not in self.app:
+                    self.app.open(key)
+                    self.stats.sessions_opened += 1
+                answer = self.app.on_data(key, event.data)
+                conn = self.endpoint.connection(key)
+                if answer and conn is not None:
+                    conn.send(answer, now)
+            elif isinstance(event, StreamEnded):
+                conn = self.endpoint.connection(key)
+                if conn is not None:
+                    conn.close(now)
+            elif isinstance(event, ConnectionClosed | ConnectionReset | ConnectionTimedOut):
+                self.app.close(key)
+        self.host.flush()
+
+
+__all__ = ["IPPROTO_IGMP", "Server", "ServerStats"]
