@@ -92,13 +92,17 @@ class Portion:
         except ValueError as exc:
             raise SpaceError(f"portion {text!r}: {exc}") from None
         family, width = value_ip.version, WIDTH[value_ip.version]
-        if mask_text.isdigit():
+        # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+        if mask_text.isascii() and mask_text.isdigit():
             length = int(mask_text)
             if length > width:
                 raise SpaceError(f"portion {text!r}: prefix length {length} > {width}")
             mask = ((1 << width) - 1) ^ ((1 << (width - length)) - 1)
         else:
-            mask = address_to_int(mask_text, family)
+            try:
+                mask = address_to_int(mask_text, family)
+            except SpaceError as exc:
+                raise SpaceError(f"portion {text!r}: bad mask: {exc}") from None
         value = int(value_ip)
         if value & ~mask:
             raise SpaceError(f"portion {text!r}: value has bits outside the mask")
@@ -526,7 +530,9 @@ class Allocation:
 
     def digest(self) -> str:
         """A stable fingerprint: equal allocations have equal digests on every host."""
-        h = hashlib.sha256(str(self.space).encode())
+        # str(space) does not show the bucket order, which changes what a bucket holds.
+        order = "interleaved" if self.space.interleave else "ordered"
+        h = hashlib.sha256(f"{self.space} {order}".encode())
         for start, stop, server in self.runs():
             h.update(f"{start}:{stop}:{server};".encode())
         return h.hexdigest()[:16]
