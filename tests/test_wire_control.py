@@ -1,0 +1,627 @@
+"""Control channel codecs: round trips, strictness under fuzzing, snapshot parts."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+import struct
+from fractions import Fraction
+from ipaddress import IPv4Address, IPv6Address
+from typing import Literal
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from manycast import policy
+from manycast.space import AddressSpace, Allocation
+from manycast.wire import WireError
+from manycast.wire.control import (
+    MAX_BUCKET_LOADS,
+    MAX_PIN_KEYS,
+    Ack,
+    AddServerOp,
+    BucketLoad,
+    Command,
+    Commit,
+    ConnectionKey,
+    ControlMessage,
+    Forwarded,
+    Heartbeat,
+    MessageType,
+    PinKey,
+    PinRequest,
+    PolicyOp,
+    Proposal,
+    RebalanceOp,
+    Redirect,
+    RemoveServerOp,
+    ReplaceOp,
+    Run,
+    ServerState,
+    SetShareOp,
+    Snapshot,
+    SnapshotRequest,
+    StateQuery,
+    StateReply,
+    Unpin,
+    assemble,
+    decode,
+    decode_op,
+    encode,
+    encode_op,
+    snapshot_parts,
+)
+
+# --- strategies -------------------------------------------------------------------------
+
+LONGEST_IDS = ["a" * 64, "é" * 32, "𝄞" * 16, "服务器" * 7 + "x"]
+ids = st.one_of(
+    st.text(min_size=1, max_size=64).filter(lambda s: len(s.encode()) <= 64),
+    st.sampled_from(LONGEST_IDS),
+)
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+u64 = st.integers(0, (1 << 64) - 1)
+digests = st.binary(min_size=8, max_size=8).map(bytes.hex)
+addresses = st.ip_addresses()
+loads = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
+shares = st.fractions(min_value=0, max_value=1, max_denominator=0xFFFFFFFF)
+
+
+@st.composite
+def keys(draw: st.DrawFn) -> ConnectionKey:
+    version: Literal[4, 6] = draw(st.sampled_from([4, 6]))
+    return ConnectionKey(
+        draw(st.ip_addresses(v=version)),
+        draw(u16),
+        draw(st.ip_addresses(v=version)),
+        draw(u16),
+    )
+
+
+@st.composite
+def bucket_loads(draw: st.DrawFn) -> tuple[BucketLoad, ...]:
+    buckets = sorted(draw(st.sets(u32, max_size=40)))
+    return tuple(BucketLoad(b, draw(loads)) for b in buckets)
+
+
+ops: st.SearchStrategy[PolicyOp] = st.one_of(
+    st.builds(AddServerOp, ids, st.none() | shares),
+    st.builds(RemoveServerOp, ids),
+    st.builds(SetShareOp, ids, shares),
+    st.builds(
+        RebalanceOp,
+        st.floats(min_value=1.0, allow_nan=False, allow_infinity=False),
+        bucket_loads(),
+    ),
+    st.builds(ReplaceOp, u64, digests),
+)
+
+
+@st.composite
+def spaces(draw: st.DrawFn) -> AddressSpace:
+    family: Literal[4, 6] = draw(st.sampled_from([4, 6]))
+    width = 32 if family == 4 else 128
+    bits = draw(st.integers(1, 12))
+    length = draw(st.integers(0, width - bits))
+    index: Literal["low", "high"] = draw(st.sampled_from(["low", "high"]))
+    host_bits = width - length
+    base = int(draw(st.ip_addresses(v=family))) >> host_bits << host_bits
+    network = IPv4Address(base) if family == 4 else IPv6Address(base)
+    return AddressSpace.create(f"{network}/{length}", bits, index)
+
+
+@st.composite
+def snapshots(draw: st.DrawFn) -> Snapshot:
+    space = draw(spaces())
+    servers = tuple(sorted(draw(st.sets(ids, min_size=1, max_size=8))))
+    cuts = sorted(draw(st.sets(st.integers(0, space.buckets), min_size=2, max_size=12)))
+    runs = tuple(
+        Run(a, b, draw(st.integers(0, len(servers) - 1)))
+        for a, b in itertools.pairwise(cuts)
+        if draw(st.booleans())
+    )
+    count = draw(st.integers(1, 0xFFFF))
+    return Snapshot(
+        draw(ids),
+        draw(u32),
+        draw(u64),
+        draw(digests),
+        draw(st.integers(0, count - 1)),
+        count,
+        space,
+        servers,
+        runs,
+    )
+
+
+@st.composite
+def proposals(draw: st.DrawFn) -> Proposal:
+    base = draw(st.integers(0, (1 << 64) - 2))
+    epoch = draw(st.integers(base + 1, (1 << 64) - 1))
+    return Proposal(
+        draw(ids), draw(u32), epoch, base, draw(digests), draw(digests), draw(u32), draw(ops)
+    )
+
+
+@st.composite
+def stateful_replies(draw: st.DrawFn) -> StateReply:
+    found = draw(st.booleans())
+    blobs = st.binary(max_size=64) if found else st.just(b"")
+    return StateReply(
+        draw(ids), draw(u32), draw(u64), draw(keys()), found, draw(blobs), draw(blobs)
+    )
+
+
+pin_keys = st.lists(st.builds(PinKey, addresses, u16), min_size=1, max_size=20).map(tuple)
+packets = st.tuples(st.sampled_from([0x45, 0x60, 0x4F, 0x6A]), st.binary(max_size=200)).map(
+    lambda t: bytes([t[0]]) + t[1]
+)
+
+messages: st.SearchStrategy[ControlMessage] = st.one_of(
+    st.builds(
+        Heartbeat,
+        ids,
+        u32,
+        u64,
+        digests,
+        st.sampled_from(ServerState),
+        addresses,
+        loads,
+        u32,
+        st.integers(1, 0xFFFFFFFF),
+    ),
+    st.builds(Command, ids, u32, u64, ops),
+    proposals(),
+    st.builds(Ack, ids, u32, u64, digests),
+    st.builds(Commit, ids, u32, u64, digests),
+    st.builds(SnapshotRequest, ids, u32, u64),
+    snapshots(),
+    st.builds(Forwarded, ids, u32, addresses, packets),
+    st.builds(Redirect, ids, u32, addresses, u16, u16, addresses, u16),
+    st.builds(StateQuery, ids, u32, u64, keys()),
+    stateful_replies(),
+    st.builds(PinRequest, ids, u32, addresses, st.integers(1, 0xFFFFFFFF), pin_keys),
+    st.builds(Unpin, ids, u32, pin_keys),
+)
+
+
+def decodes_strictly(data: bytes) -> None:
+    """Decoding either fails with WireError or yields a message that re-encodes to `data`."""
+    try:
+        message = decode(data)
+    except WireError:
+        return
+    assert encode(message) == data
+
+
+# --- round trips ------------------------------------------------------------------------
+
+
+@given(messages)
+def test_round_trip(message: ControlMessage) -> None:
+    data = message.to_wire()
+    assert data[:2] == b"MC" and data[2] == 1 and data[3] == message.TYPE
+    decoded = decode(data)
+    assert decoded == message
+    assert type(decoded) is type(message)
+    assert decoded.to_wire() == data
+    assert type(message).from_wire(data) == message
+
+
+@given(ops)
+def test_op_round_trip(op: PolicyOp) -> None:
+    data = encode_op(op)
+    assert decode_op(data) == op
+    assert type(op).from_wire(data) == op
+    assert decode_op(data).to_wire() == data
+
+
+@pytest.mark.parametrize("sender", LONGEST_IDS)
+def test_longest_sender_ids(sender: str) -> None:
+    assert len(sender.encode()) == 64
+    message = Commit(sender, 7, 1, "00" * 8)
+    assert decode(message.to_wire()).sender == sender
+    with pytest.raises(WireError, match=r"not 1\.\.64"):
+        Commit(sender + "a", 7, 1, "00" * 8)
+
+
+def test_heartbeat_layout_is_byte_exact() -> None:
+    message = Heartbeat(
+        "s1", 5, 3, "0123456789abcdef", ServerState.ACTIVE, IPv4Address("10.0.0.1"), 1.5, 7, 1000
+    )
+    assert message.to_wire() == (
+        b"MC\x01\x01"
+        + b"\x02s1"
+        + (5).to_bytes(4, "big")
+        + (3).to_bytes(8, "big")
+        + bytes.fromhex("0123456789abcdef")
+        + b"\x02"
+        + b"\x04\x0a\x00\x00\x01"
+        + struct.pack("!d", 1.5)
+        + (7).to_bytes(4, "big")
+        + (1000).to_bytes(4, "big")
+    )
+
+
+def test_type_numbers() -> None:
+    assert {m.name: int(m) for m in MessageType} == {
+        "HEARTBEAT": 1,
+        "COMMAND": 2,
+        "PROPOSAL": 3,
+        "ACK": 4,
+        "COMMIT": 5,
+        "SNAPSHOT_REQUEST": 6,
+        "SNAPSHOT": 7,
+        "FORWARDED": 8,
+        "REDIRECT": 9,
+        "STATE_QUERY": 10,
+        "STATE_REPLY": 11,
+        "PIN_REQUEST": 12,
+        "UNPIN": 13,
+    }
+
+
+def test_friendly_inputs_are_normalised() -> None:
+    op = RebalanceOp(1.5, [(1, 2.0), (3, 0)])  # type: ignore[arg-type]
+    assert op.loads == (BucketLoad(1, 2.0), BucketLoad(3, 0))
+    assert decode_op(op.to_wire()) == op
+    assert SetShareOp("s", 1).share == Fraction(1)  # type: ignore[arg-type]
+    unpin = Unpin("s", 1, [(IPv4Address("10.0.0.1"), 0)])  # type: ignore[arg-type]
+    assert decode(unpin.to_wire()) == unpin
+    forwarded = Forwarded("s", 1, IPv4Address("10.0.0.2"), bytearray(b"\x45\x00"))  # type: ignore[arg-type]
+    assert forwarded.packet == b"\x45\x00"
+
+
+# --- fuzzing ----------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes(data: bytes) -> None:
+    decodes_strictly(data)
+
+
+@given(st.integers(1, 16), st.binary(max_size=300))
+def test_random_bodies(kind: int, body: bytes) -> None:
+    decodes_strictly(b"MC\x01" + bytes([kind, 2]) + b"s1" + body)
+
+
+@given(st.binary(max_size=100))
+def test_random_ops(data: bytes) -> None:
+    try:
+        op = decode_op(data)
+    except WireError:
+        return
+    assert encode_op(op) == data
+
+
+@given(messages)
+def test_every_truncation_fails(message: ControlMessage) -> None:
+    data = message.to_wire()
+    for end in range(len(data)):
+        with pytest.raises(WireError):
+            decode(data[:end])
+    with pytest.raises(WireError, match="trailing"):
+        decode(data + b"\x00")
+
+
+@given(messages, st.data())
+def test_bit_flips(message: ControlMessage, data: st.DataObject) -> None:
+    raw = message.to_wire()
+    positions = list(range(len(raw) * 8))
+    if len(positions) > 256:
+        positions = data.draw(st.lists(st.sampled_from(positions), max_size=256))
+    for bit in positions:
+        flipped = bytearray(raw)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        decodes_strictly(bytes(flipped))
+
+
+def _commit_bytes(**changes: bytes) -> bytes:
+    parts = {
+        "magic": b"MC",
+        "version": b"\x01",
+        "type": bytes([MessageType.COMMIT]),
+        "sender": b"\x02s1",
+        "seq": b"\x00\x00\x00\x01",
+        "body": b"\x00" * 7 + b"\x01" + b"\xab" * 8,
+    }
+    parts.update(changes)
+    return b"".join(parts.values())
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (_commit_bytes(magic=b"MX"), "bad magic"),
+        (_commit_bytes(version=b"\x02"), "version 2"),
+        (_commit_bytes(type=b"\x63"), "unknown control message type 99"),
+        (_commit_bytes(sender=b"\x00"), "sender length 0"),
+        (_commit_bytes(sender=b"\x41" + b"a" * 65), "sender length 65"),
+        (_commit_bytes(sender=b"\x02\xc3\x28"), "not valid UTF-8"),
+        (_commit_bytes(body=b"\x00" * 15), "truncated"),
+        (_commit_bytes(body=b"\x00" * 17), "trailing"),
+        (b"", "truncated"),
+    ],
+)
+def test_envelope_errors(data: bytes, error: str) -> None:
+    assert decode(_commit_bytes()) == Commit("s1", 1, 1, "ab" * 8)
+    with pytest.raises(WireError, match=error):
+        decode(data)
+
+
+def _op_bytes(kind: int, *fields: bytes) -> bytes:
+    return bytes([kind]) + b"".join(fields)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (_op_bytes(9), "unknown policy op kind 9"),
+        (_op_bytes(3, b"\x01s", struct.pack("!II", 1, 0)), "denominator is zero"),
+        (_op_bytes(3, b"\x01s", struct.pack("!II", 3, 2)), "not between 0 and 1"),
+        (_op_bytes(3, b"\x01s", struct.pack("!II", 2, 4)), "lowest terms"),
+        (_op_bytes(3, b"\x01s", struct.pack("!II", 0, 2)), "lowest terms"),
+        (_op_bytes(1, b"\x01s", b"\x02"), "0 or 1"),
+        (_op_bytes(4, struct.pack("!d", 0.5), b"\x00\x00"), "at least 1.0"),
+        (_op_bytes(4, struct.pack("!d", float("nan")), b"\x00\x00"), "finite"),
+        (_op_bytes(4, struct.pack("!dH", 1.0, 2), b"\x00" * 12), "need at least 24"),
+        (_op_bytes(4, struct.pack("!dH", 1.0, MAX_BUCKET_LOADS + 1)), "at most 1024"),
+        (
+            _op_bytes(4, struct.pack("!dHIdId", 1.0, 2, 5, 1.0, 5, 1.0)),
+            "increasing order",
+        ),
+        (
+            _op_bytes(4, struct.pack("!dHId", 1.0, 1, 5, float("-inf"))),
+            "finite",
+        ),
+    ],
+)
+def test_op_errors(data: bytes, error: str) -> None:
+    with pytest.raises(WireError, match=error):
+        decode_op(data)
+
+
+def _message(kind: MessageType, body: bytes) -> bytes:
+    return b"MC\x01" + bytes([kind]) + b"\x02s1\x00\x00\x00\x00" + body
+
+
+V4 = b"\x04\x0a\x00\x00\x01"
+DIGEST = b"\x01" * 8
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (_message(MessageType.REDIRECT, b"\x05" + b"\x00" * 20), "family 5"),
+        (_message(MessageType.UNPIN, b"\x03\xe8"), "1000 pin keys need at least 7000"),
+        (_message(MessageType.UNPIN, b"\x00\x00"), "0 keys"),
+        (_message(MessageType.UNPIN, struct.pack("!H", MAX_PIN_KEYS + 1)), "at most"),
+        (
+            _message(
+                MessageType.HEARTBEAT,
+                b"\x00" * 8 + DIGEST + b"\x04" + V4 + b"\x00" * 16,
+            ),
+            "unknown server state 4",
+        ),
+        (
+            _message(
+                MessageType.HEARTBEAT,
+                b"\x00" * 8 + DIGEST + b"\x02" + V4 + struct.pack("!dII", 1.0, 0, 0),
+            ),
+            "interval_ms 0",
+        ),
+        (
+            _message(
+                MessageType.HEARTBEAT,
+                b"\x00" * 8 + DIGEST + b"\x02" + V4 + struct.pack("!dII", -1.0, 0, 10),
+            ),
+            "load",
+        ),
+        (_message(MessageType.FORWARDED, V4 + b"\x00\x00"), "packet of 0 bytes"),
+        (_message(MessageType.FORWARDED, V4 + b"\x00\x01\x20"), "not IPv4 or IPv6"),
+        (
+            _message(
+                MessageType.PROPOSAL,
+                struct.pack("!QQ", 5, 5) + DIGEST * 2 + b"\x00" * 4 + b"\x02\x01a",
+            ),
+            "does not follow base",
+        ),
+        (
+            _message(
+                MessageType.STATE_REPLY,
+                b"\x00" * 8 + V4 + b"\x00\x01" + b"\x06" + b"\x00" * 16 + b"\x00\x02",
+            ),
+            "mix families",
+        ),
+        (
+            _message(
+                MessageType.STATE_REPLY,
+                b"\x00" * 8
+                + V4
+                + b"\x00\x01"
+                + V4
+                + b"\x00\x02"
+                + b"\x00"
+                + b"\x00\x00\x00\x01x"
+                + b"\x00\x00\x00\x00",
+            ),
+            "not found",
+        ),
+        (
+            _message(
+                MessageType.STATE_REPLY,
+                b"\x00" * 8 + V4 + b"\x00\x01" + V4 + b"\x00\x02" + b"\x01" + b"\xff\xff\xff\xff",
+            ),
+            "truncated",
+        ),
+    ],
+)
+def test_message_errors(data: bytes, error: str) -> None:
+    with pytest.raises(WireError, match=error):
+        decode(data)
+
+
+def test_from_wire_checks_the_type() -> None:
+    data = Ack("s1", 1, 2, "00" * 8).to_wire()
+    assert Ack.from_wire(data).epoch == 2
+    with pytest.raises(WireError, match="expected a Commit, got a Ack"):
+        Commit.from_wire(data)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Commit("", 1, 1, "00" * 8),
+        lambda: Commit("s", 1 << 32, 1, "00" * 8),
+        lambda: Commit("s", -1, 1, "00" * 8),
+        lambda: Commit("s", True, 1, "00" * 8),
+        lambda: Commit("s", 1, 1, "00" * 7),
+        lambda: Commit("s", 1, 1, "0123456789ABCDEF"),
+        lambda: Commit("\udc80", 1, 1, "00" * 8),
+        lambda: SetShareOp("s", Fraction(1, 1 << 33)),
+        lambda: SetShareOp("s", 0.5),  # type: ignore[arg-type]
+        lambda: AddServerOp("s", Fraction(-1, 2)),
+        lambda: Redirect("s", 1, "10.0.0.1", 1, 2, IPv4Address("10.0.0.2"), 3),  # type: ignore[arg-type]
+        lambda: Redirect("s", 1, IPv4Address("10.0.0.1"), 1 << 16, 2, IPv4Address("10.0.0.2"), 3),
+        lambda: RebalanceOp(2.0, tuple(BucketLoad(i, 1.0) for i in range(MAX_BUCKET_LOADS + 1))),
+        lambda: RebalanceOp(2.0, (5,)),  # type: ignore[arg-type]
+        lambda: PinRequest("s", 1, IPv4Address("10.0.0.1"), 0, (PinKey(IPv4Address("1.2.3.4")),)),
+        lambda: Command("s", 1, 1, "add s2"),  # type: ignore[arg-type]
+    ],
+)
+def test_constructors_validate(build: object) -> None:
+    assert callable(build)
+    with pytest.raises(WireError):
+        build()
+
+
+# --- snapshots --------------------------------------------------------------------------
+
+SPACE = AddressSpace.create("10.0.0.0/8", bits=16)
+
+
+@pytest.fixture(scope="module")
+def thousand() -> Allocation:
+    return policy.equal_split(SPACE, [f"server-{i:04d}" for i in range(1000)])
+
+
+@pytest.fixture(scope="module")
+def fragmented() -> Allocation:
+    rng = random.Random(7)
+    alloc = policy.equal_split(SPACE, [f"s{i}" for i in range(40)])
+    for _ in range(150):
+        server = rng.choice(alloc.servers)
+        alloc = policy.set_share(alloc, server, Fraction(rng.randrange(0, 3000), 100_000))
+    assert len(list(alloc.runs())) > 1000
+    return alloc
+
+
+def _round_trip(parts: list[Snapshot]) -> Allocation:
+    return assemble(decode(p.to_wire()) for p in parts)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("which", ["thousand", "fragmented"])
+@pytest.mark.parametrize("max_bytes", [1400, 300])
+def test_snapshot_parts_round_trip(
+    which: str, max_bytes: int, request: pytest.FixtureRequest
+) -> None:
+    alloc: Allocation = request.getfixturevalue(which)
+    parts = snapshot_parts(42, alloc, max_bytes, sender="é" * 32, seq=0xFFFFFFFE)
+    assert len(parts) > 1
+    assert all(len(p.to_wire()) <= max_bytes for p in parts)
+    assert [p.part for p in parts] == list(range(len(parts)))
+    assert {p.count for p in parts} == {len(parts)}
+    assert [p.seq for p in parts[:3]] == [0xFFFFFFFE, 0xFFFFFFFF, 0]
+    assert _round_trip(parts) == alloc
+    shuffled = parts[:]
+    random.Random(1).shuffle(shuffled)
+    assert assemble(shuffled) == alloc
+
+
+def test_snapshot_keeps_idle_servers_and_ipv6() -> None:
+    space = AddressSpace.create("2001:db8::/32", bits=10, index="high")
+    alloc = policy.weighted_split(space, {"a": 1, "b": 0, "c": 2, "d": 0})
+    parts = snapshot_parts(1, alloc, 120, sender="s")
+    assert alloc.servers == ("a", "b", "c", "d")
+    assert _round_trip(parts) == alloc
+
+
+def test_single_part_allocation() -> None:
+    alloc = policy.equal_split(SPACE, ["a", "b"])
+    (part,) = snapshot_parts(3, alloc, sender="s")
+    assert part.count == 1 and part.servers == ("a", "b")
+    assert assemble([part]) == alloc
+
+
+def test_missing_duplicated_and_wrong_parts(fragmented: Allocation) -> None:
+    parts = snapshot_parts(9, fragmented, sender="s")
+    with pytest.raises(WireError, match=r"1 of \d+ parts missing: 3"):
+        assemble(parts[:3] + parts[4:])
+    with pytest.raises(WireError, match=r"parts \[2\] given more than once"):
+        assemble([*parts, parts[2]])
+    with pytest.raises(WireError, match="no parts"):
+        assemble([])
+    wrong = [dataclasses.replace(p, digest="0" * 16) for p in parts]
+    with pytest.raises(WireError, match="hash to"):
+        assemble(wrong)
+    with pytest.raises(WireError, match="epoch"):
+        assemble([*parts[:-1], dataclasses.replace(parts[-1], epoch=10)])
+    other_space = AddressSpace.create("10.0.0.0/8", bits=16, index="high")
+    with pytest.raises(WireError, match="another address space"):
+        assemble([*parts[:-1], dataclasses.replace(parts[-1], space=other_space)])
+
+
+def test_runs_must_cover_exactly_once() -> None:
+    space = AddressSpace.create("10.0.0.0/8", bits=4)
+
+    def part(index: int, runs: tuple[Run, ...]) -> Snapshot:
+        return Snapshot("s", 0, 1, "00" * 8, index, 2, space, ("a", "b"), runs)
+
+    with pytest.raises(WireError, match="overlap at bucket 6"):
+        assemble([part(0, (Run(0, 8, 0),)), part(1, (Run(6, 16, 1),))])
+    with pytest.raises(WireError, match="leave a gap at bucket 8"):
+        assemble([part(0, (Run(0, 8, 0),)), part(1, (Run(9, 16, 1),))])
+    with pytest.raises(WireError, match="cover 8 of 16"):
+        assemble([part(0, (Run(0, 8, 0),)), part(1, ())])
+    with pytest.raises(WireError, match="in order"):
+        part(0, (Run(8, 16, 0), Run(0, 8, 1)))
+    with pytest.raises(WireError, match="run stop 17"):
+        part(0, (Run(0, 17, 0),))
+    with pytest.raises(WireError, match="run server 2"):
+        part(0, (Run(0, 16, 2),))
+    with pytest.raises(WireError, match="sorted and distinct"):
+        Snapshot("s", 0, 1, "00" * 8, 0, 1, space, ("b", "a"), ())
+
+
+def test_snapshot_space_errors() -> None:
+    alloc = policy.equal_split(AddressSpace.create("10.0.0.0/8", bits=4), ["a"])
+    data = bytearray(snapshot_parts(1, alloc, sender="s")[0].to_wire())
+    space_at = data.index(b"\x04\x0a\x00\x00\x00\x08")
+    bad_prefix = bytearray(data)
+    bad_prefix[space_at + 3] = 1  # a host bit set below the /8
+    with pytest.raises(WireError, match="bad address space"):
+        decode(bytes(bad_prefix))
+    too_long = bytearray(data)
+    too_long[space_at + 5] = 33
+    with pytest.raises(WireError, match="prefix length 33"):
+        decode(bytes(too_long))
+    bad_flag = bytearray(data)
+    bad_flag[space_at + 8] = 2
+    with pytest.raises(WireError, match="interleave flag"):
+        decode(bytes(bad_flag))
+
+
+def test_max_bytes_too_small(thousand: Allocation) -> None:
+    with pytest.raises(ValueError, match="cannot hold one run"):
+        snapshot_parts(1, thousand, 60, sender="s")
+
+
+@given(snapshots())
+@example(
+    Snapshot("𝄞" * 16, 0, 0, "ff" * 8, 0xFFFE, 0xFFFF, AddressSpace.create("::/0", 24), ("a",), ())
+)
+def test_snapshot_message_round_trip(part: Snapshot) -> None:
+    assert decode(part.to_wire()) == part
