@@ -108,7 +108,8 @@ def build(topology: Topology, seed: int = 0, wall_base: float = 1.7e9) -> Nodes:
 class Host(Protocol):
     """What the scenario needs of a driver."""
 
-    now: float
+    @property
+    def now(self) -> float: ...
 
     def add(self, node: Node) -> None: ...
 

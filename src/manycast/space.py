@@ -533,6 +533,8 @@ class Allocation:
         # str(space) does not show the bucket order, which changes what a bucket holds.
         order = "interleaved" if self.space.interleave else "ordered"
         h = hashlib.sha256(f"{self.space} {order}".encode())
+        # Servers holding nothing are pool members too: they count.
+        h.update(("servers:" + ",".join(self.servers) + ";").encode())
         for start, stop, server in self.runs():
             h.update(f"{start}:{stop}:{server};".encode())
         return h.hexdigest()[:16]

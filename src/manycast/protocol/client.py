@@ -43,6 +43,7 @@ class ClientStats:
     latencies: list[float] = field(default_factory=list)
     ok_times: list[float] = field(default_factory=list)
     failures: list[tuple[float, str]] = field(default_factory=list)
+    disruptions: list[float] = field(default_factory=list)  # failed requests, resets, timeouts
 
     def first_ok_after(self, t: float) -> float | None:
         """When the first request completed successfully after time `t`."""
@@ -161,6 +162,7 @@ class Client(Node):
         for _ in self.app.outstanding:
             self.stats.requests_failed += 1
             self.stats.failures.append((now, reason))
+            self.stats.disruptions.append(now)
         self.app.outstanding.clear()
 
     def _lost(self, now: float) -> None:
@@ -181,6 +183,7 @@ class Client(Node):
             else:
                 self.stats.requests_failed += 1
                 self.stats.failures.append((now, answer.reason))
+                self.stats.disruptions.append(now)
                 if answer.reason.startswith("state lost"):
                     self.stats.state_lost += 1
         if self.app is not None and not self.app.outstanding:
@@ -198,6 +201,7 @@ class Client(Node):
             elif isinstance(event, ConnectionReset | ConnectionTimedOut | ConnectionClosed):
                 if isinstance(event, ConnectionReset) and event.remote:
                     self.stats.resets += 1
+                self.stats.disruptions.append(now)
                 if isinstance(event, ConnectionTimedOut):
                     self.stats.timeouts += 1
                 self._fail_outstanding(now, type(event).__name__)

@@ -59,6 +59,7 @@ class PoolSettings:
     misses: int = 3
     report_interval: float = 1.0
     wall_base: float = 1.7e9
+    startup_grace: float = 1.0
 
     @property
     def dead_after(self) -> float:
@@ -156,6 +157,7 @@ class Coordinator:
         self._queue: list[control.PolicyOp] = []
         self._parts: dict[tuple[int, str], dict[int, control.Snapshot]] = {}
         self._next_heartbeat = 0.0
+        self._stalled_until = 0.0
         self._snapshot_asked = -1.0
         self._load = 0.0
         self._sessions = 0
@@ -181,12 +183,20 @@ class Coordinator:
     def view(self) -> tuple[int, str]:
         return (self.epoch, self.digest)
 
+    def _limit(self, now: float) -> float:
+        """Peers heard from since this time are alive. After we ourselves stalled
+        (our timer fired late: a busy host), their heartbeats may still be queued
+        unread, so nobody is judged until a full timeout has passed again."""
+        if now < self._stalled_until:
+            return float("-inf")
+        return now - self.settings.dead_after
+
     def alive(self, now: float) -> list[str]:
-        limit = now - self.settings.dead_after
+        limit = self._limit(now)
         return sorted([self.name] + [p.name for p in self.peers.values() if p.last_seen >= limit])
 
     def coordinator(self, now: float) -> str | None:
-        limit = now - self.settings.dead_after
+        limit = self._limit(now)
         active = [
             p.name
             for p in self.peers.values()
@@ -235,6 +245,8 @@ class Coordinator:
     # -- time ---------------------------------------------------------------------------
     def on_timer(self, now: float) -> None:
         if now >= self._next_heartbeat:
+            if now - self._next_heartbeat > self.settings.heartbeat:
+                self._stalled_until = now + self.settings.dead_after
             self._heartbeat(now)
             self._next_heartbeat = now + self.settings.heartbeat
             self._duties(now)
@@ -277,7 +289,7 @@ class Coordinator:
 
     def _behind(self, now: float) -> bool:
         """True (and a snapshot asked for) when a live peer holds a greater state."""
-        limit = now - self.settings.dead_after
+        limit = self._limit(now)
         best = max(
             (
                 (p.epoch, p.digest)
@@ -383,7 +395,7 @@ class Coordinator:
             peer = self.peers[hb.sender] = Peer(
                 hb.sender, hb.address, now, hb.state, hb.epoch, hb.digest
             )
-        peer.address, peer.last_seen, peer.state = hb.address, now, hb.state
+        peer.address, peer.last_seen, peer.state = hb.address, max(peer.last_seen, now), hb.state
         peer.epoch, peer.digest, peer.load, peer.sessions = (
             hb.epoch,
             hb.digest,
@@ -408,7 +420,7 @@ class Coordinator:
         if self.allocation is None or self.epoch < request.epoch:
             return
         # Answer only if we are the smallest live id holding our state: one answer, usually.
-        limit = now - self.settings.dead_after
+        limit = self._limit(now)
         holders = [
             p.name
             for p in self.peers.values()

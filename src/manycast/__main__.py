@@ -1,0 +1,3 @@
+from manycast.cli import main
+
+main()
