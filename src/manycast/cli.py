@@ -167,6 +167,50 @@ def demo(
     _run(run, length, as_json, "manycast demo", realtime=driver == "memory" and not as_json)
 
 
+@app.command()
+def run(
+    topology: Annotated[Path, typer.Argument(help="The topology TOML file.")],
+    nodes: Annotated[
+        str | None, typer.Option(help="Comma-separated nodes to host here (default: all).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds to run (default: the topology's).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON object, last line.")
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 1,
+    base_port: Annotated[
+        int, typer.Option(help="First UDP port of the overlay endpoints.")
+    ] = 47000,
+) -> None:
+    """Run a topology on the overlay, all of it or only some nodes.
+
+    Processes on one or several hosts that load the same file and base port form one
+    pool: each hosts the nodes it is given (`[run] hosts` in the file places nodes on
+    other machines). The summary covers the nodes hosted here.
+    """
+    topo = _load(topology)
+    local: set[str] | None = None
+    if nodes:
+        local = {n.strip() for n in nodes.split(",") if n.strip()}
+        # Client groups may be named whole: --nodes a expands to a1..aN.
+        groups = {c.group for c in topo.clients.values()}
+        for group in [n for n in local if n in groups]:
+            local.discard(group)
+            local |= {c.name for c in topo.clients.values() if c.group == group}
+        unknown = sorted(local - set(topo.interfaces))
+        if unknown:
+            err.print(f"[red]error:[/red] no such node in {topology}: {', '.join(unknown)}")
+            raise typer.Exit(2)
+    length = topo.duration if duration is None else duration
+    if length <= 0:
+        err.print("[red]error:[/red] --duration must be positive")
+        raise typer.Exit(2)
+    pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
+    _run(pool, length, as_json, f"manycast run {topology.name}", realtime=False)
+
+
 @topology_app.command("check")
 def topology_check(path: Path) -> None:
     """Check a topology file and show what it compiles to."""

@@ -53,8 +53,18 @@ class Nodes:
         return [*self.routers.values(), *self.servers.values(), *self.clients.values()]
 
 
-def build(topology: Topology, seed: int = 0, wall_base: float = 1.7e9) -> Nodes:
-    """Every node of the topology, each with its own random stream from `seed`."""
+def build(
+    topology: Topology, seed: int = 0, wall_base: float = 1.7e9, only: set[str] | None = None
+) -> Nodes:
+    """The nodes of the topology (those in `only`, when a process hosts part of a pool),
+    each with its own random stream from `seed`."""
+    unknown = sorted((only or set()) - set(topology.interfaces))
+    if unknown:
+        raise ValueError(f"no such node in the topology: {', '.join(unknown)}")
+
+    def hosted(name: str) -> bool:
+        return only is None or name in only
+
     settings = settings_for(topology, wall_base)
     initial = initial_allocation(settings)
     pool = topology.pool
@@ -71,10 +81,13 @@ def build(topology: Topology, seed: int = 0, wall_base: float = 1.7e9) -> Nodes:
             hold_time=pool.report_interval_s * 3.5,
         )
         for name in topology.routers
+        if hosted(name)
     }
     servers: dict[str, Server] = {}
     standby: dict[str, Server] = {}
     for spec in topology.servers.values():
+        if not hosted(spec.name):
+            continue
         server = Server(
             spec.name,
             topology.interfaces[spec.name],
@@ -101,6 +114,7 @@ def build(topology: Topology, seed: int = 0, wall_base: float = 1.7e9) -> Nodes:
             rng(spec.name),
         )
         for spec in topology.clients.values()
+        if hosted(spec.name)
     }
     return Nodes(routers, servers, standby, clients, list(topology.links.values()))
 
@@ -147,16 +161,20 @@ class Scenario:
                 self.nodes.servers[name] = server
                 self.host.add(server)
         elif action == "set_share":
-            self._command(control.SetShareOp(args["server"], args["share"]), now)
+            self._command(control.SetShareOp(args["server"], args["share"]), now, args["server"])
         elif action == "rebalance":
-            self._command(control.RebalanceOp(float(args["target"]), ()), now)
+            self._command(control.RebalanceOp(float(args["target"]), ()), now, None)
         elif action == "client_rate":
             for client in self.nodes.clients.values():
                 if client.name.rstrip("0123456789") == args["clients"]:
                     client.set_rate(float(args["rate"]), now)
         self.events.append(EventRecord(now, step.describe()))
 
-    def _command(self, op: control.PolicyOp, now: float) -> None:
+    def _command(self, op: control.PolicyOp, now: float, about: str | None) -> None:
+        """Hand an operator's change to one server here: the one it is about if we
+        host it (so a pool split over processes issues it once), else our first."""
         live = sorted(n for n in self.nodes.servers if n not in self.dead)
-        if live:
+        if about is not None and about in live:
+            self.nodes.servers[about].command(op, now)
+        elif live and (about is None or about not in self.topology.servers or about in self.dead):
             self.nodes.servers[live[0]].command(op, now)

@@ -54,6 +54,7 @@ class PoolRun:
     driver: DriverName = "memory"
     seed: int = 0
     base_port: int = 47000
+    local: set[str] | None = None  # the nodes this process hosts (None: all)
     nodes: Nodes = field(init=False)
     scenario: Scenario = field(init=False)
     _net: MemoryNetwork | OverlayNetwork = field(init=False)
@@ -61,7 +62,7 @@ class PoolRun:
     _rates: dict[str, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        self.nodes = build(self.topology, seed=self.seed, wall_base=time.time())
+        self.nodes = build(self.topology, seed=self.seed, wall_base=time.time(), only=self.local)
         if self.driver == "memory":
             self._net = MemoryNetwork.build(self.nodes.links, self.nodes.running(), seed=self.seed)
         else:
