@@ -1,0 +1,570 @@
+"""An asyncio overlay: every (node, interface) is a UDP endpoint on a real host.
+
+A frame for a link goes as one UDP datagram to each receiving member's endpoint;
+the payload is the inner packet, unchanged, and the endpoint it arrives on tells
+which interface of which node received it. A driver instance hosts only the
+nodes it is given but sends to any endpoint of the shared map, so instances in
+several processes, on one host or several, form one network.
+
+Delay and loss are emulated at the sender (netem is not available): loss is drawn
+from a seeded `random.Random`, delay is a `loop.call_later` before the send.
+
+The hot path avoids asyncio transports: each endpoint is a non-blocking socket
+registered with `loop.add_reader`, and one wake-up drains up to `_BATCH`
+datagrams straight into the node. Per datagram this costs about a third of a
+`DatagramProtocol`, whose transport reads one datagram per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import random
+import socket
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+from manycast.drivers.links import LinkSpec
+from manycast.protocol.node import Node
+
+Endpoint = tuple[str, int]
+
+DEFAULT_HOST = "127.0.0.1"
+BUFFER_SIZE = 4 << 20
+_MAX_DATAGRAM = 65535
+# Datagrams read per wake-up: enough to amortise the loop's cost, few enough that
+# one busy endpoint cannot starve the others or the timers.
+_BATCH = 256
+
+# Linux reports ICMP errors (port unreachable from a dead peer) on unconnected UDP
+# sockets only with IP_RECVERR; they are then queued and must be drained with
+# MSG_ERRQUEUE, or they would hold the socket readable and eat its buffer.
+_LINUX = sys.platform == "linux"
+_IP_RECVERR = 11
+_MSG_ERRQUEUE = 0x2000
+
+
+class OverlayError(OSError):
+    """An endpoint could not be set up (address in use, not a local address)."""
+
+
+@dataclass(slots=True)
+class LinkCounters:
+    """Datagrams of one link as seen by this driver instance."""
+
+    sent: int = 0  # handed to the kernel by a local sender
+    received: int = 0  # read by a local endpoint
+    lost: int = 0  # dropped on purpose by the emulated loss
+    dropped: int = 0  # could not be sent: no such next hop, too big, refused by the kernel
+    unreachable: int = 0  # the receiving host answered "port unreachable" (peer not running)
+
+
+class _Port:
+    """One local endpoint: its socket and where its frames go."""
+
+    __slots__ = (
+        "counters",
+        "delay",
+        "emulated",
+        "fanout",
+        "iface",
+        "link",
+        "loss",
+        "open",
+        "sock",
+        "unicast",
+    )
+
+    def __init__(self, link: LinkSpec, iface: str, sock: socket.socket, counters: LinkCounters):
+        self.link = link
+        self.iface = iface
+        self.sock = sock
+        self.counters = counters
+        self.delay = link.delay
+        self.loss = link.loss
+        self.emulated = bool(link.delay or link.loss)
+        self.open = True
+        self.fanout: tuple[Endpoint, ...] = ()
+        self.unicast: dict[int, Endpoint] = {}
+
+
+class _Host:
+    """A local node with its endpoints and its one armed loop timer."""
+
+    __slots__ = ("armed", "handle", "node", "ports")
+
+    def __init__(self, node: Node, ports: dict[str, _Port]):
+        self.node = node
+        self.ports = ports
+        self.armed: float | None = None
+        self.handle: asyncio.TimerHandle | None = None
+
+
+def assign_endpoints(
+    links: Iterable[LinkSpec],
+    base_port: int,
+    hosts: Mapping[str, str] | None = None,
+    default_host: str = DEFAULT_HOST,
+) -> dict[tuple[str, str], Endpoint]:
+    """A deterministic endpoint map: attachments sorted by (node, iface) get
+    consecutive ports from `base_port`; `hosts` places nodes on other machines."""
+    keys = sorted({(m.node, m.iface) for link in links for m in link.members})
+    if base_port < 1 or base_port + len(keys) - 1 > 65535:
+        raise ValueError(f"ports {base_port}..{base_port + len(keys) - 1} are not all valid")
+    hosts = hosts or {}
+    return {key: (hosts.get(key[0], default_host), base_port + i) for i, key in enumerate(keys)}
+
+
+def _resolve(host: str) -> str:
+    """A numeric IPv4 address for `host`, so that sending never resolves names."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"endpoint host {host!r} does not resolve to an IPv4 address") from exc
+    return str(infos[0][4][0])
+
+
+class OverlayNetwork:
+    """Hosts `local_nodes` on UDP endpoints; the links and the endpoint map
+    describe the whole network, wherever its other nodes run.
+
+    Use inside a running event loop: `start()` (or `async with`), then
+    `await run_until(t)` / `await run_for(s)`; `close()` at the end.
+    `run_sync(seconds)` does all of that in a fresh loop.
+
+    An endpoint may be given as a bare port (on 127.0.0.1); port 0 on a local
+    endpoint binds a free port and records it in `endpoints`.
+    """
+
+    _loop: asyncio.AbstractEventLoop
+
+    def __init__(
+        self,
+        links: Iterable[LinkSpec] | Mapping[str, LinkSpec],
+        endpoints: Mapping[tuple[str, str], Endpoint | int],
+        local_nodes: Iterable[Node] = (),
+        *,
+        seed: int = 0,
+        buffer_size: int = BUFFER_SIZE,
+    ) -> None:
+        specs = links.values() if isinstance(links, Mapping) else links
+        self.links: dict[str, LinkSpec] = {link.name: link for link in specs}
+        self.buffer_size = buffer_size
+        self.nodes: dict[str, Node] = {}
+        self.counters: dict[str, LinkCounters] = {name: LinkCounters() for name in self.links}
+        self.endpoints: dict[tuple[str, str], Endpoint] = {}
+        for key, value in endpoints.items():
+            host, port = (DEFAULT_HOST, value) if isinstance(value, int) else value
+            if not 0 <= port <= 65535:
+                raise ValueError(f"endpoint of {key[0]}/{key[1]}: port {port} is out of range")
+            self.endpoints[key] = (_resolve(host), port)
+        owners: dict[Endpoint, tuple[str, str]] = {}
+        for key, endpoint in self.endpoints.items():
+            if endpoint[1] != 0 and owners.setdefault(endpoint, key) != key:
+                other = owners[endpoint]
+                raise ValueError(
+                    f"{key[0]}/{key[1]} and {other[0]}/{other[1]} have the same endpoint "
+                    f"{endpoint[0]}:{endpoint[1]}"
+                )
+        for link in self.links.values():
+            for m in link.members:
+                if (m.node, m.iface) not in self.endpoints:
+                    raise ValueError(f"link {link.name}: no endpoint for {m.node}/{m.iface}")
+        self._hosts: dict[str, _Host] = {}
+        self._rng = random.Random(seed)
+        self._started = False
+        self._closed = False
+        self._t0 = 0.0
+        self._pending: list[Node] = []
+        self._calls: list[tuple[float, Callable[[], object]]] = []
+        self._handles: set[asyncio.TimerHandle] = set()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        for node in local_nodes:
+            self.add(node)
+
+    # the clock ------------------------------------------------------------
+    @property
+    def now(self) -> float:
+        """Seconds since `start()` on the loop's monotonic clock (0 before)."""
+        return self._loop.time() - self._t0 if self._started else 0.0
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    def start(self) -> None:
+        """Bind every local endpoint, then start the nodes (needs a running loop)."""
+        if self._closed:
+            raise RuntimeError("the overlay is closed")
+        if self._started:
+            return
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        hosts: list[_Host] = []
+        try:
+            for node in pending:
+                hosts.append(self._bind(node))
+        except BaseException:
+            for host in hosts:
+                self._close_ports(host)
+            raise
+        self._loop = loop
+        self._t0 = loop.time()
+        self._started = True
+        self._pending = []
+        for host in hosts:
+            self._register(host)
+        self._route_all()
+        for host in hosts:
+            self._start_node(host)
+        calls, self._calls = self._calls, []
+        for at, callback in calls:
+            self.call_at(at, callback)
+
+    async def run_until(self, until: float) -> None:
+        """Let the network run until `now` reaches `until`. Raises the first
+        exception a node raised meanwhile (the network keeps its state)."""
+        self.start()
+        self._raise_error()
+        if self._waiter is not None:
+            raise RuntimeError("run_until is already waiting")
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiter = waiter
+        handle = self._loop.call_at(self._t0 + until, _resolve_waiter, waiter)
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+            self._waiter = None
+        self._raise_error()
+
+    async def run_for(self, seconds: float) -> None:
+        await self.run_until(self.now + seconds)
+
+    def run_sync(self, seconds: float | None = None) -> None:
+        """Run in a fresh event loop for `seconds` (None: until interrupted), then close."""
+
+        async def session() -> None:
+            try:
+                await self.run_for(float("inf") if seconds is None else seconds)
+            finally:
+                self.close()
+
+        asyncio.run(session())
+
+    # hosting ------------------------------------------------------------
+    def add(self, node: Node) -> None:
+        """Bring a node up (before or while running): bind its endpoints, start it."""
+        if node.name in self._hosts or any(n.name == node.name for n in self._pending):
+            raise ValueError(f"node {node.name} is already running")
+        if self._closed:
+            raise RuntimeError("the overlay is closed")
+        if not self._started:
+            self._pending.append(node)
+            return
+        host = self._bind(node)
+        self._register(host)
+        self._route_all()
+        self._start_node(host)
+
+    def kill(self, name: str) -> Node:
+        """Stop a local node at once, as a crash would: its sockets close, its timer
+        and its frames still in flight are dropped."""
+        host = self._hosts.pop(name, None)
+        if host is None:
+            for node in self._pending:
+                if node.name == name:
+                    self._pending.remove(node)
+                    return node
+            raise KeyError(f"node {name} is not running here")
+        del self.nodes[name]
+        self._close_ports(host)
+        if host.handle is not None:
+            host.handle.cancel()
+            host.handle = None
+        return host.node
+
+    def call_at(self, at: float, callback: Callable[[], object]) -> None:
+        """Run `callback` at time `at` (scenario steps, measurements), then send
+        whatever the local nodes queued."""
+        if not self._started:
+            self._calls.append((at, callback))
+            return
+
+        def run() -> None:
+            self._handles.discard(handle)
+            try:
+                callback()
+                for host in list(self._hosts.values()):
+                    self._after(host)
+            except Exception as exc:
+                self._fail(exc)
+
+        handle = self._loop.call_at(self._t0 + at, run)
+        self._handles.add(handle)
+
+    def close(self) -> None:
+        """Stop every local node and release every socket and loop timer."""
+        for name in list(self._hosts):
+            self.kill(name)
+        for handle in self._handles:
+            handle.cancel()
+        self._handles.clear()
+        self._pending.clear()
+        self._calls.clear()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._closed = True
+
+    async def __aenter__(self) -> OverlayNetwork:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # set-up ---------------------------------------------------------------
+    def _bind(self, node: Node) -> _Host:
+        """Open and bind the node's endpoints, all or none; record port-0 choices."""
+        ports: dict[str, _Port] = {}
+        try:
+            for link in self.links.values():
+                for m in link.members:
+                    if m.node == node.name:
+                        sock = self._socket(node.name, m.iface)
+                        ports[m.iface] = _Port(link, m.iface, sock, self.counters[link.name])
+        except BaseException:
+            for port in ports.values():
+                port.sock.close()
+            raise
+        for iface, port in ports.items():
+            self.endpoints[(node.name, iface)] = port.sock.getsockname()[:2]
+        return _Host(node, ports)
+
+    def _socket(self, node: str, iface: str) -> socket.socket:
+        address = self.endpoints[(node, iface)]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # No SO_REUSEADDR: on Linux it would let two UDP sockets share the port.
+            for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, self.buffer_size)
+            if _LINUX:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+            sock.setblocking(False)
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise OverlayError(
+                exc.errno,
+                f"node {node} interface {iface}: cannot bind {address[0]}:{address[1]}: "
+                f"{exc.strerror or exc}",
+            ) from exc
+        return sock
+
+    def _route_all(self) -> None:
+        """Resolve every local port's receivers to endpoints. A member whose
+        endpoint is still port 0 is not running anywhere yet: it gets nothing."""
+        for host in self._hosts.values():
+            sender = host.node.name
+            for port in host.ports.values():
+                receivers = [
+                    (m.address, self.endpoints[(m.node, m.iface)])
+                    for m in port.link.members
+                    if m.node != sender
+                ]
+                port.fanout = tuple(ep for _, ep in receivers if ep[1] != 0)
+                port.unicast = {address: ep for address, ep in receivers if ep[1] != 0}
+
+    def _register(self, host: _Host) -> None:
+        name = host.node.name
+        self._hosts[name] = host
+        self.nodes[name] = host.node
+        for port in host.ports.values():
+            self._loop.add_reader(port.sock, self._readable, host, port)
+
+    def _start_node(self, host: _Host) -> None:
+        try:
+            host.node.start(self.now)
+            self._after(host)
+        except Exception:
+            self.kill(host.node.name)
+            raise
+
+    def _close_ports(self, host: _Host) -> None:
+        for port in host.ports.values():
+            if port.open:
+                port.open = False
+                if self._started:
+                    self._loop.remove_reader(port.sock)
+                port.sock.close()
+
+    # the per-datagram path --------------------------------------------------
+    def _readable(self, host: _Host, port: _Port) -> None:
+        recv = port.sock.recv
+        node = host.node
+        iface = port.iface
+        clock = self._loop.time
+        t0 = self._t0
+        n = 0
+        try:
+            while n < _BATCH:
+                try:
+                    packet = recv(_MAX_DATAGRAM)
+                except BlockingIOError:
+                    if n == 0:
+                        # Woken with nothing to read: ICMP errors are queued.
+                        self._drain_errors(port)
+                    break
+                except ConnectionRefusedError:
+                    # An ICMP error for an earlier send, reported here by the kernel.
+                    if not self._drain_errors(port):
+                        port.counters.unreachable += 1
+                    continue
+                except OSError:
+                    port.counters.dropped += 1
+                    break
+                n += 1
+                node.receive(iface, packet, clock() - t0)
+                self._after(host)
+        except Exception as exc:
+            self._fail(exc)
+        finally:
+            port.counters.received += n
+
+    def _after(self, host: _Host) -> None:
+        """Send the node's frames and re-arm its loop timer if the deadline moved."""
+        node = host.node
+        for frame in node.take_frames():
+            port = host.ports.get(frame.iface)
+            if port is None:
+                raise ValueError(f"{node.name} sent on {frame.iface}, which is on no link")
+            if not port.open:
+                continue
+            counters = port.counters
+            if frame.next_hop is None:
+                receivers = port.fanout
+            else:
+                hop = port.unicast.get(frame.next_hop)
+                if hop is None:
+                    counters.dropped += 1
+                    continue
+                receivers = (hop,)
+            packet = frame.packet
+            if port.emulated:
+                self._send_emulated(port, packet, receivers)
+                continue
+            sendto = port.sock.sendto
+            for address in receivers:
+                try:
+                    sendto(packet, address)
+                except OSError as exc:
+                    self._send_failed(port, packet, address, exc)
+                else:
+                    counters.sent += 1
+        deadline = node.next_deadline()
+        if deadline != host.armed:
+            if host.handle is not None:
+                host.handle.cancel()
+            host.armed = deadline
+            host.handle = (
+                None
+                if deadline is None
+                else self._loop.call_at(self._t0 + deadline, self._fire, host)
+            )
+
+    def _send_emulated(self, port: _Port, packet: bytes, receivers: tuple[Endpoint, ...]) -> None:
+        loop = self._loop
+        loss = port.loss
+        rng = self._rng
+        for address in receivers:
+            if loss and rng.random() < loss:
+                port.counters.lost += 1
+            elif port.delay:
+                loop.call_later(port.delay, self._send_later, port, packet, address)
+            else:
+                self._send_later(port, packet, address)
+
+    def _send_later(self, port: _Port, packet: bytes, address: Endpoint) -> None:
+        if not port.open:  # the sender crashed while the frame was in flight
+            return
+        try:
+            port.sock.sendto(packet, address)
+        except OSError as exc:
+            self._send_failed(port, packet, address, exc)
+        else:
+            port.counters.sent += 1
+
+    def _send_failed(self, port: _Port, packet: bytes, address: Endpoint, exc: OSError) -> None:
+        """Count a failed send. A refusal belongs to an earlier datagram (the
+        kernel reports an ICMP error on the next call), so this one is tried again."""
+        if isinstance(exc, ConnectionRefusedError):
+            if not self._drain_errors(port):
+                port.counters.unreachable += 1
+            try:
+                port.sock.sendto(packet, address)
+            except OSError:
+                port.counters.dropped += 1
+            else:
+                port.counters.sent += 1
+        else:
+            port.counters.dropped += 1
+
+    def _drain_errors(self, port: _Port) -> int:
+        """Read the queued ICMP errors, one per datagram that found no receiver."""
+        if not _LINUX or not port.open:
+            return 0
+        recvmsg = port.sock.recvmsg
+        n = 0
+        while True:
+            try:
+                recvmsg(1, 0, _MSG_ERRQUEUE)
+            except OSError:
+                break
+            n += 1
+        port.counters.unreachable += n
+        return n
+
+    def _fire(self, host: _Host) -> None:
+        if self._hosts.get(host.node.name) is not host:
+            return
+        # Never report a time before the deadline itself (float rounding of t0 + d - t0).
+        armed = host.armed
+        now = self.now if armed is None else max(self.now, armed)
+        host.handle = None
+        host.armed = None
+        try:
+            host.node.on_timer(now)
+            self._after(host)
+        except Exception as exc:
+            self._fail(exc)
+
+    # errors from nodes ------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _raise_error(self) -> None:
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def _resolve_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
