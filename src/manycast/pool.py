@@ -34,6 +34,7 @@ def settings_for(topology: Topology, wall_base: float = 1.7e9) -> PoolSettings:
         portions=pool.portions,
         weights={s.name: s.weight for s in topology.servers.values()},
         technique=pool.technique,
+        close_after_transaction=pool.close_after_transaction,
         heartbeat=pool.heartbeat_s,
         misses=pool.heartbeat_misses,
         report_interval=pool.report_interval_s,
@@ -79,6 +80,8 @@ def build(
             [(r.network, r.iface, r.next_hop) for r in topology.routes[name]],
             topology.router_ifaces[name],
             hold_time=pool.report_interval_s * 3.5,
+            control_port=pool.control_port,
+            neighbors=topology.router_neighbors(name),
         )
         for name in topology.routers
         if hosted(name)

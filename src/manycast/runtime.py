@@ -214,7 +214,7 @@ class PoolRun:
                 and name not in self.scenario.dead
                 else 0.0,
                 "requests": server.app.requests,
-                "sessions_reset": server.stats.sessions_reset,
+                "sessions_reset": server.handover.stats.reset_moved,
                 "epoch": server.coordinator.epoch,
             }
         return {

@@ -48,6 +48,7 @@ class PoolSpec:
     policy: str
     portions: int
     technique: str
+    close_after_transaction: bool
     heartbeat_s: float
     heartbeat_misses: int
     report_interval_s: float
@@ -120,6 +121,14 @@ class Topology:
         if node in self.clients:
             return "client"
         raise KeyError(node)
+
+    def router_neighbors(self, router: str) -> dict[str, tuple[int, ...]]:
+        """For each router-facing interface of `router`, the neighbour routers' addresses."""
+        out: dict[str, tuple[int, ...]] = {}
+        for iface in sorted(self.router_ifaces[router]):
+            link = self.links[self.interfaces[router][iface].link]
+            out[iface] = tuple(m.address for m in link.members if m.node != router)
+        return out
 
     def address(self, node: str) -> ipaddress.IPv4Address:
         """A node's first interface address (its id on the network)."""
@@ -449,6 +458,7 @@ class _Compiler:
             policy=policy,
             portions=int(p.number("portions", 30, low=1, high=space.buckets)),
             technique=technique,
+            close_after_transaction=p.get("close_after_transaction", bool, False),
             heartbeat_s=p.number("heartbeat_ms", 100, low=1, high=60000) / 1000,
             heartbeat_misses=int(p.number("heartbeat_misses", 3, low=1, high=100)),
             report_interval_s=p.number("report_interval_ms", 1000, low=10, high=600000) / 1000,

@@ -25,6 +25,7 @@ from manycast.protocol.session import (
     Endpoint,
     SessionConfig,
     State,
+    StreamEnded,
 )
 from manycast.wire.ip import IPPROTO_TCP
 
@@ -198,6 +199,14 @@ class Client(Node):
                 self.timers.arm("request", now)
             elif isinstance(event, DataReceived) and self.app is not None:
                 self._on_answers(self.app.on_data(event.data, now), now)
+            elif isinstance(event, StreamEnded):
+                # The server closed the session (after a transaction): close our side
+                # and open a new one, which reaches the current owner.
+                conn = self.endpoint.connection(key)
+                if conn is not None:
+                    conn.close(now)
+                self._fail_outstanding(now, "closed by the server")
+                self._lost(now)
             elif isinstance(event, ConnectionReset | ConnectionTimedOut | ConnectionClosed):
                 if isinstance(event, ConnectionReset) and event.remote:
                     self.stats.resets += 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +55,7 @@ class PoolSettings:
     portions: int = 30
     weights: Mapping[str, float] = field(default_factory=dict)
     technique: str = "R1"
+    close_after_transaction: bool = False
     heartbeat: float = 0.1
     misses: int = 3
     report_interval: float = 1.0
@@ -162,6 +163,9 @@ class Coordinator:
         self._load = 0.0
         self._sessions = 0
         self._requests_seen: tuple[float, int] | None = None
+        # Called with a proposed allocation before we ack it (or, as coordinator, before
+        # we propose it): the server prepares for the change (R4 pins its connections).
+        self.on_offer: Callable[[Allocation], None] | None = None
 
     # -- what the server agent calls ---------------------------------------------------
     def start(self, now: float) -> None:
@@ -318,6 +322,8 @@ class Coordinator:
         if result == self.allocation:
             return False
         epoch = self.epoch + 1
+        if self.on_offer is not None:
+            self.on_offer(result)
         self._pending = _Pending(
             epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat * 2
         )
@@ -414,6 +420,8 @@ class Coordinator:
         if result.digest() != proposal.digest:
             return  # we would compute something else: do not ack; a snapshot will settle it
         self._offered[proposal.epoch] = (proposal.digest, result)
+        if self.on_offer is not None:
+            self.on_offer(result)
         self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))
 
     def _on_snapshot_request(self, request: control.SnapshotRequest, now: float) -> None:

@@ -13,6 +13,13 @@ toward every member whose filter matches S, so a client's packets reach only
 the server that serves it. The outgoing set is computed on the first packet of
 (S, G) and cached, like a kernel multicast forwarding entry, until membership
 of G changes. Unicast follows the routes computed from the topology.
+
+Pinned paths (R4, Fig 16): a server about to give up a portion asks its router
+to pin each of its connections, named by (client, client port), to itself. The
+request is accepted like a join (only on the interface toward that server) and
+relayed to the other routers, so every router on the way keeps sending those
+connections' packets toward the old owner whatever the membership says, until
+the server unpins them or they go idle.
 """
 
 from __future__ import annotations
@@ -24,8 +31,17 @@ from dataclasses import dataclass, field
 
 from manycast.protocol.membership import SourceFilter, changes
 from manycast.protocol.node import Interface, Node
+from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_IGMP, ROUTER_ALERT_V4, IPv4Packet, decrement_ttl_v4, peek_v4
+from manycast.wire.ip import (
+    IPPROTO_IGMP,
+    IPPROTO_UDP,
+    ROUTER_ALERT_V4,
+    IPv4Packet,
+    UDPDatagram,
+    decrement_ttl_v4,
+    peek_v4,
+)
 from manycast.wire.membership import IGMP_V3_ROUTERS, IGMPv3Report
 
 MULTICAST_LOW, MULTICAST_HIGH = 0xE0000000, 0xEFFFFFFF
@@ -57,6 +73,16 @@ class Member:
     expires: float
 
 
+@dataclass(slots=True)
+class Pin:
+    """A connection's path held toward its old owner (R4)."""
+
+    iface: str
+    neighbor: int
+    idle: float
+    last_used: float
+
+
 @dataclass
 class RouterStats:
     multicast_forwarded: int = 0
@@ -69,6 +95,9 @@ class RouterStats:
     joins_relayed: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     local: int = 0
+    pinned_forwarded: int = 0
+    pins_added: int = 0
+    pins_removed: int = 0
 
 
 class Router(Node):
@@ -81,10 +110,15 @@ class Router(Node):
         *,
         hold_time: float = 3.5,
         admission: Admission | None = None,
+        control_port: int = 7946,
+        neighbors: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         super().__init__(name, interfaces)
+        self._neighbors = neighbors or {}  # router-facing interface -> neighbour routers' addresses
         self.hold_time = hold_time
         self.admission = admission
+        self.control_port = control_port
+        self.pins: dict[int, dict[int, Pin]] = {}  # client -> client port -> pin
         self.router_ifaces = set(router_ifaces)
         self.stats = RouterStats()
         self.members: dict[int, dict[int, Member]] = {}  # group -> origin -> member
@@ -112,6 +146,7 @@ class Router(Node):
             )
         self._routes.sort(key=lambda r: -r.prefixlen)
         self._fib: dict[int, tuple[str, int] | None] = {}
+        self._now = 0.0
         # group -> source -> outgoing (interface, neighbour) pairs: the forwarding cache
         self._mfc: dict[int, dict[int, tuple[tuple[str, int], ...]]] = {}
 
@@ -120,10 +155,14 @@ class Router(Node):
         pass
 
     def on_timer(self, now: float) -> None:
-        if self.timers.expired(now):
+        fired = self.timers.expired(now)
+        if "expire" in fired:
             self._expire(now)
+        if "pins" in fired:
+            self._expire_pins(now)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
+        self._now = now
         try:
             src, dst, proto, ttl = peek_v4(packet)
         except WireError:
@@ -137,11 +176,15 @@ class Router(Node):
             self._forward_multicast(iface, src, dst, packet, ttl)
         elif dst in self._own:
             self.stats.local += 1
+            if proto == IPPROTO_UDP:
+                self._on_control(iface, packet, now)
         else:
             self._forward_unicast(dst, packet, ttl)
 
     # -- forwarding ----------------------------------------------------------------
     def _forward_multicast(self, iface: str, src: int, group: int, packet: bytes, ttl: int) -> None:
+        if src in self.pins and self._forward_pinned(iface, src, packet, ttl):
+            return
         cache = self._mfc.get(group)
         if cache is None:
             cache = self._mfc[group] = {}
@@ -162,6 +205,18 @@ class Router(Node):
             if out_iface != iface:
                 self.send(out_iface, forwarded, neighbor)
                 self.stats.multicast_forwarded += 1
+
+    def _forward_pinned(self, iface: str, src: int, packet: bytes, ttl: int) -> bool:
+        header = (packet[0] & 0x0F) * 4
+        port = int.from_bytes(packet[header : header + 2], "big")
+        pin = self.pins[src].get(port)
+        if pin is None:
+            return False
+        if ttl > 1 and pin.iface != iface:
+            pin.last_used = self._now
+            self.send(pin.iface, decrement_ttl_v4(packet), pin.neighbor)
+            self.stats.pinned_forwarded += 1
+        return True
 
     def resolve(self, src: int, group: int) -> tuple[tuple[str, int], ...]:
         """The (interface, neighbour) pairs toward every member of `group` matching `src`."""
@@ -245,6 +300,67 @@ class Router(Node):
             )
             self.send(out, relayed.to_wire(), None)
             self.stats.joins_relayed += 1
+
+    # -- pinned paths (R4) ----------------------------------------------------------
+    def _on_control(self, iface: str, packet: bytes, now: float) -> None:
+        try:
+            ip = IPv4Packet.from_wire(packet)
+            datagram = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
+            if datagram.dst_port != self.control_port:
+                return
+            message = control.decode(datagram.payload)
+        except WireError:
+            self.stats.malformed += 1
+            return
+        if isinstance(message, control.PinRequest):
+            toward = self.route(int(message.server))
+            if toward is None or toward[0] != iface:
+                self.stats.rejected["pin from wrong link"] += 1
+                return
+            idle = message.idle_timeout_ms / 1000
+            for key in message.keys:
+                self.pins.setdefault(int(key.client), {})[key.port] = Pin(
+                    iface, int(ip.header.src), idle, now
+                )
+                self.stats.pins_added += 1
+            self.timers.arm("pins", now + min(1.0, idle))
+        elif isinstance(message, control.Unpin):
+            for key in message.keys:
+                ports = self.pins.get(int(key.client))
+                if ports is not None and ports.pop(key.port, None) is not None:
+                    self.stats.pins_removed += 1
+                    if not ports:
+                        del self.pins[int(key.client)]
+        else:
+            return
+        self._relay_control(iface, datagram.payload)
+
+    def _relay_control(self, arrived_on: str, payload: bytes) -> None:
+        """Pass a pin request on to the neighbouring routers, as joins are relayed."""
+        for out in sorted(self.router_ifaces - {arrived_on}):
+            mine = self.interfaces[out]
+            for neighbor in self._neighbors.get(out, ()):
+                packet = IPv4Packet.make(
+                    mine.address,
+                    ipaddress.IPv4Address(neighbor),
+                    IPPROTO_UDP,
+                    UDPDatagram(self.control_port, self.control_port, payload).to_wire(
+                        mine.address, ipaddress.IPv4Address(neighbor)
+                    ),
+                    ttl=1,
+                )
+                self.send(out, packet.to_wire(), neighbor)
+
+    def _expire_pins(self, now: float) -> None:
+        for client in list(self.pins):
+            ports = self.pins[client]
+            for port in [p for p, pin in ports.items() if now - pin.last_used > pin.idle]:
+                del ports[port]
+                self.stats.pins_removed += 1
+            if not ports:
+                del self.pins[client]
+        if self.pins:
+            self.timers.arm("pins", now + 1.0)
 
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)

@@ -4,8 +4,8 @@ It joins the pool's group with a source-specific join whose masks are its
 portions (Fig 9), and the control group with an any-source join (Fig 13). When
 the allocation changes it leaves the old portions and joins the new ones in one
 report (claim 3), then deals with the connections whose clients it no longer
-serves, by the pool's technique (R1, Fig 12: reset them, so the clients
-reconnect and land on the new owner).
+serves by the pool's technique (`handover.py`: R1 reset, R2 forward, R3 state
+transfer, R4 pinned paths).
 
 Coordination (who is alive, which allocation is current) is the job of
 `coordination.Coordinator`, which this agent feeds with control messages and
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from manycast.apps.counter import CounterService
 from manycast.protocol.coordination import Coordinator, PoolSettings
+from manycast.protocol.handover import Handover
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter, any_source_record, record_for
 from manycast.protocol.node import Interface, Node
@@ -36,21 +37,16 @@ from manycast.protocol.session import (
 from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
-from manycast.wire.membership import (
-    IGMPv3Report,
-    RecordType,
-    SignedJoin,
-    igmp_packet,
-)
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
+from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
+
+DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
 
 
 @dataclass
 class ServerStats:
     sessions_opened: int = 0
-    sessions_reset: int = 0
     misrouted: int = 0
-    unknown_reset: int = 0
     reports_sent: int = 0
     control_sent: int = 0
     control_received: int = 0
@@ -73,13 +69,28 @@ class Server(Node):
         self.settings = settings
         self.rng = rng
         self.address = interfaces[iface].address
-        self.endpoint = Endpoint(
-            rng, session or SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
-        )
+        self.router = router
+        self.session = session or DEFAULT_SESSION
+        self.endpoint = Endpoint(rng, self.session)
         self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
         self.app = CounterService()
         self.stats = ServerStats()
         self.coordinator = Coordinator(name, self.address, settings, rng, initial=initial)
+        self.coordinator.on_offer = self._prepare
+        self.handover = Handover(
+            settings.technique,
+            name,
+            self.address,
+            settings.group,
+            settings.port,
+            self.endpoint,
+            self.app,
+            self.host,
+            self._send_control,
+            self.session,
+            rng,
+            close_after_transaction=settings.close_after_transaction,
+        )
         self.portions: PortionSet | None = None
         self._filter: SourceFilter | None = None
         self._seq = 0
@@ -97,8 +108,9 @@ class Server(Node):
             return
         protocol, dst = ip.header.protocol, ip.header.dst
         if protocol == IPPROTO_TCP and dst == self.settings.group:
-            if self._filter is None or not self._filter.matches(int(ip.header.src)):
-                # Not ours (a stale route during a change): drop, the client retries.
+            if not self._owns(int(ip.header.src)) and not self._knows(ip):
+                # Neither our client nor a connection we keep (a stale route during a
+                # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
                 return
             self.host.deliver_tcp(ip, now)
@@ -110,20 +122,18 @@ class Server(Node):
         if self.timers.expired(now):
             self._send_report(now, refresh=True)
         self.coordinator.on_timer(now)
+        self.handover.on_timer(now)
         self.endpoint.handle_timer(now)
         self._act(now)
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            d
-            for d in (
-                self.timers.next_deadline(),
-                self.endpoint.next_deadline(),
-                self.coordinator.next_deadline(),
-            )
-            if d is not None
-        ]
-        return min(deadlines, default=None)
+        deadlines = (
+            self.timers.next_deadline(),
+            self.endpoint.next_deadline(),
+            self.coordinator.next_deadline(),
+            self.handover.next_deadline(),
+        )
+        return min((d for d in deadlines if d is not None), default=None)
 
     # -- operator --------------------------------------------------------------------------
     def command(self, op: control.PolicyOp, now: float) -> None:
@@ -134,6 +144,19 @@ class Server(Node):
     @property
     def sessions(self) -> int:
         return len(self.app)
+
+    def _owns(self, source: int) -> bool:
+        return self._filter is not None and self._filter.matches(source)
+
+    def _knows(self, ip: IPv4Packet) -> bool:
+        payload = ip.payload
+        if len(payload) < 4:
+            return False
+        key = (
+            (ip.header.dst, int.from_bytes(payload[2:4], "big")),
+            (ip.header.src, int.from_bytes(payload[:2], "big")),
+        )
+        return key in self.endpoint
 
     # -- control channel ---------------------------------------------------------------------
     def _on_control(self, ip: IPv4Packet, now: float) -> None:
@@ -148,42 +171,45 @@ class Server(Node):
         if message.sender == self.name:
             return
         self.stats.control_received += 1
-        self.coordinator.on_message(message, now)
+        if not self.handover.on_message(message, now):
+            self.coordinator.on_message(message, now)
+
+    def _send_control(
+        self, message: control.ControlMessage, to: ipaddress.IPv4Address | None
+    ) -> None:
+        """To the control group, or to one server or router (point to point)."""
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        payload = _with_seq(message, self._seq).to_wire()
+        port = self.settings.control_port
+        self.host.send_udp(self.settings.control_group if to is None else to, port, port, payload)
+        self.stats.control_sent += 1
 
     def _act(self, now: float) -> None:
         """Carry out what the coordinator decided, then flush the session layer."""
         for message in self.coordinator.take_messages():
-            self._seq += 1
-            payload = message.to_wire()
-            port = self.settings.control_port
-            self.host.send_udp(self.settings.control_group, port, port, payload)
-            self.stats.control_sent += 1
+            self._send_control(message, None)
         allocation = self.coordinator.take_new_allocation()
         if allocation is not None:
             self._apply(allocation, now)
-        load = self.app.requests
-        self.coordinator.report_load(load, len(self.app), now)
+        self.coordinator.report_load(self.app.requests, len(self.app), now)
         self._drain(now)
 
     # -- allocation ------------------------------------------------------------------------
+    def _prepare(self, allocation: Allocation) -> None:
+        """A change is about to execute: the technique gets ready (R4 pins paths)."""
+        keep = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
+        self.handover.before_change(
+            SourceFilter.of(keep) if len(keep) else None,
+            lambda pin: self._send_control(pin, self.router),
+        )
+
     def _apply(self, allocation: Allocation, now: float) -> None:
         old = self.portions
         new = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
         self.portions = new
         self._filter = SourceFilter.of(new) if len(new) else None
         self._send_report(now, refresh=False, previous=old)
-        self._release_moved(now)
-
-    def _release_moved(self, now: float) -> None:
-        """R1 (Fig 12): close the connections of clients we no longer serve."""
-        for key in self.endpoint.keys():
-            client = key[1][0]
-            if self._filter is None or not self._filter.matches(int(client)):
-                conn = self.endpoint.connection(key)
-                if conn is not None:
-                    conn.abort(now)
-                    self.stats.sessions_reset += 1
-                self.app.close(key)
+        self.handover.after_change(self._filter, now)
 
     def _send_report(
         self, now: float, *, refresh: bool, previous: PortionSet | None = None
@@ -194,6 +220,7 @@ class Server(Node):
             if self.portions is not None and len(self.portions):
                 records.append(record_for(group, self.portions, RecordType.MODE_IS_INCLUDE))
         else:
+            # Claim 3: leave the old portions and join the new ones in one report.
             if previous is not None and len(previous):
                 records.append(record_for(group, previous, RecordType.BLOCK_OLD_SOURCES))
             if self.portions is not None and len(self.portions):
@@ -210,9 +237,11 @@ class Server(Node):
     def _drain(self, now: float) -> None:
         for key, event in self.endpoint.events():
             if isinstance(event, UnknownSegment):
-                # R1: a connection we have no state for cannot continue here.
-                self.endpoint.reset_for(event.src, event.dst, event.segment)
-                self.stats.unknown_reset += 1
+                src, dst = event.src, event.dst
+                if isinstance(src, ipaddress.IPv4Address) and isinstance(
+                    dst, ipaddress.IPv4Address
+                ):
+                    self.handover.on_unknown(src, dst, event.segment, now)
             elif isinstance(event, DataReceived):
                 if key not in self.app:
                     self.app.open(key)
@@ -221,13 +250,17 @@ class Server(Node):
                 conn = self.endpoint.connection(key)
                 if answer and conn is not None:
                     conn.send(answer, now)
+                    self.handover.on_answer(key, conn, now)
             elif isinstance(event, StreamEnded):
                 conn = self.endpoint.connection(key)
                 if conn is not None:
                     conn.close(now)
             elif isinstance(event, ConnectionClosed | ConnectionReset | ConnectionTimedOut):
                 self.app.close(key)
+                self.handover.on_closed(key, lambda unpin: self._send_control(unpin, self.router))
         self.host.flush()
 
 
-__all__ = ["IPPROTO_IGMP", "Server", "ServerStats"]
+def _with_seq(message: control.ControlMessage, seq: int) -> control.ControlMessage:
+    """The message stamped with our sequence number (the envelope's `seq`)."""
+    return replace(message, seq=seq) if message.seq != seq else message

@@ -31,10 +31,22 @@ IPV6_HEADER_LEN = 40
 UDP_HEADER_LEN = 8
 
 _V4_FIXED = struct.Struct("!BBHHHBBH4s4s")
-_V4_WIDTHS = (("protocol", 8), ("ttl", 8), ("total_length", 16), ("identification", 16),
-              ("dscp", 6), ("ecn", 2), ("fragment_offset", 13))
-_V6_WIDTHS = (("next_header", 8), ("hop_limit", 8), ("payload_length", 16),
-              ("traffic_class", 8), ("flow_label", 20))
+_V4_WIDTHS = (
+    ("protocol", 8),
+    ("ttl", 8),
+    ("total_length", 16),
+    ("identification", 16),
+    ("dscp", 6),
+    ("ecn", 2),
+    ("fragment_offset", 13),
+)
+_V6_WIDTHS = (
+    ("next_header", 8),
+    ("hop_limit", 8),
+    ("payload_length", 16),
+    ("traffic_class", 8),
+    ("flow_label", 20),
+)
 
 # RFC 2113: type 148 (copied, class 0, number 20), length 4, value 0 ("examine packet").
 ROUTER_ALERT_V4 = b"\x94\x04\x00\x00"
@@ -125,11 +137,21 @@ class IPv4Header:
 
     def _pack(self, checksum: int) -> bytes:
         flags = (0x4000 if self.dont_fragment else 0) | (0x2000 if self.more_fragments else 0)
-        return _V4_FIXED.pack(
-            0x40 | self.header_length // 4, self.dscp << 2 | self.ecn, self.total_length,
-            self.identification, flags | self.fragment_offset, self.ttl, self.protocol,
-            checksum, self.src.packed, self.dst.packed,
-        ) + self.options
+        return (
+            _V4_FIXED.pack(
+                0x40 | self.header_length // 4,
+                self.dscp << 2 | self.ecn,
+                self.total_length,
+                self.identification,
+                flags | self.fragment_offset,
+                self.ttl,
+                self.protocol,
+                checksum,
+                self.src.packed,
+                self.dst.packed,
+            )
+            + self.options
+        )
 
     def to_wire(self) -> bytes:
         unsummed = self._pack(0)
@@ -140,8 +162,8 @@ class IPv4Header:
         """Read a header from `r`, verifying version, lengths and checksum."""
         start = r.offset
         fixed = r.bytes(IPV4_HEADER_LEN, "IPv4 header")
-        ver_ihl, tos, total_length, ident, frag, ttl, proto, checksum, src, dst = (
-            _V4_FIXED.unpack(fixed)
+        ver_ihl, tos, total_length, ident, frag, ttl, proto, checksum, src, dst = _V4_FIXED.unpack(
+            fixed
         )
         if ver_ihl >> 4 != 4:
             raise WireError(f"IPv4 header: version {ver_ihl >> 4} at offset {start}, expected 4")
@@ -161,10 +183,20 @@ class IPv4Header:
                 f"IPv4 header: bad header checksum {checksum:#06x}, expected {expected:#06x}"
             )
         return _decoded(
-            "IPv4 header", cls, src=IPv4Address(src), dst=IPv4Address(dst), protocol=proto,
-            ttl=ttl, total_length=total_length, identification=ident, dscp=tos >> 2,
-            ecn=tos & 3, dont_fragment=bool(frag & 0x4000), more_fragments=bool(frag & 0x2000),
-            fragment_offset=frag & 0x1FFF, options=options,
+            "IPv4 header",
+            cls,
+            src=IPv4Address(src),
+            dst=IPv4Address(dst),
+            protocol=proto,
+            ttl=ttl,
+            total_length=total_length,
+            identification=ident,
+            dscp=tos >> 2,
+            ecn=tos & 3,
+            dont_fragment=bool(frag & 0x4000),
+            more_fragments=bool(frag & 0x2000),
+            fragment_offset=frag & 0x1FFF,
+            options=options,
         )
 
     @classmethod
@@ -191,14 +223,33 @@ class IPv4Packet:
 
     @classmethod
     def make(
-        cls, src: IPv4Address, dst: IPv4Address, protocol: int, payload: bytes, *,
-        ttl: int = 64, identification: int = 0, dscp: int = 0, ecn: int = 0,
-        dont_fragment: bool = False, options: bytes = b"",
+        cls,
+        src: IPv4Address,
+        dst: IPv4Address,
+        protocol: int,
+        payload: bytes,
+        *,
+        ttl: int = 64,
+        identification: int = 0,
+        dscp: int = 0,
+        ecn: int = 0,
+        dont_fragment: bool = False,
+        options: bytes = b"",
     ) -> IPv4Packet:
         """An unfragmented packet with the total length filled in."""
         header = IPv4Header(
-            src, dst, protocol, ttl, IPV4_HEADER_LEN + len(options) + len(payload),
-            identification, dscp, ecn, dont_fragment, False, 0, options,
+            src,
+            dst,
+            protocol,
+            ttl,
+            IPV4_HEADER_LEN + len(options) + len(payload),
+            identification,
+            dscp,
+            ecn,
+            dont_fragment,
+            False,
+            0,
+            options,
         )
         return cls(header, payload)
 
@@ -269,8 +320,12 @@ class HopByHop:
     def read(cls, r: Reader) -> HopByHop:
         next_header = r.u8("Hop-by-Hop next header")
         length = (r.u8("Hop-by-Hop length") + 1) * 8
-        return _decoded("Hop-by-Hop header", cls, next_header=next_header,
-                        options=r.bytes(length - 2, "Hop-by-Hop options"))
+        return _decoded(
+            "Hop-by-Hop header",
+            cls,
+            next_header=next_header,
+            options=r.bytes(length - 2, "Hop-by-Hop options"),
+        )
 
     @classmethod
     def from_wire(cls, data: bytes) -> HopByHop:
@@ -317,8 +372,9 @@ class IPv6Header:
         hop_limit = r.u8("hop limit")
         src = IPv6Address(r.bytes(16, "source address"))
         dst = IPv6Address(r.bytes(16, "destination address"))
-        return cls(src, dst, next_header, hop_limit, payload_length,
-                   (first >> 20) & 0xFF, first & 0xFFFFF)
+        return cls(
+            src, dst, next_header, hop_limit, payload_length, (first >> 20) & 0xFF, first & 0xFFFFF
+        )
 
     @classmethod
     def from_wire(cls, data: bytes) -> IPv6Header:
@@ -356,8 +412,15 @@ class IPv6Packet:
 
     @classmethod
     def make(
-        cls, src: IPv6Address, dst: IPv6Address, protocol: int, payload: bytes, *,
-        hop_limit: int = 64, traffic_class: int = 0, flow_label: int = 0,
+        cls,
+        src: IPv6Address,
+        dst: IPv6Address,
+        protocol: int,
+        payload: bytes,
+        *,
+        hop_limit: int = 64,
+        traffic_class: int = 0,
+        flow_label: int = 0,
         hop_by_hop: HopByHop | None = None,
     ) -> IPv6Packet:
         """A packet with the payload length and next header chain filled in."""
@@ -365,8 +428,13 @@ class IPv6Packet:
             raise ValueError("hop_by_hop.next_header must be the payload protocol")
         hbh_length = len(hop_by_hop.options) + 2 if hop_by_hop else 0
         header = IPv6Header(
-            src, dst, IPPROTO_HOPOPTS if hop_by_hop else protocol, hop_limit,
-            hbh_length + len(payload), traffic_class, flow_label,
+            src,
+            dst,
+            IPPROTO_HOPOPTS if hop_by_hop else protocol,
+            hop_limit,
+            hbh_length + len(payload),
+            traffic_class,
+            flow_label,
         )
         return cls(header, payload, hop_by_hop)
 
@@ -417,8 +485,9 @@ class UDPHeader:
     @classmethod
     def from_wire(cls, data: bytes) -> UDPHeader:
         r = Reader(data, "UDP header")
-        header = cls(r.u16("source port"), r.u16("destination port"), r.u16("length"),
-                     r.u16("checksum"))
+        header = cls(
+            r.u16("source port"), r.u16("destination port"), r.u16("length"), r.u16("checksum")
+        )
         r.expect_end()
         return header
 

@@ -212,7 +212,10 @@ def _extensions(
 
 
 def _encode(
-    fam: _Family, records: tuple[GroupRecord, ...], signed: SignedJoin | None, *,
+    fam: _Family,
+    records: tuple[GroupRecord, ...],
+    signed: SignedJoin | None,
+    *,
     signature: bool = True,
 ) -> bytes:
     """The report with a zero checksum."""
@@ -243,9 +246,7 @@ def _read_record(r: Reader, fam: _Family, i: int) -> GroupRecord:
     aux_words = r.u8(f"record {i} aux data length")
     count = r.u16(f"record {i} number of sources")
     group = fam.address(r.bytes(fam.width, f"record {i} group"))
-    sources = tuple(
-        fam.address(r.bytes(fam.width, f"record {i} source {j}")) for j in range(count)
-    )
+    sources = tuple(fam.address(r.bytes(fam.width, f"record {i} source {j}")) for j in range(count))
     return GroupRecord(record_type, group, sources, aux=r.bytes(aux_words * 4, f"record {i} aux"))
 
 
@@ -266,22 +267,33 @@ def _read_masks(
             f" the record is for {records[index].group}"
         )
     if v.remaining % (2 * fam.width) or v.at_end():
-        raise WireError(f"{fam.name}: masks extension for record {index} has {v.remaining} bytes"
-                        f" of pairs, not a positive multiple of {2 * fam.width}")
+        raise WireError(
+            f"{fam.name}: masks extension for record {index} has {v.remaining} bytes"
+            f" of pairs, not a positive multiple of {2 * fam.width}"
+        )
     pairs = []
     for j in range(v.remaining // (2 * fam.width)):
         value, mask = v.uint(fam.width, "mask value"), v.uint(fam.width, "mask")
         if value & ~mask:
-            raise WireError(f"{fam.name}: record {index} mask pair {j}: value {value:#x}"
-                            f" has bits outside mask {mask:#x}")
+            raise WireError(
+                f"{fam.name}: record {index} mask pair {j}: value {value:#x}"
+                f" has bits outside mask {mask:#x}"
+            )
         pairs.append(MaskPair(value, mask))
     if include_count > len(pairs):
-        raise WireError(f"{fam.name}: record {index} include count {include_count}"
-                        f" > {len(pairs)} mask pairs")
+        raise WireError(
+            f"{fam.name}: record {index} include count {include_count} > {len(pairs)} mask pairs"
+        )
     rec = records[index]
     try:
-        masked = GroupRecord(rec.record_type, rec.group, rec.sources, tuple(pairs[:include_count]),
-                             tuple(pairs[include_count:]), rec.aux)
+        masked = GroupRecord(
+            rec.record_type,
+            rec.group,
+            rec.sources,
+            tuple(pairs[:include_count]),
+            tuple(pairs[include_count:]),
+            rec.aux,
+        )
     except ValueError as exc:
         raise WireError(f"{fam.name}: record {index}: {exc}") from None
     return index, masked
@@ -409,14 +421,24 @@ class MLDv2Report:
 def igmp_packet(report: IGMPv3Report, src: IPv4Address) -> IPv4Packet:
     """The report as Linux sends it: to 224.0.0.22, TTL 1, Router Alert, DSCP CS6, DF."""
     return IPv4Packet.make(
-        src, IGMP_V3_ROUTERS, IPPROTO_IGMP, report.to_wire(),
-        ttl=1, dscp=48, dont_fragment=True, options=ROUTER_ALERT_V4,
+        src,
+        IGMP_V3_ROUTERS,
+        IPPROTO_IGMP,
+        report.to_wire(),
+        ttl=1,
+        dscp=48,
+        dont_fragment=True,
+        options=ROUTER_ALERT_V4,
     )
 
 
 def mld_packet(report: MLDv2Report, src: IPv6Address) -> IPv6Packet:
     """The report as Linux sends it: to ff02::16, hop limit 1, Hop-by-Hop Router Alert."""
     return IPv6Packet.make(
-        src, MLD_V2_ROUTERS, IPPROTO_ICMPV6, report.to_wire(src, MLD_V2_ROUTERS),
-        hop_limit=1, hop_by_hop=HopByHop.with_router_alert(IPPROTO_ICMPV6),
+        src,
+        MLD_V2_ROUTERS,
+        IPPROTO_ICMPV6,
+        report.to_wire(src, MLD_V2_ROUTERS),
+        hop_limit=1,
+        hop_by_hop=HopByHop.with_router_alert(IPPROTO_ICMPV6),
     )

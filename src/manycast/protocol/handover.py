@@ -1,0 +1,321 @@
+"""What a server does with connections when portions change hands (Fig 12-16).
+
+The pool chooses one technique:
+
+* R1 reset (Fig 12): the old owner resets the connections it gave up; a new
+  owner resets segments of connections it has no state for. Clients reconnect.
+* R2 forward (Fig 14): the old owner keeps its connections. A new owner that
+  receives a segment of a connection it does not know forwards the packet over
+  the control channel; the old owner processes it, answers the client itself and
+  tells the new owner its direct address, after which the new owner forwards
+  that connection's packets point to point. With `close_after_transaction` the
+  old owner closes such a connection after its next answer, and the client's new
+  connection lands on the new owner (the combination the seed describes).
+* R3 state transfer (Fig 15): a new owner that receives a segment of an unknown
+  connection asks for its state over the control channel; the old owner exports
+  the transport and application state and lets the connection go; the new owner
+  imports it and continues the connection, segments that arrived meanwhile
+  included.
+* R4 pinned paths (Fig 16): before a reallocation executes, a server asks the
+  routers to pin a path to itself for each connection it is about to lose;
+  those connections' packets keep coming to it until they close (then it
+  unpins) or go idle, while new connections go to the new owner.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from manycast.apps.counter import CounterService
+from manycast.protocol.host import HostStack
+from manycast.protocol.membership import SourceFilter
+from manycast.protocol.session import Connection, ConnKey, Endpoint, SessionConfig, SessionError
+from manycast.wire import control
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
+from manycast.wire.transport import TcpFlags, TcpSegment
+
+TECHNIQUES = ("R1", "R2", "R3", "R4")
+
+# Sends a control message: to the control group (None) or to one server's address.
+SendControl = Callable[[control.ControlMessage, ipaddress.IPv4Address | None], None]
+
+
+@dataclass
+class HandoverStats:
+    reset_moved: int = 0  # R1: connections we gave up and reset
+    reset_unknown: int = 0  # segments of unknown connections answered with a reset
+    forwarded_out: int = 0  # R2: packets we forwarded to an old owner
+    forwarded_in: int = 0  # R2: forwarded packets we processed as the old owner
+    redirects: int = 0
+    queries: int = 0  # R3: state queries we sent
+    transferred_out: int = 0  # R3: connections whose state we handed over
+    transferred_in: int = 0  # R3: connections we continued from another server's state
+    pinned: int = 0  # R4: connections we pinned before giving their portion up
+    unpinned: int = 0
+    closed_after_transaction: int = 0
+
+
+Segment = tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, TcpSegment]  # src, dst, segment
+
+
+@dataclass
+class _Query:
+    query_id: int
+    deadline: float
+    segments: list[Segment] = field(default_factory=list)
+
+
+@dataclass
+class _Forward:
+    target: ipaddress.IPv4Address | None  # None until the old owner redirects us
+    first: float
+    last_used: float
+
+
+class Handover:
+    """The technique's state and decisions, for one server agent."""
+
+    def __init__(
+        self,
+        technique: str,
+        name: str,
+        address: ipaddress.IPv4Address,
+        group: ipaddress.IPv4Address,
+        port: int,
+        endpoint: Endpoint,
+        app: CounterService,
+        host: HostStack,
+        send_control: SendControl,
+        session: SessionConfig,
+        rng: random.Random,
+        *,
+        close_after_transaction: bool = False,
+        query_timeout: float = 0.3,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        if technique not in TECHNIQUES:
+            raise ValueError(f"technique must be one of {', '.join(TECHNIQUES)}, not {technique!r}")
+        self.technique = technique
+        self.name = name
+        self.address = address
+        self.group = group
+        self.port = port
+        self.endpoint = endpoint
+        self.app = app
+        self.host = host
+        self.send_control = send_control
+        self.session = session
+        self.rng = rng
+        self.close_after_transaction = close_after_transaction
+        self.query_timeout = query_timeout
+        self.idle_timeout = idle_timeout
+        self.stats = HandoverStats()
+        self.moved: set[ConnKey] = set()  # connections we keep although their portion left us
+        self._queries: dict[ConnKey, _Query] = {}
+        self._query_ids: dict[int, ConnKey] = {}
+        self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
+        self._pins: set[ConnKey] = set()
+
+    # -- the allocation changes --------------------------------------------------------
+    def before_change(
+        self, keep: SourceFilter | None, gateway_pin: Callable[[control.PinRequest], None]
+    ) -> None:
+        """R4: a reallocation is about to execute; pin what we will lose."""
+        if self.technique != "R4":
+            return
+        losing = [
+            key for key in self.endpoint.keys() if not _owned(keep, key) and key not in self._pins
+        ]
+        for start in range(0, len(losing), control.MAX_PIN_KEYS):
+            chunk = losing[start : start + control.MAX_PIN_KEYS]
+            keys = tuple(control.PinKey(key[1][0], key[1][1]) for key in chunk)
+            gateway_pin(
+                control.PinRequest(self.name, 0, self.address, int(self.idle_timeout * 1000), keys)
+            )
+            self._pins.update(chunk)
+            self.stats.pinned += len(chunk)
+
+    def after_change(self, owned: SourceFilter | None, now: float) -> None:
+        """The new allocation is in force: deal with the connections we gave up."""
+        for key in self.endpoint.keys():
+            if _owned(owned, key):
+                self.moved.discard(key)
+                continue
+            if self.technique == "R1":
+                conn = self.endpoint.connection(key)
+                if conn is not None:
+                    conn.abort(now)
+                self.app.close(key)
+                self.stats.reset_moved += 1
+            else:
+                self.moved.add(key)
+
+    # -- segments of connections we do not know ---------------------------------------
+    def on_unknown(
+        self,
+        src: ipaddress.IPv4Address,
+        dst: ipaddress.IPv4Address,
+        segment: TcpSegment,
+        now: float,
+    ) -> None:
+        if segment.flags & TcpFlags.RST:
+            return
+        key: ConnKey = ((dst, segment.dst_port), (src, segment.src_port))
+        if self.technique == "R2":
+            self._forward((src, dst, segment), now)
+        elif self.technique == "R3":
+            self._query(key, (src, dst, segment), now)
+        else:
+            self._reset((src, dst, segment))
+
+    def _reset(self, item: Segment) -> None:
+        self.endpoint.reset_for(*item)
+        self.stats.reset_unknown += 1
+
+    def _forward(self, item: Segment, now: float) -> None:
+        src, dst, segment = item
+        flow = (int(src), segment.src_port)
+        entry = self._forwards.get(flow)
+        if entry is None:
+            entry = self._forwards[flow] = _Forward(None, now, now)
+        if entry.target is None and now - entry.first > self.query_timeout:
+            # Nobody has claimed this connection: it cannot continue anywhere.
+            del self._forwards[flow]
+            self._reset(item)
+            return
+        entry.last_used = now
+        packet = IPv4Packet.make(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
+        message = control.Forwarded(self.name, 0, self.address, packet.to_wire())
+        self.send_control(message, entry.target)
+        self.stats.forwarded_out += 1
+
+    def _query(self, key: ConnKey, item: Segment, now: float) -> None:
+        query = self._queries.get(key)
+        if query is None:
+            query_id = self.rng.getrandbits(63)
+            query = self._queries[key] = _Query(query_id, now + self.query_timeout)
+            self._query_ids[query_id] = key
+            client, port = key[1]
+            wanted = control.ConnectionKey(client, port, key[0][0], key[0][1])
+            self.send_control(control.StateQuery(self.name, 0, query_id, wanted), None)
+            self.stats.queries += 1
+        if len(query.segments) < 64:
+            query.segments.append(item)
+
+    # -- control messages ----------------------------------------------------------------
+    def on_message(self, message: control.ControlMessage, now: float) -> bool:
+        """Handle a technique's message; False if it is not one of ours."""
+        if isinstance(message, control.Forwarded):
+            self._on_forwarded(message, now)
+        elif isinstance(message, control.Redirect):
+            flow = (int(message.client), message.client_port)
+            entry = self._forwards.get(flow)
+            if entry is not None and isinstance(message.target, ipaddress.IPv4Address):
+                entry.target = message.target
+                self.stats.redirects += 1
+        elif isinstance(message, control.StateQuery):
+            self._on_state_query(message)
+        elif isinstance(message, control.StateReply):
+            self._on_state_reply(message, now)
+        else:
+            return False
+        return True
+
+    def _on_forwarded(self, message: control.Forwarded, now: float) -> None:
+        try:
+            ip = IPv4Packet.from_wire(message.packet)
+        except WireError:
+            return
+        if ip.header.protocol != IPPROTO_TCP or ip.header.dst != self.group or len(ip.payload) < 4:
+            return
+        src_port = int.from_bytes(ip.payload[:2], "big")
+        dst_port = int.from_bytes(ip.payload[2:4], "big")
+        key: ConnKey = ((ip.header.dst, dst_port), (ip.header.src, src_port))
+        if key not in self.endpoint:
+            return  # not ours either
+        self.stats.forwarded_in += 1
+        self.host.deliver_tcp(ip, now)
+        if isinstance(message.receiver, ipaddress.IPv4Address) and message.receiver != self.address:
+            redirect = control.Redirect(
+                self.name, 0, ip.header.src, src_port, dst_port, self.address, 0
+            )
+            self.send_control(redirect, message.receiver)
+
+    def _on_state_query(self, query: control.StateQuery) -> None:
+        wanted = query.key
+        key: ConnKey = ((wanted.group, wanted.service_port), (wanted.client, wanted.client_port))
+        conn = self.endpoint.connection(key)
+        if conn is None:
+            return
+        try:
+            self.host.flush()  # what it queued still goes out from here
+            transport = self.endpoint.release(key).export_state()
+        except (SessionError, KeyError):
+            return
+        app_state = self.app.export(key) if key in self.app else b""
+        self.app.close(key)
+        self.moved.discard(key)
+        self.send_control(
+            control.StateReply(self.name, 0, query.query_id, wanted, True, transport, app_state),
+            None,
+        )
+        self.stats.transferred_out += 1
+
+    def _on_state_reply(self, reply: control.StateReply, now: float) -> None:
+        key = self._query_ids.pop(reply.query_id, None)
+        if key is None or not reply.found:
+            return
+        query = self._queries.pop(key, None)
+        if query is None or key in self.endpoint:
+            return
+        try:
+            conn = Connection.import_state(reply.transport_state, now, self.rng, self.session)
+            if conn.key != key:
+                return
+            self.endpoint.adopt(conn)
+            if reply.app_state:
+                self.app.restore(key, reply.app_state)
+            else:
+                self.app.open(key)
+        except (WireError, SessionError):
+            return
+        self.stats.transferred_in += 1
+        for src, dst, segment in query.segments:
+            self.endpoint.receive(src, dst, segment, now)
+
+    # -- housekeeping --------------------------------------------------------------------
+    def on_answer(self, key: ConnKey, conn: Connection, now: float) -> None:
+        """An answer went out on `key`: R2 with close closes moved connections now."""
+        if self.close_after_transaction and key in self.moved:
+            conn.close(now)
+            self.stats.closed_after_transaction += 1
+
+    def on_closed(self, key: ConnKey, gateway_unpin: Callable[[control.Unpin], None]) -> None:
+        self.moved.discard(key)
+        if key in self._pins:
+            self._pins.discard(key)
+            gateway_unpin(control.Unpin(self.name, 0, (control.PinKey(key[1][0], key[1][1]),)))
+            self.stats.unpinned += 1
+
+    def next_deadline(self) -> float | None:
+        return min((q.deadline for q in self._queries.values()), default=None)
+
+    def on_timer(self, now: float) -> None:
+        for key, query in list(self._queries.items()):
+            if query.deadline <= now:
+                # No server had the state: the connection cannot continue (R1 fallback).
+                del self._queries[key]
+                self._query_ids.pop(query.query_id, None)
+                for item in query.segments[-1:]:
+                    self._reset(item)
+        stale = [f for f, e in self._forwards.items() if now - e.last_used > self.idle_timeout]
+        for flow in stale:
+            del self._forwards[flow]
+
+
+def _owned(portions: SourceFilter | None, key: ConnKey) -> bool:
+    return portions is not None and portions.matches(int(key[1][0]))
