@@ -289,12 +289,47 @@ def rebalance(alloc: Allocation, bucket_load: npt.ArrayLike, target: float = 1.1
     return Rebalance(result, moved, before, after, after <= target + 1e-9)
 
 
+def balance_loads(
+    alloc: Allocation, server_loads: Mapping[str, float], target: float = 1.1
+) -> Allocation:
+    """Even out measured server loads by moving whole runs of buckets.
+
+    Each server's load is taken as spread evenly over its buckets. A server above
+    the mean sheds the buckets that carry its excess; servers below the mean take
+    them in proportion to their spare load. The moves go through `reassign`, so a
+    server gives up the end of what it holds and portions stay a few value/mask
+    pairs. Servers already within `target` times the mean keep what they have.
+    """
+    if target < 1.0:
+        raise PolicyError("target max/mean must be at least 1.0")
+    counts = alloc.counts()
+    loads = {s: max(0.0, float(server_loads.get(s, 0.0))) for s in counts}
+    mean = sum(loads.values()) / len(loads)
+    if mean <= 0 or max(loads.values()) <= target * mean:
+        return alloc
+    targets = dict(counts)
+    freed = 0
+    for server, load in loads.items():
+        if load > mean and counts[server] > 0:
+            density = load / counts[server]
+            shed = min(counts[server] - 1, round((load - mean) / density))
+            targets[server] -= shed
+            freed += shed
+    spare = {s: mean - load for s, load in loads.items() if load < mean}
+    if not freed or not spare:
+        return alloc
+    for server, extra in apportion(freed, spare).items():
+        targets[server] += extra
+    return reassign(alloc, targets)
+
+
 __all__ = [
     "PolicyError",
     "Rebalance",
     "SpaceError",
     "add_server",
     "apportion",
+    "balance_loads",
     "equal_split",
     "imbalance",
     "reassign",

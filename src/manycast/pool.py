@@ -38,6 +38,9 @@ def settings_for(topology: Topology, wall_base: float = 1.7e9) -> PoolSettings:
         heartbeat=pool.heartbeat_s,
         misses=pool.heartbeat_misses,
         report_interval=pool.report_interval_s,
+        rebalance_above=pool.rebalance_above,
+        rebalance_target=pool.rebalance_target,
+        rebalance_hold=pool.rebalance_hold_s,
         wall_base=wall_base,
     )
 

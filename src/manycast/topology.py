@@ -53,6 +53,9 @@ class PoolSpec:
     heartbeat_misses: int
     report_interval_s: float
     private: bool
+    rebalance_above: float = 0.0
+    rebalance_target: float = 1.1
+    rebalance_hold_s: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -340,7 +343,7 @@ class _Compiler:
             self.fail("a topology needs at least one [[server]] that is not on standby")
 
         clients: dict[str, ClientSpec] = {}
-        lans: list[tuple[str, str, ipaddress.IPv4Network, list[str], float, float]] = []
+        lans: list[tuple[str, str, ipaddress.IPv4Network, list[str], float, float, int]] = []
         for c in self.tables("clients"):
             group = c.name()
             claim(group, c)
@@ -350,7 +353,8 @@ class _Compiler:
             count = int(c.number("count", 1, low=1, high=65000))
             subnet = c.network("subnet")
             assert subnet is not None
-            if subnet.num_addresses - 2 < count + 1:
+            stride = int(c.number("stride", 1, low=1, high=65536))
+            if subnet.num_addresses - 2 < count * stride + 1:
                 c.fail(f"subnet {subnet} is too small for a router and {count} clients", "subnet")
             rate = c.number("rate", 2.0, low=0.0, high=10000.0)
             delay = c.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
@@ -361,7 +365,7 @@ class _Compiler:
                     c.fail(f"client name {member!r} clashes with a {names[member]}", "name")
                 names[member] = "client"
                 clients[member] = ClientSpec(member, group, router, rate)
-            lans.append((group, router, subnet, members, delay, loss))
+            lans.append((group, router, subnet, members, delay, loss, stride))
             c.done()
 
         router_links: list[tuple[str, str, float, float, ipaddress.IPv4Network | None, int]] = []
@@ -463,7 +467,12 @@ class _Compiler:
             heartbeat_misses=int(p.number("heartbeat_misses", 3, low=1, high=100)),
             report_interval_s=p.number("report_interval_ms", 1000, low=10, high=600000) / 1000,
             private=p.get("private", bool, False),
+            rebalance_above=p.number("rebalance_above", 0.0, low=0.0, high=100.0),
+            rebalance_target=p.number("rebalance_target", 1.1, low=1.0, high=100.0),
+            rebalance_hold_s=p.number("rebalance_hold_ms", 3000, low=0, high=3600000) / 1000,
         )
+        if pool.rebalance_above and pool.rebalance_above <= pool.rebalance_target:
+            p.fail("rebalance_above must exceed rebalance_target (hysteresis)", "rebalance_above")
         p.done()
         return pool
 
@@ -579,16 +588,15 @@ class _Compiler:
             links[name] = LinkSpec(name, (att_r, att_s), 0.0005)
             gateways[server.name] = (att_s.iface, router_address)
 
-        for group, router, subnet, members, delay, loss in lans:
+        for group, router, subnet, members, delay, loss, stride in lans:
             network = take(
                 subnet, self.lines.key("clients", [lan[0] for lan in lans].index(group), "subnet")
             )
-            hosts_iter = network.hosts()
-            router_address = next(hosts_iter)
+            router_address = network.network_address + 1
             name = f"{router}-{group}"
             attachments = [attach(router, name, router_address, network)]
-            for member in members:
-                attachment = attach(member, name, next(hosts_iter), network)
+            for index, member in enumerate(members):
+                attachment = attach(member, name, router_address + 1 + index * stride, network)
                 attachments.append(attachment)
                 gateways[member] = (attachment.iface, router_address)
             links[name] = LinkSpec(name, tuple(attachments), delay, loss)

@@ -26,6 +26,7 @@ Every server runs this state machine; there is no fixed leader. The rule:
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,14 @@ class PoolSettings:
     report_interval: float = 1.0
     wall_base: float = 1.7e9
     startup_grace: float = 1.0
+    # The closed loop (Fig 10, step 1020): rebalance when max/mean load stays above
+    # `rebalance_above` for `rebalance_sustain` heartbeats (0 turns it off), aiming at
+    # `rebalance_target`, then hold off for `rebalance_hold` seconds.
+    rebalance_above: float = 0.0
+    rebalance_target: float = 1.1
+    rebalance_sustain: int = 3
+    rebalance_hold: float = 3.0
+    load_smoothing: float = 1.0  # seconds: time constant of the load average
 
     @property
     def dead_after(self) -> float:
@@ -87,6 +96,8 @@ def apply_op(allocation: Allocation, op: control.PolicyOp) -> Allocation:
         return policy.remove_server(allocation, op.server)
     if isinstance(op, control.SetShareOp):
         return policy.set_share(allocation, op.server, op.share)
+    if isinstance(op, control.BalanceLoadsOp):
+        return policy.balance_loads(allocation, dict(op.loads), op.target)
     if isinstance(op, control.RebalanceOp):
         load = np.zeros(allocation.space.buckets)
         for bucket, value in op.loads:
@@ -159,6 +170,8 @@ class Coordinator:
         self._parts: dict[tuple[int, str], dict[int, control.Snapshot]] = {}
         self._next_heartbeat = 0.0
         self._stalled_until = 0.0
+        self._congested = 0
+        self._hold_until = 0.0
         self._snapshot_asked = -1.0
         self._load = 0.0
         self._sessions = 0
@@ -171,6 +184,8 @@ class Coordinator:
     def start(self, now: float) -> None:
         self._started = now
         self._next_heartbeat = now
+        # Loads are averages: judge them only once they have had time to settle.
+        self._hold_until = now + max(self.settings.rebalance_hold, 3 * self.settings.load_smoothing)
         for member in self.settings.members:
             if member != self.name and self.allocation is not None:
                 # Configured members get one timeout's grace to send their first heartbeat.
@@ -220,8 +235,11 @@ class Coordinator:
             self._requests_seen = (now, requests_total)
             return
         then, count = self._requests_seen
-        if now - then >= self.settings.heartbeat:
-            self._load = (requests_total - count) / (now - then)
+        elapsed = now - then
+        if elapsed >= self.settings.heartbeat:
+            rate = (requests_total - count) / elapsed
+            weight = 1.0 - math.exp(-elapsed / self.settings.load_smoothing)
+            self._load += weight * (rate - self._load)
             self._requests_seen = (now, requests_total)
 
     def command(self, op: control.PolicyOp, now: float) -> None:
@@ -290,6 +308,30 @@ class Coordinator:
             op = self._queue.pop(0)
             if self._propose(op, now):
                 return
+        self._watch_load(now)
+
+    def _watch_load(self, now: float) -> None:
+        """Propose a rebalance when one server stays congested; hysteresis: the trigger
+        is above the target, it must last, and a hold-off follows each rebalance."""
+        settings = self.settings
+        if settings.rebalance_above <= 0 or now < self._hold_until or self.allocation is None:
+            return
+        loads = {self.name: self._load}
+        for peer in self.peers.values():
+            loads[peer.name] = peer.load
+        members = {s: loads.get(s, 0.0) for s in self.allocation.servers}
+        mean = sum(members.values()) / len(members)
+        if mean <= 0 or max(members.values()) / mean <= settings.rebalance_above:
+            self._congested = 0
+            return
+        self._congested += 1
+        if self._congested < settings.rebalance_sustain:
+            return
+        self._congested = 0
+        self._hold_until = now + settings.rebalance_hold
+        measured = tuple(control.ServerLoad(s, v) for s, v in sorted(members.items()))
+        op = control.BalanceLoadsOp(settings.rebalance_target, measured)
+        self._propose(op, now)
 
     def _behind(self, now: float) -> bool:
         """True (and a snapshot asked for) when a live peer holds a greater state."""
@@ -475,7 +517,7 @@ def _describe(op: control.PolicyOp) -> str:
         return f"remove {op.server}"
     if isinstance(op, control.SetShareOp):
         return f"set {op.server} to {float(op.share):.1%}"
-    if isinstance(op, control.RebalanceOp):
+    if isinstance(op, control.RebalanceOp | control.BalanceLoadsOp):
         return f"rebalance to max/mean {op.target}"
     return type(op).__name__
 

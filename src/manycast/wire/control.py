@@ -116,6 +116,7 @@ class OpKind(IntEnum):
     SET_SHARE = 3
     REBALANCE = 4
     REPLACE = 5
+    BALANCE_LOADS = 6
 
 
 # --- field checks and codecs ------------------------------------------------------------
@@ -478,7 +479,50 @@ class ReplaceOp(_Op):
         return cls(epoch, _read_digest(r, "digest"))
 
 
-PolicyOp: TypeAlias = AddServerOp | RemoveServerOp | SetShareOp | RebalanceOp | ReplaceOp
+class ServerLoad(NamedTuple):
+    server: str
+    load: float
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceLoadsOp(_Op):
+    """The closed loop's rebalance (Fig 10, step 1020): bring max/mean server load to
+    `target` given each server's measured load, spread evenly over its buckets."""
+
+    KIND: ClassVar[OpKind] = OpKind.BALANCE_LOADS
+    target: float
+    loads: tuple[ServerLoad, ...] = ()
+
+    def __post_init__(self) -> None:
+        what = "BALANCE_LOADS"
+        _check_real(what, "target", self.target, 1.0)
+        _set(self, "loads", _records(what, "loads", self.loads, ServerLoad))
+        if len(self.loads) > MAX_BUCKET_LOADS:
+            raise WireError(f"{what}: {len(self.loads)} server loads, at most {MAX_BUCKET_LOADS}")
+        names = [server for server, _ in self.loads]
+        if names != sorted(set(names)):
+            raise WireError(f"{what}: servers must be listed once each, in order")
+        for server, load in self.loads:
+            _check_id(what, "server", server)
+            _check_real(what, f"load of {server}", load, 0.0)
+
+    def _write(self, w: Writer) -> None:
+        w.f64(self.target).u16(len(self.loads))
+        for server, load in self.loads:
+            _write_id(w, server)
+            w.f64(load)
+
+    @classmethod
+    def _read(cls, r: Reader) -> BalanceLoadsOp:
+        target = r.f64("target")
+        count = _read_count(r, "server loads", 10, MAX_BUCKET_LOADS)
+        loads = tuple(ServerLoad(_read_id(r, "server"), r.f64("load")) for _ in range(count))
+        return cls(target, loads)
+
+
+PolicyOp: TypeAlias = (
+    AddServerOp | RemoveServerOp | SetShareOp | RebalanceOp | ReplaceOp | BalanceLoadsOp
+)
 
 _OP_READERS: dict[OpKind, Callable[[Reader], PolicyOp]] = {
     OpKind.ADD_SERVER: AddServerOp._read,
@@ -486,11 +530,14 @@ _OP_READERS: dict[OpKind, Callable[[Reader], PolicyOp]] = {
     OpKind.SET_SHARE: SetShareOp._read,
     OpKind.REBALANCE: RebalanceOp._read,
     OpKind.REPLACE: ReplaceOp._read,
+    OpKind.BALANCE_LOADS: BalanceLoadsOp._read,
 }
 
 
 def _check_op(what: str, op: object) -> None:
-    if not isinstance(op, AddServerOp | RemoveServerOp | SetShareOp | RebalanceOp | ReplaceOp):
+    if not isinstance(
+        op, AddServerOp | RemoveServerOp | SetShareOp | RebalanceOp | ReplaceOp | BalanceLoadsOp
+    ):
         raise WireError(f"{what}: op must be a policy operation, not {type(op).__name__}")
 
 
