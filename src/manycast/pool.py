@@ -7,16 +7,24 @@ clients' outcomes; the recovery time after each disruption).
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from manycast import policy
+from manycast.auth import load_private, public_bytes
 from manycast.drivers.links import LinkSpec
+from manycast.protocol.admission import Admission
 from manycast.protocol.client import Client
 from manycast.protocol.coordination import PoolSettings, initial_allocation
 from manycast.protocol.node import Node
 from manycast.protocol.router import Router
 from manycast.protocol.server import Server
+from manycast.space import Allocation
 from manycast.topology import Step, Topology
 from manycast.wire import control
 
@@ -29,7 +37,9 @@ def settings_for(topology: Topology, wall_base: float = 1.7e9) -> PoolSettings:
         control_group=pool.control_group,
         control_port=pool.control_port,
         space=pool.space,
-        members=tuple(sorted(s.name for s in topology.servers.values() if not s.standby)),
+        members=tuple(
+            sorted(s.name for s in topology.servers.values() if not s.standby and s.authorized)
+        ),
         policy=pool.policy,
         portions=pool.portions,
         weights={s.name: s.weight for s in topology.servers.values()},
@@ -45,6 +55,22 @@ def settings_for(topology: Topology, wall_base: float = 1.7e9) -> PoolSettings:
     )
 
 
+def pool_keys(topology: Topology, seed: int) -> tuple[Ed25519PrivateKey, Ed25519PrivateKey]:
+    """The private pool's key and an outsider's key.
+
+    From `[pool] key_file` when given; otherwise derived from the seed, so that the
+    processes of one pool split with `manycast run --nodes` agree without files.
+    """
+    if topology.pool.key_file is not None:
+        key = load_private(Path(topology.pool.key_file))
+    else:
+        key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"pool:{seed}".encode()).digest())
+    outsider = Ed25519PrivateKey.from_private_bytes(
+        hashlib.sha256(f"outsider:{seed}".encode()).digest()
+    )
+    return key, outsider
+
+
 @dataclass
 class Nodes:
     routers: dict[str, Router]
@@ -52,6 +78,8 @@ class Nodes:
     standby: dict[str, Server]
     clients: dict[str, Client]
     links: list[LinkSpec]
+    # group -> the public key published for it (private pools), what DNS serves
+    directory: dict[int, bytes] = field(default_factory=dict)
 
     def running(self) -> list[Node]:
         return [*self.routers.values(), *self.servers.values(), *self.clients.values()]
@@ -72,6 +100,15 @@ def build(
     settings = settings_for(topology, wall_base)
     initial = initial_allocation(settings)
     pool = topology.pool
+    key: Ed25519PrivateKey | None = None
+    outsider: Ed25519PrivateKey | None = None
+    directory: dict[int, bytes] = {}
+    if pool.private:
+        key, outsider = pool_keys(topology, seed)
+        directory = {int(pool.group): public_bytes(key), int(pool.control_group): public_bytes(key)}
+
+    def key_of(authorized: bool) -> Ed25519PrivateKey | None:
+        return key if authorized else outsider
 
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}:{name}")
@@ -85,6 +122,7 @@ def build(
             hold_time=pool.report_interval_s * 3.5,
             control_port=pool.control_port,
             neighbors=topology.router_neighbors(name),
+            admission=Admission(wall_base=wall_base) if pool.private else None,
         )
         for name in topology.routers
         if hosted(name)
@@ -94,13 +132,19 @@ def build(
     for spec in topology.servers.values():
         if not hosted(spec.name):
             continue
+        if not spec.authorized:
+            # An outsider that knows the group: it claims every source for itself.
+            start: Allocation | None = policy.equal_split(pool.space, [spec.name])
+        else:
+            start = None if spec.standby else initial
         server = Server(
             spec.name,
             topology.interfaces[spec.name],
             topology.gateways[spec.name],
             settings,
             rng(spec.name),
-            initial=None if spec.standby else initial,
+            initial=start,
+            key=key_of(spec.authorized),
         )
         (standby if spec.standby else servers)[spec.name] = server
 
@@ -118,11 +162,14 @@ def build(
             resolve,
             spec.rate,
             rng(spec.name),
+            key=key_of(spec.authorized),
+            wall_base=wall_base,
+            register_every=pool.report_interval_s,
         )
         for spec in topology.clients.values()
         if hosted(spec.name)
     }
-    return Nodes(routers, servers, standby, clients, list(topology.links.values()))
+    return Nodes(routers, servers, standby, clients, list(topology.links.values()), directory)
 
 
 class Host(Protocol):

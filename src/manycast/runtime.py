@@ -18,10 +18,14 @@ from typing import Any, Literal
 from manycast.drivers.memory import MemoryNetwork
 from manycast.drivers.overlay import OverlayNetwork, assign_endpoints
 from manycast.pool import Nodes, Scenario, build
+from manycast.protocol.client import Client
+from manycast.protocol.router import Router
 from manycast.topology import Topology
 
 DriverName = Literal["memory", "overlay"]
 DISRUPTIVE = ("set_share", "kill", "add", "rebalance")
+KEY_TTL = 300.0
+LOOKUP_DELAY = 0.002
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,23 @@ class PoolRun:
                 self.nodes.links, endpoints, self.nodes.running(), seed=self.seed
             )
         self.scenario = Scenario(self.topology, self.nodes, self._net)
+        for router in self.nodes.routers.values():
+            router.on_key_request = self._key_lookup(router)
         for step in self.topology.scenario:
             self._net.call_at(step.at, lambda step=step: self.scenario.step(step))  # type: ignore[misc]
+
+    def _key_lookup(self, router: Router) -> Callable[[int], None]:
+        """How a router's question for a group's key is answered: from the pool's
+        directory after a lookup delay (what a DNS query costs here)."""
+
+        def lookup(group: int) -> None:
+            def answer() -> None:
+                raw = self.nodes.directory.get(group)
+                router.provide_key(group, raw, KEY_TTL, self._net.now, None if raw else "no key")
+
+            self._net.call_at(self._net.now + LOOKUP_DELAY, answer)
+
+        return lookup
 
     @property
     def network(self) -> MemoryNetwork | OverlayNetwork:
@@ -150,7 +169,7 @@ class PoolRun:
                     server.coordinator.epoch,
                 )
             )
-        clients = list(self.nodes.clients.values())
+        clients = self._participants()
         window = self._served_window()
         return Snapshot(
             now,
@@ -163,6 +182,15 @@ class PoolRun:
             tuple((e.at, e.what) for e in self.scenario.events),
         )
 
+    def _participants(self) -> list[Client]:
+        """The clients that hold the pool's key (all of them, in a public pool)."""
+        return [c for c in self.nodes.clients.values() if self.topology.clients[c.name].authorized]
+
+    def _outsiders(self) -> list[Client]:
+        return [
+            c for c in self.nodes.clients.values() if not self.topology.clients[c.name].authorized
+        ]
+
     def _served_window(self) -> float:
         rates = [c.rate for c in self.nodes.clients.values() if c.rate > 0]
         return max(1.5, 3.0 / min(rates)) if rates else 1.5
@@ -170,7 +198,7 @@ class PoolRun:
     def summary(self) -> dict[str, Any]:
         """The run's outcome as plain data (the `--json` line)."""
         now = self.now
-        clients = list(self.nodes.clients.values())
+        clients = self._participants()
         window = self._served_window()
         served = [
             c
@@ -217,7 +245,10 @@ class PoolRun:
                 "sessions_reset": server.handover.stats.reset_moved,
                 "epoch": server.coordinator.epoch,
             }
+        outsiders = self._outsiders()
         return {
+            "outsiders": len(outsiders),
+            "outsider_answers": sum(c.stats.requests_ok for c in outsiders),
             "driver": self.driver,
             "duration_s": round(now, 3),
             "clients": len(clients),

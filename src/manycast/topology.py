@@ -53,6 +53,7 @@ class PoolSpec:
     heartbeat_misses: int
     report_interval_s: float
     private: bool
+    key_file: str | None = None
     rebalance_above: float = 0.0
     rebalance_target: float = 1.1
     rebalance_hold_s: float = 3.0
@@ -69,6 +70,7 @@ class ServerSpec:
     router: str
     weight: float
     standby: bool
+    authorized: bool = True  # holds the private pool's key (false: an outsider)
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class ClientSpec:
     group: str
     router: str
     rate: float
+    authorized: bool = True
 
 
 @dataclass(frozen=True)
@@ -335,7 +338,11 @@ class _Compiler:
             if router not in routers:
                 s.fail(f"server {name}: no router named {router!r}", "router")
             servers[name] = ServerSpec(
-                name, router, s.number("weight", 1.0, low=0.0), s.get("standby", bool, False)
+                name,
+                router,
+                s.number("weight", 1.0, low=0.0),
+                s.get("standby", bool, False),
+                s.get("authorized", bool, True),
             )
             server_address[name] = s.network("subnet", None)
             s.done()
@@ -354,6 +361,7 @@ class _Compiler:
             subnet = c.network("subnet")
             assert subnet is not None
             stride = int(c.number("stride", 1, low=1, high=65536))
+            authorized = c.get("authorized", bool, True)
             if subnet.num_addresses - 2 < count * stride + 1:
                 c.fail(f"subnet {subnet} is too small for a router and {count} clients", "subnet")
             rate = c.number("rate", 2.0, low=0.0, high=10000.0)
@@ -364,7 +372,7 @@ class _Compiler:
                 if member in names:
                     c.fail(f"client name {member!r} clashes with a {names[member]}", "name")
                 names[member] = "client"
-                clients[member] = ClientSpec(member, group, router, rate)
+                clients[member] = ClientSpec(member, group, router, rate, authorized)
             lans.append((group, router, subnet, members, delay, loss, stride))
             c.done()
 
@@ -467,6 +475,7 @@ class _Compiler:
             heartbeat_misses=int(p.number("heartbeat_misses", 3, low=1, high=100)),
             report_interval_s=p.number("report_interval_ms", 1000, low=10, high=600000) / 1000,
             private=p.get("private", bool, False),
+            key_file=p.get("key_file", str, None),
             rebalance_above=p.number("rebalance_above", 0.0, low=0.0, high=100.0),
             rebalance_target=p.number("rebalance_target", 1.1, low=1.0, high=100.0),
             rebalance_hold_s=p.number("rebalance_hold_ms", 3000, low=0, high=3600000) / 1000,

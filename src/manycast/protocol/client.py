@@ -13,8 +13,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from manycast.apps.counter import Answer, CounterSession
+from manycast.auth import sign_join
 from manycast.protocol.host import HostStack
+from manycast.protocol.membership import record_for
 from manycast.protocol.node import Interface, Node
 from manycast.protocol.session import Connected as SessionConnected
 from manycast.protocol.session import (
@@ -27,7 +31,9 @@ from manycast.protocol.session import (
     State,
     StreamEnded,
 )
+from manycast.space import Portion, PortionSet
 from manycast.wire.ip import IPPROTO_TCP
+from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
 
 Resolver = Callable[[str], tuple[ipaddress.IPv4Address, int]]
 
@@ -68,8 +74,15 @@ class Client(Node):
         session: SessionConfig | None = None,
         request_timeout: float = 2.0,
         start_spread: float = 1.0,
+        key: Ed25519PrivateKey | None = None,
+        wall_base: float = 0.0,
+        register_every: float = 1.0,
     ) -> None:
         super().__init__(name, interfaces)
+        # A private pool's participants sign a join that registers them as senders.
+        self.key = key
+        self.wall_base = wall_base
+        self.register_every = register_every
         iface, router = gateway
         self.address = interfaces[iface].address
         self.rng = rng
@@ -91,6 +104,8 @@ class Client(Node):
     # -- node interface --------------------------------------------------------
     def start(self, now: float) -> None:
         self.timers.arm("connect", now + self.rng.uniform(0, self.start_spread))
+        if self.key is not None:
+            self._register(now)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         ip = self.host.parse(packet)
@@ -107,6 +122,8 @@ class Client(Node):
                 self._request(now)
             elif name == "deadline":
                 self._check_deadline(now)
+            elif name == "register":
+                self._register(now)
         self.endpoint.handle_timer(now)
         self._drain(now)
 
@@ -123,6 +140,17 @@ class Client(Node):
             self.timers.arm("request", now)
 
     # -- behaviour ---------------------------------------------------------------
+    def _register(self, now: float) -> None:
+        """A signed join naming only ourselves: we take part in the pool as a sender."""
+        assert self.key is not None
+        group, _ = self.resolve(self.service)
+        me = PortionSet((Portion(4, int(self.address), 0xFFFFFFFF),))
+        record = record_for(group, me, RecordType.MODE_IS_INCLUDE)
+        signed = SignedJoin(int((self.wall_base + now) * 1000), self.address, self.rng.randbytes(8))
+        report = sign_join(IGMPv3Report((record,), signed), self.key)
+        self.send(self.host.iface, igmp_packet(report, self.address).to_wire(), self.host.gateway)
+        self.timers.arm("register", now + self.register_every)
+
     def _connect(self, now: float) -> None:
         group, port = self.resolve(self.service)
         self._port = 20000 + (self._port - 20000 + 1 + self.rng.randrange(97)) % 40000

@@ -29,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from manycast.protocol.admission import Admission
 from manycast.protocol.membership import SourceFilter, changes
 from manycast.protocol.node import Interface, Node
 from manycast.wire import control
@@ -49,8 +50,7 @@ _LINK_LOCAL_MASK, _LINK_LOCAL = 0xFFFFFF00, 0xE0000000
 _ALL_V3_ROUTERS = int(IGMP_V3_ROUTERS)
 _MFC_LIMIT = 1 << 16
 
-# An admission check: (report, arrival interface, now) -> None to admit, or the reason to refuse.
-Admission = Callable[[IGMPv3Report, str, float], str | None]
+_FULL = 0xFFFFFFFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +119,9 @@ class Router(Node):
         self.admission = admission
         self.control_port = control_port
         self.pins: dict[int, dict[int, Pin]] = {}  # client -> client port -> pin
+        self.senders: dict[int, dict[int, float]] = {}  # group -> participant -> expiry
+        self.on_key_request: Callable[[int], None] | None = None
+        self._pending: list[tuple[str, IPv4Packet, IGMPv3Report, tuple[int, ...]]] = []
         self.router_ifaces = set(router_ifaces)
         self.stats = RouterStats()
         self.members: dict[int, dict[int, Member]] = {}  # group -> origin -> member
@@ -183,6 +186,9 @@ class Router(Node):
 
     # -- forwarding ----------------------------------------------------------------
     def _forward_multicast(self, iface: str, src: int, group: int, packet: bytes, ttl: int) -> None:
+        if self.admission is not None and not self._sender_allowed(iface, src, group):
+            self.stats.rejected["unauthorized sender"] += 1
+            return
         if src in self.pins and self._forward_pinned(iface, src, packet, ttl):
             return
         cache = self._mfc.get(group)
@@ -260,21 +266,42 @@ class Router(Node):
             self.stats.malformed += 1
             self.stats.rejected["malformed"] += 1
             return
+        self._admit(iface, ip, report, now)
+
+    def _admit(self, iface: str, ip: IPv4Packet, report: IGMPv3Report, now: float) -> None:
         requester = report.signed.requester if report.signed is not None else ip.header.src
         origin = int(requester)
         toward = self.route(origin)
-        if toward is None or toward[0] != iface:
-            self.stats.rejected["wrong link"] += 1
-            return
-        if self.admission is not None:
-            reason = self.admission(report, iface, now)
-            if reason is not None:
-                self.stats.rejected[reason] += 1
+        right_link = toward is not None and toward[0] == iface
+        if self.admission is None:
+            reason = None if right_link else "wrong link"
+        else:
+            verdict = self.admission.check(report, right_link, now)
+            if verdict.waiting_for:
+                self._pending.append((iface, ip, report, verdict.waiting_for))
+                for group in self.admission.take_requests():
+                    if self.on_key_request is not None:
+                        self.on_key_request(group)
                 return
+            reason = verdict.reason
+        if reason is not None:
+            self.stats.rejected[reason] += 1
+            return
         self.stats.joins_accepted += 1
         neighbor = int(ip.header.src)
+        first_hop = toward is not None and toward[1] == origin
+        relay = False
         for group_address, source_filter in changes(report.records):
             group = int(group_address)
+            if first_hop:
+                # A participant on our own link may send to the group (private pools).
+                self.senders.setdefault(group, {})[origin] = now + self.hold_time
+            if (
+                first_hop
+                and source_filter is not None
+                and source_filter.include == ((origin, _FULL),)
+            ):
+                continue  # a sender's registration only: nothing to deliver to it
             members = self.members.setdefault(group, {})
             if source_filter is None:
                 members.pop(origin, None)
@@ -282,9 +309,36 @@ class Router(Node):
                 members[origin] = Member(
                     origin, iface, neighbor, source_filter, now + self.hold_time
                 )
+            relay = True
             self._invalidate(group)
         self._arm_expiry()
-        self._relay(iface, ip.payload)
+        if relay:
+            self._relay(iface, ip.payload)
+
+    def provide_key(
+        self, group: int, raw: bytes | None, ttl: float, now: float, error: str | None = None
+    ) -> None:
+        """The answer to `on_key_request(group)`: admit or refuse the joins that waited."""
+        if self.admission is None:
+            return
+        self.admission.provide_key(group, raw, ttl, now, error)
+        waiting, self._pending = self._pending, []
+        for iface, ip, report, groups in waiting:
+            if group in groups:
+                self._admit(iface, ip, report, now)
+            else:
+                self._pending.append((iface, ip, report, groups))
+
+    def _sender_allowed(self, iface: str, src: int, group: int) -> bool:
+        """Private groups: only participants (an admitted join on this link) may send."""
+        if (
+            self.admission is None
+            or iface in self.router_ifaces
+            or not self.admission.is_private(group)
+        ):
+            return True
+        expires = self.senders.get(group, {}).get(src)
+        return expires is not None and expires > self._now
 
     def _relay(self, arrived_on: str, igmp: bytes) -> None:
         for out in sorted(self.router_ifaces - {arrived_on}):
@@ -376,6 +430,9 @@ class Router(Node):
             self.timers.arm("expire", soonest)
 
     def _expire(self, now: float) -> None:
+        for senders in self.senders.values():
+            for sender in [s for s, expires in senders.items() if expires <= now]:
+                del senders[sender]
         for group, members in self.members.items():
             gone = [origin for origin, m in members.items() if m.expires <= now]
             for origin in gone:

@@ -18,7 +18,10 @@ import ipaddress
 import random
 from dataclasses import dataclass, replace
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from manycast.apps.counter import CounterService
+from manycast.auth import sign_join
 from manycast.protocol.coordination import Coordinator, PoolSettings
 from manycast.protocol.handover import Handover
 from manycast.protocol.host import HostStack
@@ -63,8 +66,10 @@ class Server(Node):
         *,
         initial: Allocation | None,
         session: SessionConfig | None = None,
+        key: Ed25519PrivateKey | None = None,
     ) -> None:
         super().__init__(name, interfaces)
+        self.key = key  # a private pool's key: every join is signed with it
         iface, router = gateway
         self.settings = settings
         self.rng = rng
@@ -228,6 +233,8 @@ class Server(Node):
         wall_ms = int((self.settings.wall_base + now) * 1000)
         signed = SignedJoin(wall_ms, self.address, self.rng.randbytes(8))
         report = IGMPv3Report(tuple(records), signed)
+        if self.key is not None:
+            report = sign_join(report, self.key)
         packet = igmp_packet(report, self.address).to_wire()
         self.send(self.host.iface, packet, self.host.gateway)
         self.stats.reports_sent += 1

@@ -1,0 +1,105 @@
+"""A router's admission of joins to private groups (Fig 6), sans-I/O.
+
+Public groups are admitted. A report that names a private group must carry a
+signed join, and is refused, with its reason counted, when it is a duplicate
+(replay cache), stale (its timestamp outside the window around the router's
+clock), from the wrong link (not the interface the route toward the requester
+uses), signed with a key other than the group's, or when the group's key cannot
+be had (no record, or a record that does not validate). The key comes from DNS
+through the router's owner: the admission asks for a group's key, the owner
+looks it up (I/O) and hands the answer back with its TTL; joins wait meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from manycast.auth import AuthError, ReplayCache, Verdict, public_key, verify_join
+from manycast.wire.membership import IGMPv3Report
+
+PRIVATE_LOW, PRIVATE_HIGH = 0xE8000000, 0xEFFFFFFF  # 232.0.0.0 - 239.255.255.255 (Fig 2)
+
+
+def seed_private(group: int) -> bool:
+    """The seed's split: 224-231 public, 232-239 private."""
+    return PRIVATE_LOW <= group <= PRIVATE_HIGH
+
+
+@dataclass
+class _Key:
+    key: Ed25519PublicKey | None
+    expires: float
+    error: str | None
+
+
+class Admission:
+    def __init__(
+        self,
+        is_private: Callable[[int], bool] = seed_private,
+        window: float = 30.0,
+        wall_base: float = 0.0,
+        negative_ttl: float = 5.0,
+    ) -> None:
+        self.is_private = is_private
+        self.window = window
+        self.wall_base = wall_base
+        self.negative_ttl = negative_ttl
+        self.replay = ReplayCache(window)
+        self._keys: dict[int, _Key] = {}
+        self._asked: set[int] = set()
+        self.requests: list[int] = []  # groups whose key the owner should look up
+
+    def check(self, report: IGMPv3Report, right_link: bool, now: float) -> Verdict:
+        private = sorted({int(r.group) for r in report.records if self.is_private(int(r.group))})
+        if not private:
+            return Verdict("wrong link") if not right_link else Verdict()
+        signed = report.signed
+        if signed is None or not signed.signature:
+            return Verdict("unsigned")
+        if signed in self.replay:
+            return Verdict("duplicate")
+        if abs(self.wall_base + now - signed.timestamp / 1000) > self.window:
+            return Verdict("stale")
+        if not right_link:
+            return Verdict("wrong link")
+        missing = [g for g in private if not self._fresh(g, now)]
+        if missing:
+            for group in missing:
+                if group not in self._asked:
+                    self._asked.add(group)
+                    self.requests.append(group)
+            return Verdict(waiting_for=tuple(missing))
+        for group in private:
+            entry = self._keys[group]
+            if entry.key is None:
+                return Verdict(entry.error or "no key")
+            if not verify_join(report, entry.key):
+                return Verdict("bad signature")
+        self.replay.remember(signed, now)
+        return Verdict()
+
+    def _fresh(self, group: int, now: float) -> bool:
+        entry = self._keys.get(group)
+        return entry is not None and entry.expires > now
+
+    def provide_key(
+        self, group: int, raw: bytes | None, ttl: float, now: float, error: str | None = None
+    ) -> None:
+        """The owner's answer for a group's key (None with `error` when there is none)."""
+        self._asked.discard(group)
+        if raw is None:
+            self._keys[group] = _Key(None, now + self.negative_ttl, error or "no key")
+            return
+        try:
+            key = public_key(raw)
+        except AuthError as exc:
+            self._keys[group] = _Key(None, now + self.negative_ttl, f"bad key record: {exc}")
+            return
+        self._keys[group] = _Key(key, now + max(ttl, 1.0), None)
+
+    def take_requests(self) -> list[int]:
+        out, self.requests = self.requests, []
+        return out
