@@ -101,7 +101,7 @@ def test_pool_on_the_overlay_serves_everyone_and_survives_a_death() -> None:
 def test_one_pool_split_over_two_processes(tmp_path: Path) -> None:
     """Routers and servers in one process, clients in another: one pool."""
     path = tmp_path / "split.toml"
-    path.write_text(SMALL.replace("duration = 5.0", "duration = 4.0"))
+    path.write_text(SMALL)
     base = str(free_base_port(attachments(SMALL)))
     command = [sys.executable, "-m", "manycast", "run", str(path), "--json", "--base-port", base]
     infrastructure = subprocess.Popen(
