@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from manycast import auth
 from manycast.runtime import PoolRun, Snapshot
 from manycast.topology import Topology, TopologyError, builtin, load
 
@@ -25,6 +26,8 @@ app = typer.Typer(
 )
 topology_app = typer.Typer(help="Check and inspect topology files.", no_args_is_help=True)
 app.add_typer(topology_app, name="topology")
+keys_app = typer.Typer(help="Keys of private pools (Ed25519).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 err = Console(stderr=True)
 
@@ -209,6 +212,36 @@ def run(
         raise typer.Exit(2)
     pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
     _run(pool, length, as_json, f"manycast run {topology.name}", realtime=False)
+
+
+@keys_app.command("new")
+def keys_new(
+    path: Annotated[Path, typer.Argument(help="Where to write the private key (PEM, mode 0600).")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Create an Ed25519 key pair for a private pool; print its public key."""
+    if path.exists() and not force:
+        err.print(f"[red]error:[/red] {path} exists (use --force to replace it)")
+        raise typer.Exit(2)
+    key = auth.generate()
+    try:
+        auth.save_private(key, path)
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot write {path}: {exc.strerror}")
+        raise typer.Exit(2) from None
+    print(f"public key: {auth.encode_public(auth.public_bytes(key))}")
+    err.print(f"private key written to {path} (mode 0600): give it only to the pool's participants")
+
+
+@keys_app.command("show")
+def keys_show(path: Annotated[Path, typer.Argument(help="A private key file.")]) -> None:
+    """Print the public key of a private key file."""
+    try:
+        key = auth.load_private(path)
+    except auth.AuthError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    print(f"public key: {auth.encode_public(auth.public_bytes(key))}")
 
 
 @topology_app.command("check")
