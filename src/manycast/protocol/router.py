@@ -121,6 +121,10 @@ class Router(Node):
         self.pins: dict[int, dict[int, Pin]] = {}  # client -> client port -> pin
         self.senders: dict[int, dict[int, float]] = {}  # group -> participant -> expiry
         self.on_key_request: Callable[[int], None] | None = None
+        # Called with a group whose membership changed (a join, a leave, an expiry):
+        # a driver that mirrors forwarding decisions elsewhere (the kernel's table)
+        # re-resolves that group's entries.
+        self.on_group_change: Callable[[int], None] | None = None
         self._pending: list[tuple[str, IPv4Packet, IGMPv3Report, tuple[int, ...]]] = []
         self.router_ifaces = set(router_ifaces)
         self.stats = RouterStats()
@@ -418,6 +422,8 @@ class Router(Node):
 
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)
+        if self.on_group_change is not None:
+            self.on_group_change(group)
 
     def _arm_expiry(self) -> None:
         soonest = min(
