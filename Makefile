@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench clean dns-deps
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "manycast needs $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -27,7 +27,18 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: lint typecheck unit
+test: dns-deps lint typecheck unit
+
+# Debian's knot for the naming tests against a real DNS server: installed when
+# root, otherwise those tests skip and say how to install it.
+KNOT_PKGS := knot knot-dnsutils
+dns-deps:
+	@if { command -v knotd || test -x /usr/sbin/knotd; } >/dev/null 2>&1 && command -v kdig >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(KNOT_PKGS) \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(KNOT_PKGS); }; \
+	else echo "knot is not installed and this is not root: the knot tests will skip (sudo make dns-deps installs it)"; fi
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

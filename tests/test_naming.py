@@ -1,0 +1,783 @@
+"""Pool names on DNS: the record's encoding, strict decoding, and real servers.
+
+The server tests run against the embedded responder and against Debian's knot
+(skipped when knotd is not installed); both get the same publish, lookup and
+refusal checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import dns.flags
+import dns.message
+import dns.name
+import dns.query
+import dns.rcode
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.update
+import dns.zone
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
+
+from manycast.dnsserver import (
+    DnsServerError,
+    EmbeddedServer,
+    KnotServer,
+    knot_available,
+    serve,
+)
+from manycast.naming import (
+    DEFAULT_PLAN,
+    AddressPlan,
+    NamingError,
+    PoolRecord,
+    TsigKey,
+    decode_rrsets,
+    format_key_txt,
+    lookup_alias,
+    lookup_alias_async,
+    lookup_group,
+    lookup_group_async,
+    parse_key_txt,
+    pool_zones,
+    publish,
+    publish_async,
+    record_rrsets,
+    reverse_name,
+    withdraw,
+    withdraw_async,
+    zone_text,
+)
+
+ZONE = "pool.example."
+KNOT_MISSING = "knot is not installed; `make dns-deps` installs it (root)"
+
+
+def key_bytes(seed: int) -> bytes:
+    return bytes((seed + i) % 256 for i in range(32))
+
+
+def make(alias: str, group: str, seed: int = 1, **kw: Any) -> PoolRecord:
+    return PoolRecord.create(alias, group, "abc123@host.sponsor.com", key_bytes(seed), **kw)
+
+
+VIDEO = make("video.pool.example.", "232.1.2.3")
+WEB = make("web.pool.example.", "224.5.6.7", seed=7)
+
+
+# address plan (Fig 2) --------------------------------------------------------------------
+
+
+def test_default_plan_is_the_seed_split() -> None:
+    for public in ("224.0.0.0", "224.0.0.251", "231.255.255.255"):
+        assert DEFAULT_PLAN.is_public(public) and not DEFAULT_PLAN.is_private(public)
+    for private in ("232.0.0.0", "235.1.2.3", "239.255.255.255"):
+        assert DEFAULT_PLAN.is_private(IPv4Address(private))
+    for bad, why in (
+        ("10.0.0.1", "not a multicast"),
+        ("240.0.0.1", "not a multicast"),
+        ("hello", "not an IPv4"),
+        ("ff02::1", "not an IPv4"),
+    ):
+        with pytest.raises(NamingError, match=why):
+            DEFAULT_PLAN.is_private(bad)
+
+
+def test_custom_plans() -> None:
+    admin = AddressPlan.from_prefixes(["239.0.0.0/8"])
+    assert admin.is_public("232.1.1.1") and admin.is_private("239.9.9.9")
+    assert AddressPlan.from_text("232.0.0.0/8, 239.0.0.0/8").is_private("232.0.0.1")
+    assert AddressPlan.from_text("232.0.0.0/8 239.0.0.0/8").is_public("233.0.0.1")
+    nothing = AddressPlan.from_prefixes([])
+    assert nothing.is_public("239.1.1.1")
+    assert AddressPlan.from_prefixes(["232.0.0.0/8", "232.1.0.0/16"]).private == (
+        AddressPlan.from_prefixes(["232.0.0.0/8"]).private
+    )
+    for bad, why in (
+        ("10.0.0.0/8", "not inside 224.0.0.0/4"),
+        ("239.0.0.1/8", "host bits"),
+        ("garbage", "garbage"),
+        ("224.0.0.0/3", "not inside"),
+    ):
+        with pytest.raises(NamingError, match=why):
+            AddressPlan.from_prefixes([bad])
+
+
+# the record and its key record (TXT) ---------------------------------------------------------
+
+
+def test_record_is_canonical_and_checked() -> None:
+    rec = PoolRecord.create("Video.Pool.Example", "232.1.2.3", "a@b", key_bytes(1))
+    assert rec.alias == "video.pool.example." and rec.private and rec.ttl == 300
+    assert reverse_name(rec.group) == dns.name.from_text("3.2.1.232.in-addr.arpa.")
+    assert "public_key" not in repr(rec)
+    signer = Ed25519PrivateKey.generate()
+    rec = PoolRecord.create("a.pool.example", "224.1.1.1", "a@b", signer.public_key())
+    rec.ed25519().verify(signer.sign(b"hello"), b"hello")
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: make("bad..name", "232.1.1.1"), "bad alias"),
+        (lambda: make("sp ace.example", "232.1.1.1"), "bad alias"),
+        (lambda: make("*.pool.example", "232.1.1.1"), "bad alias"),
+        (lambda: make(".", "232.1.1.1"), "root"),
+        (lambda: make("a.example", "10.1.1.1"), "not a multicast"),
+        (
+            lambda: PoolRecord.create("a.example", "232.1.1.1", "has space", key_bytes(1)),
+            "bad owner",
+        ),
+        (
+            lambda: PoolRecord.create("a.example", "232.1.1.1", "semi;colon", key_bytes(1)),
+            "bad owner",
+        ),
+        (lambda: PoolRecord.create("a.example", "232.1.1.1", "", key_bytes(1)), "bad owner"),
+        (lambda: PoolRecord.create("a.example", "232.1.1.1", "a@b", b"x" * 31), "31 bytes"),
+        (lambda: make("a.example", "232.1.1.1", ttl=-1), "bad ttl"),
+        (lambda: make("a.example", "224.1.1.1", private=True), "public space"),
+        (lambda: make("a.example", "232.1.1.1", private=False), "private space"),
+    ]
+    for build, why in cases:
+        with pytest.raises(NamingError, match=why):
+            build()
+    assert make("a.example", "224.1.1.1", private=True, plan=AddressPlan.from_text("224.0.0.0/8"))
+
+
+def test_key_record_round_trip() -> None:
+    text = VIDEO.txt()
+    assert text == (
+        "v=manycast1; k=ed25519; p="
+        + base64.b64encode(key_bytes(1)).decode()
+        + "; o=abc123@host.sponsor.com; f=private"
+    )
+    parsed = parse_key_txt(text.encode())
+    assert (parsed.owner, parsed.public_key, parsed.private) == (
+        VIDEO.owner,
+        VIDEO.public_key,
+        True,
+    )
+    # DKIM-style whitespace and a trailing ';' are fine
+    loose = text.replace("; ", " ;\t").replace("=", " = ", 1) + ";"
+    assert parse_key_txt(loose.encode()) == parsed
+
+
+@given(
+    owner=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=';"\\'),
+        min_size=1,
+        max_size=255,
+    ),
+    key=st.binary(min_size=32, max_size=32),
+    octets=st.tuples(
+        st.integers(224, 239), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)
+    ),
+    ttl=st.integers(0, 2**31 - 1),
+)
+def test_record_round_trips_through_rrsets(
+    owner: str, key: bytes, octets: tuple[int, int, int, int], ttl: int
+) -> None:
+    rec = PoolRecord.create("x.pool.example", ".".join(map(str, octets)), owner, key, ttl=ttl)
+    assert parse_key_txt(format_key_txt(owner, key, rec.private).encode()) == rec.key_record
+    assert decode_rrsets(rec.alias, record_rrsets(rec)) == rec
+
+
+@given(st.binary(max_size=300))
+def test_key_record_parser_only_raises_naming_error(data: bytes) -> None:
+    with contextlib.suppress(NamingError):
+        parse_key_txt(data)
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "v=manycast1",
+                "k=ed25519",
+                "p=" + "A" * 43 + "=",
+                "o=a@b",
+                "f=public",
+                "f=private",
+                "x=1",
+                " ",
+                "v=manycast2",
+                "p=",
+                "=",
+                "k=rsa",
+                "o=",
+                ";",
+            ]
+        ),
+        max_size=8,
+    )
+)
+def test_key_record_parser_on_tag_soup(tags: list[str]) -> None:
+    try:
+        parse_key_txt("; ".join(tags).encode())
+    except NamingError as exc:
+        assert str(exc).startswith("bad key record: ")
+
+
+GOOD_P = base64.b64encode(key_bytes(1)).decode()
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        (f"v=manycast2; k=ed25519; p={GOOD_P}; o=a@b; f=public", "unknown version 'manycast2'"),
+        (f"v=MANYCAST1; k=ed25519; p={GOOD_P}; o=a@b; f=public", "unknown version"),
+        (f"k=ed25519; v=manycast1; p={GOOD_P}; o=a@b; f=public", "first tag must be v="),
+        (f"v=manycast1; k=rsa; p={GOOD_P}; o=a@b; f=public", "unsupported key type 'rsa'"),
+        (f"v=manycast1; k=ed25519; p={GOOD_P[:-4]}; o=a@b; f=public", "key is 30 bytes"),
+        (
+            "v=manycast1; k=ed25519; p="
+            + base64.b64encode(bytes(33)).decode()
+            + "; o=a@b; f=public",
+            "key is 33 bytes",
+        ),
+        (f"v=manycast1; k=ed25519; p={GOOD_P[:-1]}; o=a@b; f=public", "not canonical base64"),
+        (f"v=manycast1; k=ed25519; p={GOOD_P[:-2]}F=; o=a@b; f=public", "nonzero pad bits"),
+        (
+            f"v=manycast1; k=ed25519; p={GOOD_P[:10]} {GOOD_P[10:]}; o=a@b; f=public",
+            "not canonical base64",
+        ),
+        (f"v=manycast1; k=ed25519; p=!{GOOD_P[1:]}; o=a@b; f=public", "not canonical base64"),
+        ("v=manycast1; k=ed25519; p=; o=a@b; f=public", "empty key"),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; o=a@b", "missing tag f="),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; f=public", "missing tag o="),
+        (f"v=manycast1; k=ed25519; k=ed25519; p={GOOD_P}; o=a@b", "duplicate tag k="),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; o=a@b; f=public; x=1", "6 tags"),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; o=a@b; x=public", "unknown tag x="),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; o=a@b; f=maybe", "flag f='maybe'"),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; o=a b; f=public", "bad owner"),
+        (f"v=manycast1;; k=ed25519; p={GOOD_P}; o=a@b", "empty tag"),
+        (f"v=manycast1; k ed25519; p={GOOD_P}; o=a@b; f=public", "has no '='"),
+        (f"v=manycast1; k-1=ed25519; p={GOOD_P}; o=a@b; f=public", "bad tag name"),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; o=a@b; f=public\n", "control or non-ASCII"),
+        (f"v=manycast1; k=ed25519; p={GOOD_P}; o=\u00e9@b; f=public", "non-ASCII"),
+        ("v=manycast1; o=" + "a" * 1100, "at most 1024"),
+        ("hello world", "has no '='"),
+    ],
+)
+def test_bad_key_records(text: str, why: str) -> None:
+    with pytest.raises(NamingError, match="^bad key record: .*" + re.escape(why)):
+        parse_key_txt(text.encode())
+
+
+def test_long_owner_is_split_over_txt_strings() -> None:
+    rec = PoolRecord.create("long.pool.example", "232.4.4.4", "o" * 255, key_bytes(3))
+    txt = record_rrsets(rec)[1]
+    (rdata,) = txt
+    assert [len(s) for s in rdata.strings] == [255, len(rec.txt()) - 255]
+    assert decode_rrsets(rec.alias, record_rrsets(rec)) == rec
+
+
+# strict decoding of the four RRsets ------------------------------------------------------------
+
+ALIAS = dns.name.from_text(VIDEO.alias)
+REV = reverse_name(VIDEO.group)
+
+
+def rr(name: dns.name.Name | str, rdtype: str, *texts: str) -> dns.rrset.RRset:
+    return dns.rrset.from_text_list(name, 300, "IN", rdtype, list(texts))
+
+
+def quoted(text: str) -> str:
+    return f'"{text}"'
+
+
+def variant(**change: dns.rrset.RRset | None) -> list[dns.rrset.RRset]:
+    a, txt, ptr, rtxt = record_rrsets(VIDEO)
+    parts: dict[str, dns.rrset.RRset | None] = {"a": a, "txt": txt, "ptr": ptr, "rtxt": rtxt}
+    parts.update(change)
+    return [r for r in parts.values() if r is not None]
+
+
+TAMPERED = VIDEO.txt().replace(GOOD_P, base64.b64encode(key_bytes(9)).decode())
+
+
+@pytest.mark.parametrize(
+    ("rrsets", "why"),
+    [
+        (variant(txt=None), "no key record at video.pool.example."),
+        (variant(rtxt=None), "no key record at 3.2.1.232.in-addr.arpa."),
+        (variant(a=None), "no address record at video.pool.example."),
+        (variant(a=rr(ALIAS, "A", "232.1.2.3", "232.1.2.4")), "2 A records"),
+        (variant(a=rr(ALIAS, "A", "10.1.2.3")), "bad address record .* not a multicast"),
+        (
+            variant(txt=rr(ALIAS, "TXT", quoted(VIDEO.txt()), quoted(TAMPERED))),
+            "2 manycast TXT records",
+        ),
+        (variant(txt=rr(ALIAS, "TXT", quoted("hello, garbage"))), "no key record"),
+        (
+            variant(txt=rr(ALIAS, "TXT", quoted("v=manycast1; k=ed25519; p=@@; o=a@b; f=private"))),
+            "bad key record at video.pool.example.: p= is not canonical base64",
+        ),
+        (
+            variant(txt=rr(ALIAS, "TXT", quoted(VIDEO.txt().replace("manycast1", "manycast9")))),
+            "unknown version",
+        ),
+        (
+            variant(txt=rr(ALIAS, "TXT", quoted(VIDEO.txt().replace(GOOD_P, GOOD_P[:-4])))),
+            "key is 30 bytes",
+        ),
+        (variant(rtxt=rr(REV, "TXT", quoted(TAMPERED))), "record mismatch: the key record"),
+        (variant(ptr=None), "no PTR record at 3.2.1.232.in-addr.arpa."),
+        (
+            variant(ptr=rr(REV, "PTR", "other.pool.example.")),
+            "record mismatch: 3.2.1.232.in-addr.arpa. points to other.pool.example.",
+        ),
+        (
+            variant(ptr=rr(REV, "PTR", "video.pool.example.", "other.pool.example.")),
+            "2 PTR records",
+        ),
+    ],
+)
+def test_strict_decoding(rrsets: list[dns.rrset.RRset], why: str) -> None:
+    with pytest.raises(NamingError, match=why):
+        decode_rrsets(VIDEO.alias, rrsets)
+
+
+def test_flag_must_agree_with_the_plan() -> None:
+    public_group = PoolRecord(
+        "pub.pool.example.", IPv4Address("224.1.2.3"), "a@b", key_bytes(1), private=True
+    )
+    with pytest.raises(
+        NamingError, match=r"224\.1\.2\.3 is in the public space .* flagged private"
+    ):
+        decode_rrsets(public_group.alias, record_rrsets(public_group))
+    private_group = PoolRecord(
+        "prv.pool.example.", IPv4Address("238.1.2.3"), "a@b", key_bytes(1), private=False
+    )
+    with pytest.raises(NamingError, match=r"private space .* flagged public"):
+        decode_rrsets(private_group.alias, record_rrsets(private_group))
+    plan = AddressPlan.from_text("224.0.0.0/8")
+    assert decode_rrsets(public_group.alias, record_rrsets(public_group), plan) == public_group
+
+
+def test_foreign_txt_records_are_ignored() -> None:
+    spf = rr(ALIAS, "TXT", quoted(VIDEO.txt()), quoted("v=spf1 -all"))
+    assert decode_rrsets(VIDEO.alias, variant(txt=spf)) == VIDEO
+
+
+# zone files -----------------------------------------------------------------------------------
+
+
+def test_zone_text_loads_and_holds_the_records() -> None:
+    text = zone_text(ZONE, [VIDEO, WEB], nameserver_address="127.0.0.1")
+    zone = dns.zone.from_text(text, ZONE, relativize=False)
+    assert zone.get_rdataset(ZONE, "SOA") is not None
+    assert zone.get_rdataset(ZONE, "NS") is not None
+    assert zone.get_rdataset("ns." + ZONE, "A") is not None
+    assert zone.get_rdataset(VIDEO.alias, "A") is not None
+    assert zone.get_rdataset(VIDEO.alias, "PTR") is None  # reverse names live elsewhere
+    rev = zone_text("232.in-addr.arpa.", [VIDEO, WEB])
+    rzone = dns.zone.from_text(rev, "232.in-addr.arpa.", relativize=False)
+    assert rzone.get_rdataset(REV, "PTR") is not None
+    assert rzone.get_rdataset(reverse_name(WEB.group), "PTR") is None
+    zones = pool_zones(ZONE, [VIDEO, WEB])
+    assert next(iter(zones)) == ZONE and len(zones) == 17
+
+
+def test_zone_generation_refuses_bad_input() -> None:
+    with pytest.raises(NamingError, match="appears twice"):
+        zone_text(ZONE, [VIDEO, VIDEO])
+    with pytest.raises(NamingError, match="used by"):
+        zone_text(ZONE, [VIDEO, make("dup.pool.example", "232.1.2.3")])
+    with pytest.raises(NamingError, match="outside zone"):
+        pool_zones("other.example.", [VIDEO])
+    with pytest.raises(NamingError, match="in none of the zones"):
+        pool_zones(ZONE, [VIDEO], reverse_zones=["224.in-addr.arpa."])
+    with pytest.raises(NamingError, match="flagged private"):
+        zone_text(ZONE, [VIDEO], plan=AddressPlan.from_prefixes([]))
+
+
+def test_tsig_key_text() -> None:
+    key = TsigKey.generate("update.example.")
+    assert TsigKey.from_text(key.to_text()) == key
+    assert key.secret_b64 not in repr(key)
+    assert TsigKey.from_text("k:" + key.secret_b64).algorithm == "hmac-sha256"
+    for bad, why in (
+        ("nope", "expected"),
+        ("k:!!!", "not base64"),
+        ("hmac-md5:k:" + key.secret_b64, "bad TSIG algorithm"),
+        ("k:" + base64.b64encode(b"short").decode(), "at least 16"),
+    ):
+        with pytest.raises(NamingError, match=why):
+            TsigKey.from_text(bad)
+
+
+# live servers ---------------------------------------------------------------------------------
+
+KEY = TsigKey.generate("manycast-update.")
+SEEDED = make("seeded.pool.example", "232.0.0.9", seed=5)
+
+
+@pytest.fixture(scope="module", params=["embedded", "knot"])
+def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    if request.param == "knot":
+        if not knot_available():
+            pytest.skip(KNOT_MISSING)
+        with KnotServer.for_pool(ZONE, [SEEDED], KEY) as knot:
+            yield knot.address
+    else:
+        with EmbeddedServer.for_pool(ZONE, [SEEDED], KEY) as embedded:
+            yield embedded.address
+
+
+def test_lookup_seeded_record(server: tuple[str, int]) -> None:
+    assert lookup_alias("seeded.pool.example", server) == SEEDED
+    assert lookup_group("232.0.0.9", server) == SEEDED
+
+
+def test_publish_lookup_withdraw(server: tuple[str, int]) -> None:
+    rec = make("pub.pool.example", "232.10.0.1", seed=11)
+    publish(rec, server, ZONE, KEY)
+    assert lookup_alias("pub.pool.example.", server) == rec
+    assert lookup_group(IPv4Address("232.10.0.1"), server) == rec
+    publish(rec, server, ZONE, KEY)  # idempotent
+    assert lookup_alias(rec.alias, server) == rec
+    rekeyed = make("pub.pool.example", "232.10.0.1", seed=12, ttl=60)
+    publish(rekeyed, server, ZONE, KEY)
+    assert lookup_group("232.10.0.1", server) == rekeyed
+    withdraw(rec, server, ZONE, KEY)
+    with pytest.raises(
+        NamingError, match=r"not found: pub.pool.example. does not exist \(NXDOMAIN\)"
+    ):
+        lookup_alias(rec.alias, server)
+    with pytest.raises(NamingError, match=r"not found: 1.0.10.232.in-addr.arpa. .*NXDOMAIN"):
+        lookup_group("232.10.0.1", server)
+    with pytest.raises(
+        NamingError, match=re.escape("not found: pub.pool.example. has no address record")
+    ):
+        withdraw(rec.alias, server, ZONE, KEY)
+
+
+def test_public_group_and_async_api(server: tuple[str, int]) -> None:
+    rec = make("async.pool.example", "224.10.0.2", seed=13)
+    assert not rec.private
+
+    async def session() -> None:
+        await publish_async(rec, server, ZONE, KEY)
+        alias, group = await asyncio.gather(
+            lookup_alias_async(rec.alias, server), lookup_group_async(rec.group, server)
+        )
+        assert alias == group == rec
+        await withdraw_async(rec.alias, server, ZONE, KEY)
+        with pytest.raises(NamingError, match="NXDOMAIN"):
+            await lookup_alias_async(rec.alias, server)
+
+    asyncio.run(session())
+
+
+def test_unsigned_and_badly_signed_updates_are_refused(server: tuple[str, int]) -> None:
+    rec = make("refused.pool.example", "232.10.0.3", seed=14)
+    with pytest.raises(NamingError, match=r"refused \(NOTAUTH\): the update was not signed"):
+        publish(rec, server, ZONE, None)
+    wrong_secret = TsigKey(KEY.name, os.urandom(32))
+    with pytest.raises(NamingError, match=r"bad TSIG signature .*BADSIG"):
+        publish(rec, server, ZONE, wrong_secret)
+    unknown = TsigKey("stranger.", os.urandom(32))
+    with pytest.raises(NamingError, match=r"does not know the TSIG key stranger\. .*BADKEY"):
+        publish(rec, server, ZONE, unknown)
+    with pytest.raises(NamingError, match="not found"):
+        lookup_alias(rec.alias, server)
+    # nor may anyone withdraw an existing record without the key
+    with pytest.raises(NamingError, match="refused"):
+        withdraw(SEEDED.alias, server, ZONE, wrong_secret)
+    assert lookup_alias(SEEDED.alias, server) == SEEDED
+    # and a raw dnspython update without TSIG gets NOTAUTH, as knot answers
+    up = dns.update.UpdateMessage(ZONE)
+    up.add("raw.pool.example.", 300, "A", "232.10.0.4")
+    assert dns.query.tcp(up, server[0], port=server[1], timeout=2).rcode() == dns.rcode.NOTAUTH
+
+
+def test_conflicts_and_moves(server: tuple[str, int]) -> None:
+    owner = make("owner.pool.example", "232.10.0.5", seed=15)
+    publish(owner, server, ZONE, KEY)
+    thief = make("thief.pool.example", "232.10.0.5", seed=16)
+    with pytest.raises(
+        NamingError,
+        match=re.escape("conflict: group 232.10.0.5 is already published as owner.pool.example."),
+    ):
+        publish(thief, server, ZONE, KEY)
+    moved = make("owner.pool.example", "232.10.0.6", seed=15)
+    publish(moved, server, ZONE, KEY)
+    assert lookup_group("232.10.0.6", server) == moved
+    with pytest.raises(NamingError, match="NXDOMAIN"):
+        lookup_group("232.10.0.5", server)
+    publish(thief, server, ZONE, KEY)  # the old group is free again
+    assert lookup_group("232.10.0.5", server) == thief
+    with pytest.raises(NamingError, match="outside zone"):
+        publish(make("x.other.example", "232.10.0.7"), server, ZONE, KEY)
+    with pytest.raises(NamingError, match="REFUSED"):
+        publish(make("x.other.example", "232.10.0.7"), server, "other.example.", KEY)
+    for rec in (moved, thief):
+        withdraw(rec, server, ZONE, KEY)
+
+
+def test_answers_are_authoritative(server: tuple[str, int]) -> None:
+    host, port = server
+
+    def ask(name: str, rdtype: str) -> dns.message.Message:
+        return dns.query.udp(dns.message.make_query(name, rdtype), host, timeout=2, port=port)
+
+    answer = ask(SEEDED.alias, "A")
+    assert answer.flags & dns.flags.AA and answer.rcode() == dns.rcode.NOERROR
+    missing = ask("missing.pool.example.", "A")
+    assert missing.rcode() == dns.rcode.NXDOMAIN and missing.flags & dns.flags.AA
+    assert missing.authority[0].rdtype == dns.rdatatype.SOA
+    nodata = ask(SEEDED.alias, "MX")
+    assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+    assert nodata.authority[0].rdtype == dns.rdatatype.SOA
+    empty_non_terminal = ask("0.232.in-addr.arpa.", "PTR")
+    assert empty_non_terminal.rcode() == dns.rcode.NOERROR and not empty_non_terminal.answer
+    assert ask("elsewhere.example.", "A").rcode() == dns.rcode.REFUSED
+    serial = ask(ZONE, "SOA").answer[0][0].serial
+    publish(make("serial.pool.example", "232.10.0.8"), server, ZONE, KEY)
+    assert ask(ZONE, "SOA").answer[0][0].serial > serial
+    withdraw("serial.pool.example", server, ZONE, KEY)
+
+
+def test_garbage_does_not_stop_the_server(server: tuple[str, int]) -> None:
+    junk = [
+        b"",
+        b"\x00",
+        os.urandom(11),
+        os.urandom(12),
+        os.urandom(100),
+        b"\xff" * 512,
+        bytes(12),
+        b"\x12\x34\x01\x00\x00\x01" + bytes(6) + b"\x07garbage",
+    ]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for packet in junk:
+            udp.sendto(packet, server)
+    for packet in junk[1:4]:
+        with socket.create_connection(server, timeout=2) as tcp:
+            tcp.sendall(len(packet).to_bytes(2, "big") + packet)
+    with socket.create_connection(server, timeout=2) as tcp:
+        tcp.sendall(b"\x01\x00abc")  # a frame cut short
+    assert lookup_alias(SEEDED.alias, server) == SEEDED
+
+
+# embedded-server specifics -------------------------------------------------------------------
+
+
+def test_embedded_counts_garbage_and_answers_formerr() -> None:
+    with EmbeddedServer.for_pool(ZONE, [SEEDED], KEY) as srv:
+        query = dns.message.make_query(SEEDED.alias, "A")
+        wire = bytearray(query.to_wire())
+        wire[5] = 2  # claims two questions, carries one
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(2)
+            udp.sendto(bytes(wire), srv.address)
+            reply, _ = udp.recvfrom(512)
+            assert reply[:2] == wire[:2] and reply[3] & 0x0F == dns.rcode.FORMERR
+            for size in (0, 5, 12, 300):
+                udp.sendto(os.urandom(size), srv.address)
+        assert lookup_alias(SEEDED.alias, srv.address) == SEEDED
+        assert srv.stats.garbage >= 2 and srv.stats.errors == 0
+
+
+def test_embedded_serves_what_it_is_given() -> None:
+    """A zone with a tampered reverse key record is served as is, and lookups refuse it."""
+    zones = pool_zones(ZONE, [VIDEO])
+    zones["232.in-addr.arpa."] = zones["232.in-addr.arpa."].replace(
+        GOOD_P, base64.b64encode(key_bytes(9)).decode()
+    )
+    with EmbeddedServer(zones, None) as srv:
+        with pytest.raises(
+            NamingError, match=re.escape("record mismatch: the key record at 3.2.1.232")
+        ):
+            lookup_alias(VIDEO.alias, srv.address)
+        with pytest.raises(NamingError, match="record mismatch"):
+            lookup_group(VIDEO.group, srv.address)
+        with pytest.raises(NamingError, match="refused"):  # no key: read-only
+            publish(WEB, srv.address, ZONE, KEY)
+        with pytest.raises(NamingError, match=r"refused \(REFUSED\)"):
+            publish(WEB, srv.address, ZONE, None)
+
+
+def test_a_refused_forward_update_puts_the_reverse_side_back() -> None:
+    with EmbeddedServer.for_pool(ZONE, [SEEDED], KEY) as srv:
+        authority = srv.authority
+        apply_update = authority._update
+
+        def refuse_pool_zone(msg: dns.update.UpdateMessage) -> dns.message.Message:
+            if msg.zone[0].name == dns.name.from_text(ZONE):
+                reply = dns.message.make_response(msg)
+                reply.set_rcode(dns.rcode.REFUSED)
+                return reply
+            return apply_update(msg)
+
+        authority._update = refuse_pool_zone  # type: ignore[method-assign]
+        fresh = make("fresh.pool.example", "232.10.0.9")
+        with pytest.raises(NamingError, match=re.escape(f"update of {ZONE} refused (REFUSED)")):
+            publish(fresh, srv.address, ZONE, KEY)
+        with pytest.raises(NamingError, match="NXDOMAIN"):
+            lookup_group(fresh.group, srv.address)
+        rekeyed = make(SEEDED.alias, str(SEEDED.group), seed=99)
+        with pytest.raises(NamingError, match="REFUSED"):
+            asyncio.run(publish_async(rekeyed, srv.address, ZONE, KEY))
+        assert lookup_group(SEEDED.group, srv.address) == SEEDED
+
+
+def test_serve_coroutine() -> None:
+    async def session() -> None:
+        srv = await serve(ZONE, [SEEDED], "127.0.0.1", 0, KEY)
+        try:
+            assert await lookup_group_async(SEEDED.group, srv.address) == SEEDED
+        finally:
+            await srv.close()
+
+    asyncio.run(session())
+
+
+def test_run_serves_until_sigterm(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from manycast.dnsserver import run\n"
+        "from manycast.naming import PoolRecord, TsigKey\n"
+        f"rec = PoolRecord.create('seeded.pool.example', '232.0.0.9', 'a@b', bytes(range(32)))\n"
+        f"run('{ZONE}', [rec], '127.0.0.1', 0, TsigKey.from_text('{KEY.to_text()}'),\n"
+        "    ready=lambda s: print(s.port, flush=True))\n"
+        "print('stopped', flush=True)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            port = int(proc.stdout.readline())
+            assert lookup_alias("seeded.pool.example", ("127.0.0.1", port)).owner == "a@b"
+            proc.terminate()
+            assert proc.stdout.readline().strip() == "stopped"
+            assert proc.wait(5) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+# lookups against broken servers -------------------------------------------------------------
+
+
+class FakeServer:
+    """A UDP socket on loopback answering every query with `answer(query_wire)` (or not at all)."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | None]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.address: tuple[str, int] = self.sock.getsockname()
+        self.answer = answer
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.done.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            reply = self.answer(data)
+            if reply is not None:
+                self.sock.sendto(reply, peer)
+
+    def __enter__(self) -> tuple[str, int]:
+        self.thread.start()
+        return self.address
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def _with_rcode(rcode: dns.rcode.Rcode) -> Callable[[bytes], bytes]:
+    def answer(wire: bytes) -> bytes:
+        reply = dns.message.make_response(dns.message.from_wire(wire))
+        reply.set_rcode(rcode)
+        return reply.to_wire()
+
+    return answer
+
+
+def _truncated(wire: bytes) -> bytes:
+    reply = dns.message.make_response(dns.message.from_wire(wire))
+    reply.flags |= dns.flags.TC
+    return reply.to_wire()
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (lambda wire: None, "timeout after 0.3s asking 127.0.0.1:"),
+        (lambda wire: wire[:2] + b"\x80\x00garbage", "garbage answer from 127.0.0.1:"),
+        (lambda wire: wire[:2] + b"\x80\x00\x00\x01" + b"\xff" * 30, "garbage answer"),
+        (_with_rcode(dns.rcode.SERVFAIL), r"server failure \(SERVFAIL\) for video.pool.example. A"),
+        (_with_rcode(dns.rcode.REFUSED), r"\(REFUSED\)"),
+        (_with_rcode(dns.rcode.NXDOMAIN), r"not found: video.pool.example. .*\(NXDOMAIN\)"),
+        (_with_rcode(dns.rcode.NOERROR), "no address record at video.pool.example."),
+        (_truncated, "cannot ask 127.0.0.1:.* for video.pool.example. A"),  # TC, then no TCP
+    ],
+)
+def test_lookup_failures(answer: Callable[[bytes], bytes | None], why: str) -> None:
+    with FakeServer(answer) as address:
+        started = time.monotonic()
+        with pytest.raises(NamingError, match=why):
+            lookup_alias(VIDEO.alias, address, timeout=0.3)
+        assert time.monotonic() - started < 2
+        with pytest.raises(NamingError, match=why.replace("video.pool.example.", ".*")):
+            asyncio.run(lookup_alias_async(VIDEO.alias, address, timeout=0.3))
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(NamingError, match="an IP address is needed"):
+        lookup_alias(VIDEO.alias, "dns.example")
+    with pytest.raises(NamingError, match="bad server port"):
+        lookup_alias(VIDEO.alias, ("127.0.0.1", 0))
+    with pytest.raises(NamingError, match="not a multicast"):
+        lookup_group("10.0.0.1", "127.0.0.1")
+    with pytest.raises(NamingError, match="bad alias"):
+        lookup_alias("bad alias", "127.0.0.1")
+
+
+# knot specifics -----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not knot_available(), reason=KNOT_MISSING)
+def test_knot_start_failure_reports_its_log(tmp_path: Path) -> None:
+    busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    busy.bind(("127.0.0.1", 0))
+    try:
+        port = busy.getsockname()[1]
+        knot = KnotServer.for_pool(ZONE, [], KEY, port=port, start_timeout=5)
+        with pytest.raises(DnsServerError, match=r"(?s)knotd exited .*its log:.*cannot bind"):
+            knot.start()
+        assert not knot.running and knot.workdir is None
+    finally:
+        busy.close()
+    with pytest.raises(DnsServerError, match="its log"):
+        KnotServer.for_pool(ZONE, [], KEY, knotd="/bin/false").start()
+
+
+def test_knot_start_without_knotd_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("manycast.dnsserver.knotd_path", lambda: None)
+    with pytest.raises(DnsServerError, match=re.escape(KNOT_MISSING)):
+        KnotServer.for_pool(ZONE, [], KEY).start()
