@@ -23,6 +23,7 @@ Structures, packed with native alignment (Linux rejects the '=' layouts):
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import socket
@@ -155,10 +156,8 @@ class MrouteSocket:
             yield Received(ifindex, data)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.IPPROTO_IP, MRT_DONE, 1)
-        except OSError:
-            pass
         self.sock.close()
 
 
