@@ -9,14 +9,17 @@ disruption every affected client was served again.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from manycast.dnsserver import EmbeddedServer
 from manycast.drivers.memory import MemoryNetwork
 from manycast.drivers.overlay import OverlayNetwork, assign_endpoints
+from manycast.naming import NamingError, PoolRecord, lookup_group_async
 from manycast.pool import Nodes, Scenario, build
 from manycast.protocol.client import Client
 from manycast.protocol.router import Router
@@ -63,6 +66,7 @@ class PoolRun:
     scenario: Scenario = field(init=False)
     _net: MemoryNetwork | OverlayNetwork = field(init=False)
     _last_requests: dict[str, tuple[float, int]] = field(default_factory=dict, init=False)
+    _tasks: set[asyncio.Future[None]] = field(default_factory=set, init=False)
     _rates: dict[str, float] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -75,16 +79,41 @@ class PoolRun:
                 self.nodes.links, endpoints, self.nodes.running(), seed=self.seed
             )
         self.scenario = Scenario(self.topology, self.nodes, self._net)
+        self._dns: EmbeddedServer | None = None
+        self.dns_address: tuple[str, int] | None = self.topology.pool.dns
         for router in self.nodes.routers.values():
             router.on_key_request = self._key_lookup(router)
         for step in self.topology.scenario:
             self._net.call_at(step.at, lambda step=step: self.scenario.step(step))  # type: ignore[misc]
 
+    def pool_records(self) -> list[PoolRecord]:
+        """What a private pool publishes in DNS: its group and its control channel."""
+        pool = self.topology.pool
+        return [
+            PoolRecord.create(alias, group, f"pool@{pool.name}", raw)
+            for alias, group, raw in (
+                (pool.name, pool.group, self.nodes.directory.get(int(pool.group))),
+                (
+                    f"control.{pool.name}",
+                    pool.control_group,
+                    self.nodes.directory.get(int(pool.control_group)),
+                ),
+            )
+            if raw is not None
+        ]
+
     def _key_lookup(self, router: Router) -> Callable[[int], None]:
-        """How a router's question for a group's key is answered: from the pool's
-        directory after a lookup delay (what a DNS query costs here)."""
+        """How a router's question for a group's key is answered. On the overlay: a DNS
+        query (the embedded server the run starts, or `[pool] dns`). On the memory
+        driver's virtual clock: the pool's directory, after a lookup delay."""
 
         def lookup(group: int) -> None:
+            if self.dns_address is not None:
+                task = asyncio.ensure_future(self._dns_lookup(router, group))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+
             def answer() -> None:
                 raw = self.nodes.directory.get(group)
                 router.provide_key(group, raw, KEY_TTL, self._net.now, None if raw else "no key")
@@ -92,6 +121,20 @@ class PoolRun:
             self._net.call_at(self._net.now + LOOKUP_DELAY, answer)
 
         return lookup
+
+    async def _dns_lookup(self, router: Router, group: int) -> None:
+        assert self.dns_address is not None
+        raw: bytes | None = None
+        ttl, reason = 0.0, None
+        try:
+            record = await lookup_group_async(ipaddress.IPv4Address(group), self.dns_address)
+            raw, ttl = record.public_key, float(record.ttl)
+        except NamingError as exc:
+            text = str(exc)
+            reason = "no key" if "not found" in text or text.startswith("no ") else "bad key record"
+        self._net.call_at(
+            self._net.now, lambda: router.provide_key(group, raw, ttl, self._net.now, reason)
+        )
 
     @property
     def network(self) -> MemoryNetwork | OverlayNetwork:
@@ -111,6 +154,17 @@ class PoolRun:
         """Run for `duration` seconds of pool time, calling `on_tick` every `tick`."""
         start_wall = time.monotonic()
         t = 0.0
+        if (
+            self.topology.pool.private
+            and isinstance(self._net, OverlayNetwork)
+            and self.dns_address is None
+        ):
+            # The pool's records on a DNS server of our own, for the routers to query.
+            self._dns = EmbeddedServer.for_pool(
+                _zone_of(self.topology.pool.name), self.pool_records(), None
+            )
+            await self._dns.start()
+            self.dns_address = self._dns.address
         try:
             while t < duration:
                 t = min(duration, t + tick)
@@ -127,6 +181,8 @@ class PoolRun:
         finally:
             if isinstance(self._net, OverlayNetwork):
                 self._net.close()
+            if self._dns is not None:
+                await self._dns.close()
 
     def run_sync(
         self,
@@ -263,6 +319,12 @@ class PoolRun:
             "events": event_rows,
             "servers": servers,
         }
+
+
+def _zone_of(name: str) -> str:
+    """The zone a pool's records live in: its name's parent (`svc.example.` -> `example.`)."""
+    labels = name.rstrip(".").split(".")
+    return ".".join(labels[1:]) + "." if len(labels) > 2 else name.rstrip(".") + "."
 
 
 def _percentile(values: list[float], pct: float) -> float | None:

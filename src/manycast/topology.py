@@ -54,6 +54,7 @@ class PoolSpec:
     report_interval_s: float
     private: bool
     key_file: str | None = None
+    dns: tuple[str, int] | None = None  # a DNS server holding the pool's records
     rebalance_above: float = 0.0
     rebalance_target: float = 1.1
     rebalance_hold_s: float = 3.0
@@ -256,6 +257,20 @@ class _Reader:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
             self.fail(f"unknown key '{unknown[0]}' in [{self.kind}]", unknown[0])
+
+
+def _host_port(reader: _Reader, key: str) -> tuple[str, int] | None:
+    text = reader.get(key, str, None)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        reader.fail(f"'{key}' = {text!r}: expected HOST:PORT", key)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        reader.fail(f"'{key}' = {text!r}: {host!r} is not an IP address", key)
+    return host, int(port)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -476,6 +491,7 @@ class _Compiler:
             report_interval_s=p.number("report_interval_ms", 1000, low=10, high=600000) / 1000,
             private=p.get("private", bool, False),
             key_file=p.get("key_file", str, None),
+            dns=_host_port(p, "dns"),
             rebalance_above=p.number("rebalance_above", 0.0, low=0.0, high=100.0),
             rebalance_target=p.number("rebalance_target", 1.1, low=1.0, high=100.0),
             rebalance_hold_s=p.number("rebalance_hold_ms", 3000, low=0, high=3600000) / 1000,
