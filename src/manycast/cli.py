@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console, Group
@@ -14,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from manycast import auth
+from manycast import auth, dnsserver, naming
 from manycast.runtime import PoolRun, Snapshot
 from manycast.topology import Topology, TopologyError, builtin, load
 
@@ -28,8 +31,13 @@ topology_app = typer.Typer(help="Check and inspect topology files.", no_args_is_
 app.add_typer(topology_app, name="topology")
 keys_app = typer.Typer(help="Keys of private pools (Ed25519).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+private_app = typer.Typer(help="Private pools: set one up.", no_args_is_help=True)
+app.add_typer(private_app, name="private")
+dns_app = typer.Typer(help="The DNS records of pools.", no_args_is_help=True)
+app.add_typer(dns_app, name="dns")
 
 err = Console(stderr=True)
+T = TypeVar("T")
 
 
 def _load(path: Path | None) -> Topology:
@@ -244,6 +252,129 @@ def keys_show(path: Annotated[Path, typer.Argument(help="A private key file.")])
     print(f"public key: {auth.encode_public(auth.public_bytes(key))}")
 
 
+def _server(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        err.print(f"[red]error:[/red] --server {text!r}: expected HOST:PORT")
+        raise typer.Exit(2)
+    return host, int(port)
+
+
+def _tsig(text: str | None) -> naming.TsigKey:
+    if text is None:
+        err.print("[red]error:[/red] --tsig is needed to publish (algorithm:name:base64secret)")
+        raise typer.Exit(2)
+    try:
+        return naming.TsigKey.from_text(text)
+    except naming.NamingError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+def _publish(record: naming.PoolRecord, server: str, zone: str, tsig: str | None) -> None:
+    try:
+        naming.publish(record, _server(server), zone, _tsig(tsig))
+    except naming.NamingError as exc:
+        err.print(f"[red]error:[/red] publishing {record.alias}: {exc}")
+        raise typer.Exit(1) from None
+
+
+@keys_app.command("publish")
+def keys_publish(
+    key: Annotated[Path, typer.Argument(help="The pool's private key file.")],
+    alias: Annotated[str, typer.Option(help="The pool's well-published name.")],
+    group: Annotated[str, typer.Option(help="The pool's group address.")],
+    zone: Annotated[str, typer.Option(help="The DNS zone the alias lives in.")],
+    server: Annotated[str, typer.Option(help="The DNS server, HOST:PORT.")] = "127.0.0.1:53",
+    owner: Annotated[str, typer.Option(help="Who runs the pool.")] = "admin@localhost",
+    tsig: Annotated[str | None, typer.Option(help="TSIG key algorithm:name:base64secret.")] = None,
+) -> None:
+    """Publish a pool's record (A, key TXT, reverse PTR) with a TSIG-signed DNS UPDATE."""
+    try:
+        private = auth.load_private(key)
+        record = naming.PoolRecord.create(alias, group, owner, auth.public_bytes(private))
+    except (auth.AuthError, naming.NamingError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    _publish(record, server, zone, tsig)
+    print(
+        f"published {record.alias} -> {record.group} ({'private' if record.private else 'public'})"
+    )
+
+
+@private_app.command("create")
+def private_create(
+    alias: Annotated[str, typer.Option(help="The pool's well-published name.")],
+    zone: Annotated[str, typer.Option(help="The DNS zone the alias lives in.")],
+    participants: Annotated[
+        str, typer.Option(help="Comma-separated names of the authorized participants.")
+    ],
+    out: Annotated[Path, typer.Option(help="Directory for the key files.")] = Path("pool-keys"),
+    group: Annotated[
+        str | None, typer.Option(help="The group address (default: one from the private range).")
+    ] = None,
+    server: Annotated[str, typer.Option(help="The DNS server, HOST:PORT.")] = "127.0.0.1:53",
+    owner: Annotated[str, typer.Option(help="Who runs the pool.")] = "admin@localhost",
+    tsig: Annotated[str | None, typer.Option(help="TSIG key algorithm:name:base64secret.")] = None,
+) -> None:
+    """Set up a private pool (Fig 8): a key pair, a private group address, the record in
+    DNS, and the private key written for each authorized participant."""
+    names = [p.strip() for p in participants.split(",") if p.strip()]
+    if not names:
+        err.print("[red]error:[/red] --participants names no one")
+        raise typer.Exit(2)
+    key = auth.generate()
+    address = group or _private_group(alias)
+    try:
+        record = naming.PoolRecord.create(alias, address, owner, auth.public_bytes(key))
+    except naming.NamingError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if not record.private:
+        err.print(
+            f"[red]error:[/red] {address} is in the public range; a private pool needs 232-239"
+        )
+        raise typer.Exit(2)
+    _publish(record, server, zone, tsig)
+    for name in names:
+        auth.save_private(key, out / f"{name}.key")
+    print(
+        f"private pool {record.alias} -> {record.group}: record published, "
+        f"keys for {', '.join(names)} in {out}/"
+    )
+    print("ready to begin: each participant signs its joins with its key file")
+
+
+def _private_group(alias: str) -> str:
+    """A stable private group address for an alias, in 233.0.0.0-239.255.255.255."""
+    digest = hashlib.sha256(alias.lower().rstrip(".").encode()).digest()
+    return str(ipaddress.IPv4Address(0xE9000000 + int.from_bytes(digest[:4], "big") % (0x07000000)))
+
+
+@dns_app.command("serve")
+def dns_serve(
+    zone: Annotated[str, typer.Option(help="The zone to serve, e.g. pool.test.")],
+    port: Annotated[int, typer.Option(help="UDP and TCP port on 127.0.0.1.")] = 5353,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    tsig: Annotated[
+        str | None, typer.Option(help="TSIG key for updates (default: a new one, printed).")
+    ] = None,
+) -> None:
+    """Serve a pool zone (and the multicast reverse zones) from a small authoritative
+    server; records arrive by TSIG-signed DNS UPDATE (`manycast keys publish`)."""
+    key = _tsig(tsig) if tsig is not None else naming.TsigKey.generate()
+
+    def ready(server: object) -> None:
+        err.print(f"serving {zone} on {host}:{port} (UDP and TCP); Ctrl-C stops")
+        print(f"tsig: {key.to_text()}", flush=True)
+
+    try:
+        dnsserver.run(zone, [], host, port, key, ready=ready)
+    except (OSError, dnsserver.DnsServerError, naming.NamingError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 @topology_app.command("check")
 def topology_check(path: Path) -> None:
     """Check a topology file and show what it compiles to."""
@@ -265,6 +396,193 @@ def topology_check(path: Path) -> None:
     console.print(
         f"{len(topo.clients)} clients, {len(topo.links)} links, {len(topo.scenario)} scenario steps"
     )
+
+
+# -- manycast lab: the kernel lab (root) -------------------------------------------------
+# Everything of the lab lives in this block and in manycast.lab (imported on use:
+# pyroute2 is only needed here).
+
+lab_app = typer.Typer(
+    help="The kernel lab: a topology on network namespaces with the kernel's own "
+    "multicast forwarding (root only).",
+    no_args_is_help=True,
+)
+app.add_typer(lab_app, name="lab")
+
+_PrefixOption = Annotated[
+    str, typer.Option(help="Name prefix of the lab's namespaces (<prefix>-<node>).")
+]
+
+
+def _lab_call(fn: Callable[[], T]) -> T:
+    from manycast.lab import LabError
+
+    try:
+        return fn()
+    except (LabError, TopologyError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@lab_app.command("up")
+def lab_up(
+    topology: Annotated[
+        Path | None, typer.Argument(help="A topology TOML file (default: the built-in demo).")
+    ] = None,
+    prefix: _PrefixOption = "mc",
+    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 1,
+    servers: Annotated[bool, typer.Option(help="Start the servers' agents and services.")] = True,
+) -> None:
+    """Build a topology in namespaces and start its routers' daemons and servers.
+
+    A namespace per node, veth links, a bridge per client LAN, addresses and routes;
+    a router daemon per router; per server its manycast agent and its service."""
+    from manycast.lab import Lab, topology_text
+
+    lab = Lab(prefix)
+    text, source = _lab_call(lambda: topology_text(topology))
+    topo = _lab_call(lambda: lab.up(text, source, seed=seed, start_servers=servers))
+    err.print(
+        f"lab {prefix!r} up: {len(topo.interfaces)} namespaces ({prefix}-<node>), "
+        f"{len(topo.links)} links; group {topo.pool.group}:{topo.pool.port}. "
+        f"Try: manycast lab exec {sorted(topo.clients)[0] if topo.clients else 'NODE'} -- "
+        f"socat - UDP4-DATAGRAM:{topo.pool.group}:{topo.pool.port},ip-multicast-ttl=8"
+    )
+
+
+@lab_app.command("down")
+def lab_down(prefix: _PrefixOption = "mc") -> None:
+    """Remove every namespace, link, process and multicast entry of the lab (idempotent)."""
+    from manycast.lab import Lab
+
+    removed = _lab_call(lambda: Lab(prefix).down())
+    err.print(
+        f"lab {prefix!r} down: {removed['namespaces']} namespaces removed, "
+        f"{removed['processes']} processes stopped"
+    )
+
+
+@lab_app.command("exec")
+def lab_exec(
+    node: Annotated[str, typer.Argument(help="The node to run in.")],
+    command: Annotated[list[str], typer.Argument(help="The program and its arguments.")],
+    prefix: _PrefixOption = "mc",
+) -> None:
+    """Run a program inside a node's namespace.
+
+    Example: manycast lab exec a1 -- ping -c1 10.254.0.2"""
+    from manycast.lab import Lab
+
+    _lab_call(lambda: Lab(prefix).exec(node, command))
+
+
+@lab_app.command("status")
+def lab_status(
+    prefix: _PrefixOption = "mc",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    entries: Annotated[int, typer.Option(help="Forwarding entries shown per router.")] = 20,
+) -> None:
+    """Nodes, links, and each router's kernel VIFs and multicast forwarding entries."""
+    from dataclasses import asdict
+
+    from manycast.lab import Lab
+
+    status = _lab_call(lambda: Lab(prefix).status())
+    if as_json:
+        print(json.dumps(asdict(status), default=str))
+        return
+    if not status.up:
+        err.print(f"lab {prefix!r} is down")
+        raise typer.Exit(1)
+    console = Console()
+    nodes = Table("node", "kind", "namespace", "processes", "interfaces", title="nodes")
+    clients = [n for n in status.nodes if n.kind == "client"]
+    for n in status.nodes:
+        if n.kind == "client" and n is not clients[0] and n is not clients[-1]:
+            continue
+        procs = " ".join(f"{role}:{pid or 'dead'}" for role, pid in n.processes.items())
+        nodes.add_row(
+            n.name, n.kind, "yes" if n.namespace else "MISSING", procs, ", ".join(n.addresses)
+        )
+    console.print(nodes)
+    if len(clients) > 2:
+        console.print(f"({len(clients)} clients, first and last shown)")
+    links = Table("link", "members", title="links")
+    for name, members in status.links.items():
+        shown = members if len(members) <= 4 else [*members[:3], f"... {len(members)} in all"]
+        links.add_row(name, " ".join(shown))
+    console.print(links)
+    for router, tables in status.routers.items():
+        names = {v.index: v.name for v in tables.vifs}
+        table = Table(
+            "group",
+            "source",
+            "in",
+            "out",
+            "packets",
+            title=f"{router}: kernel multicast forwarding entries "
+            f"({len(tables.entries)}; VIFs {', '.join(names.values())})",
+        )
+        for e in tables.entries[:entries]:
+            table.add_row(
+                str(e.group),
+                str(e.source),
+                names.get(e.parent, "?") if e.resolved else "(unresolved)",
+                " ".join(names.get(o, str(o)) for o in e.outs) or "-",
+                str(e.packets),
+            )
+        console.print(table)
+
+
+@lab_app.command("run")
+def lab_run(
+    topology: Annotated[
+        Path | None, typer.Argument(help="A topology TOML file (default: the built-in demo).")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Seconds to run (default: the topology's).")
+    ] = None,
+    prefix: _PrefixOption = "mc",
+    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 1,
+    keep: Annotated[bool, typer.Option(help="Leave the lab up afterwards.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as one JSON object, last line.")
+    ] = False,
+) -> None:
+    """Run the topology's scenario on the kernel lab (up, scenario, down).
+
+    The clients ask the service from their own namespaces while the scenario runs.
+    Exit 0 only if every client was served at the end by the server that owns it."""
+    from manycast.lab import Lab, LabRun, Progress, topology_text
+
+    lab = Lab(prefix)
+    text, source = _lab_call(lambda: topology_text(topology))
+    err.print(f"manycast lab run: building {source} in namespaces {prefix}-<node> ...")
+    topo = _lab_call(lambda: lab.up(text, source, seed=seed))
+    length = topo.duration if duration is None else duration
+
+    def progress(p: Progress) -> None:
+        answers = " ".join(f"{k}={v}" for k, v in sorted(p.answers.items()))
+        err.print(
+            f"t={p.now:5.1f}s served {p.served}/{p.clients} kernel entries {p.entries} "
+            f"answers {answers}",
+            highlight=False,
+        )
+
+    try:
+        summary = LabRun(lab, topo).run(length, progress)
+    finally:
+        if not keep:
+            lab.down()
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        Console().print_json(json.dumps(summary))
+    if summary["clients_served_at_end"] != summary["clients"] or summary["clients_not_at_owner"]:
+        raise typer.Exit(1)
+
+
+# -- end of manycast lab ---------------------------------------------------------------------
 
 
 def main() -> None:
