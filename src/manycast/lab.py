@@ -24,7 +24,6 @@ the clients saw.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import selectors
@@ -35,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -535,6 +534,7 @@ class LabRun:
 
     def step(self, step: Step, prober: Prober) -> None:
         action, args = step.action, step.args
+        self.events.append({"at": round(prober.now(), 2), "what": step.describe()})
         if action == "kill":
             self.lab.kill_server(args["server"])
             self.dead.add(args["server"])
@@ -553,7 +553,6 @@ class LabRun:
                 self.lab.ask(target, "server", request)
         elif action == "client_rate":
             prober.set_rate(args["clients"], float(args["rate"]))
-        self.events.append({"at": round(prober.now(), 2), "what": step.describe()})
 
     def owners(self, addresses: list[str]) -> dict[str, str | None]:
         """Who the pool's allocation says serves each address (asked of a live agent)."""
@@ -635,6 +634,14 @@ class LabRun:
         return total
 
 
-def client_addresses(topology: Topology) -> Iterator[tuple[str, ipaddress.IPv4Address]]:
-    for name in sorted(topology.clients):
-        yield name, topology.address(name)
+def topology_text(path: Path | None) -> tuple[str, str]:
+    """(TOML text, name for messages) of a topology file, or of the built-in demo."""
+    if path is None:
+        from importlib.resources import files
+
+        resource = files("manycast").joinpath("topologies", "demo.toml")
+        return resource.read_text(encoding="utf-8"), "<built-in demo>"
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except OSError as exc:
+        raise LabError(f"{path}: cannot read: {exc.strerror}") from None
