@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from manycast.drivers import kernel, mroute, netns
+from manycast.drivers.links import Attachment
 from manycast.topology import Step, Topology, TopologyError, load, loads
 
 PREFIX = "mc"
@@ -172,53 +173,57 @@ class Lab:
     def _build(self, topology: Topology) -> None:
         for node in sorted(topology.interfaces):
             netns.create(self.ns(node))
-        handles: dict[str, Any] = {}
+        # Links are made from one end: a veth's peer is created directly in the
+        # other namespace; a LAN is a bridge in its router's namespace.
+        for link in topology.links.values():
+            members = link.members
+            if any(topology.kind(m.node) == "client" for m in members):
+                router = next(m for m in members if topology.kind(m.node) == "router")
+                hosts = [m for m in members if m is not router]
 
-        def ipr(node: str) -> Any:
-            if node not in handles:
-                handles[node] = netns.iproute(self.ns(node))
-            return handles[node]
-
-        try:
-            for link in topology.links.values():
-                members = link.members
-                if any(topology.kind(m.node) == "client" for m in members):
-                    router = next(m for m in members if topology.kind(m.node) == "router")
-                    r = ipr(router.node)
-                    bridge = netns.bridge(r, router.iface)
-                    for i, member in enumerate(m for m in members if m is not router):
+                def lan(
+                    ipr: Any, router: Attachment = router, hosts: list[Attachment] = hosts
+                ) -> None:
+                    bridge = netns.bridge(ipr, router.iface)
+                    for i, member in enumerate(hosts):
                         port = f"{router.iface}p{i}"
-                        netns.veth(r, port, self.ns(member.node), member.iface)
-                        netns.enslave(r, port, bridge)
-                        netns.up(r, port)
-                else:
-                    a, b = members
-                    netns.veth(ipr(a.node), a.iface, self.ns(b.node), b.iface)
-            for node, interfaces in topology.interfaces.items():
-                handle = ipr(node)
-                netns.up(handle, "lo")
-                for iface in interfaces.values():
-                    netns.address(handle, iface.name, str(iface.address), iface.network.prefixlen)
-                    netns.up(handle, iface.name)
-            for name, routes in topology.routes.items():
-                for route in routes:
+                        netns.veth(ipr, port, self.ns(member.node), member.iface)
+                        netns.enslave(ipr, port, bridge)
+                        netns.up(ipr, port)
+
+                netns.configure(self.ns(router.node), lan)
+            else:
+                a, b = members
+
+                def pair(ipr: Any, a: Attachment = a, b: Attachment = b) -> None:
+                    netns.veth(ipr, a.iface, self.ns(b.node), b.iface)
+
+                netns.configure(self.ns(a.node), pair)
+        for node in topology.interfaces:
+
+            def setup(ipr: Any, node: str = node) -> None:
+                netns.up(ipr, "lo")
+                for iface in topology.interfaces[node].values():
+                    netns.address(ipr, iface.name, str(iface.address), iface.network.prefixlen)
+                    netns.up(ipr, iface.name)
+                for route in topology.routes.get(node, ()):
                     if route.next_hop is not None:
-                        netns.route(ipr(name), str(route.network), str(route.next_hop))
-                # Forwarding on; no reverse-path filter (the benchmark's sources are
-                # many addresses behind one client interface).
-                values = {
-                    "net.ipv4.ip_forward": "1",
-                    "net.ipv4.conf.all.rp_filter": "0",
-                    "net.ipv4.conf.default.rp_filter": "0",
-                }
-                for ifname in topology.interfaces[name]:
-                    values[f"net.ipv4.conf.{ifname}.rp_filter"] = "0"
-                netns.sysctl(self.ns(name), values)
-            for host, (_, gateway) in topology.gateways.items():
-                netns.route(ipr(host), "0.0.0.0/0", str(gateway))
-        finally:
-            for handle in handles.values():
-                handle.close()
+                        netns.route(ipr, str(route.network), str(route.next_hop))
+                if node in topology.gateways:
+                    netns.route(ipr, "0.0.0.0/0", str(topology.gateways[node][1]))
+
+            netns.configure(self.ns(node), setup)
+        for name in topology.routers:
+            # Forwarding on; no reverse-path filter (the benchmark's sources are
+            # many addresses behind one client interface).
+            values = {
+                "net.ipv4.ip_forward": "1",
+                "net.ipv4.conf.all.rp_filter": "0",
+                "net.ipv4.conf.default.rp_filter": "0",
+            }
+            for ifname in topology.interfaces[name]:
+                values[f"net.ipv4.conf.{ifname}.rp_filter"] = "0"
+            netns.sysctl(self.ns(name), values)
 
     # -- programs --------------------------------------------------------------------
     def _pidfile(self, node: str, role: str) -> Path:

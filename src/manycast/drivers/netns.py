@@ -43,8 +43,47 @@ def exists(name: str) -> bool:
     return path(name).exists()
 
 
+MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 0x100000
+
+
+def _mount(source: bytes, target: bytes, flags: int) -> int:
+    return int(_libc.mount(source, target, b"none", flags, None))
+
+
+def _share_dir() -> None:
+    """/var/run/netns as a shared mount, as `ip netns add` leaves it, so that the
+    namespace mounts below it reach other mount namespaces too."""
+    NETNS_DIR.mkdir(parents=True, exist_ok=True)
+    target = str(NETNS_DIR).encode()
+    if _mount(b"", target, MS_SHARED | MS_REC) == 0:
+        return
+    if _mount(target, target, MS_BIND | MS_REC) != 0 or _mount(b"", target, MS_SHARED | MS_REC):
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"cannot share {NETNS_DIR}: {os.strerror(errno)}")
+
+
 def create(name: str) -> None:
-    _netns.create(name)
+    """A new empty namespace bound at /var/run/netns/NAME, made by a short-lived
+    thread (unshare(2) of CLONE_NEWNET applies to the calling thread only), which
+    spares a fork per namespace."""
+    _share_dir()
+    target = path(name)
+    os.close(os.open(target, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+
+    def make() -> None:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"unshare: {os.strerror(errno)}")
+        if _mount(b"/proc/thread-self/ns/net", str(target).encode(), MS_BIND) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"mount {target}: {os.strerror(errno)}")
+
+    try:
+        _in_thread(make)
+    except OSError:
+        with contextlib.suppress(OSError):
+            target.unlink()
+        raise
 
 
 def remove(name: str) -> None:
@@ -93,24 +132,46 @@ def inside(name: str) -> Iterator[None]:
         os.close(home)
 
 
-def run_in(name: str, fn: Callable[[], T]) -> T:
-    """`fn()` called in a thread that lives in namespace `name`."""
+def _in_thread(fn: Callable[[], T]) -> T:
     result: list[Any] = []
     error: list[BaseException] = []
 
     def target() -> None:
         try:
-            enter(name)
             result.append(fn())
         except BaseException as exc:
             error.append(exc)
 
-    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread = threading.Thread(target=target, name="netns")
     thread.start()
     thread.join()
     if error:
         raise error[0]
     return result[0]  # type: ignore[no-any-return]
+
+
+def run_in(name: str, fn: Callable[[], T]) -> T:
+    """`fn()` called in a thread that lives in namespace `name`."""
+
+    def inside_ns() -> T:
+        enter(name)
+        return fn()
+
+    return _in_thread(inside_ns)
+
+
+def configure(name: str, fn: Callable[[Any], T]) -> T:
+    """`fn(ipr)` with an rtnetlink handle inside namespace `name`. The handle is
+    opened and used in a thread of that namespace (no helper process)."""
+
+    def work() -> T:
+        ipr = IPRoute()
+        try:
+            return fn(ipr)
+        finally:
+            ipr.close()
+
+    return run_in(name, work)
 
 
 def socket_in(name: str, family: int, kind: int, proto: int = 0) -> socket.socket:
