@@ -45,7 +45,7 @@ from manycast.drivers.links import Attachment
 from manycast.topology import Step, Topology, TopologyError, load, loads
 
 PREFIX = "mc"
-RUN_ROOT = Path("/run/manycast")
+RUN_ROOT = Path(os.environ.get("MANYCAST_LAB_RUN_ROOT", "/run/manycast"))
 ROLES_OF = {"router": ("router",), "server": ("server", "service")}
 READY_TIMEOUT = 20.0
 NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
@@ -313,6 +313,7 @@ class Lab:
         for pidfile in self.run_dir.glob("*.pid") if self.run_dir.exists() else []:
             with contextlib.suppress(OSError, ValueError):
                 pid = int(pidfile.read_text())
+                _reap(pid)  # a daemon of this process that already died
                 if _alive(pid) and _ours(pid):
                     _kill(pid, signal.SIGTERM)
                     pids.append(pid)

@@ -1,0 +1,341 @@
+"""The kernel lab: the pool on network namespaces with the kernel's multicast forwarding.
+
+These tests build real namespaces, veth links and bridges, run the router daemons
+on the MRT socket, and drive third-party programs (socat, iperf 2) as clients.
+They need root; elsewhere they skip and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from manycast.drivers import mroute
+
+NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
+
+TOPOLOGY = """
+[pool]
+group = "232.1.1.1"
+port = 7000
+control_group = "239.255.77.1"
+technique = "{technique}"
+heartbeat_ms = 100
+report_interval_ms = 1000
+
+[[router]]
+name = "ra"
+[[router]]
+name = "core"
+[[router]]
+name = "rs"
+
+[[link]]
+between = ["ra", "core"]
+[[link]]
+between = ["core", "rs"]
+
+[[server]]
+name = "s1"
+router = "core"
+[[server]]
+name = "s2"
+router = "rs"
+[[server]]
+name = "s3"
+router = "rs"
+[[server]]
+name = "s4"
+router = "rs"
+standby = true
+
+[[clients]]
+name = "a"
+count = 16
+router = "ra"
+subnet = "10.1.0.0/24"
+rate = 4.0
+[[clients]]
+name = "b"
+count = 16
+router = "core"
+subnet = "10.2.0.0/24"
+rate = 4.0
+
+[[scenario]]
+at = 2.5
+action = "set_share"
+server = "s1"
+share = 0.2
+[[scenario]]
+at = 5.0
+action = "kill"
+server = "s2"
+[[scenario]]
+at = 7.5
+action = "add"
+server = "s4"
+
+[run]
+duration = 11.0
+"""
+
+
+def _lab_possible() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return NEEDS_ROOT
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IGMP).close()
+    except OSError as exc:
+        return f"{NEEDS_ROOT} (raw sockets: {exc})"
+    return None
+
+
+# The parsers need nothing special.
+
+
+def test_structures_pack_as_linux_expects() -> None:
+    assert mroute._MFCCTL.size == 60
+    assert mroute._VIFCTL.size == 16
+    upcall = bytes(8) + bytes([1, 0, 2, 0]) + bytes([10, 1, 0, 2]) + bytes([232, 1, 1, 1])
+    assert mroute.parse_upcall(upcall) == mroute.Upcall(1, 2, 0x0A010002, 0xE8010101)
+    igmp = bytes([0x46, 0xC0, 0, 40, 0, 0, 0x40, 0, 1, 2]) + bytes(30)
+    assert mroute.parse_upcall(igmp) is None
+
+
+def test_proc_tables_parse() -> None:
+    order = sys.byteorder
+    group = int.from_bytes(bytes([232, 1, 1, 1]), order)
+    source = int.from_bytes(bytes([10, 1, 0, 2]), order)
+    cache = (
+        "Group    Origin   Iif     Pkts    Bytes    Wrong Oifs\n"
+        f"{group:08X} {source:08X} 1         93   139314        0  0:1    2:1  \n"
+        f"{group:08X} {source + 1:08X} -1          0        0        0\n"
+    )
+    first, second = mroute.parse_cache(cache)
+    assert str(first.group) == "232.1.1.1" and str(first.source) == "10.1.0.2"
+    assert (first.parent, first.packets, first.outs, first.resolved) == (1, 93, (0, 2), True)
+    assert not second.resolved
+    vifs = mroute.parse_vifs(
+        "Interface      BytesIn  PktsIn  BytesOut PktsOut Flags Local    Remote\n"
+        " 0 eth0           1848      24      3542      46 00008 00000002 00000000\n"
+    )
+    assert vifs == [mroute.Vif(0, "eth0", 24, 46)]
+
+
+# The lab itself.
+
+
+@pytest.fixture
+def lab_factory(tmp_path: Path) -> Iterator[object]:
+    from manycast.lab import Lab
+
+    labs: list[Lab] = []
+
+    def make(technique: str = "R1") -> tuple[Lab, object]:
+        lab = Lab(prefix=f"mct{len(labs)}", run_root=tmp_path)
+        labs.append(lab)
+        lab.down()
+        topology = lab.up(TOPOLOGY.replace("{technique}", technique), "test-lab.toml")
+        return lab, topology
+
+    yield make
+    for lab in labs:
+        lab.down()
+
+
+def _owner_vifs(lab: object, topology: object, client: str, owner: str) -> bool:
+    """Whether the kernel of the owner's router forwards (client, group) toward the owner."""
+    from manycast.lab import Lab
+    from manycast.topology import Topology
+
+    assert isinstance(lab, Lab) and isinstance(topology, Topology)
+    router = topology.servers[owner].router
+    link = f"{router}-{owner}"
+    iface = next(i.name for i in topology.interfaces[router].values() if i.link == link)
+    vif = next(v.index for v in lab.vifs(router) if v.name == iface)
+    source = topology.address(client)
+    for entry in lab.mfc(router):
+        if entry.group == topology.pool.group and entry.source == source:
+            return vif in entry.outs
+    return False
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def test_demo_scenario_every_client_served_by_its_owner(lab_factory) -> None:  # type: ignore[no-untyped-def]
+    from manycast.lab import LabRun
+
+    lab, topology = lab_factory()
+    summary = LabRun(lab, topology).run(topology.duration)
+    assert summary["clients"] == 32
+    assert summary["clients_served_at_end"] == 32, summary
+    # Every client's last answer came from the server the allocation gives it.
+    assert summary["clients_not_at_owner"] == [], summary
+    by_server = summary["clients_by_server"]
+    assert "s2" not in by_server, "the dead server still has clients"
+    assert by_server.get("s4", 0) > 0, "the added server serves no one"
+    assert all(e["all_clients_answered_after_s"] is not None for e in summary["events"])
+    # The kernel, not the daemon, forwards: each client's entry at its owner's router
+    # points at the owner.
+    run = LabRun(lab, topology)
+    owners = run.owners([str(topology.address(c)) for c in sorted(topology.clients)])
+    for client in sorted(topology.clients):
+        owner = owners[str(topology.address(client))]
+        assert owner is not None
+        assert _owner_vifs(lab, topology, client, owner), (client, owner)
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+@pytest.mark.skipif(
+    shutil.which("socat") is None or shutil.which("iperf") is None,
+    reason="needs socat and iperf (make lab-deps installs them)",
+)
+def test_third_party_programs_are_served_by_the_owner(lab_factory) -> None:  # type: ignore[no-untyped-def]
+    from manycast.lab import LabRun
+
+    lab, topology = lab_factory()
+    group, port = topology.pool.group, topology.pool.port
+    clients = ["a1", "a2", "a3", "b4", "b5"]
+    owners = LabRun(lab, topology).owners([str(topology.address(c)) for c in clients])
+    cli = [sys.executable, "-m", "manycast", "lab", "exec", "--prefix", lab.prefix]
+    env = {**os.environ, "MANYCAST_LAB_RUN_ROOT": str(lab.run_root)}
+    for client in clients:
+        answer = subprocess.run(
+            [
+                *cli,
+                client,
+                "--",
+                "socat",
+                "-t",
+                "2",
+                "-",
+                f"UDP4-DATAGRAM:{group}:{port},ip-multicast-ttl=8",
+            ],
+            input=b"hello\n",
+            capture_output=True,
+            timeout=20,
+            env=env,
+        )
+        assert answer.returncode == 0, answer.stderr.decode()
+        server = answer.stdout.split()[0].decode()
+        assert server == owners[str(topology.address(client))], (client, answer.stdout)
+
+    # iperf 2 in multicast mode: every datagram reaches the owner and no one else.
+    send = ["iperf", "-c", str(group), "-p", str(port), "-u", "-T", "8", "-t", "1", "-b", "2M"]
+    iperf = subprocess.run(
+        [*cli, "b7", "--", *send],
+        capture_output=True,
+        timeout=30,
+        env=env,
+    )
+    assert iperf.returncode == 0, iperf.stderr.decode()
+    source = str(topology.address("b7"))
+    owner = LabRun(lab, topology).owners([source])[source]
+    time.sleep(0.8)  # the services write their counts every 0.5 s
+    counts = {
+        s: json.loads((lab.run_dir / f"{s}.counts.json").read_text())["sources"].get(source, 0)
+        for s in ("s1", "s2", "s3")
+    }
+    assert counts[owner] >= 150, (owner, counts, iperf.stdout.decode())
+    assert all(n == 0 for s, n in counts.items() if s != owner), counts
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def test_plain_kernel_joins_create_no_membership(lab_factory) -> None:  # type: ignore[no-untyped-def]
+    from manycast.drivers import netns
+
+    lab, topology = lab_factory()
+    before = lab.ask("ra", "router", {"op": "status"})
+    sock = netns.socket_in(lab.ns("a9"), socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        mreq = mroute.mreqn(str(topology.pool.group), 0)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            after = lab.ask("ra", "router", {"op": "status"})
+            ignored = after["daemon"]["plain_reports_ignored"]
+            if ignored > before["daemon"]["plain_reports_ignored"]:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the router never saw the kernel's own report")
+    finally:
+        sock.close()
+    members = after["membership"].get(str(topology.pool.group), {})
+    assert str(topology.address("a9")) not in members
+    assert sorted(members) == sorted(str(topology.address(s)) for s in ("s1", "s2", "s3"))
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def test_down_leaves_nothing_even_after_sigkill(lab_factory) -> None:  # type: ignore[no-untyped-def]
+    from manycast.drivers import netns
+
+    lab, topology = lab_factory()
+    assert len(lab.namespaces()) == len(topology.interfaces)
+    pids = [lab.pid(r, "router") for r in topology.routers]
+    pids += [lab.pid(s, role) for s in ("s1", "s2", "s3") for role in ("server", "service")]
+    assert all(pids)
+    # A program of the user's, left running in a node.
+    cli = [sys.executable, "-m", "manycast", "lab", "exec", "--prefix", lab.prefix]
+    stray = subprocess.Popen(
+        [*cli, "a1", "--", "sleep", "600"],
+        env={**os.environ, "MANYCAST_LAB_RUN_ROOT": str(lab.run_root)},
+    )
+    # Traffic, so the routers hold forwarding entries.
+    sock = netns.socket_in(lab.ns("a1"), socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 8)
+    sock.sendto(b"x", (str(topology.pool.group), topology.pool.port))
+    sock.close()
+    deadline = time.monotonic() + 5
+    while not lab.mfc("ra") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lab.mfc("ra")
+    # The crash: every daemon SIGKILLed at once.
+    for pid in pids:
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+    removed = lab.down()
+    assert removed["namespaces"] == len(topology.interfaces)
+    assert stray.wait(timeout=5) != 0
+    assert lab.namespaces() == []
+    assert not any(Path(f"/proc/{pid}").exists() and _not_zombie(pid) for pid in pids)
+    assert not lab.run_dir.exists()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert all(f"{lab.prefix}-" not in line for line in links.splitlines())
+    root_cache = Path("/proc/net/ip_mr_cache")
+    if root_cache.exists():
+        assert all(
+            str(topology.pool.group) != str(e.group)
+            for e in mroute.parse_cache(root_cache.read_text())
+        )
+    assert lab.down() == {"namespaces": 0, "processes": 0}
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_lab_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    from manycast import lab
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(lab.LabError, match="needs root"):
+        lab.Lab(prefix="mct").down()
