@@ -270,8 +270,12 @@ class Lab:
     def wait_ready(self, node: str, role: str, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
         ready = kernel.ready_path(self.run_dir, node, role)
+        pidfile = self._pidfile(node, role)
         while not ready.exists():
-            if self.pid(node, role) is None or time.monotonic() > deadline:
+            # Only alive, not yet "ours": just after the fork the child's command
+            # line is still the parent's.
+            started = pidfile.exists() and _alive(int(pidfile.read_text()))
+            if not started or time.monotonic() > deadline:
                 log = self.run_dir / f"{node}.{role}.log"
                 tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
                 raise LabError(f"{role} of {node} did not start:\n{tail}")
@@ -352,6 +356,13 @@ class Lab:
             os.execvp(argv[0], argv)
         except OSError as exc:
             raise LabError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+    def popen(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start `argv` inside `node`'s namespace (entered between fork and exec)."""
+        name = self.ns(node)
+        if not netns.exists(name):
+            raise LabError(f"no node {node!r} in the lab")
+        return subprocess.Popen(argv, preexec_fn=lambda: netns.enter(name), **kwargs)
 
     def mfc(self, router: str) -> list[mroute.CacheEntry]:
         """The kernel's multicast forwarding entries in `router`'s namespace."""

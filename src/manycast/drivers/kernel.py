@@ -327,7 +327,8 @@ class RouterDaemon:
             self.stats.first_upcall = start
         if vif not in self.iface_of_vif:
             return
-        self.seen.setdefault(group, self._membership(group))
+        if group not in self.seen:
+            self.seen[group] = self._membership(group)
         outs, owners = self._decide(source, group, vif)
         self.mroute.set_entry(source, group, vif, outs)
         self.entries.setdefault(group, {})[source] = _Entry(vif, outs, owners)
