@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean dns-deps
+.PHONY: demo test lint typecheck unit bench clean dns-deps lab lab-deps
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "manycast needs $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -39,6 +39,23 @@ dns-deps:
 	  apt-get install -y -q --no-install-recommends $(KNOT_PKGS) \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(KNOT_PKGS); }; \
 	else echo "knot is not installed and this is not root: the knot tests will skip (sudo make dns-deps installs it)"; fi
+
+# The kernel lab (root only): the demo topology in network namespaces, routed by
+# the kernel's multicast forwarding, with the scenario run against it.
+lab: $(STAMP)
+	@if [ "$$(id -u)" != 0 ]; then echo "make lab needs root: the kernel lab builds network namespaces and drives the kernel's multicast routing (try: sudo make lab)"; exit 1; fi
+	@$(MAKE) --no-print-directory lab-deps
+	$(BIN)/manycast lab run
+
+# Debian's iperf (2) and socat: third-party clients for the lab and its tests.
+LAB_PKGS := iperf socat
+lab-deps:
+	@if command -v iperf >/dev/null 2>&1 && command -v socat >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends $(LAB_PKGS) \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(LAB_PKGS); }; \
+	else echo "iperf or socat is missing and this is not root: the lab's third-party client test will skip (sudo make lab-deps)"; fi
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
