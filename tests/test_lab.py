@@ -339,3 +339,37 @@ def test_lab_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(lab.LabError, match="needs root"):
         lab.Lab(prefix="mct").down()
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def test_r4_keeps_active_sources_on_the_old_owner_until_idle(lab_factory) -> None:  # type: ignore[no-untyped-def]
+    from manycast.lab import LabRun, Prober
+
+    lab, topology = lab_factory("R4")
+    run = LabRun(lab, topology)
+    prober = Prober(lab, topology)
+    try:
+        prober.run_until(2.0)
+        addresses = {c.name: c.address for c in prober.clients.values()}
+        before = run.owners(list(addresses.values()))
+        assert all(c.server == before[c.address] for c in prober.clients.values())
+        lab.ask("s1", "server", {"op": "set_share", "server": "s1", "share": "1/5"})
+        prober.run_until(4.5)
+        after = run.owners(list(addresses.values()))
+        moved = [n for n, a in addresses.items() if before[a] != after[a]]
+        assert moved, "the share change moved no client"
+        # Active sources stay pinned to the old owner: the kernel entry was held.
+        assert all(prober.clients[n].server == before[addresses[n]] for n in moved)
+        assert lab.ask("core", "router", {"op": "status"})["held"] >= len(moved)
+        # Idle for longer than pin_idle: the entries move to the new owners.
+        for group in ("a", "b"):
+            prober.set_rate(group, 0.0)
+        prober.run_until(7.5)
+        assert lab.ask("core", "router", {"op": "status"})["held"] == 0
+        for group in ("a", "b"):
+            prober.set_rate(group, 4.0)
+        prober.run_until(9.0)
+        assert all(c.server == after[c.address] for c in prober.clients.values())
+    finally:
+        prober.close()

@@ -23,9 +23,10 @@ namespace (`python -m manycast.drivers.kernel ROLE --netns NS --run-dir DIR ...`
   portions a server serves.
 
   Pinned paths (R4) are per source here: when a change would move an (S, G)
-  entry away from an owner that is still a member, the old entry stays while
-  its kernel packet counter keeps increasing, and is rewritten once it has
-  been idle for `pin_idle` seconds.
+  entry away from an owner that is still a member (take an outgoing interface
+  away, not only add one), the old entry stays while its kernel packet counter
+  keeps increasing, and is rewritten once it has been idle for `pin_idle`
+  seconds.
 
 * `server` hosts the `Server` agent: coordination and membership exactly as in
   the overlay. Its reports leave on a raw IGMP socket (Router Alert, TTL 1, to
@@ -403,7 +404,10 @@ class RouterDaemon:
             if outs == entry.outs:
                 entry.owners, entry.held = owners, None
                 continue
-            if self.pin_idle is not None and entry.outs and entry.owners <= live:
+            # Pin (R4) only a move: an entry that merely gains interfaces (a new
+            # member of the control channel, say) is rewritten at once.
+            moving = bool(entry.outs - outs)
+            if self.pin_idle is not None and moving and entry.owners <= live:
                 if entry.held is None:
                     entry.held = self.mroute.packets(source, group) or 0
                     self.stats.held += 1
