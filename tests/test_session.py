@@ -911,3 +911,20 @@ def test_out_of_order_and_duplicates_deliver_once_in_order() -> None:
     assert bytes(got) == data
     acks = server.segments_to_send()
     assert acks[-1].ack == (client._snd_nxt % 2**32)
+
+
+@pytest.mark.parametrize(
+    "hexdump",
+    [
+        # FIN_WAIT_2 with its FIN unacknowledged, ESTABLISHED with a FIN sent (bench/fuzz.py)
+        "4d435331051f04c00002019f0a04e9fc00070050e8f9525eb35be71bd2f2269f04c00002011f905d4c3ea7"
+        "000000000000000100000000000000020000000000000001ffff00000000000000010028000000004490cd05"
+        "0000000000000001000000000000000000003ec999999999999a00",
+        "4d435331037d04c0000201135904e9fc00070050e0c21cc66500438e188d7457b9f81ec8000000000000018000"
+        "000000000001810000000000000180ffff0000000000000180002800000000dc741afe0000000000000126000000"
+        "0000000126000000000000012500003fa651eb851eb8523f923d70a3d70a3e3fbd66666666666700",
+    ],
+)
+def test_states_that_contradict_their_fins_are_refused(hexdump: str) -> None:
+    with pytest.raises(WireError):
+        Connection.import_state(bytes.fromhex(hexdump), 100.0, random.Random(0))

@@ -364,3 +364,29 @@ def test_bad_change_destination_fields() -> None:
     bad_len[25] = 5  # address length byte
     with pytest.raises(WireError):
         ChangeDestination.from_wire(bytes(bad_len))
+
+
+# Inputs the fuzzer (bench/fuzz.py) found: each must be refused with WireError.
+SRC, DST = ipaddress.IPv4Address("192.0.2.1"), ipaddress.IPv4Address("233.252.0.7")
+
+
+@pytest.mark.parametrize(
+    "area",
+    [bytes([254, 41]) + bytes(39), b"\x01", b"\x01\x00", b"\x01\x00\x00"],
+    ids=["too long", "not padded 1", "not padded 2", "not padded 3"],
+)
+def test_fuzz_found_option_areas_are_refused(area: bytes) -> None:
+    with pytest.raises(WireError):
+        decode_options(area)
+
+
+@pytest.mark.parametrize(
+    "hexdump",
+    [
+        "00000000000003e00000000050000000ffff0000",  # checksum 0xFFFF where 0x0000 is written
+        "00010002000000030000000470100064e25900000100000000000000",  # padding past a boundary
+    ],
+)
+def test_fuzz_found_segments_that_do_not_reencode_are_refused(hexdump: str) -> None:
+    with pytest.raises(WireError):
+        TcpSegment.from_wire(bytes.fromhex(hexdump), SRC, DST)

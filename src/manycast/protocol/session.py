@@ -949,6 +949,7 @@ def _decode_state(data: bytes, rng: random.Random, config: SessionConfig | None)
         raise WireError(f"session state: {state.name} needs the peer's sequence number")
     if (state is State.SYN_SENT) != (conn._snd_una == iss and conn._irs is None):
         raise WireError(f"session state: sequence numbers do not fit state {state.name}")
+    _check_close_state(state, flags, fin_acked, conn)
     if flags & _FLAG_RTT:
         conn._srtt, conn._rttvar = _get_time(r, "srtt"), _get_time(r, "rttvar")
     rto = _get_time(r, "rto")
@@ -956,6 +957,27 @@ def _decode_state(data: bytes, rng: random.Random, config: SessionConfig | None)
     conn._retries = r.u8("retries")
     r.expect_end()
     return conn
+
+
+# The states where our FIN is sent, acknowledged, and where the peer's FIN was taken in.
+_FIN_SENT = {State.FIN_WAIT_1, State.FIN_WAIT_2, State.CLOSING, State.LAST_ACK, State.TIME_WAIT}
+_FIN_ACKED = {State.FIN_WAIT_2, State.TIME_WAIT}
+_PEER_FIN = {State.CLOSE_WAIT, State.CLOSING, State.LAST_ACK, State.TIME_WAIT}
+
+
+def _check_close_state(state: State, flags: int, fin_acked: bool, conn: Connection) -> None:
+    """The state must agree with the FINs: an imported connection that says FIN_WAIT_2
+    with its FIN unacknowledged would fail on the next segment."""
+    if bool(flags & _FLAG_FIN) != (state in _FIN_SENT):
+        raise WireError(f"session state: {state.name} does not fit the FIN-sent flag")
+    if state in _FIN_SENT and fin_acked != (state in _FIN_ACKED):
+        raise WireError(f"session state: {state.name} does not fit the FIN's acknowledgement")
+    # A peer FIN may be known ahead of a gap in any state; it is taken in exactly in
+    # the states that follow it.
+    peer_fin = conn._peer_fin
+    taken_in = peer_fin is not None and conn._rcv_nxt == peer_fin + 1
+    if taken_in != (state in _PEER_FIN):
+        raise WireError(f"session state: {state.name} does not fit the peer's FIN")
 
 
 # --- endpoint ----------------------------------------------------------------------------

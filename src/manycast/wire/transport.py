@@ -230,6 +230,8 @@ def encode_options(options: tuple[TcpOption, ...]) -> bytes:
 
 def decode_options(area: bytes) -> tuple[TcpOption, ...]:
     """Parse an option area; it must end with the minimal EOL padding `encode_options` writes."""
+    if len(area) % 4 or len(area) > MAX_OPTIONS_LEN:
+        raise WireError(f"TCP options: an area of {len(area)} bytes (a multiple of 4, at most 40)")
     reader = Reader(area, "TCP options")
     options: list[TcpOption] = []
     while not reader.at_end():
@@ -239,7 +241,7 @@ def decode_options(area: bytes) -> tuple[TcpOption, ...]:
             padding = area[start:]
             if any(padding):
                 raise WireError(f"TCP options: non-zero byte after EOL at offset {start}")
-            if start % 4 == 0:
+            if len(padding) >= 4:
                 raise WireError(f"TCP options: {len(padding)} bytes of padding past a boundary")
             break
         if kind == KIND_NOP:
@@ -352,7 +354,7 @@ class TcpSegment:
         offset_byte = r.u8("data offset")
         flags = TcpFlags(r.u8("flags"))
         window = r.u16("window")
-        r.u16("checksum")
+        checksum = r.u16("checksum")
         urgent = r.u16("urgent pointer")
         if offset_byte & 0x0F:
             raise WireError(f"TCP segment: reserved bits set ({offset_byte & 0x0F:#x})")
@@ -361,8 +363,12 @@ class TcpSegment:
             raise WireError(f"TCP segment: data offset {header_len // 4} is below 5")
         options = decode_options(r.bytes(header_len - HEADER_LEN, "options"))
         payload = r.rest()
-        if internet_checksum(pseudo_header(src, dst, len(data)) + bytes(data)) != 0:
-            raise WireError("TCP segment: bad checksum")
+        # Compare with what the encoder writes, not "sums to zero": 0x0000 and 0xFFFF
+        # both sum to zero, and only one of them re-encodes identically.
+        zeroed = bytes(data[:16]) + b"\0\0" + bytes(data[18:])
+        expected = internet_checksum(pseudo_header(src, dst, len(data)) + zeroed)
+        if checksum != expected:
+            raise WireError(f"TCP segment: bad checksum {checksum:#06x}, expected {expected:#06x}")
         return cls(src_port, dst_port, seq, ack, flags, window, urgent, options, payload)
 
     def __str__(self) -> str:
