@@ -143,7 +143,8 @@ def lab_factory(tmp_path: Path) -> Iterator[object]:
     labs: list[Lab] = []
 
     def make(technique: str = "R1") -> tuple[Lab, object]:
-        lab = Lab(prefix=f"mct{len(labs)}", run_root=tmp_path)
+        # Unique per test process, so that two runs on one machine never meet.
+        lab = Lab(prefix=f"mt{os.getpid()}n{len(labs)}", run_root=tmp_path)
         labs.append(lab)
         lab.down()
         topology = lab.up(TOPOLOGY.replace("{technique}", technique), "test-lab.toml")
