@@ -430,21 +430,9 @@ def test_clients_of_a_dead_server_are_served_again(technique: str, victim: str) 
     assert outcome(run)["state_lost"] == 0
 
 
-LIVELOCK = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Client._check_deadline livelocks the memory driver: when a request goes "
-        "unanswered, it re-arms 'deadline' at oldest + request_timeout, which can round "
-        "so that now - oldest < request_timeout at that instant (e.g. oldest "
-        "3.0713586017652497 + 2.0 = 5.071358601765249); the timer then fires at the "
-        "same time forever and the virtual clock never advances"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "technique",
-    [pytest.param("R2", marks=LIVELOCK), "R3", pytest.param("R4", marks=LIVELOCK)],
+    ["R2", "R3", "R4"],
 )
 def test_moved_sessions_whose_holder_dies_are_served_again(technique: str) -> None:
     """After a reallocation the moved sessions live on one server (R2, R4: the old

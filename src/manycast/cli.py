@@ -36,7 +36,8 @@ app.add_typer(private_app, name="private")
 dns_app = typer.Typer(help="The DNS records of pools.", no_args_is_help=True)
 app.add_typer(dns_app, name="dns")
 
-err = Console(stderr=True)
+# soft_wrap: messages are not cut at 80 columns when stderr is a file or a pipe.
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 
@@ -335,9 +336,14 @@ def private_create(
             f"[red]error:[/red] {address} is in the public range; a private pool needs 232-239"
         )
         raise typer.Exit(2)
+    # Keys first: a record in DNS under a key no participant holds would be useless.
+    try:
+        for name in names:
+            auth.save_private(key, out / f"{name}.key")
+    except OSError as exc:
+        err.print(f"[red]error:[/red] cannot write the key files in {out}: {exc.strerror}")
+        raise typer.Exit(2) from None
     _publish(record, server, zone, tsig)
-    for name in names:
-        auth.save_private(key, out / f"{name}.key")
     print(
         f"private pool {record.alias} -> {record.group}: record published, "
         f"keys for {', '.join(names)} in {out}/"

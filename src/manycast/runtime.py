@@ -130,8 +130,11 @@ class PoolRun:
             record = await lookup_group_async(ipaddress.IPv4Address(group), self.dns_address)
             raw, ttl = record.public_key, float(record.ttl)
         except NamingError as exc:
+            # A record that is there but does not validate is "bad"; no answer at all
+            # (NXDOMAIN, nothing there, a server that never answers) is "no key".
             text = str(exc)
-            reason = "no key" if "not found" in text or text.startswith("no ") else "bad key record"
+            bad = text.startswith(("bad ", "record mismatch", "conflict"))
+            reason = "bad key record" if bad else "no key"
         self._net.call_at(
             self._net.now, lambda: router.provide_key(group, raw, ttl, self._net.now, reason)
         )

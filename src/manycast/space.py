@@ -291,50 +291,82 @@ def _cover(space: AddressSpace, selected: npt.NDArray[np.bool_]) -> PortionSet:
     (contiguous runs) and blocks that fix the low index bits (interleaved stripes)."""
     if selected.shape != (space.buckets,):
         raise SpaceError(f"bucket selection must have {space.buckets} entries")
-    high_include, high_exclude = _trie_cover(selected)
-    low_include, low_exclude = _trie_cover(selected[bit_reversal(space.bits)])
-    if len(low_include) + len(low_exclude) < len(high_include) + len(high_exclude):
+    high = _TrieCosts(selected)
+    low = _TrieCosts(selected[bit_reversal(space.bits)])
+    if low.total < high.total:
+        low_include, low_exclude = low.plan()
         return PortionSet(
             tuple(space.stripe(s, n) for s, n in low_include),
             tuple(space.stripe(s, n) for s, n in low_exclude),
         )
+    high_include, high_exclude = high.plan()
     return PortionSet(
         tuple(space.block(s, n) for s, n in high_include),
         tuple(space.block(s, n) for s, n in high_exclude),
     )
 
 
-def _trie_cover(selected: npt.NDArray[np.bool_]) -> _Plan:
+class _TrieCosts:
     """Fewest include/exclude aligned runs selecting exactly `selected`.
 
     A dynamic programme over the binary trie of the index: flat include/exclude
     lists allow one flip from out to in (an include) and one from in to out (an
     exclude) on any root-to-leaf path, so each node has two costs, from outside
-    any include and from inside one. Uniform subtrees cost 0 or 1 and are settled
-    from a prefix sum, so only nodes on the set's boundaries are visited.
+    any include and from inside one. The costs are computed a level at a time
+    with numpy, bottom up (`total`); `plan()` reads the runs top down through the
+    nodes the optimum actually splits.
     """
-    sums = np.concatenate(([0], np.cumsum(selected, dtype=np.int64)))
 
-    def solve(start: int, size: int) -> tuple[int, _Plan, int, _Plan]:
-        n = int(sums[start + size] - sums[start])
-        whole = ((start, size),)
-        if n == 0:
-            return 0, _EMPTY, 1, ((), whole)
-        if n == size:
-            return 1, (whole, ()), 0, _EMPTY
-        half = size // 2
-        lo_out, lo_out_plan, lo_in, lo_in_plan = solve(start, half)
-        hi_out, hi_out_plan, hi_in, hi_in_plan = solve(start + half, half)
-        cost_in = lo_in + hi_in
-        plan_in = (lo_in_plan[0] + hi_in_plan[0], lo_in_plan[1] + hi_in_plan[1])
-        split_out = lo_out + hi_out
-        if 1 + cost_in < split_out:
-            return 1 + cost_in, (whole + plan_in[0], plan_in[1]), cost_in, plan_in
-        plan_out = (lo_out_plan[0] + hi_out_plan[0], lo_out_plan[1] + hi_out_plan[1])
-        return split_out, plan_out, cost_in, plan_in
+    def __init__(self, selected: npt.NDArray[np.bool_]) -> None:
+        count = selected.astype(np.int64)
+        out_cost = count.copy()  # a selected leaf takes one include; an empty one nothing
+        in_cost = 1 - count  # inside an include, an empty leaf takes one exclude
+        self.counts, self.outs, self.ins = [count], [out_cost], [in_cost]
+        size = 1
+        while len(count) > 1:
+            size *= 2
+            count = count[0::2] + count[1::2]
+            inside = self.ins[-1][0::2] + self.ins[-1][1::2]
+            split = self.outs[-1][0::2] + self.outs[-1][1::2]
+            empty, full = count == 0, count == size
+            self.counts.append(count)
+            self.ins.append(np.where(empty, 1, np.where(full, 0, inside)))
+            self.outs.append(np.where(empty, 0, np.where(full, 1, np.minimum(1 + inside, split))))
+        self.total = int(self.outs[-1][0])
 
-    _, plan, _, _ = solve(0, len(selected))
-    return plan
+    def plan(self) -> _Plan:
+        include: list[tuple[int, int]] = []
+        exclude: list[tuple[int, int]] = []
+        counts, outs, ins = self.counts, self.outs, self.ins
+
+        def emit(level: int, index: int, inside: bool) -> None:
+            width = 1 << level
+            n = int(counts[level][index])
+            if inside:
+                if n == width:
+                    return
+                if n == 0:
+                    exclude.append((index * width, width))
+                    return
+            else:
+                if n == 0:
+                    return
+                if n == width:
+                    include.append((index * width, width))
+                    return
+                split = int(outs[level - 1][2 * index] + outs[level - 1][2 * index + 1])
+                if 1 + int(ins[level][index]) < split:
+                    include.append((index * width, width))
+                    inside = True
+            emit(level - 1, 2 * index, inside)
+            emit(level - 1, 2 * index + 1, inside)
+
+        emit(len(counts) - 1, 0, False)
+        return tuple(include), tuple(exclude)
+
+
+def _trie_cover(selected: npt.NDArray[np.bool_]) -> _Plan:
+    return _TrieCosts(selected).plan()
 
 
 def _reverse_bits(number: int, bits: int) -> int:

@@ -562,6 +562,10 @@ class _Compiler:
         router_ifaces: dict[str, set[str]] = {r: set() for r in routers}
 
         def take(network: ipaddress.IPv4Network, line: int) -> ipaddress.IPv4Network:
+            if network.num_addresses < 4:
+                self.fail(f"subnet {network} is too small: a link needs at least a /30", line)
+            if network.is_multicast:
+                self.fail(f"subnet {network} is multicast: hosts need unicast addresses", line)
             for other in used:
                 if network.overlaps(other):
                     self.fail(f"subnet {network} overlaps {other}", line)
@@ -590,7 +594,7 @@ class _Compiler:
             network = take(subnet, line) if subnet else take(next_free("router"), line)
             hosts_iter = network.hosts()
             name = f"{a}-{b}"
-            if name in links:
+            if name in links or f"{b}-{a}" in links:
                 self.fail(f"routers {a} and {b} are linked twice", line)
             att_a = attach(a, name, next(hosts_iter), network)
             att_b = attach(b, name, next(hosts_iter), network)

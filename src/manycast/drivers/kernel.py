@@ -383,7 +383,7 @@ class RouterDaemon:
         members = self.router.members.get(group, {})
         owners = frozenset(o for o, m in members.items() if m.filter.matches(source))
         iface = self.iface_of_vif[parent]
-        if self.router.admission is not None and not self.router._sender_allowed(
+        if self.router.admission is not None and not self.router.sender_allowed(
             iface, source, group
         ):
             return frozenset(), owners

@@ -175,7 +175,8 @@ class Client(Node):
         if self.app is None or not self.app.outstanding:
             return
         oldest = min(sent for sent, _ in self.app.outstanding.values())
-        if now - oldest >= self.request_timeout:
+        # The same expression the timer was armed with: no rounding can make it fire early forever.
+        if now >= oldest + self.request_timeout:
             self._fail_outstanding(now, "no answer")
             if self.conn_key is not None:
                 conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]

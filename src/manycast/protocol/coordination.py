@@ -40,6 +40,7 @@ from manycast.wire.control import ServerState
 from manycast.wire.errors import WireError
 
 NO_DIGEST = "0" * 16
+COMMAND_PATIENCE = 10.0  # seconds an operator's command is resent before it is dropped
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,12 @@ class Coordinator:
         self._outbox: list[control.ControlMessage] = []
         self._new: Allocation | None = initial
         self._pending: _Pending | None = None  # ours, as coordinator
-        self._offered: dict[
-            int, tuple[str, Allocation]
-        ] = {}  # others' proposals: epoch -> digest, result
+        # others' proposals we acked: epoch -> (digest, result, when)
+        self._offered: dict[int, tuple[str, Allocation, float]] = {}
+        # operators' commands we passed to the coordinator: id -> (op, next resend, give up)
+        self._commands: dict[int, tuple[control.PolicyOp, float, float]] = {}
         self._queue: list[control.PolicyOp] = []
+        self._taken: dict[int, float] = {}  # command ids already queued (resends repeat them)
         self._parts: dict[tuple[int, str], dict[int, control.Snapshot]] = {}
         self._next_heartbeat = 0.0
         self._stalled_until = 0.0
@@ -214,6 +217,15 @@ class Coordinator:
         limit = self._limit(now)
         return sorted([self.name] + [p.name for p in self.peers.values() if p.last_seen >= limit])
 
+    def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address]:
+        """Unicast addresses of the peers we have stopped hearing from."""
+        limit = self._limit(now)
+        return {
+            p.address
+            for p in self.peers.values()
+            if p.last_seen < limit and isinstance(p.address, ipaddress.IPv4Address)
+        }
+
     def coordinator(self, now: float) -> str | None:
         limit = self._limit(now)
         active = [
@@ -243,12 +255,30 @@ class Coordinator:
             self._requests_seen = (now, requests_total)
 
     def command(self, op: control.PolicyOp, now: float) -> None:
-        """An operator's change: proposed here if we coordinate, else sent to the pool."""
+        """An operator's change: proposed here if we coordinate, else sent to the pool and
+        sent again each heartbeat until a proposal carries it (a datagram may be lost,
+        the coordinator may die)."""
         if self.is_coordinator(now):
             self._queue.append(op)
             self._duties(now)
         else:
-            self._send(control.Command(self.name, self._next_seq(), self.rng.getrandbits(63), op))
+            self._commands[self.rng.getrandbits(63)] = (op, now, now + COMMAND_PATIENCE)
+            self._resend_commands(now)
+
+    def _resend_commands(self, now: float) -> None:
+        for command_id, (op, due, give_up) in list(self._commands.items()):
+            if self.is_coordinator(now):
+                del self._commands[command_id]
+                self._queue.append(op)
+            elif now >= give_up:
+                # No proposal ever carried it: it changes nothing, or the pool is split.
+                del self._commands[command_id]
+                self.stats.rejected_ops += 1
+            elif now >= due:
+                self._commands[command_id] = (op, now + self.settings.heartbeat, give_up)
+                self._send(control.Command(self.name, self._next_seq(), command_id, op))
+        for command_id in [c for c, at in self._taken.items() if now - at > COMMAND_PATIENCE]:
+            del self._taken[command_id]
 
     def take_messages(self) -> list[control.ControlMessage]:
         out, self._outbox = self._outbox, []
@@ -270,6 +300,7 @@ class Coordinator:
             if now - self._next_heartbeat > self.settings.heartbeat:
                 self._stalled_until = now + self.settings.dead_after
             self._heartbeat(now)
+            self._resend_commands(now)
             self._next_heartbeat = now + self.settings.heartbeat
             self._duties(now)
         if self._pending is not None and now >= self._pending.deadline:
@@ -346,8 +377,13 @@ class Coordinator:
         )
         if best <= self.view:
             return False
-        if self._offered.get(best[0], ("",))[0] == best[1]:
-            return False  # a commit for it is on its way
+        offered = self._offered.get(best[0])
+        if (
+            offered is not None
+            and offered[0] == best[1]
+            and now - offered[2] < 3 * self.settings.heartbeat
+        ):
+            return False  # a commit for it is on its way (unless it got lost)
         if now - self._snapshot_asked >= self.settings.heartbeat * 2:
             self._snapshot_asked = now
             self._send(control.SnapshotRequest(self.name, self._next_seq(), best[0]))
@@ -410,7 +446,8 @@ class Coordinator:
         if isinstance(message, control.Heartbeat):
             self._on_heartbeat(message, now)
         elif isinstance(message, control.Command):
-            if self.is_coordinator(now):
+            if self.is_coordinator(now) and message.command_id not in self._taken:
+                self._taken[message.command_id] = now
                 self._queue.append(message.op)
                 self._duties(now)
         elif isinstance(message, control.Proposal):
@@ -461,7 +498,10 @@ class Coordinator:
             return
         if result.digest() != proposal.digest:
             return  # we would compute something else: do not ack; a snapshot will settle it
-        self._offered[proposal.epoch] = (proposal.digest, result)
+        self._offered[proposal.epoch] = (proposal.digest, result, now)
+        for command_id, (op, _, _) in list(self._commands.items()):
+            if op == proposal.op:
+                del self._commands[command_id]  # the pool has taken our command up
         if self.on_offer is not None:
             self.on_offer(result)
         self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))

@@ -119,6 +119,7 @@ class Handover:
         self._query_ids: dict[int, ConnKey] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self._pins: set[ConnKey] = set()
+        self._redirected: set[tuple[int, int, ipaddress.IPv4Address]] = set()
 
     # -- the allocation changes --------------------------------------------------------
     def before_change(
@@ -239,11 +240,17 @@ class Handover:
             return  # not ours either
         self.stats.forwarded_in += 1
         self.host.deliver_tcp(ip, now)
-        if isinstance(message.receiver, ipaddress.IPv4Address) and message.receiver != self.address:
+        receiver = message.receiver
+        if not isinstance(receiver, ipaddress.IPv4Address) or receiver == self.address:
+            return
+        told = (int(ip.header.src), src_port, receiver)
+        if told not in self._redirected:
+            # Once per connection and new owner: after that it forwards point to point.
+            self._redirected.add(told)
             redirect = control.Redirect(
                 self.name, 0, ip.header.src, src_port, dst_port, self.address, 0
             )
-            self.send_control(redirect, message.receiver)
+            self.send_control(redirect, receiver)
 
     def _on_state_query(self, query: control.StateQuery) -> None:
         wanted = query.key
@@ -294,8 +301,18 @@ class Handover:
             conn.close(now)
             self.stats.closed_after_transaction += 1
 
+    def forget_servers(self, addresses: set[ipaddress.IPv4Address]) -> None:
+        """Servers that died: connections we forwarded to them are gone; their next
+        packet is forwarded afresh and, unclaimed, reset (R2)."""
+        for flow, entry in list(self._forwards.items()):
+            if entry.target in addresses:
+                del self._forwards[flow]
+
     def on_closed(self, key: ConnKey, gateway_unpin: Callable[[control.Unpin], None]) -> None:
         self.moved.discard(key)
+        self._redirected = {
+            t for t in self._redirected if (t[0], t[1]) != (int(key[1][0]), key[1][1])
+        }
         if key in self._pins:
             self._pins.discard(key)
             gateway_unpin(control.Unpin(self.name, 0, (control.PinKey(key[1][0], key[1][1]),)))

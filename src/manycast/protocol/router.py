@@ -190,7 +190,7 @@ class Router(Node):
 
     # -- forwarding ----------------------------------------------------------------
     def _forward_multicast(self, iface: str, src: int, group: int, packet: bytes, ttl: int) -> None:
-        if self.admission is not None and not self._sender_allowed(iface, src, group):
+        if self.admission is not None and not self.sender_allowed(iface, src, group):
             self.stats.rejected["unauthorized sender"] += 1
             return
         if src in self.pins and self._forward_pinned(iface, src, packet, ttl):
@@ -333,7 +333,7 @@ class Router(Node):
             else:
                 self._pending.append((iface, ip, report, groups))
 
-    def _sender_allowed(self, iface: str, src: int, group: int) -> bool:
+    def sender_allowed(self, iface: str, src: int, group: int) -> bool:
         """Private groups: only participants (an admitted join on this link) may send."""
         if (
             self.admission is None

@@ -127,6 +127,7 @@ class Server(Node):
         if self.timers.expired(now):
             self._send_report(now, refresh=True)
         self.coordinator.on_timer(now)
+        self.handover.forget_servers(self.coordinator.dead_addresses(now))
         self.handover.on_timer(now)
         self.endpoint.handle_timer(now)
         self._act(now)
