@@ -1,0 +1,285 @@
+"""Helpers for tests of the live pool on the memory driver.
+
+`pool_toml` writes a small topology (the seed's Fig 9 shape: clients behind an
+edge router, a core, and servers behind two other edge routers, each on its own
+subnet); `start` runs it under a `Trace` that records what each server and
+client receives; the `assert_*` helpers check what a user would see.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from manycast.drivers.memory import MemoryNetwork
+from manycast.protocol.client import Client
+from manycast.protocol.server import Server
+from manycast.runtime import PoolRun
+from manycast.space import Allocation, PortionSet
+from manycast.topology import loads
+from manycast.wire import control
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
+
+GROUP = ipaddress.IPv4Address("232.1.1.1")
+SERVER_SUBNETS = ("192.168.10.0/30", "172.16.5.0/30", "10.77.3.0/30", "100.64.9.0/30")
+
+ScenarioStep = tuple[float, str, Mapping[str, Any]]
+DropRule = Callable[[str, str, control.ControlMessage, float], bool]
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def table(kind: str, **keys: Any) -> str:
+    """One [[kind]] table as TOML text."""
+    body = "".join(f"{k} = {_value(v)}\n" for k, v in keys.items())
+    return f"[[{kind}]]\n{body}"
+
+
+def pool_toml(
+    *,
+    servers: int = 4,
+    standby: int = 0,
+    clients: int = 24,
+    subnet: str = "10.1.0.0/24",
+    rate: float = 2.0,
+    loss: Mapping[str, float] | None = None,
+    scenario: Sequence[ScenarioStep] = (),
+    duration: float = 6.0,
+    pool: Mapping[str, Any] | None = None,
+) -> str:
+    """clients a1.. -- ra -- core -- rs1 (odd servers) / rs2 (even servers).
+
+    Servers are s1.. (the last `standby` of them on standby), each on its own
+    unrelated subnet, so nothing about the pool relies on one LAN. `loss` maps a
+    link name ("ra-core", "core-rs1", "core-rs2") to its loss probability.
+    """
+    settings: dict[str, Any] = {"group": str(GROUP), "heartbeat_ms": 100, "heartbeat_misses": 3}
+    settings.update(pool or {})
+    parts = ["[pool]\n" + "".join(f"{k} = {_value(v)}\n" for k, v in settings.items())]
+    parts += [table("router", name=n) for n in ("ra", "core", "rs1", "rs2")]
+    lossy = loss or {}
+    for a, b, delay in (("ra", "core", 2), ("core", "rs1", 1), ("core", "rs2", 3)):
+        link_loss = lossy.get(f"{a}-{b}", 0.0)
+        parts.append(table("link", between=[a, b], delay_ms=delay, loss=link_loss))
+    total = servers + standby
+    for index in range(1, total + 1):
+        keys: dict[str, Any] = {"name": f"s{index}", "router": "rs1" if index % 2 else "rs2"}
+        if index <= len(SERVER_SUBNETS):
+            keys["subnet"] = SERVER_SUBNETS[index - 1]
+        if index > servers:
+            keys["standby"] = True
+        parts.append(table("server", **keys))
+    parts.append(table("clients", name="a", count=clients, router="ra", subnet=subnet, rate=rate))
+    for at, action, args in scenario:
+        parts.append(table("scenario", at=at, action=action, **args))
+    parts.append(f"[run]\nduration = {duration}\n")
+    return "\n".join(parts)
+
+
+# -- a traced run --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A client's TCP packet to the group, as it reached a server."""
+
+    at: float
+    server: str
+    source: ipaddress.IPv4Address
+    owned: bool  # inside the server's portions when it arrived
+
+
+@dataclass
+class Trace:
+    """Records what servers and clients receive, and loses chosen control messages
+    on their way into a server (one lost datagram, or a split pool)."""
+
+    run: PoolRun
+    deliveries: list[Delivery] = field(default_factory=list)
+    client_sources: dict[str, set[ipaddress.IPv4Address]] = field(
+        default_factory=lambda: defaultdict(set)
+    )
+    control_dropped: list[tuple[float, str, control.ControlMessage]] = field(
+        default_factory=list
+    )
+    _drops: list[DropRule] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        nodes = self.run.nodes
+        self.address_of = {
+            name: server.address for name, server in {**nodes.servers, **nodes.standby}.items()
+        }
+        self.name_of = {address: name for name, address in self.address_of.items()}
+        for server in [*nodes.servers.values(), *nodes.standby.values()]:
+            server.receive = self._server_hook(server)  # type: ignore[method-assign]
+        for client in nodes.clients.values():
+            client.receive = self._client_hook(client)  # type: ignore[method-assign]
+
+    def drop(self, rule: DropRule) -> None:
+        """Lose every control message to a server for which
+        `rule(receiver, sender, message, now)` is true."""
+        self._drops.append(rule)
+
+    def cut(self, side_a: Iterable[str], side_b: Iterable[str], start: float, end: float) -> None:
+        """Lose every control message between the two sides in [start, end): a split pool
+        (the routers still reach both sides)."""
+        a, b = frozenset(side_a), frozenset(side_b)
+
+        def across(receiver: str, sender: str, message: object, now: float) -> bool:
+            pair = {receiver, sender}
+            return start <= now < end and bool(pair & a) and bool(pair & b)
+
+        self.drop(across)
+
+    def _dropped(self, receiver: str, ip: IPv4Packet, now: float) -> bool:
+        sender = self.name_of.get(ip.header.src)
+        if not self._drops or sender is None:
+            return False
+        try:
+            datagram = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
+            message = control.decode(datagram.payload)
+        except WireError:
+            return False
+        if any(rule(receiver, sender, message, now) for rule in self._drops):
+            self.control_dropped.append((now, receiver, message))
+            return True
+        return False
+
+    def _server_hook(self, server: Server) -> Any:
+        original = server.receive
+        group = server.settings.group
+
+        def receive(iface: str, packet: bytes, now: float) -> None:
+            try:
+                ip = IPv4Packet.from_wire(packet)
+            except WireError:
+                original(iface, packet, now)
+                return
+            header = ip.header
+            if header.protocol == IPPROTO_TCP and header.dst == group:
+                owned = server.portions is not None and server.portions.contains(header.src)
+                self.deliveries.append(Delivery(now, server.name, header.src, owned))
+            elif header.protocol == IPPROTO_UDP and self._dropped(server.name, ip, now):
+                return
+            original(iface, packet, now)
+
+        return receive
+
+    def _client_hook(self, client: Client) -> Any:
+        original = client.receive
+
+        def receive(iface: str, packet: bytes, now: float) -> None:
+            try:
+                ip = IPv4Packet.from_wire(packet)
+            except WireError:
+                ip = None
+            if ip is not None and ip.header.protocol == IPPROTO_TCP:
+                self.client_sources[client.name].add(ip.header.src)
+            original(iface, packet, now)
+
+        return receive
+
+    # -- views -----------------------------------------------------------------------------
+    def servers_of(self, client: str, start: float = 0.0, end: float = float("inf")) -> set[str]:
+        """The servers that received this client's packets in [start, end)."""
+        address = self.run.nodes.clients[client].address
+        return {
+            d.server for d in self.deliveries if d.source == address and start <= d.at < end
+        }
+
+    def foreign(self, start: float = 0.0, end: float = float("inf")) -> list[Delivery]:
+        """Deliveries outside the receiving server's portions in [start, end)."""
+        return [d for d in self.deliveries if not d.owned and start <= d.at < end]
+
+
+def start(text: str, seed: int = 1) -> tuple[PoolRun, Trace]:
+    run = PoolRun(loads(text), "memory", seed)
+    return run, Trace(run)
+
+
+def run_to(run: PoolRun, until: float) -> None:
+    """Advance the virtual clock to `until` (the memory driver: no sleeping)."""
+    network = run.network
+    assert isinstance(network, MemoryNetwork)
+    network.run_until(until)
+
+
+# -- what a user checks ----------------------------------------------------------------
+
+
+def live(run: PoolRun) -> dict[str, Server]:
+    """The running servers (killed ones stay in `run.nodes.servers`)."""
+    return {n: s for n, s in run.nodes.servers.items() if n not in run.scenario.dead}
+
+
+def allocation(run: PoolRun) -> Allocation:
+    """The one allocation every live server holds (asserted)."""
+    servers = live(run)
+    views = {name: s.coordinator.view for name, s in servers.items()}
+    assert len(set(views.values())) == 1, f"servers disagree: {views}"
+    current = next(iter(servers.values())).coordinator.allocation
+    assert current is not None
+    return current
+
+
+def assert_one_allocation(run: PoolRun) -> Allocation:
+    """Every live server holds the same epoch and digest; the portions they joined
+    for are disjoint and cover the space (no source owned twice or by nobody); the
+    allocation names exactly the live servers; and every router sends each client
+    address to exactly one live server, its owner."""
+    current = allocation(run)
+    servers = live(run)
+    assert current.servers == tuple(sorted(servers)), (current.servers, sorted(servers))
+    joined = {name: s.portions or PortionSet() for name, s in servers.items()}
+    union = Allocation.from_portions(current.space, joined)  # raises on overlap or gap
+    assert union == current
+    group = int(run.topology.pool.group)
+    by_address = {int(s.address): name for name, s in servers.items()}
+    for router in run.nodes.routers.values():
+        members = router.members.get(group, {})
+        for client in run.nodes.clients.values():
+            src = int(client.address)
+            toward = {
+                by_address[o]
+                for o, m in members.items()
+                if o in by_address and m.filter.matches(src)
+            }
+            assert toward == {current.owner(client.address)}, (router.name, client.name, toward)
+    return current
+
+
+def back_at(client: Client, since: float) -> float | None:
+    """When the client was answered again after its last disruption since `since`
+    (a change takes effect at its commit, a little after the operator asked)."""
+    hits = [t for t in client.stats.disruptions if t >= since]
+    return client.stats.first_ok_after(max(hits, default=since))
+
+
+def served_since(run: PoolRun, since: float) -> list[str]:
+    """Clients with an answered request after `since`."""
+    return [
+        c.name for c in run.nodes.clients.values() if c.stats.first_ok_after(since) is not None
+    ]
+
+
+def assert_all_served_since(run: PoolRun, since: float) -> None:
+    clients = run.nodes.clients
+    missing = sorted(set(clients) - set(served_since(run, since)))
+    assert not missing, f"not served after {since}: {missing}"
+
+
+def owners(alloc: Allocation, run: PoolRun) -> dict[str, str | None]:
+    """client -> owning server under `alloc`."""
+    return {name: alloc.owner(c.address) for name, c in run.nodes.clients.items()}

@@ -1,0 +1,351 @@
+"""Topology files: the shipped demo loads, mistakes are reported with their line,
+and the compiled addresses and routes are the documented ones."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from importlib.resources import files
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from manycast.topology import Topology, TopologyError, builtin, load, loads
+
+BASE = """\
+[pool]
+group = "232.1.1.1"
+policy = "equal"
+
+[[router]]
+name = "ra"
+[[router]]
+name = "core"
+[[router]]
+name = "rs"
+
+[[link]]
+between = ["ra", "core"]
+delay_ms = 2
+[[link]]
+between = ["core", "rs"]
+delay_ms = 1
+
+[[server]]
+name = "s1"
+router = "rs"
+[[server]]
+name = "s2"
+router = "rs"
+subnet = "192.168.7.0/30"
+
+[[clients]]
+name = "a"
+count = 5
+router = "ra"
+subnet = "10.1.0.0/24"
+
+[[scenario]]
+at = 1.0
+action = "kill"
+server = "s1"
+"""
+
+MARK = "# <-"
+
+
+def edit(old: str, new: str, text: str = BASE) -> str:
+    assert text.count(old) == 1, old
+    return text.replace(old, new)
+
+
+def marked_line(text: str) -> int:
+    [line] = [n for n, body in enumerate(text.splitlines(), 1) if MARK in body]
+    return line
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(TopologyError) as caught:
+        loads(text, "pool.toml")
+    return str(caught.value)
+
+
+# -- the shipped demo ---------------------------------------------------------------------
+
+
+def test_demo_loads_as_documented() -> None:
+    topo = builtin("demo")
+    path = files("manycast").joinpath("topologies", "demo.toml")
+    assert load(str(path)).interfaces == topo.interfaces
+    assert sorted(topo.routers) == ["core", "ra", "rb", "rs1", "rs2"]
+    assert {n: s.standby for n, s in topo.servers.items()} == {
+        "s1": False,
+        "s2": False,
+        "s3": False,
+        "s4": False,
+        "s5": True,
+    }
+    assert len(topo.clients) == 240
+    assert topo.pool.group == IPv4Address("232.1.1.1")
+    assert topo.pool.technique == "R1"
+    assert [(s.at, s.action) for s in topo.scenario] == [
+        (5.0, "set_share"),
+        (10.0, "kill"),
+        (15.0, "add"),
+    ]
+    assert topo.scenario[0].args == {"server": "s1", "share": Fraction(1, 5)}
+    assert topo.duration == 20.0
+
+
+def test_unknown_builtin_is_an_error() -> None:
+    with pytest.raises(TopologyError, match="no built-in topology named 'nope'"):
+        builtin("nope")
+
+
+def test_missing_file_is_an_error_naming_it(tmp_path) -> None:
+    with pytest.raises(TopologyError, match=r"absent\.toml: cannot read"):
+        load(tmp_path / "absent.toml")
+
+
+# -- errors name the line --------------------------------------------------------------
+
+
+LINE_ERRORS = {
+    "unknown key": (
+        edit('name = "s1"\nrouter = "rs"\n', f'name = "s1"\nrouter = "rs"\nwieght = 2  {MARK}\n'),
+        "unknown key 'wieght' in [server]",
+    ),
+    "unknown pool key": (
+        edit('policy = "equal"', f'policy = "equal"\ngroup_address = "x"  {MARK}'),
+        "unknown key 'group_address' in [pool]",
+    ),
+    "unknown section": (
+        BASE + f"[[routers]]  {MARK}\nname = 'x'\n",
+        "unknown section 'routers'",
+    ),
+    "bad address": (
+        edit('group = "232.1.1.1"', f'group = "232.1.1.300"  {MARK}'),
+        "'group' = '232.1.1.300' is not an IPv4 address",
+    ),
+    "group not multicast": (
+        edit('group = "232.1.1.1"', f'group = "10.0.0.1"  {MARK}'),
+        "group 10.0.0.1 is not a multicast address",
+    ),
+    "link to a server": (
+        edit('between = ["core", "rs"]', f'between = ["core", "s1"]  {MARK}'),
+        "link: 's1' is not a router",
+    ),
+    "link to nothing": (
+        edit('between = ["core", "rs"]', f'between = ["core", "rz"]  {MARK}'),
+        "link: 'rz' is not a router",
+    ),
+    "link to itself": (
+        edit('between = ["core", "rs"]', f'between = ["core", "core"]  {MARK}'),
+        "a link needs two different routers",
+    ),
+    "link of three": (
+        edit('between = ["core", "rs"]', f'between = ["core", "rs", "ra"]  {MARK}'),
+        "'between' must name two routers",
+    ),
+    "server on unknown router": (
+        edit('name = "s1"\nrouter = "rs"', f'name = "s1"\nrouter = "rx"  {MARK}'),
+        "server s1: no router named 'rx'",
+    ),
+    "unknown server in scenario": (
+        edit('server = "s1"', f'server = "s9"  {MARK}'),
+        "no server named 's9'",
+    ),
+    "unknown action": (
+        edit('action = "kill"', f'action = "reboot"  {MARK}'),
+        "action 'reboot': expected one of",
+    ),
+    "adding a running server": (
+        edit('action = "kill"\nserver = "s1"', f'action = "add"\nserver = "s1"  {MARK}'),
+        "server s1 is not on standby",
+    ),
+    "subnet too small": (
+        edit('subnet = "10.1.0.0/24"', f'subnet = "10.1.0.0/30"  {MARK}'),
+        "subnet 10.1.0.0/30 is too small for a router and 5 clients",
+    ),
+    "overlapping subnets": (
+        BASE
+        + "[[clients]]\nname = 'b'\nrouter = 'ra'\n"
+        + f"subnet = '10.1.0.128/25'  {MARK}\n",
+        "subnet 10.1.0.128/25 overlaps 10.1.0.0/24",
+    ),
+    "strict subnet": (
+        edit('subnet = "10.1.0.0/24"', f'subnet = "10.1.0.7/24"  {MARK}'),
+        "'subnet' = '10.1.0.7/24': 10.1.0.7/24 has host bits set",
+    ),
+    "name used twice": (
+        edit('name = "s2"', f'name = "core"  {MARK}'),
+        "name 'core' is already used by a router",
+    ),
+    "bad name": (
+        edit('name = "ra"', f'name = "Edge Router"  {MARK}'),
+        "'name' = 'Edge Router': use lower-case letters",
+    ),
+    "out of range": (
+        edit("delay_ms = 1", f"delay_ms = 1\nloss = 1.5  {MARK}"),
+        "'loss' = 1.5 is outside [0.0, 0.99]",
+    ),
+    "wrong type": (
+        edit("count = 5", f'count = "five"  {MARK}'),
+        "'count' must be a number, not str",
+    ),
+    "boolean for a number": (
+        edit("count = 5", f"count = true  {MARK}"),
+        "'count' must be a number, not a boolean",
+    ),
+    "ipv6 space": (
+        edit('policy = "equal"', f'policy = "equal"\nspace = "2001:db8::/32"  {MARK}'),
+        "the live pool serves IPv4 clients",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "message"), LINE_ERRORS.values(), ids=LINE_ERRORS.keys())
+def test_error_names_the_line(text: str, message: str) -> None:
+    error = error_of(text)
+    assert error.startswith(f"pool.toml:{marked_line(text)}: "), error
+    assert message in error
+
+
+def test_toml_syntax_error_names_the_line() -> None:
+    text = edit('name = "core"', f'name = "core  {MARK}')
+    error = error_of(text)
+    assert error.startswith("pool.toml: ")
+    assert f"line {marked_line(text)}" in error
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BASE + "[[router]]\nname = 'island'\n", "cannot reach island: add [[link]]s"),
+        (
+            BASE.replace('router = "rs"\n', 'router = "rs"\nstandby = true\n'),
+            "at least one [[server]] that is not on standby",
+        ),
+        ("[pool]\n", "a topology needs at least one [[router]]"),
+    ],
+    ids=["unreachable router", "no active server", "no router"],
+)
+def test_whole_topology_errors(text: str, message: str) -> None:
+    assert message in error_of(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        edit('subnet = "192.168.7.0/30"', f'subnet = "192.168.7.1/32"  {MARK}'),
+        edit('subnet = "192.168.7.0/30"', f'subnet = "192.168.7.0/31"  {MARK}'),
+        # A link's subnet errors name its [[link]] table.
+        edit('[[link]]\nbetween = ["core", "rs"]', f'[[link]]  {MARK}\nbetween = ["core", "rs"]')
+        .replace("delay_ms = 1", 'delay_ms = 1\nsubnet = "10.255.9.9/32"'),
+    ],
+    ids=["server /32", "server /31", "link /32"],
+)
+def test_subnet_without_room_for_two_hosts_is_too_small(text: str) -> None:
+    error = error_of(text)
+    assert error.startswith(f"pool.toml:{marked_line(text)}: ")
+    assert "is too small" in error
+
+
+def test_link_listed_twice_in_either_order_is_refused() -> None:
+    text = BASE + f'[[link]]  {MARK}\nbetween = ["rs", "core"]\n'
+    error = error_of(text)
+    assert error.startswith(f"pool.toml:{marked_line(text)}: ")
+    assert "routers rs and core are linked twice" in error
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        edit('subnet = "10.1.0.0/24"', f'subnet = "224.1.0.0/24"  {MARK}'),
+        edit('subnet = "192.168.7.0/30"', f'subnet = "239.0.0.0/30"  {MARK}'),
+    ],
+    ids=["clients", "server"],
+)
+def test_multicast_subnet_is_refused(text: str) -> None:
+    error = error_of(text)
+    assert error.startswith(f"pool.toml:{marked_line(text)}: ")
+    assert "is multicast" in error
+
+
+# -- addresses and routes, as documented ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def topo() -> Topology:
+    return loads(BASE)
+
+
+def addresses(topo: Topology, node: str) -> dict[str, tuple[str, str]]:
+    return {
+        name: (str(i.address), str(i.network)) for name, i in topo.interfaces[node].items()
+    }
+
+
+def test_router_links_get_slash30s_from_10_255(topo: Topology) -> None:
+    assert addresses(topo, "ra")["eth0"] == ("10.255.0.1", "10.255.0.0/30")
+    assert addresses(topo, "core")["eth0"] == ("10.255.0.2", "10.255.0.0/30")
+    assert addresses(topo, "core")["eth1"] == ("10.255.0.5", "10.255.0.4/30")
+    assert addresses(topo, "rs")["eth0"] == ("10.255.0.6", "10.255.0.4/30")
+    assert topo.router_ifaces == {"ra": {"eth0"}, "core": {"eth0", "eth1"}, "rs": {"eth0"}}
+
+
+def test_servers_get_their_own_subnet(topo: Topology) -> None:
+    # s1: a /30 from 10.254.0.0/16, router first; s2: the subnet it names.
+    assert addresses(topo, "s1") == {"eth0": ("10.254.0.2", "10.254.0.0/30")}
+    assert addresses(topo, "s2") == {"eth0": ("192.168.7.2", "192.168.7.0/30")}
+    assert topo.gateways["s1"] == ("eth0", IPv4Address("10.254.0.1"))
+    assert topo.gateways["s2"] == ("eth0", IPv4Address("192.168.7.1"))
+    assert topo.address("s2") == IPv4Address("192.168.7.2")
+
+
+def test_client_lan_router_takes_the_first_address(topo: Topology) -> None:
+    lan = topo.links["ra-a"]
+    assert addresses(topo, "ra")["eth1"] == ("10.1.0.1", "10.1.0.0/24")
+    assert [str(topo.address(f"a{i}")) for i in range(1, 6)] == [
+        f"10.1.0.{i}" for i in range(2, 7)
+    ]
+    assert {m.node for m in lan.members} == {"ra", "a1", "a2", "a3", "a4", "a5"}
+    assert all(topo.gateways[f"a{i}"][1] == IPv4Address("10.1.0.1") for i in range(1, 6))
+    assert lan.delay == pytest.approx(0.001)  # delay_ms defaults to 1
+
+
+def test_routes_reach_every_network_by_the_first_hop(topo: Topology) -> None:
+    table = {str(r.network): (r.iface, r.next_hop) for r in topo.routes["ra"]}
+    core = IPv4Address("10.255.0.2")
+    assert table == {
+        "10.255.0.0/30": ("eth0", None),
+        "10.1.0.0/24": ("eth1", None),
+        "10.255.0.4/30": ("eth0", core),
+        "10.254.0.0/30": ("eth0", core),
+        "192.168.7.0/30": ("eth0", core),
+    }
+    prefixes = [r.network.prefixlen for r in topo.routes["ra"]]
+    assert prefixes == sorted(prefixes, reverse=True)  # longest prefix first
+    back = {str(r.network): (r.iface, r.next_hop) for r in topo.routes["rs"]}
+    assert back["10.1.0.0/24"] == ("eth0", IPv4Address("10.255.0.5"))
+
+
+@pytest.mark.parametrize(("direct_ms", "via"), [(10, "core"), (1, "rs")])
+def test_routes_are_shortest_by_delay(direct_ms: int, via: str) -> None:
+    text = BASE + f'[[link]]\nbetween = ["ra", "rs"]\ndelay_ms = {direct_ms}\n'
+    topo = loads(text)
+    [route] = [r for r in topo.routes["ra"] if r.network == IPv4Network("192.168.7.0/30")]
+    peer = {
+        link.name: next(m for m in link.members if m.node != "ra")
+        for link in topo.links.values()
+        if any(m.node == "ra" for m in link.members)
+    }
+    hop = next(p for p in peer.values() if p.address == int(route.next_hop))
+    assert hop.node == via
+
+
+def test_overlay_endpoints_count_up_in_name_order(topo: Topology) -> None:
+    ports = topo.endpoints(base_port=50000)
+    pairs = sorted(ports)
+    assert [ports[p][1] for p in pairs] == list(range(50000, 50000 + len(pairs)))
+    assert all(host == "127.0.0.1" for host, _ in ports.values())
+    assert len(pairs) == sum(len(i) for i in topo.interfaces.values())
