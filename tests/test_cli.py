@@ -206,12 +206,6 @@ def test_topology_check_on_broken_files(tmp_path: Path, text: str, where: str) -
     no_traceback(result)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py prints errors as rich markup (err.print(f'... {exc}')), so bracketed "
-    "text in a message such as '[pool]' or '[[router]]' is taken for a style tag and "
-    "vanishes",
-)
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -230,11 +224,6 @@ def test_error_messages_keep_their_brackets(tmp_path: Path, text: str, message: 
     assert message in flat(result.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="typer renders help as rich markup, so the `[run] hosts` of run's docstring "
-    "shows as '` hosts`'",
-)
 def test_help_keeps_the_names_of_topology_tables() -> None:
     result = cli("run", "--help")
     assert result.returncode == 0

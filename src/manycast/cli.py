@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -26,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 topology_app = typer.Typer(help="Check and inspect topology files.", no_args_is_help=True)
 app.add_typer(topology_app, name="topology")
@@ -38,6 +40,14 @@ app.add_typer(dns_app, name="dns")
 
 # soft_wrap: messages are not cut at 80 columns when stderr is a file or a pipe.
 err = Console(stderr=True, soft_wrap=True)
+
+
+def fail(message: object, code: int = 2) -> typer.Exit:
+    """Print an error (its text taken literally: '[pool]' is not markup) and exit."""
+    err.print(f"[red]error:[/red] {escape(str(message))}")
+    return typer.Exit(code)
+
+
 T = TypeVar("T")
 
 
@@ -45,8 +55,7 @@ def _load(path: Path | None) -> Topology:
     try:
         return builtin("demo") if path is None else load(path)
     except TopologyError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
 
 
 def _table(snap: Snapshot, title: str) -> Group:
@@ -107,8 +116,7 @@ def _run(run: PoolRun, duration: float, as_json: bool, title: str, realtime: boo
     try:
         asyncio.run(main())
     except OSError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
     summary = run.summary()
     if as_json:
         print(json.dumps(summary))
@@ -162,13 +170,11 @@ def demo(
     Exit status 0 only if every client was served at the end.
     """
     if driver not in ("overlay", "memory"):
-        err.print(f"[red]error:[/red] --driver must be overlay or memory, not {driver!r}")
-        raise typer.Exit(2)
+        raise fail(f"--driver must be overlay or memory, not {driver!r}", 2)
     topo = _load(topology)
     length = topo.duration if duration is None else duration
     if length <= 0:
-        err.print("[red]error:[/red] --duration must be positive")
-        raise typer.Exit(2)
+        raise fail("--duration must be positive")
     run = PoolRun(topo, driver, seed=seed, base_port=base_port)  # type: ignore[arg-type]
     if not as_json:
         err.print(
@@ -213,12 +219,10 @@ def run(
             local |= {c.name for c in topo.clients.values() if c.group == group}
         unknown = sorted(local - set(topo.interfaces))
         if unknown:
-            err.print(f"[red]error:[/red] no such node in {topology}: {', '.join(unknown)}")
-            raise typer.Exit(2)
+            raise fail(f"no such node in {topology}: {', '.join(unknown)}", 2)
     length = topo.duration if duration is None else duration
     if length <= 0:
-        err.print("[red]error:[/red] --duration must be positive")
-        raise typer.Exit(2)
+        raise fail("--duration must be positive")
     pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
     _run(pool, length, as_json, f"manycast run {topology.name}", realtime=False)
 
@@ -230,14 +234,12 @@ def keys_new(
 ) -> None:
     """Create an Ed25519 key pair for a private pool; print its public key."""
     if path.exists() and not force:
-        err.print(f"[red]error:[/red] {path} exists (use --force to replace it)")
-        raise typer.Exit(2)
+        raise fail(f"{path} exists (use --force to replace it)", 2)
     key = auth.generate()
     try:
         auth.save_private(key, path)
     except OSError as exc:
-        err.print(f"[red]error:[/red] cannot write {path}: {exc.strerror}")
-        raise typer.Exit(2) from None
+        raise fail(f"cannot write {path}: {exc.strerror}", 2) from None
     print(f"public key: {auth.encode_public(auth.public_bytes(key))}")
     err.print(f"private key written to {path} (mode 0600): give it only to the pool's participants")
 
@@ -248,36 +250,31 @@ def keys_show(path: Annotated[Path, typer.Argument(help="A private key file.")])
     try:
         key = auth.load_private(path)
     except auth.AuthError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
     print(f"public key: {auth.encode_public(auth.public_bytes(key))}")
 
 
 def _server(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        err.print(f"[red]error:[/red] --server {text!r}: expected HOST:PORT")
-        raise typer.Exit(2)
+        raise fail(f"--server {text!r}: expected HOST:PORT", 2)
     return host, int(port)
 
 
 def _tsig(text: str | None) -> naming.TsigKey:
     if text is None:
-        err.print("[red]error:[/red] --tsig is needed to publish (algorithm:name:base64secret)")
-        raise typer.Exit(2)
+        raise fail("--tsig is needed to publish (algorithm:name:base64secret)")
     try:
         return naming.TsigKey.from_text(text)
     except naming.NamingError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
 
 
 def _publish(record: naming.PoolRecord, server: str, zone: str, tsig: str | None) -> None:
     try:
         naming.publish(record, _server(server), zone, _tsig(tsig))
     except naming.NamingError as exc:
-        err.print(f"[red]error:[/red] publishing {record.alias}: {exc}")
-        raise typer.Exit(1) from None
+        raise fail(f"publishing {record.alias}: {exc}", 1) from None
 
 
 @keys_app.command("publish")
@@ -295,8 +292,7 @@ def keys_publish(
         private = auth.load_private(key)
         record = naming.PoolRecord.create(alias, group, owner, auth.public_bytes(private))
     except (auth.AuthError, naming.NamingError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
     _publish(record, server, zone, tsig)
     print(
         f"published {record.alias} -> {record.group} ({'private' if record.private else 'public'})"
@@ -317,32 +313,30 @@ def private_create(
     server: Annotated[str, typer.Option(help="The DNS server, HOST:PORT.")] = "127.0.0.1:53",
     owner: Annotated[str, typer.Option(help="Who runs the pool.")] = "admin@localhost",
     tsig: Annotated[str | None, typer.Option(help="TSIG key algorithm:name:base64secret.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing key files in --out.")] = False,
 ) -> None:
     """Set up a private pool (Fig 8): a key pair, a private group address, the record in
     DNS, and the private key written for each authorized participant."""
     names = [p.strip() for p in participants.split(",") if p.strip()]
     if not names:
-        err.print("[red]error:[/red] --participants names no one")
-        raise typer.Exit(2)
+        raise fail("--participants names no one")
     key = auth.generate()
     address = group or _private_group(alias)
     try:
         record = naming.PoolRecord.create(alias, address, owner, auth.public_bytes(key))
     except naming.NamingError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
     if not record.private:
-        err.print(
-            f"[red]error:[/red] {address} is in the public range; a private pool needs 232-239"
-        )
-        raise typer.Exit(2)
+        raise fail(f"{address} is in the public range; a private pool needs 232-239")
+    existing = [out / f"{n}.key" for n in names if (out / f"{n}.key").exists()]
+    if existing and not force:
+        raise fail(f"{existing[0]} exists (use --force to replace the keys)")
     # Keys first: a record in DNS under a key no participant holds would be useless.
     try:
         for name in names:
             auth.save_private(key, out / f"{name}.key")
     except OSError as exc:
-        err.print(f"[red]error:[/red] cannot write the key files in {out}: {exc.strerror}")
-        raise typer.Exit(2) from None
+        raise fail(f"cannot write the key files in {out}: {exc.strerror}", 2) from None
     _publish(record, server, zone, tsig)
     print(
         f"private pool {record.alias} -> {record.group}: record published, "
@@ -377,8 +371,7 @@ def dns_serve(
     try:
         dnsserver.run(zone, [], host, port, key, ready=ready)
     except (OSError, dnsserver.DnsServerError, naming.NamingError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
 
 
 @topology_app.command("check")
@@ -426,8 +419,7 @@ def _lab_call(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except (LabError, TopologyError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise fail(f"{exc}", 2) from None
 
 
 @lab_app.command("up")

@@ -202,12 +202,7 @@ class PoolRun:
         all_servers = {**self.nodes.servers, **self.nodes.standby}
         for name in sorted(all_servers):
             server = all_servers[name]
-            if name in self.scenario.dead:
-                status = "dead"
-            elif name in self.nodes.standby:
-                status = "standby"
-            else:
-                status = "up"
+            status = self._status(name)
             allocation = server.coordinator.allocation
             share = (
                 float(allocation.share(name))
@@ -240,6 +235,14 @@ class PoolRun:
             sum(c.stats.resets for c in clients),
             tuple((e.at, e.what) for e in self.scenario.events),
         )
+
+    def _status(self, server: str) -> str:
+        """up, dead, standby, or outsider (a server without the private pool's key)."""
+        if not self.topology.servers[server].authorized:
+            return "outsider"
+        if server in self.scenario.dead:
+            return "dead"
+        return "standby" if server in self.nodes.standby else "up"
 
     def _participants(self) -> list[Client]:
         """The clients that hold the pool's key (all of them, in a public pool)."""
@@ -289,16 +292,11 @@ class PoolRun:
         all_servers = {**self.nodes.servers, **self.nodes.standby}
         for name, server in sorted(all_servers.items()):
             allocation = server.coordinator.allocation
+            status = self._status(name)
             servers[name] = {
-                "status": "dead"
-                if name in self.scenario.dead
-                else "standby"
-                if name in self.nodes.standby
-                else "up",
+                "status": status,
                 "share": float(allocation.share(name))
-                if allocation is not None
-                and name in allocation.servers
-                and name not in self.scenario.dead
+                if allocation is not None and name in allocation.servers and status == "up"
                 else 0.0,
                 "requests": server.app.requests,
                 "sessions_reset": server.handover.stats.reset_moved,

@@ -308,7 +308,8 @@ class _Compiler:
         self.source, self.lines, self.data = source, lines, data
 
     def fail(self, message: str, line: int = 0) -> Any:
-        raise TopologyError(f"{self.source}:{line}: {message}")
+        where = f"{self.source}:{line}" if line else self.source
+        raise TopologyError(f"{where}: {message}")
 
     def tables(self, kind: str) -> Iterator[_Reader]:
         items = self.data.get(kind, [])
@@ -372,7 +373,10 @@ class _Compiler:
             router = c.get("router", str)
             if router not in routers:
                 c.fail(f"clients {group}: no router named {router!r}", "router")
-            count = int(c.number("count", 1, low=1, high=65000))
+            count_value = c.number("count", 1, low=1, high=65000)
+            if count_value != int(count_value):
+                c.fail(f"'count' = {count_value} must be a whole number", "count")
+            count = int(count_value)
             subnet = c.network("subnet")
             assert subnet is not None
             stride = int(c.number("stride", 1, low=1, high=65536))

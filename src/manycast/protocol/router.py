@@ -51,6 +51,7 @@ _ALL_V3_ROUTERS = int(IGMP_V3_ROUTERS)
 _MFC_LIMIT = 1 << 16
 
 _FULL = 0xFFFFFFFF
+MAX_PENDING_JOINS = 1024  # joins held while their group's key is looked up
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +283,9 @@ class Router(Node):
         else:
             verdict = self.admission.check(report, right_link, now)
             if verdict.waiting_for:
+                if len(self._pending) >= MAX_PENDING_JOINS:
+                    self.stats.rejected["too many joins waiting for keys"] += 1
+                    return
                 self._pending.append((iface, ip, report, verdict.waiting_for))
                 for group in self.admission.take_requests():
                     if self.on_key_request is not None:
