@@ -1,0 +1,226 @@
+"""Helpers for benches that run a live pool on the overlay: topologies as text, free
+port ranges, pool-hosting child processes and a shared time base.
+
+Every process of one pool waits until the same CLOCK_MONOTONIC instant before it
+starts, so "bench time" (seconds since that instant) means the same in all of them;
+each child still measures its own offset, and the figures use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from multiprocessing.connection import Connection
+from typing import Any
+
+from manycast.runtime import PoolRun
+from manycast.topology import Topology, loads
+
+LOCALHOST = "127.0.0.1"
+# Below Linux's ephemeral range (32768+) and apart from the 41000+ ranges the tests
+# probe, so concurrent test runs and benches rarely race for the same ports.
+PORT_SEARCH = range(21000, 32000, 1201)
+
+
+def free_base_port(count: int, search: Iterable[int] = PORT_SEARCH) -> int:
+    """A base port with `count` free UDP ports above it on 127.0.0.1 (checked by binding)."""
+    for base in search:
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(s)
+                s.bind((LOCALHOST, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no range of {count} free UDP ports on {LOCALHOST}")
+
+
+def attachments(topology: Topology) -> int:
+    """UDP endpoints the overlay binds for the whole pool (one per node interface)."""
+    return sum(len(ifaces) for ifaces in topology.interfaces.values())
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def table(kind: str, array: bool = True, **keys: Any) -> str:
+    body = "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+    return f"[[{kind}]]\n{body}" if array else f"[{kind}]\n{body}"
+
+
+def two_router_pool(
+    *,
+    technique: str,
+    clients_per_lan: int,
+    rate: float,
+    duration: float,
+    steps: Sequence[tuple[float, str, dict[str, Any]]] = (),
+    heartbeat_ms: int = 100,
+    heartbeat_misses: int = 3,
+    report_interval_ms: int = 1000,
+) -> str:
+    """Two edge routers, each with two servers and one client LAN:
+
+        a1..aN -- ra -- s1, s2
+                  |  (1 ms)
+        b1..bN -- rb -- s3, s4
+
+    Client LANs have no emulated delay: on loopback the hosts' own processing is
+    the delay, and emulating one more per datagram costs the CPU the pool needs.
+    """
+    parts = [
+        table(
+            "pool",
+            array=False,
+            group="232.1.1.1",
+            technique=technique,
+            heartbeat_ms=heartbeat_ms,
+            heartbeat_misses=heartbeat_misses,
+            report_interval_ms=report_interval_ms,
+        ),
+        table("router", name="ra"),
+        table("router", name="rb"),
+        table("link", between=["ra", "rb"], delay_ms=1),
+    ]
+    for name, router in (("s1", "ra"), ("s2", "ra"), ("s3", "rb"), ("s4", "rb")):
+        parts.append(table("server", name=name, router=router))
+    for group, router, subnet in (("a", "ra", "10.1.0.0/16"), ("b", "rb", "10.2.0.0/16")):
+        parts.append(
+            table(
+                "clients",
+                name=group,
+                count=clients_per_lan,
+                router=router,
+                subnet=subnet,
+                rate=rate,
+                delay_ms=0,
+            )
+        )
+    for at, action, args in steps:
+        parts.append(table("scenario", at=round(at, 3), action=action, **args))
+    parts.append(table("run", array=False, duration=duration))
+    return "\n".join(parts)
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile (the runtime's definition), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(pct / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float | None:
+    finite = sorted(v for v in values if v is not None)
+    if not finite:
+        return None
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+
+
+class Transitions:
+    """A boolean per item sampled over time, kept as change points: state at time t."""
+
+    def __init__(self, count: int) -> None:
+        self.times: list[list[float]] = [[] for _ in range(count)]
+        self.states: list[list[bool]] = [[] for _ in range(count)]
+
+    def record(self, index: int, at: float, state: bool) -> None:
+        states = self.states[index]
+        if not states or states[-1] != state:
+            self.times[index].append(at)
+            states.append(state)
+
+    def at(self, index: int, t: float) -> bool:
+        i = bisect.bisect_right(self.times[index], t)
+        return self.states[index][i - 1] if i else False
+
+    def shifted(self, by: float) -> Transitions:
+        out = Transitions(len(self.times))
+        out.times = [[t + by for t in times] for times in self.times]
+        out.states = [list(s) for s in self.states]
+        return out
+
+
+def every(loop: asyncio.AbstractEventLoop, period: float, probe: Callable[[], None]) -> None:
+    """Call `probe` every `period` seconds on the loop itself, not through the
+    overlay's call_at, which would also flush every local node after each call."""
+
+    def tick() -> None:
+        probe()
+        loop.call_later(period, tick)
+
+    loop.call_soon(tick)
+
+
+def host_pool(
+    conn: Connection,
+    text: str,
+    local: set[str],
+    base_port: int,
+    seed: int,
+    duration: float,
+    label: str,
+    setup: Callable[[PoolRun, asyncio.AbstractEventLoop, float], None],
+    collect: Callable[[PoolRun, float], Any],
+    progress_every: float = 5.0,
+    progress_line: Callable[[PoolRun], str] | None = None,
+) -> None:
+    """Child process body: build the nodes in `local`, report "built", wait for
+    ("go", start) with `start` a CLOCK_MONOTONIC instant, start then, run for
+    `duration`, and send ("done", collect(run, offset)) with the process's CPU seconds
+    added as "cpu_s". `offset` is this process's pool time minus bench time (a few ms
+    at most). Errors go back as ("error", text)."""
+    try:
+        run = PoolRun(loads(text), "overlay", seed=seed, base_port=base_port, local=local)
+        conn.send(("built", None))
+        message, start = conn.recv()
+        if message != "go":
+            return
+        offset: list[float] = []
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(max(0.0, start - time.monotonic()))
+
+            def started() -> None:
+                offset.append(start - (time.monotonic() - run.now))
+                setup(run, loop, offset[0])
+
+            run.network.call_at(0.0, started)
+            last = [0.0]
+
+            def tick(snap: Any) -> None:
+                if progress_line is not None and snap.now - last[0] >= progress_every:
+                    last[0] = snap.now
+                    print(f"  {label} t={snap.now:5.1f}s {progress_line(run)}", file=sys.stderr)
+
+            await run.run(duration, tick, tick=0.5)
+
+        asyncio.run(main())
+        result = collect(run, offset[0] if offset else 0.0)
+        result["cpu_s"] = round(time.process_time(), 2)
+        conn.send(("done", result))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()

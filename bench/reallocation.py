@@ -1,0 +1,768 @@
+"""Live reallocation under load, per technique (seed Fig 12-16), and failover.
+
+Part 1-2, for each technique R1..R4: a pool on the overlay (127.0.0.1), two edge
+routers with two servers each, and 1000 clients with one session each. Clients run
+in one process, routers and servers in another, so the pool's work is spread over
+both cores. After a quiet window that checks the pool is healthy (every client
+served, no failures, no allocation change) and measures the control traffic of an
+idle pool (heartbeats), the operator moves random shares: a random server is set
+to a random share in [10%, 40%] every 0.6-0.9 s, the same seeded sequence for every
+technique. Measured:
+
+- `broken`: sessions broken, as the clients count them (a reset, a failed request,
+  state lost): one per (client, moment), since one break shows as a reset and a
+  failed request at the same instant.
+- `r1_expected`: for each committed epoch, the clients whose owner changed between
+  the allocations before and after it and that had a session open at that moment
+  (established or in its handshake: its server holds it either way), summed over
+  R1's reallocations: what Fig 12 says R1 must break.
+- `moved_latency_p99_over_unmoved`: request latency p99 of moved sessions (those
+  answered after the first reallocation that moved their client) over the p99 of
+  the others, both in the reallocation window.
+- `control_messages_per_reallocation`: control messages sent by the servers during
+  the reallocations, counted by type, less the heartbeats and less what an idle pool
+  sends besides them (its rate in the quiet window; zero when healthy), over the
+  number of committed reallocations.
+
+Part 3, failover: the pool with 40 clients, its server s3 alone in a `manycast run
+--nodes s3` process, everything else here. Once the pool is stable, the s3 process
+gets SIGKILL; then every 5 ms both edge routers are asked, for one probe source per
+run of buckets s3 held (and each of its clients' addresses), which members their
+membership matches. `failover_s`: until every probe matches only live servers (none
+toward s3) at both routers. Also reported: until every probe at least matches a
+live server (`failover_covered_s`), and until every client s3 served got an answer
+to a request sent after the kill (`failover_clients_s`). Ten runs, medians.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from _common import emit, progress
+from _pool import (
+    Transitions,
+    attachments,
+    every,
+    free_base_port,
+    host_pool,
+    median,
+    percentile,
+    two_router_pool,
+)
+from manycast.runtime import PoolRun
+from manycast.topology import loads
+
+SEED = 20240611
+TECHNIQUES = ("R1", "R2", "R3", "R4")
+SERVERS = ("s1", "s2", "s3", "s4")
+# Two processes, one per core: the clients, and the routers with the servers.
+INFRA = frozenset({"ra", "rb", *SERVERS})
+
+CLIENTS_PER_LAN = 500
+RATE = 0.5  # requests/s per client: 500 requests/s over the pool
+QUIET = (4.0, 8.0)  # bench time: health check and idle control-traffic baseline
+FIRST_STEP = 8.2
+REALLOCATIONS = 52  # a few more than 50, in case one is refused or a no-op
+GAP = (0.6, 0.9)
+SHARE = (0.10, 0.40)
+TAIL = 2.5  # after the last step, still inside the measured window
+CLIENT_GRACE = 0.5  # clients stop this long after the window, servers later still
+INFRA_GRACE = 1.5
+SAMPLE_S = 0.02  # how often session state and allocations are sampled
+
+FAILOVER_RUNS = 10
+FAILOVER_CLIENTS_PER_LAN = 20
+FAILOVER_RATE = 4.0  # frequent requests, so a client's own pacing adds little
+FAILOVER_PROBE_S = 0.005
+FAILOVER_LIMIT_S = 8.0  # after the kill: a figure not reached by then is null
+STABLE_S = 1.0
+VICTIM = "s3"
+HEARTBEAT_MS, HEARTBEAT_MISSES, REPORT_INTERVAL_MS = 100, 3, 1000  # the pool's defaults
+# keepalived VRRP with advert_int 1 s: master down after 3 * 1 s + skew
+# ((256 - priority) / 256 s, 0.61 s at priority 100), RFC 5798 section 6.1.
+VRRP_FAILOVER_S = 3.6
+
+Setup = Callable[[PoolRun, asyncio.AbstractEventLoop, float], None]
+Collect = Callable[[PoolRun, float], Any]
+
+
+# -- part 1-2: one technique --------------------------------------------------------------
+
+
+def schedule(seed: int) -> list[tuple[float, str, dict[str, Any]]]:
+    rng = random.Random(seed)
+    steps, at = [], FIRST_STEP
+    for _ in range(REALLOCATIONS):
+        server = rng.choice(SERVERS)
+        share = round(rng.uniform(*SHARE), 4)
+        steps.append((at, "set_share", {"server": server, "share": share}))
+        at += rng.uniform(*GAP)
+    return steps
+
+
+def infra_setup(state: dict[str, Any], window: tuple[float, float]) -> Setup:
+    """Sample allocations as they change, and the servers' control counters at the
+    edges of the quiet window and of the measured window."""
+
+    def setup(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
+        servers = run.nodes.servers
+        seen = {name: 0 for name in servers}
+        epochs: dict[int, list[str]] = state["epochs"]  # epoch -> each client's owner
+        clients = state["client_addresses"]
+
+        def sample() -> None:
+            for name, server in servers.items():
+                coordinator = server.coordinator
+                changes = coordinator.changes
+                for at, epoch, why in changes[seen[name] :]:
+                    state["changes"].append((at - offset, name, epoch, why))
+                seen[name] = len(changes)
+                allocation = coordinator.allocation
+                if allocation is not None and coordinator.epoch not in epochs:
+                    owners = allocation.owner_many(clients)
+                    epochs[coordinator.epoch] = [allocation.servers[i] for i in owners]
+
+        every(loop, SAMPLE_S, sample)
+
+        sent: dict[str, int] = defaultdict(int)  # control messages by type, all servers
+        for server in servers.values():
+            count_control(server, sent)
+
+        def counters(label: str) -> None:
+            state["counters"][label] = {
+                "t": run.now - offset,
+                "sent": dict(sent),
+                "sessions": sum(s.sessions for s in servers.values()),
+            }
+
+        for label, at in (("quiet_start", QUIET[0]), ("quiet_end", QUIET[1])):
+            run.network.call_at(at + offset, lambda label=label: counters(label))
+        run.network.call_at(window[0] + offset, lambda: counters("window_start"))
+        run.network.call_at(window[1] + offset, lambda: counters("window_end"))
+
+    return setup
+
+
+def count_control(server: Any, sent: dict[str, int]) -> None:
+    """Count what the server sends on the control channel, by message type: its agent
+    sends the coordinator's messages and hands the same sender to its technique."""
+    send = server._send_control
+    if server.handover.send_control != send:
+        raise RuntimeError("the technique no longer sends through the server's sender")
+
+    def counted(message: Any, to: Any) -> None:
+        sent[type(message).__name__] += 1
+        send(message, to)
+
+    server._send_control = counted
+    server.handover.send_control = counted
+
+
+def infra_collect(state: dict[str, Any]) -> Collect:
+    def collect(run: PoolRun, offset: float) -> dict[str, Any]:
+        handover: dict[str, int] = defaultdict(int)
+        for server in run.nodes.servers.values():
+            for key, value in vars(server.handover.stats).items():
+                handover[key] += value
+        kept = {k: v for k, v in state.items() if k != "client_addresses"}
+        return {**kept, "offset": offset, "handover": dict(handover)}
+
+    return collect
+
+
+def client_setup(state: dict[str, Any]) -> Setup:
+    """Track which clients have a session (sampled every SAMPLE_S): established, and
+    open at all (established or still in its handshake; a server holds it either way,
+    and R1 resets it either way)."""
+
+    def setup(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
+        clients = [run.nodes.clients[name] for name in state["names"]]
+        established = state["connected"] = Transitions(len(clients))
+        opened = state["open"] = Transitions(len(clients))
+
+        def sample() -> None:
+            now = run.now
+            for index, client in enumerate(clients):
+                established.record(index, now, client.connected)
+                opened.record(index, now, client.conn_key is not None)
+
+        every(loop, SAMPLE_S, sample)
+
+    return setup
+
+
+def client_collect(state: dict[str, Any]) -> Collect:
+    def collect(run: PoolRun, offset: float) -> dict[str, Any]:
+        out = []
+        for name in state["names"]:
+            stats = run.nodes.clients[name].stats
+            out.append(
+                {
+                    "ok_times": [t - offset for t in stats.ok_times],
+                    "latencies": list(stats.latencies),
+                    "disruptions": [t - offset for t in stats.disruptions],
+                    "failures": [(t - offset, why) for t, why in stats.failures],
+                    "resets": stats.resets,
+                    "timeouts": stats.timeouts,
+                    "reconnects": stats.reconnects,
+                    "state_lost": stats.state_lost,
+                }
+            )
+        return {
+            "offset": offset,
+            "clients": out,
+            "connected": state["connected"].shifted(-offset),
+            "open": state["open"].shifted(-offset),
+        }
+
+    return collect
+
+
+def client_line(run: PoolRun) -> str:
+    clients = run.nodes.clients.values()
+    now = run.now
+    served = sum(1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= now - 3.0)
+    ok = sum(c.stats.requests_ok for c in clients)
+    failed = sum(c.stats.requests_failed for c in clients)
+    open_ = sum(1 for c in clients if c.connected)
+    return f"clients: served in 3 s {served}/{len(clients)} open {open_} ok {ok} failed {failed}"
+
+
+def infra_line(run: PoolRun) -> str:
+    servers = run.nodes.servers.values()
+    parts = []
+    for s in servers:
+        allocation = s.coordinator.allocation
+        held = allocation is not None and s.name in allocation.servers
+        share = float(allocation.share(s.name)) if held else 0.0  # type: ignore[union-attr]
+        parts.append(f"{s.name}={share:.0%}/{s.sessions}")
+    epoch = max(s.coordinator.epoch for s in servers)
+    return f"servers: epoch {epoch} share/sessions " + " ".join(parts)
+
+
+def _child(
+    local: frozenset[str],
+    with_clients: bool,
+    conn: Connection,
+    text: str,
+    base: int,
+    window: tuple[float, float],
+) -> None:
+    """Host `local`, and all the clients too when `with_clients`."""
+    topo = loads(text)
+    technique = topo.pool.technique
+    names = sorted(topo.clients)
+    if not with_clients:
+        state: dict[str, Any] = {
+            "epochs": {},
+            "changes": [],
+            "counters": {},
+            "client_addresses": np.array([int(topo.address(n)) for n in names], dtype=np.uint32),
+        }
+        host_pool(
+            conn,
+            text,
+            set(local),
+            base,
+            SEED,
+            window[1] + INFRA_GRACE,
+            f"{technique} {'+'.join(sorted(local))}",
+            infra_setup(state, window),
+            infra_collect(state),
+            progress_line=infra_line if local & set(SERVERS) else None,
+        )
+    else:
+        state = {"names": names}
+        host_pool(
+            conn,
+            text,
+            set(names) | local,
+            base,
+            SEED,
+            window[1] + CLIENT_GRACE,
+            f"{technique} clients{'+' if local else ''}{'+'.join(sorted(local))}",
+            client_setup(state),
+            client_collect(state),
+            progress_line=client_line,
+        )
+
+
+def _expect(
+    conn: Connection, process: multiprocessing.process.BaseProcess, what: str, wait: float
+) -> Any:
+    if not conn.poll(wait):
+        raise RuntimeError(f"{process.name}: no {what!r} within {wait:.0f} s")
+    message, payload = conn.recv()
+    if message == "error":
+        raise RuntimeError(f"{process.name} failed:\n{payload}")
+    if message != what:
+        raise RuntimeError(f"{process.name}: expected {what!r}, got {message!r}")
+    return payload
+
+
+def run_technique(technique: str, steps: list[tuple[float, str, dict[str, Any]]]) -> dict[str, Any]:
+    window = (steps[0][0], steps[-1][0] + TAIL)
+    text = two_router_pool(
+        technique=technique,
+        clients_per_lan=CLIENTS_PER_LAN,
+        rate=RATE,
+        duration=window[1] + INFRA_GRACE,
+        steps=steps,
+        heartbeat_ms=HEARTBEAT_MS,
+        heartbeat_misses=HEARTBEAT_MISSES,
+        report_interval_ms=REPORT_INTERVAL_MS,
+    )
+    topo = loads(text)
+    base = free_base_port(attachments(topo))
+    ctx = multiprocessing.get_context("spawn")
+    children = []
+    for local, with_clients in ((INFRA, False), (frozenset(), True)):
+        parent, child = ctx.Pipe()
+        label = "+".join(sorted(local)) if not with_clients else "clients"
+        process = ctx.Process(
+            target=_child,
+            args=(local, with_clients, child, text, base, window),
+            name=f"{technique} {label}",
+            daemon=True,  # ends with the bench whatever happens
+        )
+        process.start()
+        child.close()
+        children.append((process, parent))
+    results: list[Any] = []
+    try:
+        for process, conn in children:
+            _expect(conn, process, "built", 60)
+        start = time.monotonic() + 0.3
+        for _, conn in children:
+            conn.send(("go", start))
+        wait = window[1] + INFRA_GRACE + 30
+        for process, conn in children:
+            results.append(_expect(conn, process, "done", wait))
+    finally:
+        for process, conn in children:
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            conn.close()
+    return analyse(technique, topo, steps, window, merge(results[:-1]), results[-1])
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One view of the servers from the processes that host them: counters taken at
+    the same bench time in each are summed."""
+    out: dict[str, Any] = {"epochs": {}, "changes": [], "counters": {}, "handover": {}}
+    out["cpu_s"] = [part["cpu_s"] for part in parts]
+    for part in parts:
+        out["epochs"].update(part["epochs"])
+        out["changes"].extend(part["changes"])
+        for key, value in part["handover"].items():
+            out["handover"][key] = out["handover"].get(key, 0) + value
+        for label, snap in part["counters"].items():
+            into = out["counters"].setdefault(label, {"t": snap["t"], "sent": {}, "sessions": 0})
+            into["sessions"] += snap["sessions"]
+            for kind, n in snap["sent"].items():
+                into["sent"][kind] = into["sent"].get(kind, 0) + n
+    return out
+
+
+def analyse(
+    technique: str,
+    topo: Any,
+    steps: list[Any],
+    window: tuple[float, float],
+    infra: dict[str, Any],
+    clients_out: dict[str, Any],
+) -> dict[str, Any]:
+    names = sorted(topo.clients)
+    clients = clients_out["clients"]
+    connected: Transitions = clients_out["connected"]
+    opened: Transitions = clients_out["open"]
+    start, end = window
+
+    # Epochs and when each took effect (the first server to install it).
+    installed: dict[int, float] = {}
+    why: dict[int, list[str]] = defaultdict(list)
+    for at, _server, epoch, what in infra["changes"]:
+        installed[epoch] = min(at, installed.get(epoch, at))
+        why[epoch].append(what)
+    epochs = sorted(e for e in infra["epochs"] if e > 1)
+    in_window = [e for e in epochs if start - 0.05 <= installed.get(e, -1.0) <= end]
+    before_window = [e for e in epochs if installed.get(e, end) < start - 0.05]
+    # The coordinator names the operation; the others say whom the commit came from.
+    descriptions = [
+        next((w for w in why[e] if not w.startswith(("commit from", "snapshot"))), None)
+        or (why[e] or ["(no record)"])[0]
+        for e in epochs
+    ]
+    unexpected = [d for d in descriptions if not d.startswith("commit set")]
+    missing = [e for e in range(2, max(epochs, default=1) + 1) if e not in infra["epochs"]]
+
+    # Which clients each epoch moved, and which of those had a session open then.
+    first_move = np.full(len(names), np.inf)
+    expected = 0
+    moved_per_epoch = []
+    for e in in_window:
+        previous = infra["epochs"].get(e - 1)
+        if previous is None:
+            continue
+        t = installed[e]
+        now_owners = infra["epochs"][e]
+        moved = [i for i, (a, b) in enumerate(zip(previous, now_owners, strict=True)) if a != b]
+        open_moved = sum(1 for i in moved if opened.at(i, t))
+        expected += open_moved
+        moved_per_epoch.append(len(moved))
+        for i in moved:
+            first_move[i] = min(first_move[i], t)
+
+    # Breaks as the clients saw them: one per (client, instant).
+    breaks = set()
+    quiet_breaks = set()
+    failures_kinds: dict[str, int] = defaultdict(int)
+    for index, c in enumerate(clients):
+        for t in c["disruptions"]:
+            if start <= t <= end:
+                breaks.add((index, round(t, 6)))
+            if QUIET[0] <= t <= QUIET[1]:
+                quiet_breaks.add((index, round(t, 6)))
+        for t, reason in c["failures"]:
+            if start <= t <= end:
+                failures_kinds[reason.split(":")[0]] += 1
+
+    # Latencies in the window, split by moved / not yet moved.
+    moved_lat: list[float] = []
+    unmoved_lat: list[float] = []
+    served_quiet = 0
+    requests_quiet = 0
+    for index, c in enumerate(clients):
+        times = np.asarray(c["ok_times"])
+        lats = np.asarray(c["latencies"])
+        quiet = (times >= QUIET[0]) & (times <= QUIET[1])
+        requests_quiet += int(quiet.sum())
+        served_quiet += bool(quiet.any())
+        inside = (times >= start) & (times <= end)
+        moved_mask = inside & (times >= first_move[index])
+        moved_lat.extend(lats[moved_mask].tolist())
+        unmoved_lat.extend(lats[inside & ~moved_mask].tolist())
+    p99_moved = percentile(moved_lat, 99)
+    p99_unmoved = percentile(unmoved_lat, 99)
+
+    open_at_start = sum(1 for i in range(len(names)) if connected.at(i, start - 0.01))
+    open_min = min(
+        sum(1 for i in range(len(names)) if connected.at(i, t)) for t in np.arange(start, end, 0.25)
+    )
+
+    counters = infra["counters"]
+
+    def sent(first: str, last: str) -> dict[str, int]:
+        kinds = set(counters[first]["sent"]) | set(counters[last]["sent"])
+        return {
+            k: counters[last]["sent"].get(k, 0) - counters[first]["sent"].get(k, 0) for k in kinds
+        }
+
+    quiet_s = counters["quiet_end"]["t"] - counters["quiet_start"]["t"]
+    window_s = counters["window_end"]["t"] - counters["window_start"]["t"]
+    idle = sent("quiet_start", "quiet_end")
+    busy = sent("window_start", "window_end")
+    if not idle.get("Heartbeat"):
+        raise RuntimeError("no heartbeat counted in the quiet window: the counting hook is stale")
+    # The baseline is the heartbeats themselves, counted, plus whatever else an idle
+    # pool sends (nothing, when healthy) at its idle rate.
+    idle_other = sum(n for k, n in idle.items() if k != "Heartbeat") / quiet_s
+    busy_other = {k: n for k, n in busy.items() if k != "Heartbeat" and n}
+    extra = sum(busy_other.values()) - idle_other * window_s
+    reallocations = len(in_window)
+    healthy = (
+        served_quiet == len(names)
+        and not quiet_breaks
+        and not before_window
+        and not unexpected
+        and not missing
+    )
+    progress(
+        f"{technique}: {reallocations} reallocations, {len(breaks)} sessions broken, "
+        f"{open_at_start} sessions open, p99 moved/unmoved "
+        f"{_ms(p99_moved)}/{_ms(p99_unmoved)} ms, healthy={healthy}"
+    )
+    return {
+        "healthy": healthy,
+        "quiet_window": {
+            "clients_served": served_quiet,
+            "requests_ok": requests_quiet,
+            "sessions_broken": len(quiet_breaks),
+            "allocation_changes": len(before_window),
+            "heartbeats_per_s": round(idle.get("Heartbeat", 0) / quiet_s, 2),
+            "other_control_messages_per_s": round(idle_other, 2),
+        },
+        "sessions_open_at_first_reallocation": open_at_start,
+        "sessions_open_min_during": open_min,
+        "server_sessions_at_first_reallocation": counters["window_start"]["sessions"],
+        "steps": len(steps),
+        "reallocations": reallocations,
+        "unexpected_changes": unexpected,
+        "epochs_not_sampled": missing,
+        "clients_moved_per_reallocation_mean": round(float(np.mean(moved_per_epoch)), 1)
+        if moved_per_epoch
+        else None,
+        "clients_ever_moved": int(np.isfinite(first_move).sum()),
+        "broken": len(breaks),
+        "sessions_expected_broken_by_r1_rule": expected,
+        "failed_requests_by_reason": dict(failures_kinds),
+        "resets_whole_run": sum(c["resets"] for c in clients),
+        "state_lost_whole_run": sum(c["state_lost"] for c in clients),
+        "latency_ms": {
+            "moved_p50": _ms(percentile(moved_lat, 50)),
+            "moved_p99": _ms(p99_moved),
+            "unmoved_p50": _ms(percentile(unmoved_lat, 50)),
+            "unmoved_p99": _ms(p99_unmoved),
+            "moved_samples": len(moved_lat),
+            "unmoved_samples": len(unmoved_lat),
+        },
+        "moved_latency_p99_over_unmoved": round(p99_moved / p99_unmoved, 3)
+        if p99_moved and p99_unmoved
+        else None,
+        "control_messages_per_reallocation": round(extra / reallocations, 1)
+        if reallocations
+        else None,
+        "control_messages_by_type": busy_other,
+        "heartbeats_in_window": busy.get("Heartbeat", 0),
+        "handover": {k: v for k, v in infra["handover"].items() if v},
+        "cpu_s": {
+            "clients": clients_out["cpu_s"],
+            "routers+servers": infra["cpu_s"][0],
+        },
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+# -- part 3: failover --------------------------------------------------------------------
+
+
+def probes_for(allocation: Any, server: str) -> list[int]:
+    """One source address per run of buckets `server` holds (its first bucket)."""
+    space = allocation.space
+    return [space.block(a, 1).value for a, _, owner in allocation.runs() if owner == server]
+
+
+def matched(router: Any, group: int, source: int) -> set[int]:
+    members = router.members.get(group, {})
+    return {origin for origin, m in members.items() if m.filter.matches(source)}
+
+
+async def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
+    topo = loads(text)
+    base = free_base_port(attachments(topo))
+    local = set(topo.interfaces) - {VICTIM}
+    run = PoolRun(topo, "overlay", seed=SEED + index, base_port=base, local=local)
+    net = run.network
+    group = int(topo.pool.group)
+    victim_address = int(topo.address(VICTIM))
+    routers = list(run.nodes.routers.values())
+    servers = run.nodes.servers
+    command = [
+        sys.executable,
+        "-m",
+        "manycast",
+        "run",
+        str(path),
+        "--nodes",
+        VICTIM,
+        "--base-port",
+        str(base),
+        "--duration",
+        "40",
+        "--json",
+    ]
+    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result: dict[str, Any] = {"run": index + 1}
+    try:
+        await net.run_until(0.05)
+        # Stable: every server here agrees on one allocation in which s3 serves, s3 is
+        # alive to all, both routers send s3's sources to s3, and nothing changed for
+        # STABLE_S.
+        stable_since, view, allocation = None, None, None
+        deadline = net.now + 20.0
+        while True:
+            await net.run_until(net.now + 0.05)
+            if net.now > deadline:
+                raise RuntimeError("the pool did not settle with s3 serving")
+            now = net.now
+            views = {(s.coordinator.epoch, s.coordinator.digest) for s in servers.values()}
+            allocation = next(iter(servers.values())).coordinator.allocation
+            ready = (
+                len(views) == 1
+                and allocation is not None
+                and VICTIM in allocation.servers
+                and allocation.count(VICTIM) > 0
+                and all(VICTIM in s.coordinator.alive(now) for s in servers.values())
+            )
+            if ready:
+                probes = probes_for(allocation, VICTIM)
+                ready = all(victim_address in matched(r, group, p) for r in routers for p in probes)
+            if not ready:
+                stable_since = None
+            elif views != view or stable_since is None:
+                view, stable_since = views, now
+            elif now - stable_since >= STABLE_S:
+                break
+        assert allocation is not None
+        probes = probes_for(allocation, VICTIM)
+        mine = [c for c in run.nodes.clients.values() if allocation.owner(c.address) == VICTIM]
+        probes += [int(c.address) for c in mine]
+        live = {int(s.address) for s in servers.values()}
+
+        epoch_before = next(iter(servers.values())).coordinator.epoch
+        killed = net.now
+        os.kill(victim.pid, signal.SIGKILL)
+        covered_at = clean_at = clients_at = None
+        while net.now - killed < FAILOVER_LIMIT_S:
+            await net.run_until(net.now + FAILOVER_PROBE_S)
+            now = net.now
+            seen = [matched(r, group, p) for r in routers for p in probes]
+            if covered_at is None and all(m & live for m in seen):
+                covered_at = now
+            if clean_at is None and all(m and m <= live for m in seen):
+                clean_at = now
+            if clients_at is None:
+                back = [_answered_after(c.stats, killed) for c in mine]
+                if all(b is not None for b in back):
+                    clients_at = max(back)  # type: ignore[type-var]
+            if clean_at is not None and covered_at is not None and clients_at is not None:
+                break
+        result.update(
+            {
+                "portion_runs": len(probes) - len(mine),
+                "victim_share": float(allocation.share(VICTIM)),
+                "victim_clients": len(mine),
+                "covered_s": _since(covered_at, killed),
+                "clean_s": _since(clean_at, killed),
+                "clients_s": _since(clients_at, killed),
+                "epoch_before": epoch_before,
+            }
+        )
+    finally:
+        net.close()
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait(10)
+    return result
+
+
+def _answered_after(stats: Any, t: float) -> float | None:
+    """When the first request sent after `t` was answered."""
+    for ok, latency in zip(stats.ok_times, stats.latencies, strict=True):
+        if ok - latency > t:
+            return float(ok)
+    return None
+
+
+def _since(at: float | None, t: float) -> float | None:
+    return None if at is None else round(at - t, 4)
+
+
+def failover() -> dict[str, Any]:
+    text = two_router_pool(
+        technique="R1",
+        clients_per_lan=FAILOVER_CLIENTS_PER_LAN,
+        rate=FAILOVER_RATE,
+        duration=40.0,
+        heartbeat_ms=HEARTBEAT_MS,
+        heartbeat_misses=HEARTBEAT_MISSES,
+        report_interval_ms=REPORT_INTERVAL_MS,
+    )
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="manycast-failover-") as tmp:
+        path = Path(tmp) / "failover.toml"
+        path.write_text(text)
+        for index in range(FAILOVER_RUNS):
+            one = asyncio.run(failover_once(index, path, text))
+            progress(
+                f"failover run {index + 1}: routers clean {one['clean_s']} s, covered "
+                f"{one['covered_s']} s, clients {one['clients_s']} s "
+                f"({one['victim_clients']} clients, {one['portion_runs']} runs of buckets)"
+            )
+            runs.append(one)
+    clean = [r["clean_s"] for r in runs]
+    covered = [r["covered_s"] for r in runs]
+    clients = [r["clients_s"] for r in runs]
+    clean_median = median(clean) if None not in clean else None
+    covered_median = median(covered) if None not in covered else None
+    return {
+        "failover_s_median": clean_median,
+        "failover_s": clean,
+        "failover_covered_s_median": covered_median,
+        "failover_covered_s": covered,
+        "failover_clients_s_median": median(clients) if None not in clients else None,
+        "failover_clients_s": clients,
+        "failover_runs": runs,
+        "failover_target_s": 0.5,
+        "heartbeat_ms": HEARTBEAT_MS,
+        "heartbeat_misses": HEARTBEAT_MISSES,
+        "report_interval_ms": REPORT_INTERVAL_MS,
+        "router_membership_hold_s": REPORT_INTERVAL_MS / 1000 * 3.5,
+        "vrrp_failover_s": VRRP_FAILOVER_S,
+        "failover_over_vrrp": round(clean_median / VRRP_FAILOVER_S, 3) if clean_median else None,
+        "failover_covered_over_vrrp": round(covered_median / VRRP_FAILOVER_S, 3)
+        if covered_median
+        else None,
+    }
+
+
+def main() -> None:
+    began = time.monotonic()
+    # Other work on the machine shows in every figure here: record how busy it was.
+    load_start = round(os.getloadavg()[0], 2)
+    steps = schedule(SEED)
+    per: dict[str, dict[str, Any]] = {}
+    for technique in TECHNIQUES:
+        progress(
+            f"{technique}: {2 * CLIENTS_PER_LAN} clients at {RATE}/s, {len(steps)} share "
+            f"changes from t={steps[0][0]:.1f}s to t={steps[-1][0]:.1f}s"
+        )
+        per[technique] = run_technique(technique, steps)
+    progress(f"failover: {FAILOVER_RUNS} runs, {VICTIM} in its own process, SIGKILL")
+    fail = failover()
+    emit(
+        {
+            "bench": "reallocation",
+            "clients": 2 * CLIENTS_PER_LAN,
+            "rate_per_client": RATE,
+            "sessions": {t: per[t]["sessions_open_at_first_reallocation"] for t in TECHNIQUES},
+            "healthy": {t: per[t]["healthy"] for t in TECHNIQUES},
+            "reallocations": {t: per[t]["reallocations"] for t in TECHNIQUES},
+            "broken": {t: per[t]["broken"] for t in TECHNIQUES},
+            "r1_expected": per["R1"]["sessions_expected_broken_by_r1_rule"],
+            "moved_latency_p99_over_unmoved": {
+                t: per[t]["moved_latency_p99_over_unmoved"] for t in TECHNIQUES
+            },
+            "control_messages_per_reallocation": {
+                t: per[t]["control_messages_per_reallocation"] for t in TECHNIQUES
+            },
+            "techniques": per,
+            **fail,
+            "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
+            "seconds": round(time.monotonic() - began, 1),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
