@@ -66,6 +66,8 @@ Segment = tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, TcpSegment]  # src
 class _Query:
     query_id: int
     deadline: float
+    wanted: control.ConnectionKey
+    resend: float
     segments: list[Segment] = field(default_factory=list)
 
 
@@ -94,7 +96,8 @@ class Handover:
         rng: random.Random,
         *,
         close_after_transaction: bool = False,
-        query_timeout: float = 0.3,
+        query_timeout: float = 0.9,
+        forward_timeout: float = 0.3,
         idle_timeout: float = 30.0,
     ) -> None:
         if technique not in TECHNIQUES:
@@ -111,7 +114,8 @@ class Handover:
         self.session = session
         self.rng = rng
         self.close_after_transaction = close_after_transaction
-        self.query_timeout = query_timeout
+        self.query_timeout = query_timeout  # R3: asked three times before giving up
+        self.forward_timeout = forward_timeout  # R2: forwarded packets nobody claims
         self.idle_timeout = idle_timeout
         self.stats = HandoverStats()
         self.moved: set[ConnKey] = set()  # connections we keep although their portion left us
@@ -119,7 +123,6 @@ class Handover:
         self._query_ids: dict[int, ConnKey] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self._pins: set[ConnKey] = set()
-        self._redirected: set[tuple[int, int, ipaddress.IPv4Address]] = set()
 
     # -- the allocation changes --------------------------------------------------------
     def before_change(
@@ -183,7 +186,7 @@ class Handover:
         entry = self._forwards.get(flow)
         if entry is None:
             entry = self._forwards[flow] = _Forward(None, now, now)
-        if entry.target is None and now - entry.first > self.query_timeout:
+        if entry.target is None and now - entry.first > self.forward_timeout:
             # Nobody has claimed this connection: it cannot continue anywhere.
             del self._forwards[flow]
             self._reset(item)
@@ -198,20 +201,25 @@ class Handover:
         query = self._queries.get(key)
         if query is None:
             query_id = self.rng.getrandbits(63)
-            query = self._queries[key] = _Query(query_id, now + self.query_timeout)
-            self._query_ids[query_id] = key
             client, port = key[1]
             wanted = control.ConnectionKey(client, port, key[0][0], key[0][1])
+            query = self._queries[key] = _Query(
+                query_id, now + self.query_timeout, wanted, now + self.query_timeout / 3
+            )
+            self._query_ids[query_id] = key
             self.send_control(control.StateQuery(self.name, 0, query_id, wanted), None)
             self.stats.queries += 1
         if len(query.segments) < 64:
             query.segments.append(item)
 
     # -- control messages ----------------------------------------------------------------
-    def on_message(self, message: control.ControlMessage, now: float) -> bool:
-        """Handle a technique's message; False if it is not one of ours."""
+    def on_message(
+        self, message: control.ControlMessage, now: float, via_group: bool = True
+    ) -> bool:
+        """Handle a technique's message; False if it is not one of ours. `via_group`: it
+        came over the control group (not point to point)."""
         if isinstance(message, control.Forwarded):
-            self._on_forwarded(message, now)
+            self._on_forwarded(message, now, via_group)
         elif isinstance(message, control.Redirect):
             flow = (int(message.client), message.client_port)
             entry = self._forwards.get(flow)
@@ -226,7 +234,7 @@ class Handover:
             return False
         return True
 
-    def _on_forwarded(self, message: control.Forwarded, now: float) -> None:
+    def _on_forwarded(self, message: control.Forwarded, now: float, via_group: bool) -> None:
         try:
             ip = IPv4Packet.from_wire(message.packet)
         except WireError:
@@ -243,10 +251,10 @@ class Handover:
         receiver = message.receiver
         if not isinstance(receiver, ipaddress.IPv4Address) or receiver == self.address:
             return
-        told = (int(ip.header.src), src_port, receiver)
-        if told not in self._redirected:
-            # Once per connection and new owner: after that it forwards point to point.
-            self._redirected.add(told)
+        if via_group:
+            # The new owner does not know where this connection lives: tell it. (Point
+            # to point forwards need no answer; a lost redirect is repaired by the next
+            # packet that comes over the group.)
             redirect = control.Redirect(
                 self.name, 0, ip.header.src, src_port, dst_port, self.address, 0
             )
@@ -310,19 +318,22 @@ class Handover:
 
     def on_closed(self, key: ConnKey, gateway_unpin: Callable[[control.Unpin], None]) -> None:
         self.moved.discard(key)
-        self._redirected = {
-            t for t in self._redirected if (t[0], t[1]) != (int(key[1][0]), key[1][1])
-        }
         if key in self._pins:
             self._pins.discard(key)
             gateway_unpin(control.Unpin(self.name, 0, (control.PinKey(key[1][0], key[1][1]),)))
             self.stats.unpinned += 1
 
     def next_deadline(self) -> float | None:
-        return min((q.deadline for q in self._queries.values()), default=None)
+        return min((min(q.deadline, q.resend) for q in self._queries.values()), default=None)
 
     def on_timer(self, now: float) -> None:
         for key, query in list(self._queries.items()):
+            if query.resend <= now < query.deadline:
+                # The query or its answer may be lost on a busy network: ask again.
+                query.resend = now + self.query_timeout / 3
+                self.send_control(
+                    control.StateQuery(self.name, 0, query.query_id, query.wanted), None
+                )
             if query.deadline <= now:
                 # No server had the state: the connection cannot continue (R1 fallback).
                 del self._queries[key]

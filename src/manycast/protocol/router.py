@@ -311,6 +311,7 @@ class Router(Node):
             ):
                 continue  # a sender's registration only: nothing to deliver to it
             members = self.members.setdefault(group, {})
+            before = members.get(origin)
             if source_filter is None:
                 members.pop(origin, None)
             else:
@@ -318,7 +319,14 @@ class Router(Node):
                     origin, iface, neighbor, source_filter, now + self.hold_time
                 )
             relay = True
-            self._invalidate(group)
+            unchanged = (
+                before is not None
+                and source_filter is not None
+                and (before.iface, before.neighbor, before.filter)
+                == (iface, neighbor, source_filter)
+            )
+            if not unchanged:  # a refresh keeps the forwarding cache
+                self._invalidate(group)
         self._arm_expiry()
         if relay:
             self._relay(iface, ip.payload)

@@ -177,7 +177,8 @@ class Server(Node):
         if message.sender == self.name:
             return
         self.stats.control_received += 1
-        if not self.handover.on_message(message, now):
+        via_group = ip.header.dst == self.settings.control_group
+        if not self.handover.on_message(message, now, via_group):
             self.coordinator.on_message(message, now)
 
     def _send_control(
