@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
-import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
 from manycast.runtime import PoolRun
-from manycast.topology import Topology, loads
+from manycast.topology import loads
 
 LOCALHOST = "127.0.0.1"
 # Below Linux's ephemeral range (32768+) and apart from the 41000+ ranges the tests
@@ -28,27 +27,6 @@ LOCALHOST = "127.0.0.1"
 PORT_SEARCH = range(21000, 32000, 1201)
 
 
-def free_base_port(count: int, search: Iterable[int] = PORT_SEARCH) -> int:
-    """A base port with `count` free UDP ports above it on 127.0.0.1 (checked by binding)."""
-    for base in search:
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(s)
-                s.bind((LOCALHOST, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no range of {count} free UDP ports on {LOCALHOST}")
-
-
-def attachments(topology: Topology) -> int:
-    """UDP endpoints the overlay binds for the whole pool (one per node interface)."""
-    return sum(len(ifaces) for ifaces in topology.interfaces.values())
 
 
 def _toml(value: Any) -> str:

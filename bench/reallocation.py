@@ -58,15 +58,15 @@ import numpy as np
 
 from _common import emit, progress
 from _pool import (
+    PORT_SEARCH,
     Transitions,
-    attachments,
     every,
-    free_base_port,
     host_pool,
     median,
     percentile,
     two_router_pool,
 )
+from manycast.drivers.overlay import free_base_port
 from manycast.runtime import PoolRun
 from manycast.topology import loads
 
@@ -331,7 +331,7 @@ def run_technique(technique: str, steps: list[tuple[float, str, dict[str, Any]]]
         report_interval_ms=REPORT_INTERVAL_MS,
     )
     topo = loads(text)
-    base = free_base_port(attachments(topo))
+    base = free_base_port(topo.attachment_count, PORT_SEARCH)
     ctx = multiprocessing.get_context("spawn")
     children = []
     for local, with_clients in ((INFRA, False), (frozenset(), True)):
@@ -572,7 +572,7 @@ def matched(router: Any, group: int, source: int) -> set[int]:
 
 async def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
     topo = loads(text)
-    base = free_base_port(attachments(topo))
+    base = free_base_port(topo.attachment_count, PORT_SEARCH)
     local = set(topo.interfaces) - {VICTIM}
     run = PoolRun(topo, "overlay", seed=SEED + index, base_port=base, local=local)
     net = run.network

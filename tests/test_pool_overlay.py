@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from manycast.drivers.overlay import free_base_port
 from manycast.runtime import PoolRun
 from manycast.topology import loads
 
@@ -60,32 +60,9 @@ duration = 5.0
 """
 
 
-def free_base_port(count: int) -> int:
-    """A base port with `count` free UDP ports above it (checked by binding them)."""
-    for base in range(41000, 60000, 397):
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
-def attachments(topology_text: str) -> int:
-    topo = loads(topology_text)
-    return sum(len(ifaces) for ifaces in topo.interfaces.values())
-
-
 def test_pool_on_the_overlay_serves_everyone_and_survives_a_death() -> None:
     topo = loads(SMALL)
-    run = PoolRun(topo, "overlay", seed=5, base_port=free_base_port(attachments(SMALL)))
+    run = PoolRun(topo, "overlay", seed=5, base_port=free_base_port(loads(SMALL).attachment_count))
     run.run_sync(5.0)
     summary = run.summary()
     assert summary["clients"] == 24
@@ -102,7 +79,7 @@ def test_one_pool_split_over_two_processes(tmp_path: Path) -> None:
     """Routers and servers in one process, clients in another: one pool."""
     path = tmp_path / "split.toml"
     path.write_text(SMALL)
-    base = str(free_base_port(attachments(SMALL)))
+    base = str(free_base_port(loads(SMALL).attachment_count))
     command = [sys.executable, "-m", "manycast", "run", str(path), "--json", "--base-port", base]
     infrastructure = subprocess.Popen(
         [*command, "--nodes", "edge,core,srv,s1,s2,s3"],

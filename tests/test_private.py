@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from manycast.auth import public_bytes, save_private, sign_join
 from manycast.dnsserver import EmbeddedServer
+from manycast.drivers.overlay import free_base_port
 from manycast.naming import NamingError, PoolRecord, lookup_group_async, pool_zones
 from manycast.protocol.admission import Admission
 from manycast.protocol.membership import record_for
@@ -712,22 +713,6 @@ def test_attacks_on_a_running_pool_are_refused_while_it_serves() -> None:
 
 # -- on real sockets, with keys from DNS ----------------------------------------------
 
-
-def free_base_port(count: int) -> int:
-    for base in range(43000, 60000, 331):
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def test_private_pool_on_the_overlay_with_its_own_dns_server() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -21,7 +20,7 @@ from fractions import Fraction
 import pytest
 
 from manycast import space
-from manycast.drivers.overlay import OverlayNetwork
+from manycast.drivers.overlay import OverlayNetwork, free_base_port
 from manycast.protocol.client import Client
 from manycast.protocol.server import Server
 from manycast.runtime import PoolRun
@@ -508,23 +507,6 @@ def test_r4_pins_go_away_when_the_pinned_connections_close() -> None:
 
 # -- the live pool on real sockets ---------------------------------------------------
 
-
-def free_base_port(count: int) -> int:
-    """A base port with `count` free UDP ports above it (checked by binding them)."""
-    for base in range(43000, 60000, 211):
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)

@@ -129,6 +129,11 @@ class Topology:
             return "client"
         raise KeyError(node)
 
+    @property
+    def attachment_count(self) -> int:
+        """How many (node, interface) pairs there are: the overlay's UDP endpoints."""
+        return sum(len(ifaces) for ifaces in self.interfaces.values())
+
     def router_neighbors(self, router: str) -> dict[str, tuple[int, ...]]:
         """For each router-facing interface of `router`, the neighbour routers' addresses."""
         out: dict[str, tuple[int, ...]] = {}

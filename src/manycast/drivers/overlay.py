@@ -118,6 +118,27 @@ def assign_endpoints(
     return {key: (hosts.get(key[0], default_host), base_port + i) for i, key in enumerate(keys)}
 
 
+def free_base_port(
+    count: int, search: Iterable[int] = range(41000, 60000, 397), host: str = DEFAULT_HOST
+) -> int:
+    """A base port with `count` free UDP ports above it on `host` (checked by binding),
+    for a pool that runs in one process or on one machine."""
+    for base in search:
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sockets.append(sock)
+                sock.bind((host, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise OverlayError(f"no range of {count} free UDP ports on {host}")
+
+
 def _resolve(host: str) -> str:
     """A numeric IPv4 address for `host`, so that sending never resolves names."""
     try:
