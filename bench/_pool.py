@@ -21,7 +21,6 @@ from typing import Any
 from manycast.runtime import PoolRun
 from manycast.topology import loads
 
-LOCALHOST = "127.0.0.1"
 # Below Linux's ephemeral range (32768+) and apart from the 41000+ ranges the tests
 # probe, so concurrent test runs and benches rarely race for the same ports.
 PORT_SEARCH = range(21000, 32000, 1201)
