@@ -194,6 +194,10 @@ class AddressPlan:
         addr = _multicast(group)
         return any(addr in net for net in self.private)
 
+    def is_private_int(self, group: int) -> bool:
+        """`is_private` for an integer address, cheap enough for a router's fast path."""
+        return any(group & int(net.netmask) == int(net.network_address) for net in self.private)
+
     def is_public(self, group: IPv4Address | str) -> bool:
         return not self.is_private(group)
 

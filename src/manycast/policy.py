@@ -290,15 +290,20 @@ def rebalance(alloc: Allocation, bucket_load: npt.ArrayLike, target: float = 1.1
 
 
 def balance_loads(
-    alloc: Allocation, server_loads: Mapping[str, float], target: float = 1.1
+    alloc: Allocation,
+    server_loads: Mapping[str, float],
+    target: float = 1.1,
+    hot: Mapping[int, float] | None = None,
 ) -> Allocation:
-    """Even out measured server loads by moving whole runs of buckets.
+    """Even out measured server loads.
 
-    Each server's load is taken as spread evenly over its buckets. A server above
-    the mean sheds the buckets that carry its excess; servers below the mean take
-    them in proportion to their spare load. The moves go through `reassign`, so a
-    server gives up the end of what it holds and portions stay a few value/mask
-    pairs. Servers already within `target` times the mean keep what they have.
+    With `hot` (bucket -> load, the busiest buckets a congested server measured) the
+    per-bucket loads are those, each server's remaining load spread over its other
+    buckets, and `rebalance` moves the fewest buckets, the hot ones first. Without,
+    each server's load counts as spread evenly: a server above the mean sheds the
+    buckets that carry its excess, by whole runs (`reassign`), and servers below the
+    mean take them in proportion to their spare load. Servers already within
+    `target` times the mean keep what they have.
     """
     if target < 1.0:
         raise PolicyError("target max/mean must be at least 1.0")
@@ -307,6 +312,8 @@ def balance_loads(
     mean = sum(loads.values()) / len(loads)
     if mean <= 0 or max(loads.values()) <= target * mean:
         return alloc
+    if hot:
+        return rebalance(alloc, _bucket_loads(alloc, loads, hot), target).allocation
     targets = dict(counts)
     freed = 0
     for server, load in loads.items():
@@ -321,6 +328,26 @@ def balance_loads(
     for server, extra in apportion(freed, spare).items():
         targets[server] += extra
     return reassign(alloc, targets)
+
+
+def _bucket_loads(
+    alloc: Allocation, loads: Mapping[str, float], hot: Mapping[int, float]
+) -> npt.NDArray[np.float64]:
+    """Per-bucket loads: the hot buckets as measured, the rest of each server's load
+    spread over its other buckets."""
+    per_bucket = np.zeros(alloc.space.buckets)
+    known = np.zeros(alloc.space.buckets, dtype=bool)
+    for bucket, load in hot.items():
+        if 0 <= bucket < alloc.space.buckets:
+            per_bucket[bucket] = load
+            known[bucket] = True
+    for index, server in enumerate(alloc.servers):
+        mine = alloc.owners == index
+        rest = mine & ~known
+        remaining = max(0.0, loads.get(server, 0.0) - float(per_bucket[mine & known].sum()))
+        if rest.any():
+            per_bucket[rest] = remaining / int(rest.sum())
+    return per_bucket
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from manycast import policy
 from manycast.auth import load_private, public_bytes
 from manycast.drivers.links import LinkSpec
+from manycast.naming import AddressPlan
 from manycast.protocol.admission import Admission
 from manycast.protocol.client import Client
 from manycast.protocol.coordination import PoolSettings, initial_allocation
@@ -103,9 +104,13 @@ def build(
     key: Ed25519PrivateKey | None = None
     outsider: Ed25519PrivateKey | None = None
     directory: dict[int, bytes] = {}
+    plan = AddressPlan.from_text(pool.private_ranges)
     if pool.private:
         key, outsider = pool_keys(topology, seed)
-        directory = {int(pool.group): public_bytes(key), int(pool.control_group): public_bytes(key)}
+        # What the routers will be told is the pool's key: DNS serves this, or the
+        # topology names it outright (`public_key`, a certification authority's word).
+        published = pool.public_key or public_bytes(key)
+        directory = {int(pool.group): published, int(pool.control_group): published}
 
     def key_of(authorized: bool) -> Ed25519PrivateKey | None:
         return key if authorized else outsider
@@ -122,7 +127,7 @@ def build(
             hold_time=pool.report_interval_s * 3.5,
             control_port=pool.control_port,
             neighbors=topology.router_neighbors(name),
-            admission=Admission(wall_base=wall_base) if pool.private else None,
+            admission=Admission(plan.is_private_int, wall_base=wall_base) if pool.private else None,
         )
         for name in topology.routers
         if hosted(name)

@@ -13,6 +13,8 @@ get /30s from 10.255.0.0/16, each server a /30 to its router from
 
 from __future__ import annotations
 
+import base64
+import binascii
 import heapq
 import ipaddress
 import re
@@ -55,6 +57,8 @@ class PoolSpec:
     private: bool
     key_file: str | None = None
     dns: tuple[str, int] | None = None  # a DNS server holding the pool's records
+    private_ranges: str = "232.0.0.0/5"  # the private part of the multicast space (Fig 2)
+    public_key: bytes | None = None  # a configured key (a certification authority's word)
     rebalance_above: float = 0.0
     rebalance_target: float = 1.1
     rebalance_hold_s: float = 3.0
@@ -262,6 +266,30 @@ class _Reader:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
             self.fail(f"unknown key '{unknown[0]}' in [{self.kind}]", unknown[0])
+
+
+def _private_ranges(reader: _Reader) -> str:
+    from manycast.naming import AddressPlan, NamingError
+
+    text: str = reader.get("private_ranges", str, "232.0.0.0/5")
+    try:
+        AddressPlan.from_text(text)
+    except NamingError as exc:
+        reader.fail(f"'private_ranges': {exc}", "private_ranges")
+    return text
+
+
+def _public_key(reader: _Reader) -> bytes | None:
+    text = reader.get("public_key", str, None)
+    if text is None:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        reader.fail("'public_key' must be the base64 of a 32-byte Ed25519 key", "public_key")
+    return raw
 
 
 def _host_port(reader: _Reader, key: str) -> tuple[str, int] | None:
@@ -501,10 +529,22 @@ class _Compiler:
             private=p.get("private", bool, False),
             key_file=p.get("key_file", str, None),
             dns=_host_port(p, "dns"),
+            private_ranges=_private_ranges(p),
+            public_key=_public_key(p),
             rebalance_above=p.number("rebalance_above", 0.0, low=0.0, high=100.0),
             rebalance_target=p.number("rebalance_target", 1.1, low=1.0, high=100.0),
             rebalance_hold_s=p.number("rebalance_hold_ms", 3000, low=0, high=3600000) / 1000,
         )
+        if pool.private:
+            from manycast.naming import AddressPlan
+
+            plan = AddressPlan.from_text(pool.private_ranges)
+            for key, address in (("group", pool.group), ("control_group", pool.control_group)):
+                if not plan.is_private(address):
+                    p.fail(
+                        f"a private pool's {key} {address} is outside the private ranges ({plan})",
+                        key,
+                    )
         if pool.rebalance_above and pool.rebalance_above <= pool.rebalance_target:
             p.fail("rebalance_above must exceed rebalance_target (hysteresis)", "rebalance_above")
         p.done()

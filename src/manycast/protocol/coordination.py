@@ -98,7 +98,7 @@ def apply_op(allocation: Allocation, op: control.PolicyOp) -> Allocation:
     if isinstance(op, control.SetShareOp):
         return policy.set_share(allocation, op.server, op.share)
     if isinstance(op, control.BalanceLoadsOp):
-        return policy.balance_loads(allocation, dict(op.loads), op.target)
+        return policy.balance_loads(allocation, dict(op.loads), op.target, dict(op.hot))
     if isinstance(op, control.RebalanceOp):
         load = np.zeros(allocation.space.buckets)
         for bucket, value in op.loads:
@@ -182,6 +182,8 @@ class Coordinator:
         # Called with a proposed allocation before we ack it (or, as coordinator, before
         # we propose it): the server prepares for the change (R4 pins its connections).
         self.on_offer: Callable[[Allocation], None] | None = None
+        # The server's busiest buckets and their request rates, for a rebalance it asks for.
+        self.hot_buckets: Callable[[float], list[control.BucketLoad]] | None = None
 
     # -- what the server agent calls ---------------------------------------------------
     def start(self, now: float) -> None:
@@ -303,6 +305,7 @@ class Coordinator:
             self._resend_commands(now)
             self._next_heartbeat = now + self.settings.heartbeat
             self._duties(now)
+            self._watch_load(now)
         if self._pending is not None and now >= self._pending.deadline:
             self._commit(now)
 
@@ -339,20 +342,26 @@ class Coordinator:
             op = self._queue.pop(0)
             if self._propose(op, now):
                 return
-        self._watch_load(now)
 
     def _watch_load(self, now: float) -> None:
-        """Propose a rebalance when one server stays congested; hysteresis: the trigger
-        is above the target, it must last, and a hold-off follows each rebalance."""
+        """Each server watches whether it is the congested one (Fig 10, step 1020): the
+        busiest of the pool, above `rebalance_above` times the mean, for
+        `rebalance_sustain` heartbeats in a row. Then it asks for a rebalance with its
+        own busiest buckets' loads, which only it knows. Hysteresis: the trigger is
+        above the target, it must last, and every change is followed by a hold-off."""
         settings = self.settings
-        if settings.rebalance_above <= 0 or now < self._hold_until or self.allocation is None:
+        allocation = self.allocation
+        if settings.rebalance_above <= 0 or now < self._hold_until or allocation is None:
+            return
+        if self.name not in allocation.servers:
             return
         loads = {self.name: self._load}
         for peer in self.peers.values():
             loads[peer.name] = peer.load
-        members = {s: loads.get(s, 0.0) for s in self.allocation.servers}
+        members = {s: loads.get(s, 0.0) for s in allocation.servers}
         mean = sum(members.values()) / len(members)
-        if mean <= 0 or max(members.values()) / mean <= settings.rebalance_above:
+        busiest = max(members.values())
+        if mean <= 0 or self._load < busiest or busiest / mean <= settings.rebalance_above:
             self._congested = 0
             return
         self._congested += 1
@@ -361,8 +370,8 @@ class Coordinator:
         self._congested = 0
         self._hold_until = now + settings.rebalance_hold
         measured = tuple(control.ServerLoad(s, v) for s, v in sorted(members.items()))
-        op = control.BalanceLoadsOp(settings.rebalance_target, measured)
-        self._propose(op, now)
+        hot = tuple(self.hot_buckets(now)) if self.hot_buckets is not None else ()
+        self.command(control.BalanceLoadsOp(settings.rebalance_target, measured, hot), now)
 
     def _behind(self, now: float) -> bool:
         """True (and a snapshot asked for) when a live peer holds a greater state."""
@@ -437,6 +446,8 @@ class Coordinator:
         self.epoch = epoch
         self.allocation = allocation
         self._new = allocation
+        # Loads measured before a change say little about after it: let them settle.
+        self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold)
         self.state = ServerState.ACTIVE if self.name in allocation.servers else ServerState.JOINING
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
         self.changes.append((now, epoch, why))

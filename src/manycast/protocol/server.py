@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from manycast.apps.counter import CounterService
+from manycast.apps.counter import RESPONSE, CounterService
 from manycast.auth import sign_join
 from manycast.protocol.coordination import Coordinator, PoolSettings
 from manycast.protocol.handover import Handover
@@ -44,6 +45,7 @@ from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
 from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
 
 DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
+HOT_BUCKETS = 256  # how many of its busiest buckets a congested server reports
 
 
 @dataclass
@@ -82,6 +84,9 @@ class Server(Node):
         self.stats = ServerStats()
         self.coordinator = Coordinator(name, self.address, settings, rng, initial=initial)
         self.coordinator.on_offer = self._prepare
+        self.coordinator.hot_buckets = self._hot_buckets
+        self._bucket_requests: Counter[int] = Counter()
+        self._bucket_since = 0.0
         self.handover = Handover(
             settings.technique,
             name,
@@ -210,7 +215,15 @@ class Server(Node):
             lambda pin: self._send_control(pin, self.router),
         )
 
+    def _hot_buckets(self, now: float) -> list[control.BucketLoad]:
+        """Our busiest buckets since the last allocation change, as requests per second."""
+        elapsed = max(now - self._bucket_since, 1e-9)
+        busiest = self._bucket_requests.most_common(HOT_BUCKETS)
+        return sorted(control.BucketLoad(b, n / elapsed) for b, n in busiest)
+
     def _apply(self, allocation: Allocation, now: float) -> None:
+        self._bucket_requests.clear()
+        self._bucket_since = now
         old = self.portions
         new = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
         self.portions = new
@@ -256,6 +269,9 @@ class Server(Node):
                     self.app.open(key)
                     self.stats.sessions_opened += 1
                 answer = self.app.on_data(key, event.data)
+                if answer:
+                    bucket = self.settings.space.bucket(int(key[1][0]))
+                    self._bucket_requests[bucket] += len(answer) // RESPONSE.size
                 conn = self.endpoint.connection(key)
                 if answer and conn is not None:
                     conn.send(answer, now)

@@ -487,37 +487,53 @@ class ServerLoad(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class BalanceLoadsOp(_Op):
     """The closed loop's rebalance (Fig 10, step 1020): bring max/mean server load to
-    `target` given each server's measured load, spread evenly over its buckets."""
+    `target` given each server's measured load and, from the congested server, the
+    loads of its busiest buckets (`hot`); the rest of a server's load counts as
+    spread evenly over its other buckets."""
 
     KIND: ClassVar[OpKind] = OpKind.BALANCE_LOADS
     target: float
     loads: tuple[ServerLoad, ...] = ()
+    hot: tuple[BucketLoad, ...] = ()
 
     def __post_init__(self) -> None:
         what = "BALANCE_LOADS"
         _check_real(what, "target", self.target, 1.0)
         _set(self, "loads", _records(what, "loads", self.loads, ServerLoad))
-        if len(self.loads) > MAX_BUCKET_LOADS:
-            raise WireError(f"{what}: {len(self.loads)} server loads, at most {MAX_BUCKET_LOADS}")
+        _set(self, "hot", _records(what, "hot", self.hot, BucketLoad))
+        if len(self.loads) > MAX_BUCKET_LOADS or len(self.hot) > MAX_BUCKET_LOADS:
+            raise WireError(f"{what}: more than {MAX_BUCKET_LOADS} loads")
         names = [server for server, _ in self.loads]
         if names != sorted(set(names)):
             raise WireError(f"{what}: servers must be listed once each, in order")
         for server, load in self.loads:
             _check_id(what, "server", server)
             _check_real(what, f"load of {server}", load, 0.0)
+        previous = -1
+        for bucket, load in self.hot:
+            _check_uint(what, "bucket", bucket, _U32)
+            _check_real(what, f"load of bucket {bucket}", load, 0.0)
+            if bucket <= previous:
+                raise WireError(f"{what}: hot buckets must be listed in increasing order")
+            previous = bucket
 
     def _write(self, w: Writer) -> None:
         w.f64(self.target).u16(len(self.loads))
         for server, load in self.loads:
             _write_id(w, server)
             w.f64(load)
+        w.u16(len(self.hot))
+        for bucket, load in self.hot:
+            w.u32(bucket).f64(load)
 
     @classmethod
     def _read(cls, r: Reader) -> BalanceLoadsOp:
         target = r.f64("target")
         count = _read_count(r, "server loads", 10, MAX_BUCKET_LOADS)
         loads = tuple(ServerLoad(_read_id(r, "server"), r.f64("load")) for _ in range(count))
-        return cls(target, loads)
+        count = _read_count(r, "hot buckets", 12, MAX_BUCKET_LOADS)
+        hot = tuple(BucketLoad(r.u32("bucket"), r.f64("load")) for _ in range(count))
+        return cls(target, loads, hot)
 
 
 PolicyOp: TypeAlias = (
