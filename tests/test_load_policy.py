@@ -85,7 +85,7 @@ def test_a_congested_server_is_relieved_and_the_loop_settles() -> None:
     assert len(done) <= 5
     assert max(done) < 14.0
     late = [value for at, value in samples if at >= 15.0]
-    congested = [value for at, value in samples if 5.0 <= at < 6.0]
+    congested = [value for at, value in samples if 4.0 <= at < 7.0]
     assert max(congested) > 1.6  # the heavy clients really did pile onto one server
     assert sum(late) / len(late) < 1.3  # and the loop brought max/mean under the trigger
     summary = run.summary()
