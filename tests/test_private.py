@@ -819,3 +819,76 @@ def test_a_dns_server_that_never_answers_refuses_joins_with_no_key(
     rs = run.nodes.routers["rs"]
     assert rs.stats.joins_accepted == 0 and run.summary()["requests_ok"] == 0
     assert rs.stats.rejected["no key"] >= 2, dict(rs.stats.rejected)
+
+
+# -- the address plan and a configured key --------------------------------------------------
+
+PLAN_POOL = """
+[pool]
+private = true
+group = "{group}"
+control_group = "{control}"
+{extra}
+
+[[router]]
+name = "ra"
+[[router]]
+name = "rs"
+[[link]]
+between = ["ra", "rs"]
+
+[[server]]
+name = "s1"
+router = "rs"
+[[server]]
+name = "s2"
+router = "rs"
+[[server]]
+name = "evil"
+router = "rs"
+authorized = false
+
+[[clients]]
+name = "c"
+count = 8
+router = "ra"
+subnet = "10.1.0.0/24"
+"""
+
+
+def test_a_private_pool_must_use_the_private_range() -> None:
+    from manycast.topology import TopologyError
+
+    text = PLAN_POOL.format(group="224.5.1.1", control="239.255.77.1", extra="")
+    with pytest.raises(TopologyError, match=r":4: .*outside the private ranges"):
+        loads(text)
+
+
+def test_a_custom_private_range_is_enforced_by_the_routers() -> None:
+    text = PLAN_POOL.format(
+        group="224.5.1.1", control="224.5.9.9", extra='private_ranges = "224.5.0.0/16"'
+    )
+    run = PoolRun(loads(text), "memory", seed=3)
+    run.run_sync(4.0)
+    summary = run.summary()
+    assert summary["clients_served_at_end"] == 8
+    refused = sum(r.stats.rejected["bad signature"] for r in run.nodes.routers.values())
+    assert refused > 0  # the outsider's joins, in a range the plan makes private
+    assert run.nodes.servers["evil"].host.counters.received == 0
+
+
+def test_a_configured_key_replaces_dns_and_a_wrong_one_admits_no_one() -> None:
+    import base64
+
+    from manycast.auth import generate, public_bytes
+    from manycast.pool import pool_keys
+
+    group, control = "232.1.1.1", "239.255.77.1"
+    probe = loads(PLAN_POOL.format(group=group, control=control, extra=""))
+    right = base64.b64encode(public_bytes(pool_keys(probe, 3)[0])).decode()
+    wrong = base64.b64encode(public_bytes(generate())).decode()
+    for key, served in ((right, 8), (wrong, 0)):
+        text = PLAN_POOL.format(group=group, control=control, extra=f'public_key = "{key}"')
+        run = PoolRun(loads(text), "memory", seed=3)
+        run.run_sync(3.0)
+        assert run.summary()["clients_served_at_end"] == served
