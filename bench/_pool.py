@@ -4,6 +4,8 @@ port ranges, pool-hosting child processes and a shared time base.
 Every process of one pool waits until the same CLOCK_MONOTONIC instant before it
 starts, so "bench time" (seconds since that instant) means the same in all of them;
 each child still measures its own offset, and the figures use it.
+
+Not a bench itself: bench/reallocation.py uses it and prints the json result line.
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ rate is the rate of that whole path (delivered is within a few percent of what
 the generators offered, for both kinds). The comparison is fair because
 everything but the router's forwarding step is the same for both kinds; each
 source has its own LAN so that no bridge floods the multicast to other hosts.
+
+Output: progress on stderr, then the result as one json object, the last line on stdout.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Compared in the same run with (a) a raw numpy gather from a precomputed 2^16-ent
 table indexed by the low 16 address bits (the practical limit of a table lookup
 in numpy) and (b) a Maglev lookup (table[hash(addr) % 65537]) over the same 1000
 servers. Each timing is repeated, interleaved, and the median taken.
+
+Output: progress on stderr, then the result as one json object, the last line on stdout.
 """
 
 from __future__ import annotations

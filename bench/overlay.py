@@ -31,6 +31,8 @@ set the pace. Loopback delivery done in softirq is charged to no process, so it
 is left out of every relay alike.
 
 Also: events per second of the memory driver running the built-in demo pool.
+
+Output: progress on stderr, then the result as one json object, the last line on stdout.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ not replicated backends) and weighted rendezvous hashing (score -w / ln h).
 65536 buckets of the default space (rendezvous hashes each bucket index as its
 key), for Maglev over its 65537 table entries, each 1/M of the space under a
 uniform address hash.
+
+Output: progress on stderr, then the result as one json object, the last line on stdout.
 """
 
 from __future__ import annotations
