@@ -91,6 +91,61 @@ duration = 11.0
 """
 
 
+# A private pool (docs/private.md): members s1, s2 and a1..a6; an outsider server on
+# the core and outsider clients x1, x2 on the members' edge router, all of whom know
+# the group address but hold another key.
+PRIVATE_TOPOLOGY = """
+[pool]
+name = "vault.lab.test"
+group = "232.7.7.7"
+port = 7000
+control_group = "239.255.77.2"
+private = true
+heartbeat_ms = 100
+report_interval_ms = 500
+
+[[router]]
+name = "ra"
+[[router]]
+name = "core"
+[[router]]
+name = "rs"
+
+[[link]]
+between = ["ra", "core"]
+[[link]]
+between = ["core", "rs"]
+
+[[server]]
+name = "s1"
+router = "rs"
+[[server]]
+name = "s2"
+router = "rs"
+[[server]]
+name = "evil"
+router = "core"
+authorized = false
+
+[[clients]]
+name = "a"
+count = 6
+router = "ra"
+subnet = "10.1.0.0/24"
+rate = 4.0
+[[clients]]
+name = "x"
+count = 2
+router = "ra"
+subnet = "10.6.0.0/24"
+rate = 4.0
+authorized = false
+
+[run]
+duration = 4.0
+"""
+
+
 def _lab_possible() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return NEEDS_ROOT
@@ -142,12 +197,14 @@ def lab_factory(tmp_path: Path) -> Iterator[object]:
 
     labs: list[Lab] = []
 
-    def make(technique: str = "R1") -> tuple[Lab, object]:
+    def make(technique: str = "R1", text: str | None = None) -> tuple[Lab, object]:
         # Unique per test process, so that two runs on one machine never meet.
         lab = Lab(prefix=f"mt{os.getpid()}n{len(labs)}", run_root=tmp_path)
         labs.append(lab)
         lab.down()
-        topology = lab.up(TOPOLOGY.replace("{technique}", technique), "test-lab.toml")
+        if text is None:
+            text = TOPOLOGY.replace("{technique}", technique)
+        topology = lab.up(text, "test-lab.toml")
         return lab, topology
 
     yield make
@@ -374,3 +431,60 @@ def test_r4_keeps_active_sources_on_the_old_owner_until_idle(lab_factory) -> Non
         assert all(c.server == after[c.address] for c in prober.clients.values())
     finally:
         prober.close()
+
+
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def test_private_pool_serves_participants_and_gives_outsiders_nothing(lab_factory) -> None:  # type: ignore[no-untyped-def]
+    from manycast.lab import LabRun, Prober
+
+    lab, topology = lab_factory(text=PRIVATE_TOPOLOGY)
+    # Packets that reach the first-hop router before the sender's registration get
+    # a kernel entry toward nowhere; the admission must rewrite it.
+    early = Prober(lab, topology, ["a1", "a2"])
+    try:
+        for client in early.clients.values():
+            client.next_register = 1.0
+        early.run_until(1.0)
+        assert early.served_since(0.0) == 0, "served before registering"
+        early.run_until(2.5)
+        assert early.served_since(1.5) == 2, {c.name: c.server for c in early.participants()}
+    finally:
+        early.close()
+    summary = LabRun(lab, topology).run(topology.duration)
+    # Every participant registered with the pool's key and is served by its owner.
+    assert summary["clients"] == 6, summary
+    assert summary["clients_served_at_end"] == 6, summary
+    assert summary["clients_not_at_owner"] == [], summary
+    assert set(summary["clients_by_server"]) == {"s1", "s2"}, summary
+    # The outsider clients registered too (with the outsider's key) and had no answer.
+    assert summary["outsiders"] == 2 and summary["outsider_answers"] == 0, summary
+
+    def rejected(router: str) -> dict[str, int]:
+        return dict(lab.ask(router, "router", {"op": "status"})["rejected"])
+
+    # The outsiders' registrations and packets die at their first-hop router...
+    ra = rejected("ra")
+    assert ra.get("bad signature", 0) >= 2, ra
+    assert ra.get("unauthorized sender", 0) >= 2, ra
+    outsiders = {topology.address(c) for c in ("x1", "x2")}
+    participants = {topology.address(f"a{i}") for i in range(1, 7)}
+    sources = {e.source: e for e in lab.mfc("ra") if e.group == topology.pool.group}
+    assert outsiders <= set(sources) and all(not sources[x].outs for x in outsiders)
+    assert participants <= set(sources) and all(sources[a].outs for a in participants)
+    # ... and the outsider server's joins and control traffic at its own.
+    core = rejected("core")
+    assert core.get("bad signature", 0) > 0, core
+    assert core.get("unauthorized sender", 0) > 0, core
+    evil = str(topology.address("evil"))
+    for router in topology.routers:
+        membership = lab.ask(router, "router", {"op": "status"})["membership"]
+        assert all(evil not in members for members in membership.values()), (router, membership)
+    # The outsider server received nothing: no request, no control message.
+    assert lab.ask("evil", "service", {"op": "status"})["total"] == 0
+    assert lab.ask("evil", "server", {"op": "status"})["agent"]["control_received"] == 0
+    # Nor did the members' services get a packet of an outsider client.
+    time.sleep(0.6)  # the services write their counts every 0.5 s
+    for server in ("s1", "s2"):
+        counts = json.loads((lab.run_dir / f"{server}.counts.json").read_text())["sources"]
+        assert not {str(x) for x in outsiders} & set(counts), (server, counts)

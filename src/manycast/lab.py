@@ -16,16 +16,19 @@ multicast tables go with them). It works after a crash and when nothing is up.
 
 `LabRun` is the demo scenario on the lab: a prober that plays the topology's
 clients (one UDP socket inside each client's namespace, asking the service at
-the client's rate), the timed scenario (a share change through a server agent,
-a server killed with SIGKILL, a standby server started) and a summary of what
-the clients saw.
+the client's rate; in a private pool also a raw socket there, for the client's
+signed registration every report interval), the timed scenario (a share change
+through a server agent, a server killed with SIGKILL, a standby server started)
+and a summary of what the clients saw.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -40,8 +43,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from manycast.drivers import kernel, mroute, netns
 from manycast.drivers.links import Attachment
+from manycast.pool import pool_keys
+from manycast.protocol.client import registration
 from manycast.topology import Step, Topology, TopologyError, load, loads
 
 PREFIX = "mc"
@@ -447,34 +454,60 @@ class _Client:
     last_reply: float = -1.0
     server: str | None = None
     replies: int = 0
+    # Private pools: the key the client signs its registration with, and the raw
+    # socket it leaves on.
+    key: Ed25519PrivateKey | None = None
+    igmp: socket.socket | None = None
+    next_register: float = float("inf")
+    registrations: int = 0
 
 
 class Prober:
     """The topology's clients: each asks the service from its own namespace and
-    address, `rate` times a second, and notes which server answered."""
+    address, `rate` times a second, and notes which server answered.
+
+    In a private pool each client also registers as a sender, as `Client` does: a
+    signed join naming only itself, at start and every report interval, signed with
+    the pool's key (an outsider, `authorized = false`, with the outsider's key, so
+    its registrations are refused). Without one, its first-hop router drops its
+    packets to the group."""
 
     def __init__(self, lab: Lab, topology: Topology, clients: list[str] | None = None) -> None:
         self.topology = topology
         self.group = str(topology.pool.group)
         self.port = topology.pool.port
+        self.register_every = topology.pool.report_interval_s
+        self.rng = random.Random()
         self.selector = selectors.DefaultSelector()
         self.clients: dict[str, _Client] = {}
         self.answers: Counter[str] = Counter()
         self.t0 = time.monotonic()
+        keys: tuple[Ed25519PrivateKey, Ed25519PrivateKey] | None = None
+        if topology.pool.private:
+            # The keys the lab's daemons were built with (same seed, same derivation).
+            keys = pool_keys(topology, lab.state().get("seed", 1))
         names = sorted(topology.clients) if clients is None else clients
-        for index, name in enumerate(names):
-            address = str(topology.address(name))
-            sock = netns.socket_in(lab.ns(name), socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind((address, 0))
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, CLIENT_TTL)
-            sock.setblocking(False)
-            rate = topology.clients[name].rate
-            interval = 1.0 / rate if rate > 0 else float("inf")
-            # Spread the first requests over one interval.
-            start = interval * index / max(1, len(names)) if rate > 0 else float("inf")
-            client = _Client(name, address, sock, interval, start)
-            self.clients[name] = client
-            self.selector.register(sock, selectors.EVENT_READ, client)
+        try:
+            for index, name in enumerate(names):
+                spec = topology.clients[name]
+                address = str(topology.address(name))
+                sock = netns.socket_in(lab.ns(name), socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((address, 0))
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, CLIENT_TTL)
+                sock.setblocking(False)
+                interval = 1.0 / spec.rate if spec.rate > 0 else float("inf")
+                # Spread the first requests over one interval.
+                start = interval * index / max(1, len(names)) if spec.rate > 0 else float("inf")
+                client = _Client(name, address, sock, interval, start)
+                self.clients[name] = client
+                self.selector.register(sock, selectors.EVENT_READ, client)
+                if keys is not None:
+                    client.key = keys[0] if spec.authorized else keys[1]
+                    client.igmp = _report_socket(lab.ns(name), topology.gateways[name][0])
+                    client.next_register = 0.0
+        except BaseException:
+            self.close()
+            raise
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -491,6 +524,9 @@ class Prober:
             if now >= until:
                 return
             for client in self.clients.values():
+                if client.next_register <= now:
+                    self._register(client)
+                    client.next_register = now + self.register_every
                 if client.next_send <= now:
                     client.seq += 1
                     with contextlib.suppress(OSError):
@@ -498,9 +534,24 @@ class Prober:
                             f"{client.name} {client.seq}".encode(), (self.group, self.port)
                         )
                     client.next_send = now + client.interval
-            soonest = min((c.next_send for c in self.clients.values()), default=until)
+            soonest = min(
+                (min(c.next_send, c.next_register) for c in self.clients.values()), default=until
+            )
             for key, _ in self.selector.select(max(0.0, min(until, soonest) - self.now())):
                 self._read(key.data)
+
+    def _register(self, client: _Client) -> None:
+        assert client.key is not None and client.igmp is not None
+        packet = registration(
+            ipaddress.IPv4Address(client.address),
+            self.topology.pool.group,
+            client.key,
+            time.time(),  # the routers check it against their wall clock
+            self.rng,
+        )
+        with contextlib.suppress(OSError):
+            client.igmp.sendto(packet, (mroute.ALL_V3_ROUTERS, 0))
+            client.registrations += 1
 
     def _read(self, client: _Client) -> None:
         while True:
@@ -514,13 +565,38 @@ class Prober:
             client.replies += 1
             self.answers[server] += 1
 
+    def participants(self) -> list[_Client]:
+        """The clients that hold the pool's key (all of them, in a public pool)."""
+        return [c for c in self.clients.values() if self.topology.clients[c.name].authorized]
+
+    def outsiders(self) -> list[_Client]:
+        return [c for c in self.clients.values() if not self.topology.clients[c.name].authorized]
+
     def served_since(self, since: float) -> int:
-        return sum(1 for c in self.clients.values() if c.last_reply >= since)
+        return sum(1 for c in self.participants() if c.last_reply >= since)
 
     def close(self) -> None:
         self.selector.close()
         for client in self.clients.values():
             client.sock.close()
+            if client.igmp is not None:
+                client.igmp.close()
+
+
+def _report_socket(ns: str, iface: str) -> socket.socket:
+    """A raw socket inside `ns` that sends whole IGMP packets (header, Router Alert
+    and all, as `registration` builds them) out of `iface`. IPPROTO_RAW implies
+    IP_HDRINCL and receives nothing, so it never needs draining."""
+    sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        # Device names are looked up in the socket's own namespace.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 # -- the scenario ------------------------------------------------------------------------
@@ -545,8 +621,12 @@ class LabRun:
     dead: set[str] = field(default_factory=set)
 
     def live_servers(self) -> list[str]:
+        """The pool's running servers; an outsider (`authorized = false`) is none of
+        them: its allocation is its own claim, and it takes no operator's command."""
         return sorted(
-            s for s in self.topology.servers if s not in self.dead and self.lab.pid(s, "server")
+            s
+            for s, spec in self.topology.servers.items()
+            if spec.authorized and s not in self.dead and self.lab.pid(s, "server")
         )
 
     def step(self, step: Step, prober: Prober) -> None:
@@ -597,12 +677,13 @@ class LabRun:
                 while steps and steps[0].at <= now:
                     self.step(steps.pop(0), prober)
                     recovery.append(None)
+                participants = prober.participants()
                 for i, event in enumerate(self.events):
                     if recovery[i] is None and all(
-                        c.last_reply > event["at"] for c in prober.clients.values()
+                        c.last_reply > event["at"] for c in participants
                     ):
                         recovery[i] = round(
-                            max(c.last_reply for c in prober.clients.values()) - event["at"], 2
+                            max((c.last_reply for c in participants), default=now) - event["at"], 2
                         )
                 if now >= next_report:
                     next_report += 1.0
@@ -611,13 +692,16 @@ class LabRun:
                             Progress(
                                 now,
                                 prober.served_since(now - window),
-                                len(prober.clients),
+                                len(participants),
                                 dict(prober.answers),
                                 self._entries(),
                             )
                         )
             end = prober.now()
-            clients = list(prober.clients.values())
+            # Outsiders (`authorized = false`) are not the pool's clients: they are
+            # reported apart, and should have had no answer at all.
+            clients = prober.participants()
+            outsiders = prober.outsiders()
             owners = self.owners([c.address for c in clients])
             wrong = sorted(
                 c.name
@@ -637,6 +721,8 @@ class LabRun:
                     sorted(Counter(c.server for c in clients if c.server).items())
                 ),
                 "clients_not_at_owner": wrong,
+                "outsiders": len(outsiders),
+                "outsider_answers": sum(c.replies for c in outsiders),
                 "events": self.events,
                 "mfc_entries": {r: len(self.lab.mfc(r)) for r in self.topology.routers},
             }

@@ -280,6 +280,7 @@ class RouterDaemon:
         self.entries: dict[int, dict[int, _Entry]] = {}  # group -> source -> entry
         self.dirty: set[int] = set()
         self.seen: dict[int, tuple[Any, ...]] = {}  # group -> membership last acted on
+        self.senders: dict[int, frozenset[int]] = {}  # group -> admitted senders acted on
         self.key_requests: list[int] = []
         self.next_pin_check: float | None = None
         self.router.on_group_change = self.dirty.add
@@ -330,7 +331,7 @@ class RouterDaemon:
             return
         if group not in self.seen:
             self.seen[group] = self._membership(group)
-        outs, owners = self._decide(source, group, vif)
+        outs, owners = self._decide(source, group, vif, upcall=True)
         self.mroute.set_entry(source, group, vif, outs)
         self.entries.setdefault(group, {})[source] = _Entry(vif, outs, owners)
         done = time.monotonic()
@@ -358,6 +359,15 @@ class RouterDaemon:
             group = self.key_requests.pop(0)
             raw = self.directory.get(group)
             self.router.provide_key(group, raw, KEY_TTL, now, None if raw else "no key")
+        if self.router.admission is not None:
+            # A participant's registration admits it as a sender without changing the
+            # membership (and the core forgets it on expiry): an entry installed while
+            # it was refused must be rewritten all the same.
+            for group, senders in self.router.senders.items():
+                current = frozenset(senders)
+                if self.senders.get(group, frozenset()) != current:
+                    self.senders[group] = current
+                    self.dirty.add(group)
         for frame in self.router.take_frames():
             sock = self.send_socks.get(frame.iface)
             if sock is None:
@@ -374,10 +384,13 @@ class RouterDaemon:
     # decisions -----------------------------------------------------------------------
     def _membership(self, group: int) -> tuple[Any, ...]:
         members = self.router.members.get(group, {})
-        return tuple(sorted((o, m.iface, m.neighbor, m.filter) for o, m in members.items()))
+        return (
+            tuple(sorted((o, m.iface, m.neighbor, m.filter) for o, m in members.items())),
+            self.senders.get(group, frozenset()),
+        )
 
     def _decide(
-        self, source: int, group: int, parent: int
+        self, source: int, group: int, parent: int, *, upcall: bool = False
     ) -> tuple[frozenset[int], frozenset[int]]:
         """The core's decision for (source, group) arriving on VIF `parent`, as VIFs."""
         members = self.router.members.get(group, {})
@@ -386,6 +399,10 @@ class RouterDaemon:
         if self.router.admission is not None and not self.router.sender_allowed(
             iface, source, group
         ):
+            if upcall:
+                # The kernel drops the source's later packets by the empty entry,
+                # unseen: the refusal is counted once per source, here.
+                self.router.stats.rejected["unauthorized sender"] += 1
             return frozenset(), owners
         outs = frozenset(
             self.vif_of[i] for i, _ in self.router.resolve(source, group) if i in self.vif_of

@@ -38,6 +38,27 @@ from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_
 Resolver = Callable[[str], tuple[ipaddress.IPv4Address, int]]
 
 
+def registration(
+    address: ipaddress.IPv4Address,
+    group: ipaddress.IPv4Address,
+    key: Ed25519PrivateKey,
+    wall: float,
+    rng: random.Random,
+) -> bytes:
+    """A participant's registration as it goes on the wire: a signed join for `group`
+    whose only include mask is `address`/32, so that its first-hop router lets it
+    send to the private group without delivering the group's traffic to it.
+
+    `wall` is the sender's wall clock (seconds since the Unix epoch), which routers
+    check against theirs; `rng` gives the join's random key (no two joins alike).
+    """
+    me = PortionSet((Portion(4, int(address), 0xFFFFFFFF),))
+    record = record_for(group, me, RecordType.MODE_IS_INCLUDE)
+    signed = SignedJoin(int(wall * 1000), address, rng.randbytes(8))
+    report = sign_join(IGMPv3Report((record,), signed), key)
+    return igmp_packet(report, address).to_wire()
+
+
 @dataclass
 class ClientStats:
     requests_ok: int = 0
@@ -144,11 +165,8 @@ class Client(Node):
         """A signed join naming only ourselves: we take part in the pool as a sender."""
         assert self.key is not None
         group, _ = self.resolve(self.service)
-        me = PortionSet((Portion(4, int(self.address), 0xFFFFFFFF),))
-        record = record_for(group, me, RecordType.MODE_IS_INCLUDE)
-        signed = SignedJoin(int((self.wall_base + now) * 1000), self.address, self.rng.randbytes(8))
-        report = sign_join(IGMPv3Report((record,), signed), self.key)
-        self.send(self.host.iface, igmp_packet(report, self.address).to_wire(), self.host.gateway)
+        packet = registration(self.address, group, self.key, self.wall_base + now, self.rng)
+        self.send(self.host.iface, packet, self.host.gateway)
         self.timers.arm("register", now + self.register_every)
 
     def _connect(self, now: float) -> None:
