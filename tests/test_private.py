@@ -892,3 +892,23 @@ def test_a_configured_key_replaces_dns_and_a_wrong_one_admits_no_one() -> None:
         run = PoolRun(loads(text), "memory", seed=3)
         run.run_sync(3.0)
         assert run.summary()["clients_served_at_end"] == served
+
+
+def test_a_sender_that_stops_registering_is_refused_after_the_hold_time() -> None:
+    router = make_router()
+    changed: list[int] = []
+    router.on_group_change = changed.append  # what a kernel data plane listens to
+    router.receive("eth0", registration(C1), 0.0)
+    router.take_frames()
+    router.receive("eth0", datagram(C1), 1.0)
+    router.take_frames()
+    assert rejected(router).get("unauthorized sender", 0) == 0
+    # No refresh: when the hold time passes the registration lapses, and the group's
+    # forwarding entries are invalidated so a kernel drops them too.
+    changed.clear()
+    deadline = router.next_deadline()
+    assert deadline is not None and deadline <= 30.0
+    router.on_timer(deadline)
+    assert changed == [int(GROUP)]
+    router.receive("eth0", datagram(C1), deadline + 0.1)
+    assert rejected(router).get("unauthorized sender", 0) == 1

@@ -438,19 +438,21 @@ class Router(Node):
             self.on_group_change(group)
 
     def _arm_expiry(self) -> None:
-        soonest = min(
-            (m.expires for members in self.members.values() for m in members.values()),
-            default=None,
-        )
+        expiries = [m.expires for members in self.members.values() for m in members.values()]
+        expiries += [t for senders in self.senders.values() for t in senders.values()]
+        soonest = min(expiries, default=None)
         if soonest is None:
             self.timers.cancel("expire")
         else:
             self.timers.arm("expire", soonest)
 
     def _expire(self, now: float) -> None:
-        for senders in self.senders.values():
-            for sender in [s for s, expires in senders.items() if expires <= now]:
+        for group, senders in self.senders.items():
+            lapsed = [s for s, expires in senders.items() if expires <= now]
+            for sender in lapsed:
                 del senders[sender]
+            if lapsed:
+                self._invalidate(group)  # a kernel data plane must drop their entries
         for group, members in self.members.items():
             gone = [origin for origin, m in members.items() if m.expires <= now]
             for origin in gone:
