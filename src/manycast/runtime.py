@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from manycast.dnsserver import EmbeddedServer
 from manycast.drivers.memory import MemoryNetwork
-from manycast.drivers.overlay import OverlayNetwork, assign_endpoints
+from manycast.drivers.overlay import OverlayNetwork
 from manycast.naming import NamingError, PoolRecord, lookup_group_async
 from manycast.pool import Nodes, Scenario, build
 from manycast.protocol.client import Client
@@ -74,7 +74,7 @@ class PoolRun:
         if self.driver == "memory":
             self._net = MemoryNetwork.build(self.nodes.links, self.nodes.running(), seed=self.seed)
         else:
-            endpoints = assign_endpoints(self.nodes.links, self.base_port, self.topology.hosts)
+            endpoints = self.topology.endpoints(self.base_port)
             self._net = OverlayNetwork(
                 self.nodes.links, endpoints, self.nodes.running(), seed=self.seed
             )

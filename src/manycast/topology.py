@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from manycast.drivers.links import Attachment, LinkSpec
+from manycast.drivers.overlay import assign_endpoints
 from manycast.protocol.node import Interface
 from manycast.space import AddressSpace, SpaceError
 
@@ -153,11 +154,7 @@ class Topology:
     def endpoints(self, base_port: int = 47000) -> dict[tuple[str, str], tuple[str, int]]:
         """Overlay UDP endpoints: one port per (node, interface), in a fixed order so
         every process that loads this file agrees."""
-        ports: dict[tuple[str, str], tuple[str, int]] = {}
-        pairs = [(n, i) for n in sorted(self.interfaces) for i in sorted(self.interfaces[n])]
-        for index, (node, iface) in enumerate(pairs):
-            ports[(node, iface)] = (self.hosts.get(node, "127.0.0.1"), base_port + index)
-        return ports
+        return assign_endpoints(self.links.values(), base_port, self.hosts)
 
 
 # -- parsing -------------------------------------------------------------------

@@ -18,14 +18,8 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from manycast.auth import AuthError, ReplayCache, Verdict, public_key, verify_join
+from manycast.naming import DEFAULT_PLAN
 from manycast.wire.membership import IGMPv3Report
-
-PRIVATE_LOW, PRIVATE_HIGH = 0xE8000000, 0xEFFFFFFF  # 232.0.0.0 - 239.255.255.255 (Fig 2)
-
-
-def seed_private(group: int) -> bool:
-    """The seed's split: 224-231 public, 232-239 private."""
-    return PRIVATE_LOW <= group <= PRIVATE_HIGH
 
 
 @dataclass
@@ -38,7 +32,7 @@ class _Key:
 class Admission:
     def __init__(
         self,
-        is_private: Callable[[int], bool] = seed_private,
+        is_private: Callable[[int], bool] = DEFAULT_PLAN.is_private_int,
         window: float = 30.0,
         wall_base: float = 0.0,
         negative_ttl: float = 5.0,
