@@ -3,13 +3,20 @@ and the compiled addresses and routes are the documented ones."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from fractions import Fraction
 from importlib.resources import files
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
+from manycast.errors import ConfigError, ManycastError
+from manycast.policy import PolicyName
+from manycast.protocol.technique import Technique
+from manycast.steps import Action, Add, ClientRate, Kill, Rebalance, SetShare
 from manycast.topology import Topology, TopologyError, builtin, load, loads
+from manycast.topology.compiler import STEP_READERS
 
 BASE = """\
 [pool]
@@ -92,7 +99,9 @@ def test_demo_loads_as_documented() -> None:
         (10.0, "kill"),
         (15.0, "add"),
     ]
-    assert topo.scenario[0].args == {"server": "s1", "share": Fraction(1, 5)}
+    first = topo.scenario[0]
+    assert isinstance(first, SetShare)
+    assert (first.server, first.share) == ("s1", Fraction(1, 5))
     assert topo.duration == 20.0
 
 
@@ -200,7 +209,26 @@ LINE_ERRORS = {
         edit('policy = "equal"', f'policy = "equal"\nspace = "2001:db8::/32"  {MARK}'),
         "the live pool serves IPv4 clients",
     ),
+    "unknown policy": (
+        edit('policy = "equal"', f'policy = "fair"  {MARK}'),
+        "policy 'fair': expected one of equal, weighted, striped",
+    ),
+    "unknown technique": (
+        edit('policy = "equal"', f'policy = "equal"\ntechnique = "r9"  {MARK}'),
+        "technique 'R9': expected one of R1, R2, R3, R4",
+    ),
 }
+
+
+def test_unknown_action_lists_every_action() -> None:
+    error = error_of(edit('action = "kill"', 'action = "reboot"'))
+    assert "expected one of set_share, kill, add, rebalance, client_rate" in error
+
+
+def test_topology_error_is_a_config_error() -> None:
+    assert issubclass(TopologyError, ConfigError)
+    assert issubclass(TopologyError, ManycastError)
+    assert issubclass(TopologyError, ValueError)  # what callers caught before
 
 
 @pytest.mark.parametrize(("text", "message"), LINE_ERRORS.values(), ids=LINE_ERRORS.keys())
@@ -349,3 +377,83 @@ def test_overlay_endpoints_count_up_in_name_order(topo: Topology) -> None:
     assert [ports[p][1] for p in pairs] == list(range(50000, 50000 + len(pairs)))
     assert all(host == "127.0.0.1" for host, _ in ports.values())
     assert len(pairs) == sum(len(i) for i in topo.interfaces.values())
+
+
+# -- typed scenario steps, enums, layering ----------------------------------------------------
+
+SCENARIO = (
+    BASE.replace('subnet = "192.168.7.0/30"\n', 'subnet = "192.168.7.0/30"\nstandby = true\n')
+    + """
+[[clients]]
+name = "edge2"
+router = "ra"
+subnet = "10.2.0.0/24"
+
+[[scenario]]
+at = 4.0
+action = "client_rate"
+clients = "edge2"
+rate = 7
+
+[[scenario]]
+at = 2.0
+action = "set_share"
+server = "s1"
+share = 0.2
+
+[[scenario]]
+at = 3
+action = "add"
+server = "s2"
+
+[[scenario]]
+at = 5.0
+action = "rebalance"
+"""
+)
+
+
+def test_scenario_steps_are_typed_and_keep_their_line() -> None:
+    topo = loads(SCENARIO)
+    headers = [n for n, body in enumerate(SCENARIO.splitlines(), 1) if body == "[[scenario]]"]
+    kill, rate, share, add, rebalance = headers
+    assert topo.scenario == [
+        Kill(at=1.0, line=kill, server="s1"),
+        SetShare(at=2.0, line=share, server="s1", share=Fraction(1, 5)),
+        Add(at=3.0, line=add, server="s2"),
+        ClientRate(at=4.0, line=rate, clients="edge2", rate=7.0),
+        Rebalance(at=5.0, line=rebalance, target=1.1),
+    ]
+    assert [s.describe() for s in topo.scenario[:2]] == [
+        "kill server=s1",
+        "set_share server=s1 share=1/5",
+    ]
+
+
+def test_every_action_has_a_reader() -> None:
+    assert set(STEP_READERS) == set(Action)
+
+
+def test_technique_and_policy_are_enums() -> None:
+    pool = loads(edit('policy = "equal"', 'policy = "striped"\ntechnique = "r3"')).pool
+    assert pool.technique is Technique.R3
+    assert pool.policy is PolicyName.STRIPED
+    assert pool.technique == "R3" and pool.policy == "striped"  # still strings
+
+
+def test_topology_imports_no_driver() -> None:
+    # The package's own __init__ is skipped: this is about what the topology imports.
+    code = (
+        "import importlib.util, sys, types\n"
+        "spec = importlib.util.find_spec('manycast')\n"
+        "package = types.ModuleType('manycast')\n"
+        "package.__path__ = list(spec.submodule_search_locations)\n"
+        "sys.modules['manycast'] = package\n"
+        "import manycast.topology\n"
+        "print(sorted(m for m in sys.modules if m.startswith('manycast.drivers')"
+        " or m.split('.')[0] in ('asyncio', 'dns', 'cryptography')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]"

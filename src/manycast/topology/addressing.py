@@ -1,0 +1,176 @@
+"""Addresses for every interface, the links they make, and the overlay's endpoint map.
+
+Unless a link or LAN names its own subnet: router-to-router links get /30s from
+10.255.0.0/16, each server a /30 to its router from 10.254.0.0/16, and each client
+group one LAN whose first address is the router.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NoReturn
+
+from manycast.errors import ConfigError
+from manycast.ports import DEFAULT_HOST
+from manycast.protocol.node import Interface
+from manycast.topology.links import Attachment, LinkSpec
+
+# router -> (peer router, cost, link name): the graph routing runs on
+Graph = dict[str, list[tuple[str, float, str]]]
+# Raises a TopologyError naming `line` (0: the whole file).
+Fail = Callable[[str, int], NoReturn]
+
+_ROUTER_LINKS = ipaddress.IPv4Network("10.255.0.0/16")
+_SERVER_LINKS = ipaddress.IPv4Network("10.254.0.0/16")
+_SERVER_LINK_DELAY = 0.0005
+
+
+@dataclass(frozen=True)
+class RouterLink:
+    """A `[[link]]` between two routers, as read."""
+
+    a: str
+    b: str
+    delay: float
+    loss: float
+    subnet: ipaddress.IPv4Network | None
+    line: int
+
+
+@dataclass(frozen=True)
+class ServerLink:
+    """A server's link to its router, as read (`subnet` None: pick one)."""
+
+    server: str
+    router: str
+    subnet: ipaddress.IPv4Network | None
+    line: int
+
+
+@dataclass(frozen=True)
+class Lan:
+    """A `[[clients]]` group's LAN: its router, subnet and members, as read."""
+
+    group: str
+    router: str
+    subnet: ipaddress.IPv4Network
+    members: tuple[str, ...]
+    delay: float
+    loss: float
+    stride: int
+    line: int
+
+
+@dataclass
+class Wiring:
+    """What address assignment produces: each node's interfaces, the links, each
+    host's gateway (interface, router address), routers' router-facing interfaces."""
+
+    interfaces: dict[str, dict[str, Interface]]
+    links: dict[str, LinkSpec] = field(default_factory=dict)
+    gateways: dict[str, tuple[str, ipaddress.IPv4Address]] = field(default_factory=dict)
+    router_ifaces: dict[str, set[str]] = field(default_factory=dict)
+    graph: Graph = field(default_factory=dict)
+
+
+def assign_addresses(
+    routers: Sequence[str],
+    router_links: Sequence[RouterLink],
+    server_links: Sequence[ServerLink],
+    lans: Sequence[Lan],
+    fail: Fail,
+) -> Wiring:
+    """Give every interface an address, in file order: router links, then servers,
+    then client LANs; subnets named in the file are taken first come, checked for
+    overlaps, and automatic ones skip whatever is already taken."""
+    nodes = [*routers, *(s.server for s in server_links), *(m for lan in lans for m in lan.members)]
+    wiring = Wiring(
+        interfaces={n: {} for n in nodes},
+        router_ifaces={r: set() for r in routers},
+        graph={r: [] for r in routers},
+    )
+    used: list[ipaddress.IPv4Network] = []
+
+    def take(network: ipaddress.IPv4Network, line: int) -> ipaddress.IPv4Network:
+        if network.num_addresses < 4:
+            fail(f"subnet {network} is too small: a link needs at least a /30", line)
+        if network.is_multicast:
+            fail(f"subnet {network} is multicast: hosts need unicast addresses", line)
+        for other in used:
+            if network.overlaps(other):
+                fail(f"subnet {network} overlaps {other}", line)
+        used.append(network)
+        return network
+
+    automatic = {
+        "router": iter(_ROUTER_LINKS.subnets(new_prefix=30)),
+        "server": iter(_SERVER_LINKS.subnets(new_prefix=30)),
+    }
+
+    def next_free(kind: str) -> ipaddress.IPv4Network:
+        for candidate in automatic[kind]:
+            if not any(candidate.overlaps(u) for u in used):
+                return candidate
+        fail(f"ran out of automatic {kind} link subnets", 0)
+
+    def attach(
+        node: str, link: str, address: ipaddress.IPv4Address, network: ipaddress.IPv4Network
+    ) -> Attachment:
+        iface = f"eth{len(wiring.interfaces[node])}"
+        wiring.interfaces[node][iface] = Interface(iface, link, address, network)
+        return Attachment(node, iface, int(address))
+
+    links = wiring.links
+    for rl in router_links:
+        network = take(rl.subnet or next_free("router"), rl.line)
+        hosts_iter = network.hosts()
+        name = f"{rl.a}-{rl.b}"
+        if name in links or f"{rl.b}-{rl.a}" in links:
+            fail(f"routers {rl.a} and {rl.b} are linked twice", rl.line)
+        att_a = attach(rl.a, name, next(hosts_iter), network)
+        att_b = attach(rl.b, name, next(hosts_iter), network)
+        wiring.router_ifaces[rl.a].add(att_a.iface)
+        wiring.router_ifaces[rl.b].add(att_b.iface)
+        links[name] = LinkSpec(name, (att_a, att_b), rl.delay, rl.loss)
+        # A tiny cost per hop: among equal delays, fewer hops win.
+        wiring.graph[rl.a].append((rl.b, rl.delay + 1e-6, name))
+        wiring.graph[rl.b].append((rl.a, rl.delay + 1e-6, name))
+
+    for sl in server_links:
+        network = take(sl.subnet or next_free("server"), sl.line)
+        hosts_iter = network.hosts()
+        name = f"{sl.router}-{sl.server}"
+        router_address = next(hosts_iter)
+        att_r = attach(sl.router, name, router_address, network)
+        att_s = attach(sl.server, name, next(hosts_iter), network)
+        links[name] = LinkSpec(name, (att_r, att_s), _SERVER_LINK_DELAY)
+        wiring.gateways[sl.server] = (att_s.iface, router_address)
+
+    for lan in lans:
+        network = take(lan.subnet, lan.line)
+        router_address = network.network_address + 1
+        name = f"{lan.router}-{lan.group}"
+        attachments = [attach(lan.router, name, router_address, network)]
+        for index, member in enumerate(lan.members):
+            attachment = attach(member, name, router_address + 1 + index * lan.stride, network)
+            attachments.append(attachment)
+            wiring.gateways[member] = (attachment.iface, router_address)
+        links[name] = LinkSpec(name, tuple(attachments), lan.delay, lan.loss)
+    return wiring
+
+
+def assign_endpoints(
+    links: Iterable[LinkSpec],
+    base_port: int,
+    hosts: Mapping[str, str] | None = None,
+    default_host: str = DEFAULT_HOST,
+) -> dict[tuple[str, str], tuple[str, int]]:
+    """The overlay's endpoint map, deterministic: attachments sorted by (node, iface)
+    get consecutive UDP ports from `base_port`; `hosts` places nodes on other machines."""
+    keys = sorted({(m.node, m.iface) for link in links for m in link.members})
+    if base_port < 1 or base_port + len(keys) - 1 > 65535:
+        raise ConfigError(f"ports {base_port}..{base_port + len(keys) - 1} are not all valid")
+    hosts = hosts or {}
+    return {key: (hosts.get(key[0], default_host), base_port + i) for i, key in enumerate(keys)}

@@ -1,0 +1,378 @@
+"""Checking a parsed topology file, section by section, and compiling it into a Topology."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, NoReturn
+
+from manycast.addressplan import AddressPlan, NamingError
+from manycast.policy import PolicyName
+from manycast.protocol.technique import Technique
+from manycast.space import AddressSpace, SpaceError
+from manycast.steps import Action, Add, ClientRate, Kill, Rebalance, SetShare, Step
+from manycast.topology.addressing import Lan, RouterLink, ServerLink, assign_addresses
+from manycast.topology.reader import Lines, TableReader, fail_at
+from manycast.topology.routing import reachable, routes
+from manycast.topology.spec import ClientSpec, PoolSpec, RouterSpec, ServerSpec, Topology
+
+SECTIONS = ("pool", "router", "server", "clients", "link", "scenario", "run")
+
+
+def compile_topology(source: str, text: str, data: dict[str, Any]) -> Topology:
+    """Check `data` (parsed from `text`) and compile it; errors name `source` and a line."""
+    return _Compiler(source, Lines(text), data).compile()
+
+
+class _Compiler:
+    def __init__(self, source: str, lines: Lines, data: dict[str, Any]):
+        self.source, self.lines, self.data = source, lines, data
+        self.names: dict[str, str] = {}  # every node or group name -> the table that made it
+
+    def fail(self, message: str, line: int = 0) -> NoReturn:
+        fail_at(self.source, line, message)
+
+    def tables(self, kind: str) -> Iterator[TableReader]:
+        items = self.data.get(kind, [])
+        if not isinstance(items, list):
+            self.fail(
+                f"'{kind}' must be written [[{kind}]] (an array of tables)", self.lines.table(kind)
+            )
+        for index, item in enumerate(items):
+            yield TableReader(self.source, self.lines, kind, index, item)
+
+    def claim(self, name: str, reader: TableReader) -> None:
+        if name in self.names:
+            reader.fail(f"name {name!r} is already used by a {self.names[name]}", "name")
+        self.names[name] = reader.kind
+
+    def compile(self) -> Topology:
+        for key in self.data:
+            if key not in SECTIONS:
+                self.fail(
+                    f"unknown section '{key}' (expected one of {', '.join(sorted(SECTIONS))})",
+                    self.lines.table(key) or self.lines.table(key, 0),
+                )
+        pool = read_pool(
+            TableReader(self.source, self.lines, "pool", None, self.data.get("pool", {}))
+        )
+        routers = self.routers()
+        servers, server_links = self.servers(routers)
+        clients, lans = self.clients(routers)
+        router_links = self.router_links(routers)
+        scenario = read_scenario(self.tables("scenario"), servers, {lan.group for lan in lans})
+        duration, hosts = self.run()
+        wiring = assign_addresses(list(routers), router_links, server_links, lans, self.fail)
+        for router in routers:
+            seen = reachable(router, wiring.graph)
+            if len(seen) != len(routers):
+                missing = sorted(set(routers) - seen)
+                self.fail(f"router {router} cannot reach {', '.join(missing)}: add [[link]]s")
+        return Topology(
+            self.source,
+            pool,
+            routers,
+            servers,
+            clients,
+            wiring.links,
+            wiring.interfaces,
+            {r: routes(r, routers, wiring.graph, wiring.interfaces) for r in routers},
+            wiring.gateways,
+            wiring.router_ifaces,
+            scenario,
+            duration,
+            hosts,
+        )
+
+    def routers(self) -> dict[str, RouterSpec]:
+        routers: dict[str, RouterSpec] = {}
+        for r in self.tables("router"):
+            name = r.name()
+            self.claim(name, r)
+            routers[name] = RouterSpec(name)
+            r.done()
+        if not routers:
+            self.fail("a topology needs at least one [[router]]")
+        return routers
+
+    def servers(
+        self, routers: Mapping[str, RouterSpec]
+    ) -> tuple[dict[str, ServerSpec], list[ServerLink]]:
+        servers: dict[str, ServerSpec] = {}
+        links: list[ServerLink] = []
+        for s in self.tables("server"):
+            name = s.name()
+            self.claim(name, s)
+            router = s.get("router", str)
+            if router not in routers:
+                s.fail(f"server {name}: no router named {router!r}", "router")
+            servers[name] = ServerSpec(
+                name,
+                router,
+                s.number("weight", 1.0, low=0.0),
+                s.get("standby", bool, False),
+                s.get("authorized", bool, True),
+            )
+            links.append(ServerLink(name, router, s.network("subnet", None), s.line("subnet")))
+            s.done()
+        if not any(not s.standby for s in servers.values()):
+            self.fail("a topology needs at least one [[server]] that is not on standby")
+        return servers, links
+
+    def clients(self, routers: Mapping[str, RouterSpec]) -> tuple[dict[str, ClientSpec], list[Lan]]:
+        clients: dict[str, ClientSpec] = {}
+        lans: list[Lan] = []
+        for c in self.tables("clients"):
+            group = c.name()
+            self.claim(group, c)
+            router = c.get("router", str)
+            if router not in routers:
+                c.fail(f"clients {group}: no router named {router!r}", "router")
+            count_value = c.number("count", 1, low=1, high=65000)
+            if count_value != int(count_value):
+                c.fail(f"'count' = {count_value} must be a whole number", "count")
+            count = int(count_value)
+            subnet = c.network("subnet")
+            assert subnet is not None
+            stride = int(c.number("stride", 1, low=1, high=65536))
+            authorized = c.get("authorized", bool, True)
+            if subnet.num_addresses - 2 < count * stride + 1:
+                c.fail(f"subnet {subnet} is too small for a router and {count} clients", "subnet")
+            rate = c.number("rate", 2.0, low=0.0, high=10000.0)
+            delay = c.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
+            loss = c.number("loss", 0.0, low=0.0, high=0.99)
+            members = tuple(f"{group}{i}" for i in range(1, count + 1))
+            for member in members:
+                if member in self.names:
+                    c.fail(f"client name {member!r} clashes with a {self.names[member]}", "name")
+                self.names[member] = "client"
+                clients[member] = ClientSpec(member, group, router, rate, authorized)
+            lans.append(Lan(group, router, subnet, members, delay, loss, stride, c.line("subnet")))
+            c.done()
+        return clients, lans
+
+    def router_links(self, routers: Mapping[str, RouterSpec]) -> list[RouterLink]:
+        links: list[RouterLink] = []
+        for link in self.tables("link"):
+            between = link.get("between", list)
+            if len(between) != 2 or not all(isinstance(n, str) for n in between):
+                link.fail("'between' must name two routers", "between")
+            a, b = between
+            for n in (a, b):
+                if n not in routers:
+                    link.fail(
+                        f"link: {n!r} is not a router (servers and clients attach with 'router')",
+                        "between",
+                    )
+            if a == b:
+                link.fail("a link needs two different routers", "between")
+            delay = link.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
+            loss = link.number("loss", 0.0, low=0.0, high=0.99)
+            links.append(RouterLink(a, b, delay, loss, link.network("subnet", None), link.line()))
+            link.done()
+        return links
+
+    def run(self) -> tuple[float, dict[str, str]]:
+        """The `[run]` table: how long, and which nodes run on other hosts."""
+        run = TableReader(self.source, self.lines, "run", None, self.data.get("run", {}))
+        duration = run.number("duration", 20.0, low=0.1, high=86400.0)
+        hosts_table = run.get("hosts", dict, {})
+        run.done()
+        hosts = {}
+        for node, host in hosts_table.items():
+            if node not in self.names or not isinstance(host, str):
+                run.fail(f"[run] hosts: {node!r} must name a node and a host string", "hosts")
+            hosts[node] = host
+        return duration, hosts
+
+
+# -- [pool] --------------------------------------------------------------------
+
+
+def read_pool(p: TableReader) -> PoolSpec:
+    """The `[pool]` table, every key checked (group and control group multicast and
+    distinct, a private pool's groups inside its private ranges, hysteresis)."""
+    name = p.get("name", str, "service.manycast.test")
+    group = p.address("group", "232.1.1.1")
+    if not group.is_multicast:
+        p.fail(f"group {group} is not a multicast address", "group")
+    control = p.address("control_group", "239.255.77.1")
+    if not control.is_multicast:
+        p.fail(f"control_group {control} is not a multicast address", "control_group")
+    if control == group:
+        p.fail("control_group must differ from group", "control_group")
+    port = int(p.number("port", 7000, low=1, high=65535))
+    control_port = int(p.number("control_port", 7946, low=1, high=65535))
+    try:
+        space = AddressSpace.create(
+            p.get("space", str, "0.0.0.0/0"),
+            int(p.number("index_bits", 16, low=1, high=24)),
+            p.get("index", str, "low"),
+        )
+    except SpaceError as exc:
+        p.fail(str(exc), "space")
+    if space.family != 4:
+        p.fail("the live pool serves IPv4 clients", "space")
+    policy_text = p.get("policy", str, "equal")
+    try:
+        policy = PolicyName(policy_text)
+    except ValueError:
+        p.fail(f"policy {policy_text!r}: expected one of {', '.join(PolicyName)}", "policy")
+    technique_text = p.get("technique", str, "R1").upper()
+    try:
+        technique = Technique(technique_text)
+    except ValueError:
+        p.fail(f"technique {technique_text!r}: expected one of {', '.join(Technique)}", "technique")
+    pool = PoolSpec(
+        name=name,
+        group=group,
+        port=port,
+        control_group=control,
+        control_port=control_port,
+        space=space,
+        policy=policy,
+        portions=int(p.number("portions", 30, low=1, high=space.buckets)),
+        technique=technique,
+        close_after_transaction=p.get("close_after_transaction", bool, False),
+        heartbeat_s=p.number("heartbeat_ms", 100, low=1, high=60000) / 1000,
+        heartbeat_misses=int(p.number("heartbeat_misses", 3, low=1, high=100)),
+        report_interval_s=p.number("report_interval_ms", 1000, low=10, high=600000) / 1000,
+        private=p.get("private", bool, False),
+        key_file=p.get("key_file", str, None),
+        dns=_host_port(p, "dns"),
+        private_ranges=_private_ranges(p),
+        public_key=_public_key(p),
+        rebalance_above=p.number("rebalance_above", 0.0, low=0.0, high=100.0),
+        rebalance_target=p.number("rebalance_target", 1.1, low=1.0, high=100.0),
+        rebalance_hold_s=p.number("rebalance_hold_ms", 3000, low=0, high=3600000) / 1000,
+    )
+    if pool.private:
+        plan = AddressPlan.from_text(pool.private_ranges)
+        for key, address in (("group", pool.group), ("control_group", pool.control_group)):
+            if not plan.is_private(address):
+                p.fail(
+                    f"a private pool's {key} {address} is outside the private ranges ({plan})",
+                    key,
+                )
+    if pool.rebalance_above and pool.rebalance_above <= pool.rebalance_target:
+        p.fail("rebalance_above must exceed rebalance_target (hysteresis)", "rebalance_above")
+    p.done()
+    return pool
+
+
+def _private_ranges(reader: TableReader) -> str:
+    text: str = reader.get("private_ranges", str, "232.0.0.0/5")
+    try:
+        AddressPlan.from_text(text)
+    except NamingError as exc:
+        reader.fail(f"'private_ranges': {exc}", "private_ranges")
+    return text
+
+
+def _public_key(reader: TableReader) -> bytes | None:
+    text = reader.get("public_key", str, None)
+    if text is None:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        reader.fail("'public_key' must be the base64 of a 32-byte Ed25519 key", "public_key")
+    return raw
+
+
+def _host_port(reader: TableReader, key: str) -> tuple[str, int] | None:
+    text = reader.get(key, str, None)
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        reader.fail(f"'{key}' = {text!r}: expected HOST:PORT", key)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        reader.fail(f"'{key}' = {text!r}: {host!r} is not an IP address", key)
+    return host, int(port)
+
+
+# -- [[scenario]] ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Known:
+    """What a step may name: the servers and the [[clients]] groups."""
+
+    servers: Mapping[str, ServerSpec]
+    groups: set[str]
+
+
+def _server(s: TableReader, known: _Known) -> str:
+    server: str = s.get("server", str)
+    if server not in known.servers:
+        s.fail(f"no server named {server!r}", "server")
+    return server
+
+
+def _set_share(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    server = _server(s, known)
+    share = s.number("share", low=0.0, high=1.0)
+    return SetShare(
+        at=at, line=line, server=server, share=Fraction(share).limit_denominator(1_000_000)
+    )
+
+
+def _kill(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    return Kill(at=at, line=line, server=_server(s, known))
+
+
+def _add(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    server = _server(s, known)
+    if not known.servers[server].standby:
+        s.fail(f"server {server} is not on standby (set standby = true to add it later)", "server")
+    return Add(at=at, line=line, server=server)
+
+
+def _client_rate(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    group: str = s.get("clients", str)
+    if group not in known.groups:
+        s.fail(f"no [[clients]] group named {group!r}", "clients")
+    return ClientRate(at=at, line=line, clients=group, rate=s.number("rate", low=0.0, high=10000.0))
+
+
+def _rebalance(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    return Rebalance(at=at, line=line, target=s.number("target", 1.1, low=1.0, high=100.0))
+
+
+# How each action's table is read: a new kind of step adds one entry here.
+STEP_READERS: dict[Action, Callable[[TableReader, _Known, float, int], Step]] = {
+    Action.SET_SHARE: _set_share,
+    Action.KILL: _kill,
+    Action.ADD: _add,
+    Action.REBALANCE: _rebalance,
+    Action.CLIENT_RATE: _client_rate,
+}
+
+
+def read_scenario(
+    tables: Iterator[TableReader],
+    servers: Mapping[str, ServerSpec],
+    groups: set[str],
+) -> list[Step]:
+    """The `[[scenario]]` tables as typed steps, in time order (stable for equal times)."""
+    known = _Known(servers, groups)
+    steps: list[Step] = []
+    for s in tables:
+        at = s.number("at", low=0.0)
+        action = s.get("action", str)
+        try:
+            reader = STEP_READERS[Action(action)]
+        except ValueError:
+            s.fail(f"action {action!r}: expected one of {', '.join(Action)}", "action")
+        steps.append(reader(s, known, at, s.line()))
+        s.done()
+    return sorted(steps, key=lambda step: step.at)
