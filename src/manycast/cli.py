@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from manycast import auth, dnsserver, naming
+from manycast.drivers.kernel.cli import daemon_app
 from manycast.runtime import PoolRun, Snapshot
 from manycast.topology import Topology, TopologyError, builtin, load
 
@@ -37,6 +38,7 @@ private_app = typer.Typer(help="Private pools: set one up.", no_args_is_help=Tru
 app.add_typer(private_app, name="private")
 dns_app = typer.Typer(help="The DNS records of pools.", no_args_is_help=True)
 app.add_typer(dns_app, name="dns")
+app.add_typer(daemon_app, name="daemon", hidden=True)
 
 # soft_wrap: messages are not cut at 80 columns when stderr is a file or a pipe.
 err = Console(stderr=True, soft_wrap=True)

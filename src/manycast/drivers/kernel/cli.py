@@ -1,0 +1,87 @@
+"""The lab programs' command line: `manycast daemon router|server|responder` (hidden).
+
+The lab starts each program inside its node's namespace as
+`python -m manycast daemon ROLE --node N --run-dir DIR --netns NS --seed S`; the
+topology is the copy in the run directory. Nothing here is meant to be typed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from manycast.topology import Topology
+
+daemon_app = typer.Typer(
+    help="The kernel lab's per-namespace programs (`manycast lab` starts them).",
+    no_args_is_help=True,
+)
+
+Node = Annotated[str, typer.Option(help="The topology node this program is.")]
+RunDir = Annotated[
+    Path, typer.Option(help="The lab's run directory (topology.toml, sockets, logs).")
+]
+Netns = Annotated[str | None, typer.Option(help="The network namespace to enter first.")]
+Seed = Annotated[int, typer.Option(help="Seed for every random choice.")]
+
+
+def _setup(role: str, node: str, run_dir: Path, netns: str | None) -> Topology:
+    """Logging, the namespace, the topology: what every program does first."""
+    from manycast.drivers import netns as namespaces
+    from manycast.topology import TopologyError, load
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} {node}: %(message)s")
+    if netns:
+        namespaces.enter(netns)
+    try:
+        return load(run_dir / "topology.toml")
+    except TopologyError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--run-dir") from None
+
+
+@daemon_app.command()
+def router(
+    node: Node,
+    run_dir: RunDir,
+    netns: Netns = None,
+    seed: Seed = 1,
+    pin_idle: Annotated[
+        float | None,
+        typer.Option(help="Hold an active source's moved entry until idle this long (R4)."),
+    ] = None,
+) -> None:
+    """The router daemon: the core's decisions in the kernel's multicast table."""
+    from manycast.drivers.kernel.router_daemon import RouterDaemon
+
+    topology = _setup("router", node, run_dir, netns)
+    if node not in topology.routers:
+        raise typer.BadParameter(f"{node} is not a router of this topology", param_hint="--node")
+    RouterDaemon(topology, node, run_dir, seed, pin_idle).run()
+
+
+@daemon_app.command()
+def server(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) -> None:
+    """The server agent: coordination and membership reports."""
+    from manycast.drivers.kernel.server_agent import ServerAgent
+
+    topology = _setup("server", node, run_dir, netns)
+    if node not in topology.servers:
+        raise typer.BadParameter(f"{node} is not a server of this topology", param_hint="--node")
+    ServerAgent(topology, node, run_dir, seed).run()
+
+
+@daemon_app.command()
+def responder(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) -> None:
+    """The service: a UDP counter on the group port (no randomness: `--seed` is unused)."""
+    from manycast.drivers.kernel.responder import Responder
+
+    topology = _setup("service", node, run_dir, netns)
+    if node not in topology.gateways:
+        raise typer.BadParameter(f"{node} is not a host of this topology", param_hint="--node")
+    iface, _ = topology.gateways[node]
+    pool = topology.pool
+    Responder(node, str(pool.group), pool.port, iface, run_dir).run()

@@ -1,0 +1,81 @@
+"""The service the lab serves: a UDP counter on the group port that knows nothing of manycast.
+
+It receives with an ordinary socket joined to the group, answers `<server> <count>`
+to each datagram and keeps per-source counts in `<node>.counts.json` (rewritten
+every half second). Any other program (socat, iperf) can stand in for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from manycast.drivers.kernel.control import counts_path
+from manycast.drivers.kernel.loop import KernelLoop
+from manycast.drivers.mroute import mreqn
+
+DUMP_EVERY = 0.5
+_BATCH = 1024  # datagrams read per wake-up, so control requests are not starved
+
+
+@dataclass
+class Responder:
+    """A UDP counter on the group port: `<name> <n>` back to each datagram's sender."""
+
+    name: str
+    group: str
+    port: int
+    iface: str
+    run_dir: Path
+    counts: Counter[str] = field(default_factory=Counter)
+    total: int = 0
+
+    def run(self) -> None:
+        """Serve until SIGTERM; the counts file is written once more on the way out."""
+        loop = KernelLoop(self.run_dir, self.name, "service")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind(("0.0.0.0", self.port))
+        ifindex = socket.if_nametoindex(self.iface)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn(self.group, ifindex))
+        name = self.name.encode()
+
+        def readable() -> None:
+            for _ in range(_BATCH):
+                try:
+                    _, sender = sock.recvfrom(65535)
+                except BlockingIOError:
+                    break
+                self.total += 1
+                self.counts[sender[0]] += 1
+                with contextlib.suppress(OSError):
+                    sock.sendto(b"%s %d\n" % (name, self.total), sender)
+
+        def dump_every() -> None:
+            self.dump()
+            loop.call_at(loop.now + DUMP_EVERY, dump_every)
+
+        loop.handlers["status"] = lambda _: {"server": self.name, "total": self.total}
+        loop.watch(sock, readable)
+        loop.call_at(0.0, dump_every)
+        loop.ready()
+        try:
+            loop.run_until(float("inf"))
+        finally:
+            self.dump()
+            loop.close()
+            sock.close()
+
+    def dump(self) -> None:
+        """Write the counts file atomically."""
+        path = counts_path(self.run_dir, self.name)
+        tmp = path.with_suffix(".tmp")
+        body = {"server": self.name, "total": self.total, "sources": self.counts}
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)

@@ -1,0 +1,330 @@
+"""The router daemon: the sans-I/O `Router` driving the kernel's multicast forwarding table.
+
+It opens the MRT socket, adds a VIF per interface and joins 224.0.0.22 on each
+(reports are sent there, and a host only accepts a group it joined). Extended
+membership reports go to `Router.receive`; the frames the core sends (relayed
+joins, relayed pins) go out of the interface it names. On a NOCACHE upcall for
+(S, G) the daemon installs the entry toward the interfaces `Router.resolve`
+names, possibly none (then the kernel drops (S, G) quietly instead of asking
+again). When the core says a group changed, exactly the entries of that group
+whose outgoing interfaces differ are rewritten. The kernel alone forwards
+established sources; the daemon only decides.
+
+Plain IGMP reports (no RFC 9279 extension) are ignored. Linux sends them by
+itself whenever a socket joins a group, the service's and the agent's own
+sockets included; such a join names no mask and, for an any-source join, means
+"every source", so honouring it would hand every client to whichever server
+happened to open a socket. Only the agent's extended report says which portions
+a server serves.
+
+Pinned paths (R4) are per source here: when a change would move an (S, G) entry
+away from an owner that is still a member (take an outgoing interface away, not
+only add one), the old entry stays while its kernel packet counter keeps
+increasing, and is rewritten once it has been idle for `pin_idle` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from manycast.drivers.kernel.loop import KernelLoop
+from manycast.drivers.kernel.sockets import control_socket, recv_with_pktinfo, udp_packet
+from manycast.drivers.mroute import IGMPMSG_NOCACHE, MrouteSocket, Received, mreqn
+from manycast.naming import key_from_directory
+from manycast.protocol.node import Frame, Node
+from manycast.protocol.router import GroupChanged, KeyNeeded
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPPROTO_IGMP, IPv4Packet, peek_v4
+from manycast.wire.membership import IGMP_V3_REPORT, IGMPv3Report
+
+if TYPE_CHECKING:
+    from manycast.protocol.router import Router
+    from manycast.topology import Topology
+
+log = logging.getLogger("manycast.kernel.router")
+
+
+@dataclass
+class _Entry:
+    """What the daemon installed for one (S, G)."""
+
+    parent: int
+    outs: frozenset[int]
+    owners: frozenset[int]  # the members whose filters matched S at install time
+    held: int | None = None  # the packet counter when a move was postponed (R4)
+
+
+@dataclass
+class RouterDaemonStats:
+    upcalls: int = 0
+    installed: int = 0
+    rewritten: int = 0
+    held: int = 0
+    released: int = 0
+    reports: int = 0
+    plain_reports_ignored: int = 0
+    install_seconds: float = 0.0  # upcall read to entry installed, summed
+    first_upcall: float | None = None
+    last_install: float | None = None
+
+
+def _is_extended(report: IGMPv3Report) -> bool:
+    """Whether the report carries manycast's RFC 9279 extensions (masks or a signed join)."""
+    return report.signed is not None or any(
+        r.include_masks or r.exclude_masks for r in report.records
+    )
+
+
+class RouterDaemon:
+    def __init__(
+        self, topology: Topology, name: str, run_dir: Path, seed: int, pin_idle: float | None
+    ) -> None:
+        from manycast.pool import build
+
+        self.loop = KernelLoop(run_dir, name, "router", send=self._send, after=self._after)
+        self.loop.on_effect = self._on_effect
+        nodes = build(topology, seed=seed, wall_base=self.loop.wall_base, only={name})
+        self.router: Router = nodes.routers[name]
+        self.directory = nodes.directory
+        self.pin_idle = pin_idle
+        self.stats = RouterDaemonStats()
+        interfaces = topology.interfaces[name]
+        self.vif_of: dict[str, int] = {}
+        self.iface_of_vif: dict[int, str] = {}
+        self.iface_of_index: dict[int, str] = {}
+        self.own = {i.address for i in interfaces.values()}
+        self.mroute = MrouteSocket()
+        self.send_socks: dict[str, socket.socket] = {}
+        for vif, iface in enumerate(sorted(interfaces)):
+            ifindex = socket.if_nametoindex(iface)
+            self.mroute.add_vif(vif, ifindex)
+            self.mroute.join(ifindex)
+            self.vif_of[iface], self.iface_of_vif[vif] = vif, iface
+            self.iface_of_index[ifindex] = iface
+            out = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            out.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+            out.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+            out.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn("0.0.0.0", ifindex))
+            self.send_socks[iface] = out
+        # Pin requests and other unicast control messages for the router itself.
+        self.control = control_socket(topology.pool.control_port)
+        self.entries: dict[int, dict[int, _Entry]] = {}  # group -> source -> entry
+        self.dirty: set[int] = set()
+        self.seen: dict[int, tuple[Any, ...]] = {}  # group -> membership last acted on
+        self.senders: dict[int, frozenset[int]] = {}  # group -> admitted senders acted on
+        self.pin_check_due = False
+        self.loop.watch(self.mroute.sock, self._on_mroute)
+        self.loop.watch(self.control, self._on_control)
+        self.loop.handlers["status"] = self._status
+        self.loop.add(self.router)
+
+    # events ------------------------------------------------------------------------
+    def _on_mroute(self) -> None:
+        for item in self.mroute.read():
+            if isinstance(item, Received):
+                self._on_igmp(item)
+            elif item.kind == IGMPMSG_NOCACHE:
+                self._on_nocache(item.vif, item.source, item.group)
+
+    def _on_igmp(self, item: Received) -> None:
+        iface = self.iface_of_index.get(item.ifindex)
+        if iface is None:
+            return
+        try:
+            ip = IPv4Packet.from_wire(item.packet)
+            if ip.header.src in self.own:
+                return
+            if ip.header.protocol != IPPROTO_IGMP or ip.payload[:1] != bytes([IGMP_V3_REPORT]):
+                return  # a query or an older report: not a join for us
+            report = IGMPv3Report.from_wire(ip.payload)
+        except WireError:
+            self.router.stats.malformed += 1
+            self.router.stats.rejected["malformed"] += 1
+            return
+        if not _is_extended(report):
+            self.stats.plain_reports_ignored += 1
+            return
+        self.stats.reports += 1
+        self.router.receive(iface, item.packet, self.loop.now)
+
+    def _on_control(self) -> None:
+        port = self.control.getsockname()[1]
+        while (got := recv_with_pktinfo(self.control)) is not None:
+            data, (src, sport), ifindex, dst = got
+            iface = self.iface_of_index.get(ifindex)
+            if iface is not None:
+                packet = udp_packet(src, sport, dst, port, data)
+                self.router.receive(iface, packet, self.loop.now)
+
+    def _on_nocache(self, vif: int, source: int, group: int) -> None:
+        start = time.monotonic()
+        self.stats.upcalls += 1
+        if self.stats.first_upcall is None:
+            self.stats.first_upcall = start
+        if vif not in self.iface_of_vif:
+            return
+        if group not in self.seen:
+            self.seen[group] = self._membership(group)
+        outs, owners = self._decide(source, group, vif, upcall=True)
+        self.mroute.set_entry(source, group, vif, outs)
+        self.entries.setdefault(group, {})[source] = _Entry(vif, outs, owners)
+        done = time.monotonic()
+        self.stats.installed += 1
+        self.stats.install_seconds += done - start
+        self.stats.last_install = done
+
+    def _on_effect(self, node: Node, effect: object) -> None:
+        if isinstance(effect, KeyNeeded):
+            # The lab's keys are the topology's directory, in memory: answered at
+            # once, in the loop (a DNS lookup would go through `loop.defer`).
+            answer = key_from_directory(self.directory, effect.group)
+            self.router.provide_key(
+                effect.group, answer.public_key, answer.ttl, self.loop.now, answer.reason
+            )
+        elif isinstance(effect, GroupChanged):
+            self.dirty.add(effect.group)
+
+    def _after(self) -> None:
+        """Once the core is quiet: re-resolve the groups that changed."""
+        if self.router.admission is not None:
+            self._note_senders()
+        now = self.loop.now
+        while self.dirty:
+            self._refresh(self.dirty.pop(), now)
+
+    def _note_senders(self) -> None:
+        # A participant's first registration admits it as a sender without changing
+        # the membership (the core says nothing then): an entry installed while it
+        # was refused must be rewritten all the same.
+        for group, senders in self.router.senders.items():
+            current = frozenset(senders)
+            if self.senders.get(group, frozenset()) != current:
+                self.senders[group] = current
+                self.dirty.add(group)
+
+    def _send(self, frame: Frame) -> None:
+        sock = self.send_socks.get(frame.iface)
+        if sock is None:
+            return
+        hop = frame.next_hop
+        try:
+            dst = peek_v4(frame.packet)[1] if hop is None else hop
+            sock.sendto(frame.packet, (_ntoa(dst), 0))
+        except (OSError, WireError) as exc:
+            log.warning("send on %s failed: %s", frame.iface, exc)
+
+    # decisions -----------------------------------------------------------------------
+    def _membership(self, group: int) -> tuple[Any, ...]:
+        members = self.router.members.get(group, {})
+        return (
+            tuple(sorted((o, m.iface, m.neighbor, m.filter) for o, m in members.items())),
+            self.senders.get(group, frozenset()),
+        )
+
+    def _decide(
+        self, source: int, group: int, parent: int, *, upcall: bool = False
+    ) -> tuple[frozenset[int], frozenset[int]]:
+        """The core's decision for (source, group) arriving on VIF `parent`, as VIFs."""
+        members = self.router.members.get(group, {})
+        owners = frozenset(o for o, m in members.items() if m.filter.matches(source))
+        iface = self.iface_of_vif[parent]
+        if not self.router.sender_allowed(iface, source, group, self.loop.now):
+            if upcall:
+                # The kernel drops the source's later packets by the empty entry,
+                # unseen: the refusal is counted once per source, here.
+                self.router.stats.rejected["unauthorized sender"] += 1
+            return frozenset(), owners
+        outs = frozenset(
+            self.vif_of[i] for i, _ in self.router.resolve(source, group) if i in self.vif_of
+        )
+        return outs - {parent}, owners
+
+    def _refresh(self, group: int, now: float) -> None:
+        """Membership of `group` changed: rewrite exactly the entries that move."""
+        membership = self._membership(group)
+        if self.seen.get(group) == membership:
+            return  # a refresh that changed nothing
+        self.seen[group] = membership
+        live = set(self.router.members.get(group, {}))
+        for source, entry in self.entries.get(group, {}).items():
+            outs, owners = self._decide(source, group, entry.parent)
+            if outs == entry.outs:
+                entry.owners, entry.held = owners, None
+                continue
+            # Pin (R4) only a move: an entry that merely gains interfaces (a new
+            # member of the control channel, say) is rewritten at once.
+            moving = bool(entry.outs - outs)
+            if self.pin_idle is not None and moving and entry.owners <= live:
+                if entry.held is None:
+                    entry.held = self.mroute.packets(source, group) or 0
+                    self.stats.held += 1
+                    self._check_pins_at(now + self.pin_idle)
+                continue
+            self._write(source, group, entry, outs, owners)
+
+    def _write(
+        self, source: int, group: int, entry: _Entry, outs: frozenset[int], owners: frozenset[int]
+    ) -> None:
+        self.mroute.set_entry(source, group, entry.parent, outs)
+        entry.outs, entry.owners, entry.held = outs, owners, None
+        self.stats.rewritten += 1
+
+    def _check_pins_at(self, at: float) -> None:
+        if not self.pin_check_due:
+            self.pin_check_due = True
+            self.loop.call_at(at, self._check_pins)
+
+    def _check_pins(self) -> None:
+        """Release the held entries whose counter stopped increasing."""
+        self.pin_check_due = False
+        waiting = False
+        for group, sources in self.entries.items():
+            live = set(self.router.members.get(group, {}))
+            for source, entry in sources.items():
+                if entry.held is None:
+                    continue
+                count = self.mroute.packets(source, group) or 0
+                if count == entry.held or not entry.owners <= live:
+                    outs, owners = self._decide(source, group, entry.parent)
+                    self._write(source, group, entry, outs, owners)
+                    self.stats.released += 1
+                else:
+                    entry.held = count
+                    waiting = True
+        if waiting and self.pin_idle is not None:
+            self._check_pins_at(self.loop.now + self.pin_idle)
+
+    # views ---------------------------------------------------------------------------
+    def _status(self, _: dict[str, Any]) -> dict[str, Any]:
+        stats = self.router.stats
+        return {
+            "node": self.router.name,
+            "pid": os.getpid(),
+            "membership": self.router.membership(),
+            "entries": sum(len(s) for s in self.entries.values()),
+            "held": sum(1 for s in self.entries.values() for e in s.values() if e.held is not None),
+            "daemon": asdict(self.stats),
+            "joins_accepted": stats.joins_accepted,
+            "joins_relayed": stats.joins_relayed,
+            "rejected": dict(stats.rejected),
+            "vifs": {str(v): i for v, i in self.iface_of_vif.items()},
+        }
+
+    def run(self) -> None:
+        """Serve until SIGTERM."""
+        self.loop.ready()
+        try:
+            self.loop.run_until(float("inf"))
+        finally:
+            self.mroute.close()
+            self.loop.close()
+
+
+def _ntoa(address: int) -> str:
+    return socket.inet_ntoa(address.to_bytes(4, "big"))
