@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import select
-import socket
 import stat
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from typer.testing import CliRunner
 import manycast
 from manycast import naming
 from manycast.cli import app
+from manycast.ports import free_port
 
 _SCRIPT = Path(sys.executable).with_name("manycast")
 MANYCAST = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "manycast"]
@@ -154,7 +154,7 @@ def test_demo_prints_its_summary_as_json_on_the_last_line() -> None:
     [
         (["--duration", "-1"], "--duration must be positive"),
         (["--duration", "0"], "--duration must be positive"),
-        (["--driver", "bogus"], "--driver must be overlay or memory, not 'bogus'"),
+        (["--driver", "bogus"], "--driver must be one of memory, overlay, not 'bogus'"),
         (["--duration", "soon"], "Invalid value for '--duration'"),
         (["--topology", "/nonexistent/pool.toml"], "/nonexistent/pool.toml"),
     ],
@@ -297,21 +297,6 @@ def test_keys_show_refuses_what_is_not_a_key(
 
 
 # -- dns serve, private create, keys publish -----------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port free for both UDP and TCP."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-                try:
-                    tcp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
 
 
 @pytest.fixture(scope="module")

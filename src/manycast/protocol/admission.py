@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from manycast.addressplan import DEFAULT_PLAN
 from manycast.auth import AuthError, ReplayCache, Verdict, public_key, verify_join
-from manycast.naming import DEFAULT_PLAN
 from manycast.wire.membership import IGMPv3Report
 
 
