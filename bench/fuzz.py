@@ -57,9 +57,9 @@ from _common import emit, interleaved_medians, progress
 from manycast import auth, policy
 from manycast.apps.counter import CounterService
 from manycast.protocol.admission import Admission
-from manycast.protocol.session import Connection, Endpoint, SessionConfig, SessionError, State
+from manycast.protocol.tcp import Connection, Demultiplexer, SessionConfig, SessionError, State
 from manycast.space import AddressSpace
-from manycast.wire import control, ip, membership, transport
+from manycast.wire import control, ip, membership, session_state, transport
 from manycast.wire.cursor import Reader, internet_checksum
 from manycast.wire.errors import WireError
 
@@ -343,6 +343,7 @@ def targets() -> list[Target]:
     udph_decode, udph_check = _plain(ip.UDPHeader)
     igmp_decode, igmp_check = _plain(membership.IGMPv3Report)
     cd_decode, cd_check = _plain(transport.ChangeDestination)
+    ss_decode, ss_check = _plain(session_state.SessionState)
     pairs = (V4, V6)
     return [
         Target(
@@ -450,7 +451,13 @@ def targets() -> list[Target]:
         ),
         Target("cursor.Reader", _reader_script, fields=((0, 1),)),
         Target(
-            "session.Connection.import_state",
+            "session_state.SessionState.from_wire",
+            ss_decode,
+            ss_check,
+            fields=((4, 1), (5, 1), (6, 1)),
+        ),
+        Target(
+            "tcp.Connection.import_state",
             _import_decode,
             _import_runs,
             "import_then_run",
@@ -500,6 +507,7 @@ def _strategies() -> dict[str, Any]:
     wi = importlib.import_module("test_wire_ip")
     wm = importlib.import_module("test_wire_membership")
     wt = importlib.import_module("test_wire_transport")
+    ws = importlib.import_module("test_wire_session_state")
     # The control tests build no BALANCE_LOADS operation; it is drawn here.
     balance = st.builds(
         control.BalanceLoadsOp,
@@ -523,6 +531,7 @@ def _strategies() -> dict[str, Any]:
         "segments": st.tuples(wt.segments, st.integers(0, 1)),
         "options": wt.option_lists,
         "change_destinations": wt.change_destinations,
+        "session_states": ws.session_states(),
     }
 
 
@@ -561,13 +570,13 @@ def _session_states(rng: random.Random, want: int) -> list[bytes]:
         )
         v6 = rng.random() < 0.3
         client_ip, server_ip = V6 if v6 else V4
-        client = Endpoint(random.Random(rng.random()), config)
-        server = Endpoint(random.Random(rng.random()), config)
+        client = Demultiplexer(random.Random(rng.random()), config)
+        server = Demultiplexer(random.Random(rng.random()), config)
         moved = (V6[0] if v6 else V4[0], 8080) if rng.random() < 0.5 else None
         server.listen(80, destination=moved)
         client.connect((client_ip, rng.randrange(1024, 65536)), (server_ip, 80), 0.0)
         loss, now = rng.choice((0.0, 0.1, 0.3)), 0.0
-        wire: list[tuple[float, int, Endpoint, Any, Any, Any]] = []
+        wire: list[tuple[float, int, Demultiplexer, Any, Any, Any]] = []
         for _ in range(rng.randrange(3, 120)):
             for ep, peer in ((client, server), (server, client)):
                 for src, dst, segment in ep.segments_to_send():
@@ -673,6 +682,8 @@ def build_seeds(run_seed: int) -> tuple[dict[str, list[Seed]], list[tuple[bytes,
         change.append(dataclasses.replace(m, signature=key.sign(m.signed_bytes())).to_wire())
     messages = [control.encode(m) for m in _draw(s["messages"], 2 * n, run_seed)]
     parts = _allocation_parts(rng, 60)
+    sessions = _session_states(rng, 120)
+    drawn_sessions = [x.to_wire() for x in _draw(s["session_states"], n, run_seed)]
     messages += [p for group in parts[:20] for p in group]
     plain = lambda xs: [(0, x) for x in xs]  # noqa: E731
     seeds: dict[str, list[Seed]] = {
@@ -699,7 +710,8 @@ def build_seeds(run_seed: int) -> tuple[dict[str, list[Seed]], list[tuple[bytes,
         "transport.TcpSegment.from_wire": segments,
         "transport.ChangeDestination.from_wire": plain(change),
         "cursor.Reader": plain(_reader_scripts(rng, n)),
-        "session.Connection.import_state": plain(_session_states(rng, 120)),
+        "session_state.SessionState.from_wire": plain(sessions + drawn_sessions),
+        "tcp.Connection.import_state": plain(sessions),
         "counter.CounterService.restore": plain(_counter_states(rng, n)),
     }
     return seeds, parts

@@ -21,7 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from manycast.protocol.session import (
+from manycast.errors import ConfigError, ManycastError
+from manycast.protocol.tcp import (
     Address,
     ChangeDestinationReceived,
     Connected,
@@ -31,7 +32,7 @@ from manycast.protocol.session import (
     ConnectionTimedOut,
     ConnKey,
     DataReceived,
-    Endpoint,
+    Demultiplexer,
     EndpointEvent,
     SessionConfig,
     SessionError,
@@ -77,7 +78,7 @@ App = Callable[["Host", ConnKey, EndpointEvent, float], None]
 @dataclasses.dataclass
 class Host:
     name: str
-    ep: Endpoint
+    ep: Demultiplexer
     app: App | None = None
     events: list[tuple[float, ConnKey, EndpointEvent]] = dataclasses.field(default_factory=list)
 
@@ -110,7 +111,7 @@ class Net:
     def add(
         self, name: str, *addresses: IPAddress, config: SessionConfig = FAST, app: App | None = None
     ) -> Host:
-        host = Host(name, Endpoint(random.Random(name), config), app)
+        host = Host(name, Demultiplexer(random.Random(name), config), app)
         self.hosts.append(host)
         for address in addresses:
             self.route[address] = host
@@ -289,7 +290,7 @@ def test_syn_ack_carries_destination(client_ip: IPAddress, group: IPAddress, des
 
 def test_plain_syn_gets_plain_syn_ack() -> None:
     """A SYN without TAG_COOKIE (an unextended client) is served like TCP."""
-    server = Endpoint(random.Random(1), FAST)
+    server = Demultiplexer(random.Random(1), FAST)
     server.listen(PORT, destination=(SERVER_N, 1))
     syn = TcpSegment(40000, PORT, 1000, 0, TcpFlags.SYN, 65535, options=(Mss(1000),))
     server.receive(CLIENT, GROUP, syn, 0.0)
@@ -479,7 +480,7 @@ def test_syn_to_a_closed_port_is_not_answered_unless_the_owner_resets_it() -> No
 
 
 def test_reset_for_never_answers_a_reset() -> None:
-    ep = Endpoint(random.Random(0))
+    ep = Demultiplexer(random.Random(0))
     rst = TcpSegment(1, 2, 3, 4, TcpFlags.RST, 0)
     assert ep.reset_for(CLIENT, GROUP, rst) is None
     assert ep.segments_to_send() == []
@@ -719,7 +720,7 @@ def test_many_connections_and_the_deadline_heap() -> None:
 
 
 def test_endpoint_refuses_duplicates_and_closed_connections() -> None:
-    ep = Endpoint(random.Random(0))
+    ep = Demultiplexer(random.Random(0))
     ep.connect(*client_key(), now=0.0)
     with pytest.raises(SessionError):
         ep.connect(*client_key(), now=0.0)
@@ -731,7 +732,7 @@ def test_endpoint_refuses_duplicates_and_closed_connections() -> None:
 
 
 def test_release_sends_what_was_queued_and_nothing_more() -> None:
-    ep = Endpoint(random.Random(0), FAST)
+    ep = Demultiplexer(random.Random(0), FAST)
     conn = ep.connect(*client_key(), now=0.0)
     released = ep.release(client_key())
     assert released is conn and len(ep) == 0
@@ -765,6 +766,8 @@ def test_user_calls_outside_their_states() -> None:
 
 
 def test_config_is_validated() -> None:
+    with pytest.raises(ConfigError):
+        SessionConfig(window=0)
     with pytest.raises(ValueError):
         SessionConfig(window=70000)
     with pytest.raises(ValueError):
@@ -928,3 +931,52 @@ def test_out_of_order_and_duplicates_deliver_once_in_order() -> None:
 def test_states_that_contradict_their_fins_are_refused(hexdump: str) -> None:
     with pytest.raises(WireError):
         Connection.import_state(bytes.fromhex(hexdump), 100.0, random.Random(0))
+
+
+def test_session_errors_are_manycast_errors() -> None:
+    assert issubclass(SessionError, ManycastError)
+    client, _ = _pair()
+    client.abort(1.0)
+    with pytest.raises(ManycastError):
+        client.export_state()
+
+
+def test_an_old_ack_moves_no_window_and_the_state_still_moves() -> None:
+    # RFC 9293 3.10.7.4: an ACK before SND.UNA updates nothing. Taking its window would
+    # also put SND.WL2 before the ISS, where the session-state format cannot carry it.
+    client, server = _pair()
+    window = client.session_state().snd_wnd
+    seq = server._snd_nxt % 2**32
+    old_ack = (client._snd_nxt - 10) % 2**32
+    client.receive(TcpSegment(PORT, 40000, seq, old_ack, TcpFlags.ACK, 7, payload=b"abc"), 1.0)
+    assert client.events() == [DataReceived(b"abc")]
+    state = client.session_state()
+    assert state.snd_wnd == window and state.snd_wl2 >= state.iss
+    moved = Connection.import_state(client.export_state(), 1.0, random.Random(0), FAST)
+    assert moved.session_state() == state
+
+
+def test_a_close_held_back_by_the_window_still_moves() -> None:
+    # FIN_WAIT_1 with the FIN still waiting behind data: a state the importer must take.
+    client, server = _pair(dataclasses.replace(FAST, mss=100))
+    server_seq, client_next = server._snd_nxt % 2**32, client._snd_nxt % 2**32
+    client.receive(TcpSegment(PORT, 40000, server_seq, client_next, TcpFlags.ACK, 100), 1.0)
+    client.send(b"z" * 300, 1.0)
+    client.close(1.0)
+    assert client.state is State.FIN_WAIT_1
+    state = client.session_state()
+    assert state.close_requested and not state.fin_sent
+    moved = Connection.import_state(client.export_state(), 1.0, random.Random(0), client.config)
+    assert moved.session_state() == state
+    # The segments the old owner queued are lost; the new one finishes the stream.
+    now, received = 1.0, bytearray()
+    while moved.state is State.FIN_WAIT_1 and now < 30.0:
+        deadline = moved.next_deadline()
+        assert deadline is not None
+        now = max(now + 0.01, deadline)
+        moved.handle_timer(now)
+        _shuttle(moved, server, now)
+        _shuttle(server, moved, now)
+        received += b"".join(e.data for e in server.events() if isinstance(e, DataReceived))
+    assert moved.state is State.FIN_WAIT_2 and server.state is State.CLOSE_WAIT
+    assert bytes(received) == b"z" * 300

@@ -8,7 +8,7 @@ import random
 import struct
 from fractions import Fraction
 from ipaddress import IPv4Address, IPv6Address
-from typing import Literal
+from typing import Literal, get_args
 
 import pytest
 from hypothesis import example, given
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from manycast import policy
 from manycast.space import AddressSpace, Allocation
-from manycast.wire import WireError
+from manycast.wire import WireError, control
 from manycast.wire.control import (
     MAX_BUCKET_LOADS,
     MAX_PIN_KEYS,
@@ -53,6 +53,7 @@ from manycast.wire.control import (
     encode_op,
     snapshot_parts,
 )
+from manycast.wire.control.envelope import registered_types
 
 # --- strategies -------------------------------------------------------------------------
 
@@ -469,6 +470,21 @@ def test_from_wire_checks_the_type() -> None:
     assert Ack.from_wire(data).epoch == 2
     with pytest.raises(WireError, match="expected a Commit, got a Ack"):
         Commit.from_wire(data)
+
+
+def test_every_message_type_decodes_and_the_package_exports_the_old_names() -> None:
+    # Each message module registers its classes with the one decoder.
+    assert registered_types() == set(MessageType)
+    assert get_args(ControlMessage) and {cls.TYPE for cls in get_args(ControlMessage)} == set(
+        MessageType
+    )
+    # `control` was one module: every name it had is still there.
+    for name in control.__all__:
+        assert getattr(control, name) is not None
+    assert control.SetShareOp("s", Fraction(1, 5)).to_wire() == encode_op(
+        SetShareOp("s", Fraction(1, 5))
+    )
+    assert {"BalanceLoadsOp", "ServerLoad", "Address", "MAX_PACKET"} <= set(control.__all__)
 
 
 @pytest.mark.parametrize(

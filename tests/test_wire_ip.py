@@ -274,9 +274,34 @@ def test_random_bytes_raise_only_wire_error(data: bytes, a: IPv4Address, b: IPv4
 
 
 @given(st.binary(min_size=20, max_size=60))
-def test_ipv4_version_nibble_is_checked(data: bytes) -> None:
+def test_random_header_after_a_valid_version_byte(data: bytes) -> None:
     wire = b"\x45" + data[1:]
     decodes_canonically(IPv4Packet.from_wire, IPv4Packet.to_wire, wire)
+
+
+def with_version(wire: bytes, version: int) -> bytes:
+    """`wire` with another version nibble and its header checksum made right again, so
+    that the version check is the only one left to refuse it."""
+    ihl = wire[0] & 0x0F
+    header = bytearray(wire[: 4 * ihl])
+    header[0] = version << 4 | ihl
+    header[10:12] = b"\0\0"
+    header[10:12] = reference_checksum(bytes(header)).to_bytes(2, "big")
+    return bytes(header) + wire[4 * ihl :]
+
+
+@given(v4_packets(), st.integers(0, 15).filter(lambda v: v != 4))
+def test_ipv4_version_nibble_is_checked(packet: IPv4Packet, version: int) -> None:
+    wire = packet.to_wire()
+    header_length = packet.header.header_length
+    # The same rewrite with version 4 gives back the packet: lengths and checksum hold.
+    assert with_version(wire, 4) == wire
+    changed = with_version(wire, version)
+    message = f"version {version} at offset 0, expected 4"
+    with pytest.raises(WireError, match=message):
+        IPv4Packet.from_wire(changed)
+    with pytest.raises(WireError, match=message):
+        IPv4Header.from_wire(changed[:header_length])
 
 
 # --- checksums ------------------------------------------------------------------------

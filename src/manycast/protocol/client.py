@@ -20,17 +20,17 @@ from manycast.auth import sign_join
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import record_for
 from manycast.protocol.node import Interface, Node
-from manycast.protocol.session import Connected as SessionConnected
-from manycast.protocol.session import (
+from manycast.protocol.tcp import Connected as SessionConnected
+from manycast.protocol.tcp import (
     ConnectionClosed,
     ConnectionReset,
     ConnectionTimedOut,
     DataReceived,
-    Endpoint,
     SessionConfig,
     State,
     StreamEnded,
 )
+from manycast.protocol.tcp import Demultiplexer as Endpoint
 from manycast.space import Portion, PortionSet
 from manycast.wire.ip import IPPROTO_TCP
 from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from manycast.apps.counter import CounterService
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter
-from manycast.protocol.session import Connection, ConnKey, Endpoint, SessionConfig, SessionError
+from manycast.protocol.tcp import Connection, ConnKey, SessionConfig, SessionError
+from manycast.protocol.tcp import Demultiplexer as Endpoint
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPv4Packet

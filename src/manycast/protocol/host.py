@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from manycast.protocol.node import Frame
-from manycast.protocol.session import Endpoint
+from manycast.protocol.tcp import Demultiplexer as Endpoint
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
 from manycast.wire.transport import TcpSegment

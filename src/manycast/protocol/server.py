@@ -28,16 +28,16 @@ from manycast.protocol.handover import Handover
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter, any_source_record, record_for
 from manycast.protocol.node import Interface, Node
-from manycast.protocol.session import (
+from manycast.protocol.tcp import (
     ConnectionClosed,
     ConnectionReset,
     ConnectionTimedOut,
     DataReceived,
-    Endpoint,
     SessionConfig,
     StreamEnded,
     UnknownSegment,
 )
+from manycast.protocol.tcp import Demultiplexer as Endpoint
 from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError

@@ -1,0 +1,33 @@
+"""Transport parameters of the session layer: segment size, window, timers, retry limit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from manycast.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Transport parameters.  The default MSS leaves room for the overlay's outer
+    IPv4/UDP and inner IPv6/TCP headers inside a 1500-byte link MTU."""
+
+    mss: int = 1200
+    window: int = 65535
+    rto_initial: float = 1.0
+    rto_min: float = 0.2
+    rto_max: float = 60.0
+    clock_granularity: float = 0.001
+    max_retries: int = 8
+    time_wait: float = 1.0
+    fin_wait_2_timeout: float = 180.0  # idle time; longer than a peer's backed-off RTO
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.mss <= 0xFFFF:
+            raise ConfigError(f"mss {self.mss} is not in 1..65535")
+        if not 1 <= self.window <= 0xFFFF:
+            raise ConfigError(f"window {self.window} is not in 1..65535 (no window scaling)")
+        if not 0 < self.rto_min <= self.rto_initial <= self.rto_max:
+            raise ConfigError("need 0 < rto_min <= rto_initial <= rto_max")
+        if self.max_retries < 0 or self.time_wait < 0 or self.fin_wait_2_timeout <= 0:
+            raise ConfigError("max_retries and time_wait must be >= 0, fin_wait_2_timeout > 0")

@@ -1,0 +1,222 @@
+"""The demultiplexer: all connections of one host, found by 4-tuple, with their timers.
+
+It listens on ports, opens connections for the SYNs they receive, and never
+answers a segment for a 4-tuple it does not know: it reports `UnknownSegment`
+and its owner resets it (R1), forwards it (R2) or fetches the state and adopts
+the connection (R3).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from dataclasses import dataclass
+
+from manycast.protocol.tcp.config import SessionConfig
+from manycast.protocol.tcp.connection import MOD, Address, Connection, ConnKey
+from manycast.protocol.tcp.errors import SessionError
+from manycast.protocol.tcp.events import Event
+from manycast.protocol.tcp.states import State
+from manycast.wire.transport import IPAddress, TcpFlags, TcpSegment
+
+_F = TcpFlags
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownSegment:
+    """A segment for no known connection and not an opening SYN to a listening port.
+
+    The owner decides: `Demultiplexer.reset_for` (R1), forward it (R2), or import the
+    connection's state and `Demultiplexer.adopt` it (R3)."""
+
+    src: IPAddress
+    dst: IPAddress
+    segment: TcpSegment
+
+
+EndpointEvent = Event | UnknownSegment
+
+
+class Demultiplexer:
+    """All connections of one host, demultiplexed by 4-tuple.
+
+    Connections may be driven directly (`conn.send(...)`); they tell the
+    demultiplexer, which collects their segments, events and deadlines lazily, so
+    the work per call is proportional to the connections that changed.
+    """
+
+    def __init__(self, rng: random.Random, config: SessionConfig | None = None) -> None:
+        self._rng = rng
+        self.config = config or SessionConfig()
+        self._conns: dict[ConnKey, Connection] = {}
+        self._listeners: dict[int, Address | None] = {}
+        self._out: list[tuple[IPAddress, IPAddress, TcpSegment]] = []
+        self._events: list[tuple[ConnKey, EndpointEvent]] = []
+        self._dirty: dict[ConnKey, Connection] = {}
+        # Deadlines: a heap with lazy invalidation against _deadline[key].
+        self._heap: list[tuple[float, int, ConnKey]] = []
+        self._deadline: dict[ConnKey, float] = {}
+        self._tiebreak = itertools.count()
+
+    # --- connections -------------------------------------------------------------------
+
+    def listen(self, port: int, *, destination: Address | None = None) -> None:
+        """Accept SYNs to `port` on any local address; SYN-ACKs advertise `destination`."""
+        self._listeners[port] = destination
+
+    def unlisten(self, port: int) -> None:
+        self._listeners.pop(port, None)
+
+    def connect(self, local: Address, remote: Address, now: float) -> Connection:
+        if (local, remote) in self._conns:
+            raise SessionError(f"a connection {(local, remote)} already exists")
+        conn = Connection(local, remote, self._rng, self.config)
+        conn.connect(now)
+        self.adopt(conn)
+        return conn
+
+    def connection(self, key: ConnKey) -> Connection | None:
+        return self._conns.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._conns
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def keys(self) -> list[ConnKey]:
+        return list(self._conns)
+
+    def adopt(self, conn: Connection) -> None:
+        """Take over a connection (one imported from another server, typically)."""
+        if conn.key in self._conns:
+            raise SessionError(f"a connection {conn.key} already exists")
+        if conn.state is State.CLOSED:
+            raise SessionError("cannot adopt a closed connection")
+        self._conns[conn.key] = conn
+        conn.set_observer(self._mark)
+        self._mark(conn)
+
+    def release(self, key: ConnKey) -> Connection:
+        """Remove a connection without sending anything; what it had queued still goes out."""
+        conn = self._conns.get(key)
+        if conn is None:
+            raise KeyError(key)
+        self._flush_one(key, conn)
+        self._forget(key)
+        return conn
+
+    def rekey(
+        self, key: ConnKey, *, local: Address | None = None, remote: Address | None = None
+    ) -> ConnKey:
+        """Move a connection to a new 4-tuple after a destination change (Fig 20):
+        the client to the new remote, the new server to its own local address.
+        Segments queued before the call leave from the old addresses."""
+        conn = self.release(key)
+        conn.local = local or conn.local
+        conn.remote = remote or conn.remote
+        self.adopt(conn)
+        return conn.key
+
+    # --- segments ----------------------------------------------------------------------
+
+    def receive(self, src: IPAddress, dst: IPAddress, segment: TcpSegment, now: float) -> None:
+        key = ((dst, segment.dst_port), (src, segment.src_port))
+        conn = self._conns.get(key)
+        if conn is not None:
+            conn.receive(segment, now)
+            return
+        opening = segment.flags & (_F.SYN | _F.ACK | _F.RST) == _F.SYN
+        if opening and segment.dst_port in self._listeners:
+            destination = self._listeners[segment.dst_port]
+            conn = Connection(key[0], key[1], self._rng, self.config, destination=destination)
+            conn.accept(segment, now)
+            self.adopt(conn)
+            return
+        self._events.append((key, UnknownSegment(src, dst, segment)))
+
+    def reset_for(self, src: IPAddress, dst: IPAddress, segment: TcpSegment) -> TcpSegment | None:
+        """Queue the RFC 9293 reply RST to a segment received from `src` to `dst`.
+
+        Returns it, or None for a RST (never answered)."""
+        if segment.flags & _F.RST:
+            return None
+        if segment.flags & _F.ACK:
+            rst = TcpSegment(segment.dst_port, segment.src_port, segment.ack, 0, _F.RST, 0)
+        else:
+            ack = (segment.seq + segment.seq_length) % MOD
+            rst = TcpSegment(segment.dst_port, segment.src_port, 0, ack, _F.RST | _F.ACK, 0)
+        self._out.append((dst, src, rst))
+        return rst
+
+    def segments_to_send(self) -> list[tuple[IPAddress, IPAddress, TcpSegment]]:
+        """Drain: (source, destination, segment) for every segment to put on the wire."""
+        self._flush()
+        out, self._out = self._out, []
+        return out
+
+    def events(self) -> list[tuple[ConnKey, EndpointEvent]]:
+        self._flush()
+        events, self._events = self._events, []
+        return events
+
+    # --- timers --------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        self._flush()
+        while self._heap:
+            deadline, _, key = self._heap[0]
+            if self._deadline.get(key) == deadline:
+                return deadline
+            heapq.heappop(self._heap)
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        self._flush()
+        while self._heap and self._heap[0][0] <= now:
+            deadline, _, key = heapq.heappop(self._heap)
+            if self._deadline.get(key) != deadline:
+                continue
+            del self._deadline[key]
+            self._conns[key].handle_timer(now)
+        self._flush()
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    def _mark(self, conn: Connection) -> None:
+        self._dirty[conn.key] = conn
+
+    def _flush(self) -> None:
+        while self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for key, conn in dirty.items():
+                if self._conns.get(key) is conn:
+                    self._flush_one(key, conn)
+
+    def _flush_one(self, key: ConnKey, conn: Connection) -> None:
+        self._dirty.pop(key, None)
+        local, remote = conn.local[0], conn.remote[0]
+        self._out.extend((local, remote, seg) for seg in conn.segments_to_send())
+        self._events.extend((key, event) for event in conn.events())
+        if conn.state is State.CLOSED:
+            self._forget(key)
+        else:
+            self._schedule(key, conn.next_deadline())
+
+    def _schedule(self, key: ConnKey, deadline: float | None) -> None:
+        if deadline is None:
+            self._deadline.pop(key, None)
+        elif self._deadline.get(key) != deadline:
+            self._deadline[key] = deadline
+            heapq.heappush(self._heap, (deadline, next(self._tiebreak), key))
+            if len(self._heap) > 2 * len(self._deadline) + 64:
+                self._heap = [(d, next(self._tiebreak), k) for k, d in self._deadline.items()]
+                heapq.heapify(self._heap)
+
+    def _forget(self, key: ConnKey) -> None:
+        conn = self._conns.pop(key, None)
+        if conn is not None:
+            conn.set_observer(None)
+        self._deadline.pop(key, None)
+        self._dirty.pop(key, None)

@@ -1,0 +1,176 @@
+"""Messages on the pool's control multicast channel (seed Fig 13-16).
+
+Every server of a pool joins one control multicast group (Fig 13, 1300). Over it
+the servers announce themselves (`Heartbeat`), agree on allocation changes
+(`Command`, `Proposal`, `Ack`, `Commit`), fetch the allocation (`SnapshotRequest`,
+`Snapshot`) and keep existing connections when their part of the space moves:
+packets forwarded to the old owner, which then asks for them point to point
+(R2, Fig 14: `Forwarded`, `Redirect`), state transferred on demand (R3, Fig 15:
+`StateQuery`, `StateReply`), and per-connection paths pinned at routers (R4,
+Fig 16: `PinRequest`, `Unpin`). The messages travel as UDP payloads of inner IP
+packets.
+
+Layout, big-endian, field widths in bits:
+
+    envelope  "MC" version(8)=1 type(8) sender-length(8) sender seq(32) body
+    address   family(8)=4|6, then 4 or 16 bytes
+    id        length(8), then 1..64 bytes of UTF-8
+    share     numerator(32) denominator(32): in lowest terms, 0 <= n/d <= 1
+    digest    8 bytes: the 16 hex characters of Allocation.digest(), as raw bytes
+    key       client-address client-port(16) group-address service-port(16)
+    space     family(8) prefix-value prefix-length(8) index-bits(8) shift(8) flags(8)
+              (flags bit 0: interleave; other bits zero)
+
+    type body
+     1  Heartbeat       epoch(64) digest state(8) address load(f64) sessions(32) interval-ms(32)
+     2  Command         command-id(64) op
+     3  Proposal        epoch(64) base-epoch(64) base-digest digest delay-ms(32) op
+     4  Ack             epoch(64) digest
+     5  Commit          epoch(64) digest
+     6  SnapshotRequest epoch(64)  (0: the latest)
+     7  Snapshot        epoch(64) digest part(16) count(16) space
+                        server-count(16) id...  run-count(16) (start(32) stop(32) server(16))...
+     8  Forwarded       receiver-address packet-length(16) packet
+     9  Redirect        client-address client-port(16) service-port(16)
+                        target-address target-port(16)
+    10  StateQuery      query-id(64) key
+    11  StateReply      query-id(64) key found(8) length(32) transport-state
+                        length(32) application-state
+    12  PinRequest      server-address idle-timeout-ms(32) count(16) (address port(16))...
+    13  Unpin           count(16) (address port(16))...
+
+    op  kind(8), then
+     1  ADD_SERVER      id has-share(8) [share]
+     2  REMOVE_SERVER   id
+     3  SET_SHARE       id share
+     4  REBALANCE       target(f64) count(16) (bucket(32) load(f64))...
+     5  REPLACE         snapshot-epoch(64) digest
+     6  BALANCE_LOADS   target(f64) count(16) (id load(f64))...
+                        count(16) (bucket(32) load(f64))...
+
+Strictness: a decoder accepts only bytes that re-encode identically, so flags
+are 0 or 1, fractions are in lowest terms, lists are in their canonical order
+(sorted, no duplicates) and nothing may follow the body. Every check lives in
+the dataclasses' `__post_init__`, so a message that cannot be decoded cannot be
+built either, and both raise `WireError`.
+
+Modules: `fields` (field checks and codecs), `envelope` (the envelope and
+`decode`), `ops` (policy operations), `coordination` (heartbeats, proposals,
+acks, commits), `snapshot` (the allocation in parts), `handover` (R2-R4).
+Everything public is re-exported here: `control.SetShareOp(...)`.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+from manycast.wire.control.coordination import (
+    Ack,
+    Command,
+    Commit,
+    Heartbeat,
+    Proposal,
+    ServerState,
+)
+from manycast.wire.control.envelope import MAGIC, VERSION, MessageType, decode, encode
+from manycast.wire.control.fields import (
+    MAX_BUCKET_LOADS,
+    MAX_ID_BYTES,
+    MAX_PACKET,
+    MAX_PIN_KEYS,
+    Address,
+)
+from manycast.wire.control.handover import (
+    ConnectionKey,
+    Forwarded,
+    PinKey,
+    PinRequest,
+    Redirect,
+    StateQuery,
+    StateReply,
+    Unpin,
+)
+from manycast.wire.control.ops import (
+    AddServerOp,
+    BalanceLoadsOp,
+    BucketLoad,
+    OpKind,
+    PolicyOp,
+    RebalanceOp,
+    RemoveServerOp,
+    ReplaceOp,
+    ServerLoad,
+    SetShareOp,
+    decode_op,
+    encode_op,
+)
+from manycast.wire.control.snapshot import (
+    SNAPSHOT_MAX_BYTES,
+    Run,
+    Snapshot,
+    SnapshotRequest,
+    assemble,
+    snapshot_parts,
+)
+
+ControlMessage: TypeAlias = (
+    Heartbeat
+    | Command
+    | Proposal
+    | Ack
+    | Commit
+    | SnapshotRequest
+    | Snapshot
+    | Forwarded
+    | Redirect
+    | StateQuery
+    | StateReply
+    | PinRequest
+    | Unpin
+)
+
+__all__ = [
+    "MAGIC",
+    "MAX_BUCKET_LOADS",
+    "MAX_ID_BYTES",
+    "MAX_PACKET",
+    "MAX_PIN_KEYS",
+    "SNAPSHOT_MAX_BYTES",
+    "VERSION",
+    "Ack",
+    "AddServerOp",
+    "Address",
+    "BalanceLoadsOp",
+    "BucketLoad",
+    "Command",
+    "Commit",
+    "ConnectionKey",
+    "ControlMessage",
+    "Forwarded",
+    "Heartbeat",
+    "MessageType",
+    "OpKind",
+    "PinKey",
+    "PinRequest",
+    "PolicyOp",
+    "Proposal",
+    "RebalanceOp",
+    "Redirect",
+    "RemoveServerOp",
+    "ReplaceOp",
+    "Run",
+    "ServerLoad",
+    "ServerState",
+    "SetShareOp",
+    "Snapshot",
+    "SnapshotRequest",
+    "StateQuery",
+    "StateReply",
+    "Unpin",
+    "assemble",
+    "decode",
+    "decode_op",
+    "encode",
+    "encode_op",
+    "snapshot_parts",
+]
