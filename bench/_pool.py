@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
 from manycast.topology import loads
 
@@ -177,25 +178,24 @@ def host_pool(
             return
         offset: list[float] = []
 
-        async def main() -> None:
-            loop = asyncio.get_running_loop()
-            await asyncio.sleep(max(0.0, start - time.monotonic()))
+        network = run.network
+        assert isinstance(network, OverlayNetwork)
+        loop = network.loop
+        time.sleep(max(0.0, start - time.monotonic()))
 
-            def started() -> None:
-                offset.append(start - (time.monotonic() - run.now))
-                setup(run, loop, offset[0])
+        def started() -> None:
+            offset.append(start - (time.monotonic() - run.now))
+            setup(run, loop, offset[0])
 
-            run.network.call_at(0.0, started)
-            last = [0.0]
+        network.call_at(0.0, started)
+        last = [0.0]
 
-            def tick(snap: Any) -> None:
-                if progress_line is not None and snap.now - last[0] >= progress_every:
-                    last[0] = snap.now
-                    print(f"  {label} t={snap.now:5.1f}s {progress_line(run)}", file=sys.stderr)
+        def tick(snap: Any) -> None:
+            if progress_line is not None and snap.now - last[0] >= progress_every:
+                last[0] = snap.now
+                print(f"  {label} t={snap.now:5.1f}s {progress_line(run)}", file=sys.stderr)
 
-            await run.run(duration, tick, tick=0.5)
-
-        asyncio.run(main())
+        run.run(duration, tick, tick=0.5)
         result = collect(run, offset[0] if offset else 0.0)
         result["cpu_s"] = round(time.process_time(), 2)
         conn.send(("done", result))

@@ -7,7 +7,7 @@ Shape of every relay run, all on 127.0.0.1:
       sink sockets <--- forwarded packets ------    out socket
 
 Relays compared in the same run, interleaved round by round, medians reported:
-- `router`: a manycast `Router` hosted by `OverlayNetwork`. Two servers (the two
+- `router`: a manycast `Router` hosted by `AsyncOverlay`. Two servers (the two
   sink sockets) join the group with masked source-specific joins that split the
   clients on the lowest address bit, so every packet is matched, TTL-decremented
   and sent to its owner.
@@ -53,7 +53,7 @@ from typing import Any
 from _common import emit, progress
 from manycast.drivers.links import Attachment, LinkSpec
 from manycast.drivers.memory import MemoryNetwork
-from manycast.drivers.overlay import BUFFER_SIZE, OverlayNetwork
+from manycast.drivers.overlay import BUFFER_SIZE, AsyncOverlay
 from manycast.protocol.membership import record_for
 from manycast.protocol.node import Interface
 from manycast.protocol.router import Router
@@ -205,7 +205,7 @@ async def host_router(conn: Connection, tx: Endpoint, sinks: Sequence[Endpoint])
         ("r", "up"): 0,
         ("r", "down"): 0,
     }
-    net = OverlayNetwork(router_links(), endpoints, [router])
+    net = AsyncOverlay(router_links(), endpoints, [router])
     net.start()
     loop = asyncio.get_running_loop()
     conn.send((net.endpoints[("r", "up")], net.endpoints[("r", "down")]))
@@ -273,7 +273,7 @@ async def host_raw(conn: Connection, tx: Endpoint, sinks: Sequence[Endpoint]) ->
     count = [0]
 
     def readable() -> None:
-        # As OverlayNetwork._readable: drain up to a batch per wake-up.
+        # As AsyncOverlay._readable: drain up to a batch per wake-up.
         recv, sendto = inp.recv, out.sendto
         n = 0
         while n < 256:

@@ -66,7 +66,7 @@ from _pool import (
     percentile,
     two_router_pool,
 )
-from manycast.drivers.overlay import free_base_port
+from manycast.ports import free_base_port
 from manycast.runtime import PoolRun
 from manycast.topology import loads
 
@@ -570,7 +570,7 @@ def matched(router: Any, group: int, source: int) -> set[int]:
     return {origin for origin, m in members.items() if m.filter.matches(source)}
 
 
-async def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
+def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
     topo = loads(text)
     base = free_base_port(topo.attachment_count, PORT_SEARCH)
     local = set(topo.interfaces) - {VICTIM}
@@ -597,14 +597,14 @@ async def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
     victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result: dict[str, Any] = {"run": index + 1}
     try:
-        await net.run_until(0.05)
+        net.run_until(0.05)
         # Stable: every server here agrees on one allocation in which s3 serves, s3 is
         # alive to all, both routers send s3's sources to s3, and nothing changed for
         # STABLE_S.
         stable_since, view, allocation = None, None, None
         deadline = net.now + 20.0
         while True:
-            await net.run_until(net.now + 0.05)
+            net.run_until(net.now + 0.05)
             if net.now > deadline:
                 raise RuntimeError("the pool did not settle with s3 serving")
             now = net.now
@@ -637,7 +637,7 @@ async def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
         os.kill(victim.pid, signal.SIGKILL)
         covered_at = clean_at = clients_at = None
         while net.now - killed < FAILOVER_LIMIT_S:
-            await net.run_until(net.now + FAILOVER_PROBE_S)
+            net.run_until(net.now + FAILOVER_PROBE_S)
             now = net.now
             seen = [matched(r, group, p) for r in routers for p in probes]
             if covered_at is None and all(m & live for m in seen):
@@ -696,7 +696,7 @@ def failover() -> dict[str, Any]:
         path = Path(tmp) / "failover.toml"
         path.write_text(text)
         for index in range(FAILOVER_RUNS):
-            one = asyncio.run(failover_once(index, path, text))
+            one = failover_once(index, path, text)
             progress(
                 f"failover run {index + 1}: routers clean {one['clean_s']} s, covered "
                 f"{one['covered_s']} s, clients {one['clients_s']} s "

@@ -221,7 +221,7 @@ def run_to(run: PoolRun, until: float) -> None:
 
 def live(run: PoolRun) -> dict[str, Server]:
     """The running servers (killed ones stay in `run.nodes.servers`)."""
-    return {n: s for n, s in run.nodes.servers.items() if n not in run.scenario.dead}
+    return {n: s for n, s in run.nodes.servers.items() if n not in run.engine.dead}
 
 
 def allocation(run: PoolRun) -> Allocation:

@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,51 @@ def _lab_possible() -> str | None:
     return None
 
 
-# The parsers need nothing special.
+def _counts_written_after(
+    lab: object, servers: list[str], since: float, writes: int = 2, timeout: float = 20.0
+) -> dict[str, dict[str, int]]:
+    """Each service's per-source counts (`<server>.counts.json`) once the service has
+    rewritten the file `writes` times after `since` (time.time()): it reads what has
+    arrived before each write, so by then it has counted every datagram sent before
+    `since`. A busy machine only makes this wait longer."""
+    from manycast.lab import Lab
+
+    assert isinstance(lab, Lab)
+    paths = {s: lab.run_dir / f"{s}.counts.json" for s in servers}
+    last: dict[str, tuple[int, int] | None] = dict.fromkeys(servers)
+    seen = dict.fromkeys(servers, 0)
+    deadline = time.monotonic() + timeout
+    while min(seen.values()) < writes:
+        for server, path in paths.items():
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            # Each write replaces the file: a new inode, a new mtime.
+            key = (st.st_ino, st.st_mtime_ns)
+            if key != last[server] and st.st_mtime >= since:
+                seen[server] += 1
+            last[server] = key
+        if time.monotonic() > deadline:
+            pytest.fail(f"the services did not write their counts: {seen}")
+        time.sleep(0.02)
+    return {s: json.loads(p.read_text())["sources"] for s, p in paths.items()}
+
+
+def _probe_until(prober: object, condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+    """Run the prober's clients until `condition()` holds; False after `timeout` s."""
+    from manycast.lab import Prober
+
+    assert isinstance(prober, Prober)
+    deadline = prober.now() + timeout
+    while not condition():
+        if prober.now() > deadline:
+            return False
+        prober.run_until(prober.now() + 0.1)
+    return True
+
+
+# The parsers and the scenario's mapping onto the agents need nothing special.
 
 
 def test_structures_pack_as_linux_expects() -> None:
@@ -186,6 +231,64 @@ def test_proc_tables_parse() -> None:
         " 0 eth0           1848      24      3542      46 00008 00000002 00000000\n"
     )
     assert vifs == [mroute.Vif(0, "eth0", 24, 46)]
+
+
+def test_policy_ops_become_agent_requests() -> None:
+    from manycast.lab import LabError, agent_request
+    from manycast.wire import control
+
+    assert agent_request(control.SetShareOp("s1", Fraction(1, 5))) == {
+        "op": "set_share",
+        "server": "s1",
+        "share": "1/5",
+    }
+    assert agent_request(control.RebalanceOp(1.1, ())) == {"op": "rebalance", "target": 1.1}
+    loads = (control.BucketLoad(0, 10.0),)
+    with pytest.raises(LabError, match="RebalanceOp"):
+        agent_request(control.RebalanceOp(1.1, loads))
+
+
+def test_scenario_steps_reach_the_lab_through_the_one_engine() -> None:
+    """The engine's rules (who takes a command, what is dead) hold on the lab too:
+    LabControl only turns each decision into a signal, a start, a request or a rate."""
+    from manycast.lab import LabControl
+    from manycast.scenario import ScenarioEngine
+    from manycast.topology import loads
+
+    calls: list[tuple[object, ...]] = []
+
+    class FakeLab:
+        def kill_server(self, name: str) -> None:
+            calls.append(("kill", name))
+
+        def start_server(self, name: str) -> None:
+            calls.append(("start", name))
+
+        def ask(self, node: str, role: str, request: dict[str, object]) -> object:
+            calls.append(("ask", node, role, request))
+            return {"ok": True}
+
+    class FakeProber:
+        def set_rate(self, group: str, rate: float) -> None:
+            calls.append(("rate", group, rate))
+
+    text = TOPOLOGY.replace("{technique}", "R1") + (
+        '[[scenario]]\nat = 8.0\naction = "set_share"\nserver = "s2"\nshare = 0.5\n'
+        '[[scenario]]\nat = 9.0\naction = "client_rate"\nclients = "b"\nrate = 1.0\n'
+    )
+    topology = loads(text, "test-lab.toml")
+    engine = ScenarioEngine(topology, LabControl(FakeLab(), FakeProber()))  # type: ignore[arg-type]
+    pending = engine.steps()
+    engine.carry_out_due(pending, 100.0)
+    assert calls == [
+        ("ask", "s1", "server", {"op": "set_share", "server": "s1", "share": "1/5"}),
+        ("kill", "s2"),
+        ("start", "s4"),
+        # s2 is dead: the first live server takes the command about it.
+        ("ask", "s1", "server", {"op": "set_share", "server": "s2", "share": "1/2"}),
+        ("rate", "b", 1.0),
+    ]
+    assert engine.status("s2") == "dead" and engine.status("s4") == "up"
 
 
 # The lab itself.
@@ -233,17 +336,32 @@ def _owner_vifs(lab: object, topology: object, client: str, owner: str) -> bool:
 @pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
 def test_demo_scenario_every_client_served_by_its_owner(lab_factory) -> None:  # type: ignore[no-untyped-def]
     from manycast.lab import LabRun
+    from manycast.summary import EVENT_KEYS, SERVER_KEYS, SUMMARY_KEYS
 
     lab, topology = lab_factory()
     summary = LabRun(lab, topology).run(topology.duration)
+    # The one summary schema, as every driver fills it.
+    assert tuple(summary) == SUMMARY_KEYS
+    assert all(tuple(e) == EVENT_KEYS for e in summary["events"])
+    assert all(tuple(s) == SERVER_KEYS for s in summary["servers"].values())
+    assert summary["driver"] == "kernel"
     assert summary["clients"] == 32
     assert summary["clients_served_at_end"] == 32, summary
+    assert summary["requests_ok"] > 0, summary
+    kernel = summary["kernel"]
     # Every client's last answer came from the server the allocation gives it.
-    assert summary["clients_not_at_owner"] == [], summary
-    by_server = summary["clients_by_server"]
+    assert kernel["clients_not_at_owner"] == [], summary
+    by_server = kernel["clients_by_server"]
     assert "s2" not in by_server, "the dead server still has clients"
     assert by_server.get("s4", 0) > 0, "the added server serves no one"
-    assert all(e["all_clients_answered_after_s"] is not None for e in summary["events"])
+    # After every step, every client it disrupted was answered again.
+    assert [e["what"].split()[0] for e in summary["events"]] == ["set_share", "kill", "add"]
+    assert all(e["recovery_s"] is not None for e in summary["events"]), summary["events"]
+    assert summary["recovery_s"] is not None
+    servers = summary["servers"]
+    assert servers["s2"]["status"] == "dead" and servers["s2"]["share"] == 0.0
+    assert servers["s4"]["status"] == "up" and servers["s4"]["requests"] > 0
+    assert abs(sum(s["share"] for s in servers.values()) - 1.0) < 1e-9, servers
     # The kernel, not the daemon, forwards: each client's entry at its owner's router
     # points at the owner.
     run = LabRun(lab, topology)
@@ -301,11 +419,8 @@ def test_third_party_programs_are_served_by_the_owner(lab_factory) -> None:  # t
     assert iperf.returncode == 0, iperf.stderr.decode()
     source = str(topology.address("b7"))
     owner = LabRun(lab, topology).owners([source])[source]
-    time.sleep(0.8)  # the services write their counts every 0.5 s
-    counts = {
-        s: json.loads((lab.run_dir / f"{s}.counts.json").read_text())["sources"].get(source, 0)
-        for s in ("s1", "s2", "s3")
-    }
+    sources = _counts_written_after(lab, ["s1", "s2", "s3"], time.time())
+    counts = {s: sources[s].get(source, 0) for s in sources}
     assert counts[owner] >= 150, (owner, counts, iperf.stdout.decode())
     assert all(n == 0 for s, n in counts.items() if s != owner), counts
 
@@ -321,7 +436,7 @@ def test_plain_kernel_joins_create_no_membership(lab_factory) -> None:  # type: 
     try:
         mreq = mroute.mreqn(str(topology.pool.group), 0)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             after = lab.ask("ra", "router", {"op": "status"})
             ignored = after["daemon"]["plain_reports_ignored"]
@@ -330,11 +445,18 @@ def test_plain_kernel_joins_create_no_membership(lab_factory) -> None:  # type: 
             time.sleep(0.1)
         else:
             pytest.fail("the router never saw the kernel's own report")
+        servers = sorted(str(topology.address(s)) for s in ("s1", "s2", "s3"))
+        # The servers' joins reach ra relayed hop by hop: wait for all three.
+        while sorted(after["membership"].get(str(topology.pool.group), {})) != servers:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+            after = lab.ask("ra", "router", {"op": "status"})
     finally:
         sock.close()
     members = after["membership"].get(str(topology.pool.group), {})
     assert str(topology.address("a9")) not in members
-    assert sorted(members) == sorted(str(topology.address(s)) for s in ("s1", "s2", "s3"))
+    assert sorted(members) == servers
 
 
 @pytest.mark.lab
@@ -358,7 +480,7 @@ def test_down_leaves_nothing_even_after_sigkill(lab_factory) -> None:  # type: i
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 8)
     sock.sendto(b"x", (str(topology.pool.group), topology.pool.port))
     sock.close()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while not lab.mfc("ra") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert lab.mfc("ra")
@@ -407,28 +529,44 @@ def test_r4_keeps_active_sources_on_the_old_owner_until_idle(lab_factory) -> Non
     lab, topology = lab_factory("R4")
     run = LabRun(lab, topology)
     prober = Prober(lab, topology)
+    clients = prober.clients.values()
+
+    def held() -> int:
+        return int(lab.ask("core", "router", {"op": "status"})["held"])
+
     try:
         prober.run_until(2.0)
-        addresses = {c.name: c.address for c in prober.clients.values()}
+        _probe_until(prober, lambda: all(c.server is not None for c in clients))
+        addresses = {c.name: c.address for c in clients}
         before = run.owners(list(addresses.values()))
-        assert all(c.server == before[c.address] for c in prober.clients.values())
+        assert all(c.server == before[c.address] for c in clients)
         lab.ask("s1", "server", {"op": "set_share", "server": "s1", "share": "1/5"})
-        prober.run_until(4.5)
-        after = run.owners(list(addresses.values()))
-        moved = [n for n, a in addresses.items() if before[a] != after[a]]
+        after: dict[str, str | None] = {}
+        moved: list[str] = []
+
+        def some_moved() -> bool:
+            after.update(run.owners(list(addresses.values())))
+            moved[:] = [n for n, a in addresses.items() if before[a] != after[a]]
+            return bool(moved)
+
+        _probe_until(prober, some_moved)
         assert moved, "the share change moved no client"
+        # The routers learn the new allocation from the agents' next reports.
+        _probe_until(prober, lambda: held() >= len(moved))
         # Active sources stay pinned to the old owner: the kernel entry was held.
+        prober.run_until(prober.now() + 1.0)
         assert all(prober.clients[n].server == before[addresses[n]] for n in moved)
-        assert lab.ask("core", "router", {"op": "status"})["held"] >= len(moved)
+        assert held() >= len(moved)
         # Idle for longer than pin_idle: the entries move to the new owners.
         for group in ("a", "b"):
             prober.set_rate(group, 0.0)
-        prober.run_until(7.5)
-        assert lab.ask("core", "router", {"op": "status"})["held"] == 0
+        _probe_until(prober, lambda: held() == 0)
+        assert held() == 0
+        restart = prober.now()
         for group in ("a", "b"):
             prober.set_rate(group, 4.0)
-        prober.run_until(9.0)
-        assert all(c.server == after[c.address] for c in prober.clients.values())
+        _probe_until(prober, lambda: all(c.last_reply > restart for c in clients))
+        assert all(c.server == after[c.address] for c in clients)
     finally:
         prober.close()
 
@@ -447,16 +585,18 @@ def test_private_pool_serves_participants_and_gives_outsiders_nothing(lab_factor
             client.next_register = 1.0
         early.run_until(1.0)
         assert early.served_since(0.0) == 0, "served before registering"
-        early.run_until(2.5)
+        _probe_until(early, lambda: early.served_since(1.5) == 2)
         assert early.served_since(1.5) == 2, {c.name: c.server for c in early.participants()}
     finally:
         early.close()
     summary = LabRun(lab, topology).run(topology.duration)
+    ended = time.time()
     # Every participant registered with the pool's key and is served by its owner.
     assert summary["clients"] == 6, summary
     assert summary["clients_served_at_end"] == 6, summary
-    assert summary["clients_not_at_owner"] == [], summary
-    assert set(summary["clients_by_server"]) == {"s1", "s2"}, summary
+    assert summary["kernel"]["clients_not_at_owner"] == [], summary
+    assert set(summary["kernel"]["clients_by_server"]) == {"s1", "s2"}, summary
+    assert summary["servers"]["evil"]["status"] == "outsider", summary
     # The outsider clients registered too (with the outsider's key) and had no answer.
     assert summary["outsiders"] == 2 and summary["outsider_answers"] == 0, summary
 
@@ -484,7 +624,5 @@ def test_private_pool_serves_participants_and_gives_outsiders_nothing(lab_factor
     assert lab.ask("evil", "service", {"op": "status"})["total"] == 0
     assert lab.ask("evil", "server", {"op": "status"})["agent"]["control_received"] == 0
     # Nor did the members' services get a packet of an outsider client.
-    time.sleep(0.6)  # the services write their counts every 0.5 s
-    for server in ("s1", "s2"):
-        counts = json.loads((lab.run_dir / f"{server}.counts.json").read_text())["sources"]
+    for server, counts in _counts_written_after(lab, ["s1", "s2"], ended).items():
         assert not {str(x) for x in outsiders} & set(counts), (server, counts)

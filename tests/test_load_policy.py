@@ -63,11 +63,11 @@ def run_pool(above: float) -> tuple[PoolRun, list[tuple[float, float]]]:
     samples: list[tuple[float, float]] = []
 
     def tick(snapshot: object) -> None:
-        rates = [s.requests_per_s for s in run.snapshot().servers if s.status == "up"]
+        rates = [s.requests_per_s for s in run.live_view().servers if s.status == "up"]
         if sum(rates) > 0:
             samples.append((run.now, imbalance(rates)))
 
-    run.run_sync(20.0, tick)
+    run.run(20.0, tick)
     return run, samples
 
 

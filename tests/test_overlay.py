@@ -17,9 +17,9 @@ import pytest
 
 from manycast.drivers.links import Attachment, LinkSpec
 from manycast.drivers.overlay import (
+    AsyncOverlay,
     LinkCounters,
     OverlayError,
-    OverlayNetwork,
     assign_endpoints,
 )
 from manycast.protocol.node import Interface, Node
@@ -164,7 +164,7 @@ def free_ports(links: Iterable[LinkSpec]) -> dict[tuple[str, str], tuple[str, in
             s.close()
 
 
-def run(net: OverlayNetwork, seconds: float, during: Callable[[], None] | None = None) -> None:
+def run(net: AsyncOverlay, seconds: float, during: Callable[[], None] | None = None) -> None:
     async def session() -> None:
         async with net:
             if during is not None:
@@ -174,7 +174,7 @@ def run(net: OverlayNetwork, seconds: float, during: Callable[[], None] | None =
     asyncio.run(session())
 
 
-async def until(predicate: Callable[[], bool], net: OverlayNetwork, limit: float = 2.0) -> None:
+async def until(predicate: Callable[[], bool], net: AsyncOverlay, limit: float = 2.0) -> None:
     """Run the network until `predicate` holds (a bound, not an expectation)."""
     stop = net.now + limit
     while not predicate() and net.now < stop:
@@ -192,7 +192,7 @@ def test_frames_arrive_unchanged_on_the_receiving_interface() -> None:
     a = Recorder("a", {"eth0": i1["a"]}, script=[("eth0", small, addr(i1, "r"))])
     b = Recorder("b", {"eth0": i2["b"]}, script=[("eth0", big, None)])
     r = Recorder("r", {"eth0": i1["r"], "eth1": i2["r"]})
-    net = OverlayNetwork([l1, l2], any_port([l1, l2]), [a, b, r])
+    net = AsyncOverlay([l1, l2], any_port([l1, l2]), [a, b, r])
 
     run(net, 0.1)
 
@@ -216,7 +216,7 @@ def test_lan_fans_out_to_every_other_member_and_next_hop_to_one() -> None:
     a = Recorder("a", {"eth0": i["a"]}, script=script)
     b = Recorder("b", {"eth0": i["b"]})
     c = Recorder("c", {"eth0": i["c"]})
-    net = OverlayNetwork({"LAN": link}, any_port([link]), [a, b, c])
+    net = AsyncOverlay({"LAN": link}, any_port([link]), [a, b, c])
 
     run(net, 0.1)
 
@@ -230,7 +230,7 @@ def test_timers_fire_at_their_deadlines_and_call_at_flushes_frames() -> None:
     link, i = lan("L", 4, [("t", "eth0"), ("sink", "eth0")])
     ticker = Ticker("t", {"eth0": i["t"]}, period=0.02, ticks=5)
     sink = Recorder("sink", {"eth0": i["sink"]})
-    net = OverlayNetwork([link], any_port([link]), [ticker, sink])
+    net = AsyncOverlay([link], any_port([link]), [ticker, sink])
     seen: list[float] = []
 
     def poke() -> None:
@@ -252,7 +252,7 @@ def test_a_timer_moved_earlier_is_rearmed() -> None:
     link, i = lan("L", 5, [("t", "eth0"), ("sink", "eth0")])
     ticker = Ticker("t", {"eth0": i["t"]}, period=100.0, ticks=1)
     sink = Recorder("sink", {"eth0": i["sink"]})
-    net = OverlayNetwork([link], any_port([link]), [ticker, sink])
+    net = AsyncOverlay([link], any_port([link]), [ticker, sink])
 
     async def session() -> None:
         async with net:
@@ -278,7 +278,7 @@ def _lossy_run(seed: int) -> tuple[int, LinkCounters]:
     ]
     a = Recorder("a", {"eth0": i["a"]}, script=script)
     b = Recorder("b", {"eth0": i["b"]})
-    net = OverlayNetwork([link], any_port([link]), [a, b], seed=seed)
+    net = AsyncOverlay([link], any_port([link]), [a, b], seed=seed)
     run(net, 0.2)
     return len(b.got), net.counters["L"]
 
@@ -299,7 +299,7 @@ def test_delay_is_applied_in_each_direction() -> None:
     link, i = lan("L", 7, [("p", "eth0"), ("e", "eth0")], delay=delay)
     pinger = Pinger("p", {"eth0": i["p"]}, count=5, retry=1.0)
     echo = Echo("e", {"eth0": i["e"]})
-    net = OverlayNetwork([link], any_port([link]), [pinger, echo])
+    net = AsyncOverlay([link], any_port([link]), [pinger, echo])
 
     run(net, 0.6)
 
@@ -313,7 +313,7 @@ def test_delayed_frames_of_a_killed_sender_are_never_sent() -> None:
     link, i = lan("L", 8, [("a", "eth0"), ("b", "eth0")], delay=0.05)
     a = Recorder("a", {"eth0": i["a"]}, script=[("eth0", b"late", None)])
     b = Recorder("b", {"eth0": i["b"]})
-    net = OverlayNetwork([link], any_port([link]), [a, b])
+    net = AsyncOverlay([link], any_port([link]), [a, b])
 
     run(net, 0.15, during=lambda: net.call_at(0.01, lambda: net.kill("a")))
 
@@ -329,7 +329,7 @@ def test_kill_stops_delivery_both_ways_and_a_restart_resumes() -> None:
     link, i = lan("L", 9, [("t", "eth0"), ("e", "eth0")])
     ticker = Ticker("t", {"eth0": i["t"]}, period=0.01, ticks=1000)
     echo = Echo("e", {"eth0": i["e"]})
-    net = OverlayNetwork([link], any_port([link]), [ticker, echo])
+    net = AsyncOverlay([link], any_port([link]), [ticker, echo])
 
     async def session() -> None:
         async with net:
@@ -365,7 +365,7 @@ def test_a_destination_that_cannot_be_sent_to_is_counted() -> None:
         ("eth0", b"y" * 70_000, None),
     ]
     a = Recorder("a", {"eth0": i["a"]}, script=script)
-    net = OverlayNetwork([link], endpoints, [a])
+    net = AsyncOverlay([link], endpoints, [a])
 
     run(net, 0.05)
 
@@ -380,7 +380,7 @@ def test_a_port_in_use_names_node_interface_and_address() -> None:
     host, port = endpoints[("b", "eth0")]
     a = Recorder("a", {"eth0": i["a"]})
     b = Recorder("b", {"eth0": i["b"]})
-    net = OverlayNetwork([link], endpoints, [a, b])
+    net = AsyncOverlay([link], endpoints, [a, b])
     try:
         with pytest.raises(
             OverlayError, match=re.escape(f"node b interface eth0: cannot bind {host}:{port}")
@@ -397,20 +397,20 @@ def test_a_port_in_use_names_node_interface_and_address() -> None:
 def test_configuration_errors_are_reported() -> None:
     link, _ = lan("L", 12, [("a", "eth0"), ("b", "eth0")])
     with pytest.raises(ValueError, match="no endpoint for b/eth0"):
-        OverlayNetwork([link], {("a", "eth0"): 0})
+        AsyncOverlay([link], {("a", "eth0"): 0})
     with pytest.raises(ValueError, match="out of range"):
-        OverlayNetwork([link], {("a", "eth0"): 0, ("b", "eth0"): 70000})
+        AsyncOverlay([link], {("a", "eth0"): 0, ("b", "eth0"): 70000})
     with pytest.raises(ValueError, match=re.escape("same endpoint 127.0.0.1:4000")):
-        OverlayNetwork([link], {("a", "eth0"): ("localhost", 4000), ("b", "eth0"): 4000})
+        AsyncOverlay([link], {("a", "eth0"): ("localhost", 4000), ("b", "eth0"): 4000})
     with pytest.raises(ValueError, match="does not resolve"):
-        OverlayNetwork([link], {("a", "eth0"): ("no-such-host.invalid", 1), ("b", "eth0"): 2})
+        AsyncOverlay([link], {("a", "eth0"): ("no-such-host.invalid", 1), ("b", "eth0"): 2})
 
 
 def test_an_exception_in_a_node_surfaces_from_run_and_the_network_goes_on() -> None:
     link, i = lan("L", 13, [("a", "eth0"), ("f", "eth0")])
     a = Recorder("a", {"eth0": i["a"]}, script=[("eth0", b"boom", None)])
     faulty = Faulty("f", {"eth0": i["f"]})
-    net = OverlayNetwork([link], any_port([link]), [a, faulty])
+    net = AsyncOverlay([link], any_port([link]), [a, faulty])
 
     async def session() -> None:
         async with net:
@@ -441,8 +441,8 @@ def test_two_instances_each_hosting_half_form_one_network() -> None:
     pinger = Pinger("p", {"eth0": i1["p"]}, count=20, retry=0.05)
     relay = Relay("r", {"eth0": i1["r"], "eth1": i2["r"]})
     echo = Echo("e", {"eth0": i2["e"]})
-    left = OverlayNetwork([l1, l2], endpoints, [pinger])
-    right = OverlayNetwork([l1, l2], endpoints, [relay, echo])
+    left = AsyncOverlay([l1, l2], endpoints, [pinger])
+    right = AsyncOverlay([l1, l2], endpoints, [relay, echo])
 
     async def session() -> None:
         async with right, left:
@@ -458,7 +458,7 @@ def test_two_instances_each_hosting_half_form_one_network() -> None:
 def _echo_process(endpoints: dict[tuple[str, str], tuple[str, int]], seconds: float) -> None:
     link, i = lan("L", 16, [("p", "eth0"), ("e", "eth0")])
     echo = Echo("e", {"eth0": i["e"]})
-    OverlayNetwork([link], endpoints, [echo]).run_sync(seconds)
+    AsyncOverlay([link], endpoints, [echo]).run_sync(seconds)
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
@@ -471,7 +471,7 @@ def test_two_processes_form_one_network() -> None:
     child.start()
     try:
         pinger = Pinger("p", {"eth0": i["p"]}, count=50, retry=0.02)
-        net = OverlayNetwork([link], endpoints, [pinger])
+        net = AsyncOverlay([link], endpoints, [pinger])
 
         async def session() -> None:
             async with net:
@@ -487,7 +487,7 @@ def test_two_processes_form_one_network() -> None:
 def test_run_sync_runs_a_fresh_loop_and_closes() -> None:
     link, i = lan("L", 17, [("p", "eth0"), ("e", "eth0")])
     pinger = Pinger("p", {"eth0": i["p"]}, count=10)
-    net = OverlayNetwork([link], any_port([link]), [pinger, Echo("e", {"eth0": i["e"]})])
+    net = AsyncOverlay([link], any_port([link]), [pinger, Echo("e", {"eth0": i["e"]})])
     net.run_sync(0.2)
     assert len(pinger.rtts) == 10
     assert net.nodes == {}

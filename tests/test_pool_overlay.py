@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from manycast.drivers.overlay import free_base_port
+from manycast.ports import free_base_port
 from manycast.runtime import PoolRun
 from manycast.topology import loads
 
@@ -63,7 +63,7 @@ duration = 5.0
 def test_pool_on_the_overlay_serves_everyone_and_survives_a_death() -> None:
     topo = loads(SMALL)
     run = PoolRun(topo, "overlay", seed=5, base_port=free_base_port(loads(SMALL).attachment_count))
-    run.run_sync(5.0)
+    run.run(5.0)
     summary = run.summary()
     assert summary["clients"] == 24
     assert summary["clients_served_at_end"] == 24

@@ -14,9 +14,7 @@ Three levels, each checked by what a member or an outsider gets:
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import ipaddress
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,13 +28,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from manycast.auth import public_bytes, save_private, sign_join
-from manycast.dnsserver import EmbeddedServer
-from manycast.drivers.overlay import free_base_port
-from manycast.naming import NamingError, PoolRecord, lookup_group_async, pool_zones
+from manycast.dns import EmbeddedServer
+from manycast.naming import PoolRecord, lookup_key, pool_zones
+from manycast.ports import free_base_port
 from manycast.protocol.admission import Admission
 from manycast.protocol.membership import record_for
 from manycast.protocol.node import Frame, Interface
-from manycast.protocol.router import Router
+from manycast.protocol.router import GroupChanged, KeyNeeded, Router
 from manycast.runtime import PoolRun
 from manycast.space import Portion, PortionSet
 from manycast.topology import loads
@@ -162,12 +160,10 @@ def rejected(router: Router) -> dict[str, int]:
 
 def test_join_waits_for_the_key_and_is_decided_when_it_arrives() -> None:
     r = make_router(key=None)
-    asked: list[int] = []
-    r.on_key_request = asked.append
     r.receive("eth2", join(S1), 0.0)
     r.receive("eth3", join(S2, portions=ODD), 0.001)
     # Nothing is decided before the key is in: no member, nothing relayed, one question.
-    assert asked == [int(GROUP)]
+    assert keys_asked(r) == [int(GROUP)]
     assert r.members.get(int(GROUP), {}) == {}
     assert relayed(r) == [] and r.stats.joins_accepted == 0 and rejected(r) == {}
     r.provide_key(int(GROUP), PUB, 300.0, 0.01)
@@ -176,22 +172,20 @@ def test_join_waits_for_the_key_and_is_decided_when_it_arrives() -> None:
     assert len(relayed(r)) == 2  # both relayed upstream once admitted
     # With the key cached, the next join is decided at once without asking again.
     r.receive("eth2", join(S1, at=1.0, nonce=b"\x02" * 8), 1.0)
-    assert asked == [int(GROUP)] and r.stats.joins_accepted == 3
+    assert keys_asked(r) == [int(GROUP)] and r.stats.joins_accepted == 3
 
 
 def test_joins_waiting_for_a_missing_key_are_refused_with_no_key() -> None:
     r = make_router(key=None)
-    asked: list[int] = []
-    r.on_key_request = asked.append
     r.receive("eth2", join(S1), 0.0)
     r.provide_key(int(GROUP), None, 0.0, 0.01, error="no key")
     assert rejected(r) == {"no key": 1}
     assert r.members.get(int(GROUP), {}) == {} and relayed(r) == []
     # The negative answer is cached for a while, then the router asks again.
     r.receive("eth2", join(S1, at=1.0, nonce=b"\x02" * 8), 1.0)
-    assert rejected(r) == {"no key": 2} and asked == [int(GROUP)]
+    assert rejected(r) == {"no key": 2} and keys_asked(r) == [int(GROUP)]
     r.receive("eth2", join(S1, at=10.0, nonce=b"\x03" * 8), 10.0)
-    assert asked == [int(GROUP), int(GROUP)]
+    assert keys_asked(r) == [int(GROUP), int(GROUP)]
     r.provide_key(int(GROUP), PUB, 300.0, 10.01)
     assert int(S1) in r.members[int(GROUP)]
 
@@ -276,11 +270,9 @@ def test_an_unsigned_join_to_a_private_group_is_refused() -> None:
 
 def test_a_public_group_is_admitted_without_a_signature() -> None:
     r = make_router(key=None)
-    asked: list[int] = []
-    r.on_key_request = asked.append
     record = record_for(PUBLIC, EVEN, RecordType.MODE_IS_INCLUDE)
     r.receive("eth2", wire(IGMPv3Report((record,)), S1), 0.0)
-    assert asked == [] and rejected(r) == {} and r.stats.joins_accepted == 1
+    assert keys_asked(r) == [] and rejected(r) == {} and r.stats.joins_accepted == 1
     relayed(r)
     # Anyone may send to a public group: no registration needed.
     assert data_hops_of(r, C1, PUBLIC) == [("eth2", S1)]
@@ -422,6 +414,11 @@ ZONE = "pool.test."
 ALIAS = "vault.pool.test."
 
 
+def keys_asked(router: Router) -> list[int]:
+    """Every group whose key the router has asked for so far (its KeyNeeded effects)."""
+    return [e.group for e in router.effects if isinstance(e, KeyNeeded)]
+
+
 def genuine_record(key: bytes = PUB) -> PoolRecord:
     return PoolRecord.create(ALIAS, GROUP, "ops@pool.test", key)
 
@@ -436,43 +433,38 @@ def tampered_zones(replacement: str) -> dict[str, str]:
 
 
 class DnsRouter:
-    """A router whose key requests become DNS lookups (`lookup_group_async`) on `server`,
-    answered as the runtime answers them; `errors` keeps what the lookups raised."""
+    """A router whose key requests are answered as the runtime answers them: each
+    `KeyNeeded` effect a DNS lookup (`lookup_key`) on `server`; `errors` keeps what
+    the failed lookups found."""
 
     def __init__(self, server: tuple[str, int]) -> None:
         self.router = make_router(key=None)
-        self.tasks: list[asyncio.Task[None]] = []
         self.errors: list[str] = []
         self.server = server
-        self.router.on_key_request = lambda group: self.tasks.append(
-            asyncio.ensure_future(self.lookup(group))
-        )
 
-    async def lookup(self, group: int) -> None:
-        router = self.router
-        try:
-            record = await lookup_group_async(ipaddress.IPv4Address(group), self.server)
-        except NamingError as exc:
-            text = str(exc)
-            self.errors.append(text)
-            bad = text.startswith(("bad ", "record mismatch", "conflict"))
-            router.provide_key(group, None, 0.0, 0.05, "bad key record" if bad else "no key")
-            return
-        router.provide_key(group, record.public_key, float(record.ttl), 0.05)
+    def questions(self) -> list[int]:
+        return [e.group for e in self.router.take_effects() if isinstance(e, KeyNeeded)]
+
+    def answer(self, group: int) -> None:
+        reply = lookup_key(group, self.server, timeout=5.0)
+        if reply.detail is not None and reply.reason is not None:
+            self.errors.append(reply.detail)
+        self.router.provide_key(group, reply.public_key, reply.ttl, 0.05, reply.reason)
 
 
-async def join_through_dns(zones: dict[str, str] | None, key: Ed25519PrivateKey = KEY) -> DnsRouter:
-    async with EmbeddedServer(zones or pool_zones(ZONE, []), None) as server:
+def join_through_dns(zones: dict[str, str] | None, key: Ed25519PrivateKey = KEY) -> DnsRouter:
+    with EmbeddedServer(zones or pool_zones(ZONE, []), None) as server:
         asker = DnsRouter(server.address)
         asker.router.receive("eth2", join(S1, key=key), 0.0)
-        assert len(asker.tasks) == 1  # one lookup, then the join waits for its answer
+        questions = asker.questions()
+        assert questions == [int(GROUP)]  # one lookup, then the join waits for its answer
         assert asker.router.stats.joins_accepted == 0 and rejected(asker.router) == {}
-        await asyncio.wait_for(asyncio.gather(*asker.tasks), 5.0)
+        asker.answer(questions[0])
         return asker
 
 
 def test_key_looked_up_in_dns_admits_the_join() -> None:
-    asker = asyncio.run(join_through_dns(pool_zones(ZONE, [genuine_record()])))
+    asker = join_through_dns(pool_zones(ZONE, [genuine_record()]))
     assert asker.errors == [] and rejected(asker.router) == {}
     assert int(S1) in asker.router.members[int(GROUP)]
     assert len(relayed(asker.router)) == 1
@@ -480,18 +472,18 @@ def test_key_looked_up_in_dns_admits_the_join() -> None:
 
 def test_a_record_holding_another_key_refuses_the_join() -> None:
     other = base64.b64encode(public_bytes(OTHER)).decode()
-    asker = asyncio.run(join_through_dns(tampered_zones(other)))
+    asker = join_through_dns(tampered_zones(other))
     assert asker.errors == []  # a well-formed record: only the signature check can tell
     assert rejected(asker.router) == {"bad signature": 1}
     assert asker.router.members.get(int(GROUP), {}) == {}
     # Whoever holds the substituted key gets in: the record is what routers trust.
-    asker = asyncio.run(join_through_dns(tampered_zones(other), key=OTHER))
+    asker = join_through_dns(tampered_zones(other), key=OTHER)
     assert int(S1) in asker.router.members[int(GROUP)]
 
 
 @pytest.mark.parametrize("garbage", ["AAAA", "not-base64!", base64.b64encode(b"x" * 31).decode()])
 def test_a_garbage_key_record_refuses_the_join(garbage: str) -> None:
-    asker = asyncio.run(join_through_dns(tampered_zones(garbage)))
+    asker = join_through_dns(tampered_zones(garbage))
     [error] = asker.errors
     assert error.startswith("bad key record at ")
     assert rejected(asker.router) == {"bad key record": 1}
@@ -499,7 +491,7 @@ def test_a_garbage_key_record_refuses_the_join(garbage: str) -> None:
 
 
 def test_no_record_refuses_the_join_with_no_key() -> None:
-    asker = asyncio.run(join_through_dns(None))
+    asker = join_through_dns(None)
     [error] = asker.errors
     assert error.startswith("not found: 5.5.5.232.in-addr.arpa. does not exist (NXDOMAIN)")
     assert rejected(asker.router) == {"no key": 1}
@@ -607,7 +599,7 @@ def assert_outsiders_got_nothing(run: PoolRun, watch: Watch) -> None:
 def test_private_pool_serves_members_and_gives_outsiders_nothing() -> None:
     run = PoolRun(loads(private_pool()), "memory", seed=3)
     watch = Watch(run)
-    run.run_sync(6.0)
+    run.run(6.0)
     summary = run.summary()
     assert summary["clients"] == 12 and summary["clients_served_at_end"] == 12
     assert summary["requests_failed"] == 0 and summary["resets"] == 0
@@ -693,7 +685,7 @@ def test_attacks_on_a_running_pool_are_refused_while_it_serves() -> None:
             evil.send(evil.host.iface, packet, evil.host.gateway)
 
     run.network.call_at(3.0, attack)
-    run.run_sync(6.0)
+    run.run(6.0)
     after = Counter(core.stats.rejected)
     after.subtract(baseline["core"])
     # Each attack counted once under its reason (the outsider's own joins and control
@@ -721,7 +713,7 @@ def test_private_pool_on_the_overlay_with_its_own_dns_server() -> None:
     run = PoolRun(topo, "overlay", seed=5, base_port=free_base_port(ports))
     watch = Watch(run)
     assert topo.pool.dns is None  # no DNS server named: the run starts its own
-    run.run_sync(4.0)
+    run.run(4.0)
     assert run.dns_address is not None  # the run served its records and routers asked it
     summary = run.summary()
     assert summary["clients"] == 12 and summary["clients_served_at_end"] == 12
@@ -789,7 +781,7 @@ def test_pool_reading_keys_from_a_dns_server(
         extra = f'key_file = "{path}"\ndns = "{host}:{port}"'
         run = PoolRun(loads(private_pool(extra=extra, duration=2.5)), "memory", seed=6)
         # On the virtual clock, in step with the wall clock the DNS answers come on.
-        run.run_sync(2.5, realtime=True)
+        run.run(2.5, realtime=True)
     summary = run.summary()
     routers = run.nodes.routers
     if reason is None:  # the genuine records: everyone served
@@ -815,7 +807,7 @@ def test_a_dns_server_that_never_answers_refuses_joins_with_no_key(
         host, port = silent.getsockname()
         extra = f'key_file = "{path}"\ndns = "{host}:{port}"'
         run = PoolRun(loads(private_pool(extra=extra, duration=2.6)), "memory", seed=6)
-        run.run_sync(2.6, realtime=True)  # lookups give up after 2 s
+        run.run(2.6, realtime=True)  # lookups give up after 2 s
     rs = run.nodes.routers["rs"]
     assert rs.stats.joins_accepted == 0 and run.summary()["requests_ok"] == 0
     assert rs.stats.rejected["no key"] >= 2, dict(rs.stats.rejected)
@@ -869,7 +861,7 @@ def test_a_custom_private_range_is_enforced_by_the_routers() -> None:
         group="224.5.1.1", control="224.5.9.9", extra='private_ranges = "224.5.0.0/16"'
     )
     run = PoolRun(loads(text), "memory", seed=3)
-    run.run_sync(4.0)
+    run.run(4.0)
     summary = run.summary()
     assert summary["clients_served_at_end"] == 8
     refused = sum(r.stats.rejected["bad signature"] for r in run.nodes.routers.values())
@@ -890,14 +882,12 @@ def test_a_configured_key_replaces_dns_and_a_wrong_one_admits_no_one() -> None:
     for key, served in ((right, 8), (wrong, 0)):
         text = PLAN_POOL.format(group=group, control=control, extra=f'public_key = "{key}"')
         run = PoolRun(loads(text), "memory", seed=3)
-        run.run_sync(3.0)
+        run.run(3.0)
         assert run.summary()["clients_served_at_end"] == served
 
 
 def test_a_sender_that_stops_registering_is_refused_after_the_hold_time() -> None:
     router = make_router()
-    changed: list[int] = []
-    router.on_group_change = changed.append  # what a kernel data plane listens to
     router.receive("eth0", registration(C1), 0.0)
     router.take_frames()
     router.receive("eth0", datagram(C1), 1.0)
@@ -905,10 +895,11 @@ def test_a_sender_that_stops_registering_is_refused_after_the_hold_time() -> Non
     assert rejected(router).get("unauthorized sender", 0) == 0
     # No refresh: when the hold time passes the registration lapses, and the group's
     # forwarding entries are invalidated so a kernel drops them too.
-    changed.clear()
+    router.take_effects()
     deadline = router.next_deadline()
     assert deadline is not None and deadline <= 30.0
     router.on_timer(deadline)
-    assert changed == [int(GROUP)]
+    # what a kernel data plane listens to
+    assert router.take_effects() == [GroupChanged(int(GROUP))]
     router.receive("eth0", datagram(C1), deadline + 0.1)
     assert rejected(router).get("unauthorized sender", 0) == 1

@@ -9,7 +9,6 @@ lost state is visible to the user (`state_lost`), as are resets and failures.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import struct
 from collections import Counter
@@ -20,12 +19,14 @@ from fractions import Fraction
 import pytest
 
 from manycast import space
-from manycast.drivers.overlay import OverlayNetwork, free_base_port
+from manycast.drivers.overlay_network import OverlayNetwork
+from manycast.ports import free_base_port
 from manycast.protocol.client import Client
 from manycast.protocol.server import Server
 from manycast.runtime import PoolRun
 from manycast.space import Allocation
-from manycast.topology import Step, loads
+from manycast.steps import STEP_TYPES, Action, Kill, SetShare
+from manycast.topology import loads
 
 TECHNIQUES = ("R1", "R2", "R3", "R4")
 KEEPERS = ("R2", "R3", "R4")  # the techniques that keep every session
@@ -146,12 +147,12 @@ def step(run: PoolRun, action: str, server: str, share: Fraction = Fraction(1, 1
     args: dict[str, object] = {"server": server}
     if action == "set_share":
         args["share"] = share
-    act(run, lambda: run.scenario.step(Step(run.now, action, args, 0)))
+    act(run, lambda: run.engine.carry_out(STEP_TYPES[Action(action)](at=run.now, **args), run.now))
 
 
 def current(run: PoolRun) -> Allocation:
     """The one allocation every live server holds (asserted)."""
-    servers = [s for n, s in run.nodes.servers.items() if n not in run.scenario.dead]
+    servers = [s for n, s in run.nodes.servers.items() if n not in run.engine.dead]
     views = {s.name: s.coordinator.view for s in servers}
     assert len(set(views.values())) == 1, f"servers disagree: {views}"
     allocation = servers[0].coordinator.allocation
@@ -446,7 +447,7 @@ def test_moved_sessions_whose_holder_dies_are_served_again(technique: str) -> No
     else:
         holder, kept = "s1", set(record.moved)
     at = run.now
-    act(run, lambda: run.scenario.step(Step(run.now, "kill", {"server": holder}, 0)))
+    act(run, lambda: run.engine.carry_out(Kill(at=run.now, server=holder), run.now))
     advance(run, at + 4.0)
     after = current(run)
     assert holder not in after.servers
@@ -523,22 +524,23 @@ def test_overlay_set_share_on_loopback(technique: str) -> None:
     assert isinstance(network, OverlayNetwork)
     clients = run.nodes.clients
 
-    async def drive() -> tuple[Allocation, dict[str, object], float]:
+    def drive() -> tuple[Allocation, dict[str, object], float]:
         try:
-            while not all(c.connected and c.stats.requests_ok for c in clients.values()):
-                assert network.now < 4.0, "the clients never all got a session"
-                await network.run_for(0.1)
+            ready = network.run_until(
+                4.0, lambda: all(c.connected and c.stats.requests_ok for c in clients.values())
+            )
+            assert ready, "the clients never all got a session"
             old = current(run)
             keys = {n: c.conn_key for n, c in clients.items()}
             at = network.now
-            args = {"server": "s1", "share": Fraction(1, 10)}
-            network.call_at(at, lambda: run.scenario.step(Step(at, "set_share", args, 0)))
-            await network.run_until(at + 1.8)
+            step = SetShare(at=at, server="s1", share=Fraction(1, 10))
+            network.call_at(at, lambda: run.engine.carry_out(step, at))
+            network.run_until(at + 1.8)
             return old, keys, at
         finally:
             network.close()
 
-    old, keys, at = asyncio.run(drive())
+    old, keys, at = drive()
     summary = run.summary()
     new = current(run)
     assert abs(float(new.share("s1")) - 0.1) < 1e-3

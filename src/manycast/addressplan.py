@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Final
 
-from manycast.errors import ManycastError
+from manycast.errors import BadRecord, NamingError, NamingRefused, NamingTimeout
 
 __all__ = [
     "DEFAULT_PLAN",
@@ -36,22 +36,6 @@ __all__ = [
 ]
 
 MULTICAST: Final = IPv4Network("224.0.0.0/4")
-
-
-class NamingError(ManycastError, ValueError):
-    """A pool name that cannot be published or read: the message says why."""
-
-
-class NamingTimeout(NamingError):
-    """The DNS server did not answer within the lookup's or update's timeout."""
-
-
-class NamingRefused(NamingError):
-    """The DNS server answered no: the name or record is not there, or it refused."""
-
-
-class BadRecord(NamingError):
-    """A record that is there but does not validate (encoding, mismatch, conflict)."""
 
 
 def show(text: str, limit: int = 40) -> str:

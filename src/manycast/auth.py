@@ -22,12 +22,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from manycast.errors import ManycastError
 from manycast.wire.membership import IGMPv3Report, SignedJoin
 
 PUBLIC_KEY_BYTES = 32
 
 
-class AuthError(ValueError):
+class AuthError(ManycastError, ValueError):
     """A key that cannot be read or used."""
 
 

@@ -12,17 +12,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from fractions import Fraction
 
 import numpy as np
 import numpy.typing as npt
 
+from manycast.errors import ManycastError
 from manycast.space import AddressSpace, Allocation, SpaceError, bit_reversal
 
 Weight = int | float | Fraction
 
 
-class PolicyError(ValueError):
+class PolicyName(StrEnum):
+    """How a pool's initial allocation is split (`[pool] policy`)."""
+
+    EQUAL = "equal"
+    WEIGHTED = "weighted"
+    STRIPED = "striped"
+
+
+class PolicyError(ManycastError, ValueError):
     """A policy request that cannot be met (unknown server, bad share, empty pool)."""
 
 

@@ -1,57 +1,42 @@
-"""Build a running pool from a topology: routers, servers and clients as nodes.
-
-The same builder serves every driver; `PoolRun` adds the scenario and the
-measurements a user sees (per-server share, sessions and request rate; the
-clients' outcomes; the recovery time after each disruption).
-"""
+"""Build a pool's nodes from a topology: routers, servers and clients, for any driver."""
 
 from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from manycast import policy
+from manycast.addressplan import AddressPlan
+from manycast.apps.counter import CounterService, CounterSession
 from manycast.auth import load_private, public_bytes
-from manycast.drivers.links import LinkSpec
-from manycast.naming import AddressPlan
 from manycast.protocol.admission import Admission
+from manycast.protocol.app import Service, SessionFactory
 from manycast.protocol.client import Client
 from manycast.protocol.coordination import PoolSettings, initial_allocation
 from manycast.protocol.node import Node
 from manycast.protocol.router import Router
 from manycast.protocol.server import Server
 from manycast.space import Allocation
-from manycast.topology import Step, Topology
-from manycast.wire import control
+from manycast.topology import PoolSpec, Topology
+from manycast.topology.links import LinkSpec
 
 
-def settings_for(topology: Topology, wall_base: float = 1.7e9) -> PoolSettings:
-    pool = topology.pool
+def settings_for(topology: Topology, wall_base: float) -> PoolSettings:
+    """What every server of the topology's pool is configured with: the pool's own
+    settings (the fields `PoolSpec` and `PoolSettings` share, by name), its members
+    and their weights, and the wall clock the driver gives."""
+    shared = {f.name for f in fields(PoolSettings)} & {f.name for f in fields(PoolSpec)}
+    servers = topology.servers.values()
     return PoolSettings(
-        group=pool.group,
-        port=pool.port,
-        control_group=pool.control_group,
-        control_port=pool.control_port,
-        space=pool.space,
-        members=tuple(
-            sorted(s.name for s in topology.servers.values() if not s.standby and s.authorized)
-        ),
-        policy=pool.policy,
-        portions=pool.portions,
-        weights={s.name: s.weight for s in topology.servers.values()},
-        technique=pool.technique,
-        close_after_transaction=pool.close_after_transaction,
-        heartbeat=pool.heartbeat_s,
-        misses=pool.heartbeat_misses,
-        report_interval=pool.report_interval_s,
-        rebalance_above=pool.rebalance_above,
-        rebalance_target=pool.rebalance_target,
-        rebalance_hold=pool.rebalance_hold_s,
+        **{name: getattr(topology.pool, name) for name in shared},
+        members=tuple(sorted(s.name for s in servers if not s.standby and s.authorized)),
+        weights={s.name: s.weight for s in servers},
         wall_base=wall_base,
     )
 
@@ -87,10 +72,16 @@ class Nodes:
 
 
 def build(
-    topology: Topology, seed: int = 0, wall_base: float = 1.7e9, only: set[str] | None = None
+    topology: Topology,
+    seed: int,
+    wall_base: float,
+    only: set[str] | None = None,
+    service: Callable[[], Service] = CounterService,
+    session: SessionFactory = CounterSession,
 ) -> Nodes:
     """The nodes of the topology (those in `only`, when a process hosts part of a pool),
-    each with its own random stream from `seed`."""
+    each with its own random stream from `seed`, serving `service` to clients that
+    open `session`s (the counter application unless told otherwise)."""
     unknown = sorted((only or set()) - set(topology.interfaces))
     if unknown:
         raise ValueError(f"no such node in the topology: {', '.join(unknown)}")
@@ -149,6 +140,7 @@ def build(
             settings,
             rng(spec.name),
             initial=start,
+            service=service(),
             key=key_of(spec.authorized),
         )
         (standby if spec.standby else servers)[spec.name] = server
@@ -167,6 +159,7 @@ def build(
             resolve,
             spec.rate,
             rng(spec.name),
+            app=session,
             key=key_of(spec.authorized),
             wall_base=wall_base,
             register_every=pool.report_interval_s,
@@ -175,64 +168,3 @@ def build(
         if hosted(spec.name)
     }
     return Nodes(routers, servers, standby, clients, list(topology.links.values()), directory)
-
-
-class Host(Protocol):
-    """What the scenario needs of a driver."""
-
-    @property
-    def now(self) -> float: ...
-
-    def add(self, node: Node) -> None: ...
-
-    def kill(self, name: str) -> Node: ...
-
-
-@dataclass
-class EventRecord:
-    at: float
-    what: str
-
-
-@dataclass
-class Scenario:
-    """Carries out the topology's timed steps on a running pool."""
-
-    topology: Topology
-    nodes: Nodes
-    host: Host
-    events: list[EventRecord] = field(default_factory=list)
-    dead: set[str] = field(default_factory=set)
-
-    def step(self, step: Step) -> None:
-        now = self.host.now
-        action, args = step.action, step.args
-        if action == "kill":
-            name = args["server"]
-            if name in self.nodes.servers and name not in self.dead:
-                self.host.kill(name)
-                self.dead.add(name)
-        elif action == "add":
-            name = args["server"]
-            server = self.nodes.standby.pop(name, None)
-            if server is not None:
-                self.nodes.servers[name] = server
-                self.host.add(server)
-        elif action == "set_share":
-            self._command(control.SetShareOp(args["server"], args["share"]), now, args["server"])
-        elif action == "rebalance":
-            self._command(control.RebalanceOp(float(args["target"]), ()), now, None)
-        elif action == "client_rate":
-            for client in self.nodes.clients.values():
-                if client.name.rstrip("0123456789") == args["clients"]:
-                    client.set_rate(float(args["rate"]), now)
-        self.events.append(EventRecord(now, step.describe()))
-
-    def _command(self, op: control.PolicyOp, now: float, about: str | None) -> None:
-        """Hand an operator's change to one server here: the one it is about if we
-        host it (so a pool split over processes issues it once), else our first."""
-        live = sorted(n for n in self.nodes.servers if n not in self.dead)
-        if about is not None and about in live:
-            self.nodes.servers[about].command(op, now)
-        elif live and (about is None or about not in self.topology.servers or about in self.dead):
-            self.nodes.servers[live[0]].command(op, now)

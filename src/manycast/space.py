@@ -26,12 +26,14 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
+from manycast.errors import ManycastError
+
 AddressLike = int | str | ipaddress.IPv4Address | ipaddress.IPv6Address
 IntArray = npt.NDArray[np.integer]
 WIDTH = {4: 32, 6: 128}
 
 
-class SpaceError(ValueError):
+class SpaceError(ManycastError, ValueError):
     """An address space, portion or allocation that breaks an invariant."""
 
 

@@ -13,6 +13,7 @@ import struct
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from manycast.protocol.app import Answer
 from manycast.wire.errors import WireError
 
 REQUEST = struct.Struct("!II")  # sequence, increment
@@ -28,7 +29,7 @@ class _Conn:
 
 
 class CounterService:
-    """Server side: one running total per connection."""
+    """Server side (a `protocol.app.Service`): one running total per connection."""
 
     def __init__(self) -> None:
         self._conns: dict[Hashable, _Conn] = {}
@@ -76,16 +77,9 @@ class CounterService:
         self._conns[key] = _Conn(total, bytearray(state[_STATE.size :]))
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    sequence: int
-    ok: bool
-    latency: float
-    reason: str = ""
-
-
 class CounterSession:
-    """Client side of one connection: what the total must be, and when each request left."""
+    """Client side of one connection (a `protocol.app.Session`): what the total must
+    be, and when each request left."""
 
     def __init__(self) -> None:
         self.total = 0

@@ -1,40 +1,21 @@
-"""What a driver needs to know about links: who is attached, delay and loss."""
+"""Links as every driver sees them: who is attached, delay and loss, and what crossed them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+# Links are topology data; drivers see them under this name too.
+from manycast.topology.links import Attachment, LinkSpec
+
+__all__ = ["Attachment", "LinkCounters", "LinkSpec"]
 
 
-@dataclass(frozen=True, slots=True)
-class Attachment:
-    """One node's interface on a link."""
+@dataclass(slots=True)
+class LinkCounters:
+    """Frames of one link as seen by one driver instance."""
 
-    node: str
-    iface: str
-    address: int
-
-
-@dataclass(frozen=True)
-class LinkSpec:
-    """A link (point-to-point or a LAN): its members by address, one-way delay in
-    seconds and the probability that a frame is lost."""
-
-    name: str
-    members: tuple[Attachment, ...]
-    delay: float = 0.0
-    loss: float = 0.0
-    by_address: dict[int, Attachment] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.delay < 0:
-            raise ValueError(f"link {self.name}: delay must not be negative")
-        if not 0.0 <= self.loss < 1.0:
-            raise ValueError(f"link {self.name}: loss must be in [0, 1)")
-        object.__setattr__(self, "by_address", {m.address: m for m in self.members})
-
-    def receivers(self, sender: str, next_hop: int | None) -> list[Attachment]:
-        """Where a frame from `sender` goes: the next hop, or every other member."""
-        if next_hop is None:
-            return [m for m in self.members if m.node != sender]
-        member = self.by_address.get(next_hop)
-        return [member] if member is not None and member.node != sender else []
+    sent: int = 0  # handed to the link by a local sender (one per receiver)
+    received: int = 0  # delivered to a local receiver
+    lost: int = 0  # dropped on purpose by the emulated loss
+    dropped: int = 0  # could not be sent: no such next hop, too big, refused by the kernel
+    unreachable: int = 0  # the receiving host answered "port unreachable" (peer not running)

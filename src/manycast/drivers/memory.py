@@ -2,7 +2,8 @@
 
 One heap of events ordered by (time, sequence number): frame deliveries, node
 deadlines and scheduled callbacks. Loss is drawn from a `random.Random` seeded
-by the caller, so the same seed gives the same run, event for event.
+by the caller and the wall-clock base is fixed, so the same seed gives the same
+run, event for event and byte for byte (`trace` records it when asked).
 """
 
 from __future__ import annotations
@@ -11,31 +12,35 @@ import heapq
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from manycast.drivers.links import LinkSpec
-from manycast.protocol.node import Node
+from manycast.drivers.contract import EffectHandler, carry_out
+from manycast.drivers.links import LinkCounters, LinkSpec
+from manycast.protocol.node import Frame, Node
 
+T = TypeVar("T")
 _DELIVER, _TIMER, _CALL = 0, 1, 2
-
-
-@dataclass
-class LinkCounters:
-    sent: int = 0
-    delivered: int = 0
-    lost: int = 0
+# The wall clock at virtual time 0 (late 2023): what signed joins and reports carry.
+WALL_BASE = 1.7e9
 
 
 @dataclass
 class MemoryNetwork:
-    """Hosts nodes on links; `run_until(t)` advances the virtual clock to `t`."""
+    """Hosts nodes on links; `run_until(t)` advances the virtual clock to `t`.
+
+    With `trace` set to a list, every delivery and timer is appended to it as
+    (time, kind, node, interface, packet), so two runs can be compared whole."""
 
     links: dict[str, LinkSpec]
     seed: int = 0
     now: float = 0.0
+    wall_base: float = WALL_BASE
+    realtime: bool = False  # the clock is virtual: a lookup may not take real time
     nodes: dict[str, Node] = field(default_factory=dict)
     counters: dict[str, LinkCounters] = field(default_factory=dict)
     events_processed: int = 0
+    trace: list[tuple[float, str, str, str, bytes]] | None = None
+    on_effect: EffectHandler | None = None
     _heap: list[tuple[float, int, int, Any]] = field(default_factory=list, repr=False)
     _seq: int = 0
     _armed: dict[str, float] = field(default_factory=dict, repr=False)
@@ -66,7 +71,7 @@ class MemoryNetwork:
             raise ValueError(f"node {node.name} is already running")
         self.nodes[node.name] = node
         node.start(self.now)
-        self._after_call(node)
+        self._carry_out(node)
 
     def kill(self, name: str) -> Node:
         """Stop a node at once, as a crash would: nothing more is sent or delivered."""
@@ -74,13 +79,23 @@ class MemoryNetwork:
         self._armed.pop(name, None)
         return node
 
-    def call_at(self, at: float, callback: Callable[[], None]) -> None:
+    def call_at(self, at: float, callback: Callable[[], object]) -> None:
         """Run `callback` at virtual time `at` (scenario steps, measurements)."""
         self._push(max(at, self.now), _CALL, callback)
 
+    def defer(self, work: Callable[[], T], then: Callable[[T], object]) -> None:
+        """Run `work` at once (the virtual clock does not move meanwhile) and
+        `then(result)` as the next event at this instant."""
+        result = work()
+        self.call_at(self.now, lambda: then(result))
+
+    def close(self) -> None:
+        """Nothing to release: the heap is dropped with the network."""
+
     # the clock ------------------------------------------------------------
-    def run_until(self, until: float) -> None:
+    def run_until(self, until: float, condition: Callable[[], bool] | None = None) -> bool:
         heap = self._heap
+        trace = self.trace
         while heap and heap[0][0] <= until:
             at, _, kind, payload = heapq.heappop(heap)
             self.now = at
@@ -89,20 +104,27 @@ class MemoryNetwork:
                 name, iface, packet = payload
                 node = self.nodes.get(name)
                 if node is not None:
+                    if trace is not None:
+                        trace.append((at, "deliver", name, iface, packet))
                     node.receive(iface, packet, at)
-                    self._after_call(node)
+                    self._carry_out(node)
             elif kind == _TIMER:
                 name = payload
                 node = self.nodes.get(name)
                 if node is not None and self._armed.get(name) == at:
                     del self._armed[name]
+                    if trace is not None:
+                        trace.append((at, "timer", name, "", b""))
                     node.on_timer(at)
-                    self._after_call(node)
+                    self._carry_out(node)
             else:
                 payload()
                 for node in list(self.nodes.values()):
-                    self._after_call(node)
+                    self._carry_out(node)
+            if condition is not None and condition():
+                return True
         self.now = max(self.now, until)
+        return condition is not None and condition()
 
     def run_for(self, seconds: float) -> None:
         self.run_until(self.now + seconds)
@@ -112,24 +134,24 @@ class MemoryNetwork:
         self._seq += 1
         heapq.heappush(self._heap, (at, self._seq, kind, payload))
 
-    def _after_call(self, node: Node) -> None:
-        """Put the node's frames on its links and re-arm its deadline."""
-        for frame in node.take_frames():
-            link_name = self._link_of.get((node.name, frame.iface))
-            if link_name is None:
-                raise ValueError(f"{node.name} sent on {frame.iface}, which is on no link")
-            link = self.links[link_name]
-            counters = self.counters[link_name]
-            for member in link.receivers(node.name, frame.next_hop):
-                counters.sent += 1
-                if link.loss and self._rng.random() < link.loss:
-                    counters.lost += 1
-                    continue
-                counters.delivered += 1
-                self._push(
-                    self.now + link.delay, _DELIVER, (member.node, member.iface, frame.packet)
-                )
-        deadline = node.next_deadline()
+    def _carry_out(self, node: Node) -> None:
+        carry_out(node, lambda frame: self._send(node, frame), self._arm, self.on_effect)
+
+    def _send(self, node: Node, frame: Frame) -> None:
+        link_name = self._link_of.get((node.name, frame.iface))
+        if link_name is None:
+            raise ValueError(f"{node.name} sent on {frame.iface}, which is on no link")
+        link = self.links[link_name]
+        counters = self.counters[link_name]
+        for member in link.receivers(node.name, frame.next_hop):
+            counters.sent += 1
+            if link.loss and self._rng.random() < link.loss:
+                counters.lost += 1
+                continue
+            counters.received += 1
+            self._push(self.now + link.delay, _DELIVER, (member.node, member.iface, frame.packet))
+
+    def _arm(self, node: Node, deadline: float | None) -> None:
         if deadline is not None and self._armed.get(node.name) != deadline:
             deadline = max(deadline, self.now)
             self._armed[node.name] = deadline

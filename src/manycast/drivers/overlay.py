@@ -19,20 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import socket
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 
-from manycast.drivers.links import LinkSpec
-from manycast.protocol.node import Node
+from manycast.drivers.contract import EffectHandler, carry_out
+from manycast.drivers.links import LinkCounters, LinkSpec
+from manycast.errors import DriverError
+from manycast.ports import DEFAULT_HOST
+from manycast.protocol.node import Frame, Node
+from manycast.topology.addressing import assign_endpoints as assign_endpoints  # re-exported
 
 Endpoint = tuple[str, int]
 
-DEFAULT_HOST = "127.0.0.1"
 BUFFER_SIZE = 4 << 20
 _MAX_DATAGRAM = 65535
 # Datagrams read per wake-up: enough to amortise the loop's cost, few enough that
@@ -47,19 +50,8 @@ _IP_RECVERR = 11
 _MSG_ERRQUEUE = 0x2000
 
 
-class OverlayError(OSError):
+class OverlayError(DriverError):
     """An endpoint could not be set up (address in use, not a local address)."""
-
-
-@dataclass(slots=True)
-class LinkCounters:
-    """Datagrams of one link as seen by this driver instance."""
-
-    sent: int = 0  # handed to the kernel by a local sender
-    received: int = 0  # read by a local endpoint
-    lost: int = 0  # dropped on purpose by the emulated loss
-    dropped: int = 0  # could not be sent: no such next hop, too big, refused by the kernel
-    unreachable: int = 0  # the receiving host answered "port unreachable" (peer not running)
 
 
 class _Port:
@@ -91,52 +83,23 @@ class _Port:
         self.unicast: dict[int, Endpoint] = {}
 
 
-class _Host:
-    """A local node with its endpoints and its one armed loop timer."""
+class _Hosted:
+    """A local node with its endpoints, its one armed loop timer, and the driver's
+    send and arm callbacks bound to it once (the per-datagram path reuses them)."""
 
-    __slots__ = ("armed", "handle", "node", "ports")
+    __slots__ = ("arm", "armed", "handle", "node", "ports", "send")
 
     def __init__(self, node: Node, ports: dict[str, _Port]):
         self.node = node
         self.ports = ports
         self.armed: float | None = None
         self.handle: asyncio.TimerHandle | None = None
+        self.send: Callable[[Frame], None] = _unbound
+        self.arm: Callable[[Node, float | None], None] = _unbound
 
 
-def assign_endpoints(
-    links: Iterable[LinkSpec],
-    base_port: int,
-    hosts: Mapping[str, str] | None = None,
-    default_host: str = DEFAULT_HOST,
-) -> dict[tuple[str, str], Endpoint]:
-    """A deterministic endpoint map: attachments sorted by (node, iface) get
-    consecutive ports from `base_port`; `hosts` places nodes on other machines."""
-    keys = sorted({(m.node, m.iface) for link in links for m in link.members})
-    if base_port < 1 or base_port + len(keys) - 1 > 65535:
-        raise ValueError(f"ports {base_port}..{base_port + len(keys) - 1} are not all valid")
-    hosts = hosts or {}
-    return {key: (hosts.get(key[0], default_host), base_port + i) for i, key in enumerate(keys)}
-
-
-def free_base_port(
-    count: int, search: Iterable[int] = range(41000, 60000, 397), host: str = DEFAULT_HOST
-) -> int:
-    """A base port with `count` free UDP ports above it on `host` (checked by binding),
-    for a pool that runs in one process or on one machine."""
-    for base in search:
-        sockets: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                sockets.append(sock)
-                sock.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise OverlayError(f"no range of {count} free UDP ports on {host}")
+def _unbound(*_: object) -> None:
+    raise RuntimeError("node is not registered with a running overlay")
 
 
 def _resolve(host: str) -> str:
@@ -152,7 +115,7 @@ def _resolve(host: str) -> str:
     return str(infos[0][4][0])
 
 
-class OverlayNetwork:
+class AsyncOverlay:
     """Hosts `local_nodes` on UDP endpoints; the links and the endpoint map
     describe the whole network, wherever its other nodes run.
 
@@ -198,7 +161,8 @@ class OverlayNetwork:
             for m in link.members:
                 if (m.node, m.iface) not in self.endpoints:
                     raise ValueError(f"link {link.name}: no endpoint for {m.node}/{m.iface}")
-        self._hosts: dict[str, _Host] = {}
+        self._hosts: dict[str, _Hosted] = {}
+        self.on_effect: EffectHandler | None = None
         self._rng = random.Random(seed)
         self._started = False
         self._closed = False
@@ -229,7 +193,7 @@ class OverlayNetwork:
             return
         loop = asyncio.get_running_loop()
         pending = self._pending
-        hosts: list[_Host] = []
+        hosts: list[_Hosted] = []
         try:
             for node in pending:
                 hosts.append(self._bind(node))
@@ -250,8 +214,11 @@ class OverlayNetwork:
         for at, callback in calls:
             self.call_at(at, callback)
 
-    async def run_until(self, until: float) -> None:
-        """Let the network run until `now` reaches `until`. Raises the first
+    async def run_until(
+        self, until: float, condition: Callable[[], bool] | None = None, poll: float = 0.005
+    ) -> bool:
+        """Let the network run until `now` reaches `until`, or until `condition()`
+        holds (checked every `poll` seconds); True if it held. Raises the first
         exception a node raised meanwhile (the network keeps its state)."""
         self.start()
         self._raise_error()
@@ -260,12 +227,26 @@ class OverlayNetwork:
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._waiter = waiter
         handle = self._loop.call_at(self._t0 + until, _resolve_waiter, waiter)
+        checker: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal checker
+            if condition is not None and condition():
+                _resolve_waiter(waiter)
+            else:
+                checker = self._loop.call_later(poll, check)
+
+        if condition is not None:
+            check()
         try:
             await waiter
         finally:
             handle.cancel()
+            if checker is not None:
+                checker.cancel()
             self._waiter = None
         self._raise_error()
+        return condition is not None and condition()
 
     async def run_for(self, seconds: float) -> None:
         await self.run_until(self.now + seconds)
@@ -345,7 +326,7 @@ class OverlayNetwork:
             self._waiter.set_result(None)
         self._closed = True
 
-    async def __aenter__(self) -> OverlayNetwork:
+    async def __aenter__(self) -> AsyncOverlay:
         self.start()
         return self
 
@@ -358,7 +339,7 @@ class OverlayNetwork:
         self.close()
 
     # set-up ---------------------------------------------------------------
-    def _bind(self, node: Node) -> _Host:
+    def _bind(self, node: Node) -> _Hosted:
         """Open and bind the node's endpoints, all or none; record port-0 choices."""
         ports: dict[str, _Port] = {}
         try:
@@ -373,7 +354,7 @@ class OverlayNetwork:
             raise
         for iface, port in ports.items():
             self.endpoints[(node.name, iface)] = port.sock.getsockname()[:2]
-        return _Host(node, ports)
+        return _Hosted(node, ports)
 
     def _socket(self, node: str, iface: str) -> socket.socket:
         address = self.endpoints[(node, iface)]
@@ -410,14 +391,16 @@ class OverlayNetwork:
                 port.fanout = tuple(ep for _, ep in receivers if ep[1] != 0)
                 port.unicast = {address: ep for address, ep in receivers if ep[1] != 0}
 
-    def _register(self, host: _Host) -> None:
+    def _register(self, host: _Hosted) -> None:
+        host.send = functools.partial(self._send, host)
+        host.arm = lambda _node, deadline: self._arm(host, deadline)
         name = host.node.name
         self._hosts[name] = host
         self.nodes[name] = host.node
         for port in host.ports.values():
             self._loop.add_reader(port.sock, self._readable, host, port)
 
-    def _start_node(self, host: _Host) -> None:
+    def _start_node(self, host: _Hosted) -> None:
         try:
             host.node.start(self.now)
             self._after(host)
@@ -425,7 +408,7 @@ class OverlayNetwork:
             self.kill(host.node.name)
             raise
 
-    def _close_ports(self, host: _Host) -> None:
+    def _close_ports(self, host: _Hosted) -> None:
         for port in host.ports.values():
             if port.open:
                 port.open = False
@@ -434,7 +417,7 @@ class OverlayNetwork:
                 port.sock.close()
 
     # the per-datagram path --------------------------------------------------
-    def _readable(self, host: _Host, port: _Port) -> None:
+    def _readable(self, host: _Hosted, port: _Port) -> None:
         recv = port.sock.recv
         node = host.node
         iface = port.iface
@@ -466,37 +449,39 @@ class OverlayNetwork:
         finally:
             port.counters.received += n
 
-    def _after(self, host: _Host) -> None:
+    def _after(self, host: _Hosted) -> None:
         """Send the node's frames and re-arm its loop timer if the deadline moved."""
-        node = host.node
-        for frame in node.take_frames():
-            port = host.ports.get(frame.iface)
-            if port is None:
-                raise ValueError(f"{node.name} sent on {frame.iface}, which is on no link")
-            if not port.open:
-                continue
-            counters = port.counters
-            if frame.next_hop is None:
-                receivers = port.fanout
+        carry_out(host.node, host.send, host.arm, self.on_effect)
+
+    def _send(self, host: _Hosted, frame: Frame) -> None:
+        port = host.ports.get(frame.iface)
+        if port is None:
+            raise ValueError(f"{host.node.name} sent on {frame.iface}, which is on no link")
+        if not port.open:
+            return
+        counters = port.counters
+        if frame.next_hop is None:
+            receivers = port.fanout
+        else:
+            hop = port.unicast.get(frame.next_hop)
+            if hop is None:
+                counters.dropped += 1
+                return
+            receivers = (hop,)
+        packet = frame.packet
+        if port.emulated:
+            self._send_emulated(port, packet, receivers)
+            return
+        sendto = port.sock.sendto
+        for address in receivers:
+            try:
+                sendto(packet, address)
+            except OSError as exc:
+                self._send_failed(port, packet, address, exc)
             else:
-                hop = port.unicast.get(frame.next_hop)
-                if hop is None:
-                    counters.dropped += 1
-                    continue
-                receivers = (hop,)
-            packet = frame.packet
-            if port.emulated:
-                self._send_emulated(port, packet, receivers)
-                continue
-            sendto = port.sock.sendto
-            for address in receivers:
-                try:
-                    sendto(packet, address)
-                except OSError as exc:
-                    self._send_failed(port, packet, address, exc)
-                else:
-                    counters.sent += 1
-        deadline = node.next_deadline()
+                counters.sent += 1
+
+    def _arm(self, host: _Hosted, deadline: float | None) -> None:
         if deadline != host.armed:
             if host.handle is not None:
                 host.handle.cancel()
@@ -559,7 +544,7 @@ class OverlayNetwork:
         port.counters.unreachable += n
         return n
 
-    def _fire(self, host: _Host) -> None:
+    def _fire(self, host: _Hosted) -> None:
         if self._hosts.get(host.node.name) is not host:
             return
         # Never report a time before the deadline itself (float rounding of t0 + d - t0).

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from manycast.apps.counter import Answer, CounterSession
 from manycast.auth import sign_join
+from manycast.protocol.app import Answer, Session, SessionFactory
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import record_for
 from manycast.protocol.node import Interface, Node
@@ -26,11 +26,11 @@ from manycast.protocol.tcp import (
     ConnectionReset,
     ConnectionTimedOut,
     DataReceived,
+    Demultiplexer,
     SessionConfig,
     State,
     StreamEnded,
 )
-from manycast.protocol.tcp import Demultiplexer as Endpoint
 from manycast.space import Portion, PortionSet
 from manycast.wire.ip import IPPROTO_TCP
 from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
@@ -92,6 +92,7 @@ class Client(Node):
         rate: float,
         rng: random.Random,
         *,
+        app: SessionFactory,
         session: SessionConfig | None = None,
         request_timeout: float = 2.0,
         start_spread: float = 1.0,
@@ -112,13 +113,14 @@ class Client(Node):
         self.rate = rate
         self.request_timeout = request_timeout
         self.start_spread = start_spread
-        self.endpoint = Endpoint(
+        self.endpoint = Demultiplexer(
             rng, session or SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
         )
         self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
         self.stats = ClientStats()
         self.conn_key: object | None = None
-        self.app: CounterSession | None = None
+        self.new_session = app
+        self.app: Session | None = None
         self._port = 20000 + rng.randrange(20000)
         self.connected = False
 
@@ -174,7 +176,7 @@ class Client(Node):
         self._port = 20000 + (self._port - 20000 + 1 + self.rng.randrange(97)) % 40000
         conn = self.endpoint.connect((self.address, self._port), (group, port), now)
         self.conn_key = conn.key
-        self.app = CounterSession()
+        self.app = self.new_session()
         self.connected = False
         self.stats.connects += 1
 

@@ -3,7 +3,7 @@
 Every server runs this state machine; there is no fixed leader. The rule:
 
 * Liveness. Each server multicasts a heartbeat on the control channel every
-  `heartbeat` seconds with its epoch, allocation digest, state and load. A peer
+  `heartbeat_s` seconds with its epoch, allocation digest, state and load. A peer
   not heard from for `misses` intervals is dead.
 * Coordinator. The live ACTIVE server with the smallest id coordinates. Every
   server applies this rule to its own view, so when the coordinator dies the
@@ -58,9 +58,9 @@ class PoolSettings:
     weights: Mapping[str, float] = field(default_factory=dict)
     technique: str = "R1"
     close_after_transaction: bool = False
-    heartbeat: float = 0.1
-    misses: int = 3
-    report_interval: float = 1.0
+    heartbeat_s: float = 0.1
+    heartbeat_misses: int = 3
+    report_interval_s: float = 1.0
     wall_base: float = 1.7e9
     startup_grace: float = 1.0
     # The closed loop (Fig 10, step 1020): rebalance when max/mean load stays above
@@ -69,12 +69,12 @@ class PoolSettings:
     rebalance_above: float = 0.0
     rebalance_target: float = 1.1
     rebalance_sustain: int = 3
-    rebalance_hold: float = 3.0
+    rebalance_hold_s: float = 3.0
     load_smoothing: float = 1.0  # seconds: time constant of the load average
 
     @property
     def dead_after(self) -> float:
-        return self.heartbeat * self.misses
+        return self.heartbeat_s * self.heartbeat_misses
 
 
 def initial_allocation(settings: PoolSettings) -> Allocation:
@@ -190,7 +190,8 @@ class Coordinator:
         self._started = now
         self._next_heartbeat = now
         # Loads are averages: judge them only once they have had time to settle.
-        self._hold_until = now + max(self.settings.rebalance_hold, 3 * self.settings.load_smoothing)
+        settle = max(self.settings.rebalance_hold_s, 3 * self.settings.load_smoothing)
+        self._hold_until = now + settle
         for member in self.settings.members:
             if member != self.name and self.allocation is not None:
                 # Configured members get one timeout's grace to send their first heartbeat.
@@ -250,7 +251,7 @@ class Coordinator:
             return
         then, count = self._requests_seen
         elapsed = now - then
-        if elapsed >= self.settings.heartbeat:
+        if elapsed >= self.settings.heartbeat_s:
             rate = (requests_total - count) / elapsed
             weight = 1.0 - math.exp(-elapsed / self.settings.load_smoothing)
             self._load += weight * (rate - self._load)
@@ -277,7 +278,7 @@ class Coordinator:
                 del self._commands[command_id]
                 self.stats.rejected_ops += 1
             elif now >= due:
-                self._commands[command_id] = (op, now + self.settings.heartbeat, give_up)
+                self._commands[command_id] = (op, now + self.settings.heartbeat_s, give_up)
                 self._send(control.Command(self.name, self._next_seq(), command_id, op))
         for command_id in [c for c, at in self._taken.items() if now - at > COMMAND_PATIENCE]:
             del self._taken[command_id]
@@ -299,11 +300,11 @@ class Coordinator:
     # -- time ---------------------------------------------------------------------------
     def on_timer(self, now: float) -> None:
         if now >= self._next_heartbeat:
-            if now - self._next_heartbeat > self.settings.heartbeat:
+            if now - self._next_heartbeat > self.settings.heartbeat_s:
                 self._stalled_until = now + self.settings.dead_after
             self._heartbeat(now)
             self._resend_commands(now)
-            self._next_heartbeat = now + self.settings.heartbeat
+            self._next_heartbeat = now + self.settings.heartbeat_s
             self._duties(now)
             self._watch_load(now)
         if self._pending is not None and now >= self._pending.deadline:
@@ -320,7 +321,7 @@ class Coordinator:
                 self.address,
                 self._load,
                 self._sessions,
-                int(self.settings.heartbeat * 1000),
+                int(self.settings.heartbeat_s * 1000),
             )
         )
 
@@ -368,7 +369,7 @@ class Coordinator:
         if self._congested < settings.rebalance_sustain:
             return
         self._congested = 0
-        self._hold_until = now + settings.rebalance_hold
+        self._hold_until = now + settings.rebalance_hold_s
         measured = tuple(control.ServerLoad(s, v) for s, v in sorted(members.items()))
         hot = tuple(self.hot_buckets(now)) if self.hot_buckets is not None else ()
         self.command(control.BalanceLoadsOp(settings.rebalance_target, measured, hot), now)
@@ -390,10 +391,10 @@ class Coordinator:
         if (
             offered is not None
             and offered[0] == best[1]
-            and now - offered[2] < 3 * self.settings.heartbeat
+            and now - offered[2] < 3 * self.settings.heartbeat_s
         ):
             return False  # a commit for it is on its way (unless it got lost)
-        if now - self._snapshot_asked >= self.settings.heartbeat * 2:
+        if now - self._snapshot_asked >= self.settings.heartbeat_s * 2:
             self._snapshot_asked = now
             self._send(control.SnapshotRequest(self.name, self._next_seq(), best[0]))
         return True
@@ -412,7 +413,7 @@ class Coordinator:
         if self.on_offer is not None:
             self.on_offer(result)
         self._pending = _Pending(
-            epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat * 2
+            epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat_s * 2
         )
         self.stats.proposals += 1
         self._send(
@@ -447,7 +448,7 @@ class Coordinator:
         self.allocation = allocation
         self._new = allocation
         # Loads measured before a change say little about after it: let them settle.
-        self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold)
+        self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold_s)
         self.state = ServerState.ACTIVE if self.name in allocation.servers else ServerState.JOINING
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
         self.changes.append((now, epoch, why))

@@ -29,11 +29,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from manycast.apps.counter import CounterService
+from manycast.protocol.app import Service
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter
-from manycast.protocol.tcp import Connection, ConnKey, SessionConfig, SessionError
-from manycast.protocol.tcp import Demultiplexer as Endpoint
+from manycast.protocol.tcp import Connection, ConnKey, Demultiplexer, SessionConfig, SessionError
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
@@ -89,8 +88,8 @@ class Handover:
         address: ipaddress.IPv4Address,
         group: ipaddress.IPv4Address,
         port: int,
-        endpoint: Endpoint,
-        app: CounterService,
+        endpoint: Demultiplexer,
+        app: Service,
         host: HostStack,
         send_control: SendControl,
         session: SessionConfig,

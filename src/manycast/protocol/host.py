@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from manycast.protocol.node import Frame
-from manycast.protocol.tcp import Demultiplexer as Endpoint
+from manycast.protocol.tcp import Demultiplexer
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
 from manycast.wire.transport import TcpSegment
@@ -27,14 +27,14 @@ class HostCounters:
 
 
 class HostStack:
-    """Wraps an `Endpoint` for one interface and gateway."""
+    """Wraps a `Demultiplexer` for one interface and gateway."""
 
     def __init__(
         self,
         iface: str,
         address: ipaddress.IPv4Address,
         gateway: ipaddress.IPv4Address,
-        endpoint: Endpoint,
+        endpoint: Demultiplexer,
         emit: Callable[[Frame], None],
     ) -> None:
         self.iface = iface

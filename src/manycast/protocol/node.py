@@ -77,11 +77,15 @@ class Timers:
 
 @dataclass
 class Node(ABC):
-    """Base of routers, servers and clients: interfaces, an outbox and timers."""
+    """Base of routers, servers and clients: interfaces, an outbox, effects and timers.
+
+    Effects are what a driver must act on besides frames (a router's `KeyNeeded`,
+    `GroupChanged`): plain data, handed out in order by `take_effects()`."""
 
     name: str
     interfaces: dict[str, Interface]
     outbox: list[Frame] = field(default_factory=list, init=False, repr=False)
+    effects: list[object] = field(default_factory=list, init=False, repr=False)
     timers: Timers = field(default_factory=Timers, init=False, repr=False)
 
     @abstractmethod
@@ -104,6 +108,10 @@ class Node(ABC):
         frames = self.outbox[:]
         self.outbox.clear()
         return frames
+
+    def take_effects(self) -> list[object]:
+        effects, self.effects = self.effects, []
+        return effects
 
     def send(self, iface: str, packet: bytes, next_hop: int | None) -> None:
         self.outbox.append(Frame(iface, packet, next_hop))

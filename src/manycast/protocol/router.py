@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from manycast.protocol.admission import Admission
@@ -84,6 +84,25 @@ class Pin:
     last_used: float
 
 
+@dataclass(frozen=True, slots=True)
+class KeyNeeded:
+    """Joins for `group` wait for its public key: look it up, then `provide_key`."""
+
+    group: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupChanged:
+    """The membership or admitted senders of `group` changed (a join, a leave, an
+    expiry): a driver that mirrors forwarding decisions elsewhere (the kernel's
+    table) re-resolves that group's entries."""
+
+    group: int
+
+
+RouterEffect = KeyNeeded | GroupChanged
+
+
 @dataclass
 class RouterStats:
     multicast_forwarded: int = 0
@@ -121,11 +140,6 @@ class Router(Node):
         self.control_port = control_port
         self.pins: dict[int, dict[int, Pin]] = {}  # client -> client port -> pin
         self.senders: dict[int, dict[int, float]] = {}  # group -> participant -> expiry
-        self.on_key_request: Callable[[int], None] | None = None
-        # Called with a group whose membership changed (a join, a leave, an expiry):
-        # a driver that mirrors forwarding decisions elsewhere (the kernel's table)
-        # re-resolves that group's entries.
-        self.on_group_change: Callable[[int], None] | None = None
         self._pending: list[tuple[str, IPv4Packet, IGMPv3Report, tuple[int, ...]]] = []
         self.router_ifaces = set(router_ifaces)
         self.stats = RouterStats()
@@ -154,7 +168,6 @@ class Router(Node):
             )
         self._routes.sort(key=lambda r: -r.prefixlen)
         self._fib: dict[int, tuple[str, int] | None] = {}
-        self._now = 0.0
         # group -> source -> outgoing (interface, neighbour) pairs: the forwarding cache
         self._mfc: dict[int, dict[int, tuple[tuple[str, int], ...]]] = {}
 
@@ -170,7 +183,6 @@ class Router(Node):
             self._expire_pins(now)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
-        self._now = now
         try:
             src, dst, proto, ttl = peek_v4(packet)
         except WireError:
@@ -181,7 +193,7 @@ class Router(Node):
                 if dst == _ALL_V3_ROUTERS and proto == IPPROTO_IGMP:
                     self._on_report(iface, packet, now)
                 return
-            self._forward_multicast(iface, src, dst, packet, ttl)
+            self._forward_multicast(iface, src, dst, packet, ttl, now)
         elif dst in self._own:
             self.stats.local += 1
             if proto == IPPROTO_UDP:
@@ -190,11 +202,13 @@ class Router(Node):
             self._forward_unicast(dst, packet, ttl)
 
     # -- forwarding ----------------------------------------------------------------
-    def _forward_multicast(self, iface: str, src: int, group: int, packet: bytes, ttl: int) -> None:
-        if self.admission is not None and not self.sender_allowed(iface, src, group):
+    def _forward_multicast(
+        self, iface: str, src: int, group: int, packet: bytes, ttl: int, now: float
+    ) -> None:
+        if self.admission is not None and not self.sender_allowed(iface, src, group, now):
             self.stats.rejected["unauthorized sender"] += 1
             return
-        if src in self.pins and self._forward_pinned(iface, src, packet, ttl):
+        if src in self.pins and self._forward_pinned(iface, src, packet, ttl, now):
             return
         cache = self._mfc.get(group)
         if cache is None:
@@ -217,14 +231,14 @@ class Router(Node):
                 self.send(out_iface, forwarded, neighbor)
                 self.stats.multicast_forwarded += 1
 
-    def _forward_pinned(self, iface: str, src: int, packet: bytes, ttl: int) -> bool:
+    def _forward_pinned(self, iface: str, src: int, packet: bytes, ttl: int, now: float) -> bool:
         header = (packet[0] & 0x0F) * 4
         port = int.from_bytes(packet[header : header + 2], "big")
         pin = self.pins[src].get(port)
         if pin is None:
             return False
         if ttl > 1 and pin.iface != iface:
-            pin.last_used = self._now
+            pin.last_used = now
             self.send(pin.iface, decrement_ttl_v4(packet), pin.neighbor)
             self.stats.pinned_forwarded += 1
         return True
@@ -287,9 +301,7 @@ class Router(Node):
                     self.stats.rejected["too many joins waiting for keys"] += 1
                     return
                 self._pending.append((iface, ip, report, verdict.waiting_for))
-                for group in self.admission.take_requests():
-                    if self.on_key_request is not None:
-                        self.on_key_request(group)
+                self.effects.extend(KeyNeeded(group) for group in self.admission.take_requests())
                 return
             reason = verdict.reason
         if reason is not None:
@@ -303,7 +315,10 @@ class Router(Node):
             group = int(group_address)
             if first_hop:
                 # A participant on our own link may send to the group (private pools).
-                self.senders.setdefault(group, {})[origin] = now + self.hold_time
+                senders = self.senders.setdefault(group, {})
+                if origin not in senders:
+                    self.effects.append(GroupChanged(group))  # a kernel data plane lets it in
+                senders[origin] = now + self.hold_time
             if (
                 first_hop
                 and source_filter is not None
@@ -334,7 +349,7 @@ class Router(Node):
     def provide_key(
         self, group: int, raw: bytes | None, ttl: float, now: float, error: str | None = None
     ) -> None:
-        """The answer to `on_key_request(group)`: admit or refuse the joins that waited."""
+        """The answer to a `KeyNeeded(group)`: admit or refuse the joins that waited."""
         if self.admission is None:
             return
         self.admission.provide_key(group, raw, ttl, now, error)
@@ -345,7 +360,7 @@ class Router(Node):
             else:
                 self._pending.append((iface, ip, report, groups))
 
-    def sender_allowed(self, iface: str, src: int, group: int) -> bool:
+    def sender_allowed(self, iface: str, src: int, group: int, now: float) -> bool:
         """Private groups: only participants (an admitted join on this link) may send."""
         if (
             self.admission is None
@@ -354,7 +369,7 @@ class Router(Node):
         ):
             return True
         expires = self.senders.get(group, {}).get(src)
-        return expires is not None and expires > self._now
+        return expires is not None and expires > now
 
     def _relay(self, arrived_on: str, igmp: bytes) -> None:
         for out in sorted(self.router_ifaces - {arrived_on}):
@@ -434,8 +449,7 @@ class Router(Node):
 
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)
-        if self.on_group_change is not None:
-            self.on_group_change(group)
+        self.effects.append(GroupChanged(group))
 
     def _arm_expiry(self) -> None:
         expiries = [m.expires for members in self.members.values() for m in members.values()]

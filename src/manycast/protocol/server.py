@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from manycast.apps.counter import RESPONSE, CounterService
 from manycast.auth import sign_join
+from manycast.protocol.app import Service
 from manycast.protocol.coordination import Coordinator, PoolSettings
 from manycast.protocol.handover import Handover
 from manycast.protocol.host import HostStack
@@ -33,11 +33,11 @@ from manycast.protocol.tcp import (
     ConnectionReset,
     ConnectionTimedOut,
     DataReceived,
+    Demultiplexer,
     SessionConfig,
     StreamEnded,
     UnknownSegment,
 )
-from manycast.protocol.tcp import Demultiplexer as Endpoint
 from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
@@ -67,6 +67,7 @@ class Server(Node):
         rng: random.Random,
         *,
         initial: Allocation | None,
+        service: Service,
         session: SessionConfig | None = None,
         key: Ed25519PrivateKey | None = None,
     ) -> None:
@@ -78,9 +79,9 @@ class Server(Node):
         self.address = interfaces[iface].address
         self.router = router
         self.session = session or DEFAULT_SESSION
-        self.endpoint = Endpoint(rng, self.session)
+        self.endpoint = Demultiplexer(rng, self.session)
         self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
-        self.app = CounterService()
+        self.app = service
         self.stats = ServerStats()
         self.coordinator = Coordinator(name, self.address, settings, rng, initial=initial)
         self.coordinator.on_offer = self._prepare
@@ -253,7 +254,7 @@ class Server(Node):
         packet = igmp_packet(report, self.address).to_wire()
         self.send(self.host.iface, packet, self.host.gateway)
         self.stats.reports_sent += 1
-        self.timers.arm("report", now + self.settings.report_interval)
+        self.timers.arm("report", now + self.settings.report_interval_s)
 
     # -- sessions ------------------------------------------------------------------------------
     def _drain(self, now: float) -> None:
@@ -268,10 +269,11 @@ class Server(Node):
                 if key not in self.app:
                     self.app.open(key)
                     self.stats.sessions_opened += 1
+                answered = self.app.requests
                 answer = self.app.on_data(key, event.data)
-                if answer:
+                if self.app.requests > answered:
                     bucket = self.settings.space.bucket(int(key[1][0]))
-                    self._bucket_requests[bucket] += len(answer) // RESPONSE.size
+                    self._bucket_requests[bucket] += self.app.requests - answered
                 conn = self.endpoint.connection(key)
                 if answer and conn is not None:
                     conn.send(answer, now)

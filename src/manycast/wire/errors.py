@@ -1,5 +1,7 @@
 """The one exception every wire decoder raises on malformed input."""
 
+from manycast.errors import ManycastError
 
-class WireError(ValueError):
+
+class WireError(ManycastError, ValueError):
     """Bytes that do not decode: truncated, inconsistent, out of range or failing a checksum."""

@@ -1,0 +1,230 @@
+"""A lab: a topology brought up in namespaces with its programs, and taken down.
+
+`Lab.up` builds, from the same compiled topology the other drivers run, a
+network namespace per node (`<prefix>-<node>`, see `namespaces.py`), then starts
+the programs of `drivers/kernel.py`: a router daemon per router, and per server
+the manycast agent and the service. Their pid files, logs, command sockets and a
+copy of the topology live in the run directory (`/run/manycast/<prefix>`).
+
+`Lab.down` finds everything by name: the pid files' processes (checked to be
+ours before a signal is sent), then any other process left inside one of our
+namespaces, then the namespaces themselves (their interfaces, veth peers and
+multicast tables go with them). It works after a crash and when nothing is up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from manycast.drivers import mroute, netns
+from manycast.errors import LabError
+from manycast.lab.daemons import ROLES_OF, Daemons, reap, signal_pid
+from manycast.lab.namespaces import build_network
+from manycast.topology import Topology, TopologyError, load, loads
+
+if TYPE_CHECKING:
+    from manycast.lab.status import LabStatus
+
+PREFIX = "mc"
+RUN_ROOT = Path(os.environ.get("MANYCAST_LAB_RUN_ROOT", "/run/manycast"))
+NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError(f"{NEEDS_ROOT} (run it as root, e.g. with sudo)")
+
+
+@dataclass
+class Lab:
+    prefix: str = PREFIX
+    run_root: Path = RUN_ROOT
+
+    def __post_init__(self) -> None:
+        if not self.prefix or not self.prefix.replace("_", "").isalnum():
+            raise LabError(f"prefix {self.prefix!r}: use letters and digits")
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run_root / self.prefix
+
+    @property
+    def daemons(self) -> Daemons:
+        return Daemons(self.run_dir)
+
+    def ns(self, node: str) -> str:
+        return f"{self.prefix}-{node}"
+
+    def namespaces(self) -> list[str]:
+        return netns.names(self.prefix)
+
+    def is_up(self) -> bool:
+        return bool(self.namespaces())
+
+    def state(self) -> dict[str, Any]:
+        """What `up` was given: seed, pin_idle, source (empty when no lab is up)."""
+        try:
+            data: dict[str, Any] = json.loads((self.run_dir / "lab.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
+
+    def topology(self) -> Topology:
+        try:
+            return load(self.run_dir / "topology.toml")
+        except TopologyError as exc:
+            raise LabError(f"no lab is up with prefix {self.prefix!r} ({exc})") from None
+
+    # -- up --------------------------------------------------------------------------
+    def up(
+        self,
+        text: str,
+        source: str = "<topology>",
+        *,
+        seed: int = 1,
+        start_servers: bool = True,
+        pin_idle: float | None = None,
+    ) -> Topology:
+        """Build the topology `text` and start its programs; on failure, tear down."""
+        require_root()
+        topology = loads(text, source)
+        if self.is_up():
+            raise LabError(
+                f"a lab with prefix {self.prefix!r} is already up "
+                f"({len(self.namespaces())} namespaces): run `manycast lab down` first"
+            )
+        for node in topology.interfaces:
+            if len(self.ns(node)) > 60:
+                raise LabError(f"namespace name for {node} is too long")
+        if pin_idle is None and topology.pool.technique == "R4":
+            pin_idle = 1.0
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        (self.run_dir / "topology.toml").write_text(text)
+        state = {"prefix": self.prefix, "source": source, "seed": seed, "pin_idle": pin_idle}
+        (self.run_dir / "lab.json").write_text(json.dumps(state))
+        try:
+            build_network(topology, self.ns)
+            for router in topology.routers:
+                self.start(router, "router")
+            for router in topology.routers:
+                self.wait_ready(router, "router")
+            if start_servers:
+                for server in topology.servers.values():
+                    if not server.standby:
+                        self.start_server(server.name, wait=False)
+                for server in topology.servers.values():
+                    if not server.standby:
+                        for role in ROLES_OF["server"]:
+                            self.wait_ready(server.name, role)
+        except BaseException:
+            self.down()
+            raise
+        return topology
+
+    # -- programs --------------------------------------------------------------------
+    def start(self, node: str, role: str) -> int:
+        state = self.state()
+        return self.daemons.start(
+            node,
+            role,
+            namespace=self.ns(node),
+            seed=int(state.get("seed", 1)),
+            pin_idle=state.get("pin_idle"),
+        )
+
+    def pid(self, node: str, role: str) -> int | None:
+        return self.daemons.pid(node, role)
+
+    def wait_ready(self, node: str, role: str) -> None:
+        self.daemons.wait_ready(node, role)
+
+    def start_server(self, name: str, wait: bool = True) -> None:
+        for role in ROLES_OF["server"]:
+            self.start(name, role)
+        if wait:
+            for role in ROLES_OF["server"]:
+                self.wait_ready(name, role)
+
+    def kill(self, node: str, role: str, sig: int = signal.SIGKILL) -> bool:
+        return self.daemons.kill(node, role, sig)
+
+    def kill_server(self, name: str) -> None:
+        """A server dies at once: its agent and its service, SIGKILL."""
+        for role in ROLES_OF["server"]:
+            self.kill(name, role)
+
+    def ask(self, node: str, role: str, request: dict[str, Any]) -> Any:
+        return self.daemons.ask(node, role, request)
+
+    # -- down ------------------------------------------------------------------------
+    def down(self) -> dict[str, int]:
+        """Remove everything of ours with this prefix; safe to repeat."""
+        require_root()
+        stopped = self.daemons.stop_all()
+        names = self.namespaces()
+        for pid in netns.pids_in(names):
+            # Anything else still inside one of our namespaces (`lab exec` programs).
+            signal_pid(pid, signal.SIGKILL)
+            reap(pid)
+            stopped += 1
+        for name in names:
+            netns.remove(name)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return {"namespaces": len(names), "processes": stopped}
+
+    # -- inside a node ---------------------------------------------------------------
+    def exec(self, node: str, argv: list[str]) -> None:
+        """Replace this process with `argv` run inside `node`'s namespace."""
+        require_root()
+        if not argv:
+            raise LabError("nothing to run: give a command after --")
+        name = self.ns(node)
+        if not netns.exists(name):
+            nodes = ", ".join(n.removeprefix(f"{self.prefix}-") for n in self.namespaces())
+            raise LabError(f"no node {node!r} in the lab (nodes: {nodes or 'none, lab is down'})")
+        netns.enter(name)
+        try:
+            os.execvp(argv[0], argv)
+        except OSError as exc:
+            raise LabError(f"cannot run {argv[0]}: {exc.strerror}") from None
+
+    def popen(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start `argv` inside `node`'s namespace (entered between fork and exec)."""
+        name = self.ns(node)
+        if not netns.exists(name):
+            raise LabError(f"no node {node!r} in the lab")
+        return subprocess.Popen(argv, preexec_fn=lambda: netns.enter(name), **kwargs)
+
+    def mfc(self, router: str) -> list[mroute.CacheEntry]:
+        """The kernel's multicast forwarding entries in `router`'s namespace."""
+        return mroute.parse_cache(netns.read_in(self.ns(router), "/proc/net/ip_mr_cache"))
+
+    def vifs(self, router: str) -> list[mroute.Vif]:
+        return mroute.parse_vifs(netns.read_in(self.ns(router), "/proc/net/ip_mr_vif"))
+
+    def status(self) -> LabStatus:
+        """Nodes, links, programs, and each router's kernel VIFs and MFC entries."""
+        from manycast.lab.status import status
+
+        return status(self)
+
+
+def topology_text(path: Path | None) -> tuple[str, str]:
+    """(TOML text, name for messages) of a topology file, or of the built-in demo."""
+    if path is None:
+        from importlib.resources import files
+
+        resource = files("manycast").joinpath("topologies", "demo.toml")
+        return resource.read_text(encoding="utf-8"), "<built-in demo>"
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except OSError as exc:
+        raise LabError(f"{path}: cannot read: {exc.strerror}") from None

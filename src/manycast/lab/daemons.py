@@ -1,0 +1,161 @@
+"""Supervision of the lab's programs: start, find, wait for, signal and stop them.
+
+Every program of the lab is one of `drivers/kernel.py`'s roles (router daemon,
+server agent, service), started inside its node's namespace with a pid file, a
+log and a ready file in the run directory. A pid file is trusted only while its
+process still runs our program (`_ours`), so a stale file never gets a stranger
+signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from manycast.drivers import kernel
+from manycast.errors import LabError
+
+# Each node kind's programs (roles), in start order.
+ROLES_OF = {"router": ("router",), "server": ("server", "service")}
+READY_TIMEOUT = 20.0
+# How a lab program is started, and how its command line is recognised later.
+PROGRAM = ("-m", "manycast", "daemon")
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+def _ours(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return "\0".join(PROGRAM).encode() in cmdline
+
+
+def reap(pid: int) -> None:
+    """Collect `pid` if it is a child of ours that exited (no zombie left)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def signal_pid(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+@dataclass
+class Daemons:
+    """The programs of one lab; `run_dir` holds their files."""
+
+    run_dir: Path
+
+    def _pidfile(self, node: str, role: str) -> Path:
+        return self.run_dir / f"{node}.{role}.pid"
+
+    def _log(self, node: str, role: str) -> Path:
+        return self.run_dir / f"{node}.{role}.log"
+
+    def start(
+        self, node: str, role: str, *, namespace: str, seed: int, pin_idle: float | None
+    ) -> int:
+        """Start `node`'s `role` program inside `namespace`; its pid."""
+        argv = [
+            sys.executable,
+            *PROGRAM,
+            "responder" if role == "service" else role,
+            "--node",
+            node,
+            "--run-dir",
+            str(self.run_dir),
+            "--netns",
+            namespace,
+            "--seed",
+            str(seed),
+        ]
+        if role == "router" and pin_idle is not None:
+            argv += ["--pin-idle", str(pin_idle)]
+        with contextlib.suppress(FileNotFoundError):
+            kernel.ready_path(self.run_dir, node, role).unlink()
+        with open(self._log(node, role), "ab") as logfile:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._pidfile(node, role).write_text(str(proc.pid))
+        return proc.pid
+
+    def pid(self, node: str, role: str) -> int | None:
+        """The pid of `node`'s `role` program while it runs, else None."""
+        try:
+            pid = int(self._pidfile(node, role).read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if alive(pid) and _ours(pid) else None
+
+    def wait_ready(self, node: str, role: str, timeout: float = READY_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        ready = kernel.ready_path(self.run_dir, node, role)
+        pidfile = self._pidfile(node, role)
+        while not ready.exists():
+            # Only alive, not yet "ours": just after the fork the child's command
+            # line is still the parent's.
+            started = pidfile.exists() and alive(int(pidfile.read_text()))
+            if not started or time.monotonic() > deadline:
+                log = self._log(node, role)
+                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+                raise LabError(f"{role} of {node} did not start:\n{tail}")
+            time.sleep(0.02)
+
+    def kill(self, node: str, role: str, sig: int = signal.SIGKILL) -> bool:
+        """Signal `node`'s `role` program and wait (2 s at most) until it is gone."""
+        pid = self.pid(node, role)
+        if pid is None:
+            return False
+        signal_pid(pid, sig)
+        deadline = time.monotonic() + 2.0
+        while alive(pid) and time.monotonic() < deadline:
+            reap(pid)
+            time.sleep(0.01)
+        reap(pid)
+        return True
+
+    def stop_all(self) -> int:
+        """SIGTERM every program of the pid files (SIGKILL after 1.5 s); how many."""
+        pids = []
+        for pidfile in self.run_dir.glob("*.pid") if self.run_dir.exists() else []:
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text())
+                reap(pid)  # a daemon of this process that already died
+                if alive(pid) and _ours(pid):
+                    signal_pid(pid, signal.SIGTERM)
+                    pids.append(pid)
+        deadline = time.monotonic() + 1.5
+        for pid in pids:
+            while alive(pid) and time.monotonic() < deadline:
+                reap(pid)
+                time.sleep(0.01)
+            if alive(pid):
+                signal_pid(pid, signal.SIGKILL)
+            reap(pid)
+        return len(pids)
+
+    def ask(self, node: str, role: str, request: dict[str, Any]) -> Any:
+        """One JSON request to `node`'s `role` program over its command socket."""
+        return kernel.ask(self.run_dir, node, role, request)

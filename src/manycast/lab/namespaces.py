@@ -1,0 +1,70 @@
+"""The lab's network: a topology built in Linux network namespaces, one per node.
+
+A veth pair per point-to-point link, a bridge in the router's namespace for each
+client LAN (multicast snooping off, so reports and the clients' multicast reach
+the router as sent), every address and route, and IP forwarding in the routers.
+Nothing of it ever exists in the root namespace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from manycast.drivers import netns
+from manycast.topology import Attachment, Topology
+
+
+def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
+    """Build `topology`; `ns(node)` is the name of `node`'s namespace."""
+    for node in sorted(topology.interfaces):
+        netns.create(ns(node))
+    # Links are made from one end: a veth's peer is created directly in the
+    # other namespace; a LAN is a bridge in its router's namespace.
+    for link in topology.links.values():
+        members = link.members
+        if any(topology.kind(m.node) == "client" for m in members):
+            router = next(m for m in members if topology.kind(m.node) == "router")
+            hosts = [m for m in members if m is not router]
+
+            def lan(ipr: Any, router: Attachment = router, hosts: list[Attachment] = hosts) -> None:
+                bridge = netns.bridge(ipr, router.iface)
+                for i, member in enumerate(hosts):
+                    port = f"{router.iface}p{i}"
+                    netns.veth(ipr, port, ns(member.node), member.iface)
+                    netns.enslave(ipr, port, bridge)
+                    netns.up(ipr, port)
+
+            netns.configure(ns(router.node), lan)
+        else:
+            a, b = members
+
+            def pair(ipr: Any, a: Attachment = a, b: Attachment = b) -> None:
+                netns.veth(ipr, a.iface, ns(b.node), b.iface)
+
+            netns.configure(ns(a.node), pair)
+    for node in topology.interfaces:
+
+        def setup(ipr: Any, node: str = node) -> None:
+            netns.up(ipr, "lo")
+            for iface in topology.interfaces[node].values():
+                netns.address(ipr, iface.name, str(iface.address), iface.network.prefixlen)
+                netns.up(ipr, iface.name)
+            for route in topology.routes.get(node, ()):
+                if route.next_hop is not None:
+                    netns.route(ipr, str(route.network), str(route.next_hop))
+            if node in topology.gateways:
+                netns.route(ipr, "0.0.0.0/0", str(topology.gateways[node][1]))
+
+        netns.configure(ns(node), setup)
+    for name in topology.routers:
+        # Forwarding on; no reverse-path filter (the benchmark's sources are
+        # many addresses behind one client interface).
+        values = {
+            "net.ipv4.ip_forward": "1",
+            "net.ipv4.conf.all.rp_filter": "0",
+            "net.ipv4.conf.default.rp_filter": "0",
+        }
+        for ifname in topology.interfaces[name]:
+            values[f"net.ipv4.conf.{ifname}.rp_filter"] = "0"
+        netns.sysctl(ns(name), values)

@@ -1,0 +1,240 @@
+"""The lab's clients: one process that plays every client of the topology.
+
+Each client asks the service from its own namespace and address, `rate` times a
+second, and keeps a `ClientStats` as an in-process client does, so the one
+summary measures the lab exactly as the memory driver: an answer is a request
+that succeeded (its latency, its time); a request with no answer within
+`timeout` failed, and is a disruption at the time it was sent.
+
+In a private pool each client also registers as a sender, as `Client` does: a
+signed join naming only itself, at start and every report interval, signed with
+the pool's key (an outsider, `authorized = false`, with the outsider's key, so
+its registrations are refused). Without one, its first-hop router drops its
+packets to the group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import math
+import random
+import selectors
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from manycast.drivers import mroute, netns
+from manycast.lab.build import Lab
+from manycast.pool import pool_keys
+from manycast.protocol.client import ClientStats, registration
+from manycast.topology import Topology
+
+CLIENT_TTL = 16
+REQUEST_TIMEOUT = 1.0
+
+
+def _interval(rate: float) -> float:
+    return 1.0 / rate if rate > 0 else math.inf
+
+
+@dataclass
+class ProbeClient:
+    """One client: its socket, its schedule, and what it saw."""
+
+    name: str
+    address: str
+    sock: socket.socket
+    interval: float
+    next_send: float
+    stats: ClientStats = field(default_factory=ClientStats)
+    seq: int = 0
+    # Requests without an answer yet: sequence number -> when it was sent.
+    outstanding: dict[int, float] = field(default_factory=dict)
+    last_reply: float = -1.0
+    server: str | None = None
+    replies: int = 0
+    # Private pools: the key the client signs its registration with, and the raw
+    # socket it leaves on.
+    key: Ed25519PrivateKey | None = None
+    igmp: socket.socket | None = None
+    next_register: float = math.inf
+    registrations: int = 0
+
+    @property
+    def rate(self) -> float:
+        return 0.0 if math.isinf(self.interval) else 1.0 / self.interval
+
+
+class Prober:
+    """The topology's clients (or those named in `clients`) on a lab that is up."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        topology: Topology,
+        clients: list[str] | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        self.topology = topology
+        self.group = str(topology.pool.group)
+        self.port = topology.pool.port
+        self.register_every = topology.pool.report_interval_s
+        self.timeout = timeout
+        self.rng = random.Random()
+        self.selector = selectors.DefaultSelector()
+        self.clients: dict[str, ProbeClient] = {}
+        self.answers: Counter[str] = Counter()
+        self.t0 = time.monotonic()
+        keys: tuple[Ed25519PrivateKey, Ed25519PrivateKey] | None = None
+        if topology.pool.private:
+            # The keys the lab's daemons were built with (same seed, same derivation).
+            keys = pool_keys(topology, lab.state().get("seed", 1))
+        names = sorted(topology.clients) if clients is None else clients
+        try:
+            for index, name in enumerate(names):
+                spec = topology.clients[name]
+                address = str(topology.address(name))
+                sock = netns.socket_in(lab.ns(name), socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((address, 0))
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, CLIENT_TTL)
+                sock.setblocking(False)
+                interval = _interval(spec.rate)
+                # Spread the first requests over one interval.
+                start = interval * index / max(1, len(names)) if spec.rate > 0 else math.inf
+                client = ProbeClient(name, address, sock, interval, start)
+                self.clients[name] = client
+                self.selector.register(sock, selectors.EVENT_READ, client)
+                if keys is not None:
+                    client.key = keys[0] if spec.authorized else keys[1]
+                    client.igmp = _report_socket(lab.ns(name), topology.gateways[name][0])
+                    client.next_register = 0.0
+        except BaseException:
+            self.close()
+            raise
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def set_rate(self, group: str, rate: float) -> None:
+        """Every client of the `[[clients]]` group `group` now asks `rate` times a second."""
+        for client in self.clients.values():
+            if self.topology.clients[client.name].group == group:
+                client.interval = _interval(rate)
+                client.next_send = self.now()
+
+    def run_until(self, until: float) -> None:
+        """Send, register, read answers and expire requests until `until` (prober time)."""
+        while True:
+            # Answers already here count before anything is judged late (the
+            # scenario may have kept this process busy, e.g. starting a server).
+            self._poll(0.0)
+            now = self.now()
+            self._expire(now)
+            if now >= until:
+                return
+            for client in self.clients.values():
+                if client.next_register <= now:
+                    self._register(client)
+                    client.next_register = now + self.register_every
+                if client.next_send <= now:
+                    self._send(client, now)
+            soonest = min((self._next_due(c) for c in self.clients.values()), default=until)
+            self._poll(max(0.0, min(until, soonest) - self.now()))
+
+    def _next_due(self, client: ProbeClient) -> float:
+        oldest = min(client.outstanding.values(), default=math.inf)
+        return min(client.next_send, client.next_register, oldest + self.timeout)
+
+    def _send(self, client: ProbeClient, now: float) -> None:
+        client.seq += 1
+        with contextlib.suppress(OSError):
+            client.sock.sendto(f"{client.name} {client.seq}".encode(), (self.group, self.port))
+        # A request the kernel refused to send is never answered: it fails like a lost one.
+        client.outstanding[client.seq] = now
+        client.next_send = now + client.interval
+
+    def _expire(self, now: float) -> None:
+        for client in self.clients.values():
+            late = [s for s, sent in client.outstanding.items() if now >= sent + self.timeout]
+            for seq in late:
+                sent = client.outstanding.pop(seq)
+                client.stats.requests_failed += 1
+                client.stats.failures.append((now, "no answer"))
+                client.stats.disruptions.append(sent)
+
+    def _poll(self, timeout: float) -> None:
+        for key, _ in self.selector.select(timeout):
+            self._read(key.data)
+
+    def _register(self, client: ProbeClient) -> None:
+        assert client.key is not None and client.igmp is not None
+        packet = registration(
+            ipaddress.IPv4Address(client.address),
+            self.topology.pool.group,
+            client.key,
+            time.time(),  # the routers check it against their wall clock
+            self.rng,
+        )
+        with contextlib.suppress(OSError):
+            client.igmp.sendto(packet, (mroute.ALL_V3_ROUTERS, 0))
+            client.registrations += 1
+
+    def _read(self, client: ProbeClient) -> None:
+        while True:
+            try:
+                data = client.sock.recv(2048)
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+            now = self.now()
+            server = data.split(b" ", 1)[0].decode(errors="replace")
+            client.last_reply = now
+            client.server = server
+            client.replies += 1
+            self.answers[server] += 1
+            # The service's answer (`<server> <n>`) does not carry the request's
+            # number: it answers the newest request still waiting (answers take
+            # milliseconds, requests leave at least a fraction of a second apart);
+            # older ones run into the timeout. An answer after the timeout is late.
+            if client.outstanding:
+                seq = max(client.outstanding)
+                sent = client.outstanding.pop(seq)
+                client.stats.requests_ok += 1
+                client.stats.latencies.append(now - sent)
+                client.stats.ok_times.append(now)
+
+    def participants(self) -> list[ProbeClient]:
+        """The clients that hold the pool's key (all of them, in a public pool)."""
+        return [c for c in self.clients.values() if self.topology.clients[c.name].authorized]
+
+    def outsiders(self) -> list[ProbeClient]:
+        return [c for c in self.clients.values() if not self.topology.clients[c.name].authorized]
+
+    def served_since(self, since: float) -> int:
+        return sum(1 for c in self.participants() if c.last_reply >= since)
+
+    def close(self) -> None:
+        self.selector.close()
+        for client in self.clients.values():
+            client.sock.close()
+            if client.igmp is not None:
+                client.igmp.close()
+
+
+def _report_socket(ns: str, iface: str) -> socket.socket:
+    """A raw socket inside `ns` that sends whole IGMP packets (header, Router Alert
+    and all, as `registration` builds them) out of `iface`. IPPROTO_RAW implies
+    IP_HDRINCL and receives nothing, so it never needs draining."""
+    sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        # Device names are looked up in the socket's own namespace.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,138 @@
+"""`LabRun`: a topology's scenario on a lab that is up, with the prober as its clients.
+
+The steps are carried out by the one `ScenarioEngine` through `LabControl`, and
+the run ends in the one summary (`manycast.summary`), as on every driver; what
+only the lab can tell (the kernel's forwarding entries, whether each client's
+last answer came from its owner) goes under the summary's `kernel` key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from manycast.lab.build import Lab
+from manycast.lab.control import LabControl
+from manycast.lab.prober import Prober
+from manycast.scenario import ScenarioEngine
+from manycast.summary import ClientRecord, ServerRecord, summarize
+from manycast.topology import Topology
+
+PROGRESS_EVERY = 1.0
+
+
+@dataclass
+class Progress:
+    """Once a second while the scenario runs."""
+
+    now: float
+    served: int  # participants answered within the last `window` seconds
+    clients: int
+    answers: dict[str, int]  # answers so far, by server
+    entries: int  # the routers' kernel forwarding entries
+
+
+@dataclass
+class LabRun:
+    """The topology's scenario on a lab that is up, with the prober as its clients."""
+
+    lab: Lab
+    topology: Topology
+
+    def owners(
+        self, addresses: list[str], servers: list[str] | None = None
+    ) -> dict[str, str | None]:
+        """Who the pool's allocation says serves each address, asked of the first of
+        `servers` (default: the pool's running members) that answers."""
+        if servers is None:
+            servers = sorted(
+                s
+                for s, spec in self.topology.servers.items()
+                if spec.authorized and self.lab.pid(s, "server")
+            )
+        for server in servers:
+            with contextlib.suppress(OSError, ValueError):
+                answer = self.lab.ask(server, "server", {"op": "owners", "addresses": addresses})
+                return dict(answer["owners"])
+        return {}
+
+    def run(
+        self,
+        duration: float,
+        on_progress: Callable[[Progress], None] | None = None,
+        window: float = 1.5,
+    ) -> dict[str, Any]:
+        """Run the scenario for `duration` seconds; the summary (`summary.SUMMARY_KEYS`)."""
+        prober = Prober(self.lab, self.topology)
+        engine = ScenarioEngine(self.topology, LabControl(self.lab, prober))
+        pending = engine.steps()
+        try:
+            next_report = PROGRESS_EVERY
+            while prober.now() < duration:
+                prober.run_until(min(duration, next_report, pending[0].at if pending else duration))
+                now = prober.now()
+                engine.carry_out_due(pending, now)
+                if now >= next_report:
+                    next_report += PROGRESS_EVERY
+                    if on_progress is not None:
+                        on_progress(
+                            Progress(
+                                now,
+                                prober.served_since(now - window),
+                                len(prober.participants()),
+                                dict(prober.answers),
+                                self._entries(),
+                            )
+                        )
+            return self._summary(prober, engine)
+        finally:
+            prober.close()
+
+    def _summary(self, prober: Prober, engine: ScenarioEngine) -> dict[str, Any]:
+        end = prober.now()
+        clients = [
+            ClientRecord(c.name, self.topology.clients[c.name].authorized, c.rate, c.stats)
+            for c in prober.clients.values()
+        ]
+        servers = {
+            name: self._server_record(name, engine.status(name), prober.answers[name])
+            for name in self.topology.servers
+        }
+        # Outsiders (`authorized = false`) are not the pool's clients: the summary
+        # reports them apart, and they should have had no answer at all.
+        participants = prober.participants()
+        owners = self.owners([c.address for c in participants], engine.live_servers())
+        wrong = sorted(
+            c.name
+            for c in participants
+            if c.server is not None and owners and owners.get(c.address) != c.server
+        )
+        kernel = {
+            "clients_not_at_owner": wrong,
+            "clients_by_server": dict(
+                sorted(Counter(c.server for c in participants if c.server).items())
+            ),
+            "mfc_entries": {r: len(self.lab.mfc(r)) for r in self.topology.routers},
+        }
+        return summarize("kernel", end, clients, servers, engine.events, kernel=kernel)
+
+    def _server_record(self, name: str, status: str, answers: int) -> ServerRecord:
+        """`name` at the end, with its share and epoch as its agent reports them."""
+        share, epoch = 0.0, 0
+        if status == "up":
+            with contextlib.suppress(OSError, ValueError, KeyError, ZeroDivisionError):
+                agent = self.lab.ask(name, "server", {"op": "status"})
+                share = float(Fraction(agent.get("share", "0")))
+                epoch = int(agent.get("epoch", 0))
+        return ServerRecord(status, share, answers, 0, epoch)
+
+    def _entries(self) -> int:
+        total = 0
+        for router in self.topology.routers:
+            with contextlib.suppress(OSError):
+                total += len(self.lab.mfc(router))
+        return total

@@ -1,0 +1,72 @@
+"""What a lab looks like now: its nodes, links, programs and kernel forwarding tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from manycast.drivers import mroute, netns
+from manycast.errors import LabError
+from manycast.lab.build import Lab, require_root
+from manycast.lab.daemons import ROLES_OF
+from manycast.topology import Topology
+
+
+@dataclass
+class NodeStatus:
+    name: str
+    kind: str
+    namespace: bool
+    processes: dict[str, int | None]
+    addresses: list[str]
+
+
+@dataclass
+class RouterTables:
+    vifs: list[mroute.Vif]
+    entries: list[mroute.CacheEntry]
+
+
+@dataclass
+class LabStatus:
+    prefix: str
+    up: bool
+    nodes: list[NodeStatus]
+    links: dict[str, list[str]]
+    routers: dict[str, RouterTables]
+
+
+def status(lab: Lab) -> LabStatus:
+    """The lab's state, found by name; namespaces no topology names are listed as `?`."""
+    require_root()
+    names = lab.namespaces()
+    try:
+        topology: Topology | None = lab.topology()
+    except LabError:
+        topology = None
+    nodes: list[NodeStatus] = []
+    routers: dict[str, RouterTables] = {}
+    known = set()
+    if topology is not None:
+        for node in sorted(topology.interfaces, key=lambda n: (topology.kind(n), n)):
+            kind = topology.kind(node)
+            known.add(lab.ns(node))
+            processes = {role: lab.pid(node, role) for role in ROLES_OF.get(kind, ())}
+            addresses = [
+                f"{i.name} {i.address}/{i.network.prefixlen}"
+                for i in topology.interfaces[node].values()
+            ]
+            nodes.append(NodeStatus(node, kind, netns.exists(lab.ns(node)), processes, addresses))
+            if kind == "router" and netns.exists(lab.ns(node)):
+                routers[node] = RouterTables(lab.vifs(node), lab.mfc(node))
+    for name in names:
+        if name not in known:
+            nodes.append(NodeStatus(name.removeprefix(f"{lab.prefix}-"), "?", True, {}, []))
+    links = (
+        {
+            name: [f"{m.node}/{m.iface}" for m in link.members]
+            for name, link in topology.links.items()
+        }
+        if topology is not None
+        else {}
+    )
+    return LabStatus(lab.prefix, bool(names), nodes, links, routers)

@@ -1,0 +1,92 @@
+"""A scenario's typed steps: what an operator or the world does to a pool, and when.
+
+Steps are plain data. The topology reader makes them from `[[scenario]]` tables;
+`manycast.scenario.ScenarioEngine` carries them out on any driver. A new kind of
+step is a new dataclass here and one entry in the engine's dispatch table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from fractions import Fraction
+from typing import ClassVar
+
+
+class Action(StrEnum):
+    """The `action` key of a `[[scenario]]` table."""
+
+    SET_SHARE = "set_share"
+    KILL = "kill"
+    ADD = "add"
+    REBALANCE = "rebalance"
+    CLIENT_RATE = "client_rate"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step:
+    """One timed step. `line` is where the topology file gave it (0: made in code)."""
+
+    action: ClassVar[Action]
+    # Steps that change who serves what: each starts a recovery measurement.
+    disruptive: ClassVar[bool] = True
+
+    at: float
+    line: int = 0
+
+    def describe(self) -> str:
+        """`set_share server=s1 share=1/5`: the action and its arguments."""
+        detail = " ".join(
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            if f.name not in ("at", "line")
+        )
+        return f"{self.action} {detail}".strip()
+
+
+@dataclass(frozen=True, kw_only=True)
+class SetShare(Step):
+    """Give `server` exactly `share` of the client address space (Fig 11)."""
+
+    action: ClassVar[Action] = Action.SET_SHARE
+    server: str
+    share: Fraction
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kill(Step):
+    """Crash `server` at once: it sends nothing more (a failure, Fig 10)."""
+
+    action: ClassVar[Action] = Action.KILL
+    server: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Add(Step):
+    """Start a standby `server`: it joins the pool and gets a share."""
+
+    action: ClassVar[Action] = Action.ADD
+    server: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rebalance(Step):
+    """Ask the pool to rebalance by measured load, aiming at max/mean <= `target`."""
+
+    action: ClassVar[Action] = Action.REBALANCE
+    target: float = 1.1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientRate(Step):
+    """Every client of the `[[clients]]` group `clients` now sends `rate` requests/s."""
+
+    action: ClassVar[Action] = Action.CLIENT_RATE
+    disruptive: ClassVar[bool] = False
+    clients: str
+    rate: float
+
+
+STEP_TYPES: dict[Action, type[Step]] = {
+    cls.action: cls for cls in (SetShare, Kill, Add, Rebalance, ClientRate)
+}
