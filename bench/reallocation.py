@@ -67,11 +67,12 @@ from _pool import (
     two_router_pool,
 )
 from manycast.ports import free_base_port
+from manycast.protocol.technique import Technique
 from manycast.runtime import PoolRun
 from manycast.topology import loads
 
 SEED = 20240611
-TECHNIQUES = ("R1", "R2", "R3", "R4")
+TECHNIQUES = tuple(Technique)
 SERVERS = ("s1", "s2", "s3", "s4")
 # Two processes, one per core: the clients, and the routers with the servers.
 INFRA = frozenset({"ra", "rb", *SERVERS})

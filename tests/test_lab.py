@@ -201,6 +201,37 @@ def _probe_until(prober: object, condition: Callable[[], bool], timeout: float =
     return True
 
 
+def _wait_settled(lab: object, topology: object, clients: list[str]) -> None:
+    """Wait (with the prober as `clients`) until the servers have agreed on their
+    first allocation and the routers forward by it: each client's answers come from
+    the owner the agents name."""
+    from manycast.lab import Lab, LabRun, Prober
+    from manycast.topology import Topology
+
+    assert isinstance(lab, Lab) and isinstance(topology, Topology)
+    run = LabRun(lab, topology)
+    prober = Prober(lab, topology, clients)
+    try:
+        since = [0.0]
+
+        def served_by_owners() -> bool:
+            owners = run.owners([c.address for c in prober.clients.values()])
+            if any(
+                c.server is not None and c.server != owners.get(c.address)
+                for c in prober.clients.values()
+            ):
+                since[0] = prober.now()  # from now on, every client answered by its owner
+            return all(
+                c.server == owners.get(c.address) and c.last_reply > since[0]
+                for c in prober.clients.values()
+            )
+
+        if not _probe_until(prober, served_by_owners, timeout=30.0):
+            pytest.fail("the pool never settled: clients not answered by their owners")
+    finally:
+        prober.close()
+
+
 # The parsers and the scenario's mapping onto the agents need nothing special.
 
 
@@ -384,6 +415,7 @@ def test_third_party_programs_are_served_by_the_owner(lab_factory) -> None:  # t
     lab, topology = lab_factory()
     group, port = topology.pool.group, topology.pool.port
     clients = ["a1", "a2", "a3", "b4", "b5"]
+    _wait_settled(lab, topology, [*clients, "b7"])
     owners = LabRun(lab, topology).owners([str(topology.address(c)) for c in clients])
     cli = [sys.executable, "-m", "manycast", "lab", "exec", "--prefix", lab.prefix]
     env = {**os.environ, "MANYCAST_LAB_RUN_ROOT": str(lab.run_root)}

@@ -23,12 +23,13 @@ from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.ports import free_base_port
 from manycast.protocol.client import Client
 from manycast.protocol.server import Server
+from manycast.protocol.technique import Technique
 from manycast.runtime import PoolRun
 from manycast.space import Allocation
 from manycast.steps import STEP_TYPES, Action, Kill, SetShare
 from manycast.topology import loads
 
-TECHNIQUES = ("R1", "R2", "R3", "R4")
+TECHNIQUES = tuple(Technique)
 KEEPERS = ("R2", "R3", "R4")  # the techniques that keep every session
 
 ConnKey = tuple[tuple[ipaddress.IPv4Address, int], tuple[ipaddress.IPv4Address, int]]

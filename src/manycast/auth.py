@@ -15,7 +15,7 @@ import base64
 import os
 import stat
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -130,14 +130,3 @@ class ReplayCache:
                 break
             del self._seen[first]
 
-
-@dataclass(frozen=True)
-class Verdict:
-    """A join's fate: admitted, refused with a reason, or waiting for a group's key."""
-
-    reason: str | None = None
-    waiting_for: tuple[int, ...] = ()
-
-    @property
-    def admitted(self) -> bool:
-        return self.reason is None and not self.waiting_for

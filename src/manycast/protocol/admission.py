@@ -18,15 +18,28 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from manycast.addressplan import DEFAULT_PLAN
-from manycast.auth import AuthError, ReplayCache, Verdict, public_key, verify_join
+from manycast.auth import AuthError, ReplayCache, public_key, verify_join
+from manycast.protocol.refusal import Refusal
 from manycast.wire.membership import IGMPv3Report
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A join's fate: admitted, refused with a reason, or waiting for a group's key."""
+
+    reason: Refusal | None = None
+    waiting_for: tuple[int, ...] = ()
+
+    @property
+    def admitted(self) -> bool:
+        return self.reason is None and not self.waiting_for
 
 
 @dataclass
 class _Key:
     key: Ed25519PublicKey | None
     expires: float
-    error: str | None
+    error: Refusal
 
 
 class Admission:
@@ -45,20 +58,22 @@ class Admission:
         self._keys: dict[int, _Key] = {}
         self._asked: set[int] = set()
         self.requests: list[int] = []  # groups whose key the owner should look up
+        # group -> what was wrong with its key record, for status and logs
+        self.key_errors: dict[int, str] = {}
 
     def check(self, report: IGMPv3Report, right_link: bool, now: float) -> Verdict:
         private = sorted({int(r.group) for r in report.records if self.is_private(int(r.group))})
         if not private:
-            return Verdict("wrong link") if not right_link else Verdict()
+            return Verdict(Refusal.WRONG_LINK) if not right_link else Verdict()
         signed = report.signed
         if signed is None or not signed.signature:
-            return Verdict("unsigned")
+            return Verdict(Refusal.UNSIGNED)
         if signed in self.replay:
-            return Verdict("duplicate")
+            return Verdict(Refusal.DUPLICATE)
         if abs(self.wall_base + now - signed.timestamp / 1000) > self.window:
-            return Verdict("stale")
+            return Verdict(Refusal.STALE)
         if not right_link:
-            return Verdict("wrong link")
+            return Verdict(Refusal.WRONG_LINK)
         missing = [g for g in private if not self._fresh(g, now)]
         if missing:
             for group in missing:
@@ -69,9 +84,9 @@ class Admission:
         for group in private:
             entry = self._keys[group]
             if entry.key is None:
-                return Verdict(entry.error or "no key")
+                return Verdict(entry.error)
             if not verify_join(report, entry.key):
-                return Verdict("bad signature")
+                return Verdict(Refusal.BAD_SIGNATURE)
         self.replay.remember(signed, now)
         return Verdict()
 
@@ -85,14 +100,17 @@ class Admission:
         """The owner's answer for a group's key (None with `error` when there is none)."""
         self._asked.discard(group)
         if raw is None:
-            self._keys[group] = _Key(None, now + self.negative_ttl, error or "no key")
+            reason = Refusal(error) if error in tuple(Refusal) else Refusal.NO_KEY
+            self._keys[group] = _Key(None, now + self.negative_ttl, reason)
             return
         try:
             key = public_key(raw)
         except AuthError as exc:
-            self._keys[group] = _Key(None, now + self.negative_ttl, f"bad key record: {exc}")
+            self.key_errors[group] = f"bad key record: {exc}"
+            self._keys[group] = _Key(None, now + self.negative_ttl, Refusal.BAD_KEY_RECORD)
             return
-        self._keys[group] = _Key(key, now + max(ttl, 1.0), None)
+        self.key_errors.pop(group, None)
+        self._keys[group] = _Key(key, now + max(ttl, 1.0), Refusal.NO_KEY)
 
     def take_requests(self) -> list[int]:
         out, self.requests = self.requests, []

@@ -29,16 +29,16 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter
 from manycast.protocol.tcp import Connection, ConnKey, Demultiplexer, SessionConfig, SessionError
+from manycast.protocol.technique import Technique
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
 from manycast.wire.transport import TcpFlags, TcpSegment
-
-TECHNIQUES = ("R1", "R2", "R3", "R4")
 
 # Sends a control message: to the control group (None) or to one server's address.
 SendControl = Callable[[control.ControlMessage, ipaddress.IPv4Address | None], None]
@@ -100,9 +100,10 @@ class Handover:
         forward_timeout: float = 0.3,
         idle_timeout: float = 30.0,
     ) -> None:
-        if technique not in TECHNIQUES:
-            raise ValueError(f"technique must be one of {', '.join(TECHNIQUES)}, not {technique!r}")
-        self.technique = technique
+        if technique not in tuple(Technique):
+            names = ", ".join(Technique)
+            raise ConfigError(f"technique must be one of {names}, not {technique!r}")
+        self.technique = Technique(technique)
         self.name = name
         self.address = address
         self.group = group
@@ -129,7 +130,7 @@ class Handover:
         self, keep: SourceFilter | None, gateway_pin: Callable[[control.PinRequest], None]
     ) -> None:
         """R4: a reallocation is about to execute; pin what we will lose."""
-        if self.technique != "R4":
+        if self.technique is not Technique.R4:
             return
         losing = [
             key for key in self.endpoint.keys() if not _owned(keep, key) and key not in self._pins
@@ -149,7 +150,7 @@ class Handover:
             if _owned(owned, key):
                 self.moved.discard(key)
                 continue
-            if self.technique == "R1":
+            if self.technique is Technique.R1:
                 conn = self.endpoint.connection(key)
                 if conn is not None:
                     conn.abort(now)
@@ -169,9 +170,9 @@ class Handover:
         if segment.flags & TcpFlags.RST:
             return
         key: ConnKey = ((dst, segment.dst_port), (src, segment.src_port))
-        if self.technique == "R2":
+        if self.technique is Technique.R2:
             self._forward((src, dst, segment), now)
-        elif self.technique == "R3":
+        elif self.technique is Technique.R3:
             self._query(key, (src, dst, segment), now)
         else:
             self._reset((src, dst, segment))

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from manycast.protocol.admission import Admission
 from manycast.protocol.membership import SourceFilter, changes
 from manycast.protocol.node import Interface, Node
+from manycast.protocol.refusal import Refusal
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import (
@@ -113,7 +114,7 @@ class RouterStats:
     malformed: int = 0
     joins_accepted: int = 0
     joins_relayed: int = 0
-    rejected: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[Refusal] = field(default_factory=Counter)
     local: int = 0
     pinned_forwarded: int = 0
     pins_added: int = 0
@@ -206,7 +207,7 @@ class Router(Node):
         self, iface: str, src: int, group: int, packet: bytes, ttl: int, now: float
     ) -> None:
         if self.admission is not None and not self.sender_allowed(iface, src, group, now):
-            self.stats.rejected["unauthorized sender"] += 1
+            self.stats.rejected[Refusal.UNAUTHORIZED_SENDER] += 1
             return
         if src in self.pins and self._forward_pinned(iface, src, packet, ttl, now):
             return
@@ -283,7 +284,7 @@ class Router(Node):
             report = IGMPv3Report.from_wire(ip.payload)
         except WireError:
             self.stats.malformed += 1
-            self.stats.rejected["malformed"] += 1
+            self.stats.rejected[Refusal.MALFORMED] += 1
             return
         self._admit(iface, ip, report, now)
 
@@ -293,12 +294,12 @@ class Router(Node):
         toward = self.route(origin)
         right_link = toward is not None and toward[0] == iface
         if self.admission is None:
-            reason = None if right_link else "wrong link"
+            reason = None if right_link else Refusal.WRONG_LINK
         else:
             verdict = self.admission.check(report, right_link, now)
             if verdict.waiting_for:
                 if len(self._pending) >= MAX_PENDING_JOINS:
-                    self.stats.rejected["too many joins waiting for keys"] += 1
+                    self.stats.rejected[Refusal.TOO_MANY_WAITING] += 1
                     return
                 self._pending.append((iface, ip, report, verdict.waiting_for))
                 self.effects.extend(KeyNeeded(group) for group in self.admission.take_requests())
@@ -400,7 +401,7 @@ class Router(Node):
         if isinstance(message, control.PinRequest):
             toward = self.route(int(message.server))
             if toward is None or toward[0] != iface:
-                self.stats.rejected["pin from wrong link"] += 1
+                self.stats.rejected[Refusal.PIN_FROM_WRONG_LINK] += 1
                 return
             idle = message.idle_timeout_ms / 1000
             for key in message.keys:

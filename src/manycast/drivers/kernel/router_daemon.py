@@ -38,6 +38,7 @@ from manycast.drivers.kernel.sockets import control_socket, recv_with_pktinfo, u
 from manycast.drivers.mroute import IGMPMSG_NOCACHE, MrouteSocket, Received, mreqn
 from manycast.naming import key_from_directory
 from manycast.protocol.node import Frame, Node
+from manycast.protocol.refusal import Refusal
 from manycast.protocol.router import GroupChanged, KeyNeeded
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_IGMP, IPv4Packet, peek_v4
@@ -145,7 +146,7 @@ class RouterDaemon:
             report = IGMPv3Report.from_wire(ip.payload)
         except WireError:
             self.router.stats.malformed += 1
-            self.router.stats.rejected["malformed"] += 1
+            self.router.stats.rejected[Refusal.MALFORMED] += 1
             return
         if not _is_extended(report):
             self.stats.plain_reports_ignored += 1
@@ -238,7 +239,7 @@ class RouterDaemon:
             if upcall:
                 # The kernel drops the source's later packets by the empty entry,
                 # unseen: the refusal is counted once per source, here.
-                self.router.stats.rejected["unauthorized sender"] += 1
+                self.router.stats.rejected[Refusal.UNAUTHORIZED_SENDER] += 1
             return frozenset(), owners
         outs = frozenset(
             self.vif_of[i] for i, _ in self.router.resolve(source, group) if i in self.vif_of
