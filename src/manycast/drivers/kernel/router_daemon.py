@@ -118,7 +118,6 @@ class RouterDaemon:
         self.entries: dict[int, dict[int, _Entry]] = {}  # group -> source -> entry
         self.dirty: set[int] = set()
         self.seen: dict[int, tuple[Any, ...]] = {}  # group -> membership last acted on
-        self.senders: dict[int, frozenset[int]] = {}  # group -> admitted senders acted on
         self.pin_check_due = False
         self.loop.watch(self.mroute.sock, self._on_mroute)
         self.loop.watch(self.control, self._on_control)
@@ -193,21 +192,9 @@ class RouterDaemon:
 
     def _after(self) -> None:
         """Once the core is quiet: re-resolve the groups that changed."""
-        if self.router.admission is not None:
-            self._note_senders()
         now = self.loop.now
         while self.dirty:
             self._refresh(self.dirty.pop(), now)
-
-    def _note_senders(self) -> None:
-        # A participant's first registration admits it as a sender without changing
-        # the membership (the core says nothing then): an entry installed while it
-        # was refused must be rewritten all the same.
-        for group, senders in self.router.senders.items():
-            current = frozenset(senders)
-            if self.senders.get(group, frozenset()) != current:
-                self.senders[group] = current
-                self.dirty.add(group)
 
     def _send(self, frame: Frame) -> None:
         sock = self.send_socks.get(frame.iface)
@@ -225,7 +212,7 @@ class RouterDaemon:
         members = self.router.members.get(group, {})
         return (
             tuple(sorted((o, m.iface, m.neighbor, m.filter) for o, m in members.items())),
-            self.senders.get(group, frozenset()),
+            frozenset(self.router.senders.get(group, {})),
         )
 
     def _decide(
