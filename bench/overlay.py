@@ -514,7 +514,7 @@ def memory_run() -> tuple[float, float, int]:
     memory driver running the demo pool for MEMORY_VIRTUAL_S."""
     pool = PoolRun(builtin(), "memory", seed=1)
     start = time.perf_counter()
-    pool.run_sync(MEMORY_VIRTUAL_S)
+    pool.run(MEMORY_VIRTUAL_S)
     wall = time.perf_counter() - start
     network = pool.network
     assert isinstance(network, MemoryNetwork)
