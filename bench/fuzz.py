@@ -59,7 +59,7 @@ from manycast.apps.counter import CounterService
 from manycast.protocol.admission import Admission
 from manycast.protocol.tcp import Connection, Demultiplexer, SessionConfig, SessionError, State
 from manycast.space import AddressSpace
-from manycast.wire import control, ip, membership, session_state, transport
+from manycast.wire import control, ip, label, membership, session_state, transport
 from manycast.wire.cursor import Reader, internet_checksum
 from manycast.wire.errors import WireError
 
@@ -260,6 +260,67 @@ def _decrement_hop_check(ctx: tuple[Any, ...], data: bytes, out: Any) -> str | N
     return None if after == want else "wrong patch"
 
 
+SWAP_LABEL = 1000
+PUSH_LABEL = 2000
+
+
+def _strict_mpls(data: bytes) -> label.MplsInUdp | None:
+    try:
+        return label.MplsInUdp.from_wire(data)
+    except WireError:
+        return None
+
+
+def _label_swap_check(ctx: tuple[Any, ...], data: bytes, out: Any) -> str | None:
+    strict = _strict_mpls(data)
+    if strict is None:
+        return None
+    top, below = strict.stack.top, strict.stack.entries[1:]
+    if top.ttl <= 1:
+        return None if out is None else f"swapped a label whose TTL {top.ttl} ran out"
+    if out is None:
+        return f"dropped a label with TTL {top.ttl}"
+    swapped = label.LabelEntry(SWAP_LABEL, top.tc, top.bottom, top.ttl - 1)
+    want = label.MplsInUdp(label.LabelStack((swapped, *below)), strict.inner)
+    got = _strict_mpls(out)
+    return None if got == want else f"swap gave {out[:8].hex()}, want {want.to_wire()[:8].hex()}"
+
+
+def _label_pop_check(ctx: tuple[Any, ...], data: bytes, out: Any) -> str | None:
+    strict = _strict_mpls(data)
+    if strict is None:
+        return None
+    top, below = strict.stack.top, strict.stack.entries[1:]
+    if top.ttl <= 1:
+        return None if out is None else f"popped a label whose TTL {top.ttl} ran out"
+    if out is None:
+        return f"dropped a label with TTL {top.ttl}"
+    want = label.LabelStack(below).to_wire() + strict.inner if below else strict.inner
+    return None if out == want else "wrong pop"
+
+
+def _label_push_check(ctx: tuple[Any, ...], data: bytes, out: Any) -> str | None:
+    want = label.MplsInUdp(label.LabelStack.of(PUSH_LABEL), data)
+    return None if _strict_mpls(out) == want else "pushed payload does not decode to the label"
+
+
+def _label_peek_check(ctx: tuple[Any, ...], data: bytes, got: Any) -> str | None:
+    strict = _strict_mpls(data)
+    if strict is None:
+        return None
+    top = strict.stack.top
+    want = (top.label, top.tc, top.bottom, top.ttl)
+    return None if got == want else f"peek {got}, strict decode {want}"
+
+
+def _decapsulate_check(ctx: tuple[Any, ...], data: bytes, value: Any) -> str | None:
+    header, stack, inner = value
+    tail = label.MplsInUdp(stack, inner).to_wire()
+    if not data.endswith(tail):
+        return "stack and inner packet are not the end of the packet"
+    return None if isinstance(header, ip.IPv4Header | ip.IPv6Header) else "no outer header"
+
+
 _COUNTER = CounterService()
 _COUNTER_KEY = "k"
 
@@ -344,6 +405,9 @@ def targets() -> list[Target]:
     igmp_decode, igmp_check = _plain(membership.IGMPv3Report)
     cd_decode, cd_check = _plain(transport.ChangeDestination)
     ss_decode, ss_check = _plain(session_state.SessionState)
+    entry_decode, entry_check = _plain(label.LabelEntry)
+    stack_decode, stack_check = _plain(label.LabelStack)
+    mpls_decode, mpls_check = _plain(label.MplsInUdp)
     pairs = (V4, V6)
     return [
         Target(
@@ -449,6 +513,57 @@ def targets() -> list[Target]:
             cd_check,
             fields=((25, 1), (30, 2), (42, 2)),
         ),
+        Target("label.LabelEntry.from_wire", entry_decode, entry_check, fields=((2, 1), (3, 1))),
+        Target(
+            "label.LabelStack.from_wire",
+            stack_decode,
+            stack_check,
+            fields=((2, 1), (6, 1), (10, 1)),
+        ),
+        Target(
+            "label.MplsInUdp.from_wire", mpls_decode, mpls_check, fields=((2, 1), (4, 1), (6, 1))
+        ),
+        Target(
+            "label.split",
+            lambda ctx, data: label.split(data),
+            lambda ctx, data, v: _same(v[0].to_wire() + v[1], data),
+            fields=((2, 1), (6, 1), (10, 1)),
+        ),
+        Target(
+            "label.decapsulate",
+            lambda ctx, data: label.decapsulate(data),
+            _decapsulate_check,
+            checksum=IPV4_SUM,
+            fields=((0, 1), (2, 2), (22, 2), (24, 2), (30, 1)),
+        ),
+        Target(
+            "label.peek_top",
+            lambda ctx, data: label.peek_top(data),
+            _label_peek_check,
+            "fast_path",
+            fields=((2, 1), (3, 1)),
+        ),
+        Target(
+            "label.swap_top",
+            lambda ctx, data: label.swap_top(data, SWAP_LABEL),
+            _label_swap_check,
+            "fast_path",
+            fields=((2, 1), (3, 1), (4, 1)),
+        ),
+        Target(
+            "label.pop",
+            lambda ctx, data: label.pop(data),
+            _label_pop_check,
+            "fast_path",
+            fields=((2, 1), (3, 1), (6, 1)),
+        ),
+        Target(
+            "label.push",
+            lambda ctx, data: label.push(data, PUSH_LABEL),
+            _label_push_check,
+            "fast_path",
+            fields=((0, 1), (2, 2)),
+        ),
         Target("cursor.Reader", _reader_script, fields=((0, 1),)),
         Target(
             "session_state.SessionState.from_wire",
@@ -508,6 +623,8 @@ def _strategies() -> dict[str, Any]:
     wm = importlib.import_module("test_wire_membership")
     wt = importlib.import_module("test_wire_transport")
     ws = importlib.import_module("test_wire_session_state")
+    wl = importlib.import_module("test_wire_label")
+    wv = importlib.import_module("test_wire_control_vip")
     # The control tests build no BALANCE_LOADS operation; it is drawn here.
     balance = st.builds(
         control.BalanceLoadsOp,
@@ -518,6 +635,7 @@ def _strategies() -> dict[str, Any]:
     return {
         "messages": st.one_of(
             wc.messages,
+            wv.messages,
             st.builds(control.Command, wc.ids, wc.u32, wc.u64, balance),
         ),
         "ops": ops,
@@ -532,6 +650,10 @@ def _strategies() -> dict[str, Any]:
         "options": wt.option_lists,
         "change_destinations": wt.change_destinations,
         "session_states": ws.session_states(),
+        "label_stacks": wl.stacks(),
+        "mpls_payloads": wl.mpls_payloads(),
+        "mpls_packets": wl.encapsulated(),
+        "inner_packets": wl.inner_packets(),
     }
 
 
@@ -685,6 +807,17 @@ def build_seeds(run_seed: int) -> tuple[dict[str, list[Seed]], list[tuple[bytes,
     sessions = _session_states(rng, 120)
     drawn_sessions = [x.to_wire() for x in _draw(s["session_states"], n, run_seed)]
     messages += [p for group in parts[:20] for p in group]
+    stacks = [x.to_wire() for x in _draw(s["label_stacks"], n, run_seed)]
+    mpls_payloads = _draw(s["mpls_payloads"], n, run_seed)
+    mpls = [x.to_wire() for x in mpls_payloads]
+    # Most outer IPv4 packets without a UDP checksum (RFC 7510 allows it), so that a
+    # mutated payload reaches the label decoder; IPV4_SUM repairs the IP header.
+    mpls_packets = [p for p, _, _ in _draw(s["mpls_packets"], n, run_seed)]
+    mpls_packets += [
+        label.encapsulate(*V4, x.stack, x.inner, rng.randrange(256), checksum=False)
+        for x in mpls_payloads
+    ]
+    inner = _draw(s["inner_packets"], n, run_seed)
     plain = lambda xs: [(0, x) for x in xs]  # noqa: E731
     seeds: dict[str, list[Seed]] = {
         "ip.IPv4Header.from_wire": plain([w[: _v4_header_end(w)] for w in v4]),
@@ -709,6 +842,15 @@ def build_seeds(run_seed: int) -> tuple[dict[str, list[Seed]], list[tuple[bytes,
         ),
         "transport.TcpSegment.from_wire": segments,
         "transport.ChangeDestination.from_wire": plain(change),
+        "label.LabelEntry.from_wire": plain([x[:4] for x in stacks]),
+        "label.LabelStack.from_wire": plain(stacks),
+        "label.MplsInUdp.from_wire": plain(mpls),
+        "label.split": plain(mpls + stacks),
+        "label.decapsulate": plain(mpls_packets),
+        "label.peek_top": plain(mpls),
+        "label.swap_top": plain(mpls),
+        "label.pop": plain(mpls),
+        "label.push": plain(inner + v4[:20] + v6[:20]),
         "cursor.Reader": plain(_reader_scripts(rng, n)),
         "session_state.SessionState.from_wire": plain(sessions + drawn_sessions),
         "tcp.Connection.import_state": plain(sessions),

@@ -7,8 +7,11 @@ the servers announce themselves (`Heartbeat`), agree on allocation changes
 packets forwarded to the old owner, which then asks for them point to point
 (R2, Fig 14: `Forwarded`, `Redirect`), state transferred on demand (R3, Fig 15:
 `StateQuery`, `StateReply`), and per-connection paths pinned at routers (R4,
-Fig 16: `PinRequest`, `Unpin`). The messages travel as UDP payloads of inner IP
-packets.
+Fig 16: `PinRequest`, `Unpin`). The virtual-IP pool (Fig 17-19) uses the same
+envelope: servers announce themselves to their routers (`ServerHello`), routers
+distribute labels (`LabelMapping`), VIP routers announce themselves (`VipAdvert`)
+and tag flows at edge routers (`FlowTag`, `FlowUntag`), servers report load
+(`LoadReport`). The messages travel as UDP payloads of inner IP packets.
 
 Layout, big-endian, field widths in bits:
 
@@ -18,6 +21,7 @@ Layout, big-endian, field widths in bits:
     share     numerator(32) denominator(32): in lowest terms, 0 <= n/d <= 1
     digest    8 bytes: the 16 hex characters of Allocation.digest(), as raw bytes
     key       client-address client-port(16) group-address service-port(16)
+    flow      protocol(8) client-address client-port(16) vip-address vip-port(16)
     space     family(8) prefix-value prefix-length(8) index-bits(8) shift(8) flags(8)
               (flags bit 0: interleave; other bits zero)
 
@@ -38,6 +42,13 @@ Layout, big-endian, field widths in bits:
                         length(32) application-state
     12  PinRequest      server-address idle-timeout-ms(32) count(16) (address port(16))...
     13  Unpin           count(16) (address port(16))...
+    14  ServerHello     server-address vip-address hold-ms(32)
+    15  LabelMapping    router-address hold-ms(32) count(16) (fec-address label(32))...
+                        (labels 16..2^20-1, sorted by fec, none twice)
+    16  FlowTag         flow server-address idle-ms(32)
+    17  FlowUntag       count(16) flow...
+    18  VipAdvert       vip-address router-address hold-ms(32)
+    19  LoadReport      server-address load(f64) sessions(32)
 
     op  kind(8), then
      1  ADD_SERVER      id has-share(8) [share]
@@ -56,7 +67,8 @@ built either, and both raise `WireError`.
 
 Modules: `fields` (field checks and codecs), `envelope` (the envelope and
 `decode`), `ops` (policy operations), `coordination` (heartbeats, proposals,
-acks, commits), `snapshot` (the allocation in parts), `handover` (R2-R4).
+acks, commits), `snapshot` (the allocation in parts), `handover` (R2-R4), `vip`
+(the virtual-IP pool).
 Everything public is re-exported here: `control.SetShareOp(...)`.
 """
 
@@ -112,6 +124,18 @@ from manycast.wire.control.snapshot import (
     assemble,
     snapshot_parts,
 )
+from manycast.wire.control.vip import (
+    MAX_BINDINGS,
+    MAX_FLOW_KEYS,
+    Binding,
+    FlowKey,
+    FlowTag,
+    FlowUntag,
+    LabelMapping,
+    LoadReport,
+    ServerHello,
+    VipAdvert,
+)
 
 ControlMessage: TypeAlias = (
     Heartbeat
@@ -127,11 +151,19 @@ ControlMessage: TypeAlias = (
     | StateReply
     | PinRequest
     | Unpin
+    | ServerHello
+    | LabelMapping
+    | FlowTag
+    | FlowUntag
+    | VipAdvert
+    | LoadReport
 )
 
 __all__ = [
     "MAGIC",
+    "MAX_BINDINGS",
     "MAX_BUCKET_LOADS",
+    "MAX_FLOW_KEYS",
     "MAX_ID_BYTES",
     "MAX_PACKET",
     "MAX_PIN_KEYS",
@@ -141,13 +173,19 @@ __all__ = [
     "AddServerOp",
     "Address",
     "BalanceLoadsOp",
+    "Binding",
     "BucketLoad",
     "Command",
     "Commit",
     "ConnectionKey",
     "ControlMessage",
+    "FlowKey",
+    "FlowTag",
+    "FlowUntag",
     "Forwarded",
     "Heartbeat",
+    "LabelMapping",
+    "LoadReport",
     "MessageType",
     "OpKind",
     "PinKey",
@@ -159,6 +197,7 @@ __all__ = [
     "RemoveServerOp",
     "ReplaceOp",
     "Run",
+    "ServerHello",
     "ServerLoad",
     "ServerState",
     "SetShareOp",
@@ -167,6 +206,7 @@ __all__ = [
     "StateQuery",
     "StateReply",
     "Unpin",
+    "VipAdvert",
     "assemble",
     "decode",
     "decode_op",

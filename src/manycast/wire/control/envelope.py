@@ -37,6 +37,12 @@ class MessageType(IntEnum):
     STATE_REPLY = 11
     PIN_REQUEST = 12
     UNPIN = 13
+    SERVER_HELLO = 14
+    LABEL_MAPPING = 15
+    FLOW_TAG = 16
+    FLOW_UNTAG = 17
+    VIP_ADVERT = 18
+    LOAD_REPORT = 19
 
 
 @dataclass(frozen=True, slots=True)

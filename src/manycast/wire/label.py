@@ -1,0 +1,352 @@
+"""MPLS label stacks (RFC 3032) and their carriage in UDP (RFC 7510): the VIP pool's tags.
+
+Layout, big-endian, field widths in bits:
+
+    entry     label(20) traffic-class(3) bottom-of-stack(1) ttl(8)
+    stack     entry... : 1..8 entries, the bottom-of-stack bit set on the last only
+    payload   stack, then the inner IPv4 or IPv6 packet (the UDP payload, RFC 7510)
+    packet    IPv4 or IPv6 header, UDP header to port 6635 from an entropy port, payload
+
+Strictness: label 3 (implicit null) only ever means "pop" to the control plane
+and never appears on the wire; the router alert label (1) is not allowed at the
+bottom of a stack (RFC 3032 §2.1); an explicit null at the bottom must sit on an
+inner packet of its family (0: IPv4, 2: IPv6). Every check lives in the
+dataclasses' `__post_init__`, so a value that cannot be decoded cannot be built
+either, and both raise `WireError`.
+
+Routers use the fast path at the bottom (`peek_top`, `swap_top`, `pop`, `push`),
+which works on the bytes of a payload without building dataclasses. Labels
+follow the pipe model (RFC 3443): a label's TTL counts the hops of its
+label-switched path, and the inner packet's own TTL is left alone.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+
+from manycast.wire.cursor import Reader
+from manycast.wire.errors import WireError
+from manycast.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    UDP_HEADER_LEN,
+    IPv4Header,
+    IPv4Packet,
+    IPv6Header,
+    IPv6Packet,
+    UDPDatagram,
+)
+
+IPV4_EXPLICIT_NULL = 0
+ROUTER_ALERT = 1
+IPV6_EXPLICIT_NULL = 2
+IMPLICIT_NULL = 3
+FIRST_UNRESERVED = 16
+MAX_LABEL = (1 << 20) - 1
+MAX_DEPTH = 8
+ENTRY_LEN = 4
+
+MPLS_UDP_PORT = 6635
+ENTROPY_PORT_BASE = 49152  # RFC 7510 §3: the source port is an entropy value in 49152..65535
+MAX_UDP_PAYLOAD = 0xFFFF - UDP_HEADER_LEN
+IPPROTO_SCTP = 132
+
+Address = IPv4Address | IPv6Address
+
+_WORD = struct.Struct("!I")
+_EXPLICIT_NULL_FAMILY = {IPV4_EXPLICIT_NULL: 4, IPV6_EXPLICIT_NULL: 6}
+_PORTED = frozenset((IPPROTO_TCP, IPPROTO_UDP, IPPROTO_SCTP))
+
+
+def _check_int(what: str, name: str, value: object, top: int) -> None:
+    # bool is an int subclass, but True for a TTL is a caller's mistake.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WireError(f"{what}: {name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= top:
+        raise WireError(f"{what}: {name} {value} out of range 0..{top}")
+
+
+def _check_label(what: str, label: object) -> None:
+    _check_int(what, "label", label, MAX_LABEL)
+    if label == IMPLICIT_NULL:
+        raise WireError(f"{what}: label 3 (implicit null) never appears on the wire")
+
+
+def _check_bottom(what: str, label: int, inner: bytes | None) -> None:
+    """Rules for the bottom entry; `inner` is the packet under it, when known."""
+    if label == ROUTER_ALERT:
+        raise WireError(f"{what}: router alert label 1 at the bottom of the stack")
+    family = _EXPLICIT_NULL_FAMILY.get(label)
+    if family is not None and inner is not None and inner and inner[0] >> 4 != family:
+        raise WireError(
+            f"{what}: explicit null label {label} on an IPv{inner[0] >> 4} packet, not IPv{family}"
+        )
+
+
+def _check_inner(what: str, inner: bytes) -> None:
+    if not inner:
+        raise WireError(f"{what}: no inner packet under the label stack")
+    if inner[0] >> 4 not in (4, 6):
+        raise WireError(f"{what}: inner packet is not IPv4 or IPv6 (version {inner[0] >> 4})")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelEntry:
+    """One RFC 3032 label stack entry."""
+
+    label: int
+    tc: int
+    bottom: bool
+    ttl: int
+
+    def __post_init__(self) -> None:
+        what = "label stack entry"
+        _check_label(what, self.label)
+        _check_int(what, "tc", self.tc, 7)
+        if not isinstance(self.bottom, bool):
+            raise WireError(f"{what}: bottom must be a bool, not {self.bottom!r}")
+        _check_int(what, "ttl", self.ttl, 0xFF)
+
+    def to_wire(self) -> bytes:
+        return _WORD.pack(self.label << 12 | self.tc << 9 | self.bottom << 8 | self.ttl)
+
+    @classmethod
+    def read(cls, r: Reader) -> LabelEntry:
+        word = r.u32("label stack entry")
+        return cls(word >> 12, word >> 9 & 7, bool(word & 0x100), word & 0xFF)
+
+    @classmethod
+    def from_wire(cls, data: bytes | bytearray | memoryview) -> LabelEntry:
+        r = Reader(data, "label stack entry")
+        entry = cls.read(r)
+        r.expect_end()
+        return entry
+
+
+@dataclass(frozen=True, slots=True)
+class LabelStack:
+    """1..8 entries, top first; the bottom-of-stack bit is set on the last one only."""
+
+    entries: tuple[LabelEntry, ...]
+
+    def __post_init__(self) -> None:
+        what = "label stack"
+        given: object = self.entries
+        if isinstance(given, bytes | str) or not isinstance(given, Iterable):
+            raise WireError(f"{what}: entries must be a sequence of LabelEntry, not {given!r}")
+        entries = tuple(given)
+        object.__setattr__(self, "entries", entries)  # lists compare like decoded tuples
+        if not 1 <= len(entries) <= MAX_DEPTH:
+            raise WireError(f"{what}: {len(entries)} entries, not 1..{MAX_DEPTH}")
+        for depth, entry in enumerate(entries):
+            if not isinstance(entry, LabelEntry):
+                raise WireError(f"{what}: entry {depth} is not a LabelEntry: {entry!r}")
+            if entry.bottom != (depth == len(entries) - 1):
+                where = "set before the last entry" if entry.bottom else "not set on the last entry"
+                raise WireError(f"{what}: bottom-of-stack bit {where} (entry {depth})")
+        _check_bottom(what, entries[-1].label, None)
+
+    @classmethod
+    def of(cls, *labels: int, ttl: int = 64, tc: int = 0) -> LabelStack:
+        """A stack of these labels, top first, each with `ttl` and `tc`."""
+        last = len(labels) - 1
+        return cls(tuple(LabelEntry(label, tc, i == last, ttl) for i, label in enumerate(labels)))
+
+    @property
+    def top(self) -> LabelEntry:
+        return self.entries[0]
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        return tuple(entry.label for entry in self.entries)
+
+    def to_wire(self) -> bytes:
+        return b"".join(entry.to_wire() for entry in self.entries)
+
+    @classmethod
+    def read(cls, r: Reader) -> LabelStack:
+        """Entries up to and including the first with the bottom-of-stack bit."""
+        entries: list[LabelEntry] = []
+        while not entries or not entries[-1].bottom:
+            if len(entries) == MAX_DEPTH:
+                raise WireError(f"{r.what}: no bottom of stack within {MAX_DEPTH} entries")
+            entries.append(LabelEntry.read(r))
+        return cls(tuple(entries))
+
+    @classmethod
+    def from_wire(cls, data: bytes | bytearray | memoryview) -> LabelStack:
+        r = Reader(data, "label stack")
+        stack = cls.read(r)
+        r.expect_end()
+        return stack
+
+
+def split(data: bytes | bytearray | memoryview) -> tuple[LabelStack, bytes]:
+    """The label stack at the front of `data`, and the bytes after it (the inner packet)."""
+    r = Reader(data, "label stack")
+    stack = LabelStack.read(r)
+    return stack, r.rest()
+
+
+@dataclass(frozen=True, slots=True)
+class MplsInUdp:
+    """An RFC 7510 UDP payload: a label stack on an inner IPv4 or IPv6 packet."""
+
+    stack: LabelStack
+    inner: bytes
+
+    def __post_init__(self) -> None:
+        what = "MPLS-in-UDP payload"
+        if not isinstance(self.stack, LabelStack):
+            raise WireError(f"{what}: stack must be a LabelStack, not {self.stack!r}")
+        if not isinstance(self.inner, bytes | bytearray | memoryview):
+            raise WireError(f"{what}: inner must be bytes, not {type(self.inner).__name__}")
+        object.__setattr__(self, "inner", bytes(self.inner))
+        _check_inner(what, self.inner)
+        _check_bottom(what, self.stack.entries[-1].label, self.inner)
+        size = ENTRY_LEN * len(self.stack.entries) + len(self.inner)
+        if size > MAX_UDP_PAYLOAD:
+            raise WireError(f"{what}: {size} bytes, more than a UDP payload's {MAX_UDP_PAYLOAD}")
+
+    def to_wire(self) -> bytes:
+        return self.stack.to_wire() + self.inner
+
+    @classmethod
+    def from_wire(cls, payload: bytes | bytearray | memoryview) -> MplsInUdp:
+        r = Reader(payload, "MPLS-in-UDP payload")
+        stack = LabelStack.read(r)
+        return cls(stack, r.rest())
+
+
+def _flow_bytes(inner: bytes) -> bytes:
+    """Addresses, protocol and ports of an IP packet (flow label too for IPv6), by offset."""
+    if not inner:
+        return b""
+    if inner[0] >> 4 == 6:
+        protocol = inner[6] if len(inner) > 6 else 0
+        ports = inner[40:44] if protocol in _PORTED else b""
+        flow_label = int.from_bytes(inner[1:4], "big") & 0xFFFFF
+        return flow_label.to_bytes(3, "big") + inner[6:7] + inner[8:40] + ports
+    start = (inner[0] & 0x0F) * 4
+    protocol = inner[9] if len(inner) > 9 else 0
+    first_fragment = int.from_bytes(inner[6:8], "big") & 0x1FFF == 0
+    ports = inner[start : start + 4] if protocol in _PORTED and first_fragment else b""
+    return inner[9:10] + inner[12:20] + ports
+
+
+def entropy_port(inner: bytes) -> int:
+    """The RFC 7510 source port for `inner`: one flow always gets one port in 49152..65535,
+    so links that spread traffic by UDP ports keep each flow on one path, in order."""
+    return ENTROPY_PORT_BASE | zlib.crc32(_flow_bytes(inner)) & 0x3FFF
+
+
+def encapsulate(
+    src: Address,
+    dst: Address,
+    stack: LabelStack,
+    inner_packet: bytes,
+    ttl: int = 64,
+    *,
+    checksum: bool = True,
+) -> bytes:
+    """A whole IP + UDP packet from `src` to `dst`'s port 6635 carrying `stack` on
+    `inner_packet`; `checksum=False` sends a zero UDP checksum (IPv4 only, RFC 7510 §3)."""
+    payload = MplsInUdp(stack, inner_packet).to_wire()
+    udp = UDPDatagram(entropy_port(inner_packet), MPLS_UDP_PORT, payload)
+    if isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
+        segment = udp.to_wire(src, dst, checksum=checksum)
+        return IPv4Packet.make(src, dst, IPPROTO_UDP, segment, ttl=ttl).to_wire()
+    if isinstance(src, IPv6Address) and isinstance(dst, IPv6Address):
+        if not checksum:
+            raise WireError("MPLS-in-UDP over IPv6 must carry a UDP checksum")
+        segment = udp.to_wire(src, dst)
+        return IPv6Packet.make(src, dst, IPPROTO_UDP, segment, hop_limit=ttl).to_wire()
+    raise WireError(f"MPLS-in-UDP: {src!r} and {dst!r} are not two addresses of one family")
+
+
+def decapsulate(
+    packet: bytes | bytearray | memoryview,
+) -> tuple[IPv4Header | IPv6Header, LabelStack, bytes]:
+    """The outer header, label stack and inner packet of an MPLS-in-UDP packet, checked
+    strictly (checksums included); `WireError` if it is anything else."""
+    data = bytes(packet)
+    version = data[0] >> 4 if data else 0
+    header: IPv4Header | IPv6Header
+    if version == 4:
+        outer4 = IPv4Packet.from_wire(data)
+        header, protocol, payload = outer4.header, outer4.header.protocol, outer4.payload
+        if header.more_fragments or header.fragment_offset:
+            raise WireError("MPLS-in-UDP packet: a fragment (reassemble first)")
+    elif version == 6:
+        outer6 = IPv6Packet.from_wire(data)
+        header, protocol, payload = outer6.header, outer6.protocol, outer6.payload
+    else:
+        raise WireError(f"MPLS-in-UDP packet: IP version {version}, neither 4 nor 6")
+    if protocol != IPPROTO_UDP:
+        raise WireError(f"MPLS-in-UDP packet: protocol {protocol}, not UDP ({IPPROTO_UDP})")
+    datagram = UDPDatagram.from_wire(payload, header.src, header.dst)
+    if datagram.dst_port != MPLS_UDP_PORT:
+        raise WireError(
+            f"MPLS-in-UDP packet: UDP destination port {datagram.dst_port}, not {MPLS_UDP_PORT}"
+        )
+    mpls = MplsInUdp.from_wire(datagram.payload)
+    return header, mpls.stack, mpls.inner
+
+
+# --- Fast path for routers ------------------------------------------------------------
+# The payload is an MPLS-in-UDP payload (or what follows a label just popped). These
+# read and patch the top entry only; `MplsInUdp.from_wire` is the strict check.
+
+
+def _top_word(payload: bytes) -> int:
+    if len(payload) < ENTRY_LEN:
+        raise WireError(f"label stack: {len(payload)} bytes, shorter than one entry")
+    word: int = _WORD.unpack_from(payload)[0]
+    return word
+
+
+def peek_top(payload: bytes) -> tuple[int, int, bool, int]:
+    """(label, tc, bottom, ttl) of the top entry, unchecked beyond its length."""
+    word = _top_word(payload)
+    return word >> 12, word >> 9 & 7, bool(word & 0x100), word & 0xFF
+
+
+def swap_top(payload: bytes, new_label: int) -> bytes | None:
+    """The payload with its top label replaced by `new_label` and its TTL one less, or
+    None when the TTL runs out here (RFC 3032 §2.4.1: the packet is dropped).
+
+    A caller whose outgoing label is implicit null calls `pop` instead.
+    """
+    word = _top_word(payload)
+    _check_label("label swap", new_label)
+    if word & 0x100:
+        _check_bottom("label swap", new_label, payload[ENTRY_LEN:])
+    ttl = word & 0xFF
+    if ttl <= 1:
+        return None
+    return _WORD.pack(new_label << 12 | word & 0xF00 | ttl - 1) + payload[ENTRY_LEN:]
+
+
+def pop(payload: bytes) -> bytes | None:
+    """The payload without its top entry (the next entry, or the inner packet after the
+    bottom one), or None when the popped entry's TTL runs out here."""
+    word = _top_word(payload)
+    if word & 0xFF <= 1:
+        return None
+    return payload[ENTRY_LEN:]
+
+
+def push(packet: bytes, label: int, ttl: int = 64, tc: int = 0) -> bytes:
+    """An unlabelled IPv4 or IPv6 packet with one label pushed: an MPLS-in-UDP payload."""
+    _check_inner("label push", packet)
+    if len(packet) > MAX_UDP_PAYLOAD - ENTRY_LEN:
+        raise WireError(f"label push: a packet of {len(packet)} bytes leaves no room for a label")
+    _check_label("label push", label)
+    _check_bottom("label push", label, packet)
+    _check_int("label push", "ttl", ttl, 0xFF)
+    _check_int("label push", "tc", tc, 7)
+    return _WORD.pack(label << 12 | tc << 9 | 0x100 | ttl) + packet
