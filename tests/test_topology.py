@@ -14,8 +14,25 @@ import pytest
 from manycast.errors import ConfigError, ManycastError
 from manycast.policy import PolicyName
 from manycast.protocol.technique import Technique
-from manycast.steps import Action, Add, ClientRate, Kill, Rebalance, SetShare
-from manycast.topology import Topology, TopologyError, builtin, load, loads
+from manycast.steps import (
+    STEP_TYPES,
+    Action,
+    Add,
+    ClientRate,
+    Kill,
+    KillVipRouter,
+    Rebalance,
+    SetShare,
+)
+from manycast.topology import (
+    Approach,
+    Topology,
+    TopologyError,
+    VipRouterSpec,
+    builtin,
+    load,
+    loads,
+)
 from manycast.topology.compiler import STEP_READERS
 
 BASE = """\
@@ -223,6 +240,7 @@ LINE_ERRORS = {
 def test_unknown_action_lists_every_action() -> None:
     error = error_of(edit('action = "kill"', 'action = "reboot"'))
     assert "expected one of set_share, kill, add, rebalance, client_rate" in error
+    assert "kill_vip_router" in error
 
 
 def test_topology_error_is_a_config_error() -> None:
@@ -457,3 +475,312 @@ def test_topology_imports_no_driver() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+# -- the virtual-IP pool: approach, vip, [[vip_router]], kill_vip_router ------------------------
+
+VIP = edit('group = "232.1.1.1"\n', 'approach = "vip"\nvip = "203.0.113.80"\n') + """
+[[vip_router]]
+name = "v1"
+router = "core"
+[[vip_router]]
+name = "v2"
+router = "rs"
+subnet = "192.168.9.0/30"
+
+[[scenario]]
+at = 2.0
+action = "kill_vip_router"
+vip_router = "v1"
+"""
+
+
+@pytest.fixture(scope="module")
+def vip() -> Topology:
+    return loads(VIP)
+
+
+def test_vip_builtin_loads_as_documented() -> None:
+    topo = builtin("vip")
+    path = files("manycast").joinpath("topologies", "vip.toml")
+    assert load(str(path)).interfaces == topo.interfaces
+    assert topo.pool.approach is Approach.VIP
+    assert topo.pool.vip == topo.pool.group == IPv4Address("203.0.113.80")
+    assert topo.pool.control_group == IPv4Address("239.255.77.1")
+    assert topo.vip_routers == {
+        "vr1": VipRouterSpec("vr1", "core"),
+        "vr2": VipRouterSpec("vr2", "rs1"),
+    }
+    assert {n: s.standby for n, s in topo.servers.items()} == {
+        "s1": False,
+        "s2": False,
+        "s3": False,
+        "s4": False,
+        "s5": True,
+    }
+    assert len(topo.clients) == 240
+    assert {c.group for c in topo.clients.values()} == {"a", "b"}
+    assert [(s.at, s.action) for s in topo.scenario] == [
+        (5.0, "set_share"),
+        (10.0, "kill_vip_router"),
+        (15.0, "add"),
+    ]
+    assert topo.scenario[1] == KillVipRouter(at=10.0, line=topo.scenario[1].line, vip_router="vr1")
+    assert topo.duration == 20.0
+    # Both client LANs' routers are nearer vr1; vr2 is what is left when vr1 dies.
+    assert [topo.hops(r, "vr1") for r in ("ra", "rb")] == [1, 1]
+    assert [topo.hops(r, "vr2") for r in ("ra", "rb")] == [2, 2]
+
+
+def test_a_manycast_pool_is_the_default(topo: Topology) -> None:
+    assert topo.pool.approach is Approach.MANYCAST and topo.pool.vip is None
+    assert topo.vip_routers == {}
+    assert Approach.VIP == "vip"  # a StrEnum: still a string
+    explicit = loads(edit('policy = "equal"', 'policy = "equal"\napproach = "manycast"'))
+    assert explicit.pool == topo.pool
+
+
+def test_a_vip_pool_has_no_group_of_its_own(vip: Topology) -> None:
+    # pool.group is the service address in both approaches: here the VIP.
+    assert vip.pool.approach is Approach.VIP
+    assert vip.pool.vip == vip.pool.group == IPv4Address("203.0.113.80")
+    assert vip.pool.control_group == IPv4Address("239.255.77.1")  # coordination is unchanged
+
+
+def test_vip_routers_are_attached_and_routed_like_servers(vip: Topology) -> None:
+    assert vip.vip_routers == {"v1": VipRouterSpec("v1", "core"), "v2": VipRouterSpec("v2", "rs")}
+    assert [vip.kind(n) for n in ("v1", "v2", "s1", "core", "a1")] == [
+        "vip_router",
+        "vip_router",
+        "server",
+        "router",
+        "client",
+    ]
+    # v1 takes the next automatic /30 after the servers'; v2 the subnet it names.
+    assert addresses(vip, "v1") == {"eth0": ("10.254.0.6", "10.254.0.4/30")}
+    assert addresses(vip, "v2") == {"eth0": ("192.168.9.2", "192.168.9.0/30")}
+    assert addresses(vip, "core")["eth2"] == ("10.254.0.5", "10.254.0.4/30")
+    assert vip.gateways["v1"] == ("eth0", IPv4Address("10.254.0.5"))
+    assert vip.gateways["v2"] == ("eth0", IPv4Address("192.168.9.1"))
+    assert {m.node for m in vip.links["core-v1"].members} == {"core", "v1"}
+    table = {str(r.network): (r.iface, r.next_hop) for r in vip.routes["ra"]}
+    core = IPv4Address("10.255.0.2")
+    assert table["10.254.0.4/30"] == ("eth0", core)
+    assert table["192.168.9.0/30"] == ("eth0", core)
+    assert {str(r.network): r.next_hop for r in vip.routes["core"]}["10.254.0.4/30"] is None
+    # The routers' router-facing interfaces do not include a VIP router's link.
+    assert vip.router_ifaces["core"] == {"eth0", "eth1"}
+    ports = vip.endpoints(base_port=50000)
+    assert ("v1", "eth0") in ports and ("v2", "eth0") in ports
+    assert vip.attachment_count == len(ports) == loads(BASE).attachment_count + 4
+
+
+def test_vip_routers_keep_the_servers_addresses(vip: Topology, topo: Topology) -> None:
+    for node in ("s1", "s2", "a1", "ra", "rs"):
+        assert vip.interfaces[node].items() >= topo.interfaces[node].items(), node
+
+
+def test_run_hosts_may_place_a_vip_router() -> None:
+    text = VIP + '\n[run]\nhosts = { v2 = "192.0.2.10" }\n'
+    assert loads(text).endpoints()[("v2", "eth0")][0] == "192.0.2.10"
+
+
+def test_kill_vip_router_step_is_typed_and_keeps_its_line(vip: Topology) -> None:
+    [line] = [
+        n
+        for n, body in enumerate(VIP.splitlines(), 1)
+        if body == "[[scenario]]" and VIP.splitlines()[n].startswith("at = 2.0")
+    ]
+    step = vip.scenario[1]
+    assert step == KillVipRouter(at=2.0, line=line, vip_router="v1")
+    assert step.describe() == "kill_vip_router vip_router=v1"
+    assert step.disruptive
+    assert STEP_TYPES[Action.KILL_VIP_ROUTER] is KillVipRouter
+    assert Action.KILL_VIP_ROUTER == "kill_vip_router"
+
+
+VIP_LINE_ERRORS = {
+    "unknown approach": (
+        edit('policy = "equal"', f'policy = "equal"\napproach = "anycast"  {MARK}'),
+        "approach 'anycast': expected one of manycast, vip",
+    ),
+    "vip in a manycast pool": (
+        edit('policy = "equal"', f'policy = "equal"\nvip = "203.0.113.80"  {MARK}'),
+        "'vip' is for a VIP pool: set approach = \"vip\"",
+    ),
+    "vip pool without vip": (
+        edit('approach = "vip"\nvip = "203.0.113.80"', f'approach = "vip"  {MARK}', VIP),
+        "approach = \"vip\" needs 'vip', the pool's well-published unicast address",
+    ),
+    "vip not an address": (
+        edit('vip = "203.0.113.80"', f'vip = "203.0.113.800"  {MARK}', VIP),
+        "'vip' = '203.0.113.800' is not an IPv4 address",
+    ),
+    "vip multicast": (
+        edit('vip = "203.0.113.80"', f'vip = "232.1.1.1"  {MARK}', VIP),
+        "vip 232.1.1.1 is multicast: the VIP is a unicast address",
+    ),
+    "vip unspecified": (
+        edit('vip = "203.0.113.80"', f'vip = "0.0.0.0"  {MARK}', VIP),
+        "vip 0.0.0.0 cannot be a host's address",
+    ),
+    "vip pool with a group": (
+        edit('policy = "equal"', f'policy = "equal"\ngroup = "232.1.1.1"  {MARK}', VIP),
+        "a VIP pool's clients send to its vip: leave out 'group'",
+    ),
+    "vip inside a client lan": (
+        edit('vip = "203.0.113.80"', f'vip = "10.1.0.9"  {MARK}', VIP),
+        "vip 10.1.0.9 is inside subnet 10.1.0.0/24 (link ra-a)",
+    ),
+    "vip is a server's address": (
+        edit('vip = "203.0.113.80"', f'vip = "10.254.0.2"  {MARK}', VIP),
+        "vip 10.254.0.2 is inside subnet 10.254.0.0/30 (link rs-s1)",
+    ),
+    "vip inside a vip router's link": (
+        edit('vip = "203.0.113.80"', f'vip = "192.168.9.1"  {MARK}', VIP),
+        "vip 192.168.9.1 is inside subnet 192.168.9.0/30 (link rs-v2)",
+    ),
+    "vip inside a router link": (
+        edit('vip = "203.0.113.80"', f'vip = "10.255.0.3"  {MARK}', VIP),
+        "vip 10.255.0.3 is inside subnet 10.255.0.0/30 (link ra-core)",
+    ),
+    "vip router in a manycast pool": (
+        BASE + f"[[vip_router]]  {MARK}\nname = 'v1'\nrouter = 'core'\n",
+        '[[vip_router]] needs [pool] approach = "vip" (this pool is manycast)',
+    ),
+    "vip pool without vip routers": (
+        edit('approach = "vip"', f'approach = "vip"  {MARK}', VIP.split("\n[[vip_router]]")[0]),
+        "a VIP pool needs at least one [[vip_router]] (two to survive one's death)",
+    ),
+    "vip router on unknown router": (
+        edit('name = "v1"\nrouter = "core"', f'name = "v1"\nrouter = "rx"  {MARK}', VIP),
+        "vip_router v1: no router named 'rx'",
+    ),
+    "vip router name taken": (
+        edit('name = "v1"', f'name = "s1"  {MARK}', VIP),
+        "name 's1' is already used by a server",
+    ),
+    "name taken by a vip router": (
+        VIP + f"[[clients]]\nname = 'v'  {MARK}\nrouter = 'ra'\nsubnet = '10.9.0.0/24'\n",
+        "client name 'v1' clashes with a vip_router",
+    ),
+    "vip router bad name": (
+        edit('name = "v1"', f'name = "V 1"  {MARK}', VIP),
+        "'name' = 'V 1': use lower-case letters",
+    ),
+    "vip router unknown key": (
+        edit('name = "v1"', f'name = "v1"\nweight = 2  {MARK}', VIP),
+        "unknown key 'weight' in [vip_router]",
+    ),
+    "vip router subnet overlaps": (
+        edit('subnet = "192.168.9.0/30"', f'subnet = "192.168.7.0/30"  {MARK}', VIP),
+        "subnet 192.168.7.0/30 overlaps 192.168.7.0/30",
+    ),
+    "vip router subnet too small": (
+        edit('subnet = "192.168.9.0/30"', f'subnet = "192.168.9.0/31"  {MARK}', VIP),
+        "subnet 192.168.9.0/31 is too small",
+    ),
+    "kill of an unknown vip router": (
+        edit('vip_router = "v1"', f'vip_router = "v9"  {MARK}', VIP),
+        "no [[vip_router]] named 'v9'",
+    ),
+    "kill_vip_router in a manycast pool": (
+        edit(
+            'action = "kill"\nserver = "s1"',
+            f'action = "kill_vip_router"\nvip_router = "v1"  {MARK}',
+        ),
+        "no [[vip_router]] named 'v1'",
+    ),
+    "kill_vip_router naming a server": (
+        edit('vip_router = "v1"', f'vip_router = "s1"  {MARK}', VIP),
+        "no [[vip_router]] named 's1'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "message"), VIP_LINE_ERRORS.values(), ids=VIP_LINE_ERRORS.keys())
+def test_vip_error_names_the_line(text: str, message: str) -> None:
+    error = error_of(text)
+    assert error.startswith(f"pool.toml:{marked_line(text)}: "), error
+    assert message in error
+
+
+def test_kill_vip_router_needs_its_name() -> None:
+    text = edit('vip_router = "v1"\n', "", VIP)
+    assert "[scenario] needs 'vip_router'" in error_of(text)
+
+
+def test_a_private_vip_pool_checks_only_its_control_group() -> None:
+    private = edit('policy = "equal"', 'policy = "equal"\nprivate = true', VIP)
+    assert loads(private).pool.private  # the VIP is unicast: no private range applies
+    outside = edit(
+        "private = true", f'private = true\ncontrol_group = "224.1.1.1"  {MARK}', private
+    )
+    error = error_of(outside)
+    assert error.startswith(f"pool.toml:{marked_line(outside)}: ")
+    assert "a private pool's control_group 224.1.1.1 is outside the private ranges" in error
+
+
+# -- lookups the nodes need: hops and edge routers ---------------------------------------------
+
+
+def test_hops_count_router_to_router_hops_to_a_nodes_router(vip: Topology) -> None:
+    assert vip.hops("ra", "s1") == 2  # ra -> core -> rs
+    assert vip.hops("rs", "s1") == 0  # the same router
+    assert vip.hops("ra", "v1") == 1
+    assert vip.hops("ra", "v2") == 2
+    assert vip.hops("rs", "v1") == 1
+    assert vip.hops("core", "a3") == 1
+    assert vip.hops("ra", "a3") == 0
+    assert vip.hops("ra", "rs") == 2  # a router: the hops to itself
+    assert vip.hops("core", "core") == 0
+    for node in ("s1", "v1", "a1"):  # symmetric links: symmetric counts
+        assert all(vip.hops(r, node) == vip.hops(vip.router_of(node), r) for r in vip.routers)
+    with pytest.raises(KeyError):
+        vip.hops("ra", "nobody")
+    with pytest.raises(KeyError):
+        vip.hops("s1", "v1")  # hops count from a router
+
+
+@pytest.mark.parametrize(("direct_ms", "hops"), [(10, 2), (1, 1)])
+def test_hops_follow_the_routed_path(direct_ms: int, hops: int) -> None:
+    # A direct ra-rs link that is slower than going through core is not the route.
+    text = VIP + f'[[link]]\nbetween = ["ra", "rs"]\ndelay_ms = {direct_ms}\n'
+    topo = loads(text)
+    assert topo.hops("ra", "s1") == hops
+    assert topo.hops("ra", "v2") == hops
+    assert topo.hops("ra", "v1") == 1
+
+
+def test_edge_router_finds_the_router_of_a_non_router_link(vip: Topology) -> None:
+    assert vip.edge_router(IPv4Address("10.1.0.4")) == "ra"  # a client
+    assert vip.edge_router(IPv4Address("10.1.0.200")) == "ra"  # an unused LAN address
+    assert vip.edge_router(IPv4Address("10.1.0.1")) == "ra"  # the router's own LAN address
+    assert vip.edge_router(vip.address("s1")) == "rs"  # a server's link
+    assert vip.edge_router(IPv4Address("192.168.7.2")) == "rs"
+    assert vip.edge_router(vip.address("v1")) == "core"  # a VIP router's link
+    assert vip.edge_router(vip.address("v2")) == "rs"
+    assert vip.edge_router(IPv4Address("10.255.0.1")) is None  # a router-to-router link
+    assert vip.edge_router(IPv4Address("203.0.113.80")) is None  # the VIP: nobody's link
+    assert vip.edge_router(IPv4Address("198.51.100.1")) is None  # not in the topology
+
+
+def test_edge_router_in_the_shipped_vip_topology() -> None:
+    topo = builtin("vip")
+    assert {topo.edge_router(topo.address(c)) for c in ("a1", "a120")} == {"ra"}
+    assert topo.edge_router(topo.address("b7")) == "rb"
+    assert topo.edge_router(topo.address("vr1")) == "core"
+
+
+def test_topology_check_shows_vip_routers() -> None:
+    from typer.testing import CliRunner
+
+    from manycast.cli import app
+
+    path = files("manycast").joinpath("topologies", "vip.toml")
+    result = CliRunner().invoke(app, ["topology", "check", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "-> 203.0.113.80:7000" in result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert "vip_router" in rows["vr1"] and "vip_router" in rows["vr2"]
+    assert "240 clients, 13 links, 3 scenario steps" in result.output

@@ -21,6 +21,7 @@ class Action(StrEnum):
     ADD = "add"
     REBALANCE = "rebalance"
     CLIENT_RATE = "client_rate"
+    KILL_VIP_ROUTER = "kill_vip_router"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +88,15 @@ class ClientRate(Step):
     rate: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class KillVipRouter(Step):
+    """Crash the VIP router `vip_router` at once (Fig 17-18): flows already tagged
+    keep their server, new flows go to another VIP router."""
+
+    action: ClassVar[Action] = Action.KILL_VIP_ROUTER
+    vip_router: str
+
+
 STEP_TYPES: dict[Action, type[Step]] = {
-    cls.action: cls for cls in (SetShare, Kill, Add, Rebalance, ClientRate)
+    cls.action: cls for cls in (SetShare, Kill, Add, Rebalance, ClientRate, KillVipRouter)
 }

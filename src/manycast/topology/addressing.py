@@ -1,8 +1,8 @@
 """Addresses for every interface, the links they make, and the overlay's endpoint map.
 
 Unless a link or LAN names its own subnet: router-to-router links get /30s from
-10.255.0.0/16, each server a /30 to its router from 10.254.0.0/16, and each client
-group one LAN whose first address is the router.
+10.255.0.0/16, each server and VIP router a /30 to its router from 10.254.0.0/16,
+and each client group one LAN whose first address is the router.
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ class RouterLink:
 
 
 @dataclass(frozen=True)
-class ServerLink:
-    """A server's link to its router, as read (`subnet` None: pick one)."""
+class HostLink:
+    """A server's or VIP router's point-to-point link to its router, as read
+    (`subnet` None: pick one)."""
 
-    server: str
+    node: str
     router: str
     subnet: ipaddress.IPv4Network | None
     line: int
@@ -78,14 +79,14 @@ class Wiring:
 def assign_addresses(
     routers: Sequence[str],
     router_links: Sequence[RouterLink],
-    server_links: Sequence[ServerLink],
+    host_links: Sequence[HostLink],
     lans: Sequence[Lan],
     fail: Fail,
 ) -> Wiring:
-    """Give every interface an address, in file order: router links, then servers,
-    then client LANs; subnets named in the file are taken first come, checked for
-    overlaps, and automatic ones skip whatever is already taken."""
-    nodes = [*routers, *(s.server for s in server_links), *(m for lan in lans for m in lan.members)]
+    """Give every interface an address, in file order: router links, then servers and
+    VIP routers (`host_links`), then client LANs; subnets named in the file are taken
+    first come, checked for overlaps, and automatic ones skip whatever is already taken."""
+    nodes = [*routers, *(h.node for h in host_links), *(m for lan in lans for m in lan.members)]
     wiring = Wiring(
         interfaces={n: {} for n in nodes},
         router_ifaces={r: set() for r in routers},
@@ -138,15 +139,15 @@ def assign_addresses(
         wiring.graph[rl.a].append((rl.b, rl.delay + 1e-6, name))
         wiring.graph[rl.b].append((rl.a, rl.delay + 1e-6, name))
 
-    for sl in server_links:
-        network = take(sl.subnet or next_free("server"), sl.line)
+    for hl in host_links:
+        network = take(hl.subnet or next_free("server"), hl.line)
         hosts_iter = network.hosts()
-        name = f"{sl.router}-{sl.server}"
+        name = f"{hl.router}-{hl.node}"
         router_address = next(hosts_iter)
-        att_r = attach(sl.router, name, router_address, network)
-        att_s = attach(sl.server, name, next(hosts_iter), network)
-        links[name] = LinkSpec(name, (att_r, att_s), _SERVER_LINK_DELAY)
-        wiring.gateways[sl.server] = (att_s.iface, router_address)
+        att_r = attach(hl.router, name, router_address, network)
+        att_h = attach(hl.node, name, next(hosts_iter), network)
+        links[name] = LinkSpec(name, (att_r, att_h), _SERVER_LINK_DELAY)
+        wiring.gateways[hl.node] = (att_h.iface, router_address)
 
     for lan in lans:
         network = take(lan.subnet, lan.line)

@@ -14,13 +14,30 @@ from manycast.addressplan import AddressPlan, NamingError
 from manycast.policy import PolicyName
 from manycast.protocol.technique import Technique
 from manycast.space import AddressSpace, SpaceError
-from manycast.steps import Action, Add, ClientRate, Kill, Rebalance, SetShare, Step
-from manycast.topology.addressing import Lan, RouterLink, ServerLink, assign_addresses
+from manycast.steps import (
+    Action,
+    Add,
+    ClientRate,
+    Kill,
+    KillVipRouter,
+    Rebalance,
+    SetShare,
+    Step,
+)
+from manycast.topology.addressing import HostLink, Lan, RouterLink, Wiring, assign_addresses
 from manycast.topology.reader import Lines, TableReader, fail_at
-from manycast.topology.routing import reachable, routes
-from manycast.topology.spec import ClientSpec, PoolSpec, RouterSpec, ServerSpec, Topology
+from manycast.topology.routing import hop_counts, reachable, routes
+from manycast.topology.spec import (
+    Approach,
+    ClientSpec,
+    PoolSpec,
+    RouterSpec,
+    ServerSpec,
+    Topology,
+    VipRouterSpec,
+)
 
-SECTIONS = ("pool", "router", "server", "clients", "link", "scenario", "run")
+SECTIONS = ("pool", "router", "server", "vip_router", "clients", "link", "scenario", "run")
 
 
 def compile_topology(source: str, text: str, data: dict[str, Any]) -> Topology:
@@ -62,30 +79,38 @@ class _Compiler:
         )
         routers = self.routers()
         servers, server_links = self.servers(routers)
+        vip_routers, vip_links = self.vip_routers(routers, pool)
         clients, lans = self.clients(routers)
         router_links = self.router_links(routers)
-        scenario = read_scenario(self.tables("scenario"), servers, {lan.group for lan in lans})
+        scenario = read_scenario(
+            self.tables("scenario"), servers, {lan.group for lan in lans}, vip_routers
+        )
         duration, hosts = self.run()
-        wiring = assign_addresses(list(routers), router_links, server_links, lans, self.fail)
+        wiring = assign_addresses(
+            list(routers), router_links, [*server_links, *vip_links], lans, self.fail
+        )
         for router in routers:
             seen = reachable(router, wiring.graph)
             if len(seen) != len(routers):
                 missing = sorted(set(routers) - seen)
                 self.fail(f"router {router} cannot reach {', '.join(missing)}: add [[link]]s")
+        self.check_vip(pool, wiring)
         return Topology(
-            self.source,
-            pool,
-            routers,
-            servers,
-            clients,
-            wiring.links,
-            wiring.interfaces,
-            {r: routes(r, routers, wiring.graph, wiring.interfaces) for r in routers},
-            wiring.gateways,
-            wiring.router_ifaces,
-            scenario,
-            duration,
-            hosts,
+            source=self.source,
+            pool=pool,
+            routers=routers,
+            servers=servers,
+            clients=clients,
+            links=wiring.links,
+            interfaces=wiring.interfaces,
+            routes={r: routes(r, routers, wiring.graph, wiring.interfaces) for r in routers},
+            gateways=wiring.gateways,
+            router_ifaces=wiring.router_ifaces,
+            scenario=scenario,
+            duration=duration,
+            hosts=hosts,
+            vip_routers=vip_routers,
+            router_hops={r: hop_counts(r, wiring.graph) for r in routers},
         )
 
     def routers(self) -> dict[str, RouterSpec]:
@@ -99,29 +124,68 @@ class _Compiler:
             self.fail("a topology needs at least one [[router]]")
         return routers
 
+    def attached(self, t: TableReader, routers: Mapping[str, RouterSpec]) -> HostLink:
+        """A server's or VIP router's name, router and own link (the table's `name`,
+        `router` and optional `subnet`)."""
+        name = t.name()
+        self.claim(name, t)
+        router = t.get("router", str)
+        if router not in routers:
+            t.fail(f"{t.kind} {name}: no router named {router!r}", "router")
+        return HostLink(name, router, t.network("subnet", None), t.line("subnet"))
+
     def servers(
         self, routers: Mapping[str, RouterSpec]
-    ) -> tuple[dict[str, ServerSpec], list[ServerLink]]:
+    ) -> tuple[dict[str, ServerSpec], list[HostLink]]:
         servers: dict[str, ServerSpec] = {}
-        links: list[ServerLink] = []
+        links: list[HostLink] = []
         for s in self.tables("server"):
-            name = s.name()
-            self.claim(name, s)
-            router = s.get("router", str)
-            if router not in routers:
-                s.fail(f"server {name}: no router named {router!r}", "router")
-            servers[name] = ServerSpec(
-                name,
-                router,
+            link = self.attached(s, routers)
+            servers[link.node] = ServerSpec(
+                link.node,
+                link.router,
                 s.number("weight", 1.0, low=0.0),
                 s.get("standby", bool, False),
                 s.get("authorized", bool, True),
             )
-            links.append(ServerLink(name, router, s.network("subnet", None), s.line("subnet")))
+            links.append(link)
             s.done()
         if not any(not s.standby for s in servers.values()):
             self.fail("a topology needs at least one [[server]] that is not on standby")
         return servers, links
+
+    def vip_routers(
+        self, routers: Mapping[str, RouterSpec], pool: PoolSpec
+    ) -> tuple[dict[str, VipRouterSpec], list[HostLink]]:
+        """The `[[vip_router]]` tables: only in a VIP pool, and at least one there."""
+        vip_routers: dict[str, VipRouterSpec] = {}
+        links: list[HostLink] = []
+        for v in self.tables("vip_router"):
+            if pool.approach is not Approach.VIP:
+                v.fail('[[vip_router]] needs [pool] approach = "vip" (this pool is manycast)')
+            link = self.attached(v, routers)
+            vip_routers[link.node] = VipRouterSpec(link.node, link.router)
+            links.append(link)
+            v.done()
+        if pool.approach is Approach.VIP and not vip_routers:
+            self.fail(
+                "a VIP pool needs at least one [[vip_router]] (two to survive one's death)",
+                self.lines.key("pool", None, "approach"),
+            )
+        return vip_routers, links
+
+    def check_vip(self, pool: PoolSpec, wiring: Wiring) -> None:
+        """A VIP is nobody's interface address: it must lie outside every link's subnet."""
+        if pool.vip is None:
+            return
+        for interfaces in wiring.interfaces.values():
+            for iface in interfaces.values():
+                if pool.vip in iface.network:
+                    self.fail(
+                        f"vip {pool.vip} is inside subnet {iface.network} (link {iface.link}):"
+                        " the VIP must be no interface's address",
+                        self.lines.key("pool", None, "vip"),
+                    )
 
     def clients(self, routers: Mapping[str, RouterSpec]) -> tuple[dict[str, ClientSpec], list[Lan]]:
         clients: dict[str, ClientSpec] = {}
@@ -195,11 +259,18 @@ class _Compiler:
 
 def read_pool(p: TableReader) -> PoolSpec:
     """The `[pool]` table, every key checked (group and control group multicast and
-    distinct, a private pool's groups inside its private ranges, hysteresis)."""
+    distinct, a private pool's groups inside its private ranges, hysteresis; a VIP
+    pool's vip unicast, its group the vip)."""
     name = p.get("name", str, "service.manycast.test")
-    group = p.address("group", "232.1.1.1")
-    if not group.is_multicast:
-        p.fail(f"group {group} is not a multicast address", "group")
+    approach, vip = _approach(p)
+    if vip is None:
+        group = p.address("group", "232.1.1.1")
+        if not group.is_multicast:
+            p.fail(f"group {group} is not a multicast address", "group")
+    else:
+        if "group" in p.table:
+            p.fail("a VIP pool's clients send to its vip: leave out 'group'", "group")
+        group = vip  # the service address, for code that reads pool.group
     control = p.address("control_group", "239.255.77.1")
     if not control.is_multicast:
         p.fail(f"control_group {control} is not a multicast address", "control_group")
@@ -249,10 +320,15 @@ def read_pool(p: TableReader) -> PoolSpec:
         rebalance_above=p.number("rebalance_above", 0.0, low=0.0, high=100.0),
         rebalance_target=p.number("rebalance_target", 1.1, low=1.0, high=100.0),
         rebalance_hold_s=p.number("rebalance_hold_ms", 3000, low=0, high=3600000) / 1000,
+        approach=approach,
+        vip=vip,
     )
     if pool.private:
         plan = AddressPlan.from_text(pool.private_ranges)
-        for key, address in (("group", pool.group), ("control_group", pool.control_group)):
+        groups = [("control_group", pool.control_group)]
+        if vip is None:  # a VIP pool's only group is its control channel
+            groups.insert(0, ("group", pool.group))
+        for key, address in groups:
             if not plan.is_private(address):
                 p.fail(
                     f"a private pool's {key} {address} is outside the private ranges ({plan})",
@@ -262,6 +338,30 @@ def read_pool(p: TableReader) -> PoolSpec:
         p.fail("rebalance_above must exceed rebalance_target (hysteresis)", "rebalance_above")
     p.done()
     return pool
+
+
+def _approach(p: TableReader) -> tuple[Approach, ipaddress.IPv4Address | None]:
+    """`approach` and `vip`: a VIP pool needs a unicast vip, a manycast pool has none."""
+    text = p.get("approach", str, Approach.MANYCAST.value)
+    try:
+        approach = Approach(text)
+    except ValueError:
+        p.fail(f"approach {text!r}: expected one of {', '.join(Approach)}", "approach")
+    if approach is Approach.MANYCAST:
+        if "vip" in p.table:
+            p.fail("'vip' is for a VIP pool: set approach = \"vip\"", "vip")
+        return approach, None
+    if "vip" not in p.table:
+        p.fail(
+            "approach = \"vip\" needs 'vip', the pool's well-published unicast address",
+            "approach",
+        )
+    vip = p.address("vip")
+    if vip.is_multicast:
+        p.fail(f"vip {vip} is multicast: the VIP is a unicast address", "vip")
+    if vip.is_unspecified or vip.is_loopback or vip == ipaddress.IPv4Address("255.255.255.255"):
+        p.fail(f"vip {vip} cannot be a host's address", "vip")
+    return approach, vip
 
 
 def _private_ranges(reader: TableReader) -> str:
@@ -305,10 +405,11 @@ def _host_port(reader: TableReader, key: str) -> tuple[str, int] | None:
 
 @dataclass(frozen=True)
 class _Known:
-    """What a step may name: the servers and the [[clients]] groups."""
+    """What a step may name: the servers, the [[clients]] groups and the VIP routers."""
 
     servers: Mapping[str, ServerSpec]
     groups: set[str]
+    vip_routers: Mapping[str, VipRouterSpec]
 
 
 def _server(s: TableReader, known: _Known) -> str:
@@ -348,6 +449,13 @@ def _rebalance(s: TableReader, known: _Known, at: float, line: int) -> Step:
     return Rebalance(at=at, line=line, target=s.number("target", 1.1, low=1.0, high=100.0))
 
 
+def _kill_vip_router(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    vip_router: str = s.get("vip_router", str)
+    if vip_router not in known.vip_routers:
+        s.fail(f"no [[vip_router]] named {vip_router!r}", "vip_router")
+    return KillVipRouter(at=at, line=line, vip_router=vip_router)
+
+
 # How each action's table is read: a new kind of step adds one entry here.
 STEP_READERS: dict[Action, Callable[[TableReader, _Known, float, int], Step]] = {
     Action.SET_SHARE: _set_share,
@@ -355,6 +463,7 @@ STEP_READERS: dict[Action, Callable[[TableReader, _Known, float, int], Step]] = 
     Action.ADD: _add,
     Action.REBALANCE: _rebalance,
     Action.CLIENT_RATE: _client_rate,
+    Action.KILL_VIP_ROUTER: _kill_vip_router,
 }
 
 
@@ -362,9 +471,10 @@ def read_scenario(
     tables: Iterator[TableReader],
     servers: Mapping[str, ServerSpec],
     groups: set[str],
+    vip_routers: Mapping[str, VipRouterSpec],
 ) -> list[Step]:
     """The `[[scenario]]` tables as typed steps, in time order (stable for equal times)."""
-    known = _Known(servers, groups)
+    known = _Known(servers, groups, vip_routers)
     steps: list[Step] = []
     for s in tables:
         at = s.number("at", low=0.0)

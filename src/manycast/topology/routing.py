@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from manycast.protocol.node import Interface
 from manycast.topology.addressing import Graph
@@ -31,28 +32,17 @@ def routes(
     """Dijkstra from `router`; every network gets the first hop of its shortest path.
 
     Every router must be reachable (see `reachable`). Routes come longest prefix first."""
-    first_hop: dict[str, tuple[str, ipaddress.IPv4Address] | None] = {router: None}
-    dist = {router: 0.0}
-    heap: list[tuple[float, str]] = [(0.0, router)]
-    while heap:
-        d, node = heapq.heappop(heap)
-        if d > dist[node]:
-            continue
-        for peer, cost, link in sorted(graph[node]):
-            nd = d + cost
-            if nd < dist.get(peer, float("inf")):
-                dist[peer] = nd
-                if node == router:
-                    mine = next(i for i in interfaces[router].values() if i.link == link)
-                    theirs = next(i for i in interfaces[peer].values() if i.link == link)
-                    first_hop[peer] = (mine.name, theirs.address)
-                else:
-                    first_hop[peer] = first_hop[node]
-                heapq.heappush(heap, (nd, peer))
+    paths = shortest_paths(router, graph)
     table: list[Route] = []
-    for other in sorted(routers, key=lambda r: dist[r]):
+    for other in sorted(routers, key=lambda r: paths[r].cost):
+        first = paths[other].first
+        hop: tuple[str, ipaddress.IPv4Address] | None = None
+        if first is not None:
+            peer, link = first
+            mine = next(i for i in interfaces[router].values() if i.link == link)
+            theirs = next(i for i in interfaces[peer].values() if i.link == link)
+            hop = (mine.name, theirs.address)
         for iface in interfaces[other].values():
-            hop = first_hop[other]
             if hop is None:
                 table.append(Route(iface.network, iface.name, None))
             else:
@@ -62,3 +52,36 @@ def routes(
     for route in table:
         unique.setdefault(route.network, route)
     return sorted(unique.values(), key=lambda r: -r.network.prefixlen)
+
+
+def hop_counts(router: str, graph: Graph) -> dict[str, int]:
+    """Router-to-router hops from `router` to each router, along the routed paths."""
+    return {peer: path.hops for peer, path in shortest_paths(router, graph).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Path:
+    """The shortest path from a router to another: its cost, its router-to-router
+    hops, and its first hop as (neighbour router, link) (None: the router itself)."""
+
+    cost: float
+    hops: int
+    first: tuple[str, str] | None
+
+
+def shortest_paths(router: str, graph: Graph) -> dict[str, Path]:
+    """Dijkstra by link delay from `router` (ties: the lower name, then the lower link)."""
+    paths = {router: Path(0.0, 0, None)}
+    heap: list[tuple[float, str]] = [(0.0, router)]
+    while heap:
+        d, node = heapq.heappop(heap)
+        if d > paths[node].cost:
+            continue
+        here = paths[node]
+        for peer, cost, link in sorted(graph[node]):
+            nd = d + cost
+            if peer not in paths or nd < paths[peer].cost:
+                first = (peer, link) if node == router else here.first
+                paths[peer] = Path(nd, here.hops + 1, first)
+                heapq.heappush(heap, (nd, peer))
+    return paths

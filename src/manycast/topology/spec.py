@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
 
 from manycast.policy import PolicyName
 from manycast.protocol.node import Interface
@@ -14,9 +16,21 @@ from manycast.topology.addressing import assign_endpoints
 from manycast.topology.links import LinkSpec
 
 
+class Approach(StrEnum):
+    """How clients reach the pool's servers: the `[pool] approach` key."""
+
+    MANYCAST = "manycast"  # a multicast group; servers' masked joins split the clients (Fig 9-16)
+    VIP = "vip"  # a unicast VIP; VIP routers tag each new flow onto a server's tree (Fig 17-19)
+
+
 @dataclass(frozen=True)
 class PoolSpec:
-    """The `[pool]` table: the service's group, its address space, policy and technique."""
+    """The `[pool]` table: the service's address, its address space, policy and technique.
+
+    `group` is the address clients send to: the multicast group of a manycast pool,
+    and in a VIP pool the `vip` itself, so code that reads `pool.group` as "the service
+    address" works for both approaches. `control_group` is the servers' coordination
+    channel in both."""
 
     name: str
     group: ipaddress.IPv4Address
@@ -39,6 +53,8 @@ class PoolSpec:
     rebalance_above: float = 0.0
     rebalance_target: float = 1.1
     rebalance_hold_s: float = 3.0
+    approach: Approach = Approach.MANYCAST
+    vip: ipaddress.IPv4Address | None = None  # set exactly when approach is VIP
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,15 @@ class ServerSpec:
     weight: float
     standby: bool
     authorized: bool = True  # holds the private pool's key (false: an outsider)
+
+
+@dataclass(frozen=True)
+class VipRouterSpec:
+    """A VIP router: a node on its own point-to-point link to `router`, addressed and
+    routed like a server."""
+
+    name: str
+    router: str
 
 
 @dataclass(frozen=True)
@@ -88,15 +113,56 @@ class Topology:
     scenario: list[Step]
     duration: float
     hosts: dict[str, str] = field(default_factory=dict)
+    vip_routers: dict[str, VipRouterSpec] = field(default_factory=dict)
+    # router -> router -> router-to-router hops on the routed (shortest-delay) path
+    router_hops: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def kind(self, node: str) -> str:
         if node in self.routers:
             return "router"
         if node in self.servers:
             return "server"
+        if node in self.vip_routers:
+            return "vip_router"
         if node in self.clients:
             return "client"
         raise KeyError(node)
+
+    def router_of(self, node: str) -> str:
+        """The router `node` is attached to (a router: itself)."""
+        if node in self.routers:
+            return node
+        spec = self.servers.get(node) or self.vip_routers.get(node) or self.clients.get(node)
+        if spec is None:
+            raise KeyError(node)
+        return spec.router
+
+    def hops(self, router: str, node: str) -> int:
+        """Router-to-router hops from `router` to the router `node` is attached to,
+        along the routed path (0: the same router)."""
+        if router not in self.routers:
+            raise KeyError(router)
+        return self.router_hops[router][self.router_of(node)]
+
+    def edge_router(self, address: ipaddress.IPv4Address) -> str | None:
+        """The router whose directly attached non-router link (a client LAN, a server's
+        or VIP router's link) holds `address`; None when no such link does."""
+        for network, router in self._edge_networks:
+            if address in network:
+                return router
+        return None
+
+    @cached_property
+    def _edge_networks(self) -> list[tuple[ipaddress.IPv4Network, str]]:
+        """(network, router) of every link with a non-router member, longest prefix first."""
+        found: list[tuple[ipaddress.IPv4Network, str]] = []
+        for link in self.links.values():
+            if all(m.node in self.routers for m in link.members):
+                continue
+            for m in link.members:
+                if m.node in self.routers:
+                    found.append((self.interfaces[m.node][m.iface].network, m.node))
+        return sorted(found, key=lambda item: -item[0].prefixlen)
 
     @property
     def attachment_count(self) -> int:
