@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from manycast.drivers import mroute, netns
 from manycast.errors import LabError
-from manycast.lab.daemons import ROLES_OF, Daemons, reap, signal_pid
+from manycast.lab.daemons import ROLES_OF, SERVER_START, Daemons, reap, signal_pid
 from manycast.lab.namespaces import build_network
 from manycast.topology import Topology, TopologyError, load, loads
 
@@ -147,10 +147,10 @@ class Lab:
         self.daemons.wait_ready(node, role)
 
     def start_server(self, name: str, wait: bool = True) -> None:
-        for role in ROLES_OF["server"]:
+        """Start a server's programs; with `wait`, each once the one before is ready."""
+        for role in SERVER_START:
             self.start(name, role)
-        if wait:
-            for role in ROLES_OF["server"]:
+            if wait:
                 self.wait_ready(name, role)
 
     def kill(self, node: str, role: str, sig: int = signal.SIGKILL) -> bool:

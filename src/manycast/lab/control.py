@@ -7,11 +7,13 @@ on their agent's command socket. Client rates are the prober's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from manycast.errors import LabError
 from manycast.lab.build import Lab
+from manycast.lab.daemons import READY_TIMEOUT, ROLES_OF, SERVER_START
 from manycast.lab.prober import Prober
 from manycast.wire import control
 
@@ -31,18 +33,49 @@ class LabControl:
 
     lab: Lab
     prober: Prober
+    # Servers started and not known ready yet: name -> deadline (time.monotonic()).
+    starting: dict[str, float] = field(default_factory=dict)
 
     def hosts(self, server: str) -> bool:
         return True
 
     def kill_server(self, server: str) -> None:
+        self.starting.pop(server, None)
         self.lab.kill_server(server)
 
     def start_server(self, server: str) -> None:
-        self.lab.start_server(server)
+        # No waiting here: starting a program takes a second or more on a busy
+        # machine, and the clients must keep asking meanwhile (`check_started`).
+        self.lab.start_server(server, wait=False)
+        self.starting[server] = time.monotonic() + READY_TIMEOUT
+
+    def check_started(self, wait: bool = False) -> None:
+        """Forget the started servers whose programs are ready; LabError for one that
+        died or is late. With `wait`, until every started server is ready."""
+        ready = self.lab.daemons.ready
+        for server, deadline in list(self.starting.items()):
+            while not all(ready(server, role, deadline) for role in SERVER_START):
+                if not wait:
+                    break
+                time.sleep(0.02)
+            else:
+                del self.starting[server]
 
     def command(self, server: str, op: control.PolicyOp) -> None:
+        if server in self.starting:
+            self.check_started(wait=True)  # it must be listening to take the request
         self.lab.ask(server, "server", agent_request(op))
 
     def set_client_rate(self, group: str, rate: float) -> None:
         self.prober.set_rate(group, rate)
+
+    def hosts_node(self, name: str) -> bool:
+        return True
+
+    def kill_node(self, name: str) -> None:
+        """Every program of `name` dies at once (SIGKILL)."""
+        kind = self.prober.topology.kind(name)
+        if kind not in ROLES_OF:
+            raise LabError(f"the lab runs no program for {kind} {name}")
+        for role in ROLES_OF[kind]:
+            self.lab.kill(name, role)

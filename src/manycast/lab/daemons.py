@@ -22,8 +22,11 @@ from typing import Any
 from manycast.drivers import kernel
 from manycast.errors import LabError
 
-# Each node kind's programs (roles), in start order.
+# Each node kind's programs (roles).
 ROLES_OF = {"router": ("router",), "server": ("server", "service")}
+# A server joining a running pool starts its service first: it claims clients
+# (its agent's reports) only once it can answer them.
+SERVER_START = ("service", "server")
 READY_TIMEOUT = 20.0
 # How a lab program is started, and how its command line is recognised later.
 PROGRAM = ("-m", "manycast", "daemon")
@@ -109,18 +112,26 @@ class Daemons:
             return None
         return pid if alive(pid) and _ours(pid) else None
 
+    def ready(self, node: str, role: str, deadline: float) -> bool:
+        """Whether `node`'s `role` program is ready; LabError (with the end of its log)
+        if it died, or if it is not ready by `deadline` (time.monotonic())."""
+        if kernel.ready_path(self.run_dir, node, role).exists():
+            return True
+        # Only alive, not yet "ours": just after the fork the child's command line
+        # is still the parent's.
+        try:
+            started = alive(int(self._pidfile(node, role).read_text()))
+        except (OSError, ValueError):
+            started = False
+        if not started or time.monotonic() > deadline:
+            log = self._log(node, role)
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise LabError(f"{role} of {node} did not start:\n{tail}")
+        return False
+
     def wait_ready(self, node: str, role: str, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
-        ready = kernel.ready_path(self.run_dir, node, role)
-        pidfile = self._pidfile(node, role)
-        while not ready.exists():
-            # Only alive, not yet "ours": just after the fork the child's command
-            # line is still the parent's.
-            started = pidfile.exists() and alive(int(pidfile.read_text()))
-            if not started or time.monotonic() > deadline:
-                log = self._log(node, role)
-                tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-                raise LabError(f"{role} of {node} did not start:\n{tail}")
+        while not self.ready(node, role, deadline):
             time.sleep(0.02)
 
     def kill(self, node: str, role: str, sig: int = signal.SIGKILL) -> bool:

@@ -22,7 +22,7 @@ import random
 import selectors
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -88,6 +88,8 @@ class Prober:
         self.selector = selectors.DefaultSelector()
         self.clients: dict[str, ProbeClient] = {}
         self.answers: Counter[str] = Counter()
+        # Every request in the order sent, until answered or expired: (sent, client, seq).
+        self._waiting: deque[tuple[float, ProbeClient, int]] = deque()
         self.t0 = time.monotonic()
         keys: tuple[Ed25519PrivateKey, Ed25519PrivateKey] | None = None
         if topology.pool.private:
@@ -142,29 +144,31 @@ class Prober:
                     client.next_register = now + self.register_every
                 if client.next_send <= now:
                     self._send(client, now)
-            soonest = min((self._next_due(c) for c in self.clients.values()), default=until)
+            soonest = min(
+                (min(c.next_send, c.next_register) for c in self.clients.values()), default=until
+            )
+            if self._waiting:
+                soonest = min(soonest, self._waiting[0][0] + self.timeout)
             self._poll(max(0.0, min(until, soonest) - self.now()))
-
-    def _next_due(self, client: ProbeClient) -> float:
-        oldest = min(client.outstanding.values(), default=math.inf)
-        return min(client.next_send, client.next_register, oldest + self.timeout)
 
     def _send(self, client: ProbeClient, now: float) -> None:
         client.seq += 1
+        sent = self.now()
+        # A request the kernel refused to send is never answered: it fails like a lost one.
+        client.outstanding[client.seq] = sent
+        self._waiting.append((sent, client, client.seq))
         with contextlib.suppress(OSError):
             client.sock.sendto(f"{client.name} {client.seq}".encode(), (self.group, self.port))
-        # A request the kernel refused to send is never answered: it fails like a lost one.
-        client.outstanding[client.seq] = now
         client.next_send = now + client.interval
 
     def _expire(self, now: float) -> None:
-        for client in self.clients.values():
-            late = [s for s, sent in client.outstanding.items() if now >= sent + self.timeout]
-            for seq in late:
-                sent = client.outstanding.pop(seq)
-                client.stats.requests_failed += 1
-                client.stats.failures.append((now, "no answer"))
-                client.stats.disruptions.append(sent)
+        while self._waiting and now >= self._waiting[0][0] + self.timeout:
+            sent, client, seq = self._waiting.popleft()
+            if client.outstanding.pop(seq, None) is None:
+                continue  # answered
+            client.stats.requests_failed += 1
+            client.stats.failures.append((now, "no answer"))
+            client.stats.disruptions.append(sent)
 
     def _poll(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):

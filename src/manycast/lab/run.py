@@ -65,15 +65,26 @@ class LabRun:
         duration: float,
         on_progress: Callable[[Progress], None] | None = None,
         window: float = 1.5,
+        settle: float = 0.0,
     ) -> dict[str, Any]:
-        """Run the scenario for `duration` seconds; the summary (`summary.SUMMARY_KEYS`)."""
+        """Run the scenario for `duration` seconds; the summary (`summary.SUMMARY_KEYS`).
+        `on_progress` is called every second; its `served` counts the clients
+        answered within the last `window` seconds. With `settle`, the clients go on
+        (`settle` seconds at most) until the pool has settled after the last step:
+        the live servers' agents at one epoch, each with a share, and every client
+        answered lately by its owner (starting a server takes seconds on a busy
+        machine)."""
         prober = Prober(self.lab, self.topology)
-        engine = ScenarioEngine(self.topology, LabControl(self.lab, prober))
+        control = LabControl(self.lab, prober)
+        engine = ScenarioEngine(self.topology, control)
         pending = engine.steps()
         try:
             next_report = PROGRESS_EVERY
             while prober.now() < duration:
-                prober.run_until(min(duration, next_report, pending[0].at if pending else duration))
+                until = min(duration, next_report, pending[0].at if pending else duration)
+                # While a server starts, look at its ready files every tenth of a second.
+                prober.run_until(min(until, prober.now() + 0.1) if control.starting else until)
+                control.check_started()
                 now = prober.now()
                 engine.carry_out_due(pending, now)
                 if now >= next_report:
@@ -88,6 +99,10 @@ class LabRun:
                                 self._entries(),
                             )
                         )
+            control.check_started(wait=True)
+            deadline = prober.now() + settle
+            while prober.now() < deadline and not self._settled(prober, engine, window):
+                prober.run_until(min(deadline, prober.now() + 0.5))
             return self._summary(prober, engine)
         finally:
             prober.close()
@@ -119,6 +134,23 @@ class LabRun:
             "mfc_entries": {r: len(self.lab.mfc(r)) for r in self.topology.routers},
         }
         return summarize("kernel", end, clients, servers, engine.events, kernel=kernel)
+
+    def _settled(self, prober: Prober, engine: ScenarioEngine, window: float) -> bool:
+        live = engine.live_servers()
+        try:
+            agents = [self.lab.ask(s, "server", {"op": "status"}) for s in live]
+        except (OSError, ValueError):
+            return False
+        if len({a.get("epoch") for a in agents}) != 1 or any(
+            Fraction(a.get("share", "0")) <= 0 for a in agents
+        ):
+            return False
+        participants = prober.participants()
+        owners = self.owners([c.address for c in participants], live)
+        recent = prober.now() - window
+        return all(
+            c.server == owners.get(c.address) and c.last_reply >= recent for c in participants
+        )
 
     def _server_record(self, name: str, status: str, answers: int) -> ServerRecord:
         """`name` at the end, with its share and epoch as its agent reports them."""
