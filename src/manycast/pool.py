@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -22,6 +23,7 @@ from manycast.protocol.coordination import PoolSettings, initial_allocation
 from manycast.protocol.node import Node
 from manycast.protocol.router import Router
 from manycast.protocol.server import Server
+from manycast.protocol.vip import VipRouter
 from manycast.space import Allocation
 from manycast.topology import PoolSpec, Topology
 from manycast.topology.links import LinkSpec
@@ -64,11 +66,17 @@ class Nodes:
     standby: dict[str, Server]
     clients: dict[str, Client]
     links: list[LinkSpec]
+    vip_routers: dict[str, VipRouter] = field(default_factory=dict)
     # group -> the public key published for it (private pools), what DNS serves
     directory: dict[int, bytes] = field(default_factory=dict)
 
     def running(self) -> list[Node]:
-        return [*self.routers.values(), *self.servers.values(), *self.clients.values()]
+        return [
+            *self.routers.values(),
+            *self.vip_routers.values(),
+            *self.servers.values(),
+            *self.clients.values(),
+        ]
 
 
 def build(
@@ -119,9 +127,24 @@ def build(
             control_port=pool.control_port,
             neighbors=topology.router_neighbors(name),
             admission=Admission(plan.is_private_int, wall_base=wall_base) if pool.private else None,
+            **_vip_options(topology, name),
         )
         for name in topology.routers
         if hosted(name)
+    }
+    vip_routers = {
+        spec.name: VipRouter(
+            spec.name,
+            topology.interfaces[spec.name],
+            topology.gateways[spec.name],
+            settings,
+            rng(spec.name),
+            vip=pool.group,
+            initial=initial,
+            edges=_edges(topology),
+        )
+        for spec in topology.vip_routers.values()
+        if hosted(spec.name)
     }
     servers: dict[str, Server] = {}
     standby: dict[str, Server] = {}
@@ -163,8 +186,41 @@ def build(
             key=key_of(spec.authorized),
             wall_base=wall_base,
             register_every=pool.report_interval_s,
+            requests_per_connection=spec.requests_per_connection,
         )
         for spec in topology.clients.values()
         if hosted(spec.name)
     }
-    return Nodes(routers, servers, standby, clients, list(topology.links.values()), directory)
+    links = list(topology.links.values())
+    return Nodes(routers, servers, standby, clients, links, vip_routers, directory)
+
+
+def _vip_options(topology: Topology, router: str) -> dict[str, Any]:
+    """What a router of a VIP pool is told: the VIP, every VIP router with its
+    distance from here, and which of its links lead to a VIP router."""
+    if topology.pool.vip is None:
+        return {}
+    distances = {
+        int(topology.address(name)): float(topology.hops(router, name))
+        for name in topology.vip_routers
+    }
+    links: dict[str, tuple[int, ...]] = {}
+    for name, spec in topology.vip_routers.items():
+        if spec.router != router:
+            continue
+        address = topology.address(name)
+        for iface in topology.interfaces[router].values():
+            if address in iface.network:
+                links[iface.name] = (*links.get(iface.name, ()), int(address))
+    return {"vip": topology.pool.vip, "vip_routers": distances, "vip_router_links": links}
+
+
+def _edges(topology: Topology) -> list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]:
+    """Every network a client may be on, with the address of the router it is
+    attached to there: where a VIP router sends a flow's tag."""
+    edges = []
+    for router in topology.routers:
+        for iface in topology.interfaces[router].values():
+            if iface.name not in topology.router_ifaces[router]:
+                edges.append((iface.network, iface.address))
+    return edges

@@ -107,6 +107,12 @@ class PoolRun:
             self.nodes.servers[server] = node
             self._net.add(node)
 
+    def hosts_node(self, name: str) -> bool:
+        return name in self.nodes.vip_routers
+
+    def kill_node(self, name: str) -> None:
+        self._net.kill(name)
+
     def command(self, server: str, op: control.PolicyOp) -> None:
         self.nodes.servers[server].command(op, self._net.now)
 
@@ -259,7 +265,39 @@ class PoolRun:
             )
             for name, server in self._all_servers().items()
         }
-        return summarize(self.driver, self.now, self.client_records(), servers, self.engine.events)
+        return summarize(
+            self.driver,
+            self.now,
+            self.client_records(),
+            servers,
+            self.engine.events,
+            vip=self.vip_summary(),
+        )
+
+    def vip_summary(self) -> dict[str, Any] | None:
+        """A VIP pool's own figures: what its VIP routers saw and the edges tagged."""
+        if not self.topology.vip_routers:
+            return None
+        vip_routers = {
+            name: {
+                "status": "dead" if name in self.engine.dead else "up",
+                "packets": router.stats.first_packets,
+                "flows": router.stats.flows,
+                "flows_by_server": dict(sorted(router.stats.picks.items())),
+            }
+            for name, router in sorted(self.nodes.vip_routers.items())
+        }
+        planes = [r.vip for r in self.nodes.routers.values() if r.vip is not None]
+        routers = self.nodes.vip_routers.values()
+        return {
+            "vip_routers": vip_routers,
+            "flows": sum(r.stats.flows for r in routers),
+            # packets of flows a VIP router had already placed: the edge should have
+            # labelled them (goal: 0)
+            "packets_after_first": sum(r.stats.repeat_packets for r in routers),
+            "flows_tagged_at_edges": sum(p.stats.flows_tagged for p in planes),
+            "packets_labelled_at_edges": sum(p.stats.pushed for p in planes),
+        }
 
 
 def _record(client: Client, authorized: bool) -> ClientRecord:

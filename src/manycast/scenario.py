@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from manycast.steps import Add, ClientRate, Kill, Rebalance, SetShare, Step
+from manycast.steps import Add, ClientRate, Kill, KillVipRouter, Rebalance, SetShare, Step
 from manycast.topology import Topology
 from manycast.wire import control
 
@@ -33,6 +33,12 @@ class PoolControl(Protocol):
 
     def set_client_rate(self, group: str, rate: float) -> None:
         """Every client of the `[[clients]]` group `group` this process runs."""
+
+    def hosts_node(self, name: str) -> bool:
+        """Whether this process runs the node `name` (a VIP router, say)."""
+
+    def kill_node(self, name: str) -> None:
+        """Crash a node other than a server (a VIP router): nothing more from it."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ class ScenarioEngine:
             Add: self._add,  # type: ignore[dict-item]
             Rebalance: self._rebalance,  # type: ignore[dict-item]
             ClientRate: self._client_rate,  # type: ignore[dict-item]
+            KillVipRouter: self._kill_vip_router,  # type: ignore[dict-item]
         }
 
     def steps(self) -> list[Step]:
@@ -137,6 +144,13 @@ class ScenarioEngine:
         self.added.add(step.server)
         if self.pool.hosts(step.server):
             self.pool.start_server(step.server)
+
+    def _kill_vip_router(self, step: KillVipRouter) -> None:
+        if step.vip_router in self.dead:
+            return
+        self.dead.add(step.vip_router)
+        if self.pool.hosts_node(step.vip_router):
+            self.pool.kill_node(step.vip_router)
 
     def _client_rate(self, step: ClientRate) -> None:
         self.pool.set_client_rate(step.clients, step.rate)

@@ -32,6 +32,7 @@ SUMMARY_KEYS = (
     "servers",
     "outsiders",
     "outsider_answers",
+    "vip",
     "kernel",
 )
 EVENT_KEYS = ("at", "what", "affected_clients", "recovery_s")
@@ -110,6 +111,7 @@ def summarize(
     servers: Mapping[str, ServerRecord],
     events: Sequence[EventRecord],
     kernel: Mapping[str, Any] | None = None,
+    vip: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run's outcome as plain data (the `--json` line)."""
     members = [c for c in clients if c.authorized]
@@ -156,5 +158,6 @@ def summarize(
         },
         "outsiders": len(outsiders),
         "outsider_answers": sum(c.stats.requests_ok for c in outsiders),
+        "vip": dict(vip) if vip is not None else None,
         "kernel": dict(kernel) if kernel is not None else None,
     }

@@ -99,6 +99,7 @@ class Client(Node):
         key: Ed25519PrivateKey | None = None,
         wall_base: float = 0.0,
         register_every: float = 1.0,
+        requests_per_connection: int = 0,
     ) -> None:
         super().__init__(name, interfaces)
         # A private pool's participants sign a join that registers them as senders.
@@ -123,6 +124,10 @@ class Client(Node):
         self.app: Session | None = None
         self._port = 20000 + rng.randrange(20000)
         self.connected = False
+        # Short connections (as HTTP clients open them): after this many answers the
+        # client closes its connection and opens a new one, a new flow (0: one for good).
+        self.requests_per_connection = requests_per_connection
+        self._answered_here = 0
 
     # -- node interface --------------------------------------------------------
     def start(self, now: float) -> None:
@@ -177,6 +182,7 @@ class Client(Node):
         conn = self.endpoint.connect((self.address, self._port), (group, port), now)
         self.conn_key = conn.key
         self.app = self.new_session()
+        self._answered_here = 0
         self.connected = False
         self.stats.connects += 1
 
@@ -227,6 +233,7 @@ class Client(Node):
     def _on_answers(self, answers: list[Answer], now: float) -> None:
         for answer in answers:
             if answer.ok:
+                self._answered_here += 1
                 self.stats.requests_ok += 1
                 self.stats.latencies.append(answer.latency)
                 self.stats.ok_times.append(now)
@@ -238,6 +245,20 @@ class Client(Node):
                     self.stats.state_lost += 1
         if self.app is not None and not self.app.outstanding:
             self.timers.cancel("deadline")
+            limit = self.requests_per_connection
+            if limit and self._answered_here >= limit:
+                self._next_connection(now)
+
+    def _next_connection(self, now: float) -> None:
+        """Done with this connection: close it (FIN) and open the next, a new flow."""
+        if self.conn_key is not None:
+            conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
+            if conn is not None:
+                conn.close(now)
+        self.connected = False
+        self.conn_key = None
+        self.timers.cancel("request")
+        self.timers.arm("connect", now + self.rng.uniform(0.5, 1.5) / max(self.rate, 1e-9))
 
     def _drain(self, now: float) -> None:
         for key, event in self.endpoint.events():

@@ -54,6 +54,9 @@ class PoolSettings:
     space: AddressSpace
     members: tuple[str, ...]
     policy: str = "equal"
+    # "manycast" (Fig 9-16) or "vip" (Fig 17-19: `group` is then the VIP, a unicast
+    # address every server accepts as its own)
+    approach: str = "manycast"
     portions: int = 30
     weights: Mapping[str, float] = field(default_factory=dict)
     technique: str = "R1"
@@ -71,6 +74,10 @@ class PoolSettings:
     rebalance_sustain: int = 3
     rebalance_hold_s: float = 3.0
     load_smoothing: float = 1.0  # seconds: time constant of the load average
+
+    @property
+    def vip(self) -> bool:
+        return self.approach == "vip"
 
     @property
     def dead_after(self) -> float:
@@ -148,7 +155,12 @@ class Coordinator:
         rng: random.Random,
         *,
         initial: Allocation | None = None,
+        observer: bool = False,
     ) -> None:
+        # An observer (a VIP router, Fig 19) follows the pool's allocation without being
+        # a member: it sends no heartbeat, never coordinates, acks nothing, answers no
+        # snapshot request, and is not among the live servers.
+        self.observer = observer
         self.name = name
         self.address = address
         self.settings = settings
@@ -218,7 +230,8 @@ class Coordinator:
 
     def alive(self, now: float) -> list[str]:
         limit = self._limit(now)
-        return sorted([self.name] + [p.name for p in self.peers.values() if p.last_seen >= limit])
+        me = [] if self.observer else [self.name]
+        return sorted(me + [p.name for p in self.peers.values() if p.last_seen >= limit])
 
     def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address]:
         """Unicast addresses of the peers we have stopped hearing from."""
@@ -236,7 +249,7 @@ class Coordinator:
             for p in self.peers.values()
             if p.last_seen >= limit and p.state == ServerState.ACTIVE
         ]
-        if self.state == ServerState.ACTIVE:
+        if self.state == ServerState.ACTIVE and not self.observer:
             active.append(self.name)
         return min(active, default=None)
 
@@ -299,7 +312,10 @@ class Coordinator:
 
     # -- time ---------------------------------------------------------------------------
     def on_timer(self, now: float) -> None:
-        if now >= self._next_heartbeat:
+        if now >= self._next_heartbeat and self.observer:
+            self._next_heartbeat = now + self.settings.heartbeat_s
+            self._behind(now)
+        elif now >= self._next_heartbeat:
             if now - self._next_heartbeat > self.settings.heartbeat_s:
                 self._stalled_until = now + self.settings.dead_after
             self._heartbeat(now)
@@ -511,6 +527,8 @@ class Coordinator:
         if result.digest() != proposal.digest:
             return  # we would compute something else: do not ack; a snapshot will settle it
         self._offered[proposal.epoch] = (proposal.digest, result, now)
+        if self.observer:
+            return
         for command_id, (op, _, _) in list(self._commands.items()):
             if op == proposal.op:
                 del self._commands[command_id]  # the pool has taken our command up
@@ -519,7 +537,7 @@ class Coordinator:
         self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))
 
     def _on_snapshot_request(self, request: control.SnapshotRequest, now: float) -> None:
-        if self.allocation is None or self.epoch < request.epoch:
+        if self.observer or self.allocation is None or self.epoch < request.epoch:
             return
         # Answer only if we are the smallest live id holding our state: one answer, usually.
         limit = self._limit(now)

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from manycast.protocol.admission import Admission
 from manycast.protocol.membership import SourceFilter, changes
 from manycast.protocol.node import Interface, Node
 from manycast.protocol.refusal import Refusal
+from manycast.protocol.vipplane import VipPlane
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import (
@@ -44,6 +45,7 @@ from manycast.wire.ip import (
     decrement_ttl_v4,
     peek_v4,
 )
+from manycast.wire.label import MPLS_UDP_PORT
 from manycast.wire.membership import IGMP_V3_ROUTERS, IGMPv3Report
 
 MULTICAST_LOW, MULTICAST_HIGH = 0xE0000000, 0xEFFFFFFF
@@ -133,6 +135,9 @@ class Router(Node):
         admission: Admission | None = None,
         control_port: int = 7946,
         neighbors: dict[str, tuple[int, ...]] | None = None,
+        vip: ipaddress.IPv4Address | None = None,
+        vip_routers: Mapping[int, float] | None = None,
+        vip_router_links: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         super().__init__(name, interfaces)
         self._neighbors = neighbors or {}  # router-facing interface -> neighbour routers' addresses
@@ -171,13 +176,35 @@ class Router(Node):
         self._fib: dict[int, tuple[str, int] | None] = {}
         # group -> source -> outgoing (interface, neighbour) pairs: the forwarding cache
         self._mfc: dict[int, dict[int, tuple[tuple[str, int], ...]]] = {}
+        # A VIP pool's router: label switching, flow tags and VIP routing (Fig 17-18).
+        self.vip: VipPlane | None = None
+        self._vip = -1
+        if vip is not None:
+            label_neighbors = {i: self._neighbors.get(i, ()) for i in self.router_ifaces}
+            for link_iface, peers in (vip_router_links or {}).items():
+                label_neighbors[link_iface] = (*label_neighbors.get(link_iface, ()), *peers)
+            self.vip = VipPlane(
+                self, int(vip), dict(vip_routers or {}), label_neighbors, hold_time, control_port
+            )
+            self._vip = int(vip)
 
     # -- node interface ----------------------------------------------------------
     def start(self, now: float) -> None:
-        pass
+        if self.vip is not None:
+            self.timers.arm("labels", now)
+
+    def address_on(self, iface: str) -> ipaddress.IPv4Address:
+        return self.interfaces[iface].address
 
     def on_timer(self, now: float) -> None:
         fired = self.timers.expired(now)
+        if self.vip is not None:
+            if "labels" in fired:
+                self.vip.advertise(now, force=True)
+                self.timers.arm("labels", now + self.hold_time / 3)
+            if "vip" in fired:
+                self.vip.expire(now)
+                self._vip_changed(now)
         if "expire" in fired:
             self._expire(now)
         if "pins" in fired:
@@ -189,7 +216,10 @@ class Router(Node):
         except WireError:
             self.stats.malformed += 1
             return
-        if MULTICAST_LOW <= dst <= MULTICAST_HIGH:
+        if dst == self._vip and self.vip is not None:
+            self.vip.on_vip_packet(iface, packet, ttl, now)
+            self._vip_changed(now)
+        elif MULTICAST_LOW <= dst <= MULTICAST_HIGH:
             if dst & _LINK_LOCAL_MASK == _LINK_LOCAL:
                 if dst == _ALL_V3_ROUTERS and proto == IPPROTO_IGMP:
                     self._on_report(iface, packet, now)
@@ -198,7 +228,10 @@ class Router(Node):
         elif dst in self._own:
             self.stats.local += 1
             if proto == IPPROTO_UDP:
-                self._on_control(iface, packet, now)
+                if self.vip is not None and _udp_dport(packet) == MPLS_UDP_PORT:
+                    self.vip.on_labelled(packet, now)
+                else:
+                    self._on_control(iface, packet, now)
         else:
             self._forward_unicast(dst, packet, ttl)
 
@@ -398,6 +431,11 @@ class Router(Node):
         except WireError:
             self.stats.malformed += 1
             return
+        if self.vip is not None and self.vip.on_control(
+            iface, int(ip.header.src), message, datagram.payload, now
+        ):
+            self._vip_changed(now)
+            return
         if isinstance(message, control.PinRequest):
             toward = self.route(int(message.server))
             if toward is None or toward[0] != iface:
@@ -476,6 +514,16 @@ class Router(Node):
                 self._invalidate(group)
         self._arm_expiry()
 
+    def _vip_changed(self, now: float) -> None:
+        """After any VIP-plane event: advertise changed bindings, re-arm its expiry."""
+        assert self.vip is not None
+        self.vip.advertise(now)
+        soonest = self.vip.next_expiry()
+        if soonest is None:
+            self.timers.cancel("vip")
+        else:
+            self.timers.arm("vip", soonest)
+
     # -- views -----------------------------------------------------------------------
     def membership(self) -> dict[str, dict[str, str]]:
         """group -> requester -> its filter, for status displays."""
@@ -486,3 +534,10 @@ class Router(Node):
             for g, members in self.members.items()
             if members
         }
+
+
+def _udp_dport(packet: bytes) -> int:
+    header = (packet[0] & 0x0F) * 4
+    return (
+        int.from_bytes(packet[header + 2 : header + 4], "big") if len(packet) >= header + 4 else -1
+    )

@@ -119,7 +119,9 @@ class Server(Node):
             return
         protocol, dst = ip.header.protocol, ip.header.dst
         if protocol == IPPROTO_TCP and dst == self.settings.group:
-            if not self._owns(int(ip.header.src)) and not self._knows(ip):
+            # A VIP pool's flows come to whichever server the VIP router chose for them.
+            vip = self.settings.vip
+            if not vip and not self._owns(int(ip.header.src)) and not self._knows(ip):
                 # Neither our client nor a connection we keep (a stale route during a
                 # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
@@ -210,6 +212,8 @@ class Server(Node):
     # -- allocation ------------------------------------------------------------------------
     def _prepare(self, allocation: Allocation) -> None:
         """A change is about to execute: the technique gets ready (R4 pins paths)."""
+        if self.settings.vip:
+            return  # tagged flows keep their server: nothing moves
         keep = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
         self.handover.before_change(
             SourceFilter.of(keep) if len(keep) else None,
@@ -230,14 +234,17 @@ class Server(Node):
         self.portions = new
         self._filter = SourceFilter.of(new) if len(new) else None
         self._send_report(now, refresh=False, previous=old)
-        self.handover.after_change(self._filter, now)
+        if not self.settings.vip:
+            self.handover.after_change(self._filter, now)
 
     def _send_report(
         self, now: float, *, refresh: bool, previous: PortionSet | None = None
     ) -> None:
         group = self.settings.group
         records = [any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)]
-        if refresh:
+        if self.settings.vip:
+            self._hello(now)
+        elif refresh:
             if self.portions is not None and len(self.portions):
                 records.append(record_for(group, self.portions, RecordType.MODE_IS_INCLUDE))
         else:
@@ -255,6 +262,13 @@ class Server(Node):
         self.send(self.host.iface, packet, self.host.gateway)
         self.stats.reports_sent += 1
         self.timers.arm("report", now + self.settings.report_interval_s)
+
+    def _hello(self, now: float) -> None:
+        """A VIP pool's server tells its router it serves the VIP here: the root of
+        its label-switched tree (Fig 17)."""
+        hold_ms = max(1, int(self.settings.report_interval_s * 3500))
+        hello = control.ServerHello(self.name, 0, self.address, self.settings.group, hold_ms)
+        self._send_control(hello, self.router)
 
     # -- sessions ------------------------------------------------------------------------------
     def _drain(self, now: float) -> None:

@@ -207,6 +207,12 @@ class _Compiler:
             if subnet.num_addresses - 2 < count * stride + 1:
                 c.fail(f"subnet {subnet} is too small for a router and {count} clients", "subnet")
             rate = c.number("rate", 2.0, low=0.0, high=10000.0)
+            per_connection = c.number("requests_per_connection", 0, low=0, high=1_000_000)
+            if per_connection != int(per_connection):
+                c.fail(
+                    f"'requests_per_connection' = {per_connection} must be a whole number",
+                    "requests_per_connection",
+                )
             delay = c.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
             loss = c.number("loss", 0.0, low=0.0, high=0.99)
             members = tuple(f"{group}{i}" for i in range(1, count + 1))
@@ -214,7 +220,9 @@ class _Compiler:
                 if member in self.names:
                     c.fail(f"client name {member!r} clashes with a {self.names[member]}", "name")
                 self.names[member] = "client"
-                clients[member] = ClientSpec(member, group, router, rate, authorized)
+                clients[member] = ClientSpec(
+                    member, group, router, rate, authorized, int(per_connection)
+                )
             lans.append(Lan(group, router, subnet, members, delay, loss, stride, c.line("subnet")))
             c.done()
         return clients, lans

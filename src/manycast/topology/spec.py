@@ -87,6 +87,8 @@ class ClientSpec:
     router: str
     rate: float
     authorized: bool = True
+    # short connections: a new one (a new flow) after this many answers; 0: one for good
+    requests_per_connection: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,278 @@
+"""The VIP router (seed Fig 17-19): picks each new flow's server and tags the flow onto its tree.
+
+Packets for the pool's VIP that carry no label reach the nearest live VIP router.
+For a packet of a flow it has not seen, the VIP router picks a server by the
+pool's allocation (the owner of the client's address, among the live servers),
+sends the packet down that server's label-switched tree, and tells the client's
+edge router to push that tree's label on the flow's next packets (`FlowTag`).
+From then on the flow bypasses the VIP router.
+
+The allocation is the servers' own (Fig 19): a VIP router follows their
+coordination on the control channel as an observer (heartbeats carry liveness
+and load; proposals and commits, or a snapshot, carry each change), so two VIP
+routers given the same inputs pick the same server for a flow, and either can
+die without breaking the other's choices. A flow already tagged keeps its
+server whatever the policy does later.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from manycast import policy
+from manycast.protocol.coordination import Coordinator, PoolSettings
+from manycast.protocol.labels import LabelTable
+from manycast.protocol.membership import any_source_record
+from manycast.protocol.node import Interface, Node
+from manycast.protocol.vipplane import Flow, flow_of, wrap
+from manycast.space import Allocation
+from manycast.wire import control
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPPROTO_UDP, IPv4Packet, UDPDatagram, decrement_ttl_v4, peek_v4
+from manycast.wire.label import entropy_port, push
+from manycast.wire.membership import IGMPv3Report, RecordType, igmp_packet
+
+TAG_RESEND = 0.2  # seconds: a flow's packets still reaching us re-send its tag this often
+
+
+@dataclass(slots=True)
+class _Picked:
+    server: str
+    address: int
+    last_seen: float
+    tagged_at: float
+
+
+@dataclass
+class VipRouterStats:
+    first_packets: int = 0  # packets of flows that reached us (goal: the first of each)
+    repeat_packets: int = 0  # ... of a flow we had already picked a server for (goal: 0)
+    flows: int = 0  # new flows we picked a server for
+    tags_sent: int = 0
+    no_server: int = 0  # no live server in the allocation
+    no_tree: int = 0  # the chosen server's tree does not reach us yet
+    no_edge: int = 0  # no edge router known for the client
+    malformed: int = 0
+    picks: dict[str, int] = field(default_factory=dict)  # server -> new flows given to it
+
+
+class VipRouter(Node):
+    def __init__(
+        self,
+        name: str,
+        interfaces: dict[str, Interface],
+        gateway: tuple[str, ipaddress.IPv4Address],
+        settings: PoolSettings,
+        rng: random.Random,
+        *,
+        vip: ipaddress.IPv4Address,
+        initial: Allocation | None,
+        edges: Sequence[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]],
+        flow_idle: float = 30.0,
+    ) -> None:
+        super().__init__(name, interfaces)
+        iface, router = gateway
+        self.iface = iface
+        self.address = interfaces[iface].address
+        self.gateway = int(router)
+        self.settings = settings
+        self.rng = rng
+        self.vip = vip
+        self._vip = int(vip)
+        self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
+        self.flow_idle = flow_idle
+        self.hold = settings.report_interval_s * 3.5
+        self.observer = Coordinator(
+            name, self.address, settings, rng, initial=initial, observer=True
+        )
+        self.table = LabelTable(lambda _dst: (iface, self.gateway))
+        self.flows: dict[Flow, _Picked] = {}
+        self.stats = VipRouterStats()
+        self._seq = 0
+        self._effective: tuple[tuple[int, str, frozenset[str]], Allocation | None] | None = None
+
+    # -- node interface ------------------------------------------------------------------
+    def start(self, now: float) -> None:
+        self.observer.start(now)
+        self.timers.arm("advert", now)
+        self.timers.arm("report", now)
+
+    def on_timer(self, now: float) -> None:
+        fired = self.timers.expired(now)
+        if "advert" in fired:
+            self._advertise(now)
+        if "report" in fired:
+            self._join_control_channel(now)
+        if "expire" in fired:
+            self._expire(now)
+        self.observer.on_timer(now)
+        self._act()
+
+    def next_deadline(self) -> float | None:
+        deadlines = [self.timers.next_deadline(), self.observer.next_deadline()]
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def receive(self, iface: str, packet: bytes, now: float) -> None:
+        try:
+            src, dst, protocol, ttl = peek_v4(packet)
+        except WireError:
+            self.stats.malformed += 1
+            return
+        if dst == self._vip:
+            self._on_flow_packet(packet, ttl, now)
+        elif protocol == IPPROTO_UDP and dst in (
+            int(self.address),
+            int(self.settings.control_group),
+        ):
+            self._on_control(src, packet, now)
+        self._act()
+
+    # -- flows ---------------------------------------------------------------------------
+    def _on_flow_packet(self, packet: bytes, ttl: int, now: float) -> None:
+        self.stats.first_packets += 1
+        found = flow_of(packet)
+        if found is None or ttl <= 1:
+            return
+        flow, _ = found
+        picked = self.flows.get(flow)
+        if picked is not None:
+            self.stats.repeat_packets += 1
+        else:
+            server = self.pick(flow.client, now)
+            if server is None:
+                self.stats.no_server += 1
+                return
+            address = self.server_address(server)
+            if address is None:
+                self.stats.no_server += 1
+                return
+            picked = self.flows[flow] = _Picked(server, address, now, -TAG_RESEND)
+            self.stats.flows += 1
+            self.stats.picks[server] = self.stats.picks.get(server, 0) + 1
+            self._arm_expiry(now)
+        picked.last_seen = now
+        hop = self.table.toward(picked.address)
+        if hop is None or hop.label is None:
+            self.stats.no_tree += 1
+            return
+        inner = decrement_ttl_v4(packet)
+        payload = push(inner, hop.label, ttl=inner[8])
+        self.send(
+            hop.iface, wrap(self.address, hop.neighbor, payload, entropy_port(inner)), hop.neighbor
+        )
+        if now - picked.tagged_at >= TAG_RESEND:
+            picked.tagged_at = now
+            self._tag(flow, picked, now)
+
+    def pick(self, client: int, now: float) -> str | None:
+        """The server for a new flow from `client`: its owner in the pool's allocation,
+        the allocation first cleared of servers the pool has stopped hearing from (so
+        every VIP router with the same view picks the same server)."""
+        allocation = self._live_allocation(now)
+        return None if allocation is None else allocation.owner(client)
+
+    def _live_allocation(self, now: float) -> Allocation | None:
+        allocation = self.observer.allocation
+        if allocation is None:
+            return None
+        alive = frozenset(self.observer.alive(now))
+        key = (self.observer.epoch, self.observer.digest, alive)
+        if self._effective is not None and self._effective[0] == key:
+            return self._effective[1]
+        result: Allocation | None = allocation
+        for server in sorted(set(allocation.servers) - alive):
+            if result is None or len(result.servers) <= 1:
+                result = None
+                break
+            result = policy.remove_server(result, server)
+        self._effective = (key, result)
+        return result
+
+    def server_address(self, server: str) -> int | None:
+        peer = self.observer.peers.get(server)
+        if peer is None or int(peer.address) == 0:
+            return None
+        return int(peer.address)
+
+    def edge_of(self, client: int) -> ipaddress.IPv4Address | None:
+        address = ipaddress.IPv4Address(client)
+        return next((router for net, router in self.edges if address in net), None)
+
+    def _tag(self, flow: Flow, picked: _Picked, now: float) -> None:
+        edge = self.edge_of(flow.client)
+        if edge is None:
+            self.stats.no_edge += 1
+            return
+        key = control.FlowKey(
+            flow.protocol,
+            ipaddress.IPv4Address(flow.client),
+            flow.client_port,
+            self.vip,
+            flow.vip_port,
+        )
+        idle_ms = max(1, int(self.flow_idle * 1000))
+        message = control.FlowTag(
+            self.name, self._next_seq(), key, ipaddress.IPv4Address(picked.address), idle_ms
+        )
+        self._send_control(edge, message)
+        self.stats.tags_sent += 1
+
+    def _expire(self, now: float) -> None:
+        for flow in [f for f, p in self.flows.items() if now - p.last_seen > self.flow_idle]:
+            del self.flows[flow]
+        self._arm_expiry(now)
+
+    def _arm_expiry(self, now: float) -> None:
+        if self.flows and not self.timers.armed("expire"):
+            oldest = min(p.last_seen for p in self.flows.values())
+            self.timers.arm("expire", max(now, oldest + self.flow_idle) + 0.001)
+
+    # -- control -------------------------------------------------------------------------
+    def _on_control(self, src: int, packet: bytes, now: float) -> None:
+        try:
+            ip = IPv4Packet.from_wire(packet)
+            datagram = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
+            if datagram.dst_port != self.settings.control_port:
+                return
+            message = control.decode(datagram.payload)
+        except WireError:
+            self.stats.malformed += 1
+            return
+        if isinstance(message, control.LabelMapping):
+            if src == self.gateway:
+                bindings = ((int(f), label) for f, label in message.bindings)
+                self.table.mapping(src, bindings, message.hold_ms / 1000, now)
+        elif message.sender != self.name:
+            self.observer.on_message(message, now)
+
+    def _act(self) -> None:
+        for message in self.observer.take_messages():
+            self._send_control(self.settings.control_group, message)
+        self.observer.take_new_allocation()
+
+    def _advertise(self, now: float) -> None:
+        hold_ms = max(1, int(self.hold * 1000))
+        advert = control.VipAdvert(self.name, self._next_seq(), self.vip, self.address, hold_ms)
+        self._send_control(ipaddress.IPv4Address(self.gateway), advert)
+        self.table.expire(now)
+        self.timers.arm("advert", now + self.hold / 3)
+
+    def _join_control_channel(self, now: float) -> None:
+        """Join the control group (every source), as the servers do, to follow them."""
+        record = any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)
+        packet = igmp_packet(IGMPv3Report((record,)), self.address).to_wire()
+        self.send(self.iface, packet, self.gateway)
+        self.timers.arm("report", now + self.settings.report_interval_s)
+
+    def _send_control(self, to: ipaddress.IPv4Address, message: control.ControlMessage) -> None:
+        port = self.settings.control_port
+        udp = UDPDatagram(port, port, control.encode(message)).to_wire(self.address, to)
+        packet = IPv4Packet.make(self.address, to, IPPROTO_UDP, udp, ttl=16).to_wire()
+        self.send(self.iface, packet, self.gateway)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq

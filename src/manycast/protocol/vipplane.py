@@ -1,0 +1,307 @@
+"""A router's part in a VIP pool (seed Fig 17-18): label switching, edge flow tags, VIP routing.
+
+* Labelled packets (MPLS-in-UDP, RFC 7510, to our address) are switched by the
+  label table: swapped toward the next router of the server's tree, or popped
+  at the last hop and handed to the server. Label switching comes before any
+  routing.
+* A client's packet to the VIP at its edge router: if a VIP router has tagged
+  the flow (`FlowTag`), the edge pushes the label of the chosen server's tree and
+  the VIP router never sees the packet; an RST ends the tag, a FIN a little later
+  (the close's last ACKs still need it), and so does idling.
+* Any other packet to the VIP goes, unlabelled, to the nearest live VIP router
+  (by the routing metric; ties by address, so every router agrees and no loop
+  forms). VIP routers announce themselves with `VipAdvert`, flooded to every
+  router and valid for a hold time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from manycast.protocol.labels import Hop, LabelTable
+from manycast.wire import control
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram, decrement_ttl_v4
+from manycast.wire.label import MPLS_UDP_PORT, entropy_port, peek_top, pop, push, swap_top
+
+_PORTS = struct.Struct("!HH")
+_TCP_FIN, _TCP_RST = 0x01, 0x04
+FIN_LINGER = 2.0  # seconds a flow's tag outlives its FIN (the close's last ACKs)
+
+
+class Forwarder(Protocol):
+    """What the plane needs of its router."""
+
+    name: str
+    router_ifaces: set[str]
+
+    def send(self, iface: str, packet: bytes, next_hop: int | None) -> None: ...
+
+    def route(self, dst: int) -> tuple[str, int] | None: ...
+
+    def address_on(self, iface: str) -> ipaddress.IPv4Address: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A client flow to the VIP, as the edge router keys it."""
+
+    protocol: int
+    client: int
+    client_port: int
+    vip_port: int
+
+
+@dataclass(slots=True)
+class _Tag:
+    server: int
+    idle: float
+    last_used: float
+
+
+@dataclass
+class VipPlaneStats:
+    labelled_switched: int = 0  # swapped toward the next router of a tree
+    labelled_delivered: int = 0  # popped at a tree's last hop, handed to the server
+    label_unknown: int = 0  # a label we did not bind, or whose tree is gone
+    label_ttl_expired: int = 0
+    pushed: int = 0  # tagged flows' packets labelled at this edge
+    to_vip_router: int = 0  # unlabelled VIP packets sent toward a VIP router
+    no_vip_router: int = 0  # ... with no live VIP router known
+    flows_tagged: int = 0
+    flows_ended: int = 0  # by FIN or RST
+    flows_idle: int = 0
+    refused: int = 0  # control messages from where they may not come
+
+
+def flow_of(packet: bytes) -> tuple[Flow, int] | None:
+    """The flow of an IPv4 TCP or UDP packet and its TCP flags (0 for UDP), unchecked
+    beyond lengths: routers read it on the fast path."""
+    header = (packet[0] & 0x0F) * 4
+    protocol = packet[9]
+    if protocol not in (IPPROTO_TCP, IPPROTO_UDP) or len(packet) < header + 14:
+        return None
+    sport, dport = _PORTS.unpack_from(packet, header)
+    flags = packet[header + 13] if protocol == IPPROTO_TCP else 0
+    client = int.from_bytes(packet[12:16], "big")
+    return Flow(protocol, client, sport, dport), flags
+
+
+def wrap(src: ipaddress.IPv4Address, dst: int, payload: bytes, sport: int) -> bytes:
+    """An MPLS-in-UDP payload (label stack and inner packet) in UDP and IPv4 to `dst`."""
+    target = ipaddress.IPv4Address(dst)
+    udp = UDPDatagram(sport, MPLS_UDP_PORT, payload).to_wire(src, target)
+    return IPv4Packet.make(src, target, IPPROTO_UDP, udp, ttl=1).to_wire()
+
+
+@dataclass
+class VipPlane:
+    router: Forwarder
+    vip: int
+    # every VIP router of the pool -> its distance from us by the routing metric
+    distances: Mapping[int, float]
+    # interface -> the label neighbours on it (routers, and VIP routers on their links)
+    label_neighbors: Mapping[str, tuple[int, ...]]
+    hold: float
+    control_port: int
+    table: LabelTable = field(init=False)
+    stats: VipPlaneStats = field(default_factory=VipPlaneStats)
+    flows: dict[Flow, _Tag] = field(default_factory=dict)
+    # VIP router -> (when its advert lapses, the last sequence number we took)
+    vip_routers: dict[int, tuple[float, int]] = field(default_factory=dict)
+    _seq: int = 0
+
+    def __post_init__(self) -> None:
+        self.table = LabelTable(self.router.route)
+        self._label_peers = {n for peers in self.label_neighbors.values() for n in peers}
+
+    # -- packets -------------------------------------------------------------------------
+    def on_labelled(self, packet: bytes, now: float) -> None:
+        """An MPLS-in-UDP packet to one of our addresses: switch it by its top label."""
+        try:
+            outer = IPv4Packet.from_wire(packet)
+            datagram = UDPDatagram.from_wire(outer.payload, outer.header.src, outer.header.dst)
+            label = peek_top(datagram.payload)[0]
+        except WireError:
+            self.stats.label_unknown += 1
+            return
+        hop = self.table.switch(label)
+        if hop is None:
+            self.stats.label_unknown += 1
+            return
+        payload = datagram.payload
+        if hop.label is None:
+            inner = pop(payload)
+            if inner is None:
+                self.stats.label_ttl_expired += 1
+                return
+            self.router.send(hop.iface, inner, hop.neighbor)
+            self.stats.labelled_delivered += 1
+            return
+        swapped = swap_top(payload, hop.label)
+        if swapped is None:
+            self.stats.label_ttl_expired += 1
+            return
+        src = self.router.address_on(hop.iface)
+        self.router.send(
+            hop.iface, wrap(src, hop.neighbor, swapped, datagram.src_port), hop.neighbor
+        )
+        self.stats.labelled_switched += 1
+
+    def on_vip_packet(self, iface: str, packet: bytes, ttl: int, now: float) -> None:
+        """An unlabelled packet to the VIP: push a tagged flow's label at its edge, else
+        send it to the nearest live VIP router."""
+        if ttl <= 1:
+            return
+        if iface not in self.router.router_ifaces and self.flows:
+            found = flow_of(packet)
+            if found is not None:
+                flow, flags = found
+                tag = self.flows.get(flow)
+                if tag is not None:
+                    hop = self.table.toward(tag.server)
+                    if hop is not None:
+                        tag.last_used = now
+                        self._send_on(hop, decrement_ttl_v4(packet))
+                        self.stats.pushed += 1
+                        if flags & _TCP_RST:
+                            del self.flows[flow]
+                            self.stats.flows_ended += 1
+                        elif flags & _TCP_FIN and tag.idle > FIN_LINGER:
+                            # The close's last ACKs follow the FIN: keep the tag for them.
+                            tag.idle = FIN_LINGER
+                            self.stats.flows_ended += 1
+                        return
+        target = self.nearest_vip_router(now)
+        if target is None:
+            self.stats.no_vip_router += 1
+            return
+        way = self.router.route(target)
+        if way is None:
+            self.stats.no_vip_router += 1
+            return
+        self.router.send(way[0], decrement_ttl_v4(packet), way[1])
+        self.stats.to_vip_router += 1
+
+    def _send_on(self, hop: Hop, packet: bytes) -> None:
+        """Put an unlabelled packet on a server's tree at `hop`."""
+        if hop.label is None:
+            self.router.send(hop.iface, packet, hop.neighbor)
+            return
+        payload = push(packet, hop.label, ttl=packet[8])
+        src = self.router.address_on(hop.iface)
+        sport = entropy_port(packet)
+        self.router.send(hop.iface, wrap(src, hop.neighbor, payload, sport), hop.neighbor)
+
+    def nearest_vip_router(self, now: float) -> int | None:
+        live = [addr for addr, (until, _) in self.vip_routers.items() if until > now]
+        if not live:
+            return None
+        return min(live, key=lambda addr: (self.distances.get(addr, float("inf")), addr))
+
+    # -- control messages ----------------------------------------------------------------
+    def on_control(
+        self, iface: str, src: int, message: control.ControlMessage, raw: bytes, now: float
+    ) -> bool:
+        """Handle a VIP-pool control message; False if it is not one."""
+        if isinstance(message, control.LabelMapping):
+            if src not in self.label_neighbors.get(iface, ()):
+                self.stats.refused += 1
+                return True
+            hold = message.hold_ms / 1000
+            self.table.mapping(src, ((int(f), label) for f, label in message.bindings), hold, now)
+        elif isinstance(message, control.ServerHello):
+            server = int(message.server)
+            toward = self.router.route(server)
+            # Only from the server itself, on its own link.
+            if (
+                int(message.vip) != self.vip
+                or src != server
+                or toward is None
+                or toward != (iface, server)
+                or iface in self.router.router_ifaces
+            ):
+                self.stats.refused += 1
+                return True
+            self.table.hello(server, iface, message.hold_ms / 1000, now)
+        elif isinstance(message, control.FlowTag):
+            if src not in self.distances or int(message.flow.vip) != self.vip:
+                self.stats.refused += 1
+                return True
+            flow = message.flow
+            key = Flow(flow.protocol, int(flow.client), flow.client_port, flow.vip_port)
+            if key not in self.flows:
+                self.stats.flows_tagged += 1
+            self.flows[key] = _Tag(int(message.server), message.idle_ms / 1000, now)
+        elif isinstance(message, control.FlowUntag):
+            if src not in self.distances:
+                self.stats.refused += 1
+                return True
+            for flow in message.flows:
+                self.flows.pop(
+                    Flow(flow.protocol, int(flow.client), flow.client_port, flow.vip_port), None
+                )
+        elif isinstance(message, control.VipAdvert):
+            origin = int(message.router)
+            if origin not in self.distances or int(message.vip) != self.vip:
+                self.stats.refused += 1
+                return True
+            until, last = self.vip_routers.get(origin, (0.0, -1))
+            if until > now and message.seq <= last:
+                return True  # a copy we already have (flooding)
+            self.vip_routers[origin] = (now + message.hold_ms / 1000, message.seq)
+            self._flood(iface, raw)
+        else:
+            return False
+        return True
+
+    def _flood(self, arrived_on: str, payload: bytes) -> None:
+        for out in sorted(self.router.router_ifaces - {arrived_on}):
+            for neighbor in self.label_neighbors.get(out, ()):
+                self._control_to(out, neighbor, payload)
+
+    def _control_to(self, iface: str, neighbor: int, payload: bytes) -> None:
+        src = self.router.address_on(iface)
+        dst = ipaddress.IPv4Address(neighbor)
+        udp = UDPDatagram(self.control_port, self.control_port, payload).to_wire(src, dst)
+        self.router.send(
+            iface, IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), neighbor
+        )
+
+    # -- time ----------------------------------------------------------------------------
+    def advertise(self, now: float, force: bool = False) -> None:
+        """Send our bindings to every label neighbour when they changed (or `force`)."""
+        if not (self.table.changed() or force):
+            return
+        bindings: dict[control.Address, int] = {
+            ipaddress.IPv4Address(f): label for f, label in self.table.bindings()
+        }
+        hold_ms = max(1, int(self.hold * 1000))
+        for iface, peers in sorted(self.label_neighbors.items()):
+            for neighbor in peers:
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                message = control.LabelMapping.of(
+                    self.router.name, self._seq, self.router.address_on(iface), hold_ms, bindings
+                )
+                self._control_to(iface, neighbor, control.encode(message))
+
+    def expire(self, now: float) -> None:
+        self.table.expire(now)
+        # The same expression as `next_expiry`: no rounding can make it fire early forever.
+        for flow in [f for f, t in self.flows.items() if t.last_used + t.idle <= now]:
+            del self.flows[flow]
+            self.stats.flows_idle += 1
+        for origin in [o for o, (until, _) in self.vip_routers.items() if until <= now]:
+            del self.vip_routers[origin]
+
+    def next_expiry(self) -> float | None:
+        times = [t.last_used + t.idle for t in self.flows.values()]
+        times += [until for until, _ in self.vip_routers.values()]
+        table = self.table.next_expiry()
+        if table is not None:
+            times.append(table)
+        return min(times, default=None)
