@@ -20,13 +20,7 @@ AddressSpace`) loads no asyncio, sockets or DNS library.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
-
-try:
-    __version__ = version("manycast")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -134,7 +128,19 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("manycast")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read from the package metadata on first use (slow-ish)
+        globals()[name] = value = _version()
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'manycast' has no attribute {name!r}")
@@ -148,6 +154,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    __version__: str
     from manycast.auth import AuthError
     from manycast.drivers.contract import Network
     from manycast.drivers.memory import MemoryNetwork

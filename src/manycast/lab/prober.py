@@ -199,13 +199,14 @@ class Prober:
             client.server = server
             client.replies += 1
             self.answers[server] += 1
-            # The service's answer (`<server> <n>`) does not carry the request's
-            # number: it answers the newest request still waiting (answers take
-            # milliseconds, requests leave at least a fraction of a second apart);
-            # older ones run into the timeout. An answer after the timeout is late.
-            if client.outstanding:
-                seq = max(client.outstanding)
-                sent = client.outstanding.pop(seq)
+            # The service's answer is `<server> <total> <our request>`: the request
+            # (`<name> <seq>`) says which one it answers. An answer after the timeout
+            # is late (the request already counted as failed).
+            parts = data.split()
+            if len(parts) < 4 or not parts[3].isdigit():
+                continue
+            sent = client.outstanding.pop(int(parts[3]), None)
+            if sent is not None:
                 client.stats.requests_ok += 1
                 client.stats.latencies.append(now - sent)
                 client.stats.ok_times.append(now)

@@ -20,6 +20,7 @@ from manycast.drivers.kernel.loop import KernelLoop
 from manycast.drivers.mroute import mreqn
 
 DUMP_EVERY = 0.5
+ECHO_LIMIT = 64  # bytes of a request echoed in its answer
 _BATCH = 1024  # datagrams read per wake-up, so control requests are not starved
 
 
@@ -49,13 +50,16 @@ class Responder:
         def readable() -> None:
             for _ in range(_BATCH):
                 try:
-                    _, sender = sock.recvfrom(65535)
+                    request, sender = sock.recvfrom(65535)
                 except BlockingIOError:
                     break
                 self.total += 1
                 self.counts[sender[0]] += 1
                 with contextlib.suppress(OSError):
-                    sock.sendto(b"%s %d\n" % (name, self.total), sender)
+                    # `<server> <total> <the request's first line>`: the asker can tell
+                    # which of its requests this answers.
+                    echo = request[:ECHO_LIMIT].split(b"\n", 1)[0]
+                    sock.sendto(b"%s %d %s\n" % (name, self.total, echo), sender)
 
         def dump_every() -> None:
             self.dump()
