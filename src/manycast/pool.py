@@ -212,7 +212,13 @@ def _vip_options(topology: Topology, router: str) -> dict[str, Any]:
         for iface in topology.interfaces[router].values():
             if address in iface.network:
                 links[iface.name] = (*links.get(iface.name, ()), int(address))
-    return {"vip": topology.pool.vip, "vip_routers": distances, "vip_router_links": links}
+    servers = [int(topology.address(name)) for name in topology.servers]
+    return {
+        "vip": topology.pool.vip,
+        "vip_routers": distances,
+        "vip_router_links": links,
+        "vip_servers": servers,
+    }
 
 
 def _edges(topology: Topology) -> list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]:

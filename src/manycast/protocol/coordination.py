@@ -273,7 +273,10 @@ class Coordinator:
     def command(self, op: control.PolicyOp, now: float) -> None:
         """An operator's change: proposed here if we coordinate, else sent to the pool and
         sent again each heartbeat until a proposal carries it (a datagram may be lost,
-        the coordinator may die)."""
+        the coordinator may die). An operator's rebalance without loads is made from
+        the loads this server knows (Fig 10, step 1020, asked for by hand)."""
+        if isinstance(op, control.RebalanceOp) and not op.loads and self.allocation is not None:
+            op = self._balance_op(op.target, now)
         if self.is_coordinator(now):
             self._queue.append(op)
             self._duties(now)
@@ -372,10 +375,7 @@ class Coordinator:
             return
         if self.name not in allocation.servers:
             return
-        loads = {self.name: self._load}
-        for peer in self.peers.values():
-            loads[peer.name] = peer.load
-        members = {s: loads.get(s, 0.0) for s in allocation.servers}
+        members = self._loads(allocation)
         mean = sum(members.values()) / len(members)
         busiest = max(members.values())
         if mean <= 0 or self._load < busiest or busiest / mean <= settings.rebalance_above:
@@ -386,9 +386,22 @@ class Coordinator:
             return
         self._congested = 0
         self._hold_until = now + settings.rebalance_hold_s
+        self.command(self._balance_op(settings.rebalance_target, now), now)
+
+    def _loads(self, allocation: Allocation) -> dict[str, float]:
+        """Every member's load as its heartbeats report it (ours as we measure it)."""
+        loads = {self.name: self._load}
+        for peer in self.peers.values():
+            loads[peer.name] = peer.load
+        return {s: loads.get(s, 0.0) for s in allocation.servers}
+
+    def _balance_op(self, target: float, now: float) -> control.PolicyOp:
+        """A rebalance by the loads we know: every member's, and our busiest buckets'."""
+        assert self.allocation is not None
+        members = self._loads(self.allocation)
         measured = tuple(control.ServerLoad(s, v) for s, v in sorted(members.items()))
         hot = tuple(self.hot_buckets(now)) if self.hot_buckets is not None else ()
-        self.command(control.BalanceLoadsOp(settings.rebalance_target, measured, hot), now)
+        return control.BalanceLoadsOp(target, measured, hot)
 
     def _behind(self, now: float) -> bool:
         """True (and a snapshot asked for) when a live peer holds a greater state."""

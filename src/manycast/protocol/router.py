@@ -138,6 +138,7 @@ class Router(Node):
         vip: ipaddress.IPv4Address | None = None,
         vip_routers: Mapping[int, float] | None = None,
         vip_router_links: Mapping[str, tuple[int, ...]] | None = None,
+        vip_servers: Iterable[int] = (),
     ) -> None:
         super().__init__(name, interfaces)
         self._neighbors = neighbors or {}  # router-facing interface -> neighbour routers' addresses
@@ -184,7 +185,13 @@ class Router(Node):
             for link_iface, peers in (vip_router_links or {}).items():
                 label_neighbors[link_iface] = (*label_neighbors.get(link_iface, ()), *peers)
             self.vip = VipPlane(
-                self, int(vip), dict(vip_routers or {}), label_neighbors, hold_time, control_port
+                self,
+                int(vip),
+                dict(vip_routers or {}),
+                label_neighbors,
+                hold_time,
+                control_port,
+                frozenset(vip_servers),
             )
             self._vip = int(vip)
 

@@ -52,6 +52,7 @@ class VipRouterStats:
     repeat_packets: int = 0  # ... of a flow we had already picked a server for (goal: 0)
     flows: int = 0  # new flows we picked a server for
     tags_sent: int = 0
+    repicked: int = 0  # flows whose server died before they were tagged away from us
     no_server: int = 0  # no live server in the allocation
     no_tree: int = 0  # the chosen server's tree does not reach us yet
     no_edge: int = 0  # no edge router known for the client
@@ -138,6 +139,12 @@ class VipRouter(Node):
             return
         flow, _ = found
         picked = self.flows.get(flow)
+        if picked is not None and picked.server not in self.observer.alive(now):
+            # Its server died before the flow got going (a SYN still retransmitted):
+            # nothing of it lives anywhere, so it may start over on a live server.
+            del self.flows[flow]
+            picked = None
+            self.stats.repicked += 1
         if picked is not None:
             self.stats.repeat_packets += 1
         else:

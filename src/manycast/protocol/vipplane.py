@@ -108,6 +108,8 @@ class VipPlane:
     label_neighbors: Mapping[str, tuple[int, ...]]
     hold: float
     control_port: int
+    # the pool's servers (the topology names them): only they root a tree
+    servers: frozenset[int] = frozenset()
     table: LabelTable = field(init=False)
     stats: VipPlaneStats = field(default_factory=VipPlaneStats)
     flows: dict[Flow, _Tag] = field(default_factory=dict)
@@ -220,6 +222,7 @@ class VipPlane:
             # Only from the server itself, on its own link.
             if (
                 int(message.vip) != self.vip
+                or server not in self.servers
                 or src != server
                 or toward is None
                 or toward != (iface, server)

@@ -1,0 +1,303 @@
+"""The virtual-IP pool (seed Fig 17-19) end to end on the memory driver: each test is
+named after the claim it shows and checks what a client sees."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import pytest
+
+from manycast.protocol.client import Client
+from manycast.protocol.server import Server
+from manycast.runtime import PoolRun
+from manycast.steps import Add, Kill, KillVipRouter, Rebalance, SetShare, Step
+from manycast.topology import loads
+from manycast.wire import control
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
+from pooltools import table
+
+VIP = ipaddress.IPv4Address("203.0.113.80")
+
+
+def vip_toml(
+    *,
+    servers: int = 4,
+    standby: int = 0,
+    clients: int = 24,
+    rate: float = 4.0,
+    per_connection: int = 3,
+    vip_routers: Sequence[str] = ("core", "rs1"),
+    pool: dict[str, Any] | None = None,
+) -> str:
+    """clients a1.. -- ra -- core -- rs1 (odd servers) / rs2 (even servers), with a VIP
+    router on each router named in `vip_routers`."""
+    settings: dict[str, Any] = {
+        "approach": "vip",
+        "vip": str(VIP),
+        "heartbeat_ms": 100,
+        "heartbeat_misses": 3,
+        "report_interval_ms": 500,
+    }
+    settings.update(pool or {})
+    body = "".join(
+        f"{k} = {v!r}\n".replace("'", '"') if isinstance(v, str) else f"{k} = {v}\n"
+        for k, v in settings.items()
+    )
+    parts = ["[pool]\n" + body]
+    parts += [table("router", name=n) for n in ("ra", "core", "rs1", "rs2")]
+    for a, b, delay in (("ra", "core", 2), ("core", "rs1", 1), ("core", "rs2", 3)):
+        parts.append(table("link", between=[a, b], delay_ms=delay))
+    for index in range(1, servers + standby + 1):
+        keys: dict[str, Any] = {"name": f"s{index}", "router": "rs1" if index % 2 else "rs2"}
+        if index > servers:
+            keys["standby"] = True
+        parts.append(table("server", **keys))
+    for index, router in enumerate(vip_routers, start=1):
+        parts.append(table("vip_router", name=f"vr{index}", router=router))
+    parts.append(
+        table(
+            "clients",
+            name="a",
+            count=clients,
+            router="ra",
+            subnet="10.1.0.0/24",
+            rate=rate,
+            requests_per_connection=per_connection,
+        )
+    )
+    parts.append("[run]\nduration = 10\n")
+    return "\n".join(parts)
+
+
+@dataclass
+class FlowLog:
+    """Which server received each client flow's packets, and when."""
+
+    servers: dict[tuple[str, int], set[str]] = field(default_factory=lambda: defaultdict(set))
+    first_seen: dict[tuple[str, int], float] = field(default_factory=dict)
+
+    def hook(self, run: PoolRun) -> None:
+        names = {int(c.address): n for n, c in run.nodes.clients.items()}
+        for server in [*run.nodes.servers.values(), *run.nodes.standby.values()]:
+            server.receive = self._server_hook(server, names)  # type: ignore[method-assign]
+
+    def _server_hook(self, server: Server, names: dict[int, str]) -> Callable[..., None]:
+        original = server.receive
+
+        def receive(iface: str, packet: bytes, now: float) -> None:
+            ip = IPv4Packet.from_wire(packet)
+            if ip.header.protocol == IPPROTO_TCP and ip.header.dst == VIP:
+                key = (names[int(ip.header.src)], int.from_bytes(ip.payload[:2], "big"))
+                self.servers[key].add(server.name)
+                self.first_seen.setdefault(key, now)
+            original(iface, packet, now)
+
+        return receive
+
+    def split_flows(self) -> list[tuple[str, int]]:
+        """Flows whose packets reached more than one server (goal: none)."""
+        return [key for key, servers in self.servers.items() if len(servers) > 1]
+
+    def since(self, t: float) -> dict[tuple[str, int], str]:
+        return {k: next(iter(s)) for k, s in self.servers.items() if self.first_seen[k] >= t}
+
+
+def start(text: str, seed: int = 1) -> tuple[PoolRun, FlowLog]:
+    run = PoolRun(loads(text), "memory", seed=seed)
+    log = FlowLog()
+    log.hook(run)
+    return run, log
+
+
+def act(run: PoolRun, step: Step) -> None:
+    run.network.call_at(run.now, lambda: run.engine.carry_out(step, run.now))
+
+
+def failures(run: PoolRun) -> int:
+    return sum(c.stats.requests_failed + c.stats.resets for c in run.nodes.clients.values())
+
+
+def vip_router_repeats(run: PoolRun) -> int:
+    return sum(v.stats.repeat_packets for v in run.nodes.vip_routers.values())
+
+
+def owner_of(run: PoolRun, client: Client) -> str | None:
+    server = next(s for n, s in run.nodes.servers.items() if n not in run.engine.dead)
+    allocation = server.coordinator.allocation
+    assert allocation is not None
+    return allocation.owner(client.address)
+
+
+# -- Fig 17: a tag-switched tree to each server ------------------------------------------
+
+
+def test_claim_15a_31_a_tag_switched_tree_reaches_each_server_from_every_router() -> None:
+    run, _ = start(vip_toml())
+    run.network.run_until(2.0)
+    servers = {int(s.address): n for n, s in run.nodes.servers.items()}
+    for router in run.nodes.routers.values():
+        assert router.vip is not None
+        for address, name in servers.items():
+            # Follow the labels hop by hop: every tree ends at its server, loop-free.
+            at, seen = router, set()
+            hop = at.vip.table.toward(address)  # type: ignore[union-attr]
+            while hop is not None and hop.label is not None:
+                assert at.name not in seen, f"a loop on {name}'s tree"
+                seen.add(at.name)
+                at = next(r for r in run.nodes.routers.values() if hop.neighbor in r._own)
+                hop = at.vip.table.switch(hop.label)  # type: ignore[union-attr]
+            assert hop is not None and hop.neighbor == address, f"{router.name} -> {name}"
+
+
+def test_claim_15c_27_32_the_edge_tags_a_flow_and_the_vip_router_sees_only_its_first_packet() -> (
+    None
+):
+    run, log = start(vip_toml(per_connection=3))
+    run.network.run_until(8.0)
+    summary = run.summary()
+    assert summary["clients_served_at_end"] == 24 and failures(run) == 0
+    vip = summary["vip"]
+    assert vip["flows"] >= 24 * 3  # every client opened several connections
+    assert vip["packets_after_first"] == 0
+    assert vip["flows_tagged_at_edges"] >= vip["flows"] - 24  # the last may still be new
+    assert vip["packets_labelled_at_edges"] > 5 * vip["flows"]
+    assert log.split_flows() == []  # each flow served by one server, first to last packet
+
+
+def test_claim_26_40_the_vip_router_assigns_each_new_flow_by_the_allocation() -> None:
+    run, log = start(vip_toml())
+    run.network.run_until(6.0)
+    by_name = run.nodes.clients
+    placed = log.since(1.5)
+    assert placed
+    for (client, _), server in placed.items():
+        assert server == owner_of(run, by_name[client])
+
+
+def test_claim_16_a_policy_change_moves_new_flows_and_keeps_tagged_ones() -> None:
+    run, log = start(vip_toml(per_connection=4, rate=4.0))
+    run.network.run_until(3.0)
+    before = {c.name: owner_of(run, c) for c in run.nodes.clients.values()}
+    act(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)))
+    run.network.run_until(8.0)
+    after = {c.name: owner_of(run, c) for c in run.nodes.clients.values()}
+    moved = {n for n in before if before[n] != after[n]}
+    assert moved, "the change moved no client's part of the space: it shows nothing"
+    assert failures(run) == 0 and log.split_flows() == []
+    # New flows of moved clients (opened well after the change) go to the new owner.
+    late = log.since(5.0)
+    assert any(client in moved for client, _ in late)
+    for (client, _), server in late.items():
+        assert server == after[client]
+
+
+def test_claim_17_41_load_reported_by_the_servers_shifts_new_flows() -> None:
+    text = vip_toml(clients=24, rate=2.0, per_connection=4)
+    run, log = start(text)
+    heavy = sorted(run.nodes.clients.values(), key=lambda c: int(c.address))[:6]
+    for client in heavy:
+        client.rate = 20.0  # six clients, all in few servers' parts, send ten times more
+    run.network.run_until(6.0)
+    first = next(iter(run.nodes.servers.values())).coordinator
+    epoch = first.epoch
+    act(run, Rebalance(at=run.now, target=1.1))
+    run.network.run_until(12.0)
+    assert first.epoch > epoch, "the rebalance committed nothing"
+    after = {c.name: owner_of(run, c) for c in heavy}
+    spread_after = len(set(after.values()))
+    assert failures(run) == 0 and log.split_flows() == []
+    # The heavy clients' new flows now spread over more servers than their count before.
+    placed = {client: server for (client, _), server in log.since(9.0).items()}
+    assert {placed[c.name] for c in heavy if c.name in placed} == set(after.values())
+    assert spread_after >= 2
+
+
+def test_a_vip_router_dies_tagged_flows_go_on_and_new_flows_are_served_by_the_other() -> None:
+    run, log = start(vip_toml(per_connection=0))  # long connections: all tagged early
+    run.network.run_until(3.0)
+    assert failures(run) == 0
+    busy = max(run.nodes.vip_routers.values(), key=lambda v: v.stats.flows)
+    other = next(v for v in run.nodes.vip_routers.values() if v is not busy)
+    act(run, KillVipRouter(at=run.now, vip_router=busy.name))
+    killed = run.now
+    run.network.run_until(8.0)
+    assert failures(run) == 0  # tagged flows never touch a VIP router
+    # New connections (clients now open short ones) reach the other VIP router.
+    for client in run.nodes.clients.values():
+        client.requests_per_connection = 2
+    run.network.run_until(14.0)
+    assert other.stats.flows > 0 and failures(run) == 0
+    detection = run.topology.pool.report_interval_s * 3.5
+    first_new = min(t for k, t in log.first_seen.items() if t > killed + 5.0)
+    assert first_new - (killed + 5.0) <= detection + 0.1 + 1.0  # + a client's think time
+
+
+def test_a_server_that_dies_loses_its_tree_and_new_flows_go_to_the_others() -> None:
+    run, log = start(vip_toml(per_connection=2))
+    run.network.run_until(3.0)
+    dead = run.nodes.servers["s2"]
+    act(run, Kill(at=run.now, server="s2"))
+    run.network.run_until(8.0)
+    for router in run.nodes.routers.values():
+        assert router.vip is not None
+        assert router.vip.table.toward(int(dead.address)) is None, router.name
+    assert all(server != "s2" for server in log.since(5.0).values())
+    assert run.summary()["clients_served_at_end"] == 24
+
+
+def test_a_server_added_gets_a_tree_and_new_flows() -> None:
+    run, log = start(vip_toml(servers=3, standby=1, per_connection=2))
+    run.network.run_until(3.0)
+    act(run, Add(at=run.now, server="s4"))
+    run.network.run_until(9.0)
+    assert "s4" in set(log.since(5.0).values())
+    assert failures(run) == 0 and log.split_flows() == []
+
+
+# -- what may not come from anywhere --------------------------------------------------------
+
+
+def control_packet(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, message: Any) -> bytes:
+    payload = control.encode(message)
+    udp = UDPDatagram(7946, 7946, payload).to_wire(src, dst)
+    return IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=8).to_wire()
+
+
+def test_a_flow_tag_from_anyone_but_a_vip_router_is_refused() -> None:
+    run, _ = start(vip_toml())
+    run.network.run_until(1.0)
+    edge = run.nodes.routers["ra"]
+    assert edge.vip is not None
+    client = next(iter(run.nodes.clients.values()))
+    flow = control.FlowKey(IPPROTO_TCP, client.address, 1234, VIP, 7946)
+    server = next(iter(run.nodes.servers.values())).address
+    iface = next(i for i in edge.interfaces.values() if client.address in i.network)
+    forged = control.FlowTag("evil", 1, flow, server, 10_000)
+    tagged = dict(edge.vip.flows)
+    edge.receive(iface.name, control_packet(client.address, iface.address, forged), run.now)
+    assert edge.vip.stats.refused == 1 and edge.vip.flows == tagged
+    # Nor may a client claim to be a server and root a tree of its own.
+    hello = control.ServerHello("evil", 1, client.address, VIP, 10_000)
+    edge.receive(iface.name, control_packet(client.address, iface.address, hello), run.now)
+    assert edge.vip.stats.refused == 2
+    assert edge.vip.table.toward(int(client.address)) is None
+    assert int(client.address) not in dict(edge.vip.table.bindings())
+
+
+@pytest.mark.slow
+def test_the_bundled_vip_demo_serves_every_client_through_its_scenario() -> None:
+    from manycast.topology import builtin
+
+    run = PoolRun(builtin("vip"), "memory", seed=1)
+    run.run(20.0)
+    summary = run.summary()
+    assert summary["clients_served_at_end"] == summary["clients"] == 240
+    assert summary["requests_failed"] == 0 and summary["resets"] == 0
+    assert summary["vip"]["packets_after_first"] == 0
+    assert summary["servers"]["s5"]["requests"] > 0  # the added server got new flows
+    assert summary["vip"]["vip_routers"]["vr2"]["flows"] > 0  # the survivor took over
