@@ -55,8 +55,18 @@ T = TypeVar("T")
 
 
 def _load(path: Path | None) -> Topology:
+    """A topology file, or a bundled one by name (`demo`, `vip`) when no such file exists."""
     try:
-        return builtin("demo") if path is None else load(path)
+        if path is None:
+            return builtin("demo")
+        if not path.exists() and path.suffix == "" and path.parent == Path("."):
+            try:
+                return builtin(path.name)
+            except TopologyError:
+                raise fail(
+                    f"{path}: no such file, nor a bundled topology (bundled: demo, vip)", 2
+                ) from None
+        return load(path)
     except TopologyError as exc:
         raise fail(f"{exc}", 2) from None
 
@@ -76,6 +86,17 @@ def _table(snap: LiveView, title: str) -> Group:
             str(s.epoch),
             style=style,
         )
+    parts: list[Table | Text] = [table]
+    if snap.vip_routers:
+        vips = Table(title="VIP routers (Fig 17-19)", title_justify="left")
+        for column in ("vip router", "status", "packets/s", "flows placed"):
+            vips.add_column(
+                column, justify="left" if column in ("vip router", "status") else "right"
+            )
+        for v in snap.vip_routers:
+            style = "red" if v.status == "dead" else ""
+            vips.add_row(v.name, v.status, f"{v.packets_per_s:7.1f}", str(v.flows), style=style)
+        parts.append(vips)
     clients = Text(
         f"clients served in the last seconds: {snap.served_recently}/{snap.clients}   "
         f"requests ok {snap.requests_ok}  failed {snap.requests_failed}  resets {snap.resets}"
@@ -83,7 +104,7 @@ def _table(snap: LiveView, title: str) -> Group:
     events = Text(
         "\n".join(f"  {at:5.1f} s  {what}" for at, what in snap.events[-6:]) or "  (no events yet)"
     )
-    return Group(table, clients, Text("events:"), events)
+    return Group(*parts, clients, Text("events:"), events)
 
 
 def _run(run: PoolRun, duration: float, as_json: bool, title: str, realtime: bool) -> None:
@@ -156,7 +177,8 @@ def demo(
         float | None, typer.Option(help="Seconds to run (default: the topology's).")
     ] = None,
     topology: Annotated[
-        Path | None, typer.Option(help="A topology TOML file (default: the built-in demo).")
+        Path | None,
+        typer.Option(help="A topology TOML file, or a bundled one: demo (default), vip."),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON object, last line.")

@@ -57,6 +57,18 @@ class LiveView:
     requests_failed: int
     resets: int
     events: tuple[tuple[float, str], ...]
+    vip_routers: tuple[VipRouterView, ...] = ()
+
+
+@dataclass(frozen=True)
+class VipRouterView:
+    """A VIP router in the live table: the packets that still reach it (first packets
+    of new flows, ideally nothing else) and the flows it placed."""
+
+    name: str
+    status: str
+    packets_per_s: float
+    flows: int
 
 
 @dataclass
@@ -245,7 +257,21 @@ class PoolRun:
             sum(c.stats.requests_failed for c in clients),
             sum(c.stats.resets for c in clients),
             tuple((e.at, e.what) for e in self.engine.events),
+            tuple(self._vip_router_views(now)),
         )
+
+    def _vip_router_views(self, now: float) -> list[VipRouterView]:
+        views = []
+        for name, router in sorted(self.nodes.vip_routers.items()):
+            key = f"vip:{name}"
+            then, count = self._last_requests.get(key, (0.0, 0))
+            if now > then:
+                self._rates[key] = (router.stats.first_packets - count) / (now - then)
+                self._last_requests[key] = (now, router.stats.first_packets)
+            dead = name in self.engine.dead
+            rate = 0.0 if dead else self._rates.get(key, 0.0)
+            views.append(VipRouterView(name, "dead" if dead else "up", rate, router.stats.flows))
+        return views
 
     def client_records(self) -> list[ClientRecord]:
         return [_record(c, self.topology.clients[c.name].authorized) for c in self._clients()]
