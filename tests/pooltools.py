@@ -1,9 +1,12 @@
-"""Helpers for tests of the live pool on the memory driver.
+"""Helpers for tests of the live pool, on the memory driver and on real sockets.
 
 `pool_toml` writes a small topology (the seed's Fig 9 shape: clients behind an
 edge router, a core, and servers behind two other edge routers, each on its own
 subnet); `start` runs it under a `Trace` that records what each server and
-client receives; the `assert_*` helpers check what a user would see.
+client receives; the `assert_*` helpers check what a user would see. On real
+sockets a busy machine runs the pool at any pace, so a test waits for the outcome
+it checks (`Settled`, `run_pool_until`) under a generous `DEADLINE` instead of
+assuming how long it takes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from manycast.protocol.client import Client
 from manycast.protocol.server import Server
 from manycast.runtime import PoolRun
 from manycast.space import Allocation, PortionSet
+from manycast.summary import served_recently, served_window
 from manycast.topology import loads
 from manycast.wire import control
 from manycast.wire.errors import WireError
@@ -245,8 +249,15 @@ def assert_one_allocation(run: PoolRun) -> Allocation:
     joined = {name: s.portions or PortionSet() for name, s in servers.items()}
     union = Allocation.from_portions(current.space, joined)  # raises on overlap or gap
     assert union == current
+    for router, client, toward in _routes(run):
+        assert toward == {current.owner(client.address)}, (router, client.name, toward)
+    return current
+
+
+def _routes(run: PoolRun) -> Iterable[tuple[str, Client, set[str]]]:
+    """(router, client, the live servers the router sends the client's packets to)."""
     group = int(run.topology.pool.group)
-    by_address = {int(s.address): name for name, s in servers.items()}
+    by_address = {int(s.address): name for name, s in live(run).items()}
     for router in run.nodes.routers.values():
         members = router.members.get(group, {})
         for client in run.nodes.clients.values():
@@ -256,8 +267,7 @@ def assert_one_allocation(run: PoolRun) -> Allocation:
                 for o, m in members.items()
                 if o in by_address and m.filter.matches(src)
             }
-            assert toward == {current.owner(client.address)}, (router.name, client.name, toward)
-    return current
+            yield router.name, client, toward
 
 
 def back_at(client: Client, since: float) -> float | None:
@@ -283,3 +293,121 @@ def assert_all_served_since(run: PoolRun, since: float) -> None:
 def owners(alloc: Allocation, run: PoolRun) -> dict[str, str | None]:
     """client -> owning server under `alloc`."""
     return {name: alloc.owner(c.address) for name, c in run.nodes.clients.items()}
+
+
+# -- waiting for an outcome on real time (the overlay) ----------------------------------------
+
+# Seconds a test on real sockets waits for an outcome before it gives up. An idle
+# machine gets there in a second or two; a busy one may take many times longer.
+DEADLINE = 30.0
+
+
+# A client gives up on a request after 2 s by default, and a busy host may take that
+# long to answer one without losing anything. Tests on real sockets give the clients
+# more patience (and no topology key sets it yet), well inside DEADLINE, so that a
+# request that is really lost still fails before the test stops waiting.
+PATIENCE = 10.0
+
+
+def patient(run: PoolRun) -> PoolRun:
+    """Let every client of `run` wait `PATIENCE` for an answer; call before running."""
+    for client in run.nodes.clients.values():
+        client.request_timeout = PATIENCE
+    return run
+
+
+def agreed(run: PoolRun) -> Allocation | None:
+    """The allocation every live server holds; None while they disagree or hold none."""
+    servers = live(run)
+    if len({s.coordinator.view for s in servers.values()}) != 1:
+        return None
+    return next(iter(servers.values())).coordinator.allocation
+
+
+def routed(run: PoolRun, alloc: Allocation) -> bool:
+    """Every router sends each client's packets to its owner under `alloc`, and only there."""
+    return all(toward == {alloc.owner(client.address)} for _, client, toward in _routes(run))
+
+
+def _members(run: PoolRun) -> list[Client]:
+    authorized = {name for name, spec in run.topology.clients.items() if spec.authorized}
+    return [c for name, c in run.nodes.clients.items() if name in authorized]
+
+
+def served_now(run: PoolRun) -> bool:
+    """Every member client counts as served now (the summary's `clients_served_at_end`)."""
+    records = run.client_records()
+    members = [r for r in records if r.authorized]
+    window = served_window(r.rate for r in records)
+    return served_recently(members, run.now, window) == len(members)
+
+
+def requests_ok(run: PoolRun) -> int:
+    """Requests the member clients had answered (the summary's `requests_ok`)."""
+    return sum(c.stats.requests_ok for c in _members(run))
+
+
+@dataclass
+class Settled:
+    """A condition: true once a change is complete as the clients see it. Every live
+    server holds one allocation that `accept`s, every router sends each client to its
+    owner under it, and since then (and since `since`, and since its own last
+    disruption) every member client has been answered. If the pool unsettles
+    meanwhile, the wait starts over."""
+
+    run: PoolRun
+    accept: Callable[[Allocation], bool]
+    since: float = 0.0
+    at: float | None = None  # when the routes were first seen settled
+
+    def __call__(self) -> bool:
+        alloc = agreed(self.run)
+        if alloc is None or not self.accept(alloc) or not routed(self.run, alloc):
+            self.at = None
+            return False
+        if self.at is None:
+            self.at = self.run.now
+        start = max(self.at, self.since)
+        return all(back_at(c, start) is not None for c in _members(self.run))
+
+
+def every(run: PoolRun, seconds: float, condition: Callable[[], bool]) -> Callable[[], bool]:
+    """`condition`, asked at most once every `seconds` of the run's clock (the driver
+    asks every few milliseconds, and the pool should not spend its time answering);
+    meanwhile its last answer stands."""
+    last: list[float] = [float("-inf")]
+    answer = [False]
+
+    def ask() -> bool:
+        if run.now - last[0] >= seconds:
+            last[0] = run.now
+            answer[0] = condition()
+        return answer[0]
+
+    return ask
+
+
+class _Enough(Exception):
+    """Ends `PoolRun.run` from its tick once the outcome a test waits for holds."""
+
+
+def run_pool_until(
+    run: PoolRun, condition: Callable[[], bool], deadline: float = DEADLINE, tick: float = 0.25
+) -> tuple[bool, dict[str, Any]]:
+    """`run.run(...)` (which also serves a private pool's records in DNS) until
+    `condition()` holds, checked every `tick`, or `deadline` on the run's clock.
+    Returns whether it held, and the summary at that moment (a real-time clock goes
+    on after the run, and "served at the end" would slip with it). The network is
+    closed either way."""
+    summary: list[dict[str, Any]] = []
+
+    def check(_: object) -> None:
+        if condition():
+            summary.append(run.summary())
+            raise _Enough
+
+    try:
+        run.run(deadline, check, tick=tick)
+    except _Enough:
+        return True, summary[0]
+    return False, run.summary()

@@ -518,7 +518,7 @@ def test_vip_builtin_loads_as_documented() -> None:
         "s4": False,
         "s5": True,
     }
-    assert len(topo.clients) == 240
+    assert len(topo.clients) == 120
     assert {c.group for c in topo.clients.values()} == {"a", "b"}
     assert [(s.at, s.action) for s in topo.scenario] == [
         (5.0, "set_share"),
@@ -767,7 +767,7 @@ def test_edge_router_finds_the_router_of_a_non_router_link(vip: Topology) -> Non
 
 def test_edge_router_in_the_shipped_vip_topology() -> None:
     topo = builtin("vip")
-    assert {topo.edge_router(topo.address(c)) for c in ("a1", "a120")} == {"ra"}
+    assert {topo.edge_router(topo.address(c)) for c in ("a1", "a60")} == {"ra"}
     assert topo.edge_router(topo.address("b7")) == "rb"
     assert topo.edge_router(topo.address("vr1")) == "core"
 
@@ -783,4 +783,4 @@ def test_topology_check_shows_vip_routers() -> None:
     assert "-> 203.0.113.80:7000" in result.output
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
     assert "vip_router" in rows["vr1"] and "vip_router" in rows["vr2"]
-    assert "240 clients, 13 links, 3 scenario steps" in result.output
+    assert "120 clients, 13 links, 3 scenario steps" in result.output

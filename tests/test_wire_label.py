@@ -43,6 +43,8 @@ from manycast.wire.label import (
     push,
     split,
     swap_top,
+    unwrap_v4,
+    wrap_v4,
 )
 
 # --- strategies -------------------------------------------------------------------------
@@ -437,3 +439,37 @@ def test_fast_path_errors() -> None:
         push(b"", 100)
     with pytest.raises(WireError, match="ttl 256"):
         push(INNER, 100, ttl=256)
+
+
+# --- the IPv4 fast path routers use -------------------------------------------------------
+
+
+@given(mpls_payloads(), st.integers(0, 0xFFFF))
+def test_fast_wrap_is_what_the_strict_decoder_reads_and_unwrap_inverts_it(
+    mpls: MplsInUdp, sport: int
+) -> None:
+    packet = wrap_v4(int(V4A), int(V4B), mpls.to_wire(), sport)
+    header, stack, inner = decapsulate(packet)
+    assert (header.src, header.dst, stack, inner) == (V4A, V4B, mpls.stack, mpls.inner)
+    assert unwrap_v4(packet) == (int(V4A), sport, mpls.to_wire())
+
+
+@given(mpls_payloads(), st.booleans())
+def test_fast_unwrap_reads_what_encapsulate_writes(mpls: MplsInUdp, checksum: bool) -> None:
+    packet = encapsulate(V4A, V4B, mpls.stack, mpls.inner, checksum=checksum)
+    src, _, payload = unwrap_v4(packet)
+    assert (src, payload) == (int(V4A), mpls.to_wire())
+
+
+@given(mpls_payloads(), st.data())
+def test_fast_unwrap_raises_only_wire_error_on_bit_flips(
+    mpls: MplsInUdp, data: st.DataObject
+) -> None:
+    packet = bytearray(encapsulate(V4A, V4B, mpls.stack, mpls.inner))
+    index = data.draw(st.integers(0, len(packet) - 1))
+    packet[index] ^= 1 << data.draw(st.integers(0, 7))
+    with contextlib.suppress(WireError):
+        unwrap_v4(bytes(packet))
+    for cut in (0, 19, 27):
+        with pytest.raises(WireError):
+            unwrap_v4(bytes(packet[:cut]))

@@ -55,6 +55,7 @@ _MFC_LIMIT = 1 << 16
 
 _FULL = 0xFFFFFFFF
 MAX_PENDING_JOINS = 1024  # joins held while their group's key is looked up
+VIP_SWEEP = 0.25  # seconds between sweeps of a VIP pool's lapsed tags and bindings
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +212,9 @@ class Router(Node):
                 self.timers.arm("labels", now + self.hold_time / 3)
             if "vip" in fired:
                 self.vip.expire(now)
-                self._vip_changed(now)
+                self.vip.advertise(now)
+                if self.vip.next_expiry() is not None:
+                    self.timers.arm("vip", now + VIP_SWEEP)
         if "expire" in fired:
             self._expire(now)
         if "pins" in fired:
@@ -522,14 +525,13 @@ class Router(Node):
         self._arm_expiry()
 
     def _vip_changed(self, now: float) -> None:
-        """After any VIP-plane event: advertise changed bindings, re-arm its expiry."""
+        """After any VIP-plane event: advertise changed bindings; make sure a sweep of
+        lapsed tags, bindings and adverts is due (a sweep, not one timer per flow:
+        per packet work stays constant however many flows there are)."""
         assert self.vip is not None
         self.vip.advertise(now)
-        soonest = self.vip.next_expiry()
-        if soonest is None:
-            self.timers.cancel("vip")
-        else:
-            self.timers.arm("vip", soonest)
+        if not self.timers.armed("vip"):
+            self.timers.arm("vip", now + VIP_SWEEP)
 
     # -- views -----------------------------------------------------------------------
     def membership(self) -> dict[str, dict[str, str]]:

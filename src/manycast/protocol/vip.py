@@ -85,7 +85,10 @@ class VipRouter(Node):
         self._vip = int(vip)
         self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
         self.flow_idle = flow_idle
-        self.hold = settings.report_interval_s * 3.5
+        # Routers stop sending us new flows one failure-detection time after our last
+        # advert, the time the servers take to notice one of their own is dead.
+        self.advert_every = settings.heartbeat_s
+        self.hold = settings.dead_after
         self.observer = Coordinator(
             name, self.address, settings, rng, initial=initial, observer=True
         )
@@ -265,7 +268,7 @@ class VipRouter(Node):
         advert = control.VipAdvert(self.name, self._next_seq(), self.vip, self.address, hold_ms)
         self._send_control(ipaddress.IPv4Address(self.gateway), advert)
         self.table.expire(now)
-        self.timers.arm("advert", now + self.hold / 3)
+        self.timers.arm("advert", now + self.advert_every)
 
     def _join_control_channel(self, now: float) -> None:
         """Join the control group (every source), as the servers do, to follow them."""

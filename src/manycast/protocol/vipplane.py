@@ -26,7 +26,7 @@ from manycast.protocol.labels import Hop, LabelTable
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram, decrement_ttl_v4
-from manycast.wire.label import MPLS_UDP_PORT, entropy_port, peek_top, pop, push, swap_top
+from manycast.wire.label import entropy_port, peek_top, pop, push, swap_top, unwrap_v4, wrap_v4
 
 _PORTS = struct.Struct("!HH")
 _TCP_FIN, _TCP_RST = 0x01, 0x04
@@ -69,6 +69,7 @@ class VipPlaneStats:
     labelled_delivered: int = 0  # popped at a tree's last hop, handed to the server
     label_unknown: int = 0  # a label we did not bind, or whose tree is gone
     label_ttl_expired: int = 0
+    malformed: int = 0  # labelled packets that do not decode
     pushed: int = 0  # tagged flows' packets labelled at this edge
     to_vip_router: int = 0  # unlabelled VIP packets sent toward a VIP router
     no_vip_router: int = 0  # ... with no live VIP router known
@@ -92,10 +93,9 @@ def flow_of(packet: bytes) -> tuple[Flow, int] | None:
 
 
 def wrap(src: ipaddress.IPv4Address, dst: int, payload: bytes, sport: int) -> bytes:
-    """An MPLS-in-UDP payload (label stack and inner packet) in UDP and IPv4 to `dst`."""
-    target = ipaddress.IPv4Address(dst)
-    udp = UDPDatagram(sport, MPLS_UDP_PORT, payload).to_wire(src, target)
-    return IPv4Packet.make(src, target, IPPROTO_UDP, udp, ttl=1).to_wire()
+    """An MPLS-in-UDP payload (label stack and inner packet) in UDP and IPv4 to `dst`,
+    the next router (TTL 1: the tunnel is one hop)."""
+    return wrap_v4(int(src), dst, payload, sport)
 
 
 @dataclass
@@ -125,17 +125,15 @@ class VipPlane:
     def on_labelled(self, packet: bytes, now: float) -> None:
         """An MPLS-in-UDP packet to one of our addresses: switch it by its top label."""
         try:
-            outer = IPv4Packet.from_wire(packet)
-            datagram = UDPDatagram.from_wire(outer.payload, outer.header.src, outer.header.dst)
-            label = peek_top(datagram.payload)[0]
+            _, sport, payload = unwrap_v4(packet)
+            label = peek_top(payload)[0]
         except WireError:
-            self.stats.label_unknown += 1
+            self.stats.malformed += 1
             return
         hop = self.table.switch(label)
         if hop is None:
             self.stats.label_unknown += 1
             return
-        payload = datagram.payload
         if hop.label is None:
             inner = pop(payload)
             if inner is None:
@@ -149,9 +147,7 @@ class VipPlane:
             self.stats.label_ttl_expired += 1
             return
         src = self.router.address_on(hop.iface)
-        self.router.send(
-            hop.iface, wrap(src, hop.neighbor, swapped, datagram.src_port), hop.neighbor
-        )
+        self.router.send(hop.iface, wrap(src, hop.neighbor, swapped, sport), hop.neighbor)
         self.stats.labelled_switched += 1
 
     def on_vip_packet(self, iface: str, packet: bytes, ttl: int, now: float) -> None:

@@ -28,11 +28,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from manycast.wire.cursor import Reader
+from manycast.wire.cursor import Reader, internet_checksum
 from manycast.wire.errors import WireError
 from manycast.wire.ip import (
     IPPROTO_TCP,
     IPPROTO_UDP,
+    IPV4_HEADER_LEN,
     UDP_HEADER_LEN,
     IPv4Header,
     IPv4Packet,
@@ -350,3 +351,46 @@ def push(packet: bytes, label: int, ttl: int = 64, tc: int = 0) -> bytes:
     _check_int("label push", "ttl", ttl, 0xFF)
     _check_int("label push", "tc", tc, 7)
     return _WORD.pack(label << 12 | tc << 9 | 0x100 | ttl) + packet
+
+
+# --- Fast path for MPLS-in-UDP over IPv4 ------------------------------------------------
+# A router switches every labelled packet: these build and read the outer IPv4 + UDP
+# headers with struct alone. The UDP checksum is zero (RFC 7510 §3 allows it over IPv4:
+# the label and the inner packet's own checks cover what matters); the IPv4 header
+# checksum is computed and checked as always.
+
+_OUTER_V4 = struct.Struct("!BBHHHBBHII HHHH")
+OUTER_V4_LEN = _OUTER_V4.size  # 28: an IPv4 header without options, then UDP
+
+
+def wrap_v4(src: int, dst: int, payload: bytes, sport: int, ttl: int = 1) -> bytes:
+    """An MPLS-in-UDP `payload` (label stack and inner packet) in IPv4 + UDP from
+    `src` to `dst` (addresses as ints), UDP checksum zero."""
+    total = OUTER_V4_LEN + len(payload)
+    if total > 0xFFFF:
+        raise WireError(f"MPLS-in-UDP: {total} bytes do not fit one IPv4 packet")
+    udp_len = total - IPV4_HEADER_LEN
+    header = _OUTER_V4.pack(
+        0x45, 0, total, 0, 0, ttl, IPPROTO_UDP, 0, src, dst, sport, MPLS_UDP_PORT, udp_len, 0
+    )
+    checksum = internet_checksum(header[:IPV4_HEADER_LEN])
+    return header[:10] + checksum.to_bytes(2, "big") + header[12:] + payload
+
+
+def unwrap_v4(packet: bytes) -> tuple[int, int, bytes]:
+    """(outer source, UDP source port, MPLS-in-UDP payload) of an IPv4 MPLS-in-UDP
+    packet; checks the header, its checksum, the lengths, the port and a UDP checksum
+    when one is sent. `WireError` otherwise (the strict `decapsulate` says more)."""
+    if len(packet) < OUTER_V4_LEN:
+        raise WireError(f"MPLS-in-UDP packet: {len(packet)} bytes, shorter than its headers")
+    (ver_ihl, _, total, _, frag, _, protocol, _, src, dst,
+     sport, dport, udp_len, udp_sum) = _OUTER_V4.unpack_from(packet)  # fmt: skip
+    if ver_ihl != 0x45 or protocol != IPPROTO_UDP or dport != MPLS_UDP_PORT:
+        raise WireError("not an MPLS-in-UDP packet over IPv4 without options")
+    if total != len(packet) or udp_len != total - IPV4_HEADER_LEN or frag & 0x3FFF:
+        raise WireError("MPLS-in-UDP packet: lengths disagree, or a fragment")
+    if internet_checksum(packet[:IPV4_HEADER_LEN]) != 0:
+        raise WireError("MPLS-in-UDP packet: bad IPv4 header checksum")
+    if udp_sum:
+        UDPDatagram.from_wire(packet[IPV4_HEADER_LEN:], IPv4Address(src), IPv4Address(dst))
+    return src, sport, packet[OUTER_V4_LEN:]
