@@ -234,6 +234,23 @@ def test_join_claiming_another_requester_is_refused_on_the_senders_link() -> Non
     assert r.membership() == {}
 
 
+def test_a_refused_join_leaves_the_earlier_join_of_its_requester_intact() -> None:
+    # s1 joins for the even sources; then an impostor on the client LAN claims to be
+    # s1 and asks for the odd ones (or to leave: an empty include). Neither is
+    # believed, and s1 keeps receiving exactly its even sources.
+    r = make_router()
+    r.receive("eth2", join(S1, EVEN), 0.0)
+    r.take_frames()
+    before = r.membership()
+    impostor = IPv4Address("10.1.0.9")
+    r.receive("eth0", join(S1, ODD, src=impostor), 0.1)
+    r.receive("eth0", join(S1, PortionSet(()), src=impostor), 0.2)
+    assert r.stats.rejected["wrong link"] == 2
+    assert r.membership() == before
+    assert forwarded(r, "10.1.0.2", now=0.3) == [("eth2", S1)]
+    assert forwarded(r, "10.1.0.3", now=0.3) == []
+
+
 def _bad_checksum() -> bytes:
     packet = IPv4Packet.from_wire(join(S1, EVEN))
     igmp = bytearray(packet.payload)
