@@ -301,3 +301,30 @@ def test_the_bundled_vip_demo_serves_every_client_through_its_scenario() -> None
     assert summary["vip"]["packets_after_first"] == 0
     assert summary["servers"]["s5"]["requests"] > 0  # the added server got new flows
     assert summary["vip"]["vip_routers"]["vr2"]["flows"] > 0  # the survivor took over
+
+
+def test_vip_traffic_reaches_the_nearest_live_vip_router_without_a_loop() -> None:
+    # A topology with a ring, so that routed paths and hop counts could disagree.
+    text = vip_toml(vip_routers=("ra", "rs2"))
+    text = text.replace(
+        '[[link]]\nbetween = ["core", "rs2"]',
+        '[[link]]\nbetween = ["ra", "rs2"]\ndelay_ms = 9\n[[link]]\nbetween = ["core", "rs2"]',
+    )
+    run = PoolRun(loads(text), "memory", seed=1)
+    routers = run.nodes.routers
+    owner = {a: r for r in routers.values() for a in r._own}
+    addresses = [int(v.address) for v in run.nodes.vip_routers.values()]
+    for live in ([addresses[0]], [addresses[1]], addresses):
+        for start_router in routers.values():
+            at, seen = start_router, set()
+            assert at.vip is not None
+            target = at.vip.nearest_vip_router_among(live)
+            while True:
+                assert at.name not in seen, f"a loop toward a VIP router from {start_router.name}"
+                seen.add(at.name)
+                assert at.vip is not None and at.vip.nearest_vip_router_among(live) == target
+                hop = at.route(target)
+                assert hop is not None
+                if hop[1] == target:
+                    break
+                at = owner[hop[1]]

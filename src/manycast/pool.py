@@ -201,7 +201,7 @@ def _vip_options(topology: Topology, router: str) -> dict[str, Any]:
     if topology.pool.vip is None:
         return {}
     distances = {
-        int(topology.address(name)): float(topology.hops(router, name))
+        int(topology.address(name)): topology.distance(router, name)
         for name in topology.vip_routers
     }
     links: dict[str, tuple[int, ...]] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -196,10 +196,16 @@ class VipPlane:
         self.router.send(hop.iface, wrap(src, hop.neighbor, payload, sport), hop.neighbor)
 
     def nearest_vip_router(self, now: float) -> int | None:
-        live = [addr for addr, (until, _) in self.vip_routers.items() if until > now]
-        if not live:
-            return None
-        return min(live, key=lambda addr: (self.distances.get(addr, float("inf")), addr))
+        return self.nearest_vip_router_among(
+            addr for addr, (until, _) in self.vip_routers.items() if until > now
+        )
+
+    def nearest_vip_router_among(self, live: Iterable[int]) -> int | None:
+        """The nearest by the routing metric, ties by address: every router on the way
+        to it picks it too (subpaths of shortest paths are shortest), so no loop."""
+        return min(
+            live, key=lambda addr: (self.distances.get(addr, float("inf")), addr), default=None
+        )
 
     # -- control messages ----------------------------------------------------------------
     def on_control(

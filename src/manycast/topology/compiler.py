@@ -26,7 +26,7 @@ from manycast.steps import (
 )
 from manycast.topology.addressing import HostLink, Lan, RouterLink, Wiring, assign_addresses
 from manycast.topology.reader import Lines, TableReader, fail_at
-from manycast.topology.routing import hop_counts, reachable, routes
+from manycast.topology.routing import costs, hop_counts, reachable, routes
 from manycast.topology.spec import (
     Approach,
     ClientSpec,
@@ -111,6 +111,7 @@ class _Compiler:
             hosts=hosts,
             vip_routers=vip_routers,
             router_hops={r: hop_counts(r, wiring.graph) for r in routers},
+            router_costs={r: costs(r, wiring.graph) for r in routers},
         )
 
     def routers(self) -> dict[str, RouterSpec]:

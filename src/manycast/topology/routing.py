@@ -59,6 +59,11 @@ def hop_counts(router: str, graph: Graph) -> dict[str, int]:
     return {peer: path.hops for peer, path in shortest_paths(router, graph).items()}
 
 
+def costs(router: str, graph: Graph) -> dict[str, float]:
+    """The routing metric (summed link delay) from `router` to each router."""
+    return {peer: path.cost for peer, path in shortest_paths(router, graph).items()}
+
+
 @dataclass(frozen=True, slots=True)
 class Path:
     """The shortest path from a router to another: its cost, its router-to-router

@@ -118,6 +118,8 @@ class Topology:
     vip_routers: dict[str, VipRouterSpec] = field(default_factory=dict)
     # router -> router -> router-to-router hops on the routed (shortest-delay) path
     router_hops: dict[str, dict[str, int]] = field(default_factory=dict)
+    # router -> router -> the routing metric (summed link delay, seconds) between them
+    router_costs: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def kind(self, node: str) -> str:
         if node in self.routers:
@@ -145,6 +147,23 @@ class Topology:
         if router not in self.routers:
             raise KeyError(router)
         return self.router_hops[router][self.router_of(node)]
+
+    def distance(self, router: str, node: str) -> float:
+        """The routing metric from `router` to `node` itself: the routed path's delay to
+        the router `node` hangs off, plus `node`'s own link. Choosing the nearest of
+        several nodes by it never loops: every router on the way chooses the same."""
+        if router not in self.routers:
+            raise KeyError(router)
+        attached = self.router_of(node)
+        cost = self.router_costs[router][attached]
+        if node == attached:
+            return cost
+        link = next(
+            spec
+            for spec in self.links.values()
+            if {m.node for m in spec.members} >= {node, attached}
+        )
+        return cost + link.delay
 
     def edge_router(self, address: ipaddress.IPv4Address) -> str | None:
         """The router whose directly attached non-router link (a client LAN, a server's
