@@ -61,11 +61,16 @@ class LabelTable:
     # neighbour router -> server -> (its label for that server's tree, expiry)
     _learned: dict[int, dict[int, tuple[int, float]]] = field(default_factory=dict)
     _advertised: tuple[tuple[int, int], ...] = ()
+    # Something that may change our bindings happened since we last compared them
+    # (checked per packet, so the comparison itself runs only after such events).
+    _dirty: bool = True
 
     # -- what arrives --------------------------------------------------------------------
     def hello(self, server: int, iface: str, hold: float, now: float) -> None:
         """A server on our link `iface` serves the pool: we are its tree's last hop."""
         self.stats.hellos += 1
+        if server not in self._egress:
+            self._dirty = True
         self._egress[server] = _Egress(iface, now + hold)
 
     def mapping(
@@ -76,20 +81,25 @@ class LabelTable:
         fresh = {fec: (label, now + hold) for fec, label in bindings}
         before = self._learned.get(neighbor, {})
         self.stats.withdrawn += len(before.keys() - fresh.keys())
+        if bindings_of(before) != bindings_of(fresh):
+            self._dirty = True
         self._learned[neighbor] = fresh
 
     def forget(self, server: int) -> None:
         """A server said goodbye (or died where we could see it): its tree ends here."""
-        self._egress.pop(server, None)
+        if self._egress.pop(server, None) is not None:
+            self._dirty = True
 
     def expire(self, now: float) -> None:
         for server in [s for s, e in self._egress.items() if e.expires <= now]:
             del self._egress[server]
+            self._dirty = True
         for table in self._learned.values():
             lapsed = [fec for fec, (_, expires) in table.items() if expires <= now]
             for fec in lapsed:
                 del table[fec]
             self.stats.withdrawn += len(lapsed)
+            self._dirty = self._dirty or bool(lapsed)
 
     def next_expiry(self) -> float | None:
         times = [e.expires for e in self._egress.values()]
@@ -143,8 +153,15 @@ class LabelTable:
     def changed(self) -> bool:
         """Whether our bindings differ from what we last advertised (then they are
         taken as advertised)."""
+        if not self._dirty:
+            return False
+        self._dirty = False
         now = self.bindings()
         if now == self._advertised:
             return False
         self._advertised = now
         return True
+
+
+def bindings_of(table: dict[int, tuple[int, float]]) -> dict[int, int]:
+    return {fec: label for fec, (label, _) in table.items()}

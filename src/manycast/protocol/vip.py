@@ -142,9 +142,10 @@ class VipRouter(Node):
             return
         flow, _ = found
         picked = self.flows.get(flow)
-        if picked is not None and picked.server not in self.observer.alive(now):
-            # Its server died before the flow got going (a SYN still retransmitted):
-            # nothing of it lives anywhere, so it may start over on a live server.
+        if picked is not None and self.table.toward(picked.address) is None:
+            # Its server's tree is gone (no hello for a hold time: the server is dead,
+            # not just slow to send a heartbeat), and so is the flow: it may start over
+            # on a live server (its SYN is still being retransmitted).
             del self.flows[flow]
             picked = None
             self.stats.repicked += 1

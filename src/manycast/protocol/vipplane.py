@@ -74,6 +74,7 @@ class VipPlaneStats:
     to_vip_router: int = 0  # unlabelled VIP packets sent toward a VIP router
     no_vip_router: int = 0  # ... with no live VIP router known
     flows_tagged: int = 0
+    retags_refused: int = 0  # a tag naming another server for a flow whose server lives
     flows_ended: int = 0  # by FIN or RST
     flows_idle: int = 0
     refused: int = 0  # control messages from where they may not come
@@ -239,9 +240,16 @@ class VipPlane:
                 return True
             flow = message.flow
             key = Flow(flow.protocol, int(flow.client), flow.client_port, flow.vip_port)
-            if key not in self.flows:
+            server = int(message.server)
+            held = self.flows.get(key)
+            if held is None:
                 self.stats.flows_tagged += 1
-            self.flows[key] = _Tag(int(message.server), message.idle_ms / 1000, now)
+            elif held.server != server and self.table.toward(held.server) is not None:
+                # A flow keeps its server while that server's tree stands: a second
+                # opinion (another VIP router's, a stale one) does not split it.
+                self.stats.retags_refused += 1
+                return True
+            self.flows[key] = _Tag(server, message.idle_ms / 1000, now)
         elif isinstance(message, control.FlowUntag):
             if src not in self.distances:
                 self.stats.refused += 1
