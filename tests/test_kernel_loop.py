@@ -37,7 +37,8 @@ class Ticker(Node):
         self.every, self.limit, self.ticks = every, limit, 0
 
     def start(self, now: float) -> None:
-        self.timers.arm("tick", now + self.every)
+        if self.limit:  # limit 0: a node that never ticks (nothing races the test)
+            self.timers.arm("tick", now + self.every)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         self.send(iface, packet, None)

@@ -498,6 +498,12 @@ def test_plain_kernel_joins_create_no_membership(lab_factory) -> None:  # type: 
 
 @pytest.mark.lab
 @pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def _ns_pids(ns: str) -> list[str]:
+    """The processes running in network namespace `ns` (`ip netns pids`)."""
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+    return out.stdout.split()
+
+
 def test_down_leaves_nothing_even_after_sigkill(lab_factory) -> None:  # type: ignore[no-untyped-def]
     from manycast.drivers import netns
 
@@ -512,6 +518,13 @@ def test_down_leaves_nothing_even_after_sigkill(lab_factory) -> None:  # type: i
         [*cli, "a1", "--", "sleep", "600"],
         env={**os.environ, "MANYCAST_LAB_RUN_ROOT": str(lab.run_root)},
     )
+    # It must be running in the node before the crash (the CLI takes a while to
+    # start on a busy machine): the namespace lists its process.
+    deadline = time.monotonic() + 60
+    while not _ns_pids(lab.ns("a1")) and time.monotonic() < deadline:
+        assert stray.poll() is None, "manycast lab exec ended before it ran the program"
+        time.sleep(0.05)
+    assert _ns_pids(lab.ns("a1")), "the program never ran in the node"
     # Traffic, so the routers hold forwarding entries.
     sock = netns.socket_in(lab.ns("a1"), socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 8)
@@ -527,7 +540,7 @@ def test_down_leaves_nothing_even_after_sigkill(lab_factory) -> None:  # type: i
         os.kill(pid, signal.SIGKILL)
     removed = lab.down()
     assert removed["namespaces"] == len(topology.interfaces)
-    assert stray.wait(timeout=5) != 0
+    assert stray.wait(timeout=30) != 0
     assert lab.namespaces() == []
     assert not any(Path(f"/proc/{pid}").exists() and _not_zombie(pid) for pid in pids)
     assert not lab.run_dir.exists()
