@@ -302,17 +302,24 @@ def owners(alloc: Allocation, run: PoolRun) -> dict[str, str | None]:
 DEADLINE = 30.0
 
 
-# A client gives up on a request after 2 s by default, and a busy host may take that
-# long to answer one without losing anything. Tests on real sockets give the clients
-# more patience (and no topology key sets it yet), well inside DEADLINE, so that a
-# request that is really lost still fails before the test stops waiting.
-PATIENCE = 10.0
+# The pool's own waits are sized for a host that keeps up: a client gives up on a
+# request after 2 s, an R2 server resets a forwarded connection nobody claims within
+# 0.3 s, an R3 server one whose state nobody offers within 0.9 s. A busy host may take
+# that long to pass a packet along without anything being lost, so tests on real
+# sockets make them PATIENCE times longer (no topology key sets them yet). That stays
+# well inside DEADLINE: a request or a connection really lost still fails, and the
+# test sees it, before it stops waiting.
+PATIENCE = 5.0
 
 
 def patient(run: PoolRun) -> PoolRun:
-    """Let every client of `run` wait `PATIENCE` for an answer; call before running."""
+    """Make the clients and servers of `run` wait PATIENCE times longer before they
+    give a request or a moved connection up; call before running."""
     for client in run.nodes.clients.values():
-        client.request_timeout = PATIENCE
+        client.request_timeout *= PATIENCE
+    for server in [*run.nodes.servers.values(), *run.nodes.standby.values()]:
+        server.handover.forward_timeout *= PATIENCE
+        server.handover.query_timeout *= PATIENCE
     return run
 
 
@@ -383,6 +390,19 @@ def every(run: PoolRun, seconds: float, condition: Callable[[], bool]) -> Callab
             last[0] = run.now
             answer[0] = condition()
         return answer[0]
+
+    return ask
+
+
+def once(condition: Callable[[], bool]) -> Callable[[], bool]:
+    """`condition`, true from the first time it holds. `run_until` asks again after it
+    wakes, and an outcome that held (every client served within the last 1.5 s) may
+    have lapsed by then on a busy host."""
+    held = [False]
+
+    def ask() -> bool:
+        held[0] = held[0] or condition()
+        return held[0]
 
     return ask
 
