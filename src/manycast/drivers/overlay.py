@@ -228,10 +228,12 @@ class AsyncOverlay:
         self._waiter = waiter
         handle = self._loop.call_at(self._t0 + until, _resolve_waiter, waiter)
         checker: asyncio.TimerHandle | None = None
+        held = False
 
         def check() -> None:
-            nonlocal checker
+            nonlocal checker, held
             if condition is not None and condition():
+                held = True
                 _resolve_waiter(waiter)
             else:
                 checker = self._loop.call_later(poll, check)
@@ -246,7 +248,7 @@ class AsyncOverlay:
                 checker.cancel()
             self._waiter = None
         self._raise_error()
-        return condition is not None and condition()
+        return held
 
     async def run_for(self, seconds: float) -> None:
         await self.run_until(self.now + seconds)

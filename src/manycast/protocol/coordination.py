@@ -355,7 +355,13 @@ class Coordinator:
             if server not in alive and len(self.allocation.servers) > 1:
                 self._propose(control.RemoveServerOp(server), now)
                 return
-        for peer in sorted(alive - set(self.allocation.servers)):
+        # After a stall of ours every peer counts as alive for a while (their
+        # heartbeats may be queued unread): that holds back removals, but a server is
+        # added back only on a heartbeat heard within the timeout.
+        recent = {
+            p.name for p in self.peers.values() if p.last_seen >= now - self.settings.dead_after
+        }
+        for peer in sorted(recent - set(self.allocation.servers)):
             self._propose(control.AddServerOp(peer, None), now)
             return
         while self._queue:
