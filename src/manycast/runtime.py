@@ -198,9 +198,10 @@ class PoolRun:
             self._dns.__enter__()
             self.dns_address = self._dns.address
         try:
-            t = self.now
-            while t < duration:
-                t = min(duration, t + tick)
+            while self.now < duration:
+                # Step from where the clock is, not from the last target: a run that
+                # falls behind (a busy host) catches up instead of overshooting.
+                t = min(duration, self.now + tick)
                 self._net.run_until(t)
                 if realtime and not self._net.realtime:
                     time.sleep(max(0.0, start_wall + t - time.monotonic()))
