@@ -18,6 +18,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from manycast.drivers.overlay_network import OverlayNetwork
@@ -203,3 +204,15 @@ def host_pool(
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
+
+
+def node_command(
+    path: Path, node: str, base_port: int, duration: float, seed: int | None = None
+) -> list[str]:
+    """`manycast run` hosting only `node` of the topology at `path`: the process a
+    bench SIGKILLs to crash that node for real."""
+    command = [sys.executable, "-m", "manycast", "run", str(path), "--nodes", node]
+    command += ["--base-port", str(base_port), "--duration", f"{duration:g}"]
+    if seed is not None:
+        command += ["--seed", str(seed)]
+    return command

@@ -45,7 +45,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -63,6 +62,7 @@ from _pool import (
     every,
     host_pool,
     median,
+    node_command,
     percentile,
     two_router_pool,
 )
@@ -581,20 +581,7 @@ def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
     victim_address = int(topo.address(VICTIM))
     routers = list(run.nodes.routers.values())
     servers = run.nodes.servers
-    command = [
-        sys.executable,
-        "-m",
-        "manycast",
-        "run",
-        str(path),
-        "--nodes",
-        VICTIM,
-        "--base-port",
-        str(base),
-        "--duration",
-        "40",
-        "--json",
-    ]
+    command = [*node_command(path, VICTIM, base, 40), "--json"]
     victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result: dict[str, Any] = {"run": index + 1}
     try:

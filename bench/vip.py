@@ -57,7 +57,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -70,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from _common import emit, progress
-from _pool import PORT_SEARCH, every, median, table
+from _pool import PORT_SEARCH, every, median, node_command, table
 from manycast.drivers.links import Attachment, LinkSpec
 from manycast.drivers.overlay import AsyncOverlay
 from manycast.ports import free_base_port
@@ -909,21 +908,7 @@ def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
     way = [run.nodes.routers[name].vip for name in ("ra", "core")]
     edge = way[0]
     assert edge is not None
-    command = [
-        sys.executable,
-        "-m",
-        "manycast",
-        "run",
-        str(path),
-        "--nodes",
-        VICTIM,
-        "--base-port",
-        str(base),
-        "--seed",
-        str(seed),
-        "--duration",
-        "60",
-    ]
+    command = node_command(path, VICTIM, base, 60, seed)
     with tempfile.TemporaryFile() as log:
         child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
         lapses = 0
