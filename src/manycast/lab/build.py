@@ -108,7 +108,13 @@ class Lab:
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True)
         (self.run_dir / "topology.toml").write_text(text)
-        state = {"prefix": self.prefix, "source": source, "seed": seed, "pin_idle": pin_idle}
+        state = {
+            "prefix": self.prefix,
+            "source": source,
+            "seed": seed,
+            "pin_idle": pin_idle,
+            "service": "http" if topology.pool.vip is not None else "responder",
+        }
         (self.run_dir / "lab.json").write_text(json.dumps(state))
         try:
             build_network(topology, self.ns)
@@ -116,6 +122,10 @@ class Lab:
                 self.start(router, "router")
             for router in topology.routers:
                 self.wait_ready(router, "router")
+            for vip_router in topology.vip_routers:
+                self.start(vip_router, "vip_router")
+            for vip_router in topology.vip_routers:
+                self.wait_ready(vip_router, "vip_router")
             if start_servers:
                 for server in topology.servers.values():
                     if not server.standby:
@@ -138,6 +148,7 @@ class Lab:
             namespace=self.ns(node),
             seed=int(state.get("seed", 1)),
             pin_idle=state.get("pin_idle"),
+            service=str(state.get("service", "responder")),
         )
 
     def pid(self, node: str, role: str) -> int | None:

@@ -23,7 +23,7 @@ from manycast.drivers import kernel
 from manycast.errors import LabError
 
 # Each node kind's programs (roles).
-ROLES_OF = {"router": ("router",), "server": ("server", "service")}
+ROLES_OF = {"router": ("router",), "server": ("server", "service"), "vip_router": ("vip_router",)}
 # A server joining a running pool starts its service first: it claims clients
 # (its agent's reports) only once it can answer them.
 SERVER_START = ("service", "server")
@@ -73,13 +73,22 @@ class Daemons:
         return self.run_dir / f"{node}.{role}.log"
 
     def start(
-        self, node: str, role: str, *, namespace: str, seed: int, pin_idle: float | None
+        self,
+        node: str,
+        role: str,
+        *,
+        namespace: str,
+        seed: int,
+        pin_idle: float | None,
+        service: str = "responder",
     ) -> int:
-        """Start `node`'s `role` program inside `namespace`; its pid."""
+        """Start `node`'s `role` program inside `namespace`; its pid. A server's service
+        is the program `service` (the UDP `responder`, or `http` in a VIP pool)."""
+        command = {"service": service, "vip_router": "vip-router"}.get(role, role)
         argv = [
             sys.executable,
             *PROGRAM,
-            "responder" if role == "service" else role,
+            command,
             "--node",
             node,
             "--run-dir",

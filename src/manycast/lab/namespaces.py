@@ -68,3 +68,7 @@ def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
         for ifname in topology.interfaces[name]:
             values[f"net.ipv4.conf.{ifname}.rp_filter"] = "0"
         netns.sysctl(ns(name), values)
+    if topology.pool.vip is not None:
+        from manycast.lab.vipnet import build_vip_plane
+
+        build_vip_plane(topology, ns)

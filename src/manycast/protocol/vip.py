@@ -46,6 +46,14 @@ class _Picked:
     tagged_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class OntoTree:
+    """Effect (with `tree_effects`): send `packet` down the tree of the server at `server`."""
+
+    server: int
+    packet: bytes
+
+
 @dataclass
 class VipRouterStats:
     first_packets: int = 0  # packets of flows that reached us (goal: the first of each)
@@ -94,6 +102,9 @@ class VipRouter(Node):
         )
         self.table = LabelTable(lambda _dst: (iface, self.gateway))
         self.flows: dict[Flow, _Picked] = {}
+        # Hand each picked packet out as an `OntoTree` effect instead of label-switching
+        # it (the kernel lab's trees are SRv6 segments the kernel forwards on).
+        self.tree_effects = False
         self.stats = VipRouterStats()
         self._seq = 0
         self._effective: tuple[tuple[int, str, frozenset[str]], Allocation | None] | None = None
@@ -170,10 +181,16 @@ class VipRouter(Node):
             self.stats.no_tree += 1
             return
         inner = decrement_ttl_v4(packet)
-        payload = push(inner, hop.label, ttl=inner[8])
-        self.send(
-            hop.iface, wrap(self.address, hop.neighbor, payload, entropy_port(inner)), hop.neighbor
-        )
+        if self.tree_effects:
+            # A kernel data plane puts it on the tree itself (its SRv6 segment).
+            self.effects.append(OntoTree(picked.address, inner))
+        else:
+            payload = push(inner, hop.label, ttl=inner[8])
+            self.send(
+                hop.iface,
+                wrap(self.address, hop.neighbor, payload, entropy_port(inner)),
+                hop.neighbor,
+            )
         if now - picked.tagged_at >= TAG_RESEND:
             picked.tagged_at = now
             self._tag(flow, picked, now)

@@ -592,3 +592,30 @@ def decrement_hop_limit_v6(packet: bytes) -> bytes:
     out = bytearray(packet)
     out[7] -= 1
     return bytes(out)
+
+
+def complete_l4_checksum_v4(packet: bytes) -> bytes:
+    """`packet` with its TCP or UDP checksum computed in full.
+
+    A packet read from a packet socket on the host that sent it may still carry a
+    partial checksum (checksum offload: only the pseudo-header sum, the rest left
+    to the device). Forwarded from user space, it needs the whole sum. Other
+    protocols, and packets too short for their header, come back unchanged.
+    """
+    if len(packet) < 20:
+        return packet
+    header = (packet[0] & 0x0F) * 4
+    protocol = packet[9]
+    at = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}.get(protocol)
+    total = int.from_bytes(packet[2:4], "big")
+    if at is None or len(packet) < total or total < header + at + 2:
+        return packet
+    segment = bytearray(packet[header:total])
+    segment[at : at + 2] = b"\0\0"
+    length = len(segment)
+    pseudo = packet[12:20] + struct.pack("!BBH", 0, protocol, length)
+    checksum = internet_checksum(pseudo + segment)
+    if protocol == IPPROTO_UDP and checksum == 0:
+        checksum = 0xFFFF
+    segment[at : at + 2] = checksum.to_bytes(2, "big")
+    return packet[:header] + bytes(segment) + packet[total:]

@@ -85,3 +85,28 @@ def responder(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) 
     iface, _ = topology.gateways[node]
     pool = topology.pool
     Responder(node, str(pool.group), pool.port, iface, run_dir).run()
+
+
+@daemon_app.command("vip-router")
+def vip_router(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) -> None:
+    """A VIP router: first packets of flows to the VIP, onto the chosen server's segment."""
+    from manycast.drivers.kernel.vip_router_daemon import VipRouterDaemon
+
+    topology = _setup("vip_router", node, run_dir, netns)
+    if node not in topology.vip_routers:
+        raise typer.BadParameter(
+            f"{node} is not a VIP router of this topology", param_hint="--node"
+        )
+    VipRouterDaemon(topology, node, run_dir, seed).run()
+
+
+@daemon_app.command()
+def http(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) -> None:
+    """A VIP pool's service: an HTTP/1.1 server on the VIP (`--seed` is unused)."""
+    from manycast.drivers.kernel.http_service import HttpService
+
+    topology = _setup("service", node, run_dir, netns)
+    pool = topology.pool
+    if node not in topology.servers or pool.vip is None:
+        raise typer.BadParameter(f"{node} is not a server of a VIP pool", param_hint="--node")
+    HttpService(node, str(pool.vip), pool.port, run_dir).run()

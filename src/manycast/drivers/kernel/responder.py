@@ -77,9 +77,12 @@ class Responder:
             sock.close()
 
     def dump(self) -> None:
-        """Write the counts file atomically."""
-        path = counts_path(self.run_dir, self.name)
-        tmp = path.with_suffix(".tmp")
-        body = {"server": self.name, "total": self.total, "sources": self.counts}
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        write_counts(self.run_dir, self.name, self.total, self.counts)
+
+
+def write_counts(run_dir: Path, name: str, total: int, counts: Counter[str]) -> None:
+    """Write a service's counts file (`control.counts_path`) atomically."""
+    path = counts_path(run_dir, name)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"server": name, "total": total, "sources": counts}))
+    os.replace(tmp, path)

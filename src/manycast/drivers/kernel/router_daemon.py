@@ -10,7 +10,8 @@ again). When the core says a group changed, exactly the entries of that group
 whose outgoing interfaces differ are rewritten. The kernel alone forwards
 established sources; the daemon only decides.
 
-Plain IGMP reports (no RFC 9279 extension) are ignored. Linux sends them by
+Plain IGMP reports (no RFC 9279 extension) are ignored, but for a VIP router's
+join of the control channel. Linux sends them by
 itself whenever a socket joins a group, the service's and the agent's own
 sockets included; such a join names no mask and, for an any-source join, means
 "every source", so honouring it would hand every client to whichever server
@@ -45,6 +46,7 @@ from manycast.wire.ip import IPPROTO_IGMP, IPv4Packet, peek_v4
 from manycast.wire.membership import IGMP_V3_REPORT, IGMPv3Report
 
 if TYPE_CHECKING:
+    from manycast.drivers.kernel.vip_edge import VipEdge
     from manycast.protocol.router import Router
     from manycast.topology import Topology
 
@@ -100,6 +102,9 @@ class RouterDaemon:
         self.iface_of_vif: dict[int, str] = {}
         self.iface_of_index: dict[int, str] = {}
         self.own = {i.address for i in interfaces.values()}
+        # A VIP router joins the control channel with a plain report (it serves no
+        # part of the space): the one plain report honoured.
+        self.vip_routers = {topology.address(v) for v in topology.vip_routers}
         self.mroute = MrouteSocket()
         self.send_socks: dict[str, socket.socket] = {}
         for vif, iface in enumerate(sorted(interfaces)):
@@ -122,6 +127,12 @@ class RouterDaemon:
         self.loop.watch(self.mroute.sock, self._on_mroute)
         self.loop.watch(self.control, self._on_control)
         self.loop.handlers["status"] = self._status
+        # A VIP pool: the core's tags and VIP routing carried into the kernel.
+        self.edge: VipEdge | None = None
+        if topology.pool.vip is not None:
+            from manycast.drivers.kernel.vip_edge import VipEdge
+
+            self.edge = VipEdge(self.router, topology)
         self.loop.add(self.router)
 
     # events ------------------------------------------------------------------------
@@ -147,7 +158,7 @@ class RouterDaemon:
             self.router.stats.malformed += 1
             self.router.stats.rejected[Refusal.MALFORMED] += 1
             return
-        if not _is_extended(report):
+        if not _is_extended(report) and ip.header.src not in self.vip_routers:
             self.stats.plain_reports_ignored += 1
             return
         self.stats.reports += 1
@@ -195,6 +206,8 @@ class RouterDaemon:
         now = self.loop.now
         while self.dirty:
             self._refresh(self.dirty.pop(), now)
+        if self.edge is not None:
+            self.edge.sync(now)
 
     def _send(self, frame: Frame) -> None:
         sock = self.send_socks.get(frame.iface)
@@ -302,6 +315,7 @@ class RouterDaemon:
             "joins_relayed": stats.joins_relayed,
             "rejected": dict(stats.rejected),
             "vifs": {str(v): i for v, i in self.iface_of_vif.items()},
+            "vip": None if self.edge is None else self.edge.status(),
         }
 
     def run(self) -> None:
@@ -310,6 +324,8 @@ class RouterDaemon:
         try:
             self.loop.run_until(float("inf"))
         finally:
+            if self.edge is not None:
+                self.edge.close()
             self.mroute.close()
             self.loop.close()
 

@@ -1,0 +1,107 @@
+"""The VIP pool's service in the lab: a real HTTP/1.1 server bound to the VIP.
+
+Python's `http.server` (threaded, keep-alive), listening on the pool's VIP and
+port. The VIP is on the server's loopback, so it answers clients straight from
+the VIP (direct server return) and knows nothing of how their packets reached
+it. Every answer says who served it (`X-Served-By` and the first word of the
+body, `<server> <total> <path>`), so a client can check that each of its
+connections stays on one server; per-source counts go to `<node>.counts.json`
+as the UDP responder's do.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from manycast.drivers.kernel.loop import KernelLoop
+from manycast.drivers.kernel.responder import DUMP_EVERY, write_counts
+
+BACKLOG = 1024  # wrk opens many connections at once
+BODY_LIMIT = 1 << 20  # bytes of a request body read (and ignored)
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = BACKLOG
+    daemon_threads = True
+    service: HttpService
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: one flow carries many requests
+    server: _Server
+
+    def do_GET(self) -> None:
+        self._answer(head=False)
+
+    def do_HEAD(self) -> None:
+        self._answer(head=True)
+
+    def do_POST(self) -> None:
+        length = min(int(self.headers.get("Content-Length") or 0), BODY_LIMIT)
+        self.rfile.read(length)
+        self._answer(head=False)
+
+    def _answer(self, head: bool) -> None:
+        service = self.server.service
+        total = service.count(self.client_address[0])
+        body = f"{service.name} {total} {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Served-By", service.name)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per request would be the log's whole content
+
+
+@dataclass
+class HttpService:
+    name: str
+    address: str
+    port: int
+    run_dir: Path
+    counts: Counter[str] = field(default_factory=Counter)
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, source: str) -> int:
+        with self._lock:
+            self.total += 1
+            self.counts[source] += 1
+            return self.total
+
+    def run(self) -> None:
+        """Serve until SIGTERM; the counts file is written once more on the way out."""
+        loop = KernelLoop(self.run_dir, self.name, "service")
+        httpd = _Server((self.address, self.port), _Handler)
+        httpd.service = self
+        thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
+        thread.start()
+
+        def dump_every() -> None:
+            self.dump()
+            loop.call_at(loop.now + DUMP_EVERY, dump_every)
+
+        loop.handlers["status"] = lambda _: {"server": self.name, "total": self.total}
+        loop.call_at(0.0, dump_every)
+        loop.ready()
+        try:
+            loop.run_until(float("inf"))
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+            self.dump()
+            loop.close()
+
+    def dump(self) -> None:
+        with self._lock:
+            total, counts = self.total, Counter(self.counts)
+        write_counts(self.run_dir, self.name, total, counts)

@@ -1,0 +1,127 @@
+"""A router daemon's part in a VIP pool: tags become conntrack marks; the VIP's route follows.
+
+Flow tags become conntrack marks, and the VIP's route follows the nearest live
+VIP router. The core (`VipPlane`) takes the VIP routers' `FlowTag`s, their adverts, the
+servers' hellos and the label bindings exactly as on the other drivers; this
+module only carries its decisions into the kernel (`srv6.py` says how):
+
+* a flow the core holds a tag for gets the tagged server's mark on its
+  conntrack entry, so its next packets take the server's segment;
+* the VIP's route points at the nearest VIP router whose advert is current.
+
+The core never sees a tagged flow's packets here (the kernel forwards them), so
+its own idle sweep of tags means nothing to the kernel: conntrack ends a flow's
+entry, and its mark with it, when the flow ends or idles.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pyroute2 import Conntrack, IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+from manycast.drivers.kernel import srv6
+
+if TYPE_CHECKING:
+    from manycast.protocol.router import Router
+    from manycast.protocol.vipplane import Flow, VipPlane
+    from manycast.topology import Topology
+
+log = logging.getLogger("manycast.kernel.vip")
+
+FULL_SYNC_EVERY = 0.5  # seconds: a re-tag that changed no count is found within this
+
+
+@dataclass
+class EdgeStats:
+    marks_set: int = 0
+    marks_missing: int = 0  # tags for a flow conntrack does not know (yet, or any more)
+    vip_route_changes: int = 0
+
+
+class VipEdge:
+    """The kernel side of `router`'s VIP plane."""
+
+    def __init__(self, router: Router, topology: Topology) -> None:
+        if router.vip is None or topology.pool.vip is None:
+            raise ValueError(f"{router.name} takes no part in a VIP pool")
+        self.router = router
+        self.plane: VipPlane = router.vip
+        self.vip = topology.pool.vip
+        marks = srv6.server_marks(topology.servers)
+        self.mark_of = {int(topology.address(name)): mark for name, mark in marks.items()}
+        self.stats = EdgeStats()
+        self.installed: dict[Flow, int] = {}
+        self.ct = Conntrack()
+        self.ipr = IPRoute()
+        self.via: int | None = -1  # the VIP route's VIP router; -1: as built
+        self._seen: tuple[int, int] = (-1, -1)
+        self._synced_at = -FULL_SYNC_EVERY
+
+    def sync(self, now: float) -> None:
+        """Carry what the core decided since the last call into the kernel."""
+        flows = self.plane.flows
+        seen = (self.plane.stats.flows_tagged, len(flows))
+        if seen != self._seen or now - self._synced_at >= FULL_SYNC_EVERY:
+            self._seen, self._synced_at = seen, now
+            for flow, tag in flows.items():
+                if self.installed.get(flow) != tag.server:
+                    self._mark(flow, tag.server)
+            for flow in [f for f in self.installed if f not in flows]:
+                del self.installed[flow]
+        nearest = self.plane.nearest_vip_router(now)
+        if nearest != self.via and not (nearest is None and self.via == -1):
+            self._route_vip(nearest)
+
+    def _mark(self, flow: Flow, server: int) -> None:
+        self.installed[flow] = server
+        mark = self.mark_of.get(server)
+        if mark is None:
+            return
+        orig = NFCTAttrTuple(
+            saddr=str(ipaddress.IPv4Address(flow.client)),
+            daddr=str(self.vip),
+            proto=flow.protocol,
+            sport=flow.client_port,
+            dport=flow.vip_port,
+        )
+        try:
+            self.ct.entry("set", mark=mark, tuple_orig=orig)
+            self.stats.marks_set += 1
+        except NetlinkError:
+            self.stats.marks_missing += 1
+
+    def _route_vip(self, nearest: int | None) -> None:
+        via: str | None = None
+        if nearest is not None:
+            way = self.router.route(nearest)
+            if way is None:
+                return
+            via = str(ipaddress.IPv4Address(way[1]))
+        try:
+            srv6.vip_route(self.ipr, self.vip, via)
+        except NetlinkError as exc:
+            log.warning("cannot route the VIP via %s: %s", via, exc)
+            return
+        self.via = nearest
+        self.stats.vip_route_changes += 1
+
+    def status(self) -> dict[str, Any]:
+        via = None if self.via is None or self.via < 0 else str(ipaddress.IPv4Address(self.via))
+        return {
+            "tags": len(self.installed),
+            "vip_via_router": via,
+            "marks_set": self.stats.marks_set,
+            "marks_missing": self.stats.marks_missing,
+            "vip_route_changes": self.stats.vip_route_changes,
+            "plane": dict(vars(self.plane.stats)),
+        }
+
+    def close(self) -> None:
+        self.ct.close()
+        self.ipr.close()

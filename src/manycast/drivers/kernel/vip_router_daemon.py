@@ -1,0 +1,149 @@
+"""The VIP router daemon: the sans-I/O `VipRouter` on a VIP router's namespace.
+
+First packets of flows reach this namespace by the VIP's route; here the VIP is a
+blackhole route, so the kernel drops them while a packet socket, filtered to the
+VIP, hands a copy to the core. The core picks the flow's server by the pool's
+allocation (it follows the servers' coordination on the control channel through
+the host's `ControlEndpoint`, as a server agent does) and tags the flow at the
+client's edge router; the packet itself goes out here in an IPv6 header to the
+server's segment (`srv6.sid_of`), which the kernel routes to the server's router.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from manycast.drivers.kernel import srv6
+from manycast.drivers.kernel.endpoint import ControlEndpoint
+from manycast.drivers.kernel.loop import KernelLoop
+from manycast.errors import ConfigError
+from manycast.protocol.node import Frame, Node
+from manycast.protocol.vip import OntoTree
+from manycast.wire.ip import complete_l4_checksum_v4
+
+if TYPE_CHECKING:
+    from manycast.protocol.vip import VipRouter
+    from manycast.topology import Topology
+
+log = logging.getLogger("manycast.kernel.vip_router")
+
+ETH_P_IP = 0x0800
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+TP_STATUS_CSUMNOTREADY = 8
+SO_ATTACH_FILTER = 26
+IPPROTO_IPIP = 4
+_BATCH = 256
+
+
+def vip_filter(vip: ipaddress.IPv4Address) -> bytes:
+    """A classic BPF program for a cooked packet socket: keep IPv4 packets to `vip`."""
+    insn = struct.Struct("=HBBI")
+    return b"".join(
+        (
+            insn.pack(0x20, 0, 0, 16),  # ld [16]: the destination address
+            insn.pack(0x15, 0, 1, int(vip)),  # jeq #vip, keep, drop
+            insn.pack(0x06, 0, 0, 0xFFFF),  # ret: keep (up to 64 KiB)
+            insn.pack(0x06, 0, 0, 0),  # ret: drop
+        )
+    )
+
+
+class VipRouterDaemon:
+    def __init__(self, topology: Topology, name: str, run_dir: Path, seed: int) -> None:
+        from manycast.pool import build
+
+        vip = topology.pool.vip
+        if vip is None or name not in topology.vip_routers:
+            raise ConfigError(f"{name} is not a VIP router of this topology")
+        self.loop = KernelLoop(run_dir, name, "vip_router", send=self._send)
+        self.loop.on_effect = self._on_effect
+        nodes = build(topology, seed=seed, wall_base=self.loop.wall_base, only={name})
+        self.core: VipRouter = nodes.vip_routers[name]
+        self.core.tree_effects = True
+        self.iface, _ = topology.gateways[name]
+        pool = topology.pool
+        self.endpoint = ControlEndpoint(
+            self.loop,
+            self.iface,
+            str(pool.control_group),
+            pool.control_port,
+            lambda packet: self.core.receive(self.iface, packet, self.loop.now),
+        )
+        self.frames_dropped = 0
+        self.sent_to_trees = 0
+        self.send_errors = 0
+        self.packets = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+        self._program = ctypes.create_string_buffer(vip_filter(vip))  # kept alive
+        fprog = struct.pack("HL", 4, ctypes.addressof(self._program))
+        self.packets.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        self.packets.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        self.packets.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.packets.bind((self.iface, ETH_P_IP))
+        self.tunnel = socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_IPIP)
+        self.loop.watch(self.packets, self._on_packets)
+        self.loop.handlers["status"] = self._status
+        self.loop.add(self.core)
+
+    def _on_packets(self) -> None:
+        for _ in range(_BATCH):
+            try:
+                packet, ancdata, _, address = self.packets.recvmsg(65535, 64)
+            except BlockingIOError:
+                return
+            if address[2] == socket.PACKET_OUTGOING:
+                continue
+            for level, kind, data in ancdata:
+                partial = struct.unpack_from("=I", data)[0] & TP_STATUS_CSUMNOTREADY
+                if level == SOL_PACKET and kind == PACKET_AUXDATA and partial:
+                    packet = complete_l4_checksum_v4(packet)
+            # The loop carries out what the core made of the batch once it returns.
+            self.core.receive(self.iface, packet, self.loop.now)
+
+    def _on_effect(self, node: Node, effect: object) -> None:
+        if isinstance(effect, OntoTree):
+            sid = str(srv6.sid_of(ipaddress.IPv4Address(effect.server)))
+            try:
+                self.tunnel.sendto(effect.packet, (sid, 0))
+                self.sent_to_trees += 1
+            except OSError as exc:
+                self.send_errors += 1
+                log.warning("cannot send to %s: %s", sid, exc)
+
+    def _send(self, frame: Frame) -> None:
+        if not self.endpoint.send(frame):
+            self.frames_dropped += 1
+
+    def _status(self, _: dict[str, Any]) -> dict[str, Any]:
+        core = self.core
+        return {
+            "node": core.name,
+            "pid": os.getpid(),
+            "epoch": core.observer.epoch,
+            "alive": core.observer.alive(self.loop.now),
+            "flows": len(core.flows),
+            "stats": asdict(core.stats),
+            "sent_to_trees": self.sent_to_trees,
+            "send_errors": self.send_errors,
+            "frames_dropped": self.frames_dropped,
+            "endpoint": asdict(self.endpoint.stats),
+        }
+
+    def run(self) -> None:
+        """Serve until SIGTERM."""
+        self.loop.ready()
+        try:
+            self.loop.run_until(float("inf"))
+        finally:
+            self.packets.close()
+            self.tunnel.close()
+            self.endpoint.close()
+            self.loop.close()
