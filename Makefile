@@ -48,15 +48,17 @@ lab: $(STAMP)
 	@$(MAKE) --no-print-directory lab-deps
 	$(BIN)/manycast lab run
 
-# Debian's iperf (2) and socat: third-party clients for the lab and its tests.
-LAB_PKGS := iperf socat
+# Debian's iperf (2), socat, curl and wrk: third-party clients for the lab and its
+# tests; nftables: the VIP pool's edge routers carry a flow's tag as its conntrack mark.
+LAB_PKGS := iperf socat curl wrk nftables
 lab-deps:
-	@if command -v iperf >/dev/null 2>&1 && command -v socat >/dev/null 2>&1; then :; \
+	@if { command -v iperf && command -v socat && command -v curl && command -v wrk \
+	    && { command -v nft || test -x /usr/sbin/nft; }; } >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q --no-install-recommends $(LAB_PKGS) \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(LAB_PKGS); }; \
-	else echo "iperf or socat is missing and this is not root: the lab's third-party client test will skip (sudo make lab-deps)"; fi
+	else echo "iperf, socat, curl, wrk or nft is missing and this is not root: the lab tests that need them will skip (sudo make lab-deps)"; fi
 
 bench: $(STAMP)
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

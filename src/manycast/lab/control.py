@@ -7,6 +7,7 @@ on their agent's command socket. Client rates are the prober's.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from manycast.errors import LabError
 from manycast.lab.build import Lab
 from manycast.lab.daemons import READY_TIMEOUT, ROLES_OF, SERVER_START
+from manycast.lab.http_prober import HttpProber
 from manycast.lab.prober import Prober
 from manycast.wire import control
 
@@ -32,9 +34,11 @@ class LabControl:
     """The lab as the engine sees it: this process controls every server."""
 
     lab: Lab
-    prober: Prober
+    prober: Prober | HttpProber
     # Servers started and not known ready yet: name -> deadline (time.monotonic()).
     starting: dict[str, float] = field(default_factory=dict)
+    # What a program said of itself just before it was killed (its figures die with it).
+    last_status: dict[str, Any] = field(default_factory=dict)
 
     def hosts(self, server: str) -> bool:
         return True
@@ -78,4 +82,6 @@ class LabControl:
         if kind not in ROLES_OF:
             raise LabError(f"the lab runs no program for {kind} {name}")
         for role in ROLES_OF[kind]:
+            with contextlib.suppress(OSError, ValueError):
+                self.last_status[name] = self.lab.ask(name, role, {"op": "status"})
             self.lab.kill(name, role)

@@ -17,6 +17,7 @@ from typing import Any
 
 from manycast.lab.build import Lab
 from manycast.lab.control import LabControl
+from manycast.lab.http_prober import HttpProber
 from manycast.lab.prober import Prober
 from manycast.scenario import ScenarioEngine
 from manycast.summary import ClientRecord, ServerRecord, summarize
@@ -74,7 +75,11 @@ class LabRun:
         the live servers' agents at one epoch, each with a share, and every client
         answered lately by its owner (starting a server takes seconds on a busy
         machine)."""
-        prober = Prober(self.lab, self.topology)
+        prober: Prober | HttpProber
+        if self.topology.pool.vip is not None:
+            prober = HttpProber(self.lab, self.topology)
+        else:
+            prober = Prober(self.lab, self.topology)
         control = LabControl(self.lab, prober)
         engine = ScenarioEngine(self.topology, control)
         pending = engine.steps()
@@ -103,11 +108,13 @@ class LabRun:
             deadline = prober.now() + settle
             while prober.now() < deadline and not self._settled(prober, engine, window):
                 prober.run_until(min(deadline, prober.now() + 0.5))
-            return self._summary(prober, engine)
+            return self._summary(prober, engine, control)
         finally:
             prober.close()
 
-    def _summary(self, prober: Prober, engine: ScenarioEngine) -> dict[str, Any]:
+    def _summary(
+        self, prober: Prober | HttpProber, engine: ScenarioEngine, control: LabControl
+    ) -> dict[str, Any]:
         end = prober.now()
         clients = [
             ClientRecord(c.name, self.topology.clients[c.name].authorized, c.rate, c.stats)
@@ -126,16 +133,54 @@ class LabRun:
             for c in participants
             if c.server is not None and owners and owners.get(c.address) != c.server
         )
-        kernel = {
+        kernel: dict[str, Any] = {
             "clients_not_at_owner": wrong,
             "clients_by_server": dict(
                 sorted(Counter(c.server for c in participants if c.server).items())
             ),
             "mfc_entries": {r: len(self.lab.mfc(r)) for r in self.topology.routers},
         }
-        return summarize("kernel", end, clients, servers, engine.events, kernel=kernel)
+        vip = None
+        if isinstance(prober, HttpProber):
+            kernel["connections"] = prober.connections
+            kernel["flows_split"] = prober.flows_split
+            kernel["wrong_answers"] = prober.wrong_answers
+            vip = self._vip_summary(engine, control)
+        return summarize("kernel", end, clients, servers, engine.events, kernel=kernel, vip=vip)
 
-    def _settled(self, prober: Prober, engine: ScenarioEngine, window: float) -> bool:
+    def _vip_summary(self, engine: ScenarioEngine, control: LabControl) -> dict[str, Any]:
+        """The VIP routers' and edges' figures, as `PoolRun.vip_summary` gives them; a
+        killed VIP router's are those it gave just before it died."""
+        routers: dict[str, dict[str, Any]] = {}
+        repeats = 0
+        for name in sorted(self.topology.vip_routers):
+            status = control.last_status.get(name) if name in engine.dead else None
+            if status is None:
+                with contextlib.suppress(OSError, ValueError):
+                    status = self.lab.ask(name, "vip_router", {"op": "status"})
+            stats = (status or {}).get("stats", {})
+            routers[name] = {
+                "status": "dead" if name in engine.dead else "up",
+                "packets": stats.get("first_packets", 0),
+                "flows": stats.get("flows", 0),
+                "flows_by_server": dict(sorted(stats.get("picks", {}).items())),
+            }
+            repeats += stats.get("repeat_packets", 0)
+        tagged = pushed = 0
+        for router in self.topology.routers:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                edge = self.lab.ask(router, "router", {"op": "status"})["vip"]
+                tagged += edge["plane"]["flows_tagged"]
+                pushed += edge["pushed"]
+        return {
+            "vip_routers": routers,
+            "flows": sum(r["flows"] for r in routers.values()),
+            "packets_after_first": repeats,
+            "flows_tagged_at_edges": tagged,
+            "packets_labelled_at_edges": pushed,
+        }
+
+    def _settled(self, prober: Prober | HttpProber, engine: ScenarioEngine, window: float) -> bool:
         live = engine.live_servers()
         try:
             agents = [self.lab.ask(s, "server", {"op": "status"}) for s in live]

@@ -115,6 +115,7 @@ class VipEdge:
         via = None if self.via is None or self.via < 0 else str(ipaddress.IPv4Address(self.via))
         return {
             "tags": len(self.installed),
+            "pushed": srv6.pushed_packets(),
             "vip_via_router": via,
             "marks_set": self.stats.marks_set,
             "marks_missing": self.stats.marks_missing,
