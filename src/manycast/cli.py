@@ -561,7 +561,8 @@ def lab_status(
 @lab_app.command("run")
 def lab_run(
     topology: Annotated[
-        Path | None, typer.Argument(help="A topology TOML file (default: the built-in demo).")
+        Path | None,
+        typer.Argument(help="A topology TOML file, or a bundled one: demo (default), vip."),
     ] = None,
     duration: Annotated[
         float | None, typer.Option(help="Seconds to run (default: the topology's).")

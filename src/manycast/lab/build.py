@@ -229,12 +229,18 @@ class Lab:
 
 
 def topology_text(path: Path | None) -> tuple[str, str]:
-    """(TOML text, name for messages) of a topology file, or of the built-in demo."""
-    if path is None:
-        from importlib.resources import files
+    """(TOML text, name for messages) of a topology file, or of a bundled one: the demo
+    by default, or by name (`vip`) when no such file exists."""
+    from importlib.resources import files
 
-        resource = files("manycast").joinpath("topologies", "demo.toml")
-        return resource.read_text(encoding="utf-8"), "<built-in demo>"
+    bundled = files("manycast").joinpath("topologies")
+    if path is None:
+        return bundled.joinpath("demo.toml").read_text(encoding="utf-8"), "<built-in demo>"
+    if not path.exists() and path.suffix == "" and path.parent == Path("."):
+        resource = bundled.joinpath(f"{path.name}.toml")
+        if not resource.is_file():
+            raise LabError(f"{path}: no such file, nor a bundled topology (bundled: demo, vip)")
+        return resource.read_text(encoding="utf-8"), f"<built-in {path.name}>"
     try:
         return path.read_text(encoding="utf-8"), str(path)
     except OSError as exc:

@@ -133,6 +133,7 @@ class RouterDaemon:
             from manycast.drivers.kernel.vip_edge import VipEdge
 
             self.edge = VipEdge(self.router, topology)
+            self.loop.watch(self.edge.marker.sock, self.edge.marker.read_answers)
         self.loop.add(self.router)
 
     # events ------------------------------------------------------------------------

@@ -21,11 +21,11 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pyroute2 import Conntrack, IPRoute
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
 from manycast.drivers.kernel import srv6
+from manycast.drivers.kernel.ctmark import ConntrackMarker
 
 if TYPE_CHECKING:
     from manycast.protocol.router import Router
@@ -39,8 +39,6 @@ FULL_SYNC_EVERY = 0.5  # seconds: a re-tag that changed no count is found within
 
 @dataclass
 class EdgeStats:
-    marks_set: int = 0
-    marks_missing: int = 0  # tags for a flow conntrack does not know (yet, or any more)
     vip_route_changes: int = 0
 
 
@@ -57,7 +55,7 @@ class VipEdge:
         self.mark_of = {int(topology.address(name)): mark for name, mark in marks.items()}
         self.stats = EdgeStats()
         self.installed: dict[Flow, int] = {}
-        self.ct = Conntrack()
+        self.marker = ConntrackMarker()
         self.ipr = IPRoute()
         self.via: int | None = -1  # the VIP route's VIP router; -1: as built
         self._seen: tuple[int, int] = (-1, -1)
@@ -83,18 +81,10 @@ class VipEdge:
         mark = self.mark_of.get(server)
         if mark is None:
             return
-        orig = NFCTAttrTuple(
-            saddr=str(ipaddress.IPv4Address(flow.client)),
-            daddr=str(self.vip),
-            proto=flow.protocol,
-            sport=flow.client_port,
-            dport=flow.vip_port,
+        client = str(ipaddress.IPv4Address(flow.client))
+        self.marker.mark(
+            flow.protocol, client, flow.client_port, str(self.vip), flow.vip_port, mark
         )
-        try:
-            self.ct.entry("set", mark=mark, tuple_orig=orig)
-            self.stats.marks_set += 1
-        except NetlinkError:
-            self.stats.marks_missing += 1
 
     def _route_vip(self, nearest: int | None) -> None:
         via: str | None = None
@@ -117,12 +107,14 @@ class VipEdge:
             "tags": len(self.installed),
             "pushed": srv6.pushed_packets(),
             "vip_via_router": via,
-            "marks_set": self.stats.marks_set,
-            "marks_missing": self.stats.marks_missing,
+            "marks_set": self.marker.sent,
+            # tags for a flow conntrack does not know (yet, or any more)
+            "marks_missing": self.marker.missing,
+            "marks_failed": self.marker.failed,
             "vip_route_changes": self.stats.vip_route_changes,
             "plane": dict(vars(self.plane.stats)),
         }
 
     def close(self) -> None:
-        self.ct.close()
+        self.marker.close()
         self.ipr.close()
