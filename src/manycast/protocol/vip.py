@@ -105,6 +105,9 @@ class VipRouter(Node):
         # Hand each picked packet out as an `OntoTree` effect instead of label-switching
         # it (the kernel lab's trees are SRv6 segments the kernel forwards on).
         self.tree_effects = False
+        # Off only for a benchmark's baseline: the VIP router stays in every packet's
+        # path, as a load balancer in the path does.
+        self.tagging = True
         self.stats = VipRouterStats()
         self._seq = 0
         self._effective: tuple[tuple[int, str, frozenset[str]], Allocation | None] | None = None
@@ -230,6 +233,8 @@ class VipRouter(Node):
         return next((router for net, router in self.edges if address in net), None)
 
     def _tag(self, flow: Flow, picked: _Picked, now: float) -> None:
+        if not self.tagging:
+            return
         edge = self.edge_of(flow.client)
         if edge is None:
             self.stats.no_edge += 1

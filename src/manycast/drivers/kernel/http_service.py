@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.drivers.kernel.responder import DUMP_EVERY, write_counts
@@ -28,11 +28,14 @@ BODY_LIMIT = 1 << 20  # bytes of a request body read (and ignored)
 class _Server(ThreadingHTTPServer):
     request_queue_size = BACKLOG
     daemon_threads = True
-    service: HttpService
+    service: _Counter
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: one flow carries many requests
+    # The headers and the body are two writes: with Nagle on, the body would wait for
+    # the client's delayed ACK (40 ms) on every keep-alive request.
+    disable_nagle_algorithm = True
     server: _Server
 
     def do_GET(self) -> None:
@@ -49,17 +52,46 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, head: bool) -> None:
         service = self.server.service
         total = service.count(self.client_address[0])
-        body = f"{service.name} {total} {self.path}\n".encode()
+        name = service.name
+        body = f"{name} {total} {self.path}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Served-By", service.name)
+        self.send_header("X-Served-By", name)
         self.end_headers()
         if not head:
             self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request would be the log's whole content
+
+
+class _Counter(Protocol):
+    name: str
+
+    def count(self, source: str) -> int: ...
+
+
+@dataclass
+class PlainCounter:
+    """The counting part alone, for `serve`."""
+
+    name: str
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def count(self, source: str) -> int:
+        with self._lock:
+            self.total += 1
+            return self.total
+
+
+def serve(name: str, address: str, port: int) -> None:
+    """Only the HTTP server, in the foreground, on any address: a benchmark's baseline
+    (the same server on a server's own address, no VIP)."""
+    httpd = _Server((address, port), _Handler)
+    httpd.service = PlainCounter(name)
+    httpd.serve_forever()
 
 
 @dataclass

@@ -91,6 +91,7 @@ class VipRouterDaemon:
         self.tunnel = socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_IPIP)
         self.loop.watch(self.packets, self._on_packets)
         self.loop.handlers["status"] = self._status
+        self.loop.handlers["tagging"] = self._tagging
         self.loop.add(self.core)
 
     def _on_packets(self) -> None:
@@ -136,6 +137,11 @@ class VipRouterDaemon:
             "frames_dropped": self.frames_dropped,
             "endpoint": asdict(self.endpoint.stats),
         }
+
+    def _tagging(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Turn flow tags off (a benchmark's baseline: every packet through us) or on."""
+        self.core.tagging = bool(request["on"])
+        return {"tagging": self.core.tagging}
 
     def run(self) -> None:
         """Serve until SIGTERM."""
