@@ -35,6 +35,7 @@ class Progress:
     clients: int
     answers: dict[str, int]  # answers so far, by server
     entries: int  # the routers' kernel forwarding entries
+    vip_packets: int | None = None  # a VIP pool: packets its live VIP routers have seen
 
 
 @dataclass
@@ -102,6 +103,7 @@ class LabRun:
                                 len(prober.participants()),
                                 dict(prober.answers),
                                 self._entries(),
+                                self._vip_packets(engine),
                             )
                         )
             control.check_started(wait=True)
@@ -206,6 +208,17 @@ class LabRun:
                 share = float(Fraction(agent.get("share", "0")))
                 epoch = int(agent.get("epoch", 0))
         return ServerRecord(status, share, answers, 0, epoch)
+
+    def _vip_packets(self, engine: ScenarioEngine) -> int | None:
+        if not self.topology.vip_routers:
+            return None
+        total = 0
+        for name in self.topology.vip_routers:
+            if name not in engine.dead:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    status = self.lab.ask(name, "vip_router", {"op": "status"})
+                    total += int(status["stats"]["first_packets"])
+        return total
 
     def _entries(self) -> int:
         total = 0
