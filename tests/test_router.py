@@ -285,7 +285,7 @@ def test_arbitrary_bytes_never_raise(packet: bytes) -> None:
     r.receive("eth2", join(S1, EVEN), 0.0)
     r.receive("eth2", packet, 0.0)
     r.receive("eth0", b"\x45" + packet, 0.0)
-    # Control datagrams addressed to the router itself (R4 pin requests) too.
+    # Control datagrams addressed to the router itself (label mappings, flow tags) too.
     me = r.interfaces["eth2"].address
     udp = UDPDatagram(7946, 7946, packet).to_wire(S1, me)
     r.receive("eth2", IPv4Packet.make(S1, me, IPPROTO_UDP, udp).to_wire(), 0.0)

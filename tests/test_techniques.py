@@ -2,9 +2,10 @@
 
 R1 resets the sessions of portions that move and the clients reconnect to the
 new owner; R2 forwards them to the old owner (optionally closing after the
-current transaction); R3 transfers their state to the new owner; R4 pins their
-paths in the routers. Every client keeps a running total with the service, so a
-lost state is visible to the user (`state_lost`), as are resets and failures.
+current transaction); R3 transfers their state to the new owner; R4 tags them
+onto the old owner's label-switched tree at the clients' edge router. Every
+client keeps a running total with the service, so a lost state is visible to the
+user (`state_lost`), as are resets and failures.
 """
 
 from __future__ import annotations
@@ -334,7 +335,9 @@ def check_kept(
             )
             assert arrived == sum(1 for _, t in moved.values() if t == target), target
     else:
-        assert run.nodes.routers["ra"].stats.pinned_forwarded > 0
+        # The clients' edge pushes the old owner's label on the moved connections.
+        edge = run.nodes.routers["ra"].vip
+        assert edge is not None and edge.stats.pushed > 0
         for source in sources:
             assert servers[source].handover.stats.pinned >= sum(
                 1 for s, _ in moved.values() if s == source
@@ -464,16 +467,25 @@ def test_moved_sessions_whose_holder_dies_are_served_again(technique: str) -> No
 # -- R4 pins go away -----------------------------------------------------------------
 
 
+def tagged_clients(run: PoolRun) -> set[str]:
+    """The clients whose connections the edge router `ra` holds a tag for."""
+    edge = run.nodes.routers["ra"].vip
+    assert edge is not None
+    names = {int(c.address): n for n, c in run.nodes.clients.items()}
+    return {names[flow.client] for flow in edge.flows}
+
+
 def test_r4_pins_go_away_when_the_pinned_connections_close() -> None:
-    """Moved clients close their pinned sessions: the old owner unpins, every router
-    forgets those pins, and the clients' next connections go to the new owner."""
+    """Moved clients close their pinned sessions: the old owner untags them, the edge
+    router forgets those tags, and the clients' next connections go to the new owner."""
     run = start(topology("R4"))
     advance(run, 2.0)
     record = change(run, "set_share", "s1")
-    routers = run.nodes.routers.values()
-    # Pins are relayed to every router, as joins are.
-    assert all(r.stats.pins_added == len(record.moved) for r in routers)
-    assert all(r.stats.pins_removed == 0 for r in routers)
+    routers = run.nodes.routers
+    # Each moved connection is tagged once, at the clients' edge router only.
+    assert tagged_clients(run) == set(record.moved)
+    assert all(r.vip is not None for r in routers.values())
+    assert [n for n, r in routers.items() if r.vip and r.vip.stats.flows_tagged] == ["ra"]
     closing = [run.nodes.clients[name] for name in sorted(record.moved)[:2]]
     for client in closing:
         act(run, lambda client=client: client.set_rate(0.0, run.now))
@@ -488,7 +500,7 @@ def test_r4_pins_go_away_when_the_pinned_connections_close() -> None:
     for client in closing:
         act(run, lambda client=client: close(client))
     advance(run, run.now + 1.0)
-    assert all(r.stats.pins_removed == len(closing) for r in routers)
+    assert tagged_clients(run) == set(record.moved) - {c.name for c in closing}
     servers = run.nodes.servers
     assert sum(s.handover.stats.unpinned for s in servers.values()) == len(closing)
     for client in closing:
@@ -512,6 +524,68 @@ def test_r4_pins_go_away_when_the_pinned_connections_close() -> None:
 # -- the live pool on real sockets ---------------------------------------------------
 
 
+def overlay_set_share(
+    run: PoolRun,
+    ready: Callable[[], bool] = lambda: True,
+    over: Callable[[Allocation], bool] = lambda old: True,
+) -> tuple[Allocation, dict[str, object], float, dict[str, Any]]:
+    """On the overlay: as soon as every client has a session (and `ready()`), s1
+    drops to 10%; run until the handover is over as the clients see it (and
+    `over(old allocation)`), then close the network. Returns the allocation before,
+    each client's connection then, when the change was asked for, and the summary
+    when it was over."""
+    network = run.network
+    assert isinstance(network, OverlayNetwork)
+    clients = run.nodes.clients
+    technique = run.topology.pool.technique
+    try:
+        started = network.run_until(
+            DEADLINE,
+            once(
+                lambda: (
+                    all(c.connected and c.stats.requests_ok for c in clients.values()) and ready()
+                )
+            ),
+        )
+        assert started, "the clients never all got a session"
+        old = current(run)
+        keys = {n: c.conn_key for n, c in clients.items()}
+        at = network.now
+        step = SetShare(at=at, server="s1", share=Fraction(1, 10))
+        network.call_at(at, lambda: run.engine.carry_out(step, at))
+        # At least 1.8 s (what an idle host needs), then until the handover is over
+        # as the clients see it: the routers send each to its new owner, and every
+        # client has been answered since (R1: after its reset).
+        settled = Settled(run, lambda new: abs(float(new.share("s1")) - 0.1) < 1e-3, at + 1.0)
+
+        def unreset() -> list[str]:  # R1: moved clients not reset yet
+            new = agreed(run)
+            if technique != "R1" or new is None:
+                return []
+            return [n for n in moved_clients(run, old, new) if not clients[n].stats.resets]
+
+        summaries: list[dict[str, Any]] = []
+
+        def done() -> bool:
+            if network.now < at + 1.8 or not settled() or not served_now(run):
+                return False
+            if unreset() or not over(old):
+                return False
+            # The summary as it is now: "served at the end" would slip with the clock.
+            summaries.append(run.summary())
+            return True
+
+        network.run_until(at + DEADLINE, every(run, 0.05, once(done)))
+        assert summaries, (
+            f"the handover was not over after {DEADLINE} s: routes settled at "
+            f"{settled.at}, everyone served: {served_now(run)}, not reset: {unreset()}, "
+            f"the caller's condition: {over(old)}; {run.summary()}"
+        )
+        return old, keys, at, summaries[0]
+    finally:
+        network.close()
+
+
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_overlay_set_share_on_loopback(technique: str) -> None:
     """Real UDP sockets and wall-clock time: s1 drops to 10% as soon as every client
@@ -522,55 +596,8 @@ def test_overlay_set_share_on_loopback(technique: str) -> None:
     topo = loads(topology(technique, clients=20, misses=30))
     ports = sum(len(ifaces) for ifaces in topo.interfaces.values())
     run = patient(PoolRun(topo, "overlay", seed=7, base_port=free_base_port(ports)))
-    network = run.network
-    assert isinstance(network, OverlayNetwork)
     clients = run.nodes.clients
-
-    def drive() -> tuple[Allocation, dict[str, object], float, dict[str, Any]]:
-        try:
-            ready = network.run_until(
-                DEADLINE,
-                once(lambda: all(c.connected and c.stats.requests_ok for c in clients.values())),
-            )
-            assert ready, "the clients never all got a session"
-            old = current(run)
-            keys = {n: c.conn_key for n, c in clients.items()}
-            at = network.now
-            step = SetShare(at=at, server="s1", share=Fraction(1, 10))
-            network.call_at(at, lambda: run.engine.carry_out(step, at))
-            # At least 1.8 s (what an idle host needs), then until the handover is over
-            # as the clients see it: the routers send each to its new owner, and every
-            # client has been answered since (R1: after its reset).
-            settled = Settled(run, lambda new: abs(float(new.share("s1")) - 0.1) < 1e-3, at + 1.0)
-
-            def unreset() -> list[str]:  # R1: moved clients not reset yet
-                new = agreed(run)
-                if technique != "R1" or new is None:
-                    return []
-                return [n for n in moved_clients(run, old, new) if not clients[n].stats.resets]
-
-            summaries: list[dict[str, Any]] = []
-
-            def over() -> bool:
-                if network.now < at + 1.8 or not settled() or not served_now(run):
-                    return False
-                if unreset():
-                    return False
-                # The summary as it is now: "served at the end" would slip with the clock.
-                summaries.append(run.summary())
-                return True
-
-            network.run_until(at + DEADLINE, every(run, 0.05, once(over)))
-            assert summaries, (
-                f"the handover was not over after {DEADLINE} s: routes settled at "
-                f"{settled.at}, everyone served: {served_now(run)}, not reset: {unreset()}; "
-                f"{run.summary()}"
-            )
-            return old, keys, at, summaries[0]
-        finally:
-            network.close()
-
-    old, keys, at, summary = drive()
+    old, keys, at, summary = overlay_set_share(run)
     new = current(run)
     assert abs(float(new.share("s1")) - 0.1) < 1e-3
     moved = set(moved_clients(run, old, new))

@@ -19,7 +19,6 @@ from manycast.space import AddressSpace, Allocation
 from manycast.wire import WireError, control
 from manycast.wire.control import (
     MAX_BUCKET_LOADS,
-    MAX_PIN_KEYS,
     Ack,
     AddServerOp,
     BucketLoad,
@@ -30,8 +29,6 @@ from manycast.wire.control import (
     Forwarded,
     Heartbeat,
     MessageType,
-    PinKey,
-    PinRequest,
     PolicyOp,
     Proposal,
     RebalanceOp,
@@ -45,7 +42,6 @@ from manycast.wire.control import (
     SnapshotRequest,
     StateQuery,
     StateReply,
-    Unpin,
     assemble,
     decode,
     decode_op,
@@ -156,7 +152,6 @@ def stateful_replies(draw: st.DrawFn) -> StateReply:
     )
 
 
-pin_keys = st.lists(st.builds(PinKey, addresses, u16), min_size=1, max_size=20).map(tuple)
 packets = st.tuples(st.sampled_from([0x45, 0x60, 0x4F, 0x6A]), st.binary(max_size=200)).map(
     lambda t: bytes([t[0]]) + t[1]
 )
@@ -184,8 +179,6 @@ messages: st.SearchStrategy[ControlMessage] = st.one_of(
     st.builds(Redirect, ids, u32, addresses, u16, u16, addresses, u16),
     st.builds(StateQuery, ids, u32, u64, keys()),
     stateful_replies(),
-    st.builds(PinRequest, ids, u32, addresses, st.integers(1, 0xFFFFFFFF), pin_keys),
-    st.builds(Unpin, ids, u32, pin_keys),
 )
 
 
@@ -260,8 +253,6 @@ def test_type_numbers() -> None:
         "REDIRECT": 9,
         "STATE_QUERY": 10,
         "STATE_REPLY": 11,
-        "PIN_REQUEST": 12,
-        "UNPIN": 13,
         "SERVER_HELLO": 14,
         "LABEL_MAPPING": 15,
         "FLOW_TAG": 16,
@@ -271,13 +262,18 @@ def test_type_numbers() -> None:
     }
 
 
+@pytest.mark.parametrize("retired", [12, 13])
+def test_retired_pin_types_are_refused(retired: int) -> None:
+    # R4's per-hop PinRequest and Unpin: R4 now tags connections onto label trees.
+    with pytest.raises(WireError, match="control message type"):
+        decode(b"MC\x01" + bytes([retired]) + b"\x02s1\x00\x00\x00\x00\x00\x00")
+
+
 def test_friendly_inputs_are_normalised() -> None:
     op = RebalanceOp(1.5, [(1, 2.0), (3, 0)])  # type: ignore[arg-type]
     assert op.loads == (BucketLoad(1, 2.0), BucketLoad(3, 0))
     assert decode_op(op.to_wire()) == op
     assert SetShareOp("s", 1).share == Fraction(1)  # type: ignore[arg-type]
-    unpin = Unpin("s", 1, [(IPv4Address("10.0.0.1"), 0)])  # type: ignore[arg-type]
-    assert decode(unpin.to_wire()) == unpin
     forwarded = Forwarded("s", 1, IPv4Address("10.0.0.2"), bytearray(b"\x45\x00"))  # type: ignore[arg-type]
     assert forwarded.packet == b"\x45\x00"
 
@@ -403,9 +399,6 @@ DIGEST = b"\x01" * 8
     ("data", "error"),
     [
         (_message(MessageType.REDIRECT, b"\x05" + b"\x00" * 20), "family 5"),
-        (_message(MessageType.UNPIN, b"\x03\xe8"), "1000 pin keys need at least 7000"),
-        (_message(MessageType.UNPIN, b"\x00\x00"), "0 keys"),
-        (_message(MessageType.UNPIN, struct.pack("!H", MAX_PIN_KEYS + 1)), "at most"),
         (
             _message(
                 MessageType.HEARTBEAT,
@@ -510,7 +503,6 @@ def test_every_message_type_decodes_and_the_package_exports_the_old_names() -> N
         lambda: Redirect("s", 1, IPv4Address("10.0.0.1"), 1 << 16, 2, IPv4Address("10.0.0.2"), 3),
         lambda: RebalanceOp(2.0, tuple(BucketLoad(i, 1.0) for i in range(MAX_BUCKET_LOADS + 1))),
         lambda: RebalanceOp(2.0, (5,)),  # type: ignore[arg-type]
-        lambda: PinRequest("s", 1, IPv4Address("10.0.0.1"), 0, (PinKey(IPv4Address("1.2.3.4")),)),
         lambda: Command("s", 1, 1, "add s2"),  # type: ignore[arg-type]
     ],
 )

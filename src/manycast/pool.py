@@ -23,6 +23,7 @@ from manycast.protocol.coordination import PoolSettings, initial_allocation
 from manycast.protocol.node import Node
 from manycast.protocol.router import Router
 from manycast.protocol.server import Server
+from manycast.protocol.technique import Technique
 from manycast.protocol.vip import VipRouter
 from manycast.space import Allocation
 from manycast.topology import PoolSpec, Topology
@@ -127,11 +128,12 @@ def build(
             control_port=pool.control_port,
             neighbors=topology.router_neighbors(name),
             admission=Admission(plan.is_private_int, wall_base=wall_base) if pool.private else None,
-            **_vip_options(topology, name),
+            **_label_options(topology, name),
         )
         for name in topology.routers
         if hosted(name)
     }
+    edges = _edges(topology)
     vip_routers = {
         spec.name: VipRouter(
             spec.name,
@@ -141,7 +143,7 @@ def build(
             rng(spec.name),
             vip=pool.group,
             initial=initial,
-            edges=_edges(topology),
+            edges=edges,
         )
         for spec in topology.vip_routers.values()
         if hosted(spec.name)
@@ -165,6 +167,7 @@ def build(
             initial=start,
             service=service(),
             key=key_of(spec.authorized),
+            edges=edges,
         )
         (standby if spec.standby else servers)[spec.name] = server
 
@@ -195,11 +198,16 @@ def build(
     return Nodes(routers, servers, standby, clients, links, vip_routers, directory)
 
 
-def _vip_options(topology: Topology, router: str) -> dict[str, Any]:
-    """What a router of a VIP pool is told: the VIP, every VIP router with its
-    distance from here, and which of its links lead to a VIP router."""
+def _label_options(topology: Topology, router: str) -> dict[str, Any]:
+    """What a router is told to build label-switched trees, one per server, and take
+    flow tags. A VIP pool's router (Fig 17-18): the VIP, every VIP router with its
+    distance from here, and which of its links lead to a VIP router. A manycast
+    pool's under R4 (Fig 16): the group, whose connections the servers tag."""
+    servers = [int(topology.address(name)) for name in topology.servers]
     if topology.pool.vip is None:
-        return {}
+        if topology.pool.technique is not Technique.R4:
+            return {}
+        return {"r4_group": topology.pool.group, "vip_servers": servers}
     distances = {
         int(topology.address(name)): topology.distance(router, name)
         for name in topology.vip_routers
@@ -212,7 +220,6 @@ def _vip_options(topology: Topology, router: str) -> dict[str, Any]:
         for iface in topology.interfaces[router].values():
             if address in iface.network:
                 links[iface.name] = (*links.get(iface.name, ()), int(address))
-    servers = [int(topology.address(name)) for name in topology.servers]
     return {
         "vip": topology.pool.vip,
         "vip_routers": distances,
@@ -223,7 +230,7 @@ def _vip_options(topology: Topology, router: str) -> dict[str, Any]:
 
 def _edges(topology: Topology) -> list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]:
     """Every network a client may be on, with the address of the router it is
-    attached to there: where a VIP router sends a flow's tag."""
+    attached to there: where a VIP router, or a server under R4, sends a flow's tag."""
     edges = []
     for router in topology.routers:
         for iface in topology.interfaces[router].values():

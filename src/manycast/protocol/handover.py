@@ -16,17 +16,20 @@ The pool chooses one technique:
   the transport and application state and lets the connection go; the new owner
   imports it and continues the connection, segments that arrived meanwhile
   included.
-* R4 pinned paths (Fig 16): before a reallocation executes, a server asks the
-  routers to pin a path to itself for each connection it is about to lose;
-  those connections' packets keep coming to it until they close (then it
-  unpins) or go idle, while new connections go to the new owner.
+* R4 pinned paths (Fig 16): before a reallocation executes, a server creates a
+  tag-switched path to itself for each connection it is about to lose: it tags
+  the connection onto its own label-switched tree at the client's edge router
+  (`FlowTag`, as a VIP router tags a flow, Fig 18). The edge pushes the tree's
+  label on that connection's packets, so they keep coming to the old owner until
+  the connection closes (then it untags it) or idles, while new connections go
+  to the new owner by the allocation.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from manycast.errors import ConfigError
@@ -42,6 +45,8 @@ from manycast.wire.transport import TcpFlags, TcpSegment
 
 # Sends a control message: to the control group (None) or to one server's address.
 SendControl = Callable[[control.ControlMessage, ipaddress.IPv4Address | None], None]
+# Every network a client may be on, with its edge router's address there.
+Edges = Sequence[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]
 
 
 @dataclass
@@ -54,8 +59,9 @@ class HandoverStats:
     queries: int = 0  # R3: state queries we sent
     transferred_out: int = 0  # R3: connections whose state we handed over
     transferred_in: int = 0  # R3: connections we continued from another server's state
-    pinned: int = 0  # R4: connections we pinned before giving their portion up
-    unpinned: int = 0
+    pinned: int = 0  # R4: connections we tagged onto our tree before giving them up
+    unpinned: int = 0  # ... and untagged when they closed
+    no_edge: int = 0  # R4: connections of clients with no edge router known (not pinned)
     closed_after_transaction: int = 0
 
 
@@ -99,6 +105,7 @@ class Handover:
         query_timeout: float = 0.9,
         forward_timeout: float = 0.3,
         idle_timeout: float = 30.0,
+        edges: Edges = (),
     ) -> None:
         if technique not in tuple(Technique):
             names = ", ".join(Technique)
@@ -123,26 +130,33 @@ class Handover:
         self._queries: dict[ConnKey, _Query] = {}
         self._query_ids: dict[int, ConnKey] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
-        self._pins: set[ConnKey] = set()
+        self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
+        self._tagged: dict[ConnKey, ipaddress.IPv4Address] = {}  # R4: -> the edge told
 
     # -- the allocation changes --------------------------------------------------------
-    def before_change(
-        self, keep: SourceFilter | None, gateway_pin: Callable[[control.PinRequest], None]
-    ) -> None:
-        """R4: a reallocation is about to execute; pin what we will lose."""
+    def before_change(self, keep: SourceFilter | None) -> None:
+        """R4 (Fig 16, 1600): a reallocation is about to execute; create a tag-switched
+        path for each connection we will lose (claims 13, 39): tag it onto our tree at
+        its client's edge router."""
         if self.technique is not Technique.R4:
             return
-        losing = [
-            key for key in self.endpoint.keys() if not _owned(keep, key) and key not in self._pins
-        ]
-        for start in range(0, len(losing), control.MAX_PIN_KEYS):
-            chunk = losing[start : start + control.MAX_PIN_KEYS]
-            keys = tuple(control.PinKey(key[1][0], key[1][1]) for key in chunk)
-            gateway_pin(
-                control.PinRequest(self.name, 0, self.address, int(self.idle_timeout * 1000), keys)
-            )
-            self._pins.update(chunk)
-            self.stats.pinned += len(chunk)
+        idle_ms = max(1, int(self.idle_timeout * 1000))
+        for key in self.endpoint.keys():
+            if _owned(keep, key) or key in self._tagged:
+                continue
+            (group, port), (client, client_port) = key
+            edge = self.edge_of(client)
+            if edge is None:
+                self.stats.no_edge += 1
+                continue
+            flow = control.FlowKey(IPPROTO_TCP, client, client_port, group, port)
+            self.send_control(control.FlowTag(self.name, 0, flow, self.address, idle_ms), edge)
+            self._tagged[key] = edge
+            self.stats.pinned += 1
+
+    def edge_of(self, client: control.Address) -> ipaddress.IPv4Address | None:
+        """The router the client's network is attached to, by longest prefix."""
+        return next((router for net, router in self.edges if client in net), None)
 
     def after_change(self, owned: SourceFilter | None, now: float) -> None:
         """The new allocation is in force: deal with the connections we gave up."""
@@ -317,11 +331,14 @@ class Handover:
             if entry.target in addresses:
                 del self._forwards[flow]
 
-    def on_closed(self, key: ConnKey, gateway_unpin: Callable[[control.Unpin], None]) -> None:
+    def on_closed(self, key: ConnKey) -> None:
         self.moved.discard(key)
-        if key in self._pins:
-            self._pins.discard(key)
-            gateway_unpin(control.Unpin(self.name, 0, (control.PinKey(key[1][0], key[1][1]),)))
+        edge = self._tagged.pop(key, None)
+        if edge is not None:
+            # Fig 16, 1630: the connection ended; its tagged path is broken down.
+            (group, port), (client, client_port) = key
+            flow = control.FlowKey(IPPROTO_TCP, client, client_port, group, port)
+            self.send_control(control.FlowUntag(self.name, 0, (flow,)), edge)
             self.stats.unpinned += 1
 
     def next_deadline(self) -> float | None:

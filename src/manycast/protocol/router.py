@@ -14,12 +14,13 @@ the server that serves it. The outgoing set is computed on the first packet of
 (S, G) and cached, like a kernel multicast forwarding entry, until membership
 of G changes. Unicast follows the routes computed from the topology.
 
-Pinned paths (R4, Fig 16): a server about to give up a portion asks its router
-to pin each of its connections, named by (client, client port), to itself. The
-request is accepted like a join (only on the interface toward that server) and
-relayed to the other routers, so every router on the way keeps sending those
-connections' packets toward the old owner whatever the membership says, until
-the server unpins them or they go idle.
+Label switching (`vipplane.py`): in a VIP pool (Fig 17-18), and in a manycast
+pool under R4 (pinned paths, Fig 16), the routers build one label-switched tree
+per server. Under R4 a server about to give up a portion tags each connection it
+will lose onto its own tree at the client's edge router; the edge pushes the
+label on that connection's packets to the group, which then reach the old owner
+by label switching whatever the membership says, until the connection closes
+(the server untags it) or idles. Label switching comes before routing.
 """
 
 from __future__ import annotations
@@ -78,16 +79,6 @@ class Member:
     expires: float
 
 
-@dataclass(slots=True)
-class Pin:
-    """A connection's path held toward its old owner (R4)."""
-
-    iface: str
-    neighbor: int
-    idle: float
-    last_used: float
-
-
 @dataclass(frozen=True, slots=True)
 class KeyNeeded:
     """Joins for `group` wait for its public key: look it up, then `provide_key`."""
@@ -119,9 +110,6 @@ class RouterStats:
     joins_relayed: int = 0
     rejected: Counter[Refusal] = field(default_factory=Counter)
     local: int = 0
-    pinned_forwarded: int = 0
-    pins_added: int = 0
-    pins_removed: int = 0
 
 
 class Router(Node):
@@ -140,13 +128,16 @@ class Router(Node):
         vip_routers: Mapping[int, float] | None = None,
         vip_router_links: Mapping[str, tuple[int, ...]] | None = None,
         vip_servers: Iterable[int] = (),
+        r4_group: ipaddress.IPv4Address | None = None,
     ) -> None:
+        """`vip` and the `vip_*` options: a VIP pool's router. `r4_group`: a manycast
+        pool's group under R4, whose servers tag the connections they give up onto
+        their trees (`vip_servers` names them)."""
         super().__init__(name, interfaces)
         self._neighbors = neighbors or {}  # router-facing interface -> neighbour routers' addresses
         self.hold_time = hold_time
         self.admission = admission
         self.control_port = control_port
-        self.pins: dict[int, dict[int, Pin]] = {}  # client -> client port -> pin
         self.senders: dict[int, dict[int, float]] = {}  # group -> participant -> expiry
         self._pending: list[tuple[str, IPv4Packet, IGMPv3Report, tuple[int, ...]]] = []
         self.router_ifaces = set(router_ifaces)
@@ -178,23 +169,27 @@ class Router(Node):
         self._fib: dict[int, tuple[str, int] | None] = {}
         # group -> source -> outgoing (interface, neighbour) pairs: the forwarding cache
         self._mfc: dict[int, dict[int, tuple[tuple[str, int], ...]]] = {}
-        # A VIP pool's router: label switching, flow tags and VIP routing (Fig 17-18).
+        # Label switching and edge flow tags: a VIP pool's router, with VIP routing
+        # (Fig 17-18), or a manycast pool's under R4 (Fig 16), whose tags are for
+        # connections to the group.
         self.vip: VipPlane | None = None
-        self._vip = -1
-        if vip is not None:
+        self._vip = -1  # the VIP, routed to VIP routers (-1: none)
+        tagged = vip if vip is not None else r4_group
+        if tagged is not None:
             label_neighbors = {i: self._neighbors.get(i, ()) for i in self.router_ifaces}
             for link_iface, peers in (vip_router_links or {}).items():
                 label_neighbors[link_iface] = (*label_neighbors.get(link_iface, ()), *peers)
             self.vip = VipPlane(
                 self,
-                int(vip),
+                int(tagged),
                 dict(vip_routers or {}),
                 label_neighbors,
                 hold_time,
                 control_port,
                 frozenset(vip_servers),
+                tags_from_servers=vip is None,
             )
-            self._vip = int(vip)
+            self._vip = -1 if vip is None else int(vip)
 
     # -- node interface ----------------------------------------------------------
     def start(self, now: float) -> None:
@@ -217,8 +212,6 @@ class Router(Node):
                     self.timers.arm("vip", now + VIP_SWEEP)
         if "expire" in fired:
             self._expire(now)
-        if "pins" in fired:
-            self._expire_pins(now)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         try:
@@ -252,8 +245,15 @@ class Router(Node):
         if self.admission is not None and not self.sender_allowed(iface, src, group, now):
             self.stats.rejected[Refusal.UNAUTHORIZED_SENDER] += 1
             return
-        if src in self.pins and self._forward_pinned(iface, src, packet, ttl, now):
-            return
+        plane = self.vip
+        if (
+            plane is not None
+            and plane.flows
+            and group == plane.vip
+            and ttl > 1
+            and plane.push_tagged(iface, packet, now)
+        ):
+            return  # R4: a connection its old owner tagged onto its tree (Fig 16)
         cache = self._mfc.get(group)
         if cache is None:
             cache = self._mfc[group] = {}
@@ -274,18 +274,6 @@ class Router(Node):
             if out_iface != iface:
                 self.send(out_iface, forwarded, neighbor)
                 self.stats.multicast_forwarded += 1
-
-    def _forward_pinned(self, iface: str, src: int, packet: bytes, ttl: int, now: float) -> bool:
-        header = (packet[0] & 0x0F) * 4
-        port = int.from_bytes(packet[header : header + 2], "big")
-        pin = self.pins[src].get(port)
-        if pin is None:
-            return False
-        if ttl > 1 and pin.iface != iface:
-            pin.last_used = now
-            self.send(pin.iface, decrement_ttl_v4(packet), pin.neighbor)
-            self.stats.pinned_forwarded += 1
-        return True
 
     def resolve(self, src: int, group: int) -> tuple[tuple[str, int], ...]:
         """The (interface, neighbour) pairs toward every member of `group` matching `src`."""
@@ -430,7 +418,7 @@ class Router(Node):
             self.send(out, relayed.to_wire(), None)
             self.stats.joins_relayed += 1
 
-    # -- pinned paths (R4) ----------------------------------------------------------
+    # -- control messages to the router itself --------------------------------------
     def _on_control(self, iface: str, packet: bytes, now: float) -> None:
         try:
             ip = IPv4Packet.from_wire(packet)
@@ -445,56 +433,6 @@ class Router(Node):
             iface, int(ip.header.src), message, datagram.payload, now
         ):
             self._vip_changed(now)
-            return
-        if isinstance(message, control.PinRequest):
-            toward = self.route(int(message.server))
-            if toward is None or toward[0] != iface:
-                self.stats.rejected[Refusal.PIN_FROM_WRONG_LINK] += 1
-                return
-            idle = message.idle_timeout_ms / 1000
-            for key in message.keys:
-                self.pins.setdefault(int(key.client), {})[key.port] = Pin(
-                    iface, int(ip.header.src), idle, now
-                )
-                self.stats.pins_added += 1
-            self.timers.arm("pins", now + min(1.0, idle))
-        elif isinstance(message, control.Unpin):
-            for key in message.keys:
-                ports = self.pins.get(int(key.client))
-                if ports is not None and ports.pop(key.port, None) is not None:
-                    self.stats.pins_removed += 1
-                    if not ports:
-                        del self.pins[int(key.client)]
-        else:
-            return
-        self._relay_control(iface, datagram.payload)
-
-    def _relay_control(self, arrived_on: str, payload: bytes) -> None:
-        """Pass a pin request on to the neighbouring routers, as joins are relayed."""
-        for out in sorted(self.router_ifaces - {arrived_on}):
-            mine = self.interfaces[out]
-            for neighbor in self._neighbors.get(out, ()):
-                packet = IPv4Packet.make(
-                    mine.address,
-                    ipaddress.IPv4Address(neighbor),
-                    IPPROTO_UDP,
-                    UDPDatagram(self.control_port, self.control_port, payload).to_wire(
-                        mine.address, ipaddress.IPv4Address(neighbor)
-                    ),
-                    ttl=1,
-                )
-                self.send(out, packet.to_wire(), neighbor)
-
-    def _expire_pins(self, now: float) -> None:
-        for client in list(self.pins):
-            ports = self.pins[client]
-            for port in [p for p, pin in ports.items() if now - pin.last_used > pin.idle]:
-                del ports[port]
-                self.stats.pins_removed += 1
-            if not ports:
-                del self.pins[client]
-        if self.pins:
-            self.timers.arm("pins", now + 1.0)
 
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)

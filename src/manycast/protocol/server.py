@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from manycast.auth import sign_join
 from manycast.protocol.app import Service
 from manycast.protocol.coordination import Coordinator, PoolSettings
-from manycast.protocol.handover import Handover
+from manycast.protocol.handover import Edges, Handover
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter, any_source_record, record_for
 from manycast.protocol.node import Interface, Node
@@ -38,6 +38,7 @@ from manycast.protocol.tcp import (
     StreamEnded,
     UnknownSegment,
 )
+from manycast.protocol.technique import Technique
 from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
@@ -70,7 +71,10 @@ class Server(Node):
         service: Service,
         session: SessionConfig | None = None,
         key: Ed25519PrivateKey | None = None,
+        edges: Edges = (),
     ) -> None:
+        """`edges`: every client network with its edge router, where R4 tags the
+        connections we give up."""
         super().__init__(name, interfaces)
         self.key = key  # a private pool's key: every join is signed with it
         iface, router = gateway
@@ -101,7 +105,11 @@ class Server(Node):
             self.session,
             rng,
             close_after_transaction=settings.close_after_transaction,
+            edges=edges,
         )
+        # Our label-switched tree: a VIP pool's flows (Fig 17) and R4's pinned paths
+        # (Fig 16) come down it; our router is its last hop.
+        self.roots_tree = settings.vip or self.handover.technique is Technique.R4
         self.portions: PortionSet | None = None
         self._filter: SourceFilter | None = None
         self._seq = 0
@@ -211,14 +219,12 @@ class Server(Node):
 
     # -- allocation ------------------------------------------------------------------------
     def _prepare(self, allocation: Allocation) -> None:
-        """A change is about to execute: the technique gets ready (R4 pins paths)."""
+        """A change is about to execute: the technique gets ready (R4 tags the
+        connections we will lose onto our tree)."""
         if self.settings.vip:
             return  # tagged flows keep their server: nothing moves
         keep = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
-        self.handover.before_change(
-            SourceFilter.of(keep) if len(keep) else None,
-            lambda pin: self._send_control(pin, self.router),
-        )
+        self.handover.before_change(SourceFilter.of(keep) if len(keep) else None)
 
     def _hot_buckets(self, now: float) -> list[control.BucketLoad]:
         """Our busiest buckets since the last allocation change, as requests per second."""
@@ -242,8 +248,10 @@ class Server(Node):
     ) -> None:
         group = self.settings.group
         records = [any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)]
-        if self.settings.vip:
+        if self.roots_tree:
             self._hello(now)
+        if self.settings.vip:
+            pass  # a VIP pool's server joins the control channel only
         elif refresh:
             if self.portions is not None and len(self.portions):
                 records.append(record_for(group, self.portions, RecordType.MODE_IS_INCLUDE))
@@ -264,8 +272,8 @@ class Server(Node):
         self.timers.arm("report", now + self.settings.report_interval_s)
 
     def _hello(self, now: float) -> None:
-        """A VIP pool's server tells its router it serves the VIP here: the root of
-        its label-switched tree (Fig 17)."""
+        """Tell our router we serve the pool here (its VIP, or its group under R4): the
+        root of our label-switched tree (Fig 17)."""
         hold_ms = max(1, int(self.settings.report_interval_s * 3500))
         hello = control.ServerHello(self.name, 0, self.address, self.settings.group, hold_ms)
         self._send_control(hello, self.router)
@@ -298,7 +306,7 @@ class Server(Node):
                     conn.close(now)
             elif isinstance(event, ConnectionClosed | ConnectionReset | ConnectionTimedOut):
                 self.app.close(key)
-                self.handover.on_closed(key, lambda unpin: self._send_control(unpin, self.router))
+                self.handover.on_closed(key)
         self.host.flush()
 
 

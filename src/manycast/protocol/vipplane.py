@@ -12,6 +12,11 @@
   (by the routing metric; ties by address, so every router agrees and no loop
   forms). VIP routers announce themselves with `VipAdvert`, flooded to every
   router and valid for a hold time.
+* A manycast pool under R4 (pinned paths, Fig 16) uses the same trees and tags:
+  a server about to give up part of the space tags each connection it will lose
+  onto its own tree at the client's edge router, which pushes the label on that
+  connection's packets to the group; untagged packets follow the multicast
+  allocation as before.
 """
 
 from __future__ import annotations
@@ -111,6 +116,9 @@ class VipPlane:
     control_port: int
     # the pool's servers (the topology names them): only they root a tree
     servers: frozenset[int] = frozenset()
+    # A manycast pool's R4 (Fig 16): the servers tag their own connections; in a VIP
+    # pool only VIP routers tag flows (Fig 18).
+    tags_from_servers: bool = False
     table: LabelTable = field(init=False)
     stats: VipPlaneStats = field(default_factory=VipPlaneStats)
     flows: dict[Flow, _Tag] = field(default_factory=dict)
@@ -154,27 +162,8 @@ class VipPlane:
     def on_vip_packet(self, iface: str, packet: bytes, ttl: int, now: float) -> None:
         """An unlabelled packet to the VIP: push a tagged flow's label at its edge, else
         send it to the nearest live VIP router."""
-        if ttl <= 1:
+        if ttl <= 1 or self.push_tagged(iface, packet, now):
             return
-        if iface not in self.router.router_ifaces and self.flows:
-            found = flow_of(packet)
-            if found is not None:
-                flow, flags = found
-                tag = self.flows.get(flow)
-                if tag is not None:
-                    hop = self.table.toward(tag.server)
-                    if hop is not None:
-                        tag.last_used = now
-                        self._send_on(hop, decrement_ttl_v4(packet))
-                        self.stats.pushed += 1
-                        if flags & _TCP_RST:
-                            del self.flows[flow]
-                            self.stats.flows_ended += 1
-                        elif flags & _TCP_FIN and tag.idle > FIN_LINGER:
-                            # The close's last ACKs follow the FIN: keep the tag for them.
-                            tag.idle = FIN_LINGER
-                            self.stats.flows_ended += 1
-                        return
         target = self.nearest_vip_router(now)
         if target is None:
             self.stats.no_vip_router += 1
@@ -185,6 +174,36 @@ class VipPlane:
             return
         self.router.send(way[0], decrement_ttl_v4(packet), way[1])
         self.stats.to_vip_router += 1
+
+    def push_tagged(self, iface: str, packet: bytes, now: float) -> bool:
+        """At a client's edge: put a tagged flow's packet (to the VIP, or to a manycast
+        pool's group under R4) on its server's tree, labelled. False when the flow is
+        not tagged here or its server's tree is gone (the server died): the packet then
+        goes the way of untagged ones, so a dead tree never black-holes a flow. The
+        caller checks the TTL and the destination."""
+        if iface in self.router.router_ifaces or not self.flows:
+            return False
+        found = flow_of(packet)
+        if found is None:
+            return False
+        flow, flags = found
+        tag = self.flows.get(flow)
+        if tag is None:
+            return False
+        hop = self.table.toward(tag.server)
+        if hop is None:
+            return False
+        tag.last_used = now
+        self._send_on(hop, decrement_ttl_v4(packet))
+        self.stats.pushed += 1
+        if flags & _TCP_RST:
+            del self.flows[flow]
+            self.stats.flows_ended += 1
+        elif flags & _TCP_FIN and tag.idle > FIN_LINGER:
+            # The close's last ACKs follow the FIN: keep the tag for them.
+            tag.idle = FIN_LINGER
+            self.stats.flows_ended += 1
+        return True
 
     def _send_on(self, hop: Hop, packet: bytes) -> None:
         """Put an unlabelled packet on a server's tree at `hop`."""
@@ -235,12 +254,12 @@ class VipPlane:
                 return True
             self.table.hello(server, iface, message.hold_ms / 1000, now)
         elif isinstance(message, control.FlowTag):
-            if src not in self.distances or int(message.flow.vip) != self.vip:
+            flow = message.flow
+            server = int(message.server)
+            if not self._may_tag(iface, src, server) or int(flow.vip) != self.vip:
                 self.stats.refused += 1
                 return True
-            flow = message.flow
             key = Flow(flow.protocol, int(flow.client), flow.client_port, flow.vip_port)
-            server = int(message.server)
             held = self.flows.get(key)
             if held is None:
                 self.stats.flows_tagged += 1
@@ -251,13 +270,15 @@ class VipPlane:
                 return True
             self.flows[key] = _Tag(server, message.idle_ms / 1000, now)
         elif isinstance(message, control.FlowUntag):
-            if src not in self.distances:
+            if not self._may_tag(iface, src, None):
                 self.stats.refused += 1
                 return True
             for flow in message.flows:
-                self.flows.pop(
-                    Flow(flow.protocol, int(flow.client), flow.client_port, flow.vip_port), None
-                )
+                key = Flow(flow.protocol, int(flow.client), flow.client_port, flow.vip_port)
+                held = self.flows.get(key)
+                # A server ends only its own connections' tags.
+                if held is not None and (src in self.distances or held.server == src):
+                    del self.flows[key]
         elif isinstance(message, control.VipAdvert):
             origin = int(message.router)
             if origin not in self.distances or int(message.vip) != self.vip:
@@ -271,6 +292,17 @@ class VipPlane:
         else:
             return False
         return True
+
+    def _may_tag(self, iface: str, src: int, server: int | None) -> bool:
+        """Whether `src` may tag flows here (onto `server`'s tree, None: untag): a VIP
+        router (Fig 18); in a manycast pool's R4 a server of the pool, onto its own
+        tree only, arriving from its side of the network as its joins do (Fig 16)."""
+        if src in self.distances:
+            return True
+        if not self.tags_from_servers or src not in self.servers or server not in (None, src):
+            return False
+        toward = self.router.route(src)
+        return toward is not None and toward[0] == iface
 
     def _flood(self, arrived_on: str, payload: bytes) -> None:
         for out in sorted(self.router.router_ifaces - {arrived_on}):

@@ -6,12 +6,12 @@ the servers announce themselves (`Heartbeat`), agree on allocation changes
 `Snapshot`) and keep existing connections when their part of the space moves:
 packets forwarded to the old owner, which then asks for them point to point
 (R2, Fig 14: `Forwarded`, `Redirect`), state transferred on demand (R3, Fig 15:
-`StateQuery`, `StateReply`), and per-connection paths pinned at routers (R4,
-Fig 16: `PinRequest`, `Unpin`). The virtual-IP pool (Fig 17-19) uses the same
+`StateQuery`, `StateReply`). The virtual-IP pool (Fig 17-19) uses the same
 envelope: servers announce themselves to their routers (`ServerHello`), routers
 distribute labels (`LabelMapping`), VIP routers announce themselves (`VipAdvert`)
 and tag flows at edge routers (`FlowTag`, `FlowUntag`), servers report load
-(`LoadReport`). The messages travel as UDP payloads of inner IP packets.
+(`LoadReport`); R4's pinned paths (Fig 16) are flow tags too. The messages
+travel as UDP payloads of inner IP packets.
 
 Layout, big-endian, field widths in bits:
 
@@ -40,8 +40,7 @@ Layout, big-endian, field widths in bits:
     10  StateQuery      query-id(64) key
     11  StateReply      query-id(64) key found(8) length(32) transport-state
                         length(32) application-state
-    12  PinRequest      server-address idle-timeout-ms(32) count(16) (address port(16))...
-    13  Unpin           count(16) (address port(16))...
+    12, 13              retired (R4's per-hop pins), refused as unknown types
     14  ServerHello     server-address vip-address hold-ms(32)
     15  LabelMapping    router-address hold-ms(32) count(16) (fec-address label(32))...
                         (labels 16..2^20-1, sorted by fec, none twice)
@@ -89,18 +88,14 @@ from manycast.wire.control.fields import (
     MAX_BUCKET_LOADS,
     MAX_ID_BYTES,
     MAX_PACKET,
-    MAX_PIN_KEYS,
     Address,
 )
 from manycast.wire.control.handover import (
     ConnectionKey,
     Forwarded,
-    PinKey,
-    PinRequest,
     Redirect,
     StateQuery,
     StateReply,
-    Unpin,
 )
 from manycast.wire.control.ops import (
     AddServerOp,
@@ -149,8 +144,6 @@ ControlMessage: TypeAlias = (
     | Redirect
     | StateQuery
     | StateReply
-    | PinRequest
-    | Unpin
     | ServerHello
     | LabelMapping
     | FlowTag
@@ -166,7 +159,6 @@ __all__ = [
     "MAX_FLOW_KEYS",
     "MAX_ID_BYTES",
     "MAX_PACKET",
-    "MAX_PIN_KEYS",
     "SNAPSHOT_MAX_BYTES",
     "VERSION",
     "Ack",
@@ -188,8 +180,6 @@ __all__ = [
     "LoadReport",
     "MessageType",
     "OpKind",
-    "PinKey",
-    "PinRequest",
     "PolicyOp",
     "Proposal",
     "RebalanceOp",
@@ -205,7 +195,6 @@ __all__ = [
     "SnapshotRequest",
     "StateQuery",
     "StateReply",
-    "Unpin",
     "VipAdvert",
     "assemble",
     "decode",

@@ -35,8 +35,9 @@ class MessageType(IntEnum):
     REDIRECT = 9
     STATE_QUERY = 10
     STATE_REPLY = 11
-    PIN_REQUEST = 12
-    UNPIN = 13
+    # 12 and 13 were R4's per-hop pin request and unpin, retired: R4 tags connections
+    # onto label-switched trees (FLOW_TAG, FLOW_UNTAG). Not reused, so an old
+    # sender's pin is refused as an unknown type.
     SERVER_HELLO = 14
     LABEL_MAPPING = 15
     FLOW_TAG = 16

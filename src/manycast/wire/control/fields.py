@@ -21,7 +21,6 @@ MAX_ID_BYTES = 64
 # Lists a receiver must hold in memory are capped well below what their u16
 # counts allow, so one datagram cannot make a server allocate much.
 MAX_BUCKET_LOADS = 1024
-MAX_PIN_KEYS = 1024
 MAX_PACKET = 0xFFFF
 
 U16 = 0xFFFF

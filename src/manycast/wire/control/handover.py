@@ -1,21 +1,19 @@
-"""Messages that keep existing connections when their part of the space moves (Fig 14-16).
+"""Messages that keep existing connections when their part of the space moves (Fig 14-15).
 
 R2 forwards a packet to the old owner, which asks for the rest point to point
 (`Forwarded`, `Redirect`); R3 transfers a connection's state on demand
-(`StateQuery`, `StateReply`); R4 pins per-connection paths at routers
-(`PinRequest`, `Unpin`).
+(`StateQuery`, `StateReply`). R4 (Fig 16) tags connections onto label-switched
+trees with the VIP pool's `FlowTag` and `FlowUntag` (`vip.py`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 from manycast.wire.control.envelope import Envelope, MessageType, control_message
 from manycast.wire.control.fields import (
     MAX_PACKET,
-    MAX_PIN_KEYS,
     U16,
     U32,
     U64,
@@ -24,9 +22,7 @@ from manycast.wire.control.fields import (
     check_address,
     check_uint,
     read_address,
-    read_count,
     read_flag,
-    records,
     set_field,
     write_address,
 )
@@ -64,13 +60,6 @@ class ConnectionKey:
         client_port = r.u16("client port")
         group = read_address(r, "group")
         return cls(client, client_port, group, r.u16("service port"))
-
-
-class PinKey(NamedTuple):
-    """A client's connections to pin: one port, or 0 for all of its ports."""
-
-    client: Address
-    port: int = 0
 
 
 @control_message
@@ -201,72 +190,3 @@ class StateReply(Envelope):
         transport = r.bytes(r.u32("transport state length"), "transport state")
         app = r.bytes(r.u32("application state length"), "application state")
         return cls(sender, seq, query_id, key, found, transport, app)
-
-
-def _as_pins(what: str, keys: Iterable[Iterable[object]]) -> tuple[PinKey, ...]:
-    pins = records(what, "keys", keys, PinKey)
-    if not 1 <= len(pins) <= MAX_PIN_KEYS:
-        raise WireError(f"{what}: {len(pins)} keys, not 1..{MAX_PIN_KEYS}")
-    for client, port in pins:
-        check_address(what, "client", client)
-        check_uint(what, "port", port, U16)
-    return pins
-
-
-def _write_pins(w: Writer, keys: tuple[PinKey, ...]) -> None:
-    w.u16(len(keys))
-    for client, port in keys:
-        write_address(w, client)
-        w.u16(port)
-
-
-def _read_pins(r: Reader) -> tuple[PinKey, ...]:
-    count = read_count(r, "pin keys", 7, MAX_PIN_KEYS)
-    return tuple(PinKey(read_address(r, "client"), r.u16("port")) for _ in range(count))
-
-
-@control_message
-@dataclass(frozen=True, slots=True)
-class PinRequest(Envelope):
-    """R4 (Fig 16, 1600), to routers: keep these clients' packets going to `server`
-    whatever the allocation, until idle for `idle_timeout_ms`."""
-
-    TYPE: ClassVar[MessageType] = MessageType.PIN_REQUEST
-    server: Address
-    idle_timeout_ms: int
-    keys: tuple[PinKey, ...]
-
-    def _check(self, what: str) -> None:
-        check_address(what, "server", self.server)
-        check_uint(what, "idle_timeout_ms", self.idle_timeout_ms, U32, low=1)
-        set_field(self, "keys", _as_pins(what, self.keys))
-
-    def _write_body(self, w: Writer) -> None:
-        write_address(w, self.server)
-        w.u32(self.idle_timeout_ms)
-        _write_pins(w, self.keys)
-
-    @classmethod
-    def _read_body(cls, sender: str, seq: int, r: Reader) -> PinRequest:
-        server = read_address(r, "server")
-        timeout = r.u32("idle timeout")
-        return cls(sender, seq, server, timeout, _read_pins(r))
-
-
-@control_message
-@dataclass(frozen=True, slots=True)
-class Unpin(Envelope):
-    """R4 (Fig 16, 1630): the pinned paths of these keys may be broken down."""
-
-    TYPE: ClassVar[MessageType] = MessageType.UNPIN
-    keys: tuple[PinKey, ...]
-
-    def _check(self, what: str) -> None:
-        set_field(self, "keys", _as_pins(what, self.keys))
-
-    def _write_body(self, w: Writer) -> None:
-        _write_pins(w, self.keys)
-
-    @classmethod
-    def _read_body(cls, sender: str, seq: int, r: Reader) -> Unpin:
-        return cls(sender, seq, _read_pins(r))
