@@ -18,4 +18,3 @@ class Refusal(StrEnum):
     UNAUTHORIZED_SENDER = "unauthorized sender"  # a private group's sender not registered
     MALFORMED = "malformed"  # a report that does not decode
     TOO_MANY_WAITING = "too many joins waiting for keys"
-    PIN_FROM_WRONG_LINK = "pin from wrong link"

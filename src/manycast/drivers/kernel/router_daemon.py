@@ -3,8 +3,8 @@
 It opens the MRT socket, adds a VIF per interface and joins 224.0.0.22 on each
 (reports are sent there, and a host only accepts a group it joined). Extended
 membership reports go to `Router.receive`; the frames the core sends (relayed
-joins, relayed pins) go out of the interface it names. On a NOCACHE upcall for
-(S, G) the daemon installs the entry toward the interfaces `Router.resolve`
+joins, label bindings, VIP adverts) go out of the interface it names. On a
+NOCACHE upcall for (S, G) the daemon installs the entry toward the interfaces `Router.resolve`
 names, possibly none (then the kernel drops (S, G) quietly instead of asking
 again). When the core says a group changed, exactly the entries of that group
 whose outgoing interfaces differ are rewritten. The kernel alone forwards
