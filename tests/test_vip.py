@@ -328,3 +328,156 @@ def test_vip_traffic_reaches_the_nearest_live_vip_router_without_a_loop() -> Non
                 if hop[1] == target:
                     break
                 at = owner[hop[1]]
+
+
+# -- the label-switching data plane ---------------------------------------------------------
+
+
+def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> None:
+    """A router keeps the outer headers it computed for each label and each hop; none of
+    them may outlive a change of the table: a new label from the next router, a binding
+    withdrawn, a server that says hello on our own link (we pop)."""
+    from manycast.protocol.node import Interface
+    from manycast.protocol.router import Router
+    from manycast.wire.label import LabelStack, decapsulate, encapsulate
+
+    up, down = ipaddress.IPv4Network("10.0.0.0/24"), ipaddress.IPv4Network("10.0.1.0/24")
+    lan, link = ipaddress.IPv4Network("198.18.0.0/24"), ipaddress.IPv4Network("10.9.0.0/24")
+    upstream, next_router, vip_router = up[1], down[1], up[2]
+    far, near = ipaddress.IPv4Address("10.8.0.1"), link[1]  # behind next_router; on our link
+    router = Router(
+        "r",
+        {
+            "up": Interface("up", "upstream", up[254], up),
+            "down": Interface("down", "downstream", down[254], down),
+            "lan": Interface("lan", "clients", lan[254], lan),
+            "srv": Interface("srv", "servers", link[254], link),
+        },
+        [(ipaddress.IPv4Network("10.8.0.0/24"), "down", next_router)],
+        router_ifaces=("up", "down"),
+        hold_time=60.0,
+        neighbors={"up": (int(upstream),), "down": (int(next_router),)},
+        vip=VIP,
+        vip_routers={int(vip_router): 1.0},
+        vip_servers=[int(far), int(near)],
+    )
+    plane = router.vip
+    assert plane is not None
+    router.start(0.0)
+    seq = iter(range(1, 100))
+
+    def control_in(iface: str, src: ipaddress.IPv4Address, message: Any) -> None:
+        dst = router.address_on(iface)
+        udp = UDPDatagram(7946, 7946, control.encode(message)).to_wire(src, dst)
+        router.receive(iface, IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), 1.0)
+
+    def next_router_binds(label: int | None) -> None:
+        table: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, int] = {}
+        if label is not None:
+            table[far] = label
+        mapping = control.LabelMapping.of("n", next(seq), next_router, 60_000, table)
+        control_in("down", next_router, mapping)
+
+    client = lan[7]
+    datagram = UDPDatagram(40000, 80, b"hello, world").to_wire(client, VIP)
+    inner = IPv4Packet.make(client, VIP, IPPROTO_UDP, datagram, ttl=64).to_wire()
+
+    def sent(inbound: str, packet: bytes) -> list[tuple[str, bytes]]:
+        router.outbox.clear()
+        router.receive(inbound, packet, 1.0)
+        return [(f.iface, f.packet) for f in router.take_frames() if f.iface != "up"]
+
+    def labelled_with(label: int) -> bytes:
+        return encapsulate(upstream, up[254], LabelStack.of(label, ttl=9), inner, 1, checksum=False)
+
+    def out_label(frames: list[tuple[str, bytes]]) -> int:
+        [(iface, packet)] = frames
+        header, stack, carried = decapsulate(packet)
+        assert iface == "down" and header.dst == next_router and carried[12:] == inner[12:]
+        return stack.top.label
+
+    next_router_binds(1000)
+    ours = plane.table.label_for(int(far))
+    assert ours is not None
+    assert out_label(sent("up", labelled_with(ours))) == 1000
+    next_router_binds(2000)
+    assert out_label(sent("up", labelled_with(ours))) == 2000
+    # The edge pushes a tagged flow's label, and follows the table too.
+    key = control.FlowKey(IPPROTO_UDP, client, 40000, VIP, 80)
+    control_in("up", vip_router, control.FlowTag("vr", next(seq), key, far, 60_000))
+    assert out_label(sent("lan", inner)) == 2000
+    next_router_binds(3000)
+    assert out_label(sent("lan", inner)) == 3000
+    assert out_label(sent("up", labelled_with(ours))) == 3000
+    # Withdrawn: a labelled packet has nowhere to go, and nothing leaves labelled.
+    next_router_binds(None)
+    unknown = plane.stats.label_unknown
+    assert sent("up", labelled_with(ours)) == []
+    assert plane.stats.label_unknown == unknown + 1
+    # A server on our own link: we are its tree's last hop and pop.
+    control_in("srv", near, control.ServerHello("s", next(seq), near, VIP, 60_000))
+    local = plane.table.label_for(int(near))
+    assert local is not None
+    [(iface, delivered)] = sent("up", labelled_with(local))
+    assert iface == "srv" and delivered == inner
+    # Malformed labelled packets are counted, never raised.
+    broken = bytearray(labelled_with(local))
+    broken[10] ^= 0xFF  # the outer header checksum
+    assert sent("up", bytes(broken)) == []
+    assert plane.stats.malformed == 1
+
+
+def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_death() -> None:
+    """As the clients see it: after the VIP router their first packets go to dies, new
+    connections lose their SYN only until the routers stop hearing its adverts (the
+    pool's failure-detection time, heartbeat x misses); every connection opened after
+    that is answered on its first SYN."""
+    run, _ = start(vip_toml(per_connection=2))
+    opened: list[tuple[float, Client, int]] = []
+    syns: dict[tuple[str, int], int] = defaultdict(int)
+
+    def hooks(client: Client) -> None:
+        connect, take_frames = client._connect, client.take_frames
+
+        def _connect(now: float) -> None:
+            connect(now)
+            opened.append((now, client, client._port))
+
+        def _take_frames() -> list[Any]:
+            frames = take_frames()
+            for frame in frames:
+                ip = IPv4Packet.from_wire(frame.packet)
+                if ip.header.protocol == IPPROTO_TCP and ip.payload[13] & 0x12 == 0x02:
+                    syns[(client.name, int.from_bytes(ip.payload[:2], "big"))] += 1
+            return frames
+
+        client._connect = _connect  # type: ignore[method-assign]
+        client.take_frames = _take_frames  # type: ignore[method-assign]
+
+    for client in run.nodes.clients.values():
+        hooks(client)
+    run.network.run_until(3.0)
+    edge = run.nodes.routers["ra"].vip
+    assert edge is not None
+    nearest = edge.nearest_vip_router(run.now)
+    victim = next(v for v in run.nodes.vip_routers.values() if int(v.address) == nearest)
+    act(run, KillVipRouter(at=run.now, vip_router=victim.name))
+    killed = run.now
+    run.network.run_until(killed + 3.0)
+    detection = run.topology.pool.heartbeat_s * run.topology.pool.heartbeat_misses
+
+    def served_on_first_syn(at: float, client: Client, port: int) -> bool:
+        later = [t for t, c, _ in opened if c is client and t > at]
+        answered = any(
+            at <= ok - latency and (not later or ok - latency < min(later))
+            for ok, latency in zip(client.stats.ok_times, client.stats.latencies, strict=True)
+        )
+        return answered and syns[(client.name, port)] == 1
+
+    after = [(at, c, p) for at, c, p in opened if killed < at <= killed + 2.0]
+    hurt = [at - killed for at, c, p in after if not served_on_first_syn(at, c, p)]
+    assert hurt, "no new connection lost its SYN at the dead VIP router: the test shows nothing"
+    assert max(hurt) <= detection + 0.1, hurt
+    first_served = min(at for at, c, p in after if served_on_first_syn(at, c, p))
+    assert first_served - killed <= detection + 0.1
+    assert failures(run) == 0

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from manycast.wire.cursor import internet_checksum
 from manycast.wire.errors import WireError
 from manycast.wire.ip import (
     IPPROTO_TCP,
@@ -35,12 +36,15 @@ from manycast.wire.label import (
     LabelEntry,
     LabelStack,
     MplsInUdp,
+    TunnelV4,
     decapsulate,
     encapsulate,
     entropy_port,
+    entropy_port_v4,
     peek_top,
     pop,
     push,
+    read_labelled_v4,
     split,
     swap_top,
     unwrap_v4,
@@ -473,3 +477,143 @@ def test_fast_unwrap_raises_only_wire_error_on_bit_flips(
     for cut in (0, 19, 27):
         with pytest.raises(WireError):
             unwrap_v4(bytes(packet[:cut]))
+
+
+# --- switching with precomputed headers (IPv4) -------------------------------------------
+
+
+def _strict_swap(packet: bytes, src: int, dst: int, label: int) -> bytes | str | None:
+    """What `TunnelV4.swap` must give: unwrap, swap the top entry, wrap (or the error)."""
+    _, sport, payload = unwrap_v4(packet)
+    try:
+        swapped = swap_top(payload, label)
+    except WireError as exc:
+        return str(exc)
+    return None if swapped is None else wrap_v4(src, dst, swapped, sport)
+
+
+@given(mpls_payloads(), labels, st.booleans(), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_tunnel_swap_is_unwrap_swap_top_wrap_byte_for_byte(
+    mpls: MplsInUdp, label: int, checksum: bool, src: int, dst: int
+) -> None:
+    packet = encapsulate(V4A, V4B, mpls.stack, mpls.inner, checksum=checksum)
+    sport, word = read_labelled_v4(packet)
+    assert (sport, word) == (unwrap_v4(packet)[1], int.from_bytes(mpls.stack.top.to_wire(), "big"))
+    want = _strict_swap(packet, src, dst, label)
+    try:
+        got: bytes | str | None = TunnelV4(src, dst, label).swap(packet, sport, word)
+    except WireError as exc:
+        got = str(exc)
+    assert got == want
+    if isinstance(got, bytes):
+        header, stack, inner = decapsulate(got)
+        assert isinstance(header, IPv4Header)
+        assert (int(header.src), int(header.dst), header.ttl) == (src, dst, 1)
+        assert stack.top.label == label and inner == mpls.inner
+
+
+@given(inner_packets(4), labels, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), u8)
+def test_tunnel_push_is_push_then_wrap_byte_for_byte(
+    inner: bytes, label: int, src: int, dst: int, ttl: int
+) -> None:
+    try:
+        want: bytes | str = wrap_v4(
+            src, dst, push(inner, label, ttl=inner[8]), entropy_port(inner), ttl
+        )
+    except WireError as exc:
+        want = str(exc)
+    try:
+        got: bytes | str = TunnelV4(src, dst, label, ttl).push(inner)
+    except WireError as exc:
+        got = str(exc)
+    assert got == want
+
+
+@given(st.binary(min_size=1, max_size=64), st.sampled_from([0x45, 0x46, 0x65]), u8, u8)
+def test_entropy_port_v4_is_entropy_port(tail: bytes, first: int, protocol: int, frag: int) -> None:
+    inner = bytearray(bytes((first,)) + tail)
+    if len(inner) > 9:
+        inner[9] = protocol if protocol & 1 else IPPROTO_UDP
+    if len(inner) > 7:
+        inner[6 + frag % 2] = frag if frag & 2 else 0
+    assert entropy_port_v4(bytes(inner)) == entropy_port(bytes(inner))
+
+
+@given(encapsulated(), st.data())
+def test_read_labelled_v4_accepts_exactly_what_unwrap_v4_does(
+    case: tuple[bytes, MplsInUdp, int], data: st.DataObject
+) -> None:
+    packet = bytearray(case[0])
+    for _ in range(data.draw(st.integers(0, 2))):
+        index = data.draw(st.integers(0, len(packet) - 1))
+        packet[index] ^= 1 << data.draw(st.integers(0, 7))
+    raw = bytes(packet)
+    try:
+        _, sport, payload = unwrap_v4(raw)
+        want: tuple[int, int] | None = (sport, _top(payload))
+    except WireError:
+        want = None
+    try:
+        got: tuple[int, int] | None = read_labelled_v4(raw)
+    except WireError:
+        got = None
+    assert got == want
+    for cut in (0, 19, 27, 31):
+        with pytest.raises(WireError):
+            read_labelled_v4(raw[:cut])
+
+
+def _top(payload: bytes) -> int:
+    if len(payload) < 4:
+        raise WireError("no entry")
+    return int.from_bytes(payload[:4], "big")
+
+
+def test_tunnel_errors() -> None:
+    with pytest.raises(WireError, match="implicit null"):
+        TunnelV4(int(V4A), int(V4B), IMPLICIT_NULL)
+    with pytest.raises(WireError, match="out of range"):
+        TunnelV4(int(V4A), int(V4B), MAX_LABEL + 1)
+    with pytest.raises(WireError, match="out of range"):
+        TunnelV4(2**32, int(V4B), 100)
+    tunnel = TunnelV4(int(V4A), int(V4B), 100)
+    with pytest.raises(WireError, match="IPv4 packets only"):
+        tunnel.push(IPv6Packet.make(V6A, V6B, IPPROTO_UDP, b"").to_wire())
+    with pytest.raises(WireError, match="no inner packet"):
+        tunnel.push(b"")
+    largest = IPv4Packet.make(V4A, V4B, IPPROTO_UDP, bytes(0xFFFF - 20 - 32)).to_wire()
+    assert len(tunnel.push(largest)) == 0xFFFF
+    too_big = IPv4Packet.make(V4A, V4B, IPPROTO_UDP, bytes(0xFFFF - 20 - 31)).to_wire()
+    with pytest.raises(WireError, match="do not fit"):
+        tunnel.push(too_big)
+    with pytest.raises(WireError, match="explicit null label 2 on an IPv4"):
+        TunnelV4(int(V4A), int(V4B), IPV6_EXPLICIT_NULL).push(INNER)
+    with pytest.raises(WireError, match="router alert"):
+        TunnelV4(int(V4A), int(V4B), ROUTER_ALERT).push(INNER)
+    labelled = wrap_v4(int(V4B), int(V4A), push(INNER, 100, ttl=1), 50000)
+    assert tunnel.swap(labelled, *read_labelled_v4(labelled)) is None
+
+
+@given(st.binary(max_size=80), st.sampled_from(["raw", "framed", "summed"]))
+def test_read_labelled_v4_on_random_bytes_agrees_with_unwrap_v4(data: bytes, how: str) -> None:
+    if how != "raw" and len(data) >= 32:  # a plausible packet, so that later checks run
+        fixed = bytearray(data)
+        fixed[0], fixed[9] = 0x45, IPPROTO_UDP
+        fixed[2:4] = len(data).to_bytes(2, "big")
+        fixed[22:24] = MPLS_UDP_PORT.to_bytes(2, "big")
+        fixed[24:26] = (len(data) - 20).to_bytes(2, "big")
+        if how == "summed":  # not a fragment, a right header checksum, no UDP checksum
+            fixed[6], fixed[7] = fixed[6] & 0x80, 0  # the reserved bit kept: it is not read
+            fixed[10:12], fixed[26:28] = b"\0\0", b"\0\0"
+            fixed[10:12] = internet_checksum(bytes(fixed[:20])).to_bytes(2, "big")
+        data = bytes(fixed)
+    try:
+        _, sport, payload = unwrap_v4(data)
+        want: tuple[int, int] | None = (sport, _top(payload))
+    except WireError:
+        want = None
+    try:
+        got: tuple[int, int] | None = read_labelled_v4(data)
+    except WireError:
+        got = None
+    assert got == want

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from manycast.wire.label import FIRST_UNRESERVED
 
+_HOPS_CACHED = 4096  # servers whose next hop is remembered between changes
+
 
 @dataclass(frozen=True, slots=True)
 class Hop:
@@ -64,13 +66,19 @@ class LabelTable:
     # Something that may change our bindings happened since we last compared them
     # (checked per packet, so the comparison itself runs only after such events).
     _dirty: bool = True
+    # Called when where packets go may have changed: a data plane that keeps per-hop
+    # state (precomputed headers) drops it then.
+    on_change: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    # server -> `toward(server)`, until the next change: packets ask per packet
+    _hops: dict[int, Hop | None] = field(default_factory=dict)
 
     # -- what arrives --------------------------------------------------------------------
     def hello(self, server: int, iface: str, hold: float, now: float) -> None:
         """A server on our link `iface` serves the pool: we are its tree's last hop."""
         self.stats.hellos += 1
-        if server not in self._egress:
-            self._dirty = True
+        held = self._egress.get(server)
+        if held is None or held.iface != iface:
+            self._changed()
         self._egress[server] = _Egress(iface, now + hold)
 
     def mapping(
@@ -82,24 +90,25 @@ class LabelTable:
         before = self._learned.get(neighbor, {})
         self.stats.withdrawn += len(before.keys() - fresh.keys())
         if bindings_of(before) != bindings_of(fresh):
-            self._dirty = True
+            self._changed()
         self._learned[neighbor] = fresh
 
     def forget(self, server: int) -> None:
         """A server said goodbye (or died where we could see it): its tree ends here."""
         if self._egress.pop(server, None) is not None:
-            self._dirty = True
+            self._changed()
 
     def expire(self, now: float) -> None:
         for server in [s for s, e in self._egress.items() if e.expires <= now]:
             del self._egress[server]
-            self._dirty = True
+            self._changed()
         for table in self._learned.values():
             lapsed = [fec for fec, (_, expires) in table.items() if expires <= now]
             for fec in lapsed:
                 del table[fec]
             self.stats.withdrawn += len(lapsed)
-            self._dirty = self._dirty or bool(lapsed)
+            if lapsed:
+                self._changed()
 
     def next_expiry(self) -> float | None:
         times = [e.expires for e in self._egress.values()]
@@ -108,15 +117,25 @@ class LabelTable:
 
     # -- where packets go ----------------------------------------------------------------
     def toward(self, server: int) -> Hop | None:
-        """The next hop of `server`'s tree from here (None: no tree through us now)."""
+        """The next hop of `server`'s tree from here (None: no tree through us now); the
+        same `Hop` object until something changes (`on_change`)."""
+        try:
+            return self._hops[server]
+        except KeyError:
+            pass
+        found: Hop | None = None
         egress = self._egress.get(server)
         if egress is not None:
-            return Hop(egress.iface, server, None)
-        hop = self.route(server)
-        if hop is None:
-            return None
-        learned = self._learned.get(hop[1], {}).get(server)
-        return None if learned is None else Hop(hop[0], hop[1], learned[0])
+            found = Hop(egress.iface, server, None)
+        else:
+            hop = self.route(server)
+            learned = None if hop is None else self._learned.get(hop[1], {}).get(server)
+            if hop is not None and learned is not None:
+                found = Hop(hop[0], hop[1], learned[0])
+        if len(self._hops) >= _HOPS_CACHED:
+            self._hops.clear()  # asked of many addresses: stay bounded
+        self._hops[server] = found
+        return found
 
     def switch(self, label: int) -> Hop | None:
         """Where a packet arriving with our local `label` goes (None: not ours, or the
@@ -149,6 +168,13 @@ class LabelTable:
                 self._next_label += 1
             out.append((server, label))
         return tuple(out)
+
+    def _changed(self) -> None:
+        """Where some packets go may have changed."""
+        self._dirty = True
+        self._hops.clear()
+        if self.on_change is not None:
+            self.on_change()
 
     def changed(self) -> bool:
         """Whether our bindings differ from what we last advertised (then they are

@@ -57,6 +57,7 @@ _MFC_LIMIT = 1 << 16
 _FULL = 0xFFFFFFFF
 MAX_PENDING_JOINS = 1024  # joins held while their group's key is looked up
 VIP_SWEEP = 0.25  # seconds between sweeps of a VIP pool's lapsed tags and bindings
+_MPLS_DPORT = MPLS_UDP_PORT.to_bytes(2, "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +232,12 @@ class Router(Node):
         elif dst in self._own:
             self.stats.local += 1
             if proto == IPPROTO_UDP:
-                if self.vip is not None and _udp_dport(packet) == MPLS_UDP_PORT:
+                # MPLS-in-UDP: read in place when the header has no options (per packet)
+                if self.vip is not None and (
+                    packet[22:24] == _MPLS_DPORT
+                    if packet[0] == 0x45
+                    else _udp_dport(packet) == MPLS_UDP_PORT
+                ):
                     self.vip.on_labelled(packet, now)
                 else:
                     self._on_control(iface, packet, now)

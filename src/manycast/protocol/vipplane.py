@@ -31,11 +31,12 @@ from manycast.protocol.labels import Hop, LabelTable
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram, decrement_ttl_v4
-from manycast.wire.label import entropy_port, peek_top, pop, push, swap_top, unwrap_v4, wrap_v4
+from manycast.wire.label import LABELLED_V4_LEN, TunnelV4, read_labelled_v4, wrap_v4
 
 _PORTS = struct.Struct("!HH")
 _TCP_FIN, _TCP_RST = 0x01, 0x04
 FIN_LINGER = 2.0  # seconds a flow's tag outlives its FIN (the close's last ACKs)
+_WIRE_CACHED = 4096  # labels (and hops) whose precomputed headers are kept between changes
 
 
 class Forwarder(Protocol):
@@ -125,39 +126,71 @@ class VipPlane:
     # VIP router -> (when its advert lapses, the last sequence number we took)
     vip_routers: dict[int, tuple[float, int]] = field(default_factory=dict)
     _seq: int = 0
+    # The data plane's per-hop state, dropped whenever the label table changes: incoming
+    # label -> (interface, next hop, the outer headers to it; None: pop; interface None:
+    # no tree), and for pushing at the edge, id(hop) -> (that hop, its outer headers).
+    _switching: dict[int, tuple[str | None, int, TunnelV4 | None]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    _pushing: dict[int, tuple[Hop, TunnelV4]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.table = LabelTable(self.router.route)
+        self.table = LabelTable(self.router.route, on_change=self._forget_wire)
         self._label_peers = {n for peers in self.label_neighbors.values() for n in peers}
 
     # -- packets -------------------------------------------------------------------------
     def on_labelled(self, packet: bytes, now: float) -> None:
-        """An MPLS-in-UDP packet to one of our addresses: switch it by its top label."""
+        """An MPLS-in-UDP packet to one of our addresses: switch it by its top label.
+        Per packet: one read of its headers and top entry, one lookup of the label's
+        next hop with the outer headers to it precomputed, one pack and join."""
         try:
-            _, sport, payload = unwrap_v4(packet)
-            label = peek_top(payload)[0]
+            sport, word = read_labelled_v4(packet)
         except WireError:
             self.stats.malformed += 1
             return
-        hop = self.table.switch(label)
-        if hop is None:
+        switching = self._switching.get(word >> 12)
+        if switching is None:
+            switching = self._switching_for(word >> 12)
+        iface, neighbor, tunnel = switching
+        if iface is None:
             self.stats.label_unknown += 1
             return
-        if hop.label is None:
-            inner = pop(payload)
-            if inner is None:
+        if tunnel is None:  # the tree's last hop: pop, hand the inner packet to the server
+            if word & 0xFF <= 1:
                 self.stats.label_ttl_expired += 1
                 return
-            self.router.send(hop.iface, inner, hop.neighbor)
+            self.router.send(iface, packet[LABELLED_V4_LEN:], neighbor)
             self.stats.labelled_delivered += 1
             return
-        swapped = swap_top(payload, hop.label)
-        if swapped is None:
+        try:
+            out = tunnel.swap(packet, sport, word)
+        except WireError:  # a reserved label that breaks the bottom-of-stack rules
+            self.stats.malformed += 1
+            return
+        if out is None:
             self.stats.label_ttl_expired += 1
             return
-        src = self.router.address_on(hop.iface)
-        self.router.send(hop.iface, wrap(src, hop.neighbor, swapped, sport), hop.neighbor)
+        self.router.send(iface, out, neighbor)
         self.stats.labelled_switched += 1
+
+    def _forget_wire(self) -> None:
+        """The label table changed: drop the headers computed for the old hops."""
+        self._switching.clear()
+        self._pushing.clear()
+
+    def _tunnel(self, hop: Hop, label: int) -> TunnelV4:
+        return TunnelV4(int(self.router.address_on(hop.iface)), hop.neighbor, label)
+
+    def _switching_for(self, label: int) -> tuple[str | None, int, TunnelV4 | None]:
+        hop = self.table.switch(label)
+        entry: tuple[str | None, int, TunnelV4 | None] = (None, 0, None)
+        if hop is not None:
+            tunnel = None if hop.label is None else self._tunnel(hop, hop.label)
+            entry = (hop.iface, hop.neighbor, tunnel)
+        if len(self._switching) >= _WIRE_CACHED:
+            self._switching.clear()  # labels nobody bound, many of them: stay bounded
+        self._switching[label] = entry
+        return entry
 
     def on_vip_packet(self, iface: str, packet: bytes, ttl: int, now: float) -> None:
         """An unlabelled packet to the VIP: push a tagged flow's label at its edge, else
@@ -206,14 +239,24 @@ class VipPlane:
         return True
 
     def _send_on(self, hop: Hop, packet: bytes) -> None:
-        """Put an unlabelled packet on a server's tree at `hop`."""
+        """Put an unlabelled IPv4 packet on a server's tree at `hop`, labelled with the
+        packet's TTL (the outer headers to each hop are computed once)."""
         if hop.label is None:
             self.router.send(hop.iface, packet, hop.neighbor)
             return
-        payload = push(packet, hop.label, ttl=packet[8])
-        src = self.router.address_on(hop.iface)
-        sport = entropy_port(packet)
-        self.router.send(hop.iface, wrap(src, hop.neighbor, payload, sport), hop.neighbor)
+        # Keyed by identity: the table hands out one Hop object per server between
+        # changes, and the entry holds it, so its id is not reused while cached.
+        pushing = self._pushing.get(id(hop))
+        if pushing is None or pushing[0] is not hop:
+            if len(self._pushing) >= _WIRE_CACHED:
+                self._pushing.clear()
+            pushing = self._pushing[id(hop)] = (hop, self._tunnel(hop, hop.label))
+        try:
+            wire = pushing[1].push(packet)
+        except WireError:  # too long to carry with a label
+            self.stats.malformed += 1
+            return
+        self.router.send(hop.iface, wire, hop.neighbor)
 
     def nearest_vip_router(self, now: float) -> int | None:
         return self.nearest_vip_router_among(

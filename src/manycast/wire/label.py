@@ -15,7 +15,8 @@ dataclasses' `__post_init__`, so a value that cannot be decoded cannot be built
 either, and both raise `WireError`.
 
 Routers use the fast path at the bottom (`peek_top`, `swap_top`, `pop`, `push`),
-which works on the bytes of a payload without building dataclasses. Labels
+which works on the bytes of a payload without building dataclasses, and over IPv4
+`read_labelled_v4` with a `TunnelV4` per next hop (headers precomputed). Labels
 follow the pipe model (RFC 3443): a label's TTL counts the hops of its
 label-switched path, and the inner packet's own TTL is left alone.
 """
@@ -394,3 +395,127 @@ def unwrap_v4(packet: bytes) -> tuple[int, int, bytes]:
     if udp_sum:
         UDPDatagram.from_wire(packet[IPV4_HEADER_LEN:], IPv4Address(src), IPv4Address(dst))
     return src, sport, packet[OUTER_V4_LEN:]
+
+
+# --- Switching with precomputed headers (IPv4) -------------------------------------------
+# A router's per-packet work on a label-switched path: read the outer headers and the top
+# entry of what arrives with one unpack, then write what leaves with one pack and one
+# join. Everything that depends only on the next hop (addresses, TTL, protocol, the
+# outgoing label) is computed once per hop in a `TunnelV4`.
+
+_LABELLED_V4 = struct.Struct("!5IHIHI")  # IPv4 header as words, UDP (port+length), top entry
+_TUNNEL_V4 = struct.Struct("!HH4xHH8sHHH2xI")  # the same as written: id, offset, UDP sum 0
+_DPORT_HIGH = MPLS_UDP_PORT << 16
+LABELLED_V4_LEN = OUTER_V4_LEN + ENTRY_LEN  # 32: headers and one entry
+# CRC-32 of each protocol number, the first byte `_flow_bytes` hashes for IPv4
+_PROTOCOL_CRC = tuple(zlib.crc32(bytes((p,))) for p in range(256))
+
+
+def read_labelled_v4(packet: bytes) -> tuple[int, int]:
+    """(UDP source port, top label stack entry as a 32-bit word) of an IPv4 MPLS-in-UDP
+    packet, with every check of `unwrap_v4` (header, header checksum, lengths, port, a
+    UDP checksum when one is sent) and room for one entry. `WireError` otherwise."""
+    n = len(packet)
+    if n < LABELLED_V4_LEN:
+        raise WireError(f"MPLS-in-UDP packet: {n} bytes, shorter than its headers")
+    w0, w1, w2, w3, w4, sport, port_length, udp_sum, word = _LABELLED_V4.unpack_from(packet)
+    # Version and header length 0x45, any TOS, total length n; no fragment; UDP; to
+    # port 6635 with a UDP length of n - 20: one test of each word for all of them.
+    if (
+        w0 & 0xFF00FFFF != 0x45000000 | n
+        or w1 & 0x3FFF
+        or w2 & 0xFF0000 != IPPROTO_UDP << 16
+        or port_length != _DPORT_HIGH | n - IPV4_HEADER_LEN
+    ):
+        if w0 >> 24 != 0x45 or w2 >> 16 & 0xFF != IPPROTO_UDP or port_length >> 16 != MPLS_UDP_PORT:
+            raise WireError("not an MPLS-in-UDP packet over IPv4 without options")
+        raise WireError("MPLS-in-UDP packet: lengths disagree, or a fragment")
+    # RFC 1071 over 32-bit words: 2**32 == 1 (mod 0xFFFF), as in `internet_checksum`. A
+    # right header sums to a non-zero multiple of 0xFFFF (its first word is not zero).
+    if (w0 + w1 + w2 + w3 + w4) % 0xFFFF:
+        raise WireError("MPLS-in-UDP packet: bad IPv4 header checksum")
+    if udp_sum:
+        UDPDatagram.from_wire(packet[IPV4_HEADER_LEN:], IPv4Address(w3), IPv4Address(w4))
+    return sport, word
+
+
+def entropy_port_v4(inner: bytes) -> int:
+    """`entropy_port(inner)` for an IPv4 packet, with one slice when it has ports."""
+    if (
+        len(inner) >= 24
+        and inner[0] == 0x45
+        and inner[9] in _PORTED
+        and not (inner[6] & 0x1F or inner[7])  # no fragment offset
+    ):
+        crc = zlib.crc32(inner[12:24], _PROTOCOL_CRC[inner[9]])
+        return ENTROPY_PORT_BASE | crc & 0x3FFF
+    return entropy_port(inner)
+
+
+class TunnelV4:
+    """One next hop of a label-switched path over MPLS-in-UDP and IPv4: from `src` to
+    `dst` (addresses as ints), labelled `label`, outer TTL `ttl`, UDP checksum zero
+    (RFC 7510 §3). The outer headers are precomputed, the IPv4 header checksum as the
+    one's-complement sum of its fixed words: per packet only the lengths, the checksum
+    (that sum plus the total length, folded), the entropy port and the entry's TTL are
+    written. Bytes are exactly those of `wrap_v4` on `swap_top` or `push`."""
+
+    __slots__ = ("_addresses", "_checked", "_sum", "_ttl_protocol", "_word", "dst", "label", "src")
+
+    def __init__(self, src: int, dst: int, label: int, ttl: int = 1) -> None:
+        _check_int("tunnel", "source address", src, 0xFFFFFFFF)
+        _check_int("tunnel", "destination address", dst, 0xFFFFFFFF)
+        _check_label("tunnel", label)
+        _check_int("tunnel", "ttl", ttl, 0xFF)
+        self.src, self.dst, self.label = src, dst, label
+        self._word = label << 12
+        self._ttl_protocol = ttl << 8 | IPPROTO_UDP
+        self._addresses = _WORD.pack(src) + _WORD.pack(dst)
+        fixed = 0x4500 + self._ttl_protocol + (src >> 16) + (src & 0xFFFF)
+        fixed += (dst >> 16) + (dst & 0xFFFF)
+        self._sum = fixed % 0xFFFF or 0xFFFF  # one's complement: never 0 (0x4500 is in it)
+        # Labels with rules for the bottom of a stack are checked per packet.
+        self._checked = label in _EXPLICIT_NULL_FAMILY or label == ROUTER_ALERT
+
+    def swap(self, packet: bytes, sport: int, word: int) -> bytes | None:
+        """The packet that leaves for a labelled `packet` (read by `read_labelled_v4`,
+        which gave `sport` and `word`): our label on top, its TTL one less, same source
+        port. None when the TTL runs out here (RFC 3032 §2.4.1: dropped)."""
+        if self._checked and word & 0x100:
+            _check_bottom("label swap", self.label, packet[LABELLED_V4_LEN:])
+        ttl = word & 0xFF
+        if ttl <= 1:
+            return None
+        total = len(packet)
+        s = self._sum + total  # both <= 0xFFFF: one fold is enough
+        s = (s & 0xFFFF) + (s >> 16)
+        return (
+            _TUNNEL_V4.pack(
+                0x4500, total, self._ttl_protocol, s ^ 0xFFFF, self._addresses,
+                sport, MPLS_UDP_PORT, total - IPV4_HEADER_LEN,
+                self._word | word & 0xF00 | ttl - 1,
+            )
+            + packet[LABELLED_V4_LEN:]
+        )  # fmt: skip
+
+    def push(self, inner: bytes) -> bytes:
+        """An unlabelled IPv4 `inner` packet on the path: one entry with its TTL and
+        traffic class 0, from the flow's entropy port."""
+        total = len(inner) + LABELLED_V4_LEN
+        if total > 0xFFFF or len(inner) < IPV4_HEADER_LEN or inner[0] >> 4 != 4:
+            _check_inner("label push", inner)
+            if total > 0xFFFF:
+                raise WireError(f"label push: {total} bytes do not fit one IPv4 packet")
+            raise WireError("label push: the fast path carries whole IPv4 packets only")
+        if self._checked:
+            _check_bottom("label push", self.label, inner)
+        s = self._sum + total
+        s = (s & 0xFFFF) + (s >> 16)
+        return (
+            _TUNNEL_V4.pack(
+                0x4500, total, self._ttl_protocol, s ^ 0xFFFF, self._addresses,
+                entropy_port_v4(inner), MPLS_UDP_PORT, total - IPV4_HEADER_LEN,
+                self._word | 0x100 | inner[8],
+            )
+            + inner
+        )  # fmt: skip
