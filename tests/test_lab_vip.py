@@ -143,7 +143,7 @@ def test_lab_vip_curl_is_answered_from_the_vip_and_the_edge_tags_its_flow(vip_la
     _wait(lambda: _edge_marks(lab) > marks, what="the edge to tag the flow")
 
 
-def test_claim_17_lab_a_tagged_flow_bypasses_the_vip_router(vip_lab: Any) -> None:
+def test_claim_27_lab_a_tagged_flow_bypasses_the_vip_router(vip_lab: Any) -> None:
     """Once the edge has the flow's tag, none of the flow's packets reach a VIP router:
     the kernel pushes them onto the server's segment at the edge (Fig 18)."""
     lab, topology = vip_lab
