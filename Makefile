@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean dns-deps lab lab-deps
+.PHONY: demo test lint typecheck unit bench clean dns-deps web-deps lab lab-deps
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "manycast needs $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: dns-deps lint typecheck unit
+test: dns-deps web-deps lint typecheck unit
 
 # Debian's knot for the naming tests against a real DNS server: installed when
 # root, otherwise those tests skip and say how to install it.
@@ -40,6 +40,16 @@ dns-deps:
 	  apt-get install -y -q --no-install-recommends $(KNOT_PKGS) \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(KNOT_PKGS); }; \
 	else echo "knot is not installed and this is not root: the knot tests will skip (sudo make dns-deps installs it)"; fi
+
+# Debian's chromium for the dashboard's browser test (driven by Playwright, which
+# downloads no browser of its own): installed when root, otherwise that test skips.
+web-deps:
+	@if test -x /usr/bin/chromium; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; \
+	else echo "chromium is not installed and this is not root: the browser test will skip (sudo make web-deps installs it)"; fi
 
 # The kernel lab (root only): the demo topology in network namespaces, routed by
 # the kernel's multicast forwarding, with the scenario run against it.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console, Group
@@ -23,6 +24,9 @@ from manycast.drivers.factory import DRIVERS
 from manycast.drivers.kernel.cli import daemon_app
 from manycast.runtime import LiveView, PoolRun
 from manycast.topology import Topology, TopologyError, builtin, load
+
+if TYPE_CHECKING:
+    from manycast.observe.dashboard import Dashboard
 
 app = typer.Typer(
     help="manycast: one service on many servers behind one multicast address.",
@@ -107,23 +111,77 @@ def _table(snap: LiveView, title: str) -> Group:
     return Group(*parts, clients, Text("events:"), events)
 
 
-def _run(run: PoolRun, duration: float, as_json: bool, title: str, realtime: bool) -> None:
+_WebOption = Annotated[
+    str | None,
+    typer.Option(
+        "--web",
+        metavar="[HOST:]PORT",
+        help="Serve a live dashboard of the run on this address (host 127.0.0.1 "
+        "unless given; port 0 picks a free one). See docs/dashboard.md.",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _web_server(
+    address: str | None, title: str, topo: Topology, driver: str, duration: float
+) -> Iterator[Dashboard | None]:
+    """`--web`: the dashboard's server while the block runs (None without `--web`)."""
+    if address is None:
+        yield None
+        return
+    from manycast.observe.dashboard import Dashboard
+    from manycast.observe.web import WebError, WebServer
+
+    board = Dashboard(
+        title,
+        driver=driver,
+        duration=duration,
+        technique="" if driver == "kernel" else str(topo.pool.technique),
+        private=topo.pool.private,
+        plan=[(step.at, step.describe()) for step in topo.scenario],
+    )
+    try:
+        server = WebServer(board, address).start()
+    except WebError as exc:
+        raise fail(exc) from None
+    err.print(f"dashboard: {server.url}", highlight=False)
+    try:
+        yield board
+    finally:
+        server.stop()
+
+
+def _run(
+    run: PoolRun,
+    duration: float,
+    as_json: bool,
+    title: str,
+    realtime: bool,
+    web: str | None = None,
+) -> None:
     live_wanted = not as_json and sys.stdout.isatty()
+    watchers: list[Callable[[LiveView], None]] = []
+
+    def watch(snap: LiveView) -> None:
+        for watcher in watchers:
+            watcher(snap)
 
     def main() -> None:
         if live_wanted:
             first = _table(run.live_view(), title)
             with Live(first, refresh_per_second=4, transient=False) as live:
-                run.run(
-                    duration,
-                    lambda snap: live.update(_table(snap, title)),
-                    tick=0.25,
-                    realtime=realtime,
-                )
+
+                def tick(snap: LiveView) -> None:
+                    live.update(_table(snap, title))
+                    watch(snap)
+
+                run.run(duration, tick, tick=0.25, realtime=realtime)
         else:
             last = [-1.0]
 
             def progress(snap: LiveView) -> None:
+                watch(snap)
                 if snap.now - last[0] >= 1.0 or snap.now >= duration:
                     last[0] = snap.now
                     shares = " ".join(
@@ -139,7 +197,11 @@ def _run(run: PoolRun, duration: float, as_json: bool, title: str, realtime: boo
             run.run(duration, progress, tick=0.25, realtime=realtime)
 
     try:
-        main()
+        with _web_server(web, title, run.topology, run.driver, duration) as board:
+            if board is not None:
+                board.publish_live(run.live_view())
+                watchers.append(board.publish_live)
+            main()
     except OSError as exc:
         raise fail(f"{exc}", 2) from None
     summary = run.summary()
@@ -190,6 +252,7 @@ def demo(
     base_port: Annotated[
         int, typer.Option(help="First UDP port of the overlay endpoints.")
     ] = 47000,
+    web: _WebOption = None,
 ) -> None:
     """Run a live pool: servers share the clients, one shrinks, one dies, one joins.
 
@@ -208,7 +271,8 @@ def demo(
             f"{len(topo.clients)} clients, group {topo.pool.group} ({topo.pool.name}), "
             f"technique {topo.pool.technique}, driver {driver}"
         )
-    _run(run, length, as_json, "manycast demo", realtime=not as_json)
+    # A page watched in real time: the memory driver is paced to the wall clock.
+    _run(run, length, as_json, "manycast demo", realtime=not as_json or web is not None, web=web)
 
 
 @app.command()
@@ -227,6 +291,7 @@ def run(
     base_port: Annotated[
         int, typer.Option(help="First UDP port of the overlay endpoints.")
     ] = 47000,
+    web: _WebOption = None,
 ) -> None:
     """Run a topology on the overlay, all of it or only some nodes.
 
@@ -250,7 +315,7 @@ def run(
     if length <= 0:
         raise fail("--duration must be positive")
     pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
-    _run(pool, length, as_json, f"manycast run {topology.name}", realtime=False)
+    _run(pool, length, as_json, f"manycast run {topology.name}", realtime=False, web=web)
 
 
 @keys_app.command("new")
@@ -573,6 +638,7 @@ def lab_run(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON object, last line.")
     ] = False,
+    web: _WebOption = None,
 ) -> None:
     """Run the topology's scenario on the kernel lab (up, scenario, down).
 
@@ -603,7 +669,14 @@ def lab_run(
         )
 
     try:
-        summary = LabRun(lab, topo).run(length, progress)
+        with _web_server(web, f"manycast lab run {source}", topo, "kernel", length) as board:
+
+            def report(p: Progress) -> None:
+                if board is not None:
+                    board.publish_progress(p)
+                progress(p)
+
+            summary = LabRun(lab, topo, detail=board is not None).run(length, report)
     finally:
         if not keep:
             lab.down()

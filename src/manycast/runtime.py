@@ -9,9 +9,13 @@ while it runs, and the one summary schema at the end.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from manycast.drivers.contract import Network
 from manycast.drivers.factory import open_network
@@ -58,6 +62,14 @@ class LiveView:
     resets: int
     events: tuple[tuple[float, str], ...]
     vip_routers: tuple[VipRouterView, ...] = ()
+    # For the web dashboard: the pool's technique; each client with the server whose
+    # portion holds its address now (by the newest allocation a hosted server has);
+    # connections the servers carried across moves, by how (reset, forwarded,
+    # transferred, pinned); joins the routers refused, by reason.
+    technique: str = ""
+    owners: tuple[tuple[str, str], ...] = ()
+    carried: tuple[tuple[str, int], ...] = ()
+    refusals: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,7 @@ class PoolRun:
     _net: Network = field(init=False)
     _last_requests: dict[str, tuple[float, int]] = field(default_factory=dict, init=False)
     _rates: dict[str, float] = field(default_factory=dict, init=False)
+    _client_addresses: npt.NDArray[np.int64] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self._net = open_network(
@@ -259,7 +272,53 @@ class PoolRun:
             sum(c.stats.resets for c in clients),
             tuple((e.at, e.what) for e in self.engine.events),
             tuple(self._vip_router_views(now)),
+            str(self.topology.pool.technique),
+            self._owners(),
+            self._carried(),
+            self._refusals(),
         )
+
+    def _owners(self) -> tuple[tuple[str, str], ...]:
+        """Each client and the owner of its address by the newest allocation among the
+        live servers hosted here (none hosted: nothing)."""
+        newest = max(
+            (
+                s.coordinator
+                for name, s in self.nodes.servers.items()
+                if self.engine.status(name) == "up" and s.coordinator.allocation is not None
+            ),
+            key=lambda c: c.epoch,
+            default=None,
+        )
+        if newest is None or newest.allocation is None:
+            return ()
+        allocation = newest.allocation
+        names = sorted(self.nodes.clients)
+        if self._client_addresses is None:
+            self._client_addresses = np.array(
+                [int(self.topology.address(n)) for n in names], dtype=np.int64
+            )
+        found = allocation.owner_many(self._client_addresses)
+        return tuple(
+            (n, allocation.servers[i]) for n, i in zip(names, found.tolist(), strict=True) if i >= 0
+        )
+
+    def _carried(self) -> tuple[tuple[str, int], ...]:
+        stats = [s.handover.stats for s in self.nodes.servers.values()]
+        return (
+            ("reset", sum(s.reset_moved for s in stats)),
+            # a new owner's resets of connections it does not know (a dead owner's)
+            ("reset_unknown", sum(s.reset_unknown for s in stats)),
+            ("forwarded", sum(s.forwarded_in for s in stats)),
+            ("transferred", sum(s.transferred_in for s in stats)),
+            ("pinned", sum(s.pinned for s in stats)),
+        )
+
+    def _refusals(self) -> tuple[tuple[str, int], ...]:
+        total: Counter[str] = Counter()
+        for router in self.nodes.routers.values():
+            total.update({str(reason): n for reason, n in router.stats.rejected.items()})
+        return tuple(sorted(total.items()))
 
     def _vip_router_views(self, now: float) -> list[VipRouterView]:
         views = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -36,6 +36,13 @@ class Progress:
     answers: dict[str, int]  # answers so far, by server
     entries: int  # the routers' kernel forwarding entries
     vip_packets: int | None = None  # a VIP pool: packets its live VIP routers have seen
+    # With `LabRun.detail` (the web dashboard): the steps carried out, each server's
+    # status and share, who answered each client last, the routers' refused joins.
+    events: tuple[tuple[float, str], ...] = ()
+    status: dict[str, str] = field(default_factory=dict)
+    shares: dict[str, float] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
+    refusals: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -44,6 +51,7 @@ class LabRun:
 
     lab: Lab
     topology: Topology
+    detail: bool = False  # fill Progress's dashboard fields (asks the daemons each second)
 
     def owners(
         self, addresses: list[str], servers: list[str] | None = None
@@ -104,6 +112,7 @@ class LabRun:
                                 dict(prober.answers),
                                 self._entries(),
                                 self._vip_packets(engine),
+                                **(self._detail(prober, engine) if self.detail else {}),
                             )
                         )
             control.check_started(wait=True)
@@ -208,6 +217,27 @@ class LabRun:
                 share = float(Fraction(agent.get("share", "0")))
                 epoch = int(agent.get("epoch", 0))
         return ServerRecord(status, share, answers, 0, epoch)
+
+    def _detail(self, prober: Prober | HttpProber, engine: ScenarioEngine) -> dict[str, Any]:
+        """Progress's dashboard fields: one live agent's view of the shares, the
+        routers' refusal counters, who answered each client last."""
+        shares: dict[str, float] = {}
+        for server in engine.live_servers():
+            with contextlib.suppress(OSError, ValueError, KeyError, ZeroDivisionError):
+                answer = self.lab.ask(server, "server", {"op": "status"})
+                shares = {s: float(Fraction(f)) for s, f in answer["shares"].items()}
+                break
+        refusals: Counter[str] = Counter()
+        for router in self.topology.routers:
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                refusals.update(self.lab.ask(router, "router", {"op": "status"})["rejected"])
+        return {
+            "events": tuple((e.at, e.what) for e in engine.events),
+            "status": {name: engine.status(name) for name in sorted(self.topology.servers)},
+            "shares": shares,
+            "owners": {c.name: c.server for c in prober.participants() if c.server is not None},
+            "refusals": dict(refusals),
+        }
 
     def _vip_packets(self, engine: ScenarioEngine) -> int | None:
         if not self.topology.vip_routers:
