@@ -71,7 +71,7 @@ lab-deps:
 	else echo "iperf, socat, curl, wrk or nft is missing and this is not root: the lab tests that need them will skip (sudo make lab-deps)"; fi
 
 bench: $(STAMP)
-	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from ipaddress import IPv4Address, IPv6Address
@@ -53,6 +53,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
+import _plots
 from _common import emit, interleaved_medians, progress
 from manycast import auth, policy
 from manycast.apps.counter import CounterService
@@ -1327,6 +1328,49 @@ def admission_rates(joins: int, repeats: int, rng: random.Random) -> dict[str, A
 # --- main -----------------------------------------------------------------------------------
 
 
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Inputs each decoder got and accepted (any unexpected exception or violation
+    would be a red bar), and signed-join admission against raw Ed25519 verification."""
+    names = list(result["inputs_per_decoder"])
+    fig, ax = _plots.figure(
+        f"Fuzzed decoders: {result['inputs']:,} inputs, "
+        f"{result['unexpected_exceptions']} unexpected exceptions, "
+        f"{result['roundtrip_violations']} round-trip violations",
+        width=9.0,
+        height=0.28 * len(names) + 1.5,
+    )
+    ys = range(len(names))
+    ax.barh(ys, [result["inputs_per_decoder"][n] for n in names], color="#9fb3d9", label="inputs")
+    ax.barh(
+        ys, [result["accepted_per_decoder"][n] for n in names], color="#2f6fde", label="accepted"
+    )
+    bad = {
+        n: result["unexpected_exceptions_per_decoder"].get(n, 0)
+        + result["roundtrip_violations_per_decoder"].get(n, 0)
+        for n in names
+    }
+    ax.barh(ys, [bad[n] for n in names], color="#d33a2c", label="unexpected or violation")
+    ax.set_yticks(list(ys), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("symlog")
+    ax.set_xlabel("inputs (symlog)")
+    ax.legend(fontsize=8)
+    paths = [_plots.save(fig, directory, "fuzz_decoders")]
+
+    fig, ax = _plots.figure(f"Signed-join admission ({result['joins']} joins)")
+    _plots.bars(
+        ax,
+        {
+            "Admission.check": result["joins_verified_per_s"],
+            "raw Ed25519 verify": result["raw_verify_per_s"],
+        },
+        ylabel="joins / s",
+        fmt="{:,.0f}",
+    )
+    paths.append(_plots.save(fig, directory, "fuzz_admission"))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -1342,6 +1386,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=20240601)
     parser.add_argument("--only", default="", help="comma-separated parts of decoder names")
+    _plots.add_argument(parser)
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -1432,42 +1477,42 @@ def main() -> None:
     def total(kind: str) -> int:
         return sum(s.violations.get(kind, 0) for s in results.values())
 
-    emit(
-        {
-            "bench": "fuzz",
-            "seed": args.seed,
-            "decoders": list(results),
-            "inputs": sum(s.inputs for s in results.values()),
-            "inputs_per_decoder": {name: s.inputs for name, s in results.items()},
-            "engine_inputs_per_decoder": engine_inputs,
-            "accepted_per_decoder": {name: s.accepted for name, s in results.items()},
-            "atheris": atheris_version or "not installed",
-            "atheris_inputs_per_decoder": atheris_inputs,
-            "atheris_errors": atheris_errors,
-            "unexpected_exceptions": sum(s.unexpected for s in results.values()),
-            "unexpected_examples": reproducers(("unexpected",), 2)[: 2 * SHOW],
-            "roundtrip_checked": [
-                t.name for t in all_targets if t.check_kind == "roundtrip" and t.check
-            ],
-            "roundtrip_violations": total("roundtrip"),
-            "roundtrip_violations_per_decoder": {
-                name: s.violations["roundtrip"]
-                for name, s in results.items()
-                if s.violations.get("roundtrip")
-            },
-            "unexpected_exceptions_per_decoder": {
-                name: s.unexpected for name, s in results.items() if s.unexpected
-            },
-            "roundtrip_examples": reproducers(("roundtrip",), 2)[: 2 * SHOW],
-            "fast_path_disagreements": total("fast_path"),
-            "import_then_run_failures": total("import_then_run"),
-            "check_failure_examples": reproducers(("fast_path", "import_then_run"), 2)[: 2 * SHOW],
-            **rates,
-            "joins": args.joins,
-            "repeats": args.repeats,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-    )
+    result = {
+        "bench": "fuzz",
+        "seed": args.seed,
+        "decoders": list(results),
+        "inputs": sum(s.inputs for s in results.values()),
+        "inputs_per_decoder": {name: s.inputs for name, s in results.items()},
+        "engine_inputs_per_decoder": engine_inputs,
+        "accepted_per_decoder": {name: s.accepted for name, s in results.items()},
+        "atheris": atheris_version or "not installed",
+        "atheris_inputs_per_decoder": atheris_inputs,
+        "atheris_errors": atheris_errors,
+        "unexpected_exceptions": sum(s.unexpected for s in results.values()),
+        "unexpected_examples": reproducers(("unexpected",), 2)[: 2 * SHOW],
+        "roundtrip_checked": [
+            t.name for t in all_targets if t.check_kind == "roundtrip" and t.check
+        ],
+        "roundtrip_violations": total("roundtrip"),
+        "roundtrip_violations_per_decoder": {
+            name: s.violations["roundtrip"]
+            for name, s in results.items()
+            if s.violations.get("roundtrip")
+        },
+        "unexpected_exceptions_per_decoder": {
+            name: s.unexpected for name, s in results.items() if s.unexpected
+        },
+        "roundtrip_examples": reproducers(("roundtrip",), 2)[: 2 * SHOW],
+        "fast_path_disagreements": total("fast_path"),
+        "import_then_run_failures": total("import_then_run"),
+        "check_failure_examples": reproducers(("fast_path", "import_then_run"), 2)[: 2 * SHOW],
+        **rates,
+        "joins": args.joins,
+        "repeats": args.repeats,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    emit(result)
+    _plots.write(result, args.plots, plot)
 
 
 if __name__ == "__main__":

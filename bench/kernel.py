@@ -48,8 +48,11 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import _plots
 from _common import emit, progress
 
 TOPOLOGY = """
@@ -179,7 +182,25 @@ def new_sources(lab: object, topology: object) -> dict[str, float]:
     }
 
 
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Packets per second reaching the server per round, by the kernel's multicast
+    forwarding and by its unicast forwarding, each beside what the sources offered."""
+    fig, ax = _plots.figure("Kernel forwarding per round: manycast (MFC) vs unicast (FIB)")
+    _plots.per_round(
+        ax,
+        {
+            "manycast delivered": [v / 1e3 for v in result["manycast_pps_per_round"]],
+            "unicast delivered": [v / 1e3 for v in result["unicast_pps_per_round"]],
+            "manycast offered": [v / 1e3 for v in result["manycast_offered_pps_per_round"]],
+            "unicast offered": [v / 1e3 for v in result["unicast_offered_pps_per_round"]],
+        },
+        ylabel="thousand packets / s",
+    )
+    return [_plots.save(fig, directory, "kernel_pps_per_round")]
+
+
 def main() -> None:
+    args = _plots.arguments(__doc__)
     if os.geteuid() != 0:
         progress("bench/kernel.py: the kernel lab needs root and network namespaces; skipped")
         emit({"skipped": "the kernel lab needs root and network namespaces"})
@@ -218,26 +239,28 @@ def main() -> None:
             lab.down()
     manycast_pps = statistics.median(results["m"])
     unicast_pps = statistics.median(results["u"])
-    emit(
-        {
-            "bench": "kernel",
-            "manycast_pps": round(manycast_pps),
-            "unicast_pps": round(unicast_pps),
-            # Paired by round (each manycast interval next to its unicast one).
-            "ratio": round(
-                statistics.median(
-                    m / u for m, u in zip(results["m"], results["u"], strict=True) if u
-                ),
-                3,
-            ),
-            "manycast_offered_pps": round(statistics.median(results["ms"])),
-            "unicast_offered_pps": round(statistics.median(results["us"])),
-            "daemon_cpu_share_established": round(statistics.median(results["cpu"]), 4),
-            "established_entries": len(entries),
-            "rounds": ROUNDS,
-            **burst,
-        }
-    )
+    result = {
+        "bench": "kernel",
+        "manycast_pps": round(manycast_pps),
+        "unicast_pps": round(unicast_pps),
+        # Paired by round (each manycast interval next to its unicast one).
+        "ratio": round(
+            statistics.median(m / u for m, u in zip(results["m"], results["u"], strict=True) if u),
+            3,
+        ),
+        "manycast_offered_pps": round(statistics.median(results["ms"])),
+        "unicast_offered_pps": round(statistics.median(results["us"])),
+        "daemon_cpu_share_established": round(statistics.median(results["cpu"]), 4),
+        "established_entries": len(entries),
+        "rounds": ROUNDS,
+        "manycast_pps_per_round": [round(v) for v in results["m"]],
+        "unicast_pps_per_round": [round(v) for v in results["u"]],
+        "manycast_offered_pps_per_round": [round(v) for v in results["ms"]],
+        "unicast_offered_pps_per_round": [round(v) for v in results["us"]],
+        **burst,
+    }
+    emit(result)
+    _plots.write(result, args.plots, plot)
 
 
 if __name__ == "__main__":

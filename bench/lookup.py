@@ -11,9 +11,13 @@ Output: progress on stderr, then the result as one json object, the last line on
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+import _plots
 from _common import (
     MAGLEV_M,
     emit,
@@ -32,7 +36,37 @@ REPEATS = 9
 SAMPLE = 20_000
 
 
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Lookups per second of each method, and how evenly each spreads the space."""
+    fig, axes = _plots.grid(
+        f"Owner lookup of {result['addresses']:.0e} sources over {result['servers']} servers", 2
+    )
+    _plots.bars(
+        axes[0],
+        {
+            "ours (owner_many)": result["owners_per_s"] / 1e6,
+            "raw 2^16 gather": result["gather_per_s"] / 1e6,
+            "Maglev": result["maglev_per_s"] / 1e6,
+        },
+        ylabel="million lookups / s",
+        fmt="{:.1f}",
+    )
+    _plots.bars(
+        axes[1],
+        {
+            "ours": result["balance_max_over_mean"],
+            "Maglev": result["maglev_balance_max_over_mean"],
+        },
+        ylabel="largest share / mean share",
+        fmt="{:.4f}",
+    )
+    _plots.reference(axes[1], 1.0, "perfect balance")
+    axes[1].legend(fontsize=8)
+    return [_plots.save(fig, directory, "lookup_rates")]
+
+
 def main() -> None:
+    args = _plots.arguments(__doc__)
     rng = np.random.default_rng(20240601)
     names = [f"s{i:04d}" for i in range(SERVERS)]
     space = AddressSpace.create()  # 0.0.0.0/0, 16 low-order index bits
@@ -73,28 +107,26 @@ def main() -> None:
 
     counts = np.bincount(alloc.owners, minlength=SERVERS)
     maglev_counts = np.bincount(maglev, minlength=SERVERS)
-    emit(
-        {
-            "bench": "lookup",
-            "servers": SERVERS,
-            "addresses": ADDRESSES,
-            "repeats": REPEATS,
-            "space": str(space),
-            "owners_per_s": round(rate["owners"]),
-            "gather_per_s": round(rate["gather"]),
-            "maglev_per_s": round(rate["maglev"]),
-            "ratio_vs_gather": round(rate["owners"] / rate["gather"], 3),
-            "ratio_vs_maglev": round(rate["owners"] / rate["maglev"], 3),
-            "checked_sample": SAMPLE,
-            "owners_agree_with_owner": owners_agree,
-            "maglev_m": MAGLEV_M,
-            "maglev_build_s": round(maglev_build_s, 3),
-            "balance_max_over_mean": round(float(counts.max() / counts.mean()), 4),
-            "maglev_balance_max_over_mean": round(
-                float(maglev_counts.max() / maglev_counts.mean()), 4
-            ),
-        }
-    )
+    result = {
+        "bench": "lookup",
+        "servers": SERVERS,
+        "addresses": ADDRESSES,
+        "repeats": REPEATS,
+        "space": str(space),
+        "owners_per_s": round(rate["owners"]),
+        "gather_per_s": round(rate["gather"]),
+        "maglev_per_s": round(rate["maglev"]),
+        "ratio_vs_gather": round(rate["owners"] / rate["gather"], 3),
+        "ratio_vs_maglev": round(rate["owners"] / rate["maglev"], 3),
+        "checked_sample": SAMPLE,
+        "owners_agree_with_owner": owners_agree,
+        "maglev_m": MAGLEV_M,
+        "maglev_build_s": round(maglev_build_s, 3),
+        "balance_max_over_mean": round(float(counts.max() / counts.mean()), 4),
+        "maglev_balance_max_over_mean": round(float(maglev_counts.max() / maglev_counts.mean()), 4),
+    }
+    emit(result)
+    _plots.write(result, args.plots, plot)
 
 
 if __name__ == "__main__":

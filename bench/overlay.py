@@ -45,11 +45,13 @@ import select
 import socket
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
+import _plots
 from _common import emit, progress
 from manycast.drivers.links import Attachment, LinkSpec
 from manycast.drivers.memory import MemoryNetwork
@@ -525,7 +527,34 @@ def memory_run() -> tuple[float, float, int]:
 # --- the bench ------------------------------------------------------------------------
 
 
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Forwarding rate of each relay per round, and the router's ratio to the
+    baselines per round."""
+    fig, axes = _plots.grid(
+        f"One hop on the overlay: {result['packet_bytes']}-byte packets, "
+        f"{result['measure_s']} s per relay and round",
+        2,
+    )
+    _plots.per_round(
+        axes[0],
+        {case: [v / 1e3 for v in values] for case, values in result["per_round_pps"].items()},
+        ylabel="thousand packets / s",
+    )
+    _plots.per_round(
+        axes[1],
+        {
+            "router / asyncio baseline": result["ratio_per_round"],
+            "router / raw relay": result["ratio_vs_raw_relay_per_round"],
+        },
+        ylabel="ratio (same round)",
+    )
+    _plots.reference(axes[1], 1.0, "parity")
+    axes[1].legend(fontsize=8)
+    return [_plots.save(fig, directory, "overlay_pps_per_round")]
+
+
 def main() -> None:
+    args = _plots.arguments(__doc__)
     cpus = sorted(os.sched_getaffinity(0))
     # Generator and relay each on a core of their own when there are two.
     gen_cpu, relay_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
@@ -590,45 +619,45 @@ def main() -> None:
     def per_round(a: str, b: str) -> list[float]:
         return [round(x / y, 3) for x, y in zip(rates[a], rates[b], strict=True)]
 
-    emit(
-        {
-            "bench": "overlay",
-            "rounds": ROUNDS,
-            "measure_s": MEASURE_S,
-            "warmup_s": WARMUP_S,
-            "window": WINDOW,
-            "sources": SOURCES,
-            "packet_bytes": len(packets[0]),
-            "cpus": len(cpus),
-            "router_pps": round(med["router"]),
-            "baseline_pps": round(med["baseline"]),
-            "raw_relay_pps": round(med["raw"]),
-            "sender_pps": round(med["sender"]),
-            "ratio": round(med["router"] / med["baseline"], 3),
-            "ratio_vs_raw_relay": round(med["router"] / med["raw"], 3),
-            "ratio_per_round": per_round("router", "baseline"),
-            "ratio_vs_raw_relay_per_round": per_round("router", "raw"),
-            "sender_over_fastest_relay": round(med["sender"] / fastest, 2),
-            "per_round_pps": {case: [round(r) for r in values] for case, values in rates.items()},
-            # Packets per second of the relay's own CPU time: its cost per packet,
-            # independent of how much CPU other work on the machine left it.
-            "pps_per_relay_cpu_s": {case: round(v) for case, v in cpu_med.items()},
-            "ratio_per_cpu_s": round(cpu_med["router"] / cpu_med["baseline"], 3),
-            "ratio_vs_raw_relay_per_cpu_s": round(cpu_med["router"] / cpu_med["raw"], 3),
-            # CPU time over wall time while measured: near 1 for whichever side set
-            # the pace; both well below 1 means other work on the machine took the CPU.
-            "relay_busy": {case: round(statistics.median(v), 2) for case, v in busy.items()},
-            "generator_busy": {c: round(statistics.median(v), 2) for c, v in gen_busy.items()},
-            "loss": {case: round(max(values), 6) for case, values in losses.items()},
-            "stalls": stalls,
-            "router_checked_packets": checked,
-            "forwarded_equals_delivered": consistent,
-            "router_share_to_s1": round(statistics.median(split), 4),
-            "memory_events_per_s": round(statistics.median(m[0] for m in memory)),
-            "memory_virtual_s_per_wall_s": round(statistics.median(m[1] for m in memory), 3),
-            "memory_events": memory[0][2],
-        }
-    )
+    result = {
+        "bench": "overlay",
+        "rounds": ROUNDS,
+        "measure_s": MEASURE_S,
+        "warmup_s": WARMUP_S,
+        "window": WINDOW,
+        "sources": SOURCES,
+        "packet_bytes": len(packets[0]),
+        "cpus": len(cpus),
+        "router_pps": round(med["router"]),
+        "baseline_pps": round(med["baseline"]),
+        "raw_relay_pps": round(med["raw"]),
+        "sender_pps": round(med["sender"]),
+        "ratio": round(med["router"] / med["baseline"], 3),
+        "ratio_vs_raw_relay": round(med["router"] / med["raw"], 3),
+        "ratio_per_round": per_round("router", "baseline"),
+        "ratio_vs_raw_relay_per_round": per_round("router", "raw"),
+        "sender_over_fastest_relay": round(med["sender"] / fastest, 2),
+        "per_round_pps": {case: [round(r) for r in values] for case, values in rates.items()},
+        # Packets per second of the relay's own CPU time: its cost per packet,
+        # independent of how much CPU other work on the machine left it.
+        "pps_per_relay_cpu_s": {case: round(v) for case, v in cpu_med.items()},
+        "ratio_per_cpu_s": round(cpu_med["router"] / cpu_med["baseline"], 3),
+        "ratio_vs_raw_relay_per_cpu_s": round(cpu_med["router"] / cpu_med["raw"], 3),
+        # CPU time over wall time while measured: near 1 for whichever side set
+        # the pace; both well below 1 means other work on the machine took the CPU.
+        "relay_busy": {case: round(statistics.median(v), 2) for case, v in busy.items()},
+        "generator_busy": {c: round(statistics.median(v), 2) for c, v in gen_busy.items()},
+        "loss": {case: round(max(values), 6) for case, values in losses.items()},
+        "stalls": stalls,
+        "router_checked_packets": checked,
+        "forwarded_equals_delivered": consistent,
+        "router_share_to_s1": round(statistics.median(split), 4),
+        "memory_events_per_s": round(statistics.median(m[0] for m in memory)),
+        "memory_virtual_s_per_wall_s": round(statistics.median(m[1] for m in memory), 3),
+        "memory_events": memory[0][2],
+    }
+    emit(result)
+    _plots.write(result, args.plots, plot)
 
 
 if __name__ == "__main__":

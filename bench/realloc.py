@@ -22,13 +22,15 @@ Output: progress on stderr, then the result as one json object, the last line on
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+import _plots
 from _common import (
     MAGLEV_M,
     emit,
@@ -189,7 +191,51 @@ def worst(records: list[dict[str, Any]], method: str) -> float:
     return float(max(r["moved_over_minimum"] for r in records if r["method"] == method))
 
 
+METHODS = ("ours", "maglev", "rendezvous")
+
+
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Share of the space each method moved, over the least that had to move, per
+    change and number of servers; and the same as a share of the space."""
+    runs = result["runs"]
+    changes = list(dict.fromkeys(r["change"] for r in runs))
+    sizes = [str(n) for n in result["sizes"]]
+
+    def series(change: str, key: str) -> dict[str, list[float]]:
+        return {
+            method: [
+                next(
+                    r[key]
+                    for r in runs
+                    if r["method"] == method and r["change"] == change and str(r["n"]) == n
+                )
+                for n in sizes
+            ]
+            for method in METHODS
+            if any(r["method"] == method for r in runs)
+        }
+
+    paths = []
+    for key, name, label in (
+        ("moved_over_minimum", "realloc_moved_over_minimum", "moved / least that had to move"),
+        ("moved", "realloc_moved_share", "share of the space moved"),
+    ):
+        fig, axes = _plots.grid(
+            "Space moved by one change: ours vs Maglev and rendezvous", len(changes)
+        )
+        for ax, change in zip(axes, changes, strict=True):
+            _plots.grouped_bars(ax, sizes, series(change, key), ylabel=label, log=key == "moved")
+            ax.set_xlabel("servers")
+            ax.set_title(change, fontsize=10)
+            if key == "moved_over_minimum":
+                _plots.reference(ax, 1.0, "the least")
+                ax.legend(fontsize=8)
+        paths.append(_plots.save(fig, directory, name))
+    return paths
+
+
 def main() -> None:
+    args = _plots.arguments(__doc__)
     space = AddressSpace.create()
     records: list[dict[str, Any]] = []
     for n in SIZES:
@@ -213,24 +259,24 @@ def main() -> None:
             for method in ("ours", "maglev", "rendezvous")
         }
 
-    emit(
-        {
-            "bench": "realloc",
-            "sizes": list(SIZES),
-            "moved_counted_over": "ours and rendezvous: the 65536-bucket grid; "
-            "maglev: its 65537 table entries; exact, no sampling",
-            "maglev_weights": "Envoy-style weighted Maglev (not replicated backends)",
-            "moved_over_minimum": worst(records, "ours"),
-            "maglev_moved_over_minimum": worst(records, "maglev"),
-            "rendezvous_moved_over_minimum": worst(records, "rendezvous"),
-            "balance_max_over_mean": round(float(counts.max() / counts.mean()), 5),
-            # Median ms per change: our policy operation beside each baseline's
-            # rebuild of its whole mapping.
-            "ms_median_n10": ms_at(10),
-            "ms_median_n1000": ms_at(1000),
-            "runs": records,
-        }
-    )
+    result = {
+        "bench": "realloc",
+        "sizes": list(SIZES),
+        "moved_counted_over": "ours and rendezvous: the 65536-bucket grid; "
+        "maglev: its 65537 table entries; exact, no sampling",
+        "maglev_weights": "Envoy-style weighted Maglev (not replicated backends)",
+        "moved_over_minimum": worst(records, "ours"),
+        "maglev_moved_over_minimum": worst(records, "maglev"),
+        "rendezvous_moved_over_minimum": worst(records, "rendezvous"),
+        "balance_max_over_mean": round(float(counts.max() / counts.mean()), 5),
+        # Median ms per change: our policy operation beside each baseline's
+        # rebuild of its whole mapping.
+        "ms_median_n10": ms_at(10),
+        "ms_median_n1000": ms_at(1000),
+        "runs": records,
+    }
+    emit(result)
+    _plots.write(result, args.plots, plot)
 
 
 if __name__ == "__main__":

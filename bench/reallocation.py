@@ -48,13 +48,14 @@ import subprocess
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import _plots
 from _common import emit, progress
 from _pool import (
     PORT_SEARCH,
@@ -719,7 +720,45 @@ def failover() -> dict[str, Any]:
     }
 
 
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Sessions broken per technique (with what Fig 12 says R1 must break), and the
+    failover times' CDF over the runs."""
+    fig, axes = _plots.grid("Live reallocation under load (seed Fig 12-16)", 2)
+    broken = {t: result["broken"][t] for t in result["broken"]}
+    _plots.bars(axes[0], broken, ylabel="sessions broken", fmt="{:.0f}")
+    _plots.reference(axes[0], result["r1_expected"], "R1 must break (Fig 12 rule)")
+    axes[0].set_title(
+        f"{result['clients']} clients, {sum(result['reallocations'].values())} reallocations",
+        fontsize=9,
+    )
+    axes[0].legend(fontsize=8)
+    ratio = result["moved_latency_p99_over_unmoved"]
+    _plots.bars(axes[1], ratio, ylabel="p99 latency, moved / unmoved sessions", fmt="{:.2f}")
+    _plots.reference(axes[1], 1.0, "no cost")
+    axes[1].legend(fontsize=8)
+    paths = [_plots.save(fig, directory, "reallocation_breaks")]
+
+    fig, ax = _plots.figure(
+        f"Failover after SIGKILL of a server ({len(result['failover_s'])} runs)"
+    )
+    _plots.cdf(
+        ax,
+        {
+            "portions served again (routers match a live server)": result["failover_s"],
+            "every client answered again": result["failover_clients_s"],
+            "routers dropped the dead member": result["failover_clean_s"],
+        },
+        xlabel="seconds after the kill",
+    )
+    _plots.vertical(ax, result["failover_target_s"], "target", colour="#1d9a5b")
+    _plots.vertical(ax, result["vrrp_failover_s"], "VRRP default failover", colour="#d33a2c")
+    ax.legend(fontsize=8)
+    paths.append(_plots.save(fig, directory, "failover_cdf"))
+    return paths
+
+
 def main() -> None:
+    args = _plots.arguments(__doc__)
     began = time.monotonic()
     # Other work on the machine shows in every figure here: record how busy it was.
     load_start = round(os.getloadavg()[0], 2)
@@ -733,28 +772,28 @@ def main() -> None:
         per[technique] = run_technique(technique, steps)
     progress(f"failover: {FAILOVER_RUNS} runs, {VICTIM} in its own process, SIGKILL")
     fail = failover()
-    emit(
-        {
-            "bench": "reallocation",
-            "clients": 2 * CLIENTS_PER_LAN,
-            "rate_per_client": RATE,
-            "sessions": {t: per[t]["sessions_open_at_first_reallocation"] for t in TECHNIQUES},
-            "healthy": {t: per[t]["healthy"] for t in TECHNIQUES},
-            "reallocations": {t: per[t]["reallocations"] for t in TECHNIQUES},
-            "broken": {t: per[t]["broken"] for t in TECHNIQUES},
-            "r1_expected": per["R1"]["sessions_expected_broken_by_r1_rule"],
-            "moved_latency_p99_over_unmoved": {
-                t: per[t]["moved_latency_p99_over_unmoved"] for t in TECHNIQUES
-            },
-            "control_messages_per_reallocation": {
-                t: per[t]["control_messages_per_reallocation"] for t in TECHNIQUES
-            },
-            "techniques": per,
-            **fail,
-            "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
-            "seconds": round(time.monotonic() - began, 1),
-        }
-    )
+    result = {
+        "bench": "reallocation",
+        "clients": 2 * CLIENTS_PER_LAN,
+        "rate_per_client": RATE,
+        "sessions": {t: per[t]["sessions_open_at_first_reallocation"] for t in TECHNIQUES},
+        "healthy": {t: per[t]["healthy"] for t in TECHNIQUES},
+        "reallocations": {t: per[t]["reallocations"] for t in TECHNIQUES},
+        "broken": {t: per[t]["broken"] for t in TECHNIQUES},
+        "r1_expected": per["R1"]["sessions_expected_broken_by_r1_rule"],
+        "moved_latency_p99_over_unmoved": {
+            t: per[t]["moved_latency_p99_over_unmoved"] for t in TECHNIQUES
+        },
+        "control_messages_per_reallocation": {
+            t: per[t]["control_messages_per_reallocation"] for t in TECHNIQUES
+        },
+        "techniques": per,
+        **fail,
+        "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
+        "seconds": round(time.monotonic() - began, 1),
+    }
+    emit(result)
+    _plots.write(result, args.plots, plot)
 
 
 if __name__ == "__main__":
