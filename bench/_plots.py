@@ -204,8 +204,10 @@ def main() -> None:
     if not isinstance(bench, str):
         parser.error(f"{args.result}: its last line has no 'bench' key")
     sys.path.insert(0, str(Path(__file__).parent))
-    module = importlib.import_module(bench)
-    write(result, args.plots, module.plot)
+    plot = getattr(importlib.import_module(bench), "plot", None)
+    if plot is None:
+        parser.error(f"bench/{bench}.py has no plot(result, directory) yet")
+    write(result, args.plots, plot)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ TECHNIQUES = {
     "R2": "forward: moved connections' packets go back to their old owner (Fig 13-14)",
     "R3": "state transfer: the new owner continues moved connections (Fig 15)",
     "R4": "pinned paths: moved connections stay tagged to their old owner (Fig 16)",
+    "D": "dynamic destination: a moved connection follows its new owner's signed "
+    "change-destination (Fig 20-21)",
 }
 
 
