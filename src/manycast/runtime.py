@@ -279,8 +279,8 @@ class PoolRun:
         )
 
     def _owners(self) -> tuple[tuple[str, str], ...]:
-        """Each client and the owner of its address by the newest allocation among the
-        live servers hosted here (none hosted: nothing)."""
+        """Each of the pool's clients and the owner of its address by the newest
+        allocation among the live servers hosted here (none hosted: nothing)."""
         newest = max(
             (
                 s.coordinator
@@ -293,7 +293,8 @@ class PoolRun:
         if newest is None or newest.allocation is None:
             return ()
         allocation = newest.allocation
-        names = sorted(self.nodes.clients)
+        # The pool's clients only: an outsider's address has an owner but no server.
+        names = sorted(n for n in self.nodes.clients if self.topology.clients[n].authorized)
         if self._client_addresses is None:
             self._client_addresses = np.array(
                 [int(self.topology.address(n)) for n in names], dtype=np.int64
