@@ -9,6 +9,7 @@ web-deps` installs it, and `make test` does so as root.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -17,9 +18,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.request import urlopen
 
 import pytest
@@ -29,6 +31,9 @@ from manycast.observe.web import WebError, WebServer, parse_address
 from manycast.runtime import LiveView, ServerView
 from manycast.steps import Kill, SetShare
 from manycast.topology import builtin
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHROMIUM = "/usr/bin/chromium"
 DEADLINE = 45.0  # generous: a busy 2-core machine
@@ -237,29 +242,20 @@ def _wait_for_url(log: Path, proc: subprocess.Popen[bytes]) -> str:
     raise AssertionError(f"no dashboard address within {DEADLINE} s:\n{log.read_text()}")
 
 
-SHARES_JS = """() => Object.fromEntries([...document.querySelectorAll('#slices [data-server]')]
-    .map(s => [s.dataset.server, Number(s.dataset.share)]))"""
-
-
-@pytest.mark.slow
-def test_demo_dashboard_in_chromium(tmp_path: Path) -> None:
-    """The pie follows the demo's scenario: s1 at 25 % then 20 %, s3's slice gone when it
-    dies; screenshots of the three moments are kept in tmp_path."""
+@contextlib.contextmanager
+def demo_page(tmp_path: Path, *options: str) -> Iterator[Page]:
+    """`manycast demo --driver memory --web 127.0.0.1:0 OPTIONS` with its page open in
+    headless Chromium. On leaving: the page had no script error, and the demo, run
+    to its end, exited 0 (every client served)."""
     chromium = _chromium()
     from playwright.sync_api import sync_playwright
-
-    topo = builtin("demo")
-    steps = {(type(s).__name__, getattr(s, "server", None)): s.at for s in topo.scenario}
-    # the bundled scenario this test follows
-    assert steps[("SetShare", "s1")] == 5.0 and steps[("Kill", "s3")] == 10.0
-    assert next(s for s in topo.scenario if isinstance(s, SetShare)).share == Fraction(1, 5)
 
     log = tmp_path / "demo.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [
                 *(sys.executable, "-m", "manycast", "demo", "--driver", "memory"),
-                *("--duration", "13", "--web", "127.0.0.1:0"),
+                *("--web", "127.0.0.1:0", *options),
             ],
             stdout=subprocess.DEVNULL,
             stderr=err,
@@ -278,55 +274,12 @@ def test_demo_dashboard_in_chromium(tmp_path: Path) -> None:
                     lambda msg: problems.append(msg.text) if msg.type == "error" else None,
                 )
                 page.goto(url)
-                wait = DEADLINE * 1000
-
-                # 1. the first frames: four equal slices unless the change came already
-                page.wait_for_selector("#slices [data-server]", timeout=wait)
-                shares = page.evaluate(SHARES_JS)
-                if page.locator("#events li.done").count() == 0:
-                    assert shares == pytest.approx(
-                        {"s1": 0.25, "s2": 0.25, "s3": 0.25, "s4": 0.25}, abs=0.002
-                    )
-                page.screenshot(path=tmp_path / "1-start.png", full_page=True)
-
-                # 2. s1's share set to 20 % at 5 s (Fig 11)
-                page.wait_for_function(
-                    """() => { const s = document.querySelector('#slices [data-server="s1"]');
-                               return s && Math.abs(Number(s.dataset.share) - 0.2) < 0.002; }""",
-                    timeout=wait,
-                )
-                shares = page.evaluate(SHARES_JS)
-                assert round(shares["s1"] * 100) == 20
-                assert "s3" in shares and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
-                assert page.locator('#labels [data-server="s1"]').text_content() == "s1 20 %"
-                event = page.locator('#events li.done[data-kind="share"][data-server="s1"]')
-                assert "20%" in event.inner_text()
-                page.screenshot(path=tmp_path / "2-share.png", full_page=True)
-
-                # 3. s3 dies at 10 s: its slice goes, the others share the space
-                page.wait_for_function(
-                    "() => !document.querySelector('#slices [data-server=\"s3\"]')",
-                    timeout=wait,
-                )
-                shares = page.evaluate(SHARES_JS)
-                assert "s3" not in shares and set(shares) == {"s1", "s2", "s4"}
-                page.wait_for_function(
-                    """() => Math.abs(Object.values(Object.fromEntries([...document
-                        .querySelectorAll('#slices [data-server]')]
-                        .map(s => [s.dataset.server, Number(s.dataset.share)])))
-                        .reduce((a, b) => a + b, 0) - 1) < 0.001""",
-                    timeout=wait,
-                )
-                status = page.locator('#servers tr[data-server="s3"]').get_attribute("data-status")
-                assert status == "dead"
-                assert page.locator('#events li.done[data-kind="death"][data-server="s3"]').count()
-                page.screenshot(path=tmp_path / "3-death.png", full_page=True)
-
+                yield page
                 # the run ends; the page says so and keeps the last picture
                 page.wait_for_function(
-                    "() => document.body.dataset.state === 'finished'", timeout=wait
+                    "() => document.body.dataset.state === 'finished'", timeout=WAIT_MS
                 )
-                assert page.locator('#slices [data-server="s3"]').count() == 0
+                assert page.locator("#slices [data-server]").count() > 0
                 assert not problems, problems
             finally:
                 browser.close()
@@ -335,6 +288,145 @@ def test_demo_dashboard_in_chromium(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    for name in ("1-start.png", "2-share.png", "3-death.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    print(f"screenshots: {tmp_path}")
+
+
+WAIT_MS = DEADLINE * 1000
+SHARES_JS = """() => Object.fromEntries([...document.querySelectorAll('#slices [data-server]')]
+    .map(s => [s.dataset.server, Number(s.dataset.share)]))"""
+
+
+def assert_pngs(directory: Path, *names: str) -> None:
+    for name in names:
+        assert (directory / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    print(f"screenshots: {directory}")
+
+
+@pytest.mark.slow
+def test_demo_dashboard_in_chromium(tmp_path: Path) -> None:
+    """The pie follows the demo's scenario: s1 at 25 % then 20 %, s3's slice gone when it
+    dies; screenshots of the three moments are kept in tmp_path."""
+    topo = builtin("demo")
+    steps = {(type(s).__name__, getattr(s, "server", None)): s.at for s in topo.scenario}
+    # the bundled scenario this test follows
+    assert steps[("SetShare", "s1")] == 5.0 and steps[("Kill", "s3")] == 10.0
+    assert next(s for s in topo.scenario if isinstance(s, SetShare)).share == Fraction(1, 5)
+
+    with demo_page(tmp_path, "--duration", "13") as page:
+        # 1. the first frames: four equal slices unless the change came already
+        page.wait_for_selector("#slices [data-server]", timeout=WAIT_MS)
+        shares = page.evaluate(SHARES_JS)
+        if page.locator("#events li.done").count() == 0:
+            assert shares == pytest.approx(
+                {"s1": 0.25, "s2": 0.25, "s3": 0.25, "s4": 0.25}, abs=0.002
+            )
+        page.screenshot(path=tmp_path / "1-start.png", full_page=True)
+
+        # 2. s1's share set to 20 % at 5 s (Fig 11)
+        page.wait_for_function(
+            """() => { const s = document.querySelector('#slices [data-server="s1"]');
+                       return s && Math.abs(Number(s.dataset.share) - 0.2) < 0.002; }""",
+            timeout=WAIT_MS,
+        )
+        shares = page.evaluate(SHARES_JS)
+        assert round(shares["s1"] * 100) == 20
+        assert "s3" in shares and sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+        assert page.locator('#labels [data-server="s1"]').text_content() == "s1 20 %"
+        event = page.locator('#events li.done[data-kind="share"][data-server="s1"]')
+        assert "20%" in event.inner_text()
+        page.screenshot(path=tmp_path / "2-share.png", full_page=True)
+
+        # 3. s3 dies at 10 s: its slice goes, the others share the whole space
+        page.wait_for_function(
+            "() => !document.querySelector('#slices [data-server=\"s3\"]')", timeout=WAIT_MS
+        )
+        assert "s3" not in page.evaluate(SHARES_JS)
+        page.wait_for_function(
+            f"""() => {{ const shares = Object.values(({SHARES_JS})());
+                         return Math.abs(shares.reduce((a, b) => a + b, 0) - 1) < 0.001; }}""",
+            timeout=WAIT_MS,
+        )
+        assert set(page.evaluate(SHARES_JS)) == {"s1", "s2", "s4"}
+        row = page.locator('#servers tr[data-server="s3"]')
+        assert row.get_attribute("data-status") == "dead"
+        assert page.locator('#events li.done[data-kind="death"][data-server="s3"]').count()
+        # the clients s3 had are shown moving to the others
+        page.wait_for_selector('#moves tr[data-from="s3"]', timeout=WAIT_MS)
+        assert page.locator('#dots [data-server="s3"]').count() == 0
+        page.screenshot(path=tmp_path / "3-death.png", full_page=True)
+    assert_pngs(tmp_path, "1-start.png", "2-share.png", "3-death.png")
+
+
+PRIVATE_POOL = """
+[pool]
+name = "vault.pool.test"
+group = "232.5.5.5"
+private = true
+heartbeat_ms = 100
+report_interval_ms = 500
+index_bits = 10
+
+[[router]]
+name = "ra"
+[[router]]
+name = "core"
+[[router]]
+name = "rs"
+
+[[link]]
+between = ["ra", "core"]
+delay_ms = 2
+[[link]]
+between = ["core", "rs"]
+delay_ms = 1
+
+[[server]]
+name = "s1"
+router = "rs"
+[[server]]
+name = "s2"
+router = "rs"
+[[server]]
+name = "evil"         # knows the group, not the key: its joins are refused
+router = "core"
+authorized = false
+
+[[clients]]
+name = "a"
+count = 12
+router = "ra"
+subnet = "10.1.0.0/24"
+rate = 4.0
+[[clients]]
+name = "x"            # outsiders: their packets to the group are refused
+count = 4
+router = "ra"
+subnet = "10.6.0.0/24"
+rate = 4.0
+authorized = false
+
+[run]
+duration = 4.0
+"""
+
+
+@pytest.mark.slow
+def test_private_pool_refusals_in_chromium(tmp_path: Path) -> None:
+    """A private pool's page counts the routers' refusals by reason: the outsider
+    server's joins (signed with a key that is not the pool's) and the outsider
+    clients' packets; the outsiders get no slice and no dot."""
+    topology = tmp_path / "private.toml"
+    topology.write_text(PRIVATE_POOL)
+    with demo_page(tmp_path, "--topology", str(topology)) as page:
+        for reason in ("bad signature", "unauthorized sender"):
+            page.wait_for_selector(f'#refusals tr[data-reason="{reason}"]', timeout=WAIT_MS)
+            count = page.locator(f'#refusals tr[data-reason="{reason}"] td.num').inner_text()
+            assert int(count) > 0
+        assert page.locator('#servers tr[data-server="evil"]').get_attribute("data-status") == (
+            "outsider"
+        )
+        assert set(page.evaluate(SHARES_JS)) == {"s1", "s2"}
+        assert page.locator("#dots [data-client]").count() == 12
+        assert page.locator('#dots [data-client^="x"]').count() == 0
+        assert "private pool" in page.locator("#meta").inner_text()
+        page.screenshot(path=tmp_path / "private.png", full_page=True)
+    assert_pngs(tmp_path, "private.png")

@@ -21,13 +21,13 @@ const previous = { shares: {}, starts: {}, seen: false };
 const ghosts = [];  // {server, a0, a1, until}
 let finished = false;
 
+const colours = new Map();  // server -> its colour, for the whole run
+
 function colour(name) {
-  let h = 0;
-  for (const ch of name) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
-  // Servers named s1, s2, ... get neighbouring colours in order.
-  const m = /(\d+)$/.exec(name);
-  const index = m ? Number(m[1]) - 1 : h;
-  return PALETTE[((index % PALETTE.length) + PALETTE.length) % PALETTE.length];
+  // In the order servers first appear (the frames list them sorted), so each keeps
+  // one colour and no two share one while there are fewer than the palette holds.
+  if (!colours.has(name)) colours.set(name, PALETTE[colours.size % PALETTE.length]);
+  return colours.get(name);
 }
 
 function el(tag, attrs = {}, text = null, ns = null) {
@@ -274,6 +274,7 @@ function drawRefusals(frame) {
 }
 
 function render(frame) {
+  for (const s of frame.servers) colour(s.name);
   document.title = `${frame.title} · t = ${frame.now.toFixed(1)} s`;
   document.getElementById("title").textContent = frame.title;
   document.getElementById("meta").textContent =
