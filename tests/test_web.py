@@ -430,3 +430,108 @@ def test_private_pool_refusals_in_chromium(tmp_path: Path) -> None:
         assert "private pool" in page.locator("#meta").inner_text()
         page.screenshot(path=tmp_path / "private.png", full_page=True)
     assert_pngs(tmp_path, "private.png")
+
+
+# -- the same option on `manycast run` and `manycast lab run` ----------------------------
+def _frames_until(
+    proc: subprocess.Popen[bytes], log: Path, done: Any, deadline_s: float = 90.0
+) -> dict[str, Any]:
+    """Poll the run's /state until `done(frame)` holds; the frame."""
+    url = _wait_for_url(log, proc)
+    deadline = time.monotonic() + deadline_s
+    frame: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        try:
+            with urlopen(url + "state", timeout=DEADLINE) as reply:
+                frame = json.load(reply)
+        except OSError:
+            if proc.poll() is not None:  # the run ended, and its server with it
+                break
+            raise
+        if done(frame):
+            return frame
+        time.sleep(0.2)
+    raise AssertionError(f"the page never showed it; last frame {frame}:\n{log.read_text()}")
+
+
+def _share(frame: dict[str, Any], server: str) -> float:
+    return float(next(s["share"] for s in frame.get("servers", ()) if s["name"] == server))
+
+
+def test_run_serves_the_dashboard(tmp_path: Path) -> None:
+    """`manycast run FILE --web` on the overlay: the page follows s1's share change."""
+    from manycast.ports import free_base_port
+
+    base = free_base_port(builtin("demo").attachment_count)
+    log = tmp_path / "run.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "manycast", "run", "demo", "--duration", "9"),
+                *("--base-port", str(base), "--web", "127.0.0.1:0"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=tmp_path,
+        )
+    try:
+        frame = _frames_until(
+            proc, log, lambda f: f.get("servers") and abs(_share(f, "s1") - 0.2) < 0.002
+        )
+        assert frame["driver"] == "overlay" and frame["title"] == "manycast run demo"
+        assert [e["kind"] for e in frame["events"]] == ["share"]
+        assert len(frame["dots"]) == 240
+        # 0 or 1 is the pool's verdict (every client served at the end or not: a busy
+        # machine's business, see test_pool_overlay); the dashboard must not crash it.
+        assert proc.wait(timeout=DEADLINE) in (0, 1), log.read_text()
+        assert "Traceback" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _lab_possible() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "the kernel lab needs root and network namespaces; CI runs as root"
+    return None
+
+
+@pytest.mark.lab
+@pytest.mark.slow
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def test_lab_run_serves_the_dashboard(tmp_path: Path) -> None:
+    """`manycast lab run --web`: the page shows the kernel lab's pool, with the shares
+    its agents report, who answered each client, and s1's share change."""
+    log = tmp_path / "lab.log"
+    prefix = f"wb{os.getpid() % 100000}"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "manycast", "lab", "run", "--prefix", prefix),
+                *("--duration", "8", "--web", "127.0.0.1:0"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            cwd=tmp_path,
+        )
+    try:
+        frame = _frames_until(
+            proc,
+            log,
+            lambda f: f.get("events") and f["servers"] and abs(_share(f, "s1") - 0.2) < 0.002,
+        )
+        assert frame["driver"] == "kernel" and frame["kernel_entries"] > 0
+        assert {s["name"]: s["status"] for s in frame["servers"]}["s5"] == "standby"
+        assert frame["events"][0]["kind"] == "share"
+        assert len(frame["dots"]) == 240  # each client with the server that answered it
+        assert proc.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "manycast", "lab", "down", "--prefix", prefix],
+            capture_output=True,
+            timeout=120,
+        )
