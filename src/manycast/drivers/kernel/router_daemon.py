@@ -129,6 +129,7 @@ class RouterDaemon:
         self.loop.handlers["status"] = self._status
         # A VIP pool: the core's tags and VIP routing carried into the kernel.
         self.edge: VipEdge | None = None
+        self.lapse_check: float | None = None
         if topology.pool.vip is not None:
             from manycast.drivers.kernel.vip_edge import VipEdge
 
@@ -209,6 +210,12 @@ class RouterDaemon:
             self._refresh(self.dirty.pop(), now)
         if self.edge is not None:
             self.edge.sync(now)
+            # Re-check the VIP's route the moment an advert lapses, not at the next
+            # packet or sweep: new flows reach a live VIP router sooner.
+            lapse = self.edge.next_lapse(now)
+            if lapse is not None and lapse != self.lapse_check:
+                self.lapse_check = lapse
+                self.loop.call_at(lapse + 0.001, lambda: None)
 
     def _send(self, frame: Frame) -> None:
         sock = self.send_socks.get(frame.iface)

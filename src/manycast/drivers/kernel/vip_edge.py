@@ -76,6 +76,10 @@ class VipEdge:
         if nearest != self.via and not (nearest is None and self.via == -1):
             self._route_vip(nearest)
 
+    def next_lapse(self, now: float) -> float | None:
+        """When the next VIP router's advert lapses (the VIP's route may change then)."""
+        return min((u for u, _ in self.plane.vip_routers.values() if u > now), default=None)
+
     def _mark(self, flow: Flow, server: int) -> None:
         self.installed[flow] = server
         mark = self.mark_of.get(server)
