@@ -87,9 +87,10 @@ def test_frames_track_clients_moving_between_servers() -> None:
     assert frame["carried"] == {"reset": 3}
     assert [s["name"] for s in frame["servers"]] == ["s1", "s2"]
     json.dumps(frame)  # every frame is JSON
-    board.close()
+    board.close({"clients": 3, "clients_served_at_end": 3, "events": [], "driver": "memory"})
     last = board.take()
     assert last is not None and last["finished"] and last["now"] == 6.0
+    assert last["summary"]["clients_served_at_end"] == 3 and "driver" not in last["summary"]
     board.publish_live(_view(7.0, {"s1": 1.0}, {}))  # after the end: ignored
     assert board.take() is None
 
@@ -280,6 +281,11 @@ def demo_page(tmp_path: Path, *options: str) -> Iterator[Page]:
                     "() => document.body.dataset.state === 'finished'", timeout=WAIT_MS
                 )
                 assert page.locator("#slices [data-server]").count() > 0
+                # with the run's summary: every client served at the end (the exit status)
+                summary = page.locator("#summary")
+                assert summary.is_visible() and "clients served at the end" in summary.inner_text()
+                served = summary.get_attribute("data-served-at-end")
+                assert served is not None and int(served) > 0
                 assert not problems, problems
             finally:
                 browser.close()
@@ -353,7 +359,13 @@ def test_demo_dashboard_in_chromium(tmp_path: Path) -> None:
         page.wait_for_selector('#moves tr[data-from="s3"]', timeout=WAIT_MS)
         assert page.locator('#dots [data-server="s3"]').count() == 0
         page.screenshot(path=tmp_path / "3-death.png", full_page=True)
-    assert_pngs(tmp_path, "1-start.png", "2-share.png", "3-death.png")
+        # after the run, each step's outcome from the summary
+        outcome = page.locator('#events li.done[data-kind="death"] .outcome')
+        outcome.wait_for(timeout=WAIT_MS)
+        assert int(outcome.get_attribute("data-affected") or "0") > 0
+        assert "served again after" in outcome.inner_text()
+        page.screenshot(path=tmp_path / "4-finished.png", full_page=True)
+    assert_pngs(tmp_path, "1-start.png", "2-share.png", "3-death.png", "4-finished.png")
 
 
 PRIVATE_POOL = """

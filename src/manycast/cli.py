@@ -202,9 +202,11 @@ def _run(
                 board.publish_live(run.live_view())
                 watchers.append(board.publish_live)
             main()
+            summary = run.summary()
+            if board is not None:
+                board.close(summary)  # the page's last frame shows how the run went
     except OSError as exc:
         raise fail(f"{exc}", 2) from None
-    summary = run.summary()
     if as_json:
         print(json.dumps(summary))
     else:
@@ -677,6 +679,8 @@ def lab_run(
                 progress(p)
 
             summary = LabRun(lab, topo, detail=board is not None).run(length, report)
+            if board is not None:
+                board.close(summary)
     finally:
         if not keep:
             lab.down()

@@ -25,6 +25,18 @@ Frame = dict[str, Any]
 # A page draws at most this many clients as dots (each frame carries their owners).
 MAX_DOTS = 2000
 RECENT_MOVES = 12
+# What the page's last frame shows of the run's summary (docs/summary.md).
+SUMMARY_SHOWN = (
+    "clients",
+    "clients_served_at_end",
+    "requests_ok",
+    "requests_failed",
+    "resets",
+    "reconnects",
+    "recovery_s",
+    "latency_ms",
+    "events",
+)
 
 # An event's action (the first word of `Step.describe()`) -> the kind a page colours.
 EVENT_KINDS = {
@@ -272,14 +284,17 @@ class Dashboard:
             {"kernel_entries": progress.entries},
         )
 
-    def close(self) -> None:
-        """The run is over: a last frame that says so (the page stops listening)."""
+    def close(self, summary: Mapping[str, Any] | None = None) -> None:
+        """The run is over: a last frame that says so (the page stops listening), with
+        the run's summary (`summary.SUMMARY_KEYS`) when there is one."""
         with self._lock:
             if self.closed:
                 return
             self.closed = True
             last = dict(self._last) if self._last is not None else {**self.meta, "now": 0.0}
             last["finished"] = True
+            if summary is not None:
+                last["summary"] = {key: summary.get(key) for key in SUMMARY_SHOWN}
             self._put(last)
 
     # -- the server's side -------------------------------------------------------------

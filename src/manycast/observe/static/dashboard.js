@@ -199,10 +199,22 @@ function drawTimeline(frame) {
     null, SVG));
   svg.replaceChildren(...nodes);
   const list = document.getElementById("events");
+  // After the run: each disruptive step's outcome, from the run's summary.
+  const outcome = new Map();
+  for (const o of (frame.summary && frame.summary.events) || []) {
+    outcome.set(`${o.at}|${o.what}`, o);
+  }
   const items = frame.events.map((e) => {
     const li = el("li", { class: `done kind-${e.kind}`, "data-kind": e.kind,
       "data-server": e.server, "data-at": e.at });
     li.append(el("span", { class: "at" }, `${e.at.toFixed(1)} s`), e.text);
+    const o = outcome.get(`${e.at}|${e.what}`);
+    if (o) {
+      const after = o.recovery_s === null ? "never all served again"
+        : `all served again after ${o.recovery_s.toFixed(2)} s`;
+      li.append(el("span", { class: "outcome", "data-affected": o.affected_clients },
+        ` — ${o.affected_clients} clients disrupted, ${after}`));
+    }
     return li;
   });
   for (const p of frame.plan) {
@@ -273,6 +285,20 @@ function drawRefusals(frame) {
       : "none: a public pool's routers accept unsigned joins (refusals show for private pools)";
 }
 
+function drawSummary(frame) {
+  const p = document.getElementById("summary");
+  const s = frame.summary;
+  p.hidden = !s;
+  if (!s) return;
+  const parts = [`${s.clients_served_at_end}/${s.clients} clients served at the end`,
+    `${s.requests_ok} requests ok`, `${s.requests_failed} failed`, `${s.resets} resets`];
+  if (s.latency_ms && s.latency_ms.p50 !== null) {
+    parts.push(`latency p50 ${s.latency_ms.p50} ms, p99 ${s.latency_ms.p99} ms`);
+  }
+  p.dataset.servedAtEnd = String(s.clients_served_at_end);
+  p.textContent = `Run finished: ${parts.join(" · ")}.`;
+}
+
 function render(frame) {
   for (const s of frame.servers) colour(s.name);
   document.title = `${frame.title} · t = ${frame.now.toFixed(1)} s`;
@@ -289,6 +315,7 @@ function render(frame) {
   drawDots(frame);
   drawMoves(frame);
   drawRefusals(frame);
+  drawSummary(frame);
 }
 
 function setState(state) {
