@@ -31,7 +31,14 @@ from manycast.protocol.vipplane import Flow, flow_of, wrap
 from manycast.space import Allocation
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_UDP, IPv4Packet, UDPDatagram, decrement_ttl_v4, peek_v4
+from manycast.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPv4Packet,
+    UDPDatagram,
+    decrement_ttl_v4,
+    peek_v4,
+)
 from manycast.wire.label import entropy_port, push
 from manycast.wire.membership import IGMPv3Report, RecordType, igmp_packet
 
@@ -44,6 +51,7 @@ class _Picked:
     address: int
     last_seen: float
     tagged_at: float
+    isn: int = -1  # the initial sequence number of a TCP flow's SYN (-1: none seen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,7 @@ class VipRouterStats:
     flows: int = 0  # new flows we picked a server for
     tags_sent: int = 0
     repicked: int = 0  # flows whose server died before they were tagged away from us
+    ports_reused: int = 0  # new connections on a (client, port) we had placed before
     no_server: int = 0  # no live server in the allocation
     no_tree: int = 0  # the chosen server's tree does not reach us yet
     no_edge: int = 0  # no edge router known for the client
@@ -154,8 +163,15 @@ class VipRouter(Node):
         found = flow_of(packet)
         if found is None or ttl <= 1:
             return
-        flow, _ = found
+        flow, flags = found
         picked = self.flows.get(flow)
+        isn = _syn_isn(packet, flow.protocol, flags)
+        if picked is not None and isn >= 0 and picked.isn >= 0 and isn != picked.isn:
+            # A SYN with another initial sequence number: not a retransmission but a
+            # new connection from the same port (the old one closed); a new flow.
+            del self.flows[flow]
+            picked = None
+            self.stats.ports_reused += 1
         if picked is not None and self.table.toward(picked.address) is None:
             # Its server's tree is gone (no hello for a hold time: the server is dead,
             # not just slow to send a heartbeat), and so is the flow: it may start over
@@ -174,7 +190,7 @@ class VipRouter(Node):
             if address is None:
                 self.stats.no_server += 1
                 return
-            picked = self.flows[flow] = _Picked(server, address, now, -TAG_RESEND)
+            picked = self.flows[flow] = _Picked(server, address, now, -TAG_RESEND, isn)
             self.stats.flows += 1
             self.stats.picks[server] = self.stats.picks.get(server, 0) + 1
             self._arm_expiry(now)
@@ -309,3 +325,14 @@ class VipRouter(Node):
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
+
+
+_TCP_SYN, _TCP_ACK = 0x02, 0x10
+
+
+def _syn_isn(packet: bytes, protocol: int, flags: int) -> int:
+    """The initial sequence number of a TCP SYN (not a SYN-ACK); -1 for anything else."""
+    if protocol != IPPROTO_TCP or flags & (_TCP_SYN | _TCP_ACK) != _TCP_SYN:
+        return -1
+    header = (packet[0] & 0x0F) * 4
+    return int.from_bytes(packet[header + 4 : header + 8], "big")

@@ -31,7 +31,7 @@ from manycast.protocol.labels import Hop, LabelTable
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram, decrement_ttl_v4
-from manycast.wire.label import LABELLED_V4_LEN, TunnelV4, read_labelled_v4, wrap_v4
+from manycast.wire.label import LABELLED_V4_LEN, LabelledReaderV4, TunnelV4, wrap_v4
 
 _PORTS = struct.Struct("!HH")
 _TCP_FIN, _TCP_RST = 0x01, 0x04
@@ -123,6 +123,8 @@ class VipPlane:
     table: LabelTable = field(init=False)
     stats: VipPlaneStats = field(default_factory=VipPlaneStats)
     flows: dict[Flow, _Tag] = field(default_factory=dict)
+    # Every tag taken, in order, for a kernel data plane to carry out (None: not kept).
+    tag_log: list[tuple[Flow, int]] | None = None
     # VIP router -> (when its advert lapses, the last sequence number we took)
     vip_routers: dict[int, tuple[float, int]] = field(default_factory=dict)
     _seq: int = 0
@@ -133,6 +135,7 @@ class VipPlane:
         default_factory=dict, init=False, repr=False
     )
     _pushing: dict[int, tuple[Hop, TunnelV4]] = field(default_factory=dict, init=False, repr=False)
+    _reader: LabelledReaderV4 = field(default_factory=LabelledReaderV4, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.table = LabelTable(self.router.route, on_change=self._forget_wire)
@@ -141,10 +144,11 @@ class VipPlane:
     # -- packets -------------------------------------------------------------------------
     def on_labelled(self, packet: bytes, now: float) -> None:
         """An MPLS-in-UDP packet to one of our addresses: switch it by its top label.
-        Per packet: one read of its headers and top entry, one lookup of the label's
-        next hop with the outer headers to it precomputed, one pack and join."""
+        Per packet: one read of its headers and top entry (the outer IPv4 header checked
+        once per upstream router and length), one lookup of the label's next hop with
+        the outer headers to it precomputed, one pack and join."""
         try:
-            sport, word = read_labelled_v4(packet)
+            sport, word = self._reader.read(packet)
         except WireError:
             self.stats.malformed += 1
             return
@@ -312,6 +316,8 @@ class VipPlane:
                 self.stats.retags_refused += 1
                 return True
             self.flows[key] = _Tag(server, message.idle_ms / 1000, now)
+            if self.tag_log is not None:
+                self.tag_log.append((key, server))
         elif isinstance(message, control.FlowUntag):
             if not self._may_tag(iface, src, None):
                 self.stats.refused += 1

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("manycast.kernel.vip")
 
-FULL_SYNC_EVERY = 0.5  # seconds: a re-tag that changed no count is found within this
+FULL_SYNC_EVERY = 0.5  # seconds between sweeps of what the core has forgotten
 
 
 @dataclass
@@ -58,18 +58,21 @@ class VipEdge:
         self.marker = ConntrackMarker()
         self.ipr = IPRoute()
         self.via: int | None = -1  # the VIP route's VIP router; -1: as built
-        self._seen: tuple[int, int] = (-1, -1)
         self._synced_at = -FULL_SYNC_EVERY
+        self.plane.tag_log = []
 
     def sync(self, now: float) -> None:
         """Carry what the core decided since the last call into the kernel."""
-        flows = self.plane.flows
-        seen = (self.plane.stats.flows_tagged, len(flows))
-        if seen != self._seen or now - self._synced_at >= FULL_SYNC_EVERY:
-            self._seen, self._synced_at = seen, now
-            for flow, tag in flows.items():
-                if self.installed.get(flow) != tag.server:
-                    self._mark(flow, tag.server)
+        log_ = self.plane.tag_log
+        assert log_ is not None
+        for flow, server in log_:
+            if self.installed.get(flow) != server:
+                self._mark(flow, server)
+        log_.clear()
+        if now - self._synced_at >= FULL_SYNC_EVERY:
+            # Forget what the core forgot (its idle sweep; conntrack keeps the marks).
+            self._synced_at = now
+            flows = self.plane.flows
             for flow in [f for f in self.installed if f not in flows]:
                 del self.installed[flow]
         nearest = self.plane.nearest_vip_router(now)

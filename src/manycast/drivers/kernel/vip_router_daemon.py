@@ -27,9 +27,12 @@ from manycast.drivers.kernel.loop import KernelLoop
 from manycast.errors import ConfigError
 from manycast.protocol.node import Frame, Node
 from manycast.protocol.vip import OntoTree
+from manycast.protocol.vipplane import Flow, flow_of
 from manycast.wire.ip import complete_l4_checksum_v4
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
     from manycast.protocol.vip import VipRouter
     from manycast.topology import Topology
 
@@ -42,6 +45,7 @@ TP_STATUS_CSUMNOTREADY = 8
 SO_ATTACH_FILTER = 26
 IPPROTO_IPIP = 4
 _BATCH = 256
+TAG_LEAD = 0.001  # seconds a new flow's first packet waits behind its tag
 
 
 def vip_filter(vip: ipaddress.IPv4Address) -> bytes:
@@ -58,7 +62,14 @@ def vip_filter(vip: ipaddress.IPv4Address) -> bytes:
 
 
 class VipRouterDaemon:
-    def __init__(self, topology: Topology, name: str, run_dir: Path, seed: int) -> None:
+    def __init__(
+        self,
+        topology: Topology,
+        name: str,
+        run_dir: Path,
+        seed: int,
+        tag_lead: float = TAG_LEAD,
+    ) -> None:
         from manycast.pool import build
 
         vip = topology.pool.vip
@@ -79,6 +90,14 @@ class VipRouterDaemon:
             lambda packet: self.core.receive(self.iface, packet, self.loop.now),
         )
         self.frames_dropped = 0
+        # Make before break: a new flow's first packet leaves `tag_lead` seconds after
+        # its tag, so that the tag is in place at the edge before the flow's next packet
+        # arrives there (in the lab the kernel answers a SYN far faster than two user-space
+        # hops install a tag; on a real network the tag's shorter path does this).
+        self.tag_lead = tag_lead
+        self.held = 0
+        self._tags_seen = 0
+        self._held_until: dict[Flow, float] = {}
         self.sent_to_trees = 0
         self.send_errors = 0
         self.packets = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
@@ -92,6 +111,8 @@ class VipRouterDaemon:
         self.loop.watch(self.packets, self._on_packets)
         self.loop.handlers["status"] = self._status
         self.loop.handlers["tagging"] = self._tagging
+        self.loop.handlers["metrics"] = self._metrics
+        self._registry: CollectorRegistry | None = None  # metrics, made when first asked
         self.loop.add(self.core)
 
     def _on_packets(self) -> None:
@@ -110,14 +131,37 @@ class VipRouterDaemon:
             self.core.receive(self.iface, packet, self.loop.now)
 
     def _on_effect(self, node: Node, effect: object) -> None:
-        if isinstance(effect, OntoTree):
-            sid = str(srv6.sid_of(ipaddress.IPv4Address(effect.server)))
-            try:
-                self.tunnel.sendto(effect.packet, (sid, 0))
-                self.sent_to_trees += 1
-            except OSError as exc:
-                self.send_errors += 1
-                log.warning("cannot send to %s: %s", sid, exc)
+        if not isinstance(effect, OntoTree):
+            return
+        now = self.loop.now
+        found = flow_of(effect.packet)
+        flow = None if found is None else found[0]
+        if self.core.stats.tags_sent != self._tags_seen:
+            # This packet came with a new tag (sent just before it): let the tag lead.
+            self._tags_seen = self.core.stats.tags_sent
+            if flow is not None and self.tag_lead > 0:
+                self._held_until[flow] = now + self.tag_lead
+        release = self._held_until.get(flow) if flow is not None else None
+        if flow is not None and release is not None and release > now:
+            self.held += 1
+            self.loop.call_at(release, lambda: self._release(flow, effect))
+            return
+        self._onto_tree(effect)
+
+    def _release(self, flow: Flow, effect: OntoTree) -> None:
+        """A held packet leaves; the flow's hold ends with the last one held."""
+        self._onto_tree(effect)
+        if self._held_until.get(flow, self.loop.now) <= self.loop.now:
+            self._held_until.pop(flow, None)
+
+    def _onto_tree(self, effect: OntoTree) -> None:
+        sid = str(srv6.sid_of(ipaddress.IPv4Address(effect.server)))
+        try:
+            self.tunnel.sendto(effect.packet, (sid, 0))
+            self.sent_to_trees += 1
+        except OSError as exc:
+            self.send_errors += 1
+            log.warning("cannot send to %s: %s", sid, exc)
 
     def _send(self, frame: Frame) -> None:
         if not self.endpoint.send(frame):
@@ -133,6 +177,8 @@ class VipRouterDaemon:
             "flows": len(core.flows),
             "stats": asdict(core.stats),
             "sent_to_trees": self.sent_to_trees,
+            "held_behind_tags": self.held,
+            "tag_lead_s": self.tag_lead,
             "send_errors": self.send_errors,
             "frames_dropped": self.frames_dropped,
             "endpoint": asdict(self.endpoint.stats),
@@ -142,6 +188,19 @@ class VipRouterDaemon:
         """Turn flow tags off (a benchmark's baseline: every packet through us) or on."""
         self.core.tagging = bool(request["on"])
         return {"tagging": self.core.tagging}
+
+    def _metrics(self, _: dict[str, Any]) -> dict[str, Any]:
+        """Prometheus text of this VIP router (docs/metrics.md): the core's counters."""
+        from manycast.observe import metrics
+
+        if self._registry is None:
+            self._registry = metrics.registry(
+                metrics.PoolCollector(
+                    now=lambda: self.loop.now,
+                    vip_routers=lambda: [metrics.VipRouterItem(self.core)],
+                )
+            )
+        return {"text": metrics.exposition(self._registry)}
 
     def run(self) -> None:
         """Serve until SIGTERM."""
