@@ -46,8 +46,8 @@ on rs1/rs2, VIP router vr1 on the core (the nearest) and vr2 on rs1:
 5. `first_packet_extra_rtt`: a new connection's handshake + first answer over the
    steady-state request latency on an established connection (medians), from run 1;
    baseline: the same clients of a manycast pool on the same routers (no detour).
-
-The kernel lab runs no VIP pool yet: its figures are null, with the reason.
+6. The same figures in the kernel lab, under `lab` (bench/vip_lab.py; root only, else
+   null with the reason): SRv6 segments as trees, a real HTTP server per server.
 Output: progress on stderr, then the result as one json object, the last line on stdout.
 """
 
@@ -98,7 +98,6 @@ GROUP = ipaddress.IPv4Address("232.1.1.1")  # the manycast baseline's group
 HEARTBEAT_MS, HEARTBEAT_MISSES, REPORT_INTERVAL_MS = 100, 3, 500  # as tests/test_vip.py
 DETECTION_S = HEARTBEAT_MS * HEARTBEAT_MISSES / 1000  # the pool's failure detection
 SERVERS = ("s1", "s2", "s3", "s4")
-LAB_REASON = "the kernel lab runs no VIP pool yet"
 
 FlowId = tuple[str, int]  # (client name, its source port): one TCP connection
 
@@ -1141,7 +1140,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~1 minute run")
     parser.add_argument(
         "--parts",
-        default="tagging,relay,policy,failover",
+        default="tagging,relay,policy,failover,lab",
         help="comma-separated parts to run (default: all)",
     )
     parser.add_argument(
@@ -1228,11 +1227,14 @@ def main() -> None:
         "vip_router_failover_s": f"<= {round(DETECTION_S + 0.1, 3)} (detection + 0.1 s)",
         "tagged_flows_broken": "0",
     }
-    result["lab"] = {
-        "vip_router_packets_after_first_per_flow": None,
-        "labelled_over_plain_pps": None,
-        "reason": LAB_REASON,
-    }
+    if "lab" in parts:
+        # The same figures in the kernel lab (root; bench/vip_lab.py says how).
+        import vip_lab
+
+        progress("the kernel lab (bench/vip_lab.py)")
+        result["lab"] = vip_lab.measure(args.quick)
+    else:
+        result["lab"] = {"reason": "not run (--parts without lab)"}
     result["loadavg_1min_start_end"] = [load_start, round(os.getloadavg()[0], 2)]
     result["seconds"] = round(time.monotonic() - began, 1)
     emit(result)
