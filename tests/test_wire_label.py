@@ -34,6 +34,7 @@ from manycast.wire.label import (
     MPLS_UDP_PORT,
     ROUTER_ALERT,
     LabelEntry,
+    LabelledReaderV4,
     LabelStack,
     MplsInUdp,
     TunnelV4,
@@ -501,7 +502,9 @@ def test_tunnel_swap_is_unwrap_swap_top_wrap_byte_for_byte(
     assert (sport, word) == (unwrap_v4(packet)[1], int.from_bytes(mpls.stack.top.to_wire(), "big"))
     want = _strict_swap(packet, src, dst, label)
     try:
-        got: bytes | str | None = TunnelV4(src, dst, label).swap(packet, sport, word)
+        tunnel = TunnelV4(src, dst, label)
+        got: bytes | str | None = tunnel.swap(packet, sport, word)
+        assert tunnel.swap(packet, sport, word) == got  # its header now remembered
     except WireError as exc:
         got = str(exc)
     assert got == want
@@ -523,7 +526,9 @@ def test_tunnel_push_is_push_then_wrap_byte_for_byte(
     except WireError as exc:
         want = str(exc)
     try:
-        got: bytes | str = TunnelV4(src, dst, label, ttl).push(inner)
+        tunnel = TunnelV4(src, dst, label, ttl)
+        got: bytes | str = tunnel.push(inner)
+        assert tunnel.push(inner) == got  # its header now remembered
     except WireError as exc:
         got = str(exc)
     assert got == want
@@ -617,3 +622,36 @@ def test_read_labelled_v4_on_random_bytes_agrees_with_unwrap_v4(data: bytes, how
     except WireError:
         got = None
     assert got == want
+
+
+@given(encapsulated(), st.data())
+def test_a_reader_remembering_headers_answers_as_read_labelled_v4(
+    case: tuple[bytes, MplsInUdp, int], data: st.DataObject
+) -> None:
+    """Once a header is found good, packets with that header are read with fewer checks:
+    each must still be taken or refused exactly as `read_labelled_v4` does."""
+    reader = LabelledReaderV4()
+    original = case[0]
+
+    def outcome(read: object, packet: bytes) -> tuple[int, int] | str:
+        assert callable(read)
+        try:
+            value: tuple[int, int] = read(packet)
+        except WireError as exc:
+            return str(exc)
+        return value
+
+    for _ in range(2):  # cold, then with its header remembered
+        assert outcome(reader.read, original) == outcome(read_labelled_v4, original)
+    for _ in range(3):
+        packet = bytearray(original)
+        for _ in range(data.draw(st.integers(1, 2))):
+            index = data.draw(st.integers(0, len(packet) - 1))
+            packet[index] ^= 1 << data.draw(st.integers(0, 7))
+        if data.draw(st.booleans()):  # same header, another length, a UDP length to match
+            cut = data.draw(st.integers(0, len(packet)))
+            packet = packet[:cut] + bytes(data.draw(st.integers(0, 8)))
+            if len(packet) >= 26:
+                packet[24:26] = (len(packet) - 20).to_bytes(2, "big")
+        raw = bytes(packet)
+        assert outcome(reader.read, raw) == outcome(read_labelled_v4, raw)

@@ -404,8 +404,11 @@ def unwrap_v4(packet: bytes) -> tuple[int, int, bytes]:
 # outgoing label) is computed once per hop in a `TunnelV4`.
 
 _LABELLED_V4 = struct.Struct("!5IHIHI")  # IPv4 header as words, UDP (port+length), top entry
-_TUNNEL_V4 = struct.Struct("!HH4xHH8sHHH2xI")  # the same as written: id, offset, UDP sum 0
+_UDP_ENTRY = struct.Struct("!HIHI")  # from byte 20: source port, port+length, sum, top entry
+_OUTER_HEAD = struct.Struct("!HH4xHH8s")  # an IPv4 header as written: identification 0, ...
+_UDP_TAIL = struct.Struct("!HHH2xI")  # ... then UDP, checksum zero, and the top entry
 _DPORT_HIGH = MPLS_UDP_PORT << 16
+_REMEMBERED = 4096  # headers a reader or a tunnel keeps (then it forgets them all)
 LABELLED_V4_LEN = OUTER_V4_LEN + ENTRY_LEN  # 32: headers and one entry
 # CRC-32 of each protocol number, the first byte `_flow_bytes` hashes for IPv4
 _PROTOCOL_CRC = tuple(zlib.crc32(bytes((p,))) for p in range(256))
@@ -439,6 +442,32 @@ def read_labelled_v4(packet: bytes) -> tuple[int, int]:
     return sport, word
 
 
+class LabelledReaderV4:
+    """`read_labelled_v4` for one router, remembering the IPv4 headers it has checked.
+    What one upstream router sends a tree has one outer header per packet length
+    (identification 0, TTL 1, no options: `wrap_v4`, `TunnelV4`), so the header's
+    checks (checksum included) run once per upstream router and length, and a packet
+    whose first 20 bytes are a header already found good (total length included) has
+    only its UDP header checked. Same answers and errors as `read_labelled_v4`."""
+
+    __slots__ = ("_good",)
+
+    def __init__(self) -> None:
+        self._good: dict[bytes, int] = {}  # a checked IPv4 header -> its total length
+
+    def read(self, packet: bytes) -> tuple[int, int]:
+        n = len(packet)
+        if self._good.get(packet[:IPV4_HEADER_LEN]) == n:
+            sport, port_length, udp_sum, word = _UDP_ENTRY.unpack_from(packet, IPV4_HEADER_LEN)
+            if port_length == _DPORT_HIGH | n - IPV4_HEADER_LEN and not udp_sum:
+                return sport, word
+        found = read_labelled_v4(packet)  # raises WireError for what is not one
+        if len(self._good) >= _REMEMBERED:
+            self._good.clear()  # many upstream routers and lengths: stay bounded
+        self._good[packet[:IPV4_HEADER_LEN]] = n
+        return found
+
+
 def entropy_port_v4(inner: bytes) -> int:
     """`entropy_port(inner)` for an IPv4 packet, with one slice when it has ports."""
     if (
@@ -456,11 +485,14 @@ class TunnelV4:
     """One next hop of a label-switched path over MPLS-in-UDP and IPv4: from `src` to
     `dst` (addresses as ints), labelled `label`, outer TTL `ttl`, UDP checksum zero
     (RFC 7510 §3). The outer headers are precomputed, the IPv4 header checksum as the
-    one's-complement sum of its fixed words: per packet only the lengths, the checksum
-    (that sum plus the total length, folded), the entropy port and the entry's TTL are
-    written. Bytes are exactly those of `wrap_v4` on `swap_top` or `push`."""
+    one's-complement sum of its fixed words, and the IPv4 header for each total length
+    met (that sum plus the length, folded): per packet only the UDP header (entropy
+    port, length) and the entry (its TTL) are written. Bytes are exactly those of
+    `wrap_v4` on `swap_top` or `push`."""
 
-    __slots__ = ("_addresses", "_checked", "_sum", "_ttl_protocol", "_word", "dst", "label", "src")
+    __slots__ = (
+        "_addresses", "_checked", "_heads", "_sum", "_ttl_protocol", "_word", "dst", "label", "src",
+    )  # fmt: skip
 
     def __init__(self, src: int, dst: int, label: int, ttl: int = 1) -> None:
         _check_int("tunnel", "source address", src, 0xFFFFFFFF)
@@ -471,6 +503,7 @@ class TunnelV4:
         self._word = label << 12
         self._ttl_protocol = ttl << 8 | IPPROTO_UDP
         self._addresses = _WORD.pack(src) + _WORD.pack(dst)
+        self._heads: dict[int, bytes] = {}  # total length -> the IPv4 header
         fixed = 0x4500 + self._ttl_protocol + (src >> 16) + (src & 0xFFFF)
         fixed += (dst >> 16) + (dst & 0xFFFF)
         self._sum = fixed % 0xFFFF or 0xFFFF  # one's complement: never 0 (0x4500 is in it)
@@ -487,15 +520,15 @@ class TunnelV4:
         if ttl <= 1:
             return None
         total = len(packet)
-        s = self._sum + total  # both <= 0xFFFF: one fold is enough
-        s = (s & 0xFFFF) + (s >> 16)
-        return (
-            _TUNNEL_V4.pack(
-                0x4500, total, self._ttl_protocol, s ^ 0xFFFF, self._addresses,
-                sport, MPLS_UDP_PORT, total - IPV4_HEADER_LEN,
-                self._word | word & 0xF00 | ttl - 1,
+        return b"".join(
+            (
+                self._heads.get(total) or self._head(total),
+                _UDP_TAIL.pack(
+                    sport, MPLS_UDP_PORT, total - IPV4_HEADER_LEN,
+                    self._word | word & 0xF00 | ttl - 1,
+                ),
+                packet[LABELLED_V4_LEN:],
             )
-            + packet[LABELLED_V4_LEN:]
         )  # fmt: skip
 
     def push(self, inner: bytes) -> bytes:
@@ -509,13 +542,23 @@ class TunnelV4:
             raise WireError("label push: the fast path carries whole IPv4 packets only")
         if self._checked:
             _check_bottom("label push", self.label, inner)
-        s = self._sum + total
-        s = (s & 0xFFFF) + (s >> 16)
-        return (
-            _TUNNEL_V4.pack(
-                0x4500, total, self._ttl_protocol, s ^ 0xFFFF, self._addresses,
-                entropy_port_v4(inner), MPLS_UDP_PORT, total - IPV4_HEADER_LEN,
-                self._word | 0x100 | inner[8],
+        return b"".join(
+            (
+                self._heads.get(total) or self._head(total),
+                _UDP_TAIL.pack(
+                    entropy_port_v4(inner), MPLS_UDP_PORT, total - IPV4_HEADER_LEN,
+                    self._word | 0x100 | inner[8],
+                ),
+                inner,
             )
-            + inner
         )  # fmt: skip
+
+    def _head(self, total: int) -> bytes:
+        """The IPv4 header of a packet of `total` bytes, remembered."""
+        s = self._sum + total  # both <= 0xFFFF: one fold is enough
+        s = (s & 0xFFFF) + (s >> 16)
+        head = _OUTER_HEAD.pack(0x4500, total, self._ttl_protocol, s ^ 0xFFFF, self._addresses)
+        if len(self._heads) >= _REMEMBERED:
+            self._heads.clear()
+        self._heads[total] = head
+        return head
