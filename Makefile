@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean dns-deps web-deps lab lab-deps
+.PHONY: demo test lint typecheck unit bench clean dns-deps web-deps observe-deps lab lab-deps
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "manycast needs $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: dns-deps web-deps lint typecheck unit
+test: dns-deps web-deps observe-deps lint typecheck unit
 
 # Debian's knot for the naming tests against a real DNS server: installed when
 # root, otherwise those tests skip and say how to install it.
@@ -51,6 +51,20 @@ web-deps:
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; \
 	else echo "chromium is not installed and this is not root: the browser test will skip (sudo make web-deps installs it)"; fi
 
+# Debian's prometheus (a real server scrapes a demo's metrics) and tshark (the tests
+# read the captures of --pcap and load contrib/wireshark/manycast.lua): installed when
+# root, otherwise those tests skip and say how to install them. tshark's debconf
+# question (may non-root users capture?) is answered no.
+OBSERVE_PKGS := prometheus tshark
+observe-deps:
+	@if { command -v prometheus && command -v tshark; } >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections; \
+	  apt-get install -y -q --no-install-recommends $(OBSERVE_PKGS) \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(OBSERVE_PKGS); }; \
+	else echo "prometheus or tshark is not installed and this is not root: the tests that need them will skip (sudo make observe-deps)"; fi
+
 # The kernel lab (root only): the demo topology in network namespaces, routed by
 # the kernel's multicast forwarding, with the scenario run against it.
 lab: $(STAMP)
@@ -59,16 +73,19 @@ lab: $(STAMP)
 	$(BIN)/manycast lab run
 
 # Debian's iperf (2), socat, curl and wrk: third-party clients for the lab and its
-# tests; nftables: the VIP pool's edge routers carry a flow's tag as its conntrack mark.
-LAB_PKGS := iperf socat curl wrk nftables
+# tests; nftables: the VIP pool's edge routers carry a flow's tag as its conntrack mark;
+# tcpdump and tshark (its dumpcap): `manycast lab capture` inside a node's namespace.
+LAB_PKGS := iperf socat curl wrk nftables tcpdump tshark
 lab-deps:
 	@if { command -v iperf && command -v socat && command -v curl && command -v wrk \
-	    && { command -v nft || test -x /usr/sbin/nft; }; } >/dev/null 2>&1; then :; \
+	    && { command -v nft || test -x /usr/sbin/nft; } \
+	    && { command -v tcpdump || test -x /usr/sbin/tcpdump; } && command -v tshark; } >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  export DEBIAN_FRONTEND=noninteractive; \
+	  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections; \
 	  apt-get install -y -q --no-install-recommends $(LAB_PKGS) \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(LAB_PKGS); }; \
-	else echo "iperf, socat, curl, wrk or nft is missing and this is not root: the lab tests that need them will skip (sudo make lab-deps)"; fi
+	else echo "iperf, socat, curl, wrk, nft, tcpdump or tshark is missing and this is not root: the lab tests that need them will skip (sudo make lab-deps)"; fi
 
 bench: $(STAMP)
 	for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -121,6 +121,51 @@ _WebOption = Annotated[
     ),
 ]
 
+_MetricsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="Serve Prometheus metrics of the run at http://HOST:PORT/metrics (host "
+        "127.0.0.1 unless given; port 0 picks a free one). See docs/metrics.md.",
+    ),
+]
+_PcapOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--pcap",
+        metavar="FILE",
+        help="Write every link's packets to FILE as pcapng, one interface per link "
+        "(open it in Wireshark). See docs/pcap.md.",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _metrics_and_capture(run: PoolRun, metrics: str | None, pcap: Path | None) -> Iterator[None]:
+    """`--metrics` and `--pcap`: a Prometheus scrape target and a capture of every link
+    while the block runs."""
+    with contextlib.ExitStack() as stack:
+        if metrics is not None:
+            from manycast.observe.metrics import MetricsServer, PoolCollector, registry
+
+            server = MetricsServer(registry(PoolCollector.for_pool(run)), metrics).start()
+            stack.callback(server.stop)
+            err.print(f"metrics: {server.url}", highlight=False)
+        if pcap is not None:
+            from manycast.observe.pcap import Capture, attach
+
+            net = run.network
+            links = run.topology.links.values()
+            capture = stack.enter_context(
+                Capture(pcap, links, wall_base=net.wall_base, realtime=net.realtime)
+            )
+            attach(net, capture)
+            stack.callback(
+                lambda: err.print(f"capture: {capture.packets} packets in {pcap}", highlight=False)
+            )
+        yield
+
 
 @contextlib.contextmanager
 def _web_server(
@@ -159,6 +204,8 @@ def _run(
     title: str,
     realtime: bool,
     web: str | None = None,
+    metrics: str | None = None,
+    pcap: Path | None = None,
 ) -> None:
     live_wanted = not as_json and sys.stdout.isatty()
     watchers: list[Callable[[LiveView], None]] = []
@@ -197,7 +244,10 @@ def _run(
             run.run(duration, progress, tick=0.25, realtime=realtime)
 
     try:
-        with _web_server(web, title, run.topology, run.driver, duration) as board:
+        with (
+            _metrics_and_capture(run, metrics, pcap),
+            _web_server(web, title, run.topology, run.driver, duration) as board,
+        ):
             if board is not None:
                 board.publish_live(run.live_view())
                 watchers.append(board.publish_live)
@@ -255,6 +305,8 @@ def demo(
         int, typer.Option(help="First UDP port of the overlay endpoints.")
     ] = 47000,
     web: _WebOption = None,
+    metrics: _MetricsOption = None,
+    pcap: _PcapOption = None,
 ) -> None:
     """Run a live pool: servers share the clients, one shrinks, one dies, one joins.
 
@@ -273,8 +325,9 @@ def demo(
             f"{len(topo.clients)} clients, group {topo.pool.group} ({topo.pool.name}), "
             f"technique {topo.pool.technique}, driver {driver}"
         )
-    # A page watched in real time: the memory driver is paced to the wall clock.
-    _run(run, length, as_json, "manycast demo", realtime=not as_json or web is not None, web=web)
+    # A page or a scrape watched in real time: the memory driver is paced to the wall clock.
+    paced = not as_json or web is not None or metrics is not None
+    _run(run, length, as_json, "manycast demo", paced, web=web, metrics=metrics, pcap=pcap)
 
 
 @app.command()
@@ -294,6 +347,8 @@ def run(
         int, typer.Option(help="First UDP port of the overlay endpoints.")
     ] = 47000,
     web: _WebOption = None,
+    metrics: _MetricsOption = None,
+    pcap: _PcapOption = None,
 ) -> None:
     """Run a topology on the overlay, all of it or only some nodes.
 
@@ -317,7 +372,8 @@ def run(
     if length <= 0:
         raise fail("--duration must be positive")
     pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
-    _run(pool, length, as_json, f"manycast run {topology.name}", realtime=False, web=web)
+    title = f"manycast run {topology.name}"
+    _run(pool, length, as_json, title, realtime=False, web=web, metrics=metrics, pcap=pcap)
 
 
 @keys_app.command("new")
@@ -695,6 +751,78 @@ def lab_run(
         raise typer.Exit(1)
     if split:
         raise typer.Exit(1)
+
+
+@lab_app.command("metrics")
+def lab_metrics(
+    port: Annotated[
+        str,
+        typer.Option(
+            metavar="[HOST:]PORT",
+            help="Where to serve (host 127.0.0.1 unless given; port 0 picks a free one).",
+        ),
+    ] = "9100",
+    prefix: _PrefixOption = "mc",
+    seconds: Annotated[
+        float | None, typer.Option(help="Stop after this long (default: until Ctrl-C).")
+    ] = None,
+) -> None:
+    """Serve one Prometheus scrape target for the whole lab.
+
+    Every running router daemon, VIP router daemon and server agent is asked for its
+    metrics at each scrape, through its command socket (the namespaces have no link to
+    the host); each sample gets a `node` label. See docs/metrics.md."""
+    import time
+
+    from manycast.lab import Lab
+    from manycast.lab.metrics import gather
+    from manycast.observe.metrics import FederatedCollector, MetricsError, MetricsServer, registry
+
+    lab = Lab(prefix)
+    topo = _lab_call(lab.topology)
+    collector = FederatedCollector(lambda: gather(lab, topo))
+    try:
+        server = MetricsServer(registry(collector, process=False), port).start()
+    except MetricsError as exc:
+        raise fail(exc) from None
+    err.print(f"lab {prefix!r} metrics: {server.url}", highlight=False)
+    try:
+        deadline = None if seconds is None else time.monotonic() + seconds
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+@lab_app.command("capture")
+def lab_capture(
+    node: Annotated[str, typer.Argument(help="The node whose interfaces to capture.")],
+    out: Annotated[Path, typer.Option(help="The capture file to write.")],
+    seconds: Annotated[float, typer.Option(help="How long to capture.")] = 10.0,
+    iface: Annotated[
+        list[str] | None,
+        typer.Option(help="An interface of the node (repeat for more; default: all)."),
+    ] = None,
+    tool: Annotated[
+        str | None, typer.Option(help="dumpcap (pcapng) or tcpdump (pcap); default: dumpcap.")
+    ] = None,
+    prefix: _PrefixOption = "mc",
+) -> None:
+    """Capture a node's packets from the kernel, inside its namespace, into a file.
+
+    Wireshark's dumpcap writes pcapng with one interface block per interface; tcpdump
+    (when dumpcap is missing) writes pcap of one interface. See docs/pcap.md."""
+    from manycast.lab import Lab
+    from manycast.lab.capture import capture
+
+    result = _lab_call(lambda: capture(Lab(prefix), node, out, seconds, iface or (), tool))
+    err.print(
+        f"{result.tool}: {node} {', '.join(result.interfaces)} for {seconds:g} s -> "
+        f"{result.path} ({result.format})" + (f"\n{result.report}" if result.report else ""),
+        highlight=False,
+    )
 
 
 # -- end of manycast lab ---------------------------------------------------------------------

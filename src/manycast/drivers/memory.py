@@ -41,6 +41,8 @@ class MemoryNetwork:
     events_processed: int = 0
     trace: list[tuple[float, str, str, str, bytes]] | None = None
     on_effect: EffectHandler | None = None
+    # A capture sink (`observe.pcap.Capture`): (link, time, packet) of every frame sent.
+    capture: Callable[[str, float, bytes], None] | None = None
     _heap: list[tuple[float, int, int, Any]] = field(default_factory=list, repr=False)
     _seq: int = 0
     _armed: dict[str, float] = field(default_factory=dict, repr=False)
@@ -143,6 +145,8 @@ class MemoryNetwork:
             raise ValueError(f"{node.name} sent on {frame.iface}, which is on no link")
         link = self.links[link_name]
         counters = self.counters[link_name]
+        if self.capture is not None:
+            self.capture(link_name, self.now, frame.packet)  # once per frame, as on a wire
         for member in link.receivers(node.name, frame.next_hop):
             counters.sent += 1
             if link.loss and self._rng.random() < link.loss:

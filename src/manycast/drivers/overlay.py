@@ -163,6 +163,9 @@ class AsyncOverlay:
                     raise ValueError(f"link {link.name}: no endpoint for {m.node}/{m.iface}")
         self._hosts: dict[str, _Hosted] = {}
         self.on_effect: EffectHandler | None = None
+        # A capture sink (`observe.pcap.Capture`): (link, time, packet) of every frame
+        # a local node sends (a pool split over processes: each captures its own).
+        self.capture: Callable[[str, float, bytes], None] | None = None
         self._rng = random.Random(seed)
         self._started = False
         self._closed = False
@@ -471,6 +474,8 @@ class AsyncOverlay:
                 return
             receivers = (hop,)
         packet = frame.packet
+        if self.capture is not None:
+            self.capture(port.link.name, self.now, packet)  # once per frame, as on a wire
         if port.emulated:
             self._send_emulated(port, packet, receivers)
             return

@@ -65,6 +65,15 @@ class OverlayNetwork:
         self.overlay.on_effect = handler
 
     @property
+    def capture(self) -> Callable[[str, float, bytes], None] | None:
+        """The capture sink of every frame a local node sends (`observe.pcap.Capture`)."""
+        return self.overlay.capture
+
+    @capture.setter
+    def capture(self, sink: Callable[[str, float, bytes], None] | None) -> None:
+        self.overlay.capture = sink
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """The overlay's own event loop (turned only inside `run_until`): for probes
         that must run on it without flushing every node, as benches do."""

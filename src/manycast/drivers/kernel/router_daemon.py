@@ -46,6 +46,8 @@ from manycast.wire.ip import IPPROTO_IGMP, IPv4Packet, peek_v4
 from manycast.wire.membership import IGMP_V3_REPORT, IGMPv3Report
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
     from manycast.drivers.kernel.vip_edge import VipEdge
     from manycast.protocol.router import Router
     from manycast.topology import Topology
@@ -124,9 +126,11 @@ class RouterDaemon:
         self.dirty: set[int] = set()
         self.seen: dict[int, tuple[Any, ...]] = {}  # group -> membership last acted on
         self.pin_check_due = False
+        self._registry: CollectorRegistry | None = None  # metrics, made when first asked
         self.loop.watch(self.mroute.sock, self._on_mroute)
         self.loop.watch(self.control, self._on_control)
         self.loop.handlers["status"] = self._status
+        self.loop.handlers["metrics"] = self._metrics
         # A VIP pool: the core's tags and VIP routing carried into the kernel.
         self.edge: VipEdge | None = None
         self.lapse_check: float | None = None
@@ -325,6 +329,22 @@ class RouterDaemon:
             "vifs": {str(v): i for v, i in self.iface_of_vif.items()},
             "vip": None if self.edge is None else self.edge.status(),
         }
+
+    def _metrics(self, _: dict[str, Any]) -> dict[str, Any]:
+        """Prometheus text of this router (docs/metrics.md): the core's counters, with
+        the entries installed in the kernel's table as its forwarding entries."""
+        from manycast.observe import metrics
+
+        if self._registry is None:
+
+            def routers() -> list[metrics.RouterItem]:
+                installed = sum(len(s) for s in self.entries.values())
+                return [metrics.RouterItem(self.router, installed)]
+
+            self._registry = metrics.registry(
+                metrics.PoolCollector(now=lambda: self.loop.now, routers=routers)
+            )
+        return {"text": metrics.exposition(self._registry)}
 
     def run(self) -> None:
         """Serve until SIGTERM."""

@@ -9,6 +9,7 @@ the core would send are dropped and counted.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from manycast.drivers.kernel.control import counts_path
 from manycast.drivers.kernel.endpoint import ControlEndpoint
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.errors import ConfigError
@@ -23,6 +25,8 @@ from manycast.protocol.node import Frame
 from manycast.wire import control
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
+
     from manycast.protocol.server import Server
     from manycast.topology import Topology
 
@@ -60,7 +64,9 @@ class ServerAgent:
             set_share=self._set_share,
             rebalance=self._rebalance,
             owners=self._owners,
+            metrics=self._metrics,
         )
+        self._registry: CollectorRegistry | None = None  # metrics, made when first asked
         self.loop.add(self.server)
 
     def _send(self, frame: Frame) -> None:
@@ -107,6 +113,28 @@ class ServerAgent:
     def _rebalance(self, request: dict[str, Any]) -> dict[str, Any]:
         self.server.command(control.RebalanceOp(float(request["target"]), ()), self.loop.now)
         return {"ok": True}
+
+    def _metrics(self, _: dict[str, Any]) -> dict[str, Any]:
+        """Prometheus text of this server (docs/metrics.md): the agent's counters, and
+        the requests its service answered (the service's counts file; no sessions: the
+        service is another program)."""
+        from manycast.observe import metrics
+
+        if self._registry is None:
+            path = counts_path(self.loop.run_dir, self.server.name)
+
+            def servers() -> list[metrics.ServerItem]:
+                try:
+                    counts = json.loads(path.read_text())
+                    answered: int | None = int(counts["total"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    answered = None  # no answer written yet
+                return [metrics.ServerItem(self.server, own_service=False, requests=answered)]
+
+            self._registry = metrics.registry(
+                metrics.PoolCollector(now=lambda: self.loop.now, servers=servers)
+            )
+        return {"text": metrics.exposition(self._registry)}
 
     def run(self) -> None:
         """Serve until SIGTERM."""

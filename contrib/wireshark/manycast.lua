@@ -1,0 +1,271 @@
+-- manycast.lua: a Wireshark dissector for manycast's join extensions and control messages.
+--
+--   wireshark -X lua_script:contrib/wireshark/manycast.lua capture.pcapng
+--   tshark -X lua_script:contrib/wireshark/manycast.lua -r capture.pcapng -V -Y manycast
+--
+-- 1. Joins: IGMPv3 membership reports (RFC 3376) whose flags field has the E bit
+--    (0x8000, RFC 9279) carry TLVs after the last record. manycast uses the two
+--    experimental types (src/manycast/wire/membership.py):
+--      65534 GROUP MASKS  record-index(16) include-count(16) group(4)
+--                         include-count x (value(4) mask(4)), then exclude pairs
+--      65535 SIGNED JOIN  timestamp-ms(64) requester(4) key-length(16) random-key signature
+--    Wireshark's IGMP dissector shows the records; this one runs after it on the same
+--    packet and adds a "manycast join extensions" tree with every mask pair and the
+--    signed-join fields.
+-- 2. Control messages: UDP to the pool's control port (7946 by default; a preference)
+--    (src/manycast/wire/control/): the envelope "MC" version(8) type(8) sender-length(8)
+--    sender seq(32), then the body; the coordination messages' bodies are decoded, the
+--    others shown as bytes.
+
+local EXT_FLAG = 0x8000
+local EXT_GROUP_MASKS = 65534
+local EXT_SIGNED_JOIN = 65535
+
+-- 1. join extensions ---------------------------------------------------------------------
+
+local joins = Proto("manycast", "manycast join extensions (RFC 9279 TLVs)")
+local jf = {
+  tlv_type = ProtoField.uint16("manycast.tlv.type", "TLV type", base.DEC, {
+    [EXT_GROUP_MASKS] = "group masks",
+    [EXT_SIGNED_JOIN] = "signed join",
+  }),
+  tlv_length = ProtoField.uint16("manycast.tlv.length", "TLV length", base.DEC),
+  record = ProtoField.uint16("manycast.masks.record", "Record index", base.DEC),
+  include_count = ProtoField.uint16("manycast.masks.include_count", "Include pairs", base.DEC),
+  group = ProtoField.ipv4("manycast.masks.group", "Group"),
+  include = ProtoField.string("manycast.masks.include", "Include mask pair"),
+  exclude = ProtoField.string("manycast.masks.exclude", "Exclude mask pair"),
+  value = ProtoField.ipv4("manycast.masks.value", "Value"),
+  mask = ProtoField.ipv4("manycast.masks.mask", "Mask"),
+  timestamp = ProtoField.uint64("manycast.signed.timestamp_ms", "Timestamp (ms since epoch)"),
+  requester = ProtoField.ipv4("manycast.signed.requester", "Requester"),
+  key_length = ProtoField.uint16("manycast.signed.key_length", "Random key length", base.DEC),
+  random_key = ProtoField.bytes("manycast.signed.random_key", "Random key"),
+  signature = ProtoField.bytes("manycast.signed.signature", "Signature"),
+  unknown = ProtoField.bytes("manycast.tlv.value", "Value"),
+}
+joins.fields = jf
+local e_bad = ProtoExpert.new("manycast.bad", "manycast extension does not decode",
+  expert.group.MALFORMED, expert.severity.ERROR)
+joins.experts = { e_bad }
+
+local function pair_text(tvb, off)
+  local value = tvb(off, 4):ipv4()
+  local mask = tvb(off + 4, 4):ipv4()
+  return tostring(value) .. "/" .. tostring(mask)
+end
+
+local function mask_tlv(tvb, tree, off, len)
+  if len < 8 or (len - 8) % 8 ~= 0 then
+    tree:add_proto_expert_info(e_bad, "group masks TLV of " .. len .. " bytes")
+    return
+  end
+  local includes = tvb(off + 2, 2):uint()
+  local pairs = (len - 8) / 8
+  tree:add(jf.record, tvb(off, 2))
+  tree:add(jf.include_count, tvb(off + 2, 2))
+  tree:add(jf.group, tvb(off + 4, 4))
+  tree:append_text(": record " .. tvb(off, 2):uint() .. ", group " .. tostring(tvb(off + 4, 4):ipv4())
+    .. ", " .. includes .. " include, " .. (pairs - includes) .. " exclude")
+  for i = 0, pairs - 1 do
+    local at = off + 8 + 8 * i
+    local field = (i < includes) and jf.include or jf.exclude
+    local item = tree:add(field, tvb(at, 8), pair_text(tvb, at))
+    item:add(jf.value, tvb(at, 4))
+    item:add(jf.mask, tvb(at + 4, 4))
+  end
+end
+
+local function signed_tlv(tvb, tree, off, len)
+  if len < 14 then
+    tree:add_proto_expert_info(e_bad, "signed join TLV of " .. len .. " bytes")
+    return
+  end
+  local ms = tvb(off, 8):uint64()
+  local item = tree:add(jf.timestamp, tvb(off, 8))
+  local seconds = (ms / 1000):tonumber()
+  item:append_text(" (" .. os.date("!%Y-%m-%d %H:%M:%S", seconds) .. " UTC)")
+  tree:add(jf.requester, tvb(off + 8, 4))
+  local klen = tvb(off + 12, 2):uint()
+  tree:add(jf.key_length, tvb(off + 12, 2))
+  if 14 + klen > len then
+    tree:add_proto_expert_info(e_bad, "random key runs past the TLV")
+    return
+  end
+  if klen > 0 then
+    tree:add(jf.random_key, tvb(off + 14, klen))
+  end
+  if len > 14 + klen then
+    tree:add(jf.signature, tvb(off + 14 + klen, len - 14 - klen))
+  end
+  tree:append_text(": requester " .. tostring(tvb(off + 8, 4):ipv4()) .. ", signed "
+    .. os.date("!%Y-%m-%d %H:%M:%S", seconds) .. " UTC")
+end
+
+-- The extensions of an IGMPv3 report (`tvb` starts at the IGMP message).
+local function join_extensions(tvb, pinfo, tree)
+  if tvb:len() < 8 or tvb(0, 1):uint() ~= 0x22 then return end
+  if bit.band(tvb(4, 2):uint(), EXT_FLAG) == 0 then return end
+  local off = 8
+  for _ = 1, tvb(6, 2):uint() do
+    if off + 8 > tvb:len() then return end
+    local aux = tvb(off + 1, 1):uint()
+    local sources = tvb(off + 2, 2):uint()
+    off = off + 8 + 4 * sources + 4 * aux
+  end
+  if off >= tvb:len() then return end
+  local subtree = tree:add(joins, tvb(off))
+  local masks, signed = 0, false
+  while off + 4 <= tvb:len() do
+    local kind, len = tvb(off, 2):uint(), tvb(off + 2, 2):uint()
+    if off + 4 + len > tvb:len() then
+      subtree:add_proto_expert_info(e_bad, "TLV runs past the report")
+      return
+    end
+    local name = (kind == EXT_GROUP_MASKS and "Group masks")
+      or (kind == EXT_SIGNED_JOIN and "Signed join") or ("TLV " .. kind)
+    local t = subtree:add(tvb(off, 4 + len), name)
+    t:add(jf.tlv_type, tvb(off, 2))
+    t:add(jf.tlv_length, tvb(off + 2, 2))
+    if kind == EXT_GROUP_MASKS then
+      mask_tlv(tvb, t, off + 4, len)
+      masks = masks + 1
+    elseif kind == EXT_SIGNED_JOIN then
+      signed_tlv(tvb, t, off + 4, len)
+      signed = true
+    elseif len > 0 then
+      t:add(jf.unknown, tvb(off + 4, len))
+    end
+    off = off + 4 + len
+  end
+  pinfo.cols.info:append(" [manycast: " .. masks .. " mask TLV" .. (masks == 1 and "" or "s")
+    .. (signed and ", signed join]" or "]"))
+end
+
+-- Wireshark's IGMP dissector first, then the extensions, for every IGMP packet.
+local ip_proto = DissectorTable.get("ip.proto")
+local igmp = ip_proto:get_dissector(2)
+local igmp_ext = Proto("manycast_igmp", "IGMP with manycast extensions")
+function igmp_ext.dissector(tvb, pinfo, tree)
+  local consumed = igmp:call(tvb, pinfo, tree)
+  join_extensions(tvb, pinfo, tree)
+  return consumed
+end
+ip_proto:add(2, igmp_ext)
+
+-- 2. control messages ----------------------------------------------------------------------
+
+local control = Proto("manycast_control", "manycast control message")
+local TYPES = {
+  [1] = "Heartbeat", [2] = "Command", [3] = "Proposal", [4] = "Ack", [5] = "Commit",
+  [6] = "SnapshotRequest", [7] = "Snapshot", [8] = "Forwarded", [9] = "Redirect",
+  [10] = "StateQuery", [11] = "StateReply", [14] = "ServerHello", [15] = "LabelMapping",
+  [16] = "FlowTag", [17] = "FlowUntag", [18] = "VipAdvert", [19] = "LoadReport",
+  [20] = "MoveConnection", [21] = "MoveAck",
+}
+local STATES = { [1] = "joining", [2] = "active", [3] = "leaving" }
+local cf = {
+  magic = ProtoField.string("manycast_control.magic", "Magic"),
+  version = ProtoField.uint8("manycast_control.version", "Version", base.DEC),
+  type = ProtoField.uint8("manycast_control.type", "Type", base.DEC, TYPES),
+  sender = ProtoField.string("manycast_control.sender", "Sender"),
+  seq = ProtoField.uint32("manycast_control.seq", "Sequence", base.DEC),
+  epoch = ProtoField.uint64("manycast_control.epoch", "Epoch"),
+  base_epoch = ProtoField.uint64("manycast_control.base_epoch", "Base epoch"),
+  digest = ProtoField.bytes("manycast_control.digest", "Allocation digest"),
+  base_digest = ProtoField.bytes("manycast_control.base_digest", "Base digest"),
+  state = ProtoField.uint8("manycast_control.state", "State", base.DEC, STATES),
+  address = ProtoField.ipv4("manycast_control.address", "Address"),
+  load = ProtoField.double("manycast_control.load", "Load (requests/s)"),
+  sessions = ProtoField.uint32("manycast_control.sessions", "Sessions", base.DEC),
+  interval = ProtoField.uint32("manycast_control.interval_ms", "Interval (ms)", base.DEC),
+  delay = ProtoField.uint32("manycast_control.delay_ms", "Delay (ms)", base.DEC),
+  hold = ProtoField.uint32("manycast_control.hold_ms", "Hold (ms)", base.DEC),
+  vip = ProtoField.ipv4("manycast_control.vip", "VIP"),
+  body = ProtoField.bytes("manycast_control.body", "Body"),
+}
+control.fields = cf
+local port_pref = Pref.uint("Control port", 7946, "The pools' control UDP port")
+control.prefs.port = port_pref
+
+-- An address field: family(8) then 4 bytes (IPv4) or 16; its length.
+local function address(tvb, tree, off, field)
+  if tvb(off, 1):uint() == 4 then
+    tree:add(field, tvb(off + 1, 4))
+    return 5
+  end
+  tree:add(cf.body, tvb(off, 17))
+  return 17
+end
+
+local BODIES = {
+  [1] = function(tvb, tree, off) -- Heartbeat
+    tree:add(cf.epoch, tvb(off, 8)); tree:add(cf.digest, tvb(off + 8, 8))
+    tree:add(cf.state, tvb(off + 16, 1))
+    off = off + 17 + address(tvb, tree, off + 17, cf.address)
+    tree:add(cf.load, tvb(off, 8)); tree:add(cf.sessions, tvb(off + 8, 4))
+    tree:add(cf.interval, tvb(off + 12, 4))
+  end,
+  [3] = function(tvb, tree, off) -- Proposal (the op follows, shown as bytes)
+    tree:add(cf.epoch, tvb(off, 8)); tree:add(cf.base_epoch, tvb(off + 8, 8))
+    tree:add(cf.base_digest, tvb(off + 16, 8)); tree:add(cf.digest, tvb(off + 24, 8))
+    tree:add(cf.delay, tvb(off + 32, 4))
+    if tvb:len() > off + 36 then tree:add(cf.body, tvb(off + 36)) end
+  end,
+  [4] = function(tvb, tree, off) -- Ack
+    tree:add(cf.epoch, tvb(off, 8)); tree:add(cf.digest, tvb(off + 8, 8))
+  end,
+  [5] = function(tvb, tree, off) -- Commit
+    tree:add(cf.epoch, tvb(off, 8)); tree:add(cf.digest, tvb(off + 8, 8))
+  end,
+  [6] = function(tvb, tree, off) -- SnapshotRequest
+    tree:add(cf.epoch, tvb(off, 8))
+  end,
+  [14] = function(tvb, tree, off) -- ServerHello
+    off = off + address(tvb, tree, off, cf.address)
+    off = off + address(tvb, tree, off, cf.vip)
+    tree:add(cf.hold, tvb(off, 4))
+  end,
+  [18] = function(tvb, tree, off) -- VipAdvert
+    off = off + address(tvb, tree, off, cf.vip)
+    off = off + address(tvb, tree, off, cf.address)
+    tree:add(cf.hold, tvb(off, 4))
+  end,
+  [19] = function(tvb, tree, off) -- LoadReport
+    off = off + address(tvb, tree, off, cf.address)
+    tree:add(cf.load, tvb(off, 8)); tree:add(cf.sessions, tvb(off + 8, 4))
+  end,
+}
+
+function control.dissector(tvb, pinfo, tree)
+  if tvb:len() < 9 or tvb(0, 2):string() ~= "MC" then return 0 end
+  local kind = tvb(3, 1):uint()
+  local slen = tvb(4, 1):uint()
+  if tvb:len() < 9 + slen then return 0 end
+  local name = TYPES[kind] or ("type " .. kind)
+  local sender = tvb(5, slen):string()
+  pinfo.cols.protocol = "manycast"
+  pinfo.cols.info = name .. " from " .. sender .. " seq " .. tvb(5 + slen, 4):uint()
+  local subtree = tree:add(control, tvb(), "manycast control: " .. name .. " from " .. sender)
+  subtree:add(cf.magic, tvb(0, 2)); subtree:add(cf.version, tvb(2, 1))
+  subtree:add(cf.type, tvb(3, 1)); subtree:add(cf.sender, tvb(5, slen))
+  subtree:add(cf.seq, tvb(5 + slen, 4))
+  local body = 9 + slen
+  local decode = BODIES[kind]
+  -- A body too short for its type is shown raw (the pool's decoder refuses it too).
+  if decode == nil or not pcall(decode, tvb, subtree, body) then
+    if tvb:len() > body then subtree:add(cf.body, tvb(body)) end
+  end
+  return tvb:len()
+end
+
+local udp_port = DissectorTable.get("udp.port")
+local registered = 7946
+udp_port:add(registered, control)
+function control.prefs_changed()
+  if control.prefs.port ~= registered then
+    udp_port:remove(registered, control)
+    registered = control.prefs.port
+    udp_port:add(registered, control)
+  end
+end
