@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,21 @@ def _wait_following(lab: Lab, topology: Topology) -> None:
     raise RuntimeError("the VIP routers never followed the servers")
 
 
+def _now_into(times: list[float]) -> None:
+    times.append(time.perf_counter())
+
+
+def _wait_udp_bound(lab: Lab, node: str, port: int, timeout: float = 20.0) -> None:
+    """Until a UDP socket on `port` exists in `node`'s namespace (a server started)."""
+    needle = f":{port:04X} "
+    deadline = time.monotonic() + timeout
+    while needle not in netns.read_in(lab.ns(node), "/proc/net/udp"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing listens on UDP port {port} in {node}")
+        time.sleep(0.05)
+    time.sleep(0.1)
+
+
 def _iperf_received_pps(out: str) -> tuple[float, float] | None:
     """(received datagrams per second, lost fraction) from iperf 2's client-side Server Report."""
     found = re.findall(
@@ -174,7 +190,7 @@ def pps(
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            time.sleep(0.5)
+            _wait_udp_bound(lab, owner, port)
             argv = [
                 "iperf",
                 "-c",
@@ -235,9 +251,16 @@ def pps(
 
 class _KeepAlive:
     def __init__(
-        self, lab: Lab, client: str, target: tuple[str, int], timeout: float = 2.0
+        self,
+        lab: Lab,
+        client: str,
+        target: tuple[str, int],
+        timeout: float = 2.0,
+        on_socket: Callable[[], None] | None = None,
     ) -> None:
         self.sock = netns.socket_in(lab.ns(client), socket.AF_INET, socket.SOCK_STREAM)
+        if on_socket is not None:
+            on_socket()  # a timer starts here: making a socket in a namespace is not the network
         self.sock.settimeout(timeout)
         self.sock.connect(target)
         self.file = self.sock.makefile("rb")
@@ -406,10 +429,10 @@ def first_packet(lab: Lab, topology: Topology, samples: int) -> dict[str, Any]:
             first: list[float] = []
             steady: list[float] = []
             for _ in range(samples):
-                start = time.perf_counter()
-                conn = _KeepAlive(lab, client, target)
+                began: list[float] = []
+                conn = _KeepAlive(lab, client, target, on_socket=partial(_now_into, began))
                 conn.get("/")
-                first.append(time.perf_counter() - start)
+                first.append(time.perf_counter() - began[0])
                 for _ in range(5):
                     start = time.perf_counter()
                     conn.get("/")
