@@ -329,13 +329,13 @@ def server_families(items: Sequence[ServerItem], now: float) -> list[Metric]:
         misrouted.add_metric([name], stats.misrouted)
         h = server.handover.stats
         for technique, direction, value in (
-            (Technique.R1, "out", h.reset_moved),
-            (Technique.R3, "out", h.transferred_out),
-            (Technique.R3, "in", h.transferred_in),
-            (Technique.R4, "out", h.pinned),
+            (str(Technique.R1), "out", h.reset_moved),
+            (str(Technique.R3), "out", h.transferred_out),
+            (str(Technique.R3), "in", h.transferred_in),
+            (str(Technique.R4), "out", h.pinned),
             *_moves_d(server),
         ):
-            moved.add_metric([name, str(technique), direction], value)
+            moved.add_metric([name, technique, direction], value)
         forwarded.add_metric([name, "out"], h.forwarded_out)
         forwarded.add_metric([name, "in"], h.forwarded_in)
         reset_unknown.add_metric([name], h.reset_unknown)
@@ -363,16 +363,13 @@ def server_families(items: Sequence[ServerItem], now: float) -> list[Metric]:
     ]
 
 
-def _moves_d(server: Server) -> list[tuple[Technique, str, int]]:
+def _moves_d(server: Server) -> list[tuple[str, str, int]]:
     """Technique D's moves, for a server that has a redirector (Fig 20-21)."""
     redirector = getattr(server, "redirector", None)
     if redirector is None:
         return []
     stats = redirector.stats
-    return [
-        (Technique.D, "out", int(stats.moved_out)),
-        (Technique.D, "in", int(stats.moved_in)),
-    ]
+    return [("D", "out", int(stats.moved_out)), ("D", "in", int(stats.moved_in))]
 
 
 def _cache_entries(router: Router) -> int:
