@@ -16,33 +16,36 @@ Scrapes run on the HTTP server's thread while the pool's thread changes the
 nodes: every read copies a dict in one C-level call, and a scrape that still
 meets a dict changing size is retried.
 
+Registries, the text format, federation and the HTTP server: `observe/scrape.py`.
 docs/metrics.md lists every metric.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Protocol
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     InfoMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.process_collector import ProcessCollector
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 
-from manycast.errors import ManycastError
+# Serving them (observe/scrape.py), re-exported: hosts import everything metrics from here.
+from manycast.observe.scrape import (
+    DEFAULT_HOST,
+    FederatedCollector,
+    MetricsError,
+    MetricsServer,
+    exposition,
+    federate,
+    parse_address,
+    registry,
+)
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.technique import Technique
 from manycast.summary import served_window
@@ -56,16 +59,29 @@ if TYPE_CHECKING:
     from manycast.scenario import ScenarioEngine
     from manycast.topology import Topology
 
-DEFAULT_HOST = "127.0.0.1"
+__all__ = [
+    "DEFAULT_HOST",
+    "FederatedCollector",
+    "MetricsError",
+    "MetricsServer",
+    "PoolCollector",
+    "PoolInfo",
+    "PoolSource",
+    "Population",
+    "RouterItem",
+    "ServerItem",
+    "VipRouterItem",
+    "exposition",
+    "federate",
+    "parse_address",
+    "registry",
+]
+
 SERVER_STATES = ("up", "dead", "standby", "outsider")
 ROLES = ("coordinator", "member")
 # Refusals of joins; an unauthorized sender is a dropped packet, not a refused join.
 JOIN_REFUSALS = tuple(r for r in Refusal if r is not Refusal.UNAUTHORIZED_SENDER)
 _RETRIES = 5
-
-
-class MetricsError(ManycastError, OSError):
-    """The metrics cannot be served as asked (a bad address, a port in use)."""
 
 
 # -- what a host hands the collector ---------------------------------------------------
@@ -594,119 +610,3 @@ def population_families(populations: Sequence[Population], now: float) -> list[M
         reconnects.add_metric([name], sum(c.stats.reconnects for c in members))
         state_lost.add_metric([name], sum(c.stats.state_lost for c in members))
     return [clients, answered, requests, resets, reconnects, state_lost]
-
-
-# -- registries, text and the HTTP server --------------------------------------------------
-
-
-def registry(*collectors: Collector, process: bool = True) -> CollectorRegistry:
-    """A registry of `collectors` (and this process's CPU and memory unless told not)."""
-    reg = CollectorRegistry(auto_describe=False)
-    for collector in collectors:
-        reg.register(collector)
-    if process:
-        ProcessCollector(registry=reg)
-    return reg
-
-
-def exposition(reg: CollectorRegistry) -> str:
-    """The registry's metrics in the Prometheus text format."""
-    return generate_latest(reg).decode()
-
-
-def federate(texts: Mapping[str, str], label: str = "node") -> list[Metric]:
-    """Several processes' exposition texts as one set of families, each sample with
-    `label` naming the process it came from (the lab's daemons: `node="r1"`)."""
-    merged: dict[str, Metric] = {}
-    for source, text in sorted(texts.items()):
-        for family in text_string_to_metric_families(text):
-            into = merged.get(family.name)
-            if into is None:
-                into = merged[family.name] = Metric(family.name, family.documentation, family.type)
-                into.unit = family.unit
-            elif into.type != family.type:
-                continue  # the same name typed otherwise elsewhere: keep the first
-            for sample in family.samples:
-                into.samples.append(sample._replace(labels={label: source, **sample.labels}))
-    return list(merged.values())
-
-
-@dataclass(eq=False)
-class FederatedCollector(Collector):
-    """Collects by `fetch()`-ing other processes' texts ({source: text}) at each scrape."""
-
-    fetch: Callable[[], Mapping[str, str]]
-    label: str = "node"
-
-    def collect(self) -> Iterator[Metric]:
-        yield from federate(self.fetch(), self.label)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """`[HOST:]PORT` -> (host, port); the host defaults to 127.0.0.1 and may be an
-    IPv6 address in brackets (`[::1]:9100`). Port 0 picks a free one."""
-    host, sep, port = text.strip().rpartition(":")
-    if not sep:
-        host = DEFAULT_HOST
-    elif host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise MetricsError(f"--metrics {text!r}: write an IPv6 host in brackets, [::1]:9100")
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise MetricsError(f"--metrics {text!r}: expected [HOST:]PORT with a port 0-65535")
-    if not host:
-        raise MetricsError(f"--metrics {text!r}: empty host")
-    return host, int(port)
-
-
-class MetricsServer:
-    """prometheus_client's HTTP server for one registry, on a thread of its own."""
-
-    def __init__(self, reg: CollectorRegistry, address: str) -> None:
-        self.registry = reg
-        self.host, self.port = parse_address(address)
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> MetricsServer:
-        try:
-            self._server, self._thread = start_http_server(
-                self.port, addr=self.host, registry=self.registry
-            )
-        except OSError as exc:
-            raise MetricsError(
-                f"cannot serve metrics on {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
-        self.port = int(self._server.server_address[1])
-        return self
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if _is_v6(self.host) else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def _is_v6(host: str) -> bool:
-    with contextlib.suppress(ValueError):
-        return ipaddress.ip_address(host).version == 6
-    return False
