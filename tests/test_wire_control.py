@@ -259,6 +259,8 @@ def test_type_numbers() -> None:
         "FLOW_UNTAG": 17,
         "VIP_ADVERT": 18,
         "LOAD_REPORT": 19,
+        "MOVE_CONNECTION": 20,
+        "MOVE_ACK": 21,
     }
 
 

@@ -105,14 +105,27 @@ def build(
     outsider: Ed25519PrivateKey | None = None
     directory: dict[int, bytes] = {}
     plan = AddressPlan.from_text(pool.private_ranges)
-    if pool.private:
+    dynamic = pool.technique is Technique.D and pool.vip is None
+    if pool.private or dynamic:
         key, outsider = pool_keys(topology, seed)
-        # What the routers will be told is the pool's key: DNS serves this, or the
-        # topology names it outright (`public_key`, a certification authority's word).
+        # What the routers (and, under D, the clients) will be told is the pool's key:
+        # DNS serves this, or the topology names it outright (`public_key`, a
+        # certification authority's word).
         published = pool.public_key or public_bytes(key)
-        directory = {int(pool.group): published, int(pool.control_group): published}
+        directory = {int(pool.group): published}
+        if pool.private:
+            directory[int(pool.control_group)] = published
 
     def key_of(authorized: bool) -> Ed25519PrivateKey | None:
+        """What a participant signs its joins with (private pools only)."""
+        if not pool.private:
+            return None
+        return key if authorized else outsider
+
+    def signing_key(authorized: bool) -> Ed25519PrivateKey | None:
+        """What a server signs change-destinations with (technique D, Fig 21)."""
+        if not dynamic:
+            return None
         return key if authorized else outsider
 
     def rng(name: str) -> random.Random:
@@ -168,6 +181,8 @@ def build(
             service=service(),
             key=key_of(spec.authorized),
             edges=edges,
+            pool_key=signing_key(spec.authorized),
+            redirect_above=pool.redirect_above,
         )
         (standby if spec.standby else servers)[spec.name] = server
 
@@ -190,6 +205,7 @@ def build(
             wall_base=wall_base,
             register_every=pool.report_interval_s,
             requests_per_connection=spec.requests_per_connection,
+            dynamic_destination=spec.dynamic_destination,
         )
         for spec in topology.clients.values()
         if hosted(spec.name)

@@ -27,8 +27,10 @@ from manycast.naming import (
 )
 from manycast.pool import Nodes, build
 from manycast.protocol.client import Client
+from manycast.protocol.destination import PoolKeyNeeded
 from manycast.protocol.node import Node
 from manycast.protocol.router import KeyNeeded, Router
+from manycast.protocol.technique import Technique
 from manycast.scenario import ScenarioEngine
 from manycast.summary import ClientRecord, ServerRecord, served_window, summarize
 from manycast.topology import Topology
@@ -150,14 +152,16 @@ class PoolRun:
     def _on_effect(self, node: Node, effect: object) -> None:
         if isinstance(effect, KeyNeeded) and isinstance(node, Router):
             self._look_up_key(node, effect.group)
+        elif isinstance(effect, PoolKeyNeeded) and isinstance(node, Client):
+            self._look_up_key(node, effect.group)  # to check a change-destination (Fig 21)
 
-    def _look_up_key(self, router: Router, group: int) -> None:
-        """A router's question for a group's key. With a DNS server (`[pool] dns`, or
-        the one a real-time run starts): a DNS query off the clock. On a virtual clock
-        without one: the pool's directory, after a lookup delay."""
+    def _look_up_key(self, asker: Router | Client, group: int) -> None:
+        """A router's (or a client's) question for a group's key. With a DNS server
+        (`[pool] dns`, or the one a real-time run starts): a DNS query off the clock.
+        On a virtual clock without one: the pool's directory, after a lookup delay."""
 
         def answer(reply: KeyAnswer) -> None:
-            router.provide_key(group, reply.public_key, reply.ttl, self._net.now, reply.reason)
+            asker.provide_key(group, reply.public_key, reply.ttl, self._net.now, reply.reason)
 
         address = self.dns_address
         if address is not None:
@@ -203,7 +207,8 @@ class PoolRun:
         from manycast.dns import EmbeddedServer
 
         start_wall = time.monotonic()
-        if self.topology.pool.private and self._net.realtime and self.dns_address is None:
+        keyed = self.topology.pool.private or self.topology.pool.technique is Technique.D
+        if keyed and self._net.realtime and self.dns_address is None:
             # The pool's records on a DNS server of our own, for the routers to query.
             self._dns = EmbeddedServer.for_pool(
                 _zone_of(self.topology.pool.name), self.pool_records(), None

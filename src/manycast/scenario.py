@@ -10,9 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Protocol
 
-from manycast.steps import Add, ClientRate, Kill, KillVipRouter, Rebalance, SetShare, Step
+from manycast.steps import (
+    Add,
+    ClientRate,
+    Drain,
+    Kill,
+    KillVipRouter,
+    Leave,
+    Rebalance,
+    SetShare,
+    Step,
+)
 from manycast.topology import Topology
 from manycast.wire import control
 
@@ -66,10 +77,15 @@ class ScenarioEngine:
             Rebalance: self._rebalance,  # type: ignore[dict-item]
             ClientRate: self._client_rate,  # type: ignore[dict-item]
             KillVipRouter: self._kill_vip_router,  # type: ignore[dict-item]
+            Drain: self._drain,  # type: ignore[dict-item]
+            Leave: self._leave,  # type: ignore[dict-item]
         }
 
     def steps(self) -> list[Step]:
-        return sorted(self.topology.scenario, key=lambda step: step.at)
+        """The topology's steps in time order; a drain brings its leave along."""
+        steps = list(self.topology.scenario)
+        steps += [step.then() for step in steps if isinstance(step, Drain)]
+        return sorted(steps, key=lambda step: step.at)
 
     def schedule(self, call_at: Callable[[float, Callable[[], object]], None]) -> None:
         """Arrange every step of the topology with a driver's `call_at`."""
@@ -151,6 +167,15 @@ class ScenarioEngine:
         self.dead.add(step.vip_router)
         if self.pool.hosts_node(step.vip_router):
             self.pool.kill_node(step.vip_router)
+
+    def _drain(self, step: Drain) -> None:
+        if step.server in self.dead or self.status(step.server) == "standby":
+            return
+        self._command(control.SetShareOp(step.server, Fraction(0)), step.server)
+
+    def _leave(self, step: Leave) -> None:
+        """The drained server stops, as a crash would stop it (nothing is left on it)."""
+        self._kill(Kill(at=step.at, line=step.line, server=step.server))
 
     def _client_rate(self, step: ClientRate) -> None:
         self.pool.set_client_rate(step.clients, step.rate)

@@ -22,6 +22,7 @@ class Action(StrEnum):
     REBALANCE = "rebalance"
     CLIENT_RATE = "client_rate"
     KILL_VIP_ROUTER = "kill_vip_router"
+    DRAIN = "drain"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,6 +98,34 @@ class KillVipRouter(Step):
     vip_router: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class Drain(Step):
+    """`server` hands all its clients and connections to the others, then leaves
+    `grace` seconds later: its share goes to 0 (under technique D every connection
+    moves to its client's new owner with a signed change-destination, Fig 20-21;
+    under R3 on its next packet), then the server stops (`Leave`)."""
+
+    action: ClassVar[Action] = Action.DRAIN
+    server: str
+    grace: float = 2.0
+
+    def then(self) -> Leave:
+        return Leave(at=self.at + self.grace, line=self.line, server=self.server)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Leave(Step):
+    """The second half of a `Drain`: the drained server stops. Not a step of its own
+    in topology files; not disruptive (nothing of the pool was left on it)."""
+
+    action: ClassVar[Action] = Action.DRAIN
+    disruptive: ClassVar[bool] = False
+    server: str
+
+    def describe(self) -> str:
+        return f"leave server={self.server}"
+
+
 STEP_TYPES: dict[Action, type[Step]] = {
-    cls.action: cls for cls in (SetShare, Kill, Add, Rebalance, ClientRate, KillVipRouter)
+    cls.action: cls for cls in (SetShare, Kill, Add, Rebalance, ClientRate, KillVipRouter, Drain)
 }

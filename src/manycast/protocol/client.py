@@ -4,12 +4,21 @@ The client knows nothing of servers: it sends to the well-published group
 address and whichever server owns its source address answers (from that same
 address). After a reset or a timeout it reconnects, and its next SYN reaches
 the portion's current owner. Every request's outcome and latency is recorded.
+
+Its SYN offers tag and cookie (Fig 20), unless it is a client without the
+extension: then it stays on the group address. A SYN-ACK that gives a
+destination is followed (the rest of the connection goes there point to
+point), and a change-destination is followed once `destination.DestinationGuard`
+accepts it: signed with the key the pool publishes in DNS, which the client
+asks its owner for (`PoolKeyNeeded`, answered by `provide_key`), fresh and not
+replayed (Fig 21). Refused ones are counted by reason and change nothing.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,23 +26,35 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from manycast.auth import sign_join
 from manycast.protocol.app import Answer, Session, SessionFactory
+from manycast.protocol.destination import DestinationGuard, PoolKeyNeeded, Verdict
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import record_for
 from manycast.protocol.node import Interface, Node
-from manycast.protocol.tcp import Connected as SessionConnected
+from manycast.protocol.refusal import RedirectRefusal
 from manycast.protocol.tcp import (
+    ChangeDestinationIgnored,
+    ChangeDestinationReceived,
     ConnectionClosed,
     ConnectionReset,
     ConnectionTimedOut,
+    ConnKey,
     DataReceived,
     Demultiplexer,
+    EndpointEvent,
+    Rekeyed,
     SessionConfig,
+    SessionError,
     State,
     StreamEnded,
+    UnknownSegment,
 )
+from manycast.protocol.tcp import Connected as SessionConnected
 from manycast.space import Portion, PortionSet
 from manycast.wire.ip import IPPROTO_TCP
 from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
+from manycast.wire.transport import ChangeDestination
+
+MAX_HELD = 64  # segments from a new destination kept while its change waits for the key
 
 Resolver = Callable[[str], tuple[ipaddress.IPv4Address, int]]
 
@@ -72,6 +93,12 @@ class ClientStats:
     ok_times: list[float] = field(default_factory=list)
     failures: list[tuple[float, str]] = field(default_factory=list)
     disruptions: list[float] = field(default_factory=list)  # failed requests, resets, timeouts
+    # Fig 20-21: SYN-ACK destinations followed, change-destinations accepted (when, and
+    # their serial), and the ones refused, by reason
+    destinations_followed: int = 0
+    destination_changes: int = 0
+    moves: list[tuple[float, int]] = field(default_factory=list)
+    redirects_refused: Counter[RedirectRefusal] = field(default_factory=Counter)
 
     def first_ok_after(self, t: float) -> float | None:
         """When the first request completed successfully after time `t`."""
@@ -100,6 +127,7 @@ class Client(Node):
         wall_base: float = 0.0,
         register_every: float = 1.0,
         requests_per_connection: int = 0,
+        dynamic_destination: bool = True,
     ) -> None:
         super().__init__(name, interfaces)
         # A private pool's participants sign a join that registers them as senders.
@@ -128,6 +156,11 @@ class Client(Node):
         # client closes its connection and opens a new one, a new flow (0: one for good).
         self.requests_per_connection = requests_per_connection
         self._answered_here = 0
+        # Fig 20-21: offer tag and cookie, follow destinations (False: a plain client)
+        self.dynamic_destination = dynamic_destination
+        self.guard = DestinationGuard(wall_base)
+        self.stats.redirects_refused = self.guard.stats.refused
+        self._held: list[UnknownSegment] = []
 
     # -- node interface --------------------------------------------------------
     def start(self, now: float) -> None:
@@ -179,8 +212,13 @@ class Client(Node):
     def _connect(self, now: float) -> None:
         group, port = self.resolve(self.service)
         self._port = 20000 + (self._port - 20000 + 1 + self.rng.randrange(97)) % 40000
-        conn = self.endpoint.connect((self.address, self._port), (group, port), now)
+        offer = self.dynamic_destination
+        conn = self.endpoint.connect(
+            (self.address, self._port), (group, port), now, offer=offer, follow=offer
+        )
         self.conn_key = conn.key
+        self.guard.begin()
+        self._held.clear()
         self.app = self.new_session()
         self._answered_here = 0
         self.connected = False
@@ -249,22 +287,25 @@ class Client(Node):
             if limit and self._answered_here >= limit:
                 self._next_connection(now)
 
-    def _next_connection(self, now: float) -> None:
-        """Done with this connection: close it (FIN) and open the next, a new flow."""
-        if self.conn_key is not None:
-            conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
-            if conn is not None:
-                conn.close(now)
-        self.connected = False
-        self.conn_key = None
-        self.timers.cancel("request")
-        self.timers.arm("connect", now + self.rng.uniform(0.5, 1.5) / max(self.rate, 1e-9))
-
-    def _drain(self, now: float) -> None:
-        for key, event in self.endpoint.events():
+    def _on_events(self, events: list[tuple[ConnKey, EndpointEvent]], now: float) -> None:
+        for key, event in events:
+            if isinstance(event, Rekeyed):
+                if event.previous == self.conn_key:
+                    # The SYN-ACK gave a destination (Fig 20): the rest goes there.
+                    self.conn_key = key
+                    self.stats.destinations_followed += 1
+                    self.guard.prefetch(now)
+                continue
+            if isinstance(event, UnknownSegment):
+                self._hold(event)
+                continue
             if key != self.conn_key:
                 continue
-            if isinstance(event, SessionConnected):
+            if isinstance(event, ChangeDestinationReceived):
+                self._on_change(event.message, now)
+            elif isinstance(event, ChangeDestinationIgnored):
+                self.stats.redirects_refused[event.reason] += 1
+            elif isinstance(event, SessionConnected):
                 self.connected = True
                 self.timers.arm("request", now)
             elif isinstance(event, DataReceived) and self.app is not None:
@@ -285,4 +326,80 @@ class Client(Node):
                     self.stats.timeouts += 1
                 self._fail_outstanding(now, type(event).__name__)
                 self._lost(now)
+
+    def _next_connection(self, now: float) -> None:
+        """Done with this connection: close it (FIN) and open the next, a new flow."""
+        if self.conn_key is not None:
+            conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
+            if conn is not None:
+                conn.close(now)
+        self.connected = False
+        self.conn_key = None
+        self.timers.cancel("request")
+        self.timers.arm("connect", now + self.rng.uniform(0.5, 1.5) / max(self.rate, 1e-9))
+
+    # -- dynamic destinations (Fig 20-21) ----------------------------------------------------
+    def provide_key(
+        self, group: int, raw: bytes | None, ttl: float, now: float, error: str | None = None
+    ) -> None:
+        """The answer to a `PoolKeyNeeded`: judge the change-destinations that waited."""
+        self.guard.provide_key(raw, ttl, now, error)
+        conn = self.endpoint.connection(self.conn_key) if self.conn_key is not None else None  # type: ignore[arg-type]
+        if conn is None:
+            self.guard.waiting.clear()
+        else:
+            for message in self.guard.release(conn.remote[0], now):
+                self._follow(message, now)
+        self._drain(now)
+
+    def _on_change(self, message: ChangeDestination, now: float) -> None:
+        conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
+        if conn is not None and self.guard.check(message, conn.remote[0], now) is Verdict.ACCEPT:
+            self._follow(message, now)
+
+    def _follow(self, message: ChangeDestination, now: float) -> None:
+        """Send the rest of the connection to the message's destination (Fig 21, 2130)."""
+        if self.conn_key is None:
+            return
+        try:
+            key = self.endpoint.rekey(
+                self.conn_key,  # type: ignore[arg-type]
+                remote=(message.address, message.port),
+                keep_alias=True,
+            )
+        except (KeyError, SessionError):
+            return
+        self.conn_key = key
+        self.stats.destination_changes += 1
+        self.stats.moves.append((now, message.serial))
+        conn = self.endpoint.connection(key)
+        if conn is not None:
+            conn.acknowledge(now)  # tells the new server at once that we came
+        held = [h for h in self._held if h.src == message.address]
+        self._held.clear()
+        for item in held:
+            self.endpoint.receive(item.src, item.dst, item.segment, now)
+
+    def _hold(self, event: UnknownSegment) -> None:
+        """A segment from a destination whose change waits for the pool's key: keep it."""
+        waiting = {m.address for m in self.guard.waiting}
+        if (
+            waiting
+            and event.src in waiting
+            and event.dst == self.address
+            and len(self._held) < MAX_HELD
+        ):
+            self._held.append(event)
+
+    def _drain(self, now: float) -> None:
+        # Following a destination may hand the endpoint segments it held back: their
+        # events come in a second round.
+        for _ in range(3):
+            events = self.endpoint.events()
+            if not events:
+                break
+            self._on_events(events, now)
+        if self.guard.take_lookup():
+            group, _ = self.resolve(self.service)
+            self.effects.append(PoolKeyNeeded(int(group)))
         self.host.flush()

@@ -23,6 +23,11 @@ The pool chooses one technique:
   label on that connection's packets, so they keep coming to the old owner until
   the connection closes (then it untags it) or idles, while new connections go
   to the new owner by the allocation.
+* D dynamic destination (Fig 20-21): connections whose clients offered tag and
+  cookie are sent point to point to their server, and a connection whose client
+  moved goes to its new owner, which tells the client to follow it with a signed
+  change-destination (`redirect.Redirector`). Connections of clients without the
+  extension stay on the group address and are kept by R3.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter
+from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import Connection, ConnKey, Demultiplexer, SessionConfig, SessionError
 from manycast.protocol.technique import Technique
 from manycast.wire import control
@@ -106,11 +112,16 @@ class Handover:
         forward_timeout: float = 0.3,
         idle_timeout: float = 30.0,
         edges: Edges = (),
+        redirector: Redirector | None = None,
     ) -> None:
         if technique not in tuple(Technique):
             names = ", ".join(Technique)
             raise ConfigError(f"technique must be one of {names}, not {technique!r}")
         self.technique = Technique(technique)
+        if (self.technique is Technique.D) != (redirector is not None):
+            raise ConfigError("technique D, and only D, works with a redirector")
+        # D: the dynamic destination; connections without it fall back on R3
+        self.redirector = redirector
         self.name = name
         self.address = address
         self.group = group
@@ -160,10 +171,13 @@ class Handover:
 
     def after_change(self, owned: SourceFilter | None, now: float) -> None:
         """The new allocation is in force: deal with the connections we gave up."""
+        redirector = self.redirector
         for key in self.endpoint.keys():
             if _owned(owned, key):
                 self.moved.discard(key)
                 continue
+            if redirector is not None and redirector.follows(key):
+                continue  # D moves it below
             if self.technique is Technique.R1:
                 conn = self.endpoint.connection(key)
                 if conn is not None:
@@ -172,6 +186,14 @@ class Handover:
                 self.stats.reset_moved += 1
             else:
                 self.moved.add(key)
+        if redirector is not None:
+            redirector.after_change(now)
+
+    def on_rekeyed(self, previous: ConnKey, key: ConnKey, now: float) -> None:
+        """A connection moved to our own address (its client follows it, Fig 20)."""
+        self.moved.discard(previous)
+        if self.redirector is not None:
+            self.redirector.on_rekeyed(previous, key, now)
 
     # -- segments of connections we do not know ---------------------------------------
     def on_unknown(
@@ -184,9 +206,13 @@ class Handover:
         if segment.flags & TcpFlags.RST:
             return
         key: ConnKey = ((dst, segment.dst_port), (src, segment.src_port))
-        if self.technique is Technique.R2:
+        if self.redirector is not None and dst != self.group:
+            # D: a segment to our own address, of a connection we moved away or never had
+            if not self.redirector.on_unknown(src, segment, now):
+                self._reset((src, dst, segment))
+        elif self.technique is Technique.R2:
             self._forward((src, dst, segment), now)
-        elif self.technique is Technique.R3:
+        elif self.technique in (Technique.R3, Technique.D):
             self._query(key, (src, dst, segment), now)
         else:
             self._reset((src, dst, segment))
@@ -233,7 +259,17 @@ class Handover:
     ) -> bool:
         """Handle a technique's message; False if it is not one of ours. `via_group`: it
         came over the control group (not point to point)."""
-        if isinstance(message, control.Forwarded):
+        redirector = self.redirector
+        if redirector is not None and isinstance(
+            message, control.Forwarded | control.MoveConnection | control.MoveAck
+        ):
+            if isinstance(message, control.Forwarded):
+                redirector.on_forwarded(message, now)
+            elif isinstance(message, control.MoveConnection):
+                redirector.on_move(message, now)
+            else:
+                redirector.on_ack(message)
+        elif isinstance(message, control.Forwarded):
             self._on_forwarded(message, now, via_group)
         elif isinstance(message, control.Redirect):
             flow = (int(message.client), message.client_port)
@@ -333,6 +369,8 @@ class Handover:
 
     def on_closed(self, key: ConnKey) -> None:
         self.moved.discard(key)
+        if self.redirector is not None:
+            self.redirector.on_closed(key)
         edge = self._tagged.pop(key, None)
         if edge is not None:
             # Fig 16, 1630: the connection ended; its tagged path is broken down.
@@ -342,9 +380,15 @@ class Handover:
             self.stats.unpinned += 1
 
     def next_deadline(self) -> float | None:
-        return min((min(q.deadline, q.resend) for q in self._queries.values()), default=None)
+        mine = min((min(q.deadline, q.resend) for q in self._queries.values()), default=None)
+        theirs = self.redirector.next_deadline() if self.redirector is not None else None
+        if mine is None:
+            return theirs
+        return mine if theirs is None else min(mine, theirs)
 
     def on_timer(self, now: float) -> None:
+        if self.redirector is not None:
+            self.redirector.on_timer(now)
         for key, query in list(self._queries.items()):
             if query.resend <= now < query.deadline:
                 # The query or its answer may be lost on a busy network: ask again.

@@ -5,7 +5,9 @@ portions (Fig 9), and the control group with an any-source join (Fig 13). When
 the allocation changes it leaves the old portions and joins the new ones in one
 report (claim 3), then deals with the connections whose clients it no longer
 serves by the pool's technique (`handover.py`: R1 reset, R2 forward, R3 state
-transfer, R4 pinned paths).
+transfer, R4 pinned paths; D, dynamic destination, in `redirect.py`: under D it
+also answers SYNs with its own address as the destination and takes the
+connections' segments there, Fig 20-21).
 
 Coordination (who is alive, which allocation is current) is the job of
 `coordination.Coordinator`, which this agent feeds with control messages and
@@ -22,18 +24,22 @@ from dataclasses import dataclass, replace
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from manycast.auth import sign_join
+from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.coordination import Coordinator, PoolSettings
 from manycast.protocol.handover import Edges, Handover
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter, any_source_record, record_for
 from manycast.protocol.node import Interface, Node
+from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import (
     ConnectionClosed,
     ConnectionReset,
     ConnectionTimedOut,
+    ConnKey,
     DataReceived,
     Demultiplexer,
+    Rekeyed,
     SessionConfig,
     StreamEnded,
     UnknownSegment,
@@ -72,9 +78,13 @@ class Server(Node):
         session: SessionConfig | None = None,
         key: Ed25519PrivateKey | None = None,
         edges: Edges = (),
+        pool_key: Ed25519PrivateKey | None = None,
+        redirect_above: float = 0.0,
     ) -> None:
         """`edges`: every client network with its edge router, where R4 tags the
-        connections we give up."""
+        connections we give up. `pool_key`: technique D signs change-destinations with
+        it; `redirect_above`: under D, a server whose load is above this times the
+        pool's mean passes new connections to a less loaded server (0: never)."""
         super().__init__(name, interfaces)
         self.key = key  # a private pool's key: every join is signed with it
         iface, router = gateway
@@ -92,6 +102,33 @@ class Server(Node):
         self.coordinator.hot_buckets = self._hot_buckets
         self._bucket_requests: Counter[int] = Counter()
         self._bucket_since = 0.0
+        self.portions: PortionSet | None = None
+        self._filter: SourceFilter | None = None
+        self.redirect_above = redirect_above
+        self._loads_settle = 0.0  # loads are averages: trust them from then on
+        self.redirector: Redirector | None = None
+        if settings.technique == Technique.D and not settings.vip:
+            if pool_key is None:
+                raise ConfigError("technique D needs the pool's key to sign with")
+            self.redirector = Redirector(
+                name,
+                self.address,
+                settings.group,
+                settings.port,
+                self.endpoint,
+                self.app,
+                self.host,
+                # through the technique's sender, whatever wraps it (counters, tests)
+                lambda message, to: self.handover.send_control(message, to),
+                self.session,
+                rng,
+                pool_key,
+                settings.wall_base,
+                owner_of=self._owner_address,
+                owned=self._owns,
+                serving=lambda: self._filter is not None,
+                less_loaded=self._less_loaded,
+            )
         self.handover = Handover(
             settings.technique,
             name,
@@ -106,17 +143,19 @@ class Server(Node):
             rng,
             close_after_transaction=settings.close_after_transaction,
             edges=edges,
+            redirector=self.redirector,
         )
         # Our label-switched tree: a VIP pool's flows (Fig 17) and R4's pinned paths
         # (Fig 16) come down it; our router is its last hop.
         self.roots_tree = settings.vip or self.handover.technique is Technique.R4
-        self.portions: PortionSet | None = None
-        self._filter: SourceFilter | None = None
         self._seq = 0
 
     # -- node interface -----------------------------------------------------------------
     def start(self, now: float) -> None:
-        self.endpoint.listen(self.settings.port)
+        port = self.settings.port
+        self._loads_settle = now + 3 * self.settings.load_smoothing
+        # D (Fig 20): our SYN-ACKs give clients our own address to send the rest to.
+        self.endpoint.listen(port, destination=(self.address, port) if self.redirector else None)
         self.coordinator.start(now)
         self._send_report(now, refresh=True)  # the control channel, before any portion
         self._act(now)
@@ -134,7 +173,20 @@ class Server(Node):
                 # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
                 return
+            if self.redirector is not None and self.redirector.pass_syn(ip, packet, now):
+                self._act(now)  # a new connection for a less loaded server (Fig 20)
+                return
             self.host.deliver_tcp(ip, now)
+        elif protocol == IPPROTO_TCP and dst == self.address and self.redirector is not None:
+            # D: a connection its client sends to us point to point (Fig 20-21).
+            self.host.deliver_tcp(ip, now)
+            payload = ip.payload
+            if len(payload) >= 4:
+                key: ConnKey = (
+                    (dst, int.from_bytes(payload[2:4], "big")),
+                    (ip.header.src, int.from_bytes(payload[:2], "big")),
+                )
+                self.redirector.on_direct(key, now)
         elif protocol == IPPROTO_UDP and dst in (self.settings.control_group, self.address):
             self._on_control(ip, now)
         self._act(now)
@@ -174,11 +226,55 @@ class Server(Node):
         payload = ip.payload
         if len(payload) < 4:
             return False
-        key = (
+        key: ConnKey = (
             (ip.header.dst, int.from_bytes(payload[2:4], "big")),
             (ip.header.src, int.from_bytes(payload[:2], "big")),
         )
-        return key in self.endpoint
+        return self.endpoint.resolve(key) is not None
+
+    # -- technique D: whom to move a connection to, whom to pass one to -------------------
+    def _owner_address(self, client: int) -> ipaddress.IPv4Address | None:
+        """The unicast address of the server that owns `client` now, if we know it."""
+        allocation = self.coordinator.allocation
+        owner = allocation.owner(client) if allocation is not None else None
+        if owner is None or owner == self.name:
+            return None if owner is None else self.address
+        peer = self.coordinator.peers.get(owner)
+        if peer is None or not isinstance(peer.address, ipaddress.IPv4Address):
+            return None
+        return peer.address if int(peer.address) else None
+
+    def _less_loaded(self, now: float) -> ipaddress.IPv4Address | None:
+        """Fig 20's second server: when our load is above `redirect_above` times the
+        mean of the live serving servers' loads (the pool's load loop, heartbeats), one
+        of those below the mean, at random; None when we are not overloaded."""
+        coordinator = self.coordinator
+        allocation = coordinator.allocation
+        if (
+            self.redirect_above <= 0
+            or allocation is None
+            or self._filter is None
+            or now < self._loads_settle
+        ):
+            return None
+        alive = set(coordinator.alive(now))
+        loads = {self.name: coordinator._load}
+        addresses: dict[str, ipaddress.IPv4Address] = {}
+        for peer in coordinator.peers.values():
+            if (
+                peer.name in alive
+                and peer.name in allocation.servers
+                and allocation.count(peer.name) > 0
+                and isinstance(peer.address, ipaddress.IPv4Address)
+                and int(peer.address)
+            ):
+                loads[peer.name] = peer.load
+                addresses[peer.name] = peer.address
+        mean = sum(loads.values()) / len(loads)
+        if len(loads) < 2 or mean <= 0 or loads[self.name] <= self.redirect_above * mean:
+            return None
+        idle = sorted(name for name in addresses if loads[name] < mean)
+        return addresses[self.rng.choice(idle)] if idle else None
 
     # -- control channel ---------------------------------------------------------------------
     def _on_control(self, ip: IPv4Packet, now: float) -> None:
@@ -307,6 +403,13 @@ class Server(Node):
             elif isinstance(event, ConnectionClosed | ConnectionReset | ConnectionTimedOut):
                 self.app.close(key)
                 self.handover.on_closed(key)
+            elif isinstance(event, Rekeyed):
+                # The client sends to our own address now (D, Fig 20): same session.
+                if event.previous in self.app:
+                    state = self.app.export(event.previous)
+                    self.app.close(event.previous)
+                    self.app.restore(key, state)
+                self.handover.on_rekeyed(event.previous, key, now)
         self.host.flush()
 
 

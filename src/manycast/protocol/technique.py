@@ -1,4 +1,4 @@
-"""The four ways a pool keeps existing connections when their portion moves (Fig 12-16)."""
+"""The ways a pool keeps existing connections when their portion moves (Fig 12-16, 20-21)."""
 
 from __future__ import annotations
 
@@ -12,3 +12,5 @@ class Technique(StrEnum):
     R2 = "R2"  # forward over the control channel, then point to point (Fig 13-14)
     R3 = "R3"  # state transfer on demand (Fig 15)
     R4 = "R4"  # pinned per-connection paths (Fig 16)
+    # dynamic destination: point to point, moved by signed change-destinations (Fig 20-21)
+    D = "D"

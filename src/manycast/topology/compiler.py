@@ -18,6 +18,7 @@ from manycast.steps import (
     Action,
     Add,
     ClientRate,
+    Drain,
     Kill,
     KillVipRouter,
     Rebalance,
@@ -216,13 +217,15 @@ class _Compiler:
                 )
             delay = c.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
             loss = c.number("loss", 0.0, low=0.0, high=0.99)
+            # false: clients without the extension (plain SYNs; never redirected, Fig 20)
+            dynamic = c.get("dynamic_destination", bool, True)
             members = tuple(f"{group}{i}" for i in range(1, count + 1))
             for member in members:
                 if member in self.names:
                     c.fail(f"client name {member!r} clashes with a {self.names[member]}", "name")
                 self.names[member] = "client"
                 clients[member] = ClientSpec(
-                    member, group, router, rate, authorized, int(per_connection)
+                    member, group, router, rate, authorized, int(per_connection), dynamic
                 )
             lans.append(Lan(group, router, subnet, members, delay, loss, stride, c.line("subnet")))
             c.done()
@@ -331,6 +334,7 @@ def read_pool(p: TableReader) -> PoolSpec:
         rebalance_hold_s=p.number("rebalance_hold_ms", 3000, low=0, high=3600000) / 1000,
         approach=approach,
         vip=vip,
+        redirect_above=_redirect_above(p, technique, approach),
     )
     if pool.private:
         plan = AddressPlan.from_text(pool.private_ranges)
@@ -347,6 +351,21 @@ def read_pool(p: TableReader) -> PoolSpec:
         p.fail("rebalance_above must exceed rebalance_target (hysteresis)", "rebalance_above")
     p.done()
     return pool
+
+
+def _redirect_above(p: TableReader, technique: Technique, approach: Approach) -> float:
+    """Technique D (Fig 20-21) is a manycast pool's; its servers pass new connections
+    on above `redirect_above` times the mean load (1.5 unless given; 0: never)."""
+    if technique is not Technique.D:
+        if "redirect_above" in p.table:
+            p.fail("'redirect_above' is for technique D", "redirect_above")
+        return 0.0
+    if approach is not Approach.MANYCAST:
+        p.fail("technique D moves a manycast pool's connections, not a VIP pool's", "technique")
+    above = p.number("redirect_above", 1.5, low=0.0, high=100.0)
+    if 0 < above <= 1:
+        p.fail("'redirect_above' must exceed 1 (the mean itself), or be 0", "redirect_above")
+    return above
 
 
 def _approach(p: TableReader) -> tuple[Approach, ipaddress.IPv4Address | None]:
@@ -458,6 +477,12 @@ def _rebalance(s: TableReader, known: _Known, at: float, line: int) -> Step:
     return Rebalance(at=at, line=line, target=s.number("target", 1.1, low=1.0, high=100.0))
 
 
+def _drain(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    server = _server(s, known)
+    grace = s.number("grace", 2.0, low=0.0, high=3600.0)
+    return Drain(at=at, line=line, server=server, grace=grace)
+
+
 def _kill_vip_router(s: TableReader, known: _Known, at: float, line: int) -> Step:
     vip_router: str = s.get("vip_router", str)
     if vip_router not in known.vip_routers:
@@ -473,6 +498,7 @@ STEP_READERS: dict[Action, Callable[[TableReader, _Known, float, int], Step]] = 
     Action.REBALANCE: _rebalance,
     Action.CLIENT_RATE: _client_rate,
     Action.KILL_VIP_ROUTER: _kill_vip_router,
+    Action.DRAIN: _drain,
 }
 
 

@@ -55,6 +55,9 @@ class PoolSpec:
     rebalance_hold_s: float = 3.0
     approach: Approach = Approach.MANYCAST
     vip: ipaddress.IPv4Address | None = None  # set exactly when approach is VIP
+    # technique D: a server whose load is above this times the pool's mean passes new
+    # connections to a less loaded server (Fig 20); 0: never
+    redirect_above: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class ClientSpec:
     authorized: bool = True
     # short connections: a new one (a new flow) after this many answers; 0: one for good
     requests_per_connection: int = 0
+    # offers tag and cookie on its SYNs and follows destinations (Fig 20-21); false: a
+    # client without the extension, which stays on the group address
+    dynamic_destination: bool = True
 
 
 @dataclass(frozen=True)

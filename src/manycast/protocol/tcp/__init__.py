@@ -19,7 +19,11 @@ What manycast adds to plain TCP (seed Fig 12-15, 20-21):
   fetches the state and adopts the connection (R3);
 - a segment marked CHANGE_DESTINATION carries a `ChangeDestination` message
   outside the byte stream; the connection checks tag and cookie and reports
-  it, and its owner checks the signature.
+  it (or why it dropped it), and its owner checks the signature;
+- a client connection may follow its SYN-ACK's DESTINATION, and a listener
+  that advertises one moves the connection there when the client's first
+  segment arrives (`Rekeyed`); a connection still answers to the 4-tuples it
+  left, and a following one takes a change-destination from any source.
 """
 
 from manycast.protocol.tcp.config import SessionConfig
@@ -27,6 +31,7 @@ from manycast.protocol.tcp.connection import Address, Connection, ConnKey
 from manycast.protocol.tcp.endpoint import Demultiplexer, EndpointEvent, UnknownSegment
 from manycast.protocol.tcp.errors import SessionError
 from manycast.protocol.tcp.events import (
+    ChangeDestinationIgnored,
     ChangeDestinationReceived,
     Connected,
     ConnectionClosed,
@@ -34,12 +39,14 @@ from manycast.protocol.tcp.events import (
     ConnectionTimedOut,
     DataReceived,
     Event,
+    Rekeyed,
     StreamEnded,
 )
 from manycast.protocol.tcp.states import State
 
 __all__ = [
     "Address",
+    "ChangeDestinationIgnored",
     "ChangeDestinationReceived",
     "ConnKey",
     "Connected",
@@ -51,6 +58,7 @@ __all__ = [
     "Demultiplexer",
     "EndpointEvent",
     "Event",
+    "Rekeyed",
     "SessionConfig",
     "SessionError",
     "State",

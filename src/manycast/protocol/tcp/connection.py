@@ -20,9 +20,11 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from manycast.protocol.refusal import RedirectRefusal
 from manycast.protocol.tcp.config import SessionConfig
 from manycast.protocol.tcp.errors import SessionError
 from manycast.protocol.tcp.events import (
+    ChangeDestinationIgnored,
     ChangeDestinationReceived,
     Connected,
     ConnectionClosed,
@@ -98,6 +100,11 @@ class Connection:
         self.cookie: int | None = None
         # Server: what its SYN-ACK advertises.  Client: what the SYN-ACK said.
         self.destination = destination
+        # Client: send the rest of the connection to the SYN-ACK's destination (Fig 20).
+        # The connection then changes its own remote address and leaves its old key
+        # in `moved_from` for the demultiplexer, which files it under the new one.
+        self.follow = False
+        self.moved_from: ConnKey | None = None
 
         self._iss = rng.getrandbits(32)
         self._snd_una = self._iss
@@ -170,10 +177,13 @@ class Connection:
 
     # --- user calls ------------------------------------------------------------
 
-    def connect(self, now: float) -> None:
+    def connect(self, now: float, *, offer: bool = True) -> None:
+        """Open actively. `offer`: send TAG_COOKIE on the SYN (Fig 20); without it the
+        SYN is plain TCP and the server neither echoes nor gives a destination."""
         self._transition(Input.CONNECT, now)
-        self.tag = self._rng.getrandbits(32)
-        self.cookie = self._rng.getrandbits(64)
+        if offer:
+            self.tag = self._rng.getrandbits(32)
+            self.cookie = self._rng.getrandbits(64)
         self._output(now)
         self._touched()
 
@@ -233,6 +243,21 @@ class Connection:
         self._emit(self._snd_nxt, _F.ACK, payload, (ChangeDestinationMark(),))
         self._touched()
 
+    def acknowledge(self, now: float) -> None:
+        """Send an ACK now (a client that moved to a new destination says so at once)."""
+        if self._irs is not None and self._state is not State.CLOSED:
+            self._ack_needed = True
+            self._output(now)
+            self._touched()
+
+    def retransmit_now(self, now: float) -> None:
+        """Send the earliest unacknowledged segment again now, not at the timer: a moved
+        connection whose client has just switched to us (its earlier copies went to a
+        destination the client had left)."""
+        if self._state is not State.CLOSED and self._snd_nxt > self._snd_una:
+            self._retransmit(now)
+            self._touched()
+
     # --- effects ----------------------------------------------------------------
 
     def segments_to_send(self) -> list[TcpSegment]:
@@ -291,6 +316,8 @@ class Connection:
         dest = seg.option(Destination)
         if dest is not None:
             self.destination = (dest.address, dest.port)
+            if self.follow and echo is not None:
+                self._follow(self.destination)
         self._irs = seg.seq
         self._rcv_nxt = seg.seq + 1
         self._learn_mss(seg)
@@ -450,17 +477,35 @@ class Connection:
                 delivered += data[self._rcv_nxt - start :]
                 self._rcv_nxt = start + len(data)
 
-    def _receive_change_destination(self, seg: TcpSegment) -> None:
-        if self._irs is None or self.tag is None:
+    def _follow(self, destination: Address) -> None:
+        """Send to `destination` from now on (checked: one family, a unicast address)."""
+        address = destination[0]
+        if (
+            destination == self.remote
+            or address.version != self.remote[0].version
+            or address.is_multicast
+            or address.is_unspecified
+        ):
             return
-        if not self._acceptable(_unwrap(seg.seq, self._rcv_nxt), 0):
+        self.moved_from = self.key
+        self.remote = destination
+
+    def _receive_change_destination(self, seg: TcpSegment) -> None:
+        if self.tag is None:
+            self._events.append(ChangeDestinationIgnored(RedirectRefusal.NOT_OFFERED))
+            return
+        if self._irs is None or not self._acceptable(_unwrap(seg.seq, self._rcv_nxt), 0):
+            self._events.append(ChangeDestinationIgnored(RedirectRefusal.OUT_OF_WINDOW))
             return
         try:
             message = ChangeDestination.from_wire(seg.payload)
         except WireError:
+            self._events.append(ChangeDestinationIgnored(RedirectRefusal.MALFORMED))
             return
         if (message.tag, message.cookie) == (self.tag, self.cookie):
             self._events.append(ChangeDestinationReceived(message))
+        else:
+            self._events.append(ChangeDestinationIgnored(RedirectRefusal.WRONG_COOKIE))
 
     # --- sending ------------------------------------------------------------------
 
@@ -519,8 +564,9 @@ class Connection:
     def _send_syn(self) -> None:
         options: tuple[TcpOption, ...]
         if self._irs is None:
-            assert self.tag is not None and self.cookie is not None
-            options = (Mss(self.config.mss), TagCookie(self.tag, self.cookie))
+            options = (Mss(self.config.mss),)
+            if self.tag is not None and self.cookie is not None:
+                options += (TagCookie(self.tag, self.cookie),)
             self._emit(self._iss, _F.SYN, b"", options)
             return
         options = (Mss(self.config.mss),)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from manycast.wire.transport import ChangeDestination
+from manycast.protocol.refusal import RedirectRefusal
+from manycast.wire.transport import ChangeDestination, IPAddress
+
+_Address = tuple[IPAddress, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +50,24 @@ class ChangeDestinationReceived:
     message: ChangeDestination
 
 
+@dataclass(frozen=True, slots=True)
+class ChangeDestinationIgnored:
+    """A segment marked CHANGE_DESTINATION that the connection dropped, and why (not
+    this connection's tag and cookie, outside the window, garbage)."""
+
+    reason: RedirectRefusal
+
+
+@dataclass(frozen=True, slots=True)
+class Rekeyed:
+    """The connection answers to a new 4-tuple (the key this event comes with), by
+    itself: a client followed the DESTINATION of its SYN-ACK, or a server's connection
+    got its first segment at the destination it advertised (Fig 20). `previous`, its
+    old key, still reaches it."""
+
+    previous: tuple[_Address, _Address]
+
+
 Event = (
     Connected
     | DataReceived
@@ -55,4 +76,6 @@ Event = (
     | ConnectionReset
     | ConnectionTimedOut
     | ChangeDestinationReceived
+    | ChangeDestinationIgnored
+    | Rekeyed
 )

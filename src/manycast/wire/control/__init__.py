@@ -10,8 +10,9 @@ packets forwarded to the old owner, which then asks for them point to point
 envelope: servers announce themselves to their routers (`ServerHello`), routers
 distribute labels (`LabelMapping`), VIP routers announce themselves (`VipAdvert`)
 and tag flows at edge routers (`FlowTag`, `FlowUntag`), servers report load
-(`LoadReport`); R4's pinned paths (Fig 16) are flow tags too. The messages
-travel as UDP payloads of inner IP packets.
+(`LoadReport`); R4's pinned paths (Fig 16) are flow tags too. Technique D (Fig
+20-21) moves a live connection to another server (`MoveConnection`, `MoveAck`).
+The messages travel as UDP payloads of inner IP packets.
 
 Layout, big-endian, field widths in bits:
 
@@ -48,6 +49,9 @@ Layout, big-endian, field widths in bits:
     17  FlowUntag       count(16) flow...
     18  VipAdvert       vip-address router-address hold-ms(32)
     19  LoadReport      server-address load(f64) sessions(32)
+    20  MoveConnection  origin-address key serial(32) length(32) transport-state
+                        length(32) application-state  (serial >= 1, a transport state)
+    21  MoveAck         key serial(32)
 
     op  kind(8), then
      1  ADD_SERVER      id has-share(8) [share]
@@ -67,7 +71,7 @@ built either, and both raise `WireError`.
 Modules: `fields` (field checks and codecs), `envelope` (the envelope and
 `decode`), `ops` (policy operations), `coordination` (heartbeats, proposals,
 acks, commits), `snapshot` (the allocation in parts), `handover` (R2-R4), `vip`
-(the virtual-IP pool).
+(the virtual-IP pool), `redirect` (technique D).
 Everything public is re-exported here: `control.SetShareOp(...)`.
 """
 
@@ -111,6 +115,7 @@ from manycast.wire.control.ops import (
     decode_op,
     encode_op,
 )
+from manycast.wire.control.redirect import MoveAck, MoveConnection
 from manycast.wire.control.snapshot import (
     SNAPSHOT_MAX_BYTES,
     Run,
@@ -150,6 +155,8 @@ ControlMessage: TypeAlias = (
     | FlowUntag
     | VipAdvert
     | LoadReport
+    | MoveConnection
+    | MoveAck
 )
 
 __all__ = [
@@ -179,6 +186,8 @@ __all__ = [
     "LabelMapping",
     "LoadReport",
     "MessageType",
+    "MoveAck",
+    "MoveConnection",
     "OpKind",
     "PolicyOp",
     "Proposal",

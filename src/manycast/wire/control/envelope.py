@@ -44,6 +44,8 @@ class MessageType(IntEnum):
     FLOW_UNTAG = 17
     VIP_ADVERT = 18
     LOAD_REPORT = 19
+    MOVE_CONNECTION = 20
+    MOVE_ACK = 21
 
 
 @dataclass(frozen=True, slots=True)

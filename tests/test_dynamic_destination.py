@@ -1,0 +1,936 @@
+"""Technique D, the dynamic destination (seed Fig 20-21; claims 18-21, 28, 33, 34, 42, 43).
+
+A client opens its connection to the pool's group with a tag and a cookie on
+its SYN; the server that answers echoes them on its SYN-ACK with its own unicast
+address as the destination, and the rest of the connection goes there point to
+point. An overloaded server passes a new connection's SYN to a less loaded one,
+which answers with its own destination. When the allocation changes (or a server
+is drained), every connection whose client moved goes to its new owner with its
+state, and the new owner tells the client where to send with a change-destination
+signed with the pool's key, which the client checks against the key the pool
+publishes in DNS. Each test is named after the claim it shows and checks what a
+client sees, byte for byte where it matters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from manycast.apps.counter import RESPONSE
+from manycast.auth import public_bytes, public_key
+from manycast.pool import pool_keys
+from manycast.ports import free_base_port
+from manycast.protocol.client import Client
+from manycast.protocol.destination import Verdict, sign_change, verify_change
+from manycast.protocol.refusal import RedirectRefusal
+from manycast.protocol.server import Server
+from manycast.protocol.tcp import Demultiplexer, SessionConfig, State
+from manycast.runtime import PoolRun
+from manycast.space import Allocation
+from manycast.steps import Drain, Kill, SetShare, Step
+from manycast.topology import builtin, loads
+from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
+from manycast.wire.transport import (
+    ChangeDestination,
+    ChangeDestinationMark,
+    Destination,
+    TagCookie,
+    TcpFlags,
+    TcpSegment,
+    encode_options,
+)
+from pooltools import (
+    GROUP,
+    Trace,
+    agreed,
+    allocation,
+    assert_all_served_since,
+    patient,
+    pool_toml,
+    run_pool_until,
+    run_to,
+    table,
+)
+from pooltools import start as start_traced
+from test_techniques import CLEAN, outcome
+
+PORT = 7000
+D = {"technique": "D", "report_interval_ms": 500}
+ATTACKER = ipaddress.IPv4Address("10.1.0.250")  # on the clients' LAN, no server's
+Key = tuple[tuple[Any, int], tuple[Any, int]]
+
+
+def d_pool(
+    clients: int = 24,
+    plain: int = 0,
+    rate: float = 4.0,
+    scenario: Any = (),
+    per_connection: int = 0,
+    **pool: Any,
+) -> str:
+    """clients a1.. -- ra -- core -- rs1 (s1, s3) / rs2 (s2, s4), technique D; `plain`
+    clients p1.. without the extension on a LAN of their own behind ra; with
+    `per_connection`, the a clients open a new connection after so many answers."""
+    text = pool_toml(clients=clients, rate=rate, pool={**D, **pool}, scenario=scenario)
+    if per_connection:
+        text = text.replace(
+            '[[clients]]\nname = "a"\n',
+            f'[[clients]]\nname = "a"\nrequests_per_connection = {per_connection}\n',
+        )
+    if plain:
+        text += "\n" + table(
+            "clients",
+            name="p",
+            count=plain,
+            router="ra",
+            subnet="10.2.0.0/24",
+            rate=rate,
+            dynamic_destination=False,
+        )
+    return text
+
+
+# -- what the clients see on the wire ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A TCP segment a client sent (out) or received."""
+
+    at: float
+    client: str
+    out: bool
+    src: ipaddress.IPv4Address
+    dst: ipaddress.IPv4Address
+    segment: TcpSegment
+
+
+def watch_wire(run: PoolRun) -> list[Seen]:
+    """Every TCP segment the clients send and receive from now on."""
+    seen: list[Seen] = []
+
+    def record(name: str, out: bool, packet: bytes, now: float) -> None:
+        ip = IPv4Packet.from_wire(packet)
+        if ip.header.protocol == IPPROTO_TCP:
+            src, dst = ip.header.src, ip.header.dst
+            segment = TcpSegment.from_wire(ip.payload, src, dst)
+            seen.append(Seen(now, name, out, src, dst, segment))
+
+    for client in run.nodes.clients.values():
+        receive = client.receive
+
+        def hooked(
+            iface: str, packet: bytes, now: float, name: str = client.name, original: Any = receive
+        ) -> None:
+            record(name, False, packet, now)
+            original(iface, packet, now)
+
+        client.receive = hooked  # type: ignore[method-assign]
+        send_ip = client.host.send_ip
+
+        def sent(*args: Any, name: str = client.name, original: Any = send_ip, **kw: Any) -> bytes:
+            wire: bytes = original(*args, **kw)
+            record(name, True, wire, run.now)
+            return wire
+
+        client.host.send_ip = sent  # type: ignore[method-assign]
+    return seen
+
+
+def syns(seen: list[Seen], name: str) -> list[Seen]:
+    flags = TcpFlags.SYN | TcpFlags.ACK | TcpFlags.RST
+    return [
+        s for s in seen if s.client == name and s.out and s.segment.flags & flags == TcpFlags.SYN
+    ]
+
+
+def syn_acks(seen: list[Seen], name: str) -> list[Seen]:
+    both = TcpFlags.SYN | TcpFlags.ACK
+    return [s for s in seen if s.client == name and not s.out and s.segment.flags & both == both]
+
+
+def changes(seen: list[Seen], name: str) -> list[Seen]:
+    return [
+        s
+        for s in seen
+        if s.client == name and not s.out and s.segment.option(ChangeDestinationMark) is not None
+    ]
+
+
+def address_of(run: PoolRun) -> dict[ipaddress.IPv4Address, str]:
+    nodes = run.nodes
+    return {s.address: name for name, s in {**nodes.servers, **nodes.standby}.items()}
+
+
+def remote(client: Client) -> tuple[Any, int]:
+    assert client.conn_key is not None
+    return client.conn_key[1]  # type: ignore[index, no-any-return]
+
+
+def server_key(client: Client) -> Key:
+    assert client.conn_key is not None
+    local, far = client.conn_key  # type: ignore[misc]
+    return (far, local)
+
+
+def holders(run: PoolRun, key: Key) -> set[str]:
+    return {n for n, s in run.nodes.servers.items() if key in s.endpoint and key in s.app}
+
+
+def total_at(server: Server, key: Key) -> int:
+    _, total, _ = struct.unpack_from("!BQI", server.app.export(key))
+    return int(total)
+
+
+def act(run: PoolRun, action: Callable[[], object]) -> None:
+    """Do something to the nodes now, inside the driver (it carries out what they send)."""
+    run.network.call_at(run.now, action)
+    run_to(run, run.now)
+
+
+def carry_out(run: PoolRun, step: Step) -> None:
+    act(run, lambda: run.engine.carry_out(step, run.now))
+
+
+def settled(text: str, seed: int = 1) -> tuple[PoolRun, Trace, list[Seen]]:
+    run, trace = start_traced(text, seed)
+    seen = watch_wire(run)
+    run_to(run, 2.0)
+    for name, client in run.nodes.clients.items():
+        assert client.connected and client.stats.requests_ok > 0, f"{name} has no session"
+    return run, trace, seen
+
+
+@dataclass
+class Change:
+    old: Allocation
+    new: Allocation
+    at: float
+    keys: dict[str, Any]
+    totals: dict[str, int]
+    moved: dict[str, tuple[str, str]]  # client -> (old owner, new owner)
+
+
+def reallocate(run: PoolRun, step: Step, settle: float = 1.5) -> Change:
+    """Carry out `step` now and run on `settle` seconds; the clients it moved."""
+    clients = run.nodes.clients
+    old = allocation(run)
+    at = run.now
+    keys = {n: c.conn_key for n, c in clients.items()}
+    totals = {n: c.app.total for n, c in clients.items() if c.app is not None}  # type: ignore[attr-defined]
+    carry_out(run, step)
+    run_to(run, at + settle)
+    new = allocation(run)
+    moved = {
+        n: (before, after)
+        for n, c in clients.items()
+        if (before := old.owner(c.address)) != (after := new.owner(c.address))
+        and before is not None
+        and after is not None
+    }
+    assert moved, "the change moved no client: the test would prove nothing"
+    return Change(old, new, at, keys, totals, moved)
+
+
+def record_answers(run: PoolRun) -> dict[str, bytearray]:
+    """The bytes each client's connection delivers to its session from now on."""
+    streams: dict[str, bytearray] = {}
+    for name, client in run.nodes.clients.items():
+        app = client.app
+        assert app is not None
+        stream = streams[name] = bytearray()
+        on_data = app.on_data
+
+        def recorded(data: bytes, now: float, on_data: Any = on_data, stream: Any = stream) -> Any:
+            stream.extend(data)
+            return on_data(data, now)
+
+        app.on_data = recorded  # type: ignore[method-assign]
+    return streams
+
+
+# -- claim 18: SYN with tag and cookie, SYN-ACK with tag, cookie and destination ----------
+
+
+def test_claim_18_the_first_server_answers_with_its_destination_then_all_is_point_to_point() -> (
+    None
+):
+    run, trace, seen = settled(d_pool())
+    by_address = address_of(run)
+    owners = allocation(run)
+    for name, client in run.nodes.clients.items():
+        [syn] = syns(seen, name)
+        offered = syn.segment.option(TagCookie)
+        assert syn.dst == GROUP and offered is not None
+        [answer] = syn_acks(seen, name)
+        # Fig 20, 2040: the same tag and cookie, and the answering server's destination.
+        assert answer.src == GROUP
+        assert answer.segment.option(TagCookie) == offered
+        destination = answer.segment.option(Destination)
+        assert destination is not None and destination.port == PORT
+        assert by_address[destination.address] == owners.owner(client.address), name
+        # The rest of the connection goes there, point to point, both ways.
+        rest = [s for s in seen if s.client == name and s.at >= answer.at and s is not answer]
+        assert rest and all((s.dst if s.out else s.src) == destination.address for s in rest), name
+        assert remote(client) == (destination.address, PORT)
+        assert client.stats.destinations_followed == 1
+    # The routers carried each connection to the group once: its SYN.
+    assert len(trace.deliveries) == sum(len(syns(seen, n)) for n in run.nodes.clients)
+    assert all(s.redirector is not None for s in run.nodes.servers.values())
+    followed = sum(s.redirector.stats.followed for s in run.nodes.servers.values())  # type: ignore[union-attr]
+    assert followed == len(run.nodes.clients)
+    assert outcome(run) == CLEAN
+
+
+def loads_spread(run: PoolRun, since: dict[str, int], seconds: float) -> float:
+    """max/mean of the servers' request rates over the last `seconds` (counts since)."""
+    rates = [(s.app.requests - since[n]) / seconds for n, s in run.nodes.servers.items()]
+    return max(rates) / (sum(rates) / len(rates))
+
+
+def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_answers_it() -> None:
+    """Fig 20's second server: s1 holds 70% of the clients; over 1.3 times the mean
+    load it passes new connections to less loaded servers, which answer each with
+    their own destination in the same handshake."""
+    text = d_pool(
+        clients=40,
+        per_connection=4,
+        redirect_above=1.3,
+        scenario=[(0.05, "set_share", {"server": "s1", "share": 0.7})],
+    )
+    run, _ = start_traced(text)
+    seen = watch_wire(run)
+    servers = run.nodes.servers
+    run_to(run, 2.0)
+    assert abs(float(allocation(run).share("s1")) - 0.7) < 1e-3
+    counts = {n: s.app.requests for n, s in servers.items()}
+    run_to(run, 3.0)  # loads settle (3 s): nothing passed yet
+    before = loads_spread(run, counts, 1.0)
+    s1 = servers["s1"].redirector
+    assert s1 is not None and s1.stats.passed == 0
+    run_to(run, 6.0)
+    counts = {n: s.app.requests for n, s in servers.items()}
+    run_to(run, 8.0)
+    after = loads_spread(run, counts, 2.0)
+    assert s1.stats.passed > 10
+    taken = sum(s.redirector.stats.taken for s in servers.values())  # type: ignore[union-attr]
+    assert taken == s1.stats.passed  # no SYN was sent again, each answered once
+    assert after < before * 0.8, (before, after)
+    by_address = address_of(run)
+    owners = allocation(run)
+    handed = 0
+    for name, client in run.nodes.clients.items():
+        for answer in syn_acks(seen, name):
+            destination = answer.segment.option(Destination)
+            assert destination is not None
+            server = by_address[destination.address]
+            if owners.owner(client.address) == "s1" and server != "s1":
+                handed += 1
+                assert answer.src == GROUP  # the second server answers the SYN itself
+    assert handed >= s1.stats.passed  # (and a few answered by s1's owner before the cut)
+    # One handshake per connection, never a second round trip from scratch.
+    for name, client in run.nodes.clients.items():
+        assert len(syns(seen, name)) == client.stats.connects, name
+    assert outcome(run) == CLEAN
+
+
+# -- claim 19: a second server sends the tag, the cookie and the new destination ----------
+
+
+def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost() -> None:
+    run, _, seen = settled(d_pool())
+    streams = record_answers(run)
+    key, _ = pool_keys(run.topology, 1)
+    published = public_key(run.nodes.directory[int(GROUP)])
+    by_address = address_of(run)
+    servers = run.nodes.servers
+    for step in (
+        SetShare(at=0, server="s1", share=Fraction(1, 10)),  # Fig 11's cut
+        SetShare(at=0, server="s4", share=Fraction(1, 2)),
+    ):
+        mark = len(seen)
+        record = reallocate(run, dataclasses.replace(step, at=run.now))
+        run_to(run, run.now + 1.0)
+        assert outcome(run) == CLEAN
+        for name, client in run.nodes.clients.items():
+            # The same connection (same local port, no reconnect), served since.
+            assert client.conn_key[0] == record.keys[name][0], name  # type: ignore[index]
+            assert client.stats.reconnects == 0
+            assert client.app is not None and client.app.total > record.totals[name]
+            owner = record.new.owner(client.address)
+            assert owner is not None
+            assert remote(client) == (servers[owner].address, PORT), name
+            assert holders(run, server_key(client)) == {owner}, name
+            assert total_at(servers[owner], server_key(client)) >= client.app.total
+            moves = changes(seen[mark:], name)
+            if name not in record.moved:
+                assert not moves, f"{name} did not move and was told to"
+                continue
+            _, target = record.moved[name]
+            # Fig 20, 2050: from the second server, with the connection's tag and
+            # cookie and the new destination, signed with the pool's key (Fig 21).
+            message = ChangeDestination.from_wire(moves[0].segment.payload)
+            conn = client.endpoint.connection(client.conn_key)  # type: ignore[arg-type]
+            assert conn is not None
+            assert by_address[moves[0].src] == target
+            assert (message.tag, message.cookie) == (conn.tag, conn.cookie)
+            assert (message.address, message.port) == (servers[target].address, PORT)
+            assert verify_change(message, published)
+            assert verify_change(message, key.public_key())
+            assert {ChangeDestination.from_wire(m.segment.payload) for m in moves} == {message}
+            assert client.stats.moves[-1][1] == message.serial
+    # No byte lost, duplicated or reordered: each connection's answers, one after the
+    # other, with the running total of every increment it sent.
+    for name, stream in streams.items():
+        assert len(stream) % RESPONSE.size == 0, name
+        sequences = [sequence for sequence, _ in RESPONSE.iter_unpack(bytes(stream))]
+        assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), name
+    moved_out = sum(s.redirector.stats.moved_out for s in servers.values())  # type: ignore[union-attr]
+    assert moved_out == sum(c.stats.destination_changes for c in run.nodes.clients.values())
+
+
+def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_owner() -> None:
+    """s1 drops to 10% and 0.2 s later s3 gives up everything: some of s1's clients go to
+    s3 and straight back to s1, the second time perhaps before they heard of the first."""
+    run, _, _ = settled(d_pool())
+    first = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)), settle=0.2)
+    second = reallocate(run, SetShare(at=run.now, server="s3", share=Fraction(0)), settle=1.8)
+    twice = {n for n, (_, to) in first.moved.items() if to == "s3" and n in second.moved}
+    assert twice, "no client moved twice: the test would prove nothing"
+    assert outcome(run) == CLEAN
+    servers = run.nodes.servers
+    for name, client in run.nodes.clients.items():
+        owner = second.new.owner(client.address)
+        assert owner is not None
+        assert remote(client) == (servers[owner].address, PORT), name
+        assert holders(run, server_key(client)) == {owner}
+        serials = [serial for _, serial in client.stats.moves]
+        assert serials == sorted(set(serials)), name
+        assert client.app is not None and client.app.total > second.totals[name]
+    for name in twice:
+        assert [s for _, s in run.nodes.clients[name].stats.moves] == [1, 2], name
+    assert servers["s3"].sessions == 0
+
+
+def test_claim_19_a_drained_server_hands_every_connection_on_before_it_leaves() -> None:
+    run, _, _ = settled(d_pool())
+    servers = run.nodes.servers
+    held = {n for n, c in run.nodes.clients.items() if holders(run, server_key(c)) == {"s2"}}
+    assert held
+    drain = Drain(at=run.now, server="s2", grace=1.5)
+    carry_out(run, drain)
+    run.network.call_at(drain.at + drain.grace, lambda: run.engine.carry_out(drain.then(), run.now))
+    run_to(run, drain.at + drain.grace - 0.01)
+    # Before it leaves: nothing of the pool is left on s2.
+    assert servers["s2"].sessions == 0
+    assert not [k for k in servers["s2"].endpoint.keys() if k[1][0] != servers["s2"].address]
+    run_to(run, drain.at + drain.grace + 2.0)
+    assert run.engine.status("s2") == "dead"
+    assert outcome(run) == CLEAN
+    assert_all_served_since(run, drain.at + drain.grace + 0.5)
+    for name in held:
+        client = run.nodes.clients[name]
+        assert client.stats.destination_changes == 1
+        assert holders(run, server_key(client)) == {allocation(run).owner(client.address)}
+    events = [e.what for e in run.engine.events]
+    assert events == ["drain server=s2 grace=1.5", "leave server=s2"]
+
+
+# -- claims 20, 21: the SYN's tag and cookie, echoed by the SYN-ACK -------------------------
+
+
+def test_claim_20_every_syn_carries_a_fresh_tag_and_cookie_in_the_shared_experimental_option() -> (
+    None
+):
+    run, _, seen = settled(d_pool(clients=16, plain=4))
+    # A crash makes the crashed server's clients open new connections.
+    carry_out(run, Kill(at=run.now, server="s3"))
+    run_to(run, run.now + 5.0)
+    offered: list[tuple[int, int]] = []
+    for name, spec in run.topology.clients.items():
+        for syn in syns(seen, name):
+            area = encode_options(syn.segment.options)
+            option = syn.segment.option(TagCookie)
+            if not spec.dynamic_destination:
+                assert option is None and b"\x4d\x43" not in area, name
+                continue
+            # RFC 6994: kind 253, length 17, ExID "MC", subtype 1, tag u32, cookie u64.
+            assert option is not None
+            exact = bytes([253, 17]) + b"MC\x01" + struct.pack("!IQ", option.tag, option.cookie)
+            assert exact in area, name
+            offered.append((option.tag, option.cookie))
+    reconnected = [n for n, c in run.nodes.clients.items() if c.stats.connects > 1]
+    assert reconnected and len(offered) > len(run.nodes.clients) - 4
+    # A SYN sent again keeps its pair; every connection has its own.
+    by_connection: dict[tuple[str, int], set[TagCookie]] = {}
+    for item in seen:
+        option = item.segment.option(TagCookie) if item.out else None
+        if option is not None:
+            by_connection.setdefault((item.client, item.segment.src_port), set()).add(option)
+    assert all(len(pairs) == 1 for pairs in by_connection.values())
+    pairs = [next(iter(p)) for p in by_connection.values()]
+    assert len(set(pairs)) == len(pairs) == len(offered) - resent(seen)
+    assert_all_served_since(run, run.now - 1.5)
+
+
+def resent(seen: list[Seen]) -> int:
+    """SYNs the clients sent again (the same connection, the same sequence number)."""
+    first = {
+        (s.client, s.segment.src_port, s.segment.seq)
+        for s in seen
+        if s.out and s.segment.flags & TcpFlags.SYN
+    }
+    return sum(1 for s in seen if s.out and s.segment.flags & TcpFlags.SYN) - len(first)
+
+
+def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed() -> None:
+    run, _ = start_traced(d_pool(clients=8))
+    seen = watch_wire(run)
+    forged: list[str] = []
+    for client in run.nodes.clients.values():
+        receive = client.receive
+
+        def tampering(
+            iface: str, packet: bytes, now: float, client: Client = client, original: Any = receive
+        ) -> None:
+            ip = IPv4Packet.from_wire(packet)
+            segment = TcpSegment.from_wire(ip.payload, ip.header.src, ip.header.dst)
+            echo = segment.option(TagCookie)
+            if echo is not None and segment.flags & TcpFlags.SYN and client.name not in forged:
+                # An attacker's copy first: the wrong cookie, and its own destination.
+                forged.append(client.name)
+                options = (TagCookie(echo.tag, echo.cookie ^ 1), Destination(ATTACKER, PORT))
+                fake = dataclasses.replace(segment, options=options)
+                wire = IPv4Packet.make(
+                    ip.header.src,
+                    ip.header.dst,
+                    IPPROTO_TCP,
+                    fake.to_wire(ip.header.src, ip.header.dst),
+                ).to_wire()
+                original(iface, wire, now)
+            original(iface, packet, now)
+
+        client.receive = tampering  # type: ignore[method-assign]
+    run_to(run, 2.0)
+    assert sorted(forged) == sorted(run.nodes.clients)
+    by_address = address_of(run)
+    for name, client in run.nodes.clients.items():
+        [syn] = syns(seen, name)
+        real = [
+            a
+            for a in syn_acks(seen, name)
+            if a.segment.option(TagCookie) == syn.segment.option(TagCookie)
+        ]
+        assert real, name
+        assert remote(client)[0] != ATTACKER and remote(client)[0] in by_address
+        assert client.connected and client.stats.requests_ok > 0
+        assert all(s.dst != ATTACKER for s in seen if s.client == name and s.out)
+    assert outcome(run) == CLEAN
+
+
+# -- claim 28: the network, on real sockets, with the key from a real DNS server -----------
+
+
+def test_claim_28_on_real_sockets_requests_carry_tag_and_cookie_and_moves_check_dns() -> None:
+    topo = loads(d_pool(clients=16, report_interval_ms=500, heartbeat_misses=30))
+    ports = topo.attachment_count
+    run = patient(PoolRun(topo, "overlay", seed=5, base_port=free_base_port(ports)))
+    clients = run.nodes.clients
+    asked: list[float] = []
+    state: dict[str, Any] = {}
+
+    def ready() -> bool:
+        return all(c.connected and c.stats.requests_ok for c in clients.values())
+
+    def condition() -> bool:
+        if not asked:
+            old = agreed(run)
+            if ready() and old is not None:
+                asked.append(run.now)
+                state["old"] = old
+                state["keys"] = {n: c.conn_key for n, c in clients.items()}
+                step = SetShare(at=run.now, server="s1", share=Fraction(1, 10))
+                run.network.call_at(run.now, lambda: run.engine.carry_out(step, run.now))
+            return False
+        new = agreed(run)
+        if new is None or abs(float(new.share("s1")) - 0.1) > 1e-3:
+            return False
+        moved = [
+            n for n, c in clients.items() if state["old"].owner(c.address) != new.owner(c.address)
+        ]
+        state["moved"] = moved
+        servers = run.nodes.servers
+        return all(
+            remote(clients[n]) == (servers[new.owner(clients[n].address)].address, PORT)  # type: ignore[index]
+            for n in moved
+        ) and all(c.stats.first_ok_after(asked[0] + 0.5) for c in clients.values())
+
+    held, summary = run_pool_until(run, condition)
+    assert held, f"the moves were not over in time: {summary}"
+    assert run.dns_address is not None  # the clients asked a real DNS server for the key
+    moved = state["moved"]
+    assert moved
+    assert summary["requests_failed"] == 0 and summary["resets"] == 0 and summary["state_lost"] == 0
+    for name, client in clients.items():
+        assert client.conn_key[0] == state["keys"][name][0]  # type: ignore[index]
+        assert client.stats.destinations_followed >= 1
+        assert client.guard.stats.key_lookups >= 1
+    assert sum(clients[n].stats.destination_changes for n in moved) == len(moved)
+    assert not sum((c.stats.redirects_refused for c in clients.values()), Counter())
+
+
+# -- claims 33, 34: the client and the server programs ------------------------------------
+
+
+def test_claim_33_clients_without_the_extension_are_never_redirected() -> None:
+    """The client program offers the extension; a plain client (its SYN without the
+    option) stays on the group address and its technique, R3, keeps it."""
+    run, _, seen = settled(d_pool(clients=16, plain=16))
+    plain = {n for n, spec in run.topology.clients.items() if not spec.dynamic_destination}
+    record = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)))
+    run_to(run, run.now + 1.0)
+    assert outcome(run) == CLEAN
+    assert record.moved.keys() & plain and record.moved.keys() - plain
+    servers = run.nodes.servers
+    for name in plain:
+        client = run.nodes.clients[name]
+        assert client.conn_key == record.keys[name], name
+        assert remote(client) == (GROUP, PORT)
+        assert not changes(seen, name) and client.stats.destinations_followed == 0
+        for answer in syn_acks(seen, name):
+            assert answer.segment.option(TagCookie) is None
+            assert answer.segment.option(Destination) is None
+        owner = record.new.owner(client.address)
+        assert holders(run, server_key(client)) == {owner}
+    transferred = sum(s.handover.stats.transferred_in for s in servers.values())
+    assert transferred == len(record.moved.keys() & plain)
+    extended = record.moved.keys() - plain
+    assert sum(run.nodes.clients[n].stats.destination_changes for n in extended) == len(extended)
+    # An overloaded server passes on only SYNs that offer the extension.
+    s1 = servers["s1"]
+    assert s1.redirector is not None
+    s1.redirector.less_loaded = lambda now: servers["s2"].address
+    client = run.nodes.clients[sorted(plain)[0]]
+    syn = TcpSegment(40001, PORT, 1, 0, TcpFlags.SYN, 1000)
+    ip = IPv4Packet.make(client.address, GROUP, IPPROTO_TCP, syn.to_wire(client.address, GROUP))
+    assert not s1.redirector.pass_syn(ip, ip.to_wire(), run.now)
+    offered = dataclasses.replace(syn, options=(TagCookie(1, 2),))
+    ip = IPv4Packet.make(client.address, GROUP, IPPROTO_TCP, offered.to_wire(client.address, GROUP))
+    assert s1.redirector.pass_syn(ip, ip.to_wire(), run.now)
+
+
+def test_claim_34_every_server_signs_its_moves_with_the_key_the_pool_publishes() -> None:
+    run, _, seen = settled(d_pool())
+    [record] = [r for r in run.pool_records() if r.group == GROUP]
+    published = record.public_key
+    key, outsider = pool_keys(run.topology, 1)
+    assert published == public_bytes(key)
+    wall = run.network.wall_base
+    reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)))
+    reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 2)))
+    by_address = address_of(run)
+    checked = 0
+    for name in run.nodes.clients:
+        for answer in syn_acks(seen, name):
+            destination = answer.segment.option(Destination)
+            assert destination is not None and destination.address in by_address
+        messages: list[ChangeDestination] = []
+        for item in changes(seen, name):
+            message = ChangeDestination.from_wire(item.segment.payload)
+            # Sent by the server it names, signed with the published key, fresh.
+            assert item.src == message.address
+            assert verify_change(message, public_key(published))
+            assert not verify_change(message, outsider.public_key())
+            if message not in messages:
+                assert 0 <= wall + item.at - message.timestamp_ms / 1000 < 0.05
+                messages.append(message)
+        assert [m.serial for m in messages] == list(range(1, len(messages) + 1)), name
+        checked += len(messages)
+    assert checked >= 2
+    for server in run.nodes.servers.values():
+        assert server.redirector is not None and server.redirector.stats.move_failed == 0
+
+
+# -- claim 42: a client takes a change of destination only from the pool ------------------
+
+
+def hijack_segment(
+    client: Client, message: ChangeDestination | bytes, seq_shift: int = 0
+) -> TcpSegment:
+    conn = client.endpoint.connection(client.conn_key)  # type: ignore[arg-type]
+    assert conn is not None
+    state = conn.session_state()
+    assert state.receive is not None
+    payload = message if isinstance(message, bytes) else message.to_wire()
+    return TcpSegment(
+        PORT,
+        client.conn_key[0][1],  # type: ignore[index]
+        (state.receive.rcv_nxt + seq_shift) % 2**32,
+        state.snd_nxt % 2**32,
+        TcpFlags.ACK,
+        65535,
+        options=(ChangeDestinationMark(),),
+        payload=payload,
+    )
+
+
+def inject(run: PoolRun, client: Client, src: ipaddress.IPv4Address, segment: TcpSegment) -> None:
+    wire = IPv4Packet.make(src, client.address, IPPROTO_TCP, segment.to_wire(src, client.address))
+    act(run, lambda: client.receive(client.host.iface, wire.to_wire(), run.now))
+
+
+def attempts(
+    client: Client, key: Ed25519PrivateKey, outsider: Ed25519PrivateKey, wall_ms: int
+) -> list[tuple[str, ChangeDestination | bytes, int, RedirectRefusal]]:
+    """(what, message, sequence shift, the reason it must be refused) of every kind of
+    hijack: each names the attacker's address as the new destination."""
+    conn = client.endpoint.connection(client.conn_key)  # type: ignore[arg-type]
+    assert conn is not None and conn.tag is not None and conn.cookie is not None
+    serial = client.guard.last_serial + 1
+    base = ChangeDestination(conn.tag, conn.cookie, ATTACKER, PORT, serial, wall_ms)
+    signed = sign_change(base, key)
+    replace = dataclasses.replace
+    return [
+        ("forged", replace(base, signature=bytes(64)), 0, RedirectRefusal.BAD_SIGNATURE),
+        ("other key", sign_change(base, outsider), 0, RedirectRefusal.BAD_SIGNATURE),
+        ("tampered", replace(signed, port=PORT + 1), 0, RedirectRefusal.BAD_SIGNATURE),
+        (
+            "replayed",
+            sign_change(replace(base, serial=serial - 1), key),
+            0,
+            RedirectRefusal.REPLAYED,
+        ),
+        (
+            "stale",
+            sign_change(replace(base, timestamp_ms=wall_ms - 60_000), key),
+            0,
+            RedirectRefusal.STALE,
+        ),
+        (
+            "wrong cookie",
+            sign_change(replace(base, cookie=conn.cookie ^ 1), key),
+            0,
+            RedirectRefusal.WRONG_COOKIE,
+        ),
+        (
+            "wrong tag",
+            sign_change(replace(base, tag=conn.tag ^ 1), key),
+            0,
+            RedirectRefusal.WRONG_COOKIE,
+        ),
+        ("unsigned", base, 0, RedirectRefusal.UNSIGNED),
+        ("garbage", b"\x01garbage", 0, RedirectRefusal.MALFORMED),
+        ("blind", signed, 1 << 30, RedirectRefusal.OUT_OF_WINDOW),
+        (
+            "multicast",
+            sign_change(replace(base, address=ipaddress.IPv4Address("239.1.2.3")), key),
+            0,
+            RedirectRefusal.BAD_DESTINATION,
+        ),
+    ]
+
+
+def test_claim_42_every_hijack_is_refused_counted_and_changes_nothing() -> None:
+    run, _, seen = settled(d_pool(clients=8))
+    # One real move first, so that replays have a serial to come below.
+    record = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)))
+    key, outsider = pool_keys(run.topology, 1)
+    wall = run.network.wall_base
+    victims = [run.nodes.clients[n] for n in sorted(record.moved)] + [
+        c for n, c in sorted(run.nodes.clients.items()) if n not in record.moved
+    ]
+    expected: Counter[RedirectRefusal] = Counter()
+    tried = 0
+    for client in victims:
+        before = (client.conn_key, client.stats.destination_changes)
+        server = remote(client)[0]
+        for index, (what, message, shift, reason) in enumerate(
+            attempts(client, key, outsider, int((wall + run.now) * 1000))
+        ):
+            # From the attacker's own address, and spoofing the client's server.
+            source = ATTACKER if index % 2 else server
+            inject(run, client, source, hijack_segment(client, message, shift))
+            expected[reason] += 1
+            tried += 1
+            assert client.conn_key == before[0], (client.name, what)
+        assert client.stats.destination_changes == before[1]
+        if client.name in record.moved:
+            # A copy of the real, last instruction changes nothing and is no hijack.
+            last = client.guard.last
+            assert last is not None
+            inject(run, client, server, hijack_segment(client, last))
+            assert client.conn_key == before[0]
+    refused = sum((c.stats.redirects_refused for c in victims), Counter())
+    assert refused == expected and sum(refused.values()) == tried
+    # Nobody was disturbed: every client goes on with its server.
+    at = run.now
+    run_to(run, at + 1.5)
+    assert outcome(run) == CLEAN
+    assert_all_served_since(run, at + 0.5)
+    assert not [s for s in seen if s.out and s.dst == ATTACKER]
+
+
+def test_claim_42_a_key_that_cannot_be_fetched_means_refuse() -> None:
+    run, _ = start_traced(d_pool(clients=8))
+    run.nodes.directory.clear()  # DNS has no key for the pool
+    run_to(run, 2.0)
+    record = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)), settle=0.5)
+    clients = run.nodes.clients
+    for name in record.moved:
+        client = clients[name]
+        assert client.stats.destination_changes == 0
+        assert client.stats.redirects_refused[RedirectRefusal.NO_KEY] >= 1
+    # Their connections went to servers they never accepted: they end, the clients
+    # open new ones (to their new owners) and are served again. Nobody else notices.
+    at = run.now
+    run_to(run, at + 5.0)
+    assert_all_served_since(run, at + 4.0)
+    for name, client in clients.items():
+        if name not in record.moved:
+            assert not client.stats.disruptions, name
+        else:
+            assert client.stats.reconnects >= 1
+        owner = allocation(run).owner(client.address)
+        assert holders(run, server_key(client)) == {owner}
+
+
+# -- claim 43: a server that answers with its destination, in a pool that changes ---------
+
+
+def test_claim_43_the_redirect_demo_serves_every_client_through_a_move_a_drain_and_a_kill() -> None:
+    topology = builtin("redirect")
+    assert topology.pool.technique == "D"
+    actions = [step.action for step in topology.scenario]
+    assert {"set_share", "drain", "kill"} <= set(actions)
+    run = PoolRun(topology, "memory", seed=1)
+    seen = watch_wire(run)
+    run.run(topology.duration)
+    summary = run.summary()
+    assert summary["clients_served_at_end"] == summary["clients"] == len(topology.clients)
+    assert summary["state_lost"] == 0
+    clients = run.nodes.clients
+    plain = {n for n, spec in topology.clients.items() if not spec.dynamic_destination}
+    assert plain
+    by_address = address_of(run)
+    for name in clients:
+        for answer in syn_acks(seen, name):
+            destination = answer.segment.option(Destination)
+            if name in plain:
+                assert destination is None
+            else:
+                assert destination is not None and destination.address in by_address
+    assert sum(clients[n].stats.destination_changes for n in clients if n not in plain) > 10
+    assert not sum((c.stats.redirects_refused for c in clients.values()), Counter())
+    # Only the killed server's clients were disturbed (their connections died with it).
+    killed = next(s.server for s in topology.scenario if isinstance(s, Kill))
+    events = {e["what"].split()[0]: e for e in summary["events"]}
+    assert events["set_share"]["affected_clients"] == 0
+    assert events["drain"]["affected_clients"] == 0
+    assert run.engine.status(killed) == "dead"
+
+
+@pytest.mark.parametrize("victim", ["s3", "s1"], ids=["server", "coordinator"])
+def test_claim_43_clients_of_a_dead_server_reconnect_and_their_new_owners_answer(
+    victim: str,
+) -> None:
+    """A crash loses the connections on the dead server (no technique saves them): its
+    clients open new ones, whose SYN-ACKs give their new owners' destinations; the
+    moved sessions a dead server had taken in are served again the same way."""
+    run, _, seen = settled(d_pool())
+    record = reallocate(run, SetShare(at=run.now, server="s2", share=Fraction(1, 10)))
+    before = allocation(run)
+    clients = run.nodes.clients
+    orphans = {n for n, c in clients.items() if before.owner(c.address) == victim}
+    assert orphans & set(record.moved), "no moved session on the victim"
+    at = run.now
+    carry_out(run, Kill(at=at, server=victim))
+    run_to(run, at + 5.0)
+    after = allocation(run)
+    assert victim not in after.servers
+    assert_all_served_since(run, at + 4.0)
+    servers = run.nodes.servers
+    for name, client in clients.items():
+        owner = after.owner(client.address)
+        assert owner is not None
+        assert remote(client) == (servers[owner].address, PORT), name
+        assert holders(run, server_key(client)) == {owner}, name
+    disturbed = {n for n, c in clients.items() if c.stats.disruptions}
+    assert disturbed == orphans
+    for name in orphans:
+        last = syn_acks(seen, name)[-1].segment.option(Destination)
+        assert (
+            last is not None and last.address == servers[after.owner(clients[name].address)].address
+        )  # type: ignore[index]
+    assert outcome(run)["state_lost"] == 0
+
+
+# -- the transport's part ----------------------------------------------------------------
+
+
+def test_a_following_connection_that_would_take_a_used_4_tuple_stays_where_it_was() -> None:
+    import random
+
+    client = Demultiplexer(random.Random(1), SessionConfig())
+    local = (ipaddress.IPv4Address("10.0.0.1"), 4000)
+    server = (ipaddress.IPv4Address("192.0.2.1"), PORT)
+    taken = client.connect(local, server, 0.0, offer=False)
+    conn = client.connect(local, (GROUP, PORT), 0.0, follow=True)
+    [(_, _, syn)] = [s for s in client.segments_to_send() if s[1] == GROUP]
+    echo = syn.option(TagCookie)
+    assert echo is not None
+    syn_ack = TcpSegment(
+        PORT,
+        4000,
+        99,
+        syn.seq + 1,
+        TcpFlags.SYN | TcpFlags.ACK,
+        1000,
+        options=(echo, Destination(*server)),
+    )
+    client.receive(GROUP, local[0], syn_ack, 0.1)
+    assert conn.key == (local, (GROUP, PORT)) and conn.state is State.ESTABLISHED
+    assert client.connection(taken.key) is taken
+
+
+def test_verdicts_of_the_guard_for_a_repeat_and_a_missing_key() -> None:
+    from manycast.protocol.destination import DestinationGuard
+
+    key = Ed25519PrivateKey.generate()
+    guard = DestinationGuard(wall_base=1000.0)
+    message = sign_change(ChangeDestination(1, 2, ATTACKER, PORT, 1, 1_000_000), key)
+    assert guard.check(message, GROUP, 0.0) is Verdict.WAIT and guard.take_lookup()
+    assert not guard.take_lookup()  # asked once
+    guard.provide_key(public_bytes(key), 60.0, 0.0, None)
+    assert guard.release(GROUP, 0.0) == [message]
+    assert guard.check(message, ATTACKER, 0.1) is Verdict.SAME
+    assert guard.stats.accepted == 1 and guard.stats.repeated == 1
+    guard.begin()
+    guard.provide_key(None, 0.0, 100.0, "no key")
+    assert guard.check(dataclasses.replace(message, timestamp_ms=1_100_000), GROUP, 100.0) is (
+        RedirectRefusal.NO_KEY
+    )
+
+
+def test_technique_d_is_refused_where_it_cannot_work() -> None:
+    from manycast.topology import TopologyError
+
+    with pytest.raises(TopologyError, match="redirect_above' is for technique D"):
+        loads(pool_toml(pool={"redirect_above": 2.0}))
+    with pytest.raises(TopologyError, match="must exceed 1"):
+        loads(d_pool(redirect_above=0.5))
+    assert loads(d_pool()).pool.redirect_above == 1.5
+    assert loads(d_pool(redirect_above=0)).pool.redirect_above == 0
+    drain = loads(d_pool(scenario=[(3.0, "drain", {"server": "s2"})])).scenario
+    assert drain == [Drain(at=3.0, line=drain[0].line, server="s2", grace=2.0)]
+    with pytest.raises(TopologyError, match="no server named"):
+        loads(d_pool(scenario=[(3.0, "drain", {"server": "s9"})]))
