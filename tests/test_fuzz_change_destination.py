@@ -62,6 +62,7 @@ moves = st.builds(
     ids,
     u32,
     st.ip_addresses(),
+    u64,
     connection_keys(),
     st.integers(1, 0xFFFFFFFF),
     st.binary(min_size=1, max_size=200),
@@ -144,10 +145,11 @@ def test_move_messages_refuse_what_cannot_be_built() -> None:
     key = ConnectionKey(ipaddress.IPv4Address("10.0.0.1"), 1, ipaddress.IPv4Address("10.0.0.2"), 2)
     origin = ipaddress.IPv4Address("10.0.0.2")
     for bad in (
-        lambda: MoveConnection("s", 0, origin, key, 0, b"x"),  # serial 0: never a move
-        lambda: MoveConnection("s", 0, origin, key, 1, b""),  # no state
+        lambda: MoveConnection("s", 0, origin, 2, key, 0, b"x"),  # serial 0: never a move
+        lambda: MoveConnection("s", 0, origin, 2, key, 1, b""),  # no state
+        lambda: MoveConnection("s", 0, origin, -1, key, 1, b"x"),  # no such epoch
         lambda: MoveAck("s", 0, key, 0),
-        lambda: MoveConnection("s", 0, origin, "key", 1, b"x"),  # type: ignore[arg-type]
+        lambda: MoveConnection("s", 0, origin, 2, "key", 1, b"x"),  # type: ignore[arg-type]
     ):
         try:
             bad()

@@ -16,7 +16,8 @@
   acknowledges (`MoveAck`) and sends the client a `ChangeDestination` signed
   with the pool's key, with the connection's next serial, again until the client
   sends to it directly. Segments that still reach the old server meanwhile are
-  forwarded to the new one. A move never acknowledged is taken back.
+  forwarded to the new one. A move is sent again, with a backoff, until it is
+  acknowledged; one to a server that died, or never acknowledged, is taken back.
 
 Connections whose client did not offer the extension stay on the group address
 and are left to the pool's fallback (R3, state transfer on demand, in
@@ -47,9 +48,13 @@ SendControl = Callable[[control.ControlMessage, ipaddress.IPv4Address | None], N
 OwnerOf = Callable[[int], ipaddress.IPv4Address | None]
 # now -> a less loaded server to pass a new connection to, or None (we are not overloaded)
 LessLoaded = Callable[[float], ipaddress.IPv4Address | None]
+# (server address, now) -> whether we still hear from that server
+Alive = Callable[[ipaddress.IPv4Address, float], bool]
+# the epoch of the allocation we hold
+Epoch = Callable[[], int]
 
 MOVABLE = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)  # closing ones finish where they are
-MOVE_TRIES = 3
+MOVE_TRIES = 5  # 0.3 s, then twice as long each time: 9.3 s in all
 ANNOUNCE_TRIES = 8
 PASS_MEMORY = 3.0  # seconds a passed SYN's target is remembered (for the SYN sent again)
 RETRY = 0.1  # seconds between attempts at moves that had to wait
@@ -116,6 +121,8 @@ class Redirector:
         owned: Callable[[int], bool],
         serving: Callable[[], bool],
         less_loaded: LessLoaded,
+        alive: Alive,
+        epoch: Epoch,
         move_timeout: float = 0.3,
         idle_timeout: float = 30.0,
     ) -> None:
@@ -135,6 +142,8 @@ class Redirector:
         self.owned = owned
         self.serving = serving  # we hold a share of the clients (not drained)
         self.less_loaded = less_loaded
+        self.alive = alive
+        self.epoch = epoch
         self.move_timeout = move_timeout
         self.idle_timeout = idle_timeout
         self.stats = RedirectStats()
@@ -143,6 +152,9 @@ class Redirector:
         # Connections we answered for a loaded server (Fig 20's second server): ours
         # although their clients are not, until they close or we are drained.
         self.guests: set[Flow] = set()
+        # Moved-in connections, with the epoch they were moved by: not moved on before
+        # we hold it (our allocation may still be the old one that sent it away).
+        self._arrived: dict[ConnKey, int] = {}
         # (wall-clock time, client, client port, serial) of every move we began
         self.released: list[tuple[float, ipaddress.IPv4Address, int, int]] = []
         self._outgoing: dict[ConnKey, _Move] = {}
@@ -204,6 +216,15 @@ class Redirector:
             return False
         return (client, key[1][1]) not in self.guests or not self.serving()
 
+    def _settled(self, key: ConnKey) -> bool:
+        """A connection moved to us goes on only once we hold the allocation that sent
+        it (ours may still be the old one, which gave it away)."""
+        arrived = self._arrived.get(key)
+        if arrived is not None and self.epoch() < arrived:
+            return False
+        self._arrived.pop(key, None)
+        return True
+
     def after_change(self, now: float) -> None:
         """The allocation changed: move every following connection we no longer own."""
         for key in self.endpoint.keys():
@@ -214,6 +235,8 @@ class Redirector:
     def _move_pending(self, now: float) -> None:
         for key in sorted(self.pending, key=str):
             conn = self.endpoint.connection(key)
+            if conn is not None and not self._settled(key):
+                continue
             if conn is None or not self._should_move(key):
                 self.pending.discard(key)
                 continue
@@ -244,7 +267,7 @@ class Redirector:
         assert isinstance(client, ipaddress.IPv4Address)
         wanted = control.ConnectionKey(client, client_port, self.address, port)
         message = control.MoveConnection(
-            self.name, 0, self.address, wanted, serial, transport, app_state
+            self.name, 0, self.address, self.epoch(), wanted, serial, transport, app_state
         )
         self.send_control(message, target)
         deadline = now + self.move_timeout
@@ -294,6 +317,7 @@ class Redirector:
             return
         self._latest[flow] = (message.serial, now)
         self.serials[key] = message.serial
+        self._arrived[key] = message.epoch
         self._forwards.pop(flow, None)  # it came back to us
         self._outgoing.pop(key, None)
         self.stats.moved_in += 1
@@ -399,6 +423,7 @@ class Redirector:
         self.serials.pop(key, None)
         self._awaiting.pop(key, None)
         self.pending.discard(key)
+        self._arrived.pop(key, None)
         self.guests.discard((int(key[1][0]), key[1][1]))
 
     def next_deadline(self) -> float | None:
@@ -417,10 +442,11 @@ class Redirector:
         for key, move in list(self._outgoing.items()):
             if move.deadline > now:
                 self._schedule(move.deadline)
-            elif move.tries < MOVE_TRIES:
+            elif move.tries < MOVE_TRIES and self.alive(move.target, now):
+                # Slow, or lost: a busy pool takes its time; a dead server never answers.
                 self.send_control(move.message, move.target)
+                move.deadline = now + self.move_timeout * 2**move.tries
                 move.tries += 1
-                move.deadline = now + self.move_timeout
                 self._schedule(move.deadline)
                 self.stats.move_resent += 1
             else:

@@ -128,6 +128,8 @@ class Server(Node):
                 owned=self._owns,
                 serving=lambda: self._filter is not None,
                 less_loaded=self._less_loaded,
+                alive=lambda address, now: address not in self.coordinator.dead_addresses(now),
+                epoch=lambda: self.coordinator.epoch,
             )
         self.handover = Handover(
             settings.technique,

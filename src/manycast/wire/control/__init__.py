@@ -49,7 +49,7 @@ Layout, big-endian, field widths in bits:
     17  FlowUntag       count(16) flow...
     18  VipAdvert       vip-address router-address hold-ms(32)
     19  LoadReport      server-address load(f64) sessions(32)
-    20  MoveConnection  origin-address key serial(32) length(32) transport-state
+    20  MoveConnection  origin-address epoch(64) key serial(32) length(32) transport-state
                         length(32) application-state  (serial >= 1, a transport state)
     21  MoveAck         key serial(32)
 

@@ -17,6 +17,7 @@ from typing import ClassVar
 from manycast.wire.control.envelope import Envelope, MessageType, control_message
 from manycast.wire.control.fields import (
     U32,
+    U64,
     Address,
     as_bytes,
     check_address,
@@ -42,10 +43,12 @@ class MoveConnection(Envelope):
     is the old server's own address, where the client sent) to the receiver, which
     continues it and tells the client, with a change-destination signed with
     `serial` (1 for a connection's first move), to send to it. `origin` is where the
-    receiver's `MoveAck` goes."""
+    receiver's `MoveAck` goes; `epoch` is the allocation the sender moved it by (the
+    receiver moves it on only once it holds that epoch or a later one)."""
 
     TYPE: ClassVar[MessageType] = MessageType.MOVE_CONNECTION
     origin: Address
+    epoch: int
     key: ConnectionKey
     serial: int
     transport_state: bytes
@@ -53,6 +56,7 @@ class MoveConnection(Envelope):
 
     def _check(self, what: str) -> None:
         check_address(what, "origin", self.origin)
+        check_uint(what, "epoch", self.epoch, U64)
         _check_key(what, self.key)
         check_uint(what, "serial", self.serial, U32, low=1)
         for name in ("transport_state", "app_state"):
@@ -65,6 +69,7 @@ class MoveConnection(Envelope):
 
     def _write_body(self, w: Writer) -> None:
         write_address(w, self.origin)
+        w.u64(self.epoch)
         self.key._write(w)
         w.u32(self.serial)
         w.u32(len(self.transport_state)).bytes(self.transport_state)
@@ -73,11 +78,12 @@ class MoveConnection(Envelope):
     @classmethod
     def _read_body(cls, sender: str, seq: int, r: Reader) -> MoveConnection:
         origin = read_address(r, "origin")
+        epoch = r.u64("epoch")
         key = ConnectionKey._read(r)
         serial = r.u32("serial")
         transport = r.bytes(r.u32("transport state length"), "transport state")
         app = r.bytes(r.u32("application state length"), "application state")
-        return cls(sender, seq, origin, key, serial, transport, app)
+        return cls(sender, seq, origin, epoch, key, serial, transport, app)
 
 
 @control_message
