@@ -4,6 +4,7 @@ named after the claim it shows and checks what a client sees."""
 from __future__ import annotations
 
 import ipaddress
+import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import pytest
 
 from manycast.protocol.client import Client
 from manycast.protocol.server import Server
+from manycast.protocol.vip import VipRouter
 from manycast.runtime import PoolRun
 from manycast.steps import Add, Kill, KillVipRouter, Rebalance, SetShare, Step
 from manycast.topology import loads
@@ -427,35 +429,64 @@ def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> N
     assert plane.stats.malformed == 1
 
 
-def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_death() -> None:
-    """As the clients see it: after the VIP router their first packets go to dies, new
-    connections lose their SYN only until the routers stop hearing its adverts (the
-    pool's failure-detection time, heartbeat x misses); every connection opened after
-    that is answered on its first SYN."""
-    run, _ = start(vip_toml(per_connection=2))
-    opened: list[tuple[float, Client, int]] = []
-    syns: dict[tuple[str, int], int] = defaultdict(int)
+@dataclass
+class Openings:
+    """Each connection the clients open, and how many SYNs each sent: as the clients see
+    it, a new flow is served when its connection is answered on its first SYN."""
 
-    def hooks(client: Client) -> None:
+    opened: list[tuple[float, Client, int]] = field(default_factory=list)
+    syns: dict[tuple[str, int], int] = field(default_factory=lambda: defaultdict(int))
+
+    def hook(self, run: PoolRun) -> None:
+        for client in run.nodes.clients.values():
+            self._hook(client)
+
+    def _hook(self, client: Client) -> None:
         connect, take_frames = client._connect, client.take_frames
 
         def _connect(now: float) -> None:
             connect(now)
-            opened.append((now, client, client._port))
+            self.opened.append((now, client, client._port))
 
         def _take_frames() -> list[Any]:
             frames = take_frames()
             for frame in frames:
                 ip = IPv4Packet.from_wire(frame.packet)
                 if ip.header.protocol == IPPROTO_TCP and ip.payload[13] & 0x12 == 0x02:
-                    syns[(client.name, int.from_bytes(ip.payload[:2], "big"))] += 1
+                    self.syns[(client.name, int.from_bytes(ip.payload[:2], "big"))] += 1
             return frames
 
         client._connect = _connect  # type: ignore[method-assign]
         client.take_frames = _take_frames  # type: ignore[method-assign]
 
-    for client in run.nodes.clients.values():
-        hooks(client)
+    def served_on_first_syn(self, at: float, client: Client, port: int) -> bool:
+        later = [t for t, c, _ in self.opened if c is client and t > at]
+        answered = any(
+            at <= ok - latency and (not later or ok - latency < min(later))
+            for ok, latency in zip(client.stats.ok_times, client.stats.latencies, strict=True)
+        )
+        return answered and self.syns[(client.name, port)] == 1
+
+    def between(self, since: float, until: float) -> tuple[list[float], list[float]]:
+        """(when each connection opened in (since, until] was, that was served on its
+        first SYN; when each was that was not), as times after `since`."""
+        served: list[float] = []
+        hurt: list[float] = []
+        for at, client, port in self.opened:
+            if since < at <= until:
+                good = self.served_on_first_syn(at, client, port)
+                (served if good else hurt).append(at - since)
+        return served, hurt
+
+
+def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_death() -> None:
+    """As the clients see it: after the VIP router their first packets go to dies, new
+    connections lose their SYN only until the routers stop hearing its adverts (the
+    pool's failure-detection time, heartbeat x misses); every connection opened after
+    that is answered on its first SYN."""
+    run, _ = start(vip_toml(per_connection=2))
+    openings = Openings()
+    openings.hook(run)
     run.network.run_until(3.0)
     edge = run.nodes.routers["ra"].vip
     assert edge is not None
@@ -465,19 +496,40 @@ def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_de
     killed = run.now
     run.network.run_until(killed + 3.0)
     detection = run.topology.pool.heartbeat_s * run.topology.pool.heartbeat_misses
-
-    def served_on_first_syn(at: float, client: Client, port: int) -> bool:
-        later = [t for t, c, _ in opened if c is client and t > at]
-        answered = any(
-            at <= ok - latency and (not later or ok - latency < min(later))
-            for ok, latency in zip(client.stats.ok_times, client.stats.latencies, strict=True)
-        )
-        return answered and syns[(client.name, port)] == 1
-
-    after = [(at, c, p) for at, c, p in opened if killed < at <= killed + 2.0]
-    hurt = [at - killed for at, c, p in after if not served_on_first_syn(at, c, p)]
+    served, hurt = openings.between(killed, killed + 2.0)
     assert hurt, "no new connection lost its SYN at the dead VIP router: the test shows nothing"
     assert max(hurt) <= detection + 0.1, hurt
-    first_served = min(at for at, c, p in after if served_on_first_syn(at, c, p))
-    assert first_served - killed <= detection + 0.1
+    assert min(served) <= detection + 0.1
+    assert failures(run) == 0
+
+
+def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_them() -> None:
+    """The nearest VIP router starts (or restarts) while the other serves: the routers
+    turn to it only once it knows the servers and has their trees, so no new flow's
+    first packet is lost on a VIP router not yet able to place it."""
+    run, _ = start(vip_toml(per_connection=2))
+    nearest = run.nodes.vip_routers["vr1"]  # on core, the clients' way in
+    other = run.nodes.vip_routers["vr2"]
+    run.network.kill("vr1")
+    openings = Openings()
+    openings.hook(run)
+    run.network.run_until(3.0)
+    assert other.stats.flows > 0
+    late = VipRouter(
+        "vr1",
+        nearest.interfaces,
+        (nearest.iface, ipaddress.IPv4Address(nearest.gateway)),
+        nearest.settings,
+        random.Random(7),
+        vip=VIP,
+        initial=other.observer.allocation,
+        edges=[(net, router) for net, router in nearest.edges],
+    )
+    began = run.now
+    run.network.add(late)
+    run.network.run_until(began + 3.0)
+    assert late.stats.flows > 0, "the nearest VIP router never took new flows"
+    assert late.stats.no_server + late.stats.no_tree == 0
+    served, hurt = openings.between(began, began + 2.0)
+    assert served and not hurt, hurt
     assert failures(run) == 0

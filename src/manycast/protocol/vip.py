@@ -106,6 +106,12 @@ class VipRouter(Node):
         # advert, the time the servers take to notice one of their own is dead.
         self.advert_every = settings.heartbeat_s
         self.hold = settings.dead_after
+        # We advertise ourselves once we can place new flows: routers turn to the nearest
+        # VIP router they hear, and one that cannot place a flow yet loses its first
+        # packet. Or, once our router has told us its trees, a hold time after we
+        # started: a server whose tree has not reached us by then has none through us.
+        self._started: float | None = None
+        self._advertising = False
         self.observer = Coordinator(
             name, self.address, settings, rng, initial=initial, observer=True
         )
@@ -123,6 +129,7 @@ class VipRouter(Node):
 
     # -- node interface ------------------------------------------------------------------
     def start(self, now: float) -> None:
+        self._started = now
         self.observer.start(now)
         self.timers.arm("advert", now)
         self.timers.arm("report", now)
@@ -303,11 +310,30 @@ class VipRouter(Node):
         self.observer.take_new_allocation()
 
     def _advertise(self, now: float) -> None:
-        hold_ms = max(1, int(self.hold * 1000))
-        advert = control.VipAdvert(self.name, self._next_seq(), self.vip, self.address, hold_ms)
-        self._send_control(ipaddress.IPv4Address(self.gateway), advert)
         self.table.expire(now)
+        started = now if self._started is None else self._started
+        if not self._advertising and (
+            self.ready(now) or (self.table.stats.mappings > 0 and now >= started + self.hold)
+        ):
+            self._advertising = True  # from now on every heartbeat, as long as we live
+        if self._advertising:
+            hold_ms = max(1, int(self.hold * 1000))
+            advert = control.VipAdvert(self.name, self._next_seq(), self.vip, self.address, hold_ms)
+            self._send_control(ipaddress.IPv4Address(self.gateway), advert)
         self.timers.arm("advert", now + self.advert_every)
+
+    def ready(self, now: float) -> bool:
+        """Whether we can place every new flow now: the pool's allocation, cleared of
+        the servers it no longer hears from, names only servers whose addresses we know
+        and whose trees reach us."""
+        allocation = self._live_allocation(now)
+        if allocation is None:
+            return False
+        for server in allocation.servers:
+            address = self.server_address(server)
+            if address is None or self.table.toward(address) is None:
+                return False
+        return True
 
     def _join_control_channel(self, now: float) -> None:
         """Join the control group (every source), as the servers do, to follow them."""
