@@ -119,6 +119,9 @@ class PoolRun:
         self.engine.schedule(self._net.call_at)
         self._dns: Any = None
         self.dns_address: tuple[str, int] | None = self.topology.pool.dns
+        # the clients' resolver: group -> (answer, when it expires); who waits for one
+        self._client_keys: dict[int, tuple[KeyAnswer, float]] = {}
+        self._client_asking: dict[int, list[Client]] = {}
 
     # -- the engine's PoolControl ----------------------------------------------------
     def hosts(self, server: str) -> bool:
@@ -151,24 +154,53 @@ class PoolRun:
     # -- what the nodes ask of their host --------------------------------------------
     def _on_effect(self, node: Node, effect: object) -> None:
         if isinstance(effect, KeyNeeded) and isinstance(node, Router):
-            self._look_up_key(node, effect.group)
+            router, group = node, effect.group
+
+            def answer(reply: KeyAnswer) -> None:
+                router.provide_key(group, reply.public_key, reply.ttl, self._net.now, reply.reason)
+
+            self._look_up_key(group, answer)
         elif isinstance(effect, PoolKeyNeeded) and isinstance(node, Client):
-            self._look_up_key(node, effect.group)  # to check a change-destination (Fig 21)
+            self._client_key(node, effect.group)  # to check a change-destination (Fig 21)
 
-    def _look_up_key(self, asker: Router | Client, group: int) -> None:
-        """A router's (or a client's) question for a group's key. With a DNS server
-        (`[pool] dns`, or the one a real-time run starts): a DNS query off the clock.
-        On a virtual clock without one: the pool's directory, after a lookup delay."""
-
-        def answer(reply: KeyAnswer) -> None:
-            asker.provide_key(group, reply.public_key, reply.ttl, self._net.now, reply.reason)
-
+    def _look_up_key(self, group: int, then: Callable[[KeyAnswer], object]) -> None:
+        """A question for a group's key. With a DNS server (`[pool] dns`, or the one a
+        real-time run starts): a DNS query off the clock. On a virtual clock without
+        one: the pool's directory, after a lookup delay."""
         address = self.dns_address
         if address is not None:
-            self._net.defer(lambda: lookup_key(group, address, DNS_TIMEOUT), answer)
+            self._net.defer(lambda: lookup_key(group, address, DNS_TIMEOUT), then)
         else:
             reply = key_from_directory(self.nodes.directory, group)
-            self._net.call_at(self._net.now + LOOKUP_DELAY, lambda: answer(reply))
+            self._net.call_at(self._net.now + LOOKUP_DELAY, lambda: then(reply))
+
+    def _client_key(self, client: Client, group: int) -> None:
+        """A client's question, through one caching resolver for the clients hosted
+        here (a site's resolver): one lookup per group and TTL, however many ask."""
+        now = self._net.now
+        cached = self._client_keys.get(group)
+        if cached is not None and cached[1] > now:
+            reply, expires = cached
+            self._net.call_at(
+                now,
+                lambda: client.provide_key(
+                    group, reply.public_key, expires - self._net.now, self._net.now, reply.reason
+                ),
+            )
+            return
+        asking = self._client_asking.setdefault(group, [])
+        asking.append(client)
+        if len(asking) > 1:
+            return  # a lookup is on its way
+
+        def answer(reply: KeyAnswer) -> None:
+            at = self._net.now
+            if reply.public_key is not None:
+                self._client_keys[group] = (reply, at + reply.ttl)
+            for asker in self._client_asking.pop(group, []):
+                asker.provide_key(group, reply.public_key, reply.ttl, at, reply.reason)
+
+        self._look_up_key(group, answer)
 
     def pool_records(self) -> list[PoolRecord]:
         """What a private pool publishes in DNS: its group and its control channel."""
