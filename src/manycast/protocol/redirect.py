@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,6 +59,7 @@ MOVE_TRIES = 5  # 0.3 s, then twice as long each time: 9.3 s in all
 ANNOUNCE_TRIES = 8
 PASS_MEMORY = 3.0  # seconds a passed SYN's target is remembered (for the SYN sent again)
 RETRY = 0.1  # seconds between attempts at moves that had to wait
+RELEASED_KEPT = 10_000  # moves remembered for measurements (`released`)
 Flow = tuple[int, int]  # (client address, client port)
 
 
@@ -155,8 +157,10 @@ class Redirector:
         # Moved-in connections, with the epoch they were moved by: not moved on before
         # we hold it (our allocation may still be the old one that sent it away).
         self._arrived: dict[ConnKey, int] = {}
-        # (wall-clock time, client, client port, serial) of every move we began
-        self.released: list[tuple[float, ipaddress.IPv4Address, int, int]] = []
+        # (wall-clock time, client, client port, serial) of the last moves we began
+        self.released: deque[tuple[float, ipaddress.IPv4Address, int, int]] = deque(
+            maxlen=RELEASED_KEPT
+        )
         self._outgoing: dict[ConnKey, _Move] = {}
         self._awaiting: dict[ConnKey, _Announce] = {}
         self._forwards: dict[Flow, _Forward] = {}
