@@ -55,7 +55,9 @@ Alive = Callable[[ipaddress.IPv4Address, float], bool]
 Epoch = Callable[[], int]
 
 MOVABLE = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)  # closing ones finish where they are
-MOVE_TRIES = 5  # 0.3 s, then twice as long each time: 9.3 s in all
+MOVE_TRIES = 4  # 1 s, then twice as long each time: 15 s in all
+MOVE_BATCH = 8  # connections moved at once; the next ones a moment later
+MOVE_GAP = 0.002  # seconds between batches: the server sees to the rest meanwhile
 ANNOUNCE_TRIES = 8
 PASS_MEMORY = 3.0  # seconds a passed SYN's target is remembered (for the SYN sent again)
 RETRY = 0.1  # seconds between attempts at moves that had to wait
@@ -125,7 +127,7 @@ class Redirector:
         less_loaded: LessLoaded,
         alive: Alive,
         epoch: Epoch,
-        move_timeout: float = 0.3,
+        move_timeout: float = 1.0,
         idle_timeout: float = 30.0,
     ) -> None:
         self.name = name
@@ -237,7 +239,13 @@ class Redirector:
         self._move_pending(now)
 
     def _move_pending(self, now: float) -> None:
+        """Move what waits, a batch at a time: hundreds of connections moved in one go
+        would hold up everything else the server does (its heartbeats among them)."""
+        moved = 0
         for key in sorted(self.pending, key=str):
+            if moved >= MOVE_BATCH:
+                self._schedule(now + MOVE_GAP)
+                return
             conn = self.endpoint.connection(key)
             if conn is not None and not self._settled(key):
                 continue
@@ -248,7 +256,7 @@ class Redirector:
             if target is None or target == self.address or conn.state not in MOVABLE:
                 continue  # no owner we can reach yet, or a moment that does not suit
             self.pending.discard(key)
-            self.move(key, target, now)
+            moved += self.move(key, target, now)
         if self.pending:
             self._schedule(now + RETRY)
 
