@@ -14,6 +14,7 @@ Baselines are built from their published descriptions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +38,19 @@ def progress(text: str) -> None:
 def emit(result: dict[str, Any]) -> None:
     """The bench's result: one JSON object, the last line on stdout."""
     print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def run_and_emit(bench: str, run: Callable[[], dict[str, Any]]) -> None:
+    """`run()`'s result as the last line on stdout, whatever else prints meanwhile (it
+    goes to stderr); a bench that fails still ends in one JSON object, with `error`,
+    and exits 1."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run()
+    except Exception as exc:  # the line must come whatever went wrong
+        emit({"bench": bench, "error": f"{type(exc).__name__}: {exc}"})
+        raise SystemExit(1) from exc
+    emit(result)
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import _plots
-from _common import emit, progress
+from _common import progress, run_and_emit
 from _pool import percentile
 from manycast.pool import pool_keys
 from manycast.ports import free_base_port
@@ -347,6 +347,10 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
 
 
 def main() -> None:
+    run_and_emit("redirect", measure)
+
+
+def measure() -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _plots.add_argument(parser)
     parser.add_argument(
@@ -408,8 +412,8 @@ def main() -> None:
             "seconds": round(time.monotonic() - began, 1),
         }
     )
-    emit(result)
     _plots.write(result, args.plots, plot)
+    return result
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from _common import emit, progress
+from _common import progress, run_and_emit
 from manycast.drivers import netns
 from manycast.lab import Lab, LabRun
 from manycast.topology import Topology
@@ -501,9 +501,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a shorter run")
     args = parser.parse_args()
     began = time.monotonic()
-    result = {"bench": "vip_lab", "quick": args.quick, **measure(args.quick)}
-    result["seconds"] = round(time.monotonic() - began, 1)
-    emit(result)
+
+    def run() -> dict[str, Any]:
+        result = {"bench": "vip_lab", "quick": args.quick, **measure(args.quick)}
+        result["seconds"] = round(time.monotonic() - began, 1)
+        return result
+
+    run_and_emit("vip_lab", run)
 
 
 if __name__ == "__main__":
