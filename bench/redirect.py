@@ -347,10 +347,11 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
 
 
 def main() -> None:
-    run_and_emit("redirect", measure)
+    args = parse_arguments()  # before run_and_emit, so that --help prints on stdout
+    run_and_emit("redirect", lambda: measure(args))
 
 
-def measure() -> dict[str, Any]:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _plots.add_argument(parser)
     parser.add_argument(
@@ -359,7 +360,10 @@ def measure() -> dict[str, Any]:
         help="part 1's techniques, comma separated (D first; R1-R3 are the baselines)",
     )
     parser.add_argument("--skip-part1", action="store_true", help="parts 2 and 3 only")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     began = time.monotonic()
     load_start = round(os.getloadavg()[0], 2)
     techniques = tuple(t.strip().upper() for t in args.techniques.split(",") if t.strip())
