@@ -1,0 +1,266 @@
+"""Freezing a live kernel TCP socket, dumping it, restoring it elsewhere (TCP_REPAIR, as CRIU).
+
+A socket in repair mode is frozen: it sends nothing on its own, closing it
+sends no FIN nor RST (`tcp_disconnect` is silent in repair mode), and its
+sequence numbers, queues, options and windows can be read (`dump`) and set on
+a new socket (`restore`), which `connect()` then puts straight into
+ESTABLISHED without a handshake. Taking the new socket out of repair mode
+(`thaw`) makes the kernel send a window probe, so the peer answers at once
+with its current ACK and window instead of the new socket waiting for a
+retransmission timeout.
+
+What is moved: the send queue (sent and unacknowledged, then not yet sent:
+only the sent part goes back in repair mode, the rest is written normally
+after `thaw`, so it is sent and not taken for sent), the receive queue (data
+the service has not read), `write_seq` / `rcv_nxt`, MSS, window scaling,
+SACK, timestamps (the TCP timestamp clock carries on from where the old
+socket was: both sockets must see the same clock, as namespaces of one host
+do; between hosts the offset moves with it), and TCP_REPAIR_WINDOW. Not
+moved: congestion state and RTT estimates (the new socket starts them
+afresh), out-of-order data (the peer sends it again), urgent data. Only an
+ESTABLISHED socket moves; anything else is refused with `RepairError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import socket
+import struct
+
+from manycast.errors import DriverError
+from manycast.wire.tcpstate import TcpState, Window
+
+SOL_TCP = socket.IPPROTO_TCP
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_REPAIR_OPTIONS = 22
+TCP_TIMESTAMP = 24
+TCP_REPAIR_WINDOW = 29
+TCP_REPAIR_ON, TCP_REPAIR_OFF = 1, 0
+TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
+TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+TCP_ESTABLISHED = 1
+TCP_INFO_BYTES = 104
+_WINDOW = struct.Struct("=5I")
+_CHUNK = 1 << 16  # bytes per repair-mode write (one skb each; the kernel splits by MSS)
+_HEADROOM = 2  # buffer bytes per queued byte (skb overhead counts against the buffers)
+
+
+class RepairError(DriverError):
+    """A socket that cannot be frozen, dumped or restored (the message says which step)."""
+
+
+def _u32(sock: socket.socket, option: int) -> int:
+    value: int = struct.unpack("=I", sock.getsockopt(SOL_TCP, option, 4))[0]
+    return value
+
+
+def _ioctl(sock: socket.socket, request: int) -> int:
+    value: int = struct.unpack("=i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    return value
+
+
+def tcp_info(sock: socket.socket) -> bytes:
+    return sock.getsockopt(SOL_TCP, socket.TCP_INFO, TCP_INFO_BYTES)
+
+
+def rtt_us(sock: socket.socket) -> int:
+    """The kernel's smoothed round-trip time of `sock` (tcpi_rtt), in microseconds."""
+    value: int = struct.unpack_from("=I", tcp_info(sock), 68)[0]
+    return value
+
+
+def is_established(sock: socket.socket) -> bool:
+    try:
+        return tcp_info(sock)[0] == TCP_ESTABLISHED
+    except OSError:
+        return False
+
+
+def freeze(sock: socket.socket) -> None:
+    """Put `sock` in repair mode: from now on it sends nothing of its own accord."""
+    if not is_established(sock):
+        raise RepairError("only an established connection can be moved")
+    try:
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+    except OSError as exc:
+        raise RepairError(
+            f"cannot freeze the socket (TCP_REPAIR needs CAP_NET_ADMIN): {exc}"
+        ) from None
+
+
+def thaw(sock: socket.socket) -> None:
+    """Take `sock` out of repair mode; the kernel sends a window probe at once."""
+    sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+
+
+def discard(sock: socket.socket) -> None:
+    """Close a frozen socket: in repair mode the kernel drops it without a FIN or RST,
+    and it leaves no TIME_WAIT behind."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+    sock.close()
+
+
+def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
+    sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+    data = b""
+    if length:
+        # MSG_PEEK of the selected queue, in repair mode: the whole queue at once.
+        data = sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    if len(data) != length:
+        raise RepairError(f"queue {queue}: read {len(data)} of {length} bytes")
+    return data
+
+
+def dump(sock: socket.socket, app: str = "none", app_state: bytes = b"") -> TcpState:
+    """The state of the frozen socket `sock`, with the service's own `app_state`."""
+    try:
+        info = tcp_info(sock)
+        if info[0] != TCP_ESTABLISHED:
+            raise RepairError(f"socket in TCP state {info[0]}, not established")
+        local = sock.getsockname()[:2]
+        remote = sock.getpeername()[:2]
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        write_seq = _u32(sock, TCP_QUEUE_SEQ)
+        outq, unsent = _ioctl(sock, SIOCOUTQ), _ioctl(sock, SIOCOUTQNSD)
+        send_queue = _peek(sock, TCP_SEND_QUEUE, outq)
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        rcv_nxt = _u32(sock, TCP_QUEUE_SEQ)
+        recv_queue = _peek(sock, TCP_RECV_QUEUE, _ioctl(sock, SIOCINQ))
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        mss = _u32(sock, socket.TCP_MAXSEG)  # in repair mode: the clamp the peer allowed
+        window = Window(*_WINDOW.unpack(sock.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)))
+        options, scales = info[5], info[6]
+        timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
+        timestamp = _u32(sock, TCP_TIMESTAMP) if timestamps else 0
+    except OSError as exc:
+        raise RepairError(f"cannot dump the socket: {exc}") from None
+    return TcpState(
+        local=(ipaddress.ip_address(local[0]), local[1]),
+        remote=(ipaddress.ip_address(remote[0]), remote[1]),
+        write_seq=write_seq,
+        unsent=unsent,
+        send_queue=send_queue,
+        rcv_nxt=rcv_nxt,
+        recv_queue=recv_queue,
+        mss=mss,
+        window=window,
+        sack=bool(options & TCPI_OPT_SACK),
+        timestamps=timestamps,
+        wscale=(scales & 0xF, scales >> 4) if options & TCPI_OPT_WSCALE else None,
+        timestamp=timestamp,
+        app=app,
+        app_state=app_state,
+    )
+
+
+def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
+    sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
+    view = memoryview(data)
+    while view:
+        sent = sock.send(view[:_CHUNK])
+        if sent <= 0:
+            raise RepairError(f"queue {queue}: the kernel took no more data")
+        view = view[sent:]
+
+
+def _buffers(sock: socket.socket, state: TcpState) -> None:
+    """Room for the queues: a new socket's buffers start small (autotuning grows them
+    later), and a repair-mode write beyond them fails."""
+    for option, force, need in (
+        (socket.SO_SNDBUF, SO_SNDBUFFORCE, len(state.send_queue)),
+        (socket.SO_RCVBUF, SO_RCVBUFFORCE, len(state.recv_queue)),
+    ):
+        wanted = _HEADROOM * need + (64 << 10)
+        if need and sock.getsockopt(socket.SOL_SOCKET, option) < wanted:
+            sock.setsockopt(socket.SOL_SOCKET, force, wanted)
+
+
+def restore(state: TcpState) -> socket.socket:
+    """A new socket in the calling thread's namespace, bound to `state.local` (the
+    listener there may hold the same address: repair mode forces the bind) and
+    ESTABLISHED to `state.remote`, still frozen: `thaw` it, then `send_unsent`."""
+    family = socket.AF_INET if state.local[0].version == 4 else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+        _buffers(sock, state)
+        sock.bind((str(state.local[0]), state.local[1]))
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _seq(state.rcv_nxt - len(state.recv_queue)))
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _seq(state.snd_una))
+        sock.connect((str(state.remote[0]), state.remote[1]))
+        options = [(TCPOPT_MAXSEG, state.mss)]
+        if state.sack:
+            options.append((TCPOPT_SACK_PERM, 0))
+        if state.wscale is not None:
+            options.append((TCPOPT_WINDOW, state.wscale[0] | state.wscale[1] << 16))
+        if state.timestamps:
+            options.append((TCPOPT_TIMESTAMP, 0))
+        packed = b"".join(struct.pack("=II", code, value) for code, value in options)
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_OPTIONS, packed)
+        if state.timestamps:
+            sock.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("=I", state.timestamp))
+        _fill(sock, TCP_RECV_QUEUE, state.recv_queue)
+        window = state.window
+        sock.setsockopt(
+            SOL_TCP,
+            TCP_REPAIR_WINDOW,
+            _WINDOW.pack(
+                window.snd_wl1, window.snd_wnd, window.max_window, window.rcv_wnd, window.rcv_wup
+            ),
+        )
+        sent = len(state.send_queue) - state.unsent
+        _fill(sock, TCP_SEND_QUEUE, state.send_queue[:sent])
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+    except OSError as exc:
+        discard(sock)
+        raise RepairError(f"cannot restore {_flow(state)}: {exc}") from None
+    return sock
+
+
+def send_unsent(sock: socket.socket, state: TcpState) -> None:
+    """Write the part of the send queue the old socket had not sent yet, as the
+    service would have (after `thaw`: now it is sent, not taken for sent)."""
+    if not state.unsent:
+        return
+    data = memoryview(state.send_queue)[len(state.send_queue) - state.unsent :]
+    blocking = sock.getblocking()
+    sock.setblocking(True)
+    try:
+        sock.sendall(data)
+    finally:
+        sock.setblocking(blocking)
+
+
+def _seq(value: int) -> int:
+    """A sequence number as setsockopt takes it (a C int)."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _flow(state: TcpState) -> str:
+    return f"{state.remote[0]}:{state.remote[1]} -> {state.local[0]}:{state.local[1]}"
+
+
+__all__ = [
+    "RepairError",
+    "discard",
+    "dump",
+    "freeze",
+    "is_established",
+    "restore",
+    "rtt_us",
+    "send_unsent",
+    "tcp_info",
+    "thaw",
+]
