@@ -13,6 +13,8 @@ import pytest
 
 from manycast.runtime import PoolRun
 from manycast.wire import control
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPv4Packet, UDPDatagram
 from pooltools import (
     DropRule,
     ScenarioStep,
@@ -144,8 +146,25 @@ def test_split_pool_heals_to_one_allocation() -> None:
     assert_all_served_since(run, 6.0)
 
 
-def test_dead_servers_membership_expires_from_the_routers() -> None:
+def test_dead_servers_membership_leaves_the_routers_on_the_pools_notice() -> None:
     run, _ = start(pool_toml(scenario=[kill(2.0, "s2")], duration=6.0), seed=1)
+    s2 = int(run.nodes.servers["s2"].address)
+    group = int(run.topology.pool.group)
+
+    def holders() -> set[str]:
+        return {n for n, r in run.nodes.routers.items() if s2 in r.members.get(group, {})}
+
+    run_to(run, 2.2)
+    assert holders() == {"ra", "core", "rs1", "rs2"}  # a crash sends no leave
+    run_to(run, 2.7)  # seen dead after 0.3 s, removed, and the coordinator tells the routers
+    assert holders() == set()
+    assert_one_allocation(run)
+
+
+def test_without_the_notice_dead_servers_membership_expires_from_the_routers() -> None:
+    run, _ = start(pool_toml(scenario=[kill(2.0, "s2")], duration=6.0), seed=1)
+    for router in run.nodes.routers.values():
+        router.receive = _losing_notices(router.receive)  # type: ignore[method-assign]
     s2 = int(run.nodes.servers["s2"].address)
     group = int(run.topology.pool.group)
     hold = run.nodes.routers["rs2"].hold_time
@@ -153,11 +172,27 @@ def test_dead_servers_membership_expires_from_the_routers() -> None:
     def holders() -> set[str]:
         return {n for n, r in run.nodes.routers.items() if s2 in r.members.get(group, {})}
 
-    run_to(run, 2.5)
-    assert holders() == {"ra", "core", "rs1", "rs2"}  # a crash sends no leave
+    run_to(run, 2.7)
+    assert holders() == {"ra", "core", "rs1", "rs2"}
     run_to(run, 2.0 + hold + 0.1)
     assert holders() == set()
     assert_one_allocation(run)
+
+
+def _losing_notices(receive: Callable[[str, bytes, float], None]) -> Any:
+    """`receive`, losing every member-down notice on its way in."""
+
+    def lossy(iface: str, packet: bytes, now: float) -> None:
+        try:
+            ip = IPv4Packet.from_wire(packet)
+            udp = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
+            if isinstance(control.decode(udp.payload), control.MemberDown):
+                return
+        except WireError:
+            pass
+        receive(iface, packet, now)
+
+    return lossy
 
 
 # -- lost control messages ------------------------------------------------------------------

@@ -261,6 +261,7 @@ def test_type_numbers() -> None:
         "LOAD_REPORT": 19,
         "MOVE_CONNECTION": 20,
         "MOVE_ACK": 21,
+        "MEMBER_DOWN": 22,
     }
 
 

@@ -100,9 +100,10 @@ def verify_join(report: IGMPv3Report, key: Ed25519PublicKey) -> bool:
 
 
 class ReplayCache:
-    """Joins seen within the time window, so a copy of one is refused (Fig 6, 610).
+    """Signed messages seen within the time window, so a copy of one is refused (Fig 6,
+    610): joins, and the pool's notices to its routers (by their signed bytes).
 
-    Entries older than the window can go: a join that old is refused as stale anyway.
+    Entries older than the window can go: a message that old is refused as stale anyway.
     """
 
     def __init__(self, window: float, limit: int = 100_000) -> None:
@@ -111,15 +112,17 @@ class ReplayCache:
         self._seen: OrderedDict[bytes, float] = OrderedDict()
 
     @staticmethod
-    def _fingerprint(join: SignedJoin) -> bytes:
-        return join.requester.packed + join.timestamp.to_bytes(8, "big") + join.random_key
+    def _fingerprint(seen: SignedJoin | bytes) -> bytes:
+        if isinstance(seen, bytes):
+            return seen
+        return seen.requester.packed + seen.timestamp.to_bytes(8, "big") + seen.random_key
 
-    def __contains__(self, join: SignedJoin) -> bool:
-        return self._fingerprint(join) in self._seen
+    def __contains__(self, seen: SignedJoin | bytes) -> bool:
+        return self._fingerprint(seen) in self._seen
 
-    def remember(self, join: SignedJoin, now: float) -> None:
+    def remember(self, seen: SignedJoin | bytes, now: float) -> None:
         self._forget(now)
-        self._seen[self._fingerprint(join)] = now
+        self._seen[self._fingerprint(seen)] = now
         if len(self._seen) > self.limit:
             self._seen.popitem(last=False)
 
@@ -129,4 +132,3 @@ class ReplayCache:
             if now - at <= 2 * self.window:
                 break
             del self._seen[first]
-

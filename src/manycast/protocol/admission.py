@@ -8,6 +8,7 @@ uses), signed with a key other than the group's, or when the group's key cannot
 be had (no record, or a record that does not validate). The key comes from DNS
 through the router's owner: the admission asks for a group's key, the owner
 looks it up (I/O) and hands the answer back with its TTL; joins wait meanwhile.
+The pool's notice that a member died (`MemberDown`) passes the same checks.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from manycast.addressplan import DEFAULT_PLAN
 from manycast.auth import AuthError, ReplayCache, public_key, verify_join
 from manycast.protocol.refusal import Refusal
+from manycast.wire.control import MemberDown
 from manycast.wire.membership import IGMPv3Report
 
 
@@ -87,6 +90,34 @@ class Admission:
                 return Verdict(entry.error)
             if not verify_join(report, entry.key):
                 return Verdict(Refusal.BAD_SIGNATURE)
+        self.replay.remember(signed, now)
+        return Verdict()
+
+    def check_notice(self, notice: MemberDown, right_link: bool, now: float) -> Verdict:
+        """The pool's notice that a member of a private group died: signed with the
+        group's key, timely, not seen before, and arriving from the signer's side."""
+        group = int(notice.group)
+        if not notice.signature:
+            return Verdict(Refusal.UNSIGNED)
+        signed = notice.signed_bytes()
+        if signed in self.replay:
+            return Verdict(Refusal.DUPLICATE)
+        if abs(self.wall_base + now - notice.wall_ms / 1000) > self.window:
+            return Verdict(Refusal.STALE)
+        if not right_link:
+            return Verdict(Refusal.WRONG_LINK)
+        if not self._fresh(group, now):
+            if group not in self._asked:
+                self._asked.add(group)
+                self.requests.append(group)
+            return Verdict(waiting_for=(group,))
+        entry = self._keys[group]
+        if entry.key is None:
+            return Verdict(entry.error)
+        try:
+            entry.key.verify(notice.signature, signed)
+        except InvalidSignature:
+            return Verdict(Refusal.BAD_SIGNATURE)
         self.replay.remember(signed, now)
         return Verdict()
 

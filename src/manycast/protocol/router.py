@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from manycast.auth import ReplayCache
 from manycast.protocol.admission import Admission
 from manycast.protocol.membership import SourceFilter, changes
 from manycast.protocol.node import Interface, Node
@@ -58,6 +59,7 @@ _FULL = 0xFFFFFFFF
 MAX_PENDING_JOINS = 1024  # joins held while their group's key is looked up
 VIP_SWEEP = 0.25  # seconds between sweeps of a VIP pool's lapsed tags and bindings
 _MPLS_DPORT = MPLS_UDP_PORT.to_bytes(2, "big")
+NOTICE_MEMORY = 60.0  # seconds a member-down notice is remembered, so its copies stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,8 @@ class RouterStats:
     joins_relayed: int = 0
     rejected: Counter[Refusal] = field(default_factory=Counter)
     local: int = 0
+    members_down: int = 0  # members dropped on the pool's notice that they died
+    notices_refused: Counter[Refusal] = field(default_factory=Counter)
 
 
 class Router(Node):
@@ -141,6 +145,7 @@ class Router(Node):
         self.control_port = control_port
         self.senders: dict[int, dict[int, float]] = {}  # group -> participant -> expiry
         self._pending: list[tuple[str, IPv4Packet, IGMPv3Report, tuple[int, ...]]] = []
+        self._notices_seen = ReplayCache(NOTICE_MEMORY)  # member-down notices (floods)
         self.router_ifaces = set(router_ifaces)
         self.stats = RouterStats()
         self.members: dict[int, dict[int, Member]] = {}  # group -> origin -> member
@@ -435,10 +440,63 @@ class Router(Node):
         except WireError:
             self.stats.malformed += 1
             return
-        if self.vip is not None and self.vip.on_control(
+        if isinstance(message, control.MemberDown):
+            self._on_member_down(iface, message, datagram.payload, now)
+        elif self.vip is not None and self.vip.on_control(
             iface, int(ip.header.src), message, datagram.payload, now
         ):
             self._vip_changed(now)
+
+    def _on_member_down(
+        self, iface: str, notice: control.MemberDown, payload: bytes, now: float
+    ) -> None:
+        """The pool declared a member dead: drop its membership and the R4 paths pinned
+        to it now, rather than when its membership times out, and pass the notice on.
+        A private group's notice must be signed with the group's key (and timely, new,
+        from the signer's side); a public group's must come from the signer's side and
+        the signer must be a member itself."""
+        group, member, signer = int(notice.group), int(notice.member), int(notice.signer)
+        signed = notice.signed_bytes()
+        if signed in self._notices_seen:
+            return  # a flooded copy
+        toward = self.route(signer)
+        right_link = toward is not None and toward[0] == iface
+        members = self.members.get(group, {})
+        reason: Refusal | None
+        if self.admission is not None and self.admission.is_private(group):
+            verdict = self.admission.check_notice(notice, right_link, now)
+            if verdict.waiting_for:
+                # Not held: the member's membership still times out if the key never comes.
+                self.effects.extend(KeyNeeded(g) for g in self.admission.take_requests())
+                reason = Refusal.NO_KEY
+            else:
+                reason = verdict.reason
+        elif not right_link:
+            reason = Refusal.WRONG_LINK
+        elif signer not in members:
+            reason = Refusal.UNAUTHORIZED_SENDER
+        else:
+            reason = None
+        if reason is not None:
+            self.stats.notices_refused[reason] += 1
+            return
+        self._notices_seen.remember(signed, now)
+        if members.pop(member, None) is not None:
+            self.stats.members_down += 1
+            self._invalidate(group)
+            self._arm_expiry()
+        if self.vip is not None and self.vip.drop_server(member):
+            self._vip_changed(now)
+        for out in sorted(self.router_ifaces - {iface}):
+            for neighbor in self._neighbors.get(out, ()):
+                self.control_to(out, neighbor, payload)
+
+    def control_to(self, iface: str, neighbor: int, payload: bytes) -> None:
+        """A control message to a neighbouring router, on the link to it."""
+        src = self.interfaces[iface].address
+        dst = ipaddress.IPv4Address(neighbor)
+        udp = UDPDatagram(self.control_port, self.control_port, payload).to_wire(src, dst)
+        self.send(iface, IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), neighbor)
 
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)

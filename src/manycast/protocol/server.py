@@ -16,6 +16,7 @@ whose decisions it carries out.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from collections import Counter
@@ -62,6 +63,7 @@ class ServerStats:
     reports_sent: int = 0
     control_sent: int = 0
     control_received: int = 0
+    deaths_told: int = 0  # member-down notices sent to our router, as coordinator
 
 
 class Server(Node):
@@ -103,6 +105,7 @@ class Server(Node):
         self._bucket_requests: Counter[int] = Counter()
         self._bucket_since = 0.0
         self.portions: PortionSet | None = None
+        self._servers_held: tuple[str, ...] = initial.servers if initial is not None else ()
         self._filter: SourceFilter | None = None
         self.redirect_above = redirect_above
         self._loads_settle = 0.0  # loads are averages: trust them from then on
@@ -331,6 +334,7 @@ class Server(Node):
         return sorted(control.BucketLoad(b, n / elapsed) for b, n in busiest)
 
     def _apply(self, allocation: Allocation, now: float) -> None:
+        self._tell_routers_of_deaths(allocation, now)
         self._bucket_requests.clear()
         self._bucket_since = now
         old = self.portions
@@ -340,6 +344,35 @@ class Server(Node):
         self._send_report(now, refresh=False, previous=old)
         if not self.settings.vip:
             self.handover.after_change(self._filter, now)
+
+    def _tell_routers_of_deaths(self, allocation: Allocation, now: float) -> None:
+        """As coordinator, tell our router of each server this change removed because
+        the pool stopped hearing from it: the routers drop its membership at once (and
+        pass the notice on) instead of holding it until it times out."""
+        held = self._servers_held
+        self._servers_held = allocation.servers
+        if not self.coordinator.is_coordinator(now):
+            return
+        dead = self.coordinator.dead_addresses(now)
+        for name in sorted(set(held) - set(allocation.servers)):
+            peer = self.coordinator.peers.get(name)
+            if peer is None or peer.address not in dead:
+                continue  # it left on purpose: its own report ends its membership
+            wall_ms = int((self.settings.wall_base + now) * 1000)
+            notice = control.MemberDown(
+                self.name,
+                0,
+                self.settings.group,
+                peer.address,
+                self.address,
+                self.coordinator.epoch,
+                wall_ms,
+                self.rng.randbytes(8),
+            )
+            if self.key is not None:
+                notice = dataclasses.replace(notice, signature=self.key.sign(notice.signed_bytes()))
+            self._send_control(notice, self.router)
+            self.stats.deaths_told += 1
 
     def _send_report(
         self, now: float, *, refresh: bool, previous: PortionSet | None = None

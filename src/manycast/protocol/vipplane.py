@@ -30,7 +30,7 @@ from typing import Protocol
 from manycast.protocol.labels import Hop, LabelTable
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram, decrement_ttl_v4
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, decrement_ttl_v4
 from manycast.wire.label import LABELLED_V4_LEN, LabelledReaderV4, TunnelV4, wrap_v4
 
 _PORTS = struct.Struct("!HH")
@@ -50,6 +50,8 @@ class Forwarder(Protocol):
     def route(self, dst: int) -> tuple[str, int] | None: ...
 
     def address_on(self, iface: str) -> ipaddress.IPv4Address: ...
+
+    def control_to(self, iface: str, neighbor: int, payload: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +85,7 @@ class VipPlaneStats:
     retags_refused: int = 0  # a tag naming another server for a flow whose server lives
     flows_ended: int = 0  # by FIN or RST
     flows_idle: int = 0
+    flows_of_dead_servers: int = 0  # untagged when the pool declared their server dead
     refused: int = 0  # control messages from where they may not come
 
 
@@ -359,12 +362,16 @@ class VipPlane:
                 self._control_to(out, neighbor, payload)
 
     def _control_to(self, iface: str, neighbor: int, payload: bytes) -> None:
-        src = self.router.address_on(iface)
-        dst = ipaddress.IPv4Address(neighbor)
-        udp = UDPDatagram(self.control_port, self.control_port, payload).to_wire(src, dst)
-        self.router.send(
-            iface, IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), neighbor
-        )
+        self.router.control_to(iface, neighbor, payload)
+
+    def drop_server(self, server: int) -> bool:
+        """The pool declared `server` dead: its tagged flows fall back to membership
+        (R4's paths pinned to it end). True if any did."""
+        dead = [flow for flow, tag in self.flows.items() if tag.server == server]
+        for flow in dead:
+            del self.flows[flow]
+        self.stats.flows_of_dead_servers += len(dead)
+        return bool(dead)
 
     # -- time ----------------------------------------------------------------------------
     def advertise(self, now: float, force: bool = False) -> None:

@@ -12,6 +12,7 @@ distribute labels (`LabelMapping`), VIP routers announce themselves (`VipAdvert`
 and tag flows at edge routers (`FlowTag`, `FlowUntag`), servers report load
 (`LoadReport`); R4's pinned paths (Fig 16) are flow tags too. Technique D (Fig
 20-21) moves a live connection to another server (`MoveConnection`, `MoveAck`).
+The coordinator tells the routers that a server died (`MemberDown`).
 The messages travel as UDP payloads of inner IP packets.
 
 Layout, big-endian, field widths in bits:
@@ -52,6 +53,8 @@ Layout, big-endian, field widths in bits:
     20  MoveConnection  origin-address epoch(64) key serial(32) length(32) transport-state
                         length(32) application-state  (serial >= 1, a transport state)
     21  MoveAck         key serial(32)
+    22  MemberDown      group-address member-address signer-address epoch(64) wall-ms(64)
+                        nonce(64 bits) signature-length(8)=0|64 signature
 
     op  kind(8), then
      1  ADD_SERVER      id has-share(8) [share]
@@ -71,7 +74,7 @@ built either, and both raise `WireError`.
 Modules: `fields` (field checks and codecs), `envelope` (the envelope and
 `decode`), `ops` (policy operations), `coordination` (heartbeats, proposals,
 acks, commits), `snapshot` (the allocation in parts), `handover` (R2-R4), `vip`
-(the virtual-IP pool), `redirect` (technique D).
+(the virtual-IP pool), `redirect` (technique D), `death` (a server's death, told to the routers).
 Everything public is re-exported here: `control.SetShareOp(...)`.
 """
 
@@ -87,6 +90,7 @@ from manycast.wire.control.coordination import (
     Proposal,
     ServerState,
 )
+from manycast.wire.control.death import MemberDown
 from manycast.wire.control.envelope import MAGIC, VERSION, MessageType, decode, encode
 from manycast.wire.control.fields import (
     MAX_BUCKET_LOADS,
@@ -157,6 +161,7 @@ ControlMessage: TypeAlias = (
     | LoadReport
     | MoveConnection
     | MoveAck
+    | MemberDown
 )
 
 __all__ = [
@@ -185,6 +190,7 @@ __all__ = [
     "Heartbeat",
     "LabelMapping",
     "LoadReport",
+    "MemberDown",
     "MessageType",
     "MoveAck",
     "MoveConnection",

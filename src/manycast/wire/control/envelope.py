@@ -46,6 +46,7 @@ class MessageType(IntEnum):
     LOAD_REPORT = 19
     MOVE_CONNECTION = 20
     MOVE_ACK = 21
+    MEMBER_DOWN = 22
 
 
 @dataclass(frozen=True, slots=True)
