@@ -163,6 +163,8 @@ def cdf(ax: Axes, series: Mapping[str, Iterable[float | None]], *, xlabel: str) 
 
 def per_round(ax: Axes, series: Mapping[str, Sequence[float]], *, ylabel: str) -> None:
     """One line per series over the bench's rounds (1, 2, ...)."""
+    from matplotlib.ticker import MaxNLocator  # matplotlib is optional: only with --plots
+
     for i, (name, values) in enumerate(series.items()):
         ax.plot(
             range(1, len(values) + 1),
@@ -174,7 +176,7 @@ def per_round(ax: Axes, series: Mapping[str, Sequence[float]], *, ylabel: str) -
     ax.set_xlabel("round")
     ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     ax.legend(fontsize=8)
 
 
