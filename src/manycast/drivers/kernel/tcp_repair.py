@@ -49,7 +49,6 @@ TCP_ESTABLISHED = 1
 TCP_INFO_BYTES = 104
 _WINDOW = struct.Struct("=5I")
 _CHUNK = 1 << 16  # bytes per repair-mode write (one skb each; the kernel splits by MSS)
-_HEADROOM = 2  # buffer bytes per queued byte (skb overhead counts against the buffers)
 
 
 class RepairError(DriverError):
@@ -99,6 +98,9 @@ def thaw(sock: socket.socket) -> None:
     """Take `sock` out of repair mode; the kernel sends a window probe at once."""
     sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
     sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+    # Leaving repair mode clears the forced address reuse; without reuse this socket
+    # would keep a restarted service's listener (SO_REUSEADDR) off the address.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
 def discard(sock: socket.socket) -> None:
@@ -179,15 +181,15 @@ def _buffers(sock: socket.socket, state: TcpState) -> None:
         (socket.SO_SNDBUF, SO_SNDBUFFORCE, len(state.send_queue)),
         (socket.SO_RCVBUF, SO_RCVBUFFORCE, len(state.recv_queue)),
     ):
-        wanted = _HEADROOM * need + (64 << 10)
-        if need and sock.getsockopt(socket.SOL_SOCKET, option) < wanted:
+        wanted = need + (64 << 10)  # the kernel doubles it: room for the skbs' overhead
+        if need and sock.getsockopt(socket.SOL_SOCKET, option) < 2 * wanted:
             sock.setsockopt(socket.SOL_SOCKET, force, wanted)
 
 
 def restore(state: TcpState) -> socket.socket:
     """A new socket in the calling thread's namespace, bound to `state.local` (the
     listener there may hold the same address: repair mode forces the bind) and
-    ESTABLISHED to `state.remote`, still frozen: `thaw` it, then `send_unsent`."""
+    ESTABLISHED to `state.remote`, still frozen: `thaw` it, then write `unsent(state)`."""
     family = socket.AF_INET if state.local[0].version == 4 else socket.AF_INET6
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -228,18 +230,10 @@ def restore(state: TcpState) -> socket.socket:
     return sock
 
 
-def send_unsent(sock: socket.socket, state: TcpState) -> None:
-    """Write the part of the send queue the old socket had not sent yet, as the
-    service would have (after `thaw`: now it is sent, not taken for sent)."""
-    if not state.unsent:
-        return
-    data = memoryview(state.send_queue)[len(state.send_queue) - state.unsent :]
-    blocking = sock.getblocking()
-    sock.setblocking(True)
-    try:
-        sock.sendall(data)
-    finally:
-        sock.setblocking(blocking)
+def unsent(state: TcpState) -> bytes:
+    """The part of the send queue the old socket had not sent yet: the caller writes it
+    to the new socket after `thaw`, before anything else, as the service would have."""
+    return state.send_queue[len(state.send_queue) - state.unsent :] if state.unsent else b""
 
 
 def _seq(value: int) -> int:
@@ -260,7 +254,7 @@ __all__ = [
     "is_established",
     "restore",
     "rtt_us",
-    "send_unsent",
     "tcp_info",
     "thaw",
+    "unsent",
 ]

@@ -1,0 +1,446 @@
+"""Holding a moving TCP flow's packets: at the edge in an NFQUEUE, at the old server behind a drop.
+
+While a connection moves, its packets must wait, or the old server (its socket
+gone) or the new one (no socket yet) would answer them with a reset. Both
+places act on the flow's conntrack entry, so a move costs one netlink message
+per flow, no rule change:
+
+* At the client's edge router a static iptables rule queues (NFQUEUE) every
+  packet to the VIP whose conntrack mark is `HOLD_MARK`. `EdgeHold.hold` sets
+  that mark on the flow's entry (its tag, `srv6.py`, is the mark too: the flow
+  leaves its old server's segment); `release` sets the new server's mark and
+  lets the queued packets go with it, in the order they came (a packet that comes
+  meanwhile may overtake them; TCP puts it back in order).
+* At the old server static rules drop, in and out, packets of a flow whose
+  conntrack mark is `GONE_MARK`; the service sets it the moment it freezes the
+  socket (`ServerGuard.gone`) and clears it if the move fails. Whatever
+  reaches the old server late is dropped, never answered with a reset; the
+  entry's timeout is shortened so it does not linger.
+
+The NFQUEUE client (`NfQueue`) speaks nfnetlink_queue directly: bind a queue,
+copy the first bytes of each packet (addresses and ports), give verdicts one
+packet at a time with a new packet mark. (This kernel has iptables' NFQUEUE
+target but not nftables' `queue`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import select
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
+from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_NEW, NFCTAttrTuple, nfct_msg
+
+from manycast.errors import DriverError
+
+NETLINK_NETFILTER = 12
+HOLD_MARK = 0x7E57  # at the edge: the flow is moving, queue its packets
+GONE_MARK = 0x60DE  # at the old server: the flow has left, drop its packets
+QUEUE_NUM = 7100
+GONE_TIMEOUT_S = 120  # how long a moved-away flow's entry (and its drop) lasts
+ACK_TIMEOUT_S = 1.0
+COPY_BYTES = 48  # IPv4 header (with room for options) and the TCP ports
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NFNL_SUBSYS_QUEUE = 3
+NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
+NFQNL_CFG_CMD_BIND = 1
+NFQNL_COPY_PACKET = 2
+NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_PAYLOAD = 1, 2, 3, 10
+NF_DROP, NF_ACCEPT = 0, 1
+QUEUE_MAXLEN = 1 << 16
+SO_RCVBUFFORCE = 33
+
+Flow = tuple[str, int]  # the client's address and port (the VIP and its port are known)
+
+
+class HoldError(DriverError):
+    """The edge or a server cannot hold a flow (no rule, no conntrack entry, no queue)."""
+
+
+# -- rules --------------------------------------------------------------------------------
+def iptables() -> str:
+    found = shutil.which("iptables") or shutil.which("iptables", path="/usr/sbin:/sbin")
+    if found is None:
+        raise HoldError("moving TCP connections needs iptables (NFQUEUE): apt-get install iptables")
+    return found
+
+
+def install(enter: Callable[[], None], rules: list[list[str]]) -> None:
+    """Add `rules` (each `-A` or `-t TABLE -A ...`) inside a namespace, `enter` run
+    between fork and exec; a rule already there is not added again."""
+    binary = iptables()
+
+    def run(rule: list[str]) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [binary, "-w", *rule], preexec_fn=enter, capture_output=True, timeout=20, check=False
+        )
+
+    for rule in rules:
+        if run(["-C" if word == "-A" else word for word in rule]).returncode == 0:
+            continue
+        done = run(rule)
+        if done.returncode != 0:
+            problem = done.stderr.decode(errors="replace").strip()
+            raise HoldError(f"iptables {' '.join(rule)}: {problem}")
+
+
+def edge_rules(vip: str, port: int, queue: int = QUEUE_NUM) -> list[list[str]]:
+    """The edge router's one rule: a held flow's packets to the VIP wait in `queue`
+    (no listener: dropped, which the client's retransmission covers)."""
+    return [
+        ["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-d", vip, "--dport", str(port),
+         "-m", "connmark", "--mark", str(HOLD_MARK), "-j", "NFQUEUE", "--queue-num", str(queue)],
+    ]  # fmt: skip
+
+
+def server_rules(vip: str, port: int) -> list[list[str]]:
+    """A server's rules: a flow that has left is dropped both ways."""
+    mark = ["-m", "connmark", "--mark", str(GONE_MARK), "-j", "DROP"]
+    return [
+        ["-A", "INPUT", "-p", "tcp", "-d", vip, "--dport", str(port), *mark],
+        ["-A", "OUTPUT", "-p", "tcp", "-s", vip, "--sport", str(port), *mark],
+    ]
+
+
+# -- conntrack marks ----------------------------------------------------------------------
+_SENTINEL_SOURCE = "198.51.100.253"
+_SENTINEL_PORT = 0xBEEF
+_SENTINEL_MARK = 0x5EA1F00D
+_SENTINEL_TIMEOUT = 0x7E0D7E0D
+_SENTINEL_SEQ = 0x0C0FFEE1
+
+
+def _template(daddr: str, dport: int, timeout: bool) -> tuple[bytes, list[int]]:
+    """One CT_NEW (update) message with sentinels where the flow's source, port, mark,
+    timeout and sequence number go, and their offsets (as `ctmark.py` does)."""
+    msg = nfct_msg.create_from(
+        mark=_SENTINEL_MARK,
+        timeout=_SENTINEL_TIMEOUT if timeout else None,
+        tuple_orig=NFCTAttrTuple(
+            saddr=_SENTINEL_SOURCE,
+            daddr=daddr,
+            proto=socket.IPPROTO_TCP,
+            sport=_SENTINEL_PORT,
+            dport=dport,
+        ),
+    )
+    msg["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
+    msg["header"]["sequence_number"] = _SENTINEL_SEQ
+    msg["nfgen_family"] = socket.AF_INET
+    msg.encode()
+    data = bytes(msg.data)
+    offsets = [
+        data.index(struct.pack("=I", _SENTINEL_SEQ)),
+        data.index(socket.inet_aton(_SENTINEL_SOURCE)),
+        data.index(struct.pack("!H", _SENTINEL_PORT)),
+        data.index(struct.pack("!I", _SENTINEL_MARK)),
+    ]
+    if timeout:
+        offsets.append(data.index(struct.pack("!I", _SENTINEL_TIMEOUT)))
+    return data, offsets
+
+
+class CtMarks:
+    """Sets conntrack marks of flows to (VIP, port) in this namespace and waits for the
+    kernel's answers (open it inside the namespace)."""
+
+    def __init__(self, vip: str, port: int) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.bind((0, 0))
+        self.sock.setblocking(False)
+        self.vip, self.port = vip, port
+        self._plain = _template(vip, port, timeout=False)
+        self._timed = _template(vip, port, timeout=True)
+        self._seq = 0
+        self.sent = 0
+        self.missing = 0
+        self.failed = 0
+
+    def mark(
+        self, flows: Iterable[Flow], mark: int, timeout: int | None = None, wait: bool = True
+    ) -> dict[Flow, int]:
+        """Set `mark` (and a new `timeout`, seconds) on each flow's entry; with `wait`,
+        each flow's answer: 0, or the errno (ENOENT: conntrack knows no such flow)."""
+        data, offsets = self._plain if timeout is None else self._timed
+        pending: dict[int, Flow] = {}
+        for flow in flows:
+            message = bytearray(data)
+            self._seq = (self._seq + 1) & 0xFFFFFFFF
+            struct.pack_into("=I", message, offsets[0], self._seq)
+            message[offsets[1] : offsets[1] + 4] = socket.inet_aton(flow[0])
+            struct.pack_into("!H", message, offsets[2], flow[1])
+            struct.pack_into("!I", message, offsets[3], mark)
+            if timeout is not None:
+                struct.pack_into("!I", message, offsets[4], timeout)
+            try:
+                self.sock.send(message)
+            except OSError:
+                self.failed += 1
+                continue
+            self.sent += 1
+            pending[self._seq] = flow
+        results: dict[Flow, int] = {}
+        if not wait:
+            self._drain(pending, results, 0.0)
+            return results
+        self._drain(pending, results, ACK_TIMEOUT_S)
+        for flow in pending.values():
+            results[flow] = errno.ETIMEDOUT
+        return results
+
+    def _drain(self, pending: dict[int, Flow], results: dict[Flow, int], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if not pending or left <= 0:
+                    return
+                select.select([self.sock], [], [], left)
+                continue
+            offset = 0
+            while offset + 16 <= len(data):
+                length, kind, _, seq = struct.unpack_from("=IHHI", data, offset)
+                if kind == NLMSG_ERROR and offset + 20 <= len(data):
+                    code = -struct.unpack_from("=i", data, offset + 16)[0]
+                    flow = pending.pop(seq, None)
+                    if flow is not None:
+                        results[flow] = code
+                    if code == errno.ENOENT:
+                        self.missing += 1
+                    elif code:
+                        self.failed += 1
+                if length < 16:
+                    break
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# -- NFQUEUE ------------------------------------------------------------------------------
+def _attr(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _message(kind: int, queue: int, attrs: bytes, flags: int, seq: int) -> bytes:
+    body = struct.pack("=BBH", socket.AF_UNSPEC, 0, socket.htons(queue)) + attrs
+    msg_type = (NFNL_SUBSYS_QUEUE << 8) | kind
+    return struct.pack("=IHHII", 16 + len(body), msg_type, flags, seq, 0) + body
+
+
+@dataclass(frozen=True, slots=True)
+class Queued:
+    packet_id: int
+    flow: Flow
+
+
+class NfQueue:
+    """One nfnetlink queue of this namespace, bound at construction."""
+
+    def __init__(self, num: int = QUEUE_NUM) -> None:
+        self.num = num
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+        self.sock.bind((0, 0))
+        self._seq = 0
+        self._config(
+            _attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, socket.AF_INET))
+        )
+        self._config(
+            _attr(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_BYTES, NFQNL_COPY_PACKET))
+            + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_MAXLEN))
+        )
+        self.sock.setblocking(False)
+        self.verdicts = 0
+        self.unparsed = 0
+
+    def _config(self, attrs: bytes) -> None:
+        self._seq += 1
+        self.sock.send(
+            _message(NFQNL_MSG_CONFIG, self.num, attrs, NLM_F_REQUEST | NLM_F_ACK, self._seq)
+        )
+        self.sock.settimeout(ACK_TIMEOUT_S)
+        try:
+            while True:
+                data = self.sock.recv(1 << 16)
+                _, kind, _, seq = struct.unpack_from("=IHHI", data)
+                if kind == NLMSG_ERROR and seq == self._seq:
+                    code = -struct.unpack_from("=i", data, 16)[0]
+                    if code:
+                        raise HoldError(
+                            f"cannot bind NFQUEUE {self.num}: {errno.errorcode.get(code, code)}"
+                        )
+                    return
+        except TimeoutError:
+            raise HoldError(f"no answer binding NFQUEUE {self.num}") from None
+
+    def read(self) -> list[Queued]:
+        """Every packet queued since the last call, in the order the kernel queued them."""
+        found: list[Queued] = []
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except BlockingIOError:
+                return found
+            offset = 0
+            while offset + 20 <= len(data):
+                length, kind = struct.unpack_from("=IH", data, offset)
+                if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
+                    packet = self._parse(data[offset + 20 : offset + length])
+                    if packet is None:
+                        self.unparsed += 1
+                    else:
+                        found.append(packet)
+                if length < 16:
+                    break
+                offset += (length + 3) & ~3
+
+    @staticmethod
+    def _parse(attrs: bytes) -> Queued | None:
+        packet_id: int | None = None
+        flow: Flow | None = None
+        offset = 0
+        while offset + 4 <= len(attrs):
+            length, kind = struct.unpack_from("=HH", attrs, offset)
+            if length < 4:
+                break
+            value = attrs[offset + 4 : offset + length]
+            kind &= 0x7FFF
+            if kind == NFQA_PACKET_HDR and len(value) >= 4:
+                packet_id = struct.unpack_from("!I", value)[0]
+            elif kind == NFQA_PAYLOAD and len(value) >= 20:
+                header = (value[0] & 0xF) * 4
+                if len(value) >= header + 2:
+                    source = str(ipaddress.IPv4Address(value[12:16]))
+                    flow = (source, struct.unpack_from("!H", value, header)[0])
+            offset += (length + 3) & ~3
+        if packet_id is None or flow is None:
+            return None
+        return Queued(packet_id, flow)
+
+    def verdict(self, packet_id: int, accept: bool, mark: int | None = None) -> None:
+        attrs = _attr(
+            NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT if accept else NF_DROP, packet_id)
+        )
+        if mark is not None:
+            attrs += _attr(NFQA_MARK, struct.pack("!I", mark))
+        self._seq += 1
+        self.sock.send(_message(NFQNL_MSG_VERDICT, self.num, attrs, NLM_F_REQUEST, self._seq))
+        self.verdicts += 1
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# -- the two ends -------------------------------------------------------------------------
+@dataclass
+class EdgeStats:
+    held: int = 0  # flows held
+    released: int = 0
+    packets_held: int = 0  # packets that waited in the queue
+    hold_failed: int = 0  # flows conntrack did not know (not moved)
+
+
+@dataclass
+class EdgeHold:
+    """A client edge router's side of moves: hold flows, then release them onto a
+    server's segment. Open it inside the edge's namespace (`netns.run_in`)."""
+
+    vip: str
+    port: int
+    queue_num: int = QUEUE_NUM
+    stats: EdgeStats = field(default_factory=EdgeStats)
+
+    def __post_init__(self) -> None:
+        self.marks = CtMarks(self.vip, self.port)
+        self.queue = NfQueue(self.queue_num)
+        self._waiting: dict[Flow, list[int]] = defaultdict(list)
+
+    def hold(self, flows: Iterable[Flow]) -> list[Flow]:
+        """Queue the flows' packets from now on; the flows the edge could hold."""
+        results = self.marks.mark(flows, HOLD_MARK)
+        held = [flow for flow, code in results.items() if code == 0]
+        self.stats.held += len(held)
+        self.stats.hold_failed += len(results) - len(held)
+        return held
+
+    def _collect(self) -> None:
+        for packet in self.queue.read():
+            self._waiting[packet.flow].append(packet.packet_id)
+
+    def release(self, flows: Iterable[Flow], mark: int) -> int:
+        """Send the flows on with `mark` (a server's segment), their held packets first,
+        in order; the number of packets that had waited."""
+        flows = list(flows)
+        # The mark first: a released packet passes the VIP rule (`srv6.nft_ruleset`)
+        # again, which copies the conntrack mark onto it.
+        self.marks.mark(flows, mark)
+        self._collect()
+        count = self._let_go(flows, mark)
+        self.stats.released += len(flows)
+        self.stats.packets_held += count
+        return count
+
+    def _let_go(self, flows: list[Flow], mark: int) -> int:
+        count = 0
+        for flow in flows:
+            for packet_id in self._waiting.pop(flow, ()):
+                self.queue.verdict(packet_id, True, mark)
+                count += 1
+        return count
+
+    def close(self) -> None:
+        # Anything still held goes nowhere: the kernel drops the queue with its socket.
+        self.marks.close()
+        self.queue.close()
+
+
+class ServerGuard:
+    """A server's side: mark a flow gone (its packets dropped both ways) or back."""
+
+    def __init__(self, vip: str, port: int) -> None:
+        self.marks = CtMarks(vip, port)
+
+    def gone(self, flows: Iterable[Flow]) -> None:
+        # Not waited for: the socket is frozen, and only a straggler could meet the mark.
+        self.marks.mark(flows, GONE_MARK, timeout=GONE_TIMEOUT_S, wait=False)
+
+    def back(self, flows: Iterable[Flow]) -> None:
+        self.marks.mark(flows, 0, wait=True)
+
+    def close(self) -> None:
+        self.marks.close()
+
+
+__all__ = [
+    "GONE_MARK",
+    "HOLD_MARK",
+    "QUEUE_NUM",
+    "CtMarks",
+    "EdgeHold",
+    "Flow",
+    "HoldError",
+    "NfQueue",
+    "ServerGuard",
+    "edge_rules",
+    "install",
+    "server_rules",
+]

@@ -1,0 +1,257 @@
+"""Moving live kernel TCP connections between the lab's VIP servers: hold, hand over, release.
+
+`TcpMover` runs beside a lab whose pool has a VIP (`lab/vipnet.py`). It starts
+the movable TCP service (`tcp_service.py`) on the servers, holds the pool's
+key, and opens at each client edge router the NFQUEUE and conntrack sockets of
+`tcp_hold.EdgeHold`. A move of some flows from `old` to `new`:
+
+1. the edge holds the flows (their conntrack mark becomes `HOLD_MARK`: their
+   packets wait in the queue from now on);
+2. `old`'s service freezes and dumps the sockets and hands them, signed, to
+   `new`'s agent, which restores them; `old` closes its copies silently;
+3. the edge gives each flow the mark of the server that now has it (`new`, or
+   `old` again for a flow whose move failed) and lets its held packets go.
+
+The pause a flow sees is the time between 1 and 3 (`MoveResult.pause_ms`),
+plus at most one round trip for the new socket's window probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from manycast import auth
+from manycast.drivers import netns
+from manycast.drivers.kernel import srv6, tcp_hold
+from manycast.drivers.kernel.control import ask, ready_path
+from manycast.drivers.kernel.tcp_service import AGENT_PORT, PORT, ROLE
+from manycast.errors import LabError
+
+if TYPE_CHECKING:
+    from manycast.topology import Topology
+
+Flow = tcp_hold.Flow
+KEY_FILE = "tcp_pool.key"
+READY_TIMEOUT_S = 20.0
+MOVE_TIMEOUT_S = 30.0
+
+
+class Lab(Protocol):
+    """What a mover needs of `manycast.lab.Lab` (the lab sits above the drivers)."""
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    def ns(self, node: str) -> str: ...
+
+    def popen(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]: ...
+
+
+@dataclass
+class MoveResult:
+    moved: list[Flow] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    pause_ms: float = 0.0  # from the hold to the release at the edge
+    dump_ms: float = 0.0
+    transfer_ms: float = 0.0
+    bytes: int = 0  # queued bytes that moved with the sockets
+    packets_held: int = 0
+
+
+class TcpMover:
+    """The movable TCP service on a lab's servers, and the moves between them."""
+
+    def __init__(
+        self, lab: Lab, topology: Topology, port: int = PORT, agent_port: int = AGENT_PORT
+    ) -> None:
+        if topology.pool.vip is None:
+            raise LabError("moving TCP connections needs a VIP pool (e.g. the bundled vip.toml)")
+        self.lab = lab
+        self.topology = topology
+        self.vip = str(topology.pool.vip)
+        self.port = port
+        self.agent_port = agent_port
+        self.marks = srv6.server_marks(topology.servers)
+        self.key_path = lab.run_dir / KEY_FILE
+        self.edges: dict[str, tcp_hold.EdgeHold] = {}
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- set-up ----------------------------------------------------------------------------
+    def start(self, servers: Iterable[str] | None = None) -> None:
+        """The pool key, the edges' rules and sockets, and the service on `servers` (by
+        default every server that is not a standby)."""
+        if not self.key_path.exists():
+            auth.save_private(auth.generate(), self.key_path)
+        for edge in sorted({self.topology.router_of(c) for c in self.topology.clients}):
+            if edge in self.edges:
+                continue
+            name = self.lab.ns(edge)
+            tcp_hold.install(partial(netns.enter, name), tcp_hold.edge_rules(self.vip, self.port))
+            self.edges[edge] = netns.run_in(name, lambda: tcp_hold.EdgeHold(self.vip, self.port))
+        chosen = (
+            [s.name for s in self.topology.servers.values() if not s.standby]
+            if servers is None
+            else list(servers)
+        )
+        for server in chosen:
+            self.start_server(server, wait=False)
+        for server in chosen:
+            self.wait_ready(server)
+
+    def start_server(self, server: str, wait: bool = True) -> None:
+        ready_path(self.lab.run_dir, server, ROLE).unlink(missing_ok=True)
+        argv = [
+            sys.executable, "-m", "manycast.drivers.kernel.tcp_service",
+            "--name", server, "--vip", self.vip, "--port", str(self.port),
+            "--address", str(self.topology.address(server)),
+            "--agent-port", str(self.agent_port),
+            "--run-dir", str(self.lab.run_dir), "--key", str(self.key_path),
+        ]  # fmt: skip
+        log = open(self.lab.run_dir / f"{server}.{ROLE}.log", "ab")  # noqa: SIM115 - the child's
+        with log:
+            self.processes[server] = self.lab.popen(server, argv, stdout=log, stderr=log)
+        if wait:
+            self.wait_ready(server)
+
+    def wait_ready(self, server: str) -> None:
+        path = ready_path(self.lab.run_dir, server, ROLE)
+        process = self.processes[server]
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not path.exists():
+            if process.poll() is not None:
+                log = self.lab.run_dir / f"{server}.{ROLE}.log"
+                raise LabError(f"{server}'s TCP service exited: {_tail(log)}")
+            if time.monotonic() > deadline:
+                raise LabError(f"{server}'s TCP service did not get ready")
+            time.sleep(0.02)
+
+    def kill_server(self, server: str) -> None:
+        """The service dies at once (SIGKILL), its connections with it."""
+        process = self.processes.pop(server, None)
+        if process is not None:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def close(self) -> None:
+        for server in list(self.processes):
+            process = self.processes.pop(server)
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for edge in self.edges.values():
+            edge.close()
+        self.edges.clear()
+
+    # -- asking ----------------------------------------------------------------------------
+    def ask(self, server: str, request: dict[str, Any], timeout: float = 5.0) -> Any:
+        return ask(self.lab.run_dir, server, ROLE, request, timeout)
+
+    def live(self) -> list[str]:
+        """The servers whose service is running."""
+        return [name for name, process in self.processes.items() if process.poll() is None]
+
+    def status(self, server: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.ask(server, {"op": "status"})
+        return answer
+
+    def connections(self, server: str) -> list[Flow]:
+        return [(str(c[0]), int(c[1])) for c in self.status(server)["connections"]]
+
+    def where(self, flows: Iterable[Flow]) -> dict[Flow, str]:
+        """Which server holds each flow now (a flow no server holds is left out)."""
+        wanted = set(flows)
+        found: dict[Flow, str] = {}
+        for server in self.live():
+            for flow in self.connections(server):
+                if flow in wanted:
+                    found[flow] = server
+        return found
+
+    def edge_of(self, flow: Flow) -> str:
+        edge = self.topology.edge_router(ipaddress.IPv4Address(flow[0]))
+        if edge is None or edge not in self.edges:
+            raise LabError(f"no edge router holds the flows of {flow[0]}")
+        return edge
+
+    # -- moving ----------------------------------------------------------------------------
+    def move(self, flows: Iterable[Flow], old: str, new: str) -> MoveResult:
+        """Move `flows` (clients' address and port) from `old` to `new`."""
+        flows = list(flows)
+        result = MoveResult()
+        by_edge: dict[str, list[Flow]] = defaultdict(list)
+        for flow in flows:
+            by_edge[self.edge_of(flow)].append(flow)
+        began = time.perf_counter()
+        held: list[Flow] = []
+        for edge, group in by_edge.items():
+            held += self.edges[edge].hold(group)
+        for flow in set(flows) - set(held):
+            result.refused[f"{flow[0]}:{flow[1]}"] = "the edge knows no such flow"
+        answer: dict[str, Any] = {}
+        if held:
+            request = {
+                "op": "move",
+                "flows": [list(f) for f in held],
+                "to": [str(self.topology.address(new)), self.agent_port],
+            }
+            try:
+                answer = self.ask(old, request, timeout=MOVE_TIMEOUT_S)
+            except (OSError, ValueError) as exc:
+                answer = {"error": f"{old} did not answer: {exc}"}
+        moved = {(str(f[0]), int(f[1])) for f in answer.get("moved", [])}
+        for edge, group in by_edge.items():
+            hold = self.edges[edge]
+            going = [f for f in group if f in moved]
+            staying = [f for f in group if f in held and f not in moved]
+            if going:
+                result.packets_held += hold.release(going, self.marks[new])
+            if staying:
+                result.packets_held += hold.release(staying, self.marks[old])
+        result.pause_ms = (time.perf_counter() - began) * 1e3
+        result.moved = [f for f in held if f in moved]
+        result.refused.update(answer.get("refused", {}))
+        if "error" in answer:
+            for flow in held:
+                result.refused.setdefault(f"{flow[0]}:{flow[1]}", str(answer["error"]))
+        result.dump_ms = float(answer.get("dump_ms", 0.0))
+        result.transfer_ms = float(answer.get("transfer_ms", 0.0))
+        result.bytes = int(answer.get("bytes", 0))
+        return result
+
+    def drain(self, server: str, to: list[str], batch: int = 100) -> list[MoveResult]:
+        """Move every connection of `server` to the servers `to`, spread in turn,
+        `batch` connections per move."""
+        if not to:
+            raise LabError("a drain needs at least one other server")
+        flows = self.connections(server)
+        shares: dict[str, list[Flow]] = defaultdict(list)
+        for i, flow in enumerate(flows):
+            shares[to[i % len(to)]].append(flow)
+        results = []
+        for target, group in shares.items():
+            for start in range(0, len(group), batch):
+                results.append(self.move(group[start : start + batch], server, target))
+        return results
+
+
+def _tail(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace")[-600:]
+    return "(no log)"
+
+
+__all__ = ["MoveResult", "TcpMover"]
