@@ -99,6 +99,18 @@ def test_http_download_resumes_where_it_was_and_keeps_its_pipelined_request() ->
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"s9 2 /after\n")
 
 
+def test_a_download_takes_back_its_unsent_tail_but_not_its_headers() -> None:
+    """What the old socket had not sent need not move: the download gives it again."""
+    app = tcp_apps.HttpApp()
+    head = app.received(b"GET /bytes/1000 HTTP/1.1\r\n\r\n")
+    given = app.more(600)
+    assert not app.take_back(601)  # that would reach into the headers
+    assert app.take_back(100) and app.more(1000) == given[500:] + tcp_apps.body(600, 400)
+    assert not app.take_back(1)  # the body is finished: nothing to give again
+    assert head.startswith(b"HTTP/1.1 200") and tcp_apps.LineCounter().take_back(0)
+    assert not tcp_apps.LineCounter().take_back(1)
+
+
 def test_http_range_and_bad_requests() -> None:
     app = tcp_apps.HttpApp()
     out = app.received(b"GET /bytes/10?from=4 HTTP/1.1\r\n\r\n")

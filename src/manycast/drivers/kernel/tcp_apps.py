@@ -7,6 +7,9 @@ app the bytes it received; the app answers with bytes to send, and may offer
 more when the socket has room (a stream). To move, the app says what it is in
 bytes (`export_state`), and the new server's framework rebuilds it from them
 (`APPS[name].import_state`) and lets it set the new socket up (`configure`).
+An app that can give its output again (a download can, from any offset) takes
+back what the old socket had not sent yet (`take_back`): the move then carries
+only the bytes in flight, not the queued ones.
 Everything the app does not export is lost in a move, so an app keeps no
 state outside itself (no thread, no file, no clock reading it relies on later).
 
@@ -89,6 +92,12 @@ class ConnectionApp(ABC):
     def configure(self, sock: socket.socket) -> None:  # noqa: B027 - most apps set nothing
         """Set the (new) socket up as this app needs it (after a move too)."""
 
+    def take_back(self, count: int) -> bool:
+        """Take back the last `count` bytes this app gave out (not yet sent when the
+        connection moves) and give them again later: a move then need not carry them.
+        False (the default) when the app cannot; the bytes then move as they are."""
+        return count == 0
+
     @abstractmethod
     def export_state(self) -> bytes:
         """Everything of this connection's state, to rebuild it elsewhere."""
@@ -130,7 +139,7 @@ class LineCounter(ConnectionApp):
         return cls(struct.unpack_from("!Q", data)[0], data[8:])
 
 
-_HTTP = struct.Struct("!QQQQQB")  # served, skip, offset, end, rate, flags
+_HTTP = struct.Struct("!QQQQQQB")  # served, skip, body start, offset, end, rate, flags
 _STREAM, _CLOSE = 1, 2
 
 
@@ -144,6 +153,7 @@ class HttpApp(ConnectionApp):
         self.served = 0
         self.skip = 0  # request body bytes still to ignore
         self.stream: tuple[int, int] | None = None  # (next offset, end) of a download
+        self.stream_from = 0  # where the download's body began
         self.rate = 0  # bytes per second the kernel paces the connection at (0: not)
         self.close_after_stream = False
         self._sock: socket.socket | None = None
@@ -202,6 +212,7 @@ class HttpApp(ConnectionApp):
                 return self._response(416, b"bad range\n", close=True)
             if method != "HEAD" and length > start:
                 self.stream = (start, length)
+                self.stream_from = start
             if rate != self.rate:
                 self.rate = rate
                 if self._sock is not None:
@@ -241,6 +252,17 @@ class HttpApp(ConnectionApp):
             return piece
         return piece + self._answer()  # requests that waited behind the download
 
+    def take_back(self, count: int) -> bool:
+        """A download can give its body again from any offset: its unsent tail goes back
+        (not the headers, nor what follows a finished body)."""
+        if self.stream is None:
+            return count == 0
+        offset, end = self.stream
+        if count > offset - self.stream_from:
+            return False
+        self.stream = (offset - count, end)
+        return True
+
     def configure(self, sock: socket.socket) -> None:
         self._sock = sock
         rate = self.rate or 0xFFFFFFFF  # ~0U: not paced
@@ -251,18 +273,18 @@ class HttpApp(ConnectionApp):
         flags = (_STREAM if self.stream is not None else 0) | (
             _CLOSE if self.close_after_stream else 0
         )
-        fixed = _HTTP.pack(self.served, self.skip, offset, end, self.rate, flags)
+        fixed = _HTTP.pack(self.served, self.skip, self.stream_from, offset, end, self.rate, flags)
         return fixed + self.inbuf
 
     @classmethod
     def import_state(cls, data: bytes) -> HttpApp:
         if len(data) < _HTTP.size or len(data) > _HTTP.size + REQUEST_LIMIT * 2:
             raise AppStateError(f"http state of {len(data)} bytes")
-        served, skip, offset, end, rate, flags = _HTTP.unpack_from(data)
-        if flags & ~(_STREAM | _CLOSE) or offset > end or rate > 0xFFFFFFFF:
+        served, skip, start, offset, end, rate, flags = _HTTP.unpack_from(data)
+        if flags & ~(_STREAM | _CLOSE) or not start <= offset <= end or rate > 0xFFFFFFFF:
             raise AppStateError("http state fields do not fit")
         app = cls()
-        app.served, app.skip, app.rate = served, skip, rate
+        app.served, app.skip, app.rate, app.stream_from = served, skip, rate, start
         app.stream = (offset, end) if flags & _STREAM else None
         app.close_after_stream = bool(flags & _CLOSE)
         app.inbuf = data[_HTTP.size :]

@@ -24,6 +24,7 @@ ESTABLISHED socket moves; anything else is refused with `RepairError`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import ipaddress
 import socket
@@ -82,20 +83,43 @@ def is_established(sock: socket.socket) -> bool:
         return False
 
 
-def freeze(sock: socket.socket) -> None:
-    """Put `sock` in repair mode: from now on it sends nothing of its own accord."""
+def _window(sock: socket.socket) -> Window:
+    return Window(*_WINDOW.unpack(sock.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)))
+
+
+def _set_window(sock: socket.socket, window: Window) -> None:
+    packed = _WINDOW.pack(
+        window.snd_wl1, window.snd_wnd, window.max_window, window.rcv_wnd, window.rcv_wup
+    )
+    sock.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, packed)
+
+
+def freeze(sock: socket.socket) -> Window:
+    """Put `sock` in repair mode and close its send window; the window it had.
+
+    Repair mode alone does not stop a socket: its pacing timer or a deferred
+    transmission still sends queued data (when the syscall that holds the socket
+    releases it), so a dump could take for unsent what the peer already has.
+    With the window shut the socket sends no new data; what it sent before is
+    in the dump as sent. `dump` carries the real window, `thaw` puts it back."""
     if not is_established(sock):
         raise RepairError("only an established connection can be moved")
     try:
         sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+        window = _window(sock)
+        _set_window(sock, dataclasses.replace(window, snd_wnd=0))
     except OSError as exc:
         raise RepairError(
             f"cannot freeze the socket (TCP_REPAIR needs CAP_NET_ADMIN): {exc}"
         ) from None
+    return window
 
 
-def thaw(sock: socket.socket) -> None:
-    """Take `sock` out of repair mode; the kernel sends a window probe at once."""
+def thaw(sock: socket.socket, window: Window | None = None) -> None:
+    """Take `sock` out of repair mode (with its send `window` back, if `freeze` shut
+    it); the kernel sends a window probe at once."""
+    if window is not None:
+        _set_window(sock, window)
     sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
     sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
     # Leaving repair mode clears the forced address reuse; without reuse this socket
@@ -122,8 +146,11 @@ def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
     return data
 
 
-def dump(sock: socket.socket, app: str = "none", app_state: bytes = b"") -> TcpState:
-    """The state of the frozen socket `sock`, with the service's own `app_state`."""
+def dump(
+    sock: socket.socket, window: Window, app: str = "none", app_state: bytes = b""
+) -> TcpState:
+    """The state of the socket `sock`, frozen by `freeze` (which gave `window`), with
+    the service's own `app_state`."""
     try:
         info = tcp_info(sock)
         if info[0] != TCP_ESTABLISHED:
@@ -139,7 +166,8 @@ def dump(sock: socket.socket, app: str = "none", app_state: bytes = b"") -> TcpS
         recv_queue = _peek(sock, TCP_RECV_QUEUE, _ioctl(sock, SIOCINQ))
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
         mss = _u32(sock, socket.TCP_MAXSEG)  # in repair mode: the clamp the peer allowed
-        window = Window(*_WINDOW.unpack(sock.getsockopt(SOL_TCP, TCP_REPAIR_WINDOW, _WINDOW.size)))
+        # The window now may differ from `window` only in snd_wnd, which freeze shut.
+        window = dataclasses.replace(_window(sock), snd_wnd=window.snd_wnd)
         options, scales = info[5], info[6]
         timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
         timestamp = _u32(sock, TCP_TIMESTAMP) if timestamps else 0
@@ -213,14 +241,7 @@ def restore(state: TcpState) -> socket.socket:
         if state.timestamps:
             sock.setsockopt(SOL_TCP, TCP_TIMESTAMP, struct.pack("=I", state.timestamp))
         _fill(sock, TCP_RECV_QUEUE, state.recv_queue)
-        window = state.window
-        sock.setsockopt(
-            SOL_TCP,
-            TCP_REPAIR_WINDOW,
-            _WINDOW.pack(
-                window.snd_wl1, window.snd_wnd, window.max_window, window.rcv_wnd, window.rcv_wup
-            ),
-        )
+        _set_window(sock, state.window)
         sent = len(state.send_queue) - state.unsent
         _fill(sock, TCP_SEND_QUEUE, state.send_queue[:sent])
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -56,6 +57,7 @@ from manycast.wire.tcpstate import (
     TcpState,
     TcpStateError,
     TransferReply,
+    Window,
 )
 
 log = logging.getLogger("manycast.kernel.tcp_service")
@@ -153,6 +155,7 @@ class Connection:
     bytes_in: int = 0
     bytes_out: int = 0
     restored: TcpState | None = None  # moved in, not yet thawed
+    window: Window | None = None  # its send window while frozen on the way out
 
 
 _PENDING = struct.Struct("!I")
@@ -165,6 +168,28 @@ def export_connection(conn: Connection) -> tuple[str, bytes]:
     return conn.app.name, _PENDING.pack(len(conn.pending)) + bytes(
         conn.pending
     ) + conn.app.export_state()
+
+
+def capture(conn: Connection, window: Window) -> TcpState:
+    """A frozen connection's state, its socket's and its service's. What the app can give
+    again (its output not yet written, and the socket's bytes not yet sent) stays
+    behind: the move carries the bytes in flight only. The app itself is untouched
+    (the move may fail): a copy of it takes the bytes back."""
+    state = tcp_repair.dump(conn.sock, window)
+    app = conn.app
+    if app is not None and (conn.pending or state.unsent):
+        copy = APPS[app.name].import_state(app.export_state())
+        if copy.take_back(len(conn.pending) + state.unsent):
+            return dataclasses.replace(
+                state,
+                write_seq=(state.write_seq - state.unsent) & 0xFFFFFFFF,
+                unsent=0,
+                send_queue=state.send_queue[: len(state.send_queue) - state.unsent],
+                app=app.name,
+                app_state=_PENDING.pack(0) + copy.export_state(),
+            )
+    name, data = export_connection(conn)
+    return dataclasses.replace(state, app=name, app_state=data)
 
 
 def import_connection(state: TcpState) -> tuple[ConnectionApp | None, bytes]:
@@ -219,6 +244,7 @@ class TcpService:
         self.agent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.agent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.agent.bind((address, agent_port))
+        _unpaced(self.agent)
         self.agent.listen(64)
         self.loop.watch(self.agent, self._on_agent)
         handlers = {
@@ -333,9 +359,8 @@ class TcpService:
                 refused[_key(flow)] = "no such connection here"
                 continue
             try:
-                tcp_repair.freeze(conn.sock)
-                app, app_state = export_connection(conn)
-                states.append(tcp_repair.dump(conn.sock, app, app_state))
+                conn.window = tcp_repair.freeze(conn.sock)
+                states.append(capture(conn, conn.window))
             except tcp_repair.RepairError as exc:
                 self._stay(conn, frozen=tcp_repair.is_established(conn.sock))
                 refused[_key(flow)] = str(exc)
@@ -370,7 +395,8 @@ class TcpService:
         self.guard.back([conn.flow])
         if frozen:
             with contextlib.suppress(OSError):
-                tcp_repair.thaw(conn.sock)
+                tcp_repair.thaw(conn.sock, conn.window)
+        conn.window = None
         self.stats.moves_aborted += 1
         self._flush(conn)
 
@@ -379,7 +405,10 @@ class TcpService:
         nonce = os.urandom(NONCE_BYTES)
         message = StateTransfer(self.name, nonce, _now_ms(), tuple(states))
         try:
-            with socket.create_connection(peer, timeout=TRANSFER_TIMEOUT_S) as sock:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                _unpaced(sock)
+                sock.settimeout(TRANSFER_TIMEOUT_S)
+                sock.connect(peer)
                 sock.sendall(frame(sign(message, self.key)))
                 self.stats.transfers_sent += 1
                 raw = read_frame(sock)
@@ -551,6 +580,14 @@ class TcpService:
 def _tune(sock: socket.socket) -> None:
     # A bounded send buffer bounds what a move carries; no Nagle: echo lines go at once.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _unpaced(sock: socket.socket) -> None:
+    """A transfer's connection sends at once: a new connection under a pacing congestion
+    control (BBR, where it is the default) would spread a 250 kB state over ~6 ms."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"cubic")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
