@@ -11,11 +11,15 @@ per flow, no rule change:
   leaves its old server's segment); `release` sets the new server's mark and
   lets the queued packets go with it, in the order they came (a packet that comes
   meanwhile may overtake them; TCP puts it back in order).
-* At the old server static rules drop, in and out, packets of a flow whose
-  conntrack mark is `GONE_MARK`; the service sets it the moment it freezes the
-  socket (`ServerGuard.gone`) and clears it if the move fails. Whatever
-  reaches the old server late is dropped, never answered with a reset; the
-  entry's timeout is shortened so it does not linger.
+* At the old server static rules drop what a flow's socket sends once the
+  flow's conntrack mark is `MUTE_MARK` (`ServerGuard.mute`, set as the service
+  freezes the socket: nothing it sends from then on can tell the client more
+  than the dump says), and drop both ways once it is `GONE_MARK`
+  (`ServerGuard.gone`, set once the socket is dumped: what comes later is not
+  in the dump). Packets that arrive before the dump still reach the socket and
+  are in it. A late packet is dropped, never answered with a reset; the
+  entry's timeout is shortened so it does not linger; a failed move clears
+  the mark (`back`).
 
 The NFQUEUE client (`NfQueue`) speaks nfnetlink_queue directly: bind a queue,
 copy the first bytes of each packet (addresses and ports), give verdicts one
@@ -47,6 +51,8 @@ from manycast.errors import DriverError
 NETLINK_NETFILTER = 12
 HOLD_MARK = 0x7E57  # at the edge: the flow is moving, queue its packets
 GONE_MARK = 0x60DE  # at the old server: the flow has left, drop its packets
+MUTE_MARK = 0x60DF  # ... it is leaving: drop what its socket sends
+_GONE_OR_MUTE = f"{GONE_MARK:#x}/{0xFFFFFFFF ^ (GONE_MARK ^ MUTE_MARK):#x}"
 QUEUE_NUM = 7100
 GONE_TIMEOUT_S = 120  # how long a moved-away flow's entry (and its drop) lasts
 ACK_TIMEOUT_S = 1.0
@@ -106,11 +112,13 @@ def edge_rules(vip: str, port: int, queue: int = QUEUE_NUM) -> list[list[str]]:
 
 
 def server_rules(vip: str, port: int) -> list[list[str]]:
-    """A server's rules: a flow that has left is dropped both ways."""
-    mark = ["-m", "connmark", "--mark", str(GONE_MARK), "-j", "DROP"]
+    """A server's rules: a flow that has left is dropped both ways, one that is
+    leaving on the way out."""
+    gone = ["-m", "connmark", "--mark", f"{GONE_MARK:#x}", "-j", "DROP"]
+    gone_or_mute = ["-m", "connmark", "--mark", _GONE_OR_MUTE, "-j", "DROP"]
     return [
-        ["-A", "INPUT", "-p", "tcp", "-d", vip, "--dport", str(port), *mark],
-        ["-A", "OUTPUT", "-p", "tcp", "-s", vip, "--sport", str(port), *mark],
+        ["-A", "INPUT", "-p", "tcp", "-d", vip, "--dport", str(port), *gone],
+        ["-A", "OUTPUT", "-p", "tcp", "-s", vip, "--sport", str(port), *gone_or_mute],
     ]
 
 
@@ -419,8 +427,11 @@ class ServerGuard:
     def __init__(self, vip: str, port: int) -> None:
         self.marks = CtMarks(vip, port)
 
+    def mute(self, flows: Iterable[Flow]) -> None:
+        # Not waited for: the kernel has taken the mark when the message is sent.
+        self.marks.mark(flows, MUTE_MARK, wait=False)
+
     def gone(self, flows: Iterable[Flow]) -> None:
-        # Not waited for: the socket is frozen, and only a straggler could meet the mark.
         self.marks.mark(flows, GONE_MARK, timeout=GONE_TIMEOUT_S, wait=False)
 
     def back(self, flows: Iterable[Flow]) -> None:
@@ -433,6 +444,7 @@ class ServerGuard:
 __all__ = [
     "GONE_MARK",
     "HOLD_MARK",
+    "MUTE_MARK",
     "QUEUE_NUM",
     "CtMarks",
     "EdgeHold",

@@ -176,7 +176,11 @@ class TcpMover:
         wanted = set(flows)
         found: dict[Flow, str] = {}
         for server in self.live():
-            for flow in self.connections(server):
+            try:
+                held = self.connections(server)
+            except (OSError, ValueError):  # dying, or gone since live() looked
+                continue
+            for flow in held:
                 if flow in wanted:
                     found[flow] = server
         return found

@@ -146,11 +146,30 @@ def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
     return data
 
 
+def sent_until(sock: socket.socket) -> int:
+    """The frozen socket's snd_nxt now: the sequence number after the last byte it sent."""
+    try:
+        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        return (_u32(sock, TCP_QUEUE_SEQ) - _ioctl(sock, SIOCOUTQNSD)) & 0xFFFFFFFF
+    except OSError as exc:
+        raise RepairError(f"cannot read the socket's send sequence: {exc}") from None
+
+
 def dump(
-    sock: socket.socket, window: Window, app: str = "none", app_state: bytes = b""
+    sock: socket.socket,
+    window: Window,
+    app: str = "none",
+    app_state: bytes = b"",
+    sent: int | None = None,
 ) -> TcpState:
     """The state of the socket `sock`, frozen by `freeze` (which gave `window`), with
-    the service's own `app_state`."""
+    the service's own `app_state`.
+
+    `sent` (from `sent_until`) bounds what counts as sent: a caller that drops what
+    the socket sends from some moment on, and read `sent_until` just after, passes
+    it, so that bytes sent later (an ACK that comes in reopens the window) count as
+    not sent: the new socket must never be behind its peer, whose ACKs of data it
+    does not know it sent it would ignore."""
     try:
         info = tcp_info(sock)
         if info[0] != TCP_ESTABLISHED:
@@ -160,14 +179,18 @@ def dump(
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         write_seq = _u32(sock, TCP_QUEUE_SEQ)
         outq, unsent = _ioctl(sock, SIOCOUTQ), _ioctl(sock, SIOCOUTQNSD)
+        if sent is not None:
+            unsent = min(outq, max(unsent, (write_seq - sent) & 0xFFFFFFFF))
         send_queue = _peek(sock, TCP_SEND_QUEUE, outq)
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         rcv_nxt = _u32(sock, TCP_QUEUE_SEQ)
         recv_queue = _peek(sock, TCP_RECV_QUEUE, _ioctl(sock, SIOCINQ))
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
         mss = _u32(sock, socket.TCP_MAXSEG)  # in repair mode: the clamp the peer allowed
-        # The window now may differ from `window` only in snd_wnd, which freeze shut.
-        window = dataclasses.replace(_window(sock), snd_wnd=window.snd_wnd)
+        # Freeze shut the send window; an ACK since may have opened it again, with the
+        # peer's newer window.
+        now = _window(sock)
+        window = dataclasses.replace(now, snd_wnd=now.snd_wnd or window.snd_wnd)
         options, scales = info[5], info[6]
         timestamps = bool(options & TCPI_OPT_TIMESTAMPS)
         timestamp = _u32(sock, TCP_TIMESTAMP) if timestamps else 0
@@ -228,6 +251,9 @@ def restore(state: TcpState) -> socket.socket:
         sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _seq(state.rcv_nxt - len(state.recv_queue)))
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         sock.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, _seq(state.snd_una))
+        # The MSS before connect: connect computes the segment size from it once, and
+        # TCP_REPAIR_OPTIONS after it would only raise the clamp (536 bytes stay).
+        sock.setsockopt(SOL_TCP, socket.TCP_MAXSEG, state.mss)
         sock.connect((str(state.remote[0]), state.remote[1]))
         options = [(TCPOPT_MAXSEG, state.mss)]
         if state.sack:
@@ -275,6 +301,7 @@ __all__ = [
     "is_established",
     "restore",
     "rtt_us",
+    "sent_until",
     "tcp_info",
     "thaw",
     "unsent",

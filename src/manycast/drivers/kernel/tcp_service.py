@@ -5,9 +5,9 @@ for what it serves) and, as the server's agent for moves, on the server's own
 address (`agent_port`). A move of some of its connections to another server
 (`move`, asked by `tcp_move.TcpMover` once the edge holds the flows):
 
-1. mark the flows gone here (`tcp_hold.ServerGuard`: a late packet is dropped,
-   never answered with a reset), freeze each socket (`tcp_repair.freeze`) and
-   dump it with its app's state;
+1. freeze each socket (`tcp_repair.freeze`), mute it (`tcp_hold.ServerGuard`:
+   what it sends from now on is dropped), dump it with its app's state, and
+   mark the flows gone (a late packet is dropped, never answered with a reset);
 2. send them in one `StateTransfer`, signed with the pool key, to the new
    server's agent, and wait for its signed `TransferReply`;
 3. commit (the transfer's nonce, on the same connection) and close each
@@ -170,12 +170,12 @@ def export_connection(conn: Connection) -> tuple[str, bytes]:
     ) + conn.app.export_state()
 
 
-def capture(conn: Connection, window: Window) -> TcpState:
+def capture(conn: Connection, window: Window, sent: int | None = None) -> TcpState:
     """A frozen connection's state, its socket's and its service's. What the app can give
     again (its output not yet written, and the socket's bytes not yet sent) stays
     behind: the move carries the bytes in flight only. The app itself is untouched
     (the move may fail): a copy of it takes the bytes back."""
-    state = tcp_repair.dump(conn.sock, window)
+    state = tcp_repair.dump(conn.sock, window, sent=sent)
     app = conn.app
     if app is not None and (conn.pending or state.unsent):
         copy = APPS[app.name].import_state(app.export_state())
@@ -352,7 +352,6 @@ class TcpService:
         refused: dict[str, str] = {}
         frozen: list[Connection] = []
         states: list[TcpState] = []
-        self.guard.gone([f for f in flows if f in self.conns])
         for flow in flows:
             conn = self.conns.get(flow)
             if conn is None:
@@ -360,12 +359,18 @@ class TcpService:
                 continue
             try:
                 conn.window = tcp_repair.freeze(conn.sock)
-                states.append(capture(conn, conn.window))
+                # From here on what the socket sends is dropped (an ACK that comes in
+                # may open its window again): the dump counts as sent only what it had
+                # sent by then.
+                self.guard.mute([flow])
+                sent = tcp_repair.sent_until(conn.sock)
+                states.append(capture(conn, conn.window, sent))
             except tcp_repair.RepairError as exc:
                 self._stay(conn, frozen=tcp_repair.is_established(conn.sock))
                 refused[_key(flow)] = str(exc)
                 continue
             frozen.append(conn)
+        self.guard.gone([conn.flow for conn in frozen])
         dumped = time.perf_counter()
         answers: tuple[str, ...] = ()
         if states:
