@@ -21,6 +21,12 @@ When atheris is installed (it is not a project dependency), each byte decoder
 then also gets a short coverage-guided run in a child process, from the same
 seeds and with the same checksum repair in its mutator.
 
+`unexpected_exceptions` counts every way a decoder broke its contract: exceptions
+other than `WireError`, round-trip violations, fast paths that disagree with the
+strict decoder, imported session states that do not run, and atheris children that
+ended without a result (a crash, a timeout, out of memory: libFuzzer stops at the
+first, so each counts once); `unexpected_by_kind` splits it.
+
 Last: the router's admission check (`Admission.check`) on freshly signed IGMPv3
 joins to a private group whose key is known, against raw Ed25519 verification of
 the same messages, interleaved and repeated, medians reported.
@@ -1188,6 +1194,7 @@ def atheris_worker(argv: list[str]) -> None:
     import atheris
 
     name, seconds, corpus, out, run_seed = argv[0], float(argv[1]), argv[2], argv[3], int(argv[4])
+    artifacts = argv[5] if len(argv) > 5 else str(Path(out).parent)
     target = {t.name: t for t in targets()}[name]
     stats = Stats()
     deadline = time.monotonic() + seconds
@@ -1224,6 +1231,7 @@ def atheris_worker(argv: list[str]) -> None:
             "-timeout=30",
             "-rss_limit_mb=2048",
             "-print_final_stats=0",
+            f"-artifact_prefix={artifacts}/",
             corpus,
         ],
         one_input,
@@ -1233,13 +1241,44 @@ def atheris_worker(argv: list[str]) -> None:
     finish()
 
 
+# libFuzzer names the input that ended a run by what happened (crash-, timeout-, oom-...).
+ARTIFACT_KINDS = (
+    ("crash-", "crash"),
+    ("timeout-", "timeout"),
+    ("oom-", "out_of_memory"),
+    ("leak-", "leak"),
+    ("slow-unit-", "timeout"),
+)
+
+
+def atheris_error_kind(returncode: int | None, stderr: str, artifacts: Sequence[str]) -> str:
+    """What ended an atheris child without a result, from libFuzzer's artifact names
+    and report (None as the return code: it ran past the parent's limit)."""
+    for prefix, kind in ARTIFACT_KINDS:
+        if any(Path(a).name.startswith(prefix) for a in artifacts):
+            return kind
+    if returncode is None or "libFuzzer: timeout" in stderr:
+        return "timeout"
+    if "out-of-memory" in stderr or "rss limit" in stderr.lower():
+        return "out_of_memory"
+    if "Uncaught Python exception" in stderr:
+        return "uncaught_exception"
+    if "deadly signal" in stderr or returncode < 0:
+        return "crash"
+    return "no_result"
+
+
 def run_atheris(
     target: Target, seeds: Sequence[Seed], seconds: float, run_seed: int
-) -> tuple[dict[str, Any] | None, str]:
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The child's counts, or None and what ended it (kind, report tail, and the
+    input libFuzzer saved, if any)."""
     multi = len(target.contexts) > 1
     with tempfile.TemporaryDirectory(prefix="manycast-fuzz-") as tmp:
         corpus = Path(tmp) / "corpus"
         corpus.mkdir()
+        artifacts = Path(tmp) / "artifacts"
+        artifacts.mkdir()
         for i, (ctx, data) in enumerate(seeds):
             (corpus / f"seed{i:05d}").write_bytes(bytes([ctx]) + data if multi else data)
         out = Path(tmp) / "result.json"
@@ -1252,15 +1291,56 @@ def run_atheris(
             str(corpus),
             str(out),
             str(run_seed),
+            str(artifacts),
         ]
+        returncode: int | None
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 120)
-        except subprocess.TimeoutExpired:
-            return None, f"no result after {seconds + 120:.0f} s"
-        if out.exists():
-            return json.loads(out.read_text()), ""
-        # A crash, timeout or out-of-memory that libFuzzer caught: its report says which.
-        return None, f"exit {done.returncode}: {done.stderr[-2000:]}"
+            done = subprocess.run(
+                command, capture_output=True, text=True, timeout=seconds + 120, cwd=tmp
+            )
+            returncode, stderr = done.returncode, done.stderr
+        except subprocess.TimeoutExpired as exc:
+            returncode = None
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+            stderr += f"\nno result after {seconds + 120:.0f} s"
+        if out.exists() and returncode == 0:
+            return json.loads(out.read_text()), None
+        saved = sorted(str(a) for a in artifacts.iterdir())
+        error: dict[str, Any] = {
+            "kind": atheris_error_kind(returncode, stderr, saved),
+            "exit": returncode,
+            "report": stderr[-2000:],
+        }
+        if saved:
+            data = Path(saved[0]).read_bytes()
+            error.update(artifact=Path(saved[0]).name, hex=data.hex()[:HEX_LIMIT], length=len(data))
+        return None, error
+
+
+def unexpected_by_kind(
+    results: Mapping[str, Stats], atheris_errors: Mapping[str, Any]
+) -> dict[str, int]:
+    """Every contract breach, by kind: the parts of `unexpected_exceptions`."""
+    out = {
+        "exception": sum(s.unexpected for s in results.values()),
+        **{
+            kind: sum(s.violations.get(kind, 0) for s in results.values())
+            for kind in ("roundtrip", "fast_path", "import_then_run")
+        },
+        "atheris_child": len(atheris_errors),
+    }
+    return out
+
+
+def unexpected_per_decoder(
+    results: Mapping[str, Stats], atheris_errors: Mapping[str, Any]
+) -> dict[str, int]:
+    """Contract breaches of every kind, per decoder (those with any)."""
+    counts = {
+        name: s.unexpected + sum(s.violations.values()) + (name in atheris_errors)
+        for name, s in results.items()
+    }
+    return {name: n for name, n in counts.items() if n}
 
 
 # --- admission ----------------------------------------------------------------------------
@@ -1334,8 +1414,8 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     names = list(result["inputs_per_decoder"])
     fig, ax = _plots.figure(
         f"Fuzzed decoders: {result['inputs']:,} inputs, "
-        f"{result['unexpected_exceptions']} unexpected exceptions, "
-        f"{result['roundtrip_violations']} round-trip violations",
+        f"{result['unexpected_exceptions']} unexpected exceptions or violations "
+        f"({result['roundtrip_violations']} round-trip)",
         width=9.0,
         height=0.28 * len(names) + 1.5,
     )
@@ -1344,9 +1424,10 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     ax.barh(
         ys, [result["accepted_per_decoder"][n] for n in names], color="#2f6fde", label="accepted"
     )
+    every_kind = "unexpected_by_kind" in result  # older results counted exceptions only
     bad = {
         n: result["unexpected_exceptions_per_decoder"].get(n, 0)
-        + result["roundtrip_violations_per_decoder"].get(n, 0)
+        + (0 if every_kind else result["roundtrip_violations_per_decoder"].get(n, 0))
         for n in names
     }
     ax.barh(ys, [bad[n] for n in names], color="#d33a2c", label="unexpected or violation")
@@ -1430,15 +1511,19 @@ def main() -> None:
 
     atheris_version = atheris_available()
     atheris_inputs: dict[str, int] = {}
-    atheris_errors: dict[str, str] = {}
+    atheris_errors: dict[str, dict[str, Any]] = {}
     if atheris_version and args.atheris_seconds > 0:
         share = args.atheris_seconds / len(all_targets)
         progress(f"atheris {atheris_version}: {share:.1f} s per decoder")
         for target in all_targets:
             found, error = run_atheris(target, seeds[target.name], share, args.seed)
             if found is None:
+                assert error is not None
                 atheris_errors[target.name] = error
-                progress(f"  {target.name}: atheris run failed: {error[-300:]}")
+                progress(
+                    f"  {target.name}: atheris child ended without a result ({error['kind']}): "
+                    f"{error['report'][-300:]}"
+                )
                 continue
             results[target.name].merge(found)
             atheris_inputs[target.name] = found["inputs"]
@@ -1488,7 +1573,9 @@ def main() -> None:
         "atheris": atheris_version or "not installed",
         "atheris_inputs_per_decoder": atheris_inputs,
         "atheris_errors": atheris_errors,
-        "unexpected_exceptions": sum(s.unexpected for s in results.values()),
+        "unexpected_exceptions": sum(unexpected_by_kind(results, atheris_errors).values()),
+        "unexpected_by_kind": unexpected_by_kind(results, atheris_errors),
+        "decoder_exceptions": sum(s.unexpected for s in results.values()),
         "unexpected_examples": reproducers(("unexpected",), 2)[: 2 * SHOW],
         "roundtrip_checked": [
             t.name for t in all_targets if t.check_kind == "roundtrip" and t.check
@@ -1499,9 +1586,7 @@ def main() -> None:
             for name, s in results.items()
             if s.violations.get("roundtrip")
         },
-        "unexpected_exceptions_per_decoder": {
-            name: s.unexpected for name, s in results.items() if s.unexpected
-        },
+        "unexpected_exceptions_per_decoder": unexpected_per_decoder(results, atheris_errors),
         "roundtrip_examples": reproducers(("roundtrip",), 2)[: 2 * SHOW],
         "fast_path_disagreements": total("fast_path"),
         "import_then_run_failures": total("import_then_run"),

@@ -23,6 +23,14 @@ technique. Measured:
   the reallocations, counted by type, less the heartbeats and less what an idle pool
   sends besides them (its rate in the quiet window; zero when healthy), over the
   number of committed reallocations.
+- `reallocations_committed`: the scheduled share changes each technique's pool
+  committed in the window. The bench fails (its JSON line has `error`, exit 1) when a
+  technique committed fewer than 90% of those scheduled: its figures would count
+  fewer changes than the others'.
+
+The window runs from the first step to the last plus the clients' request deadline
+plus their longest pause between requests: a session the last step moves breaks
+when its client next sends, and the break shows when that request's deadline passes.
 
 Part 3, failover: the pool with 40 clients, its server s3 alone in a `manycast run
 --nodes s3` process, everything else here. Once the pool is stable, the s3 process
@@ -40,6 +48,7 @@ answer to a request sent after the kill (`failover_clients_s`). Ten runs, median
 from __future__ import annotations
 
 import asyncio
+import inspect
 import multiprocessing
 import os
 import random
@@ -68,6 +77,7 @@ from _pool import (
     two_router_pool,
 )
 from manycast.ports import free_base_port
+from manycast.protocol.client import Client
 from manycast.protocol.technique import Technique
 from manycast.runtime import PoolRun
 from manycast.topology import loads
@@ -85,7 +95,13 @@ FIRST_STEP = 8.2
 REALLOCATIONS = 52  # a few more than 50, in case one is refused or a no-op
 GAP = (0.6, 0.9)
 SHARE = (0.10, 0.40)
-TAIL = 2.5  # after the last step, still inside the measured window
+# The clients' request deadline, and their longest pause between requests (uniform in
+# [0.5, 1.5] / rate): a break the last step causes shows within their sum of it.
+REQUEST_TIMEOUT: float = inspect.signature(Client).parameters["request_timeout"].default
+PACING_MAX = 1.5 / RATE
+COMMIT_MARGIN = 0.5  # the last step's commit reaching every server, and sampling
+TAIL = REQUEST_TIMEOUT + PACING_MAX + COMMIT_MARGIN  # after the last step, still measured
+COMMITTED_AT_LEAST = 0.9  # of the scheduled reallocations, or the bench fails
 CLIENT_GRACE = 0.5  # clients stop this long after the window, servers later still
 INFRA_GRACE = 1.5
 SAMPLE_S = 0.02  # how often session state and allocations are sampled
@@ -492,6 +508,8 @@ def analyse(
     busy_other = {k: n for k, n in busy.items() if k != "Heartbeat" and n}
     extra = sum(busy_other.values()) - idle_other * window_s
     reallocations = len(in_window)
+    described = dict(zip(epochs, descriptions, strict=True))
+    committed = sum(1 for e in in_window if described[e].startswith("commit set"))
     healthy = (
         served_quiet == len(names)
         and not quiet_breaks
@@ -519,6 +537,8 @@ def analyse(
         "server_sessions_at_first_reallocation": counters["window_start"]["sessions"],
         "steps": len(steps),
         "reallocations": reallocations,
+        "reallocations_scheduled": len(steps),
+        "reallocations_committed": committed,
         "unexpected_changes": unexpected,
         "epochs_not_sampled": missing,
         "clients_moved_per_reallocation_mean": round(float(np.mean(moved_per_epoch)), 1)
@@ -757,6 +777,19 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     return paths
 
 
+def committed_error(committed: Mapping[str, int], scheduled: int) -> str | None:
+    """Why the run does not count, when a technique committed fewer than 90% of the
+    scheduled reallocations; None when every one committed enough."""
+    short = {t: n for t, n in committed.items() if n < COMMITTED_AT_LEAST * scheduled}
+    if not short:
+        return None
+    listed = ", ".join(f"{t} {n}" for t, n in short.items())
+    return (
+        f"committed fewer than {COMMITTED_AT_LEAST:.0%} of the {scheduled} scheduled "
+        f"reallocations: {listed}"
+    )
+
+
 def main() -> None:
     args = _plots.arguments(__doc__)
     began = time.monotonic()
@@ -779,6 +812,9 @@ def main() -> None:
         "sessions": {t: per[t]["sessions_open_at_first_reallocation"] for t in TECHNIQUES},
         "healthy": {t: per[t]["healthy"] for t in TECHNIQUES},
         "reallocations": {t: per[t]["reallocations"] for t in TECHNIQUES},
+        "reallocations_scheduled": len(steps),
+        "reallocations_committed": {t: per[t]["reallocations_committed"] for t in TECHNIQUES},
+        "window_tail_s": TAIL,
         "broken": {t: per[t]["broken"] for t in TECHNIQUES},
         "r1_expected": per["R1"]["sessions_expected_broken_by_r1_rule"],
         "moved_latency_p99_over_unmoved": {
@@ -792,8 +828,14 @@ def main() -> None:
         "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
         "seconds": round(time.monotonic() - began, 1),
     }
+    error = committed_error(result["reallocations_committed"], len(steps))
+    if error:
+        result["error"] = error
+        progress(f"FAILED: {error}")
     emit(result)
     _plots.write(result, args.plots, plot)
+    if error:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
