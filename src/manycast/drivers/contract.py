@@ -67,11 +67,22 @@ def carry_out(
 ) -> None:
     """After any call into `node`: hand each frame it produced to `send`, each effect
     to `on_effect`, then tell `arm` the node's next deadline (None: no timer).
-    Every driver calls this after every call into a node."""
-    for frame in node.take_frames():
-        send(frame)
+    Every driver calls this after every call into a node (or `deliver` after each
+    of several calls in one go, then `arm` once: see `deliver`)."""
+    deliver(node, send, on_effect)
+    arm(node, node.next_deadline())
+
+
+def deliver(node: Node, send: Callable[[Frame], None], on_effect: EffectHandler | None) -> None:
+    """`carry_out` without the re-arm. A driver that calls into a node many times
+    without yielding to its loop (a batch of datagrams read in one wake-up) calls
+    this after each call and arms once after the last: no timer can fire in
+    between, so the outcome is the same, and the per-packet path skips the deadline
+    look-up."""
+    if node.outbox:
+        for frame in node.take_frames():
+            send(frame)
     if node.effects:
         for effect in node.take_effects():
             if on_effect is not None:
                 on_effect(node, effect)
-    arm(node, node.next_deadline())

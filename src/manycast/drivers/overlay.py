@@ -11,8 +11,10 @@ from a seeded `random.Random`, delay is a `loop.call_later` before the send.
 
 The hot path avoids asyncio transports: each endpoint is a non-blocking socket
 registered with `loop.add_reader`, and one wake-up drains up to `_BATCH`
-datagrams straight into the node. Per datagram this costs about a third of a
-`DatagramProtocol`, whose transport reads one datagram per loop iteration.
+datagrams straight into the node, sending its frames after each datagram and
+re-arming its timer once per batch. A router's forwarding-cache hits
+(`protocol/fastpath.py`) are sent from here without calling into the router:
+a table look-up on the packet's address bytes, the TTL decrement and the sends.
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 
-from manycast.drivers.contract import EffectHandler, carry_out
+from manycast.drivers.contract import EffectHandler, carry_out, deliver
 from manycast.drivers.links import LinkCounters, LinkSpec
 from manycast.errors import DriverError
 from manycast.ports import DEFAULT_HOST
+from manycast.protocol.fastpath import FastPath
 from manycast.protocol.node import Frame, Node
 from manycast.topology.addressing import assign_endpoints as assign_endpoints  # re-exported
+from manycast.wire.ip import decrement_ttl_v4
 
 Endpoint = tuple[str, int]
 
@@ -80,18 +84,26 @@ class _Port:
         self.emulated = bool(link.delay or link.loss)
         self.open = True
         self.fanout: tuple[Endpoint, ...] = ()
-        self.unicast: dict[int, Endpoint] = {}
+        # neighbour address -> its endpoint, as a one-receiver tuple (no tuple per frame)
+        self.unicast: dict[int, tuple[Endpoint]] = {}
 
 
 class _Hosted:
     """A local node with its endpoints, its one armed loop timer, and the driver's
     send and arm callbacks bound to it once (the per-datagram path reuses them)."""
 
-    __slots__ = ("arm", "armed", "handle", "node", "ports", "send")
+    __slots__ = ("arm", "armed", "direct", "fast", "handle", "node", "ports", "send")
 
     def __init__(self, node: Node, ports: dict[str, _Port]):
         self.node = node
         self.ports = ports
+        # A router's forwarding decisions this driver serves itself (`fastpath.py`).
+        fast = getattr(node, "fast_path", None)
+        self.fast = fast if isinstance(fast, FastPath) else None
+        # (interface, neighbour) -> its socket's sendto, endpoint and port, for the
+        # open ports of links without emulated delay or loss: the fast path's sends.
+        self.direct: dict[tuple[str, int], tuple[Callable[[bytes, Endpoint], int], Endpoint, _Port]]
+        self.direct = {}
         self.armed: float | None = None
         self.handle: asyncio.TimerHandle | None = None
         self.send: Callable[[Frame], None] = _unbound
@@ -297,6 +309,9 @@ class AsyncOverlay:
         if host.handle is not None:
             host.handle.cancel()
             host.handle = None
+        if host.fast is not None:
+            host.fast.served = False
+            host.fast.invalidate()
         return host.node
 
     def call_at(self, at: float, callback: Callable[[], object]) -> None:
@@ -394,11 +409,19 @@ class AsyncOverlay:
                     if m.node != sender
                 ]
                 port.fanout = tuple(ep for _, ep in receivers if ep[1] != 0)
-                port.unicast = {address: ep for address, ep in receivers if ep[1] != 0}
+                port.unicast = {address: (ep,) for address, ep in receivers if ep[1] != 0}
+            host.direct = {
+                (port.iface, address): (port.sock.sendto, ep, port)
+                for port in host.ports.values()
+                if port.open and not port.emulated
+                for address, (ep,) in port.unicast.items()
+            }
 
     def _register(self, host: _Hosted) -> None:
         host.send = functools.partial(self._send, host)
         host.arm = lambda _node, deadline: self._arm(host, deadline)
+        if host.fast is not None:
+            host.fast.served = True
         name = host.node.name
         self._hosts[name] = host
         self.nodes[name] = host.node
@@ -414,6 +437,7 @@ class AsyncOverlay:
             raise
 
     def _close_ports(self, host: _Hosted) -> None:
+        host.direct = {}
         for port in host.ports.values():
             if port.open:
                 port.open = False
@@ -425,30 +449,69 @@ class AsyncOverlay:
     def _readable(self, host: _Hosted, port: _Port) -> None:
         recv = port.sock.recv
         node = host.node
+        receive = node.receive
+        send = host.send
+        on_effect = self.on_effect
         iface = port.iface
         clock = self._loop.time
         t0 = self._t0
+        # A router's cache hits for this interface, sent from here (`fastpath.py`
+        # states when that is the same as calling the router). The table is only
+        # ever cleared in place, so a join earlier in this batch is seen.
+        fast = host.fast
+        table = fast.tables.get(iface, {}) if fast is not None else {}
+        send_packet = self._send_packet
+        direct = host.direct
+        copies = 0
         n = 0
         try:
-            while n < _BATCH:
-                try:
-                    packet = recv(_MAX_DATAGRAM)
-                except BlockingIOError:
-                    if n == 0:
-                        # Woken with nothing to read: ICMP errors are queued.
-                        self._drain_errors(port)
-                    break
-                except ConnectionRefusedError:
-                    # An ICMP error for an earlier send, reported here by the kernel.
-                    if not self._drain_errors(port):
-                        port.counters.unreachable += 1
-                    continue
-                except OSError:
-                    port.counters.dropped += 1
-                    break
-                n += 1
-                node.receive(iface, packet, clock() - t0)
-                self._after(host)
+            try:
+                while n < _BATCH:
+                    try:
+                        packet = recv(_MAX_DATAGRAM)
+                    except BlockingIOError:
+                        if n == 0:
+                            # Woken with nothing to read: ICMP errors are queued.
+                            self._drain_errors(port)
+                        break
+                    except ConnectionRefusedError:
+                        # An ICMP error for an earlier send, reported here by the kernel.
+                        if not self._drain_errors(port):
+                            port.counters.unreachable += 1
+                        continue
+                    except OSError:
+                        port.counters.dropped += 1
+                        break
+                    n += 1
+                    if table:
+                        outs = table.get(packet[12:20])
+                        # A hit means at least 20 bytes (an 8-byte key from offset 12).
+                        if outs is not None and packet[8] > 1 and 0x45 <= packet[0] <= 0x4F:
+                            forwarded = decrement_ttl_v4(packet)
+                            for out in outs:
+                                hop = direct.get(out)
+                                if hop is None or self.capture is not None:
+                                    send_packet(host, out[0], out[1], forwarded)
+                                    continue
+                                sendto, address, to = hop  # _send_packet, inlined
+                                try:
+                                    sendto(forwarded, address)
+                                except OSError as exc:
+                                    self._send_failed(to, forwarded, address, exc)
+                                else:
+                                    to.counters.sent += 1
+                            copies += len(outs)
+                            continue
+                    receive(iface, packet, clock() - t0)
+                    # Frames and effects after each packet, in order; the timer once
+                    # per batch (none can fire before this returns to the loop).
+                    if node.outbox or node.effects:
+                        deliver(node, send, on_effect)
+            finally:
+                if copies and fast is not None:
+                    fast.credit(copies)
+                if n:
+                    host.arm(node, node.next_deadline())
         except Exception as exc:
             self._fail(exc)
         finally:
@@ -459,34 +522,37 @@ class AsyncOverlay:
         carry_out(host.node, host.send, host.arm, self.on_effect)
 
     def _send(self, host: _Hosted, frame: Frame) -> None:
-        port = host.ports.get(frame.iface)
+        self._send_packet(host, frame.iface, frame.next_hop, frame.packet)
+
+    def _send_packet(self, host: _Hosted, iface: str, next_hop: int | None, packet: bytes) -> None:
+        port = host.ports.get(iface)
         if port is None:
-            raise ValueError(f"{host.node.name} sent on {frame.iface}, which is on no link")
+            raise ValueError(f"{host.node.name} sent on {iface}, which is on no link")
         if not port.open:
             return
-        counters = port.counters
-        if frame.next_hop is None:
+        if next_hop is None:
             receivers = port.fanout
         else:
-            hop = port.unicast.get(frame.next_hop)
+            hop = port.unicast.get(next_hop)
             if hop is None:
-                counters.dropped += 1
+                port.counters.dropped += 1
                 return
-            receivers = (hop,)
-        packet = frame.packet
+            receivers = hop
         if self.capture is not None:
             self.capture(port.link.name, self.now, packet)  # once per frame, as on a wire
         if port.emulated:
             self._send_emulated(port, packet, receivers)
             return
         sendto = port.sock.sendto
+        sent = 0
         for address in receivers:
             try:
                 sendto(packet, address)
             except OSError as exc:
                 self._send_failed(port, packet, address, exc)
             else:
-                counters.sent += 1
+                sent += 1
+        port.counters.sent += sent
 
     def _arm(self, host: _Hosted, deadline: float | None) -> None:
         if deadline != host.armed:

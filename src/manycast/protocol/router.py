@@ -12,7 +12,9 @@ Forwarding: a multicast packet from source S to group G goes to the neighbour
 toward every member whose filter matches S, so a client's packets reach only
 the server that serves it. The outgoing set is computed on the first packet of
 (S, G) and cached, like a kernel multicast forwarding entry, until membership
-of G changes. Unicast follows the routes computed from the topology.
+of G changes; where a packet's fate depends on its addresses alone, the entry is
+also published for the driver to serve (`fastpath.py`). Unicast follows the
+routes computed from the topology.
 
 Label switching (`vipplane.py`): in a VIP pool (Fig 17-18), and in a manycast
 pool under R4 (pinned paths, Fig 16), the routers build one label-switched tree
@@ -32,8 +34,9 @@ from dataclasses import dataclass, field
 
 from manycast.auth import ReplayCache
 from manycast.protocol.admission import Admission
+from manycast.protocol.fastpath import FastPath
 from manycast.protocol.membership import SourceFilter, changes
-from manycast.protocol.node import Interface, Node
+from manycast.protocol.node import Frame, Interface, Node
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.vipplane import VipPlane
 from manycast.wire import control
@@ -148,6 +151,8 @@ class Router(Node):
         self._notices_seen = ReplayCache(NOTICE_MEMORY)  # member-down notices (floods)
         self.router_ifaces = set(router_ifaces)
         self.stats = RouterStats()
+        # Cache hits a driver may serve without calling in (`fastpath.py`).
+        self.fast_path = FastPath(interfaces, self.stats)
         self.members: dict[int, dict[int, Member]] = {}  # group -> origin -> member
         self._own = {i.address_int for i in interfaces.values()}
         self._routes = sorted(
@@ -281,10 +286,24 @@ class Router(Node):
             self.stats.ttl_expired += 1
             return
         forwarded = decrement_ttl_v4(packet)
-        for out_iface, neighbor in outs:
-            if out_iface != iface:
-                self.send(out_iface, forwarded, neighbor)
-                self.stats.multicast_forwarded += 1
+        append = self.outbox.append  # Node.send, inlined: this runs per packet
+        copies = tuple(out for out in outs if out[0] != iface)
+        for out_iface, neighbor in copies:
+            append(Frame(out_iface, forwarded, neighbor))
+        self.stats.multicast_forwarded += len(copies)
+        # The same fate for every packet of (src, group) from this interface until
+        # membership changes, unless time or pinned paths could change it.
+        if (
+            self.fast_path.served
+            and (plane is None or group != plane.vip)
+            and group != self._vip
+            and (
+                self.admission is None
+                or iface in self.router_ifaces
+                or not self.admission.is_private(group)
+            )
+        ):
+            self.fast_path.install(iface, packet, copies)
 
     def resolve(self, src: int, group: int) -> tuple[tuple[str, int], ...]:
         """The (interface, neighbour) pairs toward every member of `group` matching `src`."""
@@ -500,6 +519,7 @@ class Router(Node):
 
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)
+        self.fast_path.invalidate()
         self.effects.append(GroupChanged(group))
 
     def _arm_expiry(self) -> None:

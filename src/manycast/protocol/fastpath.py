@@ -1,0 +1,87 @@
+"""A router's fast path: forwarding decisions a driver may apply without calling into the router.
+
+The router's forwarding cache (`Router._mfc`) answers "where do copies of a packet
+from S to G go"; a driver still pays a call into the node, a header peek, a
+`Frame` per copy and the outbox hand-over for every packet. For the packets whose
+fate depends on nothing but their addresses, the router also publishes that answer
+here, keyed by the addresses as they sit in the packet, so that a driver reading a
+batch of datagrams can look each one up and send the copies itself, as a kernel
+serves its multicast forwarding cache without an upcall.
+
+An entry exists only while the router would do exactly this with the packet:
+- installed when the router forwards such a packet itself: a multicast group
+  (not link-local), not the VIP, not a group whose packets R4 may pin to a server's
+  tree, sent from a source whose right to send does not depend on time (no
+  admission, a router-facing interface, or a public group), with at least one copy
+  to send on an interface other than the arrival one;
+- dropped, with every other entry, when the router's membership of any group
+  changes (`invalidate`): a join, a leave, an expiry, a member-down notice.
+
+The rules a driver follows (`lookup` states them in code):
+- only a datagram that hits the table of its arrival interface, has a first byte
+  0x45-0x4F (IPv4, a header the router accepts) and TTL above 1 is served here;
+  every other datagram goes to `Router.receive` as before (so the router still
+  counts no-member, TTL-expired and malformed packets, and sees every join);
+- each copy is `decrement_ttl_v4(packet)` sent on the pair's interface to the
+  pair's neighbour, exactly the frames the router would have queued;
+- `credit(n)` after the batch: `n` copies sent, counted in the router's
+  `multicast_forwarded` as if it had queued them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+Outs = tuple[tuple[str, int], ...]  # (interface, neighbour address) of each copy
+
+# Entries per interface before the table starts afresh (as the router's own caches).
+FAST_PATH_LIMIT = 1 << 16
+
+
+class _Counted(Protocol):
+    multicast_forwarded: int
+
+
+class FastPath:
+    """Arrival interface -> the packet's bytes 12-20 (source, then destination
+    address) -> the copies to send. The per-interface tables are created once and
+    only ever cleared in place, so a driver may hold one across a batch."""
+
+    __slots__ = ("_stats", "served", "tables")
+
+    def __init__(self, interfaces: Iterable[str], stats: _Counted) -> None:
+        self.tables: dict[str, dict[bytes, Outs]] = {name: {} for name in interfaces}
+        self._stats = stats
+        # Set by a driver that serves the tables; until then nothing is installed
+        # (a driver that hands every packet to the router pays nothing for them).
+        self.served = False
+
+    def install(self, iface: str, packet: bytes, outs: Outs) -> None:
+        """The router forwarded `packet`, arrived on `iface`, to `outs` (the arrival
+        interface already left out), and would do so again for any packet with the
+        same addresses until `invalidate`."""
+        table = self.tables.get(iface)
+        if table is None or not outs or not self.served:
+            return
+        if len(table) >= FAST_PATH_LIMIT:
+            table.clear()
+        table[packet[12:20]] = outs
+
+    def invalidate(self) -> None:
+        for table in self.tables.values():
+            table.clear()
+
+    def credit(self, copies: int) -> None:
+        """A driver sent `copies` forwarded copies from the tables."""
+        self._stats.multicast_forwarded += copies
+
+    @staticmethod
+    def lookup(table: dict[bytes, Outs], packet: bytes) -> Outs | None:
+        """The copies of `packet` the fast path may send, or None: hand it to the
+        router. (Drivers inline this test on their per-datagram path.)"""
+        outs = table.get(packet[12:20])
+        # A hit means at least 20 bytes: the key is 8 bytes from offset 12.
+        if outs is not None and packet[8] > 1 and 0x45 <= packet[0] <= 0x4F:
+            return outs
+        return None
