@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -366,6 +367,31 @@ def test_after_a_move_the_old_server_holds_no_trace_and_sent_no_reset(moving_lab
         assert _sockets_of(lab, new, echo.flow[1]) == []
     finally:
         echo.close()
+
+
+@needs_lab
+def test_a_client_port_reused_after_a_move_reaches_its_server_again(moving_lab: Any) -> None:
+    """The old server keeps a moved flow's entry marked gone for a while; a new
+    connection from the same client port (after a reset) must still get through."""
+    from manycast.drivers import netns
+
+    lab, topology, mover = moving_lab
+    echo = _Echo(lab, topology, "b2")
+    port = echo.flow[1]
+    echo.line("first life")
+    home = mover.where([echo.flow])[echo.flow]
+    assert mover.move([echo.flow], home, _next(home)).moved == [echo.flow]
+    echo.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    echo.close()  # a reset: no TIME_WAIT, the port is free at once
+    again = netns.socket_in(lab.ns("b2"), socket.AF_INET, socket.SOCK_STREAM)
+    with again:
+        again.settimeout(5.0)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind((echo.flow[0], port))
+        again.connect((str(topology.pool.vip), 7100))
+        again.sendall(b"second life\n")
+        assert again.recv(100) == b"1 second life\n"
+        assert mover.where([echo.flow]) == {echo.flow: home}  # by the allocation, as before
 
 
 @needs_lab

@@ -54,7 +54,7 @@ GONE_MARK = 0x60DE  # at the old server: the flow has left, drop its packets
 MUTE_MARK = 0x60DF  # ... it is leaving: drop what its socket sends
 _GONE_OR_MUTE = f"{GONE_MARK:#x}/{0xFFFFFFFF ^ (GONE_MARK ^ MUTE_MARK):#x}"
 QUEUE_NUM = 7100
-GONE_TIMEOUT_S = 120  # how long a moved-away flow's entry (and its drop) lasts
+GONE_TIMEOUT_S = 30  # how long a moved-away flow's entry (and its drop) lasts
 ACK_TIMEOUT_S = 1.0
 COPY_BYTES = 48  # IPv4 header (with room for options) and the TCP ports
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -113,13 +113,22 @@ def edge_rules(vip: str, port: int, queue: int = QUEUE_NUM) -> list[list[str]]:
 
 def server_rules(vip: str, port: int) -> list[list[str]]:
     """A server's rules: a flow that has left is dropped both ways, one that is
-    leaving on the way out."""
+    leaving on the way out. A client may open a new connection from the same port
+    while the old entry lasts: conntrack ignores its SYN (no entry, so no drop) and
+    takes the server's SYN-ACK into the old entry, whose mark that SYN-ACK clears
+    (in mangle, before the drop), as it would a SYN that meets the entry."""
     gone = ["-m", "connmark", "--mark", f"{GONE_MARK:#x}", "-j", "DROP"]
-    gone_or_mute = ["-m", "connmark", "--mark", _GONE_OR_MUTE, "-j", "DROP"]
+    gone_or_mute = ["-m", "connmark", "--mark", _GONE_OR_MUTE]
+    clear = ["-j", "CONNMARK", "--set-mark", "0"]
+    inbound = ["-p", "tcp", "-d", vip, "--dport", str(port)]
+    outbound = ["-p", "tcp", "-s", vip, "--sport", str(port)]
     return [
-        ["-A", "INPUT", "-p", "tcp", "-d", vip, "--dport", str(port), *gone],
-        ["-A", "OUTPUT", "-p", "tcp", "-s", vip, "--sport", str(port), *gone_or_mute],
-    ]
+        ["-t", "mangle", "-A", "PREROUTING", *inbound, "--syn", *gone_or_mute, *clear],
+        ["-t", "mangle", "-A", "OUTPUT", *outbound, "--tcp-flags", "SYN,ACK", "SYN,ACK",
+         *gone_or_mute, *clear],
+        ["-A", "INPUT", *inbound, *gone],
+        ["-A", "OUTPUT", *outbound, *gone_or_mute, "-j", "DROP"],
+    ]  # fmt: skip
 
 
 # -- conntrack marks ----------------------------------------------------------------------

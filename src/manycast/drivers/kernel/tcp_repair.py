@@ -146,13 +146,13 @@ def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
     return data
 
 
-def sent_until(sock: socket.socket) -> int:
-    """The frozen socket's snd_nxt now: the sequence number after the last byte it sent."""
+def unsent_now(sock: socket.socket) -> int:
+    """Bytes of the frozen socket's send queue not sent yet, read without selecting a
+    repair queue (see `dump`)."""
     try:
-        sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
-        return (_u32(sock, TCP_QUEUE_SEQ) - _ioctl(sock, SIOCOUTQNSD)) & 0xFFFFFFFF
+        return _ioctl(sock, SIOCOUTQNSD)
     except OSError as exc:
-        raise RepairError(f"cannot read the socket's send sequence: {exc}") from None
+        raise RepairError(f"cannot read the socket's send queue: {exc}") from None
 
 
 def dump(
@@ -160,16 +160,19 @@ def dump(
     window: Window,
     app: str = "none",
     app_state: bytes = b"",
-    sent: int | None = None,
+    unsent: int | None = None,
 ) -> TcpState:
     """The state of the socket `sock`, frozen by `freeze` (which gave `window`), with
     the service's own `app_state`.
 
-    `sent` (from `sent_until`) bounds what counts as sent: a caller that drops what
-    the socket sends from some moment on, and read `sent_until` just after, passes
-    it, so that bytes sent later (an ACK that comes in reopens the window) count as
-    not sent: the new socket must never be behind its peer, whose ACKs of data it
-    does not know it sent it would ignore."""
+    Reading the send queue selects it (TCP_REPAIR_QUEUE), and while it is selected
+    the kernel marks as sent, without sending it, whatever the socket would send
+    (a pacing timer, an ACK that comes in): its snd_nxt runs ahead of what the
+    peer got. So the count of bytes not yet sent is read before (`unsent_now`,
+    best just after the caller starts dropping what the socket sends) and given
+    here; the socket itself is not to be thawed again after a dump (restore a new
+    one from the dump instead). Without `unsent` the dump reads it itself, after
+    the queue was selected."""
     try:
         info = tcp_info(sock)
         if info[0] != TCP_ESTABLISHED:
@@ -178,9 +181,8 @@ def dump(
         remote = sock.getpeername()[:2]
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
         write_seq = _u32(sock, TCP_QUEUE_SEQ)
-        outq, unsent = _ioctl(sock, SIOCOUTQ), _ioctl(sock, SIOCOUTQNSD)
-        if sent is not None:
-            unsent = min(outq, max(unsent, (write_seq - sent) & 0xFFFFFFFF))
+        outq = _ioctl(sock, SIOCOUTQ)
+        unsent = min(outq, _ioctl(sock, SIOCOUTQNSD) if unsent is None else unsent)
         send_queue = _peek(sock, TCP_SEND_QUEUE, outq)
         sock.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
         rcv_nxt = _u32(sock, TCP_QUEUE_SEQ)
@@ -301,8 +303,8 @@ __all__ = [
     "is_established",
     "restore",
     "rtt_us",
-    "sent_until",
     "tcp_info",
     "thaw",
     "unsent",
+    "unsent_now",
 ]

@@ -10,10 +10,12 @@ address (`agent_port`). A move of some of its connections to another server
    mark the flows gone (a late packet is dropped, never answered with a reset);
 2. send them in one `StateTransfer`, signed with the pool key, to the new
    server's agent, and wait for its signed `TransferReply`;
-3. commit (the transfer's nonce, on the same connection) and close each
-   restored socket silently (`tcp_repair.discard`: no FIN, no RST, no
-   TIME_WAIT); a socket the new server refused, or all of them when it does
-   not answer in time, is thawed and served here again, as if nothing happened.
+3. commit (the transfer's nonce, on the same connection), wait for the new
+   server's "resumed" (it has unmarked and thawed the sockets: the edge may
+   release the held packets now), and close each restored socket silently
+   (`tcp_repair.discard`: no FIN, no RST, no TIME_WAIT); a socket the new
+   server refused, or all of them when it does not answer in time, is thawed
+   and served here again, as if nothing happened.
 
 The new server's agent checks the signature (an unsigned or badly signed
 transfer is refused and counted), the issue time and the nonce (no replays),
@@ -142,6 +144,7 @@ class ServiceStats:
     refused_replayed: int = 0
     refused_states: int = 0  # states of accepted transfers that could not be restored
     uncommitted: int = 0  # restored, but the old server did not commit: dropped silently
+    lost: int = 0  # a failed move's connection that could not be restored here again
     resets: int = 0
 
 
@@ -170,12 +173,12 @@ def export_connection(conn: Connection) -> tuple[str, bytes]:
     ) + conn.app.export_state()
 
 
-def capture(conn: Connection, window: Window, sent: int | None = None) -> TcpState:
+def capture(conn: Connection, window: Window, unsent: int | None = None) -> TcpState:
     """A frozen connection's state, its socket's and its service's. What the app can give
     again (its output not yet written, and the socket's bytes not yet sent) stays
     behind: the move carries the bytes in flight only. The app itself is untouched
     (the move may fail): a copy of it takes the bytes back."""
-    state = tcp_repair.dump(conn.sock, window, sent=sent)
+    state = tcp_repair.dump(conn.sock, window, unsent=unsent)
     app = conn.app
     if app is not None and (conn.pending or state.unsent):
         copy = APPS[app.name].import_state(app.export_state())
@@ -359,14 +362,13 @@ class TcpService:
                 continue
             try:
                 conn.window = tcp_repair.freeze(conn.sock)
-                # From here on what the socket sends is dropped (an ACK that comes in
-                # may open its window again): the dump counts as sent only what it had
-                # sent by then.
+                # From here on what the socket sends is dropped, and what it had not
+                # sent by now counts as not sent (see `tcp_repair.dump`).
                 self.guard.mute([flow])
-                sent = tcp_repair.sent_until(conn.sock)
-                states.append(capture(conn, conn.window, sent))
+                unsent = tcp_repair.unsent_now(conn.sock)
+                states.append(capture(conn, conn.window, unsent))
             except tcp_repair.RepairError as exc:
-                self._stay(conn, frozen=tcp_repair.is_established(conn.sock))
+                self._stay(conn, None)
                 refused[_key(flow)] = str(exc)
                 continue
             frozen.append(conn)
@@ -376,10 +378,10 @@ class TcpService:
         if states:
             answers = self._transfer(peer, states)
         moved = []
-        for conn, reason in zip(frozen, answers, strict=True):
+        for conn, state, reason in zip(frozen, states, answers, strict=True):
             if reason:
                 refused[_key(conn.flow)] = reason
-                self._stay(conn, frozen=True)
+                self._stay(conn, state)
             else:
                 self._forget(conn)
                 tcp_repair.discard(conn.sock)
@@ -394,16 +396,31 @@ class TcpService:
             "bytes": sum(len(s.send_queue) + len(s.recv_queue) for s in states),
         }
 
-    def _stay(self, conn: Connection, frozen: bool) -> None:
-        """A connection whose move failed carries on here."""
-        # Unmarked first: the window probe the thaw sends must not meet our own drop.
-        self.guard.back([conn.flow])
-        if frozen:
-            with contextlib.suppress(OSError):
-                tcp_repair.thaw(conn.sock, conn.window)
-        conn.window = None
+    def _stay(self, conn: Connection, state: TcpState | None) -> None:
+        """A connection whose move failed carries on here, restored afresh from its own
+        `state` as the new server would have (reading the frozen socket's send queue
+        may have marked it all sent, unsent or not: that socket is not to be trusted
+        again), or, when it was not dumped, thawed."""
         self.stats.moves_aborted += 1
-        self._flush(conn)
+        if state is None:
+            # Unmarked first: the window probe the thaw sends must not meet our drop.
+            self.guard.back([conn.flow])
+            if conn.window is not None:
+                with contextlib.suppress(OSError):
+                    tcp_repair.thaw(conn.sock, conn.window)
+            conn.window = None
+            self._flush(conn)
+            return
+        self._forget(conn)
+        tcp_repair.discard(conn.sock)  # silent; the edge holds the flow meanwhile
+        try:
+            again = self._restore(state)
+        except (tcp_repair.RepairError, AppStateError, OSError) as exc:
+            log.warning("lost %s: cannot restore it here again: %s", conn.flow, exc)
+            self.stats.lost += 1
+            return
+        self.guard.back([again.flow])
+        self._resume(again)
 
     def _transfer(self, peer: tuple[str, int], states: list[TcpState]) -> tuple[str, ...]:
         """The new agent's answer per state; every state refused when there is none."""
@@ -425,6 +442,11 @@ class TcpService:
                 if reply.restored:
                     # The commit: from now on the new server serves them, and ours go.
                     sock.sendall(frame(nonce))
+                    # Once the new server has unmarked and thawed them (its "resumed"),
+                    # the edge may release their packets: one that came before would
+                    # meet a frozen socket, or a drop left from when the flow was there.
+                    with contextlib.suppress(OSError):
+                        read_frame(sock, NONCE_BYTES)
                 return reply.refused
         except (OSError, TcpStateError) as exc:
             return (f"no answer from {peer[0]}: {exc}"[:64],) * len(states)
@@ -449,18 +471,22 @@ class TcpService:
                 committed = not restored or read_frame(sock, NONCE_BYTES) == reply.nonce
             except OSError:
                 committed = False
-        if not committed:
-            # The old server keeps the connections (it gave up, or died): ours vanish
-            # silently, still frozen.
-            self.stats.uncommitted += len(restored)
+            if not committed:
+                # The old server keeps the connections (it gave up, or died): ours
+                # vanish silently, still frozen.
+                self.stats.uncommitted += len(restored)
+                for conn in restored:
+                    tcp_repair.discard(conn.sock)
+                return
+            # A flow that comes back finds its entry marked gone (from when it left):
+            # unmark it before the thaw's window probe and the first data go out.
+            self.guard.back([conn.flow for conn in restored])
             for conn in restored:
-                tcp_repair.discard(conn.sock)
-            return
-        # A flow that comes back finds its entry marked gone (from when it left): unmark
-        # it before the thaw's window probe and the first data go out.
-        self.guard.back([conn.flow for conn in restored])
-        for conn in restored:
-            self._resume(conn)
+                self._resume(conn)
+            self.stats.moved_in += len(restored)
+            if restored:
+                with contextlib.suppress(OSError):
+                    sock.sendall(frame(reply.nonce))  # resumed: the edge may release
 
     def _receive(self, data: bytes) -> tuple[list[Connection], TransferReply]:
         try:
@@ -530,7 +556,6 @@ class TcpService:
                 conn.pending[:0] = tcp_repair.unsent(state)
         except OSError as exc:
             log.warning("cannot resume %s: %s", conn.flow, exc)
-        self.stats.moved_in += 1
         self._adopt(conn)
         self._on_event(conn)  # data that waited in the receive queue
 
