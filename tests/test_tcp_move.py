@@ -40,7 +40,10 @@ from manycast.wire.tcpstate import NONCE_BYTES, StateTransfer, TcpState, Transfe
 
 NEEDS_ROOT = "moving kernel TCP connections needs root (namespaces, TCP_REPAIR); CI runs as root"
 TOOLS = ("nft", "iptables", "curl", "socat", "wrk")
-NEEDS_TOOLS = "the TCP move tests need nft, iptables, curl, socat and wrk: make lab-deps"
+NEEDS_TOOLS = (
+    "the TCP move tests need nft, iptables, curl, socat and wrk: make lab-deps, and"
+    " apt-get install iptables (the NFQUEUE target)"
+)
 
 # The bundled vip.toml (two VIP routers, four servers and a standby) with two clients
 # per LAN and without its scenario: the moves are the scenario here.
