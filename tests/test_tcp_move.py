@@ -29,7 +29,7 @@ import pytest
 
 from manycast import auth
 from manycast.drivers.kernel import tcp_apps
-from manycast.drivers.kernel.tcp_service import (
+from manycast.drivers.kernel.tcp_transfer import (
     Connection,
     export_connection,
     import_connection,
@@ -438,7 +438,7 @@ def test_unsigned_or_forged_state_is_refused_and_counted(moving_lab: Any) -> Non
     """A state transfer without the pool key's signature (none, another key's, or
     bytes that do not decode) restores nothing: the agent refuses and counts it."""
     from manycast.drivers import netns
-    from manycast.drivers.kernel.tcp_service import frame, read_frame
+    from manycast.drivers.kernel.tcp_transfer import frame, read_frame
 
     lab, topology, mover = moving_lab
     state = TcpState(
