@@ -75,17 +75,17 @@ lab: $(STAMP)
 # Debian's iperf (2), socat, curl and wrk: third-party clients for the lab and its
 # tests; nftables: the VIP pool's edge routers carry a flow's tag as its conntrack mark;
 # tcpdump and tshark (its dumpcap): `manycast lab capture` inside a node's namespace.
-LAB_PKGS := iperf socat curl wrk nftables tcpdump tshark keepalived
+LAB_PKGS := iperf socat curl wrk nftables tcpdump tshark keepalived iptables
 lab-deps:
 	@if { command -v iperf && command -v socat && command -v curl && command -v wrk \
 	    && { command -v nft || test -x /usr/sbin/nft; } \
-	    && { command -v tcpdump || test -x /usr/sbin/tcpdump; } && command -v tshark && test -x /usr/sbin/keepalived; } >/dev/null 2>&1; then :; \
+	    && { command -v tcpdump || test -x /usr/sbin/tcpdump; } && command -v tshark && test -x /usr/sbin/keepalived && test -x /usr/sbin/iptables; } >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections; \
 	  apt-get install -y -q --no-install-recommends $(LAB_PKGS) \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(LAB_PKGS); }; \
-	else echo "iperf, socat, curl, wrk, nft, tcpdump, tshark or keepalived is missing and this is not root: the lab tests that need them will skip (sudo make lab-deps)"; fi
+	else echo "iperf, socat, curl, wrk, nft, tcpdump, tshark, keepalived or iptables is missing and this is not root: the lab tests that need them will skip (sudo make lab-deps)"; fi
 
 bench: $(STAMP)
 	for b in bench/[!_]*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
