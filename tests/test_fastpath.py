@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from manycast.drivers.links import Attachment, LinkSpec
 from manycast.drivers.overlay import AsyncOverlay
@@ -28,7 +30,13 @@ from manycast.protocol.node import Interface
 from manycast.protocol.router import Router
 from manycast.space import Portion, PortionSet
 from manycast.wire import control
-from manycast.wire.ip import IPPROTO_UDP, IPv4Packet, UDPDatagram
+from manycast.wire.ip import (
+    IPPROTO_UDP,
+    IPv4Packet,
+    UDPDatagram,
+    decrement_ttl_v4,
+    forward_copy_v4,
+)
 from manycast.wire.membership import IGMPv3Report, RecordType, igmp_packet
 from test_private import C1, S1, datagram, join, make_router, registration
 from test_private import GROUP as PRIVATE_GROUP
@@ -242,3 +250,25 @@ def test_the_r4_group_is_never_installed() -> None:
     node.receive("up", data(CLIENTS[3], group=EMPTY_GROUP), 1.0)
     assert node.stats.multicast_forwarded == 1
     assert not node.fast_path.tables["up"]
+
+
+def test_the_ttl_decrement_is_rfc_1624_equation_3_for_every_checksum() -> None:
+    # decrement_ttl_v4 patches with (HC + 0x0100) mod 0xFFFF: the same 16 bits as
+    # HC' = ~(~HC + ~m + m') for every HC (0xFEFF gives 0x0000, not 0xFFFF).
+    header = bytearray(data(CLIENTS[1]))
+    for checksum in range(1 << 16):
+        header[10:12] = checksum.to_bytes(2, "big")
+        total = (checksum ^ 0xFFFF) + 0xFEFF
+        expected = ((total & 0xFFFF) + (total >> 16)) ^ 0xFFFF
+        out = decrement_ttl_v4(bytes(header))
+        assert out[10:12] == expected.to_bytes(2, "big"), hex(checksum)
+        assert out[8] == header[8] - 1 and out[:8] == header[:8] and out[12:] == header[12:]
+
+
+@given(st.binary(max_size=40), st.sampled_from([0x45, 0x46, 0x4F, 0x44, 0x50, 0x60]))
+def test_forward_copy_is_the_decrement_exactly_when_the_router_would_forward(
+    data: bytes, first: int
+) -> None:
+    for packet in (data, bytes([first]) + data[1:]):
+        forwards = len(packet) >= 20 and 0x45 <= packet[0] <= 0x4F and packet[8] > 1
+        assert forward_copy_v4(packet) == (decrement_ttl_v4(packet) if forwards else None)

@@ -33,10 +33,10 @@ from manycast.drivers.contract import EffectHandler, carry_out, deliver
 from manycast.drivers.links import LinkCounters, LinkSpec
 from manycast.errors import DriverError
 from manycast.ports import DEFAULT_HOST
-from manycast.protocol.fastpath import FastPath
+from manycast.protocol.fastpath import FAST_PATH_LIMIT, FastPath
 from manycast.protocol.node import Frame, Node
 from manycast.topology.addressing import assign_endpoints as assign_endpoints  # re-exported
-from manycast.wire.ip import decrement_ttl_v4
+from manycast.wire.ip import forward_copy_v4
 
 Endpoint = tuple[str, int]
 
@@ -88,11 +88,25 @@ class _Port:
         self.unicast: dict[int, tuple[Endpoint]] = {}
 
 
+_Direct = tuple[Callable[[bytes, Endpoint], int], Endpoint, _Port]
+
+
 class _Hosted:
     """A local node with its endpoints, its one armed loop timer, and the driver's
     send and arm callbacks bound to it once (the per-datagram path reuses them)."""
 
-    __slots__ = ("arm", "armed", "direct", "fast", "handle", "node", "ports", "send")
+    __slots__ = (
+        "arm",
+        "armed",
+        "direct",
+        "fast",
+        "generation",
+        "handle",
+        "known",
+        "node",
+        "ports",
+        "send",
+    )
 
     def __init__(self, node: Node, ports: dict[str, _Port]):
         self.node = node
@@ -102,8 +116,13 @@ class _Hosted:
         self.fast = fast if isinstance(fast, FastPath) else None
         # (interface, neighbour) -> its socket's sendto, endpoint and port, for the
         # open ports of links without emulated delay or loss: the fast path's sends.
-        self.direct: dict[tuple[str, int], tuple[Callable[[bytes, Endpoint], int], Endpoint, _Port]]
-        self.direct = {}
+        self.direct: dict[tuple[str, int], _Direct] = {}
+        # The router's fast-path tables translated to those sends, per arrival
+        # interface; valid while the router's `generation` is this one.
+        self.known: dict[str, dict[bytes, tuple[_Direct, ...]]] = {
+            name: {} for name in (self.fast.tables if self.fast is not None else ())
+        }
+        self.generation = -1
         self.armed: float | None = None
         self.handle: asyncio.TimerHandle | None = None
         self.send: Callable[[Frame], None] = _unbound
@@ -416,6 +435,7 @@ class AsyncOverlay:
                 if port.open and not port.emulated
                 for address, (ep,) in port.unicast.items()
             }
+            _forget(host)
 
     def _register(self, host: _Hosted) -> None:
         host.send = functools.partial(self._send, host)
@@ -438,6 +458,7 @@ class AsyncOverlay:
 
     def _close_ports(self, host: _Hosted) -> None:
         host.direct = {}
+        _forget(host)
         for port in host.ports.values():
             if port.open:
                 port.open = False
@@ -455,13 +476,16 @@ class AsyncOverlay:
         iface = port.iface
         clock = self._loop.time
         t0 = self._t0
-        # A router's cache hits for this interface, sent from here (`fastpath.py`
-        # states when that is the same as calling the router). The table is only
-        # ever cleared in place, so a join earlier in this batch is seen.
+        # A router's cache hits for this interface are sent from here (`fastpath.py`
+        # states when that is the same as calling the router), through `known`: the
+        # router's table for this interface with each copy's socket and endpoint.
         fast = host.fast
-        table = fast.tables.get(iface, {}) if fast is not None else {}
-        send_packet = self._send_packet
-        direct = host.direct
+        serve = fast is not None and self.capture is None and port.open
+        if fast is not None and host.generation != fast.generation:
+            _forget(host)
+            host.generation = fast.generation
+        known = host.known.get(iface, {})
+        learn = self._learn
         copies = 0
         n = 0
         try:
@@ -483,30 +507,29 @@ class AsyncOverlay:
                         port.counters.dropped += 1
                         break
                     n += 1
-                    if table:
-                        outs = table.get(packet[12:20])
-                        # A hit means at least 20 bytes (an 8-byte key from offset 12).
-                        if outs is not None and packet[8] > 1 and 0x45 <= packet[0] <= 0x4F:
-                            forwarded = decrement_ttl_v4(packet)
-                            for out in outs:
-                                hop = direct.get(out)
-                                if hop is None or self.capture is not None:
-                                    send_packet(host, out[0], out[1], forwarded)
-                                    continue
-                                sendto, address, to = hop  # _send_packet, inlined
+                    if serve:
+                        sends = known.get(packet[12:20]) or learn(host, iface, packet)
+                        # None: not IPv4 as the router takes it, or TTL 1 (the router counts it).
+                        if sends is not None and (forwarded := forward_copy_v4(packet)):
+                            for sendto, address, to in sends:  # _send, inlined
                                 try:
                                     sendto(forwarded, address)
                                 except OSError as exc:
                                     self._send_failed(to, forwarded, address, exc)
                                 else:
                                     to.counters.sent += 1
-                            copies += len(outs)
+                            copies += len(sends)
                             continue
                     receive(iface, packet, clock() - t0)
                     # Frames and effects after each packet, in order; the timer once
                     # per batch (none can fire before this returns to the loop).
                     if node.outbox or node.effects:
                         deliver(node, send, on_effect)
+                    if fast is not None and host.generation != fast.generation:
+                        # Membership changed: what was learnt is void.
+                        _forget(host)
+                        host.generation = fast.generation
+                    serve = serve and self.capture is None and port.open
             finally:
                 if copies and fast is not None:
                     fast.credit(copies)
@@ -517,19 +540,38 @@ class AsyncOverlay:
         finally:
             port.counters.received += n
 
+    def _learn(self, host: _Hosted, iface: str, packet: bytes) -> tuple[_Direct, ...] | None:
+        """The sends for a packet the router's fast path has an entry for, remembered
+        in `known`; None (the router's own path) without one, or when a copy goes on a
+        link with emulated delay or loss, or to a neighbour with no endpoint yet."""
+        fast = host.fast
+        key = packet[12:20]
+        outs = None if fast is None else fast.tables.get(iface, {}).get(key)
+        if outs is None:
+            return None
+        sends = []
+        for out in outs:
+            hop = host.direct.get(out)
+            if hop is None:
+                return None
+            sends.append(hop)
+        known = host.known[iface]
+        if len(known) >= FAST_PATH_LIMIT:
+            known.clear()
+        known[key] = learnt = tuple(sends)
+        return learnt
+
     def _after(self, host: _Hosted) -> None:
         """Send the node's frames and re-arm its loop timer if the deadline moved."""
         carry_out(host.node, host.send, host.arm, self.on_effect)
 
     def _send(self, host: _Hosted, frame: Frame) -> None:
-        self._send_packet(host, frame.iface, frame.next_hop, frame.packet)
-
-    def _send_packet(self, host: _Hosted, iface: str, next_hop: int | None, packet: bytes) -> None:
-        port = host.ports.get(iface)
+        port = host.ports.get(frame.iface)
         if port is None:
-            raise ValueError(f"{host.node.name} sent on {iface}, which is on no link")
+            raise ValueError(f"{host.node.name} sent on {frame.iface}, which is on no link")
         if not port.open:
             return
+        next_hop = frame.next_hop
         if next_hop is None:
             receivers = port.fanout
         else:
@@ -538,6 +580,7 @@ class AsyncOverlay:
                 port.counters.dropped += 1
                 return
             receivers = hop
+        packet = frame.packet
         if self.capture is not None:
             self.capture(port.link.name, self.now, packet)  # once per frame, as on a wire
         if port.emulated:
@@ -642,6 +685,12 @@ class AsyncOverlay:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+def _forget(host: _Hosted) -> None:
+    """Drop what the fast path learnt (the router's tables or the endpoints changed)."""
+    for known in host.known.values():
+        known.clear()
 
 
 def _resolve_waiter(waiter: asyncio.Future[None]) -> None:

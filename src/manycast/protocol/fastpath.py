@@ -22,8 +22,9 @@ The rules a driver follows (`lookup` states them in code):
   0x45-0x4F (IPv4, a header the router accepts) and TTL above 1 is served here;
   every other datagram goes to `Router.receive` as before (so the router still
   counts no-member, TTL-expired and malformed packets, and sees every join);
-- each copy is `decrement_ttl_v4(packet)` sent on the pair's interface to the
-  pair's neighbour, exactly the frames the router would have queued;
+- each copy is `forward_copy_v4(packet)` (`decrement_ttl_v4` after those checks)
+  sent on the pair's interface to the pair's neighbour, exactly the frames the
+  router would have queued;
 - `credit(n)` after the batch: `n` copies sent, counted in the router's
   `multicast_forwarded` as if it had queued them.
 """
@@ -32,6 +33,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Protocol
+
+from manycast.wire.ip import forward_copy_v4
 
 Outs = tuple[tuple[str, int], ...]  # (interface, neighbour address) of each copy
 
@@ -48,7 +51,7 @@ class FastPath:
     address) -> the copies to send. The per-interface tables are created once and
     only ever cleared in place, so a driver may hold one across a batch."""
 
-    __slots__ = ("_stats", "served", "tables")
+    __slots__ = ("_stats", "generation", "served", "tables")
 
     def __init__(self, interfaces: Iterable[str], stats: _Counted) -> None:
         self.tables: dict[str, dict[bytes, Outs]] = {name: {} for name in interfaces}
@@ -56,6 +59,9 @@ class FastPath:
         # Set by a driver that serves the tables; until then nothing is installed
         # (a driver that hands every packet to the router pays nothing for them).
         self.served = False
+        # Counts `invalidate` calls: a driver that keeps its own copy of the tables
+        # (translated to its sockets) drops it when this moves.
+        self.generation = 0
 
     def install(self, iface: str, packet: bytes, outs: Outs) -> None:
         """The router forwarded `packet`, arrived on `iface`, to `outs` (the arrival
@@ -71,6 +77,7 @@ class FastPath:
     def invalidate(self) -> None:
         for table in self.tables.values():
             table.clear()
+        self.generation += 1
 
     def credit(self, copies: int) -> None:
         """A driver sent `copies` forwarded copies from the tables."""
@@ -81,7 +88,4 @@ class FastPath:
         """The copies of `packet` the fast path may send, or None: hand it to the
         router. (Drivers inline this test on their per-datagram path.)"""
         outs = table.get(packet[12:20])
-        # A hit means at least 20 bytes: the key is 8 bytes from offset 12.
-        if outs is not None and packet[8] > 1 and 0x45 <= packet[0] <= 0x4F:
-            return outs
-        return None
+        return outs if outs is not None and forward_copy_v4(packet) is not None else None

@@ -544,6 +544,8 @@ class UDPDatagram:
 
 _PEEK_V4 = struct.Struct("!B7xBB2xII")  # version/IHL, TTL, protocol, src, dst
 _TTL_WORD = struct.Struct("!BBH")  # TTL, protocol, header checksum at offset 8
+_TTL_FIELDS = struct.Struct("!8xBBH8x")  # the same, read from a whole 20-byte header
+_FORWARD_FIELDS = struct.Struct("!B7xBBH8x")  # version/IHL, TTL, protocol, header checksum
 _PEEK_V6 = struct.Struct("!B5xBB16s16s")  # version/class, next header, hop limit, src, dst
 
 
@@ -560,17 +562,35 @@ def peek_v4(packet: bytes) -> tuple[int, int, int, int]:
 def decrement_ttl_v4(packet: bytes) -> bytes:
     """The packet with TTL one less and the checksum patched (RFC 1624 eqn. 3).
 
-    Routers drop packets whose TTL is 1 or less before calling this.
+    Routers drop packets whose TTL is 1 or less before calling this. Runs per
+    forwarded packet, so it is written for the fewest interpreter steps.
     """
-    if len(packet) < IPV4_HEADER_LEN:
-        raise WireError(f"IPv4 packet: {len(packet)} bytes, shorter than a header")
-    ttl, protocol, checksum = _TTL_WORD.unpack_from(packet, 8)
+    try:
+        ttl, protocol, checksum = _TTL_FIELDS.unpack_from(packet)
+    except struct.error:
+        raise WireError(f"IPv4 packet: {len(packet)} bytes, shorter than a header") from None
     if ttl == 0:
         raise WireError("IPv4 packet: TTL is already 0")
     # HC' = ~(~HC + ~m + m'); the TTL/protocol word drops by 0x0100, so ~m + m' = 0xFEFF.
-    total = (checksum ^ 0xFFFF) + 0xFEFF
-    patched = ((total & 0xFFFF) + (total >> 16)) ^ 0xFFFF
-    return b"".join((packet[:8], _TTL_WORD.pack(ttl - 1, protocol, patched), packet[12:]))
+    # For every 16-bit HC that equals (HC + 0x0100) mod 0xFFFF (checked for all of
+    # them in the tests), one operation instead of five.
+    patched = (checksum + 0x100) % 0xFFFF
+    return packet[:8] + _TTL_WORD.pack(ttl - 1, protocol, patched) + packet[12:]
+
+
+def forward_copy_v4(packet: bytes) -> bytes | None:
+    """What a router sends on for `packet`: `decrement_ttl_v4(packet)` when it is an
+    IPv4 packet `peek_v4` accepts with TTL above 1, else None. For a forwarding
+    cache hit (the addresses are already known), the checks and the patch in one
+    call."""
+    try:
+        ver_ihl, ttl, protocol, checksum = _FORWARD_FIELDS.unpack_from(packet)
+    except struct.error:
+        return None
+    if ttl > 1 and 0x45 <= ver_ihl <= 0x4F:
+        patched = (checksum + 0x100) % 0xFFFF  # as in decrement_ttl_v4
+        return packet[:8] + _TTL_WORD.pack(ttl - 1, protocol, patched) + packet[12:]
+    return None
 
 
 def peek_v6(packet: bytes) -> tuple[int, int, int, int]:
