@@ -287,10 +287,12 @@ class Router(Node):
             return
         forwarded = decrement_ttl_v4(packet)
         append = self.outbox.append  # Node.send, inlined: this runs per packet
-        copies = tuple(out for out in outs if out[0] != iface)
-        for out_iface, neighbor in copies:
-            append(Frame(out_iface, forwarded, neighbor))
-        self.stats.multicast_forwarded += len(copies)
+        sent = 0
+        for out_iface, neighbor in outs:
+            if out_iface != iface:
+                append(Frame(out_iface, forwarded, neighbor))
+                sent += 1
+        self.stats.multicast_forwarded += sent
         # The same fate for every packet of (src, group) from this interface until
         # membership changes, unless time or pinned paths could change it.
         if (
@@ -303,6 +305,7 @@ class Router(Node):
                 or not self.admission.is_private(group)
             )
         ):
+            copies = outs if sent == len(outs) else tuple(o for o in outs if o[0] != iface)
             self.fast_path.install(iface, packet, copies)
 
     def resolve(self, src: int, group: int) -> tuple[tuple[str, int], ...]:
