@@ -22,6 +22,7 @@ from manycast import auth, naming
 from manycast import dns as dnsserver
 from manycast.drivers.factory import DRIVERS
 from manycast.drivers.kernel.cli import daemon_app
+from manycast.errors import ConfigError
 from manycast.runtime import LiveView, PoolRun
 from manycast.topology import Topology, TopologyError, builtin, load
 
@@ -371,7 +372,10 @@ def run(
     length = topo.duration if duration is None else duration
     if length <= 0:
         raise fail("--duration must be positive")
-    pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
+    try:
+        pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
+    except ConfigError as exc:  # a step this driver cannot carry out (`move`)
+        raise fail(exc) from None
     title = f"manycast run {topology.name}"
     _run(pool, length, as_json, title, realtime=False, web=web, metrics=metrics, pcap=pcap)
 
@@ -685,7 +689,9 @@ def lab_status(
 def lab_run(
     topology: Annotated[
         Path | None,
-        typer.Argument(help="A topology TOML file, or a bundled one: demo (default), vip."),
+        typer.Argument(
+            help="A topology TOML file, or a bundled one: demo (default), vip, tcp_move."
+        ),
     ] = None,
     duration: Annotated[
         float | None, typer.Option(help="Seconds to run (default: the topology's).")
@@ -750,6 +756,8 @@ def lab_run(
     if summary["clients_served_at_end"] != summary["clients"] or kernel["clients_not_at_owner"]:
         raise typer.Exit(1)
     if split:
+        raise typer.Exit(1)
+    if kernel.get("tcp", {}).get("broken"):  # a live TCP connection the moves broke
         raise typer.Exit(1)
 
 

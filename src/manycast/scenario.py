@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Protocol
 
+from manycast.errors import ConfigError
 from manycast.steps import (
     Add,
     ClientRate,
@@ -20,6 +21,7 @@ from manycast.steps import (
     Kill,
     KillVipRouter,
     Leave,
+    Move,
     Rebalance,
     SetShare,
     Step,
@@ -52,6 +54,23 @@ class PoolControl(Protocol):
         """Crash a node other than a server (a VIP router): nothing more from it."""
 
 
+class ConnectionMover(Protocol):
+    """Live kernel TCP connections that can move between servers (the kernel lab's
+    `lab.tcp_moves.TcpMoves`): what the `move` step needs, and what a `drain`, a
+    `kill` and an `add` tell it."""
+
+    def move(self, server: str, to: list[str], count: int) -> None:
+        """Move `count` (0: all) of `server`'s connections, spread over `to` in turn."""
+
+    def server_killed(self, server: str) -> None: ...
+
+    def server_added(self, server: str) -> None: ...
+
+
+class ScenarioError(ConfigError):
+    """A step this run cannot carry out (a `move` with no TCP connections to move)."""
+
+
 @dataclass(frozen=True)
 class EventRecord:
     """A step the engine carried out: when, what, and whether it moves clients."""
@@ -68,8 +87,14 @@ class ScenarioEngine:
     events: list[EventRecord] = field(default_factory=list)
     dead: set[str] = field(default_factory=set)
     added: set[str] = field(default_factory=set)
+    connections: ConnectionMover | None = None
 
     def __post_init__(self) -> None:
+        if self.connections is None and any(isinstance(s, Move) for s in self.topology.scenario):
+            raise ScenarioError(
+                "the 'move' step moves live kernel TCP connections: run the topology in"
+                " the kernel lab (manycast lab run)"
+            )
         self._dispatch: dict[type[Step], Callable[[Step], None]] = {
             SetShare: self._set_share,  # type: ignore[dict-item]
             Kill: self._kill,  # type: ignore[dict-item]
@@ -79,6 +104,7 @@ class ScenarioEngine:
             KillVipRouter: self._kill_vip_router,  # type: ignore[dict-item]
             Drain: self._drain,  # type: ignore[dict-item]
             Leave: self._leave,  # type: ignore[dict-item]
+            Move: self._move,  # type: ignore[dict-item]
         }
 
     def steps(self) -> list[Step]:
@@ -153,6 +179,8 @@ class ScenarioEngine:
         self.dead.add(step.server)
         if self.pool.hosts(step.server):
             self.pool.kill_server(step.server)
+            if self.connections is not None:
+                self.connections.server_killed(step.server)
 
     def _add(self, step: Add) -> None:
         if step.server in self.added or step.server in self.dead:
@@ -160,6 +188,8 @@ class ScenarioEngine:
         self.added.add(step.server)
         if self.pool.hosts(step.server):
             self.pool.start_server(step.server)
+            if self.connections is not None:
+                self.connections.server_added(step.server)
 
     def _kill_vip_router(self, step: KillVipRouter) -> None:
         if step.vip_router in self.dead:
@@ -172,6 +202,17 @@ class ScenarioEngine:
         if step.server in self.dead or self.status(step.server) == "standby":
             return
         self._command(control.SetShareOp(step.server, Fraction(0)), step.server)
+        others = [s for s in self.live_servers() if s != step.server]
+        if self.connections is not None and others and self.pool.hosts(step.server):
+            self.connections.move(step.server, others, 0)
+
+    def _move(self, step: Move) -> None:
+        """The server's live TCP connections go elsewhere; a dead or standby server has none."""
+        if step.server not in self.live_servers() or not self.pool.hosts(step.server):
+            return
+        to = [step.to] if step.to else [s for s in self.live_servers() if s != step.server]
+        if self.connections is not None and all(t in self.live_servers() for t in to) and to:
+            self.connections.move(step.server, to, step.count)
 
     def _leave(self, step: Leave) -> None:
         """The drained server stops, as a crash would stop it (nothing is left on it)."""

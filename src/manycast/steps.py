@@ -23,6 +23,7 @@ class Action(StrEnum):
     CLIENT_RATE = "client_rate"
     KILL_VIP_ROUTER = "kill_vip_router"
     DRAIN = "drain"
+    MOVE = "move"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +127,21 @@ class Leave(Step):
         return f"leave server={self.server}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class Move(Step):
+    """Move the live kernel TCP connections of `server` (all of them, or `count`) to
+    `to`, or spread over the other live servers when `to` is empty, without closing
+    them (TCP_REPAIR; the kernel lab only). The allocation does not change: not
+    disruptive."""
+
+    action: ClassVar[Action] = Action.MOVE
+    disruptive: ClassVar[bool] = False
+    server: str
+    to: str = ""
+    count: int = 0  # 0: every connection
+
+
 STEP_TYPES: dict[Action, type[Step]] = {
-    cls.action: cls for cls in (SetShare, Kill, Add, Rebalance, ClientRate, KillVipRouter, Drain)
+    cls.action: cls
+    for cls in (SetShare, Kill, Add, Rebalance, ClientRate, KillVipRouter, Drain, Move)
 }

@@ -19,7 +19,9 @@ from manycast.lab.build import Lab
 from manycast.lab.control import LabControl
 from manycast.lab.http_prober import HttpProber
 from manycast.lab.prober import Prober
+from manycast.lab.tcp_moves import TcpMoves
 from manycast.scenario import ScenarioEngine
+from manycast.steps import Move
 from manycast.summary import ClientRecord, ServerRecord, summarize
 from manycast.topology import Topology
 
@@ -84,13 +86,23 @@ class LabRun:
         the live servers' agents at one epoch, each with a share, and every client
         answered lately by its owner (starting a server takes seconds on a busy
         machine)."""
+        # A scenario that moves live TCP connections: the movable service and a
+        # download from every client, beside the pool's own service and clients.
+        moves: TcpMoves | None = None
+        if any(isinstance(step, Move) for step in self.topology.scenario):
+            moves = TcpMoves(self.lab, self.topology)
+            try:
+                moves.start()
+            except BaseException:
+                moves.close()
+                raise
         prober: Prober | HttpProber
         if self.topology.pool.vip is not None:
             prober = HttpProber(self.lab, self.topology)
         else:
             prober = Prober(self.lab, self.topology)
         control = LabControl(self.lab, prober)
-        engine = ScenarioEngine(self.topology, control)
+        engine = ScenarioEngine(self.topology, control, connections=moves)
         pending = engine.steps()
         try:
             next_report = PROGRESS_EVERY
@@ -119,8 +131,14 @@ class LabRun:
             deadline = prober.now() + settle
             while prober.now() < deadline and not self._settled(prober, engine, window):
                 prober.run_until(min(deadline, prober.now() + 0.5))
-            return self._summary(prober, engine, control)
+            summary = self._summary(prober, engine, control)
+            if moves is not None:
+                moves.close()
+                summary["kernel"]["tcp"] = moves.summary()
+            return summary
         finally:
+            if moves is not None:
+                moves.close()
             prober.close()
 
     def _summary(

@@ -21,6 +21,7 @@ from manycast.steps import (
     Drain,
     Kill,
     KillVipRouter,
+    Move,
     Rebalance,
     SetShare,
     Step,
@@ -483,6 +484,19 @@ def _drain(s: TableReader, known: _Known, at: float, line: int) -> Step:
     return Drain(at=at, line=line, server=server, grace=grace)
 
 
+def _move(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    server = _server(s, known)
+    to: str = s.get("to", str, "")
+    if to and to not in known.servers:
+        s.fail(f"no server named {to!r}", "to")
+    if to == server:
+        s.fail(f"a move goes from {server} to another server", "to")
+    count = s.number("count", 0, low=0, high=1_000_000)
+    if count != int(count):
+        s.fail(f"'count' = {count} must be a whole number", "count")
+    return Move(at=at, line=line, server=server, to=to, count=int(count))
+
+
 def _kill_vip_router(s: TableReader, known: _Known, at: float, line: int) -> Step:
     vip_router: str = s.get("vip_router", str)
     if vip_router not in known.vip_routers:
@@ -499,6 +513,7 @@ STEP_READERS: dict[Action, Callable[[TableReader, _Known, float, int], Step]] = 
     Action.CLIENT_RATE: _client_rate,
     Action.KILL_VIP_ROUTER: _kill_vip_router,
     Action.DRAIN: _drain,
+    Action.MOVE: _move,
 }
 
 

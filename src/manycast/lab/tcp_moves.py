@@ -1,0 +1,262 @@
+"""Live kernel TCP connections in a lab run: a paced download per client, moved by the scenario.
+
+A topology whose scenario has a `move` step runs, beside the pool's own service
+and clients, the movable TCP service (`drivers/kernel/tcp_service.py`) on its
+servers and one paced download (`GET /bytes/<huge>?rate=<r>`) from every client,
+read by a thread in the client's namespace with every byte compared with the
+pattern it must be. `move` and `drain` steps move connections with the driver's
+mover (`drivers/kernel/tcp_move.TcpMover`); a `kill` kills the server's service
+(its connections break, as a crash breaks them), an `add` starts it.
+
+The pause a moved connection saw is the longest gap between two reads of its
+download that overlaps its move (the pacing alone leaves gaps of about
+64 KiB / rate). `summary()` is the run summary's `kernel.tcp` section.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import socket
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from manycast.drivers import netns
+from manycast.drivers.kernel import tcp_apps
+from manycast.drivers.kernel.tcp_move import TcpMover
+from manycast.lab.build import Lab
+from manycast.topology import Topology
+
+HUGE = 1 << 40  # a download that does not end within a run
+RATE = 8 << 20  # bytes/s per download: a read every ~8 ms, so a pause stands out
+STALL_S = 2.0  # a download with no byte for this long at the end is broken
+Flow = tuple[str, int]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]
+
+
+def gap_around(times: list[float], start: float, end: float) -> float | None:
+    """The longest gap between two reads that overlaps [start, end] (seconds)."""
+    best: float | None = None
+    for before, after in itertools.pairwise(times):
+        if after < start or before > end:
+            continue
+        best = after - before if best is None else max(best, after - before)
+    return best
+
+
+class Download:
+    """One paced download read by a thread in a client's namespace; every byte checked."""
+
+    def __init__(self, ns: str, client: str, address: str, server: tuple[str, int]) -> None:
+        self.ns, self.client, self.address, self.server = ns, client, address, server
+        self.offset = 0
+        self.times: list[float] = []
+        self.flow: Flow | None = None
+        self.broken: str | None = None
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.sock: socket.socket | None = None
+        self.thread = threading.Thread(target=self._run, name=f"download-{client}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _connect(self) -> bytes:
+        sock = netns.socket_in(self.ns, socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = sock
+        sock.settimeout(15.0)
+        sock.connect(self.server)
+        sock.sendall(f"GET /bytes/{HUGE}?rate={RATE} HTTP/1.1\r\nHost: pool\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("closed before the headers")
+            head += chunk
+        self.flow = (self.address, sock.getsockname()[1])
+        self.connected.set()
+        return head.split(b"\r\n\r\n", 1)[1]
+
+    def _run(self) -> None:
+        try:
+            data = self._connect()
+            while not self.stopping.is_set():
+                if data:
+                    if data != tcp_apps.body(self.offset, len(data)):
+                        self.broken = f"wrong bytes at offset {self.offset}"
+                        return
+                    self.offset += len(data)
+                    self.times.append(time.perf_counter())
+                data = self.sock.recv(1 << 16)  # type: ignore[union-attr]
+                if not data:
+                    raise ConnectionError("the server closed the download")
+        except OSError as exc:
+            if not self.stopping.is_set():
+                self.broken = f"{type(exc).__name__}: {exc}"
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(timeout=10)
+        if self.sock is not None:
+            self.sock.close()
+
+
+@dataclass
+class MoveRecord:
+    """One flow's move: when, where from and to, and how it went."""
+
+    flow: Flow
+    old: str
+    new: str
+    start: float
+    end: float
+    moved: bool
+    edge_hold_ms: float
+    reason: str = ""
+
+
+@dataclass
+class TcpMoves:
+    """The scenario's `ConnectionMover` in the lab: the mover, the downloads, the record."""
+
+    lab: Lab
+    topology: Topology
+    mover: TcpMover = field(init=False)
+    downloads: list[Download] = field(default_factory=list)
+    records: list[MoveRecord] = field(default_factory=list)
+    steps: int = 0
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.mover = TcpMover(self.lab, self.topology)
+
+    def start(self) -> None:
+        """The service on every running server, then a download from every client."""
+        servers = [s.name for s in self.topology.servers.values() if s.authorized and not s.standby]
+        self.mover.start(servers)
+        target = (self.mover.vip, self.mover.port)
+        for name, spec in sorted(self.topology.clients.items()):
+            if spec.authorized:
+                address = str(self.topology.address(name))
+                self.downloads.append(Download(self.lab.ns(name), name, address, target))
+        for download in self.downloads:
+            download.start()
+
+    # -- ConnectionMover ---------------------------------------------------------------
+    def move(self, server: str, to: list[str], count: int) -> None:
+        self.steps += 1
+        try:
+            flows = self.mover.connections(server)
+        except (OSError, ValueError):
+            return  # its service is gone: nothing to move
+        if count:
+            flows = flows[:count]
+        shares: dict[str, list[Flow]] = defaultdict(list)
+        for i, flow in enumerate(flows):
+            shares[to[i % len(to)]].append(flow)
+        for target, group in shares.items():
+            if target not in self.mover.processes:
+                continue
+            self.mover.wait_ready(target)
+            start = time.perf_counter()
+            result = self.mover.move(group, server, target)
+            end = time.perf_counter()
+            moved = set(result.moved)
+            for flow in group:
+                reason = result.refused.get(f"{flow[0]}:{flow[1]}", "")
+                self.records.append(
+                    MoveRecord(
+                        flow, server, target, start, end, flow in moved, result.pause_ms, reason
+                    )
+                )
+
+    def server_killed(self, server: str) -> None:
+        self.mover.kill_server(server)
+
+    def server_added(self, server: str) -> None:
+        self.mover.start_server(server, wait=False)
+
+    # -- the end -----------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the downloads (a silent one is broken) and the service."""
+        if self.closed:
+            return
+        self.closed = True
+        now = time.perf_counter()
+        for download in self.downloads:
+            if download.broken is None and (
+                not download.times or now - download.times[-1] > STALL_S
+            ):
+                download.broken = f"no byte for the last {STALL_S:.0f} s"
+        for download in self.downloads:
+            download.stop()
+        self.mover.close()
+
+    def summary(self) -> dict[str, Any]:
+        """`moved`, `refused`, `broken`, `bytes_verified` and the pauses (ms) moved
+        connections saw (`pause_ms`: p50, p99, max), beside the edge's hold per move."""
+        by_flow = {d.flow: d for d in self.downloads if d.flow is not None}
+        pauses: list[float] = []
+        for record in self.records:
+            download = by_flow.get(record.flow)
+            if record.moved and download is not None:
+                gap = gap_around(download.times, record.start, record.end)
+                if gap is not None:
+                    pauses.append(gap * 1e3)
+        holds = [r.edge_hold_ms for r in self.records if r.moved]
+        quiet = self._quiet_gaps()
+        return {
+            "steps": self.steps,
+            "connections": len(self.downloads),
+            "moved": sum(1 for r in self.records if r.moved),
+            "refused": {f"{r.flow[0]}:{r.flow[1]}": r.reason for r in self.records if not r.moved},
+            "broken": sum(1 for d in self.downloads if d.broken is not None),
+            "broken_reasons": {d.client: d.broken for d in self.downloads if d.broken},
+            "bytes_verified": sum(d.offset for d in self.downloads),
+            "pause_ms": _figures(pauses),
+            "edge_hold_ms": _figures(holds),
+            "gap_without_moves_ms": _figures(quiet),
+            "rate_bytes_per_s": RATE,
+        }
+
+    def _quiet_gaps(self) -> list[float]:
+        """The downloads' gaps away from every move (ms): the pacing's own unevenness."""
+        busy: dict[Flow, list[tuple[float, float]]] = defaultdict(list)
+        for record in self.records:
+            busy[record.flow].append((record.start - 0.01, record.end + 0.25))
+        gaps = []
+        for download in self.downloads:
+            spans = busy.get(download.flow, []) if download.flow else []
+            for before, after in itertools.pairwise(download.times):
+                if not any(a <= after and before <= b for a, b in spans):
+                    gaps.append((after - before) * 1e3)
+        return gaps
+
+
+def _figures(values: list[float]) -> dict[str, float | None]:
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 2)
+
+    return {
+        "p50": rounded(percentile(values, 50)),
+        "p99": rounded(percentile(values, 99)),
+        "max": rounded(max(values, default=None)),
+        "count": len(values),
+    }
+
+
+__all__ = ["Download", "MoveRecord", "TcpMoves", "gap_around", "percentile"]

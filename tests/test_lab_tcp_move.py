@@ -1,0 +1,124 @@
+"""`manycast lab run tcp_move`: `move` and `drain` steps move live kernel TCP connections.
+
+The bundled tcp_move.toml runs the movable TCP service beside the VIP pool's own,
+a paced download from every client, and moves the servers' live connections
+step after step, then drains one server before it leaves. The run's summary
+counts the connections moved and broken and the pause each moved connection
+saw. The lab run needs root (namespaces, TCP_REPAIR, iptables' NFQUEUE) and
+skips elsewhere, saying why; the step's reading and its refusal outside the lab
+are checked everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+from manycast.scenario import ScenarioEngine, ScenarioError
+from manycast.steps import Drain, Move
+from manycast.topology import TopologyError, loads
+
+NEEDS_ROOT = "moving kernel TCP connections in a lab run needs root (namespaces, TCP_REPAIR)"
+TOOLS = ("nft", "iptables")
+NEEDS_TOOLS = "the TCP moves need nft and iptables (NFQUEUE): make lab-deps"
+TCP_MOVE = files("manycast").joinpath("topologies", "tcp_move.toml").read_text()
+
+
+def _skip_reason() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return NEEDS_ROOT
+    if not all(shutil.which(t) or os.path.exists(f"/usr/sbin/{t}") for t in TOOLS):
+        return NEEDS_TOOLS
+    return None
+
+
+# -- everywhere ------------------------------------------------------------------------
+def test_the_bundled_scenario_moves_and_drains() -> None:
+    topology = loads(TCP_MOVE, "tcp_move.toml")
+    moves = [s for s in topology.scenario if isinstance(s, Move)]
+    assert len(moves) >= 10 and {m.server for m in moves} == {"s1", "s2", "s3", "s4"}
+    assert any(m.to for m in moves) and any(not m.to for m in moves)
+    assert [s.server for s in topology.scenario if isinstance(s, Drain)] == ["s2"]
+    assert moves[0].describe() == "move server=s1 to= count=0"
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('server = "s1"\nto = "s1"', "from s1 to another server"),
+        ('server = "s1"\nto = "s9"', "no server named 's9'"),
+        ('server = "s9"', "no server named 's9'"),
+        ('server = "s1"\ncount = 1.5', "must be a whole number"),
+    ],
+)
+def test_a_bad_move_step_is_refused_with_its_line(table: str, message: str) -> None:
+    text = TCP_MOVE.replace("[run]", f'[[scenario]]\nat = 1.0\naction = "move"\n{table}\n\n[run]')
+    with pytest.raises(TopologyError, match=message) as caught:
+        loads(text, "bad.toml")
+    assert "bad.toml:" in str(caught.value)
+
+
+def test_a_move_outside_the_lab_is_refused_clearly() -> None:
+    """The memory driver and the overlay have no kernel TCP connections to move."""
+    topology = loads(TCP_MOVE, "tcp_move.toml")
+    with pytest.raises(ScenarioError, match="kernel lab"):
+        ScenarioEngine(topology, pool=None)  # type: ignore[arg-type]
+    result = subprocess.run(
+        [sys.executable, "-m", "manycast", "run", str(_bundled()), "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2 and "manycast lab run" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _bundled() -> Path:
+    return Path(str(files("manycast").joinpath("topologies", "tcp_move.toml")))
+
+
+# -- the lab ---------------------------------------------------------------------------
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path) -> None:
+    """As a user runs it: `manycast lab run tcp_move --json`. Every move step's
+    connections move, none breaks (every byte of every download checked), the
+    pauses are in the summary, and the pool's own clients are served throughout."""
+    prefix = f"lt{os.getpid() % 100000}"
+    env = {**os.environ, "MANYCAST_LAB_RUN_ROOT": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "manycast", "lab", "run", "tcp_move", "--prefix", prefix, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert result.stdout.strip(), result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    tcp = summary["kernel"]["tcp"]
+    assert result.returncode == 0, (tcp, result.stderr[-3000:])
+    assert tcp["connections"] == 4 and tcp["steps"] == 13  # 12 moves and the drain
+    assert tcp["moved"] > 0 and tcp["refused"] == {}, tcp
+    assert tcp["broken"] == 0, tcp["broken_reasons"]
+    # 8 MiB/s for the run's 18 s, less start-up: most of it arrives and is checked.
+    assert tcp["bytes_verified"] > 4 * (8 << 20) * 8, tcp
+    pause = tcp["pause_ms"]
+    assert pause["count"] == tcp["moved"]  # every moved download saw its move
+    assert 0 < pause["p50"] <= pause["p99"] <= pause["max"]
+    # No lost packet: a restored socket's first retransmission waits 1 s.
+    assert pause["max"] < 1000, pause
+    hold = tcp["edge_hold_ms"]
+    assert hold["count"] == tcp["moved"] and 0 < hold["p50"] <= hold["max"]
+    # The pool's own clients were served; the drain (disruptive: s2's share goes) is
+    # among the summary's events, with its recovery.
+    assert summary["clients_served_at_end"] == summary["clients"] == 4
+    assert [e["what"] for e in summary["events"]] == ["drain server=s2 grace=2.0"]
+    print(f"moved {tcp['moved']}, pause {pause}, edge hold {hold}")
