@@ -6,10 +6,19 @@ allocation independently and agree on it. Every change goes through
 `reassign()`, which moves only the buckets a server must give up, so removing a
 server moves exactly its share, adding one moves exactly the new server's
 share, and changing one server's share moves exactly the difference (Fig 11).
+
+Each change first fixes the shares the servers should hold, then whole bucket
+counts for them (`bucket_targets`: each within one bucket of its exact share,
+the rounding chosen to keep what the servers hold), then moves only the
+surpluses. An `Apportionment` keeps the shares beside the allocation, so that
+the rounding of one change is not carried into the next: after any sequence of
+changes every server holds its share to within one bucket. The functions that
+take an `Allocation` alone read the shares from what is held.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -45,16 +54,67 @@ def apportion(total: int, weights: Mapping[str, Weight]) -> dict[str, int]:
     exact = {s: Fraction(w) for s, w in weights.items()}
     if any(w < 0 for w in exact.values()):
         raise PolicyError("weights must not be negative")
-    whole = sum(exact.values(), Fraction(0))
-    if whole == 0:
+    # Over a common denominator the weights are integers and so is every remainder.
+    common = math.lcm(*(w.denominator for w in exact.values())) if exact else 1
+    whole_numbers = {s: w.numerator * (common // w.denominator) for s, w in exact.items()}
+    if sum(whole_numbers.values()) == 0:
         raise PolicyError("at least one weight must be positive")
-    quotas = {s: total * w / whole for s, w in exact.items()}
-    counts = {s: int(q) for s, q in quotas.items()}
+    return _largest_remainder(total, whole_numbers)
+
+
+def _largest_remainder(total: int, weights: Mapping[str, int]) -> dict[str, int]:
+    """`apportion` for non-negative integer weights, not all zero."""
+    whole = sum(weights.values())
+    counts: dict[str, int] = {}
+    remainders: dict[str, int] = {}
+    for server, weight in weights.items():
+        counts[server], remainders[server] = divmod(total * weight, whole)
     leftover = total - sum(counts.values())
-    by_remainder = sorted(quotas, key=lambda s: (-(quotas[s] - counts[s]), s))
-    for server in by_remainder[:leftover]:
+    for server in sorted(weights, key=lambda s: (-remainders[s], s))[:leftover]:
         counts[server] += 1
     return counts
+
+
+def bucket_targets(
+    buckets: int,
+    weights: Mapping[str, int],
+    current: Mapping[str, int],
+    pinned: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Whole bucket counts for shares in proportion to integer `weights`, each within
+    one bucket of its exact quota q = buckets * w / sum(w), that move the least from
+    `current`.
+
+    Every server gets floor(q) or ceil(q), and the counts sum to `buckets`. Among
+    such counts, those closest to `current` are chosen: the extra buckets go first
+    to servers that already hold at least ceil(q) (each such choice saves a move),
+    then by largest remainder, then by id. `pinned` asks for a server's count
+    (floor(q) or ceil(q)); it is served first.
+    """
+    whole = sum(weights.values())
+    if whole <= 0 or any(w < 0 for w in weights.values()):
+        raise PolicyError("weights must be non-negative, one of them positive")
+    wish = dict(pinned or {})
+    floor: dict[str, int] = {}
+    remainder: dict[str, int] = {}
+    for server, weight in weights.items():
+        floor[server], remainder[server] = divmod(buckets * weight, whole)
+    for server, count in wish.items():
+        if count not in (floor[server], floor[server] + (remainder[server] > 0)):
+            raise PolicyError(f"{server} cannot hold {count} buckets within one of its share")
+
+    def rank(server: str) -> tuple[int, int, int, str]:
+        asked = wish.get(server)
+        first = 1 if asked is None else (0 if asked > floor[server] else 2)
+        keeps = 0 if current.get(server, 0) > floor[server] else 1
+        return first, keeps, -remainder[server], server
+
+    leftover = buckets - sum(floor.values())
+    candidates = sorted((s for s in weights if remainder[s]), key=rank)
+    targets = dict(floor)
+    for server in candidates[:leftover]:
+        targets[server] += 1
+    return targets
 
 
 def _check_servers(servers: Iterable[str]) -> list[str]:
@@ -125,16 +185,22 @@ def reassign(
     dropped = [s for s in current if s not in targets and current[s] > 0]
     if dropped:
         raise PolicyError(f"servers {dropped} hold buckets but have no target")
+    gone = set(remove)
+    if any(targets.get(s, 0) for s in gone):
+        raise PolicyError(f"servers to remove must have a target of 0: {sorted(gone)}")
     servers = sorted(set(alloc.servers) | set(targets))
     position = {s: i for i, s in enumerate(servers)}
     remap = np.array([position[s] for s in alloc.servers], dtype=np.int32)
     owners = remap[alloc.owners]
+    # Each server's buckets in ascending order, one sort for all of them.
+    by_owner = np.argsort(owners, kind="stable")
+    ends = np.cumsum(np.bincount(owners, minlength=len(servers)))
     freed: list[npt.NDArray[np.intp]] = []
     for server in servers:
         surplus = current.get(server, 0) - targets.get(server, 0)
         if surplus > 0:
-            mine = np.flatnonzero(owners == position[server])
-            freed.append(mine[-surplus:])
+            stop = int(ends[position[server]])
+            freed.append(by_owner[stop - surplus : stop])
     pool = np.sort(np.concatenate(freed)) if freed else np.empty(0, dtype=np.intp)
     taken = 0
     for server in servers:
@@ -142,98 +208,191 @@ def reassign(
         if deficit > 0:
             owners[pool[taken : taken + deficit]] = position[server]
             taken += deficit
-    gone = set(remove)
-    if any(targets.get(s, 0) for s in gone):
-        raise PolicyError(f"servers to remove must have a target of 0: {sorted(gone)}")
     keep = [s for s in servers if s in targets and s not in gone]
     keep_pos = {s: i for i, s in enumerate(keep)}
     final = np.array([keep_pos.get(s, -1) for s in servers], dtype=np.int32)[owners]
     return Allocation(space, tuple(keep), final)
 
 
+SCALE = 1 << 64
+"""An `Apportionment`'s shares are whole multiples of 1/SCALE of the space: exact
+integers every server computes alike, 2**40 times finer than the finest bucket."""
+
+
+@dataclass(frozen=True, eq=False)
+class Apportionment:
+    """An allocation and the shares its servers should hold.
+
+    `weights[s] / SCALE` is server s's share (the weights sum to SCALE) and the
+    allocation gives it floor or ceil of that share in buckets. Every change sets
+    the new shares exactly (to 1/SCALE), then moves only the surplus buckets
+    (`reassign`) to counts within one bucket of them (`bucket_targets`). Since the
+    shares are kept, not read back from the rounded counts, the error never
+    accumulates: after any sequence of changes each server holds its share to
+    within one bucket, and each change moves exactly the surplus it creates.
+    """
+
+    allocation: Allocation
+    weights: Mapping[str, int]
+
+    def __post_init__(self) -> None:
+        if set(self.weights) != set(self.allocation.servers):
+            raise PolicyError("the shares must name exactly the allocation's servers")
+        if sum(self.weights.values()) != SCALE or any(w < 0 for w in self.weights.values()):
+            raise PolicyError("the shares must be non-negative and add up to the space")
+
+    @classmethod
+    def held(cls, alloc: Allocation) -> Apportionment:
+        """The shares are what `alloc` holds."""
+        unit = SCALE // alloc.space.buckets
+        return cls(alloc, {s: n * unit for s, n in alloc.counts().items()})
+
+    @classmethod
+    def split(cls, space: AddressSpace, weights: Mapping[str, Weight]) -> Apportionment:
+        """Shares in proportion to `weights`, each server one run of buckets in id order
+        (a zero weight keeps the server, with nothing)."""
+        ordered = _check_servers(weights)
+        shares = apportion(SCALE, weights)
+        counts = bucket_targets(space.buckets, shares, {})
+        alloc = Allocation.from_counts(space, [(s, counts[s]) for s in ordered], extra=ordered)
+        return cls(alloc, shares)
+
+    def desired(self) -> dict[str, Fraction]:
+        """Each server's share, exact."""
+        return {s: Fraction(w, SCALE) for s, w in self.weights.items()}
+
+    def error(self) -> Fraction:
+        """The largest |held - desired| over the servers, in buckets (always < 1)."""
+        buckets = self.allocation.space.buckets
+        counts = self.allocation.counts()
+        return max(abs(counts[s] - Fraction(w * buckets, SCALE)) for s, w in self.weights.items())
+
+    def _reach(
+        self,
+        weights: dict[str, int],
+        pinned: Mapping[str, int] | None = None,
+        remove: str | None = None,
+    ) -> Apportionment:
+        alloc = self.allocation
+        targets = bucket_targets(alloc.space.buckets, weights, alloc.counts(), pinned)
+        if remove is None:
+            return Apportionment(reassign(alloc, targets), weights)
+        return Apportionment(reassign(alloc, {**targets, remove: 0}, [remove]), weights)
+
+    def _others(self, total: int, server: str) -> dict[str, int]:
+        """`total` split among the servers other than `server` in their proportions."""
+        others = {s: w for s, w in self.weights.items() if s != server}
+        if not any(others.values()):
+            others = dict.fromkeys(others, 1)
+        return _largest_remainder(total, others) if others else {}
+
+    def set_share(self, server: str, share: Weight) -> Apportionment:
+        """Give `server` this share (e.g. 25% -> 20%, Fig 11); the others keep their
+        proportions, so when they hold them only the difference moves. The server
+        holds round(share * buckets)."""
+        wanted = Fraction(share)
+        if not 0 <= wanted <= 1:
+            raise PolicyError(f"share must be between 0 and 1, not {share}")
+        alloc = self.allocation
+        alloc.index_of(server)
+        buckets = alloc.space.buckets
+        count = round(wanted * buckets)
+        if len(alloc.servers) == 1:
+            if count != buckets:
+                raise PolicyError(f"{server} is the only server; it must hold everything")
+            return self
+        mine = round(wanted * SCALE)
+        weights = {**self._others(SCALE - mine, server), server: mine}
+        return self._reach(weights, {server: count})
+
+    def add_server(self, server: str, share: Weight | None = None) -> Apportionment:
+        """A server joins with `share` (default: an equal share, 1/(N+1)); the others
+        keep their proportions, so when they hold them only its share moves."""
+        alloc = self.allocation
+        if server in alloc.servers:
+            raise PolicyError(f"{server!r} is already in the pool")
+        if not server:
+            raise PolicyError("server ids must be non-empty")
+        wanted = Fraction(1, len(alloc.servers) + 1) if share is None else Fraction(share)
+        if not 0 <= wanted < 1:
+            raise PolicyError(f"a new server's share must be in [0, 1), not {share}")
+        mine = round(wanted * SCALE)
+        weights = {**self._others(SCALE - mine, server), server: mine}
+        return self._reach(weights, {server: round(wanted * alloc.space.buckets)})
+
+    def remove_server(self, server: str) -> Apportionment:
+        """A server leaves (failure): the survivors keep their proportions, so when
+        they hold them only its buckets move (an equal split stays equal)."""
+        if server not in self.weights:
+            raise PolicyError(f"{server!r} is not in the pool")
+        if len(self.weights) == 1:
+            raise PolicyError(f"cannot remove {server}: it is the last server")
+        return self._reach(self._others(SCALE, server), remove=server)
+
+    def set_weights(self, weights: Mapping[str, Weight]) -> Apportionment:
+        """Shares in proportion to `weights`, one for each current server."""
+        if set(weights) != set(self.weights):
+            raise PolicyError("give a weight for each server of the pool, and only those")
+        return self._reach(apportion(SCALE, weights))
+
+    def balance_loads(
+        self,
+        server_loads: Mapping[str, float],
+        target: float = 1.1,
+        hot: Mapping[int, float] | None = None,
+    ) -> Apportionment:
+        """Even out measured server loads, in one step.
+
+        Nothing moves while the busiest server is within `target` times the mean.
+        With `hot` (bucket -> load, the busiest buckets a congested server
+        measured), `rebalance` moves the fewest buckets, the hot ones first, and the
+        shares become what it leaves. Without, each server's load is taken to grow
+        with the buckets it holds at its own rate, load / buckets (the traffic a
+        bucket brings over the server's capacity), so its capacity is buckets /
+        load; the shares become the capacities' proportions, which give every
+        server the same load. A server that holds nothing or reports no load counts
+        as of the mean capacity of the others.
+        """
+        if target < 1.0:
+            raise PolicyError("target max/mean must be at least 1.0")
+        alloc = self.allocation
+        counts = alloc.counts()
+        loads = {s: max(0.0, float(server_loads.get(s, 0.0))) for s in counts}
+        if not all(math.isfinite(v) for v in loads.values()):
+            raise PolicyError("server loads must be finite")
+        mean = sum(loads.values()) / len(loads)
+        if mean <= 0 or max(loads.values()) <= target * mean:
+            return self
+        if hot:
+            moved = rebalance(alloc, _bucket_loads(alloc, loads, hot), target).allocation
+            return Apportionment.held(moved)
+        capacity = {
+            s: Fraction(counts[s]) / Fraction(load)
+            for s, load in loads.items()
+            if counts[s] > 0 and load > 0
+        }
+        if not capacity:
+            return self
+        typical = sum(capacity.values(), Fraction(0)) / len(capacity)
+        return self._reach(apportion(SCALE, {s: capacity.get(s, typical) for s in counts}))
+
+
 def set_share(alloc: Allocation, server: str, share: Weight) -> Allocation:
     """Give `server` this share (e.g. 25% -> 20%, Fig 11); the others absorb the
     difference in proportion to what they hold, so only the difference moves."""
-    wanted = Fraction(share)
-    if not 0 <= wanted <= 1:
-        raise PolicyError(f"share must be between 0 and 1, not {share}")
-    alloc.index_of(server)
-    buckets = alloc.space.buckets
-    current = alloc.counts()
-    target = round(wanted * buckets)
-    others = {s: n for s, n in current.items() if s != server}
-    if not others:
-        if target != buckets:
-            raise PolicyError(f"{server} is the only server; it must hold everything")
-        return alloc
-    delta = target - current[server]
-    targets = dict(current)
-    targets[server] = target
-    if delta < 0:
-        # Hand the freed buckets to the others in proportion to their holdings.
-        weights: Mapping[str, Weight] = others if sum(others.values()) else dict.fromkeys(others, 1)
-        for s, n in apportion(-delta, weights).items():
-            targets[s] += n
-    elif delta > 0:
-        for s, n in _take_proportionally(others, delta).items():
-            targets[s] -= n
-    return reassign(alloc, targets)
-
-
-def _take_proportionally(holdings: Mapping[str, int], total: int) -> dict[str, int]:
-    """Take `total` units from holders in proportion to holdings, never more than held."""
-    taken = apportion(total, holdings)
-    # Rounding can ask a holder for one more than it has only when it holds
-    # almost nothing; move such excess to the largest holders.
-    excess = 0
-    for s, n in taken.items():
-        if n > holdings[s]:
-            excess += n - holdings[s]
-            taken[s] = holdings[s]
-    for s in sorted(holdings, key=lambda s: (-(holdings[s] - taken[s]), s)):
-        if not excess:
-            break
-        extra = min(excess, holdings[s] - taken[s])
-        taken[s] += extra
-        excess -= extra
-    return taken
+    return Apportionment.held(alloc).set_share(server, share).allocation
 
 
 def remove_server(alloc: Allocation, server: str) -> Allocation:
     """A server leaves (failure): only its buckets move, to the survivors in
     proportion to their holdings (an equal split stays equal)."""
-    current = alloc.counts()
-    if server not in current:
-        raise PolicyError(f"{server!r} is not in the pool")
-    survivors = {s: n for s, n in current.items() if s != server}
-    if not survivors:
-        raise PolicyError(f"cannot remove {server}: it is the last server")
-    weights: Mapping[str, Weight] = (
-        survivors if sum(survivors.values()) else dict.fromkeys(survivors, 1)
-    )
-    targets = {**survivors, server: 0}
-    for s, n in apportion(current[server], weights).items():
-        targets[s] += n
-    return reassign(alloc, targets, remove=[server])
+    return Apportionment.held(alloc).remove_server(server).allocation
 
 
 def add_server(alloc: Allocation, server: str, share: Weight | None = None) -> Allocation:
     """A server joins with `share` (default: an equal share, 1/(N+1)); the others give
     it buckets in proportion to their holdings, so only its share moves."""
-    if server in alloc.servers:
-        raise PolicyError(f"{server!r} is already in the pool")
-    if not server:
-        raise PolicyError("server ids must be non-empty")
-    current = alloc.counts()
-    wanted = Fraction(1, len(current) + 1) if share is None else Fraction(share)
-    if not 0 <= wanted < 1:
-        raise PolicyError(f"a new server's share must be in [0, 1), not {share}")
-    count = round(wanted * alloc.space.buckets)
-    targets = dict(current)
-    for s, n in _take_proportionally(current, count).items():
-        targets[s] -= n
-    targets[server] = count
-    return reassign(alloc, targets)
+    return Apportionment.held(alloc).add_server(server, share).allocation
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,39 +464,10 @@ def balance_loads(
     target: float = 1.1,
     hot: Mapping[int, float] | None = None,
 ) -> Allocation:
-    """Even out measured server loads.
-
-    With `hot` (bucket -> load, the busiest buckets a congested server measured) the
-    per-bucket loads are those, each server's remaining load spread over its other
-    buckets, and `rebalance` moves the fewest buckets, the hot ones first. Without,
-    each server's load counts as spread evenly: a server above the mean sheds the
-    buckets that carry its excess, by whole runs (`reassign`), and servers below the
-    mean take them in proportion to their spare load. Servers already within
-    `target` times the mean keep what they have.
-    """
-    if target < 1.0:
-        raise PolicyError("target max/mean must be at least 1.0")
-    counts = alloc.counts()
-    loads = {s: max(0.0, float(server_loads.get(s, 0.0))) for s in counts}
-    mean = sum(loads.values()) / len(loads)
-    if mean <= 0 or max(loads.values()) <= target * mean:
-        return alloc
-    if hot:
-        return rebalance(alloc, _bucket_loads(alloc, loads, hot), target).allocation
-    targets = dict(counts)
-    freed = 0
-    for server, load in loads.items():
-        if load > mean and counts[server] > 0:
-            density = load / counts[server]
-            shed = min(counts[server] - 1, round((load - mean) / density))
-            targets[server] -= shed
-            freed += shed
-    spare = {s: mean - load for s, load in loads.items() if load < mean}
-    if not freed or not spare:
-        return alloc
-    for server, extra in apportion(freed, spare).items():
-        targets[server] += extra
-    return reassign(alloc, targets)
+    """Even out measured server loads (`Apportionment.balance_loads`, the shares read
+    from what is held): one call reaches the shares that give every server the same
+    load, to within one bucket each, moving only the surpluses."""
+    return Apportionment.held(alloc).balance_loads(server_loads, target, hot).allocation
 
 
 def _bucket_loads(
@@ -361,12 +491,15 @@ def _bucket_loads(
 
 
 __all__ = [
+    "SCALE",
+    "Apportionment",
     "PolicyError",
     "Rebalance",
     "SpaceError",
     "add_server",
     "apportion",
     "balance_loads",
+    "bucket_targets",
     "equal_split",
     "imbalance",
     "reassign",
