@@ -31,9 +31,11 @@ import os
 import socket
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from manycast.drivers.kernel import tcp_steer
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.drivers.kernel.sockets import control_socket, recv_with_pktinfo, udp_packet
 from manycast.drivers.mroute import IGMPMSG_NOCACHE, MrouteSocket, Received, mreqn
@@ -131,6 +133,9 @@ class RouterDaemon:
         self.loop.watch(self.control, self._on_control)
         self.loop.handlers["status"] = self._status
         self.loop.handlers["metrics"] = self._metrics
+        # TCP moves in a manycast pool: sources steered to a server (`tcp_steer.py`).
+        self.steered: dict[tuple[int, int], frozenset[int]] = {}
+        self.loop.handlers["steer"] = partial(tcp_steer.handle, self)
         # A VIP pool: the core's tags and VIP routing carried into the kernel.
         self.edge: VipEdge | None = None
         self.lapse_check: float | None = None
@@ -253,6 +258,9 @@ class RouterDaemon:
                 # unseen: the refusal is counted once per source, here.
                 self.router.stats.rejected[Refusal.UNAUTHORIZED_SENDER] += 1
             return frozenset(), owners
+        steered = self.steered.get((source, group))
+        if steered is not None:
+            return steered - {parent}, owners
         outs = frozenset(
             self.vif_of[i] for i, _ in self.router.resolve(source, group) if i in self.vif_of
         )

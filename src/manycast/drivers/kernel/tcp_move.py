@@ -1,6 +1,9 @@
-"""Moving live kernel TCP connections between the lab's VIP servers: hold, hand over, release.
+"""Moving live kernel TCP connections between the lab's servers: hold, hand over, release.
 
-`TcpMover` runs beside a lab whose pool has a VIP (`lab/vipnet.py`). It starts
+`TcpMover` runs beside a lab whose pool has a VIP (`lab/vipnet.py`), or a
+manycast pool, whose TCP clients reach the group through a unicast address
+(`tcp_manycast.py`; there the path is the routers' (client, group) entry, and
+step 3 first steers it to the new server at every router). It starts
 the movable TCP service (`tcp_service.py`) on the servers, holds the pool's
 key, and opens at each client edge router the NFQUEUE and conntrack sockets of
 `tcp_hold.EdgeHold`. A move of some flows from `old` to `new`:
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from manycast import auth
 from manycast.drivers import netns
-from manycast.drivers.kernel import srv6, tcp_hold
+from manycast.drivers.kernel import srv6, tcp_hold, tcp_manycast
 from manycast.drivers.kernel.control import ask, ready_path
 from manycast.drivers.kernel.tcp_service import AGENT_PORT, PORT, ROLE
 from manycast.errors import LabError
@@ -67,6 +70,7 @@ class MoveResult:
     transfer_ms: float = 0.0
     bytes: int = 0  # queued bytes that moved with the sockets
     packets_held: int = 0
+    steer_failed: dict[str, str] = field(default_factory=dict)  # manycast: router -> why
 
 
 class TcpMover:
@@ -75,11 +79,15 @@ class TcpMover:
     def __init__(
         self, lab: Lab, topology: Topology, port: int = PORT, agent_port: int = AGENT_PORT
     ) -> None:
-        if topology.pool.vip is None:
-            raise LabError("moving TCP connections needs a VIP pool (e.g. the bundled vip.toml)")
         self.lab = lab
         self.topology = topology
-        self.vip = str(topology.pool.vip)
+        # A manycast pool: its TCP service's unicast address, mapped onto the group.
+        self.group: str | None = None
+        if topology.pool.vip is None:
+            self.group = str(topology.pool.group)
+            self.vip = str(tcp_manycast.TCP_ADDRESS)
+        else:
+            self.vip = str(topology.pool.vip)
         self.port = port
         self.agent_port = agent_port
         self.marks = srv6.server_marks(topology.servers)
@@ -98,6 +106,8 @@ class TcpMover:
                 continue
             name = self.lab.ns(edge)
             tcp_hold.install(partial(netns.enter, name), tcp_hold.edge_rules(self.vip, self.port))
+            if self.group is not None:
+                tcp_manycast.set_up_edge(name, self.vip, self.group, self.port)
             self.edges[edge] = netns.run_in(name, lambda: tcp_hold.EdgeHold(self.vip, self.port))
         chosen = (
             [s.name for s in self.topology.servers.values() if not s.standby]
@@ -111,6 +121,8 @@ class TcpMover:
 
     def start_server(self, server: str, wait: bool = True) -> None:
         ready_path(self.lab.run_dir, server, ROLE).unlink(missing_ok=True)
+        if self.group is not None:
+            tcp_manycast.set_up_server(self.lab.ns(server), self.vip, self.group, self.port)
         argv = [
             sys.executable, "-m", "manycast.drivers.kernel.tcp_service",
             "--name", server, "--vip", self.vip, "--port", str(self.port),
@@ -193,8 +205,13 @@ class TcpMover:
 
     # -- moving ----------------------------------------------------------------------------
     def move(self, flows: Iterable[Flow], old: str, new: str) -> MoveResult:
-        """Move `flows` (clients' address and port) from `old` to `new`."""
+        """Move `flows` (clients' address and port) from `old` to `new`. In a manycast
+        pool the path is the client's, so every flow `old` holds of the same clients
+        moves with them."""
         flows = list(flows)
+        if self.group is not None:
+            clients = {flow[0] for flow in flows}
+            flows += [f for f in self.connections(old) if f[0] in clients and f not in flows]
         result = MoveResult()
         by_edge: dict[str, list[Flow]] = defaultdict(list)
         for flow in flows:
@@ -217,14 +234,24 @@ class TcpMover:
             except (OSError, ValueError) as exc:
                 answer = {"error": f"{old} did not answer: {exc}"}
         moved = {(str(f[0]), int(f[1])) for f in answer.get("moved", [])}
+        if self.group is not None and moved:
+            # The clients' path: every router's (client, group) entry toward `new`.
+            failed = tcp_manycast.steer(
+                tcp_manycast.router_asker(self.lab.run_dir),
+                sorted(self.topology.routers),
+                sorted({f[0] for f in moved}),
+                self.group,
+                str(self.topology.address(new)),
+            )
+            result.steer_failed.update(failed)
         for edge, group in by_edge.items():
             hold = self.edges[edge]
             going = [f for f in group if f in moved]
             staying = [f for f in group if f in held and f not in moved]
             if going:
-                result.packets_held += hold.release(going, self.marks[new])
+                result.packets_held += hold.release(going, self._mark(new))
             if staying:
-                result.packets_held += hold.release(staying, self.marks[old])
+                result.packets_held += hold.release(staying, self._mark(old))
         result.pause_ms = (time.perf_counter() - began) * 1e3
         result.moved = [f for f in held if f in moved]
         result.refused.update(answer.get("refused", {}))
@@ -235,6 +262,11 @@ class TcpMover:
         result.transfer_ms = float(answer.get("transfer_ms", 0.0))
         result.bytes = int(answer.get("bytes", 0))
         return result
+
+    def _mark(self, server: str) -> int:
+        """The conntrack mark a released flow gets at the edge: the server's segment in
+        a VIP pool; none in a manycast pool (the routers' entries are the path)."""
+        return 0 if self.group is not None else self.marks[server]
 
     def drain(self, server: str, to: list[str], batch: int = 100) -> list[MoveResult]:
         """Move every connection of `server` to the servers `to`, spread in turn,
