@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 
 PREFIX = "mc"
 RUN_ROOT = Path(os.environ.get("MANYCAST_LAB_RUN_ROOT", "/run/manycast"))
+# The pool group's data plane in the routers: "mfc" (one kernel multicast entry per
+# client source, at its first packet's upcall) or "portions" (one nftables map
+# element per portion, `drivers/kernel/portion_plane.py`). MANYCAST_LAB_PLANE sets it
+# for `lab up` and `lab run`.
+PLANES = ("mfc", "portions")
+DEFAULT_PLANE = "mfc"
 NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
 
 
@@ -91,9 +97,15 @@ class Lab:
         seed: int = 1,
         start_servers: bool = True,
         pin_idle: float | None = None,
+        plane: str | None = None,
     ) -> Topology:
-        """Build the topology `text` and start its programs; on failure, tear down."""
+        """Build the topology `text` and start its programs; on failure, tear down.
+        `plane`: the routers' data plane for the pool's group (`PLANES`; default
+        $MANYCAST_LAB_PLANE, else `DEFAULT_PLANE`)."""
         require_root()
+        plane = plane or os.environ.get("MANYCAST_LAB_PLANE") or DEFAULT_PLANE
+        if plane not in PLANES:
+            raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
         if self.is_up():
             raise LabError(
@@ -113,6 +125,7 @@ class Lab:
             "source": source,
             "seed": seed,
             "pin_idle": pin_idle,
+            "plane": plane,
             "service": "http" if topology.pool.vip is not None else "responder",
         }
         (self.run_dir / "lab.json").write_text(json.dumps(state))
@@ -149,6 +162,7 @@ class Lab:
             seed=int(state.get("seed", 1)),
             pin_idle=state.get("pin_idle"),
             service=str(state.get("service", "responder")),
+            plane=str(state.get("plane", DEFAULT_PLANE)),
         )
 
     def pid(self, node: str, role: str) -> int | None:

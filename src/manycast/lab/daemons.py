@@ -81,6 +81,7 @@ class Daemons:
         seed: int,
         pin_idle: float | None,
         service: str = "responder",
+        plane: str = "mfc",
     ) -> int:
         """Start `node`'s `role` program inside `namespace`; its pid. A server's service
         is the program `service` (the UDP `responder`, or `http` in a VIP pool)."""
@@ -100,6 +101,8 @@ class Daemons:
         ]
         if role == "router" and pin_idle is not None:
             argv += ["--pin-idle", str(pin_idle)]
+        if role == "router":
+            argv += ["--plane", plane]
         with contextlib.suppress(FileNotFoundError):
             kernel.ready_path(self.run_dir, node, role).unlink()
         with open(self._log(node, role), "ab") as logfile:

@@ -53,6 +53,10 @@ def router(
         float | None,
         typer.Option(help="Hold an active source's moved entry until idle this long (R4)."),
     ] = None,
+    plane: Annotated[
+        str,
+        typer.Option(help="The pool group's data plane: mfc (per source) or portions (nftables)."),
+    ] = "mfc",
 ) -> None:
     """The router daemon: the core's decisions in the kernel's multicast table."""
     from manycast.drivers.kernel.router_daemon import RouterDaemon
@@ -60,7 +64,7 @@ def router(
     topology = _setup("router", node, run_dir, netns)
     if node not in topology.routers:
         raise typer.BadParameter(f"{node} is not a router of this topology", param_hint="--node")
-    RouterDaemon(topology, node, run_dir, seed, pin_idle).run()
+    RouterDaemon(topology, node, run_dir, seed, pin_idle, plane).run()
 
 
 @daemon_app.command()

@@ -22,6 +22,13 @@ Pinned paths (R4) are per source here: when a change would move an (S, G) entry
 away from an owner that is still a member (take an outgoing interface away, not
 only add one), the old entry stays while its kernel packet counter keeps
 increasing, and is rewritten once it has been idle for `pin_idle` seconds.
+
+With `plane="portions"` the pool's group is forwarded by the portion plane
+(`portion_plane.py`): one nftables map element per portion, rewritten in one
+transaction when the group's members change; no upcall, no per-source entry.
+The MFC stays underneath as the fallback: for a source two members hold at once,
+and for the pools the plane cannot serve (private pools: senders are admitted
+one by one; R4: pins are per source; VIP pools), which keep the MFC for all.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from manycast.drivers.kernel import tcp_steer
 from manycast.drivers.kernel.loop import KernelLoop
+from manycast.drivers.kernel.portion_plane import PlaneError, PortionPlane, compile_portions
 from manycast.drivers.kernel.sockets import control_socket, recv_with_pktinfo, udp_packet
 from manycast.drivers.mroute import IGMPMSG_NOCACHE, MrouteSocket, Received, mreqn
 from manycast.naming import key_from_directory
@@ -55,6 +63,7 @@ if TYPE_CHECKING:
     from manycast.topology import Topology
 
 log = logging.getLogger("manycast.kernel.router")
+PLANES = ("mfc", "portions")
 
 
 @dataclass
@@ -90,7 +99,13 @@ def _is_extended(report: IGMPv3Report) -> bool:
 
 class RouterDaemon:
     def __init__(
-        self, topology: Topology, name: str, run_dir: Path, seed: int, pin_idle: float | None
+        self,
+        topology: Topology,
+        name: str,
+        run_dir: Path,
+        seed: int,
+        pin_idle: float | None,
+        plane: str = "mfc",
     ) -> None:
         from manycast.pool import build
 
@@ -136,6 +151,16 @@ class RouterDaemon:
         # TCP moves in a manycast pool: sources steered to a server (`tcp_steer.py`).
         self.steered: dict[tuple[int, int], frozenset[int]] = {}
         self.loop.handlers["steer"] = partial(tcp_steer.handle, self)
+        self.loop.handlers["plane"] = self._plane_request
+        # The portion plane of the pool's group (None: the MFC alone).
+        self.portions: PortionPlane | None = None
+        self.plane_refused = self._plane_refusal(topology)
+        self._plane_devices = sorted(interfaces)
+        self._pool_group = int(topology.pool.group)
+        if plane not in PLANES:
+            raise ValueError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
+        if plane == "portions":
+            self.use_plane("portions")
         # A VIP pool: the core's tags and VIP routing carried into the kernel.
         self.edge: VipEdge | None = None
         self.lapse_check: float | None = None
@@ -145,6 +170,55 @@ class RouterDaemon:
             self.edge = VipEdge(self.router, topology)
             self.loop.watch(self.edge.marker.sock, self.edge.marker.read_answers)
         self.loop.add(self.router)
+
+    # the portion plane -------------------------------------------------------------
+    def _plane_refusal(self, topology: Topology) -> str | None:
+        """Why this pool's group must stay on the MFC, or None."""
+        admission = self.router.admission
+        if admission is not None and admission.is_private(int(topology.pool.group)):
+            return "private pool: senders are admitted one by one (per source)"
+        if self.pin_idle is not None:
+            return "R4: active sources are pinned one by one (per source)"
+        if topology.pool.vip is not None:
+            return "VIP pool: flows are tagged at the edge"
+        return None
+
+    def use_plane(self, plane: str) -> str:
+        """Switch the pool's group to `plane` ("mfc" or "portions"); the plane in use."""
+        if plane == "portions" and self.plane_refused is None:
+            if self.portions is None:
+                self.portions = PortionPlane(self._pool_group, self._plane_devices)
+                self.portions.install()
+            self._sync_plane()
+        elif self.portions is not None:
+            self.portions.remove()
+            self.portions = None
+        return "mfc" if self.portions is None else "portions"
+
+    def _sync_plane(self) -> None:
+        if self.portions is None:
+            return
+        members = self.router.members.get(self._pool_group, {}).values()
+        try:
+            self.portions.update(compile_portions(members))
+        except PlaneError as exc:
+            log.error("the portion plane refused a change (%s): the MFC takes the group", exc)
+            self.portions.update(None)
+
+    def _plane_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        if "use" in request:
+            if request["use"] not in PLANES:
+                return {"error": f"use: expected one of {', '.join(PLANES)}"}
+            self.use_plane(str(request["use"]))
+        return self._plane_status()
+
+    def _plane_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"plane": "mfc" if self.portions is None else "portions"}
+        if self.plane_refused is not None:
+            status["portions_refused"] = self.plane_refused
+        if self.portions is not None:
+            status.update(self.portions.status())
+        return status
 
     # events ------------------------------------------------------------------------
     def _on_mroute(self) -> None:
@@ -216,7 +290,10 @@ class RouterDaemon:
         """Once the core is quiet: re-resolve the groups that changed."""
         now = self.loop.now
         while self.dirty:
-            self._refresh(self.dirty.pop(), now)
+            group = self.dirty.pop()
+            if group == self._pool_group:
+                self._sync_plane()
+            self._refresh(group, now)
         if self.edge is not None:
             self.edge.sync(now)
             # Re-check the VIP's route the moment an advert lapses, not at the next
@@ -336,6 +413,7 @@ class RouterDaemon:
             "rejected": dict(stats.rejected),
             "vifs": {str(v): i for v, i in self.iface_of_vif.items()},
             "vip": None if self.edge is None else self.edge.status(),
+            "plane": self._plane_status(),
         }
 
     def _metrics(self, _: dict[str, Any]) -> dict[str, Any]:
@@ -362,6 +440,8 @@ class RouterDaemon:
         finally:
             if self.edge is not None:
                 self.edge.close()
+            if self.portions is not None:
+                self.portions.remove()
             self.mroute.close()
             self.loop.close()
 
