@@ -17,6 +17,11 @@ router to the same servers:
 
 - `manycast`: to the group; the router forwards by its MFC entries, as the lab
   sets it up (every source is installed before the rounds: the daemon is idle).
+- `manycast_portions`: to the group; the router forwards by the daemon's portion
+  plane (`drivers/kernel/portion_plane.py`): nftables at the ingress of the
+  router's interfaces, `ip saddr & <mask>` looked up in a map with one element
+  per portion (4 here), TTL decremented, `fwd ip to` the owner; no per-source
+  state, no upcall. The MFC entries stay in the kernel, unused.
 - `manycast_mcast_routes`: the same, with a 224.0.0.0/4 route per interface
   added to the router, so that the kernel caches the output route of each VIF
   (without one, ipmr allocates a route for every packet it forwards).
@@ -43,26 +48,33 @@ thread's share of CPU 1, and before the rounds the manycast rate from one
 generator and from two (flat when the router limits). A share of CPU 1 below 1.0
 is time other processes of the machine took from the router's thread.
 
-Rounds: each runs the five kinds once, in an order shuffled per round (seeded,
+Rounds: each runs the six kinds once, in an order shuffled per round (seeded,
 the seed in the output). `ratio_vs_nftables` is the ratio of the medians
-(manycast over nftables DNAT); `ratio_vs_nftables_per_round_median` the median of
-the per-round ratios; the same against the stateless and unicast references, and
-`mcast_routes_ratio_vs_*` for the router with multicast routes.
+(manycast by the MFC over nftables DNAT); `ratio_vs_nftables_per_round_median` the
+median of the per-round ratios; the same against the stateless and unicast
+references; `portions_ratio_vs_*` for the portion plane and
+`mcast_routes_ratio_vs_*` for the MFC with multicast routes.
 `router_thread_ns_per_packet`: CPU time of the router's threads per packet
 received (deferred work, RCU frees among it, runs elsewhere and is not in it).
 
-`first_packet_install_us` (p50, p99): fresh sources, one at a time; the daemon's
-time from reading the NOCACHE upcall to the entry installed (its `install_seconds`
-counter before and after each). `first_packet_delivered_us`: from the send of a
-fresh source's first packet to its arrival at a server's interface (kernel
-timestamps), for manycast (an upcall to the daemon) and for nftables DNAT (a new
-conntrack entry), side by side.
+`at_scale`: after the rounds, 100 000 client sources (50 000 per LAN) each send
+to the group, so that the MFC holds an entry for each (installed by upcalls);
+the forwarding entries of each plane are then counted: the MFC's resolved
+entries for the group against the portion plane's elements (in the daemon and
+in the kernel's maps). `first_packet_install_us` (p50, p99): fresh sources
+beyond those, one at a time; the daemon's time from reading the NOCACHE upcall
+to the entry installed (its `install_seconds` counter before and after each).
+`first_packet_delivered_us`: from the send of a fresh source's first packet to
+its arrival at a server's interface (kernel timestamps), for the MFC (an upcall
+to the daemon), the portion plane (no upcall: `upcalls` counts the daemon's
+during the samples) and nftables DNAT (a new conntrack entry), side by side.
 
 `--profile`: kernel events per delivered packet in the router's threads for each
 kind (`perf stat` on tracepoints: FIB lookups, slab allocations), which is where
 ipmr's extra cost shows. Sampling profiles (`perf record`) are no use on this
 kind of virtual machine: its software clock does not sample the NAPI threads.
-`--quick`: 3 rounds of 1 s and fewer latency samples (a smoke test; quote a full run).
+`--quick`: 3 rounds of 1 s, fewer latency samples and 20 000 sources at scale (a
+smoke test; quote a full run).
 
 Needs root, `ip` and `nft` (and `perf` for `--profile`); elsewhere it prints a
 JSON line saying why it did not run. Output: progress on stderr, then one JSON
@@ -72,99 +84,43 @@ object, the last line on stdout.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ipaddress
-import json
 import os
 import random
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import _plots
 from _common import progress, run_and_emit
-from _kernel_traffic import (
-    ETHTOOL_SGRO,
-    ETHTOOL_STSO,
-    Taps,
-    cpu_ticks,
-    dev_counters,
-    ethtool,
-    in_ns,
-    napi_threads,
-    run_generator,
-    task_seconds,
-    udp_frame,
+from _kernel_first import at_scale, check_entries, check_plane, first_packets, install_sources
+from _kernel_setup import (
+    BASELINES,
+    FRAMES_OF,
+    FRESH_SOURCE,
+    GENERATOR_CPU,
+    GENERATOR_NICE,
+    HOSTS,
+    KINDS,
+    OURS,
+    ROUTER_CPU,
+    SCALE_PER_HOST,
+    TOPOLOGY,
+    KernelBench,
 )
+from _kernel_traffic import run_generator, udp_frame
 
-TOPOLOGY = """
-[pool]
-group = "232.1.1.1"
-port = 7000
-control_group = "239.255.77.1"
-report_interval_ms = 1000
-# Slow enough that an agent held up by the load is not taken for dead: the
-# membership must not change during the rounds (`entries_rewritten_during_rounds`).
-heartbeat_ms = 200
-heartbeat_misses = 10
-
-[[router]]
-name = "r"
-
-[[server]]
-name = "s1"
-router = "r"
-[[server]]
-name = "s2"
-router = "r"
-[[server]]
-name = "s3"
-router = "r"
-[[server]]
-name = "s4"
-router = "r"
-
-[[clients]]
-name = "c"
-count = 1
-router = "r"
-subnet = "10.1.0.0/16"
-[[clients]]
-name = "d"
-count = 1
-router = "r"
-subnet = "10.2.0.0/16"
-"""
-
-SERVERS = ("s1", "s2", "s3", "s4")
-HOSTS = ("c1", "d1")  # one generator each
-SOURCES_PER_HOST = 5120  # 10 240 in all; a whole number of TX ring blocks
-FIRST_SOURCE = 0x100  # sources are <LAN>.1.0 onward; fresh ones for latency at .128.0
-FRESH_SOURCE = 0x8000
-KINDS = ("manycast", "manycast_mcast_routes", "nftables", "nftables_stateless", "unicast")
-BASELINES = ("nftables", "nftables_stateless", "unicast")
-FRAMES_OF = {
-    "manycast": "group",
-    "manycast_mcast_routes": "group",
-    "nftables": "vip",
-    "nftables_stateless": "vip",
-    "unicast": "owner",
+__all__ = ["KINDS", "summarize", "udp_frame"]
+# Headline ratios of each of our kinds over each baseline, by key prefix.
+PREFIX_OF = {
+    "manycast": "ratio_vs_",
+    "manycast_portions": "portions_ratio_vs_",
+    "manycast_mcast_routes": "mcast_routes_ratio_vs_",
 }
-VIP = "10.255.0.1"
-GENERATOR_CPU, ROUTER_CPU = 0, 1
-GENERATOR_NICE, ROUTER_NICE = -10, -20
-# Per packet in the router's NAPI threads (`--profile`): route lookups and allocations.
-PROFILE_EVENTS = ("fib:fib_table_lookup", "kmem:kmem_cache_alloc", "kmem:kmalloc", "skb:kfree_skb")
-WARM = 0.6  # seconds of traffic before an interval's counters are read
+FIRST_KINDS = ("manycast", "manycast_portions", "nftables")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -174,390 +130,31 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
-class KernelBench:
-    """The lab tuned for the measurement, its generators, and the intervals."""
-
-    def __init__(self, lab: Any, topology: Any, directory: Path) -> None:
-        self.lab, self.topology, self.directory = lab, topology, directory
-        self.group = str(topology.pool.group)
-        self.server_address = {s: str(topology.address(s)) for s in SERVERS}
-        router = topology.interfaces["r"]
-        self.router_iface = {  # host -> the router's interface on its LAN
-            h: next(i.name for i in router.values() if topology.address(h) in i.network)
-            for h in HOSTS
-        }
-        self.server_iface = {s: topology.gateways[s][0] for s in SERVERS}
-        self.generators: dict[str, subprocess.Popen[bytes]] = {}
-        self.napi: list[int] = []
-        self.owner: dict[int, str] = {}  # source -> server, from the router's membership
-
-    # setup ------------------------------------------------------------------------
-    def prepare(self) -> dict[str, Any]:
-        """Servers up and agreed, the lab tuned, every source's entry installed (and
-        checked), the generators started; what was found on the way."""
-        lab = self.lab
-        for s in SERVERS:
-            lab.start(s, "server")
-        for s in SERVERS:
-            lab.wait_ready(s, "server")
-        deadline = time.monotonic() + 30
-        while True:  # the agents agree and each reports its portion
-            status = lab.ask("r", "router", {"op": "status"})
-            if len(status["membership"].get(self.group, {})) == len(SERVERS):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the router never held {len(SERVERS)} members: {status}")
-            time.sleep(0.5)
-        facts: dict[str, Any] = {"sources_by_server": self.read_owners()}
-        facts["sources"] = len(self.owner)
-        self.tune()
-        facts.update(self.install_sources())
-        facts.update(self.check_entries())
-        progress(
-            f"{facts['entries_at_owner']} entries toward their owner, {facts['entries_elsewhere']}"
-            f" elsewhere, installed in {facts['install_all_seconds']} s"
-        )
-        if facts["entries_elsewhere"] or facts["entries_at_owner"] < len(self.owner):
-            raise RuntimeError(f"the MFC does not send every source to its owner: {facts}")
-        self.start_generators()
-        return facts
-
-    def tune(self) -> None:
-        lab = self.lab
-        for s in SERVERS:
-            iface = self.server_iface[s]
-            sink = (
-                f"table netdev kb_sink {{ chain ingress {{ type filter hook ingress"
-                f' device "{iface}" priority 0; policy accept; udp dport 7000 counter drop\n'
-                "}\n}\n"
-            )
-            in_ns(lab, s, "nft -f -", sink)
-            in_ns(
-                lab, s, f"echo {1 << GENERATOR_CPU:x} > /sys/class/net/{iface}/queues/rx-0/rps_cpus"
-            )
-        # A router needs no bridge netfilter (br_netfilter may be loaded on the host).
-        in_ns(lab, "r", "sysctl -qw net.bridge.bridge-nf-call-iptables=0 || true")
-        before = napi_threads()
-        for host in HOSTS:
-            port = f"{self.router_iface[host]}p0"  # the bridge port facing the host
-            # veth hands a packet to the peer's NAPI only when it could aggregate it
-            # (no TSO on the sender) and the peer has NAPI (GRO on).
-            ethtool(lab, host, "eth0", ETHTOOL_STSO, 0)
-            ethtool(lab, "r", port, ETHTOOL_SGRO, 1)
-            in_ns(lab, "r", f"echo 1 > /sys/class/net/{port}/threaded")
-        ports = {f"{self.router_iface[h]}p0" for h in HOSTS}
-        self.napi = [
-            tid
-            for tid, name in napi_threads().items()
-            if tid not in before and name[5:].rsplit("-", 1)[0] in ports
-        ]
-        if len(self.napi) != len(HOSTS):
-            raise RuntimeError(f"expected {len(HOSTS)} NAPI threads, found {self.napi}")
-        for tid in self.napi:
-            os.sched_setaffinity(tid, {ROUTER_CPU})
-            os.setpriority(os.PRIO_PROCESS, tid, ROUTER_NICE)
-        os.sched_setaffinity(0, {GENERATOR_CPU})  # this process stays off the router's CPU
-
-    def read_owners(self) -> dict[str, int]:
-        """Each source's owner by the masks the router holds; the sources per server."""
-        members = self.lab.ask("r", "router", {"op": "status"})["membership"][self.group]
-        portions = []
-        for address, text in members.items():
-            value, mask = (int(ipaddress.IPv4Address(p)) for p in text.split("/"))
-            server = next(s for s, a in self.server_address.items() if a == address)
-            portions.append((value, mask, server))
-        for source in self.sources():
-            owners = [s for v, m, s in portions if source & m == v]
-            if len(owners) != 1:
-                raise RuntimeError(f"{ipaddress.IPv4Address(source)}: owners {owners}")
-            self.owner[source] = owners[0]
-        masks = sorted({ipaddress.IPv4Address(m).compressed for _, m, _ in portions})
-        progress(f"portions: {dict(sorted(members.items()))} (masks {masks})")
-        counts = {s: 0 for s in SERVERS}
-        for server in self.owner.values():
-            counts[server] += 1
-        return counts
-
-    def sources(self, host: str | None = None, first: int = FIRST_SOURCE) -> list[int]:
-        hosts = HOSTS if host is None else (host,)
-        bases = [int(self.topology.address(h)) & 0xFFFF0000 for h in hosts]
-        return [base + first + i for base in bases for i in range(SOURCES_PER_HOST)]
-
-    def mac(self, node: str, iface: str) -> bytes:
-        return bytes.fromhex(
-            in_ns(self.lab, node, f"cat /sys/class/net/{iface}/address").strip().replace(":", "")
-        )
-
-    def start_generators(self) -> None:
-        group_mac = bytes.fromhex("01005e") + (
-            int(ipaddress.IPv4Address(self.group)) & 0x7FFFFF
-        ).to_bytes(3, "big")
-        for host in HOSTS:
-            own, gateway = self.mac(host, "eth0"), self.mac("r", self.router_iface[host])
-            folder = self.directory / host
-            folder.mkdir()
-            frames = {
-                "group": [udp_frame(s, self.group, group_mac, own) for s in self.sources(host)],
-                "vip": [udp_frame(s, VIP, gateway, own) for s in self.sources(host)],
-                "owner": [
-                    udp_frame(s, self.server_address[self.owner[s]], gateway, own)
-                    for s in self.sources(host)
-                ],
-            }
-            for name, rows in frames.items():
-                array = np.frombuffer(b"".join(rows), np.uint8).reshape(len(rows), -1)
-                np.save(folder / f"{name}.npy", array)
-            proc = self.lab.popen(
-                host,
-                [sys.executable, str(Path(__file__).resolve()), "--generator", str(folder)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                start_new_session=True,  # its own autogroup, whose nice it sets
-                env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
-            )
-            self.generators[host] = proc
-        for host, proc in self.generators.items():
-            if not self._answer(proc).get("ready"):
-                raise RuntimeError(f"the generator of {host} did not start")
-
-    def _answer(self, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError("a generator died (its error is above)")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def close(self) -> None:
-        generators, self.generators = self.generators, {}
-        for proc in generators.values():
-            with contextlib.suppress(OSError, ValueError):
-                assert proc.stdin is not None
-                proc.stdin.write(b'{"op": "quit"}\n')
-                proc.stdin.close()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    # the MFC ----------------------------------------------------------------------
-    def raw_socket(self, host: str) -> socket.socket:
-        from manycast.drivers import netns
-
-        sock = netns.socket_in(
-            self.lab.ns(host), socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW
-        )
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
-        return sock
-
-    def ip_packet(self, src: int, dst: str) -> bytes:
-        return udp_frame(src, dst, bytes(6), bytes(6))[14:]  # without the Ethernet header
-
-    def install_sources(self) -> dict[str, Any]:
-        """One packet from each source until the daemon has an entry for all of them
-        (the kernel queues at most 10 unresolved (S, G), so the sends are paced)."""
-        missing = {h: set(self.sources(h)) for h in HOSTS}
-        socks = {h: self.raw_socket(h) for h in HOSTS}
-        start = time.monotonic()
-        try:
-            while any(missing.values()):
-                if time.monotonic() - start > 180:
-                    raise RuntimeError(f"{sum(map(len, missing.values()))} sources never installed")
-                for host, sources in missing.items():
-                    for i, source in enumerate(sorted(sources)):
-                        with contextlib.suppress(OSError):
-                            socks[host].sendto(self.ip_packet(source, self.group), (self.group, 0))
-                        if i % 8 == 7:
-                            time.sleep(0.001)
-                time.sleep(0.3)
-                installed = {int(e.source) for e in self.lab.mfc("r") if e.resolved}
-                for sources in missing.values():
-                    sources -= installed
-        finally:
-            for sock in socks.values():
-                sock.close()
-        seconds = time.monotonic() - start
-        return {"install_all_seconds": round(seconds, 2)}
-
-    def check_entries(self) -> dict[str, int]:
-        """Every source's entry forwards to its owner only: masked selection at work."""
-        vifs = {v.index: v.name for v in self.lab.vifs("r")}
-        iface_of = {
-            s: next(
-                i.name
-                for i in self.topology.interfaces["r"].values()
-                if ipaddress.IPv4Address(self.server_address[s]) in i.network
-            )
-            for s in SERVERS
-        }
-        right = wrong = 0
-        for entry in self.lab.mfc("r"):
-            source = int(entry.source)
-            if str(entry.group) != self.group or source not in self.owner:
-                continue
-            outs = [vifs.get(v) for v in entry.outs]
-            if outs == [iface_of[self.owner[source]]]:
-                right += 1
-            else:
-                wrong += 1
-        return {"entries_at_owner": right, "entries_elsewhere": wrong}
-
-    # intervals --------------------------------------------------------------------
-    def configure(self, kind: str, on: bool) -> None:
-        """What `kind` needs on the router beyond the lab's set-up, added or removed."""
-        if kind == "manycast_mcast_routes":
-            # One 224.0.0.0/4 route per interface: ipmr's output route lookup (with the
-            # VIF's interface) then finds a route and the kernel caches it; without
-            # one it allocates a route for every forwarded packet.
-            verb = "add" if on else "del"
-            ifaces = sorted(self.topology.interfaces["r"])
-            in_ns(
-                self.lab,
-                "r",
-                "; ".join(
-                    f"ip route {verb} 224.0.0.0/4 dev {i} metric {n + 1}"
-                    for n, i in enumerate(ifaces)
-                ),
-            )
-            return
-        tables = {
-            "nftables": ("kb_lb", "nat", "dstnat"),
-            "nftables_stateless": ("kb_sl", "filter", "raw"),
-        }
-        if kind not in tables:
-            return
-        table, chain_type, priority = tables[kind]
-        if not on:
-            in_ns(self.lab, "r", f"nft delete table ip {table}")
-            return
-        servers = ", ".join(f"{i} : {self.server_address[s]}" for i, s in enumerate(SERVERS))
-        pick = f"jhash ip saddr mod {len(SERVERS)} map {{ {servers} }}"
-        action = f"dnat to {pick}" if kind == "nftables" else f"ip daddr set {pick}"
-        script = (
-            f"table ip {table} {{ chain prerouting {{ type {chain_type} hook prerouting"
-            f" priority {priority}; policy accept; ip daddr {VIP} udp dport 7000 {action}\n}}\n}}\n"
-        )
-        in_ns(self.lab, "r", "nft -f -", script)
-
-    def snapshot(self) -> dict[str, Any]:
-        router = dev_counters(self.lab, "r")
-        return {
-            "at": time.monotonic(),
-            "servers": {s: dev_counters(self.lab, s)[self.server_iface[s]][1] for s in SERVERS},
-            "ports_in": sum(router[f"{self.router_iface[h]}p0"][1] for h in HOSTS),
-            "drops": sum(router[f"{self.router_iface[h]}p0"][3] for h in HOSTS)
-            + sum(dev_counters(self.lab, h)["eth0"][11] for h in HOSTS),
-            "cpu": cpu_ticks(ROUTER_CPU),
-            "napi": sum(task_seconds(t) for t in self.napi),
-            "daemon": task_seconds(self.lab.pid("r", "router")),
-        }
-
-    def send(self, kind: str, seconds: float, hosts: tuple[str, ...]) -> None:
-        for host in hosts:
-            stdin = self.generators[host].stdin
-            assert stdin is not None
-            stdin.write(
-                json.dumps({"op": "run", "kind": kind, "seconds": seconds}).encode() + b"\n"
-            )
-            stdin.flush()
-
-    def interval(self, kind: str, seconds: float, hosts: tuple[str, ...] = HOSTS) -> dict[str, Any]:
-        """The generators send `kind` for WARM + `seconds`; the counters over `seconds`."""
-        self.configure(kind, True)
-        try:
-            self.send(kind, WARM + seconds + 0.3, hosts)
-            time.sleep(WARM)
-            a = self.snapshot()
-            time.sleep(seconds)
-            b = self.snapshot()
-            sent = [self._answer(self.generators[h]) for h in hosts]
-        finally:
-            self.configure(kind, False)
-        wall = b["at"] - a["at"]
-        ticks = [y - x for x, y in zip(a["cpu"], b["cpu"], strict=True)]
-        busy = 1 - (ticks[3] + ticks[4]) / max(1, sum(ticks))  # idle, iowait
-        delivered = {s: (b["servers"][s] - a["servers"][s]) / wall for s in SERVERS}
-        router_in = (b["ports_in"] - a["ports_in"]) / wall
-        napi = (b["napi"] - a["napi"]) / wall
-        return {
-            "delivered_pps": sum(delivered.values()),
-            "delivered_by_server": {s: round(v) for s, v in delivered.items()},
-            "offered_pps": sum(r["sent"] / r["seconds"] for r in sent),
-            "router_in_pps": router_in,
-            "dropped_pps": (b["drops"] - a["drops"]) / wall,
-            "generator_cpu_share": sum(r["cpu"] / r["seconds"] for r in sent),
-            "router_cpu_busy_share": busy,
-            "router_thread_cpu_share": napi,
-            "router_thread_ns_per_packet": 1e9 * napi / router_in if router_in else 0.0,
-            "daemon_cpu_share": (b["daemon"] - a["daemon"]) / wall,
-        }
-
-    def event_counts(self, kind: str, seconds: float) -> dict[str, float]:
-        """Kernel events per delivered packet in the router's NAPI threads, counted by
-        `perf stat` over a whole generator run (tracefs mounted in a private mount
-        namespace for it)."""
-        self.configure(kind, True)
-        out = self.directory / f"{kind}.stat"
-        events = " ".join(f"-e {e}" for e in PROFILE_EVENTS)
-        tids = ",".join(map(str, self.napi))
-        command = (
-            "mount -t tracefs nodev /sys/kernel/tracing && exec perf stat -x, -o"
-            f" {out} -t {tids} {events} -- sleep {seconds + 2.0}"
-        )
-        try:
-            before = self.snapshot()
-            perf = subprocess.Popen(["unshare", "-m", "sh", "-c", command])
-            time.sleep(0.8)  # perf is counting
-            self.send(kind, seconds, HOSTS)
-            for host in HOSTS:
-                self._answer(self.generators[host])
-            perf.wait(timeout=seconds + 30)
-            after = self.snapshot()
-        finally:
-            self.configure(kind, False)
-        packets = sum(after["servers"][s] - before["servers"][s] for s in SERVERS)
-        counts = {}
-        for line in out.read_text().splitlines():
-            fields = line.split(",")
-            if len(fields) > 2 and fields[0].replace(".", "").isdigit():
-                counts[fields[2]] = round(float(fields[0]) / max(1, packets), 3)
-        return counts
-
-    # first packets ----------------------------------------------------------------
-    def first_packets(self, kind: str, samples: int, first: int) -> dict[str, list[float]]:
-        """Fresh sources of c1, one packet each, one at a time: the time to a server's
-        interface and, for manycast, the daemon's upcall-to-installed time."""
-        taps = Taps({self.lab.ns(s): self.server_iface[s] for s in SERVERS})
-        sock = self.raw_socket("c1")
-        destination = self.group if kind == "manycast" else VIP
-        self.configure(kind, True)
-        delivered: list[float] = []
-        installs: list[float] = []
-        try:
-            before = self.lab.ask("r", "router", {"op": "status"})["daemon"]
-            for source in self.sources("c1", first)[:samples]:
-                packet = self.ip_packet(source, destination)
-                sent = time.time_ns()
-                sock.sendto(packet, (destination, 0))
-                arrived = taps.first_from(source, deadline=time.monotonic() + 1.0)
-                if arrived is not None:
-                    delivered.append((arrived - sent) / 1e3)
-                if kind == "manycast":
-                    after = self.lab.ask("r", "router", {"op": "status"})["daemon"]
-                    if after["installed"] - before["installed"] == 1:
-                        installs.append(
-                            1e6 * (after["install_seconds"] - before["install_seconds"])
-                        )
-                    before = after
-        finally:
-            self.configure(kind, False)
-            sock.close()
-            taps.close()
-        return {"delivered_us": delivered, "install_us": installs}
-
-
 # -- the run -----------------------------------------------------------------------------
+def prepare(bench: KernelBench) -> dict[str, Any]:
+    """Servers agreed, every source's MFC entry installed and checked, the portion
+    plane checked, the generators started."""
+    facts = bench.prepare()
+    facts.update(install_sources(bench, {h: bench.sources(h) for h in HOSTS}))
+    facts.update(check_entries(bench))
+    progress(
+        f"{facts['entries_at_owner']} MFC entries toward their owner,"
+        f" {facts['entries_elsewhere']} elsewhere, installed in {facts['install_all_seconds']} s"
+    )
+    if facts["entries_elsewhere"] or facts["entries_at_owner"] < len(bench.owner):
+        raise RuntimeError(f"the MFC does not send every source to its owner: {facts}")
+    facts.update(check_plane(bench))
+    progress(
+        f"portion plane: {facts['portion_entries']} entries ({facts['portion_elements_in_kernel']}"
+        f" in the kernel) for {facts['portions']} portions, {facts['portion_entries_at_owner']}"
+        " toward their owner"
+    )
+    if facts["portion_entries_elsewhere"] or facts["portion_entries_at_owner"] != facts["portions"]:
+        raise RuntimeError(f"the portion plane does not send every portion to its owner: {facts}")
+    bench.start_generators()
+    return facts
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
@@ -573,6 +170,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     rounds = args.rounds or (3 if args.quick else 7)
     seconds = 1.0 if args.quick else 2.0
     samples = 60 if args.quick else 300
+    per_host = 10_000 if args.quick else SCALE_PER_HOST
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     began, load_start = time.monotonic(), round(os.getloadavg()[0], 2)
@@ -584,16 +182,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         lab = Lab(prefix="kb", run_root=Path(tmp))
         lab.down()
         progress("bench/kernel.py: bringing the lab up (router, 4 servers, 2 client LANs)")
-        topology = lab.up(TOPOLOGY, "bench-kernel", start_servers=False)
+        topology = lab.up(TOPOLOGY, "bench-kernel", start_servers=False, plane="mfc")
         bench = KernelBench(lab, topology, Path(tmp))
         try:
-            facts.update(bench.prepare())
+            facts.update(prepare(bench))
             daemon0 = lab.ask("r", "router", {"op": "status"})["daemon"]
-            scaling = {}
-            for hosts in (HOSTS[:1], HOSTS):
-                got = bench.interval("manycast", seconds, hosts)
-                scaling[str(len(hosts))] = round(got["delivered_pps"])
-                progress(f"manycast from {len(hosts)} generator(s): {describe(got)}")
+            scaling: dict[str, dict[str, int]] = {}
+            for kind in ("manycast", "manycast_portions"):
+                for hosts in (HOSTS[:1], HOSTS):
+                    got = bench.interval(kind, seconds, hosts)
+                    scaling.setdefault(kind, {})[str(len(hosts))] = round(got["delivered_pps"])
+                    progress(f"{kind} from {len(hosts)} generator(s): {describe(got)}")
             for round_ in range(rounds):
                 order = list(KINDS)
                 rng.shuffle(order)
@@ -613,9 +212,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     for kind, got in counts.items():
                         progress(f"events per packet in the router's thread, {kind}: {got}")
             bench.close()
+            facts["at_scale"] = at_scale(bench, per_host)
             progress(f"first packets: {samples} fresh sources each, one at a time")
-            first_m = bench.first_packets("manycast", samples, FRESH_SOURCE)
-            first_n = bench.first_packets("nftables", samples, FRESH_SOURCE + SOURCES_PER_HOST)
+            first = {k: first_packets(bench, k, samples, FRESH_SOURCE[k]) for k in FIRST_KINDS}
         finally:
             bench.close()
             lab.down()
@@ -630,7 +229,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.monotonic() - began, 1),
         }
     )
-    return summarize(per_kind, orders, scaling, first_m, first_n, facts)
+    return summarize(per_kind, orders, scaling, first, facts)
 
 
 def describe(got: Mapping[str, Any]) -> str:
@@ -643,16 +242,25 @@ def describe(got: Mapping[str, Any]) -> str:
     )
 
 
+def ratios(ours: list[float], base: list[float]) -> tuple[float, float, list[float]]:
+    """(ratio of the medians, median of the per-round ratios, the per-round ratios)."""
+    rounds = [m / o for m, o in zip(ours, base, strict=True) if o]
+    return (
+        round(statistics.median(ours) / statistics.median(base), 3),
+        round(statistics.median(rounds), 3),
+        [round(r, 3) for r in rounds],
+    )
+
+
 def summarize(
     per_kind: dict[str, list[dict[str, Any]]],
     orders: list[list[str]],
-    scaling: dict[str, int],
-    first_m: dict[str, list[float]],
-    first_n: dict[str, list[float]],
+    scaling: dict[str, dict[str, int]],
+    first: dict[str, dict[str, Any]],
     facts: dict[str, Any],
 ) -> dict[str, Any]:
     def med(kind: str, key: str) -> float:
-        return statistics.median(r[key] for r in per_kind[kind])
+        return float(statistics.median(r[key] for r in per_kind[kind]))
 
     def by_kind(key: str, digits: int) -> dict[str, float]:
         return {k: round(med(k, key), digits) for k in KINDS}
@@ -661,29 +269,33 @@ def summarize(
     result: dict[str, Any] = {"bench": "kernel"}
     for kind in KINDS:
         result[f"{kind}_pps"] = round(statistics.median(pps[kind]))
-    for ours, prefix in (
-        ("manycast", "ratio_vs_"),
-        ("manycast_mcast_routes", "mcast_routes_ratio_vs_"),
-    ):
+    for ours in OURS:
         for base in BASELINES:
-            rounds = [m / o for m, o in zip(pps[ours], pps[base], strict=True) if o]
-            ratio_of_medians = statistics.median(pps[ours]) / statistics.median(pps[base])
-            result[f"{prefix}{base}"] = round(ratio_of_medians, 3)
-            result[f"{prefix}{base}_per_round_median"] = round(statistics.median(rounds), 3)
-            result[f"{prefix}{base}_per_round"] = [round(r, 3) for r in rounds]
+            key = f"{PREFIX_OF[ours]}{base}"
+            result[key], result[f"{key}_per_round_median"], result[f"{key}_per_round"] = ratios(
+                pps[ours], pps[base]
+            )
     result["ratio_vs_nftables_goal"] = 1.0
+    (
+        result["portions_vs_mfc"],
+        result["portions_vs_mfc_per_round_median"],
+        result["portions_vs_mfc_per_round"],
+    ) = ratios(pps["manycast_portions"], pps["manycast"])
+    installs = first.get("manycast", {}).get("install_us", [])
     result["first_packet_install_us"] = {
-        "p50": percentile(first_m["install_us"], 0.5),
-        "p99": percentile(first_m["install_us"], 0.99),
-        "samples": len(first_m["install_us"]),
+        "p50": percentile(installs, 0.5),
+        "p99": percentile(installs, 0.99),
+        "samples": len(installs),
     }
     result["first_packet_delivered_us"] = {
         kind: {
             "p50": percentile(got["delivered_us"], 0.5),
             "p99": percentile(got["delivered_us"], 0.99),
             "samples": len(got["delivered_us"]),
+            "sent": got.get("sent"),
+            "upcalls": got.get("upcalls"),
         }
-        for kind, got in (("manycast", first_m), ("nftables", first_n))
+        for kind, got in first.items()
     }
     dropped = by_kind("dropped_pps", 0)
     result["limit"] = {
@@ -711,8 +323,8 @@ def summarize(
 
 
 def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
-    """Packets per second delivered to the servers per round, by kind; and manycast's
-    per-round ratio to each baseline, with the goal line."""
+    """Packets per second delivered to the servers per round, by kind; and each of our
+    kinds' per-round ratio to each baseline, with the goal line."""
     series = {
         key.removesuffix("_pps_per_round").replace("_", " "): [v / 1e3 for v in values]
         for key, values in result.items()
@@ -721,14 +333,14 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     fig, ax = _plots.figure("Kernel router: packets/s delivered per round, by kind")
     _plots.per_round(ax, series, ylabel="thousand packets / s")
     paths = [_plots.save(fig, directory, "kernel_pps_per_round")]
-    ratios = {
+    ratios_ = {
         key.removesuffix("_per_round").replace("_", " "): values
         for key, values in result.items()
         if "ratio_vs_" in key and key.endswith("_per_round")
     }
-    if ratios:
-        fig, ax = _plots.figure("Manycast (MFC) over each baseline, per round")
-        _plots.per_round(ax, ratios, ylabel="ratio")
+    if ratios_:
+        fig, ax = _plots.figure("Manycast (MFC, portions) over each baseline, per round")
+        _plots.per_round(ax, ratios_, ylabel="ratio")
         _plots.reference(ax, 1.0, "goal vs nftables: 1.0")
         ax.legend(fontsize=7)
         paths.append(_plots.save(fig, directory, "kernel_ratios_per_round"))

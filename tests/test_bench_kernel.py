@@ -45,8 +45,10 @@ def test_ratio_of_medians_and_median_of_round_ratios(kernel: ModuleType) -> None
     per_kind["manycast"] = [interval(v, 10.0) for v in manycast]
     per_kind["nftables"] = [interval(v, 10.0) for v in nftables]
     per_kind["unicast"] = [interval(v, 0.0) for v in (400.0, 400.0, 400.0)]
-    first = {"delivered_us": [10.0, 20.0, 30.0], "install_us": [5.0]}
-    result = kernel.summarize(per_kind, [], {"1": 1, "2": 1}, first, first, {})
+    per_kind["manycast_portions"] = [interval(v, 10.0) for v in (300.0, 200.0, 500.0)]
+    first = {"delivered_us": [10.0, 20.0, 30.0], "install_us": [5.0], "upcalls": 3, "sent": 3}
+    firsts = {"manycast": first, "manycast_portions": {**first, "upcalls": 0}, "nftables": first}
+    result = kernel.summarize(per_kind, [], {"manycast": {"1": 1, "2": 1}}, firsts, {})
     assert result["ratio_vs_nftables"] == round(200.0 / 250.0, 3)  # 0.8
     rounds = [m / n for m, n in zip(manycast, nftables, strict=True)]  # 2.0, 0.75, 0.8
     assert result["ratio_vs_nftables_per_round_median"] == round(statistics.median(rounds), 3)
@@ -56,6 +58,14 @@ def test_ratio_of_medians_and_median_of_round_ratios(kernel: ModuleType) -> None
     assert result["limit"]["limited_by"]["unicast"] == "generators"
     assert result["limit"]["limited_by"]["manycast"] == "router"
     assert result["first_packet_delivered_us"]["manycast"]["p50"] == 20.0
+    assert result["first_packet_delivered_us"]["manycast_portions"]["upcalls"] == 0
+    # The portion plane over nftables and over the MFC, by the same two measures.
+    assert result["portions_ratio_vs_nftables"] == round(300.0 / 250.0, 3)
+    portions = [300.0, 200.0, 500.0]
+    per_round = [p / n for p, n in zip(portions, nftables, strict=True)]  # 6.0, 0.5, 2.0
+    assert result["portions_ratio_vs_nftables_per_round_median"] == round(2.0, 3)
+    assert result["portions_ratio_vs_nftables_per_round"] == [round(r, 3) for r in per_round]
+    assert result["portions_vs_mfc"] == round(300.0 / 200.0, 3)
 
 
 def test_frames_are_the_datagrams_they_claim(kernel: ModuleType) -> None:

@@ -1,0 +1,200 @@
+"""bench/kernel.py's forwarding state and first packets: sources installed through the
+router daemon's upcalls, every MFC entry and every portion element checked against
+the owner, and the first packet of a fresh source timed for each plane and for
+nftables DNAT, with 100 000 client sources already known to the router."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import socket
+import subprocess
+import time
+from typing import Any
+
+from _common import progress
+from _kernel_setup import HOSTS, SERVERS, VIP, KernelBench
+from _kernel_traffic import Taps, udp_frame
+
+
+def raw_socket(bench: KernelBench, host: str) -> socket.socket:
+    from manycast.drivers import netns
+
+    sock = netns.socket_in(bench.lab.ns(host), socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
+    return sock
+
+
+def ip_packet(src: int, dst: str) -> bytes:
+    return udp_frame(src, dst, bytes(6), bytes(6))[14:]  # without the Ethernet header
+
+
+def mfc_sources(bench: KernelBench) -> set[int]:
+    """The sources of the group's resolved MFC entries in the router."""
+    return {int(e.source) for e in bench.lab.mfc("r") if e.resolved and str(e.group) == bench.group}
+
+
+def install_sources(bench: KernelBench, sources: dict[str, list[int]]) -> dict[str, Any]:
+    """One packet from each source (per host) until the daemon has an MFC entry for all
+    of them (the kernel queues at most 10 unresolved (S, G), so the sends are paced)."""
+    missing = {h: set(s) for h, s in sources.items()}
+    socks = {h: raw_socket(bench, h) for h in missing}
+    start = time.monotonic()
+    try:
+        while any(missing.values()):
+            if time.monotonic() - start > 600:
+                raise RuntimeError(f"{sum(map(len, missing.values()))} sources never installed")
+            for host, left in missing.items():
+                for i, source in enumerate(sorted(left)):
+                    with contextlib.suppress(OSError):
+                        socks[host].sendto(ip_packet(source, bench.group), (bench.group, 0))
+                    if i % 8 == 7:
+                        time.sleep(0.001)
+            time.sleep(0.3)
+            installed = mfc_sources(bench)
+            for left in missing.values():
+                left -= installed
+    finally:
+        for sock in socks.values():
+            sock.close()
+    return {"install_all_seconds": round(time.monotonic() - start, 2)}
+
+
+def server_iface_at_router(bench: KernelBench) -> dict[str, str]:
+    """server -> the router's interface toward it."""
+    return {
+        s: next(
+            i.name
+            for i in bench.topology.interfaces["r"].values()
+            if ipaddress.IPv4Address(bench.server_address[s]) in i.network
+        )
+        for s in SERVERS
+    }
+
+
+def check_entries(bench: KernelBench) -> dict[str, int]:
+    """Every source's MFC entry forwards to its owner only: masked selection at work."""
+    vifs = {v.index: v.name for v in bench.lab.vifs("r")}
+    iface_of = server_iface_at_router(bench)
+    right = wrong = 0
+    for entry in bench.lab.mfc("r"):
+        source = int(entry.source)
+        if str(entry.group) != bench.group or source not in bench.owner:
+            continue
+        outs = [vifs.get(v) for v in entry.outs]
+        if outs == [iface_of[bench.owner[source]]]:
+            right += 1
+        else:
+            wrong += 1
+    return {"entries_at_owner": right, "entries_elsewhere": wrong}
+
+
+def kernel_elements(bench: KernelBench) -> int:
+    """The portion maps' elements in the router's kernel (`nft -j list table`)."""
+    command = "nft -j list table netdev manycast"
+    listing = subprocess.run(
+        ["ip", "netns", "exec", bench.lab.ns("r"), *command.split()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(
+        len(item["map"].get("elem", []))
+        for item in json.loads(listing)["nftables"]
+        if "map" in item and item["map"]["name"].startswith("p_")
+    )
+
+
+def check_plane(bench: KernelBench) -> dict[str, Any]:
+    """With the portion plane on: one element per portion, each toward its owner (the
+    server the router's membership gives the portion, by its interface and address)."""
+    bench.configure("manycast_portions", True)
+    try:
+        plane = bench.lab.ask("r", "router", {"op": "plane"})
+        elements = kernel_elements(bench)
+    finally:
+        bench.configure("manycast_portions", False)
+    iface_of = server_iface_at_router(bench)
+    right = wrong = 0
+    for key, outs in plane["portions"].items():
+        value, mask = (int(ipaddress.IPv4Address(p)) for p in key.split("/"))
+        owners = [s for v, m, s in bench.portions if (v, m) == (value, mask)]
+        want = [f"{iface_of[s]} {bench.server_address[s]}" for s in owners]
+        if len(owners) == 1 and outs == want:
+            right += 1
+        else:
+            wrong += 1
+    return {
+        "portion_entries": plane["entries"],
+        "portion_elements_in_kernel": elements,
+        "portion_entries_at_owner": right,
+        "portion_entries_elsewhere": wrong,
+        "portions": len(bench.portions),
+    }
+
+
+def first_packets(bench: KernelBench, kind: str, samples: int, first: int) -> dict[str, Any]:
+    """Fresh sources of c1, one packet each, one at a time: the time to a server's
+    interface (and whether the owner got it); for the MFC the daemon's upcall-to-
+    installed time, and the upcalls the daemon saw."""
+    taps = Taps({bench.lab.ns(s): bench.server_iface[s] for s in SERVERS})
+    sock = raw_socket(bench, "c1")
+    destination = VIP if kind == "nftables" else bench.group
+    bench.configure(kind, True)
+    delivered: list[float] = []
+    installs: list[float] = []
+    try:
+        start = before = bench.lab.ask("r", "router", {"op": "status"})["daemon"]
+        for source in bench.sources("c1", first)[:samples]:
+            packet = ip_packet(source, destination)
+            sent = time.time_ns()
+            sock.sendto(packet, (destination, 0))
+            arrived = taps.first_from(source, deadline=time.monotonic() + 1.0)
+            if arrived is not None:
+                delivered.append((arrived - sent) / 1e3)
+            if kind == "manycast":
+                after = bench.lab.ask("r", "router", {"op": "status"})["daemon"]
+                if after["installed"] - before["installed"] == 1:
+                    installs.append(1e6 * (after["install_seconds"] - before["install_seconds"]))
+                before = after
+        end = bench.lab.ask("r", "router", {"op": "status"})["daemon"]
+    finally:
+        bench.configure(kind, False)
+        sock.close()
+        taps.close()
+    return {
+        "delivered_us": delivered,
+        "install_us": installs,
+        "upcalls": end["upcalls"] - start["upcalls"],
+        "sent": samples,
+    }
+
+
+def at_scale(bench: KernelBench, per_host: int) -> dict[str, Any]:
+    """Every one of `per_host` sources per LAN sends (the MFC installs an entry for
+    each, by upcalls); then the forwarding entries each plane holds for the group."""
+    sources = {h: bench.sources(h, count=per_host) for h in HOSTS}
+    total = sum(map(len, sources.values()))
+    progress(f"installing {total:,} client sources in the MFC (one upcall each)")
+    facts = install_sources(bench, sources)
+    entries = mfc_sources(bench)
+    wrong = [s for s in (x for v in sources.values() for x in v) if s not in entries]
+    bench.configure("manycast_portions", True)
+    try:
+        plane = bench.lab.ask("r", "router", {"op": "plane"})
+        elements = kernel_elements(bench)
+    finally:
+        bench.configure("manycast_portions", False)
+    progress(
+        f"{total:,} sources: {len(entries):,} MFC entries; portion plane {plane['entries']}"
+        f" entries ({elements} elements in the kernel)"
+    )
+    return {
+        "client_sources": total,
+        "mfc_entries": len(entries),
+        "mfc_sources_missing": len(wrong),
+        "portion_entries": plane["entries"],
+        "portion_elements_in_kernel": elements,
+        "mfc_install_all_seconds": facts["install_all_seconds"],
+    }
