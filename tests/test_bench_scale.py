@@ -1,0 +1,113 @@
+"""bench/scale.py at small pools: it runs, its JSON line carries every field, the figures
+are those of the protocol as configured (heartbeats every 100 ms, dead after 3), and
+its memoized decoders change no outcome."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(autouse=True)
+def _bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    plots = tmp_path_factory.mktemp("plots")
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "scale.py"), "--max-n", "16", "--plots", str(plots)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    parsed: dict[str, Any] = json.loads(line)
+    parsed["_plots_dir"] = str(plots)
+    parsed["_stderr"] = done.stderr
+    return parsed
+
+
+def test_the_json_line_carries_every_field(result: dict[str, Any]) -> None:
+    assert result["bench"] == "scale"
+    assert result["sizes"] == [4, 16]
+    for key in (
+        "control_msgs_per_server_ratio_1024_over_16",
+        "detection_ratio_1024_over_16",
+        "sim_1000_servers_wall_s",
+        "exponents",
+        "load_average",
+    ):
+        assert key in result, key
+    # No N = 1024 in a quick run: the ratios say so rather than inventing a figure.
+    assert result["control_msgs_per_server_ratio_1024_over_16"] is None
+    exponents = result["exponents"]
+    for key in (
+        "idle_msgs_per_server_per_s_vs_n",
+        "change_msgs_per_server_per_s_vs_n",
+        "detection_all_s_vs_n",
+        "converged_set_share_s_vs_n",
+        "converged_add_s_vs_n",
+        "converged_death_s_vs_n",
+        "forwarding_entries_vs_sources",
+        "forwarding_mask_pairs_vs_portions",
+    ):
+        assert isinstance(exponents[key], float), key
+    assert "k (~N^k)" in result["_stderr"]  # the table of curves is printed
+
+
+def test_the_figures_are_those_of_all_to_all_heartbeats(result: dict[str, Any]) -> None:
+    for run in result["runs"]:
+        n = run["n"]
+        idle = run["idle_msgs_per_server_per_s"]
+        # One heartbeat every 100 ms from each server, heard by every other.
+        assert 8 <= idle["sent"] <= 11, run
+        assert 0.9 * 10 * (n - 1) <= idle["received"] <= 1.1 * 10 * (n - 1), run
+        # Every change reached every router; the death was seen after about 3 missed
+        # heartbeats by every live server (within one interval), and not before.
+        assert all(v is not None for v in run["converged_s"].values()), run
+        assert 0.2 <= run["detection_first_s"] <= run["detection_all_s"] <= 0.45, run
+        assert run["converged_s"]["death"] >= run["detection_first_s"]
+        forwarding = run["forwarding"]
+        assert forwarding["active_sources"] == 2 * n
+        # Per-source entries: one per active source at the clients' edge router;
+        # membership: the allocation's portions, on every router.
+        assert forwarding["entries_per_router"]["ra"] == forwarding["active_sources"]
+        assert set(forwarding["mask_pairs_per_router"].values()) == {forwarding["portions"]}
+    # Messages each server receives grow linearly with N today.
+    assert 0.8 <= result["exponents"]["idle_received_per_server_per_s_vs_n"] <= 1.3
+
+
+def test_plots_are_written(result: dict[str, Any]) -> None:
+    directory = Path(result["_plots_dir"])
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["scale.json", "scale_curves.png", "scale_forwarding.png"]
+    assert (directory / "scale_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memoized_decoders_change_no_outcome() -> None:
+    import scale
+
+    plain = scale.measure(4, seed=3)
+    with scale.memoized_decoders():
+        fast = scale.measure(4, seed=3)
+    for key in ("idle_msgs_per_server_per_s", "converged_s", "detection_all_s", "forwarding"):
+        assert plain[key] == fast[key], key
+    assert plain["events"] == fast["events"]
+
+
+def test_growth_exponents() -> None:
+    import scale
+
+    assert scale.exponent([4, 16, 64], [8, 32, 128]) == pytest.approx(1.0)
+    assert scale.exponent([4, 16, 64], [16, 256, 4096]) == pytest.approx(2.0)
+    assert scale.exponent([4, 16], [None, 3.0]) is None  # one point is no curve
