@@ -350,8 +350,8 @@ class Apportionment:
         with the buckets it holds at its own rate, load / buckets (the traffic a
         bucket brings over the server's capacity), so its capacity is buckets /
         load; the shares become the capacities' proportions, which give every
-        server the same load. A server that holds nothing or reports no load counts
-        as of the mean capacity of the others.
+        server the same load. A server that holds nothing or reports no load keeps
+        its share (its capacity is unknown).
         """
         if target < 1.0:
             raise PolicyError("target max/mean must be at least 1.0")
@@ -373,8 +373,16 @@ class Apportionment:
         }
         if not capacity:
             return self
-        typical = sum(capacity.values(), Fraction(0)) / len(capacity)
-        return self._reach(apportion(SCALE, {s: capacity.get(s, typical) for s in counts}))
+        # Servers whose capacity is unknown (holding nothing, or reporting no load)
+        # keep their shares; the others share the rest by capacity.
+        kept = {s: w for s, w in self.weights.items() if s not in capacity}
+        weights = {**kept, **_split_exact(SCALE - sum(kept.values()), capacity)}
+        return self._reach(weights)
+
+
+def _split_exact(total: int, weights: Mapping[str, Fraction]) -> dict[str, int]:
+    """`apportion`, or all zeros when there is nothing to split."""
+    return apportion(total, weights) if total else dict.fromkeys(weights, 0)
 
 
 def set_share(alloc: Allocation, server: str, share: Weight) -> Allocation:
