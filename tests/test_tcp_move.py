@@ -482,3 +482,52 @@ def test_unsigned_or_forged_state_is_refused_and_counted(moving_lab: Any) -> Non
     assert after["refused_malformed"] == before["refused_malformed"] + 1
     assert after["moved_in"] == before["moved_in"]
     assert all(c[1] != 4242 for c in mover.status("s3")["connections"])
+
+
+@needs_lab
+def test_a_moved_flow_whose_edge_forgets_it_reaches_its_new_server(moving_lab: Any) -> None:
+    """The VIP routers are told of each move. When the edge forgets a moved flow (its
+    conntrack entry, and the tag with it, gone), the flow's next packet reaches a VIP
+    router, which sends it on to the server the flow moved to, not to the one it left
+    (which drops it): the session carries on."""
+    from pyroute2 import NFCTSocket
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+    from manycast.drivers import netns
+
+    lab, topology, mover = moving_lab
+    echo = _Echo(lab, topology, "b2")
+    try:
+        echo.line("before")
+        old = mover.where([echo.flow])[echo.flow]
+        new = _next(old)
+        result = mover.move([echo.flow], old, new)
+        assert result.moved == [echo.flow]
+        assert result.vip_routers_told == len(topology.vip_routers)
+        echo.line("moved")
+
+        def forget() -> None:
+            key = NFCTAttrTuple(
+                saddr=echo.flow[0],
+                daddr=str(topology.pool.vip),
+                proto=socket.IPPROTO_TCP,
+                sport=echo.flow[1],
+                dport=7100,
+            )
+            with NFCTSocket() as ct:
+                ct.entry("del", tuple_orig=key)
+
+        def through_vip_routers() -> int:
+            return sum(
+                lab.ask(v, "vip_router", {"op": "status"})["stats"]["first_packets"]
+                for v in topology.vip_routers
+            )
+
+        netns.run_in(lab.ns(topology.router_of("b2")), forget)
+        before = through_vip_routers()
+        echo.line("after the edge forgot the flow")
+        echo.line("and on")
+        assert through_vip_routers() > before  # it did go through a VIP router
+        assert mover.where([echo.flow]) == {echo.flow: new}
+    finally:
+        echo.close()

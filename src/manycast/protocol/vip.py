@@ -221,6 +221,23 @@ class VipRouter(Node):
             picked.tagged_at = now
             self._tag(flow, picked, now)
 
+    def moved(self, client: int, port: int, vip_port: int, server: str, now: float) -> bool:
+        """A live TCP connection from (client, port) to the VIP's `vip_port` now lives on
+        `server` (moved whole, socket and all, by the kernel lab's TCP moves): the
+        flow's record follows, so a packet of it that still reaches us goes to `server`
+        and is tagged there. False when `server`'s address is not known to us."""
+        address = self.server_address(server)
+        if address is None:
+            return False
+        flow = Flow(IPPROTO_TCP, client, port, vip_port)
+        picked = self.flows.get(flow)
+        if picked is None:
+            self.flows[flow] = _Picked(server, address, now, now)
+            self._arm_expiry(now)
+        else:
+            picked.server, picked.address, picked.last_seen = server, address, now
+        return True
+
     def pick(self, client: int, now: float) -> str | None:
         """The server for a new flow from `client`: its owner in the pool's allocation,
         the allocation first cleared of servers the pool has stopped hearing from (so

@@ -71,6 +71,7 @@ class MoveResult:
     bytes: int = 0  # queued bytes that moved with the sockets
     packets_held: int = 0
     steer_failed: dict[str, str] = field(default_factory=dict)  # manycast: router -> why
+    vip_routers_told: int = 0  # a VIP pool: the VIP routers that recorded the move
 
 
 class TcpMover:
@@ -254,6 +255,8 @@ class TcpMover:
                 result.packets_held += hold.release(staying, self._mark(old))
         result.pause_ms = (time.perf_counter() - began) * 1e3
         result.moved = [f for f in held if f in moved]
+        if self.group is None and result.moved:
+            result.vip_routers_told = self._tell_vip_routers(result.moved, new)
         result.refused.update(answer.get("refused", {}))
         if "error" in answer:
             for flow in held:
@@ -262,6 +265,19 @@ class TcpMover:
         result.transfer_ms = float(answer.get("transfer_ms", 0.0))
         result.bytes = int(answer.get("bytes", 0))
         return result
+
+    def _tell_vip_routers(self, flows: list[Flow], server: str) -> int:
+        """Every VIP router records the flows as `server`'s (after the release: not part
+        of the pause), so that a packet of one that reaches a VIP router (its edge lost
+        the tag) goes on to `server`, not to the server it left; the routers told."""
+        request: dict[str, Any] = {"op": "moved", "flows": [list(f) for f in flows]}
+        request.update(server=server, port=self.port)
+        told = 0
+        for name in sorted(self.topology.vip_routers):
+            with contextlib.suppress(OSError, ValueError):  # a dead VIP router
+                ask(self.lab.run_dir, name, "vip_router", request, 2.0)
+                told += 1
+        return told
 
     def _mark(self, server: str) -> int:
         """The conntrack mark a released flow gets at the edge: the server's segment in

@@ -112,6 +112,7 @@ class VipRouterDaemon:
         self.loop.handlers["status"] = self._status
         self.loop.handlers["tagging"] = self._tagging
         self.loop.handlers["metrics"] = self._metrics
+        self.loop.handlers["moved"] = self._moved
         self._registry: CollectorRegistry | None = None  # metrics, made when first asked
         self.loop.add(self.core)
 
@@ -188,6 +189,16 @@ class VipRouterDaemon:
         """Turn flow tags off (a benchmark's baseline: every packet through us) or on."""
         self.core.tagging = bool(request["on"])
         return {"tagging": self.core.tagging}
+
+    def _moved(self, request: dict[str, Any]) -> dict[str, Any]:
+        """TCP moves (`tcp_move.py`): `flows` ([client, port] to the VIP's `port`) now
+        live on `server`; the flows recorded so."""
+        server, port, now = str(request["server"]), int(request["port"]), self.loop.now
+        recorded = sum(
+            self.core.moved(int(ipaddress.IPv4Address(c)), int(p), port, server, now)
+            for c, p in request["flows"]
+        )
+        return {"recorded": recorded}
 
     def _metrics(self, _: dict[str, Any]) -> dict[str, Any]:
         """Prometheus text of this VIP router (docs/metrics.md): the core's counters."""
