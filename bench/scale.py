@@ -31,14 +31,19 @@ idle windows and change timeouts (`virtual_s` per size says what ran). The same
 multicast datagram reaches hundreds of servers as one bytes object; the bench
 memoizes the pure decoders (IP header, UDP, control message) on those bytes so each
 is parsed once, which changes no outcome, only how long the run takes. `--max-n`
-stops at a smaller size for a quick run. Progress on stderr; one JSON object, the
-last line on stdout.
+stops at a smaller size for a quick run. `--budget-s` (300 by default) skips a size
+whose projected wall time (from the sizes run before it) would take the run past it:
+the JSON then lists it under `skipped` and gives its figures as the fitted curves
+project them, under `projected`, never as measured; `--budget-s 0` runs every size
+(N = 1024 with all-to-all heartbeats: about 11 million events, 7 minutes or more of
+one core). Progress on stderr; one JSON object, the last line on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +71,7 @@ from manycast.wire.ip import IPv4Packet, UDPDatagram
 
 SIZES = (4, 16, 64, 256, 1024)
 SEED = 20261201
+BUDGET_S = 300.0  # wall seconds the default run may take
 POLL = 0.005  # virtual seconds between checks of a change's progress
 CLIENT_RATE = 2.0  # requests/s per client: every client is an active source in the window
 
@@ -437,6 +443,41 @@ def exponents(runs: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
     return fitted
 
 
+def projected_figures(runs: Sequence[Mapping[str, Any]], sizes: Sequence[int]) -> dict[str, Any]:
+    """For sizes skipped for time: each curve's value there by its fitted power law
+    (not measured), and the 1024-over-16 ratios that follow from them."""
+    if not sizes or len(runs) < 2:
+        return {}
+    ns = [float(r["n"]) for r in runs]
+    out: dict[str, Any] = {}
+    for key, values in series(runs).items():
+        points = [(x, y) for x, y in zip(ns, values, strict=True) if y is not None and y > 0]
+        if len(points) < 2:
+            continue
+        slope, intercept = np.polyfit(
+            np.log([p[0] for p in points]), np.log([p[1] for p in points]), 1
+        )
+        for n in sizes:
+            out.setdefault(str(n), {})[key] = round(
+                float(np.exp(intercept + slope * math.log(n))), 4
+            )
+    by_n = {r["n"]: r for r in runs}
+    top = out.get("1024")
+    if top is not None and 16 in by_n:
+        base = by_n[16]
+        idle = top.get("idle_msgs_per_server_per_s")
+        detection = top.get("detection_all_s")
+        out["control_msgs_per_server_ratio_1024_over_16"] = (
+            None if idle is None else round(idle / base["idle_msgs_per_server_per_s"]["total"], 3)
+        )
+        out["detection_ratio_1024_over_16"] = (
+            None
+            if detection is None or not base["detection_all_s"]
+            else round(detection / base["detection_all_s"], 3)
+        )
+    return out
+
+
 def ratio(runs: Sequence[Mapping[str, Any]], value: Callable[[Mapping[str, Any]], Any]) -> Any:
     by_n = {r["n"]: r for r in runs}
     if 1024 not in by_n or 16 not in by_n:
@@ -466,12 +507,40 @@ def table_lines(runs: Sequence[Mapping[str, Any]], fitted: Mapping[str, float | 
     return "\n".join(lines)
 
 
-def run(sizes: Sequence[int], seed: int) -> dict[str, Any]:
-    runs = []
+def projected_wall_s(done: Sequence[Mapping[str, Any]], n: int) -> float:
+    """Wall seconds a pool of `n` would take, from the sizes already run: events per
+    virtual second grow as N^k (k fitted on the last two sizes; 2 with one, as for
+    all-to-all heartbeats), each costs what it cost at the last size, over the virtual
+    time `n`'s plan runs (the changes as long as they took at the last size)."""
+    last = done[-1]
+    rate = [r["events"] / r["virtual_s"] for r in done]
+    k = exponent([r["n"] for r in done[-2:]], rate[-2:]) if len(done) > 1 else None
+    growth = (n / last["n"]) ** (2.0 if k is None else k)
+    plan, last_plan = plan_for(n), last["plan"]
+    changes_s = last["virtual_s"] - last_plan["warm_up_s"] - last_plan["idle_s"]
+    virtual = plan.warm_up + plan.idle + min(changes_s, 3 * plan.patience + 2 * plan.gap)
+    per_event = last["wall_s"] / last["events"]
+    return float(rate[-1] * growth * virtual * per_event)
+
+
+def run(sizes: Sequence[int], seed: int, budget_s: float) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    spent = 0.0
     with memoized_decoders():
         for n in sizes:
+            if len(runs) >= 2 and budget_s > 0:
+                projected = projected_wall_s(runs, n)
+                if spent + projected > budget_s:
+                    progress(
+                        f"N={n}: skipped, would take about {projected:.0f} s"
+                        f" ({spent:.0f} s spent of a {budget_s:.0f} s budget; --budget-s 0 runs it)"
+                    )
+                    skipped.append({"n": n, "projected_wall_s": round(projected, 1)})
+                    continue
             progress(f"N={n}: running ({plan_for(n)})")
             result = measure(n, seed)
+            spent += result["wall_s"]
             progress(
                 f"N={n}: idle {result['idle_msgs_per_server_per_s']['total']:.1f} msgs/server/s,"
                 f" converged {result['converged_s']},"
@@ -499,6 +568,8 @@ def run(sizes: Sequence[int], seed: int) -> dict[str, Any]:
             runs, lambda r: r["change_msgs_per_server_per_s"]
         ),
         "detection_ratio_1024_over_16": ratio(runs, lambda r: r["detection_all_s"]),
+        "skipped": skipped,
+        "projected": projected_figures(runs, [r["n"] for r in skipped]),
         "sim_1000_servers_wall_s": None,  # `manycast sim` is not built yet (issue 15, item 4)
         "reduced_virtual_time": reduced,
         "decoders_memoized": True,
@@ -578,6 +649,13 @@ def main() -> None:
     parser.add_argument(
         "--max-n", type=int, default=SIZES[-1], help="largest pool to run (default 1024)"
     )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=BUDGET_S,
+        help="skip a size whose projected wall time would take the run past this many"
+        " seconds (0: run every size; default %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=SEED)
     _plots.add_argument(parser)
     args = parser.parse_args()
@@ -587,7 +665,7 @@ def main() -> None:
     holder: list[dict[str, Any]] = []
 
     def go() -> dict[str, Any]:
-        holder.append(run(sizes, args.seed))
+        holder.append(run(sizes, args.seed, args.budget_s))
         return holder[0]
 
     run_and_emit("scale", go)

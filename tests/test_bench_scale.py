@@ -111,3 +111,37 @@ def test_growth_exponents() -> None:
     assert scale.exponent([4, 16, 64], [8, 32, 128]) == pytest.approx(1.0)
     assert scale.exponent([4, 16, 64], [16, 256, 4096]) == pytest.approx(2.0)
     assert scale.exponent([4, 16], [None, 3.0]) is None  # one point is no curve
+
+
+def test_a_size_over_budget_is_projected_not_measured() -> None:
+    import scale
+
+    def run(n: int) -> dict[str, Any]:
+        return {
+            "n": n,
+            "events": 10 * n * n,
+            "virtual_s": 2.0,
+            "wall_s": n * n / 1000,
+            "plan": {"warm_up_s": 0.5, "idle_s": 1.0},
+            "idle_msgs_per_server_per_s": {"sent": 10.0, "received": 10.0 * n, "total": 10.0 * n},
+            "change_msgs_per_server_per_s": 20.0 * n,
+            "detection_first_s": 0.27,
+            "detection_all_s": 0.27,
+            "converged_s": {"set_share": 0.03, "add": 0.31, "death": 0.39},
+            "forwarding": {
+                "entries": 2 * n,
+                "mask_pairs": n,
+                "active_sources": 2 * n,
+                "portions": n,
+            },
+        }
+
+    done = [run(4), run(16), run(64)]
+    # Events per virtual second grow as N^2 here: 16 times as many at 256, each as dear,
+    # over 256's plan (0.5 s warm-up, 0.5 s idle) and the 0.5 s the changes took at 64.
+    expected = 16 * done[-1]["wall_s"] * (0.5 + 0.5 + 0.5) / done[-1]["virtual_s"]
+    assert scale.projected_wall_s(done, 256) == pytest.approx(expected)
+    projected = scale.projected_figures(done, [1024])
+    assert projected["1024"]["idle_msgs_per_server_per_s"] == pytest.approx(10240, rel=1e-3)
+    assert projected["control_msgs_per_server_ratio_1024_over_16"] == pytest.approx(64, rel=1e-3)
+    assert projected["detection_ratio_1024_over_16"] == pytest.approx(1.0)
