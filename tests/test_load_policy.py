@@ -1,9 +1,14 @@
 """The closed loop (Fig 10, step 1020): a congested server makes the pool rebalance,
-and hysteresis keeps it from oscillating. Memory driver, virtual clock."""
+and hysteresis keeps it from oscillating (memory driver, virtual clock); and
+`balance_loads` without hot buckets: one call reaches exact shares, moving the least."""
 
 from __future__ import annotations
 
+from fractions import Fraction
+
+from manycast.policy import balance_loads, equal_split, set_share, weighted_split
 from manycast.runtime import PoolRun
+from manycast.space import AddressSpace, Allocation, diff
 from manycast.topology import loads
 
 # Heavy clients with a stride of 4 all share their low address bits, so under an
@@ -97,3 +102,56 @@ def test_without_the_loop_the_congestion_stays() -> None:
     assert not rebalances(run)
     late = [value for at, value in samples if at >= 15.0]
     assert sum(late) / len(late) > 1.6
+
+
+# balance_loads without hot buckets: one call, exact shares, least movement ----------
+
+
+def measured(alloc: Allocation, capacity: dict[str, float]) -> dict[str, float]:
+    """What servers of these capacities measure under even traffic: share over capacity."""
+    total = sum(capacity.values())
+    return {s: n / (capacity[s] / total) for s, n in alloc.counts().items()}
+
+
+def test_one_balance_reaches_the_capacities_shares() -> None:
+    space = AddressSpace.create()
+    capacity = {"a": 1.0, "b": 2.0, "c": 0.5, "d": 1.0}
+    total = sum(capacity.values())
+    before = equal_split(space, list(capacity))
+    after = balance_loads(before, measured(before, capacity), target=1.0)
+    for server, count in after.counts().items():
+        assert abs(count - capacity[server] / total * space.buckets) < 1
+    # Only surplus buckets moved: what a's, c's and d's counts had to give up.
+    old, new = before.counts(), after.counts()
+    least = sum(max(0, old[s] - new[s]) for s in old)
+    assert int((before.owners != after.owners).sum()) == least
+    # The loads are now equal to a bucket's worth: a second call moves nothing.
+    assert balance_loads(after, measured(after, capacity), target=1.0) == after
+
+
+def test_even_loads_within_the_target_move_nothing() -> None:
+    space = AddressSpace.create(bits=10)
+    alloc = equal_split(space, "abcd")
+    assert balance_loads(alloc, {"a": 1.05, "b": 1.0, "c": 0.97, "d": 1.0}, 1.1) == alloc
+    assert balance_loads(alloc, {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}, 1.1) == alloc
+
+
+def test_equal_servers_with_even_traffic_end_with_equal_shares() -> None:
+    """Load in proportion to the buckets held (one rate everywhere): an equal split."""
+    space = AddressSpace.create(bits=10)
+    skewed = set_share(equal_split(space, "abcd"), "a", Fraction(1, 2))
+    loads = {s: float(n) for s, n in skewed.counts().items()}
+    after = balance_loads(skewed, loads, target=1.1)
+    assert sorted(after.counts().values()) == [256, 256, 256, 256]
+    assert all(m.source == "a" for m in diff(skewed, after))
+
+
+def test_a_server_whose_capacity_is_unknown_keeps_its_share() -> None:
+    space = AddressSpace.create(bits=10)
+    alloc = weighted_split(space, {"a": 1, "b": 1, "c": 2, "idle": 0})
+    loads = {"a": 3.0, "b": 1.0, "c": 1.0, "idle": 0.0}  # idle holds nothing
+    after = balance_loads(alloc, loads, target=1.1)
+    assert after.count("idle") == 0
+    silent = balance_loads(alloc, {"a": 3.0, "b": 0.0, "c": 1.0, "idle": 0.0}, target=1.1)
+    assert silent.count("b") == alloc.count("b")  # no load reported: share kept
+    assert silent.count("a") < alloc.count("a")
