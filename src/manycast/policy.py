@@ -262,7 +262,8 @@ class Apportionment:
         return {s: Fraction(w, SCALE) for s, w in self.weights.items()}
 
     def error(self) -> Fraction:
-        """The largest |held - desired| over the servers, in buckets (always < 1)."""
+        """The largest |held - desired| over the servers, in buckets (below 1 for every
+        Apportionment the policy builds)."""
         buckets = self.allocation.space.buckets
         counts = self.allocation.counts()
         return max(abs(counts[s] - Fraction(w * buckets, SCALE)) for s, w in self.weights.items())
