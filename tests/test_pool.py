@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from manycast.apps.counter import CounterService, CounterSession
+from manycast.protocol.client import RESET_RECONNECT_S
 from manycast.runtime import PoolRun
 from manycast.space import Allocation, diff
 from pooltools import (
@@ -161,6 +162,26 @@ def test_moved_clients_are_then_served_by_their_new_owner(share_change) -> None:
     # No packet reached a server outside its portions, even during the change.
     assert trace.foreign() == []
     assert all(s.stats.misrouted == 0 for s in run.nodes.servers.values())
+
+
+def test_a_reset_client_reconnects_at_once(share_change) -> None:
+    """A reset from a live server (R1) says the path works: the client's new SYN goes
+    within RESET_RECONNECT_S, timed by the old connection's round trip. A SYN that
+    reaches the old owner before the routers changed is sent again after the
+    client's minimum RTO (50 ms), not `rto_initial` (300 ms). So each moved client is
+    answered within that, one such retransmission and three round trips of at most
+    10 ms on this topology (before: 80-330 ms)."""
+    run, _, before, after = share_change
+    old, new = owners(before, run), owners(after, run)
+    moved = [c for c in old if old[c] != new[c]]
+    assert moved
+    bound = RESET_RECONNECT_S + 0.050 + 3 * 0.010
+    for name in moved:
+        stats = run.nodes.clients[name].stats
+        assert stats.resets == 1, name
+        reset_at = max(stats.disruptions)  # the reset (or a request it failed, same time)
+        back = stats.first_ok_after(reset_at)
+        assert back is not None and back - reset_at <= bound, (name, back, reset_at)
 
 
 def test_r1_state_loss_is_visible_as_a_new_session(share_change) -> None:

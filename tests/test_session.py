@@ -444,6 +444,23 @@ def test_syn_to_nobody_times_out() -> None:
     assert sum(1 for _, src, _, s in net.log if src == CLIENT) == 3
 
 
+def test_a_syn_seeded_with_an_earlier_round_trip_is_sent_again_after_it() -> None:
+    """A new connection to a destination measured before starts from that SRTT and
+    RTTVAR (a TCP metrics cache), not `rto_initial`: its lost SYN is sent again after
+    max(rto_min, SRTT + 4 RTTVAR) and backs off from there."""
+    config = SessionConfig(rto_initial=1.0, rto_min=0.05, max_retries=2)
+    net = Net()
+    client = net.add("client", CLIENT, config=config)
+    net.add("silent", GROUP)
+    conn = client.ep.connect(*client_key(), now=0.0, rtt=(0.02, 0.01))
+    assert conn.rto == pytest.approx(0.06)  # 0.02 + 4 * 0.01
+    assert conn.rtt_estimate == (0.02, 0.01)
+    with pytest.raises(SessionError):
+        conn.seed_rtt(0.02, 0.01)  # only before connect
+    assert net.run(5.0, lambda: bool(client.of(ConnectionTimedOut)))
+    assert client.of(ConnectionTimedOut)[0][0] == pytest.approx(0.06 + 0.12 + 0.24)
+
+
 # --- unknown segments (R1) ----------------------------------------------------------------
 
 

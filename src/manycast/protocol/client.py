@@ -59,6 +59,11 @@ MAX_HELD = 64  # segments from a new destination kept while its change waits for
 Resolver = Callable[[str], tuple[ipaddress.IPv4Address, int]]
 
 
+# Reconnect delays (s): after a reset from a live server, and after anything else.
+RESET_RECONNECT_S = 0.01
+RECONNECT_S = (0.02, 0.1)
+
+
 def registration(
     address: ipaddress.IPv4Address,
     group: ipaddress.IPv4Address,
@@ -148,6 +153,8 @@ class Client(Node):
         self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
         self.stats = ClientStats()
         self.conn_key: object | None = None
+        # (SRTT, RTTVAR) of the last connection that measured one: the next SYN's timer.
+        self._rtt: tuple[float, float] | None = None
         self.new_session = app
         self.app: Session | None = None
         self._port = 20000 + rng.randrange(20000)
@@ -214,7 +221,7 @@ class Client(Node):
         self._port = 20000 + (self._port - 20000 + 1 + self.rng.randrange(97)) % 40000
         offer = self.dynamic_destination
         conn = self.endpoint.connect(
-            (self.address, self._port), (group, port), now, offer=offer, follow=offer
+            (self.address, self._port), (group, port), now, offer=offer, follow=offer, rtt=self._rtt
         )
         self.conn_key = conn.key
         self.guard.begin()
@@ -230,6 +237,8 @@ class Client(Node):
         conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
         if conn is None or conn.state is not State.ESTABLISHED:
             return
+        # Kept here, while the connection lives: a reset removes it before we hear.
+        self._rtt = conn.rtt_estimate or self._rtt
         if not self.app.outstanding:
             conn.send(self.app.request(1 + self.rng.randrange(9), now), now)
             self.timers.arm("deadline", now + self.request_timeout)
@@ -259,14 +268,24 @@ class Client(Node):
             self.stats.disruptions.append(now)
         self.app.outstanding.clear()
 
-    def _lost(self, now: float) -> None:
-        """The session is gone: reconnect soon, to whichever server owns us now."""
+    def _lost(self, now: float, reset: bool = False) -> None:
+        """The session is gone: reconnect soon, to whichever server owns us now.
+
+        A reset is a live server saying it does not hold the session (R1 after a
+        reallocation or a death): the SYN goes at once, jittered by at most
+        `RESET_RECONNECT_S` so a portion's clients do not arrive in one burst, and timed
+        by the old connection's round trip (a SYN that reaches a server before the
+        routers changed is sent again after about one round trip, not `rto_initial`).
+        After a timeout or an unanswered request nothing says the path works again,
+        so the wait is longer."""
         self.connected = False
         self.conn_key = None
         self.timers.cancel("request")
         self.timers.cancel("deadline")
         self.stats.reconnects += 1
-        self.timers.arm("connect", now + self.rng.uniform(0.02, 0.1))
+        low, high = (0.0, RESET_RECONNECT_S) if reset else RECONNECT_S
+        self.timers.arm("connect", now + self.rng.uniform(low, high))
+
 
     def _on_answers(self, answers: list[Answer], now: float) -> None:
         for answer in answers:
@@ -325,7 +344,7 @@ class Client(Node):
                 if isinstance(event, ConnectionTimedOut):
                     self.stats.timeouts += 1
                 self._fail_outstanding(now, type(event).__name__)
-                self._lost(now)
+                self._lost(now, reset=isinstance(event, ConnectionReset) and event.remote)
 
     def _next_connection(self, now: float) -> None:
         """Done with this connection: close it (FIN) and open the next, a new flow."""

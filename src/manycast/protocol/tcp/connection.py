@@ -163,6 +163,23 @@ class Connection:
         return self._rtt.srtt
 
     @property
+    def rtt_estimate(self) -> tuple[float, float] | None:
+        """(SRTT, RTTVAR) once measured: what a later connection to the same
+        destination may start from (`seed_rtt`)."""
+        srtt = self._rtt.srtt
+        return None if srtt is None else (srtt, self._rtt.rttvar)
+
+    def seed_rtt(self, srtt: float, rttvar: float) -> None:
+        """Start from an earlier connection's estimate instead of `rto_initial`, as a
+        TCP metrics cache does (RFC 6298 section 2.1 leaves the initial RTO to the
+        implementation; Linux keeps SRTT and RTTVAR per destination). Before
+        `connect`: the SYN's timer uses it."""
+        if self._state is not State.CLOSED:
+            raise SessionError("seed_rtt before connect")
+        self._rtt.srtt, self._rtt.rttvar = srtt, rttvar
+        self._rtt.reset()
+
+    @property
     def bytes_unacked(self) -> int:
         """Data given to `send()` that the peer has not acknowledged yet."""
         return len(self._sndbuf)

@@ -93,13 +93,17 @@ class Demultiplexer:
         *,
         offer: bool = True,
         follow: bool = False,
+        rtt: tuple[float, float] | None = None,
     ) -> Connection:
         """Open a connection. `offer`: tag and cookie on the SYN (Fig 20); `follow`:
         send to the destination a SYN-ACK gives, and take change-destinations from
-        any source (the caller checks their signatures)."""
+        any source (the caller checks their signatures); `rtt`: (SRTT, RTTVAR) of an
+        earlier connection to `remote`, to time the SYN by (`Connection.seed_rtt`)."""
         if (local, remote) in self._conns:
             raise SessionError(f"a connection {(local, remote)} already exists")
         conn = Connection(local, remote, self._rng, self.config)
+        if rtt is not None:
+            conn.seed_rtt(*rtt)
         conn.follow = follow and offer
         conn.connect(now, offer=offer)
         self.adopt(conn)
