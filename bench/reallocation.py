@@ -32,17 +32,8 @@ The window runs from the first step to the last plus the clients' request deadli
 plus their longest pause between requests: a session the last step moves breaks
 when its client next sends, and the break shows when that request's deadline passes.
 
-Part 3, failover: the pool with 40 clients, its server s3 alone in a `manycast run
---nodes s3` process, everything else here. Once the pool is stable, the s3 process
-gets SIGKILL; then every 5 ms both edge routers are asked, for one probe source per
-run of buckets s3 held (and each of its clients' addresses), which members their
-membership matches. `failover_s`: until every probe matches a live server at both
-routers, i.e. every portion s3 held is served again (the data plane has a live
-owner for it). Also reported: until the routers have dropped s3's membership too
-(`failover_clean_s`: they forget a member after its hold time, 3.5 report
-intervals, since nothing tells them of a death; until then they also send copies
-toward the dead server, which go nowhere), and until every client s3 served got an
-answer to a request sent after the kill (`failover_clients_s`). Ten runs, medians.
+Failover (a server SIGKILLed under load, beside a measured keepalived) is
+bench/failover.py's.
 """
 
 from __future__ import annotations
@@ -52,9 +43,6 @@ import inspect
 import multiprocessing
 import os
 import random
-import signal
-import subprocess
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -71,8 +59,6 @@ from _pool import (
     Transitions,
     every,
     host_pool,
-    median,
-    node_command,
     percentile,
     two_router_pool,
 )
@@ -106,17 +92,7 @@ CLIENT_GRACE = 0.5  # clients stop this long after the window, servers later sti
 INFRA_GRACE = 1.5
 SAMPLE_S = 0.02  # how often session state and allocations are sampled
 
-FAILOVER_RUNS = 10
-FAILOVER_CLIENTS_PER_LAN = 20
-FAILOVER_RATE = 4.0  # frequent requests, so a client's own pacing adds little
-FAILOVER_PROBE_S = 0.005
-FAILOVER_LIMIT_S = 8.0  # after the kill: a figure not reached by then is null
-STABLE_S = 1.0
-VICTIM = "s3"
 HEARTBEAT_MS, HEARTBEAT_MISSES, REPORT_INTERVAL_MS = 100, 3, 1000  # the pool's defaults
-# keepalived VRRP with advert_int 1 s: master down after 3 * 1 s + skew
-# ((256 - priority) / 256 s, 0.61 s at priority 100), RFC 5798 section 6.1.
-VRRP_FAILOVER_S = 3.6
 
 Setup = Callable[[PoolRun, asyncio.AbstractEventLoop, float], None]
 Collect = Callable[[PoolRun, float], Any]
@@ -578,171 +554,9 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
-# -- part 3: failover --------------------------------------------------------------------
-
-
-def probes_for(allocation: Any, server: str) -> list[int]:
-    """One source address per run of buckets `server` holds (its first bucket)."""
-    space = allocation.space
-    return [space.block(a, 1).value for a, _, owner in allocation.runs() if owner == server]
-
-
-def matched(router: Any, group: int, source: int) -> set[int]:
-    members = router.members.get(group, {})
-    return {origin for origin, m in members.items() if m.filter.matches(source)}
-
-
-def failover_once(index: int, path: Path, text: str) -> dict[str, Any]:
-    topo = loads(text)
-    base = free_base_port(topo.attachment_count, PORT_SEARCH)
-    local = set(topo.interfaces) - {VICTIM}
-    run = PoolRun(topo, "overlay", seed=SEED + index, base_port=base, local=local)
-    net = run.network
-    group = int(topo.pool.group)
-    victim_address = int(topo.address(VICTIM))
-    routers = list(run.nodes.routers.values())
-    servers = run.nodes.servers
-    command = [*node_command(path, VICTIM, base, 40), "--json"]
-    victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    result: dict[str, Any] = {"run": index + 1}
-    try:
-        net.run_until(0.05)
-        # Stable: every server here agrees on one allocation in which s3 serves, s3 is
-        # alive to all, both routers send s3's sources to s3, and nothing changed for
-        # STABLE_S.
-        stable_since, view, allocation = None, None, None
-        deadline = net.now + 20.0
-        while True:
-            net.run_until(net.now + 0.05)
-            if net.now > deadline:
-                raise RuntimeError("the pool did not settle with s3 serving")
-            now = net.now
-            views = {(s.coordinator.epoch, s.coordinator.digest) for s in servers.values()}
-            allocation = next(iter(servers.values())).coordinator.allocation
-            ready = (
-                len(views) == 1
-                and allocation is not None
-                and VICTIM in allocation.servers
-                and allocation.count(VICTIM) > 0
-                and all(VICTIM in s.coordinator.alive(now) for s in servers.values())
-            )
-            if ready:
-                probes = probes_for(allocation, VICTIM)
-                ready = all(victim_address in matched(r, group, p) for r in routers for p in probes)
-            if not ready:
-                stable_since = None
-            elif views != view or stable_since is None:
-                view, stable_since = views, now
-            elif now - stable_since >= STABLE_S:
-                break
-        assert allocation is not None
-        probes = probes_for(allocation, VICTIM)
-        mine = [c for c in run.nodes.clients.values() if allocation.owner(c.address) == VICTIM]
-        probes += [int(c.address) for c in mine]
-        live = {int(s.address) for s in servers.values()}
-
-        epoch_before = next(iter(servers.values())).coordinator.epoch
-        killed = net.now
-        os.kill(victim.pid, signal.SIGKILL)
-        covered_at = clean_at = clients_at = None
-        while net.now - killed < FAILOVER_LIMIT_S:
-            net.run_until(net.now + FAILOVER_PROBE_S)
-            now = net.now
-            seen = [matched(r, group, p) for r in routers for p in probes]
-            if covered_at is None and all(m & live for m in seen):
-                covered_at = now
-            if clean_at is None and all(m and m <= live for m in seen):
-                clean_at = now
-            if clients_at is None:
-                back = [_answered_after(c.stats, killed) for c in mine]
-                if all(b is not None for b in back):
-                    clients_at = max(back)  # type: ignore[type-var]
-            if clean_at is not None and covered_at is not None and clients_at is not None:
-                break
-        result.update(
-            {
-                "portion_runs": len(probes) - len(mine),
-                "victim_share": float(allocation.share(VICTIM)),
-                "victim_clients": len(mine),
-                "covered_s": _since(covered_at, killed),
-                "clean_s": _since(clean_at, killed),
-                "clients_s": _since(clients_at, killed),
-                "epoch_before": epoch_before,
-            }
-        )
-    finally:
-        net.close()
-        if victim.poll() is None:
-            victim.kill()
-        victim.wait(10)
-    return result
-
-
-def _answered_after(stats: Any, t: float) -> float | None:
-    """When the first request sent after `t` was answered."""
-    for ok, latency in zip(stats.ok_times, stats.latencies, strict=True):
-        if ok - latency > t:
-            return float(ok)
-    return None
-
-
-def _since(at: float | None, t: float) -> float | None:
-    return None if at is None else round(at - t, 4)
-
-
-def failover() -> dict[str, Any]:
-    text = two_router_pool(
-        technique="R1",
-        clients_per_lan=FAILOVER_CLIENTS_PER_LAN,
-        rate=FAILOVER_RATE,
-        duration=40.0,
-        heartbeat_ms=HEARTBEAT_MS,
-        heartbeat_misses=HEARTBEAT_MISSES,
-        report_interval_ms=REPORT_INTERVAL_MS,
-    )
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="manycast-failover-") as tmp:
-        path = Path(tmp) / "failover.toml"
-        path.write_text(text)
-        for index in range(FAILOVER_RUNS):
-            one = failover_once(index, path, text)
-            progress(
-                f"failover run {index + 1}: routers clean {one['clean_s']} s, covered "
-                f"{one['covered_s']} s, clients {one['clients_s']} s "
-                f"({one['victim_clients']} clients, {one['portion_runs']} runs of buckets)"
-            )
-            runs.append(one)
-    clean = [r["clean_s"] for r in runs]
-    covered = [r["covered_s"] for r in runs]
-    clients = [r["clients_s"] for r in runs]
-    clean_median = median(clean) if None not in clean else None
-    covered_median = median(covered) if None not in covered else None
-    return {
-        "failover_s_median": covered_median,
-        "failover_s": covered,
-        "failover_clean_s_median": clean_median,
-        "failover_clean_s": clean,
-        "failover_clients_s_median": median(clients) if None not in clients else None,
-        "failover_clients_s": clients,
-        "failover_runs": runs,
-        "failover_target_s": 0.5,
-        "heartbeat_ms": HEARTBEAT_MS,
-        "heartbeat_misses": HEARTBEAT_MISSES,
-        "report_interval_ms": REPORT_INTERVAL_MS,
-        "router_membership_hold_s": REPORT_INTERVAL_MS / 1000 * 3.5,
-        "vrrp_failover_s": VRRP_FAILOVER_S,
-        "failover_over_vrrp": round(covered_median / VRRP_FAILOVER_S, 3)
-        if covered_median
-        else None,
-        "failover_clean_over_vrrp": round(clean_median / VRRP_FAILOVER_S, 3)
-        if clean_median
-        else None,
-    }
-
-
 def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     """Sessions broken per technique (with what Fig 12 says R1 must break), and the
-    failover times' CDF over the runs."""
+    moved sessions' latency cost."""
     fig, axes = _plots.grid("Live reallocation under load (seed Fig 12-16)", 2)
     broken = {t: result["broken"][t] for t in result["broken"]}
     _plots.bars(axes[0], broken, ylabel="sessions broken", fmt="{:.0f}")
@@ -756,25 +570,7 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     _plots.bars(axes[1], ratio, ylabel="p99 latency, moved / unmoved sessions", fmt="{:.2f}")
     _plots.reference(axes[1], 1.0, "no cost")
     axes[1].legend(fontsize=8)
-    paths = [_plots.save(fig, directory, "reallocation_breaks")]
-
-    fig, ax = _plots.figure(
-        f"Failover after SIGKILL of a server ({len(result['failover_s'])} runs)"
-    )
-    _plots.cdf(
-        ax,
-        {
-            "portions served again (routers match a live server)": result["failover_s"],
-            "every client answered again": result["failover_clients_s"],
-            "routers dropped the dead member": result["failover_clean_s"],
-        },
-        xlabel="seconds after the kill",
-    )
-    _plots.vertical(ax, result["failover_target_s"], "target", colour="#1d9a5b")
-    _plots.vertical(ax, result["vrrp_failover_s"], "VRRP default failover", colour="#d33a2c")
-    ax.legend(fontsize=8)
-    paths.append(_plots.save(fig, directory, "failover_cdf"))
-    return paths
+    return [_plots.save(fig, directory, "reallocation_breaks")]
 
 
 def committed_error(committed: Mapping[str, int], scheduled: int) -> str | None:
@@ -803,8 +599,6 @@ def main() -> None:
             f"changes from t={steps[0][0]:.1f}s to t={steps[-1][0]:.1f}s"
         )
         per[technique] = run_technique(technique, steps)
-    progress(f"failover: {FAILOVER_RUNS} runs, {VICTIM} in its own process, SIGKILL")
-    fail = failover()
     result = {
         "bench": "reallocation",
         "clients": 2 * CLIENTS_PER_LAN,
@@ -824,7 +618,6 @@ def main() -> None:
             t: per[t]["control_messages_per_reallocation"] for t in TECHNIQUES
         },
         "techniques": per,
-        **fail,
         "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
         "seconds": round(time.monotonic() - began, 1),
     }

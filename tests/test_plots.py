@@ -46,11 +46,6 @@ RESULTS: dict[str, dict[str, Any]] = {
         "broken": {"R1": 240, "R2": 0, "R3": 1, "R4": 0},
         "r1_expected": 236,
         "moved_latency_p99_over_unmoved": {"R1": 1.4, "R2": 2.1, "R3": 1.1, "R4": None},
-        "failover_s": [0.31, 0.35, 0.4, 0.33, None],
-        "failover_clean_s": [3.6, 3.7, 3.5, 3.6, 3.8],
-        "failover_clients_s": [0.5, 0.6, 0.7, 0.55, 0.8],
-        "failover_target_s": 0.5,
-        "vrrp_failover_s": 3.6,
     },
     "realloc": {
         "bench": "realloc",
@@ -123,7 +118,7 @@ def test_plots_option_writes_the_json_beside_the_plots(tmp_path: Path) -> None:
     written = plots.write(RESULTS["reallocation"], out, bench("reallocation").plot)
     assert json.loads((out / "reallocation.json").read_text()) == RESULTS["reallocation"]
     names = sorted(p.name for p in written)
-    assert names == ["failover_cdf.png", "reallocation.json", "reallocation_breaks.png"]
+    assert names == ["reallocation.json", "reallocation_breaks.png"]
     assert plots.write(RESULTS["reallocation"], None, bench("reallocation").plot) == []
 
 
