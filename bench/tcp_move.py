@@ -1,6 +1,8 @@
-"""Live kernel TCP connections moved between the lab's VIP servers (root), against reset (R1).
+"""Live kernel TCP connections moved between the lab's servers (root), against reset (R1).
 
-The pool is the bundled vip.toml (two clients per LAN, no scenario) with the movable
+The pool is the bundled vip.toml (two clients per LAN, no scenario), or with
+`--pool manycast` the bundled demo.toml (a manycast pool: a move steers the
+routers' (client, group) entries; `drivers/kernel/tcp_manycast.py`), with the movable
 TCP service (`drivers/kernel/tcp_service.py`) on s1..s4; `drivers/kernel/tcp_move.py`
 moves connections: the edge holds the flow, the old server freezes, dumps and hands
 the socket (signed) to the new one, the edge releases the flow onto the new segment.
@@ -59,10 +61,29 @@ HUGE = 1 << 40  # a download that never ends within the bench
 WINDOW_S = 0.25  # after a round, how long its gap may still be running (quiet gaps)
 
 
-def vip_toml() -> str:
-    text = files("manycast").joinpath("topologies", "vip.toml").read_text()
-    text = text.replace("count = 60", "count = 2")
+def pool_toml(pool: str) -> str:
+    """vip.toml, or (manycast) demo.toml, with two clients per LAN and no scenario."""
+    name = "vip.toml" if pool == "vip" else "demo.toml"
+    text = files("manycast").joinpath("topologies", name).read_text()
+    text = text.replace("count = 60", "count = 2").replace("count = 120", "count = 2")
     return re.sub(r"\[\[scenario\]\].*?(?=\n\[run\])", "", text, flags=re.S)
+
+
+def _wait_serving(lab: Lab, address: str) -> None:
+    """A manycast pool: until a connection from a1 to the pool's TCP address is
+    answered (the servers' joins have reached the routers)."""
+    deadline = time.monotonic() + 30
+    while True:
+        sock = netns.socket_in(lab.ns("a1"), socket.AF_INET, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(2.0)
+            try:
+                sock.connect((address, PORT))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the manycast pool never answered") from None
+        time.sleep(0.2)
 
 
 def _wait_following(lab: Lab, topology: Topology) -> None:
@@ -81,9 +102,9 @@ def _wait_following(lab: Lab, topology: Topology) -> None:
 class Stream:
     """One paced download read by a thread in a client's namespace; every byte checked."""
 
-    def __init__(self, lab: Lab, topology: Topology, client: str, rate: int) -> None:
+    def __init__(self, lab: Lab, topology: Topology, client: str, rate: int, vip: str) -> None:
         self.ns = lab.ns(client)
-        self.vip = str(topology.pool.vip)
+        self.vip = vip
         self.address = str(topology.address(client))
         self.rate = rate
         self.offset = 0
@@ -170,13 +191,13 @@ def gap_around(times: list[float], start: float, end: float) -> float | None:
     return best
 
 
-def application_rtt(lab: Lab, topology: Topology, client: str, count: int) -> float:
+def application_rtt(lab: Lab, vip: str, client: str, count: int) -> float:
     """Median round trip of a line on an established connection through the VIP (ms)."""
     sock = netns.socket_in(lab.ns(client), socket.AF_INET, socket.SOCK_STREAM)
     with sock:
         sock.settimeout(5.0)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.connect((str(topology.pool.vip), PORT))
+        sock.connect((vip, PORT))
         reader = sock.makefile("rb")
         samples = []
         for i in range(count):
@@ -194,7 +215,8 @@ def pauses(
     rng = random.Random(args.seed)
     clients = ["a1", "a2", "b1", "b2"]
     streams = [
-        Stream(lab, topology, clients[i % len(clients)], args.rate) for i in range(args.streams)
+        Stream(lab, topology, clients[i % len(clients)], args.rate, mover.vip)
+        for i in range(args.streams)
     ]
     for stream in streams:
         stream.start()
@@ -313,7 +335,7 @@ def _quiet_gaps(streams: list[Stream], events: list[dict[str, Any]]) -> list[flo
 
 def drain(lab: Lab, topology: Topology, mover: TcpMover, count: int, batch: int) -> dict[str, Any]:
     """`count` echo connections from a1, all on its server, drained to the others."""
-    vip = str(topology.pool.vip)
+    vip = mover.vip
     socks = []
     for _ in range(count):
         sock = netns.socket_in(lab.ns("a1"), socket.AF_INET, socket.SOCK_STREAM)
@@ -329,6 +351,9 @@ def drain(lab: Lab, topology: Topology, mover: TcpMover, count: int, batch: int)
     server = where[flows[0]]
     on_server = sum(1 for f in flows if where.get(f) == server)
     others = [s for s in SERVERS if s != server]
+    if mover.group is not None:
+        # A manycast pool: the path is a1's, so all its connections go to one server.
+        others, batch = others[:1], max(batch, on_server)
     progress(f"  draining {on_server} connections from {server} to {', '.join(others)}")
     began = time.perf_counter()
     results = mover.drain(server, others, batch=batch)
@@ -367,13 +392,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         prefix=f"tmb{os.getpid()}", run_root=Path(tempfile.mkdtemp(prefix="manycast-tcpmove-"))
     )
     lab.down()
-    topology = lab.up(vip_toml(), "tcp-move-bench.toml")
+    topology = lab.up(pool_toml(args.pool), "tcp-move-bench.toml")
     mover = TcpMover(lab, topology)
+    result["pool"] = args.pool
     try:
         mover.start(SERVERS)
-        _wait_following(lab, topology)
+        if args.pool == "vip":
+            _wait_following(lab, topology)
+        else:
+            _wait_serving(lab, mover.vip)
         progress("application round trip")
-        result["rtt_ms"] = round(application_rtt(lab, topology, "a2", 100), 3)
+        result["rtt_ms"] = round(application_rtt(lab, mover.vip, "a2", 100), 3)
         progress(f"pauses: {args.moves} moves and {args.resets} resets, random order")
         result.update(pauses(lab, topology, mover, args))
         result["pause_p99_over_r1_p99"] = _ratio(result["pause_p99_ms"], result["r1_gap_p99_ms"])
@@ -452,6 +481,13 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--drain", type=int, default=500, help="connections drained at once")
     parser.add_argument("--batch", type=int, default=100, help="connections per transfer")
     parser.add_argument("--seed", type=int, default=20240917)
+    parser.add_argument(
+        "--pool",
+        choices=("vip", "manycast"),
+        default="vip",
+        help="vip.toml (the edge's tag moves), or demo.toml (manycast: the routers'"
+        " (client, group) entries are steered; a client's connections move together)",
+    )
     return parser.parse_args()
 
 

@@ -15,8 +15,9 @@ connect to. Its packets are routed like any of the group's:
   link-layer multicast); the service binds the address on the loopback and
   answers from it straight to the client.
 
-A move switches the path of the client's source: every router's (client, group)
-entry is steered toward the new server (`tcp_steer.py`, the router daemon's
+A move switches the path of the client's source: the (client, group) entry of
+every router on the way from the client's edge to the new server is steered
+toward that server (`tcp_steer.py`, the router daemon's
 `steer` request) while the edge holds the client's packets. The path is the
 source's, so all of a client's connections move together.
 """
@@ -25,9 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -35,6 +37,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 from manycast.drivers import netns
 from manycast.drivers.kernel import srv6
 from manycast.drivers.kernel.control import ask
+
+if TYPE_CHECKING:
+    from manycast.topology import Topology
 
 TCP_ADDRESS = ipaddress.IPv4Address("203.0.113.70")  # the pool's TCP service address
 NFT_TABLE = "manycast_tcp"
@@ -82,27 +87,51 @@ def set_up_server(ns: str, address: str, group: str, port: int) -> None:
     srv6.load_nft(partial(netns.enter, ns), server_ruleset(address, group, port))
 
 
+def path(topology: Topology, edge: str, server: str) -> list[str]:
+    """The routers a packet from the edge router `edge` crosses to reach `server`, by
+    the topology's unicast routes (the multicast entries follow them)."""
+    target = topology.address(server)
+    last = topology.router_of(server)
+    owner = {
+        iface.address: router
+        for router in topology.routers
+        for iface in topology.interfaces[router].values()
+    }
+    routers = [edge]
+    while routers[-1] != last and len(routers) <= len(topology.routers):
+        here = routers[-1]
+        route = next((r for r in topology.routes[here] if target in r.network), None)
+        hop = None if route is None or route.next_hop is None else owner.get(route.next_hop)
+        if hop is None:
+            break
+        routers.append(hop)
+    return routers
+
+
 def steer(
     ask_router: Callable[[str, dict[str, Any]], Any],
-    routers: Iterable[str],
-    sources: Iterable[str],
+    routes: dict[str, list[str]],
     group: str,
     to: str | None,
 ) -> dict[str, str]:
-    """Every router's (source, group) entry toward the server address `to` (None: back
-    to the pool's allocation); the routers that refused, with why."""
-    failed: dict[str, str] = {}
-    for router in routers:
-        for source in sources:
+    """Each router of `routes` (router -> the client sources to steer there) points
+    its (source, group) entries toward the server address `to` (None: back to the
+    pool's allocation), all routers at once; the routers that refused, with why."""
+
+    def one(router: str) -> tuple[str, str | None]:
+        for source in routes[router]:
             request = {"op": "steer", "source": source, "group": group, "to": to}
             try:
                 answer = ask_router(router, request)
             except (OSError, ValueError) as exc:
-                failed[router] = str(exc)
-                continue
+                return router, str(exc)
             if isinstance(answer, dict) and "error" in answer:
-                failed[router] = str(answer["error"])
-    return failed
+                return router, str(answer["error"])
+        return router, None
+
+    with ThreadPoolExecutor(max_workers=max(1, len(routes))) as pool:
+        results = list(pool.map(one, sorted(routes)))
+    return {router: why for router, why in results if why is not None}
 
 
 def router_asker(run_dir: Any) -> Callable[[str, dict[str, Any]], Any]:
@@ -113,6 +142,7 @@ __all__ = [
     "NFT_TABLE",
     "TCP_ADDRESS",
     "edge_ruleset",
+    "path",
     "router_asker",
     "server_ruleset",
     "set_up_edge",

@@ -236,11 +236,16 @@ class TcpMover:
                 answer = {"error": f"{old} did not answer: {exc}"}
         moved = {(str(f[0]), int(f[1])) for f in answer.get("moved", [])}
         if self.group is not None and moved:
-            # The clients' path: every router's (client, group) entry toward `new`.
+            # The clients' path: each router on the way from a client's edge to `new`
+            # points the (client, group) entry toward `new`.
+            routes: dict[str, list[str]] = defaultdict(list)
+            for client in sorted({f[0] for f in moved}):
+                edge = self.edge_of((client, 0))
+                for router in tcp_manycast.path(self.topology, edge, new):
+                    routes[router].append(client)
             failed = tcp_manycast.steer(
                 tcp_manycast.router_asker(self.lab.run_dir),
-                sorted(self.topology.routers),
-                sorted({f[0] for f in moved}),
+                routes,
                 self.group,
                 str(self.topology.address(new)),
             )

@@ -33,14 +33,20 @@ def _int(address: str) -> int:
     return int(ipaddress.IPv4Address(address))
 
 
+_TOWARD: dict[str, str] = {}  # the lab's unicast routes do not change
+
+
 def iface_toward(address: str) -> str:
     """The interface this namespace's unicast routing sends `address` out of."""
+    if address in _TOWARD:
+        return _TOWARD[address]
     with IPRoute() as ipr:
         routes = ipr.route("get", dst=address)
         if not routes:
             raise ValueError(f"no route to {address}")
         index = routes[0].get_attr("RTA_OIF")
-    return socket.if_indextoname(index)
+    _TOWARD[address] = socket.if_indextoname(index)
+    return _TOWARD[address]
 
 
 def handle(daemon: RouterDaemon, request: dict[str, Any]) -> dict[str, Any]:
