@@ -176,6 +176,9 @@ class CtMarks:
 
     def __init__(self, vip: str, port: int) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        # Room for the answers to a batch of hundreds (each echoes its request).
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
         self.sock.bind((0, 0))
         self.sock.setblocking(False)
         self.vip, self.port = vip, port
@@ -193,7 +196,8 @@ class CtMarks:
         each flow's answer: 0, or the errno (ENOENT: conntrack knows no such flow)."""
         data, offsets = self._plain if timeout is None else self._timed
         pending: dict[int, Flow] = {}
-        for flow in flows:
+        results: dict[Flow, int] = {}
+        for count, flow in enumerate(flows, 1):
             message = bytearray(data)
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             struct.pack_into("=I", message, offsets[0], self._seq)
@@ -209,7 +213,8 @@ class CtMarks:
                 continue
             self.sent += 1
             pending[self._seq] = flow
-        results: dict[Flow, int] = {}
+            if count % 64 == 0:
+                self._drain(pending, results, 0.0)  # the answers so far: none is lost
         if not wait:
             self._drain(pending, results, 0.0)
             return results
@@ -223,7 +228,11 @@ class CtMarks:
         while True:
             try:
                 data = self.sock.recv(1 << 16)
-            except BlockingIOError:
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    continue  # answers were lost: their flows time out, counted
+                if not isinstance(exc, BlockingIOError):
+                    raise
                 left = deadline - time.monotonic()
                 if not pending or left <= 0:
                     return
