@@ -98,9 +98,10 @@ def _disjoint(pairs: Iterable[tuple[int, int]]) -> bool:
 def _cells(
     value: int, mask: int, pairs: list[tuple[int, int, int, bool]], members: list[Out]
 ) -> list[PortionEntry]:
-    """Disjoint cells of the cell (value, mask) that the (member, value, mask, include)
-    pairs decide, split on the lowest bit some overlapping pair looks at and the cell
-    does not; two halves that end alike are merged back."""
+    """Disjoint cells of the cell (value, mask) that the (member index, value, mask,
+    include) pairs decide (`members[i]`: member i's out), split on the lowest bit
+    some overlapping pair looks at and the cell does not; two halves that end alike
+    are merged back."""
     live = [p for p in pairs if (p[1] ^ value) & p[2] & mask == 0]
     open_bits = 0
     for _, _, m, _ in live:
@@ -137,15 +138,14 @@ def compile_portions(members: Iterable[_Member]) -> list[PortionEntry] | None:
     if not excludes and _disjoint(outs_of):
         entries = [PortionEntry(v, mask, frozenset(o)) for (v, mask), o in outs_of.items()]
     else:
-        outs = sorted({(m.iface, m.neighbor) for m in members})
-        index = {o: i for i, o in enumerate(outs)}
+        # Pairs by member (an exclusion is the member's own, whoever shares its out).
         pairs = [
-            (index[(m.iface, m.neighbor)], v, mask, include)
-            for m in members
+            (i, v, mask, include)
+            for i, m in enumerate(members)
             for include, chosen in ((True, m.filter.include), (False, m.filter.exclude))
             for v, mask in chosen
         ]
-        entries = _cells(0, 0, pairs, outs)
+        entries = _cells(0, 0, pairs, [(m.iface, m.neighbor) for m in members])
     if len(entries) > MAX_ENTRIES:
         return None
     return sorted(entries, key=lambda e: (e.mask, e.value))
