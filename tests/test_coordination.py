@@ -115,6 +115,22 @@ def test_coordinator_death_hands_over_to_the_next_smallest_id() -> None:
     assert_all_served_since(run, 4.0)
 
 
+@pytest.mark.parametrize("phase", [0.0, 0.033, 0.066])
+def test_a_death_is_acted_on_when_judged_not_at_the_next_heartbeat(phase: float) -> None:
+    """The coordinator wakes when a member's silence reaches dead_after, so its
+    removal commits one acknowledgement round trip (under 10 ms here) after that,
+    whatever the phase of the coordinator's own 100 ms heartbeat (before: up to a
+    whole heartbeat later)."""
+    run, _ = start(pool_toml(scenario=[kill(2.0 + phase, "s3")], duration=3.0), seed=1)
+    run_to(run, 2.0 + phase)
+    coordinator = run.nodes.servers["s1"].coordinator
+    last_heard = coordinator.peers["s3"].last_seen
+    run_to(run, 3.0)
+    [committed] = [at for at, _, what in coordinator.changes if what == "commit remove s3"]
+    judged = last_heard + coordinator.settings.dead_after
+    assert 0.0 < committed - judged < 0.02
+
+
 @pytest.mark.parametrize("delay", [0.1, 0.2])
 @pytest.mark.parametrize("victim", ["s1", "s2", "s3"], ids=["coordinator", "subject", "other"])
 def test_two_changes_in_quick_succession_converge(victim: str, delay: float) -> None:

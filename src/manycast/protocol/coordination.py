@@ -186,6 +186,10 @@ class Coordinator:
         self._taken: dict[int, float] = {}  # command ids already queued (resends repeat them)
         self._parts: dict[tuple[int, str], dict[int, control.Snapshot]] = {}
         self._next_heartbeat = 0.0
+        # The coordinator's wake-up when a member's silence reaches `dead_after` before
+        # the next heartbeat: a death is acted on when it is judged, not up to one
+        # heartbeat later.
+        self._judge_at: float | None = None
         self._stalled_until = 0.0
         self._congested = 0
         self._hold_until = 0.0
@@ -326,6 +330,8 @@ class Coordinator:
 
     def next_deadline(self) -> float | None:
         deadlines = [self._next_heartbeat]
+        if self._judge_at is not None:
+            deadlines.append(self._judge_at)
         if self._pending is not None:
             deadlines.append(self._pending.deadline)
         return min(deadlines)
@@ -343,8 +349,32 @@ class Coordinator:
             self._next_heartbeat = now + self.settings.heartbeat_s
             self._duties(now)
             self._watch_load(now)
+            self._arm_judge(now)
+        elif self._judge_at is not None and now >= self._judge_at:
+            self._judge_at = None
+            self._duties(now)
+            self._arm_judge(now)
         if self._pending is not None and now >= self._pending.deadline:
             self._commit(now)
+
+    def _arm_judge(self, now: float) -> None:
+        """As coordinator, wake when the member heard from longest ago would be judged
+        dead, if that comes before the next heartbeat (once per heartbeat: O(members))."""
+        self._judge_at = None
+        allocation = self.allocation
+        if allocation is None or self._pending is not None or not self.is_coordinator(now):
+            return
+        since = now - self.settings.dead_after
+        heard = [
+            peer.last_seen
+            for name in allocation.servers
+            if (peer := self.peers.get(name)) is not None and peer.last_seen >= since
+        ]
+        if heard:
+            # alive() counts a peer while last_seen >= now - dead_after: a hair later it is not.
+            at = min(heard) + self.settings.dead_after + 1e-6
+            if at < self._next_heartbeat:
+                self._judge_at = at
 
     def _heartbeat(self, now: float) -> None:
         self._send(
