@@ -301,3 +301,46 @@ def test_portion_plane_forwards_by_mask_and_follows_the_allocation(lab: Any) -> 
     for router in topology.routers:
         status = lab.ask(router, "router", {"op": "status"})["plane"]
         assert status["updates"] > updates[router], (router, status)
+
+
+def test_each_change_is_one_script_and_a_refused_one_changes_nothing() -> None:
+    """The plane's scripts, recorded instead of run: one per change (one nft
+    transaction), maps of masks no longer used deleted in it, and after nft refuses
+    a change the next one still creates what the refused one would have."""
+    from manycast.drivers.kernel.portion_plane import PlaneError, PortionEntry, PortionPlane
+
+    scripts: list[str] = []
+    refuse = False
+
+    def run(script: str) -> None:
+        if refuse:
+            raise PlaneError("refused")
+        scripts.append(script)
+
+    plane = PortionPlane(int(ipaddress.IPv4Address("232.1.1.1")), ["eth0", "eth1"], run=run)
+    plane.install()
+    assert 'devices = { "eth0", "eth1" }' in scripts[-1]
+    assert "ip daddr 232.1.1.1 jump classify" in scripts[-1]
+    a, b = ("eth1", 0x0AFE0002), ("eth1", 0x0AFE0006)
+    half = [PortionEntry(0, 1, frozenset({a})), PortionEntry(1, 1, frozenset({b}))]
+    assert plane.update(half)
+    script = scripts[-1]
+    assert script.count("add chain") == 2 and "fwd ip to 10.254.0.2" in script
+    assert "ip saddr & 0.0.0.1 vmap @p_00000001" in script
+    assert (
+        "add element netdev manycast p_00000001 { 0.0.0.0 : goto out_0, 0.0.0.1 : goto out_1 }"
+        in script
+    )
+    assert not plane.update(list(half))  # nothing changed: nothing sent
+    assert len(scripts) == 2
+    refuse = True
+    quarters = [PortionEntry(v, 3, frozenset({("eth0", 0x0AFE000A + v)})) for v in range(4)]
+    with pytest.raises(PlaneError):
+        plane.update(quarters)
+    assert plane.entries == half  # the kernel kept the old classification; so do we
+    refuse = False
+    assert plane.update(quarters)
+    script = scripts[-1]
+    assert script.count("add chain") == 4, script  # the chains the refused one had named
+    assert "delete map netdev manycast p_00000001" in script
+    assert plane.status()["entries"] == 4

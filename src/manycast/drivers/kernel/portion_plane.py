@@ -155,6 +155,13 @@ def _addr(value: int) -> str:
     return str(ipaddress.IPv4Address(value))
 
 
+def _verdict(entry: PortionEntry, chains: dict[Out, str]) -> str:
+    if len(entry.outs) == 1:
+        (out,) = entry.outs
+        return f"goto {chains[out]}"
+    return "accept"  # several members: the MFC copies it, per source
+
+
 def run_nft(script: str) -> None:
     """Apply `script` as one transaction (one `nft -f`, one netlink batch)."""
     done = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True)
@@ -221,12 +228,13 @@ class PortionPlane:
         for e in entries or ():
             cover[e.mask] = cover.get(e.mask, 0.0) + 2.0 ** -e.mask.bit_count()
         masks = sorted(cover, key=lambda m: (-cover[m], m))
+        chains = dict(self._chains)  # kept only once nft has taken the transaction
         for e in entries or ():
             if len(e.outs) == 1:
                 (out,) = e.outs
-                if out not in self._chains:
-                    name = f"out_{len(self._chains)}"
-                    self._chains[out] = name
+                if out not in chains:
+                    name = f"out_{len(chains)}"
+                    chains[out] = name
                     iface, hop = out
                     lines += [
                         f"add chain {t} {name}",
@@ -240,7 +248,7 @@ class PortionPlane:
                 lines.append(f"add map {t} {name} {{ type ipv4_addr : verdict; }}")
             lines.append(f"flush map {t} {name}")
             elements = [
-                f"{_addr(e.value)} : {self._verdict(e)}" for e in entries or () if e.mask == mask
+                f"{_addr(e.value)} : {_verdict(e, chains)}" for e in entries or () if e.mask == mask
             ]
             for i in range(0, len(elements), 512):
                 lines.append(f"add element {t} {name} {{ {', '.join(elements[i : i + 512])} }}")
@@ -249,17 +257,12 @@ class PortionPlane:
         for mask in sorted(self._maps - set(masks)):
             lines.append(f"delete map {t} p_{mask:08x}")
         self.run("\n".join(lines) + "\n")
+        self._chains = chains
         self._maps = set(masks)
         self.entries = entries
         self.updates += 1
         self.update_seconds += time.monotonic() - start
         return True
-
-    def _verdict(self, entry: PortionEntry) -> str:
-        if len(entry.outs) == 1:
-            (out,) = entry.outs
-            return f"goto {self._chains[out]}"
-        return "accept"  # several members: the MFC copies it, per source
 
     def status(self) -> dict[str, object]:
         entries = self.entries

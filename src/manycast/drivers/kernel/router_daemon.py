@@ -33,6 +33,7 @@ one by one; R4: pins are per source; VIP pools), which keep the MFC for all.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -203,7 +204,8 @@ class RouterDaemon:
             self.portions.update(compile_portions(members))
         except PlaneError as exc:
             log.error("the portion plane refused a change (%s): the MFC takes the group", exc)
-            self.portions.update(None)
+            with contextlib.suppress(PlaneError):
+                self.portions.update(None)
 
     def _plane_request(self, request: dict[str, Any]) -> dict[str, Any]:
         if "use" in request:
@@ -441,7 +443,8 @@ class RouterDaemon:
             if self.edge is not None:
                 self.edge.close()
             if self.portions is not None:
-                self.portions.remove()
+                with contextlib.suppress(PlaneError):
+                    self.portions.remove()
             self.mroute.close()
             self.loop.close()
 
