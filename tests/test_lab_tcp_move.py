@@ -1,8 +1,10 @@
-"""`manycast lab run tcp_move`: `move` and `drain` steps move live kernel TCP connections.
+"""`manycast lab run tcp_move(_manycast)`: `move` and `drain` steps move live TCP connections.
 
 The bundled tcp_move.toml runs the movable TCP service beside the VIP pool's own,
 a paced download from every client, and moves the servers' live connections
-step after step, then drains one server before it leaves. The run's summary
+step after step, then drains one server before it leaves; tcp_move_manycast.toml
+drains two servers of a manycast pool, their clients' connections going to the
+clients' new owners. The run's summary
 counts the connections moved and broken and the pause each moved connection
 saw. The lab run needs root (namespaces, TCP_REPAIR, iptables' NFQUEUE) and
 skips elsewhere, saying why; the step's reading and its refusal outside the lab
@@ -18,6 +20,7 @@ import subprocess
 import sys
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,6 +32,7 @@ NEEDS_ROOT = "moving kernel TCP connections in a lab run needs root (namespaces,
 TOOLS = ("nft", "iptables")
 NEEDS_TOOLS = "the TCP moves need nft and iptables (NFQUEUE): make lab-deps"
 TCP_MOVE = files("manycast").joinpath("topologies", "tcp_move.toml").read_text()
+TCP_MOVE_MANYCAST = files("manycast").joinpath("topologies", "tcp_move_manycast.toml").read_text()
 
 
 def _skip_reason() -> str | None:
@@ -47,6 +51,12 @@ def test_the_bundled_scenario_moves_and_drains() -> None:
     assert any(m.to for m in moves) and any(not m.to for m in moves)
     assert [s.server for s in topology.scenario if isinstance(s, Drain)] == ["s2"]
     assert moves[0].describe() == "move server=s1 to= count=0"
+    assert topology.tcp_moves  # a move step runs the TCP connections
+    manycast = loads(TCP_MOVE_MANYCAST, "tcp_move_manycast.toml")
+    assert manycast.pool.vip is None and manycast.tcp_moves  # [run] tcp_moves = true
+    assert [s.server for s in manycast.scenario if isinstance(s, Drain)] == ["s2", "s4"]
+    demo = files("manycast").joinpath("topologies", "demo.toml").read_text()
+    assert not loads(demo, "demo.toml").tcp_moves
 
 
 @pytest.mark.parametrize(
@@ -86,15 +96,13 @@ def _bundled() -> Path:
 
 
 # -- the lab ---------------------------------------------------------------------------
-@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path) -> None:
-    """As a user runs it: `manycast lab run tcp_move --json`. Every move step's
-    connections move, none breaks (every byte of every download checked), the
-    pauses are in the summary, and the pool's own clients are served throughout."""
+def _lab_run(tmp_path: Path, topology: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`manycast lab run <topology> --json` as a user runs it: the summary and its
+    `kernel.tcp`, once the run exited 0."""
     prefix = f"lt{os.getpid() % 100000}"
     env = {**os.environ, "MANYCAST_LAB_RUN_ROOT": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, "-m", "manycast", "lab", "run", "tcp_move", "--prefix", prefix, "--json"],
+        [sys.executable, "-m", "manycast", "lab", "run", topology, "--prefix", prefix, "--json"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -104,7 +112,16 @@ def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path)
     assert result.stdout.strip(), result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     tcp = summary["kernel"]["tcp"]
-    assert result.returncode == 0, (tcp, result.stderr[-3000:])
+    assert result.returncode == 0, (tcp, summary["kernel"], result.stderr[-3000:])
+    return summary, tcp
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path) -> None:
+    """`manycast lab run tcp_move`: every move step's connections move, none breaks
+    (every byte of every download checked), the pauses are in the summary, and the
+    pool's own clients are served throughout."""
+    summary, tcp = _lab_run(tmp_path, "tcp_move")
     assert tcp["connections"] == 4 and tcp["steps"] == 13  # 12 moves and the drain
     assert tcp["moved"] > 0 and tcp["refused"] == {}, tcp
     assert tcp["broken"] == 0, tcp["broken_reasons"]
@@ -122,3 +139,21 @@ def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path)
     assert summary["clients_served_at_end"] == summary["clients"] == 4
     assert [e["what"] for e in summary["events"]] == ["drain server=s2 grace=2.0"]
     print(f"moved {tcp['moved']}, pause {pause}, edge hold {hold}")
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_lab_run_drains_a_manycast_pool_with_its_connections(tmp_path: Path) -> None:
+    """`manycast lab run tcp_move_manycast`: each drained server's clients go to their
+    new owners with their live TCP connections (the routers' entries pinned, then
+    steered, then handed back to the allocation): none breaks, and every client is
+    answered by its owner at the end (the run's exit status says so too)."""
+    summary, tcp = _lab_run(tmp_path, "tcp_move_manycast")
+    assert tcp["connections"] == 4 and tcp["steps"] == 2
+    assert tcp["moved"] > 0 and tcp["refused"] == {}, tcp
+    assert tcp["broken"] == 0, tcp["broken_reasons"]
+    assert tcp["pause_ms"]["count"] == tcp["moved"] and tcp["pause_ms"]["max"] < 1000
+    assert summary["kernel"]["clients_not_at_owner"] == []
+    assert summary["clients_served_at_end"] == summary["clients"] == 4
+    drained = {"s2", "s4"}
+    assert not drained & set(summary["kernel"]["clients_by_server"])
+    print(f"moved {tcp['moved']}, pause {tcp['pause_ms']}")

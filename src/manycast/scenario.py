@@ -62,6 +62,9 @@ class ConnectionMover(Protocol):
     def move(self, server: str, to: list[str], count: int) -> None:
         """Move `count` (0: all) of `server`'s connections, spread over `to` in turn."""
 
+    def drain(self, server: str, to: list[str]) -> None:
+        """`server` is about to hand its share to `to`: its connections go too."""
+
     def server_killed(self, server: str) -> None: ...
 
     def server_added(self, server: str) -> None: ...
@@ -201,10 +204,10 @@ class ScenarioEngine:
     def _drain(self, step: Drain) -> None:
         if step.server in self.dead or self.status(step.server) == "standby":
             return
-        self._command(control.SetShareOp(step.server, Fraction(0)), step.server)
         others = [s for s in self.live_servers() if s != step.server]
         if self.connections is not None and others and self.pool.hosts(step.server):
-            self.connections.move(step.server, others, 0)
+            self.connections.drain(step.server, others)
+        self._command(control.SetShareOp(step.server, Fraction(0)), step.server)
 
     def _move(self, step: Move) -> None:
         """The server's live TCP connections go elsewhere; a dead or standby server has none."""

@@ -21,7 +21,6 @@ from manycast.lab.http_prober import HttpProber
 from manycast.lab.prober import Prober
 from manycast.lab.tcp_moves import TcpMoves
 from manycast.scenario import ScenarioEngine
-from manycast.steps import Move
 from manycast.summary import ClientRecord, ServerRecord, summarize
 from manycast.topology import Topology
 
@@ -89,7 +88,7 @@ class LabRun:
         # A scenario that moves live TCP connections: the movable service and a
         # download from every client, beside the pool's own service and clients.
         moves: TcpMoves | None = None
-        if any(isinstance(step, Move) for step in self.topology.scenario):
+        if self.topology.tcp_moves:
             moves = TcpMoves(self.lab, self.topology)
             try:
                 moves.start()

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from manycast.drivers import netns
-from manycast.drivers.kernel import tcp_apps
+from manycast.drivers.kernel import tcp_apps, tcp_manycast
 from manycast.drivers.kernel.tcp_move import TcpMover
 from manycast.lab.build import Lab
 from manycast.topology import Topology
@@ -33,6 +33,7 @@ from manycast.topology import Topology
 HUGE = 1 << 40  # a download that does not end within a run
 RATE = 8 << 20  # bytes/s per download: a read every ~8 ms, so a pause stands out
 STALL_S = 2.0  # a download with no byte for this long at the end is broken
+FOLLOW_S = 5.0  # a manycast drain: how long to wait for the clients' new owners
 Flow = tuple[str, int]
 
 
@@ -140,6 +141,8 @@ class TcpMoves:
     records: list[MoveRecord] = field(default_factory=list)
     steps: int = 0
     closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    follower: threading.Thread | None = None
 
     def __post_init__(self) -> None:
         self.mover = TcpMover(self.lab, self.topology)
@@ -166,25 +169,101 @@ class TcpMoves:
         if count:
             flows = flows[:count]
         shares: dict[str, list[Flow]] = defaultdict(list)
-        for i, flow in enumerate(flows):
-            shares[to[i % len(to)]].append(flow)
+        if self.mover.group is None:
+            for i, flow in enumerate(flows):
+                shares[to[i % len(to)]].append(flow)
+        else:  # a manycast pool: the path is the client's, so are the shares
+            clients = sorted({f[0] for f in flows})
+            for flow in flows:
+                shares[to[clients.index(flow[0]) % len(to)]].append(flow)
         for target, group in shares.items():
-            if target not in self.mover.processes:
-                continue
-            self.mover.wait_ready(target)
+            self._move(group, server, target)
+
+    def _move(self, flows: list[Flow], server: str, target: str) -> set[Flow]:
+        """Move `flows` and record each flow that went (or not); the flows moved."""
+        if target not in self.mover.processes:
+            return set()
+        self.mover.wait_ready(target)
+        with self.lock:
             start = time.perf_counter()
-            result = self.mover.move(group, server, target)
+            result = self.mover.move(flows, server, target)
             end = time.perf_counter()
-            moved = set(result.moved)
-            for flow in group:
-                reason = result.refused.get(f"{flow[0]}:{flow[1]}", "")
-                self.records.append(
-                    MoveRecord(
-                        flow, server, target, start, end, flow in moved, result.pause_ms, reason
-                    )
-                )
+        moved = set(result.moved)
+        for flow in sorted(set(flows) | moved):
+            reason = result.refused.get(f"{flow[0]}:{flow[1]}", "")
+            self.records.append(
+                MoveRecord(flow, server, target, start, end, flow in moved, result.pause_ms, reason)
+            )
+        return moved
+
+    def drain(self, server: str, to: list[str]) -> None:
+        """Before `server`'s share goes to 0: a VIP pool moves its connections now (the
+        edges' tags hold them, whatever the allocation). A manycast pool pins its
+        clients' paths to it (the allocation's change must not take them away while
+        their sockets are there), then, as each client's new owner becomes known,
+        moves the client's connections there and hands its path back to the
+        allocation (which now agrees): the clients end at their owners."""
+        if self.mover.group is None:
+            self.move(server, to, 0)
+            return
+        self.steps += 1
+        try:
+            clients = sorted({f[0] for f in self.mover.connections(server)})
+        except (OSError, ValueError):
+            return
+        if not clients:
+            return
+        self._steer(clients, server, server)
+        self.follower = threading.Thread(
+            target=self._follow, args=(server, clients), name="drain-follower", daemon=True
+        )
+        self.follower.start()
+
+    def _steer(self, clients: list[str], toward: str, to: str | None) -> None:
+        """The routers from each client's edge to `toward`: steer to `to` (None: back to
+        the allocation)."""
+        routes: dict[str, list[str]] = defaultdict(list)
+        for client in clients:
+            edge = self.mover.edge_of((client, 0))
+            for router in tcp_manycast.path(self.topology, edge, toward):
+                routes[router].append(client)
+        address = None if to is None else str(self.topology.address(to))
+        tcp_manycast.steer(
+            tcp_manycast.router_asker(self.lab.run_dir), routes, self.mover.group or "", address
+        )
+
+    def _follow(self, server: str, clients: list[str]) -> None:
+        pending = set(clients)
+        deadline = time.monotonic() + FOLLOW_S
+        while pending and time.monotonic() < deadline:
+            owners = self._owners(sorted(pending), server)
+            for client, owner in owners.items():
+                if owner is None or owner == server or owner not in self.mover.processes:
+                    continue
+                try:
+                    flows = [f for f in self.mover.connections(server) if f[0] == client]
+                except (OSError, ValueError):
+                    return
+                if flows and self._move(flows, server, owner):
+                    # Its owner has it now: the pins on both paths go.
+                    self._steer([client], server, None)
+                    self._steer([client], owner, None)
+                pending.discard(client)
+            time.sleep(0.05)
+
+    def _owners(self, addresses: list[str], leaving: str) -> dict[str, str | None]:
+        """The pool's owner of each address, asked of a live agent other than `leaving`."""
+        for server in sorted(self.mover.processes):
+            if server == leaving:
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                answer = self.lab.ask(server, "server", {"op": "owners", "addresses": addresses})
+                return dict(answer["owners"])
+        return {}
 
     def server_killed(self, server: str) -> None:
+        if self.follower is not None:
+            self.follower.join(timeout=FOLLOW_S)
         self.mover.kill_server(server)
 
     def server_added(self, server: str) -> None:
@@ -196,6 +275,8 @@ class TcpMoves:
         if self.closed:
             return
         self.closed = True
+        if self.follower is not None:
+            self.follower.join(timeout=FOLLOW_S)
         now = time.perf_counter()
         for download in self.downloads:
             if download.broken is None and (

@@ -87,7 +87,7 @@ class _Compiler:
         scenario = read_scenario(
             self.tables("scenario"), servers, {lan.group for lan in lans}, vip_routers
         )
-        duration, hosts = self.run()
+        duration, hosts, tcp_moves = self.run()
         wiring = assign_addresses(
             list(routers), router_links, [*server_links, *vip_links], lans, self.fail
         )
@@ -111,6 +111,7 @@ class _Compiler:
             scenario=scenario,
             duration=duration,
             hosts=hosts,
+            tcp_moves=tcp_moves or any(isinstance(step, Move) for step in scenario),
             vip_routers=vip_routers,
             router_hops={r: hop_counts(r, wiring.graph) for r in routers},
             router_costs={r: costs(r, wiring.graph) for r in routers},
@@ -253,18 +254,20 @@ class _Compiler:
             link.done()
         return links
 
-    def run(self) -> tuple[float, dict[str, str]]:
-        """The `[run]` table: how long, and which nodes run on other hosts."""
+    def run(self) -> tuple[float, dict[str, str], bool]:
+        """The `[run]` table: how long, which nodes run on other hosts, and whether the
+        kernel lab runs live TCP connections that `move` and `drain` steps move."""
         run = TableReader(self.source, self.lines, "run", None, self.data.get("run", {}))
         duration = run.number("duration", 20.0, low=0.1, high=86400.0)
         hosts_table = run.get("hosts", dict, {})
+        tcp_moves: bool = run.get("tcp_moves", bool, False)
         run.done()
         hosts = {}
         for node, host in hosts_table.items():
             if node not in self.names or not isinstance(host, str):
                 run.fail(f"[run] hosts: {node!r} must name a node and a host string", "hosts")
             hosts[node] = host
-        return duration, hosts
+        return duration, hosts, tcp_moves
 
 
 # -- [pool] --------------------------------------------------------------------

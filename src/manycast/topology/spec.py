@@ -121,6 +121,9 @@ class Topology:
     scenario: list[Step]
     duration: float
     hosts: dict[str, str] = field(default_factory=dict)
+    # The kernel lab runs live TCP connections (a download per client) that `move` and
+    # `drain` steps move (`[run] tcp_moves`, or any `move` step).
+    tcp_moves: bool = False
     vip_routers: dict[str, VipRouterSpec] = field(default_factory=dict)
     # router -> router -> router-to-router hops on the routed (shortest-delay) path
     router_hops: dict[str, dict[str, int]] = field(default_factory=dict)
