@@ -690,7 +690,8 @@ def lab_run(
     topology: Annotated[
         Path | None,
         typer.Argument(
-            help="A topology TOML file, or a bundled one: demo (default), vip, tcp_move."
+            help="A topology TOML file, or a bundled one: demo (default), vip, tcp_move,"
+            " tcp_move_manycast."
         ),
     ] = None,
     duration: Annotated[
