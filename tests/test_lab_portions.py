@@ -162,6 +162,36 @@ def _ask_each(lab: Any, topology: Any, clients: list[str]) -> dict[str, str]:
     return answered
 
 
+def _ttl_at_owner(lab: Any, topology: Any, client: str, owner: str) -> int | None:
+    """The TTL of a datagram sent with TTL 8 by `client` to the group, as it arrives at
+    `owner`'s interface (an AF_PACKET tap there)."""
+    from manycast.drivers import netns
+
+    iface = topology.gateways[owner][0]
+    tap = netns.socket_in(lab.ns(owner), socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x0800))
+    sock = netns.socket_in(lab.ns(client), socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        tap.bind((iface, 0x0800))
+        tap.settimeout(0.5)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 8)
+        sock.bind((str(topology.address(client)), 0))
+        source = topology.address(client).packed
+        for _ in range(10):
+            sock.sendto(b"ttl", (str(topology.pool.group), topology.pool.port))
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                try:
+                    packet = tap.recv(2048)
+                except TimeoutError:
+                    break
+                if packet[12:16] == source and packet[9] == socket.IPPROTO_UDP:
+                    return packet[8]
+    finally:
+        tap.close()
+        sock.close()
+    return None
+
+
 def _cover(status: dict[str, Any], address: int) -> list[str]:
     """The outputs of the plane's entry covering `address` ("<iface> <neighbour>")."""
     for key, outs in status["plane"]["portions"].items():
@@ -286,6 +316,9 @@ def test_portion_plane_forwards_by_mask_and_follows_the_allocation(lab: Any) -> 
         return answered
 
     before = check()
+    # Each router took one from the TTL (8 at the client, 6 at the server), and the
+    # server's stack took the packet (its header checksum was updated with it).
+    assert _ttl_at_owner(lab, topology, clients[0], before[clients[0]]) == 6
     updates = {
         r: lab.ask(r, "router", {"op": "status"})["plane"]["updates"] for r in topology.routers
     }

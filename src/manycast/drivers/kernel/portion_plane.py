@@ -15,15 +15,14 @@ In a router's namespace the plane is one nftables table (`netdev manycast`):
                     counter drop                      (no member holds the source)
     map p_<mask>    <value> : goto out_<n>            (one element per portion)
     chain out_<n>   meta iif "<iface>" drop           (never back where it came from)
-                    ip ttl vmap @ttl                  (TTL - 1, checksum updated)
                     fwd ip to <neighbour> device "<iface>"
 
 `fwd ip to` sends the packet, still addressed to the group, to the member's
 neighbour (the server, or the router that relayed its join) by the neighbour
 table, without the IP stack: no route lookup, no allocation, no per-source
-state. The TTL is decremented by a jump per TTL value (`ttl_<n>: ip ttl set
-n-1`): nftables 1.0.6 cannot set a header field from a map lookup, and a
-constant set updates the header checksum.
+state. It decrements the TTL and updates the header checksum itself, as a
+router does (the kernel's `nft_fwd_neigh` calls `ip_decrease_ttl`); the
+classify chain first drops what the MFC would not forward (TTL 0 or 1).
 
 A source that several members hold (two owners for a moment during a move)
 gets `accept`: the packet goes on to the IP stack, where the MFC forwards it to
@@ -51,7 +50,6 @@ from manycast.protocol.membership import SourceFilter
 
 TABLE = "manycast"
 MAX_ENTRIES = 65536  # beyond: the MFC keeps the group
-_TTL_CHAINS = range(2, 256)
 
 Out = tuple[str, int]  # (interface, neighbour address)
 
@@ -185,16 +183,12 @@ class PortionPlane:
     _maps: set[int] = field(default_factory=set)
 
     def install(self) -> None:
-        """The table with its hook, TTL chains and an empty classification (drop)."""
+        """The table with its hook and an empty classification (drop)."""
         lines = [
             f"add table netdev {TABLE}",
             f"delete table netdev {TABLE}",
             f"table netdev {TABLE} {{",
         ]
-        for n in _TTL_CHAINS:
-            lines.append(f"  chain ttl_{n} {{\n    ip ttl set {n - 1}\n  }}")
-        jumps = ", ".join(f"{n} : jump ttl_{n}" for n in _TTL_CHAINS)
-        lines.append(f"  map ttl {{ typeof ip ttl : verdict; elements = {{ {jumps} }}; }}")
         lines.append("  chain classify {\n    ip ttl 0-1 drop\n    counter drop\n  }")
         devices = ", ".join(f'"{d}"' for d in self.devices)
         lines.append(
@@ -239,7 +233,6 @@ class PortionPlane:
                     lines += [
                         f"add chain {t} {name}",
                         f'add rule {t} {name} meta iif "{iface}" drop',
-                        f"add rule {t} {name} ip ttl vmap @ttl",
                         f'add rule {t} {name} fwd ip to {_addr(hop)} device "{iface}"',
                     ]
         for mask in masks:
