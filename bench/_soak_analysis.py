@@ -1,0 +1,174 @@
+"""The soak's figures from what its processes recorded (bench/soak.py).
+
+A session loss is one call of a client's `_lost` (a reset, an unanswered request, a
+timed-out or closed connection), in bench time, with the first answer after it. It is
+lost to a crash when, within a kill's window (the kill to the restart plus
+CRASH_AFTER_S), the killed server owned the client in some allocation in effect from
+LOOKBACK before the kill to the loss: its session state lived there (under R3 a
+moved session's state stays with its old owner until the client's next packet, and a
+client sends at least every 1.5 / rate s). Every other loss, and every wrong answer
+not so explained, counts in `sessions_lost`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from _pool import median, percentile
+from _soak_plan import WARMUP_S, Fault
+
+CRASH_AFTER_S = 8.0
+ATTRIBUTE_S = 10.0  # a loss no crash explains goes to the latest fault this recent
+
+
+class Owners:
+    """Which server owned each client, epoch by epoch, by when the infrastructure
+    process first saw the epoch."""
+
+    def __init__(self, infra: dict[str, Any]) -> None:
+        epochs = sorted(infra["epochs"].items(), key=lambda kv: kv[1][0])
+        self.times = [t for _, (t, _) in epochs]
+        self.owners = [np.array(o, dtype=np.int32) for _, (_, o) in epochs]
+        self.servers: list[str] = infra["servers"]
+
+    def owned(self, client: int, server: str, start: float, end: float) -> bool:
+        if server not in self.servers or not self.times:
+            return False
+        index = self.servers.index(server)
+        first = max(0, bisect.bisect_right(self.times, start) - 1)
+        last = bisect.bisect_right(self.times, end)
+        return any(int(o[client]) == index for o in self.owners[first:last])
+
+
+def _crash(
+    faults: Sequence[Fault], owners: Owners, client: int, t: float, lookback: float
+) -> Fault | None:
+    for fault in faults:
+        if fault.kind != "kill" or not fault.at <= t <= (fault.until or fault.at) + CRASH_AFTER_S:
+            continue
+        if owners.owned(client, fault.args["server"], fault.at - lookback, t):
+            return fault
+    return None
+
+
+def _latest(faults: Sequence[Fault], t: float) -> Fault | None:
+    before = [f for f in faults if f.at <= t and t - f.at <= ATTRIBUTE_S]
+    return before[-1] if before else None
+
+
+def analyse(
+    faults: list[Fault],
+    infra: dict[str, Any],
+    clients: dict[str, Any],
+    seconds: float,
+    technique: str,
+    rate: float,
+) -> dict[str, Any]:
+    owners = Owners(infra)
+    lookback = 1.5 / rate + 2.0
+    lost: list[dict[str, Any]] = []
+    crashed = 0
+    per_fault: dict[int, list[float | None]] = defaultdict(list)
+    ids = {id(f): i for i, f in enumerate(faults)}
+    for client, t, cause, first_ok in clients["losses"]:
+        crash = _crash(faults, owners, client, t, lookback)
+        fault = crash or _latest(faults, t)
+        if fault is not None:
+            per_fault[ids[id(fault)]].append(None if first_ok is None else first_ok - fault.at)
+        if crash is not None:
+            crashed += 1
+        else:
+            lost.append(
+                {
+                    "client": client,
+                    "t": t,
+                    "cause": cause,
+                    "after": None if fault is None else f"{fault.kind}@{fault.at:.1f}",
+                }
+            )
+    wrong = [w for w in clients["wrong"] if _crash(faults, owners, w[0], w[1], lookback) is None]
+    recovery: dict[str, list[float | None]] = defaultdict(list)
+    fault_rows = []
+    for i, fault in enumerate(faults):
+        times = per_fault.get(i, [])
+        value = (
+            None
+            if None in times
+            else round(max((x for x in times if x is not None), default=0.0), 3)
+        )
+        recovery[fault.kind].append(value)
+        fault_rows.append({**fault.as_dict(), "affected": len(times), "recovery_s": value})
+    by_kind = {}
+    for kind, values in recovery.items():
+        known = [v for v in values if v is not None]
+        by_kind[kind] = {
+            "count": len(values),
+            "unrecovered": len(values) - len(known),
+            "recovery_s_p50": median(known),
+            "recovery_s_p99": percentile(known, 99),
+            "recovery_s_max": max(known) if known else None,
+        }
+    ok, failed = clients["ok_per_s"], clients["failed_per_s"]
+    minutes = int(seconds // 60) + (1 if seconds % 60 else 0)
+    per_minute = []
+    for m in range(minutes):
+        lat = clients["latency_per_min"].get(m, [])
+        per_minute.append(
+            {
+                "minute": m,
+                "answered": sum(ok.get(s, 0) for s in range(60 * m, 60 * m + 60)),
+                "failed": sum(failed.get(s, 0) for s in range(60 * m, 60 * m + 60)),
+                "latency_ms_p50": None if not lat else round(1000 * (median(lat) or 0), 2),
+                "latency_ms_p99": None if not lat else round(1000 * (percentile(lat, 99) or 0), 2),
+            }
+        )
+    causes: dict[str, int] = defaultdict(int)
+    for row in lost:
+        causes[row["cause"]] += 1
+    return {
+        "technique": technique,
+        "faults": {
+            kind: sum(1 for f in faults if f.kind == kind)
+            for kind in sorted({f.kind for f in faults})
+        },
+        "faults_total": len(faults),
+        "sessions_lost": len(lost) + len({w[0] for w in wrong}),
+        "sessions_lost_by_cause": dict(causes),
+        "sessions_lost_detail": lost[:50],
+        "sessions_lost_to_crashes": crashed,
+        "wrong_answers": len(clients["wrong"]),
+        "wrong_answers_not_crash": wrong[:50],
+        "requests_answered": sum(ok.values()),
+        "requests_failed": sum(failed.values()),
+        "per_minute": per_minute,
+        "recovery_by_kind": by_kind,
+        "per_fault": fault_rows,
+        "epochs_seen": len(owners.times),
+        "infra_faults_done": len(infra["done"]),
+        "clients_connected_at_end": clients["connected_at_end"],
+    }
+
+
+def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Per process: RSS (MB) and descriptors, first and last sample, and the slope of a
+    least-squares line per hour over the samples after the warm-up (None under 3)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        points = [(s["t"], s[name]) for s in samples if name in s and s["t"] >= WARMUP_S]
+        entry: dict[str, Any] = {"samples": len(points)}
+        for key in ("rss_mb", "fds"):
+            if points:
+                entry[f"{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
+            if len(points) >= 3:
+                t = np.array([p[0] for p in points])
+                y = np.array([p[1][key] for p in points], dtype=float)
+                entry[f"{key}_per_hour"] = round(float(np.polyfit(t, y, 1)[0]) * 3600, 2)
+            else:
+                entry[f"{key}_per_hour"] = None
+        out[name] = entry
+    return out

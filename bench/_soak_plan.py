@@ -1,0 +1,117 @@
+"""The soak's pool and its seeded fault schedule (bench/soak.py runs them).
+
+The pool is `_pool.two_router_pool` (ra with s1, s2 and client LAN a; rb with s3, s4
+and client LAN b; ra-rb 1 ms) plus two standby servers on ra (s5, s6). Faults are
+drawn from one `random.Random(seed)`: every kind in turn at a random offset inside
+each cycle, so that every kind happens in any run and faults overlap.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from _pool import table, two_router_pool
+
+VICTIMS = ("s3", "s4")  # each in its own `manycast run --nodes` process
+LOCAL_SERVERS = ("s1", "s2")  # with the routers, in the infrastructure process
+STANDBY = ("s5", "s6")  # join once each
+CORE_LINK = "ra-rb"  # the only link with emulated delay: loss and delay can change there
+
+WARMUP_S = 10.0  # the pool settles with every client served before the first fault
+TAIL_S = 12.0  # no fault starts in the last TAIL_S: every fault can be recovered from
+CYCLE_S = 20.0  # every kind of fault once per cycle, at random offsets
+RESTART_S = (2.0, 5.0)  # a killed server's process starts again this long after
+BURST_S = (2.0, 5.0)  # loss bursts and delay spikes last this long
+BURST_LOSS = (0.1, 0.3)
+SPIKE_DELAY_S = (0.02, 0.1)
+SHARE = (0.10, 0.35)
+FLOOD_S = 2.0
+FLOOD_PACKETS = 1500
+
+KINDS = ("kill", "join", "set_share", "rebalance", "loss_burst", "delay_spike", "flood")
+
+
+@dataclass
+class Fault:
+    """One fault at bench time `at`; `until` when it ends (restart, burst end)."""
+
+    kind: str
+    at: float
+    until: float | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "at": round(self.at, 3), "until": self.until, **self.args}
+
+
+def pool_text(technique: str, clients_per_lan: int, rate: float, duration: float) -> str:
+    text = two_router_pool(
+        technique=technique, clients_per_lan=clients_per_lan, rate=rate, duration=duration
+    )
+    head, run = text.rsplit("[run]", 1)
+    standby = [table("server", name=name, router="ra", standby=True) for name in STANDBY]
+    return head + "\n".join(standby) + "\n[run]" + run
+
+
+def schedule(seed: int, seconds: float) -> list[Fault]:
+    """Every kind once per CYCLE_S (the last cycle may be short), kills only of a
+    victim that is up at that time, joins while a standby is left."""
+    rng = random.Random(seed)
+    faults: list[Fault] = []
+    last = seconds - TAIL_S
+    down_until = dict.fromkeys(VICTIMS, 0.0)
+    standby = list(STANDBY)
+    start = WARMUP_S
+    while start < last:
+        end = min(start + CYCLE_S, last)
+        for kind in KINDS:
+            at = rng.uniform(start, end)
+            fault = _draw(rng, kind, at, down_until, standby)
+            if fault is not None:
+                faults.append(fault)
+        start = end
+    return sorted(faults, key=lambda f: f.at)
+
+
+def _draw(
+    rng: random.Random, kind: str, at: float, down_until: dict[str, float], standby: list[str]
+) -> Fault | None:
+    if kind == "kill":
+        up = [v for v in VICTIMS if down_until[v] < at - 1.0]
+        if not up:
+            return None
+        victim = rng.choice(up)
+        restart = at + rng.uniform(*RESTART_S)
+        down_until[victim] = restart + 3.0  # started again and a member before the next kill
+        return Fault("kill", at, round(restart, 3), {"server": victim})
+    if kind == "join":
+        if not standby:
+            return None
+        return Fault("join", at, None, {"server": standby.pop(0)})
+    if kind == "set_share":
+        candidates = [*LOCAL_SERVERS, *(v for v in VICTIMS if down_until[v] < at)]
+        server = rng.choice(candidates)
+        return Fault(
+            "set_share", at, None, {"server": server, "share": round(rng.uniform(*SHARE), 3)}
+        )
+    if kind == "rebalance":
+        return Fault("rebalance", at, None, {"target": 1.1})
+    if kind == "loss_burst":
+        until = at + rng.uniform(*BURST_S)
+        return Fault(
+            "loss_burst",
+            at,
+            round(until, 3),
+            {"link": CORE_LINK, "loss": round(rng.uniform(*BURST_LOSS), 3)},
+        )
+    if kind == "delay_spike":
+        until = at + rng.uniform(*BURST_S)
+        delay = round(rng.uniform(*SPIKE_DELAY_S), 4)
+        return Fault("delay_spike", at, round(until, 3), {"link": CORE_LINK, "delay_s": delay})
+    if kind == "flood":
+        return Fault(
+            "flood", at, round(at + FLOOD_S, 3), {"packets": FLOOD_PACKETS, "router": "ra"}
+        )
+    raise ValueError(kind)

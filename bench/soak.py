@@ -1,0 +1,328 @@
+"""Chaos soak: a pool under load lives through seeded, overlapping random faults.
+
+The overlay variant (the kernel-lab variant is not built yet). A pool on the
+overlay split over processes: all the clients (1000 by default, 0.5 requests/s
+each) in one, the routers ra, rb with servers s1, s2 and standbys s5, s6 in
+another, and each of the servers s3, s4 alone in a `manycast run --nodes` process.
+Technique R3 (lossless) by default. After a warm-up, `--seed` draws every kind of
+fault once per 20 s at random offsets (they overlap): SIGKILL of s3's or s4's
+process and its restart 2-5 s later; a standby server joining; share changes;
+rebalances; loss bursts (10-30 %) and delay spikes (20-100 ms) of 2-5 s on the
+core link ra-rb; a flood of malformed and replayed joins and control messages
+(bench/fuzz.py's corpus) at router ra's client-LAN endpoint.
+
+Measured (one JSON object last on stdout, progress on stderr):
+- `sessions_lost`: session losses (a reset, an unanswered request, a wrong answer)
+  not explained by a crash; `sessions_lost_to_crashes`: those of clients whose
+  owner was a killed server in any allocation between its last answer before the
+  kill and the loss, within the kill's window (kill to restart + 8 s);
+- `wrong_answers`; requests answered and failed per minute;
+- `recovery_s` per fault: until every client whose session it broke was answered again;
+- RSS and open file descriptors of every long-lived process each minute (each
+  10 s in runs under 10 minutes), and the slope of a fitted line per hour;
+- `unexpected_exits` and `tracebacks`.
+Exits 1 when sessions_lost > 0, a process died unexpectedly or logged a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import _plots
+from _common import emit, progress
+from _pool import PORT_SEARCH, node_command
+from _soak_analysis import analyse, fit_per_hour
+from _soak_flood import Flood, build
+from _soak_hosts import clients_child, infra_child
+from _soak_plan import KINDS, LOCAL_SERVERS, STANDBY, VICTIMS, Fault, pool_text, schedule
+from manycast.ports import free_base_port
+from manycast.topology import loads
+
+SEED = 20261201
+GRACE_S = 3.0  # the pool processes run this long past the measured time
+
+
+def _proc(pid: int) -> tuple[float, int] | None:
+    """RSS in MB and open descriptors of `pid`, None when it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return round(rss / 1024, 2), fds
+
+
+class Victim:
+    """One server in its own `manycast run --nodes` process, killed and restarted."""
+
+    def __init__(self, name: str, path: Path, base: int, logs: Path, end: float) -> None:
+        self.name, self.path, self.base, self.logs, self.end = name, path, base, logs, end
+        self.process: subprocess.Popen[bytes] | None = None
+        self.incarnation = 0
+        self.exits: list[dict[str, Any]] = []
+
+    def start(self) -> None:
+        self.incarnation += 1
+        log = self.logs / f"{self.name}.{self.incarnation}.log"
+        remaining = max(5.0, self.end - time.monotonic())
+        command = node_command(self.path, self.name, self.base, remaining + 10, seed=SEED)
+        with log.open("wb") as err:
+            self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def check(self, at: float) -> None:
+        """An exit we did not cause is unexpected."""
+        if self.process is not None and self.process.poll() is not None:
+            self.exits.append(
+                {
+                    "process": f"{self.name}#{self.incarnation}",
+                    "at": round(at, 2),
+                    "returncode": self.process.returncode,
+                }
+            )
+            self.process = None
+
+
+def _expect(conn: Any, process: Any, what: str, wait: float) -> Any:
+    if not conn.poll(wait):
+        raise RuntimeError(f"{process.name}: no {what!r} within {wait:.0f} s")
+    message, payload = conn.recv()
+    if message == "error":
+        raise RuntimeError(f"{process.name} failed:\n{payload}")
+    if message != what:
+        raise RuntimeError(f"{process.name}: expected {what!r}, got {message!r}")
+    return payload
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    began = time.monotonic()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    seconds = args.minutes * 60.0
+    text = pool_text(args.technique, args.clients_per_lan, args.rate, seconds + 60)
+    topo = loads(text)
+    faults = schedule(args.seed, seconds)
+    progress(
+        f"soak: {seconds:.0f} s, {2 * args.clients_per_lan} clients, {args.technique}, "
+        f"seed {args.seed}, {len(faults)} faults scheduled"
+    )
+    sample_every = 60.0 if args.minutes >= 10 else 10.0
+    progress_every = 60.0 if args.minutes >= 10 else 15.0
+    packets: dict[str, Any] = {}
+    builder = threading.Thread(
+        target=lambda: packets.update(build(args.seed, topo.pool.group, topo.pool.control_port)),
+        daemon=True,
+    )
+    builder.start()
+    with tempfile.TemporaryDirectory(prefix="manycast-soak-") as tmp:
+        logs = Path(tmp)
+        path = logs / "soak.toml"
+        path.write_text(text)
+        base = free_base_port(topo.attachment_count, PORT_SEARCH)
+        ctx = multiprocessing.get_context("spawn")
+        local = {"ra", "rb", *LOCAL_SERVERS, *STANDBY}
+        children = []
+        for name, body, extra in (
+            ("infra", infra_child, (text, local, base, args.seed, seconds + GRACE_S, faults)),
+            ("clients", clients_child, (text, base, args.seed, seconds + GRACE_S)),
+        ):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(
+                target=body,
+                name=name,
+                daemon=True,
+                args=(child, *extra, logs / f"{name}.log", progress_every),
+            )
+            process.start()
+            child.close()
+            children.append((process, parent))
+        end_estimate = time.monotonic() + 90 + seconds
+        victims = {v: Victim(v, path, base, logs, end_estimate) for v in VICTIMS}
+        for victim in victims.values():
+            victim.start()
+        samples: list[dict[str, Any]] = []
+        unexpected: list[dict[str, Any]] = []
+        flood: Flood | None = None
+        try:
+            for process, conn in children:
+                _expect(conn, process, "built", 180)
+            builder.join(120)
+            if not packets:
+                raise RuntimeError("the flood's packets were not built")
+            flood = Flood(packets)
+            start = time.monotonic() + 0.5
+            for _, conn in children:
+                conn.send(("go", start))
+            endpoint = dict(topo.endpoints(base))
+            ra_lan = next(m for m in topo.links["ra-a"].members if m.node == "ra")
+            target = endpoint[("ra", ra_lan.iface)]
+            actions: list[tuple[float, str, Fault]] = []
+            for fault in faults:
+                if fault.kind == "kill":
+                    actions += [
+                        (fault.at, "kill", fault),
+                        (fault.until or fault.at, "restart", fault),
+                    ]
+                elif fault.kind == "flood":
+                    actions.append((fault.at, "flood", fault))
+            actions.sort(key=lambda a: a[0])
+            next_sample = 0.0
+            done_at = start + seconds + GRACE_S
+            while time.monotonic() < done_at:
+                now = time.monotonic() - start
+                while actions and actions[0][0] <= now:
+                    _, what, fault = actions.pop(0)
+                    hit = victims.get(fault.args.get("server", ""))
+                    if what == "kill" and hit is not None:
+                        hit.check(now)
+                        hit.kill()
+                        progress(f"  t={now:6.1f}s SIGKILL {hit.name}")
+                    elif what == "restart" and hit is not None:
+                        hit.start()
+                        progress(f"  t={now:6.1f}s restart {hit.name}")
+                    elif what == "flood":
+                        flood.burst(
+                            target, int(fault.args["packets"]), float(fault.until or 0) - fault.at
+                        )
+                for victim in victims.values():
+                    victim.check(now)
+                for process, _ in children:
+                    if not process.is_alive():
+                        unexpected.append(
+                            {
+                                "process": process.name,
+                                "at": round(now, 2),
+                                "returncode": process.exitcode,
+                            }
+                        )
+                if unexpected:
+                    raise RuntimeError(f"a pool process ended early: {unexpected}")
+                if now >= next_sample:
+                    sample: dict[str, Any] = {"t": round(now, 2)}
+                    pids = {p.name: p.pid for p, _ in children}
+                    pids.update({v.name: v.process.pid for v in victims.values() if v.process})
+                    pids["bench"] = os.getpid()
+                    for name, pid in pids.items():
+                        got = _proc(pid) if pid else None
+                        if got is not None:
+                            sample[name] = {"rss_mb": got[0], "fds": got[1]}
+                    samples.append(sample)
+                    next_sample += sample_every
+                time.sleep(0.02)
+            results = {}
+            for process, conn in children:
+                results[process.name] = _expect(conn, process, "done", 120)
+        finally:
+            for victim in victims.values():
+                victim.check(time.monotonic() - began)
+                victim.kill()
+            for process, conn in children:
+                process.join(10)
+                if process.is_alive():
+                    process.terminate()
+                    process.join(5)
+                conn.close()
+            if flood is not None:
+                flood.close()
+        unexpected += [e for v in victims.values() for e in v.exits]
+        tracebacks = {}
+        for log in sorted(logs.glob("*.log")):
+            logged = log.read_text(errors="replace")
+            if "Traceback" in logged:
+                tracebacks[log.stem] = logged[logged.index("Traceback") :][:3000]
+    result = analyse(
+        faults, results["infra"], results["clients"], seconds, topo.pool.technique, args.rate
+    )
+    result.update(
+        {
+            "bench": "soak",
+            "variant": "overlay (the kernel-lab variant is not built)",
+            "seed": args.seed,
+            "minutes": args.minutes,
+            "clients": 2 * args.clients_per_lan,
+            "rate_per_client": args.rate,
+            "fault_kinds": list(KINDS),
+            "unexpected_exits": unexpected,
+            "tracebacks": tracebacks,
+            "flood_sent": flood.sent if flood is not None else {},
+            "samples": samples,
+            "growth_per_hour": fit_per_hour(samples, ("infra", "clients", "bench")),
+            "loadavg_start": load_start,
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "seconds": round(time.monotonic() - began, 1),
+        }
+    )
+    result["ok"] = result["sessions_lost"] == 0 and not unexpected and not tracebacks
+    return result
+
+
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    paths = []
+    fig, ax = _plots.figure(f"Soak: requests per minute (seed {result['seed']})")
+    per_min = result.get("per_minute") or []
+    xs = [m["minute"] for m in per_min]
+    ax.plot(xs, [m["answered"] for m in per_min], marker="o", label="answered")
+    ax.plot(xs, [m["failed"] for m in per_min], marker="o", label="failed")
+    ax.set_xlabel("minute")
+    ax.set_ylabel("requests")
+    ax.legend(fontsize=8)
+    paths.append(_plots.save(fig, directory, "soak_requests"))
+    fig, ax = _plots.figure("Soak: resident memory of the long-lived processes")
+    for name in ("infra", "clients", "bench"):
+        points = [(s["t"], s[name]["rss_mb"]) for s in result.get("samples", []) if name in s]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS (MB)")
+    ax.legend(fontsize=8)
+    paths.append(_plots.save(fig, directory, "soak_rss"))
+    return paths
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _plots.add_argument(parser)
+    parser.add_argument("--minutes", type=float, default=30.0, help="how long (default 30)")
+    parser.add_argument("--seed", type=int, default=SEED, help="the fault schedule's seed")
+    parser.add_argument("--technique", default="R3", help="R1..R4, D (default R3, lossless)")
+    parser.add_argument(
+        "--clients-per-lan", type=int, default=500, help="default 500 (1000 in all)"
+    )
+    parser.add_argument("--rate", type=float, default=0.5, help="requests/s per client (0.5)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
+    import contextlib
+    import sys
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            result = measure(args)
+            _plots.write(result, args.plots, plot)
+    except Exception as exc:
+        emit({"bench": "soak", "error": f"{type(exc).__name__}: {exc}"})
+        raise SystemExit(1) from exc
+    emit(result)
+    if not result["ok"]:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
