@@ -75,7 +75,11 @@ def analyse(
     crashed = 0
     per_fault: dict[int, list[float | None]] = defaultdict(list)
     ids = {id(f): i for i, f in enumerate(faults)}
+    warmup = 0
     for client, t, cause, first_ok in clients["losses"]:
+        if t < WARMUP_S:  # clients connecting while the pool forms, before any fault
+            warmup += 1
+            continue
         crash = _crash(faults, owners, client, t, lookback)
         fault = crash or _latest(faults, t)
         if fault is not None:
@@ -91,7 +95,11 @@ def analyse(
                     "after": None if fault is None else f"{fault.kind}@{fault.at:.1f}",
                 }
             )
-    wrong = [w for w in clients["wrong"] if _crash(faults, owners, w[0], w[1], lookback) is None]
+    wrong = [
+        w
+        for w in clients["wrong"]
+        if w[1] >= WARMUP_S and _crash(faults, owners, w[0], w[1], lookback) is None
+    ]
     recovery: dict[str, list[float | None]] = defaultdict(list)
     fault_rows = []
     for i, fault in enumerate(faults):
@@ -141,6 +149,7 @@ def analyse(
         "sessions_lost_by_cause": dict(causes),
         "sessions_lost_detail": lost[:50],
         "sessions_lost_to_crashes": crashed,
+        "sessions_lost_in_warmup": warmup,
         "wrong_answers": len(clients["wrong"]),
         "wrong_answers_not_crash": wrong[:50],
         "requests_answered": sum(ok.values()),

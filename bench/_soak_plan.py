@@ -55,9 +55,10 @@ def pool_text(technique: str, clients_per_lan: int, rate: float, duration: float
     return head + "\n".join(standby) + "\n[run]" + run
 
 
-def schedule(seed: int, seconds: float) -> list[Fault]:
+def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[Fault]:
     """Every kind once per CYCLE_S (the last cycle may be short), kills only of a
-    victim that is up at that time, joins while a standby is left."""
+    victim that is up at that time, joins while a standby is left. Only `kinds` are
+    kept, from the same draws: a subset's faults fall where the full schedule's do."""
     rng = random.Random(seed)
     faults: list[Fault] = []
     last = seconds - TAIL_S
@@ -69,7 +70,7 @@ def schedule(seed: int, seconds: float) -> list[Fault]:
         for kind in KINDS:
             at = rng.uniform(start, end)
             fault = _draw(rng, kind, at, down_until, standby)
-            if fault is not None:
+            if fault is not None and kind in kinds:
                 faults.append(fault)
         start = end
     return sorted(faults, key=lambda f: f.at)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -116,7 +117,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     seconds = args.minutes * 60.0
     text = pool_text(args.technique, args.clients_per_lan, args.rate, seconds + 60)
     topo = loads(text)
-    faults = schedule(args.seed, seconds)
+    faults = schedule(args.seed, seconds, args.kinds)
     progress(
         f"soak: {seconds:.0f} s, {2 * args.clients_per_lan} clients, {args.technique}, "
         f"seed {args.seed}, {len(faults)} faults scheduled"
@@ -157,6 +158,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             victim.start()
         samples: list[dict[str, Any]] = []
         unexpected: list[dict[str, Any]] = []
+        failed: dict[str, str] = {}
         flood: Flood | None = None
         try:
             for process, conn in children:
@@ -201,8 +203,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         )
                 for victim in victims.values():
                     victim.check(now)
-                for process, _ in children:
-                    if not process.is_alive():
+                for process, conn in children:
+                    if process.name in failed:
+                        continue
+                    message, payload = "", None
+                    if conn.poll(0):
+                        message, payload = conn.recv()
+                    if message == "error" or not process.is_alive():
+                        # A pool process died: recorded, the run goes on without it.
+                        failed[process.name] = str(payload or f"exit code {process.exitcode}")
                         unexpected.append(
                             {
                                 "process": process.name,
@@ -210,8 +219,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                 "returncode": process.exitcode,
                             }
                         )
-                if unexpected:
-                    raise RuntimeError(f"a pool process ended early: {unexpected}")
+                        progress(f"  t={now:6.1f}s {process.name} died:\n{payload}")
+                if "clients" in failed:
+                    raise RuntimeError(f"the clients' process died: {failed['clients']}")
                 if now >= next_sample:
                     sample: dict[str, Any] = {"t": round(now, 2)}
                     pids = {p.name: p.pid for p, _ in children}
@@ -224,9 +234,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     samples.append(sample)
                     next_sample += sample_every
                 time.sleep(0.02)
-            results = {}
+            results: dict[str, Any] = {"infra": {"epochs": {}, "servers": [], "done": []}}
             for process, conn in children:
-                results[process.name] = _expect(conn, process, "done", 120)
+                if process.name not in failed:
+                    results[process.name] = _expect(conn, process, "done", 120)
         finally:
             for victim in victims.values():
                 victim.check(time.monotonic() - began)
@@ -240,7 +251,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if flood is not None:
                 flood.close()
         unexpected += [e for v in victims.values() for e in v.exits]
-        tracebacks = {}
+        if args.logs is not None:
+            args.logs.mkdir(parents=True, exist_ok=True)
+            for log in logs.glob("*.log"):
+                shutil.copy(log, args.logs / log.name)
+        tracebacks = {name: text[text.find("Traceback") :][-3000:] for name, text in failed.items()}
         for log in sorted(logs.glob("*.log")):
             logged = log.read_text(errors="replace")
             if "Traceback" in logged:
@@ -304,7 +319,19 @@ def parse_arguments() -> argparse.Namespace:
         "--clients-per-lan", type=int, default=500, help="default 500 (1000 in all)"
     )
     parser.add_argument("--rate", type=float, default=0.5, help="requests/s per client (0.5)")
-    return parser.parse_args()
+    parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
+    parser.add_argument(
+        "--kinds",
+        default=",".join(KINDS),
+        help=f"the kinds of fault, comma-separated, or none (default: {','.join(KINDS)})",
+    )
+    args = parser.parse_args()
+    kinds = () if args.kinds == "none" else tuple(k for k in args.kinds.split(",") if k)
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    args.kinds = kinds
+    return args
 
 
 def main() -> None:
