@@ -3,8 +3,10 @@
 The bundled tcp_move.toml runs the movable TCP service beside the VIP pool's own,
 a paced download from every client, and moves the servers' live connections
 step after step, then drains one server before it leaves; tcp_move_manycast.toml
-drains two servers of a manycast pool, their clients' connections going to the
-clients' new owners. The run's summary
+changes a manycast pool's allocation with its connections (two drains and a
+set_share with move = true), the clients' connections going to their new owners
+(a manycast pool refuses a plain move step: a client's server is its owner).
+The run's summary
 counts the connections moved and broken and the pause each moved connection
 saw. The lab run needs root (namespaces, TCP_REPAIR, iptables' NFQUEUE) and
 skips elsewhere, saying why; the step's reading and its refusal outside the lab
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +28,7 @@ from typing import Any
 import pytest
 
 from manycast.scenario import ScenarioEngine, ScenarioError
-from manycast.steps import Drain, Move
+from manycast.steps import Drain, Move, Rebalance, SetShare
 from manycast.topology import TopologyError, loads
 
 NEEDS_ROOT = "moving kernel TCP connections in a lab run needs root (namespaces, TCP_REPAIR)"
@@ -55,6 +58,8 @@ def test_the_bundled_scenario_moves_and_drains() -> None:
     manycast = loads(TCP_MOVE_MANYCAST, "tcp_move_manycast.toml")
     assert manycast.pool.vip is None and manycast.tcp_moves  # [run] tcp_moves = true
     assert [s.server for s in manycast.scenario if isinstance(s, Drain)] == ["s2", "s4"]
+    [reshare] = [s for s in manycast.scenario if isinstance(s, SetShare)]
+    assert reshare.move and reshare.describe() == "set_share server=s3 share=1/2 move=True"
     demo = files("manycast").joinpath("topologies", "demo.toml").read_text()
     assert not loads(demo, "demo.toml").tcp_moves
 
@@ -73,6 +78,52 @@ def test_a_bad_move_step_is_refused_with_its_line(table: str, message: str) -> N
     with pytest.raises(TopologyError, match=message) as caught:
         loads(text, "bad.toml")
     assert "bad.toml:" in str(caught.value)
+
+
+MANYCAST_MOVE_REFUSED = "use a 'set_share' (or 'rebalance') step with move = true, or 'drain'"
+
+
+def _with_step(text: str, table: str) -> str:
+    return text.replace("[run]", f"[[scenario]]\nat = 1.0\n{table}\n\n[run]")
+
+
+def test_a_plain_move_on_a_manycast_pool_is_refused_when_read() -> None:
+    """In a manycast pool a client's server is its portion's owner: a move step, which
+    would leave clients at servers that are not their owners, is refused with its
+    line and what to write instead; the VIP pool keeps it."""
+    text = _with_step(TCP_MOVE_MANYCAST, 'action = "move"\nserver = "s1"\nto = "s3"')
+    with pytest.raises(TopologyError, match=re.escape(MANYCAST_MOVE_REFUSED)) as caught:
+        loads(text, "manycast_move.toml")
+    message = str(caught.value)
+    line = text.splitlines().index('action = "move"') + 1
+    assert message.startswith(f"manycast_move.toml:{line}: a 'move' step is for a VIP pool")
+    vip = loads(_with_step(TCP_MOVE, 'action = "move"\nserver = "s1"'), "vip.toml")
+    assert any(isinstance(s, Move) and s.at == 1.0 for s in vip.scenario)
+
+
+def test_move_true_reads_on_a_manycast_pool_and_is_refused_on_a_vip_pool() -> None:
+    manycast = loads(
+        _with_step(TCP_MOVE_MANYCAST, 'action = "rebalance"\ntarget = 1.2\nmove = true'), "m.toml"
+    )
+    [rebalance] = [s for s in manycast.scenario if isinstance(s, Rebalance)]
+    assert rebalance.move and rebalance.describe() == "rebalance target=1.2 move=True"
+    plain = loads(_with_step(TCP_MOVE_MANYCAST, 'action = "rebalance"'), "m.toml")
+    [rebalance] = [s for s in plain.scenario if isinstance(s, Rebalance)]
+    assert not rebalance.move and rebalance.describe() == "rebalance target=1.1"
+    # A move = true alone makes the lab run the TCP connections.
+    demo = files("manycast").joinpath("topologies", "demo.toml").read_text()
+    reshare = 'action = "set_share"\nserver = "s1"\nshare = 0.5\nmove = true'
+    assert loads(_with_step(demo, reshare), "demo.toml").tcp_moves
+    with pytest.raises(TopologyError, match="a VIP pool's flows keep their server"):
+        loads(_with_step(TCP_MOVE, reshare), "vip.toml")
+    with pytest.raises(TopologyError, match="'move' must be true or false, not str"):
+        loads(_with_step(demo, reshare.replace("true", '"yes"')), "demo.toml")
+
+
+def test_move_true_outside_the_lab_is_refused_clearly() -> None:
+    """The memory driver and the overlay have no kernel TCP connections to move."""
+    with pytest.raises(ScenarioError, match="kernel lab"):
+        ScenarioEngine(loads(TCP_MOVE_MANYCAST, "m.toml"), pool=None)  # type: ignore[arg-type]
 
 
 def test_a_move_outside_the_lab_is_refused_clearly() -> None:
@@ -143,17 +194,26 @@ def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path)
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 def test_lab_run_drains_a_manycast_pool_with_its_connections(tmp_path: Path) -> None:
-    """`manycast lab run tcp_move_manycast`: each drained server's clients go to their
-    new owners with their live TCP connections (the routers' entries pinned, then
-    steered, then handed back to the allocation): none breaks, and every client is
-    answered by its owner at the end (the run's exit status says so too)."""
+    """`manycast lab run tcp_move_manycast`: at each change of the allocation (a drain
+    of s2, s3's share to 1/2 with move = true, a drain of s4) the clients whose
+    portions change owner go to their new owners with their live TCP connections
+    (the routers' entries pinned, then steered, then handed back to the
+    allocation): none breaks, and every client is answered by its owner at the end
+    (the run's exit status says so too)."""
     summary, tcp = _lab_run(tmp_path, "tcp_move_manycast")
-    assert tcp["connections"] == 4 and tcp["steps"] == 2
-    assert tcp["moved"] > 0 and tcp["refused"] == {}, tcp
+    assert tcp["connections"] == 4 and tcp["steps"] == 3
+    # Each step moves two clients' downloads: a1 and b1 from s2 to s1, then (the
+    # set_share) from s1 to s3, then a2 and b2 from s4 to s3.
+    assert tcp["moved"] == 6 and tcp["refused"] == {}, tcp
     assert tcp["broken"] == 0, tcp["broken_reasons"]
     assert tcp["pause_ms"]["count"] == tcp["moved"] and tcp["pause_ms"]["max"] < 1000
     assert summary["kernel"]["clients_not_at_owner"] == []
     assert summary["clients_served_at_end"] == summary["clients"] == 4
     drained = {"s2", "s4"}
     assert not drained & set(summary["kernel"]["clients_by_server"])
+    assert [e["what"] for e in summary["events"]] == [
+        "drain server=s2 grace=2.0",
+        "set_share server=s3 share=1/2 move=True",
+        "drain server=s4 grace=2.0",
+    ]
     print(f"moved {tcp['moved']}, pause {tcp['pause_ms']}")

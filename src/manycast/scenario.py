@@ -65,6 +65,11 @@ class ConnectionMover(Protocol):
     def drain(self, server: str, to: list[str]) -> None:
         """`server` is about to hand its share to `to`: its connections go too."""
 
+    def reallocate(self, server: str | None, share: Fraction | None) -> None:
+        """The pool's allocation is about to change at an operator's request (`server`'s
+        share becomes `share`; None: a rebalance), and the connections of the clients
+        whose portions change owner go to their new owners (`move = true`)."""
+
     def server_killed(self, server: str) -> None: ...
 
     def server_added(self, server: str) -> None: ...
@@ -93,10 +98,12 @@ class ScenarioEngine:
     connections: ConnectionMover | None = None
 
     def __post_init__(self) -> None:
-        if self.connections is None and any(isinstance(s, Move) for s in self.topology.scenario):
+        if self.connections is None and any(
+            isinstance(s, Move) or getattr(s, "move", False) for s in self.topology.scenario
+        ):
             raise ScenarioError(
-                "the 'move' step moves live kernel TCP connections: run the topology in"
-                " the kernel lab (manycast lab run)"
+                "the 'move' step (and move = true) moves live kernel TCP connections: run"
+                " the topology in the kernel lab (manycast lab run)"
             )
         self._dispatch: dict[type[Step], Callable[[Step], None]] = {
             SetShare: self._set_share,  # type: ignore[dict-item]
@@ -171,9 +178,13 @@ class ScenarioEngine:
             self.pool.command(receiver, op)
 
     def _set_share(self, step: SetShare) -> None:
+        if step.move and self.connections is not None:
+            self.connections.reallocate(step.server, step.share)
         self._command(control.SetShareOp(step.server, step.share), step.server)
 
     def _rebalance(self, step: Rebalance) -> None:
+        if step.move and self.connections is not None:
+            self.connections.reallocate(None, None)
         self._command(control.RebalanceOp(float(step.target), ()), None)
 
     def _kill(self, step: Kill) -> None:

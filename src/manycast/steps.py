@@ -7,7 +7,7 @@ step is a new dataclass here and one entry in the engine's dispatch table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from enum import StrEnum
 from fractions import Fraction
 from typing import ClassVar
@@ -26,6 +26,11 @@ class Action(StrEnum):
     MOVE = "move"
 
 
+# A field `describe` names only when it is not its default (a flag added later, so
+# that the steps written before it keep their description).
+QUIET = {"quiet": True}
+
+
 @dataclass(frozen=True, kw_only=True)
 class Step:
     """One timed step. `line` is where the topology file gave it (0: made in code)."""
@@ -38,22 +43,32 @@ class Step:
     line: int = 0
 
     def describe(self) -> str:
-        """`set_share server=s1 share=1/5`: the action and its arguments."""
+        """`set_share server=s1 share=1/5`: the action and its arguments (an optional
+        flag such as `move` only when it is set: `set_share server=s1 share=1/5 move=True`)."""
         detail = " ".join(
             f"{f.name}={getattr(self, f.name)}"
             for f in fields(self)
             if f.name not in ("at", "line")
+            and not (
+                f.metadata.get("quiet")
+                and f.default is not MISSING
+                and getattr(self, f.name) == f.default
+            )
         )
         return f"{self.action} {detail}".strip()
 
 
 @dataclass(frozen=True, kw_only=True)
 class SetShare(Step):
-    """Give `server` exactly `share` of the client address space (Fig 11)."""
+    """Give `server` exactly `share` of the client address space (Fig 11). With `move`
+    (a manycast pool in the kernel lab) the clients whose portions change owner
+    take their live kernel TCP connections to their new owner (TCP_REPAIR); without
+    it their connections follow the pool's technique."""
 
     action: ClassVar[Action] = Action.SET_SHARE
     server: str
     share: Fraction
+    move: bool = field(default=False, metadata=QUIET)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,10 +89,12 @@ class Add(Step):
 
 @dataclass(frozen=True, kw_only=True)
 class Rebalance(Step):
-    """Ask the pool to rebalance by measured load, aiming at max/mean <= `target`."""
+    """Ask the pool to rebalance by measured load, aiming at max/mean <= `target`;
+    `move` as `SetShare`'s."""
 
     action: ClassVar[Action] = Action.REBALANCE
     target: float = 1.1
+    move: bool = field(default=False, metadata=QUIET)  # as SetShare's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,7 +149,9 @@ class Move(Step):
     """Move the live kernel TCP connections of `server` (all of them, or `count`) to
     `to`, or spread over the other live servers when `to` is empty, without closing
     them (TCP_REPAIR; the kernel lab only). The allocation does not change: not
-    disruptive."""
+    disruptive. A VIP pool's step only: in a manycast pool a client's server is its
+    portion's owner, so its connections move with a change of the allocation
+    (`SetShare`/`Rebalance` with `move`, or `Drain`)."""
 
     action: ClassVar[Action] = Action.MOVE
     disruptive: ClassVar[bool] = False

@@ -1,12 +1,17 @@
 """Live kernel TCP connections in a lab run: a paced download per client, moved by the scenario.
 
-A topology whose scenario has a `move` step runs, beside the pool's own service
-and clients, the movable TCP service (`drivers/kernel/tcp_service.py`) on its
-servers and one paced download (`GET /bytes/<huge>?rate=<r>`) from every client,
-read by a thread in the client's namespace with every byte compared with the
-pattern it must be. `move` and `drain` steps move connections with the driver's
-mover (`drivers/kernel/tcp_move.TcpMover`); a `kill` kills the server's service
-(its connections break, as a crash breaks them), an `add` starts it.
+A topology whose scenario moves connections (a `move` step, a `set_share` or
+`rebalance` with `move = true`, or `[run] tcp_moves = true`) runs, beside the
+pool's own service and clients, the movable TCP service
+(`drivers/kernel/tcp_service.py`) on its servers and one paced download
+(`GET /bytes/<huge>?rate=<r>`) from every client, read by a thread in the
+client's namespace with every byte compared with the pattern it must be. The
+steps move connections with the driver's mover (`drivers/kernel/tcp_move.TcpMover`):
+in a VIP pool `move` and `drain` move a server's connections; in a manycast
+pool a client's server is its portion's owner, so its connections move when the
+allocation does (`reallocate`: a drain, or a change with `move = true`). A
+`kill` kills the server's service (its connections break, as a crash breaks
+them), an `add` starts it.
 
 The pause a moved connection saw is the longest gap between two reads of its
 download that overlaps its move (the pacing alone leaves gaps of about
@@ -22,6 +27,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from manycast.drivers import netns
@@ -33,7 +39,9 @@ from manycast.topology import Topology
 HUGE = 1 << 40  # a download that does not end within a run
 RATE = 8 << 20  # bytes/s per download: a read every ~8 ms, so a pause stands out
 STALL_S = 2.0  # a download with no byte for this long at the end is broken
-FOLLOW_S = 5.0  # a manycast drain: how long to wait for the clients' new owners
+FOLLOW_S = 5.0  # a manycast pool's change with its connections: how long it may take
+RESOLVE_S = 3.0  # then how long a client's move is tried again before it stays pinned
+POLL_S = 0.05
 Flow = tuple[str, int]
 
 
@@ -198,26 +206,59 @@ class TcpMoves:
 
     def drain(self, server: str, to: list[str]) -> None:
         """Before `server`'s share goes to 0: a VIP pool moves its connections now (the
-        edges' tags hold them, whatever the allocation). A manycast pool pins its
-        clients' paths to it (the allocation's change must not take them away while
-        their sockets are there), then, as each client's new owner becomes known,
-        moves the client's connections there and hands its path back to the
-        allocation (which now agrees): the clients end at their owners."""
+        edges' tags hold them, whatever the allocation). In a manycast pool a drain is
+        a change of the allocation with its connections (`reallocate`)."""
         if self.mover.group is None:
             self.move(server, to, 0)
             return
+        self.reallocate(server, Fraction(0))
+
+    def reallocate(self, server: str | None, share: Fraction | None) -> None:
+        """A manycast pool's allocation is about to change (`server`'s share becomes
+        `share`; None: a rebalance), and its clients' connections go with their
+        portions. Before the change, every client with a live connection is pinned
+        to the server that holds its sockets (the routers steer its (client, group)
+        entry there: the change cannot take its path away while they are there); it
+        is every such client, not only those whose portion will move, because the
+        pool decides the new allocation only as it commits it (a rebalance's depends
+        on the loads its coordinator holds). Once a live agent shows the change
+        committed, each pinned client is looked up: its owner has its sockets, and
+        the pin goes; or its connections move to its new owner, then both paths are
+        handed back to the allocation, which now agrees. A VIP pool's flows keep
+        their server when shares change: nothing to do."""
+        if self.mover.group is None:
+            return
         self.steps += 1
-        try:
-            clients = sorted({f[0] for f in self.mover.connections(server)})
-        except (OSError, ValueError):
+        if self.follower is not None:  # one change at a time: pins of two would cross
+            self.follower.join(timeout=FOLLOW_S + RESOLVE_S)
+        before = self._view()
+        holders = self._holders()
+        by_server: dict[str, list[str]] = defaultdict(list)
+        for client, holder in holders.items():
+            by_server[holder].append(client)
+        for holder, clients in sorted(by_server.items()):
+            self._steer(clients, holder, holder)
+        if not holders:
             return
-        if not clients:
-            return
-        self._steer(clients, server, server)
         self.follower = threading.Thread(
-            target=self._follow, args=(server, clients), name="drain-follower", daemon=True
+            target=self._follow,
+            args=(holders, server, share, before),
+            name="reallocate-follower",
+            daemon=True,
         )
         self.follower.start()
+
+    def _holders(self) -> dict[str, str]:
+        """Each client with a live connection, and the server that holds it."""
+        holders: dict[str, str] = {}
+        for server in sorted(self.mover.processes):
+            try:
+                flows = self.mover.connections(server)
+            except (OSError, ValueError):  # its service is gone
+                continue
+            for client, _ in flows:
+                holders.setdefault(client, server)
+        return holders
 
     def _steer(self, clients: list[str], toward: str, to: str | None) -> None:
         """The routers from each client's edge to `toward`: steer to `to` (None: back to
@@ -232,26 +273,70 @@ class TcpMoves:
             tcp_manycast.router_asker(self.lab.run_dir), routes, self.mover.group or "", address
         )
 
-    def _follow(self, server: str, clients: list[str]) -> None:
-        pending = set(clients)
+    def _view(self) -> tuple[int, dict[str, Fraction]] | None:
+        """A live agent's epoch and shares (None: no agent answered)."""
+        for server in sorted(self.mover.processes):
+            with contextlib.suppress(OSError, ValueError, KeyError, ZeroDivisionError):
+                answer = self.lab.ask(server, "server", {"op": "status"})
+                shares = {s: Fraction(f) for s, f in answer["shares"].items()}
+                return int(answer["epoch"]), shares
+        return None
+
+    def _committed(
+        self,
+        before: tuple[int, dict[str, Fraction]] | None,
+        server: str | None,
+        share: Fraction | None,
+    ) -> bool:
+        """Whether a live agent has installed the change asked for after `before`: a
+        later epoch and, for a share, `server`'s nearer to `share` than it was."""
+        now = self._view()
+        if now is None or before is None or now[0] <= before[0]:
+            return False
+        if server is None or share is None:
+            return True
+        was = before[1].get(server, Fraction(0))
+        return abs(now[1].get(server, Fraction(0)) - share) < abs(was - share)
+
+    def _follow(
+        self,
+        holders: dict[str, str],
+        server: str | None,
+        share: Fraction | None,
+        before: tuple[int, dict[str, Fraction]] | None,
+    ) -> None:
         deadline = time.monotonic() + FOLLOW_S
-        while pending and time.monotonic() < deadline:
-            owners = self._owners(sorted(pending), server)
-            for client, owner in owners.items():
-                if owner is None or owner == server or owner not in self.mover.processes:
+        while time.monotonic() < deadline and not self._committed(before, server, share):
+            time.sleep(POLL_S)
+        # A drained server's agent is left out of the look-ups: it is about to go.
+        leaving = server if share == 0 else None
+        pending = dict(holders)
+        deadline = time.monotonic() + RESOLVE_S
+        while pending:
+            owners = self._owners(sorted(pending), leaving)
+            for client, holder in sorted(pending.items()):
+                owner = owners.get(client)
+                if owner is None or (owner != holder and owner not in self.mover.processes):
+                    continue  # not known yet, or its service is not running (yet)
+                if owner == holder:
+                    self._steer([client], holder, None)
+                    del pending[client]
                     continue
                 try:
-                    flows = [f for f in self.mover.connections(server) if f[0] == client]
+                    flows = [f for f in self.mover.connections(holder) if f[0] == client]
                 except (OSError, ValueError):
-                    return
-                if flows and self._move(flows, server, owner):
-                    # Its owner has it now: the pins on both paths go.
-                    self._steer([client], server, None)
+                    flows = []  # the holder's service is gone, its connections with it
+                if not flows or self._move(flows, holder, owner):
+                    # Its owner has it now (or nothing is left to move): the pins on
+                    # both paths go.
+                    self._steer([client], holder, None)
                     self._steer([client], owner, None)
-                pending.discard(client)
-            time.sleep(0.05)
+                    del pending[client]
+            if not pending or time.monotonic() >= deadline:
+                break  # a client left pinned keeps its connections where they are
+            time.sleep(POLL_S)
 
-    def _owners(self, addresses: list[str], leaving: str) -> dict[str, str | None]:
+    def _owners(self, addresses: list[str], leaving: str | None) -> dict[str, str | None]:
         """The pool's owner of each address, asked of a live agent other than `leaving`."""
         for server in sorted(self.mover.processes):
             if server == leaving:
@@ -263,7 +348,7 @@ class TcpMoves:
 
     def server_killed(self, server: str) -> None:
         if self.follower is not None:
-            self.follower.join(timeout=FOLLOW_S)
+            self.follower.join(timeout=FOLLOW_S + RESOLVE_S)
         self.mover.kill_server(server)
 
     def server_added(self, server: str) -> None:
@@ -276,7 +361,7 @@ class TcpMoves:
             return
         self.closed = True
         if self.follower is not None:
-            self.follower.join(timeout=FOLLOW_S)
+            self.follower.join(timeout=FOLLOW_S + RESOLVE_S)
         now = time.perf_counter()
         for download in self.downloads:
             if download.broken is None and (

@@ -85,7 +85,11 @@ class _Compiler:
         clients, lans = self.clients(routers)
         router_links = self.router_links(routers)
         scenario = read_scenario(
-            self.tables("scenario"), servers, {lan.group for lan in lans}, vip_routers
+            self.tables("scenario"),
+            servers,
+            {lan.group for lan in lans},
+            vip_routers,
+            manycast=pool.vip is None,
         )
         duration, hosts, tcp_moves = self.run()
         wiring = assign_addresses(
@@ -111,7 +115,7 @@ class _Compiler:
             scenario=scenario,
             duration=duration,
             hosts=hosts,
-            tcp_moves=tcp_moves or any(isinstance(step, Move) for step in scenario),
+            tcp_moves=tcp_moves or any(_moves_connections(step) for step in scenario),
             vip_routers=vip_routers,
             router_hops={r: hop_counts(r, wiring.graph) for r in routers},
             router_costs={r: costs(r, wiring.graph) for r in routers},
@@ -437,11 +441,31 @@ def _host_port(reader: TableReader, key: str) -> tuple[str, int] | None:
 
 @dataclass(frozen=True)
 class _Known:
-    """What a step may name: the servers, the [[clients]] groups and the VIP routers."""
+    """What a step may name: the servers, the [[clients]] groups and the VIP routers;
+    and whether the pool is a manycast pool (steps that move connections differ)."""
 
     servers: Mapping[str, ServerSpec]
     groups: set[str]
     vip_routers: Mapping[str, VipRouterSpec]
+    manycast: bool = True
+
+
+def _moves_connections(step: Step) -> bool:
+    """Whether `step` moves live kernel TCP connections (the lab then runs them)."""
+    return isinstance(step, Move) or bool(getattr(step, "move", False))
+
+
+def _move_flag(s: TableReader, known: _Known) -> bool:
+    """`move = true` on a set_share or rebalance: a manycast pool's clients whose
+    portions change owner take their live TCP connections along."""
+    move: bool = s.get("move", bool, False)
+    if move and not known.manycast:
+        s.fail(
+            "move = true moves a manycast pool's clients with their portions; a VIP"
+            " pool's flows keep their server when shares change: use a 'move' step",
+            "move",
+        )
+    return move
 
 
 def _server(s: TableReader, known: _Known) -> str:
@@ -455,7 +479,11 @@ def _set_share(s: TableReader, known: _Known, at: float, line: int) -> Step:
     server = _server(s, known)
     share = s.number("share", low=0.0, high=1.0)
     return SetShare(
-        at=at, line=line, server=server, share=Fraction(share).limit_denominator(1_000_000)
+        at=at,
+        line=line,
+        server=server,
+        share=Fraction(share).limit_denominator(1_000_000),
+        move=_move_flag(s, known),
     )
 
 
@@ -478,7 +506,8 @@ def _client_rate(s: TableReader, known: _Known, at: float, line: int) -> Step:
 
 
 def _rebalance(s: TableReader, known: _Known, at: float, line: int) -> Step:
-    return Rebalance(at=at, line=line, target=s.number("target", 1.1, low=1.0, high=100.0))
+    target = s.number("target", 1.1, low=1.0, high=100.0)
+    return Rebalance(at=at, line=line, target=target, move=_move_flag(s, known))
 
 
 def _drain(s: TableReader, known: _Known, at: float, line: int) -> Step:
@@ -488,6 +517,13 @@ def _drain(s: TableReader, known: _Known, at: float, line: int) -> Step:
 
 
 def _move(s: TableReader, known: _Known, at: float, line: int) -> Step:
+    if known.manycast:
+        s.fail(
+            "a 'move' step is for a VIP pool: in a manycast pool a client's server is"
+            " the owner of its portion, so its connections move when the allocation"
+            " does: use a 'set_share' (or 'rebalance') step with move = true, or 'drain'",
+            "action",
+        )
     server = _server(s, known)
     to: str = s.get("to", str, "")
     if to and to not in known.servers:
@@ -525,9 +561,10 @@ def read_scenario(
     servers: Mapping[str, ServerSpec],
     groups: set[str],
     vip_routers: Mapping[str, VipRouterSpec],
+    manycast: bool = True,
 ) -> list[Step]:
     """The `[[scenario]]` tables as typed steps, in time order (stable for equal times)."""
-    known = _Known(servers, groups, vip_routers)
+    known = _Known(servers, groups, vip_routers, manycast)
     steps: list[Step] = []
     for s in tables:
         at = s.number("at", low=0.0)
