@@ -209,6 +209,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     message, payload = "", None
                     if conn.poll(0):
                         message, payload = conn.recv()
+                    if message == "error" and "Address already in use" in str(payload):
+                        raise RuntimeError(f"{process.name} failed to start:\n{payload}")
                     if message == "error" or not process.is_alive():
                         # A pool process died: recorded, the run goes on without it.
                         failed[process.name] = str(payload or f"exit code {process.exitcode}")
@@ -286,6 +288,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _measure_retrying(args: argparse.Namespace, attempts: int = 3) -> dict[str, Any]:
+    """`measure`, again on fresh ports when another program took one of the pool's
+    between the probe for a free range and the bind (other benches and tests share
+    the machine)."""
+    for attempt in range(attempts):
+        try:
+            return measure(args)
+        except RuntimeError as exc:
+            if "Address already in use" not in str(exc) or attempt == attempts - 1:
+                raise
+            progress(f"soak: a port of the pool was taken meanwhile; again ({attempt + 2})")
+    raise AssertionError("unreachable")
+
+
 def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     paths = []
     fig, ax = _plots.figure(f"Soak: requests per minute (seed {result['seed']})")
@@ -341,7 +357,7 @@ def main() -> None:
 
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            result = measure(args)
+            result = _measure_retrying(args)
             _plots.write(result, args.plots, plot)
     except Exception as exc:
         emit({"bench": "soak", "error": f"{type(exc).__name__}: {exc}"})
