@@ -5,8 +5,10 @@ sessions (500 clients on each edge at 0.1 requests/s) and, beside them, probe
 clients that send a request every `1 / PROBE_RATE` s (so that a client's own
 pacing adds little to what it sees). Heartbeats every 50 ms, dead after 3 missed.
 The server s3 runs alone in a `manycast run --nodes s3` process, the clients in a
-process of their own, the routers and the other servers here. Once the pool is
-stable, s3's process gets SIGKILL; then, every 5 ms:
+process of their own, the routers and the other servers here. Once the clients
+have been running WARM_S (all connected and answered: a run reports probes not
+answered in the second before the kill, which would measure their start instead)
+and the pool is stable, s3's process gets SIGKILL; then, every 5 ms:
 
 - `covered_s`: until both edge routers send every run of buckets s3 held (and
   each of its clients' addresses) to a live server;
@@ -64,6 +66,7 @@ PROBE_S = 0.005
 LIMIT_S = 8.0  # after the kill: a figure not reached by then is null
 CLIENTS_S = 30.0  # how long the clients run: the pool settles, then the kill and LIMIT_S
 STABLE_S = 1.0
+WARM_S = 10.0  # bench time before the kill: every client connected and answered by then
 VICTIM = "s3"
 HEARTBEAT_MS, HEARTBEAT_MISSES, REPORT_INTERVAL_MS = 50, 3, 1000  # 100 ms is the default
 
@@ -206,6 +209,9 @@ def once(index: int, path: Path, text: str) -> dict[str, Any]:
         start = time.monotonic() + 0.2
         parent.send(("go", start))
         net.run_until(0.05)
+        # The clients connect over their first seconds: kill only once they are served.
+        while time.monotonic() - start < WARM_S:
+            net.run_until(net.now + 0.05)
         allocation = wait_stable(run, victim_address, group)
         sources = probes_for(allocation, VICTIM)
         mine = sorted(n for n in clients if allocation.owner(topo.address(n)) == VICTIM)
@@ -229,11 +235,17 @@ def once(index: int, path: Path, text: str) -> dict[str, Any]:
         answers = _expect(parent, "done", 60)
         probes = [n for n in mine if n[0] in "pq"]
         per_probe = [answered_after(answers[n], killed_bench) for n in probes]
+        # A probe not answered in the second before the kill was not yet served: the
+        # run would measure its start, not the failover.
+        warm_since = killed_bench - 1.0
+        cold = [n for n in probes if not any(warm_since < t < killed_bench for t in answers[n][0])]
         per_session = [answered_after(answers[n], killed_bench) for n in mine if n not in probes]
         return {
             "run": index + 1,
+            "killed_at_s": round(killed_bench, 3),  # bench time (the clients' clock, shifted)
             "victim_share": float(allocation.share(VICTIM)),
             "victim_probes": len(probes),
+            "victim_probes_not_answered_before_kill": len(cold),
             "victim_sessions": len(per_session),
             "covered_s": since(covered_at, killed),
             "clean_s": since(clean_at, killed),
