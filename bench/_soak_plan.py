@@ -116,3 +116,23 @@ def _draw(
             "flood", at, round(at + FLOOD_S, 3), {"packets": FLOOD_PACKETS, "router": "ra"}
         )
     raise ValueError(kind)
+
+
+def scenario_text(seed: int, seconds: float, clients_per_lan: int, technique: str = "R3") -> str:
+    """The pool with the schedule's in-pool faults (share changes, rebalances, joins)
+    as `[[scenario]]` steps: the same faults in one process, on any driver."""
+    faults = schedule(seed, seconds, ("set_share", "rebalance", "join"))
+    text = pool_text(technique, clients_per_lan, 0.5, seconds)
+    head, run = text.rsplit("[run]", 1)
+    steps = []
+    for f in faults:
+        if f.kind == "set_share":
+            args = {"server": f.args["server"], "share": f.args["share"]}
+            steps.append(table("scenario", at=round(f.at, 3), action="set_share", **args))
+        elif f.kind == "rebalance":
+            steps.append(table("scenario", at=round(f.at, 3), action="rebalance"))
+        else:
+            steps.append(
+                table("scenario", at=round(f.at, 3), action="add", server=f.args["server"])
+            )
+    return head + "\n".join(steps) + "\n[run]" + run

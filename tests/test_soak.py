@@ -85,3 +85,39 @@ def test_no_session_lost_with_a_lossless_technique(soak: dict[str, Any]) -> None
     assert soak["sessions_lost"] == 0, soak["sessions_lost_by_cause"]
     assert soak["wrong_answers"] == 0
     assert soak["_returncode"] == 0
+
+
+def _failures_after(driver: str, seconds: float) -> list[tuple[float, str]]:
+    sys.path.insert(0, str(BENCH))
+    from _pool import PORT_SEARCH
+    from _soak_plan import WARMUP_S, scenario_text
+    from manycast.ports import free_base_port
+    from manycast.runtime import PoolRun
+    from manycast.topology import loads
+
+    topo = loads(scenario_text(20261201, seconds, 100))
+    base = free_base_port(topo.attachment_count, PORT_SEARCH)
+    run = PoolRun(topo, driver, seed=20261201, base_port=base)
+    try:
+        run.run(seconds, None)
+        clients = run.nodes.clients.values()
+        assert sum(c.stats.requests_ok for c in clients) > 100 * seconds  # the pool served
+        return sorted((t, why) for c in clients for t, why in c.stats.failures if t >= WARMUP_S)
+    finally:
+        run.close()
+
+
+def test_seed_20261201_share_changes_and_joins_lose_nothing_on_the_memory_driver() -> None:
+    """The soak's seed 20261201 broke most sessions after `set_share s1 0.323` at
+    29.9 s (and after s6 joined at 45.1 s); the same steps on the memory driver lose
+    none: whatever breaks them needs real time (docs/soak.md, Findings)."""
+    assert _failures_after("memory", 60.0) == []
+
+
+@pytest.mark.xfail(
+    reason="seed 20261201: on the overlay, one process, set_share s1 0.323 at 29.9 s "
+    "resets or times out about a tenth of the R3 sessions (docs/soak.md, Findings)",
+    strict=False,
+)
+def test_seed_20261201_share_change_loses_nothing_on_the_overlay() -> None:
+    assert _failures_after("overlay", 38.0) == []
