@@ -15,6 +15,10 @@ key, and opens at each client edge router the NFQUEUE and conntrack sockets of
 3. the edge gives each flow the mark of the server that now has it (`new`, or
    `old` again for a flow whose move failed) and lets its held packets go.
 
+In a manycast pool the routers are steered toward `new` during step 2, from a
+thread (the edge holds the packets, so none takes the new path early); a client
+none of whose flows moved is steered back to `old` before step 3.
+
 The pause a flow sees is the time between 1 and 3 (`MoveResult.pause_ms`),
 plus at most one round trip for the new socket's window probe.
 """
@@ -29,6 +33,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -95,6 +100,8 @@ class TcpMover:
         self.key_path = lab.run_dir / KEY_FILE
         self.edges: dict[str, tcp_hold.EdgeHold] = {}
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        # Manycast: the routers are steered from here while a move's sockets travel.
+        self._steerer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer")
 
     # -- set-up ----------------------------------------------------------------------------
     def start(self, servers: Iterable[str] | None = None) -> None:
@@ -168,6 +175,7 @@ class TcpMover:
         for edge in self.edges.values():
             edge.close()
         self.edges.clear()
+        self._steerer.shutdown(wait=True)
 
     # -- asking ----------------------------------------------------------------------------
     def ask(self, server: str, request: dict[str, Any], timeout: float = 5.0) -> Any:
@@ -224,6 +232,11 @@ class TcpMover:
         for flow in set(flows) - set(held):
             result.refused[f"{flow[0]}:{flow[1]}"] = "the edge knows no such flow"
         answer: dict[str, Any] = {}
+        # Manycast: the path switch goes while `old` hands the sockets over (the edge
+        # holds the clients' packets, so no packet takes the new path before then).
+        steering = None
+        if self.group is not None and held:
+            steering = self._steer_async({f[0] for f in held}, new)
         if held:
             request = {
                 "op": "move",
@@ -235,21 +248,12 @@ class TcpMover:
             except (OSError, ValueError) as exc:
                 answer = {"error": f"{old} did not answer: {exc}"}
         moved = {(str(f[0]), int(f[1])) for f in answer.get("moved", [])}
-        if self.group is not None and moved:
-            # The clients' path: each router on the way from a client's edge to `new`
-            # points the (client, group) entry toward `new`.
-            routes: dict[str, list[str]] = defaultdict(list)
-            for client in sorted({f[0] for f in moved}):
-                edge = self.edge_of((client, 0))
-                for router in tcp_manycast.path(self.topology, edge, new):
-                    routes[router].append(client)
-            failed = tcp_manycast.steer(
-                tcp_manycast.router_asker(self.lab.run_dir),
-                routes,
-                self.group,
-                str(self.topology.address(new)),
-            )
-            result.steer_failed.update(failed)
+        if steering is not None:
+            result.steer_failed.update(steering.result())
+            # A client none of whose flows moved goes back to the server holding them.
+            stuck = {f[0] for f in held} - {f[0] for f in moved}
+            if stuck:
+                result.steer_failed.update(self._steer_async(stuck, old).result())
         for edge, group in by_edge.items():
             hold = self.edges[edge]
             going = [f for f in group if f in moved]
@@ -270,6 +274,23 @@ class TcpMover:
         result.transfer_ms = float(answer.get("transfer_ms", 0.0))
         result.bytes = int(answer.get("bytes", 0))
         return result
+
+    def _steer_async(self, clients: Iterable[str], server: str) -> Future[dict[str, str]]:
+        """Every router on the way from each client's edge to `server` points the
+        (client, group) entry toward `server`, in a thread; the routers that refused."""
+        assert self.group is not None
+        routes: dict[str, list[str]] = defaultdict(list)
+        for client in sorted(clients):
+            edge = self.edge_of((client, 0))
+            for router in tcp_manycast.path(self.topology, edge, server):
+                routes[router].append(client)
+        return self._steerer.submit(
+            tcp_manycast.steer,
+            tcp_manycast.router_asker(self.lab.run_dir),
+            routes,
+            self.group,
+            str(self.topology.address(server)),
+        )
 
     def _tell_vip_routers(self, flows: list[Flow], server: str) -> int:
         """Every VIP router records the flows as `server`'s (after the release: not part
