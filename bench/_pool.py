@@ -30,8 +30,6 @@ from manycast.topology import loads
 PORT_SEARCH = range(21000, 32000, 1201)
 
 
-
-
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
