@@ -18,6 +18,8 @@ import contextlib
 import hashlib
 import json
 import math
+import os
+import signal
 import statistics
 import sys
 import time
@@ -40,17 +42,56 @@ def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result, sort_keys=True), flush=True)
 
 
+class Interrupted(BaseException):
+    """A signal asked the bench to stop (not an `Exception`: nothing swallows it)."""
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 def run_and_emit(bench: str, run: Callable[[], dict[str, Any]]) -> None:
     """`run()`'s result as the last line on stdout, whatever else prints meanwhile (it
-    goes to stderr); a bench that fails still ends in one JSON object, with `error`,
-    and exits 1."""
+    goes to stderr). A bench that fails, is interrupted (Ctrl-C, SIGTERM or SIGHUP,
+    as a timeout sends) or exits early still ends in one JSON object, with `error`,
+    and exits non-zero; so does a result that carries `error` or `ok: false`."""
+    began = time.monotonic()
+    main_pid = os.getpid()
+
+    def stop(signum: int, _frame: object) -> None:
+        if os.getpid() != main_pid:  # a forked child: die as the signal says
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
     try:
         with contextlib.redirect_stdout(sys.stderr):
             result = run()
-    except Exception as exc:  # the line must come whatever went wrong
-        emit({"bench": bench, "error": f"{type(exc).__name__}: {exc}"})
-        raise SystemExit(1) from exc
+    except (Exception, KeyboardInterrupt, Interrupted, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            raise
+        why = {KeyboardInterrupt: "interrupted (SIGINT)", Interrupted: f"interrupted ({exc})"}
+        reason = why.get(type(exc)) or (
+            str(exc.code) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        )
+        seconds = round(time.monotonic() - began, 1)
+        emit({"bench": bench, "error": reason, "seconds": seconds})
+        raise SystemExit(130 if isinstance(exc, KeyboardInterrupt | Interrupted) else 1) from exc
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     emit(result)
+    if result.get("error") or result.get("ok") is False:
+        raise SystemExit(1)
+
+
+def not_a_bench(path: str, used_by: str) -> None:
+    """What a helper module says when it is run: which bench to run instead, as the
+    one JSON line every file here ends with, and exit status 2."""
+    name = os.path.basename(path)
+    emit({"bench": None, "error": f"bench/{name} is a helper of {used_by}: run that instead"})
+    raise SystemExit(2)
 
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -178,3 +219,7 @@ def rendezvous_owners(
         best[better] = top_score[better]
         owner[better] = top[better] + first
     return owner
+
+
+if __name__ == "__main__":
+    not_a_bench(__file__, "every bench here (bench/*.py without a leading _)")

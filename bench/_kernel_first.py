@@ -198,3 +198,9 @@ def at_scale(bench: KernelBench, per_host: int) -> dict[str, Any]:
         "portion_elements_in_kernel": elements,
         "mfc_install_all_seconds": facts["install_all_seconds"],
     }
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/kernel.py")

@@ -397,3 +397,9 @@ class KernelBench:
         return counts
 
     # first packets ----------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/kernel.py")

@@ -223,3 +223,9 @@ def udp_frame(src: int, dst: str, dst_mac: bytes, src_mac: bytes, payload: int =
     udp = UDPDatagram(40000, 7000, b"x" * payload).to_wire(source, target)
     packet = IPv4Packet.make(source, target, IPPROTO_UDP, udp, ttl=8).to_wire()
     return dst_mac + src_mac + b"\x08\x00" + packet
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/kernel.py")

@@ -214,3 +214,9 @@ def node_command(
     if seed is not None:
         command += ["--seed", str(seed)]
     return command
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/failover.py, reallocation.py, redirect.py and soak.py")

@@ -193,3 +193,9 @@ class IncrementalRendezvous:
         names = sorted(self.weight)
         found = rendezvous_owners(names, self.keys, [self.weight[s] for s in names])
         return np.array([server_id(s) for s in names], dtype=np.int64)[found]
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/realloc.py")

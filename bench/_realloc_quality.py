@@ -406,3 +406,9 @@ def summary(by_n: Mapping[int, Mapping[str, Any]], key: str, pick: Callable[...,
         label: pick(q["methods"][label][key] for q in by_n.values() if q["methods"][label][key])
         for label in labels
     }
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/realloc.py")

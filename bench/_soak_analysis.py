@@ -181,3 +181,9 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
                 entry[f"{key}_per_hour"] = None
         out[name] = entry
     return out
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/soak.py")

@@ -121,3 +121,9 @@ class Flood:
         for thread in self._threads:
             thread.join(10)
         self._sock.close()
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/soak.py")

@@ -310,3 +310,9 @@ def clients_child(
         progress_every=progress_every,
         progress_line=client_line,
     )
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/soak.py")

@@ -136,3 +136,9 @@ def scenario_text(seed: int, seconds: float, clients_per_lan: int, technique: st
                 table("scenario", at=round(f.at, 3), action="add", server=f.args["server"])
             )
     return head + "\n".join(steps) + "\n[run]" + run
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/soak.py")

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import _plots
-from _common import emit, progress
+from _common import progress, run_and_emit
 from manycast.drivers.links import Attachment, LinkSpec
 from manycast.drivers.memory import MemoryNetwork
 from manycast.drivers.overlay import BUFFER_SIZE, AsyncOverlay
@@ -572,7 +572,17 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
 
 
 def main() -> None:
-    args = _plots.arguments(__doc__)
+    args = _plots.arguments(__doc__)  # before run_and_emit, so that --help prints on stdout
+
+    def run() -> dict[str, Any]:
+        summary = measure()
+        _plots.write(summary, args.plots, plot)
+        return summary
+
+    run_and_emit("overlay", run)
+
+
+def measure() -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     # Generator and relay each on a core of their own when there are two.
     gen_cpu, relay_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (None, None)
@@ -698,8 +708,7 @@ def main() -> None:
         f"ratio of medians); against the asyncio DatagramProtocol relay "
         f"{summary['ratio_vs_asyncio_protocol_relay']}"
     )
-    emit(summary)
-    _plots.write(summary, args.plots, plot)
+    return summary
 
 
 if __name__ == "__main__":

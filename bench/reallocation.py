@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 import _plots
-from _common import emit, progress
+from _common import progress, run_and_emit
 from _pool import (
     PORT_SEARCH,
     Transitions,
@@ -587,7 +587,17 @@ def committed_error(committed: Mapping[str, int], scheduled: int) -> str | None:
 
 
 def main() -> None:
-    args = _plots.arguments(__doc__)
+    args = _plots.arguments(__doc__)  # before run_and_emit, so that --help prints on stdout
+
+    def run() -> dict[str, Any]:
+        result = measure()
+        _plots.write(result, args.plots, plot)
+        return result
+
+    run_and_emit("reallocation", run)
+
+
+def measure() -> dict[str, Any]:
     began = time.monotonic()
     # Other work on the machine shows in every figure here: record how busy it was.
     load_start = round(os.getloadavg()[0], 2)
@@ -625,10 +635,7 @@ def main() -> None:
     if error:
         result["error"] = error
         progress(f"FAILED: {error}")
-    emit(result)
-    _plots.write(result, args.plots, plot)
-    if error:
-        raise SystemExit(1)
+    return result
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import _plots
-from _common import emit, progress
+from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, node_command
 from _soak_analysis import analyse, fit_per_hour
 from _soak_flood import Flood, build
@@ -351,20 +351,14 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_arguments()
-    import contextlib
-    import sys
+    args = parse_arguments()  # before run_and_emit, so that --help prints on stdout
 
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            result = _measure_retrying(args)
-            _plots.write(result, args.plots, plot)
-    except Exception as exc:
-        emit({"bench": "soak", "error": f"{type(exc).__name__}: {exc}"})
-        raise SystemExit(1) from exc
-    emit(result)
-    if not result["ok"]:
-        raise SystemExit(1)
+    def run() -> dict[str, Any]:
+        result = _measure_retrying(args)
+        _plots.write(result, args.plots, plot)
+        return result
+
+    run_and_emit("soak", run)  # exits 1 when the result is not ok
 
 
 if __name__ == "__main__":
