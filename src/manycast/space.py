@@ -562,8 +562,8 @@ class Allocation:
         for start, stop in zip(starts, stops, strict=True):
             yield int(start), int(stop), self.servers[int(self.owners[start])]
 
-    def digest(self) -> str:
-        """A stable fingerprint: equal allocations have equal digests on every host."""
+    @cached_property
+    def _digest(self) -> str:
         # str(space) does not show the bucket order, which changes what a bucket holds.
         order = "interleaved" if self.space.interleave else "ordered"
         h = hashlib.sha256(f"{self.space} {order}".encode())
@@ -572,6 +572,11 @@ class Allocation:
         for start, stop, server in self.runs():
             h.update(f"{start}:{stop}:{server};".encode())
         return h.hexdigest()[:16]
+
+    def digest(self) -> str:
+        """A stable fingerprint: equal allocations have equal digests on every host.
+        Computed once per allocation (it is immutable): every heartbeat carries it."""
+        return self._digest
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Allocation):

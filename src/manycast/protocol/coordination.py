@@ -135,7 +135,6 @@ class _Pending:
     result: Allocation
     acks: set[str]
     deadline: float
-    digest: str = NO_DIGEST  # the result's, computed once (every ack is checked against it)
 
 
 @dataclass
@@ -176,7 +175,6 @@ class Coordinator:
         self._seq = 0
         self._outbox: list[control.ControlMessage] = []
         self._new: Allocation | None = initial
-        self._digest_of: tuple[Allocation, str] | None = None
         self._pending: _Pending | None = None  # ours, as coordinator
         # others' proposals we acked: epoch -> (digest, result, when)
         self._offered: dict[int, tuple[str, Allocation, float]] = {}
@@ -220,15 +218,7 @@ class Coordinator:
 
     @property
     def digest(self) -> str:
-        allocation = self.allocation
-        if allocation is None:
-            return NO_DIGEST
-        # Every heartbeat carries it, and hashing a large pool's allocation is not free:
-        # computed once per allocation held.
-        cached = self._digest_of
-        if cached is None or cached[0] is not allocation:
-            cached = self._digest_of = (allocation, allocation.digest())
-        return cached[1]
+        return self.allocation.digest() if self.allocation is not None else NO_DIGEST
 
     @property
     def view(self) -> tuple[int, str]:
@@ -494,14 +484,13 @@ class Coordinator:
         epoch = self.epoch + 1
         if self.on_offer is not None:
             self.on_offer(result)
-        digest = result.digest()
         self._pending = _Pending(
-            epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat_s * 2, digest
+            epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat_s * 2
         )
         self.stats.proposals += 1
         self._send(
             control.Proposal(
-                self.name, self._next_seq(), epoch, self.epoch, self.digest, digest, 0, op
+                self.name, self._next_seq(), epoch, self.epoch, self.digest, result.digest(), 0, op
             )
         )
         self._maybe_commit(now)
@@ -519,7 +508,9 @@ class Coordinator:
         self._pending = None
         if self.view != pending.base:
             return  # overtaken (we adopted a greater state meanwhile)
-        self._send(control.Commit(self.name, self._next_seq(), pending.epoch, pending.digest))
+        self._send(
+            control.Commit(self.name, self._next_seq(), pending.epoch, pending.result.digest())
+        )
         self._install(pending.epoch, pending.result, now, f"commit {_describe(pending.op)}")
         self.stats.commits += 1
         self._duties(now)
@@ -550,7 +541,7 @@ class Coordinator:
             if (
                 pending is not None
                 and message.epoch == pending.epoch
-                and message.digest == pending.digest
+                and message.digest == pending.result.digest()
             ):
                 pending.acks.add(message.sender)
                 self._maybe_commit(now)

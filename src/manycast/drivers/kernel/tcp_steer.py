@@ -59,7 +59,7 @@ def handle(daemon: RouterDaemon, request: dict[str, Any]) -> dict[str, Any]:
             outs = frozenset({daemon.vif_of[iface_toward(str(to))]})
     except (KeyError, ValueError, OSError) as exc:
         return {"error": f"cannot steer: {exc}"}
-    if getattr(daemon, "portions", None) is not None:
+    if daemon.portions is not None:
         return {"error": "the portion plane forwards the pool's group: steering needs the MFC"}
     key = (source, group)
     if outs is None:
