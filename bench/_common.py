@@ -55,13 +55,8 @@ def run_and_emit(bench: str, run: Callable[[], dict[str, Any]]) -> None:
     as a timeout sends) or exits early still ends in one JSON object, with `error`,
     and exits non-zero; so does a result that carries `error` or `ok: false`."""
     began = time.monotonic()
-    main_pid = os.getpid()
 
     def stop(signum: int, _frame: object) -> None:
-        if os.getpid() != main_pid:  # a forked child: die as the signal says
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         raise Interrupted(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, stop) for s in _STOP_SIGNALS}
