@@ -216,6 +216,32 @@ def node_command(
     return command
 
 
+def expect(conn: Connection, name: str, what: str, wait: float) -> Any:
+    """The payload of the message `what` from the child process `name`, which
+    `host_pool` sends as (what, payload); its error, or silence, raised here."""
+    if not conn.poll(wait):
+        raise RuntimeError(f"{name}: no {what!r} within {wait:.0f} s")
+    message, payload = conn.recv()
+    if message == "error":
+        raise RuntimeError(f"{name} failed:\n{payload}")
+    if message != what:
+        raise RuntimeError(f"{name}: expected {what!r}, got {message!r}")
+    return payload
+
+
+def servers_line(run: PoolRun) -> str:
+    """A progress line of the servers hosted here: the epoch, each one's share and sessions."""
+    servers = run.nodes.servers.values()
+    parts = []
+    for s in servers:
+        allocation = s.coordinator.allocation
+        held = allocation is not None and s.name in allocation.servers
+        share = float(allocation.share(s.name)) if held else 0.0  # type: ignore[union-attr]
+        parts.append(f"{s.name}={share:.0%}/{s.sessions}")
+    epoch = max(s.coordinator.epoch for s in servers)
+    return f"epoch {epoch} share/sessions " + " ".join(parts)
+
+
 if __name__ == "__main__":
     from _common import not_a_bench
 

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from _pool import every, host_pool
+from _pool import every, host_pool, servers_line
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, Fault
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
@@ -142,18 +142,6 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
     return setup
 
 
-def infra_line(run: PoolRun) -> str:
-    servers = run.nodes.servers.values()
-    parts = []
-    for s in servers:
-        allocation = s.coordinator.allocation
-        held = allocation is not None and s.name in allocation.servers
-        share = float(allocation.share(s.name)) if held else 0.0  # type: ignore[union-attr]
-        parts.append(f"{s.name}={share:.0%}/{s.sessions}")
-    epoch = max(s.coordinator.epoch for s in servers)
-    return f"epoch {epoch} share/sessions " + " ".join(parts)
-
-
 def infra_child(
     conn: Connection,
     text: str,
@@ -182,7 +170,7 @@ def infra_child(
         _infra_setup(faults, state),
         collect,
         progress_every=progress_every,
-        progress_line=infra_line,
+        progress_line=servers_line,
     )
 
 

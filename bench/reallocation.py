@@ -58,8 +58,10 @@ from _pool import (
     PORT_SEARCH,
     Transitions,
     every,
+    expect,
     host_pool,
     percentile,
+    servers_line,
     two_router_pool,
 )
 from manycast.ports import free_base_port
@@ -241,15 +243,7 @@ def client_line(run: PoolRun) -> str:
 
 
 def infra_line(run: PoolRun) -> str:
-    servers = run.nodes.servers.values()
-    parts = []
-    for s in servers:
-        allocation = s.coordinator.allocation
-        held = allocation is not None and s.name in allocation.servers
-        share = float(allocation.share(s.name)) if held else 0.0  # type: ignore[union-attr]
-        parts.append(f"{s.name}={share:.0%}/{s.sessions}")
-    epoch = max(s.coordinator.epoch for s in servers)
-    return f"servers: epoch {epoch} share/sessions " + " ".join(parts)
+    return "servers: " + servers_line(run)
 
 
 def _child(
@@ -299,19 +293,6 @@ def _child(
         )
 
 
-def _expect(
-    conn: Connection, process: multiprocessing.process.BaseProcess, what: str, wait: float
-) -> Any:
-    if not conn.poll(wait):
-        raise RuntimeError(f"{process.name}: no {what!r} within {wait:.0f} s")
-    message, payload = conn.recv()
-    if message == "error":
-        raise RuntimeError(f"{process.name} failed:\n{payload}")
-    if message != what:
-        raise RuntimeError(f"{process.name}: expected {what!r}, got {message!r}")
-    return payload
-
-
 def run_technique(technique: str, steps: list[tuple[float, str, dict[str, Any]]]) -> dict[str, Any]:
     window = (steps[0][0], steps[-1][0] + TAIL)
     text = two_router_pool(
@@ -343,13 +324,13 @@ def run_technique(technique: str, steps: list[tuple[float, str, dict[str, Any]]]
     results: list[Any] = []
     try:
         for process, conn in children:
-            _expect(conn, process, "built", 60)
+            expect(conn, process.name, "built", 60)
         start = time.monotonic() + 0.3
         for _, conn in children:
             conn.send(("go", start))
         wait = window[1] + INFRA_GRACE + 30
         for process, conn in children:
-            results.append(_expect(conn, process, "done", wait))
+            results.append(expect(conn, process.name, "done", wait))
     finally:
         for process, conn in children:
             process.join(5)

@@ -41,7 +41,7 @@ from typing import Any
 
 import _plots
 from _common import progress, run_and_emit
-from _pool import PORT_SEARCH, node_command
+from _pool import PORT_SEARCH, expect, node_command
 from _soak_analysis import analyse, fit_per_hour
 from _soak_flood import Flood, build
 from _soak_hosts import clients_child, infra_child
@@ -100,17 +100,6 @@ class Victim:
             self.process = None
 
 
-def _expect(conn: Any, process: Any, what: str, wait: float) -> Any:
-    if not conn.poll(wait):
-        raise RuntimeError(f"{process.name}: no {what!r} within {wait:.0f} s")
-    message, payload = conn.recv()
-    if message == "error":
-        raise RuntimeError(f"{process.name} failed:\n{payload}")
-    if message != what:
-        raise RuntimeError(f"{process.name}: expected {what!r}, got {message!r}")
-    return payload
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     began = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -162,7 +151,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         flood: Flood | None = None
         try:
             for process, conn in children:
-                _expect(conn, process, "built", 180)
+                expect(conn, process.name, "built", 180)
             builder.join(120)
             if not packets:
                 raise RuntimeError("the flood's packets were not built")
@@ -239,7 +228,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             results: dict[str, Any] = {"infra": {"epochs": {}, "servers": [], "done": []}}
             for process, conn in children:
                 if process.name not in failed:
-                    results[process.name] = _expect(conn, process, "done", 120)
+                    results[process.name] = expect(conn, process.name, "done", 120)
         finally:
             for victim in victims.values():
                 victim.check(time.monotonic() - began)
