@@ -16,6 +16,7 @@ from manycast.space import (
     Portion,
     PortionSet,
     SpaceError,
+    _TrieCosts,
     address_to_int,
     diff,
     moved_share,
@@ -254,6 +255,36 @@ def test_cover_selects_exactly(space: AddressSpace, seed: int, density: float, b
     assert np.array_equal(select(space, cover), selected)
     for portion in (*cover.include, *cover.exclude):
         assert Portion.parse(str(portion)) == portion
+
+
+def _fewest_runs(selected: list[bool], inside: bool) -> int:
+    """The definition the trie costs compute, by plain recursion: the fewest
+    include/exclude runs selecting exactly `selected`, starting inside an include
+    or not (one flip each way on any root-to-leaf path)."""
+    n, count = len(selected), sum(selected)
+    if inside:
+        if count == n:
+            return 0
+        if count == 0:
+            return 1
+    else:
+        if count == 0:
+            return 0
+        if count == n:
+            return 1
+    half = n // 2
+    split = _fewest_runs(selected[:half], inside) + _fewest_runs(selected[half:], inside)
+    if inside:
+        return split
+    flip = 1 + _fewest_runs(selected[:half], True) + _fewest_runs(selected[half:], True)
+    return min(split, flip)
+
+
+@settings(max_examples=200)
+@given(st.integers(0, 6), st.integers(0, 2**32 - 1), st.floats(0, 1))
+def test_trie_costs_match_the_definition(bits: int, seed: int, density: float) -> None:
+    selected = np.random.default_rng(seed).random(1 << bits) < density
+    assert _TrieCosts(selected).total == _fewest_runs(selected.tolist(), False)
 
 
 def test_cover_is_small_for_aligned_sets() -> None:

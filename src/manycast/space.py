@@ -320,20 +320,22 @@ class _TrieCosts:
     """
 
     def __init__(self, selected: npt.NDArray[np.bool_]) -> None:
-        count = selected.astype(np.int64)
-        out_cost = count.copy()  # a selected leaf takes one include; an empty one nothing
+        # int32 and the fewest array passes: this runs on every server at every
+        # allocation change, over 2**bits leaves (twice: high and low order).
+        count = selected.astype(np.int32)
+        out_cost = count  # a selected leaf takes one include; an empty one nothing
         in_cost = 1 - count  # inside an include, an empty leaf takes one exclude
         self.counts, self.outs, self.ins = [count], [out_cost], [in_cost]
-        size = 1
         while len(count) > 1:
-            size *= 2
             count = count[0::2] + count[1::2]
             inside = self.ins[-1][0::2] + self.ins[-1][1::2]
             split = self.outs[-1][0::2] + self.outs[-1][1::2]
-            empty, full = count == 0, count == size
             self.counts.append(count)
-            self.ins.append(np.where(empty, 1, np.where(full, 0, inside)))
-            self.outs.append(np.where(empty, 0, np.where(full, 1, np.minimum(1 + inside, split))))
+            # An empty node inside an include takes one exclude (its children's sum
+            # would be two); a full one already sums to 0 inside and 2 outside, so
+            # `min(1 + inside, split)` gives 0 for an empty node and 1 for a full one.
+            self.ins.append(np.where(count == 0, np.int32(1), inside))
+            self.outs.append(np.minimum(inside + 1, split))
         self.total = int(self.outs[-1][0])
 
     def plan(self) -> _Plan:
