@@ -13,15 +13,16 @@ technique, as bench/reallocation.py counts them:
   reallocations, less heartbeats and the idle rate, per committed reallocation; D's
   over R2's and R3's.
 
-Part 2, moves up close (one process, the overlay, 80 clients at 2 requests/s, so
-that one process keeps up and the round trip is the network's): a quiet window
-gives the steady-state round trip (`rtt_ms`: the median request latency), then
-share changes move connections. For every move, `pause` = when the client accepted
-the signed change-destination minus when the old server let the connection go
-(`move_pause_p50_over_rtt`, `move_pause_p99_over_rtt`; goal p99 <= 2). Then every
-live connection gets one of each kind of hijack from an attacker's address:
-forged signature, another key, a replayed serial, a stale timestamp, a wrong
-cookie, no signature (`hijacks_refused` over `hijacks_tried`; goal: all refused,
+Part 2, moves up close (bench/_redirect_moves.py: the overlay, the clients in one
+process and the routers and servers in another, 80 clients at 2 requests/s): a
+quiet window gives the steady-state round trip (`rtt_ms`: the median request
+latency), then six share changes move connections. For every move, `pause` =
+when the client accepted the signed change-destination minus when the old server
+let the connection go, on the machine's wall clock (`move_pause_p50_over_rtt`,
+`move_pause_p99_over_rtt`; goal p99 <= 2). Then every live connection gets one of
+each kind of hijack from an attacker's address: forged signature, another key, a
+replayed serial, a stale timestamp, a wrong cookie, no signature
+(`hijacks_refused` over `hijacks_tried`; goal: all refused,
 `connections_disturbed` 0: no connection moved, no request failed).
 
 Part 3, the second server (Fig 20): the overlay, 40 clients with short
@@ -38,33 +39,24 @@ control messages per reallocation by technique, and the move pauses' CDF.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import ipaddress
 import os
-import random
 import time
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import _plots
+import _redirect_moves
 from _common import progress, run_and_emit
-from _pool import percentile
-from manycast.pool import pool_keys
+from _pool import table
 from manycast.ports import free_base_port
-from manycast.protocol.destination import sign_change
 from manycast.runtime import PoolRun
 from manycast.steps import SetShare
 from manycast.topology import loads
-from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
-from manycast.wire.transport import ChangeDestination, ChangeDestinationMark, TcpFlags, TcpSegment
 from reallocation import CLIENTS_PER_LAN, RATE, SEED, run_technique, schedule
 
 TECHNIQUES = ("D", "R1", "R2", "R3")
-PORT = 7000
-ATTACKER = ipaddress.IPv4Address("10.1.0.250")
 
 
 def pool_text(
@@ -75,6 +67,7 @@ def pool_text(
     redirect_above: float = 1.5,
     duration: float = 60.0,
     misses: int = 10,
+    steps: Sequence[tuple[float, str, dict[str, Any]]] = (),
 ) -> str:
     """clients a1.. -- ra -- core -- rs1 (s1, s3) / rs2 (s2, s4), technique D."""
     lines = [
@@ -101,9 +94,9 @@ def pool_text(
         "stride = 97",
         f"rate = {rate}",
         f"requests_per_connection = {per_connection}",
-        "[run]",
-        f"duration = {duration}",
     ]
+    lines += [table("scenario", at=at, action=action, **args) for at, action, args in steps]
+    lines += ["[run]", f"duration = {duration}"]
     return "\n".join(lines) + "\n"
 
 
@@ -142,135 +135,12 @@ def part1(techniques: tuple[str, ...]) -> dict[str, Any]:
 # -- part 2 ------------------------------------------------------------------------------
 
 
-def hijacks(client: Any, key: Any, outsider: Any, wall_ms: int) -> list[tuple[str, Any]]:
-    conn = client.endpoint.connection(client.conn_key)
-    serial = client.guard.last_serial + 1
-    base = ChangeDestination(conn.tag, conn.cookie, ATTACKER, PORT, serial, wall_ms)
-    replace = dataclasses.replace
-    return [
-        ("forged", replace(base, signature=random.Random(serial).randbytes(64))),
-        ("other key", sign_change(base, outsider)),
-        ("replayed", sign_change(replace(base, serial=serial - 1), key)),
-        ("stale", sign_change(replace(base, timestamp_ms=wall_ms - 120_000), key)),
-        ("wrong cookie", sign_change(replace(base, cookie=conn.cookie ^ 1), key)),
-        ("unsigned", base),
-    ]
-
-
-def inject(client: Any, message: ChangeDestination, now: float) -> None:
-    conn = client.endpoint.connection(client.conn_key)
-    state = conn.session_state()
-    segment = TcpSegment(
-        PORT,
-        client.conn_key[0][1],
-        state.receive.rcv_nxt % 2**32,
-        state.snd_nxt % 2**32,
-        TcpFlags.ACK,
-        65535,
-        options=(ChangeDestinationMark(),),
-        payload=message.to_wire(),
-    )
-    wire = IPv4Packet.make(
-        ATTACKER, client.address, IPPROTO_TCP, segment.to_wire(ATTACKER, client.address)
-    )
-    client.receive(client.host.iface, wire.to_wire(), now)
-
-
 def part2(clients: int, rate: float) -> dict[str, Any]:
-    run = overlay_run(pool_text(clients, rate), seed=SEED)
-    nodes = run.nodes
-    try:
-        ready = wait(run, lambda: all(c.connected for c in nodes.clients.values()), 30.0)
-        if not ready:
-            raise RuntimeError("part 2: the clients never all connected")
-        quiet = run.now
-        run.network.run_until(quiet + 3.0)
-        latencies = [
-            lat
-            for c in nodes.clients.values()
-            for t, lat in zip(c.stats.ok_times, c.stats.latencies, strict=True)
-            if t >= quiet
-        ]
-        rtt = percentile(latencies, 50)
-        assert rtt is not None
-        rng = random.Random(SEED)
-        changes = 0
-        for share in (0.10, 0.40, 0.20, 0.35, 0.15, 0.30):
-            server = rng.choice(sorted(nodes.servers))
-            step = SetShare(at=run.now, server=server, share=Fraction(share).limit_denominator(100))
-            call(run, lambda step=step: run.engine.carry_out(step, run.now))
-            run.network.run_until(run.now + 1.5)
-            changes += 1
-        run.network.run_until(run.now + 1.0)
-        wall = run.network.wall_base
-        released = {
-            (int(client), port, serial): at - wall
-            for server in nodes.servers.values()
-            if server.redirector is not None
-            for at, client, port, serial in server.redirector.released
-        }
-        pauses = []
-        for client in nodes.clients.values():
-            if client.conn_key is None:
-                continue  # between connections at the end: its disruptions count below
-            port = client.conn_key[0][1]  # type: ignore[index]
-            for accepted, serial in client.stats.moves:
-                began = released.get((int(client.address), port, serial))
-                if began is not None:
-                    pauses.append(accepted - began)
-        broken_moving = sum(len(c.stats.disruptions) for c in nodes.clients.values())
-        # Hijacks at every live connection.
-        key, outsider = pool_keys(run.topology, SEED)
-        before = {n: (c.conn_key, len(c.stats.disruptions)) for n, c in nodes.clients.items()}
-        refused_before = sum((c.stats.redirects_refused for c in nodes.clients.values()), Counter())
-        tried: Counter[str] = Counter()
-
-        def attack() -> None:
-            wall_ms = int((wall + run.now) * 1000)
-            for client in nodes.clients.values():
-                for what, message in hijacks(client, key, outsider, wall_ms):
-                    inject(client, message, run.now)
-                    tried[what] += 1
-
-        call(run, attack)
-        attacked = run.now
-        run.network.run_until(attacked + 3.0)
-        refused = (
-            sum((c.stats.redirects_refused for c in nodes.clients.values()), Counter())
-            - refused_before
-        )
-        disturbed = [
-            n
-            for n, c in nodes.clients.items()
-            if c.conn_key != before[n][0] or len(c.stats.disruptions) != before[n][1]
-        ]
-        unserved = [n for n, c in nodes.clients.items() if not c.stats.first_ok_after(attacked + 1)]
-        redirectors = [s.redirector for s in nodes.servers.values() if s.redirector is not None]
-        return {
-            "clients": clients,
-            "share_changes": changes,
-            "rtt_ms": round(rtt * 1000, 2),
-            "moves_measured": len(pauses),
-            "moves_started": sum(r.stats.moved_out for r in redirectors),
-            "moves_failed": sum(r.stats.move_failed for r in redirectors),
-            "move_pause_ms": {
-                "p50": _ms(percentile(pauses, 50)),
-                "p99": _ms(percentile(pauses, 99)),
-                "max": _ms(max(pauses, default=None)),
-            },
-            "move_pause_p50_over_rtt": _ratio(percentile(pauses, 50), rtt),
-            "move_pause_p99_over_rtt": _ratio(percentile(pauses, 99), rtt),
-            "move_pauses_over_rtt": sorted(round(p / rtt, 3) for p in pauses),
-            "disruptions_while_moving": broken_moving,
-            "hijacks_tried": sum(tried.values()),
-            "hijacks_refused": sum(refused.values()),
-            "hijacks_tried_by_kind": dict(tried),
-            "hijacks_refused_by_reason": {str(k): v for k, v in refused.items()},
-            "connections_disturbed": len(disturbed),
-            "clients_unserved_after_hijacks": len(unserved),
-        }
-    finally:
-        run.close()
+    servers = [f"s{index}" for index in range(1, 5)]
+    text = pool_text(
+        clients, rate, duration=_redirect_moves.DURATION, steps=_redirect_moves.steps(SEED, servers)
+    )
+    return _redirect_moves.measure(text, SEED, clients)
 
 
 # -- part 3 ------------------------------------------------------------------------------
