@@ -15,7 +15,10 @@ The pool chooses one technique:
   connection asks for its state over the control channel; the old owner exports
   the transport and application state and lets the connection go; the new owner
   imports it and continues the connection, segments that arrived meanwhile
-  included.
+  included. The old owner keeps the reply for `given_kept` seconds and sends it
+  again when the same server asks again: the reply is the connection's only copy,
+  and one lost or late datagram must not lose it. The asker asks again every
+  `QUERY_RESEND` seconds until its `query_timeout`.
 * R4 pinned paths (Fig 16): before a reallocation executes, a server creates a
   tag-switched path to itself for each connection it is about to lose: it tags
   the connection onto its own label-switched tree at the client's edge router
@@ -35,7 +38,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from manycast.errors import ConfigError
 from manycast.protocol.app import Service
@@ -55,6 +58,10 @@ SendControl = Callable[[control.ControlMessage, ipaddress.IPv4Address | None], N
 Edges = Sequence[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]
 
 
+QUERY_RESEND = 0.3  # seconds between R3 state queries for one connection
+GIVEN_LIMIT = 10_000  # released states kept for their asker at most (oldest go first)
+
+
 @dataclass
 class HandoverStats:
     reset_moved: int = 0  # R1: connections we gave up and reset
@@ -64,6 +71,7 @@ class HandoverStats:
     redirects: int = 0
     queries: int = 0  # R3: state queries we sent
     transferred_out: int = 0  # R3: connections whose state we handed over
+    transfer_resent: int = 0  # R3: a handed-over state sent again to the same asker
     transferred_in: int = 0  # R3: connections we continued from another server's state
     pinned: int = 0  # R4: connections we tagged onto our tree before giving them up
     unpinned: int = 0  # ... and untagged when they closed
@@ -108,7 +116,7 @@ class Handover:
         rng: random.Random,
         *,
         close_after_transaction: bool = False,
-        query_timeout: float = 0.9,
+        query_timeout: float = 1.5,
         forward_timeout: float = 0.3,
         idle_timeout: float = 30.0,
         edges: Edges = (),
@@ -133,13 +141,19 @@ class Handover:
         self.session = session
         self.rng = rng
         self.close_after_transaction = close_after_transaction
-        self.query_timeout = query_timeout  # R3: asked three times before giving up
+        # R3: asked every QUERY_RESEND s; then the connection is reset. A reply can be
+        # late on a loaded host; the client gives up on a request after 2 s anyway.
+        self.query_timeout = query_timeout
+        self.given_kept = 2 * query_timeout
         self.forward_timeout = forward_timeout  # R2: forwarded packets nobody claims
         self.idle_timeout = idle_timeout
         self.stats = HandoverStats()
         self.moved: set[ConnKey] = set()  # connections we keep although their portion left us
         self._queries: dict[ConnKey, _Query] = {}
         self._query_ids: dict[int, ConnKey] = {}
+        # R3: states we handed over, kept for a repeated query from the same asker:
+        # key -> (the reply, the asker's name, until when).
+        self._given: dict[ConnKey, tuple[control.StateReply, str, float]] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
         self._tagged: dict[ConnKey, ipaddress.IPv4Address] = {}  # R4: -> the edge told
@@ -245,7 +259,7 @@ class Handover:
             client, port = key[1]
             wanted = control.ConnectionKey(client, port, key[0][0], key[0][1])
             query = self._queries[key] = _Query(
-                query_id, now + self.query_timeout, wanted, now + self.query_timeout / 3
+                query_id, now + self.query_timeout, wanted, now + QUERY_RESEND
             )
             self._query_ids[query_id] = key
             self.send_control(control.StateQuery(self.name, 0, query_id, wanted), None)
@@ -278,7 +292,7 @@ class Handover:
                 entry.target = message.target
                 self.stats.redirects += 1
         elif isinstance(message, control.StateQuery):
-            self._on_state_query(message)
+            self._on_state_query(message, now)
         elif isinstance(message, control.StateReply):
             self._on_state_reply(message, now)
         else:
@@ -311,11 +325,12 @@ class Handover:
             )
             self.send_control(redirect, receiver)
 
-    def _on_state_query(self, query: control.StateQuery) -> None:
+    def _on_state_query(self, query: control.StateQuery, now: float) -> None:
         wanted = query.key
         key: ConnKey = ((wanted.group, wanted.service_port), (wanted.client, wanted.client_port))
         conn = self.endpoint.connection(key)
         if conn is None:
+            self._give_again(key, query, now)
             return
         try:
             self.host.flush()  # what it queued still goes out from here
@@ -325,11 +340,27 @@ class Handover:
         app_state = self.app.export(key) if key in self.app else b""
         self.app.close(key)
         self.moved.discard(key)
-        self.send_control(
-            control.StateReply(self.name, 0, query.query_id, wanted, True, transport, app_state),
-            None,
-        )
+        reply = control.StateReply(self.name, 0, query.query_id, wanted, True, transport, app_state)
+        self.send_control(reply, None)
         self.stats.transferred_out += 1
+        if len(self._given) >= GIVEN_LIMIT:
+            del self._given[next(iter(self._given))]
+        self._given[key] = (reply, query.sender, now + self.given_kept)
+
+    def _give_again(self, key: ConnKey, query: control.StateQuery, now: float) -> None:
+        """The state we handed over, again, to the server that asked for it: its
+        query came again, so it has not got our reply (lost, or still on its way).
+        Only to that server: another asker may come after the first took it, and
+        would get a state that is no longer the connection's."""
+        given = self._given.get(key)
+        if given is None:
+            return
+        reply, asker, until = given
+        if until < now:
+            del self._given[key]
+        elif asker == query.sender:
+            self.send_control(replace(reply, query_id=query.query_id), None)
+            self.stats.transfer_resent += 1
 
     def _on_state_reply(self, reply: control.StateReply, now: float) -> None:
         key = self._query_ids.pop(reply.query_id, None)
@@ -392,7 +423,7 @@ class Handover:
         for key, query in list(self._queries.items()):
             if query.resend <= now < query.deadline:
                 # The query or its answer may be lost on a busy network: ask again.
-                query.resend = now + self.query_timeout / 3
+                query.resend = now + QUERY_RESEND
                 self.send_control(
                     control.StateQuery(self.name, 0, query.query_id, query.wanted), None
                 )
@@ -405,6 +436,8 @@ class Handover:
         stale = [f for f, e in self._forwards.items() if now - e.last_used > self.idle_timeout]
         for flow in stale:
             del self._forwards[flow]
+        for key in [k for k, (_, _, until) in self._given.items() if until < now]:
+            del self._given[key]
 
 
 def _owned(portions: SourceFilter | None, key: ConnKey) -> bool:

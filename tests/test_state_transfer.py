@@ -1,0 +1,94 @@
+"""R3 (state transfer on demand, Fig 15) when the state's one message is lost or late.
+
+The old owner lets a connection go when it answers the new owner's query: its
+reply is the connection's only copy. The soak (docs/soak.md, findings; seed
+20261201, the overlay under load) lost sessions this way: replies that came after
+the asker had given up, or never, and the asker reset the connection. The old
+owner now keeps the reply and sends it again when the same server asks again.
+On the memory driver, with the first copy of every state reply lost, no session
+may be lost.
+"""
+
+from __future__ import annotations
+
+from manycast.wire import control
+from pooltools import pool_toml, run_to, start
+
+CHANGE_AT = 3.0
+
+
+def _pool(clients: int = 48) -> str:
+    return pool_toml(
+        clients=clients,
+        pool={"technique": "R3"},
+        scenario=[(CHANGE_AT, "set_share", {"server": "s1", "share": 0.1})],
+        duration=8.0,
+    )
+
+
+def _lose_first_reply_copies() -> tuple[list[int], object]:
+    """A drop rule: every server loses the first copy of every state reply."""
+    seen: set[tuple[str, int]] = set()
+    lost: list[int] = []
+
+    def rule(to: str, sender: str, message: control.ControlMessage, now: float) -> bool:
+        if not isinstance(message, control.StateReply) or (to, message.query_id) in seen:
+            return False
+        seen.add((to, message.query_id))
+        lost.append(message.query_id)
+        return True
+
+    return lost, rule
+
+
+def test_a_lost_state_reply_is_sent_again_and_no_session_is_lost() -> None:
+    run, trace = start(_pool(), seed=20261201)
+    lost, rule = _lose_first_reply_copies()
+    trace.drop(rule)  # type: ignore[arg-type]
+    run_to(run, 8.0)
+    servers = run.nodes.servers.values()
+    clients = run.nodes.clients.values()
+    transferred_in = sum(s.handover.stats.transferred_in for s in servers)
+    transferred_out = sum(s.handover.stats.transferred_out for s in servers)
+    assert lost and transferred_out > 0  # states moved, and their first replies were lost
+    assert transferred_in == transferred_out  # every state handed over arrived
+    assert sum(c.stats.resets for c in clients) == 0
+    assert sum(c.stats.state_lost for c in clients) == 0
+    assert sum(c.stats.requests_failed for c in clients) == 0
+    late = [c.name for c in clients if c.stats.first_ok_after(CHANGE_AT + 2.0) is None]
+    assert late == []
+    assert sum(s.handover.stats.transfer_resent for s in servers) >= transferred_out
+
+
+def test_a_state_is_given_again_only_to_the_server_that_asked() -> None:
+    """A second asker (the connection went on from the first) must not get the old
+    copy: two servers would then hold the connection, one of them stale."""
+    run, trace = start(_pool(clients=16), seed=20261201)
+    replies: list[control.StateReply] = []
+
+    def watch(to: str, sender: str, message: control.ControlMessage, now: float) -> bool:
+        if isinstance(message, control.StateReply):
+            replies.append(message)
+        return False
+
+    trace.drop(watch)
+    run_to(run, 6.0)
+    assert replies, "the change moved no connection"
+    giver = next(s for s in run.nodes.servers.values() if s.handover.stats.transferred_out)
+    first = replies[0]
+    key = (
+        (first.key.group, first.key.service_port),
+        (first.key.client, first.key.client_port),
+    )
+    assert giver.handover._given  # it keeps what it gave
+    held = giver.handover._given.get(key)
+    assert held is not None
+    reply, asker, _ = held
+    sent = giver.handover.stats.transfer_resent
+    other = next(n for n in run.nodes.servers if n not in (asker, giver.name))
+    query = control.StateQuery(other, 0, 12345, reply.key)
+    giver.handover.on_message(query, run.now)
+    assert giver.handover.stats.transfer_resent == sent  # not to another server
+    again = control.StateQuery(asker, 0, 12345, reply.key)
+    giver.handover.on_message(again, run.now)
+    assert giver.handover.stats.transfer_resent == sent + 1  # to the asker, again
