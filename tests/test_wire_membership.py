@@ -67,10 +67,13 @@ def records(draw: st.DrawFn, bits: int) -> GroupRecord:
     )
 
 
-def signed_joins(bits: int) -> st.SearchStrategy[SignedJoin]:
-    return st.builds(
-        SignedJoin, st.integers(0, 2**64 - 1), addresses(bits), st.binary(max_size=32),
-        st.binary(max_size=80),
+@st.composite
+def signed_joins(draw: st.DrawFn, bits: int) -> SignedJoin:
+    parts = draw(st.integers(1, 2**16 - 1))
+    return SignedJoin(
+        draw(st.integers(0, 2**64 - 1)), draw(addresses(bits)), draw(st.binary(max_size=32)),
+        draw(st.binary(max_size=80)), draw(st.integers(0, 2**32 - 1)),
+        draw(st.integers(0, parts - 1)), parts,
     )
 
 
@@ -176,7 +179,8 @@ def test_extension_layout_is_pinned() -> None:
         (GroupRecord(RecordType.MODE_IS_INCLUDE, group, (),
                      include_masks=(MaskPair(0x0A000000, 0xFF000001),),
                      exclude_masks=(MaskPair(0, 0x80),)),),
-        SignedJoin(0x0102030405060708, IPv4Address("10.0.0.9"), b"KEY", b"SIG"),
+        SignedJoin(0x0102030405060708, IPv4Address("10.0.0.9"), b"KEY", b"SIG",
+                   generation=0x0A0B0C0D, part=1, parts=3),
     )
     wire = report.to_wire()
     expected = (
@@ -184,8 +188,9 @@ def test_extension_layout_is_pinned() -> None:
         + b"\x01\x00\x00\x00" + group.packed
         + struct.pack("!HH", EXT_GROUP_MASKS, 24) + b"\x00\x00\x00\x01" + group.packed
         + bytes.fromhex("0a000000ff000001") + bytes.fromhex("0000000000000080")
-        + struct.pack("!HH", EXT_SIGNED_JOIN, 8 + 4 + 2 + 3 + 3)
-        + bytes.fromhex("0102030405060708") + bytes((10, 0, 0, 9)) + b"\x00\x03KEY" + b"SIG"
+        + struct.pack("!HH", EXT_SIGNED_JOIN, 8 + 4 + 8 + 2 + 3 + 3)
+        + bytes.fromhex("0102030405060708") + bytes((10, 0, 0, 9))
+        + bytes.fromhex("0a0b0c0d00010003") + b"\x00\x03KEY" + b"SIG"
     )
     assert wire == expected
     assert internet_checksum(wire) == 0
@@ -303,8 +308,8 @@ def _masks(index: int, include: int, group: IPv4Address, pairs: bytes) -> bytes:
     return struct.pack("!HH", EXT_GROUP_MASKS, len(value)) + value
 
 
-def _signed(signature: bytes = b"sig") -> bytes:
-    value = bytes(8) + bytes(4) + b"\x00\x01k" + signature
+def _signed(signature: bytes = b"sig", part: int = 0, parts: int = 1) -> bytes:
+    value = bytes(8) + bytes(4) + struct.pack("!IHH", 7, part, parts) + b"\x00\x01k" + signature
     return struct.pack("!HH", EXT_SIGNED_JOIN, len(value)) + value
 
 
@@ -332,6 +337,9 @@ _PAIR = bytes.fromhex("0a000000ff000000")
         (_report(_RECORD, 1, struct.pack("!HH", EXT_SIGNED_JOIN, 9) + bytes(8)), "extension"),
         (_report(_RECORD, 1, _signed()), None),
         (_report(_RECORD, 1, _signed(b"")), None),
+        (_report(_RECORD, 1, _signed(part=2, parts=3)), None),
+        (_report(_RECORD, 1, _signed(part=3, parts=3)), "part 3 of 3"),
+        (_report(_RECORD, 1, _signed(part=0, parts=0)), "part 0 of 0"),
         (_report(_RECORD, 1) + b"\0\0\0\0", "trailing"),
         (igmp_with_checksum(b"\x22\x00\x00\x00\x80\x00\x00\x01" + _RECORD), "no extension"),
         (igmp_with_checksum(b"\x22\x00\x00\x00\x00\x01\x00\x01" + _RECORD), "unknown flags"),
@@ -371,3 +379,7 @@ def test_programming_errors_are_value_errors() -> None:
         MLDv2Report((), SignedJoin(0, IPv4Address("10.0.0.1"), b""))
     with pytest.raises(ValueError, match="64 bits"):
         SignedJoin(2**64, _GROUP, b"")
+    with pytest.raises(ValueError, match="32 bits"):
+        SignedJoin(0, _GROUP, b"", generation=2**32)
+    with pytest.raises(ValueError, match="part 2 of 2"):
+        SignedJoin(0, _GROUP, b"", part=2, parts=2)

@@ -8,7 +8,9 @@
 --    experimental types (src/manycast/wire/membership.py):
 --      65534 GROUP MASKS  record-index(16) include-count(16) group(4)
 --                         include-count x (value(4) mask(4)), then exclude pairs
---      65535 SIGNED JOIN  timestamp-ms(64) requester(4) key-length(16) random-key signature
+--      65535 SIGNED JOIN  timestamp-ms(64) requester(4) generation(32) part(16) parts(16)
+--                         key-length(16) random-key signature
+--    (a report too long for one packet goes as parts 0 to parts-1 of one generation)
 --    Wireshark's IGMP dissector shows the records; this one runs after it on the same
 --    packet and adds a "manycast join extensions" tree with every mask pair and the
 --    signed-join fields.
@@ -39,6 +41,9 @@ local jf = {
   mask = ProtoField.ipv4("manycast.masks.mask", "Mask"),
   timestamp = ProtoField.uint64("manycast.signed.timestamp_ms", "Timestamp (ms since epoch)"),
   requester = ProtoField.ipv4("manycast.signed.requester", "Requester"),
+  generation = ProtoField.uint32("manycast.signed.generation", "Report generation", base.DEC),
+  part = ProtoField.uint16("manycast.signed.part", "Part", base.DEC),
+  parts = ProtoField.uint16("manycast.signed.parts", "Parts", base.DEC),
   key_length = ProtoField.uint16("manycast.signed.key_length", "Random key length", base.DEC),
   random_key = ProtoField.bytes("manycast.signed.random_key", "Random key"),
   signature = ProtoField.bytes("manycast.signed.signature", "Signature"),
@@ -77,7 +82,7 @@ local function mask_tlv(tvb, tree, off, len)
 end
 
 local function signed_tlv(tvb, tree, off, len)
-  if len < 14 then
+  if len < 22 then
     tree:add_proto_expert_info(e_bad, "signed join TLV of " .. len .. " bytes")
     return
   end
@@ -86,20 +91,28 @@ local function signed_tlv(tvb, tree, off, len)
   local seconds = (ms / 1000):tonumber()
   item:append_text(" (" .. os.date("!%Y-%m-%d %H:%M:%S", seconds) .. " UTC)")
   tree:add(jf.requester, tvb(off + 8, 4))
-  local klen = tvb(off + 12, 2):uint()
-  tree:add(jf.key_length, tvb(off + 12, 2))
-  if 14 + klen > len then
+  tree:add(jf.generation, tvb(off + 12, 4))
+  tree:add(jf.part, tvb(off + 16, 2))
+  tree:add(jf.parts, tvb(off + 18, 2))
+  local part, parts = tvb(off + 16, 2):uint(), tvb(off + 18, 2):uint()
+  local klen = tvb(off + 20, 2):uint()
+  tree:add(jf.key_length, tvb(off + 20, 2))
+  if 22 + klen > len then
     tree:add_proto_expert_info(e_bad, "random key runs past the TLV")
     return
   end
   if klen > 0 then
-    tree:add(jf.random_key, tvb(off + 14, klen))
+    tree:add(jf.random_key, tvb(off + 22, klen))
   end
-  if len > 14 + klen then
-    tree:add(jf.signature, tvb(off + 14 + klen, len - 14 - klen))
+  if len > 22 + klen then
+    tree:add(jf.signature, tvb(off + 22 + klen, len - 22 - klen))
+  end
+  local split = ""
+  if parts > 1 then
+    split = ", part " .. part .. " of parts 0-" .. (parts - 1)
   end
   tree:append_text(": requester " .. tostring(tvb(off + 8, 4):ipv4()) .. ", signed "
-    .. os.date("!%Y-%m-%d %H:%M:%S", seconds) .. " UTC")
+    .. os.date("!%Y-%m-%d %H:%M:%S", seconds) .. " UTC" .. split)
 end
 
 -- The extensions of an IGMPv3 report (`tvb` starts at the IGMP message).

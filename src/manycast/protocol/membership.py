@@ -12,16 +12,35 @@ leaves old portions and joins new ones together):
   sources and exclude masks.
 * BLOCK_OLD_SOURCES: leave, unless the same report also carries one of the above
   for the group, which then wins (a leave-and-join in one message).
+
+Adjacent records of one type for one group count as one record, their sources
+and pairs taken together: that is how a record cut over the parts of a split
+report (`wire/report_split.py`) reads once the router has every part
+(`reassembly.py`). `report_packets` sends a report that way.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Iterator
+import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from manycast.auth import sign_join
 from manycast.space import Portion, PortionSet
-from manycast.wire.membership import GroupRecord, MaskPair, RecordType
+from manycast.wire.membership import (
+    GroupRecord,
+    IGMPv3Report,
+    MaskPair,
+    RecordType,
+    SignedJoin,
+    igmp_packet,
+    signed_join_length,
+)
+from manycast.wire.report_split import IGMP_BUDGET, WholeRecord, split_records
 
 _FULL = 0xFFFFFFFF
 _INCLUDE_TYPES = (
@@ -75,8 +94,19 @@ class SourceFilter:
 def record_for(
     group: ipaddress.IPv4Address, portions: PortionSet, record_type: RecordType
 ) -> GroupRecord:
-    """A group record naming `portions` as include and exclude masks."""
+    """A group record naming `portions` as include and exclude masks (as many as one
+    extension TLV holds; `whole_record_for` has no such limit)."""
+    whole = whole_record_for(group, portions, record_type)
     return GroupRecord(
+        record_type, group, include_masks=whole.include_masks, exclude_masks=whole.exclude_masks
+    )
+
+
+def whole_record_for(
+    group: ipaddress.IPv4Address, portions: PortionSet, record_type: RecordType
+) -> WholeRecord:
+    """`record_for` of any length, for `report_packets` to cut."""
+    return WholeRecord(
         record_type,
         group,
         include_masks=tuple(MaskPair(p.value, p.mask) for p in portions.include),
@@ -89,14 +119,66 @@ def any_source_record(group: ipaddress.IPv4Address, record_type: RecordType) -> 
     return GroupRecord(record_type, group)
 
 
-def _filter_of(record: GroupRecord) -> SourceFilter | None:
-    pinned = tuple((int(s), _FULL) for s in record.sources)
-    masks_in = tuple((p.value, p.mask) for p in record.include_masks)
-    masks_out = tuple((p.value, p.mask) for p in record.exclude_masks)
-    if record.record_type in _EXCLUDE_TYPES:
+ED25519_SIGNATURE = 64  # bytes (RFC 8032)
+RANDOM_KEY = 8  # bytes of a join's random key
+
+
+def report_packets(
+    records: Sequence[GroupRecord | WholeRecord],
+    requester: ipaddress.IPv4Address,
+    wall_ms: int,
+    generation: int,
+    rng: random.Random,
+    key: Ed25519PrivateKey | None = None,
+) -> list[bytes]:
+    """One report as the IGMPv3 packets a host sends, each within the link MTU.
+
+    The records are cut over as many reports as needed (`split_records`), parts 0
+    to n - 1 of the requester's report `generation`. Each part has its own signed
+    join: the timestamp `wall_ms`, a random key of its own from `rng` (so that no
+    part is a copy of another to a router's replay cache), and, with `key`, its own
+    signature.
+    """
+    signature = ED25519_SIGNATURE if key is not None else 0
+    trailer = 4 + signed_join_length(requester, RANDOM_KEY, signature)
+    pieces = split_records(records, IGMP_BUDGET, trailer)
+    packets = []
+    for part, piece in enumerate(pieces):
+        signed = SignedJoin(
+            wall_ms, requester, rng.randbytes(RANDOM_KEY), b"", generation, part, len(pieces)
+        )
+        report = IGMPv3Report(piece, signed)
+        if key is not None:
+            report = sign_join(report, key)
+        packets.append(igmp_packet(report, requester).to_wire())
+    return packets
+
+
+def _filter_of(records: Sequence[GroupRecord]) -> SourceFilter | None:
+    """The filter of a record, given as its pieces (one or more records of one type)."""
+    pinned = tuple((int(s), _FULL) for r in records for s in r.sources)
+    masks_in = tuple((p.value, p.mask) for r in records for p in r.include_masks)
+    masks_out = tuple((p.value, p.mask) for r in records for p in r.exclude_masks)
+    if records[0].record_type in _EXCLUDE_TYPES:
         return SourceFilter(((0, 0), *masks_in), pinned + masks_out)
     include = pinned + masks_in
     return SourceFilter(include, masks_out) if include else None
+
+
+def _runs(
+    records: Iterable[GroupRecord],
+) -> Iterator[tuple[ipaddress.IPv4Address, list[GroupRecord]]]:
+    """The IPv4 records in order, adjacent records of one type for one group together."""
+    run: list[GroupRecord] = []
+    for record in records:
+        if not isinstance(record.group, ipaddress.IPv4Address):
+            continue
+        if run and (record.record_type, record.group) != (run[0].record_type, run[0].group):
+            yield cast(ipaddress.IPv4Address, run[0].group), run
+            run = []
+        run.append(record)
+    if run:
+        yield cast(ipaddress.IPv4Address, run[0].group), run
 
 
 def changes(
@@ -105,14 +187,11 @@ def changes(
     """(group, new filter or None for a leave) for each group a report touches."""
     outcome: dict[ipaddress.IPv4Address, SourceFilter | None] = {}
     joined: set[ipaddress.IPv4Address] = set()
-    for record in records:
-        group = record.group
-        if not isinstance(group, ipaddress.IPv4Address):
-            continue
-        if record.record_type == RecordType.BLOCK_OLD_SOURCES:
+    for group, run in _runs(records):
+        if run[0].record_type == RecordType.BLOCK_OLD_SOURCES:
             if group not in joined:
                 outcome[group] = None
             continue
-        outcome[group] = _filter_of(record)
+        outcome[group] = _filter_of(run)
         joined.add(group)
     yield from outcome.items()

@@ -8,6 +8,10 @@ accepted join is relayed, unchanged, out of every other router-facing
 interface, so the routers upstream learn the member too; relaying the member's
 own report instead of an aggregate keeps its signature checkable at every hop.
 
+A report too long for one packet comes as parts (RFC 3376 §4.2.16), each
+admitted and relayed on its own, and acted on as one report once all have come
+(`reassembly.py` says why).
+
 Forwarding: a multicast packet from source S to group G goes to the neighbour
 toward every member whose filter matches S, so a client's packets reach only
 the server that serves it. The outgoing set is computed on the first packet of
@@ -37,6 +41,7 @@ from manycast.protocol.admission import Admission
 from manycast.protocol.fastpath import FastPath
 from manycast.protocol.membership import SourceFilter, changes
 from manycast.protocol.node import Frame, Interface, Node
+from manycast.protocol.reassembly import Reassembly
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.vipplane import VipPlane
 from manycast.wire import control
@@ -51,7 +56,7 @@ from manycast.wire.ip import (
     peek_v4,
 )
 from manycast.wire.label import MPLS_UDP_PORT
-from manycast.wire.membership import IGMP_V3_ROUTERS, IGMPv3Report
+from manycast.wire.membership import IGMP_V3_ROUTERS, GroupRecord, IGMPv3Report, RecordType
 
 MULTICAST_LOW, MULTICAST_HIGH = 0xE0000000, 0xEFFFFFFF
 _LINK_LOCAL_MASK, _LINK_LOCAL = 0xFFFFFF00, 0xE0000000
@@ -59,6 +64,7 @@ _ALL_V3_ROUTERS = int(IGMP_V3_ROUTERS)
 _MFC_LIMIT = 1 << 16
 
 _FULL = 0xFFFFFFFF
+_BLOCK = RecordType.BLOCK_OLD_SOURCES
 MAX_PENDING_JOINS = 1024  # joins held while their group's key is looked up
 VIP_SWEEP = 0.25  # seconds between sweeps of a VIP pool's lapsed tags and bindings
 _MPLS_DPORT = MPLS_UDP_PORT.to_bytes(2, "big")
@@ -154,6 +160,7 @@ class Router(Node):
         # Cache hits a driver may serve without calling in (`fastpath.py`).
         self.fast_path = FastPath(interfaces, self.stats)
         self.members: dict[int, dict[int, Member]] = {}  # group -> origin -> member
+        self.parts = Reassembly(hold_time)  # split reports waiting for their other parts
         self._own = {i.address_int for i in interfaces.values()}
         self._routes = sorted(
             (
@@ -375,8 +382,32 @@ class Router(Node):
         self.stats.joins_accepted += 1
         neighbor = int(ip.header.src)
         first_hop = toward is not None and toward[1] == origin
+        signed = report.signed
+        if signed is None or signed.parts == 1:
+            if self._join(report.records, origin, iface, neighbor, first_hop, now):
+                self._relay(iface, ip.payload)
+        else:
+            # One part of a split report: relayed now (each part is signed on its
+            # own, so every router upstream checks it), acted on once all have come.
+            self._relay(iface, ip.payload)
+            self._keep_alive(report.records, origin, iface, first_hop, now)
+            whole = self.parts.add(origin, signed, report.records, now)
+            if whole is not None:
+                self._join(whole, origin, iface, neighbor, first_hop, now)
+        self._arm_expiry()
+
+    def _join(
+        self,
+        records: tuple[GroupRecord, ...],
+        origin: int,
+        iface: str,
+        neighbor: int,
+        first_hop: bool,
+        now: float,
+    ) -> bool:
+        """Act on an admitted report's records; whether it is to be relayed."""
         relay = False
-        for group_address, source_filter in changes(report.records):
+        for group_address, source_filter in changes(records):
             group = int(group_address)
             if first_hop:
                 # A participant on our own link may send to the group (private pools).
@@ -407,9 +438,21 @@ class Router(Node):
             )
             if not unchanged:  # a refresh keeps the forwarding cache
                 self._invalidate(group)
-        self._arm_expiry()
-        if relay:
-            self._relay(iface, ip.payload)
+        return relay
+
+    def _keep_alive(
+        self, records: tuple[GroupRecord, ...], origin: int, iface: str, first_hop: bool, now: float
+    ) -> None:
+        """A part of a split report shows its sender is alive: the memberships (and
+        sender registrations) it already holds for the groups the part joins last
+        another hold time, whether or not the other parts come."""
+        for record in records:
+            group = int(record.group)
+            if first_hop and origin in self.senders.get(group, {}):
+                self.senders[group][origin] = now + self.hold_time
+            member = self.members.get(group, {}).get(origin)
+            if member and member.iface == iface and record.record_type != _BLOCK:
+                member.expires = max(member.expires, now + self.hold_time)
 
     def provide_key(
         self, group: int, raw: bytes | None, ttl: float, now: float, error: str | None = None

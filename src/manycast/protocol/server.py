@@ -3,11 +3,12 @@
 It joins the pool's group with a source-specific join whose masks are its
 portions (Fig 9), and the control group with an any-source join (Fig 13). When
 the allocation changes it leaves the old portions and joins the new ones in one
-report (claim 3), then deals with the connections whose clients it no longer
-serves by the pool's technique (`handover.py`: R1 reset, R2 forward, R3 state
-transfer, R4 pinned paths; D, dynamic destination, in `redirect.py`: under D it
-also answers SYNs with its own address as the destination and takes the
-connections' segments there, Fig 20-21).
+report (claim 3; a report too long for one packet goes out in parts that the
+routers act on together, `membership.report_packets`), then deals with the
+connections whose clients it no longer serves by the pool's technique
+(`handover.py`: R1 reset, R2 forward, R3 state transfer, R4 pinned paths; D,
+dynamic destination, in `redirect.py`: under D it also answers SYNs with its own
+address as the destination and takes the connections' segments there, Fig 20-21).
 
 Coordination (who is alive, which allocation is current) is the job of
 `coordination.Coordinator`, which this agent feeds with control messages and
@@ -24,13 +25,17 @@ from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from manycast.auth import sign_join
 from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.coordination import Coordinator, PoolSettings
 from manycast.protocol.handover import Edges, Handover
 from manycast.protocol.host import HostStack
-from manycast.protocol.membership import SourceFilter, any_source_record, record_for
+from manycast.protocol.membership import (
+    SourceFilter,
+    any_source_record,
+    report_packets,
+    whole_record_for,
+)
 from manycast.protocol.node import Interface, Node
 from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import (
@@ -50,7 +55,8 @@ from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
-from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
+from manycast.wire.membership import GroupRecord, RecordType
+from manycast.wire.report_split import WholeRecord
 
 DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
 HOT_BUCKETS = 256  # how many of its busiest buckets a congested server reports
@@ -60,7 +66,7 @@ HOT_BUCKETS = 256  # how many of its busiest buckets a congested server reports
 class ServerStats:
     sessions_opened: int = 0
     misrouted: int = 0
-    reports_sent: int = 0
+    reports_sent: int = 0  # report packets: each part of a split report counts
     control_sent: int = 0
     control_received: int = 0
     deaths_told: int = 0  # member-down notices sent to our router, as coordinator
@@ -154,6 +160,7 @@ class Server(Node):
         # (Fig 16) come down it; our router is its last hop.
         self.roots_tree = settings.vip or self.handover.technique is Technique.R4
         self._seq = 0
+        self._generation = 0  # our membership reports, numbered (a split one's parts share it)
 
     # -- node interface -----------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -378,28 +385,31 @@ class Server(Node):
         self, now: float, *, refresh: bool, previous: PortionSet | None = None
     ) -> None:
         group = self.settings.group
-        records = [any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)]
+        records: list[GroupRecord | WholeRecord] = [
+            any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)
+        ]
         if self.roots_tree:
             self._hello(now)
         if self.settings.vip:
             pass  # a VIP pool's server joins the control channel only
         elif refresh:
             if self.portions is not None and len(self.portions):
-                records.append(record_for(group, self.portions, RecordType.MODE_IS_INCLUDE))
+                records.append(whole_record_for(group, self.portions, RecordType.MODE_IS_INCLUDE))
         else:
             # Claim 3: leave the old portions and join the new ones in one report.
             if previous is not None and len(previous):
-                records.append(record_for(group, previous, RecordType.BLOCK_OLD_SOURCES))
+                records.append(whole_record_for(group, previous, RecordType.BLOCK_OLD_SOURCES))
             if self.portions is not None and len(self.portions):
-                records.append(record_for(group, self.portions, RecordType.ALLOW_NEW_SOURCES))
+                records.append(whole_record_for(group, self.portions, RecordType.ALLOW_NEW_SOURCES))
         wall_ms = int((self.settings.wall_base + now) * 1000)
-        signed = SignedJoin(wall_ms, self.address, self.rng.randbytes(8))
-        report = IGMPv3Report(tuple(records), signed)
-        if self.key is not None:
-            report = sign_join(report, self.key)
-        packet = igmp_packet(report, self.address).to_wire()
-        self.send(self.host.iface, packet, self.host.gateway)
-        self.stats.reports_sent += 1
+        self._generation = (self._generation + 1) & 0xFFFFFFFF
+        # Fragmented portions make a long report: it goes out in as many packets as
+        # the link's MTU needs, each signed on its own (RFC 3376 4.2.16).
+        for packet in report_packets(
+            records, self.address, wall_ms, self._generation, self.rng, self.key
+        ):
+            self.send(self.host.iface, packet, self.host.gateway)
+            self.stats.reports_sent += 1
         self.timers.arm("report", now + self.settings.report_interval_s)
 
     def _hello(self, now: float) -> None:

@@ -28,10 +28,16 @@ type(16) length(16) value, without padding. The registry leaves only
 
 * 65535 SIGNED JOIN (Fig 5), at most one, always the last TLV:
 
-      timestamp(64) requester(W) key-length(16) random-key signature
+      timestamp(64) requester(W) generation(32) part(16) parts(16)
+      key-length(16) random-key signature
 
-  The timestamp is in milliseconds since the Unix epoch. The signature runs to
-  the end of the TLV, so its length (64 for Ed25519) is not fixed here.
+  The timestamp is in milliseconds since the Unix epoch. A report too long for
+  one packet goes out as `parts` reports (RFC 3376 §4.2.16; `wire/report_split.py`
+  cuts it), numbered `part` 0 to parts - 1 and sharing the requester's
+  `generation` number; an unsplit report is part 0 of 1. Every part is signed on
+  its own, with its own random key, so a router checks each and refuses a copy
+  of any. The signature runs to the end of the TLV, so its length (64 for
+  Ed25519) is not fixed here.
   `signed_bytes()` returns what a signature covers: the whole report as
   `to_wire()` writes it, but with the checksum field zero and the signature
   value left out (the TLV length then counts no signature bytes). The signer
@@ -148,13 +154,26 @@ class SignedJoin:
     requester: Address
     random_key: bytes
     signature: bytes = b""
+    generation: int = 0  # the requester's number for the report this is part of
+    part: int = 0
+    parts: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.timestamp < 1 << 64:
             raise ValueError(f"timestamp {self.timestamp} does not fit in 64 bits")
-        width = self.requester.max_prefixlen // 8
-        if 8 + width + 2 + len(self.random_key) + len(self.signature) > _MAX_U16:
+        if not 0 <= self.generation < 1 << 32:
+            raise ValueError(f"generation {self.generation} does not fit in 32 bits")
+        if not 0 <= self.part < self.parts <= _MAX_U16:
+            raise ValueError(f"part {self.part} of {self.parts}: not 0 <= part < parts <= 65535")
+        if signed_join_length(self.requester, len(self.random_key), len(self.signature)) > (
+            _MAX_U16
+        ):
             raise ValueError("random key and signature too long for one extension TLV")
+
+
+def signed_join_length(requester: Address, key_length: int, signature_length: int) -> int:
+    """The value length of a SIGNED JOIN TLV (the 4-byte TLV header not counted)."""
+    return 8 + requester.max_prefixlen // 8 + 8 + 2 + key_length + signature_length
 
 
 class _Family(NamedTuple):
@@ -203,7 +222,9 @@ def _extensions(
         value = (
             signed.timestamp.to_bytes(8, "big")
             + signed.requester.packed
-            + len(signed.random_key).to_bytes(2, "big")
+            + struct.pack(
+                "!IHHH", signed.generation, signed.part, signed.parts, len(signed.random_key)
+            )
             + signed.random_key
             + (signed.signature if signature else b"")
         )
@@ -302,8 +323,12 @@ def _read_masks(
 def _read_signed(v: Reader, fam: _Family) -> SignedJoin:
     timestamp = v.u64("timestamp")
     requester = fam.address(v.bytes(fam.width, "requester"))
+    generation = v.u32("generation")
+    part, parts = v.u16("part"), v.u16("parts")
+    if not part < parts:
+        raise WireError(f"{fam.name}: signed join is part {part} of {parts}")
     key = v.bytes(v.u16("random key length"), "random key")
-    return SignedJoin(timestamp, requester, key, v.rest())
+    return SignedJoin(timestamp, requester, key, v.rest(), generation, part, parts)
 
 
 def _decode(data: bytes, fam: _Family) -> tuple[tuple[GroupRecord, ...], SignedJoin | None, int]:
