@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from manycast.policy import (
     Apportionment,
     PolicyError,
     bucket_targets,
+    rebalance,
     set_share,
     weighted_split,
 )
@@ -199,3 +201,21 @@ def test_bucket_targets_are_the_closest_counts_within_one_bucket(
         if sum(choice) == buckets
     ]
     assert cost(targets) == min(cost(t) for t in admissible)
+
+
+def test_kept_shares_rebalance_and_digest() -> None:
+    """A rebalance by per-bucket loads moves chosen buckets, so the shares become what
+    it leaves; when nothing moves the kept shares stay. The digest covers the shares."""
+    space = AddressSpace.create(bits=8)
+    state = Apportionment.split(space, dict.fromkeys("abc", 1)).set_share("a", Fraction(1, 7))
+    assert state.weights != Apportionment.held(state.allocation).weights
+    assert state.digest() != Apportionment.held(state.allocation).digest()
+    assert state.digest() == Apportionment(state.allocation, dict(state.weights)).digest()
+    even = np.ones(space.buckets)
+    assert state.rebalance(even, target=2.0) is state  # within the target: nothing moves
+    hot = np.ones(space.buckets)
+    hot[state.allocation.buckets("b")] = 5.0
+    moved = state.rebalance(hot, target=1.1)
+    assert moved.allocation != state.allocation
+    assert moved.allocation == rebalance(state.allocation, hot, 1.1).allocation
+    assert moved.weights == Apportionment.held(moved.allocation).weights

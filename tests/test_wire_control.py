@@ -15,7 +15,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from manycast import policy
-from manycast.space import AddressSpace, Allocation
+from manycast.space import SHARE_SCALE, AddressSpace, Allocation, held_weights, shares_digest
 from manycast.wire import WireError, control
 from manycast.wire.control import (
     MAX_BUCKET_LOADS,
@@ -40,6 +40,7 @@ from manycast.wire.control import (
     SetShareOp,
     Snapshot,
     SnapshotRequest,
+    SnapshotState,
     StateQuery,
     StateReply,
     assemble,
@@ -114,6 +115,10 @@ def spaces(draw: st.DrawFn) -> AddressSpace:
 def snapshots(draw: st.DrawFn) -> Snapshot:
     space = draw(spaces())
     servers = tuple(sorted(draw(st.sets(ids, min_size=1, max_size=8))))
+    shares = tuple(
+        draw(st.one_of(st.integers(0, SHARE_SCALE), st.sampled_from([0, SHARE_SCALE])))
+        for _ in servers
+    )
     cuts = sorted(draw(st.sets(st.integers(0, space.buckets), min_size=2, max_size=12)))
     runs = tuple(
         Run(a, b, draw(st.integers(0, len(servers) - 1)))
@@ -130,6 +135,7 @@ def snapshots(draw: st.DrawFn) -> Snapshot:
         count,
         space,
         servers,
+        shares,
         runs,
     )
 
@@ -536,7 +542,19 @@ def fragmented() -> Allocation:
     return alloc
 
 
-def _round_trip(parts: list[Snapshot]) -> Allocation:
+@pytest.fixture(scope="module")
+def kept() -> policy.Apportionment:
+    """Shares kept beside an allocation, none of them what its servers hold."""
+    rng = random.Random(3)
+    state = policy.Apportionment.split(SPACE, {f"s{i}": 1 for i in range(30)})
+    for _ in range(60):
+        server = rng.choice(state.allocation.servers)
+        state = state.set_share(server, Fraction(rng.randrange(1, 3000), 100_000))
+    assert state.weights != held_weights(state.allocation)
+    return state
+
+
+def _round_trip(parts: list[Snapshot]) -> SnapshotState:
     return assemble(decode(p.to_wire()) for p in parts)  # type: ignore[misc]
 
 
@@ -552,25 +570,85 @@ def test_snapshot_parts_round_trip(
     assert [p.part for p in parts] == list(range(len(parts)))
     assert {p.count for p in parts} == {len(parts)}
     assert [p.seq for p in parts[:3]] == [0xFFFFFFFE, 0xFFFFFFFF, 0]
-    assert _round_trip(parts) == alloc
+    # Without shares given, the shares carried are what the servers hold.
+    assert _round_trip(parts) == (alloc, held_weights(alloc))
     shuffled = parts[:]
     random.Random(1).shuffle(shuffled)
-    assert assemble(shuffled) == alloc
+    assert assemble(shuffled) == (alloc, held_weights(alloc))
+
+
+@pytest.mark.parametrize("max_bytes", [1400, 200])
+def test_snapshot_carries_the_kept_shares(kept: policy.Apportionment, max_bytes: int) -> None:
+    parts = snapshot_parts(5, kept.allocation, max_bytes, sender="s", weights=kept.weights)
+    assert all(len(p.to_wire()) <= max_bytes for p in parts)
+    assert {p.digest for p in parts} == {kept.digest()}
+    carried = _round_trip(parts)
+    assert carried.allocation == kept.allocation
+    assert carried.weights == kept.weights
+    # The digest covers the shares: the same buckets with the shares they hold differ.
+    held = snapshot_parts(5, kept.allocation, max_bytes, sender="s")
+    assert held[0].digest != parts[0].digest
+    assert held[0].digest == policy.Apportionment.held(kept.allocation).digest()
+
+
+def test_snapshot_shares_must_agree_and_cover_the_space(kept: policy.Apportionment) -> None:
+    parts = snapshot_parts(5, kept.allocation, 200, sender="s", weights=kept.weights)
+    first, second = parts[0], next(p for p in parts[1:] if set(p.servers) & set(parts[0].servers))
+    name = sorted(set(first.servers) & set(second.servers))[0]
+    index = second.servers.index(name)
+    other = list(second.shares)
+    other[index] += 1
+    changed = dataclasses.replace(second, shares=tuple(other))
+    with pytest.raises(WireError, match=f"parts give {name} shares"):
+        assemble([p if p is not second else changed for p in parts])
+    bumped = [dataclasses.replace(p, shares=tuple(v + 1 for v in p.shares)) for p in parts]
+    with pytest.raises(WireError, match="shares add up to"):
+        assemble(bumped)
+    with pytest.raises(WireError, match=r"share \d+ out of range"):
+        dataclasses.replace(first, shares=(SHARE_SCALE + 1, *first.shares[1:]))
+    with pytest.raises(WireError, match="shares for"):
+        dataclasses.replace(first, shares=first.shares[1:])
+    with pytest.raises(ValueError, match="add up to"):
+        snapshot_parts(5, kept.allocation, sender="s", weights={**kept.weights, "s0": 0})
+    with pytest.raises(ValueError, match="exactly the allocation's servers"):
+        snapshot_parts(5, kept.allocation, sender="s", weights={"x": SHARE_SCALE})
+
+
+def test_a_share_beyond_the_space_does_not_decode() -> None:
+    alloc = policy.equal_split(AddressSpace.create("10.0.0.0/8", bits=4), ["a"])
+    (part,) = snapshot_parts(1, alloc, sender="s")
+    assert part.shares == (SHARE_SCALE,)
+    data = bytearray(part.to_wire())
+    share_at = data.index(b"\x01a") + 2
+    assert data[share_at : share_at + 9] == SHARE_SCALE.to_bytes(9, "big")
+    data[share_at + 8] = 1  # 2**64 + 1
+    with pytest.raises(WireError, match="share 18446744073709551617 out of range"):
+        decode(bytes(data))
+
+
+def test_shares_digest_covers_the_shares() -> None:
+    alloc = policy.equal_split(SPACE, ["a", "b", "c"])
+    held = held_weights(alloc)
+    other = {"a": held["a"] + 1, "b": held["b"] - 1, "c": held["c"]}
+    assert shares_digest(alloc, held) == shares_digest(alloc, dict(held))
+    assert shares_digest(alloc, held) != shares_digest(alloc, other)
+    assert shares_digest(alloc, held) != alloc.digest()
 
 
 def test_snapshot_keeps_idle_servers_and_ipv6() -> None:
     space = AddressSpace.create("2001:db8::/32", bits=10, index="high")
-    alloc = policy.weighted_split(space, {"a": 1, "b": 0, "c": 2, "d": 0})
-    parts = snapshot_parts(1, alloc, 120, sender="s")
-    assert alloc.servers == ("a", "b", "c", "d")
-    assert _round_trip(parts) == alloc
+    state = policy.Apportionment.split(space, {"a": 1, "b": 0, "c": 2, "d": 0})
+    parts = snapshot_parts(1, state.allocation, 120, sender="s", weights=state.weights)
+    assert state.allocation.servers == ("a", "b", "c", "d")
+    assert _round_trip(parts) == (state.allocation, state.weights)
 
 
 def test_single_part_allocation() -> None:
     alloc = policy.equal_split(SPACE, ["a", "b"])
     (part,) = snapshot_parts(3, alloc, sender="s")
     assert part.count == 1 and part.servers == ("a", "b")
-    assert assemble([part]) == alloc
+    assert part.shares == (SHARE_SCALE // 2, SHARE_SCALE // 2)
+    assert assemble([part]).allocation == alloc
 
 
 def test_missing_duplicated_and_wrong_parts(fragmented: Allocation) -> None:
@@ -594,8 +672,10 @@ def test_missing_duplicated_and_wrong_parts(fragmented: Allocation) -> None:
 def test_runs_must_cover_exactly_once() -> None:
     space = AddressSpace.create("10.0.0.0/8", bits=4)
 
+    half = SHARE_SCALE // 2
+
     def part(index: int, runs: tuple[Run, ...]) -> Snapshot:
-        return Snapshot("s", 0, 1, "00" * 8, index, 2, space, ("a", "b"), runs)
+        return Snapshot("s", 0, 1, "00" * 8, index, 2, space, ("a", "b"), (half, half), runs)
 
     with pytest.raises(WireError, match="overlap at bucket 6"):
         assemble([part(0, (Run(0, 8, 0),)), part(1, (Run(6, 16, 1),))])
@@ -610,7 +690,7 @@ def test_runs_must_cover_exactly_once() -> None:
     with pytest.raises(WireError, match="run server 2"):
         part(0, (Run(0, 16, 2),))
     with pytest.raises(WireError, match="sorted and distinct"):
-        Snapshot("s", 0, 1, "00" * 8, 0, 1, space, ("b", "a"), ())
+        Snapshot("s", 0, 1, "00" * 8, 0, 1, space, ("b", "a"), (half, half), ())
 
 
 def test_snapshot_space_errors() -> None:
@@ -638,7 +718,18 @@ def test_max_bytes_too_small(thousand: Allocation) -> None:
 
 @given(snapshots())
 @example(
-    Snapshot("𝄞" * 16, 0, 0, "ff" * 8, 0xFFFE, 0xFFFF, AddressSpace.create("::/0", 24), ("a",), ())
+    Snapshot(
+        "𝄞" * 16,
+        0,
+        0,
+        "ff" * 8,
+        0xFFFE,
+        0xFFFF,
+        AddressSpace.create("::/0", 24),
+        ("a",),
+        (SHARE_SCALE,),
+        (),
+    )
 )
 def test_snapshot_message_round_trip(part: Snapshot) -> None:
     assert decode(part.to_wire()) == part

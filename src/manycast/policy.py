@@ -23,12 +23,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
+from functools import cached_property
 
 import numpy as np
 import numpy.typing as npt
 
 from manycast.errors import ManycastError
-from manycast.space import AddressSpace, Allocation, SpaceError, bit_reversal
+from manycast.space import (
+    SHARE_SCALE,
+    AddressSpace,
+    Allocation,
+    SpaceError,
+    bit_reversal,
+    held_weights,
+    shares_digest,
+)
 
 Weight = int | float | Fraction
 
@@ -214,7 +223,7 @@ def reassign(
     return Allocation(space, tuple(keep), final)
 
 
-SCALE = 1 << 64
+SCALE = SHARE_SCALE
 """An `Apportionment`'s shares are whole multiples of 1/SCALE of the space: exact
 integers every server computes alike, 2**40 times finer than the finest bucket."""
 
@@ -230,6 +239,9 @@ class Apportionment:
     shares are kept, not read back from the rounded counts, the error never
     accumulates: after any sequence of changes each server holds its share to
     within one bucket, and each change moves exactly the surplus it creates.
+
+    A pool's servers keep one as their agreed state (`protocol.coordination`):
+    `digest()` covers the shares as well as the buckets.
     """
 
     allocation: Allocation
@@ -244,8 +256,16 @@ class Apportionment:
     @classmethod
     def held(cls, alloc: Allocation) -> Apportionment:
         """The shares are what `alloc` holds."""
-        unit = SCALE // alloc.space.buckets
-        return cls(alloc, {s: n * unit for s, n in alloc.counts().items()})
+        return cls(alloc, held_weights(alloc))
+
+    @cached_property
+    def _digest(self) -> str:
+        return shares_digest(self.allocation, self.weights)
+
+    def digest(self) -> str:
+        """A stable fingerprint of the allocation and the shares (`space.shares_digest`):
+        equal on every host for equal states, different when only the shares differ."""
+        return self._digest
 
     @classmethod
     def split(cls, space: AddressSpace, weights: Mapping[str, Weight]) -> Apportionment:
@@ -365,8 +385,7 @@ class Apportionment:
         if mean <= 0 or max(loads.values()) <= target * mean:
             return self
         if hot:
-            moved = rebalance(alloc, _bucket_loads(alloc, loads, hot), target).allocation
-            return Apportionment.held(moved)
+            return self.rebalance(_bucket_loads(alloc, loads, hot), target)
         capacity = {
             s: Fraction(counts[s]) / Fraction(load)
             for s, load in loads.items()
@@ -379,6 +398,14 @@ class Apportionment:
         kept = {s: w for s, w in self.weights.items() if s not in capacity}
         weights = {**kept, **_split_exact(SCALE - sum(kept.values()), capacity)}
         return self._reach(weights)
+
+    def rebalance(self, bucket_load: npt.ArrayLike, target: float = 1.1) -> Apportionment:
+        """Move the fewest buckets that bring max/mean server load to `target` or below
+        (`rebalance`: per-bucket loads say which buckets to move, not what share each
+        server should hold, so the shares become what it leaves). When nothing moves,
+        the shares stay as they were."""
+        moved = rebalance(self.allocation, bucket_load, target).allocation
+        return self if moved == self.allocation else Apportionment.held(moved)
 
 
 def _split_exact(total: int, weights: Mapping[str, Fraction]) -> dict[str, int]:

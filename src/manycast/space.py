@@ -597,6 +597,34 @@ class Allocation:
         return f"Allocation({parts})"
 
 
+SHARE_SCALE = 1 << 64
+"""Shares of the space kept beside an allocation (`policy.Apportionment`) are whole
+multiples of 1/SHARE_SCALE: exact integers every server computes alike."""
+SHARE_BYTES = 9  # a share in 1/SHARE_SCALE, 0..SHARE_SCALE, as an unsigned integer
+
+
+def held_weights(alloc: Allocation) -> dict[str, int]:
+    """The shares `alloc`'s servers hold, in 1/SHARE_SCALE of the space."""
+    unit = SHARE_SCALE // alloc.space.buckets
+    return {s: n * unit for s, n in alloc.counts().items()}
+
+
+def shares_digest(alloc: Allocation, weights: Mapping[str, int]) -> str:
+    """A fingerprint of an allocation and the shares its servers should hold
+    (`weights`: one for each of its servers, in 1/SHARE_SCALE of the space). Two
+    pools whose servers hold the same buckets but should hold different shares
+    differ here, where `Allocation.digest` would call them equal."""
+    if set(weights) != set(alloc.servers):
+        raise SpaceError("the shares must name exactly the allocation's servers")
+    h = hashlib.sha256(f"{alloc.digest()} shares:".encode())
+    for server in alloc.servers:
+        weight = weights[server]
+        if not 0 <= weight <= SHARE_SCALE:
+            raise SpaceError(f"{server}'s share {weight} is outside 0..{SHARE_SCALE}")
+        h.update(weight.to_bytes(SHARE_BYTES, "big"))
+    return h.hexdigest()[:16]
+
+
 def _field(halves: npt.NDArray[np.uint64], shift: int, bits: int) -> npt.NDArray[np.uint64]:
     """Bits [shift, shift+bits) of 128-bit addresses held as (high, low) uint64 halves."""
     mask = np.uint64((1 << bits) - 1)

@@ -8,6 +8,11 @@ Every server runs this state machine; there is no fixed leader. The rule:
 * Coordinator. The live ACTIVE server with the smallest id coordinates. Every
   server applies this rule to its own view, so when the coordinator dies the
   next one takes over after the same timeout; no election is needed.
+* State. The pool's state is an `Apportionment`: the allocation and the share
+  each server should hold. Every op is applied to it (`apply_op`), so the shares
+  are kept exactly rather than read back from the held buckets, and every server
+  holds its share to within one bucket after any sequence of changes. The digest
+  heartbeats, proposals and snapshots carry covers the shares too.
 * Changes. Only the coordinator proposes: a `Proposal` names the next epoch, the
   base (epoch, digest) it applies to, the operation and the digest of the result.
   Every server computes the result itself (policies are deterministic), checks
@@ -28,91 +33,24 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-
-import numpy as np
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from manycast import policy
-from manycast.space import AddressSpace, Allocation
+from manycast.protocol.poolstate import (
+    PoolSettings,
+    apply_op,
+    initial_allocation,
+    initial_apportionment,
+    starting_state,
+)
+from manycast.space import Allocation
 from manycast.wire import control
 from manycast.wire.control import ServerState
 from manycast.wire.errors import WireError
 
 NO_DIGEST = "0" * 16
 COMMAND_PATIENCE = 10.0  # seconds an operator's command is resent before it is dropped
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    """What every server of a pool is configured with."""
-
-    group: ipaddress.IPv4Address
-    port: int
-    control_group: ipaddress.IPv4Address
-    control_port: int
-    space: AddressSpace
-    members: tuple[str, ...]
-    policy: str = "equal"
-    # "manycast" (Fig 9-16) or "vip" (Fig 17-19: `group` is then the VIP, a unicast
-    # address every server accepts as its own)
-    approach: str = "manycast"
-    portions: int = 30
-    weights: Mapping[str, float] = field(default_factory=dict)
-    technique: str = "R1"
-    close_after_transaction: bool = False
-    heartbeat_s: float = 0.1
-    heartbeat_misses: int = 3
-    report_interval_s: float = 1.0
-    wall_base: float = 1.7e9
-    startup_grace: float = 1.0
-    # The closed loop (Fig 10, step 1020): rebalance when max/mean load stays above
-    # `rebalance_above` for `rebalance_sustain` heartbeats (0 turns it off), aiming at
-    # `rebalance_target`, then hold off for `rebalance_hold` seconds.
-    rebalance_above: float = 0.0
-    rebalance_target: float = 1.1
-    rebalance_sustain: int = 3
-    rebalance_hold_s: float = 3.0
-    load_smoothing: float = 1.0  # seconds: time constant of the load average
-
-    @property
-    def vip(self) -> bool:
-        return self.approach == "vip"
-
-    @property
-    def dead_after(self) -> float:
-        return self.heartbeat_s * self.heartbeat_misses
-
-
-def initial_allocation(settings: PoolSettings) -> Allocation:
-    """The allocation every configured member computes at start (epoch 1)."""
-    members = sorted(settings.members)
-    if settings.policy == "weighted":
-        return policy.weighted_split(
-            settings.space, {m: settings.weights.get(m, 1.0) for m in members}
-        )
-    if settings.policy == "striped":
-        return policy.striped(settings.space, members, max(settings.portions, len(members)))
-    return policy.equal_split(settings.space, members)
-
-
-def apply_op(allocation: Allocation, op: control.PolicyOp) -> Allocation:
-    """The allocation after `op`; policy.PolicyError if it does not apply."""
-    if isinstance(op, control.AddServerOp):
-        return policy.add_server(allocation, op.server, op.share)
-    if isinstance(op, control.RemoveServerOp):
-        return policy.remove_server(allocation, op.server)
-    if isinstance(op, control.SetShareOp):
-        return policy.set_share(allocation, op.server, op.share)
-    if isinstance(op, control.BalanceLoadsOp):
-        return policy.balance_loads(allocation, dict(op.loads), op.target, dict(op.hot))
-    if isinstance(op, control.RebalanceOp):
-        load = np.zeros(allocation.space.buckets)
-        for bucket, value in op.loads:
-            if 0 <= bucket < load.size:
-                load[bucket] = value
-        return policy.rebalance(allocation, load, op.target).allocation
-    raise policy.PolicyError(f"{type(op).__name__} cannot be proposed")
 
 
 @dataclass
@@ -132,7 +70,7 @@ class _Pending:
     epoch: int
     base: tuple[int, str]
     op: control.PolicyOp
-    result: Allocation
+    result: policy.Apportionment
     acks: set[str]
     deadline: float
 
@@ -154,7 +92,7 @@ class Coordinator:
         settings: PoolSettings,
         rng: random.Random,
         *,
-        initial: Allocation | None = None,
+        initial: Allocation | policy.Apportionment | None = None,
         observer: bool = False,
     ) -> None:
         # An observer (a VIP router, Fig 19) follows the pool's allocation without being
@@ -165,7 +103,8 @@ class Coordinator:
         self.address = address
         self.settings = settings
         self.rng = rng
-        self.allocation = initial
+        # The pool's state: the allocation and the shares its servers should hold.
+        self.apportionment = starting_state(settings, initial)
         self.epoch = 1 if initial is not None else 0
         self.state = ServerState.ACTIVE if initial is not None else ServerState.JOINING
         self.peers: dict[str, Peer] = {}
@@ -174,10 +113,10 @@ class Coordinator:
         self._started = 0.0
         self._seq = 0
         self._outbox: list[control.ControlMessage] = []
-        self._new: Allocation | None = initial
+        self._new: Allocation | None = self.allocation
         self._pending: _Pending | None = None  # ours, as coordinator
         # others' proposals we acked: epoch -> (digest, result, when)
-        self._offered: dict[int, tuple[str, Allocation, float]] = {}
+        self._offered: dict[int, tuple[str, policy.Apportionment, float]] = {}
         # operators' commands we passed to the coordinator: id -> (op, next resend, give up)
         self._commands: dict[int, tuple[control.PolicyOp, float, float]] = {}
         self._queue: list[control.PolicyOp] = []
@@ -217,8 +156,14 @@ class Coordinator:
         self.on_timer(now)
 
     @property
+    def allocation(self) -> Allocation | None:
+        state = self.apportionment
+        return state.allocation if state is not None else None
+
+    @property
     def digest(self) -> str:
-        return self.allocation.digest() if self.allocation is not None else NO_DIGEST
+        """The state's digest: the allocation and the shares."""
+        return self.apportionment.digest() if self.apportionment is not None else NO_DIGEST
 
     @property
     def view(self) -> tuple[int, str]:
@@ -473,17 +418,17 @@ class Coordinator:
 
     # -- proposing ------------------------------------------------------------------------
     def _propose(self, op: control.PolicyOp, now: float) -> bool:
-        assert self.allocation is not None
+        assert self.apportionment is not None
         try:
-            result = apply_op(self.allocation, op)
+            result = apply_op(self.apportionment, op)
         except (policy.PolicyError, ValueError):
             self.stats.rejected_ops += 1
             return False
-        if result == self.allocation:
+        if result.digest() == self.digest:
             return False
         epoch = self.epoch + 1
         if self.on_offer is not None:
-            self.on_offer(result)
+            self.on_offer(result.allocation)
         self._pending = _Pending(
             epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat_s * 2
         )
@@ -515,9 +460,10 @@ class Coordinator:
         self.stats.commits += 1
         self._duties(now)
 
-    def _install(self, epoch: int, allocation: Allocation, now: float, why: str) -> None:
+    def _install(self, epoch: int, state: policy.Apportionment, now: float, why: str) -> None:
+        allocation = state.allocation
         self.epoch = epoch
-        self.allocation = allocation
+        self.apportionment = state
         self._new = allocation
         # Loads measured before a change say little about after it: let them settle.
         self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold_s)
@@ -573,11 +519,11 @@ class Coordinator:
         )
 
     def _on_proposal(self, proposal: control.Proposal, now: float) -> None:
-        if (proposal.base_epoch, proposal.base_digest) != self.view or self.allocation is None:
+        if (proposal.base_epoch, proposal.base_digest) != self.view or self.apportionment is None:
             self._behind(now)
             return
         try:
-            result = apply_op(self.allocation, proposal.op)
+            result = apply_op(self.apportionment, proposal.op)
         except (policy.PolicyError, ValueError):
             return
         if result.digest() != proposal.digest:
@@ -589,11 +535,12 @@ class Coordinator:
             if op == proposal.op:
                 del self._commands[command_id]  # the pool has taken our command up
         if self.on_offer is not None:
-            self.on_offer(result)
+            self.on_offer(result.allocation)
         self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))
 
     def _on_snapshot_request(self, request: control.SnapshotRequest, now: float) -> None:
-        if self.observer or self.allocation is None or self.epoch < request.epoch:
+        state = self.apportionment
+        if self.observer or state is None or self.epoch < request.epoch:
             return
         # Answer only if we are the smallest live id holding our state: one answer, usually.
         limit = self._limit(now)
@@ -605,7 +552,11 @@ class Coordinator:
         if min([self.name, *holders]) != self.name:
             return
         for part in control.snapshot_parts(
-            self.epoch, self.allocation, sender=self.name, seq=self._next_seq()
+            self.epoch,
+            state.allocation,
+            sender=self.name,
+            seq=self._next_seq(),
+            weights=state.weights,
         ):
             self._send(part)
 
@@ -619,12 +570,13 @@ class Coordinator:
             return
         del self._parts[key]
         try:
-            allocation = control.assemble(parts.values())
-        except WireError:
+            carried = control.assemble(parts.values())
+            state = policy.Apportionment(carried.allocation, carried.weights)
+        except (WireError, policy.PolicyError):
             return
         self.stats.snapshots_adopted += 1
         self._pending = None
-        self._install(part.epoch, allocation, now, f"snapshot from {part.sender}")
+        self._install(part.epoch, state, now, f"snapshot from {part.sender}")
 
     # -- plumbing -------------------------------------------------------------------------
     def _send(self, message: control.ControlMessage) -> None:
@@ -648,4 +600,11 @@ def _describe(op: control.PolicyOp) -> str:
     return type(op).__name__
 
 
-__all__ = ["Coordinator", "PoolSettings", "apply_op", "initial_allocation"]
+__all__ = [
+    "Coordinator",
+    "PoolSettings",
+    "apply_op",
+    "initial_allocation",
+    "initial_apportionment",
+    "starting_state",
+]

@@ -21,7 +21,8 @@ Layout, big-endian, field widths in bits:
     address   family(8)=4|6, then 4 or 16 bytes
     id        length(8), then 1..64 bytes of UTF-8
     share     numerator(32) denominator(32): in lowest terms, 0 <= n/d <= 1
-    digest    8 bytes: the 16 hex characters of Allocation.digest(), as raw bytes
+    digest    8 bytes: the 16 hex characters of the pool's state digest (allocation and
+              shares, `space.shares_digest`), as raw bytes
     key       client-address client-port(16) group-address service-port(16)
     flow      protocol(8) client-address client-port(16) vip-address vip-port(16)
     space     family(8) prefix-value prefix-length(8) index-bits(8) shift(8) flags(8)
@@ -35,7 +36,9 @@ Layout, big-endian, field widths in bits:
      5  Commit          epoch(64) digest
      6  SnapshotRequest epoch(64)  (0: the latest)
      7  Snapshot        epoch(64) digest part(16) count(16) space
-                        server-count(16) id...  run-count(16) (start(32) stop(32) server(16))...
+                        server-count(16) (id share(72))...
+                        run-count(16) (start(32) stop(32) server(16))...
+                        (share: what the server should hold, in 2^-64 of the space)
      8  Forwarded       receiver-address packet-length(16) packet
      9  Redirect        client-address client-port(16) service-port(16)
                         target-address target-port(16)
@@ -125,6 +128,7 @@ from manycast.wire.control.snapshot import (
     Run,
     Snapshot,
     SnapshotRequest,
+    SnapshotState,
     assemble,
     snapshot_parts,
 )
@@ -208,6 +212,7 @@ __all__ = [
     "SetShareOp",
     "Snapshot",
     "SnapshotRequest",
+    "SnapshotState",
     "StateQuery",
     "StateReply",
     "VipAdvert",

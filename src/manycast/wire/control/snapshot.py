@@ -1,19 +1,31 @@
-"""The allocation on the wire: `SnapshotRequest`, and `Snapshot` parts that each fit a datagram.
+"""The pool's state on the wire: `SnapshotRequest`, and `Snapshot` parts that each fit a
+datagram.
 
-`snapshot_parts` cuts an allocation into parts; `assemble` checks a complete set
-and rebuilds the allocation, which must hash to the digest the parts announce.
+The state is an allocation and the share each of its servers should hold (the
+`policy.Apportionment` the servers keep). `snapshot_parts` cuts it into parts;
+`assemble` checks a complete set and rebuilds allocation and shares, which must
+hash to the digest the parts announce (`space.shares_digest`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from manycast.space import AddressSpace, Allocation, Portion, SpaceError
+from manycast.space import (
+    SHARE_BYTES,
+    SHARE_SCALE,
+    AddressSpace,
+    Allocation,
+    Portion,
+    SpaceError,
+    held_weights,
+    shares_digest,
+)
 from manycast.wire.control.envelope import ENVELOPE_FIXED, Envelope, MessageType, control_message
 from manycast.wire.control.fields import (
     U16,
@@ -43,6 +55,14 @@ class Run(NamedTuple):
     start: int
     stop: int
     server: int
+
+
+class SnapshotState(NamedTuple):
+    """What a complete snapshot carries: the allocation, and each of its servers'
+    share in 1/SHARE_SCALE of the space (summing to SHARE_SCALE)."""
+
+    allocation: Allocation
+    weights: dict[str, int]
 
 
 @control_message
@@ -99,11 +119,13 @@ def _space_bytes(space: AddressSpace) -> int:
 @control_message
 @dataclass(frozen=True, slots=True)
 class Snapshot(Envelope):
-    """Part `part` of `count` of the allocation of `epoch`.
+    """Part `part` of `count` of the pool's state at `epoch`.
 
     Each part repeats the space and lists only the server ids its runs name (and,
-    in some part, the servers that hold nothing), so every part stays one small
-    datagram; `assemble()` puts the parts together and checks them.
+    in some part, the servers that hold nothing), each with the share that server
+    should hold (`shares[i]` for `servers[i]`, in 1/SHARE_SCALE of the space), so
+    every part stays one small datagram; `assemble()` puts the parts together and
+    checks them.
     """
 
     TYPE: ClassVar[MessageType] = MessageType.SNAPSHOT
@@ -113,6 +135,7 @@ class Snapshot(Envelope):
     count: int
     space: AddressSpace
     servers: tuple[str, ...]
+    shares: tuple[int, ...]
     runs: tuple[Run, ...]
 
     def _check(self, what: str) -> None:
@@ -126,6 +149,14 @@ class Snapshot(Envelope):
         if isinstance(servers, str) or not isinstance(servers, Iterable):
             raise WireError(f"{what}: servers must be a sequence of ids, not {servers!r}")
         set_field(self, "servers", tuple(servers))
+        shares: object = self.shares
+        if isinstance(shares, str | bytes) or not isinstance(shares, Iterable):
+            raise WireError(f"{what}: shares must be a sequence of integers, not {shares!r}")
+        set_field(self, "shares", tuple(shares))
+        if len(self.shares) != len(self.servers):
+            raise WireError(f"{what}: {len(self.shares)} shares for {len(self.servers)} servers")
+        for share in self.shares:
+            check_uint(what, "share", share, SHARE_SCALE)
         set_field(self, "runs", records(what, "runs", self.runs, Run))
         if len(self.servers) > U16 or len(self.runs) > U16:
             raise WireError(f"{what}: at most {U16} servers and {U16} runs per part")
@@ -149,8 +180,9 @@ class Snapshot(Envelope):
         w.u16(self.part).u16(self.count)
         _write_space(w, self.space)
         w.u16(len(self.servers))
-        for name in self.servers:
+        for name, share in zip(self.servers, self.shares, strict=True):
             write_id(w, name)
+            w.uint(SHARE_BYTES, share)
         w.u16(len(self.runs))
         for start, stop, index in self.runs:
             w.u32(start).u32(stop).u16(index)
@@ -161,12 +193,17 @@ class Snapshot(Envelope):
         digest = read_digest(r, "digest")
         part, count = r.u16("part"), r.u16("part count")
         space = _read_space(r)
-        servers = tuple(read_id(r, "server") for _ in range(read_count(r, "servers", 2, U16)))
+        entries = [
+            (read_id(r, "server"), r.uint(SHARE_BYTES, "share"))
+            for _ in range(read_count(r, "servers", 2 + SHARE_BYTES, U16))
+        ]
+        servers = tuple(name for name, _ in entries)
+        shares = tuple(share for _, share in entries)
         runs = tuple(
             Run(r.u32("run start"), r.u32("run stop"), r.u16("run server"))
             for _ in range(read_count(r, "runs", 10, U16))
         )
-        return cls(sender, seq, epoch, digest, part, count, space, servers, runs)
+        return cls(sender, seq, epoch, digest, part, count, space, servers, shares, runs)
 
 
 def snapshot_parts(
@@ -176,16 +213,26 @@ def snapshot_parts(
     *,
     sender: str,
     seq: int = 0,
+    weights: Mapping[str, int] | None = None,
 ) -> list[Snapshot]:
-    """The allocation as `Snapshot` parts whose encodings are at most `max_bytes` each.
+    """The allocation and the shares its servers should hold (`weights`, in
+    1/SHARE_SCALE of the space; by default what they hold) as `Snapshot` parts whose
+    encodings are at most `max_bytes` each, announcing `space.shares_digest`.
 
-    Runs are packed in bucket order; each part lists the ids its runs name, and
-    servers holding nothing ride in the last parts. Part i gets sequence number
-    seq + i (mod 2**32). ValueError if one run with its id cannot fit `max_bytes`
-    or more than 65535 parts are needed.
+    Runs are packed in bucket order; each part lists the ids its runs name with
+    their shares, and servers holding nothing ride in the last parts. Part i gets
+    sequence number seq + i (mod 2**32). ValueError if one run with its id cannot
+    fit `max_bytes`, more than 65535 parts are needed or the shares do not fit the
+    allocation.
     """
     check_id("snapshot_parts", "sender", sender)
-    digest = allocation.digest()
+    shares = held_weights(allocation) if weights is None else dict(weights)
+    if sum(shares.values()) != SHARE_SCALE:
+        raise ValueError(f"the shares add up to {sum(shares.values())}, not {SHARE_SCALE}")
+    try:
+        digest = shares_digest(allocation, shares)
+    except SpaceError as exc:
+        raise ValueError(str(exc)) from None
     fixed = (
         ENVELOPE_FIXED
         + len(sender.encode("utf-8"))
@@ -196,7 +243,7 @@ def snapshot_parts(
         + 2  # server count
         + 2  # run count
     )
-    id_bytes = {s: 1 + len(s.encode("utf-8")) for s in allocation.servers}
+    id_bytes = {s: 1 + len(s.encode("utf-8")) + SHARE_BYTES for s in allocation.servers}
     groups: list[tuple[set[str], list[tuple[int, int, str]]]] = []
     names: set[str] = set()
     runs: list[tuple[int, int, str]] = []
@@ -241,16 +288,19 @@ def snapshot_parts(
                 len(groups),
                 allocation.space,
                 ids,
+                tuple(shares[s] for s in ids),
                 tuple(Run(a, b, position[s]) for a, b, s in group_runs),
             )
         )
     return parts
 
 
-def assemble(parts: Iterable[Snapshot]) -> Allocation:
-    """The allocation carried by a complete set of `Snapshot` parts, checked: same
-    epoch, digest, space and count in each, every part exactly once, runs covering
-    every bucket exactly once, and the result hashing to the announced digest."""
+def assemble(parts: Iterable[Snapshot]) -> SnapshotState:
+    """The allocation and shares carried by a complete set of `Snapshot` parts,
+    checked: same epoch, digest, space and count in each, every part exactly once,
+    runs covering every bucket exactly once, one share for each server (the same in
+    every part that names it) adding up to the space, and the result hashing to the
+    announced digest."""
     given: Sequence[Snapshot] = list(parts)
     if not given:
         raise WireError("snapshot: no parts")
@@ -273,7 +323,14 @@ def assemble(parts: Iterable[Snapshot]) -> Allocation:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise WireError(f"snapshot: {len(missing)} of {first.count} parts missing: {shown}")
 
-    servers = tuple(sorted({s for part in given for s in part.servers}))
+    weights: dict[str, int] = {}
+    for part in given:
+        for name, share in zip(part.servers, part.shares, strict=True):
+            if weights.setdefault(name, share) != share:
+                raise WireError(f"snapshot: parts give {name} shares {weights[name]} and {share}")
+    if sum(weights.values()) != SHARE_SCALE:
+        raise WireError(f"snapshot: shares add up to {sum(weights.values())}, not {SHARE_SCALE}")
+    servers = tuple(sorted(weights))
     position = {s: i for i, s in enumerate(servers)}
     runs = sorted(
         (start, stop, position[part.servers[server]])
@@ -295,6 +352,7 @@ def assemble(parts: Iterable[Snapshot]) -> Allocation:
         allocation = Allocation(first.space, servers, owners)
     except SpaceError as exc:
         raise WireError(f"snapshot: {exc}") from None
-    if allocation.digest() != first.digest:
-        raise WireError(f"snapshot: parts hash to {allocation.digest()}, announced {first.digest}")
-    return allocation
+    digest = shares_digest(allocation, weights)
+    if digest != first.digest:
+        raise WireError(f"snapshot: parts hash to {digest}, announced {first.digest}")
+    return SnapshotState(allocation, weights)
