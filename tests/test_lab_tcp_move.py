@@ -147,9 +147,9 @@ def _bundled() -> Path:
 
 
 # -- the lab ---------------------------------------------------------------------------
-def _lab_run(tmp_path: Path, topology: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`manycast lab run <topology> --json` as a user runs it: the summary and its
-    `kernel.tcp`, once the run exited 0."""
+def _lab_run(tmp_path: Path, topology: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """`manycast lab run <topology> --json` as a user runs it: the summary, its
+    `kernel.tcp` and the progress lines, once the run exited 0."""
     prefix = f"lt{os.getpid() % 100000}"
     env = {**os.environ, "MANYCAST_LAB_RUN_ROOT": str(tmp_path)}
     result = subprocess.run(
@@ -164,7 +164,7 @@ def _lab_run(tmp_path: Path, topology: str) -> tuple[dict[str, Any], dict[str, A
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     tcp = summary["kernel"]["tcp"]
     assert result.returncode == 0, (tcp, summary["kernel"], result.stderr[-3000:])
-    return summary, tcp
+    return summary, tcp, result.stderr
 
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
@@ -172,7 +172,7 @@ def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path)
     """`manycast lab run tcp_move`: every move step's connections move, none breaks
     (every byte of every download checked), the pauses are in the summary, and the
     pool's own clients are served throughout."""
-    summary, tcp = _lab_run(tmp_path, "tcp_move")
+    summary, tcp, progress = _lab_run(tmp_path, "tcp_move")
     assert tcp["connections"] == 4 and tcp["steps"] == 13  # 12 moves and the drain
     assert tcp["moved"] > 0 and tcp["refused"] == {}, tcp
     assert tcp["broken"] == 0, tcp["broken_reasons"]
@@ -189,6 +189,9 @@ def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path)
     # among the summary's events, with its recovery.
     assert summary["clients_served_at_end"] == summary["clients"] == 4
     assert [e["what"] for e in summary["events"]] == ["drain server=s2 grace=2.0"]
+    # The progress line shows the moves as they happen, with the pauses so far.
+    shown = re.findall(r"tcp moved (\d+) broken (\d+) pause ms p50 \S+ p99 \S+ max \S+", progress)
+    assert shown and int(shown[-1][0]) > 0 and shown[-1][1] == "0", progress[-2000:]
     print(f"moved {tcp['moved']}, pause {pause}, edge hold {hold}")
 
 
@@ -200,7 +203,7 @@ def test_lab_run_drains_a_manycast_pool_with_its_connections(tmp_path: Path) -> 
     (the routers' entries pinned, then steered, then handed back to the
     allocation): none breaks, and every client is answered by its owner at the end
     (the run's exit status says so too)."""
-    summary, tcp = _lab_run(tmp_path, "tcp_move_manycast")
+    summary, tcp, _ = _lab_run(tmp_path, "tcp_move_manycast")
     assert tcp["connections"] == 4 and tcp["steps"] == 3
     # Each step moves two clients' downloads: a1 and b1 from s2 to s1, then (the
     # set_share) from s1 to s3, then a2 and b2 from s4 to s3.

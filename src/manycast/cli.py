@@ -727,9 +727,20 @@ def lab_run(
             # Live VIP routers' packets this second (a killed one's count goes with it).
             vip = f" vip-router packets/s {max(0, p.vip_packets - vip_seen[0])}"
             vip_seen[0] = p.vip_packets
+        tcp = ""
+        if p.tcp_moved is not None and p.tcp_pause_ms is not None:
+            pause = p.tcp_pause_ms
+
+            def ms(value: float | None) -> str:
+                return "-" if value is None else f"{value:.1f}"
+
+            tcp = (
+                f" tcp moved {p.tcp_moved} broken {p.tcp_broken} pause ms "
+                f"p50 {ms(pause['p50'])} p99 {ms(pause['p99'])} max {ms(pause['max'])}"
+            )
         err.print(
             f"t={p.now:5.1f}s served {p.served}/{p.clients} kernel entries {p.entries} "
-            f"answers {answers}{vip}",
+            f"answers {answers}{vip}{tcp}",
             highlight=False,
         )
 

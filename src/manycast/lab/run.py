@@ -37,6 +37,11 @@ class Progress:
     answers: dict[str, int]  # answers so far, by server
     entries: int  # the routers' kernel forwarding entries
     vip_packets: int | None = None  # a VIP pool: packets its live VIP routers have seen
+    # A scenario that moves live TCP connections: moved so far, downloads broken, and
+    # the pause (ms) the moved ones saw: p50, p99, max.
+    tcp_moved: int | None = None
+    tcp_broken: int | None = None
+    tcp_pause_ms: dict[str, float | None] | None = None
     # With `LabRun.detail` (the web dashboard): the steps carried out, each server's
     # status and share, who answered each client last, the routers' refused joins.
     events: tuple[tuple[float, str], ...] = ()
@@ -123,6 +128,7 @@ class LabRun:
                                 dict(prober.answers),
                                 self._entries(),
                                 self._vip_packets(engine),
+                                *(moves.live() if moves is not None else (None, None, None)),
                                 **(self._detail(prober, engine) if self.detail else {}),
                             )
                         )

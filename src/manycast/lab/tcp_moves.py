@@ -372,17 +372,32 @@ class TcpMoves:
             download.stop()
         self.mover.close()
 
+    def pauses_ms(self) -> list[float]:
+        """The longest gap each moved connection's download saw around its move (ms)."""
+        by_flow = {d.flow: d for d in self.downloads if d.flow is not None}
+        with self.lock:
+            records = list(self.records)
+        pauses: list[float] = []
+        for record in records:
+            download = by_flow.get(record.flow)
+            if record.moved and download is not None:
+                gap = gap_around(list(download.times), record.start, record.end)
+                if gap is not None:
+                    pauses.append(gap * 1e3)
+        return pauses
+
+    def live(self) -> tuple[int, int, dict[str, float | None]]:
+        """For the progress line: connections moved so far, downloads broken, and the
+        pauses the moved ones saw (ms: p50, p99, max)."""
+        with self.lock:
+            moved = sum(1 for r in self.records if r.moved)
+        broken = sum(1 for d in self.downloads if d.broken is not None)
+        return moved, broken, _figures(self.pauses_ms())
+
     def summary(self) -> dict[str, Any]:
         """`moved`, `refused`, `broken`, `bytes_verified` and the pauses (ms) moved
         connections saw (`pause_ms`: p50, p99, max), beside the edge's hold per move."""
-        by_flow = {d.flow: d for d in self.downloads if d.flow is not None}
-        pauses: list[float] = []
-        for record in self.records:
-            download = by_flow.get(record.flow)
-            if record.moved and download is not None:
-                gap = gap_around(download.times, record.start, record.end)
-                if gap is not None:
-                    pauses.append(gap * 1e3)
+        pauses = self.pauses_ms()
         holds = [r.edge_hold_ms for r in self.records if r.moved]
         quiet = self._quiet_gaps()
         return {
