@@ -157,13 +157,14 @@ def measured_loads(allocation: Allocation, capacity: Mapping[str, float]) -> dic
 
 class OursFromHoldings(Ours):
     """The same operations through the functions on an `Allocation` alone, which read
-    the shares from what is held: what a pool's members compute from a proposal, whose
-    agreed state is the allocation (its digest), not the shares."""
+    the shares from what is held: what a pool's members computed from a proposal
+    while their agreed state was the allocation alone (now it is the Apportionment)."""
 
     label = "ours_from_holdings"
     how = (
         "stateful: the policy functions on the allocation alone (the shares read from "
-        "the held buckets), as the pool's coordination applies proposals"
+        "the held buckets), as the pool's coordination applied proposals before it kept "
+        "the shares"
     )
 
     def __init__(self, space: AddressSpace, names: Sequence[str]) -> None:

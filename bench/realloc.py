@@ -26,8 +26,10 @@ of 1.0, given the loads the servers would measure, share over capacity; the benc
 checks that a second call would move nothing, `ours_rebalance.second_call_moved`).
 Beside the methods, `ours_from_holdings` runs the same operations through the
 policy functions on the allocation alone, which read the shares from what is held,
-as the pool's coordination applies proposals today (its agreed state is the
-allocation, not the shares). Maglev and rendezvous keep none: each state is a
+as the pool's coordination applied proposals until its agreed state became the
+`Apportionment` too (allocation and shares, both in the digest and the snapshot:
+docs/coordination.md); it stays as the baseline that shows what keeping the shares
+buys. Maglev and rendezvous keep none: each state is a
 rebuild from the current servers and weights.
 
 Compared in the same run with Maglev (Eisenbud et al. 2016) at M = 65537 and at the
