@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from manycast.drivers import mroute, netns
+from manycast.drivers.kernel.link_delay import ROLE as LINK_DELAY
+from manycast.drivers.kernel.link_delay import delayed_routers
 from manycast.errors import LabError
 from manycast.lab.daemons import ROLES_OF, SERVER_START, Daemons, reap, signal_pid
 from manycast.lab.namespaces import build_network
@@ -40,6 +42,10 @@ RUN_ROOT = Path(os.environ.get("MANYCAST_LAB_RUN_ROOT", "/run/manycast"))
 # for `lab up` and `lab run`.
 PLANES = ("mfc", "portions")
 DEFAULT_PLANE = "mfc"
+# Emulate the links' `delay_ms` (`drivers/kernel/link_delay.py`: every packet of a
+# delayed link through a Python program per router), off unless asked for:
+# `up(emulate_delay=True)`, or MANYCAST_LAB_DELAY=1 for `lab up` and `lab run`.
+DELAY_ENV = "MANYCAST_LAB_DELAY"
 NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
 
 
@@ -98,11 +104,15 @@ class Lab:
         start_servers: bool = True,
         pin_idle: float | None = None,
         plane: str | None = None,
+        emulate_delay: bool | None = None,
     ) -> Topology:
         """Build the topology `text` and start its programs; on failure, tear down.
         `plane`: the routers' data plane for the pool's group (`PLANES`; default
-        $MANYCAST_LAB_PLANE, else `DEFAULT_PLANE`)."""
+        $MANYCAST_LAB_PLANE, else `DEFAULT_PLANE`). `emulate_delay`: hold the packets
+        of links with a `delay_ms` that long (default: $MANYCAST_LAB_DELAY is 1)."""
         require_root()
+        if emulate_delay is None:
+            emulate_delay = os.environ.get(DELAY_ENV, "0") not in ("", "0")
         plane = plane or os.environ.get("MANYCAST_LAB_PLANE") or DEFAULT_PLANE
         if plane not in PLANES:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
@@ -126,11 +136,17 @@ class Lab:
             "seed": seed,
             "pin_idle": pin_idle,
             "plane": plane,
+            "emulate_delay": emulate_delay,
             "service": "http" if topology.pool.vip is not None else "responder",
         }
         (self.run_dir / "lab.json").write_text(json.dumps(state))
         try:
             build_network(topology, self.ns)
+            delayed = delayed_routers(topology) if emulate_delay else []
+            for router in delayed:
+                self.start(router, LINK_DELAY)
+            for router in delayed:
+                self.wait_ready(router, LINK_DELAY)
             for router in topology.routers:
                 self.start(router, "router")
             for router in topology.routers:

@@ -85,7 +85,9 @@ class Daemons:
     ) -> int:
         """Start `node`'s `role` program inside `namespace`; its pid. A server's service
         is the program `service` (the UDP `responder`, or `http` in a VIP pool)."""
-        command = {"service": service, "vip_router": "vip-router"}.get(role, role)
+        command = {"service": service, "vip_router": "vip-router", "link_delay": "link-delay"}.get(
+            role, role
+        )
         argv = [
             sys.executable,
             *PROGRAM,

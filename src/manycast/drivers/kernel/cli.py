@@ -114,3 +114,15 @@ def http(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) -> No
     if node not in topology.servers or pool.vip is None:
         raise typer.BadParameter(f"{node} is not a server of a VIP pool", param_hint="--node")
     HttpService(node, str(pool.vip), pool.port, run_dir).run()
+
+
+@daemon_app.command("link-delay")
+def link_delay(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) -> None:
+    """A router's emulated link delay: its delayed links' packets wait in NFQUEUEs
+    (`--seed` is unused)."""
+    from manycast.drivers.kernel import link_delay as delay
+
+    topology = _setup(delay.ROLE, node, run_dir, netns)
+    if node not in topology.routers:
+        raise typer.BadParameter(f"{node} is not a router of this topology", param_hint="--node")
+    delay.run(topology, node, run_dir)

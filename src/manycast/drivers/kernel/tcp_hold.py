@@ -39,7 +39,7 @@ import struct
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
@@ -60,9 +60,12 @@ COPY_BYTES = 48  # IPv4 header (with room for options) and the TCP ports
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
+NFQNL_MSG_VERDICT_BATCH = 3
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
+NFQA_CFG_MASK, NFQA_CFG_FLAGS = 4, 5
+NFQA_CFG_F_GSO = 1 << 2  # a GSO packet is queued whole, not cut into segments first
 NFQNL_CFG_CMD_BIND = 1
-NFQNL_COPY_PACKET = 2
+NFQNL_COPY_META, NFQNL_COPY_PACKET = 1, 2
 NFQA_PACKET_HDR, NFQA_VERDICT_HDR, NFQA_MARK, NFQA_PAYLOAD = 1, 2, 3, 10
 NF_DROP, NF_ACCEPT = 0, 1
 QUEUE_MAXLEN = 1 << 16
@@ -83,10 +86,11 @@ def iptables() -> str:
     return found
 
 
-def install(enter: Callable[[], None], rules: list[list[str]]) -> None:
+def install(enter: Callable[[], None], rules: list[list[str]], binary: str | None = None) -> None:
     """Add `rules` (each `-A` or `-t TABLE -A ...`) inside a namespace, `enter` run
-    between fork and exec; a rule already there is not added again."""
-    binary = iptables()
+    between fork and exec; a rule already there is not added again. `binary`: another
+    program of the family (ip6tables), else iptables."""
+    binary = binary or iptables()
 
     def run(rule: list[str]) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
@@ -278,9 +282,18 @@ class Queued:
 
 
 class NfQueue:
-    """One nfnetlink queue of this namespace, bound at construction."""
+    """One nfnetlink queue of this namespace, bound at construction. `copy_bytes` 0
+    copies no packet bytes (metadata only: `read_ids`); `maxlen` bounds the kernel's
+    queue (beyond it the kernel drops, and counts the drop); `flags` are NFQA_CFG_F_*."""
 
-    def __init__(self, num: int = QUEUE_NUM) -> None:
+    def __init__(
+        self,
+        num: int = QUEUE_NUM,
+        *,
+        copy_bytes: int = COPY_BYTES,
+        maxlen: int = QUEUE_MAXLEN,
+        flags: int = 0,
+    ) -> None:
         self.num = num
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
@@ -289,13 +302,17 @@ class NfQueue:
         self._config(
             _attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, socket.AF_INET))
         )
-        self._config(
-            _attr(NFQA_CFG_PARAMS, struct.pack("!IB", COPY_BYTES, NFQNL_COPY_PACKET))
-            + _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", QUEUE_MAXLEN))
-        )
+        mode = NFQNL_COPY_PACKET if copy_bytes else NFQNL_COPY_META
+        params = _attr(NFQA_CFG_PARAMS, struct.pack("!IB", copy_bytes, mode))
+        params += _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", maxlen))
+        if flags:
+            params += _attr(NFQA_CFG_FLAGS, struct.pack("!I", flags))
+            params += _attr(NFQA_CFG_MASK, struct.pack("!I", flags))
+        self._config(params)
         self.sock.setblocking(False)
         self.verdicts = 0
         self.unparsed = 0
+        self.overruns = 0  # times the socket's buffer was full (the kernel dropped packets)
 
     def _config(self, attrs: bytes) -> None:
         self._seq += 1
@@ -317,26 +334,61 @@ class NfQueue:
         except TimeoutError:
             raise HoldError(f"no answer binding NFQUEUE {self.num}") from None
 
-    def read(self) -> list[Queued]:
-        """Every packet queued since the last call, in the order the kernel queued them."""
-        found: list[Queued] = []
+    def _messages(self) -> Iterator[bytes]:
+        """The attributes of every packet message queued since the last call, in order."""
         while True:
             try:
                 data = self.sock.recv(1 << 20)
             except BlockingIOError:
-                return found
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self.overruns += 1  # the kernel counts the packets (user_dropped)
+                continue
             offset = 0
             while offset + 20 <= len(data):
                 length, kind = struct.unpack_from("=IH", data, offset)
                 if kind == (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET:
-                    packet = self._parse(data[offset + 20 : offset + length])
-                    if packet is None:
-                        self.unparsed += 1
-                    else:
-                        found.append(packet)
+                    yield data[offset + 20 : offset + length]
                 if length < 16:
                     break
                 offset += (length + 3) & ~3
+
+    def read(self) -> list[Queued]:
+        """Every packet queued since the last call, in the order the kernel queued them."""
+        found: list[Queued] = []
+        for attrs in self._messages():
+            packet = self._parse(attrs)
+            if packet is None:
+                self.unparsed += 1
+            else:
+                found.append(packet)
+        return found
+
+    def read_ids(self) -> list[int]:
+        """The ids of every packet queued since the last call, in order (any copy mode)."""
+        found: list[int] = []
+        for attrs in self._messages():
+            packet_id = self._packet_id(attrs)
+            if packet_id is None:
+                self.unparsed += 1
+            else:
+                found.append(packet_id)
+        return found
+
+    @staticmethod
+    def _packet_id(attrs: bytes) -> int | None:
+        offset = 0
+        while offset + 4 <= len(attrs):
+            length, kind = struct.unpack_from("=HH", attrs, offset)
+            if length < 4:
+                return None
+            if kind & 0x7FFF == NFQA_PACKET_HDR and length >= 8:
+                packet_id: int = struct.unpack_from("!I", attrs, offset + 4)[0]
+                return packet_id
+            offset += (length + 3) & ~3
+        return None
 
     @staticmethod
     def _parse(attrs: bytes) -> Queued | None:
@@ -369,6 +421,13 @@ class NfQueue:
             attrs += _attr(NFQA_MARK, struct.pack("!I", mark))
         self._seq += 1
         self.sock.send(_message(NFQNL_MSG_VERDICT, self.num, attrs, NLM_F_REQUEST, self._seq))
+        self.verdicts += 1
+
+    def accept_through(self, packet_id: int) -> None:
+        """One batch verdict: accept every packet still queued up to `packet_id`."""
+        attrs = _attr(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, packet_id))
+        self._seq += 1
+        self.sock.send(_message(NFQNL_MSG_VERDICT_BATCH, self.num, attrs, NLM_F_REQUEST, self._seq))
         self.verdicts += 1
 
     def close(self) -> None:
