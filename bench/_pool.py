@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
+import multiprocessing
 import sys
 import time
 import traceback
@@ -202,6 +203,38 @@ def host_pool(
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
+
+
+def run_together(
+    children: Sequence[tuple[str, Callable[..., None], tuple[Any, ...]]], wait: float
+) -> list[Any]:
+    """Run one spawned process per (name, target, args), each hosting part of a pool
+    with `host_pool`: `target(conn, *args)` gets its end of a pipe first. Wait until
+    every one has built its nodes, start them all at one CLOCK_MONOTONIC instant,
+    and return what each sent when done (in `children`' order; `wait` seconds each at
+    most). The processes are daemons, and are stopped whatever happens."""
+    ctx = multiprocessing.get_context("spawn")
+    started = []
+    try:
+        for name, target, args in children:
+            parent, child = ctx.Pipe()
+            process = ctx.Process(target=target, args=(child, *args), name=name, daemon=True)
+            process.start()
+            child.close()
+            started.append((process, parent))
+        for process, conn in started:
+            expect(conn, process.name, "built", 60)
+        start = time.monotonic() + 0.3
+        for _, conn in started:
+            conn.send(("go", start))
+        return [expect(conn, process.name, "done", wait) for process, conn in started]
+    finally:
+        for process, conn in started:
+            process.join(5)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            conn.close()
 
 
 def node_command(

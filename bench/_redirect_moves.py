@@ -26,15 +26,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-import multiprocessing
 import random
-import time
 from collections import Counter
 from multiprocessing.connection import Connection
 from typing import Any
 
 from _common import not_a_bench
-from _pool import PORT_SEARCH, expect, host_pool, percentile
+from _pool import PORT_SEARCH, host_pool, percentile, run_together
 from manycast.pool import pool_keys
 from manycast.ports import free_base_port
 from manycast.protocol.destination import sign_change
@@ -209,7 +207,7 @@ def _clients_collect(state: dict[str, Any]) -> Any:
 
 
 def _child(
-    local: frozenset[str], with_clients: bool, conn: Connection, text: str, base: int, seed: int
+    conn: Connection, local: frozenset[str], with_clients: bool, text: str, base: int, seed: int
 ) -> None:
     topo = loads(text)
     if with_clients:
@@ -238,34 +236,9 @@ def run_split(text: str, seed: int) -> list[dict[str, Any]]:
     reported (the clients' last)."""
     topo = loads(text)
     base = free_base_port(topo.attachment_count, PORT_SEARCH)
-    ctx = multiprocessing.get_context("spawn")
-    children = []
-    for local, with_clients in [(site, False) for site in SITES] + [(frozenset(), True)]:
-        parent, child = ctx.Pipe()
-        name = "clients" if with_clients else "+".join(sorted(local))
-        process = ctx.Process(
-            target=_child,
-            args=(local, with_clients, child, text, base, seed),
-            name=name,
-            daemon=True,  # ends with the bench whatever happens
-        )
-        process.start()
-        child.close()
-        children.append((process, parent))
-    try:
-        for process, conn in children:
-            expect(conn, process.name, "built", 60)
-        start = time.monotonic() + 0.3
-        for _, conn in children:
-            conn.send(("go", start))
-        return [expect(conn, process.name, "done", DURATION + 30) for process, conn in children]
-    finally:
-        for process, conn in children:
-            process.join(5)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-            conn.close()
+    children = [("+".join(sorted(site)), _child, (site, False, text, base, seed)) for site in SITES]
+    children.append(("clients", _child, (frozenset(), True, text, base, seed)))
+    return run_together(children, DURATION + 30)
 
 
 def measure(text: str, seed: int, clients: int) -> dict[str, Any]:

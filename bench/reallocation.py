@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import multiprocessing
 import os
 import random
 import time
@@ -58,9 +57,9 @@ from _pool import (
     PORT_SEARCH,
     Transitions,
     every,
-    expect,
     host_pool,
     percentile,
+    run_together,
     servers_line,
     two_router_pool,
 )
@@ -247,9 +246,9 @@ def infra_line(run: PoolRun) -> str:
 
 
 def _child(
+    conn: Connection,
     local: frozenset[str],
     with_clients: bool,
-    conn: Connection,
     text: str,
     base: int,
     window: tuple[float, float],
@@ -307,37 +306,13 @@ def run_technique(technique: str, steps: list[tuple[float, str, dict[str, Any]]]
     )
     topo = loads(text)
     base = free_base_port(topo.attachment_count, PORT_SEARCH)
-    ctx = multiprocessing.get_context("spawn")
-    children = []
-    for local, with_clients in ((INFRA, False), (frozenset(), True)):
-        parent, child = ctx.Pipe()
-        label = "+".join(sorted(local)) if not with_clients else "clients"
-        process = ctx.Process(
-            target=_child,
-            args=(local, with_clients, child, text, base, window),
-            name=f"{technique} {label}",
-            daemon=True,  # ends with the bench whatever happens
-        )
-        process.start()
-        child.close()
-        children.append((process, parent))
-    results: list[Any] = []
-    try:
-        for process, conn in children:
-            expect(conn, process.name, "built", 60)
-        start = time.monotonic() + 0.3
-        for _, conn in children:
-            conn.send(("go", start))
-        wait = window[1] + INFRA_GRACE + 30
-        for process, conn in children:
-            results.append(expect(conn, process.name, "done", wait))
-    finally:
-        for process, conn in children:
-            process.join(5)
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
-            conn.close()
+    results = run_together(
+        [
+            (f"{technique} {'+'.join(sorted(INFRA))}", _child, (INFRA, False, text, base, window)),
+            (f"{technique} clients", _child, (frozenset(), True, text, base, window)),
+        ],
+        window[1] + INFRA_GRACE + 30,
+    )
     return analyse(technique, topo, steps, window, merge(results[:-1]), results[-1])
 
 
