@@ -19,6 +19,9 @@ the socket (signed) to the new one, the edge releases the flow onto the new segm
    the gaps of the streams away from any round (`gap_without_rounds_p99_ms`: the
    pacing's own), and the edge's hold time per move (`edge_hold_*`, hold to release).
    `connections_broken`: a moved stream that failed (reset, end, wrong byte).
+   `--delay-ms D` (default 10) gives the clients' edge links D ms one way and turns
+   on the lab's emulated link delay (`bench/_tcp_move_delay.py`), so that a
+   reconnect costs real round trips (`rtt_ms` says how long one is); 0: no delay.
 2. Drain. `--drain` echo connections from one client, all on its server, move in
    batches of `--batch` to the other servers; `moves_per_s` is connections over the
    drain's wall time; each connection then answers its next line, numbered on.
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import _plots
+import _tcp_move_delay
 from _common import progress, run_and_emit
 from _pool import percentile
 from manycast.drivers import netns
@@ -258,14 +262,14 @@ def pauses(
         else:
             resets = stream.resets
             stream.expect_reset = True
-            mover.ask(server, {"op": "reset", "flows": [list(flow)]})
+            answer = mover.ask(server, {"op": "reset", "flows": [list(flow)]})
             deadline = time.monotonic() + 5
             while not (stream.resets > resets and stream.connected.is_set()):
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"stream {flow} reset on {server} did not come back: resets "
                         f"{stream.resets}, connected {stream.connected.is_set()}, now "
-                        f"{stream.flow}, broken {stream.broken}"
+                        f"{stream.flow}, broken {stream.broken}, {server} answered {answer}"
                     )
                 time.sleep(0.001)
             end = time.perf_counter()
@@ -392,9 +396,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         prefix=f"tmb{os.getpid()}", run_root=Path(tempfile.mkdtemp(prefix="manycast-tcpmove-"))
     )
     lab.down()
-    topology = lab.up(pool_toml(args.pool), "tcp-move-bench.toml")
+    text = pool_toml(args.pool)
+    if args.delay_ms > 0:
+        text = _tcp_move_delay.with_client_delay(text, args.delay_ms, args.router_delays)
+    topology = lab.up(text, "tcp-move-bench.toml", emulate_delay=args.delay_ms > 0)
     mover = TcpMover(lab, topology)
     result["pool"] = args.pool
+    result["client_link_delay_ms"] = args.delay_ms
+    result["router_link_delays"] = bool(args.delay_ms > 0 and args.router_delays)
     try:
         mover.start(SERVERS)
         if args.pool == "vip":
@@ -407,6 +416,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         result.update(pauses(lab, topology, mover, args))
         result["pause_p99_over_r1_p99"] = _ratio(result["pause_p99_ms"], result["r1_gap_p99_ms"])
         result["pause_p50_over_rtt"] = _ratio(result["pause_p50_ms"], result["rtt_ms"])
+        result["pause_p50_over_r1_p50"] = _ratio(result["pause_p50_ms"], result["r1_gap_p50_ms"])
+        p99, r1_p99 = result["pause_p99_ms"], result["r1_gap_p99_ms"]
+        result["goal_met"] = p99 is not None and r1_p99 is not None and p99 <= 50 and p99 < r1_p99
+        if args.delay_ms > 0:
+            result.update(_tcp_move_delay.delay_status(lab, topology))
         progress(f"drain: {args.drain} connections, {args.batch} per move")
         result.update(drain(lab, topology, mover, args.drain, args.batch))
     finally:
@@ -481,6 +495,17 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--drain", type=int, default=500, help="connections drained at once")
     parser.add_argument("--batch", type=int, default=100, help="connections per transfer")
     parser.add_argument("--seed", type=int, default=20240917)
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=10.0,
+        help="one-way delay of the clients' edge links, emulated (default 10; 0: none)",
+    )
+    parser.add_argument(
+        "--router-delays",
+        action="store_true",
+        help="with --delay-ms, also emulate the topology's delays between routers (1-4 ms)",
+    )
     parser.add_argument(
         "--pool",
         choices=("vip", "manycast"),
