@@ -6,8 +6,8 @@ of a router's namespace, served by one Python program per router), and the
 clients' LANs get D ms one way. The links between routers get none, unless
 `--router-delays` keeps the topology's own (1-4 ms): then the servers are that far
 apart too, and a move's state transfer between them pays their round trips. A
-server's own link keeps the compiler's 0.5 ms. With D = 0 nothing is emulated, as
-before: the lab's links forward at once.
+server's own link is not emulated (docs/lab.md, "Emulated link delay"). With D = 0
+nothing is emulated, as before: the lab's links forward at once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from manycast.topology import Topology
 def with_client_delay(text: str, delay_ms: float, router_links: bool = False) -> str:
     """`text` with `delay_ms = <delay_ms>` in every `[[clients]]` table (replacing one
     that is there); unless `router_links`, the `[[link]]`s between routers get none
-    (the servers' own links keep the compiler's 0.5 ms)."""
+    (the servers' own links are not emulated in the lab)."""
 
     def table(match: re.Match[str]) -> str:
         body = re.sub(r"\ndelay_ms\s*=\s*[0-9.]+", "", match.group(0))
