@@ -32,6 +32,7 @@ from manycast.pool import pool_keys
 from manycast.ports import free_base_port
 from manycast.protocol.client import Client
 from manycast.protocol.destination import Verdict, sign_change, verify_change
+from manycast.protocol.redirect import DRAIN_WINDOW, MOVE_WINDOW
 from manycast.protocol.refusal import RedirectRefusal
 from manycast.protocol.server import Server
 from manycast.protocol.tcp import Demultiplexer, SessionConfig, State
@@ -397,6 +398,40 @@ def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost() -
         assert sequences == list(range(sequences[0], sequences[0] + len(sequences))), name
     moved_out = sum(s.redirector.stats.moved_out for s in servers.values())  # type: ignore[union-attr]
     assert moved_out == sum(c.stats.destination_changes for c in run.nodes.clients.values())
+
+
+def test_a_server_lets_go_one_connection_per_new_owner_at_a_time_until_it_drains() -> None:
+    """While it serves, a server hands a new owner the next connection when that one
+    acknowledged the last (`MOVE_WINDOW`): a burst would make each wait for all before
+    it. A draining server, which must be empty within its grace, sends more at once."""
+    run, _, _ = settled(d_pool(clients=96))
+    servers = run.nodes.servers
+    most: dict[str, Counter[str]] = {"serving": Counter(), "draining": Counter()}
+    for server in servers.values():
+        redirector = server.redirector
+        assert redirector is not None
+
+        def counted(key: Any, target: Any, now: float, r: Any = redirector) -> bool:
+            moved = type(r).move(r, key, target, now)
+            if moved:
+                flight = sum(1 for m in r._outgoing.values() if m.target == target)
+                mode = "serving" if r.serving() else "draining"
+                most[mode][r.name] = max(most[mode][r.name], flight)
+            return moved
+
+        redirector.move = counted  # type: ignore[method-assign]
+    record = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 20)))
+    run_to(run, run.now + 1.0)
+    assert outcome(run) == CLEAN
+    assert len(record.moved) > 8 and most["serving"]["s1"] == MOVE_WINDOW
+    for name in record.moved:
+        client = run.nodes.clients[name]
+        assert holders(run, server_key(client)) == {record.new.owner(client.address)}
+    drain = Drain(at=run.now, server="s2", grace=1.5)
+    carry_out(run, drain)
+    run_to(run, drain.at + drain.grace - 0.01)
+    assert servers["s2"].sessions == 0
+    assert MOVE_WINDOW < most["draining"]["s2"] <= DRAIN_WINDOW
 
 
 def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_owner() -> None:

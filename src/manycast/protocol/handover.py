@@ -282,7 +282,7 @@ class Handover:
             elif isinstance(message, control.MoveConnection):
                 redirector.on_move(message, now)
             else:
-                redirector.on_ack(message)
+                redirector.on_ack(message, now)
         elif isinstance(message, control.Forwarded):
             self._on_forwarded(message, now, via_group)
         elif isinstance(message, control.Redirect):
