@@ -16,7 +16,7 @@ The pool chooses one technique:
   the transport and application state and lets the connection go; the new owner
   imports it and continues the connection, segments that arrived meanwhile
   included. The old owner keeps the reply for `given_kept` seconds and sends it
-  again when the same server asks again: the reply is the connection's only copy,
+  again when the same query comes again: the reply is the connection's only copy,
   and one lost or late datagram must not lose it. The asker asks again every
   `QUERY_RESEND` seconds until its `query_timeout`.
 * R4 pinned paths (Fig 16): before a reallocation executes, a server creates a
@@ -38,7 +38,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from manycast.errors import ConfigError
 from manycast.protocol.app import Service
@@ -151,9 +151,9 @@ class Handover:
         self.moved: set[ConnKey] = set()  # connections we keep although their portion left us
         self._queries: dict[ConnKey, _Query] = {}
         self._query_ids: dict[int, ConnKey] = {}
-        # R3: states we handed over, kept for a repeated query from the same asker:
-        # key -> (the reply, the asker's name, until when).
-        self._given: dict[ConnKey, tuple[control.StateReply, str, float]] = {}
+        # R3: states we handed over, kept for the asker's same query, asked again:
+        # query id -> (the reply, the asker's name, until when).
+        self._given: dict[int, tuple[control.StateReply, str, float]] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
         self._tagged: dict[ConnKey, ipaddress.IPv4Address] = {}  # R4: -> the edge told
@@ -330,7 +330,7 @@ class Handover:
         key: ConnKey = ((wanted.group, wanted.service_port), (wanted.client, wanted.client_port))
         conn = self.endpoint.connection(key)
         if conn is None:
-            self._give_again(key, query, now)
+            self._give_again(query, now)
             return
         try:
             self.host.flush()  # what it queued still goes out from here
@@ -345,21 +345,21 @@ class Handover:
         self.stats.transferred_out += 1
         if len(self._given) >= GIVEN_LIMIT:
             del self._given[next(iter(self._given))]
-        self._given[key] = (reply, query.sender, now + self.given_kept)
+        self._given[query.query_id] = (reply, query.sender, now + self.given_kept)
 
-    def _give_again(self, key: ConnKey, query: control.StateQuery, now: float) -> None:
-        """The state we handed over, again, to the server that asked for it: its
-        query came again, so it has not got our reply (lost, or still on its way).
-        Only to that server: another asker may come after the first took it, and
-        would get a state that is no longer the connection's."""
-        given = self._given.get(key)
+    def _give_again(self, query: control.StateQuery, now: float) -> None:
+        """The state we handed over, again, for the same query asked again: the asker
+        has not got our reply (lost, or still on its way). Only for that query: a new
+        one, even from the same server, may come after the connection went on from
+        there (to it, elsewhere, back), and the copy we kept would turn it back."""
+        given = self._given.get(query.query_id)
         if given is None:
             return
         reply, asker, until = given
         if until < now:
-            del self._given[key]
+            del self._given[query.query_id]
         elif asker == query.sender:
-            self.send_control(replace(reply, query_id=query.query_id), None)
+            self.send_control(reply, None)
             self.stats.transfer_resent += 1
 
     def _on_state_reply(self, reply: control.StateReply, now: float) -> None:
@@ -436,8 +436,8 @@ class Handover:
         stale = [f for f, e in self._forwards.items() if now - e.last_used > self.idle_timeout]
         for flow in stale:
             del self._forwards[flow]
-        for key in [k for k, (_, _, until) in self._given.items() if until < now]:
-            del self._given[key]
+        for query_id in [q for q, (_, _, until) in self._given.items() if until < now]:
+            del self._given[query_id]
 
 
 def _owned(portions: SourceFilter | None, key: ConnKey) -> bool:
