@@ -46,7 +46,9 @@ class Interrupted(BaseException):
     """A signal asked the bench to stop (not an `Exception`: nothing swallows it)."""
 
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# SIGINT too, not only Python's KeyboardInterrupt: a process started in the
+# background of a non-interactive shell inherits SIGINT ignored, and would sleep on.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def run_and_emit(bench: str, run: Callable[[], dict[str, Any]]) -> None:
