@@ -1,36 +1,30 @@
-"""Shared bench helpers: timing on a noisy machine, the JSON result line, and the
-two consistent-hashing baselines (Maglev and rendezvous) both benches compare with.
+"""Shared bench helpers: timing on a noisy machine and the JSON result line.
 
-Baselines are built from their published descriptions:
-- Maglev (Eisenbud et al., NSDI 2016, section 3.4): each backend has an offset and
-  a skip from two hashes of its name and walks the permutation
-  (offset + j * skip) mod M, taking turns to claim the next free entry of a prime
-  size table. Weights follow Envoy's weighted Maglev: a backend of weight w takes
-  a turn in one round out of max_weight / w.
-- Rendezvous (highest random weight, Thaler and Ravishankar 1998): each key goes to
-  the backend with the highest score; weighted with score = -w / ln(h), h uniform
-  in (0, 1), so a backend wins a share w / sum(w).
+Every file here imports this module first, before anything that needs the project's
+packages (`import _common  # isort: skip`): run by an interpreter without them (Debian's
+python3 outside the venv), a file still ends in one JSON line, with an `error` naming
+the missing module, rather than in a traceback alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import importlib.util
 import json
-import math
 import os
 import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
-
-MAGLEV_M = 65537  # the prime table size used throughout the Maglev paper's examples
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# What the benches need, checked at once: some import a package only once their run
+# has begun (bench/vrrp_anchor.py imports manycast as it builds its namespaces).
+PROJECT_PACKAGES = ("numpy", "manycast")
+INTERPRETER_HINT = "run it with the project's interpreter: make bench, or .venv/bin/python"
 
 
 def progress(text: str) -> None:
@@ -107,115 +101,49 @@ def median_seconds(run: Callable[[], object], repeats: int) -> float:
     return interleaved_medians({"run": run}, repeats)["run"]
 
 
-def name_hash(name: str, salt: str) -> int:
-    """A 64-bit hash of a backend name, independent for each salt."""
-    digest = hashlib.blake2b(name.encode(), digest_size=8, salt=salt.encode()[:16])
-    return int.from_bytes(digest.digest(), "little")
+# A file here run without the project's packages ------------------------------------
 
 
-def mix64(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """SplitMix64's finaliser: a full-avalanche 64-bit mix (two multiply-xorshifts)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    mixed: npt.NDArray[np.uint64] = x ^ (x >> np.uint64(31))
-    return mixed
+def _script_here() -> Path | None:
+    """The file of bench/ run as the script (None: something else runs, such as pytest)."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    if script is None or Path(script).resolve().parent != Path(__file__).resolve().parent:
+        return None
+    return Path(script)
 
 
-# Maglev ----------------------------------------------------------------------
+def _left_an_import(tb: TracebackType | None) -> bool:
+    """Whether an exception left the script from one of its import statements, rather
+    than from a function the script called."""
+    while tb is not None and tb.tb_frame.f_globals.get("__name__") != "__main__":
+        tb = tb.tb_next
+    if tb is None:
+        return False
+    return tb.tb_next is None or tb.tb_next.tb_frame.f_code.co_name == "<module>"
 
 
-def maglev_table(
-    names: Sequence[str], weights: Sequence[int] | None = None, size: int = MAGLEV_M
-) -> npt.NDArray[np.int32]:
-    """table[e] = index into `names` of the backend owning entry e."""
-    n = len(names)
-    offsets = [name_hash(s, "maglev-offset") % size for s in names]
-    skips = [name_hash(s, "maglev-skip") % (size - 1) + 1 for s in names]
-    order = _maglev_turns(list(weights) if weights is not None else [1] * n, size)
-    table = [-1] * size
-    following = [0] * n
-    for backend in order:
-        offset, skip, j = offsets[backend], skips[backend], following[backend]
-        entry = (offset + j * skip) % size
-        while table[entry] >= 0:
-            j += 1
-            entry = (offset + j * skip) % size
-        table[entry] = backend
-        following[backend] = j + 1
-    return np.array(table, dtype=np.int32)
+def _report_failed_import(
+    kind: type[BaseException], error: BaseException, tb: TracebackType | None
+) -> None:
+    """The uncaught exception's traceback on stderr, as ever; for an ImportError of the
+    script's imports, the JSON line as well (a bench: its name; a helper: None, as
+    `not_a_bench` says). Python then exits with status 1."""
+    _previous_excepthook(kind, error, tb)
+    script = _script_here()
+    if script is None or not isinstance(error, ImportError) or not _left_an_import(tb):
+        return
+    reason = f"{kind.__name__}: {error}"
+    if isinstance(error, ModuleNotFoundError):
+        reason += f" ({INTERPRETER_HINT})"
+    emit({"bench": None if script.name.startswith("_") else script.stem, "error": reason})
 
 
-def _maglev_turns(weights: list[int], size: int) -> list[int]:
-    """The order in which backends claim entries: Envoy's loop, in which a backend
-    of weight w claims its k-th entry in round ceil(k * max_w / w), in index order
-    within a round. Equal weights give Maglev's plain round robin."""
-    n = len(weights)
-    if len(set(weights)) == 1:
-        return [i % n for i in range(size)]
-    top, total = max(weights), sum(weights)
-    rounds: list[npt.NDArray[np.int64]] = []
-    owners: list[npt.NDArray[np.int64]] = []
-    enough = [math.ceil(size * w / total) + 2 if w else 0 for w in weights]
-    for backend, w in enumerate(weights):
-        k = np.arange(enough[backend], dtype=np.int64)
-        rounds.append(-((-k * top) // w) if w else k)  # ceil(k * top / w)
-        owners.append(np.full(enough[backend], backend, dtype=np.int64))
-    all_rounds, all_owners = np.concatenate(rounds), np.concatenate(owners)
-    chosen = np.lexsort((all_owners, all_rounds))[:size]
-    turns = all_owners[chosen]
-    used = np.bincount(turns, minlength=n)
-    # Had a backend used every turn generated for it, it might have had more.
-    assert all(used[i] < enough[i] for i in range(n) if weights[i]), "too few turns"
-    return [int(t) for t in turns]
-
-
-def maglev_lookup(
-    table: npt.NDArray[np.int32], addrs: npt.NDArray[np.uint32]
-) -> npt.NDArray[np.int32]:
-    """The backend for each address: table[hash(addr) % M], hash = multiply-xorshift."""
-    h = addrs.astype(np.uint64)
-    np.multiply(h, _GOLDEN, out=h)
-    np.bitwise_xor(h, h >> np.uint64(32), out=h)
-    np.remainder(h, np.uint64(len(table)), out=h)
-    found: npt.NDArray[np.int32] = table.take(h)
-    return found
-
-
-def maglev_entry(addr: int, size: int = MAGLEV_M) -> int:
-    """The same hash for one address, in plain integers (to check the numpy path)."""
-    h = (addr * 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
-    return (h ^ (h >> 32)) % size
-
-
-# Rendezvous ------------------------------------------------------------------
-
-
-def rendezvous_owners(
-    names: Sequence[str],
-    keys: npt.NDArray[np.uint64],
-    weights: Sequence[float] | None = None,
-    block: int = 32,
-) -> npt.NDArray[np.int32]:
-    """For each key, the index of the backend with the highest -w / ln(h(backend, key))."""
-    n = len(names)
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    seeds = np.array([name_hash(s, "rendezvous") for s in names], dtype=np.uint64)
-    mixed_keys = mix64(keys.astype(np.uint64) * _GOLDEN)
-    best = np.full(len(keys), -np.inf)
-    owner = np.zeros(len(keys), dtype=np.int32)
-    for first in range(0, n, block):
-        chunk = slice(first, min(first + block, n))
-        h = mix64(mixed_keys[None, :] ^ seeds[chunk, None])
-        u = ((h >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
-        score = -w[chunk, None] / np.log(u)
-        top = score.argmax(axis=0)
-        top_score = score[top, np.arange(len(keys))]
-        better = top_score > best
-        best[better] = top_score[better]
-        owner[better] = top[better] + first
-    return owner
+_previous_excepthook = sys.excepthook
+if _script_here() is not None:
+    sys.excepthook = _report_failed_import
+    for _package in PROJECT_PACKAGES:
+        if importlib.util.find_spec(_package) is None:
+            raise ModuleNotFoundError(f"No module named {_package!r}", name=_package)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ nftables DNAT, with 100 000 client sources already known to the router."""
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import contextlib
 import ipaddress
 import json

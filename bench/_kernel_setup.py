@@ -3,6 +3,7 @@ generators, the kinds of traffic and their intervals (see kernel.py's docstring)
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import contextlib
 import ipaddress
 import json

@@ -6,6 +6,7 @@ calls `run_generator` inside the client's namespace) and reads the counters belo
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import contextlib
 import ctypes
 import errno

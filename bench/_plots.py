@@ -12,6 +12,7 @@ Plots of an earlier run, from its saved JSON line, without running the bench aga
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import importlib
 import json

@@ -10,6 +10,7 @@ Not a bench itself: bench/reallocation.py uses it and prints the json result lin
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import asyncio
 import bisect
 import math

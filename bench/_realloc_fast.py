@@ -1,8 +1,9 @@
 """bench/realloc.py part 2's fast baselines: Maglev's fill in C and weighted rendezvous
-kept up to date incrementally, each giving exactly what bench/_common.py's rebuild gives."""
+kept up to date incrementally, each giving exactly what bench/_baselines.py's rebuild gives."""
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import ctypes
 import shutil
 import subprocess
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from _common import _GOLDEN, maglev_table, mix64, name_hash, progress, rendezvous_owners
+from _baselines import _GOLDEN, maglev_table, mix64, name_hash, rendezvous_owners
+from _common import progress
 
 
 def names_for(n: int) -> list[str]:
@@ -36,7 +38,7 @@ def smallest_prime_at_least(n: int) -> int:
 
 # -- part 2: Maglev and rendezvous that keep up with 1000 changes ----------------------------
 
-# Maglev's fill (Eisenbud et al. 2016, section 3.4) with the turns of bench/_common.py's
+# Maglev's fill (Eisenbud et al. 2016, section 3.4) with the turns of bench/_baselines.py's
 # Envoy-style weights: backend b claims its k-th entry in round ceil(k * top / w[b]),
 # in index order within a round, each time the next free entry along its permutation
 # (offset + j * skip) mod size.

@@ -3,6 +3,7 @@ what is measured after each."""
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import random
 import statistics
 import time
@@ -14,7 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from _common import MAGLEV_M, maglev_table, progress
+from _baselines import MAGLEV_M, maglev_table
+from _common import progress
 from _realloc_fast import (
     Fill,
     IncrementalRendezvous,
@@ -390,7 +392,7 @@ def method_stats(method: Method, t: Tracker, desired_minimal: float) -> dict[str
 def check_fill(fill: Fill | None, seed: int) -> str:
     """Which Maglev fill part 2 uses, after checking the C one against the reference."""
     if fill is None:
-        return "python (bench/_common.py maglev_table; no C compiler)"
+        return "python (bench/_baselines.py maglev_table; no C compiler)"
     rng = random.Random(seed)
     for n, size in ((3, 13), (10, 1009), (100, 10007)):
         names = names_for(n)
@@ -398,7 +400,7 @@ def check_fill(fill: Fill | None, seed: int) -> str:
             built = MaglevBuilder(size, fill)(names, weights)
             if not np.array_equal(built, maglev_table(names, weights, size)):
                 raise RuntimeError(f"C Maglev fill differs from the reference at {n=} {size=}")
-    return "C (cc), equal to bench/_common.py maglev_table on the checked tables"
+    return "C (cc), equal to bench/_baselines.py maglev_table on the checked tables"
 
 
 def summary(by_n: Mapping[int, Mapping[str, Any]], key: str, pick: Callable[..., Any]) -> Any:

@@ -23,6 +23,7 @@ Not a bench itself: bench/redirect.py runs it and prints the JSON result line.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import asyncio
 import dataclasses
 import ipaddress

@@ -12,6 +12,7 @@ not so explained, counts in `sessions_lost`.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import bisect
 from collections import defaultdict
 from collections.abc import Sequence

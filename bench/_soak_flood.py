@@ -12,6 +12,7 @@ from a host on its client LAN.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import random
 import socket
 import threading

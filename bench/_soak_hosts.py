@@ -12,6 +12,7 @@ Each tees its stderr into a log file the bench scans for tracebacks.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import asyncio
 import functools
 import sys

@@ -8,6 +8,7 @@ each cycle, so that every kind happens in any run and faults overlap.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import random
 from dataclasses import dataclass, field
 from typing import Any

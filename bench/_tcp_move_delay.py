@@ -12,6 +12,7 @@ nothing is emulated, as before: the lab's links forward at once.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import re
 from typing import Any
 

@@ -28,6 +28,7 @@ Progress on stderr; one JSON object, the last line on stdout.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import multiprocessing
 import os

@@ -34,6 +34,7 @@ the same messages, interleaved and repeated, medians reported.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import dataclasses
 import heapq

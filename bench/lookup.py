@@ -10,6 +10,7 @@ Output: progress on stderr, then the result as one json object, the last line on
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,15 +19,8 @@ from typing import Any
 import numpy as np
 
 import _plots
-from _common import (
-    MAGLEV_M,
-    emit,
-    interleaved_medians,
-    maglev_entry,
-    maglev_lookup,
-    maglev_table,
-    progress,
-)
+from _baselines import MAGLEV_M, maglev_entry, maglev_lookup, maglev_table
+from _common import emit, interleaved_medians, progress
 from manycast.policy import equal_split
 from manycast.space import AddressSpace
 

@@ -42,6 +42,7 @@ Output: progress on stderr, then the result as one json object, the last line on
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import asyncio
 import ipaddress
 import multiprocessing

@@ -38,7 +38,7 @@ add rebuild the table without / with the backend, shares are Envoy-style weighte
 Maglev, not replicated backends; and with weighted rendezvous hashing (score
 -w / ln h). In part 2
 Maglev's table is filled by a small C loop (compiled here with cc; checked against
-the Python reference of bench/_common.py) and rendezvous is kept up to date
+the Python reference of bench/_baselines.py) and rendezvous is kept up to date
 incrementally, checked against a rebuild at the end: both give exactly what the
 Python rebuild gives, 50 to 1000 times faster. Their `ms_median` is therefore not a
 like-for-like timing against ours (Python policy code); part 1's `ms` is.
@@ -59,6 +59,7 @@ Output: progress on stderr, then the result as one json object, the last line on
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -70,7 +71,8 @@ import numpy as np
 import numpy.typing as npt
 
 import _plots
-from _common import MAGLEV_M, emit, maglev_table, median_seconds, progress, rendezvous_owners
+from _baselines import MAGLEV_M, maglev_table, rendezvous_owners
+from _common import emit, median_seconds, progress
 from _realloc_fast import (
     IncrementalRendezvous,
     MaglevBuilder,
@@ -369,7 +371,7 @@ def main() -> None:
         # The equal split at the start only: part 2 measures balance after changes.
         "initial_split_max_over_mean": round(float(counts.max() / counts.mean()), 5),
         # Median ms per change: our policy operation beside each baseline's rebuild of
-        # its whole mapping (Python, bench/_common.py).
+        # its whole mapping (Python, bench/_baselines.py).
         "ms_median_n10": ms_at(10) if 10 in sizes else None,
         "ms_median_n1000": ms_at(1000) if 1000 in sizes else None,
         "runs": records,

@@ -38,6 +38,7 @@ bench/failover.py's.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import asyncio
 import inspect
 import os

@@ -38,6 +38,7 @@ control messages per reallocation by technique, and the move pauses' CDF.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import os
 import time

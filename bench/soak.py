@@ -26,6 +26,7 @@ Exits 1 when sessions_lost > 0, a process died unexpectedly or logged a tracebac
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import multiprocessing
 import os

@@ -31,6 +31,7 @@ Prints one JSON object, the last line on stdout; progress goes to stderr.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import contextlib
 import itertools

@@ -29,6 +29,7 @@ without its scenario unless said. The kernel forwards every packet (docs/lab.md)
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import contextlib
 import os

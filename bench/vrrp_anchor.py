@@ -36,6 +36,7 @@ stdout.
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import contextlib
 import math

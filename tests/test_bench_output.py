@@ -1,10 +1,12 @@
 """Every file under bench/ ends what it prints with one JSON object on stdout: a
 bench its result (or, when it fails, is interrupted or exits early, an `error`),
-a helper module the bench to run instead."""
+a helper module the bench to run instead; and any file, run by an interpreter without
+the project's packages, an `error` naming the missing module."""
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,12 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # _plots.py has a command line of its own: it re-plots a saved result.
 HELPERS = sorted(p for p in BENCH.glob("_*.py") if p.name != "_plots.py")
+EVERY_FILE = sorted(BENCH.glob("*.py"))
+# An interpreter without the project's packages: the stdlib alone (-S: no site-packages,
+# -s: no user site, -E: no PYTHONPATH). Not -I: that also leaves the script's own
+# directory off sys.path, where every file here finds its helpers.
+BARE = [sys.executable, "-E", "-s", "-S"]
+PROJECT_PACKAGES = ("numpy", "manycast")
 
 # A bench reduced to its ending: `run_and_emit` around a run chosen by argv[1].
 TOY = """
@@ -102,3 +110,27 @@ def test_an_interrupted_bench_still_ends_in_one_json_object(
     assert result["bench"] == "toy" and result["error"] == f"interrupted ({signum.name})"
     assert isinstance(result["seconds"], float) and result["seconds"] < 30
     assert stdout.count("\n") == 1  # nothing else on stdout
+
+
+def test_the_bare_interpreter_lacks_the_project_packages() -> None:
+    for package in PROJECT_PACKAGES:
+        done = subprocess.run(
+            [*BARE, "-c", f"import {package}"], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 1
+        assert f"ModuleNotFoundError: No module named {package!r}" in done.stderr
+
+
+@pytest.mark.parametrize("path", EVERY_FILE, ids=[p.name for p in EVERY_FILE])
+def test_every_file_run_without_the_project_packages_ends_in_one_json_object(path: Path) -> None:
+    done = subprocess.run([*BARE, str(path)], capture_output=True, text=True, timeout=60)
+    result = last_json(done.stdout)
+    assert done.returncode == 1
+    assert done.stdout.count("\n") == 1  # nothing else on stdout
+    assert result["bench"] == (None if path.name.startswith("_") else path.stem)
+    missing = "|".join(PROJECT_PACKAGES)
+    hint = "run it with the project's interpreter: make bench, or .venv/bin/python"
+    assert re.fullmatch(
+        rf"ModuleNotFoundError: No module named '({missing})' \({re.escape(hint)}\)",
+        str(result["error"]),
+    ), result["error"]

@@ -32,7 +32,7 @@ def bench(name: str) -> ModuleType:
 
 
 def test_c_maglev_fill_gives_the_reference_tables() -> None:
-    realloc, common = bench("realloc"), bench("_common")
+    realloc, baselines = bench("realloc"), bench("_baselines")
     fill = realloc.compiled_fill()
     if fill is None:
         pytest.skip("no C compiler: the bench falls back to the Python reference itself")
@@ -49,7 +49,7 @@ def test_c_maglev_fill_gives_the_reference_tables() -> None:
     for n, size, weights in cases:
         names = [f"b{i:03d}" for i in range(n)]
         built = realloc.MaglevBuilder(size, fill)(names, weights)
-        assert np.array_equal(built, common.maglev_table(names, weights, size)), (n, size)
+        assert np.array_equal(built, baselines.maglev_table(names, weights, size)), (n, size)
     with pytest.raises(ValueError):
         realloc.MaglevBuilder(13, fill)(["a", "b"], [0, 0])
 
