@@ -433,6 +433,49 @@ def test_retry_limit_times_out_with_exponential_backoff() -> None:
     assert len(client.ep) == 0
 
 
+def test_a_thin_stream_keeps_its_rto_for_its_linear_retries_then_backs_off() -> None:
+    """Linux's thin-stream linear timeouts: one small segment in flight, so the first
+    `thin_linear_retries` timeouts keep the RTO; a SYN still backs off."""
+    config = SessionConfig(rto_initial=1.0, rto_min=0.2, max_retries=5, thin_linear_retries=3)
+    net = Net(delay=0.01)
+    client = net.add("client", CLIENT, config=config)
+    server = net.add("server", GROUP, config=config)
+    server.ep.listen(PORT)
+    conn = client.ep.connect(*client_key(), now=0.0)
+    net.run(1.0, lambda: bool(server.of(Connected)))
+    net.tamper = lambda src, dst, seg: None if src == GROUP else seg
+    sent_at = net.now
+    conn.send(b"hello", sent_at)
+    assert net.run(60.0, lambda: bool(client.of(ConnectionTimedOut)))
+    retransmits = [t - sent_at for t, src, _, s in net.log if src == CLIENT and s.payload]
+    # Three timeouts 0.2 apart, then doubling: 0.4, 0.8.
+    assert retransmits == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.2])
+    assert client.of(ConnectionTimedOut)[0][0] - sent_at == pytest.approx(2.0)
+
+
+def test_a_stream_with_four_segments_in_flight_is_not_thin() -> None:
+    config = SessionConfig(
+        rto_initial=1.0, rto_min=0.2, max_retries=2, thin_linear_retries=6, mss=100
+    )
+    net = Net(delay=0.01)
+    client = net.add("client", CLIENT, config=config)
+    server = net.add("server", GROUP, config=config)
+    server.ep.listen(PORT)
+    conn = client.ep.connect(*client_key(), now=0.0)
+    net.run(1.0, lambda: bool(server.of(Connected)))
+    net.tamper = lambda src, dst, seg: None if src == GROUP else seg
+    sent_at = net.now
+    conn.send(b"x" * 400, sent_at)  # four full segments
+    assert net.run(60.0, lambda: bool(client.of(ConnectionTimedOut)))
+    first_seq = min(s.seq for t, src, _, s in net.log if src == CLIENT and s.payload)
+    again = [
+        t - sent_at
+        for t, src, _, s in net.log
+        if src == CLIENT and s.payload and s.seq == first_seq and t > sent_at
+    ]
+    assert again == pytest.approx([0.2, 0.6])  # exponential, as without the option
+
+
 def test_syn_to_nobody_times_out() -> None:
     config = SessionConfig(rto_initial=1.0, max_retries=2)
     net = Net()

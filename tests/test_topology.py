@@ -13,6 +13,7 @@ import pytest
 
 from manycast.errors import ConfigError, ManycastError
 from manycast.policy import PolicyName
+from manycast.pool import build
 from manycast.protocol.technique import Technique
 from manycast.steps import (
     STEP_TYPES,
@@ -193,9 +194,7 @@ LINE_ERRORS = {
         "subnet 10.1.0.0/30 is too small for a router and 5 clients",
     ),
     "overlapping subnets": (
-        BASE
-        + "[[clients]]\nname = 'b'\nrouter = 'ra'\n"
-        + f"subnet = '10.1.0.128/25'  {MARK}\n",
+        BASE + "[[clients]]\nname = 'b'\nrouter = 'ra'\n" + f"subnet = '10.1.0.128/25'  {MARK}\n",
         "subnet 10.1.0.128/25 overlaps 10.1.0.0/24",
     ),
     "strict subnet": (
@@ -285,8 +284,9 @@ def test_whole_topology_errors(text: str, message: str) -> None:
         edit('subnet = "192.168.7.0/30"', f'subnet = "192.168.7.1/32"  {MARK}'),
         edit('subnet = "192.168.7.0/30"', f'subnet = "192.168.7.0/31"  {MARK}'),
         # A link's subnet errors name its [[link]] table.
-        edit('[[link]]\nbetween = ["core", "rs"]', f'[[link]]  {MARK}\nbetween = ["core", "rs"]')
-        .replace("delay_ms = 1", 'delay_ms = 1\nsubnet = "10.255.9.9/32"'),
+        edit(
+            '[[link]]\nbetween = ["core", "rs"]', f'[[link]]  {MARK}\nbetween = ["core", "rs"]'
+        ).replace("delay_ms = 1", 'delay_ms = 1\nsubnet = "10.255.9.9/32"'),
     ],
     ids=["server /32", "server /31", "link /32"],
 )
@@ -326,9 +326,7 @@ def topo() -> Topology:
 
 
 def addresses(topo: Topology, node: str) -> dict[str, tuple[str, str]]:
-    return {
-        name: (str(i.address), str(i.network)) for name, i in topo.interfaces[node].items()
-    }
+    return {name: (str(i.address), str(i.network)) for name, i in topo.interfaces[node].items()}
 
 
 def test_router_links_get_slash30s_from_10_255(topo: Topology) -> None:
@@ -351,9 +349,7 @@ def test_servers_get_their_own_subnet(topo: Topology) -> None:
 def test_client_lan_router_takes_the_first_address(topo: Topology) -> None:
     lan = topo.links["ra-a"]
     assert addresses(topo, "ra")["eth1"] == ("10.1.0.1", "10.1.0.0/24")
-    assert [str(topo.address(f"a{i}")) for i in range(1, 6)] == [
-        f"10.1.0.{i}" for i in range(2, 7)
-    ]
+    assert [str(topo.address(f"a{i}")) for i in range(1, 6)] == [f"10.1.0.{i}" for i in range(2, 7)]
     assert {m.node for m in lan.members} == {"ra", "a1", "a2", "a3", "a4", "a5"}
     assert all(topo.gateways[f"a{i}"][1] == IPv4Address("10.1.0.1") for i in range(1, 6))
     assert lan.delay == pytest.approx(0.001)  # delay_ms defaults to 1
@@ -479,7 +475,9 @@ def test_topology_imports_no_driver() -> None:
 
 # -- the virtual-IP pool: approach, vip, [[vip_router]], kill_vip_router ------------------------
 
-VIP = edit('group = "232.1.1.1"\n', 'approach = "vip"\nvip = "203.0.113.80"\n') + """
+VIP = (
+    edit('group = "232.1.1.1"\n', 'approach = "vip"\nvip = "203.0.113.80"\n')
+    + """
 [[vip_router]]
 name = "v1"
 router = "core"
@@ -493,6 +491,7 @@ at = 2.0
 action = "kill_vip_router"
 vip_router = "v1"
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -784,3 +783,18 @@ def test_topology_check_shows_vip_routers() -> None:
     rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
     assert "vip_router" in rows["vr1"] and "vip_router" in rows["vr2"]
     assert "120 clients, 13 links, 3 scenario steps" in result.output
+
+
+def test_thin_stream_clients_keep_their_rto_for_six_timeouts() -> None:
+    """`thin_stream = true` gives the group's clients Linux's thin-stream linear
+    timeouts; other clients back off from the first timeout."""
+    text = edit('subnet = "10.1.0.0/24"\n', 'subnet = "10.1.0.0/24"\nthin_stream = true\n')
+    text += '\n[[clients]]\nname = "b"\ncount = 2\nrouter = "ra"\nsubnet = "10.2.0.0/24"\n'
+    nodes = build(loads(text), seed=1, wall_base=0.0)
+    assert {
+        c.endpoint.config.thin_linear_retries for n, c in nodes.clients.items() if n[0] == "a"
+    } == {6}
+    assert {
+        c.endpoint.config.thin_linear_retries for n, c in nodes.clients.items() if n[0] == "b"
+    } == {0}
+    assert "thin_stream" in error_of(edit("count = 5\n", "count = 5\nthin_stream = 1\n"))

@@ -206,6 +206,7 @@ def build(
             register_every=pool.report_interval_s,
             requests_per_connection=spec.requests_per_connection,
             dynamic_destination=spec.dynamic_destination,
+            thin_stream=spec.thin_stream,
         )
         for spec in topology.clients.values()
         if hosted(spec.name)

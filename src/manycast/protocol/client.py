@@ -61,6 +61,7 @@ Resolver = Callable[[str], tuple[ipaddress.IPv4Address, int]]
 
 # Reconnect delays (s): after a reset from a live server, and after anything else.
 RESET_RECONNECT_S = 0.01
+THIN_LINEAR_RETRIES = 6  # Linux's TCP_THIN_LINEAR_RETRIES
 RECONNECT_S = (0.02, 0.1)
 
 
@@ -133,6 +134,7 @@ class Client(Node):
         register_every: float = 1.0,
         requests_per_connection: int = 0,
         dynamic_destination: bool = True,
+        thin_stream: bool = False,
     ) -> None:
         super().__init__(name, interfaces)
         # A private pool's participants sign a join that registers them as senders.
@@ -147,8 +149,13 @@ class Client(Node):
         self.rate = rate
         self.request_timeout = request_timeout
         self.start_spread = start_spread
+        linear = THIN_LINEAR_RETRIES if thin_stream else 0
         self.endpoint = Demultiplexer(
-            rng, session or SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
+            rng,
+            session
+            or SessionConfig(
+                rto_initial=0.3, rto_min=0.05, max_retries=5, thin_linear_retries=linear
+            ),
         )
         self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
         self.stats = ClientStats()

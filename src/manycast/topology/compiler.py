@@ -225,13 +225,14 @@ class _Compiler:
             loss = c.number("loss", 0.0, low=0.0, high=0.99)
             # false: clients without the extension (plain SYNs; never redirected, Fig 20)
             dynamic = c.get("dynamic_destination", bool, True)
+            thin = c.get("thin_stream", bool, False)
             members = tuple(f"{group}{i}" for i in range(1, count + 1))
             for member in members:
                 if member in self.names:
                     c.fail(f"client name {member!r} clashes with a {self.names[member]}", "name")
                 self.names[member] = "client"
                 clients[member] = ClientSpec(
-                    member, group, router, rate, authorized, int(per_connection), dynamic
+                    member, group, router, rate, authorized, int(per_connection), dynamic, thin
                 )
             lans.append(Lan(group, router, subnet, members, delay, loss, stride, c.line("subnet")))
             c.done()

@@ -95,6 +95,9 @@ class ClientSpec:
     # offers tag and cookie on its SYNs and follows destinations (Fig 20-21); false: a
     # client without the extension, which stays on the group address
     dynamic_destination: bool = True
+    # an interactive client's retransmissions keep their interval for a few timeouts
+    # (Linux's tcp_thin_linear_timeouts) instead of doubling it
+    thin_stream: bool = False
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ class SessionConfig:
     rto_max: float = 60.0
     clock_granularity: float = 0.001
     max_retries: int = 8
+    # Linux's thin-stream linear timeouts (tcp_thin_linear_timeouts): while fewer than
+    # four segments are in flight, this many timeouts keep the RTO instead of doubling
+    # it (Linux uses 6 when the option is on); 0: always exponential backoff.
+    thin_linear_retries: int = 0
     time_wait: float = 1.0
     fin_wait_2_timeout: float = 180.0  # idle time; longer than a peer's backed-off RTO
 
@@ -29,5 +33,7 @@ class SessionConfig:
             raise ConfigError(f"window {self.window} is not in 1..65535 (no window scaling)")
         if not 0 < self.rto_min <= self.rto_initial <= self.rto_max:
             raise ConfigError("need 0 < rto_min <= rto_initial <= rto_max")
+        if self.thin_linear_retries < 0:
+            raise ConfigError("thin_linear_retries must be >= 0")
         if self.max_retries < 0 or self.time_wait < 0 or self.fin_wait_2_timeout <= 0:
             raise ConfigError("max_retries and time_wait must be >= 0, fin_wait_2_timeout > 0")

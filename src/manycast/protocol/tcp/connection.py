@@ -617,11 +617,25 @@ class Connection:
         if self._retries > self.config.max_retries:
             self._terminate(ConnectionTimedOut())
             return
-        self._rtt.back_off()
+        if not self._linear_timeout():
+            self._rtt.back_off()
         self._recover = self._snd_nxt
         self._dupacks = 0
         self._retransmit(now)
         self._rto_deadline = now + self._rtt.rto
+
+    def _linear_timeout(self) -> bool:
+        """Whether this timeout keeps the RTO: an established thin stream (fewer than
+        four segments in flight, as Linux's tcp_stream_is_thin) within its
+        `thin_linear_retries`, where an interactive sender would wait longer and longer
+        for a path that may already be back."""
+        limit = self.config.thin_linear_retries
+        return (
+            limit > 0
+            and self._retries <= limit
+            and self._state is State.ESTABLISHED
+            and self.bytes_in_flight < 4 * self.mss
+        )
 
     def _emit(
         self, seq: int, flags: TcpFlags, payload: bytes = b"", options: tuple[TcpOption, ...] = ()
