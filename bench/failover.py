@@ -3,19 +3,27 @@
 The pool (`_pool.two_router_pool`: two edge routers, four servers) carries 1000
 sessions (500 clients on each edge at 0.1 requests/s) and, beside them, probe
 clients that send a request every `1 / PROBE_RATE` s (so that a client's own
-pacing adds little to what it sees). Heartbeats every 50 ms, dead after 3 missed.
+pacing adds little to what it sees). The probes are interactive clients: while a
+request is unanswered they resend it at a steady interval (the RTO, 50 ms here) for
+six timeouts before backing off (`thin_stream`, Linux's tcp_thin_linear_timeouts),
+as the anchor's clients send a request every interval whatever happened to the last.
+Beside them, fewer probes with plain exponential backoff (`backoff_probe_clients_s`)
+show what a client without that option sees. Heartbeats every 50 ms, dead after 3 missed.
 The server s3 runs alone in a `manycast run --nodes s3` process, the clients in a
 process of their own, the routers and the other servers here. Once the clients
 have been running WARM_S (all connected and answered: a run reports probes not
 answered in the second before the kill, which would measure their start instead)
 and the pool is stable, s3's process gets SIGKILL; then, every 5 ms:
 
+- `committed_s`: until a server here adopted the allocation without s3 (detection
+  and the commit);
 - `covered_s`: until both edge routers send every run of buckets s3 held (and
   each of its clients' addresses) to a live server;
 - `clean_s`: until no router holds s3's membership any more (the coordinator's
   signed `MemberDown` notice; without it, the 3.5 report-interval hold time);
 - `clients_s`: until every probe client s3 served was answered for a request it
-  sent after the kill (the client's view, as the anchor measures it); beside it
+  sent after the kill (the client's view, as the anchor measures it); the same for
+  the backoff probes (`backoff_clients_s`); beside it
   the same for the 1000 sessions' clients (`sessions_clients_s`, which includes
   up to 2 s of their own pacing).
 
@@ -62,6 +70,7 @@ RUNS = 10
 SESSION_CLIENTS_PER_LAN = 500
 SESSION_RATE = 0.1  # 1000 sessions held open, 100 requests/s between them
 PROBES_PER_LAN = 20
+BACKOFF_PROBES_PER_LAN = 10  # probes without thin_stream, for comparison
 PROBE_RATE = 10.0  # requests/s: one every 100 ms
 PROBE_S = 0.005
 LIMIT_S = 8.0  # after the kill: a figure not reached by then is null
@@ -70,6 +79,20 @@ STABLE_S = 1.0
 WARM_S = 10.0  # bench time before the kill: every client connected and answered by then
 VICTIM = "s3"
 HEARTBEAT_MS, HEARTBEAT_MISSES, REPORT_INTERVAL_MS = 50, 3, 1000  # 100 ms is the default
+
+
+# client group -> (edge router, subnet, thin_stream)
+PROBE_GROUPS = {
+    "p": ("ra", "10.3.0.0/16", True),
+    "q": ("rb", "10.4.0.0/16", True),
+    "x": ("ra", "10.5.0.0/16", False),
+    "y": ("rb", "10.6.0.0/16", False),
+}
+
+
+def is_probe(name: str, thin: bool | None = None) -> bool:
+    group = PROBE_GROUPS.get(name[0])
+    return group is not None and (thin is None or group[2] == thin)
 
 
 def pool_text(sessions_per_lan: int, probes_per_lan: int, heartbeat_ms: int) -> str:
@@ -86,13 +109,14 @@ def pool_text(sessions_per_lan: int, probes_per_lan: int, heartbeat_ms: int) -> 
         table(
             "clients",
             name=name,
-            count=probes_per_lan,
+            count=probes_per_lan if thin else BACKOFF_PROBES_PER_LAN,
             router=router,
             subnet=subnet,
             rate=PROBE_RATE,
             delay_ms=0,
+            thin_stream=thin,
         )
-        for name, router, subnet in (("p", "ra", "10.3.0.0/16"), ("q", "rb", "10.4.0.0/16"))
+        for name, (router, subnet, thin) in PROBE_GROUPS.items()
     ]
     head, run = text.rsplit("[run]", 1)
     return head + "\n".join(probes) + "\n[run]" + run
@@ -218,7 +242,7 @@ def once(index: int, path: Path, text: str) -> dict[str, Any]:
         mine = sorted(n for n in clients if allocation.owner(topo.address(n)) == VICTIM)
         # The probes' addresses, not the sessions': matching hundreds of sources every
         # PROBE_S would take this process's time from the routers and servers it hosts.
-        sources += [int(topo.address(n)) for n in mine if n[0] in "pq"]
+        sources += [int(topo.address(n)) for n in mine if is_probe(n)]
         live = {int(s.address) for s in servers.values()}
         killed, killed_bench = net.now, time.monotonic() - start
         if killed_bench + LIMIT_S > CLIENTS_S:
@@ -232,15 +256,20 @@ def once(index: int, path: Path, text: str) -> dict[str, Any]:
                 covered_at = net.now
             if clean_at is None and all(m and m <= live for m in seen):
                 clean_at = net.now
+        # The pool's decision: the first allocation any server here adopted after the kill.
+        adopted = [t for s in servers.values() for t, _, _ in s.coordinator.changes if t > killed]
+        committed_at = min(adopted, default=None)
         net.run_until(net.now + max(0.0, start + CLIENTS_S - time.monotonic()))
         answers = _expect(parent, "done", 60)
-        probes = [n for n in mine if n[0] in "pq"]
+        probes = [n for n in mine if is_probe(n, thin=True)]
         per_probe = [answered_after(answers[n], killed_bench) for n in probes]
+        backoff = [n for n in mine if is_probe(n, thin=False)]
+        per_backoff = [answered_after(answers[n], killed_bench) for n in backoff]
         # A probe not answered in the second before the kill was not yet served: the
         # run would measure its start, not the failover.
         warm_since = killed_bench - 1.0
         cold = [n for n in probes if not any(warm_since < t < killed_bench for t in answers[n][0])]
-        per_session = [answered_after(answers[n], killed_bench) for n in mine if n not in probes]
+        per_session = [answered_after(answers[n], killed_bench) for n in mine if not is_probe(n)]
         return {
             "run": index + 1,
             "killed_at_s": round(killed_bench, 3),  # bench time (the clients' clock, shifted)
@@ -248,10 +277,15 @@ def once(index: int, path: Path, text: str) -> dict[str, Any]:
             "victim_probes": len(probes),
             "victim_probes_not_answered_before_kill": len(cold),
             "victim_sessions": len(per_session),
+            "committed_s": since(committed_at, killed),
             "covered_s": since(covered_at, killed),
             "clean_s": since(clean_at, killed),
             "clients_s": None if None in per_probe else since(max(per_probe), killed_bench),  # type: ignore[type-var]
             "probe_clients_s": [since(t, killed_bench) for t in per_probe],
+            "victim_backoff_probes": len(backoff),
+            "backoff_clients_s": None
+            if None in per_backoff or not backoff
+            else since(max(per_backoff), killed_bench),  # type: ignore[type-var]
             "sessions_clients_s": None
             if None in per_session
             else since(max(per_session), killed_bench),  # type: ignore[type-var]
@@ -289,7 +323,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             one = once(index, path, text)
             progress(
                 f"run {index + 1}/{args.runs}: covered {one['covered_s']} s, routers clean "
-                f"{one['clean_s']} s, probes answered {one['clients_s']} s, sessions "
+                f"{one['clean_s']} s, probes answered {one['clients_s']} s (with backoff "
+                f"{one['backoff_clients_s']} s), sessions "
                 f"{one['sessions_clients_s']} s ({one['victim_probes']} probes, "
                 f"{one['victim_sessions']} sessions of {VICTIM})"
             )
@@ -300,12 +335,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "sessions": 2 * args.sessions_per_lan,
         "session_rate": SESSION_RATE,
         "probe_clients": 2 * PROBES_PER_LAN,
+        "probe_retransmission": "thin_stream: the RTO kept for 6 timeouts, then doubled",
+        "backoff_probe_clients": 2 * BACKOFF_PROBES_PER_LAN,
         "probe_interval_s": round(1 / PROBE_RATE, 4),
         "heartbeat_ms": args.heartbeat_ms,
         "heartbeat_misses": HEARTBEAT_MISSES,
         "runs": len(runs),
         "failover_clients_s_median": ours["median"],
         "failover_clients_s_p95": ours["p95"],
+        "failover_backoff_clients_s": summarise([r["backoff_clients_s"] for r in runs]),
+        "failover_committed_s": summarise([r["committed_s"] for r in runs]),
         "failover_covered_s": summarise([r["covered_s"] for r in runs]),
         "failover_clean_s": summarise([r["clean_s"] for r in runs]),
         "failover_sessions_clients_s": summarise([r["sessions_clients_s"] for r in runs]),
@@ -338,6 +377,7 @@ def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     per_run = result.get("per_run") or []
     series = {
         "every probe client answered again": [r["clients_s"] for r in per_run],
+        "the same, probes with exponential backoff": [r.get("backoff_clients_s") for r in per_run],
         "portions served again (routers)": [r["covered_s"] for r in per_run],
         "routers dropped the dead member": [r["clean_s"] for r in per_run],
     }
