@@ -88,7 +88,7 @@ class _Port:
         self.unicast: dict[int, tuple[Endpoint]] = {}
 
 
-_Direct = tuple[Callable[[bytes, Endpoint], int], Endpoint, _Port]
+_Direct = tuple[Callable[[bytes | bytearray, Endpoint], int], Endpoint, _Port]
 
 
 class _Hosted:
@@ -486,11 +486,12 @@ class AsyncOverlay:
             host.generation = fast.generation
         known = host.known.get(iface, {})
         learn = self._learn
+        batch = _BATCH
         copies = 0
         n = 0
         try:
             try:
-                while n < _BATCH:
+                while n < batch:
                     try:
                         packet = recv(_MAX_DATAGRAM)
                     except BlockingIOError:
@@ -630,7 +631,9 @@ class AsyncOverlay:
         else:
             port.counters.sent += 1
 
-    def _send_failed(self, port: _Port, packet: bytes, address: Endpoint, exc: OSError) -> None:
+    def _send_failed(
+        self, port: _Port, packet: bytes | bytearray, address: Endpoint, exc: OSError
+    ) -> None:
         """Count a failed send. A refusal belongs to an earlier datagram (the
         kernel reports an ICMP error on the next call), so this one is tried again."""
         if isinstance(exc, ConnectionRefusedError):

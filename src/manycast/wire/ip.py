@@ -545,7 +545,6 @@ class UDPDatagram:
 _PEEK_V4 = struct.Struct("!B7xBB2xII")  # version/IHL, TTL, protocol, src, dst
 _TTL_WORD = struct.Struct("!BBH")  # TTL, protocol, header checksum at offset 8
 _TTL_FIELDS = struct.Struct("!8xBBH8x")  # the same, read from a whole 20-byte header
-_FORWARD_FIELDS = struct.Struct("!B7xBBH8x")  # version/IHL, TTL, protocol, header checksum
 _PEEK_V6 = struct.Struct("!B5xBB16s16s")  # version/class, next header, hop limit, src, dst
 
 
@@ -578,18 +577,19 @@ def decrement_ttl_v4(packet: bytes) -> bytes:
     return packet[:8] + _TTL_WORD.pack(ttl - 1, protocol, patched) + packet[12:]
 
 
-def forward_copy_v4(packet: bytes) -> bytes | None:
+def forward_copy_v4(packet: bytes) -> bytearray | None:
     """What a router sends on for `packet`: `decrement_ttl_v4(packet)` when it is an
     IPv4 packet `peek_v4` accepts with TTL above 1, else None. For a forwarding
     cache hit (the addresses are already known), the checks and the patch in one
-    call."""
-    try:
-        ver_ihl, ttl, protocol, checksum = _FORWARD_FIELDS.unpack_from(packet)
-    except struct.error:
-        return None
-    if ttl > 1 and 0x45 <= ver_ihl <= 0x4F:
-        patched = (checksum + 0x100) % 0xFFFF  # as in decrement_ttl_v4
-        return packet[:8] + _TTL_WORD.pack(ttl - 1, protocol, patched) + packet[12:]
+    call, on one copy patched in place: no struct call and one allocation, where
+    slicing and joining take five (it runs per packet on the overlay's fast path)."""
+    if len(packet) >= IPV4_HEADER_LEN and (ttl := packet[8]) > 1 and 0x45 <= packet[0] <= 0x4F:
+        copy = bytearray(packet)
+        copy[8] = ttl - 1
+        patched = ((packet[10] << 8 | packet[11]) + 0x100) % 0xFFFF  # as in decrement_ttl_v4
+        copy[10] = patched >> 8
+        copy[11] = patched & 0xFF
+        return copy
     return None
 
 
