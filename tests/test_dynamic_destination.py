@@ -539,6 +539,9 @@ def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed()
             iface: str, packet: bytes, now: float, client: Client = client, original: Any = receive
         ) -> None:
             ip = IPv4Packet.from_wire(packet)
+            if ip.header.protocol != IPPROTO_TCP:  # the router's General Query
+                original(iface, packet, now)
+                return
             segment = TcpSegment.from_wire(ip.payload, ip.header.src, ip.header.dst)
             echo = segment.option(TagCookie)
             if echo is not None and segment.flags & TcpFlags.SYN and client.name not in forged:

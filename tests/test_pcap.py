@@ -177,8 +177,9 @@ def test_memory_capture_is_the_same_for_the_same_seed(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_whole_demo_capture_decodes_without_a_malformed_packet(tmp_path: Path) -> None:
     """The demo's whole scenario on the memory driver (s1 to 1/5 at 5 s, s3 killed at
-    10 s, s5 added at 15 s): every frame decodes; IGMPv3 reports as IGMP, sessions as
-    TCP in IP, control messages as UDP to the control port."""
+    10 s, s5 added at 15 s): every frame decodes; IGMPv3 reports and the routers'
+    startup queries as IGMP, sessions as TCP in IP, control messages as UDP to the
+    control port."""
     topology = builtin("demo")
     path = tmp_path / "demo.pcapng"
     done = demo("--driver", "memory", "--duration", "16", "--pcap", str(path))
@@ -199,7 +200,8 @@ def test_whole_demo_capture_decodes_without_a_malformed_packet(tmp_path: Path) -
     assert {row[0] for row in rows} == set(topology.links)  # every link has traffic
     igmp = [row for row in rows if row[2]]
     assert len(igmp) > 100
-    assert {(row[2], row[3]) for row in igmp} == {("0x22", "3")}  # v3 membership reports
+    # v3 membership reports, and v3 queries (routers query as they start)
+    assert {(row[2], row[3]) for row in igmp} == {("0x22", "3"), ("0x11", "3")}
     control_port = str(topology.pool.control_port)
     control = [row for row in rows if row[1].startswith("raw:ip:udp") and row[4] == control_port]
     assert len(control) > 1000

@@ -8,6 +8,9 @@ accepted join is relayed, unchanged, out of every other router-facing
 interface, so the routers upstream learn the member too; relaying the member's
 own report instead of an aggregate keeps its signature checkable at every hop.
 
+A router that starts (or restarts, knowing nothing) sends General Queries, and
+the members answer at once with their current reports (`querier.py`).
+
 A report too long for one packet comes as parts (RFC 3376 §4.2.16), each
 admitted and relayed on its own, and acted on as one report once all have come
 (`reassembly.py` says why).
@@ -41,6 +44,7 @@ from manycast.protocol.admission import Admission
 from manycast.protocol.fastpath import FastPath
 from manycast.protocol.membership import SourceFilter, changes
 from manycast.protocol.node import Frame, Interface, Node
+from manycast.protocol.querier import Querier
 from manycast.protocol.reassembly import Reassembly
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.vipplane import VipPlane
@@ -57,10 +61,12 @@ from manycast.wire.ip import (
 )
 from manycast.wire.label import MPLS_UDP_PORT
 from manycast.wire.membership import IGMP_V3_ROUTERS, GroupRecord, IGMPv3Report, RecordType
+from manycast.wire.membership_query import ALL_SYSTEMS
 
 MULTICAST_LOW, MULTICAST_HIGH = 0xE0000000, 0xEFFFFFFF
 _LINK_LOCAL_MASK, _LINK_LOCAL = 0xFFFFFF00, 0xE0000000
 _ALL_V3_ROUTERS = int(IGMP_V3_ROUTERS)
+_ALL_SYSTEMS = int(ALL_SYSTEMS)
 _MFC_LIMIT = 1 << 16
 
 _FULL = 0xFFFFFFFF
@@ -185,6 +191,7 @@ class Router(Node):
             )
         self._routes.sort(key=lambda r: -r.prefixlen)
         self._fib: dict[int, tuple[str, int] | None] = {}
+        self.querier = Querier(interfaces, self.router_ifaces, self.send, self.route, self.timers)
         # group -> source -> outgoing (interface, neighbour) pairs: the forwarding cache
         self._mfc: dict[int, dict[int, tuple[tuple[str, int], ...]]] = {}
         # Label switching and edge flow tags: a VIP pool's router, with VIP routing
@@ -211,6 +218,7 @@ class Router(Node):
 
     # -- node interface ----------------------------------------------------------
     def start(self, now: float) -> None:
+        self.querier.startup(now)
         if self.vip is not None:
             self.timers.arm("labels", now)
 
@@ -230,6 +238,8 @@ class Router(Node):
                     self.timers.arm("vip", now + VIP_SWEEP)
         if "expire" in fired:
             self._expire(now)
+        if "query" in fired:
+            self.querier.startup(now)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         try:
@@ -244,6 +254,8 @@ class Router(Node):
             if dst & _LINK_LOCAL_MASK == _LINK_LOCAL:
                 if dst == _ALL_V3_ROUTERS and proto == IPPROTO_IGMP:
                     self._on_report(iface, packet, now)
+                elif dst == _ALL_SYSTEMS and proto == IPPROTO_IGMP:
+                    self.querier.on_query(iface, packet, now)
                 return
             self._forward_multicast(iface, src, dst, packet, ttl, now)
         elif dst in self._own:

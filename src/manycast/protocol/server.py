@@ -10,6 +10,9 @@ connections whose clients it no longer serves by the pool's technique
 dynamic destination, in `redirect.py`: under D it also answers SYNs with its own
 address as the destination and takes the connections' segments there, Fig 20-21).
 
+A router's General Query (one that has just started, knowing nothing) is
+answered with the current report within the query's Max Resp Time (`querier.py`).
+
 Coordination (who is alive, which allocation is current) is the job of
 `coordination.Coordinator`, which this agent feeds with control messages and
 whose decisions it carries out.
@@ -37,6 +40,7 @@ from manycast.protocol.membership import (
     whole_record_for,
 )
 from manycast.protocol.node import Interface, Node
+from manycast.protocol.querier import QueryResponder
 from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import (
     ConnectionClosed,
@@ -54,8 +58,9 @@ from manycast.protocol.technique import Technique
 from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
+from manycast.wire.ip import IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
 from manycast.wire.membership import GroupRecord, RecordType
+from manycast.wire.membership_query import ALL_SYSTEMS
 from manycast.wire.report_split import WholeRecord
 
 DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
@@ -161,6 +166,8 @@ class Server(Node):
         self.roots_tree = settings.vip or self.handover.technique is Technique.R4
         self._seq = 0
         self._generation = 0  # our membership reports, numbered (a split one's parts share it)
+        # A (re)started router's General Query: our current report at once (`querier.py`).
+        self.queries = QueryResponder(rng)
 
     # -- node interface -----------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -201,10 +208,14 @@ class Server(Node):
                 self.redirector.on_direct(key, now)
         elif protocol == IPPROTO_UDP and dst in (self.settings.control_group, self.address):
             self._on_control(ip, now)
+        elif protocol == IPPROTO_IGMP and dst == ALL_SYSTEMS:
+            answer_at = self.queries.on_query(ip, now)
+            if answer_at is not None:
+                self.timers.arm("query", answer_at)
         self._act(now)
 
     def on_timer(self, now: float) -> None:
-        if self.timers.expired(now):
+        if self.timers.expired(now):  # the periodic report, or the answer to a query
             self._send_report(now, refresh=True)
         self.coordinator.on_timer(now)
         self.handover.forget_servers(self.coordinator.dead_addresses(now))
@@ -411,6 +422,9 @@ class Server(Node):
             self.send(self.host.iface, packet, self.host.gateway)
             self.stats.reports_sent += 1
         self.timers.arm("report", now + self.settings.report_interval_s)
+        if refresh:  # a current-state report answers any query pending
+            self.timers.cancel("query")
+            self.queries.reported(now)
 
     def _hello(self, now: float) -> None:
         """Tell our router we serve the pool here (its VIP, or its group under R4): the

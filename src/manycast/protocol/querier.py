@@ -1,0 +1,159 @@
+"""Membership queries: a router that starts knowing nothing learns its members at once.
+
+A router keeps no membership across a restart: it comes back with no member, no
+forwarding entry and no key, and without help it would learn each member only from
+its next periodic report (every report interval, 1 s by default), while every
+packet to the group meets an empty membership. Multicast routers solve this with
+the General Query (RFC 3376 §6.1, §8.6-8.7): a querier that starts sends Startup
+Query Count General Queries, Startup Query Interval apart, and every member answers
+with its current-state report within the query's Max Resp Time.
+
+Here membership also travels between routers (a member's report is relayed, signed,
+to every router), so a restarted router must hear the members behind its
+neighbours too. A router that gets a General Query from a neighbour router passes
+it on: as its own query on its other links (its members answer, and their reports
+are relayed back as usual) and unchanged, source kept, to its other neighbour
+routers. It takes a query only on the interface its route toward the query's
+source uses (the reverse-path check of DVMRP and PIM flooding), so each router
+takes a query once however the routers are meshed, and passes on at most one query per
+source every RELAY_GAP seconds, so a flood of queries costs little. Queries from
+hosts are not taken.
+
+A member (`QueryResponder`, RFC 3376 §5.2) answers a General Query with its current
+report after a random delay within the Max Resp Time, so members do not all answer
+in one instant; a query while an answer is pending changes nothing, and answers are
+at least MIN_ANSWER_GAP apart.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from manycast.protocol.node import Interface, Timers
+from manycast.wire.errors import WireError
+from manycast.wire.ip import IPv4Packet
+from manycast.wire.membership_query import IGMPv3Query, igmp_query_packet, value_code
+
+STARTUP_QUERIES = 2  # RFC 3376 §8.7: the Robustness Variable's default
+STARTUP_QUERY_INTERVAL = 0.25  # §8.6: a quarter of the query interval (here the report interval)
+QUERY_RESPONSE_S = 0.1  # the Max Resp Time we ask for: a tenth of the report interval
+RELAY_GAP = 0.2  # seconds: at most one query per source passed on in this time
+MIN_ANSWER_GAP = 0.1  # seconds between a member's answers to queries
+_SOURCES_KEPT = 1024  # query sources remembered for RELAY_GAP (a flood forgets them all)
+
+Send = Callable[[str, bytes, int | None], None]  # Node.send: interface, packet, next hop
+Route = Callable[[int], tuple[str, int] | None]
+
+
+@dataclass
+class QuerierStats:
+    queries_sent: int = 0  # one per interface
+    queries_relayed: int = 0  # queries passed on, one per interface
+    queries_refused: int = 0  # malformed, from a host, off the reverse path, too soon
+
+
+class Querier:
+    """A router's General Queries: its own at start, and its neighbours' passed on."""
+
+    def __init__(
+        self,
+        interfaces: Mapping[str, Interface],
+        router_ifaces: set[str],
+        send: Send,
+        route: Route,
+        timers: Timers,
+    ) -> None:
+        """`send`, `route` and `timers` are the router's; the next startup query is
+        its timer "query"."""
+        self._interfaces = interfaces
+        self._router_ifaces = router_ifaces
+        self._send = send
+        self._route = route
+        self._timers = timers
+        self._own = {i.address_int for i in interfaces.values()}
+        self._left = STARTUP_QUERIES
+        self._relayed: dict[int, float] = {}  # query source -> when we last passed one on
+        self.query = IGMPv3Query(max_resp_code=value_code(round(QUERY_RESPONSE_S * 10)))
+        self.stats = QuerierStats()
+
+    def startup(self, now: float) -> None:
+        """Send the next startup General Query on every interface (the router calls
+        this as it starts, then when its timer "query" fires)."""
+        if self._left <= 0:
+            return
+        self._left -= 1
+        for iface in sorted(self._interfaces):
+            self._query_on(iface)
+        if self._left > 0:
+            self._timers.arm("query", now + STARTUP_QUERY_INTERVAL)
+
+    def on_query(self, iface: str, packet: bytes, now: float) -> None:
+        """A query arrived on `iface`: pass a neighbour router's General Query on."""
+        try:
+            ip = IPv4Packet.from_wire(packet)
+            query = IGMPv3Query.from_wire(ip.payload)
+        except WireError:
+            self.stats.queries_refused += 1
+            return
+        source = int(ip.header.src)
+        toward = self._route(source)
+        if (
+            not query.general
+            or iface not in self._router_ifaces
+            or source in self._own
+            or toward is None
+            or toward[0] != iface
+            or now - self._relayed.get(source, -RELAY_GAP) < RELAY_GAP
+        ):
+            self.stats.queries_refused += 1
+            return
+        if len(self._relayed) >= _SOURCES_KEPT:
+            self._relayed.clear()
+        self._relayed[source] = now
+        for out in sorted(set(self._interfaces) - {iface}):
+            if out in self._router_ifaces:
+                relayed = igmp_query_packet(query, ip.header.src)
+                self._send(out, relayed.to_wire(), None)
+                self.stats.queries_relayed += 1
+            else:
+                self._query_on(out)
+
+    def _query_on(self, iface: str) -> None:
+        packet = igmp_query_packet(self.query, self._interfaces[iface].address)
+        self._send(iface, packet.to_wire(), None)
+        self.stats.queries_sent += 1
+
+
+class QueryResponder:
+    """A member's side: when to answer a General Query with its current report."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.pending: float | None = None  # when the answer goes out
+        self._answered = float("-inf")
+        self.queries = 0  # General Queries taken
+        self.refused = 0  # malformed or not general
+
+    def on_query(self, ip: IPv4Packet, now: float) -> float | None:
+        """A query arrived: the time to answer it, or None (nothing new to do)."""
+        try:
+            query = IGMPv3Query.from_wire(ip.payload)
+        except WireError:
+            self.refused += 1
+            return None
+        if not query.general:
+            self.refused += 1  # we answer General Queries only (routers send no other)
+            return None
+        self.queries += 1
+        if self.pending is not None:
+            return None
+        delay = self.rng.uniform(0.0, query.max_response)
+        self.pending = max(now + delay, self._answered + MIN_ANSWER_GAP)
+        return self.pending
+
+    def reported(self, now: float) -> None:
+        """A current-state report went out (an answer or the periodic one)."""
+        self._answered = now
+        self.pending = None
