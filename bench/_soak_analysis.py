@@ -8,6 +8,13 @@ LOOKBACK before the kill to the loss: its session state lived there (under R3 a
 moved session's state stays with its old owner until the client's next packet, and a
 client sends at least every 1.5 / rate s). Every other loss, and every wrong answer
 not so explained, counts in `sessions_lost`.
+
+A loss within a router restart's window (the kill to the restart plus ROUTER_AFTER_S)
+of a client behind that router, or owned in that time by a server behind it, is
+the restart's doing: it counts in `sessions_lost` (no state died: a lossless pool
+should keep it) and is attributed to the restart. A restart's `recovery_s` runs
+until every client behind the router, and every client whose session it broke,
+was answered again.
 """
 
 from __future__ import annotations
@@ -21,10 +28,13 @@ from typing import Any
 import numpy as np
 
 from _pool import median, percentile
-from _soak_plan import WARMUP_S, Fault
+from _soak_plan import ROUTER_LAN, ROUTER_SERVERS, WARMUP_S, Fault
 
 CRASH_AFTER_S = 8.0
 ATTRIBUTE_S = 10.0  # a loss no crash explains goes to the latest fault this recent
+# A loss this long after a router came back may still be the restart's: a client
+# gives a request up 2 s after sending it, an R3 server a state query after 1.5 s.
+ROUTER_AFTER_S = 4.0
 
 
 class Owners:
@@ -57,6 +67,26 @@ def _crash(
     return None
 
 
+def _behind(name: str) -> bool:
+    """A client on the restarted router's LAN (clients are named LAN + number)."""
+    return name.rstrip("0123456789") == ROUTER_LAN
+
+
+def _router_restart(
+    faults: Sequence[Fault], owners: Owners, name: str, client: int, t: float, lookback: float
+) -> Fault | None:
+    for fault in faults:
+        if fault.kind != "router_restart":
+            continue
+        if not fault.at <= t <= (fault.until or fault.at) + ROUTER_AFTER_S:
+            continue
+        if _behind(name) or any(
+            owners.owned(client, server, fault.at - lookback, t) for server in ROUTER_SERVERS
+        ):
+            return fault
+    return None
+
+
 def _latest(faults: Sequence[Fault], t: float) -> Fault | None:
     before = [f for f in faults if f.at <= t and t - f.at <= ATTRIBUTE_S]
     return before[-1] if before else None
@@ -77,12 +107,17 @@ def analyse(
     per_fault: dict[int, list[float | None]] = defaultdict(list)
     ids = {id(f): i for i, f in enumerate(faults)}
     warmup = 0
+    names: list[str] = clients["names"]
     for client, t, cause, first_ok in clients["losses"]:
         if t < WARMUP_S:  # clients connecting while the pool forms, before any fault
             warmup += 1
             continue
         crash = _crash(faults, owners, client, t, lookback)
-        fault = crash or _latest(faults, t)
+        fault = (
+            crash
+            or _router_restart(faults, owners, names[client], client, t, lookback)
+            or _latest(faults, t)
+        )
         if fault is not None:
             per_fault[ids[id(fault)]].append(None if first_ok is None else first_ok - fault.at)
         if crash is not None:
@@ -101,17 +136,36 @@ def analyse(
         for w in clients["wrong"]
         if w[1] >= WARMUP_S and _crash(faults, owners, w[0], w[1], lookback) is None
     ]
+    watch: list[float] = clients.get("watch", [])
     recovery: dict[str, list[float | None]] = defaultdict(list)
     fault_rows = []
     for i, fault in enumerate(faults):
         times = per_fault.get(i, [])
+        row = {**fault.as_dict(), "affected": len(times)}
+        if fault.kind == "router_restart" and (fault.until or fault.at) in watch:
+            # Every client behind the router was cut off: until each is answered again.
+            again = clients["again"][watch.index(fault.until or fault.at)]
+            behind = [
+                None if again[c] is None else again[c] - fault.at
+                for c, name in enumerate(names)
+                if _behind(name)
+            ]
+            row["behind_not_answered_again"] = behind.count(None)
+            # from the restart: the clients' own request spacing (up to 1.5 / rate)
+            # bounds this from below, however fast the router learns its members
+            after = [t - (fault.until - fault.at) for t in behind if t is not None and fault.until]
+            row["behind_answered_again_s"] = {
+                "p50": None if not after else round(median(after) or 0.0, 3),
+                "max": None if not after else round(max(after), 3),
+            }
+            times = times + behind
         value = (
             None
             if None in times
             else round(max((x for x in times if x is not None), default=0.0), 3)
         )
         recovery[fault.kind].append(value)
-        fault_rows.append({**fault.as_dict(), "affected": len(times), "recovery_s": value})
+        fault_rows.append({**row, "recovery_s": value})
     by_kind = {}
     for kind, values in recovery.items():
         known = [v for v in values if v is not None]
@@ -137,8 +191,10 @@ def analyse(
             }
         )
     causes: dict[str, int] = defaultdict(int)
+    kinds: dict[str, int] = defaultdict(int)
     for row in lost:
         causes[row["cause"]] += 1
+        kinds[row["after"].split("@")[0] if row["after"] else "none"] += 1
     return {
         "technique": technique,
         "faults": {
@@ -148,6 +204,7 @@ def analyse(
         "faults_total": len(faults),
         "sessions_lost": len(lost) + len({w[0] for w in wrong}),
         "sessions_lost_by_cause": dict(causes),
+        "sessions_lost_by_fault_kind": dict(kinds),
         "sessions_lost_detail": lost[:50],
         "sessions_lost_to_crashes": crashed,
         "sessions_lost_in_warmup": warmup,

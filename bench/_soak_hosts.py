@@ -1,11 +1,15 @@
-"""The soak's two long-lived pool processes (bench/soak.py starts them):
+"""The soak's long-lived pool processes (bench/soak.py starts them):
 
-- the infrastructure: routers ra, rb, servers s1, s2 and the standbys; it carries out
+- the infrastructure: router ra, servers s1, s2 and the standbys; it carries out
   the faults that act inside a pool (share changes, rebalances, standby joins, loss
-  bursts and delay spikes on the core link) and records every allocation it adopts;
+  bursts and delay spikes on its side of the core link) and records every
+  allocation it adopts;
 - the clients: all of them; it keeps compact figures (answers and failures per
-  second, each session loss with the first answer after it) and drops the clients'
-  per-request lists as it goes, so that its memory measures the pool, not the bench.
+  second, each session loss with the first answer after it, each client's first
+  answer after each router restart) and drops the clients' per-request lists as it
+  goes, so that its memory measures the pool, not the bench;
+- router rb (`RouterProcess`), SIGKILLed and started again by the router_restart
+  fault; it carries out the loss bursts and delay spikes on its side of the core link.
 
 Each tees its stderr into a log file the bench scans for tracebacks.
 """
@@ -14,8 +18,12 @@ from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import asyncio
+import bisect
 import functools
+import multiprocessing
 import sys
+import time
+import traceback
 from collections import defaultdict
 from fractions import Fraction
 from multiprocessing.connection import Connection
@@ -77,6 +85,36 @@ def _core_ports(run: PoolRun) -> list[Any]:
     return ports
 
 
+def _link_faults(run: PoolRun, faults: list[Fault], offset: float) -> None:
+    """Carry out the loss bursts and delay spikes on this process's side of the core
+    link; `offset` is pool time minus bench time. A fault already under way when the
+    process starts (a restarted router) is carried out at once, for what is left of it."""
+    ports = _core_ports(run)
+    normal = [(p.loss, p.delay) for p in ports]
+    now = run.now - offset
+
+    def act(fault: Fault) -> None:
+        for port in ports:
+            if fault.kind == "loss_burst":
+                port.loss = float(fault.args["loss"])
+            else:
+                port.delay = float(fault.args["delay_s"])
+
+    def restore(fault: Fault) -> None:
+        for port, (loss, delay) in zip(ports, normal, strict=True):
+            if fault.kind == "loss_burst":
+                port.loss = loss
+            else:
+                port.delay = delay
+
+    for fault in faults:
+        if fault.kind not in ("loss_burst", "delay_spike") or fault.until is None:
+            continue
+        if fault.until > now:
+            run.network.call_at(max(fault.at, now) + offset, functools.partial(act, fault))
+            run.network.call_at(fault.until + offset, functools.partial(restore, fault))
+
+
 def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
     def setup(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
         servers = run.nodes.servers
@@ -84,8 +122,6 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
         addresses = np.array([int(run.topology.address(n)) for n in names], dtype=np.uint32)
         epochs: dict[int, tuple[float, list[int]]] = state["epochs"]
         order: list[str] = state["servers"]
-        ports = _core_ports(run)
-        normal = [(p.loss, p.delay) for p in ports]
 
         def sample() -> None:
             for server in list(servers.values()):
@@ -121,24 +157,10 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
             elif fault.kind == "join":
                 run.engine.added.add(fault.args["server"])
                 run.start_server(fault.args["server"])
-            elif fault.kind == "loss_burst":
-                for port in ports:
-                    port.loss = float(fault.args["loss"])
-            elif fault.kind == "delay_spike":
-                for port in ports:
-                    port.delay = float(fault.args["delay_s"])
 
-        def restore(fault: Fault) -> None:
-            for port, (loss, delay) in zip(ports, normal, strict=True):
-                if fault.kind == "loss_burst":
-                    port.loss = loss
-                else:
-                    port.delay = delay
-
-        for fault in faults:
+        _link_faults(run, faults, offset)
+        for fault in faults:  # every one is recorded as done when its time comes
             run.network.call_at(fault.at + offset, functools.partial(act, fault))
-            if fault.kind in ("loss_burst", "delay_spike") and fault.until is not None:
-                run.network.call_at(fault.until + offset, functools.partial(restore, fault))
 
     return setup
 
@@ -181,7 +203,8 @@ def infra_child(
 def _clients_setup(state: dict[str, Any]) -> Any:
     """Every HARVEST_S: per-second answer and failure counts, latencies per minute (at
     most 2000 kept), each session loss (the client's `_lost`) with its cause and the
-    first answer after it; then the clients' own lists are emptied."""
+    first answer after it, each client's first answer after each instant of
+    `state["watch"]` (bench times, in order); then the clients' own lists are emptied."""
 
     def setup(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
         clients = [run.nodes.clients[n] for n in state["names"]]
@@ -211,6 +234,9 @@ def _clients_setup(state: dict[str, Any]) -> Any:
             client._lost = lost  # type: ignore[method-assign]
 
         carried = [0] * len(clients)  # each client's last answer stays in its list
+        watch: list[float] = state["watch"]
+        again: list[list[float | None]] = state["again"]  # [instant][client]: first answer
+        watched = [0] * len(clients)  # each client's next instant without its answer
 
         def harvest() -> None:
             for index, client in enumerate(clients):
@@ -232,6 +258,12 @@ def _clients_setup(state: dict[str, Any]) -> Any:
                             if after is not None:
                                 record[3] = round(after, 4)
                         waiting[index] = [r for r in pending if r[3] is None]
+                    k = watched[index]
+                    while k < len(watch) and watch[k] + offset < fresh[-1]:
+                        first = fresh[bisect.bisect_right(fresh, watch[k] + offset)]
+                        again[k][index] = round(first - offset, 4)
+                        k += 1
+                    watched[index] = k
                     # The last answer stays: "served lately" reads it.
                     del stats.ok_times[:-1]
                     stats.latencies.clear()
@@ -265,9 +297,12 @@ def clients_child(
     base: int,
     seed: int,
     duration: float,
+    watch: list[float],
     log: Path,
     progress_every: float,
 ) -> None:
+    """`watch`: bench times (the router restarts) after which to note each client's
+    first answer."""
     _tee(log)
     names = sorted(loads(text).clients)
     state: dict[str, Any] = {
@@ -277,6 +312,8 @@ def clients_child(
         "latency_per_min": {},
         "losses": [],
         "wrong": [],
+        "watch": sorted(watch),
+        "again": [[None] * len(names) for _ in watch],
     }
 
     def collect(run: PoolRun, offset: float) -> dict[str, Any]:
@@ -299,6 +336,192 @@ def clients_child(
         progress_every=progress_every,
         progress_line=client_line,
     )
+
+
+# -- the router that restarts ----------------------------------------------------------
+
+
+def router_child(
+    conn: Connection,
+    text: str,
+    router: str,
+    base: int,
+    seed: int,
+    faults: list[Fault],
+    log: Path,
+) -> None:
+    """One incarnation of `router`: builds it (the ports stay unbound, so it can wait
+    while the last incarnation still holds them), reports "built", and on ("go",
+    go_at, bench_start, end_at), CLOCK_MONOTONIC instants, starts at go_at with
+    nothing but its configuration, reports ("up", bench time) once its endpoints are
+    bound, and runs until end_at unless SIGKILLed first."""
+    _tee(log)
+    try:
+        run = PoolRun(loads(text), "overlay", seed=seed, base_port=base, local={router})
+        conn.send(("built", None))
+        message, go_at, bench_start, end_at = conn.recv()
+        if message != "go":
+            return
+        time.sleep(max(0.0, go_at - time.monotonic()))
+        assert isinstance(run.network, OverlayNetwork)
+
+        def started() -> None:
+            bench_now = time.monotonic() - bench_start
+            _link_faults(run, faults, run.now - bench_now)
+            conn.send(("up", round(bench_now, 4)))
+
+        run.network.call_at(0.0, started)
+        run.run(max(0.0, end_at - time.monotonic()), None, tick=0.5)
+        node = run.nodes.routers[router]
+        conn.send(("done", {"querier": vars(node.querier.stats), "cpu_s": time.process_time()}))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class RouterProcess:
+    """Router `name` in a process of its own, SIGKILLed and started again.
+
+    A new process takes a second or more to import and build the pool on a busy
+    machine, longer than the outages the soak draws; so the next incarnation is
+    spawned ahead (`prepare`), builds everything but its sockets and waits, and the
+    restart only binds them and starts the router. If it is not ready by then, it
+    starts when it is, and `down_s` records the outage it really was."""
+
+    def __init__(
+        self,
+        name: str,
+        text: str,
+        base: int,
+        seed: int,
+        faults: list[Fault],
+        logs: Path,
+    ) -> None:
+        self.name, self.text, self.base, self.seed = name, text, base, seed
+        self.faults, self.logs = faults, logs
+        self.bench_start = self.end_at = 0.0  # CLOCK_MONOTONIC instants, set by `begin`
+        self._ctx = multiprocessing.get_context("spawn")
+        self.incarnation = 0
+        self.current: tuple[Any, Connection] | None = None  # (process, its pipe)
+        self.spare: tuple[Any, Connection] | None = None
+        self._built = False  # the spare is built
+        self._go_due: float | None = None  # bench time the spare should start at
+        self.killed_at: float | None = None
+        self.starts: list[dict[str, Any]] = []  # each incarnation: when it went, came up
+        self.exits: list[dict[str, Any]] = []
+        self.errors: dict[str, str] = {}
+
+    def prepare(self) -> None:
+        """Spawn the next incarnation (it builds and waits for `go`)."""
+        if self.spare is not None:
+            return
+        self.incarnation += 1
+        parent, child = self._ctx.Pipe()
+        log = self.logs / f"{self.name}.{self.incarnation}.log"
+        args = (child, self.text, self.name, self.base, self.seed, self.faults, log)
+        process = self._ctx.Process(
+            target=router_child, args=args, name=f"{self.name}#{self.incarnation}", daemon=True
+        )
+        process.start()
+        child.close()
+        self.spare, self._built = (process, parent), False
+
+    def wait_built(self, wait: float) -> None:
+        assert self.spare is not None
+        process, conn = self.spare
+        if not conn.poll(wait):
+            raise RuntimeError(f"{process.name}: not built within {wait:.0f} s")
+        message, payload = conn.recv()
+        if message != "built":
+            raise RuntimeError(f"{process.name} failed:\n{payload}")
+        self._built = True
+
+    def begin(self, bench_start: float, end_at: float) -> None:
+        """Start the first incarnation with the rest of the pool, at bench time 0."""
+        self.bench_start, self.end_at = bench_start, end_at
+        self.go(0.0)
+
+    def kill(self, now: float) -> None:
+        """SIGKILL the running incarnation (its ports close with it)."""
+        self.check(now)
+        if self.current is not None:
+            process, conn = self.current
+            process.kill()
+            process.join(10)
+            conn.close()
+            self.current = None
+        self.killed_at = now
+
+    def go(self, at: float) -> None:
+        """Start the spare at bench time `at`, or as soon after as it is built."""
+        self._go_due = at
+        if self.spare is None:  # two restarts closer than it takes to prepare one
+            self.prepare()
+        self.poll(at)
+
+    def poll(self, now: float) -> None:
+        """Start a spare that is due and ready; then note what the processes said."""
+        if self._go_due is not None and self.spare is not None:
+            process, conn = self.spare
+            if not self._built and conn.poll(0):
+                message, payload = conn.recv()
+                if message != "built":
+                    self.errors[process.name] = str(payload)
+                    self.spare, self._go_due = None, None
+                    return
+                self._built = True
+            if self._built:
+                start = self.bench_start + max(self._go_due, now)
+                conn.send(("go", start, self.bench_start, self.end_at))
+                self.current, self.spare, self._go_due = self.spare, None, None
+                self.starts.append(
+                    {"process": process.name, "go": round(start - self.bench_start, 3)}
+                )
+        self.check(now)
+
+    def check(self, now: float) -> None:
+        """Messages from the running incarnation; an exit we did not cause is unexpected."""
+        if self.current is None:
+            return
+        process, conn = self.current
+        try:
+            while conn.poll(0):
+                message, payload = conn.recv()
+                if message == "up" and self.starts:
+                    self.starts[-1]["up"] = payload
+                    if self.killed_at is not None:
+                        self.starts[-1]["down_s"] = round(payload - self.killed_at, 3)
+                elif message == "error":
+                    self.errors[process.name] = str(payload)
+                elif message == "done":
+                    self.starts[-1]["done"] = payload
+        except (EOFError, OSError):
+            pass
+        early = now < self.end_at - self.bench_start - 1.0
+        if not process.is_alive() and (process.exitcode != 0 or early):
+            self.exits.append(
+                {"process": process.name, "at": round(now, 2), "returncode": process.exitcode}
+            )
+            self.current = None
+
+    def pid(self) -> int | None:
+        return self.current[0].pid if self.current is not None else None
+
+    def stop(self, now: float) -> None:
+        """At the end: let the running incarnation finish, stop any spare."""
+        if self.current is not None:
+            process, _ = self.current
+            process.join(15)
+            self.check(now)
+        for held in (self.current, self.spare):
+            if held is not None:
+                process, conn = held
+                if process.is_alive():
+                    process.kill()
+                    process.join(5)
+                conn.close()
+        self.current = self.spare = None
 
 
 if __name__ == "__main__":

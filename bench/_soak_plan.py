@@ -2,8 +2,10 @@
 
 The pool is `_pool.two_router_pool` (ra with s1, s2 and client LAN a; rb with s3, s4
 and client LAN b; ra-rb 1 ms) plus two standby servers on ra (s5, s6). Faults are
-drawn from one `random.Random(seed)`: every kind in turn at a random offset inside
-each cycle, so that every kind happens in any run and faults overlap.
+drawn from `random.Random(seed)`: every kind in turn at a random offset inside each
+cycle, so that every kind happens in any run and faults overlap. Router restarts
+come from a stream of their own (`random.Random(f"{seed}:router_restart")`), so
+that the other kinds fall where they fell before that kind existed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 from _pool import table, two_router_pool
 
 VICTIMS = ("s3", "s4")  # each in its own `manycast run --nodes` process
+ROUTER = "rb"  # in its own process, SIGKILLed and restarted: the edge router of
+ROUTER_SERVERS = VICTIMS  # these servers
+ROUTER_LAN = "b"  # and of this client LAN
 LOCAL_SERVERS = ("s1", "s2")  # with the routers, in the infrastructure process
 STANDBY = ("s5", "s6")  # join once each
 CORE_LINK = "ra-rb"  # the only link with emulated delay: loss and delay can change there
@@ -30,8 +35,19 @@ SPIKE_DELAY_S = (0.02, 0.1)
 SHARE = (0.10, 0.35)
 FLOOD_S = 2.0
 FLOOD_PACKETS = 1500
+# A killed router's process is started again this long after. A supervisor
+# restarts a crashed daemon in a fraction of a second to about a second (systemd's
+# RestartSec is 100 ms by default, then the process starts and reads its
+# configuration): 0.3 s is about the fastest such restart, and already the pool's
+# failure-detection time (3 missed 100 ms heartbeats), so every restart splits the
+# pool for a moment; 1.5 s keeps the outage plus the membership's recovery (0.1 s)
+# inside the clients' 2 s request timeout, so a restart can be lived through
+# without losing a session. A longer outage is a router lost, which no pool can
+# hide from clients whose only way in is that router.
+ROUTER_DOWN_S = (0.3, 1.5)
 
-KINDS = ("kill", "join", "set_share", "rebalance", "loss_burst", "delay_spike", "flood")
+_DRAWN_TOGETHER = ("kill", "join", "set_share", "rebalance", "loss_burst", "delay_spike", "flood")
+KINDS = (*_DRAWN_TOGETHER, "router_restart")
 
 
 @dataclass
@@ -61,6 +77,7 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[
     victim that is up at that time, joins while a standby is left. Only `kinds` are
     kept, from the same draws: a subset's faults fall where the full schedule's do."""
     rng = random.Random(seed)
+    restarts = random.Random(f"{seed}:router_restart")
     faults: list[Fault] = []
     last = seconds - TAIL_S
     down_until = dict.fromkeys(VICTIMS, 0.0)
@@ -68,11 +85,16 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[
     start = WARMUP_S
     while start < last:
         end = min(start + CYCLE_S, last)
-        for kind in KINDS:
+        for kind in _DRAWN_TOGETHER:
             at = rng.uniform(start, end)
             fault = _draw(rng, kind, at, down_until, standby)
             if fault is not None and kind in kinds:
                 faults.append(fault)
+        at = restarts.uniform(start, end)
+        down = restarts.uniform(*ROUTER_DOWN_S)
+        if "router_restart" in kinds:
+            args = {"router": ROUTER, "down_s": round(down, 3)}
+            faults.append(Fault("router_restart", at, round(at + down, 3), args))
         start = end
     return sorted(faults, key=lambda f: f.at)
 

@@ -2,14 +2,15 @@
 
 The overlay variant (the kernel-lab variant is not built yet). A pool on the
 overlay split over processes: all the clients (1000 by default, 0.5 requests/s
-each) in one, the routers ra, rb with servers s1, s2 and standbys s5, s6 in
-another, and each of the servers s3, s4 alone in a `manycast run --nodes` process.
-Technique R3 (lossless) by default. After a warm-up, `--seed` draws every kind of
-fault once per 20 s at random offsets (they overlap): SIGKILL of s3's or s4's
-process and its restart 2-5 s later; a standby server joining; share changes;
-rebalances; loss bursts (10-30 %) and delay spikes (20-100 ms) of 2-5 s on the
-core link ra-rb; a flood of malformed and replayed joins and control messages
-(bench/fuzz.py's corpus) at router ra's client-LAN endpoint.
+each) in one, router ra with servers s1, s2 and standbys s5, s6 in another, router
+rb (the edge of s3, s4 and client LAN b) in a third, and each of the servers s3, s4
+alone in a `manycast run --nodes` process. Technique R3 (lossless) by default.
+After a warm-up, `--seed` draws every kind of fault once per 20 s at random offsets
+(they overlap): SIGKILL of s3's or s4's process and its restart 2-5 s later;
+SIGKILL of rb's process and its restart 0.3-1.5 s later; a standby server joining;
+share changes; rebalances; loss bursts (10-30 %) and delay spikes (20-100 ms) of
+2-5 s on the core link ra-rb; a flood of malformed and replayed joins and control
+messages (bench/fuzz.py's corpus) at router ra's client-LAN endpoint.
 
 Measured (one JSON object last on stdout, progress on stderr):
 - `sessions_lost`: session losses (a reset, an unanswered request, a wrong answer)
@@ -17,7 +18,8 @@ Measured (one JSON object last on stdout, progress on stderr):
   owner was a killed server in any allocation between its last answer before the
   kill and the loss, within the kill's window (kill to restart + 8 s);
 - `wrong_answers`; requests answered and failed per minute;
-- `recovery_s` per fault: until every client whose session it broke was answered again;
+- `recovery_s` per fault: until every client whose session it broke (for a router
+  restart, also every client behind the router) was answered again;
 - RSS and open file descriptors of every long-lived process each minute (each
   10 s in runs under 10 minutes), and the slope of a fitted line per hour;
 - `unexpected_exits` and `tracebacks`.
@@ -45,13 +47,23 @@ from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, expect, node_command
 from _soak_analysis import analyse, fit_per_hour
 from _soak_flood import Flood, build
-from _soak_hosts import clients_child, infra_child
-from _soak_plan import KINDS, LOCAL_SERVERS, STANDBY, VICTIMS, Fault, pool_text, schedule
+from _soak_hosts import RouterProcess, clients_child, infra_child
+from _soak_plan import (
+    KINDS,
+    LOCAL_SERVERS,
+    ROUTER,
+    STANDBY,
+    VICTIMS,
+    Fault,
+    pool_text,
+    schedule,
+)
 from manycast.ports import free_base_port
 from manycast.topology import loads
 
 SEED = 20261201
 GRACE_S = 3.0  # the pool processes run this long past the measured time
+PREPARE_S = 8.0  # a restarted router's next process is spawned this long before the kill
 
 
 def _proc(pid: int) -> tuple[float, int] | None:
@@ -126,11 +138,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         path.write_text(text)
         base = free_base_port(topo.attachment_count, PORT_SEARCH)
         ctx = multiprocessing.get_context("spawn")
-        local = {"ra", "rb", *LOCAL_SERVERS, *STANDBY}
+        local = {"ra", *LOCAL_SERVERS, *STANDBY}
+        restarts = [f.until or f.at for f in faults if f.kind == "router_restart"]
         children = []
         for name, body, extra in (
             ("infra", infra_child, (text, local, base, args.seed, seconds + GRACE_S, faults)),
-            ("clients", clients_child, (text, base, args.seed, seconds + GRACE_S)),
+            ("clients", clients_child, (text, base, args.seed, seconds + GRACE_S, restarts)),
         ):
             parent, child = ctx.Pipe()
             process = ctx.Process(
@@ -146,6 +159,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         victims = {v: Victim(v, path, base, logs, end_estimate) for v in VICTIMS}
         for victim in victims.values():
             victim.start()
+        router = RouterProcess(ROUTER, text, base, args.seed, faults, logs)
+        router.prepare()
         samples: list[dict[str, Any]] = []
         unexpected: list[dict[str, Any]] = []
         failed: dict[str, str] = {}
@@ -153,6 +168,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for process, conn in children:
                 expect(conn, process.name, "built", 180)
+            router.wait_built(180)
             builder.join(120)
             if not packets:
                 raise RuntimeError("the flood's packets were not built")
@@ -160,6 +176,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             start = time.monotonic() + 0.5
             for _, conn in children:
                 conn.send(("go", start))
+            router.begin(start, start + seconds + GRACE_S)
             endpoint = dict(topo.endpoints(base))
             ra_lan = next(m for m in topo.links["ra-a"].members if m.node == "ra")
             target = endpoint[("ra", ra_lan.iface)]
@@ -172,6 +189,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     ]
                 elif fault.kind == "flood":
                     actions.append((fault.at, "flood", fault))
+                elif fault.kind == "router_restart":
+                    actions += [
+                        (fault.at - PREPARE_S, "prepare", fault),
+                        (fault.at, "router_kill", fault),
+                        (fault.until or fault.at, "router_go", fault),
+                    ]
             actions.sort(key=lambda a: a[0])
             next_sample = 0.0
             done_at = start + seconds + GRACE_S
@@ -191,6 +214,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                         flood.burst(
                             target, int(fault.args["packets"]), float(fault.until or 0) - fault.at
                         )
+                    elif what == "prepare":
+                        router.prepare()
+                    elif what == "router_kill":
+                        router.kill(now)
+                        progress(f"  t={now:6.1f}s SIGKILL {router.name}")
+                    elif what == "router_go":
+                        router.go(fault.until or now)
+                        progress(f"  t={now:6.1f}s restart {router.name}")
+                router.poll(now)
                 for victim in victims.values():
                     victim.check(now)
                 for process, conn in children:
@@ -218,6 +250,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     sample: dict[str, Any] = {"t": round(now, 2)}
                     pids = {p.name: p.pid for p, _ in children}
                     pids.update({v.name: v.process.pid for v in victims.values() if v.process})
+                    pids[router.name] = router.pid()
                     pids["bench"] = os.getpid()
                     for name, pid in pids.items():
                         got = _proc(pid) if pid else None
@@ -234,6 +267,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             for victim in victims.values():
                 victim.check(time.monotonic() - began)
                 victim.kill()
+            router.stop(time.monotonic() - began)
             for process, conn in children:
                 process.join(10)
                 if process.is_alive():
@@ -243,6 +277,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             if flood is not None:
                 flood.close()
         unexpected += [e for v in victims.values() for e in v.exits]
+        unexpected += router.exits
+        failed.update(router.errors)
         if args.logs is not None:
             args.logs.mkdir(parents=True, exist_ok=True)
             for log in logs.glob("*.log"):
@@ -252,6 +288,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             logged = log.read_text(errors="replace")
             if "Traceback" in logged:
                 tracebacks[log.stem] = logged[logged.index("Traceback") :][:3000]
+    # The outage each router restart really was (its next process may start late).
+    for fault, started in zip(
+        (f for f in faults if f.kind == "router_restart"), router.starts[1:], strict=False
+    ):
+        fault.args["down_actual_s"] = started.get("down_s")
     result = analyse(
         faults, results["infra"], results["clients"], seconds, topo.pool.technique, args.rate
     )
@@ -267,6 +308,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "unexpected_exits": unexpected,
             "tracebacks": tracebacks,
             "flood_sent": flood.sent if flood is not None else {},
+            "router_starts": router.starts,
             "samples": samples,
             "growth_per_hour": fit_per_hour(samples, ("infra", "clients", "bench")),
             "loadavg_start": load_start,
