@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench clean dns-deps web-deps observe-deps lab lab-deps
+.PHONY: demo test lint typecheck unit bench clean dns-deps web-deps observe-deps etcd-deps lab lab-deps
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "manycast needs $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-test: dns-deps web-deps observe-deps lint typecheck unit
+test: dns-deps web-deps observe-deps etcd-deps lint typecheck unit
 
 # Debian's knot for the naming tests against a real DNS server: installed when
 # root, otherwise those tests skip and say how to install it.
@@ -64,6 +64,16 @@ observe-deps:
 	  apt-get install -y -q --no-install-recommends $(OBSERVE_PKGS) \
 	    || { apt-get update -q && apt-get install -y -q --no-install-recommends $(OBSERVE_PKGS); }; \
 	else echo "prometheus or tshark is not installed and this is not root: the tests that need them will skip (sudo make observe-deps)"; fi
+
+# Debian's etcd-server: the tests of a pool coordinated in etcd start a three-member
+# cluster on loopback. Installed when root, otherwise those tests skip and say so.
+etcd-deps:
+	@if { command -v etcd || test -x /usr/bin/etcd; } >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends etcd-server \
+	    || { apt-get update -q && apt-get install -y -q --no-install-recommends etcd-server; }; \
+	else echo "etcd is not installed and this is not root: the etcd coordination tests will skip (sudo make etcd-deps installs it)"; fi
 
 # The kernel lab (root only): the demo topology in network namespaces, routed by
 # the kernel's multicast forwarding, with the scenario run against it.

@@ -319,7 +319,10 @@ def demo(
     length = topo.duration if duration is None else duration
     if length <= 0:
         raise fail("--duration must be positive")
-    run = PoolRun(topo, driver, seed=seed, base_port=base_port)
+    try:
+        run = PoolRun(topo, driver, seed=seed, base_port=base_port)
+    except ConfigError as exc:  # e.g. a pool coordinated in etcd on the virtual clock
+        raise fail(exc) from None
     if not as_json:
         err.print(
             f"manycast demo: {len(topo.routers)} routers, {len(topo.servers)} servers, "

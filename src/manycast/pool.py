@@ -20,6 +20,7 @@ from manycast.protocol.admission import Admission
 from manycast.protocol.app import Service, SessionFactory
 from manycast.protocol.client import Client
 from manycast.protocol.coordination import PoolSettings, initial_allocation
+from manycast.protocol.leased import lease_coordination
 from manycast.protocol.node import Node
 from manycast.protocol.router import Router
 from manycast.protocol.server import Server
@@ -27,6 +28,7 @@ from manycast.protocol.technique import Technique
 from manycast.protocol.vip import VipRouter
 from manycast.space import Allocation
 from manycast.topology import PoolSpec, Topology
+from manycast.topology.coordination import Coordination
 from manycast.topology.links import LinkSpec
 
 
@@ -184,6 +186,9 @@ def build(
             pool_key=signing_key(spec.authorized),
             redirect_above=pool.redirect_above,
         )
+        if pool.coordination is Coordination.ETCD and spec.authorized:
+            # Liveness and the allocation in etcd: the I/O that feeds it is the runtime's.
+            lease_coordination(server, start, pool.lease_s)
         (standby if spec.standby else servers)[spec.name] = server
 
     def resolve(name: str) -> tuple[Any, int]:

@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from manycast.drivers.contract import Network
+from manycast.drivers.etcd import EtcdSessions
 from manycast.drivers.factory import open_network
 from manycast.naming import (
     KeyAnswer,
@@ -34,6 +35,7 @@ from manycast.protocol.technique import Technique
 from manycast.scenario import ScenarioEngine
 from manycast.summary import ClientRecord, ServerRecord, served_window, summarize
 from manycast.topology import Topology
+from manycast.topology.coordination import Coordination
 from manycast.wire import control
 
 # How long a key lookup takes on the virtual clock (answered from the pool's directory).
@@ -117,6 +119,14 @@ class PoolRun:
         self._net.on_effect = self._on_effect
         self.engine = ScenarioEngine(self.topology, self)
         self.engine.schedule(self._net.call_at)
+        self._etcd: EtcdSessions | None = None
+        pool = self.topology.pool
+        if pool.coordination is Coordination.ETCD:
+            self._etcd = EtcdSessions(
+                self._net, pool_name=pool.name, space=pool.space, ttl=pool.lease_s
+            )
+            for server in self.nodes.servers.values():
+                self._etcd.start(server, self._etcd_endpoints(server.name))
         self._dns: Any = None
         self.dns_address: tuple[str, int] | None = self.topology.pool.dns
         # the clients' resolver: group -> (answer, when it expires); who waits for one
@@ -130,12 +140,20 @@ class PoolRun:
     def kill_server(self, server: str) -> None:
         if server in self.nodes.servers:
             self._net.kill(server)
+            if self._etcd is not None:
+                self._etcd.crash(server)  # no more renewals: its lease runs out
 
     def start_server(self, server: str) -> None:
         node = self.nodes.standby.pop(server, None)
         if node is not None:
             self.nodes.servers[server] = node
             self._net.add(node)
+            if self._etcd is not None:
+                self._etcd.start(node, self._etcd_endpoints(server))
+
+    def _etcd_endpoints(self, server: str) -> tuple[str, ...]:
+        """The etcd members `server` talks to: its own list, or the pool's."""
+        return self.topology.servers[server].etcd or self.topology.pool.etcd
 
     def hosts_node(self, name: str) -> bool:
         return name in self.nodes.vip_routers
@@ -261,6 +279,9 @@ class PoolRun:
             self.close()
 
     def close(self) -> None:
+        if self._etcd is not None:
+            self._etcd.close()  # on the network's loop, before it closes
+            self._etcd = None
         self._net.close()
         if self._dns is not None:
             self._dns.__exit__(None, None, None)

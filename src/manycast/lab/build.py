@@ -117,6 +117,11 @@ class Lab:
         if plane not in PLANES:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
+        if topology.pool.coordination == "etcd":
+            raise LabError(
+                'coordination = "etcd" runs on the overlay driver (manycast run --driver'
+                " overlay); the kernel lab's server agents coordinate on the control channel"
+            )
         if self.is_up():
             raise LabError(
                 f"a lab with prefix {self.prefix!r} is already up "

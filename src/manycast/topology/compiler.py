@@ -27,6 +27,7 @@ from manycast.steps import (
     Step,
 )
 from manycast.topology.addressing import HostLink, Lan, RouterLink, Wiring, assign_addresses
+from manycast.topology.coordination import Coordination, read_coordination, read_endpoints
 from manycast.topology.reader import Lines, TableReader, fail_at
 from manycast.topology.routing import costs, hop_counts, reachable, routes
 from manycast.topology.spec import (
@@ -80,7 +81,7 @@ class _Compiler:
             TableReader(self.source, self.lines, "pool", None, self.data.get("pool", {}))
         )
         routers = self.routers()
-        servers, server_links = self.servers(routers)
+        servers, server_links = self.servers(routers, pool)
         vip_routers, vip_links = self.vip_routers(routers, pool)
         clients, lans = self.clients(routers)
         router_links = self.router_links(routers)
@@ -143,7 +144,7 @@ class _Compiler:
         return HostLink(name, router, t.network("subnet", None), t.line("subnet"))
 
     def servers(
-        self, routers: Mapping[str, RouterSpec]
+        self, routers: Mapping[str, RouterSpec], pool: PoolSpec
     ) -> tuple[dict[str, ServerSpec], list[HostLink]]:
         servers: dict[str, ServerSpec] = {}
         links: list[HostLink] = []
@@ -155,12 +156,21 @@ class _Compiler:
                 s.number("weight", 1.0, low=0.0),
                 s.get("standby", bool, False),
                 s.get("authorized", bool, True),
+                self.server_etcd(s, pool),
             )
             links.append(link)
             s.done()
         if not any(not s.standby for s in servers.values()):
             self.fail("a topology needs at least one [[server]] that is not on standby")
         return servers, links
+
+    def server_etcd(self, s: TableReader, pool: PoolSpec) -> tuple[str, ...]:
+        """A server's own etcd client URLs (the members near it), if it names them."""
+        if "etcd" not in s.table:
+            return ()
+        if pool.coordination is not Coordination.ETCD:
+            s.fail("a server's 'etcd' is for [pool] coordination = \"etcd\"", "etcd")
+        return read_endpoints(s)
 
     def vip_routers(
         self, routers: Mapping[str, RouterSpec], pool: PoolSpec
@@ -319,6 +329,7 @@ def read_pool(p: TableReader) -> PoolSpec:
         technique = Technique(technique_text)
     except ValueError:
         p.fail(f"technique {technique_text!r}: expected one of {', '.join(Technique)}", "technique")
+    coordination = read_coordination(p, vip is not None)
     pool = PoolSpec(
         name=name,
         group=group,
@@ -344,6 +355,9 @@ def read_pool(p: TableReader) -> PoolSpec:
         approach=approach,
         vip=vip,
         redirect_above=_redirect_above(p, technique, approach),
+        coordination=coordination.kind,
+        etcd=coordination.etcd,
+        lease_s=coordination.lease_s,
     )
     if pool.private:
         plan = AddressPlan.from_text(pool.private_ranges)

@@ -13,6 +13,7 @@ from manycast.protocol.technique import Technique
 from manycast.space import AddressSpace
 from manycast.steps import Step
 from manycast.topology.addressing import assign_endpoints
+from manycast.topology.coordination import Coordination
 from manycast.topology.links import LinkSpec
 
 
@@ -58,6 +59,11 @@ class PoolSpec:
     # technique D: a server whose load is above this times the pool's mean passes new
     # connections to a less loaded server (Fig 20); 0: never
     redirect_above: float = 0.0
+    # how the servers agree: the control channel, or etcd (its client URLs; each
+    # server's lease in seconds)
+    coordination: Coordination = Coordination.CHANNEL
+    etcd: tuple[str, ...] = ()
+    lease_s: int = 2
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class ServerSpec:
     weight: float
     standby: bool
     authorized: bool = True  # holds the private pool's key (false: an outsider)
+    etcd: tuple[str, ...] = ()  # the etcd members this server talks to (default: the pool's)
 
 
 @dataclass(frozen=True)
