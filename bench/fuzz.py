@@ -67,7 +67,7 @@ from manycast.apps.counter import CounterService
 from manycast.protocol.admission import Admission
 from manycast.protocol.tcp import Connection, Demultiplexer, SessionConfig, SessionError, State
 from manycast.space import AddressSpace
-from manycast.wire import control, ip, label, membership, session_state, transport
+from manycast.wire import control, ip, label, membership, membership_query, session_state, transport
 from manycast.wire.cursor import Reader, internet_checksum
 from manycast.wire.errors import WireError
 
@@ -243,6 +243,18 @@ def _decrement_ttl_check(ctx: tuple[Any, ...], data: bytes, out: Any) -> str | N
     return None if (after.header, after.payload) == (want, packet.payload) else "wrong patch"
 
 
+def _forward_copy_check(ctx: tuple[Any, ...], data: bytes, out: Any) -> str | None:
+    """The fast path's copy is the router's own: `decrement_ttl_v4` of a packet
+    `peek_v4` takes with TTL above 1, and None for every other input."""
+    try:
+        forwards = ip.peek_v4(data)[3] > 1
+    except WireError:
+        forwards = False
+    if not forwards:
+        return None if out is None else "a copy of a packet the router would not forward"
+    return None if out == ip.decrement_ttl_v4(data) else "differs from decrement_ttl_v4"
+
+
 def _peek_v6_check(ctx: tuple[Any, ...], data: bytes, got: Any) -> str | None:
     try:
         packet = ip.IPv6Packet.from_wire(data)
@@ -411,6 +423,7 @@ def targets() -> list[Target]:
     p6_decode, p6_check = _plain(ip.IPv6Packet)
     udph_decode, udph_check = _plain(ip.UDPHeader)
     igmp_decode, igmp_check = _plain(membership.IGMPv3Report)
+    query_decode, query_check = _plain(membership_query.IGMPv3Query)
     cd_decode, cd_check = _plain(transport.ChangeDestination)
     ss_decode, ss_check = _plain(session_state.SessionState)
     entry_decode, entry_check = _plain(label.LabelEntry)
@@ -461,6 +474,14 @@ def targets() -> list[Target]:
             fields=((0, 1), (8, 1)),
         ),
         Target(
+            "ip.forward_copy_v4",
+            lambda ctx, data: ip.forward_copy_v4(data),
+            _forward_copy_check,
+            "fast_path",
+            checksum=IPV4_SUM,
+            fields=((0, 1), (8, 1)),
+        ),
+        Target(
             "ip.peek_v6",
             lambda ctx, data: ip.peek_v6(data),
             _peek_v6_check,
@@ -480,6 +501,13 @@ def targets() -> list[Target]:
             igmp_check,
             checksum=IGMP_SUM,
             fields=((4, 2), (6, 2), (9, 1), (10, 2)),
+        ),
+        Target(
+            "membership_query.IGMPv3Query.from_wire",
+            query_decode,
+            query_check,
+            checksum=IGMP_SUM,
+            fields=((1, 1), (8, 1), (10, 2)),
         ),
         Target(
             "membership.MLDv2Report.from_wire",
@@ -665,6 +693,28 @@ def _strategies() -> dict[str, Any]:
     }
 
 
+def _queries(rng: random.Random, n: int) -> list[bytes]:
+    """General, group- and source-specific IGMPv3 queries with random codes."""
+    out = []
+    for i in range(n):
+        group = IPv4Address(0) if i % 3 == 0 else IPv4Address(0xE8000000 | rng.getrandbits(24))
+        sources = (
+            ()
+            if i % 3 != 2
+            else tuple(IPv4Address(rng.getrandbits(32)) for _ in range(rng.randrange(1, 6)))
+        )
+        query = membership_query.IGMPv3Query(
+            group,
+            sources,
+            rng.randrange(256),
+            rng.random() < 0.5,
+            rng.randrange(8),
+            rng.randrange(256),
+        )
+        out.append(query.to_wire())
+    return out
+
+
 def _signed_reports(rng: random.Random, n: int) -> list[membership.IGMPv3Report]:
     """Reports as servers and clients send them: masks and a real Ed25519 signature."""
     key = auth.generate()
@@ -839,10 +889,12 @@ def build_seeds(run_seed: int) -> tuple[dict[str, list[Seed]], list[tuple[bytes,
         "ip.UDPDatagram.from_wire": udp,
         "ip.peek_v4": plain(v4),
         "ip.decrement_ttl_v4": plain(v4),
+        "ip.forward_copy_v4": plain(v4),
         "ip.peek_v6": plain(v6),
         "ip.decrement_hop_limit_v6": plain(v6),
         "membership.IGMPv3Report.from_wire": plain(igmp),
         "membership.MLDv2Report.from_wire": mld,
+        "membership_query.IGMPv3Query.from_wire": plain(_queries(rng, n)),
         "control.decode": plain(messages),
         "control.decode_op": plain([control.encode_op(o) for o in _draw(s["ops"], n, run_seed)]),
         "transport.decode_options": plain(
