@@ -45,10 +45,14 @@ def cluster() -> EtcdCluster:  # type: ignore[misc]
         yield running
 
 
-def topology(name: str, endpoints: list[str], own: dict[str, list[str]] | None = None) -> Topology:
-    """Four servers s1..s4 and 12 clients (pooltools' shape), the pool in etcd."""
+def topology(
+    name: str, endpoints: list[str], own: dict[str, list[str]] | None = None, standby: int = 0
+) -> Topology:
+    """Four servers s1..s4 (and `standby` more) and 12 clients (pooltools' shape), the
+    pool in etcd."""
     text = pool_toml(
         servers=4,
+        standby=standby,
         clients=12,
         rate=4.0,
         pool={
@@ -83,10 +87,13 @@ class Ownership:
     overlaps: list[tuple[float, int, list[str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for name, server in self.run.nodes.servers.items():
-            self.served[name] = np.zeros(self.space.buckets, dtype=bool)
-            self.timeline[name] = []
-            server._apply = self._watching(server)  # type: ignore[method-assign]
+        for server in self.run.nodes.servers.values():
+            self.watch(server)
+
+    def watch(self, server: Server) -> None:
+        self.served[server.name] = np.zeros(self.space.buckets, dtype=bool)
+        self.timeline[server.name] = []
+        server._apply = self._watching(server)  # type: ignore[method-assign]
 
     def _watching(self, server: Server) -> Callable[..., None]:
         apply = server._apply
@@ -159,14 +166,18 @@ def coordination(run: PoolRun, name: str) -> LeasedCoordinator:
 
 
 def settled(run: PoolRun, watch: Ownership, names: list[str]) -> Callable[[], bool]:
-    """Every one of `names` at one epoch and alive, they serve every bucket between
-    them, and every client is answered."""
+    """Every one of `names` alive and at one epoch, whose allocation is theirs, each
+    serving all it gives it, and every client answered."""
 
     def check() -> bool:
-        epochs = {coordination(run, n).epoch for n in names}
+        cores = [coordination(run, n) for n in names]
+        if len({c.epoch for c in cores}) != 1 or cores[0].allocation is None:
+            return False
+        allocation = cores[0].allocation
         return (
-            len(epochs) == 1
-            and all(sorted(coordination(run, n).alive(run.now)) == sorted(names) for n in names)
+            all(sorted(c.alive(run.now)) == sorted(names) for c in cores)
+            and allocation.servers == tuple(sorted(names))
+            and all(watch.served[n].sum() == allocation.count(n) for n in names)
             and watch.covered(names)
             and served_now(run)
         )
@@ -195,7 +206,7 @@ def test_clients_are_served_and_a_dead_server_is_replaced_when_its_lease_expires
         )
         # Removed once its lease ran out: at least a lease time after its last renewal
         # (at most a third of a lease before the kill), and not long after.
-        assert LEASE * 2 / 3 <= removal - killed_at <= LEASE + 2.0
+        assert LEASE * 2 / 3 <= removal - killed_at <= LEASE + 3.0
         states = history(cluster.urls[0], "kill.etcd.test", space)
         assert [s.epoch for s in states] == [1, 2]
         assert states[-1].why == "remove s2" and states[-1].state.allocation.servers == tuple(
@@ -243,6 +254,24 @@ def test_share_changes_commit_through_transactions_on_the_epoch(cluster: EtcdClu
         for name in everyone:
             assert watch.served[name].sum() == last.state.allocation.count(name)
         assert coordination(run, "s1").changes[-1][0] - at < WAIT
+    finally:
+        run.close()
+    assert watch.overlaps == []
+
+
+def test_a_server_started_later_registers_and_is_given_its_share(cluster: EtcdCluster) -> None:
+    run = start(topology("add.etcd.test", cluster.urls, standby=1))
+    watch = Ownership(run, run.topology.pool.space)
+    net = run.network
+    try:
+        assert net.run_until(WAIT, settled(run, watch, ["s1", "s2", "s3", "s4"])), watch.timeline
+        run.start_server("s5")
+        watch.watch(run.nodes.servers["s5"])
+        everyone = ["s1", "s2", "s3", "s4", "s5"]
+        assert net.run_until(net.now + WAIT, settled(run, watch, everyone)), watch.timeline
+        last = history(cluster.urls[0], "add.etcd.test", run.topology.pool.space)[-1]
+        assert (last.epoch, last.why, last.by) == (2, "add s5", "s1")
+        assert watch.served["s5"].sum() == last.state.allocation.count("s5") > 0
     finally:
         run.close()
     assert watch.overlaps == []

@@ -163,8 +163,8 @@ class LeasedCoordinator(Coordinator):
         deadlines = [self._next_heartbeat]
         if self._wake is not None:
             deadlines.append(self._wake)
-        if self._serving.any():
-            deadlines.append(self._lease_until - self.guard)  # fence in time
+        if self._serving.any():  # fence in time (at once when the lease is gone)
+            deadlines.append(max(self._lease_until - self.guard, self._started))
         if self._change is not None:
             deadlines.append(self._change.deadline)
         deadlines.extend(give_up for _, give_up in self._asked)
