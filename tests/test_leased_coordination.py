@@ -4,6 +4,7 @@ keys. The same machine against a real etcd cluster: test_etcd_coordination.py.""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import random
@@ -11,6 +12,8 @@ import re
 from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from manycast.errors import ConfigError
 from manycast.protocol.coordination import COMMAND_PATIENCE, PoolSettings, initial_apportionment
@@ -297,3 +300,29 @@ def test_a_server_naming_etcd_members_in_a_channel_pool_is_refused() -> None:
 def test_an_etcd_pool_on_the_virtual_clock_is_refused() -> None:
     with pytest.raises(ConfigError, match="runs on the overlay driver"):
         PoolRun(loads(pool_toml(pool=ETCD)), "memory")
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_read_as_a_state_or_member_fail_only_with_store_error(raw: bytes) -> None:
+    for decode in (lambda: StoredState.decode(raw, SPACE), lambda: MemberRecord.decode(raw)):
+        with contextlib.suppress(StoreError):
+            decode()
+
+
+@given(st.sampled_from(["epoch", "by", "why", "space", "servers", "weights", "runs"]), JSON)
+def test_a_stored_state_with_any_field_replaced_reads_or_fails_with_store_error(
+    key: str, value: object
+) -> None:
+    document = json.loads(StoredState(1, START, "s1", "initial state").encode())
+    document[key] = value
+    with contextlib.suppress(StoreError):
+        StoredState.decode(json.dumps(document).encode(), SPACE)
