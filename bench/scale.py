@@ -36,7 +36,14 @@ whose projected wall time (from the sizes run before it) would take the run past
 the JSON then lists it under `skipped` and gives its figures as the fitted curves
 project them, under `projected`, never as measured; `--budget-s 0` runs every size
 (N = 1024 with all-to-all heartbeats: about 11 million events, 7 minutes or more of
-one core). Progress on stderr; one JSON object, the last line on stdout.
+one core).
+
+Then, on real sockets and time, the etcd part (bench/_scale_etcd.py, under `etcd` in
+the JSON): share-change and failover latency of pools of 4 and 16 servers on the
+overlay with `coordination = "etcd"` (a three-member etcd cluster on loopback) beside
+the same pools with the channel coordination, rounds interleaved; about a minute.
+`{"skipped": reason}` where etcd is not installed, or with `--skip-etcd`.
+Progress on stderr; one JSON object, the last line on stdout.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from typing import Any
 import numpy as np
 
 import _plots
+import _scale_etcd
 from _common import progress, run_and_emit
 from _pool import table
 from manycast.drivers.memory import MemoryNetwork
@@ -658,16 +666,40 @@ def main() -> None:
         " seconds (0: run every size; default %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--skip-etcd", action="store_true", help="leave the etcd part out (it runs on real time)"
+    )
+    parser.add_argument(
+        "--etcd-sizes",
+        type=int,
+        nargs="+",
+        default=list(_scale_etcd.SIZES),
+        help="the etcd part's pool sizes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--etcd-rounds",
+        type=int,
+        default=_scale_etcd.ROUNDS,
+        help="the etcd part's rounds per coordination and size (default %(default)s)",
+    )
     _plots.add_argument(parser)
     args = parser.parse_args()
     sizes = [n for n in SIZES if n <= args.max_n]
     if not sizes:
         parser.error(f"--max-n must be at least {SIZES[0]}")
+    if min(args.etcd_sizes) < 3 or args.etcd_rounds < 1:
+        parser.error("--etcd-sizes must be at least 3 (s2 changes share, the last one dies)")
     holder: list[dict[str, Any]] = []
 
     def go() -> dict[str, Any]:
-        holder.append(run(sizes, args.seed, args.budget_s))
-        return holder[0]
+        result = run(sizes, args.seed, args.budget_s)
+        result["etcd"] = (
+            {"skipped": "--skip-etcd"}
+            if args.skip_etcd
+            else _scale_etcd.run(args.etcd_sizes, args.etcd_rounds, args.seed)
+        )
+        holder.append(result)
+        return result
 
     run_and_emit("scale", go)
     _plots.write(holder[0], args.plots, plot)

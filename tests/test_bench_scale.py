@@ -24,7 +24,15 @@ def _bench_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     plots = tmp_path_factory.mktemp("plots")
     done = subprocess.run(
-        [sys.executable, str(BENCH / "scale.py"), "--max-n", "16", "--plots", str(plots)],
+        [
+            sys.executable,
+            str(BENCH / "scale.py"),
+            "--max-n",
+            "16",
+            "--skip-etcd",
+            "--plots",
+            str(plots),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
