@@ -25,6 +25,7 @@ import functools
 import ipaddress
 import random
 import socket
+import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -36,7 +37,7 @@ from manycast.ports import DEFAULT_HOST
 from manycast.protocol.fastpath import FAST_PATH_LIMIT, FastPath
 from manycast.protocol.node import Frame, Node
 from manycast.topology.addressing import assign_endpoints as assign_endpoints  # re-exported
-from manycast.wire.ip import forward_copy_v4
+from manycast.wire.ip import forward_in_place_v4
 
 Endpoint = tuple[str, int]
 
@@ -45,6 +46,8 @@ _MAX_DATAGRAM = 65535
 # Datagrams read per wake-up: enough to amortise the loop's cost, few enough that
 # one busy endpoint cannot starve the others or the timers.
 _BATCH = 256
+# The fast path's key: a packet's source and destination (bytes 12-19) as one number.
+_ADDRESSES = struct.Struct("!Q").unpack_from
 
 # Linux reports ICMP errors (port unreachable from a dead peer) on unconnected UDP
 # sockets only with IP_RECVERR; they are then queued and must be drained with
@@ -88,7 +91,7 @@ class _Port:
         self.unicast: dict[int, tuple[Endpoint]] = {}
 
 
-_Direct = tuple[Callable[[bytes | bytearray, Endpoint], int], Endpoint, _Port]
+_Direct = tuple[Callable[[bytes | memoryview, Endpoint], int], Endpoint, _Port]
 
 
 class _Hosted:
@@ -119,7 +122,7 @@ class _Hosted:
         self.direct: dict[tuple[str, int], _Direct] = {}
         # The router's fast-path tables translated to those sends, per arrival
         # interface; valid while the router's `generation` is this one.
-        self.known: dict[str, dict[bytes, tuple[_Direct, ...]]] = {
+        self.known: dict[str, dict[int, tuple[_Direct, ...]]] = {
             name: {} for name in (self.fast.tables if self.fast is not None else ())
         }
         self.generation = -1
@@ -201,6 +204,10 @@ class AsyncOverlay:
         self._started = False
         self._closed = False
         self._t0 = 0.0
+        # Every datagram is read into this one buffer: the fast path patches and sends
+        # it from there with no copy; anything else gets a copy of its bytes.
+        self._buffer = bytearray(_MAX_DATAGRAM)
+        self._view = memoryview(self._buffer)
         self._pending: list[Node] = []
         self._calls: list[tuple[float, Callable[[], object]]] = []
         self._handles: set[asyncio.TimerHandle] = set()
@@ -468,7 +475,10 @@ class AsyncOverlay:
 
     # the per-datagram path --------------------------------------------------
     def _readable(self, host: _Hosted, port: _Port) -> None:
-        recv = port.sock.recv
+        recv_into = port.sock.recv_into
+        buffer, view = self._buffer, self._view
+        addresses = _ADDRESSES
+        forward = forward_in_place_v4
         node = host.node
         receive = node.receive
         send = host.send
@@ -493,7 +503,7 @@ class AsyncOverlay:
             try:
                 while n < batch:
                     try:
-                        packet = recv(_MAX_DATAGRAM)
+                        length = recv_into(buffer)
                     except BlockingIOError:
                         if n == 0:
                             # Woken with nothing to read: ICMP errors are queued.
@@ -508,10 +518,12 @@ class AsyncOverlay:
                         port.counters.dropped += 1
                         break
                     n += 1
-                    if serve:
-                        sends = known.get(packet[12:20]) or learn(host, iface, packet)
-                        # None: not IPv4 as the router takes it, or TTL 1 (the router counts it).
-                        if sends is not None and (forwarded := forward_copy_v4(packet)):
+                    if serve and length >= 20:
+                        key = addresses(buffer, 12)[0]
+                        sends = known.get(key) or learn(host, iface, key)
+                        # False: not IPv4 as the router takes it, or TTL 1 (the router counts it).
+                        if sends is not None and forward(buffer, length):
+                            forwarded = view[:length]
                             for sendto, address, to in sends:  # _send, inlined
                                 try:
                                     sendto(forwarded, address)
@@ -521,7 +533,7 @@ class AsyncOverlay:
                                     to.counters.sent += 1
                             copies += len(sends)
                             continue
-                    receive(iface, packet, clock() - t0)
+                    receive(iface, bytes(view[:length]), clock() - t0)
                     # Frames and effects after each packet, in order; the timer once
                     # per batch (none can fire before this returns to the loop).
                     if node.outbox or node.effects:
@@ -541,13 +553,13 @@ class AsyncOverlay:
         finally:
             port.counters.received += n
 
-    def _learn(self, host: _Hosted, iface: str, packet: bytes) -> tuple[_Direct, ...] | None:
+    def _learn(self, host: _Hosted, iface: str, key: int) -> tuple[_Direct, ...] | None:
         """The sends for a packet the router's fast path has an entry for, remembered
         in `known`; None (the router's own path) without one, or when a copy goes on a
         link with emulated delay or loss, or to a neighbour with no endpoint yet."""
         fast = host.fast
-        key = packet[12:20]
-        outs = None if fast is None else fast.tables.get(iface, {}).get(key)
+        addresses = key.to_bytes(8, "big")
+        outs = None if fast is None else fast.tables.get(iface, {}).get(addresses)
         if outs is None:
             return None
         sends = []
@@ -632,7 +644,7 @@ class AsyncOverlay:
             port.counters.sent += 1
 
     def _send_failed(
-        self, port: _Port, packet: bytes | bytearray, address: Endpoint, exc: OSError
+        self, port: _Port, packet: bytes | memoryview, address: Endpoint, exc: OSError
     ) -> None:
         """Count a failed send. A refusal belongs to an earlier datagram (the
         kernel reports an ICMP error on the next call), so this one is tried again."""

@@ -577,20 +577,27 @@ def decrement_ttl_v4(packet: bytes) -> bytes:
     return packet[:8] + _TTL_WORD.pack(ttl - 1, protocol, patched) + packet[12:]
 
 
+def forward_in_place_v4(buffer: bytearray, length: int) -> bool:
+    """Patch the IPv4 packet in `buffer[:length]` as a router forwards it (TTL one less,
+    the checksum as `decrement_ttl_v4` patches it) when `peek_v4` would accept it and
+    its TTL is above 1; say whether it did. A driver that reads into one buffer
+    forwards from it with no copy at all."""
+    if length >= IPV4_HEADER_LEN and (ttl := buffer[8]) > 1 and 0x45 <= buffer[0] <= 0x4F:
+        buffer[8] = ttl - 1
+        patched = ((buffer[10] << 8 | buffer[11]) + 0x100) % 0xFFFF  # as in decrement_ttl_v4
+        buffer[10] = patched >> 8
+        buffer[11] = patched & 0xFF
+        return True
+    return False
+
+
 def forward_copy_v4(packet: bytes) -> bytearray | None:
     """What a router sends on for `packet`: `decrement_ttl_v4(packet)` when it is an
     IPv4 packet `peek_v4` accepts with TTL above 1, else None. For a forwarding
     cache hit (the addresses are already known), the checks and the patch in one
-    call, on one copy patched in place: no struct call and one allocation, where
-    slicing and joining take five (it runs per packet on the overlay's fast path)."""
-    if len(packet) >= IPV4_HEADER_LEN and (ttl := packet[8]) > 1 and 0x45 <= packet[0] <= 0x4F:
-        copy = bytearray(packet)
-        copy[8] = ttl - 1
-        patched = ((packet[10] << 8 | packet[11]) + 0x100) % 0xFFFF  # as in decrement_ttl_v4
-        copy[10] = patched >> 8
-        copy[11] = patched & 0xFF
-        return copy
-    return None
+    call, on a copy patched in place."""
+    copy = bytearray(packet)
+    return copy if forward_in_place_v4(copy, len(copy)) else None
 
 
 def peek_v6(packet: bytes) -> tuple[int, int, int, int]:
