@@ -18,6 +18,10 @@ router forwarding by the allocation), then
   back. Timed until every router forwards by an allocation without it, as above
   (its buckets all go to live servers and the dead one's membership is gone), and
   until the first live server holds such an allocation (`removed_s`).
+One process hosts every server, router and etcd session of a pool (etcd's members
+are processes of their own): `*_cpu_over_wall` says how much of the wall time of a
+change or failover that process spent on a core, where a figure near 1 means the
+time is that process's work, which servers on hosts of their own would share out.
 Rounds of both coordinations and every size are run in one random order, so a burst
 of load on the shared machine falls on either. Each outcome is checked every 5 ms
 (the overlay's poll), the figures' resolution. Rounds stop being started once the
@@ -148,8 +152,9 @@ def same(a: SourceFilter | None, b: SourceFilter | None) -> bool:
 def follow(run: PoolRun, view: Forwarding, accept: Callable[[Allocation], bool]) -> dict[str, Any]:
     """From now: seconds until the first live server holds an allocation `accept`ed
     (`held_s`), and until every router forwards by it (`routed_s`); None for one not
-    seen within WAIT_S."""
-    start = run.now
+    seen within WAIT_S. `cpu_s`: this process's CPU time meanwhile (it hosts every
+    server, router and etcd session of the pool)."""
+    start, cpu = run.now, time.process_time()
     held: list[float] = []
 
     def routed() -> bool:
@@ -164,11 +169,19 @@ def follow(run: PoolRun, view: Forwarding, accept: Callable[[Allocation], bool])
     return {
         "held_s": held[0] if held else None,
         "routed_s": round(run.now - start, 4) if done else None,
+        "wall_s": run.now - start,
+        "cpu_s": time.process_time() - cpu,
     }
 
 
 def holding(server: str, share: Fraction) -> Callable[[Allocation], bool]:
     return lambda allocation: server in allocation.servers and allocation.share(server) == share
+
+
+def cpu_over_wall(steps: Sequence[dict[str, Any]]) -> float:
+    cpu = sum(float(s["cpu_s"]) for s in steps)
+    wall = sum(float(s["wall_s"]) for s in steps)
+    return round(cpu / max(wall, 1e-9), 2)
 
 
 def one_round(coordination: str, n: int, index: int, endpoints: Sequence[str]) -> dict[str, Any]:
@@ -192,11 +205,13 @@ def one_round(coordination: str, n: int, index: int, endpoints: Sequence[str]) -
             changes.append(follow(run, view, holding("s2", share)))
         out["change_s"] = [c["routed_s"] for c in changes]
         out["change_held_s"] = [c["held_s"] for c in changes]
+        out["change_cpu_over_wall"] = cpu_over_wall(changes)
         run.network.run_until(run.now + GAP_S)
         victim = f"s{n}"
         engine.carry_out(Kill(at=run.now, server=victim), run.now)
         failover = follow(run, view, lambda a: victim not in a.servers)
         out["failover_s"], out["removed_s"] = failover["routed_s"], failover["held_s"]
+        out["failover_cpu_over_wall"] = cpu_over_wall([failover])
         return out
     finally:
         run.close()
@@ -224,6 +239,8 @@ def summary(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "change_held_s_median": median([c for r in mine for c in r["change_held_s"]]),
             "removed_s_median": median([r["removed_s"] for r in mine]),
             "settle_s_median": median([r["settle_s"] for r in mine]),
+            "change_cpu_over_wall_median": median([r["change_cpu_over_wall"] for r in mine]),
+            "failover_cpu_over_wall_median": median([r["failover_cpu_over_wall"] for r in mine]),
             "changes": len(changes),
             "failovers": len(failovers),
             "timed_out": sum(v is None for v in [*changes, *failovers]),

@@ -44,6 +44,7 @@ def test_the_etcd_part_reports_both_coordinations_latencies_and_their_ratios() -
             assert figures[key] > 0, (kind, key)
         # Every router forwards by an allocation only once some server holds it.
         assert figures["removed_s_median"] <= figures["failover_s_median"]
+        assert 0 < figures["failover_cpu_over_wall_median"] <= 1.5  # 1: a core, all along
     # A killed server's buckets move only once etcd expires its lease (not given back),
     # which is at least two thirds of a lease after its last renewal; the channel sees
     # it dead after three missed 100 ms heartbeats.
