@@ -30,6 +30,7 @@ from manycast.protocol.destination import DestinationGuard, PoolKeyNeeded, Verdi
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import record_for
 from manycast.protocol.node import Interface, Node
+from manycast.protocol.querier import QueryResponder
 from manycast.protocol.refusal import RedirectRefusal
 from manycast.protocol.tcp import (
     ChangeDestinationIgnored,
@@ -50,8 +51,9 @@ from manycast.protocol.tcp import (
 )
 from manycast.protocol.tcp import Connected as SessionConnected
 from manycast.space import Portion, PortionSet
-from manycast.wire.ip import IPPROTO_TCP
+from manycast.wire.ip import IPPROTO_IGMP, IPPROTO_TCP
 from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
+from manycast.wire.membership_query import ALL_SYSTEMS
 from manycast.wire.transport import ChangeDestination
 
 MAX_HELD = 64  # segments from a new destination kept while its change waits for the key
@@ -175,6 +177,9 @@ class Client(Node):
         self.guard = DestinationGuard(wall_base)
         self.stats.redirects_refused = self.guard.stats.refused
         self._held: list[UnknownSegment] = []
+        # A private pool's participant answers a router's General Query (one that has
+        # just started, knowing no sender) with its registration, not a second later.
+        self.queries = QueryResponder(rng)
 
     # -- node interface --------------------------------------------------------
     def start(self, now: float) -> None:
@@ -184,7 +189,13 @@ class Client(Node):
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         ip = self.host.parse(packet)
-        if ip is None or ip.header.protocol != IPPROTO_TCP or ip.header.dst != self.address:
+        if ip is None:
+            return
+        if ip.header.protocol == IPPROTO_IGMP and ip.header.dst == ALL_SYSTEMS:
+            if self.key is not None and (answer_at := self.queries.on_query(ip, now)):
+                self.timers.arm("register", answer_at)
+            return
+        if ip.header.protocol != IPPROTO_TCP or ip.header.dst != self.address:
             return
         self.host.deliver_tcp(ip, now)
         self._drain(now)
@@ -221,6 +232,7 @@ class Client(Node):
         group, _ = self.resolve(self.service)
         packet = registration(self.address, group, self.key, self.wall_base + now, self.rng)
         self.send(self.host.iface, packet, self.host.gateway)
+        self.queries.reported(now)
         self.timers.arm("register", now + self.register_every)
 
     def _connect(self, now: float) -> None:
@@ -292,7 +304,6 @@ class Client(Node):
         self.stats.reconnects += 1
         low, high = (0.0, RESET_RECONNECT_S) if reset else RECONNECT_S
         self.timers.arm("connect", now + self.rng.uniform(low, high))
-
 
     def _on_answers(self, answers: list[Answer], now: float) -> None:
         for answer in answers:
