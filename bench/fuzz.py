@@ -86,6 +86,11 @@ MLD_HOSTS = (
     (IPv6Address("fe80::1"), membership.MLD_V2_ROUTERS),
     (IPv6Address("fe80::848d:fbff:fe91:7ef4"), membership.MLD_V2_ROUTERS),
 )
+# Queriers: the Linux bridge of the capture below to all nodes, a router to a group.
+MLD_QUERIERS = (
+    (IPv6Address("fe80::ff:fe00:1"), membership_query.ALL_NODES),
+    (IPv6Address("fe80::1"), IPv6Address("ff3e::8000:1")),
+)
 # Captured from Linux (tests/test_wire_membership.py): real bytes among the seeds.
 KERNEL_IGMP_PACKET = bytes.fromhex(
     "46c0002c00004000010241f4c0000201e0000016940400002200c4bd0000000105000001e8010203c6336407"
@@ -94,6 +99,12 @@ KERNEL_MLD_PACKET = bytes.fromhex(
     "6000000000340001fe80000000000000848dfbfffe917ef4ff020000000000000000000000000016"
     "3a00050200000100"
     "8f00c2e80000000105000001ff3e000000000000000000008000000120010db8000000000000000000000007"
+)
+# A Linux bridge's MLDv2 General Query (tests/test_wire_membership_query.py).
+KERNEL_MLD_QUERY_PACKET = bytes.fromhex(
+    "6000000000240001fe80000000000000000000fffe000001ff020000000000000000000000000001"
+    "3a00050200000000"
+    "820057962710000000000000000000000000000000000000027d0000"
 )
 
 # Boundary values for length, count and offset fields.
@@ -518,6 +529,14 @@ def targets() -> list[Target]:
             fields=((4, 2), (6, 2), (9, 1), (10, 2)),
         ),
         Target(
+            "membership_query.MLDv2Query.from_wire",
+            lambda ctx, data: membership_query.MLDv2Query.from_wire(data, ctx[0], ctx[1]),
+            lambda ctx, data, v: _same(v.to_wire(ctx[0], ctx[1]), data),
+            contexts=MLD_QUERIERS,
+            checksum=MLD_SUM,
+            fields=((1, 1), (4, 2), (24, 1), (26, 2)),
+        ),
+        Target(
             "control.decode",
             lambda ctx, data: control.decode(data),
             lambda ctx, data, v: _same(control.encode(v), data),
@@ -715,6 +734,30 @@ def _queries(rng: random.Random, n: int) -> list[bytes]:
     return out
 
 
+def _mld_queries(rng: random.Random, n: int) -> list[Seed]:
+    """General (to all nodes), address- and source-specific MLDv2 queries, random codes."""
+    out: list[Seed] = []
+    for i in range(n):
+        ctx = 0 if i % 3 == 0 else 1
+        group = membership_query.ANY_ADDRESS if ctx == 0 else MLD_QUERIERS[1][1]
+        sources = (
+            ()
+            if i % 3 != 2
+            else tuple(IPv6Address(rng.getrandbits(128)) for _ in range(rng.randrange(1, 4)))
+        )
+        query = membership_query.MLDv2Query(
+            group,
+            sources,
+            rng.choice((rng.randrange(0x8000), rng.randrange(0x8000, 0x10000))),
+            rng.random() < 0.5,
+            rng.randrange(8),
+            rng.randrange(256),
+        )
+        out.append((ctx, query.to_wire(*MLD_QUERIERS[ctx])))
+    out.append((0, KERNEL_MLD_QUERY_PACKET[48:]))
+    return out
+
+
 def _signed_reports(rng: random.Random, n: int) -> list[membership.IGMPv3Report]:
     """Reports as servers and clients send them: masks and a real Ed25519 signature."""
     key = auth.generate()
@@ -846,7 +889,7 @@ def build_seeds(run_seed: int) -> tuple[dict[str, list[Seed]], list[tuple[bytes,
         membership.igmp_packet(r, IPv4Address(rng.getrandbits(32))).to_wire() for r in signed[:20]
     ]
     v6_packets = _draw(s["v6_packets"], n, run_seed)
-    v6 = [p.to_wire() for p in v6_packets] + [KERNEL_MLD_PACKET]
+    v6 = [p.to_wire() for p in v6_packets] + [KERNEL_MLD_PACKET, KERNEL_MLD_QUERY_PACKET]
     igmp = [r.to_wire() for r in _draw(s["igmp"], n, run_seed) + signed]
     igmp.append(KERNEL_IGMP_PACKET[24:])
     mld = [(c, r.to_wire(*MLD_HOSTS[c])) for r, c in _draw(s["mld"], n, run_seed)]
@@ -895,6 +938,8 @@ def build_seeds(run_seed: int) -> tuple[dict[str, list[Seed]], list[tuple[bytes,
         "membership.IGMPv3Report.from_wire": plain(igmp),
         "membership.MLDv2Report.from_wire": mld,
         "membership_query.IGMPv3Query.from_wire": plain(_queries(rng, n)),
+        # Its own generator, so the seeds drawn after it stay those of earlier runs.
+        "membership_query.MLDv2Query.from_wire": _mld_queries(random.Random(run_seed + 130), n),
         "control.decode": plain(messages),
         "control.decode_op": plain([control.encode_op(o) for o in _draw(s["ops"], n, run_seed)]),
         "transport.decode_options": plain(
