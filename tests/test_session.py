@@ -413,8 +413,10 @@ def test_abort_resets_the_peer(who: str) -> None:
     assert len(client.ep) == 0 and len(server.ep) == 0
 
 
-def test_retry_limit_times_out_with_exponential_backoff() -> None:
-    config = SessionConfig(rto_initial=1.0, rto_min=0.2, max_retries=3)
+def sent_to_a_silent_server(config: SessionConfig, data: bytes) -> tuple[Net, Host, float]:
+    """`data` sent on an established connection whose server then goes silent, run
+    until the client times out: the network (its log), the client, and when the data
+    was first sent."""
     net = Net(delay=0.01)
     client = net.add("client", CLIENT, config=config)
     server = net.add("server", GROUP, config=config)
@@ -424,29 +426,26 @@ def test_retry_limit_times_out_with_exponential_backoff() -> None:
     assert conn.rto == pytest.approx(0.2)  # srtt 0.02 + 4 * 0.01, raised to rto_min
     net.tamper = lambda src, dst, seg: None if src == GROUP else seg  # the server goes silent
     sent_at = net.now
-    conn.send(b"hello", sent_at)
+    conn.send(data, sent_at)
     assert net.run(60.0, lambda: bool(client.of(ConnectionTimedOut)))
+    assert len(client.ep) == 0
+    return net, client, sent_at
+
+
+def test_retry_limit_times_out_with_exponential_backoff() -> None:
+    config = SessionConfig(rto_initial=1.0, rto_min=0.2, max_retries=3)
+    net, client, sent_at = sent_to_a_silent_server(config, b"hello")
     # Retransmissions after 0.2, 0.4, 0.8; the timeout after another 1.6.
     retransmits = [t - sent_at for t, src, _, s in net.log if src == CLIENT and s.payload]
     assert retransmits == pytest.approx([0.0, 0.2, 0.6, 1.4])
     assert client.of(ConnectionTimedOut)[0][0] - sent_at == pytest.approx(3.0)
-    assert len(client.ep) == 0
 
 
 def test_a_thin_stream_keeps_its_rto_for_its_linear_retries_then_backs_off() -> None:
     """Linux's thin-stream linear timeouts: one small segment in flight, so the first
-    `thin_linear_retries` timeouts keep the RTO; a SYN still backs off."""
+    `thin_linear_retries` timeouts keep the RTO."""
     config = SessionConfig(rto_initial=1.0, rto_min=0.2, max_retries=5, thin_linear_retries=3)
-    net = Net(delay=0.01)
-    client = net.add("client", CLIENT, config=config)
-    server = net.add("server", GROUP, config=config)
-    server.ep.listen(PORT)
-    conn = client.ep.connect(*client_key(), now=0.0)
-    net.run(1.0, lambda: bool(server.of(Connected)))
-    net.tamper = lambda src, dst, seg: None if src == GROUP else seg
-    sent_at = net.now
-    conn.send(b"hello", sent_at)
-    assert net.run(60.0, lambda: bool(client.of(ConnectionTimedOut)))
+    net, client, sent_at = sent_to_a_silent_server(config, b"hello")
     retransmits = [t - sent_at for t, src, _, s in net.log if src == CLIENT and s.payload]
     # Three timeouts 0.2 apart, then doubling: 0.4, 0.8.
     assert retransmits == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.2])
@@ -457,16 +456,7 @@ def test_a_stream_with_four_segments_in_flight_is_not_thin() -> None:
     config = SessionConfig(
         rto_initial=1.0, rto_min=0.2, max_retries=2, thin_linear_retries=6, mss=100
     )
-    net = Net(delay=0.01)
-    client = net.add("client", CLIENT, config=config)
-    server = net.add("server", GROUP, config=config)
-    server.ep.listen(PORT)
-    conn = client.ep.connect(*client_key(), now=0.0)
-    net.run(1.0, lambda: bool(server.of(Connected)))
-    net.tamper = lambda src, dst, seg: None if src == GROUP else seg
-    sent_at = net.now
-    conn.send(b"x" * 400, sent_at)  # four full segments
-    assert net.run(60.0, lambda: bool(client.of(ConnectionTimedOut)))
+    net, _, sent_at = sent_to_a_silent_server(config, b"x" * 400)  # four full segments
     first_seq = min(s.seq for t, src, _, s in net.log if src == CLIENT and s.payload)
     again = [
         t - sent_at

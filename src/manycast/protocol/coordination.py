@@ -417,14 +417,20 @@ class Coordinator:
         return True
 
     # -- proposing ------------------------------------------------------------------------
-    def _propose(self, op: control.PolicyOp, now: float) -> bool:
+    def _result_of(self, op: control.PolicyOp) -> policy.Apportionment | None:
+        """The state `op` leads to from ours; None when the policy refuses it (counted)
+        or it changes nothing."""
         assert self.apportionment is not None
         try:
             result = apply_op(self.apportionment, op)
         except (policy.PolicyError, ValueError):
             self.stats.rejected_ops += 1
-            return False
-        if result.digest() == self.digest:
+            return None
+        return None if result.digest() == self.digest else result
+
+    def _propose(self, op: control.PolicyOp, now: float) -> bool:
+        result = self._result_of(op)
+        if result is None:
             return False
         epoch = self.epoch + 1
         if self.on_offer is not None:
@@ -456,7 +462,7 @@ class Coordinator:
         self._send(
             control.Commit(self.name, self._next_seq(), pending.epoch, pending.result.digest())
         )
-        self._install(pending.epoch, pending.result, now, f"commit {_describe(pending.op)}")
+        self._install(pending.epoch, pending.result, now, f"commit {describe_op(pending.op)}")
         self.stats.commits += 1
         self._duties(now)
 
@@ -588,7 +594,7 @@ class Coordinator:
         return self._seq
 
 
-def _describe(op: control.PolicyOp) -> str:
+def describe_op(op: control.PolicyOp) -> str:
     if isinstance(op, control.AddServerOp):
         return f"add {op.server}"
     if isinstance(op, control.RemoveServerOp):

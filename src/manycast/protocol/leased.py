@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 
 from manycast import policy
-from manycast.protocol.coordination import COMMAND_PATIENCE, Coordinator, PoolSettings, _describe
-from manycast.protocol.poolstate import apply_op, starting_state
+from manycast.protocol.coordination import COMMAND_PATIENCE, Coordinator, PoolSettings, describe_op
+from manycast.protocol.poolstate import starting_state
 from manycast.protocol.server import Server
 from manycast.protocol.storestate import (
     Announce,
@@ -298,15 +298,10 @@ class LeasedCoordinator(Coordinator):
 
     def _try(self, op: control.PolicyOp, now: float, give_up: float | None) -> bool:
         """Ask the store to commit `op` applied to our state; False if nothing to ask."""
-        assert self.apportionment is not None
-        try:
-            result = apply_op(self.apportionment, op)
-        except (policy.PolicyError, ValueError):
-            self.stats.rejected_ops += 1
+        result = self._result_of(op)
+        if result is None:
             return False
-        if result.digest() == self.digest:
-            return False
-        stored = StoredState(self.epoch + 1, result, self.name, _describe(op))
+        stored = StoredState(self.epoch + 1, result, self.name, describe_op(op))
         self._start_change(op, stored, now, give_up)
         return True
 
