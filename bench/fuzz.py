@@ -61,7 +61,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 import _plots
-from _common import emit, interleaved_medians, progress
+from _common import interleaved_medians, progress, run_and_emit
 from manycast import auth, policy
 from manycast.apps.counter import CounterService
 from manycast.protocol.admission import Admission
@@ -1567,6 +1567,10 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated parts of decoder names")
     _plots.add_argument(parser)
     args = parser.parse_args()
+    run_and_emit("fuzz", lambda: measure(args))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
 
     progress("building seeds")
@@ -1694,8 +1698,8 @@ def main() -> None:
         "repeats": args.repeats,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    emit(result)
     _plots.write(result, args.plots, plot)
+    return result
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ import numpy.typing as npt
 
 import _plots
 from _baselines import MAGLEV_M, maglev_table, rendezvous_owners
-from _common import emit, median_seconds, progress
+from _common import median_seconds, progress, run_and_emit
 from _realloc_fast import (
     IncrementalRendezvous,
     MaglevBuilder,
@@ -312,6 +312,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     _plots.add_argument(parser)
     args = parser.parse_args()
+    run_and_emit("realloc", lambda: measure(args))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     sizes = [int(x) for x in args.sizes.split(",") if x]
     space = AddressSpace.create()
     records: list[dict[str, Any]] = []
@@ -393,8 +397,8 @@ def main() -> None:
         ),
         "quality": {str(n): q for n, q in by_n.items()},
     }
-    emit(result)
     _plots.write(result, args.plots, plot)
+    return result
 
 
 # What tests and other benches use from here.
@@ -410,6 +414,7 @@ __all__ = [
     "plot",
     "quality",
 ]
+
 
 if __name__ == "__main__":
     main()

@@ -77,7 +77,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import emit, progress
+from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, every, median, node_command, table
 from manycast.drivers.links import Attachment, LinkSpec
 from manycast.drivers.overlay import AsyncOverlay
@@ -1149,6 +1149,10 @@ def main() -> None:
     )
     parser.add_argument("--failover-runs", type=int, help="runs of part 4 (5; quick: 3)")
     args = parser.parse_args()
+    run_and_emit("vip", lambda: measure(args))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
     plan = QUICK if args.quick else DEFAULT
     if args.relay_rounds is not None:
         plan = dataclasses.replace(plan, relay_rounds=max(1, args.relay_rounds))
@@ -1238,7 +1242,7 @@ def main() -> None:
         result["lab"] = {"reason": "not run (--parts without lab)"}
     result["loadavg_1min_start_end"] = [load_start, round(os.getloadavg()[0], 2)]
     result["seconds"] = round(time.monotonic() - began, 1)
-    emit(result)
+    return result
 
 
 if __name__ == "__main__":
