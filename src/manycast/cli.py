@@ -383,6 +383,88 @@ def run(
     _run(pool, length, as_json, title, realtime=False, web=web, metrics=metrics, pcap=pcap)
 
 
+@app.command()
+def sim(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="TOPOLOGY_OR_PRESET",
+            help="A topology TOML file, or a preset: pool-20, pool-100, pool-1000.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", metavar="DIR", help="Where the report and plots go.")
+    ] = Path("sim-out"),
+    duration: Annotated[
+        float | None,
+        typer.Option(help="Simulated seconds (default: the preset's, or the file's [run])."),
+    ] = None,
+    addresses: Annotated[
+        int | None,
+        typer.Option(help="Client addresses modelled by rates (default: the preset's, or 10^4)."),
+    ] = None,
+    membership: Annotated[
+        str | None,
+        typer.Option(help="A preset's [pool] membership (default: swim where the pool has it)."),
+    ] = None,
+    sample_every: Annotated[
+        float | None, typer.Option(help="Simulated seconds between samples (default 0.5).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for every random choice.")] = None,
+    plots: Annotated[bool, typer.Option(help="Draw the plots (needs matplotlib).")] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as one JSON object, last line.")
+    ] = False,
+) -> None:
+    """Simulate a pool too large to run live: the real routers, servers, coordination
+    and a sample of real clients on a virtual clock, with a population of client
+    addresses modelled by rates. See docs/sim.md.
+
+    Writes report.json, summary.txt and plots to --out. Exit status 0 only if, at the
+    end, every address is served by exactly one live server and every share is within
+    one bucket of the agreed one.
+    """
+    from manycast.sim.command import resolve, run_and_write
+
+    for option, value in (("--duration", duration), ("--sample-every", sample_every)):
+        if value is not None and value <= 0:
+            raise fail(f"{option} must be positive")
+    try:
+        name, topo, settings = resolve(
+            target,
+            membership=membership,
+            duration=duration,
+            addresses=addresses,
+            seed=seed,
+            sample_every=sample_every,
+        )
+    except ConfigError as exc:
+        raise fail(exc) from None
+    servers = sum(1 for s in topo.servers.values() if not s.standby)
+    err.print(
+        f"manycast sim {name}: {servers} servers, {len(topo.routers)} routers,"
+        f" {len(topo.clients)} sample clients, {settings.addresses} addresses,"
+        f" {settings.duration:g} simulated seconds",
+        highlight=False,
+    )
+    try:
+        report, written, missing = run_and_write(
+            name, topo, settings, out, lambda line: err.print(line, highlight=False), plots
+        )
+    except ConfigError as exc:
+        raise fail(exc) from None
+    for path in written:
+        err.print(f"wrote {path}", highlight=False)
+    if missing is not None and plots:
+        err.print(f"[yellow]no plots:[/yellow] {escape(missing)}")
+    if as_json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print((out / "summary.txt").read_text(), end="")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 @keys_app.command("new")
 def keys_new(
     path: Annotated[Path, typer.Argument(help="Where to write the private key (PEM, mode 0600).")],
