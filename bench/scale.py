@@ -79,6 +79,8 @@ from manycast.wire import control
 from manycast.wire.ip import IPv4Packet, UDPDatagram
 
 SIZES = (4, 16, 64, 256, 1024)
+# The gossip membership (the pool's gentle control plane), then all-to-all heartbeats.
+MEMBERSHIPS = ("swim", "heartbeat")
 SEED = 20261201
 BUDGET_S = 300.0  # wall seconds the default run may take
 POLL = 0.005  # virtual seconds between checks of a change's progress
@@ -95,8 +97,8 @@ class Plan:
     warm_up: float = 0.5
 
 
-def plan_for(n: int) -> Plan:
-    if n <= 64:
+def plan_for(n: int, membership: str = "heartbeat") -> Plan:
+    if n <= 64 or membership == "swim":  # probing: a constant cost per server at any N
         return Plan(idle=1.0, patience=3.0)
     if n <= 256:
         return Plan(idle=0.5, patience=2.0)
@@ -104,10 +106,17 @@ def plan_for(n: int) -> Plan:
 
 
 # -- the pool ---------------------------------------------------------------------------
-def topology(n: int) -> str:
+def topology(n: int, membership: str = "heartbeat") -> str:
     """clients a1..a2N -- ra -- core -- rs1 (odd servers) / rs2 (even servers)."""
     parts = [
-        table("pool", array=False, group="232.1.1.1", heartbeat_ms=100, heartbeat_misses=3),
+        table(
+            "pool",
+            array=False,
+            group="232.1.1.1",
+            heartbeat_ms=100,
+            heartbeat_misses=3,
+            membership=membership,
+        ),
         *(table("router", name=r) for r in ("ra", "core", "rs1", "rs2")),
     ]
     for a, b, delay in (("ra", "core", 2), ("core", "rs1", 1), ("core", "rs2", 3)):
@@ -197,9 +206,9 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
 class Pool:
     """One size's pool and the views the measurements need."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, membership: str = "heartbeat") -> None:
         self.n = n
-        self.run = PoolRun(loads(topology(n)), "memory", seed)
+        self.run = PoolRun(loads(topology(n, membership)), "memory", seed)
         network = self.run.network
         assert isinstance(network, MemoryNetwork)
         self.network = network
@@ -300,6 +309,13 @@ def change(
     start = pool.now
     servers_before = len(pool.live())
     counts = pool.messages()
+    # Those whose view held the server alive (a newcomer of the gossip membership may
+    # not have heard of it yet): their views are the ones that must change.
+    watchers = {
+        s.name
+        for s in pool.live()
+        if watch_death is not None and s.coordinator.holds_alive(watch_death, start)
+    }
     act()
     detected: dict[str, float] = {}
     converged: float | None = None
@@ -308,12 +324,14 @@ def change(
         now = pool.now
         if watch_death is not None:
             for server in pool.live():
+                if server.name not in watchers or server.name == watch_death:
+                    continue
                 if server.name not in detected and not server.coordinator.holds_alive(
                     watch_death, now
                 ):
                     detected[server.name] = round(now - start, 6)
         allocation = pool.reference().coordinator.allocation
-        watching = watch_death is not None and len(detected) < len(pool.live())
+        watching = watch_death is not None and len(detected) < len(watchers) - 1
         if (
             converged is None
             and allocation is not None
@@ -333,17 +351,18 @@ def change(
         "msgs_per_server": rate["total"] * elapsed,
     }
     if watch_death is not None:
-        live = len(pool.live())
         out["detection_first_s"] = min(detected.values(), default=None)
-        out["detection_all_s"] = max(detected.values()) if len(detected) == live else None
+        out["detection_all_s"] = (
+            max(detected.values()) if len(detected) == len(watchers) - 1 else None
+        )
     return out
 
 
-def measure(n: int, seed: int) -> dict[str, Any]:
-    plan = plan_for(n)
+def measure(n: int, seed: int, membership: str = "heartbeat") -> dict[str, Any]:
+    plan = plan_for(n, membership)
     wall = time.perf_counter()
     cpu = time.process_time()
-    pool = Pool(n, seed)
+    pool = Pool(n, seed, membership)
     built_s = time.perf_counter() - wall
     pool.advance(plan.warm_up)
     counts = pool.messages()
@@ -393,6 +412,7 @@ def measure(n: int, seed: int) -> dict[str, Any]:
     death = changes[-1]
     return {
         "n": n,
+        "membership": membership,
         "idle_msgs_per_server_per_s": idle,
         "change_msgs_per_server_per_s": during_msgs / during_time,
         "changes": changes,
@@ -525,14 +545,17 @@ def projected_wall_s(done: Sequence[Mapping[str, Any]], n: int) -> float:
     rate = [r["events"] / r["virtual_s"] for r in done]
     k = exponent([r["n"] for r in done[-2:]], rate[-2:]) if len(done) > 1 else None
     growth = (n / last["n"]) ** (2.0 if k is None else k)
-    plan, last_plan = plan_for(n), last["plan"]
+    plan, last_plan = plan_for(n, last.get("membership", "heartbeat")), last["plan"]
     changes_s = last["virtual_s"] - last_plan["warm_up_s"] - last_plan["idle_s"]
     virtual = plan.warm_up + plan.idle + min(changes_s, 3 * plan.patience + 2 * plan.gap)
     per_event = last["wall_s"] / last["events"]
     return float(rate[-1] * growth * virtual * per_event)
 
 
-def run(sizes: Sequence[int], seed: int, budget_s: float) -> dict[str, Any]:
+def run(
+    sizes: Sequence[int], seed: int, budget_s: float, membership: str = "heartbeat"
+) -> dict[str, Any]:
+    """Every size with one membership (under its wall-time budget)."""
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     spent = 0.0
@@ -547,8 +570,8 @@ def run(sizes: Sequence[int], seed: int, budget_s: float) -> dict[str, Any]:
                     )
                     skipped.append({"n": n, "projected_wall_s": round(projected, 1)})
                     continue
-            progress(f"N={n}: running ({plan_for(n)})")
-            result = measure(n, seed)
+            progress(f"N={n}, {membership}: running ({plan_for(n, membership)})")
+            result = measure(n, seed, membership)
             spent += result["wall_s"]
             progress(
                 f"N={n}: idle {result['idle_msgs_per_server_per_s']['total']:.1f} msgs/server/s,"
@@ -563,10 +586,11 @@ def run(sizes: Sequence[int], seed: int, budget_s: float) -> dict[str, Any]:
         f"N={r['n']}: warm-up {r['plan']['warm_up_s']} s, idle window {r['plan']['idle_s']} s,"
         f" change timeout {r['plan']['patience_s']} s (N <= 64: 0.5, 1.0 and 3.0 s)"
         for r in runs
-        if plan_for(r["n"]) != plan_for(4)
+        if plan_for(r["n"], membership) != plan_for(4)
     ]
     return {
         "bench": "scale",
+        "membership": membership,
         "sizes": [r["n"] for r in runs],
         "runs": runs,
         "exponents": fitted,
@@ -667,6 +691,13 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument(
+        "--membership",
+        choices=("both", *MEMBERSHIPS),
+        default="both",
+        help="both (default): the curves of `swim` first (the JSON's top level), then"
+        " those of `heartbeat` (under `heartbeat`); or one of them",
+    )
+    parser.add_argument(
         "--skip-etcd", action="store_true", help="leave the etcd part out (it runs on real time)"
     )
     parser.add_argument(
@@ -692,7 +723,10 @@ def main() -> None:
     holder: list[dict[str, Any]] = []
 
     def go() -> dict[str, Any]:
-        result = run(sizes, args.seed, args.budget_s)
+        memberships = MEMBERSHIPS if args.membership == "both" else (args.membership,)
+        result = run(sizes, args.seed, args.budget_s, memberships[0])
+        for other in memberships[1:]:
+            result[other] = run(sizes, args.seed, args.budget_s, other)
         result["etcd"] = (
             {"skipped": "--skip-etcd"}
             if args.skip_etcd

@@ -1,6 +1,7 @@
 """bench/scale.py at small pools: it runs, its JSON line carries every field, the figures
-are those of the protocol as configured (heartbeats every 100 ms, dead after 3), and
-its memoized decoders change no outcome."""
+are those of the protocol as configured (the gossip membership's probes at the top
+level; heartbeats every 100 ms, dead after 3, under `heartbeat`), and its memoized
+decoders change no outcome."""
 
 from __future__ import annotations
 
@@ -47,7 +48,10 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_the_json_line_carries_every_field(result: dict[str, Any]) -> None:
     assert result["bench"] == "scale"
+    assert result["membership"] == "swim"
     assert result["sizes"] == [4, 16]
+    assert result["heartbeat"]["membership"] == "heartbeat"
+    assert result["heartbeat"]["sizes"] == [4, 16]
     for key in (
         "control_msgs_per_server_ratio_1024_over_16",
         "detection_ratio_1024_over_16",
@@ -73,8 +77,20 @@ def test_the_json_line_carries_every_field(result: dict[str, Any]) -> None:
     assert "k (~N^k)" in result["_stderr"]  # the table of curves is printed
 
 
-def test_the_figures_are_those_of_all_to_all_heartbeats(result: dict[str, Any]) -> None:
+def test_the_gossip_membership_keeps_each_servers_load_flat(result: dict[str, Any]) -> None:
     for run in result["runs"]:
+        idle = run["idle_msgs_per_server_per_s"]
+        # One ping and one ACK per 100 ms period each way, whatever N.
+        assert 17 <= idle["sent"] <= 22, run
+        assert 17 <= idle["received"] <= 22, run
+        assert all(v is not None for v in run["converged_s"].values()), run
+        # Probed within a few periods, one period to give up, 0.2 s of suspicion.
+        assert 0.2 <= run["detection_first_s"] <= run["detection_all_s"] <= 0.9, run
+    assert abs(result["exponents"]["idle_received_per_server_per_s_vs_n"]) <= 0.1
+
+
+def test_the_figures_are_those_of_all_to_all_heartbeats(result: dict[str, Any]) -> None:
+    for run in result["heartbeat"]["runs"]:
         n = run["n"]
         idle = run["idle_msgs_per_server_per_s"]
         # One heartbeat every 100 ms from each server, heard by every other.
@@ -92,7 +108,7 @@ def test_the_figures_are_those_of_all_to_all_heartbeats(result: dict[str, Any]) 
         assert forwarding["entries_per_router"]["ra"] == forwarding["active_sources"]
         assert set(forwarding["mask_pairs_per_router"].values()) == {forwarding["portions"]}
     # Messages each server receives grow linearly with N today.
-    assert 0.8 <= result["exponents"]["idle_received_per_server_per_s_vs_n"] <= 1.3
+    assert 0.8 <= result["heartbeat"]["exponents"]["idle_received_per_server_per_s_vs_n"] <= 1.3
 
 
 def test_plots_are_written(result: dict[str, Any]) -> None:

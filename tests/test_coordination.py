@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import pooltools
 from manycast.runtime import PoolRun
 from manycast.wire import control
 from manycast.wire.errors import WireError
@@ -28,6 +29,20 @@ from pooltools import (
     run_to,
     start,
 )
+
+@pytest.fixture(autouse=True, params=["heartbeat", "swim"])
+def membership(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with both ways of finding out who is alive: all-to-all
+    heartbeats and the gossip membership (`membership = "swim"`)."""
+    kind: str = request.param
+
+    def with_membership(**options: Any) -> str:
+        pool = {"membership": kind, **(options.pop("pool", None) or {})}
+        return pooltools.pool_toml(pool=pool, **options)
+
+    monkeypatch.setitem(globals(), "pool_toml", with_membership)
+    return kind
+
 
 BUCKETS = 1 << 16  # the default index_bits
 TWENTY_PERCENT = Fraction(round(BUCKETS / 5), BUCKETS)
@@ -116,11 +131,15 @@ def test_coordinator_death_hands_over_to_the_next_smallest_id() -> None:
 
 
 @pytest.mark.parametrize("phase", [0.0, 0.033, 0.066])
-def test_a_death_is_acted_on_when_judged_not_at_the_next_heartbeat(phase: float) -> None:
+def test_a_death_is_acted_on_when_judged_not_at_the_next_heartbeat(
+    phase: float, membership: str
+) -> None:
     """The coordinator wakes when a member's silence reaches dead_after, so its
     removal commits one acknowledgement round trip (under 10 ms here) after that,
     whatever the phase of the coordinator's own 100 ms heartbeat (before: up to a
-    whole heartbeat later)."""
+    whole heartbeat later). (The gossip membership's counterpart is in test_swim.py.)"""
+    if membership == "swim":
+        pytest.skip("a heartbeat's silence: the gossip membership judges by probes")
     run, _ = start(pool_toml(scenario=[kill(2.0 + phase, "s3")], duration=3.0), seed=1)
     run_to(run, 2.0 + phase)
     coordinator = run.nodes.servers["s1"].coordinator

@@ -185,6 +185,33 @@ messages: st.SearchStrategy[ControlMessage] = st.one_of(
     st.builds(Redirect, ids, u32, addresses, u16, u16, addresses, u16),
     st.builds(StateQuery, ids, u32, u64, keys()),
     stateful_replies(),
+    st.builds(
+        control.Probe,
+        ids,
+        u32,
+        st.sampled_from(control.ProbeKind),
+        u32,
+        ids,
+        addresses,
+        u64,
+        u64,
+        u64,
+        digests,
+        st.sampled_from(ServerState),
+        addresses,
+        loads,
+        u32,
+    ),
+    st.builds(
+        control.MemberNotice,
+        ids,
+        u32,
+        st.sampled_from(control.MemberStatus),
+        ids,
+        addresses,
+        u64,
+        st.sampled_from(ServerState),
+    ),
 )
 
 
@@ -268,6 +295,8 @@ def test_type_numbers() -> None:
         "MOVE_CONNECTION": 20,
         "MOVE_ACK": 21,
         "MEMBER_DOWN": 22,
+        "PROBE": 23,
+        "MEMBER_NOTICE": 24,
     }
 
 

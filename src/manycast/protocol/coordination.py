@@ -4,7 +4,10 @@ Every server runs this state machine; there is no fixed leader. The rule:
 
 * Liveness. Each server multicasts a heartbeat on the control channel every
   `heartbeat_s` seconds with its epoch, allocation digest, state and load. A peer
-  not heard from for `misses` intervals is dead.
+  not heard from for `misses` intervals is dead. With `membership = "swim"` the
+  servers probe each other instead (`swim.py`): each handles a constant number of
+  messages per period whatever the pool's size, and the probes carry what the
+  heartbeats carried.
 * Coordinator. The live ACTIVE server with the smallest id coordinates. Every
   server applies this rule to its own view, so when the coordinator dies the
   next one takes over after the same timeout; no election is needed.
@@ -16,9 +19,11 @@ Every server runs this state machine; there is no fixed leader. The rule:
 * Changes. Only the coordinator proposes: a `Proposal` names the next epoch, the
   base (epoch, digest) it applies to, the operation and the digest of the result.
   Every server computes the result itself (policies are deterministic), checks
-  the digest and acks; when every live server has acked, or after a short
-  timeout, the coordinator commits and every server applies the new allocation
-  at the commit. So each change is distributed before it is executed.
+  the digest and acks; when every live server has acked (with the gossip
+  membership: the `WITNESSES` lowest live ids, so no change waits on every member
+  of a large pool), or after a short timeout, the coordinator commits and every
+  server applies the new allocation at the commit. So each change is distributed
+  before it is executed.
 * Disagreement. States are ordered by (epoch, digest). A server that sees a
   heartbeat with a greater state than its own asks for a snapshot and adopts
   it; a coordinator does so before proposing. After a split pool heals, every
@@ -35,6 +40,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from manycast import policy
 from manycast.protocol.poolstate import (
@@ -44,6 +50,7 @@ from manycast.protocol.poolstate import (
     initial_apportionment,
     starting_state,
 )
+from manycast.protocol.swim import ProbeBody, SwimDetector
 from manycast.space import Allocation
 from manycast.wire import control
 from manycast.wire.control import ServerState
@@ -51,6 +58,8 @@ from manycast.wire.errors import WireError
 
 NO_DIGEST = "0" * 16
 COMMAND_PATIENCE = 10.0  # seconds an operator's command is resent before it is dropped
+WITNESSES = 3  # with the gossip membership: the members whose acks a proposal waits for
+DUTIES_DEBOUNCE = 0.002  # seconds: news of members within this are acted on together
 
 
 @dataclass
@@ -73,6 +82,7 @@ class _Pending:
     result: policy.Apportionment
     acks: set[str]
     deadline: float
+    witnesses: frozenset[str] | None = None  # None: every live member
 
 
 @dataclass
@@ -113,6 +123,7 @@ class Coordinator:
         self._started = 0.0
         self._seq = 0
         self._outbox: list[control.ControlMessage] = []
+        self._to: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
         self._new: Allocation | None = self.allocation
         self._pending: _Pending | None = None  # ours, as coordinator
         # others' proposals we acked: epoch -> (digest, result, when)
@@ -134,6 +145,11 @@ class Coordinator:
         self._load = 0.0
         self._sessions = 0
         self._requests_seen: tuple[float, int] | None = None
+        # The gossip membership (`membership = "swim"`), made at start; and what is
+        # derived from it, cached until a member's status or state changes.
+        self.swim: SwimDetector | None = None
+        self._states_changed = 0
+        self._cached: dict[str, tuple[tuple[int, int, int, ServerState], object]] = {}
         # Called with a proposed allocation before we ack it (or, as coordinator, before
         # we propose it): the server prepares for the change (R4 pins its connections).
         self.on_offer: Callable[[Allocation], None] | None = None
@@ -144,6 +160,17 @@ class Coordinator:
     def start(self, now: float) -> None:
         self._started = now
         self._next_heartbeat = now
+        if self.settings.membership == "swim" and not self.observer:
+            self.swim = SwimDetector(
+                self.name,
+                self.address,
+                int((self.settings.wall_base + now) * 1000),
+                period=self.settings.heartbeat_s,
+                suspicion=max(self.settings.heartbeat_misses - 1, 1) * self.settings.heartbeat_s,
+                rng=self.rng,
+                send=lambda message, to: self._send(message, to),
+                body=self._probe_body,
+            )
         # Loads are averages: judge them only once they have had time to settle.
         settle = max(self.settings.rebalance_hold_s, 3 * self.settings.load_smoothing)
         self._hold_until = now + settle
@@ -177,37 +204,81 @@ class Coordinator:
             return float("-inf")
         return now - self.settings.dead_after
 
+    def _peer_alive(self, peer: Peer, limit: float) -> bool:
+        """Heard within the timeout; with the gossip membership, not declared dead. A
+        member we have not heard from yet (a newcomer learns the pool from the probes
+        it gets) counts while the allocation holds it, or within its first timeout."""
+        swim = self.swim
+        if swim is None:
+            return peer.last_seen >= limit
+        if peer.name in swim.members:
+            return swim.alive(peer.name)
+        allocation = self.allocation
+        return (allocation is not None and peer.name in allocation.servers) or (
+            peer.last_seen >= limit
+        )
+
+    def _cache_key(self, now: float) -> tuple[int, int, int, ServerState] | None:
+        """What the live set depends on, when time alone cannot change it: the gossip
+        membership, past every configured member's grace and our own stalls."""
+        swim = self.swim
+        if swim is None or now < self._stalled_until or now < self._started + self._grace:
+            return None
+        return (swim.generation, self._states_changed, self.epoch, self.state)
+
+    @property
+    def _grace(self) -> float:
+        return self.settings.dead_after
+
+    def _derived(self, what: str, now: float, compute: Callable[[], object]) -> object:
+        key = self._cache_key(now)
+        if key is None:
+            return compute()
+        cached = self._cached.get(what)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = compute()
+        self._cached[what] = (key, value)
+        return value
+
     def alive(self, now: float) -> list[str]:
         limit = self._limit(now)
         me = [] if self.observer else [self.name]
-        return sorted(me + [p.name for p in self.peers.values() if p.last_seen >= limit])
+        return sorted(me + [p.name for p in self.peers.values() if self._peer_alive(p, limit)])
 
     def holds_alive(self, name: str, now: float) -> bool:
         """Whether our view counts the peer `name` alive now (one peer: O(1))."""
         if name == self.name:
             return not self.observer
         peer = self.peers.get(name)
-        return peer is not None and peer.last_seen >= self._limit(now)
+        return peer is not None and self._peer_alive(peer, self._limit(now))
 
     def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address]:
         """Unicast addresses of the peers we have stopped hearing from."""
-        limit = self._limit(now)
-        return {
-            p.address
-            for p in self.peers.values()
-            if p.last_seen < limit and isinstance(p.address, ipaddress.IPv4Address)
-        }
+
+        def compute() -> set[ipaddress.IPv4Address]:
+            limit = self._limit(now)
+            return {
+                p.address
+                for p in self.peers.values()
+                if not self._peer_alive(p, limit) and isinstance(p.address, ipaddress.IPv4Address)
+            }
+
+        return cast(set[ipaddress.IPv4Address], self._derived("dead", now, compute))
 
     def coordinator(self, now: float) -> str | None:
-        limit = self._limit(now)
-        active = [
-            p.name
-            for p in self.peers.values()
-            if p.last_seen >= limit and p.state == ServerState.ACTIVE
-        ]
-        if self.state == ServerState.ACTIVE and not self.observer:
-            active.append(self.name)
-        return min(active, default=None)
+        def compute() -> str | None:
+            limit = self._limit(now)
+            active = [
+                p.name
+                for p in self.peers.values()
+                if p.state == ServerState.ACTIVE and self._peer_alive(p, limit)
+            ]
+            if self.state == ServerState.ACTIVE and not self.observer:
+                active.append(self.name)
+            return min(active, default=None)
+
+        return cast("str | None", self._derived("coordinator", now, compute))
 
     def is_coordinator(self, now: float) -> bool:
         return self.coordinator(now) == self.name
@@ -256,7 +327,15 @@ class Coordinator:
             del self._taken[command_id]
 
     def take_messages(self) -> list[control.ControlMessage]:
-        out, self._outbox = self._outbox, []
+        """What to send on the control channel (`take_addressed` for where each goes)."""
+        return [message for message, _ in self.take_addressed()]
+
+    def take_addressed(
+        self,
+    ) -> list[tuple[control.ControlMessage, ipaddress.IPv4Address | ipaddress.IPv6Address | None]]:
+        """Each message to send, with its unicast destination (None: the channel)."""
+        out = list(zip(self._outbox, self._to, strict=True))
+        self._outbox, self._to = [], []
         return out
 
     def take_new_allocation(self) -> Allocation | None:
@@ -269,6 +348,8 @@ class Coordinator:
             deadlines.append(self._judge_at)
         if self._pending is not None:
             deadlines.append(self._pending.deadline)
+        if self.swim is not None and (at := self.swim.next_deadline()) is not None:
+            deadlines.append(at)
         return min(deadlines)
 
     # -- time ---------------------------------------------------------------------------
@@ -279,7 +360,8 @@ class Coordinator:
         elif now >= self._next_heartbeat:
             if now - self._next_heartbeat > self.settings.heartbeat_s:
                 self._stalled_until = now + self.settings.dead_after
-            self._heartbeat(now)
+            if self.swim is None:
+                self._heartbeat(now)
             self._resend_commands(now)
             self._next_heartbeat = now + self.settings.heartbeat_s
             self._duties(now)
@@ -289,16 +371,32 @@ class Coordinator:
             self._judge_at = None
             self._duties(now)
             self._arm_judge(now)
+        if self.swim is not None:
+            swim = self.swim
+            before = swim.generation
+            if swim._next_period is None:
+                swim.start(now, self.state)
+            swim.on_timer(now, self.state, stalled=now < self._stalled_until)
+            if swim.generation != before:
+                self._duties_soon(now)
         if self._pending is not None and now >= self._pending.deadline:
             self._commit(now)
+
+    def _probe_body(self) -> ProbeBody:
+        return ProbeBody(self.epoch, self.digest, self.state, self._load, self._sessions)
 
     def _arm_judge(self, now: float) -> None:
         """As coordinator, wake when the member heard from longest ago would be judged
         dead, if that comes before the next heartbeat (once per heartbeat: O(members))."""
         self._judge_at = None
         allocation = self.allocation
-        if allocation is None or self._pending is not None or not self.is_coordinator(now):
-            return
+        if (
+            self.swim is not None
+            or allocation is None
+            or self._pending is not None
+            or not self.is_coordinator(now)
+        ):
+            return  # (the gossip membership wakes us itself when a member dies)
         since = now - self.settings.dead_after
         heard = [
             peer.last_seen
@@ -340,9 +438,8 @@ class Coordinator:
         # After a stall of ours every peer counts as alive for a while (their
         # heartbeats may be queued unread): that holds back removals, but a server is
         # added back only on a heartbeat heard within the timeout.
-        recent = {
-            p.name for p in self.peers.values() if p.last_seen >= now - self.settings.dead_after
-        }
+        heard = now - self.settings.dead_after
+        recent = {p.name for p in self.peers.values() if self._peer_alive(p, heard)}
         for peer in sorted(recent - set(self.allocation.servers)):
             self._propose(control.AddServerOp(peer, None), now)
             return
@@ -398,7 +495,7 @@ class Coordinator:
             (
                 (p.epoch, p.digest)
                 for p in self.peers.values()
-                if p.last_seen >= limit and p.epoch > 0
+                if p.epoch > 0 and self._peer_alive(p, limit)
             ),
             default=(0, NO_DIGEST),
         )
@@ -436,7 +533,13 @@ class Coordinator:
         if self.on_offer is not None:
             self.on_offer(result.allocation)
         self._pending = _Pending(
-            epoch, self.view, op, result, {self.name}, now + self.settings.heartbeat_s * 2
+            epoch,
+            self.view,
+            op,
+            result,
+            {self.name},
+            now + self.settings.heartbeat_s * 2,
+            None if self.swim is None else frozenset(self._witnesses(self.name, now)),
         )
         self.stats.proposals += 1
         self._send(
@@ -449,8 +552,26 @@ class Coordinator:
 
     def _maybe_commit(self, now: float) -> None:
         pending = self._pending
-        if pending is not None and set(self.alive(now)) <= pending.acks:
+        if pending is None:
+            return
+        if pending.witnesses is not None:
+            if pending.witnesses <= pending.acks:
+                self._commit(now)
+        elif set(self.alive(now)) <= pending.acks:
             self._commit(now)
+
+    def _witnesses(self, proposer: str, now: float) -> list[str]:
+        """With the gossip membership, the members a proposal of `proposer` waits for:
+        the `WITNESSES` lowest ids of the allocation's servers we count alive, besides
+        the proposer (every member computes the same from the same view)."""
+        allocation = self.allocation
+        chosen: list[str] = []
+        for name in allocation.servers if allocation is not None else ():
+            if len(chosen) == WITNESSES:
+                break
+            if name != proposer and self.holds_alive(name, now):
+                chosen.append(name)
+        return chosen
 
     def _commit(self, now: float) -> None:
         pending = self._pending
@@ -481,6 +602,8 @@ class Coordinator:
     def on_message(self, message: control.ControlMessage, now: float) -> None:
         if isinstance(message, control.Heartbeat):
             self._on_heartbeat(message, now)
+        elif isinstance(message, control.Probe | control.MemberNotice):
+            self._on_membership(message, now)
         elif isinstance(message, control.Command):
             if self.is_coordinator(now) and message.command_id not in self._taken:
                 self._taken[message.command_id] = now
@@ -510,6 +633,57 @@ class Coordinator:
         elif isinstance(message, control.Snapshot):
             self._on_snapshot(message, now)
 
+    def _on_membership(self, message: control.Probe | control.MemberNotice, now: float) -> None:
+        """A probe or notice of the gossip membership: to the detector, and what it
+        says of its sender (a probe) or its member (an ALIVE notice) to the peer table."""
+        swim = self.swim
+        if swim is None:
+            return
+        before = swim.generation
+        if isinstance(message, control.Probe):
+            swim.on_probe(message, now)
+            self._update_peer(
+                message.sender,
+                message.address,
+                message.state,
+                now,
+                (message.epoch, message.digest, message.load, message.sessions),
+            )
+        else:
+            swim.on_notice(message, now)
+            if message.status == control.MemberStatus.ALIVE and message.member != self.name:
+                self._update_peer(message.member, message.address, message.state, now, None)
+        if swim.generation != before:
+            self._duties_soon(now)
+
+    def _duties_soon(self, now: float) -> None:
+        """A member died, came back or appeared: act on it at once, but once for a burst
+        of such news (a pool starting hears every member within a few milliseconds)."""
+        at = now + DUTIES_DEBOUNCE
+        if self._judge_at is None or at < self._judge_at:
+            self._judge_at = at
+
+    def _update_peer(
+        self,
+        name: str,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        state: ServerState,
+        now: float,
+        view: tuple[int, str, float, int] | None,
+    ) -> None:
+        peer = self.peers.get(name)
+        if peer is None:
+            peer = self.peers[name] = Peer(name, address, now, state, 0, NO_DIGEST)
+            self._states_changed += 1
+        elif peer.state != state:
+            peer.state = state
+            self._states_changed += 1
+        if int(address):
+            peer.address = address
+        peer.last_seen = max(peer.last_seen, now)
+        if view is not None:
+            peer.epoch, peer.digest, peer.load, peer.sessions = view
+
     def _on_heartbeat(self, hb: control.Heartbeat, now: float) -> None:
         peer = self.peers.get(hb.sender)
         if peer is None:
@@ -525,7 +699,13 @@ class Coordinator:
         )
 
     def _on_proposal(self, proposal: control.Proposal, now: float) -> None:
-        if (proposal.base_epoch, proposal.base_digest) != self.view or self.apportionment is None:
+        base = (proposal.base_epoch, proposal.base_digest)
+        if base != self.view or self.apportionment is None:
+            # The proposer holds `base`: a newer state to fetch, if it is newer than ours
+            # (with the gossip membership we may not have heard its state otherwise).
+            peer = self.peers.get(proposal.sender)
+            if peer is not None and base > (peer.epoch, peer.digest):
+                peer.epoch, peer.digest = base
             self._behind(now)
             return
         try:
@@ -542,21 +722,34 @@ class Coordinator:
                 del self._commands[command_id]  # the pool has taken our command up
         if self.on_offer is not None:
             self.on_offer(result.allocation)
+        if self.swim is not None and self.name not in self._witnesses(proposal.sender, now):
+            return  # the gossip membership: only the witnesses ack
         self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))
 
     def _on_snapshot_request(self, request: control.SnapshotRequest, now: float) -> None:
         state = self.apportionment
         if self.observer or state is None or self.epoch < request.epoch:
             return
-        # Answer only if we are the smallest live id holding our state: one answer, usually.
-        limit = self._limit(now)
-        holders = [
-            p.name
-            for p in self.peers.values()
-            if p.last_seen >= limit and (p.epoch, p.digest) == self.view
-        ]
-        if min([self.name, *holders]) != self.name:
-            return
+        if self.swim is not None:
+            # Peers' states are known only as of their last probe: the coordinator
+            # answers, and, when the coordinator itself asks, its witnesses.
+            coordinator = self.coordinator(now)
+            if coordinator != self.name and not (
+                request.sender == coordinator
+                and self.name in self._witnesses(coordinator, now)
+            ):
+                return
+        else:
+            # Answer only if we are the smallest live id holding our state: one answer,
+            # usually.
+            limit = self._limit(now)
+            holders = [
+                p.name
+                for p in self.peers.values()
+                if p.last_seen >= limit and (p.epoch, p.digest) == self.view
+            ]
+            if min([self.name, *holders]) != self.name:
+                return
         for part in control.snapshot_parts(
             self.epoch,
             state.allocation,
@@ -585,8 +778,14 @@ class Coordinator:
         self._install(part.epoch, state, now, f"snapshot from {part.sender}")
 
     # -- plumbing -------------------------------------------------------------------------
-    def _send(self, message: control.ControlMessage) -> None:
+    def _send(
+        self,
+        message: control.ControlMessage,
+        to: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
+    ) -> None:
+        """On the control channel, or (`to`) point to point."""
         self._outbox.append(message)
+        self._to.append(to)
         self.stats.messages_sent += 1
 
     def _next_seq(self) -> int:

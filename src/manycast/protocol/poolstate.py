@@ -41,6 +41,9 @@ class PoolSettings:
     close_after_transaction: bool = False
     heartbeat_s: float = 0.1
     heartbeat_misses: int = 3
+    # "heartbeat": every server hears every other each `heartbeat_s`; "swim": servers
+    # probe each other (`swim.py`), a constant load per server at any size
+    membership: str = "heartbeat"
     report_interval_s: float = 1.0
     wall_base: float = 1.7e9
     startup_grace: float = 1.0

@@ -328,8 +328,9 @@ class Server(Node):
 
     def _act(self, now: float) -> None:
         """Carry out what the coordinator decided, then flush the session layer."""
-        for message in self.coordinator.take_messages():
-            self._send_control(message, None)
+        for message, to in self.coordinator.take_addressed():
+            if not isinstance(to, ipaddress.IPv6Address):  # (an IPv4 pool's peers)
+                self._send_control(message, to)
         allocation = self.coordinator.take_new_allocation()
         if allocation is not None:
             self._apply(allocation, now)

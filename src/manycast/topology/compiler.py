@@ -358,6 +358,7 @@ def read_pool(p: TableReader) -> PoolSpec:
         coordination=coordination.kind,
         etcd=coordination.etcd,
         lease_s=coordination.lease_s,
+        membership=coordination.membership.value,
     )
     if pool.private:
         plan = AddressPlan.from_text(pool.private_ranges)

@@ -1,5 +1,7 @@
 """How a pool's servers agree (`[pool] coordination`): over the control channel, or with
-the pool's state in etcd (`etcd`: its client URLs; `lease_s`: each server's lease)."""
+the pool's state in etcd (`etcd`: its client URLs; `lease_s`: each server's lease); and,
+on the channel, how they find out who is alive (`membership`: every server's heartbeat
+to every other, or SWIM-style probing, whose cost per server does not grow with N)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,11 @@ from enum import StrEnum
 from urllib.parse import urlsplit
 
 from manycast.topology.reader import TableReader
+
+
+class Membership(StrEnum):
+    HEARTBEAT = "heartbeat"  # each server hears every other's heartbeat each period
+    SWIM = "swim"  # servers probe each other point to point (protocol/swim.py)
 
 
 class Coordination(StrEnum):
@@ -20,10 +27,25 @@ class CoordinationSpec:
     kind: Coordination = Coordination.CHANNEL
     etcd: tuple[str, ...] = ()  # the etcd cluster's client URLs
     lease_s: int = 2  # each server's lease: how long a server cut off may still serve
+    membership: Membership = Membership.HEARTBEAT
 
 
 def read_coordination(p: TableReader, vip: bool) -> CoordinationSpec:
-    """The `coordination`, `etcd` and `lease_s` keys of `[pool]`."""
+    """The `coordination`, `etcd`, `lease_s` and `membership` keys of `[pool]`."""
+    membership_text = p.get("membership", str, Membership.HEARTBEAT.value)
+    try:
+        membership = Membership(membership_text)
+    except ValueError:
+        p.fail(
+            f"membership {membership_text!r}: expected one of {', '.join(Membership)}",
+            "membership",
+        )
+    if membership is Membership.SWIM and vip:
+        p.fail(
+            'membership = "swim" is for a manycast pool: a VIP pool\'s routers follow the'
+            " servers' heartbeats",
+            "membership",
+        )
     text = p.get("coordination", str, Coordination.CHANNEL.value)
     try:
         kind = Coordination(text)
@@ -33,7 +55,13 @@ def read_coordination(p: TableReader, vip: bool) -> CoordinationSpec:
         for key in ("etcd", "lease_s"):
             if key in p.table:
                 p.fail(f"'{key}' is for coordination = \"etcd\"", key)
-        return CoordinationSpec()
+        return CoordinationSpec(membership=membership)
+    if "membership" in p.table:
+        p.fail(
+            "'membership' is for coordination = \"channel\": with etcd, its leases say who"
+            " is alive",
+            "membership",
+        )
     if vip:
         p.fail(
             'coordination = "etcd" is for a manycast pool: a VIP pool\'s routers follow the'

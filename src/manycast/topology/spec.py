@@ -64,6 +64,8 @@ class PoolSpec:
     coordination: Coordination = Coordination.CHANNEL
     etcd: tuple[str, ...] = ()
     lease_s: int = 2
+    # how the servers find out who is alive: "heartbeat" or "swim"
+    membership: str = "heartbeat"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ distribute labels (`LabelMapping`), VIP routers announce themselves (`VipAdvert`
 and tag flows at edge routers (`FlowTag`, `FlowUntag`), servers report load
 (`LoadReport`); R4's pinned paths (Fig 16) are flow tags too. Technique D (Fig
 20-21) moves a live connection to another server (`MoveConnection`, `MoveAck`).
-The coordinator tells the routers that a server died (`MemberDown`).
+The coordinator tells the routers that a server died (`MemberDown`). With the gossip
+membership (`membership = "swim"`) servers probe each other point to point (`Probe`)
+and announce joins, suspicions and deaths (`MemberNotice`) instead of heartbeats.
 The messages travel as UDP payloads of inner IP packets.
 
 Layout, big-endian, field widths in bits:
@@ -58,6 +60,11 @@ Layout, big-endian, field widths in bits:
     21  MoveAck         key serial(32)
     22  MemberDown      group-address member-address signer-address epoch(64) wall-ms(64)
                         nonce(64 bits) signature-length(8)=0|64 signature
+    23  Probe           kind(8) nonce(32) target-id target-address target-incarnation(64)
+                        incarnation(64) epoch(64) digest state(8) address load(f64)
+                        sessions(32)  (kind: 1 PING, 2 ACK, 3 PING_REQ)
+    24  MemberNotice    status(8) member-id address incarnation(64) state(8)
+                        (status: 1 ALIVE, 2 SUSPECT, 3 DEAD)
 
     op  kind(8), then
      1  ADD_SERVER      id has-share(8) [share]
@@ -77,7 +84,8 @@ built either, and both raise `WireError`.
 Modules: `fields` (field checks and codecs), `envelope` (the envelope and
 `decode`), `ops` (policy operations), `coordination` (heartbeats, proposals,
 acks, commits), `snapshot` (the allocation in parts), `handover` (R2-R4), `vip`
-(the virtual-IP pool), `redirect` (technique D), `death` (a server's death, told to the routers).
+(the virtual-IP pool), `redirect` (technique D), `death` (a server's death, told to the routers),
+`swim` (the gossip membership's probes and notices).
 Everything public is re-exported here: `control.SetShareOp(...)`.
 """
 
@@ -132,6 +140,7 @@ from manycast.wire.control.snapshot import (
     assemble,
     snapshot_parts,
 )
+from manycast.wire.control.swim import MemberNotice, MemberStatus, Probe, ProbeKind
 from manycast.wire.control.vip import (
     MAX_BINDINGS,
     MAX_FLOW_KEYS,
@@ -166,6 +175,8 @@ ControlMessage: TypeAlias = (
     | MoveConnection
     | MoveAck
     | MemberDown
+    | Probe
+    | MemberNotice
 )
 
 __all__ = [
@@ -195,11 +206,15 @@ __all__ = [
     "LabelMapping",
     "LoadReport",
     "MemberDown",
+    "MemberNotice",
+    "MemberStatus",
     "MessageType",
     "MoveAck",
     "MoveConnection",
     "OpKind",
     "PolicyOp",
+    "Probe",
+    "ProbeKind",
     "Proposal",
     "RebalanceOp",
     "Redirect",

@@ -47,6 +47,8 @@ class MessageType(IntEnum):
     MOVE_CONNECTION = 20
     MOVE_ACK = 21
     MEMBER_DOWN = 22
+    PROBE = 23
+    MEMBER_NOTICE = 24
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,268 @@
+"""The gossip membership (`protocol/swim.py`) on the virtual clock: detectors wired by a
+small in-test network (1 ms per hop, the control channel as a broadcast), so each
+test controls exactly which messages are lost. Then a pool on the memory driver with
+`membership = "swim"`: a killed server is removed and a restarted one comes back."""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import random
+import re
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+
+from manycast.protocol.swim import RECONNECT_PERIODS, ProbeBody, SwimDetector
+from manycast.topology import TopologyError, loads
+from manycast.wire.control import MemberNotice, MemberStatus, Probe, ProbeKind, ServerState
+from pooltools import assert_all_served_since, assert_one_allocation, pool_toml, run_to, start
+
+PERIOD = 0.1
+SUSPICION = 0.2
+HOP = 0.001
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Message = Probe | MemberNotice
+Drop = Callable[[str, str, Message], bool]
+
+
+class Network:
+    """Detectors named m0.. delivering to each other after one hop; `drop(sender,
+    receiver, message)` loses what it returns true for; `down` members neither send
+    nor receive."""
+
+    def __init__(self, n: int, seed: int = 1) -> None:
+        self.now = 0.0
+        self.rng = random.Random(seed)
+        self.queue: list[tuple[float, int, str, Message]] = []
+        self.order = itertools.count()
+        self.down: set[str] = set()
+        self.drop: Drop = lambda sender, receiver, message: False
+        self.sent: Counter[str] = Counter()
+        self.received: Counter[str] = Counter()
+        self.notices: list[tuple[float, str, MemberNotice]] = []
+        self.detectors: dict[str, SwimDetector] = {}
+        self.names_at: dict[Address, str] = {}
+        for index in range(n):
+            self.add(f"m{index}", incarnation=1, start=False)
+        for detector in self.detectors.values():
+            detector.start(self.now, ServerState.ACTIVE)
+
+    def add(self, name: str, incarnation: int, *, start: bool = True) -> SwimDetector:
+        address: Address = ipaddress.IPv4Address(
+            f"10.0.{len(self.names_at) // 250}.{len(self.names_at) % 250 + 1}"
+        )
+        if name in self.detectors:
+            address = self.detectors[name].address
+        detector = SwimDetector(
+            name,
+            address,
+            incarnation,
+            period=PERIOD,
+            suspicion=SUSPICION,
+            rng=random.Random(self.rng.random()),
+            send=lambda message, to: self._send(name, message, to),
+            body=lambda: ProbeBody(1, "0" * 16, ServerState.ACTIVE, 0.0, 0),
+        )
+        self.detectors[name] = detector
+        self.names_at[address] = name
+        self.down.discard(name)
+        if start:
+            detector.start(self.now, ServerState.ACTIVE)
+        return detector
+
+    def _send(self, sender: str, message: Message, to: Address | None) -> None:
+        if sender in self.down:
+            return
+        self.sent[sender] += 1
+        if isinstance(message, MemberNotice) and to is None:
+            self.notices.append((self.now, sender, message))
+        receivers = [self.names_at[to]] if to is not None else list(self.detectors)
+        for receiver in receivers:
+            if receiver != sender:
+                heapq.heappush(self.queue, (self.now + HOP, next(self.order), receiver, message))
+
+    def run(self, until: float) -> None:
+        while True:
+            deadlines = [
+                (at, name)
+                for name, d in self.detectors.items()
+                if name not in self.down and (at := d.next_deadline()) is not None
+            ]
+            timer = min(deadlines, default=None)
+            delivery = self.queue[0][0] if self.queue else None
+            times = [t for t in (timer[0] if timer else None, delivery) if t is not None]
+            if not times or min(times) > until:
+                self.now = until
+                return
+            if delivery is not None and (timer is None or delivery <= timer[0]):
+                at, _, receiver, message = heapq.heappop(self.queue)
+                self.now = at
+                if receiver in self.down or self.drop(message.sender, receiver, message):
+                    continue
+                self.received[receiver] += 1
+                detector = self.detectors[receiver]
+                if isinstance(message, Probe):
+                    detector.on_probe(message, at)
+                else:
+                    detector.on_notice(message, at)
+            else:
+                assert timer is not None
+                self.now = timer[0]
+                self.detectors[timer[1]].on_timer(self.now, ServerState.ACTIVE, stalled=False)
+
+    def alive_in_view_of(self, name: str) -> set[str]:
+        detector = self.detectors[name]
+        return {m for m in detector.members if detector.alive(m)}
+
+
+def test_every_member_learns_every_other_from_the_start_announcements() -> None:
+    net = Network(6)
+    net.run(0.05)
+    for name in net.detectors:
+        assert net.alive_in_view_of(name) == set(net.detectors) - {name}
+
+
+def test_a_dead_member_is_suspected_then_counted_dead_by_all_within_a_bound() -> None:
+    net = Network(8)
+    net.run(1.0)
+    net.down.add("m3")
+    net.run(3.0)
+    for name in set(net.detectors) - {"m3"}:
+        assert "m3" not in net.alive_in_view_of(name), name
+    suspicions = [n for _, _, n in net.notices if n.status == MemberStatus.SUSPECT]
+    deaths = [(at, n) for at, _, n in net.notices if n.status == MemberStatus.DEAD]
+    # Whoever probed it in that period suspected it (a notice each, no more), and each
+    # of them announced the death when its suspicion ran out.
+    assert {n.member for n in suspicions} == {"m3"} and 1 <= len(suspicions) <= 4
+    assert {n.member for _, n in deaths} == {"m3"} and len(deaths) == len(suspicions)
+    # Probed within a couple of periods, one period to give up, then the suspicion.
+    assert deaths[0][0] - 1.0 < 3 * PERIOD + PERIOD + SUSPICION + 0.01
+
+
+def test_an_indirect_probe_keeps_a_member_behind_a_bad_path_alive() -> None:
+    """m0 cannot reach m1 directly (either way); the others still can, and answer for it."""
+    net = Network(5)
+    net.drop = lambda sender, receiver, message: (
+        {sender, receiver} == {"m0", "m1"} and (isinstance(message, Probe))
+    )
+    net.run(5.0)
+    assert net.detectors["m0"].stats.indirect_pings == 0  # m0 asks, the others ping
+    assert sum(d.stats.indirect_pings for d in net.detectors.values()) > 0
+    assert not [n for _, _, n in net.notices if n.status != MemberStatus.ALIVE]
+    assert net.alive_in_view_of("m0") == {"m1", "m2", "m3", "m4"}
+
+
+def test_without_indirect_probes_the_bad_path_would_be_taken_for_a_death() -> None:
+    """The same bad path with no member to ask: m0 suspects m1, and m1 refutes."""
+    net = Network(2)
+    net.drop = lambda sender, receiver, message: isinstance(message, Probe)
+    net.run(2.0)
+    suspicions = [n for _, _, n in net.notices if n.status == MemberStatus.SUSPECT]
+    assert suspicions
+    assert net.detectors["m1"].stats.refutations >= 1
+    refuted = [n for _, s, n in net.notices if s == "m1" and n.status == MemberStatus.ALIVE]
+    assert max(n.incarnation for n in refuted) > 1
+
+
+def test_a_refuted_suspicion_leaves_the_member_alive_everywhere() -> None:
+    net = Network(4)
+    net.run(1.0)
+    # Lose m2's ACKs to whoever probes it for half a second: suspected, then refuted.
+    net.drop = lambda sender, receiver, message: (
+        sender == "m2"
+        and isinstance(message, Probe)
+        and message.kind == ProbeKind.ACK
+        and net.now < 1.5
+    )
+    net.run(3.0)
+    assert net.detectors["m2"].stats.refutations >= 1
+    for name in ("m0", "m1", "m3"):
+        assert "m2" in net.alive_in_view_of(name), name
+        assert net.detectors[name].members["m2"].incarnation > 1
+
+
+def test_a_restarted_member_outranks_its_dead_record() -> None:
+    net = Network(4)
+    net.run(1.0)
+    net.down.add("m1")
+    net.run(2.0)
+    assert all("m1" not in net.alive_in_view_of(n) for n in ("m0", "m2", "m3"))
+    net.add("m1", incarnation=2000)  # a new process: its start time in ms
+    net.run(2.5)
+    for name in ("m0", "m2", "m3"):
+        assert "m1" in net.alive_in_view_of(name), name
+    assert net.alive_in_view_of("m1") == {"m0", "m2", "m3"}
+
+
+def test_the_two_sides_of_a_healed_partition_find_each_other() -> None:
+    net = Network(6)
+    left = {"m0", "m1", "m2"}
+    net.run(1.0)
+    net.drop = lambda sender, receiver, message: (
+        ((sender in left) != (receiver in left)) and (net.now < 3.0)
+    )
+    net.run(3.0)
+    assert net.alive_in_view_of("m0") == {"m1", "m2"}
+    # Reconnect pings (one per RECONNECT_PERIODS periods) find the other side again.
+    net.run(3.0 + 3 * RECONNECT_PERIODS * PERIOD)
+    for name in net.detectors:
+        assert net.alive_in_view_of(name) == set(net.detectors) - {name}, name
+
+
+@pytest.mark.parametrize("n", [8, 64])
+def test_messages_per_member_do_not_grow_with_the_pool(n: int) -> None:
+    """About one ping and one ACK sent, and as many received, per member per period,
+    whatever n (with heartbeats a member would receive n - 1 per period)."""
+    net = Network(n)
+    net.run(1.0)
+    sent, received = sum(net.sent.values()), sum(net.received.values())
+    net.run(6.0)
+    periods = 5.0 / PERIOD
+    per_member_sent = (sum(net.sent.values()) - sent) / n / periods
+    per_member_received = (sum(net.received.values()) - received) / n / periods
+    assert 1.9 <= per_member_sent <= 2.2
+    assert 1.9 <= per_member_received <= 2.2
+
+
+def test_a_pool_with_the_gossip_membership_removes_a_dead_server_and_takes_back_a_new_one() -> None:
+    steps = [(2.0, "kill", {"server": "s2"}), (3.0, "add", {"server": "s5"})]
+    run, _ = start(
+        pool_toml(scenario=steps, duration=6.0, standby=1, pool={"membership": "swim"}), seed=1
+    )
+    run_to(run, 6.0)
+    current = assert_one_allocation(run)
+    assert current.servers == ("s1", "s3", "s4", "s5")
+    removed = [
+        at for at, _, what in run.nodes.servers["s1"].coordinator.changes if "remove s2" in what
+    ]
+    assert removed and removed[0] - 2.0 < 0.8
+    # No heartbeat was sent: the servers' control traffic is probes, notices and changes.
+    coordinator = run.nodes.servers["s1"].coordinator
+    assert coordinator.swim is not None and coordinator.swim.stats.pings > 0
+    assert_all_served_since(run, 5.0)
+    assert run.summary()["clients_served_at_end"] == 24
+
+
+def test_the_membership_key_is_read_and_checked() -> None:
+    assert loads(pool_toml()).pool.membership == "heartbeat"
+    assert loads(pool_toml(pool={"membership": "swim"})).pool.membership == "swim"
+
+
+@pytest.mark.parametrize(
+    ("pool", "message"),
+    [
+        ({"membership": "gossip"}, "membership 'gossip': expected one of heartbeat, swim"),
+        (
+            {"membership": "swim", "coordination": "etcd", "etcd": ["http://127.0.0.1:2379"]},
+            "'membership' is for coordination = \"channel\"",
+        ),
+    ],
+)
+def test_bad_membership_keys_are_refused_with_the_line(
+    pool: dict[str, object], message: str
+) -> None:
+    with pytest.raises(TopologyError, match=r"<topology>:\d+: .*" + re.escape(message)):
+        loads(pool_toml(pool=pool))
