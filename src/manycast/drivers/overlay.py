@@ -37,7 +37,6 @@ from manycast.ports import DEFAULT_HOST
 from manycast.protocol.fastpath import FAST_PATH_LIMIT, FastPath
 from manycast.protocol.node import Frame, Node
 from manycast.topology.addressing import assign_endpoints as assign_endpoints  # re-exported
-from manycast.wire.ip import forward_in_place_v4
 
 Endpoint = tuple[str, int]
 
@@ -478,7 +477,6 @@ class AsyncOverlay:
         recv_into = port.sock.recv_into
         buffer, view = self._buffer, self._view
         addresses = _ADDRESSES
-        forward = forward_in_place_v4
         node = host.node
         receive = node.receive
         send = host.send
@@ -521,8 +519,15 @@ class AsyncOverlay:
                     if serve and length >= 20:
                         key = addresses(buffer, 12)[0]
                         sends = known.get(key) or learn(host, iface, key)
-                        # False: not IPv4 as the router takes it, or TTL 1 (the router counts it).
-                        if sends is not None and forward(buffer, length):
+                        # `forward_in_place_v4`, inlined (the call was a tenth of the
+                        # per-packet cost): only IPv4 as the router takes it, TTL
+                        # above 1 (the router counts the others).
+                        ttl = buffer[8]
+                        if sends is not None and ttl > 1 and 0x45 <= buffer[0] <= 0x4F:
+                            buffer[8] = ttl - 1
+                            patched = ((buffer[10] << 8 | buffer[11]) + 0x100) % 0xFFFF
+                            buffer[10] = patched >> 8
+                            buffer[11] = patched & 0xFF
                             forwarded = view[:length]
                             for sendto, address, to in sends:  # _send, inlined
                                 try:
