@@ -146,7 +146,8 @@ def test_a_server_that_never_answers_is_no_key_within_the_timeout() -> None:
             started = time.monotonic()
             answer = lookup()
             assert time.monotonic() - started < 0.3 + WAIT  # gave up, did not hang
-            assert answer == KeyAnswer(None, 0.0, "no key")
+            # no word on the key: a router keeps one it had (serve-stale)
+            assert answer == KeyAnswer(None, 0.0, "no key", unanswered=True)
             assert answer.detail is not None and answer.detail.startswith("timeout after 0.3s")
 
 
@@ -154,15 +155,15 @@ def test_a_server_that_never_answers_is_no_key_within_the_timeout() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "reason"),
+    ("error", "reason", "unanswered"),
     [
-        (BadRecord("not found, says the text, but the record is bad"), "bad key record"),
-        (NamingRefused("bad record, says the text, but there is none"), "no key"),
-        (NamingTimeout("record mismatch, says the text"), "no key"),
+        (BadRecord("not found, says the text, but the record is bad"), "bad key record", False),
+        (NamingRefused("bad record, says the text, but there is none"), "no key", False),
+        (NamingTimeout("record mismatch, says the text"), "no key", True),
     ],
 )
 def test_the_reason_follows_the_type_not_the_text(
-    monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str
+    monkeypatch: pytest.MonkeyPatch, error: Exception, reason: str, unanswered: bool
 ) -> None:
     def fail(*args: object, **kwargs: object) -> PoolRecord:
         raise error
@@ -172,4 +173,6 @@ def test_the_reason_follows_the_type_not_the_text(
 
     monkeypatch.setattr(keylookup, "lookup_group", fail)
     monkeypatch.setattr(keylookup, "lookup_group_async", fail_async)
-    assert both(int(GROUP), ("127.0.0.1", 53)) == KeyAnswer(None, 0.0, reason)
+    assert both(int(GROUP), ("127.0.0.1", 53)) == KeyAnswer(
+        None, 0.0, reason, unanswered=unanswered
+    )

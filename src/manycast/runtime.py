@@ -175,7 +175,14 @@ class PoolRun:
             router, group = node, effect.group
 
             def answer(reply: KeyAnswer) -> None:
-                router.provide_key(group, reply.public_key, reply.ttl, self._net.now, reply.reason)
+                router.provide_key(
+                    group,
+                    reply.public_key,
+                    reply.ttl,
+                    self._net.now,
+                    reply.reason,
+                    reply.unanswered,
+                )
 
             self._look_up_key(group, answer)
         elif isinstance(effect, PoolKeyNeeded) and isinstance(node, Client):

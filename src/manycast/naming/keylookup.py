@@ -5,7 +5,9 @@ A router's admission asks for a group's key and waits for a `KeyAnswer`: the
 refusal words. The reason is decided by the error's type, never its text: a
 record that is there but does not validate (`BadRecord`) is "bad key record";
 anything else (NXDOMAIN, no record, a refusal, a timeout, garbage, a server
-that cannot be reached) is "no key".
+that cannot be reached) is "no key". A lookup that got no word on the key (a
+timeout, a server that cannot be reached, garbage) is also `unanswered`: a router
+keeps a key it had while DNS is out of reach (RFC 8767's serve-stale).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Final
 
-from manycast.addressplan import DEFAULT_PLAN, AddressPlan, BadRecord, NamingError
+from manycast.addressplan import DEFAULT_PLAN, AddressPlan, BadRecord, NamingError, NamingRefused
 from manycast.naming.client import LOOKUP_TIMEOUT, lookup_group, lookup_group_async
 from manycast.naming.records import PoolRecord
 from manycast.naming.transport import Server
@@ -44,12 +46,15 @@ class KeyAnswer:
 
     `reason` is None, "no key" or "bad key record"; `detail` says what the
     lookup found (an error's message) and is for logs and tests only.
+    `unanswered`: the DNS server said nothing about the key (no answer in time,
+    could not be asked, or garbage), as opposed to "there is no such record".
     """
 
     public_key: bytes | None
     ttl: float
     reason: str | None
     detail: str | None = field(default=None, compare=False)
+    unanswered: bool = False
 
 
 def key_from_directory(directory: Mapping[int, bytes], group: int) -> KeyAnswer:
@@ -67,7 +72,8 @@ def _found(record: PoolRecord) -> KeyAnswer:
 def _failed(group: int, exc: NamingError) -> KeyAnswer:
     reason = BAD_KEY if isinstance(exc, BadRecord) else NO_KEY
     _log.info("key of group %s: %s (%s)", IPv4Address(group), reason, exc)
-    return KeyAnswer(None, 0.0, reason, str(exc))
+    unanswered = not isinstance(exc, BadRecord | NamingRefused)
+    return KeyAnswer(None, 0.0, reason, str(exc), unanswered)
 
 
 def lookup_key(

@@ -9,6 +9,12 @@ be had (no record, or a record that does not validate). The key comes from DNS
 through the router's owner: the admission asks for a group's key, the owner
 looks it up (I/O) and hands the answer back with its TTL; joins wait meanwhile.
 The pool's notice that a member died (`MemberDown`) passes the same checks.
+
+A key past its TTL is asked for again, but stays in use meanwhile, and while DNS
+gives no word on it (no answer, a server that cannot be reached: RFC 8767's
+serve-stale), for up to `max_stale` past its TTL, asked for again every
+`negative_ttl`: a DNS server down for a moment must not cut off a pool whose key
+every router already had. An answer that the record is gone or bad ends it at once.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class _Key:
     key: Ed25519PublicKey | None
     expires: float
     error: Refusal
+    stale_until: float = 0.0  # a key past `expires` is still used until then ...
+    ask_after: float = 0.0  # ... and not asked for again before this
 
 
 class Admission:
@@ -52,11 +60,14 @@ class Admission:
         window: float = 30.0,
         wall_base: float = 0.0,
         negative_ttl: float = 5.0,
+        max_stale: float = 86400.0,  # RFC 8767 suggests 1 to 3 days
     ) -> None:
         self.is_private = is_private
         self.window = window
         self.wall_base = wall_base
         self.negative_ttl = negative_ttl
+        self.max_stale = max_stale
+        self.stale_kept = 0  # lookups that got no answer while a stale key stayed in use
         self.replay = ReplayCache(window)
         self._keys: dict[int, _Key] = {}
         self._asked: set[int] = set()
@@ -77,13 +88,9 @@ class Admission:
             return Verdict(Refusal.STALE)
         if not right_link:
             return Verdict(Refusal.WRONG_LINK)
-        missing = [g for g in private if not self._fresh(g, now)]
+        missing = self._missing(private, now)
         if missing:
-            for group in missing:
-                if group not in self._asked:
-                    self._asked.add(group)
-                    self.requests.append(group)
-            return Verdict(waiting_for=tuple(missing))
+            return Verdict(waiting_for=missing)
         for group in private:
             entry = self._keys[group]
             if entry.key is None:
@@ -106,11 +113,9 @@ class Admission:
             return Verdict(Refusal.STALE)
         if not right_link:
             return Verdict(Refusal.WRONG_LINK)
-        if not self._fresh(group, now):
-            if group not in self._asked:
-                self._asked.add(group)
-                self.requests.append(group)
-            return Verdict(waiting_for=(group,))
+        missing = self._missing([group], now)
+        if missing:
+            return Verdict(waiting_for=missing)
         entry = self._keys[group]
         if entry.key is None:
             return Verdict(entry.error)
@@ -121,15 +126,40 @@ class Admission:
         self.replay.remember(signed, now)
         return Verdict()
 
-    def _fresh(self, group: int, now: float) -> bool:
-        entry = self._keys.get(group)
-        return entry is not None and entry.expires > now
+    def _missing(self, groups: list[int], now: float) -> tuple[int, ...]:
+        """The groups whose key must be waited for; asks for every key past its TTL
+        (a stale one is still used meanwhile, so not waited for)."""
+        waiting = []
+        for group in groups:
+            entry = self._keys.get(group)
+            if entry is not None and entry.expires > now:
+                continue
+            stale = entry is not None and entry.key is not None and now < entry.stale_until
+            backing_off = entry is not None and stale and now < entry.ask_after
+            if group not in self._asked and not backing_off:
+                self._asked.add(group)
+                self.requests.append(group)
+            if not stale:
+                waiting.append(group)
+        return tuple(waiting)
 
     def provide_key(
-        self, group: int, raw: bytes | None, ttl: float, now: float, error: str | None = None
+        self,
+        group: int,
+        raw: bytes | None,
+        ttl: float,
+        now: float,
+        error: str | None = None,
+        unanswered: bool = False,
     ) -> None:
-        """The owner's answer for a group's key (None with `error` when there is none)."""
+        """The owner's answer for a group's key (None with `error` when there is none;
+        `unanswered`: DNS said nothing about it, so a key held before stays in use)."""
         self._asked.discard(group)
+        held = self._keys.get(group)
+        if raw is None and unanswered and held and held.key and now < held.stale_until:
+            held.ask_after = now + self.negative_ttl
+            self.stale_kept += 1
+            return
         if raw is None:
             reason = Refusal(error) if error in tuple(Refusal) else Refusal.NO_KEY
             self._keys[group] = _Key(None, now + self.negative_ttl, reason)
@@ -141,7 +171,8 @@ class Admission:
             self._keys[group] = _Key(None, now + self.negative_ttl, Refusal.BAD_KEY_RECORD)
             return
         self.key_errors.pop(group, None)
-        self._keys[group] = _Key(key, now + max(ttl, 1.0), Refusal.NO_KEY)
+        expires = now + max(ttl, 1.0)
+        self._keys[group] = _Key(key, expires, Refusal.NO_KEY, expires + self.max_stale)
 
     def take_requests(self) -> list[int]:
         out, self.requests = self.requests, []

@@ -380,12 +380,13 @@ class Router(Node):
             reason = None if right_link else Refusal.WRONG_LINK
         else:
             verdict = self.admission.check(report, right_link, now)
+            # Keys to look up: those waited for, and stale ones still in use meanwhile.
+            self.effects.extend(KeyNeeded(group) for group in self.admission.take_requests())
             if verdict.waiting_for:
                 if len(self._pending) >= MAX_PENDING_JOINS:
                     self.stats.rejected[Refusal.TOO_MANY_WAITING] += 1
                     return
                 self._pending.append((iface, ip, report, verdict.waiting_for))
-                self.effects.extend(KeyNeeded(group) for group in self.admission.take_requests())
                 return
             reason = verdict.reason
         if reason is not None:
@@ -467,12 +468,19 @@ class Router(Node):
                 member.expires = max(member.expires, now + self.hold_time)
 
     def provide_key(
-        self, group: int, raw: bytes | None, ttl: float, now: float, error: str | None = None
+        self,
+        group: int,
+        raw: bytes | None,
+        ttl: float,
+        now: float,
+        error: str | None = None,
+        unanswered: bool = False,
     ) -> None:
-        """The answer to a `KeyNeeded(group)`: admit or refuse the joins that waited."""
+        """The answer to a `KeyNeeded(group)`: admit or refuse the joins that waited.
+        `unanswered`: DNS gave no word on the key (a key held before is kept a while)."""
         if self.admission is None:
             return
-        self.admission.provide_key(group, raw, ttl, now, error)
+        self.admission.provide_key(group, raw, ttl, now, error, unanswered)
         waiting, self._pending = self._pending, []
         for iface, ip, report, groups in waiting:
             if group in groups:
@@ -542,12 +550,10 @@ class Router(Node):
         reason: Refusal | None
         if self.admission is not None and self.admission.is_private(group):
             verdict = self.admission.check_notice(notice, right_link, now)
-            if verdict.waiting_for:
-                # Not held: the member's membership still times out if the key never comes.
-                self.effects.extend(KeyNeeded(g) for g in self.admission.take_requests())
-                reason = Refusal.NO_KEY
-            else:
-                reason = verdict.reason
+            self.effects.extend(KeyNeeded(g) for g in self.admission.take_requests())
+            # Not held when waiting: the member's membership still times out if the key
+            # never comes.
+            reason = Refusal.NO_KEY if verdict.waiting_for else verdict.reason
         elif not right_link:
             reason = Refusal.WRONG_LINK
         elif signer not in members:
