@@ -15,6 +15,10 @@ the restart's doing: it counts in `sessions_lost` (no state died: a lossless poo
 should keep it) and is attributed to the restart. A restart's `recovery_s` runs
 until every client behind the router, and every client whose session it broke,
 was answered again.
+
+A DNS restart's `recovery_s` runs until the restarted server answered the bench's
+own lookup of the pool's key (as a router asks it) and every client whose session
+it broke (the latest fault before the loss) was answered again.
 """
 
 from __future__ import annotations
@@ -159,6 +163,12 @@ def analyse(
                 "max": None if not after else round(max(after), 3),
             }
             times = times + behind
+        if fault.kind == "dns_restart":
+            back = fault.args.get("answered_again_at")
+            row["answered_again_s"] = (
+                None if back is None or fault.until is None else round(back - fault.until, 4)
+            )
+            times = [*times, None if back is None else back - fault.at]
         value = (
             None
             if None in times
@@ -218,6 +228,7 @@ def analyse(
         "epochs_seen": len(owners.times),
         "infra_faults_done": len(infra["done"]),
         "clients_connected_at_end": clients["connected_at_end"],
+        "clients_served_at_end": clients.get("served_at_end"),
     }
 
 

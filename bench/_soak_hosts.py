@@ -19,6 +19,7 @@ from __future__ import annotations
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import asyncio
 import bisect
+import dataclasses
 import functools
 import multiprocessing
 import sys
@@ -64,7 +65,46 @@ def _tee(log: Path) -> None:
     sys.stderr = _Tee(sys.stderr, log)
 
 
+def align_wall_clock(run: PoolRun) -> float:
+    """Give this process's nodes the wall clock as it is: call at pool time 0.
+
+    The overlay reads the wall clock for its nodes (`wall_base`, the wall-clock
+    time at pool time 0) when the pool is built, but its pool time starts when it
+    runs; a process that builds, then waits for the rest of the pool to be built
+    (up to a minute on a busy machine), has nodes whose wall clock is behind by that
+    wait. A private pool's routers refuse signed joins more than 30 s off their own
+    clock ("stale"), so a router started at once (a restarted rb, `manycast run`)
+    refused every registration of clients that had waited 30 s. Returns the lag."""
+    lag = time.time() - (run.network.wall_base + run.now)
+    if abs(lag) < 0.05:
+        return lag
+    for router in run.nodes.routers.values():
+        if router.admission is not None:
+            router.admission.wall_base += lag
+    for client in run.nodes.clients.values():
+        client.wall_base += lag
+        client.guard.wall_base += lag
+    replaced: dict[int, Any] = {}
+    for server in [*run.nodes.servers.values(), *run.nodes.standby.values()]:
+        for holder in (server, server.coordinator):
+            old = holder.settings
+            new = replaced.setdefault(
+                id(old), dataclasses.replace(old, wall_base=old.wall_base + lag)
+            )
+            holder.settings = new
+        redirector = getattr(server, "redirector", None)  # technique D signs with it
+        if redirector is not None:
+            redirector.wall_base += lag
+    return lag
+
+
 # -- the infrastructure ---------------------------------------------------------------
+
+
+def _refusals(router: Any) -> dict[str, int]:
+    """The joins and registrations a router refused, by reason ("no key": its pool's
+    key could not be had from DNS)."""
+    return {str(reason): count for reason, count in router.stats.rejected.items() if count}
 
 
 def _core_ports(run: PoolRun) -> list[Any]:
@@ -117,6 +157,7 @@ def _link_faults(run: PoolRun, faults: list[Fault], offset: float) -> None:
 
 def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
     def setup(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
+        state["wall_clock_lag_s"] = round(align_wall_clock(run), 3)
         servers = run.nodes.servers
         names = sorted(run.topology.clients)
         addresses = np.array([int(run.topology.address(n)) for n in names], dtype=np.uint32)
@@ -180,7 +221,8 @@ def infra_child(
     state: dict[str, Any] = {"epochs": {}, "servers": [], "done": []}
 
     def collect(run: PoolRun, offset: float) -> dict[str, Any]:
-        return {**state, "offset": offset}
+        refusals = {name: _refusals(r) for name, r in run.nodes.routers.items()}
+        return {**state, "offset": offset, "refusals": refusals}
 
     host_pool(
         conn,
@@ -207,6 +249,7 @@ def _clients_setup(state: dict[str, Any]) -> Any:
     `state["watch"]` (bench times, in order); then the clients' own lists are emptied."""
 
     def setup(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
+        state["wall_clock_lag_s"] = round(align_wall_clock(run), 3)
         clients = [run.nodes.clients[n] for n in state["names"]]
         ok: dict[int, int] = state["ok_per_s"]
         failed: dict[int, int] = state["failed_per_s"]
@@ -321,6 +364,11 @@ def clients_child(
         kept = {k: v for k, v in state.items() if k != "harvest"}
         kept["reconnects"] = sum(c.stats.reconnects for c in run.nodes.clients.values())
         kept["connected_at_end"] = sum(1 for c in run.nodes.clients.values() if c.connected)
+        kept["served_at_end"] = sum(  # answered in the last 3 s (as the progress line)
+            1
+            for c in run.nodes.clients.values()
+            if c.stats.ok_times and c.stats.ok_times[-1] >= run.now - 3.0
+        )
         return {**kept, "offset": offset}
 
     host_pool(
@@ -366,6 +414,7 @@ def router_child(
         assert isinstance(run.network, OverlayNetwork)
 
         def started() -> None:
+            align_wall_clock(run)
             bench_now = time.monotonic() - bench_start
             _link_faults(run, faults, run.now - bench_now)
             conn.send(("up", round(bench_now, 4)))
@@ -373,7 +422,12 @@ def router_child(
         run.network.call_at(0.0, started)
         run.run(max(0.0, end_at - time.monotonic()), None, tick=0.5)
         node = run.nodes.routers[router]
-        conn.send(("done", {"querier": vars(node.querier.stats), "cpu_s": time.process_time()}))
+        done = {
+            "querier": vars(node.querier.stats),
+            "refusals": _refusals(node),
+            "cpu_s": time.process_time(),
+        }
+        conn.send(("done", done))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:

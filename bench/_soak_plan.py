@@ -4,8 +4,17 @@ The pool is `_pool.two_router_pool` (ra with s1, s2 and client LAN a; rb with s3
 and client LAN b; ra-rb 1 ms) plus two standby servers on ra (s5, s6). Faults are
 drawn from `random.Random(seed)`: every kind in turn at a random offset inside each
 cycle, so that every kind happens in any run and faults overlap. Router restarts
-come from a stream of their own (`random.Random(f"{seed}:router_restart")`), so
-that the other kinds fall where they fell before that kind existed.
+and DNS restarts each come from a stream of their own
+(`random.Random(f"{seed}:router_restart")`, `...:dns_restart`), so that the other
+kinds fall where they fell before these kinds existed.
+
+A private pool (the default) is the same pool with `private = true`, its key in a
+key file and its records on a DNS server of its own process (`[pool] dns`), which
+the `dns_restart` fault SIGKILLs and starts again.
+
+Beside it, when `vip_router_kill` is drawn, a small VIP pool (Fig 17-19) with its
+own clients (`vip_pool_text`): its nearest VIP router vr1 runs alone in a process
+that the fault SIGKILLs and starts again; that kind has a stream of its own too.
 """
 
 from __future__ import annotations
@@ -45,9 +54,23 @@ FLOOD_PACKETS = 1500
 # without losing a session. A longer outage is a router lost, which no pool can
 # hide from clients whose only way in is that router.
 ROUTER_DOWN_S = (0.3, 1.5)
+# A private pool's DNS server is started again this long after it was killed: "a few
+# seconds", a supervisor's restart of a server that reads its zone files first.
+DNS_DOWN_S = (2.0, 6.0)
+# The TTL of the private pool's records: short enough that every router's cached key
+# expires, and is looked up again, many times in a run, so that some expiries fall
+# while the DNS server is down (the default TTL, 300 s, would put about six in 30 min).
+KEY_TTL_S = 30
+VIP_DOWN_S = (2.0, 5.0)  # a killed VIP router's process starts again this long after
+VIP_VICTIM = "vr1"  # the VIP pool's nearest VIP router (vr2 takes new flows meanwhile)
+VIP_LAN = "v"  # the VIP pool's client LANs: v (long connections), n (a new flow
+VIP_SHORT_LAN = "n"  # every few requests)
 
 _DRAWN_TOGETHER = ("kill", "join", "set_share", "rebalance", "loss_burst", "delay_spike", "flood")
-KINDS = (*_DRAWN_TOGETHER, "router_restart")
+_OWN_STREAM = ("router_restart", "dns_restart", "vip_router_kill")
+KINDS = (*_DRAWN_TOGETHER, *_OWN_STREAM)
+PRIVATE_ONLY = ("dns_restart",)  # kinds a public pool (`--no-private`) does not have
+VIP_KINDS = ("vip_router_kill",)  # kinds of the VIP pool, not of the manycast pool
 
 
 @dataclass
@@ -63,13 +86,70 @@ class Fault:
         return {"kind": self.kind, "at": round(self.at, 3), "until": self.until, **self.args}
 
 
-def pool_text(technique: str, clients_per_lan: int, rate: float, duration: float) -> str:
+def pool_text(
+    technique: str,
+    clients_per_lan: int,
+    rate: float,
+    duration: float,
+    private: tuple[str, tuple[str, int]] | None = None,
+) -> str:
+    """The soak's pool; `private`: (key file, DNS server's host and port) for a private
+    pool whose routers read its key from that server."""
     text = two_router_pool(
         technique=technique, clients_per_lan=clients_per_lan, rate=rate, duration=duration
     )
+    if private is not None:
+        key_file, (host, port) = private
+        head, rest = text.split("\n", 1)  # "[pool]" and its keys
+        keys = table("pool", array=False, private=True, key_file=key_file, dns=f"{host}:{port}")
+        text = head + "\n" + keys.split("\n", 1)[1] + rest
     head, run = text.rsplit("[run]", 1)
     standby = [table("server", name=name, router="ra", standby=True) for name in STANDBY]
     return head + "\n".join(standby) + "\n[run]" + run
+
+
+def vip_pool_text(long: int, short: int, duration: float) -> str:
+    """The VIP pool (as bench/vip.py's): clients on ra, a core with VIP router vr1 (the
+    nearest), servers s1, s3 and VIP router vr2 on rs1, s2, s4 on rs2. `long` clients
+    keep one connection at 0.5 requests/s; `short` ones open a new one (a new flow,
+    placed by a VIP router) every 4 answers at 2 requests/s."""
+    parts = [
+        table(
+            "pool",
+            array=False,
+            name="service.vip.test",
+            approach="vip",
+            vip="203.0.113.80",
+            heartbeat_ms=100,
+            heartbeat_misses=3,
+            report_interval_ms=1000,
+        )
+    ]
+    parts += [table("router", name=n) for n in ("ra", "core", "rs1", "rs2")]
+    for a, b, delay in (("ra", "core", 2), ("core", "rs1", 1), ("core", "rs2", 3)):
+        parts.append(table("link", between=[a, b], delay_ms=delay))
+    for index, name in enumerate(("s1", "s2", "s3", "s4")):
+        parts.append(table("server", name=name, router="rs1" if index % 2 == 0 else "rs2"))
+    parts.append(table("vip_router", name=VIP_VICTIM, router="core"))
+    parts.append(table("vip_router", name="vr2", router="rs1"))
+    for name, count, rate, per, subnet in (
+        (VIP_LAN, long, 0.5, 0, "10.1.0.0/16"),
+        (VIP_SHORT_LAN, short, 2.0, 4, "10.2.0.0/16"),
+    ):
+        parts.append(
+            table(
+                "clients",
+                name=name,
+                count=count,
+                router="ra",
+                subnet=subnet,
+                rate=rate,
+                requests_per_connection=per,
+                delay_ms=0,
+            )
+        )
+    parts.append(table("run", array=False, duration=duration))
+    return "\n".join(parts)
 
 
 def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[Fault]:
@@ -78,6 +158,10 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[
     kept, from the same draws: a subset's faults fall where the full schedule's do."""
     rng = random.Random(seed)
     restarts = random.Random(f"{seed}:router_restart")
+    dns = random.Random(f"{seed}:dns_restart")
+    dns_back = 0.0  # when the DNS server is started again after its last kill
+    vip = random.Random(f"{seed}:vip_router_kill")
+    vip_back = 0.0
     faults: list[Fault] = []
     last = seconds - TAIL_S
     down_until = dict.fromkeys(VICTIMS, 0.0)
@@ -95,6 +179,17 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[
         if "router_restart" in kinds:
             args = {"router": ROUTER, "down_s": round(down, 3)}
             faults.append(Fault("router_restart", at, round(at + down, 3), args))
+        at = dns.uniform(start, end)
+        down = dns.uniform(*DNS_DOWN_S)
+        if "dns_restart" in kinds and at > dns_back + 1.0:  # up again before the next kill
+            dns_back = at + down
+            faults.append(Fault("dns_restart", at, round(at + down, 3), {"down_s": round(down, 3)}))
+        at = vip.uniform(start, end)
+        down = vip.uniform(*VIP_DOWN_S)
+        if "vip_router_kill" in kinds and at > vip_back + 3.0:  # a member again before
+            vip_back = at + down
+            args = {"vip_router": VIP_VICTIM, "down_s": round(down, 3)}
+            faults.append(Fault("vip_router_kill", at, round(at + down, 3), args))
         start = end
     return sorted(faults, key=lambda f: f.at)
 

@@ -10,7 +10,12 @@ After a warm-up, `--seed` draws every kind of fault once per 20 s at random offs
 SIGKILL of rb's process and its restart 0.3-1.5 s later; a standby server joining;
 share changes; rebalances; loss bursts (10-30 %) and delay spikes (20-100 ms) of
 2-5 s on the core link ra-rb; a flood of malformed and replayed joins and control
-messages (bench/fuzz.py's corpus) at router ra's client-LAN endpoint.
+messages (bench/fuzz.py's corpus) at router ra's client-LAN endpoint; the private
+pool's DNS server SIGKILLed and started again 2-6 s later; VIP router vr1 of a
+small VIP pool run beside it (its own processes and clients) SIGKILLed and started
+again 2-5 s later. The pool is private by default (`--no-private`: public): its
+participants sign their joins and registrations, and its routers read its key from
+that DNS server, in a process of its own.
 
 Measured (one JSON object last on stdout, progress on stderr):
 - `sessions_lost`: session losses (a reset, an unanswered request, a wrong answer)
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
+import hashlib
 import multiprocessing
 import os
 import shutil
@@ -42,22 +48,32 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 import _plots
 from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, expect, node_command
 from _soak_analysis import analyse, fit_per_hour
+from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
 from _soak_hosts import RouterProcess, clients_child, infra_child
 from _soak_plan import (
+    KEY_TTL_S,
     KINDS,
     LOCAL_SERVERS,
+    PRIVATE_ONLY,
     ROUTER,
     STANDBY,
     VICTIMS,
+    VIP_KINDS,
+    VIP_VICTIM,
     Fault,
     pool_text,
     schedule,
+    vip_pool_text,
 )
+from _soak_vip import analyse_vip, vip_child
+from manycast.auth import save_private
 from manycast.ports import free_base_port
 from manycast.topology import loads
 
@@ -113,11 +129,26 @@ class Victim:
             self.process = None
 
 
+def private_setup(directory: Path, seed: int) -> tuple[str, tuple[str, int]]:
+    """The private pool's key file (the key derived from the seed) and the address its
+    DNS server will listen on."""
+    key = Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"soak:{seed}".encode()).digest())
+    path = directory / "pool.key"
+    save_private(key, path)
+    return str(path), ("127.0.0.1", free_port())
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="manycast-soak-") as tmp:
+        return _measure(args, Path(tmp))
+
+
+def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     began = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]
     seconds = args.minutes * 60.0
-    text = pool_text(args.technique, args.clients_per_lan, args.rate, seconds + 60)
+    private = private_setup(logs, args.seed) if args.private else None
+    text = pool_text(args.technique, args.clients_per_lan, args.rate, seconds + 60, private)
     topo = loads(text)
     faults = schedule(args.seed, seconds, args.kinds)
     progress(
@@ -132,170 +163,243 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         daemon=True,
     )
     builder.start()
-    with tempfile.TemporaryDirectory(prefix="manycast-soak-") as tmp:
-        logs = Path(tmp)
-        path = logs / "soak.toml"
-        path.write_text(text)
-        base = free_base_port(topo.attachment_count, PORT_SEARCH)
-        ctx = multiprocessing.get_context("spawn")
-        local = {"ra", *LOCAL_SERVERS, *STANDBY}
-        restarts = [f.until or f.at for f in faults if f.kind == "router_restart"]
-        children = []
-        for name, body, extra in (
-            ("infra", infra_child, (text, local, base, args.seed, seconds + GRACE_S, faults)),
-            ("clients", clients_child, (text, base, args.seed, seconds + GRACE_S, restarts)),
-        ):
-            parent, child = ctx.Pipe()
-            process = ctx.Process(
-                target=body,
-                name=name,
-                daemon=True,
-                args=(child, *extra, logs / f"{name}.log", progress_every),
-            )
-            process.start()
-            child.close()
-            children.append((process, parent))
-        end_estimate = time.monotonic() + 90 + seconds
-        victims = {v: Victim(v, path, base, logs, end_estimate) for v in VICTIMS}
-        for victim in victims.values():
-            victim.start()
-        router = RouterProcess(ROUTER, text, base, args.seed, faults, logs)
-        router.prepare()
-        samples: list[dict[str, Any]] = []
-        unexpected: list[dict[str, Any]] = []
-        failed: dict[str, str] = {}
-        flood: Flood | None = None
-        try:
-            for process, conn in children:
-                expect(conn, process.name, "built", 180)
-            router.wait_built(180)
-            builder.join(120)
-            if not packets:
-                raise RuntimeError("the flood's packets were not built")
-            flood = Flood(packets)
-            start = time.monotonic() + 0.5
-            for _, conn in children:
-                conn.send(("go", start))
-            router.begin(start, start + seconds + GRACE_S)
-            endpoint = dict(topo.endpoints(base))
-            ra_lan = next(m for m in topo.links["ra-a"].members if m.node == "ra")
-            target = endpoint[("ra", ra_lan.iface)]
-            actions: list[tuple[float, str, Fault]] = []
-            for fault in faults:
-                if fault.kind == "kill":
-                    actions += [
-                        (fault.at, "kill", fault),
-                        (fault.until or fault.at, "restart", fault),
-                    ]
-                elif fault.kind == "flood":
-                    actions.append((fault.at, "flood", fault))
-                elif fault.kind == "router_restart":
-                    actions += [
-                        (fault.at - PREPARE_S, "prepare", fault),
-                        (fault.at, "router_kill", fault),
-                        (fault.until or fault.at, "router_go", fault),
-                    ]
-            actions.sort(key=lambda a: a[0])
-            next_sample = 0.0
-            done_at = start + seconds + GRACE_S
-            while time.monotonic() < done_at:
-                now = time.monotonic() - start
-                while actions and actions[0][0] <= now:
-                    _, what, fault = actions.pop(0)
-                    hit = victims.get(fault.args.get("server", ""))
-                    if what == "kill" and hit is not None:
-                        hit.check(now)
-                        hit.kill()
-                        progress(f"  t={now:6.1f}s SIGKILL {hit.name}")
-                    elif what == "restart" and hit is not None:
-                        hit.start()
-                        progress(f"  t={now:6.1f}s restart {hit.name}")
-                    elif what == "flood":
-                        flood.burst(
-                            target, int(fault.args["packets"]), float(fault.until or 0) - fault.at
-                        )
-                    elif what == "prepare":
-                        router.prepare()
-                    elif what == "router_kill":
-                        router.kill(now)
-                        progress(f"  t={now:6.1f}s SIGKILL {router.name}")
-                    elif what == "router_go":
-                        router.go(fault.until or now)
-                        progress(f"  t={now:6.1f}s restart {router.name}")
-                router.poll(now)
-                for victim in victims.values():
-                    victim.check(now)
-                for process, conn in children:
-                    if process.name in failed:
-                        continue
-                    message, payload = "", None
-                    if conn.poll(0):
-                        message, payload = conn.recv()
-                    if message == "error" and "Address already in use" in str(payload):
-                        raise RuntimeError(f"{process.name} failed to start:\n{payload}")
-                    if message == "error" or not process.is_alive():
-                        # A pool process died: recorded, the run goes on without it.
-                        failed[process.name] = str(payload or f"exit code {process.exitcode}")
-                        unexpected.append(
-                            {
-                                "process": process.name,
-                                "at": round(now, 2),
-                                "returncode": process.exitcode,
-                            }
-                        )
-                        progress(f"  t={now:6.1f}s {process.name} died:\n{payload}")
-                if "clients" in failed:
-                    raise RuntimeError(f"the clients' process died: {failed['clients']}")
-                if now >= next_sample:
-                    sample: dict[str, Any] = {"t": round(now, 2)}
-                    pids = {p.name: p.pid for p, _ in children}
-                    pids.update({v.name: v.process.pid for v in victims.values() if v.process})
-                    pids[router.name] = router.pid()
-                    pids["bench"] = os.getpid()
-                    for name, pid in pids.items():
-                        got = _proc(pid) if pid else None
-                        if got is not None:
-                            sample[name] = {"rss_mb": got[0], "fds": got[1]}
-                    samples.append(sample)
-                    next_sample += sample_every
-                time.sleep(0.02)
-            results: dict[str, Any] = {"infra": {"epochs": {}, "servers": [], "done": []}}
-            for process, conn in children:
-                if process.name not in failed:
-                    results[process.name] = expect(conn, process.name, "done", 120)
-        finally:
+    path = logs / "soak.toml"
+    path.write_text(text)
+    base = free_base_port(topo.attachment_count, PORT_SEARCH)
+    ctx = multiprocessing.get_context("spawn")
+    dns = DnsProcess(topo, args.key_ttl, logs) if args.private else None
+    if dns is not None:  # serving before any router asks
+        dns.start()
+        dns.wait_up(120)
+    local = {"ra", *LOCAL_SERVERS, *STANDBY}
+    restarts = [f.until or f.at for f in faults if f.kind == "router_restart"]
+    bodies: list[tuple[str, Any, tuple[Any, ...]]] = [
+        ("infra", infra_child, (text, local, base, args.seed, seconds + GRACE_S, faults)),
+        ("clients", clients_child, (text, base, args.seed, seconds + GRACE_S, restarts)),
+    ]
+    vip_on = any(kind in VIP_KINDS for kind in args.kinds)
+    if vip_on:  # the VIP pool beside it, on ports of its own
+        vip_text = vip_pool_text(args.vip_clients, args.vip_clients, seconds + 60)
+        vip_path = logs / "vip.toml"
+        vip_path.write_text(vip_text)
+        count = loads(vip_text).attachment_count
+        apart = [b for b in PORT_SEARCH if b >= base + topo.attachment_count or b + count <= base]
+        vip_base = free_base_port(count, apart)
+        kills = [f.at for f in faults if f.kind == "vip_router_kill"]
+        bodies.append(("vip", vip_child, (vip_text, vip_base, args.seed, seconds + GRACE_S, kills)))
+    children = []
+    for name, body, extra in bodies:
+        parent, child = ctx.Pipe()
+        process = ctx.Process(
+            target=body,
+            name=name,
+            daemon=True,
+            args=(child, *extra, logs / f"{name}.log", progress_every),
+        )
+        process.start()
+        child.close()
+        children.append((process, parent))
+    end_estimate = time.monotonic() + 90 + seconds
+    victims = {v: Victim(v, path, base, logs, end_estimate) for v in VICTIMS}
+    for victim in victims.values():
+        victim.start()
+    vip_router = Victim(VIP_VICTIM, vip_path, vip_base, logs, end_estimate) if vip_on else None
+    if vip_router is not None:
+        vip_router.start()
+    router = RouterProcess(ROUTER, text, base, args.seed, faults, logs)
+    router.prepare()
+    samples: list[dict[str, Any]] = []
+    unexpected: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    flood: Flood | None = None
+    try:
+        for process, conn in children:
+            expect(conn, process.name, "built", 180)
+        router.wait_built(180)
+        builder.join(120)
+        if not packets:
+            raise RuntimeError("the flood's packets were not built")
+        flood = Flood(packets)
+        start = time.monotonic() + 0.5
+        for _, conn in children:
+            conn.send(("go", start))
+        router.begin(start, start + seconds + GRACE_S)
+        if dns is not None:
+            dns.begin(start)
+        endpoint = dict(topo.endpoints(base))
+        ra_lan = next(m for m in topo.links["ra-a"].members if m.node == "ra")
+        target = endpoint[("ra", ra_lan.iface)]
+        actions: list[tuple[float, str, Fault]] = []
+        for fault in faults:
+            if fault.kind == "kill":
+                actions += [
+                    (fault.at, "kill", fault),
+                    (fault.until or fault.at, "restart", fault),
+                ]
+            elif fault.kind == "flood":
+                actions.append((fault.at, "flood", fault))
+            elif fault.kind == "router_restart":
+                actions += [
+                    (fault.at - PREPARE_S, "prepare", fault),
+                    (fault.at, "router_kill", fault),
+                    (fault.until or fault.at, "router_go", fault),
+                ]
+            elif fault.kind == "vip_router_kill":
+                actions += [
+                    (fault.at, "vip_kill", fault),
+                    (fault.until or fault.at, "vip_go", fault),
+                ]
+            elif fault.kind == "dns_restart":
+                actions += [
+                    (fault.at, "dns_kill", fault),
+                    (fault.until or fault.at, "dns_go", fault),
+                ]
+        actions.sort(key=lambda a: a[0])
+        next_sample = 0.0
+        done_at = start + seconds + GRACE_S
+        while time.monotonic() < done_at:
+            now = time.monotonic() - start
+            while actions and actions[0][0] <= now:
+                _, what, fault = actions.pop(0)
+                hit = victims.get(fault.args.get("server", ""))
+                if what == "kill" and hit is not None:
+                    hit.check(now)
+                    hit.kill()
+                    progress(f"  t={now:6.1f}s SIGKILL {hit.name}")
+                elif what == "restart" and hit is not None:
+                    hit.start()
+                    progress(f"  t={now:6.1f}s restart {hit.name}")
+                elif what == "flood":
+                    flood.burst(
+                        target, int(fault.args["packets"]), float(fault.until or 0) - fault.at
+                    )
+                elif what == "prepare":
+                    router.prepare()
+                elif what == "router_kill":
+                    router.kill(now)
+                    progress(f"  t={now:6.1f}s SIGKILL {router.name}")
+                elif what == "router_go":
+                    router.go(fault.until or now)
+                    progress(f"  t={now:6.1f}s restart {router.name}")
+                elif what == "vip_kill" and vip_router is not None:
+                    vip_router.check(now)
+                    vip_router.kill()
+                    progress(f"  t={now:6.1f}s SIGKILL {vip_router.name} (VIP pool)")
+                elif what == "vip_go" and vip_router is not None:
+                    vip_router.start()
+                    progress(f"  t={now:6.1f}s restart {vip_router.name} (VIP pool)")
+                elif what == "dns_kill" and dns is not None:
+                    dns.kill(now)
+                    progress(f"  t={now:6.1f}s SIGKILL the DNS server")
+                elif what == "dns_go" and dns is not None:
+                    dns.start(now)
+                    progress(f"  t={now:6.1f}s restart the DNS server")
+            router.poll(now)
+            if dns is not None:
+                dns.check(now)
             for victim in victims.values():
-                victim.check(time.monotonic() - began)
-                victim.kill()
-            router.stop(time.monotonic() - began)
+                victim.check(now)
+            if vip_router is not None:
+                vip_router.check(now)
             for process, conn in children:
-                process.join(10)
-                if process.is_alive():
-                    process.terminate()
-                    process.join(5)
-                conn.close()
-            if flood is not None:
-                flood.close()
-        unexpected += [e for v in victims.values() for e in v.exits]
-        unexpected += router.exits
-        failed.update(router.errors)
-        if args.logs is not None:
-            args.logs.mkdir(parents=True, exist_ok=True)
-            for log in logs.glob("*.log"):
-                shutil.copy(log, args.logs / log.name)
-        tracebacks = {name: text[text.find("Traceback") :][-3000:] for name, text in failed.items()}
-        for log in sorted(logs.glob("*.log")):
-            logged = log.read_text(errors="replace")
-            if "Traceback" in logged:
-                tracebacks[log.stem] = logged[logged.index("Traceback") :][:3000]
+                if process.name in failed:
+                    continue
+                message, payload = "", None
+                if conn.poll(0):
+                    message, payload = conn.recv()
+                if message == "error" and "Address already in use" in str(payload):
+                    raise RuntimeError(f"{process.name} failed to start:\n{payload}")
+                if message == "error" or not process.is_alive():
+                    # A pool process died: recorded, the run goes on without it.
+                    failed[process.name] = str(payload or f"exit code {process.exitcode}")
+                    unexpected.append(
+                        {
+                            "process": process.name,
+                            "at": round(now, 2),
+                            "returncode": process.exitcode,
+                        }
+                    )
+                    progress(f"  t={now:6.1f}s {process.name} died:\n{payload}")
+            if "clients" in failed:
+                raise RuntimeError(f"the clients' process died: {failed['clients']}")
+            if now >= next_sample:
+                sample: dict[str, Any] = {"t": round(now, 2)}
+                pids = {p.name: p.pid for p, _ in children}
+                pids.update({v.name: v.process.pid for v in victims.values() if v.process})
+                if vip_router is not None and vip_router.process is not None:
+                    pids[vip_router.name] = vip_router.process.pid
+                pids[router.name] = router.pid()
+                if dns is not None:
+                    pids["dns"] = dns.pid()
+                pids["bench"] = os.getpid()
+                for name, pid in pids.items():
+                    got = _proc(pid) if pid else None
+                    if got is not None:
+                        sample[name] = {"rss_mb": got[0], "fds": got[1]}
+                samples.append(sample)
+                next_sample += sample_every
+            time.sleep(0.02)
+        results: dict[str, Any] = {"infra": {"epochs": {}, "servers": [], "done": []}}
+        for process, conn in children:
+            if process.name not in failed:
+                results[process.name] = expect(conn, process.name, "done", 120)
+    finally:
+        for victim in [*victims.values(), *([vip_router] if vip_router else [])]:
+            victim.check(time.monotonic() - began)
+            victim.kill()
+        router.stop(time.monotonic() - began)
+        if dns is not None:
+            dns.stop(time.monotonic() - began)
+        for process, conn in children:
+            process.join(10)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+            conn.close()
+        if flood is not None:
+            flood.close()
+    unexpected += [e for v in victims.values() for e in v.exits]
+    if vip_router is not None:
+        unexpected += vip_router.exits
+    unexpected += router.exits
+    failed.update(router.errors)
+    if dns is not None:
+        unexpected += dns.exits
+        failed.update(dns.errors)
+    if args.logs is not None:
+        args.logs.mkdir(parents=True, exist_ok=True)
+        for log in logs.glob("*.log"):
+            shutil.copy(log, args.logs / log.name)
+    tracebacks = {name: text[text.find("Traceback") :][-3000:] for name, text in failed.items()}
+    for log in sorted(logs.glob("*.log")):
+        logged = log.read_text(errors="replace")
+        if "Traceback" in logged:
+            tracebacks[log.stem] = logged[logged.index("Traceback") :][:3000]
     # The outage each router restart really was (its next process may start late).
     for fault, started in zip(
         (f for f in faults if f.kind == "router_restart"), router.starts[1:], strict=False
     ):
         fault.args["down_actual_s"] = started.get("down_s")
+    # When each restarted DNS server first answered the bench's own key lookup.
+    restarted = dns.starts[1:] if dns is not None else []
+    for fault, started in zip(
+        (f for f in faults if f.kind == "dns_restart"), restarted, strict=False
+    ):
+        fault.args["answered_again_at"] = started.get("answered_again")
+    pool_faults = [f for f in faults if f.kind not in VIP_KINDS]
     result = analyse(
-        faults, results["infra"], results["clients"], seconds, topo.pool.technique, args.rate
+        pool_faults, results["infra"], results["clients"], seconds, topo.pool.technique, args.rate
     )
+    vip_lost = 0
+    if vip_on and "vip" in results:
+        vip = analyse_vip(faults, results["vip"])
+        kills = len(vip["rows"])
+        result["faults"]["vip_router_kill"] = kills
+        result["faults_total"] += kills
+        result["recovery_by_kind"]["vip_router_kill"] = vip["by_kind"]
+        result["per_fault"] = sorted(result["per_fault"] + vip["rows"], key=lambda r: r["at"])
+        result["vip"] = vip["summary"]
+        vip_lost = vip["summary"]["sessions_lost"]
     result.update(
         {
             "bench": "soak",
@@ -304,19 +408,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             "minutes": args.minutes,
             "clients": 2 * args.clients_per_lan,
             "rate_per_client": args.rate,
-            "fault_kinds": list(KINDS),
+            "fault_kinds": list(args.kinds),
             "unexpected_exits": unexpected,
             "tracebacks": tracebacks,
             "flood_sent": flood.sent if flood is not None else {},
             "router_starts": router.starts,
+            "private": args.private,
+            "key_ttl_s": args.key_ttl if args.private else None,
+            "dns_starts": dns.starts if dns is not None else [],
+            "join_refusals": {
+                "ra": results["infra"].get("refusals", {}).get("ra", {}),
+                "rb_last": (router.starts[-1].get("done") or {}).get("refusals", {})
+                if router.starts
+                else {},
+            },
             "samples": samples,
-            "growth_per_hour": fit_per_hour(samples, ("infra", "clients", "bench")),
+            "growth_per_hour": fit_per_hour(
+                samples, ("infra", "clients", "bench", *(("vip",) if vip_on else ()))
+            ),
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "seconds": round(time.monotonic() - began, 1),
         }
     )
-    result["ok"] = result["sessions_lost"] == 0 and not unexpected and not tracebacks
+    result["ok"] = (
+        result["sessions_lost"] == 0 and vip_lost == 0 and not unexpected and not tracebacks
+    )
     return result
 
 
@@ -367,17 +484,41 @@ def parse_arguments() -> argparse.Namespace:
         "--clients-per-lan", type=int, default=500, help="default 500 (1000 in all)"
     )
     parser.add_argument("--rate", type=float, default=0.5, help="requests/s per client (0.5)")
+    parser.add_argument(
+        "--private",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a private pool, its key read from a DNS server of its own (default; "
+        "--no-private: a public pool, without the dns_restart fault)",
+    )
+    parser.add_argument(
+        "--vip-clients",
+        type=int,
+        default=20,
+        help="the VIP pool's clients of each kind: long connections and short ones (20)",
+    )
+    parser.add_argument(
+        "--key-ttl",
+        type=int,
+        default=KEY_TTL_S,
+        help=f"the TTL of the private pool's DNS records, seconds (default {KEY_TTL_S})",
+    )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
     parser.add_argument(
         "--kinds",
-        default=",".join(KINDS),
-        help=f"the kinds of fault, comma-separated, or none (default: {','.join(KINDS)})",
+        help=f"the kinds of fault, comma-separated, or none (default: {','.join(KINDS)}; "
+        f"without {','.join(PRIVATE_ONLY)} for a public pool)",
     )
     args = parser.parse_args()
-    kinds = () if args.kinds == "none" else tuple(k for k in args.kinds.split(",") if k)
+    if args.kinds is None:
+        kinds = tuple(k for k in KINDS if args.private or k not in PRIVATE_ONLY)
+    else:
+        kinds = () if args.kinds == "none" else tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    if not args.private and set(kinds) & set(PRIVATE_ONLY):
+        parser.error(f"{','.join(PRIVATE_ONLY)} needs a private pool (without --no-private)")
     args.kinds = kinds
     return args
 

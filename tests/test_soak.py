@@ -17,6 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from manycast.auth import public_bytes, save_private
+from manycast.dns import EmbeddedServer
+from manycast.naming import KeyAnswer, PoolRecord, pool_zones
+from manycast.protocol.admission import Admission
+from manycast.runtime import LiveView, PoolRun
+from manycast.topology import loads
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 MINUTES = 1.5
@@ -121,3 +129,142 @@ def test_seed_20261201_share_changes_and_joins_lose_nothing_on_the_memory_driver
 )
 def test_seed_20261201_share_change_loses_nothing_on_the_overlay() -> None:
     assert _failures_after("overlay", 38.0) == []
+
+
+# -- a private pool's DNS server stopped and restarted (the dns_restart fault) ----------
+
+GROUP = 0xE8010101  # 232.1.1.1, the soak pool's group
+
+
+def _soak_json(*options: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "soak.py"), *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = done.stdout.strip().splitlines()
+    assert lines, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(lines[-1])
+    assert "error" not in result, result.get("error")
+    result["_returncode"] = done.returncode
+    return result
+
+
+def test_a_key_past_its_ttl_stays_in_use_while_dns_gives_no_answer() -> None:
+    """RFC 8767's serve-stale, in the admission alone: no answer keeps the key (asked
+    for again after the negative TTL); an answer that there is no record ends it."""
+    key = Ed25519PrivateKey.generate()
+    admission = Admission(negative_ttl=5.0)
+    admission.provide_key(GROUP, public_bytes(key), 30.0, now=0.0)
+    assert admission._missing([GROUP], 10.0) == ()
+    # Past the TTL: asked for again, but nothing waits for the answer.
+    assert admission._missing([GROUP], 31.0) == () and admission.take_requests() == [GROUP]
+    unanswered = KeyAnswer(None, 0.0, "no key", "timeout", unanswered=True)
+    admission.provide_key(GROUP, None, 0.0, 33.0, unanswered.reason, unanswered.unanswered)
+    assert admission.stale_kept == 1
+    assert admission._missing([GROUP], 34.0) == () and admission.take_requests() == []
+    assert admission._missing([GROUP], 38.5) == () and admission.take_requests() == [GROUP]
+    # The server answers: there is no such record (revoked). Joins are refused.
+    admission.provide_key(GROUP, None, 0.0, 39.0, "no key", unanswered=False)
+    assert admission._missing([GROUP], 39.5) == ()  # refused at once, not waited for
+    assert admission._keys[GROUP].key is None
+
+
+def _private_pool(tmp: Path, ttl: int) -> tuple[str, dict[str, str], int]:
+    """The soak's pool, private, small; its records (TTL `ttl`) for a DNS server, and
+    the port that server is to listen on."""
+    sys.path.insert(0, str(BENCH))
+    from _soak_dns import free_port, pool_records, zone_of
+    from _soak_plan import pool_text
+
+    port = free_port()
+    key = Ed25519PrivateKey.generate()
+    save_private(key, tmp / "pool.key")
+    text = pool_text("R3", 10, 2.0, 30.0, (str(tmp / "pool.key"), ("127.0.0.1", port)))
+    topo = loads(text)
+    records: list[PoolRecord] = pool_records(topo, ttl)
+    return text, pool_zones(zone_of(topo.pool.name), records), port
+
+
+def test_seed_6_clients_are_served_while_the_pools_dns_server_is_down(tmp_path: Path) -> None:
+    """The soak (seed 6, `--kinds dns_restart`) found it: the DNS server was down when
+    the routers' cached key expired; each router's lookup failed, it refused every join
+    and registration with "no key" for the negative TTL (5 s), the members timed out,
+    and every client's session was lost (149 losses, 100 clients). Now a router keeps
+    the key it had while DNS gives no answer. Memory driver paced to the wall clock,
+    the records' TTL 1 s, the DNS server stopped at 3 s and started again at 8 s."""
+    text, zones, port = _private_pool(tmp_path, ttl=1)
+    servers = [EmbeddedServer(zones, None, port=port).__enter__()]
+    run = PoolRun(loads(text), "memory", seed=6)
+    seen: dict[str, Any] = {}
+
+    def tick(view: LiveView) -> None:
+        if view.now >= 3.0 and len(servers) == 1 and "stopped" not in seen:
+            servers[0].__exit__(None, None, None)
+            seen["stopped"] = view.now
+        elif view.now >= 8.0 and len(servers) == 1:
+            servers.append(EmbeddedServer(zones, None, port=port).__enter__())
+            seen["kept_before_restart"] = sum(
+                r.admission.stale_kept for r in run.nodes.routers.values() if r.admission
+            )
+
+    try:
+        run.run(12.0, tick, tick=0.1, realtime=True)
+    finally:
+        servers[-1].__exit__(None, None, None)
+    routers = run.nodes.routers.values()
+    refused = sum(r.stats.rejected["no key"] for r in routers)
+    failures = [(t, why) for c in run.nodes.clients.values() for t, why in c.stats.failures]
+    assert refused == 0 and failures == []
+    assert seen["kept_before_restart"] >= 2  # both routers asked while it was down
+    assert servers[1].stats.queries > 0  # the routers asked the restarted server again
+    summary = run.summary()
+    assert summary["clients_served_at_end"] == 20
+
+
+def test_the_dns_restart_fault_loses_no_session() -> None:
+    """`--kinds dns_restart`, the records' TTL 2 s so that every router's key expires
+    (and is asked for) while the DNS server is down: clients keep being served, the
+    restarted server answers, the routers refresh from it, nothing dies."""
+    result = _soak_json(
+        "--minutes", "0.5", "--clients-per-lan", "50", "--kinds", "dns_restart", "--key-ttl", "2"
+    )
+    assert result["private"] and result["faults"] == {"dns_restart": 1}
+    assert result["unexpected_exits"] == [] and result["tracebacks"] == {}
+    assert result["sessions_lost"] == 0, result["sessions_lost_detail"]
+    assert result["wrong_answers"] == 0
+    assert result["clients_served_at_end"] == 100
+    assert "no key" not in result["join_refusals"]["ra"]
+    _, restarted = result["dns_starts"]
+    assert restarted["answered_again"] is not None and restarted["queries"] > 0
+    recovery = result["recovery_by_kind"]["dns_restart"]
+    assert recovery["unrecovered"] == 0 and recovery["recovery_s_p50"] is not None
+
+
+# -- a VIP router killed (the vip_router_kill fault) -------------------------------------
+
+
+def test_the_vip_router_kill_fault_is_recovered_from() -> None:
+    """`--kinds vip_router_kill`: the VIP pool beside the manycast pool loses its
+    nearest VIP router for 2-5 s and gets it back; every one of its clients is answered
+    again after the kill, none gets a wrong answer, no process dies."""
+    result = _soak_json(
+        "--minutes",
+        "0.5",
+        "--clients-per-lan",
+        "25",
+        "--vip-clients",
+        "10",
+        "--kinds",
+        "vip_router_kill",
+    )
+    assert result["faults"] == {"vip_router_kill": 1}
+    assert result["unexpected_exits"] == [] and result["tracebacks"] == {}
+    vip = result["vip"]
+    assert vip["clients"] == 20 and vip["requests_answered"] > 0
+    assert vip["wrong_answers"] == 0 and vip["clients_served_at_end"] == 20
+    (kill,) = [f for f in result["per_fault"] if f["kind"] == "vip_router_kill"]
+    assert kill["not_answered_again"] == 0 and kill["recovery_s"] is not None
+    assert vip["vip_routers"]["vr2"]["flows"] > 0  # vr2 placed new flows while vr1 was dead
+    assert result["growth_per_hour"]["vip"]["samples"] >= 2
