@@ -597,6 +597,16 @@ class Coordinator:
         self.state = ServerState.ACTIVE if self.name in allocation.servers else ServerState.JOINING
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
         self.changes.append((now, epoch, why))
+        if self.swim is not None:
+            # A newcomer learns the pool's members from the allocation (their addresses
+            # come with their probes): until the gossip says otherwise they are alive,
+            # so it agrees with the others on who coordinates.
+            for name in allocation.servers:
+                if name != self.name and name not in self.peers:
+                    self.peers[name] = Peer(
+                        name, ipaddress.IPv4Address(0), now, ServerState.ACTIVE, 0, NO_DIGEST
+                    )
+                    self._states_changed += 1
 
     # -- messages -----------------------------------------------------------------------
     def on_message(self, message: control.ControlMessage, now: float) -> None:
@@ -628,6 +638,10 @@ class Coordinator:
                 and message.epoch == self.epoch + 1
             ):
                 self._install(message.epoch, offered[1], now, f"commit from {message.sender}")
+            elif (message.epoch, message.digest) > self.view:
+                # A state we cannot build from ours: its committer holds it; fetch it.
+                self._heard_state(message.sender, (message.epoch, message.digest))
+                self._behind(now)
         elif isinstance(message, control.SnapshotRequest):
             self._on_snapshot_request(message, now)
         elif isinstance(message, control.Snapshot):
@@ -703,9 +717,7 @@ class Coordinator:
         if base != self.view or self.apportionment is None:
             # The proposer holds `base`: a newer state to fetch, if it is newer than ours
             # (with the gossip membership we may not have heard its state otherwise).
-            peer = self.peers.get(proposal.sender)
-            if peer is not None and base > (peer.epoch, peer.digest):
-                peer.epoch, peer.digest = base
+            self._heard_state(proposal.sender, base)
             self._behind(now)
             return
         try:
@@ -725,6 +737,12 @@ class Coordinator:
         if self.swim is not None and self.name not in self._witnesses(proposal.sender, now):
             return  # the gossip membership: only the witnesses ack
         self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))
+
+    def _heard_state(self, name: str, view: tuple[int, str]) -> None:
+        """`name` holds `view` (a proposal's base, a commit): newer than we knew of it?"""
+        peer = self.peers.get(name)
+        if peer is not None and view > (peer.epoch, peer.digest):
+            peer.epoch, peer.digest = view
 
     def _on_snapshot_request(self, request: control.SnapshotRequest, now: float) -> None:
         state = self.apportionment

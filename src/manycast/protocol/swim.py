@@ -6,9 +6,14 @@ Weakly-consistent Infection-style Process Group Membership Protocol", DSN 2002)
 keeps each server's share constant, as HashiCorp's memberlist (under Consul and
 Serf) runs it; this module follows memberlist's `probeNode` and suspicion rules:
 
-* Each protocol period (`period`) a server pings the next member of its own
-  shuffled round-robin list (SWIM 4.3: every member is probed within a bounded
-  time) and expects an ACK within half a period (memberlist: ProbeTimeout).
+* Each protocol period (`period`) a server pings one member and expects an ACK
+  within half a period (memberlist: ProbeTimeout). Targets follow a ring: the
+  live members in name order, each pinging the one `k` places on, `k` drawn from
+  the period's number by a hash every server computes alike. So when views agree
+  each member is probed by exactly one other in every period, and a death is
+  found in the next period (SWIM 4.3 asks for a bounded time to the first probe;
+  memberlist's shuffled round robin bounds it by N periods, and random choice
+  leaves a tail: no probe for 6 periods happens with probability e^-6 per death).
 * Without one it sends PING_REQ to `indirect` other members (memberlist:
   IndirectChecks = 3), which ping the target and pass its ACK back: a bad path
   between two servers is not taken for a death.
@@ -115,8 +120,7 @@ class SwimDetector:
         self.members: dict[str, Member] = {}
         self.generation = 0
         self.stats = SwimStats()
-        self._order: list[str] = []
-        self._next_index = 0
+        self._ring: tuple[int, list[str], int] | None = None  # (generation, names, ours)
         self._probe: _Probe | None = None
         self._next_period: float | None = None
         # Indirect probes we run for others: our nonce -> (asker's address, its nonce).
@@ -255,8 +259,6 @@ class SwimDetector:
 
     def _add(self, name: str, member: Member) -> None:
         self.members[name] = member
-        # A newcomer goes to a random place in the rest of this round (memberlist).
-        self._order.insert(self.rng.randint(self._next_index, len(self._order)), name)
         self.generation += 1
 
     def _announce(self, state: ServerState) -> None:
@@ -268,7 +270,7 @@ class SwimDetector:
         )
 
     def _ping_next(self, now: float) -> None:
-        target = self._next_target()
+        target = self._next_target(now)
         if target is None:
             return
         member = self.members[target]
@@ -276,19 +278,20 @@ class SwimDetector:
         self.stats.pings += 1
         self._send_probe(ProbeKind.PING, self._probe.nonce, target, member.address, member.address)
 
-    def _next_target(self) -> str | None:
-        """The next live member of our round; a new shuffled round after the last."""
-        for _ in range(2):
-            while self._next_index < len(self._order):
-                name = self._order[self._next_index]
-                self._next_index += 1
-                member = self.members.get(name)
-                if member is not None and member.status != MemberStatus.DEAD:
-                    return name
-            self._order = [n for n, m in self.members.items() if m.status != MemberStatus.DEAD]
-            self.rng.shuffle(self._order)
-            self._next_index = 0
-        return None
+    def _next_target(self, now: float) -> str | None:
+        """The member `k` places on from us in the ring of live members, `k` from the
+        period's number: 1 to n - 1, the same at every member for the same period."""
+        ring = self._ring
+        if ring is None or ring[0] != self.generation:
+            names = sorted(
+                [self.name, *(n for n, m in self.members.items() if m.status != MemberStatus.DEAD)]
+            )
+            ring = self._ring = (self.generation, names, names.index(self.name))
+        _, names, ours = ring
+        if len(names) < 2:
+            return None
+        offset = 1 + _mix(round(now / self.period)) % (len(names) - 1)
+        return names[(ours + offset) % len(names)]
 
     def _reconnect(self) -> None:
         """Ping one member we hold dead: if it lives, its ACK gets it told (`on_probe`)."""
@@ -382,3 +385,11 @@ class SwimDetector:
     def _next_nonce(self) -> int:
         self._nonce = (self._nonce + 1) & 0xFFFFFFFF
         return self._nonce
+
+
+def _mix(value: int) -> int:
+    """splitmix64's finalizer: a well-spread 64-bit hash of `value`, the same anywhere."""
+    z = (value + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
