@@ -30,13 +30,21 @@ control datagrams per virtual second (10^7 at N = 1024), so larger pools run sho
 idle windows and change timeouts (`virtual_s` per size says what ran). The same
 multicast datagram reaches hundreds of servers as one bytes object; the bench
 memoizes the pure decoders (IP header, UDP, control message) on those bytes so each
-is parsed once, which changes no outcome, only how long the run takes. `--max-n`
+is parsed once (`manycast.sim.memoized_decoders`, which the simulator uses too),
+which changes no outcome, only how long the run takes. `--max-n`
 stops at a smaller size for a quick run. `--budget-s` (300 by default) skips a size
 whose projected wall time (from the sizes run before it) would take the run past it:
 the JSON then lists it under `skipped` and gives its figures as the fitted curves
 project them, under `projected`, never as measured; `--budget-s 0` runs every size
 (N = 1024 with all-to-all heartbeats: about 11 million events, 7 minutes or more of
 one core).
+
+Then the simulator part (bench/_scale_sim.py, under `sim` in the JSON): `manycast
+sim`'s 1000-server preset (pool-1000: 10^6 modelled client addresses, 300 sample
+clients; shares change, 100 servers die, 100 join) for 60 simulated seconds, its wall
+time as `sim_1000_servers_wall_s` (goal <= 120) beside its report's figures;
+`--skip-sim` leaves it out, `--sim-preset`/`--sim-duration` run another (the figure is
+then null).
 
 Then, on real sockets and time, the etcd part (bench/_scale_etcd.py, under `etcd` in
 the JSON): share-change and failover latency of pools of 4 and 16 servers on the
@@ -50,11 +58,10 @@ from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
-import contextlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -64,19 +71,16 @@ import numpy as np
 
 import _plots
 import _scale_etcd
+import _scale_sim
 from _common import progress, run_and_emit
-from _pool import table
 from manycast.drivers.memory import MemoryNetwork
-from manycast.protocol import coordination
-from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter
 from manycast.protocol.server import Server
 from manycast.runtime import PoolRun
+from manycast.sim import PoolShape, memoized_decoders, topology_text
 from manycast.space import Allocation
 from manycast.steps import Add, Kill, SetShare
 from manycast.topology import loads
-from manycast.wire import control
-from manycast.wire.ip import IPv4Packet, UDPDatagram
 
 SIZES = (4, 16, 64, 256, 1024)
 # The gossip membership (the pool's gentle control plane), then all-to-all heartbeats.
@@ -108,99 +112,19 @@ def plan_for(n: int, membership: str = "heartbeat") -> Plan:
 # -- the pool ---------------------------------------------------------------------------
 def topology(n: int, membership: str = "heartbeat") -> str:
     """clients a1..a2N -- ra -- core -- rs1 (odd servers) / rs2 (even servers)."""
-    parts = [
-        table(
-            "pool",
-            array=False,
-            group="232.1.1.1",
-            heartbeat_ms=100,
-            heartbeat_misses=3,
-            membership=membership,
-        ),
-        *(table("router", name=r) for r in ("ra", "core", "rs1", "rs2")),
-    ]
-    for a, b, delay in (("ra", "core", 2), ("core", "rs1", 1), ("core", "rs2", 3)):
-        parts.append(table("link", between=[a, b], delay_ms=delay))
-    for index in range(1, n + 2):
-        keys: dict[str, Any] = {"name": f"s{index}", "router": "rs1" if index % 2 else "rs2"}
-        if index == n + 1:
-            keys["standby"] = True
-        parts.append(table("server", **keys))
-    parts.append(
-        table("clients", name="a", count=2 * n, router="ra", subnet="10.0.0.0/12", rate=CLIENT_RATE)
+    shape = PoolShape(
+        servers=n,
+        standby=1,
+        server_routers=2,
+        client_routers=1,
+        sample_clients=2 * n,
+        client_rate=CLIENT_RATE,
+        client_subnet="10.0.0.0/12",
+        client_uplink_ms=2,
+        router_delays_ms=(1, 3),
+        pool={"heartbeat_ms": 100, "heartbeat_misses": 3, "membership": membership},
     )
-    parts.append(table("run", array=False, duration=3600.0))
-    return "\n".join(parts)
-
-
-@contextlib.contextmanager
-def memoized_decoders(limit: int = 8192) -> Iterator[None]:
-    """Parse each distinct datagram once: the host's IP and UDP parsers and the control
-    decoder are pure functions of their bytes, and a multicast datagram reaches many
-    servers as the same bytes. Likewise every server computes the same proposal's
-    result from the same allocation (`apply_op` is deterministic): computed once per
-    (allocation held, operation). Failures are not memoized (they raise as before)."""
-    parse, parse_udp, decode = HostStack.parse, HostStack.parse_udp, control.decode
-    apply_op = coordination.apply_op
-    results: dict[tuple[int, control.PolicyOp], tuple[Allocation, Allocation]] = {}
-
-    def fast_apply_op(allocation: Allocation, op: control.PolicyOp) -> Allocation:
-        key = (id(allocation), op)
-        found = results.get(key)
-        if found is not None and found[0] is allocation:
-            return found[1]
-        result = apply_op(allocation, op)
-        if len(results) >= 64:
-            results.clear()
-        results[key] = (allocation, result)
-        return result
-
-    ips: dict[bytes, IPv4Packet] = {}
-    udps: dict[tuple[bytes, object, object], UDPDatagram] = {}
-    messages: dict[bytes, control.ControlMessage] = {}
-
-    def fast_parse(self: HostStack, packet: bytes) -> IPv4Packet | None:
-        found = ips.get(packet)
-        if found is None:
-            found = parse(self, packet)
-            if found is not None:
-                if len(ips) >= limit:
-                    ips.clear()
-                ips[packet] = found
-        return found
-
-    def fast_parse_udp(self: HostStack, ip: IPv4Packet) -> UDPDatagram | None:
-        key = (ip.payload, ip.header.src, ip.header.dst)
-        found = udps.get(key)
-        if found is None:
-            found = parse_udp(self, ip)
-            if found is not None:
-                if len(udps) >= limit:
-                    udps.clear()
-                udps[key] = found
-        return found
-
-    def fast_decode(data: bytes | bytearray | memoryview) -> control.ControlMessage:
-        key = bytes(data)
-        found = messages.get(key)
-        if found is None:
-            found = decode(data)
-            if len(messages) >= limit:
-                messages.clear()
-            messages[key] = found
-        return found
-
-    HostStack.parse = fast_parse  # type: ignore[method-assign]
-    HostStack.parse_udp = fast_parse_udp  # type: ignore[method-assign]
-    control.decode = fast_decode
-    coordination.apply_op = fast_apply_op
-    try:
-        yield
-    finally:
-        coordination.apply_op = apply_op
-        HostStack.parse = parse  # type: ignore[method-assign]
-        HostStack.parse_udp = parse_udp  # type: ignore[method-assign]
-        control.decode = decode
+    return topology_text(shape)
 
 
 class Pool:
@@ -603,7 +527,6 @@ def run(
         "detection_ratio_1024_over_16": ratio(runs, lambda r: r["detection_all_s"]),
         "skipped": skipped,
         "projected": projected_figures(runs, [r["n"] for r in skipped]),
-        "sim_1000_servers_wall_s": None,  # `manycast sim` is not built yet (issue 15, item 4)
         "reduced_virtual_time": reduced,
         "decoders_memoized": True,
         "load_average": [round(x, 2) for x in load],
@@ -701,6 +624,21 @@ def main() -> None:
         "--skip-etcd", action="store_true", help="leave the etcd part out (it runs on real time)"
     )
     parser.add_argument(
+        "--skip-sim", action="store_true", help="leave the simulator part out (about 2 minutes)"
+    )
+    parser.add_argument(
+        "--sim-preset",
+        default=_scale_sim.PRESET,
+        help="the simulator part's preset (default %(default)s; sim_1000_servers_wall_s is"
+        " given for it alone)",
+    )
+    parser.add_argument(
+        "--sim-duration",
+        type=float,
+        default=_scale_sim.DURATION_S,
+        help="the simulator part's simulated seconds (default %(default)s)",
+    )
+    parser.add_argument(
         "--etcd-sizes",
         type=int,
         nargs="+",
@@ -727,6 +665,12 @@ def main() -> None:
         result = run(sizes, args.seed, args.budget_s, memberships[0])
         for other in memberships[1:]:
             result[other] = run(sizes, args.seed, args.budget_s, other)
+        result["sim"] = (
+            {"skipped": "--skip-sim"}
+            if args.skip_sim
+            else _scale_sim.run(args.sim_preset, args.sim_duration)
+        )
+        result["sim_1000_servers_wall_s"] = _scale_sim.wall_of_1000_servers(result["sim"])
         result["etcd"] = (
             {"skipped": "--skip-etcd"}
             if args.skip_etcd

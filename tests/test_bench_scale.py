@@ -31,6 +31,11 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "--max-n",
             "16",
             "--skip-etcd",
+            # the simulator part on the small preset (pool-1000 takes about 2 minutes)
+            "--sim-preset",
+            "pool-20",
+            "--sim-duration",
+            "1.5",
             "--plots",
             str(plots),
         ],
@@ -109,6 +114,16 @@ def test_the_figures_are_those_of_all_to_all_heartbeats(result: dict[str, Any]) 
         assert set(forwarding["mask_pairs_per_router"].values()) == {forwarding["portions"]}
     # Messages each server receives grow linearly with N today.
     assert 0.8 <= result["heartbeat"]["exponents"]["idle_received_per_server_per_s_vs_n"] <= 1.3
+
+
+def test_the_simulator_part_reports_its_preset(result: dict[str, Any]) -> None:
+    sim = result["sim"]
+    assert sim["preset"] == "pool-20" and sim["servers"] == 20
+    assert sim["simulated_s"] == 1.5 and sim["wall_s"] > 0
+    assert sim["every_address_served_once"] is True
+    assert sim["control_per_server_per_s"]["idle"] > 0
+    # The figure is the 1000-server preset's for 60 simulated seconds, nothing else.
+    assert result["sim_1000_servers_wall_s"] is None
 
 
 def test_plots_are_written(result: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from manycast.cli import app
+from manycast.drivers.memory import MemoryNetwork
 from manycast.errors import ConfigError
 from manycast.policy import equal_split
 from manycast.sim import PoolShape, Population, topology_text
@@ -197,3 +198,39 @@ def test_the_large_preset_topology_is_an_ordinary_topology() -> None:
     assert len(kills) == 100 and chosen.settings.addresses == 10**6
     with pytest.raises(ConfigError, match="at most 100"):
         topology_text(PoolShape(servers=10, server_routers=90, client_routers=10))
+
+
+def test_memoized_decoders_change_no_outcome() -> None:
+    """The simulator parses each distinct datagram once, applies each proposal once and
+    covers each bucket set once; a pool runs exactly as without it, event for event."""
+    from manycast.runtime import PoolRun
+    from manycast.sim import memoized_decoders
+
+    shape = PoolShape(
+        servers=8,
+        standby=1,
+        sample_clients=8,
+        steps=[
+            (0.5, "set_share", {"server": "s2", "share": 0.25}),
+            (1.0, "kill", {"server": "s5"}),
+            (1.5, "add", {"server": "s9"}),
+        ],
+        duration=2.5,
+    )
+
+    def outcome(memoized: bool) -> tuple[int, list[tuple[str, int, str]], list[int]]:
+        run = PoolRun(loads(topology_text(shape)), "memory", 3)
+        if memoized:
+            with memoized_decoders():
+                run.network.run_until(2.5)
+        else:
+            run.network.run_until(2.5)
+        servers = {**run.nodes.servers, **run.nodes.standby}
+        views = [(n, s.coordinator.epoch, s.coordinator.digest) for n, s in sorted(servers.items())]
+        answered = [c.stats.requests_ok for _, c in sorted(run.nodes.clients.items())]
+        assert isinstance(run.network, MemoryNetwork)
+        return run.network.events_processed, views, answered
+
+    plain, fast = outcome(False), outcome(True)
+    assert plain == fast
+    assert plain[1][0][1] >= 4  # the share change, the removal and the addition happened

@@ -32,9 +32,7 @@ class Population:
     buckets: npt.NDArray[np.int64] = field(init=False)
     addresses_per_bucket: npt.NDArray[np.int64] = field(init=False)
     rate_per_bucket: npt.NDArray[np.float64] = field(init=False)
-    _loads: dict[int, tuple[Allocation, npt.NDArray[np.float64]]] = field(
-        default_factory=dict, init=False
-    )
+    _loads: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         space = self.space
@@ -75,10 +73,11 @@ class Population:
 
     def loads(self, allocation: Allocation) -> npt.NDArray[np.float64]:
         """Requests per second each of `allocation.servers` would carry if every address
-        went to its owner by `allocation` (one `owner_many` per allocation, cached)."""
-        cached = self._loads.get(id(allocation))
-        if cached is not None and cached[0] is allocation:
-            return cached[1]
+        went to its owner by `allocation`: one `owner_many` per allocation, cached by its
+        digest (the servers that computed the same allocation each hold their own copy)."""
+        cached = self._loads.get(allocation.digest())
+        if cached is not None:
+            return cached
         owners = allocation.owner_many(self.addresses)
         inside = owners >= 0
         loads: npt.NDArray[np.float64] = np.bincount(
@@ -86,5 +85,5 @@ class Population:
         ).astype(np.float64)
         if len(self._loads) >= CACHED_ALLOCATIONS:
             self._loads.clear()
-        self._loads[id(allocation)] = (allocation, loads)
+        self._loads[allocation.digest()] = loads
         return loads

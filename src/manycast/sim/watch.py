@@ -63,13 +63,15 @@ class Watcher:
     servers: Mapping[str, Server]
     clients: Iterable[Client]
     population: Population
-    _positions: dict[int, tuple[Allocation, dict[str, int]]] = field(default_factory=dict)
+    _positions: dict[str, dict[str, int]] = field(default_factory=dict)
     _last: tuple[float, int, int] | None = None
 
     def claims(self, live: Iterable[str]) -> Claims:
         space = self.population.space
         per_bucket = np.zeros(space.buckets, dtype=np.int32)
-        groups: dict[int, tuple[Allocation, list[str]]] = {}
+        # Servers that computed the same allocation each hold their own copy: grouped by
+        # digest, each distinct allocation is looked at once.
+        groups: dict[str, tuple[Allocation, list[str]]] = {}
         newest: Server | None = None
         for name in live:
             server = self.servers[name]
@@ -79,7 +81,7 @@ class Watcher:
             allocation = coordinator.allocation
             if allocation is None:
                 continue
-            groups.setdefault(id(allocation), (allocation, []))[1].append(name)
+            groups.setdefault(allocation.digest(), (allocation, []))[1].append(name)
         buckets: dict[str, int] = {}
         load: dict[str, float] = {}
         for allocation, names in groups.values():
@@ -105,13 +107,13 @@ class Watcher:
         return Claims(per_bucket, buckets, load, desired, epoch)
 
     def _position(self, allocation: Allocation) -> dict[str, int]:
-        found = self._positions.get(id(allocation))
-        if found is not None and found[0] is allocation:
-            return found[1]
+        found = self._positions.get(allocation.digest())
+        if found is not None:
+            return found
         if len(self._positions) >= 64:
             self._positions.clear()
         position = {s: i for i, s in enumerate(allocation.servers)}
-        self._positions[id(allocation)] = (allocation, position)
+        self._positions[allocation.digest()] = position
         return position
 
     def sample(self, now: float, live: list[str]) -> Sample:

@@ -1,0 +1,61 @@
+"""bench/scale.py's simulator part: `manycast sim`'s 1000-server preset (pool-1000: 1000
+servers, 100 on standby, 14 routers, 300 sample clients, 10^6 modelled client
+addresses; shares change at 10 s, 100 servers die at 20 s, 100 join at 35 s) for 60
+simulated seconds, timed on the wall clock (`sim_1000_servers_wall_s`, goal <= 120).
+
+The preset runs as `manycast sim` runs it (`manycast.sim.command`), with the pool's
+gossip membership where it has one (`membership = "swim"`), and its report's figures
+a user checks come along: whether every address ends served by exactly one live
+server with every share within one bucket, the sample sessions broken, the control
+datagrams per server per second, and how long each step took to settle.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import progress
+from manycast.sim.command import resolve, run_and_write
+
+PRESET = "pool-1000"
+DURATION_S = 60.0
+
+
+def run(preset: str = PRESET, duration: float | None = DURATION_S) -> dict[str, Any]:
+    name, topology, settings = resolve(preset, duration=duration)
+    with tempfile.TemporaryDirectory(prefix="scale-sim-") as directory:
+        report, _, _ = run_and_write(
+            name, topology, settings, Path(directory), progress=progress, plots=False
+        )
+    return {
+        "preset": name,
+        "membership": report["pool"]["membership"],
+        "servers": report["pool"]["servers"],
+        "routers": report["pool"]["routers"],
+        "addresses": report["population"]["addresses"],
+        "simulated_s": report["simulated_s"],
+        "wall_s": report["wall_s"],
+        "build_s": report["build_s"],
+        "cpu_s": report["cpu_s"],
+        "network_events": report["network_events"],
+        "ok": report["ok"],
+        "every_address_served_once": report["every_address_served_once"],
+        "share_error_within_one_bucket": report["share_error_within_one_bucket"],
+        "sessions": report["sessions"],
+        "control_per_server_per_s": report["control_per_server_per_s"],
+        "recovery": report["recovery"],
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def wall_of_1000_servers(part: dict[str, Any]) -> float | None:
+    """The figure `sim_1000_servers_wall_s`: the wall time of the 1000-server preset for
+    60 simulated seconds; None when this part ran something else (or not at all)."""
+    if part.get("preset") != PRESET or part.get("simulated_s") != DURATION_S:
+        return None
+    wall: float = part["wall_s"]
+    return wall
