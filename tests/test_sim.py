@@ -196,6 +196,8 @@ def test_the_large_preset_topology_is_an_ordinary_topology() -> None:
     assert len(topology.clients) == 300
     kills = [s for s in topology.scenario if s.action == "kill"]
     assert len(kills) == 100 and chosen.settings.addresses == 10**6
+    widest = loads(topology_text(PoolShape(servers=100, server_routers=90, client_routers=9)))
+    assert len(widest.routers) == 100
     with pytest.raises(ConfigError, match="at most 100"):
         topology_text(PoolShape(servers=10, server_routers=90, client_routers=10))
 

@@ -2,10 +2,11 @@
 
 Each preset is a `PoolShape` (a generated topology, `generate.py`) and the
 simulator's settings. The scenario is the same shape at every size: at
-`change_at` a tenth of the servers (at least one) are given 1.5 times an equal
+`change_at` one server in a hundred (at least two) is given 1.5 times an equal
 share; at `deaths_at` a tenth of the servers (at least one, chosen by the seed,
 the coordinator among the candidates) crash at once; at `joins_at` as many
-standby servers start.
+standby servers start. Every share change, death and join is a change of the
+pool's state of its own (one epoch each).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def scenario(
 ) -> list[tuple[float, str, dict[str, Any]]]:
     """Shares change, a tenth of the servers die, the standbys join."""
     tenth = max(1, servers // 10)
+    changed = min(servers, max(2, servers // 100))
     names = [f"s{i}" for i in range(1, servers + 1)]
     steps: list[tuple[float, str, dict[str, Any]]] = []
     share = Fraction(3, 2 * servers).limit_denominator(1 << 20)
-    for name in names[1 : 1 + tenth]:
+    for name in names[1 : 1 + changed]:
         steps.append((change_at, "set_share", {"server": name, "share": float(share)}))
     for name in sorted(random.Random(seed).sample(names, tenth), key=lambda n: int(n[1:])):
         steps.append((deaths_at, "kill", {"server": name}))
@@ -106,7 +108,7 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
             _preset(
                 "pool-100",
                 "100 servers (10 more on standby), 8 routers, 100 sample clients, 10^5"
-                " addresses, 20 s: share changes at 4 s, 10 deaths at 8 s, 10 joins at 13 s",
+                " addresses, 20 s: 2 share changes at 4 s, 10 deaths at 8 s, 10 joins at 13 s",
                 servers=100,
                 server_routers=5,
                 client_routers=2,
@@ -120,7 +122,8 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
             _preset(
                 "pool-1000",
                 "1000 servers (100 more on standby), 14 routers, 300 sample clients, 10^6"
-                " addresses, 60 s: share changes at 10 s, 100 deaths at 20 s, 100 joins at 35 s",
+                " addresses, 60 s: 10 share changes at 10 s, 100 deaths at 20 s, 100 joins"
+                " at 35 s",
                 servers=1000,
                 server_routers=10,
                 client_routers=3,
@@ -129,7 +132,9 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
                 duration=60.0,
                 times=(10.0, 20.0, 35.0),
                 membership=membership,
-                pool={"report_interval_ms": 5000},
+                # Membership refreshes every 10 s (routers forget a member after 35 s):
+                # every report reaches each of the 14 routers.
+                pool={"report_interval_ms": 10000},
             ),
         )
     }

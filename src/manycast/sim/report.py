@@ -67,7 +67,9 @@ def build_report(result: SimResult, name: str) -> dict[str, Any]:
     topology = result.topology
     settings = result.settings
     first_step = min((at for at, _, _ in result.events), default=settings.duration)
-    idle = [s.control_per_server_per_s for s in samples if 0 < s.t <= first_step]
+    # Idle: the second half of the time before the first step (the start, when every
+    # server announces itself and reports its portions, is not idle).
+    idle = [s.control_per_server_per_s for s in samples if first_step / 2 < s.t <= first_step]
     rates = [s.control_per_server_per_s for s in samples[1:]]
     standby = sum(1 for s in topology.servers.values() if s.standby)
     return {
