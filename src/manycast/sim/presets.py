@@ -94,14 +94,16 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
             _preset(
                 "pool-20",
                 "20 servers (2 more on standby), 4 routers, 40 sample clients, 10^4"
-                " addresses, 5 s: a share change at 1 s, 2 deaths at 2 s, 2 joins at 3 s",
+                " addresses, 5 s: 2 share changes at 0.5 s, 2 deaths at 1 s, 2 joins at 4 s",
                 servers=20,
                 server_routers=2,
                 client_routers=1,
                 sample_clients=40,
                 addresses=10_000,
                 duration=5.0,
-                times=(1.0, 2.0, 3.0),
+                # the joins after the dead servers' sessions have timed out (2 s), so
+                # each step's breaks are its own
+                times=(0.5, 1.0, 4.0),
                 membership=None,
                 sample_every=0.1,
             ),
