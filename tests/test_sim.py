@@ -237,3 +237,15 @@ def test_memoized_decoders_change_no_outcome() -> None:
     plain, fast = outcome(False), outcome(True)
     assert plain == fast
     assert plain[1][0][1] >= 4  # the share change, the removal and the addition happened
+
+
+def test_a_wall_limit_stops_the_run_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["sim", "pool-20", "--out", str(out), "--wall-limit", "0.3", "--no-plots", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"] is False
+    assert report["stopped"].startswith("the wall limit (0.3 s) at ")
+    assert report["simulated_s"] < 5.0
+    assert (out / "summary.txt").read_text().startswith("STOPPED by the wall limit")

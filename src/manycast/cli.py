@@ -411,6 +411,10 @@ def sim(
         float | None, typer.Option(help="Simulated seconds between samples (default 0.5).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for every random choice.")] = None,
+    wall_limit: Annotated[
+        float | None,
+        typer.Option(help="Stop after this many wall seconds and report what ran (exit 1)."),
+    ] = None,
     plots: Annotated[bool, typer.Option(help="Draw the plots (needs matplotlib).")] = True,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as one JSON object, last line.")
@@ -426,7 +430,11 @@ def sim(
     """
     from manycast.sim.command import resolve, run_and_write
 
-    for option, value in (("--duration", duration), ("--sample-every", sample_every)):
+    for option, value in (
+        ("--duration", duration),
+        ("--sample-every", sample_every),
+        ("--wall-limit", wall_limit),
+    ):
         if value is not None and value <= 0:
             raise fail(f"{option} must be positive")
     try:
@@ -437,6 +445,7 @@ def sim(
             addresses=addresses,
             seed=seed,
             sample_every=sample_every,
+            wall_limit_s=wall_limit,
         )
     except ConfigError as exc:
         raise fail(exc) from None

@@ -33,6 +33,7 @@ def resolve(
     addresses: int | None = None,
     seed: int | None = None,
     sample_every: float | None = None,
+    wall_limit_s: float | None = None,
 ) -> tuple[str, Topology, SimSettings]:
     """The pool named by `target`: a topology file when one exists there, else a preset
     (ConfigError naming the presets when it is neither). Options override the preset's
@@ -54,6 +55,7 @@ def resolve(
             ("addresses", addresses),
             ("seed", seed),
             ("sample_every", sample_every),
+            ("wall_limit_s", wall_limit_s),
         )
         if value is not None
     }

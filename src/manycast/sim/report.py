@@ -72,9 +72,11 @@ def build_report(result: SimResult, name: str) -> dict[str, Any]:
     idle = [s.control_per_server_per_s for s in samples if first_step / 2 < s.t <= first_step]
     rates = [s.control_per_server_per_s for s in samples[1:]]
     standby = sum(1 for s in topology.servers.values() if s.standby)
+    stopped = result.extra.get("stopped")
     return {
         "sim": name,
-        "ok": settled(end),
+        "ok": settled(end) and stopped is None,
+        "stopped": stopped,  # why the run ended before its duration (None: it did not)
         "every_address_served_once": end.unserved == 0 and end.served_twice == 0,
         "share_error_within_one_bucket": end.share_error_buckets <= 1,
         "end": asdict(end),
@@ -124,7 +126,13 @@ def summary_text(report: dict[str, Any]) -> str:
     def yes(flag: bool) -> str:
         return "yes" if flag else "NO"
 
+    stopped = (
+        [f"STOPPED by {report['stopped']}: the figures are those of that moment", ""]
+        if report.get("stopped")
+        else []
+    )
     lines = [
+        *stopped,
         f"simulation {report['sim']}: {pool['servers']} servers (+{pool['standby']} standby),"
         f" {pool['routers']} routers, {report['population']['addresses']} client addresses"
         f" ({report['population']['requests_per_s']:g} requests/s),"

@@ -32,6 +32,7 @@ class SimSettings:
     mean_rate: float = 0.1  # requests per second per modelled address, on average
     sample_every: float = 0.5
     seed: int = 0
+    wall_limit_s: float | None = None  # stop (and say so) after this many wall seconds
 
 
 @dataclass
@@ -71,13 +72,23 @@ def simulate(
         samples: list[Sample] = []
         next_progress = time.perf_counter() + PROGRESS_EVERY_S
         t = 0.0
+        stopped: str | None = None
+        limit = None if settings.wall_limit_s is None else began + settings.wall_limit_s
+
+        def out_of_time() -> bool:
+            return limit is not None and time.perf_counter() > limit
+
         while True:
             live = sorted(name for name in servers if name in network.nodes)
             samples.append(watcher.sample(network.now, live))
-            if t >= settings.duration:
+            if t >= settings.duration or stopped is not None:
                 break
             t = min(settings.duration, round(t + settings.sample_every, 9))
-            network.run_until(t)
+            if network.run_until(t, out_of_time if limit is not None else None):
+                stopped = (
+                    f"the wall limit ({settings.wall_limit_s:g} s) at {network.now:.3f}"
+                    f" simulated seconds of {settings.duration:g}"
+                )
             if progress is not None and time.perf_counter() >= next_progress:
                 next_progress = time.perf_counter() + PROGRESS_EVERY_S
                 last = samples[-1]
@@ -102,5 +113,5 @@ def simulate(
         cpu_s=time.process_time() - cpu,
         load_average=os.getloadavg(),
         membership=str(getattr(topology.pool, "membership", "heartbeat")),
-        extra={"sample_clients": len(clients), "clients_broken": broken},
+        extra={"sample_clients": len(clients), "clients_broken": broken, "stopped": stopped},
     )
