@@ -8,7 +8,7 @@ and DNS restarts each come from a stream of their own
 (`random.Random(f"{seed}:router_restart")`, `...:dns_restart`), so that the other
 kinds fall where they fell before these kinds existed.
 
-A private pool (the default) is the same pool with `private = true`, its key in a
+A private pool (`--private`) is the same pool with `private = true`, its key in a
 key file and its records on a DNS server of its own process (`[pool] dns`), which
 the `dns_restart` fault SIGKILLs and starts again.
 
