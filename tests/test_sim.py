@@ -249,3 +249,16 @@ def test_a_wall_limit_stops_the_run_and_says_so(tmp_path: Path) -> None:
     assert report["stopped"].startswith("the wall limit (0.3 s) at ")
     assert report["simulated_s"] < 5.0
     assert (out / "summary.txt").read_text().startswith("STOPPED by the wall limit")
+
+
+def test_the_small_preset_with_the_gossip_membership(tmp_path: Path) -> None:
+    args = ["sim", "pool-20", "--membership", "swim", "--out", str(tmp_path), "--no-plots"]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["pool"]["membership"] == "swim"
+    assert report["every_address_served_once"] and report["share_error_within_one_bucket"]
+    assert [step["settled_s"] is not None for step in report["recovery"]] == [True] * 3
+    wrong = CliRunner().invoke(app, ["sim", "pool-20", "--membership", "gossip", *args[4:]])
+    assert wrong.exit_code == 2
+    assert "membership 'gossip'" in " ".join(wrong.stderr.split())

@@ -405,7 +405,10 @@ def sim(
     ] = None,
     membership: Annotated[
         str | None,
-        typer.Option(help="A preset's [pool] membership (default: swim where the pool has it)."),
+        typer.Option(
+            help="A preset's [pool] membership: heartbeat or swim (default: swim for"
+            " pool-100 and pool-1000, the pool's default for pool-20)."
+        ),
     ] = None,
     sample_every: Annotated[
         float | None, typer.Option(help="Simulated seconds between samples (default 0.5).")

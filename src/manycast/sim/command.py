@@ -44,7 +44,7 @@ def resolve(
         settings = SimSettings(duration=topology.duration)
         name = path.stem
     else:
-        chosen = preset(target, membership or default_membership())
+        chosen = preset(target, membership, default_membership())
         topology = loads(topology_text(chosen.shape), f"<preset {chosen.name}>")
         settings = chosen.settings
         name = chosen.name

@@ -85,9 +85,11 @@ def _preset(
     return Preset(name, description, shape, settings)
 
 
-def presets(membership: str | None = None) -> dict[str, Preset]:
-    """Every preset by name. `membership` sets `[pool] membership` of the large ones
-    (None: the pool's default)."""
+def presets(membership: str | None = None, large: str | None = None) -> dict[str, Preset]:
+    """Every preset by name. `membership` sets `[pool] membership` of every preset;
+    without it the large ones take `large` (None: the pool's default), pool-20 the
+    pool's default."""
+    large = membership or large
     return {
         p.name: p
         for p in (
@@ -104,7 +106,7 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
                 # the joins after the dead servers' sessions have timed out (2 s), so
                 # each step's breaks are its own
                 times=(0.5, 1.0, 4.0),
-                membership=None,
+                membership=membership,
                 sample_every=0.1,
             ),
             _preset(
@@ -118,7 +120,7 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
                 addresses=100_000,
                 duration=20.0,
                 times=(4.0, 8.0, 13.0),
-                membership=membership,
+                membership=large,
                 sample_every=0.25,
             ),
             _preset(
@@ -133,7 +135,7 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
                 addresses=1_000_000,
                 duration=60.0,
                 times=(10.0, 20.0, 35.0),
-                membership=membership,
+                membership=large,
                 # Membership refreshes every 10 s (routers forget a member after 35 s):
                 # every report reaches each of the 14 routers.
                 pool={"report_interval_ms": 10000},
@@ -142,9 +144,9 @@ def presets(membership: str | None = None) -> dict[str, Preset]:
     }
 
 
-def preset(name: str, membership: str | None = None) -> Preset:
+def preset(name: str, membership: str | None = None, large: str | None = None) -> Preset:
     """The preset `name`; ConfigError naming the presets there are when none is called so."""
-    found = presets(membership).get(name)
+    found = presets(membership, large).get(name)
     if found is None:
         known = ", ".join(presets())
         raise ConfigError(f"no preset named {name!r} (presets: {known}), nor a file of that name")
