@@ -38,7 +38,7 @@ from manycast.wire.ip import (
     decrement_ttl_v4,
     forward_copy_v4,
 )
-from manycast.wire.membership import IGMPv3Report, RecordType, igmp_packet
+from manycast.wire.membership import GroupRecord, IGMPv3Report, RecordType, igmp_packet
 from test_private import C1, S1, datagram, join, make_router, registration
 from test_private import GROUP as PRIVATE_GROUP
 
@@ -205,12 +205,15 @@ def test_a_batch_served_by_the_fast_path_matches_the_router_packet_for_packet(
     assert node.stats.members_down == 1 and node.stats.ttl_expired == 1
     assert node.stats.no_member == 1 and node.stats.malformed == 2
     assert node.membership() == twin.membership()
-    # Every repeat was sent by the driver: before the notice 2 x (6 odd clients to s2,
-    # 6 even to both), the options packet (its addresses have an entry), after it the
-    # even clients' second round to s1 (the odd ones now go nowhere: no entry).
-    assert sum(credited) == 2 * (6 + 6 * 2) + 1 + 6
-    # Refilled after the notice emptied it: the even clients, toward s1 only.
-    assert entries == 6
+    # Entries are per cell of the members' masks (odd and even sources), so only a
+    # cell's first packet goes to the router. Before the notice, of 3 rounds of 6 odd
+    # clients (to s2) and 6 even (to both), all but the first odd and the first even:
+    # 5 + 5 * 2 + 2 * (6 + 6 * 2); the options packet (its cell has an entry); after
+    # the notice the even clients' 12 packets to s1 but the first (the odd ones now go
+    # nowhere: no entry).
+    assert sum(credited) == 5 + 5 * 2 + 2 * (6 + 6 * 2) + 1 + 11
+    # Refilled after the notice emptied it: one entry, the even cell toward s1.
+    assert entries == 1
     assert all(outs == (("down", int(DOWN[1])),) for outs in node.fast_path.tables["up"].values())
 
 
@@ -223,7 +226,9 @@ def test_nothing_is_installed_unless_a_driver_serves_the_tables() -> None:
     assert all(not table for table in node.fast_path.tables.values())
     node.fast_path.served = True
     node.receive("up", data(CLIENTS[8]), 1.0)
-    assert node.fast_path.tables["up"] == {data(CLIENTS[8])[12:20]: (("down", int(DOWN[1])),)}
+    assert node.fast_path.tables["up"] == {
+        node.fast_path.key(data(CLIENTS[8])): (("down", int(DOWN[1])),)
+    }
     # Any change of membership empties every table.
     node.receive("side", report(GROUP, ALL, SIDE[1]), 2.0)
     assert all(not table for table in node.fast_path.tables.values())
@@ -278,3 +283,28 @@ def test_forward_copy_is_the_decrement_exactly_when_the_router_would_forward(
     for packet in (data, bytes([first]) + data[1:]):
         forwards = len(packet) >= 20 and 0x45 <= packet[0] <= 0x4F and packet[8] > 1
         assert forward_copy_v4(packet) == (decrement_ttl_v4(packet) if forwards else None)
+
+
+def test_forwarding_state_follows_the_portions_not_the_clients() -> None:
+    """10 000 client sources, two members splitting them on the lowest bit: the
+    router's cache and its fast path hold one entry per cell (2), and every copy goes
+    where a per-source decision would send it. A source-specific join (a whole address)
+    makes the cells single addresses again."""
+    node = router()
+    node.fast_path.served = True
+    odd = PortionSet((Portion(4, 1, 1),))
+    node.receive("down", report(GROUP, EVEN, DOWN[1]), 0.0)
+    node.receive("side", report(GROUP, odd, SIDE[1]), 0.0)
+    node.take_frames()
+    sources = [CLIENTS[i] for i in range(1, 10_001)]
+    for source in sources:
+        node.receive("up", data(source), 1.0)
+    frames = node.take_frames()
+    assert [f.iface for f in frames] == ["down" if int(s) % 2 == 0 else "side" for s in sources]
+    assert len(node._mfc[int(GROUP)]) == 2
+    assert len(node.fast_path.tables["up"]) == 2
+    pinned = GroupRecord(RecordType.ALLOW_NEW_SOURCES, GROUP, sources=(CLIENTS[3],))
+    node.receive("side", igmp_packet(IGMPv3Report((pinned,)), SIDE[2]).to_wire(), 2.0)
+    for source in sources[:100]:
+        node.receive("up", data(source), 3.0)
+    assert len(node._mfc[int(GROUP)]) == 100

@@ -492,6 +492,7 @@ class AsyncOverlay:
         if fast is not None and host.generation != fast.generation:
             _forget(host)
             host.generation = fast.generation
+        key_mask = fast.key_mask if fast is not None else 0
         known = host.known.get(iface, {})
         learn = self._learn
         batch = _BATCH
@@ -517,7 +518,7 @@ class AsyncOverlay:
                         break
                     n += 1
                     if serve and length >= 20:
-                        key = addresses(buffer, 12)[0]
+                        key = addresses(buffer, 12)[0] & key_mask
                         sends = known.get(key) or learn(host, iface, key)
                         # `forward_in_place_v4`, inlined (the call was a tenth of the
                         # per-packet cost): only IPv4 as the router takes it, TTL
@@ -547,6 +548,7 @@ class AsyncOverlay:
                         # Membership changed: what was learnt is void.
                         _forget(host)
                         host.generation = fast.generation
+                        key_mask = fast.key_mask
                     serve = serve and self.capture is None and port.open
             finally:
                 if copies and fast is not None:
@@ -563,8 +565,7 @@ class AsyncOverlay:
         in `known`; None (the router's own path) without one, or when a copy goes on a
         link with emulated delay or loss, or to a neighbour with no endpoint yet."""
         fast = host.fast
-        addresses = key.to_bytes(8, "big")
-        outs = None if fast is None else fast.tables.get(iface, {}).get(addresses)
+        outs = None if fast is None else fast.tables.get(iface, {}).get(key)
         if outs is None:
             return None
         sends = []

@@ -17,7 +17,16 @@ An entry exists only while the router would do exactly this with the packet:
 - dropped, with every other entry, when the router's membership of any group
   changes (`invalidate`): a join, a leave, an expiry, a member-down notice.
 
+Entries are kept per portion, not per client: a packet's fate depends only on the
+bits of its source that some member's mask looks at (`source_mask`, the union of
+every mask the router's members joined with), so the key is the source with the
+other bits cleared, then the group. A pool's portions cut the space on a few index
+bits: a million client addresses fill as many entries as the portions' cells, not
+a million. A source-specific join (a whole address) makes the mask whole again.
+
 The rules a driver follows (`lookup` states them in code):
+- the key of a datagram is its bytes 12-19 (source, then destination address) as
+  one big-endian number, ANDed with `key_mask`;
 - only a datagram that hits the table of its arrival interface, has a first byte
   0x45-0x4F (IPv4, a header the router accepts) and TTL above 1 is served here;
   every other datagram goes to `Router.receive` as before (so the router still
@@ -46,15 +55,19 @@ class _Counted(Protocol):
     multicast_forwarded: int
 
 
-class FastPath:
-    """Arrival interface -> the packet's bytes 12-20 (source, then destination
-    address) -> the copies to send. The per-interface tables are created once and
-    only ever cleared in place, so a driver may hold one across a batch."""
+FULL_KEY = (1 << 64) - 1
 
-    __slots__ = ("_stats", "generation", "served", "tables")
+
+class FastPath:
+    """Arrival interface -> the packet's key (its source's masked bits, then its
+    destination) -> the copies to send. The per-interface tables are created once
+    and only ever cleared in place, so a driver may hold one across a batch."""
+
+    __slots__ = ("_stats", "generation", "key_mask", "served", "tables")
 
     def __init__(self, interfaces: Iterable[str], stats: _Counted) -> None:
-        self.tables: dict[str, dict[bytes, Outs]] = {name: {} for name in interfaces}
+        self.tables: dict[str, dict[int, Outs]] = {name: {} for name in interfaces}
+        self.key_mask = FULL_KEY
         self._stats = stats
         # Set by a driver that serves the tables; until then nothing is installed
         # (a driver that hands every packet to the router pays nothing for them).
@@ -72,20 +85,25 @@ class FastPath:
             return
         if len(table) >= FAST_PATH_LIMIT:
             table.clear()
-        table[packet[12:20]] = outs
+        table[self.key(packet)] = outs
 
-    def invalidate(self) -> None:
+    def key(self, packet: bytes) -> int:
+        return int.from_bytes(packet[12:20], "big") & self.key_mask
+
+    def invalidate(self, source_mask: int = 0xFFFFFFFF) -> None:
+        """Membership changed: every entry goes; `source_mask` is the union of the
+        masks the router's members now join with."""
         for table in self.tables.values():
             table.clear()
+        self.key_mask = (source_mask & 0xFFFFFFFF) << 32 | 0xFFFFFFFF
         self.generation += 1
 
     def credit(self, copies: int) -> None:
         """A driver sent `copies` forwarded copies from the tables."""
         self._stats.multicast_forwarded += copies
 
-    @staticmethod
-    def lookup(table: dict[bytes, Outs], packet: bytes) -> Outs | None:
+    def lookup(self, table: dict[int, Outs], packet: bytes) -> Outs | None:
         """The copies of `packet` the fast path may send, or None: hand it to the
         router. (Drivers inline this test on their per-datagram path.)"""
-        outs = table.get(packet[12:20])
+        outs = table.get(self.key(packet))
         return outs if outs is not None and forward_copy_v4(packet) is not None else None

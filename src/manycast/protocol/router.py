@@ -192,8 +192,12 @@ class Router(Node):
         self._routes.sort(key=lambda r: -r.prefixlen)
         self._fib: dict[int, tuple[str, int] | None] = {}
         self.querier = Querier(interfaces, self.router_ifaces, self.send, self.route, self.timers)
-        # group -> source -> outgoing (interface, neighbour) pairs: the forwarding cache
+        # group -> masked source -> outgoing (interface, neighbour) pairs: the forwarding
+        # cache. A packet's fate depends only on the bits of its source some member's
+        # mask looks at (`_cell_masks`: per group, the union of its members' masks), so
+        # entries follow the portions' cells, not the clients.
         self._mfc: dict[int, dict[int, tuple[tuple[str, int], ...]]] = {}
+        self._cell_masks: dict[int, int] = {}
         # Label switching and edge flow tags: a VIP pool's router, with VIP routing
         # (Fig 17-18), or a manycast pool's under R4 (Fig 16), whose tags are for
         # connections to the group.
@@ -292,12 +296,13 @@ class Router(Node):
         cache = self._mfc.get(group)
         if cache is None:
             cache = self._mfc[group] = {}
-        outs = cache.get(src)
+        cell = src & self._cell_masks.get(group, 0)
+        outs = cache.get(cell)
         if outs is None:
             outs = self.resolve(src, group)
             if len(cache) >= _MFC_LIMIT:
                 cache.clear()
-            cache[src] = outs
+            cache[cell] = outs
         if not outs:
             self.stats.no_member += 1
             return
@@ -583,7 +588,15 @@ class Router(Node):
 
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)
-        self.fast_path.invalidate()
+        mask = 0
+        for member in self.members.get(group, {}).values():
+            for _, pair_mask in member.filter.include + member.filter.exclude:
+                mask |= pair_mask
+        self._cell_masks[group] = mask
+        union = 0
+        for group_mask in self._cell_masks.values():
+            union |= group_mask
+        self.fast_path.invalidate(union)
         self.effects.append(GroupChanged(group))
 
     def _arm_expiry(self) -> None:
