@@ -30,6 +30,7 @@ from pooltools import (
     start,
 )
 
+
 @pytest.fixture(autouse=True, params=["heartbeat", "swim"])
 def membership(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test here runs with both ways of finding out who is alive: all-to-all
