@@ -422,8 +422,8 @@ def router_families(items: Sequence[RouterItem]) -> list[Metric]:
     )
     entries = _gauge(
         "manycast_router_forwarding_entries",
-        "(source, group) forwarding entries: the router's cache, or the kernel's table in "
-        "the lab.",
+        "Forwarding entries: the router's cache (one per group and cell of its members'"
+        " masks), or the kernel's (source, group) table in the lab.",
         ["router"],
     )
     members = _gauge(
