@@ -768,6 +768,10 @@ class Coordinator:
             ]
             if min([self.name, *holders]) != self.name:
                 return
+        # With the gossip membership, to the asker alone (its address came with its
+        # probes): on the channel every part would reach every member.
+        asker = self.peers.get(request.sender) if self.swim is not None else None
+        to = asker.address if asker is not None and int(asker.address) else None
         for part in control.snapshot_parts(
             self.epoch,
             state.allocation,
@@ -775,7 +779,7 @@ class Coordinator:
             seq=self._next_seq(),
             weights=state.weights,
         ):
-            self._send(part)
+            self._send(part, to)
 
     def _on_snapshot(self, part: control.Snapshot, now: float) -> None:
         if (part.epoch, part.digest) <= self.view:

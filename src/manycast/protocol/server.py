@@ -360,7 +360,10 @@ class Server(Node):
         new = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
         self.portions = new
         self._filter = SourceFilter.of(new) if len(new) else None
-        self._send_report(now, refresh=False, previous=old)
+        if old != new or self.settings.vip:
+            # (Portions unchanged: the routers have them; in a large pool most servers
+            # keep theirs through a change, and each report reaches every router.)
+            self._send_report(now, refresh=False, previous=old)
         if not self.settings.vip:
             self.handover.after_change(self._filter, now)
 
