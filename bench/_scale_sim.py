@@ -14,7 +14,7 @@ datagrams per server per second, and how long each step took to settle.
 
 from __future__ import annotations
 
-import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
+import _common  # isort: skip  # first: a missing package ends in the JSON line
 import os
 import tempfile
 from pathlib import Path
@@ -68,3 +68,7 @@ def wall_of_1000_servers(part: dict[str, Any]) -> float | None:
         return None
     wall: float = part["wall_s"]
     return wall
+
+
+if __name__ == "__main__":
+    _common.not_a_bench(__file__, "bench/scale.py")
