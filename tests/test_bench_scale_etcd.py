@@ -20,7 +20,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 def scale(*args: str) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, str(BENCH / "scale.py"), "--max-n", "4", *args],
+        [sys.executable, str(BENCH / "scale.py"), "--max-n", "4", "--skip-sim", *args],
         capture_output=True,
         text=True,
         timeout=300,
