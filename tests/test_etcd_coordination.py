@@ -116,6 +116,16 @@ class Ownership:
                 mask &= ~self.space.buckets_of(portion)
         return mask
 
+    def report(self, run: PoolRun) -> str:
+        """The first overlaps, each server's serving timeline and its adopted changes:
+        what a failure needs to be understood."""
+        lines = [f"overlaps (first 10): {self.overlaps[:10]}"]
+        for name, timeline in self.timeline.items():
+            core = run.nodes.servers[name].coordinator
+            changes = core.changes if isinstance(core, LeasedCoordinator) else []
+            lines.append(f"{name} served {timeline} changes {changes}")
+        return "\n".join(lines)
+
     def check(self, now: float) -> None:
         running = [n for n in self.served if n in self.run.network.nodes]  # type: ignore[attr-defined]
         count = sum(self.served[n].astype(int) for n in running)
@@ -216,7 +226,7 @@ def test_clients_are_served_and_a_dead_server_is_replaced_when_its_lease_expires
             assert watch.served[name].sum() == states[-1].state.allocation.count(name)
     finally:
         run.close()
-    assert watch.overlaps == []
+    assert watch.overlaps == [], watch.report(run)
 
 
 def test_share_changes_commit_through_transactions_on_the_epoch(cluster: EtcdCluster) -> None:
@@ -256,7 +266,7 @@ def test_share_changes_commit_through_transactions_on_the_epoch(cluster: EtcdClu
         assert coordination(run, "s1").changes[-1][0] - at < WAIT
     finally:
         run.close()
-    assert watch.overlaps == []
+    assert watch.overlaps == [], watch.report(run)
 
 
 def test_a_server_started_later_registers_and_is_given_its_share(cluster: EtcdCluster) -> None:
@@ -274,7 +284,7 @@ def test_a_server_started_later_registers_and_is_given_its_share(cluster: EtcdCl
         assert watch.served["s5"].sum() == last.state.allocation.count("s5") > 0
     finally:
         run.close()
-    assert watch.overlaps == []
+    assert watch.overlaps == [], watch.report(run)
 
 
 def test_a_partition_gives_no_bucket_two_owners_and_the_minority_changes_nothing(
@@ -332,4 +342,4 @@ def test_a_partition_gives_no_bucket_two_owners_and_the_minority_changes_nothing
         assert net.run_until(net.now + WAIT, settled(run, watch, everyone)), watch.timeline
     finally:
         run.close()
-    assert watch.overlaps == []
+    assert watch.overlaps == [], watch.report(run)

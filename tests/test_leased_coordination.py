@@ -129,6 +129,34 @@ def test_a_server_stops_serving_before_its_lease_can_run_out_and_resumes_on_rene
     assert serves(c) == START.allocation.count("s1")
 
 
+def test_a_server_back_with_a_new_lease_takes_nothing_up_from_a_view_older_than_its_key() -> None:
+    """Found by test_etcd_coordination's partition test (one run in about ten): s3, cut
+    off from the quorum, fenced itself; its lease expired and the others took its
+    buckets without waiting for it. Back, with a new lease, it still held its view from
+    before the cut (epoch 1, everyone applied): it took its old buckets up again
+    while s1 served them, until the fresh view arrived 20 ms later."""
+    c = core("s3")
+    stored = StoredState(1, START, "s1", "initial state")
+    c.on_registered(5, 0.0)
+    c.on_lease(LEASE, 0.0)
+    c.on_store(StoreView(stored, members({"s1": 1, "s2": 1}), revision=6), 0.01)
+    c.on_timer(0.01)
+    assert serves(c) == START.allocation.count("s3") > 0
+    run_until(c, LEASE)  # cut off: no renewal answered, so fenced
+    assert serves(c) == 0
+    c.on_lease_lost(3.0)  # the store expired the lease (the others removed s3 meanwhile)
+    c.on_registered(40, 3.5)  # a new lease, our key written again at revision 40
+    c.on_lease(3.5 + LEASE, 3.5)
+    c.on_timer(3.5)
+    assert c.serving() == 0 and serves(c) in (None, 0)  # the view of revision 6 decides nothing
+    c.on_store(StoreView(stored, members({"s1": 1, "s2": 1}), revision=39), 3.51)
+    c.on_timer(3.51)
+    assert c.serving() == 0  # nor one read before our key was there
+    c.on_store(StoreView(stored, members({"s1": 1, "s2": 1}), revision=40), 3.52)
+    c.on_timer(3.52)
+    assert serves(c) == START.allocation.count("s3")  # (a store still at epoch 1: ours again)
+
+
 def test_buckets_taken_are_left_at_once_and_buckets_given_wait_for_their_last_owner() -> None:
     one = StoredState(1, START, "s1", "initial state")
     two = StoredState(2, START.set_share("s1", Fraction(1, 2)), "s1", "set s1")

@@ -24,7 +24,8 @@ the data-plane handoffs). The rules:
   once every live member's key says it has applied that same epoch. A member cut off
   from the store is waited for until its lease expires, by which time it has fenced
   itself: no bucket is served by two servers at any moment, and a change's gains
-  wait at most one lease time.
+  wait at most one lease time. A server whose lease ran out was not waited for, so
+  once it has a new one it takes nothing up from a view older than its new key.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from manycast.space import Allocation
 from manycast.wire import control
 from manycast.wire.control import ServerState
 
+UNREGISTERED = 1 << 62  # no member key of ours since our lease was lost
 UNSERVED = "~unserved"  # owns what we withhold when the allocation names nobody else
 
 
@@ -95,6 +97,8 @@ class LeasedCoordinator(Coordinator):
         self._asked: list[tuple[control.PolicyOp, float]] = []  # commands, with give-up
         self._serving = np.zeros(settings.space.buckets, dtype=bool)
         self._handed_epoch = 0
+        self._registered = 0  # the store's revision when our member key was written
+        self._view_revision = 0  # the store's revision of the view we act on
         self._wake: float | None = None
         self.unreadable: str | None = None
         # Called whenever a request is queued: the I/O side takes them soon after.
@@ -110,9 +114,18 @@ class LeasedCoordinator(Coordinator):
         """The store no longer has our lease (expired): we are no member until we
         register again with a new one."""
         self._lease_until = float("-inf")
+        self._registered = UNREGISTERED
+        self._wake = now
+
+    def on_registered(self, revision: int, now: float) -> None:
+        """Our member key was written at the store's `revision`. While it was gone the
+        others took our buckets without waiting for us, so a view older than it may
+        show a state they have left: we take nothing up from one."""
+        self._registered = revision
         self._wake = now
 
     def on_store(self, view: StoreView, now: float) -> None:
+        self._view_revision = view.revision
         self._members = {n: r for n, r in view.members.items() if n != self.name}
         self._seen.update(self._members)
         for name, record in self._members.items():
@@ -241,6 +254,10 @@ class LeasedCoordinator(Coordinator):
         self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold_s)
         self.changes.append((now, stored.epoch, f"{stored.why} by {stored.by}"))
 
+    def _view_current(self) -> bool:
+        """Our view is of a time our member key was there (others wait for us)."""
+        return self._view_revision >= self._registered
+
     def _settled(self) -> bool:
         """Every other live member keeps within the allocation of our epoch."""
         return all(record.applied == self.epoch for record in self._members.values())
@@ -259,7 +276,7 @@ class LeasedCoordinator(Coordinator):
         )
         if not self.lease_valid(now):
             serve = np.zeros_like(mine)
-        elif (mine & ~self._serving).any() and self._settled():
+        elif (mine & ~self._serving).any() and self._settled() and self._view_current():
             serve = mine
         else:
             serve = self._serving & mine

@@ -102,11 +102,13 @@ class EtcdClient:
         revision = int(answer.get("header", {}).get("revision", 0))
         return revision, [_key_value(kv) for kv in answer.get("kvs", [])]
 
-    async def put(self, key: str, value: bytes, lease: int = 0) -> None:
+    async def put(self, key: str, value: bytes, lease: int = 0) -> int:
+        """Write `key` (on `lease` if given): the store's revision after the write."""
         body: dict[str, Any] = {"key": b64(key), "value": b64(value)}
         if lease:
             body["lease"] = str(lease)
-        await self._call("/v3/kv/put", body)
+        answer = await self._call("/v3/kv/put", body)
+        return int(answer.get("header", {}).get("revision", 0))
 
     async def txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
         """Carry out `success` if every comparison holds; whether it was carried out."""

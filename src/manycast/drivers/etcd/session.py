@@ -121,11 +121,16 @@ class EtcdSession:
 
     async def _register(self) -> None:
         """A lease (a new one if we have none), our member key on it, the pool's keys."""
+        granted: float | None = None
         if self._lease is None:
             sent = self._clock()
             self._lease, ttl = await self.client.grant(self.ttl)
-            self._deliver(functools.partial(self.core.on_lease, sent + ttl))
-        await self.client.put(self._member_key, self.core.record().encode(), self._lease)
+            granted = sent + ttl
+        revision = await self.client.put(self._member_key, self.core.record().encode(), self._lease)
+        # Registered before the lease counts: no view older than our key may decide a gain.
+        self._deliver(functools.partial(self.core.on_registered, revision))
+        if granted is not None:
+            self._deliver(functools.partial(self.core.on_lease, granted))
         await self._read()
         self._failing = False
 
