@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Iterable
 
@@ -30,11 +31,19 @@ def free_port(host: str = DEFAULT_HOST) -> int:
     raise DriverError(f"no port free for both UDP and TCP on {host}")
 
 
+_BASES = range(41000, 60000, 397)
+
+
 def free_base_port(
-    count: int, search: Iterable[int] = range(41000, 60000, 397), host: str = DEFAULT_HOST
+    count: int, search: Iterable[int] | None = None, host: str = DEFAULT_HOST
 ) -> int:
     """A base port with `count` free UDP ports above it on `host` (checked by binding),
-    for a pool that runs in one process or on one machine."""
+    for a pool that runs in one process or on one machine. By default the search
+    starts at a place of this process's own, so that pools started at the same time
+    by different processes seldom pick the same range between the check and the bind."""
+    if search is None:
+        start = os.getpid() % len(_BASES)
+        search = [*_BASES[start:], *_BASES[:start]]
     for base in search:
         sockets: list[socket.socket] = []
         try:

@@ -90,7 +90,11 @@ class _Port:
         self.unicast: dict[int, tuple[Endpoint]] = {}
 
 
-_Direct = tuple[Callable[[bytes | memoryview, Endpoint], int], Endpoint, _Port]
+_Send = Callable[[bytes | memoryview, Endpoint], int]
+_Direct = tuple[_Send, Endpoint, _Port]
+# A fast-path entry: the first copy's send, endpoint, port and counters, then the
+# other copies alike (mostly none: one owner per portion).
+_Sends = tuple[_Send, Endpoint, _Port, LinkCounters, tuple["_Sends", ...]]
 
 
 class _Hosted:
@@ -121,7 +125,7 @@ class _Hosted:
         self.direct: dict[tuple[str, int], _Direct] = {}
         # The router's fast-path tables translated to those sends, per arrival
         # interface; valid while the router's `generation` is this one.
-        self.known: dict[str, dict[int, tuple[_Direct, ...]]] = {
+        self.known: dict[str, dict[int, _Sends]] = {
             name: {} for name in (self.fast.tables if self.fast is not None else ())
         }
         self.generation = -1
@@ -493,10 +497,11 @@ class AsyncOverlay:
             _forget(host)
             host.generation = fast.generation
         key_mask = fast.key_mask if fast is not None else 0
+        low_key = key_mask <= 0xFF
         known = host.known.get(iface, {})
         learn = self._learn
         batch = _BATCH
-        copies = 0
+        forwarded_n = extra = 0  # packets sent from the tables, and copies beyond one each
         n = 0
         try:
             try:
@@ -518,7 +523,12 @@ class AsyncOverlay:
                         break
                     n += 1
                     if serve and length >= 20:
-                        key = addresses(buffer, 12)[0] & key_mask
+                        # The key: the source address under the members' masks (one
+                        # byte to read when the masks are all in the lowest).
+                        if low_key:
+                            key = buffer[15] & key_mask
+                        else:
+                            key = addresses(buffer, 12)[0] & key_mask
                         sends = known.get(key) or learn(host, iface, key)
                         # `forward_in_place_v4`, inlined (the call was a tenth of the
                         # per-packet cost): only IPv4 as the router takes it, TTL
@@ -526,18 +536,33 @@ class AsyncOverlay:
                         ttl = buffer[8]
                         if sends is not None and ttl > 1 and 0x45 <= buffer[0] <= 0x4F:
                             buffer[8] = ttl - 1
-                            patched = ((buffer[10] << 8 | buffer[11]) + 0x100) % 0xFFFF
-                            buffer[10] = patched >> 8
-                            buffer[11] = patched & 0xFF
+                            # RFC 1624: the checksum goes up by 0x0100; only a high
+                            # byte near 0xFF needs the whole sum (end-around carry).
+                            high = buffer[10]
+                            if high < 0xFE:
+                                buffer[10] = high + 1
+                            else:
+                                patched = ((high << 8 | buffer[11]) + 0x100) % 0xFFFF
+                                buffer[10] = patched >> 8
+                                buffer[11] = patched & 0xFF
                             forwarded = view[:length]
-                            for sendto, address, to in sends:  # _send, inlined
-                                try:
-                                    sendto(forwarded, address)
-                                except OSError as exc:
-                                    self._send_failed(to, forwarded, address, exc)
-                                else:
-                                    to.counters.sent += 1
-                            copies += len(sends)
+                            sendto, address, to, counters, more = sends  # _send, inlined
+                            try:
+                                sendto(forwarded, address)
+                            except OSError as exc:
+                                self._send_failed(to, forwarded, address, exc)
+                            else:
+                                counters.sent += 1
+                            if more:
+                                for sendto, address, to, counters, _ in more:
+                                    try:
+                                        sendto(forwarded, address)
+                                    except OSError as exc:
+                                        self._send_failed(to, forwarded, address, exc)
+                                    else:
+                                        counters.sent += 1
+                                extra += len(more)
+                            forwarded_n += 1
                             continue
                     receive(iface, bytes(view[:length]), clock() - t0)
                     # Frames and effects after each packet, in order; the timer once
@@ -549,10 +574,11 @@ class AsyncOverlay:
                         _forget(host)
                         host.generation = fast.generation
                         key_mask = fast.key_mask
+                        low_key = key_mask <= 0xFF
                     serve = serve and self.capture is None and port.open
             finally:
-                if copies and fast is not None:
-                    fast.credit(copies)
+                if forwarded_n and fast is not None:
+                    fast.credit(forwarded_n + extra)
                 if n:
                     host.arm(node, node.next_deadline())
         except Exception as exc:
@@ -560,24 +586,27 @@ class AsyncOverlay:
         finally:
             port.counters.received += n
 
-    def _learn(self, host: _Hosted, iface: str, key: int) -> tuple[_Direct, ...] | None:
+    def _learn(self, host: _Hosted, iface: str, key: int) -> _Sends | None:
         """The sends for a packet the router's fast path has an entry for, remembered
         in `known`; None (the router's own path) without one, or when a copy goes on a
         link with emulated delay or loss, or to a neighbour with no endpoint yet."""
         fast = host.fast
         outs = None if fast is None else fast.tables.get(iface, {}).get(key)
-        if outs is None:
+        if not outs:
             return None
-        sends = []
+        sends: list[_Sends] = []
         for out in outs:
             hop = host.direct.get(out)
             if hop is None:
                 return None
-            sends.append(hop)
+            sendto, address, port = hop
+            sends.append((sendto, address, port, port.counters, ()))
+        first = sends[0]
+        learnt: _Sends = (*first[:4], tuple(sends[1:]))
         known = host.known[iface]
         if len(known) >= FAST_PATH_LIMIT:
             known.clear()
-        known[key] = learnt = tuple(sends)
+        known[key] = learnt
         return learnt
 
     def _after(self, host: _Hosted) -> None:
