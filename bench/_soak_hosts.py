@@ -401,11 +401,15 @@ def router_child(
     """One incarnation of `router`: builds it (the ports stay unbound, so it can wait
     while the last incarnation still holds them), reports "built", and on ("go",
     go_at, bench_start, end_at), CLOCK_MONOTONIC instants, starts at go_at with
-    nothing but its configuration, reports ("up", bench time) once its endpoints are
-    bound, and runs until end_at unless SIGKILLed first."""
+    nothing but its configuration and its key cache, reports ("up", bench time) once
+    its endpoints are bound, and runs until end_at unless SIGKILLed first."""
     _tee(log)
     try:
-        run = PoolRun(loads(text), "overlay", seed=seed, base_port=base, local={router})
+        # The keys the last incarnation got from DNS (finding 8 in docs/soak.md).
+        keys = log.parent / "router-keys"
+        run = PoolRun(
+            loads(text), "overlay", seed=seed, base_port=base, local={router}, key_cache=keys
+        )
         conn.send(("built", None))
         message, go_at, bench_start, end_at = conn.recv()
         if message != "go":

@@ -350,6 +350,13 @@ def run(
     base_port: Annotated[
         int, typer.Option(help="First UDP port of the overlay endpoints.")
     ] = 47000,
+    key_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="A directory where each router hosted here keeps the pool keys it got "
+            "from DNS, to start with them after a restart (used while DNS gives no answer)."
+        ),
+    ] = None,
     web: _WebOption = None,
     metrics: _MetricsOption = None,
     pcap: _PcapOption = None,
@@ -376,7 +383,9 @@ def run(
     if length <= 0:
         raise fail("--duration must be positive")
     try:
-        pool = PoolRun(topo, "overlay", seed=seed, base_port=base_port, local=local)
+        pool = PoolRun(
+            topo, "overlay", seed=seed, base_port=base_port, local=local, key_cache=key_cache
+        )
     except ConfigError as exc:  # a step this driver cannot carry out (`move`)
         raise fail(exc) from None
     title = f"manycast run {topology.name}"

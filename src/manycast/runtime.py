@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from manycast.drivers.etcd import EtcdSessions
 from manycast.drivers.factory import open_network
 from manycast.naming import (
     KeyAnswer,
+    KeyCache,
     PoolRecord,
     key_from_directory,
     lookup_key,
@@ -97,6 +99,9 @@ class PoolRun:
     seed: int = 0
     base_port: int = 47000
     local: set[str] | None = None
+    # A directory where each hosted router keeps the pool keys it got from DNS, to
+    # start with them after a restart (`naming/keycache.py`); None: no cache.
+    key_cache: Path | None = None
     nodes: Nodes = field(init=False)
     engine: ScenarioEngine = field(init=False)
     _net: Network = field(init=False)
@@ -114,6 +119,9 @@ class PoolRun:
         self.nodes = build(
             self.topology, seed=self.seed, wall_base=self._net.wall_base, only=self.local
         )
+        self._key_caches: dict[str, KeyCache] = {}
+        for router in self.nodes.routers.values():
+            self._restore_keys(router)
         for node in self.nodes.running():
             self._net.add(node)
         self._net.on_effect = self._on_effect
@@ -161,6 +169,26 @@ class PoolRun:
     def kill_node(self, name: str) -> None:
         self._net.kill(name)
 
+    def start_router(self, name: str) -> Router:
+        """A fresh router `name` in place of one killed, as a new process would start
+        it: knowing nothing but what its key cache kept."""
+        fresh = build(
+            self.topology, seed=self.seed, wall_base=self._net.wall_base, only={name}
+        ).routers[name]
+        self.nodes.routers[name] = fresh
+        self._restore_keys(fresh)
+        self._net.add(fresh)
+        return fresh
+
+    def _restore_keys(self, router: Router) -> None:
+        if self.key_cache is None or router.admission is None:
+            return
+        cache = KeyCache(self.key_cache / f"{router.name}.keys.json", router.admission.max_stale)
+        self._key_caches[router.name] = cache
+        wall = time.time()
+        for kept in cache.load():
+            router.restore_key(kept.group, kept.public_key, kept.stale_until - wall, self._net.now)
+
     def command(self, server: str, op: control.PolicyOp) -> None:
         self.nodes.servers[server].command(op, self._net.now)
 
@@ -175,6 +203,11 @@ class PoolRun:
             router, group = node, effect.group
 
             def answer(reply: KeyAnswer) -> None:
+                cache = self._key_caches.get(router.name)
+                if cache is not None and reply.public_key is not None:
+                    cache.remember(group, reply.public_key, reply.ttl)
+                elif cache is not None and not reply.unanswered:
+                    cache.forget(group)  # gone or bad: not to be served after a restart
                 router.provide_key(
                     group,
                     reply.public_key,

@@ -12,6 +12,7 @@ clients to check a change of destination (Fig 21). The package, by concept:
 * `transport`: queries and updates as sans-I/O steps, driven sync or on asyncio.
 * `client`: lookups by alias or group, publish and withdraw.
 * `keylookup`: one `KeyAnswer` for a router's key question, from a directory or DNS.
+* `keycache`: a router's keys on disk across its restarts (served stale while DNS is down).
 """
 
 from manycast.addressplan import (
@@ -32,6 +33,7 @@ from manycast.naming.client import (
     withdraw,
     withdraw_async,
 )
+from manycast.naming.keycache import KeyCache, KeyCacheError
 from manycast.naming.keylookup import (
     KEY_TTL,
     KeyAnswer,
@@ -52,6 +54,8 @@ __all__ = [
     "AddressPlan",
     "BadRecord",
     "KeyAnswer",
+    "KeyCache",
+    "KeyCacheError",
     "KeyRecord",
     "Keyring",
     "NamingError",

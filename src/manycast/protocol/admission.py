@@ -15,6 +15,8 @@ gives no word on it (no answer, a server that cannot be reached: RFC 8767's
 serve-stale), for up to `max_stale` past its TTL, asked for again every
 `negative_ttl`: a DNS server down for a moment must not cut off a pool whose key
 every router already had. An answer that the record is gone or bad ends it at once.
+A router that restarts may be given the keys it held before (`restore_key`, from
+its host's key cache, `naming/keycache.py`): they are stale from the start.
 """
 
 from __future__ import annotations
@@ -173,6 +175,20 @@ class Admission:
         self.key_errors.pop(group, None)
         expires = now + max(ttl, 1.0)
         self._keys[group] = _Key(key, expires, Refusal.NO_KEY, expires + self.max_stale)
+
+    def restore_key(self, group: int, raw: bytes, stale_for: float, now: float) -> bool:
+        """A key this router held before it restarted (its key cache): past its TTL,
+        so asked for again at the first join that needs it, and used meanwhile and
+        while DNS gives no answer, for `stale_for` more seconds. False if it is not
+        a key, or a key is already held."""
+        if group in self._keys or stale_for <= 0:
+            return False
+        try:
+            key = public_key(raw)
+        except AuthError:
+            return False
+        self._keys[group] = _Key(key, now, Refusal.NO_KEY, now + stale_for)
+        return True
 
     def take_requests(self) -> list[int]:
         out, self.requests = self.requests, []

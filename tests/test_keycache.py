@@ -1,0 +1,76 @@
+"""A router's key cache (`naming/keycache.py`): what it writes reads back, what it
+cannot read is left out with a warning, and a restored key is served stale."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from manycast.auth import public_bytes
+from manycast.naming.keycache import KeyCache, KeyCacheError, decode
+from manycast.protocol.admission import Admission
+
+GROUP = int.from_bytes(bytes([232, 9, 9, 9]), "big")
+KEY = public_bytes(Ed25519PrivateKey.generate())
+
+
+def test_a_remembered_key_reads_back_after_a_restart(tmp_path: Path) -> None:
+    clock = [1000.0]
+    cache = KeyCache(tmp_path / "r.keys.json", max_stale=86400.0, clock=lambda: clock[0])
+    cache.remember(GROUP, KEY, ttl=30.0)
+    [kept] = KeyCache(tmp_path / "r.keys.json", 86400.0, clock=lambda: clock[0]).load()
+    assert (kept.group, kept.public_key, kept.stale_until) == (GROUP, KEY, 1000.0 + 30 + 86400)
+    clock[0] += 30 + 86400  # past its stale limit: not restored
+    assert KeyCache(tmp_path / "r.keys.json", 86400.0, clock=lambda: clock[0]).load() == []
+
+
+def test_a_key_dns_says_is_gone_is_forgotten(tmp_path: Path) -> None:
+    cache = KeyCache(tmp_path / "r.keys.json", max_stale=86400.0)
+    cache.remember(GROUP, KEY, ttl=30.0)
+    cache.forget(GROUP)
+    assert KeyCache(tmp_path / "r.keys.json", 86400.0).load() == []
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{", "not JSON"),
+        ('{"format": 2, "keys": {}}', "not a key cache of format 1"),
+        ('{"format": 1, "keys": []}', '"keys" is not a table'),
+        ('{"format": 1, "keys": {"300.1.1.1": {"key": "00", "stale_until": 1}}}', "300.1.1.1"),
+        ('{"format": 1, "keys": {"232.9.9.9": {"key": "zz", "stale_until": 1}}}', "232.9.9.9"),
+        ('{"format": 1, "keys": {"232.9.9.9": {"key": "00", "stale_until": 1}}}', "1 bytes"),
+        ('{"format": 1, "keys": {"232.9.9.9": {"stale_until": 1}}}', "232.9.9.9"),
+    ],
+)
+def test_a_cache_file_that_cannot_be_read_is_refused_with_what_is_wrong(
+    text: str, message: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(KeyCacheError, match=message):
+        decode(text)
+    path = tmp_path / "r.keys.json"
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING):
+        assert KeyCache(path, 86400.0).load() == []  # the router starts with no key
+    assert "left out" in caplog.text
+
+
+def test_a_restored_key_is_asked_for_at_once_and_used_while_dns_is_silent() -> None:
+    admission = Admission(negative_ttl=5.0)
+    assert admission.restore_key(GROUP, KEY, stale_for=3600.0, now=0.0)
+    assert not admission.restore_key(GROUP, KEY, stale_for=3600.0, now=0.0)  # held already
+    # Not waited for (used stale), but asked for again at the first use.
+    assert admission._missing([GROUP], 0.1) == () and admission.take_requests() == [GROUP]
+    admission.provide_key(GROUP, None, 0.0, 0.5, "no key", unanswered=True)
+    assert admission.stale_kept == 1 and admission._keys[GROUP].key is not None
+    # DNS answers that the record is gone: the key is no longer used.
+    assert admission._missing([GROUP], 6.0) == () and admission.take_requests() == [GROUP]
+    admission.provide_key(GROUP, None, 0.0, 6.1, "no key", unanswered=False)
+    assert admission._keys[GROUP].key is None
+
+
+def test_a_restored_key_that_is_no_key_is_refused() -> None:
+    assert not Admission().restore_key(GROUP, b"\x00" * 31, stale_for=60.0, now=0.0)
