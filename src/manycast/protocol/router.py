@@ -472,6 +472,12 @@ class Router(Node):
             if member and member.iface == iface and record.record_type != _BLOCK:
                 member.expires = max(member.expires, now + self.hold_time)
 
+    def restore_key(self, group: int, raw: bytes, stale_for: float, now: float) -> bool:
+        """A key this router held before a restart (`Admission.restore_key`)."""
+        return self.admission is not None and self.admission.restore_key(
+            group, raw, stale_for, now
+        )
+
     def provide_key(
         self,
         group: int,
