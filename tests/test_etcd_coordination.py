@@ -177,7 +177,8 @@ def coordination(run: PoolRun, name: str) -> LeasedCoordinator:
 
 def settled(run: PoolRun, watch: Ownership, names: list[str]) -> Callable[[], bool]:
     """Every one of `names` alive and at one epoch, whose allocation is theirs, each
-    serving all it gives it, and every client answered."""
+    serving all it gives it, none waiting for the outcome of a change (a commit's
+    answer may come after the state it wrote was seen), and every client answered."""
 
     def check() -> bool:
         cores = [coordination(run, n) for n in names]
@@ -185,7 +186,8 @@ def settled(run: PoolRun, watch: Ownership, names: list[str]) -> Callable[[], bo
             return False
         allocation = cores[0].allocation
         return (
-            all(sorted(c.alive(run.now)) == sorted(names) for c in cores)
+            not any(c.changing for c in cores)
+            and all(sorted(c.alive(run.now)) == sorted(names) for c in cores)
             and allocation.servers == tuple(sorted(names))
             and all(watch.served[n].sum() == allocation.count(n) for n in names)
             and watch.covered(names)
@@ -332,7 +334,9 @@ def test_a_partition_gives_no_bucket_two_owners_and_the_minority_changes_nothing
             assert stopped - cut_at <= LEASE and stopped <= taken, watch.timeline[name]
         # The minority tried, committed nothing and adopted nothing new; every state
         # written meanwhile is the majority's, and none has s3's share.
-        assert tried >= 1 and committed == commits_before
+        assert tried >= 1 and committed == commits_before, [
+            (n, coordination(run, n).changes) for n in minority
+        ]
         assert minority_epochs == {before[-1].epoch}
         new = during[len(before) :]
         assert new, "the majority removed nobody"

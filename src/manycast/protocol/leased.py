@@ -238,6 +238,11 @@ class LeasedCoordinator(Coordinator):
             names.append(self.name)
         return min(names, default=None)
 
+    @property
+    def changing(self) -> bool:
+        """A change of ours is with the store, its outcome not yet heard."""
+        return self._change is not None
+
     def serving(self) -> int:
         """How many buckets we serve now."""
         return int(self._serving.sum())
