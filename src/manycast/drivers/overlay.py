@@ -497,7 +497,6 @@ class AsyncOverlay:
             _forget(host)
             host.generation = fast.generation
         key_mask = fast.key_mask if fast is not None else 0
-        low_key = key_mask <= 0xFF
         known = host.known.get(iface, {})
         learn = self._learn
         batch = _BATCH
@@ -523,12 +522,8 @@ class AsyncOverlay:
                         break
                     n += 1
                     if serve and length >= 20:
-                        # The key: the source address under the members' masks (one
-                        # byte to read when the masks are all in the lowest).
-                        if low_key:
-                            key = buffer[15] & key_mask
-                        else:
-                            key = addresses(buffer, 12)[0] & key_mask
+                        # The key: the source under the members' masks, then the group.
+                        key = addresses(buffer, 12)[0] & key_mask
                         sends = known.get(key) or learn(host, iface, key)
                         # `forward_in_place_v4`, inlined (the call was a tenth of the
                         # per-packet cost): only IPv4 as the router takes it, TTL
@@ -574,7 +569,6 @@ class AsyncOverlay:
                         _forget(host)
                         host.generation = fast.generation
                         key_mask = fast.key_mask
-                        low_key = key_mask <= 0xFF
                     serve = serve and self.capture is None and port.open
             finally:
                 if forwarded_n and fast is not None:
