@@ -115,9 +115,7 @@ class Trace:
     client_sources: dict[str, set[ipaddress.IPv4Address]] = field(
         default_factory=lambda: defaultdict(set)
     )
-    control_dropped: list[tuple[float, str, control.ControlMessage]] = field(
-        default_factory=list
-    )
+    control_dropped: list[tuple[float, str, control.ControlMessage]] = field(default_factory=list)
     _drops: list[DropRule] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -199,9 +197,7 @@ class Trace:
     def servers_of(self, client: str, start: float = 0.0, end: float = float("inf")) -> set[str]:
         """The servers that received this client's packets in [start, end)."""
         address = self.run.nodes.clients[client].address
-        return {
-            d.server for d in self.deliveries if d.source == address and start <= d.at < end
-        }
+        return {d.server for d in self.deliveries if d.source == address and start <= d.at < end}
 
     def foreign(self, start: float = 0.0, end: float = float("inf")) -> list[Delivery]:
         """Deliveries outside the receiving server's portions in [start, end)."""
@@ -279,9 +275,7 @@ def back_at(client: Client, since: float) -> float | None:
 
 def served_since(run: PoolRun, since: float) -> list[str]:
     """Clients with an answered request after `since`."""
-    return [
-        c.name for c in run.nodes.clients.values() if c.stats.first_ok_after(since) is not None
-    ]
+    return [c.name for c in run.nodes.clients.values() if c.stats.first_ok_after(since) is not None]
 
 
 def assert_all_served_since(run: PoolRun, since: float) -> None:

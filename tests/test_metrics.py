@@ -292,9 +292,9 @@ def test_memory_pool_metrics_match_its_summary() -> None:
         )
         assert moved == record["sessions_reset"]
     assert got.total("manycast_client_requests_total", outcome="ok") == summary["requests_ok"]
-    assert got.total("manycast_client_requests_total", outcome="failed") == summary[
-        "requests_failed"
-    ]
+    assert (
+        got.total("manycast_client_requests_total", outcome="failed") == summary["requests_failed"]
+    )
     assert got.total("manycast_clients") == summary["clients"] == 240
     assert got.total("manycast_clients_answered") == summary["clients_served_at_end"]
     assert got.total("manycast_client_resets_total") == summary["resets"]

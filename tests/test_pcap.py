@@ -163,9 +163,7 @@ def test_memory_capture_is_the_same_for_the_same_seed(tmp_path: Path) -> None:
         assert capture.packets > 1000
         files.append(path.read_bytes())
     assert files[0] == files[1]
-    stamps = [
-        struct.unpack_from("<II", body, 4) for kind, body in _blocks(files[0]) if kind == 6
-    ]
+    stamps = [struct.unpack_from("<II", body, 4) for kind, body in _blocks(files[0]) if kind == 6]
     seconds = [(high << 32 | low) / 1e6 for high, low in stamps]
     assert seconds == sorted(seconds)
     assert seconds[0] >= WALL_BASE and seconds[-1] <= WALL_BASE + 1.5

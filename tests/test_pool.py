@@ -107,9 +107,7 @@ def test_each_clients_packets_reach_exactly_its_owner(steady: tuple[PoolRun, Tra
 def test_servers_anywhere_behind_a_router_chain(steady: tuple[PoolRun, Trace]) -> None:
     run, _ = steady
     topo = run.topology
-    networks = {
-        name: next(iter(topo.interfaces[name].values())).network for name in topo.servers
-    }
+    networks = {name: next(iter(topo.interfaces[name].values())).network for name in topo.servers}
     nets = list(networks.values())
     assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1 :])
     lan = next(iter(topo.interfaces["a1"].values())).network

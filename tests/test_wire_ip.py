@@ -63,11 +63,18 @@ def v4_packets(draw: st.DrawFn) -> IPv4Packet:
     options = draw(v4_options())
     payload = draw(payloads)
     header = IPv4Header(
-        src=draw(v4), dst=draw(v4), protocol=draw(u8), ttl=draw(u8),
-        total_length=20 + len(options) + len(payload), identification=draw(u16),
-        dscp=draw(st.integers(0, 63)), ecn=draw(st.integers(0, 3)),
-        dont_fragment=draw(st.booleans()), more_fragments=draw(st.booleans()),
-        fragment_offset=draw(st.integers(0, 0x1FFF)), options=options,
+        src=draw(v4),
+        dst=draw(v4),
+        protocol=draw(u8),
+        ttl=draw(u8),
+        total_length=20 + len(options) + len(payload),
+        identification=draw(u16),
+        dscp=draw(st.integers(0, 63)),
+        ecn=draw(st.integers(0, 3)),
+        dont_fragment=draw(st.booleans()),
+        more_fragments=draw(st.booleans()),
+        fragment_offset=draw(st.integers(0, 0x1FFF)),
+        options=options,
     )
     return IPv4Packet(header, payload)
 
@@ -94,16 +101,23 @@ def v6_packets(draw: st.DrawFn) -> IPv6Packet:
     hbh = draw(st.none() | hop_by_hops())
     protocol = hbh.next_header if hbh else draw(u8.filter(lambda n: n != IPPROTO_HOPOPTS))
     return IPv6Packet.make(
-        draw(v6), draw(v6), protocol, draw(payloads), hop_limit=draw(u8),
-        traffic_class=draw(u8), flow_label=draw(st.integers(0, 0xFFFFF)), hop_by_hop=hbh,
+        draw(v6),
+        draw(v6),
+        protocol,
+        draw(payloads),
+        hop_limit=draw(u8),
+        traffic_class=draw(u8),
+        flow_label=draw(st.integers(0, 0xFFFFF)),
+        hop_by_hop=hbh,
     )
 
 
 udp_datagrams = st.builds(UDPDatagram, u16, u16, payloads)
 
 
-def decodes_canonically(decode: Callable[[bytes], T], encode: Callable[[T], bytes],
-                        data: bytes) -> None:
+def decodes_canonically(
+    decode: Callable[[bytes], T], encode: Callable[[T], bytes], data: bytes
+) -> None:
     """Decoding either raises WireError or yields something that re-encodes to `data`."""
     try:
         value = decode(data)
@@ -117,7 +131,8 @@ def mutations(wire: bytes) -> list[bytes]:
     cuts = [wire[:n] for n in range(len(wire))]
     flips = [
         wire[:i] + bytes((wire[i] ^ 1 << b,)) + wire[i + 1 :]
-        for i in range(len(wire)) for b in range(8)
+        for i in range(len(wire))
+        for b in range(8)
     ]
     return cuts + flips
 
@@ -308,8 +323,9 @@ def test_ipv4_version_nibble_is_checked(packet: IPv4Packet, version: int) -> Non
 
 
 def test_corrupted_ipv4_header_checksum_is_refused() -> None:
-    wire = bytearray(IPv4Packet.make(IPv4Address("1.2.3.4"), IPv4Address("5.6.7.8"), 17, b"hi")
-                     .to_wire())
+    wire = bytearray(
+        IPv4Packet.make(IPv4Address("1.2.3.4"), IPv4Address("5.6.7.8"), 17, b"hi").to_wire()
+    )
     wire[10] ^= 0x01
     with pytest.raises(WireError, match="checksum"):
         IPv4Packet.from_wire(bytes(wire))
@@ -318,8 +334,9 @@ def test_corrupted_ipv4_header_checksum_is_refused() -> None:
 def test_ones_complement_twin_of_checksum_is_refused() -> None:
     # 0x0000 and 0xFFFF sum alike; only the one we write is accepted.
     for ident in range(0x10000):
-        packet = IPv4Packet.make(IPv4Address("10.0.0.1"), IPv4Address("10.0.0.2"), 17, b"",
-                                 identification=ident)
+        packet = IPv4Packet.make(
+            IPv4Address("10.0.0.1"), IPv4Address("10.0.0.2"), 17, b"", identification=ident
+        )
         wire = packet.to_wire()
         if wire[10:12] == b"\0\0":
             break

@@ -34,7 +34,7 @@ HOST = IPv6Address("fe80::1")
 # Captured from Linux on a veth pair: the same join wrapped for the wire, and an
 # MLDv2 join of (2001:db8::7, ff3e::8000:1), from fe80::848d:fbff:fe91:7ef4.
 KERNEL_IGMP_PACKET = bytes.fromhex(
-    "46c0002c00004000010241f4c0000201e000001694040000" "2200c4bd0000000105000001e8010203c6336407"
+    "46c0002c00004000010241f4c0000201e0000016940400002200c4bd0000000105000001e8010203c6336407"
 )
 KERNEL_MLD_PACKET = bytes.fromhex(
     "6000000000340001fe80000000000000848dfbfffe917ef4ff020000000000000000000000000016"
@@ -71,20 +71,26 @@ def records(draw: st.DrawFn, bits: int) -> GroupRecord:
 def signed_joins(draw: st.DrawFn, bits: int) -> SignedJoin:
     parts = draw(st.integers(1, 2**16 - 1))
     return SignedJoin(
-        draw(st.integers(0, 2**64 - 1)), draw(addresses(bits)), draw(st.binary(max_size=32)),
-        draw(st.binary(max_size=80)), draw(st.integers(0, 2**32 - 1)),
-        draw(st.integers(0, parts - 1)), parts,
+        draw(st.integers(0, 2**64 - 1)),
+        draw(addresses(bits)),
+        draw(st.binary(max_size=32)),
+        draw(st.binary(max_size=80)),
+        draw(st.integers(0, 2**32 - 1)),
+        draw(st.integers(0, parts - 1)),
+        parts,
     )
 
 
 def igmp_reports() -> st.SearchStrategy[IGMPv3Report]:
-    return st.builds(IGMPv3Report, st.lists(records(32), max_size=3).map(tuple),
-                     st.none() | signed_joins(32))
+    return st.builds(
+        IGMPv3Report, st.lists(records(32), max_size=3).map(tuple), st.none() | signed_joins(32)
+    )
 
 
 def mld_reports() -> st.SearchStrategy[MLDv2Report]:
-    return st.builds(MLDv2Report, st.lists(records(128), max_size=3).map(tuple),
-                     st.none() | signed_joins(128))
+    return st.builds(
+        MLDv2Report, st.lists(records(128), max_size=3).map(tuple), st.none() | signed_joins(128)
+    )
 
 
 def igmp_with_checksum(message: bytes) -> bytes:
@@ -96,7 +102,8 @@ def truncations_and_flips(wire: bytes) -> list[bytes]:
     cuts = [wire[:n] for n in range(len(wire))]
     flips = [
         wire[:i] + bytes((wire[i] ^ 1 << b,)) + wire[i + 1 :]
-        for i in range(len(wire)) for b in range(8)
+        for i in range(len(wire))
+        for b in range(8)
     ]
     return cuts + flips
 
@@ -122,10 +129,15 @@ def mld_decodes_canonically(data: bytes) -> None:
 
 def test_kernel_ssm_join_vector() -> None:
     report = IGMPv3Report.from_wire(KERNEL_SSM_JOIN)
-    assert report == IGMPv3Report((
-        GroupRecord(RecordType.ALLOW_NEW_SOURCES, IPv4Address("232.1.2.3"),
-                    (IPv4Address("198.51.100.7"),)),
-    ))
+    assert report == IGMPv3Report(
+        (
+            GroupRecord(
+                RecordType.ALLOW_NEW_SOURCES,
+                IPv4Address("232.1.2.3"),
+                (IPv4Address("198.51.100.7"),),
+            ),
+        )
+    )
     assert report.signed is None
     assert report.to_wire() == KERNEL_SSM_JOIN
 
@@ -149,15 +161,28 @@ def test_kernel_packets_rebuilt_byte_for_byte() -> None:
     assert igmp_packet(report, IPv4Address("192.0.2.1")).to_wire() == KERNEL_IGMP_PACKET
     packet = IPv6Packet.from_wire(KERNEL_MLD_PACKET)
     mld = MLDv2Report.from_wire(packet.payload, packet.header.src)
-    assert mld == MLDv2Report((GroupRecord(RecordType.ALLOW_NEW_SOURCES,
-                                           IPv6Address("ff3e::8000:1"),
-                                           (IPv6Address("2001:db8::7"),)),))
+    assert mld == MLDv2Report(
+        (
+            GroupRecord(
+                RecordType.ALLOW_NEW_SOURCES,
+                IPv6Address("ff3e::8000:1"),
+                (IPv6Address("2001:db8::7"),),
+            ),
+        )
+    )
     assert mld_packet(mld, packet.header.src).to_wire() == KERNEL_MLD_PACKET
 
 
 def test_mld_packet_as_a_host_sends_it() -> None:
-    report = MLDv2Report((GroupRecord(RecordType.ALLOW_NEW_SOURCES, IPv6Address("ff3e::8000:1"),
-                                      (IPv6Address("2001:db8::7"),)),))
+    report = MLDv2Report(
+        (
+            GroupRecord(
+                RecordType.ALLOW_NEW_SOURCES,
+                IPv6Address("ff3e::8000:1"),
+                (IPv6Address("2001:db8::7"),),
+            ),
+        )
+    )
     packet = mld_packet(report, HOST)
     wire = packet.to_wire()
     assert wire[6:8] == b"\x00\x01"  # next header Hop-by-Hop, hop limit 1
@@ -176,29 +201,52 @@ def test_mld_packet_as_a_host_sends_it() -> None:
 def test_extension_layout_is_pinned() -> None:
     group = IPv4Address("232.1.2.3")
     report = IGMPv3Report(
-        (GroupRecord(RecordType.MODE_IS_INCLUDE, group, (),
-                     include_masks=(MaskPair(0x0A000000, 0xFF000001),),
-                     exclude_masks=(MaskPair(0, 0x80),)),),
-        SignedJoin(0x0102030405060708, IPv4Address("10.0.0.9"), b"KEY", b"SIG",
-                   generation=0x0A0B0C0D, part=1, parts=3),
+        (
+            GroupRecord(
+                RecordType.MODE_IS_INCLUDE,
+                group,
+                (),
+                include_masks=(MaskPair(0x0A000000, 0xFF000001),),
+                exclude_masks=(MaskPair(0, 0x80),),
+            ),
+        ),
+        SignedJoin(
+            0x0102030405060708,
+            IPv4Address("10.0.0.9"),
+            b"KEY",
+            b"SIG",
+            generation=0x0A0B0C0D,
+            part=1,
+            parts=3,
+        ),
     )
     wire = report.to_wire()
     expected = (
-        b"\x22\x00" + wire[2:4] + b"\x80\x00\x00\x01"
-        + b"\x01\x00\x00\x00" + group.packed
-        + struct.pack("!HH", EXT_GROUP_MASKS, 24) + b"\x00\x00\x00\x01" + group.packed
-        + bytes.fromhex("0a000000ff000001") + bytes.fromhex("0000000000000080")
+        b"\x22\x00"
+        + wire[2:4]
+        + b"\x80\x00\x00\x01"
+        + b"\x01\x00\x00\x00"
+        + group.packed
+        + struct.pack("!HH", EXT_GROUP_MASKS, 24)
+        + b"\x00\x00\x00\x01"
+        + group.packed
+        + bytes.fromhex("0a000000ff000001")
+        + bytes.fromhex("0000000000000080")
         + struct.pack("!HH", EXT_SIGNED_JOIN, 8 + 4 + 8 + 2 + 3 + 3)
-        + bytes.fromhex("0102030405060708") + bytes((10, 0, 0, 9))
-        + bytes.fromhex("0a0b0c0d00010003") + b"\x00\x03KEY" + b"SIG"
+        + bytes.fromhex("0102030405060708")
+        + bytes((10, 0, 0, 9))
+        + bytes.fromhex("0a0b0c0d00010003")
+        + b"\x00\x03KEY"
+        + b"SIG"
     )
     assert wire == expected
     assert internet_checksum(wire) == 0
 
 
 def test_signed_bytes_cover_all_but_signature_and_checksum() -> None:
-    record = GroupRecord(RecordType.MODE_IS_INCLUDE, IPv4Address("232.0.0.1"),
-                         include_masks=(MaskPair(1, 1),))
+    record = GroupRecord(
+        RecordType.MODE_IS_INCLUDE, IPv4Address("232.0.0.1"), include_masks=(MaskPair(1, 1),)
+    )
     join = SignedJoin(1_700_000_000_000, IPv4Address("10.0.0.9"), b"k" * 16, b"s" * 64)
     report = IGMPv3Report((record,), join)
     unsigned = replace(report, signed=replace(join, signature=b""))
@@ -320,12 +368,16 @@ _PAIR = bytes.fromhex("0a000000ff000000")
     ("message", "complaint"),
     [
         (_report(_RECORD, 1, _masks(0, 1, _GROUP, _PAIR)), None),
-        (_report(_RECORD, 1, _masks(0, 1, _GROUP, bytes.fromhex("0a000001ff000000"))),
-         "bits outside mask"),
+        (
+            _report(_RECORD, 1, _masks(0, 1, _GROUP, bytes.fromhex("0a000001ff000000"))),
+            "bits outside mask",
+        ),
         (_report(_RECORD, 1, _masks(0, 2, _GROUP, _PAIR)), "include count"),
         (_report(_RECORD, 1, _masks(1, 1, _GROUP, _PAIR)), "out of order"),
-        (_report(_RECORD * 2, 2, _masks(1, 1, _GROUP, _PAIR) + _masks(0, 1, _GROUP, _PAIR)),
-         "out of order"),
+        (
+            _report(_RECORD * 2, 2, _masks(1, 1, _GROUP, _PAIR) + _masks(0, 1, _GROUP, _PAIR)),
+            "out of order",
+        ),
         (_report(_RECORD * 2, 2, _masks(0, 1, _GROUP, _PAIR) * 2), "out of order"),
         (_report(_RECORD, 1, _masks(0, 1, IPv4Address("232.9.9.9"), _PAIR)), "names group"),
         (_report(_RECORD, 1, _masks(0, 0, _GROUP, b"")), "positive multiple"),
@@ -344,12 +396,18 @@ _PAIR = bytes.fromhex("0a000000ff000000")
         (igmp_with_checksum(b"\x22\x00\x00\x00\x80\x00\x00\x01" + _RECORD), "no extension"),
         (igmp_with_checksum(b"\x22\x00\x00\x00\x00\x01\x00\x01" + _RECORD), "unknown flags"),
         (igmp_with_checksum(b"\x22\x01\x00\x00\x00\x00\x00\x01" + _RECORD), "reserved"),
-        (igmp_with_checksum(b"\x22\x00\x00\x00\x00\x00\x00\x01\x07" + _RECORD[1:]),
-         "unknown type 7"),
+        (
+            igmp_with_checksum(b"\x22\x00\x00\x00\x00\x00\x00\x01\x07" + _RECORD[1:]),
+            "unknown type 7",
+        ),
         (igmp_with_checksum(b"\x16\x00\x00\x00" + _GROUP.packed), "type 22, expected 34"),
         (igmp_with_checksum(b"\x22\x00\x00\x00\x00\x00\x00\x02" + _RECORD), "record 1 type"),
-        (igmp_with_checksum(b"\x22\x00\x00\x00\x00\x00\x00\x01\x01\x01\x00\x00"
-                            + _GROUP.packed + b"ab"), "record 0 aux"),
+        (
+            igmp_with_checksum(
+                b"\x22\x00\x00\x00\x00\x00\x00\x01\x01\x01\x00\x00" + _GROUP.packed + b"ab"
+            ),
+            "record 0 aux",
+        ),
     ],
 )
 def test_malformed_reports_are_refused(message: bytes, complaint: str | None) -> None:

@@ -582,9 +582,7 @@ def population_families(populations: Sequence[Population], now: float) -> list[M
         "Requests by outcome: ok (answered), failed (unanswered in time, reset, wrong answer).",
         ["population", "outcome"],
     )
-    resets = _counter(
-        "manycast_client_resets", "Connections reset by a server.", ["population"]
-    )
+    resets = _counter("manycast_client_resets", "Connections reset by a server.", ["population"])
     reconnects = _counter(
         "manycast_client_reconnects", "New connections after a loss.", ["population"]
     )

@@ -33,7 +33,6 @@ class MetricsError(ManycastError, OSError):
     """The metrics cannot be served as asked (a bad address, a port in use)."""
 
 
-
 def registry(*collectors: Collector, process: bool = True) -> CollectorRegistry:
     """A registry of `collectors` (and this process's CPU and memory unless told not)."""
     reg = CollectorRegistry(auto_describe=False)
