@@ -57,6 +57,7 @@ def two_router_pool(
     heartbeat_ms: int = 100,
     heartbeat_misses: int = 3,
     report_interval_ms: int = 1000,
+    membership: str = "heartbeat",
 ) -> str:
     """Two edge routers, each with two servers and one client LAN:
 
@@ -76,6 +77,7 @@ def two_router_pool(
             heartbeat_ms=heartbeat_ms,
             heartbeat_misses=heartbeat_misses,
             report_interval_ms=report_interval_ms,
+            membership=membership,
         ),
         table("router", name="ra"),
         table("router", name="rb"),

@@ -92,11 +92,21 @@ def pool_text(
     rate: float,
     duration: float,
     private: tuple[str, tuple[str, int]] | None = None,
+    membership: str = "heartbeat",
+    heartbeat_ms: int = 100,
+    heartbeat_misses: int = 3,
 ) -> str:
     """The soak's pool; `private`: (key file, DNS server's host and port) for a private
-    pool whose routers read its key from that server."""
+    pool whose routers read its key from that server; the failure detection's settings
+    as `[pool]` has them."""
     text = two_router_pool(
-        technique=technique, clients_per_lan=clients_per_lan, rate=rate, duration=duration
+        technique=technique,
+        clients_per_lan=clients_per_lan,
+        rate=rate,
+        duration=duration,
+        membership=membership,
+        heartbeat_ms=heartbeat_ms,
+        heartbeat_misses=heartbeat_misses,
     )
     if private is not None:
         key_file, (host, port) = private

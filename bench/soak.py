@@ -149,7 +149,16 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     load_start = [round(x, 2) for x in os.getloadavg()]
     seconds = args.minutes * 60.0
     private = private_setup(logs, args.seed) if args.private else None
-    text = pool_text(args.technique, args.clients_per_lan, args.rate, seconds + 60, private)
+    text = pool_text(
+        args.technique,
+        args.clients_per_lan,
+        args.rate,
+        seconds + 60,
+        private,
+        membership=args.membership,
+        heartbeat_ms=args.heartbeat_ms,
+        heartbeat_misses=args.heartbeat_misses,
+    )
     topo = loads(text)
     faults = schedule(args.seed, seconds, args.kinds)
     progress(
@@ -409,6 +418,9 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "minutes": args.minutes,
             "clients": 2 * args.clients_per_lan,
             "rate_per_client": args.rate,
+            "membership": args.membership,
+            "heartbeat_ms": args.heartbeat_ms,
+            "heartbeat_misses": args.heartbeat_misses,
             "fault_kinds": list(args.kinds),
             "unexpected_exits": unexpected,
             "tracebacks": tracebacks,
@@ -504,6 +516,18 @@ def parse_arguments() -> argparse.Namespace:
         type=int,
         default=KEY_TTL_S,
         help=f"the TTL of the private pool's DNS records, seconds (default {KEY_TTL_S})",
+    )
+    parser.add_argument(
+        "--membership",
+        choices=("heartbeat", "swim"),
+        default="heartbeat",
+        help="the pool's failure detection (docs/coordination.md; default heartbeat)",
+    )
+    parser.add_argument(
+        "--heartbeat-ms", type=int, default=100, help="heartbeat or probe period (100)"
+    )
+    parser.add_argument(
+        "--heartbeat-misses", type=int, default=3, help="periods missed before a death (3)"
     )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
     parser.add_argument(
