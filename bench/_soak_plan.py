@@ -162,8 +162,10 @@ def vip_pool_text(long: int, short: int, duration: float) -> str:
     return "\n".join(parts)
 
 
-def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[Fault]:
-    """Every kind once per CYCLE_S (the last cycle may be short), kills only of a
+def schedule(
+    seed: int, seconds: float, kinds: tuple[str, ...] = KINDS, cycle_s: float = CYCLE_S
+) -> list[Fault]:
+    """Every kind once per `cycle_s` (the last cycle may be short), kills only of a
     victim that is up at that time, joins while a standby is left. Only `kinds` are
     kept, from the same draws: a subset's faults fall where the full schedule's do."""
     rng = random.Random(seed)
@@ -178,7 +180,7 @@ def schedule(seed: int, seconds: float, kinds: tuple[str, ...] = KINDS) -> list[
     standby = list(STANDBY)
     start = WARMUP_S
     while start < last:
-        end = min(start + CYCLE_S, last)
+        end = min(start + cycle_s, last)
         for kind in _DRAWN_TOGETHER:
             at = rng.uniform(start, end)
             fault = _draw(rng, kind, at, down_until, standby)

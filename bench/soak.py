@@ -59,6 +59,7 @@ from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
 from _soak_hosts import RouterProcess, clients_child, infra_child
 from _soak_plan import (
+    CYCLE_S,
     KEY_TTL_S,
     KINDS,
     LOCAL_SERVERS,
@@ -160,7 +161,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         heartbeat_misses=args.heartbeat_misses,
     )
     topo = loads(text)
-    faults = schedule(args.seed, seconds, args.kinds)
+    faults = schedule(args.seed, seconds, args.kinds, args.cycle_s)
     progress(
         f"soak: {seconds:.0f} s, {2 * args.clients_per_lan} clients, {args.technique}, "
         f"seed {args.seed}, {len(faults)} faults scheduled"
@@ -418,6 +419,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "minutes": args.minutes,
             "clients": 2 * args.clients_per_lan,
             "rate_per_client": args.rate,
+            "cycle_s": args.cycle_s,
             "membership": args.membership,
             "heartbeat_ms": args.heartbeat_ms,
             "heartbeat_misses": args.heartbeat_misses,
@@ -516,6 +518,13 @@ def parse_arguments() -> argparse.Namespace:
         type=int,
         default=KEY_TTL_S,
         help=f"the TTL of the private pool's DNS records, seconds (default {KEY_TTL_S})",
+    )
+    parser.add_argument(
+        "--cycle-s",
+        type=float,
+        default=CYCLE_S,
+        help=f"each kind of fault once per this many seconds (default {CYCLE_S:g}: about "
+        "one fault every 3 s; 120 gives a 30-minute run about 130 faults)",
     )
     parser.add_argument(
         "--membership",
