@@ -183,9 +183,11 @@ class Client(Node):
 
     # -- node interface --------------------------------------------------------
     def start(self, now: float) -> None:
+        # A private pool's participant registers when it first connects (`_connect`):
+        # clients started together must not sign and send their registrations
+        # together, every interval from then on (as IGMP's hosts spread their
+        # reports), or each first-hop router checks hundreds of signatures at once.
         self.timers.arm("connect", now + self.rng.uniform(0, self.start_spread))
-        if self.key is not None:
-            self._register(now)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         ip = self.host.parse(packet)
@@ -236,6 +238,8 @@ class Client(Node):
         self.timers.arm("register", now + self.register_every)
 
     def _connect(self, now: float) -> None:
+        if self.key is not None and not self.timers.armed("register"):
+            self._register(now)  # the first registration, before the first packet
         group, port = self.resolve(self.service)
         self._port = 20000 + (self._port - 20000 + 1 + self.rng.randrange(97)) % 40000
         offer = self.dynamic_destination
