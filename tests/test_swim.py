@@ -1,13 +1,15 @@
 """The gossip membership (`protocol/swim.py`) on the virtual clock: detectors wired by a
-small in-test network (1 ms per hop, the control channel as a broadcast), so each
-test controls exactly which messages are lost. Then a pool on the memory driver with
-`membership = "swim"`: a killed server is removed and a restarted one comes back."""
+small in-test network (1 ms per hop unless a test says otherwise, the control channel
+as a broadcast), so each test controls exactly which messages are lost or late. Then
+a pool on the memory driver with `membership = "swim"`: a killed server is removed
+and a restarted one comes back."""
 
 from __future__ import annotations
 
 import heapq
 import ipaddress
 import itertools
+import math
 import random
 import re
 from collections import Counter
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
+from manycast.protocol.lifeguard import SUSPICION_STRETCH, Suspicion, wanted_confirmations
 from manycast.protocol.swim import RECONNECT_PERIODS, ProbeBody, SwimDetector
 from manycast.topology import TopologyError, loads
 from manycast.wire.control import MemberNotice, MemberStatus, Probe, ProbeKind, ServerState
@@ -26,12 +29,13 @@ HOP = 0.001
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Message = Probe | MemberNotice
 Drop = Callable[[str, str, Message], bool]
+Delay = Callable[[str, str, Message], float]
 
 
 class Network:
-    """Detectors named m0.. delivering to each other after one hop; `drop(sender,
-    receiver, message)` loses what it returns true for; `down` members neither send
-    nor receive."""
+    """Detectors named m0.. delivering to each other after `delay(sender, receiver,
+    message)` (one hop); `drop(sender, receiver, message)` loses what it returns true
+    for; `down` members neither send nor receive."""
 
     def __init__(self, n: int, seed: int = 1) -> None:
         self.now = 0.0
@@ -40,6 +44,7 @@ class Network:
         self.order = itertools.count()
         self.down: set[str] = set()
         self.drop: Drop = lambda sender, receiver, message: False
+        self.delay: Delay = lambda sender, receiver, message: HOP
         self.sent: Counter[str] = Counter()
         self.received: Counter[str] = Counter()
         self.notices: list[tuple[float, str, MemberNotice]] = []
@@ -82,7 +87,8 @@ class Network:
         receivers = [self.names_at[to]] if to is not None else list(self.detectors)
         for receiver in receivers:
             if receiver != sender:
-                heapq.heappush(self.queue, (self.now + HOP, next(self.order), receiver, message))
+                at = self.now + self.delay(sender, receiver, message)
+                heapq.heappush(self.queue, (at, next(self.order), receiver, message))
 
     def run(self, until: float) -> None:
         while True:
@@ -132,14 +138,21 @@ def test_a_dead_member_is_suspected_then_counted_dead_by_all_within_a_bound() ->
     net.run(3.0)
     for name in set(net.detectors) - {"m3"}:
         assert "m3" not in net.alive_in_view_of(name), name
-    suspicions = [n for _, _, n in net.notices if n.status == MemberStatus.SUSPECT]
-    deaths = [(at, n) for at, _, n in net.notices if n.status == MemberStatus.DEAD]
-    # Whoever probed it in that period suspected it (a notice each, no more), and each
-    # of them announced the death when its suspicion ran out.
-    assert {n.member for n in suspicions} == {"m3"} and 1 <= len(suspicions) <= 4
-    assert {n.member for _, n in deaths} == {"m3"} and len(deaths) == len(suspicions)
-    # Probed in the next period (the ring), one period to give up, then the suspicion.
+    suspicions = [(at, s, n) for at, s, n in net.notices if n.status == MemberStatus.SUSPECT]
+    deaths = [(at, s, n) for at, s, n in net.notices if n.status == MemberStatus.DEAD]
+    # Whoever probed it in that period suspected it; the three members after it in
+    # the ring probed it at once and confirmed (a notice each at most: two are
+    # wanted); the first suspector announced the death when the suspicion ran out.
+    assert {n.member for _, _, n in suspicions + deaths} == {"m3"}
+    first, *confirmations = suspicions
+    assert 2 <= len(confirmations) <= 3
+    assert len({s for _, s, _ in suspicions}) == len(suspicions)
+    assert [s for _, s, _ in deaths] == [first[1]]
+    # Probed in the next period (the ring), one period to give up, then the suspicion
+    # at its shortest: as fast as without confirmations.
     assert deaths[0][0] - 1.05 < PERIOD + PERIOD + SUSPICION + 0.01
+    # The helpers nacked in time: nobody took the failed probes for its own slowness.
+    assert all(d.health.score == 0 for d in net.detectors.values())
 
 
 def test_an_indirect_probe_keeps_a_member_behind_a_bad_path_alive() -> None:
@@ -184,6 +197,73 @@ def test_a_refuted_suspicion_leaves_the_member_alive_everywhere() -> None:
         assert net.detectors[name].members["m2"].incarnation > 1
 
 
+def test_a_suspicion_nobody_confirms_leaves_the_suspect_long_enough_to_refute() -> None:
+    """m0 alone cannot reach m2 (nor hear of it through others), and m2 does not hear
+    that it is suspected. The members that follow m2 in the ring reach it, so nobody
+    confirms m0's suspicion: it lasts SUSPICION_STRETCH times as long as a confirmed
+    one before m2 is counted dead."""
+    net = Network(6)
+    net.run(1.0)
+    net.drop = lambda sender, receiver, message: (
+        (receiver == "m0" and isinstance(message, Probe) and message.target == "m2")
+        or (receiver == "m2" and isinstance(message, MemberNotice))
+    )
+    while not (suspicions := [n for _, _, n in net.notices if n.status == MemberStatus.SUSPECT]):
+        net.run(net.now + 0.01)
+    suspected = net.now
+    net.run(suspected + 2 * SUSPICION)  # a confirmed suspicion would have ended by now
+    assert [(n.sender, n.member) for n in suspicions] == [("m0", "m2")]
+    assert all("m2" in net.alive_in_view_of(n) for n in net.detectors if n != "m2")
+    net.run(suspected + SUSPICION_STRETCH * SUSPICION + 0.01)
+    assert all("m2" not in net.alive_in_view_of(n) for n in net.detectors if n != "m2")
+
+
+def test_round_trips_longer_than_the_period_take_nobody_for_dead() -> None:
+    """Every hop takes 10 to 90 ms (round trips up to 180 ms against a 100 ms period,
+    as through a busy host's routers): the wait for an ACK grows with the round trips
+    measured, so no live member is suspected; a dead one is still found."""
+    net = Network(8)
+    net.delay = lambda sender, receiver, message: net.rng.uniform(0.01, 0.09)
+    net.run(6.0)
+    assert not [n for _, _, n in net.notices if n.status != MemberStatus.ALIVE]
+    assert all(d.ack_wait() > PERIOD / 2 for d in net.detectors.values())
+    net.down.add("m3")
+    net.run(9.0)
+    for name in set(net.detectors) - {"m3"}:
+        assert "m3" not in net.alive_in_view_of(name), name
+    deaths = [at for at, _, n in net.notices if n.status == MemberStatus.DEAD]
+    assert deaths and deaths[0] - 6.0 < 2.0
+
+
+def test_a_slow_member_backs_off_instead_of_accusing_the_others() -> None:
+    """Everything sent to m0 arrives 150 ms late (its own backlog): its probes and the
+    nacks of the members it asks come too late, so its local health worsens and it
+    probes less often; nobody is counted dead, m0 included."""
+    net = Network(6)
+    net.run(1.0)
+    net.delay = lambda sender, receiver, message: 0.15 if receiver == "m0" else HOP
+    net.run(6.0)
+    assert not [n for _, _, n in net.notices if n.status == MemberStatus.DEAD]
+    for name in net.detectors:
+        assert net.alive_in_view_of(name) == set(net.detectors) - {name}, name
+    slow = net.detectors["m0"]
+    assert slow.health.score > 0 or slow.ack_wait() > PERIOD / 2
+
+
+def test_a_suspicion_shrinks_from_its_longest_to_its_shortest_as_others_confirm() -> None:
+    """memberlist's timer: max - (max - min) * log(n + 1) / log(k + 1) after the start;
+    the first suspector and repeated confirmations do not count."""
+    suspicion = Suspicion(10.0, "m1", 0.2, 1.2, wanted=2)
+    assert suspicion.deadline == pytest.approx(11.2)
+    assert not suspicion.confirm("m1")
+    assert suspicion.confirm("m4") and not suspicion.confirm("m4")
+    assert suspicion.deadline == pytest.approx(11.2 - 1.0 * math.log(2) / math.log(3))
+    assert suspicion.confirm("m5") and not suspicion.confirm("m6")
+    assert suspicion.deadline == pytest.approx(10.2)
+    assert Suspicion(10.0, "m1", 0.2, 1.2, wanted=0).deadline == pytest.approx(10.2)
+    assert [wanted_confirmations(n) for n in (2, 3, 4, 100)] == [0, 1, 2, 2]
+
+
 def test_a_restarted_member_outranks_its_dead_record() -> None:
     net = Network(4)
     net.run(1.0)
@@ -218,7 +298,7 @@ def test_when_views_agree_each_member_is_probed_by_exactly_one_other_per_period(
     targets: list[list[str]] = []
     for period in range(6, 16):
         net.run(period * PERIOD + HOP / 2)  # just after the period's pings went out
-        probes = [d._probe.target for d in net.detectors.values() if d._probe is not None]
+        probes = [p.target for d in net.detectors.values() for p in d._probes.values()]
         targets.append(sorted(probes))
     for probes in targets:
         assert probes == sorted(net.detectors), probes

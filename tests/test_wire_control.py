@@ -28,6 +28,7 @@ from manycast.wire.control import (
     ControlMessage,
     Forwarded,
     Heartbeat,
+    MembersOp,
     MessageType,
     PolicyOp,
     Proposal,
@@ -85,6 +86,14 @@ def bucket_loads(draw: st.DrawFn) -> tuple[BucketLoad, ...]:
     return tuple(BucketLoad(b, draw(loads)) for b in buckets)
 
 
+@st.composite
+def members_ops(draw: st.DrawFn) -> MembersOp:
+    names = draw(st.sets(ids, min_size=1, max_size=12))
+    removed = draw(st.sets(st.sampled_from(sorted(names))))
+    added = names - removed
+    return MembersOp(tuple(sorted(removed)), tuple(sorted(added)))
+
+
 ops: st.SearchStrategy[PolicyOp] = st.one_of(
     st.builds(AddServerOp, ids, st.none() | shares),
     st.builds(RemoveServerOp, ids),
@@ -95,6 +104,7 @@ ops: st.SearchStrategy[PolicyOp] = st.one_of(
         bucket_loads(),
     ),
     st.builds(ReplaceOp, u64, digests),
+    members_ops(),
 )
 
 
@@ -418,6 +428,11 @@ def _op_bytes(kind: int, *fields: bytes) -> bytes:
             _op_bytes(4, struct.pack("!dHId", 1.0, 1, 5, float("-inf"))),
             "finite",
         ),
+        (_op_bytes(7, b"\x00\x00\x00\x00"), "no server removed or added"),
+        (_op_bytes(7, b"\x00\x02\x01t\x01s\x00\x00"), "once each, in order"),
+        (_op_bytes(7, b"\x00\x02\x01s\x01s\x00\x00"), "once each, in order"),
+        (_op_bytes(7, b"\x00\x01\x01s\x00\x01\x01s"), "both removed and added"),
+        (_op_bytes(7, b"\x04\x01"), "at most 1024"),
     ],
 )
 def test_op_errors(data: bytes, error: str) -> None:
@@ -762,3 +777,30 @@ def test_max_bytes_too_small(thousand: Allocation) -> None:
 )
 def test_snapshot_message_round_trip(part: Snapshot) -> None:
     assert decode(part.to_wire()) == part
+
+
+def test_a_nack_round_trips_and_an_unknown_probe_kind_is_refused() -> None:
+    """NACK (kind 4): an indirect probe's helper telling its asker that the target did
+    not answer it either; kind 5 is nothing yet."""
+    nack = control.Probe(
+        "s2",
+        7,
+        control.ProbeKind.NACK,
+        0xDEADBEEF,
+        "s3",
+        IPv4Address("10.0.0.3"),
+        0,
+        1_700_000_000_000,
+        4,
+        "ab" * 8,
+        ServerState.ACTIVE,
+        IPv4Address("10.0.0.2"),
+        0.5,
+        12,
+    )
+    data = nack.to_wire()
+    assert decode(data) == nack
+    kind_at = data.index(bytes([control.ProbeKind.NACK]) + (0xDEADBEEF).to_bytes(4, "big"))
+    bad = data[:kind_at] + b"\x05" + data[kind_at + 1 :]
+    with pytest.raises(WireError, match="unknown probe kind 5"):
+        decode(bad)

@@ -7,22 +7,40 @@ keeps each server's share constant, as HashiCorp's memberlist (under Consul and
 Serf) runs it; this module follows memberlist's `probeNode` and suspicion rules:
 
 * Each protocol period (`period`) a server pings one member and expects an ACK
-  within half a period (memberlist: ProbeTimeout). Targets follow a ring: the
-  live members in name order, each pinging the one `k` places on, `k` drawn from
-  the period's number by a hash every server computes alike. So when views agree
-  each member is probed by exactly one other in every period, and a death is
-  found in the next period (SWIM 4.3 asks for a bounded time to the first probe;
-  memberlist's shuffled round robin bounds it by N periods, and random choice
-  leaves a tail: no probe for 6 periods happens with probability e^-6 per death).
+  within half a period (memberlist: ProbeTimeout), longer when round trips are.
+  Targets follow a ring: the live members in name order, each pinging the one `k`
+  places on, `k` drawn from the period's number by a hash every server computes
+  alike. So when views agree each member is probed by exactly one other in every
+  period, and a death is found in the next period (SWIM 4.3 asks for a bounded
+  time to the first probe; memberlist's shuffled round robin bounds it by N
+  periods, and random choice leaves a tail: no probe for 6 periods happens with
+  probability e^-6 per death).
 * Without one it sends PING_REQ to `indirect` other members (memberlist:
   IndirectChecks = 3), which ping the target and pass its ACK back: a bad path
   between two servers is not taken for a death.
-* No ACK by the end of the period: the target is suspected. The suspicion goes on
+* No ACK within a period (or two ACK waits, when longer): the target is suspected,
+  unless it has spoken to us or refuted since we pinged it. The suspicion goes on
   the control channel (`MemberNotice` SUSPECT) to every member at once, where
-  memberlist piggybacks it on pings; each member counts the target dead
-  `suspicion` seconds after hearing it, unless the target refutes it with a
-  greater incarnation (ALIVE). The suspector announces the death too, for a
-  member that missed the suspicion.
+  memberlist piggybacks it on pings; each member counts the target dead when the
+  suspicion times out, unless the target refutes it with a greater incarnation
+  (ALIVE). The suspector announces the death too, for a member that missed the
+  suspicion.
+* Lifeguard (`lifeguard.py`; memberlist's awareness and suspicion timers), so that
+  a slow prober does not remove live members: a helper that gets no ACK either
+  tells the asker so (NACK); a failed probe without those nacks, or a suspicion of
+  ourselves, raises our local health score, a successful probe lowers it, and our
+  probe period is the base period times score + 1. The wait for a direct ACK
+  follows the round trips measured (SRTT + 2 RTTVAR, at least half a period; the
+  whole probe waits twice that), so a slow round trip makes probes wait longer,
+  not more frequent or less. A suspicion lasts `SUSPICION_STRETCH` times its
+  shortest until others confirm it (each member whose own probe of the suspect
+  fails multicasts a SUSPECT of its own), down to the shortest at
+  `CONFIRMATIONS` confirmations; the shortest is `suspicion`, or two ACK waits
+  when longer (time for the suspect to hear of it and refute). The three members
+  that follow the suspect in the ring probe it at once, so a real death is
+  confirmed one probe after it is suspected, at any N.
+* When our own timer fired late (`stalled`: ACKs and refutations may sit unread
+  in our socket), a probe or a suspicion that runs out gets its wait once more.
 * A server's incarnation starts at its start time in milliseconds, so a restarted
   server outranks what the pool remembers of its previous life.
 * Every `RECONNECT_PERIODS` periods a server also pings one member it holds dead
@@ -31,10 +49,11 @@ Serf) runs it; this module follows memberlist's `probeNode` and suspicion rules:
   incarnation). So the two sides of a healed partition find each other again.
 
 So per period a server sends one ping and one ack and receives about as many,
-whatever N; a death costs two notices. Detection takes the wait until someone
-probes the dead member (each of N - 1 members picks it with probability about
-1/(N - 1) per period: about 1.6 periods on average), one period, then the
-suspicion: independent of N.
+whatever N; a death costs four or five notices (a suspicion, two or three
+confirmations, the death).
+Detection takes the wait until someone probes the dead member (one period when
+views agree), one period, then the suspicion, confirmed one probe later and over
+`suspicion` after it began: independent of N.
 
 Sans-I/O: time is passed in; messages go out through `send(message, to)` (`to`
 None: the control channel).
@@ -47,11 +66,21 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from manycast.protocol.lifeguard import (
+    HEALTH_LIMIT,
+    SUSPICION_STRETCH,
+    Health,
+    RoundTrip,
+    Suspicion,
+    wanted_confirmations,
+)
 from manycast.wire.control import MemberNotice, MemberStatus, Probe, ProbeKind, ServerState
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NO_ADDRESS = ipaddress.IPv4Address(0)
 RECONNECT_PERIODS = 10  # a ping to a member held dead, every this many periods
+NACK_AFTER = 0.5  # a helper nacks after this share of its own ACK wait, so the nack
+# reaches an asker that is keeping up before the asker's period ends
 
 
 @dataclass(frozen=True)
@@ -70,8 +99,8 @@ class Member:
     address: Address
     incarnation: int
     status: MemberStatus
-    suspect_until: float = 0.0  # when a suspicion turns into a death
-    suspected_by_us: bool = False
+    suspected_by_us: bool = False  # our own probe failed: we announce its death
+    spoke: float = float("-inf")  # when we last heard from it directly
 
 
 @dataclass
@@ -79,7 +108,26 @@ class _Probe:
     target: str
     nonce: int
     sent: float
+    ack_by: float  # then ask others
+    fail_at: float  # then suspect the target
+    incarnation: int  # the target's when we asked
+    extended: bool = False  # its wait ran out while we stalled, and was given again
     indirect_sent: bool = False
+    asked: int = 0  # helpers asked, each owing an ACK or a NACK
+    nacks: int = 0
+
+
+@dataclass
+class _Relay:
+    """An indirect probe we run for `asker` (its `nonce`)."""
+
+    asker: Address
+    nonce: int
+    target: str
+    target_address: Address
+    at: float
+    nack_at: float
+    nacked: bool = False
 
 
 @dataclass
@@ -87,8 +135,10 @@ class SwimStats:
     pings: int = 0
     indirect_pings: int = 0
     suspicions: int = 0
+    confirmations: int = 0
     refutations: int = 0
     deaths: int = 0
+    nacks: int = 0
 
 
 class SwimDetector:
@@ -120,13 +170,15 @@ class SwimDetector:
         self.members: dict[str, Member] = {}
         self.generation = 0
         self.stats = SwimStats()
+        self.health = Health()
+        self.round_trip = RoundTrip()
         self._ring: tuple[int, list[str], int] | None = None  # (generation, names, ours)
-        self._probe: _Probe | None = None
+        self._probes: dict[int, _Probe] = {}  # this period's, and checks of suspects
         self._next_period: float | None = None
-        # Indirect probes we run for others: our nonce -> (asker's address, its nonce).
-        self._relays: dict[int, tuple[Address, int, float]] = {}
+        self._relays: dict[int, _Relay] = {}  # by the nonce of our ping to the target
+        self._pings: dict[int, float] = {}  # our recent direct pings: nonce -> when sent
         self._nonce = rng.getrandbits(32)
-        self._suspects: dict[str, float] = {}  # name -> when the suspicion ends
+        self._suspicions: dict[str, Suspicion] = {}
         self._announce_again: float | None = None
         self._periods = 0
 
@@ -142,38 +194,75 @@ class SwimDetector:
         self._next_period = now + self.period
         self._announce_again = now + self.period
 
+    def ack_wait(self) -> float:
+        """How long a direct ACK may take before others are asked: half a period, or
+        SRTT + 2 RTTVAR when longer (the whole probe then waits twice that: at least
+        TCP's timeout, SRTT + 4 RTTVAR); at most HEALTH_LIMIT half periods. Before
+        any round trip is measured, a whole period (a server starting on a busy host
+        does not know yet how slow it is)."""
+        measured = self.round_trip.wait()
+        if measured is None:
+            return self.period
+        return min(max(self.period / 2, measured), HEALTH_LIMIT * self.period / 2)
+
+    def probe_wait(self) -> float:
+        """How long a probe waits for an ACK, direct or through others, before it
+        suspects its target: a period, or two ACK waits when that is longer."""
+        return max(self.period, 2 * self.ack_wait())
+
+    def probe_period(self) -> float:
+        """The time between our probes: the period scaled by our local health (a slow
+        round trip makes each probe wait longer, not probe less often)."""
+        return self.health.scale(self.period)
+
     def next_deadline(self) -> float | None:
         deadlines = [d for d in (self._next_period,) if d is not None]
-        if self._probe is not None and not self._probe.indirect_sent:
-            deadlines.append(self._probe.sent + self.period / 2)
-        if self._suspects:
-            deadlines.append(min(self._suspects.values()))
+        for probe in self._probes.values():
+            deadlines.append(probe.fail_at if probe.indirect_sent else probe.ack_by)
+        deadlines.extend(s.deadline for s in self._suspicions.values())
+        deadlines.extend(r.nack_at for r in self._relays.values() if not r.nacked)
         return min(deadlines, default=None)
 
     def on_timer(self, now: float, state: ServerState, stalled: bool) -> None:
-        """Expire suspicions, escalate a probe without an ACK, start the next period.
-        `stalled`: our own timer fired late, so ACKs may sit unread in our socket;
-        suspect nobody this period."""
-        for name, until in list(self._suspects.items()):
-            if now >= until:
+        """Expire suspicions, nack, escalate a probe without an ACK, start the next
+        period. `stalled`: our own timer fired late, so ACKs and refutations may sit
+        unread in our socket: a probe or a suspicion that runs out now waits once
+        more (not forever: a host that stays busy must still find deaths)."""
+        for name, suspicion in list(self._suspicions.items()):
+            if now < suspicion.deadline:
+                continue
+            if stalled and not suspicion.slack:
+                suspicion.slack = self.probe_wait()
+            else:
                 self._die(name, announce=self.members[name].suspected_by_us)
-        probe = self._probe
-        if probe is not None and not probe.indirect_sent and now >= probe.sent + self.period / 2:
-            probe.indirect_sent = True
-            self._ask_others(probe, now)
+        for relay in self._relays.values():
+            if not relay.nacked and now >= relay.nack_at:
+                relay.nacked = True
+                self._send_probe(
+                    ProbeKind.NACK, relay.nonce, relay.target, relay.target_address, relay.asker
+                )
+        for nonce, probe in list(self._probes.items()):
+            if now >= probe.fail_at and stalled and not probe.extended:
+                probe.extended = True
+                probe.fail_at = now + self.probe_wait()
+            elif now >= probe.fail_at:
+                del self._probes[nonce]
+                self._failed(probe, now)
+            elif not probe.indirect_sent and now >= probe.ack_by:
+                probe.indirect_sent = True
+                self._ask_others(probe)
         if self._next_period is None or now < self._next_period:
             return
         if self._announce_again is not None:
             self._announce_again = None
             self._announce(state)
-        if stalled:
-            self._probe = None
-        elif probe is not None:
-            self._probe = None
-            self._suspect(probe.target, now)
-        self._next_period = now + self.period
-        self._relays = {n: r for n, r in self._relays.items() if now - r[2] < self.period}
-        self._ping_next(now)
+        kept = HEALTH_LIMIT * self.period
+        self._relays = {n: r for n, r in self._relays.items() if now - r.at < kept}
+        self._pings = {n: at for n, at in self._pings.items() if now - at < kept}
+        self._next_period = now + self.probe_period()
+        target = self._next_target(now)
+        if target is not None:
+            self._ping(target, now, now + self.probe_wait())
         self._periods += 1
         if self._periods % RECONNECT_PERIODS == 0:
             self._reconnect()
@@ -182,6 +271,8 @@ class SwimDetector:
     def on_probe(self, probe: Probe, now: float) -> None:
         self._heard(probe.sender, probe.address, probe.incarnation)
         sender = self.members.get(probe.sender)
+        if sender is not None:
+            sender.spoke = now
         if sender is not None and sender.status == MemberStatus.DEAD:
             # It lives, at an incarnation we hold dead: tell it, so that it refutes.
             self._send(self._notice(MemberStatus.DEAD, probe.sender, sender), probe.address)
@@ -189,48 +280,73 @@ class SwimDetector:
             self._send_probe(ProbeKind.ACK, probe.nonce, self.name, self.address, probe.address)
         elif probe.kind == ProbeKind.PING_REQ:
             nonce = self._next_nonce()
-            self._relays[nonce] = (probe.address, probe.nonce, now)
+            nack_at = now + NACK_AFTER * self.ack_wait()
+            self._relays[nonce] = _Relay(
+                probe.address, probe.nonce, probe.target, probe.target_address, now, nack_at
+            )
             self.stats.indirect_pings += 1
             self._send_probe(
                 ProbeKind.PING, nonce, probe.target, probe.target_address, probe.target_address
             )
         elif probe.kind == ProbeKind.ACK:
-            relay = self._relays.pop(probe.nonce, None)
-            if relay is not None:
-                asker, nonce, _ = relay
-                self._send_probe(
-                    ProbeKind.ACK,
-                    nonce,
-                    probe.target,
-                    probe.address,
-                    asker,
-                    target_incarnation=probe.incarnation,
-                )
-                return
-            mine = self._probe
-            if mine is not None and mine.nonce == probe.nonce and mine.target == probe.target:
-                self._probe = None
-                if probe.target != probe.sender:  # through another member
-                    self._heard(probe.target, probe.target_address, probe.target_incarnation)
+            self._on_ack(probe, now)
+        elif probe.kind == ProbeKind.NACK:
+            mine = self._probes.get(probe.nonce)
+            if mine is not None and mine.target == probe.target:
+                mine.nacks += 1
+                self.stats.nacks += 1
+
+    def _on_ack(self, probe: Probe, now: float) -> None:
+        relay = self._relays.pop(probe.nonce, None)
+        if relay is not None:
+            self.round_trip.sample(now - relay.at)
+            self._send_probe(
+                ProbeKind.ACK,
+                relay.nonce,
+                probe.target,
+                probe.address,
+                relay.asker,
+                target_incarnation=probe.incarnation,
+            )
+            return
+        direct = probe.target == probe.sender
+        sent = self._pings.pop(probe.nonce, None) if direct else None
+        if sent is not None:  # late ones too: a wait that was too short must grow
+            self.round_trip.sample(now - sent)
+        mine = self._probes.get(probe.nonce)
+        if mine is not None and mine.target == probe.target:
+            del self._probes[probe.nonce]
+            self.health.apply(-1)
+            if not direct:  # through another member
+                self._heard(probe.target, probe.target_address, probe.target_incarnation)
 
     def on_notice(self, notice: MemberNotice, now: float) -> None:
         if notice.member == self.name:
             if notice.status != MemberStatus.ALIVE and notice.incarnation >= self.incarnation:
-                # Suspected or declared dead while alive: refute (memberlist's refute).
+                # Suspected or declared dead while alive: refute (memberlist's refute),
+                # and take it as a sign that we may be the slow one.
                 self.incarnation = notice.incarnation + 1
                 self.stats.refutations += 1
+                self.health.apply(1)
                 self._announce(notice.state)
             return
         member = self.members.get(notice.member)
         if notice.status == MemberStatus.ALIVE:
             self._heard(notice.member, notice.address, notice.incarnation)
-        elif member is None:
+            if notice.sender == notice.member and notice.member in self.members:
+                self.members[notice.member].spoke = now
+        elif member is None or notice.incarnation < member.incarnation:
             return
         elif notice.status == MemberStatus.SUSPECT:
-            if member.status == MemberStatus.ALIVE and notice.incarnation >= member.incarnation:
-                member.incarnation = notice.incarnation
-                self._mark_suspect(notice.member, now)
-        elif notice.incarnation >= member.incarnation and member.status != MemberStatus.DEAD:
+            member.incarnation = notice.incarnation
+            if member.status == MemberStatus.ALIVE:
+                self._begin_suspicion(notice.member, notice.sender, now)
+                probing = any(p.target == notice.member for p in self._probes.values())
+                if not probing and self._confirms(notice.member, notice.sender):
+                    self._ping(notice.member, now, now + self.probe_wait())
+            elif member.status == MemberStatus.SUSPECT:
+                self._suspicions[notice.member].confirm(notice.sender)
+        elif member.status != MemberStatus.DEAD:
             member.incarnation = notice.incarnation
             self._die(notice.member, announce=False)
 
@@ -251,7 +367,7 @@ class SwimDetector:
             member.status == MemberStatus.ALIVE and incarnation == member.incarnation
         ):
             if member.status != MemberStatus.ALIVE:
-                self._suspects.pop(name, None)
+                self._suspicions.pop(name, None)
                 member.status = MemberStatus.ALIVE
                 member.suspected_by_us = False
                 self.generation += 1
@@ -269,29 +385,48 @@ class SwimDetector:
             None,
         )
 
-    def _ping_next(self, now: float) -> None:
-        target = self._next_target(now)
-        if target is None:
-            return
-        member = self.members[target]
-        self._probe = _Probe(target, self._next_nonce(), now)
-        self.stats.pings += 1
-        self._send_probe(ProbeKind.PING, self._probe.nonce, target, member.address, member.address)
-
-    def _next_target(self, now: float) -> str | None:
-        """The member `k` places on from us in the ring of live members, `k` from the
-        period's number: 1 to n - 1, the same at every member for the same period."""
+    def _live_ring(self) -> tuple[list[str], int]:
+        """The live (alive or suspect) members and ourselves in name order, and our place."""
         ring = self._ring
         if ring is None or ring[0] != self.generation:
             names = sorted(
                 [self.name, *(n for n, m in self.members.items() if m.status != MemberStatus.DEAD)]
             )
             ring = self._ring = (self.generation, names, names.index(self.name))
-        _, names, ours = ring
+        return ring[1], ring[2]
+
+    def _ping(self, target: str, now: float, fail_at: float) -> None:
+        """Probe `target`: ACK within `ack_wait`, else ask others; none by `fail_at`:
+        suspect it."""
+        member = self.members[target]
+        nonce = self._next_nonce()
+        ack_by = now + self.ack_wait()
+        self._probes[nonce] = _Probe(target, nonce, now, ack_by, fail_at, member.incarnation)
+        self._pings[nonce] = now
+        self.stats.pings += 1
+        self._send_probe(ProbeKind.PING, nonce, target, member.address, member.address)
+
+    def _next_target(self, now: float) -> str | None:
+        """The member `k` places on from us in the ring of live members, `k` from the
+        period's number: 1 to n - 1, the same at every member for the same period."""
+        names, ours = self._live_ring()
         if len(names) < 2:
             return None
         offset = 1 + _mix(round(now / self.period)) % (len(names) - 1)
         return names[(ours + offset) % len(names)]
+
+    def _confirms(self, suspect: str, first: str) -> bool:
+        """Whether we are one of the members that probe `suspect` at once (besides
+        the period's probe) to confirm or clear `first`'s suspicion: the ones that
+        follow it in the ring, `first` left out, one more than the suspicion wants
+        (a newcomer among them may not know the suspect yet)."""
+        names, _ = self._live_ring()
+        if suspect not in names:
+            return False
+        at = names.index(suspect)
+        following = [names[(at + i) % len(names)] for i in range(1, len(names))]
+        wanted = self._suspicions[suspect].wanted
+        return self.name in [n for n in following if n != first][: wanted + 1]
 
     def _reconnect(self) -> None:
         """Ping one member we hold dead: if it lives, its ACK gets it told (`on_probe`)."""
@@ -306,7 +441,7 @@ class SwimDetector:
             self.name, 0, status, name, member.address, member.incarnation, ServerState.ACTIVE
         )
 
-    def _ask_others(self, probe: _Probe, now: float) -> None:
+    def _ask_others(self, probe: _Probe) -> None:
         target = self.members.get(probe.target)
         if target is None:
             return
@@ -315,7 +450,9 @@ class SwimDetector:
             for n, m in self.members.items()
             if m.status == MemberStatus.ALIVE and n != probe.target
         ]
-        for name in self.rng.sample(helpers, min(self.indirect, len(helpers))):
+        chosen = self.rng.sample(helpers, min(self.indirect, len(helpers)))
+        probe.asked = len(chosen)
+        for name in chosen:
             self._send_probe(
                 ProbeKind.PING_REQ,
                 probe.nonce,
@@ -325,23 +462,48 @@ class SwimDetector:
                 target_incarnation=target.incarnation,
             )
 
-    def _suspect(self, name: str, now: float) -> None:
-        member = self.members.get(name)
-        if member is None or member.status != MemberStatus.ALIVE:
+    def _failed(self, probe: _Probe, now: float) -> None:
+        """No ACK came for `probe` in time: suspect its target, unless it has spoken
+        to us or refuted since we asked (alive: the wait was what fell short)."""
+        member = self.members.get(probe.target)
+        if member is None or member.spoke >= probe.sent or member.incarnation > probe.incarnation:
             return
-        self.stats.suspicions += 1
-        self._mark_suspect(name, now)
+        if member.status == MemberStatus.ALIVE:
+            # Helpers that did not even nack say the fault may be ours (memberlist);
+            # a member others suspect already says it is not.
+            self.health.apply(probe.asked - probe.nacks if probe.asked else 1)
+        self._suspect(probe.target, now)
+
+    def _suspect(self, name: str, now: float) -> None:
+        """Our own probe of `name` failed: suspect it, or confirm others' suspicion."""
+        member = self.members.get(name)
+        if member is None or member.status == MemberStatus.DEAD:
+            return
+        if member.status == MemberStatus.ALIVE:
+            self.stats.suspicions += 1
+            self._begin_suspicion(name, self.name, now)
+        elif self._suspicions[name].confirm(self.name):
+            self.stats.confirmations += 1
+        else:
+            return
         member.suspected_by_us = True
         self._send(self._notice(MemberStatus.SUSPECT, name, member), None)
 
-    def _mark_suspect(self, name: str, now: float) -> None:
-        member = self.members[name]
-        member.status = MemberStatus.SUSPECT
-        self._suspects[name] = member.suspect_until = now + self.suspicion
+    def _begin_suspicion(self, name: str, first: str, now: float) -> None:
+        """`name` is suspect on `first`'s word: dead at the end of a suspicion that
+        starts long and shrinks as others confirm it (`lifeguard.Suspicion`)."""
+        self.members[name].status = MemberStatus.SUSPECT
+        live = sum(1 for m in self.members.values() if m.status != MemberStatus.DEAD) + 1
+        # The suspect refutes only once the suspicion has reached it and its answer
+        # has come back: never less than two of our ACK waits.
+        shortest = max(self.suspicion, 2 * self.ack_wait())
+        self._suspicions[name] = Suspicion(
+            now, first, shortest, SUSPICION_STRETCH * shortest, wanted_confirmations(live)
+        )
         self.generation += 1
 
     def _die(self, name: str, *, announce: bool) -> None:
-        self._suspects.pop(name, None)
+        self._suspicions.pop(name, None)
         member = self.members[name]
         member.status = MemberStatus.DEAD
         self.generation += 1

@@ -3,10 +3,13 @@
 SWIM (Das, Gupta, Motivala, DSN 2002), as HashiCorp's memberlist runs it: each
 protocol period a server pings one member point to point (`Probe` PING) and
 expects its `Probe` ACK; without one it asks a few others to ping the member for
-it (PING_REQ), and they pass an ACK back. A member nobody reaches is suspected
-(`MemberNotice` SUSPECT) and, unless it refutes with a greater incarnation
-(ALIVE), counted dead when the suspicion times out. Notices go on the control
-channel: one message per event, where memberlist piggybacks them on pings.
+it (PING_REQ), and they pass an ACK back, or a NACK when the member does not
+answer them either (Lifeguard: an asker that gets neither is the slow one). A
+member nobody reaches is suspected (`MemberNotice` SUSPECT; others that fail to
+reach it too confirm with a SUSPECT of their own) and, unless it refutes with a
+greater incarnation (ALIVE), counted dead when the suspicion times out. Notices
+go on the control channel: one message per event, where memberlist piggybacks
+them on pings.
 
 Every probe also carries its sender's state (what a heartbeat carried), so the
 pool learns epochs and loads from the probes it exchanges anyway.
@@ -45,6 +48,7 @@ class ProbeKind(IntEnum):
     PING = 1  # to `target`: are you alive?
     ACK = 2  # `target` answered (itself, or through the sender of an indirect probe)
     PING_REQ = 3  # please ping `target` for me and pass its ACK back
+    NACK = 4  # `target` did not answer my ping for you in time (Lifeguard's nack)
 
 
 class MemberStatus(IntEnum):
