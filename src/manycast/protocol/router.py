@@ -198,6 +198,9 @@ class Router(Node):
         # entries follow the portions' cells, not the clients.
         self._mfc: dict[int, dict[int, tuple[tuple[str, int], ...]]] = {}
         self._cell_masks: dict[int, int] = {}
+        # group -> how many of its members' pairs use each mask: the union above is
+        # kept from these, not read again from every member on each join.
+        self._pair_masks: dict[int, Counter[int]] = {}
         # Label switching and edge flow tags: a VIP pool's router, with VIP routing
         # (Fig 17-18), or a manycast pool's under R4 (Fig 16), whose tags are for
         # connections to the group.
@@ -412,7 +415,11 @@ class Router(Node):
             whole = self.parts.add(origin, signed, report.records, now)
             if whole is not None:
                 self._join(whole, origin, iface, neighbor, first_hop, now)
-        self._arm_expiry()
+        if not self.timers.armed("expire"):
+            # Whatever this report set expires a hold time from now, no sooner than
+            # what the armed timer waits for: it fires at or before the soonest expiry
+            # (and `_expire` arms it again), so one look at every member is enough then.
+            self._arm_expiry()
 
     def _join(
         self,
@@ -442,11 +449,14 @@ class Router(Node):
             members = self.members.setdefault(group, {})
             before = members.get(origin)
             if source_filter is None:
-                members.pop(origin, None)
+                if members.pop(origin, None) is not None:
+                    self._count_masks(group, before, -1)
             else:
                 members[origin] = Member(
                     origin, iface, neighbor, source_filter, now + self.hold_time
                 )
+                self._count_masks(group, before, -1)
+                self._count_masks(group, members[origin], 1)
             relay = True
             unchanged = (
                 before is not None
@@ -575,7 +585,9 @@ class Router(Node):
             self.stats.notices_refused[reason] += 1
             return
         self._notices_seen.remember(signed, now)
-        if members.pop(member, None) is not None:
+        dropped = members.pop(member, None)
+        if dropped is not None:
+            self._count_masks(group, dropped, -1)
             self.stats.members_down += 1
             self._invalidate(group)
             self._arm_expiry()
@@ -592,12 +604,21 @@ class Router(Node):
         udp = UDPDatagram(self.control_port, self.control_port, payload).to_wire(src, dst)
         self.send(iface, IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), neighbor)
 
+    def _count_masks(self, group: int, member: Member | None, sign: int) -> None:
+        """Count `member`'s pairs' masks in (`sign` 1) or out (-1) of `group`'s."""
+        if member is None:
+            return
+        counts = self._pair_masks.setdefault(group, Counter())
+        for _, pair_mask in member.filter.include + member.filter.exclude:
+            counts[pair_mask] += sign
+            if not counts[pair_mask]:
+                del counts[pair_mask]
+
     def _invalidate(self, group: int) -> None:
         self._mfc.pop(group, None)
         mask = 0
-        for member in self.members.get(group, {}).values():
-            for _, pair_mask in member.filter.include + member.filter.exclude:
-                mask |= pair_mask
+        for pair_mask in self._pair_masks.get(group, ()):
+            mask |= pair_mask
         self._cell_masks[group] = mask
         union = 0
         for group_mask in self._cell_masks.values():
@@ -624,7 +645,7 @@ class Router(Node):
         for group, members in self.members.items():
             gone = [origin for origin, m in members.items() if m.expires <= now]
             for origin in gone:
-                del members[origin]
+                self._count_masks(group, members.pop(origin), -1)
             if gone:
                 self._invalidate(group)
         self._arm_expiry()
