@@ -151,6 +151,30 @@ def test_a_death_is_acted_on_when_judged_not_at_the_next_heartbeat(
     assert 0.0 < committed - judged < 0.02
 
 
+def test_a_burst_of_deaths_and_one_of_joins_are_a_change_each(membership: str) -> None:
+    """Three servers die at once, then four standbys start at once: the coordinator
+    removes every server it holds dead in one change and adds every newcomer it has
+    heard from in one, not one epoch each. With heartbeats the three silences are
+    judged at the same instant (the victims sit behind one router), so each burst is
+    exactly one change; the gossip membership finds deaths by probes, not all in the
+    same period, and still needs fewer changes than servers came and went."""
+    victims, newcomers = ("s4", "s6", "s8"), ("s9", "s10", "s11", "s12")
+    steps = [kill(2.0, s) for s in victims] + [add(4.0, s) for s in newcomers]
+    run, _ = run_pool(steps, 6.0, servers=8, standby=4)
+    current = assert_one_allocation(run)
+    assert set(current.servers) == {"s1", "s2", "s3", "s5", "s7", *newcomers}
+    shares = current.shares().values()
+    assert max(shares) - min(shares) <= Fraction(len(current.servers), BUCKETS)
+    changed = commits(run, "s1")
+    if membership == "heartbeat":
+        assert changed == ["commit remove s4, s6, s8", "commit add s10, s11, s12, s9"]
+    else:
+        assert len(changed) < len(victims) + len(newcomers), changed
+        assert any(", " in what for what in changed), changed
+    assert_all_served_since(run, 5.0)
+    assert run.summary()["clients_served_at_end"] == 24
+
+
 @pytest.mark.parametrize("delay", [0.1, 0.2])
 @pytest.mark.parametrize("victim", ["s1", "s2", "s3"], ids=["coordinator", "subject", "other"])
 def test_two_changes_in_quick_succession_converge(victim: str, delay: float) -> None:

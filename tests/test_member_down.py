@@ -200,8 +200,9 @@ def test_a_private_pool_signs_its_notice_and_its_routers_check_it() -> None:
         assert router.admission is not None  # a private pool's routers check signatures
         assert dead not in router.members.get(group, {}), router.name
         assert router.stats.members_down == 1, router.name
-    # The outsider server thinks itself a pool of its own and tells of the death too,
-    # signed with its own key: its router refuses that notice.
-    assert run.nodes.servers["evil"].stats.deaths_told == 1
+    # The outsider server thinks itself a pool of its own and tells of the deaths of
+    # the members it never heard from (s1 and s2, removed in one change), signed with
+    # its own key: its router refuses those notices.
+    assert run.nodes.servers["evil"].stats.deaths_told == 2
     refused = {r.name: dict(r.stats.notices_refused) for r in run.nodes.routers.values()}
-    assert refused == {"ra": {}, "core": {"bad signature": 1}, "rs": {}}
+    assert refused == {"ra": {}, "core": {"bad signature": 2}, "rs": {}}

@@ -40,14 +40,16 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 from manycast import policy
+from manycast.protocol.peerview import NO_ADDRESS, NO_DIGEST, Peer, PeerView
 from manycast.protocol.poolstate import (
     PoolSettings,
     apply_op,
+    describe_op,
     initial_allocation,
     initial_apportionment,
+    members_op,
     starting_state,
 )
 from manycast.protocol.swim import ProbeBody, SwimDetector
@@ -56,22 +58,9 @@ from manycast.wire import control
 from manycast.wire.control import ServerState
 from manycast.wire.errors import WireError
 
-NO_DIGEST = "0" * 16
 COMMAND_PATIENCE = 10.0  # seconds an operator's command is resent before it is dropped
 WITNESSES = 3  # with the gossip membership: the members whose acks a proposal waits for
 DUTIES_DEBOUNCE = 0.002  # seconds: news of members within this are acted on together
-
-
-@dataclass
-class Peer:
-    name: str
-    address: ipaddress.IPv4Address | ipaddress.IPv6Address
-    last_seen: float
-    state: ServerState
-    epoch: int
-    digest: str
-    load: float = 0.0
-    sessions: int = 0
 
 
 @dataclass
@@ -94,7 +83,7 @@ class CoordinatorStats:
     messages_sent: int = 0
 
 
-class Coordinator:
+class Coordinator(PeerView):
     def __init__(
         self,
         name: str,
@@ -108,8 +97,7 @@ class Coordinator:
         # An observer (a VIP router, Fig 19) follows the pool's allocation without being
         # a member: it sends no heartbeat, never coordinates, acks nothing, answers no
         # snapshot request, and is not among the live servers.
-        self.observer = observer
-        self.name = name
+        super().__init__(name, observer)
         self.address = address
         self.settings = settings
         self.rng = rng
@@ -117,10 +105,8 @@ class Coordinator:
         self.apportionment = starting_state(settings, initial)
         self.epoch = 1 if initial is not None else 0
         self.state = ServerState.ACTIVE if initial is not None else ServerState.JOINING
-        self.peers: dict[str, Peer] = {}
         self.stats = CoordinatorStats()
         self.changes: list[tuple[float, int, str]] = []  # (time, epoch, what)
-        self._started = 0.0
         self._seq = 0
         self._outbox: list[control.ControlMessage] = []
         self._to: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
@@ -138,18 +124,12 @@ class Coordinator:
         # the next heartbeat: a death is acted on when it is judged, not up to one
         # heartbeat later.
         self._judge_at: float | None = None
-        self._stalled_until = 0.0
         self._congested = 0
         self._hold_until = 0.0
         self._snapshot_asked = -1.0
         self._load = 0.0
         self._sessions = 0
         self._requests_seen: tuple[float, int] | None = None
-        # The gossip membership (`membership = "swim"`), made at start; and what is
-        # derived from it, cached until a member's status or state changes.
-        self.swim: SwimDetector | None = None
-        self._states_changed = 0
-        self._cached: dict[str, tuple[tuple[int, int, int, ServerState], object]] = {}
         # Called with a proposed allocation before we ack it (or, as coordinator, before
         # we propose it): the server prepares for the change (R4 pins its connections).
         self.on_offer: Callable[[Allocation], None] | None = None
@@ -174,114 +154,20 @@ class Coordinator:
         # Loads are averages: judge them only once they have had time to settle.
         settle = max(self.settings.rebalance_hold_s, 3 * self.settings.load_smoothing)
         self._hold_until = now + settle
-        for member in self.settings.members:
-            if member != self.name and self.allocation is not None:
-                # Configured members get one timeout's grace to send their first heartbeat.
-                self.peers[member] = Peer(
-                    member, ipaddress.IPv4Address(0), now, ServerState.ACTIVE, 0, NO_DIGEST
-                )
+        if self.allocation is not None:
+            # Configured members get one timeout's grace to send their first heartbeat.
+            for member in self.settings.members:
+                if member != self.name and member not in self.peers:
+                    self.peers[member] = Peer(
+                        member, NO_ADDRESS, now, ServerState.ACTIVE, 0, NO_DIGEST
+                    )
+            self._ordered = sorted(self.peers)
         self.on_timer(now)
 
     @property
     def allocation(self) -> Allocation | None:
         state = self.apportionment
         return state.allocation if state is not None else None
-
-    @property
-    def digest(self) -> str:
-        """The state's digest: the allocation and the shares."""
-        return self.apportionment.digest() if self.apportionment is not None else NO_DIGEST
-
-    @property
-    def view(self) -> tuple[int, str]:
-        return (self.epoch, self.digest)
-
-    def _limit(self, now: float) -> float:
-        """Peers heard from since this time are alive. After we ourselves stalled
-        (our timer fired late: a busy host), their heartbeats may still be queued
-        unread, so nobody is judged until a full timeout has passed again."""
-        if now < self._stalled_until:
-            return float("-inf")
-        return now - self.settings.dead_after
-
-    def _peer_alive(self, peer: Peer, limit: float) -> bool:
-        """Heard within the timeout; with the gossip membership, not declared dead. A
-        member we have not heard from yet (a newcomer learns the pool from the probes
-        it gets) counts while the allocation holds it, or within its first timeout."""
-        swim = self.swim
-        if swim is None:
-            return peer.last_seen >= limit
-        if peer.name in swim.members:
-            return swim.alive(peer.name)
-        allocation = self.allocation
-        return (allocation is not None and peer.name in allocation.servers) or (
-            peer.last_seen >= limit
-        )
-
-    def _cache_key(self, now: float) -> tuple[int, int, int, ServerState] | None:
-        """What the live set depends on, when time alone cannot change it: the gossip
-        membership, past every configured member's grace and our own stalls."""
-        swim = self.swim
-        if swim is None or now < self._stalled_until or now < self._started + self._grace:
-            return None
-        return (swim.generation, self._states_changed, self.epoch, self.state)
-
-    @property
-    def _grace(self) -> float:
-        return self.settings.dead_after
-
-    def _derived(self, what: str, now: float, compute: Callable[[], object]) -> object:
-        key = self._cache_key(now)
-        if key is None:
-            return compute()
-        cached = self._cached.get(what)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        value = compute()
-        self._cached[what] = (key, value)
-        return value
-
-    def alive(self, now: float) -> list[str]:
-        limit = self._limit(now)
-        me = [] if self.observer else [self.name]
-        return sorted(me + [p.name for p in self.peers.values() if self._peer_alive(p, limit)])
-
-    def holds_alive(self, name: str, now: float) -> bool:
-        """Whether our view counts the peer `name` alive now (one peer: O(1))."""
-        if name == self.name:
-            return not self.observer
-        peer = self.peers.get(name)
-        return peer is not None and self._peer_alive(peer, self._limit(now))
-
-    def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address]:
-        """Unicast addresses of the peers we have stopped hearing from."""
-
-        def compute() -> set[ipaddress.IPv4Address]:
-            limit = self._limit(now)
-            return {
-                p.address
-                for p in self.peers.values()
-                if not self._peer_alive(p, limit) and isinstance(p.address, ipaddress.IPv4Address)
-            }
-
-        return cast(set[ipaddress.IPv4Address], self._derived("dead", now, compute))
-
-    def coordinator(self, now: float) -> str | None:
-        def compute() -> str | None:
-            limit = self._limit(now)
-            active = [
-                p.name
-                for p in self.peers.values()
-                if p.state == ServerState.ACTIVE and self._peer_alive(p, limit)
-            ]
-            if self.state == ServerState.ACTIVE and not self.observer:
-                active.append(self.name)
-            return min(active, default=None)
-
-        return cast("str | None", self._derived("coordinator", now, compute))
-
-    def is_coordinator(self, now: float) -> bool:
-        return self.coordinator(now) == self.name
 
     def report_load(self, requests_total: int, sessions: int, now: float) -> None:
         """The agent's request counter; the heartbeat carries the rate since the last one."""
@@ -430,18 +316,23 @@ class Coordinator:
             return
         if self.allocation is None:
             return
+        servers = self.allocation.servers
         alive = set(self.alive(now))
-        for server in self.allocation.servers:
-            if server not in alive and len(self.allocation.servers) > 1:
-                self._propose(control.RemoveServerOp(server), now)
-                return
+        dead = [server for server in servers if server not in alive][: len(servers) - 1]
         # After a stall of ours every peer counts as alive for a while (their
         # heartbeats may be queued unread): that holds back removals, but a server is
         # added back only on a heartbeat heard within the timeout.
         heard = now - self.settings.dead_after
-        recent = {p.name for p in self.peers.values() if self._peer_alive(p, heard)}
-        for peer in sorted(recent - set(self.allocation.servers)):
-            self._propose(control.AddServerOp(peer, None), now)
+        weights = self.apportionment.weights if self.apportionment is not None else {}
+        new = sorted(
+            p.name
+            for p in self.peers.values()
+            if p.name not in weights and self._peer_alive(p, heard)
+        )
+        # Every dead server in one change, then every newcomer in one: a burst of
+        # deaths (or of joins) is one epoch, not one each.
+        if dead or new:
+            self._propose(members_op(dead, []) if dead else members_op([], new), now)
             return
         while self._queue:
             op = self._queue.pop(0)
@@ -490,16 +381,19 @@ class Coordinator:
 
     def _behind(self, now: float) -> bool:
         """True (and a snapshot asked for) when a live peer holds a greater state."""
+        view = self.view
         limit = self._limit(now)
-        best = max(
-            (
-                (p.epoch, p.digest)
-                for p in self.peers.values()
-                if p.epoch > 0 and self._peer_alive(p, limit)
-            ),
-            default=(0, NO_DIGEST),
-        )
-        if best <= self.view:
+        best = (0, NO_DIGEST)
+        # Our state only grows, so a peer heard at or below it stays there until heard
+        # again (`_note_view`): only those heard above it need looking at.
+        for name in list(self._ahead):
+            peer = self.peers[name]
+            held = (peer.epoch, peer.digest)
+            if held <= view:
+                self._ahead.discard(name)
+            elif held > best and peer.epoch > 0 and self._peer_alive(peer, limit):
+                best = held
+        if best <= view:
             return False
         offered = self._offered.get(best[0])
         if (
@@ -591,10 +485,11 @@ class Coordinator:
         allocation = state.allocation
         self.epoch = epoch
         self.apportionment = state
+        self._installs += 1
         self._new = allocation
         # Loads measured before a change say little about after it: let them settle.
         self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold_s)
-        self.state = ServerState.ACTIVE if self.name in allocation.servers else ServerState.JOINING
+        self.state = ServerState.ACTIVE if self.name in state.weights else ServerState.JOINING
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
         self.changes.append((now, epoch, why))
         if self.swim is not None:
@@ -603,10 +498,7 @@ class Coordinator:
             # so it agrees with the others on who coordinates.
             for name in allocation.servers:
                 if name != self.name and name not in self.peers:
-                    self.peers[name] = Peer(
-                        name, ipaddress.IPv4Address(0), now, ServerState.ACTIVE, 0, NO_DIGEST
-                    )
-                    self._states_changed += 1
+                    self._add_peer(Peer(name, NO_ADDRESS, now, ServerState.ACTIVE, 0, NO_DIGEST))
 
     # -- messages -----------------------------------------------------------------------
     def on_message(self, message: control.ControlMessage, now: float) -> None:
@@ -677,41 +569,6 @@ class Coordinator:
         if self._judge_at is None or at < self._judge_at:
             self._judge_at = at
 
-    def _update_peer(
-        self,
-        name: str,
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-        state: ServerState,
-        now: float,
-        view: tuple[int, str, float, int] | None,
-    ) -> None:
-        peer = self.peers.get(name)
-        if peer is None:
-            peer = self.peers[name] = Peer(name, address, now, state, 0, NO_DIGEST)
-            self._states_changed += 1
-        elif peer.state != state:
-            peer.state = state
-            self._states_changed += 1
-        if int(address):
-            peer.address = address
-        peer.last_seen = max(peer.last_seen, now)
-        if view is not None:
-            peer.epoch, peer.digest, peer.load, peer.sessions = view
-
-    def _on_heartbeat(self, hb: control.Heartbeat, now: float) -> None:
-        peer = self.peers.get(hb.sender)
-        if peer is None:
-            peer = self.peers[hb.sender] = Peer(
-                hb.sender, hb.address, now, hb.state, hb.epoch, hb.digest
-            )
-        peer.address, peer.last_seen, peer.state = hb.address, max(peer.last_seen, now), hb.state
-        peer.epoch, peer.digest, peer.load, peer.sessions = (
-            hb.epoch,
-            hb.digest,
-            hb.load,
-            hb.sessions,
-        )
-
     def _on_proposal(self, proposal: control.Proposal, now: float) -> None:
         base = (proposal.base_epoch, proposal.base_digest)
         if base != self.view or self.apportionment is None:
@@ -734,15 +591,14 @@ class Coordinator:
                 del self._commands[command_id]  # the pool has taken our command up
         if self.on_offer is not None:
             self.on_offer(result.allocation)
-        if self.swim is not None and self.name not in self._witnesses(proposal.sender, now):
-            return  # the gossip membership: only the witnesses ack
-        self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest))
-
-    def _heard_state(self, name: str, view: tuple[int, str]) -> None:
-        """`name` holds `view` (a proposal's base, a commit): newer than we knew of it?"""
-        peer = self.peers.get(name)
-        if peer is not None and view > (peer.epoch, peer.digest):
-            peer.epoch, peer.digest = view
+        to = None
+        if self.swim is not None:
+            if self.name not in self._witnesses(proposal.sender, now):
+                return  # the gossip membership: only the witnesses ack
+            # to the proposer alone (its address came with its probes): only it counts acks
+            proposer = self.peers.get(proposal.sender)
+            to = proposer.address if proposer is not None and int(proposer.address) else None
+        self._send(control.Ack(self.name, self._next_seq(), proposal.epoch, proposal.digest), to)
 
     def _on_snapshot_request(self, request: control.SnapshotRequest, now: float) -> None:
         state = self.apportionment
@@ -753,8 +609,7 @@ class Coordinator:
             # answers, and, when the coordinator itself asks, its witnesses.
             coordinator = self.coordinator(now)
             if coordinator != self.name and not (
-                request.sender == coordinator
-                and self.name in self._witnesses(coordinator, now)
+                request.sender == coordinator and self.name in self._witnesses(coordinator, now)
             ):
                 return
         else:
@@ -815,22 +670,11 @@ class Coordinator:
         return self._seq
 
 
-def describe_op(op: control.PolicyOp) -> str:
-    if isinstance(op, control.AddServerOp):
-        return f"add {op.server}"
-    if isinstance(op, control.RemoveServerOp):
-        return f"remove {op.server}"
-    if isinstance(op, control.SetShareOp):
-        return f"set {op.server} to {float(op.share):.1%}"
-    if isinstance(op, control.RebalanceOp | control.BalanceLoadsOp):
-        return f"rebalance to max/mean {op.target}"
-    return type(op).__name__
-
-
 __all__ = [
     "Coordinator",
     "PoolSettings",
     "apply_op",
+    "describe_op",
     "initial_allocation",
     "initial_apportionment",
     "starting_state",

@@ -6,6 +6,7 @@ hold. Operations go through its methods, so the shares are kept exactly rather t
 read back from the held buckets: after any sequence of changes every server holds
 its share to within one bucket, and each change moves only the surplus buckets.
 Everything here is deterministic, so every server computes the same state.
+`members_op` makes the one change that removes (or adds) several servers at once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import numpy as np
 from manycast import policy
 from manycast.space import AddressSpace, Allocation
 from manycast.wire import control
+
+# Bytes of server ids one change removing and adding servers carries (each id and its
+# length byte): some 170 of our names, well within a datagram with the proposal.
+MEMBERS_OP_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,12 @@ def apply_op(state: policy.Apportionment, op: control.PolicyOp) -> policy.Apport
         return state.remove_server(op.server)
     if isinstance(op, control.SetShareOp):
         return state.set_share(op.server, op.share)
+    if isinstance(op, control.MembersOp):
+        for server in op.removed:
+            state = state.remove_server(server)
+        for server in op.added:
+            state = state.add_server(server, None)
+        return state
     if isinstance(op, control.BalanceLoadsOp):
         return state.balance_loads(dict(op.loads), op.target, dict(op.hot))
     if isinstance(op, control.RebalanceOp):
@@ -130,10 +141,49 @@ def apply_op(state: policy.Apportionment, op: control.PolicyOp) -> policy.Apport
     raise policy.PolicyError(f"{type(op).__name__} cannot be proposed")
 
 
+def members_op(removed: list[str], added: list[str]) -> control.PolicyOp:
+    """One change that removes `removed` and adds `added` (sorted), as many of them as
+    one proposal carries (`MEMBERS_OP_BYTES`; the rest wait for the next change). A
+    single server is the plain `RemoveServerOp` or `AddServerOp`."""
+    if len(removed) + len(added) == 1:
+        return control.RemoveServerOp(removed[0]) if removed else control.AddServerOp(added[0])
+    size = 0
+    taken: tuple[list[str], list[str]] = ([], [])
+    for chosen, names in zip(taken, (removed, added), strict=True):
+        for name in names:
+            size += 1 + len(name.encode())
+            if size > MEMBERS_OP_BYTES:
+                break
+            chosen.append(name)
+    return control.MembersOp(tuple(taken[0]), tuple(taken[1]))
+
+
+def describe_op(op: control.PolicyOp) -> str:
+    if isinstance(op, control.MembersOp):
+        said = [
+            f"{verb} {', '.join(names)}"
+            for verb, names in (("remove", op.removed), ("add", op.added))
+            if names
+        ]
+        return "; ".join(said)
+    if isinstance(op, control.AddServerOp):
+        return f"add {op.server}"
+    if isinstance(op, control.RemoveServerOp):
+        return f"remove {op.server}"
+    if isinstance(op, control.SetShareOp):
+        return f"set {op.server} to {float(op.share):.1%}"
+    if isinstance(op, control.RebalanceOp | control.BalanceLoadsOp):
+        return f"rebalance to max/mean {op.target}"
+    return type(op).__name__
+
+
 __all__ = [
+    "MEMBERS_OP_BYTES",
     "PoolSettings",
     "apply_op",
+    "describe_op",
     "initial_allocation",
     "initial_apportionment",
+    "members_op",
     "starting_state",
 ]

@@ -74,6 +74,8 @@ Layout, big-endian, field widths in bits:
      5  REPLACE         snapshot-epoch(64) digest
      6  BALANCE_LOADS   target(f64) count(16) (id load(f64))...
                         count(16) (bucket(32) load(f64))...
+     7  MEMBERS         count(16) id... count(16) id...  (removed, then added;
+                        each sorted, none twice, none in both, not both empty)
 
 Strictness: a decoder accepts only bytes that re-encode identically, so flags
 are 0 or 1, fractions are in lowest terms, lists are in their canonical order
@@ -120,6 +122,7 @@ from manycast.wire.control.ops import (
     AddServerOp,
     BalanceLoadsOp,
     BucketLoad,
+    MembersOp,
     OpKind,
     PolicyOp,
     RebalanceOp,
@@ -208,6 +211,7 @@ __all__ = [
     "MemberDown",
     "MemberNotice",
     "MemberStatus",
+    "MembersOp",
     "MessageType",
     "MoveAck",
     "MoveConnection",

@@ -1,7 +1,8 @@
 """Policy operations: the allocation changes a `Command` asks for and a `Proposal` carries.
 
 Each is the wire form of one call in `manycast.policy` (add or remove a server,
-set a share, rebalance, replace the allocation, balance measured loads).
+set a share, rebalance, replace the allocation, balance measured loads), or of
+several removals and additions made as one change (`MembersOp`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class OpKind(IntEnum):
     REBALANCE = 4
     REPLACE = 5
     BALANCE_LOADS = 6
+    MEMBERS = 7
 
 
 class BucketLoad(NamedTuple):
@@ -254,8 +256,57 @@ class BalanceLoadsOp(_Op):
         return cls(target, loads, hot)
 
 
+MAX_MEMBERS_CHANGED = 1024  # servers one MembersOp names, removed and added together
+
+
+@dataclass(frozen=True, slots=True)
+class MembersOp(_Op):
+    """Servers leave and join in one change: each of `removed` leaves, one after the
+    other in name order (as `policy.remove_server`: only its buckets move), then each
+    of `added` joins with an equal share, in name order (as `policy.add_server`). So a
+    burst of deaths, or of newcomers, is one epoch, not one each."""
+
+    KIND: ClassVar[OpKind] = OpKind.MEMBERS
+    removed: tuple[str, ...] = ()
+    added: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        what = "MEMBERS"
+        for name in ("removed", "added"):
+            servers = getattr(self, name)
+            if not isinstance(servers, tuple | list):
+                raise WireError(f"{what}: {name} must be a tuple of server ids")
+            set_field(self, name, tuple(servers))
+            for server in servers:
+                check_id(what, name, server)
+            if list(servers) != sorted(set(servers)):
+                raise WireError(f"{what}: {name} must be listed once each, in order")
+        if not self.removed and not self.added:
+            raise WireError(f"{what}: no server removed or added")
+        if set(self.removed) & set(self.added):
+            raise WireError(f"{what}: a server is both removed and added")
+        if len(self.removed) + len(self.added) > MAX_MEMBERS_CHANGED:
+            raise WireError(f"{what}: more than {MAX_MEMBERS_CHANGED} servers")
+
+    def _write(self, w: Writer) -> None:
+        for servers in (self.removed, self.added):
+            w.u16(len(servers))
+            for server in servers:
+                write_id(w, server)
+
+    @classmethod
+    def _read(cls, r: Reader) -> MembersOp:
+        removed = tuple(
+            read_id(r, "server") for _ in range(read_count(r, "removed", 2, MAX_MEMBERS_CHANGED))
+        )
+        added = tuple(
+            read_id(r, "server") for _ in range(read_count(r, "added", 2, MAX_MEMBERS_CHANGED))
+        )
+        return cls(removed, added)
+
+
 PolicyOp: TypeAlias = (
-    AddServerOp | RemoveServerOp | SetShareOp | RebalanceOp | ReplaceOp | BalanceLoadsOp
+    AddServerOp | RemoveServerOp | SetShareOp | RebalanceOp | ReplaceOp | BalanceLoadsOp | MembersOp
 )
 
 _OP_READERS: dict[OpKind, Callable[[Reader], PolicyOp]] = {
@@ -265,12 +316,20 @@ _OP_READERS: dict[OpKind, Callable[[Reader], PolicyOp]] = {
     OpKind.REBALANCE: RebalanceOp._read,
     OpKind.REPLACE: ReplaceOp._read,
     OpKind.BALANCE_LOADS: BalanceLoadsOp._read,
+    OpKind.MEMBERS: MembersOp._read,
 }
 
 
 def check_op(what: str, op: object) -> None:
     if not isinstance(
-        op, AddServerOp | RemoveServerOp | SetShareOp | RebalanceOp | ReplaceOp | BalanceLoadsOp
+        op,
+        AddServerOp
+        | RemoveServerOp
+        | SetShareOp
+        | RebalanceOp
+        | ReplaceOp
+        | BalanceLoadsOp
+        | MembersOp,
     ):
         raise WireError(f"{what}: op must be a policy operation, not {type(op).__name__}")
 
