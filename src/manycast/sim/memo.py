@@ -10,8 +10,10 @@ again; the cover is memoized on the set's bits.
 Likewise every server computes the same proposal's result from the same state
 (`apply_op` is deterministic): computed once per (digest of the state held,
 operation), and the servers then hold that one result (states are immutable), so
-its digest and portions are computed once too. Failures are not memoized (they
-raise as before). The patches hold only inside the `with`.
+its digest and portions are computed once too. So is the state every configured
+member starts from (`initial_apportionment`, a function of the pool's settings).
+Failures are not memoized (they raise as before). The patches hold only inside the
+`with`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from manycast.protocol import coordination
+from manycast.protocol import coordination, poolstate
 from manycast.protocol.host import HostStack
 from manycast.space import AddressSpace
 from manycast.wire import control
@@ -64,6 +66,7 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     parser before it starts afresh)."""
     parse, parse_udp, decode = HostStack.parse, HostStack.parse_udp, control.decode
     apply_op = coordination.apply_op
+    initial = poolstate.initial_apportionment
     report_descriptor = IGMPv3Report.__dict__["from_wire"]  # the classmethod, put back after
     cover = AddressSpace.cover
 
@@ -79,6 +82,10 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     def state_key(state: Any, op: control.PolicyOp) -> Hashable:
         return (state.digest(), op)
 
+    def settings_key(settings: poolstate.PoolSettings) -> Hashable:
+        weights = tuple(sorted(settings.weights.items()))
+        return (settings.space, settings.members, settings.policy, settings.portions, weights)
+
     def cover_key(self: AddressSpace, selected: npt.NDArray[np.bool_]) -> Hashable:
         return (self, selected.shape, np.packbits(selected).tobytes())
 
@@ -90,12 +97,14 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     HostStack.parse_udp = remembering(parse_udp, udp_key, limit)  # type: ignore[method-assign]
     control.decode = remembering(decode, bytes_key, limit)
     coordination.apply_op = remembering(apply_op, state_key, RESULTS_KEPT)
+    poolstate.initial_apportionment = remembering(initial, settings_key, RESULTS_KEPT)
     try:
         yield
     finally:
         IGMPv3Report.from_wire = report_descriptor  # type: ignore[method-assign]
         AddressSpace.cover = cover  # type: ignore[method-assign]
         coordination.apply_op = apply_op
+        poolstate.initial_apportionment = initial
         HostStack.parse = parse  # type: ignore[method-assign]
         HostStack.parse_udp = parse_udp  # type: ignore[method-assign]
         control.decode = decode
