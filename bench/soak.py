@@ -1,6 +1,7 @@
 """Chaos soak: a pool under load lives through seeded, overlapping random faults.
 
-The overlay variant (the kernel-lab variant is not built yet). A pool on the
+The overlay variant here; `--lab` runs the kernel-lab variant (root only,
+bench/_soak_lab.py: the same pool and seeded faults in network namespaces). A pool on the
 overlay split over processes: all the clients (1000 by default, 0.5 requests/s
 each) in one, router ra with servers s1, s2 and standbys s5, s6 in another, router
 rb (the edge of s3, s4 and client LAN b) in a third, and each of the servers s3, s4
@@ -58,6 +59,7 @@ from _soak_analysis import analyse, fit_per_hour
 from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
 from _soak_hosts import RouterProcess, clients_child, infra_child
+from _soak_lab import lab_arguments, run_lab
 from _soak_plan import (
     CYCLE_S,
     KEY_TTL_S,
@@ -414,7 +416,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     result.update(
         {
             "bench": "soak",
-            "variant": "overlay (the kernel-lab variant is not built)",
+            "variant": "overlay",
             "seed": args.seed,
             "minutes": args.minutes,
             "clients": 2 * args.clients_per_lan,
@@ -544,7 +546,14 @@ def parse_arguments() -> argparse.Namespace:
         help=f"the kinds of fault, comma-separated, or none (default: {','.join(KINDS)}; "
         f"without {','.join(PRIVATE_ONLY)} for a public pool)",
     )
+    parser.add_argument(
+        "--lab",
+        action="store_true",
+        help="the kernel-lab variant (root only; bench/_soak_lab.py, docs/soak.md)",
+    )
     args = parser.parse_args()
+    if args.lab:
+        return lab_arguments(parser, args)
     if args.kinds is None:
         kinds = tuple(k for k in KINDS if args.private or k not in PRIVATE_ONLY)
     else:
@@ -562,7 +571,7 @@ def main() -> None:
     args = parse_arguments()  # before run_and_emit, so that --help prints on stdout
 
     def run() -> dict[str, Any]:
-        result = _measure_retrying(args)
+        result = run_lab(args) if args.lab else _measure_retrying(args)
         _plots.write(result, args.plots, plot)
         return result
 
