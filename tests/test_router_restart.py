@@ -39,6 +39,9 @@ from test_private import private_pool
 
 REPORT_INTERVAL = 1.0
 KILLED_AT = 5.0
+# How long after a server adopts a change a router may still see its old and new
+# owners' reports out of order (the ra-rb link's delay and the reports' own).
+CHANGE_INSTANT = 0.02
 
 
 def two_edge_pool(duration: float = 12.0) -> str:
@@ -86,12 +89,21 @@ def test_clients_behind_a_restarted_router_are_served_again_at_once(down: float)
     # ra answer through ra, which passes the query on.
     run_to(run, back + QUERY_RESPONSE_S + 0.02)
     assert set(fresh.members.get(control_group, {})) == servers
-    # From then on it drops no client's packet for want of a member: each client
-    # behind it is served again at its next retransmission (its own backoff, not
-    # the servers' next periodic report, decides when).
+    # From then on it drops no client's packet for want of a member, but in the
+    # instant an allocation change moves portions (the merge of the pool, split
+    # while rb was down: a loser's report may reach rb a moment before the
+    # gainer's): each client behind it is served again at its next retransmission
+    # (its own backoff, not the servers' next periodic report, decides when).
+    drops_outside_changes = []
     dropped = fresh.stats.no_member
-    run_to(run, back + 5.0)
-    assert fresh.stats.no_member == dropped
+    while run.now < back + 5.0:
+        run_to(run, run.now + 0.002)
+        if fresh.stats.no_member != dropped:
+            dropped = fresh.stats.no_member
+            changes = [at for s in run.nodes.servers.values() for at, *_ in s.coordinator.changes]
+            if not any(0 <= run.now - at <= CHANGE_INSTANT for at in changes):
+                drops_outside_changes.append(round(run.now, 3))
+    assert drops_outside_changes == []
     clients = run.nodes.clients
     behind = [c for name, c in clients.items() if name.startswith("b")]
     assert all(c.stats.first_ok_after(back) is not None for c in behind)
