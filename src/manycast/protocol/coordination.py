@@ -124,6 +124,9 @@ class Coordinator(PeerView):
         # the next heartbeat: a death is acted on when it is judged, not up to one
         # heartbeat later.
         self._judge_at: float | None = None
+        # The gossip membership's next deadline, as of our last call into it (only those
+        # calls change it): asked after every event, worked out once per call instead.
+        self._swim_due: float | None = None
         self._congested = 0
         self._hold_until = 0.0
         self._snapshot_asked = -1.0
@@ -234,8 +237,8 @@ class Coordinator(PeerView):
             deadlines.append(self._judge_at)
         if self._pending is not None:
             deadlines.append(self._pending.deadline)
-        if self.swim is not None and (at := self.swim.next_deadline()) is not None:
-            deadlines.append(at)
+        if self._swim_due is not None:
+            deadlines.append(self._swim_due)
         return min(deadlines)
 
     # -- time ---------------------------------------------------------------------------
@@ -263,6 +266,7 @@ class Coordinator(PeerView):
             if swim._next_period is None:
                 swim.start(now, self.state)
             swim.on_timer(now, self.state, stalled=now < self._stalled_until)
+            self._swim_due = swim.next_deadline()
             if swim.generation != before:
                 self._duties_soon(now)
         if self._pending is not None and now >= self._pending.deadline:
@@ -559,6 +563,7 @@ class Coordinator(PeerView):
             swim.on_notice(message, now)
             if message.status == control.MemberStatus.ALIVE and message.member != self.name:
                 self._update_peer(message.member, message.address, message.state, now, None)
+        self._swim_due = swim.next_deadline()
         if swim.generation != before:
             self._duties_soon(now)
 
