@@ -1,7 +1,10 @@
 """bench/scale.py's simulator part: `manycast sim`'s 1000-server preset (pool-1000: 1000
 servers, 100 on standby, 14 routers, 300 sample clients, 10^6 modelled client
 addresses; 10 share changes at 10 s, 100 servers die at 20 s, 100 join at 35 s) for 60
-simulated seconds, timed on the wall clock (`sim_1000_servers_wall_s`, goal <= 120).
+simulated seconds, timed on the wall clock (`sim_1000_servers_wall_s`, goal <= 120):
+the whole command, from reading the preset (its topology is compiled then) to the
+report written, as a user waits for `manycast sim pool-1000`; the report's own `wall_s`
+starts after the topology is compiled.
 A run still going after `WALL_LIMIT_S` is stopped: its figures are those of that
 moment, `stopped` says where it was, and `sim_1000_servers_wall_s` is null.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import _common  # isort: skip  # first: a missing package ends in the JSON line
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +35,13 @@ WALL_LIMIT_S = 900.0  # the run stops there, and says so, rather than hold the b
 def run(
     preset: str = PRESET, duration: float | None = DURATION_S, wall_limit_s: float = WALL_LIMIT_S
 ) -> dict[str, Any]:
+    began = time.perf_counter()
     name, topology, settings = resolve(preset, duration=duration, wall_limit_s=wall_limit_s)
     with tempfile.TemporaryDirectory(prefix="scale-sim-") as directory:
         report, _, _ = run_and_write(
             name, topology, settings, Path(directory), progress=progress, plots=False
         )
+    command_wall = time.perf_counter() - began
     return {
         "preset": name,
         "membership": report["pool"]["membership"],
@@ -44,6 +50,7 @@ def run(
         "addresses": report["population"]["addresses"],
         "simulated_s": report["simulated_s"],
         "wall_s": report["wall_s"],
+        "command_wall_s": round(command_wall, 3),
         "build_s": report["build_s"],
         "cpu_s": report["cpu_s"],
         "network_events": report["network_events"],
@@ -59,14 +66,15 @@ def run(
 
 
 def wall_of_1000_servers(part: dict[str, Any]) -> float | None:
-    """The figure `sim_1000_servers_wall_s`: the wall time of the 1000-server preset for
-    60 simulated seconds; None when this part ran something else, did not finish within
-    its wall limit (`stopped` says where it was), or did not run."""
+    """The figure `sim_1000_servers_wall_s`: the wall time of the whole command running
+    the 1000-server preset for 60 simulated seconds; None when this part ran something
+    else, did not finish within its wall limit (`stopped` says where it was), or did not
+    run."""
     if part.get("preset") != PRESET or part.get("simulated_s") != DURATION_S:
         return None
     if part.get("stopped"):
         return None
-    wall: float = part["wall_s"]
+    wall: float = part["command_wall_s"]
     return wall
 
 

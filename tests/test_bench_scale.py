@@ -122,6 +122,8 @@ def test_the_simulator_part_reports_its_preset(result: dict[str, Any]) -> None:
     sim = result["sim"]
     assert sim["preset"] == "pool-20" and sim["servers"] == 20
     assert sim["simulated_s"] == 1.5 and sim["wall_s"] > 0
+    # The command's wall time: the topology compiled, simulated, the report written.
+    assert sim["command_wall_s"] >= sim["wall_s"]
     assert sim["every_address_served_once"] is True
     assert sim["control_per_server_per_s"]["idle"] > 0
     # The figure is the 1000-server preset's for 60 simulated seconds, nothing else.
@@ -186,3 +188,14 @@ def test_a_size_over_budget_is_projected_not_measured() -> None:
     assert projected["1024"]["idle_msgs_per_server_per_s"] == pytest.approx(10240, rel=1e-3)
     assert projected["control_msgs_per_server_ratio_1024_over_16"] == pytest.approx(64, rel=1e-3)
     assert projected["detection_ratio_1024_over_16"] == pytest.approx(1.0)
+
+
+def test_the_1000_server_figure_is_the_whole_commands_wall_time() -> None:
+    import _scale_sim
+
+    part = {"preset": "pool-1000", "simulated_s": 60.0, "stopped": None}
+    part |= {"wall_s": 101.5, "command_wall_s": 109.25}
+    assert _scale_sim.wall_of_1000_servers(part) == 109.25
+    stopped = part | {"stopped": "the wall limit (900 s) at 35.5 simulated seconds of 60"}
+    assert _scale_sim.wall_of_1000_servers(stopped) is None
+    assert _scale_sim.wall_of_1000_servers(part | {"simulated_s": 20.0}) is None

@@ -5,8 +5,9 @@ simulator's settings. The scenario is the same shape at every size: at
 `change_at` one server in a hundred (at least two) is given 1.5 times an equal
 share; at `deaths_at` a tenth of the servers (at least one, chosen by the seed,
 the coordinator among the candidates) crash at once; at `joins_at` as many
-standby servers start. Every share change, death and join is a change of the
-pool's state of its own (one epoch each).
+standby servers start. Every share change is a change of the pool's state of its
+own (one epoch each); the deaths the coordinator finds together go in one change,
+and so do the joins it hears of together.
 """
 
 from __future__ import annotations
@@ -137,8 +138,10 @@ def presets(membership: str | None = None, large: str | None = None) -> dict[str
                 times=(10.0, 20.0, 35.0),
                 membership=large,
                 # Membership refreshes every 10 s (routers forget a member after 35 s):
-                # every report reaches each of the 14 routers.
-                pool={"report_interval_ms": 10000},
+                # every report reaches each of the 14 routers. The gossip membership
+                # probes every second, as memberlist's LAN configuration does (its
+                # ProbeInterval; 100 ms is for small pools on a quiet network).
+                pool={"report_interval_ms": 10000, "heartbeat_ms": 1000},
             ),
         )
     }
