@@ -226,6 +226,9 @@ def reassign(
 SCALE = SHARE_SCALE
 """An `Apportionment`'s shares are whole multiples of 1/SCALE of the space: exact
 integers every server computes alike, 2**40 times finer than the finest bucket."""
+# Measured loads this close (relatively) count as equal: a float sum's rounding is
+# no imbalance.
+LOAD_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True, eq=False)
@@ -382,12 +385,17 @@ class Apportionment:
         if not all(math.isfinite(v) for v in loads.values()):
             raise PolicyError("server loads must be finite")
         mean = sum(loads.values()) / len(loads)
-        if mean <= 0 or max(loads.values()) <= target * mean:
+        # Equal loads can sum to a mean a rounding below each (then at target 1.0
+        # they would be "uneven"): within LOAD_TOLERANCE of it, nothing moves.
+        if mean <= 0 or max(loads.values()) <= target * mean * (1 + LOAD_TOLERANCE):
             return self
         if hot:
             return self.rebalance(_bucket_loads(alloc, loads, hot), target)
+        # To 12 significant digits: measured loads are floats, and capacities that are
+        # equal but for a rounding must give equal shares (else one server may keep a
+        # bucket more than another of the same capacity, and the next call moves it).
         capacity = {
-            s: Fraction(counts[s]) / Fraction(load)
+            s: Fraction(f"{counts[s] / load:.12g}")
             for s, load in loads.items()
             if counts[s] > 0 and load > 0
         }
