@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
+import itertools
 import os
 import shutil
 import threading
@@ -164,6 +165,7 @@ class LabSoak:
         self.done: list[dict[str, Any]] = []
         self.router_starts: list[dict[str, Any]] = []
         self.bursts: dict[int, LossBurst] = {}
+        self.burst_numbers = itertools.count()  # a table of its own per burst, even overlapping
         self.cpu: dict[str, float | None] = {}
         self.end: dict[str, Any] = {}
         self.window = 1.5 / args.rate if args.rate > 0 else 3.0
@@ -287,7 +289,7 @@ class LabSoak:
             elif what == "loss_on":
                 percent = round(100 * float(args["loss"]))
                 self.bursts[id(fault)] = LossBurst(
-                    self.lab, self.topology, CORE_LINK, percent, len(self.bursts)
+                    self.lab, self.topology, CORE_LINK, percent, next(self.burst_numbers)
                 )
                 args["carried_out"] = round(now, 3)
                 progress(f"  t={now:6.1f}s loss {percent} % on {CORE_LINK}")
@@ -469,7 +471,7 @@ class LabSoak:
                 "heartbeat_ms": self.args.heartbeat_ms,
                 "heartbeat_misses": self.args.heartbeat_misses,
                 "fault_kinds": list(self.args.kinds),
-                "kinds_not_done": {k: v for k, v in NOT_DONE.items()},
+                "kinds_not_done": dict(NOT_DONE),
                 "faults_not_carried_out": [
                     f.as_dict() for f in self.faults if "carried_out" not in f.args
                 ],
