@@ -260,8 +260,10 @@ class Coordinator(PeerView):
             self._judge_at = None
             self._duties(now)
             self._arm_judge(now)
-        if self.swim is not None:
-            swim = self.swim
+        swim = self.swim
+        # (The detector has nothing to do before its next deadline: our other wake-ups,
+        # a judgement, a report, a session's timer, need not walk its suspicions.)
+        if swim is not None and (self._swim_due is None or now >= self._swim_due):
             before = swim.generation
             if swim._next_period is None:
                 swim.start(now, self.state)
