@@ -15,6 +15,7 @@ it these tests skip when not root, and fail as root (make test installs it).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import struct
@@ -29,6 +30,7 @@ from manycast.drivers.memory import WALL_BASE
 from manycast.observe.pcap import LINKTYPE_RAW, Capture, CaptureError, attach
 from manycast.runtime import PoolRun
 from manycast.topology import builtin, loads
+from manycast.wire.control.envelope import MessageType
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA = ROOT / "contrib" / "wireshark" / "manycast.lua"
@@ -288,6 +290,16 @@ share = 0.2
 
 
 @pytest.mark.slow
+def test_lua_dissector_names_every_control_message_type() -> None:
+    """Each control message type (wire/control/envelope.py) has its name in the
+    dissector's table, so a capture never shows a bare "type 23"."""
+    table = re.search(r"local TYPES = \{(.*?)\n\}", LUA.read_text(), re.S)
+    assert table is not None
+    named = {int(n): name for n, name in re.findall(r'\[(\d+)\] = "(\w+)"', table.group(1))}
+    expected = {t.value: t.name.title().replace("_", "") for t in MessageType}
+    assert named == expected
+
+
 def test_lua_dissector_shows_mask_pairs_and_signed_joins(tmp_path: Path) -> None:
     """contrib/wireshark/manycast.lua: each signed join's requester, timestamp, random
     key and signature; each mask TLV's include and exclude pairs; control messages."""

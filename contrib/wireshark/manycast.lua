@@ -174,7 +174,8 @@ local TYPES = {
   [6] = "SnapshotRequest", [7] = "Snapshot", [8] = "Forwarded", [9] = "Redirect",
   [10] = "StateQuery", [11] = "StateReply", [14] = "ServerHello", [15] = "LabelMapping",
   [16] = "FlowTag", [17] = "FlowUntag", [18] = "VipAdvert", [19] = "LoadReport",
-  [20] = "MoveConnection", [21] = "MoveAck",
+  [20] = "MoveConnection", [21] = "MoveAck", [22] = "MemberDown", [23] = "Probe",
+  [24] = "MemberNotice",
 }
 local STATES = { [1] = "joining", [2] = "active", [3] = "leaving" }
 local cf = {
