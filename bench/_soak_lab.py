@@ -177,8 +177,8 @@ class LabSoak:
         made = time.monotonic()
         prober = Prober(self.lab, topology, timeout=REQUEST_TIMEOUT_S)
         # Opening a socket in each client's namespace takes a while: the first
-        # requests are spread over one interval from now, not all due at once (the
-        # kernel holds at most 10 unresolved sources per table).
+        # requests are spread over one interval from now, not all due at once (each
+        # new source is an upcall the router daemon answers in turn).
         prober.t0 = time.monotonic()
         self.lab_info["clients_ready_s"] = round(prober.t0 - made, 1)
         self.prober = prober
