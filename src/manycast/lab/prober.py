@@ -113,7 +113,9 @@ class Prober:
                 if keys is not None:
                     client.key = keys[0] if spec.authorized else keys[1]
                     client.igmp = _report_socket(lab.ns(name), topology.gateways[name][0])
-                    client.next_register = 0.0
+                    # First when it first asks (registrations spread as the
+                    # requests are, not all at once every interval).
+                    client.next_register = start if math.isfinite(start) else 0.0
         except BaseException:
             self.close()
             raise
