@@ -264,6 +264,12 @@ def enslave(ipr: Any, ifname: str, master: int) -> None:
     ipr.link("set", index=index(ipr, ifname), master=master)
 
 
+def isolate(ipr: Any, ifname: str) -> None:
+    """A bridge port that forwards only to the bridge's ports that are not isolated
+    (and to the bridge itself): hosts on isolated ports do not hear each other."""
+    ipr.brport("set", index=index(ipr, ifname), isolated=1)
+
+
 def address(ipr: Any, ifname: str, addr: str, prefixlen: int) -> None:
     ipr.addr("add", index=index(ipr, ifname), address=addr, prefixlen=prefixlen)
 

@@ -2,7 +2,8 @@
 
 A veth pair per point-to-point link, a bridge in the router's namespace for each
 client LAN (multicast snooping off, so reports and the clients' multicast reach
-the router as sent), every address and route, and IP forwarding in the routers.
+the router as sent; the clients' ports isolated, so no client hears another's),
+every address and route, and IP forwarding in the routers.
 Nothing of it ever exists in the root namespace.
 """
 
@@ -33,6 +34,10 @@ def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
                     port = f"{router.iface}p{i}"
                     netns.veth(ipr, port, ns(member.node), member.iface)
                     netns.enslave(ipr, port, bridge)
+                    if topology.kind(member.node) == "client":
+                        # The bridge floods multicast (no snooping): without this,
+                        # each client's requests reach every other client too.
+                        netns.isolate(ipr, port)
                     netns.up(ipr, port)
 
             netns.configure(ns(router.node), lan)
