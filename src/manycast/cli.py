@@ -24,10 +24,13 @@ from manycast.drivers.factory import DRIVERS
 from manycast.drivers.kernel.cli import daemon_app
 from manycast.errors import ConfigError
 from manycast.runtime import LiveView, PoolRun
-from manycast.topology import Topology, TopologyError, builtin, load
+from manycast.topology import Topology, TopologyError, builtin, bundled, load
 
 if TYPE_CHECKING:
     from manycast.observe.dashboard import Dashboard
+
+# The topologies shipped with the package, named in the help and in errors.
+_BUNDLED = ", ".join(bundled())
 
 app = typer.Typer(
     help="manycast: one service on many servers behind one multicast address.",
@@ -60,7 +63,8 @@ T = TypeVar("T")
 
 
 def _load(path: Path | None) -> Topology:
-    """A topology file, or a bundled one by name (`demo`, `vip`) when no such file exists."""
+    """A topology file, or a bundled one by name (`demo`, `vip`, ...) when no such file
+    exists."""
     try:
         if path is None:
             return builtin("demo")
@@ -69,7 +73,7 @@ def _load(path: Path | None) -> Topology:
                 return builtin(path.name)
             except TopologyError:
                 raise fail(
-                    f"{path}: no such file, nor a bundled topology (bundled: demo, vip)", 2
+                    f"{path}: no such file, nor a bundled topology (bundled: {_BUNDLED})", 2
                 ) from None
         return load(path)
     except TopologyError as exc:
@@ -293,7 +297,7 @@ def demo(
     ] = None,
     topology: Annotated[
         Path | None,
-        typer.Option(help="A topology TOML file, or a bundled one: demo (default), vip."),
+        typer.Option(help=f"A topology TOML file, or a bundled one: {_BUNDLED} (demo by default)."),
     ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON object, last line.")
@@ -796,8 +800,7 @@ def lab_run(
     topology: Annotated[
         Path | None,
         typer.Argument(
-            help="A topology TOML file, or a bundled one: demo (default), vip, tcp_move,"
-            " tcp_move_manycast."
+            help=f"A topology TOML file, or a bundled one: {_BUNDLED} (demo by default)."
         ),
     ] = None,
     duration: Annotated[

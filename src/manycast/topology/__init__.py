@@ -13,13 +13,13 @@ topology runs in the memory driver, the overlay and the kernel lab.
     compiler.py    checking each section, [[scenario]] tables into typed steps
     addressing.py  interface addresses and the overlay's endpoint map
     routing.py     shortest-path routes, hop counts and reachability
-    loading.py     load, loads, builtin
+    loading.py     load, loads, builtin, bundled
 """
 
 from manycast.steps import Step
 from manycast.topology.addressing import assign_endpoints
 from manycast.topology.links import Attachment, LinkSpec
-from manycast.topology.loading import builtin, load, loads
+from manycast.topology.loading import builtin, bundled, load, loads
 from manycast.topology.reader import TopologyError
 from manycast.topology.spec import (
     Approach,
@@ -47,6 +47,7 @@ __all__ = [
     "VipRouterSpec",
     "assign_endpoints",
     "builtin",
+    "bundled",
     "load",
     "loads",
 ]

@@ -29,6 +29,18 @@ def loads(text: str, source: str = "<topology>") -> Topology:
     return compile_topology(source, text, data)
 
 
+def bundled() -> list[str]:
+    """The names of the topologies shipped with manycast, `demo` first."""
+    from importlib.resources import files
+
+    names = sorted(
+        entry.name.removesuffix(".toml")
+        for entry in files("manycast").joinpath("topologies").iterdir()
+        if entry.name.endswith(".toml")
+    )
+    return sorted(names, key=lambda name: name != "demo")
+
+
 def builtin(name: str = "demo") -> Topology:
     """A topology shipped with manycast (`demo`)."""
     from importlib.resources import files
