@@ -484,9 +484,7 @@ class Router(Node):
 
     def restore_key(self, group: int, raw: bytes, stale_for: float, now: float) -> bool:
         """A key this router held before a restart (`Admission.restore_key`)."""
-        return self.admission is not None and self.admission.restore_key(
-            group, raw, stale_for, now
-        )
+        return self.admission is not None and self.admission.restore_key(group, raw, stale_for, now)
 
     def provide_key(
         self,
