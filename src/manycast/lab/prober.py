@@ -7,10 +7,10 @@ that succeeded (its latency, its time); a request with no answer within
 `timeout` failed, and is a disruption at the time it was sent.
 
 In a private pool each client also registers as a sender, as `Client` does: a
-signed join naming only itself, at start and every report interval, signed with
-the pool's key (an outsider, `authorized = false`, with the outsider's key, so
-its registrations are refused). Without one, its first-hop router drops its
-packets to the group.
+signed join naming only itself, first when it first asks and then every
+`register_interval_ms`, signed with the pool's key (an outsider, `authorized =
+false`, with the outsider's key, so its registrations are refused). Without one,
+its first-hop router drops its packets to the group.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class Prober:
         self.topology = topology
         self.group = str(topology.pool.group)
         self.port = topology.pool.port
-        self.register_every = topology.pool.report_interval_s
+        self.register_every = topology.pool.register_interval_s
         self.timeout = timeout
         self.rng = random.Random()
         self.selector = selectors.DefaultSelector()

@@ -141,6 +141,7 @@ class Router(Node):
         router_ifaces: Iterable[str],
         *,
         hold_time: float = 3.5,
+        sender_hold: float | None = None,
         admission: Admission | None = None,
         control_port: int = 7946,
         neighbors: dict[str, tuple[int, ...]] | None = None,
@@ -150,12 +151,15 @@ class Router(Node):
         vip_servers: Iterable[int] = (),
         r4_group: ipaddress.IPv4Address | None = None,
     ) -> None:
-        """`vip` and the `vip_*` options: a VIP pool's router. `r4_group`: a manycast
-        pool's group under R4, whose servers tag the connections they give up onto
-        their trees (`vip_servers` names them)."""
+        """`hold_time`: how long a membership lasts without a refresh; `sender_hold`:
+        a private pool's sender registration (default: `hold_time`). `vip` and the
+        `vip_*` options: a VIP pool's router. `r4_group`: a manycast pool's group under
+        R4, whose servers tag the connections they give up onto their trees
+        (`vip_servers` names them)."""
         super().__init__(name, interfaces)
         self._neighbors = neighbors or {}  # router-facing interface -> neighbour routers' addresses
         self.hold_time = hold_time
+        self.sender_hold = hold_time if sender_hold is None else sender_hold
         self.admission = admission
         self.control_port = control_port
         self.senders: dict[int, dict[int, float]] = {}  # group -> participant -> expiry
@@ -439,7 +443,7 @@ class Router(Node):
                 senders = self.senders.setdefault(group, {})
                 if origin not in senders:
                     self.effects.append(GroupChanged(group))  # a kernel data plane lets it in
-                senders[origin] = now + self.hold_time
+                senders[origin] = now + self.sender_hold
             if (
                 first_hop
                 and source_filter is not None
@@ -477,7 +481,7 @@ class Router(Node):
         for record in records:
             group = int(record.group)
             if first_hop and origin in self.senders.get(group, {}):
-                self.senders[group][origin] = now + self.hold_time
+                self.senders[group][origin] = now + self.sender_hold
             member = self.members.get(group, {}).get(origin)
             if member and member.iface == iface and record.record_type != _BLOCK:
                 member.expires = max(member.expires, now + self.hold_time)

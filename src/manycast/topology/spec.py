@@ -52,6 +52,9 @@ class PoolSpec:
     private_ranges: str = "232.0.0.0/5"  # the private part of the multicast space (Fig 2)
     public_key: bytes | None = None  # a configured key (a certification authority's word)
     rebalance_above: float = 0.0
+    # A private pool's clients sign their registration as senders this often; routers
+    # keep a sender 3.5 times the longer of this and the report interval.
+    register_interval_s: float = 10.0
     rebalance_target: float = 1.1
     rebalance_hold_s: float = 3.0
     approach: Approach = Approach.MANYCAST
