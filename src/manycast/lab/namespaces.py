@@ -4,7 +4,8 @@ A veth pair per point-to-point link, a bridge in the router's namespace for each
 client LAN (multicast snooping off, so reports and the clients' multicast reach
 the router as sent; the clients' ports isolated, so no client hears another's),
 every address and route, and IP forwarding in the routers.
-Nothing of it ever exists in the root namespace.
+Nothing of it ever exists in the root namespace; only the host's neighbour table
+limits, shared by every namespace, are raised to fit it (`neighbours.py`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from manycast.drivers import netns
+from manycast.lab.neighbours import fit_neighbour_table
 from manycast.topology import Attachment, Topology
 
 
 def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
     """Build `topology`; `ns(node)` is the name of `node`'s namespace."""
+    fit_neighbour_table(len(topology.interfaces))
     for node in sorted(topology.interfaces):
         netns.create(ns(node))
     # Links are made from one end: a veth's peer is created directly in the
