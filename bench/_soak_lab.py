@@ -427,6 +427,7 @@ class LabSoak:
             "clients_by_server_at_end": dict(sorted(by_server.items())),
             # answers after their request's timeout, and second answers to one request
             "late_or_duplicate_answers": sum(c.replies for c in prober.clients.values()) - answered,
+            "request_send_errors": dict(prober.send_errors),
         }
         self._record = (self.owners.record(self.done), clients)
 

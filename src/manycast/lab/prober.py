@@ -16,6 +16,7 @@ its first-hop router drops its packets to the group.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import math
 import random
@@ -88,6 +89,9 @@ class Prober:
         self.selector = selectors.DefaultSelector()
         self.clients: dict[str, ProbeClient] = {}
         self.answers: Counter[str] = Counter()
+        # Requests the kernel refused to send, by errno name (a full neighbour
+        # table refuses a client's multicast with EINVAL: it never reaches a router).
+        self.send_errors: Counter[str] = Counter()
         # Every request in the order sent, until answered or expired: (sent, client, seq).
         self._waiting: deque[tuple[float, ProbeClient, int]] = deque()
         self.t0 = time.monotonic()
@@ -159,8 +163,10 @@ class Prober:
         # A request the kernel refused to send is never answered: it fails like a lost one.
         client.outstanding[client.seq] = sent
         self._waiting.append((sent, client, client.seq))
-        with contextlib.suppress(OSError):
+        try:
             client.sock.sendto(f"{client.name} {client.seq}".encode(), (self.group, self.port))
+        except OSError as exc:
+            self.send_errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
         client.next_send = now + client.interval
 
     def _expire(self, now: float) -> None:
