@@ -51,6 +51,7 @@ from _soak_plan import CORE_LINK, KINDS, ROUTER, Fault, pool_text, schedule
 from manycast.errors import LabError
 from manycast.lab import NEEDS_ROOT, Lab, LabControl, Prober
 from manycast.lab.daemons import READY_TIMEOUT, ROLES_OF, SERVER_START
+from manycast.lab.neighbours import table_fulls
 from manycast.scenario import ScenarioEngine
 from manycast.steps import Add, Kill, Rebalance, SetShare, Step
 from manycast.topology import Topology
@@ -114,6 +115,7 @@ def run_lab(args: argparse.Namespace) -> dict[str, Any]:
         f"soak --lab: {seconds:.0f} s, {2 * args.clients_per_lan} clients, {args.technique}, "
         f"seed {args.seed}, {len(faults)} faults scheduled; lab {lab.prefix} coming up"
     )
+    fulls_start = table_fulls()
     try:
         up = time.monotonic()
         topology = lab.up(text, "soak.toml", seed=args.seed)
@@ -142,6 +144,12 @@ def run_lab(args: argparse.Namespace) -> dict[str, Any]:
     result = soak.result()
     result["loadavg_start"] = load_start
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    fulls_end = table_fulls()
+    # New neighbour entries the host refused during the run (any lab's): a packet
+    # dropped where it was sent, unseen by its sender (docs/soak.md, lab finding 1).
+    result["neighbour_table_fulls"] = (
+        None if fulls_start is None or fulls_end is None else fulls_end - fulls_start
+    )
     result["lab_down"] = down
     result["lab_left_namespaces"] = len(lab.namespaces())
     result["seconds"] = round(time.monotonic() - began, 1)

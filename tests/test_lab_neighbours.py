@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from manycast.lab.neighbours import fit_neighbour_table, wanted_limits
+from manycast.lab.neighbours import fit_neighbour_table, table_fulls, wanted_limits
 
 
 def _table(tmp_path: Path, thresh2: int, thresh3: int) -> Path:
@@ -56,3 +56,17 @@ def test_the_hosts_table_has_the_limits_the_lab_writes() -> None:
     from manycast.lab.neighbours import NEIGH
 
     assert (NEIGH / "gc_thresh2").exists() and (NEIGH / "gc_thresh3").exists()
+
+
+def test_table_fulls_sums_every_cpus_row(tmp_path: Path) -> None:
+    stats = tmp_path / "arp_cache"
+    header = "entries  allocs   destroys hash_grows lookups  hits     res_failed "
+    header += "rcv_probes_mcast rcv_probes_ucast periodic_gc_runs forced_gc_runs "
+    header += "unresolved_discards table_fulls"
+    rows = [
+        "00000bf3 0 0 0 0 0 0 0 0 0 0 000000a3 0001f284",
+        "00000bf3 0 0 0 0 0 0 0 0 0 0 00000000 00027032",
+    ]
+    stats.write_text("\n".join([header, *rows]) + "\n")
+    assert table_fulls(stats) == 0x1F284 + 0x27032  # 287 414, as this host said once
+    assert table_fulls(tmp_path / "missing") is None

@@ -22,6 +22,7 @@ from pathlib import Path
 log = logging.getLogger("manycast.lab")
 
 NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
+STATS = Path("/proc/net/stat/arp_cache")
 PER_NAMESPACE = 4  # entries a lab namespace may hold, with room to spare
 
 
@@ -46,3 +47,16 @@ def fit_neighbour_table(namespaces: int, table: Path = NEIGH) -> dict[str, int]:
     if raised:
         log.info("neighbour table limits raised for %d namespaces: %s", namespaces, raised)
     return raised
+
+
+def table_fulls(stats: Path = STATS) -> int | None:
+    """How often the host's ARP table refused a new entry since boot (every
+    namespace's, summed over CPUs; None where the kernel does not say). A UDP
+    sender is not told (the kernel drops the packet and counts ENOBUFS unless the
+    socket set IP_RECVERR): this counter is where a full table shows."""
+    try:
+        header, *rows = stats.read_text().split("\n")
+        column = header.split().index("table_fulls")
+        return sum(int(row.split()[column], 16) for row in rows if row.strip())
+    except (OSError, ValueError, IndexError):
+        return None

@@ -89,8 +89,8 @@ class Prober:
         self.selector = selectors.DefaultSelector()
         self.clients: dict[str, ProbeClient] = {}
         self.answers: Counter[str] = Counter()
-        # Requests the kernel refused to send, by errno name (a full neighbour
-        # table refuses a client's multicast with EINVAL: it never reaches a router).
+        # Requests the kernel refused to send, by errno name. Not a full neighbour
+        # table's drops: UDP keeps that ENOBUFS from the sender (`table_fulls`).
         self.send_errors: Counter[str] = Counter()
         # Every request in the order sent, until answered or expired: (sent, client, seq).
         self._waiting: deque[tuple[float, ProbeClient, int]] = deque()
