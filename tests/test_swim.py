@@ -304,6 +304,25 @@ def test_when_views_agree_each_member_is_probed_by_exactly_one_other_per_period(
         assert probes == sorted(net.detectors), probes
 
 
+def test_after_many_deaths_at_once_the_survivors_are_each_probed_once_a_period() -> None:
+    """Ten of thirty members die at once (some next to each other in the ring): each
+    is counted dead by every survivor, and the ring of the survivors is whole again
+    (each probed by exactly one other per period)."""
+    net = Network(30)
+    net.run(1.05)
+    dead = {f"m{i}" for i in range(0, 30, 3)}
+    net.down |= dead
+    net.run(3.0)
+    for name in set(net.detectors) - dead:
+        assert net.alive_in_view_of(name) == set(net.detectors) - dead - {name}, name
+    assert {n.member for _, _, n in net.notices if n.status == MemberStatus.DEAD} == dead
+    living = set(net.detectors) - dead
+    for period in range(31, 36):
+        net.run(period * PERIOD + HOP / 2)
+        probes = [p.target for n in living for p in net.detectors[n]._probes.values()]
+        assert sorted(probes) == sorted(living), probes
+
+
 @pytest.mark.parametrize("n", [8, 64])
 def test_messages_per_member_do_not_grow_with_the_pool(n: int) -> None:
     """About one ping and one ACK sent, and as many received, per member per period,

@@ -17,6 +17,8 @@ with three parts; this module holds the arithmetic of each, and `swim.py` uses t
   independent members confirm it (logarithmically, `wanted` confirmations reach
   the minimum), so one member's mistake leaves the suspect a long time to refute
   while a real death, which every prober sees, is declared as fast as before.
+  `Suspicions` holds a member's suspicions with their deadlines in a heap, so
+  the next one to run out is found without going through them all.
 * `RoundTrip`: the ACK round trip, smoothed as TCP smooths it (RFC 6298), so the
   wait for a direct ACK follows what the network takes rather than a fixed half
   period (a busy host's own routers can take half a second where they took 20
@@ -26,6 +28,7 @@ with three parts; this module holds the arithmetic of each, and `swim.py` uses t
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass, field
 
@@ -65,16 +68,25 @@ class Suspicion:
     wanted: int
     confirmed_by: set[str] = field(default_factory=set)
     slack: float = 0.0  # added once when it ran out while its holder was stalled
+    deadline: float = field(init=False)  # kept as confirmations come, not recomputed
+
+    def __post_init__(self) -> None:
+        self.deadline = self._deadline()
 
     def confirm(self, by: str) -> bool:
         """`by` suspects the member too: True if it is a new confirmation that counts."""
         if len(self.confirmed_by) >= self.wanted or by == self.first or by in self.confirmed_by:
             return False
         self.confirmed_by.add(by)
+        self.deadline = self._deadline()
         return True
 
-    @property
-    def deadline(self) -> float:
+    def extend(self, slack: float) -> None:
+        """Give the suspicion `slack` more (once: it ran out while we were stalled)."""
+        self.slack = slack
+        self.deadline = self._deadline()
+
+    def _deadline(self) -> float:
         """When the suspect is dead unless it refutes: memberlist's
         max - (max - min) * log(n + 1) / log(k + 1), never under min."""
         if self.wanted < 1:
@@ -82,6 +94,70 @@ class Suspicion:
         share = math.log(len(self.confirmed_by) + 1) / math.log(self.wanted + 1)
         timeout = self.maximum - share * (self.maximum - self.minimum)
         return self.start + max(timeout, self.minimum) + self.slack
+
+
+class Suspicions:
+    """The suspicions one member holds, by suspect, with their deadlines in a heap:
+    the soonest is found without going through them all (an entry whose suspicion
+    ended or whose deadline moved is dropped when it comes up)."""
+
+    def __init__(self) -> None:
+        self._by_suspect: dict[str, Suspicion] = {}
+        self._order: dict[str, int] = {}  # when each began, by count
+        self._begun = 0
+        self._deadlines: list[tuple[float, int, str]] = []  # (deadline, order, suspect)
+
+    def __getitem__(self, suspect: str) -> Suspicion:
+        return self._by_suspect[suspect]
+
+    def begin(self, suspect: str, suspicion: Suspicion) -> None:
+        self._by_suspect[suspect] = suspicion
+        self._begun += 1
+        self._order[suspect] = self._begun
+        self._schedule(suspect)
+
+    def end(self, suspect: str) -> None:
+        self._by_suspect.pop(suspect, None)
+        self._order.pop(suspect, None)
+
+    def confirm(self, suspect: str, by: str) -> bool:
+        """`by` suspects `suspect` too: True if that counts (the deadline moves up)."""
+        if not self._by_suspect[suspect].confirm(by):
+            return False
+        self._schedule(suspect)
+        return True
+
+    def extend(self, suspect: str, slack: float) -> None:
+        self._by_suspect[suspect].extend(slack)
+        self._schedule(suspect)
+
+    def soonest(self) -> float | None:
+        while self._deadlines and not self._current(self._deadlines[0]):
+            heapq.heappop(self._deadlines)
+        return self._deadlines[0][0] if self._deadlines else None
+
+    def expired(self, now: float) -> list[str]:
+        """The suspects whose suspicion has run out by `now`, in the order their
+        suspicions began."""
+        expired: dict[str, int] = {}
+        while self._deadlines and self._deadlines[0][0] <= now:
+            entry = heapq.heappop(self._deadlines)
+            if self._current(entry):
+                expired[entry[2]] = entry[1]
+        return sorted(expired, key=expired.__getitem__)
+
+    def _schedule(self, suspect: str) -> None:
+        entry = (self._by_suspect[suspect].deadline, self._order[suspect], suspect)
+        heapq.heappush(self._deadlines, entry)
+
+    def _current(self, entry: tuple[float, int, str]) -> bool:
+        deadline, order, suspect = entry
+        suspicion = self._by_suspect.get(suspect)
+        return (
+            suspicion is not None
+            and self._order[suspect] == order
+            and suspicion.deadline == deadline
+        )
 
 
 @dataclass

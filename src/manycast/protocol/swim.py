@@ -54,6 +54,11 @@ confirmations, the death).
 Detection takes the wait until someone probes the dead member (one period when
 views agree), one period, then the suspicion, confirmed one probe later and over
 `suspicion` after it began: independent of N.
+Nor does a server's work per message or timer grow with N: the ring of live
+members and their count are kept as members change state (a sorted insert or
+removal, no re-sort), a suspect's followers are found by its place in the ring,
+and each suspicion's deadline is computed when its confirmations change and kept
+in a heap (`lifeguard.Suspicions`).
 
 Sans-I/O: time is passed in; messages go out through `send(message, to)` (`to`
 None: the control channel).
@@ -63,6 +68,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from bisect import bisect_left, insort
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,6 +78,7 @@ from manycast.protocol.lifeguard import (
     Health,
     RoundTrip,
     Suspicion,
+    Suspicions,
     wanted_confirmations,
 )
 from manycast.wire.control import MemberNotice, MemberStatus, Probe, ProbeKind, ServerState
@@ -172,13 +179,16 @@ class SwimDetector:
         self.stats = SwimStats()
         self.health = Health()
         self.round_trip = RoundTrip()
-        self._ring: tuple[int, list[str], int] | None = None  # (generation, names, ours)
+        # The live (alive or suspect) members and ourselves in name order, kept sorted
+        # as members change state, and how many members besides us are live.
+        self._ring: list[str] = [name]
+        self._live = 0
         self._probes: dict[int, _Probe] = {}  # this period's, and checks of suspects
         self._next_period: float | None = None
         self._relays: dict[int, _Relay] = {}  # by the nonce of our ping to the target
         self._pings: dict[int, float] = {}  # our recent direct pings: nonce -> when sent
         self._nonce = rng.getrandbits(32)
-        self._suspicions: dict[str, Suspicion] = {}
+        self._suspicions = Suspicions()
         self._announce_again: float | None = None
         self._periods = 0
 
@@ -219,7 +229,9 @@ class SwimDetector:
         deadlines = [d for d in (self._next_period,) if d is not None]
         for probe in self._probes.values():
             deadlines.append(probe.fail_at if probe.indirect_sent else probe.ack_by)
-        deadlines.extend(s.deadline for s in self._suspicions.values())
+        soonest = self._suspicions.soonest()
+        if soonest is not None:
+            deadlines.append(soonest)
         deadlines.extend(r.nack_at for r in self._relays.values() if not r.nacked)
         return min(deadlines, default=None)
 
@@ -228,11 +240,9 @@ class SwimDetector:
         period. `stalled`: our own timer fired late, so ACKs and refutations may sit
         unread in our socket: a probe or a suspicion that runs out now waits once
         more (not forever: a host that stays busy must still find deaths)."""
-        for name, suspicion in list(self._suspicions.items()):
-            if now < suspicion.deadline:
-                continue
-            if stalled and not suspicion.slack:
-                suspicion.slack = self.probe_wait()
+        for name in self._suspicions.expired(now):
+            if stalled and not self._suspicions[name].slack:
+                self._suspicions.extend(name, self.probe_wait())
             else:
                 self._die(name, announce=self.members[name].suspected_by_us)
         for relay in self._relays.values():
@@ -345,7 +355,7 @@ class SwimDetector:
                 if not probing and self._confirms(notice.member, notice.sender):
                     self._ping(notice.member, now, now + self.probe_wait())
             elif member.status == MemberStatus.SUSPECT:
-                self._suspicions[notice.member].confirm(notice.sender)
+                self._suspicions.confirm(notice.member, notice.sender)
         elif member.status != MemberStatus.DEAD:
             member.incarnation = notice.incarnation
             self._die(notice.member, announce=False)
@@ -367,7 +377,9 @@ class SwimDetector:
             member.status == MemberStatus.ALIVE and incarnation == member.incarnation
         ):
             if member.status != MemberStatus.ALIVE:
-                self._suspicions.pop(name, None)
+                self._suspicions.end(name)
+                if member.status == MemberStatus.DEAD:
+                    self._join_ring(name)
                 member.status = MemberStatus.ALIVE
                 member.suspected_by_us = False
                 self.generation += 1
@@ -375,7 +387,19 @@ class SwimDetector:
 
     def _add(self, name: str, member: Member) -> None:
         self.members[name] = member
+        if member.status != MemberStatus.DEAD:
+            self._join_ring(name)
         self.generation += 1
+
+    def _join_ring(self, name: str) -> None:
+        insort(self._ring, name)
+        self._live += 1
+
+    def _leave_ring(self, name: str) -> None:
+        at = bisect_left(self._ring, name)
+        if at < len(self._ring) and self._ring[at] == name:
+            del self._ring[at]
+            self._live -= 1
 
     def _announce(self, state: ServerState) -> None:
         self._send(
@@ -387,13 +411,7 @@ class SwimDetector:
 
     def _live_ring(self) -> tuple[list[str], int]:
         """The live (alive or suspect) members and ourselves in name order, and our place."""
-        ring = self._ring
-        if ring is None or ring[0] != self.generation:
-            names = sorted(
-                [self.name, *(n for n, m in self.members.items() if m.status != MemberStatus.DEAD)]
-            )
-            ring = self._ring = (self.generation, names, names.index(self.name))
-        return ring[1], ring[2]
+        return self._ring, bisect_left(self._ring, self.name)
 
     def _ping(self, target: str, now: float, fail_at: float) -> None:
         """Probe `target`: ACK within `ack_wait`, else ask others; none by `fail_at`:
@@ -420,13 +438,21 @@ class SwimDetector:
         the period's probe) to confirm or clear `first`'s suspicion: the ones that
         follow it in the ring, `first` left out, one more than the suspicion wants
         (a newcomer among them may not know the suspect yet)."""
-        names, _ = self._live_ring()
-        if suspect not in names:
+        names = self._ring
+        at = bisect_left(names, suspect)
+        if at == len(names) or names[at] != suspect:
             return False
-        at = names.index(suspect)
-        following = [names[(at + i) % len(names)] for i in range(1, len(names))]
-        wanted = self._suspicions[suspect].wanted
-        return self.name in [n for n in following if n != first][: wanted + 1]
+        places = self._suspicions[suspect].wanted + 1
+        for step in range(1, len(names)):
+            name = names[(at + step) % len(names)]
+            if name == first:
+                continue
+            if name == self.name:
+                return True
+            places -= 1
+            if places == 0:
+                return False
+        return False
 
     def _reconnect(self) -> None:
         """Ping one member we hold dead: if it lives, its ACK gets it told (`on_probe`)."""
@@ -482,7 +508,7 @@ class SwimDetector:
         if member.status == MemberStatus.ALIVE:
             self.stats.suspicions += 1
             self._begin_suspicion(name, self.name, now)
-        elif self._suspicions[name].confirm(self.name):
+        elif self._suspicions.confirm(name, self.name):
             self.stats.confirmations += 1
         else:
             return
@@ -493,18 +519,23 @@ class SwimDetector:
         """`name` is suspect on `first`'s word: dead at the end of a suspicion that
         starts long and shrinks as others confirm it (`lifeguard.Suspicion`)."""
         self.members[name].status = MemberStatus.SUSPECT
-        live = sum(1 for m in self.members.values() if m.status != MemberStatus.DEAD) + 1
+        live = self._live + 1
         # The suspect refutes only once the suspicion has reached it and its answer
         # has come back: never less than two of our ACK waits.
         shortest = max(self.suspicion, 2 * self.ack_wait())
-        self._suspicions[name] = Suspicion(
-            now, first, shortest, SUSPICION_STRETCH * shortest, wanted_confirmations(live)
+        self._suspicions.begin(
+            name,
+            Suspicion(
+                now, first, shortest, SUSPICION_STRETCH * shortest, wanted_confirmations(live)
+            ),
         )
         self.generation += 1
 
     def _die(self, name: str, *, announce: bool) -> None:
-        self._suspicions.pop(name, None)
+        self._suspicions.end(name)
         member = self.members[name]
+        if member.status != MemberStatus.DEAD:
+            self._leave_ring(name)
         member.status = MemberStatus.DEAD
         self.generation += 1
         self.stats.deaths += 1
