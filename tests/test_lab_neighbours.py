@@ -70,3 +70,7 @@ def test_table_fulls_sums_every_cpus_row(tmp_path: Path) -> None:
     stats.write_text("\n".join([header, *rows]) + "\n")
     assert table_fulls(stats) == 0x1F284 + 0x27032  # 287 414, as this host said once
     assert table_fulls(tmp_path / "missing") is None
+
+
+def test_a_table_that_cannot_be_written_leaves_the_lab_to_go_on(tmp_path: Path) -> None:
+    assert fit_neighbour_table(1008, tmp_path / "no-such-table") == {}
