@@ -25,7 +25,6 @@ import functools
 import ipaddress
 import random
 import socket
-import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
@@ -45,8 +44,8 @@ _MAX_DATAGRAM = 65535
 # Datagrams read per wake-up: enough to amortise the loop's cost, few enough that
 # one busy endpoint cannot starve the others or the timers.
 _BATCH = 256
-# The fast path's key: a packet's source and destination (bytes 12-19) as one number.
-_ADDRESSES = struct.Struct("!Q").unpack_from
+_IPV4_HEADER_LEN = 20
+_NEVER = 1 << 31  # a length no datagram reaches
 
 # Linux reports ICMP errors (port unreachable from a dead peer) on unconnected UDP
 # sockets only with IP_RECVERR; they are then queued and must be drained with
@@ -94,7 +93,9 @@ _Send = Callable[[bytes | memoryview, Endpoint], int]
 _Direct = tuple[_Send, Endpoint, _Port]
 # A fast-path entry: the first copy's send, endpoint, port and counters, then the
 # other copies alike (mostly none: one owner per portion).
-_Sends = tuple[_Send, Endpoint, _Port, LinkCounters, tuple["_Sends", ...]]
+_Copy = tuple[_Send, Endpoint, _Port]
+# A learnt entry: the first copy's send, endpoint and port, then any other copies.
+_Sends = tuple[_Send, Endpoint, _Port, tuple[_Copy, ...]]
 
 
 class _Hosted:
@@ -211,6 +212,10 @@ class AsyncOverlay:
         # it from there with no copy; anything else gets a copy of its bytes.
         self._buffer = bytearray(_MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
+        # The buffer from byte 4 as 64-bit words in the machine's byte order: word 1
+        # is bytes 12-19, the fast path's key (source, then destination), read in
+        # one step. The driver keys what it learnt by that word (`_native`).
+        self._words = self._view[4 : 4 + (_MAX_DATAGRAM - 4) // 8 * 8].cast("Q")
         self._pending: list[Node] = []
         self._calls: list[tuple[float, Callable[[], object]]] = []
         self._handles: set[asyncio.TimerHandle] = set()
@@ -479,8 +484,7 @@ class AsyncOverlay:
     # the per-datagram path --------------------------------------------------
     def _readable(self, host: _Hosted, port: _Port) -> None:
         recv_into = port.sock.recv_into
-        buffer, view = self._buffer, self._view
-        addresses = _ADDRESSES
+        buffer, view, words = self._buffer, self._view, self._words
         node = host.node
         receive = node.receive
         send = host.send
@@ -496,11 +500,18 @@ class AsyncOverlay:
         if fast is not None and host.generation != fast.generation:
             _forget(host)
             host.generation = fast.generation
-        key_mask = fast.key_mask if fast is not None else 0
+        key_mask = _native(fast.key_mask) if fast is not None else 0
         known = host.known.get(iface, {})
         learn = self._learn
         batch = _BATCH
-        forwarded_n = extra = 0  # packets sent from the tables, and copies beyond one each
+        handed = extra = 0  # packets handed to the router, and copies beyond one each
+        # Shorter datagrams go to the router (which counts them); with no tables
+        # to serve, all do.
+        shortest = _IPV4_HEADER_LEN if serve else _NEVER
+        # Copies sent, counted per batch for the port they went out on (here they
+        # all go the same way): `tally` copies not yet added to `tallied`.
+        tallied: _Port | None = None
+        tally = 0
         n = 0
         try:
             try:
@@ -521,15 +532,21 @@ class AsyncOverlay:
                         port.counters.dropped += 1
                         break
                     n += 1
-                    if serve and length >= 20:
+                    if length >= shortest:
+                        ttl = buffer[8]
                         # The key: the source under the members' masks, then the group.
-                        key = addresses(buffer, 12)[0] & key_mask
-                        sends = known.get(key) or learn(host, iface, key)
+                        try:
+                            sendto, address, to, more = known[words[1] & key_mask]
+                        except KeyError:
+                            sends = learn(host, iface, words[1] & key_mask)
+                            if sends is None:
+                                ttl = 0  # not in the tables: the router's own path
+                            else:
+                                sendto, address, to, more = sends
                         # `forward_in_place_v4`, inlined (the call was a tenth of the
                         # per-packet cost): only IPv4 as the router takes it, TTL
                         # above 1 (the router counts the others).
-                        ttl = buffer[8]
-                        if sends is not None and ttl > 1 and 0x45 <= buffer[0] <= 0x4F:
+                        if ttl > 1 and 0x45 <= buffer[0] <= 0x4F:
                             buffer[8] = ttl - 1
                             # RFC 1624: the checksum goes up by 0x0100; only a high
                             # byte near 0xFF needs the whole sum (end-around carry).
@@ -541,24 +558,28 @@ class AsyncOverlay:
                                 buffer[10] = patched >> 8
                                 buffer[11] = patched & 0xFF
                             forwarded = view[:length]
-                            sendto, address, to, counters, more = sends  # _send, inlined
-                            try:
+                            try:  # `_send`, inlined
                                 sendto(forwarded, address)
                             except OSError as exc:
                                 self._send_failed(to, forwarded, address, exc)
                             else:
-                                counters.sent += 1
+                                if to is tallied:
+                                    tally += 1
+                                else:
+                                    if tallied is not None:
+                                        tallied.counters.sent += tally
+                                    tallied, tally = to, 1
                             if more:
-                                for sendto, address, to, counters, _ in more:
+                                for sendto, address, to in more:
                                     try:
                                         sendto(forwarded, address)
                                     except OSError as exc:
                                         self._send_failed(to, forwarded, address, exc)
                                     else:
-                                        counters.sent += 1
+                                        to.counters.sent += 1
                                 extra += len(more)
-                            forwarded_n += 1
                             continue
+                    handed += 1
                     receive(iface, bytes(view[:length]), clock() - t0)
                     # Frames and effects after each packet, in order; the timer once
                     # per batch (none can fire before this returns to the loop).
@@ -568,11 +589,15 @@ class AsyncOverlay:
                         # Membership changed: what was learnt is void.
                         _forget(host)
                         host.generation = fast.generation
-                        key_mask = fast.key_mask
-                    serve = serve and self.capture is None and port.open
+                        key_mask = _native(fast.key_mask)
+                    if not (serve and self.capture is None and port.open):
+                        serve = False
+                        shortest = _NEVER
             finally:
-                if forwarded_n and fast is not None:
-                    fast.credit(forwarded_n + extra)
+                if tallied is not None:
+                    tallied.counters.sent += tally
+                if fast is not None and n > handed:
+                    fast.credit(n - handed + extra)
                 if n:
                     host.arm(node, node.next_deadline())
         except Exception as exc:
@@ -580,27 +605,26 @@ class AsyncOverlay:
         finally:
             port.counters.received += n
 
-    def _learn(self, host: _Hosted, iface: str, key: int) -> _Sends | None:
+    def _learn(self, host: _Hosted, iface: str, word: int) -> _Sends | None:
         """The sends for a packet the router's fast path has an entry for, remembered
-        in `known`; None (the router's own path) without one, or when a copy goes on a
-        link with emulated delay or loss, or to a neighbour with no endpoint yet."""
+        in `known` under its key as a native word; None (the router's own path)
+        without one, or when a copy goes on a link with emulated delay or loss, or to
+        a neighbour with no endpoint yet."""
         fast = host.fast
-        outs = None if fast is None else fast.tables.get(iface, {}).get(key)
+        outs = None if fast is None else fast.tables.get(iface, {}).get(_native(word))
         if not outs:
             return None
-        sends: list[_Sends] = []
+        copies: list[_Copy] = []
         for out in outs:
             hop = host.direct.get(out)
             if hop is None:
                 return None
-            sendto, address, port = hop
-            sends.append((sendto, address, port, port.counters, ()))
-        first = sends[0]
-        learnt: _Sends = (*first[:4], tuple(sends[1:]))
+            copies.append(hop)
+        learnt: _Sends = (*copies[0], tuple(copies[1:]))
         known = host.known[iface]
         if len(known) >= FAST_PATH_LIMIT:
             known.clear()
-        known[key] = learnt
+        known[word] = learnt
         return learnt
 
     def _after(self, host: _Hosted) -> None:
@@ -729,6 +753,12 @@ class AsyncOverlay:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+
+def _native(key: int) -> int:
+    """A fast-path key (eight bytes read big-endian) as the word `_words` reads from
+    the same bytes, and back (swapping bytes undoes itself)."""
+    return int.from_bytes(key.to_bytes(8, "big"), sys.byteorder)
 
 
 def _forget(host: _Hosted) -> None:
