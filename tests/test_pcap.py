@@ -435,3 +435,65 @@ def test_lab_capture_in_a_node_namespace(tmp_path: Path) -> None:
     assert any("igmp" in row[1] for row in rows)  # joins, relayed from rs
     client = str(topology.address("a1"))
     assert any(row[2] == client and row[3] == str(group) for row in rows)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_lua_dissector_reads_both_report_families(tmp_path: Path, family: int) -> None:
+    """The same extensions on an IGMPv3 report and on an MLDv2 report (ICMPv6 type 143,
+    16-byte addresses): every mask pair, the group and the signed join's fields, and
+    nothing malformed."""
+    from ipaddress import IPv4Address, IPv6Address
+
+    from manycast.observe.pcap import PcapngWriter
+    from manycast.wire.membership import (
+        GroupRecord,
+        IGMPv3Report,
+        MaskPair,
+        MLDv2Report,
+        RecordType,
+        SignedJoin,
+        igmp_packet,
+        mld_packet,
+    )
+
+    group: IPv4Address | IPv6Address
+    requester: IPv4Address | IPv6Address
+    if family == 4:
+        group, requester = IPv4Address("232.1.1.1"), IPv4Address("10.9.0.1")
+    else:
+        group, requester = IPv6Address("ff3e::8000:1"), IPv6Address("2001:db8:9::1")
+    record = GroupRecord(
+        RecordType.CHANGE_TO_INCLUDE_MODE,
+        group,
+        include_masks=(MaskPair(0, 3), MaskPair(1, 3)),
+        exclude_masks=(MaskPair(5, 7),),
+    )
+    signed = SignedJoin(1_700_000_000_123, requester, b"\x01" * 16, b"\x02" * 64, 7, 1, 3)
+    if isinstance(group, IPv4Address) and isinstance(requester, IPv4Address):
+        packet = igmp_packet(IGMPv3Report((record,), signed), requester).to_wire()
+    else:
+        assert isinstance(requester, IPv6Address)
+        packet = mld_packet(MLDv2Report((record,), signed), requester).to_wire()
+    path = tmp_path / f"report{family}.pcapng"
+    with path.open("wb") as out:
+        PcapngWriter(out, [("link", "a report")], "test").write(0, 1_700_000_000.0, packet)
+    lua = ("-X", f"lua_script:{LUA}")
+    text = tshark("-r", str(path), *lua, "-V")
+    assert "manycast extension does not decode" not in text
+    assert "Malformed" not in text and "Unknown Record Type" not in text
+    show = IPv4Address if family == 4 else IPv6Address
+    for shown in (
+        "manycast join extensions (RFC 9279 TLVs)",
+        # Wireshark's own dissector shows the record, not our TLVs as more records.
+        f"{'Group Record : ' if family == 4 else 'Multicast Address Record Changed to include: '}"
+        f"{group}",
+        f"Group masks: record 0, group {group}, 2 include, 1 exclude",
+        f"Include mask pair: {show(0)}/{show(3)}",
+        f"Include mask pair: {show(1)}/{show(3)}",
+        f"Exclude mask pair: {show(5)}/{show(7)}",
+        f"Signed join: requester {requester}, signed 2023-11-14 22:13:20 UTC, part 1 of parts 0-2",
+        "Report generation: 7",
+    ):
+        assert shown in text, (shown, text[-3000:])
+    (info,) = fields(path, "_ws.col.Info", extra=lua)
+    assert info[0].endswith("[manycast: 1 mask TLV, signed join]"), info

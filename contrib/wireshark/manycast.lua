@@ -3,17 +3,18 @@
 --   wireshark -X lua_script:contrib/wireshark/manycast.lua capture.pcapng
 --   tshark -X lua_script:contrib/wireshark/manycast.lua -r capture.pcapng -V -Y manycast
 --
--- 1. Joins: IGMPv3 membership reports (RFC 3376) whose flags field has the E bit
---    (0x8000, RFC 9279) carry TLVs after the last record. manycast uses the two
---    experimental types (src/manycast/wire/membership.py):
---      65534 GROUP MASKS  record-index(16) include-count(16) group(4)
---                         include-count x (value(4) mask(4)), then exclude pairs
---      65535 SIGNED JOIN  timestamp-ms(64) requester(4) generation(32) part(16) parts(16)
+-- 1. Joins: IGMPv3 membership reports (RFC 3376) and MLDv2 reports (RFC 3810, ICMPv6
+--    type 143) whose flags field has the E bit (0x8000, RFC 9279) carry TLVs after the
+--    last record. manycast uses the two experimental types
+--    (src/manycast/wire/membership.py; W is 4 bytes for IGMP, 16 for MLD):
+--      65534 GROUP MASKS  record-index(16) include-count(16) group(W)
+--                         include-count x (value(W) mask(W)), then exclude pairs
+--      65535 SIGNED JOIN  timestamp-ms(64) requester(W) generation(32) part(16) parts(16)
 --                         key-length(16) random-key signature
 --    (a report too long for one packet goes as parts 0 to parts-1 of one generation)
---    Wireshark's IGMP dissector shows the records; this one runs after it on the same
---    packet and adds a "manycast join extensions" tree with every mask pair and the
---    signed-join fields.
+--    Wireshark's IGMP or ICMPv6 dissector shows the records; this one runs after it on
+--    the same packet and adds a "manycast join extensions" tree with every mask pair
+--    and the signed-join fields.
 -- 2. Control messages: UDP to the pool's control port (7946 by default; a preference)
 --    (src/manycast/wire/control/): the envelope "MC" version(8) type(8) sender-length(8)
 --    sender seq(32), then the body; the coordination messages' bodies are decoded, the
@@ -35,12 +36,16 @@ local jf = {
   record = ProtoField.uint16("manycast.masks.record", "Record index", base.DEC),
   include_count = ProtoField.uint16("manycast.masks.include_count", "Include pairs", base.DEC),
   group = ProtoField.ipv4("manycast.masks.group", "Group"),
+  group6 = ProtoField.ipv6("manycast.masks.group6", "Group"),
   include = ProtoField.string("manycast.masks.include", "Include mask pair"),
   exclude = ProtoField.string("manycast.masks.exclude", "Exclude mask pair"),
   value = ProtoField.ipv4("manycast.masks.value", "Value"),
   mask = ProtoField.ipv4("manycast.masks.mask", "Mask"),
+  value6 = ProtoField.ipv6("manycast.masks.value6", "Value"),
+  mask6 = ProtoField.ipv6("manycast.masks.mask6", "Mask"),
   timestamp = ProtoField.uint64("manycast.signed.timestamp_ms", "Timestamp (ms since epoch)"),
   requester = ProtoField.ipv4("manycast.signed.requester", "Requester"),
+  requester6 = ProtoField.ipv6("manycast.signed.requester6", "Requester"),
   generation = ProtoField.uint32("manycast.signed.generation", "Report generation", base.DEC),
   part = ProtoField.uint16("manycast.signed.part", "Part", base.DEC),
   parts = ProtoField.uint16("manycast.signed.parts", "Parts", base.DEC),
@@ -54,35 +59,45 @@ local e_bad = ProtoExpert.new("manycast.bad", "manycast extension does not decod
   expert.group.MALFORMED, expert.severity.ERROR)
 joins.experts = { e_bad }
 
-local function pair_text(tvb, off)
-  local value = tvb(off, 4):ipv4()
-  local mask = tvb(off + 4, 4):ipv4()
+-- The two report families: address width and the fields that show an address.
+local IGMP = { report = 0x22, w = 4, group = jf.group, value = jf.value, mask = jf.mask,
+  requester = jf.requester, addr = function(range) return range:ipv4() end }
+local MLD = { report = 143, w = 16, group = jf.group6, value = jf.value6, mask = jf.mask6,
+  requester = jf.requester6, addr = function(range) return range:ipv6() end }
+
+local function pair_text(fam, tvb, off)
+  local value = fam.addr(tvb(off, fam.w))
+  local mask = fam.addr(tvb(off + fam.w, fam.w))
   return tostring(value) .. "/" .. tostring(mask)
 end
 
-local function mask_tlv(tvb, tree, off, len)
-  if len < 8 or (len - 8) % 8 ~= 0 then
+local function mask_tlv(fam, tvb, tree, off, len)
+  local w = fam.w
+  if len < 4 + w or (len - 4 - w) % (2 * w) ~= 0 then
     tree:add_proto_expert_info(e_bad, "group masks TLV of " .. len .. " bytes")
     return
   end
   local includes = tvb(off + 2, 2):uint()
-  local pairs = (len - 8) / 8
+  local pairs = (len - 4 - w) / (2 * w)
   tree:add(jf.record, tvb(off, 2))
   tree:add(jf.include_count, tvb(off + 2, 2))
-  tree:add(jf.group, tvb(off + 4, 4))
-  tree:append_text(": record " .. tvb(off, 2):uint() .. ", group " .. tostring(tvb(off + 4, 4):ipv4())
-    .. ", " .. includes .. " include, " .. (pairs - includes) .. " exclude")
+  tree:add(fam.group, tvb(off + 4, w))
+  tree:append_text(": record " .. tvb(off, 2):uint() .. ", group "
+    .. tostring(fam.addr(tvb(off + 4, w))) .. ", " .. includes .. " include, "
+    .. (pairs - includes) .. " exclude")
   for i = 0, pairs - 1 do
-    local at = off + 8 + 8 * i
+    local at = off + 4 + w + 2 * w * i
     local field = (i < includes) and jf.include or jf.exclude
-    local item = tree:add(field, tvb(at, 8), pair_text(tvb, at))
-    item:add(jf.value, tvb(at, 4))
-    item:add(jf.mask, tvb(at + 4, 4))
+    local item = tree:add(field, tvb(at, 2 * w), pair_text(fam, tvb, at))
+    item:add(fam.value, tvb(at, w))
+    item:add(fam.mask, tvb(at + w, w))
   end
 end
 
-local function signed_tlv(tvb, tree, off, len)
-  if len < 22 then
+local function signed_tlv(fam, tvb, tree, off, len)
+  local w = fam.w
+  local fixed = 18 + w  -- timestamp, requester, generation, part, parts, key length
+  if len < fixed then
     tree:add_proto_expert_info(e_bad, "signed join TLV of " .. len .. " bytes")
     return
   end
@@ -90,44 +105,53 @@ local function signed_tlv(tvb, tree, off, len)
   local item = tree:add(jf.timestamp, tvb(off, 8))
   local seconds = (ms / 1000):tonumber()
   item:append_text(" (" .. os.date("!%Y-%m-%d %H:%M:%S", seconds) .. " UTC)")
-  tree:add(jf.requester, tvb(off + 8, 4))
-  tree:add(jf.generation, tvb(off + 12, 4))
-  tree:add(jf.part, tvb(off + 16, 2))
-  tree:add(jf.parts, tvb(off + 18, 2))
-  local part, parts = tvb(off + 16, 2):uint(), tvb(off + 18, 2):uint()
-  local klen = tvb(off + 20, 2):uint()
-  tree:add(jf.key_length, tvb(off + 20, 2))
-  if 22 + klen > len then
+  local at = off + 8 + w
+  tree:add(fam.requester, tvb(off + 8, w))
+  tree:add(jf.generation, tvb(at, 4))
+  tree:add(jf.part, tvb(at + 4, 2))
+  tree:add(jf.parts, tvb(at + 6, 2))
+  local part, parts = tvb(at + 4, 2):uint(), tvb(at + 6, 2):uint()
+  local klen = tvb(at + 8, 2):uint()
+  tree:add(jf.key_length, tvb(at + 8, 2))
+  if fixed + klen > len then
     tree:add_proto_expert_info(e_bad, "random key runs past the TLV")
     return
   end
   if klen > 0 then
-    tree:add(jf.random_key, tvb(off + 22, klen))
+    tree:add(jf.random_key, tvb(off + fixed, klen))
   end
-  if len > 22 + klen then
-    tree:add(jf.signature, tvb(off + 22 + klen, len - 22 - klen))
+  if len > fixed + klen then
+    tree:add(jf.signature, tvb(off + fixed + klen, len - fixed - klen))
   end
   local split = ""
   if parts > 1 then
     split = ", part " .. part .. " of parts 0-" .. (parts - 1)
   end
-  tree:append_text(": requester " .. tostring(tvb(off + 8, 4):ipv4()) .. ", signed "
+  tree:append_text(": requester " .. tostring(fam.addr(tvb(off + 8, w))) .. ", signed "
     .. os.date("!%Y-%m-%d %H:%M:%S", seconds) .. " UTC" .. split)
 end
 
--- The extensions of an IGMPv3 report (`tvb` starts at the IGMP message).
-local function join_extensions(tvb, pinfo, tree)
-  if tvb:len() < 8 or tvb(0, 1):uint() ~= 0x22 then return end
-  if bit.band(tvb(4, 2):uint(), EXT_FLAG) == 0 then return end
+-- Where a report's records end and its TLVs begin, or nil when it has none.
+local function extensions_at(fam, tvb)
+  if tvb:len() < 8 or tvb(0, 1):uint() ~= fam.report then return nil end
+  if bit.band(tvb(4, 2):uint(), EXT_FLAG) == 0 then return nil end
   local off = 8
   for _ = 1, tvb(6, 2):uint() do
-    if off + 8 > tvb:len() then return end
+    if off + 4 + fam.w > tvb:len() then return nil end
     local aux = tvb(off + 1, 1):uint()
     local sources = tvb(off + 2, 2):uint()
-    off = off + 8 + 4 * sources + 4 * aux
+    off = off + 4 + fam.w + fam.w * sources + 4 * aux
   end
-  if off >= tvb:len() then return end
+  if off >= tvb:len() then return nil end
+  return off
+end
+
+-- The extensions of a report (`tvb` starts at the IGMP or ICMPv6 message).
+local function join_extensions(fam, tvb, pinfo, tree, off, records_only)
   local subtree = tree:add(joins, tvb(off))
+  if records_only then
+    subtree:append_text(" (the checksum covers them too: Wireshark's check saw the records only)")
+  end
   local masks, signed = 0, false
   while off + 4 <= tvb:len() do
     local kind, len = tvb(off, 2):uint(), tvb(off + 2, 2):uint()
@@ -141,10 +165,10 @@ local function join_extensions(tvb, pinfo, tree)
     t:add(jf.tlv_type, tvb(off, 2))
     t:add(jf.tlv_length, tvb(off + 2, 2))
     if kind == EXT_GROUP_MASKS then
-      mask_tlv(tvb, t, off + 4, len)
+      mask_tlv(fam, tvb, t, off + 4, len)
       masks = masks + 1
     elseif kind == EXT_SIGNED_JOIN then
-      signed_tlv(tvb, t, off + 4, len)
+      signed_tlv(fam, tvb, t, off + 4, len)
       signed = true
     elseif len > 0 then
       t:add(jf.unknown, tvb(off + 4, len))
@@ -155,16 +179,30 @@ local function join_extensions(tvb, pinfo, tree)
     .. (signed and ", signed join]" or "]"))
 end
 
--- Wireshark's IGMP dissector first, then the extensions, for every IGMP packet.
+-- Wireshark's IGMP and ICMPv6 dissectors first, then the extensions, for every IGMP
+-- and ICMPv6 packet (IPv6's next header goes through the same table). Wireshark's
+-- MLDv2 dissector reads records to the end of the message whatever their count, so
+-- it gets the records only (its checksum then covers less than was sent and shows
+-- as incorrect); IGMP's stops at the count and gets the whole message.
 local ip_proto = DissectorTable.get("ip.proto")
-local igmp = ip_proto:get_dissector(2)
-local igmp_ext = Proto("manycast_igmp", "IGMP with manycast extensions")
-function igmp_ext.dissector(tvb, pinfo, tree)
-  local consumed = igmp:call(tvb, pinfo, tree)
-  join_extensions(tvb, pinfo, tree)
-  return consumed
+local function after(number, fam, name, text, records_only)
+  local base_dissector = ip_proto:get_dissector(number)
+  local wrapped = Proto(name, text)
+  function wrapped.dissector(tvb, pinfo, tree)
+    local off = extensions_at(fam, tvb)
+    local base_tvb = tvb
+    if off ~= nil and records_only then base_tvb = tvb(0, off):tvb() end
+    local consumed = base_dissector:call(base_tvb, pinfo, tree)
+    if off ~= nil then
+      join_extensions(fam, tvb, pinfo, tree, off, records_only)
+      consumed = tvb:len()
+    end
+    return consumed
+  end
+  ip_proto:add(number, wrapped)
 end
-ip_proto:add(2, igmp_ext)
+after(2, IGMP, "manycast_igmp", "IGMP with manycast extensions", false)
+after(58, MLD, "manycast_mld", "ICMPv6 with manycast extensions", true)
 
 -- 2. control messages ----------------------------------------------------------------------
 
