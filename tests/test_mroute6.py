@@ -1,12 +1,16 @@
-"""The kernel's IPv6 multicast routing through `drivers/mroute6.py`, in three namespaces.
+"""The kernel's IPv6 multicast forwarding, in four namespaces: the MFC through
+`drivers/mroute6.py`, and the portion plane (`drivers/kernel/portion_plane.py`).
 
     sender (s0) --- (r0) router (r1) --- (d0) receiver
+                            (r2) --- (e0) receiver2
 
 The router's MRT6 socket has r0 and r1 as MIFs 0 and 1. A packet from the sender to
 an ff3e:: group is held by the kernel and reported as a NOCACHE upcall; once the
 entry (sender, group, in on MIF 0, out on MIF 1) is installed, the kernel forwards
 it, hop limit one less, and counts it. A receiver joining the group sends an MLDv2
-report, which the router's socket reads with the interface it came in on.
+report, which the router's socket reads with the interface it came in on. The
+portion plane sends each sender address to the receiver whose portion (value/mask
+on the source's low bit) holds it, with no MFC entry and no upcall.
 
 Needs root and network namespaces (CI runs as root); skips with the reason otherwise.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import select
+import shutil
 import socket
 import struct
 import time
@@ -24,6 +29,7 @@ from collections.abc import Iterator
 import pytest
 
 from manycast.drivers import netns
+from manycast.drivers.kernel.portion_plane import PortionPlane, compile_portions
 from manycast.drivers.mroute6 import (
     MRT6MSG_NOCACHE,
     Mroute6Socket,
@@ -32,11 +38,12 @@ from manycast.drivers.mroute6 import (
     parse_upcall6,
     sockaddr_in6,
 )
+from manycast.protocol.membership import SourceFilter
 from manycast.wire.membership import MLDv2Report
 
 NEEDS_ROOT = "the kernel's IPv6 multicast routing needs root and network namespaces"
 PREFIX = f"mc6t{os.getpid() % 10000}"
-SENDER, ROUTER, RECEIVER = (f"{PREFIX}-{n}" for n in ("s", "r", "d"))
+SENDER, ROUTER, RECEIVER, RECEIVER2 = (f"{PREFIX}-{n}" for n in ("s", "r", "d", "e"))
 GROUP = ipaddress.IPv6Address("ff3e::8000:1")
 SENDER_ADDRESS = ipaddress.IPv6Address("2001:db8:1::1")
 PORT = 9000
@@ -69,8 +76,8 @@ def _configure(name: str, links: list[tuple[str, str]], route_via: str | None = 
 
 @pytest.fixture
 def three() -> Iterator[dict[str, int]]:
-    """The three namespaces, linked and addressed; the router's interface indexes."""
-    names = (SENDER, ROUTER, RECEIVER)
+    """The four namespaces, linked and addressed; the router's interface indexes."""
+    names = (SENDER, ROUTER, RECEIVER, RECEIVER2)
     try:
         for name in names:
             netns.create(name)
@@ -84,14 +91,18 @@ def three() -> Iterator[dict[str, int]]:
         try:
             netns.veth(ipr, "r0", SENDER, "s0")
             netns.veth(ipr, "r1", RECEIVER, "d0")
+            netns.veth(ipr, "r2", RECEIVER2, "e0")
         finally:
             ipr.close()
         _configure(SENDER, [("s0", f"{SENDER_ADDRESS}")], route_via="s0")
-        _configure(ROUTER, [("r0", "2001:db8:1::2"), ("r1", "2001:db8:2::1")])
+        _configure(
+            ROUTER, [("r0", "2001:db8:1::2"), ("r1", "2001:db8:2::1"), ("r2", "2001:db8:3::1")]
+        )
         _configure(RECEIVER, [("d0", "2001:db8:2::2")], route_via="d0")
+        _configure(RECEIVER2, [("e0", "2001:db8:3::2")], route_via="e0")
         ipr = netns.iproute(ROUTER)
         try:
-            yield {"r0": netns.index(ipr, "r0"), "r1": netns.index(ipr, "r1")}
+            yield {name: netns.index(ipr, name) for name in ("r0", "r1", "r2")}
         finally:
             ipr.close()
     finally:
@@ -107,6 +118,10 @@ def _receiver_socket(ifindex: int) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, request)
     sock.setblocking(False)
     return sock
+
+
+def _receiver_in(name: str, ifname: str) -> socket.socket:
+    return netns.run_in(name, lambda: _receiver_socket(socket.if_nametoindex(ifname)))
 
 
 def _wait_for(
@@ -170,19 +185,7 @@ def test_the_kernel_forwards_an_entry_installed_on_its_upcall_and_reports_mld(
 
         netns.run_in(ROUTER, lambda: router.set_entry(upcall.source, upcall.group, 0, [1]))
         sender.sendto(b"second", (str(GROUP), PORT))
-        got: dict[bytes, int] = {}
-        deadline = time.monotonic() + WAIT_S
-        while len(got) < 2 and time.monotonic() < deadline:
-            select.select([receiver], [], [], 0.05)
-            try:
-                data, ancdata, _, _ = receiver.recvmsg(2048, 64)
-            except BlockingIOError:
-                continue
-            got[data] = next(
-                struct.unpack("@i", value[:4])[0]
-                for level, kind, value in ancdata
-                if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT
-            )
+        got = _received(receiver, 2)
         # The held packet went on once the entry was in, and the next one with it;
         # each with its hop limit one less.
         assert got == {b"first": 7, b"second": 7}
@@ -198,3 +201,80 @@ def test_the_kernel_forwards_an_entry_installed_on_its_upcall_and_reports_mld(
         receiver.close()
     finally:
         router.close()
+
+
+def _received(sock: socket.socket, want: int, wait: float = WAIT_S) -> dict[bytes, int]:
+    """Up to `want` datagrams (within `wait` s): payload -> hop limit as it arrived."""
+    got: dict[bytes, int] = {}
+    deadline = time.monotonic() + wait
+    while len(got) < want and time.monotonic() < deadline:
+        select.select([sock], [], [], 0.05)
+        try:
+            data, ancdata, _, _ = sock.recvmsg(2048, 64)
+        except BlockingIOError:
+            continue
+        got[data] = next(
+            struct.unpack("@i", value[:4])[0]
+            for level, kind, value in ancdata
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_HOPLIMIT
+        )
+    return got
+
+
+@pytest.mark.skipif(shutil.which("nft") is None, reason="nft (nftables) is not installed")
+def test_the_portion_plane_forwards_ipv6_sources_by_mask(three: dict[str, int]) -> None:
+    """Sources ending in an even word go to the receiver, odd ones to receiver2: two
+    map elements, however many sources; hop limit one less; no MFC, no upcall."""
+    even, odd = ipaddress.IPv6Address("2001:db8:1::10"), ipaddress.IPv6Address("2001:db8:1::11")
+    ipr = netns.iproute(SENDER)
+    try:
+        for source in (even, odd):
+            netns.address(ipr, "s0", str(source), 64)
+    finally:
+        ipr.close()
+    receivers = [
+        _receiver_in(name, ifname) for name, ifname in ((RECEIVER, "d0"), (RECEIVER2, "e0"))
+    ]
+    neighbours = {
+        "r1": int(ipaddress.IPv6Address("2001:db8:2::2")),
+        "r2": int(ipaddress.IPv6Address("2001:db8:3::2")),
+    }
+
+    class Member:
+        def __init__(self, iface: str, value: int) -> None:
+            self.iface, self.neighbor = iface, neighbours[iface]
+            self.filter = SourceFilter(((value, 1),))
+
+    plane = PortionPlane(int(GROUP), ["r0", "r1", "r2"], family=6)
+    entries = compile_portions([Member("r1", 0), Member("r2", 1)])
+    assert entries is not None and len(entries) == 2
+    netns.run_in(ROUTER, plane.install)
+    try:
+        netns.run_in(ROUTER, lambda: plane.update(entries))
+        senders = []
+        for source in (even, odd):
+            sock = netns.socket_in(SENDER, socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 8)
+            sock.bind((str(source), 0))
+            senders.append(sock)
+        for round_ in range(3):
+            for source, sock in zip((even, odd), senders, strict=True):
+                sock.sendto(f"{source} {round_}".encode(), (str(GROUP), PORT))
+        got = [_received(sock, 3) for sock in receivers]
+        assert got[0] == {f"{even} {i}".encode(): 7 for i in range(3)}
+        assert got[1] == {f"{odd} {i}".encode(): 7 for i in range(3)}
+        assert plane.status()["portions"] == {
+            "::/::1": ["r1 2001:db8:2::2"],
+            "::1/::1": ["r2 2001:db8:3::2"],
+        }
+        # Moved: the even sources' portion to receiver2 as well (one transaction).
+        netns.run_in(
+            ROUTER, lambda: plane.update(compile_portions([Member("r2", 0), Member("r2", 1)]))
+        )
+        senders[0].sendto(b"moved", (str(GROUP), PORT))
+        assert _received(receivers[1], 1) == {b"moved": 7}
+        assert _received(receivers[0], 1, wait=0.3) == {}  # (it came within ms above)
+    finally:
+        netns.run_in(ROUTER, plane.remove)
+        for sock in [*receivers, *senders]:
+            sock.close()

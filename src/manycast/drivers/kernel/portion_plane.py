@@ -35,6 +35,11 @@ the pairs the joins name; beyond `MAX_ENTRIES` the group falls back to the MFC.
 Every change of a group's members is one `nft -f` transaction (one netlink
 batch): the classify rules and the maps are replaced together, so a packet sees
 the old allocation or the new one, never a mix.
+
+An IPv6 group's plane is the same in its own table (`netdev manycast6`, so a
+dual-stack router keeps one of each): `ip6 daddr`, `ip6 hoplimit 0-1 drop`,
+`ip6 saddr & <mask>` over `ipv6_addr` maps, and `fwd ip6 to`, which decrements
+the hop limit (`nft_fwd_neigh`; IPv6 has no header checksum).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from typing import Protocol
 from manycast.protocol.membership import SourceFilter
 
 TABLE = "manycast"
+TABLE6 = "manycast6"
 MAX_ENTRIES = 65536  # beyond: the MFC keeps the group
 
 Out = tuple[str, int]  # (interface, neighbour address)
@@ -149,8 +155,26 @@ def compile_portions(members: Iterable[_Member]) -> list[PortionEntry] | None:
     return sorted(entries, key=lambda e: (e.mask, e.value))
 
 
-def _addr(value: int) -> str:
-    return str(ipaddress.IPv4Address(value))
+@dataclass(frozen=True, slots=True)
+class _Syntax:
+    """What nft calls the family's fields, and how it writes an address."""
+
+    table: str
+    proto: str  # ip, ip6
+    hop_limit: str  # ttl, hoplimit
+    addr_type: str  # ipv4_addr, ipv6_addr
+    digits: int  # hex digits of a mask in a map's name
+
+    def addr(self, value: int) -> str:
+        return str(
+            ipaddress.IPv4Address(value) if self.proto == "ip" else ipaddress.IPv6Address(value)
+        )
+
+
+_SYNTAX = {
+    4: _Syntax(TABLE, "ip", "ttl", "ipv4_addr", 8),
+    6: _Syntax(TABLE6, "ip6", "hoplimit", "ipv6_addr", 32),
+}
 
 
 def _verdict(entry: PortionEntry, chains: dict[Out, str]) -> str:
@@ -175,6 +199,7 @@ class PortionPlane:
     group: int
     devices: Sequence[str]
     run: Callable[[str], None] = run_nft
+    family: int = 4
     entries: list[PortionEntry] | None = None  # None: the MFC handles the group
     installed: bool = False
     updates: int = 0
@@ -182,18 +207,26 @@ class PortionPlane:
     _chains: dict[Out, str] = field(default_factory=dict)
     _maps: set[int] = field(default_factory=set)
 
+    @property
+    def _nft(self) -> _Syntax:
+        return _SYNTAX[self.family]
+
     def install(self) -> None:
         """The table with its hook and an empty classification (drop)."""
+        x = self._nft
         lines = [
-            f"add table netdev {TABLE}",
-            f"delete table netdev {TABLE}",
-            f"table netdev {TABLE} {{",
+            f"add table netdev {x.table}",
+            f"delete table netdev {x.table}",
+            f"table netdev {x.table} {{",
         ]
-        lines.append("  chain classify {\n    ip ttl 0-1 drop\n    counter drop\n  }")
+        lines.append(
+            f"  chain classify {{\n    {x.proto} {x.hop_limit} 0-1 drop\n    counter drop\n  }}"
+        )
         devices = ", ".join(f'"{d}"' for d in self.devices)
         lines.append(
             f"  chain ingress {{\n    type filter hook ingress devices = {{ {devices} }}"
-            f" priority 0; policy accept;\n    ip daddr {_addr(self.group)} jump classify\n  }}"
+            f" priority 0; policy accept;\n"
+            f"    {x.proto} daddr {x.addr(self.group)} jump classify\n  }}"
         )
         lines.append("}")
         self.run("\n".join(lines) + "\n")
@@ -203,7 +236,8 @@ class PortionPlane:
 
     def remove(self) -> None:
         if self.installed:
-            self.run(f"add table netdev {TABLE}\ndelete table netdev {TABLE}\n")
+            table = self._nft.table
+            self.run(f"add table netdev {table}\ndelete table netdev {table}\n")
         self.installed, self.entries = False, None
         self._chains.clear()
         self._maps.clear()
@@ -214,8 +248,12 @@ class PortionPlane:
         if not self.installed or entries == self.entries:
             return False
         start = time.monotonic()
-        t = f"netdev {TABLE}"
-        lines = [f"flush chain {t} classify", f"add rule {t} classify ip ttl 0-1 drop"]
+        x = self._nft
+        t = f"netdev {x.table}"
+        lines = [
+            f"flush chain {t} classify",
+            f"add rule {t} classify {x.proto} {x.hop_limit} 0-1 drop",
+        ]
         # Disjoint entries: any order is right; the masks covering most of the space
         # first, so that most packets take one lookup.
         cover: dict[int, float] = {}
@@ -233,22 +271,24 @@ class PortionPlane:
                     lines += [
                         f"add chain {t} {name}",
                         f'add rule {t} {name} meta iif "{iface}" drop',
-                        f'add rule {t} {name} fwd ip to {_addr(hop)} device "{iface}"',
+                        f'add rule {t} {name} fwd {x.proto} to {x.addr(hop)} device "{iface}"',
                     ]
         for mask in masks:
-            name = f"p_{mask:08x}"
+            name = f"p_{mask:0{x.digits}x}"
             if mask not in self._maps:
-                lines.append(f"add map {t} {name} {{ type ipv4_addr : verdict; }}")
+                lines.append(f"add map {t} {name} {{ type {x.addr_type} : verdict; }}")
             lines.append(f"flush map {t} {name}")
             elements = [
-                f"{_addr(e.value)} : {_verdict(e, chains)}" for e in entries or () if e.mask == mask
+                f"{x.addr(e.value)} : {_verdict(e, chains)}"
+                for e in entries or ()
+                if e.mask == mask
             ]
             for i in range(0, len(elements), 512):
                 lines.append(f"add element {t} {name} {{ {', '.join(elements[i : i + 512])} }}")
-            lines.append(f"add rule {t} classify ip saddr & {_addr(mask)} vmap @{name}")
+            lines.append(f"add rule {t} classify {x.proto} saddr & {x.addr(mask)} vmap @{name}")
         lines.append(f"add rule {t} classify {'counter drop' if entries is not None else 'accept'}")
         for mask in sorted(self._maps - set(masks)):
-            lines.append(f"delete map {t} p_{mask:08x}")
+            lines.append(f"delete map {t} p_{mask:0{x.digits}x}")
         self.run("\n".join(lines) + "\n")
         self._chains = chains
         self._maps = set(masks)
@@ -259,13 +299,14 @@ class PortionPlane:
 
     def status(self) -> dict[str, object]:
         entries = self.entries
+        addr = self._nft.addr
         return {
-            "group": _addr(self.group),
+            "group": addr(self.group),
             "installed": self.installed,
             "mode": "mfc" if entries is None else "portions",
             "entries": 0 if entries is None else len(entries),
             "portions": {
-                f"{_addr(e.value)}/{_addr(e.mask)}": sorted(f"{i} {_addr(h)}" for i, h in e.outs)
+                f"{addr(e.value)}/{addr(e.mask)}": sorted(f"{i} {addr(h)}" for i, h in e.outs)
                 for e in entries or ()
             },
             "updates": self.updates,
