@@ -221,9 +221,12 @@ LINE_ERRORS = {
         edit("count = 5", f"count = true  {MARK}"),
         "'count' must be a number, not a boolean",
     ),
-    "ipv6 space": (
-        edit('policy = "equal"', f'policy = "equal"\nspace = "2001:db8::/32"  {MARK}'),
-        "the live pool serves IPv4 clients",
+    "ipv4 group in an ipv6 space": (
+        edit(
+            'group = "232.1.1.1"\npolicy = "equal"',
+            f'group = "232.1.1.1"  {MARK}\npolicy = "equal"\nspace = "2001:db8::/32"',
+        ),
+        "'group' = '232.1.1.1' is not an IPv6 address (the pool's space is IPv6",
     ),
     "unknown policy": (
         edit('policy = "equal"', f'policy = "fair"  {MARK}'),

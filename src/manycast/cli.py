@@ -642,9 +642,11 @@ def topology_check(path: Path) -> None:
     """Check a topology file and show what it compiles to."""
     topo = _load(path)
     console = Console()
-    console.print(
-        f"[green]ok[/green] {path}: pool {topo.pool.name} -> {topo.pool.group}:{topo.pool.port}"
-    )
+    pool = topo.pool
+    family = pool.space.family
+    service = f"[{pool.group}]:{pool.port}" if family == 6 else f"{pool.group}:{pool.port}"
+    console.print(f"[green]ok[/green] {path}: pool {pool.name} -> {escape(service)}")
+    console.print(f"IPv{family}: clients in {pool.space}; control channel {pool.control_group}")
     table = Table("node", "kind", "interfaces")
     for node in sorted(topo.interfaces):
         if topo.kind(node) == "client" and not node.endswith("1"):

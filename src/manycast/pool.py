@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -21,8 +20,9 @@ from manycast.protocol.app import Service, SessionFactory
 from manycast.protocol.client import Client
 from manycast.protocol.coordination import PoolSettings, initial_allocation
 from manycast.protocol.leased import lease_coordination
-from manycast.protocol.node import Node
+from manycast.protocol.node import Node, ipv4_only
 from manycast.protocol.router import Router
+from manycast.protocol.router6 import Router6
 from manycast.protocol.server import Server
 from manycast.protocol.technique import Technique
 from manycast.protocol.vip import VipRouter
@@ -30,6 +30,7 @@ from manycast.space import Allocation
 from manycast.topology import PoolSpec, Topology
 from manycast.topology.coordination import Coordination
 from manycast.topology.links import LinkSpec
+from manycast.wire.ip import Address, Network
 
 
 def settings_for(topology: Topology, wall_base: float) -> PoolSettings:
@@ -133,8 +134,10 @@ def build(
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}:{name}")
 
+    # An IPv6 pool's network is IPv6 throughout: its routers read MLDv2.
+    router_class = Router6 if pool.space.family == 6 else Router
     routers = {
-        name: Router(
+        name: router_class(
             name,
             topology.interfaces[name],
             [(r.network, r.iface, r.next_hop) for r in topology.routes[name]],
@@ -157,7 +160,7 @@ def build(
             topology.gateways[spec.name],
             settings,
             rng(spec.name),
-            vip=pool.group,
+            vip=ipv4_only(pool.group, "a VIP pool"),
             initial=initial,
             edges=edges,
         )
@@ -251,7 +254,7 @@ def _label_options(topology: Topology, router: str) -> dict[str, Any]:
     }
 
 
-def _edges(topology: Topology) -> list[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]:
+def _edges(topology: Topology) -> list[tuple[Network, Address]]:
     """Every network a client may be on, with the address of the router it is
     attached to there: where a VIP router, or a server under R4, sends a flow's tag."""
     edges = []

@@ -31,10 +31,11 @@ from manycast.naming import (
 from manycast.pool import Nodes, build
 from manycast.protocol.client import Client
 from manycast.protocol.destination import PoolKeyNeeded
-from manycast.protocol.node import Node
+from manycast.protocol.node import Node, ipv4_only
 from manycast.protocol.router import KeyNeeded, Router
 from manycast.protocol.technique import Technique
 from manycast.scenario import ScenarioEngine
+from manycast.space import address_array
 from manycast.summary import ClientRecord, ServerRecord, served_window, summarize
 from manycast.topology import Topology
 from manycast.topology.coordination import Coordination
@@ -107,7 +108,7 @@ class PoolRun:
     _net: Network = field(init=False)
     _last_requests: dict[str, tuple[float, int]] = field(default_factory=dict, init=False)
     _rates: dict[str, float] = field(default_factory=dict, init=False)
-    _client_addresses: npt.NDArray[np.int64] | None = field(default=None, init=False)
+    _client_addresses: npt.NDArray[np.integer] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self._net = open_network(
@@ -264,7 +265,7 @@ class PoolRun:
         """What a private pool publishes in DNS: its group and its control channel."""
         pool = self.topology.pool
         return [
-            PoolRecord.create(alias, group, f"pool@{pool.name}", raw)
+            PoolRecord.create(alias, ipv4_only(group, "DNS records"), f"pool@{pool.name}", raw)
             for alias, group, raw in (
                 (pool.name, pool.group, self.nodes.directory.get(int(pool.group))),
                 (
@@ -394,8 +395,8 @@ class PoolRun:
         # The pool's clients only: an outsider's address has an owner but no server.
         names = sorted(n for n in self.nodes.clients if self.topology.clients[n].authorized)
         if self._client_addresses is None:
-            self._client_addresses = np.array(
-                [int(self.topology.address(n)) for n in names], dtype=np.int64
+            self._client_addresses = address_array(
+                [int(self.topology.address(n)) for n in names], allocation.space.family
             )
         found = allocation.owner_many(self._client_addresses)
         return tuple(

@@ -625,6 +625,16 @@ def shares_digest(alloc: Allocation, weights: Mapping[str, int]) -> str:
     return h.hexdigest()[:16]
 
 
+def address_array(addresses: Sequence[int], family: int) -> IntArray:
+    """Integer addresses as `Allocation.owner_many` takes them: IPv4 one int64 each,
+    IPv6 an (n, 2) uint64 array of (high, low) halves."""
+    if family == 4:
+        return np.array(addresses, dtype=np.int64)
+    low = (1 << 64) - 1
+    pairs = [(a >> 64, a & low) for a in addresses]
+    return np.array(pairs, dtype=np.uint64).reshape(len(pairs), 2)
+
+
 def _field(halves: npt.NDArray[np.uint64], shift: int, bits: int) -> npt.NDArray[np.uint64]:
     """Bits [shift, shift+bits) of 128-bit addresses held as (high, low) uint64 halves."""
     mask = np.uint64((1 << bits) - 1)

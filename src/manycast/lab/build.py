@@ -117,6 +117,11 @@ class Lab:
         if plane not in PLANES:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
+        if topology.pool.space.family != 4:
+            raise LabError(
+                "the kernel lab is not supported yet for IPv6 pools (MRT6, MLDv2 sockets):"
+                " run an IPv6 topology with manycast demo or manycast run (memory or overlay)"
+            )
         if topology.pool.coordination == "etcd":
             raise LabError(
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'

@@ -32,6 +32,7 @@ from manycast.drivers import mroute, netns
 from manycast.lab.build import Lab
 from manycast.pool import pool_keys
 from manycast.protocol.client import ClientStats, registration
+from manycast.protocol.node import ipv4_only
 from manycast.topology import Topology
 
 CLIENT_TTL = 16
@@ -186,7 +187,7 @@ class Prober:
         assert client.key is not None and client.igmp is not None
         packet = registration(
             ipaddress.IPv4Address(client.address),
-            self.topology.pool.group,
+            ipv4_only(self.topology.pool.group, "the kernel lab"),
             client.key,
             time.time(),  # the routers check it against their wall clock
             self.rng,

@@ -18,6 +18,7 @@ from typing import Any
 from manycast.drivers import netns
 from manycast.drivers.kernel import srv6
 from manycast.errors import LabError
+from manycast.protocol.node import ipv4_only
 from manycast.topology import Topology
 
 
@@ -55,7 +56,9 @@ def build_vip_plane(topology: Topology, ns: Callable[[str], str]) -> None:
     if vip is None:
         raise LabError("build_vip_plane needs a VIP pool")
     marks = srv6.server_marks(topology.servers)
-    servers = {name: topology.address(name) for name in topology.servers}
+    servers = {
+        name: ipv4_only(topology.address(name), "the kernel lab") for name in topology.servers
+    }
     for router in topology.routers:
 
         def setup(ipr: Any, router: str = router) -> None:
@@ -77,7 +80,8 @@ def build_vip_plane(topology: Topology, ns: Callable[[str], str]) -> None:
             if nearest is None:
                 srv6.vip_route(ipr, vip, None)
             else:
-                srv6.vip_route(ipr, vip, next_hop(topology, router, topology.address(nearest))[1])
+                address = ipv4_only(topology.address(nearest), "the kernel lab")
+                srv6.vip_route(ipr, vip, next_hop(topology, router, address)[1])
 
         netns.sysctl(
             ns(router),
@@ -93,7 +97,7 @@ def build_vip_plane(topology: Topology, ns: Callable[[str], str]) -> None:
         def setup_vip_router(ipr: Any, name: str = name) -> None:
             for ifname, address in _router_v6(topology, name):
                 srv6.add_v6_address(ipr, ifname, address)
-            gateway = topology.gateways[name][1]
+            gateway = ipv4_only(topology.gateways[name][1], "the kernel lab")
             srv6.sid_route(
                 ipr,
                 srv6.SID_PREFIX.network_address,

@@ -29,8 +29,8 @@ from manycast.protocol.app import Answer, Session, SessionFactory
 from manycast.protocol.destination import DestinationGuard, PoolKeyNeeded, Verdict
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import record_for
-from manycast.protocol.node import Interface, Node
-from manycast.protocol.querier import QueryResponder
+from manycast.protocol.node import Interface, Node, ipv4_only
+from manycast.protocol.querier import QueryResponder, is_query
 from manycast.protocol.refusal import RedirectRefusal
 from manycast.protocol.tcp import (
     ChangeDestinationIgnored,
@@ -51,14 +51,13 @@ from manycast.protocol.tcp import (
 )
 from manycast.protocol.tcp import Connected as SessionConnected
 from manycast.space import Portion, PortionSet
-from manycast.wire.ip import IPPROTO_IGMP, IPPROTO_TCP
+from manycast.wire.ip import IPPROTO_TCP, Address
 from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
-from manycast.wire.membership_query import ALL_SYSTEMS
 from manycast.wire.transport import ChangeDestination
 
 MAX_HELD = 64  # segments from a new destination kept while its change waits for the key
 
-Resolver = Callable[[str], tuple[ipaddress.IPv4Address, int]]
+Resolver = Callable[[str], tuple[Address, int]]
 
 
 # Reconnect delays (s): after a reset from a live server, and after anything else.
@@ -121,7 +120,7 @@ class Client(Node):
         self,
         name: str,
         interfaces: dict[str, Interface],
-        gateway: tuple[str, ipaddress.IPv4Address],
+        gateway: tuple[str, Address],
         service: str,
         resolve: Resolver,
         rate: float,
@@ -193,11 +192,11 @@ class Client(Node):
         ip = self.host.parse(packet)
         if ip is None:
             return
-        if ip.header.protocol == IPPROTO_IGMP and ip.header.dst == ALL_SYSTEMS:
+        if is_query(ip):
             if self.key is not None and (answer_at := self.queries.on_query(ip, now)):
                 self.timers.arm("register", answer_at)
             return
-        if ip.header.protocol != IPPROTO_TCP or ip.header.dst != self.address:
+        if ip.protocol != IPPROTO_TCP or ip.header.dst != self.address:
             return
         self.host.deliver_tcp(ip, now)
         self._drain(now)
@@ -232,7 +231,13 @@ class Client(Node):
         """A signed join naming only ourselves: we take part in the pool as a sender."""
         assert self.key is not None
         group, _ = self.resolve(self.service)
-        packet = registration(self.address, group, self.key, self.wall_base + now, self.rng)
+        packet = registration(
+            ipv4_only(self.address, "a private pool (signed joins)"),
+            ipv4_only(group, "a private pool (signed joins)"),
+            self.key,
+            self.wall_base + now,
+            self.rng,
+        )
         self.send(self.host.iface, packet, self.host.gateway)
         self.queries.reported(now)
         self.timers.arm("register", now + self.register_every)

@@ -87,7 +87,7 @@ class Coordinator(PeerView):
     def __init__(
         self,
         name: str,
-        address: ipaddress.IPv4Address,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
         settings: PoolSettings,
         rng: random.Random,
         *,

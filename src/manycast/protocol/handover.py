@@ -44,18 +44,19 @@ from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter
+from manycast.protocol.node import ipv4_only
 from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import Connection, ConnKey, Demultiplexer, SessionConfig, SessionError
 from manycast.protocol.technique import Technique
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
+from manycast.wire.ip import IPPROTO_TCP, Address, Network, make_packet, parse_packet
 from manycast.wire.transport import TcpFlags, TcpSegment
 
 # Sends a control message: to the control group (None) or to one server's address.
-SendControl = Callable[[control.ControlMessage, ipaddress.IPv4Address | None], None]
+SendControl = Callable[[control.ControlMessage, Address | None], None]
 # Every network a client may be on, with its edge router's address there.
-Edges = Sequence[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]]
+Edges = Sequence[tuple[Network, Address]]
 
 
 QUERY_RESEND = 0.3  # seconds between R3 state queries for one connection
@@ -79,7 +80,7 @@ class HandoverStats:
     closed_after_transaction: int = 0
 
 
-Segment = tuple[ipaddress.IPv4Address, ipaddress.IPv4Address, TcpSegment]  # src, dst, segment
+Segment = tuple[Address, Address, TcpSegment]  # src, dst, segment
 
 
 @dataclass
@@ -93,7 +94,7 @@ class _Query:
 
 @dataclass
 class _Forward:
-    target: ipaddress.IPv4Address | None  # None until the old owner redirects us
+    target: Address | None  # None until the old owner redirects us
     first: float
     last_used: float
 
@@ -105,8 +106,8 @@ class Handover:
         self,
         technique: str,
         name: str,
-        address: ipaddress.IPv4Address,
-        group: ipaddress.IPv4Address,
+        address: Address,
+        group: Address,
         port: int,
         endpoint: Demultiplexer,
         app: Service,
@@ -156,7 +157,7 @@ class Handover:
         self._given: dict[int, tuple[control.StateReply, str, float]] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
-        self._tagged: dict[ConnKey, ipaddress.IPv4Address] = {}  # R4: -> the edge told
+        self._tagged: dict[ConnKey, Address] = {}  # R4: -> the edge told
 
     # -- the allocation changes --------------------------------------------------------
     def before_change(self, keep: SourceFilter | None) -> None:
@@ -179,7 +180,7 @@ class Handover:
             self._tagged[key] = edge
             self.stats.pinned += 1
 
-    def edge_of(self, client: control.Address) -> ipaddress.IPv4Address | None:
+    def edge_of(self, client: control.Address) -> Address | None:
         """The router the client's network is attached to, by longest prefix."""
         return next((router for net, router in self.edges if client in net), None)
 
@@ -212,8 +213,8 @@ class Handover:
     # -- segments of connections we do not know ---------------------------------------
     def on_unknown(
         self,
-        src: ipaddress.IPv4Address,
-        dst: ipaddress.IPv4Address,
+        src: Address,
+        dst: Address,
         segment: TcpSegment,
         now: float,
     ) -> None:
@@ -222,7 +223,7 @@ class Handover:
         key: ConnKey = ((dst, segment.dst_port), (src, segment.src_port))
         if self.redirector is not None and dst != self.group:
             # D: a segment to our own address, of a connection we moved away or never had
-            if not self.redirector.on_unknown(src, segment, now):
+            if not self.redirector.on_unknown(ipv4_only(src, "technique D"), segment, now):
                 self._reset((src, dst, segment))
         elif self.technique is Technique.R2:
             self._forward((src, dst, segment), now)
@@ -247,7 +248,7 @@ class Handover:
             self._reset(item)
             return
         entry.last_used = now
-        packet = IPv4Packet.make(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
+        packet = make_packet(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
         message = control.Forwarded(self.name, 0, self.address, packet.to_wire())
         self.send_control(message, entry.target)
         self.stats.forwarded_out += 1
@@ -288,7 +289,7 @@ class Handover:
         elif isinstance(message, control.Redirect):
             flow = (int(message.client), message.client_port)
             entry = self._forwards.get(flow)
-            if entry is not None and isinstance(message.target, ipaddress.IPv4Address):
+            if entry is not None and message.target.version == self.address.version:
                 entry.target = message.target
                 self.stats.redirects += 1
         elif isinstance(message, control.StateQuery):
@@ -301,10 +302,10 @@ class Handover:
 
     def _on_forwarded(self, message: control.Forwarded, now: float, via_group: bool) -> None:
         try:
-            ip = IPv4Packet.from_wire(message.packet)
+            ip = parse_packet(message.packet)
         except WireError:
             return
-        if ip.header.protocol != IPPROTO_TCP or ip.header.dst != self.group or len(ip.payload) < 4:
+        if ip.protocol != IPPROTO_TCP or ip.header.dst != self.group or len(ip.payload) < 4:
             return
         src_port = int.from_bytes(ip.payload[:2], "big")
         dst_port = int.from_bytes(ip.payload[2:4], "big")
@@ -314,7 +315,7 @@ class Handover:
         self.stats.forwarded_in += 1
         self.host.deliver_tcp(ip, now)
         receiver = message.receiver
-        if not isinstance(receiver, ipaddress.IPv4Address) or receiver == self.address:
+        if receiver.version != self.address.version or receiver == self.address:
             return
         if via_group:
             # The new owner does not know where this connection lives: tell it. (Point
@@ -391,7 +392,7 @@ class Handover:
             conn.close(now)
             self.stats.closed_after_transaction += 1
 
-    def forget_servers(self, addresses: set[ipaddress.IPv4Address]) -> None:
+    def forget_servers(self, addresses: set[ipaddress.IPv4Address] | set[Address]) -> None:
         """Servers that died: connections we forwarded to them are gone; their next
         packet is forwarded afresh and, unclaimed, reset (R2)."""
         for flow, entry in list(self._forwards.items()):

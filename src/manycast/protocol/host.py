@@ -1,4 +1,4 @@
-"""A host's IP layer: session segments in and out of inner IPv4 packets.
+"""A host's IP layer: session segments in and out of inner IPv4 or IPv6 packets.
 
 Clients and servers are hosts on one link with a default gateway (their
 router). Everything they send goes to the gateway; what arrives is parsed
@@ -7,7 +7,6 @@ strictly, and anything malformed is counted and dropped.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,15 @@ from dataclasses import dataclass
 from manycast.protocol.node import Frame
 from manycast.protocol.tcp import Demultiplexer
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
+from manycast.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Address,
+    InnerPacket,
+    UDPDatagram,
+    make_packet,
+    parse_packet,
+)
 from manycast.wire.transport import TcpSegment
 
 
@@ -27,13 +34,13 @@ class HostCounters:
 
 
 class HostStack:
-    """Wraps a `Demultiplexer` for one interface and gateway."""
+    """Wraps a `Demultiplexer` for one interface and gateway (of one family)."""
 
     def __init__(
         self,
         iface: str,
-        address: ipaddress.IPv4Address,
-        gateway: ipaddress.IPv4Address,
+        address: Address,
+        gateway: Address,
         endpoint: Demultiplexer,
         emit: Callable[[Frame], None],
     ) -> None:
@@ -45,14 +52,14 @@ class HostStack:
         self._ids = itertools.count(1)
         self.counters = HostCounters()
 
-    def parse(self, packet: bytes) -> IPv4Packet | None:
+    def parse(self, packet: bytes) -> InnerPacket | None:
         try:
-            return IPv4Packet.from_wire(packet)
+            return parse_packet(packet)
         except WireError:
             self.counters.malformed += 1
             return None
 
-    def deliver_tcp(self, ip: IPv4Packet, now: float) -> None:
+    def deliver_tcp(self, ip: InnerPacket, now: float) -> None:
         """Hand a TCP packet to the session endpoint (malformed segments are dropped)."""
         header = ip.header
         try:
@@ -66,22 +73,19 @@ class HostStack:
     def flush(self) -> None:
         """Put every segment the endpoint has queued on the link, via the gateway."""
         for src, dst, segment in self.endpoint.segments_to_send():
-            assert isinstance(src, ipaddress.IPv4Address) and isinstance(dst, ipaddress.IPv4Address)
             self.send_ip(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
 
     def send_ip(
         self,
-        src: ipaddress.IPv4Address,
-        dst: ipaddress.IPv4Address,
+        src: Address,
+        dst: Address,
         protocol: int,
         payload: bytes,
         ttl: int = 64,
         next_hop: int | None = None,
     ) -> bytes:
         identification = next(self._ids) & 0xFFFF
-        packet = IPv4Packet.make(
-            src, dst, protocol, payload, ttl=ttl, identification=identification
-        )
+        packet = make_packet(src, dst, protocol, payload, ttl=ttl, identification=identification)
         wire = packet.to_wire()
         self._emit(Frame(self.iface, wire, self.gateway if next_hop is None else next_hop))
         self.counters.sent += 1
@@ -89,17 +93,17 @@ class HostStack:
 
     def send_udp(
         self,
-        dst: ipaddress.IPv4Address,
+        dst: Address,
         src_port: int,
         dst_port: int,
         payload: bytes,
-        src: ipaddress.IPv4Address | None = None,
+        src: Address | None = None,
     ) -> bytes:
         source = self.address if src is None else src
         datagram = UDPDatagram(src_port, dst_port, payload).to_wire(source, dst)
         return self.send_ip(source, dst, IPPROTO_UDP, datagram)
 
-    def parse_udp(self, ip: IPv4Packet) -> UDPDatagram | None:
+    def parse_udp(self, ip: InnerPacket) -> UDPDatagram | None:
         try:
             return UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
         except WireError:

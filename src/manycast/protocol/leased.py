@@ -40,6 +40,7 @@ import numpy as np
 
 from manycast import policy
 from manycast.protocol.coordination import COMMAND_PATIENCE, Coordinator, PoolSettings, describe_op
+from manycast.protocol.node import ipv4_only
 from manycast.protocol.poolstate import starting_state
 from manycast.protocol.server import Server
 from manycast.protocol.storestate import (
@@ -76,7 +77,7 @@ class LeasedCoordinator(Coordinator):
     def __init__(
         self,
         name: str,
-        address: ipaddress.IPv4Address,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
         settings: PoolSettings,
         rng: random.Random,
         *,
@@ -162,7 +163,7 @@ class LeasedCoordinator(Coordinator):
 
     def record(self) -> MemberRecord:
         """What our member key says now."""
-        return MemberRecord(self.address, self._handed_epoch)
+        return MemberRecord(ipv4_only(self.address, "etcd coordination"), self._handed_epoch)
 
     # -- what the server agent calls -------------------------------------------------
     def take_new_allocation(self) -> Allocation | None:
@@ -222,8 +223,8 @@ class LeasedCoordinator(Coordinator):
     def holds_alive(self, name: str, now: float) -> bool:
         return self.lease_valid(now) if name == self.name else name in self._members
 
-    def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address]:
-        known = dict(self._addresses)
+    def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        known: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = dict(self._addresses)
         for peer in self.peers.values():
             if isinstance(peer.address, ipaddress.IPv4Address) and int(peer.address):
                 known[peer.name] = peer.address

@@ -25,24 +25,27 @@ import ipaddress
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from manycast.auth import sign_join
 from manycast.space import Portion, PortionSet
+from manycast.wire.ip import Address
 from manycast.wire.membership import (
     GroupRecord,
     IGMPv3Report,
     MaskPair,
+    MLDv2Report,
     RecordType,
     SignedJoin,
     igmp_packet,
+    mld_packet,
     signed_join_length,
 )
-from manycast.wire.report_split import IGMP_BUDGET, WholeRecord, split_records
+from manycast.wire.report_split import IGMP_BUDGET, MLD_BUDGET, WholeRecord, split_records
 
 _FULL = 0xFFFFFFFF
+_FULL_V6 = (1 << 128) - 1
 _INCLUDE_TYPES = (
     RecordType.MODE_IS_INCLUDE,
     RecordType.CHANGE_TO_INCLUDE_MODE,
@@ -81,19 +84,23 @@ class SourceFilter:
     def empty(self) -> bool:
         return not self.include
 
-    def portions(self) -> PortionSet:
+    def portions(self, family: int = 4) -> PortionSet:
         return PortionSet(
-            tuple(Portion(4, v, m) for v, m in self.include),
-            tuple(Portion(4, v, m) for v, m in self.exclude),
+            tuple(Portion(family, v, m) for v, m in self.include),
+            tuple(Portion(family, v, m) for v, m in self.exclude),
         )
 
+    def describe(self, family: int = 4) -> str:
+        """The filter as portions of `family` addresses, or "any source"."""
+        if self.include == ((0, 0),) and not self.exclude:
+            return "any source"
+        return str(self.portions(family))
+
     def __str__(self) -> str:
-        return str(self.portions()) if self.include != ((0, 0),) or self.exclude else "any source"
+        return self.describe()
 
 
-def record_for(
-    group: ipaddress.IPv4Address, portions: PortionSet, record_type: RecordType
-) -> GroupRecord:
+def record_for(group: Address, portions: PortionSet, record_type: RecordType) -> GroupRecord:
     """A group record naming `portions` as include and exclude masks (as many as one
     extension TLV holds; `whole_record_for` has no such limit)."""
     whole = whole_record_for(group, portions, record_type)
@@ -102,9 +109,7 @@ def record_for(
     )
 
 
-def whole_record_for(
-    group: ipaddress.IPv4Address, portions: PortionSet, record_type: RecordType
-) -> WholeRecord:
+def whole_record_for(group: Address, portions: PortionSet, record_type: RecordType) -> WholeRecord:
     """`record_for` of any length, for `report_packets` to cut."""
     return WholeRecord(
         record_type,
@@ -114,7 +119,7 @@ def whole_record_for(
     )
 
 
-def any_source_record(group: ipaddress.IPv4Address, record_type: RecordType) -> GroupRecord:
+def any_source_record(group: Address, record_type: RecordType) -> GroupRecord:
     """An any-source join (EXCLUDE mode, nothing excluded) or, with an include type, a leave."""
     return GroupRecord(record_type, group)
 
@@ -125,13 +130,14 @@ RANDOM_KEY = 8  # bytes of a join's random key
 
 def report_packets(
     records: Sequence[GroupRecord | WholeRecord],
-    requester: ipaddress.IPv4Address,
+    requester: Address,
     wall_ms: int,
     generation: int,
     rng: random.Random,
     key: Ed25519PrivateKey | None = None,
 ) -> list[bytes]:
-    """One report as the IGMPv3 packets a host sends, each within the link MTU.
+    """One report as the IGMPv3 (or, from an IPv6 requester, MLDv2) packets a host
+    sends, each within the link MTU.
 
     The records are cut over as many reports as needed (`split_records`), parts 0
     to n - 1 of the requester's report `generation`. Each part has its own signed
@@ -141,12 +147,18 @@ def report_packets(
     """
     signature = ED25519_SIGNATURE if key is not None else 0
     trailer = 4 + signed_join_length(requester, RANDOM_KEY, signature)
-    pieces = split_records(records, IGMP_BUDGET, trailer)
+    v6 = isinstance(requester, ipaddress.IPv6Address)
+    pieces = split_records(records, MLD_BUDGET if v6 else IGMP_BUDGET, trailer)
     packets = []
     for part, piece in enumerate(pieces):
         signed = SignedJoin(
             wall_ms, requester, rng.randbytes(RANDOM_KEY), b"", generation, part, len(pieces)
         )
+        if isinstance(requester, ipaddress.IPv6Address):
+            if key is not None:
+                raise ValueError("signed MLDv2 joins (private IPv6 pools) are not supported yet")
+            packets.append(mld_packet(MLDv2Report(piece, signed), requester).to_wire())
+            continue
         report = IGMPv3Report(piece, signed)
         if key is not None:
             report = sign_join(report, key)
@@ -156,7 +168,9 @@ def report_packets(
 
 def _filter_of(records: Sequence[GroupRecord]) -> SourceFilter | None:
     """The filter of a record, given as its pieces (one or more records of one type)."""
-    pinned = tuple((int(s), _FULL) for r in records for s in r.sources)
+    pinned = tuple(
+        (int(s), _FULL if s.version == 4 else _FULL_V6) for r in records for s in r.sources
+    )
     masks_in = tuple((p.value, p.mask) for r in records for p in r.include_masks)
     masks_out = tuple((p.value, p.mask) for r in records for p in r.exclude_masks)
     if records[0].record_type in _EXCLUDE_TYPES:
@@ -167,26 +181,25 @@ def _filter_of(records: Sequence[GroupRecord]) -> SourceFilter | None:
 
 def _runs(
     records: Iterable[GroupRecord],
-) -> Iterator[tuple[ipaddress.IPv4Address, list[GroupRecord]]]:
-    """The IPv4 records in order, adjacent records of one type for one group together."""
+) -> Iterator[tuple[Address, list[GroupRecord]]]:
+    """The records in order, adjacent records of one type for one group together (a
+    report carries one family: IGMPv3 IPv4, MLDv2 IPv6)."""
     run: list[GroupRecord] = []
     for record in records:
-        if not isinstance(record.group, ipaddress.IPv4Address):
-            continue
         if run and (record.record_type, record.group) != (run[0].record_type, run[0].group):
-            yield cast(ipaddress.IPv4Address, run[0].group), run
+            yield run[0].group, run
             run = []
         run.append(record)
     if run:
-        yield cast(ipaddress.IPv4Address, run[0].group), run
+        yield run[0].group, run
 
 
 def changes(
     records: Iterable[GroupRecord],
-) -> Iterator[tuple[ipaddress.IPv4Address, SourceFilter | None]]:
+) -> Iterator[tuple[Address, SourceFilter | None]]:
     """(group, new filter or None for a leave) for each group a report touches."""
-    outcome: dict[ipaddress.IPv4Address, SourceFilter | None] = {}
-    joined: set[ipaddress.IPv4Address] = set()
+    outcome: dict[Address, SourceFilter | None] = {}
+    joined: set[Address] = set()
     for group, run in _runs(records):
         if run[0].record_type == RecordType.BLOCK_OLD_SOURCES:
             if group not in joined:

@@ -13,6 +13,18 @@ import ipaddress
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from manycast.errors import ConfigError
+
+
+def ipv4_only(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address, what: str
+) -> ipaddress.IPv4Address:
+    """`address`, for a part that serves IPv4 pools only so far; ConfigError naming
+    `what` for an IPv6 one (the topology compiler refuses those combinations first)."""
+    if not isinstance(address, ipaddress.IPv4Address):
+        raise ConfigError(f"{what} is not supported yet for IPv6 ({address})")
+    return address
+
 
 @dataclass(frozen=True, slots=True)
 class Interface:
@@ -20,8 +32,8 @@ class Interface:
 
     name: str
     link: str
-    address: ipaddress.IPv4Address
-    network: ipaddress.IPv4Network
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
 
     @property
     def address_int(self) -> int:
@@ -31,7 +43,7 @@ class Interface:
 @dataclass(frozen=True, slots=True)
 class Frame:
     """A packet for a link. `next_hop` is the neighbour's address on that link (an
-    integer IPv4 address); None means every other node on the link."""
+    integer IPv4 or IPv6 address); None means every other node on the link."""
 
     iface: str
     packet: bytes

@@ -29,6 +29,7 @@ from manycast.wire import control
 from manycast.wire.control import MemberStatus, ServerState
 
 NO_DIGEST = "0" * 16
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NO_ADDRESS = ipaddress.IPv4Address(0)  # a peer's, until heard from
 DEAD = MemberStatus.DEAD
 
@@ -156,24 +157,19 @@ class PeerView:
         peer = self.peers.get(name)
         return peer is not None and self._peer_alive(peer, self._limit(now))
 
-    def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address]:
+    def dead_addresses(self, now: float) -> set[Address]:
         """Unicast addresses of the peers we have stopped hearing from."""
 
-        def compute() -> set[ipaddress.IPv4Address]:
+        def compute() -> set[Address]:
             swim, peers = self.swim, self.peers
             if swim is not None and swim.members.keys() == peers.keys():
                 # Every peer is a gossip member: the dead are those it holds dead (one
                 # quick pass, as this is asked again whenever a member's status moves).
-                dead = (peers[n] for n, m in swim.members.items() if m.status == DEAD)
-                return {p.address for p in dead if isinstance(p.address, ipaddress.IPv4Address)}
+                return {peers[n].address for n, m in swim.members.items() if m.status == DEAD}
             limit = self._limit(now)
-            return {
-                p.address
-                for p in peers.values()
-                if not self._peer_alive(p, limit) and isinstance(p.address, ipaddress.IPv4Address)
-            }
+            return {p.address for p in peers.values() if not self._peer_alive(p, limit)}
 
-        return cast(set[ipaddress.IPv4Address], self._derived("dead", now, compute))
+        return cast(set[Address], self._derived("dead", now, compute))
 
     def coordinator(self, now: float) -> str | None:
         """The smallest id among the live ACTIVE servers (us included): the first such

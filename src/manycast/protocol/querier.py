@@ -30,11 +30,29 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 
 from manycast.protocol.node import Interface, Timers
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPv4Packet
-from manycast.wire.membership_query import IGMPv3Query, igmp_query_packet, value_code
+from manycast.wire.ip import (
+    IPPROTO_ICMPV6,
+    IPPROTO_IGMP,
+    Address,
+    HopByHop,
+    InnerPacket,
+    IPv6Packet,
+    parse_packet,
+)
+from manycast.wire.membership_query import (
+    ALL_NODES,
+    ALL_SYSTEMS,
+    MLD_QUERY,
+    IGMPv3Query,
+    MLDv2Query,
+    igmp_query_packet,
+    mld_value_code,
+    value_code,
+)
 
 STARTUP_QUERIES = 2  # RFC 3376 §8.7: the Robustness Variable's default
 STARTUP_QUERY_INTERVAL = 0.25  # §8.6: a quarter of the query interval (here the report interval)
@@ -76,6 +94,7 @@ class Querier:
         self._left = STARTUP_QUERIES
         self._relayed: dict[int, float] = {}  # query source -> when we last passed one on
         self.query = IGMPv3Query(max_resp_code=value_code(round(QUERY_RESPONSE_S * 10)))
+        self.query6 = MLDv2Query(max_resp_code=mld_value_code(round(QUERY_RESPONSE_S * 1000)))
         self.stats = QuerierStats()
 
     def startup(self, now: float) -> None:
@@ -92,8 +111,8 @@ class Querier:
     def on_query(self, iface: str, packet: bytes, now: float) -> None:
         """A query arrived on `iface`: pass a neighbour router's General Query on."""
         try:
-            ip = IPv4Packet.from_wire(packet)
-            query = IGMPv3Query.from_wire(ip.payload)
+            ip = parse_packet(packet)
+            query = _query_of(ip)
         except WireError:
             self.stats.queries_refused += 1
             return
@@ -114,16 +133,56 @@ class Querier:
         self._relayed[source] = now
         for out in sorted(set(self._interfaces) - {iface}):
             if out in self._router_ifaces:
-                relayed = igmp_query_packet(query, ip.header.src)
-                self._send(out, relayed.to_wire(), None)
+                self._send(out, _query_packet(query, ip.header.src), None)
                 self.stats.queries_relayed += 1
             else:
                 self._query_on(out)
 
     def _query_on(self, iface: str) -> None:
-        packet = igmp_query_packet(self.query, self._interfaces[iface].address)
-        self._send(iface, packet.to_wire(), None)
+        address = self._interfaces[iface].address
+        query = self.query6 if address.version == 6 else self.query
+        self._send(iface, _query_packet(query, address), None)
         self.stats.queries_sent += 1
+
+
+def is_query(ip: InnerPacket) -> bool:
+    """Whether `ip` is a membership query to every host (IGMP to 224.0.0.1, MLD to
+    ff02::1) for a member's `QueryResponder`."""
+    if ip.protocol == IPPROTO_IGMP:
+        return ip.header.dst == ALL_SYSTEMS
+    return (
+        ip.protocol == IPPROTO_ICMPV6
+        and ip.header.dst == ALL_NODES
+        and ip.payload[:1] == bytes((MLD_QUERY,))
+    )
+
+
+def _query_of(ip: InnerPacket) -> IGMPv3Query | MLDv2Query:
+    """The IGMPv3 or MLDv2 query `ip` carries; WireError if it carries neither."""
+    if isinstance(ip, IPv6Packet):
+        if ip.protocol != IPPROTO_ICMPV6:
+            raise WireError("MLDv2 query: not an ICMPv6 message")
+        return MLDv2Query.from_wire(ip.payload, ip.header.src, ip.header.dst)
+    return IGMPv3Query.from_wire(ip.payload)
+
+
+def _query_packet(query: IGMPv3Query | MLDv2Query, src: Address) -> bytes:
+    """A General Query from `src` to every host on the link. An MLDv2 query goes out
+    from the router's interface address: the memory and overlay links carry no
+    link-local addresses (RFC 3810 §5.1.14 asks for one; the kernel lab will)."""
+    if isinstance(query, IGMPv3Query) and isinstance(src, IPv4Address):
+        return igmp_query_packet(query, src).to_wire()
+    if not (isinstance(query, MLDv2Query) and isinstance(src, IPv6Address)):
+        raise ValueError(f"a query from {src} must be of its family")
+    packet = IPv6Packet.make(
+        src,
+        ALL_NODES,
+        IPPROTO_ICMPV6,
+        query.to_wire(src, ALL_NODES),
+        hop_limit=1,
+        hop_by_hop=HopByHop.with_router_alert(IPPROTO_ICMPV6),
+    )
+    return packet.to_wire()
 
 
 class QueryResponder:
@@ -136,10 +195,10 @@ class QueryResponder:
         self.queries = 0  # General Queries taken
         self.refused = 0  # malformed or not general
 
-    def on_query(self, ip: IPv4Packet, now: float) -> float | None:
+    def on_query(self, ip: InnerPacket, now: float) -> float | None:
         """A query arrived: the time to answer it, or None (nothing new to do)."""
         try:
-            query = IGMPv3Query.from_wire(ip.payload)
+            query = _query_of(ip)
         except WireError:
             self.refused += 1
             return None

@@ -23,6 +23,9 @@ of G changes; where a packet's fate depends on its addresses alone, the entry is
 also published for the driver to serve (`fastpath.py`). Unicast follows the
 routes computed from the topology.
 
+On an IPv6 network the same router reads MLDv2 reports and IPv6 headers
+(`router6.py`); everything that decides is shared.
+
 Label switching (`vipplane.py`): in a VIP pool (Fig 17-18), and in a manycast
 pool under R4 (pinned paths, Fig 16), the routers build one label-switched tree
 per server. Under R4 a server about to give up a portion tags each connection it
@@ -54,13 +57,23 @@ from manycast.wire.ip import (
     IPPROTO_IGMP,
     IPPROTO_UDP,
     ROUTER_ALERT_V4,
+    Address,
+    InnerPacket,
     IPv4Packet,
     UDPDatagram,
     decrement_ttl_v4,
+    make_packet,
+    parse_packet,
     peek_v4,
 )
 from manycast.wire.label import MPLS_UDP_PORT
-from manycast.wire.membership import IGMP_V3_ROUTERS, GroupRecord, IGMPv3Report, RecordType
+from manycast.wire.membership import (
+    IGMP_V3_ROUTERS,
+    GroupRecord,
+    IGMPv3Report,
+    MLDv2Report,
+    RecordType,
+)
 from manycast.wire.membership_query import ALL_SYSTEMS
 
 MULTICAST_LOW, MULTICAST_HIGH = 0xE0000000, 0xEFFFFFFF
@@ -132,12 +145,29 @@ class RouterStats:
     notices_refused: Counter[Refusal] = field(default_factory=Counter)
 
 
+def _ipv4(number: int) -> Address:
+    return ipaddress.IPv4Address(number)
+
+
 class Router(Node):
+    """An IPv4 network's router (`router6.Router6`: an IPv6 network's)."""
+
+    # What differs between the families where the code is shared: how a forwarded
+    # packet's TTL (hop limit) drops, and an address from its integer.
+    _decrement = staticmethod(decrement_ttl_v4)
+    _address = staticmethod(_ipv4)
+
     def __init__(
         self,
         name: str,
         interfaces: dict[str, Interface],
-        routes: Iterable[tuple[ipaddress.IPv4Network, str, ipaddress.IPv4Address | None]],
+        routes: Iterable[
+            tuple[
+                ipaddress.IPv4Network | ipaddress.IPv6Network,
+                str,
+                ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+            ]
+        ],
         router_ifaces: Iterable[str],
         *,
         hold_time: float = 3.5,
@@ -163,7 +193,8 @@ class Router(Node):
         self.admission = admission
         self.control_port = control_port
         self.senders: dict[int, dict[int, float]] = {}  # group -> participant -> expiry
-        self._pending: list[tuple[str, IPv4Packet, IGMPv3Report, tuple[int, ...]]] = []
+        self._pending: list[tuple[str, InnerPacket, IGMPv3Report | MLDv2Report, tuple[int, ...]]]
+        self._pending = []
         self._notices_seen = ReplayCache(NOTICE_MEMORY)  # member-down notices (floods)
         self.router_ifaces = set(router_ifaces)
         self.stats = RouterStats()
@@ -234,7 +265,10 @@ class Router(Node):
             self.timers.arm("labels", now)
 
     def address_on(self, iface: str) -> ipaddress.IPv4Address:
-        return self.interfaces[iface].address
+        """An interface's address, for the label plane (IPv4's only, so far)."""
+        address = self.interfaces[iface].address
+        assert isinstance(address, ipaddress.IPv4Address), "the label plane is IPv4's"
+        return address
 
     def on_timer(self, now: float) -> None:
         fired = self.timers.expired(now)
@@ -316,7 +350,7 @@ class Router(Node):
         if ttl <= 1:
             self.stats.ttl_expired += 1
             return
-        forwarded = decrement_ttl_v4(packet)
+        forwarded = self._decrement(packet)
         append = self.outbox.append  # Node.send, inlined: this runs per packet
         sent = 0
         for out_iface, neighbor in outs:
@@ -369,7 +403,7 @@ class Router(Node):
         if ttl <= 1:
             self.stats.ttl_expired += 1
             return
-        self.send(hop[0], decrement_ttl_v4(packet), hop[1])
+        self.send(hop[0], self._decrement(packet), hop[1])
         self.stats.unicast_forwarded += 1
 
     # -- membership ----------------------------------------------------------------
@@ -383,7 +417,9 @@ class Router(Node):
             return
         self._admit(iface, ip, report, now)
 
-    def _admit(self, iface: str, ip: IPv4Packet, report: IGMPv3Report, now: float) -> None:
+    def _admit(
+        self, iface: str, ip: InnerPacket, report: IGMPv3Report | MLDv2Report, now: float
+    ) -> None:
         requester = report.signed.requester if report.signed is not None else ip.header.src
         origin = int(requester)
         toward = self.route(origin)
@@ -391,6 +427,7 @@ class Router(Node):
         if self.admission is None:
             reason = None if right_link else Refusal.WRONG_LINK
         else:
+            assert isinstance(report, IGMPv3Report)  # (no private IPv6 pool: pool.py)
             verdict = self.admission.check(report, right_link, now)
             # Keys to look up: those waited for, and stale ones still in use meanwhile.
             self.effects.extend(KeyNeeded(group) for group in self.admission.take_requests())
@@ -525,7 +562,7 @@ class Router(Node):
     def _relay(self, arrived_on: str, igmp: bytes) -> None:
         for out in sorted(self.router_ifaces - {arrived_on}):
             relayed = IPv4Packet.make(
-                self.interfaces[out].address,
+                self.address_on(out),
                 IGMP_V3_ROUTERS,
                 IPPROTO_IGMP,
                 igmp,
@@ -540,7 +577,7 @@ class Router(Node):
     # -- control messages to the router itself --------------------------------------
     def _on_control(self, iface: str, packet: bytes, now: float) -> None:
         try:
-            ip = IPv4Packet.from_wire(packet)
+            ip = parse_packet(packet)
             datagram = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
             if datagram.dst_port != self.control_port:
                 return
@@ -602,9 +639,9 @@ class Router(Node):
     def control_to(self, iface: str, neighbor: int, payload: bytes) -> None:
         """A control message to a neighbouring router, on the link to it."""
         src = self.interfaces[iface].address
-        dst = ipaddress.IPv4Address(neighbor)
+        dst = self._address(neighbor)
         udp = UDPDatagram(self.control_port, self.control_port, payload).to_wire(src, dst)
-        self.send(iface, IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), neighbor)
+        self.send(iface, make_packet(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), neighbor)
 
     def _count_masks(self, group: int, member: Member | None, sign: int) -> None:
         """Count `member`'s pairs' masks in (`sign` 1) or out (-1) of `group`'s."""
@@ -664,9 +701,10 @@ class Router(Node):
     # -- views -----------------------------------------------------------------------
     def membership(self) -> dict[str, dict[str, str]]:
         """group -> requester -> its filter, for status displays."""
+        family = self._address(0).version
         return {
-            str(ipaddress.IPv4Address(g)): {
-                str(ipaddress.IPv4Address(o)): str(m.filter) for o, m in members.items()
+            str(self._address(g)): {
+                str(self._address(o)): m.filter.describe(family) for o, m in members.items()
             }
             for g, members in self.members.items()
             if members

@@ -39,8 +39,8 @@ from manycast.protocol.membership import (
     report_packets,
     whole_record_for,
 )
-from manycast.protocol.node import Interface, Node
-from manycast.protocol.querier import QueryResponder
+from manycast.protocol.node import Interface, Node, ipv4_only
+from manycast.protocol.querier import QueryResponder, is_query
 from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import (
     ConnectionClosed,
@@ -58,9 +58,8 @@ from manycast.protocol.technique import Technique
 from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_IGMP, IPPROTO_TCP, IPPROTO_UDP, IPv4Packet
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, Address, InnerPacket, IPv4Packet
 from manycast.wire.membership import GroupRecord, RecordType
-from manycast.wire.membership_query import ALL_SYSTEMS
 from manycast.wire.report_split import WholeRecord
 
 DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
@@ -82,7 +81,7 @@ class Server(Node):
         self,
         name: str,
         interfaces: dict[str, Interface],
-        gateway: tuple[str, ipaddress.IPv4Address],
+        gateway: tuple[str, Address],
         settings: PoolSettings,
         rng: random.Random,
         *,
@@ -126,7 +125,7 @@ class Server(Node):
                 raise ConfigError("technique D needs the pool's key to sign with")
             self.redirector = Redirector(
                 name,
-                self.address,
+                ipv4_only(self.address, "technique D"),
                 settings.group,
                 settings.port,
                 self.endpoint,
@@ -183,7 +182,7 @@ class Server(Node):
         ip = self.host.parse(packet)
         if ip is None:
             return
-        protocol, dst = ip.header.protocol, ip.header.dst
+        protocol, dst = ip.protocol, ip.header.dst
         if protocol == IPPROTO_TCP and dst == self.settings.group:
             # A VIP pool's flows come to whichever server the VIP router chose for them.
             vip = self.settings.vip
@@ -192,7 +191,11 @@ class Server(Node):
                 # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
                 return
-            if self.redirector is not None and self.redirector.pass_syn(ip, packet, now):
+            if (
+                self.redirector is not None
+                and isinstance(ip, IPv4Packet)
+                and self.redirector.pass_syn(ip, packet, now)
+            ):
                 self._act(now)  # a new connection for a less loaded server (Fig 20)
                 return
             self.host.deliver_tcp(ip, now)
@@ -208,7 +211,7 @@ class Server(Node):
                 self.redirector.on_direct(key, now)
         elif protocol == IPPROTO_UDP and dst in (self.settings.control_group, self.address):
             self._on_control(ip, now)
-        elif protocol == IPPROTO_IGMP and dst == ALL_SYSTEMS:
+        elif is_query(ip):
             answer_at = self.queries.on_query(ip, now)
             if answer_at is not None:
                 self.timers.arm("query", answer_at)
@@ -245,7 +248,7 @@ class Server(Node):
     def _owns(self, source: int) -> bool:
         return self._filter is not None and self._filter.matches(source)
 
-    def _knows(self, ip: IPv4Packet) -> bool:
+    def _knows(self, ip: InnerPacket) -> bool:
         payload = ip.payload
         if len(payload) < 4:
             return False
@@ -261,7 +264,7 @@ class Server(Node):
         allocation = self.coordinator.allocation
         owner = allocation.owner(client) if allocation is not None else None
         if owner is None or owner == self.name:
-            return None if owner is None else self.address
+            return None if owner is None else ipv4_only(self.address, "technique D")
         peer = self.coordinator.peers.get(owner)
         if peer is None or not isinstance(peer.address, ipaddress.IPv4Address):
             return None
@@ -300,7 +303,7 @@ class Server(Node):
         return addresses[self.rng.choice(idle)] if idle else None
 
     # -- control channel ---------------------------------------------------------------------
-    def _on_control(self, ip: IPv4Packet, now: float) -> None:
+    def _on_control(self, ip: InnerPacket, now: float) -> None:
         datagram = self.host.parse_udp(ip)
         if datagram is None or datagram.dst_port != self.settings.control_port:
             return
@@ -316,9 +319,7 @@ class Server(Node):
         if not self.handover.on_message(message, now, via_group):
             self.coordinator.on_message(message, now)
 
-    def _send_control(
-        self, message: control.ControlMessage, to: ipaddress.IPv4Address | None
-    ) -> None:
+    def _send_control(self, message: control.ControlMessage, to: Address | None) -> None:
         """To the control group, or to one server or router (point to point)."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         payload = _with_seq(message, self._seq).to_wire()
@@ -329,7 +330,7 @@ class Server(Node):
     def _act(self, now: float) -> None:
         """Carry out what the coordinator decided, then flush the session layer."""
         for message, to in self.coordinator.take_addressed():
-            if not isinstance(to, ipaddress.IPv6Address):  # (an IPv4 pool's peers)
+            if to is None or to.version == self.address.version:  # (the pool's family)
                 self._send_control(message, to)
         allocation = self.coordinator.take_new_allocation()
         if allocation is not None:
@@ -380,6 +381,8 @@ class Server(Node):
             peer = self.coordinator.peers.get(name)
             if peer is None or peer.address not in dead:
                 continue  # it left on purpose: its own report ends its membership
+            if peer.address.version != self.address.version:
+                continue  # an IPv6 pool's peer never heard from: no address of ours
             wall_ms = int((self.settings.wall_base + now) * 1000)
             notice = control.MemberDown(
                 self.name,
@@ -441,11 +444,7 @@ class Server(Node):
     def _drain(self, now: float) -> None:
         for key, event in self.endpoint.events():
             if isinstance(event, UnknownSegment):
-                src, dst = event.src, event.dst
-                if isinstance(src, ipaddress.IPv4Address) and isinstance(
-                    dst, ipaddress.IPv4Address
-                ):
-                    self.handover.on_unknown(src, dst, event.segment, now)
+                self.handover.on_unknown(event.src, event.dst, event.segment, now)
             elif isinstance(event, DataReceived):
                 if key not in self.app:
                     self.app.open(key)

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from manycast import policy
 from manycast.protocol.coordination import Coordinator, PoolSettings
+from manycast.protocol.handover import Edges
 from manycast.protocol.labels import LabelTable
 from manycast.protocol.membership import any_source_record
-from manycast.protocol.node import Interface, Node
+from manycast.protocol.node import Interface, Node, ipv4_only
 from manycast.protocol.vipplane import Flow, flow_of, wrap
 from manycast.space import Allocation
 from manycast.wire import control
@@ -82,19 +82,19 @@ class VipRouter(Node):
         self,
         name: str,
         interfaces: dict[str, Interface],
-        gateway: tuple[str, ipaddress.IPv4Address],
+        gateway: tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address],
         settings: PoolSettings,
         rng: random.Random,
         *,
         vip: ipaddress.IPv4Address,
         initial: Allocation | None,
-        edges: Sequence[tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]],
+        edges: Edges,
         flow_idle: float = 30.0,
     ) -> None:
         super().__init__(name, interfaces)
         iface, router = gateway
         self.iface = iface
-        self.address = interfaces[iface].address
+        self.address = ipv4_only(interfaces[iface].address, "a VIP pool")
         self.gateway = int(router)
         self.settings = settings
         self.rng = rng
@@ -270,7 +270,8 @@ class VipRouter(Node):
 
     def edge_of(self, client: int) -> ipaddress.IPv4Address | None:
         address = ipaddress.IPv4Address(client)
-        return next((router for net, router in self.edges if address in net), None)
+        edge = next((router for net, router in self.edges if address in net), None)
+        return None if edge is None else ipv4_only(edge, "a VIP pool")
 
     def _tag(self, flow: Flow, picked: _Picked, now: float) -> None:
         if not self.tagging:

@@ -29,7 +29,7 @@ from manycast.protocol import coordination, poolstate
 from manycast.protocol.host import HostStack
 from manycast.space import AddressSpace
 from manycast.wire import control
-from manycast.wire.ip import IPv4Packet
+from manycast.wire.ip import InnerPacket
 from manycast.wire.membership import IGMPv3Report
 
 RESULTS_KEPT = 64  # proposals' results remembered (a pool has one change going at a time)
@@ -73,7 +73,7 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     def ip_key(self: HostStack, packet: bytes) -> Hashable:
         return packet
 
-    def udp_key(self: HostStack, ip: IPv4Packet) -> Hashable:
+    def udp_key(self: HostStack, ip: InnerPacket) -> Hashable:
         return (ip.payload, ip.header.src, ip.header.dst)
 
     def bytes_key(data: bytes | bytearray | memoryview) -> Hashable:

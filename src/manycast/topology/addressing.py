@@ -1,14 +1,18 @@
 """Addresses for every interface, the links they make, and the overlay's endpoint map.
 
+A topology is of its pool's family: every address IPv4, or every one IPv6.
 Unless a link or LAN names its own subnet: router-to-router links get /30s from
 10.255.0.0/16, each server and VIP router a /30 to its router from 10.254.0.0/16,
-and each client group one LAN whose first address is the router.
+and each client group one LAN (its subnet given) whose first address is the router.
+IPv6 takes /64s from the documentation prefix 2001:db8::/32 (RFC 3849): router
+links from 2001:db8:ffff::/48, servers' links from 2001:db8:fffe::/48, and client
+LANs whose subnet is left out from 2001:db8:1::/48 on (2001:db8:1::/64 the first).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -16,14 +20,25 @@ from manycast.errors import ConfigError
 from manycast.ports import DEFAULT_HOST
 from manycast.protocol.node import Interface
 from manycast.topology.links import Attachment, LinkSpec
+from manycast.wire.ip import Address, Network
 
 # router -> (peer router, cost, link name): the graph routing runs on
 Graph = dict[str, list[tuple[str, float, str]]]
 # Raises a TopologyError naming `line` (0: the whole file).
 Fail = Callable[[str, int], NoReturn]
 
-_ROUTER_LINKS = ipaddress.IPv4Network("10.255.0.0/16")
-_SERVER_LINKS = ipaddress.IPv4Network("10.254.0.0/16")
+# Where automatic subnets come from, by family and kind: (pool, subnet prefix length).
+_AUTOMATIC: dict[int, dict[str, tuple[Network, int]]] = {
+    4: {
+        "router": (ipaddress.IPv4Network("10.255.0.0/16"), 30),
+        "server": (ipaddress.IPv4Network("10.254.0.0/16"), 30),
+    },
+    6: {
+        "router": (ipaddress.IPv6Network("2001:db8:ffff::/48"), 64),
+        "server": (ipaddress.IPv6Network("2001:db8:fffe::/48"), 64),
+        "lan": (ipaddress.IPv6Network("2001:db8:1::/48"), 64),
+    },
+}
 _SERVER_LINK_DELAY = 0.0005
 
 
@@ -35,7 +50,7 @@ class RouterLink:
     b: str
     delay: float
     loss: float
-    subnet: ipaddress.IPv4Network | None
+    subnet: Network | None
     line: int
 
 
@@ -46,17 +61,18 @@ class HostLink:
 
     node: str
     router: str
-    subnet: ipaddress.IPv4Network | None
+    subnet: Network | None
     line: int
 
 
 @dataclass(frozen=True)
 class Lan:
-    """A `[[clients]]` group's LAN: its router, subnet and members, as read."""
+    """A `[[clients]]` group's LAN: its router, subnet (None: an automatic IPv6 /64)
+    and members, as read."""
 
     group: str
     router: str
-    subnet: ipaddress.IPv4Network
+    subnet: Network | None
     members: tuple[str, ...]
     delay: float
     loss: float
@@ -71,7 +87,7 @@ class Wiring:
 
     interfaces: dict[str, dict[str, Interface]]
     links: dict[str, LinkSpec] = field(default_factory=dict)
-    gateways: dict[str, tuple[str, ipaddress.IPv4Address]] = field(default_factory=dict)
+    gateways: dict[str, tuple[str, Address]] = field(default_factory=dict)
     router_ifaces: dict[str, set[str]] = field(default_factory=dict)
     graph: Graph = field(default_factory=dict)
 
@@ -82,6 +98,7 @@ def assign_addresses(
     host_links: Sequence[HostLink],
     lans: Sequence[Lan],
     fail: Fail,
+    family: int = 4,
 ) -> Wiring:
     """Give every interface an address, in file order: router links, then servers and
     VIP routers (`host_links`), then client LANs; subnets named in the file are taken
@@ -92,9 +109,9 @@ def assign_addresses(
         router_ifaces={r: set() for r in routers},
         graph={r: [] for r in routers},
     )
-    used: list[ipaddress.IPv4Network] = []
+    used: list[Network] = []
 
-    def take(network: ipaddress.IPv4Network, line: int) -> ipaddress.IPv4Network:
+    def take(network: Network, line: int) -> Network:
         if network.num_addresses < 4:
             fail(f"subnet {network} is too small: a link needs at least a /30", line)
         if network.is_multicast:
@@ -106,19 +123,16 @@ def assign_addresses(
         return network
 
     automatic = {
-        "router": iter(_ROUTER_LINKS.subnets(new_prefix=30)),
-        "server": iter(_SERVER_LINKS.subnets(new_prefix=30)),
+        kind: _subnets(pool, length) for kind, (pool, length) in _AUTOMATIC[family].items()
     }
 
-    def next_free(kind: str) -> ipaddress.IPv4Network:
+    def next_free(kind: str) -> Network:
         for candidate in automatic[kind]:
             if not any(candidate.overlaps(u) for u in used):
                 return candidate
         fail(f"ran out of automatic {kind} link subnets", 0)
 
-    def attach(
-        node: str, link: str, address: ipaddress.IPv4Address, network: ipaddress.IPv4Network
-    ) -> Attachment:
+    def attach(node: str, link: str, address: Address, network: Network) -> Attachment:
         iface = f"eth{len(wiring.interfaces[node])}"
         wiring.interfaces[node][iface] = Interface(iface, link, address, network)
         return Attachment(node, iface, int(address))
@@ -126,7 +140,7 @@ def assign_addresses(
     links = wiring.links
     for rl in router_links:
         network = take(rl.subnet or next_free("router"), rl.line)
-        hosts_iter = network.hosts()
+        hosts_iter = _hosts(network)
         name = f"{rl.a}-{rl.b}"
         if name in links or f"{rl.b}-{rl.a}" in links:
             fail(f"routers {rl.a} and {rl.b} are linked twice", rl.line)
@@ -141,7 +155,7 @@ def assign_addresses(
 
     for hl in host_links:
         network = take(hl.subnet or next_free("server"), hl.line)
-        hosts_iter = network.hosts()
+        hosts_iter = _hosts(network)
         name = f"{hl.router}-{hl.node}"
         router_address = next(hosts_iter)
         att_r = attach(hl.router, name, router_address, network)
@@ -150,16 +164,26 @@ def assign_addresses(
         wiring.gateways[hl.node] = (att_h.iface, router_address)
 
     for lan in lans:
-        network = take(lan.subnet, lan.line)
-        router_address = network.network_address + 1
+        network = take(lan.subnet or next_free("lan"), lan.line)
+        router_address = ipaddress.ip_address(int(network.network_address) + 1)
         name = f"{lan.router}-{lan.group}"
         attachments = [attach(lan.router, name, router_address, network)]
         for index, member in enumerate(lan.members):
-            attachment = attach(member, name, router_address + 1 + index * lan.stride, network)
+            address = ipaddress.ip_address(int(router_address) + 1 + index * lan.stride)
+            attachment = attach(member, name, address, network)
             attachments.append(attachment)
             wiring.gateways[member] = (attachment.iface, router_address)
         links[name] = LinkSpec(name, tuple(attachments), lan.delay, lan.loss)
     return wiring
+
+
+def _subnets(pool: Network, length: int) -> Iterator[Network]:
+    yield from pool.subnets(new_prefix=length)
+
+
+def _hosts(network: Network) -> Iterator[Address]:
+    """The network's host addresses, first to last (IPv6: from ::1)."""
+    yield from network.hosts()
 
 
 def assign_endpoints(

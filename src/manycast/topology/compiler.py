@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 
 from manycast.addressplan import AddressPlan, NamingError
 from manycast.policy import PolicyName
+from manycast.protocol.node import ipv4_only
 from manycast.protocol.technique import Technique
 from manycast.space import AddressSpace, SpaceError
 from manycast.steps import (
@@ -80,6 +81,7 @@ class _Compiler:
         pool = read_pool(
             TableReader(self.source, self.lines, "pool", None, self.data.get("pool", {}))
         )
+        self.family = pool.space.family
         routers = self.routers()
         servers, server_links = self.servers(routers, pool)
         vip_routers, vip_links = self.vip_routers(routers, pool)
@@ -93,8 +95,19 @@ class _Compiler:
             manycast=pool.vip is None,
         )
         duration, hosts, tcp_moves = self.run()
+        if self.family == 6 and (tcp_moves or any(_moves_connections(s) for s in scenario)):
+            self.fail(
+                "live TCP connections that move (the kernel lab's tcp_moves, 'move' steps,"
+                " move = true) are not supported yet for IPv6",
+                self.lines.table("run"),
+            )
         wiring = assign_addresses(
-            list(routers), router_links, [*server_links, *vip_links], lans, self.fail
+            list(routers),
+            router_links,
+            [*server_links, *vip_links],
+            lans,
+            self.fail,
+            self.family,
         )
         for router in routers:
             seen = reachable(router, wiring.graph)
@@ -141,7 +154,7 @@ class _Compiler:
         router = t.get("router", str)
         if router not in routers:
             t.fail(f"{t.kind} {name}: no router named {router!r}", "router")
-        return HostLink(name, router, t.network("subnet", None), t.line("subnet"))
+        return HostLink(name, router, t.network("subnet", None, self.family), t.line("subnet"))
 
     def servers(
         self, routers: Mapping[str, RouterSpec], pool: PoolSpec
@@ -218,11 +231,11 @@ class _Compiler:
             if count_value != int(count_value):
                 c.fail(f"'count' = {count_value} must be a whole number", "count")
             count = int(count_value)
-            subnet = c.network("subnet")
-            assert subnet is not None
+            # An IPv6 LAN may be left to the address plan (a /64 of 2001:db8::/32).
+            subnet = c.network("subnet", None if self.family == 6 else ..., self.family)
             stride = int(c.number("stride", 1, low=1, high=65536))
             authorized = c.get("authorized", bool, True)
-            if subnet.num_addresses - 2 < count * stride + 1:
+            if subnet is not None and subnet.num_addresses - 2 < count * stride + 1:
                 c.fail(f"subnet {subnet} is too small for a router and {count} clients", "subnet")
             rate = c.number("rate", 2.0, low=0.0, high=10000.0)
             per_connection = c.number("requests_per_connection", 0, low=0, high=1_000_000)
@@ -265,7 +278,8 @@ class _Compiler:
                 link.fail("a link needs two different routers", "between")
             delay = link.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
             loss = link.number("loss", 0.0, low=0.0, high=0.99)
-            links.append(RouterLink(a, b, delay, loss, link.network("subnet", None), link.line()))
+            subnet = link.network("subnet", None, self.family)
+            links.append(RouterLink(a, b, delay, loss, subnet, link.line()))
             link.done()
         return links
 
@@ -293,32 +307,37 @@ def read_pool(p: TableReader) -> PoolSpec:
     distinct, a private pool's groups inside its private ranges, hysteresis; a VIP
     pool's vip unicast, its group the vip)."""
     name = p.get("name", str, "service.manycast.test")
+    space = _space(p)
+    family = space.family
+    if family == 6:
+        _refuse_for_ipv6(p)
     approach, vip = _approach(p)
     if vip is None:
-        group = p.address("group", "232.1.1.1")
+        group = p.address("group", DEFAULT_GROUP[family], family)
         if not group.is_multicast:
             p.fail(f"group {group} is not a multicast address", "group")
+        if family == 6 and int(group) >> 96 & 0xFFF0FFFF != 0xFF300000:
+            p.fail(
+                f"group {group} is not in ff3x::/32, IPv6's source-specific range"
+                " (RFC 4607): the servers' masked joins are source-specific",
+                "group",
+            )
     else:
         if "group" in p.table:
             p.fail("a VIP pool's clients send to its vip: leave out 'group'", "group")
         group = vip  # the service address, for code that reads pool.group
-    control = p.address("control_group", "239.255.77.1")
+    control = p.address("control_group", DEFAULT_CONTROL_GROUP[family], family)
     if not control.is_multicast:
         p.fail(f"control_group {control} is not a multicast address", "control_group")
+    if family == 6 and int(control) >> 112 & 0xF <= 2:
+        p.fail(
+            f"control_group {control} is link-local: the servers' channel crosses routers",
+            "control_group",
+        )
     if control == group:
         p.fail("control_group must differ from group", "control_group")
     port = int(p.number("port", 7000, low=1, high=65535))
     control_port = int(p.number("control_port", 7946, low=1, high=65535))
-    try:
-        space = AddressSpace.create(
-            p.get("space", str, "0.0.0.0/0"),
-            int(p.number("index_bits", 16, low=1, high=24)),
-            p.get("index", str, "low"),
-        )
-    except SpaceError as exc:
-        p.fail(str(exc), "space")
-    if space.family != 4:
-        p.fail("the live pool serves IPv4 clients", "space")
     policy_text = p.get("policy", str, "equal")
     try:
         policy = PolicyName(policy_text)
@@ -367,7 +386,7 @@ def read_pool(p: TableReader) -> PoolSpec:
         if vip is None:  # a VIP pool's only group is its control channel
             groups.insert(0, ("group", pool.group))
         for key, address in groups:
-            if not plan.is_private(address):
+            if not plan.is_private(ipv4_only(address, "a private pool")):
                 p.fail(
                     f"a private pool's {key} {address} is outside the private ranges ({plan})",
                     key,
@@ -376,6 +395,53 @@ def read_pool(p: TableReader) -> PoolSpec:
         p.fail("rebalance_above must exceed rebalance_target (hysteresis)", "rebalance_above")
     p.done()
     return pool
+
+
+# The pool's groups unless given, by family: the seed's private-range group and an
+# administratively scoped control channel; for IPv6, a group in the source-specific
+# range ff3e::/32 (global scope) and a site-local control channel.
+DEFAULT_GROUP = {4: "232.1.1.1", 6: "ff3e::8000:1"}
+DEFAULT_CONTROL_GROUP = {4: "239.255.77.1", 6: "ff15::77:1"}
+
+
+def _space(p: TableReader) -> AddressSpace:
+    """The clients' address space: `space` (a prefix; IPv6 when it is, or when it is
+    left out and `group` is IPv6), `index_bits` and `index`."""
+    group = p.table.get("group")
+    default = "::/0" if isinstance(group, str) and ":" in group else "0.0.0.0/0"
+    try:
+        return AddressSpace.create(
+            p.get("space", str, default),
+            int(p.number("index_bits", 16, low=1, high=24)),
+            p.get("index", str, "low"),
+        )
+    except SpaceError as exc:
+        p.fail(str(exc), "space")
+
+
+# What an IPv6 pool cannot have yet: (key, the value that asks for it, what it is).
+_NOT_YET_FOR_IPV6 = (
+    ("private", True, "a private pool (signed MLDv2 joins)"),
+    ("approach", "vip", "a VIP pool"),
+    ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
+    ("technique", "D", "technique D (dynamic destination)"),
+    ("coordination", "etcd", 'coordination = "etcd"'),
+    ("dns", None, "publishing the pool in DNS (AAAA and key records)"),
+    ("key_file", None, "a pool key (private pools, technique D)"),
+    ("public_key", None, "a pool key (private pools, technique D)"),
+)
+
+
+def _refuse_for_ipv6(p: TableReader) -> None:
+    """Fail on the first key of an IPv6 pool that asks for what IPv6 pools lack."""
+    for key, value, what in _NOT_YET_FOR_IPV6:
+        if key not in p.table:
+            continue
+        given = p.table[key]
+        if value is None or (given.upper() if isinstance(given, str) else given) == (
+            value.upper() if isinstance(value, str) else value
+        ):
+            p.fail(f"{what} is not supported yet for IPv6 (the pool's space is IPv6)", key)
 
 
 def _redirect_above(p: TableReader, technique: Technique, approach: Approach) -> float:
@@ -410,6 +476,7 @@ def _approach(p: TableReader) -> tuple[Approach, ipaddress.IPv4Address | None]:
             "approach",
         )
     vip = p.address("vip")
+    assert isinstance(vip, ipaddress.IPv4Address)  # (an IPv6 pool with a VIP is refused)
     if vip.is_multicast:
         p.fail(f"vip {vip} is multicast: the VIP is a unicast address", "vip")
     if vip.is_unspecified or vip.is_loopback or vip == ipaddress.IPv4Address("255.255.255.255"):

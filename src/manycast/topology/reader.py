@@ -111,26 +111,39 @@ class TableReader:
             )
         return value
 
-    def address(self, key: str, default: Any = ...) -> ipaddress.IPv4Address:
+    def address(
+        self, key: str, default: Any = ..., family: int = 4
+    ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """An address of `family` (the pool's: its space's)."""
         text = self.get(key, str, default)
         try:
-            return ipaddress.IPv4Address(text)
+            return ipaddress.IPv4Address(text) if family == 4 else ipaddress.IPv6Address(text)
         except ValueError:
-            self.fail(f"'{key}' = {text!r} is not an IPv4 address", key)
+            self.fail(f"'{key}' = {text!r} is not an IPv{family} address{_WHY[family]}", key)
 
-    def network(self, key: str, default: Any = ...) -> ipaddress.IPv4Network | None:
+    def network(
+        self, key: str, default: Any = ..., family: int = 4
+    ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        """A network of `family` (the pool's: its space's), or None when absent."""
         text = self.get(key, str, default)
         if text is None:
             return None
         try:
-            return ipaddress.IPv4Network(text, strict=True)
+            network = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
             self.fail(f"'{key}' = {text!r}: {exc}", key)
+        if network.version != family:
+            self.fail(f"'{key}' = {text!r} is not an IPv{family} network{_WHY[family]}", key)
+        return network
 
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.used)
         if unknown:
             self.fail(f"unknown key '{unknown[0]}' in [{self.kind}]", unknown[0])
+
+
+# Why a value must be of one family: every address of a topology is of its pool's.
+_WHY = {4: "", 6: " (the pool's space is IPv6: every address of the topology is IPv6)"}
 
 
 def kind_name(kind: type | tuple[type, ...]) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import heapq
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from manycast.protocol.node import Interface
 from manycast.topology.addressing import Graph
 from manycast.topology.spec import Route
+from manycast.wire.ip import Address, Network
 
 
 def reachable(start: str, graph: Graph) -> set[str]:
@@ -36,7 +36,7 @@ def routes(
     table: list[Route] = []
     for other in sorted(routers, key=lambda r: paths[r].cost):
         first = paths[other].first
-        hop: tuple[str, ipaddress.IPv4Address] | None = None
+        hop: tuple[str, Address] | None = None
         if first is not None:
             peer, link = first
             mine = next(i for i in interfaces[router].values() if i.link == link)
@@ -48,7 +48,7 @@ def routes(
             else:
                 table.append(Route(iface.network, hop[0], hop[1]))
     # A network seen from several routers keeps its nearest entry (the first).
-    unique: dict[ipaddress.IPv4Network, Route] = {}
+    unique: dict[Network, Route] = {}
     for route in table:
         unique.setdefault(route.network, route)
     return sorted(unique.values(), key=lambda r: -r.network.prefixlen)

@@ -15,6 +15,7 @@ from manycast.steps import Step
 from manycast.topology.addressing import assign_endpoints
 from manycast.topology.coordination import Coordination
 from manycast.topology.links import LinkSpec
+from manycast.wire.ip import Address, Network
 
 
 class Approach(StrEnum):
@@ -34,9 +35,9 @@ class PoolSpec:
     channel in both."""
 
     name: str
-    group: ipaddress.IPv4Address
+    group: Address
     port: int
-    control_group: ipaddress.IPv4Address
+    control_group: Address
     control_port: int
     space: AddressSpace
     policy: PolicyName
@@ -114,9 +115,9 @@ class ClientSpec:
 
 @dataclass(frozen=True)
 class Route:
-    network: ipaddress.IPv4Network
+    network: Network
     iface: str
-    next_hop: ipaddress.IPv4Address | None  # None: the destination is on the link
+    next_hop: Address | None  # None: the destination is on the link
 
 
 @dataclass
@@ -131,7 +132,7 @@ class Topology:
     links: dict[str, LinkSpec]
     interfaces: dict[str, dict[str, Interface]]
     routes: dict[str, list[Route]]
-    gateways: dict[str, tuple[str, ipaddress.IPv4Address]]
+    gateways: dict[str, tuple[str, Address]]
     router_ifaces: dict[str, set[str]]
     scenario: list[Step]
     duration: float
@@ -189,7 +190,7 @@ class Topology:
         )
         return cost + link.delay
 
-    def edge_router(self, address: ipaddress.IPv4Address) -> str | None:
+    def edge_router(self, address: Address) -> str | None:
         """The router whose directly attached non-router link (a client LAN, a server's
         or VIP router's link) holds `address`; None when no such link does."""
         for network, router in self._edge_networks:
@@ -198,9 +199,9 @@ class Topology:
         return None
 
     @cached_property
-    def _edge_networks(self) -> list[tuple[ipaddress.IPv4Network, str]]:
+    def _edge_networks(self) -> list[tuple[Network, str]]:
         """(network, router) of every link with a non-router member, longest prefix first."""
-        found: list[tuple[ipaddress.IPv4Network, str]] = []
+        found: list[tuple[Network, str]] = []
         for link in self.links.values():
             if all(m.node in self.routers for m in link.members):
                 continue
@@ -222,7 +223,7 @@ class Topology:
             out[iface] = tuple(m.address for m in link.members if m.node != router)
         return out
 
-    def address(self, node: str) -> ipaddress.IPv4Address:
+    def address(self, node: str) -> Address:
         """A node's first interface address (its id on the network)."""
         return next(iter(self.interfaces[node].values())).address
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TypeVar
 
 from manycast.wire.cursor import Reader, Writer, internet_checksum
@@ -56,6 +56,7 @@ _HBH_PAD1 = 0
 _HBH_PADN = 1
 
 Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
 T = TypeVar("T")
 
 
@@ -252,6 +253,11 @@ class IPv4Packet:
             options,
         )
         return cls(header, payload)
+
+    @property
+    def protocol(self) -> int:
+        """The payload's protocol (as `IPv6Packet.protocol`, so code reads either)."""
+        return self.header.protocol
 
     def to_wire(self) -> bytes:
         return self.header.to_wire() + self.payload
@@ -453,6 +459,36 @@ class IPv6Packet:
             )
         hbh = HopByHop.read(r) if header.next_header == IPPROTO_HOPOPTS else None
         return cls(header, r.rest(), hbh)
+
+
+# --- either family ----------------------------------------------------------------
+
+InnerPacket = IPv4Packet | IPv6Packet
+
+
+def parse_packet(data: bytes) -> InnerPacket:
+    """An IPv4 or IPv6 packet, by its version nibble; WireError if it is neither."""
+    if data[:1] and data[0] >> 4 == 6:
+        return IPv6Packet.from_wire(data)
+    return IPv4Packet.from_wire(data)
+
+
+def make_packet(
+    src: Address,
+    dst: Address,
+    protocol: int,
+    payload: bytes,
+    *,
+    ttl: int = 64,
+    identification: int = 0,
+) -> InnerPacket:
+    """A packet of the addresses' family (`ttl` is IPv6's hop limit; IPv6 has no
+    identification field outside fragments)."""
+    if isinstance(src, IPv6Address) and isinstance(dst, IPv6Address):
+        return IPv6Packet.make(src, dst, protocol, payload, hop_limit=ttl)
+    if isinstance(src, IPv4Address) and isinstance(dst, IPv4Address):
+        return IPv4Packet.make(src, dst, protocol, payload, ttl=ttl, identification=identification)
+    raise ValueError(f"a packet needs two addresses of one family, got {src!r}, {dst!r}")
 
 
 # --- UDP and the pseudo-header --------------------------------------------------------
