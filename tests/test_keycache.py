@@ -4,6 +4,7 @@ cannot read is left out with a warning, and a restored key is served stale."""
 from __future__ import annotations
 
 import logging
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,17 @@ from manycast.naming.keycache import KeyCache, KeyCacheError, decode
 from manycast.protocol.admission import Admission
 
 GROUP = int.from_bytes(bytes([232, 9, 9, 9]), "big")
+GROUP6 = int(ip_address("ff3e::8009:909"))
 KEY = public_bytes(Ed25519PrivateKey.generate())
 
 
-def test_a_remembered_key_reads_back_after_a_restart(tmp_path: Path) -> None:
+@pytest.mark.parametrize("group", [GROUP, GROUP6], ids=["ipv4", "ipv6"])
+def test_a_remembered_key_reads_back_after_a_restart(tmp_path: Path, group: int) -> None:
     clock = [1000.0]
     cache = KeyCache(tmp_path / "r.keys.json", max_stale=86400.0, clock=lambda: clock[0])
-    cache.remember(GROUP, KEY, ttl=30.0)
+    cache.remember(group, KEY, ttl=30.0)
     [kept] = KeyCache(tmp_path / "r.keys.json", 86400.0, clock=lambda: clock[0]).load()
-    assert (kept.group, kept.public_key, kept.stale_until) == (GROUP, KEY, 1000.0 + 30 + 86400)
+    assert (kept.group, kept.public_key, kept.stale_until) == (group, KEY, 1000.0 + 30 + 86400)
     clock[0] += 30 + 86400  # past its stale limit: not restored
     assert KeyCache(tmp_path / "r.keys.json", 86400.0, clock=lambda: clock[0]).load() == []
 

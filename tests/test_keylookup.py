@@ -11,7 +11,7 @@ import base64
 import socket
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
@@ -35,6 +35,8 @@ ZONE = "pool.example."
 WAIT = 30.0  # a deadline for answers a busy machine may be slow to give
 KEY = bytes(range(32))
 GROUP = IPv4Address("232.5.5.5")
+GROUP6 = IPv6Address("ff3e::8005:505")
+FAMILIES = pytest.mark.parametrize("group", [GROUP, GROUP6], ids=["ipv4", "ipv6"])
 RECORD = PoolRecord.create("video.pool.example", GROUP, "owner@example.com", KEY, ttl=120)
 
 
@@ -81,16 +83,20 @@ def test_directory_answers_with_the_key_or_no_key() -> None:
 # from DNS --------------------------------------------------------------------------------
 
 
-def test_a_good_record_gives_its_key_and_ttl(good: tuple[str, int]) -> None:
-    answer = both(int(GROUP), good)
-    assert answer == KeyAnswer(KEY, 120.0, None)
-    assert answer.detail is None
+@FAMILIES
+def test_a_good_record_gives_its_key_and_ttl(group: IPv4Address | IPv6Address) -> None:
+    record = PoolRecord.create("video.pool.example", group, "owner@example.com", KEY, ttl=120)
+    for address in served(pool_zones(ZONE, [record])):
+        answer = both(int(group), address)
+        assert answer == KeyAnswer(KEY, 120.0, None)
+        assert answer.detail is None
 
 
-def test_no_record_is_no_key(empty: tuple[str, int]) -> None:
+@FAMILIES
+def test_no_record_is_no_key(empty: tuple[str, int], group: IPv4Address | IPv6Address) -> None:
     with pytest.raises(NamingRefused):
-        lookup_group(GROUP, empty, timeout=WAIT)
-    answer = both(int(GROUP), empty)
+        lookup_group(group, empty, timeout=WAIT)
+    answer = both(int(group), empty)
     assert answer == KeyAnswer(None, 0.0, "no key")
     assert answer.detail is not None and "NXDOMAIN" in answer.detail
 

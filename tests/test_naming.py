@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -82,27 +83,49 @@ def key_bytes(seed: int) -> bytes:
     return bytes((seed + i) % 256 for i in range(32))
 
 
-def make(alias: str, group: str, seed: int = 1, **kw: Any) -> PoolRecord:
+def make(alias: str, group: str | list[str], seed: int = 1, **kw: Any) -> PoolRecord:
     return PoolRecord.create(alias, group, "abc123@host.sponsor.com", key_bytes(seed), **kw)
 
 
 VIDEO = make("video.pool.example.", "232.1.2.3")
+VIDEO6 = make("video.pool.example.", "ff3e::8001:203")  # the same record, IPv6
+DUAL = make("dual.pool.example.", ["ff3e::8001:205", "232.1.2.5"], seed=3)
 WEB = make("web.pool.example.", "224.5.6.7", seed=7)
 
 
 # address plan (Fig 2) --------------------------------------------------------------------
 
 
-def test_default_plan_is_the_seed_split() -> None:
-    for public in ("224.0.0.0", "224.0.0.251", "231.255.255.255"):
+@pytest.mark.parametrize(
+    ("publics", "privates"),
+    [
+        (
+            ("224.0.0.0", "224.0.0.251", "231.255.255.255"),
+            ("232.0.0.0", "235.1.2.3", "239.255.255.255"),
+        ),
+        (
+            ("ff3e::1", "ff3e::7fff:ffff", "ff02::1", "ff35::8000:1", "ff3e:0:0:1::8000:1"),
+            ("ff3e::8000:0", "ff3e::8000:1", "ff3e::ffff:ffff", "ff15::77:1"),
+        ),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+def test_default_plan_is_the_seed_split(
+    publics: tuple[str, ...], privates: tuple[str, ...]
+) -> None:
+    for public in publics:
         assert DEFAULT_PLAN.is_public(public) and not DEFAULT_PLAN.is_private(public)
-    for private in ("232.0.0.0", "235.1.2.3", "239.255.255.255"):
-        assert DEFAULT_PLAN.is_private(IPv4Address(private))
+        assert not DEFAULT_PLAN.is_private_int(int(ip_address(public)))
+    for private in privates:
+        assert DEFAULT_PLAN.is_private(ip_address(private))
+        assert DEFAULT_PLAN.is_private_int(int(ip_address(private)))
     for bad, why in (
         ("10.0.0.1", "not a multicast"),
         ("240.0.0.1", "not a multicast"),
         ("hello", "not an IPv4"),
-        ("ff02::1", "not an IPv4"),
+        ("2001:db8::1", r"not a multicast address \(ff00::/8\)"),
+        ("::ffff:232.1.2.3", "not a multicast"),
+        ("ff02::1%eth0", "with a zone"),
     ):
         with pytest.raises(NamingError, match=why):
             DEFAULT_PLAN.is_private(bad)
@@ -118,11 +141,18 @@ def test_custom_plans() -> None:
     assert AddressPlan.from_prefixes(["232.0.0.0/8", "232.1.0.0/16"]).private == (
         AddressPlan.from_prefixes(["232.0.0.0/8"]).private
     )
+    both = AddressPlan.from_text("239.0.0.0/8, ff3e::/32")
+    assert both.is_private("ff3e::1") and both.is_public("ff35::8000:1")
+    assert both.is_private_int(int(ip_address("ff3e::1")))
+    assert both.is_private("239.1.1.1") and both.is_public("232.1.1.1")
+    assert AddressPlan.from_text("232.0.0.0/5").is_public("ff3e::8000:1")  # none listed
     for bad, why in (
         ("10.0.0.0/8", "not inside 224.0.0.0/4"),
         ("239.0.0.1/8", "host bits"),
         ("garbage", "garbage"),
         ("224.0.0.0/3", "not inside"),
+        ("2001:db8::/32", "not inside ff00::/8"),
+        ("ff3e::1/32", "host bits"),
     ):
         with pytest.raises(NamingError, match=why):
             AddressPlan.from_prefixes([bad])
@@ -139,12 +169,37 @@ def test_record_is_canonical_and_checked() -> None:
     signer = Ed25519PrivateKey.generate()
     rec = PoolRecord.create("a.pool.example", "224.1.1.1", "a@b", signer.public_key())
     rec.ed25519().verify(signer.sign(b"hello"), b"hello")
+    assert VIDEO6.group == IPv6Address("ff3e::8001:203") and VIDEO6.private
+    assert VIDEO6.group6 is None and VIDEO6.groups == (VIDEO6.group,)
+    assert reverse_name("FF3E::8001:203") == dns.name.from_text(
+        "3.0.2.0.1.0.0.8." + "0." * 20 + "e.3.f.f.ip6.arpa."
+    )
+    # a dual-stack record: its IPv4 group first, whatever order it was given in
+    assert (DUAL.group, DUAL.group6) == (IPv4Address("232.1.2.5"), IPv6Address("ff3e::8001:205"))
+    assert DUAL.groups == (DUAL.group, DUAL.group6) and DUAL.group_of(6) == DUAL.group6
+    assert DUAL.reverse_names == tuple(reverse_name(g) for g in DUAL.groups)
     cases: list[tuple[Callable[[], object], str]] = [
         (lambda: make("bad..name", "232.1.1.1"), "bad alias"),
         (lambda: make("sp ace.example", "232.1.1.1"), "bad alias"),
         (lambda: make("*.pool.example", "232.1.1.1"), "bad alias"),
         (lambda: make(".", "232.1.1.1"), "root"),
         (lambda: make("a.example", "10.1.1.1"), "not a multicast"),
+        (lambda: make("a.example", "2001:db8::1"), "not a multicast"),
+        (lambda: make("a.example", ["232.1.1.1", "232.1.1.2"]), "one group, or one per family"),
+        (lambda: make("a.example", []), "one group, or one per family"),
+        (lambda: make("a.example", ["232.1.1.1", "ff3e::1"]), "ff3e::1 is in the public space"),
+        (
+            lambda: PoolRecord(
+                "a.example",
+                IPv6Address("ff3e::8000:1"),
+                "a@b",
+                key_bytes(1),
+                True,
+                300,
+                IPv6Address("ff3e::8000:2"),
+            ),
+            "its IPv4 group in `group`",
+        ),
         (
             lambda: PoolRecord.create("a.example", "232.1.1.1", "has space", key_bytes(1)),
             "bad owner",
@@ -183,6 +238,13 @@ def test_key_record_round_trip() -> None:
     assert parse_key_txt(loose.encode()) == parsed
 
 
+GROUPS4 = st.integers(0xE0000000, 0xEFFFFFFF).map(IPv4Address)
+GROUPS6 = st.one_of(
+    st.integers(0xFF << 120, 2**128 - 1),  # anywhere in ff00::/8: nearly all public
+    st.integers(0, 2**31 - 1).map(lambda i: int(IPv6Address("ff3e::8000:0")) + i),  # private
+).map(IPv6Address)
+
+
 @given(
     owner=st.text(
         alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=';"\\'),
@@ -190,15 +252,19 @@ def test_key_record_round_trip() -> None:
         max_size=255,
     ),
     key=st.binary(min_size=32, max_size=32),
-    octets=st.tuples(
-        st.integers(224, 239), st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)
+    groups=st.one_of(
+        GROUPS4.map(lambda g: [g]),
+        GROUPS6.map(lambda g: [g]),
+        st.tuples(GROUPS6, GROUPS4)
+        .map(list)
+        .filter(lambda gs: len({DEFAULT_PLAN.is_private(g) for g in gs}) == 1),
     ),
     ttl=st.integers(0, 2**31 - 1),
 )
 def test_record_round_trips_through_rrsets(
-    owner: str, key: bytes, octets: tuple[int, int, int, int], ttl: int
+    owner: str, key: bytes, groups: list[IPv4Address | IPv6Address], ttl: int
 ) -> None:
-    rec = PoolRecord.create("x.pool.example", ".".join(map(str, octets)), owner, key, ttl=ttl)
+    rec = PoolRecord.create("x.pool.example", [str(g) for g in groups], owner, key, ttl=ttl)
     assert parse_key_txt(format_key_txt(owner, key, rec.private).encode()) == rec.key_record
     assert decode_rrsets(rec.alias, record_rrsets(rec)) == rec
 
@@ -293,7 +359,7 @@ def test_long_owner_is_split_over_txt_strings() -> None:
     assert decode_rrsets(rec.alias, record_rrsets(rec)) == rec
 
 
-# strict decoding of the four RRsets ------------------------------------------------------------
+# strict decoding of the record's RRsets ----------------------------------------------------------
 
 ALIAS = dns.name.from_text(VIDEO.alias)
 REV = reverse_name(VIDEO.group)
@@ -307,9 +373,13 @@ def quoted(text: str) -> str:
     return f'"{text}"'
 
 
-def variant(**change: dns.rrset.RRset | None) -> list[dns.rrset.RRset]:
-    a, txt, ptr, rtxt = record_rrsets(VIDEO)
-    parts: dict[str, dns.rrset.RRset | None] = {"a": a, "txt": txt, "ptr": ptr, "rtxt": rtxt}
+def variant(
+    record: PoolRecord = VIDEO, /, **change: dns.rrset.RRset | None
+) -> list[dns.rrset.RRset]:
+    """A record's RRsets with some replaced or left out: `a` (its A or AAAA), `txt`, `ptr`,
+    `rtxt`, and a dual-stack record's `aaaa`, `ptr6`, `rtxt6`."""
+    names = ["a", "txt", "ptr", "rtxt", "aaaa", "ptr6", "rtxt6"]
+    parts: dict[str, dns.rrset.RRset | None] = dict(zip(names, record_rrsets(record), strict=False))
     parts.update(change)
     return [r for r in parts.values() if r is not None]
 
@@ -317,62 +387,171 @@ def variant(**change: dns.rrset.RRset | None) -> list[dns.rrset.RRset]:
 TAMPERED = VIDEO.txt().replace(GOOD_P, base64.b64encode(key_bytes(9)).decode())
 
 
+@dataclass(frozen=True)
+class Family:
+    """What the strict-decoding cases need of an address family."""
+
+    record: PoolRecord
+    rdtype: str
+    other: str  # a second multicast group of the family
+    unicast: str
+
+    @property
+    def rev(self) -> dns.name.Name:
+        return reverse_name(self.record.group)
+
+
+FAMILIES = [
+    pytest.param(Family(VIDEO, "A", "232.1.2.4", "10.1.2.3"), id="ipv4"),
+    pytest.param(Family(VIDEO6, "AAAA", "ff3e::8001:204", "2001:db8::3"), id="ipv6"),
+]
+Case = Callable[[Family], list[dns.rrset.RRset]]
+# (the RRsets, what the error says: {rev} is the reverse name, {type} A or AAAA)
+STRICT: dict[str, tuple[Case, str]] = {
+    "no alias key": (lambda f: variant(f.record, txt=None), "no key record at video.pool.example."),
+    "no reverse key": (lambda f: variant(f.record, rtxt=None), "no key record at {rev}"),
+    "no address": (lambda f: variant(f.record, a=None), "no address record at video.pool.example."),
+    "two addresses": (
+        lambda f: variant(f.record, a=rr(ALIAS, f.rdtype, str(f.record.group), f.other)),
+        "2 {type} records",
+    ),
+    "not multicast": (
+        lambda f: variant(f.record, a=rr(ALIAS, f.rdtype, f.unicast)),
+        "bad address record .* not a multicast",
+    ),
+    "two keys": (
+        lambda f: variant(f.record, txt=rr(ALIAS, "TXT", quoted(f.record.txt()), quoted(TAMPERED))),
+        "2 manycast TXT records",
+    ),
+    "foreign txt only": (
+        lambda f: variant(f.record, txt=rr(ALIAS, "TXT", quoted("hello, garbage"))),
+        "no key record",
+    ),
+    "bad base64": (
+        lambda f: variant(
+            f.record,
+            txt=rr(ALIAS, "TXT", quoted("v=manycast1; k=ed25519; p=@@; o=a@b; f=private")),
+        ),
+        "bad key record at video.pool.example.: p= is not canonical base64",
+    ),
+    "unknown version": (
+        lambda f: variant(
+            f.record, txt=rr(ALIAS, "TXT", quoted(f.record.txt().replace("manycast1", "manycast9")))
+        ),
+        "unknown version",
+    ),
+    "short key": (
+        lambda f: variant(
+            f.record, txt=rr(ALIAS, "TXT", quoted(f.record.txt().replace(GOOD_P, GOOD_P[:-4])))
+        ),
+        "key is 30 bytes",
+    ),
+    "reverse key differs": (
+        lambda f: variant(f.record, rtxt=rr(f.rev, "TXT", quoted(TAMPERED))),
+        "record mismatch: the key record",
+    ),
+    "no ptr": (lambda f: variant(f.record, ptr=None), "no PTR record at {rev}"),
+    "ptr to another alias": (
+        lambda f: variant(f.record, ptr=rr(f.rev, "PTR", "other.pool.example.")),
+        "record mismatch: {rev} points to other.pool.example.",
+    ),
+    "two ptrs": (
+        lambda f: variant(
+            f.record, ptr=rr(f.rev, "PTR", "video.pool.example.", "other.pool.example.")
+        ),
+        "2 PTR records",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("case", list(STRICT))
+def test_strict_decoding(case: str, family: Family) -> None:
+    build, why = STRICT[case]
+    why = why.format(rev=re.escape(family.rev.to_text()), type=family.rdtype)
+    kind = NamingRefused if why.startswith("no ") else BadRecord  # missing, or there but bad
+    with pytest.raises(kind, match=why):
+        decode_rrsets(VIDEO.alias, build(family))
+
+
+DUAL_ALIAS = dns.name.from_text(DUAL.alias)
+REV6 = re.escape(reverse_name(DUAL.groups[1]).to_text())
+DUAL_TAMPERED = DUAL.txt().replace(
+    base64.b64encode(key_bytes(3)).decode(), base64.b64encode(key_bytes(9)).decode()
+)
+
+
 @pytest.mark.parametrize(
     ("rrsets", "why"),
     [
-        (variant(txt=None), "no key record at video.pool.example."),
-        (variant(rtxt=None), "no key record at 3.2.1.232.in-addr.arpa."),
-        (variant(a=None), "no address record at video.pool.example."),
-        (variant(a=rr(ALIAS, "A", "232.1.2.3", "232.1.2.4")), "2 A records"),
-        (variant(a=rr(ALIAS, "A", "10.1.2.3")), "bad address record .* not a multicast"),
+        (variant(DUAL, aaaa=None), None),  # an IPv4 pool, with a stray reverse name
         (
-            variant(txt=rr(ALIAS, "TXT", quoted(VIDEO.txt()), quoted(TAMPERED))),
-            "2 manycast TXT records",
-        ),
-        (variant(txt=rr(ALIAS, "TXT", quoted("hello, garbage"))), "no key record"),
-        (
-            variant(txt=rr(ALIAS, "TXT", quoted("v=manycast1; k=ed25519; p=@@; o=a@b; f=private"))),
-            "bad key record at video.pool.example.: p= is not canonical base64",
+            variant(DUAL, rtxt6=rr(reverse_name(DUAL.groups[1]), "TXT", quoted(DUAL_TAMPERED))),
+            f"record mismatch: the key record at {REV6} differs",
         ),
         (
-            variant(txt=rr(ALIAS, "TXT", quoted(VIDEO.txt().replace("manycast1", "manycast9")))),
-            "unknown version",
+            variant(DUAL, ptr6=rr(reverse_name(DUAL.groups[1]), "PTR", "video.pool.example.")),
+            f"record mismatch: {REV6} points to video.pool.example., not dual.pool.example.",
         ),
+        (variant(DUAL, ptr6=None), f"no PTR record at {REV6}"),
+        (variant(DUAL, rtxt6=None), f"no key record at {REV6}"),
         (
-            variant(txt=rr(ALIAS, "TXT", quoted(VIDEO.txt().replace(GOOD_P, GOOD_P[:-4])))),
-            "key is 30 bytes",
+            variant(DUAL, aaaa=rr(DUAL_ALIAS, "AAAA", "ff3e::8001:205", "ff3e::8001:206")),
+            "2 AAAA records",
         ),
-        (variant(rtxt=rr(REV, "TXT", quoted(TAMPERED))), "record mismatch: the key record"),
-        (variant(ptr=None), "no PTR record at 3.2.1.232.in-addr.arpa."),
-        (
-            variant(ptr=rr(REV, "PTR", "other.pool.example.")),
-            "record mismatch: 3.2.1.232.in-addr.arpa. points to other.pool.example.",
-        ),
-        (
-            variant(ptr=rr(REV, "PTR", "video.pool.example.", "other.pool.example.")),
-            "2 PTR records",
-        ),
+        (variant(DUAL, aaaa=rr(DUAL_ALIAS, "AAAA", "::ffff:232.1.2.5")), "not a multicast"),
+    ],
+    ids=[
+        "ipv4 only",
+        "reverse keys differ",
+        "ptr to another alias",
+        "no ptr",
+        "no key",
+        "two",
+        "mapped",
     ],
 )
-def test_strict_decoding(rrsets: list[dns.rrset.RRset], why: str) -> None:
-    kind = NamingRefused if why.startswith("no ") else BadRecord  # missing, or there but bad
+def test_strict_decoding_of_dual_stack_records(
+    rrsets: list[dns.rrset.RRset], why: str | None
+) -> None:
+    assert decode_rrsets(DUAL.alias, variant(DUAL)) == DUAL
+    if why is None:
+        assert decode_rrsets(DUAL.alias, rrsets).groups == (DUAL.group,)
+        return
+    kind = NamingRefused if why.startswith("no ") else BadRecord
     with pytest.raises(kind, match=why):
-        decode_rrsets(VIDEO.alias, rrsets)
+        decode_rrsets(DUAL.alias, rrsets)
 
 
-def test_flag_must_agree_with_the_plan() -> None:
-    public_group = PoolRecord(
-        "pub.pool.example.", IPv4Address("224.1.2.3"), "a@b", key_bytes(1), private=True
-    )
-    with pytest.raises(BadRecord, match=r"224\.1\.2\.3 is in the public space .* flagged private"):
+@pytest.mark.parametrize(
+    ("public", "private", "plan"),
+    [
+        (["224.1.2.3"], ["238.1.2.3"], "224.0.0.0/8"),
+        (["ff3e::1:2:3"], ["ff3e::8001:203"], "ff3e::/32"),
+        (["238.1.2.4", "ff3e::1:2:3"], ["238.1.2.4", "ff15::2"], "224.0.0.0/4, ff00::/8"),
+    ],
+    ids=["ipv4", "ipv6", "dual"],
+)
+def test_flag_must_agree_with_the_plan(public: list[str], private: list[str], plan: str) -> None:
+    """A record flagged private with a public group, and the other way round: refused
+    unless the plan makes them so. A dual-stack record's groups are each checked."""
+
+    def record(alias: str, groups: list[str], flag: bool) -> PoolRecord:
+        first, *more = (ip_address(g) for g in groups)
+        group6 = more[0] if more else None
+        assert group6 is None or isinstance(group6, IPv6Address)
+        return PoolRecord(alias, first, "a@b", key_bytes(1), flag, 300, group6)
+
+    public_group = record("pub.pool.example.", public, True)
+    with pytest.raises(
+        BadRecord, match=re.escape(public[-1]) + " is in the public space .* flagged private"
+    ):
         decode_rrsets(public_group.alias, record_rrsets(public_group))
-    private_group = PoolRecord(
-        "prv.pool.example.", IPv4Address("238.1.2.3"), "a@b", key_bytes(1), private=False
-    )
+    private_group = record("prv.pool.example.", private, False)
     with pytest.raises(NamingError, match=r"private space .* flagged public"):
         decode_rrsets(private_group.alias, record_rrsets(private_group))
-    plan = AddressPlan.from_text("224.0.0.0/8")
-    assert decode_rrsets(public_group.alias, record_rrsets(public_group), plan) == public_group
+    wide = AddressPlan.from_text(plan)
+    assert decode_rrsets(public_group.alias, record_rrsets(public_group), wide) == public_group
 
 
 def test_foreign_txt_records_are_ignored() -> None:
@@ -384,19 +563,32 @@ def test_foreign_txt_records_are_ignored() -> None:
 
 
 def test_zone_text_loads_and_holds_the_records() -> None:
-    text = zone_text(ZONE, [VIDEO, WEB], nameserver_address="127.0.0.1")
+    text = zone_text(ZONE, [VIDEO, WEB, DUAL], nameserver_address="127.0.0.1")
     zone = dns.zone.from_text(text, ZONE, relativize=False)
     assert zone.get_rdataset(ZONE, "SOA") is not None
     assert zone.get_rdataset(ZONE, "NS") is not None
     assert zone.get_rdataset("ns." + ZONE, "A") is not None
     assert zone.get_rdataset(VIDEO.alias, "A") is not None
     assert zone.get_rdataset(VIDEO.alias, "PTR") is None  # reverse names live elsewhere
-    rev = zone_text("232.in-addr.arpa.", [VIDEO, WEB])
+    assert zone.get_rdataset(VIDEO.alias, "AAAA") is None
+    assert zone.get_rdataset(DUAL.alias, "A") and zone.get_rdataset(DUAL.alias, "AAAA")
+    rev = zone_text("232.in-addr.arpa.", [VIDEO, WEB, DUAL])
     rzone = dns.zone.from_text(rev, "232.in-addr.arpa.", relativize=False)
     assert rzone.get_rdataset(REV, "PTR") is not None
+    assert rzone.get_rdataset(reverse_name(DUAL.group), "PTR") is not None
     assert rzone.get_rdataset(reverse_name(WEB.group), "PTR") is None
-    zones = pool_zones(ZONE, [VIDEO, WEB])
-    assert next(iter(zones)) == ZONE and len(zones) == 17
+    zones = pool_zones(ZONE, [VIDEO, WEB, DUAL])
+    # the pool zone, 224-239.in-addr.arpa. and f.f.ip6.arpa. (all of ff00::/8)
+    assert next(iter(zones)) == ZONE and len(zones) == 18
+    rzone6 = dns.zone.from_text(zones["f.f.ip6.arpa."], "f.f.ip6.arpa.", relativize=False)
+    assert rzone6.get_rdataset(reverse_name(DUAL.groups[1]), "PTR") is not None
+    assert rzone6.get_rdataset(reverse_name(DUAL.groups[1]), "TXT") is not None
+    served = [
+        dns.rrset.from_rdata_list(name, rds.ttl, list(rds))
+        for z in (zone, rzone, rzone6)
+        for name, rds in z.iterate_rdatasets()
+    ]
+    assert decode_rrsets(DUAL.alias, served) == DUAL
 
 
 def test_zone_generation_refuses_bad_input() -> None:
@@ -404,6 +596,10 @@ def test_zone_generation_refuses_bad_input() -> None:
         zone_text(ZONE, [VIDEO, VIDEO])
     with pytest.raises(NamingError, match="used by"):
         zone_text(ZONE, [VIDEO, make("dup.pool.example", "232.1.2.3")])
+    with pytest.raises(NamingError, match=r"ff3e::8001:205 is used by dual\.pool\.example\."):
+        zone_text(ZONE, [DUAL, make("dup.pool.example", "ff3e::8001:205")])
+    with pytest.raises(NamingError, match="in none of the zones"):
+        pool_zones(ZONE, [DUAL], reverse_zones=[f"{n}.in-addr.arpa." for n in range(224, 240)])
     with pytest.raises(NamingError, match="outside zone"):
         pool_zones("other.example.", [VIDEO])
     with pytest.raises(NamingError, match="in none of the zones"):
@@ -431,6 +627,7 @@ def test_tsig_key_text() -> None:
 
 KEY = TsigKey.generate("manycast-update.")
 SEEDED = make("seeded.pool.example", "232.0.0.9", seed=5)
+SEEDED_DUAL = make("seeded-dual.pool.example", ["232.0.0.10", "ff3e::8000:10"], seed=6)
 
 
 @pytest.fixture(scope="module", params=["embedded", "knot"])
@@ -438,52 +635,96 @@ def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
     if request.param == "knot":
         if not knot_available():
             pytest.skip(KNOT_MISSING)
-        with KnotServer.for_pool(ZONE, [SEEDED], KEY) as knot:
+        with KnotServer.for_pool(ZONE, [SEEDED, SEEDED_DUAL], KEY) as knot:
             yield knot.address
     else:
-        with EmbeddedServer.for_pool(ZONE, [SEEDED], KEY) as embedded:
+        with EmbeddedServer.for_pool(ZONE, [SEEDED, SEEDED_DUAL], KEY) as embedded:
             yield embedded.address
 
 
 def test_lookup_seeded_record(server: tuple[str, int]) -> None:
     assert lookup_alias("seeded.pool.example", server, timeout=WAIT) == SEEDED
     assert lookup_group("232.0.0.9", server, timeout=WAIT) == SEEDED
+    # Fig 4 for a dual-stack pool: the alias, or either group, gives the whole record
+    assert lookup_alias(SEEDED_DUAL.alias, server, timeout=WAIT) == SEEDED_DUAL
+    for group in ("232.0.0.10", "ff3e::8000:10"):
+        assert lookup_group(group, server, timeout=WAIT) == SEEDED_DUAL
 
 
-def test_publish_lookup_withdraw(server: tuple[str, int]) -> None:
-    rec = make("pub.pool.example", "232.10.0.1", seed=11)
+@pytest.mark.parametrize(
+    "groups",
+    [["232.10.0.1"], ["ff3e::8000:a01"], ["232.10.0.11", "ff3e::8000:a0b"]],
+    ids=["ipv4", "ipv6", "dual"],
+)
+def test_publish_lookup_withdraw(server: tuple[str, int], groups: list[str]) -> None:
+    rec = make("pub.pool.example", groups, seed=11)
     publish(rec, server, ZONE, KEY, timeout=WAIT)
     assert lookup_alias("pub.pool.example.", server, timeout=WAIT) == rec
-    assert lookup_group(IPv4Address("232.10.0.1"), server, timeout=WAIT) == rec
+    for group in groups:
+        assert lookup_group(ip_address(group), server, timeout=WAIT) == rec
     publish(rec, server, ZONE, KEY, timeout=WAIT)  # idempotent
     assert lookup_alias(rec.alias, server, timeout=WAIT) == rec
-    rekeyed = make("pub.pool.example", "232.10.0.1", seed=12, ttl=60)
+    rekeyed = make("pub.pool.example", groups, seed=12, ttl=60)
     publish(rekeyed, server, ZONE, KEY, timeout=WAIT)
-    assert lookup_group("232.10.0.1", server, timeout=WAIT) == rekeyed
+    assert lookup_group(groups[-1], server, timeout=WAIT) == rekeyed
     withdraw(rec, server, ZONE, KEY, timeout=WAIT)
     with pytest.raises(
         NamingRefused, match=r"not found: pub.pool.example. does not exist \(NXDOMAIN\)"
     ):
         lookup_alias(rec.alias, server, timeout=WAIT)
-    with pytest.raises(NamingRefused, match=r"not found: 1.0.10.232.in-addr.arpa. .*NXDOMAIN"):
-        lookup_group("232.10.0.1", server, timeout=WAIT)
+    for group in groups:
+        rev = re.escape(reverse_name(group).to_text())
+        with pytest.raises(NamingRefused, match=rf"not found: {rev} .*NXDOMAIN"):
+            lookup_group(group, server, timeout=WAIT)
     with pytest.raises(
         NamingRefused, match=re.escape("not found: pub.pool.example. has no address record")
     ):
         withdraw(rec.alias, server, ZONE, KEY, timeout=WAIT)
 
 
-def test_public_group_and_async_api(server: tuple[str, int]) -> None:
-    rec = make("async.pool.example", "224.10.0.2", seed=13)
+def test_dual_stack_moves_and_conflicts(server: tuple[str, int]) -> None:
+    """An alias moves between one family and both; each group it leaves is free again."""
+    v4, v6, v6_next = "232.10.1.1", "ff3e::800a:101", "ff3e::800a:102"
+    owner = make("mover.pool.example", [v4, v6], seed=21)
+    publish(owner, server, ZONE, KEY, timeout=WAIT)
+    thief = make("thief6.pool.example", v6, seed=22)
+    with pytest.raises(
+        BadRecord,
+        match=re.escape(f"conflict: group {v6} is already published as mover.pool.example."),
+    ):
+        publish(thief, server, ZONE, KEY, timeout=WAIT)
+    ipv4_only = make("mover.pool.example", v4, seed=21)
+    publish(ipv4_only, server, ZONE, KEY, timeout=WAIT)
+    assert lookup_alias(owner.alias, server, timeout=WAIT) == ipv4_only
+    with pytest.raises(NamingRefused, match="NXDOMAIN"):
+        lookup_group(v6, server, timeout=WAIT)
+    publish(thief, server, ZONE, KEY, timeout=WAIT)  # the IPv6 group is free again
+    assert lookup_group(v6, server, timeout=WAIT) == thief
+    moved = make("mover.pool.example", [v4, v6_next], seed=21)
+    publish(moved, server, ZONE, KEY, timeout=WAIT)
+    assert lookup_group(v6_next, server, timeout=WAIT) == moved
+    assert lookup_group(v4, server, timeout=WAIT) == moved
+    for rec in (moved, thief):
+        withdraw(rec, server, ZONE, KEY, timeout=WAIT)
+    for group in (v4, v6, v6_next):
+        with pytest.raises(NamingRefused, match="NXDOMAIN"):
+            lookup_group(group, server, timeout=WAIT)
+
+
+@pytest.mark.parametrize(
+    "groups", [["224.10.0.2"], ["ff3e::10:2", "224.10.0.12"]], ids=["ipv4", "dual"]
+)
+def test_public_group_and_async_api(server: tuple[str, int], groups: list[str]) -> None:
+    rec = make("async.pool.example", groups, seed=13)
     assert not rec.private
 
     async def session() -> None:
         await publish_async(rec, server, ZONE, KEY, timeout=WAIT)
-        alias, group = await asyncio.gather(
+        found = await asyncio.gather(
             lookup_alias_async(rec.alias, server, timeout=WAIT),
-            lookup_group_async(rec.group, server, timeout=WAIT),
+            *(lookup_group_async(g, server, timeout=WAIT) for g in rec.groups),
         )
-        assert alias == group == rec
+        assert found == [rec] * (1 + len(groups))
         await withdraw_async(rec.alias, server, ZONE, KEY, timeout=WAIT)
         with pytest.raises(NamingError, match="NXDOMAIN"):
             await lookup_alias_async(rec.alias, server, timeout=WAIT)
@@ -601,23 +842,51 @@ def test_embedded_counts_garbage_and_answers_formerr() -> None:
         assert srv.stats.garbage >= 2 and srv.stats.errors == 0
 
 
-def test_embedded_serves_what_it_is_given() -> None:
-    """A zone with a tampered reverse key record is served as is, and lookups refuse it."""
-    zones = pool_zones(ZONE, [VIDEO])
-    zones["232.in-addr.arpa."] = zones["232.in-addr.arpa."].replace(
-        GOOD_P, base64.b64encode(key_bytes(9)).decode()
+@pytest.mark.parametrize(
+    ("record", "zone"),
+    [(VIDEO, "232.in-addr.arpa."), (DUAL, "f.f.ip6.arpa.")],
+    ids=["ipv4", "dual"],
+)
+def test_embedded_serves_what_it_is_given(record: PoolRecord, zone: str) -> None:
+    """A zone with a tampered reverse key record is served as is, and lookups refuse it
+    (for a dual-stack pool, by its alias and by either group)."""
+    zones = pool_zones(ZONE, [record])
+    p = base64.b64encode(record.public_key).decode()
+    zones[zone] = zones[zone].replace(p, base64.b64encode(key_bytes(9)).decode())
+    rev = re.escape(
+        next(r for r in record.reverse_names if r.is_subdomain(dns.name.from_text(zone))).to_text()
     )
     with EmbeddedServer(zones, None) as srv:
-        with pytest.raises(
-            BadRecord, match=re.escape("record mismatch: the key record at 3.2.1.232")
-        ):
-            lookup_alias(VIDEO.alias, srv.address, timeout=WAIT)
-        with pytest.raises(NamingError, match="record mismatch"):
-            lookup_group(VIDEO.group, srv.address, timeout=WAIT)
+        with pytest.raises(BadRecord, match=f"record mismatch: the key record at {rev}"):
+            lookup_alias(record.alias, srv.address, timeout=WAIT)
+        for group in record.groups:
+            with pytest.raises(BadRecord, match=f"record mismatch: the key record at {rev}"):
+                lookup_group(group, srv.address, timeout=WAIT)
         with pytest.raises(NamingError, match="refused"):  # no key: read-only
             publish(WEB, srv.address, ZONE, KEY, timeout=WAIT)
         with pytest.raises(NamingError, match=r"refused \(REFUSED\)"):
             publish(WEB, srv.address, ZONE, None, timeout=WAIT)
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (VIDEO, "web.pool.example. has address 224.5.6.7, not 232.1.2.3"),
+        (VIDEO6, "web.pool.example. has no AAAA record, not ff3e::8001:203"),
+    ],
+    ids=["ipv4", "ipv6"],
+)
+def test_a_reverse_name_naming_another_alias_is_refused(record: PoolRecord, why: str) -> None:
+    """A router that knows only the group follows its PTR to an alias that does not
+    have the group: a mismatch, whatever the alias's own record holds."""
+    zones = pool_zones(ZONE, [record, WEB])
+    zone = next(z for z in zones if record.reverse_name.is_subdomain(dns.name.from_text(z)))
+    zones[zone] = zones[zone].replace(record.alias, WEB.alias)
+    with EmbeddedServer(zones, None) as srv:
+        with pytest.raises(BadRecord, match=re.escape(f"record mismatch: {why}")):
+            lookup_group(record.group, srv.address, timeout=WAIT)
+        with pytest.raises(BadRecord, match=r"record mismatch: .* points to web\.pool\.example\."):
+            lookup_alias(record.alias, srv.address, timeout=WAIT)
 
 
 def test_a_refused_forward_update_puts_the_reverse_side_back() -> None:
@@ -787,6 +1056,8 @@ def test_bad_arguments() -> None:
         lookup_alias(VIDEO.alias, ("127.0.0.1", 0))
     with pytest.raises(NamingError, match="not a multicast"):
         lookup_group("10.0.0.1", "127.0.0.1")
+    with pytest.raises(NamingError, match=r"not a multicast address \(ff00::/8\)"):
+        lookup_group("2001:db8::1", "127.0.0.1")
     with pytest.raises(NamingError, match="bad alias"):
         lookup_alias("bad alias", "127.0.0.1")
 

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def encode(keys: Any) -> str:
         {
             "format": FORMAT,
             "keys": {
-                str(IPv4Address(k.group)): {"key": k.public_key.hex(), "stale_until": k.stale_until}
+                str(ip_address(k.group)): {"key": k.public_key.hex(), "stale_until": k.stale_until}
                 for k in sorted(keys, key=lambda k: k.group)
             },
         },
@@ -120,7 +120,7 @@ def decode(text: str) -> list[CachedKey]:
     keys = []
     for group, entry in entries.items():
         try:
-            address = int(IPv4Address(group))
+            address = int(ip_address(group))
             raw = bytes.fromhex(entry["key"])
             until = float(entry["stale_until"])
         except (ValueError, TypeError, KeyError) as exc:

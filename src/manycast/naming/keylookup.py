@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Final
 
 from manycast.addressplan import DEFAULT_PLAN, AddressPlan, BadRecord, NamingError, NamingRefused
@@ -71,13 +71,13 @@ def _found(record: PoolRecord) -> KeyAnswer:
 
 def _failed(group: int, exc: NamingError) -> KeyAnswer:
     reason = BAD_KEY if isinstance(exc, BadRecord) else NO_KEY
-    _log.info("key of group %s: %s (%s)", IPv4Address(group), reason, exc)
+    _log.info("key of group %s: %s (%s)", ip_address(group), reason, exc)
     unanswered = not isinstance(exc, BadRecord | NamingRefused)
     return KeyAnswer(None, 0.0, reason, str(exc), unanswered)
 
 
 def lookup_key(
-    group: int,
+    group: int,  # an IPv4 group below 2**32, an IPv6 one above
     server: Server,
     timeout: float = LOOKUP_TIMEOUT,
     *,
@@ -86,7 +86,7 @@ def lookup_key(
     """The answer from DNS, blocking (a daemon's loop or a worker thread); never raises
     a NamingError: every failure is an answer."""
     try:
-        return _found(lookup_group(IPv4Address(group), server, timeout=timeout, plan=plan))
+        return _found(lookup_group(ip_address(group), server, timeout=timeout, plan=plan))
     except NamingError as exc:
         return _failed(group, exc)
 
@@ -100,7 +100,7 @@ async def lookup_key_async(
 ) -> KeyAnswer:
     """`lookup_key` on asyncio."""
     try:
-        record = await lookup_group_async(IPv4Address(group), server, timeout=timeout, plan=plan)
+        record = await lookup_group_async(ip_address(group), server, timeout=timeout, plan=plan)
     except NamingError as exc:
         return _failed(group, exc)
     return _found(record)

@@ -1,14 +1,15 @@
 """Zone master files (RFC 1035 §5) for a pool zone and the multicast reverse zones.
 
-The servers here serve the sixteen reverse zones 224.in-addr.arpa. ...
-239.in-addr.arpa., which cover the multicast space and nothing else, beside the
-pool zone; `pool_zones` writes all of them from one list of records.
+The servers here serve, beside the pool zone, the sixteen reverse zones
+224.in-addr.arpa. ... 239.in-addr.arpa. and f.f.ip6.arpa., which cover the IPv4
+and IPv6 multicast spaces (224.0.0.0/4, ff00::/8) and nothing else; `pool_zones`
+writes all of them from one list of records.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
-from ipaddress import IPv4Address
 from typing import Final
 
 import dns.exception
@@ -17,8 +18,9 @@ import dns.rdata
 import dns.rdatatype
 import dns.zone
 
-from manycast.addressplan import DEFAULT_PLAN, AddressPlan, BadRecord, NamingError, show
+from manycast.addressplan import DEFAULT_PLAN, AddressPlan, BadRecord, Group, NamingError, show
 from manycast.naming.records import (
+    AAAA,
     DEFAULT_TTL,
     IN,
     SOA,
@@ -29,27 +31,38 @@ from manycast.naming.records import (
     record_rrsets,
 )
 
-__all__ = ["MULTICAST_REVERSE_ZONES", "NEGATIVE_TTL", "pool_zones", "zone_text"]
+__all__ = [
+    "MULTICAST_REVERSE_ZONE6",
+    "MULTICAST_REVERSE_ZONES",
+    "MULTICAST_REVERSE_ZONES4",
+    "NEGATIVE_TTL",
+    "pool_zones",
+    "zone_text",
+]
 
-MULTICAST_REVERSE_ZONES: Final[tuple[str, ...]] = tuple(
+MULTICAST_REVERSE_ZONES4: Final[tuple[str, ...]] = tuple(
     f"{octet}.in-addr.arpa." for octet in range(224, 240)
 )
+MULTICAST_REVERSE_ZONE6: Final = "f.f.ip6.arpa."  # ff00::/8 ends on its first two nibbles
+MULTICAST_REVERSE_ZONES: Final = (*MULTICAST_REVERSE_ZONES4, MULTICAST_REVERSE_ZONE6)
 # The SOA minimum (negative caching TTL): short, so a new or withdrawn pool shows up soon.
 NEGATIVE_TTL: Final = 60
 
 
 def _check_unique(records: Sequence[PoolRecord], plan: AddressPlan) -> None:
     aliases: dict[str, PoolRecord] = {}
-    groups: dict[IPv4Address, PoolRecord] = {}
+    groups: dict[Group, PoolRecord] = {}
     for record in records:
-        plan.check(record.group, record.private)
         if record.alias in aliases:
             raise BadRecord(f"alias {record.alias} appears twice")
-        if record.group in groups:
-            raise BadRecord(
-                f"group {record.group} is used by {groups[record.group].alias} and {record.alias}"
-            )
-        aliases[record.alias] = groups[record.group] = record
+        aliases[record.alias] = record
+        for group in record.groups:
+            plan.check(group, record.private)
+            if group in groups:
+                raise BadRecord(
+                    f"group {group} is used by {groups[group].alias} and {record.alias}"
+                )
+            groups[group] = record
 
 
 def zone_text(
@@ -66,10 +79,11 @@ def zone_text(
 ) -> str:
     """A master file for zone `origin`: SOA, NS and every record name inside it.
 
-    A record contributes its A and TXT when its alias is in the zone and its PTR
-    and TXT when its reverse name is, so the same list builds the pool zone and
-    the reverse zones. `nameserver` defaults to ns.<origin>; `nameserver_address`
-    adds its glue A when it is inside the zone.
+    A record contributes its A (or AAAA, or both) and TXT when its alias is in
+    the zone and its PTR and TXT at each reverse name that is, so the same list
+    builds the pool zone and the reverse zones. `nameserver` defaults to
+    ns.<origin>; `nameserver_address` adds its glue A (AAAA for an IPv6 address)
+    when it is inside the zone.
     """
     zone_name = dns_name(origin, "zone")
     recs = list(records)
@@ -89,7 +103,8 @@ def zone_text(
         txn.add(zone_name, ttl, dns.rdata.from_text(IN, dns.rdatatype.NS, ns.to_text()))
         if nameserver_address is not None and ns.is_subdomain(zone_name):
             try:
-                glue = dns.rdata.from_text(IN, A, nameserver_address)
+                kind = AAAA if ipaddress.ip_address(nameserver_address).version == 6 else A
+                glue = dns.rdata.from_text(IN, kind, nameserver_address)
             except (dns.exception.DNSException, ValueError):
                 raise NamingError(f"bad nameserver address {show(nameserver_address)}") from None
             txn.add(ns, ttl, glue)
@@ -119,8 +134,9 @@ def pool_zones(
     recs = list(records)
     for record in recs:
         in_zone(record.alias_name, zone_name, "alias")
-        if not any(record.reverse_name.is_subdomain(z) for z in reverse):
-            raise NamingError(f"reverse name {record.reverse_name} is in none of the zones")
+        for rev in record.reverse_names:
+            if not any(rev.is_subdomain(z) for z in reverse):
+                raise NamingError(f"reverse name {rev} is in none of the zones")
     zones = {
         zone_name.to_text(): zone_text(
             zone_name.to_text(),
