@@ -110,7 +110,8 @@ def test_the_installed_command_shows_its_commands() -> None:
         ("keys publish", ["--alias", "--group", "--zone", "--server", "--tsig"]),
         ("private", ["create"]),
         ("private create", ["--alias", "--zone", "--participants", "--out", "--tsig"]),
-        ("dns", ["serve"]),
+        ("dns", ["serve", "show"]),
+        ("dns show", ["name", "--server"]),
         ("dns serve", ["--zone", "--port", "--tsig"]),
         ("lab", ["up", "down", "exec", "status", "run"]),
         ("lab run", ["--duration", "--keep"]),
@@ -396,6 +397,36 @@ def test_private_create_publishes_and_hands_out_keys(
     assert "published other.pool.test. -> 232.9.9.9 (private)" in published.stdout
     other = naming.lookup_alias("other.pool.test", ("127.0.0.1", port))
     assert other.public_key == record.public_key
+
+
+def test_a_dual_stack_record_is_published_and_shown_by_alias_and_either_group(
+    tmp_path: Path, dns_server: tuple[int, str]
+) -> None:
+    port, tsig = dns_server
+    server = f"127.0.0.1:{port}"
+    assert cli("keys", "new", str(tmp_path / "pool.key")).returncode == 0
+    published = cli(
+        "keys", "publish", str(tmp_path / "pool.key"),
+        "--alias", "dual.pool.test", "--group", "ff3e::8009:90a,232.9.9.10",
+        "--zone", "pool.test", "--server", server, "--tsig", tsig,
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    assert "published dual.pool.test. -> 232.9.9.10, ff3e::8009:90a (private)" in published.stdout
+    for name in ("dual.pool.test", "232.9.9.10", "ff3e::8009:90a"):
+        shown = cli("dns", "show", name, "--server", server)
+        assert shown.returncode == 0, shown.stderr
+        assert "alias:  dual.pool.test." in shown.stdout
+        assert "groups: 232.9.9.10 (A), ff3e::8009:90a (AAAA)" in shown.stdout
+        assert "flag:   private" in shown.stdout
+    missing = cli("dns", "show", "ff3e::8009:90b", "--server", server)
+    assert missing.returncode == 1 and "NXDOMAIN" in flat(missing.stderr)
+    no_traceback(missing)
+    two_ipv4 = cli(
+        "keys", "publish", str(tmp_path / "pool.key"),
+        "--alias", "bad.pool.test", "--group", "232.9.9.11,232.9.9.12",
+        "--zone", "pool.test", "--server", server, "--tsig", tsig,
+    )  # fmt: skip
+    assert two_ipv4.returncode == 2 and "one group, or one per family" in flat(two_ipv4.stderr)
 
 
 def test_private_create_with_an_unusable_out_fails_cleanly(

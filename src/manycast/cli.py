@@ -533,6 +533,15 @@ def _tsig(text: str | None) -> naming.TsigKey:
         raise fail(f"{exc}", 2) from None
 
 
+def _group_args(text: str) -> list[str]:
+    """--group: one address, or a dual-stack pool's two, comma-separated."""
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+def _groups_text(record: naming.PoolRecord) -> str:
+    return ", ".join(str(g) for g in record.groups)
+
+
 def _publish(record: naming.PoolRecord, server: str, zone: str, tsig: str | None) -> None:
     try:
         naming.publish(record, _server(server), zone, _tsig(tsig))
@@ -544,22 +553,30 @@ def _publish(record: naming.PoolRecord, server: str, zone: str, tsig: str | None
 def keys_publish(
     key: Annotated[Path, typer.Argument(help="The pool's private key file.")],
     alias: Annotated[str, typer.Option(help="The pool's well-published name.")],
-    group: Annotated[str, typer.Option(help="The pool's group address.")],
+    group: Annotated[
+        str,
+        typer.Option(
+            help="The pool's group address; a dual-stack pool's two, comma-separated "
+            "(232.1.2.3,ff3e::8000:1)."
+        ),
+    ],
     zone: Annotated[str, typer.Option(help="The DNS zone the alias lives in.")],
     server: Annotated[str, typer.Option(help="The DNS server, HOST:PORT.")] = "127.0.0.1:53",
     owner: Annotated[str, typer.Option(help="Who runs the pool.")] = "admin@localhost",
     tsig: Annotated[str | None, typer.Option(help="TSIG key algorithm:name:base64secret.")] = None,
 ) -> None:
-    """Publish a pool's record (A, key TXT, reverse PTR) with a TSIG-signed DNS UPDATE."""
+    """Publish a pool's record (A and/or AAAA, key TXT, reverse PTRs) with TSIG-signed
+    DNS UPDATEs."""
     try:
         private = auth.load_private(key)
-        record = naming.PoolRecord.create(alias, group, owner, auth.public_bytes(private))
+        record = naming.PoolRecord.create(
+            alias, _group_args(group), owner, auth.public_bytes(private)
+        )
     except (auth.AuthError, naming.NamingError) as exc:
         raise fail(f"{exc}", 2) from None
     _publish(record, server, zone, tsig)
-    print(
-        f"published {record.alias} -> {record.group} ({'private' if record.private else 'public'})"
-    )
+    flag = "private" if record.private else "public"
+    print(f"published {record.alias} -> {_groups_text(record)} ({flag})")
 
 
 @private_app.command("create")
@@ -571,7 +588,11 @@ def private_create(
     ],
     out: Annotated[Path, typer.Option(help="Directory for the key files.")] = Path("pool-keys"),
     group: Annotated[
-        str | None, typer.Option(help="The group address (default: one from the private range).")
+        str | None,
+        typer.Option(
+            help="The group address, or a dual-stack pool's two, comma-separated "
+            "(default: one from the IPv4 private range)."
+        ),
     ] = None,
     server: Annotated[str, typer.Option(help="The DNS server, HOST:PORT.")] = "127.0.0.1:53",
     owner: Annotated[str, typer.Option(help="Who runs the pool.")] = "admin@localhost",
@@ -586,11 +607,16 @@ def private_create(
     key = auth.generate()
     address = group or _private_group(alias)
     try:
-        record = naming.PoolRecord.create(alias, address, owner, auth.public_bytes(key))
+        record = naming.PoolRecord.create(
+            alias, _group_args(address), owner, auth.public_bytes(key)
+        )
     except naming.NamingError as exc:
         raise fail(f"{exc}", 2) from None
     if not record.private:
-        raise fail(f"{address} is in the public range; a private pool needs 232-239")
+        raise fail(
+            f"{address} is in the public range; a private pool needs a group in "
+            f"{naming.DEFAULT_PLAN}"
+        )
     existing = [out / f"{n}.key" for n in names if (out / f"{n}.key").exists()]
     if existing and not force:
         raise fail(f"{existing[0]} exists (use --force to replace the keys)")
@@ -602,7 +628,7 @@ def private_create(
         raise fail(f"cannot write the key files in {out}: {exc.strerror}", 2) from None
     _publish(record, server, zone, tsig)
     print(
-        f"private pool {record.alias} -> {record.group}: record published, "
+        f"private pool {record.alias} -> {_groups_text(record)}: record published, "
         f"keys for {', '.join(names)} in {out}/"
     )
     print("ready to begin: each participant signs its joins with its key file")
@@ -612,6 +638,33 @@ def _private_group(alias: str) -> str:
     """A stable private group address for an alias, in 233.0.0.0-239.255.255.255."""
     digest = hashlib.sha256(alias.lower().rstrip(".").encode()).digest()
     return str(ipaddress.IPv4Address(0xE9000000 + int.from_bytes(digest[:4], "big") % (0x07000000)))
+
+
+@dns_app.command("show")
+def dns_show(
+    name: Annotated[str, typer.Argument(help="The pool's alias, or any of its group addresses.")],
+    server: Annotated[str, typer.Option(help="The DNS server, HOST:PORT.")] = "127.0.0.1:53",
+) -> None:
+    """Show a pool's whole record (Fig 4), found by its alias or by any of its groups."""
+    try:
+        ipaddress.ip_address(name)
+        by_group = True
+    except ValueError:
+        by_group = False
+    try:
+        address = _server(server)
+        record = (
+            naming.lookup_group(name, address) if by_group else naming.lookup_alias(name, address)
+        )
+    except naming.NamingError as exc:
+        raise fail(f"{name}: {exc}", 1) from None
+    kinds = ", ".join(f"{g} ({'A' if g.version == 4 else 'AAAA'})" for g in record.groups)
+    print(f"alias:  {record.alias}")
+    print(f"groups: {kinds}")
+    print(f"owner:  {record.owner}")
+    print(f"flag:   {'private' if record.private else 'public'}")
+    print(f"key:    {auth.encode_public(record.public_key)}")
+    print(f"ttl:    {record.ttl}")
 
 
 @dns_app.command("serve")
