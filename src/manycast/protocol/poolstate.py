@@ -30,9 +30,9 @@ MEMBERS_OP_BYTES = 1024
 class PoolSettings:
     """What every server of a pool is configured with."""
 
-    group: ipaddress.IPv4Address
+    group: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
-    control_group: ipaddress.IPv4Address
+    control_group: ipaddress.IPv4Address | ipaddress.IPv6Address
     control_port: int
     space: AddressSpace
     members: tuple[str, ...]

@@ -126,7 +126,7 @@ class Server(Node):
             self.redirector = Redirector(
                 name,
                 ipv4_only(self.address, "technique D"),
-                settings.group,
+                ipv4_only(settings.group, "technique D"),
                 settings.port,
                 self.endpoint,
                 self.app,

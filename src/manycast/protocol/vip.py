@@ -324,7 +324,7 @@ class VipRouter(Node):
 
     def _act(self) -> None:
         for message in self.observer.take_messages():
-            self._send_control(self.settings.control_group, message)
+            self._send_control(ipv4_only(self.settings.control_group, "a VIP pool"), message)
         self.observer.take_new_allocation()
 
     def _advertise(self, now: float) -> None:
