@@ -6,8 +6,9 @@ clients to check a change of destination (Fig 21). The package, by concept:
 * `manycast.addressplan` (re-exported here): the address plan (Fig 2) and the
   naming errors `NamingError`, `NamingTimeout`, `NamingRefused`, `BadRecord`.
 * `keyrecord`: the TXT key record's codec.
-* `records`: `PoolRecord` as four RRsets (A, TXT, PTR, TXT) and their strict decoding.
-* `zone`: master files for the pool zone and the multicast reverse zones.
+* `records`: `PoolRecord` as RRsets (A and/or AAAA, TXT; PTR and TXT at each group's
+  reverse name) and their strict decoding; IPv4, IPv6 and dual-stack pools.
+* `zone`: master files for the pool zone and the multicast reverse zones of both families.
 * `tsig`: the TSIG keys that sign updates.
 * `transport`: queries and updates as sans-I/O steps, driven sync or on asyncio.
 * `client`: lookups by alias or group, publish and withdraw.
@@ -17,6 +18,7 @@ clients to check a change of destination (Fig 21). The package, by concept:
 
 from manycast.addressplan import (
     DEFAULT_PLAN,
+    DEFAULT_PRIVATE_RANGES,
     AddressPlan,
     BadRecord,
     NamingError,
@@ -49,6 +51,7 @@ from manycast.naming.zone import MULTICAST_REVERSE_ZONES, pool_zones, zone_text
 
 __all__ = [
     "DEFAULT_PLAN",
+    "DEFAULT_PRIVATE_RANGES",
     "KEY_TTL",
     "MULTICAST_REVERSE_ZONES",
     "AddressPlan",
