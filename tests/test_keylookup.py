@@ -53,11 +53,6 @@ def served(zones: dict[str, str]) -> Iterator[tuple[str, int]]:
 
 
 @pytest.fixture
-def good() -> Iterator[tuple[str, int]]:
-    yield from served(pool_zones(ZONE, [RECORD]))
-
-
-@pytest.fixture
 def empty() -> Iterator[tuple[str, int]]:
     yield from served(pool_zones(ZONE, []))
 
