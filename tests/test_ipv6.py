@@ -10,17 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from manycast.errors import ManycastError
 from manycast.pool import build
 from manycast.ports import free_base_port
+from manycast.protocol.membership import record_for, report_packets
+from manycast.protocol.node import Interface
 from manycast.protocol.querier import QUERY_RESPONSE_S
+from manycast.protocol.router6 import Router6
 from manycast.runtime import PoolRun
+from manycast.space import Portion, PortionSet
 from manycast.topology import TopologyError, builtin, bundled, loads
+from manycast.wire.ip import IPPROTO_UDP, IPv6Packet, UDPDatagram
+from manycast.wire.membership import MaskPair, MLDv2Report, RecordType
 from pooltools import DEADLINE, Settled, every, patient, requests_ok, run_pool_until, served_now
 
 FAMILIES = (4, 6)
@@ -106,6 +115,19 @@ def test_demo6_is_bundled_beside_demo_with_the_same_scenario() -> None:
     steps = [dataclasses.replace(s, line=0) for s in demo6.scenario]
     assert steps == [dataclasses.replace(s, line=0) for s in demo.scenario]
     assert set(demo6.clients) == set(demo.clients) and set(demo6.servers) == set(demo.servers)
+
+
+def test_demo6_runs_as_the_ipv4_demo_does() -> None:
+    """The first 6 s of both demos on the virtual clock (the share change at 5 s): the
+    same clients disrupted, served again as soon, every client served."""
+    events = {}
+    for name in ("demo", "demo6"):
+        run = PoolRun(builtin(name), "memory", 1)
+        run.network.run_until(6.0)  # type: ignore[union-attr]
+        assert served_now(run), name
+        events[name] = run.summary()["events"]
+    assert events["demo6"] == events["demo"]
+    assert events["demo"][0]["affected_clients"] > 0
 
 
 REFUSED = {
@@ -267,3 +289,80 @@ def test_a_restarted_router_learns_every_member_from_its_queries(family: int) ->
     network.run_until(2.0 + QUERY_RESPONSE_S + 0.02)  # type: ignore[union-attr]
     servers = {int(s.address) for s in run.nodes.servers.values()}
     assert set(fresh.members.get(int(run.topology.pool.control_group), {})) == servers
+
+
+# -- the IPv6 router on its own ------------------------------------------------------------
+
+S1 = ipaddress.IPv6Address("2001:db8:fffe::2")
+ODD = PortionSet((Portion(6, 1, 1),))  # sources whose last bit is 1
+
+
+def router6() -> Router6:
+    """eth0 toward the other routers, eth1 the link to server S1."""
+    interfaces = {
+        "eth0": Interface("eth0", "up", *_on("2001:db8:ffff::1/64")),
+        "eth1": Interface("eth1", "s1", *_on("2001:db8:fffe::1/64")),
+    }
+    return Router6(
+        "r", interfaces, [], ["eth0"], neighbors={"eth0": (int(_on("2001:db8:ffff::2/64")[0]),)}
+    )
+
+
+def _on(text: str) -> tuple[ipaddress.IPv6Address, ipaddress.IPv6Network]:
+    interface = ipaddress.IPv6Interface(text)
+    return interface.ip, interface.network
+
+
+def mld_join(portions: PortionSet = ODD) -> bytes:
+    group = ipaddress.IPv6Address(GROUP[6])
+    records = [record_for(group, portions, RecordType.MODE_IS_INCLUDE)]
+    [packet] = report_packets(records, S1, 1000, 1, random.Random(1))
+    return packet
+
+
+def test_an_mld_join_is_admitted_forwarded_by_and_relayed_with_its_masks() -> None:
+    r = router6()
+    r.receive("eth1", mld_join(), 0.0)
+    assert r.membership() == {GROUP[6]: {str(S1): "::1/::1"}}
+    [relayed] = r.take_frames()
+    assert relayed.iface == "eth0"
+    ip = IPv6Packet.from_wire(relayed.packet)
+    assert ip.header.src == r.interfaces["eth0"].address and ip.header.hop_limit == 1
+    assert ip.hop_by_hop is not None and ip.hop_by_hop.router_alert == 0
+    # The checksum covers the relaying router's address: the next router accepts it.
+    report = MLDv2Report.from_wire(ip.payload, ip.header.src, ip.header.dst)
+    assert report.records[0].include_masks[0] == MaskPair(1, 1)
+    # A client packet from an odd source goes to S1, an even one nowhere.
+    for source, copies in (("2001:db8:a::3", 1), ("2001:db8:a::4", 0)):
+        src, dst = ipaddress.IPv6Address(source), ipaddress.IPv6Address(GROUP[6])
+        packet = IPv6Packet.make(
+            src, dst, IPPROTO_UDP, UDPDatagram(1, 7000, b"x").to_wire(src, dst)
+        )
+        r.receive("eth0", packet.to_wire(), 0.0)
+        frames = r.take_frames()
+        assert len(frames) == copies
+        if copies:
+            forwarded = IPv6Packet.from_wire(frames[0].packet)
+            assert frames[0].iface == "eth1" and forwarded.header.hop_limit == 63
+
+
+@given(st.integers(0, len(mld_join()) - 1), st.integers(1, 255))
+def test_an_mld_join_with_any_byte_corrupted_changes_nothing(position: int, flip: int) -> None:
+    # Nothing covers bytes 0-3 but the version (the traffic class and flow label: IPv6
+    # has no header checksum) nor byte 46, the Hop-by-Hop padding's type (a receiver
+    # skips an unknown option of type 0-63): changed, the join is still the join.
+    assume(position >= 4 or (position == 0 and flip & 0xF0))
+    assume(position != 46)
+    wire = bytearray(mld_join())
+    wire[position] ^= flip
+    r = router6()
+    r.receive("eth1", bytes(wire), 0.0)
+    assert r.membership() == {}
+
+
+@given(st.binary(max_size=120))
+def test_arbitrary_bytes_never_raise_in_an_ipv6_router(packet: bytes) -> None:
+    r = router6()
+    r.receive("eth1", mld_join(), 0.0)
+    r.receive("eth1", packet, 0.0)
+    r.receive("eth0", b"\x60" + packet, 0.0)

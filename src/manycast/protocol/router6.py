@@ -99,6 +99,9 @@ class Router6(Router):
             ip = IPv6Packet.from_wire(packet)
             if ip.protocol != IPPROTO_ICMPV6 or ip.payload[:1] != bytes((MLD_V2_REPORT,)):
                 raise WireError("not an MLDv2 report")
+            # RFC 3810 §5: link-local, with a Router Alert for MLD, or discarded.
+            if ip.header.hop_limit != 1 or ip.hop_by_hop is None or ip.hop_by_hop.router_alert != 0:
+                raise WireError("an MLDv2 report needs hop limit 1 and a Router Alert (MLD)")
             report = MLDv2Report.from_wire(ip.payload, ip.header.src, ip.header.dst)
         except WireError:
             self.stats.malformed += 1
