@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from manycast.auth import ReplayCache
@@ -152,9 +152,9 @@ def _ipv4(number: int) -> Address:
 class Router(Node):
     """An IPv4 network's router (`router6.Router6`: an IPv6 network's)."""
 
-    # What differs between the families where the code is shared: how a forwarded
-    # packet's TTL (hop limit) drops, and an address from its integer.
-    _decrement = staticmethod(decrement_ttl_v4)
+    # What differs between the families where the code is shared: an address from its
+    # integer, and (`_decrement`, set in __init__: an instance attribute is the
+    # cheaper lookup per packet) how a forwarded packet's TTL or hop limit drops.
     _address = staticmethod(_ipv4)
 
     def __init__(
@@ -187,6 +187,7 @@ class Router(Node):
         R4, whose servers tag the connections they give up onto their trees
         (`vip_servers` names them)."""
         super().__init__(name, interfaces)
+        self._decrement: Callable[[bytes], bytes] = decrement_ttl_v4
         self._neighbors = neighbors or {}  # router-facing interface -> neighbour routers' addresses
         self.hold_time = hold_time
         self.sender_hold = hold_time if sender_hold is None else sender_hold

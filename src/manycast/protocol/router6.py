@@ -64,13 +64,13 @@ class _Unserved(FastPath):
 class Router6(Router):
     """A router of an IPv6 network (every interface address IPv6)."""
 
-    _decrement = staticmethod(decrement_hop_limit_v6)
     _address = staticmethod(_ipv6)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """`Router`'s arguments; the pool gives it no admission (signed joins), VIP or
         R4 group (`topology.compiler` refuses those for IPv6)."""
         super().__init__(*args, **kwargs)
+        self._decrement = decrement_hop_limit_v6
         self.fast_path = _Unserved(self.interfaces, self.stats)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
