@@ -28,13 +28,16 @@ from collections.abc import Iterator
 
 import pytest
 
-from manycast.drivers import netns
+from manycast.drivers import mroute, netns
 from manycast.drivers.kernel.portion_plane import PortionPlane, compile_portions
 from manycast.drivers.mroute6 import (
+    MLD_TYPES,
     MRT6MSG_NOCACHE,
     Mroute6Socket,
     Received6,
     Upcall6,
+    icmp6_filter,
+    parse_cache6,
     parse_upcall6,
     sockaddr_in6,
 )
@@ -144,6 +147,37 @@ def test_parse_upcall6_tells_an_upcall_from_an_icmpv6_message() -> None:
     assert parse_upcall6(bytes([143]) + upcall[1:]) is None  # an MLDv2 report's type
     assert parse_upcall6(upcall[:39]) is None
     assert len(sockaddr_in6(int(GROUP))) == 28
+
+
+def test_proc_tables_parse() -> None:
+    """/proc/net/ip6_mr_cache and ip6_mr_vif as this kernel prints them (a lab's router)."""
+    cache = (
+        "Group                            Origin                           Iif      Pkts  Bytes"
+        "     Wrong  Oifs\n"
+        "ff3e:0000:0000:0000:0000:0000:8000:0001 2001:0db8:000a:0000:0000:0000:0000:0002 1"
+        "          2      108        0  0:1  \n"
+        "ff15:0000:0000:0000:0000:0000:0077:0001 2001:0db8:fffe:0000:0000:0000:0000:0002 2"
+        "        343    37387        0  0:1   3:1  \n"
+        "ff3e:0000:0000:0000:0000:0000:8000:0001 2001:0db8:000a:0000:0000:0000:0000:0009 -1"
+        "          0        0        0\n"
+    )
+    first, second, third = parse_cache6(cache)
+    assert (str(first.group), str(first.source)) == ("ff3e::8000:1", "2001:db8:a::2")
+    assert (first.parent, first.packets, first.bytes, first.outs) == (1, 2, 108, (0,))
+    assert second.outs == (0, 3) and second.resolved
+    assert not third.resolved
+    # The MIF table's first columns are the VIF table's.
+    mifs = mroute.parse_vifs(
+        "Interface      BytesIn  PktsIn  BytesOut PktsOut Flags\n"
+        " 2 eth2          74665     685     74774     686 00000\n"
+    )
+    assert mifs == [mroute.Vif(2, "eth2", 685, 686)]
+
+
+def test_the_icmpv6_filter_passes_mld_only() -> None:
+    words = struct.unpack("@8I", icmp6_filter(MLD_TYPES))
+    blocked = {kind for kind in range(256) if words[kind >> 5] >> (kind & 31) & 1}
+    assert set(range(256)) - blocked == {130, 131, 132, 143}
 
 
 def test_the_kernel_forwards_an_entry_installed_on_its_upcall_and_reports_mld(

@@ -12,8 +12,10 @@ Closing it (or the process dying) removes every MIF and entry.
 
 Unlike IPv4's, a raw ICMPv6 socket reads no IP header: a packet is its ICMPv6
 message, with the source from the socket address and the destination, the
-interface and the hop limit from ancillary data. An upcall has a zero first
-byte, where an ICMPv6 message has its type (never 0).
+interface, the hop limit and the Hop-by-Hop header (its Router Alert) from
+ancillary data. An upcall has a zero first byte, where an ICMPv6 message has its
+type (never 0). An ICMPv6 filter keeps the socket to MLD: neighbour discovery and
+the rest never reach it.
 
 Structures, packed with native alignment:
 
@@ -43,6 +45,9 @@ IF_SETSIZE = 256
 SIOCGETSGCNT_IN6 = 0x89E0 + 1  # SIOCPROTOPRIVATE + 1
 IPV6_RECVPKTINFO, IPV6_PKTINFO = 49, 50
 IPV6_RECVHOPLIMIT, IPV6_HOPLIMIT = 51, 52
+IPV6_RECVHOPOPTS, IPV6_HOPOPTS = 53, 54
+ICMP6_FILTER = 1  # at level IPPROTO_ICMPV6
+MLD_TYPES = (130, 131, 132, 143)  # query, v1 report, v1 done, v2 report
 ALL_MLDV2_ROUTERS = "ff02::16"
 
 _MIF6CTL = struct.Struct("@HBBHI")
@@ -77,6 +82,7 @@ class Received6:
     destination: ipaddress.IPv6Address | None  # None: the kernel gave no pktinfo
     hop_limit: int | None
     message: bytes  # from the ICMPv6 type on
+    hop_by_hop: bytes | None = None  # the Hop-by-Hop header as received, if any
 
 
 def parse_upcall6(data: bytes) -> Upcall6 | None:
@@ -93,6 +99,15 @@ def sockaddr_in6(address: int) -> bytes:
 
 def mreq6(group: str, ifindex: int) -> bytes:
     return _MREQ6.pack(ipaddress.IPv6Address(group).packed, ifindex)
+
+
+def icmp6_filter(passed: Iterable[int]) -> bytes:
+    """An ICMP6_FILTER value (<netinet/icmp6.h>: a bit per type, set = blocked) that
+    passes only the types `passed`."""
+    words = [0xFFFFFFFF] * 8
+    for kind in passed:
+        words[kind >> 5] &= ~(1 << (kind & 31))
+    return struct.pack("@8I", *words)
 
 
 def _ifset(mifs: Iterable[int]) -> bytes:
@@ -114,6 +129,8 @@ class Mroute6Socket:
             raise
         self.sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
         self.sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPLIMIT, 1)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVHOPOPTS, 1)
+        self.sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, icmp6_filter(MLD_TYPES))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.setblocking(False)
 
@@ -167,7 +184,7 @@ class Mroute6Socket:
             if upcall is not None:
                 yield upcall
                 continue
-            ifindex, destination, hop_limit = 0, None, None
+            ifindex, destination, hop_limit, hop_by_hop = 0, None, None, None
             for level, kind, value in ancdata:
                 if level != socket.IPPROTO_IPV6:
                     continue
@@ -176,10 +193,56 @@ class Mroute6Socket:
                     destination = ipaddress.IPv6Address(packed)
                 elif kind == IPV6_HOPLIMIT and len(value) >= 4:
                     hop_limit = _INT.unpack_from(value)[0]
+                elif kind == IPV6_HOPOPTS:
+                    hop_by_hop = bytes(value)
             source = ipaddress.IPv6Address(address[0].split("%")[0])
-            yield Received6(ifindex, source, destination, hop_limit, data)
+            yield Received6(ifindex, source, destination, hop_limit, data, hop_by_hop)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.setsockopt(socket.IPPROTO_IPV6, MRT6_DONE, 1)
         self.sock.close()
+
+
+# -- the kernel's tables, as /proc shows them -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry6:
+    """One line of /proc/net/ip6_mr_cache (the fields of `mroute.CacheEntry`)."""
+
+    group: ipaddress.IPv6Address
+    source: ipaddress.IPv6Address
+    parent: int  # incoming MIF (-1 on an unresolved entry)
+    packets: int
+    bytes: int
+    wrong_if: int
+    outs: tuple[int, ...]  # outgoing MIFs
+
+    @property
+    def resolved(self) -> bool:
+        return self.parent >= 0
+
+
+def parse_cache6(text: str) -> list[CacheEntry6]:
+    """/proc/net/ip6_mr_cache: `group origin iif pkts bytes wrong oif:ttl...`, the
+    addresses written out in full (%pI6)."""
+    entries = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        parent = int(fields[2])
+        outs = tuple(int(f.split(":")[0]) for f in fields[6:] if ":" in f)
+        entries.append(
+            CacheEntry6(
+                ipaddress.IPv6Address(fields[0]),
+                ipaddress.IPv6Address(fields[1]),
+                -1 if parent >= 0xFFFF or parent < 0 else parent,
+                int(fields[3]),
+                int(fields[4]),
+                int(fields[5]),
+                outs,
+            )
+        )
+    return entries

@@ -6,6 +6,12 @@ the router as sent; the clients' ports isolated, so no client hears another's),
 every address and route, and IP forwarding in the routers.
 Nothing of it ever exists in the root namespace; only the host's neighbour table
 limits, shared by every namespace, are raised to fit it (`neighbours.py`).
+
+An IPv6 topology (its pool's space is IPv6) gets the same network with its IPv6
+addresses; every interface also has the link-local address the kernel gives it.
+Duplicate address detection is off in its namespaces, set before any interface
+exists, so that every address is usable at once instead of after a second or
+more of probing (the addresses are the topology's, unique by construction).
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ from collections.abc import Callable
 from typing import Any
 
 from manycast.drivers import netns
-from manycast.lab.neighbours import fit_neighbour_table
+from manycast.lab.neighbours import NEIGH, NEIGH6, fit_neighbour_table
 from manycast.topology import Attachment, Topology
 
 
 def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
     """Build `topology`; `ns(node)` is the name of `node`'s namespace."""
-    fit_neighbour_table(len(topology.interfaces))
+    family = topology.pool.space.family
+    fit_neighbour_table(len(topology.interfaces), NEIGH6 if family == 6 else NEIGH)
     for node in sorted(topology.interfaces):
         netns.create(ns(node))
+        if family == 6:
+            # Before the interfaces: each takes the `default` values when created.
+            no_dad = {f"net.ipv6.conf.{c}.accept_dad": "0" for c in ("all", "default")}
+            netns.sysctl(ns(node), no_dad)
     # Links are made from one end: a veth's peer is created directly in the
     # other namespace; a LAN is a bridge in its router's namespace.
     for link in topology.links.values():
@@ -62,12 +73,13 @@ def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
                 if route.next_hop is not None:
                     netns.route(ipr, str(route.network), str(route.next_hop))
             if node in topology.gateways:
-                netns.route(ipr, "0.0.0.0/0", str(topology.gateways[node][1]))
+                default = "::/0" if family == 6 else "0.0.0.0/0"
+                netns.route(ipr, default, str(topology.gateways[node][1]))
 
         netns.configure(ns(node), setup)
     for name in topology.routers:
         # Forwarding on; no reverse-path filter (the benchmark's sources are
-        # many addresses behind one client interface).
+        # many addresses behind one client interface). IPv6 has none.
         values = {
             "net.ipv4.ip_forward": "1",
             "net.ipv4.conf.all.rp_filter": "0",
@@ -75,6 +87,9 @@ def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
         }
         for ifname in topology.interfaces[name]:
             values[f"net.ipv4.conf.{ifname}.rp_filter"] = "0"
+        if family == 6:
+            # Multicast forwarding is the MRT6 socket's (the router daemon's) to turn on.
+            values["net.ipv6.conf.all.forwarding"] = "1"
         netns.sysctl(ns(name), values)
     if topology.pool.vip is not None:
         from manycast.lab.vipnet import build_vip_plane

@@ -1,4 +1,5 @@
-"""The host's IPv4 neighbour table, made large enough for a lab's namespaces.
+"""The host's neighbour tables (ARP, and IPv6's neighbour discovery), made large
+enough for a lab's namespaces.
 
 Linux keeps one ARP table for all network namespaces, with one set of limits
 (`net.ipv4.neigh.default.gc_thresh1..3`, 128 / 512 / 1024 by default). Every lab
@@ -9,6 +10,9 @@ limit of 1024 the table stays full, and a packet whose neighbour cannot be creat
 is dropped where it is sent: a client's request never reaches its router (no
 NOCACHE upcall, so no forwarding entry), a router's answer never reaches the
 client, a server's control message never reaches its gateway.
+
+IPv6 keeps its own table with its own limits (`net.ipv6.neigh.default.*`, the
+same defaults); an IPv6 lab raises those the same way.
 
 The limits are raised for the lab, never lowered (other labs may share the host),
 and left raised: they are limits, not reservations.
@@ -22,6 +26,7 @@ from pathlib import Path
 log = logging.getLogger("manycast.lab")
 
 NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
+NEIGH6 = Path("/proc/sys/net/ipv6/neigh/default")
 STATS = Path("/proc/net/stat/arp_cache")
 PER_NAMESPACE = 4  # entries a lab namespace may hold, with room to spare
 

@@ -1,10 +1,11 @@
 """The lab's clients: one process that plays every client of the topology.
 
-Each client asks the service from its own namespace and address, `rate` times a
-second, and keeps a `ClientStats` as an in-process client does, so the one
-summary measures the lab exactly as the memory driver: an answer is a request
-that succeeded (its latency, its time); a request with no answer within
-`timeout` failed, and is a disruption at the time it was sent.
+Each client asks the service from its own namespace and address (IPv4 or IPv6,
+the pool's family), `rate` times a second, and keeps a `ClientStats` as an
+in-process client does, so the one summary measures the lab exactly as the
+memory driver: an answer is a request that succeeded (its latency, its time); a
+request with no answer within `timeout` failed, and is a disruption at the time
+it was sent.
 
 In a private pool each client also registers as a sender, as `Client` does: a
 signed join naming only itself, first when it first asks and then every
@@ -105,9 +106,7 @@ class Prober:
             for index, name in enumerate(names):
                 spec = topology.clients[name]
                 address = str(topology.address(name))
-                sock = netns.socket_in(lab.ns(name), socket.AF_INET, socket.SOCK_DGRAM)
-                sock.bind((address, 0))
-                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, CLIENT_TTL)
+                sock = _client_socket(lab.ns(name), address)
                 sock.setblocking(False)
                 interval = _interval(spec.rate)
                 # Spread the first requests over one interval.
@@ -236,6 +235,24 @@ class Prober:
             client.sock.close()
             if client.igmp is not None:
                 client.igmp.close()
+
+
+def _client_socket(ns: str, address: str) -> socket.socket:
+    """A UDP socket inside `ns` bound to the client's `address`, whose requests to the
+    group may cross CLIENT_TTL routers."""
+    if ipaddress.ip_address(address).version == 6:
+        sock = netns.socket_in(ns, socket.AF_INET6, socket.SOCK_DGRAM)
+        option = (socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS)
+    else:
+        sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+        option = (socket.IPPROTO_IP, socket.IP_MULTICAST_TTL)
+    try:
+        sock.bind((address, 0))
+        sock.setsockopt(*option, CLIENT_TTL)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _report_socket(ns: str, iface: str) -> socket.socket:

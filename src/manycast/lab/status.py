@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from manycast.drivers import mroute, netns
+from manycast.drivers import mroute, mroute6, netns
 from manycast.errors import LabError
 from manycast.lab.build import Lab, require_root
 from manycast.lab.daemons import ROLES_OF
@@ -22,8 +22,8 @@ class NodeStatus:
 
 @dataclass
 class RouterTables:
-    vifs: list[mroute.Vif]
-    entries: list[mroute.CacheEntry]
+    vifs: list[mroute.Vif]  # (MIFs in an IPv6 lab)
+    entries: list[mroute.CacheEntry] | list[mroute6.CacheEntry6]
 
 
 @dataclass

@@ -4,6 +4,10 @@ The core's membership reports leave on a raw IGMP socket (Router Alert, TTL 1,
 to 224.0.0.22) exactly as the core built them; control messages travel on an
 ordinary UDP socket on the control port, joined to the control group, and come
 back to the core as whole IPv4 packets (`sockets.udp_packet`).
+
+On an IPv6 network (the control group is IPv6) the reports are MLDv2 (hop limit 1,
+Hop-by-Hop Router Alert, to ff02::16), sent whole on a raw IPv6 socket
+(`sockets.raw_sender`), and the control socket is UDP over IPv6.
 """
 
 from __future__ import annotations
@@ -15,11 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from manycast.drivers.kernel.loop import KernelLoop
-from manycast.drivers.kernel.sockets import control_socket, recv_with_pktinfo, udp_packet
+from manycast.drivers.kernel.sockets import (
+    control_socket,
+    family_of,
+    raw_sender,
+    recv_with_pktinfo,
+    udp_packet,
+)
 from manycast.drivers.mroute import ALL_V3_ROUTERS, mreqn
+from manycast.drivers.mroute6 import ALL_MLDV2_ROUTERS, mreq6
 from manycast.protocol.node import Frame
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_IGMP, IPPROTO_UDP, IPv4Packet, UDPDatagram, peek_v4
+from manycast.wire.ip import IPPROTO_ICMPV6, IPPROTO_IGMP, IPPROTO_UDP, UDPDatagram, parse_packet
 
 log = logging.getLogger("manycast.kernel.endpoint")
 
@@ -34,8 +45,8 @@ class EndpointStats:
 
 
 class ControlEndpoint:
-    """The IGMP and control-port sockets of one host on `iface`; each datagram received
-    goes to `deliver(packet)` as an IPv4 packet."""
+    """The report and control-port sockets of one host on `iface`; each datagram
+    received goes to `deliver(packet)` as an IP packet (the control group's family)."""
 
     def __init__(
         self,
@@ -49,19 +60,37 @@ class ControlEndpoint:
         self.deliver = deliver
         self.stats = EndpointStats()
         ifindex = socket.if_nametoindex(iface)
-        self.igmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IGMP)
-        self.igmp.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
-        self.igmp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
-        self.igmp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn("0.0.0.0", ifindex))
-        self.udp = control_socket(control_port)
-        self.udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn("0.0.0.0", ifindex))
-        self.udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, CONTROL_TTL)
-        self.udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-        self.udp.setsockopt(
-            socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn(control_group, ifindex)
-        )
+        self.family = family_of(control_group)
+        self.udp = control_socket(control_port, self.family)
+        if self.family == 6:
+            self.reports_to: tuple[str, int] | tuple[str, int, int, int] = (
+                ALL_MLDV2_ROUTERS,
+                0,
+                0,
+                ifindex,
+            )
+            self.igmp = raw_sender(iface, 6)
+            v6 = socket.IPPROTO_IPV6
+            self.udp.setsockopt(v6, socket.IPV6_MULTICAST_IF, ifindex)
+            self.udp.setsockopt(v6, socket.IPV6_MULTICAST_HOPS, CONTROL_TTL)
+            self.udp.setsockopt(v6, socket.IPV6_MULTICAST_LOOP, 0)
+            self.udp.setsockopt(v6, socket.IPV6_JOIN_GROUP, mreq6(control_group, ifindex))
+        else:
+            self.reports_to = (ALL_V3_ROUTERS, 0)
+            self.igmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IGMP)
+            self.igmp.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+            self.igmp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+            multicast_if = mreqn("0.0.0.0", ifindex)
+            self.igmp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, multicast_if)
+            self.udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, multicast_if)
+            self.udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, CONTROL_TTL)
+            self.udp.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+            self.udp.setsockopt(
+                socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn(control_group, ifindex)
+            )
+            # (The IPv6 reports' IPPROTO_RAW socket receives nothing.)
+            loop.watch(self.igmp, self._drain_igmp)
         loop.watch(self.udp, self._on_udp)
-        loop.watch(self.igmp, self._drain_igmp)
 
     def _drain_igmp(self) -> None:
         # The raw IGMP socket also sees the host's own IGMP traffic: nothing to do with it.
@@ -79,13 +108,12 @@ class ControlEndpoint:
         """Send a report or a control message the core built; False for anything else."""
         packet = frame.packet
         try:
-            protocol = peek_v4(packet)[2]
-            if protocol == IPPROTO_IGMP:
-                self.igmp.sendto(packet, (ALL_V3_ROUTERS, 0))
+            ip = parse_packet(packet)
+            if ip.protocol in (IPPROTO_IGMP, IPPROTO_ICMPV6):
+                self.igmp.sendto(packet, self.reports_to)
                 self.stats.reports_sent += 1
                 return True
-            if protocol == IPPROTO_UDP:
-                ip = IPv4Packet.from_wire(packet)
+            if ip.protocol == IPPROTO_UDP:
                 udp = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
                 self.udp.sendto(udp.payload, (str(ip.header.dst), udp.dst_port))
                 self.stats.control_sent += 1

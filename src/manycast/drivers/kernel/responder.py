@@ -1,8 +1,9 @@
 """The service the lab serves: a UDP counter on the group port that knows nothing of manycast.
 
-It receives with an ordinary socket joined to the group, answers `<server> <count>`
-to each datagram and keeps per-source counts in `<node>.counts.json` (rewritten
-every half second). Any other program (socat, iperf) can stand in for it.
+It receives with an ordinary socket joined to the group (IPv4 or IPv6, as the
+group is), answers `<server> <count>` to each datagram and keeps per-source
+counts in `<node>.counts.json` (rewritten every half second). Any other program
+(socat, iperf) can stand in for it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 from manycast.drivers.kernel.control import counts_path
 from manycast.drivers.kernel.loop import KernelLoop
+from manycast.drivers.kernel.sockets import family_of
 from manycast.drivers.mroute import mreqn
+from manycast.drivers.mroute6 import mreq6
 
 DUMP_EVERY = 0.5
 ECHO_LIMIT = 64  # bytes of a request echoed in its answer
@@ -39,12 +42,18 @@ class Responder:
     def run(self) -> None:
         """Serve until SIGTERM; the counts file is written once more on the way out."""
         loop = KernelLoop(self.run_dir, self.name, "service")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        ifindex = socket.if_nametoindex(self.iface)
+        v6 = family_of(self.group) == 6
+        sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind(("0.0.0.0", self.port))
-        ifindex = socket.if_nametoindex(self.iface)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn(self.group, ifindex))
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::", self.port))
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq6(self.group, ifindex))
+        else:
+            sock.bind(("0.0.0.0", self.port))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn(self.group, ifindex))
         name = self.name.encode()
 
         def readable() -> None:

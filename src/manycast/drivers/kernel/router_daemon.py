@@ -23,6 +23,14 @@ away from an owner that is still a member (take an outgoing interface away, not
 only add one), the old entry stays while its kernel packet counter keeps
 increasing, and is rewritten once it has been idle for `pin_idle` seconds.
 
+On an IPv6 network (the pool's space is IPv6) the same daemon hosts a `Router6`
+on the MRT6 socket (`mroute6.py`): a MIF per interface, ff02::16 joined on each,
+MLDv2 reports read without their IP header and handed to the core whole again
+(source, destination, hop limit and the Hop-by-Hop header as the kernel reported
+them), the core's frames sent on raw IPv6 sockets, and the portion plane in table
+`netdev manycast6`. Plain MLD reports (the hosts' kernels' own, from link-local
+addresses) are ignored as IGMP's are.
+
 With `plane="portions"` the pool's group is forwarded by the portion plane
 (`portion_plane.py`): one nftables map element per portion, rewritten in one
 transaction when the group's members change; no upcall, no per-source entry.
@@ -46,15 +54,30 @@ from typing import TYPE_CHECKING, Any
 from manycast.drivers.kernel import tcp_steer
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.drivers.kernel.portion_plane import PlaneError, PortionPlane, compile_portions
-from manycast.drivers.kernel.sockets import control_socket, recv_with_pktinfo, udp_packet
-from manycast.drivers.mroute import IGMPMSG_NOCACHE, MrouteSocket, Received, mreqn
+from manycast.drivers.kernel.sockets import (
+    control_socket,
+    destination,
+    raw_sender,
+    recv_with_pktinfo,
+    udp_packet,
+)
+from manycast.drivers.mroute import IGMPMSG_NOCACHE, MrouteSocket, Received, Upcall
+from manycast.drivers.mroute6 import Mroute6Socket, Received6
 from manycast.naming import key_from_directory
 from manycast.protocol.node import Frame, Node
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.router import GroupChanged, KeyNeeded
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_IGMP, IPv4Packet, peek_v4
-from manycast.wire.membership import IGMP_V3_REPORT, IGMPv3Report
+from manycast.wire.ip import (
+    IPPROTO_ICMPV6,
+    IPPROTO_IGMP,
+    HopByHop,
+    IPv4Packet,
+    IPv6Packet,
+    peek_v4,
+    peek_v6,
+)
+from manycast.wire.membership import IGMP_V3_REPORT, MLD_V2_REPORT, IGMPv3Report, MLDv2Report
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -91,7 +114,7 @@ class RouterDaemonStats:
     last_install: float | None = None
 
 
-def _is_extended(report: IGMPv3Report) -> bool:
+def _is_extended(report: IGMPv3Report | MLDv2Report) -> bool:
     """Whether the report carries manycast's RFC 9279 extensions (masks or a signed join)."""
     return report.signed is not None or any(
         r.include_masks or r.exclude_masks for r in report.records
@@ -125,21 +148,24 @@ class RouterDaemon:
         # A VIP router joins the control channel with a plain report (it serves no
         # part of the space): the one plain report honoured.
         self.vip_routers = {topology.address(v) for v in topology.vip_routers}
-        self.mroute = MrouteSocket()
+        self.family = topology.pool.space.family
+        self.mroute: MrouteSocket | Mroute6Socket = (
+            Mroute6Socket() if self.family == 6 else MrouteSocket()
+        )
         self.send_socks: dict[str, socket.socket] = {}
+        self.index_of: dict[str, int] = {}
         for vif, iface in enumerate(sorted(interfaces)):
             ifindex = socket.if_nametoindex(iface)
-            self.mroute.add_vif(vif, ifindex)
+            if isinstance(self.mroute, Mroute6Socket):
+                self.mroute.add_mif(vif, ifindex)
+            else:
+                self.mroute.add_vif(vif, ifindex)
             self.mroute.join(ifindex)
             self.vif_of[iface], self.iface_of_vif[vif] = vif, iface
-            self.iface_of_index[ifindex] = iface
-            out = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            out.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
-            out.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-            out.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn("0.0.0.0", ifindex))
-            self.send_socks[iface] = out
+            self.iface_of_index[ifindex], self.index_of[iface] = iface, ifindex
+            self.send_socks[iface] = raw_sender(iface, self.family)
         # Pin requests and other unicast control messages for the router itself.
-        self.control = control_socket(topology.pool.control_port)
+        self.control = control_socket(topology.pool.control_port, self.family)
         self.entries: dict[int, dict[int, _Entry]] = {}  # group -> source -> entry
         self.dirty: set[int] = set()
         self.seen: dict[int, tuple[Any, ...]] = {}  # group -> membership last acted on
@@ -188,7 +214,9 @@ class RouterDaemon:
         """Switch the pool's group to `plane` ("mfc" or "portions"); the plane in use."""
         if plane == "portions" and self.plane_refused is None:
             if self.portions is None:
-                self.portions = PortionPlane(self._pool_group, self._plane_devices)
+                self.portions = PortionPlane(
+                    self._pool_group, self._plane_devices, family=self.family
+                )
                 self.portions.install()
             self._sync_plane()
         elif self.portions is not None:
@@ -227,8 +255,12 @@ class RouterDaemon:
         for item in self.mroute.read():
             if isinstance(item, Received):
                 self._on_igmp(item)
-            elif item.kind == IGMPMSG_NOCACHE:
-                self._on_nocache(item.vif, item.source, item.group)
+            elif isinstance(item, Received6):
+                self._on_mld(item)
+            elif item.kind == IGMPMSG_NOCACHE:  # (MRT6MSG_NOCACHE is the same 1)
+                self._on_nocache(
+                    item.vif if isinstance(item, Upcall) else item.mif, item.source, item.group
+                )
 
     def _on_igmp(self, item: Received) -> None:
         iface = self.iface_of_index.get(item.ifindex)
@@ -250,6 +282,35 @@ class RouterDaemon:
             return
         self.stats.reports += 1
         self.router.receive(iface, item.packet, self.loop.now)
+
+    def _on_mld(self, item: Received6) -> None:
+        """An MLD message (no IP header) the MRT6 socket read: the MLDv2 reports with
+        manycast's extensions go to the core, as the whole packet that came."""
+        iface = self.iface_of_index.get(item.ifindex)
+        if iface is None or item.source in self.own or item.destination is None:
+            return
+        if item.message[:1] != bytes((MLD_V2_REPORT,)):
+            return  # a query, or MLDv1: not a join for us
+        try:
+            report = MLDv2Report.from_wire(item.message, item.source, item.destination)
+            hop_by_hop = None if item.hop_by_hop is None else HopByHop.from_wire(item.hop_by_hop)
+            packet = IPv6Packet.make(
+                item.source,
+                item.destination,
+                IPPROTO_ICMPV6,
+                item.message,
+                hop_limit=item.hop_limit if item.hop_limit is not None else 0,  # unknown: refused
+                hop_by_hop=hop_by_hop,
+            ).to_wire()
+        except (WireError, ValueError):
+            self.router.stats.malformed += 1
+            self.router.stats.rejected[Refusal.MALFORMED] += 1
+            return
+        if not _is_extended(report) and item.source not in self.vip_routers:
+            self.stats.plain_reports_ignored += 1
+            return
+        self.stats.reports += 1
+        self.router.receive(iface, packet, self.loop.now)
 
     def _on_control(self) -> None:
         port = self.control.getsockname()[1]
@@ -311,8 +372,9 @@ class RouterDaemon:
             return
         hop = frame.next_hop
         try:
-            dst = peek_v4(frame.packet)[1] if hop is None else hop
-            sock.sendto(frame.packet, (_ntoa(dst), 0))
+            peek = peek_v6 if self.family == 6 else peek_v4
+            dst = peek(frame.packet)[1] if hop is None else hop
+            sock.sendto(frame.packet, destination(dst, self.family, self.index_of[frame.iface]))
         except (OSError, WireError) as exc:
             log.warning("send on %s failed: %s", frame.iface, exc)
 
@@ -447,7 +509,3 @@ class RouterDaemon:
                     self.portions.remove()
             self.mroute.close()
             self.loop.close()
-
-
-def _ntoa(address: int) -> str:
-    return socket.inet_ntoa(address.to_bytes(4, "big"))

@@ -102,7 +102,7 @@ class ServerAgent:
             return {"epoch": 0, "owners": {}}
         return {
             "epoch": self.server.coordinator.epoch,
-            "owners": {a: allocation.owner(ipaddress.IPv4Address(a)) for a in request["addresses"]},
+            "owners": {a: allocation.owner(ipaddress.ip_address(a)) for a in request["addresses"]},
         }
 
     def _set_share(self, request: dict[str, Any]) -> dict[str, Any]:
