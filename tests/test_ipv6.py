@@ -131,12 +131,10 @@ def test_demo6_runs_as_the_ipv4_demo_does() -> None:
 
 
 REFUSED = {
-    "private": ({"private": True}, "a private pool (signed MLDv2 joins)"),
     "vip": ({"approach": "vip", "vip": "2001:db8::80"}, "a VIP pool"),
     "R4": ({"technique": "R4"}, "technique R4"),
     "D": ({"technique": "D"}, "technique D"),
     "etcd": ({"coordination": "etcd"}, 'coordination = "etcd"'),
-    "dns": ({"dns": "127.0.0.1:5353"}, "publishing the pool in DNS"),
 }
 
 

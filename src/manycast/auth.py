@@ -3,7 +3,8 @@
 A private pool has one Ed25519 key pair: the public key is published in DNS,
 the private key is given to every authorized participant. A participant's join
 carries a timestamp, its address and a random key, and a signature over the
-whole report (`IGMPv3Report.signed_bytes()`). A router admits a join to a
+whole report (`signed_bytes()` of an IGMPv3 or, in an IPv6 pool, MLDv2 report:
+the same fields, with a 16-byte requester). A router admits a join to a
 private group only if, in the seed's order (Fig 6): it is not a duplicate, it
 is timely, it came from the right link (checked by the router's routing), and
 its signature verifies with the group's public key.
@@ -17,15 +18,18 @@ import stat
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from manycast.errors import ManycastError
-from manycast.wire.membership import IGMPv3Report, SignedJoin
+from manycast.wire.membership import IGMPv3Report, MLDv2Report, SignedJoin
 
 PUBLIC_KEY_BYTES = 32
+
+Report = TypeVar("Report", IGMPv3Report, MLDv2Report)
 
 
 class AuthError(ManycastError, ValueError):
@@ -81,7 +85,7 @@ def encode_public(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def sign_join(report: IGMPv3Report, key: Ed25519PrivateKey) -> IGMPv3Report:
+def sign_join(report: Report, key: Ed25519PrivateKey) -> Report:
     """The report with its signed-join signature filled in."""
     if report.signed is None:
         raise AuthError("the report carries no signed-join fields to sign")
@@ -89,7 +93,7 @@ def sign_join(report: IGMPv3Report, key: Ed25519PrivateKey) -> IGMPv3Report:
     return replace(report, signed=replace(report.signed, signature=signature))
 
 
-def verify_join(report: IGMPv3Report, key: Ed25519PublicKey) -> bool:
+def verify_join(report: IGMPv3Report | MLDv2Report, key: Ed25519PublicKey) -> bool:
     if report.signed is None or not report.signed.signature:
         return False
     try:

@@ -31,7 +31,7 @@ from manycast.naming import (
 from manycast.pool import Nodes, build
 from manycast.protocol.client import Client
 from manycast.protocol.destination import PoolKeyNeeded
-from manycast.protocol.node import Node, ipv4_only
+from manycast.protocol.node import Node
 from manycast.protocol.router import KeyNeeded, Router
 from manycast.protocol.technique import Technique
 from manycast.scenario import ScenarioEngine
@@ -262,10 +262,11 @@ class PoolRun:
         self._look_up_key(group, answer)
 
     def pool_records(self) -> list[PoolRecord]:
-        """What a private pool publishes in DNS: its group and its control channel."""
+        """What a private pool publishes in DNS: its group and its control channel (A
+        and in-addr.arpa names, or in an IPv6 pool AAAA and ip6.arpa names)."""
         pool = self.topology.pool
         return [
-            PoolRecord.create(alias, ipv4_only(group, "DNS records"), f"pool@{pool.name}", raw)
+            PoolRecord.create(alias, group, f"pool@{pool.name}", raw)
             for alias, group, raw in (
                 (pool.name, pool.group, self.nodes.directory.get(int(pool.group))),
                 (

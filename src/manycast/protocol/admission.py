@@ -1,11 +1,12 @@
 """A router's admission of joins to private groups (Fig 6), sans-I/O.
 
-Public groups are admitted. A report that names a private group must carry a
-signed join, and is refused, with its reason counted, when it is a duplicate
-(replay cache), stale (its timestamp outside the window around the router's
-clock), from the wrong link (not the interface the route toward the requester
-uses), signed with a key other than the group's, or when the group's key cannot
-be had (no record, or a record that does not validate). The key comes from DNS
+Public groups are admitted. A report (IGMPv3, or MLDv2 on an IPv6 network) that
+names a private group must carry a signed join, and is refused, with its reason
+counted, when it is a duplicate (replay cache), stale (its timestamp outside the
+window around the router's clock), from the wrong link (not the interface the
+route toward the requester uses), signed with a key other than the group's, or
+when the group's key cannot be had (no record, or a record that does not
+validate). The key comes from DNS
 through the router's owner: the admission asks for a group's key, the owner
 looks it up (I/O) and hands the answer back with its TTL; joins wait meanwhile.
 The pool's notice that a member died (`MemberDown`) passes the same checks.
@@ -31,7 +32,7 @@ from manycast.addressplan import DEFAULT_PLAN
 from manycast.auth import AuthError, ReplayCache, public_key, verify_join
 from manycast.protocol.refusal import Refusal
 from manycast.wire.control import MemberDown
-from manycast.wire.membership import IGMPv3Report
+from manycast.wire.membership import IGMPv3Report, MLDv2Report
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ class Admission:
         # group -> what was wrong with its key record, for status and logs
         self.key_errors: dict[int, str] = {}
 
-    def check(self, report: IGMPv3Report, right_link: bool, now: float) -> Verdict:
+    def check(self, report: IGMPv3Report | MLDv2Report, right_link: bool, now: float) -> Verdict:
+        """A join's verdict (IGMPv3, or MLDv2 in an IPv6 pool: the same checks)."""
         private = sorted({int(r.group) for r in report.records if self.is_private(int(r.group))})
         if not private:
             return Verdict(Refusal.WRONG_LINK) if not right_link else Verdict()

@@ -29,7 +29,7 @@ from manycast.protocol.app import Answer, Session, SessionFactory
 from manycast.protocol.destination import DestinationGuard, PoolKeyNeeded, Verdict
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import record_for
-from manycast.protocol.node import Interface, Node, ipv4_only
+from manycast.protocol.node import Interface, Node
 from manycast.protocol.querier import QueryResponder, is_query
 from manycast.protocol.refusal import RedirectRefusal
 from manycast.protocol.tcp import (
@@ -52,7 +52,14 @@ from manycast.protocol.tcp import (
 from manycast.protocol.tcp import Connected as SessionConnected
 from manycast.space import Portion, PortionSet
 from manycast.wire.ip import IPPROTO_TCP, Address
-from manycast.wire.membership import IGMPv3Report, RecordType, SignedJoin, igmp_packet
+from manycast.wire.membership import (
+    IGMPv3Report,
+    MLDv2Report,
+    RecordType,
+    SignedJoin,
+    igmp_packet,
+    mld_packet,
+)
 from manycast.wire.transport import ChangeDestination
 
 MAX_HELD = 64  # segments from a new destination kept while its change waits for the key
@@ -67,24 +74,29 @@ RECONNECT_S = (0.02, 0.1)
 
 
 def registration(
-    address: ipaddress.IPv4Address,
-    group: ipaddress.IPv4Address,
+    address: Address,
+    group: Address,
     key: Ed25519PrivateKey,
     wall: float,
     rng: random.Random,
 ) -> bytes:
     """A participant's registration as it goes on the wire: a signed join for `group`
-    whose only include mask is `address`/32, so that its first-hop router lets it
-    send to the private group without delivering the group's traffic to it.
+    whose only include mask is `address` itself (/32, or /128 in an IPv6 pool: an
+    MLDv2 report), so that its first-hop router lets it send to the private group
+    without delivering the group's traffic to it.
 
     `wall` is the sender's wall clock (seconds since the Unix epoch), which routers
     check against theirs; `rng` gives the join's random key (no two joins alike).
     """
-    me = PortionSet((Portion(4, int(address), 0xFFFFFFFF),))
+    if address.version != group.version:
+        raise ValueError(f"a registration from {address} cannot name group {group}")
+    me = PortionSet((Portion(address.version, int(address), (1 << address.max_prefixlen) - 1),))
     record = record_for(group, me, RecordType.MODE_IS_INCLUDE)
     signed = SignedJoin(int(wall * 1000), address, rng.randbytes(8))
-    report = sign_join(IGMPv3Report((record,), signed), key)
-    return igmp_packet(report, address).to_wire()
+    if isinstance(address, ipaddress.IPv6Address):
+        assert isinstance(group, ipaddress.IPv6Address)
+        return mld_packet(sign_join(MLDv2Report((record,), signed), key), address).to_wire()
+    return igmp_packet(sign_join(IGMPv3Report((record,), signed), key), address).to_wire()
 
 
 @dataclass
@@ -231,13 +243,7 @@ class Client(Node):
         """A signed join naming only ourselves: we take part in the pool as a sender."""
         assert self.key is not None
         group, _ = self.resolve(self.service)
-        packet = registration(
-            ipv4_only(self.address, "a private pool (signed joins)"),
-            ipv4_only(group, "a private pool (signed joins)"),
-            self.key,
-            self.wall_base + now,
-            self.rng,
-        )
+        packet = registration(self.address, group, self.key, self.wall_base + now, self.rng)
         self.send(self.host.iface, packet, self.host.gateway)
         self.queries.reported(now)
         self.timers.arm("register", now + self.register_every)

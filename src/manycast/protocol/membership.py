@@ -155,14 +155,15 @@ def report_packets(
             wall_ms, requester, rng.randbytes(RANDOM_KEY), b"", generation, part, len(pieces)
         )
         if isinstance(requester, ipaddress.IPv6Address):
+            mld = MLDv2Report(piece, signed)
             if key is not None:
-                raise ValueError("signed MLDv2 joins (private IPv6 pools) are not supported yet")
-            packets.append(mld_packet(MLDv2Report(piece, signed), requester).to_wire())
-            continue
-        report = IGMPv3Report(piece, signed)
-        if key is not None:
-            report = sign_join(report, key)
-        packets.append(igmp_packet(report, requester).to_wire())
+                mld = sign_join(mld, key)
+            packets.append(mld_packet(mld, requester).to_wire())
+        else:
+            igmp = IGMPv3Report(piece, signed)
+            if key is not None:
+                igmp = sign_join(igmp, key)
+            packets.append(igmp_packet(igmp, requester).to_wire())
     return packets
 
 

@@ -153,9 +153,11 @@ class Router(Node):
     """An IPv4 network's router (`router6.Router6`: an IPv6 network's)."""
 
     # What differs between the families where the code is shared: an address from its
-    # integer, and (`_decrement`, set in __init__: an instance attribute is the
+    # integer, the mask of one whole address (a sender's registration names itself
+    # with it), and (`_decrement`, set in __init__: an instance attribute is the
     # cheaper lookup per packet) how a forwarded packet's TTL or hop limit drops.
     _address = staticmethod(_ipv4)
+    _full_mask = _FULL
 
     def __init__(
         self,
@@ -428,7 +430,6 @@ class Router(Node):
         if self.admission is None:
             reason = None if right_link else Refusal.WRONG_LINK
         else:
-            assert isinstance(report, IGMPv3Report)  # (no private IPv6 pool: pool.py)
             verdict = self.admission.check(report, right_link, now)
             # Keys to look up: those waited for, and stale ones still in use meanwhile.
             self.effects.extend(KeyNeeded(group) for group in self.admission.take_requests())
@@ -485,7 +486,7 @@ class Router(Node):
             if (
                 first_hop
                 and source_filter is not None
-                and source_filter.include == ((origin, _FULL),)
+                and source_filter.include == ((origin, self._full_mask),)
             ):
                 continue  # a sender's registration only: nothing to deliver to it
             members = self.members.setdefault(group, {})

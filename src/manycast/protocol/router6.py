@@ -12,10 +12,14 @@ Multicast scope (RFC 4291 §2.7): groups of scope 1 and 2 (interface- and
 link-local: ff02::16, ff02::1) stay on the link; every wider scope is routed,
 by membership, as IPv4's 224.0.0.0/4 outside 224.0.0.0/24.
 
-Not here yet: a private pool's signed MLDv2 joins, a VIP pool, R4's pinned paths
-(the label plane is IPv4's), and the driver-served fast path (`fastpath.py` keys
-IPv4 headers): a cache hit is served by `Router._forward_multicast`, one call per
-packet.
+A private pool's signed MLDv2 joins are admitted as IGMPv3's are (`admission.py`:
+the same checks, the SIGNED JOIN TLV with a 16-byte requester), and a relayed one
+stays checkable: the signature leaves out the checksum, which the relaying router
+recomputes for its own address.
+
+Not here yet: a VIP pool, R4's pinned paths (the label plane is IPv4's), and the
+driver-served fast path (`fastpath.py` keys IPv4 headers): a cache hit is served
+by `Router._forward_multicast`, one call per packet.
 """
 
 from __future__ import annotations
@@ -65,10 +69,11 @@ class Router6(Router):
     """A router of an IPv6 network (every interface address IPv6)."""
 
     _address = staticmethod(_ipv6)
+    _full_mask = (1 << 128) - 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """`Router`'s arguments; the pool gives it no admission (signed joins), VIP or
-        R4 group (`topology.compiler` refuses those for IPv6)."""
+        """`Router`'s arguments; the pool gives it no VIP or R4 group
+        (`topology.compiler` refuses those for IPv6)."""
         super().__init__(*args, **kwargs)
         self._decrement = decrement_hop_limit_v6
         self.fast_path = _Unserved(self.interfaces, self.stats)

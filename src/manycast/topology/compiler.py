@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, NoReturn
 
-from manycast.addressplan import AddressPlan, NamingError
+from manycast.addressplan import DEFAULT_PRIVATE_RANGES, AddressPlan, NamingError
 from manycast.policy import PolicyName
-from manycast.protocol.node import ipv4_only
 from manycast.protocol.technique import Technique
 from manycast.space import AddressSpace, SpaceError
 from manycast.steps import (
@@ -386,7 +385,7 @@ def read_pool(p: TableReader) -> PoolSpec:
         if vip is None:  # a VIP pool's only group is its control channel
             groups.insert(0, ("group", pool.group))
         for key, address in groups:
-            if not plan.is_private(ipv4_only(address, "a private pool")):
+            if not plan.is_private(address):
                 p.fail(
                     f"a private pool's {key} {address} is outside the private ranges ({plan})",
                     key,
@@ -421,14 +420,10 @@ def _space(p: TableReader) -> AddressSpace:
 
 # What an IPv6 pool cannot have yet: (key, the value that asks for it, what it is).
 _NOT_YET_FOR_IPV6 = (
-    ("private", True, "a private pool (signed MLDv2 joins)"),
     ("approach", "vip", "a VIP pool"),
     ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
     ("technique", "D", "technique D (dynamic destination)"),
     ("coordination", "etcd", 'coordination = "etcd"'),
-    ("dns", None, "publishing the pool in DNS (AAAA and key records)"),
-    ("key_file", None, "a pool key (private pools, technique D)"),
-    ("public_key", None, "a pool key (private pools, technique D)"),
 )
 
 
@@ -438,9 +433,7 @@ def _refuse_for_ipv6(p: TableReader) -> None:
         if key not in p.table:
             continue
         given = p.table[key]
-        if value is None or (given.upper() if isinstance(given, str) else given) == (
-            value.upper() if isinstance(value, str) else value
-        ):
+        if isinstance(given, str) and given.upper() == value.upper():
             p.fail(f"{what} is not supported yet for IPv6 (the pool's space is IPv6)", key)
 
 
@@ -485,7 +478,7 @@ def _approach(p: TableReader) -> tuple[Approach, ipaddress.IPv4Address | None]:
 
 
 def _private_ranges(reader: TableReader) -> str:
-    text: str = reader.get("private_ranges", str, "232.0.0.0/5")
+    text: str = reader.get("private_ranges", str, DEFAULT_PRIVATE_RANGES)
     try:
         AddressPlan.from_text(text)
     except NamingError as exc:

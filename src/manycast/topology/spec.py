@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 
+from manycast.addressplan import DEFAULT_PRIVATE_RANGES
 from manycast.policy import PolicyName
 from manycast.protocol.node import Interface
 from manycast.protocol.technique import Technique
@@ -50,7 +51,8 @@ class PoolSpec:
     private: bool
     key_file: str | None = None
     dns: tuple[str, int] | None = None  # a DNS server holding the pool's records
-    private_ranges: str = "232.0.0.0/5"  # the private part of the multicast space (Fig 2)
+    # the private part of the multicast space (Fig 2), both families
+    private_ranges: str = DEFAULT_PRIVATE_RANGES
     public_key: bytes | None = None  # a configured key (a certification authority's word)
     rebalance_above: float = 0.0
     # A private pool's clients sign their registration as senders this often; routers
