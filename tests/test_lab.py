@@ -147,6 +147,23 @@ duration = 4.0
 """
 
 
+def _in_family(text: str, family: int) -> str:
+    """A topology of this file on an IPv4 network, or the same on an IPv6 one (its
+    group, control group and client subnets IPv6; the rest numbered from
+    2001:db8::/32 by the compiler)."""
+    if family == 4:
+        return text
+    for old, new in (
+        ('"232.1.1.1"', '"ff3e::1:1"'),
+        ('"239.255.77.1"', '"ff15::77:1"'),
+        ('"10.1.0.0/24"', '"2001:db8:a::/64"'),
+        ('"10.2.0.0/24"', '"2001:db8:b::/64"'),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
 def _lab_possible() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return NEEDS_ROOT
@@ -368,11 +385,15 @@ def _owner_vifs(lab: object, topology: object, client: str, owner: str) -> bool:
 
 @pytest.mark.lab
 @pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
-def test_demo_scenario_every_client_served_by_its_owner(lab_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("family", [4, 6])
+def test_demo_scenario_every_client_served_by_its_owner(lab_factory, family: int) -> None:  # type: ignore[no-untyped-def]
     from manycast.lab import LabRun
     from manycast.summary import EVENT_KEYS, SERVER_KEYS, SUMMARY_KEYS
 
-    lab, topology = lab_factory()
+    lab, topology = lab_factory(text=_in_family(TOPOLOGY.replace("{technique}", "R1"), family))
+    assert {
+        i.address.version for ifaces in topology.interfaces.values() for i in ifaces.values()
+    } == {family}
     # The added server takes seconds to start on a busy machine: the run goes on
     # (30 s at most) until the pool has settled after the last step.
     summary = LabRun(lab, topology).run(topology.duration, settle=30.0)
@@ -399,7 +420,7 @@ def test_demo_scenario_every_client_served_by_its_owner(lab_factory) -> None:  #
     assert servers["s4"]["status"] == "up" and servers["s4"]["requests"] > 0
     assert abs(sum(s["share"] for s in servers.values()) - 1.0) < 1e-9, servers
     # The kernel, not the daemon, forwards: each client's entry at its owner's router
-    # points at the owner.
+    # (in IPv6's MFC on an IPv6 network) points at the owner.
     run = LabRun(lab, topology)
     owners = run.owners([str(topology.address(c)) for c in sorted(topology.clients)])
     for client in sorted(topology.clients):

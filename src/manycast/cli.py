@@ -754,6 +754,7 @@ def lab_up(
     A namespace per node, veth links, a bridge per client LAN, addresses and routes;
     a router daemon per router; per server its manycast agent and its service."""
     from manycast.lab import Lab, topology_text
+    from manycast.lab.build import socat_address
 
     lab = Lab(prefix)
     text, source = _lab_call(lambda: topology_text(topology))
@@ -762,7 +763,7 @@ def lab_up(
         f"lab {prefix!r} up: {len(topo.interfaces)} namespaces ({prefix}-<node>), "
         f"{len(topo.links)} links; group {topo.pool.group}:{topo.pool.port}. "
         f"Try: manycast lab exec {sorted(topo.clients)[0] if topo.clients else 'NODE'} -- "
-        f"socat - UDP4-DATAGRAM:{topo.pool.group}:{topo.pool.port},ip-multicast-ttl=8"
+        f"socat - {socat_address(topo.pool.group, topo.pool.port)}"
     )
 
 

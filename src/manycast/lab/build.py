@@ -282,6 +282,15 @@ class Lab:
         return status(self)
 
 
+def socat_address(group: object, port: int, hops: int = 8) -> str:
+    """socat's address for asking the pool's service at `group`: its multicast TTL (hop
+    limit) `hops`. socat's ip-multicast-ttl sets IPv4's option only; an IPv6 group's
+    hop limit is IPV6_MULTICAST_HOPS (IPPROTO_IPV6 41, option 18), set by number."""
+    if ":" in str(group):
+        return f"UDP6-DATAGRAM:[{group}]:{port},setsockopt-int=41:18:{hops}"
+    return f"UDP4-DATAGRAM:{group}:{port},ip-multicast-ttl={hops}"
+
+
 def topology_text(path: Path | None) -> tuple[str, str]:
     """(TOML text, name for messages) of a topology file, or of a bundled one: the demo
     by default, or by name (`vip`) when no such file exists."""
