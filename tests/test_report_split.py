@@ -51,11 +51,13 @@ from manycast.wire.report_split import (
     split_records,
 )
 from pooltools import assert_all_served_since, assert_one_allocation, pool_toml
-from test_private import GROUP, KEY, PUB, S1, WALL, data_hops_of, make_router, registration
+from test_private import GROUP, KEY, PUB, S1, V4, WALL, Family, family
 
 SEED = 20261201
 CONTROL = IPv4Address("239.255.77.1")
 SPACE = AddressSpace.create()  # 65 536 buckets over every IPv4 source, as in the soak
+# The same over every IPv6 source, the index the low 16 bits as an IPv6 pool's default.
+SPACES = {4: SPACE, 6: AddressSpace.create("::/0")}
 
 
 # -- the splitter ------------------------------------------------------------------------
@@ -159,34 +161,36 @@ def _selection(seed: int, share: float = 0.5) -> np.ndarray:
     return np.random.default_rng(seed).random(SPACE.buckets) < share
 
 
-def _report(portions: PortionSet, previous: PortionSet | None, generation: int) -> list[bytes]:
+def _report(
+    net: Family, portions: PortionSet, previous: PortionSet | None, generation: int
+) -> list[bytes]:
     """s1's report as the server sends it: the control channel, then its portions (a
     current-state record, or Claim 3's block of the old and allow of the new)."""
     records: list[GroupRecord | WholeRecord] = [
-        any_source_record(CONTROL, RecordType.MODE_IS_EXCLUDE)
+        any_source_record(net.control, RecordType.MODE_IS_EXCLUDE)
     ]
     if previous is None:
-        records.append(whole_record_for(GROUP, portions, RecordType.MODE_IS_INCLUDE))
+        records.append(whole_record_for(net.group, portions, RecordType.MODE_IS_INCLUDE))
     else:
-        records.append(whole_record_for(GROUP, previous, RecordType.BLOCK_OLD_SOURCES))
-        records.append(whole_record_for(GROUP, portions, RecordType.ALLOW_NEW_SOURCES))
+        records.append(whole_record_for(net.group, previous, RecordType.BLOCK_OLD_SOURCES))
+        records.append(whole_record_for(net.group, portions, RecordType.ALLOW_NEW_SOURCES))
     wall_ms = int((WALL + 1.0) * 1000)
-    return report_packets(records, S1, wall_ms, generation, random.Random(generation), KEY)
+    return report_packets(records, net.s1, wall_ms, generation, random.Random(generation), KEY)
 
 
-def _router() -> Router:
+def _router(net: Family) -> Router:
     """test_private's first-hop router (s1 on eth2), with the control group's key too."""
-    router = make_router()
-    router.provide_key(int(CONTROL), PUB, 300.0, 0.0)
+    router = net.make_router()
+    router.provide_key(int(net.control), PUB, 300.0, 0.0)
     return router
 
 
-def _sample(router: Router, sources: np.ndarray) -> np.ndarray:
+def _sample(net: Family, router: Router, sources: list[int]) -> np.ndarray:
     """Whether the router sends each source's packets to s1 (and to nobody else)."""
     out = []
-    for source in sources.tolist():
-        hops = router.resolve(source, int(GROUP))
-        assert hops in ((), (("eth2", int(S1)),))
+    for source in sources:
+        hops = router.resolve(source, int(net.group))
+        assert hops in ((), (("eth2", int(net.s1)),))
         out.append(bool(hops))
     return np.array(out)
 
@@ -194,7 +198,7 @@ def _sample(router: Router, sources: np.ndarray) -> np.ndarray:
 def test_split_parts_rejoin_to_the_portions_filter() -> None:
     portions = SPACE.cover(_selection(SEED))
     assert len(portions) > 10_000
-    packets = _report(portions, None, 1)
+    packets = _report(V4, portions, None, 1)
     assert len(packets) > 100 and max(len(p) for p in packets) <= LINK_MTU
     records = [
         record
@@ -207,32 +211,40 @@ def test_split_parts_rejoin_to_the_portions_filter() -> None:
     }
 
 
-def test_router_acts_on_a_split_report_only_once_it_has_every_part() -> None:
+@family
+def test_router_acts_on_a_split_report_only_once_it_has_every_part(net: Family) -> None:
     """A current-state report and then a Claim 3 change, each of a hundred parts or
-    more: until the last part the router forwards as before, then exactly as the
-    report says; a forged part and a replayed one are refused, and the refused
-    forgery does not stand in for the genuine part."""
-    router = _router()
+    more (IGMPv3, or signed MLDv2 parts on IPv6): until the last part the router
+    forwards as before, then exactly as the report says; a forged part and a
+    replayed one are refused, and the refused forgery does not stand in for the
+    genuine part."""
+    router = _router(net)
+    space = SPACES[net.version]
+    group, s1 = int(net.group), int(net.s1)
     first, second = _selection(SEED), _selection(SEED + 1)
-    old, new = SPACE.cover(first), SPACE.cover(second)
-    sources = np.random.default_rng(SEED).integers(0, 2**32, 300, dtype=np.uint64)
-    buckets = np.array([SPACE.bucket(int(s)) for s in sources.tolist()])
+    old, new = space.cover(first), space.cover(second)
+    # Sources anywhere in IPv4, or anywhere in the clients' /64 (the index is low bits).
+    base = 0 if net.version == 4 else int(net.host(net.lan, 0))
+    random_bits = np.random.default_rng(SEED).integers(0, 2**32, 300, dtype=np.uint64)
+    sources = [base + bits for bits in random_bits.tolist()]
+    buckets = np.array([space.bucket(source) for source in sources])
 
-    join = _report(old, None, 1)
+    join = _report(net, old, None, 1)
+    assert len(join) > 100
     for packet in join[:-1]:
         router.receive("eth2", packet, 1.0)
-    assert router.members.get(int(GROUP), {}) == {}  # nothing yet: no part acted on alone
-    assert not _sample(router, sources[:50]).any()
+    assert router.members.get(group, {}) == {}  # nothing yet: no part acted on alone
+    assert not _sample(net, router, sources[:50]).any()
     router.receive("eth2", join[-1], 1.0)
-    member = router.members[int(GROUP)][int(S1)]
+    member = router.members[group][s1]
     assert member.filter == SourceFilter.of(old)  # exactly the unsplit report's filter
-    assert (_sample(router, sources) == first[buckets]).all()
+    assert (_sample(net, router, sources) == first[buckets]).all()
 
-    change = _report(new, old, 2)
+    change = _report(net, new, old, 2)
     assert len(change) > len(join)
     # The last part with its last record altered after signing, and a fresh random
     # key (past the replay cache), on s1's own link: refused.
-    original = IGMPv3Report.from_wire(IPv4Packet.from_wire(change[-1]).payload)
+    _, original = net.decode(change[-1])
     assert original.signed is not None
     altered = replace(original.records[-1], include_masks=(MaskPair(0, 0),), exclude_masks=())
     forged = replace(
@@ -244,14 +256,14 @@ def test_router_acts_on_a_split_report_only_once_it_has_every_part() -> None:
     before = member.filter
     for packet in change[:-1]:
         router.receive("eth2", packet, 1.0)
-        assert router.members[int(GROUP)][int(S1)].filter is before  # untouched meanwhile
-    router.receive("eth2", igmp_packet(forged, S1).to_wire(), 1.0)
+        assert router.members[group][s1].filter is before  # untouched meanwhile
+    router.receive("eth2", net.wire(forged, net.s1), 1.0)
     router.receive("eth2", change[0], 1.0)  # a copy of a part already admitted
-    assert router.members[int(GROUP)][int(S1)].filter is before  # still the old portions
-    assert (_sample(router, sources) == first[buckets]).all()
+    assert router.members[group][s1].filter is before  # still the old portions
+    assert (_sample(net, router, sources) == first[buckets]).all()
     router.receive("eth2", change[-1], 1.0)
-    assert router.members[int(GROUP)][int(S1)].filter == SourceFilter.of(new)  # all at once
-    assert (_sample(router, sources) == second[buckets]).all()
+    assert router.members[group][s1].filter == SourceFilter.of(new)  # all at once
+    assert (_sample(net, router, sources) == second[buckets]).all()
     after = Counter(router.stats.rejected)
     after.subtract(refused)
     assert +after == {Refusal.BAD_SIGNATURE: 1, Refusal.DUPLICATE: 1}
@@ -259,28 +271,28 @@ def test_router_acts_on_a_split_report_only_once_it_has_every_part() -> None:
 
     # Clients s1 now serves send to the group and reach s1, and only s1; the others
     # reach nobody here (s1 is this router's only member).
-    lan = [IPv4Address(0x0A010000 + i) for i in range(2, 254)]
-    served = [a for a in lan if second[SPACE.bucket(a)]]
-    others = [a for a in lan if not second[SPACE.bucket(a)]]
+    lan = [net.host(net.lan, i) for i in range(2, 254)]
+    served = [a for a in lan if second[space.bucket(int(a))]]
+    others = [a for a in lan if not second[space.bucket(int(a))]]
     for address in served[:3]:
-        router.receive("eth0", registration(address, at=1.0), 1.0)
-        assert data_hops_of(router, address) == [("eth2", S1)]
+        router.receive("eth0", net.registration(address, at=1.0), 1.0)
+        assert net.data_hops_of(router, address) == [("eth2", net.s1)]
     for address in others[:3]:  # and the others' packets not to s1
-        router.receive("eth0", registration(address, at=1.0), 1.0)
-        assert data_hops_of(router, address) == []
+        router.receive("eth0", net.registration(address, at=1.0), 1.0)
+        assert net.data_hops_of(router, address) == []
 
 
 def test_a_part_keeps_the_membership_alive_without_the_others() -> None:
     """Parts that do arrive prove the server is alive: its membership lasts, even
     when a part of each later report is lost."""
-    router = _router()
+    router = _router(V4)
     router.hold_time = router.parts.hold = 3.0
     portions = SPACE.cover(_selection(SEED))
-    for packet in _report(portions, None, 1):
+    for packet in _report(V4, portions, None, 1):
         router.receive("eth2", packet, 1.0)
     held = router.members[int(GROUP)][int(S1)]
     for generation, now in ((2, 3.0), (3, 5.0), (4, 7.0)):
-        parts = _report(portions, None, generation)
+        parts = _report(V4, portions, None, generation)
         for packet in parts[1:]:  # the first part lost every time
             router.receive("eth2", packet, now)
         router.on_timer(now)
