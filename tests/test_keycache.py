@@ -1,5 +1,6 @@
 """A router's key cache (`naming/keycache.py`): what it writes reads back, what it
-cannot read is left out with a warning, and a restored key is served stale."""
+cannot read is left out with a warning, and a restored key is served stale, for
+IPv4 and IPv6 groups alike."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from manycast.auth import public_bytes
 from manycast.naming.keycache import KeyCache, KeyCacheError, decode
 from manycast.protocol.admission import Admission
+from manycast.runtime import PoolRun
+from manycast.topology import loads
+from pooltools import served_now
+from test_private import private_pool
 
 GROUP = int.from_bytes(bytes([232, 9, 9, 9]), "big")
 GROUP6 = int(ip_address("ff3e::8009:909"))
@@ -77,3 +82,25 @@ def test_a_restored_key_is_asked_for_at_once_and_used_while_dns_is_silent() -> N
 
 def test_a_restored_key_that_is_no_key_is_refused() -> None:
     assert not Admission().restore_key(GROUP, b"\x00" * 31, stale_for=60.0, now=0.0)
+
+
+@pytest.mark.parametrize("version", [4, 6], ids=["ipv4", "ipv6"])
+def test_a_restarted_router_admits_with_the_keys_it_kept_while_dns_is_silent(
+    tmp_path: Path, version: int
+) -> None:
+    """A private pool's router keeps the keys of its groups (IPv4 or IPv6) in its
+    cache; killed and started again while key lookups get no answer, it admits its
+    members' joins with them and its clients are served."""
+    run = PoolRun(loads(private_pool(version=version)), "memory", seed=3, key_cache=tmp_path)
+    pool = run.topology.pool
+    run.network.run_until(1.5)  # type: ignore[attr-defined]
+    kept = KeyCache(tmp_path / "rs.keys.json", 86400.0).load()
+    assert {k.group for k in kept} == {int(pool.group), int(pool.control_group)}
+    assert all(ip_address(k.group).version == version for k in kept)
+    run._look_up_key = lambda group, then: None  # type: ignore[method-assign]
+    run.network.kill("rs")
+    run.network.run_until(2.0)  # type: ignore[attr-defined]
+    fresh = run.start_router("rs")
+    run.network.run_until(3.5)  # type: ignore[attr-defined]
+    assert fresh.stats.joins_accepted > 0 and fresh.stats.rejected["no key"] == 0
+    assert served_now(run)
