@@ -118,9 +118,14 @@ class Lab:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
         family = topology.pool.space.family
+        if family == 6 and topology.pool.private:
+            raise LabError(
+                "a private pool (signed MLDv2 joins) is not supported yet for IPv6 in"
+                " the kernel lab: run it on the overlay or the memory driver"
+            )
         if family == 6 and emulate_delay:
-            # (The topology compiler refuses what IPv6 pools lack everywhere: private
-            # and VIP pools, R4, D, TCP moves.)
+            # (The topology compiler refuses what IPv6 pools lack everywhere: VIP
+            # pools, R4, D, TCP moves.)
             raise LabError(
                 "emulated link delay (MANYCAST_LAB_DELAY) is not supported yet for IPv6"
                 " pools in the kernel lab: run it without, or on the overlay"
