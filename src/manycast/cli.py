@@ -761,9 +761,10 @@ def lab_up(
     topo = _lab_call(lambda: lab.up(text, source, seed=seed, start_servers=servers))
     err.print(
         f"lab {prefix!r} up: {len(topo.interfaces)} namespaces ({prefix}-<node>), "
-        f"{len(topo.links)} links; group {topo.pool.group}:{topo.pool.port}. "
+        f"{len(topo.links)} links; group {topo.pool.group} port {topo.pool.port}. "
         f"Try: manycast lab exec {sorted(topo.clients)[0] if topo.clients else 'NODE'} -- "
-        f"socat - {socat_address(topo.pool.group, topo.pool.port)}"
+        f"socat - '{socat_address(topo.pool.group, topo.pool.port)}'",
+        markup=False,  # (an IPv6 address in brackets is no markup tag)
     )
 
 
