@@ -37,7 +37,9 @@ class Network:
     message)` (one hop); `drop(sender, receiver, message)` loses what it returns true
     for; `down` members neither send nor receive."""
 
-    def __init__(self, n: int, seed: int = 1) -> None:
+    def __init__(self, n: int, seed: int = 1, *, configured: bool = False) -> None:
+        """`configured`: the members start knowing each other (as a pool's configured
+        members do), at incarnation 0."""
         self.now = 0.0
         self.rng = random.Random(seed)
         self.queue: list[tuple[float, int, str, Message]] = []
@@ -51,9 +53,16 @@ class Network:
         self.detectors: dict[str, SwimDetector] = {}
         self.names_at: dict[Address, str] = {}
         for index in range(n):
-            self.add(f"m{index}", incarnation=1, start=False)
+            self.add(f"m{index}", incarnation=0 if configured else 1, start=False)
         for detector in self.detectors.values():
+            if configured:
+                self.configure(detector)
             detector.start(self.now, ServerState.ACTIVE)
+
+    def configure(self, detector: SwimDetector) -> None:
+        """What a configured member knows before it starts: every other member."""
+        for address, name in self.names_at.items():
+            detector.know(name, address)
 
     def add(self, name: str, incarnation: int, *, start: bool = True) -> SwimDetector:
         address: Address = ipaddress.IPv4Address(
@@ -272,6 +281,43 @@ def test_a_restarted_member_outranks_its_dead_record() -> None:
     assert all("m1" not in net.alive_in_view_of(n) for n in ("m0", "m2", "m3"))
     net.add("m1", incarnation=2000)  # a new process: its start time in ms
     net.run(2.5)
+    for name in ("m0", "m2", "m3"):
+        assert "m1" in net.alive_in_view_of(name), name
+    assert net.alive_in_view_of("m1") == {"m0", "m2", "m3"}
+
+
+def test_configured_members_start_knowing_each_other_and_announce_once() -> None:
+    """Before any message each member holds every other alive (no start announcements
+    to learn them from: one each, not two); deaths are found as when they had."""
+    net = Network(8, configured=True)
+    for name in net.detectors:
+        assert net.alive_in_view_of(name) == set(net.detectors) - {name}, name
+    net.run(1.05)
+    alive = [n for _, _, n in net.notices if n.status == MemberStatus.ALIVE]
+    assert sorted(n.sender for n in alive) == sorted(net.detectors)
+    assert not [n for _, _, n in net.notices if n.status != MemberStatus.ALIVE]
+    net.down.add("m3")
+    net.run(3.0)
+    for name in set(net.detectors) - {"m3"}:
+        assert "m3" not in net.alive_in_view_of(name), name
+    deaths = [at for at, _, n in net.notices if n.status == MemberStatus.DEAD]
+    assert deaths and deaths[0] - 1.05 < PERIOD + PERIOD + SUSPICION + 0.01
+
+
+def test_a_restarted_configured_member_is_told_it_is_dead_and_refutes() -> None:
+    """A configured member starts at incarnation 0 again after a restart: the pool
+    holds it dead at that incarnation, tells it so when it probes, and its
+    refutation brings it back everywhere."""
+    net = Network(4, configured=True)
+    net.run(1.0)
+    net.down.add("m1")
+    net.run(2.0)
+    assert all("m1" not in net.alive_in_view_of(n) for n in ("m0", "m2", "m3"))
+    restarted = net.add("m1", incarnation=0, start=False)
+    net.configure(restarted)
+    restarted.start(net.now, ServerState.ACTIVE)
+    net.run(2.5)
+    assert restarted.stats.refutations >= 1 and restarted.incarnation > 0
     for name in ("m0", "m2", "m3"):
         assert "m1" in net.alive_in_view_of(name), name
     assert net.alive_in_view_of("m1") == {"m0", "m2", "m3"}

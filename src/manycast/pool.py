@@ -42,6 +42,11 @@ def settings_for(topology: Topology, wall_base: float) -> PoolSettings:
     return PoolSettings(
         **{name: getattr(topology.pool, name) for name in shared},
         members=tuple(sorted(s.name for s in servers if not s.standby and s.authorized)),
+        member_addresses={
+            s.name: topology.interfaces[s.name][topology.gateways[s.name][0]].address
+            for s in servers
+            if not s.standby and s.authorized
+        },
         weights={s.name: s.weight for s in servers},
         wall_base=wall_base,
     )

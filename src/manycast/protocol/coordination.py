@@ -143,11 +143,16 @@ class Coordinator(PeerView):
     def start(self, now: float) -> None:
         self._started = now
         self._next_heartbeat = now
+        # A configured member (its address in the configuration, starting with the
+        # configured state) starts at incarnation 0, as every other member knows it
+        # from the configuration; a newcomer at its start time in milliseconds.
+        known = self.settings.member_addresses
+        configured = self.allocation is not None and self.name in known
         if self.settings.membership == "swim" and not self.observer:
             self.swim = SwimDetector(
                 self.name,
                 self.address,
-                int((self.settings.wall_base + now) * 1000),
+                0 if configured else int((self.settings.wall_base + now) * 1000),
                 period=self.settings.heartbeat_s,
                 suspicion=max(self.settings.heartbeat_misses - 1, 1) * self.settings.heartbeat_s,
                 rng=self.rng,
@@ -159,11 +164,18 @@ class Coordinator(PeerView):
         self._hold_until = now + settle
         if self.allocation is not None:
             # Configured members get one timeout's grace to send their first heartbeat.
+            # With the gossip membership a configured member knows the others from the
+            # start (their addresses, incarnation 0): probed from the first period, not
+            # announced to each other (N^2 deliveries when a large pool starts).
+            swim = self.swim if configured else None
             for member in self.settings.members:
                 if member != self.name and member not in self.peers:
+                    address = known.get(member, NO_ADDRESS) if swim is not None else NO_ADDRESS
                     self.peers[member] = Peer(
-                        member, NO_ADDRESS, now, ServerState.ACTIVE, 0, NO_DIGEST
+                        member, address, now, ServerState.ACTIVE, 0, NO_DIGEST
                     )
+                    if swim is not None and int(address):
+                        swim.know(member, address)
             self._ordered = sorted(self.peers)
         self.on_timer(now)
 

@@ -36,6 +36,12 @@ class PoolSettings:
     control_port: int
     space: AddressSpace
     members: tuple[str, ...]
+    # The configured members' unicast addresses (those known): with the gossip
+    # membership they start knowing each other, instead of learning each other from
+    # every member's announcement to every other (N^2 deliveries at the start).
+    member_addresses: Mapping[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = field(
+        default_factory=dict
+    )
     policy: str = "equal"
     # "manycast" (Fig 9-16) or "vip" (Fig 17-19: `group` is then the VIP, a unicast
     # address every server accepts as its own)

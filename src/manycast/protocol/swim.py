@@ -41,8 +41,12 @@ Serf) runs it; this module follows memberlist's `probeNode` and suspicion rules:
   confirmed one probe after it is suspected, at any N.
 * When our own timer fired late (`stalled`: ACKs and refutations may sit unread
   in our socket), a probe or a suspicion that runs out gets its wait once more.
-* A server's incarnation starts at its start time in milliseconds, so a restarted
-  server outranks what the pool remembers of its previous life.
+* A newcomer's incarnation starts at its start time in milliseconds, so a
+  restarted newcomer outranks what the pool remembers of its previous life. The
+  configured members start at incarnation 0 and know each other from the
+  configuration (`know`), as they would after hearing every member's announcement,
+  which a pool of N members pays with N^2 deliveries; a restarted configured member
+  is told it is held dead (below) and refutes.
 * Every `RECONNECT_PERIODS` periods a server also pings one member it holds dead
   (Serf's reconnect of failed members), and a member that hears from one it holds
   dead tells it so, point to point: the one told refutes (ALIVE, a greater
@@ -190,6 +194,7 @@ class SwimDetector:
         self._nonce = rng.getrandbits(32)
         self._suspicions = Suspicions()
         self._announce_again: float | None = None
+        self._known = False  # we started knowing the configured members (`know`)
         self._periods = 0
 
     # -- what the coordinator asks ---------------------------------------------------
@@ -198,11 +203,22 @@ class SwimDetector:
         member = self.members.get(name)
         return member is not None and member.status != MemberStatus.DEAD
 
+    def know(self, name: str, address: Address) -> None:
+        """Before `start`: `name` is a configured member at `address`, alive until
+        found otherwise, at incarnation 0, where every configured member starts."""
+        if name != self.name and name not in self.members:
+            self._add(name, Member(address, 0, MemberStatus.ALIVE))
+            self._known = True
+
     def start(self, now: float, state: ServerState) -> None:
-        """Announce ourselves (twice: a notice may be lost) and start probing."""
+        """Announce ourselves and start probing. A newcomer announces itself twice (a
+        notice may be lost, and the first may go out before the routers know the
+        members); a configured member that starts knowing the pool (`know`) once: the
+        others know it already, and one round more would be N^2 deliveries when a
+        large pool starts."""
         self._announce(state)
         self._next_period = now + self.period
-        self._announce_again = now + self.period
+        self._announce_again = None if self._known else now + self.period
 
     def ack_wait(self) -> float:
         """How long a direct ACK may take before others are asked: half a period, or
