@@ -174,6 +174,7 @@ class Coordinator(PeerView):
                     self.peers[member] = Peer(
                         member, address, now, ServerState.ACTIVE, 0, NO_DIGEST
                     )
+                    self._outside.add(member)
                     if swim is not None and int(address):
                         swim.know(member, address)
             self._ordered = sorted(self.peers)
@@ -235,6 +236,8 @@ class Coordinator(PeerView):
         self,
     ) -> list[tuple[control.ControlMessage, ipaddress.IPv4Address | ipaddress.IPv6Address | None]]:
         """Each message to send, with its unicast destination (None: the channel)."""
+        if not self._outbox:
+            return []
         out = list(zip(self._outbox, self._to, strict=True))
         self._outbox, self._to = [], []
         return out

@@ -26,12 +26,11 @@ from manycast import policy
 from manycast.protocol.poolstate import PoolSettings
 from manycast.protocol.swim import SwimDetector
 from manycast.wire import control
-from manycast.wire.control import MemberStatus, ServerState
+from manycast.wire.control import ServerState
 
 NO_DIGEST = "0" * 16
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 NO_ADDRESS = ipaddress.IPv4Address(0)  # a peer's, until heard from
-DEAD = MemberStatus.DEAD
 
 
 @dataclass
@@ -71,6 +70,8 @@ class PeerView:
         self._ordered: list[str] = []  # the peers' names in order (`coordinator`)
         # Peers whose state was greater than ours when last heard: where `_behind` looks.
         self._ahead: set[str] = set()
+        # Peers the gossip membership may not hold (pruned as it hears of them).
+        self._outside: set[str] = set()
         self._cached: dict[str, tuple[tuple[int, int, int, ServerState], object]] = {}
 
     @property
@@ -162,12 +163,18 @@ class PeerView:
 
         def compute() -> set[Address]:
             swim, peers = self.swim, self.peers
-            if swim is not None and swim.members.keys() == peers.keys():
-                # Every peer is a gossip member: the dead are those it holds dead (one
-                # quick pass, as this is asked again whenever a member's status moves).
-                return {peers[n].address for n, m in swim.members.items() if m.status == DEAD}
             limit = self._limit(now)
-            return {p.address for p in peers.values() if not self._peer_alive(p, limit)}
+            if swim is None:
+                dead = [p for p in peers.values() if not self._peer_alive(p, limit)]
+            else:
+                # Asked again whenever a member's status moves: the gossip membership's
+                # dead (kept as they die), and of the peers it has not heard of (fewer
+                # and fewer), those not alive; not a pass over every peer.
+                members = swim.members
+                self._outside = {n for n in self._outside if n not in members}
+                dead = [peers[n] for n in swim.dead if n in peers]
+                dead += [p for n in self._outside if not self._peer_alive(p := peers[n], limit)]
+            return {p.address for p in dead}
 
         return cast(set[Address], self._derived("dead", now, compute))
 
@@ -210,6 +217,7 @@ class PeerView:
 
     def _add_peer(self, peer: Peer) -> Peer:
         self.peers[peer.name] = peer
+        self._outside.add(peer.name)
         bisect.insort(self._ordered, peer.name)
         self._states_changed += 1
         return peer

@@ -179,6 +179,9 @@ class SwimDetector:
         self._send = send
         self._body = body
         self.members: dict[str, Member] = {}
+        # The members we hold dead, each with its place in `members` (the order
+        # `_reconnect` picks from): kept as they die or come back, not looked for.
+        self.dead: dict[str, int] = {}
         self.generation = 0
         self.stats = SwimStats()
         self.health = Health()
@@ -186,6 +189,7 @@ class SwimDetector:
         # The live (alive or suspect) members and ourselves in name order, kept sorted
         # as members change state, and how many members besides us are live.
         self._ring: list[str] = [name]
+        self._places: dict[str, int] = {}  # each member's place in `members`
         self._live = 0
         self._probes: dict[int, _Probe] = {}  # this period's, and checks of suspects
         self._next_period: float | None = None
@@ -242,14 +246,20 @@ class SwimDetector:
         return self.health.scale(self.period)
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for d in (self._next_period,) if d is not None]
+        """The soonest of the next period, each probe's next step, each suspicion's
+        end and each nack owed (asked after every message: no list is built)."""
+        soonest = self._next_period
         for probe in self._probes.values():
-            deadlines.append(probe.fail_at if probe.indirect_sent else probe.ack_by)
-        soonest = self._suspicions.soonest()
-        if soonest is not None:
-            deadlines.append(soonest)
-        deadlines.extend(r.nack_at for r in self._relays.values() if not r.nacked)
-        return min(deadlines, default=None)
+            at = probe.fail_at if probe.indirect_sent else probe.ack_by
+            if soonest is None or at < soonest:
+                soonest = at
+        suspicion = self._suspicions.soonest()
+        if suspicion is not None and (soonest is None or suspicion < soonest):
+            soonest = suspicion
+        for relay in self._relays.values():
+            if not relay.nacked and (soonest is None or relay.nack_at < soonest):
+                soonest = relay.nack_at
+        return soonest
 
     def on_timer(self, now: float, state: ServerState, stalled: bool) -> None:
         """Expire suspicions, nack, escalate a probe without an ACK, start the next
@@ -396,14 +406,18 @@ class SwimDetector:
                 self._suspicions.end(name)
                 if member.status == MemberStatus.DEAD:
                     self._join_ring(name)
+                    del self.dead[name]
                 member.status = MemberStatus.ALIVE
                 member.suspected_by_us = False
                 self.generation += 1
             member.incarnation = incarnation
 
     def _add(self, name: str, member: Member) -> None:
+        self._places[name] = len(self.members)
         self.members[name] = member
-        if member.status != MemberStatus.DEAD:
+        if member.status == MemberStatus.DEAD:
+            self.dead[name] = self._places[name]
+        else:
             self._join_ring(name)
         self.generation += 1
 
@@ -472,7 +486,7 @@ class SwimDetector:
 
     def _reconnect(self) -> None:
         """Ping one member we hold dead: if it lives, its ACK gets it told (`on_probe`)."""
-        dead = [n for n, m in self.members.items() if m.status == MemberStatus.DEAD]
+        dead = sorted(self.dead, key=self.dead.__getitem__)  # in the order they joined
         if dead:
             name = self.rng.choice(dead)
             address = self.members[name].address
@@ -552,6 +566,7 @@ class SwimDetector:
         member = self.members[name]
         if member.status != MemberStatus.DEAD:
             self._leave_ring(name)
+            self.dead[name] = self._places[name]
         member.status = MemberStatus.DEAD
         self.generation += 1
         self.stats.deaths += 1
