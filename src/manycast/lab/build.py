@@ -123,13 +123,6 @@ class Lab:
                 "a private pool (signed MLDv2 joins) is not supported yet for IPv6 in"
                 " the kernel lab: run it on the overlay or the memory driver"
             )
-        if family == 6 and emulate_delay:
-            # (The topology compiler refuses what IPv6 pools lack everywhere: VIP
-            # pools, R4, D, TCP moves.)
-            raise LabError(
-                "emulated link delay (MANYCAST_LAB_DELAY) is not supported yet for IPv6"
-                " pools in the kernel lab: run it without, or on the overlay"
-            )
         if topology.pool.coordination == "etcd":
             raise LabError(
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'

@@ -181,7 +181,10 @@ class LinkDelay:
         if ip6tables is not None:
             install(lambda: None, rules, ip6tables)
         else:
-            log.warning("no ip6tables: IPv6 packets (the VIP plane's segments) are not delayed")
+            log.warning(
+                "no ip6tables: IPv6 packets (an IPv6 pool's, the VIP plane's segments)"
+                " are not delayed"
+            )
 
     def uninstall(self) -> None:
         for binary in ("iptables", "ip6tables"):
