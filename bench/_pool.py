@@ -47,6 +47,11 @@ def table(kind: str, array: bool = True, **keys: Any) -> str:
     return f"[[{kind}]]\n{body}" if array else f"[{kind}]\n{body}"
 
 
+# Per family: the pool's group and the two client LANs.
+POOL_GROUP = {4: "232.1.1.1", 6: "ff3e::8000:1"}
+CLIENT_LANS = {4: ("10.1.0.0/16", "10.2.0.0/16"), 6: ("2001:db8:1::/64", "2001:db8:2::/64")}
+
+
 def two_router_pool(
     *,
     technique: str,
@@ -58,6 +63,7 @@ def two_router_pool(
     heartbeat_misses: int = 3,
     report_interval_ms: int = 1000,
     membership: str = "heartbeat",
+    family: int = 4,
 ) -> str:
     """Two edge routers, each with two servers and one client LAN:
 
@@ -67,12 +73,14 @@ def two_router_pool(
 
     Client LANs have no emulated delay: on loopback the hosts' own processing is
     the delay, and emulating one more per datagram costs the CPU the pool needs.
+    `family` 6: the same pool on an IPv6 network (its group and client LANs IPv6,
+    the other addresses from the plan's 2001:db8::/32).
     """
     parts = [
         table(
             "pool",
             array=False,
-            group="232.1.1.1",
+            group=POOL_GROUP[family],
             technique=technique,
             heartbeat_ms=heartbeat_ms,
             heartbeat_misses=heartbeat_misses,
@@ -85,7 +93,7 @@ def two_router_pool(
     ]
     for name, router in (("s1", "ra"), ("s2", "ra"), ("s3", "rb"), ("s4", "rb")):
         parts.append(table("server", name=name, router=router))
-    for group, router, subnet in (("a", "ra", "10.1.0.0/16"), ("b", "rb", "10.2.0.0/16")):
+    for group, router, subnet in zip(("a", "b"), ("ra", "rb"), CLIENT_LANS[family], strict=True):
         parts.append(
             table(
                 "clients",
