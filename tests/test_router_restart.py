@@ -35,7 +35,7 @@ from manycast.wire.ip import IPPROTO_IGMP, IPv4Packet
 from manycast.wire.membership import IGMP_V3_ROUTERS
 from manycast.wire.membership_query import ALL_SYSTEMS, IGMPv3Query, igmp_query_packet
 from pooltools import assert_one_allocation, run_to, start, table
-from test_private import private_pool
+from test_private import Family, family, private_pool
 
 REPORT_INTERVAL = 1.0
 KILLED_AT = 5.0
@@ -233,12 +233,14 @@ def test_a_server_answers_a_general_query_within_its_max_resp_time_and_not_more_
     assert server.queries.queries - taken == 25
 
 
-def test_a_private_pools_clients_answer_the_queries_of_a_restarted_router() -> None:
+@family
+def test_a_private_pools_clients_answer_the_queries_of_a_restarted_router(net: Family) -> None:
     """A restarted edge router of a private pool knows no sender and drops every
     client packet until the client registers again: the clients answer its General
-    Query with their signed registration within the Max Resp Time, not at their next
-    periodic one (up to `register_every`, the report interval, later)."""
-    run, _ = start(private_pool(duration=6.0), seed=3)
+    Query (IGMPv3, or MLDv2 on IPv6) with their signed registration within the Max
+    Resp Time, not at their next periodic one (up to `register_every`, the report
+    interval, later)."""
+    run, _ = start(private_pool(duration=6.0, version=net.version), seed=3)
     run_to(run, 2.0)
     fresh = restart(run, "ra", down=0.3)
     restarted = run.network.now
