@@ -30,8 +30,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from manycast.auth import public_bytes, save_private, sign_join
-from manycast.dns import EmbeddedServer
-from manycast.naming import PoolRecord, lookup_key, pool_zones
+from manycast.dns import EmbeddedServer, KnotServer, knot_available
+from manycast.naming import PoolRecord, TsigKey, lookup_key, pool_zones
 from manycast.ports import free_base_port
 from manycast.protocol.admission import Admission
 from manycast.protocol.membership import record_for
@@ -1108,3 +1108,29 @@ def test_a_sender_that_stops_registering_is_refused_after_the_hold_time(net: Fam
     assert router.take_effects() == [GroupChanged(int(net.group))]
     router.receive("eth0", net.datagram(net.c1), deadline + 0.1)
     assert rejected(router).get("unauthorized sender", 0) == 1
+
+
+@pytest.mark.parametrize("server_kind", ["embedded", "knot"])
+@family
+def test_a_pools_own_records_give_its_routers_the_key_of_each_group(
+    net: Family, server_kind: str
+) -> None:
+    """What the runtime publishes for a private pool (A or AAAA records, the key at
+    each group's in-addr.arpa or ip6.arpa name), served by the embedded server or
+    knot, answers a router's question for each of its groups with the pool's key."""
+    run = PoolRun(loads(private_pool(version=net.version)), "memory", seed=3)
+    records = run.pool_records()
+    pool = run.topology.pool
+    assert [r.groups for r in records] == [(pool.group,), (pool.control_group,)]
+    if server_kind == "knot":
+        if not knot_available():
+            pytest.skip("knot is not installed; `make dns-deps` installs it (root)")
+        server: Any = KnotServer.for_pool(ZONE, records, TsigKey.generate("manycast-update."))
+    else:
+        server = EmbeddedServer.for_pool(ZONE, records, None)
+    with server:
+        for group in (int(pool.group), int(pool.control_group)):
+            answer = lookup_key(group, server.address, timeout=5.0)
+            assert answer.reason is None, answer.detail
+            assert answer.public_key == run.nodes.directory[group]
+    run.close()
