@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from manycast.drivers.contract import EffectHandler, carry_out
-from manycast.drivers.links import LinkCounters, LinkSpec
+from manycast.drivers.contract import EffectHandler
+from manycast.drivers.links import Attachment, LinkCounters, LinkSpec
 from manycast.protocol.node import Frame, Node
 
 T = TypeVar("T")
@@ -49,6 +49,8 @@ class MemoryNetwork:
     _rng: random.Random = field(init=False, repr=False)
     # (node, iface) -> link name, for every attachment
     _link_of: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)
+    # (link, sender) -> the link's other members, where a frame for all of them goes
+    _fanout: dict[tuple[str, str], list[Attachment]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
@@ -98,27 +100,28 @@ class MemoryNetwork:
     def run_until(self, until: float, condition: Callable[[], bool] | None = None) -> bool:
         heap = self._heap
         trace = self.trace
+        nodes, armed, pop, carry_out = self.nodes, self._armed, heapq.heappop, self._carry_out
         while heap and heap[0][0] <= until:
-            at, _, kind, payload = heapq.heappop(heap)
+            at, _, kind, payload = pop(heap)
             self.now = at
             self.events_processed += 1
             if kind == _DELIVER:
                 name, iface, packet = payload
-                node = self.nodes.get(name)
+                node = nodes.get(name)
                 if node is not None:
                     if trace is not None:
                         trace.append((at, "deliver", name, iface, packet))
                     node.receive(iface, packet, at)
-                    self._carry_out(node)
+                    carry_out(node)
             elif kind == _TIMER:
                 name = payload
-                node = self.nodes.get(name)
-                if node is not None and self._armed.get(name) == at:
-                    del self._armed[name]
+                node = nodes.get(name)
+                if node is not None and armed.get(name) == at:
+                    del armed[name]
                     if trace is not None:
                         trace.append((at, "timer", name, "", b""))
                     node.on_timer(at)
-                    self._carry_out(node)
+                    carry_out(node)
             else:
                 payload()
                 for node in list(self.nodes.values()):
@@ -137,7 +140,16 @@ class MemoryNetwork:
         heapq.heappush(self._heap, (at, self._seq, kind, payload))
 
     def _carry_out(self, node: Node) -> None:
-        carry_out(node, lambda frame: self._send(node, frame), self._arm, self.on_effect)
+        """`contract.carry_out`, inlined: this runs after every event."""
+        if node.outbox:
+            for frame in node.take_frames():
+                self._send(node, frame)
+        if node.effects:
+            on_effect = self.on_effect
+            for effect in node.take_effects():
+                if on_effect is not None:
+                    on_effect(node, effect)
+        self._arm(node, node.next_deadline())
 
     def _send(self, node: Node, frame: Frame) -> None:
         link_name = self._link_of.get((node.name, frame.iface))
@@ -147,13 +159,24 @@ class MemoryNetwork:
         counters = self.counters[link_name]
         if self.capture is not None:
             self.capture(link_name, self.now, frame.packet)  # once per frame, as on a wire
-        for member in link.receivers(node.name, frame.next_hop):
+        if frame.next_hop is None:
+            # Every other member of the link: the same list for every frame the node
+            # sends there, worked out once.
+            receivers = self._fanout.get((link_name, node.name))
+            if receivers is None:
+                receivers = self._fanout[(link_name, node.name)] = link.receivers(node.name, None)
+        else:
+            receivers = link.receivers(node.name, frame.next_hop)
+        at = self.now + link.delay
+        heap, packet = self._heap, frame.packet
+        for member in receivers:
             counters.sent += 1
             if link.loss and self._rng.random() < link.loss:
                 counters.lost += 1
                 continue
             counters.received += 1
-            self._push(self.now + link.delay, _DELIVER, (member.node, member.iface, frame.packet))
+            self._seq += 1
+            heapq.heappush(heap, (at, self._seq, _DELIVER, (member.node, member.iface, packet)))
 
     def _arm(self, node: Node, deadline: float | None) -> None:
         if deadline is not None and self._armed.get(node.name) != deadline:

@@ -247,14 +247,14 @@ class Coordinator(PeerView):
         return new
 
     def next_deadline(self) -> float | None:
-        deadlines = [self._next_heartbeat]
-        if self._judge_at is not None:
-            deadlines.append(self._judge_at)
-        if self._pending is not None:
-            deadlines.append(self._pending.deadline)
-        if self._swim_due is not None:
-            deadlines.append(self._swim_due)
-        return min(deadlines)
+        soonest = self._next_heartbeat  # (asked after every event: no list is built)
+        if self._judge_at is not None and self._judge_at < soonest:
+            soonest = self._judge_at
+        if self._pending is not None and self._pending.deadline < soonest:
+            soonest = self._pending.deadline
+        if self._swim_due is not None and self._swim_due < soonest:
+            soonest = self._swim_due
+        return soonest
 
     # -- time ---------------------------------------------------------------------------
     def on_timer(self, now: float) -> None:

@@ -12,6 +12,11 @@ Likewise every server computes the same proposal's result from the same state
 operation), and the servers then hold that one result (states are immutable), so
 its digest and portions are computed once too. So is the state every configured
 member starts from (`initial_apportionment`, a function of the pool's settings).
+A coordinator answers every newcomer's snapshot request with the same parts
+(`control.snapshot_parts`, made once per state; the sequence numbers they carry are
+the server's, stamped on each as it goes out), and those parts reach each newcomer
+as bytes that differ only in the envelope's sequence number: a control message is
+decoded once per content, and a copy with the other sequence number serves the rest.
 Failures are not memoized (they raise as before). The patches hold only inside the
 `with`.
 """
@@ -19,6 +24,7 @@ Failures are not memoized (they raise as before). The patches hold only inside t
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,6 +35,7 @@ from manycast.protocol import coordination, poolstate
 from manycast.protocol.host import HostStack
 from manycast.space import AddressSpace
 from manycast.wire import control
+from manycast.wire.control.envelope import ENVELOPE_FIXED
 from manycast.wire.ip import InnerPacket
 from manycast.wire.membership import IGMPv3Report
 
@@ -59,6 +66,43 @@ def remembering(function: Callable[P, R], key: Callable[P, Hashable], limit: int
     return remembered
 
 
+def decoding_once(
+    decode: Callable[[bytes | bytearray | memoryview], control.ControlMessage], limit: int
+) -> Callable[[bytes | bytearray | memoryview], control.ControlMessage]:
+    """`decode` answering from memory for bytes it has seen, and for bytes that differ
+    from some it has seen only in the envelope's sequence number (a copy of that
+    message with this one's number: the number is read as it is, never checked
+    against anything else)."""
+    exact: dict[bytes, control.ControlMessage] = {}
+    by_content: dict[bytes, control.ControlMessage] = {}
+
+    def decoded(data: bytes | bytearray | memoryview) -> control.ControlMessage:
+        data = bytes(data)
+        found = exact.get(data)
+        if found is not None:
+            return found
+        # The envelope: magic, version, type, the sender's length and the sender, then
+        # the sequence number (4 bytes).
+        at = ENVELOPE_FIXED - 4 + (data[4] if len(data) > 4 else 0)
+        content = data[:at] + data[at + 4 :] if len(data) >= at + 4 else None
+        same = by_content.get(content) if content is not None else None
+        if same is not None:
+            found = copy.copy(same)
+            object.__setattr__(found, "seq", int.from_bytes(data[at : at + 4], "big"))
+        else:
+            found = decode(data)
+            if content is not None:
+                if len(by_content) >= limit:
+                    by_content.clear()
+                by_content[content] = found
+        if len(exact) >= limit:
+            exact.clear()
+        exact[data] = found
+        return found
+
+    return decoded
+
+
 @contextlib.contextmanager
 def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     """Within the block, equal datagrams are parsed once, equal proposals applied once
@@ -66,6 +110,7 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     parser before it starts afresh)."""
     parse, parse_udp, decode = HostStack.parse, HostStack.parse_udp, control.decode
     apply_op = coordination.apply_op
+    snapshot_parts = control.snapshot_parts
     initial = poolstate.initial_apportionment
     report_descriptor = IGMPv3Report.__dict__["from_wire"]  # the classmethod, put back after
     cover = AddressSpace.cover
@@ -86,6 +131,18 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
         weights = tuple(sorted(settings.weights.items()))
         return (settings.space, settings.members, settings.policy, settings.portions, weights)
 
+    def parts_key(
+        epoch: int,
+        allocation: Any,
+        max_bytes: int = control.SNAPSHOT_MAX_BYTES,
+        *,
+        sender: str,
+        seq: int = 0,
+        weights: Any = None,
+    ) -> Hashable:
+        shares = None if weights is None else tuple(sorted(weights.items()))
+        return (epoch, allocation.digest(), max_bytes, sender, shares)  # (not seq)
+
     def cover_key(self: AddressSpace, selected: npt.NDArray[np.bool_]) -> Hashable:
         return (self, selected.shape, np.packbits(selected).tobytes())
 
@@ -95,7 +152,8 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     AddressSpace.cover = remembering(cover, cover_key, COVERS_KEPT)  # type: ignore[method-assign]
     HostStack.parse = remembering(parse, ip_key, limit)  # type: ignore[method-assign]
     HostStack.parse_udp = remembering(parse_udp, udp_key, limit)  # type: ignore[method-assign]
-    control.decode = remembering(decode, bytes_key, limit)
+    control.decode = decoding_once(decode, limit)  # type: ignore[assignment]
+    control.snapshot_parts = remembering(snapshot_parts, parts_key, RESULTS_KEPT)
     coordination.apply_op = remembering(apply_op, state_key, RESULTS_KEPT)
     poolstate.initial_apportionment = remembering(initial, settings_key, RESULTS_KEPT)
     try:
@@ -108,3 +166,4 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
         HostStack.parse = parse  # type: ignore[method-assign]
         HostStack.parse_udp = parse_udp  # type: ignore[method-assign]
         control.decode = decode
+        control.snapshot_parts = snapshot_parts
