@@ -170,10 +170,13 @@ class PeerView:
                 # Asked again whenever a member's status moves: the gossip membership's
                 # dead (kept as they die), and of the peers it has not heard of (fewer
                 # and fewer), those not alive; not a pass over every peer.
-                members = swim.members
-                self._outside = {n for n in self._outside if n not in members}
+                # (A peer it has not heard of is alive while the allocation holds it:
+                # a newcomer's are mostly those.)
+                self._outside.difference_update(swim.members.keys())
+                state = self.apportionment
+                judged = self._outside.difference(state.weights if state is not None else ())
                 dead = [peers[n] for n in swim.dead if n in peers]
-                dead += [p for n in self._outside if not self._peer_alive(p := peers[n], limit)]
+                dead += [p for n in judged if not self._peer_alive(p := peers[n], limit)]
             return {p.address for p in dead}
 
         return cast(set[Address], self._derived("dead", now, compute))
