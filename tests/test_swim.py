@@ -164,6 +164,26 @@ def test_a_dead_member_is_suspected_then_counted_dead_by_all_within_a_bound() ->
     assert all(d.health.score == 0 for d in net.detectors.values())
 
 
+def test_only_the_member_that_began_a_suspicion_announces_the_death() -> None:
+    """The first suspector's death notice comes late (50 ms a hop): the members that
+    confirmed the suspicion count the suspect dead when their own suspicions run out,
+    and announce nothing themselves (one death notice to every member, not one per
+    confirmation)."""
+    net = Network(8)
+    net.run(1.05)
+    net.down.add("m3")
+    net.delay = lambda sender, receiver, message: (
+        0.05 if isinstance(message, MemberNotice) and message.status == MemberStatus.DEAD else HOP
+    )
+    net.run(3.0)
+    suspicions = [(s, n) for _, s, n in net.notices if n.status == MemberStatus.SUSPECT]
+    deaths = [(s, n) for _, s, n in net.notices if n.status == MemberStatus.DEAD]
+    assert len(suspicions) >= 3  # the first and its confirmations
+    assert [s for s, _ in deaths] == [suspicions[0][0]]
+    for name in set(net.detectors) - {"m3"}:
+        assert "m3" not in net.alive_in_view_of(name), name
+
+
 def test_an_indirect_probe_keeps_a_member_behind_a_bad_path_alive() -> None:
     """m0 cannot reach m1 directly (either way); the others still can, and answer for it."""
     net = Network(5)

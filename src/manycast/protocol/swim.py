@@ -23,8 +23,9 @@ Serf) runs it; this module follows memberlist's `probeNode` and suspicion rules:
   the control channel (`MemberNotice` SUSPECT) to every member at once, where
   memberlist piggybacks it on pings; each member counts the target dead when the
   suspicion times out, unless the target refutes it with a greater incarnation
-  (ALIVE). The suspector announces the death too, for a member that missed the
-  suspicion.
+  (ALIVE). The member that began the suspicion announces the death too, for a
+  member that missed the suspicion (those that confirmed it do not: one notice to
+  every member, not one per confirmation).
 * Lifeguard (`lifeguard.py`; memberlist's awareness and suspicion timers), so that
   a slow prober does not remove live members: a helper that gets no ACK either
   tells the asker so (NACK); a failed probe without those nacks, or a suspicion of
@@ -110,7 +111,7 @@ class Member:
     address: Address
     incarnation: int
     status: MemberStatus
-    suspected_by_us: bool = False  # our own probe failed: we announce its death
+    suspected_by_us: bool = False  # we began its suspicion: we announce its death
     spoke: float = float("-inf")  # when we last heard from it directly
 
 
@@ -538,11 +539,16 @@ class SwimDetector:
         if member.status == MemberStatus.ALIVE:
             self.stats.suspicions += 1
             self._begin_suspicion(name, self.name, now)
+            # The death is announced by whoever began the suspicion; every member that
+            # heard of it (from us or from those who confirm it) counts the suspect dead
+            # when it runs out. (Confirmers announcing too, their suspicions running out
+            # within milliseconds of ours, made each death four or five notices to every
+            # member instead of one.)
+            member.suspected_by_us = True
         elif self._suspicions.confirm(name, self.name):
             self.stats.confirmations += 1
         else:
             return
-        member.suspected_by_us = True
         self._send(self._notice(MemberStatus.SUSPECT, name, member), None)
 
     def _begin_suspicion(self, name: str, first: str, now: float) -> None:
