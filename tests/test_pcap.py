@@ -497,3 +497,34 @@ def test_lua_dissector_reads_both_report_families(tmp_path: Path, family: int) -
         assert shown in text, (shown, text[-3000:])
     (info,) = fields(path, "_ws.col.Info", extra=lua)
     assert info[0].endswith("[manycast: 1 mask TLV, signed join]"), info
+
+
+def test_ipv6_demo_capture_decodes_without_a_malformed_packet(tmp_path: Path) -> None:
+    """demo6 (the demo's pool on an IPv6 network) for 3 s on the memory driver: every
+    frame decodes; MLDv2 reports carry the servers' mask pairs (the Lua dissector
+    reads them) and the routers query with MLDv2; sessions are TCP in IPv6, control
+    messages UDP in IPv6 to the control port."""
+    topology = builtin("demo6")
+    path = tmp_path / "demo6.pcapng"
+    done = demo("--topology", "demo6", "--driver", "memory", "--duration", "3", "--pcap", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lua = ("-X", f"lua_script:{LUA}")
+    rows = fields(
+        path,
+        "frame.protocols",
+        "icmpv6.type",
+        "udp.dstport",
+        "tcp.dstport",
+        "manycast.masks.group6",
+        extra=(*WHOLE_CAPTURE, *lua),
+    )
+    malformed = [row for row in rows if "_ws.malformed" in row[0]]
+    assert malformed == [], malformed[:5]
+    assert all(row[0].startswith("raw:ipv6") for row in rows)
+    assert {"143", "130"} <= {row[1] for row in rows}  # MLDv2 reports, queries
+    group = str(topology.pool.group)
+    assert sum(row[4] == group for row in rows) >= len(topology.servers) - 1  # masks shown
+    control_port = str(topology.pool.control_port)
+    assert sum(row[0].startswith("raw:ipv6:udp") and row[2] == control_port for row in rows) > 100
+    service = str(topology.pool.port)
+    assert sum(row[0].startswith("raw:ipv6:tcp") and row[3] == service for row in rows) > 1000
