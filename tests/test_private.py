@@ -1134,3 +1134,28 @@ def test_a_pools_own_records_give_its_routers_the_key_of_each_group(
             assert answer.reason is None, answer.detail
             assert answer.public_key == run.nodes.directory[group]
     run.close()
+
+
+@pytest.mark.parametrize(
+    ("given", "found"),
+    [
+        ("127.0.0.1:5353", ("127.0.0.1", 5353)),
+        ("[::1]:5353", ("::1", 5353)),
+        ("[2001:db8::53]:53", ("2001:db8::53", 53)),
+        ("[::1]", None),
+        ("[::1]:0", None),
+        ("[dns.example]:53", None),
+        ("127.0.0.1", None),
+    ],
+)
+def test_a_pools_dns_server_is_named_by_an_ipv4_or_ipv6_address(
+    given: str, found: tuple[str, int] | None
+) -> None:
+    from manycast.topology import TopologyError
+
+    text = private_pool(extra=f'dns = "{given}"', version=6)
+    if found is not None:
+        assert loads(text).pool.dns == found
+        return
+    with pytest.raises(TopologyError, match=r"'dns' = .*(HOST:PORT|is not an IP address)"):
+        loads(text)

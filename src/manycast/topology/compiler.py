@@ -500,12 +500,16 @@ def _public_key(reader: TableReader) -> bytes | None:
 
 
 def _host_port(reader: TableReader, key: str) -> tuple[str, int] | None:
+    """`HOST:PORT`, an IPv6 host in brackets (`[::1]:5353`) as in a URL."""
     text = reader.get(key, str, None)
     if text is None:
         return None
-    host, sep, port = text.rpartition(":")
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        reader.fail(f"'{key}' = {text!r}: expected HOST:PORT", key)
+        reader.fail(f"'{key}' = {text!r}: expected HOST:PORT or [IPv6]:PORT", key)
     try:
         ipaddress.ip_address(host)
     except ValueError:
