@@ -300,23 +300,35 @@ def test_lua_dissector_names_every_control_message_type() -> None:
     assert named == expected
 
 
-def test_lua_dissector_shows_mask_pairs_and_signed_joins(tmp_path: Path) -> None:
+# The same pool on an IPv6 network: signed MLDv2 joins.
+PRIVATE_POOL6 = PRIVATE_POOL.replace('"232.5.5.5"', '"ff3e::8005:505"').replace(
+    '"10.1.0.0/24"', '"2001:db8:1::/64"'
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "six"), [(PRIVATE_POOL, ""), (PRIVATE_POOL6, "6")], ids=["igmpv3", "mldv2"]
+)
+def test_lua_dissector_shows_mask_pairs_and_signed_joins(
+    tmp_path: Path, text: str, six: str
+) -> None:
     """contrib/wireshark/manycast.lua: each signed join's requester, timestamp, random
-    key and signature; each mask TLV's include and exclude pairs; control messages."""
+    key and signature (in IGMPv3 or MLDv2 reports, whose addresses are the fields
+    ending in 6); each mask TLV's include and exclude pairs; control messages."""
     topology_file = tmp_path / "private.toml"
-    topology_file.write_text(PRIVATE_POOL)
-    topology = loads(PRIVATE_POOL, "private.toml")
+    topology_file.write_text(text)
+    topology = loads(text, "private.toml")
     path = tmp_path / "private.pcapng"
     demo("--topology", str(topology_file), "--driver", "memory", "--duration", "2.5",
          "--pcap", str(path))  # fmt: skip
     lua = ("-X", f"lua_script:{LUA}")
     rows = fields(
         path,
-        "manycast.signed.requester",
+        f"manycast.signed.requester{six}",
         "manycast.signed.timestamp_ms",
         "manycast.signed.random_key",
         "manycast.signed.signature",
-        "manycast.masks.group",
+        f"manycast.masks.group{six}",
         extra=(*lua, "-Y", "manycast"),
     )
     # Servers join with their portions; clients register as senders: both sign.
