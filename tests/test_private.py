@@ -92,9 +92,6 @@ class Family:
     links: tuple[str, str, str]  # upstream, s1's and s2's links, the router first
     upstream: str  # what the router's default route covers
 
-    def address(self, text: str) -> Address:
-        return ip_address(text)
-
     def host(self, network: str, index: int) -> Address:
         return ip_network(network)[index]
 
