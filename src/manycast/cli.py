@@ -850,6 +850,18 @@ def lab_status(
                 str(e.packets),
             )
         console.print(table)
+        portions = tables.plane.get("portions") if tables.plane.get("plane") == "portions" else None
+        if portions is not None:
+            # The pool's group on the portion plane: one nftables element per portion.
+            plane = Table(
+                "portion (source/mask)",
+                "to",
+                title=f"{router}: portion plane of {tables.plane.get('group')} "
+                f"({tables.plane.get('entries', 0)} kernel map elements)",
+            )
+            for portion, outs in list(portions.items())[:entries]:
+                plane.add_row(portion, ", ".join(outs) or "-")
+            console.print(plane)
 
 
 @lab_app.command("run")

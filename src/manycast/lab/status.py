@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from manycast.drivers import mroute, mroute6, netns
 from manycast.errors import LabError
@@ -24,6 +25,9 @@ class NodeStatus:
 class RouterTables:
     vifs: list[mroute.Vif]  # (MIFs in an IPv6 lab)
     entries: list[mroute.CacheEntry] | list[mroute6.CacheEntry6]
+    # The pool group's plane as the daemon tells it (`{"op": "plane"}`): "mfc" or
+    # "portions" with its kernel map elements; empty when the daemon does not answer.
+    plane: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,7 +61,7 @@ def status(lab: Lab) -> LabStatus:
             ]
             nodes.append(NodeStatus(node, kind, netns.exists(lab.ns(node)), processes, addresses))
             if kind == "router" and netns.exists(lab.ns(node)):
-                routers[node] = RouterTables(lab.vifs(node), lab.mfc(node))
+                routers[node] = RouterTables(lab.vifs(node), lab.mfc(node), _plane(lab, node))
     for name in names:
         if name not in known:
             nodes.append(NodeStatus(name.removeprefix(f"{lab.prefix}-"), "?", True, {}, []))
@@ -70,3 +74,13 @@ def status(lab: Lab) -> LabStatus:
         else {}
     )
     return LabStatus(lab.prefix, bool(names), nodes, links, routers)
+
+
+def _plane(lab: Lab, router: str) -> dict[str, Any]:
+    if lab.pid(router, "router") is None:
+        return {}
+    try:
+        answer = lab.ask(router, "router", {"op": "plane"})
+    except (OSError, ValueError):
+        return {}
+    return answer if isinstance(answer, dict) else {}
