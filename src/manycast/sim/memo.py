@@ -36,7 +36,7 @@ from manycast.protocol.host import HostStack
 from manycast.space import AddressSpace
 from manycast.wire import control
 from manycast.wire.control.envelope import ENVELOPE_FIXED
-from manycast.wire.ip import InnerPacket
+from manycast.wire.ip import InnerPacket, UDPDatagram
 from manycast.wire.membership import IGMPv3Report
 
 RESULTS_KEPT = 64  # proposals' results remembered (a pool has one change going at a time)
@@ -64,6 +64,29 @@ def remembering(function: Callable[P, R], key: Callable[P, Hashable], limit: int
         return found
 
     return remembered
+
+
+def per_packet(
+    parse_udp: Callable[[HostStack, InnerPacket], UDPDatagram | None], limit: int
+) -> Callable[[HostStack, InnerPacket], UDPDatagram | None]:
+    """`HostStack.parse_udp` answering from memory for an IP packet it has parsed: the
+    same object, as the memoized `HostStack.parse` hands out for the same bytes (kept
+    with the answer, so that no other packet can take its id meanwhile). Keyed by the
+    payload and addresses it was hashing each address again for every packet."""
+    table: dict[int, tuple[InnerPacket, UDPDatagram]] = {}
+
+    def parsed(self: HostStack, ip: InnerPacket) -> UDPDatagram | None:
+        entry = table.get(id(ip))
+        if entry is not None and entry[0] is ip:
+            return entry[1]
+        found = parse_udp(self, ip)
+        if found is not None:
+            if len(table) >= limit:
+                table.clear()
+            table[id(ip)] = (ip, found)
+        return found
+
+    return parsed
 
 
 def decoding_once(
@@ -118,9 +141,6 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     def ip_key(self: HostStack, packet: bytes) -> Hashable:
         return packet
 
-    def udp_key(self: HostStack, ip: InnerPacket) -> Hashable:
-        return (ip.payload, ip.header.src, ip.header.dst)
-
     def bytes_key(data: bytes | bytearray | memoryview) -> Hashable:
         return bytes(data)
 
@@ -151,7 +171,7 @@ def memoized_decoders(limit: int = 8192) -> Iterator[None]:
     )
     AddressSpace.cover = remembering(cover, cover_key, COVERS_KEPT)  # type: ignore[method-assign]
     HostStack.parse = remembering(parse, ip_key, limit)  # type: ignore[method-assign]
-    HostStack.parse_udp = remembering(parse_udp, udp_key, limit)  # type: ignore[method-assign]
+    HostStack.parse_udp = per_packet(parse_udp, limit)  # type: ignore[method-assign, assignment]
     control.decode = decoding_once(decode, limit)  # type: ignore[assignment]
     control.snapshot_parts = remembering(snapshot_parts, parts_key, RESULTS_KEPT)
     coordination.apply_op = remembering(apply_op, state_key, RESULTS_KEPT)
