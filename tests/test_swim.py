@@ -61,8 +61,7 @@ class Network:
 
     def configure(self, detector: SwimDetector) -> None:
         """What a configured member knows before it starts: every other member."""
-        for address, name in self.names_at.items():
-            detector.know(name, address)
+        detector.know({name: address for address, name in self.names_at.items()})
 
     def add(self, name: str, incarnation: int, *, start: bool = True) -> SwimDetector:
         address: Address = ipaddress.IPv4Address(

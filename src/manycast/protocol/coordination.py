@@ -168,6 +168,7 @@ class Coordinator(PeerView):
             # start (their addresses, incarnation 0): probed from the first period, not
             # announced to each other (N^2 deliveries when a large pool starts).
             swim = self.swim if configured else None
+            addresses: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
             for member in self.settings.members:
                 if member != self.name and member not in self.peers:
                     address = known.get(member, NO_ADDRESS) if swim is not None else NO_ADDRESS
@@ -175,8 +176,10 @@ class Coordinator(PeerView):
                         member, address, now, ServerState.ACTIVE, 0, NO_DIGEST
                     )
                     self._outside.add(member)
-                    if swim is not None and int(address):
-                        swim.know(member, address)
+                    if int(address):
+                        addresses[member] = address
+            if swim is not None:
+                swim.know(addresses)
             self._ordered = sorted(self.peers)
         self.on_timer(now)
 

@@ -74,7 +74,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from bisect import bisect_left, insort
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from manycast.protocol.lifeguard import (
@@ -208,11 +208,18 @@ class SwimDetector:
         member = self.members.get(name)
         return member is not None and member.status != MemberStatus.DEAD
 
-    def know(self, name: str, address: Address) -> None:
-        """Before `start`: `name` is a configured member at `address`, alive until
-        found otherwise, at incarnation 0, where every configured member starts."""
-        if name != self.name and name not in self.members:
-            self._add(name, Member(address, 0, MemberStatus.ALIVE))
+    def know(self, members: Mapping[str, Address]) -> None:
+        """Before `start`: the configured members at their addresses, alive until
+        found otherwise, at incarnation 0, where every configured member starts (all
+        in one go: the ring is sorted once, not grown one insert at a time)."""
+        added = [name for name in members if name != self.name and name not in self.members]
+        for name in added:
+            self._places[name] = len(self.members)
+            self.members[name] = Member(members[name], 0, MemberStatus.ALIVE)
+        if added:
+            self._ring = sorted([*self._ring, *added])
+            self._live += len(added)
+            self.generation += len(added)
             self._known = True
 
     def start(self, now: float, state: ServerState) -> None:
