@@ -36,6 +36,7 @@ from manycast.ports import DEFAULT_HOST
 from manycast.protocol.fastpath import FAST_PATH_LIMIT, FastPath
 from manycast.protocol.node import Frame, Node
 from manycast.topology.addressing import assign_endpoints as assign_endpoints  # re-exported
+from manycast.wire.ip import IPV6_HEADER_LEN
 
 Endpoint = tuple[str, int]
 
@@ -500,14 +501,16 @@ class AsyncOverlay:
         if fast is not None and host.generation != fast.generation:
             _forget(host)
             host.generation = fast.generation
-        key_mask = _native(fast.key_mask) if fast is not None else 0
+        # An IPv6 router's hits are served off the IPv4 path (`_serve_v6`).
+        v6 = fast is not None and fast.family == 6
+        key_mask = _native(fast.key_mask) if fast is not None and not v6 else 0
         known = host.known.get(iface, {})
         learn = self._learn
         batch = _BATCH
         handed = extra = 0  # packets handed to the router, and copies beyond one each
         # Shorter datagrams go to the router (which counts them); with no tables
         # to serve, all do.
-        shortest = _IPV4_HEADER_LEN if serve else _NEVER
+        shortest = _IPV4_HEADER_LEN if serve and not v6 else _NEVER
         # Copies sent, counted per batch for the port they went out on (here they
         # all go the same way): `tally` copies not yet added to `tallied`.
         tallied: _Port | None = None
@@ -538,7 +541,8 @@ class AsyncOverlay:
                         try:
                             sendto, address, to, more = known[words[1] & key_mask]
                         except KeyError:
-                            sends = learn(host, iface, words[1] & key_mask)
+                            word = words[1] & key_mask
+                            sends = learn(host, iface, _native(word), word)
                             if sends is None:
                                 ttl = 0  # not in the tables: the router's own path
                             else:
@@ -579,6 +583,11 @@ class AsyncOverlay:
                                         to.counters.sent += 1
                                 extra += len(more)
                             continue
+                    if v6 and serve:
+                        copies = self._serve_v6(host, iface, length)
+                        if copies:
+                            extra += copies - 1
+                            continue
                     handed += 1
                     receive(iface, bytes(view[:length]), clock() - t0)
                     # Frames and effects after each packet, in order; the timer once
@@ -589,7 +598,7 @@ class AsyncOverlay:
                         # Membership changed: what was learnt is void.
                         _forget(host)
                         host.generation = fast.generation
-                        key_mask = _native(fast.key_mask)
+                        key_mask = 0 if v6 else _native(fast.key_mask)
                     if not (serve and self.capture is None and port.open):
                         serve = False
                         shortest = _NEVER
@@ -605,13 +614,38 @@ class AsyncOverlay:
         finally:
             port.counters.received += n
 
-    def _learn(self, host: _Hosted, iface: str, word: int) -> _Sends | None:
-        """The sends for a packet the router's fast path has an entry for, remembered
-        in `known` under its key as a native word; None (the router's own path)
-        without one, or when a copy goes on a link with emulated delay or loss, or to
-        a neighbour with no endpoint yet."""
+    def _serve_v6(self, host: _Hosted, iface: str, length: int) -> int:
+        """The copies sent of the IPv6 datagram in the buffer from the router's fast
+        path (0: none, the router's own path): `FastPath.forward_copy`'s checks and
+        hop limit, patched in place."""
+        buffer = self._buffer
         fast = host.fast
-        outs = None if fast is None else fast.tables.get(iface, {}).get(_native(word))
+        if fast is None or length < IPV6_HEADER_LEN or buffer[0] >> 4 != 6 or buffer[7] <= 1:
+            return 0
+        key = int.from_bytes(buffer[8:IPV6_HEADER_LEN], "big") & fast.key_mask
+        sends = host.known[iface].get(key) or self._learn(host, iface, key, key)
+        if sends is None:
+            return 0
+        buffer[7] -= 1
+        forwarded = self._view[:length]
+        first: _Copy = sends[:3]
+        more = sends[3]
+        for sendto, address, to in (first, *more):
+            try:
+                sendto(forwarded, address)
+            except OSError as exc:
+                self._send_failed(to, forwarded, address, exc)
+            else:
+                to.counters.sent += 1
+        return 1 + len(more)
+
+    def _learn(self, host: _Hosted, iface: str, key: int, stored: int) -> _Sends | None:
+        """The sends for a packet the router's fast path has an entry for under `key`,
+        remembered in `known` under `stored` (IPv4: the key as a native word); None
+        (the router's own path) without one, or when a copy goes on a link with
+        emulated delay or loss, or to a neighbour with no endpoint yet."""
+        fast = host.fast
+        outs = None if fast is None else fast.tables.get(iface, {}).get(key)
         if not outs:
             return None
         copies: list[_Copy] = []
@@ -624,7 +658,7 @@ class AsyncOverlay:
         known = host.known[iface]
         if len(known) >= FAST_PATH_LIMIT:
             known.clear()
-        known[word] = learnt
+        known[stored] = learnt
         return learnt
 
     def _after(self, host: _Hosted) -> None:

@@ -25,15 +25,17 @@ bits: a million client addresses fill as many entries as the portions' cells, no
 a million. A source-specific join (a whole address) makes the mask whole again.
 
 The rules a driver follows (`lookup` states them in code):
-- the key of a datagram is its bytes 12-19 (source, then destination address) as
-  one big-endian number, ANDed with `key_mask`;
-- only a datagram that hits the table of its arrival interface, has a first byte
-  0x45-0x4F (IPv4, a header the router accepts) and TTL above 1 is served here;
-  every other datagram goes to `Router.receive` as before (so the router still
-  counts no-member, TTL-expired and malformed packets, and sees every join);
-- each copy is `forward_copy_v4(packet)` (`decrement_ttl_v4` after those checks)
-  sent on the pair's interface to the pair's neighbour, exactly the frames the
-  router would have queued;
+- the key of a datagram is its addresses (IPv4: bytes 12-19; IPv6, `family` 6:
+  bytes 8-39), source then destination, as one big-endian number, ANDed with
+  `key_mask`;
+- only a datagram that hits the table of its arrival interface, is of the
+  family with a header the router accepts (IPv4: a first byte 0x45-0x4F; IPv6:
+  version 6, 40 bytes at least) and has a TTL or hop limit above 1 is served
+  here; every other datagram goes to `Router.receive` as before (so the router
+  still counts no-member, TTL-expired and malformed packets, and sees every join);
+- each copy is `forward_copy(packet)` (the TTL or hop limit one less, the IPv4
+  checksum patched, after those checks) sent on the pair's interface to the
+  pair's neighbour, exactly the frames the router would have queued;
 - `credit(n)` after the batch: `n` copies sent, counted in the router's
   `multicast_forwarded` as if it had queued them.
 """
@@ -43,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from manycast.wire.ip import forward_copy_v4
+from manycast.wire.ip import IPV6_HEADER_LEN, forward_copy_v4
 
 Outs = tuple[tuple[str, int], ...]  # (interface, neighbour address) of each copy
 
@@ -56,6 +58,9 @@ class _Counted(Protocol):
 
 
 FULL_KEY = (1 << 64) - 1
+# Per family: the width of an address, in bits, and where the addresses start.
+_ADDRESS_BITS = {4: 32, 6: 128}
+_ADDRESSES_AT = {4: 12, 6: 8}
 
 
 class FastPath:
@@ -63,11 +68,14 @@ class FastPath:
     destination) -> the copies to send. The per-interface tables are created once
     and only ever cleared in place, so a driver may hold one across a batch."""
 
-    __slots__ = ("_stats", "generation", "key_mask", "served", "tables")
+    __slots__ = ("_at", "_bits", "_stats", "family", "generation", "key_mask", "served", "tables")
 
-    def __init__(self, interfaces: Iterable[str], stats: _Counted) -> None:
+    def __init__(self, interfaces: Iterable[str], stats: _Counted, family: int = 4) -> None:
         self.tables: dict[str, dict[int, Outs]] = {name: {} for name in interfaces}
-        self.key_mask = FULL_KEY
+        self.family = family
+        self._bits = _ADDRESS_BITS[family]
+        self._at = _ADDRESSES_AT[family]
+        self.key_mask = (1 << 2 * self._bits) - 1
         self._stats = stats
         # Set by a driver that serves the tables; until then nothing is installed
         # (a driver that hands every packet to the router pays nothing for them).
@@ -88,14 +96,16 @@ class FastPath:
         table[self.key(packet)] = outs
 
     def key(self, packet: bytes) -> int:
-        return int.from_bytes(packet[12:20], "big") & self.key_mask
+        at = self._at
+        return int.from_bytes(packet[at : at + self._bits // 4], "big") & self.key_mask
 
-    def invalidate(self, source_mask: int = 0xFFFFFFFF) -> None:
+    def invalidate(self, source_mask: int = -1) -> None:
         """Membership changed: every entry goes; `source_mask` is the union of the
-        masks the router's members now join with."""
+        masks the router's members now join with (-1: every bit)."""
         for table in self.tables.values():
             table.clear()
-        self.key_mask = (source_mask & 0xFFFFFFFF) << 32 | 0xFFFFFFFF
+        whole = (1 << self._bits) - 1
+        self.key_mask = (source_mask & whole) << self._bits | whole
         self.generation += 1
 
     def credit(self, copies: int) -> None:
@@ -106,4 +116,15 @@ class FastPath:
         """The copies of `packet` the fast path may send, or None: hand it to the
         router. (Drivers inline this test on their per-datagram path.)"""
         outs = table.get(self.key(packet))
-        return outs if outs is not None and forward_copy_v4(packet) is not None else None
+        return outs if outs is not None and self.forward_copy(packet) is not None else None
+
+    def forward_copy(self, packet: bytes) -> bytearray | None:
+        """What the router sends on for a packet with an entry, or None (not of the
+        family, a header the router refuses, TTL or hop limit 1 or less)."""
+        if self.family == 4:
+            return forward_copy_v4(packet)
+        if len(packet) < IPV6_HEADER_LEN or packet[0] >> 4 != 6 or packet[7] <= 1:
+            return None
+        copy = bytearray(packet)
+        copy[7] -= 1
+        return copy

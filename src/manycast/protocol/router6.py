@@ -17,9 +17,10 @@ the same checks, the SIGNED JOIN TLV with a 16-byte requester), and a relayed on
 stays checkable: the signature leaves out the checksum, which the relaying router
 recomputes for its own address.
 
-Not here yet: a VIP pool, R4's pinned paths (the label plane is IPv4's), and the
-driver-served fast path (`fastpath.py` keys IPv4 headers): a cache hit is served
-by `Router._forward_multicast`, one call per packet.
+The fast path (`fastpath.py`) is published as IPv4's, keyed by the 32 bytes of
+the two addresses; the overlay serves it.
+
+Not here yet: a VIP pool, R4's pinned paths (the label plane is IPv4's).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from manycast.protocol.fastpath import FastPath, Outs
+from manycast.protocol.fastpath import FastPath
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.router import Router
 from manycast.wire.cursor import internet_checksum
@@ -56,15 +57,6 @@ def _ipv6(number: int) -> Address:
     return ipaddress.IPv6Address(number)
 
 
-class _Unserved(FastPath):
-    """A fast path that installs nothing: the drivers' tables read IPv4 headers."""
-
-    __slots__ = ()
-
-    def install(self, iface: str, packet: bytes, outs: Outs) -> None:
-        return
-
-
 class Router6(Router):
     """A router of an IPv6 network (every interface address IPv6)."""
 
@@ -76,7 +68,7 @@ class Router6(Router):
         (`topology.compiler` refuses those for IPv6)."""
         super().__init__(*args, **kwargs)
         self._decrement = decrement_hop_limit_v6
-        self.fast_path = _Unserved(self.interfaces, self.stats)
+        self.fast_path = FastPath(self.interfaces, self.stats, family=6)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         try:
