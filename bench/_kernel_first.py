@@ -15,14 +15,16 @@ import time
 from typing import Any
 
 from _common import progress
-from _kernel_setup import HOSTS, SERVERS, VIP, KernelBench
+from _kernel_setup import HOSTS, SERVERS, KernelBench
 from _kernel_traffic import Taps, udp_frame
 
 
 def raw_socket(bench: KernelBench, host: str) -> socket.socket:
     from manycast.drivers import netns
 
-    sock = netns.socket_in(bench.lab.ns(host), socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    # IPPROTO_RAW: we write the IP header (an IPv6 raw socket of that protocol too).
+    family = socket.AF_INET if bench.family.version == 4 else socket.AF_INET6
+    sock = netns.socket_in(bench.lab.ns(host), family, socket.SOCK_RAW, socket.IPPROTO_RAW)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"eth0")
     return sock
 
@@ -68,7 +70,7 @@ def server_iface_at_router(bench: KernelBench) -> dict[str, str]:
         s: next(
             i.name
             for i in bench.topology.interfaces["r"].values()
-            if ipaddress.IPv4Address(bench.server_address[s]) in i.network
+            if ipaddress.ip_address(bench.server_address[s]) in i.network
         )
         for s in SERVERS
     }
@@ -93,7 +95,7 @@ def check_entries(bench: KernelBench) -> dict[str, int]:
 
 def kernel_elements(bench: KernelBench) -> int:
     """The portion maps' elements in the router's kernel (`nft -j list table`)."""
-    command = "nft -j list table netdev manycast"
+    command = f"nft -j list table netdev {bench.family.portion_table}"
     listing = subprocess.run(
         ["ip", "netns", "exec", bench.lab.ns("r"), *command.split()],
         capture_output=True,
@@ -119,7 +121,7 @@ def check_plane(bench: KernelBench) -> dict[str, Any]:
     iface_of = server_iface_at_router(bench)
     right = wrong = 0
     for key, outs in plane["portions"].items():
-        value, mask = (int(ipaddress.IPv4Address(p)) for p in key.split("/"))
+        value, mask = (int(ipaddress.ip_address(p)) for p in key.split("/"))
         owners = [s for v, m, s in bench.portions if (v, m) == (value, mask)]
         want = [f"{iface_of[s]} {bench.server_address[s]}" for s in owners]
         if len(owners) == 1 and outs == want:
@@ -139,9 +141,9 @@ def first_packets(bench: KernelBench, kind: str, samples: int, first: int) -> di
     """Fresh sources of c1, one packet each, one at a time: the time to a server's
     interface (and whether the owner got it); for the MFC the daemon's upcall-to-
     installed time, and the upcalls the daemon saw."""
-    taps = Taps({bench.lab.ns(s): bench.server_iface[s] for s in SERVERS})
+    taps = Taps({bench.lab.ns(s): bench.server_iface[s] for s in SERVERS}, bench.family.version)
     sock = raw_socket(bench, "c1")
-    destination = VIP if kind == "nftables" else bench.group
+    destination = bench.family.vip if kind == "nftables" else bench.group
     bench.configure(kind, True)
     delivered: list[float] = []
     installs: list[float] = []

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +31,10 @@ from _kernel_traffic import (
     udp_frame,
 )
 
-TOPOLOGY = """
+TOPOLOGY_TEMPLATE = """
 [pool]
-group = "232.1.1.1"
+{pool}
 port = 7000
-control_group = "239.255.77.1"
 report_interval_ms = 1000
 # Slow enough that an agent held up by the load is not taken for dead: the
 # membership must not change during the rounds (`entries_rewritten_during_rounds`).
@@ -60,13 +61,25 @@ router = "r"
 name = "c"
 count = 1
 router = "r"
-subnet = "10.1.0.0/16"
+subnet = "{lan_c}"
 [[clients]]
 name = "d"
 count = 1
 router = "r"
-subnet = "10.2.0.0/16"
+subnet = "{lan_d}"
 """
+TOPOLOGY = TOPOLOGY_TEMPLATE.format(
+    pool='group = "232.1.1.1"\ncontrol_group = "239.255.77.1"',
+    lan_c="10.1.0.0/16",
+    lan_d="10.2.0.0/16",
+)
+# The same on IPv6: the low bits of a source's interface identifier pick its server
+# (the pool's index bits), as the low bits of an IPv4 address do.
+TOPOLOGY6 = TOPOLOGY_TEMPLATE.format(
+    pool='group = "ff3e::8000:1"\ncontrol_group = "ff15::77:1"\nspace = "2001:db8::/32"',
+    lan_c="2001:db8:1::/64",
+    lan_d="2001:db8:2::/64",
+)
 
 SERVERS = ("s1", "s2", "s3", "s4")
 HOSTS = ("c1", "d1")  # one generator each
@@ -95,6 +108,57 @@ FRAMES_OF = {
     "unicast": "owner",
 }
 VIP = "10.255.0.1"
+MCAST_ROUTES_V6 = (
+    "nothing to add on IPv6: the kernel already routes ff00::/8 on every interface"
+    " (its local table), so ip6mr's output lookup for a MIF finds a multicast route"
+    " without one; the kind would be `manycast` again"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the IPv4 run and the IPv6 run of the same measurement."""
+
+    version: int
+    prefix: str  # the lab's namespaces are <prefix>-r, <prefix>-s1, ...
+    topology: str
+    vip: str
+    lan_bits: int  # a client LAN's network part: its sources are that base + n
+    kinds: tuple[str, ...]
+    not_measured: Mapping[str, str]  # kind -> why this family does not measure it
+
+    @property
+    def nft(self) -> str:
+        """nftables' name of the family (tables and address matches)."""
+        return "ip" if self.version == 4 else "ip6"
+
+    @property
+    def portion_table(self) -> str:
+        return "manycast" if self.version == 4 else "manycast6"
+
+    def address(self, value: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        return (ipaddress.IPv4Address if self.version == 4 else ipaddress.IPv6Address)(value)
+
+    def group_mac(self, group: str) -> bytes:
+        """The Ethernet address of a group: RFC 1112's for IPv4, RFC 2464's for IPv6."""
+        if self.version == 4:
+            low = int(ipaddress.IPv4Address(group)) & 0x7FFFFF
+            return bytes.fromhex("01005e") + low.to_bytes(3, "big")
+        return bytes.fromhex("3333") + ipaddress.IPv6Address(group).packed[-4:]
+
+
+FAMILIES = {
+    4: Family(4, "kb", TOPOLOGY, VIP, 0xFFFF0000, KINDS, {}),
+    6: Family(
+        6,
+        "kb6",
+        TOPOLOGY6,
+        "2001:db8:ff::1",
+        ((1 << 128) - 1) ^ ((1 << 64) - 1),
+        tuple(k for k in KINDS if k != "manycast_mcast_routes"),
+        {"manycast_mcast_routes": MCAST_ROUTES_V6},
+    ),
+}
 KERNEL_SCRIPT = Path(__file__).resolve().with_name("kernel.py")  # --generator
 GENERATOR_CPU, ROUTER_CPU = 0, 1
 GENERATOR_NICE, ROUTER_NICE = -10, -20
@@ -106,8 +170,9 @@ WARM = 0.6  # seconds of traffic before an interval's counters are read
 class KernelBench:
     """The lab tuned for the measurement, its generators, and the intervals."""
 
-    def __init__(self, lab: Any, topology: Any, directory: Path) -> None:
+    def __init__(self, lab: Any, topology: Any, directory: Path, family: Family) -> None:
         self.lab, self.topology, self.directory = lab, topology, directory
+        self.family = family
         self.group = str(topology.pool.group)
         self.server_address = {s: str(topology.address(s)) for s in SERVERS}
         router = topology.interfaces["r"]
@@ -157,7 +222,8 @@ class KernelBench:
                 lab, s, f"echo {1 << GENERATOR_CPU:x} > /sys/class/net/{iface}/queues/rx-0/rps_cpus"
             )
         # A router needs no bridge netfilter (br_netfilter may be loaded on the host).
-        in_ns(lab, "r", "sysctl -qw net.bridge.bridge-nf-call-iptables=0 || true")
+        for table in ("iptables", "ip6tables"):
+            in_ns(lab, "r", f"sysctl -qw net.bridge.bridge-nf-call-{table}=0 || true")
         before = napi_threads()
         for host in HOSTS:
             port = f"{self.router_iface[host]}p0"  # the bridge port facing the host
@@ -184,13 +250,13 @@ class KernelBench:
         members = self.lab.ask("r", "router", {"op": "status"})["membership"][self.group]
         portions = []
         for address, text in members.items():
-            value, mask = (int(ipaddress.IPv4Address(p)) for p in text.split("/"))
+            value, mask = (int(ipaddress.ip_address(p)) for p in text.split("/"))
             server = next(s for s, a in self.server_address.items() if a == address)
             portions.append((value, mask, server))
         self.portions = portions
         for source in self.sources():
             self.owner[source] = self.owner_of(source)
-        masks = sorted({ipaddress.IPv4Address(m).compressed for _, m, _ in portions})
+        masks = sorted({self.family.address(m).compressed for _, m, _ in portions})
         progress(f"portions: {dict(sorted(members.items()))} (masks {masks})")
         counts = {s: 0 for s in SERVERS}
         for server in self.owner.values():
@@ -201,14 +267,14 @@ class KernelBench:
         self, host: str | None = None, first: int = FIRST_SOURCE, count: int = SOURCES_PER_HOST
     ) -> list[int]:
         hosts = HOSTS if host is None else (host,)
-        bases = [int(self.topology.address(h)) & 0xFFFF0000 for h in hosts]
+        bases = [int(self.topology.address(h)) & self.family.lan_bits for h in hosts]
         return [base + first + i for base in bases for i in range(count)]
 
     def owner_of(self, source: int) -> str:
         """The server whose portion covers `source` (the membership read by read_owners)."""
         owners = [s for v, m, s in self.portions if source & m == v]
         if len(owners) != 1:
-            raise RuntimeError(f"{ipaddress.IPv4Address(source)}: owners {owners}")
+            raise RuntimeError(f"{self.family.address(source)}: owners {owners}")
         return owners[0]
 
     def mac(self, node: str, iface: str) -> bytes:
@@ -217,16 +283,15 @@ class KernelBench:
         )
 
     def start_generators(self) -> None:
-        group_mac = bytes.fromhex("01005e") + (
-            int(ipaddress.IPv4Address(self.group)) & 0x7FFFFF
-        ).to_bytes(3, "big")
+        group_mac = self.family.group_mac(self.group)
+        vip = self.family.vip
         for host in HOSTS:
             own, gateway = self.mac(host, "eth0"), self.mac("r", self.router_iface[host])
             folder = self.directory / host
             folder.mkdir()
             frames = {
                 "group": [udp_frame(s, self.group, group_mac, own) for s in self.sources(host)],
-                "vip": [udp_frame(s, VIP, gateway, own) for s in self.sources(host)],
+                "vip": [udp_frame(s, vip, gateway, own) for s in self.sources(host)],
                 "owner": [
                     udp_frame(s, self.server_address[self.owner[s]], gateway, own)
                     for s in self.sources(host)
@@ -301,17 +366,32 @@ class KernelBench:
         if kind not in tables:
             return
         table, chain_type, priority = tables[kind]
+        nft = self.family.nft  # "ip" or "ip6": the table's family and the address matches
         if not on:
-            in_ns(self.lab, "r", f"nft delete table ip {table}")
+            in_ns(self.lab, "r", f"nft delete table {nft} {table}")
             return
         servers = ", ".join(f"{i} : {self.server_address[s]}" for i, s in enumerate(SERVERS))
-        pick = f"jhash ip saddr mod {len(SERVERS)} map {{ {servers} }}"
-        action = f"dnat to {pick}" if kind == "nftables" else f"ip daddr set {pick}"
+        pick = f"jhash {nft} saddr mod {len(SERVERS)} map {{ {servers} }}"
+        action = f"dnat to {pick}" if kind == "nftables" else f"{nft} daddr set {pick}"
         script = (
-            f"table ip {table} {{ chain prerouting {{ type {chain_type} hook prerouting"
-            f" priority {priority}; policy accept; ip daddr {VIP} udp dport 7000 {action}\n}}\n}}\n"
+            f"table {nft} {table} {{ chain prerouting {{ type {chain_type} hook prerouting"
+            f" priority {priority}; policy accept; {nft} daddr {self.family.vip}"
+            f" udp dport 7000 {action}\n}}\n}}\n"
         )
         in_ns(self.lab, "r", "nft -f -", script)
+
+    def sunk_share(self) -> float:
+        """Of the packets the servers' interfaces received so far, the share their
+        ingress rule dropped (near 1: the test traffic, of either family, costs each
+        server the same, and never reaches its IP stack)."""
+        sunk = received = 0
+        for s in SERVERS:
+            listing = json.loads(in_ns(self.lab, s, "nft -j list table netdev kb_sink"))
+            for item in listing["nftables"]:
+                for expr in item.get("rule", {}).get("expr", []):
+                    sunk += expr.get("counter", {}).get("packets", 0)
+            received += dev_counters(self.lab, s)[self.server_iface[s]][1]
+        return round(sunk / max(1, received), 4)
 
     def snapshot(self) -> dict[str, Any]:
         router = dev_counters(self.lab, "r")

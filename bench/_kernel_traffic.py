@@ -29,12 +29,13 @@ import numpy as np
 import numpy.typing as npt
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+IPPROTO_UDP = 17
 # Linux ABI: packet(7) TX ring (TPACKET_V2), ethtool(8) legacy ioctls.
 SOL_PACKET, PACKET_VERSION, PACKET_TX_RING, PACKET_QDISC_BYPASS = 263, 10, 13, 20
 TPACKET_V2, TP_STATUS_SEND_REQUEST = 1, 1
 FRAME, BLOCK, DATA_OFFSET = 256, 4096, 32  # data at TPACKET2_HDRLEN - sizeof(sockaddr_ll)
 SIOCETHTOOL, ETHTOOL_STSO, ETHTOOL_SGRO = 0x8946, 0x1F, 0x2C
-SO_TIMESTAMPNS, SO_SNDBUFFORCE, ETH_P_ALL, ETH_P_IP = 35, 32, 0x0003, 0x0800
+SO_TIMESTAMPNS, SO_SNDBUFFORCE, ETH_P_ALL, ETH_P_IP, ETH_P_IPV6 = 35, 32, 0x0003, 0x0800, 0x86DD
 
 
 # -- the generator (a process of its own in a client's namespace) -----------------------
@@ -178,12 +179,16 @@ def napi_threads() -> dict[int, str]:
 
 class Taps:
     """AF_PACKET taps on interfaces of several namespaces ({namespace: interface}), with
-    kernel receive timestamps. ETH_P_ALL: such taps see a packet before an ingress
-    hook drops it (one bound to ETH_P_IP would not)."""
+    kernel receive timestamps, for packets of IP `version` 4 or 6. ETH_P_ALL: such
+    taps see a packet before an ingress hook drops it (one bound to ETH_P_IP would not)."""
 
-    def __init__(self, interfaces: Mapping[str, str]) -> None:
+    def __init__(self, interfaces: Mapping[str, str], version: int = 4) -> None:
         from manycast.drivers import netns
 
+        # Where the source address and the protocol (next header) lie in the packet.
+        self.ethertype, self.source_at, self.protocol_at = (
+            (ETH_P_IP, slice(12, 16), 9) if version == 4 else (ETH_P_IPV6, slice(8, 24), 6)
+        )
         self.socks = []
         for namespace, iface in interfaces.items():
             tap = netns.socket_in(
@@ -197,18 +202,22 @@ class Taps:
     def first_from(self, source: int, deadline: float) -> int | None:
         """The receive time (ns, CLOCK_REALTIME) of the first UDP packet from `source`
         at any tap, or None by `deadline` (time.monotonic())."""
-        wanted = source.to_bytes(4, "big")
+        wanted = source.to_bytes(self.source_at.stop - self.source_at.start, "big")
         while (left := deadline - time.monotonic()) > 0:
             ready, _, _ = select.select(self.socks, [], [], left)
             for tap in ready:
                 with contextlib.suppress(BlockingIOError):
                     while True:
                         data, ancillary, _, address = tap.recvmsg(2048, socket.CMSG_SPACE(16))
-                        if address[1] == ETH_P_IP and data[12:16] == wanted and data[9] == 17:
+                        if (
+                            address[1] == self.ethertype
+                            and data[self.source_at] == wanted
+                            and data[self.protocol_at] == IPPROTO_UDP
+                        ):
                             for level, kind, value in ancillary:
                                 if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
                                     seconds, nanos = struct.unpack("qq", value[:16])
-                                    return seconds * 1_000_000_000 + nanos
+                                    return int(seconds) * 1_000_000_000 + int(nanos)
         return None
 
     def close(self) -> None:
@@ -217,13 +226,17 @@ class Taps:
 
 
 def udp_frame(src: int, dst: str, dst_mac: bytes, src_mac: bytes, payload: int = 64) -> bytes:
-    """An Ethernet frame of a UDP datagram from port 40000 to port 7000, `payload` bytes."""
-    from manycast.wire.ip import IPPROTO_UDP, IPv4Packet, UDPDatagram
+    """An Ethernet frame of a UDP datagram from port 40000 to port 7000, `payload` bytes,
+    TTL (IPv6: hop limit) 8, in the family of `dst`. The UDP checksum is computed for
+    both families (IPv6 makes it mandatory: a receiver drops a datagram without one)."""
+    from manycast.wire.ip import UDPDatagram, make_packet
 
-    source, target = ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst)
+    target = ipaddress.ip_address(dst)
+    source = (ipaddress.IPv4Address if target.version == 4 else ipaddress.IPv6Address)(src)
     udp = UDPDatagram(40000, 7000, b"x" * payload).to_wire(source, target)
-    packet = IPv4Packet.make(source, target, IPPROTO_UDP, udp, ttl=8).to_wire()
-    return dst_mac + src_mac + b"\x08\x00" + packet
+    packet = make_packet(source, target, IPPROTO_UDP, udp, ttl=8).to_wire()
+    ethertype = ETH_P_IP if target.version == 4 else ETH_P_IPV6
+    return dst_mac + src_mac + ethertype.to_bytes(2, "big") + packet
 
 
 if __name__ == "__main__":

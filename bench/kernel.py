@@ -1,4 +1,4 @@
-"""Kernel lab: manycast's kernel data plane against a kernel load balancer (nftables).
+"""Kernel lab: manycast's kernel data plane against nftables load balancing, IPv4 and IPv6.
 
 One router namespace `r`, four servers `s1`-`s4` on /30s and two client LANs. The
 servers' agents run and split the client space with masked source-specific joins
@@ -69,6 +69,31 @@ its arrival at a server's interface (kernel timestamps), for the MFC (an upcall
 to the daemon), the portion plane (no upcall: `upcalls` counts the daemon's
 during the samples) and nftables DNAT (a new conntrack entry), side by side.
 
+IPv6, after IPv4 in the same command: the same measurement on a lab of its own
+(namespaces `kb6-*`; IPv4's are `kb-*`; each lab is taken down at the end of its
+run, whatever happens), built from the same topology on an IPv6 network: group
+ff3e::8000:1, client LANs 2001:db8:1::/64 and 2001:db8:2::/64 whose sources' low
+bits pick the owner (`2001:db8::v/ffff:ffff::3` joins), servers on
+2001:db8:fffe::/48. The router daemon hosts `Router6` on the MRT6 socket (a MIF
+per interface, MLDv2 joins); the generators' frames are IPv6/UDP (Ethernet type
+0x86DD, the group's 33:33 address, hop limit 8, the UDP checksum IPv6 makes
+mandatory); the portion plane is `table netdev manycast6` (`ip6 saddr & mask`,
+`fwd ip6 to`); the nftables baselines are `table ip6` (`jhash ip6 saddr`, DNAT
+with conntrack; `ip6 daddr set ... map` at raw priority); unicast goes to the
+owner's IPv6 address. `manycast_mcast_routes` is not measured on IPv6
+(`not_measured` says why: the kernel already has the route it adds, ff00::/8 on
+every interface). The IPv6 figures are under `ipv6`, with the same keys as
+IPv4's at the top level; `ipv6_over_ipv4` gives the IPv6 figure over the IPv4
+one for packets/s delivered by manycast (MFC), the portion plane, both nftables
+baselines and unicast, and IPv4's over IPv6's for `first_packet_install_us` p50
+and p99 (a time): 1 is parity, the goal 0.9 for each. The two runs share the
+machine at different moments: compare them with the load average of each
+(`loadavg_1min_start_end`). `servers_sunk_share`: of what the servers'
+interfaces received, the share their ingress rule dropped (the rule matches UDP
+of either family). `--family 4` or `--family 6` runs one family alone. If the
+IPv6 run fails, the IPv4 figures are still printed, with `error` (the run exits
+1).
+
 `--profile`: kernel events per delivered packet in the router's threads for each
 kind (`perf stat` on tracepoints: FIB lookups, slab allocations), which is where
 ipmr's extra cost shows. Sampling profiles (`perf record`) are no use on this
@@ -91,7 +116,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +125,7 @@ from _common import progress, run_and_emit
 from _kernel_first import at_scale, check_entries, check_plane, first_packets, install_sources
 from _kernel_setup import (
     BASELINES,
+    FAMILIES,
     FRAMES_OF,
     FRESH_SOURCE,
     GENERATOR_CPU,
@@ -109,7 +135,7 @@ from _kernel_setup import (
     OURS,
     ROUTER_CPU,
     SCALE_PER_HOST,
-    TOPOLOGY,
+    Family,
     KernelBench,
 )
 from _kernel_traffic import run_generator, udp_frame
@@ -122,6 +148,9 @@ PREFIX_OF = {
     "manycast_mcast_routes": "mcast_routes_ratio_vs_",
 }
 FIRST_KINDS = ("manycast", "manycast_portions", "nftables")
+# The kinds whose packets/s IPv6 is set beside IPv4 (`ipv6_over_ipv4`), and its goal.
+HEADLINE_KINDS = ("manycast", "manycast_portions", "nftables", "nftables_stateless", "unicast")
+IPV6_GOAL = 0.9
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -166,25 +195,50 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
         progress(f"bench/kernel.py: {why}; skipped")
         return {"bench": "kernel", "skipped": why}
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
+    rng = random.Random(seed)
+    versions = (4, 6) if args.family == "both" else (int(args.family),)
+    result: dict[str, Any] = {"bench": "kernel"}
+    if 4 in versions:
+        result.update(measure_family(args, FAMILIES[4], rng))
+    if 6 in versions:
+        try:
+            result["ipv6"] = measure_family(args, FAMILIES[6], rng)
+        except Exception as exc:  # the IPv4 figures still stand; the run fails
+            if 4 not in versions:
+                raise
+            result["ipv6"] = {"error": f"{type(exc).__name__}: {exc}"}
+            result["error"] = f"the IPv6 run failed: {result['ipv6']['error']}"
+    result["seed"] = seed
+    if versions == (4, 6) and "error" not in result["ipv6"]:
+        result["ipv6_over_ipv4"] = ipv6_over_ipv4(result, result["ipv6"])
+    return result
+
+
+def measure_family(args: argparse.Namespace, family: Family, rng: random.Random) -> dict[str, Any]:
+    """The whole measurement on one family's lab (namespaces `<family.prefix>-*`, taken
+    down at the end whatever happens)."""
     from manycast.lab import Lab
 
     rounds = args.rounds or (3 if args.quick else 7)
     seconds = 1.0 if args.quick else 2.0
     samples = 60 if args.quick else 300
     per_host = 10_000 if args.quick else SCALE_PER_HOST
-    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
-    rng = random.Random(seed)
+    kinds = family.kinds
     began, load_start = time.monotonic(), round(os.getloadavg()[0], 2)
-    per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
+    per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     orders: list[list[str]] = []
     facts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MANYCAST_LAB_RUN_ROOT"] = tmp
-        lab = Lab(prefix="kb", run_root=Path(tmp))
-        lab.down()
-        progress("bench/kernel.py: bringing the lab up (router, 4 servers, 2 client LANs)")
-        topology = lab.up(TOPOLOGY, "bench-kernel", start_servers=False, plane="mfc")
-        bench = KernelBench(lab, topology, Path(tmp))
+        lab = Lab(prefix=family.prefix, run_root=Path(tmp))
+        lab.down()  # a crashed run's namespaces of this prefix, if any
+        progress(
+            f"bench/kernel.py: IPv{family.version}: bringing the lab up"
+            " (router, 4 servers, 2 client LANs)"
+        )
+        topology = lab.up(family.topology, "bench-kernel", start_servers=False, plane="mfc")
+        bench = KernelBench(lab, topology, Path(tmp), family)
         try:
             facts.update(prepare(bench))
             daemon0 = lab.ask("r", "router", {"op": "status"})["daemon"]
@@ -195,20 +249,21 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     scaling.setdefault(kind, {})[str(len(hosts))] = round(got["delivered_pps"])
                     progress(f"{kind} from {len(hosts)} generator(s): {describe(got)}")
             for round_ in range(rounds):
-                order = list(KINDS)
+                order = list(kinds)
                 rng.shuffle(order)
                 orders.append(order)
-                progress(f"round {round_ + 1}/{rounds}:")
+                progress(f"IPv{family.version} round {round_ + 1}/{rounds}:")
                 for kind in order:
                     got = bench.interval(kind, seconds)
                     per_kind[kind].append(got)
                     progress(f"  {kind:22s} {describe(got)}")
             daemon1 = lab.ask("r", "router", {"op": "status"})["daemon"]
+            facts["servers_sunk_share"] = bench.sunk_share()
             if args.profile:
                 if shutil.which("perf") is None:
                     facts["events_per_packet"] = "perf is not installed"
                 else:
-                    counts = {k: bench.event_counts(k, seconds) for k in KINDS}
+                    counts = {k: bench.event_counts(k, seconds) for k in kinds}
                     facts["events_per_packet"] = counts
                     for kind, got in counts.items():
                         progress(f"events per packet in the router's thread, {kind}: {got}")
@@ -223,14 +278,32 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         {
             "rounds": rounds,
             "seconds_per_interval": seconds,
-            "seed": seed,
             "entries_rewritten_during_rounds": daemon1["rewritten"] - daemon0["rewritten"],
             "upcalls_during_rounds": daemon1["upcalls"] - daemon0["upcalls"],
             "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
             "seconds": round(time.monotonic() - began, 1),
         }
     )
+    if family.not_measured:
+        facts["not_measured"] = dict(family.not_measured)
     return summarize(per_kind, orders, scaling, first, facts)
+
+
+def ipv6_over_ipv4(four: Mapping[str, Any], six: Mapping[str, Any]) -> dict[str, Any]:
+    """IPv6 beside IPv4 for the headline figures, each a ratio where 1 is parity and
+    above the goal is as good: packets/s delivered per kind (medians of the rounds),
+    IPv6 over IPv4; the first packet's install time (p50, p99), IPv4 over IPv6 (a
+    time: the faster over the slower reads the same way)."""
+    ratios_: dict[str, Any] = {"goal": IPV6_GOAL}
+    for kind in HEADLINE_KINDS:
+        key = f"{kind}_pps"
+        if key in four and key in six and four[key]:
+            ratios_[key] = round(six[key] / four[key], 3)
+    for q in ("p50", "p99"):
+        a, b = four["first_packet_install_us"][q], six["first_packet_install_us"][q]
+        if a is not None and b:
+            ratios_[f"first_packet_install_us_{q}_ipv4_over_ipv6"] = round(a / b, 3)
+    return ratios_
 
 
 def describe(got: Mapping[str, Any]) -> str:
@@ -263,14 +336,16 @@ def summarize(
     def med(kind: str, key: str) -> float:
         return float(statistics.median(r[key] for r in per_kind[kind]))
 
-    def by_kind(key: str, digits: int) -> dict[str, float]:
-        return {k: round(med(k, key), digits) for k in KINDS}
+    kinds = [k for k in KINDS if k in per_kind]  # a family may leave a kind out
 
-    pps = {k: [r["delivered_pps"] for r in per_kind[k]] for k in KINDS}
+    def by_kind(key: str, digits: int) -> dict[str, float]:
+        return {k: round(med(k, key), digits) for k in kinds}
+
+    pps = {k: [r["delivered_pps"] for r in per_kind[k]] for k in kinds}
     result: dict[str, Any] = {"bench": "kernel"}
-    for kind in KINDS:
+    for kind in kinds:
         result[f"{kind}_pps"] = round(statistics.median(pps[kind]))
-    for ours in OURS:
+    for ours in (k for k in OURS if k in per_kind):
         for base in BASELINES:
             key = f"{PREFIX_OF[ours]}{base}"
             result[key], result[f"{key}_per_round_median"], result[f"{key}_per_round"] = ratios(
@@ -304,7 +379,7 @@ def summarize(
         # what it takes: the generators were faster.
         "limited_by": {
             k: "router" if dropped[k] > 0.01 * med(k, "delivered_pps") else "generators"
-            for k in KINDS
+            for k in kinds
         },
         "delivered_pps_by_generators": scaling,
         "offered_pps": by_kind("offered_pps", 0),
@@ -315,8 +390,8 @@ def summarize(
     }
     result["router_thread_ns_per_packet"] = by_kind("router_thread_ns_per_packet", 0)
     result["daemon_cpu_share_established"] = round(med("manycast", "daemon_cpu_share"), 4)
-    result["delivered_by_server"] = {k: per_kind[k][-1]["delivered_by_server"] for k in KINDS}
-    for kind in KINDS:
+    result["delivered_by_server"] = {k: per_kind[k][-1]["delivered_by_server"] for k in kinds}
+    for kind in kinds:
         result[f"{kind}_pps_per_round"] = [round(v) for v in pps[kind]]
     result["orders"] = orders
     result.update(facts)
@@ -325,20 +400,32 @@ def summarize(
 
 def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
     """Packets per second delivered to the servers per round, by kind; and each of our
-    kinds' per-round ratio to each baseline, with the goal line."""
-    series = {
-        key.removesuffix("_pps_per_round").replace("_", " "): [v / 1e3 for v in values]
-        for key, values in result.items()
-        if key.endswith("_pps_per_round")
-    }
+    kinds' per-round ratio to each baseline, with the goal line (IPv6's beside IPv4's)."""
+    families = [("", result), (" IPv6", result.get("ipv6", {}))]
+
+    def series_of(
+        test: Callable[[str], bool], name: Callable[[str], str], scale: float
+    ) -> dict[str, list[float]]:
+        return {
+            name(key).replace("_", " ") + suffix: [v / scale for v in values]
+            for suffix, figures in families
+            for key, values in figures.items()
+            if test(key)
+        }
+
+    series = series_of(
+        lambda key: key.endswith("_pps_per_round"),
+        lambda key: key.removesuffix("_pps_per_round"),
+        1e3,
+    )
     fig, ax = _plots.figure("Kernel router: packets/s delivered per round, by kind")
     _plots.per_round(ax, series, ylabel="thousand packets / s")
     paths = [_plots.save(fig, directory, "kernel_pps_per_round")]
-    ratios_ = {
-        key.removesuffix("_per_round").replace("_", " "): values
-        for key, values in result.items()
-        if "ratio_vs_" in key and key.endswith("_per_round")
-    }
+    ratios_ = series_of(
+        lambda key: "ratio_vs_" in key and key.endswith("_per_round"),
+        lambda key: key.removesuffix("_per_round"),
+        1.0,
+    )
     if ratios_:
         fig, ax = _plots.figure("Manycast (MFC, portions) over each baseline, per round")
         _plots.per_round(ax, ratios_, ylabel="ratio")
@@ -355,6 +442,12 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds (default 7; --quick 3)")
     parser.add_argument("--seed", type=int, help="seed of the per-round order (default: random)")
     parser.add_argument("--profile", action="store_true", help="perf profile of the router's CPU")
+    parser.add_argument(
+        "--family",
+        choices=("4", "6", "both"),
+        default="both",
+        help="IPv4, IPv6, or IPv4 then IPv6 (default)",
+    )
     parser.add_argument("--generator", type=Path, help=argparse.SUPPRESS)  # internal
     return parser.parse_args()
 

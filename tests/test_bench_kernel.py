@@ -78,3 +78,86 @@ def test_frames_are_the_datagrams_they_claim(kernel: ModuleType) -> None:
     assert packet.header.src == ipaddress.IPv4Address("10.1.1.7")
     assert packet.header.dst == ipaddress.IPv4Address("232.1.1.1")
     assert frame[14 + 22 : 14 + 24] == (7000).to_bytes(2, "big")  # UDP destination port
+
+
+def test_ipv6_frames_are_the_datagrams_they_claim(kernel: ModuleType) -> None:
+    """An IPv6 frame: Ethernet type 0x86DD, hop limit 8, and a UDP checksum a receiver
+    accepts (mandatory in IPv6); the group's frames go to its RFC 2464 MAC address."""
+    from _kernel_setup import FAMILIES
+    from manycast.wire.ip import IPPROTO_UDP, IPv6Packet, UDPDatagram
+
+    six = FAMILIES[6]
+    source = ipaddress.IPv6Address("2001:db8:1::103")
+    mac = six.group_mac("ff3e::8000:1")
+    assert mac == bytes.fromhex("333380000001")
+    frame = kernel.udp_frame(int(source), "ff3e::8000:1", mac, bytes(range(6)))
+    assert frame[:6] == mac and frame[12:14] == b"\x86\xdd"
+    assert len(frame) == 14 + 40 + 8 + 64
+    packet = IPv6Packet.from_wire(frame[14:])  # strict: the payload length must hold
+    assert packet.header.src == source
+    assert packet.header.dst == ipaddress.IPv6Address("ff3e::8000:1")
+    assert packet.header.hop_limit == 8 and packet.protocol == IPPROTO_UDP
+    datagram = UDPDatagram.from_wire(packet.payload, source, packet.header.dst)  # checksum
+    assert (datagram.src_port, datagram.dst_port, datagram.payload) == (40000, 7000, b"x" * 64)
+
+
+class _Lab:
+    """The router's membership as its daemon reports it, for `KernelBench.read_owners`."""
+
+    def __init__(self, group: str, members: dict[str, str]) -> None:
+        self.reply = {"membership": {group: members}}
+
+    def ask(self, node: str, role: str, request: dict[str, Any]) -> dict[str, Any]:
+        return self.reply
+
+
+def test_ipv6_sources_low_bits_pick_the_owner(kernel: ModuleType, tmp_path: Path) -> None:
+    """The IPv6 clients' sources lie in their LAN's /64, and the low two bits of each
+    pick its server under the servers' value/mask joins, a quarter each, as in IPv4."""
+    from _kernel_setup import FAMILIES, SERVERS, SOURCES_PER_HOST, KernelBench
+    from manycast.topology import loads
+
+    six = FAMILIES[6]
+    topology = loads(six.topology, "bench-kernel")
+    group = str(topology.pool.group)
+    members = {
+        str(topology.address(s)): f"2001:db8::{v}/ffff:ffff::3" for v, s in enumerate(SERVERS)
+    }
+    bench = KernelBench(_Lab(group, members), topology, tmp_path, six)
+    counts = bench.read_owners()
+    assert counts == {s: 2 * SOURCES_PER_HOST // 4 for s in SERVERS}
+    lan = ipaddress.IPv6Network("2001:db8:1::/64")
+    for source in bench.sources("c1")[:8]:
+        assert ipaddress.IPv6Address(source) in lan
+        assert bench.owner[source] == SERVERS[source & 3]
+
+
+def test_ipv6_summary_and_its_ratios_to_ipv4(kernel: ModuleType) -> None:
+    """The IPv6 run has no multicast-routes kind (its reason is in the JSON instead);
+    its ratios are computed as IPv4's, and `ipv6_over_ipv4` sets each headline figure
+    beside IPv4's."""
+    from _kernel_setup import FAMILIES
+
+    first = {"delivered_us": [10.0, 20.0, 30.0], "install_us": [5.0], "upcalls": 3, "sent": 3}
+    firsts = {"manycast": first, "manycast_portions": {**first, "upcalls": 0}, "nftables": first}
+
+    def summary(kinds: tuple[str, ...], scale: float, install_us: float) -> dict[str, Any]:
+        per_kind = {k: [interval(v * scale, 10.0) for v in (200.0, 200.0, 200.0)] for k in kinds}
+        per_kind["manycast"] = [interval(v * scale, 10.0) for v in (100.0, 300.0, 200.0)]
+        per_kind["nftables"] = [interval(v * scale, 10.0) for v in (50.0, 400.0, 250.0)]
+        got = {**firsts, "manycast": {**first, "install_us": [install_us]}}
+        return dict(kernel.summarize(per_kind, [], {}, got, {}))
+
+    four = summary(FAMILIES[4].kinds, 1.0, 100.0)
+    six = summary(FAMILIES[6].kinds, 0.96, 80.0)
+    assert "manycast_mcast_routes" in FAMILIES[6].not_measured
+    assert "manycast_mcast_routes_pps" not in six and "mcast_routes_ratio_vs_nftables" not in six
+    assert six["ratio_vs_nftables"] == round(192.0 / 240.0, 3) == four["ratio_vs_nftables"]
+    assert six["ratio_vs_nftables_per_round"] == four["ratio_vs_nftables_per_round"]
+    assert six["manycast_pps"] == 192
+    versus = kernel.ipv6_over_ipv4(four, six)
+    assert versus["manycast_pps"] == 0.96 and versus["nftables_pps"] == 0.96
+    assert versus["manycast_portions_pps"] == 0.96 and versus["unicast_pps"] == 0.96
+    # A time: IPv4's over IPv6's, so that above 1 is IPv6 faster, as for packets/s.
+    assert versus["first_packet_install_us_p50_ipv4_over_ipv6"] == 1.25
+    assert versus["goal"] == 0.9
