@@ -171,6 +171,26 @@ def test_reallocation_window_outlasts_the_clients_deadline_and_pacing() -> None:
     assert reallocation.TAIL >= reallocation.REQUEST_TIMEOUT + 1.5 / reallocation.RATE
 
 
+def test_reallocation_runs_only_techniques_each_family_takes() -> None:
+    """Each technique the bench runs builds its pool on that family: a refused one
+    would end a 7-minute run in an error after the last IPv6 technique."""
+    reallocation = bench("reallocation")
+    from manycast.topology import loads
+
+    for family, techniques in ((4, reallocation.TECHNIQUES), (6, reallocation.TECHNIQUES6)):
+        for technique in techniques:
+            text = reallocation.two_router_pool(
+                family=family,
+                technique=str(technique),
+                clients_per_lan=2,
+                rate=reallocation.RATE,
+                duration=5.0,
+                steps=[],
+            )
+            assert loads(text).pool.technique == technique
+    assert len(reallocation.TECHNIQUES6) >= 3  # R1-R3 at least
+
+
 # -- bench/fuzz.py -----------------------------------------------------------------------------
 
 
