@@ -151,3 +151,9 @@ def client_line(run: PoolRun) -> str:
 
 def infra_line(run: PoolRun) -> str:
     return "servers: " + servers_line(run)
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/reallocation.py")
