@@ -29,7 +29,7 @@ import ipaddress
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 MRT_INIT, MRT_DONE, MRT_ADD_VIF, MRT_DEL_VIF, MRT_ADD_MFC, MRT_DEL_MFC = range(200, 206)
@@ -166,10 +166,10 @@ class MrouteSocket:
 
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
-    """One line of /proc/net/ip_mr_cache."""
+    """One line of /proc/net/ip_mr_cache (or ip6_mr_cache: `mroute6.parse_cache6`)."""
 
-    group: ipaddress.IPv4Address
-    source: ipaddress.IPv4Address
+    group: ipaddress.IPv4Address | ipaddress.IPv6Address
+    source: ipaddress.IPv4Address | ipaddress.IPv6Address
     parent: int  # incoming VIF (-1 on an unresolved entry)
     packets: int
     bytes: int
@@ -191,12 +191,17 @@ class Vif:
     packets_out: int
 
 
-def _proc_address(text: str) -> ipaddress.IPv4Address:
+def _proc_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     # The kernel prints the network-order word as a host-order number.
     return ipaddress.IPv4Address(int(text, 16).to_bytes(4, sys.byteorder))
 
 
-def parse_cache(text: str) -> list[CacheEntry]:
+def parse_cache(
+    text: str,
+    address: Callable[[str], ipaddress.IPv4Address | ipaddress.IPv6Address] = _proc_address,
+) -> list[CacheEntry]:
+    """/proc/net/ip_mr_cache: `group origin iif pkts bytes wrong oif:ttl...`;
+    `address` reads the first two fields (IPv4's: a host-order hex word)."""
     entries = []
     for line in text.splitlines()[1:]:
         fields = line.split()
@@ -206,8 +211,8 @@ def parse_cache(text: str) -> list[CacheEntry]:
         outs = tuple(int(f.split(":")[0]) for f in fields[6:] if ":" in f)
         entries.append(
             CacheEntry(
-                _proc_address(fields[0]),
-                _proc_address(fields[1]),
+                address(fields[0]),
+                address(fields[1]),
                 -1 if parent >= 0xFFFF or parent < 0 else parent,
                 int(fields[3]),
                 int(fields[4]),

@@ -37,6 +37,8 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from manycast.drivers.mroute import CacheEntry, parse_cache
+
 # Socket options at level IPPROTO_IPV6 (MRT6_BASE = 200).
 MRT6_INIT, MRT6_DONE, MRT6_ADD_MIF, MRT6_DEL_MIF, MRT6_ADD_MFC, MRT6_DEL_MFC = range(200, 206)
 MRT6MSG_NOCACHE, MRT6MSG_WRONGMIF, MRT6MSG_WHOLEPKT = 1, 2, 3
@@ -207,42 +209,7 @@ class Mroute6Socket:
 # -- the kernel's tables, as /proc shows them -----------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CacheEntry6:
-    """One line of /proc/net/ip6_mr_cache (the fields of `mroute.CacheEntry`)."""
-
-    group: ipaddress.IPv6Address
-    source: ipaddress.IPv6Address
-    parent: int  # incoming MIF (-1 on an unresolved entry)
-    packets: int
-    bytes: int
-    wrong_if: int
-    outs: tuple[int, ...]  # outgoing MIFs
-
-    @property
-    def resolved(self) -> bool:
-        return self.parent >= 0
-
-
-def parse_cache6(text: str) -> list[CacheEntry6]:
-    """/proc/net/ip6_mr_cache: `group origin iif pkts bytes wrong oif:ttl...`, the
-    addresses written out in full (%pI6)."""
-    entries = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 6:
-            continue
-        parent = int(fields[2])
-        outs = tuple(int(f.split(":")[0]) for f in fields[6:] if ":" in f)
-        entries.append(
-            CacheEntry6(
-                ipaddress.IPv6Address(fields[0]),
-                ipaddress.IPv6Address(fields[1]),
-                -1 if parent >= 0xFFFF or parent < 0 else parent,
-                int(fields[3]),
-                int(fields[4]),
-                int(fields[5]),
-                outs,
-            )
-        )
-    return entries
+def parse_cache6(text: str) -> list[CacheEntry]:
+    """/proc/net/ip6_mr_cache: the same columns as IPv4's, the addresses written out
+    in full (%pI6)."""
+    return parse_cache(text, ipaddress.IPv6Address)

@@ -261,7 +261,7 @@ class Lab:
         """4 or 6: the family of the pool that is up (its network's)."""
         return int(self.state().get("family", 4))
 
-    def mfc(self, router: str) -> list[mroute.CacheEntry] | list[mroute6.CacheEntry6]:
+    def mfc(self, router: str) -> list[mroute.CacheEntry]:
         """The kernel's multicast forwarding entries in `router`'s namespace (IPv6's
         MFC in an IPv6 lab)."""
         if self.family == 6:

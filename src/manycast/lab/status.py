@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from manycast.drivers import mroute, mroute6, netns
+from manycast.drivers import mroute, netns
 from manycast.errors import LabError
 from manycast.lab.build import Lab, require_root
 from manycast.lab.daemons import ROLES_OF
@@ -24,7 +24,7 @@ class NodeStatus:
 @dataclass
 class RouterTables:
     vifs: list[mroute.Vif]  # (MIFs in an IPv6 lab)
-    entries: list[mroute.CacheEntry] | list[mroute6.CacheEntry6]
+    entries: list[mroute.CacheEntry]
     # The pool group's plane as the daemon tells it (`{"op": "plane"}`): "mfc" or
     # "portions" with its kernel map elements; empty when the daemon does not answer.
     plane: dict[str, Any] = field(default_factory=dict)
