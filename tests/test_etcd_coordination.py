@@ -10,6 +10,7 @@ it checks under a deadline.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,7 +24,7 @@ from manycast.drivers.etcd import key_prefix
 from manycast.ports import free_base_port
 from manycast.protocol.leased import LeasedCoordinator
 from manycast.protocol.server import Server
-from manycast.protocol.storestate import STATE_KEY, StoredState
+from manycast.protocol.storestate import MEMBERS, STATE_KEY, MemberRecord, StoredState
 from manycast.runtime import PoolRun
 from manycast.space import AddressSpace
 from manycast.topology import Topology, loads
@@ -45,11 +46,28 @@ def cluster() -> EtcdCluster:  # type: ignore[misc]
         yield running
 
 
+FAMILIES = (4, 6)
+family = pytest.mark.parametrize("family", FAMILIES, ids=["ipv4", "ipv6"])
+
+
+def in_family(text: str, family: int) -> str:
+    """pooltools' IPv4 topology, or the same on an IPv6 network (its group IPv6, every
+    subnet numbered from 2001:db8::/32 by the address plan)."""
+    if family == 4:
+        return text
+    text = text.replace('group = "232.1.1.1"', 'group = "ff3e::8000:1"')
+    return re.sub(r'^subnet = "[0-9./]+"\n', "", text, flags=re.MULTILINE)
+
+
 def topology(
-    name: str, endpoints: list[str], own: dict[str, list[str]] | None = None, standby: int = 0
+    name: str,
+    endpoints: list[str],
+    own: dict[str, list[str]] | None = None,
+    standby: int = 0,
+    family: int = 4,
 ) -> Topology:
     """Four servers s1..s4 (and `standby` more) and 12 clients (pooltools' shape), the
-    pool in etcd."""
+    pool in etcd, on an IPv4 or an IPv6 network."""
     text = pool_toml(
         servers=4,
         standby=standby,
@@ -66,7 +84,9 @@ def topology(
     for server, urls in (own or {}).items():
         listed = ", ".join(f'"{u}"' for u in urls)
         text = text.replace(f'name = "{server}"\n', f'name = "{server}"\netcd = [{listed}]\n')
-    return loads(text)
+    topo = loads(in_family(text, family))
+    assert topo.pool.space.family == family
+    return topo
 
 
 def start(topo: Topology) -> PoolRun:
@@ -169,6 +189,14 @@ def history(url: str, pool: str, space: AddressSpace) -> list[StoredState]:
         revision = int(kv["mod_revision"]) - 1
 
 
+def member(url: str, pool: str, name: str) -> MemberRecord:
+    """What the member key of server `name` says in etcd now."""
+    key = base64.b64encode((key_prefix(pool) + MEMBERS + name).encode()).decode()
+    kvs = post(url, "/v3/kv/range", {"key": key}).get("kvs")
+    assert isinstance(kvs, list) and len(kvs) == 1, f"no member key for {name}"
+    return MemberRecord.decode(base64.b64decode(kvs[0]["value"]))
+
+
 def coordination(run: PoolRun, name: str) -> LeasedCoordinator:
     core = run.nodes.servers[name].coordinator
     assert isinstance(core, LeasedCoordinator)
@@ -197,18 +225,23 @@ def settled(run: PoolRun, watch: Ownership, names: list[str]) -> Callable[[], bo
     return check
 
 
+@family
 def test_clients_are_served_and_a_dead_server_is_replaced_when_its_lease_expires(
-    cluster: EtcdCluster,
+    cluster: EtcdCluster, family: int
 ) -> None:
-    run = start(topology("kill.etcd.test", cluster.urls))
+    pool = f"kill{family}.etcd.test"
+    run = start(topology(pool, cluster.urls, family=family))
     watch = Ownership(run, run.topology.pool.space)
     net = run.network
     try:
         everyone = ["s1", "s2", "s3", "s4"]
         assert net.run_until(WAIT, settled(run, watch, everyone)), watch.timeline
         space = run.topology.pool.space
-        [initial] = history(cluster.urls[0], "kill.etcd.test", space)
+        [initial] = history(cluster.urls[0], pool, space)
         assert initial.epoch == 1 and initial.state.allocation.servers == tuple(everyone)
+        for name in everyone:  # each member key holds its server's address, of the family
+            address = member(cluster.urls[0], pool, name).address
+            assert address == run.topology.address(name) and address.version == family
         killed_at = net.now
         run.kill_server("s2")
         survivors = ["s1", "s3", "s4"]
@@ -219,7 +252,7 @@ def test_clients_are_served_and_a_dead_server_is_replaced_when_its_lease_expires
         # Removed once its lease ran out: at least a lease time after its last renewal
         # (at most a third of a lease before the kill), and not long after.
         assert LEASE * 2 / 3 <= removal - killed_at <= LEASE + 3.0
-        states = history(cluster.urls[0], "kill.etcd.test", space)
+        states = history(cluster.urls[0], pool, space)
         assert [s.epoch for s in states] == [1, 2]
         assert states[-1].why == "remove s2" and states[-1].state.allocation.servers == tuple(
             survivors
@@ -231,8 +264,12 @@ def test_clients_are_served_and_a_dead_server_is_replaced_when_its_lease_expires
     assert watch.overlaps == [], watch.report(run)
 
 
-def test_share_changes_commit_through_transactions_on_the_epoch(cluster: EtcdCluster) -> None:
-    run = start(topology("share.etcd.test", cluster.urls))
+@family
+def test_share_changes_commit_through_transactions_on_the_epoch(
+    cluster: EtcdCluster, family: int
+) -> None:
+    pool = f"share{family}.etcd.test"
+    run = start(topology(pool, cluster.urls, family=family))
     watch = Ownership(run, run.topology.pool.space)
     net = run.network
     everyone = ["s1", "s2", "s3", "s4"]
@@ -253,7 +290,7 @@ def test_share_changes_commit_through_transactions_on_the_epoch(cluster: EtcdClu
         assert net.run_until(net.now + WAIT, both_applied), [
             coordination(run, n).changes for n in everyone
         ]
-        states = history(cluster.urls[0], "share.etcd.test", run.topology.pool.space)
+        states = history(cluster.urls[0], pool, run.topology.pool.space)
         assert [s.epoch for s in states] == [1, 2, 3]
         assert sorted((s.by, s.why) for s in states[1:]) == [
             ("s3", "set s1 to 50.0%"),
@@ -271,8 +308,12 @@ def test_share_changes_commit_through_transactions_on_the_epoch(cluster: EtcdClu
     assert watch.overlaps == [], watch.report(run)
 
 
-def test_a_server_started_later_registers_and_is_given_its_share(cluster: EtcdCluster) -> None:
-    run = start(topology("add.etcd.test", cluster.urls, standby=1))
+@family
+def test_a_server_started_later_registers_and_is_given_its_share(
+    cluster: EtcdCluster, family: int
+) -> None:
+    pool = f"add{family}.etcd.test"
+    run = start(topology(pool, cluster.urls, standby=1, family=family))
     watch = Ownership(run, run.topology.pool.space)
     net = run.network
     try:
@@ -281,7 +322,7 @@ def test_a_server_started_later_registers_and_is_given_its_share(cluster: EtcdCl
         watch.watch(run.nodes.servers["s5"])
         everyone = ["s1", "s2", "s3", "s4", "s5"]
         assert net.run_until(net.now + WAIT, settled(run, watch, everyone)), watch.timeline
-        last = history(cluster.urls[0], "add.etcd.test", run.topology.pool.space)[-1]
+        last = history(cluster.urls[0], pool, run.topology.pool.space)[-1]
         assert (last.epoch, last.why, last.by) == (2, "add s5", "s1")
         assert watch.served["s5"].sum() == last.state.allocation.count("s5") > 0
     finally:
@@ -289,16 +330,18 @@ def test_a_server_started_later_registers_and_is_given_its_share(cluster: EtcdCl
     assert watch.overlaps == [], watch.report(run)
 
 
+@family
 def test_a_partition_gives_no_bucket_two_owners_and_the_minority_changes_nothing(
-    cluster: EtcdCluster,
+    cluster: EtcdCluster, family: int
 ) -> None:
     """s3 and s4 talk only to one etcd member, which is then stopped (SIGSTOP): it
     neither answers them nor reaches its peers, so s3 and s4 are cut off from the
     quorum while s1 and s2, on the other two members, keep it."""
     cut = cluster.follower()
     majority = [m.client_url for m in cluster.members if m is not cut]
-    pool = "split.etcd.test"
-    topo = topology(pool, majority, own={"s3": [cut.client_url], "s4": [cut.client_url]})
+    pool = f"split{family}.etcd.test"
+    own = {"s3": [cut.client_url], "s4": [cut.client_url]}
+    topo = topology(pool, majority, own=own, family=family)
     space = topo.pool.space
     run = start(topo)
     watch = Ownership(run, space)

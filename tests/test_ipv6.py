@@ -138,7 +138,6 @@ REFUSED = {
     "vip": ({"approach": "vip", "vip": "2001:db8::80"}, "a VIP pool"),
     "R4": ({"technique": "R4"}, "technique R4"),
     "D": ({"technique": "D"}, "technique D"),
-    "etcd": ({"coordination": "etcd"}, 'coordination = "etcd"'),
 }
 
 

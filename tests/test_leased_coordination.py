@@ -259,8 +259,9 @@ def test_a_stored_state_reads_back_as_written() -> None:
     assert (again.epoch, again.by, again.why) == (7, "s3", "set s2 to 20.0%")
     assert again.state.allocation == stored.state.allocation
     assert dict(again.state.weights) == dict(stored.state.weights)
-    record = MemberRecord(ipaddress.IPv4Address("192.0.2.9"), 4)
-    assert MemberRecord.decode(record.encode()) == record
+    for address in ("192.0.2.9", "2001:db8::9"):
+        record = MemberRecord(ipaddress.ip_address(address), 4)
+        assert MemberRecord.decode(record.encode()) == record
 
 
 @pytest.mark.parametrize(
@@ -281,8 +282,9 @@ def test_a_stored_state_that_does_not_add_up_is_refused(change, message) -> None
         StoredState.decode(json.dumps(document).encode(), SPACE)
     with pytest.raises(StoreError, match="not JSON"):
         StoredState.decode(b"\xff{", SPACE)
-    with pytest.raises(StoreError, match="not an IPv4 address"):
-        MemberRecord.decode(b'{"address": "nowhere", "applied": 1}')
+    for address in (b'"nowhere"', b"3232235521", b'"10.1.1.1/24"'):
+        with pytest.raises(StoreError, match="is not an IP address"):
+            MemberRecord.decode(b'{"address": ' + address + b', "applied": 1}')
 
 
 # -- the topology keys ---------------------------------------------------------------

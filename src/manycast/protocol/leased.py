@@ -40,7 +40,6 @@ import numpy as np
 
 from manycast import policy
 from manycast.protocol.coordination import COMMAND_PATIENCE, Coordinator, PoolSettings, describe_op
-from manycast.protocol.node import ipv4_only
 from manycast.protocol.poolstate import starting_state
 from manycast.protocol.server import Server
 from manycast.protocol.storestate import (
@@ -91,7 +90,7 @@ class LeasedCoordinator(Coordinator):
         self._seed = starting_state(settings, initial)
         self._lease_until = float("-inf")
         self._members: dict[str, MemberRecord] = {}  # the others' live member keys
-        self._addresses: dict[str, ipaddress.IPv4Address] = {}
+        self._addresses: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
         self._seen: set[str] = set()  # members whose keys we have seen at some time
         self._requests: list[StoreRequest] = []
         self._change: _InFlight | None = None
@@ -163,7 +162,7 @@ class LeasedCoordinator(Coordinator):
 
     def record(self) -> MemberRecord:
         """What our member key says now."""
-        return MemberRecord(ipv4_only(self.address, "etcd coordination"), self._handed_epoch)
+        return MemberRecord(self.address, self._handed_epoch)
 
     # -- what the server agent calls -------------------------------------------------
     def take_new_allocation(self) -> Allocation | None:
@@ -226,7 +225,7 @@ class LeasedCoordinator(Coordinator):
     def dead_addresses(self, now: float) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
         known: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = dict(self._addresses)
         for peer in self.peers.values():
-            if isinstance(peer.address, ipaddress.IPv4Address) and int(peer.address):
+            if int(peer.address):  # NO_ADDRESS (0) until heard from
                 known[peer.name] = peer.address
         return {a for n, a in known.items() if n not in self._members and n != self.name}
 

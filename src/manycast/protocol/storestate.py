@@ -98,7 +98,7 @@ class MemberRecord:
     allocation it keeps within (it serves no bucket that epoch gives another; 0: it
     serves nothing yet)."""
 
-    address: ipaddress.IPv4Address | None
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
     applied: int
 
     def encode(self) -> bytes:
@@ -109,10 +109,14 @@ class MemberRecord:
     def decode(cls, raw: bytes) -> MemberRecord:
         document = _object(raw, "member")
         text = document.get("address")
+        if text is None:
+            return cls(None, _integer(document, "applied", low=0))
         try:
-            address = ipaddress.IPv4Address(text) if text is not None else None
+            if not isinstance(text, str):  # ip_address would read a number as one
+                raise ValueError(text)
+            address = ipaddress.ip_address(text)
         except ValueError:
-            raise StoreError(f"member: {text!r} is not an IPv4 address") from None
+            raise StoreError(f"member: {text!r} is not an IP address") from None
         return cls(address, _integer(document, "applied", low=0))
 
 

@@ -423,7 +423,6 @@ _NOT_YET_FOR_IPV6 = (
     ("approach", "vip", "a VIP pool"),
     ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
     ("technique", "D", "technique D (dynamic destination)"),
-    ("coordination", "etcd", 'coordination = "etcd"'),
 )
 
 
