@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import random
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from manycast.errors import ManycastError
 from manycast.pool import build
 from manycast.ports import free_base_port
 from manycast.protocol.fastpath import FastPath
@@ -172,22 +169,6 @@ def test_moving_live_tcp_connections_is_refused_for_ipv6() -> None:
     text = pool_text(6).replace("[run]\n", "[run]\ntcp_moves = true\n")
     with pytest.raises(TopologyError, match="not supported yet for IPv6"):
         loads(text)
-
-
-def test_the_kernel_lab_refuses_a_private_ipv6_pool_by_name(tmp_path: Path) -> None:
-    """The kernel lab runs IPv6 pools (tests/test_lab.py), not yet private ones. The
-    lab has a prefix and run directory of its own and is taken down whatever happens."""
-    from manycast.lab import Lab
-
-    lab = Lab(prefix=f"six{os.getpid()}", run_root=tmp_path)
-    try:
-        with pytest.raises(ManycastError) as refused:
-            lab.up(pool_text(6, pool={"private": True}))
-    finally:
-        if os.geteuid() == 0:
-            lab.down()
-    message = str(refused.value)
-    assert "private pool (signed MLDv2 joins) is not supported yet" in message or "root" in message
 
 
 # -- the pool on the memory driver --------------------------------------------------------

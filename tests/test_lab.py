@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -147,20 +149,28 @@ duration = 4.0
 """
 
 
+# IPv4 literals of this file's topologies and what they become on an IPv6 network.
+_IPV6_OF = {
+    '"232.1.1.1"': '"ff3e::1:1"',
+    '"232.7.7.7"': '"ff3e::8000:707"',
+    '"239.255.77.1"': '"ff15::77:1"',
+    '"239.255.77.2"': '"ff15::77:2"',
+    '"10.1.0.0/24"': '"2001:db8:a::/64"',
+    '"10.2.0.0/24"': '"2001:db8:b::/64"',
+    '"10.6.0.0/24"': '"2001:db8:f::/64"',
+}
+
+
 def _in_family(text: str, family: int) -> str:
     """A topology of this file on an IPv4 network, or the same on an IPv6 one (its
     group, control group and client subnets IPv6; the rest numbered from
     2001:db8::/32 by the compiler)."""
     if family == 4:
         return text
-    for old, new in (
-        ('"232.1.1.1"', '"ff3e::1:1"'),
-        ('"239.255.77.1"', '"ff15::77:1"'),
-        ('"10.1.0.0/24"', '"2001:db8:a::/64"'),
-        ('"10.2.0.0/24"', '"2001:db8:b::/64"'),
-    ):
-        assert old in text, old
+    for old, new in _IPV6_OF.items():
         text = text.replace(old, new)
+    left = re.findall(r'"\d+\.\d+\.\d+\.\d+[^"]*"', text)
+    assert not left, f"IPv4 addresses left in an IPv6 topology: {left}"
     return text
 
 
@@ -203,6 +213,16 @@ def _counts_written_after(
             pytest.fail(f"the services did not write their counts: {seen}")
         time.sleep(0.02)
     return {s: json.loads(p.read_text())["sources"] for s, p in paths.items()}
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `condition()` holds within `timeout` s (looked at every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _probe_until(prober: object, condition: Callable[[], bool], timeout: float = 20.0) -> bool:
@@ -645,12 +665,57 @@ def test_r4_keeps_active_sources_on_the_old_owner_until_idle(lab_factory) -> Non
         prober.close()
 
 
+def _send_join(
+    lab: object, topology: object, client: str, portions: int, key: object | None
+) -> int:
+    """From `client`'s namespace, a join of the pool's group for `portions` single
+    addresses no client has (in 2001:db8:ee::/64, or 10.99.0.0/16), as the core sends
+    a server's report: cut into parts within the link MTU (IGMPv3, or MLDv2 on IPv6),
+    each signed with `key` (None: unsigned). How many parts went out."""
+    import ipaddress
+    import random
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from manycast.lab import Lab
+    from manycast.lab.prober import report_socket
+    from manycast.protocol.membership import report_packets, whole_record_for
+    from manycast.space import Portion, PortionSet
+    from manycast.topology import Topology
+    from manycast.wire.membership import RecordType
+
+    assert isinstance(lab, Lab) and isinstance(topology, Topology)
+    assert key is None or isinstance(key, Ed25519PrivateKey)
+    group = topology.pool.group
+    base = ipaddress.ip_network("2001:db8:ee::/64" if group.version == 6 else "10.99.0.0/16")
+    full = (1 << base.max_prefixlen) - 1
+    wanted = PortionSet(
+        tuple(Portion(group.version, int(base[i + 1]), full) for i in range(portions))
+    )
+    records = [whole_record_for(group, wanted, RecordType.MODE_IS_INCLUDE)]
+    requester = topology.address(client)
+    packets = report_packets(records, requester, int(time.time() * 1000), 1, random.Random(), key)
+    sock, to = report_socket(lab.ns(client), topology.gateways[client][0], group.version)
+    try:
+        for packet in packets:
+            sock.sendto(packet, to)
+    finally:
+        sock.close()
+    return len(packets)
+
+
 @pytest.mark.lab
 @pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
-def test_private_pool_serves_participants_and_gives_outsiders_nothing(lab_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("family", [4, 6])
+def test_private_pool_serves_participants_and_gives_outsiders_nothing(
+    lab_factory: Callable[..., tuple[Any, Any]], family: int
+) -> None:
+    """Signed joins and sender registrations (IGMPv3, or MLDv2 on an IPv6 network)
+    checked by the routers' daemons with the pool's key."""
     from manycast.lab import LabRun, Prober
 
-    lab, topology = lab_factory(text=PRIVATE_TOPOLOGY)
+    lab, topology = lab_factory(text=_in_family(PRIVATE_TOPOLOGY, family))
+    assert topology.pool.group.version == family
     # Packets that reach the first-hop router before the sender's registration get
     # a kernel entry toward nowhere; the admission must rewrite it.
     early = Prober(lab, topology, ["a1", "a2"])
@@ -700,3 +765,32 @@ def test_private_pool_serves_participants_and_gives_outsiders_nothing(lab_factor
     # Nor did the members' services get a packet of an outsider client.
     for server, counts in _counts_written_after(lab, ["s1", "s2"], ended).items():
         assert not {str(x) for x in outsiders} & set(counts), (server, counts)
+
+    # A long join (as a server with many portions sends: parts within the link MTU,
+    # each signed on its own) is admitted once every part has come; the same join
+    # unsigned, or signed with another key (forged), is refused and joins no one.
+    from manycast.pool import pool_keys
+
+    key, other = pool_keys(topology, lab.state().get("seed", 1))
+    group = str(topology.pool.group)
+
+    def at_ra() -> tuple[dict[str, int], dict[str, str]]:
+        status = lab.ask("ra", "router", {"op": "status"})
+        return dict(status["rejected"]), dict(status["membership"].get(group, {}))
+
+    before, _ = at_ra()
+    assert _send_join(lab, topology, "x1", 200, other) > 1
+    assert _send_join(lab, topology, "x2", 200, None) > 1
+
+    def refused() -> bool:
+        rejected, _ = at_ra()
+        return rejected.get("bad signature", 0) > before.get("bad signature", 0) and rejected.get(
+            "unsigned", 0
+        ) > before.get("unsigned", 0)
+
+    assert _until(refused), at_ra()
+    assert not {str(x) for x in outsiders} & set(at_ra()[1]), at_ra()
+    a1 = str(topology.address("a1"))
+    assert _send_join(lab, topology, "a1", 200, key) > 1
+    assert _until(lambda: a1 in at_ra()[1]), at_ra()
+    assert at_ra()[1][a1].count("/") == 200, at_ra()[1][a1]

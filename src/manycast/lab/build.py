@@ -118,11 +118,6 @@ class Lab:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
         family = topology.pool.space.family
-        if family == 6 and topology.pool.private:
-            raise LabError(
-                "a private pool (signed MLDv2 joins) is not supported yet for IPv6 in"
-                " the kernel lab: run it on the overlay or the memory driver"
-            )
         if topology.pool.coordination == "etcd":
             raise LabError(
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'

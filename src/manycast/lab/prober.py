@@ -11,7 +11,9 @@ In a private pool each client also registers as a sender, as `Client` does: a
 signed join naming only itself, first when it first asks and then every
 `register_interval_ms`, signed with the pool's key (an outsider, `authorized =
 false`, with the outsider's key, so its registrations are refused). Without one,
-its first-hop router drops its packets to the group.
+its first-hop router drops its packets to the group. The registration is an
+IGMPv3 report to 224.0.0.22 in an IPv4 pool, an MLDv2 report to ff02::16 (out of
+the client's interface) in an IPv6 one.
 """
 
 from __future__ import annotations
@@ -29,11 +31,10 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from manycast.drivers import mroute, netns
+from manycast.drivers import mroute, mroute6, netns
 from manycast.lab.build import Lab
 from manycast.pool import pool_keys
 from manycast.protocol.client import ClientStats, registration
-from manycast.protocol.node import ipv4_only
 from manycast.topology import Topology
 
 CLIENT_TTL = 16
@@ -64,6 +65,7 @@ class ProbeClient:
     # socket it leaves on.
     key: Ed25519PrivateKey | None = None
     igmp: socket.socket | None = None
+    reports_to: tuple[str, int] | tuple[str, int, int, int] = (mroute.ALL_V3_ROUTERS, 0)
     next_register: float = math.inf
     registrations: int = 0
 
@@ -84,6 +86,7 @@ class Prober:
     ) -> None:
         self.topology = topology
         self.group = str(topology.pool.group)
+        self.family = topology.pool.group.version
         self.port = topology.pool.port
         self.register_every = topology.pool.register_interval_s
         self.timeout = timeout
@@ -116,7 +119,9 @@ class Prober:
                 self.selector.register(sock, selectors.EVENT_READ, client)
                 if keys is not None:
                     client.key = keys[0] if spec.authorized else keys[1]
-                    client.igmp = _report_socket(lab.ns(name), topology.gateways[name][0])
+                    client.igmp, client.reports_to = report_socket(
+                        lab.ns(name), topology.gateways[name][0], self.family
+                    )
                     # First when it first asks (registrations spread as the
                     # requests are, not all at once every interval).
                     client.next_register = start if math.isfinite(start) else 0.0
@@ -185,14 +190,14 @@ class Prober:
     def _register(self, client: ProbeClient) -> None:
         assert client.key is not None and client.igmp is not None
         packet = registration(
-            ipaddress.IPv4Address(client.address),
-            ipv4_only(self.topology.pool.group, "the kernel lab"),
+            ipaddress.ip_address(client.address),
+            self.topology.pool.group,
             client.key,
             time.time(),  # the routers check it against their wall clock
             self.rng,
         )
         with contextlib.suppress(OSError):
-            client.igmp.sendto(packet, (mroute.ALL_V3_ROUTERS, 0))
+            client.igmp.sendto(packet, client.reports_to)
             client.registrations += 1
 
     def _read(self, client: ProbeClient) -> None:
@@ -255,17 +260,30 @@ def _client_socket(ns: str, address: str) -> socket.socket:
     return sock
 
 
-def _report_socket(ns: str, iface: str) -> socket.socket:
-    """A raw socket inside `ns` that sends whole IGMP packets (header, Router Alert
-    and all, as `registration` builds them) out of `iface`. IPPROTO_RAW implies
-    IP_HDRINCL and receives nothing, so it never needs draining."""
-    sock = netns.socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+def report_socket(
+    ns: str, iface: str, family: int
+) -> tuple[socket.socket, tuple[str, int] | tuple[str, int, int, int]]:
+    """A raw socket inside `ns` that sends whole IGMP or MLD packets (header, Router
+    Alert and all, as `registration` builds them) out of `iface`, and the address its
+    reports go to (ff02::16 is link-scoped: it names the interface too). IPPROTO_RAW
+    implies the header is ours (on IPv6 as well) and receives nothing, so it never
+    needs draining."""
+    v6 = family == 6
+    sock = netns.socket_in(
+        ns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW
+    )
     try:
         # Device names are looked up in the socket's own namespace.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
+        if v6:
+            ifindex = netns.run_in(ns, lambda: socket.if_nametoindex(iface))
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+            sock.setblocking(False)
+            return sock, (mroute6.ALL_MLDV2_ROUTERS, 0, 0, ifindex)
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
         sock.setblocking(False)
     except BaseException:
         sock.close()
         raise
-    return sock
+    return sock, (mroute.ALL_V3_ROUTERS, 0)
