@@ -455,10 +455,16 @@ def test_demo_scenario_every_client_served_by_its_owner(lab_factory, family: int
     shutil.which("socat") is None or shutil.which("iperf") is None,
     reason="needs socat and iperf (make lab-deps installs them)",
 )
-def test_third_party_programs_are_served_by_the_owner(lab_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("family", [4, 6])
+def test_third_party_programs_are_served_by_the_owner(
+    lab_factory: Callable[..., tuple[Any, Any]], family: int
+) -> None:
+    """socat and iperf 2 (`-V` on an IPv6 network) run with `manycast lab exec` as a
+    user would, each answered by or sending to the owner of its client's address."""
     from manycast.lab import LabRun
+    from manycast.lab.build import socat_address
 
-    lab, topology = lab_factory()
+    lab, topology = lab_factory(text=_in_family(TOPOLOGY.replace("{technique}", "R1"), family))
     group, port = topology.pool.group, topology.pool.port
     clients = ["a1", "a2", "a3", "b4", "b5"]
     _wait_settled(lab, topology)
@@ -475,7 +481,7 @@ def test_third_party_programs_are_served_by_the_owner(lab_factory) -> None:  # t
                 "-t",
                 "2",
                 "-",
-                f"UDP4-DATAGRAM:{group}:{port},ip-multicast-ttl=8",
+                socat_address(group, port, hops=8),
             ],
             input=b"hello\n",
             capture_output=True,
@@ -488,6 +494,8 @@ def test_third_party_programs_are_served_by_the_owner(lab_factory) -> None:  # t
 
     # iperf 2 in multicast mode: every datagram reaches the owner and no one else.
     send = ["iperf", "-c", str(group), "-p", str(port), "-u", "-T", "8", "-t", "1", "-b", "2M"]
+    if family == 6:
+        send.append("-V")
     iperf = subprocess.run(
         [*cli, "b7", "--", *send],
         capture_output=True,
