@@ -69,6 +69,7 @@ class _Port:
         "emulated",
         "fanout",
         "iface",
+        "known",
         "link",
         "loss",
         "open",
@@ -88,6 +89,8 @@ class _Port:
         self.fanout: tuple[Endpoint, ...] = ()
         # neighbour address -> its endpoint, as a one-receiver tuple (no tuple per frame)
         self.unicast: dict[int, tuple[Endpoint]] = {}
+        # The fast path's learnt sends for packets arriving here (its host's).
+        self.known: dict[int, _Sends] = {}
 
 
 _Send = Callable[[bytes | memoryview, Endpoint], int]
@@ -110,10 +113,13 @@ class _Hosted:
         "fast",
         "generation",
         "handle",
+        "key_mask",
         "known",
         "node",
         "ports",
         "send",
+        "shortest",
+        "v6",
     )
 
     def __init__(self, node: Node, ports: dict[str, _Port]):
@@ -130,6 +136,16 @@ class _Hosted:
         self.known: dict[str, dict[int, _Sends]] = {
             name: {} for name in (self.fast.tables if self.fast is not None else ())
         }
+        for name, known in self.known.items():
+            if name in ports:
+                ports[name].known = known
+        # What `_readable` needs of the fast path, read once per wake-up: IPv4
+        # datagrams at least a header long are looked up, under the key's mask as
+        # a native word (`_renew` sets it); an IPv6 router's are served apart.
+        family = None if self.fast is None else self.fast.family
+        self.shortest = _IPV4_HEADER_LEN if family == 4 else _NEVER
+        self.v6 = family == 6
+        self.key_mask = 0
         self.generation = -1
         self.armed: float | None = None
         self.handle: asyncio.TimerHandle | None = None
@@ -484,33 +500,25 @@ class AsyncOverlay:
 
     # the per-datagram path --------------------------------------------------
     def _readable(self, host: _Hosted, port: _Port) -> None:
+        # Work done once per wake-up is kept small: under light load a wake-up
+        # brings one or two datagrams, and anything here is paid per datagram.
         recv_into = port.sock.recv_into
         buffer, view, words = self._buffer, self._view, self._words
-        node = host.node
-        receive = node.receive
-        send = host.send
-        on_effect = self.on_effect
-        iface = port.iface
-        clock = self._loop.time
-        t0 = self._t0
         # A router's cache hits for this interface are sent from here (`fastpath.py`
         # states when that is the same as calling the router), through `known`: the
         # router's table for this interface with each copy's socket and endpoint.
         fast = host.fast
-        serve = fast is not None and self.capture is None and port.open
         if fast is not None and host.generation != fast.generation:
-            _forget(host)
-            host.generation = fast.generation
-        # An IPv6 router's hits are served off the IPv4 path (`_serve_v6`).
-        v6 = fast is not None and fast.family == 6
-        key_mask = _native(fast.key_mask) if fast is not None and not v6 else 0
-        known = host.known.get(iface, {})
-        learn = self._learn
-        batch = _BATCH
-        handed = extra = 0  # packets handed to the router, and copies beyond one each
+            self._renew(host)
         # Shorter datagrams go to the router (which counts them); with no tables
-        # to serve, all do.
-        shortest = _IPV4_HEADER_LEN if serve and not v6 else _NEVER
+        # to serve, all do. (An IPv6 router's hits are served off this path.)
+        if self.capture is None and port.open:
+            shortest, v6 = host.shortest, host.v6
+        else:
+            shortest, v6 = _NEVER, False
+        key_mask = host.key_mask
+        known = port.known
+        handed = extra = 0  # packets handed to the router, and copies beyond one each
         # Copies sent, counted per batch for the port they went out on (here they
         # all go the same way): `tally` copies not yet added to `tallied`.
         tallied: _Port | None = None
@@ -518,7 +526,7 @@ class AsyncOverlay:
         n = 0
         try:
             try:
-                while n < batch:
+                while n < _BATCH:
                     try:
                         length = recv_into(buffer)
                     except BlockingIOError:
@@ -542,7 +550,7 @@ class AsyncOverlay:
                             sendto, address, to, more = known[words[1] & key_mask]
                         except KeyError:
                             word = words[1] & key_mask
-                            sends = learn(host, iface, _native(word), word)
+                            sends = self._learn(host, port.iface, _native(word), word)
                             if sends is None:
                                 ttl = 0  # not in the tables: the router's own path
                             else:
@@ -583,36 +591,49 @@ class AsyncOverlay:
                                         to.counters.sent += 1
                                 extra += len(more)
                             continue
-                    if v6 and serve:
-                        copies = self._serve_v6(host, iface, length)
+                    if v6:
+                        copies = self._serve_v6(host, port.iface, length)
                         if copies:
                             extra += copies - 1
                             continue
                     handed += 1
-                    receive(iface, bytes(view[:length]), clock() - t0)
-                    # Frames and effects after each packet, in order; the timer once
-                    # per batch (none can fire before this returns to the loop).
-                    if node.outbox or node.effects:
-                        deliver(node, send, on_effect)
+                    self._hand(host, port, length)
+                    # Membership may have changed, or the port closed.
                     if fast is not None and host.generation != fast.generation:
-                        # Membership changed: what was learnt is void.
-                        _forget(host)
-                        host.generation = fast.generation
-                        key_mask = 0 if v6 else _native(fast.key_mask)
-                    if not (serve and self.capture is None and port.open):
-                        serve = False
-                        shortest = _NEVER
+                        self._renew(host)
+                        key_mask = host.key_mask
+                    if not (self.capture is None and port.open):
+                        shortest, v6 = _NEVER, False
             finally:
                 if tallied is not None:
                     tallied.counters.sent += tally
                 if fast is not None and n > handed:
                     fast.credit(n - handed + extra)
-                if n:
+                if handed:
+                    # Only the router's own path changes its deadlines.
+                    node = host.node
                     host.arm(node, node.next_deadline())
         except Exception as exc:
             self._fail(exc)
         finally:
             port.counters.received += n
+
+    def _hand(self, host: _Hosted, port: _Port, length: int) -> None:
+        """The datagram in the buffer to the node; its frames and effects out, in
+        order (the timer is armed once per batch: none can fire before then)."""
+        node = host.node
+        node.receive(port.iface, bytes(self._view[:length]), self._loop.time() - self._t0)
+        if node.outbox or node.effects:
+            deliver(node, host.send, self.on_effect)
+
+    def _renew(self, host: _Hosted) -> None:
+        """The router's membership changed: what was learnt is void, and the key's
+        mask is the new one."""
+        fast = host.fast
+        assert fast is not None
+        _forget(host)
+        host.generation = fast.generation
+        host.key_mask = _native(fast.key_mask) if fast.family == 4 else 0
 
     def _serve_v6(self, host: _Hosted, iface: str, length: int) -> int:
         """The copies sent of the IPv6 datagram in the buffer from the router's fast
