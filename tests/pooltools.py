@@ -26,7 +26,14 @@ from manycast.summary import served_recently, served_window
 from manycast.topology import loads
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
+from manycast.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Address,
+    InnerPacket,
+    UDPDatagram,
+    parse_packet,
+)
 
 GROUP = ipaddress.IPv4Address("232.1.1.1")
 SERVER_SUBNETS = ("192.168.10.0/30", "172.16.5.0/30", "10.77.3.0/30", "100.64.9.0/30")
@@ -101,7 +108,7 @@ class Delivery:
 
     at: float
     server: str
-    source: ipaddress.IPv4Address
+    source: Address
     owned: bool  # inside the server's portions when it arrived
 
 
@@ -112,9 +119,7 @@ class Trace:
 
     run: PoolRun
     deliveries: list[Delivery] = field(default_factory=list)
-    client_sources: dict[str, set[ipaddress.IPv4Address]] = field(
-        default_factory=lambda: defaultdict(set)
-    )
+    client_sources: dict[str, set[Address]] = field(default_factory=lambda: defaultdict(set))
     control_dropped: list[tuple[float, str, control.ControlMessage]] = field(default_factory=list)
     _drops: list[DropRule] = field(default_factory=list)
 
@@ -145,7 +150,7 @@ class Trace:
 
         self.drop(across)
 
-    def _dropped(self, receiver: str, ip: IPv4Packet, now: float) -> bool:
+    def _dropped(self, receiver: str, ip: InnerPacket, now: float) -> bool:
         sender = self.name_of.get(ip.header.src)
         if not self._drops or sender is None:
             return False
@@ -165,15 +170,15 @@ class Trace:
 
         def receive(iface: str, packet: bytes, now: float) -> None:
             try:
-                ip = IPv4Packet.from_wire(packet)
+                ip = parse_packet(packet)
             except WireError:
                 original(iface, packet, now)
                 return
             header = ip.header
-            if header.protocol == IPPROTO_TCP and header.dst == group:
+            if ip.protocol == IPPROTO_TCP and header.dst == group:
                 owned = server.portions is not None and server.portions.contains(header.src)
                 self.deliveries.append(Delivery(now, server.name, header.src, owned))
-            elif header.protocol == IPPROTO_UDP and self._dropped(server.name, ip, now):
+            elif ip.protocol == IPPROTO_UDP and self._dropped(server.name, ip, now):
                 return
             original(iface, packet, now)
 
@@ -184,10 +189,10 @@ class Trace:
 
         def receive(iface: str, packet: bytes, now: float) -> None:
             try:
-                ip = IPv4Packet.from_wire(packet)
+                ip = parse_packet(packet)
             except WireError:
                 ip = None
-            if ip is not None and ip.header.protocol == IPPROTO_TCP:
+            if ip is not None and ip.protocol == IPPROTO_TCP:
                 self.client_sources[client.name].add(ip.header.src)
             original(iface, packet, now)
 

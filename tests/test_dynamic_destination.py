@@ -9,13 +9,15 @@ is drained), every connection whose client moved goes to its new owner with its
 state, and the new owner tells the client where to send with a change-destination
 signed with the pool's key, which the client checks against the key the pool
 publishes in DNS. Each test is named after the claim it shows and checks what a
-client sees, byte for byte where it matters.
+client sees, byte for byte where it matters; those that run a pool run it on an
+IPv4 and on an IPv6 network (the same topology, numbered in either family).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import struct
 from collections import Counter
 from collections.abc import Callable
@@ -40,7 +42,7 @@ from manycast.runtime import PoolRun
 from manycast.space import Allocation
 from manycast.steps import Drain, Kill, SetShare, Step
 from manycast.topology import builtin, loads
-from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
+from manycast.wire.ip import IPPROTO_TCP, Address, make_packet, parse_packet
 from manycast.wire.transport import (
     ChangeDestination,
     ChangeDestinationMark,
@@ -67,8 +69,34 @@ from test_techniques import CLEAN, outcome
 
 PORT = 7000
 D = {"technique": "D", "report_interval_ms": 500}
-ATTACKER = ipaddress.IPv4Address("10.1.0.250")  # on the clients' LAN, no server's
 Key = tuple[tuple[Any, int], tuple[Any, int]]
+family = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+# Per family: the pool's group; an address on the clients' LAN that is no server's;
+# a multicast address no move may name.
+GROUPS: dict[int, Address] = {4: GROUP, 6: ipaddress.IPv6Address("ff3e::8000:1")}
+ATTACKERS: dict[int, Address] = {
+    4: ipaddress.IPv4Address("10.1.0.250"),
+    6: ipaddress.IPv6Address("2001:db8:a::fa"),
+}
+MULTICAST: dict[int, Address] = {
+    4: ipaddress.IPv4Address("239.1.2.3"),
+    6: ipaddress.IPv6Address("ff0e::1:2:3"),
+}
+ATTACKER = ATTACKERS[4]  # the IPv4 pool's (test_fuzz_change_destination.py)
+
+
+def in_family(text: str, family: int) -> str:
+    """pooltools' IPv4 topology, or the same on an IPv6 network: the group and the
+    clients' LANs IPv6, the servers' links numbered from 2001:db8::/32."""
+    if family == 4:
+        return text
+    for old, new in (
+        (f'group = "{GROUP}"', f'group = "{GROUPS[6]}"'),
+        ('subnet = "10.1.0.0/24"', 'subnet = "2001:db8:a::/64"'),
+        ('subnet = "10.2.0.0/24"', 'subnet = "2001:db8:b::/64"'),
+    ):
+        text = text.replace(old, new)
+    return re.sub(r'^subnet = "[0-9./]+"\n', "", text, flags=re.MULTILINE)
 
 
 def d_pool(
@@ -77,11 +105,13 @@ def d_pool(
     rate: float = 4.0,
     scenario: Any = (),
     per_connection: int = 0,
+    family: int = 4,
     **pool: Any,
 ) -> str:
     """clients a1.. -- ra -- core -- rs1 (s1, s3) / rs2 (s2, s4), technique D; `plain`
     clients p1.. without the extension on a LAN of their own behind ra; with
-    `per_connection`, the a clients open a new connection after so many answers."""
+    `per_connection`, the a clients open a new connection after so many answers.
+    On an IPv4 network, or the same on an IPv6 one (`family`)."""
     text = pool_toml(clients=clients, rate=rate, pool={**D, **pool}, scenario=scenario)
     if per_connection:
         text = text.replace(
@@ -98,7 +128,7 @@ def d_pool(
             rate=rate,
             dynamic_destination=False,
         )
-    return text
+    return in_family(text, family)
 
 
 # -- what the clients see on the wire ------------------------------------------------------
@@ -111,8 +141,8 @@ class Seen:
     at: float
     client: str
     out: bool
-    src: ipaddress.IPv4Address
-    dst: ipaddress.IPv4Address
+    src: Address
+    dst: Address
     segment: TcpSegment
 
 
@@ -121,8 +151,8 @@ def watch_wire(run: PoolRun) -> list[Seen]:
     seen: list[Seen] = []
 
     def record(name: str, out: bool, packet: bytes, now: float) -> None:
-        ip = IPv4Packet.from_wire(packet)
-        if ip.header.protocol == IPPROTO_TCP:
+        ip = parse_packet(packet)
+        if ip.protocol == IPPROTO_TCP:
             src, dst = ip.header.src, ip.header.dst
             segment = TcpSegment.from_wire(ip.payload, src, dst)
             seen.append(Seen(now, name, out, src, dst, segment))
@@ -168,7 +198,7 @@ def changes(seen: list[Seen], name: str) -> list[Seen]:
     ]
 
 
-def address_of(run: PoolRun) -> dict[ipaddress.IPv4Address, str]:
+def address_of(run: PoolRun) -> dict[Address, str]:
     nodes = run.nodes
     return {s.address: name for name, s in {**nodes.servers, **nodes.standby}.items()}
 
@@ -263,22 +293,24 @@ def record_answers(run: PoolRun) -> dict[str, bytearray]:
 # -- claim 18: SYN with tag and cookie, SYN-ACK with tag, cookie and destination ----------
 
 
-def test_claim_18_the_first_server_answers_with_its_destination_then_all_is_point_to_point() -> (
-    None
-):
-    run, trace, seen = settled(d_pool())
+@family
+def test_claim_18_the_first_server_answers_with_its_destination_then_all_is_point_to_point(
+    family: int,
+) -> None:
+    run, trace, seen = settled(d_pool(family=family))
     by_address = address_of(run)
     owners = allocation(run)
     for name, client in run.nodes.clients.items():
         [syn] = syns(seen, name)
         offered = syn.segment.option(TagCookie)
-        assert syn.dst == GROUP and offered is not None
+        assert syn.dst == GROUPS[family] and offered is not None
         [answer] = syn_acks(seen, name)
         # Fig 20, 2040: the same tag and cookie, and the answering server's destination.
-        assert answer.src == GROUP
+        assert answer.src == GROUPS[family]
         assert answer.segment.option(TagCookie) == offered
         destination = answer.segment.option(Destination)
         assert destination is not None and destination.port == PORT
+        assert destination.address.version == family
         assert by_address[destination.address] == owners.owner(client.address), name
         # The rest of the connection goes there, point to point, both ways.
         rest = [s for s in seen if s.client == name and s.at >= answer.at and s is not answer]
@@ -299,12 +331,16 @@ def loads_spread(run: PoolRun, since: dict[str, int], seconds: float) -> float:
     return max(rates) / (sum(rates) / len(rates))
 
 
-def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_answers_it() -> None:
+@family
+def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_answers_it(
+    family: int,
+) -> None:
     """Fig 20's second server: s1 holds 70% of the clients; over 1.3 times the mean
     load it passes new connections to less loaded servers, which answer each with
     their own destination in the same handshake."""
     text = d_pool(
         clients=40,
+        family=family,
         per_connection=4,
         redirect_above=1.3,
         scenario=[(0.05, "set_share", {"server": "s1", "share": 0.7})],
@@ -337,7 +373,7 @@ def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_an
             server = by_address[destination.address]
             if owners.owner(client.address) == "s1" and server != "s1":
                 handed += 1
-                assert answer.src == GROUP  # the second server answers the SYN itself
+                assert answer.src == GROUPS[family]  # the second server answers the SYN itself
     assert handed >= s1.stats.passed  # (and a few answered by s1's owner before the cut)
     # One handshake per connection, never a second round trip from scratch.
     for name, client in run.nodes.clients.items():
@@ -348,11 +384,12 @@ def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_an
 # -- claim 19: a second server sends the tag, the cookie and the new destination ----------
 
 
-def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost() -> None:
-    run, _, seen = settled(d_pool())
+@family
+def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost(family: int) -> None:
+    run, _, seen = settled(d_pool(family=family))
     streams = record_answers(run)
     key, _ = pool_keys(run.topology, 1)
-    published = public_key(run.nodes.directory[int(GROUP)])
+    published = public_key(run.nodes.directory[int(GROUPS[family])])
     by_address = address_of(run)
     servers = run.nodes.servers
     for step in (
@@ -400,11 +437,14 @@ def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost() -
     assert moved_out == sum(c.stats.destination_changes for c in run.nodes.clients.values())
 
 
-def test_a_server_lets_go_one_connection_per_new_owner_at_a_time_until_it_drains() -> None:
+@family
+def test_a_server_lets_go_one_connection_per_new_owner_at_a_time_until_it_drains(
+    family: int,
+) -> None:
     """While it serves, a server hands a new owner the next connection when that one
     acknowledged the last (`MOVE_WINDOW`): a burst would make each wait for all before
     it. A draining server, which must be empty within its grace, sends more at once."""
-    run, _, _ = settled(d_pool(clients=96))
+    run, _, _ = settled(d_pool(clients=96, family=family))
     servers = run.nodes.servers
     most: dict[str, Counter[str]] = {"serving": Counter(), "draining": Counter()}
     for server in servers.values():
@@ -434,10 +474,13 @@ def test_a_server_lets_go_one_connection_per_new_owner_at_a_time_until_it_drains
     assert MOVE_WINDOW < most["draining"]["s2"] <= DRAIN_WINDOW
 
 
-def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_owner() -> None:
+@family
+def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_owner(
+    family: int,
+) -> None:
     """s1 drops to 10% and 0.2 s later s3 gives up everything: some of s1's clients go to
     s3 and straight back to s1, the second time perhaps before they heard of the first."""
-    run, _, _ = settled(d_pool())
+    run, _, _ = settled(d_pool(family=family))
     first = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)), settle=0.2)
     second = reallocate(run, SetShare(at=run.now, server="s3", share=Fraction(0)), settle=1.8)
     twice = {n for n, (_, to) in first.moved.items() if to == "s3" and n in second.moved}
@@ -457,8 +500,9 @@ def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_ow
     assert servers["s3"].sessions == 0
 
 
-def test_claim_19_a_drained_server_hands_every_connection_on_before_it_leaves() -> None:
-    run, _, _ = settled(d_pool())
+@family
+def test_claim_19_a_drained_server_hands_every_connection_on_before_it_leaves(family: int) -> None:
+    run, _, _ = settled(d_pool(family=family))
     servers = run.nodes.servers
     held = {n for n, c in run.nodes.clients.items() if holders(run, server_key(c)) == {"s2"}}
     assert held
@@ -484,10 +528,11 @@ def test_claim_19_a_drained_server_hands_every_connection_on_before_it_leaves() 
 # -- claims 20, 21: the SYN's tag and cookie, echoed by the SYN-ACK -------------------------
 
 
-def test_claim_20_every_syn_carries_a_fresh_tag_and_cookie_in_the_shared_experimental_option() -> (
-    None
-):
-    run, _, seen = settled(d_pool(clients=16, plain=4))
+@family
+def test_claim_20_every_syn_carries_a_fresh_tag_and_cookie_in_the_shared_experimental_option(
+    family: int,
+) -> None:
+    run, _, seen = settled(d_pool(clients=16, plain=4, family=family))
     # A crash makes the crashed server's clients open new connections.
     carry_out(run, Kill(at=run.now, server="s3"))
     run_to(run, run.now + 5.0)
@@ -528,8 +573,10 @@ def resent(seen: list[Seen]) -> int:
     return sum(1 for s in seen if s.out and s.segment.flags & TcpFlags.SYN) - len(first)
 
 
-def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed() -> None:
-    run, _ = start_traced(d_pool(clients=8))
+@family
+def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed(family: int) -> None:
+    attacker = ATTACKERS[family]
+    run, _ = start_traced(d_pool(clients=8, family=family))
     seen = watch_wire(run)
     forged: list[str] = []
     for client in run.nodes.clients.values():
@@ -538,8 +585,8 @@ def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed()
         def tampering(
             iface: str, packet: bytes, now: float, client: Client = client, original: Any = receive
         ) -> None:
-            ip = IPv4Packet.from_wire(packet)
-            if ip.header.protocol != IPPROTO_TCP:  # the router's General Query
+            ip = parse_packet(packet)
+            if ip.protocol != IPPROTO_TCP:  # the router's General Query
                 original(iface, packet, now)
                 return
             segment = TcpSegment.from_wire(ip.payload, ip.header.src, ip.header.dst)
@@ -547,9 +594,9 @@ def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed()
             if echo is not None and segment.flags & TcpFlags.SYN and client.name not in forged:
                 # An attacker's copy first: the wrong cookie, and its own destination.
                 forged.append(client.name)
-                options = (TagCookie(echo.tag, echo.cookie ^ 1), Destination(ATTACKER, PORT))
+                options = (TagCookie(echo.tag, echo.cookie ^ 1), Destination(attacker, PORT))
                 fake = dataclasses.replace(segment, options=options)
-                wire = IPv4Packet.make(
+                wire = make_packet(
                     ip.header.src,
                     ip.header.dst,
                     IPPROTO_TCP,
@@ -570,17 +617,20 @@ def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed()
             if a.segment.option(TagCookie) == syn.segment.option(TagCookie)
         ]
         assert real, name
-        assert remote(client)[0] != ATTACKER and remote(client)[0] in by_address
+        assert remote(client)[0] != attacker and remote(client)[0] in by_address
         assert client.connected and client.stats.requests_ok > 0
-        assert all(s.dst != ATTACKER for s in seen if s.client == name and s.out)
+        assert all(s.dst != attacker for s in seen if s.client == name and s.out)
     assert outcome(run) == CLEAN
 
 
 # -- claim 28: the network, on real sockets, with the key from a real DNS server -----------
 
 
-def test_claim_28_on_real_sockets_requests_carry_tag_and_cookie_and_moves_check_dns() -> None:
-    topo = loads(d_pool(clients=16, report_interval_ms=500, heartbeat_misses=30))
+@family
+def test_claim_28_on_real_sockets_requests_carry_tag_and_cookie_and_moves_check_dns(
+    family: int,
+) -> None:
+    topo = loads(d_pool(clients=16, report_interval_ms=500, heartbeat_misses=30, family=family))
     ports = topo.attachment_count
     run = patient(PoolRun(topo, "overlay", seed=5, base_port=free_base_port(ports)))
     clients = run.nodes.clients
@@ -630,10 +680,12 @@ def test_claim_28_on_real_sockets_requests_carry_tag_and_cookie_and_moves_check_
 # -- claims 33, 34: the client and the server programs ------------------------------------
 
 
-def test_claim_33_clients_without_the_extension_are_never_redirected() -> None:
+@family
+def test_claim_33_clients_without_the_extension_are_never_redirected(family: int) -> None:
     """The client program offers the extension; a plain client (its SYN without the
     option) stays on the group address and its technique, R3, keeps it."""
-    run, _, seen = settled(d_pool(clients=16, plain=16))
+    group = GROUPS[family]
+    run, _, seen = settled(d_pool(clients=16, plain=16, family=family))
     plain = {n for n, spec in run.topology.clients.items() if not spec.dynamic_destination}
     record = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)))
     run_to(run, run.now + 1.0)
@@ -643,7 +695,7 @@ def test_claim_33_clients_without_the_extension_are_never_redirected() -> None:
     for name in plain:
         client = run.nodes.clients[name]
         assert client.conn_key == record.keys[name], name
-        assert remote(client) == (GROUP, PORT)
+        assert remote(client) == (group, PORT)
         assert not changes(seen, name) and client.stats.destinations_followed == 0
         for answer in syn_acks(seen, name):
             assert answer.segment.option(TagCookie) is None
@@ -660,16 +712,17 @@ def test_claim_33_clients_without_the_extension_are_never_redirected() -> None:
     s1.redirector.less_loaded = lambda now: servers["s2"].address
     client = run.nodes.clients[sorted(plain)[0]]
     syn = TcpSegment(40001, PORT, 1, 0, TcpFlags.SYN, 1000)
-    ip = IPv4Packet.make(client.address, GROUP, IPPROTO_TCP, syn.to_wire(client.address, GROUP))
+    ip = make_packet(client.address, group, IPPROTO_TCP, syn.to_wire(client.address, group))
     assert not s1.redirector.pass_syn(ip, ip.to_wire(), run.now)
     offered = dataclasses.replace(syn, options=(TagCookie(1, 2),))
-    ip = IPv4Packet.make(client.address, GROUP, IPPROTO_TCP, offered.to_wire(client.address, GROUP))
+    ip = make_packet(client.address, group, IPPROTO_TCP, offered.to_wire(client.address, group))
     assert s1.redirector.pass_syn(ip, ip.to_wire(), run.now)
 
 
-def test_claim_34_every_server_signs_its_moves_with_the_key_the_pool_publishes() -> None:
-    run, _, seen = settled(d_pool())
-    [record] = [r for r in run.pool_records() if r.group == GROUP]
+@family
+def test_claim_34_every_server_signs_its_moves_with_the_key_the_pool_publishes(family: int) -> None:
+    run, _, seen = settled(d_pool(family=family))
+    [record] = [r for r in run.pool_records() if r.group == GROUPS[family]]
     published = record.public_key
     key, outsider = pool_keys(run.topology, 1)
     assert published == public_bytes(key)
@@ -722,20 +775,20 @@ def hijack_segment(
     )
 
 
-def inject(run: PoolRun, client: Client, src: ipaddress.IPv4Address, segment: TcpSegment) -> None:
-    wire = IPv4Packet.make(src, client.address, IPPROTO_TCP, segment.to_wire(src, client.address))
+def inject(run: PoolRun, client: Client, src: Address, segment: TcpSegment) -> None:
+    wire = make_packet(src, client.address, IPPROTO_TCP, segment.to_wire(src, client.address))
     act(run, lambda: client.receive(client.host.iface, wire.to_wire(), run.now))
 
 
 def attempts(
-    client: Client, key: Ed25519PrivateKey, outsider: Ed25519PrivateKey, wall_ms: int
+    client: Client, key: Ed25519PrivateKey, outsider: Ed25519PrivateKey, wall_ms: int, family: int
 ) -> list[tuple[str, ChangeDestination | bytes, int, RedirectRefusal]]:
     """(what, message, sequence shift, the reason it must be refused) of every kind of
     hijack: each names the attacker's address as the new destination."""
     conn = client.endpoint.connection(client.conn_key)  # type: ignore[arg-type]
     assert conn is not None and conn.tag is not None and conn.cookie is not None
     serial = client.guard.last_serial + 1
-    base = ChangeDestination(conn.tag, conn.cookie, ATTACKER, PORT, serial, wall_ms)
+    base = ChangeDestination(conn.tag, conn.cookie, ATTACKERS[family], PORT, serial, wall_ms)
     signed = sign_change(base, key)
     replace = dataclasses.replace
     return [
@@ -771,15 +824,16 @@ def attempts(
         ("blind", signed, 1 << 30, RedirectRefusal.OUT_OF_WINDOW),
         (
             "multicast",
-            sign_change(replace(base, address=ipaddress.IPv4Address("239.1.2.3")), key),
+            sign_change(replace(base, address=MULTICAST[family]), key),
             0,
             RedirectRefusal.BAD_DESTINATION,
         ),
     ]
 
 
-def test_claim_42_every_hijack_is_refused_counted_and_changes_nothing() -> None:
-    run, _, seen = settled(d_pool(clients=8))
+@family
+def test_claim_42_every_hijack_is_refused_counted_and_changes_nothing(family: int) -> None:
+    run, _, seen = settled(d_pool(clients=8, family=family))
     # One real move first, so that replays have a serial to come below.
     record = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)))
     key, outsider = pool_keys(run.topology, 1)
@@ -793,10 +847,10 @@ def test_claim_42_every_hijack_is_refused_counted_and_changes_nothing() -> None:
         before = (client.conn_key, client.stats.destination_changes)
         server = remote(client)[0]
         for index, (what, message, shift, reason) in enumerate(
-            attempts(client, key, outsider, int((wall + run.now) * 1000))
+            attempts(client, key, outsider, int((wall + run.now) * 1000), family)
         ):
             # From the attacker's own address, and spoofing the client's server.
-            source = ATTACKER if index % 2 else server
+            source = ATTACKERS[family] if index % 2 else server
             inject(run, client, source, hijack_segment(client, message, shift))
             expected[reason] += 1
             tried += 1
@@ -815,11 +869,12 @@ def test_claim_42_every_hijack_is_refused_counted_and_changes_nothing() -> None:
     run_to(run, at + 1.5)
     assert outcome(run) == CLEAN
     assert_all_served_since(run, at + 0.5)
-    assert not [s for s in seen if s.out and s.dst == ATTACKER]
+    assert not [s for s in seen if s.out and s.dst == ATTACKERS[family]]
 
 
-def test_claim_42_a_key_that_cannot_be_fetched_means_refuse() -> None:
-    run, _ = start_traced(d_pool(clients=8))
+@family
+def test_claim_42_a_key_that_cannot_be_fetched_means_refuse(family: int) -> None:
+    run, _ = start_traced(d_pool(clients=8, family=family))
     run.nodes.directory.clear()  # DNS has no key for the pool
     run_to(run, 2.0)
     record = reallocate(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)), settle=0.5)
@@ -845,9 +900,14 @@ def test_claim_42_a_key_that_cannot_be_fetched_means_refuse() -> None:
 # -- claim 43: a server that answers with its destination, in a pool that changes ---------
 
 
-def test_claim_43_the_redirect_demo_serves_every_client_through_a_move_a_drain_and_a_kill() -> None:
-    topology = builtin("redirect")
+@pytest.mark.parametrize("name", ["redirect", "redirect6"])
+def test_claim_43_the_redirect_demo_serves_every_client_through_a_move_a_drain_and_a_kill(
+    name: str,
+) -> None:
+    """The bundled redirect.toml, and redirect6.toml: its pool and scenario on IPv6."""
+    topology = builtin(name)
     assert topology.pool.technique == "D"
+    assert topology.pool.space.family == (6 if name.endswith("6") else 4)
     actions = [step.action for step in topology.scenario]
     assert {"set_share", "drain", "kill"} <= set(actions)
     run = PoolRun(topology, "memory", seed=1)
@@ -878,13 +938,14 @@ def test_claim_43_the_redirect_demo_serves_every_client_through_a_move_a_drain_a
 
 
 @pytest.mark.parametrize("victim", ["s3", "s1"], ids=["server", "coordinator"])
+@family
 def test_claim_43_clients_of_a_dead_server_reconnect_and_their_new_owners_answer(
-    victim: str,
+    victim: str, family: int
 ) -> None:
     """A crash loses the connections on the dead server (no technique saves them): its
     clients open new ones, whose SYN-ACKs give their new owners' destinations; the
     moved sessions a dead server had taken in are served again the same way."""
-    run, _, seen = settled(d_pool())
+    run, _, seen = settled(d_pool(family=family))
     record = reallocate(run, SetShare(at=run.now, server="s2", share=Fraction(1, 10)))
     before = allocation(run)
     clients = run.nodes.clients
@@ -915,12 +976,17 @@ def test_claim_43_clients_of_a_dead_server_reconnect_and_their_new_owners_answer
 # -- the transport's part ----------------------------------------------------------------
 
 
-def test_a_following_connection_that_would_take_a_used_4_tuple_stays_where_it_was() -> None:
+@family
+def test_a_following_connection_that_would_take_a_used_4_tuple_stays_where_it_was(
+    family: int,
+) -> None:
     import random
 
     client = Demultiplexer(random.Random(1), SessionConfig())
-    local = (ipaddress.IPv4Address("10.0.0.1"), 4000)
-    server = (ipaddress.IPv4Address("192.0.2.1"), PORT)
+    first, other = {4: ("10.0.0.1", "192.0.2.1"), 6: ("2001:db8::1", "2001:db8:1::1")}[family]
+    local = (ipaddress.ip_address(first), 4000)
+    server = (ipaddress.ip_address(other), PORT)
+    GROUP = GROUPS[family]
     taken = client.connect(local, server, 0.0, offer=False)
     conn = client.connect(local, (GROUP, PORT), 0.0, follow=True)
     [(_, _, syn)] = [s for s in client.segments_to_send() if s[1] == GROUP]

@@ -134,7 +134,6 @@ def test_demo6_runs_as_the_ipv4_demo_does() -> None:
 REFUSED = {
     "vip": ({"approach": "vip", "vip": "2001:db8::80"}, "a VIP pool"),
     "R4": ({"technique": "R4"}, "technique R4"),
-    "D": ({"technique": "D"}, "technique D"),
 }
 
 

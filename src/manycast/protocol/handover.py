@@ -44,7 +44,6 @@ from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import SourceFilter
-from manycast.protocol.node import ipv4_only
 from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import Connection, ConnKey, Demultiplexer, SessionConfig, SessionError
 from manycast.protocol.technique import Technique
@@ -223,7 +222,7 @@ class Handover:
         key: ConnKey = ((dst, segment.dst_port), (src, segment.src_port))
         if self.redirector is not None and dst != self.group:
             # D: a segment to our own address, of a connection we moved away or never had
-            if not self.redirector.on_unknown(ipv4_only(src, "technique D"), segment, now):
+            if not self.redirector.on_unknown(src, segment, now):
                 self._reset((src, dst, segment))
         elif self.technique is Technique.R2:
             self._forward((src, dst, segment), now)

@@ -26,7 +26,6 @@ and are left to the pool's fallback (R3, state transfer on demand, in
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from collections import Counter, deque
 from collections.abc import Callable
@@ -41,16 +40,18 @@ from manycast.protocol.tcp import Connection, ConnKey, Demultiplexer, SessionCon
 from manycast.protocol.tcp import State as TcpState
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPv4Packet
+from manycast.wire.ip import IPPROTO_TCP, Address, InnerPacket, make_packet, parse_packet
 from manycast.wire.transport import ChangeDestination, TagCookie, TcpFlags, TcpSegment
 
-SendControl = Callable[[control.ControlMessage, ipaddress.IPv4Address | None], None]
+# Every address below is of the pool's family (IPv4 or IPv6): the servers', the
+# group's and the clients'.
+SendControl = Callable[[control.ControlMessage, Address | None], None]
 # client address -> its owner's unicast address now (None: not known yet)
-OwnerOf = Callable[[int], ipaddress.IPv4Address | None]
+OwnerOf = Callable[[int], Address | None]
 # now -> a less loaded server to pass a new connection to, or None (we are not overloaded)
-LessLoaded = Callable[[float], ipaddress.IPv4Address | None]
+LessLoaded = Callable[[float], Address | None]
 # (server address, now) -> whether we still hear from that server
-Alive = Callable[[ipaddress.IPv4Address, float], bool]
+Alive = Callable[[Address, float], bool]
 # the epoch of the allocation we hold
 Epoch = Callable[[], int]
 
@@ -91,7 +92,7 @@ class RedirectStats:
 @dataclass
 class _Move:
     message: control.MoveConnection
-    target: ipaddress.IPv4Address
+    target: Address
     deadline: float
     tries: int = 1
 
@@ -106,7 +107,7 @@ class _Announce:
 
 @dataclass
 class _Forward:
-    target: ipaddress.IPv4Address
+    target: Address
     last_used: float
 
 
@@ -116,8 +117,8 @@ class Redirector:
     def __init__(
         self,
         name: str,
-        address: ipaddress.IPv4Address,
-        group: ipaddress.IPv4Address,
+        address: Address,
+        group: Address,
         port: int,
         endpoint: Demultiplexer,
         app: Service,
@@ -167,18 +168,16 @@ class Redirector:
         # we hold it (our allocation may still be the old one that sent it away).
         self._arrived: dict[ConnKey, int] = {}
         # (wall-clock time, client, client port, serial) of the last moves we began
-        self.released: deque[tuple[float, ipaddress.IPv4Address, int, int]] = deque(
-            maxlen=RELEASED_KEPT
-        )
+        self.released: deque[tuple[float, Address, int, int]] = deque(maxlen=RELEASED_KEPT)
         self._outgoing: dict[ConnKey, _Move] = {}
         self._awaiting: dict[ConnKey, _Announce] = {}
         self._forwards: dict[Flow, _Forward] = {}
         self._latest: dict[Flow, tuple[int, float]] = {}  # serial taken, when
-        self._passed: dict[Flow, tuple[ipaddress.IPv4Address, float]] = {}
+        self._passed: dict[Flow, tuple[Address, float]] = {}
         self._wake: float | None = None
 
     # -- Fig 20: new connections --------------------------------------------------------
-    def pass_syn(self, ip: IPv4Packet, packet: bytes, now: float) -> bool:
+    def pass_syn(self, ip: InnerPacket, packet: bytes, now: float) -> bool:
         """A packet to the group from a client we own: if it opens a connection and we
         are over our load target, pass it to a less loaded server (True: taken care of)."""
         payload = ip.payload
@@ -273,7 +272,7 @@ class Redirector:
         if self.pending:
             self._schedule(now + RETRY)
 
-    def move(self, key: ConnKey, target: ipaddress.IPv4Address, now: float) -> bool:
+    def move(self, key: ConnKey, target: Address, now: float) -> bool:
         """Give the connection `key` to the server at `target` (Fig 20, 2020)."""
         conn = self.endpoint.connection(key)
         if conn is None or conn.state not in MOVABLE or conn.tag is None:
@@ -289,7 +288,6 @@ class Redirector:
         serial = self.serials.pop(key, 0) + 1
         (_, port), (client, client_port) = key
         self.guests.discard((int(client), client_port))
-        assert isinstance(client, ipaddress.IPv4Address)
         wanted = control.ConnectionKey(client, client_port, self.address, port)
         message = control.MoveConnection(
             self.name, 0, self.address, self.epoch(), wanted, serial, transport, app_state
@@ -308,8 +306,8 @@ class Redirector:
         """Another server gives us a connection: continue it, acknowledge, and tell the
         client where to send, signed (Fig 21, 2120)."""
         wanted = message.key
-        if not isinstance(wanted.client, ipaddress.IPv4Address):
-            return
+        if wanted.client.version != self.address.version:
+            return  # not of our pool's family
         flow = (int(wanted.client), wanted.client_port)
         key: ConnKey = ((self.address, wanted.service_port), (wanted.client, wanted.client_port))
         old: ConnKey = ((wanted.group, wanted.service_port), (wanted.client, wanted.client_port))
@@ -353,7 +351,7 @@ class Redirector:
             self._schedule(now + RETRY)
 
     def _reply(self, message: control.MoveAck, to: control.Address) -> None:
-        if isinstance(to, ipaddress.IPv4Address):
+        if to.version == self.address.version:
             self.send_control(message, to)
 
     def _announce(self, key: ConnKey, conn: Connection, serial: int, now: float) -> None:
@@ -401,7 +399,7 @@ class Redirector:
                 conn.retransmit_now(now)  # what we sent before it switched went astray
 
     # -- segments that reach the wrong server ------------------------------------------
-    def on_unknown(self, src: ipaddress.IPv4Address, segment: TcpSegment, now: float) -> bool:
+    def on_unknown(self, src: Address, segment: TcpSegment, now: float) -> bool:
         """A segment to our own address for no connection of ours: one we moved away
         (forward it to where it went; True) or not (False: reset it)."""
         entry = self._forwards.get((int(src), segment.src_port))
@@ -409,7 +407,7 @@ class Redirector:
             return False
         entry.last_used = now
         dst = self.address
-        packet = IPv4Packet.make(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
+        packet = make_packet(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
         self.send_control(
             control.Forwarded(self.name, 0, self.address, packet.to_wire()), entry.target
         )
@@ -420,8 +418,8 @@ class Redirector:
         """A packet another server passed us: a new connection's SYN to answer with our
         own destination (Fig 20's second server), or a straggler of a moved connection."""
         try:
-            ip = IPv4Packet.from_wire(message.packet)
-            if ip.header.protocol != IPPROTO_TCP:
+            ip = parse_packet(message.packet)
+            if ip.protocol != IPPROTO_TCP:
                 return
             src, dst = ip.header.src, ip.header.dst
             segment = TcpSegment.from_wire(ip.payload, src, dst)
@@ -442,7 +440,7 @@ class Redirector:
             if announce is not None and now >= announce.due - announce.gap / 2:
                 self._announce_again(primary, announce, now)  # the client still sends there
             return
-        if dst != self.group and isinstance(src, ipaddress.IPv4Address):
+        if dst != self.group and src.version == self.address.version:
             self.on_unknown(src, segment, now)  # it moved on from here too
 
     # -- housekeeping --------------------------------------------------------------------

@@ -21,7 +21,6 @@ whose decisions it carries out.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -39,7 +38,7 @@ from manycast.protocol.membership import (
     report_packets,
     whole_record_for,
 )
-from manycast.protocol.node import Interface, Node, ipv4_only
+from manycast.protocol.node import Interface, Node
 from manycast.protocol.querier import QueryResponder, is_query
 from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import (
@@ -58,7 +57,7 @@ from manycast.protocol.technique import Technique
 from manycast.space import Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, Address, InnerPacket, IPv4Packet
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, Address, InnerPacket
 from manycast.wire.membership import GroupRecord, RecordType
 from manycast.wire.report_split import WholeRecord
 
@@ -125,8 +124,8 @@ class Server(Node):
                 raise ConfigError("technique D needs the pool's key to sign with")
             self.redirector = Redirector(
                 name,
-                ipv4_only(self.address, "technique D"),
-                ipv4_only(settings.group, "technique D"),
+                self.address,
+                settings.group,
                 settings.port,
                 self.endpoint,
                 self.app,
@@ -191,11 +190,7 @@ class Server(Node):
                 # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
                 return
-            if (
-                self.redirector is not None
-                and isinstance(ip, IPv4Packet)
-                and self.redirector.pass_syn(ip, packet, now)
-            ):
+            if self.redirector is not None and self.redirector.pass_syn(ip, packet, now):
                 self._act(now)  # a new connection for a less loaded server (Fig 20)
                 return
             self.host.deliver_tcp(ip, now)
@@ -259,18 +254,18 @@ class Server(Node):
         return self.endpoint.resolve(key) is not None
 
     # -- technique D: whom to move a connection to, whom to pass one to -------------------
-    def _owner_address(self, client: int) -> ipaddress.IPv4Address | None:
+    def _owner_address(self, client: int) -> Address | None:
         """The unicast address of the server that owns `client` now, if we know it."""
         allocation = self.coordinator.allocation
         owner = allocation.owner(client) if allocation is not None else None
         if owner is None or owner == self.name:
-            return None if owner is None else ipv4_only(self.address, "technique D")
+            return None if owner is None else self.address
         peer = self.coordinator.peers.get(owner)
-        if peer is None or not isinstance(peer.address, ipaddress.IPv4Address):
+        if peer is None or not int(peer.address):  # not heard from yet (NO_ADDRESS)
             return None
-        return peer.address if int(peer.address) else None
+        return peer.address
 
-    def _less_loaded(self, now: float) -> ipaddress.IPv4Address | None:
+    def _less_loaded(self, now: float) -> Address | None:
         """Fig 20's second server: when our load is above `redirect_above` times the
         mean of the live serving servers' loads (the pool's load loop, heartbeats), one
         of those below the mean, at random; None when we are not overloaded."""
@@ -285,14 +280,13 @@ class Server(Node):
             return None
         alive = set(coordinator.alive(now))
         loads = {self.name: coordinator._load}
-        addresses: dict[str, ipaddress.IPv4Address] = {}
+        addresses: dict[str, Address] = {}
         for peer in coordinator.peers.values():
             if (
                 peer.name in alive
                 and peer.name in allocation.servers
                 and allocation.count(peer.name) > 0
-                and isinstance(peer.address, ipaddress.IPv4Address)
-                and int(peer.address)
+                and int(peer.address)  # heard from (not NO_ADDRESS)
             ):
                 loads[peer.name] = peer.load
                 addresses[peer.name] = peer.address

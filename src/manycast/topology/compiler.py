@@ -422,7 +422,6 @@ def _space(p: TableReader) -> AddressSpace:
 _NOT_YET_FOR_IPV6 = (
     ("approach", "vip", "a VIP pool"),
     ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
-    ("technique", "D", "technique D (dynamic destination)"),
 )
 
 
