@@ -303,6 +303,43 @@ def test_proc_tables_parse() -> None:
     assert vifs == [mroute.Vif(0, "eth0", 24, 46)]
 
 
+def test_mld_messages_leave_from_the_link_local_address() -> None:
+    """A signed MLDv2 registration the core built from a global address, sent from the
+    interface's link-local one (as /proc/net/if_inet6 lists it): a valid checksum for
+    the new source, the requester and signature untouched; other packets unchanged."""
+    import ipaddress
+    import random
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from manycast.auth import verify_join
+    from manycast.drivers.kernel.sockets import from_link_local, link_local
+    from manycast.protocol.client import registration
+    from manycast.wire.ip import IPv6Packet
+    from manycast.wire.membership import MLDv2Report
+
+    if_inet6 = (
+        "20010db800000000000000000000000a 02 40 00 80 eth0\n"
+        "fe80000000000000a8c1abfffe123456 02 40 20 80 eth0\n"
+        "fe800000000000000000000000000001 03 40 20 80 eth1\n"
+    )
+    source = link_local("eth0", if_inet6)
+    assert source == ipaddress.IPv6Address("fe80::a8c1:abff:fe12:3456")
+    assert link_local("eth2", if_inet6) is None
+    key = Ed25519PrivateKey.generate()
+    requester = ipaddress.IPv6Address("2001:db8::a")
+    group = ipaddress.IPv6Address("ff3e::8000:1")
+    packet = registration(requester, group, key, 1.0e9, random.Random(1))
+    moved = IPv6Packet.from_wire(from_link_local(packet, source))
+    assert moved.header.src == source
+    report = MLDv2Report.from_wire(moved.payload, source, moved.header.dst)  # checksum checked
+    assert report.signed is not None and report.signed.requester == requester
+    assert verify_join(report, key.public_key())
+    assert from_link_local(packet, None) == packet
+    udp = IPv6Packet.make(requester, group, 17, bytes(12)).to_wire()
+    assert from_link_local(udp, source) == udp
+
+
 def test_policy_ops_become_agent_requests() -> None:
     from manycast.lab import LabError, agent_request
     from manycast.wire import control
@@ -686,7 +723,7 @@ def _send_join(
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from manycast.lab import Lab
-    from manycast.lab.prober import report_socket
+    from manycast.lab.prober import report_sender
     from manycast.protocol.membership import report_packets, whole_record_for
     from manycast.space import Portion, PortionSet
     from manycast.topology import Topology
@@ -703,13 +740,56 @@ def _send_join(
     records = [whole_record_for(group, wanted, RecordType.MODE_IS_INCLUDE)]
     requester = topology.address(client)
     packets = report_packets(records, requester, int(time.time() * 1000), 1, random.Random(), key)
-    sock, to = report_socket(lab.ns(client), topology.gateways[client][0], group.version)
+    sender = report_sender(lab.ns(client), topology.gateways[client][0], group.version)
     try:
         for packet in packets:
-            sock.sendto(packet, to)
+            sender.send(packet)
     finally:
-        sock.close()
+        sender.close()
     return len(packets)
+
+
+def _mld_listener(lab: object, router: str) -> socket.socket:
+    """A raw ICMPv6 socket inside `router`'s namespace that reads the MLDv2 reports
+    reaching it (ff02::16, which its daemon joined on every interface)."""
+    from manycast.drivers import mroute6, netns
+    from manycast.lab import Lab
+
+    assert isinstance(lab, Lab)
+    sock = netns.socket_in(lab.ns(router), socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    sock.setsockopt(socket.IPPROTO_ICMPV6, mroute6.ICMP6_FILTER, mroute6.icmp6_filter([143]))
+    sock.setblocking(False)
+    return sock
+
+
+def _report_sources(sock: socket.socket, seconds: float) -> list[tuple[str, bool]]:
+    """(source, whether it carries manycast's extensions) of each MLDv2 report `sock`
+    reads within `seconds`."""
+    import ipaddress
+    import selectors
+
+    from manycast.wire.errors import WireError
+    from manycast.wire.membership import MLD_V2_ROUTERS, MLDv2Report
+
+    seen = []
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if not selector.select(left):
+                continue
+            message, sender = sock.recvfrom(65535)
+            source = str(sender[0]).split("%")[0]
+            try:
+                report = MLDv2Report.from_wire(
+                    message, ipaddress.IPv6Address(source), MLD_V2_ROUTERS
+                )
+            except WireError:
+                seen.append((source, False))
+                continue
+            extended = report.signed is not None or any(r.include_masks for r in report.records)
+            seen.append((source, extended))
+    return seen
 
 
 @pytest.mark.lab
@@ -786,6 +866,7 @@ def test_private_pool_serves_participants_and_gives_outsiders_nothing(
         status = lab.ask("ra", "router", {"op": "status"})
         return dict(status["rejected"]), dict(status["membership"].get(group, {}))
 
+    listeners = {r: _mld_listener(lab, r) for r in ("ra", "rs")} if family == 6 else {}
     before, _ = at_ra()
     assert _send_join(lab, topology, "x1", 200, other) > 1
     assert _send_join(lab, topology, "x2", 200, None) > 1
@@ -802,3 +883,12 @@ def test_private_pool_serves_participants_and_gives_outsiders_nothing(
     assert _send_join(lab, topology, "a1", 200, key) > 1
     assert _until(lambda: a1 in at_ra()[1]), at_ra()
     assert at_ra()[1][a1].count("/") == 200, at_ra()[1][a1]
+    # On IPv6 every report leaves from its sender's link-local address (RFC 3810
+    # §5.2.13): the servers' (at rs), the routers' relays and the clients' (at ra).
+    for router, sock in listeners.items():
+        try:
+            seen = _report_sources(sock, 1.5)
+        finally:
+            sock.close()
+        assert sum(1 for _, extended in seen if extended) >= 2, (router, seen)
+        assert all(source.startswith("fe80:") for source, _ in seen), (router, seen)

@@ -13,7 +13,7 @@ signed join naming only itself, first when it first asks and then every
 false`, with the outsider's key, so its registrations are refused). Without one,
 its first-hop router drops its packets to the group. The registration is an
 IGMPv3 report to 224.0.0.22 in an IPv4 pool, an MLDv2 report to ff02::16 (out of
-the client's interface) in an IPv6 one.
+the client's interface, from its link-local address) in an IPv6 one.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from manycast.drivers import mroute, mroute6, netns
+from manycast.drivers.kernel.sockets import from_link_local, link_local
 from manycast.lab.build import Lab
 from manycast.pool import pool_keys
 from manycast.protocol.client import ClientStats, registration
@@ -64,8 +65,7 @@ class ProbeClient:
     # Private pools: the key the client signs its registration with, and the raw
     # socket it leaves on.
     key: Ed25519PrivateKey | None = None
-    igmp: socket.socket | None = None
-    reports_to: tuple[str, int] | tuple[str, int, int, int] = (mroute.ALL_V3_ROUTERS, 0)
+    reports: ReportSender | None = None
     next_register: float = math.inf
     registrations: int = 0
 
@@ -119,7 +119,7 @@ class Prober:
                 self.selector.register(sock, selectors.EVENT_READ, client)
                 if keys is not None:
                     client.key = keys[0] if spec.authorized else keys[1]
-                    client.igmp, client.reports_to = report_socket(
+                    client.reports = report_sender(
                         lab.ns(name), topology.gateways[name][0], self.family
                     )
                     # First when it first asks (registrations spread as the
@@ -188,7 +188,7 @@ class Prober:
             self._read(key.data)
 
     def _register(self, client: ProbeClient) -> None:
-        assert client.key is not None and client.igmp is not None
+        assert client.key is not None and client.reports is not None
         packet = registration(
             ipaddress.ip_address(client.address),
             self.topology.pool.group,
@@ -197,7 +197,7 @@ class Prober:
             self.rng,
         )
         with contextlib.suppress(OSError):
-            client.igmp.sendto(packet, client.reports_to)
+            client.reports.send(packet)
             client.registrations += 1
 
     def _read(self, client: ProbeClient) -> None:
@@ -238,8 +238,8 @@ class Prober:
         self.selector.close()
         for client in self.clients.values():
             client.sock.close()
-            if client.igmp is not None:
-                client.igmp.close()
+            if client.reports is not None:
+                client.reports.close()
 
 
 def _client_socket(ns: str, address: str) -> socket.socket:
@@ -260,14 +260,28 @@ def _client_socket(ns: str, address: str) -> socket.socket:
     return sock
 
 
-def report_socket(
-    ns: str, iface: str, family: int
-) -> tuple[socket.socket, tuple[str, int] | tuple[str, int, int, int]]:
+@dataclass
+class ReportSender:
+    """Where a client's (or a test's) membership reports leave: a raw socket bound to
+    its interface, the address they go to, and on IPv6 the link-local source they
+    are sent from (`sockets.from_link_local`)."""
+
+    sock: socket.socket
+    to: tuple[str, int] | tuple[str, int, int, int]
+    link_local: ipaddress.IPv6Address | None = None
+
+    def send(self, packet: bytes) -> None:
+        self.sock.sendto(from_link_local(packet, self.link_local), self.to)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def report_sender(ns: str, iface: str, family: int) -> ReportSender:
     """A raw socket inside `ns` that sends whole IGMP or MLD packets (header, Router
-    Alert and all, as `registration` builds them) out of `iface`, and the address its
-    reports go to (ff02::16 is link-scoped: it names the interface too). IPPROTO_RAW
-    implies the header is ours (on IPv6 as well) and receives nothing, so it never
-    needs draining."""
+    Alert and all, as `registration` builds them) out of `iface`, to 224.0.0.22 or
+    to ff02::16 on that link. IPPROTO_RAW implies the header is ours (on IPv6 as
+    well) and receives nothing, so it never needs draining."""
     v6 = family == 6
     sock = netns.socket_in(
         ns, socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW
@@ -275,15 +289,15 @@ def report_socket(
     try:
         # Device names are looked up in the socket's own namespace.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, iface.encode())
-        if v6:
-            ifindex = netns.run_in(ns, lambda: socket.if_nametoindex(iface))
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
-            sock.setblocking(False)
-            return sock, (mroute6.ALL_MLDV2_ROUTERS, 0, 0, ifindex)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
         sock.setblocking(False)
+        if not v6:
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+            return ReportSender(sock, (mroute.ALL_V3_ROUTERS, 0))
+        ifindex = netns.run_in(ns, lambda: socket.if_nametoindex(iface))
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+        source = link_local(iface, netns.read_in(ns, "/proc/net/if_inet6"))
+        return ReportSender(sock, (mroute6.ALL_MLDV2_ROUTERS, 0, 0, ifindex), source)
     except BaseException:
         sock.close()
         raise
-    return sock, (mroute.ALL_V3_ROUTERS, 0)

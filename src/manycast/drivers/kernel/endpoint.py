@@ -7,7 +7,8 @@ back to the core as whole IPv4 packets (`sockets.udp_packet`).
 
 On an IPv6 network (the control group is IPv6) the reports are MLDv2 (hop limit 1,
 Hop-by-Hop Router Alert, to ff02::16), sent whole on a raw IPv6 socket
-(`sockets.raw_sender`), and the control socket is UDP over IPv6.
+(`sockets.raw_sender`) from the interface's link-local address
+(`sockets.from_link_local`), and the control socket is UDP over IPv6.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from manycast.drivers.kernel.loop import KernelLoop
 from manycast.drivers.kernel.sockets import (
     control_socket,
     family_of,
+    from_link_local,
+    link_local,
     raw_sender,
     recv_with_pktinfo,
     udp_packet,
@@ -62,6 +65,8 @@ class ControlEndpoint:
         ifindex = socket.if_nametoindex(iface)
         self.family = family_of(control_group)
         self.udp = control_socket(control_port, self.family)
+        # The reports' source on an IPv6 link (None: IPv4, or no link-local address).
+        self.link_local = link_local(iface) if self.family == 6 else None
         if self.family == 6:
             self.reports_to: tuple[str, int] | tuple[str, int, int, int] = (
                 ALL_MLDV2_ROUTERS,
@@ -110,7 +115,7 @@ class ControlEndpoint:
         try:
             ip = parse_packet(packet)
             if ip.protocol in (IPPROTO_IGMP, IPPROTO_ICMPV6):
-                self.igmp.sendto(packet, self.reports_to)
+                self.igmp.sendto(from_link_local(packet, self.link_local), self.reports_to)
                 self.stats.reports_sent += 1
                 return True
             if ip.protocol == IPPROTO_UDP:

@@ -27,7 +27,8 @@ On an IPv6 network (the pool's space is IPv6) the same daemon hosts a `Router6`
 on the MRT6 socket (`mroute6.py`): a MIF per interface, ff02::16 joined on each,
 MLDv2 reports read without their IP header and handed to the core whole again
 (source, destination, hop limit and the Hop-by-Hop header as the kernel reported
-them), the core's frames sent on raw IPv6 sockets, and the portion plane in table
+them), the core's frames sent on raw IPv6 sockets (its MLD messages from the
+interface's link-local address, as the hosts' are), and the portion plane in table
 `netdev manycast6`. Plain MLD reports (the hosts' kernels' own, from link-local
 addresses) are ignored as IGMP's are.
 
@@ -57,6 +58,8 @@ from manycast.drivers.kernel.portion_plane import PlaneError, PortionPlane, comp
 from manycast.drivers.kernel.sockets import (
     control_socket,
     destination,
+    from_link_local,
+    link_local,
     raw_sender,
     recv_with_pktinfo,
     udp_packet,
@@ -154,6 +157,11 @@ class RouterDaemon:
         )
         self.send_socks: dict[str, socket.socket] = {}
         self.index_of: dict[str, int] = {}
+        # Each interface's link-local address: the source of the MLD messages sent there.
+        self.link_local = {
+            iface: link_local(iface) if self.family == 6 else None for iface in interfaces
+        }
+        self.own |= {a for a in self.link_local.values() if a is not None}
         for vif, iface in enumerate(sorted(interfaces)):
             ifindex = socket.if_nametoindex(iface)
             if isinstance(self.mroute, Mroute6Socket):
@@ -374,7 +382,8 @@ class RouterDaemon:
         try:
             peek = peek_v6 if self.family == 6 else peek_v4
             dst = peek(frame.packet)[1] if hop is None else hop
-            sock.sendto(frame.packet, destination(dst, self.family, self.index_of[frame.iface]))
+            packet = from_link_local(frame.packet, self.link_local[frame.iface])
+            sock.sendto(packet, destination(dst, self.family, self.index_of[frame.iface]))
         except (OSError, WireError) as exc:
             log.warning("send on %s failed: %s", frame.iface, exc)
 

@@ -5,20 +5,41 @@ The core reads whole IP packets; a datagram an ordinary socket received is
 turned back into one (`udp_packet`), with the interface and destination address
 the kernel reported through IP_PKTINFO (IPv6: IPV6_PKTINFO). A pool's network is
 all IPv4 or all IPv6 (its space's family), and so are these sockets.
+
+MLD messages leave from the interface's link-local address (RFC 3810 §5.2.13,
+§5.1.14): the core builds them from the host's global address, which also names
+the requester inside the report's signed-join field, and `from_link_local` puts
+the link-local source in their IPv6 header just before they are sent (the
+signature leaves the checksum out, which is recomputed for the new source).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import struct
+from pathlib import Path
 
 from manycast.drivers.mroute import IP_PKTINFO, mreqn
 from manycast.drivers.mroute6 import IPV6_PKTINFO, IPV6_RECVPKTINFO
-from manycast.wire.ip import IPPROTO_UDP, UDPDatagram, make_packet
+from manycast.wire.cursor import internet_checksum
+from manycast.wire.errors import WireError
+from manycast.wire.ip import (
+    IPPROTO_HOPOPTS,
+    IPPROTO_ICMPV6,
+    IPPROTO_UDP,
+    IPv6Packet,
+    UDPDatagram,
+    make_packet,
+    pseudo_header,
+)
 
 _PKTINFO = struct.Struct("@i4s4s")
 _PKTINFO6 = struct.Struct("@16si")
+# MLD's ICMPv6 types: query, v1 report, v1 done, v2 report.
+_MLD_TYPES = frozenset((130, 131, 132, 143))
+_LINK_LOCAL = ipaddress.IPv6Network("fe80::/10")
 
 
 def family_of(address: str) -> int:
@@ -94,3 +115,42 @@ def destination(
     if family == 6:
         return str(ipaddress.IPv6Address(address)), 0, 0, ifindex
     return socket.inet_ntoa(address.to_bytes(4, "big")), 0
+
+
+def link_local(iface: str, if_inet6: str | None = None) -> ipaddress.IPv6Address | None:
+    """The link-local address of `iface` in this network namespace (or as the text
+    of another's /proc/net/if_inet6 says), None if it has none."""
+    if if_inet6 is None:
+        try:
+            if_inet6 = Path("/proc/net/if_inet6").read_text()
+        except OSError:
+            return None
+    for line in if_inet6.splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[5] == iface:
+            address = ipaddress.IPv6Address(int(fields[0], 16))
+            if address in _LINK_LOCAL:
+                return address
+    return None
+
+
+def from_link_local(packet: bytes, source: ipaddress.IPv6Address | None) -> bytes:
+    """`packet` from `source` (a link-local address) if it is an MLD message (its
+    ICMPv6 checksum recomputed for it), else `packet` as it is."""
+    if source is None or len(packet) < 41 or packet[0] >> 4 != 6:
+        return packet
+    if packet[6] not in (IPPROTO_HOPOPTS, IPPROTO_ICMPV6):
+        return packet
+    try:
+        ip = IPv6Packet.from_wire(packet)
+    except WireError:
+        return packet
+    message = ip.payload
+    if ip.protocol != IPPROTO_ICMPV6 or len(message) < 4 or message[0] not in _MLD_TYPES:
+        return packet
+    unsummed = message[:2] + b"\0\0" + message[4:]
+    prefix = pseudo_header(source, ip.header.dst, IPPROTO_ICMPV6, len(message))
+    checksum = internet_checksum(prefix + unsummed).to_bytes(2, "big")
+    header = dataclasses.replace(ip.header, src=source)
+    payload = unsummed[:2] + checksum + unsummed[4:]
+    return dataclasses.replace(ip, header=header, payload=payload).to_wire()
