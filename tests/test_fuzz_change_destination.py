@@ -16,6 +16,7 @@ import random
 from collections import Counter
 from typing import Any
 
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -30,7 +31,7 @@ from manycast.wire.errors import WireError
 from manycast.wire.transport import ChangeDestination
 from pooltools import assert_all_served_since, run_to
 from pooltools import start as start_traced
-from test_dynamic_destination import ATTACKER, d_pool, hijack_segment, inject, remote
+from test_dynamic_destination import ATTACKERS, d_pool, hijack_segment, inject, remote
 from test_techniques import CLEAN, outcome
 
 u16 = st.integers(0, 0xFFFF)
@@ -191,10 +192,20 @@ def test_the_guard_accepts_nothing_the_pool_did_not_sign(
 # -- a live client under a storm of bad change-destinations -------------------------------
 
 
-def storm(client: Any, key: Ed25519PrivateKey, wall_ms: int, rng: random.Random) -> list[Any]:
+def random_address(
+    rng: random.Random, family: int
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    if family == 4:
+        return ipaddress.IPv4Address(rng.getrandbits(32))
+    return ipaddress.IPv6Address(rng.getrandbits(128))
+
+
+def storm(
+    client: Any, key: Ed25519PrivateKey, wall_ms: int, rng: random.Random, family: int
+) -> list[Any]:
     """Change-destination payloads a client must refuse, each wrong in some way."""
     conn = client.endpoint.connection(client.conn_key)
-    base = ChangeDestination(conn.tag, conn.cookie, ATTACKER, 7000, 1, wall_ms)
+    base = ChangeDestination(conn.tag, conn.cookie, ATTACKERS[family], 7000, 1, wall_ms)
     other = Ed25519PrivateKey.from_private_bytes(rng.randbytes(32))
     fields = dataclasses.replace
     out: list[Any] = []
@@ -208,7 +219,7 @@ def storm(client: Any, key: Ed25519PrivateKey, wall_ms: int, rng: random.Random)
             message = ChangeDestination(
                 rng.choice((conn.tag, rng.getrandbits(32))),
                 rng.choice((conn.cookie, rng.getrandbits(64))),
-                ipaddress.IPv4Address(rng.getrandbits(32)),
+                random_address(rng, family),
                 rng.getrandbits(16),
                 rng.getrandbits(32),
                 rng.choice((wall_ms, rng.getrandbits(64))),
@@ -228,8 +239,9 @@ def storm(client: Any, key: Ed25519PrivateKey, wall_ms: int, rng: random.Random)
     return out
 
 
-def test_a_client_refuses_a_storm_of_bad_change_destinations_and_goes_on() -> None:
-    run, _ = start_traced(d_pool(clients=4))
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_a_client_refuses_a_storm_of_bad_change_destinations_and_goes_on(family: int) -> None:
+    run, _ = start_traced(d_pool(clients=4, family=family))
     run_to(run, 2.0)
     key, _ = pool_keys(run.topology, 1)
     rng = random.Random(20)
@@ -237,9 +249,9 @@ def test_a_client_refuses_a_storm_of_bad_change_destinations_and_goes_on() -> No
     for client in run.nodes.clients.values():
         before = client.conn_key
         server = remote(client)[0]
-        payloads = storm(client, key, int((wall + run.now) * 1000), rng)
+        payloads = storm(client, key, int((wall + run.now) * 1000), rng, family)
         for index, payload in enumerate(payloads):
-            source = rng.choice((server, ATTACKER, ipaddress.IPv4Address(rng.getrandbits(32))))
+            source = rng.choice((server, ATTACKERS[family], random_address(rng, family)))
             inject(run, client, source, hijack_segment(client, payload, rng.choice((0, 0, 1, -1))))
             assert client.conn_key == before, index
         refused: Counter[RedirectRefusal] = client.stats.redirects_refused
