@@ -883,6 +883,13 @@ def test_private_pool_serves_participants_and_gives_outsiders_nothing(
     assert _send_join(lab, topology, "a1", 200, key) > 1
     assert _until(lambda: a1 in at_ra()[1]), at_ra()
     assert at_ra()[1][a1].count("/") == 200, at_ra()[1][a1]
+
+    def at_core() -> dict[str, str]:
+        return dict(lab.ask("core", "router", {"op": "status"})["membership"].get(group, {}))
+
+    # ra relayed every part (from its own address on that link); core checked each.
+    assert _until(lambda: a1 in at_core()), at_core()
+    assert at_core()[a1] == at_ra()[1][a1]
     # On IPv6 every report leaves from its sender's link-local address (RFC 3810
     # §5.2.13): the servers' (at rs), the routers' relays and the clients' (at ra).
     for router, sock in listeners.items():
