@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import random
 import re
 from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from manycast.errors import ManycastError
 from manycast.pool import build
 from manycast.ports import free_base_port
 from manycast.protocol.fastpath import FastPath
@@ -131,20 +135,6 @@ def test_demo6_runs_as_the_ipv4_demo_does() -> None:
     assert events["demo"][0]["affected_clients"] > 0
 
 
-REFUSED = {
-    "vip": ({"approach": "vip", "vip": "2001:db8::80"}, "a VIP pool"),
-    "R4": ({"technique": "R4"}, "technique R4"),
-}
-
-
-@pytest.mark.parametrize(("keys", "what"), REFUSED.values(), ids=REFUSED.keys())
-def test_an_ipv6_pool_refuses_what_ipv6_lacks_yet_by_name(keys: dict[str, Any], what: str) -> None:
-    with pytest.raises(TopologyError) as info:
-        loads(pool_text(6, pool=keys), "six.toml")
-    assert what in str(info.value) and "is not supported yet for IPv6" in str(info.value)
-    assert str(info.value).startswith("six.toml:")  # and the line of the key
-
-
 BAD = {
     "group outside ff3x": ({"group": "ff15::1"}, "is not in ff3x::/32"),
     "ipv4 control group": ({"control_group": "239.1.1.1"}, "is not an IPv6 address"),
@@ -162,6 +152,72 @@ def test_an_ipv4_subnet_in_an_ipv6_topology_is_refused() -> None:
     text = pool_text(6).replace("rate = 4.0\n", 'rate = 4.0\nsubnet = "10.1.0.0/24"\n', 1)
     with pytest.raises(TopologyError, match="is not an IPv6 network"):
         loads(text)
+
+
+def test_vip6_is_bundled_beside_vip_with_an_ipv6_vip_and_the_same_scenario() -> None:
+    vip, vip6 = builtin("vip"), builtin("vip6")
+    assert vip6.pool.vip == vip6.pool.group == ipaddress.IPv6Address("2001:db8:80::80")
+    assert vip6.pool.space.family == 6  # from the vip: no space or group given
+    addresses = {i.address for ifaces in vip6.interfaces.values() for i in ifaces.values()}
+    assert {a.version for a in addresses} == {6}
+    assert [(s.at, s.describe()) for s in vip6.scenario] == [
+        (s.at, s.describe()) for s in vip.scenario
+    ]
+    assert (vip6.vip_routers, vip6.servers) == (vip.vip_routers, vip.servers)
+    assert len(vip6.clients) == len(vip.clients)
+
+
+VIP6_TEXT = files("manycast").joinpath("topologies", "vip6.toml").read_text()
+
+
+def vip6_with(old: str, new: str) -> str:
+    text = VIP6_TEXT
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+BAD_VIP = {
+    "link-local": ('vip = "fe80::80"', "vip fe80::80 is link-local"),
+    "multicast": ('vip = "ff3e::80"', "vip ff3e::80 is multicast"),
+    "inside a lan": ('vip = "2001:db8:a::9"', "is inside subnet 2001:db8:a::/64"),
+    "ipv4 in an ipv6 space": (
+        'space = "2001:db8::/32"\nvip = "203.0.113.80"',
+        "'vip' = '203.0.113.80' is not an IPv6 address",
+    ),
+}
+
+
+@pytest.mark.parametrize(("vip", "message"), BAD_VIP.values(), ids=BAD_VIP.keys())
+def test_an_ipv6_vip_is_checked(vip: str, message: str) -> None:
+    with pytest.raises(TopologyError, match=re.escape(message)):
+        loads(vip6_with('vip = "2001:db8:80::80"', vip))
+
+
+@pytest.mark.parametrize(
+    ("keys", "what"),
+    [
+        ({"technique": "R4"}, "technique R4 on IPv6 is not supported yet in the kernel lab"),
+        (None, "a VIP pool on IPv6 is not supported yet in the kernel lab"),
+    ],
+    ids=["R4", "vip"],
+)
+def test_the_kernel_lab_refuses_what_it_lacks_for_ipv6_by_name(
+    tmp_path: Path, keys: dict[str, Any] | None, what: str
+) -> None:
+    """The memory driver and the overlay run IPv6 VIP pools and R4 (test_vip.py,
+    test_r4_labels.py); the kernel lab refuses them by name before it builds anything.
+    Its prefix and run directory are its own, and it is taken down whatever happens."""
+    from manycast.lab import Lab
+
+    text = VIP6_TEXT if keys is None else pool_text(6, pool=keys)
+    lab = Lab(prefix=f"six{os.getpid()}", run_root=tmp_path)
+    try:
+        with pytest.raises(ManycastError) as refused:
+            lab.up(text)
+    finally:
+        if os.geteuid() == 0:
+            lab.down()
+    assert what in str(refused.value) or "root" in str(refused.value)
 
 
 def test_moving_live_tcp_connections_is_refused_for_ipv6() -> None:

@@ -1,5 +1,6 @@
 """The virtual-IP pool (seed Fig 17-19) end to end on the memory driver: each test is
-named after the claim it shows and checks what a client sees."""
+named after the claim it shows and checks what a client sees. Each runs on an IPv4
+and on an IPv6 network (an IPv6 VIP; labelled packets in MPLS-in-UDP over IPv6)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,29 @@ from manycast.runtime import PoolRun
 from manycast.steps import Add, Kill, KillVipRouter, Rebalance, SetShare, Step
 from manycast.topology import loads
 from manycast.wire import control
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
+from manycast.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    Address,
+    UDPDatagram,
+    make_packet,
+    parse_packet,
+)
 from pooltools import table
 
-VIP = ipaddress.IPv4Address("203.0.113.80")
+FAMILIES = (4, 6)
+family = pytest.mark.parametrize("family", FAMILIES)
+VIPS: dict[int, Address] = {
+    4: ipaddress.IPv4Address("203.0.113.80"),
+    6: ipaddress.IPv6Address("2001:db8:80::80"),
+}
+VIP = VIPS[4]
+# The clients' LAN (None: the address plan gives an IPv6 one, a /64 of 2001:db8::/32).
+LANS = {4: "10.1.0.0/24", 6: None}
 
 
 def vip_toml(
+    family: int = 4,
     *,
     servers: int = 4,
     standby: int = 0,
@@ -37,10 +54,10 @@ def vip_toml(
     pool: dict[str, Any] | None = None,
 ) -> str:
     """clients a1.. -- ra -- core -- rs1 (odd servers) / rs2 (even servers), with a VIP
-    router on each router named in `vip_routers`."""
+    router on each router named in `vip_routers`; every address of `family`."""
     settings: dict[str, Any] = {
         "approach": "vip",
-        "vip": str(VIP),
+        "vip": str(VIPS[family]),
         "heartbeat_ms": 100,
         "heartbeat_misses": 3,
         "report_interval_ms": 500,
@@ -61,13 +78,14 @@ def vip_toml(
         parts.append(table("server", **keys))
     for index, router in enumerate(vip_routers, start=1):
         parts.append(table("vip_router", name=f"vr{index}", router=router))
+    lan = {} if LANS[family] is None else {"subnet": LANS[family]}
     parts.append(
         table(
             "clients",
             name="a",
             count=clients,
             router="ra",
-            subnet="10.1.0.0/24",
+            **lan,
             rate=rate,
             requests_per_connection=per_connection,
         )
@@ -85,15 +103,19 @@ class FlowLog:
 
     def hook(self, run: PoolRun) -> None:
         names = {int(c.address): n for n, c in run.nodes.clients.items()}
+        vip = run.topology.pool.vip
+        assert vip is not None
         for server in [*run.nodes.servers.values(), *run.nodes.standby.values()]:
-            server.receive = self._server_hook(server, names)  # type: ignore[method-assign]
+            server.receive = self._server_hook(server, names, vip)  # type: ignore[method-assign]
 
-    def _server_hook(self, server: Server, names: dict[int, str]) -> Callable[..., None]:
+    def _server_hook(
+        self, server: Server, names: dict[int, str], vip: Address
+    ) -> Callable[..., None]:
         original = server.receive
 
         def receive(iface: str, packet: bytes, now: float) -> None:
-            ip = IPv4Packet.from_wire(packet)
-            if ip.header.protocol == IPPROTO_TCP and ip.header.dst == VIP:
+            ip = parse_packet(packet)
+            if ip.protocol == IPPROTO_TCP and ip.header.dst == vip:
                 key = (names[int(ip.header.src)], int.from_bytes(ip.payload[:2], "big"))
                 self.servers[key].add(server.name)
                 self.first_seen.setdefault(key, now)
@@ -138,8 +160,11 @@ def owner_of(run: PoolRun, client: Client) -> str | None:
 # -- Fig 17: a tag-switched tree to each server ------------------------------------------
 
 
-def test_claim_15a_31_a_tag_switched_tree_reaches_each_server_from_every_router() -> None:
-    run, _ = start(vip_toml())
+@family
+def test_claim_15a_31_a_tag_switched_tree_reaches_each_server_from_every_router(
+    family: int,
+) -> None:
+    run, _ = start(vip_toml(family))
     run.network.run_until(2.0)
     servers = {int(s.address): n for n, s in run.nodes.servers.items()}
     for router in run.nodes.routers.values():
@@ -156,10 +181,11 @@ def test_claim_15a_31_a_tag_switched_tree_reaches_each_server_from_every_router(
             assert hop is not None and hop.neighbor == address, f"{router.name} -> {name}"
 
 
-def test_claim_15c_27_32_the_edge_tags_a_flow_and_the_vip_router_sees_only_its_first_packet() -> (
-    None
-):
-    run, log = start(vip_toml(per_connection=3))
+@family
+def test_claim_15c_27_32_the_edge_tags_a_flow_and_the_vip_router_sees_only_its_first_packet(
+    family: int,
+) -> None:
+    run, log = start(vip_toml(family, per_connection=3))
     run.network.run_until(8.0)
     summary = run.summary()
     assert summary["clients_served_at_end"] == 24 and failures(run) == 0
@@ -171,8 +197,9 @@ def test_claim_15c_27_32_the_edge_tags_a_flow_and_the_vip_router_sees_only_its_f
     assert log.split_flows() == []  # each flow served by one server, first to last packet
 
 
-def test_claim_26_40_the_vip_router_assigns_each_new_flow_by_the_allocation() -> None:
-    run, log = start(vip_toml())
+@family
+def test_claim_26_40_the_vip_router_assigns_each_new_flow_by_the_allocation(family: int) -> None:
+    run, log = start(vip_toml(family))
     run.network.run_until(6.0)
     by_name = run.nodes.clients
     placed = log.since(1.5)
@@ -181,8 +208,9 @@ def test_claim_26_40_the_vip_router_assigns_each_new_flow_by_the_allocation() ->
         assert server == owner_of(run, by_name[client])
 
 
-def test_claim_16_a_policy_change_moves_new_flows_and_keeps_tagged_ones() -> None:
-    run, log = start(vip_toml(per_connection=4, rate=4.0))
+@family
+def test_claim_16_a_policy_change_moves_new_flows_and_keeps_tagged_ones(family: int) -> None:
+    run, log = start(vip_toml(family, per_connection=4, rate=4.0))
     run.network.run_until(3.0)
     before = {c.name: owner_of(run, c) for c in run.nodes.clients.values()}
     act(run, SetShare(at=run.now, server="s1", share=Fraction(1, 10)))
@@ -198,8 +226,9 @@ def test_claim_16_a_policy_change_moves_new_flows_and_keeps_tagged_ones() -> Non
         assert server == after[client]
 
 
-def test_claim_17_41_load_reported_by_the_servers_shifts_new_flows() -> None:
-    text = vip_toml(clients=24, rate=2.0, per_connection=4)
+@family
+def test_claim_17_41_load_reported_by_the_servers_shifts_new_flows(family: int) -> None:
+    text = vip_toml(family, clients=24, rate=2.0, per_connection=4)
     run, log = start(text)
     heavy = sorted(run.nodes.clients.values(), key=lambda c: int(c.address))[:6]
     for client in heavy:
@@ -219,8 +248,11 @@ def test_claim_17_41_load_reported_by_the_servers_shifts_new_flows() -> None:
     assert spread_after >= 2
 
 
-def test_a_vip_router_dies_tagged_flows_go_on_and_new_flows_are_served_by_the_other() -> None:
-    run, log = start(vip_toml(per_connection=0))  # long connections: all tagged early
+@family
+def test_a_vip_router_dies_tagged_flows_go_on_and_new_flows_are_served_by_the_other(
+    family: int,
+) -> None:
+    run, log = start(vip_toml(family, per_connection=0))  # long connections: all tagged early
     run.network.run_until(3.0)
     assert failures(run) == 0
     busy = max(run.nodes.vip_routers.values(), key=lambda v: v.stats.flows)
@@ -239,8 +271,9 @@ def test_a_vip_router_dies_tagged_flows_go_on_and_new_flows_are_served_by_the_ot
     assert first_new - (killed + 5.0) <= detection + 0.1 + 1.0  # + a client's think time
 
 
-def test_a_server_that_dies_loses_its_tree_and_new_flows_go_to_the_others() -> None:
-    run, log = start(vip_toml(per_connection=2))
+@family
+def test_a_server_that_dies_loses_its_tree_and_new_flows_go_to_the_others(family: int) -> None:
+    run, log = start(vip_toml(family, per_connection=2))
     run.network.run_until(3.0)
     dead = run.nodes.servers["s2"]
     act(run, Kill(at=run.now, server="s2"))
@@ -252,8 +285,9 @@ def test_a_server_that_dies_loses_its_tree_and_new_flows_go_to_the_others() -> N
     assert run.summary()["clients_served_at_end"] == 24
 
 
-def test_a_server_added_gets_a_tree_and_new_flows() -> None:
-    run, log = start(vip_toml(servers=3, standby=1, per_connection=2))
+@family
+def test_a_server_added_gets_a_tree_and_new_flows(family: int) -> None:
+    run, log = start(vip_toml(family, servers=3, standby=1, per_connection=2))
     run.network.run_until(3.0)
     act(run, Add(at=run.now, server="s4"))
     run.network.run_until(9.0)
@@ -264,19 +298,20 @@ def test_a_server_added_gets_a_tree_and_new_flows() -> None:
 # -- what may not come from anywhere --------------------------------------------------------
 
 
-def control_packet(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, message: Any) -> bytes:
+def control_packet(src: Address, dst: Address, message: Any) -> bytes:
     payload = control.encode(message)
     udp = UDPDatagram(7946, 7946, payload).to_wire(src, dst)
-    return IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=8).to_wire()
+    return make_packet(src, dst, IPPROTO_UDP, udp, ttl=8).to_wire()
 
 
-def test_a_flow_tag_from_anyone_but_a_vip_router_is_refused() -> None:
-    run, _ = start(vip_toml())
+@family
+def test_a_flow_tag_from_anyone_but_a_vip_router_is_refused(family: int) -> None:
+    run, _ = start(vip_toml(family))
     run.network.run_until(1.0)
     edge = run.nodes.routers["ra"]
     assert edge.vip is not None
     client = next(iter(run.nodes.clients.values()))
-    flow = control.FlowKey(IPPROTO_TCP, client.address, 1234, VIP, 7946)
+    flow = control.FlowKey(IPPROTO_TCP, client.address, 1234, VIPS[family], 7946)
     server = next(iter(run.nodes.servers.values())).address
     iface = next(i for i in edge.interfaces.values() if client.address in i.network)
     forged = control.FlowTag("evil", 1, flow, server, 10_000)
@@ -284,7 +319,7 @@ def test_a_flow_tag_from_anyone_but_a_vip_router_is_refused() -> None:
     edge.receive(iface.name, control_packet(client.address, iface.address, forged), run.now)
     assert edge.vip.stats.refused == 1 and edge.vip.flows == tagged
     # Nor may a client claim to be a server and root a tree of its own.
-    hello = control.ServerHello("evil", 1, client.address, VIP, 10_000)
+    hello = control.ServerHello("evil", 1, client.address, VIPS[family], 10_000)
     edge.receive(iface.name, control_packet(client.address, iface.address, hello), run.now)
     assert edge.vip.stats.refused == 2
     assert edge.vip.table.toward(int(client.address)) is None
@@ -292,10 +327,13 @@ def test_a_flow_tag_from_anyone_but_a_vip_router_is_refused() -> None:
 
 
 @pytest.mark.slow
-def test_the_bundled_vip_demo_serves_every_client_through_its_scenario() -> None:
+@pytest.mark.parametrize("name", ["vip", "vip6"])
+def test_the_bundled_vip_demo_serves_every_client_through_its_scenario(name: str) -> None:
     from manycast.topology import builtin
 
-    run = PoolRun(builtin("vip"), "memory", seed=1)
+    topology = builtin(name)
+    assert topology.pool.vip is not None and topology.pool.vip.version == (6 if "6" in name else 4)
+    run = PoolRun(topology, "memory", seed=1)
     run.run(20.0)
     summary = run.summary()
     assert summary["clients_served_at_end"] == summary["clients"] == 120
@@ -305,9 +343,10 @@ def test_the_bundled_vip_demo_serves_every_client_through_its_scenario() -> None
     assert summary["vip"]["vip_routers"]["vr2"]["flows"] > 0  # the survivor took over
 
 
-def test_vip_traffic_reaches_the_nearest_live_vip_router_without_a_loop() -> None:
+@family
+def test_vip_traffic_reaches_the_nearest_live_vip_router_without_a_loop(family: int) -> None:
     # A topology with a ring, so that routed paths and hop counts could disagree.
-    text = vip_toml(vip_routers=("ra", "rs2"))
+    text = vip_toml(family, vip_routers=("ra", "rs2"))
     text = text.replace(
         '[[link]]\nbetween = ["core", "rs2"]',
         '[[link]]\nbetween = ["ra", "rs2"]\ndelay_ms = 9\n[[link]]\nbetween = ["core", "rs2"]',
@@ -335,19 +374,30 @@ def test_vip_traffic_reaches_the_nearest_live_vip_router_without_a_loop() -> Non
 # -- the label-switching data plane ---------------------------------------------------------
 
 
-def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> None:
+# One router's networks for the data-plane test, by family: upstream, downstream, the
+# clients' LAN, a server's link, and the network behind the next router.
+NETWORKS = {
+    4: ("10.0.0.0/24", "10.0.1.0/24", "198.18.0.0/24", "10.9.0.0/24", "10.8.0.0/24"),
+    6: ("2001:db8:0:1::/64", "2001:db8:0:2::/64", "2001:db8:a::/64", "2001:db8:9::/64",
+        "2001:db8:8::/64"),
+}  # fmt: skip
+
+
+@family
+def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes(family: int) -> None:
     """A router keeps the outer headers it computed for each label and each hop; none of
     them may outlive a change of the table: a new label from the next router, a binding
     withdrawn, a server that says hello on our own link (we pop)."""
     from manycast.protocol.node import Interface
     from manycast.protocol.router import Router
+    from manycast.protocol.router6 import Router6
     from manycast.wire.label import LabelStack, decapsulate, encapsulate
 
-    up, down = ipaddress.IPv4Network("10.0.0.0/24"), ipaddress.IPv4Network("10.0.1.0/24")
-    lan, link = ipaddress.IPv4Network("198.18.0.0/24"), ipaddress.IPv4Network("10.9.0.0/24")
+    up, down, lan, link, behind = (ipaddress.ip_network(n) for n in NETWORKS[family])
     upstream, next_router, vip_router = up[1], down[1], up[2]
-    far, near = ipaddress.IPv4Address("10.8.0.1"), link[1]  # behind next_router; on our link
-    router = Router(
+    far, near = behind[1], link[1]  # behind next_router; on our link
+    VIP = VIPS[family]
+    router = (Router6 if family == 6 else Router)(
         "r",
         {
             "up": Interface("up", "upstream", up[254], up),
@@ -355,7 +405,7 @@ def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> N
             "lan": Interface("lan", "clients", lan[254], lan),
             "srv": Interface("srv", "servers", link[254], link),
         },
-        [(ipaddress.IPv4Network("10.8.0.0/24"), "down", next_router)],
+        [(behind, "down", next_router)],
         router_ifaces=("up", "down"),
         hold_time=60.0,
         neighbors={"up": (int(upstream),), "down": (int(next_router),)},
@@ -368,10 +418,10 @@ def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> N
     router.start(0.0)
     seq = iter(range(1, 100))
 
-    def control_in(iface: str, src: ipaddress.IPv4Address, message: Any) -> None:
+    def control_in(iface: str, src: Address, message: Any) -> None:
         dst = router.address_on(iface)
         udp = UDPDatagram(7946, 7946, control.encode(message)).to_wire(src, dst)
-        router.receive(iface, IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), 1.0)
+        router.receive(iface, make_packet(src, dst, IPPROTO_UDP, udp, ttl=1).to_wire(), 1.0)
 
     def next_router_binds(label: int | None) -> None:
         table: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, int] = {}
@@ -382,7 +432,7 @@ def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> N
 
     client = lan[7]
     datagram = UDPDatagram(40000, 80, b"hello, world").to_wire(client, VIP)
-    inner = IPv4Packet.make(client, VIP, IPPROTO_UDP, datagram, ttl=64).to_wire()
+    inner = make_packet(client, VIP, IPPROTO_UDP, datagram, ttl=64).to_wire()
 
     def sent(inbound: str, packet: bytes) -> list[tuple[str, bytes]]:
         router.outbox.clear()
@@ -390,12 +440,16 @@ def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> N
         return [(f.iface, f.packet) for f in router.take_frames() if f.iface != "up"]
 
     def labelled_with(label: int) -> bytes:
-        return encapsulate(upstream, up[254], LabelStack.of(label, ttl=9), inner, 1, checksum=False)
+        # IPv4 without a UDP checksum (RFC 7510 allows it); IPv6 must carry one.
+        stack = LabelStack.of(label, ttl=9)
+        return encapsulate(upstream, up[254], stack, inner, 1, checksum=family == 6)
 
     def out_label(frames: list[tuple[str, bytes]]) -> int:
-        [(iface, packet)] = frames
+        [(iface, packet)] = frames  # decapsulate checks every checksum
         header, stack, carried = decapsulate(packet)
-        assert iface == "down" and header.dst == next_router and carried[12:] == inner[12:]
+        # The client's packet (from its addresses on: its TTL, or hop limit, may drop).
+        skip = 12 if family == 4 else 8
+        assert iface == "down" and header.dst == next_router and carried[skip:] == inner[skip:]
         return stack.top.label
 
     next_router_binds(1000)
@@ -424,7 +478,7 @@ def test_switched_and_pushed_packets_follow_the_label_table_as_it_changes() -> N
     assert iface == "srv" and delivered == inner
     # Malformed labelled packets are counted, never raised.
     broken = bytearray(labelled_with(local))
-    broken[10] ^= 0xFF  # the outer header checksum
+    broken[10 if family == 4 else 46] ^= 0xFF  # the outer IPv4 header's, or UDP's, checksum
     assert sent("up", bytes(broken)) == []
     assert plane.stats.malformed == 1
 
@@ -451,8 +505,8 @@ class Openings:
         def _take_frames() -> list[Any]:
             frames = take_frames()
             for frame in frames:
-                ip = IPv4Packet.from_wire(frame.packet)
-                if ip.header.protocol == IPPROTO_TCP and ip.payload[13] & 0x12 == 0x02:
+                ip = parse_packet(frame.packet)
+                if ip.protocol == IPPROTO_TCP and ip.payload[13] & 0x12 == 0x02:
                     self.syns[(client.name, int.from_bytes(ip.payload[:2], "big"))] += 1
             return frames
 
@@ -479,12 +533,15 @@ class Openings:
         return served, hurt
 
 
-def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_death() -> None:
+@family
+def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_death(
+    family: int,
+) -> None:
     """As the clients see it: after the VIP router their first packets go to dies, new
     connections lose their SYN only until the routers stop hearing its adverts (the
     pool's failure-detection time, heartbeat x misses); every connection opened after
     that is answered on its first SYN."""
-    run, _ = start(vip_toml(per_connection=2))
+    run, _ = start(vip_toml(family, per_connection=2))
     openings = Openings()
     openings.hook(run)
     run.network.run_until(3.0)
@@ -503,11 +560,14 @@ def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_de
     assert failures(run) == 0
 
 
-def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_them() -> None:
+@family
+def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_them(
+    family: int,
+) -> None:
     """The nearest VIP router starts (or restarts) while the other serves: the routers
     turn to it only once it knows the servers and has their trees, so no new flow's
     first packet is lost on a VIP router not yet able to place it."""
-    run, _ = start(vip_toml(per_connection=2))
+    run, _ = start(vip_toml(family, per_connection=2))
     nearest = run.nodes.vip_routers["vr1"]  # on core, the clients' way in
     other = run.nodes.vip_routers["vr2"]
     run.network.kill("vr1")
@@ -518,10 +578,10 @@ def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_th
     late = VipRouter(
         "vr1",
         nearest.interfaces,
-        (nearest.iface, ipaddress.IPv4Address(nearest.gateway)),
+        (nearest.iface, ipaddress.ip_address(nearest.gateway)),
         nearest.settings,
         random.Random(7),
-        vip=VIP,
+        vip=VIPS[family],
         initial=other.observer.allocation,
         edges=[(net, router) for net, router in nearest.edges],
     )
@@ -533,3 +593,54 @@ def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_th
     served, hurt = openings.between(began, began + 2.0)
     assert served and not hurt, hurt
     assert failures(run) == 0
+
+
+# -- on real sockets -----------------------------------------------------------------------
+
+
+@family
+def test_on_real_sockets_flows_are_tagged_and_kept_through_a_share_change(family: int) -> None:
+    """The overlay (UDP sockets on loopback, wall-clock time): every client is served
+    through a change of s1's share, each flow by one server from its first packet to its
+    last, the VIP router seeing only first packets, and flows opened after the change
+    placed by the new allocation."""
+    from manycast.ports import free_base_port
+    from pooltools import DEADLINE, every, patient, requests_ok, run_pool_until, served_now
+
+    change = '[[scenario]]\nat = 1.5\naction = "set_share"\nserver = "s1"\nshare = 0.1\n'
+    # Failure detection is not under test: a generous timeout (3 s) keeps a busy host's
+    # stalls from passing for deaths.
+    text = vip_toml(family, clients=16, per_connection=3, pool={"heartbeat_misses": 30})
+    topology = loads(text.replace("[run]\n", change + "[run]\n"))
+    port = free_base_port(topology.attachment_count)
+    run = patient(PoolRun(topology, "overlay", seed=7, base_port=port))
+    log = FlowLog()
+    log.hook(run)
+
+    def shrunk() -> bool:
+        return owner_share(run, "s1") < 0.2
+
+    done, summary = run_pool_until(
+        run,
+        every(
+            run,
+            0.05,
+            lambda: run.now >= 4.5 and shrunk() and served_now(run) and requests_ok(run) > 16 * 6,
+        ),
+    )
+    assert done, f"not settled after {DEADLINE} s: {summary}"
+    assert summary["clients_served_at_end"] == 16 and failures(run) == 0
+    assert log.split_flows() == []
+    vip = summary["vip"]
+    assert vip["packets_after_first"] == 0 and vip["flows_tagged_at_edges"] > 0
+    assert vip["packets_labelled_at_edges"] > vip["flows"]
+    late = log.since(3.5)
+    assert late
+    for (client, _), server in late.items():
+        assert server == owner_of(run, run.nodes.clients[client])
+
+
+def owner_share(run: PoolRun, server: str) -> float:
+    live = next(s for n, s in run.nodes.servers.items() if n not in run.engine.dead)
+    allocation = live.coordinator.allocation
+    return 1.0 if allocation is None else float(allocation.share(server))

@@ -20,7 +20,7 @@ from manycast.protocol.app import Service, SessionFactory
 from manycast.protocol.client import Client
 from manycast.protocol.coordination import PoolSettings, initial_allocation
 from manycast.protocol.leased import lease_coordination
-from manycast.protocol.node import Node, ipv4_only
+from manycast.protocol.node import Node
 from manycast.protocol.router import Router
 from manycast.protocol.router6 import Router6
 from manycast.protocol.server import Server
@@ -165,7 +165,7 @@ def build(
             topology.gateways[spec.name],
             settings,
             rng(spec.name),
-            vip=ipv4_only(pool.group, "a VIP pool"),
+            vip=pool.group,
             initial=initial,
             edges=edges,
         )

@@ -52,9 +52,9 @@ def _router_v6(topology: Topology, node: str) -> list[tuple[str, ipaddress.IPv4I
 
 
 def build_vip_plane(topology: Topology, ns: Callable[[str], str]) -> None:
-    vip = topology.pool.vip
-    if vip is None:
+    if topology.pool.vip is None:
         raise LabError("build_vip_plane needs a VIP pool")
+    vip = ipv4_only(topology.pool.vip, "a VIP pool in the kernel lab")
     marks = srv6.server_marks(topology.servers)
     servers = {
         name: ipv4_only(topology.address(name), "the kernel lab") for name in topology.servers

@@ -177,11 +177,11 @@ class Router(Node):
         admission: Admission | None = None,
         control_port: int = 7946,
         neighbors: dict[str, tuple[int, ...]] | None = None,
-        vip: ipaddress.IPv4Address | None = None,
+        vip: Address | None = None,
         vip_routers: Mapping[int, float] | None = None,
         vip_router_links: Mapping[str, tuple[int, ...]] | None = None,
         vip_servers: Iterable[int] = (),
-        r4_group: ipaddress.IPv4Address | None = None,
+        r4_group: Address | None = None,
     ) -> None:
         """`hold_time`: how long a membership lasts without a refresh; `sender_hold`:
         a private pool's sender registration (default: `hold_time`). `vip` and the
@@ -258,6 +258,7 @@ class Router(Node):
                 control_port,
                 frozenset(vip_servers),
                 tags_from_servers=vip is None,
+                family=self._address(0).version,
             )
             self._vip = -1 if vip is None else int(vip)
 
@@ -267,11 +268,9 @@ class Router(Node):
         if self.vip is not None:
             self.timers.arm("labels", now)
 
-    def address_on(self, iface: str) -> ipaddress.IPv4Address:
-        """An interface's address, for the label plane (IPv4's only, so far)."""
-        address = self.interfaces[iface].address
-        assert isinstance(address, ipaddress.IPv4Address), "the label plane is IPv4's"
-        return address
+    def address_on(self, iface: str) -> Address:
+        """An interface's address (the label plane's tunnels start there)."""
+        return self.interfaces[iface].address
 
     def on_timer(self, now: float) -> None:
         fired = self.timers.expired(now)
@@ -563,8 +562,10 @@ class Router(Node):
 
     def _relay(self, arrived_on: str, igmp: bytes) -> None:
         for out in sorted(self.router_ifaces - {arrived_on}):
+            src = self.address_on(out)
+            assert isinstance(src, ipaddress.IPv4Address)  # (Router6 relays MLDv2 reports)
             relayed = IPv4Packet.make(
-                self.address_on(out),
+                src,
                 IGMP_V3_ROUTERS,
                 IPPROTO_IGMP,
                 igmp,

@@ -20,7 +20,9 @@ recomputes for its own address.
 The fast path (`fastpath.py`) is published as IPv4's, keyed by the 32 bytes of
 the two addresses; the overlay serves it.
 
-Not here yet: a VIP pool, R4's pinned paths (the label plane is IPv4's).
+Label switching (a VIP pool, Fig 17-18; R4's pinned paths, Fig 16) is
+`vipplane.py`'s, as on IPv4: packets to the VIP, and labelled packets to one of
+our addresses, MPLS-in-UDP over IPv6 with its UDP checksum (`wire/label6.py`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from manycast.wire.ip import (
     peek_v6,
     pseudo_header,
 )
+from manycast.wire.label import MPLS_UDP_PORT
 from manycast.wire.membership import MLD_V2_REPORT, MLD_V2_ROUTERS, MLDv2Report
 from manycast.wire.membership_query import ALL_NODES
 
@@ -51,6 +54,7 @@ _MULTICAST = 0xFF  # the top byte of every IPv6 multicast address
 _LINK_SCOPE = 2  # scopes 0-2 never leave the link
 _MLD_V2_ROUTERS = int(MLD_V2_ROUTERS)
 _ALL_NODES = int(ALL_NODES)
+_MPLS_DPORT = MPLS_UDP_PORT.to_bytes(2, "big")
 
 
 def _ipv6(number: int) -> Address:
@@ -64,8 +68,7 @@ class Router6(Router):
     _full_mask = (1 << 128) - 1
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """`Router`'s arguments; the pool gives it no VIP or R4 group
-        (`topology.compiler` refuses those for IPv6)."""
+        """`Router`'s arguments (a VIP and an R4 group, when given, are IPv6)."""
         super().__init__(*args, **kwargs)
         self._decrement = decrement_hop_limit_v6
         self.fast_path = FastPath(self.interfaces, self.stats, family=6)
@@ -76,7 +79,10 @@ class Router6(Router):
         except WireError:
             self.stats.malformed += 1
             return
-        if dst >> 120 == _MULTICAST:
+        if dst == self._vip and self.vip is not None:
+            self.vip.on_vip_packet(iface, packet, hop_limit, now)
+            self._vip_changed(now)
+        elif dst >> 120 == _MULTICAST:
             if (dst >> 112) & 0xF <= _LINK_SCOPE:
                 if dst == _MLD_V2_ROUTERS and next_header == IPPROTO_HOPOPTS:
                     self._on_report(iface, packet, now)
@@ -87,7 +93,11 @@ class Router6(Router):
         elif dst in self._own:
             self.stats.local += 1
             if next_header == IPPROTO_UDP:
-                self._on_control(iface, packet, now)
+                # MPLS-in-UDP, by its UDP destination port (no extension headers)
+                if self.vip is not None and packet[42:44] == _MPLS_DPORT:
+                    self.vip.on_labelled(packet, now)
+                else:
+                    self._on_control(iface, packet, now)
         else:
             self._forward_unicast(dst, packet, hop_limit)
 

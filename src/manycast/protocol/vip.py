@@ -26,7 +26,7 @@ from manycast.protocol.coordination import Coordinator, PoolSettings
 from manycast.protocol.handover import Edges
 from manycast.protocol.labels import LabelTable
 from manycast.protocol.membership import any_source_record
-from manycast.protocol.node import Interface, Node, ipv4_only
+from manycast.protocol.node import Interface, Node
 from manycast.protocol.vipplane import Flow, flow_of, wrap
 from manycast.space import Allocation
 from manycast.wire import control
@@ -34,13 +34,24 @@ from manycast.wire.errors import WireError
 from manycast.wire.ip import (
     IPPROTO_TCP,
     IPPROTO_UDP,
-    IPv4Packet,
+    IPV6_HEADER_LEN,
+    Address,
     UDPDatagram,
+    decrement_hop_limit_v6,
     decrement_ttl_v4,
+    make_packet,
+    parse_packet,
     peek_v4,
+    peek_v6,
 )
 from manycast.wire.label import entropy_port, push
-from manycast.wire.membership import IGMPv3Report, RecordType, igmp_packet
+from manycast.wire.membership import (
+    IGMPv3Report,
+    MLDv2Report,
+    RecordType,
+    igmp_packet,
+    mld_packet,
+)
 
 TAG_RESEND = 0.2  # seconds: a flow's packets still reaching us re-send its tag this often
 
@@ -82,11 +93,11 @@ class VipRouter(Node):
         self,
         name: str,
         interfaces: dict[str, Interface],
-        gateway: tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address],
+        gateway: tuple[str, Address],
         settings: PoolSettings,
         rng: random.Random,
         *,
-        vip: ipaddress.IPv4Address,
+        vip: Address,
         initial: Allocation | None,
         edges: Edges,
         flow_idle: float = 30.0,
@@ -94,8 +105,13 @@ class VipRouter(Node):
         super().__init__(name, interfaces)
         iface, router = gateway
         self.iface = iface
-        self.address = ipv4_only(interfaces[iface].address, "a VIP pool")
+        self.address = interfaces[iface].address
         self.gateway = int(router)
+        # The network's family (the VIP's): how packets are read, and addresses written.
+        self._v6 = self.address.version == 6
+        self._peek = peek_v6 if self._v6 else peek_v4
+        self._decrement = decrement_hop_limit_v6 if self._v6 else decrement_ttl_v4
+        self._address: type[Address] = type(self.address)
         self.settings = settings
         self.rng = rng
         self.vip = vip
@@ -151,7 +167,7 @@ class VipRouter(Node):
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         try:
-            src, dst, protocol, ttl = peek_v4(packet)
+            src, dst, protocol, ttl = self._peek(packet)
         except WireError:
             self.stats.malformed += 1
             return
@@ -206,12 +222,12 @@ class VipRouter(Node):
         if hop is None or hop.label is None:
             self.stats.no_tree += 1
             return
-        inner = decrement_ttl_v4(packet)
+        inner = self._decrement(packet)
         if self.tree_effects:
             # A kernel data plane puts it on the tree itself (its SRv6 segment).
             self.effects.append(OntoTree(picked.address, inner))
         else:
-            payload = push(inner, hop.label, ttl=inner[8])
+            payload = push(inner, hop.label, ttl=inner[7 if self._v6 else 8])
             self.send(
                 hop.iface,
                 wrap(self.address, hop.neighbor, payload, entropy_port(inner)),
@@ -268,10 +284,9 @@ class VipRouter(Node):
             return None
         return int(peer.address)
 
-    def edge_of(self, client: int) -> ipaddress.IPv4Address | None:
-        address = ipaddress.IPv4Address(client)
-        edge = next((router for net, router in self.edges if address in net), None)
-        return None if edge is None else ipv4_only(edge, "a VIP pool")
+    def edge_of(self, client: int) -> Address | None:
+        address = self._address(client)
+        return next((router for net, router in self.edges if address in net), None)
 
     def _tag(self, flow: Flow, picked: _Picked, now: float) -> None:
         if not self.tagging:
@@ -282,14 +297,14 @@ class VipRouter(Node):
             return
         key = control.FlowKey(
             flow.protocol,
-            ipaddress.IPv4Address(flow.client),
+            self._address(flow.client),
             flow.client_port,
             self.vip,
             flow.vip_port,
         )
         idle_ms = max(1, int(self.flow_idle * 1000))
         message = control.FlowTag(
-            self.name, self._next_seq(), key, ipaddress.IPv4Address(picked.address), idle_ms
+            self.name, self._next_seq(), key, self._address(picked.address), idle_ms
         )
         self._send_control(edge, message)
         self.stats.tags_sent += 1
@@ -307,7 +322,7 @@ class VipRouter(Node):
     # -- control -------------------------------------------------------------------------
     def _on_control(self, src: int, packet: bytes, now: float) -> None:
         try:
-            ip = IPv4Packet.from_wire(packet)
+            ip = parse_packet(packet)
             datagram = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
             if datagram.dst_port != self.settings.control_port:
                 return
@@ -324,7 +339,7 @@ class VipRouter(Node):
 
     def _act(self) -> None:
         for message in self.observer.take_messages():
-            self._send_control(ipv4_only(self.settings.control_group, "a VIP pool"), message)
+            self._send_control(self.settings.control_group, message)
         self.observer.take_new_allocation()
 
     def _advertise(self, now: float) -> None:
@@ -337,7 +352,7 @@ class VipRouter(Node):
         if self._advertising:
             hold_ms = max(1, int(self.hold * 1000))
             advert = control.VipAdvert(self.name, self._next_seq(), self.vip, self.address, hold_ms)
-            self._send_control(ipaddress.IPv4Address(self.gateway), advert)
+            self._send_control(self._address(self.gateway), advert)
         self.timers.arm("advert", now + self.advert_every)
 
     def ready(self, now: float) -> bool:
@@ -356,14 +371,17 @@ class VipRouter(Node):
     def _join_control_channel(self, now: float) -> None:
         """Join the control group (every source), as the servers do, to follow them."""
         record = any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)
-        packet = igmp_packet(IGMPv3Report((record,)), self.address).to_wire()
+        if isinstance(self.address, ipaddress.IPv6Address):
+            packet = mld_packet(MLDv2Report((record,)), self.address).to_wire()
+        else:
+            packet = igmp_packet(IGMPv3Report((record,)), self.address).to_wire()
         self.send(self.iface, packet, self.gateway)
         self.timers.arm("report", now + self.settings.report_interval_s)
 
-    def _send_control(self, to: ipaddress.IPv4Address, message: control.ControlMessage) -> None:
+    def _send_control(self, to: Address, message: control.ControlMessage) -> None:
         port = self.settings.control_port
         udp = UDPDatagram(port, port, control.encode(message)).to_wire(self.address, to)
-        packet = IPv4Packet.make(self.address, to, IPPROTO_UDP, udp, ttl=16).to_wire()
+        packet = make_packet(self.address, to, IPPROTO_UDP, udp, ttl=16).to_wire()
         self.send(self.iface, packet, self.gateway)
 
     def _next_seq(self) -> int:
@@ -378,5 +396,5 @@ def _syn_isn(packet: bytes, protocol: int, flags: int) -> int:
     """The initial sequence number of a TCP SYN (not a SYN-ACK); -1 for anything else."""
     if protocol != IPPROTO_TCP or flags & (_TCP_SYN | _TCP_ACK) != _TCP_SYN:
         return -1
-    header = (packet[0] & 0x0F) * 4
+    header = IPV6_HEADER_LEN if packet[0] >> 4 == 6 else (packet[0] & 0x0F) * 4
     return int.from_bytes(packet[header + 4 : header + 8], "big")

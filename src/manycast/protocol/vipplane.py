@@ -17,21 +17,32 @@
   onto its own tree at the client's edge router, which pushes the label on that
   connection's packets to the group; untagged packets follow the multicast
   allocation as before.
+* On an IPv6 network all of it runs on IPv6 packets: labelled ones are
+  MPLS-in-UDP over IPv6, with the UDP checksum RFC 7510 requires there
+  (`wire/label6.py`), and flows are read from the IPv6 header.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from manycast.protocol.labels import Hop, LabelTable
 from manycast.wire import control
 from manycast.wire.errors import WireError
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, decrement_ttl_v4
+from manycast.wire.ip import (
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    IPV6_HEADER_LEN,
+    Address,
+    decrement_hop_limit_v6,
+    decrement_ttl_v4,
+)
 from manycast.wire.label import LABELLED_V4_LEN, LabelledReaderV4, TunnelV4, wrap_v4
+from manycast.wire.label6 import LABELLED_V6_LEN, LabelledReaderV6, TunnelV6, wrap_v6
 
 _PORTS = struct.Struct("!HH")
 _TCP_FIN, _TCP_RST = 0x01, 0x04
@@ -49,7 +60,7 @@ class Forwarder(Protocol):
 
     def route(self, dst: int) -> tuple[str, int] | None: ...
 
-    def address_on(self, iface: str) -> ipaddress.IPv4Address: ...
+    def address_on(self, iface: str) -> Address: ...
 
     def control_to(self, iface: str, neighbor: int, payload: bytes) -> None: ...
 
@@ -90,22 +101,62 @@ class VipPlaneStats:
 
 
 def flow_of(packet: bytes) -> tuple[Flow, int] | None:
-    """The flow of an IPv4 TCP or UDP packet and its TCP flags (0 for UDP), unchecked
-    beyond lengths: routers read it on the fast path."""
-    header = (packet[0] & 0x0F) * 4
-    protocol = packet[9]
+    """The flow of an IPv4 or IPv6 TCP or UDP packet and its TCP flags (0 for UDP),
+    unchecked beyond lengths: routers read it on the fast path. An IPv6 packet whose
+    transport header sits behind extension headers is no flow (None)."""
+    if packet[0] >> 4 == 6:
+        header, protocol, client = IPV6_HEADER_LEN, packet[6], packet[8:24]
+    else:
+        header, protocol, client = (packet[0] & 0x0F) * 4, packet[9], packet[12:16]
     if protocol not in (IPPROTO_TCP, IPPROTO_UDP) or len(packet) < header + 14:
         return None
     sport, dport = _PORTS.unpack_from(packet, header)
     flags = packet[header + 13] if protocol == IPPROTO_TCP else 0
-    client = int.from_bytes(packet[12:16], "big")
-    return Flow(protocol, client, sport, dport), flags
+    return Flow(protocol, int.from_bytes(client, "big"), sport, dport), flags
 
 
-def wrap(src: ipaddress.IPv4Address, dst: int, payload: bytes, sport: int) -> bytes:
-    """An MPLS-in-UDP payload (label stack and inner packet) in UDP and IPv4 to `dst`,
-    the next router (TTL 1: the tunnel is one hop)."""
+def wrap(src: Address, dst: int, payload: bytes, sport: int) -> bytes:
+    """An MPLS-in-UDP payload (label stack and inner packet) in UDP and IPv4 or IPv6
+    (`src`'s family) to `dst`, the next router (TTL 1: the tunnel is one hop)."""
+    if src.version == 6:
+        return wrap_v6(int(src), dst, payload, sport)
     return wrap_v4(int(src), dst, payload, sport)
+
+
+class Tunnel(Protocol):
+    """One next hop of a label-switched path, its outer headers precomputed
+    (`label.TunnelV4`, `label6.TunnelV6`)."""
+
+    def swap(self, packet: bytes, sport: int, word: int) -> bytes | None: ...
+
+    def push(self, inner: bytes) -> bytes: ...
+
+
+class LabelledReader(Protocol):
+    def read(self, packet: bytes) -> tuple[int, int]: ...
+
+
+@dataclass(frozen=True)
+class _LabelWire:
+    """How one family carries labelled packets: the outer headers' length with one
+    entry, their reader, a tunnel to a next hop, how an inner packet's TTL or hop
+    limit drops, and the address of an integer."""
+
+    labelled_len: int
+    reader: Callable[[], LabelledReader]
+    tunnel: Callable[[int, int, int], Tunnel]
+    decrement: Callable[[bytes], bytes]
+    address: Callable[[int], Address]
+
+
+_WIRES = {
+    4: _LabelWire(
+        LABELLED_V4_LEN, LabelledReaderV4, TunnelV4, decrement_ttl_v4, ipaddress.IPv4Address
+    ),
+    6: _LabelWire(
+        LABELLED_V6_LEN, LabelledReaderV6, TunnelV6, decrement_hop_limit_v6, ipaddress.IPv6Address
+    ),
+}
 
 
 @dataclass
@@ -123,6 +174,9 @@ class VipPlane:
     # A manycast pool's R4 (Fig 16): the servers tag their own connections; in a VIP
     # pool only VIP routers tag flows (Fig 18).
     tags_from_servers: bool = False
+    # The network's family: labelled packets travel in IPv4 or in IPv6 (with a UDP
+    # checksum, `label6.py`), and so do the packets they carry.
+    family: int = 4
     table: LabelTable = field(init=False)
     stats: VipPlaneStats = field(default_factory=VipPlaneStats)
     flows: dict[Flow, _Tag] = field(default_factory=dict)
@@ -134,22 +188,27 @@ class VipPlane:
     # The data plane's per-hop state, dropped whenever the label table changes: incoming
     # label -> (interface, next hop, the outer headers to it; None: pop; interface None:
     # no tree), and for pushing at the edge, id(hop) -> (that hop, its outer headers).
-    _switching: dict[int, tuple[str | None, int, TunnelV4 | None]] = field(
+    _switching: dict[int, tuple[str | None, int, Tunnel | None]] = field(
         default_factory=dict, init=False, repr=False
     )
-    _pushing: dict[int, tuple[Hop, TunnelV4]] = field(default_factory=dict, init=False, repr=False)
-    _reader: LabelledReaderV4 = field(default_factory=LabelledReaderV4, init=False, repr=False)
+    _pushing: dict[int, tuple[Hop, Tunnel]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.table = LabelTable(self.router.route, on_change=self._forget_wire)
         self._label_peers = {n for peers in self.label_neighbors.values() for n in peers}
+        wire = _WIRES[self.family]
+        self._wire = wire
+        self._reader = wire.reader()
+        self._labelled_len = wire.labelled_len
+        self._decrement = wire.decrement
 
     # -- packets -------------------------------------------------------------------------
     def on_labelled(self, packet: bytes, now: float) -> None:
         """An MPLS-in-UDP packet to one of our addresses: switch it by its top label.
         Per packet: one read of its headers and top entry (the outer IPv4 header checked
-        once per upstream router and length), one lookup of the label's next hop with
-        the outer headers to it precomputed, one pack and join."""
+        once per upstream router and length; over IPv6, the UDP checksum), one lookup
+        of the label's next hop with the outer headers to it precomputed, one pack and
+        join."""
         try:
             sport, word = self._reader.read(packet)
         except WireError:
@@ -166,7 +225,7 @@ class VipPlane:
             if word & 0xFF <= 1:
                 self.stats.label_ttl_expired += 1
                 return
-            self.router.send(iface, packet[LABELLED_V4_LEN:], neighbor)
+            self.router.send(iface, packet[self._labelled_len :], neighbor)
             self.stats.labelled_delivered += 1
             return
         try:
@@ -185,12 +244,12 @@ class VipPlane:
         self._switching.clear()
         self._pushing.clear()
 
-    def _tunnel(self, hop: Hop, label: int) -> TunnelV4:
-        return TunnelV4(int(self.router.address_on(hop.iface)), hop.neighbor, label)
+    def _tunnel(self, hop: Hop, label: int) -> Tunnel:
+        return self._wire.tunnel(int(self.router.address_on(hop.iface)), hop.neighbor, label)
 
-    def _switching_for(self, label: int) -> tuple[str | None, int, TunnelV4 | None]:
+    def _switching_for(self, label: int) -> tuple[str | None, int, Tunnel | None]:
         hop = self.table.switch(label)
-        entry: tuple[str | None, int, TunnelV4 | None] = (None, 0, None)
+        entry: tuple[str | None, int, Tunnel | None] = (None, 0, None)
         if hop is not None:
             tunnel = None if hop.label is None else self._tunnel(hop, hop.label)
             entry = (hop.iface, hop.neighbor, tunnel)
@@ -212,7 +271,7 @@ class VipPlane:
         if way is None:
             self.stats.no_vip_router += 1
             return
-        self.router.send(way[0], decrement_ttl_v4(packet), way[1])
+        self.router.send(way[0], self._decrement(packet), way[1])
         self.stats.to_vip_router += 1
 
     def push_tagged(self, iface: str, packet: bytes, now: float) -> bool:
@@ -234,7 +293,7 @@ class VipPlane:
         if hop is None:
             return False
         tag.last_used = now
-        self._send_on(hop, decrement_ttl_v4(packet))
+        self._send_on(hop, self._decrement(packet))
         self.stats.pushed += 1
         if flags & _TCP_RST:
             del self.flows[flow]
@@ -246,8 +305,8 @@ class VipPlane:
         return True
 
     def _send_on(self, hop: Hop, packet: bytes) -> None:
-        """Put an unlabelled IPv4 packet on a server's tree at `hop`, labelled with the
-        packet's TTL (the outer headers to each hop are computed once)."""
+        """Put an unlabelled packet on a server's tree at `hop`, labelled with the
+        packet's TTL (hop limit) (the outer headers to each hop are computed once)."""
         if hop.label is None:
             self.router.send(hop.iface, packet, hop.neighbor)
             return
@@ -378,8 +437,9 @@ class VipPlane:
         """Send our bindings to every label neighbour when they changed (or `force`)."""
         if not (self.table.changed() or force):
             return
+        address = self._wire.address
         bindings: dict[control.Address, int] = {
-            ipaddress.IPv4Address(f): label for f, label in self.table.bindings()
+            address(f): label for f, label in self.table.bindings()
         }
         hold_ms = max(1, int(self.hold * 1000))
         for iface, peers in sorted(self.label_neighbors.items()):

@@ -310,7 +310,7 @@ def read_pool(p: TableReader) -> PoolSpec:
     family = space.family
     if family == 6:
         _refuse_for_ipv6(p)
-    approach, vip = _approach(p)
+    approach, vip = _approach(p, family)
     if vip is None:
         group = p.address("group", DEFAULT_GROUP[family], family)
         if not group.is_multicast:
@@ -405,9 +405,9 @@ DEFAULT_CONTROL_GROUP = {4: "239.255.77.1", 6: "ff15::77:1"}
 
 def _space(p: TableReader) -> AddressSpace:
     """The clients' address space: `space` (a prefix; IPv6 when it is, or when it is
-    left out and `group` is IPv6), `index_bits` and `index`."""
-    group = p.table.get("group")
-    default = "::/0" if isinstance(group, str) and ":" in group else "0.0.0.0/0"
+    left out and `group`, or a VIP pool's `vip`, is IPv6), `index_bits` and `index`."""
+    service = p.table.get("group", p.table.get("vip"))
+    default = "::/0" if isinstance(service, str) and ":" in service else "0.0.0.0/0"
     try:
         return AddressSpace.create(
             p.get("space", str, default),
@@ -419,10 +419,7 @@ def _space(p: TableReader) -> AddressSpace:
 
 
 # What an IPv6 pool cannot have yet: (key, the value that asks for it, what it is).
-_NOT_YET_FOR_IPV6 = (
-    ("approach", "vip", "a VIP pool"),
-    ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
-)
+_NOT_YET_FOR_IPV6: tuple[tuple[str, str, str], ...] = ()
 
 
 def _refuse_for_ipv6(p: TableReader) -> None:
@@ -450,8 +447,11 @@ def _redirect_above(p: TableReader, technique: Technique, approach: Approach) ->
     return above
 
 
-def _approach(p: TableReader) -> tuple[Approach, ipaddress.IPv4Address | None]:
-    """`approach` and `vip`: a VIP pool needs a unicast vip, a manycast pool has none."""
+def _approach(
+    p: TableReader, family: int
+) -> tuple[Approach, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """`approach` and `vip`: a VIP pool needs a unicast vip of the pool's `family`, a
+    manycast pool has none."""
     text = p.get("approach", str, Approach.MANYCAST.value)
     try:
         approach = Approach(text)
@@ -466,12 +466,13 @@ def _approach(p: TableReader) -> tuple[Approach, ipaddress.IPv4Address | None]:
             "approach = \"vip\" needs 'vip', the pool's well-published unicast address",
             "approach",
         )
-    vip = p.address("vip")
-    assert isinstance(vip, ipaddress.IPv4Address)  # (an IPv6 pool with a VIP is refused)
+    vip = p.address("vip", ..., family)
     if vip.is_multicast:
         p.fail(f"vip {vip} is multicast: the VIP is a unicast address", "vip")
     if vip.is_unspecified or vip.is_loopback or vip == ipaddress.IPv4Address("255.255.255.255"):
         p.fail(f"vip {vip} cannot be a host's address", "vip")
+    if vip.version == 6 and vip.is_link_local:
+        p.fail(f"vip {vip} is link-local: the VIP is routed across the network", "vip")
     return approach, vip
 
 

@@ -61,7 +61,7 @@ class PoolSpec:
     rebalance_target: float = 1.1
     rebalance_hold_s: float = 3.0
     approach: Approach = Approach.MANYCAST
-    vip: ipaddress.IPv4Address | None = None  # set exactly when approach is VIP
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None  # set exactly when VIP
     # technique D: a server whose load is above this times the pool's mean passes new
     # connections to a less loaded server (Fig 20); 0: never
     redirect_above: float = 0.0

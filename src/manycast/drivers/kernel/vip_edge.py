@@ -26,6 +26,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from manycast.drivers.kernel import srv6
 from manycast.drivers.kernel.ctmark import ConntrackMarker
+from manycast.protocol.node import ipv4_only
 
 if TYPE_CHECKING:
     from manycast.protocol.router import Router
@@ -50,7 +51,7 @@ class VipEdge:
             raise ValueError(f"{router.name} takes no part in a VIP pool")
         self.router = router
         self.plane: VipPlane = router.vip
-        self.vip = topology.pool.vip
+        self.vip = ipv4_only(topology.pool.vip, "a VIP pool in the kernel lab")
         marks = srv6.server_marks(topology.servers)
         self.mark_of = {int(topology.address(name)): mark for name, mark in marks.items()}
         self.stats = EdgeStats()

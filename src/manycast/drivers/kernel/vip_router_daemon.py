@@ -25,7 +25,7 @@ from manycast.drivers.kernel import srv6
 from manycast.drivers.kernel.endpoint import ControlEndpoint
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.errors import ConfigError
-from manycast.protocol.node import Frame, Node
+from manycast.protocol.node import Frame, Node, ipv4_only
 from manycast.protocol.vip import OntoTree
 from manycast.protocol.vipplane import Flow, flow_of
 from manycast.wire.ip import complete_l4_checksum_v4
@@ -72,9 +72,9 @@ class VipRouterDaemon:
     ) -> None:
         from manycast.pool import build
 
-        vip = topology.pool.vip
-        if vip is None or name not in topology.vip_routers:
+        if topology.pool.vip is None or name not in topology.vip_routers:
             raise ConfigError(f"{name} is not a VIP router of this topology")
+        vip = ipv4_only(topology.pool.vip, "a VIP pool in the kernel lab")
         self.loop = KernelLoop(run_dir, name, "vip_router", send=self._send)
         self.loop.on_effect = self._on_effect
         nodes = build(topology, seed=seed, wall_base=self.loop.wall_base, only={name})
