@@ -696,16 +696,25 @@ def topology_check(path: Path) -> None:
     topo = _load(path)
     console = Console()
     pool = topo.pool
-    family = pool.space.family
-    service = f"[{pool.group}]:{pool.port}" if family == 6 else f"{pool.group}:{pool.port}"
-    console.print(f"[green]ok[/green] {path}: pool {pool.name} -> {escape(service)}")
-    console.print(f"IPv{family}: clients in {pool.space}; control channel {pool.control_group}")
+    services = [
+        f"[{group}]:{pool.port}" if group.version == 6 else f"{group}:{pool.port}"
+        for group in (pool.group, pool.group6)
+        if group is not None
+    ]
+    console.print(f"[green]ok[/green] {path}: pool {pool.name} -> {escape(' and '.join(services))}")
+    for space in (pool.space, pool.space6):
+        if space is not None:
+            console.print(f"IPv{space.family}: clients in {space}")
+    stack = "dual-stack, one allocation over both families; " if pool.dual else ""
+    console.print(f"{stack}control channel {pool.control_group}")
     table = Table("node", "kind", "interfaces")
     for node in sorted(topo.interfaces):
         if topo.kind(node) == "client" and not node.endswith("1"):
             continue
         ifaces = ", ".join(
-            f"{i.name} {i.address}/{i.network.prefixlen} ({i.link})"
+            f"{i.name} {i.address}/{i.network.prefixlen}"
+            + (f" {i.address6}/{i.network6.prefixlen}" if i.network6 is not None else "")
+            + f" ({i.link})"
             for i in topo.interfaces[node].values()
         )
         table.add_row(node, topo.kind(node), ifaces)

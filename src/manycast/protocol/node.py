@@ -28,16 +28,38 @@ def ipv4_only(
 
 @dataclass(frozen=True, slots=True)
 class Interface:
-    """One attachment of a node to a link: its address and the link's network."""
+    """One attachment of a node to a link: its address and the link's network, and
+    on a dual-stack link (a dual-stack pool's) its IPv6 address and network too."""
 
     name: str
     link: str
     address: ipaddress.IPv4Address | ipaddress.IPv6Address
     network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    address6: ipaddress.IPv6Address | None = None
+    network6: ipaddress.IPv6Network | None = None
 
     @property
     def address_int(self) -> int:
         return int(self.address)
+
+    def of_family(self, version: int) -> Interface | None:
+        """This attachment as seen by one family's logic (one address), or None
+        when it has no address of that family."""
+        if self.address.version == version:
+            return (
+                self
+                if self.address6 is None
+                else Interface(self.name, self.link, self.address, self.network)
+            )
+        if version == 6 and self.address6 is not None and self.network6 is not None:
+            return Interface(self.name, self.link, self.address6, self.network6)
+        return None
+
+
+def family_view(interfaces: dict[str, Interface], version: int) -> dict[str, Interface]:
+    """The interfaces that have an address of `version`, each with that address only."""
+    view = {name: iface.of_family(version) for name, iface in interfaces.items()}
+    return {name: iface for name, iface in view.items() if iface is not None}
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,11 @@ and each client group one LAN (its subnet given) whose first address is the rout
 IPv6 takes /64s from the documentation prefix 2001:db8::/32 (RFC 3849): router
 links from 2001:db8:ffff::/48, servers' links from 2001:db8:fffe::/48, and client
 LANs whose subnet is left out from 2001:db8:1::/48 on (2001:db8:1::/64 the first).
+
+A dual-stack topology (a dual-stack pool's) gives router links and servers' links
+one subnet of each family (the one the file names, the other from the plan above)
+and each interface on them both addresses; a client LAN is of one family, its
+subnet's.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from manycast.wire.ip import Address, Network
 Graph = dict[str, list[tuple[str, float, str]]]
 # Raises a TopologyError naming `line` (0: the whole file).
 Fail = Callable[[str, int], NoReturn]
+# A dual-stack link's IPv6 subnet and the addresses still to give out on it.
+Six = tuple[ipaddress.IPv6Network, Iterator[Address]]
 
 # Where automatic subnets come from, by family and kind: (pool, subnet prefix length).
 _AUTOMATIC: dict[int, dict[str, tuple[Network, int]]] = {
@@ -83,11 +90,13 @@ class Lan:
 @dataclass
 class Wiring:
     """What address assignment produces: each node's interfaces, the links, each
-    host's gateway (interface, router address), routers' router-facing interfaces."""
+    host's gateway (interface, router address; `gateways6`: a dual-stack host's IPv6
+    router address), routers' router-facing interfaces."""
 
     interfaces: dict[str, dict[str, Interface]]
     links: dict[str, LinkSpec] = field(default_factory=dict)
     gateways: dict[str, tuple[str, Address]] = field(default_factory=dict)
+    gateways6: dict[str, Address] = field(default_factory=dict)
     router_ifaces: dict[str, set[str]] = field(default_factory=dict)
     graph: Graph = field(default_factory=dict)
 
@@ -99,10 +108,12 @@ def assign_addresses(
     lans: Sequence[Lan],
     fail: Fail,
     family: int = 4,
+    dual: bool = False,
 ) -> Wiring:
     """Give every interface an address, in file order: router links, then servers and
     VIP routers (`host_links`), then client LANs; subnets named in the file are taken
-    first come, checked for overlaps, and automatic ones skip whatever is already taken."""
+    first come, checked for overlaps, and automatic ones skip whatever is already taken.
+    `dual`: router and host links get an IPv6 subnet beside their IPv4 one."""
     nodes = [*routers, *(h.node for h in host_links), *(m for lan in lans for m in lan.members)]
     wiring = Wiring(
         interfaces={n: {} for n in nodes},
@@ -123,29 +134,54 @@ def assign_addresses(
         return network
 
     automatic = {
-        kind: _subnets(pool, length) for kind, (pool, length) in _AUTOMATIC[family].items()
+        (version, kind): _subnets(pool, length)
+        for version in ((4, 6) if dual else (family,))
+        for kind, (pool, length) in _AUTOMATIC[version].items()
     }
 
-    def next_free(kind: str) -> Network:
-        for candidate in automatic[kind]:
+    def next_free(kind: str, version: int = family) -> Network:
+        for candidate in automatic[(version, kind)]:
             if not any(candidate.overlaps(u) for u in used):
                 return candidate
         fail(f"ran out of automatic {kind} link subnets", 0)
 
-    def attach(node: str, link: str, address: Address, network: Network) -> Attachment:
+    def second(given: Network | None, kind: str, line: int) -> Six | None:
+        """A dual-stack link's IPv6 subnet (the named one or the plan's) and its hosts."""
+        if not dual:
+            return None
+        network6 = take(given if given and given.version == 6 else next_free(kind, 6), line)
+        assert isinstance(network6, ipaddress.IPv6Network)
+        return network6, _hosts(network6)
+
+    def first(given: Network | None, kind: str, line: int) -> Network:
+        """A link's subnet of the topology's family (a dual-stack one's: IPv4)."""
+        return take(given if given and given.version == family else next_free(kind), line)
+
+    def attach(
+        node: str, link: str, address: Address, network: Network, six: Six | None
+    ) -> Attachment:
         iface = f"eth{len(wiring.interfaces[node])}"
+        if six is not None:
+            network6, hosts6 = six
+            address6 = next(hosts6)
+            assert isinstance(address6, ipaddress.IPv6Address)
+            wiring.interfaces[node][iface] = Interface(
+                iface, link, address, network, address6, network6
+            )
+            return Attachment(node, iface, int(address), int(address6))
         wiring.interfaces[node][iface] = Interface(iface, link, address, network)
         return Attachment(node, iface, int(address))
 
     links = wiring.links
     for rl in router_links:
-        network = take(rl.subnet or next_free("router"), rl.line)
+        network = first(rl.subnet, "router", rl.line)
+        six = second(rl.subnet, "router", rl.line)
         hosts_iter = _hosts(network)
         name = f"{rl.a}-{rl.b}"
         if name in links or f"{rl.b}-{rl.a}" in links:
             fail(f"routers {rl.a} and {rl.b} are linked twice", rl.line)
-        att_a = attach(rl.a, name, next(hosts_iter), network)
-        att_b = attach(rl.b, name, next(hosts_iter), network)
+        att_a = attach(rl.a, name, next(hosts_iter), network, six)
+        att_b = attach(rl.b, name, next(hosts_iter), network, six)
         wiring.router_ifaces[rl.a].add(att_a.iface)
         wiring.router_ifaces[rl.b].add(att_b.iface)
         links[name] = LinkSpec(name, (att_a, att_b), rl.delay, rl.loss)
@@ -154,23 +190,27 @@ def assign_addresses(
         wiring.graph[rl.b].append((rl.a, rl.delay + 1e-6, name))
 
     for hl in host_links:
-        network = take(hl.subnet or next_free("server"), hl.line)
+        network = first(hl.subnet, "server", hl.line)
+        six = second(hl.subnet, "server", hl.line)
         hosts_iter = _hosts(network)
         name = f"{hl.router}-{hl.node}"
         router_address = next(hosts_iter)
-        att_r = attach(hl.router, name, router_address, network)
-        att_h = attach(hl.node, name, next(hosts_iter), network)
+        att_r = attach(hl.router, name, router_address, network, six)
+        att_h = attach(hl.node, name, next(hosts_iter), network, six)
         links[name] = LinkSpec(name, (att_r, att_h), _SERVER_LINK_DELAY)
         wiring.gateways[hl.node] = (att_h.iface, router_address)
+        if att_r.address6 is not None:
+            wiring.gateways6[hl.node] = ipaddress.IPv6Address(att_r.address6)
 
     for lan in lans:
-        network = take(lan.subnet or next_free("lan"), lan.line)
+        # A LAN is of one family, its subnet's (an IPv6 one may be left to the plan).
+        network = take(lan.subnet or next_free("lan", 6), lan.line)
         router_address = ipaddress.ip_address(int(network.network_address) + 1)
         name = f"{lan.router}-{lan.group}"
-        attachments = [attach(lan.router, name, router_address, network)]
+        attachments = [attach(lan.router, name, router_address, network, None)]
         for index, member in enumerate(lan.members):
             address = ipaddress.ip_address(int(router_address) + 1 + index * lan.stride)
-            attachment = attach(member, name, address, network)
+            attachment = attach(member, name, address, network, None)
             attachments.append(attachment)
             wiring.gateways[member] = (attachment.iface, router_address)
         links[name] = LinkSpec(name, tuple(attachments), lan.delay, lan.loss)

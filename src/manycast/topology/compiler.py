@@ -28,6 +28,12 @@ from manycast.steps import (
 )
 from manycast.topology.addressing import HostLink, Lan, RouterLink, Wiring, assign_addresses
 from manycast.topology.coordination import Coordination, read_coordination, read_endpoints
+from manycast.topology.families import (
+    dual_groups,
+    is_dual_stack,
+    read_dual_spaces,
+    refuse_for_dual_stack,
+)
 from manycast.topology.reader import Lines, TableReader, fail_at
 from manycast.topology.routing import costs, hop_counts, reachable, routes
 from manycast.topology.spec import (
@@ -81,6 +87,8 @@ class _Compiler:
             TableReader(self.source, self.lines, "pool", None, self.data.get("pool", {}))
         )
         self.family = pool.space.family
+        # A dual-stack topology's links may name a subnet of either family.
+        self.subnet_family = 0 if pool.dual else self.family
         routers = self.routers()
         servers, server_links = self.servers(routers, pool)
         vip_routers, vip_links = self.vip_routers(routers, pool)
@@ -94,10 +102,13 @@ class _Compiler:
             manycast=pool.vip is None,
         )
         duration, hosts, tcp_moves = self.run()
-        if self.family == 6 and (tcp_moves or any(_moves_connections(s) for s in scenario)):
+        if (self.family == 6 or pool.dual) and (
+            tcp_moves or any(_moves_connections(s) for s in scenario)
+        ):
             self.fail(
                 "live TCP connections that move (the kernel lab's tcp_moves, 'move' steps,"
-                " move = true) are not supported yet for IPv6",
+                " move = true) are not supported yet for"
+                f" {'dual-stack pools' if pool.dual else 'IPv6'}",
                 self.lines.table("run"),
             )
         wiring = assign_addresses(
@@ -107,6 +118,7 @@ class _Compiler:
             lans,
             self.fail,
             self.family,
+            dual=pool.dual,
         )
         for router in routers:
             seen = reachable(router, wiring.graph)
@@ -124,6 +136,7 @@ class _Compiler:
             interfaces=wiring.interfaces,
             routes={r: routes(r, routers, wiring.graph, wiring.interfaces) for r in routers},
             gateways=wiring.gateways,
+            gateways6=wiring.gateways6,
             router_ifaces=wiring.router_ifaces,
             scenario=scenario,
             duration=duration,
@@ -153,7 +166,8 @@ class _Compiler:
         router = t.get("router", str)
         if router not in routers:
             t.fail(f"{t.kind} {name}: no router named {router!r}", "router")
-        return HostLink(name, router, t.network("subnet", None, self.family), t.line("subnet"))
+        subnet = t.network("subnet", None, self.subnet_family)
+        return HostLink(name, router, subnet, t.line("subnet"))
 
     def servers(
         self, routers: Mapping[str, RouterSpec], pool: PoolSpec
@@ -230,8 +244,10 @@ class _Compiler:
             if count_value != int(count_value):
                 c.fail(f"'count' = {count_value} must be a whole number", "count")
             count = int(count_value)
-            # An IPv6 LAN may be left to the address plan (a /64 of 2001:db8::/32).
-            subnet = c.network("subnet", None if self.family == 6 else ..., self.family)
+            # An IPv6 LAN may be left to the address plan (a /64 of 2001:db8::/32); a
+            # dual-stack topology's LAN is of its subnet's family.
+            automatic = self.family == 6 or self.subnet_family == 0
+            subnet = c.network("subnet", None if automatic else ..., self.subnet_family)
             stride = int(c.number("stride", 1, low=1, high=65536))
             authorized = c.get("authorized", bool, True)
             if subnet is not None and subnet.num_addresses - 2 < count * stride + 1:
@@ -277,7 +293,7 @@ class _Compiler:
                 link.fail("a link needs two different routers", "between")
             delay = link.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
             loss = link.number("loss", 0.0, low=0.0, high=0.99)
-            subnet = link.network("subnet", None, self.family)
+            subnet = link.network("subnet", None, self.subnet_family)
             links.append(RouterLink(a, b, delay, loss, subnet, link.line()))
             link.done()
         return links
@@ -306,12 +322,20 @@ def read_pool(p: TableReader) -> PoolSpec:
     distinct, a private pool's groups inside its private ranges, hysteresis; a VIP
     pool's vip unicast, its group the vip)."""
     name = p.get("name", str, "service.manycast.test")
-    space = _space(p)
+    # A dual-stack pool: `space` and `group` list one of each family (families.py).
+    dual = is_dual_stack(p)
+    space, space6 = read_dual_spaces(p) if dual else (_space(p), None)
     family = space.family
-    if family == 6:
+    if dual:
+        refuse_for_dual_stack(p)
+    elif family == 6:
         _refuse_for_ipv6(p)
     approach, vip = _approach(p, family)
-    if vip is None:
+    group: ipaddress.IPv4Address | ipaddress.IPv6Address
+    group6 = None
+    if space6 is not None:
+        group, group6 = dual_groups(p)
+    elif vip is None:
         group = p.address("group", DEFAULT_GROUP[family], family)
         if not group.is_multicast:
             p.fail(f"group {group} is not a multicast address", "group")
@@ -333,7 +357,7 @@ def read_pool(p: TableReader) -> PoolSpec:
             f"control_group {control} is link-local: the servers' channel crosses routers",
             "control_group",
         )
-    if control == group:
+    if control in (group, group6):
         p.fail("control_group must differ from group", "control_group")
     port = int(p.number("port", 7000, low=1, high=65535))
     control_port = int(p.number("control_port", 7946, low=1, high=65535))
@@ -378,6 +402,8 @@ def read_pool(p: TableReader) -> PoolSpec:
         etcd=coordination.etcd,
         lease_s=coordination.lease_s,
         membership=coordination.membership.value,
+        group6=group6,
+        space6=space6,
     )
     if pool.private:
         plan = AddressPlan.from_text(pool.private_ranges)

@@ -9,11 +9,12 @@ from manycast.errors import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """One node's interface on a link."""
+    """One node's interface on a link (`address6`: its IPv6 address on a dual-stack link)."""
 
     node: str
     iface: str
     address: int
+    address6: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,9 @@ class LinkSpec:
             raise ConfigError(f"link {self.name}: delay must not be negative")
         if not 0.0 <= self.loss < 1.0:
             raise ConfigError(f"link {self.name}: loss must be in [0, 1)")
-        object.__setattr__(self, "by_address", {m.address: m for m in self.members})
+        by_address = {m.address: m for m in self.members}
+        by_address.update((m.address6, m) for m in self.members if m.address6 is not None)
+        object.__setattr__(self, "by_address", by_address)
 
     def receivers(self, sender: str, next_hop: int | None) -> list[Attachment]:
         """Where a frame from `sender` goes: the next hop, or every other member."""

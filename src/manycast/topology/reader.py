@@ -124,7 +124,8 @@ class TableReader:
     def network(
         self, key: str, default: Any = ..., family: int = 4
     ) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-        """A network of `family` (the pool's: its space's), or None when absent."""
+        """A network of `family` (the pool's: its space's; 0, a dual-stack pool's:
+        either), or None when absent."""
         text = self.get(key, str, default)
         if text is None:
             return None
@@ -132,7 +133,7 @@ class TableReader:
             network = ipaddress.ip_network(text, strict=True)
         except ValueError as exc:
             self.fail(f"'{key}' = {text!r}: {exc}", key)
-        if network.version != family:
+        if family and network.version != family:
             self.fail(f"'{key}' = {text!r} is not an IPv{family} network{_WHY[family]}", key)
         return network
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from manycast.protocol.node import Interface
 from manycast.topology.addressing import Graph
 from manycast.topology.spec import Route
-from manycast.wire.ip import Address, Network
+from manycast.wire.ip import Network
 
 
 def reachable(start: str, graph: Graph) -> set[str]:
@@ -29,24 +29,31 @@ def routes(
     graph: Graph,
     interfaces: dict[str, dict[str, Interface]],
 ) -> list[Route]:
-    """Dijkstra from `router`; every network gets the first hop of its shortest path.
+    """Dijkstra from `router`; every network gets the first hop of its shortest path
+    (a dual-stack link's IPv6 network too, by the neighbour's IPv6 address).
 
     Every router must be reachable (see `reachable`). Routes come longest prefix first."""
     paths = shortest_paths(router, graph)
     table: list[Route] = []
     for other in sorted(routers, key=lambda r: paths[r].cost):
         first = paths[other].first
-        hop: tuple[str, Address] | None = None
+        hop: tuple[str, Interface] | None = None
         if first is not None:
             peer, link = first
             mine = next(i for i in interfaces[router].values() if i.link == link)
             theirs = next(i for i in interfaces[peer].values() if i.link == link)
-            hop = (mine.name, theirs.address)
+            hop = (mine.name, theirs)
         for iface in interfaces[other].values():
             if hop is None:
                 table.append(Route(iface.network, iface.name, None))
-            else:
-                table.append(Route(iface.network, hop[0], hop[1]))
+                if iface.network6 is not None:
+                    table.append(Route(iface.network6, iface.name, None))
+                continue
+            out, neighbour = hop
+            for network in (iface.network, iface.network6):
+                gateway = neighbour.of_family(network.version) if network is not None else None
+                if network is not None and gateway is not None:
+                    table.append(Route(network, out, gateway.address))
     # A network seen from several routers keeps its nearest entry (the first).
     unique: dict[Network, Route] = {}
     for route in table:

@@ -72,6 +72,25 @@ class PoolSpec:
     lease_s: int = 2
     # how the servers find out who is alive: "heartbeat" or "swim"
     membership: str = "heartbeat"
+    # A dual-stack pool (`space` and `group` list one of each family): the IPv6 group
+    # and space beside `group` and `space` (IPv4), one allocation over both.
+    group6: ipaddress.IPv6Address | None = None
+    space6: AddressSpace | None = None
+
+    @property
+    def dual(self) -> bool:
+        """Whether the pool serves IPv4 and IPv6 clients at once."""
+        return self.space6 is not None
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        return (4, 6) if self.dual else (self.space.family,)
+
+    def group_of(self, version: int) -> Address:
+        """The group clients of IP `version` send to."""
+        if version == 6 and self.group6 is not None:
+            return self.group6
+        return self.group
 
 
 @dataclass(frozen=True)
@@ -147,6 +166,8 @@ class Topology:
     router_hops: dict[str, dict[str, int]] = field(default_factory=dict)
     # router -> router -> the routing metric (summed link delay, seconds) between them
     router_costs: dict[str, dict[str, float]] = field(default_factory=dict)
+    # a dual-stack host's IPv6 router address on its (one) link
+    gateways6: dict[str, Address] = field(default_factory=dict)
 
     def kind(self, node: str) -> str:
         if node in self.routers:
@@ -209,7 +230,10 @@ class Topology:
                 continue
             for m in link.members:
                 if m.node in self.routers:
-                    found.append((self.interfaces[m.node][m.iface].network, m.node))
+                    iface = self.interfaces[m.node][m.iface]
+                    found.append((iface.network, m.node))
+                    if iface.network6 is not None:
+                        found.append((iface.network6, m.node))
         return sorted(found, key=lambda item: -item[0].prefixlen)
 
     @property
@@ -217,12 +241,17 @@ class Topology:
         """How many (node, interface) pairs there are: the overlay's UDP endpoints."""
         return sum(len(ifaces) for ifaces in self.interfaces.values())
 
-    def router_neighbors(self, router: str) -> dict[str, tuple[int, ...]]:
-        """For each router-facing interface of `router`, the neighbour routers' addresses."""
+    def router_neighbors(self, router: str, version: int = 0) -> dict[str, tuple[int, ...]]:
+        """For each router-facing interface of `router`, the neighbour routers'
+        addresses (`version` 6 in a dual-stack topology: their IPv6 addresses)."""
         out: dict[str, tuple[int, ...]] = {}
         for iface in sorted(self.router_ifaces[router]):
             link = self.links[self.interfaces[router][iface].link]
-            out[iface] = tuple(m.address for m in link.members if m.node != router)
+            out[iface] = tuple(
+                m.address6 if version == 6 and m.address6 is not None else m.address
+                for m in link.members
+                if m.node != router
+            )
         return out
 
     def address(self, node: str) -> Address:
