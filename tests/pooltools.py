@@ -19,6 +19,7 @@ from typing import Any
 
 from manycast.drivers.memory import MemoryNetwork
 from manycast.protocol.client import Client
+from manycast.protocol.dualstack import DualStackRouter, in_space
 from manycast.protocol.server import Server
 from manycast.runtime import PoolRun
 from manycast.space import Allocation, PortionSet
@@ -251,17 +252,23 @@ def assert_one_allocation(run: PoolRun) -> Allocation:
     union = Allocation.from_portions(current.space, joined)  # raises on overlap or gap
     assert union == current
     for router, client, toward in _routes(run):
-        assert toward == {current.owner(client.address)}, (router, client.name, toward)
+        assert toward == {owner(run, current, client)}, (router, client.name, toward)
     return current
 
 
 def _routes(run: PoolRun) -> Iterable[tuple[str, Client, set[str]]]:
-    """(router, client, the live servers the router sends the client's packets to)."""
-    group = int(run.topology.pool.group)
-    by_address = {int(s.address): name for name, s in live(run).items()}
+    """(router, client, the live servers the router sends the client's packets to); in
+    a dual-stack pool, by the router's and servers' logic of the client's family."""
+    pool = run.topology.pool
     for router in run.nodes.routers.values():
-        members = router.members.get(group, {})
         for client in run.nodes.clients.values():
+            six = pool.dual and client.address.version == 6
+            plane = router.six if isinstance(router, DualStackRouter) and six else router
+            by_address = {
+                int(s.address6 if six and s.address6 else s.address): name
+                for name, s in live(run).items()
+            }
+            members = plane.members.get(int(pool.group_of(client.address.version)), {})
             src = int(client.address)
             toward = {
                 by_address[o]
@@ -332,7 +339,16 @@ def agreed(run: PoolRun) -> Allocation | None:
 
 def routed(run: PoolRun, alloc: Allocation) -> bool:
     """Every router sends each client's packets to its owner under `alloc`, and only there."""
-    return all(toward == {alloc.owner(client.address)} for _, client, toward in _routes(run))
+    return all(toward == {owner(run, alloc, client)} for _, client, toward in _routes(run))
+
+
+def owner(run: PoolRun, alloc: Allocation, client: Client) -> str | None:
+    """The client's owner under `alloc` (a dual-stack pool's IPv6 client: by the same
+    buckets of the IPv6 space)."""
+    space6 = run.topology.pool.space6
+    if space6 is not None and client.address.version == 6:
+        return in_space(alloc, space6).owner(client.address)
+    return alloc.owner(client.address)
 
 
 def _members(run: PoolRun) -> list[Client]:

@@ -19,6 +19,7 @@ from manycast.protocol.admission import Admission
 from manycast.protocol.app import Service, SessionFactory
 from manycast.protocol.client import Client
 from manycast.protocol.coordination import PoolSettings, initial_allocation
+from manycast.protocol.dualstack import DualStackRouter
 from manycast.protocol.leased import lease_coordination
 from manycast.protocol.node import Node
 from manycast.protocol.router import Router
@@ -49,6 +50,11 @@ def settings_for(topology: Topology, wall_base: float) -> PoolSettings:
         },
         weights={s.name: s.weight for s in servers},
         wall_base=wall_base,
+        member_addresses6={
+            s.name: address6
+            for s in servers
+            if (address6 := topology.interfaces[s.name][topology.gateways[s.name][0]].address6)
+        },
     )
 
 
@@ -139,8 +145,11 @@ def build(
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}:{name}")
 
-    # An IPv6 pool's network is IPv6 throughout: its routers read MLDv2.
-    router_class = Router6 if pool.space.family == 6 else Router
+    # An IPv6 pool's network is IPv6 throughout: its routers read MLDv2. A dual-stack
+    # pool's routers run both families' logic side by side.
+    router_class: type[Router] = Router6 if pool.space.family == 6 else Router
+    if pool.dual:
+        router_class = DualStackRouter
     routers = {
         name: router_class(
             name,
@@ -151,6 +160,7 @@ def build(
             sender_hold=max(pool.register_interval_s, pool.report_interval_s) * 3.5,
             control_port=pool.control_port,
             neighbors=topology.router_neighbors(name),
+            **_dual_options(topology, name),
             admission=Admission(plan.is_private_int, wall_base=wall_base) if pool.private else None,
             **_label_options(topology, name),
         )
@@ -194,16 +204,23 @@ def build(
             edges=edges,
             pool_key=signing_key(spec.authorized),
             redirect_above=pool.redirect_above,
+            gateway6=topology.gateways6.get(spec.name) if pool.dual else None,
         )
         if pool.coordination is Coordination.ETCD and spec.authorized:
             # Liveness and the allocation in etcd: the I/O that feeds it is the runtime's.
             lease_coordination(server, start, pool.lease_s)
         (standby if spec.standby else servers)[spec.name] = server
 
-    def resolve(name: str) -> tuple[Any, int]:
-        if name != pool.name:
-            raise LookupError(f"unknown service {name!r}")
-        return pool.group, pool.port
+    def resolver(version: int) -> Callable[[str], tuple[Any, int]]:
+        """A client's name service: the pool's group of the client's family (a
+        dual-stack pool's name has an address of each)."""
+
+        def resolve(name: str) -> tuple[Any, int]:
+            if name != pool.name:
+                raise LookupError(f"unknown service {name!r}")
+            return pool.group_of(version), pool.port
+
+        return resolve
 
     clients = {
         spec.name: Client(
@@ -211,7 +228,7 @@ def build(
             topology.interfaces[spec.name],
             topology.gateways[spec.name],
             pool.name,
-            resolve,
+            resolver(topology.address(spec.name).version),
             spec.rate,
             rng(spec.name),
             app=session,
@@ -227,6 +244,12 @@ def build(
     }
     links = list(topology.links.values())
     return Nodes(routers, servers, standby, clients, links, vip_routers, directory)
+
+
+def _dual_options(topology: Topology, router: str) -> dict[str, Any]:
+    """What a dual-stack pool's router is told beside `Router`'s options: its neighbour
+    routers' IPv6 addresses."""
+    return {"neighbors6": topology.router_neighbors(router, 6)} if topology.pool.dual else {}
 
 
 def _label_options(topology: Topology, router: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from manycast.naming import (
 from manycast.pool import Nodes, build
 from manycast.protocol.client import Client
 from manycast.protocol.destination import PoolKeyNeeded
+from manycast.protocol.dualstack import in_space
 from manycast.protocol.node import Node
 from manycast.protocol.router import KeyNeeded, Router
 from manycast.protocol.technique import Technique
@@ -108,7 +109,8 @@ class PoolRun:
     _net: Network = field(init=False)
     _last_requests: dict[str, tuple[float, int]] = field(default_factory=dict, init=False)
     _rates: dict[str, float] = field(default_factory=dict, init=False)
-    _client_addresses: npt.NDArray[np.integer] | None = field(default=None, init=False)
+    # each family's client addresses, for `_owners`
+    _client_addresses: dict[int, npt.NDArray[np.integer]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self._net = open_network(
@@ -392,17 +394,31 @@ class PoolRun:
         )
         if newest is None or newest.allocation is None:
             return ()
-        allocation = newest.allocation
-        # The pool's clients only: an outsider's address has an owner but no server.
-        names = sorted(n for n in self.nodes.clients if self.topology.clients[n].authorized)
-        if self._client_addresses is None:
-            self._client_addresses = address_array(
-                [int(self.topology.address(n)) for n in names], allocation.space.family
+        owned: list[tuple[str, str]] = []
+        # A dual-stack pool's clients of each family, by the same allocation over the
+        # family's space.
+        spaces = [self.topology.pool.space, self.topology.pool.space6]
+        for space in (s for s in spaces if s is not None):
+            allocation = in_space(newest.allocation, space)
+            # The pool's clients only: an outsider's address has an owner but no server.
+            names = sorted(
+                n
+                for n in self.nodes.clients
+                if self.topology.clients[n].authorized
+                and self.topology.address(n).version == space.family
             )
-        found = allocation.owner_many(self._client_addresses)
-        return tuple(
-            (n, allocation.servers[i]) for n, i in zip(names, found.tolist(), strict=True) if i >= 0
-        )
+            addresses = self._client_addresses.get(space.family)
+            if addresses is None:
+                addresses = self._client_addresses[space.family] = address_array(
+                    [int(self.topology.address(n)) for n in names], space.family
+                )
+            found = allocation.owner_many(addresses)
+            owned += [
+                (n, allocation.servers[i])
+                for n, i in zip(names, found.tolist(), strict=True)
+                if i >= 0
+            ]
+        return tuple(sorted(owned))
 
     def _carried(self) -> tuple[tuple[str, int], ...]:
         stats = [s.handover.stats for s in self.nodes.servers.values()]

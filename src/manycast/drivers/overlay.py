@@ -460,7 +460,12 @@ class AsyncOverlay:
                     if m.node != sender
                 ]
                 port.fanout = tuple(ep for _, ep in receivers if ep[1] != 0)
-                port.unicast = {address: (ep,) for address, ep in receivers if ep[1] != 0}
+                # A dual-stack link's member is reached by either of its addresses.
+                port.unicast = {
+                    address: (self.endpoints[(m.node, m.iface)],)
+                    for address, m in port.link.by_address.items()
+                    if m.node != sender and self.endpoints[(m.node, m.iface)][1] != 0
+                }
             host.direct = {
                 (port.iface, address): (port.sock.sendto, ep, port)
                 for port in host.ports.values()

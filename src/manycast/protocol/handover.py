@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.host import HostStack
-from manycast.protocol.membership import SourceFilter
+from manycast.protocol.membership import Held
 from manycast.protocol.redirect import Redirector
 from manycast.protocol.tcp import Connection, ConnKey, Demultiplexer, SessionConfig, SessionError
 from manycast.protocol.technique import Technique
@@ -121,7 +121,9 @@ class Handover:
         idle_timeout: float = 30.0,
         edges: Edges = (),
         redirector: Redirector | None = None,
+        group6: Address | None = None,
     ) -> None:
+        """`group6`: a dual-stack pool's IPv6 group, beside `group`."""
         if technique not in tuple(Technique):
             names = ", ".join(Technique)
             raise ConfigError(f"technique must be one of {names}, not {technique!r}")
@@ -133,6 +135,7 @@ class Handover:
         self.name = name
         self.address = address
         self.group = group
+        self._groups = {group} if group6 is None else {group, group6}
         self.port = port
         self.endpoint = endpoint
         self.app = app
@@ -159,7 +162,7 @@ class Handover:
         self._tagged: dict[ConnKey, Address] = {}  # R4: -> the edge told
 
     # -- the allocation changes --------------------------------------------------------
-    def before_change(self, keep: SourceFilter | None) -> None:
+    def before_change(self, keep: Held | None) -> None:
         """R4 (Fig 16, 1600): a reallocation is about to execute; create a tag-switched
         path for each connection we will lose (claims 13, 39): tag it onto our tree at
         its client's edge router."""
@@ -183,7 +186,7 @@ class Handover:
         """The router the client's network is attached to, by longest prefix."""
         return next((router for net, router in self.edges if client in net), None)
 
-    def after_change(self, owned: SourceFilter | None, now: float) -> None:
+    def after_change(self, owned: Held | None, now: float) -> None:
         """The new allocation is in force: deal with the connections we gave up."""
         redirector = self.redirector
         for key in self.endpoint.keys():
@@ -304,7 +307,7 @@ class Handover:
             ip = parse_packet(message.packet)
         except WireError:
             return
-        if ip.protocol != IPPROTO_TCP or ip.header.dst != self.group or len(ip.payload) < 4:
+        if ip.protocol != IPPROTO_TCP or ip.header.dst not in self._groups or len(ip.payload) < 4:
             return
         src_port = int.from_bytes(ip.payload[:2], "big")
         dst_port = int.from_bytes(ip.payload[2:4], "big")
@@ -440,5 +443,5 @@ class Handover:
             del self._given[query_id]
 
 
-def _owned(portions: SourceFilter | None, key: ConnKey) -> bool:
-    return portions is not None and portions.matches(int(key[1][0]))
+def _owned(portions: Held | None, key: ConnKey) -> bool:
+    return portions is not None and portions.owns(key[1][0])

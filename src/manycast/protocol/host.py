@@ -34,7 +34,9 @@ class HostCounters:
 
 
 class HostStack:
-    """Wraps a `Demultiplexer` for one interface and gateway (of one family)."""
+    """Wraps a `Demultiplexer` for one interface and gateway (of one family; a
+    dual-stack host's has an IPv6 address and gateway too: each packet goes to the
+    gateway of its destination's family)."""
 
     def __init__(
         self,
@@ -43,10 +45,14 @@ class HostStack:
         gateway: Address,
         endpoint: Demultiplexer,
         emit: Callable[[Frame], None],
+        address6: Address | None = None,
+        gateway6: Address | None = None,
     ) -> None:
         self.iface = iface
         self.address = address
         self.gateway = int(gateway)
+        self.address6 = address6
+        self.gateway6 = int(gateway6) if gateway6 is not None else None
         self.endpoint = endpoint
         self._emit = emit
         self._ids = itertools.count(1)
@@ -87,7 +93,10 @@ class HostStack:
         identification = next(self._ids) & 0xFFFF
         packet = make_packet(src, dst, protocol, payload, ttl=ttl, identification=identification)
         wire = packet.to_wire()
-        self._emit(Frame(self.iface, wire, self.gateway if next_hop is None else next_hop))
+        if next_hop is None:
+            six = self.gateway6
+            next_hop = six if six is not None and dst.version == 6 else self.gateway
+        self._emit(Frame(self.iface, wire, next_hop))
         self.counters.sent += 1
         return wire
 
@@ -99,7 +108,12 @@ class HostStack:
         payload: bytes,
         src: Address | None = None,
     ) -> bytes:
-        source = self.address if src is None else src
+        if src is not None:
+            source = src
+        elif self.address6 is not None and dst.version == 6:
+            source = self.address6
+        else:
+            source = self.address
         datagram = UDPDatagram(src_port, dst_port, payload).to_wire(source, dst)
         return self.send_ip(source, dst, IPPROTO_UDP, datagram)
 

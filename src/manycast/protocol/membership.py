@@ -96,8 +96,28 @@ class SourceFilter:
             return "any source"
         return str(self.portions(family))
 
+    def owns(self, address: Address) -> bool:
+        """Whether the source `address` (of this filter's family) is ours."""
+        return self.matches(int(address))
+
     def __str__(self) -> str:
         return self.describe()
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyFilters:
+    """What a dual-stack pool's server serves: its buckets as a filter in each family."""
+
+    v4: SourceFilter | None
+    v6: SourceFilter | None
+
+    def owns(self, address: Address) -> bool:
+        held = self.v4 if address.version == 4 else self.v6
+        return held is not None and held.matches(int(address))
+
+
+# What a server holds, for its technique: one family's filter, or a dual-stack pool's.
+Held = SourceFilter | FamilyFilters
 
 
 def record_for(group: Address, portions: PortionSet, record_type: RecordType) -> GroupRecord:

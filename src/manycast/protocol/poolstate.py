@@ -66,6 +66,12 @@ class PoolSettings:
     rebalance_sustain: int = 3
     rebalance_hold_s: float = 3.0
     load_smoothing: float = 1.0  # seconds: time constant of the load average
+    # A dual-stack pool: the IPv6 group and space beside `group` and `space` (one
+    # allocation over both: the spaces have as many buckets), and every server's
+    # IPv6 address (for member-down notices to the IPv6 routers).
+    group6: ipaddress.IPv6Address | None = None
+    space6: AddressSpace | None = None
+    member_addresses6: Mapping[str, ipaddress.IPv6Address] = field(default_factory=dict)
 
     @property
     def vip(self) -> bool:

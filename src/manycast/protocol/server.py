@@ -30,9 +30,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from manycast.errors import ConfigError
 from manycast.protocol.app import Service
 from manycast.protocol.coordination import Coordinator, PoolSettings
+from manycast.protocol.dualstack import in_space
 from manycast.protocol.handover import Edges, Handover
 from manycast.protocol.host import HostStack
 from manycast.protocol.membership import (
+    FamilyFilters,
+    Held,
     SourceFilter,
     any_source_record,
     report_packets,
@@ -54,7 +57,7 @@ from manycast.protocol.tcp import (
     UnknownSegment,
 )
 from manycast.protocol.technique import Technique
-from manycast.space import Allocation, PortionSet
+from manycast.space import AddressSpace, Allocation, PortionSet
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, Address, InnerPacket
@@ -91,11 +94,13 @@ class Server(Node):
         edges: Edges = (),
         pool_key: Ed25519PrivateKey | None = None,
         redirect_above: float = 0.0,
+        gateway6: Address | None = None,
     ) -> None:
         """`edges`: every client network with its edge router, where R4 tags the
         connections we give up. `pool_key`: technique D signs change-destinations with
         it; `redirect_above`: under D, a server whose load is above this times the
-        pool's mean passes new connections to a less loaded server (0: never)."""
+        pool's mean passes new connections to a less loaded server (0: never).
+        `gateway6`: a dual-stack pool's server's IPv6 router on its link."""
         super().__init__(name, interfaces)
         self.key = key  # a private pool's key: every join is signed with it
         iface, router = gateway
@@ -105,7 +110,15 @@ class Server(Node):
         self.router = router
         self.session = session or DEFAULT_SESSION
         self.endpoint = Demultiplexer(rng, self.session)
-        self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
+        # A dual-stack pool's server: an IPv6 address too, and the same buckets of the
+        # IPv6 space (`dualstack.py`).
+        self.address6 = interfaces[iface].address6 if settings.space6 is not None else None
+        self.router6 = gateway6
+        self.portions6: PortionSet | None = None
+        self._filter6: SourceFilter | None = None
+        self.host = HostStack(
+            iface, self.address, router, self.endpoint, self.outbox.append, self.address6, gateway6
+        )
         self.app = service
         self.stats = ServerStats()
         self.coordinator = Coordinator(name, self.address, settings, rng, initial=initial)
@@ -158,6 +171,7 @@ class Server(Node):
             close_after_transaction=settings.close_after_transaction,
             edges=edges,
             redirector=self.redirector,
+            group6=settings.group6,
         )
         # Our label-switched tree: a VIP pool's flows (Fig 17) and R4's pinned paths
         # (Fig 16) come down it; our router is its last hop.
@@ -182,10 +196,10 @@ class Server(Node):
         if ip is None:
             return
         protocol, dst = ip.protocol, ip.header.dst
-        if protocol == IPPROTO_TCP and dst == self.settings.group:
+        if protocol == IPPROTO_TCP and (dst == self.settings.group or dst == self.settings.group6):
             # A VIP pool's flows come to whichever server the VIP router chose for them.
             vip = self.settings.vip
-            if not vip and not self._owns(int(ip.header.src)) and not self._knows(ip):
+            if not vip and not self._serves(ip.header.src) and not self._knows(ip):
                 # Neither our client nor a connection we keep (a stale route during a
                 # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
@@ -242,6 +256,17 @@ class Server(Node):
 
     def _owns(self, source: int) -> bool:
         return self._filter is not None and self._filter.matches(source)
+
+    def _serves(self, client: Address) -> bool:
+        """Whether `client` is ours (in a dual-stack pool, by its family's filter)."""
+        held = self._held()
+        return held is not None and held.owns(client)
+
+    def _held(self) -> Held | None:
+        """What we serve, as the technique sees it (a dual-stack pool's: both families)."""
+        if self.settings.space6 is None:
+            return self._filter
+        return FamilyFilters(self._filter, self._filter6)
 
     def _knows(self, ip: InnerPacket) -> bool:
         payload = ip.payload
@@ -339,7 +364,13 @@ class Server(Node):
         if self.settings.vip:
             return  # tagged flows keep their server: nothing moves
         keep = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
-        self.handover.before_change(SourceFilter.of(keep) if len(keep) else None)
+        four = SourceFilter.of(keep) if len(keep) else None
+        kept: Held | None = four
+        space6 = self.settings.space6
+        if space6 is not None:
+            keep6 = self._portions_in(allocation, space6)
+            kept = FamilyFilters(four, SourceFilter.of(keep6) if len(keep6) else None)
+        self.handover.before_change(kept)
 
     def _hot_buckets(self, now: float) -> list[control.BucketLoad]:
         """Our busiest buckets since the last allocation change, as requests per second."""
@@ -355,12 +386,22 @@ class Server(Node):
         new = allocation.portions(self.name) if self.name in allocation.servers else PortionSet()
         self.portions = new
         self._filter = SourceFilter.of(new) if len(new) else None
+        old6 = self.portions6
+        if self.settings.space6 is not None:
+            self.portions6 = self._portions_in(allocation, self.settings.space6)
+            self._filter6 = SourceFilter.of(self.portions6) if len(self.portions6) else None
         if old != new or self.settings.vip:
             # (Portions unchanged: the routers have them; in a large pool most servers
             # keep theirs through a change, and each report reaches every router.)
-            self._send_report(now, refresh=False, previous=old)
+            self._send_report(now, refresh=False, previous=old, previous6=old6)
         if not self.settings.vip:
-            self.handover.after_change(self._filter, now)
+            self.handover.after_change(self._held(), now)
+
+    def _portions_in(self, allocation: Allocation, space: AddressSpace) -> PortionSet:
+        """Our buckets of `allocation`, written in another family's `space`."""
+        if self.name not in allocation.servers:
+            return PortionSet()
+        return in_space(allocation, space).portions(self.name)
 
     def _tell_routers_of_deaths(self, allocation: Allocation, now: float) -> None:
         """As coordinator, tell our router of each server this change removed because
@@ -377,51 +418,65 @@ class Server(Node):
                 continue  # it left on purpose: its own report ends its membership
             if peer.address.version != self.address.version:
                 continue  # an IPv6 pool's peer never heard from: no address of ours
-            wall_ms = int((self.settings.wall_base + now) * 1000)
-            notice = control.MemberDown(
-                self.name,
-                0,
-                self.settings.group,
-                peer.address,
-                self.address,
-                self.coordinator.epoch,
-                wall_ms,
-                self.rng.randbytes(8),
-            )
-            if self.key is not None:
-                notice = dataclasses.replace(notice, signature=self.key.sign(notice.signed_bytes()))
-            self._send_control(notice, self.router)
-            self.stats.deaths_told += 1
+            told = [(self.settings.group, peer.address, self.address, self.router)]
+            group6, address6, router6 = self.settings.group6, self.address6, self.router6
+            dead6 = self.settings.member_addresses6.get(name)
+            if group6 is not None and address6 is not None and router6 is not None and dead6:
+                # A dual-stack pool: its IPv6 routers drop its MLDv2 membership too.
+                told.append((group6, dead6, address6, router6))
+            for group, member, signer, router in told:
+                self._tell_death(group, member, signer, router, now)
+
+    def _tell_death(
+        self, group: Address, member: Address, signer: Address, router: Address, now: float
+    ) -> None:
+        wall_ms = int((self.settings.wall_base + now) * 1000)
+        notice = control.MemberDown(
+            self.name,
+            0,
+            group,
+            member,
+            signer,
+            self.coordinator.epoch,
+            wall_ms,
+            self.rng.randbytes(8),
+        )
+        if self.key is not None:
+            notice = dataclasses.replace(notice, signature=self.key.sign(notice.signed_bytes()))
+        self._send_control(notice, router)
+        self.stats.deaths_told += 1
 
     def _send_report(
-        self, now: float, *, refresh: bool, previous: PortionSet | None = None
+        self,
+        now: float,
+        *,
+        refresh: bool,
+        previous: PortionSet | None = None,
+        previous6: PortionSet | None = None,
     ) -> None:
-        group = self.settings.group
         records: list[GroupRecord | WholeRecord] = [
             any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)
         ]
         if self.roots_tree:
             self._hello(now)
-        if self.settings.vip:
-            pass  # a VIP pool's server joins the control channel only
-        elif refresh:
-            if self.portions is not None and len(self.portions):
-                records.append(whole_record_for(group, self.portions, RecordType.MODE_IS_INCLUDE))
-        else:
-            # Claim 3: leave the old portions and join the new ones in one report.
-            if previous is not None and len(previous):
-                records.append(whole_record_for(group, previous, RecordType.BLOCK_OLD_SOURCES))
-            if self.portions is not None and len(self.portions):
-                records.append(whole_record_for(group, self.portions, RecordType.ALLOW_NEW_SOURCES))
+        if not self.settings.vip:  # a VIP pool's server joins the control channel only
+            records += _portion_records(self.settings.group, self.portions, previous, refresh)
         wall_ms = int((self.settings.wall_base + now) * 1000)
         self._generation = (self._generation + 1) & 0xFFFFFFFF
         # Fragmented portions make a long report: it goes out in as many packets as
         # the link's MTU needs, each signed on its own (RFC 3376 4.2.16).
-        for packet in report_packets(
-            records, self.address, wall_ms, self._generation, self.rng, self.key
-        ):
-            self.send(self.host.iface, packet, self.host.gateway)
-            self.stats.reports_sent += 1
+        reports = [(records, self.address, self.host.gateway)]
+        group6, address6, router6 = self.settings.group6, self.address6, self.router6
+        if group6 is not None and address6 is not None and router6 is not None:
+            # A dual-stack pool: the same buckets in an MLDv2 report for the IPv6 group.
+            records6 = _portion_records(group6, self.portions6, previous6, refresh)
+            reports.append((records6, address6, int(router6)))
+        for part_records, requester, gateway in reports:
+            for packet in report_packets(
+                part_records, requester, wall_ms, self._generation, self.rng, self.key
+            ):
+                self.send(self.host.iface, packet, gateway)
+                self.stats.reports_sent += 1
         self.timers.arm("report", now + self.settings.report_interval_s)
         if refresh:  # a current-state report answers any query pending
             self.timers.cancel("query")
@@ -446,7 +501,10 @@ class Server(Node):
                 answered = self.app.requests
                 answer = self.app.on_data(key, event.data)
                 if self.app.requests > answered:
-                    bucket = self.settings.space.bucket(int(key[1][0]))
+                    client = key[1][0]
+                    space6 = self.settings.space6
+                    space = space6 if space6 is not None and client.version == 6 else None
+                    bucket = (space or self.settings.space).bucket(int(client))
                     self._bucket_requests[bucket] += self.app.requests - answered
                 conn = self.endpoint.connection(key)
                 if answer and conn is not None:
@@ -467,6 +525,23 @@ class Server(Node):
                     self.app.restore(key, state)
                 self.handover.on_rekeyed(event.previous, key, now)
         self.host.flush()
+
+
+def _portion_records(
+    group: Address, portions: PortionSet | None, previous: PortionSet | None, refresh: bool
+) -> list[GroupRecord | WholeRecord]:
+    """The records that join `group` for `portions`: the current state, or (claim 3)
+    leaving the `previous` portions and joining the new ones in one report."""
+    records: list[GroupRecord | WholeRecord] = []
+    if refresh:
+        if portions is not None and len(portions):
+            records.append(whole_record_for(group, portions, RecordType.MODE_IS_INCLUDE))
+        return records
+    if previous is not None and len(previous):
+        records.append(whole_record_for(group, previous, RecordType.BLOCK_OLD_SOURCES))
+    if portions is not None and len(portions):
+        records.append(whole_record_for(group, portions, RecordType.ALLOW_NEW_SOURCES))
+    return records
 
 
 def _with_seq(message: control.ControlMessage, seq: int) -> control.ControlMessage:

@@ -1,0 +1,114 @@
+"""Dual-stack pools: one pool serving IPv4 and IPv6 clients at once.
+
+The pool has one allocation (over the IPv4 space's buckets) and one coordination
+on the IPv4 control channel; its IPv6 space has as many buckets, so the same
+bucket-to-server map reads in either family (`in_space`). A server joins the
+IPv4 group with IGMPv3 masks and the IPv6 group with MLDv2 masks, both from its
+buckets (`membership.FamilyFilters` says what it serves in each).
+
+A dual-stack router runs the IPv4 router's logic and the IPv6 router's side by
+side (`DualStackRouter`): each over its family's view of the interfaces (a
+dual-stack link's interface has an address of each family; a client LAN has
+one), each packet to the one of its IP version. They share the outbox, the
+effects and the counters, so a driver sees one node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from manycast.protocol.node import Interface, family_view
+from manycast.protocol.router import Router
+from manycast.protocol.router6 import Router6
+from manycast.space import AddressSpace, Allocation
+
+
+def in_space(allocation: Allocation, space: AddressSpace) -> Allocation:
+    """The same owner for every bucket, over another family's space of as many buckets."""
+    if allocation.space == space:
+        return allocation
+    return Allocation(space, allocation.servers, allocation.owners)
+
+
+class DualStackRouter(Router):
+    """A router of a dual-stack network: this IPv4 router, and `six`, an IPv6 router
+    over the interfaces that have an IPv6 address, taking the IPv6 packets."""
+
+    def __init__(
+        self,
+        name: str,
+        interfaces: dict[str, Interface],
+        routes: Any,
+        router_ifaces: Any,
+        *,
+        neighbors6: dict[str, tuple[int, ...]] | None = None,
+        **options: Any,
+    ) -> None:
+        """`Router`'s arguments over every interface, with both families' routes;
+        `neighbors6`: the neighbour routers' IPv6 addresses."""
+        routes = list(routes)
+        router_ifaces = set(router_ifaces)
+        four, six = family_view(interfaces, 4), family_view(interfaces, 6)
+        super().__init__(
+            name,
+            four,
+            [r for r in routes if r[0].version == 4],
+            router_ifaces & set(four),
+            **options,
+        )
+        self.six = Router6(
+            name,
+            six,
+            [r for r in routes if r[0].version == 6],
+            router_ifaces & set(six),
+            **{**options, "neighbors": neighbors6},
+        )
+        # One node to the driver: one outbox, one list of effects, one set of counters.
+        self.six.outbox = self.outbox
+        self.six.effects = self.effects
+        self.six.stats = self.stats
+        self.all_interfaces = interfaces
+
+    def start(self, now: float) -> None:
+        super().start(now)
+        self.six.start(now)
+
+    def receive(self, iface: str, packet: bytes, now: float) -> None:
+        if packet[:1] and packet[0] >> 4 == 6:
+            if iface in self.six.interfaces:
+                self.six.receive(iface, packet, now)
+        elif iface in self.interfaces:
+            super().receive(iface, packet, now)
+
+    def on_timer(self, now: float) -> None:
+        super().on_timer(now)
+        self.six.on_timer(now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = (super().next_deadline(), self.six.next_deadline())
+        return min((d for d in deadlines if d is not None), default=None)
+
+    def take_effects(self) -> list[object]:
+        # Emptied in place: the IPv6 router appends to the same list.
+        effects = self.effects[:]
+        self.effects.clear()
+        return effects
+
+    def provide_key(
+        self,
+        group: int,
+        raw: bytes | None,
+        ttl: float,
+        now: float,
+        error: str | None = None,
+        unanswered: bool = False,
+    ) -> None:
+        super().provide_key(group, raw, ttl, now, error, unanswered)
+        self.six.provide_key(group, raw, ttl, now, error, unanswered)
+
+    def restore_key(self, group: int, raw: bytes, stale_for: float, now: float) -> bool:
+        four = super().restore_key(group, raw, stale_for, now)
+        return self.six.restore_key(group, raw, stale_for, now) or four
+
+    def membership(self) -> dict[str, dict[str, str]]:
+        return {**super().membership(), **self.six.membership()}

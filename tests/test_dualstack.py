@@ -1,0 +1,258 @@
+"""Dual-stack pools: one pool name serving IPv4 and IPv6 clients at once (issue 16).
+
+The pool's `space` and `group` list one of each family; its one allocation, over
+as many buckets in either space, gives each server the same buckets in both, which
+it joins with IGMPv3 masks on the IPv4 group and MLDv2 masks on the IPv6 group.
+One coordination (the IPv4 control channel) serves both. Routers and servers are
+dual-stack; each client LAN is of one family.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from manycast.ports import free_base_port
+from manycast.protocol.dualstack import DualStackRouter, in_space
+from manycast.runtime import PoolRun
+from manycast.topology import TopologyError, builtin, bundled, loads
+from pooltools import DEADLINE, Settled, every, patient, requests_ok, run_pool_until, served_now
+
+GROUPS = ("232.1.1.1", "ff3e::8000:1")
+LANS = {4: ("c", "10.1.0.0/24"), 6: ("d", "2001:db8:d::/64")}
+
+
+def dual_text(
+    *,
+    technique: str = "R1",
+    clients: int = 12,
+    scenario: Sequence[tuple[float, str, str, str]] = (),
+    pool: dict[str, Any] | None = None,
+    misses: int = 3,
+    run: str = "",
+) -> str:
+    """clients c1.. (IPv4) and d1.. (IPv6) -- ra -- core -- rs1 (s1, s3) / rs2 (s2, s4),
+    every router and server dual-stack."""
+    keys: dict[str, Any] = {
+        "space": ["10.0.0.0/8", "2001:db8::/32"],
+        "group": list(GROUPS),
+        "technique": technique,
+        "heartbeat_ms": 100,
+        "heartbeat_misses": misses,
+        "report_interval_ms": 500,
+        **(pool or {}),
+    }
+    text = "[pool]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in keys.items())
+    text += "".join(f'[[router]]\nname = "{r}"\n' for r in ("ra", "core", "rs1", "rs2"))
+    for a, b, delay in (("ra", "core", 2), ("core", "rs1", 1), ("core", "rs2", 3)):
+        text += f'[[link]]\nbetween = ["{a}", "{b}"]\ndelay_ms = {delay}\n'
+    for i in range(1, 5):
+        text += f'[[server]]\nname = "s{i}"\nrouter = "rs{2 - i % 2}"\n'
+    for name, subnet in LANS.values():
+        text += f'[[clients]]\nname = "{name}"\ncount = {clients}\nrouter = "ra"\nrate = 4.0\n'
+        text += f'subnet = "{subnet}"\n'
+    for at, action, server, extra in scenario:
+        text += f'[[scenario]]\nat = {at}\naction = "{action}"\nserver = "{server}"\n{extra}\n'
+    return text + f"[run]\nduration = 6.0\n{run}"
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return f'"{value}"' if isinstance(value, str) else str(value).lower()
+
+
+def outcome(run: PoolRun) -> dict[str, int]:
+    clients = run.nodes.clients.values()
+    return {
+        "resets": sum(c.stats.resets for c in clients),
+        "failed": sum(c.stats.requests_failed for c in clients),
+        "state_lost": sum(c.stats.state_lost for c in clients),
+        "timeouts": sum(c.stats.timeouts for c in clients),
+    }
+
+
+# -- the topology ------------------------------------------------------------------------
+
+
+def test_routers_and_servers_are_dual_stack_and_each_lan_of_one_family() -> None:
+    topo = loads(dual_text())
+    assert topo.pool.dual and topo.pool.families == (4, 6)
+    assert (str(topo.pool.group), str(topo.pool.group6)) == GROUPS
+    assert topo.pool.space6 is not None and topo.pool.space.buckets == topo.pool.space6.buckets
+    documentation = ipaddress.IPv6Network("2001:db8::/32")
+    for node in [*topo.routers, *topo.servers]:
+        for iface in topo.interfaces[node].values():
+            if iface.link.endswith(("-c", "-d")):
+                continue  # a router's client LAN: one family
+            assert iface.address.version == 4, (node, iface)
+            assert iface.address6 in documentation and iface.network6 is not None
+            assert iface.network6.prefixlen == 64  # one /64 per link
+    networks6 = [
+        i.network6 for ifaces in topo.interfaces.values() for i in ifaces.values() if i.network6
+    ]
+    assert len(set(networks6)) == len(topo.links) - 2  # every link but the two LANs
+    for family, (group, subnet) in LANS.items():
+        for i in (1, 12):
+            address = topo.address(f"{group}{i}")
+            assert address.version == family and address in ipaddress.ip_network(subnet)
+    # Each family's routes, toward each family's addresses.
+    ra_routes = {r.network for r in topo.routes["ra"]}
+    assert ipaddress.ip_network("2001:db8:d::/64") in ra_routes
+    assert any(isinstance(n, ipaddress.IPv6Network) and n.prefixlen == 64 for n in ra_routes)
+    assert topo.gateways6["s1"] == topo.interfaces["rs1"]["eth1"].address6
+
+
+def test_demo_dual_is_bundled_beside_demo_with_the_same_scenario() -> None:
+    assert "demo-dual" in bundled()
+    demo, dual = builtin("demo"), builtin("demo-dual")
+    assert dual.pool.dual and [s.describe() for s in dual.scenario] == [
+        s.describe() for s in demo.scenario
+    ]
+    assert set(dual.servers) == set(demo.servers) and len(dual.clients) == len(demo.clients)
+    families = [dual.address(name).version for name in dual.clients]
+    assert families.count(4) == families.count(6) == 120
+
+
+REFUSED = {
+    "vip": ({"approach": "vip", "vip": "10.9.9.9"}, "a VIP pool"),
+    "R4": ({"technique": "R4"}, "technique R4"),
+    "D": ({"technique": "D"}, "technique D"),
+    "etcd": ({"coordination": "etcd", "etcd": ["http://127.0.0.1:2379"]}, "etcd"),
+    "private": ({"private": True}, "a private pool"),
+}
+
+
+@pytest.mark.parametrize(("keys", "what"), REFUSED.values(), ids=REFUSED.keys())
+def test_a_dual_stack_pool_refuses_what_it_lacks_by_name(keys: dict[str, Any], what: str) -> None:
+    with pytest.raises(TopologyError) as info:
+        loads(dual_text(pool=keys), "dual.toml")
+    message = str(info.value)
+    assert what in message and "is not supported yet for dual-stack pools" in message
+    assert re.match(r"dual\.toml:\d+: ", message)  # the line of the key
+
+
+def test_moving_live_tcp_connections_is_refused_for_dual_stack_pools() -> None:
+    with pytest.raises(TopologyError, match="not supported yet for dual-stack pools"):
+        loads(dual_text(run="tcp_moves = true\n"))
+
+
+BAD = {
+    "two ipv4 spaces": ({"space": ["10.0.0.0/8", "11.0.0.0/8"]}, "one prefix of each family"),
+    "one group": ({"group": "232.1.1.1"}, "'group' must be a list"),
+    "two ipv4 groups": ({"group": ["232.1.1.1", "232.1.1.2"]}, "one multicast group of each"),
+    "unicast group": ({"group": ["232.1.1.1", "2001:db8::1"]}, "one multicast group of each"),
+    "ipv6 group outside ff3x": ({"group": ["232.1.1.1", "ff15::1"]}, "is not in ff3x::/32"),
+    "ipv6 control group": ({"control_group": "ff15::77:1"}, "is not an IPv4 address"),
+}
+
+
+@pytest.mark.parametrize(("keys", "message"), BAD.values(), ids=BAD.keys())
+def test_a_dual_stack_pools_spaces_and_groups_are_checked(
+    keys: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(TopologyError, match=message):
+        loads(dual_text(pool=keys))
+
+
+# -- the pool on the memory driver --------------------------------------------------------
+
+
+def test_every_client_of_either_family_is_answered_by_the_owner_of_its_buckets() -> None:
+    run = PoolRun(loads(dual_text()), "memory", 3)
+    run.network.run_until(3.0)
+    assert outcome(run) == {"resets": 0, "failed": 0, "state_lost": 0, "timeouts": 0}
+    assert served_now(run)
+    pool = run.topology.pool
+    allocation = next(iter(run.nodes.servers.values())).coordinator.allocation
+    assert allocation is not None and allocation.space == pool.space
+    sessions = {
+        (name, remote[0])
+        for name, s in run.nodes.servers.items()
+        for _, remote in s.endpoint.keys()
+    }
+    clients = {c.address for c in run.nodes.clients.values()}
+    assert {address for _, address in sessions} == clients
+    assert {a.version for a in clients} == {4, 6}
+    assert pool.space6 is not None
+    six = in_space(allocation, pool.space6)
+    for name, address in sessions:
+        assert (allocation if address.version == 4 else six).owner(address) == name
+    # Every router holds each server's masked join in both families: IGMPv3 masks for
+    # the IPv4 group, MLDv2 masks for the IPv6 group, the same buckets.
+    router = run.nodes.routers["ra"]
+    assert isinstance(router, DualStackRouter)
+    joined = router.membership()
+    assert len(joined[GROUPS[0]]) == 4 and len(joined[GROUPS[1]]) == 4
+    assert all(":" not in f for f in joined[GROUPS[0]].values())
+    assert all(":" in f for f in joined[GROUPS[1]].values())
+
+
+@pytest.mark.parametrize("technique", ("R2", "R3"))
+def test_a_share_change_moves_clients_of_both_families_without_losing_one(technique: str) -> None:
+    run = PoolRun(
+        loads(dual_text(technique=technique, scenario=[(2.0, "set_share", "s1", "share = 0.1")])),
+        "memory",
+        3,
+    )
+    run.network.run_until(5.0)
+    assert outcome(run) == {"resets": 0, "failed": 0, "state_lost": 0, "timeouts": 0}
+    carried = dict(run.live_view().carried)
+    assert carried["forwarded" if technique == "R2" else "transferred"] > 0
+    assert served_now(run)
+    owners = dict(run.live_view().owners)
+    moved = {name for name, owner in owners.items() if owner != "s1"}
+    assert {run.topology.address(n).version for n in moved} == {4, 6}
+
+
+def test_a_dead_servers_clients_of_both_families_are_served_again() -> None:
+    """The coordinator tells its router of the death in both families (a member-down
+    notice for each group): every router drops the dead server's two memberships at
+    once, not when they time out."""
+    run = PoolRun(loads(dual_text(scenario=[(2.0, "kill", "s3", "")])), "memory", 3)
+    run.network.run_until(2.6)
+    for router in run.nodes.routers.values():
+        joined = router.membership()
+        assert (len(joined[GROUPS[0]]), len(joined[GROUPS[1]])) == (3, 3), router.name
+    run.network.run_until(4.5)
+    assert served_now(run)
+
+
+def test_one_load_counts_both_families_clients() -> None:
+    """The pool's load loop sees one load per server: requests of either family, and
+    the busiest buckets by either family's clients (the same buckets)."""
+    run = PoolRun(loads(dual_text()), "memory", 3)
+    run.network.run_until(3.0)
+    for server in run.nodes.servers.values():
+        families = {remote[0].version for _, remote in server.endpoint.keys()}
+        assert families == {4, 6}, server.name
+        buckets = {b.bucket for b in server._hot_buckets(3.0)}
+        allocation = server.coordinator.allocation
+        assert allocation is not None
+        owned = set(map(int, allocation.buckets(server.name).nonzero()[0]))
+        assert buckets and buckets <= owned
+
+
+# -- on real sockets -----------------------------------------------------------------------
+
+
+def test_a_dual_stack_pool_on_the_overlay_serves_everyone_through_a_share_change() -> None:
+    text = dual_text(misses=20, scenario=[(1.5, "set_share", "s1", "share = 0.1")])
+    topo = loads(text)
+    run = patient(PoolRun(topo, "overlay", seed=5, base_port=free_base_port(topo.attachment_count)))
+    changed = Settled(run, lambda alloc: float(alloc.share("s1")) < 0.2, since=1.5)
+    done, summary = run_pool_until(
+        run,
+        every(
+            run,
+            0.05,
+            lambda: run.now >= 3.0 and changed() and served_now(run) and requests_ok(run) > 24 * 4,
+        ),
+    )
+    assert done, f"not settled after {DEADLINE} s: {summary}"
+    assert summary["clients_served_at_end"] == 24
+    assert summary["state_lost"] == 0
