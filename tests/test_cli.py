@@ -128,8 +128,12 @@ def test_every_command_has_help(command: str, mentions: list[str]) -> None:
 # -- demo ----------------------------------------------------------------------------
 
 
-def test_demo_prints_its_summary_as_json_on_the_last_line() -> None:
-    result = manycast_cmd("demo", "--driver", "memory", "--duration", "3", "--json")
+@pytest.mark.parametrize("topology", ["demo", "demo6", "demo-dual"])
+def test_demo_prints_its_summary_as_json_on_the_last_line(topology: str) -> None:
+    """The demo on each family's network, and on a dual-stack pool's."""
+    result = manycast_cmd(
+        "demo", "--topology", topology, "--driver", "memory", "--duration", "3", "--json"
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert isinstance(summary, dict)
@@ -187,6 +191,19 @@ def test_topology_check_on_the_demo() -> None:
     assert "240 clients, 11 links, 3 scenario steps" in out
     for node in ("ra", "core", "rs1", "rs2", "s1", "s5", "a1", "b1"):
         assert f" {node} " in out, node
+
+
+def test_topology_check_shows_both_families_of_a_dual_stack_pool() -> None:
+    result = manycast_cmd("topology", "check", "demo-dual")
+    assert result.returncode == 0, result.stderr
+    out = flat(result.stdout)
+    assert "pool service.manycast.test -> 232.1.1.1:7000 and [ff3e::8000:1]:7000" in out
+    assert "IPv4: clients in 0.0.0.0/0" in out and "IPv6: clients in 2001:db8::/32" in out
+    assert "dual-stack, one allocation over both families" in out
+    # a server's one interface with both addresses; a client of each family
+    assert "eth0 10.254.0.2/30 2001:db8:fffe::2/64 (rs1-s1)" in out
+    assert "10.1.0.2/16 (ra-a)" in out and "2001:db8:a::2/64 (ra-six-a)" in out
+    assert "240 clients, 13 links, 3 scenario steps" in out
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,15 @@ dual-stack; each client LAN is of one family.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from manycast.errors import ManycastError
 from manycast.ports import free_base_port
 from manycast.protocol.dualstack import DualStackRouter, in_space
 from manycast.runtime import PoolRun
@@ -157,6 +160,24 @@ def test_a_dual_stack_pools_spaces_and_groups_are_checked(
 ) -> None:
     with pytest.raises(TopologyError, match=message):
         loads(dual_text(pool=keys))
+
+
+def test_the_kernel_lab_refuses_a_dual_stack_pool_by_name(tmp_path: Path) -> None:
+    """Refused before anything is built (a lab of its own prefix, taken down whatever
+    happens)."""
+    from manycast.lab import Lab
+
+    lab = Lab(prefix=f"dual{os.getpid()}", run_root=tmp_path)
+    try:
+        with pytest.raises(ManycastError) as refused:
+            lab.up(dual_text())
+    finally:
+        if os.geteuid() == 0:
+            lab.down()
+    message = str(refused.value)
+    assert "a dual-stack pool is not supported yet in the kernel lab" in message or (
+        "root" in message
+    )
 
 
 # -- the pool on the memory driver --------------------------------------------------------

@@ -117,6 +117,12 @@ class Lab:
         if plane not in PLANES:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
+        if topology.pool.dual:
+            raise LabError(
+                "a dual-stack pool is not supported yet in the kernel lab (its daemons run"
+                " one family's multicast routing table): run it on the overlay or the memory"
+                " driver (manycast demo --topology demo-dual)"
+            )
         family = topology.pool.space.family
         if family == 6 and topology.pool.vip is not None:
             raise LabError(
