@@ -41,7 +41,7 @@ from manycast.protocol.tcp import Demultiplexer, SessionConfig, State
 from manycast.runtime import PoolRun
 from manycast.space import Allocation
 from manycast.steps import Drain, Kill, SetShare, Step
-from manycast.topology import builtin, loads
+from manycast.topology import builtin, bundled, loads
 from manycast.wire.ip import IPPROTO_TCP, Address, make_packet, parse_packet
 from manycast.wire.transport import (
     ChangeDestination,
@@ -898,6 +898,16 @@ def test_claim_42_a_key_that_cannot_be_fetched_means_refuse(family: int) -> None
 
 
 # -- claim 43: a server that answers with its destination, in a pool that changes ---------
+
+
+def test_redirect6_is_bundled_beside_redirect_with_the_same_pool_and_scenario() -> None:
+    four, six = builtin("redirect"), builtin("redirect6")
+    assert "redirect6" in bundled() and six.pool.space.family == 6
+    assert [(s.at, s.action) for s in six.scenario] == [(s.at, s.action) for s in four.scenario]
+    same = ("technique", "redirect_above", "port", "policy", "heartbeat_s", "name")
+    assert {k: getattr(six.pool, k) for k in same} == {k: getattr(four.pool, k) for k in same}
+    assert six.clients.keys() == four.clients.keys()
+    assert all(a.version == 6 for a in (six.address(n) for n in [*six.clients, *six.servers]))
 
 
 @pytest.mark.parametrize("name", ["redirect", "redirect6"])
