@@ -6,15 +6,17 @@ it will lose onto its own tree at the client's edge router (`FlowTag`); the edge
 pushes the label on that connection's packets to the group, so they reach the
 old owner by label switching while the routers' membership sends everything
 else, new connections included, to the new owner. Each test is named after the
-claim it shows and checks what a client sees as well as the routers' counters.
+claim it shows and checks what a client sees as well as the routers' counters; each
+runs on an IPv4 and on an IPv6 network (labelled packets in MPLS-in-UDP over IPv6).
 """
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
+
+import pytest
 
 from manycast.ports import free_base_port
 from manycast.protocol.router import Router
@@ -24,9 +26,8 @@ from manycast.space import Allocation
 from manycast.steps import Kill, SetShare
 from manycast.topology import loads
 from manycast.wire import control
-from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, IPv4Packet, UDPDatagram
+from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, Address, UDPDatagram, make_packet
 from pooltools import (
-    GROUP,
     Trace,
     allocation,
     patient,
@@ -35,14 +36,17 @@ from pooltools import (
     run_to,
     start,
 )
+from test_dynamic_destination import GROUPS, in_family
 from test_techniques import CLEAN, holders, outcome, overlay_set_share, server_key
 
 R4 = {"technique": "R4", "report_interval_ms": 500}
+family = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 
-def r4_pool(clients: int = 24, **pool: Any) -> str:
-    """clients a1.. -- ra -- core -- rs1 (s1, s3) / rs2 (s2, s4), technique R4."""
-    return pool_toml(clients=clients, rate=4.0, pool={**R4, **pool})
+def r4_pool(family: int = 4, clients: int = 24, **pool: Any) -> str:
+    """clients a1.. -- ra -- core -- rs1 (s1, s3) / rs2 (s2, s4), technique R4, on an
+    IPv4 network or the same on an IPv6 one (`family`)."""
+    return in_family(pool_toml(clients=clients, rate=4.0, pool={**R4, **pool}), family)
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class Sent:
     at: float
     server: str
     message: control.ControlMessage
-    to: ipaddress.IPv4Address | None
+    to: Address | None
 
 
 def record_technique(run: PoolRun) -> list[Sent]:
@@ -74,7 +78,7 @@ def plane(router: Router) -> VipPlane:
     return router.vip
 
 
-def edge_address(run: PoolRun) -> ipaddress.IPv4Address:
+def edge_address(run: PoolRun) -> Address:
     """The clients' edge router's address on their network."""
     ra = run.nodes.routers["ra"]
     client = next(iter(run.nodes.clients.values()))
@@ -140,8 +144,11 @@ def installed_at(run: PoolRun, server: str, allocation_after: Allocation) -> flo
 # -- Fig 16, 1600: a tag-switched path per connection, made before the change ------------
 
 
-def test_claim_13_39_before_a_change_each_server_tags_every_connection_it_will_lose() -> None:
-    run, _, sent = settled_pool(r4_pool())
+@family
+def test_claim_13_39_before_a_change_each_server_tags_every_connection_it_will_lose(
+    family: int,
+) -> None:
+    run, _, sent = settled_pool(r4_pool(family))
     routers = run.nodes.routers
     # Each server roots a tree that reaches the clients' edge router.
     for name, server in run.nodes.servers.items():
@@ -159,7 +166,7 @@ def test_claim_13_39_before_a_change_each_server_tags_every_connection_it_will_l
         # to the group: the old owner's path.
         assert item.to == edge
         assert message.server == run.nodes.servers[item.server].address
-        assert (flow.protocol, flow.vip, flow.vip_port) == (IPPROTO_TCP, GROUP, port)
+        assert (flow.protocol, flow.vip, flow.vip_port) == (IPPROTO_TCP, GROUPS[family], port)
         by_server.setdefault(item.server, set()).add((int(flow.client), flow.client_port))
         # Made before the server ceased serving that part of the space.
         assert item.at < installed_at(run, item.server, change.new), item
@@ -184,8 +191,9 @@ def test_claim_13_39_before_a_change_each_server_tags_every_connection_it_will_l
 # -- Fig 16, 1620-1630: old connections go on by label, new ones by the allocation ---------
 
 
-def test_claim_14_moved_connections_reach_their_old_owner_by_label_switching() -> None:
-    run, trace, sent = settled_pool(r4_pool())
+@family
+def test_claim_14_moved_connections_reach_their_old_owner_by_label_switching(family: int) -> None:
+    run, trace, sent = settled_pool(r4_pool(family))
     change = reallocate(run)
     routers = run.nodes.routers
     clients = run.nodes.clients
@@ -245,11 +253,14 @@ def test_claim_14_moved_connections_reach_their_old_owner_by_label_switching() -
         assert client.stats.first_ok_after(reopened + 3.0) is not None, client.name
 
 
-def test_a_tag_whose_server_died_falls_back_to_the_allocation_and_black_holes_nothing() -> None:
+@family
+def test_a_tag_whose_server_died_falls_back_to_the_allocation_and_black_holes_nothing(
+    family: int,
+) -> None:
     """The old owner dies holding tagged connections: once its tree is withdrawn the
     edge stops pushing, the packets follow the allocation to the new owner, which
     resets them (R4 keeps no state elsewhere), and the clients reconnect there."""
-    run, _, _ = settled_pool(r4_pool())
+    run, _, _ = settled_pool(r4_pool(family))
     change = reallocate(run)
     clients = run.nodes.clients
     orphans = {n for n, (old_owner, _) in change.moved.items() if old_owner == "s1"}
@@ -281,13 +292,14 @@ def test_a_tag_whose_server_died_falls_back_to_the_allocation_and_black_holes_no
 # -- where tags may come from ------------------------------------------------------------
 
 
-def control_packet(src: ipaddress.IPv4Address, dst: ipaddress.IPv4Address, message: Any) -> bytes:
+def control_packet(src: Address, dst: Address, message: Any) -> bytes:
     udp = UDPDatagram(7946, 7946, control.encode(message)).to_wire(src, dst)
-    return IPv4Packet.make(src, dst, IPPROTO_UDP, udp, ttl=8).to_wire()
+    return make_packet(src, dst, IPPROTO_UDP, udp, ttl=8).to_wire()
 
 
-def test_the_edge_takes_r4_tags_only_from_a_pool_server_for_its_own_tree() -> None:
-    run, _, _ = settled_pool(r4_pool())
+@family
+def test_the_edge_takes_r4_tags_only_from_a_pool_server_for_its_own_tree(family: int) -> None:
+    run, _, _ = settled_pool(r4_pool(family))
     ra = run.nodes.routers["ra"]
     edge = plane(ra)
     client = next(iter(run.nodes.clients.values()))
@@ -295,10 +307,11 @@ def test_the_edge_takes_r4_tags_only_from_a_pool_server_for_its_own_tree() -> No
     core = next(i for i in ra.interfaces.values() if i.name in ra.router_ifaces)
     s1, s2 = (run.nodes.servers[n].address for n in ("s1", "s2"))
     port = run.topology.pool.port
-    flow = control.FlowKey(IPPROTO_TCP, client.address, 1234, GROUP, port)
-    elsewhere = control.FlowKey(IPPROTO_TCP, client.address, 1234, GROUP + 1, port)
+    group = GROUPS[family]
+    flow = control.FlowKey(IPPROTO_TCP, client.address, 1234, group, port)
+    elsewhere = control.FlowKey(IPPROTO_TCP, client.address, 1234, group + 1, port)
 
-    def deliver(iface: str, src: ipaddress.IPv4Address, message: Any) -> None:
+    def deliver(iface: str, src: Address, message: Any) -> None:
         ra.receive(iface, control_packet(src, lan.address, message), run.now)
 
     refused = edge.stats.refused
@@ -324,9 +337,10 @@ def test_the_edge_takes_r4_tags_only_from_a_pool_server_for_its_own_tree() -> No
     assert edge.stats.refused == refused + len(forged)
 
 
-def test_only_r4_pools_build_label_trees() -> None:
+@family
+def test_only_r4_pools_build_label_trees(family: int) -> None:
     for technique in ("R1", "R2", "R3", "R4"):
-        run = PoolRun(loads(r4_pool(technique=technique)), "memory", seed=1)
+        run = PoolRun(loads(r4_pool(family, technique=technique)), "memory", seed=1)
         trees = technique == "R4"
         assert all((r.vip is not None) == trees for r in run.nodes.routers.values()), technique
         assert all(s.roots_tree == trees for s in run.nodes.servers.values()), technique
@@ -335,13 +349,16 @@ def test_only_r4_pools_build_label_trees() -> None:
 # -- on real sockets -----------------------------------------------------------------------
 
 
-def test_claim_14_on_real_sockets_moved_connections_reach_their_old_owner_by_label() -> None:
+@family
+def test_claim_14_on_real_sockets_moved_connections_reach_their_old_owner_by_label(
+    family: int,
+) -> None:
     """The overlay (UDP sockets on loopback, wall-clock time): s1 drops to 10% once
     every client has a session; every session goes on, on the same connection, the
     moved ones by label to their old owner."""
     # Failure detection is not under test: a generous timeout (3 s) keeps a busy
     # host's stalls from passing for deaths.
-    topo = loads(r4_pool(clients=16, heartbeat_misses=30))
+    topo = loads(r4_pool(family, clients=16, heartbeat_misses=30))
     run = patient(PoolRun(topo, "overlay", seed=7, base_port=free_base_port(topo.attachment_count)))
     clients = run.nodes.clients
     routers = run.nodes.routers

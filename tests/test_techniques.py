@@ -5,7 +5,8 @@ new owner; R2 forwards them to the old owner (optionally closing after the
 current transaction); R3 transfers their state to the new owner; R4 tags them
 onto the old owner's label-switched tree at the clients' edge router. Every
 client keeps a running total with the service, so a lost state is visible to the
-user (`state_lost`), as are resets and failures.
+user (`state_lost`), as are resets and failures. Every test runs on an IPv4 and on
+an IPv6 network (the same topology, numbered in either family).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from pooltools import DEADLINE, Settled, agreed, every, once, patient, served_no
 
 TECHNIQUES = tuple(t for t in Technique if t is not Technique.D)  # D: test_dynamic_destination
 KEEPERS = ("R2", "R3", "R4")  # the techniques that keep every session
+family = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+# Per family: the pool's group and the clients' LAN.
+GROUPS = {4: "232.1.1.1", 6: "ff3e::8000:1"}
+LANS = {4: "10.1.0.0/16", 6: "2001:db8:c::/64"}
 
 ConnKey = tuple[tuple[ipaddress.IPv4Address, int], tuple[ipaddress.IPv4Address, int]]
 
@@ -41,6 +46,7 @@ ConnKey = tuple[tuple[ipaddress.IPv4Address, int], tuple[ipaddress.IPv4Address, 
 def topology(
     technique: str,
     *,
+    family: int = 4,
     clients: int = 32,
     rate: float = 4.0,
     scenario: Iterable[tuple[float, str, str]] = (),
@@ -49,7 +55,8 @@ def topology(
     duration: float = 6.0,
 ) -> str:
     """Clients behind `ra`; s1, s3 behind rs1 and s2, s4 (and standby s5) behind rs2,
-    so a moved connection may have to cross a different router than before."""
+    so a moved connection may have to cross a different router than before; every
+    address of `family` (the routers' and servers' from the address plan)."""
     steps = "".join(
         f'[[scenario]]\nat = {at}\naction = "{action}"\nserver = "{server}"\n'
         + ("share = 0.10\n" if action == "set_share" else "")
@@ -57,7 +64,7 @@ def topology(
     )
     return f"""
 [pool]
-group = "232.1.1.1"
+group = "{GROUPS[family]}"
 heartbeat_ms = 100
 heartbeat_misses = {misses}
 report_interval_ms = 500
@@ -99,7 +106,7 @@ standby = true
 name = "c"
 count = {clients}
 router = "ra"
-subnet = "10.1.0.0/16"
+subnet = "{LANS[family]}"
 stride = 97
 rate = {rate}
 
@@ -345,10 +352,13 @@ def check_kept(
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
-def test_reallocation_keeps_or_resets_sessions_as_the_technique_says(technique: str) -> None:
+@family
+def test_reallocation_keeps_or_resets_sessions_as_the_technique_says(
+    technique: str, family: int
+) -> None:
     """Fig 11's cut (s1 from 25% to 10%), then a standby server joins: each time,
     what the technique promises the clients whose portions moved."""
-    run = start(topology(technique))
+    run = start(topology(technique, family=family))
     control = count_control(run)
     advance(run, 2.0)
     servers = run.nodes.servers
@@ -369,8 +379,11 @@ def test_reallocation_keeps_or_resets_sessions_as_the_technique_says(technique: 
 # -- R2 with close after the current transaction -------------------------------------
 
 
-def test_r2_closes_moved_sessions_after_an_answer_and_they_reopen_on_the_new_owner() -> None:
-    run = start(topology("R2", close_after_transaction=True))
+@family
+def test_r2_closes_moved_sessions_after_an_answer_and_they_reopen_on_the_new_owner(
+    family: int,
+) -> None:
+    run = start(topology("R2", family=family, close_after_transaction=True))
     advance(run, 2.0)
     record = change(run, "set_share", "s1")
     servers = run.nodes.servers
@@ -394,11 +407,14 @@ def test_r2_closes_moved_sessions_after_an_answer_and_they_reopen_on_the_new_own
 
 
 @pytest.mark.parametrize("technique", KEEPERS)
-def test_two_reallocations_in_quick_succession_keep_every_session(technique: str) -> None:
+@family
+def test_two_reallocations_in_quick_succession_keep_every_session(
+    technique: str, family: int
+) -> None:
     """s1 drops to 10%, and 0.2 s later s4 gives up everything, so some of s1's
     clients, which went to s4, come straight back to s1 while the first handover
     may still be under way."""
-    run = start(topology(technique))
+    run = start(topology(technique, family=family))
     advance(run, 2.0)
     first = change(run, "set_share", "s1", settle=0.2)
     second = change(run, "set_share", "s4", settle=1.8, share=Fraction(0))
@@ -415,10 +431,13 @@ def test_two_reallocations_in_quick_succession_keep_every_session(technique: str
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
 @pytest.mark.parametrize("victim", ["s3", "s1"], ids=["server", "coordinator"])
-def test_clients_of_a_dead_server_are_served_again(technique: str, victim: str) -> None:
+@family
+def test_clients_of_a_dead_server_are_served_again(
+    technique: str, victim: str, family: int
+) -> None:
     """A crash loses the sessions on the dead server (no technique can save them),
     but its clients are served again by the others, whether it coordinated or not."""
-    run = start(topology(technique, clients=24, scenario=[(2.0, "kill", victim)]))
+    run = start(topology(technique, family=family, clients=24, scenario=[(2.0, "kill", victim)]))
     advance(run, 1.99)
     before = current(run)
     orphans = {n for n, c in run.nodes.clients.items() if before.owner(c.address) == victim}
@@ -440,11 +459,12 @@ def test_clients_of_a_dead_server_are_served_again(technique: str, victim: str) 
     "technique",
     ["R2", "R3", "R4"],
 )
-def test_moved_sessions_whose_holder_dies_are_served_again(technique: str) -> None:
+@family
+def test_moved_sessions_whose_holder_dies_are_served_again(technique: str, family: int) -> None:
     """After a reallocation the moved sessions live on one server (R2, R4: the old
     owner; R3: the new one). When it crashes, those clients must still get served:
     by a reset and a reconnect, or at worst after their request times out."""
-    run = start(topology(technique))
+    run = start(topology(technique, family=family))
     advance(run, 2.0)
     record = change(run, "set_share", "s1", settle=1.0)
     if technique == "R3":
@@ -475,10 +495,11 @@ def tagged_clients(run: PoolRun) -> set[str]:
     return {names[flow.client] for flow in edge.flows}
 
 
-def test_r4_pins_go_away_when_the_pinned_connections_close() -> None:
+@family
+def test_r4_pins_go_away_when_the_pinned_connections_close(family: int) -> None:
     """Moved clients close their pinned sessions: the old owner untags them, the edge
     router forgets those tags, and the clients' next connections go to the new owner."""
-    run = start(topology("R4"))
+    run = start(topology("R4", family=family))
     advance(run, 2.0)
     record = change(run, "set_share", "s1")
     routers = run.nodes.routers
@@ -587,13 +608,14 @@ def overlay_set_share(
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
-def test_overlay_set_share_on_loopback(technique: str) -> None:
+@family
+def test_overlay_set_share_on_loopback(technique: str, family: int) -> None:
     """Real UDP sockets and wall-clock time: s1 drops to 10% as soon as every client
     has a session; R1 resets exactly the moved ones, R2-R4 keep every one with its
     state."""
     # Failure detection is not under test here: a generous timeout (3 s) keeps a busy
     # host's scheduling stalls and backlogs from passing for deaths.
-    topo = loads(topology(technique, clients=20, misses=30))
+    topo = loads(topology(technique, family=family, clients=20, misses=30))
     ports = sum(len(ifaces) for ifaces in topo.interfaces.values())
     run = patient(PoolRun(topo, "overlay", seed=7, base_port=free_base_port(ports)))
     clients = run.nodes.clients
