@@ -6,6 +6,7 @@ session), what each hands back, and their progress lines."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,7 @@ def infra_setup(
             for name, server in servers.items():
                 coordinator = server.coordinator
                 changes = coordinator.changes
-                for at, epoch, why in changes[seen[name] :]:
+                for at, epoch, why in itertools.islice(changes, seen[name], None):
                     state["changes"].append((at - offset, name, epoch, why))
                 seen[name] = len(changes)
                 allocation = coordinator.allocation

@@ -14,7 +14,10 @@ from fractions import Fraction
 from ipaddress import IPv4Address
 from typing import Any
 
+import pytest
+
 from manycast import policy
+from manycast.protocol import coordination
 from manycast.protocol.coordination import (
     PoolSettings,
     apply_op,
@@ -236,3 +239,21 @@ def test_the_pool_starts_from_the_configured_shares() -> None:
     elsewhere = starting_state(_settings(), weighted.allocation)
     assert elsewhere is not None
     assert dict(elsewhere.weights) == held_weights(weighted.allocation)
+
+
+def test_a_coordinators_history_of_changes_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool that runs for months commits changes without end; each coordinator keeps
+    only the latest `CHANGES_KEPT` of them (here 8 of 20 share changes and more)."""
+    monkeypatch.setattr(coordination, "CHANGES_KEPT", 8)
+    steps = [
+        (1.0 + 0.25 * k, "set_share", {"server": "s2", "share": 0.2 + 0.02 * k}) for k in range(20)
+    ]
+    text = pool_toml(servers=3, clients=4, scenario=steps, duration=7.0, pool={"index_bits": 8})
+    run, _trace = start(text, seed=5)
+    run_to(run, 7.0)
+    for name, server in run.nodes.servers.items():
+        kept = server.coordinator.changes
+        assert len(kept) == 8, (name, list(kept))
+        # the newest are kept, in order, ending at the epoch the server is in
+        assert [epoch for _, epoch, _ in kept] == sorted(epoch for _, epoch, _ in kept)
+        assert kept[-1][1] == server.coordinator.epoch >= 20

@@ -38,6 +38,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -61,6 +62,7 @@ from manycast.wire.errors import WireError
 COMMAND_PATIENCE = 10.0  # seconds an operator's command is resent before it is dropped
 WITNESSES = 3  # with the gossip membership: the members whose acks a proposal waits for
 DUTIES_DEBOUNCE = 0.002  # seconds: news of members within this are acted on together
+CHANGES_KEPT = 4096  # the latest adopted changes a coordinator keeps (`changes`)
 
 
 @dataclass
@@ -106,7 +108,9 @@ class Coordinator(PeerView):
         self.epoch = 1 if initial is not None else 0
         self.state = ServerState.ACTIVE if initial is not None else ServerState.JOINING
         self.stats = CoordinatorStats()
-        self.changes: list[tuple[float, int, str]] = []  # (time, epoch, what)
+        # (time, epoch, what) of the latest changes adopted: a history for people
+        # and tests, bounded so that a pool running for months does not grow by it.
+        self.changes: deque[tuple[float, int, str]] = deque(maxlen=CHANGES_KEPT)
         self._seq = 0
         self._outbox: list[control.ControlMessage] = []
         self._to: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
