@@ -16,9 +16,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dns.rdatatype
 import pytest
 
 from manycast.errors import ManycastError
+from manycast.naming.records import record_rrsets
 from manycast.ports import free_base_port
 from manycast.protocol.dualstack import DualStackRouter, in_space
 from manycast.runtime import PoolRun
@@ -37,6 +39,7 @@ def dual_text(
     pool: dict[str, Any] | None = None,
     misses: int = 3,
     run: str = "",
+    extra: str = "",
 ) -> str:
     """clients c1.. (IPv4) and d1.. (IPv6) -- ra -- core -- rs1 (s1, s3) / rs2 (s2, s4),
     every router and server dual-stack."""
@@ -58,9 +61,9 @@ def dual_text(
     for name, subnet in LANS.values():
         text += f'[[clients]]\nname = "{name}"\ncount = {clients}\nrouter = "ra"\nrate = 4.0\n'
         text += f'subnet = "{subnet}"\n'
-    for at, action, server, extra in scenario:
-        text += f'[[scenario]]\nat = {at}\naction = "{action}"\nserver = "{server}"\n{extra}\n'
-    return text + f"[run]\nduration = 6.0\n{run}"
+    for at, action, server, more in scenario:
+        text += f'[[scenario]]\nat = {at}\naction = "{action}"\nserver = "{server}"\n{more}\n'
+    return text + extra + f"[run]\nduration = 6.0\n{run}"
 
 
 def _toml(value: Any) -> str:
@@ -126,7 +129,6 @@ REFUSED = {
     "R4": ({"technique": "R4"}, "technique R4"),
     "D": ({"technique": "D"}, "technique D"),
     "etcd": ({"coordination": "etcd", "etcd": ["http://127.0.0.1:2379"]}, "etcd"),
-    "private": ({"private": True}, "a private pool"),
 }
 
 
@@ -258,7 +260,108 @@ def test_one_load_counts_both_families_clients() -> None:
         assert buckets and buckets <= owned
 
 
+# -- private dual-stack pools -------------------------------------------------------------
+
+# An outsider server that knows the groups, and outsider clients of each family.
+OUTSIDERS = """[[server]]
+name = "evil"
+router = "core"
+authorized = false
+[[clients]]
+name = "x"
+count = 4
+router = "ra"
+subnet = "10.6.0.0/24"
+rate = 4.0
+authorized = false
+[[clients]]
+name = "y"
+count = 4
+router = "ra"
+subnet = "2001:db8:6::/64"
+rate = 4.0
+authorized = false
+"""
+
+
+def assert_members_served_and_outsiders_refused(run: PoolRun, summary: dict[str, Any]) -> None:
+    assert summary["clients"] == 24 and summary["clients_served_at_end"] == 24
+    assert summary["requests_failed"] == 0
+    assert summary["outsiders"] == 8 and summary["outsider_answers"] == 0
+    evil = run.nodes.servers["evil"]
+    assert evil.app.requests == 0 and evil.stats.sessions_opened == 0
+    for name in (*(f"x{i}" for i in range(1, 5)), *(f"y{i}" for i in range(1, 5))):
+        assert run.nodes.clients[name].stats.requests_ok == 0, name
+    # Each group is delivered to the members alone, in its family: their signed
+    # IGMPv3 joins for the IPv4 group, their signed MLDv2 joins for the IPv6 group.
+    members = [run.nodes.servers[f"s{i}"] for i in range(1, 5)]
+    for router in run.nodes.routers.values():
+        joined = router.membership()
+        assert set(joined[GROUPS[0]]) == {str(s.address) for s in members}, router.name
+        assert set(joined[GROUPS[1]]) == {str(s.address6) for s in members}, router.name
+    core, ra = run.nodes.routers["core"], run.nodes.routers["ra"]
+    assert core.stats.rejected["bad signature"] > 0  # the outsider server's joins
+    assert ra.stats.rejected["unauthorized sender"] >= 8  # both families' outsiders
+
+
+def test_a_private_dual_stack_pool_serves_members_of_both_families_and_no_outsider() -> None:
+    run = PoolRun(loads(dual_text(pool={"private": True}, extra=OUTSIDERS)), "memory", seed=3)
+    run.run(6.0)
+    assert_members_served_and_outsiders_refused(run, run.summary())
+    # The IPv6 logic of each router admitted the MLDv2 joins with the key of the
+    # IPv6 group (its own admission: its keys, replay cache and waiting joins).
+    for router in run.nodes.routers.values():
+        assert isinstance(router, DualStackRouter)
+        assert router.six.admission is not None and router.six.admission is not router.admission
+        assert router.six.stats is router.stats
+
+
+def test_a_private_dual_stack_pools_records_are_one_set_with_a_and_aaaa() -> None:
+    """One record at the pool's name with its A and its AAAA, and the key under both
+    groups' reverse names (in-addr.arpa and ip6.arpa); the control channel's own."""
+    run = PoolRun(loads(dual_text(pool={"private": True})), "memory", seed=3)
+    pool_record, control_record = run.pool_records()
+    assert [str(g) for g in pool_record.groups] == list(GROUPS)
+    assert pool_record.private and pool_record.alias == "service.manycast.test."
+    rrsets = {
+        (r.name.to_text(), dns.rdatatype.to_text(r.rdtype)) for r in record_rrsets(pool_record)
+    }
+    assert ("service.manycast.test.", "A") in rrsets and (
+        "service.manycast.test.",
+        "AAAA",
+    ) in rrsets
+    reverse = {name for name, kind in rrsets if kind == "TXT" and name.endswith(".arpa.")}
+    assert {n.split(".")[-3] for n in reverse} == {"in-addr", "ip6"}
+    assert [str(g) for g in control_record.groups] == ["239.255.77.1"]
+    assert pool_record.public_key == control_record.public_key
+
+
 # -- on real sockets -----------------------------------------------------------------------
+
+
+def test_a_private_dual_stack_pool_on_the_overlay_with_its_own_dns_server() -> None:
+    """The run serves the pool's records (A and AAAA, both reverse names) on its own
+    DNS server, and every router fetches each group's key by its reverse name."""
+    topo = loads(dual_text(pool={"private": True}, extra=OUTSIDERS, misses=20))
+    run = patient(PoolRun(topo, "overlay", seed=5, base_port=free_base_port(topo.attachment_count)))
+    routers = run.nodes.routers
+    done, summary = run_pool_until(
+        run,
+        every(
+            run,
+            0.05,
+            lambda: (
+                run.now >= 4.0
+                and served_now(run)
+                and requests_ok(run) > 24 * 4 * 2
+                and routers["ra"].stats.rejected["unauthorized sender"] >= 8
+            ),
+        ),
+    )
+    assert run.dns_address is not None
+    assert done, f"not there after {DEADLINE} s: {summary}"
+    assert_members_served_and_outsiders_refused(run, summary)
+    assert not any(r.stats.rejected["no key"] for r in routers.values())
 
 
 def test_a_dual_stack_pool_on_the_overlay_serves_everyone_through_a_share_change() -> None:

@@ -127,6 +127,8 @@ def build(
         # certification authority's word).
         published = pool.public_key or public_bytes(key)
         directory = {int(pool.group): published}
+        if pool.group6 is not None:  # a dual-stack pool: its IPv6 group has the same key
+            directory[int(pool.group6)] = published
         if pool.private:
             directory[int(pool.control_group)] = published
 
@@ -160,7 +162,7 @@ def build(
             sender_hold=max(pool.register_interval_s, pool.report_interval_s) * 3.5,
             control_port=pool.control_port,
             neighbors=topology.router_neighbors(name),
-            **_dual_options(topology, name),
+            **_dual_options(topology, name, wall_base),
             admission=Admission(plan.is_private_int, wall_base=wall_base) if pool.private else None,
             **_label_options(topology, name),
         )
@@ -246,10 +248,18 @@ def build(
     return Nodes(routers, servers, standby, clients, links, vip_routers, directory)
 
 
-def _dual_options(topology: Topology, router: str) -> dict[str, Any]:
+def _dual_options(topology: Topology, router: str, wall_base: float) -> dict[str, Any]:
     """What a dual-stack pool's router is told beside `Router`'s options: its neighbour
-    routers' IPv6 addresses."""
-    return {"neighbors6": topology.router_neighbors(router, 6)} if topology.pool.dual else {}
+    routers' IPv6 addresses and, in a private pool, its IPv6 logic's own admission."""
+    pool = topology.pool
+    if not pool.dual:
+        return {}
+    admission6 = None
+    if pool.private:
+        admission6 = Admission(
+            AddressPlan.from_text(pool.private_ranges).is_private_int, wall_base=wall_base
+        )
+    return {"neighbors6": topology.router_neighbors(router, 6), "admission6": admission6}
 
 
 def _label_options(topology: Topology, router: str) -> dict[str, Any]:

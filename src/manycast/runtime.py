@@ -267,10 +267,12 @@ class PoolRun:
         """What a private pool publishes in DNS: its group and its control channel (A
         and in-addr.arpa names, or in an IPv6 pool AAAA and ip6.arpa names)."""
         pool = self.topology.pool
+        # A dual-stack pool's name: one record set with its A and its AAAA.
+        groups = (pool.group,) if pool.group6 is None else (pool.group, pool.group6)
         return [
             PoolRecord.create(alias, group, f"pool@{pool.name}", raw)
             for alias, group, raw in (
-                (pool.name, pool.group, self.nodes.directory.get(int(pool.group))),
+                (pool.name, groups, self.nodes.directory.get(int(pool.group))),
                 (
                     f"control.{pool.name}",
                     pool.control_group,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from manycast.addressplan import IPV4_LIMIT
+from manycast.protocol.admission import Admission
 from manycast.protocol.node import Interface, family_view
 from manycast.protocol.router import Router
 from manycast.protocol.router6 import Router6
@@ -42,10 +44,13 @@ class DualStackRouter(Router):
         router_ifaces: Any,
         *,
         neighbors6: dict[str, tuple[int, ...]] | None = None,
+        admission6: Admission | None = None,
         **options: Any,
     ) -> None:
         """`Router`'s arguments over every interface, with both families' routes;
-        `neighbors6`: the neighbour routers' IPv6 addresses."""
+        `neighbors6`: the neighbour routers' IPv6 addresses; `admission6`: a private
+        pool's admission of MLDv2 joins (its keys, replay cache and waiting joins are
+        the IPv6 logic's own)."""
         routes = list(routes)
         router_ifaces = set(router_ifaces)
         four, six = family_view(interfaces, 4), family_view(interfaces, 6)
@@ -61,7 +66,7 @@ class DualStackRouter(Router):
             six,
             [r for r in routes if r[0].version == 6],
             router_ifaces & set(six),
-            **{**options, "neighbors": neighbors6},
+            **{**options, "neighbors": neighbors6, "admission": admission6},
         )
         # One node to the driver: one outbox, one list of effects, one set of counters.
         self.six.outbox = self.outbox
@@ -103,12 +108,17 @@ class DualStackRouter(Router):
         error: str | None = None,
         unanswered: bool = False,
     ) -> None:
-        super().provide_key(group, raw, ttl, now, error, unanswered)
-        self.six.provide_key(group, raw, ttl, now, error, unanswered)
+        """The key of `group`, to the logic of its family (an integer group above
+        2**32 is IPv6's, as `AddressPlan.is_private_int` reads it)."""
+        if group >= IPV4_LIMIT:
+            self.six.provide_key(group, raw, ttl, now, error, unanswered)
+        else:
+            super().provide_key(group, raw, ttl, now, error, unanswered)
 
     def restore_key(self, group: int, raw: bytes, stale_for: float, now: float) -> bool:
-        four = super().restore_key(group, raw, stale_for, now)
-        return self.six.restore_key(group, raw, stale_for, now) or four
+        if group >= IPV4_LIMIT:
+            return self.six.restore_key(group, raw, stale_for, now)
+        return super().restore_key(group, raw, stale_for, now)
 
     def membership(self) -> dict[str, dict[str, str]]:
         return {**super().membership(), **self.six.membership()}

@@ -410,6 +410,8 @@ def read_pool(p: TableReader) -> PoolSpec:
         groups = [("control_group", pool.control_group)]
         if vip is None:  # a VIP pool's only group is its control channel
             groups.insert(0, ("group", pool.group))
+        if pool.group6 is not None:  # a dual-stack pool's IPv6 group
+            groups.insert(1, ("group", pool.group6))
         for key, address in groups:
             if not plan.is_private(address):
                 p.fail(

@@ -95,7 +95,6 @@ NOT_YET_FOR_DUAL_STACK = (
     ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
     ("technique", "D", "technique D (dynamic destination)"),
     ("coordination", "etcd", 'coordination = "etcd"'),
-    ("private", True, "a private pool (signed joins in both families)"),
 )
 
 
@@ -103,9 +102,5 @@ def refuse_for_dual_stack(p: TableReader) -> None:
     """Fail on the first key of a dual-stack pool that asks for what it lacks."""
     for key, value, what in NOT_YET_FOR_DUAL_STACK:
         given = p.table.get(key)
-        if isinstance(value, bool):
-            asks = given is value
-        else:
-            asks = isinstance(given, str) and given.upper() == str(value).upper()
-        if asks:
+        if isinstance(given, str) and given.upper() == value.upper():
             p.fail(f"{what} is not supported yet for dual-stack pools (its space is a list)", key)
