@@ -193,23 +193,14 @@ def test_an_ipv6_vip_is_checked(vip: str, message: str) -> None:
         loads(vip6_with('vip = "2001:db8:80::80"', vip))
 
 
-@pytest.mark.parametrize(
-    ("keys", "what"),
-    [
-        ({"technique": "R4"}, "technique R4 on IPv6 is not supported yet in the kernel lab"),
-        (None, "a VIP pool on IPv6 is not supported yet in the kernel lab"),
-    ],
-    ids=["R4", "vip"],
-)
-def test_the_kernel_lab_refuses_what_it_lacks_for_ipv6_by_name(
-    tmp_path: Path, keys: dict[str, Any] | None, what: str
-) -> None:
-    """The memory driver and the overlay run IPv6 VIP pools and R4 (test_vip.py,
-    test_r4_labels.py); the kernel lab refuses them by name before it builds anything.
-    Its prefix and run directory are its own, and it is taken down whatever happens."""
+def test_the_kernel_lab_refuses_an_ipv6_vip_pool_by_name(tmp_path: Path) -> None:
+    """The memory driver and the overlay run IPv6 VIP pools (test_vip.py); the kernel
+    lab refuses one by name before it builds anything. Its prefix and run directory
+    are its own, and it is taken down whatever happens."""
     from manycast.lab import Lab
 
-    text = VIP6_TEXT if keys is None else pool_text(6, pool=keys)
+    what = "a VIP pool on IPv6 is not supported yet in the kernel lab"
+    text = VIP6_TEXT
     lab = Lab(prefix=f"six{os.getpid()}", run_root=tmp_path)
     try:
         with pytest.raises(ManycastError) as refused:

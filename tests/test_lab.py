@@ -660,10 +660,11 @@ def test_lab_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.lab
 @pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
-def test_r4_keeps_active_sources_on_the_old_owner_until_idle(lab_factory) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("family", [4, 6])
+def test_r4_keeps_active_sources_on_the_old_owner_until_idle(lab_factory, family: int) -> None:  # type: ignore[no-untyped-def]
     from manycast.lab import LabRun, Prober
 
-    lab, topology = lab_factory("R4")
+    lab, topology = lab_factory(text=_in_family(TOPOLOGY.replace("{technique}", "R4"), family))
     # The clients start once the pool has settled (else the first owner pins them).
     _wait_settled(lab, topology)
     run = LabRun(lab, topology)

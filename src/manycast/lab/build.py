@@ -130,11 +130,6 @@ class Lab:
                 " trees are SRv6 segments steered by IPv4 rules there): run it on the"
                 " overlay or the memory driver (manycast demo --topology vip6)"
             )
-        if family == 6 and topology.pool.technique == "R4":
-            raise LabError(
-                "technique R4 on IPv6 is not supported yet in the kernel lab: run it on"
-                " the overlay or the memory driver"
-            )
         if topology.pool.coordination == "etcd":
             raise LabError(
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'
