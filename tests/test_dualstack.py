@@ -23,6 +23,7 @@ from manycast.errors import ManycastError
 from manycast.naming.records import record_rrsets
 from manycast.ports import free_base_port
 from manycast.protocol.dualstack import DualStackRouter, in_space
+from manycast.protocol.querier import QUERY_RESPONSE_S
 from manycast.runtime import PoolRun
 from manycast.topology import TopologyError, builtin, bundled, loads
 from pooltools import DEADLINE, Settled, every, patient, requests_ok, run_pool_until, served_now
@@ -242,6 +243,24 @@ def test_a_dead_servers_clients_of_both_families_are_served_again() -> None:
         joined = router.membership()
         assert (len(joined[GROUPS[0]]), len(joined[GROUPS[1]])) == (3, 3), router.name
     run.network.run_until(4.5)
+    assert served_now(run)
+
+
+def test_a_restarted_router_learns_every_member_in_both_families_from_its_queries() -> None:
+    """A dual-stack router that starts knowing nothing sends IGMPv3 and MLDv2 General
+    Queries; every server answers both with its joins of both families at once."""
+    run = PoolRun(loads(dual_text()), "memory", 3)
+    network = run.network
+    network.run_until(1.5)  # type: ignore[union-attr]
+    network.kill("rs1")
+    network.run_until(2.0)  # type: ignore[union-attr]
+    fresh = run.start_router("rs1")
+    network.run_until(2.0 + QUERY_RESPONSE_S + 0.02)  # type: ignore[union-attr]
+    servers = run.nodes.servers.values()
+    joined = fresh.membership()
+    assert set(joined[GROUPS[0]]) == {str(s.address) for s in servers}
+    assert set(joined[GROUPS[1]]) == {str(s.address6) for s in servers}
+    network.run_until(4.0)  # type: ignore[union-attr]
     assert served_now(run)
 
 
