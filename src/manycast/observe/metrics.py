@@ -46,6 +46,7 @@ from manycast.observe.scrape import (
     parse_address,
     registry,
 )
+from manycast.protocol.dualstack import DualStackRouter
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.technique import Technique
 from manycast.summary import served_window
@@ -128,6 +129,7 @@ class PoolInfo:
     technique: str
     policy: str
     private: bool
+    group6: str = ""  # a dual-stack pool's IPv6 group ("": none)
 
 
 @dataclass(eq=False)  # registries keep collectors in dicts: hashed by identity
@@ -178,6 +180,7 @@ class PoolCollector(Collector):
                 str(pool.technique),
                 str(pool.policy),
                 pool.private,
+                str(pool.group6 or ""),
             ),
         )
 
@@ -246,6 +249,7 @@ def pool_families(pool: PoolInfo, servers: Sequence[ServerItem]) -> list[Metric]
             "technique": pool.technique,
             "policy": pool.policy,
             "private": str(pool.private).lower(),
+            **({"group6": pool.group6} if pool.group6 else {}),
         },
     )
     epoch = _gauge(
@@ -390,7 +394,16 @@ def _moves_d(server: Server) -> list[tuple[str, str, int]]:
 
 def _cache_entries(router: Router) -> int:
     # The router keeps its (S, G) forwarding cache privately: group -> source -> outs.
-    return sum(len(sources) for sources in list(router._mfc.values()))
+    return sum(len(sources) for r in _families_of(router) for sources in list(r._mfc.values()))
+
+
+def _memberships(router: Router) -> int:
+    return sum(len(m) for r in _families_of(router) for m in list(r.members.values()))
+
+
+def _families_of(router: Router) -> tuple[Router, ...]:
+    """The router's logic of each family: a dual-stack router's IPv6 one too."""
+    return (router, router.six) if isinstance(router, DualStackRouter) else (router,)
 
 
 def router_families(items: Sequence[RouterItem]) -> list[Metric]:
@@ -481,7 +494,7 @@ def router_families(items: Sequence[RouterItem]) -> list[Metric]:
         for refusal in JOIN_REFUSALS:
             refused.add_metric([name, str(refusal)], rejected.get(refusal, 0))
         entries.add_metric([name], _cache_entries(router) if item.entries is None else item.entries)
-        members.add_metric([name], sum(len(m) for m in list(router.members.values())))
+        members.add_metric([name], _memberships(router))
         if router.vip is not None and plane is not None:
             flows.add_metric([name], len(router.vip.flows))
             tagged.add_metric([name], plane.flows_tagged)
