@@ -114,6 +114,26 @@ def test_routers_and_servers_are_dual_stack_and_each_lan_of_one_family() -> None
     assert topo.gateways6["s1"] == topo.interfaces["rs1"]["eth1"].address6
 
 
+def test_a_dual_stack_link_takes_the_subnet_named_and_the_other_family_from_the_plan() -> None:
+    text = dual_text().replace(
+        '[[server]]\nname = "s1"\nrouter = "rs1"\n',
+        '[[server]]\nname = "s1"\nrouter = "rs1"\nsubnet = "2001:db8:77::/64"\n',
+    )
+    text = text.replace(
+        'between = ["ra", "core"]\n', 'between = ["ra", "core"]\nsubnet = "10.9.9.0/30"\n'
+    )
+    # A LAN whose subnet is left out: an IPv6 /64 of the plan.
+    text = text.replace("[run]", '[[clients]]\nname = "e"\ncount = 2\nrouter = "ra"\n[run]')
+    topo = loads(text)
+    s1 = topo.interfaces["s1"]["eth0"]
+    assert str(s1.network6) == "2001:db8:77::/64" and s1.network.prefixlen == 30
+    ra = next(i for i in topo.interfaces["ra"].values() if i.link == "ra-core")
+    assert str(ra.network) == "10.9.9.0/30" and str(ra.network6) == "2001:db8:ffff::/64"
+    assert str(topo.interfaces["e1"]["eth0"].network) == "2001:db8:1::/64"
+    with pytest.raises(TopologyError, match="overlaps"):
+        loads(text.replace("2001:db8:77::/64", "2001:db8:d::/64"))
+
+
 def test_demo_dual_is_bundled_beside_demo_with_the_same_scenario() -> None:
     assert "demo-dual" in bundled()
     demo, dual = builtin("demo"), builtin("demo-dual")
