@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import random
 import re
 from collections.abc import Sequence
 from importlib.resources import files
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from manycast.errors import ManycastError
 from manycast.pool import build
 from manycast.ports import free_base_port
 from manycast.protocol.fastpath import FastPath
@@ -191,24 +188,6 @@ BAD_VIP = {
 def test_an_ipv6_vip_is_checked(vip: str, message: str) -> None:
     with pytest.raises(TopologyError, match=re.escape(message)):
         loads(vip6_with('vip = "2001:db8:80::80"', vip))
-
-
-def test_the_kernel_lab_refuses_an_ipv6_vip_pool_by_name(tmp_path: Path) -> None:
-    """The memory driver and the overlay run IPv6 VIP pools (test_vip.py); the kernel
-    lab refuses one by name before it builds anything. Its prefix and run directory
-    are its own, and it is taken down whatever happens."""
-    from manycast.lab import Lab
-
-    what = "a VIP pool on IPv6 is not supported yet in the kernel lab"
-    text = VIP6_TEXT
-    lab = Lab(prefix=f"six{os.getpid()}", run_root=tmp_path)
-    try:
-        with pytest.raises(ManycastError) as refused:
-            lab.up(text)
-    finally:
-        if os.geteuid() == 0:
-            lab.down()
-    assert what in str(refused.value) or "root" in str(refused.value)
 
 
 def test_moving_live_tcp_connections_is_refused_for_ipv6() -> None:

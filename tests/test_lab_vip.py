@@ -5,7 +5,8 @@ daemon, which sends them down the chosen server's SRv6 segment and tags the flow
 at the client's edge router (a conntrack mark); the flow's next packets take the
 segment from the edge. Each server runs an HTTP/1.1 server on the VIP and
 answers straight from it. They need root (network namespaces, SRv6, nftables);
-elsewhere they skip and say why. CI runs them as root.
+elsewhere they skip and say why. CI runs them as root. Each runs on vip.toml and on
+vip6.toml (an IPv6 VIP: IPv6 in IPv6 segments, End.DX6 at the last hop).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
 NEEDS_TOOLS = "the VIP lab tests need nft, curl and wrk: run `make lab-deps` as root"
 
 # The bundled vip.toml (two VIP routers, four servers and a standby, its scenario),
-# with two clients per LAN instead of sixty.
-VIP_TOML = (
-    files("manycast")
-    .joinpath("topologies", "vip.toml")
+# or vip6.toml (the same on an IPv6 network), with two clients per LAN instead of sixty.
+VIP_TOMLS = {
+    family: files("manycast")
+    .joinpath("topologies", name)
     .read_text()
     .replace("count = 60", "count = 2")
-)
+    for family, name in ((4, "vip.toml"), (6, "vip6.toml"))
+}
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 
 def _skip_reason() -> str | None:
@@ -58,13 +61,22 @@ def _wait(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") 
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def vip_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def _url(topology: Any, path: str) -> str:
+    vip = topology.pool.vip
+    host = f"[{vip}]" if vip.version == 6 else str(vip)
+    return f"http://{host}:{topology.pool.port}{path}"
+
+
+@pytest.fixture(scope="module", params=[4, 6], ids=["ipv4", "ipv6"])
+def vip_lab(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
     from manycast.lab import Lab
 
-    lab = Lab(prefix=f"mv{os.getpid()}", run_root=tmp_path_factory.mktemp("viplab"))
+    family = request.param
+    lab = Lab(prefix=f"mv{os.getpid()}f{family}", run_root=tmp_path_factory.mktemp("viplab"))
     lab.down()
-    topology = lab.up(VIP_TOML, "vip-test.toml")
+    topology = lab.up(VIP_TOMLS[family], "vip-test.toml")
     try:
         # Ready: both VIP routers follow the servers (they know every live server).
         def following() -> bool:
@@ -94,7 +106,9 @@ class _KeepAlive:
     def __init__(self, lab: Any, topology: Any, client: str) -> None:
         from manycast.drivers import netns
 
-        self.sock = netns.socket_in(lab.ns(client), socket.AF_INET, socket.SOCK_STREAM)
+        vip = topology.pool.vip
+        family = socket.AF_INET6 if vip.version == 6 else socket.AF_INET
+        self.sock = netns.socket_in(lab.ns(client), family, socket.SOCK_STREAM)
         self.sock.settimeout(5.0)
         self.sock.connect((str(topology.pool.vip), topology.pool.port))
         self.file = self.sock.makefile("rb")
@@ -125,7 +139,7 @@ def test_lab_vip_curl_is_answered_from_the_vip_and_the_edge_tags_its_flow(vip_la
     lab, topology = vip_lab
     from manycast.drivers import netns
 
-    vip = f"http://{topology.pool.vip}:{topology.pool.port}/hello"
+    vip = _url(topology, "/hello")
     before = _status(lab, "vr1", "vip_router")["stats"]["flows"]
     marks = _edge_marks(lab)
     done = subprocess.run(
@@ -172,7 +186,7 @@ def test_lab_vip_wrk_across_share_change_vip_router_kill_and_server_added(vip_la
     lab, topology = vip_lab
     from manycast.drivers import netns
 
-    url = f"http://{topology.pool.vip}:{topology.pool.port}/"
+    url = _url(topology, "/")
     wrk = subprocess.Popen(
         ["wrk", "-t", "2", "-c", "16", "-d", "9s", "--timeout", "3s", url],
         preexec_fn=lambda: netns.enter(lab.ns("b1")),
@@ -228,8 +242,9 @@ def _get_once(lab: Any, topology: Any, client: str, path: str) -> str:
         conn.close()
 
 
+@FAMILIES
 def test_lab_run_vip_scenario_every_request_answered_each_flow_on_one_server(
-    tmp_path: Path,
+    tmp_path: Path, family: int
 ) -> None:
     """`manycast lab run` on vip.toml (a share change, a VIP router killed, a server
     added), with the HTTP prober opening a new connection every four requests:
@@ -237,10 +252,10 @@ def test_lab_run_vip_scenario_every_request_answered_each_flow_on_one_server(
     every client is served at the end."""
     from manycast.lab import Lab, LabRun
 
-    lab = Lab(prefix=f"mw{os.getpid()}", run_root=tmp_path)
+    lab = Lab(prefix=f"mw{os.getpid()}f{family}", run_root=tmp_path)
     lab.down()
     try:
-        topology = lab.up(VIP_TOML, "vip-run.toml")
+        topology = lab.up(VIP_TOMLS[family], "vip-run.toml")
         summary = LabRun(lab, topology).run(topology.duration, settle=15.0)
     finally:
         lab.down()

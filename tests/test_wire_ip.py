@@ -425,3 +425,37 @@ def test_fast_path_refuses_short_and_wrong_version() -> None:
         peek_v6(b"\x40" + bytes(39))
     with pytest.raises(WireError, match="shorter"):
         decrement_hop_limit_v6(bytes(39))
+
+
+@given(
+    st.builds(IPv6Address, st.integers(0, 2**128 - 1)),
+    st.builds(IPv6Address, st.integers(0, 2**128 - 1)),
+    st.sampled_from([6, 17]),
+    st.binary(min_size=20, max_size=60),
+)
+def test_complete_l4_checksum_v6_writes_what_a_receiver_checks(
+    src: IPv6Address, dst: IPv6Address, protocol: int, segment: bytes
+) -> None:
+    """A packet read from a packet socket with checksum offload carries a partial TCP
+    or UDP checksum (the VIP router reads such first packets): completed, it is what
+    the packet's receiver verifies, and nothing else changes."""
+    from manycast.wire.ip import complete_l4_checksum_v6
+
+    if protocol == 17:  # a UDP header's length field is the segment's
+        segment = segment[:4] + len(segment).to_bytes(2, "big") + segment[6:]
+    at = 16 if protocol == 6 else 6
+    partial = segment[:at] + b"\xaa\x55" + segment[at + 2 :]  # whatever was there
+    packet = IPv6Packet.make(src, dst, protocol, partial).to_wire()
+    done = complete_l4_checksum_v6(packet)
+    assert done[:40] == packet[:40] and len(done) == len(packet)
+    assert (
+        done[40 + at + 2 :] == packet[40 + at + 2 :] and done[40 : 40 + at] == packet[40 : 40 + at]
+    )
+    pseudo = src.packed + dst.packed + len(segment).to_bytes(4, "big") + bytes((0, 0, 0, protocol))
+    body = pseudo + done[40:]
+    total = int.from_bytes(body + b"\0" * (len(body) % 2), "big") % 0xFFFF
+    assert total == 0 and done[40 + at : 40 + at + 2] != b"\0\0"
+    # Not TCP or UDP, or an IPv4 packet: unchanged.
+    other = IPv6Packet.make(src, dst, 58, partial).to_wire()
+    assert complete_l4_checksum_v6(other) == other
+    assert complete_l4_checksum_v6(b"\x45" + packet[1:]) == b"\x45" + packet[1:]

@@ -124,12 +124,6 @@ class Lab:
                 " driver (manycast demo --topology demo-dual)"
             )
         family = topology.pool.space.family
-        if family == 6 and topology.pool.vip is not None:
-            raise LabError(
-                "a VIP pool on IPv6 is not supported yet in the kernel lab (its servers'"
-                " trees are SRv6 segments steered by IPv4 rules there): run it on the"
-                " overlay or the memory driver (manycast demo --topology vip6)"
-            )
         if topology.pool.coordination == "etcd":
             raise LabError(
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'

@@ -145,7 +145,8 @@ class HttpProber:
 
     def _connect(self, client: HttpClient) -> None:
         try:
-            sock = netns.socket_in(client.namespace, socket.AF_INET, socket.SOCK_STREAM)
+            family = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
+            sock = netns.socket_in(client.namespace, family, socket.SOCK_STREAM)
         except OSError as exc:
             self._fail(client, f"socket: {exc.strerror}")
             return

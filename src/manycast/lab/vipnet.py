@@ -7,6 +7,9 @@ segment, the rule that carries a flow's conntrack mark onto its packets, the VIP
 on every server's loopback, a blackhole for it at the VIP routers, and at every
 router the VIP routed toward the nearest VIP router (the router daemons keep
 this route on the nearest live one).
+
+On an IPv6 network the links' own addresses carry the segments (nothing is
+added to them), and the last hop is End.DX6.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from typing import Any
 from manycast.drivers import netns
 from manycast.drivers.kernel import srv6
 from manycast.errors import LabError
-from manycast.protocol.node import ipv4_only
 from manycast.topology import Topology
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-def next_hop(topology: Topology, router: str, address: ipaddress.IPv4Address) -> tuple[str, str]:
-    """(interface, IPv4 next hop) from `router` toward `address` by the topology's routes;
+
+def next_hop(topology: Topology, router: str, address: Address) -> tuple[str, str]:
+    """(interface, next hop) from `router` toward `address` by the topology's routes;
     the next hop is `address` itself when it is on one of `router`'s links."""
     for route in topology.routes.get(router, ()):
         if address in route.network:
@@ -40,7 +44,10 @@ def nearest_vip_router(topology: Topology, router: str) -> str | None:
 
 
 def _router_v6(topology: Topology, node: str) -> list[tuple[str, ipaddress.IPv4Interface]]:
-    """`node`'s interfaces on links between routers and VIP routers (IPv6 goes there)."""
+    """`node`'s interfaces on links between routers and VIP routers (IPv6 goes there);
+    none on an IPv6 network, whose links have it already."""
+    if topology.pool.space.family == 6:
+        return []
     carriers = set(topology.routers) | set(topology.vip_routers)
     found = []
     for iface in topology.interfaces[node].values():
@@ -51,28 +58,31 @@ def _router_v6(topology: Topology, node: str) -> list[tuple[str, ipaddress.IPv4I
     return found
 
 
+def _v6_hop(hop: str) -> str:
+    """A next hop's IPv6 address: its own, or an IPv4 link's mirror (`srv6.v6_of`)."""
+    address = ipaddress.ip_address(hop)
+    return hop if address.version == 6 else str(srv6.v6_of(ipaddress.IPv4Address(hop)))
+
+
 def build_vip_plane(topology: Topology, ns: Callable[[str], str]) -> None:
-    if topology.pool.vip is None:
+    vip = topology.pool.vip
+    if vip is None:
         raise LabError("build_vip_plane needs a VIP pool")
-    vip = ipv4_only(topology.pool.vip, "a VIP pool in the kernel lab")
     marks = srv6.server_marks(topology.servers)
-    servers = {
-        name: ipv4_only(topology.address(name), "the kernel lab") for name in topology.servers
-    }
+    servers = {name: topology.address(name) for name in topology.servers}
     for router in topology.routers:
 
         def setup(ipr: Any, router: str = router) -> None:
             for ifname, link_address in _router_v6(topology, router):
                 srv6.add_v6_address(ipr, ifname, link_address)
             for name, address in servers.items():
-                sid = srv6.sid_of(address)
+                sid = srv6.sid_of(address, marks[name])
                 ifname, hop = next_hop(topology, router, address)
                 attached = topology.servers[name].router == router
                 if attached:
-                    srv6.sid_end_dx4(ipr, sid, ifname, str(address))
+                    srv6.sid_end_dx(ipr, sid, ifname, address)
                 else:
-                    hop6 = str(srv6.v6_of(ipaddress.IPv4Address(hop)))
-                    srv6.sid_route(ipr, sid, 128, hop6)
+                    srv6.sid_route(ipr, sid, 128, _v6_hop(hop))
                 srv6.server_table(
                     ipr, vip, marks[name], sid, ifname, str(address) if attached else None
                 )
@@ -80,8 +90,7 @@ def build_vip_plane(topology: Topology, ns: Callable[[str], str]) -> None:
             if nearest is None:
                 srv6.vip_route(ipr, vip, None)
             else:
-                address = ipv4_only(topology.address(nearest), "the kernel lab")
-                srv6.vip_route(ipr, vip, next_hop(topology, router, address)[1])
+                srv6.vip_route(ipr, vip, next_hop(topology, router, topology.address(nearest))[1])
 
         netns.sysctl(
             ns(router),
@@ -97,12 +106,9 @@ def build_vip_plane(topology: Topology, ns: Callable[[str], str]) -> None:
         def setup_vip_router(ipr: Any, name: str = name) -> None:
             for ifname, address in _router_v6(topology, name):
                 srv6.add_v6_address(ipr, ifname, address)
-            gateway = ipv4_only(topology.gateways[name][1], "the kernel lab")
+            gateway = str(topology.gateways[name][1])
             srv6.sid_route(
-                ipr,
-                srv6.SID_PREFIX.network_address,
-                srv6.SID_PREFIX.prefixlen,
-                str(srv6.v6_of(gateway)),
+                ipr, srv6.SID_PREFIX.network_address, srv6.SID_PREFIX.prefixlen, _v6_hop(gateway)
             )
             srv6.blackhole(ipr, vip)
 

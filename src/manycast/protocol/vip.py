@@ -25,7 +25,7 @@ from manycast import policy
 from manycast.protocol.coordination import Coordinator, PoolSettings
 from manycast.protocol.handover import Edges
 from manycast.protocol.labels import LabelTable
-from manycast.protocol.membership import any_source_record
+from manycast.protocol.membership import any_source_record, report_packets
 from manycast.protocol.node import Interface, Node
 from manycast.protocol.vipplane import Flow, flow_of, wrap
 from manycast.space import Allocation
@@ -45,13 +45,7 @@ from manycast.wire.ip import (
     peek_v6,
 )
 from manycast.wire.label import entropy_port, push
-from manycast.wire.membership import (
-    IGMPv3Report,
-    MLDv2Report,
-    RecordType,
-    igmp_packet,
-    mld_packet,
-)
+from manycast.wire.membership import IGMPv3Report, RecordType, igmp_packet
 
 TAG_RESEND = 0.2  # seconds: a flow's packets still reaching us re-send its tag this often
 
@@ -141,6 +135,7 @@ class VipRouter(Node):
         self.tagging = True
         self.stats = VipRouterStats()
         self._seq = 0
+        self._generation = 0  # our MLDv2 reports, numbered
         self._effective: tuple[tuple[int, str, frozenset[str]], Allocation | None] | None = None
 
     # -- node interface ------------------------------------------------------------------
@@ -372,10 +367,15 @@ class VipRouter(Node):
         """Join the control group (every source), as the servers do, to follow them."""
         record = any_source_record(self.settings.control_group, RecordType.MODE_IS_EXCLUDE)
         if isinstance(self.address, ipaddress.IPv6Address):
-            packet = mld_packet(MLDv2Report((record,)), self.address).to_wire()
+            # As a server's: the signed-join TLV names us (an MLDv2 report may leave
+            # from a link-local address, RFC 3810 §5, and the kernel lab's does).
+            self._generation = (self._generation + 1) & 0xFFFFFFFF
+            wall_ms = int((self.settings.wall_base + now) * 1000)
+            packets = report_packets([record], self.address, wall_ms, self._generation, self.rng)
         else:
-            packet = igmp_packet(IGMPv3Report((record,)), self.address).to_wire()
-        self.send(self.iface, packet, self.gateway)
+            packets = [igmp_packet(IGMPv3Report((record,)), self.address).to_wire()]
+        for packet in packets:
+            self.send(self.iface, packet, self.gateway)
         self.timers.arm("report", now + self.settings.report_interval_s)
 
     def _send_control(self, to: Address, message: control.ControlMessage) -> None:

@@ -657,6 +657,28 @@ def decrement_hop_limit_v6(packet: bytes) -> bytes:
     return bytes(out)
 
 
+def complete_l4_checksum_v6(packet: bytes) -> bytes:
+    """`complete_l4_checksum_v4` for an IPv6 packet whose transport header follows
+    the fixed header (no extension headers): its TCP or UDP checksum in full over the
+    IPv6 pseudo-header. Anything else comes back unchanged."""
+    if len(packet) < IPV6_HEADER_LEN or packet[0] >> 4 != 6:
+        return packet
+    protocol = packet[6]
+    at = {IPPROTO_TCP: 16, IPPROTO_UDP: 6}.get(protocol)
+    total = IPV6_HEADER_LEN + int.from_bytes(packet[4:6], "big")
+    if at is None or len(packet) < total or total < IPV6_HEADER_LEN + at + 2:
+        return packet
+    segment = bytearray(packet[IPV6_HEADER_LEN:total])
+    segment[at : at + 2] = b"\0\0"
+    length = len(segment)
+    pseudo = packet[8:40] + struct.pack("!IxxxB", length, protocol)
+    checksum = internet_checksum(pseudo + segment)
+    if protocol == IPPROTO_UDP and checksum == 0:
+        checksum = 0xFFFF
+    segment[at : at + 2] = checksum.to_bytes(2, "big")
+    return packet[:IPV6_HEADER_LEN] + bytes(segment) + packet[total:]
+
+
 def complete_l4_checksum_v4(packet: bytes) -> bytes:
     """`packet` with its TCP or UDP checksum computed in full.
 

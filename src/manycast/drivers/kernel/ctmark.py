@@ -7,7 +7,8 @@ packets overtake its tag. So pyroute2 encodes one template per (protocol,
 destination, port), with sentinel values where the flow's source address and
 port, the mark and the sequence number go, and each flow's message is that
 template with those four fields written in. The kernel's answers (an ACK, or an
-error when it knows no such flow) are read when the socket is readable.
+error when it knows no such flow) are read when the socket is readable. A flow
+to an IPv6 VIP gets an IPv6 template (its addresses 16 bytes).
 """
 
 from __future__ import annotations
@@ -22,29 +23,35 @@ from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
 from pyroute2.netlink.nfnetlink.nfctsocket import IPCTNL_MSG_CT_NEW, NFCTAttrTuple, nfct_msg
 
 NETLINK_NETFILTER = 12
-_SENTINEL_SOURCE = "198.51.100.254"
+_SENTINEL_SOURCE = {socket.AF_INET: "198.51.100.254", socket.AF_INET6: "2001:db8:5e:a1::fe"}
 _SENTINEL_PORT = 0xBEEF
 _SENTINEL_MARK = 0x5EA1F00D
 _SENTINEL_SEQ = 0x0C0FFEE0
 _NLMSGERR = 2
 
 
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def _template(proto: int, daddr: str, dport: int) -> tuple[bytes, int, int, int, int]:
+    family = _family(daddr)
+    source = _SENTINEL_SOURCE[family]
     msg = nfct_msg.create_from(
         mark=_SENTINEL_MARK,
         tuple_orig=NFCTAttrTuple(
-            saddr=_SENTINEL_SOURCE, daddr=daddr, proto=proto, sport=_SENTINEL_PORT, dport=dport
+            family=family, saddr=source, daddr=daddr, proto=proto, sport=_SENTINEL_PORT, dport=dport
         ),
     )
     msg["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
     msg["header"]["sequence_number"] = _SENTINEL_SEQ
-    msg["nfgen_family"] = socket.AF_INET
+    msg["nfgen_family"] = family
     msg.encode()
     data = bytes(msg.data)
     offsets = (
         data.index(struct.pack("=I", _SENTINEL_SEQ)),
-        data.index(socket.inet_aton(_SENTINEL_SOURCE)),
+        data.index(socket.inet_pton(family, source)),
         data.index(struct.pack("!H", _SENTINEL_PORT)),
         data.index(struct.pack("!I", _SENTINEL_MARK)),
     )
@@ -74,7 +81,8 @@ class ConntrackMarker:
         message = bytearray(data)
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         struct.pack_into("=I", message, at_seq, self._seq)
-        message[at_source : at_source + 4] = socket.inet_aton(saddr)
+        packed = socket.inet_pton(_family(saddr), saddr)
+        message[at_source : at_source + len(packed)] = packed
         struct.pack_into("!H", message, at_port, sport)
         struct.pack_into("!I", message, at_mark, mark)
         try:

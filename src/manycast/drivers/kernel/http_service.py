@@ -11,6 +11,7 @@ as the UDP responder's do.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +30,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = BACKLOG
     daemon_threads = True
     service: _Counter
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        if ":" in address[0]:  # an IPv6 VIP
+            self.address_family = socket.AF_INET6
+        super().__init__(address, handler)
 
 
 class _Handler(BaseHTTPRequestHandler):

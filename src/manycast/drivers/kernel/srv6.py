@@ -23,6 +23,12 @@ Router links carry IPv6 beside IPv4: every IPv4 link address `a.b.c.d` also has
 `fd00::a.b.c.d`, so the SIDs' routes mirror the IPv4 ones hop for hop. The
 segment must be routed, not on-link, or the encapsulation would wait forever
 on neighbour discovery.
+
+On an IPv6 network (an IPv6 VIP) the same, natively: the links' own addresses
+carry the SIDs' routes; a server's SID is `fc00:ff::<its mark>` (its address
+does not fit in 32 bits), its last hop `End.DX6 nh6 <server>`; the VIP, its
+routes, tables and rules are IPv6 (`family=10`) and the nftables rule is in a
+table of family `ip6`. The encapsulation carries the client's IPv6 packet.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from manycast.errors import LabError
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+AF_INET6 = 10
 
 LINK_PREFIX = ipaddress.IPv6Network("fd00::/96")
 SID_PREFIX = ipaddress.IPv6Network("fc00:ff::/96")
@@ -49,9 +58,25 @@ def v6_of(address: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(int(LINK_PREFIX.network_address) | int(address))
 
 
-def sid_of(server: ipaddress.IPv4Address) -> ipaddress.IPv6Address:
-    """The segment id of the tree of the server at `server`."""
-    return ipaddress.IPv6Address(int(SID_PREFIX.network_address) | int(server))
+def sid_of(server: Address, mark: int) -> ipaddress.IPv6Address:
+    """The segment id of the tree of the server at `server`, whose mark is `mark`: its
+    IPv4 address in the SID's last 32 bits, or on an IPv6 network its mark."""
+    low = int(server) if server.version == 4 else mark
+    return ipaddress.IPv6Address(int(SID_PREFIX.network_address) | low)
+
+
+def _host(address: Address) -> str:
+    """`address` as one host's route destination."""
+    return f"{address}/{address.max_prefixlen}"
+
+
+def _family(address: Address) -> dict[str, int]:
+    """The route arguments of `address`'s family (IPv4 is pyroute2's default)."""
+    return {"family": AF_INET6} if address.version == 6 else {}
+
+
+def nft_family(vip: Address) -> str:
+    return "ip6" if vip.version == 6 else "ip"
 
 
 def server_marks(servers: Iterable[str]) -> dict[str, int]:
@@ -59,25 +84,27 @@ def server_marks(servers: Iterable[str]) -> dict[str, int]:
     return {name: index + 1 for index, name in enumerate(sorted(servers))}
 
 
-def nft_ruleset(vip: ipaddress.IPv4Address) -> str:
+def nft_ruleset(vip: Address) -> str:
     """A router's rule: each packet to the VIP carries its flow's conntrack mark (0 until
     a VIP router tags the flow), which picks the server's table."""
+    family = nft_family(vip)
     return (
-        f"table ip {NFT_TABLE} {{\n"
+        f"table {family} {NFT_TABLE} {{\n"
         "  chain vip {\n"
         "    type filter hook prerouting priority mangle;\n"
-        f"    ip daddr {vip} ct mark != 0 counter meta mark set ct mark\n"
+        f"    {family} daddr {vip} ct mark != 0 counter meta mark set ct mark\n"
         "  }\n"
         "}\n"
     )
 
 
-def pushed_packets() -> int | None:
+def pushed_packets(family: str = "ip") -> int | None:
     """Packets this namespace's rule put on a server's segment (tagged flows' packets),
-    read from its counter; None when it cannot be read."""
+    read from its counter (`family`: the rule's table's, `nft_family`); None when it
+    cannot be read."""
     try:
         done = subprocess.run(
-            ["nft", "-j", "list", "chain", "ip", NFT_TABLE, "vip"],
+            ["nft", "-j", "list", "chain", family, NFT_TABLE, "vip"],
             capture_output=True,
             timeout=5,
             check=True,
@@ -126,16 +153,20 @@ def sid_route(ipr: Any, sid: ipaddress.IPv6Address, prefixlen: int, via: str) ->
     ipr.route("replace", family=10, dst=f"{sid}/{prefixlen}", gateway=via)
 
 
-def sid_end_dx4(ipr: Any, sid: ipaddress.IPv6Address, ifname: str, server: str) -> None:
-    """The tree's last hop: decapsulate and hand the IPv4 packet to `server`."""
+def sid_end_dx(ipr: Any, sid: ipaddress.IPv6Address, ifname: str, server: Address) -> None:
+    """The tree's last hop: decapsulate and hand the inner packet to `server` (End.DX4
+    for an IPv4 packet, End.DX6 for an IPv6 one)."""
     index = ipr.link_lookup(ifname=ifname)[0]
-    encap = {"type": "seg6local", "action": "End.DX4", "nh4": server}
-    ipr.route("replace", family=10, dst=f"{sid}/128", oif=index, encap=encap)
+    if server.version == 6:
+        encap = {"type": "seg6local", "action": "End.DX6", "nh6": str(server)}
+    else:
+        encap = {"type": "seg6local", "action": "End.DX4", "nh4": str(server)}
+    ipr.route("replace", family=AF_INET6, dst=f"{sid}/128", oif=index, encap=encap)
 
 
 def server_table(
     ipr: Any,
-    vip: ipaddress.IPv4Address,
+    vip: Address,
     mark: int,
     sid: ipaddress.IPv6Address,
     ifname: str,
@@ -145,28 +176,33 @@ def server_table(
     server's segment, or (`direct`: the server is on our own link) straight to it."""
     table = MARK_TABLE_BASE + mark
     index = ipr.link_lookup(ifname=ifname)[0]
+    family = _family(vip)
     if direct is not None:
-        ipr.route("replace", dst=f"{vip}/32", gateway=direct, oif=index, table=table)
+        ipr.route("replace", dst=_host(vip), gateway=direct, oif=index, table=table, **family)
     else:
         encap = {"type": "seg6", "mode": "encap", "segs": str(sid)}
-        ipr.route("replace", dst=f"{vip}/32", oif=index, encap=encap, table=table)
-    ipr.rule("add", fwmark=mark, table=table, priority=RULE_PRIORITY_BASE + mark)
+        ipr.route("replace", dst=_host(vip), oif=index, encap=encap, table=table, **family)
+    ipr.rule("add", fwmark=mark, table=table, priority=RULE_PRIORITY_BASE + mark, **family)
 
 
-def vip_route(ipr: Any, vip: ipaddress.IPv4Address, via: str | None) -> None:
+def vip_route(ipr: Any, vip: Address, via: str | None) -> None:
     """Unmarked packets to the VIP: toward the nearest live VIP router (`via`), or, with
     none alive, nowhere (unreachable: the client hears so at once)."""
     if via is None:
-        ipr.route("replace", dst=f"{vip}/32", type="unreachable")
+        ipr.route("replace", dst=_host(vip), type="unreachable", **_family(vip))
     else:
-        ipr.route("replace", dst=f"{vip}/32", gateway=via)
+        ipr.route("replace", dst=_host(vip), gateway=via, **_family(vip))
 
 
-def blackhole(ipr: Any, vip: ipaddress.IPv4Address) -> None:
+def blackhole(ipr: Any, vip: Address) -> None:
     """At a VIP router: the kernel drops what its daemon reads from the packet socket."""
-    ipr.route("replace", dst=f"{vip}/32", type="blackhole")
+    ipr.route("replace", dst=_host(vip), type="blackhole", **_family(vip))
 
 
-def vip_on_loopback(ipr: Any, vip: ipaddress.IPv4Address) -> None:
+def vip_on_loopback(ipr: Any, vip: Address) -> None:
     """A server accepts the VIP as its own and answers from it (direct server return)."""
-    ipr.addr("add", index=ipr.link_lookup(ifname="lo")[0], address=str(vip), prefixlen=32)
+    index = ipr.link_lookup(ifname="lo")[0]
+    if vip.version == 6:  # usable at once (no duplicate address detection)
+        ipr.addr("add", index=index, address=str(vip), prefixlen=128, flags=0x02)
+    else:
+        ipr.addr("add", index=index, address=str(vip), prefixlen=32)

@@ -26,7 +26,6 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from manycast.drivers.kernel import srv6
 from manycast.drivers.kernel.ctmark import ConntrackMarker
-from manycast.protocol.node import ipv4_only
 
 if TYPE_CHECKING:
     from manycast.protocol.router import Router
@@ -51,7 +50,9 @@ class VipEdge:
             raise ValueError(f"{router.name} takes no part in a VIP pool")
         self.router = router
         self.plane: VipPlane = router.vip
-        self.vip = ipv4_only(topology.pool.vip, "a VIP pool in the kernel lab")
+        self.vip = topology.pool.vip
+        # Addresses of the network's family (the VIP's), from the core's integers.
+        self.address: type[ipaddress.IPv4Address | ipaddress.IPv6Address] = type(self.vip)
         marks = srv6.server_marks(topology.servers)
         self.mark_of = {int(topology.address(name)): mark for name, mark in marks.items()}
         self.stats = EdgeStats()
@@ -89,7 +90,7 @@ class VipEdge:
         mark = self.mark_of.get(server)
         if mark is None:
             return
-        client = str(ipaddress.IPv4Address(flow.client))
+        client = str(self.address(flow.client))
         self.marker.mark(
             flow.protocol, client, flow.client_port, str(self.vip), flow.vip_port, mark
         )
@@ -100,7 +101,7 @@ class VipEdge:
             way = self.router.route(nearest)
             if way is None:
                 return
-            via = str(ipaddress.IPv4Address(way[1]))
+            via = str(self.address(way[1]))
         try:
             srv6.vip_route(self.ipr, self.vip, via)
         except NetlinkError as exc:
@@ -110,10 +111,10 @@ class VipEdge:
         self.stats.vip_route_changes += 1
 
     def status(self) -> dict[str, Any]:
-        via = None if self.via is None or self.via < 0 else str(ipaddress.IPv4Address(self.via))
+        via = None if self.via is None or self.via < 0 else str(self.address(self.via))
         return {
             "tags": len(self.installed),
-            "pushed": srv6.pushed_packets(),
+            "pushed": srv6.pushed_packets(srv6.nft_family(self.vip)),
             "vip_via_router": via,
             "marks_set": self.marker.sent,
             # tags for a flow conntrack does not know (yet, or any more)

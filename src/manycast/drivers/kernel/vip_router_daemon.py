@@ -7,6 +7,8 @@ allocation (it follows the servers' coordination on the control channel through
 the host's `ControlEndpoint`, as a server agent does) and tags the flow at the
 client's edge router; the packet itself goes out here in an IPv6 header to the
 server's segment (`srv6.sid_of`), which the kernel routes to the server's router.
+On an IPv6 network the packet socket reads IPv6 packets to the VIP and the
+segment carries them (IPv6 in IPv6).
 """
 
 from __future__ import annotations
@@ -25,10 +27,10 @@ from manycast.drivers.kernel import srv6
 from manycast.drivers.kernel.endpoint import ControlEndpoint
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.errors import ConfigError
-from manycast.protocol.node import Frame, Node, ipv4_only
+from manycast.protocol.node import Frame, Node
 from manycast.protocol.vip import OntoTree
 from manycast.protocol.vipplane import Flow, flow_of
-from manycast.wire.ip import complete_l4_checksum_v4
+from manycast.wire.ip import complete_l4_checksum_v4, complete_l4_checksum_v6
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -39,26 +41,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("manycast.kernel.vip_router")
 
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
 TP_STATUS_CSUMNOTREADY = 8
 SO_ATTACH_FILTER = 26
 IPPROTO_IPIP = 4
+IPPROTO_IPV6 = 41  # IPv6 in IPv6, as IPIP is IPv4 in IPv6
 _BATCH = 256
 TAG_LEAD = 0.001  # seconds a new flow's first packet waits behind its tag
 
 
-def vip_filter(vip: ipaddress.IPv4Address) -> bytes:
-    """A classic BPF program for a cooked packet socket: keep IPv4 packets to `vip`."""
+def vip_filter(vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """A classic BPF program for a cooked packet socket: keep IPv4 (or IPv6) packets to
+    `vip`: its destination address compared word by word (at 16, or 24 to 36)."""
     insn = struct.Struct("=HBBI")
-    return b"".join(
-        (
-            insn.pack(0x20, 0, 0, 16),  # ld [16]: the destination address
-            insn.pack(0x15, 0, 1, int(vip)),  # jeq #vip, keep, drop
-            insn.pack(0x06, 0, 0, 0xFFFF),  # ret: keep (up to 64 KiB)
-            insn.pack(0x06, 0, 0, 0),  # ret: drop
-        )
-    )
+    start = 16 if vip.version == 4 else 24
+    words = [int.from_bytes(vip.packed[i : i + 4], "big") for i in range(0, len(vip.packed), 4)]
+    program = []
+    for index, word in enumerate(words):
+        drop = 2 * (len(words) - index) - 1  # jumps over the words left, and keep
+        program.append(insn.pack(0x20, 0, 0, start + 4 * index))  # ld [start + 4i]
+        program.append(insn.pack(0x15, 0, drop, word))  # jeq #word, next, drop
+    program.append(insn.pack(0x06, 0, 0, 0xFFFF))  # ret: keep (up to 64 KiB)
+    program.append(insn.pack(0x06, 0, 0, 0))  # ret: drop
+    return b"".join(program)
 
 
 class VipRouterDaemon:
@@ -74,7 +81,12 @@ class VipRouterDaemon:
 
         if topology.pool.vip is None or name not in topology.vip_routers:
             raise ConfigError(f"{name} is not a VIP router of this topology")
-        vip = ipv4_only(topology.pool.vip, "a VIP pool in the kernel lab")
+        vip = topology.pool.vip
+        v6 = vip.version == 6
+        self._complete = complete_l4_checksum_v6 if v6 else complete_l4_checksum_v4
+        self._address = type(vip)
+        marks = srv6.server_marks(topology.servers)
+        self._mark_of = {int(topology.address(n)): mark for n, mark in marks.items()}
         self.loop = KernelLoop(run_dir, name, "vip_router", send=self._send)
         self.loop.on_effect = self._on_effect
         nodes = build(topology, seed=seed, wall_base=self.loop.wall_base, only={name})
@@ -100,14 +112,17 @@ class VipRouterDaemon:
         self._held_until: dict[Flow, float] = {}
         self.sent_to_trees = 0
         self.send_errors = 0
-        self.packets = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
-        self._program = ctypes.create_string_buffer(vip_filter(vip))  # kept alive
-        fprog = struct.pack("HL", 4, ctypes.addressof(self._program))
+        ethertype = ETH_P_IPV6 if v6 else ETH_P_IP
+        self.packets = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ethertype))
+        program = vip_filter(vip)
+        self._program = ctypes.create_string_buffer(program)  # kept alive
+        fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(self._program))
         self.packets.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
         self.packets.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
         self.packets.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.packets.bind((self.iface, ETH_P_IP))
-        self.tunnel = socket.socket(socket.AF_INET6, socket.SOCK_RAW, IPPROTO_IPIP)
+        self.packets.bind((self.iface, ethertype))
+        inner = IPPROTO_IPV6 if v6 else IPPROTO_IPIP
+        self.tunnel = socket.socket(socket.AF_INET6, socket.SOCK_RAW, inner)
         self.loop.watch(self.packets, self._on_packets)
         self.loop.handlers["status"] = self._status
         self.loop.handlers["tagging"] = self._tagging
@@ -127,7 +142,7 @@ class VipRouterDaemon:
             for level, kind, data in ancdata:
                 partial = struct.unpack_from("=I", data)[0] & TP_STATUS_CSUMNOTREADY
                 if level == SOL_PACKET and kind == PACKET_AUXDATA and partial:
-                    packet = complete_l4_checksum_v4(packet)
+                    packet = self._complete(packet)
             # The loop carries out what the core made of the batch once it returns.
             self.core.receive(self.iface, packet, self.loop.now)
 
@@ -156,7 +171,8 @@ class VipRouterDaemon:
             self._held_until.pop(flow, None)
 
     def _onto_tree(self, effect: OntoTree) -> None:
-        sid = str(srv6.sid_of(ipaddress.IPv4Address(effect.server)))
+        server = self._address(effect.server)
+        sid = str(srv6.sid_of(server, self._mark_of.get(effect.server, 0)))
         try:
             self.tunnel.sendto(effect.packet, (sid, 0))
             self.sent_to_trees += 1
@@ -195,7 +211,7 @@ class VipRouterDaemon:
         live on `server`; the flows recorded so."""
         server, port, now = str(request["server"]), int(request["port"]), self.loop.now
         recorded = sum(
-            self.core.moved(int(ipaddress.IPv4Address(c)), int(p), port, server, now)
+            self.core.moved(int(ipaddress.ip_address(c)), int(p), port, server, now)
             for c, p in request["flows"]
         )
         return {"recorded": recorded}
