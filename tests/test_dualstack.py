@@ -299,6 +299,39 @@ def test_one_load_counts_both_families_clients() -> None:
         assert buckets and buckets <= owned
 
 
+def test_a_dual_stack_demo_capture_decodes_in_both_families(tmp_path: Path) -> None:
+    """demo-dual for 3 s on the memory driver, captured: every frame decodes (the Lua
+    dissector reads the masks); each server's IGMPv3 report for the IPv4 group and
+    MLDv2 report for the IPv6 group carry mask pairs of their family; sessions are
+    TCP in IPv4 and in IPv6; the control channel is UDP in IPv4 alone."""
+    from test_pcap import LUA, WHOLE_CAPTURE, demo, fields
+
+    path = tmp_path / "dual.pcapng"
+    done = demo(
+        "--topology", "demo-dual", "--driver", "memory", "--duration", "3", "--pcap", str(path)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = fields(
+        path,
+        "frame.protocols",
+        "manycast.masks.group",
+        "manycast.masks.group6",
+        "udp.dstport",
+        "tcp.dstport",
+        extra=(*WHOLE_CAPTURE, "-X", f"lua_script:{LUA}"),
+    )
+    malformed = [row for row in rows if "_ws.malformed" in row[0]]
+    assert malformed == [], malformed[:5]
+    assert sum(row[1] == GROUPS[0] for row in rows) >= 4  # IGMPv3 masks, IPv4 group
+    assert sum(row[2] == GROUPS[1] for row in rows) >= 4  # MLDv2 masks, IPv6 group
+    for version in ("ip", "ipv6"):  # (Wireshark's names for IPv4 and IPv6)
+        assert (
+            sum(row[0].startswith(f"raw:{version}:tcp") and row[4] == "7000" for row in rows) > 500
+        )
+    control = [row[0].split(":")[1] for row in rows if row[3] == "7946"]
+    assert len(control) > 100 and set(control) == {"ip"}
+
+
 # -- private dual-stack pools -------------------------------------------------------------
 
 # An outsider server that knows the groups, and outsider clients of each family.
