@@ -266,6 +266,20 @@ def test_a_dead_servers_clients_of_both_families_are_served_again() -> None:
     assert served_now(run)
 
 
+def test_the_gossip_membership_serves_a_dual_stack_pool_through_a_death() -> None:
+    """membership = "swim" (point-to-point probes on the IPv4 control port): the dead
+    server's clients of both families are served again, and every router has dropped
+    its joins of both groups."""
+    text = dual_text(pool={"membership": "swim"}, scenario=[(2.0, "kill", "s3", "")])
+    run = PoolRun(loads(text), "memory", 3)
+    run.network.run_until(6.0)  # type: ignore[union-attr]
+    assert served_now(run)
+    assert run.summary()["servers"]["s3"]["status"] == "dead"
+    for router in run.nodes.routers.values():
+        joined = router.membership()
+        assert (len(joined[GROUPS[0]]), len(joined[GROUPS[1]])) == (3, 3), router.name
+
+
 def test_a_restarted_router_learns_every_member_in_both_families_from_its_queries() -> None:
     """A dual-stack router that starts knowing nothing sends IGMPv3 and MLDv2 General
     Queries; every server answers both with its joins of both families at once."""
