@@ -19,7 +19,9 @@ from typing import Any
 import dns.rdatatype
 import pytest
 
+from manycast.dns import EmbeddedServer, KnotServer, knot_available
 from manycast.errors import ManycastError
+from manycast.naming import TsigKey, lookup_key
 from manycast.naming.records import record_rrsets
 from manycast.ports import free_base_port
 from manycast.protocol.dualstack import DualStackRouter, in_space
@@ -420,6 +422,32 @@ def test_a_private_dual_stack_pools_records_are_one_set_with_a_and_aaaa() -> Non
     assert {n.split(".")[-3] for n in reverse} == {"in-addr", "ip6"}
     assert [str(g) for g in control_record.groups] == ["239.255.77.1"]
     assert pool_record.public_key == control_record.public_key
+
+
+@pytest.mark.parametrize("server_kind", ["embedded", "knot"])
+def test_a_dual_stack_pools_records_give_its_routers_the_key_of_each_group(
+    server_kind: str,
+) -> None:
+    """What the runtime publishes (A and AAAA at the name, the key at both reverse
+    names), served by the embedded server or knot, answers a router's question for
+    each of the pool's three groups with the pool's key."""
+    run = PoolRun(loads(dual_text(pool={"private": True})), "memory", seed=3)
+    records = run.pool_records()
+    zone = "manycast.test."
+    if server_kind == "knot":
+        if not knot_available():
+            pytest.skip("knot is not installed; `make dns-deps` installs it (root)")
+        server: Any = KnotServer.for_pool(zone, records, TsigKey.generate("manycast-update."))
+    else:
+        server = EmbeddedServer.for_pool(zone, records, None)
+    pool = run.topology.pool
+    assert pool.group6 is not None
+    with server:
+        for group in (int(pool.group), int(pool.group6), int(pool.control_group)):
+            answer = lookup_key(group, server.address, timeout=5.0)
+            assert answer.reason is None, answer.detail
+            assert answer.public_key == run.nodes.directory[group]
+    run.close()
 
 
 # -- on real sockets -----------------------------------------------------------------------
