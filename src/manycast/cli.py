@@ -768,11 +768,16 @@ def lab_up(
     lab = Lab(prefix)
     text, source = _lab_call(lambda: topology_text(topology))
     topo = _lab_call(lambda: lab.up(text, source, seed=seed, start_servers=servers))
+    vip = topo.pool.vip
+    if vip is None:
+        ask = f"socat - '{socat_address(topo.pool.group, topo.pool.port)}'"
+    else:  # a VIP pool's servers run HTTP on the VIP
+        ask = f"curl -s http://{f'[{vip}]' if vip.version == 6 else vip}:{topo.pool.port}/"
     err.print(
         f"lab {prefix!r} up: {len(topo.interfaces)} namespaces ({prefix}-<node>), "
         f"{len(topo.links)} links; group {topo.pool.group} port {topo.pool.port}. "
         f"Try: manycast lab exec {sorted(topo.clients)[0] if topo.clients else 'NODE'} -- "
-        f"socat - '{socat_address(topo.pool.group, topo.pool.port)}'",
+        f"{ask}",
         markup=False,  # (an IPv6 address in brackets is no markup tag)
     )
 
