@@ -216,18 +216,31 @@ def test_whole_demo_capture_decodes_without_a_malformed_packet(tmp_path: Path) -
 
 
 @pytest.mark.slow
-def test_labelled_packets_decode_as_mpls(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("topology", "ip"), [("vip", "ip"), ("vip6", "ipv6")])
+def test_labelled_packets_decode_as_mpls(tmp_path: Path, topology: str, ip: str) -> None:
     """The VIP pool: tagged flows' packets ride label-switched trees as MPLS in UDP
-    (RFC 7510, port 6635), which tshark decodes as MPLS with the IP packet inside."""
-    path = tmp_path / "vip.pcapng"
-    demo("--topology", "vip", "--driver", "memory", "--duration", "4", "--pcap", str(path))
-    rows = fields(path, "frame.protocols", "udp.dstport", "mpls.label", "mpls.bottom")
+    (RFC 7510, port 6635), which tshark decodes as MPLS with the IP packet inside; on
+    vip6.toml, MPLS in UDP over IPv6 with its UDP checksum, which tshark finds good."""
+    path = tmp_path / f"{topology}.pcapng"
+    demo("--topology", topology, "--driver", "memory", "--duration", "4", "--pcap", str(path))
+    checks = ("-o", "udp.check_checksum:TRUE", "-o", "tcp.check_checksum:TRUE")
+    rows = fields(
+        path,
+        "frame.protocols",
+        "udp.dstport",
+        "mpls.label",
+        "mpls.bottom",
+        "udp.checksum.status",
+        extra=(*WHOLE_CAPTURE, *checks),
+    )
     assert [row for row in rows if "_ws.malformed" in row[0]] == []
     labelled = [row for row in rows if ":mpls:" in row[0]]
     assert len(labelled) > 100
-    assert all(row[0].startswith("raw:ip:udp:mpls:ip:") for row in labelled)
+    assert all(row[0].startswith(f"raw:{ip}:udp:mpls:{ip}:") for row in labelled)
     assert {row[1] for row in labelled} == {"6635"}
     assert all(int(row[2]) >= 16 and row[3] == "1" for row in labelled)  # one unreserved label
+    if ip == "ipv6":  # 1: good (over IPv4 the routers send none: 3, not present)
+        assert {row[4] for row in labelled} == {"1"}
 
 
 @pytest.mark.slow
