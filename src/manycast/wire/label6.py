@@ -43,9 +43,9 @@ _MAX_ADDRESS = (1 << 128) - 1
 # The outer headers as written: version 6 (class and flow label 0), payload length,
 # next header UDP, hop limit; addresses; UDP ports, length, checksum; the top entry.
 _OUTER_V6 = struct.Struct("!IHBB32sHHHHI")
-# The same read back: the first word, payload length, next header, (hop limit), the
-# addresses; source port, destination port, length, checksum, the top entry.
-_READ_V6 = struct.Struct("!IHB1x32sHHHHI")
+# The same read back: the first word, payload length, next header, (hop limit and
+# addresses); source port, destination port, length, checksum, the top entry.
+_READ_V6 = struct.Struct("!IHB33xHHHHI")
 
 
 def _sum16(data: bytes) -> int:
@@ -96,7 +96,7 @@ def read_labelled_v6(packet: bytes) -> tuple[int, int]:
     n = len(packet)
     if n < LABELLED_V6_LEN:
         raise WireError(f"MPLS-in-UDP packet: {n} bytes, shorter than its headers")
-    first, payload_length, next_header, _, sport, dport, udp_length, checksum, word = (
+    first, payload_length, next_header, sport, dport, udp_length, checksum, word = (
         _READ_V6.unpack_from(packet)
     )
     if first >> 28 != 6 or next_header != IPPROTO_UDP or dport != MPLS_UDP_PORT:
@@ -105,9 +105,12 @@ def read_labelled_v6(packet: bytes) -> tuple[int, int]:
         raise WireError("MPLS-in-UDP packet: lengths disagree")
     if not checksum:
         raise WireError("MPLS-in-UDP packet over IPv6 without a UDP checksum")
-    # The pseudo-header (addresses, length, next header), then the whole UDP segment.
-    total = _sum16(packet[8:40]) + udp_length + IPPROTO_UDP + _sum16(packet[IPV6_HEADER_LEN:])
-    if total % 0xFFFF:
+    # The pseudo-header (the addresses, which the UDP segment follows at once: one
+    # number from byte 8 on; the length, the next header), then the UDP segment.
+    covered = int.from_bytes(packet[8:], "big")
+    if n & 1:
+        covered <<= 8  # the last byte padded to a word
+    if (covered + udp_length + IPPROTO_UDP) % 0xFFFF:
         raise WireError("MPLS-in-UDP packet: bad UDP checksum")
     return sport, word
 
@@ -128,7 +131,9 @@ class TunnelV6:
     `dst` (addresses as ints), labelled `label`, outer hop limit `hop_limit`. Bytes
     are exactly those of `wrap_v6` on `label.swap_top` or `label.push`."""
 
-    __slots__ = ("_addresses", "_checked", "_fixed", "_hop_limit", "_word", "dst", "label", "src")
+    __slots__ = (
+        "_addresses", "_checked", "_fixed", "_hop_limit", "_sum", "_word", "dst", "label", "src",
+    )  # fmt: skip
 
     def __init__(self, src: int, dst: int, label: int, hop_limit: int = 1) -> None:
         _check_int("tunnel", "source address", src, _MAX_ADDRESS)
@@ -141,9 +146,8 @@ class TunnelV6:
         self._addresses = src.to_bytes(16, "big") + dst.to_bytes(16, "big")
         # What every packet's checksum holds of this hop: the addresses, UDP's number
         # and the destination port.
-        self._fixed = (
-            int.from_bytes(self._addresses, "big") + IPPROTO_UDP + MPLS_UDP_PORT
-        ) % 0xFFFF
+        self._sum = int.from_bytes(self._addresses, "big") % 0xFFFF  # the addresses' words
+        self._fixed = (self._sum + IPPROTO_UDP + MPLS_UDP_PORT) % 0xFFFF
         self._checked = label in _EXPLICIT_NULL_FAMILY or label == ROUTER_ALERT
 
     def swap(self, packet: bytes, sport: int, word: int) -> bytes | None:
@@ -157,15 +161,16 @@ class TunnelV6:
         if ttl <= 1:
             return None
         new_word = self._word | word & 0xF00 | ttl - 1
-        old = int.from_bytes(packet[8:40], "big") + word
-        new = int.from_bytes(self._addresses, "big") + new_word
-        # RFC 1624: the sum the old checksum stood for, less what left, plus what came.
-        checksum = int.from_bytes(packet[46:48], "big")
-        partial = (0xFFFF - checksum) - old + new
+        # RFC 1624: the sum the old checksum stood for, less what left (the addresses,
+        # the entry), plus what came.
+        partial = (
+            0xFFFF - (packet[46] << 8 | packet[47])
+            - int.from_bytes(packet[8:40], "big") - word + self._sum + new_word
+        ) % 0xFFFF or 0xFFFF  # fmt: skip
         length = len(packet) - IPV6_HEADER_LEN
         head = _OUTER_V6.pack(
             6 << 28, length, IPPROTO_UDP, self._hop_limit, self._addresses,
-            sport, MPLS_UDP_PORT, length, _udp_checksum(partial), new_word,
+            sport, MPLS_UDP_PORT, length, 0xFFFF - partial or 0xFFFF, new_word,
         )  # fmt: skip
         return head + packet[LABELLED_V6_LEN:]
 
