@@ -20,7 +20,6 @@ import dns.rdatatype
 import pytest
 
 from manycast.dns import EmbeddedServer, KnotServer, knot_available
-from manycast.errors import ManycastError
 from manycast.naming import TsigKey, lookup_key
 from manycast.naming.records import record_rrsets
 from manycast.ports import free_base_port
@@ -29,6 +28,7 @@ from manycast.protocol.querier import QUERY_RESPONSE_S
 from manycast.runtime import PoolRun
 from manycast.topology import TopologyError, builtin, bundled, loads
 from pooltools import DEADLINE, Settled, every, patient, requests_ok, run_pool_until, served_now
+from test_lab import _lab_possible
 
 GROUPS = ("232.1.1.1", "ff3e::8000:1")
 LANS = {4: ("c", "10.1.0.0/24"), 6: ("d", "2001:db8:d::/64")}
@@ -187,22 +187,35 @@ def test_a_dual_stack_pools_spaces_and_groups_are_checked(
         loads(dual_text(pool=keys))
 
 
-def test_the_kernel_lab_refuses_a_dual_stack_pool_by_name(tmp_path: Path) -> None:
-    """Refused before anything is built (a lab of its own prefix, taken down whatever
-    happens)."""
-    from manycast.lab import Lab
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+@pytest.mark.parametrize("private", [False, True], ids=["public", "private"])
+def test_the_kernel_lab_serves_both_families_by_their_owners(tmp_path: Path, private: bool) -> None:
+    """The kernel lab (root): every router runs a daemon per family on MRT and MRT6,
+    each server's agent sends its IGMPv3 and MLDv2 joins, its service answers on both
+    groups; through a share change and a death every client of either family is
+    answered by the owner of its address, and each family's kernel table holds its
+    clients' entries. A lab of its own prefix, taken down whatever happens."""
+    from manycast.lab import Lab, LabRun
 
-    lab = Lab(prefix=f"dual{os.getpid()}", run_root=tmp_path)
+    scenario = [(1.0, "set_share", "s1", "share = 0.1"), (2.0, "kill", "s3", "")]
+    text = dual_text(pool={"private": private}, scenario=scenario)
+    lab = Lab(prefix=f"dual{os.getpid()}{'p' if private else ''}", run_root=tmp_path)
     try:
-        with pytest.raises(ManycastError) as refused:
-            lab.up(dual_text())
+        lab.down()
+        topology = lab.up(text, "dual.toml")
+        summary = LabRun(lab, topology).run(topology.duration, settle=30.0)
+        assert summary["clients"] == summary["clients_served_at_end"] == 24, summary
+        assert summary["kernel"]["clients_not_at_owner"] == [], summary
+        assert "s3" not in summary["kernel"]["clients_by_server"]
+        assert all(e["recovery_s"] is not None for e in summary["events"]), summary["events"]
+        entries = {version: lab.mfc("ra", version) for version in (4, 6)}
     finally:
-        if os.geteuid() == 0:
-            lab.down()
-    message = str(refused.value)
-    assert "a dual-stack pool is not supported yet in the kernel lab" in message or (
-        "root" in message
-    )
+        lab.down()
+    for version, subnet in ((4, LANS[4][1]), (6, LANS[6][1])):
+        group = ipaddress.ip_address(GROUPS[0] if version == 4 else GROUPS[1])
+        sources = {e.source for e in entries[version] if e.group == group}
+        assert sum(s in ipaddress.ip_network(subnet) for s in sources) == 12, version
 
 
 # -- the pool on the memory driver --------------------------------------------------------

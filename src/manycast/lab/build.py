@@ -117,12 +117,6 @@ class Lab:
         if plane not in PLANES:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
-        if topology.pool.dual:
-            raise LabError(
-                "a dual-stack pool is not supported yet in the kernel lab (its daemons run"
-                " one family's multicast routing table): run it on the overlay or the memory"
-                " driver (manycast demo --topology demo-dual)"
-            )
         family = topology.pool.space.family
         if topology.pool.coordination == "etcd":
             raise LabError(
@@ -150,6 +144,7 @@ class Lab:
             "plane": plane,
             "emulate_delay": emulate_delay,
             "family": family,
+            "dual": topology.pool.dual,
             "service": "http" if topology.pool.vip is not None else "responder",
         }
         (self.run_dir / "lab.json").write_text(json.dumps(state))
@@ -160,10 +155,14 @@ class Lab:
                 self.start(router, LINK_DELAY)
             for router in delayed:
                 self.wait_ready(router, LINK_DELAY)
+            # A dual-stack pool's routers run a daemon per family (MRT and MRT6).
+            router_roles = ("router", "router6") if topology.pool.dual else ("router",)
             for router in topology.routers:
-                self.start(router, "router")
+                for role in router_roles:
+                    self.start(router, role)
             for router in topology.routers:
-                self.wait_ready(router, "router")
+                for role in router_roles:
+                    self.wait_ready(router, role)
             for vip_router in topology.vip_routers:
                 self.start(vip_router, "vip_router")
             for vip_router in topology.vip_routers:
@@ -262,10 +261,13 @@ class Lab:
         """4 or 6: the family of the pool that is up (its network's)."""
         return int(self.state().get("family", 4))
 
-    def mfc(self, router: str) -> list[mroute.CacheEntry]:
+    def mfc(self, router: str, family: int | None = None) -> list[mroute.CacheEntry]:
         """The kernel's multicast forwarding entries in `router`'s namespace (IPv6's
-        MFC in an IPv6 lab)."""
-        if self.family == 6:
+        MFC in an IPv6 lab; both tables' in a dual-stack pool's, unless `family`
+        names one)."""
+        if family is None and self.state().get("dual"):
+            return self.mfc(router, 4) + self.mfc(router, 6)
+        if (family or self.family) == 6:
             return mroute6.parse_cache6(netns.read_in(self.ns(router), "/proc/net/ip6_mr_cache"))
         return mroute.parse_cache(netns.read_in(self.ns(router), "/proc/net/ip_mr_cache"))
 

@@ -85,9 +85,12 @@ class Daemons:
     ) -> int:
         """Start `node`'s `role` program inside `namespace`; its pid. A server's service
         is the program `service` (the UDP `responder`, or `http` in a VIP pool)."""
-        command = {"service": service, "vip_router": "vip-router", "link_delay": "link-delay"}.get(
-            role, role
-        )
+        command = {
+            "service": service,
+            "vip_router": "vip-router",
+            "link_delay": "link-delay",
+            "router6": "router",  # a dual-stack pool's router: the IPv6 daemon
+        }.get(role, role)
         argv = [
             sys.executable,
             *PROGRAM,
@@ -101,10 +104,12 @@ class Daemons:
             "--seed",
             str(seed),
         ]
-        if role == "router" and pin_idle is not None:
+        if command == "router" and pin_idle is not None:
             argv += ["--pin-idle", str(pin_idle)]
-        if role == "router":
+        if command == "router":
             argv += ["--plane", plane]
+        if role == "router6":
+            argv += ["--family", "6"]
         with contextlib.suppress(FileNotFoundError):
             kernel.ready_path(self.run_dir, node, role).unlink()
         with open(self._log(node, role), "ab") as logfile:

@@ -9,6 +9,8 @@ limits, shared by every namespace, are raised to fit it (`neighbours.py`).
 
 An IPv6 topology (its pool's space is IPv6) gets the same network with its IPv6
 addresses; every interface also has the link-local address the kernel gives it.
+A dual-stack topology's interfaces get both their addresses, its hosts a default
+route of each family their link has, its routers both families' forwarding.
 Duplicate address detection is off in its namespaces, set before any interface
 exists, so that every address is usable at once instead of after a second or
 more of probing (the addresses are the topology's, unique by construction).
@@ -27,10 +29,11 @@ from manycast.topology import Attachment, Topology
 def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
     """Build `topology`; `ns(node)` is the name of `node`'s namespace."""
     family = topology.pool.space.family
-    fit_neighbour_table(len(topology.interfaces), NEIGH6 if family == 6 else NEIGH)
+    six = family == 6 or topology.pool.dual  # the network has IPv6 addresses
+    fit_neighbour_table(len(topology.interfaces), NEIGH6 if six else NEIGH)
     for node in sorted(topology.interfaces):
         netns.create(ns(node))
-        if family == 6:
+        if six:
             # Before the interfaces: each takes the `default` values when created.
             no_dad = {f"net.ipv6.conf.{c}.accept_dad": "0" for c in ("all", "default")}
             netns.sysctl(ns(node), no_dad)
@@ -68,13 +71,18 @@ def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
             netns.up(ipr, "lo")
             for iface in topology.interfaces[node].values():
                 netns.address(ipr, iface.name, str(iface.address), iface.network.prefixlen)
+                if iface.address6 is not None and iface.network6 is not None:
+                    netns.address(ipr, iface.name, str(iface.address6), iface.network6.prefixlen)
                 netns.up(ipr, iface.name)
             for route in topology.routes.get(node, ()):
                 if route.next_hop is not None:
                     netns.route(ipr, str(route.network), str(route.next_hop))
-            if node in topology.gateways:
-                default = "::/0" if family == 6 else "0.0.0.0/0"
-                netns.route(ipr, default, str(topology.gateways[node][1]))
+            gateways = [topology.gateways[node][1]] if node in topology.gateways else []
+            if node in topology.gateways6:
+                gateways.append(topology.gateways6[node])
+            for gateway in gateways:
+                default = "::/0" if gateway.version == 6 else "0.0.0.0/0"
+                netns.route(ipr, default, str(gateway))
 
         netns.configure(ns(node), setup)
     for name in topology.routers:
@@ -87,7 +95,7 @@ def build_network(topology: Topology, ns: Callable[[str], str]) -> None:
         }
         for ifname in topology.interfaces[name]:
             values[f"net.ipv4.conf.{ifname}.rp_filter"] = "0"
-        if family == 6:
+        if six:
             # Multicast forwarding is the MRT6 socket's (the router daemon's) to turn on.
             values["net.ipv6.conf.all.forwarding"] = "1"
         netns.sysctl(ns(name), values)

@@ -87,6 +87,8 @@ class Prober:
         self.topology = topology
         self.group = str(topology.pool.group)
         self.family = topology.pool.group.version
+        # Each client's group: its family's (a dual-stack pool has one of each).
+        self.group_of: dict[str, str] = {}
         self.port = topology.pool.port
         self.register_every = topology.pool.register_interval_s
         self.timeout = timeout
@@ -109,6 +111,8 @@ class Prober:
             for index, name in enumerate(names):
                 spec = topology.clients[name]
                 address = str(topology.address(name))
+                version = topology.address(name).version
+                self.group_of[name] = str(topology.pool.group_of(version))
                 sock = _client_socket(lab.ns(name), address)
                 sock.setblocking(False)
                 interval = _interval(spec.rate)
@@ -120,7 +124,7 @@ class Prober:
                 if keys is not None:
                     client.key = keys[0] if spec.authorized else keys[1]
                     client.reports = report_sender(
-                        lab.ns(name), topology.gateways[name][0], self.family
+                        lab.ns(name), topology.gateways[name][0], version
                     )
                     # First when it first asks (registrations spread as the
                     # requests are, not all at once every interval).
@@ -169,7 +173,9 @@ class Prober:
         client.outstanding[client.seq] = sent
         self._waiting.append((sent, client, client.seq))
         try:
-            client.sock.sendto(f"{client.name} {client.seq}".encode(), (self.group, self.port))
+            client.sock.sendto(
+                f"{client.name} {client.seq}".encode(), (self.group_of[client.name], self.port)
+            )
         except OSError as exc:
             self.send_errors[errno.errorcode.get(exc.errno or 0, str(exc.errno))] += 1
         client.next_send = now + client.interval
@@ -189,9 +195,10 @@ class Prober:
 
     def _register(self, client: ProbeClient) -> None:
         assert client.key is not None and client.reports is not None
+        address = ipaddress.ip_address(client.address)
         packet = registration(
-            ipaddress.ip_address(client.address),
-            self.topology.pool.group,
+            address,
+            self.topology.pool.group_of(address.version),
             client.key,
             time.time(),  # the routers check it against their wall clock
             self.rng,

@@ -61,7 +61,9 @@ def status(lab: Lab) -> LabStatus:
             ]
             nodes.append(NodeStatus(node, kind, netns.exists(lab.ns(node)), processes, addresses))
             if kind == "router" and netns.exists(lab.ns(node)):
-                routers[node] = RouterTables(lab.vifs(node), lab.mfc(node), _plane(lab, node))
+                # (A dual-stack pool's: its IPv4 tables, whose entries the VIFs name.)
+                tables = RouterTables(lab.vifs(node), lab.mfc(node, lab.family), _plane(lab, node))
+                routers[node] = tables
     for name in names:
         if name not in known:
             nodes.append(NodeStatus(name.removeprefix(f"{lab.prefix}-"), "?", True, {}, []))

@@ -57,6 +57,10 @@ def router(
         str,
         typer.Option(help="The pool group's data plane: mfc (per source) or portions (nftables)."),
     ] = "mfc",
+    family: Annotated[
+        int | None,
+        typer.Option(help="A dual-stack pool's router: the family this daemon drives (4 or 6)."),
+    ] = None,
 ) -> None:
     """The router daemon: the core's decisions in the kernel's multicast table."""
     from manycast.drivers.kernel.router_daemon import RouterDaemon
@@ -64,7 +68,9 @@ def router(
     topology = _setup("router", node, run_dir, netns)
     if node not in topology.routers:
         raise typer.BadParameter(f"{node} is not a router of this topology", param_hint="--node")
-    RouterDaemon(topology, node, run_dir, seed, pin_idle, plane).run()
+    if family not in (None, 4, 6):
+        raise typer.BadParameter("expected 4 or 6", param_hint="--family")
+    RouterDaemon(topology, node, run_dir, seed, pin_idle, plane, family).run()
 
 
 @daemon_app.command()
@@ -88,7 +94,9 @@ def responder(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) 
         raise typer.BadParameter(f"{node} is not a host of this topology", param_hint="--node")
     iface, _ = topology.gateways[node]
     pool = topology.pool
-    Responder(node, str(pool.group), pool.port, iface, run_dir).run()
+    # A dual-stack pool's service answers on both groups.
+    groups = [str(g) for g in (pool.group, pool.group6) if g is not None]
+    Responder(node, groups, pool.port, iface, run_dir).run()
 
 
 @daemon_app.command("vip-router")

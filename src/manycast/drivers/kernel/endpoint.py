@@ -9,6 +9,11 @@ On an IPv6 network (the control group is IPv6) the reports are MLDv2 (hop limit 
 Hop-by-Hop Router Alert, to ff02::16), sent whole on a raw IPv6 socket
 (`sockets.raw_sender`) from the interface's link-local address
 (`sockets.from_link_local`), and the control socket is UDP over IPv6.
+
+A dual-stack pool's server (`dual`) has both: its IPv4 control channel and IGMPv3
+reports as above, and beside them its MLDv2 reports for the IPv6 group and its
+IPv6 control messages (member-down notices to its IPv6 router) on sockets of
+their own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.drivers.kernel.sockets import (
@@ -58,6 +64,7 @@ class ControlEndpoint:
         control_group: str,
         control_port: int,
         deliver: Callable[[bytes], None],
+        dual: bool = False,
     ) -> None:
         self.port = control_port
         self.deliver = deliver
@@ -96,6 +103,15 @@ class ControlEndpoint:
             # (The IPv6 reports' IPPROTO_RAW socket receives nothing.)
             loop.watch(self.igmp, self._drain_igmp)
         loop.watch(self.udp, self._on_udp)
+        # A dual-stack pool's IPv6 side: (report socket, control socket, link-local
+        # source, where reports go).
+        self.six: tuple[socket.socket, socket.socket, Any, tuple[str, int, int, int]] | None
+        self.six = None
+        if dual and self.family == 4:
+            udp6 = control_socket(control_port, 6)
+            udp6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+            to = (ALL_MLDV2_ROUTERS, 0, 0, ifindex)
+            self.six = (raw_sender(iface, 6), udp6, link_local(iface), to)
 
     def _drain_igmp(self) -> None:
         # The raw IGMP socket also sees the host's own IGMP traffic: nothing to do with it.
@@ -114,13 +130,16 @@ class ControlEndpoint:
         packet = frame.packet
         try:
             ip = parse_packet(packet)
+            reports, udp_sock, source, reports_to = self.igmp, self.udp, self.link_local, None
+            if self.six is not None and ip.header.dst.version == 6:
+                reports, udp_sock, source, reports_to = self.six
             if ip.protocol in (IPPROTO_IGMP, IPPROTO_ICMPV6):
-                self.igmp.sendto(from_link_local(packet, self.link_local), self.reports_to)
+                reports.sendto(from_link_local(packet, source), reports_to or self.reports_to)
                 self.stats.reports_sent += 1
                 return True
             if ip.protocol == IPPROTO_UDP:
                 udp = UDPDatagram.from_wire(ip.payload, ip.header.src, ip.header.dst)
-                self.udp.sendto(udp.payload, (str(ip.header.dst), udp.dst_port))
+                udp_sock.sendto(udp.payload, (str(ip.header.dst), udp.dst_port))
                 self.stats.control_sent += 1
                 return True
         except (OSError, WireError) as exc:
@@ -131,3 +150,6 @@ class ControlEndpoint:
     def close(self) -> None:
         self.igmp.close()
         self.udp.close()
+        if self.six is not None:
+            self.six[0].close()
+            self.six[1].close()

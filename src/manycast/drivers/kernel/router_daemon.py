@@ -32,6 +32,11 @@ interface's link-local address, as the hosts' are), and the portion plane in tab
 `netdev manycast6`. Plain MLD reports (the hosts' kernels' own, from link-local
 addresses) are ignored as IGMP's are.
 
+A dual-stack pool's router runs two daemons (roles `router` and `router6`), one
+per family: each hosts the whole dual-stack core but drives its family's table
+with its family's logic (`DualStackRouter` or its `six`) over the interfaces that
+have an address of its family, and sends only its family's frames.
+
 With `plane="portions"` the pool's group is forwarded by the portion plane
 (`portion_plane.py`): one nftables map element per portion, rewritten in one
 transaction when the group's members change; no upcall, no per-source entry.
@@ -67,7 +72,7 @@ from manycast.drivers.kernel.sockets import (
 from manycast.drivers.mroute import IGMPMSG_NOCACHE, MrouteSocket, Received, Upcall
 from manycast.drivers.mroute6 import Mroute6Socket, Received6
 from manycast.naming import key_from_directory
-from manycast.protocol.node import Frame, Node
+from manycast.protocol.node import Frame, Node, family_view
 from manycast.protocol.refusal import Refusal
 from manycast.protocol.router import GroupChanged, KeyNeeded
 from manycast.wire.errors import WireError
@@ -133,17 +138,28 @@ class RouterDaemon:
         seed: int,
         pin_idle: float | None,
         plane: str = "mfc",
+        family: int | None = None,
     ) -> None:
+        """`family`: in a dual-stack pool, the family this daemon drives (role
+        `router` for 4, `router6` for 6); else the pool's."""
         from manycast.pool import build
+        from manycast.protocol.dualstack import DualStackRouter
 
-        self.loop = KernelLoop(run_dir, name, "router", send=self._send, after=self._after)
+        pool = topology.pool
+        self.family = family or pool.space.family
+        role = "router6" if pool.dual and self.family == 6 else "router"
+        self.loop = KernelLoop(run_dir, name, role, send=self._send, after=self._after)
         self.loop.on_effect = self._on_effect
         nodes = build(topology, seed=seed, wall_base=self.loop.wall_base, only={name})
-        self.router: Router = nodes.routers[name]
+        self.node: Router = nodes.routers[name]
+        # The logic of this daemon's family (a dual-stack router's IPv6 one: its `six`).
+        self.router: Router = self.node
+        if isinstance(self.node, DualStackRouter) and self.family == 6:
+            self.router = self.node.six
         self.directory = nodes.directory
         self.pin_idle = pin_idle
         self.stats = RouterDaemonStats()
-        interfaces = topology.interfaces[name]
+        interfaces = family_view(topology.interfaces[name], self.family)
         self.vif_of: dict[str, int] = {}
         self.iface_of_vif: dict[int, str] = {}
         self.iface_of_index: dict[int, str] = {}
@@ -151,7 +167,6 @@ class RouterDaemon:
         # A VIP router joins the control channel with a plain report (it serves no
         # part of the space): the one plain report honoured.
         self.vip_routers = {topology.address(v) for v in topology.vip_routers}
-        self.family = topology.pool.space.family
         self.mroute: MrouteSocket | Mroute6Socket = (
             Mroute6Socket() if self.family == 6 else MrouteSocket()
         )
@@ -191,7 +206,7 @@ class RouterDaemon:
         self.portions: PortionPlane | None = None
         self.plane_refused = self._plane_refusal(topology)
         self._plane_devices = sorted(interfaces)
-        self._pool_group = int(topology.pool.group)
+        self._pool_group = int(pool.group_of(self.family))
         if plane not in PLANES:
             raise ValueError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         if plane == "portions":
@@ -204,7 +219,7 @@ class RouterDaemon:
 
             self.edge = VipEdge(self.router, topology)
             self.loop.watch(self.edge.marker.sock, self.edge.marker.read_answers)
-        self.loop.add(self.router)
+        self.loop.add(self.node)
 
     # the portion plane -------------------------------------------------------------
     def _plane_refusal(self, topology: Topology) -> str | None:
@@ -351,7 +366,7 @@ class RouterDaemon:
             # The lab's keys are the topology's directory, in memory: answered at
             # once, in the loop (a DNS lookup would go through `loop.defer`).
             answer = key_from_directory(self.directory, effect.group)
-            self.router.provide_key(
+            self.node.provide_key(
                 effect.group, answer.public_key, answer.ttl, self.loop.now, answer.reason
             )
         elif isinstance(effect, GroupChanged):
@@ -376,8 +391,8 @@ class RouterDaemon:
 
     def _send(self, frame: Frame) -> None:
         sock = self.send_socks.get(frame.iface)
-        if sock is None:
-            return
+        if sock is None or frame.packet[0] >> 4 != self.family:
+            return  # (a dual-stack core's frames of the other family: the other daemon's)
         hop = frame.next_hop
         try:
             peek = peek_v6 if self.family == 6 else peek_v4

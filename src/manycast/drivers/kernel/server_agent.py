@@ -21,6 +21,7 @@ from manycast.drivers.kernel.control import counts_path
 from manycast.drivers.kernel.endpoint import ControlEndpoint
 from manycast.drivers.kernel.loop import KernelLoop
 from manycast.errors import ConfigError
+from manycast.protocol.dualstack import in_space
 from manycast.protocol.node import Frame
 from manycast.wire import control
 
@@ -58,6 +59,7 @@ class ServerAgent:
             str(self.pool.control_group),
             self.pool.control_port,
             lambda packet: self.server.receive(self.iface, packet, self.loop.now),
+            dual=self.pool.dual,
         )
         self.loop.handlers.update(
             status=self._status,
@@ -100,10 +102,14 @@ class ServerAgent:
         allocation = self.server.coordinator.allocation
         if allocation is None:
             return {"epoch": 0, "owners": {}}
-        return {
-            "epoch": self.server.coordinator.epoch,
-            "owners": {a: allocation.owner(ipaddress.ip_address(a)) for a in request["addresses"]},
-        }
+        spaces = {space.family: space for space in (self.pool.space, self.pool.space6) if space}
+        owners = {}
+        for text in request["addresses"]:
+            address = ipaddress.ip_address(text)
+            space = spaces.get(address.version)
+            # (A dual-stack pool: the same buckets of the client's family's space.)
+            owners[text] = in_space(allocation, space).owner(address) if space else None
+        return {"epoch": self.server.coordinator.epoch, "owners": owners}
 
     def _set_share(self, request: dict[str, Any]) -> dict[str, Any]:
         op = control.SetShareOp(request["server"], Fraction(request["share"]))
