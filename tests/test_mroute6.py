@@ -237,6 +237,33 @@ def test_the_kernel_forwards_an_entry_installed_on_its_upcall_and_reports_mld(
         router.close()
 
 
+def test_an_entry_reaches_the_kernel_with_its_incoming_and_outgoing_mifs(
+    three: dict[str, int],
+) -> None:
+    """What `set_entry` packs is what the kernel reads: the origin, the group, the
+    incoming MIF and every outgoing MIF but the incoming one, as the kernel's table
+    shows them; a rewrite replaces the set, a deletion removes the entry."""
+    router = netns.run_in(ROUTER, Mroute6Socket)
+
+    def table() -> list[tuple[object, ...]]:
+        text = netns.read_in(ROUTER, "/proc/net/ip6_mr_cache")
+        return [(e.source, e.group, e.parent, e.outs) for e in parse_cache6(text)]
+
+    try:
+        for mif, name in enumerate(("r0", "r1", "r2")):
+            router.add_mif(mif, three[name])  # (in the socket's namespace, wherever called)
+        router.set_entry(int(SENDER_ADDRESS), int(GROUP), 1, {0, 1, 2})
+        assert table() == [(SENDER_ADDRESS, GROUP, 1, (0, 2))]
+        router.set_entry(int(SENDER_ADDRESS), int(GROUP), 1, {2})
+        assert table() == [(SENDER_ADDRESS, GROUP, 1, (2,))]
+        router.set_entry(int(SENDER_ADDRESS), int(GROUP), 1, ())  # drop quietly
+        assert table() == [(SENDER_ADDRESS, GROUP, 1, ())]
+        router.delete_entry(int(SENDER_ADDRESS), int(GROUP), 1)
+        assert table() == []
+    finally:
+        router.close()
+
+
 def _received(sock: socket.socket, want: int, wait: float = WAIT_S) -> dict[bytes, int]:
     """Up to `want` datagrams (within `wait` s): payload -> hop limit as it arrived."""
     got: dict[bytes, int] = {}

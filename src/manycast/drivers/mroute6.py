@@ -54,7 +54,10 @@ ALL_MLDV2_ROUTERS = "ff02::16"
 
 _MIF6CTL = struct.Struct("@HBBHI")
 _SOCKADDR_IN6 = struct.Struct("@HHI16sI")
-_MF6CCTL = struct.Struct("@28s28sH2x32s")
+# mf6cctl field by field (each sockaddr_in6: family, port, flow info, address, scope
+# id), so that an entry is one pack: the MIF set's first word holds every MIF there
+# is (MAXMIFS = 32), the other seven stay zero.
+_MF6CCTL = struct.Struct("@HHI16sIHHI16sIH2xI28x")
 _MRT6MSG = struct.Struct("@BBHI16s16s")
 _SG_REQ6 = struct.Struct("@28s28sLLL")
 _MREQ6 = struct.Struct("@16si")
@@ -62,7 +65,7 @@ _PKTINFO6 = struct.Struct("@16si")
 _INT = struct.Struct("@i")
 
 assert _MIF6CTL.size == 12 and _MF6CCTL.size == 92 and _MRT6MSG.size == 40
-assert _SG_REQ6.size == 80
+assert _SOCKADDR_IN6.size == 28 and _SG_REQ6.size == 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +115,21 @@ def icmp6_filter(passed: Iterable[int]) -> bytes:
     return struct.pack("@8I", *words)
 
 
-def _ifset(mifs: Iterable[int]) -> bytes:
-    words = [0] * (IF_SETSIZE // 32)
-    for mif in mifs:
-        words[mif // 32] |= 1 << (mif % 32)
-    return struct.pack(f"@{len(words)}I", *words)
+def _mf6cctl(source: int, group: int, parent: int, mif_bits: int) -> bytes:
+    return _MF6CCTL.pack(
+        socket.AF_INET6,
+        0,
+        0,
+        source.to_bytes(16, "big"),
+        0,
+        socket.AF_INET6,
+        0,
+        0,
+        group.to_bytes(16, "big"),
+        0,
+        parent,
+        mif_bits,
+    )
 
 
 class Mroute6Socket:
@@ -154,17 +167,16 @@ class Mroute6Socket:
         """Install or replace the entry for (source, group) arriving on MIF `parent`.
         No outgoing MIF is a valid entry: the kernel then drops (S, G) quietly
         instead of asking again."""
-        request = _MF6CCTL.pack(
-            sockaddr_in6(source),
-            sockaddr_in6(group),
-            parent,
-            _ifset(mif for mif in outs if mif != parent),
-        )
+        # (On a first packet's path: one pack, nothing built apart.)
+        mif_bits = 0
+        for mif in outs:
+            if mif != parent:
+                mif_bits |= 1 << mif
+        request = _mf6cctl(source, group, parent, mif_bits)
         self.sock.setsockopt(socket.IPPROTO_IPV6, MRT6_ADD_MFC, request)
 
     def delete_entry(self, source: int, group: int, parent: int) -> None:
-        request = _MF6CCTL.pack(sockaddr_in6(source), sockaddr_in6(group), parent, _ifset(()))
-        self.sock.setsockopt(socket.IPPROTO_IPV6, MRT6_DEL_MFC, request)
+        self.sock.setsockopt(socket.IPPROTO_IPV6, MRT6_DEL_MFC, _mf6cctl(source, group, parent, 0))
 
     def packets(self, source: int, group: int) -> int | None:
         """The kernel's packet counter of the (source, group) entry (None: no entry)."""
