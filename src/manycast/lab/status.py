@@ -54,9 +54,13 @@ def status(lab: Lab) -> LabStatus:
         for node in sorted(topology.interfaces, key=lambda n: (topology.kind(n), n)):
             kind = topology.kind(node)
             known.add(lab.ns(node))
-            processes = {role: lab.pid(node, role) for role in ROLES_OF.get(kind, ())}
+            roles = ROLES_OF.get(kind, ())
+            if kind == "router" and topology.pool.dual:
+                roles = (*roles, "router6")  # a dual-stack pool's IPv6 daemon
+            processes = {role: lab.pid(node, role) for role in roles}
             addresses = [
                 f"{i.name} {i.address}/{i.network.prefixlen}"
+                + (f" {i.address6}/{i.network6.prefixlen}" if i.network6 is not None else "")
                 for i in topology.interfaces[node].values()
             ]
             nodes.append(NodeStatus(node, kind, netns.exists(lab.ns(node)), processes, addresses))
