@@ -82,7 +82,8 @@ class Download:
         self.thread.start()
 
     def _connect(self) -> bytes:
-        sock = netns.socket_in(self.ns, socket.AF_INET, socket.SOCK_STREAM)
+        family = socket.AF_INET6 if ":" in self.server[0] else socket.AF_INET
+        sock = netns.socket_in(self.ns, family, socket.SOCK_STREAM)
         self.sock = sock
         sock.settimeout(15.0)
         sock.connect(self.server)

@@ -25,6 +25,11 @@ The NFQUEUE client (`NfQueue`) speaks nfnetlink_queue directly: bind a queue,
 copy the first bytes of each packet (addresses and ports), give verdicts one
 packet at a time with a new packet mark. (This kernel has iptables' NFQUEUE
 target but not nftables' `queue`.)
+
+Everything follows the VIP's family: an IPv6 VIP's rules go through ip6tables,
+its conntrack messages carry IPv6 tuples, and its queued packets are read as
+IPv6 (the TCP header right after the fixed header: the lab's clients send no
+extension headers).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
@@ -56,7 +62,8 @@ _GONE_OR_MUTE = f"{GONE_MARK:#x}/{0xFFFFFFFF ^ (GONE_MARK ^ MUTE_MARK):#x}"
 QUEUE_NUM = 7100
 GONE_TIMEOUT_S = 30  # how long a moved-away flow's entry (and its drop) lasts
 ACK_TIMEOUT_S = 1.0
-COPY_BYTES = 48  # IPv4 header (with room for options) and the TCP ports
+COPY_BYTES = 48  # an IPv4 header with room for options, or IPv6's, and the TCP ports
+IPV6_HEADER = 40
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NFNL_SUBSYS_QUEUE = 3
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
@@ -79,17 +86,28 @@ class HoldError(DriverError):
 
 
 # -- rules --------------------------------------------------------------------------------
-def iptables() -> str:
-    found = shutil.which("iptables") or shutil.which("iptables", path="/usr/sbin:/sbin")
+def family_of(address: str) -> socket.AddressFamily:
+    """The address family of `address` (an IPv4 or IPv6 address as text)."""
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def iptables(name: str = "iptables") -> str:
+    """The path of `name` (iptables, or ip6tables for an IPv6 VIP's rules)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     if found is None:
-        raise HoldError("moving TCP connections needs iptables (NFQUEUE): apt-get install iptables")
+        raise HoldError(f"moving TCP connections needs {name} (NFQUEUE): apt-get install iptables")
     return found
+
+
+def iptables_for(address: str) -> str:
+    """The iptables program of `address`'s family."""
+    return iptables("ip6tables" if family_of(address) == socket.AF_INET6 else "iptables")
 
 
 def install(enter: Callable[[], None], rules: list[list[str]], binary: str | None = None) -> None:
     """Add `rules` (each `-A` or `-t TABLE -A ...`) inside a namespace, `enter` run
     between fork and exec; a rule already there is not added again. `binary`: another
-    program of the family (ip6tables), else iptables."""
+    program of the family (ip6tables, `iptables_for`), else iptables."""
     binary = binary or iptables()
 
     def run(rule: list[str]) -> subprocess.CompletedProcess[bytes]:
@@ -103,7 +121,7 @@ def install(enter: Callable[[], None], rules: list[list[str]], binary: str | Non
         done = run(rule)
         if done.returncode != 0:
             problem = done.stderr.decode(errors="replace").strip()
-            raise HoldError(f"iptables {' '.join(rule)}: {problem}")
+            raise HoldError(f"{Path(binary).name} {' '.join(rule)}: {problem}")
 
 
 def edge_rules(vip: str, port: int, queue: int = QUEUE_NUM) -> list[list[str]]:
@@ -136,7 +154,7 @@ def server_rules(vip: str, port: int) -> list[list[str]]:
 
 
 # -- conntrack marks ----------------------------------------------------------------------
-_SENTINEL_SOURCE = "198.51.100.253"
+_SENTINEL_SOURCE = {socket.AF_INET: "198.51.100.253", socket.AF_INET6: "2001:db8:5e:a1::fd"}
 _SENTINEL_PORT = 0xBEEF
 _SENTINEL_MARK = 0x5EA1F00D
 _SENTINEL_TIMEOUT = 0x7E0D7E0D
@@ -145,12 +163,16 @@ _SENTINEL_SEQ = 0x0C0FFEE1
 
 def _template(daddr: str, dport: int, timeout: bool) -> tuple[bytes, list[int]]:
     """One CT_NEW (update) message with sentinels where the flow's source, port, mark,
-    timeout and sequence number go, and their offsets (as `ctmark.py` does)."""
+    timeout and sequence number go, and their offsets (as `ctmark.py` does); the
+    tuple's family is `daddr`'s."""
+    family = family_of(daddr)
+    source = _SENTINEL_SOURCE[family]
     msg = nfct_msg.create_from(
         mark=_SENTINEL_MARK,
         timeout=_SENTINEL_TIMEOUT if timeout else None,
         tuple_orig=NFCTAttrTuple(
-            saddr=_SENTINEL_SOURCE,
+            family=family,
+            saddr=source,
             daddr=daddr,
             proto=socket.IPPROTO_TCP,
             sport=_SENTINEL_PORT,
@@ -160,12 +182,12 @@ def _template(daddr: str, dport: int, timeout: bool) -> tuple[bytes, list[int]]:
     msg["header"]["type"] = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
     msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK
     msg["header"]["sequence_number"] = _SENTINEL_SEQ
-    msg["nfgen_family"] = socket.AF_INET
+    msg["nfgen_family"] = family
     msg.encode()
     data = bytes(msg.data)
     offsets = [
         data.index(struct.pack("=I", _SENTINEL_SEQ)),
-        data.index(socket.inet_aton(_SENTINEL_SOURCE)),
+        data.index(socket.inet_pton(family, source)),
         data.index(struct.pack("!H", _SENTINEL_PORT)),
         data.index(struct.pack("!I", _SENTINEL_MARK)),
     ]
@@ -186,6 +208,7 @@ class CtMarks:
         self.sock.bind((0, 0))
         self.sock.setblocking(False)
         self.vip, self.port = vip, port
+        self.family = family_of(vip)
         self._plain = _template(vip, port, timeout=False)
         self._timed = _template(vip, port, timeout=True)
         self._seq = 0
@@ -205,7 +228,8 @@ class CtMarks:
             message = bytearray(data)
             self._seq = (self._seq + 1) & 0xFFFFFFFF
             struct.pack_into("=I", message, offsets[0], self._seq)
-            message[offsets[1] : offsets[1] + 4] = socket.inet_aton(flow[0])
+            packed = socket.inet_pton(self.family, flow[0])
+            message[offsets[1] : offsets[1] + len(packed)] = packed
             struct.pack_into("!H", message, offsets[2], flow[1])
             struct.pack_into("!I", message, offsets[3], mark)
             if timeout is not None:
@@ -284,7 +308,8 @@ class Queued:
 class NfQueue:
     """One nfnetlink queue of this namespace, bound at construction. `copy_bytes` 0
     copies no packet bytes (metadata only: `read_ids`); `maxlen` bounds the kernel's
-    queue (beyond it the kernel drops, and counts the drop); `flags` are NFQA_CFG_F_*."""
+    queue (beyond it the kernel drops, and counts the drop); `flags` are NFQA_CFG_F_*;
+    `family` is the queued packets' (AF_INET or AF_INET6)."""
 
     def __init__(
         self,
@@ -293,15 +318,15 @@ class NfQueue:
         copy_bytes: int = COPY_BYTES,
         maxlen: int = QUEUE_MAXLEN,
         flags: int = 0,
+        family: int = socket.AF_INET,
     ) -> None:
         self.num = num
+        self.family = family
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
         self.sock.bind((0, 0))
         self._seq = 0
-        self._config(
-            _attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, socket.AF_INET))
-        )
+        self._config(_attr(NFQA_CFG_CMD, struct.pack("!BBH", NFQNL_CFG_CMD_BIND, 0, family)))
         mode = NFQNL_COPY_PACKET if copy_bytes else NFQNL_COPY_META
         params = _attr(NFQA_CFG_PARAMS, struct.pack("!IB", copy_bytes, mode))
         params += _attr(NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", maxlen))
@@ -359,7 +384,7 @@ class NfQueue:
         """Every packet queued since the last call, in the order the kernel queued them."""
         found: list[Queued] = []
         for attrs in self._messages():
-            packet = self._parse(attrs)
+            packet = self._parse(attrs, self.family == socket.AF_INET6)
             if packet is None:
                 self.unparsed += 1
             else:
@@ -391,7 +416,7 @@ class NfQueue:
         return None
 
     @staticmethod
-    def _parse(attrs: bytes) -> Queued | None:
+    def _parse(attrs: bytes, v6: bool = False) -> Queued | None:
         packet_id: int | None = None
         flow: Flow | None = None
         offset = 0
@@ -403,7 +428,10 @@ class NfQueue:
             kind &= 0x7FFF
             if kind == NFQA_PACKET_HDR and len(value) >= 4:
                 packet_id = struct.unpack_from("!I", value)[0]
-            elif kind == NFQA_PAYLOAD and len(value) >= 20:
+            elif kind == NFQA_PAYLOAD and v6 and len(value) >= IPV6_HEADER + 2:
+                source = str(ipaddress.IPv6Address(value[8:24]))
+                flow = (source, struct.unpack_from("!H", value, IPV6_HEADER)[0])
+            elif kind == NFQA_PAYLOAD and not v6 and len(value) >= 20:
                 header = (value[0] & 0xF) * 4
                 if len(value) >= header + 2:
                     source = str(ipaddress.IPv4Address(value[12:16]))
@@ -456,7 +484,7 @@ class EdgeHold:
 
     def __post_init__(self) -> None:
         self.marks = CtMarks(self.vip, self.port)
-        self.queue = NfQueue(self.queue_num)
+        self.queue = NfQueue(self.queue_num, family=family_of(self.vip))
         self._waiting: dict[Flow, list[int]] = defaultdict(list)
 
     def hold(self, flows: Iterable[Flow]) -> list[Flow]:
@@ -530,6 +558,8 @@ __all__ = [
     "NfQueue",
     "ServerGuard",
     "edge_rules",
+    "family_of",
     "install",
+    "iptables_for",
     "server_rules",
 ]

@@ -15,6 +15,9 @@ connect to. Its packets are routed like any of the group's:
   link-layer multicast); the service binds the address on the loopback and
   answers from it straight to the client.
 
+An IPv6 pool's service address is `TCP_ADDRESS6` and its rules are in an `ip6`
+table; everything else is the same.
+
 A move switches the path of the client's source: the (client, group) entry of
 every router on the way from the client's edge to the new server is steered
 toward that server (`tcp_steer.py`, the router daemon's
@@ -42,16 +45,27 @@ if TYPE_CHECKING:
     from manycast.topology import Topology
 
 TCP_ADDRESS = ipaddress.IPv4Address("203.0.113.70")  # the pool's TCP service address
+TCP_ADDRESS6 = ipaddress.IPv6Address("2001:db8:70::70")  # ... an IPv6 pool's
 NFT_TABLE = "manycast_tcp"
+
+
+def tcp_address(family: int) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The TCP service address of a pool of `family` (4 or 6)."""
+    return TCP_ADDRESS6 if family == 6 else TCP_ADDRESS
+
+
+def _nft_family(address: str) -> str:
+    return "ip6" if ipaddress.ip_address(address).version == 6 else "ip"
 
 
 def edge_ruleset(address: str, group: str, port: int) -> str:
     """The edge's rule: the service address becomes the group (after mangle: -150)."""
+    family = _nft_family(address)
     return (
-        f"table ip {NFT_TABLE} {{\n"
+        f"table {family} {NFT_TABLE} {{\n"
         "  chain to_group {\n"
         "    type filter hook prerouting priority -140;\n"
-        f"    ip daddr {address} tcp dport {port} counter ip daddr set {group}\n"
+        f"    {family} daddr {address} tcp dport {port} counter {family} daddr set {group}\n"
         "  }\n"
         "}\n"
     )
@@ -60,22 +74,24 @@ def edge_ruleset(address: str, group: str, port: int) -> str:
 def server_ruleset(address: str, group: str, port: int) -> str:
     """A server's rule: the group becomes the service address, the packet the host's
     (before conntrack: -200)."""
+    family = _nft_family(address)
     return (
-        f"table ip {NFT_TABLE} {{\n"
+        f"table {family} {NFT_TABLE} {{\n"
         "  chain from_group {\n"
         "    type filter hook prerouting priority -300;\n"
-        f"    ip daddr {group} tcp dport {port} counter"
-        f" ip daddr set {address} meta pkttype set host\n"
+        f"    {family} daddr {group} tcp dport {port} counter"
+        f" {family} daddr set {address} meta pkttype set host\n"
         "  }\n"
         "}\n"
     )
 
 
 def _add_loopback(address: str) -> None:
+    host = ipaddress.ip_address(address).max_prefixlen
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname="lo")[0]
         with contextlib.suppress(NetlinkError):  # already there
-            ipr.addr("add", index=index, address=address, prefixlen=32)
+            ipr.addr("add", index=index, address=address, prefixlen=host)
 
 
 def set_up_edge(ns: str, address: str, group: str, port: int) -> None:
@@ -141,6 +157,7 @@ def router_asker(run_dir: Any) -> Callable[[str, dict[str, Any]], Any]:
 __all__ = [
     "NFT_TABLE",
     "TCP_ADDRESS",
+    "TCP_ADDRESS6",
     "edge_ruleset",
     "path",
     "router_asker",
@@ -148,4 +165,5 @@ __all__ = [
     "set_up_edge",
     "set_up_server",
     "steer",
+    "tcp_address",
 ]

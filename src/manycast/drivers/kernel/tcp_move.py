@@ -91,7 +91,7 @@ class TcpMover:
         self.group: str | None = None
         if topology.pool.vip is None:
             self.group = str(topology.pool.group)
-            self.vip = str(tcp_manycast.TCP_ADDRESS)
+            self.vip = str(tcp_manycast.tcp_address(topology.pool.space.family))
         else:
             self.vip = str(topology.pool.vip)
         self.port = port
@@ -113,7 +113,11 @@ class TcpMover:
             if edge in self.edges:
                 continue
             name = self.lab.ns(edge)
-            tcp_hold.install(partial(netns.enter, name), tcp_hold.edge_rules(self.vip, self.port))
+            tcp_hold.install(
+                partial(netns.enter, name),
+                tcp_hold.edge_rules(self.vip, self.port),
+                tcp_hold.iptables_for(self.vip),
+            )
             if self.group is not None:
                 tcp_manycast.set_up_edge(name, self.vip, self.group, self.port)
             self.edges[edge] = netns.run_in(name, lambda: tcp_hold.EdgeHold(self.vip, self.port))
@@ -207,7 +211,7 @@ class TcpMover:
         return found
 
     def edge_of(self, flow: Flow) -> str:
-        edge = self.topology.edge_router(ipaddress.IPv4Address(flow[0]))
+        edge = self.topology.edge_router(ipaddress.ip_address(flow[0]))
         if edge is None or edge not in self.edges:
             raise LabError(f"no edge router holds the flows of {flow[0]}")
         return edge

@@ -114,7 +114,8 @@ class TcpService:
         key: Ed25519PrivateKey,
     ) -> None:
         self.name = name
-        self.vip, self.port = vip, port
+        # Text as the sockets give addresses back (an IPv6 one compressed).
+        self.vip, self.port = str(ipaddress.ip_address(vip)), port
         self.key = key
         self.public = key.public_key()
         self.stats = ServiceStats()
@@ -122,15 +123,17 @@ class TcpService:
         self._nonces: OrderedDict[bytes, None] = OrderedDict()
         self.refuse_next = False  # fault injection for tests: refuse the next transfer
         self.die_next = False  # ... or exit (frozen sockets and all) before answering it
-        tcp_hold.install(lambda: None, tcp_hold.server_rules(vip, port))
-        self.guard = tcp_hold.ServerGuard(vip, port)
+        tcp_hold.install(
+            lambda: None, tcp_hold.server_rules(self.vip, port), tcp_hold.iptables_for(self.vip)
+        )
+        self.guard = tcp_hold.ServerGuard(self.vip, port)
         self.loop = KernelLoop(run_dir, name, ROLE)
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener = socket.socket(tcp_hold.family_of(self.vip), socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((vip, port))
+        self.listener.bind((self.vip, port))
         self.listener.listen(BACKLOG)
         self.loop.watch(self.listener, self._accept)
-        self.agent = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.agent = socket.socket(tcp_hold.family_of(address), socket.SOCK_STREAM)
         self.agent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.agent.bind((address, agent_port))
         _unpaced(self.agent)
@@ -313,7 +316,7 @@ class TcpService:
         nonce = os.urandom(NONCE_BYTES)
         message = StateTransfer(self.name, nonce, _now_ms(), tuple(states))
         try:
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            with socket.socket(tcp_hold.family_of(peer[0]), socket.SOCK_STREAM) as sock:
                 _unpaced(sock)
                 sock.settimeout(TRANSFER_TIMEOUT_S)
                 sock.connect(peer)
@@ -529,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.netns:
         netns.enter(args.netns)
     logging.basicConfig(level=logging.WARNING, format=f"{args.name} %(levelname)s %(message)s")
-    ipaddress.IPv4Address(args.vip)
+    ipaddress.ip_address(args.vip)
     service = TcpService(
         args.name,
         args.vip,

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 
 def _int(address: str) -> int:
-    return int(ipaddress.IPv4Address(address))
+    """An address as the daemon's entries key it (IPv4 or IPv6: its daemon's family)."""
+    return int(ipaddress.ip_address(address))
 
 
 _TOWARD: dict[str, str] = {}  # the lab's unicast routes do not change
@@ -40,8 +41,9 @@ def iface_toward(address: str) -> str:
     """The interface this namespace's unicast routing sends `address` out of."""
     if address in _TOWARD:
         return _TOWARD[address]
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
     with IPRoute() as ipr:
-        routes = ipr.route("get", dst=address)
+        routes = ipr.route("get", dst=address, family=family)
         if not routes:
             raise ValueError(f"no route to {address}")
         index = routes[0].get_attr("RTA_OIF")
