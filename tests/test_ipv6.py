@@ -190,10 +190,12 @@ def test_an_ipv6_vip_is_checked(vip: str, message: str) -> None:
         loads(vip6_with('vip = "2001:db8:80::80"', vip))
 
 
-def test_moving_live_tcp_connections_is_refused_for_ipv6() -> None:
-    text = pool_text(6).replace("[run]\n", "[run]\ntcp_moves = true\n")
-    with pytest.raises(TopologyError, match="not supported yet for IPv6"):
-        loads(text)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_live_tcp_connections_that_move_read_on_either_family(family: int) -> None:
+    """`tcp_moves` (the kernel lab's moved TCP connections, tests/test_lab_tcp_move.py)
+    reads on an IPv6 pool as on an IPv4 one."""
+    text = pool_text(family).replace("[run]\n", "[run]\ntcp_moves = true\n")
+    assert loads(text).tcp_moves
 
 
 # -- the pool on the memory driver --------------------------------------------------------

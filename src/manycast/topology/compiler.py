@@ -102,13 +102,10 @@ class _Compiler:
             manycast=pool.vip is None,
         )
         duration, hosts, tcp_moves = self.run()
-        if (self.family == 6 or pool.dual) and (
-            tcp_moves or any(_moves_connections(s) for s in scenario)
-        ):
+        if pool.dual and (tcp_moves or any(_moves_connections(s) for s in scenario)):
             self.fail(
                 "live TCP connections that move (the kernel lab's tcp_moves, 'move' steps,"
-                " move = true) are not supported yet for"
-                f" {'dual-stack pools' if pool.dual else 'IPv6'}",
+                " move = true) are not supported yet for dual-stack pools",
                 self.lines.table("run"),
             )
         wiring = assign_addresses(
