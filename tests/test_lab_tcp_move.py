@@ -6,7 +6,8 @@ step after step, then drains one server before it leaves; tcp_move_manycast.toml
 changes a manycast pool's allocation with its connections (two drains and a
 set_share with move = true), the clients' connections going to their new owners
 (a manycast pool refuses a plain move step: a client's server is its owner).
-The run's summary
+tcp_move6.toml and tcp_move_manycast6.toml are the same on IPv6, and each test of
+a bundled scenario runs on both families. The run's summary
 counts the connections moved and broken and the pause each moved connection
 saw. The lab run needs root (namespaces, TCP_REPAIR, iptables' NFQUEUE) and
 skips elsewhere, saying why; the step's reading and its refusal outside the lab
@@ -36,6 +37,17 @@ TOOLS = ("nft", "iptables")
 NEEDS_TOOLS = "the TCP moves need nft and iptables (NFQUEUE): make lab-deps"
 TCP_MOVE = files("manycast").joinpath("topologies", "tcp_move.toml").read_text()
 TCP_MOVE_MANYCAST = files("manycast").joinpath("topologies", "tcp_move_manycast.toml").read_text()
+FAMILIES = [pytest.param(4, id="ipv4"), pytest.param(6, id="ipv6")]
+SUFFIX = {4: "", 6: "6"}  # tcp_move.toml's IPv6 form is tcp_move6.toml
+
+
+def bundled(name: str, family: int) -> str:
+    """The bundled topology `name` of `family` (its name, for `manycast lab run`)."""
+    return name + SUFFIX[family]
+
+
+def bundled_text(name: str, family: int) -> str:
+    return files("manycast").joinpath("topologies", f"{bundled(name, family)}.toml").read_text()
 
 
 def _skip_reason() -> str | None:
@@ -47,16 +59,19 @@ def _skip_reason() -> str | None:
 
 
 # -- everywhere ------------------------------------------------------------------------
-def test_the_bundled_scenario_moves_and_drains() -> None:
-    topology = loads(TCP_MOVE, "tcp_move.toml")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_bundled_scenario_moves_and_drains(family: int) -> None:
+    topology = loads(bundled_text("tcp_move", family), "tcp_move.toml")
+    assert topology.pool.vip is not None and topology.pool.vip.version == family
     moves = [s for s in topology.scenario if isinstance(s, Move)]
     assert len(moves) >= 10 and {m.server for m in moves} == {"s1", "s2", "s3", "s4"}
     assert any(m.to for m in moves) and any(not m.to for m in moves)
     assert [s.server for s in topology.scenario if isinstance(s, Drain)] == ["s2"]
     assert moves[0].describe() == "move server=s1 to= count=0"
     assert topology.tcp_moves  # a move step runs the TCP connections
-    manycast = loads(TCP_MOVE_MANYCAST, "tcp_move_manycast.toml")
+    manycast = loads(bundled_text("tcp_move_manycast", family), "tcp_move_manycast.toml")
     assert manycast.pool.vip is None and manycast.tcp_moves  # [run] tcp_moves = true
+    assert manycast.pool.space.family == family
     assert [s.server for s in manycast.scenario if isinstance(s, Drain)] == ["s2", "s4"]
     [reshare] = [s for s in manycast.scenario if isinstance(s, SetShare)]
     assert reshare.move and reshare.describe() == "set_share server=s3 share=1/2 move=True"
@@ -168,11 +183,14 @@ def _lab_run(tmp_path: Path, topology: str) -> tuple[dict[str, Any], dict[str, A
 
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path) -> None:
-    """`manycast lab run tcp_move`: every move step's connections move, none breaks
-    (every byte of every download checked), the pauses are in the summary, and the
-    pool's own clients are served throughout."""
-    summary, tcp, progress = _lab_run(tmp_path, "tcp_move")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lab_run_moves_live_connections_and_reports_their_pauses(
+    tmp_path: Path, family: int
+) -> None:
+    """`manycast lab run tcp_move` (tcp_move6 on IPv6): every move step's connections
+    move, none breaks (every byte of every download checked), the pauses are in the
+    summary, and the pool's own clients are served throughout."""
+    summary, tcp, progress = _lab_run(tmp_path, bundled("tcp_move", family))
     assert tcp["connections"] == 4 and tcp["steps"] == 13  # 12 moves and the drain
     assert tcp["moved"] > 0 and tcp["refused"] == {}, tcp
     assert tcp["broken"] == 0, tcp["broken_reasons"]
@@ -196,14 +214,15 @@ def test_lab_run_moves_live_connections_and_reports_their_pauses(tmp_path: Path)
 
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
-def test_lab_run_drains_a_manycast_pool_with_its_connections(tmp_path: Path) -> None:
-    """`manycast lab run tcp_move_manycast`: at each change of the allocation (a drain
-    of s2, s3's share to 1/2 with move = true, a drain of s4) the clients whose
-    portions change owner go to their new owners with their live TCP connections
-    (the routers' entries pinned, then steered, then handed back to the
-    allocation): none breaks, and every client is answered by its owner at the end
-    (the run's exit status says so too)."""
-    summary, tcp, _ = _lab_run(tmp_path, "tcp_move_manycast")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lab_run_drains_a_manycast_pool_with_its_connections(tmp_path: Path, family: int) -> None:
+    """`manycast lab run tcp_move_manycast` (tcp_move_manycast6 on IPv6): at each
+    change of the allocation (a drain of s2, s3's share to 1/2 with move = true, a
+    drain of s4) the clients whose portions change owner go to their new owners with
+    their live TCP connections (the routers' entries pinned, then steered, then
+    handed back to the allocation): none breaks, and every client is answered by its
+    owner at the end (the run's exit status says so too)."""
+    summary, tcp, _ = _lab_run(tmp_path, bundled("tcp_move_manycast", family))
     assert tcp["connections"] == 4 and tcp["steps"] == 3
     # Each step moves two clients' downloads: a1 and b1 from s2 to s1, then (the
     # set_share) from s1 to s3, then a2 and b2 from s4 to s3.

@@ -4,9 +4,11 @@ The clients connect to the pool's TCP address; their edge router maps it onto th
 group, and the routers' kernel multicast entries for (client, group) carry the
 packets to a server, which maps them back. A move holds the client's packets at
 the edge, hands the sockets over (TCP_REPAIR) and steers every router's
-(client, group) entry to the new server before letting the packets go. The lab
-needs root (namespaces, TCP_REPAIR, iptables' NFQUEUE, nftables) and these tests
-skip elsewhere, saying why.
+(client, group) entry to the new server before letting the packets go. Each test
+runs on both families (demo.toml's pool, and demo6.toml's: MRT6 entries, the
+pool's TCP address 2001:db8:70::70). The lab needs root (namespaces, TCP_REPAIR,
+iptables' and ip6tables' NFQUEUE, nftables) and these tests skip elsewhere,
+saying why.
 """
 
 from __future__ import annotations
@@ -25,24 +27,29 @@ from typing import Any
 import pytest
 
 from manycast.drivers.kernel import tcp_apps
-from manycast.drivers.kernel.tcp_manycast import TCP_ADDRESS
+from manycast.drivers.kernel.tcp_manycast import tcp_address
 
 NEEDS_ROOT = "moving kernel TCP connections needs root (namespaces, TCP_REPAIR); CI runs as root"
-TOOLS = ("nft", "iptables")
-NEEDS_TOOLS = "the TCP moves need nft and iptables (NFQUEUE): make lab-deps"
+TOOLS = ("nft", "iptables", "ip6tables")
+NEEDS_TOOLS = "the TCP moves need nft, iptables and ip6tables (NFQUEUE): make lab-deps"
+FAMILIES = [pytest.param(4, id="ipv4"), pytest.param(6, id="ipv6")]
 SERVERS = ["s1", "s2", "s3", "s4"]  # s1, s2 behind rs1; s3, s4 behind rs2
 PORT = 7100
-# The bundled demo (a manycast pool, five routers) with two clients per LAN and no
-# scenario: the moves are the scenario here.
-DEMO_TOML = re.sub(
-    r"\[\[scenario\]\].*?(?=\n\[run\])",
-    "",
-    files("manycast")
-    .joinpath("topologies", "demo.toml")
-    .read_text()
-    .replace("count = 120", "count = 2"),
-    flags=re.S,
-)
+
+
+def demo_toml(family: int) -> str:
+    """The bundled demo (demo6 on IPv6: a manycast pool, five routers) with two clients
+    per LAN and no scenario: the moves are the scenario here."""
+    name = "demo6.toml" if family == 6 else "demo.toml"
+    return re.sub(
+        r"\[\[scenario\]\].*?(?=\n\[run\])",
+        "",
+        files("manycast")
+        .joinpath("topologies", name)
+        .read_text()
+        .replace("count = 120", "count = 2"),
+        flags=re.S,
+    )
 
 
 def _skip_reason() -> str | None:
@@ -56,14 +63,16 @@ def _skip_reason() -> str | None:
 pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 
 
-@pytest.fixture(scope="module")
-def manycast_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+@pytest.fixture(scope="module", params=FAMILIES)
+def manycast_lab(tmp_path_factory: pytest.TempPathFactory, request: Any) -> Iterator[Any]:
     from manycast.drivers.kernel.tcp_move import TcpMover
     from manycast.lab import Lab
 
-    lab = Lab(prefix=f"tmc{os.getpid() % 100000}", run_root=tmp_path_factory.mktemp("tcpmc"))
+    family: int = request.param
+    prefix = f"tmc{os.getpid() % 100000}f{family}"
+    lab = Lab(prefix=prefix, run_root=tmp_path_factory.mktemp("tcpmc"))
     lab.down()
-    topology = lab.up(DEMO_TOML, "tcp-move-manycast-test.toml")
+    topology = lab.up(demo_toml(family), "tcp-move-manycast-test.toml")
     mover = TcpMover(lab, topology)
     try:
         mover.start(SERVERS)
@@ -73,17 +82,19 @@ def manycast_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         lab.down()
 
 
-def _connect(lab: Any, client: str) -> socket.socket:
+def _connect(lab: Any, topology: Any, client: str) -> socket.socket:
     """A connection to the pool's TCP address from `client`'s namespace, once the
     servers' joins have reached the routers (until then the group's entries drop)."""
     from manycast.drivers import netns
 
+    address = tcp_address(topology.pool.space.family)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     deadline = time.monotonic() + 30
     while True:
-        sock = netns.socket_in(lab.ns(client), socket.AF_INET, socket.SOCK_STREAM)
+        sock = netns.socket_in(lab.ns(client), family, socket.SOCK_STREAM)
         sock.settimeout(3.0)
         try:
-            sock.connect((str(TCP_ADDRESS), PORT))
+            sock.connect((str(address), PORT))
             return sock
         except OSError:
             sock.close()
@@ -100,7 +111,8 @@ def _other(server: str) -> str:
 def _entry_outs(lab: Any, router: str, source: str, group: str) -> tuple[int, ...] | None:
     for entry in lab.mfc(router):
         if str(entry.source) == source and str(entry.group) == group:
-            return entry.outs
+            outs: tuple[int, ...] = entry.outs
+            return outs
     return None
 
 
@@ -109,7 +121,7 @@ def test_an_echo_session_moves_between_servers_and_routers_follow(manycast_lab: 
     another router and back; the server's router's entry for (client, group) goes
     to the new server; the old server keeps no socket."""
     lab, topology, mover = manycast_lab
-    sock = _connect(lab, "a1")
+    sock = _connect(lab, topology, "a1")
     reader = sock.makefile("rb")
     count = 0
 
@@ -150,8 +162,8 @@ def test_a_download_moves_back_and_forth_with_no_byte_lost(manycast_lab: Any) ->
     """A paced download (every byte compared with its pattern) and a second connection
     of the same client move together at each move: the path is the client's."""
     lab, topology, mover = manycast_lab
-    sock = _connect(lab, "b1")
-    other = _connect(lab, "b1")
+    sock = _connect(lab, topology, "b1")
+    other = _connect(lab, topology, "b1")
     rate = 4 << 20
     sock.sendall(f"GET /bytes/{1 << 40}?rate={rate} HTTP/1.1\r\nHost: pool\r\n\r\n".encode())
     state: dict[str, Any] = {"offset": 0, "error": None, "times": []}

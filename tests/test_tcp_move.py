@@ -3,9 +3,11 @@
 Unchanged clients (curl, socat, wrk) keep their connections while the lab moves
 them from server to server: the edge holds the flow's packets, the old server
 freezes and dumps the socket and hands it, signed, to the new one, the edge
-releases the packets onto the new server's segment. The lab tests need root
-(namespaces, TCP_REPAIR, iptables' NFQUEUE) and skip elsewhere, saying why; the
-service's state hooks and the transfer's signature are checked everywhere.
+releases the packets onto the new server's segment. The lab tests run on both
+families (vip.toml's pool, and vip6.toml's with an IPv6 VIP). They need root
+(namespaces, TCP_REPAIR, iptables' and ip6tables' NFQUEUE) and skip elsewhere,
+saying why; the service's state hooks and the transfer's signature are checked
+everywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from importlib.resources import files
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
@@ -39,23 +41,40 @@ from manycast.drivers.kernel.tcp_transfer import (
 from manycast.wire.tcpstate import NONCE_BYTES, StateTransfer, TcpState, TransferReply, Window
 
 NEEDS_ROOT = "moving kernel TCP connections needs root (namespaces, TCP_REPAIR); CI runs as root"
-TOOLS = ("nft", "iptables", "curl", "socat", "wrk")
+TOOLS = ("nft", "iptables", "ip6tables", "curl", "socat", "wrk")
 NEEDS_TOOLS = (
-    "the TCP move tests need nft, iptables, curl, socat and wrk: make lab-deps, and"
-    " apt-get install iptables (the NFQUEUE target)"
+    "the TCP move tests need nft, iptables, ip6tables, curl, socat and wrk: make lab-deps,"
+    " and apt-get install iptables (the NFQUEUE target)"
 )
+FAMILIES = [pytest.param(4, id="ipv4"), pytest.param(6, id="ipv6")]
 
-# The bundled vip.toml (two VIP routers, four servers and a standby) with two clients
-# per LAN and without its scenario: the moves are the scenario here.
-VIP_TOML = re.sub(
-    r"\[\[scenario\]\].*?(?=\n\[run\])",
-    "",
-    files("manycast")
-    .joinpath("topologies", "vip.toml")
-    .read_text()
-    .replace("count = 60", "count = 2"),
-    flags=re.S,
-)
+
+def vip_toml(family: int) -> str:
+    """The bundled vip.toml (vip6.toml on IPv6: two VIP routers, four servers and a
+    standby) with two clients per LAN and without its scenario: the moves are the
+    scenario here."""
+    name = "vip6.toml" if family == 6 else "vip.toml"
+    return re.sub(
+        r"\[\[scenario\]\].*?(?=\n\[run\])",
+        "",
+        files("manycast")
+        .joinpath("topologies", name)
+        .read_text()
+        .replace("count = 60", "count = 2"),
+        flags=re.S,
+    )
+
+
+def host(address: object) -> str:
+    """An address as a URL or socat address writes it (an IPv6 one in brackets)."""
+    text = str(address)
+    return f"[{text}]" if ":" in text else text
+
+
+def family_of(address: object) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in str(address) else socket.AF_INET
+
+
 SERVERS = ["s1", "s2", "s3", "s4"]
 
 
@@ -133,8 +152,8 @@ def test_framework_state_carries_the_unwritten_output() -> None:
     finally:
         conn.sock.close()
     state = TcpState(
-        local=(IPv4Address("203.0.113.80"), 7100),
-        remote=(IPv4Address("10.1.0.2"), 4000),
+        local=(ip_address("203.0.113.80"), 7100),
+        remote=(ip_address("10.1.0.2"), 4000),
         write_seq=1,
         unsent=0,
         send_queue=b"",
@@ -153,8 +172,8 @@ def test_framework_state_carries_the_unwritten_output() -> None:
 def test_transfers_verify_only_with_the_pool_key() -> None:
     key, other = auth.generate(), auth.generate()
     state = TcpState(
-        local=(IPv4Address("203.0.113.80"), 7100),
-        remote=(IPv4Address("10.1.0.2"), 4000),
+        local=(ip_address("203.0.113.80"), 7100),
+        remote=(ip_address("10.1.0.2"), 4000),
         write_seq=1,
         unsent=0,
         send_queue=b"x" * 100_000,
@@ -176,19 +195,21 @@ def test_transfers_verify_only_with_the_pool_key() -> None:
 
 
 # -- the lab ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def moving_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+@pytest.fixture(scope="module", params=FAMILIES)
+def moving_lab(tmp_path_factory: pytest.TempPathFactory, request: Any) -> Iterator[Any]:
     from manycast.drivers import netns
     from manycast.drivers.kernel.tcp_move import TcpMover
     from manycast.lab import Lab
 
-    lab = Lab(prefix=f"tm{os.getpid()}", run_root=tmp_path_factory.mktemp("tcpmove"))
+    family: int = request.param
+    lab = Lab(prefix=f"tm{os.getpid()}f{family}", run_root=tmp_path_factory.mktemp("tcpmove"))
     lab.down()
-    topology = lab.up(VIP_TOML, "tcp-move-test.toml")
+    topology = lab.up(vip_toml(family), "tcp-move-test.toml")
     mover = TcpMover(lab, topology)
     try:
         # The download's client keeps a small receive buffer, so that the servers'
         # send queues are full when the connection moves (the default holds 30 MB).
+        # (One setting for both families: IPv6's TCP reads net.ipv4.tcp_rmem too.)
         netns.sysctl(lab.ns("a1"), {"net.ipv4.tcp_rmem": "4096 65536 262144"})
         mover.start(SERVERS)
 
@@ -211,9 +232,10 @@ class _Echo:
     def __init__(self, lab: Any, topology: Any, client: str) -> None:
         from manycast.drivers import netns
 
-        self.sock = netns.socket_in(lab.ns(client), socket.AF_INET, socket.SOCK_STREAM)
+        vip = topology.pool.vip
+        self.sock = netns.socket_in(lab.ns(client), family_of(vip), socket.SOCK_STREAM)
         self.sock.settimeout(5.0)
-        self.sock.connect((str(topology.pool.vip), 7100))
+        self.sock.connect((str(vip), 7100))
         self.flow = (str(topology.address(client)), self.sock.getsockname()[1])
         self.file = self.sock.makefile("rb")
         self.count = 0
@@ -243,11 +265,15 @@ def _tcp_rsts(lab: Any, node: str) -> int:
 
 
 def _sockets_of(lab: Any, node: str, port: int) -> list[str]:
-    """/proc/net/tcp lines of `node` whose remote port is `port` (any state)."""
+    """/proc/net/tcp and tcp6 lines of `node` whose remote port is `port` (any state)."""
     from manycast.drivers import netns
 
     found = []
-    for line in netns.read_in(lab.ns(node), "/proc/net/tcp").splitlines()[1:]:
+    table = netns.read_in(lab.ns(node), "/proc/net/tcp")
+    table += netns.read_in(lab.ns(node), "/proc/net/tcp6")
+    for line in table.splitlines():
+        if line.split()[0] == "sl":
+            continue
         remote = line.split()[2]
         if int(remote.split(":")[1], 16) == port:
             found.append(line)
@@ -261,7 +287,7 @@ def test_curl_socat_and_wrk_keep_their_connections_across_moves(moving_lab: Any)
     error) run at once while each one's connections move from server to server
     at least 20 times; nothing on the client side knows."""
     lab, topology, mover = moving_lab
-    vip = str(topology.pool.vip)
+    vip = host(topology.pool.vip)
     size = 24_000_000
     out = lab.run_dir / "download.bin"
     curl = lab.popen(
@@ -386,7 +412,7 @@ def test_a_client_port_reused_after_a_move_reaches_its_server_again(moving_lab: 
     assert mover.move([echo.flow], home, _next(home)).moved == [echo.flow]
     echo.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     echo.close()  # a reset: no TIME_WAIT, the port is free at once
-    again = netns.socket_in(lab.ns("b2"), socket.AF_INET, socket.SOCK_STREAM)
+    again = netns.socket_in(lab.ns("b2"), family_of(echo.flow[0]), socket.SOCK_STREAM)
     with again:
         again.settimeout(5.0)
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -443,7 +469,7 @@ def test_unsigned_or_forged_state_is_refused_and_counted(moving_lab: Any) -> Non
     lab, topology, mover = moving_lab
     state = TcpState(
         local=(topology.pool.vip, 7100),
-        remote=(IPv4Address(str(topology.address("a1"))), 4242),
+        remote=(ip_address(str(topology.address("a1"))), 4242),
         write_seq=1000,
         unsent=0,
         send_queue=b"",
@@ -459,7 +485,7 @@ def test_unsigned_or_forged_state_is_refused_and_counted(moving_lab: Any) -> Non
     target = str(topology.address("s3"))
 
     def send(data: bytes) -> TransferReply | None:
-        sock = netns.socket_in(lab.ns("s1"), socket.AF_INET, socket.SOCK_STREAM)
+        sock = netns.socket_in(lab.ns("s1"), family_of(target), socket.SOCK_STREAM)
         with sock:
             sock.settimeout(5)
             sock.connect((target, 7101))
@@ -507,14 +533,16 @@ def test_a_moved_flow_whose_edge_forgets_it_reaches_its_new_server(moving_lab: A
         echo.line("moved")
 
         def forget() -> None:
+            family = family_of(echo.flow[0])
             key = NFCTAttrTuple(
+                family=family,
                 saddr=echo.flow[0],
                 daddr=str(topology.pool.vip),
                 proto=socket.IPPROTO_TCP,
                 sport=echo.flow[1],
                 dport=7100,
             )
-            with NFCTSocket() as ct:
+            with NFCTSocket(nfgen_family=family) as ct:
                 ct.entry("del", tuple_orig=key)
 
         def through_vip_routers() -> int:
