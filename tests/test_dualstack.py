@@ -19,6 +19,7 @@ from typing import Any
 import dns.rdatatype
 import pytest
 
+from etcdcluster import ETCD_MISSING, EtcdCluster, etcd_path
 from manycast.dns import EmbeddedServer, KnotServer, knot_available
 from manycast.naming import TsigKey, lookup_key
 from manycast.naming.records import record_rrsets
@@ -151,7 +152,6 @@ REFUSED = {
     "vip": ({"approach": "vip", "vip": "10.9.9.9"}, "a VIP pool"),
     "R4": ({"technique": "R4"}, "technique R4"),
     "D": ({"technique": "D"}, "technique D"),
-    "etcd": ({"coordination": "etcd", "etcd": ["http://127.0.0.1:2379"]}, "etcd"),
 }
 
 
@@ -507,3 +507,67 @@ def test_a_dual_stack_pool_on_the_overlay_serves_everyone_through_a_share_change
     assert done, f"not settled after {DEADLINE} s: {summary}"
     assert summary["clients_served_at_end"] == 24
     assert summary["state_lost"] == 0
+
+
+# -- coordination in etcd -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(etcd_path() is None, reason=ETCD_MISSING)
+def test_a_dual_stack_pool_coordinated_in_etcd_serves_both_families_through_a_death() -> None:
+    """coordination = "etcd" (a real one-member etcd on loopback, the pool on the
+    overlay): each member key holds its server's IPv4 address (the control channel's);
+    the coordinator removes a dead server once its lease runs out, tells the routers
+    of its death in both families, and the dead server's clients of either family are
+    served again by the owners of their buckets."""
+    from test_etcd_coordination import history, member
+
+    with EtcdCluster(1) as cluster:
+        pool = "dual.etcd.test"
+        keys = {"name": pool, "coordination": "etcd", "etcd": cluster.urls, "lease_s": 2}
+        topo = loads(dual_text(pool=keys, misses=20))
+        run = patient(
+            PoolRun(topo, "overlay", seed=3, base_port=free_base_port(topo.attachment_count))
+        )
+        everyone = ["s1", "s2", "s3", "s4"]
+        try:
+            started = every(run, 0.05, lambda: agreed_on(run, everyone) and served_now(run))
+            assert run.network.run_until(20.0, started), run.summary()
+            for name in everyone:
+                address = member(cluster.urls[0], pool, name).address
+                assert address == run.nodes.servers[name].address and address.version == 4
+            run.kill_server("s3")
+            survivors = ["s1", "s2", "s4"]
+
+            def recovered() -> bool:
+                joined = [r.membership() for r in run.nodes.routers.values()]
+                return (
+                    agreed_on(run, survivors)
+                    and all(len(j[GROUPS[0]]) == len(j[GROUPS[1]]) == 3 for j in joined)
+                    and served_now(run)
+                )
+
+            assert run.network.run_until(run.now + 20.0, every(run, 0.05, recovered)), run.summary()
+            last = history(cluster.urls[0], pool, topo.pool.space)[-1]
+            assert last.why == "remove s3" and last.state.allocation.servers == tuple(survivors)
+            allocation = last.state.allocation
+            assert topo.pool.space6 is not None
+            six = in_space(allocation, topo.pool.space6)
+            owners = dict(run.live_view().owners)
+            for name, client in run.nodes.clients.items():
+                by = allocation if client.address.version == 4 else six
+                assert owners[name] == by.owner(client.address), name
+            assert {c.address.version for c in run.nodes.clients.values()} == {4, 6}
+        finally:
+            run.close()
+
+
+def agreed_on(run: PoolRun, names: list[str]) -> bool:
+    """Every one of `names` holds one allocation, of exactly them."""
+    cores = [run.nodes.servers[n].coordinator for n in names]
+    allocation = cores[0].allocation
+    return (
+        len({c.view for c in cores}) == 1
+        and allocation is not None
+        and allocation.servers == tuple(names)
+    )

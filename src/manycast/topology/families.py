@@ -94,7 +94,6 @@ NOT_YET_FOR_DUAL_STACK = (
     ("approach", "vip", "a VIP pool"),
     ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
     ("technique", "D", "technique D (dynamic destination)"),
-    ("coordination", "etcd", 'coordination = "etcd"'),
 )
 
 
