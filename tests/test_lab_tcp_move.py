@@ -141,13 +141,15 @@ def test_move_true_outside_the_lab_is_refused_clearly() -> None:
         ScenarioEngine(loads(TCP_MOVE_MANYCAST, "m.toml"), pool=None)  # type: ignore[arg-type]
 
 
-def test_a_move_outside_the_lab_is_refused_clearly() -> None:
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_move_outside_the_lab_is_refused_clearly(family: int) -> None:
     """The memory driver and the overlay have no kernel TCP connections to move."""
-    topology = loads(TCP_MOVE, "tcp_move.toml")
+    topology = loads(bundled_text("tcp_move", family), "tcp_move.toml")
     with pytest.raises(ScenarioError, match="kernel lab"):
         ScenarioEngine(topology, pool=None)  # type: ignore[arg-type]
+    path = files("manycast").joinpath("topologies", f"{bundled('tcp_move', family)}.toml")
     result = subprocess.run(
-        [sys.executable, "-m", "manycast", "run", str(_bundled()), "--duration", "1"],
+        [sys.executable, "-m", "manycast", "run", str(path), "--duration", "1"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -155,10 +157,6 @@ def test_a_move_outside_the_lab_is_refused_clearly() -> None:
     )
     assert result.returncode == 2 and "manycast lab run" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-
-
-def _bundled() -> Path:
-    return Path(str(files("manycast").joinpath("topologies", "tcp_move.toml")))
 
 
 # -- the lab ---------------------------------------------------------------------------
