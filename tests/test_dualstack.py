@@ -21,6 +21,7 @@ import pytest
 
 from etcdcluster import ETCD_MISSING, EtcdCluster, etcd_path
 from manycast.dns import EmbeddedServer, KnotServer, knot_available
+from manycast.errors import LabError
 from manycast.naming import TsigKey, lookup_key
 from manycast.naming.records import record_rrsets
 from manycast.ports import free_base_port
@@ -150,7 +151,6 @@ def test_demo_dual_is_bundled_beside_demo_with_the_same_scenario() -> None:
 
 REFUSED = {
     "vip": ({"approach": "vip", "vip": "10.9.9.9"}, "a VIP pool"),
-    "R4": ({"technique": "R4"}, "technique R4"),
     "D": ({"technique": "D"}, "technique D"),
 }
 
@@ -218,6 +218,16 @@ def test_the_kernel_lab_serves_both_families_by_their_owners(tmp_path: Path, pri
         assert sum(s in ipaddress.ip_network(subnet) for s in sources) == 12, version
 
 
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
+def test_the_kernel_lab_refuses_r4_on_a_dual_stack_pool_by_name(tmp_path: Path) -> None:
+    from manycast.lab import Lab
+
+    lab = Lab(prefix=f"mt{os.getpid()}n9", run_root=tmp_path)
+    with pytest.raises(LabError, match=r"technique R4 on a dual-stack pool .* not yet in the"):
+        lab.up(dual_text(technique="R4"), "dual.toml")
+    assert not lab.is_up()
+
+
 # -- the pool on the memory driver --------------------------------------------------------
 
 
@@ -266,6 +276,42 @@ def test_a_share_change_moves_clients_of_both_families_without_losing_one(techni
     owners = dict(run.live_view().owners)
     moved = {name for name, owner in owners.items() if owner != "s1"}
     assert {run.topology.address(n).version for n in moved} == {4, 6}
+
+
+def test_r4_pins_each_familys_moved_connections_on_its_familys_trees() -> None:
+    """R4 (Fig 16): s1 drops to 10%; it tags each connection it gives up onto its tree
+    of the client's family at the clients' edge (the IPv4 logic holds the IPv4
+    clients' tags, onto s1's IPv4 address; the IPv6 logic the IPv6 clients', onto its
+    IPv6 address), their packets come to s1 by label in either family, and nobody is
+    reset. When s1 then dies, the edge drops its tags in both families (a member-down
+    notice for each group) and its clients are served again by the others."""
+    scenario = [(2.0, "set_share", "s1", "share = 0.1"), (3.0, "kill", "s1", "")]
+    run = PoolRun(loads(dual_text(technique="R4", scenario=scenario)), "memory", 3)
+    run.network.run_until(2.9)
+    assert outcome(run) == {"resets": 0, "failed": 0, "state_lost": 0, "timeouts": 0}
+    ra, rs1, s1 = run.nodes.routers["ra"], run.nodes.routers["rs1"], run.nodes.servers["s1"]
+    assert isinstance(ra, DualStackRouter) and isinstance(rs1, DualStackRouter)
+    edges = {4: ra.vip, 6: ra.six.vip}
+    for version, edge in edges.items():
+        assert edge is not None and edge.family == version
+        tagged = {ipaddress.ip_address(flow.client) for flow in edge.flows}
+        assert tagged and {a.version for a in tagged} == {version}, version
+        root = s1.address if version == 4 else s1.address6
+        assert {tag.server for tag in edge.flows.values()} == {int(root)}, version
+        assert edge.stats.pushed > 0, version
+        for client in run.nodes.clients.values():  # each still on its connection to s1
+            if client.address in tagged:
+                assert client.conn_key is not None
+                local, remote = client.conn_key  # type: ignore[misc]
+                assert (remote, local) in s1.endpoint, client.name
+    for plane in (rs1.vip, rs1.six.vip):
+        assert plane is not None and plane.stats.labelled_delivered > 0
+    assert s1.handover.stats.pinned == sum(len(e.flows) for e in edges.values() if e)
+    run.network.run_until(3.6)
+    for version, edge in edges.items():
+        assert edge is not None and not edge.flows and edge.stats.flows_of_dead_servers, version
+    run.network.run_until(6.0)
+    assert served_now(run)
 
 
 def test_a_dead_servers_clients_of_both_families_are_served_again() -> None:

@@ -6,7 +6,8 @@ current transaction); R3 transfers their state to the new owner; R4 tags them
 onto the old owner's label-switched tree at the clients' edge router. Every
 client keeps a running total with the service, so a lost state is visible to the
 user (`state_lost`), as are resets and failures. Every test runs on an IPv4 and on
-an IPv6 network (the same topology, numbered in either family).
+an IPv6 network (the same topology, numbered in either family), and on a dual-stack
+one (a dual-stack pool: half the clients on an IPv4 LAN, half on an IPv6 LAN).
 """
 
 from __future__ import annotations
@@ -25,20 +26,45 @@ from manycast import space
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.ports import free_base_port
 from manycast.protocol.client import Client
+from manycast.protocol.dualstack import DualStackRouter, in_space
+from manycast.protocol.router import Router
 from manycast.protocol.server import Server
 from manycast.protocol.technique import Technique
+from manycast.protocol.vipplane import VipPlane
 from manycast.runtime import PoolRun
 from manycast.space import Allocation
 from manycast.steps import STEP_TYPES, Action, Kill, SetShare
 from manycast.topology import loads
-from pooltools import DEADLINE, Settled, agreed, every, once, patient, served_now
+from pooltools import DEADLINE, Settled, agreed, every, once, owner, patient, served_now
 
 TECHNIQUES = tuple(t for t in Technique if t is not Technique.D)  # D: test_dynamic_destination
 KEEPERS = ("R2", "R3", "R4")  # the techniques that keep every session
-family = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+DUAL = 46  # `family` of a dual-stack pool: both groups, a client LAN of each family
+family = pytest.mark.parametrize("family", [4, 6, DUAL], ids=["ipv4", "ipv6", "dual"])
 # Per family: the pool's group and the clients' LAN.
 GROUPS = {4: "232.1.1.1", 6: "ff3e::8000:1"}
 LANS = {4: "10.1.0.0/16", 6: "2001:db8:c::/64"}
+
+
+def pool_keys(family: int) -> str:
+    """The `[pool]` keys that make it of `family`: its group, and for a dual-stack
+    pool its two spaces and groups."""
+    if family != DUAL:
+        return f'group = "{GROUPS[family]}"'
+    return f'space = ["10.0.0.0/8", "2001:db8::/32"]\ngroup = ["{GROUPS[4]}", "{GROUPS[6]}"]'
+
+
+def client_lans(family: int, clients: int, rate: float) -> str:
+    """The clients behind `ra`: one LAN of the pool's family (c1..), or a dual-stack
+    pool's half on an IPv4 LAN (c1..) and half on an IPv6 one (d1..). The stride
+    spreads the clients over the low-order bits that portions select."""
+    lans = [("c", LANS[4]), ("d", LANS[6])] if family == DUAL else [("c", LANS[family])]
+    return "".join(
+        f'[[clients]]\nname = "{name}"\ncount = {clients // len(lans)}\nrouter = "ra"\n'
+        f'subnet = "{subnet}"\nstride = 97\nrate = {rate}\n'
+        for name, subnet in lans
+    )
+
 
 ConnKey = tuple[tuple[ipaddress.IPv4Address, int], tuple[ipaddress.IPv4Address, int]]
 
@@ -56,7 +82,8 @@ def topology(
 ) -> str:
     """Clients behind `ra`; s1, s3 behind rs1 and s2, s4 (and standby s5) behind rs2,
     so a moved connection may have to cross a different router than before; every
-    address of `family` (the routers' and servers' from the address plan)."""
+    address of `family` (the routers' and servers' from the address plan; on a
+    dual-stack network they have one of each)."""
     steps = "".join(
         f'[[scenario]]\nat = {at}\naction = "{action}"\nserver = "{server}"\n'
         + ("share = 0.10\n" if action == "set_share" else "")
@@ -64,7 +91,7 @@ def topology(
     )
     return f"""
 [pool]
-group = "{GROUPS[family]}"
+{pool_keys(family)}
 heartbeat_ms = 100
 heartbeat_misses = {misses}
 report_interval_ms = 500
@@ -101,15 +128,7 @@ name = "s5"
 router = "rs2"
 standby = true
 
-# The stride spreads the clients over the low-order bits that portions select.
-[[clients]]
-name = "c"
-count = {clients}
-router = "ra"
-subnet = "{LANS[family]}"
-stride = 97
-rate = {rate}
-
+{client_lans(family, clients, rate)}
 {steps}
 [run]
 duration = {duration}
@@ -212,10 +231,15 @@ class Change:
 
 
 def moved_clients(run: PoolRun, old: Allocation, new: Allocation) -> dict[str, tuple[str, str]]:
-    """client -> (old owner, new owner), by the portions `space.diff` says changed hands."""
+    """client -> (old owner, new owner), by the portions `space.diff` says changed hands
+    (a dual-stack pool's IPv6 client: by the same buckets of the IPv6 space)."""
+    space6 = run.topology.pool.space6
     out = {}
-    for move in space.diff(old, new):
-        for name, client in run.nodes.clients.items():
+    for name, client in run.nodes.clients.items():
+        pair = (old, new)
+        if space6 is not None and client.address.version == 6:
+            pair = (in_space(old, space6), in_space(new, space6))
+        for move in space.diff(*pair):
             if move.portions.contains(client.address):
                 out[name] = (move.source, move.target)
     return out
@@ -239,6 +263,8 @@ def change(
     assert new != old
     moved = moved_clients(run, old, new)
     assert moved, "the change moved no client: the test would prove nothing"
+    if run.topology.pool.dual and action == "set_share":  # then clients of both families
+        assert {clients[n].address.version for n in moved} == {4, 6}, moved
     return Change(old, new, at, keys, totals, reconnects, moved)
 
 
@@ -342,9 +368,12 @@ def check_kept(
             )
             assert arrived == sum(1 for _, t in moved.values() if t == target), target
     else:
-        # The clients' edge pushes the old owner's label on the moved connections.
-        edge = run.nodes.routers["ra"].vip
-        assert edge is not None and edge.stats.pushed > 0
+        # The clients' edge pushes the old owner's label on the moved connections (a
+        # dual-stack edge: each family's on its own family's trees).
+        for edge in planes(run.nodes.routers["ra"]):
+            moved_here = [n for n in moved if run.nodes.clients[n].address.version == edge.family]
+            assert edge.stats.pushed > 0 or not moved_here, edge.family
+        assert sum(p.stats.pushed for p in planes(run.nodes.routers["ra"])) > 0
         for source in sources:
             assert servers[source].handover.stats.pinned >= sum(
                 1 for s, _ in moved.values() if s == source
@@ -440,7 +469,7 @@ def test_clients_of_a_dead_server_are_served_again(
     run = start(topology(technique, family=family, clients=24, scenario=[(2.0, "kill", victim)]))
     advance(run, 1.99)
     before = current(run)
-    orphans = {n for n, c in run.nodes.clients.items() if before.owner(c.address) == victim}
+    orphans = {n for n, c in run.nodes.clients.items() if owner(run, before, c) == victim}
     assert orphans
     advance(run, 5.0)
     after = current(run)
@@ -448,7 +477,7 @@ def test_clients_of_a_dead_server_are_served_again(
     assert sum(after.shares().values()) == 1
     assert_all_served_since(run, 3.5)
     for name, client in run.nodes.clients.items():
-        assert holders(run, server_key(client)) == {after.owner(client.address)}, name
+        assert holders(run, server_key(client)) == {owner(run, after, client)}, name
     # Nobody else's session is disturbed, and no answer ever carries a wrong total.
     disturbed = {n for n, c in run.nodes.clients.items() if c.stats.disruptions}
     assert disturbed <= orphans
@@ -480,19 +509,31 @@ def test_moved_sessions_whose_holder_dies_are_served_again(technique: str, famil
     assert_all_served_since(run, at + 3.0)
     for name in kept:
         client = run.nodes.clients[name]
-        assert holders(run, server_key(client)) == {after.owner(client.address)}, name
+        assert holders(run, server_key(client)) == {owner(run, after, client)}, name
     assert outcome(run)["state_lost"] == 0
 
 
 # -- R4 pins go away -----------------------------------------------------------------
 
 
+def planes(router: Router) -> list[VipPlane]:
+    """A router's label plane, or a dual-stack router's two (its IPv4 and IPv6 logic's)."""
+    found = [router.vip, router.six.vip] if isinstance(router, DualStackRouter) else [router.vip]
+    assert all(plane is not None for plane in found), router.name
+    return [plane for plane in found if plane is not None]
+
+
 def tagged_clients(run: PoolRun) -> set[str]:
-    """The clients whose connections the edge router `ra` holds a tag for."""
-    edge = run.nodes.routers["ra"].vip
-    assert edge is not None
-    names = {int(c.address): n for n, c in run.nodes.clients.items()}
-    return {names[flow.client] for flow in edge.flows}
+    """The clients whose connections the edge router `ra` holds a tag for, each in the
+    plane of its family, onto a tree of its family."""
+    tagged = set()
+    servers = {int(a) for s in run.nodes.servers.values() for a in (s.address, s.address6) if a}
+    for edge in planes(run.nodes.routers["ra"]):
+        clients = run.nodes.clients.items()
+        names = {int(c.address): n for n, c in clients if c.address.version == edge.family}
+        tagged |= {names[flow.client] for flow in edge.flows}
+        assert {tag.server for tag in edge.flows.values()} <= edge.servers & servers
+    return tagged
 
 
 @family
@@ -505,8 +546,8 @@ def test_r4_pins_go_away_when_the_pinned_connections_close(family: int) -> None:
     routers = run.nodes.routers
     # Each moved connection is tagged once, at the clients' edge router only.
     assert tagged_clients(run) == set(record.moved)
-    assert all(r.vip is not None for r in routers.values())
-    assert [n for n, r in routers.items() if r.vip and r.vip.stats.flows_tagged] == ["ra"]
+    tagging = {n for n, r in routers.items() for p in planes(r) if p.stats.flows_tagged}
+    assert tagging == {"ra"}
     closing = [run.nodes.clients[name] for name in sorted(record.moved)[:2]]
     for client in closing:
         act(run, lambda client=client: client.set_rate(0.0, run.now))

@@ -259,7 +259,20 @@ def _dual_options(topology: Topology, router: str, wall_base: float) -> dict[str
         admission6 = Admission(
             AddressPlan.from_text(pool.private_ranges).is_private_int, wall_base=wall_base
         )
-    return {"neighbors6": topology.router_neighbors(router, 6), "admission6": admission6}
+    options: dict[str, Any] = {
+        "neighbors6": topology.router_neighbors(router, 6),
+        "admission6": admission6,
+    }
+    if pool.technique is Technique.R4 and pool.group6 is not None:
+        # R4's trees in the IPv6 logic: the IPv6 group's connections, tagged by the
+        # servers from their IPv6 addresses.
+        options["r4_group6"] = pool.group6
+        options["vip_servers6"] = [
+            int(address6)
+            for name in topology.servers
+            if (address6 := topology.interfaces[name][topology.gateways[name][0]].address6)
+        ]
+    return options
 
 
 def _label_options(topology: Topology, router: str) -> dict[str, Any]:

@@ -123,6 +123,11 @@ class Lab:
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'
                 " overlay); the kernel lab's server agents coordinate on the control channel"
             )
+        if topology.pool.dual and topology.pool.technique == "R4":
+            raise LabError(
+                "technique R4 on a dual-stack pool runs on the memory and overlay drivers"
+                " (manycast run --driver overlay); not yet in the kernel lab"
+            )
         if self.is_up():
             raise LabError(
                 f"a lab with prefix {self.prefix!r} is already up "

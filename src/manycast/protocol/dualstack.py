@@ -15,6 +15,7 @@ effects and the counters, so a driver sees one node.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from manycast.addressplan import IPV4_LIMIT
@@ -23,6 +24,7 @@ from manycast.protocol.node import Interface, family_view
 from manycast.protocol.router import Router
 from manycast.protocol.router6 import Router6
 from manycast.space import AddressSpace, Allocation
+from manycast.wire.ip import Address
 
 
 def in_space(allocation: Allocation, space: AddressSpace) -> Allocation:
@@ -45,12 +47,16 @@ class DualStackRouter(Router):
         *,
         neighbors6: dict[str, tuple[int, ...]] | None = None,
         admission6: Admission | None = None,
+        r4_group6: Address | None = None,
+        vip_servers6: Iterable[int] = (),
         **options: Any,
     ) -> None:
         """`Router`'s arguments over every interface, with both families' routes;
         `neighbors6`: the neighbour routers' IPv6 addresses; `admission6`: a private
         pool's admission of MLDv2 joins (its keys, replay cache and waiting joins are
-        the IPv6 logic's own)."""
+        the IPv6 logic's own). Under R4, `r4_group6` and `vip_servers6` are the IPv6
+        group and the servers' IPv6 addresses: each family's logic builds its own
+        servers' trees from its own label bindings, and pins its own clients' flows."""
         routes = list(routes)
         router_ifaces = set(router_ifaces)
         four, six = family_view(interfaces, 4), family_view(interfaces, 6)
@@ -66,7 +72,13 @@ class DualStackRouter(Router):
             six,
             [r for r in routes if r[0].version == 6],
             router_ifaces & set(six),
-            **{**options, "neighbors": neighbors6, "admission": admission6},
+            **{
+                **options,
+                "neighbors": neighbors6,
+                "admission": admission6,
+                "r4_group": r4_group6,
+                "vip_servers": vip_servers6,
+            },
         )
         # One node to the driver: one outbox, one list of effects, one set of counters.
         self.six.outbox = self.outbox

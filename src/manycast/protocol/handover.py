@@ -122,8 +122,10 @@ class Handover:
         edges: Edges = (),
         redirector: Redirector | None = None,
         group6: Address | None = None,
+        address6: Address | None = None,
     ) -> None:
-        """`group6`: a dual-stack pool's IPv6 group, beside `group`."""
+        """`group6`, `address6`: a dual-stack pool's IPv6 group beside `group`, and our
+        IPv6 address beside `address` (the root of our tree for IPv6 clients)."""
         if technique not in tuple(Technique):
             names = ", ".join(Technique)
             raise ConfigError(f"technique must be one of {names}, not {technique!r}")
@@ -134,6 +136,7 @@ class Handover:
         self.redirector = redirector
         self.name = name
         self.address = address
+        self.address6 = address6
         self.group = group
         self._groups = {group} if group6 is None else {group, group6}
         self.port = port
@@ -178,7 +181,9 @@ class Handover:
                 self.stats.no_edge += 1
                 continue
             flow = control.FlowKey(IPPROTO_TCP, client, client_port, group, port)
-            self.send_control(control.FlowTag(self.name, 0, flow, self.address, idle_ms), edge)
+            # Onto our tree of the client's family (a dual-stack pool's server has two).
+            root = self.address6 if client.version == 6 and self.address6 else self.address
+            self.send_control(control.FlowTag(self.name, 0, flow, root, idle_ms), edge)
             self._tagged[key] = edge
             self.stats.pinned += 1
 

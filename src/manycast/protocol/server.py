@@ -172,6 +172,7 @@ class Server(Node):
             edges=edges,
             redirector=self.redirector,
             group6=settings.group6,
+            address6=self.address6,
         )
         # Our label-switched tree: a VIP pool's flows (Fig 17) and R4's pinned paths
         # (Fig 16) come down it; our router is its last hop.
@@ -488,6 +489,12 @@ class Server(Node):
         hold_ms = max(1, int(self.settings.report_interval_s * 3500))
         hello = control.ServerHello(self.name, 0, self.address, self.settings.group, hold_ms)
         self._send_control(hello, self.router)
+        group6, address6, router6 = self.settings.group6, self.address6, self.router6
+        if group6 is not None and address6 is not None and router6 is not None:
+            # A dual-stack pool: our tree in the IPv6 routers' logic too, rooted at our
+            # IPv6 address (its IPv6 clients' connections are pinned on it).
+            hello6 = control.ServerHello(self.name, 0, address6, group6, hold_ms)
+            self._send_control(hello6, router6)
 
     # -- sessions ------------------------------------------------------------------------------
     def _drain(self, now: float) -> None:

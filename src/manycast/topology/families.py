@@ -92,7 +92,6 @@ def dual_groups(p: TableReader) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Ad
 # What a dual-stack pool cannot have yet: (key, the value that asks for it, what it is).
 NOT_YET_FOR_DUAL_STACK = (
     ("approach", "vip", "a VIP pool"),
-    ("technique", "R4", "technique R4 (pinned paths on label-switched trees)"),
     ("technique", "D", "technique D (dynamic destination)"),
 )
 
