@@ -206,6 +206,32 @@ def test_split_pool_heals_to_one_allocation() -> None:
     assert_all_served_since(run, 6.0)
 
 
+def test_a_healed_split_pool_commits_the_rejoin_with_every_servers_ack() -> None:
+    """As the cut heals, s1 proposes adding s3 and s4 back while they are still
+    fetching its state, so the proposal's base is not yet theirs. They ack it once
+    they hold that base: the change commits at once and every server installs it at
+    the commit (docs/soak.md finding 5, a router's outage). Before, the proposal
+    waited out its timeout (two heartbeats) and s3 and s4 fetched the result by
+    snapshot a moment after s1 and s2 had left the moving buckets, which had no
+    member at the routers meanwhile."""
+    run, trace = start(pool_toml(duration=6.0), seed=1)
+    healed = 4.0
+    trace.cut({"s1", "s2"}, {"s3", "s4"}, 2.0, healed)
+    run_to(run, 6.0)
+    current = assert_one_allocation(run)
+    assert current.servers == ("s1", "s2", "s3", "s4")
+    servers = run.nodes.servers.values()
+    last = max(s.coordinator.epoch for s in servers)
+    installed = {
+        s.name: [(at, why) for at, epoch, why in s.coordinator.changes if epoch == last]
+        for s in servers
+    }
+    assert all(not why.startswith("snapshot") for [(_, why)] in installed.values()), installed
+    times = [at for [(at, _)] in installed.values()]
+    assert max(times) - min(times) < 0.02, installed
+    assert max(times) < healed + 0.2, installed
+
+
 def test_dead_servers_membership_leaves_the_routers_on_the_pools_notice() -> None:
     run, _ = start(pool_toml(scenario=[kill(2.0, "s2")], duration=6.0), seed=1)
     s2 = int(run.nodes.servers["s2"].address)

@@ -253,3 +253,45 @@ def test_a_private_pools_clients_answer_the_queries_of_a_restarted_router(net: F
     assert all(fresh.sender_allowed(iface, int(c.address), group, now) for c in members)
     assert not any(fresh.sender_allowed(iface, int(c.address), group, now) for c in outsiders)
     assert all(c.queries.queries >= 1 for c in members)
+
+
+# -- an outage longer than the failure detection: the pool splits (docs/soak.md 5) -----
+
+LONGEST_OUTAGE = 1.5  # the soak's longest router outage (bench/_soak_plan.ROUTER_DOWN_S)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_seeds_1_to_4_a_router_outage_that_splits_the_pool_loses_no_session(seed: int) -> None:
+    """rb down 1.5 s, five times the pool's failure detection: s1 and s2 take the
+    whole space, and so do s3 and s4 each alone. The clients of s3 and s4 on LAN a
+    now reach s1 or s2, whose R3 state queries cannot reach their old owner until rb
+    is back. They used to give up 1.5 s after the first query, asked again only every
+    0.3 s, so a query's last tries fell before rb knew its members again and the
+    client was reset (4-5 sessions a seed here, 116 in 20 restarts at the soak's
+    scale). Then the pool merged through a proposal that waited out its timeout
+    (0.2 s) for s3's and s4's acks, as they were fetching the state it was based on,
+    and the moving portions had no member at rb meanwhile: a client retransmission
+    falling then was lost, its next one past the client's 2 s deadline. Now a
+    server held dead and heard again gets the pending queries at once, with a fresh
+    wait, and a proposal on a state a member is fetching is acked when it has it."""
+    run, _ = start(two_edge_pool(), seed=seed)
+    run_to(run, KILLED_AT)
+    restart(run, "rb", LONGEST_OUTAGE)
+    back = run.now
+    run_to(run, back + 4.0)
+    # The pool did split: s3, alone behind the dead rb, took the whole space.
+    split = [why for at, _, why in run.nodes.servers["s3"].coordinator.changes if at < back]
+    assert "commit remove s1, s2, s4" in split
+    clients = run.nodes.clients
+    lost = sorted(
+        (round(at, 3), name, reason)
+        for name, c in clients.items()
+        for at, reason in c.stats.failures
+        if at >= KILLED_AT
+    )
+    assert lost == []
+    assert sum(c.stats.resets + c.stats.timeouts for c in clients.values()) == 0
+    # The states of LAN a's clients cut off with s3 and s4 reached their new owners.
+    moved_in = sum(s.handover.stats.transferred_in for s in run.nodes.servers.values())
+    assert moved_in > 0
+    assert_one_allocation(run)

@@ -118,6 +118,8 @@ class Coordinator(PeerView):
         self._pending: _Pending | None = None  # ours, as coordinator
         # others' proposals we acked: epoch -> (digest, result, when)
         self._offered: dict[int, tuple[str, policy.Apportionment, float]] = {}
+        # The latest proposal on a state newer than ours, acted on once we hold its base.
+        self._ahead_proposal: control.Proposal | None = None
         # operators' commands we passed to the coordinator: id -> (op, next resend, give up)
         self._commands: dict[int, tuple[control.PolicyOp, float, float]] = {}
         self._queue: list[control.PolicyOp] = []
@@ -558,6 +560,7 @@ class Coordinator(PeerView):
                 and message.epoch == self.epoch + 1
             ):
                 self._install(message.epoch, offered[1], now, f"commit from {message.sender}")
+                self._caught_up(now)
             elif (message.epoch, message.digest) > self.view:
                 # A state we cannot build from ours: its committer holds it; fetch it.
                 self._heard_state(message.sender, (message.epoch, message.digest))
@@ -603,6 +606,14 @@ class Coordinator(PeerView):
         if base != self.view or self.apportionment is None:
             # The proposer holds `base`: a newer state to fetch, if it is newer than ours
             # (with the gossip membership we may not have heard its state otherwise).
+            if base > self.view:
+                # Acked once we hold it: when a split pool merges, the coordinator
+                # proposes adding the others back as they fetch its state, and a
+                # proposal that waits out its timeout for their acks leaves the
+                # moving portions without a member at the routers meanwhile.
+                ahead = self._ahead_proposal
+                if ahead is None or proposal.epoch >= ahead.epoch:
+                    self._ahead_proposal = proposal
             self._heard_state(proposal.sender, base)
             self._behind(now)
             return
@@ -682,6 +693,16 @@ class Coordinator(PeerView):
         self.stats.snapshots_adopted += 1
         self._pending = None
         self._install(part.epoch, state, now, f"snapshot from {part.sender}")
+        self._caught_up(now)
+
+    def _caught_up(self, now: float) -> None:
+        """We adopted another's state: a proposal that waited for it is acked now."""
+        proposal = self._ahead_proposal
+        if proposal is None or (proposal.base_epoch, proposal.base_digest) > self.view:
+            return
+        self._ahead_proposal = None
+        if (proposal.base_epoch, proposal.base_digest) == self.view:
+            self._on_proposal(proposal, now)
 
     # -- plumbing -------------------------------------------------------------------------
     def _send(

@@ -18,7 +18,9 @@ The pool chooses one technique:
   included. The old owner keeps the reply for `given_kept` seconds and sends it
   again when the same query comes again: the reply is the connection's only copy,
   and one lost or late datagram must not lose it. The asker asks again every
-  `QUERY_RESEND` seconds until its `query_timeout`.
+  `QUERY_RESEND` seconds until its `query_timeout`, and at once when a server it
+  held dead is heard again (`peer_returned`): an old owner cut off by a router's
+  outage keeps its connections, and its return restarts the wait.
 * R4 pinned paths (Fig 16): before a reallocation executes, a server creates a
   tag-switched path to itself for each connection it is about to lose: it tags
   the connection onto its own label-switched tree at the client's edge router
@@ -59,6 +61,10 @@ Edges = Sequence[tuple[Network, Address]]
 
 
 QUERY_RESEND = 0.3  # seconds between R3 state queries for one connection
+# After a server held dead is heard again, ask once more this soon: it can send
+# before it receives (its router, just restarted, learns it as a member of the
+# control group from its next report, within the router's query's Max Resp Time).
+RETURN_RESEND = 0.1
 GIVEN_LIMIT = 10_000  # released states kept for their asker at most (oldest go first)
 
 
@@ -274,6 +280,17 @@ class Handover:
             self.stats.queries += 1
         if len(query.segments) < 64:
             query.segments.append(item)
+
+    def peer_returned(self, now: float) -> None:
+        """A server we held dead is heard again (R3, D): it may be the old owner our
+        queries wait for, cut off by a router's outage with its connections kept
+        (finding 5 of docs/soak.md). Ask again now, not at the next resend, and wait
+        `query_timeout` from now: what ran out while it was unreachable says nothing
+        of whether it holds the state."""
+        for query in self._queries.values():
+            query.deadline = max(query.deadline, now + self.query_timeout)
+            query.resend = now + RETURN_RESEND
+            self.send_control(control.StateQuery(self.name, 0, query.query_id, query.wanted), None)
 
     # -- control messages ----------------------------------------------------------------
     def on_message(

@@ -158,6 +158,12 @@ class PeerView:
         peer = self.peers.get(name)
         return peer is not None and self._peer_alive(peer, self._limit(now))
 
+    def held_dead(self, name: str, now: float) -> bool:
+        """Whether `name` is a peer our view does not count alive now (a name we have
+        never heard of, such as a router's, is not one)."""
+        peer = self.peers.get(name)
+        return peer is not None and not self._peer_alive(peer, self._limit(now))
+
     def dead_addresses(self, now: float) -> set[Address]:
         """Unicast addresses of the peers we have stopped hearing from."""
 

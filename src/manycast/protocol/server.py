@@ -336,8 +336,13 @@ class Server(Node):
             return
         self.stats.control_received += 1
         via_group = ip.header.dst == self.settings.control_group
+        was_dead = self.coordinator.held_dead(message.sender, now)
         if not self.handover.on_message(message, now, via_group):
             self.coordinator.on_message(message, now)
+        if was_dead and not self.coordinator.held_dead(message.sender, now):
+            # Alive again to the pool (a router between us restarted, a partition
+            # healed): it may hold the states our R3 queries wait for.
+            self.handover.peer_returned(now)
 
     def _send_control(self, message: control.ControlMessage, to: Address | None) -> None:
         """To the control group, or to one server or router (point to point)."""
