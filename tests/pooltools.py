@@ -167,7 +167,8 @@ class Trace:
 
     def _server_hook(self, server: Server) -> Any:
         original = server.receive
-        group = server.settings.group
+        # the pool's group, and a dual-stack pool's IPv6 group (owned by its portions6)
+        groups = {server.settings.group, server.settings.group6}
 
         def receive(iface: str, packet: bytes, now: float) -> None:
             try:
@@ -176,8 +177,11 @@ class Trace:
                 original(iface, packet, now)
                 return
             header = ip.header
-            if ip.protocol == IPPROTO_TCP and header.dst == group:
-                owned = server.portions is not None and server.portions.contains(header.src)
+            if ip.protocol == IPPROTO_TCP and header.dst in groups:
+                portions = server.portions
+                if header.dst == server.settings.group6:
+                    portions = server.portions6
+                owned = portions is not None and portions.contains(header.src)
                 self.deliveries.append(Delivery(now, server.name, header.src, owned))
             elif ip.protocol == IPPROTO_UDP and self._dropped(server.name, ip, now):
                 return

@@ -151,7 +151,6 @@ def test_demo_dual_is_bundled_beside_demo_with_the_same_scenario() -> None:
 
 REFUSED = {
     "vip": ({"approach": "vip", "vip": "10.9.9.9"}, "a VIP pool"),
-    "D": ({"technique": "D"}, "technique D"),
 }
 
 
@@ -219,12 +218,15 @@ def test_the_kernel_lab_serves_both_families_by_their_owners(tmp_path: Path, pri
 
 
 @pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
-def test_the_kernel_lab_refuses_r4_on_a_dual_stack_pool_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("technique", ["R4", "D"])
+def test_the_kernel_lab_refuses_r4_and_d_on_a_dual_stack_pool_by_name(
+    tmp_path: Path, technique: str
+) -> None:
     from manycast.lab import Lab
 
     lab = Lab(prefix=f"mt{os.getpid()}n9", run_root=tmp_path)
-    with pytest.raises(LabError, match=r"technique R4 on a dual-stack pool .* not yet in the"):
-        lab.up(dual_text(technique="R4"), "dual.toml")
+    with pytest.raises(LabError, match=rf"technique {technique} on a dual-stack pool .* not yet"):
+        lab.up(dual_text(technique=technique), "dual.toml")
     assert not lab.is_up()
 
 

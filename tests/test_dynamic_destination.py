@@ -10,7 +10,9 @@ state, and the new owner tells the client where to send with a change-destinatio
 signed with the pool's key, which the client checks against the key the pool
 publishes in DNS. Each test is named after the claim it shows and checks what a
 client sees, byte for byte where it matters; those that run a pool run it on an
-IPv4 and on an IPv6 network (the same topology, numbered in either family).
+IPv4 and on an IPv6 network (the same topology, numbered in either family), and
+those of claims 18, 19 and 43 on a dual-stack one too (half the clients IPv4, half
+IPv6: each connection moves within its client's family).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from pooltools import (
     agreed,
     allocation,
     assert_all_served_since,
+    owner,
     patient,
     pool_toml,
     run_pool_until,
@@ -71,6 +74,8 @@ PORT = 7000
 D = {"technique": "D", "report_interval_ms": 500}
 Key = tuple[tuple[Any, int], tuple[Any, int]]
 family = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+DUAL = 46  # `family` of a dual-stack pool: both groups, a client LAN of each family
+any_family = pytest.mark.parametrize("family", [4, 6, DUAL], ids=["ipv4", "ipv6", "dual"])
 # Per family: the pool's group; an address on the clients' LAN that is no server's;
 # a multicast address no move may name.
 GROUPS: dict[int, Address] = {4: GROUP, 6: ipaddress.IPv6Address("ff3e::8000:1")}
@@ -87,9 +92,13 @@ ATTACKER = ATTACKERS[4]  # the IPv4 pool's (test_fuzz_change_destination.py)
 
 def in_family(text: str, family: int) -> str:
     """pooltools' IPv4 topology, or the same on an IPv6 network: the group and the
-    clients' LANs IPv6, the servers' links numbered from 2001:db8::/32."""
+    clients' LANs IPv6, the servers' links numbered from 2001:db8::/32; or (DUAL) a
+    dual-stack pool's, its a clients on their IPv4 LAN and as many (b1..) on an IPv6
+    one."""
     if family == 4:
         return text
+    if family == DUAL:
+        return dual_stack(text)
     for old, new in (
         (f'group = "{GROUP}"', f'group = "{GROUPS[6]}"'),
         ('subnet = "10.1.0.0/24"', 'subnet = "2001:db8:a::/64"'),
@@ -97,6 +106,32 @@ def in_family(text: str, family: int) -> str:
     ):
         text = text.replace(old, new)
     return re.sub(r'^subnet = "[0-9./]+"\n', "", text, flags=re.MULTILINE)
+
+
+def dual_stack(text: str) -> str:
+    """pooltools' IPv4 topology as a dual-stack pool's: both spaces and groups, and
+    beside the a clients on their IPv4 LAN as many b1.. on 2001:db8:a::/64 (the same
+    low-order bits, so the same buckets: each change moves clients of both families)."""
+    text = text.replace(
+        f'group = "{GROUP}"',
+        f'space = ["10.0.0.0/8", "2001:db8::/32"]\ngroup = ["{GROUP}", "{GROUPS[6]}"]',
+    )
+    block = re.search(r'\[\[clients\]\]\nname = "a"\n(?:[^\[\n][^\n]*\n)+', text)
+    assert block is not None
+    six = block[0].replace('name = "a"', 'name = "b"').replace("10.1.0.0/24", "2001:db8:a::/64")
+    return text.replace(block[0], block[0] + "\n" + six)
+
+
+def address_at(server: Server, client: Client) -> Address:
+    """The server's address of the client's family (a dual-stack pool's has two)."""
+    if client.address.version == 6 and server.address6 is not None:
+        return server.address6
+    return server.address
+
+
+def group_for(run: PoolRun, client: Client) -> Address:
+    """The pool's group of the client's family."""
+    return run.topology.pool.group_of(client.address.version)
 
 
 def d_pool(
@@ -199,8 +234,14 @@ def changes(seen: list[Seen], name: str) -> list[Seen]:
 
 
 def address_of(run: PoolRun) -> dict[Address, str]:
+    """Every server's name by its addresses (a dual-stack pool's have two)."""
     nodes = run.nodes
-    return {s.address: name for name, s in {**nodes.servers, **nodes.standby}.items()}
+    return {
+        address: name
+        for name, s in {**nodes.servers, **nodes.standby}.items()
+        for address in (s.address, s.address6)
+        if address is not None
+    }
 
 
 def remote(client: Client) -> tuple[Any, int]:
@@ -265,11 +306,13 @@ def reallocate(run: PoolRun, step: Step, settle: float = 1.5) -> Change:
     moved = {
         n: (before, after)
         for n, c in clients.items()
-        if (before := old.owner(c.address)) != (after := new.owner(c.address))
+        if (before := owner(run, old, c)) != (after := owner(run, new, c))
         and before is not None
         and after is not None
     }
     assert moved, "the change moved no client: the test would prove nothing"
+    if run.topology.pool.dual:  # then clients of both families moved
+        assert {clients[n].address.version for n in moved} == {4, 6}, moved
     return Change(old, new, at, keys, totals, moved)
 
 
@@ -293,7 +336,7 @@ def record_answers(run: PoolRun) -> dict[str, bytearray]:
 # -- claim 18: SYN with tag and cookie, SYN-ACK with tag, cookie and destination ----------
 
 
-@family
+@any_family
 def test_claim_18_the_first_server_answers_with_its_destination_then_all_is_point_to_point(
     family: int,
 ) -> None:
@@ -303,15 +346,16 @@ def test_claim_18_the_first_server_answers_with_its_destination_then_all_is_poin
     for name, client in run.nodes.clients.items():
         [syn] = syns(seen, name)
         offered = syn.segment.option(TagCookie)
-        assert syn.dst == GROUPS[family] and offered is not None
+        assert syn.dst == group_for(run, client) and offered is not None
         [answer] = syn_acks(seen, name)
-        # Fig 20, 2040: the same tag and cookie, and the answering server's destination.
-        assert answer.src == GROUPS[family]
+        # Fig 20, 2040: the same tag and cookie, and the answering server's destination
+        # (its address of the client's family).
+        assert answer.src == group_for(run, client)
         assert answer.segment.option(TagCookie) == offered
         destination = answer.segment.option(Destination)
         assert destination is not None and destination.port == PORT
-        assert destination.address.version == family
-        assert by_address[destination.address] == owners.owner(client.address), name
+        assert destination.address.version == client.address.version
+        assert by_address[destination.address] == owner(run, owners, client), name
         # The rest of the connection goes there, point to point, both ways.
         rest = [s for s in seen if s.client == name and s.at >= answer.at and s is not answer]
         assert rest and all((s.dst if s.out else s.src) == destination.address for s in rest), name
@@ -331,7 +375,7 @@ def loads_spread(run: PoolRun, since: dict[str, int], seconds: float) -> float:
     return max(rates) / (sum(rates) / len(rates))
 
 
-@family
+@any_family
 def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_answers_it(
     family: int,
 ) -> None:
@@ -370,10 +414,12 @@ def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_an
         for answer in syn_acks(seen, name):
             destination = answer.segment.option(Destination)
             assert destination is not None
+            assert destination.address.version == client.address.version
             server = by_address[destination.address]
-            if owners.owner(client.address) == "s1" and server != "s1":
+            if owner(run, owners, client) == "s1" and server != "s1":
                 handed += 1
-                assert answer.src == GROUPS[family]  # the second server answers the SYN itself
+                # the second server answers the SYN itself
+                assert answer.src == group_for(run, client)
     assert handed >= s1.stats.passed  # (and a few answered by s1's owner before the cut)
     # One handshake per connection, never a second round trip from scratch.
     for name, client in run.nodes.clients.items():
@@ -384,12 +430,11 @@ def test_claim_18_an_overloaded_first_server_passes_the_syn_to_a_second_which_an
 # -- claim 19: a second server sends the tag, the cookie and the new destination ----------
 
 
-@family
+@any_family
 def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost(family: int) -> None:
     run, _, seen = settled(d_pool(family=family))
     streams = record_answers(run)
     key, _ = pool_keys(run.topology, 1)
-    published = public_key(run.nodes.directory[int(GROUPS[family])])
     by_address = address_of(run)
     servers = run.nodes.servers
     for step in (
@@ -405,11 +450,11 @@ def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost(fam
             assert client.conn_key[0] == record.keys[name][0], name  # type: ignore[index]
             assert client.stats.reconnects == 0
             assert client.app is not None and client.app.total > record.totals[name]
-            owner = record.new.owner(client.address)
-            assert owner is not None
-            assert remote(client) == (servers[owner].address, PORT), name
-            assert holders(run, server_key(client)) == {owner}, name
-            assert total_at(servers[owner], server_key(client)) >= client.app.total
+            new = owner(run, record.new, client)
+            assert new is not None
+            assert remote(client) == (address_at(servers[new], client), PORT), name
+            assert holders(run, server_key(client)) == {new}, name
+            assert total_at(servers[new], server_key(client)) >= client.app.total
             moves = changes(seen[mark:], name)
             if name not in record.moved:
                 assert not moves, f"{name} did not move and was told to"
@@ -422,7 +467,9 @@ def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost(fam
             assert conn is not None
             assert by_address[moves[0].src] == target
             assert (message.tag, message.cookie) == (conn.tag, conn.cookie)
-            assert (message.address, message.port) == (servers[target].address, PORT)
+            assert (message.address, message.port) == (address_at(servers[target], client), PORT)
+            # The key the pool publishes under its group of the client's family.
+            published = public_key(run.nodes.directory[int(group_for(run, client))])
             assert verify_change(message, published)
             assert verify_change(message, key.public_key())
             assert {ChangeDestination.from_wire(m.segment.payload) for m in moves} == {message}
@@ -474,7 +521,7 @@ def test_a_server_lets_go_one_connection_per_new_owner_at_a_time_until_it_drains
     assert MOVE_WINDOW < most["draining"]["s2"] <= DRAIN_WINDOW
 
 
-@family
+@any_family
 def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_owner(
     family: int,
 ) -> None:
@@ -488,10 +535,10 @@ def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_ow
     assert outcome(run) == CLEAN
     servers = run.nodes.servers
     for name, client in run.nodes.clients.items():
-        owner = second.new.owner(client.address)
-        assert owner is not None
-        assert remote(client) == (servers[owner].address, PORT), name
-        assert holders(run, server_key(client)) == {owner}
+        new = owner(run, second.new, client)
+        assert new is not None
+        assert remote(client) == (address_at(servers[new], client), PORT), name
+        assert holders(run, server_key(client)) == {new}
         serials = [serial for _, serial in client.stats.moves]
         assert serials == sorted(set(serials)), name
         assert client.app is not None and client.app.total > second.totals[name]
@@ -500,7 +547,7 @@ def test_claim_19_two_changes_in_quick_succession_leave_every_client_with_its_ow
     assert servers["s3"].sessions == 0
 
 
-@family
+@any_family
 def test_claim_19_a_drained_server_hands_every_connection_on_before_it_leaves(family: int) -> None:
     run, _, _ = settled(d_pool(family=family))
     servers = run.nodes.servers
@@ -512,7 +559,8 @@ def test_claim_19_a_drained_server_hands_every_connection_on_before_it_leaves(fa
     run_to(run, drain.at + drain.grace - 0.01)
     # Before it leaves: nothing of the pool is left on s2.
     assert servers["s2"].sessions == 0
-    assert not [k for k in servers["s2"].endpoint.keys() if k[1][0] != servers["s2"].address]
+    own = {servers["s2"].address, servers["s2"].address6}
+    assert not [k for k in servers["s2"].endpoint.keys() if k[1][0] not in own]
     run_to(run, drain.at + drain.grace + 2.0)
     assert run.engine.status("s2") == "dead"
     assert outcome(run) == CLEAN
@@ -520,7 +568,7 @@ def test_claim_19_a_drained_server_hands_every_connection_on_before_it_leaves(fa
     for name in held:
         client = run.nodes.clients[name]
         assert client.stats.destination_changes == 1
-        assert holders(run, server_key(client)) == {allocation(run).owner(client.address)}
+        assert holders(run, server_key(client)) == {owner(run, allocation(run), client)}
     events = [e.what for e in run.engine.events]
     assert events == ["drain server=s2 grace=1.5", "leave server=s2"]
 
@@ -626,7 +674,7 @@ def test_claim_21_the_syn_ack_echoes_the_pair_and_a_forged_one_is_not_followed(f
 # -- claim 28: the network, on real sockets, with the key from a real DNS server -----------
 
 
-@family
+@any_family
 def test_claim_28_on_real_sockets_requests_carry_tag_and_cookie_and_moves_check_dns(
     family: int,
 ) -> None:
@@ -653,13 +701,12 @@ def test_claim_28_on_real_sockets_requests_carry_tag_and_cookie_and_moves_check_
         new = agreed(run)
         if new is None or abs(float(new.share("s1")) - 0.1) > 1e-3:
             return False
-        moved = [
-            n for n, c in clients.items() if state["old"].owner(c.address) != new.owner(c.address)
-        ]
+        moved = [n for n, c in clients.items() if owner(run, state["old"], c) != owner(run, new, c)]
         state["moved"] = moved
         servers = run.nodes.servers
         return all(
-            remote(clients[n]) == (servers[new.owner(clients[n].address)].address, PORT)  # type: ignore[index]
+            remote(clients[n])
+            == (address_at(servers[owner(run, new, clients[n])], clients[n]), PORT)  # type: ignore[index]
             for n in moved
         ) and all(c.stats.first_ok_after(asked[0] + 0.5) for c in clients.values())
 
@@ -668,6 +715,11 @@ def test_claim_28_on_real_sockets_requests_carry_tag_and_cookie_and_moves_check_
     assert run.dns_address is not None  # the clients asked a real DNS server for the key
     moved = state["moved"]
     assert moved
+    # (a dual-stack pool's: clients of both families, each checking its move with the
+    # key published under the reverse name of its family's group)
+    assert {clients[n].address.version for n in moved} == {
+        c.address.version for c in clients.values()
+    }
     assert summary["requests_failed"] == 0 and summary["resets"] == 0 and summary["state_lost"] == 0
     for name, client in clients.items():
         assert client.conn_key[0] == state["keys"][name][0]  # type: ignore[index]
@@ -948,7 +1000,7 @@ def test_claim_43_the_redirect_demo_serves_every_client_through_a_move_a_drain_a
 
 
 @pytest.mark.parametrize("victim", ["s3", "s1"], ids=["server", "coordinator"])
-@family
+@any_family
 def test_claim_43_clients_of_a_dead_server_reconnect_and_their_new_owners_answer(
     victim: str, family: int
 ) -> None:
@@ -959,7 +1011,7 @@ def test_claim_43_clients_of_a_dead_server_reconnect_and_their_new_owners_answer
     record = reallocate(run, SetShare(at=run.now, server="s2", share=Fraction(1, 10)))
     before = allocation(run)
     clients = run.nodes.clients
-    orphans = {n for n, c in clients.items() if before.owner(c.address) == victim}
+    orphans = {n for n, c in clients.items() if owner(run, before, c) == victim}
     assert orphans & set(record.moved), "no moved session on the victim"
     at = run.now
     carry_out(run, Kill(at=at, server=victim))
@@ -969,17 +1021,17 @@ def test_claim_43_clients_of_a_dead_server_reconnect_and_their_new_owners_answer
     assert_all_served_since(run, at + 4.0)
     servers = run.nodes.servers
     for name, client in clients.items():
-        owner = after.owner(client.address)
-        assert owner is not None
-        assert remote(client) == (servers[owner].address, PORT), name
-        assert holders(run, server_key(client)) == {owner}, name
+        new = owner(run, after, client)
+        assert new is not None
+        assert remote(client) == (address_at(servers[new], client), PORT), name
+        assert holders(run, server_key(client)) == {new}, name
     disturbed = {n for n, c in clients.items() if c.stats.disruptions}
     assert disturbed == orphans
     for name in orphans:
         last = syn_acks(seen, name)[-1].segment.option(Destination)
-        assert (
-            last is not None and last.address == servers[after.owner(clients[name].address)].address
-        )  # type: ignore[index]
+        new = owner(run, after, clients[name])
+        assert new is not None and last is not None
+        assert last.address == address_at(servers[new], clients[name])
     assert outcome(run)["state_lost"] == 0
 
 

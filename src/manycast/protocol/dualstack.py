@@ -10,7 +10,9 @@ A dual-stack router runs the IPv4 router's logic and the IPv6 router's side by
 side (`DualStackRouter`): each over its family's view of the interfaces (a
 dual-stack link's interface has an address of each family; a client LAN has
 one), each packet to the one of its IP version. They share the outbox, the
-effects and the counters, so a driver sees one node.
+effects and the counters, so a driver sees one node. Under R4 each builds its own
+family's label-switched trees and pins its own family's flows; under D the
+servers move each connection within its client's family (`redirect.py`).
 """
 
 from __future__ import annotations

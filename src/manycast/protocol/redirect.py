@@ -43,11 +43,14 @@ from manycast.wire.errors import WireError
 from manycast.wire.ip import IPPROTO_TCP, Address, InnerPacket, make_packet, parse_packet
 from manycast.wire.transport import ChangeDestination, TagCookie, TcpFlags, TcpSegment
 
-# Every address below is of the pool's family (IPv4 or IPv6): the servers', the
-# group's and the clients'.
+# A connection's addresses are of its client's family: the group's, the client's and
+# ours. A dual-stack pool's server has an address of each family and the pool a group
+# of each; its servers speak to one another on the IPv4 control channel, so a server
+# is named below (`OwnerOf`, `LessLoaded`, `Alive`, a message's origin) by its
+# control-channel address, whatever the family of the connection in question.
 SendControl = Callable[[control.ControlMessage, Address | None], None]
 # client address -> its owner's unicast address now (None: not known yet)
-OwnerOf = Callable[[int], Address | None]
+OwnerOf = Callable[[Address], Address | None]
 # now -> a less loaded server to pass a new connection to, or None (we are not overloaded)
 LessLoaded = Callable[[float], Address | None]
 # (server address, now) -> whether we still hear from that server
@@ -130,17 +133,25 @@ class Redirector:
         wall_base: float,
         *,
         owner_of: OwnerOf,
-        owned: Callable[[int], bool],
+        owned: Callable[[Address], bool],
         serving: Callable[[], bool],
         less_loaded: LessLoaded,
         alive: Alive,
         epoch: Epoch,
         move_timeout: float = 1.0,
         idle_timeout: float = 30.0,
+        address6: Address | None = None,
+        group6: Address | None = None,
     ) -> None:
+        """`address6`, `group6`: a dual-stack pool's server's IPv6 address and the
+        pool's IPv6 group, beside `address` and `group` (its IPv4 ones)."""
         self.name = name
         self.address = address
         self.group = group
+        self.address6 = address6
+        self._own = {address} if address6 is None else {address, address6}
+        self._groups = {group} if group6 is None else {group, group6}
+        self._families = {a.version for a in self._own}
         self.port = port
         self.endpoint = endpoint
         self.app = app
@@ -209,7 +220,7 @@ class Redirector:
 
     def on_rekeyed(self, previous: ConnKey, key: ConnKey, now: float) -> None:
         """A connection moved to our destination: its client follows it (Fig 20)."""
-        if key[0][0] == self.address and previous[0][0] != self.address:
+        if key[0][0] in self._own and previous[0][0] not in self._own:
             self.stats.followed += 1
             if self._should_move(key):
                 self.pending.add(key)  # its client became another server's meanwhile
@@ -218,15 +229,21 @@ class Redirector:
     # -- Fig 21: live connections move ---------------------------------------------------
     def follows(self, key: ConnKey) -> bool:
         """A connection its client sends to our own address (not the group's)."""
-        return key[0][0] == self.address
+        return key[0][0] in self._own
+
+    def _local(self, client: Address) -> Address:
+        """Our own address of `client`'s family (a dual-stack pool's server has two)."""
+        if client.version == 6 and self.address6 is not None:
+            return self.address6
+        return self.address
 
     def _should_move(self, key: ConnKey) -> bool:
         """Its client is another server's now, and it is not a guest we keep (a drained
         server keeps nothing)."""
-        client = int(key[1][0])
+        client = key[1][0]
         if self.owned(client):
             return False
-        return (client, key[1][1]) not in self.guests or not self.serving()
+        return (int(client), key[1][1]) not in self.guests or not self.serving()
 
     def _settled(self, key: ConnKey) -> bool:
         """A connection moved to us goes on only once we hold the allocation that sent
@@ -260,7 +277,7 @@ class Redirector:
             if conn is None or not self._should_move(key):
                 self.pending.discard(key)
                 continue
-            target = self.owner_of(int(key[1][0]))
+            target = self.owner_of(key[1][0])
             if target is None or target == self.address or conn.state not in MOVABLE:
                 continue  # no owner we can reach yet, or a moment that does not suit
             if in_flight[target] >= window:
@@ -288,7 +305,7 @@ class Redirector:
         serial = self.serials.pop(key, 0) + 1
         (_, port), (client, client_port) = key
         self.guests.discard((int(client), client_port))
-        wanted = control.ConnectionKey(client, client_port, self.address, port)
+        wanted = control.ConnectionKey(client, client_port, self._local(client), port)
         message = control.MoveConnection(
             self.name, 0, self.address, self.epoch(), wanted, serial, transport, app_state
         )
@@ -306,10 +323,11 @@ class Redirector:
         """Another server gives us a connection: continue it, acknowledge, and tell the
         client where to send, signed (Fig 21, 2120)."""
         wanted = message.key
-        if wanted.client.version != self.address.version:
+        if wanted.client.version not in self._families:
             return  # not of our pool's family
         flow = (int(wanted.client), wanted.client_port)
-        key: ConnKey = ((self.address, wanted.service_port), (wanted.client, wanted.client_port))
+        local = self._local(wanted.client)
+        key: ConnKey = ((local, wanted.service_port), (wanted.client, wanted.client_port))
         old: ConnKey = ((wanted.group, wanted.service_port), (wanted.client, wanted.client_port))
         ack = control.MoveAck(self.name, 0, wanted, message.serial)
         taken = self._latest.get(flow, (0, 0.0))[0]
@@ -327,9 +345,7 @@ class Redirector:
             if conn.key != old or conn.tag is None or conn.cookie is None:
                 return
             self.endpoint.adopt(conn)
-            key = self.endpoint.rekey(
-                old, local=(self.address, wanted.service_port), keep_alias=True
-            )
+            key = self.endpoint.rekey(old, local=(local, wanted.service_port), keep_alias=True)
             if message.app_state:
                 self.app.restore(key, message.app_state)
             else:
@@ -357,9 +373,7 @@ class Redirector:
     def _announce(self, key: ConnKey, conn: Connection, serial: int, now: float) -> None:
         assert conn.tag is not None and conn.cookie is not None
         wall_ms = int((self.wall_base + now) * 1000)
-        unsigned = ChangeDestination(
-            conn.tag, conn.cookie, self.address, key[0][1], serial, wall_ms
-        )
+        unsigned = ChangeDestination(conn.tag, conn.cookie, key[0][0], key[0][1], serial, wall_ms)
         message = sign_change(unsigned, self.key)
         conn.send_change_destination(message, now)
         gap = max(conn.rto, 0.05)
@@ -406,7 +420,7 @@ class Redirector:
         if entry is None:
             return False
         entry.last_used = now
-        dst = self.address
+        dst = self._local(src)
         packet = make_packet(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
         self.send_control(
             control.Forwarded(self.name, 0, self.address, packet.to_wire()), entry.target
@@ -427,7 +441,7 @@ class Redirector:
             return
         key: ConnKey = ((dst, segment.dst_port), (src, segment.src_port))
         opening = segment.flags & (TcpFlags.SYN | TcpFlags.ACK | TcpFlags.RST) == TcpFlags.SYN
-        if opening and dst == self.group and segment.option(TagCookie) is not None:
+        if opening and dst in self._groups and segment.option(TagCookie) is not None:
             if segment.dst_port == self.port and key not in self.endpoint:
                 self.stats.taken += 1
                 self.guests.add((int(src), segment.src_port))
@@ -440,7 +454,7 @@ class Redirector:
             if announce is not None and now >= announce.due - announce.gap / 2:
                 self._announce_again(primary, announce, now)  # the client still sends there
             return
-        if dst != self.group and src.version == self.address.version:
+        if dst not in self._groups and src.version in self._families:
             self.on_unknown(src, segment, now)  # it moved on from here too
 
     # -- housekeeping --------------------------------------------------------------------

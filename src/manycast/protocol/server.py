@@ -150,11 +150,13 @@ class Server(Node):
                 pool_key,
                 settings.wall_base,
                 owner_of=self._owner_address,
-                owned=self._owns,
+                owned=self._serves,
                 serving=lambda: self._filter is not None,
                 less_loaded=self._less_loaded,
                 alive=lambda address, now: address not in self.coordinator.dead_addresses(now),
                 epoch=lambda: self.coordinator.epoch,
+                address6=self.address6,
+                group6=settings.group6,
             )
         self.handover = Handover(
             settings.technique,
@@ -187,7 +189,13 @@ class Server(Node):
         port = self.settings.port
         self._loads_settle = now + 3 * self.settings.load_smoothing
         # D (Fig 20): our SYN-ACKs give clients our own address to send the rest to.
-        self.endpoint.listen(port, destination=(self.address, port) if self.redirector else None)
+        # A dual-stack pool's server gives each client its address of the client's family.
+        dynamic = self.redirector is not None
+        self.endpoint.listen(
+            port,
+            destination=(self.address, port) if dynamic else None,
+            destination6=(self.address6, port) if dynamic and self.address6 else None,
+        )
         self.coordinator.start(now)
         self._send_report(now, refresh=True)  # the control channel, before any portion
         self._act(now)
@@ -209,7 +217,11 @@ class Server(Node):
                 self._act(now)  # a new connection for a less loaded server (Fig 20)
                 return
             self.host.deliver_tcp(ip, now)
-        elif protocol == IPPROTO_TCP and dst == self.address and self.redirector is not None:
+        elif (
+            protocol == IPPROTO_TCP
+            and (dst == self.address or dst == self.address6)
+            and self.redirector is not None
+        ):
             # D: a connection its client sends to us point to point (Fig 20-21).
             self.host.deliver_tcp(ip, now)
             payload = ip.payload
@@ -255,9 +267,6 @@ class Server(Node):
     def sessions(self) -> int:
         return len(self.app)
 
-    def _owns(self, source: int) -> bool:
-        return self._filter is not None and self._filter.matches(source)
-
     def _serves(self, client: Address) -> bool:
         """Whether `client` is ours (in a dual-stack pool, by its family's filter)."""
         held = self._held()
@@ -280,9 +289,15 @@ class Server(Node):
         return self.endpoint.resolve(key) is not None
 
     # -- technique D: whom to move a connection to, whom to pass one to -------------------
-    def _owner_address(self, client: int) -> Address | None:
-        """The unicast address of the server that owns `client` now, if we know it."""
+    def _owner_address(self, client: Address) -> Address | None:
+        """The unicast address of the server that owns `client` now, if we know it (its
+        control-channel address: a dual-stack pool's IPv4 one, whatever the client's
+        family; the owner of a dual-stack pool's IPv6 client by the same buckets of the
+        IPv6 space)."""
         allocation = self.coordinator.allocation
+        space6 = self.settings.space6
+        if allocation is not None and space6 is not None and client.version == 6:
+            allocation = in_space(allocation, space6)
         owner = allocation.owner(client) if allocation is not None else None
         if owner is None or owner == self.name:
             return None if owner is None else self.address

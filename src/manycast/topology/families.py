@@ -90,10 +90,7 @@ def dual_groups(p: TableReader) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Ad
 
 
 # What a dual-stack pool cannot have yet: (key, the value that asks for it, what it is).
-NOT_YET_FOR_DUAL_STACK = (
-    ("approach", "vip", "a VIP pool"),
-    ("technique", "D", "technique D (dynamic destination)"),
-)
+NOT_YET_FOR_DUAL_STACK = (("approach", "vip", "a VIP pool"),)
 
 
 def refuse_for_dual_stack(p: TableReader) -> None:

@@ -59,7 +59,7 @@ class Demultiplexer:
         self._rng = rng
         self.config = config or SessionConfig()
         self._conns: dict[ConnKey, Connection] = {}
-        self._listeners: dict[int, Address | None] = {}
+        self._listeners: dict[int, tuple[Address | None, Address | None]] = {}
         self._out: list[tuple[IPAddress, IPAddress, TcpSegment]] = []
         self._events: list[tuple[ConnKey, EndpointEvent]] = []
         self._dirty: dict[ConnKey, Connection] = {}
@@ -78,9 +78,12 @@ class Demultiplexer:
 
     # --- connections -------------------------------------------------------------------
 
-    def listen(self, port: int, *, destination: Address | None = None) -> None:
-        """Accept SYNs to `port` on any local address; SYN-ACKs advertise `destination`."""
-        self._listeners[port] = destination
+    def listen(
+        self, port: int, *, destination: Address | None = None, destination6: Address | None = None
+    ) -> None:
+        """Accept SYNs to `port` on any local address; SYN-ACKs advertise `destination`
+        (a dual-stack server's to IPv6 clients: `destination6`, of their family)."""
+        self._listeners[port] = (destination, destination6)
 
     def unlisten(self, port: int) -> None:
         self._listeners.pop(port, None)
@@ -241,7 +244,9 @@ class Demultiplexer:
             return
         opening = segment.flags & (_F.SYN | _F.ACK | _F.RST) == _F.SYN
         if opening and segment.dst_port in self._listeners:
-            destination = self._listeners[segment.dst_port]
+            destination, destination6 = self._listeners[segment.dst_port]
+            if destination6 is not None and key[1][0].version == 6:
+                destination = destination6
             conn = Connection(key[0], key[1], self._rng, self.config, destination=destination)
             conn.accept(segment, now)
             self.adopt(conn)
