@@ -48,6 +48,7 @@ one by one; R4: pins are per source; VIP pools), which keep the MFC for all.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -389,6 +390,17 @@ class RouterDaemon:
                 self.lapse_check = lapse
                 self.loop.call_at(lapse + 0.001, lambda: None)
 
+    def _link_local(self, iface: str) -> ipaddress.IPv6Address | None:
+        """`iface`'s link-local address. The kernel gives one only once the link has
+        a carrier: one not there when the daemon started is looked for again."""
+        address = self.link_local.get(iface)
+        if address is None and self.family == 6:
+            address = link_local(iface)
+            if address is not None:
+                self.link_local[iface] = address
+                self.own.add(address)
+        return address
+
     def _send(self, frame: Frame) -> None:
         sock = self.send_socks.get(frame.iface)
         if sock is None or frame.packet[0] >> 4 != self.family:
@@ -397,7 +409,7 @@ class RouterDaemon:
         try:
             peek = peek_v6 if self.family == 6 else peek_v4
             dst = peek(frame.packet)[1] if hop is None else hop
-            packet = from_link_local(frame.packet, self.link_local[frame.iface])
+            packet = from_link_local(frame.packet, self._link_local(frame.iface))
             sock.sendto(packet, destination(dst, self.family, self.index_of[frame.iface]))
         except (OSError, WireError) as exc:
             log.warning("send on %s failed: %s", frame.iface, exc)
