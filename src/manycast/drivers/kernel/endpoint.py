@@ -19,6 +19,7 @@ their own.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable
@@ -69,6 +70,7 @@ class ControlEndpoint:
         self.port = control_port
         self.deliver = deliver
         self.stats = EndpointStats()
+        self.iface = iface
         ifindex = socket.if_nametoindex(iface)
         self.family = family_of(control_group)
         self.udp = control_socket(control_port, self.family)
@@ -125,6 +127,17 @@ class ControlEndpoint:
             self.stats.control_received += 1
             self.deliver(udp_packet(src, sport, dst, self.port, data))
 
+    def _link_local_now(self) -> ipaddress.IPv6Address | None:
+        """The interface's link-local address, looked for again: the kernel gives one
+        only once the link has a carrier, which may come after this agent started."""
+        address = link_local(self.iface)
+        if address is not None:
+            if self.six is not None:
+                self.six = (self.six[0], self.six[1], address, self.six[3])
+            else:
+                self.link_local = address
+        return address
+
     def send(self, frame: Frame) -> bool:
         """Send a report or a control message the core built; False for anything else."""
         packet = frame.packet
@@ -134,6 +147,8 @@ class ControlEndpoint:
             if self.six is not None and ip.header.dst.version == 6:
                 reports, udp_sock, source, reports_to = self.six
             if ip.protocol in (IPPROTO_IGMP, IPPROTO_ICMPV6):
+                if source is None and ip.header.dst.version == 6:
+                    source = self._link_local_now()
                 reports.sendto(from_link_local(packet, source), reports_to or self.reports_to)
                 self.stats.reports_sent += 1
                 return True
