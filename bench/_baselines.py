@@ -10,6 +10,9 @@ Baselines are built from their published descriptions:
 - Rendezvous (highest random weight, Thaler and Ravishankar 1998): each key goes to
   the backend with the highest score; weighted with score = -w / ln(h), h uniform
   in (0, 1), so a backend wins a share w / sum(w).
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

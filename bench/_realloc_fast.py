@@ -1,5 +1,9 @@
 """bench/realloc.py part 2's fast baselines: Maglev's fill in C and weighted rendezvous
-kept up to date incrementally, each giving exactly what bench/_baselines.py's rebuild gives."""
+kept up to date incrementally, each giving exactly what bench/_baselines.py's rebuild gives.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
+"""
 
 from __future__ import annotations
 

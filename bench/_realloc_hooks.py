@@ -1,7 +1,11 @@
 """bench/reallocation.py's hooks into the pools it runs: what the process hosting the
 routers and servers samples and counts (allocations as they change, the servers'
 control messages by type), what the clients' process samples (which clients hold a
-session), what each hands back, and their progress lines."""
+session), what each hands back, and their progress lines.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
+"""
 
 from __future__ import annotations
 

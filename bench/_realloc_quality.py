@@ -1,5 +1,9 @@
 """bench/realloc.py part 2: the seeded operations, the methods that carry them out and
-what is measured after each."""
+what is measured after each.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,9 @@ minus when the old server let the connection go, both read on the machine's wall
 clock (the servers' and the clients' processes share it).
 
 Not a bench itself: bench/redirect.py runs it and prints the JSON result line.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

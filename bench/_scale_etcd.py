@@ -26,6 +26,9 @@ Rounds of both coordinations and every size are run in one random order, so a bu
 of load on the shared machine falls on either. Each outcome is checked every 5 ms
 (the overlay's poll), the figures' resolution. Rounds stop being started once the
 part has run `budget_s` (the JSON says how many ran).
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

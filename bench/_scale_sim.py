@@ -13,6 +13,9 @@ gossip membership where it has one (`membership = "swim"`), and its report's fig
 a user checks come along: whether every address ends served by exactly one live
 server with every share within one bucket, the sample sessions broken, the control
 datagrams per server per second, and how long each step took to settle.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ was answered again.
 A DNS restart's `recovery_s` runs until the restarted server answered the bench's
 own lookup of the pool's key (as a router asks it) and every client whose session
 it broke (the latest fault before the loss) was answered again.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

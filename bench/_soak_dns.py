@@ -10,6 +10,9 @@ reads its zone files when it starts.
 The bench also asks the server for the pool's key itself after each restart,
 `lookup_key` as the routers do, until it answers: when the restarted server
 served again, as a router would see it.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

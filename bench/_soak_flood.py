@@ -8,6 +8,9 @@ from a host on its client LAN.
 - replayed: the corpus's signed IGMPv3 joins (to groups whose keys this pool does not
   know, with their old timestamps) and valid control messages to the pool's control
   port, each sent again and again unchanged.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

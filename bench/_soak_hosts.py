@@ -12,6 +12,9 @@
   fault; it carries out the loss bursts and delay spikes on its side of the core link.
 
 Each tees its stderr into a log file the bench scans for tracebacks.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

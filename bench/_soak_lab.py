@@ -20,6 +20,9 @@ restricted to the kinds the lab can carry out (`LAB_KINDS`), each the lab's way:
 
 Not done, and why: `NOT_DONE`. The figures are `_soak_analysis.analyse`'s, from what
 the prober saw (`_soak_lab_clients`), plus the kernel's forwarding entries.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ second, so the bench's memory measures the clients, not its bookkeeping, and fil
 the `clients` record `_soak_analysis.analyse` reads. `OwnerLog` keeps, epoch by
 epoch, which server the pool's allocation gives each client (asked of a live server
 agent), the `infra` record the same analysis reads to tell losses a crash explains.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@
   router on that LAN as a host there would send them.
 - `programs`/`sample`: RSS and open descriptors of every running lab program (the pid
   files'), and the kernel's multicast forwarding entries per router.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ the `dns_restart` fault SIGKILLs and starts again.
 Beside it, when `vip_router_kill` is drawn, a small VIP pool (Fig 17-19) with its
 own clients (`vip_pool_text`): its nearest VIP router vr1 runs alone in a process
 that the fault SIGKILLs and starts again; that kind has a stream of its own too.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ What a user should see: connections the edge already tags go on untouched (they 
 longer pass a VIP router); a new flow whose first packet went to the dead vr1 waits
 for its SYN's retransmission, which vr2 places once the routers stop hearing vr1
 (the pool's failure detection, 0.3 s); a restarted vr1 takes new flows again.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

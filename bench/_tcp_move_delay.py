@@ -8,6 +8,9 @@ clients' LANs get D ms one way. The links between routers get none, unless
 apart too, and a move's state transfer between them pays their round trips. A
 server's own link is not emulated (docs/lab.md, "Emulated link delay"). With D = 0
 nothing is emulated, as before: the lab's links forward at once.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
 """
 
 from __future__ import annotations

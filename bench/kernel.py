@@ -102,8 +102,10 @@ kind of virtual machine: its software clock does not sample the NAPI threads.
 smoke test; quote a full run).
 
 Needs root, `ip` and `nft` (and `perf` for `--profile`); elsewhere it prints a
-JSON line saying why it did not run. Output: progress on stderr, then one JSON
-object, the last line on stdout.
+JSON line saying why it did not run. Progress goes to stderr.
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations

@@ -41,6 +41,9 @@ parity and issue 16 asks for at least 0.9).
 
 Failover (a server SIGKILLed under load, beside a measured keepalived) is
 bench/failover.py's.
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations

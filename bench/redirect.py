@@ -34,6 +34,9 @@ both runs.
 
 `--plots DIR` writes the JSON result there with two plots: sessions broken and
 control messages per reallocation by technique, and the move pauses' CDF.
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations

@@ -52,6 +52,9 @@ overlay with `coordination = "etcd"` (a three-member etcd cluster on loopback) b
 the same pools with the channel coordination, rounds interleaved; about a minute.
 `{"skipped": reason}` where etcd is not installed, or with `--skip-etcd`.
 Progress on stderr; one JSON object, the last line on stdout.
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Measured (one JSON object last on stdout, progress on stderr):
   10 s in runs under 10 minutes), and the slope of a fitted line per hour;
 - `unexpected_exits` and `tracebacks`.
 Exits 1 when sessions_lost > 0, a process died unexpectedly or logged a traceback.
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations

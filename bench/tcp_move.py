@@ -26,7 +26,10 @@ the socket (signed) to the new one, the edge releases the flow onto the new segm
    batches of `--batch` to the other servers; `moves_per_s` is connections over the
    drain's wall time; each connection then answers its next line, numbered on.
 
-Prints one JSON object, the last line on stdout; progress goes to stderr.
+Progress goes to stderr.
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ without its scenario unless said. The kernel forwards every packet (docs/lab.md)
 4. `first_packet_extra_rtt`: a new connection's handshake and first answer over a
    request's latency on an established connection, to the VIP; baseline: the same to
    the server's own address (no VIP router on the way).
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations

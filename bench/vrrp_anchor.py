@@ -30,8 +30,10 @@ RFC 5798 section 6.1: Master_Down_Interval = 3 * Master_Adver_Interval + Skew_Ti
 Skew_Time = (256 - priority) * Master_Adver_Interval / 256 (priority: the backup's).
 
 Needs root and keepalived (`make lab-deps`); elsewhere it prints one JSON line saying
-why it did not run. Progress on stderr; the result as one JSON object, the last line on
-stdout.
+why it did not run. Progress goes to stderr.
+
+Its last line on stdout is one json object (`_common.run_and_emit`): the result,
+or why it stopped (an error, a missing package, SIGTERM or Ctrl-C).
 """
 
 from __future__ import annotations
