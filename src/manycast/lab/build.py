@@ -123,10 +123,10 @@ class Lab:
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'
                 " overlay); the kernel lab's server agents coordinate on the control channel"
             )
-        if topology.pool.dual and topology.pool.technique in ("R4", "D"):
+        if topology.pool.dual and topology.pool.technique == "D":
             raise LabError(
-                f"technique {topology.pool.technique} on a dual-stack pool runs on the memory"
-                " and overlay drivers (manycast run --driver overlay); not yet in the kernel lab"
+                "technique D on a dual-stack pool runs on the memory and overlay drivers"
+                " (manycast run --driver overlay); not yet in the kernel lab"
             )
         if self.is_up():
             raise LabError(
