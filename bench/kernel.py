@@ -62,16 +62,18 @@ to the group, so that the MFC holds an entry for each (installed by upcalls);
 the forwarding entries of each plane are then counted: the MFC's resolved
 entries for the group against the portion plane's elements (in the daemon and
 in the kernel's maps). `first_packet_install_us` (p50, p99): fresh sources
-beyond those, one at a time; the daemon's time from reading the NOCACHE upcall
-to the entry installed (its `install_seconds` counter before and after each).
+beyond those, one at a time, in blocks of 50 per kind (the first of each block
+sent and left out); the daemon's time from reading the NOCACHE upcall to the
+entry installed (its `install_seconds` counter before and after each), with
+`p50_per_round` the p50 of each block.
 `first_packet_delivered_us`: from the send of a fresh source's first packet to
 its arrival at a server's interface (kernel timestamps), for the MFC (an upcall
 to the daemon), the portion plane (no upcall: `upcalls` counts the daemon's
 during the samples) and nftables DNAT (a new conntrack entry), side by side.
 
-IPv6, after IPv4 in the same command: the same measurement on a lab of its own
-(namespaces `kb6-*`; IPv4's are `kb-*`; each lab is taken down at the end of its
-run, whatever happens), built from the same topology on an IPv6 network: group
+IPv6, beside IPv4 in the same command: the same measurement on a lab of its own
+(namespaces `kb6-*`; IPv4's are `kb-*`; both up at once and taken down at the end,
+whatever happens), built from the same topology on an IPv6 network: group
 ff3e::8000:1, client LANs 2001:db8:1::/64 and 2001:db8:2::/64 whose sources' low
 bits pick the owner (`2001:db8::v/ffff:ffff::3` joins), servers on
 2001:db8:fffe::/48. The router daemon hosts `Router6` on the MRT6 socket (a MIF
@@ -86,11 +88,14 @@ every interface). The IPv6 figures are under `ipv6`, with the same keys as
 IPv4's at the top level; `ipv6_over_ipv4` gives the IPv6 figure over the IPv4
 one for packets/s delivered by manycast (MFC), the portion plane, both nftables
 baselines and unicast, and IPv4's over IPv6's for `first_packet_install_us` p50
-and p99 (a time): 1 is parity, the goal 0.9 for each. The two runs share the
-machine at different moments: compare them with the load average of each
-(`loadavg_1min_start_end`). `servers_sunk_share`: of what the servers'
-interfaces received, the share their ingress rule dropped (the rule matches UDP
-of either family). `--family 4` or `--family 6` runs one family alone. If the
+and p99 (a time): 1 is parity, the goal 0.9 for each; `*_per_round_median` beside
+each, the median of the per-round ratios. The families are interleaved
+(`_kernel_runs.py`): both labs are built and warmed the same way, then each
+round, and each block of first packets, measures both in a shuffled order
+(`family_orders`), so that neither is always second on a machine whose load
+moves; `loadavg_1min_start_end` is the whole run's. `servers_sunk_share`: of
+what the servers' interfaces received, the share their ingress rule dropped (the
+rule matches UDP of either family). `--family 4` or `--family 6` runs one family alone. If the
 IPv6 run fails, the IPv4 figures are still printed, with `error` (the run exits
 1).
 
@@ -117,29 +122,14 @@ import random
 import shutil
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import _plots
 from _common import progress, run_and_emit
-from _kernel_first import at_scale, check_entries, check_plane, first_packets, install_sources
-from _kernel_setup import (
-    BASELINES,
-    FAMILIES,
-    FRAMES_OF,
-    FRESH_SOURCE,
-    GENERATOR_CPU,
-    GENERATOR_NICE,
-    HOSTS,
-    KINDS,
-    OURS,
-    ROUTER_CPU,
-    SCALE_PER_HOST,
-    Family,
-    KernelBench,
-)
+from _kernel_runs import measure_families
+from _kernel_setup import BASELINES, FRAMES_OF, GENERATOR_CPU, GENERATOR_NICE, KINDS, OURS
 from _kernel_traffic import run_generator, udp_frame
 
 __all__ = ["KINDS", "summarize", "udp_frame"]
@@ -149,7 +139,6 @@ PREFIX_OF = {
     "manycast_portions": "portions_ratio_vs_",
     "manycast_mcast_routes": "mcast_routes_ratio_vs_",
 }
-FIRST_KINDS = ("manycast", "manycast_portions", "nftables")
 # The kinds whose packets/s IPv6 is set beside IPv4 (`ipv6_over_ipv4`), and its goal.
 HEADLINE_KINDS = ("manycast", "manycast_portions", "nftables", "nftables_stateless", "unicast")
 IPV6_GOAL = 0.9
@@ -163,30 +152,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 # -- the run -----------------------------------------------------------------------------
-def prepare(bench: KernelBench) -> dict[str, Any]:
-    """Servers agreed, every source's MFC entry installed and checked, the portion
-    plane checked, the generators started."""
-    facts = bench.prepare()
-    facts.update(install_sources(bench, {h: bench.sources(h) for h in HOSTS}))
-    facts.update(check_entries(bench))
-    progress(
-        f"{facts['entries_at_owner']} MFC entries toward their owner,"
-        f" {facts['entries_elsewhere']} elsewhere, installed in {facts['install_all_seconds']} s"
-    )
-    if facts["entries_elsewhere"] or facts["entries_at_owner"] < len(bench.owner):
-        raise RuntimeError(f"the MFC does not send every source to its owner: {facts}")
-    facts.update(check_plane(bench))
-    progress(
-        f"portion plane: {facts['portion_entries']} entries ({facts['portion_elements_in_kernel']}"
-        f" in the kernel) for {facts['portions']} portions, {facts['portion_entries_at_owner']}"
-        " toward their owner"
-    )
-    if facts["portion_entries_elsewhere"] or facts["portion_entries_at_owner"] != facts["portions"]:
-        raise RuntimeError(f"the portion plane does not send every portion to its owner: {facts}")
-    bench.start_generators()
-    return facts
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
     if os.geteuid() != 0 or missing:
@@ -200,95 +165,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     versions = (4, 6) if args.family == "both" else (int(args.family),)
-    result: dict[str, Any] = {"bench": "kernel"}
-    if 4 in versions:
-        result.update(measure_family(args, FAMILIES[4], rng))
-    if 6 in versions:
-        try:
-            result["ipv6"] = measure_family(args, FAMILIES[6], rng)
-        except Exception as exc:  # the IPv4 figures still stand; the run fails
-            if 4 not in versions:
-                raise
-            result["ipv6"] = {"error": f"{type(exc).__name__}: {exc}"}
-            result["error"] = f"the IPv6 run failed: {result['ipv6']['error']}"
-    result["seed"] = seed
-    if versions == (4, 6) and "error" not in result["ipv6"]:
-        result["ipv6_over_ipv4"] = ipv6_over_ipv4(result, result["ipv6"])
-    return result
-
-
-def measure_family(args: argparse.Namespace, family: Family, rng: random.Random) -> dict[str, Any]:
-    """The whole measurement on one family's lab (namespaces `<family.prefix>-*`, taken
-    down at the end whatever happens)."""
-    from manycast.lab import Lab
-
-    rounds = args.rounds or (3 if args.quick else 7)
-    seconds = 1.0 if args.quick else 2.0
-    samples = 60 if args.quick else 300
-    per_host = 10_000 if args.quick else SCALE_PER_HOST
-    kinds = family.kinds
-    began, load_start = time.monotonic(), round(os.getloadavg()[0], 2)
-    per_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
-    orders: list[list[str]] = []
-    facts: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MANYCAST_LAB_RUN_ROOT"] = tmp
-        lab = Lab(prefix=family.prefix, run_root=Path(tmp))
-        lab.down()  # a crashed run's namespaces of this prefix, if any
-        progress(
-            f"bench/kernel.py: IPv{family.version}: bringing the lab up"
-            " (router, 4 servers, 2 client LANs)"
-        )
-        topology = lab.up(family.topology, "bench-kernel", start_servers=False, plane="mfc")
-        bench = KernelBench(lab, topology, Path(tmp), family)
-        try:
-            facts.update(prepare(bench))
-            daemon0 = lab.ask("r", "router", {"op": "status"})["daemon"]
-            scaling: dict[str, dict[str, int]] = {}
-            for kind in ("manycast", "manycast_portions"):
-                for hosts in (HOSTS[:1], HOSTS):
-                    got = bench.interval(kind, seconds, hosts)
-                    scaling.setdefault(kind, {})[str(len(hosts))] = round(got["delivered_pps"])
-                    progress(f"{kind} from {len(hosts)} generator(s): {describe(got)}")
-            for round_ in range(rounds):
-                order = list(kinds)
-                rng.shuffle(order)
-                orders.append(order)
-                progress(f"IPv{family.version} round {round_ + 1}/{rounds}:")
-                for kind in order:
-                    got = bench.interval(kind, seconds)
-                    per_kind[kind].append(got)
-                    progress(f"  {kind:22s} {describe(got)}")
-            daemon1 = lab.ask("r", "router", {"op": "status"})["daemon"]
-            facts["servers_sunk_share"] = bench.sunk_share()
-            if args.profile:
-                if shutil.which("perf") is None:
-                    facts["events_per_packet"] = "perf is not installed"
-                else:
-                    counts = {k: bench.event_counts(k, seconds) for k in kinds}
-                    facts["events_per_packet"] = counts
-                    for kind, got in counts.items():
-                        progress(f"events per packet in the router's thread, {kind}: {got}")
-            bench.close()
-            facts["at_scale"] = at_scale(bench, per_host)
-            progress(f"first packets: {samples} fresh sources each, one at a time")
-            first = {k: first_packets(bench, k, samples, FRESH_SOURCE[k]) for k in FIRST_KINDS}
-        finally:
-            bench.close()
-            lab.down()
-    facts.update(
-        {
-            "rounds": rounds,
-            "seconds_per_interval": seconds,
-            "entries_rewritten_during_rounds": daemon1["rewritten"] - daemon0["rewritten"],
-            "upcalls_during_rounds": daemon1["upcalls"] - daemon0["upcalls"],
-            "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
-            "seconds": round(time.monotonic() - began, 1),
-        }
-    )
-    if family.not_measured:
-        facts["not_measured"] = dict(family.not_measured)
-    return summarize(per_kind, orders, scaling, first, facts)
+        runs = measure_families(args, versions, rng, Path(tmp))
+    figures = {
+        v: summarize(run.per_kind, run.orders, run.scaling, run.first, run.facts)
+        for v, run in runs.runs.items()
+        if v not in runs.errors
+    }
+    result: dict[str, Any] = {"bench": "kernel"}
+    if 4 in versions:
+        result.update(figures[4])
+    if 6 in versions:
+        result["ipv6"] = figures[6] if 6 in figures else {"error": runs.errors[6]}
+        if 6 in runs.errors:
+            result["error"] = f"the IPv6 run failed: {runs.errors[6]}"
+    result["seed"] = seed
+    if versions == (4, 6):
+        result["family_orders"] = {"rounds": runs.round_orders, "first_packets": runs.block_orders}
+        if 6 in figures:
+            result["ipv6_over_ipv4"] = ipv6_over_ipv4(figures[4], figures[6])
+    return result
 
 
 def ipv6_over_ipv4(four: Mapping[str, Any], six: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,21 +198,34 @@ def ipv6_over_ipv4(four: Mapping[str, Any], six: Mapping[str, Any]) -> dict[str,
         key = f"{kind}_pps"
         if key in four and key in six and four[key]:
             ratios_[key] = round(six[key] / four[key], 3)
+        # Rounds interleaved: each round's IPv6 figure over the same round's IPv4 one.
+        rounds = [
+            b / a
+            for a, b in zip(
+                four.get(f"{key}_per_round", ()), six.get(f"{key}_per_round", ()), strict=True
+            )
+            if a
+        ]
+        if rounds:
+            ratios_[f"{key}_per_round_median"] = round(statistics.median(rounds), 3)
+    install4, install6 = four["first_packet_install_us"], six["first_packet_install_us"]
     for q in ("p50", "p99"):
-        a, b = four["first_packet_install_us"][q], six["first_packet_install_us"][q]
+        a, b = install4[q], install6[q]
         if a is not None and b:
             ratios_[f"first_packet_install_us_{q}_ipv4_over_ipv6"] = round(a / b, 3)
+    # The p50 of each block of first packets (blocks interleaved as rounds are).
+    blocks = [
+        a / b
+        for a, b in zip(
+            install4.get("p50_per_round", ()), install6.get("p50_per_round", ()), strict=True
+        )
+        if a is not None and b
+    ]
+    if blocks:
+        key = "first_packet_install_us_p50_ipv4_over_ipv6"
+        ratios_[f"{key}_per_round_median"] = round(statistics.median(blocks), 3)
+        ratios_[f"{key}_per_round"] = [round(r, 3) for r in blocks]
     return ratios_
-
-
-def describe(got: Mapping[str, Any]) -> str:
-    return (
-        f"{got['delivered_pps']:>9,.0f} pps delivered (offered {got['offered_pps']:,.0f}, "
-        f"dropped at the router {got['dropped_pps']:,.0f}; router thread "
-        f"{got['router_thread_cpu_share']:.2f} of CPU {ROUTER_CPU}, "
-        f"{got['router_thread_ns_per_packet']:,.0f} ns/packet; "
-        f"generators {got['generator_cpu_share']:.2f})"
-    )
 
 
 def ratios(ours: list[float], base: list[float]) -> tuple[float, float, list[float]]:
@@ -364,6 +274,10 @@ def summarize(
         "p50": percentile(installs, 0.5),
         "p99": percentile(installs, 0.99),
         "samples": len(installs),
+        "p50_per_round": [
+            percentile(block, 0.5)
+            for block in first.get("manycast", {}).get("install_us_blocks", [])
+        ],
     }
     result["first_packet_delivered_us"] = {
         kind: {

@@ -161,3 +161,75 @@ def test_ipv6_summary_and_its_ratios_to_ipv4(kernel: ModuleType) -> None:
     # A time: IPv4's over IPv6's, so that above 1 is IPv6 faster, as for packets/s.
     assert versus["first_packet_install_us_p50_ipv4_over_ipv6"] == 1.25
     assert versus["goal"] == 0.9
+
+
+def test_per_round_ratios_of_the_families(kernel: ModuleType) -> None:
+    """Rounds interleave the families: beside the ratio of medians, `ipv6_over_ipv4`
+    gives the median of each round's IPv6 figure over the same round's IPv4 one, and
+    for the install time (IPv4 over IPv6) the median over the blocks' p50s."""
+    first = {"delivered_us": [10.0], "install_us": [5.0], "upcalls": 1, "sent": 1}
+
+    def summary(pps: list[float], blocks: list[list[float]]) -> dict[str, Any]:
+        per_kind = {k: [interval(v, 10.0) for v in pps] for k in kernel.KINDS}
+        installs = [x for block in blocks for x in block]
+        manycast = {**first, "install_us": installs, "install_us_blocks": blocks}
+        firsts = {"manycast": manycast, "manycast_portions": first, "nftables": first}
+        return dict(kernel.summarize(per_kind, [], {}, firsts, {}))
+
+    four = summary([100.0, 200.0, 300.0], [[30.0, 32.0, 34.0], [40.0, 40.0, 40.0]])
+    six = summary([90.0, 220.0, 240.0], [[30.0, 40.0, 50.0], [50.0, 50.0, 50.0]])
+    assert four["first_packet_install_us"]["p50_per_round"] == [32.0, 40.0]
+    versus = kernel.ipv6_over_ipv4(four, six)
+    assert versus["manycast_pps"] == round(220.0 / 200.0, 3)  # the medians
+    assert versus["manycast_pps_per_round_median"] == 0.9  # of 0.9, 1.1, 0.8
+    assert versus["first_packet_install_us_p50_ipv4_over_ipv6_per_round"] == [0.8, 0.8]
+    assert versus["first_packet_install_us_p50_ipv4_over_ipv6_per_round_median"] == 0.8
+    # Over all samples: p50 of 30-40 (IPv4) over p50 of 30-50 (IPv6).
+    assert versus["first_packet_install_us_p50_ipv4_over_ipv6"] == round(40.0 / 50.0, 3)
+
+
+class _Run:
+    """A family's run that records when each step ran, and may fail at one."""
+
+    def __init__(self, version: int, log: list[tuple[str, int]], fail_at: str = "") -> None:
+        self.version, self.log, self.fail_at = version, log, fail_at
+        self.name, self.downs = f"IPv{version}", 0
+
+    def round(self, number: int) -> None:
+        if self.fail_at == "round":
+            raise RuntimeError("no route")
+        self.log.append(("round", self.version))
+
+    def down(self) -> None:
+        self.downs += 1
+
+
+def test_families_take_turns_in_a_shuffled_order(kernel: ModuleType) -> None:
+    """Each round runs every family once, in an order shuffled per round (recorded), so
+    that neither is always measured second; an IPv6 failure is recorded, its lab taken
+    down, and IPv4 carries on; an IPv4 failure ends the run."""
+    import random
+
+    from _kernel_runs import Runs
+
+    log: list[tuple[str, int]] = []
+    runs = Runs({4: _Run(4, log), 6: _Run(6, log)}, random.Random(3))
+    for number in range(12):
+        runs.each("round", number, orders=runs.round_orders)
+    assert len(log) == 24 and all(sorted(o) == [4, 6] for o in runs.round_orders)
+    assert [v for _, v in log] == [v for order in runs.round_orders for v in order]
+    firsts = [order[0] for order in runs.round_orders]
+    assert 4 in firsts and 6 in firsts
+
+    log.clear()
+    failing = _Run(6, log, fail_at="round")
+    runs = Runs({4: _Run(4, log), 6: failing}, random.Random(3))
+    runs.each("round", 1)
+    runs.each("round", 2)
+    assert runs.errors == {6: "RuntimeError: no route"} and failing.downs == 1
+    assert log == [("round", 4), ("round", 4)]
+
+    runs = Runs({4: _Run(4, [], fail_at="round"), 6: _Run(6, [])}, random.Random(3))
+    with pytest.raises(RuntimeError, match="no route"):
+        for number in range(4):
+            runs.each("round", number)
