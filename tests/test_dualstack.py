@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -147,20 +146,6 @@ def test_demo_dual_is_bundled_beside_demo_with_the_same_scenario() -> None:
     assert set(dual.servers) == set(demo.servers) and len(dual.clients) == len(demo.clients)
     families = [dual.address(name).version for name in dual.clients]
     assert families.count(4) == families.count(6) == 120
-
-
-REFUSED = {
-    "vip": ({"approach": "vip", "vip": "10.9.9.9"}, "a VIP pool"),
-}
-
-
-@pytest.mark.parametrize(("keys", "what"), REFUSED.values(), ids=REFUSED.keys())
-def test_a_dual_stack_pool_refuses_what_it_lacks_by_name(keys: dict[str, Any], what: str) -> None:
-    with pytest.raises(TopologyError) as info:
-        loads(dual_text(pool=keys), "dual.toml")
-    message = str(info.value)
-    assert what in message and "is not supported yet for dual-stack pools" in message
-    assert re.match(r"dual\.toml:\d+: ", message)  # the line of the key
 
 
 def test_moving_live_tcp_connections_is_refused_for_dual_stack_pools() -> None:

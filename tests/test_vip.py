@@ -1,6 +1,8 @@
 """The virtual-IP pool (seed Fig 17-19) end to end on the memory driver: each test is
 named after the claim it shows and checks what a client sees. Each runs on an IPv4
-and on an IPv6 network (an IPv6 VIP; labelled packets in MPLS-in-UDP over IPv6)."""
+and on an IPv6 network (an IPv6 VIP; labelled packets in MPLS-in-UDP over IPv6), and
+most on a dual-stack one too (a VIP of each family, half the clients on an IPv4 LAN,
+half on an IPv6 LAN, one allocation placing both families' flows)."""
 
 from __future__ import annotations
 
@@ -15,11 +17,14 @@ from typing import Any
 import pytest
 
 from manycast.protocol.client import Client
+from manycast.protocol.dualstack import DualStackRouter, in_space
+from manycast.protocol.router import Router
 from manycast.protocol.server import Server
 from manycast.protocol.vip import VipRouter
+from manycast.protocol.vipdual import DualStackVipRouter
 from manycast.runtime import PoolRun
 from manycast.steps import Add, Kill, KillVipRouter, Rebalance, SetShare, Step
-from manycast.topology import loads
+from manycast.topology import TopologyError, loads
 from manycast.wire import control
 from manycast.wire.ip import (
     IPPROTO_TCP,
@@ -31,8 +36,11 @@ from manycast.wire.ip import (
 )
 from pooltools import table
 
+DUAL = 46  # `family` of a dual-stack pool: a VIP of each family, a client LAN of each
 FAMILIES = (4, 6)
 family = pytest.mark.parametrize("family", FAMILIES)
+# The tests a dual-stack pool runs too.
+families = pytest.mark.parametrize("family", [4, 6, DUAL], ids=["4", "6", "dual"])
 VIPS: dict[int, Address] = {
     4: ipaddress.IPv4Address("203.0.113.80"),
     6: ipaddress.IPv6Address("2001:db8:80::80"),
@@ -54,14 +62,17 @@ def vip_toml(
     pool: dict[str, Any] | None = None,
 ) -> str:
     """clients a1.. -- ra -- core -- rs1 (odd servers) / rs2 (even servers), with a VIP
-    router on each router named in `vip_routers`; every address of `family`."""
+    router on each router named in `vip_routers`; every address of `family` (DUAL: a
+    dual-stack network, clients a1.. on an IPv4 LAN and b1.. on an IPv6 one, half each)."""
     settings: dict[str, Any] = {
         "approach": "vip",
-        "vip": str(VIPS[family]),
+        "vip": str(VIPS[family]) if family != DUAL else [str(VIPS[4]), str(VIPS[6])],
         "heartbeat_ms": 100,
         "heartbeat_misses": 3,
         "report_interval_ms": 500,
     }
+    if family == DUAL:
+        settings["space"] = ["0.0.0.0/0", "2001:db8::/32"]
     settings.update(pool or {})
     body = "".join(
         f"{k} = {v!r}\n".replace("'", '"') if isinstance(v, str) else f"{k} = {v}\n"
@@ -78,18 +89,21 @@ def vip_toml(
         parts.append(table("server", **keys))
     for index, router in enumerate(vip_routers, start=1):
         parts.append(table("vip_router", name=f"vr{index}", router=router))
-    lan = {} if LANS[family] is None else {"subnet": LANS[family]}
-    parts.append(
-        table(
-            "clients",
-            name="a",
-            count=clients,
-            router="ra",
-            **lan,
-            rate=rate,
-            requests_per_connection=per_connection,
+    lans = [("a", LANS[4 if family == DUAL else family], clients)]
+    if family == DUAL:  # the second half on an IPv6 LAN (the plan gives it a /64)
+        lans = [("a", LANS[4], clients // 2), ("b", None, clients - clients // 2)]
+    for name, subnet, count in lans:
+        parts.append(
+            table(
+                "clients",
+                name=name,
+                count=count,
+                router="ra",
+                **({} if subnet is None else {"subnet": subnet}),
+                rate=rate,
+                requests_per_connection=per_connection,
+            )
         )
-    )
     parts.append("[run]\nduration = 10\n")
     return "\n".join(parts)
 
@@ -103,19 +117,20 @@ class FlowLog:
 
     def hook(self, run: PoolRun) -> None:
         names = {int(c.address): n for n, c in run.nodes.clients.items()}
-        vip = run.topology.pool.vip
-        assert vip is not None
+        pool = run.topology.pool
+        assert pool.vip is not None
+        vips = {pool.vip} if pool.group6 is None else {pool.vip, pool.group6}
         for server in [*run.nodes.servers.values(), *run.nodes.standby.values()]:
-            server.receive = self._server_hook(server, names, vip)  # type: ignore[method-assign]
+            server.receive = self._server_hook(server, names, vips)  # type: ignore[method-assign]
 
     def _server_hook(
-        self, server: Server, names: dict[int, str], vip: Address
+        self, server: Server, names: dict[int, str], vips: set[Address]
     ) -> Callable[..., None]:
         original = server.receive
 
         def receive(iface: str, packet: bytes, now: float) -> None:
             ip = parse_packet(packet)
-            if ip.protocol == IPPROTO_TCP and ip.header.dst == vip:
+            if ip.protocol == IPPROTO_TCP and ip.header.dst in vips:
                 key = (names[int(ip.header.src)], int.from_bytes(ip.payload[:2], "big"))
                 self.servers[key].add(server.name)
                 self.first_seen.setdefault(key, now)
@@ -151,37 +166,78 @@ def vip_router_repeats(run: PoolRun) -> int:
 
 
 def owner_of(run: PoolRun, client: Client) -> str | None:
+    """The client's owner in the pool's allocation (a dual-stack pool's IPv6 client: by
+    the same buckets of the IPv6 space)."""
     server = next(s for n, s in run.nodes.servers.items() if n not in run.engine.dead)
     allocation = server.coordinator.allocation
     assert allocation is not None
+    space6 = run.topology.pool.space6
+    if space6 is not None and client.address.version == 6:
+        allocation = in_space(allocation, space6)
     return allocation.owner(client.address)
+
+
+def logics(router: Router) -> list[Router]:
+    """A router's logic of each family (a dual-stack router's IPv4 and IPv6 ones)."""
+    return [router, router.six] if isinstance(router, DualStackRouter) else [router]
+
+
+def logic_for(router: Router, address: Address) -> Router:
+    """The router's logic of `address`'s family."""
+    if isinstance(router, DualStackRouter) and address.version == 6:
+        return router.six
+    return router
+
+
+def server_addresses(server: Server) -> list[Address]:
+    """A server's addresses, each the root of one of its trees (a dual-stack pool's
+    server roots one in each family)."""
+    return [server.address] if server.address6 is None else [server.address, server.address6]
+
+
+def assert_every_family_served(run: PoolRun, summary: dict[str, Any]) -> None:
+    """Every client answered at the end, clients of each of the pool's families among
+    them, and each client answered during the run."""
+    assert summary["clients_served_at_end"] == summary["clients"] == len(run.nodes.clients)
+    by_family: dict[int, list[Client]] = defaultdict(list)
+    for client in run.nodes.clients.values():
+        by_family[client.address.version].append(client)
+    assert sorted(by_family) == sorted(run.topology.pool.families)
+    for clients in by_family.values():
+        assert all(c.stats.requests_ok > 0 for c in clients)
 
 
 # -- Fig 17: a tag-switched tree to each server ------------------------------------------
 
 
-@family
+@families
 def test_claim_15a_31_a_tag_switched_tree_reaches_each_server_from_every_router(
     family: int,
 ) -> None:
     run, _ = start(vip_toml(family))
     run.network.run_until(2.0)
-    servers = {int(s.address): n for n, s in run.nodes.servers.items()}
+    # A dual-stack pool's servers root a tree in each family, in its routers' logic of it.
+    servers = {a: n for n, s in run.nodes.servers.items() for a in server_addresses(s)}
+    assert len(servers) == len(run.nodes.servers) * (2 if family == DUAL else 1)
     for router in run.nodes.routers.values():
-        assert router.vip is not None
         for address, name in servers.items():
             # Follow the labels hop by hop: every tree ends at its server, loop-free.
-            at, seen = router, set()
-            hop = at.vip.table.toward(address)  # type: ignore[union-attr]
+            at, seen = logic_for(router, address), set()
+            hop = at.vip.table.toward(int(address))  # type: ignore[union-attr]
             while hop is not None and hop.label is not None:
                 assert at.name not in seen, f"a loop on {name}'s tree"
                 seen.add(at.name)
-                at = next(r for r in run.nodes.routers.values() if hop.neighbor in r._own)
+                at = next(
+                    logic
+                    for r in run.nodes.routers.values()
+                    for logic in logics(r)
+                    if hop.neighbor in logic._own
+                )
                 hop = at.vip.table.switch(hop.label)  # type: ignore[union-attr]
-            assert hop is not None and hop.neighbor == address, f"{router.name} -> {name}"
+            assert hop is not None and hop.neighbor == int(address), f"{router.name} -> {name}"
 
 
-@family
+@families
 def test_claim_15c_27_32_the_edge_tags_a_flow_and_the_vip_router_sees_only_its_first_packet(
     family: int,
 ) -> None:
@@ -189,6 +245,7 @@ def test_claim_15c_27_32_the_edge_tags_a_flow_and_the_vip_router_sees_only_its_f
     run.network.run_until(8.0)
     summary = run.summary()
     assert summary["clients_served_at_end"] == 24 and failures(run) == 0
+    assert_every_family_served(run, summary)
     vip = summary["vip"]
     assert vip["flows"] >= 24 * 3  # every client opened several connections
     assert vip["packets_after_first"] == 0
@@ -197,7 +254,7 @@ def test_claim_15c_27_32_the_edge_tags_a_flow_and_the_vip_router_sees_only_its_f
     assert log.split_flows() == []  # each flow served by one server, first to last packet
 
 
-@family
+@families
 def test_claim_26_40_the_vip_router_assigns_each_new_flow_by_the_allocation(family: int) -> None:
     run, log = start(vip_toml(family))
     run.network.run_until(6.0)
@@ -208,7 +265,7 @@ def test_claim_26_40_the_vip_router_assigns_each_new_flow_by_the_allocation(fami
         assert server == owner_of(run, by_name[client])
 
 
-@family
+@families
 def test_claim_16_a_policy_change_moves_new_flows_and_keeps_tagged_ones(family: int) -> None:
     run, log = start(vip_toml(family, per_connection=4, rate=4.0))
     run.network.run_until(3.0)
@@ -226,7 +283,7 @@ def test_claim_16_a_policy_change_moves_new_flows_and_keeps_tagged_ones(family: 
         assert server == after[client]
 
 
-@family
+@families
 def test_claim_17_41_load_reported_by_the_servers_shifts_new_flows(family: int) -> None:
     text = vip_toml(family, clients=24, rate=2.0, per_connection=4)
     run, log = start(text)
@@ -248,7 +305,7 @@ def test_claim_17_41_load_reported_by_the_servers_shifts_new_flows(family: int) 
     assert spread_after >= 2
 
 
-@family
+@families
 def test_a_vip_router_dies_tagged_flows_go_on_and_new_flows_are_served_by_the_other(
     family: int,
 ) -> None:
@@ -271,7 +328,7 @@ def test_a_vip_router_dies_tagged_flows_go_on_and_new_flows_are_served_by_the_ot
     assert first_new - (killed + 5.0) <= detection + 0.1 + 1.0  # + a client's think time
 
 
-@family
+@families
 def test_a_server_that_dies_loses_its_tree_and_new_flows_go_to_the_others(family: int) -> None:
     run, log = start(vip_toml(family, per_connection=2))
     run.network.run_until(3.0)
@@ -279,13 +336,16 @@ def test_a_server_that_dies_loses_its_tree_and_new_flows_go_to_the_others(family
     act(run, Kill(at=run.now, server="s2"))
     run.network.run_until(8.0)
     for router in run.nodes.routers.values():
-        assert router.vip is not None
-        assert router.vip.table.toward(int(dead.address)) is None, router.name
+        for address in server_addresses(dead):  # a dual-stack server's trees in both families
+            plane = logic_for(router, address).vip
+            assert plane is not None and plane.table.toward(int(address)) is None, router.name
     assert all(server != "s2" for server in log.since(5.0).values())
-    assert run.summary()["clients_served_at_end"] == 24
+    summary = run.summary()
+    assert summary["clients_served_at_end"] == 24
+    assert_every_family_served(run, summary)
 
 
-@family
+@families
 def test_a_server_added_gets_a_tree_and_new_flows(family: int) -> None:
     run, log = start(vip_toml(family, servers=3, standby=1, per_connection=2))
     run.network.run_until(3.0)
@@ -293,6 +353,41 @@ def test_a_server_added_gets_a_tree_and_new_flows(family: int) -> None:
     run.network.run_until(9.0)
     assert "s4" in set(log.since(5.0).values())
     assert failures(run) == 0 and log.split_flows() == []
+
+
+# -- a dual-stack VIP pool's configuration ---------------------------------------------------
+
+DUAL_VIPS = ["203.0.113.80", "2001:db8:80::80"]
+BAD_DUAL = {
+    "two ipv4 vips": ({"vip": ["203.0.113.80", "203.0.113.81"]}, "lists two IPv4 VIPs"),
+    "two ipv6 vips": ({"vip": [*DUAL_VIPS, "2001:db8:80::81"]}, "lists two IPv6 VIPs"),
+    "no ipv6 vip": ({"vip": ["203.0.113.80"]}, "has no IPv6 VIP"),
+    "no ipv4 vip": ({"vip": ["2001:db8:80::80"]}, "has no IPv4 VIP"),
+    "one vip": ({"vip": "203.0.113.80"}, "'vip' lists one VIP of each family"),
+    "vips, one space": ({"space": "10.0.0.0/8"}, "lists one VIP per family only in a dual"),
+    "not an address": ({"vip": ["203.0.113.80", "vip6"]}, "'vip': 'vip6' is not an IP address"),
+    "multicast": ({"vip": ["203.0.113.80", "ff3e::80"]}, "vip ff3e::80 is multicast"),
+    "link-local": ({"vip": ["203.0.113.80", "fe80::80"]}, "vip fe80::80 is link-local"),
+    "a link's": ({"vip": ["203.0.113.80", "2001:db8:ffff::80"]}, "is inside subnet"),
+    "a group": ({"group": ["232.1.1.1", "ff3e::8000:1"]}, "leave out 'group'"),
+}
+
+
+@pytest.mark.parametrize(("keys", "error"), BAD_DUAL.values(), ids=BAD_DUAL.keys())
+def test_a_dual_stack_vip_pool_needs_one_vip_of_each_family(
+    keys: dict[str, Any], error: str
+) -> None:
+    with pytest.raises(TopologyError, match=r"vip-dual\.toml:\d+: ") as info:
+        loads(vip_toml(DUAL, pool=keys), "vip-dual.toml")
+    assert error in str(info.value)
+
+
+def test_a_vip_list_without_a_space_is_a_dual_stack_pool_over_both_whole_spaces() -> None:
+    text = "".join(line for line in vip_toml(DUAL).splitlines(True) if "space =" not in line)
+    pool = loads(text).pool
+    assert pool.families == (4, 6) and pool.space6 is not None
+    assert (pool.space.prefix.mask, pool.space6.prefix.mask) == (0, 0)  # every address
+    assert [str(pool.group_of(4)), str(pool.group_of(6))] == DUAL_VIPS
 
 
 # -- what may not come from anywhere --------------------------------------------------------
@@ -304,39 +399,48 @@ def control_packet(src: Address, dst: Address, message: Any) -> bytes:
     return make_packet(src, dst, IPPROTO_UDP, udp, ttl=8).to_wire()
 
 
-@family
+@families
 def test_a_flow_tag_from_anyone_but_a_vip_router_is_refused(family: int) -> None:
     run, _ = start(vip_toml(family))
     run.network.run_until(1.0)
-    edge = run.nodes.routers["ra"]
+    router = run.nodes.routers["ra"]
+    # The last client: in a dual-stack pool an IPv6 one, whose edge is ra's IPv6 logic.
+    client = list(run.nodes.clients.values())[-1]
+    edge = logic_for(router, client.address)
     assert edge.vip is not None
-    client = next(iter(run.nodes.clients.values()))
-    flow = control.FlowKey(IPPROTO_TCP, client.address, 1234, VIPS[family], 7946)
-    server = next(iter(run.nodes.servers.values())).address
+    vip = VIPS[client.address.version]
+    flow = control.FlowKey(IPPROTO_TCP, client.address, 1234, vip, 7946)
+    server = next(iter(run.nodes.servers.values()))
+    address = server_addresses(server)[-1]
     iface = next(i for i in edge.interfaces.values() if client.address in i.network)
-    forged = control.FlowTag("evil", 1, flow, server, 10_000)
+    forged = control.FlowTag("evil", 1, flow, address, 10_000)
     tagged = dict(edge.vip.flows)
-    edge.receive(iface.name, control_packet(client.address, iface.address, forged), run.now)
+    router.receive(iface.name, control_packet(client.address, iface.address, forged), run.now)
     assert edge.vip.stats.refused == 1 and edge.vip.flows == tagged
     # Nor may a client claim to be a server and root a tree of its own.
-    hello = control.ServerHello("evil", 1, client.address, VIPS[family], 10_000)
-    edge.receive(iface.name, control_packet(client.address, iface.address, hello), run.now)
+    hello = control.ServerHello("evil", 1, client.address, vip, 10_000)
+    router.receive(iface.name, control_packet(client.address, iface.address, hello), run.now)
     assert edge.vip.stats.refused == 2
     assert edge.vip.table.toward(int(client.address)) is None
     assert int(client.address) not in dict(edge.vip.table.bindings())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["vip", "vip6"])
+@pytest.mark.parametrize("name", ["vip", "vip6", "vip-dual"])
 def test_the_bundled_vip_demo_serves_every_client_through_its_scenario(name: str) -> None:
     from manycast.topology import builtin
 
     topology = builtin(name)
-    assert topology.pool.vip is not None and topology.pool.vip.version == (6 if "6" in name else 4)
+    families = {"vip": (4,), "vip6": (6,), "vip-dual": (4, 6)}[name]
+    assert topology.pool.vip is not None and topology.pool.families == families
     run = PoolRun(topology, "memory", seed=1)
+    log = FlowLog()
+    log.hook(run)
     run.run(20.0)
     summary = run.summary()
-    assert summary["clients_served_at_end"] == summary["clients"] == 120
+    assert summary["clients_served_at_end"] == summary["clients"] == 120 * len(families)
+    assert_every_family_served(run, summary)
+    assert log.split_flows() == []
     assert summary["requests_failed"] == 0 and summary["resets"] == 0
     assert summary["vip"]["packets_after_first"] == 0
     assert summary["servers"]["s5"]["requests"] > 0  # the added server got new flows
@@ -533,7 +637,7 @@ class Openings:
         return served, hurt
 
 
-@family
+@families
 def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_death(
     family: int,
 ) -> None:
@@ -560,7 +664,7 @@ def test_new_flows_are_served_again_within_the_detection_time_of_a_vip_router_de
     assert failures(run) == 0
 
 
-@family
+@families
 def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_them(
     family: int,
 ) -> None:
@@ -575,16 +679,7 @@ def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_th
     openings.hook(run)
     run.network.run_until(3.0)
     assert other.stats.flows > 0
-    late = VipRouter(
-        "vr1",
-        nearest.interfaces,
-        (nearest.iface, ipaddress.ip_address(nearest.gateway)),
-        nearest.settings,
-        random.Random(7),
-        vip=VIPS[family],
-        initial=other.observer.allocation,
-        edges=[(net, router) for net, router in nearest.edges],
-    )
+    late = restarted(nearest, other.observer.allocation)
     began = run.now
     run.network.add(late)
     run.network.run_until(began + 3.0)
@@ -595,10 +690,39 @@ def test_a_vip_router_that_starts_late_takes_new_flows_only_when_it_can_place_th
     assert failures(run) == 0
 
 
+def restarted(vip_router: VipRouter, initial: Any) -> VipRouter:
+    """A new VIP router in `vip_router`'s place (a dual-stack one's: both logics)."""
+    args = (
+        vip_router.name,
+        vip_router.interfaces,
+        (vip_router.iface, ipaddress.ip_address(vip_router.gateway)),
+        vip_router.settings,
+        random.Random(7),
+    )
+    edges = [(net, router) for net, router in vip_router.edges]
+    if not isinstance(vip_router, DualStackVipRouter):
+        return VipRouter(*args, vip=vip_router.vip, initial=initial, edges=edges)
+    six = vip_router.six
+    settings = vip_router.settings
+    assert six.server_addresses is not None and settings.space6 is not None
+    return DualStackVipRouter(
+        args[0],
+        vip_router.all_interfaces,
+        *args[2:],
+        vip=vip_router.vip,
+        initial=initial,
+        edges=edges,
+        gateway6=ipaddress.ip_address(six.gateway),
+        vip6=six.vip,
+        space6=settings.space6,
+        server_addresses6=six.server_addresses,
+    )
+
+
 # -- on real sockets -----------------------------------------------------------------------
 
 
-@family
+@families
 def test_on_real_sockets_flows_are_tagged_and_kept_through_a_share_change(family: int) -> None:
     """The overlay (UDP sockets on loopback, wall-clock time): every client is served
     through a change of s1's share, each flow by one server from its first packet to its

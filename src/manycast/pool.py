@@ -27,6 +27,7 @@ from manycast.protocol.router6 import Router6
 from manycast.protocol.server import Server
 from manycast.protocol.technique import Technique
 from manycast.protocol.vip import VipRouter
+from manycast.protocol.vipdual import DualStackVipRouter
 from manycast.space import Allocation
 from manycast.topology import PoolSpec, Topology
 from manycast.topology.coordination import Coordination
@@ -170,17 +171,25 @@ def build(
         if hosted(name)
     }
     edges = _edges(topology)
-    vip_routers = {
-        spec.name: VipRouter(
-            spec.name,
-            topology.interfaces[spec.name],
-            topology.gateways[spec.name],
-            settings,
-            rng(spec.name),
+
+    def vip_router(name: str) -> VipRouter:
+        """A VIP router; a dual-stack pool's places both families' flows (`vipdual.py`)."""
+        args = (name, topology.interfaces[name], topology.gateways[name], settings, rng(name))
+        if pool.group6 is None or pool.space6 is None:
+            return VipRouter(*args, vip=pool.group, initial=initial, edges=edges)
+        return DualStackVipRouter(
+            *args,
             vip=pool.group,
             initial=initial,
             edges=edges,
+            gateway6=topology.gateways6[name],
+            vip6=pool.group6,
+            space6=pool.space6,
+            server_addresses6=settings.member_addresses6,
         )
+
+    vip_routers = {
+        spec.name: vip_router(spec.name)
         for spec in topology.vip_routers.values()
         if hosted(spec.name)
     }
@@ -263,7 +272,11 @@ def _dual_options(topology: Topology, router: str, wall_base: float) -> dict[str
         "neighbors6": topology.router_neighbors(router, 6),
         "admission6": admission6,
     }
-    if pool.technique is Technique.R4 and pool.group6 is not None:
+    if pool.vip is not None and pool.group6 is not None:
+        # A dual-stack VIP pool: the IPv6 logic routes the IPv6 VIP to the VIP routers'
+        # IPv6 addresses and builds the servers' IPv6 trees.
+        options.update(_label_options(topology, router, 6))
+    elif pool.technique is Technique.R4 and pool.group6 is not None:
         # R4's trees in the IPv6 logic: the IPv6 group's connections, tagged by the
         # servers from their IPv6 addresses.
         options["r4_group6"] = pool.group6
@@ -275,34 +288,46 @@ def _dual_options(topology: Topology, router: str, wall_base: float) -> dict[str
     return options
 
 
-def _label_options(topology: Topology, router: str) -> dict[str, Any]:
+def _label_options(topology: Topology, router: str, version: int = 0) -> dict[str, Any]:
     """What a router is told to build label-switched trees, one per server, and take
     flow tags. A VIP pool's router (Fig 17-18): the VIP, every VIP router with its
     distance from here, and which of its links lead to a VIP router. A manycast
-    pool's under R4 (Fig 16): the group, whose connections the servers tag."""
-    servers = [int(topology.address(name)) for name in topology.servers]
+    pool's under R4 (Fig 16): the group, whose connections the servers tag.
+    `version` 6: a dual-stack VIP pool's IPv6 logic's, its options named `*6`."""
+    servers = [int(_address_of(topology, name, version)) for name in topology.servers]
     if topology.pool.vip is None:
         if topology.pool.technique is not Technique.R4:
             return {}
         return {"r4_group": topology.pool.group, "vip_servers": servers}
     distances = {
-        int(topology.address(name)): topology.distance(router, name)
+        int(_address_of(topology, name, version)): topology.distance(router, name)
         for name in topology.vip_routers
     }
     links: dict[str, tuple[int, ...]] = {}
     for name, spec in topology.vip_routers.items():
         if spec.router != router:
             continue
-        address = topology.address(name)
+        address = _address_of(topology, name, version)
         for iface in topology.interfaces[router].values():
-            if address in iface.network:
+            network = iface.network6 if version == 6 else iface.network
+            if network is not None and address in network:
                 links[iface.name] = (*links.get(iface.name, ()), int(address))
-    return {
-        "vip": topology.pool.vip,
+    options = {
+        "vip": topology.pool.vip if version != 6 else topology.pool.group6,
         "vip_routers": distances,
         "vip_router_links": links,
         "vip_servers": servers,
     }
+    return options if version != 6 else {f"{key}6": value for key, value in options.items()}
+
+
+def _address_of(topology: Topology, node: str, version: int) -> Address:
+    """A node's address (`version` 6: its IPv6 one, on a dual-stack link)."""
+    if version == 6:
+        address6 = next(iter(topology.interfaces[node].values())).address6
+        if address6 is not None:
+            return address6
+    return topology.address(node)
 
 
 def _edges(topology: Topology) -> list[tuple[Network, Address]]:

@@ -31,7 +31,7 @@ from manycast.naming import (
 from manycast.pool import Nodes, build
 from manycast.protocol.client import Client
 from manycast.protocol.destination import PoolKeyNeeded
-from manycast.protocol.dualstack import in_space
+from manycast.protocol.dualstack import DualStackRouter, in_space
 from manycast.protocol.node import Node
 from manycast.protocol.router import KeyNeeded, Router
 from manycast.protocol.technique import Technique
@@ -492,7 +492,10 @@ class PoolRun:
             }
             for name, router in sorted(self.nodes.vip_routers.items())
         }
-        planes = [r.vip for r in self.nodes.routers.values() if r.vip is not None]
+        # A dual-stack router's IPv6 logic has a plane of its own (its IPv6 flows' tags).
+        logics = [*self.nodes.routers.values()]
+        logics += [r.six for r in self.nodes.routers.values() if isinstance(r, DualStackRouter)]
+        planes = [r.vip for r in logics if r.vip is not None]
         routers = self.nodes.vip_routers.values()
         return {
             "vip_routers": vip_routers,

@@ -12,12 +12,15 @@ dual-stack link's interface has an address of each family; a client LAN has
 one), each packet to the one of its IP version. They share the outbox, the
 effects and the counters, so a driver sees one node. Under R4 each builds its own
 family's label-switched trees and pins its own family's flows; under D the
-servers move each connection within its client's family (`redirect.py`).
+servers move each connection within its client's family (`redirect.py`). In a
+dual-stack VIP pool each family's logic routes its family's VIP (`vip6`: the IPv6
+one) to the VIP routers' addresses of that family and builds that family's trees
+(`vipdual.py` is the VIP router's side).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from manycast.addressplan import IPV4_LIMIT
@@ -51,6 +54,9 @@ class DualStackRouter(Router):
         admission6: Admission | None = None,
         r4_group6: Address | None = None,
         vip_servers6: Iterable[int] = (),
+        vip6: Address | None = None,
+        vip_routers6: Mapping[int, float] | None = None,
+        vip_router_links6: Mapping[str, tuple[int, ...]] | None = None,
         **options: Any,
     ) -> None:
         """`Router`'s arguments over every interface, with both families' routes;
@@ -58,7 +64,10 @@ class DualStackRouter(Router):
         pool's admission of MLDv2 joins (its keys, replay cache and waiting joins are
         the IPv6 logic's own). Under R4, `r4_group6` and `vip_servers6` are the IPv6
         group and the servers' IPv6 addresses: each family's logic builds its own
-        servers' trees from its own label bindings, and pins its own clients' flows."""
+        servers' trees from its own label bindings, and pins its own clients' flows.
+        In a VIP pool, `vip6`, `vip_routers6`, `vip_router_links6` and `vip_servers6`
+        are the IPv6 logic's `vip_*` options: the IPv6 VIP, the VIP routers' and the
+        servers' IPv6 addresses."""
         routes = list(routes)
         router_ifaces = set(router_ifaces)
         four, six = family_view(interfaces, 4), family_view(interfaces, 6)
@@ -80,6 +89,9 @@ class DualStackRouter(Router):
                 "admission": admission6,
                 "r4_group": r4_group6,
                 "vip_servers": vip_servers6,
+                "vip": vip6,
+                "vip_routers": vip_routers6,
+                "vip_router_links": vip_router_links6,
             },
         )
         # One node to the driver: one outbox, one list of effects, one set of counters.

@@ -487,9 +487,11 @@ class Server(Node):
         # Fragmented portions make a long report: it goes out in as many packets as
         # the link's MTU needs, each signed on its own (RFC 3376 4.2.16).
         reports = [(records, self.address, self.host.gateway)]
+        vip = self.settings.vip
         group6, address6, router6 = self.settings.group6, self.address6, self.router6
-        if group6 is not None and address6 is not None and router6 is not None:
-            # A dual-stack pool: the same buckets in an MLDv2 report for the IPv6 group.
+        if group6 is not None and address6 is not None and router6 is not None and not vip:
+            # A dual-stack pool: the same buckets in an MLDv2 report for the IPv6 group
+            # (a VIP pool's: none, its IPv6 VIP is no group).
             records6 = _portion_records(group6, self.portions6, previous6, refresh)
             reports.append((records6, address6, int(router6)))
         for part_records, requester, gateway in reports:

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from manycast import policy
 from manycast.protocol.coordination import Coordinator, PoolSettings
+from manycast.protocol.dualstack import in_space
 from manycast.protocol.handover import Edges
 from manycast.protocol.labels import LabelTable
 from manycast.protocol.membership import any_source_record, report_packets
 from manycast.protocol.node import Interface, Node
 from manycast.protocol.vipplane import Flow, flow_of, wrap
-from manycast.space import Allocation
+from manycast.space import AddressSpace, Allocation
 from manycast.wire import control
 from manycast.wire.errors import WireError
 from manycast.wire.ip import (
@@ -95,7 +97,16 @@ class VipRouter(Node):
         initial: Allocation | None,
         edges: Edges,
         flow_idle: float = 30.0,
+        follows: Coordinator | None = None,
+        space: AddressSpace | None = None,
+        server_addresses: Mapping[str, Address] | None = None,
     ) -> None:
+        """`follows`: another logic's observer of the pool, which that logic feeds and
+        drives (a dual-stack VIP router's IPv6 logic follows its IPv4 logic's: one
+        allocation over both families); `space`: the space new flows' clients are
+        placed in (that allocation's buckets read in it); `server_addresses`: the
+        servers' addresses of this logic's family, when not the ones they coordinate
+        from."""
         super().__init__(name, interfaces)
         iface, router = gateway
         self.iface = iface
@@ -122,9 +133,12 @@ class VipRouter(Node):
         # started: a server whose tree has not reached us by then has none through us.
         self._started: float | None = None
         self._advertising = False
-        self.observer = Coordinator(
+        self._follows = follows is not None
+        self.observer = follows or Coordinator(
             name, self.address, settings, rng, initial=initial, observer=True
         )
+        self.space = space
+        self.server_addresses = server_addresses
         self.table = LabelTable(lambda _dst: (iface, self.gateway))
         self.flows: dict[Flow, _Picked] = {}
         # Hand each picked packet out as an `OntoTree` effect instead of label-switching
@@ -141,9 +155,10 @@ class VipRouter(Node):
     # -- node interface ------------------------------------------------------------------
     def start(self, now: float) -> None:
         self._started = now
-        self.observer.start(now)
         self.timers.arm("advert", now)
-        self.timers.arm("report", now)
+        if not self._follows:
+            self.observer.start(now)
+            self.timers.arm("report", now)
 
     def on_timer(self, now: float) -> None:
         fired = self.timers.expired(now)
@@ -153,10 +168,13 @@ class VipRouter(Node):
             self._join_control_channel(now)
         if "expire" in fired:
             self._expire(now)
-        self.observer.on_timer(now)
+        if not self._follows:
+            self.observer.on_timer(now)
         self._act()
 
     def next_deadline(self) -> float | None:
+        if self._follows:
+            return self.timers.next_deadline()
         deadlines = [self.timers.next_deadline(), self.observer.next_deadline()]
         return min((d for d in deadlines if d is not None), default=None)
 
@@ -254,6 +272,8 @@ class VipRouter(Node):
         the allocation first cleared of servers the pool has stopped hearing from (so
         every VIP router with the same view picks the same server)."""
         allocation = self._live_allocation(now)
+        if allocation is not None and self.space is not None:
+            allocation = in_space(allocation, self.space)
         return None if allocation is None else allocation.owner(client)
 
     def _live_allocation(self, now: float) -> Allocation | None:
@@ -276,7 +296,10 @@ class VipRouter(Node):
     def server_address(self, server: str) -> int | None:
         peer = self.observer.peers.get(server)
         if peer is None or int(peer.address) == 0:
-            return None
+            return None  # not heard from yet
+        if self.server_addresses is not None:
+            address = self.server_addresses.get(server)
+            return None if address is None else int(address)
         return int(peer.address)
 
     def edge_of(self, client: int) -> Address | None:
@@ -329,10 +352,12 @@ class VipRouter(Node):
             if src == self.gateway:
                 bindings = ((int(f), label) for f, label in message.bindings)
                 self.table.mapping(src, bindings, message.hold_ms / 1000, now)
-        elif message.sender != self.name:
+        elif message.sender != self.name and not self._follows:
             self.observer.on_message(message, now)
 
     def _act(self) -> None:
+        if self._follows:
+            return  # the logic we follow sends for the observer
         for message in self.observer.take_messages():
             self._send_control(self.settings.control_group, message)
         self.observer.take_new_allocation()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
+import itertools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -30,6 +31,7 @@ from manycast.topology.addressing import HostLink, Lan, RouterLink, Wiring, assi
 from manycast.topology.coordination import Coordination, read_coordination, read_endpoints
 from manycast.topology.families import (
     dual_groups,
+    dual_vips,
     is_dual_stack,
     read_dual_spaces,
     refuse_for_dual_stack,
@@ -219,14 +221,16 @@ class _Compiler:
         """A VIP is nobody's interface address: it must lie outside every link's subnet."""
         if pool.vip is None:
             return
+        vips = (pool.vip,) if pool.group6 is None else (pool.vip, pool.group6)
         for interfaces in wiring.interfaces.values():
             for iface in interfaces.values():
-                if pool.vip in iface.network:
-                    self.fail(
-                        f"vip {pool.vip} is inside subnet {iface.network} (link {iface.link}):"
-                        " the VIP must be no interface's address",
-                        self.lines.key("pool", None, "vip"),
-                    )
+                for vip, network in itertools.product(vips, (iface.network, iface.network6)):
+                    if network is not None and vip in network:
+                        self.fail(
+                            f"vip {vip} is inside subnet {network} (link {iface.link}):"
+                            " the VIP must be no interface's address",
+                            self.lines.key("pool", None, "vip"),
+                        )
 
     def clients(self, routers: Mapping[str, RouterSpec]) -> tuple[dict[str, ClientSpec], list[Lan]]:
         clients: dict[str, ClientSpec] = {}
@@ -327,10 +331,10 @@ def read_pool(p: TableReader) -> PoolSpec:
         refuse_for_dual_stack(p)
     elif family == 6:
         _refuse_for_ipv6(p)
-    approach, vip = _approach(p, family)
+    approach, vip, vip6 = _approach(p, family, dual)
     group: ipaddress.IPv4Address | ipaddress.IPv6Address
     group6 = None
-    if space6 is not None:
+    if space6 is not None and vip is None:
         group, group6 = dual_groups(p)
     elif vip is None:
         group = p.address("group", DEFAULT_GROUP[family], family)
@@ -345,7 +349,7 @@ def read_pool(p: TableReader) -> PoolSpec:
     else:
         if "group" in p.table:
             p.fail("a VIP pool's clients send to its vip: leave out 'group'", "group")
-        group = vip  # the service address, for code that reads pool.group
+        group, group6 = vip, vip6  # the service address(es), for code that reads pool.group
     control = p.address("control_group", DEFAULT_CONTROL_GROUP[family], family)
     if not control.is_multicast:
         p.fail(f"control_group {control} is not a multicast address", "control_group")
@@ -473,9 +477,12 @@ def _redirect_above(p: TableReader, technique: Technique, approach: Approach) ->
 
 
 def _approach(
-    p: TableReader, family: int
-) -> tuple[Approach, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
-    """`approach` and `vip`: a VIP pool needs a unicast vip of the pool's `family`, a
+    p: TableReader, family: int, dual: bool
+) -> tuple[
+    Approach, ipaddress.IPv4Address | ipaddress.IPv6Address | None, ipaddress.IPv6Address | None
+]:
+    """`approach`, `vip` and a dual-stack VIP pool's IPv6 VIP: a VIP pool needs a
+    unicast vip of the pool's `family` (a dual-stack one, one of each family), a
     manycast pool has none."""
     text = p.get("approach", str, Approach.MANYCAST.value)
     try:
@@ -485,20 +492,26 @@ def _approach(
     if approach is Approach.MANYCAST:
         if "vip" in p.table:
             p.fail("'vip' is for a VIP pool: set approach = \"vip\"", "vip")
-        return approach, None
+        return approach, None, None
     if "vip" not in p.table:
         p.fail(
             "approach = \"vip\" needs 'vip', the pool's well-published unicast address",
             "approach",
         )
-    vip = p.address("vip", ..., family)
+    vip, vip6 = dual_vips(p) if dual else (p.address("vip", ..., family), None)
+    for address in (vip, vip6):
+        if address is not None:
+            _check_unicast_vip(p, address)
+    return approach, vip, vip6
+
+
+def _check_unicast_vip(p: TableReader, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     if vip.is_multicast:
         p.fail(f"vip {vip} is multicast: the VIP is a unicast address", "vip")
     if vip.is_unspecified or vip.is_loopback or vip == ipaddress.IPv4Address("255.255.255.255"):
         p.fail(f"vip {vip} cannot be a host's address", "vip")
     if vip.version == 6 and vip.is_link_local:
         p.fail(f"vip {vip} is link-local: the VIP is routed across the network", "vip")
-    return approach, vip
 
 
 def _private_ranges(reader: TableReader) -> str:
