@@ -242,6 +242,18 @@ def _get_once(lab: Any, topology: Any, client: str, path: str) -> str:
         conn.close()
 
 
+def test_lab_refuses_a_dual_stack_vip_pool_by_name(tmp_path: Path) -> None:
+    """vip-dual.toml runs on the memory driver and the overlay; the lab says so and
+    builds nothing."""
+    from manycast.lab import Lab, LabError
+
+    lab = Lab(prefix=f"md{os.getpid()}", run_root=tmp_path)
+    text = files("manycast").joinpath("topologies", "vip-dual.toml").read_text()
+    with pytest.raises(LabError, match="a dual-stack VIP pool runs on the memory and overlay"):
+        lab.up(text, "vip-dual.toml")
+    assert lab.namespaces() == []
+
+
 @FAMILIES
 def test_lab_run_vip_scenario_every_request_answered_each_flow_on_one_server(
     tmp_path: Path, family: int
