@@ -272,8 +272,6 @@ class VipRouter(Node):
         the allocation first cleared of servers the pool has stopped hearing from (so
         every VIP router with the same view picks the same server)."""
         allocation = self._live_allocation(now)
-        if allocation is not None and self.space is not None:
-            allocation = in_space(allocation, self.space)
         return None if allocation is None else allocation.owner(client)
 
     def _live_allocation(self, now: float) -> Allocation | None:
@@ -290,6 +288,8 @@ class VipRouter(Node):
                 result = None
                 break
             result = policy.remove_server(result, server)
+        if result is not None and self.space is not None:
+            result = in_space(result, self.space)  # its buckets read in our family's space
         self._effective = (key, result)
         return result
 
