@@ -390,6 +390,25 @@ def test_a_vip_list_without_a_space_is_a_dual_stack_pool_over_both_whole_spaces(
     assert [str(pool.group_of(4)), str(pool.group_of(6))] == DUAL_VIPS
 
 
+def test_a_dual_stack_vip_routers_metrics_count_both_families_flows() -> None:
+    import re
+
+    from manycast.observe.metrics import PoolCollector, exposition, registry
+
+    run, _ = start(vip_toml(DUAL, per_connection=0))  # long connections: flows held
+    run.network.run_until(3.0)
+    text = exposition(registry(PoolCollector.for_pool(run), process=False))
+    held = {
+        name: float(value)
+        for name, value in re.findall(r'^manycast_vip_router_flows\{vip_router="(\w+)"\} (\S+)$',
+                                      text, re.MULTILINE)
+    }  # fmt: skip
+    assert held and sum(held.values()) == 24  # one flow for each client, of both families
+    for name, router in run.nodes.vip_routers.items():
+        assert isinstance(router, DualStackVipRouter)
+        assert held[name] == len(router.flows) + len(router.six.flows)
+
+
 # -- what may not come from anywhere --------------------------------------------------------
 
 

@@ -568,7 +568,7 @@ def vip_router_families(items: Sequence[VipRouterItem]) -> list[Metric]:
         repeat.add_metric([name], s.repeat_packets)
         for server, count in sorted(dict(s.picks).items()):
             placed.add_metric([name, server], count)
-        flows.add_metric([name], len(router.flows))
+        flows.add_metric([name], router.flows_held())
         tags.add_metric([name], s.tags_sent)
         repicked.add_metric([name], s.repicked)
         for reason, value in (

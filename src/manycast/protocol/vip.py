@@ -250,6 +250,10 @@ class VipRouter(Node):
             picked.tagged_at = now
             self._tag(flow, picked, now)
 
+    def flows_held(self) -> int:
+        """How many flows we remember now (a dual-stack VIP router's: both families')."""
+        return len(self.flows)
+
     def moved(self, client: int, port: int, vip_port: int, server: str, now: float) -> bool:
         """A live TCP connection from (client, port) to the VIP's `vip_port` now lives on
         `server` (moved whole, socket and all, by the kernel lab's TCP moves): the

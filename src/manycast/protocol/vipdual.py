@@ -114,3 +114,6 @@ class DualStackVipRouter(VipRouter):
         effects = self.effects[:]
         self.effects.clear()
         return effects
+
+    def flows_held(self) -> int:
+        return len(self.flows) + len(self.six.flows)
