@@ -36,13 +36,14 @@ Every server runs this state machine; there is no fixed leader. The rule:
 from __future__ import annotations
 
 import ipaddress
-import math
 import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from manycast import policy
+from manycast.protocol.commands import COMMAND_PATIENCE, CommandRelay
+from manycast.protocol.loadwatch import LoadWatch
 from manycast.protocol.peerview import NO_ADDRESS, NO_DIGEST, Peer, PeerView
 from manycast.protocol.poolstate import (
     PoolSettings,
@@ -59,7 +60,6 @@ from manycast.wire import control
 from manycast.wire.control import ServerState
 from manycast.wire.errors import WireError
 
-COMMAND_PATIENCE = 10.0  # seconds an operator's command is resent before it is dropped
 WITNESSES = 3  # with the gossip membership: the members whose acks a proposal waits for
 DUTIES_DEBOUNCE = 0.002  # seconds: news of members within this are acted on together
 CHANGES_KEPT = 4096  # the latest adopted changes a coordinator keeps (`changes`)
@@ -120,10 +120,8 @@ class Coordinator(PeerView):
         self._offered: dict[int, tuple[str, policy.Apportionment, float]] = {}
         # The latest proposal on a state newer than ours, acted on once we hold its base.
         self._ahead_proposal: control.Proposal | None = None
-        # operators' commands we passed to the coordinator: id -> (op, next resend, give up)
-        self._commands: dict[int, tuple[control.PolicyOp, float, float]] = {}
-        self._queue: list[control.PolicyOp] = []
-        self._taken: dict[int, float] = {}  # command ids already queued (resends repeat them)
+        self._commands = CommandRelay(rng, settings.heartbeat_s)
+        self._queue: list[control.PolicyOp] = []  # ops to propose, as coordinator
         self._parts: dict[tuple[int, str], dict[int, control.Snapshot]] = {}
         self._next_heartbeat = 0.0
         # The coordinator's wake-up when a member's silence reaches `dead_after` before
@@ -133,12 +131,8 @@ class Coordinator(PeerView):
         # The gossip membership's next deadline, as of our last call into it (only those
         # calls change it): asked after every event, worked out once per call instead.
         self._swim_due: float | None = None
-        self._congested = 0
-        self._hold_until = 0.0
         self._snapshot_asked = -1.0
-        self._load = 0.0
-        self._sessions = 0
-        self._requests_seen: tuple[float, int] | None = None
+        self.load_watch = LoadWatch(name, settings)
         # Called with a proposed allocation before we ack it (or, as coordinator, before
         # we propose it): the server prepares for the change (R4 pins its connections).
         self.on_offer: Callable[[Allocation], None] | None = None
@@ -165,9 +159,7 @@ class Coordinator(PeerView):
                 send=lambda message, to: self._send(message, to),
                 body=self._probe_body,
             )
-        # Loads are averages: judge them only once they have had time to settle.
-        settle = max(self.settings.rebalance_hold_s, 3 * self.settings.load_smoothing)
-        self._hold_until = now + settle
+        self.load_watch.start(now)
         if self.allocation is not None:
             # Configured members get one timeout's grace to send their first heartbeat.
             # With the gossip membership a configured member knows the others from the
@@ -196,17 +188,7 @@ class Coordinator(PeerView):
 
     def report_load(self, requests_total: int, sessions: int, now: float) -> None:
         """The agent's request counter; the heartbeat carries the rate since the last one."""
-        self._sessions = sessions
-        if self._requests_seen is None:
-            self._requests_seen = (now, requests_total)
-            return
-        then, count = self._requests_seen
-        elapsed = now - then
-        if elapsed >= self.settings.heartbeat_s:
-            rate = (requests_total - count) / elapsed
-            weight = 1.0 - math.exp(-elapsed / self.settings.load_smoothing)
-            self._load += weight * (rate - self._load)
-            self._requests_seen = (now, requests_total)
+        self.load_watch.count(requests_total, sessions, now)
 
     def command(self, op: control.PolicyOp, now: float) -> None:
         """An operator's change: proposed here if we coordinate, else sent to the pool and
@@ -219,23 +201,15 @@ class Coordinator(PeerView):
             self._queue.append(op)
             self._duties(now)
         else:
-            self._commands[self.rng.getrandbits(63)] = (op, now, now + COMMAND_PATIENCE)
+            self._commands.pass_on(op, now)
             self._resend_commands(now)
 
     def _resend_commands(self, now: float) -> None:
-        for command_id, (op, due, give_up) in list(self._commands.items()):
-            if self.is_coordinator(now):
-                del self._commands[command_id]
-                self._queue.append(op)
-            elif now >= give_up:
-                # No proposal ever carried it: it changes nothing, or the pool is split.
-                del self._commands[command_id]
-                self.stats.rejected_ops += 1
-            elif now >= due:
-                self._commands[command_id] = (op, now + self.settings.heartbeat_s, give_up)
-                self._send(control.Command(self.name, self._next_seq(), command_id, op))
-        for command_id in [c for c, at in self._taken.items() if now - at > COMMAND_PATIENCE]:
-            del self._taken[command_id]
+        due = self._commands.due(now, self.is_coordinator(now))
+        self._queue.extend(due.take_up)
+        self.stats.rejected_ops += due.given_up
+        for command_id, op in due.resend:
+            self._send(control.Command(self.name, self._next_seq(), command_id, op))
 
     def take_messages(self) -> list[control.ControlMessage]:
         """What to send on the control channel (`take_addressed` for where each goes)."""
@@ -299,7 +273,9 @@ class Coordinator(PeerView):
             self._commit(now)
 
     def _probe_body(self) -> ProbeBody:
-        return ProbeBody(self.epoch, self.digest, self.state, self._load, self._sessions)
+        return ProbeBody(
+            self.epoch, self.digest, self.state, self.load_watch.load, self.load_watch.sessions
+        )
 
     def _arm_judge(self, now: float) -> None:
         """As coordinator, wake when the member heard from longest ago would be judged
@@ -334,8 +310,8 @@ class Coordinator(PeerView):
                 self.digest,
                 self.state,
                 self.address,
-                self._load,
-                self._sessions,
+                self.load_watch.load,
+                self.load_watch.sessions,
                 int(self.settings.heartbeat_s * 1000),
             )
         )
@@ -370,44 +346,14 @@ class Coordinator(PeerView):
                 return
 
     def _watch_load(self, now: float) -> None:
-        """Each server watches whether it is the congested one (Fig 10, step 1020): the
-        busiest of the pool, above `rebalance_above` times the mean, for
-        `rebalance_sustain` heartbeats in a row. Then it asks for a rebalance with its
-        own busiest buckets' loads, which only it knows. Hysteresis: the trigger is
-        above the target, it must last, and every change is followed by a hold-off."""
-        settings = self.settings
-        allocation = self.allocation
-        if settings.rebalance_above <= 0 or now < self._hold_until or allocation is None:
-            return
-        if self.name not in allocation.servers:
-            return
-        members = self._loads(allocation)
-        mean = sum(members.values()) / len(members)
-        busiest = max(members.values())
-        if mean <= 0 or self._load < busiest or busiest / mean <= settings.rebalance_above:
-            self._congested = 0
-            return
-        self._congested += 1
-        if self._congested < settings.rebalance_sustain:
-            return
-        self._congested = 0
-        self._hold_until = now + settings.rebalance_hold_s
-        self.command(self._balance_op(settings.rebalance_target, now), now)
-
-    def _loads(self, allocation: Allocation) -> dict[str, float]:
-        """Every member's load as its heartbeats report it (ours as we measure it)."""
-        loads = {self.name: self._load}
-        for peer in self.peers.values():
-            loads[peer.name] = peer.load
-        return {s: loads.get(s, 0.0) for s in allocation.servers}
+        """Once per heartbeat: when we are the congested one, ask for a rebalance."""
+        if self.load_watch.congested(self.allocation, self.peers.values(), now):
+            self.command(self._balance_op(self.settings.rebalance_target, now), now)
 
     def _balance_op(self, target: float, now: float) -> control.PolicyOp:
-        """A rebalance by the loads we know: every member's, and our busiest buckets'."""
         assert self.allocation is not None
-        members = self._loads(self.allocation)
-        measured = tuple(control.ServerLoad(s, v) for s, v in sorted(members.items()))
         hot = tuple(self.hot_buckets(now)) if self.hot_buckets is not None else ()
-        return control.BalanceLoadsOp(target, measured, hot)
+        return self.load_watch.balance_op(target, self.allocation, self.peers.values(), hot)
 
     def _behind(self, now: float) -> bool:
         """True (and a snapshot asked for) when a live peer holds a greater state."""
@@ -517,8 +463,7 @@ class Coordinator(PeerView):
         self.apportionment = state
         self._installs += 1
         self._new = allocation
-        # Loads measured before a change say little about after it: let them settle.
-        self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold_s)
+        self.load_watch.hold_off(now)
         self.state = ServerState.ACTIVE if self.name in state.weights else ServerState.JOINING
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
         self.changes.append((now, epoch, why))
@@ -537,8 +482,7 @@ class Coordinator(PeerView):
         elif isinstance(message, control.Probe | control.MemberNotice):
             self._on_membership(message, now)
         elif isinstance(message, control.Command):
-            if self.is_coordinator(now) and message.command_id not in self._taken:
-                self._taken[message.command_id] = now
+            if self.is_coordinator(now) and self._commands.first_time(message.command_id, now):
                 self._queue.append(message.op)
                 self._duties(now)
         elif isinstance(message, control.Proposal):
@@ -626,9 +570,7 @@ class Coordinator(PeerView):
         self._offered[proposal.epoch] = (proposal.digest, result, now)
         if self.observer:
             return
-        for command_id, (op, _, _) in list(self._commands.items()):
-            if op == proposal.op:
-                del self._commands[command_id]  # the pool has taken our command up
+        self._commands.carried(proposal.op)
         if self.on_offer is not None:
             self.on_offer(result.allocation)
         to = None
@@ -721,6 +663,7 @@ class Coordinator(PeerView):
 
 
 __all__ = [
+    "COMMAND_PATIENCE",
     "Coordinator",
     "PoolSettings",
     "apply_op",

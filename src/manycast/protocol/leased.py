@@ -256,7 +256,7 @@ class LeasedCoordinator(Coordinator):
             if self.name in stored.state.allocation.servers
             else ServerState.JOINING
         )
-        self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold_s)
+        self.load_watch.hold_off(now)
         self.changes.append((now, stored.epoch, f"{stored.why} by {stored.by}"))
 
     def _view_current(self) -> bool:

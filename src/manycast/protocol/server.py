@@ -320,7 +320,7 @@ class Server(Node):
         ):
             return None
         alive = set(coordinator.alive(now))
-        loads = {self.name: coordinator._load}
+        loads = {self.name: coordinator.load_watch.load}
         addresses: dict[str, Address] = {}
         for peer in coordinator.peers.values():
             if (
