@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +149,16 @@ def test_demo_dual_is_bundled_beside_demo_with_the_same_scenario() -> None:
     assert families.count(4) == families.count(6) == 120
 
 
-def test_moving_live_tcp_connections_is_refused_for_dual_stack_pools() -> None:
-    with pytest.raises(TopologyError, match="not supported yet for dual-stack pools"):
-        loads(dual_text(run="tcp_moves = true\n"))
+def test_a_dual_stack_pool_may_move_live_tcp_connections() -> None:
+    """The kernel lab moves them, each in its family (tests/test_lab_tcp_move.py)."""
+    assert loads(dual_text(run="tcp_moves = true\n")).tcp_moves
+    drain = [(1.0, "drain", "s1", "grace = 1.0")]
+    assert loads(dual_text(scenario=drain, run="tcp_moves = true\n")).tcp_moves
+    # A dual-stack VIP pool's do not move yet: refused by name, at the [run] table.
+    text = files("manycast").joinpath("topologies", "vip-dual.toml").read_text()
+    vip = text.replace("[run]\n", "[run]\ntcp_moves = true\n")
+    with pytest.raises(TopologyError, match=r"vip-dual\.toml:\d+: .* dual-stack VIP pools"):
+        loads(vip, "vip-dual.toml")
 
 
 BAD = {

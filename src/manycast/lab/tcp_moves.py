@@ -21,6 +21,7 @@ download that overlaps its move (the pacing alone leaves gaps of about
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import itertools
 import socket
 import threading
@@ -31,7 +32,7 @@ from fractions import Fraction
 from typing import Any
 
 from manycast.drivers import netns
-from manycast.drivers.kernel import tcp_apps, tcp_manycast
+from manycast.drivers.kernel import tcp_apps
 from manycast.drivers.kernel.tcp_move import TcpMover
 from manycast.lab.build import Lab
 from manycast.topology import Topology
@@ -160,10 +161,11 @@ class TcpMoves:
         """The service on every running server, then a download from every client."""
         servers = [s.name for s in self.topology.servers.values() if s.authorized and not s.standby]
         self.mover.start(servers)
-        target = (self.mover.vip, self.mover.port)
         for name, spec in sorted(self.topology.clients.items()):
             if spec.authorized:
                 address = str(self.topology.address(name))
+                # (A dual-stack pool: the TCP address of the client's family.)
+                target = (self.mover.address_for(address), self.mover.port)
                 self.downloads.append(Download(self.lab.ns(name), name, address, target))
         for download in self.downloads:
             download.start()
@@ -264,15 +266,7 @@ class TcpMoves:
     def _steer(self, clients: list[str], toward: str, to: str | None) -> None:
         """The routers from each client's edge to `toward`: steer to `to` (None: back to
         the allocation)."""
-        routes: dict[str, list[str]] = defaultdict(list)
-        for client in clients:
-            edge = self.mover.edge_of((client, 0))
-            for router in tcp_manycast.path(self.topology, edge, toward):
-                routes[router].append(client)
-        address = None if to is None else str(self.topology.address(to))
-        tcp_manycast.steer(
-            tcp_manycast.router_asker(self.lab.run_dir), routes, self.mover.group or "", address
-        )
+        self.mover.steer(clients, toward, to)
 
     def _view(self) -> tuple[int, dict[str, Fraction]] | None:
         """A live agent's epoch and shares (None: no agent answered)."""
@@ -413,7 +407,26 @@ class TcpMoves:
             "edge_hold_ms": _figures(holds),
             "gap_without_moves_ms": _figures(quiet),
             "rate_bytes_per_s": RATE,
+            "families": self._by_family(),
         }
+
+    def _by_family(self) -> dict[str, dict[str, int]]:
+        """The downloads, moves, breaks and bytes checked of each family's clients
+        (`ipv4`, `ipv6`: a dual-stack pool has both)."""
+        families: dict[str, dict[str, int]] = {}
+        for download in self.downloads:
+            name = f"ipv{ipaddress.ip_address(download.address).version}"
+            counts = families.setdefault(
+                name, {"connections": 0, "moved": 0, "broken": 0, "bytes_verified": 0}
+            )
+            counts["connections"] += 1
+            counts["broken"] += download.broken is not None
+            counts["bytes_verified"] += download.offset
+        for record in self.records:
+            name = f"ipv{ipaddress.ip_address(record.flow[0]).version}"
+            if record.moved and name in families:
+                families[name]["moved"] += 1
+        return families
 
     def _quiet_gaps(self) -> list[float]:
         """The downloads' gaps away from every move (ms): the pacing's own unevenness."""

@@ -29,7 +29,9 @@ target but not nftables' `queue`.)
 Everything follows the VIP's family: an IPv6 VIP's rules go through ip6tables,
 its conntrack messages carry IPv6 tuples, and its queued packets are read as
 IPv6 (the TCP header right after the fixed header: the lab's clients send no
-extension headers).
+extension headers). A queue number is one queue for both families, so an IPv6
+hold queues in `QUEUE_NUM6`: an edge of a dual-stack pool holds both families'
+flows side by side, and a server's guard marks each flow in its own family.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_CTNETLINK
@@ -60,6 +63,7 @@ GONE_MARK = 0x60DE  # at the old server: the flow has left, drop its packets
 MUTE_MARK = 0x60DF  # ... it is leaving: drop what its socket sends
 _GONE_OR_MUTE = f"{GONE_MARK:#x}/{0xFFFFFFFF ^ (GONE_MARK ^ MUTE_MARK):#x}"
 QUEUE_NUM = 7100
+QUEUE_NUM6 = 7101  # an IPv6 hold's queue (the numbers are shared by both families)
 GONE_TIMEOUT_S = 30  # how long a moved-away flow's entry (and its drop) lasts
 ACK_TIMEOUT_S = 1.0
 COPY_BYTES = 48  # an IPv4 header with room for options, or IPv6's, and the TCP ports
@@ -99,6 +103,11 @@ def iptables(name: str = "iptables") -> str:
     return found
 
 
+def queue_of(address: str) -> int:
+    """The NFQUEUE number of the edge hold for a VIP of `address`'s family."""
+    return QUEUE_NUM6 if family_of(address) == socket.AF_INET6 else QUEUE_NUM
+
+
 def iptables_for(address: str) -> str:
     """The iptables program of `address`'s family."""
     return iptables("ip6tables" if family_of(address) == socket.AF_INET6 else "iptables")
@@ -124,9 +133,11 @@ def install(enter: Callable[[], None], rules: list[list[str]], binary: str | Non
             raise HoldError(f"{Path(binary).name} {' '.join(rule)}: {problem}")
 
 
-def edge_rules(vip: str, port: int, queue: int = QUEUE_NUM) -> list[list[str]]:
+def edge_rules(vip: str, port: int, queue: int | None = None) -> list[list[str]]:
     """The edge router's one rule: a held flow's packets to the VIP wait in `queue`
-    (no listener: dropped, which the client's retransmission covers)."""
+    (default: the VIP family's, `queue_of`; no listener: dropped, which the client's
+    retransmission covers)."""
+    queue = queue_of(vip) if queue is None else queue
     return [
         ["-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "-d", vip, "--dport", str(port),
          "-m", "connmark", "--mark", str(HOLD_MARK), "-j", "NFQUEUE", "--queue-num", str(queue)],
@@ -479,12 +490,13 @@ class EdgeHold:
 
     vip: str
     port: int
-    queue_num: int = QUEUE_NUM
+    queue_num: int | None = None  # default: the VIP family's (`queue_of`)
     stats: EdgeStats = field(default_factory=EdgeStats)
 
     def __post_init__(self) -> None:
         self.marks = CtMarks(self.vip, self.port)
-        self.queue = NfQueue(self.queue_num, family=family_of(self.vip))
+        num = queue_of(self.vip) if self.queue_num is None else self.queue_num
+        self.queue = NfQueue(num, family=family_of(self.vip))
         self._waiting: dict[Flow, list[int]] = defaultdict(list)
 
     def hold(self, flows: Iterable[Flow]) -> list[Flow]:
@@ -527,23 +539,36 @@ class EdgeHold:
 
 
 class ServerGuard:
-    """A server's side: mark a flow gone (its packets dropped both ways) or back."""
+    """A server's side: mark a flow gone (its packets dropped both ways) or back.
+    `vips`: the pool's address, or one of each family (a dual-stack pool's): each
+    flow is marked with the tuple of its client's family."""
 
-    def __init__(self, vip: str, port: int) -> None:
-        self.marks = CtMarks(vip, port)
+    def __init__(self, vips: str | Iterable[str], port: int) -> None:
+        vips = [vips] if isinstance(vips, str) else list(vips)
+        self.marks = {family_of(vip): CtMarks(vip, port) for vip in vips}
+
+    def _mark(self, flows: Iterable[Flow], mark: int, **how: Any) -> None:
+        by_family: dict[socket.AddressFamily, list[Flow]] = defaultdict(list)
+        for flow in flows:
+            by_family[family_of(flow[0])].append(flow)
+        for family, group in by_family.items():
+            marks = self.marks.get(family)
+            if marks is not None:  # (no flow of another family reaches the service)
+                marks.mark(group, mark, **how)
 
     def mute(self, flows: Iterable[Flow]) -> None:
         # Not waited for: the kernel has taken the mark when the message is sent.
-        self.marks.mark(flows, MUTE_MARK, wait=False)
+        self._mark(flows, MUTE_MARK, wait=False)
 
     def gone(self, flows: Iterable[Flow]) -> None:
-        self.marks.mark(flows, GONE_MARK, timeout=GONE_TIMEOUT_S, wait=False)
+        self._mark(flows, GONE_MARK, timeout=GONE_TIMEOUT_S, wait=False)
 
     def back(self, flows: Iterable[Flow]) -> None:
-        self.marks.mark(flows, 0, wait=True)
+        self._mark(flows, 0, wait=True)
 
     def close(self) -> None:
-        self.marks.close()
+        for marks in self.marks.values():
+            marks.close()
 
 
 __all__ = [
@@ -551,6 +576,7 @@ __all__ = [
     "HOLD_MARK",
     "MUTE_MARK",
     "QUEUE_NUM",
+    "QUEUE_NUM6",
     "CtMarks",
     "EdgeHold",
     "Flow",
@@ -561,5 +587,6 @@ __all__ = [
     "family_of",
     "install",
     "iptables_for",
+    "queue_of",
     "server_rules",
 ]

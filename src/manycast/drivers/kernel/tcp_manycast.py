@@ -16,7 +16,8 @@ connect to. Its packets are routed like any of the group's:
   answers from it straight to the client.
 
 An IPv6 pool's service address is `TCP_ADDRESS6` and its rules are in an `ip6`
-table; everything else is the same.
+table; everything else is the same. A dual-stack pool has both, each mapped onto
+its family's group (the `ip` and `ip6` tables side by side).
 
 A move switches the path of the client's source: the (client, group) entry of
 every router on the way from the client's edge to the new server is steered
@@ -150,8 +151,9 @@ def steer(
     return {router: why for router, why in results if why is not None}
 
 
-def router_asker(run_dir: Any) -> Callable[[str, dict[str, Any]], Any]:
-    return lambda router, request: ask(run_dir, router, "router", request, 5.0)
+def router_asker(run_dir: Any, role: str = "router") -> Callable[[str, dict[str, Any]], Any]:
+    """Ask a router's daemon `role` (a dual-stack pool's IPv6 one: `router6`)."""
+    return lambda router, request: ask(run_dir, router, role, request, 5.0)
 
 
 __all__ = [

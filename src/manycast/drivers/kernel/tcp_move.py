@@ -21,6 +21,12 @@ none of whose flows moved is steered back to `old` before step 3.
 
 The pause a flow sees is the time between 1 and 3 (`MoveResult.pause_ms`),
 plus at most one round trip for the new socket's window probe.
+
+A dual-stack manycast pool has a TCP address of each family, each mapped onto
+its family's group: a connection stays in its client's family throughout (the
+edge holds it in its family's queue, the servers mark it with its family's
+tuple, and the routers' daemon of that family steers its (client, group)
+entry); the servers' agents hand the states over on their IPv4 addresses.
 """
 
 from __future__ import annotations
@@ -87,18 +93,24 @@ class TcpMover:
     ) -> None:
         self.lab = lab
         self.topology = topology
-        # A manycast pool: its TCP service's unicast address, mapped onto the group.
+        # A manycast pool: its TCP service's unicast address, mapped onto the group
+        # (a dual-stack pool's: one of each, by IP version, in `addresses` and `groups`).
+        pool = topology.pool
         self.group: str | None = None
-        if topology.pool.vip is None:
-            self.group = str(topology.pool.group)
-            self.vip = str(tcp_manycast.tcp_address(topology.pool.space.family))
+        self.groups: dict[int, str] = {}
+        if pool.vip is None:
+            self.groups = {v: str(pool.group_of(v)) for v in pool.families}
+            self.group = self.groups[pool.space.family]
+            self.addresses = {v: str(tcp_manycast.tcp_address(v)) for v in pool.families}
+            self.vip = self.addresses[pool.space.family]
         else:
-            self.vip = str(topology.pool.vip)
+            self.addresses = {pool.vip.version: str(pool.vip)}
+            self.vip = str(pool.vip)
         self.port = port
         self.agent_port = agent_port
         self.marks = srv6.server_marks(topology.servers)
         self.key_path = lab.run_dir / KEY_FILE
-        self.edges: dict[str, tcp_hold.EdgeHold] = {}
+        self.edges: dict[tuple[str, int], tcp_hold.EdgeHold] = {}  # (edge, IP version)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         # Manycast: the routers are steered from here while a move's sockets travel.
         self._steerer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer")
@@ -109,18 +121,24 @@ class TcpMover:
         default every server that is not a standby)."""
         if not self.key_path.exists():
             auth.save_private(auth.generate(), self.key_path)
-        for edge in sorted({self.topology.router_of(c) for c in self.topology.clients}):
-            if edge in self.edges:
+        topology = self.topology
+        for edge, version in sorted(
+            {(topology.router_of(c), topology.address(c).version) for c in topology.clients}
+        ):
+            if (edge, version) in self.edges or version not in self.addresses:
                 continue
             name = self.lab.ns(edge)
+            address = self.addresses[version]
             tcp_hold.install(
                 partial(netns.enter, name),
-                tcp_hold.edge_rules(self.vip, self.port),
-                tcp_hold.iptables_for(self.vip),
+                tcp_hold.edge_rules(address, self.port),
+                tcp_hold.iptables_for(address),
             )
-            if self.group is not None:
-                tcp_manycast.set_up_edge(name, self.vip, self.group, self.port)
-            self.edges[edge] = netns.run_in(name, lambda: tcp_hold.EdgeHold(self.vip, self.port))
+            if self.groups:
+                tcp_manycast.set_up_edge(name, address, self.groups[version], self.port)
+            self.edges[edge, version] = netns.run_in(
+                name, partial(tcp_hold.EdgeHold, address, self.port)
+            )
         chosen = (
             [s.name for s in self.topology.servers.values() if not s.standby]
             if servers is None
@@ -133,11 +151,13 @@ class TcpMover:
 
     def start_server(self, server: str, wait: bool = True) -> None:
         ready_path(self.lab.run_dir, server, ROLE).unlink(missing_ok=True)
-        if self.group is not None:
-            tcp_manycast.set_up_server(self.lab.ns(server), self.vip, self.group, self.port)
+        for version, group in self.groups.items():
+            address = self.addresses[version]
+            tcp_manycast.set_up_server(self.lab.ns(server), address, group, self.port)
+        vips = [word for address in self.addresses.values() for word in ("--vip", address)]
         argv = [
             sys.executable, "-m", "manycast.drivers.kernel.tcp_service",
-            "--name", server, "--vip", self.vip, "--port", str(self.port),
+            "--name", server, *vips, "--port", str(self.port),
             "--address", str(self.topology.address(server)),
             "--agent-port", str(self.agent_port),
             "--run-dir", str(self.lab.run_dir), "--key", str(self.key_path),
@@ -211,10 +231,15 @@ class TcpMover:
         return found
 
     def edge_of(self, flow: Flow) -> str:
-        edge = self.topology.edge_router(ipaddress.ip_address(flow[0]))
-        if edge is None or edge not in self.edges:
+        client = ipaddress.ip_address(flow[0])
+        edge = self.topology.edge_router(client)
+        if edge is None or (edge, client.version) not in self.edges:
             raise LabError(f"no edge router holds the flows of {flow[0]}")
         return edge
+
+    def address_for(self, client: str) -> str:
+        """The pool's TCP address (or VIP) a client connects to: its family's."""
+        return self.addresses[ipaddress.ip_address(client).version]
 
     # -- moving ----------------------------------------------------------------------------
     def move(self, flows: Iterable[Flow], old: str, new: str) -> MoveResult:
@@ -226,9 +251,9 @@ class TcpMover:
             clients = {flow[0] for flow in flows}
             flows += [f for f in self.connections(old) if f[0] in clients and f not in flows]
         result = MoveResult()
-        by_edge: dict[str, list[Flow]] = defaultdict(list)
+        by_edge: dict[tuple[str, int], list[Flow]] = defaultdict(list)
         for flow in flows:
-            by_edge[self.edge_of(flow)].append(flow)
+            by_edge[self.edge_of(flow), ipaddress.ip_address(flow[0]).version].append(flow)
         began = time.perf_counter()
         held: list[Flow] = []
         for edge, group in by_edge.items():
@@ -280,21 +305,43 @@ class TcpMover:
         return result
 
     def _steer_async(self, clients: Iterable[str], server: str) -> Future[dict[str, str]]:
-        """Every router on the way from each client's edge to `server` points the
-        (client, group) entry toward `server`, in a thread; the routers that refused."""
-        assert self.group is not None
-        routes: dict[str, list[str]] = defaultdict(list)
-        for client in sorted(clients):
-            edge = self.edge_of((client, 0))
-            for router in tcp_manycast.path(self.topology, edge, server):
-                routes[router].append(client)
-        return self._steerer.submit(
-            tcp_manycast.steer,
-            tcp_manycast.router_asker(self.lab.run_dir),
-            routes,
-            self.group,
-            str(self.topology.address(server)),
-        )
+        """`steer` toward `server`, in a thread."""
+        return self._steerer.submit(self.steer, sorted(clients), server, server)
+
+    def steer(self, clients: Iterable[str], toward: str, to: str | None) -> dict[str, str]:
+        """Every router on the way from each client's edge to `toward` points the
+        (client, group) entry toward the server `to` (None: back to the pool's
+        allocation); the routers that refused, with why. A dual-stack pool's clients
+        are steered by their family's daemons, on their family's group, toward the
+        server's address of their family."""
+        assert self.groups
+        by_version: dict[int, list[str]] = defaultdict(list)
+        for client in clients:
+            by_version[ipaddress.ip_address(client).version].append(client)
+        refused: dict[str, str] = {}
+        for version, members in sorted(by_version.items()):
+            routes: dict[str, list[str]] = defaultdict(list)
+            for client in sorted(members):
+                edge = self.edge_of((client, 0))
+                for router in tcp_manycast.path(self.topology, edge, toward):
+                    routes[router].append(client)
+            role = "router6" if self.topology.pool.dual and version == 6 else "router"
+            refused.update(
+                tcp_manycast.steer(
+                    tcp_manycast.router_asker(self.lab.run_dir, role),
+                    routes,
+                    self.groups[version],
+                    None if to is None else self._address_of(to, version),
+                )
+            )
+        return refused
+
+    def _address_of(self, server: str, version: int) -> str:
+        """`server`'s address of IP `version` (a dual-stack server has one of each)."""
+        iface = next(iter(self.topology.interfaces[server].values()))
+        if version == 6 and iface.address6 is not None:
+            return str(iface.address6)
+        return str(iface.address)
 
     def _tell_vip_routers(self, flows: list[Flow], server: str) -> int:
         """Every VIP router records the flows as `server`'s (after the release: not part

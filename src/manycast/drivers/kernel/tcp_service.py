@@ -1,8 +1,9 @@
 """The lab's movable TCP service: one process per server, serving the VIP and moving connections.
 
 It listens on the pool's address (the VIP and the service port, `tcp_apps.py`
-for what it serves) and, as the server's agent for moves, on the server's own
-address (`agent_port`). A move of some of its connections to another server
+for what it serves; a dual-stack pool's two, one of each family, each
+connection staying in its own) and, as the server's agent for moves, on the
+server's own address (`agent_port`). A move of some of its connections to another server
 (`move`, asked by `tcp_move.TcpMover` once the edge holds the flows):
 
 1. freeze each socket (`tcp_repair.freeze`), mute it (`tcp_hold.ServerGuard`:
@@ -106,7 +107,7 @@ class TcpService:
     def __init__(
         self,
         name: str,
-        vip: str,
+        vip: str | list[str],
         port: int,
         address: str,
         agent_port: int,
@@ -115,7 +116,8 @@ class TcpService:
     ) -> None:
         self.name = name
         # Text as the sockets give addresses back (an IPv6 one compressed).
-        self.vip, self.port = str(ipaddress.ip_address(vip)), port
+        self.vips = [str(ipaddress.ip_address(v)) for v in ([vip] if isinstance(vip, str) else vip)]
+        self.port = port
         self.key = key
         self.public = key.public_key()
         self.stats = ServiceStats()
@@ -123,16 +125,22 @@ class TcpService:
         self._nonces: OrderedDict[bytes, None] = OrderedDict()
         self.refuse_next = False  # fault injection for tests: refuse the next transfer
         self.die_next = False  # ... or exit (frozen sockets and all) before answering it
-        tcp_hold.install(
-            lambda: None, tcp_hold.server_rules(self.vip, port), tcp_hold.iptables_for(self.vip)
-        )
-        self.guard = tcp_hold.ServerGuard(self.vip, port)
+        for vip_address in self.vips:
+            tcp_hold.install(
+                lambda: None,
+                tcp_hold.server_rules(vip_address, port),
+                tcp_hold.iptables_for(vip_address),
+            )
+        self.guard = tcp_hold.ServerGuard(self.vips, port)
         self.loop = KernelLoop(run_dir, name, ROLE)
-        self.listener = socket.socket(tcp_hold.family_of(self.vip), socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.listener.bind((self.vip, port))
-        self.listener.listen(BACKLOG)
-        self.loop.watch(self.listener, self._accept)
+        self.listeners = []
+        for vip_address in self.vips:
+            listener = socket.socket(tcp_hold.family_of(vip_address), socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((vip_address, port))
+            listener.listen(BACKLOG)
+            self.loop.watch(listener, partial(self._accept, listener))
+            self.listeners.append(listener)
         self.agent = socket.socket(tcp_hold.family_of(address), socket.SOCK_STREAM)
         self.agent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.agent.bind((address, agent_port))
@@ -149,10 +157,10 @@ class TcpService:
         self.loop.handlers.update(handlers)
 
     # -- serving ---------------------------------------------------------------------------
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, address = self.listener.accept()
+                sock, address = listener.accept()
             except BlockingIOError:
                 return
             _tune(sock)
@@ -425,7 +433,7 @@ class TcpService:
         return ""
 
     def _restore(self, state: TcpState) -> Connection:
-        if (str(state.local[0]), state.local[1]) != (self.vip, self.port):
+        if str(state.local[0]) not in self.vips or state.local[1] != self.port:
             raise tcp_repair.RepairError("not the pool's address")
         app, pending = import_connection(state)
         sock = tcp_repair.restore(state)
@@ -490,7 +498,8 @@ class TcpService:
         finally:
             for conn in list(self.conns.values()):
                 self._close(conn)
-            self.listener.close()
+            for listener in self.listeners:
+                listener.close()
             self.agent.close()
             self.guard.close()
             self.loop.close()
@@ -521,7 +530,9 @@ def _now_ms() -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--vip", required=True)
+    parser.add_argument(
+        "--vip", required=True, action="append", help="the pool's address (one per family)"
+    )
     parser.add_argument("--port", type=int, default=PORT)
     parser.add_argument("--address", required=True, help="the server's own address (agent)")
     parser.add_argument("--agent-port", type=int, default=AGENT_PORT)
@@ -532,7 +543,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.netns:
         netns.enter(args.netns)
     logging.basicConfig(level=logging.WARNING, format=f"{args.name} %(levelname)s %(message)s")
-    ipaddress.ip_address(args.vip)
+    for vip in args.vip:
+        ipaddress.ip_address(vip)
     service = TcpService(
         args.name,
         args.vip,
