@@ -161,6 +161,10 @@ def test_address_to_int() -> None:
         address_to_int(1 << 32, 4)
     with pytest.raises(SpaceError, match="does not appear to be"):
         address_to_int("nope", 4)
+    with pytest.raises(SpaceError, match="::2 is not an IPv4 address"):
+        address_to_int(ipaddress.IPv6Address("::2"), 4)
+    with pytest.raises(SpaceError, match=r"10\.0\.0\.1 is not an IPv6 address"):
+        address_to_int(ipaddress.IPv4Address("10.0.0.1"), 6)
 
 
 # AddressSpace -----------------------------------------------------------

@@ -76,6 +76,13 @@ RELEASED_KEPT = 10_000  # moves remembered for measurements (`released`)
 Flow = tuple[int, int]  # (client address, client port)
 
 
+def _order(key: ConnKey) -> tuple[int, int, int, int]:
+    """The order pending moves go in: by client, then local end, as numbers (a key's
+    text would cost a formatting of its addresses at every pass)."""
+    (local, local_port), (client, client_port) = key
+    return int(client), client_port, int(local), local_port
+
+
 @dataclass
 class RedirectStats:
     followed: int = 0  # connections whose client came to our destination (Fig 20)
@@ -267,7 +274,7 @@ class Redirector:
         moved = 0
         in_flight = Counter(move.target for move in self._outgoing.values())
         window = MOVE_WINDOW if self.serving() else DRAIN_WINDOW
-        for key in sorted(self.pending, key=str):
+        for key in sorted(self.pending, key=_order):
             if moved >= MOVE_BATCH:
                 self._schedule(now + MOVE_GAP)
                 return
