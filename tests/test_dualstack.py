@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Sequence
 from importlib.resources import files
 from pathlib import Path
@@ -26,6 +27,7 @@ from manycast.naming import TsigKey, lookup_key
 from manycast.naming.records import record_rrsets
 from manycast.ports import free_base_port
 from manycast.protocol.dualstack import DualStackRouter, in_space
+from manycast.protocol.fastpath import FastPath
 from manycast.protocol.querier import QUERY_RESPONSE_S
 from manycast.runtime import PoolRun
 from manycast.topology import TopologyError, builtin, bundled, loads
@@ -577,6 +579,55 @@ def test_a_dual_stack_pool_on_the_overlay_serves_everyone_through_a_share_change
     assert done, f"not settled after {DEADLINE} s: {summary}"
     assert summary["clients_served_at_end"] == 24
     assert summary["state_lost"] == 0
+
+
+def test_the_overlay_sends_both_families_cache_hits_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dual-stack router's cache hits of either family are sent by the overlay
+    (the IPv4 logic's fast path and the IPv6 logic's) through a share change: of
+    each family's packets to its group, the routers take fewer themselves than
+    the overlay sends for them, and every client is served."""
+    credited = {4: 0, 6: 0}  # copies the overlay sent from each family's tables
+    own = {4: 0, 6: 0}  # packets to the family's group the routers took themselves
+    credit, receive = FastPath.credit, DualStackRouter.receive
+    # Where each family's destination address sits in its header.
+    where = {4: slice(16, 20), 6: slice(24, 40)}
+    groups: dict[int, bytes] = {
+        ipaddress.ip_address(g).version: ipaddress.ip_address(g).packed for g in GROUPS
+    }
+
+    def counting(self: FastPath, copies: int) -> None:
+        credited[self.family] += copies
+        credit(self, copies)
+
+    def taking(self: DualStackRouter, iface: str, packet: bytes, now: float) -> None:
+        family = packet[0] >> 4
+        if family in where and packet[where[family]] == groups[family]:
+            own[family] += 1
+        receive(self, iface, packet, now)
+
+    monkeypatch.setattr(FastPath, "credit", counting)
+    monkeypatch.setattr(DualStackRouter, "receive", taking)
+    text = dual_text(misses=20, scenario=[(1.5, "set_share", "s1", "share = 0.1")])
+    # Links without emulated delay: the fast path sends only where nothing is emulated.
+    topo = loads(re.sub(r"delay_ms = \d+", "delay_ms = 0", text))
+    run = patient(PoolRun(topo, "overlay", seed=5, base_port=free_base_port(topo.attachment_count)))
+    changed = Settled(run, lambda alloc: float(alloc.share("s1")) < 0.2, since=1.5)
+    done, summary = run_pool_until(
+        run,
+        every(
+            run,
+            0.05,
+            lambda: run.now >= 3.0 and changed() and served_now(run) and requests_ok(run) > 24 * 4,
+        ),
+    )
+    assert done, f"not settled after {DEADLINE} s: {summary}"
+    assert summary["clients_served_at_end"] == 24
+    assert summary["state_lost"] == 0
+    # The routers' own path still takes each cell's first packet and those after each
+    # membership change. (IPv4's copies include the control channel's: its group
+    # goes by the same tables; IPv6 carries only the clients'.)
+    assert own[4] and own[6], own
+    assert credited[4] > own[4] and credited[6] > own[6], (credited, own)
 
 
 # -- coordination in etcd -----------------------------------------------------------------

@@ -70,11 +70,14 @@ class _Port:
         "fanout",
         "iface",
         "known",
+        "known6",
         "link",
         "loss",
         "open",
+        "shortest",
         "sock",
         "unicast",
+        "v6",
     )
 
     def __init__(self, link: LinkSpec, iface: str, sock: socket.socket, counters: LinkCounters):
@@ -89,8 +92,13 @@ class _Port:
         self.fanout: tuple[Endpoint, ...] = ()
         # neighbour address -> its endpoint, as a one-receiver tuple (no tuple per frame)
         self.unicast: dict[int, tuple[Endpoint]] = {}
-        # The fast path's learnt sends for packets arriving here (its host's).
+        # The fast path's learnt sends for packets arriving here (its host's), per
+        # family: IPv4 datagrams at least `shortest` long are looked up in `known`
+        # on the reader's own path, IPv6 ones in `known6` when `v6` (`_Hosted`).
         self.known: dict[int, _Sends] = {}
+        self.known6: dict[int, _Sends] = {}
+        self.shortest = _NEVER  # a length no datagram reaches
+        self.v6 = False
 
 
 _Send = Callable[[bytes | memoryview, Endpoint], int]
@@ -111,40 +119,50 @@ class _Hosted:
         "armed",
         "direct",
         "fast",
+        "fast6",
         "generation",
         "handle",
         "key_mask",
         "known",
+        "known6",
         "node",
         "ports",
         "send",
-        "shortest",
-        "v6",
     )
 
     def __init__(self, node: Node, ports: dict[str, _Port]):
         self.node = node
         self.ports = ports
-        # A router's forwarding decisions this driver serves itself (`fastpath.py`).
+        # A router's forwarding decisions this driver serves itself (`fastpath.py`):
+        # `fast` is the one whose generation is watched and whose counters are
+        # credited; `fast6` the IPv6 tables (a dual-stack router's IPv6 logic has
+        # its own, `dualstack.py`, which moves `fast`'s generation too).
         fast = getattr(node, "fast_path", None)
         self.fast = fast if isinstance(fast, FastPath) else None
+        six = getattr(node, "fast_path6", None)
+        if not isinstance(six, FastPath):
+            six = self.fast if self.fast is not None and self.fast.family == 6 else None
+        self.fast6 = six
+        four = self.fast if self.fast is not None and self.fast.family == 4 else None
         # (interface, neighbour) -> its socket's sendto, endpoint and port, for the
         # open ports of links without emulated delay or loss: the fast path's sends.
         self.direct: dict[tuple[str, int], _Direct] = {}
-        # The router's fast-path tables translated to those sends, per arrival
-        # interface; valid while the router's `generation` is this one.
-        self.known: dict[str, dict[int, _Sends]] = {
-            name: {} for name in (self.fast.tables if self.fast is not None else ())
-        }
-        for name, known in self.known.items():
-            if name in ports:
-                ports[name].known = known
-        # What `_readable` needs of the fast path, read once per wake-up: IPv4
-        # datagrams at least a header long are looked up, under the key's mask as
-        # a native word (`_renew` sets it); an IPv6 router's are served apart.
-        family = None if self.fast is None else self.fast.family
-        self.shortest = _IPV4_HEADER_LEN if family == 4 else _NEVER
-        self.v6 = family == 6
+        # The router's fast-path tables translated to those sends, per family and
+        # arrival interface; valid while the router's `generation` is this one.
+        self.known: dict[str, dict[int, _Sends]] = (
+            {name: {} for name in four.tables} if four else {}
+        )
+        self.known6: dict[str, dict[int, _Sends]] = {name: {} for name in six.tables} if six else {}
+        # What `_readable` needs of each port, read once per wake-up: IPv4 datagrams
+        # at least a header long are looked up on interfaces with an IPv4 table, under
+        # the key's mask as a native word (`_renew` sets it); IPv6 ones apart.
+        for name, port in ports.items():
+            if name in self.known:
+                port.known = self.known[name]
+                port.shortest = _IPV4_HEADER_LEN
+            if name in self.known6:
+                port.known6 = self.known6[name]
+                port.v6 = True
         self.key_mask = 0
         self.generation = -1
         self.armed: float | None = None
@@ -360,9 +378,10 @@ class AsyncOverlay:
         if host.handle is not None:
             host.handle.cancel()
             host.handle = None
-        if host.fast is not None:
-            host.fast.served = False
-            host.fast.invalidate()
+        for fast in (host.fast, host.fast6):
+            if fast is not None:
+                fast.served = False
+                fast.invalidate()
         return host.node
 
     def call_at(self, at: float, callback: Callable[[], object]) -> None:
@@ -477,8 +496,9 @@ class AsyncOverlay:
     def _register(self, host: _Hosted) -> None:
         host.send = functools.partial(self._send, host)
         host.arm = lambda _node, deadline: self._arm(host, deadline)
-        if host.fast is not None:
-            host.fast.served = True
+        for fast in (host.fast, host.fast6):
+            if fast is not None:
+                fast.served = True
         name = host.node.name
         self._hosts[name] = host
         self.nodes[name] = host.node
@@ -515,15 +535,18 @@ class AsyncOverlay:
         fast = host.fast
         if fast is not None and host.generation != fast.generation:
             self._renew(host)
-        # Shorter datagrams go to the router (which counts them); with no tables
-        # to serve, all do. (An IPv6 router's hits are served off this path.)
+        # IPv6 datagrams are looked up on ports with an IPv6 table (`_serve_v6`),
+        # IPv4 ones inline on ports with an IPv4 table (a dual-stack port has both);
+        # shorter ones go to the router (which counts them); with no tables to
+        # serve, all do.
         if self.capture is None and port.open:
-            shortest, v6 = host.shortest, host.v6
+            shortest, v6 = port.shortest, port.v6
         else:
             shortest, v6 = _NEVER, False
         key_mask = host.key_mask
         known = port.known
-        handed = extra = 0  # packets handed to the router, and copies beyond one each
+        # Packets handed to the router, copies beyond one each, and IPv6 copies.
+        handed = extra = six = 0
         # Copies sent, counted per batch for the port they went out on (here they
         # all go the same way): `tally` copies not yet added to `tallied`.
         tallied: _Port | None = None
@@ -548,7 +571,13 @@ class AsyncOverlay:
                         port.counters.dropped += 1
                         break
                     n += 1
-                    if length >= shortest:
+                    if v6 and buffer[0] >> 4 == 6:
+                        copies = self._serve_v6(host, port, length)
+                        if copies:
+                            extra += copies - 1
+                            six += copies
+                            continue
+                    elif length >= shortest:
                         ttl = buffer[8]
                         # The key: the source under the members' masks, then the group.
                         try:
@@ -596,11 +625,6 @@ class AsyncOverlay:
                                         to.counters.sent += 1
                                 extra += len(more)
                             continue
-                    if v6:
-                        copies = self._serve_v6(host, port.iface, length)
-                        if copies:
-                            extra += copies - 1
-                            continue
                     handed += 1
                     self._hand(host, port, length)
                     # Membership may have changed, or the port closed.
@@ -613,7 +637,14 @@ class AsyncOverlay:
                 if tallied is not None:
                     tallied.counters.sent += tally
                 if fast is not None and n > handed:
-                    fast.credit(n - handed + extra)
+                    if six and host.fast6 is not None:
+                        # Each family's copies to its own tables (an IPv6 router's
+                        # are one): the IPv6 ones, then any IPv4 ones.
+                        host.fast6.credit(six)
+                        if n - handed + extra > six:
+                            fast.credit(n - handed + extra - six)
+                    else:
+                        fast.credit(n - handed + extra)
                 if handed:
                     # Only the router's own path changes its deadlines.
                     node = host.node
@@ -640,16 +671,16 @@ class AsyncOverlay:
         host.generation = fast.generation
         host.key_mask = _native(fast.key_mask) if fast.family == 4 else 0
 
-    def _serve_v6(self, host: _Hosted, iface: str, length: int) -> int:
-        """The copies sent of the IPv6 datagram in the buffer from the router's fast
-        path (0: none, the router's own path): `FastPath.forward_copy`'s checks and
-        hop limit, patched in place."""
+    def _serve_v6(self, host: _Hosted, port: _Port, length: int) -> int:
+        """The copies sent of the datagram in the buffer, of version 6, from the
+        router's IPv6 fast path (0: none, the router's own path): the rest of
+        `FastPath.forward_copy`'s checks and the hop limit, patched in place."""
         buffer = self._buffer
-        fast = host.fast
-        if fast is None or length < IPV6_HEADER_LEN or buffer[0] >> 4 != 6 or buffer[7] <= 1:
+        fast = host.fast6
+        if fast is None or length < IPV6_HEADER_LEN or buffer[7] <= 1:
             return 0
         key = int.from_bytes(buffer[8:IPV6_HEADER_LEN], "big") & fast.key_mask
-        sends = host.known[iface].get(key) or self._learn(host, iface, key, key)
+        sends = port.known6.get(key) or self._learn(host, port.iface, key, key, six=True)
         if sends is None:
             return 0
         buffer[7] -= 1
@@ -665,12 +696,15 @@ class AsyncOverlay:
                 to.counters.sent += 1
         return 1 + len(more)
 
-    def _learn(self, host: _Hosted, iface: str, key: int, stored: int) -> _Sends | None:
-        """The sends for a packet the router's fast path has an entry for under `key`,
-        remembered in `known` under `stored` (IPv4: the key as a native word); None
-        (the router's own path) without one, or when a copy goes on a link with
-        emulated delay or loss, or to a neighbour with no endpoint yet."""
-        fast = host.fast
+    def _learn(
+        self, host: _Hosted, iface: str, key: int, stored: int, six: bool = False
+    ) -> _Sends | None:
+        """The sends for a packet the router's fast path (`six`: its IPv6 tables) has
+        an entry for under `key`, remembered in `known` under `stored` (IPv4: the key
+        as a native word); None (the router's own path) without one, or when a copy
+        goes on a link with emulated delay or loss, or to a neighbour with no
+        endpoint yet."""
+        fast = host.fast6 if six else host.fast
         outs = None if fast is None else fast.tables.get(iface, {}).get(key)
         if not outs:
             return None
@@ -681,7 +715,7 @@ class AsyncOverlay:
                 return None
             copies.append(hop)
         learnt: _Sends = (*copies[0], tuple(copies[1:]))
-        known = host.known[iface]
+        known = (host.known6 if six else host.known)[iface]
         if len(known) >= FAST_PATH_LIMIT:
             known.clear()
         known[stored] = learnt
@@ -823,8 +857,9 @@ def _native(key: int) -> int:
 
 def _forget(host: _Hosted) -> None:
     """Drop what the fast path learnt (the router's tables or the endpoints changed)."""
-    for known in host.known.values():
-        known.clear()
+    for family in (host.known, host.known6):
+        for known in family.values():
+            known.clear()
 
 
 def _resolve_waiter(waiter: asyncio.Future[None]) -> None:

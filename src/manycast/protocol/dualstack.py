@@ -10,7 +10,9 @@ A dual-stack router runs the IPv4 router's logic and the IPv6 router's side by
 side (`DualStackRouter`): each over its family's view of the interfaces (a
 dual-stack link's interface has an address of each family; a client LAN has
 one), each packet to the one of its IP version. They share the outbox, the
-effects and the counters, so a driver sees one node. Under R4 each builds its own
+effects and the counters, so a driver sees one node. Each has its own fast path
+(`fast_path`, `fast_path6`); the IPv6 one's invalidations move the IPv4 one's
+generation too, so a driver serving both watches one. Under R4 each builds its own
 family's label-switched trees and pins its own family's flows; under D the
 servers move each connection within its client's family (`redirect.py`). In a
 dual-stack VIP pool each family's logic routes its family's VIP (`vip6`: the IPv6
@@ -25,6 +27,7 @@ from typing import Any
 
 from manycast.addressplan import IPV4_LIMIT
 from manycast.protocol.admission import Admission
+from manycast.protocol.fastpath import FastPath
 from manycast.protocol.node import Interface, family_view
 from manycast.protocol.router import Router
 from manycast.protocol.router6 import Router6
@@ -37,6 +40,21 @@ def in_space(allocation: Allocation, space: AddressSpace) -> Allocation:
     if allocation.space == space:
         return allocation
     return Allocation(space, allocation.servers, allocation.owners)
+
+
+class _Beside(FastPath):
+    """The IPv6 logic's fast path, beside the IPv4 logic's `four`: it credits the
+    shared counters, and its invalidations move `four`'s generation too."""
+
+    __slots__ = ("four",)
+
+    def __init__(self, interfaces: Iterable[str], stats: Any, four: FastPath) -> None:
+        super().__init__(interfaces, stats, family=6)
+        self.four = four
+
+    def invalidate(self, source_mask: int = -1) -> None:
+        super().invalidate(source_mask)
+        self.four.generation += 1
 
 
 class DualStackRouter(Router):
@@ -98,6 +116,9 @@ class DualStackRouter(Router):
         self.six.outbox = self.outbox
         self.six.effects = self.effects
         self.six.stats = self.stats
+        self.six.fast_path = self.fast_path6 = _Beside(
+            self.six.interfaces, self.stats, self.fast_path
+        )
         self.all_interfaces = interfaces
 
     def start(self, now: float) -> None:
