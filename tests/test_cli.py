@@ -26,8 +26,9 @@ from typer.testing import CliRunner
 
 import manycast
 from manycast import naming
-from manycast.cli import app
+from manycast.cli import app, lab_exec_hints
 from manycast.ports import free_port
+from manycast.topology import builtin
 
 _SCRIPT = Path(sys.executable).with_name("manycast")
 MANYCAST = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "manycast"]
@@ -123,6 +124,58 @@ def test_every_command_has_help(command: str, mentions: list[str]) -> None:
     assert f"Usage: manycast {command}" in flat(result.stdout)
     for word in mentions:
         assert word in result.stdout, word
+
+
+# -- lab up's hints ------------------------------------------------------------------
+
+SOCAT4 = "socat - 'UDP4-DATAGRAM:232.1.1.1:7000,ip-multicast-ttl=8'"
+SOCAT6 = "socat - 'UDP6-DATAGRAM:[ff3e::8000:1]:7000,setsockopt-int=41:18:8'"
+
+
+@pytest.mark.parametrize(
+    ("topology", "hints"),
+    [
+        ("demo", [f"manycast lab exec a1 -- {SOCAT4}"]),
+        ("demo6", [f"manycast lab exec a1 -- {SOCAT6}"]),
+        # A dual-stack pool: an IPv4 client to the IPv4 group, an IPv6 one to the IPv6 group.
+        (
+            "demo-dual",
+            [f"manycast lab exec a1 -- {SOCAT4}", f"manycast lab exec six-a1 -- {SOCAT6}"],
+        ),
+        ("vip", ["manycast lab exec a1 -- curl -s http://203.0.113.80:7000/"]),
+        ("vip6", ["manycast lab exec a1 -- curl -s http://[2001:db8:80::80]:7000/"]),
+        (
+            "vip-dual",
+            [
+                "manycast lab exec a1 -- curl -s http://203.0.113.80:7000/",
+                "manycast lab exec six-a1 -- curl -s http://[2001:db8:80::80]:7000/",
+            ],
+        ),
+    ],
+)
+def test_lab_up_hints_ask_the_service_in_every_family_of_the_pool(
+    topology: str, hints: list[str]
+) -> None:
+    assert lab_exec_hints(builtin(topology)) == hints
+
+
+def test_lab_up_of_a_dual_stack_pool_names_both_groups_and_a_command_for_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `manycast lab up` prints once its lab is up (the build, root's, left out)."""
+    from manycast.lab import Lab
+    from manycast.topology import Topology, loads
+
+    def up(self: Lab, text: str, source: str, **_: object) -> Topology:
+        return loads(text)
+
+    monkeypatch.setattr(Lab, "up", up)
+    result = cli("lab", "up", "demo-dual", "--prefix", "hint")
+    assert result.returncode == 0, result.stderr
+    assert "groups 232.1.1.1 and ff3e::8000:1 port 7000. " in flat(result.stderr)
+    lines = result.stderr.splitlines()
+    assert lines[-2].endswith(f"Try: manycast lab exec a1 -- {SOCAT4}")
+    assert lines[-1] == f"  or: manycast lab exec six-a1 -- {SOCAT6}"
 
 
 # -- demo ----------------------------------------------------------------------------

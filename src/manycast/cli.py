@@ -763,23 +763,36 @@ def lab_up(
     A namespace per node, veth links, a bridge per client LAN, addresses and routes;
     a router daemon per router; per server its manycast agent and its service."""
     from manycast.lab import Lab, topology_text
-    from manycast.lab.build import socat_address
 
     lab = Lab(prefix)
     text, source = _lab_call(lambda: topology_text(topology))
     topo = _lab_call(lambda: lab.up(text, source, seed=seed, start_servers=servers))
-    vip = topo.pool.vip
-    if vip is None:
-        ask = f"socat - '{socat_address(topo.pool.group, topo.pool.port)}'"
-    else:  # a VIP pool's servers run HTTP on the VIP
-        ask = f"curl -s http://{f'[{vip}]' if vip.version == 6 else vip}:{topo.pool.port}/"
+    groups = " and ".join(str(topo.pool.group_of(v)) for v in topo.pool.families)
     err.print(
         f"lab {prefix!r} up: {len(topo.interfaces)} namespaces ({prefix}-<node>), "
-        f"{len(topo.links)} links; group {topo.pool.group} port {topo.pool.port}. "
-        f"Try: manycast lab exec {sorted(topo.clients)[0] if topo.clients else 'NODE'} -- "
-        f"{ask}",
+        f"{len(topo.links)} links; group{'s' if topo.pool.dual else ''} {groups} "
+        f"port {topo.pool.port}. Try: " + "\n  or: ".join(lab_exec_hints(topo)),
         markup=False,  # (an IPv6 address in brackets is no markup tag)
     )
+
+
+def lab_exec_hints(topo: Topology) -> list[str]:
+    """`manycast lab exec` commands that ask the pool's service, one per family the
+    pool serves (a dual-stack pool: from an IPv4 client to the IPv4 group, from an
+    IPv6 client to the IPv6 group), each from the first client of its family."""
+    from manycast.lab.build import socat_address
+
+    pool = topo.pool
+    hints = []
+    for version in pool.families:
+        address = pool.group_of(version)
+        clients = sorted(c for c in topo.clients if topo.address(c).version == version)
+        if pool.vip is None:
+            ask = f"socat - '{socat_address(address, pool.port)}'"
+        else:  # a VIP pool's servers run HTTP on the VIP
+            ask = f"curl -s http://{f'[{address}]' if version == 6 else address}:{pool.port}/"
+        hints.append(f"manycast lab exec {clients[0] if clients else 'NODE'} -- {ask}")
+    return hints
 
 
 @lab_app.command("down")
