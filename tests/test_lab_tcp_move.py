@@ -247,9 +247,10 @@ def test_lab_run_drains_a_manycast_pool_with_its_connections(
     whose portions change owner go to their new owners with their live TCP
     connections (the routers' entries pinned, then steered, then handed back to the
     allocation): none breaks, and every client is answered by its owner at the end
-    (the run's exit status says so too). On the dual-stack pool each LAN has an
-    IPv4 and an IPv6 twin sharing a portion: the IPv4 and the IPv6 downloads move
-    alike, each in its own family, every byte of both checked."""
+    (the run's exit status says so too), its download held by its owner. On the
+    dual-stack pool each LAN has an IPv4 and an IPv6 twin sharing a portion: the
+    IPv4 and the IPv6 downloads move alike, each in its own family, every byte of
+    both checked."""
     summary, tcp, progress = _lab_run(tmp_path, bundled("tcp_move_manycast", family))
     assert tcp["connections"] == 4 * len(families) and tcp["steps"] == 3
     assert tcp["refused"] == {} and tcp["broken"] == 0, (tcp["refused"], tcp["broken_reasons"])
@@ -260,15 +261,18 @@ def test_lab_run_drains_a_manycast_pool_with_its_connections(
         assert counts["bytes_verified"] > 4 * (8 << 20) * 6, (name, counts)
     # An IPv6 client shares its IPv4 twin's portion: their downloads move together.
     assert len({counts["moved"] for counts in tcp["families"].values()}) == 1, tcp["families"]
-    # Each step moves two clients' downloads of each family: a1 and b1 from s2 to s1,
-    # then (the set_share) from s1 to s3, then a2 and b2 from s4 to s3. That is when
-    # the pool starts on its configured allocation (the first second's answers from
-    # s2 and s4 alone); on a loaded machine a member may miss its first heartbeats
-    # and be counted dead while the pool starts, which lays the portions out anew.
+    # Every live connection ended at its client's owner, whichever moves it took.
+    assert tcp["connections_not_at_owner"] == [], tcp
+    # When the pool starts on its configured allocation (the first second's answers
+    # from s2 and s4 alone: a1 and b1 are s2's, a2 and b2 s4's), the drain of s2 moves
+    # a1 and b1 of each family; the set_share and the second drain move more as the
+    # allocation decides (6 of each family in an unhurried run). On a loaded machine
+    # a member may miss its first heartbeats and be counted dead while the pool
+    # starts, which lays the portions out anew.
     first = re.search(r"answers ((?:s\d=\d+ ?)+)", progress)
     answers = first.group(1).strip() if first is not None else ""
     if set(re.findall(r"(s\d)=", answers)) == {"s2", "s4"}:
-        assert tcp["moved"] == 6 * len(families), tcp
+        assert all(c["moved"] >= 2 for c in tcp["families"].values()), tcp["families"]
     else:
         print(f"not the configured start (first answers: {answers}): moved {tcp['moved']}")
     pause = tcp["pause_ms"]

@@ -153,6 +153,9 @@ class TcpMoves:
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     follower: threading.Thread | None = None
+    # At the end: the clients whose live connection a server other than their owner
+    # holds (None: not looked at yet).
+    misplaced: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.mover = TcpMover(self.lab, self.topology)
@@ -357,6 +360,7 @@ class TcpMoves:
         self.closed = True
         if self.follower is not None:
             self.follower.join(timeout=FOLLOW_S + RESOLVE_S)
+        self.misplaced = self._misplaced()
         now = time.perf_counter()
         for download in self.downloads:
             if download.broken is None and (
@@ -366,6 +370,21 @@ class TcpMoves:
         for download in self.downloads:
             download.stop()
         self.mover.close()
+
+    def _misplaced(self) -> list[str]:
+        """The clients whose live download a server other than their owner holds (in a
+        manycast pool a client's connections are its owner's once the moves are done;
+        a VIP pool's flows keep their server: none)."""
+        if self.mover.group is None:
+            return []
+        live = [d for d in self.downloads if d.flow is not None and d.broken is None]
+        holders = self.mover.where(d.flow for d in live if d.flow is not None)
+        owners = self._owners(sorted({d.address for d in live}), None)
+        return sorted(
+            d.client
+            for d in live
+            if d.flow is not None and holders.get(d.flow) != owners.get(d.address)
+        )
 
     def pauses_ms(self) -> list[float]:
         """The longest gap each moved connection's download saw around its move (ms)."""
@@ -402,6 +421,7 @@ class TcpMoves:
             "refused": {f"{r.flow[0]}:{r.flow[1]}": r.reason for r in self.records if not r.moved},
             "broken": sum(1 for d in self.downloads if d.broken is not None),
             "broken_reasons": {d.client: d.broken for d in self.downloads if d.broken},
+            "connections_not_at_owner": self.misplaced,
             "bytes_verified": sum(d.offset for d in self.downloads),
             "pause_ms": _figures(pauses),
             "edge_hold_ms": _figures(holds),
