@@ -5,8 +5,11 @@ daemon, which sends them down the chosen server's SRv6 segment and tags the flow
 at the client's edge router (a conntrack mark); the flow's next packets take the
 segment from the edge. Each server runs an HTTP/1.1 server on the VIP and
 answers straight from it. They need root (network namespaces, SRv6, nftables);
-elsewhere they skip and say why. CI runs them as root. Each runs on vip.toml and on
-vip6.toml (an IPv6 VIP: IPv6 in IPv6 segments, End.DX6 at the last hop).
+elsewhere they skip and say why. CI runs them as root. Each runs on vip.toml, on
+vip6.toml (an IPv6 VIP: IPv6 in IPv6 segments, End.DX6 at the last hop) and on
+vip-dual.toml (a VIP of each family: one VIP router daemon sends IPv4 flows to
+End.DX4 segments and IPv6 flows to End.DX6 ones; its single-client checks use the
+IPv6 clients, whose flows take the new paths).
 """
 
 from __future__ import annotations
@@ -31,15 +34,17 @@ NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
 NEEDS_TOOLS = "the VIP lab tests need nft, curl and wrk: run `make lab-deps` as root"
 
 # The bundled vip.toml (two VIP routers, four servers and a standby, its scenario),
-# or vip6.toml (the same on an IPv6 network), with two clients per LAN instead of sixty.
+# vip6.toml (the same on an IPv6 network) or vip-dual.toml (on a dual-stack pool), with
+# two clients per LAN instead of sixty.
+DUAL = 46
 VIP_TOMLS = {
     family: files("manycast")
     .joinpath("topologies", name)
     .read_text()
     .replace("count = 60", "count = 2")
-    for family, name in ((4, "vip.toml"), (6, "vip6.toml"))
+    for family, name in ((4, "vip.toml"), (6, "vip6.toml"), (DUAL, "vip-dual.toml"))
 }
-FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+FAMILIES = pytest.mark.parametrize("family", [4, 6, DUAL], ids=["ipv4", "ipv6", "dual"])
 
 
 def _skip_reason() -> str | None:
@@ -61,13 +66,23 @@ def _wait(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") 
         time.sleep(0.05)
 
 
-def _url(topology: Any, path: str) -> str:
-    vip = topology.pool.vip
+def _client(topology: Any, name: str) -> str:
+    """The client `name` of vip.toml, and in a dual-stack pool its IPv6 neighbour."""
+    return f"six-{name}" if topology.pool.dual else name
+
+
+def _vip_for(topology: Any, client: str) -> Any:
+    """The VIP `client` sends to: its family's."""
+    return topology.pool.group_of(topology.address(client).version)
+
+
+def _url(topology: Any, path: str, client: str) -> str:
+    vip = _vip_for(topology, client)
     host = f"[{vip}]" if vip.version == 6 else str(vip)
     return f"http://{host}:{topology.pool.port}{path}"
 
 
-@pytest.fixture(scope="module", params=[4, 6], ids=["ipv4", "ipv6"])
+@pytest.fixture(scope="module", params=[4, 6, DUAL], ids=["ipv4", "ipv6", "dual"])
 def vip_lab(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
@@ -96,8 +111,13 @@ def _status(lab: Any, node: str, role: str) -> dict[str, Any]:
     return answer
 
 
-def _edge_marks(lab: Any) -> int:
-    return int(_status(lab, "ra", "router")["vip"]["marks_set"])
+def _edge_role(topology: Any) -> str:
+    """The daemon of ra that tags `_client`'s flows (a dual-stack router's IPv6 one)."""
+    return "router6" if topology.pool.dual else "router"
+
+
+def _edge_marks(lab: Any, topology: Any) -> int:
+    return int(_status(lab, "ra", _edge_role(topology))["vip"]["marks_set"])
 
 
 class _KeepAlive:
@@ -106,11 +126,11 @@ class _KeepAlive:
     def __init__(self, lab: Any, topology: Any, client: str) -> None:
         from manycast.drivers import netns
 
-        vip = topology.pool.vip
+        vip = _vip_for(topology, client)
         family = socket.AF_INET6 if vip.version == 6 else socket.AF_INET
         self.sock = netns.socket_in(lab.ns(client), family, socket.SOCK_STREAM)
         self.sock.settimeout(5.0)
-        self.sock.connect((str(topology.pool.vip), topology.pool.port))
+        self.sock.connect((str(vip), topology.pool.port))
         self.file = self.sock.makefile("rb")
 
     def get(self, path: str) -> str:
@@ -139,12 +159,13 @@ def test_lab_vip_curl_is_answered_from_the_vip_and_the_edge_tags_its_flow(vip_la
     lab, topology = vip_lab
     from manycast.drivers import netns
 
-    vip = _url(topology, "/hello")
+    client = _client(topology, "a1")
+    vip = _url(topology, "/hello", client)
     before = _status(lab, "vr1", "vip_router")["stats"]["flows"]
-    marks = _edge_marks(lab)
+    marks = _edge_marks(lab, topology)
     done = subprocess.run(
         ["curl", "-s", "-m", "5", "-D", "-", vip],
-        preexec_fn=lambda: netns.enter(lab.ns("a1")),
+        preexec_fn=lambda: netns.enter(lab.ns(client)),
         capture_output=True,
         timeout=20,
         check=False,
@@ -154,26 +175,27 @@ def test_lab_vip_curl_is_answered_from_the_vip_and_the_edge_tags_its_flow(vip_la
     assert served_by is not None and served_by.group(1).decode() in topology.servers
     assert done.stdout.rstrip().endswith(b"/hello")
     assert _status(lab, "vr1", "vip_router")["stats"]["flows"] == before + 1
-    _wait(lambda: _edge_marks(lab) > marks, what="the edge to tag the flow")
+    _wait(lambda: _edge_marks(lab, topology) > marks, what="the edge to tag the flow")
 
 
 def test_claim_27_lab_a_tagged_flow_bypasses_the_vip_router(vip_lab: Any) -> None:
     """Once the edge has the flow's tag, none of the flow's packets reach a VIP router:
     the kernel pushes them onto the server's segment at the edge (Fig 18)."""
     lab, topology = vip_lab
-    marks = _edge_marks(lab)
-    conn = _KeepAlive(lab, topology, "a2")
+    marks = _edge_marks(lab, topology)
+    conn = _KeepAlive(lab, topology, _client(topology, "a2"))
+    edge = _edge_role(topology)
     try:
         first = conn.get("/first")
-        _wait(lambda: _edge_marks(lab) > marks, what="the edge to tag the flow")
+        _wait(lambda: _edge_marks(lab, topology) > marks, what="the edge to tag the flow")
         seen = {v: _status(lab, v, "vip_router")["stats"]["first_packets"] for v in ("vr1", "vr2")}
-        pushed = _status(lab, "ra", "router")["vip"]["pushed"]
+        pushed = _status(lab, "ra", edge)["vip"]["pushed"]
         servers = {conn.get(f"/n{i}") for i in range(50)}
         after = {v: _status(lab, v, "vip_router")["stats"]["first_packets"] for v in seen}
         assert servers == {first}, "a flow is served by one server"
         assert after == seen, f"packets of a tagged flow reached a VIP router: {seen} -> {after}"
         # 50 requests and their ACKs went onto the segment at the edge.
-        assert _status(lab, "ra", "router")["vip"]["pushed"] >= pushed + 50
+        assert _status(lab, "ra", edge)["vip"]["pushed"] >= pushed + 50
     finally:
         conn.close()
 
@@ -186,10 +208,11 @@ def test_lab_vip_wrk_across_share_change_vip_router_kill_and_server_added(vip_la
     lab, topology = vip_lab
     from manycast.drivers import netns
 
-    url = _url(topology, "/")
+    client = _client(topology, "b1")
+    url = _url(topology, "/", client)
     wrk = subprocess.Popen(
         ["wrk", "-t", "2", "-c", "16", "-d", "9s", "--timeout", "3s", url],
-        preexec_fn=lambda: netns.enter(lab.ns("b1")),
+        preexec_fn=lambda: netns.enter(lab.ns(client)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -220,6 +243,8 @@ def test_lab_vip_wrk_across_share_change_vip_router_kill_and_server_added(vip_la
         what="s5 to get a share",
     )
     clients = ["a1", "a2", "b1", "b2"]
+    if topology.pool.dual:  # clients of both families
+        clients = ["a1", "six-a2", "b1", "six-b2"]
     addresses = [str(topology.address(c)) for c in clients]
 
     def new_flows_at_owners() -> bool:
@@ -240,18 +265,6 @@ def _get_once(lab: Any, topology: Any, client: str, path: str) -> str:
         return conn.get(path)
     finally:
         conn.close()
-
-
-def test_lab_refuses_a_dual_stack_vip_pool_by_name(tmp_path: Path) -> None:
-    """vip-dual.toml runs on the memory driver and the overlay; the lab says so and
-    builds nothing."""
-    from manycast.lab import Lab, LabError
-
-    lab = Lab(prefix=f"md{os.getpid()}", run_root=tmp_path)
-    text = files("manycast").joinpath("topologies", "vip-dual.toml").read_text()
-    with pytest.raises(LabError, match="a dual-stack VIP pool runs on the memory and overlay"):
-        lab.up(text, "vip-dual.toml")
-    assert lab.namespaces() == []
 
 
 @FAMILIES
@@ -275,6 +288,8 @@ def test_lab_run_vip_scenario_every_request_answered_each_flow_on_one_server(
     assert summary["requests_failed"] == 0, summary
     assert kernel["flows_split"] == 0 and kernel["wrong_answers"] == 0, kernel
     assert summary["clients_served_at_end"] == summary["clients"], summary
+    # (vip-dual: clients of both families, each at its family's VIP)
+    assert {topology.address(c).version for c in topology.clients} == set(topology.pool.families)
     assert kernel["connections"] >= 20, kernel
     assert vip["vip_routers"]["vr1"]["status"] == "dead"
     assert vip["vip_routers"]["vr2"]["flows"] > 0, vip

@@ -128,12 +128,6 @@ class Lab:
                 "technique D on a dual-stack pool runs on the memory and overlay drivers"
                 " (manycast run --driver overlay); not yet in the kernel lab"
             )
-        if topology.pool.dual and topology.pool.vip is not None:
-            raise LabError(
-                "a dual-stack VIP pool runs on the memory and overlay drivers (manycast demo"
-                " --topology vip-dual); not yet in the kernel lab, whose VIP router daemon"
-                " places one family's flows (SRv6 End.DX4 or End.DX6, not both)"
-            )
         if self.is_up():
             raise LabError(
                 f"a lab with prefix {self.prefix!r} is already up "

@@ -82,6 +82,11 @@ class HttpProber:
         self.lab = lab
         self.topology = topology
         self.target = (str(vip), topology.pool.port)
+        # Each client asks its family's VIP (a dual-stack pool has one of each).
+        self.targets = {
+            version: (str(topology.pool.group_of(version)), topology.pool.port)
+            for version in topology.pool.families
+        }
         self.timeout = timeout
         self.selector = selectors.DefaultSelector()
         self.clients: dict[str, HttpClient] = {}
@@ -145,14 +150,15 @@ class HttpProber:
 
     def _connect(self, client: HttpClient) -> None:
         try:
-            family = socket.AF_INET6 if ":" in self.target[0] else socket.AF_INET
+            target = self.targets[6 if ":" in client.address else 4]
+            family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
             sock = netns.socket_in(client.namespace, family, socket.SOCK_STREAM)
         except OSError as exc:
             self._fail(client, f"socket: {exc.strerror}")
             return
         sock.setblocking(False)
         sock.bind((client.address, 0))
-        code = sock.connect_ex(self.target)
+        code = sock.connect_ex(target)
         client.sock, client.connected, client.buffer = sock, False, b""
         client.answers_on_connection, client.connection_server = 0, None
         self.connections += 1

@@ -9,6 +9,7 @@ last answer came from its owner) goes under the summary's `kernel` key.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -201,9 +202,11 @@ class LabRun:
             }
             repeats += stats.get("repeat_packets", 0)
         tagged = pushed = 0
-        for router in self.topology.routers:
+        # A dual-stack pool's routers: each family's daemon tags its family's flows.
+        roles = ("router", "router6") if self.topology.pool.dual else ("router",)
+        for router, role in itertools.product(self.topology.routers, roles):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                edge = self.lab.ask(router, "router", {"op": "status"})["vip"]
+                edge = self.lab.ask(router, role, {"op": "status"})["vip"]
                 tagged += edge["plane"]["flows_tagged"]
                 pushed += edge["pushed"]
         return {

@@ -121,7 +121,8 @@ def http(node: Node, run_dir: RunDir, netns: Netns = None, seed: Seed = 1) -> No
     pool = topology.pool
     if node not in topology.servers or pool.vip is None:
         raise typer.BadParameter(f"{node} is not a server of a VIP pool", param_hint="--node")
-    HttpService(node, str(pool.vip), pool.port, run_dir).run()
+    address6 = None if pool.group6 is None else str(pool.group6)  # a dual-stack pool's
+    HttpService(node, str(pool.vip), pool.port, run_dir, address6).run()
 
 
 @daemon_app.command("link-delay")

@@ -66,7 +66,11 @@ class ControlEndpoint:
         control_port: int,
         deliver: Callable[[bytes], None],
         dual: bool = False,
+        receive6: bool = False,
     ) -> None:
+        """`dual`: a dual-stack pool's host, with an IPv6 side; `receive6`: its IPv6
+        control socket's datagrams are delivered too (a VIP router's IPv6 logic hears
+        its router's label bindings there)."""
         self.port = control_port
         self.deliver = deliver
         self.stats = EndpointStats()
@@ -104,7 +108,7 @@ class ControlEndpoint:
             )
             # (The IPv6 reports' IPPROTO_RAW socket receives nothing.)
             loop.watch(self.igmp, self._drain_igmp)
-        loop.watch(self.udp, self._on_udp)
+        loop.watch(self.udp, lambda: self._on_udp(self.udp))
         # A dual-stack pool's IPv6 side: (report socket, control socket, link-local
         # source, where reports go).
         self.six: tuple[socket.socket, socket.socket, Any, tuple[str, int, int, int]] | None
@@ -114,6 +118,8 @@ class ControlEndpoint:
             udp6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
             to = (ALL_MLDV2_ROUTERS, 0, 0, ifindex)
             self.six = (raw_sender(iface, 6), udp6, link_local(iface), to)
+            if receive6:
+                loop.watch(udp6, lambda: self._on_udp(udp6))
 
     def _drain_igmp(self) -> None:
         # The raw IGMP socket also sees the host's own IGMP traffic: nothing to do with it.
@@ -121,8 +127,8 @@ class ControlEndpoint:
             while self.igmp.recv(65535):
                 pass
 
-    def _on_udp(self) -> None:
-        while (got := recv_with_pktinfo(self.udp)) is not None:
+    def _on_udp(self, sock: socket.socket | None = None) -> None:
+        while (got := recv_with_pktinfo(sock or self.udp)) is not None:
             data, (src, sport), _, dst = got
             self.stats.control_received += 1
             self.deliver(udp_packet(src, sport, dst, self.port, data))

@@ -6,7 +6,8 @@ the VIP (direct server return) and knows nothing of how their packets reached
 it. Every answer says who served it (`X-Served-By` and the first word of the
 body, `<server> <total> <path>`), so a client can check that each of its
 connections stays on one server; per-source counts go to `<node>.counts.json`
-as the UDP responder's do.
+as the UDP responder's do. A dual-stack pool's service listens on both VIPs
+(`address6`: the IPv6 one), counting both families' requests together.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class HttpService:
     address: str
     port: int
     run_dir: Path
+    address6: str | None = None  # a dual-stack pool's IPv6 VIP, served beside `address`
     counts: Counter[str] = field(default_factory=Counter)
     total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -119,10 +121,14 @@ class HttpService:
     def run(self) -> None:
         """Serve until SIGTERM; the counts file is written once more on the way out."""
         loop = KernelLoop(self.run_dir, self.name, "service")
-        httpd = _Server((self.address, self.port), _Handler)
-        httpd.service = self
-        thread = threading.Thread(target=httpd.serve_forever, name="http", daemon=True)
-        thread.start()
+        servers = []
+        for address in (self.address, self.address6):
+            if address is None:
+                continue
+            httpd = _Server((address, self.port), _Handler)
+            httpd.service = self
+            servers.append(httpd)
+            threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
 
         def dump_every() -> None:
             self.dump()
@@ -134,8 +140,9 @@ class HttpService:
         try:
             loop.run_until(float("inf"))
         finally:
-            httpd.shutdown()
-            httpd.server_close()
+            for httpd in servers:
+                httpd.shutdown()
+                httpd.server_close()
             self.dump()
             loop.close()
 

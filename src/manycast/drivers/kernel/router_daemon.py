@@ -218,7 +218,7 @@ class RouterDaemon:
         if topology.pool.vip is not None:
             from manycast.drivers.kernel.vip_edge import VipEdge
 
-            self.edge = VipEdge(self.router, topology)
+            self.edge = VipEdge(self.router, topology, self.family)  # its family's VIP
             self.loop.watch(self.edge.marker.sock, self.edge.marker.read_answers)
         self.loop.add(self.node)
 

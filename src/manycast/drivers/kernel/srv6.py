@@ -65,6 +65,16 @@ def sid_of(server: Address, mark: int) -> ipaddress.IPv6Address:
     return ipaddress.IPv6Address(int(SID_PREFIX.network_address) | low)
 
 
+def address_of(topology: Any, node: str, version: int) -> Address:
+    """A node's address of IP `version` on its link (a dual-stack host's IPv6 one)."""
+    iface = topology.interfaces[node][topology.gateways[node][0]]
+    if version == 6 and iface.address6 is not None:
+        address: Address = iface.address6
+        return address
+    address = iface.address
+    return address
+
+
 def _host(address: Address) -> str:
     """`address` as one host's route destination."""
     return f"{address}/{address.max_prefixlen}"

@@ -43,18 +43,22 @@ class EdgeStats:
 
 
 class VipEdge:
-    """The kernel side of `router`'s VIP plane."""
+    """The kernel side of `router`'s VIP plane (in a dual-stack pool, of its logic of
+    `family`, whose VIP is the pool's VIP of that family)."""
 
-    def __init__(self, router: Router, topology: Topology) -> None:
-        if router.vip is None or topology.pool.vip is None:
+    def __init__(self, router: Router, topology: Topology, family: int = 0) -> None:
+        vip = topology.pool.group_of(family) if topology.pool.vip is not None else None
+        if router.vip is None or vip is None:
             raise ValueError(f"{router.name} takes no part in a VIP pool")
         self.router = router
         self.plane: VipPlane = router.vip
-        self.vip = topology.pool.vip
-        # Addresses of the network's family (the VIP's), from the core's integers.
+        self.vip = vip
+        # Addresses of the VIP's family, from the core's integers.
         self.address: type[ipaddress.IPv4Address | ipaddress.IPv6Address] = type(self.vip)
         marks = srv6.server_marks(topology.servers)
-        self.mark_of = {int(topology.address(name)): mark for name, mark in marks.items()}
+        self.mark_of = {
+            int(srv6.address_of(topology, name, vip.version)): mark for name, mark in marks.items()
+        }
         self.stats = EdgeStats()
         self.installed: dict[Flow, int] = {}
         self.marker = ConntrackMarker()

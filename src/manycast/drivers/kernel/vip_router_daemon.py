@@ -8,7 +8,12 @@ the host's `ControlEndpoint`, as a server agent does) and tags the flow at the
 client's edge router; the packet itself goes out here in an IPv6 header to the
 server's segment (`srv6.sid_of`), which the kernel routes to the server's router.
 On an IPv6 network the packet socket reads IPv6 packets to the VIP and the
-segment carries them (IPv6 in IPv6).
+segment carries them (IPv6 in IPv6). A dual-stack pool's VIP router reads both
+VIPs' first packets (a packet socket for each) into its one dual-stack core, and
+sends each to the chosen server's segment of the packet's family: IPv4 in IPv6 to
+its End.DX4 segment, IPv6 in IPv6 to its End.DX6 one; the core's IPv6 messages
+(its adverts, tags and the label bindings it hears) go on the control port over
+IPv6 beside the IPv4 control channel.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,27 +85,35 @@ class VipRouterDaemon:
     ) -> None:
         from manycast.pool import build
 
-        if topology.pool.vip is None or name not in topology.vip_routers:
-            raise ConfigError(f"{name} is not a VIP router of this topology")
         vip = topology.pool.vip
-        v6 = vip.version == 6
-        self._complete = complete_l4_checksum_v6 if v6 else complete_l4_checksum_v4
-        self._address = type(vip)
+        if vip is None or name not in topology.vip_routers:
+            raise ConfigError(f"{name} is not a VIP router of this topology")
+        pool = topology.pool
+        vips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [vip]
+        if pool.group6 is not None:
+            vips.append(pool.group6)
         marks = srv6.server_marks(topology.servers)
-        self._mark_of = {int(topology.address(n)): mark for n, mark in marks.items()}
+        # Each server's mark by its address of each family its trees are of.
+        self._mark_of = {
+            int(srv6.address_of(topology, n, vip.version)): mark
+            for n, mark in marks.items()
+            for vip in vips
+        }
         self.loop = KernelLoop(run_dir, name, "vip_router", send=self._send)
         self.loop.on_effect = self._on_effect
         nodes = build(topology, seed=seed, wall_base=self.loop.wall_base, only={name})
         self.core: VipRouter = nodes.vip_routers[name]
-        self.core.tree_effects = True
+        for logic in (self.core, getattr(self.core, "six", self.core)):
+            logic.tree_effects = True
         self.iface, _ = topology.gateways[name]
-        pool = topology.pool
         self.endpoint = ControlEndpoint(
             self.loop,
             self.iface,
             str(pool.control_group),
             pool.control_port,
             lambda packet: self.core.receive(self.iface, packet, self.loop.now),
+            dual=pool.dual,
+            receive6=pool.dual,  # the IPv6 logic's label bindings from its router
         )
         self.frames_dropped = 0
         # Make before break: a new flow's first packet leaves `tag_lead` seconds after
@@ -112,18 +126,15 @@ class VipRouterDaemon:
         self._held_until: dict[Flow, float] = {}
         self.sent_to_trees = 0
         self.send_errors = 0
-        ethertype = ETH_P_IPV6 if v6 else ETH_P_IP
-        self.packets = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ethertype))
-        program = vip_filter(vip)
-        self._program = ctypes.create_string_buffer(program)  # kept alive
-        fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(self._program))
-        self.packets.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-        self.packets.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
-        self.packets.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.packets.bind((self.iface, ethertype))
-        inner = IPPROTO_IPV6 if v6 else IPPROTO_IPIP
-        self.tunnel = socket.socket(socket.AF_INET6, socket.SOCK_RAW, inner)
-        self.loop.watch(self.packets, self._on_packets)
+        # Per VIP: a packet socket reading its first packets, and a raw socket sending
+        # them on a segment (IPv4 in IPv6, or IPv6 in IPv6), by IP version.
+        self._programs: list[Any] = []  # kept alive
+        self.readers: list[socket.socket] = []
+        self.tunnels: dict[int, socket.socket] = {}
+        for vip in vips:
+            self.readers.append(self._reader(vip))
+            inner = IPPROTO_IPV6 if vip.version == 6 else IPPROTO_IPIP
+            self.tunnels[vip.version] = socket.socket(socket.AF_INET6, socket.SOCK_RAW, inner)
         self.loop.handlers["status"] = self._status
         self.loop.handlers["tagging"] = self._tagging
         self.loop.handlers["metrics"] = self._metrics
@@ -131,10 +142,26 @@ class VipRouterDaemon:
         self._registry: CollectorRegistry | None = None  # metrics, made when first asked
         self.loop.add(self.core)
 
-    def _on_packets(self) -> None:
+    def _reader(self, vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> socket.socket:
+        """A packet socket on our link that reads the packets to `vip`."""
+        ethertype = ETH_P_IPV6 if vip.version == 6 else ETH_P_IP
+        reader = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ethertype))
+        program = vip_filter(vip)
+        buffer = ctypes.create_string_buffer(program)
+        self._programs.append(buffer)
+        fprog = struct.pack("HL", len(program) // 8, ctypes.addressof(buffer))
+        reader.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        reader.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        reader.bind((self.iface, ethertype))
+        complete = complete_l4_checksum_v6 if vip.version == 6 else complete_l4_checksum_v4
+        self.loop.watch(reader, lambda: self._on_packets(reader, complete))
+        return reader
+
+    def _on_packets(self, reader: socket.socket, complete: Callable[[bytes], bytes]) -> None:
         for _ in range(_BATCH):
             try:
-                packet, ancdata, _, address = self.packets.recvmsg(65535, 64)
+                packet, ancdata, _, address = reader.recvmsg(65535, 64)
             except BlockingIOError:
                 return
             if address[2] == socket.PACKET_OUTGOING:
@@ -142,7 +169,7 @@ class VipRouterDaemon:
             for level, kind, data in ancdata:
                 partial = struct.unpack_from("=I", data)[0] & TP_STATUS_CSUMNOTREADY
                 if level == SOL_PACKET and kind == PACKET_AUXDATA and partial:
-                    packet = self._complete(packet)
+                    packet = complete(packet)
             # The loop carries out what the core made of the batch once it returns.
             self.core.receive(self.iface, packet, self.loop.now)
 
@@ -171,10 +198,16 @@ class VipRouterDaemon:
             self._held_until.pop(flow, None)
 
     def _onto_tree(self, effect: OntoTree) -> None:
-        server = self._address(effect.server)
+        # The server's tree is of the packet's family.
+        server: ipaddress.IPv4Address | ipaddress.IPv6Address
+        version = effect.packet[0] >> 4
+        if version == 6:
+            server = ipaddress.IPv6Address(effect.server)
+        else:
+            server = ipaddress.IPv4Address(effect.server)
         sid = str(srv6.sid_of(server, self._mark_of.get(effect.server, 0)))
         try:
-            self.tunnel.sendto(effect.packet, (sid, 0))
+            self.tunnels[version].sendto(effect.packet, (sid, 0))
             self.sent_to_trees += 1
         except OSError as exc:
             self.send_errors += 1
@@ -191,7 +224,7 @@ class VipRouterDaemon:
             "pid": os.getpid(),
             "epoch": core.observer.epoch,
             "alive": core.observer.alive(self.loop.now),
-            "flows": len(core.flows),
+            "flows": core.flows_held(),
             "stats": asdict(core.stats),
             "sent_to_trees": self.sent_to_trees,
             "held_behind_tags": self.held,
@@ -235,7 +268,7 @@ class VipRouterDaemon:
         try:
             self.loop.run_until(float("inf"))
         finally:
-            self.packets.close()
-            self.tunnel.close()
+            for sock in (*self.readers, *self.tunnels.values()):
+                sock.close()
             self.endpoint.close()
             self.loop.close()
