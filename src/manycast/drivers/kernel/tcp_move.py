@@ -318,23 +318,27 @@ class TcpMover:
         by_version: dict[int, list[str]] = defaultdict(list)
         for client in clients:
             by_version[ipaddress.ip_address(client).version].append(client)
-        refused: dict[str, str] = {}
-        for version, members in sorted(by_version.items()):
+
+        def one(version: int) -> dict[str, str]:
             routes: dict[str, list[str]] = defaultdict(list)
-            for client in sorted(members):
+            for client in sorted(by_version[version]):
                 edge = self.edge_of((client, 0))
                 for router in tcp_manycast.path(self.topology, edge, toward):
                     routes[router].append(client)
             role = "router6" if self.topology.pool.dual and version == 6 else "router"
-            refused.update(
-                tcp_manycast.steer(
-                    tcp_manycast.router_asker(self.lab.run_dir, role),
-                    routes,
-                    self.groups[version],
-                    None if to is None else self._address_of(to, version),
-                )
+            return tcp_manycast.steer(
+                tcp_manycast.router_asker(self.lab.run_dir, role),
+                routes,
+                self.groups[version],
+                None if to is None else self._address_of(to, version),
             )
-        return refused
+
+        if len(by_version) <= 1:
+            return one(next(iter(by_version))) if by_version else {}
+        # Both families at once: each asks its own daemons.
+        with ThreadPoolExecutor(max_workers=len(by_version)) as families:
+            answers = list(families.map(one, sorted(by_version)))
+        return {router: why for answer in answers for router, why in answer.items()}
 
     def _address_of(self, server: str, version: int) -> str:
         """`server`'s address of IP `version` (a dual-stack server has one of each)."""
