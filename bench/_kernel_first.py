@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from _common import progress
@@ -173,19 +174,34 @@ def check_plane(bench: KernelBench) -> dict[str, Any]:
     }
 
 
+def involuntary_switches(pid: int | None) -> int:
+    """How many times the kernel took the CPU from process `pid` while it could run."""
+    if pid is None:
+        return 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("nonvoluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def first_packets(
     bench: KernelBench, kind: str, samples: int, first: int, discard: int = 0
 ) -> dict[str, Any]:
     """Fresh sources of c1, one packet each, one at a time: the time to a server's
     interface (and whether the owner got it); for the MFC the daemon's upcall-to-
     installed time, and the upcalls the daemon saw. The first `discard` samples are
-    sent the same way and left out of the times (`sent` counts the others)."""
+    sent the same way and left out of the times (`sent` counts the others).
+    `install_us_unpreempted`: the installs during which the daemon never lost its CPU
+    to another process (its involuntary context switches, from the send to the end
+    of the pause that follows it): what the machine's other work leaves out."""
     taps = Taps({bench.lab.ns(s): bench.server_iface[s] for s in SERVERS}, bench.family.version)
     sock = raw_socket(bench, "c1")
     destination = bench.family.vip if kind == "nftables" else bench.group
     bench.configure(kind, True)
     delivered: list[float] = []
     installs: list[float] = []
+    unpreempted: list[float] = []
+    daemon = bench.lab.pid("r", "router")
     try:
         start = before = bench.lab.ask("r", "router", {"op": "status"})["daemon"]
         for n, source in enumerate(bench.sources("c1", first, samples)):
@@ -193,12 +209,14 @@ def first_packets(
             if n and n == discard:  # the upcalls are counted from the first kept sample
                 start = before = bench.lab.ask("r", "router", {"op": "status"})["daemon"]
             packet = ip_packet(source, destination)
+            switches = involuntary_switches(daemon)
             sent = time.time_ns()
             sock.sendto(packet, (destination, 0))
             # Out of the way while the daemon installs the entry: woken by the taps
             # at once, this process would preempt it on its CPU and be counted in
             # its install time. The taps' kernel timestamps do not move.
             time.sleep(FIRST_PACKET_PAUSE_S)
+            preempted = involuntary_switches(daemon) != switches
             arrived = taps.first_from(source, deadline=time.monotonic() + 1.0)
             if arrived is not None and kept:
                 delivered.append((arrived - sent) / 1e3)
@@ -206,6 +224,8 @@ def first_packets(
                 after = bench.lab.ask("r", "router", {"op": "status"})["daemon"]
                 if after["installed"] - before["installed"] == 1 and kept:
                     installs.append(1e6 * (after["install_seconds"] - before["install_seconds"]))
+                    if not preempted:
+                        unpreempted.append(installs[-1])
                 before = after
         end = bench.lab.ask("r", "router", {"op": "status"})["daemon"]
     finally:
@@ -215,6 +235,7 @@ def first_packets(
     return {
         "delivered_us": delivered,
         "install_us": installs,
+        "install_us_unpreempted": unpreempted,
         "upcalls": end["upcalls"] - start["upcalls"],
         "sent": samples - discard,
     }

@@ -73,7 +73,13 @@ class FamilyRun:
         self.scaling: dict[str, dict[str, int]] = {}
         self.facts: dict[str, Any] = {}
         self.first: dict[str, dict[str, Any]] = {
-            k: {"delivered_us": [], "install_us": [], "install_us_blocks": [], "upcalls": 0}
+            k: {
+                "delivered_us": [],
+                "install_us": [],
+                "install_us_unpreempted": [],
+                "install_us_blocks": [],
+                "upcalls": 0,
+            }
             for k in FIRST_KINDS
         }
         self.daemon0: dict[str, Any] = {}
@@ -150,6 +156,7 @@ class FamilyRun:
             into = self.first[kind]
             into["delivered_us"] += got["delivered_us"]
             into["install_us"] += got["install_us"]
+            into["install_us_unpreempted"] += got["install_us_unpreempted"]
             into["install_us_blocks"].append(got["install_us"])
             into["upcalls"] += got["upcalls"]
             into["sent"] = into.get("sent", 0) + got["sent"]

@@ -65,7 +65,10 @@ in the kernel's maps). `first_packet_install_us` (p50, p99): fresh sources
 beyond those, one at a time, in blocks of 50 per kind (the first of each block
 sent and left out); the daemon's time from reading the NOCACHE upcall to the
 entry installed (its `install_seconds` counter before and after each), with
-`p50_per_round` the p50 of each block.
+`p50_per_round` the p50 of each block, and `p50_unpreempted`/`p99_unpreempted`
+over the samples in which no other process took the daemon's CPU (its
+involuntary context switches did not move): on a shared machine the p99 is
+otherwise the other work's.
 `first_packet_delivered_us`: from the send of a fresh source's first packet to
 its arrival at a server's interface (kernel timestamps), for the MFC (an upcall
 to the daemon), the portion plane (no upcall: `upcalls` counts the daemon's
@@ -209,8 +212,8 @@ def ipv6_over_ipv4(four: Mapping[str, Any], six: Mapping[str, Any]) -> dict[str,
         if rounds:
             ratios_[f"{key}_per_round_median"] = round(statistics.median(rounds), 3)
     install4, install6 = four["first_packet_install_us"], six["first_packet_install_us"]
-    for q in ("p50", "p99"):
-        a, b = install4[q], install6[q]
+    for q in ("p50", "p99", "p50_unpreempted", "p99_unpreempted"):
+        a, b = install4.get(q), install6.get(q)
         if a is not None and b:
             ratios_[f"first_packet_install_us_{q}_ipv4_over_ipv6"] = round(a / b, 3)
     # The p50 of each block of first packets (blocks interleaved as rounds are).
@@ -270,10 +273,15 @@ def summarize(
         result["portions_vs_mfc_per_round"],
     ) = ratios(pps["manycast_portions"], pps["manycast"])
     installs = first.get("manycast", {}).get("install_us", [])
+    unpreempted = first.get("manycast", {}).get("install_us_unpreempted", [])
     result["first_packet_install_us"] = {
         "p50": percentile(installs, 0.5),
         "p99": percentile(installs, 0.99),
         "samples": len(installs),
+        # The same without the samples in which another process took the daemon's CPU.
+        "p50_unpreempted": percentile(unpreempted, 0.5),
+        "p99_unpreempted": percentile(unpreempted, 0.99),
+        "samples_unpreempted": len(unpreempted),
         "p50_per_round": [
             percentile(block, 0.5)
             for block in first.get("manycast", {}).get("install_us_blocks", [])
