@@ -161,17 +161,19 @@ class Coordinator(PeerView):
             )
         self.load_watch.start(now)
         if self.allocation is not None:
-            # Configured members get one timeout's grace to send their first heartbeat.
+            # Configured members get `startup_grace` (at least one timeout) to send
+            # their first heartbeat: heard as of then, until heard for real.
             # With the gossip membership a configured member knows the others from the
             # start (their addresses, incarnation 0): probed from the first period, not
             # announced to each other (N^2 deliveries when a large pool starts).
             swim = self.swim if configured else None
+            grace = max(self.settings.startup_grace - self.settings.dead_after, 0.0)
             addresses: dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address] = {}
             for member in self.settings.members:
                 if member != self.name and member not in self.peers:
                     address = known.get(member, NO_ADDRESS) if swim is not None else NO_ADDRESS
                     self.peers[member] = Peer(
-                        member, address, now, ServerState.ACTIVE, 0, NO_DIGEST
+                        member, address, now + grace, ServerState.ACTIVE, 0, NO_DIGEST, heard=False
                     )
                     self._outside.add(member)
                     if int(address):

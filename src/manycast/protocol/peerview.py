@@ -43,6 +43,9 @@ class Peer:
     digest: str
     load: float = 0.0
     sessions: int = 0
+    # False for a configured member presumed alive (`last_seen` ahead of the clock)
+    # until it is first heard: from then on it is judged by when it was heard.
+    heard: bool = True
 
 
 class PeerView:
@@ -128,7 +131,7 @@ class PeerView:
 
     @property
     def _grace(self) -> float:
-        return self.settings.dead_after
+        return max(self.settings.dead_after, self.settings.startup_grace)
 
     def _derived(self, what: str, now: float, compute: Callable[[], object]) -> object:
         key = self._cache_key()
@@ -219,7 +222,8 @@ class PeerView:
             self._states_changed += 1
         if int(address):
             peer.address = address
-        peer.last_seen = max(peer.last_seen, now)
+        peer.last_seen = max(peer.last_seen, now) if peer.heard else now
+        peer.heard = True
         if view is not None:
             peer.epoch, peer.digest, peer.load, peer.sessions = view
             self._note_view(peer)
@@ -239,7 +243,9 @@ class PeerView:
         peer = self.peers.get(hb.sender)
         if peer is None:
             peer = self._add_peer(Peer(hb.sender, hb.address, now, hb.state, hb.epoch, hb.digest))
-        peer.address, peer.last_seen, peer.state = hb.address, max(peer.last_seen, now), hb.state
+        peer.address, peer.state = hb.address, hb.state
+        peer.last_seen = max(peer.last_seen, now) if peer.heard else now
+        peer.heard = True
         peer.epoch, peer.digest, peer.load, peer.sessions = (
             hb.epoch,
             hb.digest,

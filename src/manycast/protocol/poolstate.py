@@ -57,6 +57,10 @@ class PoolSettings:
     membership: str = "heartbeat"
     report_interval_s: float = 1.0
     wall_base: float = 1.7e9
+    # Seconds a configured member not yet heard from counts alive after we start (at
+    # least `dead_after`): servers started together do not start at the same instant
+    # (a Python process takes a second or two to start on a busy host), and one heard
+    # a little late must not be removed while the pool forms.
     startup_grace: float = 1.0
     # The closed loop (Fig 10, step 1020): rebalance when max/mean load stays above
     # `rebalance_above` for `rebalance_sustain` heartbeats (0 turns it off), aiming at

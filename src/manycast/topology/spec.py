@@ -60,6 +60,8 @@ class PoolSpec:
     register_interval_s: float = 10.0
     rebalance_target: float = 1.1
     rebalance_hold_s: float = 3.0
+    # seconds a configured server not yet heard from counts alive while the pool starts
+    startup_grace: float = 1.0
     approach: Approach = Approach.MANYCAST
     vip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None  # set exactly when VIP
     # technique D: a server whose load is above this times the pool's mean passes new
