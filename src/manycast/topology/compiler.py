@@ -388,6 +388,7 @@ def read_pool(p: TableReader) -> PoolSpec:
         close_after_transaction=p.get("close_after_transaction", bool, False),
         heartbeat_s=p.number("heartbeat_ms", 100, low=1, high=60000) / 1000,
         heartbeat_misses=int(p.number("heartbeat_misses", 3, low=1, high=100)),
+        startup_grace=p.number("startup_grace_ms", 1000, low=0, high=600000) / 1000,
         report_interval_s=p.number("report_interval_ms", 1000, low=10, high=600000) / 1000,
         register_interval_s=p.number("register_interval_ms", 10000, low=10, high=600000) / 1000,
         private=p.get("private", bool, False),
