@@ -267,6 +267,26 @@ def _get_once(lab: Any, topology: Any, client: str, path: str) -> str:
         conn.close()
 
 
+def test_the_http_service_listens_at_once_without_a_reverse_lookup(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server added to a running pool answers on both VIPs as soon as its agent
+    claims clients: binding looks no name up (in a lab namespace an IPv6 address's
+    PTR query waits 5 s on a resolver it cannot reach)."""
+    from manycast.drivers.kernel import http_service
+
+    def no_lookup(name: str = "") -> str:
+        raise AssertionError(f"a name lookup of {name} while binding")
+
+    monkeypatch.setattr(socket, "getfqdn", no_lookup)
+    for address in ("127.0.0.1", "::1"):
+        server = http_service._Server((address, 0), http_service._Handler)
+        try:
+            assert server.server_name == address and server.server_port > 0
+        finally:
+            server.server_close()
+
+
 @FAMILIES
 def test_lab_run_vip_scenario_every_request_answered_each_flow_on_one_server(
     tmp_path: Path, family: int

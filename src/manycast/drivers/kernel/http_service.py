@@ -13,6 +13,7 @@ as the UDP responder's do. A dual-stack pool's service listens on both VIPs
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,6 +37,14 @@ class _Server(ThreadingHTTPServer):
         if ":" in address[0]:  # an IPv6 VIP
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer's own looks the address's name up (getfqdn): in a lab namespace an
+        # IPv6 VIP's PTR query waits 5 s on a resolver it cannot reach, and a server
+        # added to a running pool refused IPv6 connections until then.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
 
 class _Handler(BaseHTTPRequestHandler):
