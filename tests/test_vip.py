@@ -447,11 +447,16 @@ def test_a_flow_tag_from_anyone_but_a_vip_router_is_refused(family: int) -> None
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["vip", "vip6", "vip-dual"])
 def test_the_bundled_vip_demo_serves_every_client_through_its_scenario(name: str) -> None:
-    from manycast.topology import builtin
+    from manycast.topology import builtin, bundled
 
     topology = builtin(name)
     families = {"vip": (4,), "vip6": (6,), "vip-dual": (4, 6)}[name]
     assert topology.pool.vip is not None and topology.pool.families == families
+    # Bundled beside vip.toml, with its scenario.
+    assert name in bundled()
+    assert [s.describe() for s in topology.scenario] == [
+        s.describe() for s in builtin("vip").scenario
+    ]
     run = PoolRun(topology, "memory", seed=1)
     log = FlowLog()
     log.hook(run)
