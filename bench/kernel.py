@@ -36,17 +36,18 @@ router to the same servers:
 Placement on the machine's two cores, so that the router is what limits: the
 generators run on CPU 0; the router's receive processing runs on CPU 1 (threaded
 NAPI on its client-facing veth ports, pinned there; GRO on those ports and TSO off
-on the clients' side, without which veth bypasses NAPI); what the router sends on
-is received by the servers on CPU 0 (RPS). The NAPI threads run at nice -20, the
-generators at -10 in their own autogroup, so that other work on a shared machine
-takes little from either. A generator's send buffer is large (64 MB): packets in
-flight are charged to it, and a default one would pace the generator to the
-router instead of overflowing the router's queue. How we know the router limits,
-per kind in `limit`: its ports drop what the generators offer beyond what it
-takes (`dropped_at_router_pps` > 1% of delivered: `limited_by` "router"), its
-thread's share of CPU 1, and before the rounds the manycast rate from one
-generator and from two (flat when the router limits). A share of CPU 1 below 1.0
-is time other processes of the machine took from the router's thread.
+on the clients' side, without which veth bypasses NAPI); what the router sends on is
+received by the servers on CPU 0 (RPS); the router daemon of either family runs on
+CPU 1. The NAPI threads run at nice -20, the generators at -10 in their own
+autogroup, so that other work on a shared machine takes little from either. A
+generator's send buffer is large (64 MB): packets in flight are charged to it, and a
+default one would pace the generator to the router instead of overflowing the
+router's queue. How we know the router limits, per kind in `limit`: its ports drop
+what the generators offer beyond what it takes (`dropped_at_router_pps` > 1% of
+delivered: `limited_by` "router"), its thread's share of CPU 1, and before the
+rounds the manycast rate from one generator and from two (flat when the router
+limits). A share of CPU 1 below 1.0 is time other processes of the machine took from
+the router's thread.
 
 Rounds: each runs the six kinds once, in an order shuffled per round (seeded,
 the seed in the output). `ratio_vs_nftables` is the ratio of the medians
