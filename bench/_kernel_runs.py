@@ -9,7 +9,10 @@ shuffled order (each with its kinds shuffled), then the 100 000 sources at scale
 then the first packets in blocks, again in a shuffled family order per block. Each
 block's first sample per kind is sent and discarded for both families alike (the
 plane was just switched). An IPv6 run that fails leaves the IPv4 figures standing:
-its lab is taken down and the other carries on."""
+its lab is taken down and the other carries on.
+
+Run alone, its last stdout line is one json object naming the bench to run
+(`_common.not_a_bench`): bench/kernel.py."""
 
 from __future__ import annotations
 
