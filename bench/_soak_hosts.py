@@ -4,10 +4,12 @@
   the faults that act inside a pool (share changes, rebalances, standby joins, loss
   bursts and delay spikes on its side of the core link) and records every
   allocation it adopts;
-- the clients: all of them; it keeps compact figures (answers and failures per
-  second, each session loss with the first answer after it, each client's first
-  answer after each router restart) and drops the clients' per-request lists as it
-  goes, so that its memory measures the pool, not the bench;
+- the clients: all of them; every second it folds the clients' per-request lists
+  into compact figures (answers and failures per second, latencies, each session
+  loss with the first answer after it, each client's first answer after each router
+  restart) and writes them out to a file (`Spill`), which the bench reads back at
+  the end, so that its memory measures the clients, not the bench's figures (which
+  grow with the run);
 - router rb (`RouterProcess`), SIGKILLed and started again by the router_restart
   fault; it carries out the loss bursts and delay spikes on its side of the core link.
 
@@ -24,6 +26,7 @@ import asyncio
 import bisect
 import dataclasses
 import functools
+import json
 import multiprocessing
 import sys
 import time
@@ -46,6 +49,65 @@ from manycast.wire import control
 HARVEST_S = 1.0
 SAMPLE_S = 0.05
 WRONG = ("state lost", "answer to no request")
+LATENCIES_PER_MINUTE = 2000  # the latencies kept a minute (for its p50 and p99)
+
+
+class Spill:
+    """A clients' process's figures, written out each harvest as one JSON line and
+    dropped (`write`); `read` puts them back together in the bench's process.
+
+    The per-second counts, the latencies kept and the session losses grow with the
+    run: held in the clients' process they made its memory grow by about 4 MB an
+    hour for 40 clients' latencies alone (the VIP pool's process in a 30-minute
+    soak), which the soak would report as the clients' growth."""
+
+    FIGURES = ("ok_per_s", "failed_per_s", "latency_per_min", "wrong")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._out = path.open("w", buffering=1)
+
+    def write(self, state: dict[str, Any], final: bool = False) -> None:
+        """Write the figures harvested since the last call and the losses whose first
+        answer after them has come (every loss, when `final`); drop them."""
+        losses: list[list[Any]] = state["losses"]
+        done = [r for r in losses if final or r[3] is not None]
+        losses[:] = [r for r in losses if not final and r[3] is None]
+        line = {name: state[name] for name in self.FIGURES}
+        line["losses"] = done
+        self._out.write(json.dumps(line, separators=(",", ":")) + "\n")
+        for name in self.FIGURES:
+            state[name].clear()
+        if final:
+            self._out.close()
+
+    @staticmethod
+    def read(result: dict[str, Any]) -> dict[str, Any]:
+        """`result` (a clients' process's) with the figures it wrote out."""
+        ok: dict[int, int] = {}
+        failed: dict[int, int] = {}
+        latency: dict[int, list[float]] = {}
+        losses: list[list[Any]] = []
+        wrong: list[list[Any]] = []
+        with Path(result["spill"]).open() as lines:
+            for text in lines:
+                line = json.loads(text)
+                for into, got in ((ok, line["ok_per_s"]), (failed, line["failed_per_s"])):
+                    for second, n in got.items():
+                        into[int(second)] = into.get(int(second), 0) + n
+                for minute, kept in line["latency_per_min"].items():
+                    latency.setdefault(int(minute), []).extend(kept)
+                losses.extend(line["losses"])
+                wrong.extend(line["wrong"])
+        losses.sort(key=lambda r: r[1])
+        return {
+            **result,
+            "ok_per_s": ok,
+            "failed_per_s": failed,
+            "latency_per_min": latency,
+            "losses": losses,
+            "wrong": wrong,
+        }
 
 
 class _Tee:
@@ -209,6 +271,15 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
     return setup
 
 
+def _changes(run: PoolRun, offset: float) -> list[list[Any]]:
+    """The epoch changes the first local server adopted, as [bench time, epoch, why]:
+    why the allocation changed when it churns (the other servers' logs agree)."""
+    server = next((run.nodes.servers[n] for n in LOCAL_SERVERS if n in run.nodes.servers), None)
+    if server is None:
+        return []
+    return [[round(t - offset, 3), epoch, why] for t, epoch, why in server.coordinator.changes]
+
+
 def infra_child(
     conn: Connection,
     text: str,
@@ -225,7 +296,7 @@ def infra_child(
 
     def collect(run: PoolRun, offset: float) -> dict[str, Any]:
         refusals = {name: _refusals(r) for name, r in run.nodes.routers.items()}
-        return {**state, "offset": offset, "refusals": refusals}
+        return {**state, "offset": offset, "refusals": refusals, "changes": _changes(run, offset)}
 
     host_pool(
         conn,
@@ -257,7 +328,9 @@ def _clients_setup(state: dict[str, Any]) -> Any:
         ok: dict[int, int] = state["ok_per_s"]
         failed: dict[int, int] = state["failed_per_s"]
         latency: dict[int, list[float]] = state["latency_per_min"]
+        kept_per_min: dict[int, int] = defaultdict(int)  # latencies kept each minute
         losses: list[list[Any]] = state["losses"]  # [client, t, cause, first ok after]
+        spill = Spill(Path(state["spill"]))
         waiting: dict[int, list[list[Any]]] = defaultdict(list)
 
         for index, client in enumerate(clients):
@@ -292,9 +365,9 @@ def _clients_setup(state: dict[str, Any]) -> Any:
                     for t, lat in zip(fresh, stats.latencies, strict=False):
                         b = int(t - offset)
                         ok[b] = ok.get(b, 0) + 1
-                        kept = latency.setdefault(b // 60, [])
-                        if len(kept) < 2000:
-                            kept.append(lat)
+                        if kept_per_min[b // 60] < LATENCIES_PER_MINUTE:
+                            kept_per_min[b // 60] += 1
+                            latency.setdefault(b // 60, []).append(lat)
                     pending = waiting.get(index)
                     if pending:
                         for record in pending:
@@ -322,11 +395,31 @@ def _clients_setup(state: dict[str, Any]) -> Any:
                             state["wrong"].append([index, round(t - offset, 4), why])
                     stats.failures.clear()
                     stats.disruptions.clear()
+            spill.write(state)
+
+        def finish() -> None:
+            harvest()
+            spill.write(state, final=True)
 
         every(loop, HARVEST_S, harvest)
-        state["harvest"] = harvest
+        state["finish"] = finish
 
     return setup
+
+
+def clients_state(names: list[str], watch: list[float], spill: Path) -> dict[str, Any]:
+    """What `_clients_setup` fills for `names`; its figures go to the file `spill`."""
+    return {
+        "names": names,
+        "ok_per_s": {},
+        "failed_per_s": {},
+        "latency_per_min": {},
+        "losses": [],
+        "wrong": [],
+        "watch": sorted(watch),
+        "again": [[None] * len(names) for _ in watch],
+        "spill": str(spill),
+    }
 
 
 def client_line(run: PoolRun) -> str:
@@ -351,20 +444,11 @@ def clients_child(
     first answer."""
     _tee(log)
     names = sorted(loads(text).clients)
-    state: dict[str, Any] = {
-        "names": names,
-        "ok_per_s": {},
-        "failed_per_s": {},
-        "latency_per_min": {},
-        "losses": [],
-        "wrong": [],
-        "watch": sorted(watch),
-        "again": [[None] * len(names) for _ in watch],
-    }
+    state = clients_state(names, watch, log.with_suffix(".figures"))
 
     def collect(run: PoolRun, offset: float) -> dict[str, Any]:
-        state["harvest"]()
-        kept = {k: v for k, v in state.items() if k != "harvest"}
+        state["finish"]()
+        kept = {k: v for k, v in state.items() if k != "finish"}
         kept["reconnects"] = sum(c.stats.reconnects for c in run.nodes.clients.values())
         kept["connected_at_end"] = sum(1 for c in run.nodes.clients.values() if c.connected)
         kept["served_at_end"] = sum(  # answered in the last 3 s (as the progress line)

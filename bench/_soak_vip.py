@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from _pool import host_pool, median, percentile
-from _soak_hosts import _clients_setup, _tee, client_line
+from _soak_hosts import _clients_setup, _tee, client_line, clients_state
 from _soak_plan import VIP_VICTIM, WARMUP_S, Fault
 from manycast.runtime import PoolRun
 from manycast.topology import loads
@@ -48,20 +48,11 @@ def vip_child(
     _tee(log)
     topology = loads(text)
     names = sorted(topology.clients)
-    state: dict[str, Any] = {
-        "names": names,
-        "ok_per_s": {},
-        "failed_per_s": {},
-        "latency_per_min": {},
-        "losses": [],
-        "wrong": [],
-        "watch": sorted(watch),
-        "again": [[None] * len(names) for _ in watch],
-    }
+    state = clients_state(names, watch, log.with_suffix(".figures"))
 
     def collect(run: PoolRun, offset: float) -> dict[str, Any]:
-        state["harvest"]()
-        kept = {k: v for k, v in state.items() if k != "harvest"}
+        state["finish"]()
+        kept = {k: v for k, v in state.items() if k != "finish"}
         clients = run.nodes.clients.values()
         kept["served_at_end"] = sum(
             1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= run.now - 3.0

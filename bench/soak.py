@@ -61,7 +61,7 @@ from _pool import PORT_SEARCH, expect, node_command
 from _soak_analysis import analyse, fit_per_hour
 from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
-from _soak_hosts import RouterProcess, clients_child, infra_child
+from _soak_hosts import RouterProcess, Spill, clients_child, infra_child
 from _soak_lab import lab_arguments, run_lab
 from _soak_plan import (
     CYCLE_S,
@@ -359,6 +359,8 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         for process, conn in children:
             if process.name not in failed:
                 results[process.name] = expect(conn, process.name, "done", 120)
+                if "spill" in results[process.name]:  # the clients' figures, written out
+                    results[process.name] = Spill.read(results[process.name])
     finally:
         for victim in [*victims.values(), *([vip_router] if vip_router else [])]:
             victim.check(time.monotonic() - began)
@@ -433,6 +435,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "tracebacks": tracebacks,
             "flood_sent": flood.sent if flood is not None else {},
             "router_starts": router.starts,
+            "epoch_changes": results["infra"].get("changes", []),
             "cpu_s": {name: (got or {}).get("cpu_s") for name, got in results.items()},
             "private": args.private,
             "key_ttl_s": args.key_ttl if args.private else None,
