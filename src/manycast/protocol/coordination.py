@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from manycast import policy
 from manycast.protocol.commands import COMMAND_PATIENCE, CommandRelay
+from manycast.protocol.falsealarm import FalseAlarms
 from manycast.protocol.loadwatch import LoadWatch
 from manycast.protocol.peerview import NO_ADDRESS, NO_DIGEST, Peer, PeerView
 from manycast.protocol.poolstate import (
@@ -102,6 +103,7 @@ class Coordinator(PeerView):
         super().__init__(name, observer)
         self.address = address
         self.settings = settings
+        self.false_alarms = FalseAlarms(settings.dead_after)
         self.rng = rng
         # The pool's state: the allocation and the shares its servers should hold.
         self.apportionment = starting_state(settings, initial)
@@ -248,7 +250,7 @@ class Coordinator(PeerView):
             self._behind(now)
         elif now >= self._next_heartbeat:
             if now - self._next_heartbeat > self.settings.heartbeat_s:
-                self._stalled_until = now + self.settings.dead_after
+                self._stalled_until = now + self.timeout(now)
             if self.swim is None:
                 self._heartbeat(now)
             self._resend_commands(now)
@@ -291,15 +293,16 @@ class Coordinator(PeerView):
             or not self.is_coordinator(now)
         ):
             return  # (the gossip membership wakes us itself when a member dies)
-        since = now - self.settings.dead_after
+        timeout = self.timeout(now)
+        since = now - timeout
         heard = [
             peer.last_seen
             for name in allocation.servers
             if (peer := self.peers.get(name)) is not None and peer.last_seen >= since
         ]
         if heard:
-            # alive() counts a peer while last_seen >= now - dead_after: a hair later it is not.
-            at = min(heard) + self.settings.dead_after + 1e-6
+            # alive() counts a peer while last_seen >= now - timeout: a hair later it is not.
+            at = min(heard) + timeout + 1e-6
             if at < self._next_heartbeat:
                 self._judge_at = at
 
@@ -461,6 +464,9 @@ class Coordinator(PeerView):
 
     def _install(self, epoch: int, state: policy.Apportionment, now: float, why: str) -> None:
         allocation = state.allocation
+        if self.swim is None and self.apportionment is not None:
+            gone = self.apportionment.weights.keys() - state.weights.keys()
+            self.false_alarms.removed([n for n in gone if self.held_dead(n, now)], now)
         self.epoch = epoch
         self.apportionment = state
         self._installs += 1

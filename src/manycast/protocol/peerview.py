@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from manycast import policy
+from manycast.protocol.falsealarm import FalseAlarms
 from manycast.protocol.poolstate import PoolSettings
 from manycast.protocol.swim import SwimDetector
 from manycast.wire import control
@@ -56,6 +57,8 @@ class PeerView:
     # shares) and our own.
     settings: PoolSettings
     apportionment: policy.Apportionment | None
+    # Heartbeats' removals that were undone at once, and the timeout they stretch.
+    false_alarms: FalseAlarms
     epoch: int
     state: ServerState
 
@@ -92,7 +95,14 @@ class PeerView:
         unread, so nobody is judged until a full timeout has passed again."""
         if now < self._stalled_until:
             return float("-inf")
-        return now - self.settings.dead_after
+        return now - self.timeout(now)
+
+    def timeout(self, now: float) -> float:
+        """How long a peer judged by when it was heard may be silent: `dead_after`,
+        stretched after our false removals (`falsealarm.py`; heartbeats only)."""
+        if self.swim is not None:
+            return self.settings.dead_after
+        return self.false_alarms.timeout(now)
 
     def _peer_alive(self, peer: Peer, limit: float) -> bool:
         """Heard within the timeout; with the gossip membership, not declared dead. A
@@ -224,6 +234,8 @@ class PeerView:
             peer.address = address
         peer.last_seen = max(peer.last_seen, now) if peer.heard else now
         peer.heard = True
+        if self.false_alarms.remembering:
+            self.false_alarms.heard(name, now)
         if view is not None:
             peer.epoch, peer.digest, peer.load, peer.sessions = view
             self._note_view(peer)
@@ -246,6 +258,8 @@ class PeerView:
         peer.address, peer.state = hb.address, hb.state
         peer.last_seen = max(peer.last_seen, now) if peer.heard else now
         peer.heard = True
+        if self.false_alarms.remembering:
+            self.false_alarms.heard(hb.sender, now)
         peer.epoch, peer.digest, peer.load, peer.sessions = (
             hb.epoch,
             hb.digest,

@@ -1,0 +1,92 @@
+"""A removal undone at once makes the heartbeat membership doubt itself
+(`protocol/falsealarm.py`; docs/soak.md, finding 11).
+
+The soak (seed 20261201, 1000 clients, the overlay) saw a coordinator, after a router
+restart, remove members of its own process for a silence that was its own queued
+input, re-add them as soon as their heartbeats were read, and do it again a dozen
+times in ten seconds, each change moving clients and breaking sessions. Here a
+member's messages to the others are lost for 0.4 s at a time (a silence longer than
+the 0.3 s timeout, as a backlog would make it), on the memory driver's virtual clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from manycast.protocol import falsealarm
+from manycast.protocol.falsealarm import FalseAlarms
+from manycast.runtime import PoolRun
+from pooltools import Trace, assert_one_allocation, pool_toml, run_to, start
+
+SILENCE = 0.4  # longer than the timeout (3 missed heartbeats of 100 ms)
+
+
+def silenced(windows: list[float]) -> Callable[[str, str, object, float], bool]:
+    """Lose what s2 sends to the others in [at, at + SILENCE) for each `at`: they stop
+    hearing it while it hears them (a listener's backlog, not a partition)."""
+
+    def rule(receiver: str, sender: str, message: object, now: float) -> bool:
+        return sender == "s2" and receiver != "s2" and any(a <= now < a + SILENCE for a in windows)
+
+    return rule
+
+
+def pool(windows: list[float], until: float) -> tuple[PoolRun, Trace]:
+    run, trace = start(pool_toml(duration=until), seed=1)
+    trace.drop(silenced(windows))
+    run_to(run, until)
+    return run, trace
+
+
+def removals(run: PoolRun, name: str) -> list[float]:
+    changes = run.nodes.servers["s1"].coordinator.changes
+    return [round(at, 2) for at, _, why in changes if why == f"commit remove {name}"]
+
+
+def test_a_second_silence_soon_after_a_false_removal_removes_no_one() -> None:
+    run, _ = pool([2.0, 3.0], 5.0)
+    # The first silence removes s2, which is heard again at once; the second, as long,
+    # finds the coordinator judging by a doubled timeout.
+    assert len(removals(run, "s2")) == 1
+    alarms = run.nodes.servers["s1"].coordinator.false_alarms
+    assert alarms.false_removals == 1
+    assert "s2" in assert_one_allocation(run).servers
+
+
+def test_without_the_doubt_every_silence_removes_the_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same run with false removals not counted: what the soak saw."""
+    monkeypatch.setattr(falsealarm, "REHEARD", 0)
+    run, _ = pool([2.0, 3.0], 5.0)
+    assert len(removals(run, "s2")) == 2
+
+
+def test_the_doubt_wears_off_and_a_death_is_still_found() -> None:
+    """Ten timeouts (3 s) after the false removal the timeout is back to 0.3 s: the
+    same silence at 6.0 s removes s2 again; a real death just after a false removal
+    is found within the doubled timeout."""
+    run, _ = pool([2.0, 6.0], 7.5)
+    assert len(removals(run, "s2")) == 2
+    run, _ = pool([2.0], 3.0)
+    run.network.kill("s3")
+    killed = run.now
+    run_to(run, killed + 1.0)
+    [removed] = removals(run, "s3")
+    assert removed - killed <= 2 * 0.3 + 0.25  # the doubled timeout, then the commit
+
+
+def test_the_score_arithmetic() -> None:
+    alarms = FalseAlarms(0.3)
+    assert alarms.timeout(0.0) == pytest.approx(0.3)
+    alarms.removed(["s2"], 1.0)
+    alarms.heard("s2", 1.5)  # heard again 0.5 s after its removal: a false removal
+    assert alarms.timeout(1.5) == pytest.approx(0.6)
+    alarms.removed(["s3"], 2.0)
+    alarms.heard("s3", 6.0)  # back after 4 s: a restart, not a false removal
+    assert alarms.false_removals == 1
+    assert not alarms.remembering
+    assert alarms.timeout(4.4) == pytest.approx(0.6)
+    assert alarms.timeout(4.5) == pytest.approx(0.3)  # 10 timeouts after the raise
