@@ -82,6 +82,7 @@ class CoordinatorStats:
     proposals: int = 0
     commits: int = 0
     snapshots_adopted: int = 0
+    snapshots_refused: int = 0  # a split-off part's state that left us out (`_splits_us_off`)
     rejected_ops: int = 0
     messages_sent: int = 0
 
@@ -118,8 +119,11 @@ class Coordinator(PeerView):
         self._to: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
         self._new: Allocation | None = self.allocation
         self._pending: _Pending | None = None  # ours, as coordinator
-        # others' proposals we acked: epoch -> (digest, result, when)
-        self._offered: dict[int, tuple[str, policy.Apportionment, float]] = {}
+        # others' proposals we acked: epoch -> (digest, result, when, the base it is on)
+        self._offered: dict[int, tuple[str, policy.Apportionment, float, tuple[int, str]]] = {}
+        # States of a split-off part we fetched and refused (`_splits_us_off`): not
+        # fetched again; forgotten once our epoch passes theirs.
+        self._refused: set[tuple[int, str]] = set()
         # The latest proposal on a state newer than ours, acted on once we hold its base.
         self._ahead_proposal: control.Proposal | None = None
         self._commands = CommandRelay(rng, settings.heartbeat_s)
@@ -372,6 +376,8 @@ class Coordinator(PeerView):
             held = (peer.epoch, peer.digest)
             if held <= view:
                 self._ahead.discard(name)
+            elif held in self._refused:
+                continue
             elif held > best and peer.epoch > 0 and self._peer_alive(peer, limit):
                 best = held
         if best <= view:
@@ -404,7 +410,12 @@ class Coordinator(PeerView):
         result = self._result_of(op)
         if result is None:
             return False
-        epoch = self.epoch + 1
+        # Past every live peer's epoch: after a split the other part may have counted
+        # further, and our state (not its) is to win (`_splits_us_off`).
+        limit = self._limit(now)
+        epoch = 1 + max(
+            [self.epoch] + [p.epoch for p in self.peers.values() if self._peer_alive(p, limit)]
+        )
         if self.on_offer is not None:
             self.on_offer(result.allocation)
         self._pending = _Pending(
@@ -432,8 +443,16 @@ class Coordinator(PeerView):
         if pending.witnesses is not None:
             if pending.witnesses <= pending.acks:
                 self._commit(now)
-        elif set(self.alive(now)) <= pending.acks:
+        elif set(self.alive(now)) - self._beyond(pending.base) <= pending.acks:
             self._commit(now)
+
+    def _beyond(self, base: tuple[int, str]) -> set[str]:
+        """Peers heard holding a state greater than `base`: a split-off part's that we
+        refused (`_splits_us_off`), the only time we propose while one is heard. They
+        cannot ack a proposal on `base`; they adopt its commit."""
+        if not self._refused:
+            return set()
+        return {p.name for p in self.peers.values() if (p.epoch, p.digest) > base}
 
     def _witnesses(self, proposer: str, now: float) -> list[str]:
         """With the gossip membership, the members a proposal of `proposer` waits for:
@@ -474,6 +493,8 @@ class Coordinator(PeerView):
         self.load_watch.hold_off(now)
         self.state = ServerState.ACTIVE if self.name in state.weights else ServerState.JOINING
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
+        if self._refused:
+            self._refused = {view for view in self._refused if view[0] > epoch}
         self.changes.append((now, epoch, why))
         if self.swim is not None:
             # A newcomer learns the pool's members from the allocation (their addresses
@@ -509,7 +530,8 @@ class Coordinator(PeerView):
             if (
                 offered is not None
                 and offered[0] == message.digest
-                and message.epoch == self.epoch + 1
+                and offered[3] == self.view
+                and message.epoch > self.epoch
             ):
                 self._install(message.epoch, offered[1], now, f"commit from {message.sender}")
                 self._caught_up(now)
@@ -575,7 +597,7 @@ class Coordinator(PeerView):
             return
         if result.digest() != proposal.digest:
             return  # we would compute something else: do not ack; a snapshot will settle it
-        self._offered[proposal.epoch] = (proposal.digest, result, now)
+        self._offered[proposal.epoch] = (proposal.digest, result, now, base)
         if self.observer:
             return
         self._commands.carried(proposal.op)
@@ -627,9 +649,9 @@ class Coordinator(PeerView):
             self._send(part, to)
 
     def _on_snapshot(self, part: control.Snapshot, now: float) -> None:
-        if (part.epoch, part.digest) <= self.view:
-            return
         key = (part.epoch, part.digest)
+        if key <= self.view or key in self._refused:
+            return
         parts = self._parts.setdefault(key, {})
         parts[part.part] = part
         if len(parts) < part.count:
@@ -640,10 +662,35 @@ class Coordinator(PeerView):
             state = policy.Apportionment(carried.allocation, carried.weights)
         except (WireError, policy.PolicyError):
             return
+        if self._splits_us_off(state, part.sender, now):
+            self._refused.add(key)
+            self.stats.snapshots_refused += 1
+            self._snapshot_asked = -1.0  # another peer's state may be the one to fetch
+            self._duties(now)
+            return
         self.stats.snapshots_adopted += 1
         self._pending = None
         self._install(part.epoch, state, now, f"snapshot from {part.sender}")
         self._caught_up(now)
+
+    def _splits_us_off(self, state: policy.Apportionment, sender: str, now: float) -> bool:
+        """Whether `state` is a split-off part's, not to be adopted: it leaves us out,
+        it has no more servers than ours, and it does not come from our coordinator.
+
+        While a router is down the pool splits, and each part takes the whole space
+        with a change of its own. When they hear each other again the greater
+        (epoch, digest) used to win, by the luck of the digests: a server alone could
+        impose its state on the rest, every client moving to it and back (the soak,
+        seed 20261201: s1 adopted s3's lone state 1.2 s after rb's restart, and s3
+        then added the others back). Now the bigger part's state wins, the
+        coordinator's on a tie: its coordinator refuses the other, proposes the
+        others back past their epoch (`_propose`), and they adopt that."""
+        ours = self.apportionment
+        if ours is None or self.observer:
+            return False
+        if self.name in state.weights or len(state.weights) > len(ours.weights):
+            return False
+        return sender != self.coordinator(now)
 
     def _caught_up(self, now: float) -> None:
         """We adopted another's state: a proposal that waited for it is acked now."""
