@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from manycast.drivers import heap
 from manycast.drivers.contract import Network
 from manycast.drivers.etcd import EtcdSessions
 from manycast.drivers.factory import open_network
@@ -128,6 +129,8 @@ class PoolRun:
         for node in self.nodes.running():
             self._net.add(node)
         self._net.on_effect = self._on_effect
+        if self._net.realtime:
+            heap.trim_every(self._net)  # a long run keeps no freed bursts (drivers/heap.py)
         self.engine = ScenarioEngine(self.topology, self)
         self.engine.schedule(self._net.call_at)
         self._etcd: EtcdSessions | None = None

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from manycast.drivers import heap
 from manycast.drivers.contract import EffectHandler, carry_out
 from manycast.drivers.kernel.control import ControlSocket, Request, command_path, ready_path
 from manycast.errors import DriverError
@@ -90,6 +91,7 @@ class KernelLoop:
             )
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._signals[sig] = signal.signal(sig, self._on_signal)
+        heap.trim_every(self)  # a lab program keeps no freed bursts (drivers/heap.py)
 
     # -- the driver contract -----------------------------------------------------------
     @property
