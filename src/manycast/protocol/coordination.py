@@ -61,6 +61,10 @@ from manycast.wire import control
 from manycast.wire.control import ServerState
 from manycast.wire.errors import WireError
 
+# With heartbeats, hearing none of the allocation's other servers (two or more) is
+# more likely our own input stuck in a queue, or our own router down, than all of
+# them dead at once: their removal waits this many timeouts more.
+ALONE_DOUBT = 3
 WITNESSES = 3  # with the gossip membership: the members whose acks a proposal waits for
 DUTIES_DEBOUNCE = 0.002  # seconds: news of members within this are acted on together
 CHANGES_KEPT = 4096  # the latest adopted changes a coordinator keeps (`changes`)
@@ -253,8 +257,7 @@ class Coordinator(PeerView):
             self._next_heartbeat = now + self.settings.heartbeat_s
             self._behind(now)
         elif now >= self._next_heartbeat:
-            if now - self._next_heartbeat > self.settings.heartbeat_s:
-                self._stalled_until = now + self.timeout(now)
+            self._check_stall(now, self._next_heartbeat)
             if self.swim is None:
                 self._heartbeat(now)
             self._resend_commands(now)
@@ -263,6 +266,7 @@ class Coordinator(PeerView):
             self._watch_load(now)
             self._arm_judge(now)
         elif self._judge_at is not None and now >= self._judge_at:
+            self._check_stall(now, self._judge_at)
             self._judge_at = None
             self._duties(now)
             self._arm_judge(now)
@@ -279,6 +283,14 @@ class Coordinator(PeerView):
                 self._duties_soon(now)
         if self._pending is not None and now >= self._pending.deadline:
             self._commit(now)
+
+    def _check_stall(self, now: float, due: float) -> None:
+        """Our timer due at `due` fired at `now`: more than a heartbeat late, our host
+        was busy, and for as long again as we were late (on top of a timeout) peers'
+        messages may still be queued unread, so nobody is judged meanwhile."""
+        late = now - due
+        if late > self.settings.heartbeat_s:
+            self._stalled_until = max(self._stalled_until, now + self.timeout(now) + late)
 
     def _probe_body(self) -> ProbeBody:
         return ProbeBody(
@@ -310,6 +322,24 @@ class Coordinator(PeerView):
             if at < self._next_heartbeat:
                 self._judge_at = at
 
+    def _doubting_alone(self, servers: tuple[str, ...], dead: list[str], now: float) -> bool:
+        """Whether to hold back removing `dead`: with heartbeats, we have heard none of
+        the allocation's other servers (two or more, each sending every heartbeat) for
+        two heartbeats, and not yet for `ALONE_DOUBT` timeouts more than a timeout.
+        The soak saw a coordinator remove all four of its peers at once, three in its
+        own process, when its input was queued behind a burst (docs/soak.md, finding
+        11); a server alone behind a restarted router took the whole space, which
+        reached no client, and moved its clients twice."""
+        if self.swim is not None:
+            return False
+        heard = [p.last_seen for n in servers if n != self.name and (p := self.peers.get(n))]
+        if len(heard) < 2:
+            return False
+        deaf_since = max(heard)
+        if now - deaf_since <= 2 * self.settings.heartbeat_s:
+            return False
+        return now - deaf_since < (1 + ALONE_DOUBT) * self.timeout(now)
+
     def _heartbeat(self, now: float) -> None:
         self._send(
             control.Heartbeat(
@@ -334,6 +364,8 @@ class Coordinator(PeerView):
         servers = self.allocation.servers
         alive = set(self.alive(now))
         dead = [server for server in servers if server not in alive][: len(servers) - 1]
+        if dead and self._doubting_alone(servers, dead, now):
+            return
         # After a stall of ours every peer counts as alive for a while (their
         # heartbeats may be queued unread): that holds back removals, but a server is
         # added back only on a heartbeat heard within the timeout.
