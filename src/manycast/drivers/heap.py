@@ -6,9 +6,9 @@ keeps the freed top of its heaps as long as nothing above it is in use, so the
 resident size of a server or router process stays at the highest burst it has
 seen and climbs in steps with each bigger one, while its live objects do not grow.
 The soak measured it: the lab's server agents kept 10-25 MB after reallocations
-that `malloc_trim(0)` gave back (docs/soak.md, lab finding 5), and the overlay's
-infrastructure process grew in steps at the bursts of changes after router restarts
-and stayed flat between them (overlay finding 11).
+that `malloc_trim(0)` gave back (docs/soak.md, lab finding 5). (The overlay's
+infrastructure process also grows in steps at bursts of changes; trimming did not
+flatten it, so that is more than glibc's heap: overlay finding 11.)
 
 `trim_every` asks glibc to trim every `every` seconds of a network's clock, on the
 network's own loop. Elsewhere (musl, macOS) it does nothing.
