@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
-from manycast.protocol import falsealarm
+from manycast.protocol import coordination, falsealarm
 from manycast.protocol.falsealarm import FalseAlarms
 from manycast.runtime import PoolRun
 from pooltools import Trace, assert_one_allocation, pool_toml, run_to, start
@@ -90,3 +90,51 @@ def test_the_score_arithmetic() -> None:
     assert not alarms.remembering
     assert alarms.timeout(4.4) == pytest.approx(0.6)
     assert alarms.timeout(4.5) == pytest.approx(0.3)  # 10 timeouts after the raise
+
+
+# -- hearing none of the others (coordination.ALONE_DOUBT) -----------------------------
+
+
+def deaf(start_at: float, seconds: float) -> Callable[[str, str, object, float], bool]:
+    """Lose everything sent to s1 in [start_at, start_at + seconds): s1 (the
+    coordinator) hears no one, while everyone hears it."""
+
+    def rule(receiver: str, sender: str, message: object, now: float) -> bool:
+        return receiver == "s1" and start_at <= now < start_at + seconds
+
+    return rule
+
+
+def test_a_coordinator_that_hears_no_one_doubts_itself_before_removing_everyone() -> None:
+    """The soak saw s1 commit "remove s2, s3, s4, s5, s6" when its input was queued
+    behind a burst, three of them in its own process. 0.6 s of hearing no one (two
+    timeouts) now removes no one."""
+    run, trace = start(pool_toml(duration=4.0), seed=1)
+    trace.drop(deaf(2.0, 0.6))
+    run_to(run, 4.0)
+    assert [why for why in commits_of(run, "s1") if why.startswith("commit remove")] == []
+    assert set(assert_one_allocation(run).servers) == {"s1", "s2", "s3", "s4"}
+
+
+def test_without_the_doubt_it_removed_everyone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coordination, "ALONE_DOUBT", 0)
+    run, trace = start(pool_toml(duration=4.0), seed=1)
+    trace.drop(deaf(2.0, 0.6))
+    run_to(run, 4.0)
+    assert "commit remove s2, s3, s4" in commits_of(run, "s1")
+
+
+def test_every_other_server_really_dead_is_removed_after_the_doubt() -> None:
+    run, _ = start(pool_toml(duration=5.0), seed=1)
+    run_to(run, 2.0)
+    for name in ("s2", "s3", "s4"):
+        run.network.kill(name)
+    run_to(run, 5.0)
+    [(at, _, why)] = [c for c in run.nodes.servers["s1"].coordinator.changes if c[0] > 2.0]
+    assert why == "commit remove s2, s3, s4"
+    # a timeout, then ALONE_DOUBT more, then the commit (all heartbeats of 100 ms)
+    assert 2.0 + 0.3 * (1 + coordination.ALONE_DOUBT) <= at <= 2.0 + 0.3 * 4 + 0.35
+
+
+def commits_of(run: PoolRun, name: str) -> list[str]:
+    return [why for _, _, why in run.nodes.servers[name].coordinator.changes]

@@ -61,6 +61,10 @@ from manycast.wire import control
 from manycast.wire.control import ServerState
 from manycast.wire.errors import WireError
 
+# With heartbeats, hearing none of the allocation's other servers (two or more) is
+# more likely our own input stuck in a queue, or our own router down, than all of
+# them dead at once: their removal waits this many timeouts more.
+ALONE_DOUBT = 3
 WITNESSES = 3  # with the gossip membership: the members whose acks a proposal waits for
 DUTIES_DEBOUNCE = 0.002  # seconds: news of members within this are acted on together
 CHANGES_KEPT = 4096  # the latest adopted changes a coordinator keeps (`changes`)
@@ -82,6 +86,7 @@ class CoordinatorStats:
     proposals: int = 0
     commits: int = 0
     snapshots_adopted: int = 0
+    snapshots_refused: int = 0  # a split-off part's state that left us out (`_splits_us_off`)
     rejected_ops: int = 0
     messages_sent: int = 0
 
@@ -118,8 +123,11 @@ class Coordinator(PeerView):
         self._to: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
         self._new: Allocation | None = self.allocation
         self._pending: _Pending | None = None  # ours, as coordinator
-        # others' proposals we acked: epoch -> (digest, result, when)
-        self._offered: dict[int, tuple[str, policy.Apportionment, float]] = {}
+        # others' proposals we acked: epoch -> (digest, result, when, the base it is on)
+        self._offered: dict[int, tuple[str, policy.Apportionment, float, tuple[int, str]]] = {}
+        # States of a split-off part we fetched and refused (`_splits_us_off`): not
+        # fetched again; forgotten once our epoch passes theirs.
+        self._refused: set[tuple[int, str]] = set()
         # The latest proposal on a state newer than ours, acted on once we hold its base.
         self._ahead_proposal: control.Proposal | None = None
         self._commands = CommandRelay(rng, settings.heartbeat_s)
@@ -249,8 +257,7 @@ class Coordinator(PeerView):
             self._next_heartbeat = now + self.settings.heartbeat_s
             self._behind(now)
         elif now >= self._next_heartbeat:
-            if now - self._next_heartbeat > self.settings.heartbeat_s:
-                self._stalled_until = now + self.timeout(now)
+            self._check_stall(now, self._next_heartbeat)
             if self.swim is None:
                 self._heartbeat(now)
             self._resend_commands(now)
@@ -259,6 +266,7 @@ class Coordinator(PeerView):
             self._watch_load(now)
             self._arm_judge(now)
         elif self._judge_at is not None and now >= self._judge_at:
+            self._check_stall(now, self._judge_at)
             self._judge_at = None
             self._duties(now)
             self._arm_judge(now)
@@ -275,6 +283,14 @@ class Coordinator(PeerView):
                 self._duties_soon(now)
         if self._pending is not None and now >= self._pending.deadline:
             self._commit(now)
+
+    def _check_stall(self, now: float, due: float) -> None:
+        """Our timer due at `due` fired at `now`: more than a heartbeat late, our host
+        was busy, and for as long again as we were late (on top of a timeout) peers'
+        messages may still be queued unread, so nobody is judged meanwhile."""
+        late = now - due
+        if late > self.settings.heartbeat_s:
+            self._stalled_until = max(self._stalled_until, now + self.timeout(now) + late)
 
     def _probe_body(self) -> ProbeBody:
         return ProbeBody(
@@ -306,6 +322,24 @@ class Coordinator(PeerView):
             if at < self._next_heartbeat:
                 self._judge_at = at
 
+    def _doubting_alone(self, servers: tuple[str, ...], dead: list[str], now: float) -> bool:
+        """Whether to hold back removing `dead`: with heartbeats, we have heard none of
+        the allocation's other servers (two or more, each sending every heartbeat) for
+        two heartbeats, and not yet for `ALONE_DOUBT` timeouts more than a timeout.
+        The soak saw a coordinator remove all four of its peers at once, three in its
+        own process, when its input was queued behind a burst (docs/soak.md, finding
+        11); a server alone behind a restarted router took the whole space, which
+        reached no client, and moved its clients twice."""
+        if self.swim is not None:
+            return False
+        heard = [p.last_seen for n in servers if n != self.name and (p := self.peers.get(n))]
+        if len(heard) < 2:
+            return False
+        deaf_since = max(heard)
+        if now - deaf_since <= 2 * self.settings.heartbeat_s:
+            return False
+        return now - deaf_since < (1 + ALONE_DOUBT) * self.timeout(now)
+
     def _heartbeat(self, now: float) -> None:
         self._send(
             control.Heartbeat(
@@ -330,6 +364,8 @@ class Coordinator(PeerView):
         servers = self.allocation.servers
         alive = set(self.alive(now))
         dead = [server for server in servers if server not in alive][: len(servers) - 1]
+        if dead and self._doubting_alone(servers, dead, now):
+            return
         # After a stall of ours every peer counts as alive for a while (their
         # heartbeats may be queued unread): that holds back removals, but a server is
         # added back only on a heartbeat heard within the timeout.
@@ -344,6 +380,12 @@ class Coordinator(PeerView):
         # deaths (or of joins) is one epoch, not one each.
         if dead or new:
             self._propose(members_op(dead, []) if dead else members_op([], new), now)
+            return
+        if self._refused and self._holding_refused(alive):
+            # Our own members hold a split-off state we refused, and wait for us (their
+            # coordinator) while our state is below theirs: the same state again, past
+            # their epoch, which includes them, so they adopt it.
+            self._propose(control.MembersOp((), ()), now, reassert=True)
             return
         while self._queue:
             op = self._queue.pop(0)
@@ -372,6 +414,8 @@ class Coordinator(PeerView):
             held = (peer.epoch, peer.digest)
             if held <= view:
                 self._ahead.discard(name)
+            elif held in self._refused:
+                continue
             elif held > best and peer.epoch > 0 and self._peer_alive(peer, limit):
                 best = held
         if best <= view:
@@ -400,11 +444,29 @@ class Coordinator(PeerView):
             return None
         return None if result.digest() == self.digest else result
 
-    def _propose(self, op: control.PolicyOp, now: float) -> bool:
-        result = self._result_of(op)
+    def _holding_refused(self, alive: set[str]) -> bool:
+        """Whether a live peer holds a state we refused (`_splits_us_off`)."""
+        return any(
+            (peer.epoch, peer.digest) in self._refused
+            for name in alive
+            if (peer := self.peers.get(name)) is not None
+        )
+
+    def _propose(self, op: control.PolicyOp, now: float, reassert: bool = False) -> bool:
+        """Propose `op`; `reassert`: our state unchanged, at a new epoch."""
+        if reassert:
+            assert self.apportionment is not None
+            result: policy.Apportionment | None = self.apportionment
+        else:
+            result = self._result_of(op)
         if result is None:
             return False
-        epoch = self.epoch + 1
+        # Past every live peer's epoch: after a split the other part may have counted
+        # further, and our state (not its) is to win (`_splits_us_off`).
+        limit = self._limit(now)
+        epoch = 1 + max(
+            [self.epoch] + [p.epoch for p in self.peers.values() if self._peer_alive(p, limit)]
+        )
         if self.on_offer is not None:
             self.on_offer(result.allocation)
         self._pending = _Pending(
@@ -432,8 +494,16 @@ class Coordinator(PeerView):
         if pending.witnesses is not None:
             if pending.witnesses <= pending.acks:
                 self._commit(now)
-        elif set(self.alive(now)) <= pending.acks:
+        elif set(self.alive(now)) - self._beyond(pending.base) <= pending.acks:
             self._commit(now)
+
+    def _beyond(self, base: tuple[int, str]) -> set[str]:
+        """Peers heard holding a state greater than `base`: a split-off part's that we
+        refused (`_splits_us_off`), the only time we propose while one is heard. They
+        cannot ack a proposal on `base`; they adopt its commit."""
+        if not self._refused:
+            return set()
+        return {p.name for p in self.peers.values() if (p.epoch, p.digest) > base}
 
     def _witnesses(self, proposer: str, now: float) -> list[str]:
         """With the gossip membership, the members a proposal of `proposer` waits for:
@@ -474,6 +544,8 @@ class Coordinator(PeerView):
         self.load_watch.hold_off(now)
         self.state = ServerState.ACTIVE if self.name in state.weights else ServerState.JOINING
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
+        if self._refused:
+            self._refused = {view for view in self._refused if view[0] > epoch}
         self.changes.append((now, epoch, why))
         if self.swim is not None:
             # A newcomer learns the pool's members from the allocation (their addresses
@@ -509,7 +581,8 @@ class Coordinator(PeerView):
             if (
                 offered is not None
                 and offered[0] == message.digest
-                and message.epoch == self.epoch + 1
+                and offered[3] == self.view
+                and message.epoch > self.epoch
             ):
                 self._install(message.epoch, offered[1], now, f"commit from {message.sender}")
                 self._caught_up(now)
@@ -575,7 +648,7 @@ class Coordinator(PeerView):
             return
         if result.digest() != proposal.digest:
             return  # we would compute something else: do not ack; a snapshot will settle it
-        self._offered[proposal.epoch] = (proposal.digest, result, now)
+        self._offered[proposal.epoch] = (proposal.digest, result, now, base)
         if self.observer:
             return
         self._commands.carried(proposal.op)
@@ -627,9 +700,9 @@ class Coordinator(PeerView):
             self._send(part, to)
 
     def _on_snapshot(self, part: control.Snapshot, now: float) -> None:
-        if (part.epoch, part.digest) <= self.view:
-            return
         key = (part.epoch, part.digest)
+        if key <= self.view or key in self._refused:
+            return
         parts = self._parts.setdefault(key, {})
         parts[part.part] = part
         if len(parts) < part.count:
@@ -640,10 +713,35 @@ class Coordinator(PeerView):
             state = policy.Apportionment(carried.allocation, carried.weights)
         except (WireError, policy.PolicyError):
             return
+        if self._splits_us_off(state, part.sender, now):
+            self._refused.add(key)
+            self.stats.snapshots_refused += 1
+            self._snapshot_asked = -1.0  # another peer's state may be the one to fetch
+            self._duties(now)
+            return
         self.stats.snapshots_adopted += 1
         self._pending = None
         self._install(part.epoch, state, now, f"snapshot from {part.sender}")
         self._caught_up(now)
+
+    def _splits_us_off(self, state: policy.Apportionment, sender: str, now: float) -> bool:
+        """Whether `state` is a split-off part's, not to be adopted: it leaves us out,
+        it has no more servers than ours, and it does not come from our coordinator.
+
+        While a router is down the pool splits, and each part takes the whole space
+        with a change of its own. When they hear each other again the greater
+        (epoch, digest) used to win, by the luck of the digests: a server alone could
+        impose its state on the rest, every client moving to it and back (the soak,
+        seed 20261201: s1 adopted s3's lone state 1.2 s after rb's restart, and s3
+        then added the others back). Now the bigger part's state wins, the
+        coordinator's on a tie: its coordinator refuses the other, proposes the
+        others back past their epoch (`_propose`), and they adopt that."""
+        ours = self.apportionment
+        if ours is None or self.observer:
+            return False
+        if self.name in state.weights or len(state.weights) > len(ours.weights):
+            return False
+        return sender != self.coordinator(now)
 
     def _caught_up(self, now: float) -> None:
         """We adopted another's state: a proposal that waited for it is acked now."""

@@ -181,7 +181,7 @@ def describe_op(op: control.PolicyOp) -> str:
             for verb, names in (("remove", op.removed), ("add", op.added))
             if names
         ]
-        return "; ".join(said)
+        return "; ".join(said) or "the same state again"
     if isinstance(op, control.AddServerOp):
         return f"add {op.server}"
     if isinstance(op, control.RemoveServerOp):

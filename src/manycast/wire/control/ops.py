@@ -264,7 +264,8 @@ class MembersOp(_Op):
     """Servers leave and join in one change: each of `removed` leaves, one after the
     other in name order (as `policy.remove_server`: only its buckets move), then each
     of `added` joins with an equal share, in name order (as `policy.add_server`). So a
-    burst of deaths, or of newcomers, is one epoch, not one each."""
+    burst of deaths, or of newcomers, is one epoch, not one each. Neither: the
+    proposer's state again at a new epoch (after a split, `Coordinator._duties`)."""
 
     KIND: ClassVar[OpKind] = OpKind.MEMBERS
     removed: tuple[str, ...] = ()
@@ -281,8 +282,6 @@ class MembersOp(_Op):
                 check_id(what, name, server)
             if list(servers) != sorted(set(servers)):
                 raise WireError(f"{what}: {name} must be listed once each, in order")
-        if not self.removed and not self.added:
-            raise WireError(f"{what}: no server removed or added")
         if set(self.removed) & set(self.added):
             raise WireError(f"{what}: a server is both removed and added")
         if len(self.removed) + len(self.added) > MAX_MEMBERS_CHANGED:
