@@ -66,6 +66,7 @@ QUERY_RESEND = 0.3  # seconds between R3 state queries for one connection
 # control group from its next report, within the router's query's Max Resp Time).
 RETURN_RESEND = 0.1
 GIVEN_LIMIT = 10_000  # released states kept for their asker at most (oldest go first)
+MOVED_SWEEP_S = 1.0  # how often the connections we keep for others are checked for silence
 
 
 @dataclass
@@ -83,6 +84,7 @@ class HandoverStats:
     unpinned: int = 0  # ... and untagged when they closed
     no_edge: int = 0  # R4: connections of clients with no edge router known (not pinned)
     closed_after_transaction: int = 0
+    expired_moved: int = 0  # kept connections reset after `idle_timeout` with no segment
 
 
 Segment = tuple[Address, Address, TcpSegment]  # src, dst, segment
@@ -169,6 +171,7 @@ class Handover:
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
         self._tagged: dict[ConnKey, Address] = {}  # R4: -> the edge told
+        self._next_sweep = 0.0  # of `moved` (`_expire_moved`)
 
     # -- the allocation changes --------------------------------------------------------
     def before_change(self, keep: Held | None) -> None:
@@ -463,6 +466,26 @@ class Handover:
             del self._forwards[flow]
         for query_id in [q for q, (_, _, until) in self._given.items() if until < now]:
             del self._given[query_id]
+        if now >= self._next_sweep:
+            self._next_sweep = now + MOVED_SWEEP_S
+            self._expire_moved(now)
+
+    def _expire_moved(self, now: float) -> None:
+        """Reset the connections we keep although their portion left us that no segment
+        has reached for `idle_timeout`. We keep them for a new owner to ask for (R3), or
+        for their packets to keep coming here (R2, R4); a client that gave its connection
+        up (reset by a new owner no state reached, or timed out while its reset could not
+        reach us) never sends on it again, and an established connection with nothing to
+        send has no timer: nothing else ever ended it. Under churn such connections piled
+        up for as long as a server ran (docs/soak.md finding 11)."""
+        for key in list(self.moved):
+            conn = self.endpoint.connection(key)
+            if conn is None:
+                self.moved.discard(key)
+            elif now - conn.last_received > self.idle_timeout:
+                self.moved.discard(key)
+                conn.abort(now)  # its ConnectionReset closes the session (`Server._drain`)
+                self.stats.expired_moved += 1
 
 
 def _owned(portions: Held | None, key: ConnKey) -> bool:

@@ -134,6 +134,9 @@ class Connection:
 
         self._rto_deadline: float | None = None
         self._close_deadline: float | None = None  # TIME_WAIT or FIN_WAIT_2
+        # When a segment last came in (a keepalive's idle clock, Linux's lrcvtime): what
+        # tells a connection whose peer has gone silent from one that is busy.
+        self.last_received = 0.0
         self._ack_needed = False
         self._out: list[TcpSegment] = []
         self._events: list[Event] = []
@@ -209,6 +212,7 @@ class Connection:
         if syn.flags & (_F.SYN | _F.ACK | _F.RST) != _F.SYN:
             raise SessionError(f"not an opening SYN: {syn}")
         self._transition(Input.ACCEPT, now)
+        self.last_received = now
         self._irs = syn.seq
         self._rcv_nxt = syn.seq + 1
         echo = syn.option(TagCookie)
@@ -306,6 +310,7 @@ class Connection:
     def receive(self, segment: TcpSegment, now: float) -> None:
         if self._state is State.CLOSED:
             return
+        self.last_received = now
         if segment.option(ChangeDestinationMark) is not None:
             self._receive_change_destination(segment)
         elif self._state is State.SYN_SENT:
@@ -730,4 +735,6 @@ class Connection:
         config: SessionConfig | None = None,
     ) -> Connection:
         """Continue the connection `state` describes, with this side's `config`."""
-        return restore(cls, state, now, rng, config)
+        conn = restore(cls, state, now, rng, config)
+        conn.last_received = now  # it arrives because its peer is sending
+        return conn
