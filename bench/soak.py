@@ -361,6 +361,13 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
                 results[process.name] = expect(conn, process.name, "done", 120)
                 if "spill" in results[process.name]:  # the clients' figures, written out
                     results[process.name] = Spill.read(results[process.name])
+    except BaseException:
+        # Stopped early (an error, SIGTERM, Ctrl-C): the pool's processes would run on
+        # to the end of their schedule, so they are not waited for.
+        for process, _ in children:
+            if process.is_alive():
+                process.terminate()
+        raise
     finally:
         for victim in [*victims.values(), *([vip_router] if vip_router else [])]:
             victim.check(time.monotonic() - began)

@@ -11,8 +11,10 @@ measure the machine, not the faults.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +327,64 @@ def test_the_vip_router_kill_fault_is_recovered_from() -> None:
     assert kill["not_answered_again"] == 0 and kill["recovery_s"] is not None
     assert vip["vip_routers"]["vr2"]["flows"] > 0  # vr2 placed new flows while vr1 was dead
     assert result["growth_per_hour"]["vip"]["samples"] >= 2
+
+
+# -- stopped early ------------------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc: each process's parent)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_sigterm_stops_the_soak_and_every_process_of_its_pool_at_once() -> None:
+    """SIGTERM in mid-run ends the bench within seconds, with its one JSON object
+    saying why, and takes the pool's processes with it (it used to wait for them to
+    run out their schedule: more than 15 s)."""
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCH / "soak.py"), "--minutes", "1", "--clients-per-lan", "25"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:  # the schedule is drawn once every process is built
+            if "faults scheduled" in line:
+                break
+        time.sleep(3.0)
+        pool = _descendants(bench.pid)
+        assert len(pool) >= 4, pool  # clients, infrastructure, rb, s3, s4, ...
+        bench.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        out, _ = bench.communicate(timeout=30)
+        stopped = time.monotonic() - began
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert stopped < 8.0
+    assert bench.returncode == 130
+    assert json.loads(out.strip().splitlines()[-1])["error"] == "interrupted (SIGTERM)"
+    deadline = time.monotonic() + 3.0
+    while any(_alive(pid) for pid in pool) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [pid for pid in pool if _alive(pid)] == []
