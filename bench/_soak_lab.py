@@ -426,6 +426,7 @@ class LabSoak:
             except (OSError, ValueError, KeyError):
                 continue
         wrong = sorted(c.name for c in served if owners and owners.get(c.address) != c.server)
+        changes_of, changes = self._changes()
         by_server: dict[str, int] = {}
         for client in served:
             if client.server is not None:
@@ -439,8 +440,23 @@ class LabSoak:
             # answers after their request's timeout, and second answers to one request
             "late_or_duplicate_answers": sum(c.replies for c in prober.clients.values()) - answered,
             "request_send_errors": dict(prober.send_errors),
+            "epoch_changes": changes,
+            "epoch_changes_of": changes_of,
         }
         self._record = (self.owners.record(self.done), clients)
+
+    def _changes(self) -> tuple[str | None, list[list[Any]]]:
+        """Every allocation change the first live server that answers adopted (s1, as
+        the overlay's `epoch_changes`; no kill takes it), as [bench time, epoch, why]:
+        its agent gives them on the host's monotonic clock, which the prober's shares."""
+        for server in self.engine.live_servers():
+            try:
+                answer = self.lab.ask(server, "server", {"op": "changes"})
+                rows = [[round(t - self.prober.t0, 3), e, why] for t, e, why in answer["changes"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            return server, rows
+        return None, []
 
     def collect_logs(self) -> None:
         """Every program's log: scanned for tracebacks, kept in --logs DIR if asked

@@ -102,6 +102,17 @@ def test_lab_soak_lives_through_kills_and_router_restarts() -> None:
         if row["kind"] == "loss_burst":  # the rules were in place at both ends of ra-rb
             assert set(row["dropped"]) == {"ra", "rb"}, row
     assert len(result["router_starts"]) == result["faults"]["router_restart"]
+    # Why the allocation changed, from s1's agent on the bench's clock: every rb outage
+    # (a daemon starting, longer than the failure detection) removed s3 or s4.
+    assert result["epoch_changes_of"] == "s1", result["epoch_changes_of"]
+    changes = result["epoch_changes"]
+    assert [c[1] for c in changes] == sorted({c[1] for c in changes}), changes
+    assert all(0 <= c[0] <= 60 + 5 for c in changes), changes  # (asked at the end)
+    for row in result["per_fault"]:
+        if row["kind"] == "router_restart":
+            window = (row["at"], row["at"] + row["down_actual_s"] + 1.0)
+            removed = [c for c in changes if window[0] <= c[0] <= window[1] and "remove" in c[2]]
+            assert any("s3" in c[2] or "s4" in c[2] for c in removed), (row, changes)
     # Nothing died that was not killed, nothing logged a traceback.
     assert result["unexpected_exits"] == [], result["unexpected_exits"]
     assert result["tracebacks"] == {}, result["tracebacks"]

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -66,6 +67,7 @@ class ServerAgent:
             set_share=self._set_share,
             rebalance=self._rebalance,
             owners=self._owners,
+            changes=self._changes,
             metrics=self._metrics,
         )
         self._registry: CollectorRegistry | None = None  # metrics, made when first asked
@@ -110,6 +112,18 @@ class ServerAgent:
             # (A dual-stack pool: the same buckets of the client's family's space.)
             owners[text] = in_space(allocation, space).owner(address) if space else None
         return {"epoch": self.server.coordinator.epoch, "owners": owners}
+
+    def _changes(self, _: dict[str, Any]) -> dict[str, Any]:
+        """The allocation changes this server adopted (`Coordinator.changes`: its latest
+        4096), as [monotonic time, epoch, why]: on this host's monotonic clock, which
+        every namespace shares, so another program can place them on its own clock."""
+        offset = time.monotonic() - self.loop.now
+        return {
+            "changes": [
+                [round(t + offset, 6), epoch, why]
+                for t, epoch, why in self.server.coordinator.changes
+            ]
+        }
 
     def _set_share(self, request: dict[str, Any]) -> dict[str, Any]:
         op = control.SetShareOp(request["server"], Fraction(request["share"]))
