@@ -12,8 +12,10 @@ The pool chooses one technique:
   old owner closes such a connection after its next answer, and the client's new
   connection lands on the new owner (the combination the seed describes).
 * R3 state transfer (Fig 15): a new owner that receives a segment of an unknown
-  connection asks for its state over the control channel; the old owner exports
-  the transport and application state and lets the connection go; the new owner
+  connection asks for its state: first the client's owner before the latest change,
+  point to point, which says so if it does not hold it; then the whole control
+  channel. The old owner exports the transport and application state, sends it to
+  the asker alone and lets the connection go; the new owner
   imports it and continues the connection, segments that arrived meanwhile
   included. The old owner keeps the reply for `given_kept` seconds and sends it
   again when the same query comes again: the reply is the connection's only copy,
@@ -131,9 +133,11 @@ class Handover:
         redirector: Redirector | None = None,
         group6: Address | None = None,
         address6: Address | None = None,
+        previous_owner: Callable[[Address], Address | None] | None = None,
     ) -> None:
         """`group6`, `address6`: a dual-stack pool's IPv6 group beside `group`, and our
-        IPv6 address beside `address` (the root of our tree for IPv6 clients)."""
+        IPv6 address beside `address` (the root of our tree for IPv6 clients);
+        `previous_owner`: a client's owner before the latest change (R3 asks it first)."""
         if technique not in tuple(Technique):
             names = ", ".join(Technique)
             raise ConfigError(f"technique must be one of {names}, not {technique!r}")
@@ -145,6 +149,7 @@ class Handover:
         self.name = name
         self.address = address
         self.address6 = address6
+        self.previous_owner = previous_owner
         self.group = group
         self._groups = {group} if group6 is None else {group, group6}
         self.port = port
@@ -166,8 +171,8 @@ class Handover:
         self._queries: dict[ConnKey, _Query] = {}
         self._query_ids: dict[int, ConnKey] = {}
         # R3: states we handed over, kept for the asker's same query, asked again:
-        # query id -> (the reply, the asker's name, until when).
-        self._given: dict[int, tuple[control.StateReply, str, float]] = {}
+        # query id -> (the reply, the asker's name, until when, the asker's address).
+        self._given: dict[int, tuple[control.StateReply, str, float, Address | None]] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
         self._tagged: dict[ConnKey, Address] = {}  # R4: -> the edge told
@@ -279,7 +284,13 @@ class Handover:
                 query_id, now + self.query_timeout, wanted, now + QUERY_RESEND
             )
             self._query_ids[query_id] = key
-            self.send_control(control.StateQuery(self.name, 0, query_id, wanted), None)
+            # First the client's owner before the latest change, point to point: it
+            # mostly holds the state, and the whole pool need not read the question
+            # (a merge after a router's outage moves hundreds of connections at once).
+            # It says so if it does not (a reply not found), and we ask everyone.
+            owner = self.previous_owner(client) if self.previous_owner is not None else None
+            to = owner if owner is not None and owner not in (self.address, self.address6) else None
+            self.send_control(control.StateQuery(self.name, 0, query_id, wanted), to)
             self.stats.queries += 1
         if len(query.segments) < 64:
             query.segments.append(item)
@@ -297,10 +308,14 @@ class Handover:
 
     # -- control messages ----------------------------------------------------------------
     def on_message(
-        self, message: control.ControlMessage, now: float, via_group: bool = True
+        self,
+        message: control.ControlMessage,
+        now: float,
+        via_group: bool = True,
+        source: Address | None = None,
     ) -> bool:
         """Handle a technique's message; False if it is not one of ours. `via_group`: it
-        came over the control group (not point to point)."""
+        came over the control group (not point to point); `source`: its sender's address."""
         redirector = self.redirector
         if redirector is not None and isinstance(
             message, control.Forwarded | control.MoveConnection | control.MoveAck
@@ -320,7 +335,7 @@ class Handover:
                 entry.target = message.target
                 self.stats.redirects += 1
         elif isinstance(message, control.StateQuery):
-            self._on_state_query(message, now)
+            self._on_state_query(message, now, source, via_group)
         elif isinstance(message, control.StateReply):
             self._on_state_reply(message, now)
         else:
@@ -353,12 +368,18 @@ class Handover:
             )
             self.send_control(redirect, receiver)
 
-    def _on_state_query(self, query: control.StateQuery, now: float) -> None:
+    def _on_state_query(
+        self, query: control.StateQuery, now: float, source: Address | None, via_group: bool
+    ) -> None:
+        """Hand the connection's state over to the asker, point to point (`source`):
+        only it can use it. Asked point to point for a state we do not hold, say so."""
         wanted = query.key
         key: ConnKey = ((wanted.group, wanted.service_port), (wanted.client, wanted.client_port))
         conn = self.endpoint.connection(key)
         if conn is None:
-            self._give_again(query, now)
+            if not self._give_again(query, now) and not via_group and source is not None:
+                missing = control.StateReply(self.name, 0, query.query_id, wanted, False)
+                self.send_control(missing, source)
             return
         try:
             self.host.flush()  # what it queued still goes out from here
@@ -369,30 +390,44 @@ class Handover:
         self.app.close(key)
         self.moved.discard(key)
         reply = control.StateReply(self.name, 0, query.query_id, wanted, True, transport, app_state)
-        self.send_control(reply, None)
+        self.send_control(reply, source)
         self.stats.transferred_out += 1
         if len(self._given) >= GIVEN_LIMIT:
             del self._given[next(iter(self._given))]
-        self._given[query.query_id] = (reply, query.sender, now + self.given_kept)
+        self._given[query.query_id] = (reply, query.sender, now + self.given_kept, source)
 
-    def _give_again(self, query: control.StateQuery, now: float) -> None:
+    def _give_again(self, query: control.StateQuery, now: float) -> bool:
         """The state we handed over, again, for the same query asked again: the asker
         has not got our reply (lost, or still on its way). Only for that query: a new
         one, even from the same server, may come after the connection went on from
-        there (to it, elsewhere, back), and the copy we kept would turn it back."""
+        there (to it, elsewhere, back), and the copy we kept would turn it back.
+        Whether we gave it."""
         given = self._given.get(query.query_id)
         if given is None:
-            return
-        reply, asker, until = given
+            return False
+        reply, asker, until, source = given
         if until < now:
             del self._given[query.query_id]
-        elif asker == query.sender:
-            self.send_control(reply, None)
-            self.stats.transfer_resent += 1
+            return False
+        if asker != query.sender:
+            return False
+        self.send_control(reply, source)
+        self.stats.transfer_resent += 1
+        return True
 
     def _on_state_reply(self, reply: control.StateReply, now: float) -> None:
+        if not reply.found:
+            # The server we asked first has no such state: ask everyone, now.
+            asked = self._query_ids.get(reply.query_id)
+            query = self._queries.get(asked) if asked is not None else None
+            if query is not None and query.query_id == reply.query_id:
+                query.resend = now + QUERY_RESEND
+                self.send_control(
+                    control.StateQuery(self.name, 0, query.query_id, query.wanted), None
+                )
+            return
         key = self._query_ids.pop(reply.query_id, None)
-        if key is None or not reply.found:
+        if key is None:
             return
         query = self._queries.pop(key, None)
         if query is None or key in self.endpoint:
@@ -464,7 +499,7 @@ class Handover:
         stale = [f for f, e in self._forwards.items() if now - e.last_used > self.idle_timeout]
         for flow in stale:
             del self._forwards[flow]
-        for query_id in [q for q, (_, _, until) in self._given.items() if until < now]:
+        for query_id in [q for q, (_, _, until, _) in self._given.items() if until < now]:
             del self._given[query_id]
         if now >= self._next_sweep:
             self._next_sweep = now + MOVED_SWEEP_S

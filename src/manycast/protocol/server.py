@@ -175,7 +175,10 @@ class Server(Node):
             redirector=self.redirector,
             group6=settings.group6,
             address6=self.address6,
+            previous_owner=self._previous_owner,
         )
+        # The allocation before the latest we applied, and that one (`_previous_owner`).
+        self._applied: tuple[Allocation | None, Allocation | None] = (None, None)
         # Our label-switched tree: a VIP pool's flows (Fig 17) and R4's pinned paths
         # (Fig 16) come down it; our router is its last hop.
         self.roots_tree = settings.vip or self.handover.technique is Technique.R4
@@ -290,11 +293,14 @@ class Server(Node):
 
     # -- technique D: whom to move a connection to, whom to pass one to -------------------
     def _owner_address(self, client: Address) -> Address | None:
-        """The unicast address of the server that owns `client` now, if we know it (its
+        """The unicast address of the server that owns `client` now, if we know it."""
+        return self._owner_in(client, self.coordinator.allocation)
+
+    def _owner_in(self, client: Address, allocation: Allocation | None) -> Address | None:
+        """The unicast address of `client`'s owner in `allocation`, if we know it (its
         control-channel address: a dual-stack pool's IPv4 one, whatever the client's
         family; the owner of a dual-stack pool's IPv6 client by the same buckets of the
         IPv6 space)."""
-        allocation = self.coordinator.allocation
         space6 = self.settings.space6
         if allocation is not None and space6 is not None and client.version == 6:
             allocation = in_space(allocation, space6)
@@ -352,7 +358,7 @@ class Server(Node):
         self.stats.control_received += 1
         via_group = ip.header.dst == self.settings.control_group
         was_dead = self.coordinator.held_dead(message.sender, now)
-        if not self.handover.on_message(message, now, via_group):
+        if not self.handover.on_message(message, now, via_group, ip.header.src):
             self.coordinator.on_message(message, now)
         if was_dead and not self.coordinator.held_dead(message.sender, now):
             # Alive again to the pool (a router between us restarted, a partition
@@ -399,7 +405,13 @@ class Server(Node):
         busiest = self._bucket_requests.most_common(HOT_BUCKETS)
         return sorted(control.BucketLoad(b, n / elapsed) for b, n in busiest)
 
+    def _previous_owner(self, client: Address) -> Address | None:
+        """Who owned `client` before the latest change we applied: where R3 asks first
+        for the state of a connection of it we do not know."""
+        return self._owner_in(client, self._applied[0])
+
     def _apply(self, allocation: Allocation, now: float) -> None:
+        self._applied = (self._applied[1], allocation)
         self._tell_routers_of_deaths(allocation, now)
         self._bucket_requests.clear()
         self._bucket_since = now
