@@ -235,9 +235,18 @@ def analyse(
     }
 
 
+# The window whose lowest RSS sample is the floor (`fit_per_hour`): twice the period of
+# the pool processes' heap trim (`drivers/heap.py`), so each holds a sample after one.
+FLOOR_WINDOW_S = 60.0
+
+
 def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
     """Per process: RSS (MB) and descriptors, first and last sample, and the slope of a
-    least-squares line per hour over the samples after the warm-up (None under 3)."""
+    least-squares line per hour over the samples after the warm-up (None under 3).
+    `rss_floor_mb_per_hour` fits the lowest RSS of each `FLOOR_WINDOW_S` instead (None
+    under 3 windows): a process that works in bursts peaks after each and gives the
+    memory back at its next heap trim, so the line through every sample follows where
+    the last samples fell in that saw-tooth, while a leak raises the floor."""
     out: dict[str, Any] = {}
     for name in names:
         points = [(s["t"], s[name]) for s in samples if name in s and s["t"] >= WARMUP_S]
@@ -245,14 +254,36 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
         for key in ("rss_mb", "fds"):
             if points:
                 entry[f"{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
-            if len(points) >= 3:
-                t = np.array([p[0] for p in points])
-                y = np.array([p[1][key] for p in points], dtype=float)
-                entry[f"{key}_per_hour"] = round(float(np.polyfit(t, y, 1)[0]) * 3600, 2)
-            else:
-                entry[f"{key}_per_hour"] = None
+            entry[f"{key}_per_hour"] = _slope_per_hour([(t, got[key]) for t, got in points])
+        entry["rss_floor_mb_per_hour"] = _slope_per_hour(_floors(points))
         out[name] = entry
     return out
+
+
+def _floors(points: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, float]]:
+    """The lowest RSS sample of each whole `FLOOR_WINDOW_S` from the first sample on (a
+    window the run ended in is left out: it may hold only a peak)."""
+    if len(points) < 2:
+        return []
+    times = [t for t, _ in points]
+    spacing = float(np.median(np.diff(times)))
+    floors: dict[int, tuple[float, float]] = {}
+    for t, got in points:
+        window = int((t - times[0]) // FLOOR_WINDOW_S)
+        if times[0] + (window + 1) * FLOOR_WINDOW_S > times[-1] + spacing:
+            break
+        if window not in floors or got["rss_mb"] < floors[window][1]:
+            floors[window] = (t, got["rss_mb"])
+    return list(floors.values())
+
+
+def _slope_per_hour(points: list[tuple[float, float]]) -> float | None:
+    """The least-squares slope of (seconds, value) points, per hour; None under 3."""
+    if len(points) < 3:
+        return None
+    t = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points], dtype=float)
+    return round(float(np.polyfit(t, y, 1)[0]) * 3600, 2)
 
 
 if __name__ == "__main__":
