@@ -112,6 +112,9 @@ def analyse(
     lost: list[dict[str, Any]] = []
     crashed = 0
     per_fault: dict[int, list[float | None]] = defaultdict(list)
+    # the sessions_lost each fault broke, by cause, and how many of them behind rb
+    causes_of: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    behind_of: dict[int, int] = defaultdict(int)
     ids = {id(f): i for i, f in enumerate(faults)}
     warmup = 0
     names: list[str] = clients["names"]
@@ -130,6 +133,9 @@ def analyse(
         if crash is not None:
             crashed += 1
         else:
+            if fault is not None:
+                causes_of[ids[id(fault)]][cause] += 1
+                behind_of[ids[id(fault)]] += _behind(names[client])
             lost.append(
                 {
                     "client": client,
@@ -149,6 +155,9 @@ def analyse(
     for i, fault in enumerate(faults):
         times = per_fault.get(i, [])
         row = {**fault.as_dict(), "affected": len(times)}
+        if i in causes_of:
+            row["lost_by_cause"] = dict(causes_of[i])
+            row["lost_behind_router"] = behind_of[i]
         if fault.kind == "router_restart" and (fault.until or fault.at) in watch:
             # Every client behind the router was cut off: until each is answered again.
             again = clients["again"][watch.index(fault.until or fault.at)]

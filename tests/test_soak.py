@@ -83,6 +83,12 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
         growth = soak["growth_per_hour"][name]
         assert growth["samples"] >= 3 and growth["rss_mb_per_hour"] is not None
     assert soak["_plots"] == ["soak.json", "soak_requests.png", "soak_rss.png"]
+    # Each fault's share of sessions_lost, by cause: together, every loss some fault
+    # came before.
+    by_kind = soak["sessions_lost_by_fault_kind"]
+    attributed = sum(by_kind.values()) - by_kind.get("none", 0)
+    per_fault = [row.get("lost_by_cause", {}) for row in soak["per_fault"]]
+    assert sum(sum(causes.values()) for causes in per_fault) == attributed
 
 
 @pytest.mark.xfail(
