@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import bisect
+import json
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,6 +63,18 @@ class Owners:
         first = max(0, bisect.bisect_right(self.times, start) - 1)
         last = bisect.bisect_right(self.times, end)
         return any(int(o[client]) == index for o in self.owners[first:last])
+
+    def sequence(self, client: int, start: float, end: float) -> list[str]:
+        """The client's owners, in order, in the allocations in effect from start to end."""
+        first = max(0, bisect.bisect_right(self.times, start) - 1)
+        last = bisect.bisect_right(self.times, end)
+        seen: list[str] = []
+        for o in self.owners[first:last]:
+            index = int(o[client])
+            name = self.servers[index] if 0 <= index < len(self.servers) else "none"
+            if not seen or seen[-1] != name:
+                seen.append(name)
+        return seen
 
 
 def _crash(
@@ -139,9 +153,11 @@ def analyse(
             lost.append(
                 {
                     "client": client,
+                    "name": names[client],
                     "t": t,
                     "cause": cause,
                     "after": None if fault is None else f"{fault.kind}@{fault.at:.1f}",
+                    "owners": owners.sequence(client, t - lookback, t),
                 }
             )
     wrong = [
@@ -228,6 +244,7 @@ def analyse(
         "sessions_lost_by_cause": dict(causes),
         "sessions_lost_by_fault_kind": dict(kinds),
         "sessions_lost_detail": lost[:50],
+        "sessions_lost_all": lost,
         "sessions_lost_to_crashes": crashed,
         "sessions_lost_in_warmup": warmup,
         "wrong_answers": len(clients["wrong"]),
@@ -242,6 +259,15 @@ def analyse(
         "clients_connected_at_end": clients["connected_at_end"],
         "clients_served_at_end": clients.get("served_at_end"),
     }
+
+
+def keep_every_loss(result: dict[str, Any], logs: Path | None) -> None:
+    """Take the full list of losses out of `analyse`'s result (the JSON keeps the first
+    50) and write it to `sessions_lost.json` in the --logs directory, if there is one."""
+    every = result.pop("sessions_lost_all")
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / "sessions_lost.json").write_text(json.dumps(every, indent=0) + "\n")
 
 
 # The window whose lowest RSS sample is the floor (`fit_per_hour`): twice the period of

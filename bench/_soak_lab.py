@@ -38,7 +38,7 @@ from fractions import Fraction
 from typing import Any
 
 from _common import progress
-from _soak_analysis import analyse, fit_per_hour
+from _soak_analysis import analyse, fit_per_hour, keep_every_loss
 from _soak_flood import build
 from _soak_lab_clients import Ledger, OwnerLog
 from _soak_lab_faults import (
@@ -481,6 +481,7 @@ class LabSoak:
         result = analyse(
             self.faults, infra, clients, self.seconds, self.args.technique, self.args.rate
         )
+        keep_every_loss(result, self.args.logs)
         names = sorted({k for s in self.samples for k in s if k not in ("t", "mfc_entries")})
         growth: dict[str, Any] = {}
         for name in names:

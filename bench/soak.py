@@ -58,7 +58,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import _plots
 from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, expect, node_command
-from _soak_analysis import analyse, fit_per_hour
+from _soak_analysis import analyse, fit_per_hour, keep_every_loss
 from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
 from _soak_hosts import RouterProcess, Spill, clients_child, infra_child
@@ -415,6 +415,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     result = analyse(
         pool_faults, results["infra"], results["clients"], seconds, topo.pool.technique, args.rate
     )
+    keep_every_loss(result, args.logs)
     vip_lost = 0
     if vip_on and "vip" in results:
         vip = analyse_vip(faults, results["vip"])

@@ -364,3 +364,70 @@ def test_members_that_split_off_at_the_start_adopt_the_coordinators_state() -> N
     assert set(assert_one_allocation(run).servers) == {"s1", "s2", "s3", "s4"}
     failures = [f for c in run.nodes.clients.values() for at, f in c.stats.failures if at >= 4.0]
     assert failures == []
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_a_server_back_from_a_router_outage_takes_no_connection_from_its_owner(
+    seed: int,
+) -> None:
+    """Soak seed 20261201 (`--minutes 5 --cycle-s 20 --kinds
+    kill,router_restart,loss_burst,set_share`; docs/soak.md finding 13): rb restarted
+    1.1 s while s4 was dead, then s3 was killed 2 s after rb came back, and 67 clients
+    that s1 or s2 owned throughout lost their sessions. s3, alone behind the dead rb,
+    had taken the whole space; back, it was sent every client's packets until it
+    merged, and asked for each connection: s1 and s2 gave it connections they were
+    serving, which died with it. Here s3 is killed 0.6 s after rb is back: 4 sessions
+    of clients s3 never owned were lost with these seeds. Now a server keeps a
+    connection whose client it serves and answers `held`; the asker lets its query
+    lapse without a reset and forgets it once its own view moves on."""
+    run, _ = start(two_edge_pool(16.0), seed=seed)
+    servers, clients = run.nodes.servers, run.nodes.clients
+    run_to(run, KILLED_AT)
+
+    def owned_by_s3() -> set[str]:
+        allocation = servers["s1"].coordinator.allocation
+        assert allocation is not None
+        return {n for n, c in clients.items() if allocation.owner(c.address) == "s3"}
+
+    s3_clients = owned_by_s3()
+    run.network.kill("s4")
+    run_to(run, KILLED_AT + 1.0)
+    restart(run, "rb", 1.1)
+    run_to(run, run.now + 0.6)
+    s3_clients |= owned_by_s3()
+    hit_before = {n for n, c in clients.items() if c.stats.failures or c.stats.resets}
+    run.network.kill("s3")
+    run_to(run, run.now + 6.0)
+    hit = {n for n, c in clients.items() if c.stats.failures or c.stats.resets} - hit_before
+    assert hit, "killing s3 lost none of its own clients' sessions: the setup changed"
+    # Every session lost is one whose state lived on s3 by the pool's allocation.
+    assert hit <= s3_clients, sorted(hit - s3_clients)
+    held = sum(s.handover.stats.held_back for s in servers.values())
+    assert held > 0  # the stale asker was refused (the path this test is about)
+
+
+def test_a_server_that_outlived_the_others_serves_every_client() -> None:
+    """The counterpart of the rules for a part of the pool that was cut off (it keeps
+    no connection when asked, and takes no new one while more live servers hold
+    another state than hold its own): s1 alone holds its state, but it hears none of
+    the others, so it takes the whole space and serves everyone, new connections
+    included."""
+    run, _ = start(two_edge_pool(14.0), seed=1)
+    run_to(run, KILLED_AT)
+    reconnects = {n: c.stats.reconnects for n, c in run.nodes.clients.items()}
+    for name in ("s2", "s3", "s4"):
+        run.network.kill(name)
+    run_to(run, KILLED_AT + 3.0)
+    s1 = run.nodes.servers["s1"]
+    assert s1.coordinator.allocation is not None
+    assert s1.coordinator.allocation.servers == ("s1",)
+    assert not s1._yielding(run.now)
+    settled = run.now
+    run_to(run, settled + 4.0)
+    clients = run.nodes.clients
+    assert all(c.stats.first_ok_after(settled) is not None for c in clients.values())
+    # the clients of the dead servers reconnected, and s1 took their new connections
+    assert sum(c.stats.reconnects > reconnects[n] for n, c in clients.items()) > 0
+    assert not [
+        (n, at, why) for n, c in clients.items() for at, why in c.stats.failures if at > settled
+    ]

@@ -11,6 +11,8 @@ may be lost.
 
 from __future__ import annotations
 
+from manycast.protocol.server import Server
+from manycast.protocol.tcp import ConnKey
 from manycast.wire import control
 from manycast.wire.transport import TcpFlags, TcpSegment
 from pooltools import pool_toml, run_to, start
@@ -80,6 +82,14 @@ def test_a_state_is_given_again_only_for_the_same_query() -> None:
     assert giver.handover.stats.transfer_resent == sent + 1  # the same query, again
 
 
+def _unknown_segment_reaches(server: Server, key: ConnKey, now: float) -> None:
+    """A segment of connection `key`, which `server` does not hold, reaches it."""
+    (group, port), (client, client_port) = key
+    segment = TcpSegment(client_port, port, 0, 0, TcpFlags.ACK, 1024)
+    server.handover.on_unknown(client, group, segment, now)
+    server._act(now)
+
+
 def _record(into: list[tuple[str, str, control.ControlMessage]]) -> object:
     """A drop rule that loses nothing: it records every control message into a server."""
 
@@ -126,14 +136,43 @@ def test_a_server_asked_for_a_state_it_does_not_hold_says_so_and_the_asker_asks_
     holder = next(s for s in run.nodes.servers.values() if s.endpoint.keys())
     asker, wrong = [s for s in run.nodes.servers.values() if s is not holder][:2]
     key = next(iter(holder.endpoint.keys()))
-    (group, port), (client, client_port) = key
     asker.handover.previous_owner = lambda _: wrong.address
-    segment = TcpSegment(client_port, port, 0, 0, TcpFlags.ACK, 1024)
-    asker.handover.on_unknown(client, group, segment, run.now)
-    asker._act(run.now)
+    # The holder's view has moved the client on: it gives the state (a holder that
+    # still serves the client keeps it, `test_router_restart`).
+    holder.handover.keeps = lambda _client, _now: False
+    _unknown_segment_reaches(asker, key, run.now)
     asked = run.now
     run_to(run, asked + 0.05)
     said = [m for _, s, m in seen if s == wrong.name and isinstance(m, control.StateReply)]
     assert [m.found for m in said] == [False]
     assert holder.handover.stats.transferred_out >= 1 and key not in holder.endpoint
     assert key in asker.endpoint  # the state reached the asker within 50 ms
+
+
+def test_a_server_keeps_a_connection_whose_client_it_serves_and_the_asker_passes_it_on() -> None:
+    """Asked for a connection whose client it serves by its own view, a server keeps
+    it and answers "held": the asker's view is behind or ahead (docs/soak.md, finding
+    13). The asker passes the client's segments on to it instead, and when its query
+    runs out it resets nothing: the connection lives on where its client reaches."""
+    run, trace = start(_pool(clients=16), seed=20261201)
+    run_to(run, 6.0)
+    seen: list[tuple[str, str, control.ControlMessage]] = []
+    trace.drop(_record(seen))  # type: ignore[arg-type]
+    servers = list(run.nodes.servers.values())
+    holder = next(s for s in servers if s.endpoint.keys())
+    asker = next(s for s in servers if s is not holder)
+    key = next(iter(holder.endpoint.keys()))
+    assert holder._serves(key[1][0])  # the connection's client
+    resets = asker.handover.stats.reset_unknown
+    _unknown_segment_reaches(asker, key, run.now)
+    asked = run.now
+    run_to(run, asked + 0.05)
+    said = [m for _, s, m in seen if s == holder.name and isinstance(m, control.StateReply)]
+    assert [(m.found, m.held) for m in said] == [(False, True)]
+    passed = [m for _, s, m in seen if s == asker.name and isinstance(m, control.Forwarded)]
+    assert len(passed) == 1 and holder.handover.stats.forwarded_in == 1
+    run_to(run, asked + asker.handover.query_timeout + 0.1)
+    assert key in holder.endpoint and key not in asker.endpoint
+    assert asker.handover.stats.reset_unknown == resets  # no reset for the held connection
+    assert not asker.handover._queries
+    assert sum(c.stats.requests_failed for c in run.nodes.clients.values()) == 0

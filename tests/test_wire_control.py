@@ -163,8 +163,9 @@ def proposals(draw: st.DrawFn) -> Proposal:
 def stateful_replies(draw: st.DrawFn) -> StateReply:
     found = draw(st.booleans())
     blobs = st.binary(max_size=64) if found else st.just(b"")
+    held = False if found else draw(st.booleans())
     return StateReply(
-        draw(ids), draw(u32), draw(u64), draw(keys()), found, draw(blobs), draw(blobs)
+        draw(ids), draw(u32), draw(u64), draw(keys()), found, draw(blobs), draw(blobs), held
     )
 
 
@@ -501,6 +502,27 @@ DIGEST = b"\x01" * 8
                 + b"\x00\x00\x00\x00",
             ),
             "not found",
+        ),
+        (
+            _message(
+                MessageType.STATE_REPLY,
+                b"\x00" * 8
+                + V4
+                + b"\x00\x01"
+                + V4
+                + b"\x00\x02"
+                + b"\x02"
+                + b"\x00\x00\x00\x01x"
+                + b"\x00\x00\x00\x00",
+            ),
+            "not found",
+        ),
+        (
+            _message(
+                MessageType.STATE_REPLY,
+                b"\x00" * 8 + V4 + b"\x00\x01" + V4 + b"\x00\x02" + b"\x03" + b"\x00" * 8,
+            ),
+            "outcome must be 0, 1 or 2, not 3",
         ),
         (
             _message(

@@ -19,7 +19,10 @@ The pool chooses one technique:
   imports it and continues the connection, segments that arrived meanwhile
   included. The old owner keeps the reply for `given_kept` seconds and sends it
   again when the same query comes again: the reply is the connection's only copy,
-  and one lost or late datagram must not lose it. The asker asks again every
+  and one lost or late datagram must not lose it. A server that serves the
+  connection's client by its own view keeps it and answers "held" (`keeps`): the
+  asker's view is behind or ahead, and it passes the client's segments on to the
+  holder instead, resetting nothing. The asker asks again every
   `QUERY_RESEND` seconds until its `query_timeout`, and at once when a server it
   held dead is heard again (`peer_returned`): an old owner cut off by a router's
   outage keeps its connections, and its return restarts the wait.
@@ -82,6 +85,7 @@ class HandoverStats:
     transferred_out: int = 0  # R3: connections whose state we handed over
     transfer_resent: int = 0  # R3: a handed-over state sent again to the same asker
     transferred_in: int = 0  # R3: connections we continued from another server's state
+    held_back: int = 0  # R3: asked for a connection whose client we serve: kept, said so
     pinned: int = 0  # R4: connections we tagged onto our tree before giving them up
     unpinned: int = 0  # ... and untagged when they closed
     no_edge: int = 0  # R4: connections of clients with no edge router known (not pinned)
@@ -99,6 +103,9 @@ class _Query:
     wanted: control.ConnectionKey
     resend: float
     segments: list[Segment] = field(default_factory=list)
+    # A server that keeps the connection, as it serves its client by its view (ours is
+    # behind, or ahead): the segments are passed on to it, and nothing is reset.
+    holder: Address | None = None
 
 
 @dataclass
@@ -134,10 +141,15 @@ class Handover:
         group6: Address | None = None,
         address6: Address | None = None,
         previous_owner: Callable[[Address], Address | None] | None = None,
+        serves: Callable[[Address], bool] | None = None,
+        keeps: Callable[[Address, float], bool] | None = None,
     ) -> None:
         """`group6`, `address6`: a dual-stack pool's IPv6 group beside `group`, and our
         IPv6 address beside `address` (the root of our tree for IPv6 clients);
-        `previous_owner`: a client's owner before the latest change (R3 asks it first)."""
+        `previous_owner`: a client's owner before the latest change (R3 asks it first);
+        `serves`: whether a client is ours by the allocation we hold now (R3 resets a
+        connection no state came for only then); `keeps`: whether we keep a connection
+        of a client when another server asks for it (`Server._keeps`)."""
         if technique not in tuple(Technique):
             names = ", ".join(Technique)
             raise ConfigError(f"technique must be one of {names}, not {technique!r}")
@@ -150,6 +162,8 @@ class Handover:
         self.address = address
         self.address6 = address6
         self.previous_owner = previous_owner
+        self.serves = serves
+        self.keeps = keeps
         self.group = group
         self._groups = {group} if group6 is None else {group, group6}
         self.port = port
@@ -258,7 +272,7 @@ class Handover:
         self.stats.reset_unknown += 1
 
     def _forward(self, item: Segment, now: float) -> None:
-        src, dst, segment = item
+        src, _, segment = item
         flow = (int(src), segment.src_port)
         entry = self._forwards.get(flow)
         if entry is None:
@@ -269,9 +283,15 @@ class Handover:
             self._reset(item)
             return
         entry.last_used = now
+        self._pass_on(item, entry.target)
+
+    def _pass_on(self, item: Segment, to: Address | None) -> None:
+        """The client's segment, as it came, to the server that holds its connection
+        (R2; R3's `holder`), or to the whole control group (R2, not known yet)."""
+        src, dst, segment = item
         packet = make_packet(src, dst, IPPROTO_TCP, segment.to_wire(src, dst))
         message = control.Forwarded(self.name, 0, self.address, packet.to_wire())
-        self.send_control(message, entry.target)
+        self.send_control(message, to)
         self.stats.forwarded_out += 1
 
     def _query(self, key: ConnKey, item: Segment, now: float) -> None:
@@ -292,7 +312,9 @@ class Handover:
             to = owner if owner is not None and owner not in (self.address, self.address6) else None
             self.send_control(control.StateQuery(self.name, 0, query_id, wanted), to)
             self.stats.queries += 1
-        if len(query.segments) < 64:
+        if query.holder is not None:
+            self._pass_on(item, query.holder)
+        elif len(query.segments) < 64:
             query.segments.append(item)
 
     def peer_returned(self, now: float) -> None:
@@ -337,7 +359,7 @@ class Handover:
         elif isinstance(message, control.StateQuery):
             self._on_state_query(message, now, source, via_group)
         elif isinstance(message, control.StateReply):
-            self._on_state_reply(message, now)
+            self._on_state_reply(message, now, source)
         else:
             return False
         return True
@@ -356,6 +378,12 @@ class Handover:
             return  # not ours either
         self.stats.forwarded_in += 1
         self.host.deliver_tcp(ip, now)
+        conn = self.endpoint.connection(key)
+        if self.technique is not Technique.R2 and conn is not None and conn.bytes_unacked:
+            # R3: a server whose view is behind or ahead of ours passed the client's
+            # segment on (`_Query.holder`): the client did not reach us, so what we
+            # sent it since may have gone astray too, and our timer has backed off.
+            conn.retransmit_now(now)
         receiver = message.receiver
         if receiver.version != self.address.version or receiver == self.address:
             return
@@ -372,7 +400,14 @@ class Handover:
         self, query: control.StateQuery, now: float, source: Address | None, via_group: bool
     ) -> None:
         """Hand the connection's state over to the asker, point to point (`source`):
-        only it can use it. Asked point to point for a state we do not hold, say so."""
+        only it can use it. Asked point to point for a state we do not hold, say so.
+        Keep a connection whose client we serve now (`keeps`), and say so: the asker's
+        view of the allocation is not ours (a server cut off by a router's outage takes
+        the whole space until it merges back, and asks for every connection it is
+        sent; or its change committed a moment before ours): given, the connection
+        would leave the server its client reaches, or die with a server it never
+        belonged to (finding 13 of docs/soak.md). Once we no longer serve the client,
+        the asker's next resend gets it."""
         wanted = query.key
         key: ConnKey = ((wanted.group, wanted.service_port), (wanted.client, wanted.client_port))
         conn = self.endpoint.connection(key)
@@ -380,6 +415,12 @@ class Handover:
             if not self._give_again(query, now) and not via_group and source is not None:
                 missing = control.StateReply(self.name, 0, query.query_id, wanted, False)
                 self.send_control(missing, source)
+            return
+        if self.keeps is not None and self.keeps(wanted.client, now):
+            if source is not None:
+                held = control.StateReply(self.name, 0, query.query_id, wanted, False, held=True)
+                self.send_control(held, source)
+            self.stats.held_back += 1
             return
         try:
             self.host.flush()  # what it queued still goes out from here
@@ -415,12 +456,22 @@ class Handover:
         self.stats.transfer_resent += 1
         return True
 
-    def _on_state_reply(self, reply: control.StateReply, now: float) -> None:
+    def _on_state_reply(
+        self, reply: control.StateReply, now: float, source: Address | None = None
+    ) -> None:
         if not reply.found:
-            # The server we asked first has no such state: ask everyone, now.
             asked = self._query_ids.get(reply.query_id)
             query = self._queries.get(asked) if asked is not None else None
-            if query is not None and query.query_id == reply.query_id:
+            if query is not None and query.query_id == reply.query_id and reply.held:
+                # Its holder serves the client: it answers what reached us instead.
+                # Asked again at each resend, in case our views come to agree.
+                if source is not None:
+                    query.holder = source
+                    for item in query.segments:
+                        self._pass_on(item, source)
+                    query.segments.clear()
+            elif query is not None and query.query_id == reply.query_id:
+                # The server we asked first has no such state: ask everyone, now.
                 query.resend = now + QUERY_RESEND
                 self.send_control(
                     control.StateQuery(self.name, 0, query.query_id, query.wanted), None
@@ -491,11 +542,15 @@ class Handover:
                     control.StateQuery(self.name, 0, query.query_id, query.wanted), None
                 )
             if query.deadline <= now:
-                # No server had the state: the connection cannot continue (R1 fallback).
+                # No server had the state: the connection cannot continue (R1 fallback),
+                # unless a server keeps it (`holder`), or its client is no longer ours
+                # (our view moved on while we asked: its owner answers it, or resets it).
                 del self._queries[key]
                 self._query_ids.pop(query.query_id, None)
-                for item in query.segments[-1:]:
-                    self._reset(item)
+                client = key[1][0]
+                if query.holder is None and (self.serves is None or self.serves(client)):
+                    for item in query.segments[-1:]:
+                        self._reset(item)
         stale = [f for f, e in self._forwards.items() if now - e.last_used > self.idle_timeout]
         for flow in stale:
             del self._forwards[flow]

@@ -176,6 +176,8 @@ class Server(Node):
             group6=settings.group6,
             address6=self.address6,
             previous_owner=self._previous_owner,
+            serves=None if settings.vip else self._serves,
+            keeps=None if settings.vip else self._keeps,
         )
         # The allocation before the latest we applied, and that one (`_previous_owner`).
         self._applied: tuple[Allocation | None, Allocation | None] = (None, None)
@@ -211,7 +213,11 @@ class Server(Node):
         if protocol == IPPROTO_TCP and (dst == self.settings.group or dst == self.settings.group6):
             # A VIP pool's flows come to whichever server the VIP router chose for them.
             vip = self.settings.vip
-            if not vip and not self._serves(ip.header.src) and not self._knows(ip):
+            if (
+                not vip
+                and not self._knows(ip)
+                and (not self._serves(ip.header.src) or self._yielding(now))
+            ):
                 # Neither our client nor a connection we keep (a stale route during a
                 # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
@@ -274,6 +280,33 @@ class Server(Node):
         """Whether `client` is ours (in a dual-stack pool, by its family's filter)."""
         held = self._held()
         return held is not None and held.owns(client)
+
+    def _keeps(self, client: Address, now: float) -> bool:
+        """R3: whether a connection of `client` we hold stays here when another server
+        asks for it: we serve the client, and our view of the allocation does not
+        yield to another (`_yielding`)."""
+        return self._serves(client) and not self._yielding(now)
+
+    def _yielding(self, now: float) -> bool:
+        """Whether more live servers hold some other state (epoch and digest), not
+        older than ours, than hold ours, we included. So it is for a part of the pool
+        cut off from the rest (a server alone behind a router that came back, which
+        took the whole space) from when it hears the rest again until it adopts their
+        state, a round trip or two later; and for a server a commit has not reached
+        yet. Meanwhile the other part's servers serve the clients: we take no
+        connection we do not hold (both would take a client's SYN, each with its own
+        sequence numbers), and give the ones we hold when asked (docs/soak.md,
+        finding 13). A server that outlived the others hears none of them, and
+        serves everyone."""
+        coordinator = self.coordinator
+        held: Counter[tuple[int, str]] = Counter()
+        for name, peer in coordinator.peers.items():
+            # (A state older than ours is one we moved past: its holders, heard before
+            # they adopted our latest commit, follow us.)
+            if peer.epoch >= coordinator.epoch and not coordinator.held_dead(name, now):
+                held[(peer.epoch, peer.digest)] += 1
+        ours = held.pop(coordinator.view, 0) + 1
+        return any(count > ours for count in held.values())
 
     def _held(self) -> Held | None:
         """What we serve, as the technique sees it (a dual-stack pool's: both families)."""

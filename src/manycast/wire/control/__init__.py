@@ -45,8 +45,10 @@ Layout, big-endian, field widths in bits:
      9  Redirect        client-address client-port(16) service-port(16)
                         target-address target-port(16)
     10  StateQuery      query-id(64) key
-    11  StateReply      query-id(64) key found(8) length(32) transport-state
+    11  StateReply      query-id(64) key outcome(8) length(32) transport-state
                         length(32) application-state
+                        (outcome: 0 not found, 1 found, 2 held by a server
+                        that serves its client now, not given)
     12, 13              retired (R4's per-hop pins), refused as unknown types
     14  ServerHello     server-address vip-address hold-ms(32)
     15  LabelMapping    router-address hold-ms(32) count(16) (fec-address label(32))...

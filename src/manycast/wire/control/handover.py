@@ -22,7 +22,6 @@ from manycast.wire.control.fields import (
     check_address,
     check_uint,
     read_address,
-    read_flag,
     set_field,
     write_address,
 )
@@ -148,11 +147,17 @@ class StateQuery(Envelope):
         return cls(sender, seq, query_id, ConnectionKey._read(r))
 
 
+_HELD = 2  # StateReply's outcome byte: found, not given (its holder serves the client)
+
+
 @control_message
 @dataclass(frozen=True, slots=True)
 class StateReply(Envelope):
     """R3 (Fig 15, 1530): the old owner's answer; the states are opaque here and empty
-    when the connection was not found."""
+    when the connection was not found. `held`: not given, though found, because its
+    holder serves the connection's client now (a server whose view of the allocation
+    is behind asked for it); the asker lets its query lapse instead of resetting the
+    client. One byte on the wire: 0 not found, 1 found, 2 held."""
 
     TYPE: ClassVar[MessageType] = MessageType.STATE_REPLY
     query_id: int
@@ -160,13 +165,17 @@ class StateReply(Envelope):
     found: bool
     transport_state: bytes = b""
     app_state: bytes = b""
+    held: bool = False
 
     def _check(self, what: str) -> None:
         check_uint(what, "query_id", self.query_id, U64)
         if not isinstance(self.key, ConnectionKey):
             raise WireError(f"{what}: key must be a ConnectionKey, not {self.key!r}")
-        if not isinstance(self.found, bool):
-            raise WireError(f"{what}: found must be a bool, not {self.found!r}")
+        for name in ("found", "held"):
+            if not isinstance(getattr(self, name), bool):
+                raise WireError(f"{what}: {name} must be a bool, not {getattr(self, name)!r}")
+        if self.found and self.held:
+            raise WireError(f"{what}: a state both given and held")
         for name in ("transport_state", "app_state"):
             blob = as_bytes(what, name, getattr(self, name))
             set_field(self, name, blob)
@@ -178,7 +187,7 @@ class StateReply(Envelope):
     def _write_body(self, w: Writer) -> None:
         w.u64(self.query_id)
         self.key._write(w)
-        w.u8(self.found)
+        w.u8(1 if self.found else _HELD if self.held else 0)
         w.u32(len(self.transport_state)).bytes(self.transport_state)
         w.u32(len(self.app_state)).bytes(self.app_state)
 
@@ -186,7 +195,9 @@ class StateReply(Envelope):
     def _read_body(cls, sender: str, seq: int, r: Reader) -> StateReply:
         query_id = r.u64("query id")
         key = ConnectionKey._read(r)
-        found = read_flag(r, "found flag")
+        outcome = r.u8("outcome")
+        if outcome > _HELD:
+            raise WireError(f"{r.what}: outcome must be 0, 1 or {_HELD}, not {outcome}")
         transport = r.bytes(r.u32("transport state length"), "transport state")
         app = r.bytes(r.u32("application state length"), "application state")
-        return cls(sender, seq, query_id, key, found, transport, app)
+        return cls(sender, seq, query_id, key, outcome == 1, transport, app, outcome == _HELD)
