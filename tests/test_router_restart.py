@@ -407,10 +407,11 @@ def test_a_server_back_from_a_router_outage_takes_no_connection_from_its_owner(
 
 
 def test_a_server_that_outlived_the_others_serves_every_client() -> None:
-    """The counterpart of the rule for a part of the pool that was cut off (it keeps
-    no connection when asked while more live servers hold another state than hold its
-    own): s1 alone holds its state, but it hears none of the others, so it does not
-    yield; it takes the whole space and serves everyone, new connections included."""
+    """The counterpart of the rules for a part of the pool that was cut off (it keeps
+    no connection when asked, and takes no new one while more live servers hold
+    another state than hold its own): s1 alone holds its state, but it hears none of
+    the others, so it takes the whole space and serves everyone, new connections
+    included."""
     run, _ = start(two_edge_pool(14.0), seed=1)
     run_to(run, KILLED_AT)
     reconnects = {n: c.stats.reconnects for n, c in run.nodes.clients.items()}

@@ -213,7 +213,11 @@ class Server(Node):
         if protocol == IPPROTO_TCP and (dst == self.settings.group or dst == self.settings.group6):
             # A VIP pool's flows come to whichever server the VIP router chose for them.
             vip = self.settings.vip
-            if not vip and not self._serves(ip.header.src) and not self._knows(ip):
+            if (
+                not vip
+                and not self._knows(ip)
+                and (not self._serves(ip.header.src) or self._yielding(now))
+            ):
                 # Neither our client nor a connection we keep (a stale route during a
                 # change): drop it; the client retransmits to the new owner.
                 self.stats.misrouted += 1
@@ -289,9 +293,11 @@ class Server(Node):
         cut off from the rest (a server alone behind a router that came back, which
         took the whole space) from when it hears the rest again until it adopts their
         state, a round trip or two later; and for a server a commit has not reached
-        yet. Meanwhile the other part's servers serve the clients, and we give the
-        connections we hold when asked (docs/soak.md, finding 13). A server that
-        outlived the others hears none of them, and keeps what it serves."""
+        yet. Meanwhile the other part's servers serve the clients: we take no
+        connection we do not hold (both would take a client's SYN, each with its own
+        sequence numbers), and give the ones we hold when asked (docs/soak.md,
+        finding 13). A server that outlived the others hears none of them, and
+        serves everyone."""
         coordinator = self.coordinator
         held: Counter[tuple[int, str]] = Counter()
         for name, peer in coordinator.peers.items():
