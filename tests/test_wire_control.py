@@ -448,6 +448,14 @@ V4 = b"\x04\x0a\x00\x00\x01"
 DIGEST = b"\x01" * 8
 
 
+Z4 = b"\x00" * 4
+
+
+def _reply_head(outcome: bytes) -> bytes:
+    """A StateReply's body up to its outcome byte: query id, key, `outcome`."""
+    return b"\x00" * 8 + V4 + b"\x00\x01" + V4 + b"\x00\x02" + outcome
+
+
 @pytest.mark.parametrize(
     ("data", "error"),
     [
@@ -490,37 +498,17 @@ DIGEST = b"\x01" * 8
             "mix families",
         ),
         (
-            _message(
-                MessageType.STATE_REPLY,
-                b"\x00" * 8
-                + V4
-                + b"\x00\x01"
-                + V4
-                + b"\x00\x02"
-                + b"\x00"
-                + b"\x00\x00\x00\x01x"
-                + b"\x00\x00\x00\x00",
-            ),
+            _message(MessageType.STATE_REPLY, _reply_head(b"\x00") + b"\x00\x00\x00\x01x" + Z4),
+            "not found",
+        ),
+        (
+            _message(MessageType.STATE_REPLY, _reply_head(b"\x02") + b"\x00\x00\x00\x01x" + Z4),
             "not found",
         ),
         (
             _message(
                 MessageType.STATE_REPLY,
-                b"\x00" * 8
-                + V4
-                + b"\x00\x01"
-                + V4
-                + b"\x00\x02"
-                + b"\x02"
-                + b"\x00\x00\x00\x01x"
-                + b"\x00\x00\x00\x00",
-            ),
-            "not found",
-        ),
-        (
-            _message(
-                MessageType.STATE_REPLY,
-                b"\x00" * 8 + V4 + b"\x00\x01" + V4 + b"\x00\x02" + b"\x03" + b"\x00" * 8,
+                _reply_head(b"\x03") + Z4 + Z4,
             ),
             "outcome must be 0, 1 or 2, not 3",
         ),
