@@ -406,6 +406,45 @@ def test_a_server_back_from_a_router_outage_takes_no_connection_from_its_owner(
     assert held > 0  # the stale asker was refused (the path this test is about)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_part_cut_off_that_counted_further_yields_as_soon_as_it_hears_the_rest(
+    seed: int,
+) -> None:
+    """Soak seed 20261201 (`--minutes 5 --cycle-s 20`, every kind; docs/soak.md
+    finding 14): during a loss burst s3 stopped hearing the other servers and removed
+    them, then removed s4 (killed): its part had counted two epochs while the bigger
+    part had counted one. A server yielded only to states not older than its own, so
+    s3, back in touch, went on taking SYNs and asking for connections for 16 s, and
+    the pool lost 5573 sessions in 5 minutes. Here the servers' control messages
+    between {s1, s2} and {s3, s4} are lost for 3 s (the routers still reach both) and
+    s4 dies meanwhile. Both parts take the clients' SYNs while they are apart; once
+    s3 hears s1 and s2 again it yields at once, though its epoch is the greater, and
+    the clients' resets stop: none from 50 ms after the heal until the merge."""
+    run, trace = start(two_edge_pool(12.0), seed=seed)
+    servers, clients = run.nodes.servers, run.nodes.clients
+    cut, healed = 4.0, 7.0
+    run_to(run, cut)
+    trace.cut({"s1", "s2"}, {"s3", "s4"}, cut, healed)
+    run_to(run, cut + 1.5)
+    run.network.kill("s4")
+    run_to(run, healed)
+    s1, s3 = servers["s1"].coordinator, servers["s3"].coordinator
+    assert s3.allocation is not None and s3.allocation.servers == ("s3",)
+    assert s3.epoch > s1.epoch  # the part cut off counted further
+    run_to(run, healed + 0.05)
+    assert servers["s3"]._yielding(run.now)
+    run_to(run, healed + 2.0)
+    merged = min(at for at, _, _ in s3.changes if at > healed)  # s1's state adopted
+    assert all(why.endswith("from s1") for at, _, why in s3.changes if at > healed)
+    storm = [
+        (round(at - healed, 3), name)
+        for name, c in clients.items()
+        for at in c.stats.disruptions
+        if healed + 0.05 < at <= merged
+    ]
+    assert not storm, storm
+
+
 def test_a_server_that_outlived_the_others_serves_every_client() -> None:
     """The counterpart of the rules for a part of the pool that was cut off (it keeps
     no connection when asked, and takes no new one while more live servers hold

@@ -152,8 +152,9 @@ def test_a_server_asked_for_a_state_it_does_not_hold_says_so_and_the_asker_asks_
 def test_a_server_keeps_a_connection_whose_client_it_serves_and_the_asker_passes_it_on() -> None:
     """Asked for a connection whose client it serves by its own view, a server keeps
     it and answers "held": the asker's view is behind or ahead (docs/soak.md, finding
-    13). The asker passes the client's segments on to it instead, and when its query
-    runs out it resets nothing: the connection lives on where its client reaches."""
+    13). The asker passes the client's segments on to it instead, asks it alone again
+    until its query runs out, and then resets nothing: the connection lives on where
+    its client reaches."""
     run, trace = start(_pool(clients=16), seed=20261201)
     run_to(run, 6.0)
     seen: list[tuple[str, str, control.ControlMessage]] = []
@@ -171,8 +172,16 @@ def test_a_server_keeps_a_connection_whose_client_it_serves_and_the_asker_passes
     assert [(m.found, m.held) for m in said] == [(False, True)]
     passed = [m for _, s, m in seen if s == asker.name and isinstance(m, control.Forwarded)]
     assert len(passed) == 1 and holder.handover.stats.forwarded_in == 1
+    # A third server is held dead by the asker for a moment and heard again.
+    third = next(s for s in servers if s not in (holder, asker))
+    trace.cut({third.name}, {asker.name}, run.now, run.now + 0.5)
     run_to(run, asked + asker.handover.query_timeout + 0.1)
     assert key in holder.endpoint and key not in asker.endpoint
+    # The asker asked again while the query lived, the holder alone: before, each
+    # resend went to every server, and so did every query at a peer's return (a
+    # storm under loss bursts, docs/soak.md finding 14).
+    again = [to for to, s, m in seen if s == asker.name and isinstance(m, control.StateQuery)]
+    assert len(again) >= 3 and set(again) == {holder.name}, again
     assert asker.handover.stats.reset_unknown == resets  # no reset for the held connection
     assert not asker.handover._queries
     assert sum(c.stats.requests_failed for c in run.nodes.clients.values()) == 0

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +68,9 @@ ALONE_DOUBT = 3
 WITNESSES = 3  # with the gossip membership: the members whose acks a proposal waits for
 DUTIES_DEBOUNCE = 0.002  # seconds: news of members within this are acted on together
 CHANGES_KEPT = 4096  # the latest adopted changes a coordinator keeps (`changes`)
+# The states we held last (`outnumbered`): a peer holding one of them is of our part, a
+# commit or a few behind us.
+PAST_KEPT = 64
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Coordinator(PeerView):
         # (time, epoch, what) of the latest changes adopted: a history for people
         # and tests, bounded so that a pool running for months does not grow by it.
         self.changes: deque[tuple[float, int, str]] = deque(maxlen=CHANGES_KEPT)
+        self._past: deque[tuple[int, str]] = deque([self.view], maxlen=PAST_KEPT)
         self._seq = 0
         self._outbox: list[control.ControlMessage] = []
         self._to: list[ipaddress.IPv4Address | ipaddress.IPv6Address | None] = []
@@ -356,8 +360,15 @@ class Coordinator(PeerView):
         )
 
     def _duties(self, now: float) -> None:
-        """What the coordinator does each heartbeat: catch up, then fix the allocation."""
-        if self._behind(now) or not self.is_coordinator(now) or self._pending is not None:
+        """What the coordinator does each heartbeat: catch up, then fix the allocation.
+        A part that is outnumbered proposes nothing: its epochs would race the bigger
+        part's coordinator, which proposes past them to add it back."""
+        if (
+            self._behind(now)
+            or not self.is_coordinator(now)
+            or self._pending is not None
+            or self.outnumbered(now)
+        ):
             return
         if self.allocation is None:
             return
@@ -396,6 +407,27 @@ class Coordinator(PeerView):
         """Once per heartbeat: when we are the congested one, ask for a rebalance."""
         if self.load_watch.congested(self.allocation, self.peers.values(), now):
             self.command(self._balance_op(self.settings.rebalance_target, now), now)
+
+    def outnumbered(self, now: float) -> bool:
+        """Whether more live servers hold some other state than hold ours, we included:
+        so it is for a part of the pool that was cut off (a server alone behind a router
+        that came back, or one that stopped hearing the rest for a moment) from when it
+        hears the rest again until it adopts their state; and for a server a commit has
+        not reached yet. A peer holding a state we held before is of our part, behind
+        us by a commit or a few; any other state is another part's, whatever its epoch
+        (a part cut off may have counted past the bigger one: docs/soak.md, finding 14)."""
+        ours = 1
+        others: Counter[tuple[int, str]] = Counter()
+        view, past = self.view, self._past
+        for name, peer in self.peers.items():
+            if peer.epoch <= 0 or self.held_dead(name, now):
+                continue
+            held = (peer.epoch, peer.digest)
+            if held == view or held in past:
+                ours += 1
+            else:
+                others[held] += 1
+        return any(count > ours for count in others.values())
 
     def _balance_op(self, target: float, now: float) -> control.PolicyOp:
         assert self.allocation is not None
@@ -547,6 +579,7 @@ class Coordinator(PeerView):
         if self._refused:
             self._refused = {view for view in self._refused if view[0] > epoch}
         self.changes.append((now, epoch, why))
+        self._past.append(self.view)
         if self.swim is not None:
             # A newcomer learns the pool's members from the allocation (their addresses
             # come with their probes): until the gossip says otherwise they are alive,

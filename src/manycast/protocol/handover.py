@@ -106,6 +106,10 @@ class _Query:
     # A server that keeps the connection, as it serves its client by its view (ours is
     # behind, or ahead): the segments are passed on to it, and nothing is reset.
     holder: Address | None = None
+    # Waited for a server's return once (`peer_returned`): under a loss burst peers are
+    # held dead and heard again many times a second, and a query for a state no one
+    # holds, made to wait again at each, lived on asking the whole group.
+    extended: bool = False
 
 
 @dataclass
@@ -317,16 +321,25 @@ class Handover:
         elif len(query.segments) < 64:
             query.segments.append(item)
 
-    def peer_returned(self, now: float) -> None:
+    def peer_returned(self, now: float, peer: Address) -> None:
         """A server we held dead is heard again (R3, D): it may be the old owner our
         queries wait for, cut off by a router's outage with its connections kept
-        (finding 5 of docs/soak.md). Ask again now, not at the next resend, and wait
-        `query_timeout` from now: what ran out while it was unreachable says nothing
-        of whether it holds the state."""
+        (finding 5 of docs/soak.md). Ask it now, point to point, and everyone again
+        `RETURN_RESEND` later, and wait `query_timeout` from now, once in a query's
+        life: what ran out while it was unreachable says nothing of whether it holds
+        the state. A query whose holder is known is asked only when that is the
+        server heard again (its view may now agree with ours). Under a loss burst
+        peers are held dead and heard again many times a second: asking the whole
+        group at each return, and waiting again each time, made a storm of questions
+        that starved the pool (docs/soak.md, finding 14)."""
         for query in self._queries.values():
-            query.deadline = max(query.deadline, now + self.query_timeout)
-            query.resend = now + RETURN_RESEND
-            self.send_control(control.StateQuery(self.name, 0, query.query_id, query.wanted), None)
+            if query.holder not in (None, peer):
+                continue  # (its holder is known and was not away)
+            if not query.extended:
+                query.extended = True
+                query.deadline = max(query.deadline, now + self.query_timeout)
+            query.resend = min(query.resend, now + RETURN_RESEND)
+            self.send_control(control.StateQuery(self.name, 0, query.query_id, query.wanted), peer)
 
     # -- control messages ----------------------------------------------------------------
     def on_message(
@@ -536,10 +549,12 @@ class Handover:
             self.redirector.on_timer(now)
         for key, query in list(self._queries.items()):
             if query.resend <= now < query.deadline:
-                # The query or its answer may be lost on a busy network: ask again.
+                # The query or its answer may be lost on a busy network: ask again
+                # (a connection's holder alone: it gives it once our views agree).
                 query.resend = now + QUERY_RESEND
                 self.send_control(
-                    control.StateQuery(self.name, 0, query.query_id, query.wanted), None
+                    control.StateQuery(self.name, 0, query.query_id, query.wanted),
+                    query.holder,
                 )
             if query.deadline <= now:
                 # No server had the state: the connection cannot continue (R1 fallback),

@@ -288,25 +288,12 @@ class Server(Node):
         return self._serves(client) and not self._yielding(now)
 
     def _yielding(self, now: float) -> bool:
-        """Whether more live servers hold some other state (epoch and digest), not
-        older than ours, than hold ours, we included. So it is for a part of the pool
-        cut off from the rest (a server alone behind a router that came back, which
-        took the whole space) from when it hears the rest again until it adopts their
-        state, a round trip or two later; and for a server a commit has not reached
-        yet. Meanwhile the other part's servers serve the clients: we take no
-        connection we do not hold (both would take a client's SYN, each with its own
-        sequence numbers), and give the ones we hold when asked (docs/soak.md,
-        finding 13). A server that outlived the others hears none of them, and
-        serves everyone."""
-        coordinator = self.coordinator
-        held: Counter[tuple[int, str]] = Counter()
-        for name, peer in coordinator.peers.items():
-            # (A state older than ours is one we moved past: its holders, heard before
-            # they adopted our latest commit, follow us.)
-            if peer.epoch >= coordinator.epoch and not coordinator.held_dead(name, now):
-                held[(peer.epoch, peer.digest)] += 1
-        ours = held.pop(coordinator.view, 0) + 1
-        return any(count > ours for count in held.values())
+        """Whether our part of the pool is outnumbered (`Coordinator.outnumbered`).
+        Meanwhile the other part's servers serve the clients: we take no connection we
+        do not hold (both would take a client's SYN, each with its own sequence
+        numbers), and give the ones we hold when asked (docs/soak.md, finding 13). A
+        server that outlived the others hears none of them, and serves everyone."""
+        return self.coordinator.outnumbered(now)
 
     def _held(self) -> Held | None:
         """What we serve, as the technique sees it (a dual-stack pool's: both families)."""
@@ -396,7 +383,7 @@ class Server(Node):
         if was_dead and not self.coordinator.held_dead(message.sender, now):
             # Alive again to the pool (a router between us restarted, a partition
             # healed): it may hold the states our R3 queries wait for.
-            self.handover.peer_returned(now)
+            self.handover.peer_returned(now, ip.header.src)
 
     def _send_control(self, message: control.ControlMessage, to: Address | None) -> None:
         """To the control group, or to one server or router (point to point)."""
