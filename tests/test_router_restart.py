@@ -36,7 +36,7 @@ from manycast.wire import control
 from manycast.wire.ip import IPPROTO_IGMP, IPv4Packet
 from manycast.wire.membership import IGMP_V3_ROUTERS
 from manycast.wire.membership_query import ALL_SYSTEMS, IGMPv3Query, igmp_query_packet
-from pooltools import assert_one_allocation, run_to, start, table
+from pooltools import allocation, assert_one_allocation, owners, run_to, start, table
 from test_private import Family, family, private_pool
 
 REPORT_INTERVAL = 1.0
@@ -443,6 +443,38 @@ def test_a_part_cut_off_that_counted_further_yields_as_soon_as_it_hears_the_rest
         if healed + 0.05 < at <= merged
     ]
     assert not storm, storm
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_servers_do_not_ack_their_removal_by_one_that_stopped_hearing_them(seed: int) -> None:
+    """Soak seed 20261201 (`--minutes 5 --cycle-s 20`, docs/soak.md finding 14): s3
+    stopped hearing the infrastructure's servers (their host starved, a loss burst)
+    while they still heard it, and proposed their removal; they acked it, and the
+    whole pool adopted s3's lone state, every client moving to s3 and s4 and back.
+    Here what s1 and s2 send is lost to s3 and s4 for 1 s. s3 proposes removing
+    them, but s3 is not their coordinator: they do not ack, keep their allocation
+    and their clients, and s3 adopts their state once it hears them again."""
+    run, trace = start(two_edge_pool(10.0), seed=seed)
+    servers, clients = run.nodes.servers, run.nodes.clients
+    cut, healed = 4.0, 5.0
+    run_to(run, cut)
+    before = owners(allocation(run), run)
+
+    def one_way(to: str, sender: str, message: object, now: float) -> bool:
+        return cut <= now < healed and to in ("s3", "s4") and sender in ("s1", "s2")
+
+    trace.drop(one_way)
+    run_to(run, healed + 2.0)
+    s3 = servers["s3"].coordinator
+    assert any(why == "commit remove s1, s2" for _, _, why in s3.changes)  # it did propose
+    for name in ("s1", "s2"):
+        changes = servers[name].coordinator.changes
+        assert not [why for at, _, why in changes if at > cut and "s3" in why], changes
+        assert servers[name].coordinator.stats.removals_refused > 0
+    after = assert_one_allocation(run)
+    assert owners(after, run) == before  # no client moved
+    assert sum(s.handover.stats.transferred_in for s in servers.values()) == 0
+    assert sum(len(c.stats.failures) + c.stats.resets for c in clients.values()) == 0
 
 
 def test_a_server_that_outlived_the_others_serves_every_client() -> None:

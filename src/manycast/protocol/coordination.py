@@ -90,6 +90,7 @@ class CoordinatorStats:
     commits: int = 0
     snapshots_adopted: int = 0
     snapshots_refused: int = 0  # a split-off part's state that left us out (`_splits_us_off`)
+    removals_refused: int = 0  # our removal proposed by a server not our coordinator
     rejected_ops: int = 0
     messages_sent: int = 0
 
@@ -681,6 +682,18 @@ class Coordinator(PeerView):
             return
         if result.digest() != proposal.digest:
             return  # we would compute something else: do not ack; a snapshot will settle it
+        if (
+            not self.observer
+            and self.name not in result.weights
+            and proposal.sender != self.coordinator(now)
+        ):
+            # Our removal, by a server that is not our coordinator: it stopped hearing
+            # us while we still hear it (its host starved, a loss burst one way). We
+            # stay out of its part: acked, the whole part we are in adopted a lone
+            # server's state, every client moving to it and back (docs/soak.md,
+            # finding 14). Its state is refused too (`_splits_us_off`).
+            self.stats.removals_refused += 1
+            return
         self._offered[proposal.epoch] = (proposal.digest, result, now, base)
         if self.observer:
             return
