@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import pytest
 
+from manycast.pool import build
 from manycast.protocol import coordination, falsealarm
 from manycast.protocol.falsealarm import FalseAlarms
 from manycast.runtime import PoolRun
@@ -82,14 +83,53 @@ def test_the_score_arithmetic() -> None:
     alarms = FalseAlarms(0.3)
     assert alarms.timeout(0.0) == pytest.approx(0.3)
     alarms.removed(["s2"], 1.0)
-    alarms.heard("s2", 1.5)  # heard again 0.5 s after its removal: a false removal
+    alarms.heard("s2", 1.5, 7)  # heard again 0.5 s after its removal: a false removal
     assert alarms.timeout(1.5) == pytest.approx(0.6)
     alarms.removed(["s3"], 2.0)
-    alarms.heard("s3", 6.0)  # back after 4 s: a restart, not a false removal
+    alarms.heard("s3", 6.0, 7)  # back after 4 s: a restart, not a false removal
     assert alarms.false_removals == 1
     assert not alarms.remembering
     assert alarms.timeout(4.4) == pytest.approx(0.6)
     assert alarms.timeout(4.5) == pytest.approx(0.3)  # 10 timeouts after the raise
+
+
+def test_a_member_back_at_its_starting_state_restarted() -> None:
+    alarms = FalseAlarms(2.0)
+    alarms.removed(["s3"], 1.0)
+    alarms.heard("s3", 3.5, 1)  # within 3 timeouts, but at epoch 1: a new process
+    assert alarms.false_removals == 0 and not alarms.remembering
+    assert alarms.timeout(3.5) == pytest.approx(2.0)
+
+
+def restarted_twice(misses: int) -> PoolRun:
+    """s3 killed at 2.0 and at 9.0 s, each time a fresh s3 (as a new process would
+    start: the configured allocation, epoch 1) 3 s later."""
+    run, _ = start(pool_toml(duration=14.0, pool={"heartbeat_misses": misses}), seed=1)
+    for killed in (2.0, 9.0):
+        run_to(run, killed)
+        run.network.kill("s3")
+        run_to(run, killed + 3.0)
+        fresh = build(run.topology, seed=1, wall_base=run.network.wall_base, only={"s3"})
+        run.nodes.servers["s3"] = fresh.servers["s3"]
+        run.network.add(fresh.servers["s3"])
+    run_to(run, 14.0)
+    return run
+
+
+def test_a_server_restarted_soon_after_its_removal_was_dead_all_the_same() -> None:
+    """The soak with a 2 s timeout (20 missed heartbeats; docs/soak.md, finding 15,
+    seed 20261201): a killed server's process was up again 2-5 s after the kill,
+    within `REHEARD` timeouts of its removal, so every kill counted as a false
+    removal and stretched the timeout, until a second kill went unseen (s3 killed at
+    114.1 s and back at 118.8 s, never removed, its clients unanswered). Now a
+    server back at epoch 1 is a restart: both kills are found in one timeout."""
+    run = restarted_twice(20)
+    alarms = run.nodes.servers["s1"].coordinator.false_alarms
+    assert alarms.false_removals == 0
+    found = removals(run, "s3")
+    assert len(found) == 2, found
+    for killed, removed in zip((2.0, 9.0), found, strict=True):
+        assert removed - killed <= 2.0 + 0.35, found  # one timeout, then the commit
 
 
 # -- hearing none of the others (coordination.ALONE_DOUBT) -----------------------------

@@ -15,6 +15,11 @@ all along (a server that really died takes seconds to come back), and that raise
 our local health score; we judge by a timeout of `dead_after` times (score + 1); the
 score comes down by one for every `DECAY` timeouts without another false removal.
 A healthy member still finds a death in one timeout.
+
+A member heard again holding no more than the state a server starts with (epoch 1
+or less) restarted: it did die, however soon it came back. With a long timeout (the
+soak's 2 s) a killed server's process is up again within `REHEARD` timeouts, and
+counting each restart as our fault stretched the timeout until deaths went unseen.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from manycast.protocol.lifeguard import Health
 
 REHEARD = 3  # heard again within this many timeouts of its removal: a false removal
 DECAY = 10  # timeouts without a false removal that bring the score down by one
+STARTED_EPOCH = 1  # a configured server starts at epoch 1, a standby at 0
 
 
 class FalseAlarms:
@@ -51,10 +57,11 @@ class FalseAlarms:
         for name in names:
             self._removed[name] = now
 
-    def heard(self, name: str, now: float) -> None:
-        """A message from `name` (called only while some removal is remembered)."""
+    def heard(self, name: str, now: float, epoch: int) -> None:
+        """A message from `name`, which holds state `epoch` (called only while some
+        removal is remembered)."""
         at = self._removed.pop(name, None)
-        if at is not None and now - at <= REHEARD * self.dead_after:
+        if at is not None and epoch > STARTED_EPOCH and now - at <= REHEARD * self.dead_after:
             self.timeout(now)  # the decay due so far, first
             self.health.apply(1)
             self._changed = now

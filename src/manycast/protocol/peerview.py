@@ -234,11 +234,11 @@ class PeerView:
             peer.address = address
         peer.last_seen = max(peer.last_seen, now) if peer.heard else now
         peer.heard = True
-        if self.false_alarms.remembering:
-            self.false_alarms.heard(name, now)
         if view is not None:
             peer.epoch, peer.digest, peer.load, peer.sessions = view
             self._note_view(peer)
+        if self.false_alarms.remembering:
+            self.false_alarms.heard(name, now, peer.epoch)
 
     def _add_peer(self, peer: Peer) -> Peer:
         self.peers[peer.name] = peer
@@ -258,8 +258,6 @@ class PeerView:
         peer.address, peer.state = hb.address, hb.state
         peer.last_seen = max(peer.last_seen, now) if peer.heard else now
         peer.heard = True
-        if self.false_alarms.remembering:
-            self.false_alarms.heard(hb.sender, now)
         peer.epoch, peer.digest, peer.load, peer.sessions = (
             hb.epoch,
             hb.digest,
@@ -267,6 +265,8 @@ class PeerView:
             hb.sessions,
         )
         self._note_view(peer)
+        if self.false_alarms.remembering:
+            self.false_alarms.heard(hb.sender, now, hb.epoch)
 
     def _heard_state(self, name: str, view: tuple[int, str]) -> None:
         """`name` holds `view` (a proposal's base, a commit): newer than we knew of it?"""
