@@ -57,6 +57,14 @@ FLOOD_PACKETS = 1500
 # without losing a session. A longer outage is a router lost, which no pool can
 # hide from clients whose only way in is that router.
 ROUTER_DOWN_S = (0.3, 1.5)
+# The soak's pool finds a death after this long (`heartbeat_misses` is this over the
+# heartbeat period, 20 at 100 ms): longer than the longest router outage drawn, so
+# that the servers behind a restarted router live through it as an outage, not as a
+# death followed by a return. The pool's default (3 missed 100 ms heartbeats, 0.3 s)
+# is shorter than every outage drawn: each restart then split the pool and merged it
+# again, which cost about ten times the sessions (docs/soak.md, finding 15). A user
+# whose routers restart picks it so too; `--heartbeat-misses 3` runs the default.
+DETECTION_S = 2.0
 # A private pool's DNS server is started again this long after it was killed: "a few
 # seconds", a supervisor's restart of a server that reads its zone files first.
 DNS_DOWN_S = (2.0, 6.0)

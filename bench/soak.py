@@ -5,7 +5,9 @@ bench/_soak_lab.py: the same pool and seeded faults in network namespaces). A po
 overlay split over processes: all the clients (1000 by default, 0.5 requests/s
 each) in one, router ra with servers s1, s2 and standbys s5, s6 in another, router
 rb (the edge of s3, s4 and client LAN b) in a third, and each of the servers s3, s4
-alone in a `manycast run --nodes` process. Technique R3 (lossless) by default.
+alone in a `manycast run --nodes` process. Technique R3 (lossless) by default; the
+pool finds a death after 2 s (20 missed 100 ms heartbeats), longer than any router
+outage drawn (`_soak_plan.DETECTION_S`).
 After a warm-up, `--seed` draws every kind of fault once per 20 s at random offsets
 (they overlap): SIGKILL of s3's or s4's process and its restart 2-5 s later;
 SIGKILL of rb's process and its restart 0.3-1.5 s later; a standby server joining;
@@ -41,6 +43,7 @@ from __future__ import annotations
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import argparse
 import hashlib
+import math
 import multiprocessing
 import os
 import shutil
@@ -65,6 +68,7 @@ from _soak_hosts import RouterProcess, Spill, clients_child, infra_child
 from _soak_lab import lab_arguments, run_lab
 from _soak_plan import (
     CYCLE_S,
+    DETECTION_S,
     KEY_TTL_S,
     KINDS,
     LOCAL_SERVERS,
@@ -552,7 +556,10 @@ def parse_arguments() -> argparse.Namespace:
         "--heartbeat-ms", type=int, default=100, help="heartbeat or probe period (100)"
     )
     parser.add_argument(
-        "--heartbeat-misses", type=int, default=3, help="periods missed before a death (3)"
+        "--heartbeat-misses",
+        type=int,
+        help=f"periods missed before a death (default: {DETECTION_S:g} s of periods on the "
+        "overlay, 20 at 100 ms, longer than any router outage drawn; 3 in the lab)",
     )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
     parser.add_argument(
@@ -566,6 +573,10 @@ def parse_arguments() -> argparse.Namespace:
         help="the kernel-lab variant (root only; bench/_soak_lab.py, docs/soak.md)",
     )
     args = parser.parse_args()
+    if args.heartbeat_ms <= 0 or (args.heartbeat_misses is not None and args.heartbeat_misses < 1):
+        parser.error("--heartbeat-ms and --heartbeat-misses must be positive")
+    if args.heartbeat_misses is None:
+        args.heartbeat_misses = 3 if args.lab else math.ceil(DETECTION_S * 1000 / args.heartbeat_ms)
     if args.lab:
         return lab_arguments(parser, args)
     if args.kinds is None:

@@ -19,6 +19,16 @@ takes a query once however the routers are meshed, and passes on at most one que
 source every RELAY_GAP seconds, so a flood of queries costs little. Queries from
 hosts are not taken.
 
+Two startup queries are enough on a clean link, not on a lossy one: an answer is
+a report of several parts, relayed across the routers, and a member is learned
+only once every part of one report has come (`reassembly.py`). Under a loss burst
+of a quarter of the packets (the soak, docs/soak.md finding 15) a restarted router
+learned some members only from their periodic reports, a second or more later,
+and dropped their clients' packets meanwhile. So a starting router that is still
+dropping packets for want of a member after its startup queries keeps asking,
+one query each Startup Query Interval, up to STARTUP_QUERIES_MAX in all: it stops
+at the first interval in which no packet found no member.
+
 A member (`QueryResponder`, RFC 3376 §5.2) answers a General Query with its current
 report after a random delay within the Max Resp Time, so members do not all answer
 in one instant; a query while an answer is pending changes nothing, and answers are
@@ -56,6 +66,7 @@ from manycast.wire.membership_query import (
 
 STARTUP_QUERIES = 2  # RFC 3376 §8.7: the Robustness Variable's default
 STARTUP_QUERY_INTERVAL = 0.25  # §8.6: a quarter of the query interval (here the report interval)
+STARTUP_QUERIES_MAX = 12  # while packets still find no member: 3 s of asking at most
 QUERY_RESPONSE_S = 0.1  # the Max Resp Time we ask for: a tenth of the report interval
 RELAY_GAP = 0.2  # seconds: at most one query per source passed on in this time
 MIN_ANSWER_GAP = 0.1  # seconds between a member's answers to queries
@@ -91,22 +102,26 @@ class Querier:
         self._route = route
         self._timers = timers
         self._own = {i.address_int for i in interfaces.values()}
-        self._left = STARTUP_QUERIES
+        self._sent = 0  # startup queries sent
+        self._unplaced = 0  # packets dropped for want of a member, at the last one
         self._relayed: dict[int, float] = {}  # query source -> when we last passed one on
         self.query = IGMPv3Query(max_resp_code=value_code(round(QUERY_RESPONSE_S * 10)))
         self.query6 = MLDv2Query(max_resp_code=mld_value_code(round(QUERY_RESPONSE_S * 1000)))
         self.stats = QuerierStats()
 
-    def startup(self, now: float) -> None:
-        """Send the next startup General Query on every interface (the router calls
-        this as it starts, then when its timer "query" fires)."""
-        if self._left <= 0:
+    def startup(self, now: float, unplaced: int = 0) -> None:
+        """Send the next startup General Query on every interface, if one is due (the
+        router calls this as it starts, then when its timer "query" fires);
+        `unplaced`: the group packets it has dropped so far for want of a member."""
+        if self._sent >= STARTUP_QUERIES and (
+            unplaced <= self._unplaced or self._sent >= STARTUP_QUERIES_MAX
+        ):
             return
-        self._left -= 1
+        self._sent += 1
+        self._unplaced = unplaced
         for iface in sorted(self._interfaces):
             self._query_on(iface)
-        if self._left > 0:
-            self._timers.arm("query", now + STARTUP_QUERY_INTERVAL)
+        self._timers.arm("query", now + STARTUP_QUERY_INTERVAL)
 
     def on_query(self, iface: str, packet: bytes, now: float) -> None:
         """A query arrived on `iface`: pass a neighbour router's General Query on."""

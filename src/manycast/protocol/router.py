@@ -286,7 +286,7 @@ class Router(Node):
         if "expire" in fired:
             self._expire(now)
         if "query" in fired:
-            self.querier.startup(now)
+            self.querier.startup(now, self.stats.no_member)
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         try:
