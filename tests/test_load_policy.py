@@ -6,10 +6,15 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import pytest
+
 from manycast.policy import balance_loads, equal_split, set_share, weighted_split
+from manycast.pool import build
 from manycast.runtime import PoolRun
 from manycast.space import AddressSpace, Allocation, diff
 from manycast.topology import loads
+from manycast.wire import control
+from pooltools import assert_one_allocation, pool_toml, run_to, start
 
 # Heavy clients with a stride of 4 all share their low address bits, so under an
 # equal split they all land on one server: it is congested as soon as they speed up.
@@ -155,3 +160,39 @@ def test_a_server_whose_capacity_is_unknown_keeps_its_share() -> None:
     silent = balance_loads(alloc, {"a": 3.0, "b": 0.0, "c": 1.0, "idle": 0.0}, target=1.1)
     assert silent.count("b") == alloc.count("b")  # no load reported: share kept
     assert silent.count("a") < alloc.count("a")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_server_just_restarted_keeps_its_share_in_a_rebalance(seed: int) -> None:
+    """docs/soak.md finding 16 (seed 20261201, 30 minutes): a rebalance 0.25 s after
+    s4 was added back (its process started again 1.3 s before) gave s3 and s4 about
+    95 % of the space. A server's load is an average over `load_smoothing`; s4's
+    counted a few requests for buckets it had only just been given, so its capacity
+    (buckets / load) looked many times the others'. Here s3 is killed and started
+    again, s2's share changes 0.3 s after s3 is back (so the coordinator has counted
+    no busy bucket since: the rebalance goes by capacities), and an operator asks
+    for a rebalance at once: s3 took 47-49 % of the space (seeds 1-3). A server now
+    counts a newcomer's load as not known for 3 time constants: it keeps its share."""
+    run, _ = start(pool_toml(duration=14.0, clients=48), seed=seed)
+    run_to(run, 6.0)
+    run.network.kill("s3")
+    run_to(run, 8.0)
+    fresh = build(run.topology, seed=2, wall_base=run.network.wall_base, only={"s3"})
+    run.nodes.servers["s3"] = fresh.servers["s3"]
+    run.network.add(fresh.servers["s3"])
+    s1 = run.nodes.servers["s1"].coordinator
+    while run.now < 12.0 and not (s1.allocation and "s3" in s1.allocation.servers):
+        run_to(run, run.now + 0.005)
+    run_to(run, run.now + 0.3)
+    run.command("s1", control.SetShareOp("s2", Fraction(1, 5)))
+    epoch = s1.epoch
+    while run.now < 12.0 and s1.epoch == epoch:
+        run_to(run, run.now + 0.001)
+    assert s1.epoch > epoch
+    run.command("s1", control.RebalanceOp(1.1, ()))
+    run_to(run, run.now + 1.0)
+    assert [why for _, _, why in s1.changes][-1] == "commit rebalance to max/mean 1.1"
+    alloc = assert_one_allocation(run)
+    shares = {s: alloc.count(s) / alloc.space.buckets for s in alloc.servers}
+    assert shares["s3"] <= 0.3, shares
+    assert min(shares.values()) >= 0.15, shares

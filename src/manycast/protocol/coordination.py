@@ -433,7 +433,7 @@ class Coordinator(PeerView):
     def _balance_op(self, target: float, now: float) -> control.PolicyOp:
         assert self.allocation is not None
         hot = tuple(self.hot_buckets(now)) if self.hot_buckets is not None else ()
-        return self.load_watch.balance_op(target, self.allocation, self.peers.values(), hot)
+        return self.load_watch.balance_op(target, self.allocation, self.peers.values(), hot, now)
 
     def _behind(self, now: float) -> bool:
         """True (and a snapshot asked for) when a live peer holds a greater state."""
@@ -567,6 +567,8 @@ class Coordinator(PeerView):
 
     def _install(self, epoch: int, state: policy.Apportionment, now: float, why: str) -> None:
         allocation = state.allocation
+        if self.apportionment is not None:
+            self.load_watch.joined(state.weights.keys() - self.apportionment.weights.keys(), now)
         if self.swim is None and self.apportionment is not None:
             gone = self.apportionment.weights.keys() - state.weights.keys()
             self.false_alarms.removed([n for n in gone if self.held_dead(n, now)], now)

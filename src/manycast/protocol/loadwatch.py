@@ -9,6 +9,13 @@ noise: the trigger is above the target, it must last, and every change of the
 allocation (a commit, a snapshot, a store's state) is followed by a hold-off of
 `rebalance_hold_s` seconds, since loads measured before a change say little about
 after it.
+
+A rebalance counts the load of a member that joined the allocation in the last
+`SETTLING` time constants as not known (0.0: a rebalance by capacities keeps its
+share). Its load averages the few requests it has had for buckets it has only
+just been given, so its capacity (buckets / load) looked many times the others':
+in the soak an operator's rebalance 0.25 s after a killed server was added back
+gave it and one other about 95 % of the space (docs/soak.md, finding 16).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from manycast.protocol.poolstate import PoolSettings
 from manycast.space import Allocation
 from manycast.wire import control
 
+SETTLING = 3  # load-average time constants before a newcomer's load counts
+
 
 class LoadWatch:
     def __init__(self, name: str, settings: PoolSettings) -> None:
@@ -31,6 +40,7 @@ class LoadWatch:
         self._counted: tuple[float, int] | None = None  # (when, requests then)
         self._congested = 0  # heartbeats in a row we were the congested one
         self._hold_until = 0.0
+        self._settling: dict[str, float] = {}  # newcomer -> when its load counts
 
     def start(self, now: float) -> None:
         """Loads are averages: judge them only once they have had time to settle."""
@@ -40,6 +50,13 @@ class LoadWatch:
     def hold_off(self, now: float) -> None:
         """The allocation changed: let the loads settle before judging them again."""
         self._hold_until = max(self._hold_until, now + self.settings.rebalance_hold_s)
+
+    def joined(self, names: Iterable[str], now: float) -> None:
+        """`names` joined the allocation now: their loads say little for a while."""
+        until = now + SETTLING * self.settings.load_smoothing
+        self._settling = {n: t for n, t in self._settling.items() if t > now}
+        for name in names:
+            self._settling[name] = until
 
     def count(self, requests_total: int, sessions: int, now: float) -> None:
         """The agent's request counter: the rate since the last count, averaged."""
@@ -89,9 +106,13 @@ class LoadWatch:
         allocation: Allocation,
         peers: Iterable[Peer],
         hot: tuple[control.BucketLoad, ...],
+        now: float,
     ) -> control.BalanceLoadsOp:
-        """A rebalance by the loads we know: every member's, and our busiest buckets'
-        (`hot`: only this server knows them)."""
+        """A rebalance by the loads we know: every member's but a newcomer's, and our
+        busiest buckets' (`hot`: only this server knows them)."""
         members = self.loads(allocation, peers)
+        for name, until in self._settling.items():
+            if name in members and until > now:
+                members[name] = 0.0
         measured = tuple(control.ServerLoad(s, v) for s, v in sorted(members.items()))
         return control.BalanceLoadsOp(target, measured, hot)
