@@ -27,7 +27,9 @@ learned some members only from their periodic reports, a second or more later,
 and dropped their clients' packets meanwhile. So a starting router that is still
 dropping packets for want of a member after its startup queries keeps asking,
 one query each Startup Query Interval, up to STARTUP_QUERIES_MAX in all: it stops
-at the first interval in which no packet found no member.
+at the first interval in which no packet found no member. Until then the router
+is `starting`, and sends its own hosts' packets that find no member to its
+neighbour routers as well (`router.py`).
 
 A member (`QueryResponder`, RFC 3376 §5.2) answers a General Query with its current
 report after a random delay within the Max Resp Time, so members do not all answer
@@ -103,6 +105,7 @@ class Querier:
         self._timers = timers
         self._own = {i.address_int for i in interfaces.values()}
         self._sent = 0  # startup queries sent
+        self.starting = False  # between the first startup query and the end of asking
         self._unplaced = 0  # packets dropped for want of a member, at the last one
         self._relayed: dict[int, float] = {}  # query source -> when we last passed one on
         self.query = IGMPv3Query(max_resp_code=value_code(round(QUERY_RESPONSE_S * 10)))
@@ -116,7 +119,9 @@ class Querier:
         if self._sent >= STARTUP_QUERIES and (
             unplaced <= self._unplaced or self._sent >= STARTUP_QUERIES_MAX
         ):
+            self.starting = False
             return
+        self.starting = True
         self._sent += 1
         self._unplaced = unplaced
         for iface in sorted(self._interfaces):

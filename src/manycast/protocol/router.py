@@ -9,7 +9,15 @@ interface, so the routers upstream learn the member too; relaying the member's
 own report instead of an aggregate keeps its signature checkable at every hop.
 
 A router that starts (or restarts, knowing nothing) sends General Queries, and
-the members answer at once with their current reports (`querier.py`).
+the members answer at once with their current reports (`querier.py`). Until it
+stops asking, every packet from one of its own hosts also goes to every neighbour
+router, which forwards it by its own membership: the neighbours know the members
+the starting router has yet to learn. A server's heartbeat and a
+client's request then pass at once instead of being dropped for the second or
+more a lossy core link can take to bring every member's report (docs/soak.md,
+finding 17). Only packets from its own hosts are sent on so (packets from a
+router never are), so the copies cannot loop however the routers are meshed; a
+member behind two neighbours may get a packet twice meanwhile.
 
 A report too long for one packet comes as parts (RFC 3376 §4.2.16), each
 admitted and relayed on its own, and acted on as one report once all have come
@@ -200,11 +208,18 @@ class Router(Node):
         self._pending = []
         self._notices_seen = ReplayCache(NOTICE_MEMORY)  # member-down notices (floods)
         self.router_ifaces = set(router_ifaces)
+        # Every neighbour router, for what a starting router sends them all.
+        self._neighbor_routers = tuple(
+            (iface, neighbor)
+            for iface in sorted(self.router_ifaces)
+            for neighbor in self._neighbors.get(iface, ())
+        )
         self.stats = RouterStats()
         # Cache hits a driver may serve without calling in (`fastpath.py`).
         self.fast_path = FastPath(interfaces, self.stats)
         self.members: dict[int, dict[int, Member]] = {}  # group -> origin -> member
         self.parts = Reassembly(hold_time)  # split reports waiting for their other parts
+        self._flooded: set[int] = set()  # groups sent to every neighbour while starting
         self._own = {i.address_int for i in interfaces.values()}
         self._routes = sorted(
             (
@@ -287,6 +302,10 @@ class Router(Node):
             self._expire(now)
         if "query" in fired:
             self.querier.startup(now, self.stats.no_member)
+            if not self.querier.starting and self._flooded:
+                for group in sorted(self._flooded):
+                    self._invalidate(group)  # a kernel data plane rewrites those entries
+                self._flooded.clear()
 
     def receive(self, iface: str, packet: bytes, now: float) -> None:
         try:
@@ -336,18 +355,33 @@ class Router(Node):
             and plane.push_tagged(iface, packet, now)
         ):
             return  # R4: a connection its old owner tagged onto its tree (Fig 16)
-        cache = self._mfc.get(group)
-        if cache is None:
-            cache = self._mfc[group] = {}
-        cell = src & self._cell_masks.get(group, 0)
-        outs = cache.get(cell)
-        if outs is None:
-            outs = self.resolve(src, group)
-            if len(cache) >= _MFC_LIMIT:
-                cache.clear()
-            cache[cell] = outs
+        starting = (
+            self.querier.starting
+            and iface not in self.router_ifaces
+            and bool(self._neighbor_routers)
+        )
+        if starting:
+            # Not cached: these copies depend on the interface and last only while
+            # the router starts.
+            outs = self.resolve(src, group, iface)
+            self._flooded.add(group)
+            if not any(m.filter.matches(src) for m in self.members.get(group, {}).values()):
+                self.stats.no_member += 1  # the querier asks again while this grows
+        else:
+            cache = self._mfc.get(group)
+            if cache is None:
+                cache = self._mfc[group] = {}
+            cell = src & self._cell_masks.get(group, 0)
+            cached = cache.get(cell)
+            if cached is None:
+                cached = self.resolve(src, group)
+                if len(cache) >= _MFC_LIMIT:
+                    cache.clear()
+                cache[cell] = cached
+            outs = cached
         if not outs:
-            self.stats.no_member += 1
+            if not starting:  # (counted above)
+                self.stats.no_member += 1
             return
         if ttl <= 1:
             self.stats.ttl_expired += 1
@@ -364,6 +398,7 @@ class Router(Node):
         # membership changes, unless time or pinned paths could change it.
         if (
             self.fast_path.served
+            and not starting
             and (plane is None or group != plane.vip)
             and group != self._vip
             and (
@@ -375,12 +410,23 @@ class Router(Node):
             copies = outs if sent == len(outs) else tuple(o for o in outs if o[0] != iface)
             self.fast_path.install(iface, packet, copies)
 
-    def resolve(self, src: int, group: int) -> tuple[tuple[str, int], ...]:
-        """The (interface, neighbour) pairs toward every member of `group` matching `src`."""
+    def resolve(
+        self, src: int, group: int, arrived_on: str | None = None
+    ) -> tuple[tuple[str, int], ...]:
+        """The (interface, neighbour) pairs toward every member of `group` matching `src`;
+        while the router is starting, for a packet that `arrived_on` a host's link,
+        every neighbour router's too (the module's docstring says why)."""
         outs: dict[tuple[str, int], None] = {}
         for member in self.members.get(group, {}).values():
             if member.filter.matches(src):
                 outs[(member.iface, member.neighbor)] = None
+        if (
+            arrived_on is not None
+            and arrived_on not in self.router_ifaces
+            and self.querier.starting
+        ):
+            for pair in self._neighbor_routers:
+                outs[pair] = None
         return tuple(outs)
 
     def route(self, dst: int) -> tuple[str, int] | None:

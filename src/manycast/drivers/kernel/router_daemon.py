@@ -420,6 +420,7 @@ class RouterDaemon:
         return (
             tuple(sorted((o, m.iface, m.neighbor, m.filter) for o, m in members.items())),
             frozenset(self.router.senders.get(group, {})),
+            self.router.querier.starting,  # a starting router's entries also reach its neighbours
         )
 
     def _decide(
@@ -439,7 +440,7 @@ class RouterDaemon:
         if steered is not None:
             return steered - {parent}, owners
         outs = frozenset(
-            self.vif_of[i] for i, _ in self.router.resolve(source, group) if i in self.vif_of
+            self.vif_of[i] for i, _ in self.router.resolve(source, group, iface) if i in self.vif_of
         )
         return outs - {parent}, owners
 
