@@ -360,12 +360,15 @@ class Router(Node):
             and iface not in self.router_ifaces
             and bool(self._neighbor_routers)
         )
+        unplaced = False
         if starting:
-            # Not cached: these copies depend on the interface and last only while
-            # the router starts.
+            # Not in the forwarding cache: these copies depend on the interface. The
+            # fast path is per interface, and emptied when the router stops asking.
             outs = self.resolve(src, group, iface)
             self._flooded.add(group)
-            if not any(m.filter.matches(src) for m in self.members.get(group, {}).values()):
+            members = self.members.get(group, {}).values()
+            unplaced = not any(m.filter.matches(src) for m in members)
+            if unplaced:
                 self.stats.no_member += 1  # the querier asks again while this grows
         else:
             cache = self._mfc.get(group)
@@ -398,7 +401,7 @@ class Router(Node):
         # membership changes, unless time or pinned paths could change it.
         if (
             self.fast_path.served
-            and not starting
+            and not unplaced  # (the router must go on counting those)
             and (plane is None or group != plane.vip)
             and group != self._vip
             and (
