@@ -28,8 +28,8 @@ and dropped their clients' packets meanwhile. So a starting router that is still
 dropping packets for want of a member after its startup queries keeps asking,
 one query each Startup Query Interval, up to STARTUP_QUERIES_MAX in all: it stops
 at the first interval in which no packet found no member. Until then the router
-is `starting`, and sends its own hosts' packets that find no member to its
-neighbour routers as well (`router.py`).
+is `starting`, and sends every packet from its own hosts to its neighbour
+routers as well (`router.py`).
 
 A member (`QueryResponder`, RFC 3376 §5.2) answers a General Query with its current
 report after a random delay within the Max Resp Time, so members do not all answer

@@ -355,11 +355,7 @@ class Router(Node):
             and plane.push_tagged(iface, packet, now)
         ):
             return  # R4: a connection its old owner tagged onto its tree (Fig 16)
-        starting = (
-            self.querier.starting
-            and iface not in self.router_ifaces
-            and bool(self._neighbor_routers)
-        )
+        starting = self._to_every_neighbor(iface)
         unplaced = False
         if starting:
             # Not in the forwarding cache: these copies depend on the interface. The
@@ -423,14 +419,19 @@ class Router(Node):
         for member in self.members.get(group, {}).values():
             if member.filter.matches(src):
                 outs[(member.iface, member.neighbor)] = None
-        if (
-            arrived_on is not None
-            and arrived_on not in self.router_ifaces
-            and self.querier.starting
-        ):
+        if arrived_on is not None and self._to_every_neighbor(arrived_on):
             for pair in self._neighbor_routers:
                 outs[pair] = None
         return tuple(outs)
+
+    def _to_every_neighbor(self, arrived_on: str) -> bool:
+        """Whether a packet that arrived on `arrived_on` also goes to every neighbour
+        router: one from a host's link while the router is starting."""
+        return (
+            self.querier.starting
+            and bool(self._neighbor_routers)
+            and arrived_on not in self.router_ifaces
+        )
 
     def route(self, dst: int) -> tuple[str, int] | None:
         """(interface, next hop) toward `dst`, by longest prefix."""
