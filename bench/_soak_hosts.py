@@ -280,6 +280,21 @@ def _changes(run: PoolRun, offset: float) -> list[list[Any]]:
     return [[round(t - offset, 3), epoch, why] for t, epoch, why in server.coordinator.changes]
 
 
+def _allocation_at_end(run: PoolRun) -> dict[str, Any]:
+    """The first local server's allocation at the end: its epoch, its runs of buckets
+    with one owner and each server's value/mask portions (how fragmented the
+    space became; each portion is a pair in a join and a router's filter)."""
+    server = next((run.nodes.servers[n] for n in LOCAL_SERVERS if n in run.nodes.servers), None)
+    allocation = server.coordinator.allocation if server is not None else None
+    if server is None or allocation is None:
+        return {}
+    return {
+        "epoch": server.coordinator.epoch,
+        "runs": sum(1 for _ in allocation.runs()),
+        "portions": {s: len(allocation.portions(s)) for s in allocation.servers},
+    }
+
+
 def infra_child(
     conn: Connection,
     text: str,
@@ -296,7 +311,13 @@ def infra_child(
 
     def collect(run: PoolRun, offset: float) -> dict[str, Any]:
         refusals = {name: _refusals(r) for name, r in run.nodes.routers.items()}
-        return {**state, "offset": offset, "refusals": refusals, "changes": _changes(run, offset)}
+        return {
+            **state,
+            "offset": offset,
+            "refusals": refusals,
+            "changes": _changes(run, offset),
+            "allocation_at_end": _allocation_at_end(run),
+        }
 
     host_pool(
         conn,

@@ -448,6 +448,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "flood_sent": flood.sent if flood is not None else {},
             "router_starts": router.starts,
             "epoch_changes": results["infra"].get("changes", []),
+            "allocation_at_end": results["infra"].get("allocation_at_end", {}),
             "cpu_s": {name: (got or {}).get("cpu_s") for name, got in results.items()},
             "private": args.private,
             "key_ttl_s": args.key_ttl if args.private else None,
