@@ -472,7 +472,8 @@ def rebalance(alloc: Allocation, bucket_load: npt.ArrayLike, target: float = 1.1
     them as one stretch of the giver's buckets, in bucket order: handed out one by
     one they would alternate between receivers and cut the space into a run per
     bucket (a rebalance by measured hot buckets spreads a server's other load
-    evenly over thousands of buckets; the soak's pool grew to 10-20 thousand runs).
+    evenly over thousands of buckets; bench/fragmentation.py replays the soak's
+    changes: a median of 10 291 runs so, 676.5 in stretches).
     """
     load = np.asarray(bucket_load, dtype=np.float64)
     if load.shape != (alloc.space.buckets,):
