@@ -83,10 +83,10 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
         growth = soak["growth_per_hour"][name]
         assert growth["samples"] >= 3 and growth["rss_mb_per_hour"] is not None
     assert soak["_plots"] == ["soak.json", "soak_requests.png", "soak_rss.png"]
-    # Rebalances hand evenly loaded buckets over in stretches: the space stays in few
-    # runs (one by one, two minutes of the soak cut it into thousands).
+    # Rebalances hand evenly loaded buckets over in stretches, so the space stays in
+    # few runs: this run left 54 once, handed over one by one 3435 (docs/soak.md 18).
     end = soak["allocation_at_end"]
-    assert end["epoch"] > 1 and 0 < end["runs"] < 2000, end
+    assert end["epoch"] > 1 and 0 < end["runs"] < 1000, end
     # Each fault's share of sessions_lost, by cause: together, every loss some fault
     # came before.
     by_kind = soak["sessions_lost_by_fault_kind"]
