@@ -15,7 +15,7 @@ out one by one, each to the server least loaded at that moment (the same buckets
 move, with the same loads: only which receiver gets which differs). Each seed runs
 both on the same sequence.
 
-    .venv/bin/python bench/fragmentation.py [--steps 200] [--seeds 1,2,3]
+    .venv/bin/python bench/fragmentation.py [--steps 200] [--seeds 1,2,3] [--plots DIR]
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ import argparse
 import contextlib
 import random
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+import _plots
 from _common import progress, run_and_emit
 from manycast import policy
 from manycast.policy import Apportionment
@@ -135,6 +137,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Runs of one owner after each EVERY changes, the median over the seeds."""
+    fig, ax = _plots.figure("Runs of one owner under the soak's kinds of change")
+    for i, name in enumerate(("stretches", "one_by_one")):
+        seeds = [seed[name] for seed in result["per_seed"].values()]
+        medians = [statistics.median(s[k][0] for s in seeds) for k in range(len(seeds[0]))]
+        changes = [result["counted_every"] * (k + 1) for k in range(len(medians))]
+        label = "ours (stretches)" if name == "stretches" else "one by one (before)"
+        ax.plot(changes, medians, "o-", label=label, color=_plots.COLOURS[i])
+    ax.set_xlabel("changes")
+    ax.set_ylabel("runs (median over seeds)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    return [_plots.save(fig, directory, "fragmentation_runs")]
+
+
+def _run_and_plot(args: argparse.Namespace) -> dict[str, Any]:
+    result = run(args)
+    _plots.write(result, args.plots, plot)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="changes per seed")
@@ -144,10 +168,11 @@ def main() -> None:
         default=[1, 2, 3],
         help="comma-separated seeds",
     )
+    _plots.add_argument(parser)
     args = parser.parse_args()
     if args.steps < EVERY:
         parser.error(f"--steps must be at least {EVERY}")
-    run_and_emit("fragmentation", lambda: run(args))
+    run_and_emit("fragmentation", lambda: _run_and_plot(args))
 
 
 if __name__ == "__main__":
