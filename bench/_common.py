@@ -8,6 +8,7 @@ the missing module, rather than in a traceback alone.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -75,6 +76,21 @@ def run_and_emit(bench: str, run: Callable[[], dict[str, Any]]) -> None:
     emit(result)
     if result.get("error") or result.get("ok") is False:
         raise SystemExit(1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """A bench's command line: bad arguments end the bench in its JSON line, with
+    `error` saying what was wrong, and exit status 2 (argparse alone prints usage on
+    stderr only). `--help` prints help on stdout as usual."""
+
+    def __init__(self, bench: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.bench = bench
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        emit({"bench": self.bench, "error": f"bad arguments: {message}"})
+        raise SystemExit(2)
 
 
 def not_a_bench(path: str, used_by: str) -> None:

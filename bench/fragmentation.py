@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 import _plots
-from _common import progress, run_and_emit
+from _common import ArgumentParser, progress, run_and_emit
 from manycast import policy
 from manycast.policy import Apportionment
 from manycast.space import AddressSpace, Portion
@@ -159,12 +159,19 @@ def _run_and_plot(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are integers, comma-separated: {text!r}") from None
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser("fragmentation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="changes per seed")
     parser.add_argument(
         "--seeds",
-        type=lambda text: [int(s) for s in text.split(",")],
+        type=_seeds,
         default=[1, 2, 3],
         help="comma-separated seeds",
     )

@@ -134,3 +134,16 @@ def test_every_file_run_without_the_project_packages_ends_in_one_json_object(pat
         rf"ModuleNotFoundError: No module named '({missing})' \({re.escape(hint)}\)",
         str(result["error"]),
     ), result["error"]
+
+
+def test_a_bench_given_bad_arguments_says_so_in_its_json_line() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "fragmentation.py"), "--seeds", "1,x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "fragmentation"
+    assert "seeds are integers" in result["error"], result
