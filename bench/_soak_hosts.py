@@ -271,10 +271,15 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
     return setup
 
 
+def _first_local_server(run: PoolRun) -> Any:
+    """The first of this process's servers that is running (s1 unless it is down)."""
+    return next((run.nodes.servers[n] for n in LOCAL_SERVERS if n in run.nodes.servers), None)
+
+
 def _changes(run: PoolRun, offset: float) -> list[list[Any]]:
     """The epoch changes the first local server adopted, as [bench time, epoch, why]:
     why the allocation changed when it churns (the other servers' logs agree)."""
-    server = next((run.nodes.servers[n] for n in LOCAL_SERVERS if n in run.nodes.servers), None)
+    server = _first_local_server(run)
     if server is None:
         return []
     return [[round(t - offset, 3), epoch, why] for t, epoch, why in server.coordinator.changes]
@@ -284,7 +289,7 @@ def _allocation_at_end(run: PoolRun) -> dict[str, Any]:
     """The first local server's allocation at the end: its epoch, its runs of buckets
     with one owner and each server's value/mask portions (how fragmented the
     space became; each portion is a pair in a join and a router's filter)."""
-    server = next((run.nodes.servers[n] for n in LOCAL_SERVERS if n in run.nodes.servers), None)
+    server = _first_local_server(run)
     allocation = server.coordinator.allocation if server is not None else None
     if server is None or allocation is None:
         return {}
