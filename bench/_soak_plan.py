@@ -106,6 +106,7 @@ def pool_text(
     membership: str = "heartbeat",
     heartbeat_ms: int = 100,
     heartbeat_misses: int = 3,
+    thin_stream: bool = False,
 ) -> str:
     """The soak's pool; `private`: (key file, DNS server's host and port) for a private
     pool whose routers read its key from that server; the failure detection's settings
@@ -118,6 +119,7 @@ def pool_text(
         membership=membership,
         heartbeat_ms=heartbeat_ms,
         heartbeat_misses=heartbeat_misses,
+        thin_stream=thin_stream,
     )
     if private is not None:
         key_file, (host, port) = private

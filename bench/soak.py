@@ -168,6 +168,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         membership=args.membership,
         heartbeat_ms=args.heartbeat_ms,
         heartbeat_misses=args.heartbeat_misses,
+        thin_stream=args.thin_stream,
     )
     topo = loads(text)
     faults = schedule(args.seed, seconds, args.kinds, args.cycle_s)
@@ -442,6 +443,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "membership": args.membership,
             "heartbeat_ms": args.heartbeat_ms,
             "heartbeat_misses": args.heartbeat_misses,
+            "thin_stream": args.thin_stream,
             "fault_kinds": list(args.kinds),
             "unexpected_exits": unexpected,
             "tracebacks": tracebacks,
@@ -562,6 +564,13 @@ def parse_arguments() -> argparse.Namespace:
         help=f"periods missed before a death (default: {DETECTION_S:g} s of periods on the "
         "overlay, 20 at 100 ms, longer than any router outage drawn; 3 in the lab)",
     )
+    parser.add_argument(
+        "--thin-stream",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="the clients keep their retransmission timeout through six timeouts "
+        "(Linux's tcp_thin_linear_timeouts) instead of doubling it (default: doubling)",
+    )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
     parser.add_argument(
         "--kinds",
@@ -579,6 +588,8 @@ def parse_arguments() -> argparse.Namespace:
     if args.heartbeat_misses is None:
         args.heartbeat_misses = 3 if args.lab else math.ceil(DETECTION_S * 1000 / args.heartbeat_ms)
     if args.lab:
+        if args.thin_stream:
+            parser.error("--thin-stream is for the overlay's TCP clients (the lab's prober: UDP)")
         return lab_arguments(parser, args)
     if args.kinds is None:
         kinds = tuple(k for k in KINDS if args.private or k not in PRIVATE_ONLY)

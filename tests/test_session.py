@@ -443,13 +443,20 @@ def test_retry_limit_times_out_with_exponential_backoff() -> None:
 
 def test_a_thin_stream_keeps_its_rto_for_its_linear_retries_then_backs_off() -> None:
     """Linux's thin-stream linear timeouts: one small segment in flight, so the first
-    `thin_linear_retries` timeouts keep the RTO."""
+    `thin_linear_retries` timeouts keep the RTO. It gives up when the same stream
+    without them would (`max_retries` doublings after the first timeout, as Linux
+    bounds retransmission by time): its linear timeouts are more tries, not less
+    patience. Counting them against `max_retries` gave up at 2.0 s, not 12.6."""
     config = SessionConfig(rto_initial=1.0, rto_min=0.2, max_retries=5, thin_linear_retries=3)
     net, client, sent_at = sent_to_a_silent_server(config, b"hello")
     retransmits = [t - sent_at for t, src, _, s in net.log if src == CLIENT and s.payload]
-    # Three timeouts 0.2 apart, then doubling: 0.4, 0.8.
-    assert retransmits == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.2])
-    assert client.of(ConnectionTimedOut)[0][0] - sent_at == pytest.approx(2.0)
+    # Three timeouts 0.2 apart, then doubling (0.4, 0.8, 1.6, 3.2) until the
+    # exponential stream's give-up, 0.2 * (2**6 - 1) = 12.6 s after sending.
+    assert retransmits == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.2, 2.0, 3.6, 6.8])
+    assert client.of(ConnectionTimedOut)[0][0] - sent_at == pytest.approx(12.6)
+    plain = SessionConfig(rto_initial=1.0, rto_min=0.2, max_retries=5)
+    _, plain_client, plain_sent = sent_to_a_silent_server(plain, b"hello")
+    assert plain_client.of(ConnectionTimedOut)[0][0] - plain_sent == pytest.approx(12.6)
 
 
 def test_a_stream_with_four_segments_in_flight_is_not_thin() -> None:

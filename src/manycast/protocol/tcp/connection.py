@@ -64,6 +64,7 @@ ConnKey = tuple[Address, Address]  # (local, remote)
 
 MOD = 1 << 32  # sequence numbers on the wire are taken modulo 2**32
 _HALF = 1 << 31
+_TIME_SLACK = 1e-9  # seconds: sums of timeouts that should meet may differ in the last bits
 _F = TcpFlags
 
 
@@ -129,6 +130,9 @@ class Connection:
         self._rtt_seq: int | None = None  # sample taken when this is acknowledged
         self._rtt_time = 0.0
         self._retries = 0
+        # When the retransmissions that began at the first timeout give up: as long as
+        # `max_retries` doubling timeouts take, however many linear ones came between.
+        self._give_up_at = 0.0
         self._dupacks = 0
         self._recover: int | None = None  # snd_nxt when loss recovery began
 
@@ -619,7 +623,9 @@ class Connection:
             self._rto_deadline = None
             return
         self._retries += 1
-        if self._retries > self.config.max_retries:
+        if self._retries == 1:
+            self._give_up_at = now + self._patience()
+        if self._retries > self.config.max_retries and now >= self._give_up_at - _TIME_SLACK:
             self._terminate(ConnectionTimedOut())
             return
         if not self._linear_timeout():
@@ -628,6 +634,20 @@ class Connection:
         self._dupacks = 0
         self._retransmit(now)
         self._rto_deadline = now + self._rtt.rto
+        if self._give_up_at > now:
+            self._rto_deadline = min(self._rto_deadline, self._give_up_at)
+
+    def _patience(self) -> float:
+        """How long after the first timeout the connection gives up: the time its
+        `max_retries` doubled timeouts would take. Linux bounds retransmission by time
+        the same way (retransmits_timed_out), so a thin stream, whose linear timeouts
+        come sooner and count more, retransmits more often within the same patience
+        rather than giving up sooner."""
+        rto, total = self._rtt.rto, 0.0
+        for _ in range(self.config.max_retries):
+            rto = min(rto * 2, self.config.rto_max)
+            total += rto
+        return total
 
     def _linear_timeout(self) -> bool:
         """Whether this timeout keeps the RTO: an established thin stream (fewer than
