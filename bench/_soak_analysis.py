@@ -281,7 +281,15 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
     `rss_floor_mb_per_hour` fits the lowest RSS of each `FLOOR_WINDOW_S` instead (None
     under 3 windows): a process that works in bursts peaks after each and gives the
     memory back at its next heap trim, so the line through every sample follows where
-    the last samples fell in that saw-tooth, while a leak raises the floor."""
+    the last samples fell in that saw-tooth, while a leak raises the floor.
+
+    What "within noise of 0" means is given beside it: `rss_floor_noise_mb_per_hour`,
+    twice the standard error of the floor line's slope (about a 95 % interval; None
+    under 4 windows), and `rss_floor_late_mb_per_hour`, the floor line over the second
+    half of the run alone: a process whose heap reaches its working size over the first
+    faults (allocation changes, connection tables) grows at first and then levels,
+    which the line over the whole run cannot tell from a slow leak; a leak goes on
+    in the second half."""
     out: dict[str, Any] = {}
     for name in names:
         points = [(s["t"], s[name]) for s in samples if name in s and s["t"] >= WARMUP_S]
@@ -290,7 +298,11 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
             if points:
                 entry[f"{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
             entry[f"{key}_per_hour"] = _slope_per_hour([(t, got[key]) for t, got in points])
-        entry["rss_floor_mb_per_hour"] = _slope_per_hour(_floors(points))
+        floors = _floors(points)
+        entry["rss_floor_mb_per_hour"] = _slope_per_hour(floors)
+        entry["rss_floor_noise_mb_per_hour"] = _slope_noise_per_hour(floors)
+        late = floors[len(floors) // 2 :]
+        entry["rss_floor_late_mb_per_hour"] = _slope_per_hour(late) if len(floors) >= 6 else None
         out[name] = entry
     return out
 
@@ -310,6 +322,20 @@ def _floors(points: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, flo
         if window not in floors or got["rss_mb"] < floors[window][1]:
             floors[window] = (t, got["rss_mb"])
     return list(floors.values())
+
+
+def _slope_noise_per_hour(points: list[tuple[float, float]]) -> float | None:
+    """Twice the standard error of the least-squares slope of (seconds, value) points,
+    per hour (from the scatter about the line); None under 4."""
+    if len(points) < 4:
+        return None
+    t = np.array([p[0] for p in points])
+    y = np.array([p[1] for p in points], dtype=float)
+    slope, intercept = np.polyfit(t, y, 1)
+    residuals = y - (slope * t + intercept)
+    spread = float(np.sum((t - t.mean()) ** 2))
+    error = float(np.sqrt(np.sum(residuals**2) / (len(t) - 2) / spread))
+    return round(2 * error * 3600, 2)
 
 
 def _slope_per_hour(points: list[tuple[float, float]]) -> float | None:

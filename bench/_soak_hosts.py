@@ -27,10 +27,12 @@ import bisect
 import dataclasses
 import functools
 import json
+import math
 import multiprocessing
 import sys
 import time
 import traceback
+from array import array
 from collections import defaultdict
 from fractions import Fraction
 from multiprocessing.connection import Connection
@@ -380,7 +382,7 @@ def _clients_setup(state: dict[str, Any]) -> Any:
 
         carried = [0] * len(clients)  # each client's last answer stays in its list
         watch: list[float] = state["watch"]
-        again: list[list[float | None]] = state["again"]  # [instant][client]: first answer
+        again: list[array[float]] = state["again"]  # [instant][client]: first answer
         watched = [0] * len(clients)  # each client's next instant without its answer
 
         def harvest() -> None:
@@ -413,6 +415,7 @@ def _clients_setup(state: dict[str, Any]) -> Any:
                     del stats.ok_times[:-1]
                     stats.latencies.clear()
                     carried[index] = 1
+                stats.moves.clear()  # D's accepted redirects: one tuple each, not read here
                 if stats.failures:
                     for t, why in stats.failures:
                         b = int(t - offset)
@@ -426,6 +429,7 @@ def _clients_setup(state: dict[str, Any]) -> Any:
         def finish() -> None:
             harvest()
             spill.write(state, final=True)
+            state["again"] = [[None if math.isnan(t) else t for t in row] for row in again]
 
         every(loop, HARVEST_S, harvest)
         state["finish"] = finish
@@ -443,7 +447,10 @@ def clients_state(names: list[str], watch: list[float], spill: Path) -> dict[str
         "losses": [],
         "wrong": [],
         "watch": sorted(watch),
-        "again": [[None] * len(names) for _ in watch],
+        # NaN until answered; `finish` turns them into None. Floats in a list are an
+        # object each, made as the run goes: 15 instants of 1000 clients are 360 KB
+        # in a 30-minute run whose clients' process grew about 500 KB in all.
+        "again": [array("d", [math.nan]) * len(names) for _ in watch],
         "spill": str(spill),
     }
 

@@ -83,6 +83,10 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
         growth = soak["growth_per_hour"][name]
         assert growth["samples"] >= 3 and growth["rss_mb_per_hour"] is not None
     assert soak["_plots"] == ["soak.json", "soak_requests.png", "soak_rss.png"]
+    # The clients behind a restarted router, each answered again after it (the
+    # clients' process notes each one's first answer after every restart).
+    restarts = [row for row in soak["per_fault"] if row["kind"] == "router_restart"]
+    assert restarts and all(row["behind_answered_again_s"]["p50"] for row in restarts), restarts
     # Rebalances hand evenly loaded buckets over in stretches, so the space stays in
     # few runs: this run left 54 once, handed over one by one 3435 (docs/soak.md 18).
     end = soak["allocation_at_end"]

@@ -59,3 +59,40 @@ def test_under_three_minutes_there_is_no_floor(analysis: ModuleType) -> None:
     growth = analysis.fit_per_hour(_samples(_saw_tooth(2)), ["infra"])["infra"]
     assert growth["rss_floor_mb_per_hour"] is None
     assert growth["rss_mb_per_hour"] is not None
+
+
+def _noisy(values: list[float], seed: int = 1, spread: float = 1.0) -> list[float]:
+    import random
+
+    rng = random.Random(seed)
+    return [v + rng.uniform(0.0, spread) for v in values]
+
+
+def test_a_level_floor_is_within_its_noise_and_a_leak_is_not(analysis: ModuleType) -> None:
+    """The floor's slope is given with its noise (twice its standard error): a floor
+    that wanders by a megabyte and stays level is within it; a leak of 10 MB an hour,
+    half the wander in a minute, is well outside."""
+    level = analysis.fit_per_hour(_samples(_noisy(_saw_tooth(30))), ["infra"])["infra"]
+    assert level["rss_floor_noise_mb_per_hour"] > 0
+    assert abs(level["rss_floor_mb_per_hour"]) <= level["rss_floor_noise_mb_per_hour"]
+    leak = _noisy(_saw_tooth(30, leak_per_minute=10 / 60))
+    leaking = analysis.fit_per_hour(_samples(leak), ["infra"])["infra"]
+    assert leaking["rss_floor_mb_per_hour"] == pytest.approx(10.0, abs=3.0)
+    assert leaking["rss_floor_mb_per_hour"] > 2 * leaking["rss_floor_noise_mb_per_hour"]
+
+
+def test_growth_that_levels_off_is_told_from_a_leak_by_the_late_floor(
+    analysis: ModuleType,
+) -> None:
+    """A heap that reaches its working size over the first minutes (80 to 86 MB in 5)
+    and then stays there: the line over the whole run rises, the second half's does
+    not; a leak rises in both."""
+    warm = [min(80.0 + 0.2 * i, 86.0) for i in range(180)]  # 30 minutes, 6 a minute
+    leveled = analysis.fit_per_hour(_samples(warm), ["infra"])["infra"]
+    assert leveled["rss_floor_mb_per_hour"] > 5
+    assert leveled["rss_floor_late_mb_per_hour"] == pytest.approx(0.0, abs=0.01)
+    leak = [80.0 + 0.02 * i for i in range(180)]  # 7.2 MB an hour throughout
+    leaking = analysis.fit_per_hour(_samples(leak), ["infra"])["infra"]
+    assert leaking["rss_floor_late_mb_per_hour"] == pytest.approx(7.2, abs=0.5)
+    short = analysis.fit_per_hour(_samples(_saw_tooth(4)), ["infra"])["infra"]
+    assert short["rss_floor_late_mb_per_hour"] is None
