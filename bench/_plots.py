@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -31,10 +32,24 @@ COLOURS = ("#2f6fde", "#e0662b", "#1d9a5b", "#a23fc4", "#c9a100", "#0f9fb5", "#d
 DPI = 110
 
 
+def _plots_directory(text: str) -> Path:
+    """`--plots DIR`, made now if it is not there: a directory that cannot be written
+    is a bad argument, told before the bench runs, not an error after it that takes
+    its result with it."""
+    directory = Path(text)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot make {text!r}: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {text!r}")
+    return directory
+
+
 def add_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plots",
-        type=Path,
+        type=_plots_directory,
         metavar="DIR",
         help="write the JSON result and PNG plots of it in DIR (needs matplotlib)",
     )

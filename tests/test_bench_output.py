@@ -136,9 +136,19 @@ def test_every_file_run_without_the_project_packages_ends_in_one_json_object(pat
     ), result["error"]
 
 
-def test_a_bench_given_bad_arguments_says_so_in_its_json_line() -> None:
+@pytest.mark.parametrize("case", ["seeds", "plots"])
+def test_a_bench_given_bad_arguments_says_so_in_its_json_line(case: str, tmp_path: Path) -> None:
+    """A bad argument ends in the JSON line before the bench runs: a plots directory
+    that cannot be made (here a file stands in its way) was found only after the
+    run, and its error took the run's result with it."""
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    options, expected = {
+        "seeds": (["--seeds", "1,x"], "seeds are integers"),
+        "plots": (["--steps", "25", "--seeds", "1", "--plots", str(blocked / "d")], "--plots"),
+    }[case]
     done = subprocess.run(
-        [sys.executable, str(BENCH / "fragmentation.py"), "--seeds", "1,x"],
+        [sys.executable, str(BENCH / "fragmentation.py"), *options],
         capture_output=True,
         text=True,
         timeout=60,
@@ -146,4 +156,4 @@ def test_a_bench_given_bad_arguments_says_so_in_its_json_line() -> None:
     assert done.returncode == 2
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "fragmentation"
-    assert "seeds are integers" in result["error"], result
+    assert expected in result["error"], result
