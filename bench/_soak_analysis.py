@@ -329,9 +329,7 @@ def _slope_noise_per_hour(points: list[tuple[float, float]]) -> float | None:
     per hour (from the scatter about the line); None under 4."""
     if len(points) < 4:
         return None
-    t = np.array([p[0] for p in points])
-    y = np.array([p[1] for p in points], dtype=float)
-    slope, intercept = np.polyfit(t, y, 1)
+    t, y, slope, intercept = _line(points)
     residuals = y - (slope * t + intercept)
     spread = float(np.sum((t - t.mean()) ** 2))
     error = float(np.sqrt(np.sum(residuals**2) / (len(t) - 2) / spread))
@@ -342,9 +340,15 @@ def _slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     """The least-squares slope of (seconds, value) points, per hour; None under 3."""
     if len(points) < 3:
         return None
-    t = np.array([p[0] for p in points])
+    return round(_line(points)[2] * 3600, 2)
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[Any, Any, float, float]:
+    """The points as arrays and the least-squares line through them (slope, intercept)."""
+    t = np.array([p[0] for p in points], dtype=float)
     y = np.array([p[1] for p in points], dtype=float)
-    return round(float(np.polyfit(t, y, 1)[0]) * 3600, 2)
+    slope, intercept = np.polyfit(t, y, 1)
+    return t, y, float(slope), float(intercept)
 
 
 if __name__ == "__main__":
