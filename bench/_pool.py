@@ -18,7 +18,7 @@ import multiprocessing
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ def two_router_pool(
     report_interval_ms: int = 1000,
     membership: str = "heartbeat",
     family: int = 4,
-    thin_stream: bool = False,
+    client_options: Mapping[str, Any] | None = None,
 ) -> str:
     """Two edge routers, each with two servers and one client LAN:
 
@@ -75,9 +75,8 @@ def two_router_pool(
     Client LANs have no emulated delay: on loopback the hosts' own processing is
     the delay, and emulating one more per datagram costs the CPU the pool needs.
     `family` 6: the same pool on an IPv6 network (its group and client LANs IPv6,
-    the other addresses from the plan's 2001:db8::/32). `thin_stream`: the clients
-    keep their retransmission timeout through six timeouts (`[[clients]]`'s
-    `thin_stream`, Linux's tcp_thin_linear_timeouts) instead of doubling it.
+    the other addresses from the plan's 2001:db8::/32). `client_options`: more keys
+    of both `[[clients]]` tables (`thin_stream`, `rto_max_ms`, `max_retries`).
     """
     parts = [
         table(
@@ -106,7 +105,7 @@ def two_router_pool(
                 subnet=subnet,
                 rate=rate,
                 delay_ms=0,
-                **({"thin_stream": True} if thin_stream else {}),
+                **(client_options or {}),
             )
         )
     for at, action, args in steps:

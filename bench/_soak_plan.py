@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +107,7 @@ def pool_text(
     membership: str = "heartbeat",
     heartbeat_ms: int = 100,
     heartbeat_misses: int = 3,
-    thin_stream: bool = False,
+    client_options: Mapping[str, Any] | None = None,
 ) -> str:
     """The soak's pool; `private`: (key file, DNS server's host and port) for a private
     pool whose routers read its key from that server; the failure detection's settings
@@ -119,7 +120,7 @@ def pool_text(
         membership=membership,
         heartbeat_ms=heartbeat_ms,
         heartbeat_misses=heartbeat_misses,
-        thin_stream=thin_stream,
+        client_options=client_options,
     )
     if private is not None:
         key_file, (host, port) = private

@@ -149,6 +149,16 @@ def private_setup(directory: Path, seed: int) -> tuple[str, tuple[str, int]]:
     return str(path), ("127.0.0.1", free_port())
 
 
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `[[clients]]` keys the transport options give."""
+    options: dict[str, Any] = {"thin_stream": True} if args.thin_stream else {}
+    if args.rto_max_ms is not None:
+        options["rto_max_ms"] = args.rto_max_ms
+    if args.max_retries is not None:
+        options["max_retries"] = args.max_retries
+    return options
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="manycast-soak-") as tmp:
         return _measure(args, Path(tmp))
@@ -168,7 +178,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         membership=args.membership,
         heartbeat_ms=args.heartbeat_ms,
         heartbeat_misses=args.heartbeat_misses,
-        thin_stream=args.thin_stream,
+        client_options=client_options(args),
     )
     topo = loads(text)
     faults = schedule(args.seed, seconds, args.kinds, args.cycle_s)
@@ -444,6 +454,8 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "heartbeat_ms": args.heartbeat_ms,
             "heartbeat_misses": args.heartbeat_misses,
             "thin_stream": args.thin_stream,
+            "rto_max_ms": args.rto_max_ms,
+            "max_retries": args.max_retries,
             "fault_kinds": list(args.kinds),
             "unexpected_exits": unexpected,
             "tracebacks": tracebacks,
@@ -571,6 +583,17 @@ def parse_arguments() -> argparse.Namespace:
         help="the clients keep their retransmission timeout through six timeouts "
         "(Linux's tcp_thin_linear_timeouts) instead of doubling it (default: doubling)",
     )
+    parser.add_argument(
+        "--rto-max-ms",
+        type=int,
+        help="the clients' cap on their retransmission timeout, ms (Linux's TCP_RTO_MAX_MS; "
+        "at least 50, their RTO floor; default: no cap below 60 s)",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        help="timeouts a client lives through before it gives up (tcp_retries2; default 5)",
+    )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
     parser.add_argument(
         "--kinds",
@@ -587,9 +610,16 @@ def parse_arguments() -> argparse.Namespace:
         parser.error("--heartbeat-ms and --heartbeat-misses must be positive")
     if args.heartbeat_misses is None:
         args.heartbeat_misses = 3 if args.lab else math.ceil(DETECTION_S * 1000 / args.heartbeat_ms)
+    if args.rto_max_ms is not None and not 50 <= args.rto_max_ms <= 120_000:
+        parser.error("--rto-max-ms must be in 50..120000")
+    if args.max_retries is not None and not 1 <= args.max_retries <= 100:
+        parser.error("--max-retries must be in 1..100")
     if args.lab:
-        if args.thin_stream:
-            parser.error("--thin-stream is for the overlay's TCP clients (the lab's prober: UDP)")
+        transport = [name for name, value in client_options(args).items() if value]
+        if transport:
+            parser.error(
+                f"{', '.join(transport)}: for the overlay's TCP clients (the lab's prober: UDP)"
+            )
         return lab_arguments(parser, args)
     if args.kinds is None:
         kinds = tuple(k for k in KINDS if args.private or k not in PRIVATE_ONLY)

@@ -801,3 +801,28 @@ def test_thin_stream_clients_keep_their_rto_for_six_timeouts() -> None:
         c.endpoint.config.thin_linear_retries for n, c in nodes.clients.items() if n[0] == "b"
     } == {0}
     assert "thin_stream" in error_of(edit("count = 5\n", "count = 5\nthin_stream = 1\n"))
+
+
+def test_a_client_groups_rto_cap_and_retries_reach_its_transport() -> None:
+    """`rto_max_ms` caps the group's retransmission timeout (Linux's TCP_RTO_MAX_MS),
+    the first SYN's timer too, and `max_retries` is its tcp_retries2; other groups keep
+    the defaults. A cap below the clients' 50 ms floor, or retries that are not a
+    whole number, are refused with the key's name."""
+    keys = 'subnet = "10.1.0.0/24"\nrto_max_ms = 250\nmax_retries = 15\n'
+    text = edit('subnet = "10.1.0.0/24"\n', keys)
+    text += '\n[[clients]]\nname = "b"\ncount = 2\nrouter = "ra"\nsubnet = "10.2.0.0/24"\n'
+    nodes = build(loads(text), seed=1, wall_base=0.0)
+    configs = {n[0]: c.endpoint.config for n, c in nodes.clients.items()}
+    assert (configs["a"].rto_max, configs["a"].max_retries, configs["a"].rto_initial) == (
+        0.25,
+        15,
+        0.25,
+    )
+    assert (configs["b"].rto_max, configs["b"].max_retries, configs["b"].rto_initial) == (
+        60.0,
+        5,
+        0.3,
+    )
+    assert "rto_max_ms" in error_of(edit("count = 5\n", "count = 5\nrto_max_ms = 20\n"))
+    assert "max_retries" in error_of(edit("count = 5\n", "count = 5\nmax_retries = 2.5\n"))
+    assert "max_retries" in error_of(edit("count = 5\n", "count = 5\nmax_retries = 0\n"))

@@ -25,6 +25,7 @@ from manycast.protocol.node import Node
 from manycast.protocol.router import Router
 from manycast.protocol.router6 import Router6
 from manycast.protocol.server import Server
+from manycast.protocol.tcp.config import client_session
 from manycast.protocol.technique import Technique
 from manycast.protocol.vip import VipRouter
 from manycast.protocol.vipdual import DualStackVipRouter
@@ -248,7 +249,7 @@ def build(
             register_every=pool.register_interval_s,
             requests_per_connection=spec.requests_per_connection,
             dynamic_destination=spec.dynamic_destination,
-            thin_stream=spec.thin_stream,
+            session=client_session(spec.thin_stream, spec.rto_max, spec.max_retries),
         )
         for spec in topology.clients.values()
         if hosted(spec.name)

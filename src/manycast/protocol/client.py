@@ -50,6 +50,7 @@ from manycast.protocol.tcp import (
     UnknownSegment,
 )
 from manycast.protocol.tcp import Connected as SessionConnected
+from manycast.protocol.tcp.config import client_session
 from manycast.space import Portion, PortionSet
 from manycast.wire.ip import IPPROTO_TCP, Address
 from manycast.wire.membership import (
@@ -69,7 +70,6 @@ Resolver = Callable[[str], tuple[Address, int]]
 
 # Reconnect delays (s): after a reset from a live server, and after anything else.
 RESET_RECONNECT_S = 0.01
-THIN_LINEAR_RETRIES = 6  # Linux's TCP_THIN_LINEAR_RETRIES
 RECONNECT_S = (0.02, 0.1)
 
 
@@ -147,7 +147,6 @@ class Client(Node):
         register_every: float = 1.0,
         requests_per_connection: int = 0,
         dynamic_destination: bool = True,
-        thin_stream: bool = False,
     ) -> None:
         super().__init__(name, interfaces)
         # A private pool's participants sign a join that registers them as senders.
@@ -162,14 +161,7 @@ class Client(Node):
         self.rate = rate
         self.request_timeout = request_timeout
         self.start_spread = start_spread
-        linear = THIN_LINEAR_RETRIES if thin_stream else 0
-        self.endpoint = Demultiplexer(
-            rng,
-            session
-            or SessionConfig(
-                rto_initial=0.3, rto_min=0.05, max_retries=5, thin_linear_retries=linear
-            ),
-        )
+        self.endpoint = Demultiplexer(rng, session or client_session())
         self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
         self.stats = ClientStats()
         self.conn_key: object | None = None

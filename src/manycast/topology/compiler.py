@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from manycast.addressplan import DEFAULT_PRIVATE_RANGES, AddressPlan, NamingError
 from manycast.policy import PolicyName
+from manycast.protocol.tcp.config import CLIENT_RTO_MIN_S
 from manycast.protocol.technique import Technique
 from manycast.space import AddressSpace, SpaceError
 from manycast.steps import (
@@ -267,13 +268,32 @@ class _Compiler:
             # false: clients without the extension (plain SYNs; never redirected, Fig 20)
             dynamic = c.get("dynamic_destination", bool, True)
             thin = c.get("thin_stream", bool, False)
+            # Linux's bounds on TCP_RTO_MAX_MS end at 120 s; a cap below the clients'
+            # RTO floor could not be kept.
+            rto_max = None
+            if "rto_max_ms" in c.table:
+                rto_max = c.number("rto_max_ms", low=CLIENT_RTO_MIN_S * 1000, high=120_000) / 1000
+            retries = None
+            if "max_retries" in c.table:
+                retries = c.number("max_retries", low=1, high=100)
+                if retries != int(retries):
+                    c.fail(f"'max_retries' = {retries} must be a whole number", "max_retries")
             members = tuple(f"{group}{i}" for i in range(1, count + 1))
             for member in members:
                 if member in self.names:
                     c.fail(f"client name {member!r} clashes with a {self.names[member]}", "name")
                 self.names[member] = "client"
                 clients[member] = ClientSpec(
-                    member, group, router, rate, authorized, int(per_connection), dynamic, thin
+                    member,
+                    group,
+                    router,
+                    rate,
+                    authorized,
+                    int(per_connection),
+                    dynamic,
+                    thin,
+                    rto_max,
+                    None if retries is None else int(retries),
                 )
             lans.append(Lan(group, router, subnet, members, delay, loss, stride, c.line("subnet")))
             c.done()

@@ -134,6 +134,11 @@ class ClientSpec:
     # an interactive client's retransmissions keep their interval for a few timeouts
     # (Linux's tcp_thin_linear_timeouts) instead of doubling it
     thin_stream: bool = False
+    # a latency-sensitive client's cap on its retransmission timeout (Linux's
+    # TCP_RTO_MAX_MS), and how many timeouts it lives through (tcp_retries2); None:
+    # the transport's defaults
+    rto_max: float | None = None
+    max_retries: int | None = None
 
 
 @dataclass(frozen=True)

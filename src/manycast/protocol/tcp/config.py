@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from manycast.errors import ConfigError
 
@@ -37,3 +37,30 @@ class SessionConfig:
             raise ConfigError("thin_linear_retries must be >= 0")
         if self.max_retries < 0 or self.time_wait < 0 or self.fin_wait_2_timeout <= 0:
             raise ConfigError("max_retries and time_wait must be >= 0, fin_wait_2_timeout > 0")
+
+
+THIN_LINEAR_RETRIES = 6  # Linux's TCP_THIN_LINEAR_RETRIES
+# A client's transport: a short floor under its RTO (the pools are LANs and
+# loopback), its first SYN's timer, and 5 timeouts before it gives up.
+CLIENT_RTO_MIN_S = 0.05
+CLIENT_RTO_INITIAL_S = 0.3
+CLIENT_MAX_RETRIES = 5
+
+
+def client_session(
+    thin_stream: bool = False, rto_max: float | None = None, max_retries: int | None = None
+) -> SessionConfig:
+    """A client's transport parameters. `rto_max` caps its retransmission timeout
+    (Linux's TCP_RTO_MAX_MS: a retransmission never waits longer, so a path that comes
+    back is used within that much), the first SYN's timer included; as in Linux, a
+    lower cap also shortens the time until the connection gives up unless
+    `max_retries` (tcp_retries2) is raised with it."""
+    config = SessionConfig(
+        rto_initial=CLIENT_RTO_INITIAL_S,
+        rto_min=CLIENT_RTO_MIN_S,
+        max_retries=CLIENT_MAX_RETRIES if max_retries is None else max_retries,
+        thin_linear_retries=THIN_LINEAR_RETRIES if thin_stream else 0,
+    )
+    if rto_max is not None:
+        config = replace(config, rto_max=rto_max, rto_initial=min(config.rto_initial, rto_max))
+    return config
