@@ -585,15 +585,22 @@ class RouterProcess:
         self.spare: tuple[Any, Connection] | None = None
         self._built = False  # the spare is built
         self._go_due: float | None = None  # bench time the spare should start at
+        self._another = False  # a spare was asked for while one waited
         self.killed_at: float | None = None
         self.starts: list[dict[str, Any]] = []  # each incarnation: when it went, came up
         self.exits: list[dict[str, Any]] = []
         self.errors: dict[str, str] = {}
 
     def prepare(self) -> None:
-        """Spawn the next incarnation (it builds and waits for `go`)."""
+        """Spawn the next incarnation (it builds and waits for `go`). While a spare
+        waits for its own restart, the next one is spawned as soon as that one goes:
+        two restarts closer than it takes to build one would otherwise make the
+        second's outage a build long (1.6-2 s: longer than the pool's failure
+        detection, so the pool split)."""
         if self.spare is not None:
+            self._another = True
             return
+        self._another = False
         self.incarnation += 1
         parent, child = self._ctx.Pipe()
         log = self.logs / f"{self.name}.{self.incarnation}.log"
@@ -656,6 +663,8 @@ class RouterProcess:
                 self.starts.append(
                     {"process": process.name, "go": round(start - self.bench_start, 3)}
                 )
+                if self._another:
+                    self.prepare()
         self.check(now)
 
     def check(self, now: float) -> None:
