@@ -132,7 +132,7 @@ def analyse(
     ids = {id(f): i for i, f in enumerate(faults)}
     warmup = 0
     names: list[str] = clients["names"]
-    for client, t, cause, first_ok in clients["losses"]:
+    for client, t, cause, first_ok, *via in clients["losses"]:
         if t < WARMUP_S:  # clients connecting while the pool forms, before any fault
             warmup += 1
             continue
@@ -158,6 +158,8 @@ def analyse(
                     "cause": cause,
                     "after": None if fault is None else f"{fault.kind}@{fault.at:.1f}",
                     "owners": owners.sequence(client, t - lookback, t),
+                    # the server the connection was sent to (overlay only)
+                    **({"via": via[0]} if via else {}),
                 }
             )
     wrong = [

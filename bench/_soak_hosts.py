@@ -357,9 +357,16 @@ def _clients_setup(state: dict[str, Any]) -> Any:
         failed: dict[int, int] = state["failed_per_s"]
         latency: dict[int, list[float]] = state["latency_per_min"]
         kept_per_min: dict[int, int] = defaultdict(int)  # latencies kept each minute
-        losses: list[list[Any]] = state["losses"]  # [client, t, cause, first ok after]
+        # [client, t, cause, first ok after, the server its connection was sent to]
+        losses: list[list[Any]] = state["losses"]
         spill = Spill(Path(state["spill"]))
         waiting: dict[int, list[list[Any]]] = defaultdict(list)
+
+        # the address a client's connection was sent to -> the server's name (or the
+        # group's): under D the server that held it, which may not be its owner yet
+        topology = run.topology
+        to_name = {str(topology.address(s)): s for s in topology.servers}
+        to_name[str(topology.pool.group)] = "group"
 
         for index, client in enumerate(clients):
             original = client._lost
@@ -373,7 +380,9 @@ def _clients_setup(state: dict[str, Any]) -> Any:
                     if reset
                     else (fails[-1][1] if fails and fails[-1][0] == now else "closed")
                 )
-                record = [i, round(now - offset, 4), cause, None]
+                key = c.conn_key
+                via = None if key is None else to_name.get(str(key[1][0]), str(key[1][0]))
+                record = [i, round(now - offset, 4), cause, None, via]
                 losses.append(record)
                 waiting[i].append(record)
                 f(now, reset)

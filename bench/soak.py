@@ -629,10 +629,9 @@ def parse_arguments() -> argparse.Namespace:
             parser.error(
                 f"{', '.join(transport)}: for the overlay's TCP clients (the lab's prober: UDP)"
             )
-    else:
-        args.rto_max_ms = CLIENT_RTO_MAX_MS if args.rto_max_ms is None else args.rto_max_ms
-        args.max_retries = CLIENT_MAX_RETRIES if args.max_retries is None else args.max_retries
         return lab_arguments(parser, args)
+    args.rto_max_ms = CLIENT_RTO_MAX_MS if args.rto_max_ms is None else args.rto_max_ms
+    args.max_retries = CLIENT_MAX_RETRIES if args.max_retries is None else args.max_retries
     if args.kinds is None:
         kinds = tuple(k for k in KINDS if args.private or k not in PRIVATE_ONLY)
     else:

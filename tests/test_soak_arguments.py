@@ -1,0 +1,44 @@
+"""`bench/soak.py`'s arguments: what each variant runs when not told otherwise."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def parse(monkeypatch: pytest.MonkeyPatch, *options: str) -> Any:
+    monkeypatch.syspath_prepend(str(BENCH))
+    import soak
+
+    monkeypatch.setattr(sys, "argv", ["soak.py", *options])
+    return soak.parse_arguments()
+
+
+def test_the_overlay_soak_draws_every_public_kind_with_capped_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    args = parse(monkeypatch)
+    assert not args.lab
+    assert {"delay_spike", "flood", "vip_router_kill", "router_restart"} <= set(args.kinds)
+    assert (args.rto_max_ms, args.max_retries, args.thin_stream) == (200, 15, False)
+    plain = parse(monkeypatch, "--rto-max-ms", "60000", "--max-retries", "5")
+    assert (plain.rto_max_ms, plain.max_retries) == (60000, 5)
+
+
+def test_the_lab_soak_takes_the_lab_kinds_and_no_client_transport(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = parse(monkeypatch, "--lab")
+    assert "delay_spike" not in args.kinds and "router_restart" in args.kinds
+    assert args.rto_max_ms is None  # the lab's prober sends UDP
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, "--lab", "--rto-max-ms", "200")
+    assert "rto_max_ms: for the overlay's TCP clients" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, "--rto-max-ms", "20")
+    assert "--rto-max-ms must be in 50..120000" in capsys.readouterr().err
