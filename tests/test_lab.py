@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from labcheck import lab_missing
 from manycast.drivers import mroute
 
 NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
@@ -175,13 +176,7 @@ def _in_family(text: str, family: int) -> str:
 
 
 def _lab_possible() -> str | None:
-    if sys.platform != "linux" or os.geteuid() != 0:
-        return NEEDS_ROOT
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IGMP).close()
-    except OSError as exc:
-        return f"{NEEDS_ROOT} (raw sockets: {exc})"
-    return None
+    return lab_missing()
 
 
 def _counts_written_after(

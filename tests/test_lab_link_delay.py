@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from labcheck import lab_missing
 from manycast.drivers.kernel.link_delay import QUEUE_BASE, delayed_paths, delayed_routers
 from manycast.topology import loads
 
@@ -67,6 +68,9 @@ ONE_WAY_MS = LAN_DELAY_MS + CORE_DELAY_MS  # a server's own link is not delayed
 def _skip_reason() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return NEEDS_ROOT
+    missing = lab_missing()  # the kernel's multicast routing, which every lab router needs
+    if missing is not None:
+        return missing
     if not (shutil.which("iptables") or os.path.exists("/usr/sbin/iptables")):
         return "emulated link delay needs iptables (NFQUEUE): make lab-deps"
     return None

@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from labcheck import lab_missing
+
 NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
 
 TOPOLOGY = """
@@ -65,6 +67,9 @@ SERVERS = ("s1", "s2", "s3")
 def _why_not() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return NEEDS_ROOT
+    missing = lab_missing()  # the kernel's multicast routing, which every lab router needs
+    if missing is not None:
+        return missing
     import shutil
 
     if shutil.which("nft") is None or shutil.which("ip") is None:

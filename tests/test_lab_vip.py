@@ -30,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from labcheck import lab_missing
+
 NEEDS_ROOT = "the kernel lab needs root and network namespaces; CI runs as root"
 NEEDS_TOOLS = "the VIP lab tests need nft, curl and wrk: run `make lab-deps` as root"
 
@@ -50,6 +52,9 @@ FAMILIES = pytest.mark.parametrize("family", [4, 6, DUAL], ids=["ipv4", "ipv6", 
 def _skip_reason() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return NEEDS_ROOT
+    missing = lab_missing()  # the kernel's multicast routing, which every lab router needs
+    if missing is not None:
+        return missing
     if not all(shutil.which(t) or os.path.exists(f"/usr/sbin/{t}") for t in ("nft", "curl", "wrk")):
         return NEEDS_TOOLS
     return None

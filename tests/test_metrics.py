@@ -32,6 +32,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from labcheck import lab_missing
 from manycast.observe.metrics import (
     FederatedCollector,
     MetricsError,
@@ -421,14 +422,7 @@ def test_cli_refuses_a_bad_metrics_address() -> None:
 
 
 def _lab_possible() -> str | None:
-    needs = "the kernel lab needs root and network namespaces; CI runs as root"
-    if sys.platform != "linux" or os.geteuid() != 0:
-        return needs
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IGMP).close()
-    except OSError as exc:
-        return f"{needs} (raw sockets: {exc})"
-    return None
+    return lab_missing()
 
 
 LAB_TOPOLOGY = """

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from labcheck import lab_missing
 from manycast.drivers.memory import WALL_BASE
 from manycast.observe.pcap import LINKTYPE_RAW, Capture, CaptureError, attach
 from manycast.runtime import PoolRun
@@ -375,14 +375,7 @@ def test_lua_dissector_shows_mask_pairs_and_signed_joins(
 
 
 def _lab_possible() -> str | None:
-    needs = "the kernel lab needs root and network namespaces; CI runs as root"
-    if sys.platform != "linux" or os.geteuid() != 0:
-        return needs
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IGMP).close()
-    except OSError as exc:
-        return f"{needs} (raw sockets: {exc})"
-    return None
+    return lab_missing()
 
 
 LAB_TOPOLOGY = """

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from labcheck import lab_missing
 from manycast.drivers import netns
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -27,15 +27,10 @@ CLIENTS_PER_LAN = 4
 
 
 def _lab_possible() -> str | None:
-    if sys.platform != "linux" or os.geteuid() != 0:
-        return NEEDS_ROOT
-    try:
-        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_IGMP).close()
-    except OSError as exc:
-        return f"{NEEDS_ROOT} (raw sockets: {exc})"
-    if shutil.which("nft") is None:
+    missing = lab_missing()
+    if missing is None and shutil.which("nft") is None:
         return "the lab soak's loss bursts need nft (nftables)"
-    return None
+    return missing
 
 
 def _soak(*options: str, prefix: list[str] | None = None, timeout: float = 240) -> Any:

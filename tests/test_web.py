@@ -26,6 +26,7 @@ from urllib.request import urlopen
 
 import pytest
 
+from labcheck import lab_missing
 from manycast.observe.dashboard import Dashboard, describe_event
 from manycast.observe.web import WebError, WebServer, parse_address
 from manycast.runtime import LiveView, ServerView
@@ -504,9 +505,7 @@ def test_run_serves_the_dashboard(tmp_path: Path) -> None:
 
 
 def _lab_possible() -> str | None:
-    if sys.platform != "linux" or os.geteuid() != 0:
-        return "the kernel lab needs root and network namespaces; CI runs as root"
-    return None
+    return lab_missing()
 
 
 @pytest.mark.lab

@@ -24,6 +24,7 @@ Structures, packed with native alignment (Linux rejects the '=' layouts):
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import ipaddress
 import socket
@@ -50,6 +51,36 @@ _PKTINFO = struct.Struct("@i4s4s")
 _ANY = b"\0\0\0\0"
 
 assert _MFCCTL.size == 60 and _VIFCTL.size == 16 and _IGMPMSG.size == 20
+
+
+def multicast_routing_missing(family: int = 4) -> str | None:
+    """Why this kernel cannot route multicast for `family`, or None when it can: a
+    kernel built without CONFIG_IP_MROUTE (CONFIG_IPV6_MROUTE) refuses MRT_INIT
+    (MRT6_INIT) with ENOPROTOOPT. Tried in the current namespace and given back at
+    once; a router socket that another program holds there (EADDRINUSE) is an answer
+    too. Needs root (raw sockets): without it, None (nothing could be learned)."""
+    inet, proto, level, option = (
+        (socket.AF_INET, socket.IPPROTO_IGMP, socket.IPPROTO_IP, MRT_INIT)
+        if family == 4
+        else (socket.AF_INET6, socket.IPPROTO_ICMPV6, socket.IPPROTO_IPV6, MRT_INIT)
+    )  # MRT6_INIT is 200 too, on the IPv6 level
+    try:
+        sock = socket.socket(inet, socket.SOCK_RAW, proto)
+    except PermissionError:
+        return None
+    with sock:
+        try:
+            sock.setsockopt(level, option, 1)
+        except OSError as exc:
+            if exc.errno == errno.ENOPROTOOPT:
+                config = "CONFIG_IP_MROUTE" if family == 4 else "CONFIG_IPV6_MROUTE"
+                return (
+                    f"this kernel has no IPv{family} multicast routing ({config} is not set: "
+                    f"MRT{'' if family == 4 else '6'}_INIT refused), which the kernel lab's "
+                    "routers need"
+                )
+            return None
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,6 +118,10 @@ class Lab:
             raise LabError(f"plane {plane!r}: expected one of {', '.join(PLANES)}")
         topology = loads(text, source)
         family = topology.pool.space.family
+        for needed in (4, 6) if topology.pool.dual else (family,):
+            missing = mroute.multicast_routing_missing(needed)
+            if missing is not None:
+                raise LabError(missing)
         if topology.pool.coordination == "etcd":
             raise LabError(
                 'coordination = "etcd" runs on the overlay driver (manycast run --driver'
