@@ -78,12 +78,23 @@ class Owners:
 
 
 def _crash(
-    faults: Sequence[Fault], owners: Owners, client: int, t: float, lookback: float
+    faults: Sequence[Fault],
+    owners: Owners,
+    client: int,
+    t: float,
+    lookback: float,
+    held_by: str | None = None,
 ) -> Fault | None:
+    """The kill whose server held the client's session when it was lost: a server
+    that owned the client, or `held_by`, the server its connection was sent to. With
+    D a connection lives on the server it was sent to, which need not be its owner (a
+    loaded owner passes new connections to a less loaded server, which keeps them as
+    guests; a move waits its turn): finding 23."""
     for fault in faults:
         if fault.kind != "kill" or not fault.at <= t <= (fault.until or fault.at) + CRASH_AFTER_S:
             continue
-        if owners.owned(client, fault.args["server"], fault.at - lookback, t):
+        victim = fault.args["server"]
+        if held_by == victim or owners.owned(client, victim, fault.at - lookback, t):
             return fault
     return None
 
@@ -136,7 +147,7 @@ def analyse(
         if t < WARMUP_S:  # clients connecting while the pool forms, before any fault
             warmup += 1
             continue
-        crash = _crash(faults, owners, client, t, lookback)
+        crash = _crash(faults, owners, client, t, lookback, via[0] if via else None)
         fault = (
             crash
             or _router_restart(faults, owners, names[client], client, t, lookback)
