@@ -577,14 +577,14 @@ def test_plain_kernel_joins_create_no_membership(lab_factory) -> None:  # type: 
     assert sorted(members) == servers
 
 
-@pytest.mark.lab
-@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
 def _ns_pids(ns: str) -> list[str]:
     """The processes running in network namespace `ns` (`ip netns pids`)."""
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
     return out.stdout.split()
 
 
+@pytest.mark.lab
+@pytest.mark.skipif(_lab_possible() is not None, reason=_lab_possible() or "")
 def test_down_leaves_nothing_even_after_sigkill(lab_factory) -> None:  # type: ignore[no-untyped-def]
     from manycast.drivers import netns
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from labcheck import lab_missing
 from manycast.scenario import ScenarioEngine, ScenarioError
 from manycast.steps import Drain, Move, Rebalance, SetShare
 from manycast.topology import TopologyError, loads
@@ -57,6 +58,9 @@ def bundled_text(name: str, family: int | str) -> str:
 def _skip_reason() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return NEEDS_ROOT
+    missing = lab_missing()  # the kernel's multicast routing, which every lab router needs
+    if missing is not None:
+        return missing
     if not all(shutil.which(t) or os.path.exists(f"/usr/sbin/{t}") for t in TOOLS):
         return NEEDS_TOOLS
     return None
