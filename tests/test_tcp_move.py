@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from labcheck import lab_missing
 from manycast import auth
 from manycast.drivers.kernel import tcp_apps
 from manycast.drivers.kernel.tcp_transfer import (
@@ -81,6 +82,9 @@ SERVERS = ["s1", "s2", "s3", "s4"]
 def _skip_reason() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return NEEDS_ROOT
+    missing = lab_missing()  # the kernel's multicast routing, which every lab router needs
+    if missing is not None:
+        return missing
     if not all(shutil.which(t) or os.path.exists(f"/usr/sbin/{t}") for t in TOOLS):
         return NEEDS_TOOLS
     return None
