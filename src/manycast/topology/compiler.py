@@ -244,10 +244,7 @@ class _Compiler:
             router = c.get("router", str)
             if router not in routers:
                 c.fail(f"clients {group}: no router named {router!r}", "router")
-            count_value = c.number("count", 1, low=1, high=65000)
-            if count_value != int(count_value):
-                c.fail(f"'count' = {count_value} must be a whole number", "count")
-            count = int(count_value)
+            count = c.whole("count", 1, low=1, high=65000)
             # An IPv6 LAN may be left to the address plan (a /64 of 2001:db8::/32); a
             # dual-stack topology's LAN is of its subnet's family.
             automatic = self.family == 6 or self.subnet_family == 0
@@ -257,12 +254,7 @@ class _Compiler:
             if subnet is not None and subnet.num_addresses - 2 < count * stride + 1:
                 c.fail(f"subnet {subnet} is too small for a router and {count} clients", "subnet")
             rate = c.number("rate", 2.0, low=0.0, high=10000.0)
-            per_connection = c.number("requests_per_connection", 0, low=0, high=1_000_000)
-            if per_connection != int(per_connection):
-                c.fail(
-                    f"'requests_per_connection' = {per_connection} must be a whole number",
-                    "requests_per_connection",
-                )
+            per_connection = c.whole("requests_per_connection", 0, low=0, high=1_000_000)
             delay = c.number("delay_ms", 1.0, low=0.0, high=10000.0) / 1000
             loss = c.number("loss", 0.0, low=0.0, high=0.99)
             # false: clients without the extension (plain SYNs; never redirected, Fig 20)
@@ -273,11 +265,7 @@ class _Compiler:
             rto_max = None
             if "rto_max_ms" in c.table:
                 rto_max = c.number("rto_max_ms", low=CLIENT_RTO_MIN_S * 1000, high=120_000) / 1000
-            retries = None
-            if "max_retries" in c.table:
-                retries = c.number("max_retries", low=1, high=100)
-                if retries != int(retries):
-                    c.fail(f"'max_retries' = {retries} must be a whole number", "max_retries")
+            retries = c.whole("max_retries", low=1, high=100) if "max_retries" in c.table else None
             members = tuple(f"{group}{i}" for i in range(1, count + 1))
             for member in members:
                 if member in self.names:
@@ -289,11 +277,11 @@ class _Compiler:
                     router,
                     rate,
                     authorized,
-                    int(per_connection),
+                    per_connection,
                     dynamic,
                     thin,
                     rto_max,
-                    None if retries is None else int(retries),
+                    retries,
                 )
             lans.append(Lan(group, router, subnet, members, delay, loss, stride, c.line("subnet")))
             c.done()
@@ -671,10 +659,8 @@ def _move(s: TableReader, known: _Known, at: float, line: int) -> Step:
         s.fail(f"no server named {to!r}", "to")
     if to == server:
         s.fail(f"a move goes from {server} to another server", "to")
-    count = s.number("count", 0, low=0, high=1_000_000)
-    if count != int(count):
-        s.fail(f"'count' = {count} must be a whole number", "count")
-    return Move(at=at, line=line, server=server, to=to, count=int(count))
+    count = s.whole("count", 0, low=0, high=1_000_000)
+    return Move(at=at, line=line, server=server, to=to, count=count)
 
 
 def _kill_vip_router(s: TableReader, known: _Known, at: float, line: int) -> Step:

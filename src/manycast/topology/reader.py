@@ -103,6 +103,15 @@ class TableReader:
             self.fail(f"'{key}' = {value} is outside {bounds}", key)
         return value
 
+    def whole(
+        self, key: str, default: Any = ..., low: float | None = None, high: float | None = None
+    ) -> int:
+        """`number`, which must also be a whole number (3.0 is 3; 2.5 is refused)."""
+        value = self.number(key, default, low, high)
+        if value != int(value):
+            self.fail(f"'{key}' = {value} must be a whole number", key)
+        return int(value)
+
     def name(self, key: str = "name") -> str:
         value: str = self.get(key, str)
         if not NAME.match(value):
