@@ -140,6 +140,8 @@ def analyse(
     # the sessions_lost each fault broke, by cause, and how many of them behind rb
     causes_of: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     behind_of: dict[int, int] = defaultdict(int)
+    crashed_by: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    crash_causes: dict[str, int] = defaultdict(int)
     ids = {id(f): i for i, f in enumerate(faults)}
     warmup = 0
     names: list[str] = clients["names"]
@@ -157,6 +159,8 @@ def analyse(
             per_fault[ids[id(fault)]].append(None if first_ok is None else first_ok - fault.at)
         if crash is not None:
             crashed += 1
+            crash_causes[cause] += 1
+            crashed_by[ids[id(crash)]][cause] += 1
         else:
             if fault is not None:
                 causes_of[ids[id(fault)]][cause] += 1
@@ -187,6 +191,8 @@ def analyse(
         if i in causes_of:
             row["lost_by_cause"] = dict(causes_of[i])
             row["lost_behind_router"] = behind_of[i]
+        if i in crashed_by:
+            row["crashed_by_cause"] = dict(crashed_by[i])
         if fault.kind == "router_restart" and (fault.until or fault.at) in watch:
             # Every client behind the router was cut off: until each is answered again.
             again = clients["again"][watch.index(fault.until or fault.at)]
@@ -259,11 +265,13 @@ def analyse(
         "sessions_lost_detail": lost[:50],
         "sessions_lost_all": lost,
         "sessions_lost_to_crashes": crashed,
+        "sessions_lost_to_crashes_by_cause": dict(crash_causes),
         "sessions_lost_in_warmup": warmup,
         "wrong_answers": len(clients["wrong"]),
         "wrong_answers_not_crash": wrong[:50],
         "requests_answered": sum(ok.values()),
         "requests_failed": sum(failed.values()),
+        "requests_answered_late": clients.get("late_answers"),
         "per_minute": per_minute,
         "recovery_by_kind": by_kind,
         "per_fault": fault_rows,

@@ -372,20 +372,23 @@ def _clients_setup(state: dict[str, Any]) -> Any:
             original = client._lost
 
             def lost(
-                now: float, reset: bool = False, i: int = index, c: Any = client, f: Any = original
+                now: float,
+                reset: bool = False,
+                cause: str = "",
+                i: int = index,
+                c: Any = client,
+                f: Any = original,
             ) -> None:
                 fails = c.stats.failures
-                cause = (
-                    "reset"
-                    if reset
-                    else (fails[-1][1] if fails and fails[-1][0] == now else "closed")
-                )
+                why = "reset" if reset else cause
+                if not why:
+                    why = fails[-1][1] if fails and fails[-1][0] == now else "closed"
                 key = c.conn_key
                 via = None if key is None else to_name.get(str(key[1][0]), str(key[1][0]))
-                record = [i, round(now - offset, 4), cause, None, via]
+                record = [i, round(now - offset, 4), why, None, via]
                 losses.append(record)
                 waiting[i].append(record)
-                f(now, reset)
+                f(now, reset, cause)
 
             client._lost = lost  # type: ignore[method-assign]
 
@@ -493,6 +496,9 @@ def clients_child(
         kept = {k: v for k, v in state.items() if k != "finish"}
         kept["reconnects"] = sum(c.stats.reconnects for c in run.nodes.clients.values())
         kept["connected_at_end"] = sum(1 for c in run.nodes.clients.values() if c.connected)
+        # answers that came after their request failed its deadline (on a connection
+        # the client kept, `--abandon-after-ms`), every one checked
+        kept["late_answers"] = sum(c.stats.late_answers for c in run.nodes.clients.values())
         kept["served_at_end"] = sum(  # answered in the last 3 s (as the progress line)
             1
             for c in run.nodes.clients.values()

@@ -7,9 +7,12 @@ each) in one, router ra with servers s1, s2 and standbys s5, s6 in another, rout
 rb (the edge of s3, s4 and client LAN b) in a third, and each of the servers s3, s4
 alone in a `manycast run --nodes` process. Technique R3 (lossless) by default; the
 pool finds a death after 2 s (20 missed 100 ms heartbeats), longer than any router
-outage drawn (`_soak_plan.DETECTION_S`). The clients give a request up after 2 s
-and cap their retransmission timeout at 200 ms with 15 retries (`--rto-max-ms`,
-`--max-retries`; `--thin-stream` for Linux's thin-stream timeouts instead).
+outage drawn (`_soak_plan.DETECTION_S`). A client's request fails 2 s after it
+was sent, but its connection stays, and the late answer is still checked, until a
+request has waited 10 s or TCP gives up (`--abandon-after-ms`; 2000: the connection
+goes with the request); the clients cap their retransmission timeout at 200 ms with
+15 retries (`--rto-max-ms`, `--max-retries`; `--thin-stream` for Linux's
+thin-stream timeouts instead).
 After a warm-up, `--seed` draws every kind of fault once per 20 s at random offsets
 (they overlap): SIGKILL of s3's or s4's process and its restart 2-5 s later;
 SIGKILL of rb's process and its restart 0.3-1.5 s later; a standby server joining;
@@ -24,11 +27,12 @@ in a process of its own (the DNS fault needs it). Not the default: with 1000
 clients the private pool loses most sessions with no fault at all (docs/soak.md).
 
 Measured (one JSON object last on stdout, progress on stderr):
-- `sessions_lost`: session losses (a reset, an unanswered request, a wrong answer)
+- `sessions_lost`: session losses (a reset, a connection given up, a wrong answer)
   not explained by a crash; `sessions_lost_to_crashes`: those of clients whose
   owner was a killed server in any allocation between its last answer before the
   kill and the loss, within the kill's window (kill to restart + 8 s);
 - `wrong_answers`; requests answered and failed per minute;
+  `requests_answered_late` (failed at their deadline, answered later and checked);
 - `recovery_s` per fault: until every client whose session it broke (for a router
   restart, also every client behind the router) was answered again;
 - RSS and open file descriptors of every long-lived process each minute (each
@@ -96,6 +100,7 @@ SEED = 20261201
 # was sent, and keep trying past it (tcp_retries2's default): docs/soak.md finding 21.
 CLIENT_RTO_MAX_MS = 200
 CLIENT_MAX_RETRIES = 15
+CLIENT_ABANDON_AFTER_MS = 10_000  # a failed request does not end its connection (finding 24)
 GRACE_S = 3.0  # the pool processes run this long past the measured time
 PREPARE_S = 8.0  # a restarted router's next process is spawned this long before the kill
 
@@ -163,6 +168,8 @@ def client_options(args: argparse.Namespace) -> dict[str, Any]:
         options["rto_max_ms"] = args.rto_max_ms
     if args.max_retries is not None:
         options["max_retries"] = args.max_retries
+    if args.abandon_after_ms is not None:
+        options["abandon_after_ms"] = args.abandon_after_ms
     return options
 
 
@@ -463,6 +470,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "thin_stream": args.thin_stream,
             "rto_max_ms": args.rto_max_ms,
             "max_retries": args.max_retries,
+            "abandon_after_ms": args.abandon_after_ms,
             "fault_kinds": list(args.kinds),
             "unexpected_exits": unexpected,
             "tracebacks": tracebacks,
@@ -603,6 +611,14 @@ def parse_arguments() -> argparse.Namespace:
         help="timeouts a client lives through before it gives up (tcp_retries2; default "
         f"{CLIENT_MAX_RETRIES}, with 5 a capped client gives up before its 2 s deadline)",
     )
+    parser.add_argument(
+        "--abandon-after-ms",
+        type=int,
+        help="how long a client waits for a request's answer before it gives its connection "
+        f"up, ms (2000..600000; default {CLIENT_ABANDON_AFTER_MS}: a request fails at its "
+        "2 s deadline and its late answer is still checked; 2000: the connection is given "
+        "up with the request, as before finding 24)",
+    )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
     parser.add_argument(
         "--kinds",
@@ -623,6 +639,8 @@ def parse_arguments() -> argparse.Namespace:
         parser.error("--rto-max-ms must be in 50..120000")
     if args.max_retries is not None and not 1 <= args.max_retries <= 100:
         parser.error("--max-retries must be in 1..100")
+    if args.abandon_after_ms is not None and not 2000 <= args.abandon_after_ms <= 600_000:
+        parser.error("--abandon-after-ms must be in 2000..600000 (the deadline is 2000)")
     if args.lab:
         transport = [name for name, value in client_options(args).items() if value]
         if transport:
@@ -632,6 +650,8 @@ def parse_arguments() -> argparse.Namespace:
         return lab_arguments(parser, args)
     args.rto_max_ms = CLIENT_RTO_MAX_MS if args.rto_max_ms is None else args.rto_max_ms
     args.max_retries = CLIENT_MAX_RETRIES if args.max_retries is None else args.max_retries
+    if args.abandon_after_ms is None:
+        args.abandon_after_ms = CLIENT_ABANDON_AFTER_MS
     if args.kinds is None:
         kinds = tuple(k for k in KINDS if args.private or k not in PRIVATE_ONLY)
     else:

@@ -669,3 +669,46 @@ def test_seeds_1_and_4_clients_that_cap_their_rto_live_through_a_restart_in_a_lo
             assert_one_allocation(run)
     assert failed["plain"] >= 5
     assert failed["capped"] == 0
+
+
+def _across_a_restart_in_a_long_burst(seed: int, clients: str) -> dict[str, int]:
+    """rb down 1.5 s while the core link loses 40 %, for 3 s after rb is back too."""
+    text = two_edge_pool(heartbeat_misses=20).replace("rate = 2.0", f"rate = 2.0\n{clients}")
+    run, _ = start(text, seed=seed)
+    run_to(run, KILLED_AT)
+    before = {n: c.stats.reconnects for n, c in run.nodes.clients.items()}
+    core_loss(run, 0.4)
+    restart(run, "rb", 1.5)
+    run_to(run, run.now + 3.0)
+    core_loss(run, 0.0)
+    run_to(run, run.now + 4.0)
+    assert_one_allocation(run)
+    clients_ = run.nodes.clients
+    return {
+        "lost": sum(c.stats.reconnects - before[n] for n, c in clients_.items()),
+        "failed": sum(c.stats.requests_failed for c in clients_.values()),
+        "late": sum(c.stats.late_answers for c in clients_.values()),
+        "state_lost": sum(c.stats.state_lost for c in clients_.values()),
+    }
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_seeds_5_and_6_clients_that_keep_a_late_requests_connection_lose_no_session(
+    seed: int,
+) -> None:
+    """docs/soak.md finding 24 (soak seed 20261201: R3 lost 3 sessions in 30 minutes,
+    all after a router restart in a loss burst). A client whose request fails its 2 s
+    deadline and gives its connection up with it loses a session the pool still
+    holds: here 1 (seed 5) and 5 (seed 6) with the soak's capped clients. A client
+    that keeps the connection (`abandon_after_ms`, as a gRPC call's deadline) has
+    the same requests fail, gets their answers late, checks them (no state lost)
+    and loses no session. Before servers kept retransmitting an answer for 8
+    doubling timeouts, seed 5's server gave its answer up after 5 (3.1 s into the
+    burst) and forgot the connection silently: its client waited for nothing."""
+    capped = "rto_max_ms = 200\nmax_retries = 15"
+    gives_up = _across_a_restart_in_a_long_burst(seed, capped)
+    keeps = _across_a_restart_in_a_long_burst(seed, f"{capped}\nabandon_after_ms = 10000")
+    assert gives_up["lost"] >= 1 and gives_up["late"] == 0
+    assert keeps["failed"] >= 1
+    assert keeps["late"] == keeps["failed"]  # every failed request was answered after all
+    assert (keeps["lost"], keeps["state_lost"]) == (0, 0)

@@ -826,3 +826,18 @@ def test_a_client_groups_rto_cap_and_retries_reach_its_transport() -> None:
     assert "rto_max_ms" in error_of(edit("count = 5\n", "count = 5\nrto_max_ms = 20\n"))
     assert "max_retries" in error_of(edit("count = 5\n", "count = 5\nmax_retries = 2.5\n"))
     assert "max_retries" in error_of(edit("count = 5\n", "count = 5\nmax_retries = 0\n"))
+
+
+def test_a_client_groups_deadline_and_patience_reach_its_clients() -> None:
+    """`deadline_ms` is when a request fails; `abandon_after_ms` how long the client
+    keeps the connection for its answer (default: no longer than the deadline). A
+    connection given up before its request fails is refused, naming the key."""
+    keys = 'subnet = "10.1.0.0/24"\ndeadline_ms = 1500\nabandon_after_ms = 9000\n'
+    text = edit('subnet = "10.1.0.0/24"\n', keys)
+    text += '\n[[clients]]\nname = "b"\ncount = 2\nrouter = "ra"\nsubnet = "10.2.0.0/24"\n'
+    nodes = build(loads(text), seed=1, wall_base=0.0)
+    timing = {n[0]: (c.request_timeout, c.abandon_after) for n, c in nodes.clients.items()}
+    assert timing == {"a": (1.5, 9.0), "b": (2.0, 2.0)}
+    shorter = error_of(edit("count = 5\n", "count = 5\nabandon_after_ms = 1000\n"))
+    assert "abandon_after_ms" in shorter and "deadline_ms" in shorter
+    assert "deadline_ms" in error_of(edit("count = 5\n", "count = 5\ndeadline_ms = 0\n"))

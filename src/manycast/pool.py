@@ -250,6 +250,8 @@ def build(
             requests_per_connection=spec.requests_per_connection,
             dynamic_destination=spec.dynamic_destination,
             session=client_session(spec.thin_stream, spec.rto_max, spec.max_retries),
+            request_timeout=spec.request_timeout,
+            abandon_after=spec.abandon_after,
         )
         for spec in topology.clients.values()
         if hosted(spec.name)

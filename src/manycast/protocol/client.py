@@ -50,7 +50,7 @@ from manycast.protocol.tcp import (
     UnknownSegment,
 )
 from manycast.protocol.tcp import Connected as SessionConnected
-from manycast.protocol.tcp.config import client_session
+from manycast.protocol.tcp.config import CLIENT_REQUEST_TIMEOUT_S, client_session
 from manycast.space import Portion, PortionSet
 from manycast.wire.ip import IPPROTO_TCP, Address
 from manycast.wire.membership import (
@@ -108,6 +108,7 @@ class ClientStats:
     reconnects: int = 0
     connects: int = 0
     state_lost: int = 0
+    late_answers: int = 0  # answers that came after their request had failed its deadline
     latencies: list[float] = field(default_factory=list)
     ok_times: list[float] = field(default_factory=list)
     failures: list[tuple[float, str]] = field(default_factory=list)
@@ -140,7 +141,8 @@ class Client(Node):
         *,
         app: SessionFactory,
         session: SessionConfig | None = None,
-        request_timeout: float = 2.0,
+        request_timeout: float = CLIENT_REQUEST_TIMEOUT_S,
+        abandon_after: float | None = None,
         start_spread: float = 1.0,
         key: Ed25519PrivateKey | None = None,
         wall_base: float = 0.0,
@@ -159,7 +161,17 @@ class Client(Node):
         self.service = service
         self.resolve = resolve
         self.rate = rate
+        # A request unanswered `request_timeout` after it left has failed. With
+        # `abandon_after` longer, that fails the request, not the connection (as a
+        # gRPC call's deadline): the connection stays, its late answer is still
+        # checked, and it is given up when its oldest request has waited
+        # `abandon_after` or its transport gives up. None: at the deadline, as a
+        # client that closes a connection on its first timeout.
         self.request_timeout = request_timeout
+        self.abandon_after = request_timeout if abandon_after is None else abandon_after
+        if self.abandon_after < request_timeout:
+            raise ValueError("abandon_after must be at least request_timeout")
+        self._late: set[int] = set()  # requests past their deadline still outstanding
         self.start_spread = start_spread
         self.endpoint = Demultiplexer(rng, session or client_session())
         self.host = HostStack(iface, self.address, router, self.endpoint, self.outbox.append)
@@ -253,6 +265,7 @@ class Client(Node):
         self.guard.begin()
         self._held.clear()
         self.app = self.new_session()
+        self._late.clear()
         self._answered_here = 0
         self.connected = False
         self.stats.connects += 1
@@ -273,28 +286,43 @@ class Client(Node):
     def _check_deadline(self, now: float) -> None:
         if self.app is None or not self.app.outstanding:
             return
-        oldest = min(sent for sent, _ in self.app.outstanding.values())
-        # The same expression the timer was armed with: no rounding can make it fire early forever.
-        if now >= oldest + self.request_timeout:
+        sent = self.app.outstanding
+        oldest = min(t for t, _ in sent.values())
+        # The same expressions the timer was armed with: no rounding can make it fire
+        # early forever.
+        if now >= oldest + self.abandon_after:
             self._fail_outstanding(now, "no answer")
             if self.conn_key is not None:
                 conn = self.endpoint.connection(self.conn_key)  # type: ignore[arg-type]
                 if conn is not None:
                     conn.abort(now)
-            self._lost(now)
-        else:
-            self.timers.arm("deadline", oldest + self.request_timeout)
+            self._lost(now, cause="no answer")
+            return
+        limit = self.request_timeout
+        due = [s for s, (t, _) in sent.items() if s not in self._late and now >= t + limit]
+        for _ in due:
+            self._failed(now, "no answer")
+        self._late.update(due)
+        waiting = [t + limit for s, (t, _) in sent.items() if s not in self._late]
+        self.timers.arm("deadline", min([oldest + self.abandon_after, *waiting]))
+
+    def _failed(self, now: float, reason: str) -> None:
+        self.stats.requests_failed += 1
+        self.stats.failures.append((now, reason))
+        self.stats.disruptions.append(now)
 
     def _fail_outstanding(self, now: float, reason: str) -> None:
+        """Every outstanding request has failed (those past their deadline already
+        counted)."""
         if self.app is None:
             return
-        for _ in self.app.outstanding:
-            self.stats.requests_failed += 1
-            self.stats.failures.append((now, reason))
-            self.stats.disruptions.append(now)
+        for sequence in self.app.outstanding:
+            if sequence not in self._late:
+                self._failed(now, reason)
         self.app.outstanding.clear()
+        self._late.clear()
 
-    def _lost(self, now: float, reset: bool = False) -> None:
+    def _lost(self, now: float, reset: bool = False, cause: str = "") -> None:
         """The session is gone: reconnect soon, to whichever server owns us now.
 
         A reset is a live server saying it does not hold the session (R1 after a
@@ -303,7 +331,8 @@ class Client(Node):
         by the old connection's round trip (a SYN that reaches a server before the
         routers changed is sent again after about one round trip, not `rto_initial`).
         After a timeout or an unanswered request nothing says the path works again,
-        so the wait is longer."""
+        so the wait is longer. `cause` says why, for whoever watches the calls
+        (bench/soak.py)."""
         self.connected = False
         self.conn_key = None
         self.timers.cancel("request")
@@ -314,17 +343,26 @@ class Client(Node):
 
     def _on_answers(self, answers: list[Answer], now: float) -> None:
         for answer in answers:
+            # A late answer was counted failed at its deadline; it is still checked:
+            # a wrong total means the session's state was lost.
+            late = answer.sequence in self._late
+            if late:
+                self._late.discard(answer.sequence)
+                self.stats.late_answers += 1
             if answer.ok:
-                self._answered_here += 1
-                self.stats.requests_ok += 1
-                self.stats.latencies.append(answer.latency)
-                self.stats.ok_times.append(now)
-            else:
-                self.stats.requests_failed += 1
+                if not late:
+                    self._answered_here += 1
+                    self.stats.requests_ok += 1
+                    self.stats.latencies.append(answer.latency)
+                    self.stats.ok_times.append(now)
+                continue
+            if late:
                 self.stats.failures.append((now, answer.reason))
                 self.stats.disruptions.append(now)
-                if answer.reason.startswith("state lost"):
-                    self.stats.state_lost += 1
+            else:
+                self._failed(now, answer.reason)
+            if answer.reason.startswith("state lost"):
+                self.stats.state_lost += 1
         if self.app is not None and not self.app.outstanding:
             self.timers.cancel("deadline")
             limit = self.requests_per_connection
@@ -361,7 +399,7 @@ class Client(Node):
                 if conn is not None:
                     conn.close(now)
                 self._fail_outstanding(now, "closed by the server")
-                self._lost(now)
+                self._lost(now, cause="closed by the server")
             elif isinstance(event, ConnectionReset | ConnectionTimedOut | ConnectionClosed):
                 if isinstance(event, ConnectionReset) and event.remote:
                     self.stats.resets += 1
@@ -369,7 +407,8 @@ class Client(Node):
                 if isinstance(event, ConnectionTimedOut):
                     self.stats.timeouts += 1
                 self._fail_outstanding(now, type(event).__name__)
-                self._lost(now, reset=isinstance(event, ConnectionReset) and event.remote)
+                remote = isinstance(event, ConnectionReset) and event.remote
+                self._lost(now, reset=remote, cause=type(event).__name__)
 
     def _next_connection(self, now: float) -> None:
         """Done with this connection: close it (FIN) and open the next, a new flow."""

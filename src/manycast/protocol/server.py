@@ -64,7 +64,12 @@ from manycast.wire.ip import IPPROTO_TCP, IPPROTO_UDP, Address, InnerPacket
 from manycast.wire.membership import GroupRecord, RecordType
 from manycast.wire.report_split import WholeRecord
 
-DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=5)
+# A server keeps retransmitting an answer for 8 doubling timeouts (25.5 s from the
+# 50 ms floor): longer than a client waits for a late answer (`abandon_after`), so a
+# loss burst that outlasts a few retransmissions delays the answer, and does not
+# make the server forget a connection its client still keeps (docs/soak.md
+# finding 24; Linux's tcp_retries2 gives minutes).
+DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=8)
 HOT_BUCKETS = 256  # how many of its busiest buckets a congested server reports
 
 

@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from manycast.addressplan import DEFAULT_PRIVATE_RANGES, AddressPlan, NamingError
 from manycast.policy import PolicyName
-from manycast.protocol.tcp.config import CLIENT_RTO_MIN_S
+from manycast.protocol.tcp.config import CLIENT_REQUEST_TIMEOUT_S, CLIENT_RTO_MIN_S
 from manycast.protocol.technique import Technique
 from manycast.space import AddressSpace, SpaceError
 from manycast.steps import (
@@ -266,6 +266,17 @@ class _Compiler:
             if "rto_max_ms" in c.table:
                 rto_max = c.number("rto_max_ms", low=CLIENT_RTO_MIN_S * 1000, high=120_000) / 1000
             retries = c.whole("max_retries", low=1, high=100) if "max_retries" in c.table else None
+            deadline_default = CLIENT_REQUEST_TIMEOUT_S * 1000
+            deadline = c.number("deadline_ms", deadline_default, low=10, high=600_000)
+            abandon = None
+            if "abandon_after_ms" in c.table:
+                abandon = c.number("abandon_after_ms", low=10, high=600_000)
+                if abandon < deadline:
+                    c.fail(
+                        f"abandon_after_ms {abandon:g} is shorter than deadline_ms {deadline:g}:"
+                        " a connection cannot be given up before its request fails",
+                        "abandon_after_ms",
+                    )
             members = tuple(f"{group}{i}" for i in range(1, count + 1))
             for member in members:
                 if member in self.names:
@@ -282,6 +293,8 @@ class _Compiler:
                     thin,
                     rto_max,
                     retries,
+                    deadline / 1000,
+                    None if abandon is None else abandon / 1000,
                 )
             lans.append(Lan(group, router, subnet, members, delay, loss, stride, c.line("subnet")))
             c.done()

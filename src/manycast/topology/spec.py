@@ -10,6 +10,7 @@ from functools import cached_property
 from manycast.addressplan import DEFAULT_PRIVATE_RANGES
 from manycast.policy import PolicyName
 from manycast.protocol.node import Interface
+from manycast.protocol.tcp.config import CLIENT_REQUEST_TIMEOUT_S
 from manycast.protocol.technique import Technique
 from manycast.space import AddressSpace
 from manycast.steps import Step
@@ -139,6 +140,10 @@ class ClientSpec:
     # the transport's defaults
     rto_max: float | None = None
     max_retries: int | None = None
+    # a request unanswered this long (s) has failed; the connection is given up when
+    # its oldest request has waited `abandon_after` (None: at the deadline)
+    request_timeout: float = CLIENT_REQUEST_TIMEOUT_S
+    abandon_after: float | None = None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,8 @@ THIN_LINEAR_RETRIES = 6  # Linux's TCP_THIN_LINEAR_RETRIES
 CLIENT_RTO_MIN_S = 0.05
 CLIENT_RTO_INITIAL_S = 0.3
 CLIENT_MAX_RETRIES = 5
+# A client gives a request up this long after sending it (`protocol.client.Client`).
+CLIENT_REQUEST_TIMEOUT_S = 2.0
 
 
 def client_session(
