@@ -24,6 +24,7 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from manycast.pool import build
+from manycast.protocol.client import Client
 from manycast.protocol.node import Interface
 from manycast.protocol.querier import (
     MIN_ANSWER_GAP,
@@ -712,3 +713,38 @@ def test_seeds_5_and_6_clients_that_keep_a_late_requests_connection_lose_no_sess
     assert keeps["failed"] >= 1
     assert keeps["late"] == keeps["failed"]  # every failed request was answered after all
     assert (keeps["lost"], keeps["state_lost"]) == (0, 0)
+
+
+def test_a_late_answer_is_still_checked_against_the_sessions_state() -> None:
+    """docs/soak.md finding 24: a client that keeps its connection past a request's
+    deadline checks the answer when it comes. Router rb is down 2.5 s (longer than
+    the deadline, shorter than the pool's failure detection); meanwhile the servers
+    behind it forget the state of one client's connection (as a bug would).
+    That client's late answer shows the loss (a wrong answer: `state lost`); the
+    other late answers are right; no client gave its connection up."""
+    keeps = "rate = 2.0\nrto_max_ms = 200\nmax_retries = 30\nabandon_after_ms = 10000"
+    run, _ = start(two_edge_pool(heartbeat_misses=50).replace("rate = 2.0", keeps), seed=1)
+    run_to(run, KILLED_AT)
+    servers = {n: run.nodes.servers[n] for n in ("s3", "s4")}
+
+    def served_by(client: Client) -> str | None:
+        key = client.conn_key
+        return next((n for n, s in servers.items() if key and (key[1], key[0]) in s.app), None)
+
+    clients = run.nodes.clients
+    across = [n for n, c in clients.items() if n.startswith("a") and served_by(c)]
+    assert len(across) >= 3
+    reconnects = {n: c.stats.reconnects for n, c in clients.items()}
+    restart(run, "rb", 2.5)
+    victim = clients[across[0]]
+    key = victim.conn_key
+    assert key is not None and victim.app is not None and victim.app.outstanding
+    servers[served_by(victim) or ""].app.close((key[1], key[0]))  # the state is gone
+    run_to(run, run.now + 3.0)
+    assert victim.stats.late_answers == 1
+    assert victim.stats.state_lost == 1
+    assert victim.stats.failures[-1][1].startswith("state lost")
+    others = [clients[n] for n in across[1:]]
+    assert sum(c.stats.late_answers for c in others) >= 1
+    assert sum(c.stats.state_lost for c in others) == 0
+    assert all(c.stats.reconnects == reconnects[n] for n, c in clients.items())
