@@ -26,8 +26,11 @@ def test_the_overlay_soak_draws_every_public_kind_with_capped_clients(
     assert not args.lab
     assert {"delay_spike", "flood", "vip_router_kill", "router_restart"} <= set(args.kinds)
     assert (args.rto_max_ms, args.max_retries, args.thin_stream) == (200, 15, False)
+    assert args.abandon_after_ms == 10_000  # a failed request keeps its connection
     plain = parse(monkeypatch, "--rto-max-ms", "60000", "--max-retries", "5")
     assert (plain.rto_max_ms, plain.max_retries) == (60000, 5)
+    impatient = parse(monkeypatch, "--abandon-after-ms", "2000")
+    assert impatient.abandon_after_ms == 2000
 
 
 def test_the_lab_soak_takes_the_lab_kinds_and_no_client_transport(
@@ -35,10 +38,16 @@ def test_the_lab_soak_takes_the_lab_kinds_and_no_client_transport(
 ) -> None:
     args = parse(monkeypatch, "--lab")
     assert "delay_spike" not in args.kinds and "router_restart" in args.kinds
-    assert args.rto_max_ms is None  # the lab's prober sends UDP
+    assert args.rto_max_ms is None and args.abandon_after_ms is None  # the prober: UDP
     with pytest.raises(SystemExit):
         parse(monkeypatch, "--lab", "--rto-max-ms", "200")
     assert "rto_max_ms: for the overlay's TCP clients" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        parse(monkeypatch, "--lab", "--abandon-after-ms", "5000")
+    assert "abandon_after_ms: for the overlay's TCP clients" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         parse(monkeypatch, "--rto-max-ms", "20")
     assert "--rto-max-ms must be in 50..120000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, "--abandon-after-ms", "1000")
+    assert "--abandon-after-ms must be in 2000..600000" in capsys.readouterr().err
