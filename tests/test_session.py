@@ -484,6 +484,27 @@ def test_syn_to_nobody_times_out() -> None:
     assert sum(1 for _, src, _, s in net.log if src == CLIENT) == 3
 
 
+def test_a_syn_ack_nobody_acknowledges_gives_up_after_syn_retries() -> None:
+    """Linux's tcp_synack_retries beside tcp_retries2: a half-open connection (a client
+    that took another server's SYN-ACK, docs/soak.md finding 25) goes after
+    `syn_retries` timeouts, an established one after `max_retries`."""
+    config = SessionConfig(rto_initial=1.0, rto_min=0.2, max_retries=4, syn_retries=2)
+    net = Net()
+    client = net.add("client", CLIENT, config=config)
+    server = net.add("server", GROUP, config=config)
+    server.ep.listen(PORT)
+    # The client's first SYN arrives; nothing of the client's is heard after it.
+    net.tamper = lambda src, dst, seg: seg if src == CLIENT and net.now == 0.0 else None
+    client.ep.connect(*client_key(), now=0.0)
+    assert net.run(60.0, lambda: bool(server.of(ConnectionTimedOut)))
+    assert server.of(ConnectionTimedOut)[0][0] == pytest.approx(0.01 + 7.0)  # 1 + 2 + 4
+    assert sum(1 for _, src, _, s in net.log if src == GROUP and s.flags & TcpFlags.SYN) == 3
+    assert len(server.ep) == 0
+    # Established, the same connection's data is retransmitted for `max_retries`.
+    _, client, sent_at = sent_to_a_silent_server(config, b"hello")
+    assert client.of(ConnectionTimedOut)[0][0] - sent_at == pytest.approx(0.2 * (2**5 - 1))
+
+
 def test_a_syn_seeded_with_an_earlier_round_trip_is_sent_again_after_it() -> None:
     """A new connection to a destination measured before starts from that SRTT and
     RTTVAR (a TCP metrics cache), not `rto_initial`: its lost SYN is sent again after
@@ -831,6 +852,8 @@ def test_config_is_validated() -> None:
         SessionConfig(rto_min=2.0, rto_initial=1.0)
     with pytest.raises(ValueError):
         SessionConfig(mss=0)
+    with pytest.raises(ConfigError):
+        SessionConfig(syn_retries=-1)
 
 
 def test_sequence_numbers_wrap() -> None:

@@ -1,4 +1,4 @@
-"""The chaos soak's short variant (`bench/soak.py --minutes 1.5`), so that its
+"""The chaos soak's short variant (`bench/soak.py --minutes 2`), so that its
 harness cannot rot: every kind of fault happens, no pool process dies or logs a
 traceback, the fault windows are measured, and (the goal) no session is lost
 beyond those that died with a killed server.
@@ -29,7 +29,7 @@ from manycast.runtime import LiveView, PoolRun
 from manycast.topology import loads
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-MINUTES = 1.5
+MINUTES = 2
 
 pytestmark = pytest.mark.slow
 
@@ -99,12 +99,8 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
     assert sum(sum(causes.values()) for causes in per_fault) == attributed
 
 
-@pytest.mark.xfail(
-    reason="the soak finds sessions lost with R3 under overlapping faults "
-    "(docs/soak.md, 'Findings'); the goal is 0",
-    strict=False,
-)
 def test_no_session_lost_with_a_lossless_technique(soak: dict[str, Any]) -> None:
+    """Issue 17's goal, which 30-minute runs meet since finding 24 (docs/soak.md)."""
     assert soak["technique"] == "R3"
     assert soak["sessions_lost"] == 0, soak["sessions_lost_by_cause"]
     assert soak["wrong_answers"] == 0

@@ -97,6 +97,7 @@ class RedirectStats:
     switched: int = 0  # moved-in connections whose client now sends to us
     stragglers: int = 0  # segments forwarded to where a connection went
     stale_moves: int = 0  # MoveConnections refused: not newer than one we took
+    half_open_dropped: int = 0  # our half-open connections a moved-in one replaced
 
 
 @dataclass
@@ -344,9 +345,10 @@ class Redirector:
             else:
                 self.stats.stale_moves += 1
             return
-        if self.endpoint.resolve(key) is not None or self.endpoint.resolve(old) is not None:
-            self.stats.stale_moves += 1
-            return
+        for held in {self.endpoint.resolve(key), self.endpoint.resolve(old)} - {None}:
+            if held is not None and not self._drop_half_open(held):
+                self.stats.stale_moves += 1
+                return
         try:
             conn = Connection.import_state(message.transport_state, now, self.rng, self.session)
             if conn.key != old or conn.tag is None or conn.cookie is None:
@@ -372,6 +374,20 @@ class Redirector:
         if self._should_move(key):
             self.pending.add(key)  # not ours either by now: it moves on
             self._schedule(now + RETRY)
+
+    def _drop_half_open(self, key: ConnKey) -> bool:
+        """Let a connection of ours go, silently, if it never got past SYN_RCVD: its
+        client took another server's SYN-ACK (two servers answered one SYN, one of
+        them restarted on an allocation out of date), so the one moved to us is the
+        one the client uses. Kept, it would refuse that move for as long as its
+        SYN-ACK is retransmitted, and the client's connection would time out."""
+        conn = self.endpoint.connection(key)
+        if conn is None or conn.state is not TcpState.SYN_RCVD:
+            return False
+        self.endpoint.release(key)  # no RST: it would reach the client's live connection
+        self.on_closed(key)
+        self.stats.half_open_dropped += 1
+        return True
 
     def _reply(self, message: control.MoveAck, to: control.Address) -> None:
         if to.version == self.address.version:

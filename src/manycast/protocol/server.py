@@ -68,8 +68,10 @@ from manycast.wire.report_split import WholeRecord
 # 50 ms floor): longer than a client waits for a late answer (`abandon_after`), so a
 # loss burst that outlasts a few retransmissions delays the answer, and does not
 # make the server forget a connection its client still keeps (docs/soak.md
-# finding 24; Linux's tcp_retries2 gives minutes).
-DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=8)
+# finding 24; Linux's tcp_retries2 gives minutes). A SYN-ACK nobody acknowledges is
+# given up after 5 (18.9 s from 0.3 s, as Linux's tcp_synack_retries): a client that
+# took another server's SYN-ACK leaves a half-open connection here (finding 25).
+DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=8, syn_retries=5)
 HOT_BUCKETS = 256  # how many of its busiest buckets a congested server reports
 
 

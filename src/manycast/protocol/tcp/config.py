@@ -19,6 +19,10 @@ class SessionConfig:
     rto_max: float = 60.0
     clock_granularity: float = 0.001
     max_retries: int = 8
+    # Timeouts of an unacknowledged SYN or SYN-ACK before giving up (Linux's
+    # tcp_syn_retries, tcp_synack_retries); None: `max_retries`. A half-open
+    # connection holds its 4-tuple while it waits.
+    syn_retries: int | None = None
     # Linux's thin-stream linear timeouts (tcp_thin_linear_timeouts): while fewer than
     # four segments are in flight, this many timeouts keep the RTO instead of doubling
     # it (Linux uses 6 when the option is on); 0: always exponential backoff.
@@ -37,6 +41,8 @@ class SessionConfig:
             raise ConfigError("thin_linear_retries must be >= 0")
         if self.max_retries < 0 or self.time_wait < 0 or self.fin_wait_2_timeout <= 0:
             raise ConfigError("max_retries and time_wait must be >= 0, fin_wait_2_timeout > 0")
+        if self.syn_retries is not None and self.syn_retries < 0:
+            raise ConfigError("syn_retries must be >= 0")
 
 
 THIN_LINEAR_RETRIES = 6  # Linux's TCP_THIN_LINEAR_RETRIES

@@ -625,7 +625,7 @@ class Connection:
         self._retries += 1
         if self._retries == 1:
             self._give_up_at = now + self._patience()
-        if self._retries > self.config.max_retries and now >= self._give_up_at - _TIME_SLACK:
+        if self._retries > self._retry_limit() and now >= self._give_up_at - _TIME_SLACK:
             self._terminate(ConnectionTimedOut())
             return
         if not self._linear_timeout():
@@ -644,10 +644,16 @@ class Connection:
         come sooner and count more, retransmits more often within the same patience
         rather than giving up sooner."""
         rto, total = self._rtt.rto, 0.0
-        for _ in range(self.config.max_retries):
+        for _ in range(self._retry_limit()):
             rto = min(rto * 2, self.config.rto_max)
             total += rto
         return total
+
+    def _retry_limit(self) -> int:
+        """Timeouts before giving up: `syn_retries` while our SYN (or SYN-ACK) is not
+        acknowledged, if set; `max_retries` otherwise."""
+        syn = self.config.syn_retries
+        return syn if syn is not None and self._snd_una == self._iss else self.config.max_retries
 
     def _linear_timeout(self) -> bool:
         """Whether this timeout keeps the RTO: an established thin stream (fewer than
