@@ -81,11 +81,17 @@ def run_and_emit(bench: str, run: Callable[[], dict[str, Any]]) -> None:
 class ArgumentParser(argparse.ArgumentParser):
     """A bench's command line: bad arguments end the bench in its JSON line, with
     `error` saying what was wrong, and exit status 2 (argparse alone prints usage on
-    stderr only). `--help` prints help on stdout as usual."""
+    stderr only). `--help` prints the help on stderr and ends in a JSON line too,
+    `{"bench": ..., "help": text}`, with exit status 0."""
 
     def __init__(self, bench: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.bench = bench
+
+    def print_help(self, file: Any = None) -> None:
+        text = self.format_help()
+        sys.stderr.write(text)
+        emit({"bench": self.bench, "help": text})
 
     def error(self, message: str) -> Any:
         self.print_usage(sys.stderr)

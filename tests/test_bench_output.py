@@ -157,3 +157,18 @@ def test_a_bench_given_bad_arguments_says_so_in_its_json_line(case: str, tmp_pat
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "fragmentation"
     assert expected in result["error"], result
+
+
+def test_a_benchs_help_ends_in_one_json_object() -> None:
+    """`--help` of a bench on the shared parser: the text on stderr, and one JSON
+    line last on stdout that carries it, exit status 0."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "fragmentation.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "fragmentation"
+    assert "--steps" in result["help"] and "--steps" in done.stderr
