@@ -345,7 +345,7 @@ class Redirector:
             else:
                 self.stats.stale_moves += 1
             return
-        for held in {self.endpoint.resolve(key), self.endpoint.resolve(old)} - {None}:
+        for held in (self.endpoint.resolve(key), self.endpoint.resolve(old)):
             if held is not None and not self._drop_half_open(held):
                 self.stats.stale_moves += 1
                 return
