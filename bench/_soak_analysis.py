@@ -53,7 +53,12 @@ class Owners:
     def __init__(self, infra: dict[str, Any]) -> None:
         epochs = sorted(infra["epochs"].items(), key=lambda kv: kv[1][0])
         self.times = [t for _, (t, _) in epochs]
-        self.owners = [np.array(o, dtype=np.int32) for _, (_, o) in epochs]
+        # each client's owner as a byte per client (the overlay's infrastructure
+        # process) or a list (the lab's)
+        self.owners = [
+            np.frombuffer(o, dtype=np.uint8) if isinstance(o, bytes) else np.array(o, np.int32)
+            for _, (_, o) in epochs
+        ]
         self.servers: list[str] = infra["servers"]
 
     def owned(self, client: int, server: str, start: float, end: float) -> bool:

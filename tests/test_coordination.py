@@ -299,6 +299,23 @@ def test_a_server_that_missed_a_commit_catches_up() -> None:
     assert run.summary()["clients_served_at_end"] == 64
 
 
+def test_a_snapshot_that_lost_a_part_is_forgotten_once_a_newer_state_is_installed() -> None:
+    # Only one of a two-part snapshot reaches s3; the pool moves on past its epoch.
+    # The part held for its missing sibling would otherwise stay for the process's life.
+    run, _ = start(pool_toml(clients=64, scenario=[set_share(2.0, "s1", 0.2)], duration=4.0))
+    run_to(run, 1.0)
+    coordinator = run.nodes.servers["s3"].coordinator
+    assert coordinator.allocation is not None
+    first, _second = control.snapshot_parts(
+        coordinator.epoch + 1, coordinator.allocation, 100, sender="s1"
+    )
+    coordinator._on_snapshot(first, 1.0)
+    assert len(coordinator._parts) == 1  # waiting for its other part
+    run_to(run, 4.0)
+    assert coordinator.epoch >= first.epoch and allocation(run).share("s1") == TWENTY_PERCENT
+    assert coordinator._parts == {}
+
+
 def test_an_operators_change_survives_one_lost_datagram() -> None:
     # s3 is not the coordinator: it forwards the command, and must resend it
     # until a proposal carries it.

@@ -581,6 +581,10 @@ class Coordinator(PeerView):
         self._offered = {e: o for e, o in self._offered.items() if e > epoch}
         if self._refused:
             self._refused = {view for view in self._refused if view[0] > epoch}
+        if self._parts:
+            # A snapshot that lost a part would wait for it for ever: one no newer
+            # than ours is refused on arrival anyway.
+            self._parts = {view: parts for view, parts in self._parts.items() if view[0] > epoch}
         self.changes.append((now, epoch, why))
         self._past.append(self.view)
         if self.swim is not None:
