@@ -99,22 +99,20 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
     assert sum(sum(causes.values()) for causes in per_fault) == attributed
 
 
-@pytest.mark.xfail(
-    reason="issue 17's goal: 30-minute and 60-minute runs lose 0 since findings 24-26, "
-    "but a clean-clone CI run of this 2-minute soak lost 1 session (a reset), not yet "
-    "explained (docs/soak.md)",
-    strict=False,
-)
 def test_no_session_lost_with_a_lossless_technique(soak: dict[str, Any]) -> None:
+    """Issue 17's goal. No R3 run has given a wrong answer; 30- and 60-minute runs
+    lose no session since findings 24-26, but one clean-clone CI run of this soak lost
+    one (a reset) that no run here has reproduced (docs/soak.md, finding 27). Such a
+    loss is an expected failure whose reason carries each loss (the fault before it,
+    the client's owners, the server its connection was sent to), shown by `-ra`."""
     assert soak["technique"] == "R3"
-    # On failure, each loss with the fault before it, the client's owners and the
-    # server its connection was sent to: all a CI log keeps of this run.
-    assert soak["sessions_lost"] == 0, (
-        soak["sessions_lost_by_cause"],
-        soak["sessions_lost_detail"],
-        [row for row in soak["per_fault"] if "lost_by_cause" in row],
-    )
     assert soak["wrong_answers"] == 0
+    if soak["sessions_lost"]:
+        pytest.xfail(
+            f"lost {soak['sessions_lost']} (issue 17, not yet explained): "
+            f"{soak['sessions_lost_by_cause']} {soak['sessions_lost_detail']} "
+            f"{[row for row in soak['per_fault'] if 'lost_by_cause' in row]}"
+        )
     assert soak["_returncode"] == 0
 
 

@@ -70,6 +70,10 @@ QUERY_RESEND = 0.3  # seconds between R3 state queries for one connection
 # before it receives (its router, just restarted, learns it as a member of the
 # control group from its next report, within the router's query's Max Resp Time).
 RETURN_RESEND = 0.1
+# R3: how long a query may wait, in all, for a server that neither answers nor is held
+# dead (its answers lost on a lossy path): a loss burst or a router's outage outlasts
+# `query_timeout`, and the connection it would reset lives there (docs/soak.md, 27).
+QUERY_PATIENCE = 6.0
 GIVEN_LIMIT = 10_000  # released states kept for their asker at most (oldest go first)
 MOVED_SWEEP_S = 1.0  # how often the connections we keep for others are checked for silence
 
@@ -110,6 +114,10 @@ class _Query:
     # held dead and heard again many times a second, and a query for a state no one
     # holds, made to wait again at each, lived on asking the whole group.
     extended: bool = False
+    # The server asked first (the client's previous owner), until a server says it
+    # has no such state: while it is alive, its silence is a lost answer.
+    asked: Address | None = None
+    started: float = 0.0
 
 
 @dataclass
@@ -147,13 +155,16 @@ class Handover:
         previous_owner: Callable[[Address], Address | None] | None = None,
         serves: Callable[[Address], bool] | None = None,
         keeps: Callable[[Address, float], bool] | None = None,
+        alive: Callable[[Address, float], bool] | None = None,
     ) -> None:
         """`group6`, `address6`: a dual-stack pool's IPv6 group beside `group`, and our
         IPv6 address beside `address` (the root of our tree for IPv6 clients);
         `previous_owner`: a client's owner before the latest change (R3 asks it first);
         `serves`: whether a client is ours by the allocation we hold now (R3 resets a
         connection no state came for only then); `keeps`: whether we keep a connection
-        of a client when another server asks for it (`Server._keeps`)."""
+        of a client when another server asks for it (`Server._keeps`); `alive`:
+        whether the server at an address is one our view counts alive (R3 waits for
+        its answer past `query_timeout`, up to `QUERY_PATIENCE`)."""
         if technique not in tuple(Technique):
             names = ", ".join(Technique)
             raise ConfigError(f"technique must be one of {names}, not {technique!r}")
@@ -168,6 +179,7 @@ class Handover:
         self.previous_owner = previous_owner
         self.serves = serves
         self.keeps = keeps
+        self.alive = alive
         self.group = group
         self._groups = {group} if group6 is None else {group, group6}
         self.port = port
@@ -314,6 +326,7 @@ class Handover:
             # It says so if it does not (a reply not found), and we ask everyone.
             owner = self.previous_owner(client) if self.previous_owner is not None else None
             to = owner if owner is not None and owner not in (self.address, self.address6) else None
+            query.asked, query.started = to, now
             self.send_control(control.StateQuery(self.name, 0, query_id, wanted), to)
             self.stats.queries += 1
         if query.holder is not None:
@@ -485,6 +498,7 @@ class Handover:
                     query.segments.clear()
             elif query is not None and query.query_id == reply.query_id:
                 # The server we asked first has no such state: ask everyone, now.
+                query.asked = None
                 query.resend = now + QUERY_RESEND
                 self.send_control(
                     control.StateQuery(self.name, 0, query.query_id, query.wanted), None
@@ -548,6 +562,8 @@ class Handover:
         if self.redirector is not None:
             self.redirector.on_timer(now)
         for key, query in list(self._queries.items()):
+            if query.deadline <= now and self._answer_may_come(query, now):
+                query.deadline = min(now + QUERY_RESEND, query.started + QUERY_PATIENCE)
             if query.resend <= now < query.deadline:
                 # The query or its answer may be lost on a busy network: ask again
                 # (a connection's holder alone: it gives it once our views agree).
@@ -574,6 +590,20 @@ class Handover:
         if now >= self._next_sweep:
             self._next_sweep = now + MOVED_SWEEP_S
             self._expire_moved(now)
+
+    def _answer_may_come(self, query: _Query, now: float) -> bool:
+        """Whether the server we asked first, which mostly holds the state, may yet
+        answer: it has not said it holds none, our view counts it alive and the query
+        is younger than `QUERY_PATIENCE`. A dead one is held dead within the pool's
+        detection time, and its clients' connections are reset as before."""
+        asked = query.asked
+        return (
+            asked is not None
+            and query.holder is None  # a holder answered: nothing is reset at the end
+            and self.alive is not None
+            and now < query.started + QUERY_PATIENCE
+            and self.alive(asked, now)
+        )
 
     def _expire_moved(self, now: float) -> None:
         """Reset the connections we keep although their portion left us that no segment

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -73,6 +73,7 @@ from manycast.wire.report_split import WholeRecord
 # took another server's SYN-ACK leaves a half-open connection here (finding 25).
 DEFAULT_SESSION = SessionConfig(rto_initial=0.3, rto_min=0.05, max_retries=8, syn_retries=5)
 HOT_BUCKETS = 256  # how many of its busiest buckets a congested server reports
+APPLIED_KEPT = 4  # allocations remembered for `_previous_owner`
 
 
 @dataclass
@@ -185,9 +186,10 @@ class Server(Node):
             previous_owner=self._previous_owner,
             serves=None if settings.vip else self._serves,
             keeps=None if settings.vip else self._keeps,
+            alive=lambda address, now: address not in self.coordinator.dead_addresses(now),
         )
-        # The allocation before the latest we applied, and that one (`_previous_owner`).
-        self._applied: tuple[Allocation | None, Allocation | None] = (None, None)
+        # The latest allocations we applied, the newest last (`_previous_owner`).
+        self._applied: deque[Allocation] = deque(maxlen=APPLIED_KEPT)
         # Our label-switched tree: a VIP pool's flows (Fig 17) and R4's pinned paths
         # (Fig 16) come down it; our router is its last hop.
         self.roots_tree = settings.vip or self.handover.technique is Technique.R4
@@ -433,12 +435,19 @@ class Server(Node):
         return sorted(control.BucketLoad(b, n / elapsed) for b, n in busiest)
 
     def _previous_owner(self, client: Address) -> Address | None:
-        """Who owned `client` before the latest change we applied: where R3 asks first
-        for the state of a connection of it we do not know."""
-        return self._owner_in(client, self._applied[0])
+        """Who owned `client` before it was ours, by the changes we applied before the
+        latest: where R3 asks first for the state of a connection of it we do not
+        know. Two changes can pass between a client's packets (a join gives it to us,
+        a death follows); the owner before the latest is then ourselves, and the
+        state is at the owner before that (docs/soak.md, finding 27)."""
+        for allocation in list(self._applied)[-2::-1]:
+            owner = self._owner_in(client, allocation)
+            if owner not in (self.address, self.address6):
+                return owner
+        return None
 
     def _apply(self, allocation: Allocation, now: float) -> None:
-        self._applied = (self._applied[1], allocation)
+        self._applied.append(allocation)
         self._tell_routers_of_deaths(allocation, now)
         self._bucket_requests.clear()
         self._bucket_since = now

@@ -1,0 +1,56 @@
+"""The soak's schedule replayed on the memory driver (bench/_soak_replay.py): the
+regression tests of the losses it found (docs/soak.md, finding 27).
+
+Both were R3 resets of a connection whose state was alive at its old owner: the new
+owner asked for it, no answer came within `query_timeout` (1.5 s), and it reset the
+connection. Each test runs the seed that found it with the fix, and without it, where
+the same session is lost again."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from manycast.protocol import handover, server
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from _soak_replay import replay
+
+
+def _lost(seed: int, until: float) -> list[tuple[str, str, list[str]]]:
+    result = replay(seed, 120.0, until=until)
+    assert result.answered > 100 * until * 0.8  # the pool served its 200 clients
+    assert result.crashed > 0  # kills took sessions with them: the faults happened
+    return [(loss.client, loss.cause, loss.owners) for loss in result.lost]
+
+
+def test_seed_26_a_new_owner_asks_the_owner_before_the_latest_change_that_was_not_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 26: s6 joined at 47.1 s and took a6 from s4 (epoch 9); s3's death made
+    epoch 10 at 48.8 s. a6's next segment came at 50.0 s, in a loss burst. By epoch
+    10 alone a6's owner before was s6 itself, so s6 asked everyone instead of s4, s4's
+    answer was lost, and a6 was reset at the deadline. A server now remembers its
+    last `APPLIED_KEPT` allocations and asks the latest owner that was not itself."""
+    assert _lost(26, 55.0) == []
+    monkeypatch.setattr(server, "APPLIED_KEPT", 2)  # the latest change alone
+    assert _lost(26, 55.0) == [("a6", "reset", ["s4", "s6"])]
+
+
+def test_seed_27_a_new_owner_waits_for_an_old_owner_that_is_alive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 27: s6 joined at 44.8 s and took a8 from s3, behind rb; rb restarted at
+    45.2 s. s6 asked s3, whose answers could not come while rb was down, and reset a8
+    after 1.5 s. A query now waits for the server it asked, while that server is
+    alive by its view and has not said it holds nothing, up to `QUERY_PATIENCE`."""
+    assert _lost(27, 50.0) == []
+    monkeypatch.setattr(handover, "QUERY_PATIENCE", 0.0)  # the deadline alone
+    assert _lost(27, 50.0) == [("a8", "reset", ["s3", "s6"])]
+
+
+def test_the_replay_refuses_a_kind_it_cannot_run() -> None:
+    with pytest.raises(ValueError, match="not replayed on the memory driver: flood"):
+        replay(1, 60.0, kinds=("kill", "flood"))
