@@ -11,6 +11,7 @@ may be lost.
 
 from __future__ import annotations
 
+from manycast.protocol.handover import QUERY_PATIENCE
 from manycast.protocol.server import Server
 from manycast.protocol.tcp import ConnKey
 from manycast.wire import control
@@ -153,8 +154,10 @@ def test_a_server_keeps_a_connection_whose_client_it_serves_and_the_asker_passes
     """Asked for a connection whose client it serves by its own view, a server keeps
     it and answers "held": the asker's view is behind or ahead (docs/soak.md, finding
     13). The asker passes the client's segments on to it instead, asks it alone again
-    until its query runs out, and then resets nothing: the connection lives on where
-    its client reaches."""
+    until its query runs out (`QUERY_PATIENCE`, while the holder is alive: it gives the
+    state once our views agree, and a reply of it lost is given again only to this
+    query), and then resets nothing: the connection lives on where its client
+    reaches."""
     run, trace = start(_pool(clients=16), seed=20261201)
     run_to(run, 6.0)
     seen: list[tuple[str, str, control.ControlMessage]] = []
@@ -183,5 +186,8 @@ def test_a_server_keeps_a_connection_whose_client_it_serves_and_the_asker_passes
     again = [to for to, s, m in seen if s == asker.name and isinstance(m, control.StateQuery)]
     assert len(again) >= 3 and set(again) == {holder.name}, again
     assert asker.handover.stats.reset_unknown == resets  # no reset for the held connection
-    assert not asker.handover._queries
+    assert asker.handover._queries  # still asking the holder, alive
+    run_to(run, asked + QUERY_PATIENCE + 0.1)
+    assert key in holder.endpoint and not asker.handover._queries
+    assert asker.handover.stats.reset_unknown == resets
     assert sum(c.stats.requests_failed for c in run.nodes.clients.values()) == 0

@@ -193,7 +193,8 @@ class Handover:
         # R3: asked every QUERY_RESEND s; then the connection is reset. A reply can be
         # late on a loaded host; the client gives up on a request after 2 s anyway.
         self.query_timeout = query_timeout
-        self.given_kept = 2 * query_timeout
+        # As long as an asker may ask the same query again (`QUERY_PATIENCE`).
+        self.given_kept = max(2 * query_timeout, QUERY_PATIENCE)
         self.forward_timeout = forward_timeout  # R2: forwarded packets nobody claims
         self.idle_timeout = idle_timeout
         self.stats = HandoverStats()
@@ -592,17 +593,18 @@ class Handover:
             self._expire_moved(now)
 
     def _answer_may_come(self, query: _Query, now: float) -> bool:
-        """Whether the server we asked first, which mostly holds the state, may yet
-        answer: it has not said it holds none, our view counts it alive and the query
-        is younger than `QUERY_PATIENCE`. A dead one is held dead within the pool's
-        detection time, and its clients' connections are reset as before."""
-        asked = query.asked
+        """Whether the state may yet come from the server that said it holds the
+        connection (`holder`: once its view agrees with ours it gives it, and a reply
+        lost on the way is given again only for this query) or, until a server says
+        it has none, from the one we asked first: that server is alive by our view
+        and the query is younger than `QUERY_PATIENCE`. A dead one is held dead within
+        the pool's detection time, and its clients' connections are reset as before."""
+        waited_on = query.holder if query.holder is not None else query.asked
         return (
-            asked is not None
-            and query.holder is None  # a holder answered: nothing is reset at the end
+            waited_on is not None
             and self.alive is not None
             and now < query.started + QUERY_PATIENCE
-            and self.alive(asked, now)
+            and self.alive(waited_on, now)
         )
 
     def _expire_moved(self, now: float) -> None:
