@@ -1,10 +1,10 @@
 """The soak's schedule replayed on the memory driver (bench/_soak_replay.py): the
 regression tests of the losses it found (docs/soak.md, finding 27).
 
-Both were R3 resets of a connection whose state was alive at its old owner: the new
-owner asked for it, no answer came within `query_timeout` (1.5 s), and it reset the
-connection. Each test runs the seed that found it with the fix, and without it, where
-the same session is lost again."""
+Each was an R3 reset of a connection whose state was alive at its old owner (or on
+its way from it): the new owner asked for it, no answer came within
+`query_timeout` (1.5 s), and it reset the connection. Each test runs the seed that
+found it with the fix, and without it, where the same session is lost again."""
 
 from __future__ import annotations
 
@@ -54,3 +54,18 @@ def test_seed_27_a_new_owner_waits_for_an_old_owner_that_is_alive(
 def test_the_replay_refuses_a_kind_it_cannot_run() -> None:
     with pytest.raises(ValueError, match="not replayed on the memory driver: flood"):
         replay(1, 60.0, kinds=("kill", "flood"))
+
+
+def test_seed_51_a_state_given_while_its_router_restarted_is_given_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 51: s5 joined at 29.9 s; s3, whose view was behind, kept b46's connection
+    and said so (held), then gave its state at 30.5 s, during a loss burst, just
+    before rb restarted (30.6-31.2 s). The reply was lost; the query, whose holder
+    was known, ended at its deadline with nothing reset, and s3's copy of the reply
+    was only for that query. s5's next query for b46 (33.2 s) found no state, and
+    b46 was reset. A query whose holder is alive now waits for it up to
+    `QUERY_PATIENCE`, and a given state is kept as long for the same query."""
+    assert _lost(51, 40.0) == []
+    monkeypatch.setattr(handover, "QUERY_PATIENCE", 0.0)
+    assert _lost(51, 40.0) == [("b46", "reset", ["s3", "s5"])]
