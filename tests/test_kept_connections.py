@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from manycast.protocol.handover import QUERY_PATIENCE
 from manycast.protocol.tcp import ConnKey
 from manycast.runtime import PoolRun
 from manycast.wire import control
@@ -24,7 +25,9 @@ from pooltools import live, run_to, start
 from test_router_restart import two_edge_pool
 
 IDLE_TIMEOUT = 30.0  # the handover's default
-LOST = (5.0, 8.0)  # every state query is lost meanwhile
+# Every state query is lost meanwhile: longer than a query waits for an old owner
+# that is alive (`QUERY_PATIENCE`), so the new owners reset the clients.
+LOST = (5.0, 5.0 + QUERY_PATIENCE + 2.0)
 
 
 def forsaken(run: PoolRun) -> dict[str, list[ConnKey]]:
