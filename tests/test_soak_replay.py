@@ -69,3 +69,24 @@ def test_seed_51_a_state_given_while_its_router_restarted_is_given_again(
     assert _lost(51, 40.0) == []
     monkeypatch.setattr(handover, "QUERY_PATIENCE", 0.0)
     assert _lost(51, 40.0) == [("b46", "reset", ["s3", "s5"])]
+
+
+def test_seed_13_a_state_given_as_its_query_ran_out_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 13: s4 asked for a2's connection at 91.5 s; s3, whose view differed,
+    held it and said so until a share change at 97.4 s, and gave the state at 97.49
+    s, just after s4's query had run out (`QUERY_PATIENCE`, nothing reset, as the
+    holder was known). The reply, the connection's only copy, was dropped as an
+    answer to no query, and a2 was reset at its next owner. An answer to a query
+    that ran out with nothing reset is now taken, once, for as long as a given state
+    is kept."""
+    assert _lost(13, 101.0) == []
+    original = handover.Handover.on_timer
+
+    def forgetting(self: handover.Handover, now: float) -> None:
+        original(self, now)
+        self._ended.clear()  # as before: a query that ran out takes no answer
+
+    monkeypatch.setattr(handover.Handover, "on_timer", forgetting)
+    assert _lost(13, 101.0) == [("a2", "reset", ["s3", "s2"])]

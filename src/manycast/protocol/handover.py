@@ -204,6 +204,9 @@ class Handover:
         # R3: states we handed over, kept for the asker's same query, asked again:
         # query id -> (the reply, the asker's name, until when, the asker's address).
         self._given: dict[int, tuple[control.StateReply, str, float, Address | None]] = {}
+        # Queries that ran out with no state, for as long as a reply may still come:
+        # query id -> (connection, until).
+        self._ended: dict[int, tuple[ConnKey, float]] = {}
         self._forwards: dict[tuple[int, int], _Forward] = {}  # (client, port) -> old owner
         self.edges = sorted(edges, key=lambda e: -e[0].prefixlen)
         self._tagged: dict[ConnKey, Address] = {}  # R4: -> the edge told
@@ -507,9 +510,16 @@ class Handover:
             return
         key = self._query_ids.pop(reply.query_id, None)
         if key is None:
-            return
-        query = self._queries.pop(key, None)
-        if query is None or key in self.endpoint:
+            # Its query ran out as the holder gave the state (seed 13 of docs/soak.md,
+            # finding 27): the connection's only copy, taken once.
+            late = self._ended.pop(reply.query_id, None)
+            key = late[0] if late is not None else None
+            query = None
+        else:
+            query = self._queries.pop(key, None)
+            if query is None:
+                return
+        if key is None or key in self.endpoint:
             return
         try:
             conn = Connection.import_state(reply.transport_state, now, self.rng, self.session)
@@ -523,7 +533,7 @@ class Handover:
         except (WireError, SessionError):
             return
         self.stats.transferred_in += 1
-        for src, dst, segment in query.segments:
+        for src, dst, segment in query.segments if query is not None else ():
             self.endpoint.receive(src, dst, segment, now)
 
     # -- housekeeping --------------------------------------------------------------------
@@ -583,11 +593,15 @@ class Handover:
                 if query.holder is None and (self.serves is None or self.serves(client)):
                     for item in query.segments[-1:]:
                         self._reset(item)
+                else:  # nothing reset: a state given as it ran out is still taken
+                    self._ended[query.query_id] = (key, now + self.given_kept)
         stale = [f for f, e in self._forwards.items() if now - e.last_used > self.idle_timeout]
         for flow in stale:
             del self._forwards[flow]
         for query_id in [q for q, (_, _, until, _) in self._given.items() if until < now]:
             del self._given[query_id]
+        for query_id in [q for q, (_, until) in self._ended.items() if until < now]:
+            del self._ended[query_id]
         if now >= self._next_sweep:
             self._next_sweep = now + MOVED_SWEEP_S
             self._expire_moved(now)
