@@ -42,6 +42,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from _pool import every, host_pool, servers_line
+from _soak_analysis import owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, Fault
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
@@ -237,16 +238,8 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
                 allocation = coordinator.allocation
                 if allocation is None or coordinator.epoch in epochs:
                     continue
-                for name in allocation.servers:
-                    if name not in order:
-                        order.append(name)
-                index = np.array([order.index(n) for n in allocation.servers], dtype=np.uint8)
-                # A byte per client (1 kB an epoch, not a list's 8 kB plus): this
-                # bookkeeping lives in the process whose memory growth the soak measures.
-                epochs[coordinator.epoch] = (
-                    run.now - offset,
-                    index[allocation.owner_many(addresses)].tobytes(),
-                )
+                owners = owners_bytes(allocation, order, addresses)
+                epochs[coordinator.epoch] = (run.now - offset, owners)
 
         every(loop, SAMPLE_S, sample)
 

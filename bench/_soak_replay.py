@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from _soak_analysis import Owners, _crash
+from _soak_analysis import Owners, _crash, owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, ROUTER, WARMUP_S, Fault, pool_text, schedule
 from manycast.drivers.memory import MemoryNetwork
 from manycast.pool import build
@@ -144,12 +144,7 @@ def _watch_owners(run: PoolRun, network: MemoryNetwork, names: list[str]) -> dic
                 continue
             if coordinator.epoch in epochs:
                 continue
-            order.extend(n for n in allocation.servers if n not in order)
-            index = np.array([order.index(n) for n in allocation.servers], dtype=np.uint8)
-            epochs[coordinator.epoch] = (
-                network.now,
-                index[allocation.owner_many(addresses)].tobytes(),
-            )
+            epochs[coordinator.epoch] = (network.now, owners_bytes(allocation, order, addresses))
         network.call_at(network.now + SAMPLE_S, sample)
 
     network.call_at(0.0, sample)

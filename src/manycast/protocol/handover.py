@@ -190,8 +190,9 @@ class Handover:
         self.session = session
         self.rng = rng
         self.close_after_transaction = close_after_transaction
-        # R3: asked every QUERY_RESEND s; then the connection is reset. A reply can be
-        # late on a loaded host; the client gives up on a request after 2 s anyway.
+        # R3: asked every QUERY_RESEND s; then the connection is reset, unless the
+        # server waited on is alive (`_answer_may_come`). A reply can be late on a
+        # loaded host.
         self.query_timeout = query_timeout
         # As long as an asker may ask the same query again (`QUERY_PATIENCE`).
         self.given_kept = max(2 * query_timeout, QUERY_PATIENCE)

@@ -161,7 +161,7 @@ class Server(Node):
                 owned=self._serves,
                 serving=lambda: self._filter is not None,
                 less_loaded=self._less_loaded,
-                alive=lambda address, now: address not in self.coordinator.dead_addresses(now),
+                alive=self._alive,
                 epoch=lambda: self.coordinator.epoch,
                 address6=self.address6,
                 group6=settings.group6,
@@ -186,7 +186,7 @@ class Server(Node):
             previous_owner=self._previous_owner,
             serves=None if settings.vip else self._serves,
             keeps=None if settings.vip else self._keeps,
-            alive=lambda address, now: address not in self.coordinator.dead_addresses(now),
+            alive=self._alive,
         )
         # The latest allocations we applied, the newest last (`_previous_owner`).
         self._applied: deque[Allocation] = deque(maxlen=APPLIED_KEPT)
@@ -433,6 +433,10 @@ class Server(Node):
         elapsed = max(now - self._bucket_since, 1e-9)
         busiest = self._bucket_requests.most_common(HOT_BUCKETS)
         return sorted(control.BucketLoad(b, n / elapsed) for b, n in busiest)
+
+    def _alive(self, address: Address, now: float) -> bool:
+        """Whether the server at `address` is one our view counts alive."""
+        return address not in self.coordinator.dead_addresses(now)
 
     def _previous_owner(self, client: Address) -> Address | None:
         """Who owned `client` before it was ours, by the changes we applied before the
