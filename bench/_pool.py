@@ -18,11 +18,13 @@ import multiprocessing
 import sys
 import time
 import traceback
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from manycast.drivers import heap as heap_memory
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
 from manycast.topology import loads
@@ -166,6 +168,13 @@ def every(loop: asyncio.AbstractEventLoop, period: float, probe: Callable[[], No
     loop.call_soon(tick)
 
 
+def _live() -> tuple[int, float]:
+    """What this process's heap holds alive now: the interpreter's allocated blocks
+    (its objects and buffers) and malloc's MB in use (NaN without glibc's count)."""
+    in_use = heap_memory.in_use_mb()
+    return sys.getallocatedblocks(), math.nan if in_use is None else in_use
+
+
 def host_pool(
     conn: Connection,
     text: str,
@@ -178,12 +187,15 @@ def host_pool(
     collect: Callable[[PoolRun, float], Any],
     progress_every: float = 5.0,
     progress_line: Callable[[PoolRun], str] | None = None,
+    heap_every: float | None = None,
 ) -> None:
     """Child process body: build the nodes in `local`, report "built", wait for
     ("go", start) with `start` a CLOCK_MONOTONIC instant, start then, run for
     `duration`, and send ("done", collect(run, offset)) with the process's CPU seconds
     added as "cpu_s". `offset` is this process's pool time minus bench time (a few ms
-    at most). Errors go back as ("error", text)."""
+    at most). Errors go back as ("error", text). With `heap_every`, what the process's
+    heap holds alive is sampled that often and sent as "live_heap": rows of [bench
+    time, the interpreter's allocated blocks, malloc's MB in use (`heap.in_use_mb`)]."""
     try:
         run = PoolRun(loads(text), "overlay", seed=seed, base_port=base_port, local=local)
         conn.send(("built", None))
@@ -191,6 +203,7 @@ def host_pool(
         if message != "go":
             return
         offset: list[float] = []
+        heap = array("d")  # flat rows, so the record adds no objects to what it counts
 
         network = run.network
         assert isinstance(network, OverlayNetwork)
@@ -200,6 +213,8 @@ def host_pool(
         def started() -> None:
             offset.append(start - (time.monotonic() - run.now))
             setup(run, loop, offset[0])
+            if heap_every is not None:
+                every(loop, heap_every, lambda: heap.extend((run.now - offset[0], *_live())))
 
         network.call_at(0.0, started)
         last = [0.0]
@@ -212,6 +227,11 @@ def host_pool(
         run.run(duration, tick, tick=0.5)
         result = collect(run, offset[0] if offset else 0.0)
         result["cpu_s"] = round(time.process_time(), 2)
+        if heap_every is not None:
+            rows = [heap[i : i + 3] for i in range(0, len(heap), 3)]
+            result["live_heap"] = [
+                [round(t, 2), int(blocks), None if math.isnan(mb) else mb] for t, blocks, mb in rows
+            ]
         conn.send(("done", result))
     except BaseException:
         conn.send(("error", traceback.format_exc()))

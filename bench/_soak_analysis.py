@@ -342,8 +342,39 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
     return out
 
 
-def _floors(points: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, float]]:
-    """The lowest RSS sample of each whole `FLOOR_WINDOW_S` from the first sample on (a
+def fit_live_heap(series: dict[str, list[list[Any]]]) -> dict[str, Any]:
+    """Per process, from the rows it sampled inside itself ([bench time, allocated
+    blocks, malloc MB in use], `_pool.host_pool`): the floor lines of what its heap holds
+    alive, as `fit_per_hour` fits RSS (with noise and the second half's line), in
+    thousands of blocks and in MB. A process whose RSS floor rises while these stay
+    level keeps memory it has freed (the allocators' arenas), it does not leak."""
+    out: dict[str, Any] = {}
+    for name, rows in series.items():
+        points = [
+            (t, {"blocks_k": blocks / 1000, "malloc_mb": mb})
+            for t, blocks, mb in rows
+            if t >= WARMUP_S
+        ]
+        entry: dict[str, Any] = {}
+        for key in ("blocks_k", "malloc_mb"):
+            if not points or points[0][1][key] is None:
+                continue
+            floors = _floors(points, key)
+            late = floors[len(floors) // 2 :]
+            entry[f"live_{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
+            entry[f"live_{key}_floor_per_hour"] = _slope_per_hour(floors)
+            entry[f"live_{key}_floor_noise_per_hour"] = _slope_noise_per_hour(floors)
+            entry[f"live_{key}_floor_late_per_hour"] = (
+                _slope_per_hour(late) if len(floors) >= 6 else None
+            )
+        out[name] = entry
+    return out
+
+
+def _floors(
+    points: list[tuple[float, dict[str, Any]]], key: str = "rss_mb"
+) -> list[tuple[float, float]]:
+    """The lowest `key` sample of each whole `FLOOR_WINDOW_S` from the first sample on (a
     window the run ended in is left out: it may hold only a peak)."""
     if len(points) < 2:
         return []
@@ -354,8 +385,8 @@ def _floors(points: list[tuple[float, dict[str, Any]]]) -> list[tuple[float, flo
         window = int((t - times[0]) // FLOOR_WINDOW_S)
         if times[0] + (window + 1) * FLOOR_WINDOW_S > times[-1] + spacing:
             break
-        if window not in floors or got["rss_mb"] < floors[window][1]:
-            floors[window] = (t, got["rss_mb"])
+        if window not in floors or got[key] < floors[window][1]:
+            floors[window] = (t, got[key])
     return list(floors.values())
 
 

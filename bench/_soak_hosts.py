@@ -53,6 +53,7 @@ HARVEST_S = 1.0
 SAMPLE_S = 0.05
 WRONG = ("state lost", "answer to no request")
 LATENCIES_PER_MINUTE = 2000  # the latencies kept a minute (for its p50 and p99)
+LIVE_HEAP_S = 10.0  # each pool process samples what its heap holds alive this often
 
 
 class Spill:
@@ -332,6 +333,7 @@ def infra_child(
         collect,
         progress_every=progress_every,
         progress_line=servers_line,
+        heap_every=LIVE_HEAP_S,
     )
 
 
@@ -512,6 +514,7 @@ def clients_child(
         collect,
         progress_every=progress_every,
         progress_line=client_line,
+        heap_every=LIVE_HEAP_S,
     )
 
 

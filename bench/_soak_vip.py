@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from _pool import host_pool, median, percentile
-from _soak_hosts import _clients_setup, _tee, client_line, clients_state
+from _soak_hosts import LIVE_HEAP_S, _clients_setup, _tee, client_line, clients_state
 from _soak_plan import VIP_VICTIM, WARMUP_S, Fault
 from manycast.runtime import PoolRun
 from manycast.topology import loads
@@ -75,6 +75,7 @@ def vip_child(
         collect,
         progress_every=progress_every,
         progress_line=client_line,
+        heap_every=LIVE_HEAP_S,
     )
 
 

@@ -67,7 +67,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import _plots
 from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, expect, node_command
-from _soak_analysis import analyse, fit_per_hour, keep_every_loss
+from _soak_analysis import analyse, fit_live_heap, fit_per_hour, keep_every_loss
 from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
 from _soak_hosts import RouterProcess, Spill, clients_child, infra_child
@@ -103,6 +103,18 @@ CLIENT_MAX_RETRIES = 15
 CLIENT_ABANDON_AFTER_MS = 10_000  # a failed request does not end its connection (finding 24)
 GRACE_S = 3.0  # the pool processes run this long past the measured time
 PREPARE_S = 8.0  # a restarted router's next process is spawned this long before the kill
+
+
+def _growth(samples: list[dict[str, Any]], results: dict[str, Any], vip_on: bool) -> dict[str, Any]:
+    """Each long-lived process's growth: RSS and descriptors from the bench's samples,
+    and, for the processes that host pool nodes, what their heaps hold alive."""
+    growth = fit_per_hour(samples, ("infra", "clients", "bench", *(("vip",) if vip_on else ())))
+    live = fit_live_heap(
+        {name: got["live_heap"] for name, got in results.items() if got and "live_heap" in got}
+    )
+    for name, figures in live.items():
+        growth.setdefault(name, {}).update(figures)
+    return growth
 
 
 def _proc(pid: int) -> tuple[float, int] | None:
@@ -489,9 +501,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
                 else {},
             },
             "samples": samples,
-            "growth_per_hour": fit_per_hour(
-                samples, ("infra", "clients", "bench", *(("vip",) if vip_on else ()))
-            ),
+            "growth_per_hour": _growth(samples, results, vip_on),
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "seconds": round(time.monotonic() - began, 1),

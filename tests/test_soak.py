@@ -82,6 +82,11 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
     for name in ("infra", "clients", "bench"):
         growth = soak["growth_per_hour"][name]
         assert growth["samples"] >= 3 and growth["rss_mb_per_hour"] is not None
+    for name in ("infra", "clients"):  # what their heaps hold alive, sampled inside them
+        growth = soak["growth_per_hour"][name]
+        first, last = growth["live_blocks_k_first_last"]
+        assert first > 10 and last > 10, growth  # thousands of objects: a pool lives there
+        assert growth["live_blocks_k_floor_per_hour"] is not None, growth
     assert soak["_plots"] == ["soak.json", "soak_requests.png", "soak_rss.png"]
     # The clients behind a restarted router, each answered again after it (the
     # clients' process notes each one's first answer after every restart).

@@ -96,3 +96,30 @@ def test_growth_that_levels_off_is_told_from_a_leak_by_the_late_floor(
     assert leaking["rss_floor_late_mb_per_hour"] == pytest.approx(7.2, abs=0.5)
     short = analysis.fit_per_hour(_samples(_saw_tooth(4)), ["infra"])["infra"]
     assert short["rss_floor_late_mb_per_hour"] is None
+
+
+def _heap_rows(blocks: list[float], every: float = 10.0, start: float = 10.0) -> list[list[Any]]:
+    return [[start + i * every, int(b * 1000), b / 10] for i, b in enumerate(blocks)]
+
+
+def test_the_live_heap_is_fitted_as_rss_is(analysis: ModuleType) -> None:
+    """What a process holds alive (thousands of blocks, malloc MB), sampled inside it:
+    a level saw-tooth has no floor growth, a leak has it, in both figures."""
+    level = analysis.fit_live_heap({"infra": _heap_rows(_noisy(_saw_tooth(30)))})["infra"]
+    assert level["live_blocks_k_first_last"][0] >= 80
+    assert abs(level["live_blocks_k_floor_per_hour"]) <= level["live_blocks_k_floor_noise_per_hour"]
+    leak = _heap_rows(_noisy(_saw_tooth(30, leak_per_minute=10 / 60)))
+    leaking = analysis.fit_live_heap({"infra": leak})["infra"]
+    assert leaking["live_blocks_k_floor_per_hour"] == pytest.approx(10.0, abs=3.0)
+    assert leaking["live_malloc_mb_floor_per_hour"] == pytest.approx(1.0, abs=0.3)
+    assert (
+        leaking["live_blocks_k_floor_late_per_hour"]
+        > 2 * level["live_blocks_k_floor_noise_per_hour"]
+    )
+
+
+def test_without_mallinfo_only_the_blocks_are_fitted(analysis: ModuleType) -> None:
+    rows = [[t, blocks, None] for t, blocks, _ in _heap_rows(_saw_tooth(5))]
+    got = analysis.fit_live_heap({"clients": rows})["clients"]
+    assert got["live_blocks_k_floor_per_hour"] == pytest.approx(0.0, abs=0.01)
+    assert not any(key.startswith("live_malloc") for key in got)

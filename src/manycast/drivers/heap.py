@@ -11,7 +11,8 @@ infrastructure process also grows in steps at bursts of changes; trimming did no
 flatten it, so that is more than glibc's heap: overlay finding 11.)
 
 `trim_every` asks glibc to trim every `every` seconds of a network's clock, on the
-network's own loop. Elsewhere (musl, macOS) it does nothing.
+network's own loop. Elsewhere (musl, macOS) it does nothing. `in_use_mb` is what
+malloc holds alive, which the soak samples beside RSS (docs/soak.md, finding 29).
 """
 
 from __future__ import annotations
@@ -20,25 +21,62 @@ import ctypes
 import ctypes.util
 import functools
 from collections.abc import Callable
+from typing import Any
 
 from manycast.drivers.contract import Network
 
 TRIM_EVERY_S = 30.0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+def _libc(name: str, restype: Any, *argtypes: Any) -> Callable[..., Any] | None:
+    """glibc's function `name`, typed; None where the C library has none of it."""
+    library = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        trim = getattr(libc, "malloc_trim", None)
+        libc = ctypes.CDLL(library) if library else None
+        function = getattr(libc, name, None)
     except OSError:
         return None
-    if trim is None:
+    if function is None:
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim  # type: ignore[no-any-return]
+    function.argtypes = list(argtypes)
+    function.restype = restype
+    return function  # type: ignore[no-any-return]
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc("malloc_trim", ctypes.c_int, ctypes.c_size_t)
+
+
+def in_use_mb() -> float | None:
+    """The bytes malloc has handed out and not had back, in MB: what the heap holds
+    alive, unlike RSS, which also holds what glibc keeps (glibc's `mallinfo2`, 2.33
+    on: its main arena, where a single-threaded asyncio process allocates, and its
+    mmapped chunks). None elsewhere."""
+    info = _libc("mallinfo2", _MallInfo2)
+    if info is None:
+        return None
+    got = info()
+    in_use: int = got.uordblks + got.hblkhd
+    return round(in_use / 2**20, 3)
 
 
 def trim() -> bool:
