@@ -24,7 +24,7 @@ from typing import Any
 
 # What the benches need, checked at once: some import a package only once their run
 # has begun (bench/vrrp_anchor.py imports manycast as it builds its namespaces).
-PROJECT_PACKAGES = ("numpy", "manycast")
+PROJECT_PACKAGES = ("numpy", "scipy", "manycast")
 INTERPRETER_HINT = "run it with the project's interpreter: make bench, or .venv/bin/python"
 
 

@@ -501,6 +501,11 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
                 else {},
             },
             "samples": samples,
+            "live_heap_samples": {
+                name: got["live_heap"]
+                for name, got in results.items()
+                if got and "live_heap" in got
+            },
             "growth_per_hour": _growth(samples, results, vip_on),
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
