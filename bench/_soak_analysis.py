@@ -375,11 +375,12 @@ def _floor_line(
 
     The median, not least squares: a window can hold no trough (a burst whose objects
     live past it), and such a window pulls a least-squares line far more than its
-    weight; the 60-minute run of finding 29 had four in its last ten minutes, which
-    made a floor level within 0.3 MB over the last 40 minutes rise 4.9 MB an hour by
-    least squares. The second half's slope tells growth that levels off (a heap
-    reaching its working size over the first faults: allocation changes, connection
-    tables) from a leak, which goes on in the second half."""
+    weight; the 60-minute run of finding 29 had five in its last twelve minutes (1 to
+    6 MB above a floor level within 0.4 MB over the last 40 minutes), which made the
+    second half's floor rise 4.9 MB an hour by least squares. The second half's
+    slope tells growth that levels off (a heap reaching its working size over the
+    first faults: allocation changes, connection tables) from a leak, which goes on
+    in the second half."""
     if len(floors) < 3:
         return None, None, None, None
     slope, interval = _sen(floors)

@@ -101,9 +101,10 @@ def test_a_few_windows_without_a_trough_do_not_make_a_level_floor_rise(
     analysis: ModuleType,
 ) -> None:
     """A window can hold no trough (a burst whose objects outlive it): the finding-29
-    hour had four such in its last ten minutes, 6 MB above a floor level within 0.3
-    MB. The floor's line is the median of the slopes between windows, so they do not
-    tilt it; a least-squares line through the same floors rose 4.9 MB an hour."""
+    hour had five such in its last twelve minutes, up to 6 MB above a floor level
+    within 0.4 MB. The floor's line is the median of the slopes between windows, so
+    four such minutes do not tilt it; a least-squares line through these floors rises
+    4.6 MB an hour."""
     rss = _noisy(_saw_tooth(60), spread=0.3)
     for minute in (51, 53, 56, 58):  # every sample of the minute high
         rss[minute * 6 : minute * 6 + 6] = [94.0] * 6
