@@ -422,15 +422,9 @@ def _slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     """The least-squares slope of (seconds, value) points, per hour; None under 3."""
     if len(points) < 3:
         return None
-    return round(_line(points)[2] * 3600, 2)
-
-
-def _line(points: list[tuple[float, float]]) -> tuple[Any, Any, float, float]:
-    """The points as arrays and the least-squares line through them (slope, intercept)."""
     t = np.array([p[0] for p in points], dtype=float)
     y = np.array([p[1] for p in points], dtype=float)
-    slope, intercept = np.polyfit(t, y, 1)
-    return t, y, float(slope), float(intercept)
+    return round(float(np.polyfit(t, y, 1)[0]) * 3600, 2)
 
 
 if __name__ == "__main__":

@@ -105,14 +105,13 @@ GRACE_S = 3.0  # the pool processes run this long past the measured time
 PREPARE_S = 8.0  # a restarted router's next process is spawned this long before the kill
 
 
-def _growth(samples: list[dict[str, Any]], results: dict[str, Any], vip_on: bool) -> dict[str, Any]:
+def _growth(
+    samples: list[dict[str, Any]], live_heap: dict[str, list[list[Any]]], vip_on: bool
+) -> dict[str, Any]:
     """Each long-lived process's growth: RSS and descriptors from the bench's samples,
     and, for the processes that host pool nodes, what their heaps hold alive."""
     growth = fit_per_hour(samples, ("infra", "clients", "bench", *(("vip",) if vip_on else ())))
-    live = fit_live_heap(
-        {name: got["live_heap"] for name, got in results.items() if got and "live_heap" in got}
-    )
-    for name, figures in live.items():
+    for name, figures in fit_live_heap(live_heap).items():
         growth.setdefault(name, {}).update(figures)
     return growth
 
@@ -453,6 +452,10 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     ):
         fault.args["answered_again_at"] = started.get("answered_again")
     pool_faults = [f for f in faults if f.kind not in VIP_KINDS]
+    # what each pool process's heap held alive, sampled inside it
+    live_heap = {
+        name: got["live_heap"] for name, got in results.items() if got and "live_heap" in got
+    }
     result = analyse(
         pool_faults, results["infra"], results["clients"], seconds, topo.pool.technique, args.rate
     )
@@ -501,12 +504,8 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
                 else {},
             },
             "samples": samples,
-            "live_heap_samples": {
-                name: got["live_heap"]
-                for name, got in results.items()
-                if got and "live_heap" in got
-            },
-            "growth_per_hour": _growth(samples, results, vip_on),
+            "live_heap_samples": live_heap,
+            "growth_per_hour": _growth(samples, live_heap, vip_on),
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "seconds": round(time.monotonic() - began, 1),
