@@ -320,7 +320,10 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
     every sample follows where the last samples fell in that saw-tooth, while a leak
     raises the floor. With it, what "within noise of 0" means
     (`rss_floor_noise_mb_per_hour`, `rss_floor_ci_mb_per_hour`) and the second half's
-    slope (`rss_floor_late_mb_per_hour`)."""
+    slope (`rss_floor_late_mb_per_hour`). The same floor lines of RSS's anonymous part
+    (`rss_anon_*`: heaps, arenas) and of its file-backed part (`rss_file_*`: pages of
+    mapped code touched, which the kernel may take back at any time) tell memory kept
+    from code first run (`bench/_proc_sample.py`)."""
     out: dict[str, Any] = {}
     for name in names:
         points = [(s["t"], s[name]) for s in samples if name in s and s["t"] >= WARMUP_S]
@@ -329,11 +332,17 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
             if points:
                 entry[f"{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
             entry[f"{key}_per_hour"] = _slope_per_hour([(t, got[key]) for t, got in points])
-        slope, noise, interval, late = _floor_line(_floors(points))
-        entry["rss_floor_mb_per_hour"] = slope
-        entry["rss_floor_noise_mb_per_hour"] = noise
-        entry["rss_floor_ci_mb_per_hour"] = interval
-        entry["rss_floor_late_mb_per_hour"] = late
+        for part in ("rss", "rss_anon", "rss_file"):
+            key = f"{part}_mb"
+            if part != "rss" and not all(key in got for _, got in points):
+                continue  # the lab's samples, or a kernel without the split
+            if part != "rss" and points:
+                entry[f"{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
+            slope, noise, interval, late = _floor_line(_floors(points, key))
+            entry[f"{part}_floor_mb_per_hour"] = slope
+            entry[f"{part}_floor_noise_mb_per_hour"] = noise
+            entry[f"{part}_floor_ci_mb_per_hour"] = interval
+            entry[f"{part}_floor_late_mb_per_hour"] = late
         out[name] = entry
     return out
 

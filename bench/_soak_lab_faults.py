@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from _proc_sample import resident
 from _soak_flood import IGMP_ROUTERS, Flood
 from _soak_plan import WARMUP_S
 from manycast.drivers import netns
@@ -117,17 +118,6 @@ def programs(lab: Lab, topology: Topology) -> dict[str, int]:
     return found
 
 
-def _proc(pid: int) -> tuple[float, int] | None:
-    """RSS in MB and open descriptors of `pid`, None when it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return round(rss / 1024, 2), fds
-
-
 def cpu_seconds(pid: int) -> float | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -140,9 +130,9 @@ def sample(lab: Lab, topology: Topology, t: float) -> dict[str, Any]:
     """One sample: each program's RSS, descriptors and pid; each router's MFC entries."""
     got: dict[str, Any] = {"t": round(t, 2)}
     for name, pid in programs(lab, topology).items():
-        figures = _proc(pid)
+        figures = resident(pid)
         if figures is not None:
-            got[name] = {"rss_mb": figures[0], "fds": figures[1], "pid": pid}
+            got[name] = {**figures, "pid": pid}
     entries: dict[str, int | None] = {}
     for router in sorted(topology.routers):
         entries[router] = None

@@ -67,6 +67,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 import _plots
 from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, expect, node_command
+from _proc_sample import resident
 from _soak_analysis import analyse, fit_live_heap, fit_per_hour, keep_every_loss
 from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
@@ -114,17 +115,6 @@ def _growth(
     for name, figures in fit_live_heap(live_heap).items():
         growth.setdefault(name, {}).update(figures)
     return growth
-
-
-def _proc(pid: int) -> tuple[float, int] | None:
-    """RSS in MB and open descriptors of `pid`, None when it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return round(rss / 1024, 2), fds
 
 
 class Victim:
@@ -389,9 +379,9 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
                     pids["dns"] = dns.pid()
                 pids["bench"] = os.getpid()
                 for name, pid in pids.items():
-                    got = _proc(pid) if pid else None
+                    got = resident(pid) if pid else None
                     if got is not None:
-                        sample[name] = {"rss_mb": got[0], "fds": got[1]}
+                        sample[name] = got
                 samples.append(sample)
                 next_sample += sample_every
             time.sleep(0.02)

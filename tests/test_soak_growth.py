@@ -140,3 +140,31 @@ def test_without_mallinfo_only_the_blocks_are_fitted(analysis: ModuleType) -> No
     got = analysis.fit_live_heap({"clients": rows})["clients"]
     assert got["live_blocks_k_floor_per_hour"] == pytest.approx(0.0, abs=0.01)
     assert not any(key.startswith("live_malloc") for key in got)
+
+
+def test_the_anonymous_and_file_backed_floors_are_fitted_apart(analysis: ModuleType) -> None:
+    """Code first run pulls the pages of its libraries in: the file-backed part of RSS
+    grows while the anonymous part (heaps, arenas) stays level, and the fit says so."""
+    samples = _samples(_saw_tooth(6))
+    for i, sample in enumerate(samples):
+        figures = sample["infra"]
+        figures["rss_file_mb"] = 30.0 + i / 6  # one MB a minute: 60 an hour
+        figures["rss_anon_mb"] = figures["rss_mb"]
+        figures["rss_mb"] += figures["rss_file_mb"]
+    growth = analysis.fit_per_hour(samples, ["infra"])["infra"]
+    assert growth["rss_floor_mb_per_hour"] == pytest.approx(60.0, abs=0.5)
+    assert growth["rss_anon_floor_mb_per_hour"] == pytest.approx(0.0, abs=0.01)
+    assert growth["rss_file_floor_mb_per_hour"] == pytest.approx(60.0, abs=0.5)
+    assert growth["rss_file_mb_first_last"] == [30.0, 30.0 + 35 / 6]
+
+
+def test_a_process_is_read_from_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's sample of a live process: its two parts add up to its RSS."""
+    import os
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    resident = importlib.import_module("_proc_sample").resident
+    got = resident(os.getpid())
+    assert got is not None and got["fds"] > 0
+    assert got["rss_anon_mb"] + got["rss_file_mb"] == pytest.approx(got["rss_mb"], abs=1.0)
+    assert resident(2**22 + 1) is None  # above pid_max: no such process
