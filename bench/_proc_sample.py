@@ -1,8 +1,13 @@
 """What a bench reads of a running process from /proc: its resident memory, split
-into anonymous and file-backed pages, and its open descriptors."""
+into anonymous and file-backed pages, and its open descriptors.
+
+Run alone, it prints one json object, its last line on stdout, naming the bench
+to run (`_common.not_a_bench`).
+"""
 
 from __future__ import annotations
 
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import os
 from pathlib import Path
 
@@ -29,3 +34,9 @@ def resident(pid: int) -> dict[str, float] | None:
         got["rss_anon_mb"] = round(kib["RssAnon"] / 1024, 2)
         got["rss_file_mb"] = round(kib["RssFile"] / 1024, 2)
     return got
+
+
+if __name__ == "__main__":
+    from _common import not_a_bench
+
+    not_a_bench(__file__, "bench/soak.py")

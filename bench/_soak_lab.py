@@ -38,8 +38,9 @@ from fractions import Fraction
 from typing import Any
 
 from _common import progress
-from _soak_analysis import analyse, fit_per_hour, keep_every_loss
+from _soak_analysis import analyse, keep_every_loss
 from _soak_flood import build
+from _soak_growth import fit_per_hour
 from _soak_lab_clients import Ledger, OwnerLog
 from _soak_lab_faults import (
     LabFlood,

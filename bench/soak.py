@@ -68,9 +68,10 @@ import _plots
 from _common import progress, run_and_emit
 from _pool import PORT_SEARCH, expect, node_command
 from _proc_sample import resident
-from _soak_analysis import analyse, fit_live_heap, fit_per_hour, keep_every_loss
+from _soak_analysis import analyse, keep_every_loss
 from _soak_dns import DnsProcess, free_port
 from _soak_flood import Flood, build
+from _soak_growth import fit_live_heap, fit_per_hour
 from _soak_hosts import RouterProcess, Spill, clients_child, infra_child
 from _soak_lab import lab_arguments, run_lab
 from _soak_plan import (
@@ -201,7 +202,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         f"soak: {seconds:.0f} s, {2 * args.clients_per_lan} clients, {args.technique}, "
         f"seed {args.seed}, {len(faults)} faults scheduled"
     )
-    sample_every = 10.0  # (`_soak_analysis.fit_per_hour`'s floor wants several a minute)
+    sample_every = 10.0  # (`_soak_growth.fit_per_hour`'s floor wants several a minute)
     progress_every = 60.0 if args.minutes >= 10 else 15.0
     packets: dict[str, Any] = {}
     builder = threading.Thread(

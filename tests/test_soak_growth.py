@@ -1,4 +1,4 @@
-"""The soak's memory figures (`bench/_soak_analysis.fit_per_hour`): the growth of a
+"""The soak's memory figures (`bench/_soak_growth.fit_per_hour`): the growth of a
 process's floor, beside the line through every sample.
 
 A pool process that works in bursts (the infrastructure at each router restart)
@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 @pytest.fixture
 def analysis(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.syspath_prepend(str(BENCH))
-    return importlib.import_module("_soak_analysis")
+    return importlib.import_module("_soak_growth")
 
 
 def _samples(rss: list[float], every: float = 10.0, start: float = 10.0) -> list[dict[str, Any]]:
@@ -168,3 +168,19 @@ def test_a_process_is_read_from_proc(monkeypatch: pytest.MonkeyPatch) -> None:
     assert got is not None and got["fds"] > 0
     assert got["rss_anon_mb"] + got["rss_file_mb"] == pytest.approx(got["rss_mb"], abs=1.0)
     assert resident(2**22 + 1) is None  # above pid_max: no such process
+
+
+def test_the_pool_processes_do_not_load_the_fit() -> None:
+    """scipy, which fits the growth lines, would add some 70 MB to each process whose
+    memory the soak measures: the modules those processes run do without it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, _soak_hosts, _soak_vip\nprint(any(m.startswith('scipy') for m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=BENCH, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
