@@ -1,9 +1,12 @@
 """The soak's growth figures: how fast each long-lived process's memory and
 descriptors grow, per hour, from the samples the bench takes each 10 s
 (`bench/_proc_sample.py`) and the rows each pool process takes of its own heap
-(`_pool.host_pool`). Apart from the loss analysis (`_soak_analysis`), which the
-pool processes import: scipy, which fits these lines, would add some 70 MB to each
-process whose memory is measured.
+(`_pool.host_pool`).
+
+scipy, which fits these lines, is imported where it is used, not with this module:
+the pool processes the soak spawns import bench/soak.py again (as `__mp_main__`,
+for their targets), and scipy would add some 70 MB to each process whose memory
+is measured.
 
 Run alone, it prints one json object, its last line on stdout, naming the bench
 to run (`_common.not_a_bench`).
@@ -16,7 +19,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import theilslopes
 
 from _soak_plan import WARMUP_S
 
@@ -115,6 +117,8 @@ def _floor_line(
 
 def _sen(points: list[tuple[float, float]]) -> tuple[float, list[float]]:
     """The Theil-Sen slope of (seconds, value) points per hour, and its 95 % interval."""
+    from scipy.stats import theilslopes  # here: not in the measured processes (docstring)
+
     t = np.array([p[0] for p in points], dtype=float)
     y = np.array([p[1] for p in points], dtype=float)
     fit = theilslopes(y, t, alpha=0.95)

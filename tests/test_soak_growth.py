@@ -172,15 +172,19 @@ def test_a_process_is_read_from_proc(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_pool_processes_do_not_load_the_fit() -> None:
     """scipy, which fits the growth lines, would add some 70 MB to each process whose
-    memory the soak measures: the modules those processes run do without it."""
+    memory the soak measures. Those processes are spawned: each imports bench/soak.py
+    again as `__mp_main__` (for its target), then its target's module."""
     import subprocess
     import sys
 
     probe = (
-        "import sys, _soak_hosts, _soak_vip\nprint(any(m.startswith('scipy') for m in sys.modules))"
+        "import runpy, sys\n"
+        "runpy.run_path('soak.py', run_name='__mp_main__')\n"
+        "import _soak_hosts, _soak_vip\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('scipy', 'matplotlib')))"
     )
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=BENCH, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+    assert done.stdout.strip() == "[]"
