@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from _heap_trace import HeapTrace
 from manycast.drivers import heap as heap_memory
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
@@ -188,6 +189,7 @@ def host_pool(
     progress_every: float = 5.0,
     progress_line: Callable[[PoolRun], str] | None = None,
     heap_every: float | None = None,
+    trace_heap_from: float | None = None,
 ) -> None:
     """Child process body: build the nodes in `local`, report "built", wait for
     ("go", start) with `start` a CLOCK_MONOTONIC instant, start then, run for
@@ -195,7 +197,10 @@ def host_pool(
     added as "cpu_s". `offset` is this process's pool time minus bench time (a few ms
     at most). Errors go back as ("error", text). With `heap_every`, what the process's
     heap holds alive is sampled that often and sent as "live_heap": rows of [bench
-    time, the interpreter's allocated blocks, malloc's MB in use (`heap.in_use_mb`)]."""
+    time, the interpreter's allocated blocks, malloc's MB in use (`heap.in_use_mb`)].
+    With `trace_heap_from` (bench time), every allocation is traced from the start,
+    and the lines whose blocks grew most from then to the end are sent as
+    "heap_growth_by_line" (`_heap_trace`; it slows the process)."""
     try:
         run = PoolRun(loads(text), "overlay", seed=seed, base_port=base_port, local=local)
         conn.send(("built", None))
@@ -204,6 +209,7 @@ def host_pool(
             return
         offset: list[float] = []
         heap = array("d")  # flat rows, so the record adds no objects to what it counts
+        trace = HeapTrace() if trace_heap_from is not None else None
 
         network = run.network
         assert isinstance(network, OverlayNetwork)
@@ -215,6 +221,9 @@ def host_pool(
             setup(run, loop, offset[0])
             if heap_every is not None:
                 every(loop, heap_every, lambda: heap.extend((run.now - offset[0], *_live())))
+            if trace is not None and trace_heap_from is not None:
+                wait = max(0.0, trace_heap_from - (run.now - offset[0]))
+                loop.call_later(wait, lambda: trace.mark(round(run.now - offset[0], 2)))
 
         network.call_at(0.0, started)
         last = [0.0]
@@ -227,6 +236,9 @@ def host_pool(
         run.run(duration, tick, tick=0.5)
         result = collect(run, offset[0] if offset else 0.0)
         result["cpu_s"] = round(time.process_time(), 2)
+        if trace is not None:
+            result["heap_growth_by_line"] = trace.growth()
+            result["heap_traced_from"] = trace.marked_at
         if heap_every is not None:
             rows = [heap[i : i + 3] for i in range(0, len(heap), 3)]
             result["live_heap"] = [

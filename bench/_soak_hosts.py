@@ -307,6 +307,7 @@ def infra_child(
     faults: list[Fault],
     log: Path,
     progress_every: float,
+    trace_heap_from: float | None = None,
 ) -> None:
     _tee(log)
     state: dict[str, Any] = {"epochs": {}, "servers": [], "done": []}
@@ -334,6 +335,7 @@ def infra_child(
         progress_every=progress_every,
         progress_line=servers_line,
         heap_every=LIVE_HEAP_S,
+        trace_heap_from=trace_heap_from,
     )
 
 
@@ -480,6 +482,7 @@ def clients_child(
     watch: list[float],
     log: Path,
     progress_every: float,
+    trace_heap_from: float | None = None,
 ) -> None:
     """`watch`: bench times (the router restarts) after which to note each client's
     first answer."""
@@ -515,6 +518,7 @@ def clients_child(
         progress_every=progress_every,
         progress_line=client_line,
         heap_every=LIVE_HEAP_S,
+        trace_heap_from=trace_heap_from,
     )
 
 

@@ -42,6 +42,7 @@ def vip_child(
     watch: list[float],
     log: Path,
     progress_every: float,
+    trace_heap_from: float | None = None,
 ) -> None:
     """Every node of the VIP pool but vr1; `watch`: bench times (the kills) after
     which to note each client's first answer."""
@@ -76,6 +77,7 @@ def vip_child(
         progress_every=progress_every,
         progress_line=client_line,
         heap_every=LIVE_HEAP_S,
+        trace_heap_from=trace_heap_from,
     )
 
 

@@ -104,7 +104,24 @@ CLIENT_RTO_MAX_MS = 200
 CLIENT_MAX_RETRIES = 15
 CLIENT_ABANDON_AFTER_MS = 10_000  # a failed request does not end its connection (finding 24)
 GRACE_S = 3.0  # the pool processes run this long past the measured time
+TRACE_FROM_S = 300.0  # --trace-heap compares the end with this: the standbys have joined
 PREPARE_S = 8.0  # a restarted router's next process is spawned this long before the kill
+
+
+def _traced(results: Mapping[str, Any], trace_from: float | None) -> dict[str, Any]:
+    """With --trace-heap: per pool process, the lines whose blocks grew most from
+    `trace_from` to the end (`_heap_trace`), and a warning that goes with them."""
+    if trace_from is None:
+        return {}
+    return {
+        "heap_traced": "every allocation of the pool processes was traced (--trace-heap): "
+        "they ran slower, so this run's losses and recovery times are not the pool's",
+        "heap_growth_by_line": {
+            name: {"from_s": got.get("heap_traced_from"), "lines": got["heap_growth_by_line"]}
+            for name, got in results.items()
+            if got and "heap_growth_by_line" in got
+        },
+    }
 
 
 def _growth(
@@ -203,6 +220,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         f"seed {args.seed}, {len(faults)} faults scheduled"
     )
     sample_every = 10.0  # (`_soak_growth.fit_per_hour`'s floor wants several a minute)
+    trace_from = min(TRACE_FROM_S, seconds / 2) if args.trace_heap else None
     progress_every = 60.0 if args.minutes >= 10 else 15.0
     packets: dict[str, Any] = {}
     builder = threading.Thread(
@@ -241,7 +259,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             target=body,
             name=name,
             daemon=True,
-            args=(child, *extra, logs / f"{name}.log", progress_every),
+            args=(child, *extra, logs / f"{name}.log", progress_every, trace_from),
         )
         process.start()
         child.close()
@@ -496,6 +514,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             },
             "samples": samples,
             "live_heap_samples": live_heap,
+            **_traced(results, trace_from),
             "growth_per_hour": _growth(samples, live_heap, vip_on),
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
@@ -626,6 +645,14 @@ def parse_arguments() -> argparse.Namespace:
     )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
     parser.add_argument(
+        "--trace-heap",
+        action="store_true",
+        help="trace every allocation of the pool processes (tracemalloc) and report the "
+        f"lines whose memory grew most from {TRACE_FROM_S:.0f} s (or half the run) to the end, "
+        "as heap_growth_by_line; the processes run slower, so the run's losses are not the "
+        "pool's (bench/_heap_trace.py)",
+    )
+    parser.add_argument(
         "--kinds",
         help=f"the kinds of fault, comma-separated, or none (default: {','.join(KINDS)}; "
         f"without {','.join(PRIVATE_ONLY)} for a public pool)",
@@ -646,6 +673,8 @@ def parse_arguments() -> argparse.Namespace:
         parser.error("--max-retries must be in 1..100")
     if args.abandon_after_ms is not None and not 2000 <= args.abandon_after_ms <= 600_000:
         parser.error("--abandon-after-ms must be in 2000..600000 (the deadline is 2000)")
+    if args.lab and args.trace_heap:
+        parser.error("--trace-heap: for the overlay's pool processes (the lab's are programs)")
     if args.lab:
         transport = [name for name, value in client_options(args).items() if value]
         if transport:
