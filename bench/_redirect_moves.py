@@ -106,8 +106,11 @@ def inject(client: Any, message: ChangeDestination, now: float) -> None:
 # -- the sites' processes ---------------------------------------------------------------
 
 
-def _no_setup(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
-    pass
+def _record_moves(run: PoolRun, loop: asyncio.AbstractEventLoop, offset: float) -> None:
+    """Each server of the site keeps a record of the moves it begins (`released`)."""
+    for server in run.nodes.servers.values():
+        if server.redirector is not None:
+            server.redirector.record_moves()
 
 
 def _site_collect(run: PoolRun, offset: float) -> dict[str, Any]:
@@ -117,7 +120,7 @@ def _site_collect(run: PoolRun, offset: float) -> dict[str, Any]:
         (at - wall - offset, int(client), port, serial)
         for server in run.nodes.servers.values()
         if server.redirector is not None
-        for at, client, port, serial in server.redirector.released
+        for at, client, port, serial in server.redirector.released or ()
     ]
     redirectors = [s.redirector for s in run.nodes.servers.values() if s.redirector is not None]
     return {
@@ -229,7 +232,7 @@ def _child(
         )
     else:
         label = "+".join(sorted(local))
-        host_pool(conn, text, set(local), base, seed, DURATION, label, _no_setup, _site_collect)
+        host_pool(conn, text, set(local), base, seed, DURATION, label, _record_moves, _site_collect)
 
 
 # -- the run and its figures --------------------------------------------------------------

@@ -484,6 +484,32 @@ def test_claim_19_a_moved_connection_follows_its_new_owner_with_nothing_lost(fam
     assert moved_out == sum(c.stats.destination_changes for c in run.nodes.clients.values())
 
 
+def test_a_server_keeps_a_record_of_its_moves_only_when_a_measurement_asks() -> None:
+    """A long-running server kept its last 10 000 moves for measurements, some 2 MB a
+    server, which grew the soak's infrastructure process until they filled (docs/soak.md,
+    finding 30, seed 20261201 with D). Now only a server asked (`record_moves`, as
+    bench/redirect.py asks) keeps them."""
+    run, _, _ = settled(d_pool())
+    servers = run.nodes.servers
+    asked = servers["s1"].redirector
+    assert asked is not None
+    asked.record_moves(kept=3)
+    for step in (
+        SetShare(at=0, server="s1", share=Fraction(1, 10)),
+        SetShare(at=0, server="s4", share=Fraction(1, 2)),
+    ):
+        reallocate(run, dataclasses.replace(step, at=run.now))
+        run_to(run, run.now + 1.0)
+    assert outcome(run) == CLEAN
+    assert asked.stats.moved_out > 3 and asked.released is not None
+    assert len(asked.released) == 3
+    wall = run.network.wall_base
+    assert all(wall <= at <= wall + run.now for at, _, _, _ in asked.released)
+    others = [s.redirector for name, s in servers.items() if name != "s1"]
+    assert sum(r.stats.moved_out for r in others if r is not None) > 0
+    assert all(r is not None and r.released is None for r in others)
+
+
 @family
 def test_a_server_lets_go_one_connection_per_new_owner_at_a_time_until_it_drains(
     family: int,

@@ -72,7 +72,7 @@ DRAIN_WINDOW = 16
 ANNOUNCE_TRIES = 8
 PASS_MEMORY = 3.0  # seconds a passed SYN's target is remembered (for the SYN sent again)
 RETRY = 0.1  # seconds between attempts at moves that had to wait
-RELEASED_KEPT = 10_000  # moves remembered for measurements (`released`)
+RELEASED_KEPT = 10_000  # moves remembered when a measurement asks (`record_moves`)
 Flow = tuple[int, int]  # (client address, client port)
 
 
@@ -186,14 +186,21 @@ class Redirector:
         # Moved-in connections, with the epoch they were moved by: not moved on before
         # we hold it (our allocation may still be the old one that sent it away).
         self._arrived: dict[ConnKey, int] = {}
-        # (wall-clock time, client, client port, serial) of the last moves we began
-        self.released: deque[tuple[float, Address, int, int]] = deque(maxlen=RELEASED_KEPT)
+        # (wall-clock time, client, client port, serial) of the last moves we began, if
+        # a measurement asked for them (`record_moves`): a server kept RELEASED_KEPT of
+        # them per server, some 2 MB, which grew the soak's infrastructure for an hour
+        # and more as they filled (docs/soak.md, finding 30)
+        self.released: deque[tuple[float, Address, int, int]] | None = None
         self._outgoing: dict[ConnKey, _Move] = {}
         self._awaiting: dict[ConnKey, _Announce] = {}
         self._forwards: dict[Flow, _Forward] = {}
         self._latest: dict[Flow, tuple[int, float]] = {}  # serial taken, when
         self._passed: dict[Flow, tuple[Address, float]] = {}
         self._wake: float | None = None
+
+    def record_moves(self, kept: int = RELEASED_KEPT) -> None:
+        """Keep the last `kept` moves we begin from now on, in `released`."""
+        self.released = deque(maxlen=kept)
 
     # -- Fig 20: new connections --------------------------------------------------------
     def pass_syn(self, ip: InnerPacket, packet: bytes, now: float) -> bool:
@@ -323,7 +330,8 @@ class Redirector:
         self._schedule(deadline)
         self._forwards[(int(client), client_port)] = _Forward(target, now)
         self._schedule(now + self.idle_timeout)
-        self.released.append((self.wall_base + now, client, client_port, serial))
+        if self.released is not None:
+            self.released.append((self.wall_base + now, client, client_port, serial))
         self.stats.moved_out += 1
         return True
 
