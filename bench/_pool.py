@@ -234,10 +234,11 @@ def host_pool(
                 print(f"  {label} t={snap.now:5.1f}s {progress_line(run)}", file=sys.stderr)
 
         run.run(duration, tick, tick=0.5)
+        grown = trace.growth() if trace is not None else None  # the pool's, not collect's
         result = collect(run, offset[0] if offset else 0.0)
         result["cpu_s"] = round(time.process_time(), 2)
         if trace is not None:
-            result["heap_growth_by_line"] = trace.growth()
+            result["heap_growth_by_line"] = grown
             result["heap_traced_from"] = trace.marked_at
         if heap_every is not None:
             rows = [heap[i : i + 3] for i in range(0, len(heap), 3)]
