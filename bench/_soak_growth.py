@@ -54,11 +54,7 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
                 continue  # the lab's samples, or a kernel without the split
             if part != "rss" and points:
                 entry[f"{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
-            slope, noise, interval, late = _floor_line(_floors(points, key))
-            entry[f"{part}_floor_mb_per_hour"] = slope
-            entry[f"{part}_floor_noise_mb_per_hour"] = noise
-            entry[f"{part}_floor_ci_mb_per_hour"] = interval
-            entry[f"{part}_floor_late_mb_per_hour"] = late
+            _put_floor(entry, f"{part}_floor{{}}_mb_per_hour", points, key)
         out[name] = entry
     return out
 
@@ -80,14 +76,20 @@ def fit_live_heap(series: dict[str, list[list[Any]]]) -> dict[str, Any]:
         for key in ("blocks_k", "malloc_mb"):
             if not points or points[0][1][key] is None:
                 continue
-            slope, noise, interval, late = _floor_line(_floors(points, key))
             entry[f"live_{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
-            entry[f"live_{key}_floor_per_hour"] = slope
-            entry[f"live_{key}_floor_noise_per_hour"] = noise
-            entry[f"live_{key}_floor_ci_per_hour"] = interval
-            entry[f"live_{key}_floor_late_per_hour"] = late
+            _put_floor(entry, f"live_{key}_floor{{}}_per_hour", points, key)
         out[name] = entry
     return out
+
+
+def _put_floor(
+    entry: dict[str, Any], name: str, points: list[tuple[float, dict[str, Any]]], key: str
+) -> None:
+    """`key`'s floor line (`_floor_line`) into `entry`: its slope, noise, interval and
+    second half under `name` with "", "_noise", "_ci" and "_late" in its braces."""
+    figures = _floor_line(_floors(points, key))
+    for kind, value in zip(("", "_noise", "_ci", "_late"), figures, strict=True):
+        entry[name.format(kind)] = value
 
 
 def _floor_line(
