@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from _heap_trace import HeapTrace
+from _pymalloc import arenas
 from manycast.drivers import heap as heap_memory
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
@@ -169,11 +170,16 @@ def every(loop: asyncio.AbstractEventLoop, period: float, probe: Callable[[], No
     loop.call_soon(tick)
 
 
-def _live() -> tuple[int, float]:
-    """What this process's heap holds alive now: the interpreter's allocated blocks
-    (its objects and buffers) and malloc's MB in use (NaN without glibc's count)."""
+_ROW = 5  # a live-heap row: bench time and `_live`'s four figures
+
+
+def _live() -> tuple[float, ...]:
+    """What this process's heap holds now: the interpreter's allocated blocks (its
+    objects and buffers), malloc's MB in use, and pymalloc's MB of arenas held and of
+    blocks in use in them (`_pymalloc`; each NaN where not counted)."""
     in_use = heap_memory.in_use_mb()
-    return sys.getallocatedblocks(), math.nan if in_use is None else in_use
+    small = arenas() or (math.nan, math.nan)
+    return sys.getallocatedblocks(), math.nan if in_use is None else in_use, *small
 
 
 def host_pool(
@@ -196,8 +202,10 @@ def host_pool(
     `duration`, and send ("done", collect(run, offset)) with the process's CPU seconds
     added as "cpu_s". `offset` is this process's pool time minus bench time (a few ms
     at most). Errors go back as ("error", text). With `heap_every`, what the process's
-    heap holds alive is sampled that often and sent as "live_heap": rows of [bench
-    time, the interpreter's allocated blocks, malloc's MB in use (`heap.in_use_mb`)].
+    heap holds is sampled that often and sent as "live_heap": rows of [bench time, the
+    interpreter's allocated blocks, malloc's MB in use (`heap.in_use_mb`), pymalloc's
+    MB of arenas held and MB of blocks in use in them (`_pymalloc.arenas`)], None
+    where not counted.
     With `trace_heap_from` (bench time), every allocation is traced from the start,
     and the lines whose blocks grew most from then to the end are sent as
     "heap_growth_by_line" (`_heap_trace`; it slows the process)."""
@@ -241,9 +249,10 @@ def host_pool(
             result["heap_growth_by_line"] = grown
             result["heap_traced_from"] = trace.marked_at
         if heap_every is not None:
-            rows = [heap[i : i + 3] for i in range(0, len(heap), 3)]
+            rows = [heap[i : i + _ROW] for i in range(0, len(heap), _ROW)]
             result["live_heap"] = [
-                [round(t, 2), int(blocks), None if math.isnan(mb) else mb] for t, blocks, mb in rows
+                [round(t, 2), int(blocks), *(None if math.isnan(mb) else mb for mb in sizes)]
+                for t, blocks, *sizes in rows
             ]
         conn.send(("done", result))
     except BaseException:

@@ -25,6 +25,8 @@ from _soak_plan import WARMUP_S
 # The window whose lowest RSS sample is the floor (`fit_per_hour`): twice the period of
 # the pool processes' heap trim (`drivers/heap.py`), so each holds a sample after one.
 FLOOR_WINDOW_S = 60.0
+# A live-heap row's figures after its bench time (`_pool.host_pool`).
+_LIVE_COLUMNS = ("blocks_k", "malloc_mb", "arenas_mb", "arena_used_mb")
 
 
 def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
@@ -61,20 +63,23 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
 
 def fit_live_heap(series: dict[str, list[list[Any]]]) -> dict[str, Any]:
     """Per process, from the rows it sampled inside itself ([bench time, allocated
-    blocks, malloc MB in use], `_pool.host_pool`): the floor lines of what its heap
-    holds alive, as `fit_per_hour` fits RSS's, in thousands of blocks and in MB. A
-    process whose RSS floor rises while these stay level keeps memory it has freed
-    (the allocators' arenas and heaps), it does not leak."""
+    blocks, malloc MB in use, pymalloc's MB of arenas held, its MB of blocks in use],
+    `_pool.host_pool`; the last two absent from older rows): the floor lines of what
+    its heap holds, as `fit_per_hour` fits RSS's, in thousands of blocks and in MB.
+    A process whose RSS floor rises while its live blocks and malloc's bytes stay
+    level keeps memory it has freed, it does not leak; `live_arenas_mb` rising while
+    `live_arena_used_mb` stays level says where: pymalloc's arenas, each held by a
+    few long-lived objects (`_pymalloc`)."""
     out: dict[str, Any] = {}
     for name, rows in series.items():
         points = [
-            (t, {"blocks_k": blocks / 1000, "malloc_mb": mb})
-            for t, blocks, mb in rows
-            if t >= WARMUP_S
+            (row[0], dict(zip(_LIVE_COLUMNS, (row[1] / 1000, *row[2:]), strict=False)))
+            for row in rows
+            if row[0] >= WARMUP_S
         ]
         entry: dict[str, Any] = {}
-        for key in ("blocks_k", "malloc_mb"):
-            if not points or points[0][1][key] is None:
+        for key in _LIVE_COLUMNS:
+            if not points or points[0][1].get(key) is None:
                 continue
             entry[f"live_{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
             _put_floor(entry, f"live_{key}_floor{{}}_per_hour", points, key)

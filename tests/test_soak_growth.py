@@ -188,3 +188,18 @@ def test_the_pool_processes_do_not_load_the_fit() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_arenas_held_by_few_objects_are_told_from_a_growing_heap(analysis: ModuleType) -> None:
+    """Rows with pymalloc's figures: arenas held rise a MB every two minutes while the
+    blocks in use in them, the live blocks and malloc's bytes stay level, and the fit
+    says which of the four grew."""
+    rows = [
+        [t, blocks, mb, 20.0 + i // 12, 12.0 + (i % 6) / 10]
+        for i, (t, blocks, mb) in enumerate(_heap_rows(_saw_tooth(30)))
+    ]
+    got = analysis.fit_live_heap({"infra": rows})["infra"]
+    assert got["live_arenas_mb_floor_per_hour"] == pytest.approx(30.0, abs=1.0)
+    assert got["live_arenas_mb_first_last"][0] == 20.0
+    for level in ("arena_used_mb", "blocks_k", "malloc_mb"):
+        assert abs(got[f"live_{level}_floor_per_hour"]) <= got[f"live_{level}_floor_noise_per_hour"]
