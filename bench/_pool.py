@@ -176,10 +176,13 @@ _ROW = 5  # a live-heap row: bench time and `_live`'s four figures
 def _live() -> tuple[float, ...]:
     """What this process's heap holds now: the interpreter's allocated blocks (its
     objects and buffers), malloc's MB in use, and pymalloc's MB of arenas held and of
-    blocks in use in them (`_pymalloc`; each NaN where not counted)."""
+    blocks in use in them (`_pymalloc`). Each is NaN where not counted: the blocks
+    and arenas under another allocator (`PYTHONMALLOC=malloc`, where malloc's MB in
+    use holds every object)."""
     in_use = heap_memory.in_use_mb()
-    small = arenas() or (math.nan, math.nan)
-    return sys.getallocatedblocks(), math.nan if in_use is None else in_use, *small
+    small = arenas()
+    blocks = math.nan if small is None else sys.getallocatedblocks()
+    return blocks, math.nan if in_use is None else in_use, *(small or (math.nan, math.nan))
 
 
 def host_pool(
@@ -204,8 +207,8 @@ def host_pool(
     at most). Errors go back as ("error", text). With `heap_every`, what the process's
     heap holds is sampled that often and sent as "live_heap": rows of [bench time, the
     interpreter's allocated blocks, malloc's MB in use (`heap.in_use_mb`), pymalloc's
-    MB of arenas held and MB of blocks in use in them (`_pymalloc.arenas`)], None
-    where not counted.
+    MB of arenas held and MB of blocks in use in them (`_pymalloc.arenas`)], each
+    None where not counted (`_live`).
     With `trace_heap_from` (bench time), every allocation is traced from the start,
     and the lines whose blocks grew most from then to the end are sent as
     "heap_growth_by_line" (`_heap_trace`; it slows the process)."""
@@ -251,7 +254,8 @@ def host_pool(
         if heap_every is not None:
             rows = [heap[i : i + _ROW] for i in range(0, len(heap), _ROW)]
             result["live_heap"] = [
-                [round(t, 2), int(blocks), *(None if math.isnan(mb) else mb for mb in sizes)]
+                [round(t, 2), None if math.isnan(blocks) else int(blocks)]
+                + [None if math.isnan(mb) else mb for mb in sizes]
                 for t, blocks, *sizes in rows
             ]
         conn.send(("done", result))

@@ -73,7 +73,7 @@ def fit_live_heap(series: dict[str, list[list[Any]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rows in series.items():
         points = [
-            (row[0], dict(zip(_LIVE_COLUMNS, (row[1] / 1000, *row[2:]), strict=False)))
+            (row[0], dict(zip(_LIVE_COLUMNS, (_thousands(row[1]), *row[2:]), strict=False)))
             for row in rows
             if row[0] >= WARMUP_S
         ]
@@ -85,6 +85,10 @@ def fit_live_heap(series: dict[str, list[list[Any]]]) -> dict[str, Any]:
             _put_floor(entry, f"live_{key}_floor{{}}_per_hour", points, key)
         out[name] = entry
     return out
+
+
+def _thousands(blocks: float | None) -> float | None:
+    return None if blocks is None else blocks / 1000
 
 
 def _put_floor(

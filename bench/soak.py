@@ -93,6 +93,7 @@ from _soak_plan import (
 )
 from _soak_vip import analyse_vip, vip_child
 from manycast.auth import save_private
+from manycast.drivers import heap
 from manycast.ports import free_base_port
 from manycast.topology import loads
 
@@ -503,6 +504,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "epoch_changes": results["infra"].get("changes", []),
             "allocation_at_end": results["infra"].get("allocation_at_end", {}),
             "cpu_s": {name: (got or {}).get("cpu_s") for name, got in results.items()},
+            "allocator": os.environ.get("PYTHONMALLOC"),
             "private": args.private,
             "key_ttl_s": args.key_ttl if args.private else None,
             "dns_starts": dns.starts if dns is not None else [],
@@ -653,6 +655,14 @@ def parse_arguments() -> argparse.Namespace:
         "pool's (bench/_heap_trace.py)",
     )
     parser.add_argument(
+        "--allocator",
+        choices=("malloc", "pymalloc"),
+        default=os.environ.get("PYTHONMALLOC", heap.LONG_RUN_ALLOCATOR),
+        help="PYTHONMALLOC for every process the soak starts (default: the environment's, "
+        f"else {heap.LONG_RUN_ALLOCATOR}, as `manycast run` runs; pymalloc, CPython's "
+        "default, keeps the arenas of a process's largest burst: docs/soak.md, finding 31)",
+    )
+    parser.add_argument(
         "--kinds",
         help=f"the kinds of fault, comma-separated, or none (default: {','.join(KINDS)}; "
         f"without {','.join(PRIVATE_ONLY)} for a public pool)",
@@ -701,6 +711,7 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_arguments()  # before run_and_emit, so that --help prints on stdout
+    os.environ["PYTHONMALLOC"] = args.allocator  # every process started from here on
 
     def run() -> dict[str, Any]:
         result = run_lab(args) if args.lab else _measure_retrying(args)

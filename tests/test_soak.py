@@ -82,11 +82,14 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
     for name in ("infra", "clients", "bench"):
         growth = soak["growth_per_hour"][name]
         assert growth["samples"] >= 3 and growth["rss_mb_per_hour"] is not None
-    for name in ("infra", "clients"):  # what their heaps hold alive, sampled inside them
+    # Its processes run under glibc's malloc, as `manycast run` does (finding 31), so
+    # malloc's count holds every object they keep alive, sampled inside them.
+    assert soak["allocator"] == "malloc"
+    for name in ("infra", "clients"):
         growth = soak["growth_per_hour"][name]
-        first, last = growth["live_blocks_k_first_last"]
-        assert first > 10 and last > 10, growth  # thousands of objects: a pool lives there
-        assert growth["live_malloc_mb_first_last"][0] > 1, growth  # glibc's count, in MB
+        first, last = growth["live_malloc_mb_first_last"]
+        assert first > 10 and last > 10, growth  # MB of objects: a pool lives there
+        assert not any(key.startswith(("live_blocks", "live_arena")) for key in growth)
         assert len(soak["live_heap_samples"][name]) >= 10  # every 10 s, kept whole
     assert soak["_plots"] == ["soak.json", "soak_requests.png", "soak_rss.png"]
     # The clients behind a restarted router, each answered again after it (the

@@ -203,3 +203,13 @@ def test_arenas_held_by_few_objects_are_told_from_a_growing_heap(analysis: Modul
     assert got["live_arenas_mb_first_last"][0] == 20.0
     for level in ("arena_used_mb", "blocks_k", "malloc_mb"):
         assert abs(got[f"live_{level}_floor_per_hour"]) <= got[f"live_{level}_floor_noise_per_hour"]
+
+
+def test_under_glibcs_malloc_only_mallocs_count_is_fitted(analysis: ModuleType) -> None:
+    """With `PYTHONMALLOC=malloc` (the soak's default) a process has no pymalloc blocks
+    or arenas to count (None in its rows); malloc's MB in use holds every object."""
+    rows = [[t, None, 40 + mb, None, None] for t, _, mb in _heap_rows(_saw_tooth(5))]
+    got = analysis.fit_live_heap({"infra": rows})["infra"]
+    assert got["live_malloc_mb_floor_per_hour"] == pytest.approx(0.0, abs=0.01)
+    assert got["live_malloc_mb_first_last"][0] == pytest.approx(48.0)
+    assert not any(key.startswith(("live_blocks", "live_arena")) for key in got)

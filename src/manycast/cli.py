@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import ipaddress
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.text import Text
 
 from manycast import auth, naming
 from manycast import dns as dnsserver
+from manycast.drivers import heap
 from manycast.drivers.factory import DRIVERS
 from manycast.drivers.kernel.cli import daemon_app
 from manycast.errors import ConfigError
@@ -1054,7 +1056,21 @@ def lab_capture(
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["run"]:
+        _restart_with_long_run_allocator()
     app()
+
+
+def _restart_with_long_run_allocator() -> None:
+    """`manycast run` hosts a pool for as long as it is asked: start it again, the same
+    command, under the allocator whose memory does not creep (`drivers/heap.py`),
+    unless the environment names one. The process keeps its id (exec)."""
+    environment = heap.long_run_environment(os.environ)
+    if environment is None or not sys.executable or not sys.orig_argv:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, environment)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,18 @@ flatten it, so that is more than glibc's heap: overlay finding 11.)
 `trim_every` asks glibc to trim every `every` seconds of a network's clock, on the
 network's own loop. Elsewhere (musl, macOS) it does nothing. `in_use_mb` is what
 malloc holds alive, which the soak samples beside RSS (docs/soak.md, finding 29).
+
+Trimming reaches only what malloc holds. CPython's own allocator for small objects
+(pymalloc) keeps them in 1 MiB arenas it maps itself and gives back only when every
+object in one is gone, so a pool process under faults keeps the arenas of its
+largest burst, each held by a few long-lived objects, and its resident size creeps
+up by an arena now and then for as long as it runs (2.3-2.7 MB an hour in the
+soak's half hours, finding 31). With `PYTHONMALLOC=malloc` every object comes from
+glibc, whose free pages the trim gives back, and the same half hour's floor stops
+rising after its first quarter hour. So a process that runs a pool for long (`manycast
+run`, the soak's pool processes) runs under `LONG_RUN_ALLOCATOR` unless the user's
+environment names an allocator (`long_run_environment`); bench/allocator.py
+measures what it costs in CPU time.
 """
 
 from __future__ import annotations
@@ -20,12 +32,13 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from manycast.drivers.contract import Network
 
 TRIM_EVERY_S = 30.0
+LONG_RUN_ALLOCATOR = "malloc"  # PYTHONMALLOC for processes that run a pool for long
 
 
 class _MallInfo2(ctypes.Structure):
@@ -98,3 +111,12 @@ def trim_every(network: Network, every: float = TRIM_EVERY_S) -> None:
         network.call_at(network.now + every, tick)
 
     network.call_at(network.now + every, tick)
+
+
+def long_run_environment(environment: Mapping[str, str]) -> dict[str, str] | None:
+    """`environment` with `PYTHONMALLOC=LONG_RUN_ALLOCATOR`, for a process that runs a
+    pool for long to start with; None when it names an allocator already (the user's
+    choice, or this process was started so) or where glibc's trim is missing."""
+    if "PYTHONMALLOC" in environment or _malloc_trim() is None:
+        return None
+    return {**environment, "PYTHONMALLOC": LONG_RUN_ALLOCATOR}

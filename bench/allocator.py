@@ -1,0 +1,160 @@
+"""What the allocator of a long-running pool process costs: CPU time and memory with
+glibc's malloc (`PYTHONMALLOC=malloc`, what `manycast run` and the soak's pool
+processes use) against CPython's default, pymalloc, the baseline.
+
+Each round runs the soak's pool and seeded fault schedule (D by default) on the
+memory driver, in virtual time, in a fresh interpreter under one allocator
+(`_soak_replay`'s pool: servers, routers, coordination and clients in one process,
+with the pool's heap trim every 30 s of its clock). Rounds alternate in random
+order, so a burst of load on a shared machine falls on both. Per allocator, the
+medians of CPU seconds for the run and of the resident anonymous memory's lowest
+sample in the last three tenths of the run (the same work's memory). The headline
+is the ratio malloc / pymalloc of CPU seconds: the price of a floor that does not
+creep. The creep itself takes a half hour of the soak's processes to show, each
+with its own bursts (docs/soak.md, finding 31); one process replaying the pool here
+does not show it.
+
+    .venv/bin/python bench/allocator.py [--rounds 3] [--seconds 900] [--per-lan 50]
+
+Ends in one JSON object, its last line on stdout.
+"""
+
+from __future__ import annotations
+
+import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from _common import ArgumentParser, progress, run_and_emit
+
+ALLOCATORS = ("pymalloc", "malloc")  # the baseline first
+SEED = 20261201
+
+
+def child(technique: str, seconds: float, per_lan: int) -> dict[str, Any]:
+    """One round, in this interpreter: the replayed pool's CPU seconds and its
+    anonymous RSS each tenth of the run (after the clients' lists are emptied, as the
+    soak's clients process does, and a heap trim)."""
+    import _soak_replay as replay
+    from _proc_sample import resident
+    from manycast.drivers import heap
+    from manycast.runtime import PoolRun
+    from manycast.topology import loads
+
+    text = replay.pool_text(
+        technique,
+        per_lan,
+        replay.RATE,
+        seconds + 30,
+        heartbeat_misses=replay.HEARTBEAT_MISSES,
+        client_options=replay.CLIENTS,
+    )
+    run = PoolRun(loads(text), "memory", seed=SEED)
+    network = run.network
+    names = sorted(run.topology.clients)
+    replay._watch_losses(run, names)
+    for fault in replay.schedule(SEED, seconds, replay.REPLAYED):
+        replay._schedule(run, network, fault, SEED)
+    began = time.process_time()
+    anon: list[float] = []
+    for tenth in range(1, 11):
+        network.run_until(seconds * tenth / 10)
+        for client in run.nodes.clients.values():
+            stats = client.stats
+            del stats.ok_times[:-1]
+            for kept in (stats.latencies, stats.failures, stats.moves, stats.disruptions):
+                kept.clear()
+        heap.trim()
+        got = resident(os.getpid())
+        anon.append(got["rss_anon_mb"] if got else float("nan"))
+    return {"cpu_s": round(time.process_time() - began, 2), "rss_anon_mb": anon}
+
+
+def _round(allocator: str, args: Any) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--technique",
+        args.technique,
+        "--seconds",
+        str(args.seconds),
+        "--per-lan",
+        str(args.per_lan),
+    ]
+    env = {**os.environ, "PYTHONMALLOC": allocator}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"a {allocator} round failed: {done.stderr.strip()[-800:]}")
+    got: dict[str, Any] = json.loads(lines[-1])
+    return got
+
+
+def bench(args: Any) -> dict[str, Any]:
+    order = [name for _ in range(args.rounds) for name in ALLOCATORS]
+    random.Random(args.order_seed).shuffle(order)
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in ALLOCATORS}
+    for i, allocator in enumerate(order, 1):
+        progress(f"allocator: round {i}/{len(order)}, {allocator}")
+        rounds[allocator].append(_round(allocator, args))
+    per: dict[str, Any] = {}
+    for name, runs in rounds.items():
+        floors = [min(r["rss_anon_mb"][-3:]) for r in runs]
+        per[name] = {
+            "cpu_s_median": statistics.median(r["cpu_s"] for r in runs),
+            "cpu_s": [r["cpu_s"] for r in runs],
+            "rss_anon_floor_mb_median": round(statistics.median(floors), 2),
+            "rss_anon_mb_by_tenth": [r["rss_anon_mb"] for r in runs],
+        }
+    base, other = per["pymalloc"], per["malloc"]
+    return {
+        "bench": "allocator",
+        "baseline": "pymalloc (CPython's default allocator), same pool, schedule and seed",
+        "technique": args.technique,
+        "seconds": args.seconds,
+        "clients": 2 * args.per_lan,
+        "rounds": args.rounds,
+        "order": order,
+        "cpu_ratio_malloc_to_pymalloc": round(other["cpu_s_median"] / base["cpu_s_median"], 3),
+        "rss_floor_ratio_malloc_to_pymalloc": round(
+            other["rss_anon_floor_mb_median"] / base["rss_anon_floor_mb_median"], 3
+        ),
+        "allocators": per,
+    }
+
+
+def main() -> None:
+    parser = ArgumentParser("allocator", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per allocator (3)")
+    parser.add_argument("--seconds", type=float, default=900.0, help="virtual seconds (900)")
+    parser.add_argument("--per-lan", type=int, default=50, help="clients per LAN (50)")
+    parser.add_argument("--technique", default="D", choices=("R2", "R3", "D"))
+    parser.add_argument("--order-seed", type=int, default=1, help="seed of the rounds' order")
+    parser.add_argument("--child", action="store_true", help=argparse_hidden())
+    args = parser.parse_args()
+    for name in ("rounds", "per_lan"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.seconds < 60:
+        parser.error("--seconds must be at least 60")
+    if args.child:
+        print(json.dumps(child(args.technique, args.seconds, args.per_lan)), flush=True)
+        return
+    run_and_emit("allocator", lambda: bench(args))
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()
