@@ -29,8 +29,11 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import _plots
 from _common import ArgumentParser, progress, run_and_emit
 
 ALLOCATORS = ("pymalloc", "malloc")  # the baseline first
@@ -130,6 +133,24 @@ def bench(args: Any) -> dict[str, Any]:
     }
 
 
+def plot(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """CPU seconds per round of each allocator, and the resident anonymous memory of
+    each over the run (its first round)."""
+    per = result["allocators"]
+    fig, ax = _plots.figure("CPU seconds of the replayed pool, per round")
+    _plots.per_round(ax, {name: per[name]["cpu_s"] for name in ALLOCATORS}, ylabel="CPU s")
+    cpu = _plots.save(fig, directory, "allocator_cpu")
+    fig, ax = _plots.figure("Resident anonymous memory over the run")
+    for i, name in enumerate(ALLOCATORS):
+        tenths = per[name]["rss_anon_mb_by_tenth"][0]
+        at = [result["seconds"] * (k + 1) / len(tenths) for k in range(len(tenths))]
+        ax.plot(at, tenths, "o-", label=name, color=_plots.COLOURS[i])
+    ax.set_xlabel("virtual seconds")
+    ax.set_ylabel("RSS, anonymous (MB)")
+    ax.legend(fontsize=8)
+    return [cpu, _plots.save(fig, directory, "allocator_rss")]
+
+
 def main() -> None:
     parser = ArgumentParser("allocator", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per allocator (3)")
@@ -138,6 +159,7 @@ def main() -> None:
     parser.add_argument("--technique", default="D", choices=("R2", "R3", "D"))
     parser.add_argument("--order-seed", type=int, default=1, help="seed of the rounds' order")
     parser.add_argument("--child", action="store_true", help=argparse_hidden())
+    _plots.add_argument(parser)
     args = parser.parse_args()
     for name in ("rounds", "per_lan"):
         if getattr(args, name) < 1:
@@ -147,7 +169,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.technique, args.seconds, args.per_lan)), flush=True)
         return
-    run_and_emit("allocator", lambda: bench(args))
+
+    def run() -> dict[str, Any]:
+        result = bench(args)
+        _plots.write(result, args.plots, plot)
+        return result
+
+    run_and_emit("allocator", run)
 
 
 def argparse_hidden() -> str:
