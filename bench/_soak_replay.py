@@ -73,26 +73,12 @@ def replay(
 ) -> Replay:
     """Run the schedule `seed` draws for a `seconds` soak, to its end or to `until`
     (a test stops after the loss it reproduces); see the module's docstring."""
-    unknown = set(kinds) - set(REPLAYED)
-    if unknown:
-        raise ValueError(f"not replayed on the memory driver: {', '.join(sorted(unknown))}")
-    text = pool_text(
-        technique,
-        clients_per_lan,
-        RATE,
-        seconds + 30,
-        heartbeat_misses=HEARTBEAT_MISSES,
-        client_options=CLIENTS,
-    )
-    run = PoolRun(loads(text), "memory", seed=seed)
+    run, faults = scheduled_pool(seed, seconds, clients_per_lan, technique, kinds)
     network = run.network
     assert isinstance(network, MemoryNetwork)
-    faults = schedule(seed, seconds, kinds)
     names = sorted(run.topology.clients)
     losses = _watch_losses(run, names)
     infra = _watch_owners(run, network, names)
-    for fault in faults:
-        _schedule(run, network, fault, seed)
     network.run_until(seconds + 10 if until is None else until)
     owners = Owners(infra)
     lookback = 1.5 / RATE + 2.0
@@ -108,6 +94,35 @@ def replay(
                 Loss(name, round(t, 3), cause, owners.sequence(index[name], t - lookback, t))
             )
     return result
+
+
+def scheduled_pool(
+    seed: int,
+    seconds: float,
+    clients_per_lan: int = 100,
+    technique: str = "R3",
+    kinds: tuple[str, ...] = REPLAYED,
+) -> tuple[PoolRun, list[Fault]]:
+    """The soak's pool on the memory driver with the faults `seed` draws for a
+    `seconds` soak scheduled on its clock, not yet run (`replay`, bench/allocator.py)."""
+    unknown = set(kinds) - set(REPLAYED)
+    if unknown:
+        raise ValueError(f"not replayed on the memory driver: {', '.join(sorted(unknown))}")
+    text = pool_text(
+        technique,
+        clients_per_lan,
+        RATE,
+        seconds + 30,
+        heartbeat_misses=HEARTBEAT_MISSES,
+        client_options=CLIENTS,
+    )
+    run = PoolRun(loads(text), "memory", seed=seed)
+    network = run.network
+    assert isinstance(network, MemoryNetwork)
+    faults = schedule(seed, seconds, kinds)
+    for fault in faults:
+        _schedule(run, network, fault, seed)
+    return run, faults
 
 
 def _watch_losses(run: PoolRun, names: list[str]) -> list[tuple[str, float, str]]:

@@ -22,6 +22,7 @@ Ends in one JSON object, its last line on stdout.
 from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
+import argparse
 import json
 import os
 import random
@@ -44,26 +45,12 @@ def child(technique: str, seconds: float, per_lan: int) -> dict[str, Any]:
     """One round, in this interpreter: the replayed pool's CPU seconds and its
     anonymous RSS each tenth of the run (after the clients' lists are emptied, as the
     soak's clients process does, and a heap trim)."""
-    import _soak_replay as replay
     from _proc_sample import resident
+    from _soak_replay import scheduled_pool
     from manycast.drivers import heap
-    from manycast.runtime import PoolRun
-    from manycast.topology import loads
 
-    text = replay.pool_text(
-        technique,
-        per_lan,
-        replay.RATE,
-        seconds + 30,
-        heartbeat_misses=replay.HEARTBEAT_MISSES,
-        client_options=replay.CLIENTS,
-    )
-    run = PoolRun(loads(text), "memory", seed=SEED)
+    run, _ = scheduled_pool(SEED, seconds, per_lan, technique)
     network = run.network
-    names = sorted(run.topology.clients)
-    replay._watch_losses(run, names)
-    for fault in replay.schedule(SEED, seconds, replay.REPLAYED):
-        replay._schedule(run, network, fault, SEED)
     began = time.process_time()
     anon: list[float] = []
     for tenth in range(1, 11):
@@ -158,7 +145,7 @@ def main() -> None:
     parser.add_argument("--per-lan", type=int, default=50, help="clients per LAN (50)")
     parser.add_argument("--technique", default="D", choices=("R2", "R3", "D"))
     parser.add_argument("--order-seed", type=int, default=1, help="seed of the rounds' order")
-    parser.add_argument("--child", action="store_true", help=argparse_hidden())
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     _plots.add_argument(parser)
     args = parser.parse_args()
     for name in ("rounds", "per_lan"):
@@ -176,12 +163,6 @@ def main() -> None:
         return result
 
     run_and_emit("allocator", run)
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
