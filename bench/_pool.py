@@ -22,8 +22,9 @@ from array import array
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from _heap_census import HeapCensus
 from _heap_trace import HeapTrace
 from _pymalloc import arenas
 from manycast.drivers import heap as heap_memory
@@ -34,6 +35,15 @@ from manycast.topology import loads
 # Below Linux's ephemeral range (32768+) and apart from the 41000+ ranges the tests
 # probe, so concurrent test runs and benches rarely race for the same ports.
 PORT_SEARCH = range(21000, 32000, 1201)
+
+
+class HeapProbe(NamedTuple):
+    """Where a pool process's memory grew from bench time `from_s` to its end: by the
+    line that allocated it (`by="line"`, `_heap_trace`: it slows the process) or by
+    the attribute or type that holds it (`by="owner"`, `_heap_census`)."""
+
+    by: str
+    from_s: float
 
 
 def _toml(value: Any) -> str:
@@ -198,7 +208,7 @@ def host_pool(
     progress_every: float = 5.0,
     progress_line: Callable[[PoolRun], str] | None = None,
     heap_every: float | None = None,
-    trace_heap_from: float | None = None,
+    heap_probe: HeapProbe | None = None,
 ) -> None:
     """Child process body: build the nodes in `local`, report "built", wait for
     ("go", start) with `start` a CLOCK_MONOTONIC instant, start then, run for
@@ -209,9 +219,8 @@ def host_pool(
     interpreter's allocated blocks, malloc's MB in use (`heap.in_use_mb`), pymalloc's
     MB of arenas held and MB of blocks in use in them (`_pymalloc.arenas`)], each
     None where not counted (`_live`).
-    With `trace_heap_from` (bench time), every allocation is traced from the start,
-    and the lines whose blocks grew most from then to the end are sent as
-    "heap_growth_by_line" (`_heap_trace`; it slows the process)."""
+    With `heap_probe`, what grew most from its bench time to the end is sent as
+    "heap_growth_by_line" or "heap_growth_by_owner" (`HeapProbe`)."""
     try:
         run = PoolRun(loads(text), "overlay", seed=seed, base_port=base_port, local=local)
         conn.send(("built", None))
@@ -220,7 +229,9 @@ def host_pool(
             return
         offset: list[float] = []
         heap = array("d")  # flat rows, so the record adds no objects to what it counts
-        trace = HeapTrace() if trace_heap_from is not None else None
+        trace: HeapTrace | HeapCensus | None = None
+        if heap_probe is not None:
+            trace = HeapTrace() if heap_probe.by == "line" else HeapCensus()
 
         network = run.network
         assert isinstance(network, OverlayNetwork)
@@ -232,8 +243,8 @@ def host_pool(
             setup(run, loop, offset[0])
             if heap_every is not None:
                 every(loop, heap_every, lambda: heap.extend((run.now - offset[0], *_live())))
-            if trace is not None and trace_heap_from is not None:
-                wait = max(0.0, trace_heap_from - (run.now - offset[0]))
+            if trace is not None and heap_probe is not None:
+                wait = max(0.0, heap_probe.from_s - (run.now - offset[0]))
                 loop.call_later(wait, lambda: trace.mark(round(run.now - offset[0], 2)))
 
         network.call_at(0.0, started)
@@ -248,8 +259,8 @@ def host_pool(
         grown = trace.growth() if trace is not None else None  # the pool's, not collect's
         result = collect(run, offset[0] if offset else 0.0)
         result["cpu_s"] = round(time.process_time(), 2)
-        if trace is not None:
-            result["heap_growth_by_line"] = grown
+        if trace is not None and heap_probe is not None:
+            result[f"heap_growth_by_{heap_probe.by}"] = grown
             result["heap_traced_from"] = trace.marked_at
         if heap_every is not None:
             rows = [heap[i : i + _ROW] for i in range(0, len(heap), _ROW)]

@@ -41,7 +41,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from _pool import every, host_pool, servers_line
+from _pool import HeapProbe, every, host_pool, servers_line
 from _soak_analysis import owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, Fault
 from manycast.drivers.overlay_network import OverlayNetwork
@@ -307,7 +307,7 @@ def infra_child(
     faults: list[Fault],
     log: Path,
     progress_every: float,
-    trace_heap_from: float | None = None,
+    heap_probe: HeapProbe | None = None,
 ) -> None:
     _tee(log)
     state: dict[str, Any] = {"epochs": {}, "servers": [], "done": []}
@@ -335,7 +335,7 @@ def infra_child(
         progress_every=progress_every,
         progress_line=servers_line,
         heap_every=LIVE_HEAP_S,
-        trace_heap_from=trace_heap_from,
+        heap_probe=heap_probe,
     )
 
 
@@ -482,7 +482,7 @@ def clients_child(
     watch: list[float],
     log: Path,
     progress_every: float,
-    trace_heap_from: float | None = None,
+    heap_probe: HeapProbe | None = None,
 ) -> None:
     """`watch`: bench times (the router restarts) after which to note each client's
     first answer."""
@@ -518,7 +518,7 @@ def clients_child(
         progress_every=progress_every,
         progress_line=client_line,
         heap_every=LIVE_HEAP_S,
-        trace_heap_from=trace_heap_from,
+        heap_probe=heap_probe,
     )
 
 

@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from _pool import host_pool, median, percentile
+from _pool import HeapProbe, host_pool, median, percentile
 from _soak_hosts import LIVE_HEAP_S, _clients_setup, _tee, client_line, clients_state
 from _soak_plan import VIP_VICTIM, WARMUP_S, Fault
 from manycast.runtime import PoolRun
@@ -42,7 +42,7 @@ def vip_child(
     watch: list[float],
     log: Path,
     progress_every: float,
-    trace_heap_from: float | None = None,
+    heap_probe: HeapProbe | None = None,
 ) -> None:
     """Every node of the VIP pool but vr1; `watch`: bench times (the kills) after
     which to note each client's first answer."""
@@ -77,7 +77,7 @@ def vip_child(
         progress_every=progress_every,
         progress_line=client_line,
         heap_every=LIVE_HEAP_S,
-        trace_heap_from=trace_heap_from,
+        heap_probe=heap_probe,
     )
 
 

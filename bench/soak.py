@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import _plots
 from _common import progress, run_and_emit
-from _pool import PORT_SEARCH, expect, node_command
+from _pool import PORT_SEARCH, HeapProbe, expect, node_command
 from _proc_sample import resident
 from _soak_analysis import analyse, keep_every_loss
 from _soak_dns import DnsProcess, free_port
@@ -105,24 +105,30 @@ CLIENT_RTO_MAX_MS = 200
 CLIENT_MAX_RETRIES = 15
 CLIENT_ABANDON_AFTER_MS = 10_000  # a failed request does not end its connection (finding 24)
 GRACE_S = 3.0  # the pool processes run this long past the measured time
-TRACE_FROM_S = 300.0  # --trace-heap compares the end with this: the standbys have joined
+HEAP_FROM_S = 300.0  # --trace-heap and --census-heap compare the end with this by default
 PREPARE_S = 8.0  # a restarted router's next process is spawned this long before the kill
 
 
-def _traced(results: Mapping[str, Any], trace_from: float | None) -> dict[str, Any]:
-    """With --trace-heap: per pool process, the lines whose blocks grew most from
-    `trace_from` to the end (`_heap_trace`), and a warning that goes with them."""
-    if trace_from is None:
+def _traced(results: Mapping[str, Any], probe: HeapProbe | None) -> dict[str, Any]:
+    """With --trace-heap or --census-heap: per pool process, what grew most from the
+    probe's time to the end (`_pool.HeapProbe`); a traced run says its losses are
+    not the pool's."""
+    if probe is None:
         return {}
-    return {
-        "heap_traced": "every allocation of the pool processes was traced (--trace-heap): "
-        "they ran slower, so this run's losses and recovery times are not the pool's",
-        "heap_growth_by_line": {
-            name: {"from_s": got.get("heap_traced_from"), "lines": got["heap_growth_by_line"]}
+    key = f"heap_growth_by_{probe.by}"
+    out: dict[str, Any] = {
+        key: {
+            name: {"from_s": got.get("heap_traced_from"), f"{probe.by}s": got[key]}
             for name, got in results.items()
-            if got and "heap_growth_by_line" in got
-        },
+            if got and key in got
+        }
     }
+    if probe.by == "line":
+        out["heap_traced"] = (
+            "every allocation of the pool processes was traced (--trace-heap): "
+            "they ran slower, so this run's losses and recovery times are not the pool's"
+        )
+    return out
 
 
 def _growth(
@@ -134,6 +140,14 @@ def _growth(
     for name, figures in fit_live_heap(live_heap).items():
         growth.setdefault(name, {}).update(figures)
     return growth
+
+
+def heap_probe(args: argparse.Namespace, seconds: float) -> HeapProbe | None:
+    """--trace-heap's or --census-heap's probe, from --heap-from (`_pool.HeapProbe`)."""
+    if not (args.trace_heap or args.census_heap):
+        return None
+    start = min(HEAP_FROM_S, seconds / 2) if args.heap_from is None else args.heap_from
+    return HeapProbe("line" if args.trace_heap else "owner", start)
 
 
 class Victim:
@@ -221,7 +235,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         f"seed {args.seed}, {len(faults)} faults scheduled"
     )
     sample_every = 10.0  # (`_soak_growth.fit_per_hour`'s floor wants several a minute)
-    trace_from = min(TRACE_FROM_S, seconds / 2) if args.trace_heap else None
+    probe = heap_probe(args, seconds)
     progress_every = 60.0 if args.minutes >= 10 else 15.0
     packets: dict[str, Any] = {}
     builder = threading.Thread(
@@ -260,7 +274,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             target=body,
             name=name,
             daemon=True,
-            args=(child, *extra, logs / f"{name}.log", progress_every, trace_from),
+            args=(child, *extra, logs / f"{name}.log", progress_every, probe),
         )
         process.start()
         child.close()
@@ -516,7 +530,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             },
             "samples": samples,
             "live_heap_samples": live_heap,
-            **_traced(results, trace_from),
+            **_traced(results, probe),
             "growth_per_hour": _growth(samples, live_heap, vip_on),
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
@@ -646,13 +660,29 @@ def parse_arguments() -> argparse.Namespace:
         "up with the request, as before finding 24)",
     )
     parser.add_argument("--logs", type=Path, metavar="DIR", help="keep every process's log in DIR")
-    parser.add_argument(
+    probes = parser.add_mutually_exclusive_group()
+    probes.add_argument(
         "--trace-heap",
         action="store_true",
         help="trace every allocation of the pool processes (tracemalloc) and report the "
-        f"lines whose memory grew most from {TRACE_FROM_S:.0f} s (or half the run) to the end, "
-        "as heap_growth_by_line; the processes run slower, so the run's losses are not the "
-        "pool's (bench/_heap_trace.py)",
+        "lines whose memory grew most from --heap-from to the end, as heap_growth_by_line; "
+        "the processes run slower, so the run's losses are not the pool's "
+        "(bench/_heap_trace.py)",
+    )
+    probes.add_argument(
+        "--census-heap",
+        action="store_true",
+        help="count the pool processes' live objects by the attribute or type that holds "
+        "them at --heap-from and at the end, and report what grew most, as "
+        "heap_growth_by_owner; it does not slow the run between its two counts "
+        "(bench/_heap_census.py)",
+    )
+    parser.add_argument(
+        "--heap-from",
+        type=float,
+        metavar="S",
+        help=f"seconds into the run that --trace-heap or --census-heap compares the end with "
+        f"(default {HEAP_FROM_S:.0f}, or half the run if shorter)",
     )
     parser.add_argument(
         "--allocator",
@@ -683,8 +713,14 @@ def parse_arguments() -> argparse.Namespace:
         parser.error("--max-retries must be in 1..100")
     if args.abandon_after_ms is not None and not 2000 <= args.abandon_after_ms <= 600_000:
         parser.error("--abandon-after-ms must be in 2000..600000 (the deadline is 2000)")
-    if args.lab and args.trace_heap:
-        parser.error("--trace-heap: for the overlay's pool processes (the lab's are programs)")
+    if args.lab and (args.trace_heap or args.census_heap):
+        parser.error(
+            "--trace-heap, --census-heap: for the overlay's pool processes (the lab's are programs)"
+        )
+    if args.heap_from is not None and not (args.trace_heap or args.census_heap):
+        parser.error("--heap-from: with --trace-heap or --census-heap")
+    if args.heap_from is not None and not 0 <= args.heap_from < args.minutes * 60:
+        parser.error("--heap-from must be within the run (0 to --minutes * 60 s)")
     if args.lab:
         transport = [name for name, value in client_options(args).items() if value]
         if transport:

@@ -51,3 +51,27 @@ def test_the_lab_soak_takes_the_lab_kinds_and_no_client_transport(
     with pytest.raises(SystemExit):
         parse(monkeypatch, "--abandon-after-ms", "1000")
     assert "--abandon-after-ms must be in 2000..600000" in capsys.readouterr().err
+
+
+def test_a_heap_probe_takes_its_start_and_refuses_what_cannot_be_probed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import soak
+
+    default = parse(monkeypatch, "--census-heap", "--minutes", "30")
+    assert soak.heap_probe(default, 1800.0) == ("owner", soak.HEAP_FROM_S)
+    short = parse(monkeypatch, "--trace-heap", "--minutes", "2")
+    assert soak.heap_probe(short, 120.0) == ("line", 60.0)  # half the run
+    early = parse(monkeypatch, "--census-heap", "--heap-from", "45", "--minutes", "12")
+    assert soak.heap_probe(early, 720.0) == ("owner", 45.0)
+    assert soak.heap_probe(parse(monkeypatch), 1800.0) is None
+    for options, says in [
+        (("--trace-heap", "--census-heap"), "not allowed with argument"),
+        (("--heap-from", "60"), "--heap-from: with --trace-heap or --census-heap"),
+        (("--census-heap", "--heap-from", "120", "--minutes", "2"), "must be within the run"),
+        (("--census-heap", "--heap-from", "-1"), "must be within the run"),
+        (("--lab", "--census-heap"), "for the overlay's pool processes"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse(monkeypatch, *options)
+        assert says in capsys.readouterr().err, options

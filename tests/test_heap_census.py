@@ -1,0 +1,86 @@
+"""`soak.py --census-heap`'s census (`bench/_heap_census.py`): the live bytes that
+grew between its mark and its end, by the attribute or type that holds them."""
+
+from __future__ import annotations
+
+import gc
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from manycast.policy import equal_split
+from manycast.space import AddressSpace, Allocation, Portion
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SPACE = AddressSpace(Portion(4, 0, 0), bits=14)  # 16384 buckets: 64 KiB of owners each
+
+
+@pytest.fixture
+def heap_census(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("_heap_census")
+
+
+def _allocations(count: int) -> list[Allocation]:
+    return [equal_split(SPACE, [f"s{i}", f"t{i}"]) for i in range(count)]
+
+
+def test_what_an_attribute_of_ours_holds_counts_under_it_and_freed_objects_do_not(
+    heap_census: ModuleType,
+) -> None:
+    before = _allocations(5)  # alive at the mark and at the end: not growth
+    census = heap_census.HeapCensus()
+    census.mark(at=60.0)
+    kept = _allocations(30)
+    freed = [bytearray(50_000) for _ in range(40)]  # 2 MB gone before the end
+    del freed
+    rows = census.growth()
+    assert census.marked_at == 60.0
+    owner, kib, objects = rows[0]
+    assert owner == "Allocation.owners"
+    assert objects == 30
+    assert 30 * 64 <= kib <= 30 * 65  # each array's 16384 int32 and its header
+    assert not any(name.startswith("bytearray") and grown > 100 for name, grown, _ in rows)
+    assert len(before) + len(kept) == 35
+
+
+def test_objects_held_elsewhere_count_under_their_type_and_their_holders(
+    heap_census: ModuleType,
+) -> None:
+    census = heap_census.HeapCensus()
+    census.mark(at=1.0)
+    kept = [bytearray(10_000) for _ in range(100)]  # in a list, no attribute of ours
+    rows = {name: (kib, objects) for name, kib, objects in census.growth()}
+    kib, objects = rows["bytearray in list"]
+    assert objects >= 100 and kib >= 100 * 10_000 / 1024
+    assert len(kept) == 100
+
+
+def test_what_a_cached_property_computed_counts_under_its_name(
+    heap_census: ModuleType,
+) -> None:
+    census = heap_census.HeapCensus()
+    census.mark(at=1.0)
+    kept = _allocations(10)
+    for allocation in kept:
+        allocation.owner_many(np.arange(100))  # computes `_by_field`: a second table
+    rows = {name: (kib, objects) for name, kib, objects in census.growth()}
+    assert rows["Allocation._by_field"][1] == 10
+    assert rows["Allocation._by_field"][0] >= 10 * 64
+
+
+def test_without_a_mark_there_is_no_growth(heap_census: ModuleType) -> None:
+    assert heap_census.HeapCensus().growth() == []
+
+
+def test_counting_gives_no_instance_a_dict_of_its_own(heap_census: ModuleType) -> None:
+    """Asking for `__dict__` would make one for every instance that keeps its
+    attributes inline: the census would grow what it counts."""
+    kept = _allocations(1)[0]
+    inline = [type(held) for held in gc.get_referents(kept)]
+    heap_census.census()
+    assert [type(held) for held in gc.get_referents(kept)] == inline
+    assert dict not in inline
