@@ -349,29 +349,33 @@ class _TrieCosts:
         exclude: list[tuple[int, int]] = []
         counts, outs, ins = self.counts, self.outs, self.ins
 
-        def emit(level: int, index: int, inside: bool) -> None:
+        # Depth first, left child first, on a stack of its own: a nested function
+        # calling itself would be a reference cycle (function, closure cell) that holds
+        # every level's arrays until the collector's oldest generation runs, some MB a
+        # cover (docs/soak.md, finding 32).
+        stack = [(len(counts) - 1, 0, False)]
+        while stack:
+            level, index, inside = stack.pop()
             width = 1 << level
             n = int(counts[level][index])
             if inside:
                 if n == width:
-                    return
+                    continue
                 if n == 0:
                     exclude.append((index * width, width))
-                    return
+                    continue
             else:
                 if n == 0:
-                    return
+                    continue
                 if n == width:
                     include.append((index * width, width))
-                    return
+                    continue
                 split = int(outs[level - 1][2 * index] + outs[level - 1][2 * index + 1])
                 if 1 + int(ins[level][index]) < split:
                     include.append((index * width, width))
                     inside = True
-            emit(level - 1, 2 * index, inside)
-            emit(level - 1, 2 * index + 1, inside)
-
-        emit(len(counts) - 1, 0, False)
+            stack.append((level - 1, 2 * index + 1, inside))
+            stack.append((level - 1, 2 * index, inside))
         return tuple(include), tuple(exclude)
 
 
