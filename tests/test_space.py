@@ -20,6 +20,7 @@ from manycast.space import (
     address_to_int,
     diff,
     moved_share,
+    owner_dtype,
 )
 
 U64 = (1 << 64) - 1
@@ -342,6 +343,40 @@ def test_owner_outside_prefix_is_none() -> None:
     assert alloc.owner("11.0.0.1") is None
     found = alloc.owner_many(np.array([0x0A000001, 0x0B000001], dtype=np.uint32))
     assert found.tolist() == [1, -1]
+
+
+@pytest.mark.parametrize(
+    ("servers", "dtype"),
+    [(1, np.int8), (127, np.int8), (128, np.int16), (32767, np.int16), (32768, np.int32)],
+)
+def test_owners_take_the_narrowest_type_that_holds_every_index(servers: int, dtype: type) -> None:
+    assert owner_dtype(servers) is dtype
+    assert np.iinfo(dtype).max >= servers and np.iinfo(dtype).min <= -1
+
+
+def test_an_allocation_of_a_few_servers_keeps_a_byte_a_bucket() -> None:
+    """A server keeps its last few allocations and a router one or two: on 2**16
+    buckets, 64 KiB each rather than 256 (docs/soak.md, finding 32)."""
+    space = AddressSpace(Portion(4, 0, 0), bits=16)
+    alloc = Allocation.from_counts(space, [(f"s{i}", 2**16 // 8) for i in range(8)])
+    assert alloc.owners.dtype == np.int8 and alloc.owners.nbytes == 2**16
+    assert not alloc.owners.flags.writeable
+    assert alloc.count("s7") == 2**13 and alloc.owner("0.0.0.7") == "s7"
+    rebuilt = Allocation(space, alloc.servers, alloc.owners.astype(np.int64))
+    assert rebuilt == alloc and rebuilt.digest() == alloc.digest()
+
+
+def test_an_index_past_the_servers_is_refused_before_it_is_narrowed() -> None:
+    space = AddressSpace(Portion(4, 0, 0), bits=8)
+    servers = tuple(f"s{i:03}" for i in range(200))
+    owners = np.arange(256, dtype=np.int64) % 200
+    wide = Allocation(space, servers, owners)
+    assert wide.owners.dtype == np.int16 and wide.owners.tolist() == owners.tolist()
+    owners[5] = 300  # 44 as an int8: it must not wrap into a valid index
+    with pytest.raises(SpaceError, match="no owner"):
+        Allocation(space, servers, owners)
+    with pytest.raises(SpaceError, match="no owner"):
+        Allocation(space, servers[:10], np.where(owners == 300, -1, owners % 10))
 
 
 @pytest.mark.parametrize("space", SPACES, ids=str)

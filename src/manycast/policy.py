@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from fractions import Fraction
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -512,7 +513,9 @@ def rebalance(alloc: Allocation, bucket_load: npt.ArrayLike, target: float = 1.1
     return Rebalance(result, moved, before, after, after <= target + 1e-9)
 
 
-def _hand_over(owners: npt.NDArray[np.int32], given: list[tuple[float, int, int]]) -> None:
+def _hand_over(
+    owners: npt.NDArray[np.signedinteger[Any]], given: list[tuple[float, int, int]]
+) -> None:
     """Give each (weight, receiver, bucket) its receiver, where among buckets of one
     weight each receiver gets its count of them as consecutive buckets."""
     for _, group in itertools.groupby(given, key=lambda g: g[0]):

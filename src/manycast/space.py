@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import cached_property, lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -413,6 +413,16 @@ class Move:
     portions: PortionSet
 
 
+def owner_dtype(servers: int) -> type[np.signedinteger[Any]]:
+    """The narrowest signed integer type that holds an index into `servers` servers
+    and -1 (`Allocation.owner_many`'s "outside the space")."""
+    if servers <= np.iinfo(np.int8).max:
+        return np.int8
+    if servers <= np.iinfo(np.int16).max:
+        return np.int16
+    return np.int32
+
+
 @dataclass(frozen=True, eq=False)
 class Allocation:
     """Which server owns each bucket of `space`: disjoint and covering by construction.
@@ -423,7 +433,9 @@ class Allocation:
 
     space: AddressSpace
     servers: tuple[str, ...]
-    owners: npt.NDArray[np.int32] = field(repr=False)
+    # In the narrowest signed type that holds every index (`owner_dtype`): a server
+    # keeps its last few allocations, a router one or two, of 2**16 buckets each.
+    owners: npt.NDArray[np.signedinteger[Any]] = field(repr=False)
 
     def __post_init__(self) -> None:
         if len(set(self.servers)) != len(self.servers):
@@ -432,12 +444,14 @@ class Allocation:
             raise SpaceError("servers must be listed in sorted order")
         if any(not s for s in self.servers):
             raise SpaceError("server ids must be non-empty")
-        owners = np.asarray(self.owners, dtype=np.int32)
-        if owners.shape != (self.space.buckets,):
-            raise SpaceError(f"owners must have {self.space.buckets} entries, not {owners.shape}")
-        if owners.size and (owners.min() < 0 or owners.max() >= len(self.servers)):
+        given = np.asarray(self.owners)
+        if given.dtype.kind not in "iu":
+            given = given.astype(np.int64)
+        if given.shape != (self.space.buckets,):
+            raise SpaceError(f"owners must have {self.space.buckets} entries, not {given.shape}")
+        if given.size and (given.min() < 0 or given.max() >= len(self.servers)):
             raise SpaceError("a bucket has no owner: every bucket of the space must be served")
-        owners = owners.copy()
+        owners = given.astype(owner_dtype(len(self.servers)))  # a copy of its own
         owners.flags.writeable = False
         object.__setattr__(self, "owners", owners)
 
@@ -484,7 +498,9 @@ class Allocation:
             raise SpaceError(f"no server serves {space.cover(owners < 0)}")
         return cls(space, servers, owners)
 
-    def with_owners(self, servers: Iterable[str], owner_ids: npt.NDArray[np.int32]) -> Allocation:
+    def with_owners(
+        self, servers: Iterable[str], owner_ids: npt.NDArray[np.signedinteger[Any]]
+    ) -> Allocation:
         """A new allocation from owner indices into `servers` (re-sorted here)."""
         listed = list(servers)
         ordered = tuple(sorted(listed))
@@ -532,12 +548,12 @@ class Allocation:
         return self.servers[int(self.owners[self.space.bucket(addr)])]
 
     @cached_property
-    def _by_field(self) -> npt.NDArray[np.int32]:
+    def _by_field(self) -> npt.NDArray[np.signedinteger[Any]]:
         """Owners indexed by the raw index field, so a lookup is one gather."""
-        table: npt.NDArray[np.int32] = self.owners[self.space.field_order()]
+        table: npt.NDArray[np.signedinteger[Any]] = self.owners[self.space.field_order()]
         return table
 
-    def owner_many(self, addrs: IntArray) -> npt.NDArray[np.int32]:
+    def owner_many(self, addrs: IntArray) -> npt.NDArray[np.signedinteger[Any]]:
         """Owner indices (into `servers`) for many addresses; -1 outside the space.
 
         IPv4: a 1-D integer array. IPv6: an (n, 2) uint64 array of (high, low) halves.
@@ -546,10 +562,10 @@ class Allocation:
         if space.family == 4:
             a = np.asarray(addrs)
             index = (a >> space.shift) & (space.buckets - 1)
-            found: npt.NDArray[np.int32] = self._by_field.take(index)
+            found: npt.NDArray[np.signedinteger[Any]] = self._by_field.take(index)
             if space.prefix.mask:
                 inside = (a & space.prefix.mask) == space.prefix.value
-                found = np.where(inside, found, np.int32(-1))
+                found = np.where(inside, found, found.dtype.type(-1))
             return found
         halves = np.asarray(addrs, dtype=np.uint64)
         if halves.ndim != 2 or halves.shape[1] != 2:
@@ -563,7 +579,7 @@ class Allocation:
                 np.uint64(space.prefix.value & low_mask),
             )
             inside = ((halves[:, 0] & hi_m) == hi_v) & ((halves[:, 1] & lo_m) == lo_v)
-            found = np.where(inside, found, np.int32(-1))
+            found = np.where(inside, found, found.dtype.type(-1))
         return found
 
     def runs(self) -> Iterator[tuple[int, int, str]]:
