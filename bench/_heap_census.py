@@ -37,7 +37,7 @@ def census() -> dict[str, list[int]]:
     owners: dict[int, str] = {}
     for obj in tracked:
         for attribute, value in _attributes(obj):
-            owners.setdefault(id(value), f"{type(obj).__qualname__}.{attribute}")
+            owners.setdefault(id(value), _name(type(obj).__qualname__, ".", attribute))
     counts: dict[str, list[int]] = {}
     seen: set[int] = set()
 
@@ -59,11 +59,24 @@ def census() -> dict[str, list[int]]:
                 seen.add(id(held))
                 if id(held) not in owners:
                     name = owners.get(id(holder)) or type(holder).__qualname__
-                    owners[id(held)] = f"{type(held).__qualname__} in {name}"
+                    owners[id(held)] = _name(type(held).__qualname__, " in ", name)
                 add(held)
                 below.extend((h, held) for h in gc.get_referents(held) if not gc.is_tracked(h))
     del tracked
     return counts
+
+
+_NAMED: dict[tuple[str, str, str], str] = {}
+
+
+def _name(first: str, joint: str, second: str) -> str:
+    """One string for each name, not one for each object named by it: a count walks
+    some 400 000 objects, and their names would be memory of its own."""
+    key = (first, joint, second)
+    name = _NAMED.get(key)
+    if name is None:
+        name = _NAMED[key] = first + joint + second
+    return name
 
 
 def _attributes(obj: object) -> Iterator[tuple[str, object]]:
