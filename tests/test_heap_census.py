@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -84,3 +85,29 @@ def test_counting_gives_no_instance_a_dict_of_its_own(heap_census: ModuleType) -
     heap_census.census()
     assert [type(held) for held in gc.get_referents(kept)] == inline
     assert dict not in inline
+
+
+def _recorder() -> Callable[[int], None]:
+    seen: dict[int, int] = {}
+
+    def record(key: int) -> None:
+        seen[key] = key * 1000
+
+    return record
+
+
+def test_what_a_function_of_ours_closes_over_counts_under_its_name(
+    heap_census: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dict a nested function keeps (the soak's own records, a driver's callback)
+    is named by the function and the variable, not "dict in cell"."""
+    monkeypatch.setattr(heap_census, "OURS", (__name__,))
+    record = _recorder()
+    census = heap_census.HeapCensus()
+    census.mark(at=1.0)
+    for key in range(5000):
+        record(key)
+    rows = {name: (kib, objects) for name, kib, objects in census.growth()}
+    assert rows["_recorder.<locals>.record.seen"][0] > 100  # its table grew
+    assert rows["int in _recorder.<locals>.record.seen"][1] >= 2 * 5000 - 300
+    assert not any(name.endswith("in cell") for name in rows)
