@@ -17,6 +17,7 @@ import signal
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -67,6 +68,9 @@ def run_and_emit(bench: str, run: Callable[[], dict[str, Any]]) -> None:
         reason = why.get(type(exc)) or (
             str(exc.code) if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
         )
+        if isinstance(exc, Exception):
+            # The JSON line says what went wrong; where, only the traceback can.
+            traceback.print_exc(file=sys.stderr)
         seconds = round(time.monotonic() - began, 1)
         emit({"bench": bench, "error": reason, "seconds": seconds})
         raise SystemExit(130 if isinstance(exc, KeyboardInterrupt | Interrupted) else 1) from exc

@@ -94,7 +94,7 @@ def analyse_vip(faults: list[Fault], vip: dict[str, Any]) -> dict[str, Any]:
     names: list[str] = vip["names"]
     broke: dict[int, list[float | None]] = defaultdict(list)
     lost = []
-    for client, t, cause, first_ok in vip["losses"]:
+    for client, t, cause, first_ok, *_via in vip["losses"]:  # as `_clients_setup` keeps them
         if t < WARMUP_S:
             continue
         fault = next((f for f in kills if f.at <= t <= (f.until or f.at) + AFTER_S), None)

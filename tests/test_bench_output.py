@@ -87,6 +87,9 @@ def test_a_bench_ends_in_one_json_object_however_it_ends(
     assert done.returncode == code
     assert result.get("error") == error
     assert result["bench"] == "toy"
+    # where an error was raised is on stderr; a bench that exits with a reason has none
+    assert ('raise ValueError("bad figure")' in done.stderr) is (how == "raise")
+    assert ("Traceback" in done.stderr) is (how == "raise")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
