@@ -32,11 +32,17 @@ TOP = 15  # owners kept in `growth`, the largest growth first
 OURS = ("manycast", "_soak", "_pool")  # the modules whose objects' attributes name owners
 
 
-def census() -> dict[str, list[int]]:
-    """Every live object's owner -> [objects, bytes] (module docstring)."""
+def census(earlier: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
+    """Every live object's owner -> [objects, bytes] (module docstring), but the
+    census's own: `earlier` (the count it is compared with), the names it made and
+    what it knows of each class. Its working dicts are its frame's locals, which no
+    object it walks holds."""
     tracked = gc.get_objects()
+    mine = _own(earlier)
     owners: dict[int, str] = {}
     for obj in tracked:
+        if id(obj) in mine:
+            continue
         if type(obj) is FunctionType:
             for variable, value in _closure(obj):
                 owners.setdefault(id(value), _name(obj.__qualname__, ".", variable))
@@ -44,16 +50,12 @@ def census() -> dict[str, list[int]]:
         for attribute, value in _attributes(obj):
             owners.setdefault(id(value), _name(type(obj).__qualname__, ".", attribute))
     counts: dict[str, list[int]] = {}
-    seen: set[int] = set()
-
-    def add(obj: object) -> None:
-        name = owners.get(id(obj)) or type(obj).__qualname__
-        entry = counts.setdefault(name, [0, 0])
-        entry[0] += 1
-        entry[1] += sys.getsizeof(obj, 0)
+    seen = mine  # the walk below never enters the census's own objects
 
     for obj in tracked:
-        add(obj)
+        if id(obj) in mine:
+            continue
+        _add(counts, owners, obj)
         # Untracked containers (a dict of numbers and arrays, a tuple of strings) hold
         # untracked objects in turn: walked to the end. One no attribute of ours holds
         # is named by its type and the nearest holder's name ("ndarray in tuple").
@@ -65,10 +67,31 @@ def census() -> dict[str, list[int]]:
                 if id(held) not in owners:
                     name = owners.get(id(holder)) or type(holder).__qualname__
                     owners[id(held)] = _name(type(held).__qualname__, " in ", name)
-                add(held)
+                _add(counts, owners, held)
                 below.extend((h, held) for h in gc.get_referents(held) if not gc.is_tracked(h))
     del tracked
     return counts
+
+
+def _add(counts: dict[str, list[int]], owners: dict[int, str], obj: object) -> None:
+    name = owners.get(id(obj)) or type(obj).__qualname__
+    entry = counts.setdefault(name, [0, 0])
+    entry[0] += 1
+    entry[1] += sys.getsizeof(obj, 0)
+
+
+def _own(earlier: dict[str, list[int]] | None) -> set[int]:
+    """The ids of the census's own objects: `earlier` and its entries, and the
+    module's records of names and classes with what they hold."""
+    mine = {id(_NAMED), id(_NAMES), id(_CACHED)}
+    for key, name in _NAMED.items():
+        mine.update((id(key), id(name)))
+    for table in (_NAMES, _CACHED):
+        mine.update(id(names) for names in table.values())
+    if earlier is not None:
+        mine.add(id(earlier))
+        mine.update(id(entry) for entry in earlier.values())
+    return mine
 
 
 _NAMED: dict[tuple[str, str, str], str] = {}
@@ -183,7 +206,7 @@ class HeapCensus:
         if self._first is None:
             return []
         rows = []
-        for name, (objects, size) in census().items():
+        for name, (objects, size) in census(self._first).items():
             was_objects, was_size = self._first.get(name, (0, 0))
             rows.append([name, round((size - was_size) / 1024, 1), objects - was_objects])
         rows.sort(key=lambda row: row[1], reverse=True)

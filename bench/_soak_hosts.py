@@ -465,6 +465,18 @@ def clients_state(names: list[str], watch: list[float], spill: Path) -> dict[str
     }
 
 
+def served_at_end(run: PoolRun, duration: float) -> int:
+    """The clients answered in the last 3 s of the run (as the progress line says):
+    of its `duration`, not of `run.now`, which goes on while the process counts
+    its heap after the run (`--census-heap`)."""
+    ended = min(run.now, duration)
+    return sum(
+        1
+        for c in run.nodes.clients.values()
+        if c.stats.ok_times and c.stats.ok_times[-1] >= ended - 3.0
+    )
+
+
 def client_line(run: PoolRun) -> str:
     clients = run.nodes.clients.values()
     now = run.now
@@ -498,11 +510,7 @@ def clients_child(
         # answers that came after their request failed its deadline (on a connection
         # the client kept, `--abandon-after-ms`), every one checked
         kept["late_answers"] = sum(c.stats.late_answers for c in run.nodes.clients.values())
-        kept["served_at_end"] = sum(  # answered in the last 3 s (as the progress line)
-            1
-            for c in run.nodes.clients.values()
-            if c.stats.ok_times and c.stats.ok_times[-1] >= run.now - 3.0
-        )
+        kept["served_at_end"] = served_at_end(run, duration)
         return {**kept, "offset": offset}
 
     host_pool(

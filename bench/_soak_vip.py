@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from _pool import HeapProbe, host_pool, median, percentile
-from _soak_hosts import LIVE_HEAP_S, _clients_setup, _tee, client_line, clients_state
+from _soak_hosts import (
+    LIVE_HEAP_S,
+    _clients_setup,
+    _tee,
+    client_line,
+    clients_state,
+    served_at_end,
+)
 from _soak_plan import VIP_VICTIM, WARMUP_S, Fault
 from manycast.runtime import PoolRun
 from manycast.topology import loads
@@ -54,10 +61,7 @@ def vip_child(
     def collect(run: PoolRun, offset: float) -> dict[str, Any]:
         state["finish"]()
         kept = {k: v for k, v in state.items() if k != "finish"}
-        clients = run.nodes.clients.values()
-        kept["served_at_end"] = sum(
-            1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= run.now - 3.0
-        )
+        kept["served_at_end"] = served_at_end(run, duration)
         kept["vip_routers"] = {
             name: {k: v for k, v in vars(r.stats).items() if k != "picks"}
             for name, r in run.nodes.vip_routers.items()
