@@ -23,6 +23,7 @@ from __future__ import annotations
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
 import gc
 import sys
+import time
 from collections.abc import Iterator
 from functools import cached_property
 from types import CodeType, FunctionType
@@ -193,12 +194,15 @@ class HeapCensus:
 
     def __init__(self) -> None:
         self.marked_at: float | None = None
+        self.paused_s: float | None = None  # how long `mark` stopped the process
         self._first: dict[str, list[int]] | None = None
 
     def mark(self, at: float) -> None:
         """The census `growth` compares with, taken at bench time `at`."""
+        began = time.monotonic()
         self._first = census()
         self.marked_at = at
+        self.paused_s = round(time.monotonic() - began, 2)
 
     def growth(self, top: int = TOP) -> list[list[Any]]:
         """The `top` owners whose live bytes grew most since `mark`, as [owner, KiB,

@@ -15,6 +15,7 @@ to run (`_common.not_a_bench`).
 from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
+import time
 import tracemalloc
 from typing import Any
 
@@ -45,12 +46,15 @@ class HeapTrace:
     def __init__(self) -> None:
         tracemalloc.start(1)
         self.marked_at: float | None = None
+        self.paused_s: float | None = None  # how long `mark` stopped the process
         self._first: tracemalloc.Snapshot | None = None
 
     def mark(self, at: float) -> None:
         """The snapshot `growth` compares with, taken at bench time `at`."""
+        began = time.monotonic()
         self._first = tracemalloc.take_snapshot().filter_traces(_SKIP)
         self.marked_at = at
+        self.paused_s = round(time.monotonic() - began, 2)
 
     def growth(self, top: int = TOP) -> list[list[Any]]:
         """The `top` lines whose live blocks grew most since `mark`, as [where, KiB,

@@ -111,14 +111,18 @@ PREPARE_S = 8.0  # a restarted router's next process is spawned this long before
 
 def _traced(results: Mapping[str, Any], probe: HeapProbe | None) -> dict[str, Any]:
     """With --trace-heap or --census-heap: per pool process, what grew most from the
-    probe's time to the end (`_pool.HeapProbe`); a traced run says its losses are
-    not the pool's."""
+    probe's time to the end (`_pool.HeapProbe`) and how long its first count stopped
+    the process; the run says which of its losses may be the probe's."""
     if probe is None:
         return {}
     key = f"heap_growth_by_{probe.by}"
     out: dict[str, Any] = {
         key: {
-            name: {"from_s": got.get("heap_traced_from"), f"{probe.by}s": got[key]}
+            name: {
+                "from_s": got.get("heap_traced_from"),
+                "paused_s": got.get("heap_paused_s"),
+                f"{probe.by}s": got[key],
+            }
             for name, got in results.items()
             if got and key in got
         }
@@ -127,6 +131,12 @@ def _traced(results: Mapping[str, Any], probe: HeapProbe | None) -> dict[str, An
         out["heap_traced"] = (
             "every allocation of the pool processes was traced (--trace-heap): "
             "they ran slower, so this run's losses and recovery times are not the pool's"
+        )
+    else:
+        out["heap_counted"] = (
+            "each pool process stopped for its paused_s at from_s to count its heap "
+            "(--census-heap): losses in the seconds after may be the count's (requests "
+            "wait, a killed server's clients time out later)"
         )
     return out
 

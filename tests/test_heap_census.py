@@ -40,6 +40,7 @@ def test_what_an_attribute_of_ours_holds_counts_under_it_and_freed_objects_do_no
     del freed
     rows = census.growth()
     assert census.marked_at == 60.0
+    assert census.paused_s is not None and census.paused_s > 0  # it walked every object
     owner, kib, objects = rows[0]
     assert owner == "Allocation.owners"
     assert objects == 30

@@ -75,3 +75,34 @@ def test_a_heap_probe_takes_its_start_and_refuses_what_cannot_be_probed(
         with pytest.raises(SystemExit):
             parse(monkeypatch, *options)
         assert says in capsys.readouterr().err, options
+
+
+def test_a_probed_run_says_how_long_each_first_count_stopped_its_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seed 20261201, D, 12 minutes, a census from 30 s: 233 sessions of the clients
+    of s3 (killed at 27 s, back at 29.5 s) were lost 7 to 9 s after the count, just
+    past the kill's window, and the run did not say its count had stopped every
+    pool process at 30 s (the same run without a census loses none)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import soak
+    from _pool import HeapProbe
+
+    results = {
+        "clients": {
+            "heap_traced_from": 30.0,
+            "heap_paused_s": 2.4,
+            "heap_growth_by_owner": [["DestinationGuard.last", 53.8, 626]],
+        },
+        "infra": None,  # a process that sent nothing
+    }
+    counted = soak._traced(results, HeapProbe("owner", 30.0))
+    assert counted["heap_growth_by_owner"] == {
+        "clients": {
+            "from_s": 30.0,
+            "paused_s": 2.4,
+            "owners": [["DestinationGuard.last", 53.8, 626]],
+        }
+    }
+    assert "paused_s" in counted["heap_counted"] and "heap_traced" not in counted
+    assert soak._traced(results, None) == {}
