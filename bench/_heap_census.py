@@ -37,30 +37,35 @@ def census(earlier: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
     """Every live object's owner -> [objects, bytes] (module docstring), but the
     census's own: `earlier` (the count it is compared with), the names it made and
     what it knows of each class. Its working dicts are its frame's locals, which no
-    object it walks holds."""
+    object it walks holds. An object with several holders (a client's generator,
+    held by the client, its endpoint and its query responder) counts under the
+    least of their attributes' names, or its first holder's by address: two counts
+    name what both hold alike, whatever order the collector lists objects in."""
     tracked = gc.get_objects()
+    tracked.sort(key=id)  # the order the collector lists them in changes between counts
     mine = _own(earlier)
     owners: dict[int, str] = {}
     for obj in tracked:
         if id(obj) in mine:
             continue
         if type(obj) is FunctionType:
-            for variable, value in _closure(obj):
-                owners.setdefault(id(value), _name(obj.__qualname__, ".", variable))
-            continue
-        for attribute, value in _attributes(obj):
-            owners.setdefault(id(value), _name(type(obj).__qualname__, ".", attribute))
+            holder, named = obj.__qualname__, _closure(obj)
+        else:
+            holder, named = type(obj).__qualname__, _attributes(obj)
+        for attribute, value in named:
+            _claim(owners, id(value), _name(holder, ".", attribute))
     counts: dict[str, list[int]] = {}
     seen = mine  # the walk below never enters the census's own objects
 
     for obj in tracked:
         if id(obj) in mine:
             continue
-        _add(counts, owners, obj)
+        _add(counts, owners.get(id(obj)) or type(obj).__qualname__, sys.getsizeof(obj, 0))
         # Untracked containers (a dict of numbers and arrays, a tuple of strings) hold
         # untracked objects in turn: walked to the end. One no attribute of ours holds
-        # is named by its type and the nearest holder's name ("ndarray in tuple").
-        below = [(held, obj) for held in gc.get_referents(obj) if not gc.is_tracked(held)]
+        # is named by its type and the first holder's name ("ndarray in tuple").
+        below: list[tuple[object, object]] = []
+        _below(below, obj)
         while below:
             held, holder = below.pop()
             if id(held) not in seen:
@@ -68,17 +73,31 @@ def census(earlier: dict[str, list[int]] | None = None) -> dict[str, list[int]]:
                 if id(held) not in owners:
                     name = owners.get(id(holder)) or type(holder).__qualname__
                     owners[id(held)] = _name(type(held).__qualname__, " in ", name)
-                _add(counts, owners, held)
-                below.extend((h, held) for h in gc.get_referents(held) if not gc.is_tracked(h))
+                _add(counts, owners[id(held)], sys.getsizeof(held, 0))
+                _below(below, held)
     del tracked
     return counts
 
 
-def _add(counts: dict[str, list[int]], owners: dict[int, str], obj: object) -> None:
-    name = owners.get(id(obj)) or type(obj).__qualname__
+def _below(below: list[tuple[object, object]], holder: object) -> None:
+    """The untracked objects `holder` holds, onto `below` with it. Not a comprehension:
+    one would close over `holder`, and that cell of the census's frame would count."""
+    for held in gc.get_referents(holder):
+        if not gc.is_tracked(held):
+            below.append((held, holder))
+
+
+def _claim(owners: dict[int, str], key: int, name: str) -> None:
+    """`name` for the object `key` unless it has a lesser one already."""
+    held = owners.get(key)
+    if held is None or name < held:
+        owners[key] = name
+
+
+def _add(counts: dict[str, list[int]], name: str, size: int) -> None:
     entry = counts.setdefault(name, [0, 0])
     entry[0] += 1
-    entry[1] += sys.getsizeof(obj, 0)
+    entry[1] += size
 
 
 def _own(earlier: dict[str, list[int]] | None) -> set[int]:
