@@ -337,6 +337,8 @@ def expect(conn: Connection, name: str, what: str, wait: float) -> Any:
 def servers_line(run: PoolRun) -> str:
     """A progress line of the servers hosted here: the epoch, each one's share and sessions."""
     servers = run.nodes.servers.values()
+    if not servers:
+        return "no server running here (standbys: " + ", ".join(run.nodes.standby) + ")"
     parts = []
     for s in servers:
         allocation = s.coordinator.allocation

@@ -15,7 +15,7 @@ to run (`_common.not_a_bench`).
 from __future__ import annotations
 
 import _common  # noqa: F401  # isort: skip  # first: a missing package ends in the JSON line
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,9 +29,14 @@ FLOOR_WINDOW_S = 60.0
 _LIVE_COLUMNS = ("blocks_k", "malloc_mb", "arenas_mb", "arena_used_mb")
 
 
-def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+def fit_per_hour(
+    samples: list[dict[str, Any]],
+    names: Sequence[str],
+    since: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
     """Per process: RSS (MB) and descriptors, first and last sample, and the slope of a
-    least-squares line per hour over the samples after the warm-up (None under 3).
+    least-squares line per hour over the samples after the warm-up (None under 3), or
+    after its bench time in `since` (a process whose nodes start later: a standby's).
     `rss_floor_mb_per_hour` is the slope through the lowest RSS of each
     `FLOOR_WINDOW_S` instead (`_floor_line`): a process that works in bursts peaks
     after each and gives the memory back at its next heap trim, so the line through
@@ -44,8 +49,9 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
     from code first run (`bench/_proc_sample.py`)."""
     out: dict[str, Any] = {}
     for name in names:
-        points = [(s["t"], s[name]) for s in samples if name in s and s["t"] >= WARMUP_S]
-        entry: dict[str, Any] = {"samples": len(points)}
+        start = (since or {}).get(name, WARMUP_S)
+        points = [(s["t"], s[name]) for s in samples if name in s and s["t"] >= start]
+        entry: dict[str, Any] = {"samples": len(points), "from_s": round(start, 1)}
         for key in ("rss_mb", "fds"):
             if points:
                 entry[f"{key}_first_last"] = [points[0][1][key], points[-1][1][key]]
@@ -61,7 +67,9 @@ def fit_per_hour(samples: list[dict[str, Any]], names: Sequence[str]) -> dict[st
     return out
 
 
-def fit_live_heap(series: dict[str, list[list[Any]]]) -> dict[str, Any]:
+def fit_live_heap(
+    series: dict[str, list[list[Any]]], since: Mapping[str, float] | None = None
+) -> dict[str, Any]:
     """Per process, from the rows it sampled inside itself ([bench time, allocated
     blocks, malloc MB in use, pymalloc's MB of arenas held, its MB of blocks in use],
     `_pool.host_pool`; the last two absent from older rows): the floor lines of what
@@ -69,13 +77,15 @@ def fit_live_heap(series: dict[str, list[list[Any]]]) -> dict[str, Any]:
     A process whose RSS floor rises while its live blocks and malloc's bytes stay
     level keeps memory it has freed, it does not leak; `live_arenas_mb` rising while
     `live_arena_used_mb` stays level says where: pymalloc's arenas, each held by a
-    few long-lived objects (`_pymalloc`)."""
+    few long-lived objects (`_pymalloc`). From the warm-up's end, or `since`'s time
+    as `fit_per_hour`."""
     out: dict[str, Any] = {}
     for name, rows in series.items():
+        start = (since or {}).get(name, WARMUP_S)
         points = [
             (row[0], dict(zip(_LIVE_COLUMNS, (_thousands(row[1]), *row[2:]), strict=False)))
             for row in rows
-            if row[0] >= WARMUP_S
+            if row[0] >= start
         ]
         entry: dict[str, Any] = {}
         for key in _LIVE_COLUMNS:

@@ -1,9 +1,12 @@
 """The soak's long-lived pool processes (bench/soak.py starts them):
 
-- the infrastructure: router ra, servers s1, s2 and the standbys; it carries out
-  the faults that act inside a pool (share changes, rebalances, standby joins, loss
-  bursts and delay spikes on its side of the core link) and records every
-  allocation it adopts;
+- the infrastructure: router ra and servers s1, s2; it carries out the faults that
+  act inside a pool (share changes, rebalances, loss bursts and delay spikes on its
+  side of the core link) and records every allocation it adopts;
+- each standby server (s5, s6), alone: built at the start, it joins the pool at its
+  join fault (`infra_child` with that server and that fault), as a new machine
+  would; so a join adds no server to the infrastructure's process, whose memory
+  the soak measures;
 - the clients: all of them; every second it folds the clients' per-request lists
   into compact figures (answers and failures per second, latencies, each session
   loss with the first answer after it, each client's first answer after each router
@@ -234,7 +237,10 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
         order: list[str] = state["servers"]
 
         def sample() -> None:
-            for server in list(servers.values()):
+            for name in LOCAL_SERVERS:  # not a standby's process: the infrastructure's
+                server = servers.get(name)
+                if server is None:
+                    continue
                 coordinator = server.coordinator
                 allocation = coordinator.allocation
                 if allocation is None or coordinator.epoch in epochs:
@@ -242,7 +248,8 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
                 owners = owners_bytes(allocation, order, addresses)
                 epochs[coordinator.epoch] = (run.now - offset, owners)
 
-        every(loop, SAMPLE_S, sample)
+        if any(name in servers for name in LOCAL_SERVERS):
+            every(loop, SAMPLE_S, sample)
 
         def receiver() -> str:
             return next(n for n in LOCAL_SERVERS if n in servers)
@@ -257,7 +264,7 @@ def _infra_setup(faults: list[Fault], state: dict[str, Any]) -> Any:
                 run.command(receiver(), op)
             elif fault.kind == "rebalance":
                 run.command(receiver(), control.RebalanceOp(float(fault.args["target"]), ()))
-            elif fault.kind == "join":
+            elif fault.kind == "join":  # the server starts in the process hosting it
                 run.engine.added.add(fault.args["server"])
                 run.start_server(fault.args["server"])
 
@@ -309,6 +316,9 @@ def infra_child(
     progress_every: float,
     heap_probe: HeapProbe | None = None,
 ) -> None:
+    """The infrastructure's process (`local`: ra, s1, s2; every pool fault), or a
+    standby's (`local`: that server; `faults`: its join alone). Its progress lines
+    are labelled with the process's name."""
     _tee(log)
     state: dict[str, Any] = {"epochs": {}, "servers": [], "done": []}
 
@@ -329,7 +339,7 @@ def infra_child(
         base,
         seed,
         duration,
-        "infra",
+        multiprocessing.current_process().name,
         _infra_setup(faults, state),
         collect,
         progress_every=progress_every,

@@ -1,18 +1,19 @@
 """Chaos soak: a pool under load lives through seeded, overlapping random faults.
 
 The overlay variant here; `--lab` runs the kernel-lab variant (root only,
-bench/_soak_lab.py: the same pool and seeded faults in network namespaces). A pool on the
-overlay split over processes: all the clients (1000 by default, 0.5 requests/s
-each) in one, router ra with servers s1, s2 and standbys s5, s6 in another, router
-rb (the edge of s3, s4 and client LAN b) in a third, and each of the servers s3, s4
-alone in a `manycast run --nodes` process. Technique R3 (lossless) by default; the
-pool finds a death after 2 s (20 missed 100 ms heartbeats), longer than any router
-outage drawn (`_soak_plan.DETECTION_S`). A client's request fails 2 s after it
-was sent, but its connection stays, and the late answer is still checked, until a
-request has waited 10 s or TCP gives up (`--abandon-after-ms`; 2000: the connection
-goes with the request); the clients cap their retransmission timeout at 200 ms with
-15 retries (`--rto-max-ms`, `--max-retries`; `--thin-stream` for Linux's
-thin-stream timeouts instead).
+bench/_soak_lab.py: the same pool and seeded faults in network namespaces). A pool
+on the overlay split over processes: all the clients (1000 by default, 0.5
+requests/s each) in one, router ra with servers s1, s2 in another (the
+infrastructure), router rb (the edge of s3, s4 and client LAN b) in a third, each of
+the servers s3, s4 alone in a `manycast run --nodes` process, and each standby (s5,
+s6) alone in a process from the start, which it joins the pool in at its join fault.
+Technique R3 (lossless) by default; the pool finds a death after 2 s (20 missed 100
+ms heartbeats), longer than any router outage drawn (`_soak_plan.DETECTION_S`). A
+client's request fails 2 s after it was sent, but its connection stays, and the late
+answer is still checked, until a request has waited 10 s or TCP gives up
+(`--abandon-after-ms`; 2000: the connection goes with the request); the clients cap
+their retransmission timeout at 200 ms with 15 retries (`--rto-max-ms`,
+`--max-retries`; `--thin-stream` for Linux's thin-stream timeouts instead).
 After a warm-up, `--seed` draws every kind of fault once per 20 s at random offsets
 (they overlap): SIGKILL of s3's or s4's process and its restart 2-5 s later;
 SIGKILL of rb's process and its restart 0.3-1.5 s later; a standby server joining;
@@ -86,6 +87,7 @@ from _soak_plan import (
     VICTIMS,
     VIP_KINDS,
     VIP_VICTIM,
+    WARMUP_S,
     Fault,
     pool_text,
     schedule,
@@ -142,12 +144,19 @@ def _traced(results: Mapping[str, Any], probe: HeapProbe | None) -> dict[str, An
 
 
 def _growth(
-    samples: list[dict[str, Any]], live_heap: dict[str, list[list[Any]]], vip_on: bool
+    samples: list[dict[str, Any]],
+    live_heap: dict[str, list[list[Any]]],
+    vip_on: bool,
+    joins: Mapping[str, Fault],
 ) -> dict[str, Any]:
     """Each long-lived process's growth: RSS and descriptors from the bench's samples,
-    and, for the processes that host pool nodes, what their heaps hold alive."""
-    growth = fit_per_hour(samples, ("infra", "clients", "bench", *(("vip",) if vip_on else ())))
-    for name, figures in fit_live_heap(live_heap).items():
+    and, for the processes that host pool nodes, what their heaps hold alive. A
+    standby's process from its join plus the warm-up (before, it holds a server that
+    has not started; the join starts it, as the pool's start starts the others)."""
+    since = {name: join.at + WARMUP_S for name, join in joins.items()}
+    names = ("infra", "clients", "bench", *(("vip",) if vip_on else ()), *joins)
+    growth = fit_per_hour(samples, names, since)
+    for name, figures in fit_live_heap(live_heap, since).items():
         growth.setdefault(name, {}).update(figures)
     return growth
 
@@ -261,12 +270,18 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     if dns is not None:  # serving before any router asks
         dns.start()
         dns.wait_up(120)
-    local = {"ra", *LOCAL_SERVERS, *STANDBY}
+    local = {"ra", *LOCAL_SERVERS}
     restarts = [f.until or f.at for f in faults if f.kind == "router_restart"]
     bodies: list[tuple[str, Any, tuple[Any, ...]]] = [
         ("infra", infra_child, (text, local, base, args.seed, seconds + GRACE_S, faults)),
         ("clients", clients_child, (text, base, args.seed, seconds + GRACE_S, restarts)),
     ]
+    # Each standby that joins, in a process of its own (a new machine), from the start.
+    joins = {f.args["server"]: f for f in faults if f.kind == "join"}
+    assert set(joins) <= set(STANDBY)
+    for name, join in joins.items():
+        standby = (text, {name}, base, args.seed, seconds + GRACE_S, [join])
+        bodies.append((name, infra_child, standby))
     vip_on = any(kind in VIP_KINDS for kind in args.kinds)
     if vip_on:  # the VIP pool beside it, on ports of its own
         vip_text = vip_pool_text(args.vip_clients, args.vip_clients, seconds + 60)
@@ -541,7 +556,7 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
             "samples": samples,
             "live_heap_samples": live_heap,
             **_traced(results, probe),
-            "growth_per_hour": _growth(samples, live_heap, vip_on),
+            "growth_per_hour": _growth(samples, live_heap, vip_on, joins),
             "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "seconds": round(time.monotonic() - began, 1),

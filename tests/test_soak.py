@@ -100,6 +100,16 @@ def test_the_pool_serves_and_is_measured(soak: dict[str, Any]) -> None:
     # few runs: this run left 54 once, handed over one by one 3435 (docs/soak.md 18).
     end = soak["allocation_at_end"]
     assert end["epoch"] > 1 and 0 < end["runs"] < 1000, end
+    # Each standby joined from a process of its own (not the infrastructure's, whose
+    # memory is measured), came to hold a part of the space, and its memory is
+    # measured from its join on.
+    joins = [row for row in soak["per_fault"] if row["kind"] == "join"]
+    assert len(joins) == 2, joins
+    for row in joins:
+        name = row["server"]
+        assert end["portions"].get(name, 0) > 0, end
+        growth = soak["growth_per_hour"][name]
+        assert growth["from_s"] > row["at"] and growth["samples"] >= 3, growth
     # Each fault's share of sessions_lost, by cause: together, every loss some fault
     # came before.
     by_kind = soak["sessions_lost_by_fault_kind"]

@@ -213,3 +213,20 @@ def test_under_glibcs_malloc_only_mallocs_count_is_fitted(analysis: ModuleType) 
     assert got["live_malloc_mb_floor_per_hour"] == pytest.approx(0.0, abs=0.01)
     assert got["live_malloc_mb_first_last"][0] == pytest.approx(48.0)
     assert not any(key.startswith(("live_blocks", "live_arena")) for key in got)
+
+
+def test_a_standby_is_fitted_from_its_time_not_from_before_its_join(
+    analysis: ModuleType,
+) -> None:
+    """A standby's process holds a server that has not started until its join, which
+    starts it (a step in its memory, as the pool's start is in the others'); so its
+    line starts at the time `since` gives it."""
+    idle = [60.0] * 12  # two minutes a standby
+    rss = idle + [70.0 + 0.01 * i for i in range(60)]  # joined at 130 s; 0.06 MB/min
+    samples = _samples(rss)
+    whole = analysis.fit_per_hour(samples, ["infra"])["infra"]
+    since = analysis.fit_per_hour(samples, ["infra"], {"infra": 140.0})["infra"]
+    assert whole["from_s"] == 10.0 and since["from_s"] == 140.0
+    assert since["samples"] == len(rss) - 13
+    assert whole["rss_mb_per_hour"] > 10 * since["rss_mb_per_hour"]  # the join's step
+    assert since["rss_mb_per_hour"] == pytest.approx(3.6, abs=0.01)
