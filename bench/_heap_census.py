@@ -214,6 +214,7 @@ class HeapCensus:
     def __init__(self) -> None:
         self.marked_at: float | None = None
         self.paused_s: float | None = None  # how long `mark` stopped the process
+        self.total: list[Any] | None = None  # every owner's growth: [KiB, objects]
         self._first: dict[str, list[int]] | None = None
 
     def mark(self, at: float) -> None:
@@ -229,11 +230,24 @@ class HeapCensus:
         if self._first is None:
             return []
         rows = []
-        for name, (objects, size) in census(self._first).items():
+        now = census(self._first)
+        for name, (objects, size) in now.items():
             was_objects, was_size = self._first.get(name, (0, 0))
             rows.append([name, round((size - was_size) / 1024, 1), objects - was_objects])
         rows.sort(key=lambda row: row[1], reverse=True)
+        self.total = [
+            round((_sum(now, 1) - _sum(self._first, 1)) / 1024, 1),
+            _sum(now, 0) - _sum(self._first, 0),
+        ]
         return rows[:top]
+
+
+def _sum(counts: dict[str, list[int]], column: int) -> int:
+    """Every owner's objects (0) or bytes (1) together."""
+    total = 0
+    for entry in counts.values():
+        total += entry[column]
+    return total
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class HeapTrace:
         tracemalloc.start(1)
         self.marked_at: float | None = None
         self.paused_s: float | None = None  # how long `mark` stopped the process
+        self.total: list[Any] | None = None  # every line's growth: [KiB, blocks]
         self._first: tracemalloc.Snapshot | None = None
 
     def mark(self, at: float) -> None:
@@ -66,6 +67,10 @@ class HeapTrace:
         tracemalloc.stop()
         stats = last.compare_to(self._first, "lineno")
         stats.sort(key=lambda s: s.size_diff, reverse=True)
+        self.total = [
+            round(sum(s.size_diff for s in stats) / 1024, 1),
+            sum(s.count_diff for s in stats),
+        ]
         return [
             [
                 where(s.traceback[0].filename, s.traceback[0].lineno),

@@ -263,6 +263,7 @@ def host_pool(
             result[f"heap_growth_by_{heap_probe.by}"] = grown
             result["heap_traced_from"] = trace.marked_at
             result["heap_paused_s"] = trace.paused_s
+            result["heap_growth_total"] = trace.total
         if heap_every is not None:
             rows = [heap[i : i + _ROW] for i in range(0, len(heap), _ROW)]
             result["live_heap"] = [

@@ -123,6 +123,7 @@ def _traced(results: Mapping[str, Any], probe: HeapProbe | None) -> dict[str, An
             name: {
                 "from_s": got.get("heap_traced_from"),
                 "paused_s": got.get("heap_paused_s"),
+                "total": got.get("heap_growth_total"),  # every owner's: the rows' share
                 f"{probe.by}s": got[key],
             }
             for name, got in results.items()

@@ -47,6 +47,10 @@ def test_what_an_attribute_of_ours_holds_counts_under_it_and_freed_objects_do_no
     assert 30 * 64 <= kib <= 30 * 65  # each array: a byte a bucket (two servers), a header
     assert not any(name.startswith("bytearray") and grown > 100 for name, grown, _ in rows)
     assert len(before) + len(kept) == 35
+    # Every owner's growth together: the kept allocations, and what the freed ones
+    # gave back (each Allocation's own table was counted in the first census too).
+    total_kib, total_objects = census.total
+    assert 30 * 64 <= total_kib <= 40 * 65 and total_objects > 0, census.total
 
 
 def test_objects_held_elsewhere_count_under_their_type_and_their_holders(
