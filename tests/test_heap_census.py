@@ -33,6 +33,7 @@ def test_what_an_attribute_of_ours_holds_counts_under_it_and_freed_objects_do_no
     heap_census: ModuleType,
 ) -> None:
     before = _allocations(5)  # alive at the mark and at the end: not growth
+    gc.collect()  # no earlier test's garbage freed between the counts (the total's)
     census = heap_census.HeapCensus()
     census.mark(at=60.0)
     kept = _allocations(30)

@@ -39,7 +39,9 @@ def test_the_line_that_keeps_blocks_leads_and_freed_ones_do_not_count(
     assert not any(
         where.endswith(f":{_line_of('freed = [bytes(300)')}") and n > 10 for where, _, n in lines
     )
-    assert trace.total[0] >= kib  # every line's growth together: the kept bytes and more
+    # Every line's growth together: the kept bytes, less the 500 blocks of before the
+    # mark that `_` let go when the loop took the name.
+    assert trace.total[0] >= (2000 * 200 - 500 * 160) / 1024, trace.total
 
 
 def test_without_a_mark_there_is_no_growth(heap_trace: ModuleType) -> None:

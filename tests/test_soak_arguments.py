@@ -92,6 +92,7 @@ def test_a_probed_run_says_how_long_each_first_count_stopped_its_process(
         "clients": {
             "heap_traced_from": 30.0,
             "heap_paused_s": 2.4,
+            "heap_growth_total": [61.2, 700],
             "heap_growth_by_owner": [["DestinationGuard.last", 53.8, 626]],
         },
         "infra": None,  # a process that sent nothing
@@ -101,6 +102,7 @@ def test_a_probed_run_says_how_long_each_first_count_stopped_its_process(
         "clients": {
             "from_s": 30.0,
             "paused_s": 2.4,
+            "total": [61.2, 700],
             "owners": [["DestinationGuard.last", 53.8, 626]],
         }
     }
