@@ -91,6 +91,21 @@ class Owners:
         return seen
 
 
+def held_by_name(topology: Any) -> dict[str, str]:
+    """The address a client's connection was sent to -> the server's name (or
+    "group"): under D the server that holds it, which may not be its owner yet."""
+    names = {str(topology.address(s)): s for s in topology.servers}
+    names[str(topology.pool.group)] = "group"
+    return names
+
+
+def held_by(client: Any, names: dict[str, str]) -> str | None:
+    """The name of the server `client`'s connection is sent to (`held_by_name`), or
+    None with no connection."""
+    key = client.conn_key
+    return None if key is None else names.get(str(key[1][0]), str(key[1][0]))
+
+
 def _crash(
     faults: Sequence[Fault],
     owners: Owners,
@@ -286,6 +301,7 @@ def analyse(
         "requests_answered": sum(ok.values()),
         "requests_failed": sum(failed.values()),
         "requests_answered_late": clients.get("late_answers"),
+        "redirects": clients.get("redirects"),
         "per_minute": per_minute,
         "recovery_by_kind": by_kind,
         "per_fault": fault_rows,

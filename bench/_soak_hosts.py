@@ -36,7 +36,7 @@ import sys
 import time
 import traceback
 from array import array
-from collections import defaultdict
+from collections import Counter, defaultdict
 from fractions import Fraction
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from _pool import HeapProbe, every, host_pool, servers_line
-from _soak_analysis import owners_bytes
+from _soak_analysis import held_by, held_by_name, owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, Fault
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
@@ -370,11 +370,7 @@ def _clients_setup(state: dict[str, Any]) -> Any:
         spill = Spill(Path(state["spill"]))
         waiting: dict[int, list[list[Any]]] = defaultdict(list)
 
-        # the address a client's connection was sent to -> the server's name (or the
-        # group's): under D the server that held it, which may not be its owner yet
-        topology = run.topology
-        to_name = {str(topology.address(s)): s for s in topology.servers}
-        to_name[str(topology.pool.group)] = "group"
+        to_name = held_by_name(run.topology)
 
         for index, client in enumerate(clients):
             original = client._lost
@@ -391,9 +387,7 @@ def _clients_setup(state: dict[str, Any]) -> Any:
                 why = "reset" if reset else cause
                 if not why:
                     why = fails[-1][1] if fails and fails[-1][0] == now else "closed"
-                key = c.conn_key
-                via = None if key is None else to_name.get(str(key[1][0]), str(key[1][0]))
-                record = [i, round(now - offset, 4), why, None, via]
+                record = [i, round(now - offset, 4), why, None, held_by(c, to_name)]
                 losses.append(record)
                 waiting[i].append(record)
                 f(now, reset, cause)
@@ -487,6 +481,19 @@ def served_at_end(run: PoolRun, duration: float) -> int:
     )
 
 
+def redirects(run: PoolRun) -> dict[str, Any]:
+    """D's change-destinations at the clients: followed, and refused by reason (a
+    refused one leaves its client sending to a server that gave the connection away)."""
+    clients = run.nodes.clients.values()
+    refused: Counter[str] = Counter()
+    for c in clients:
+        refused.update({str(reason): n for reason, n in c.stats.redirects_refused.items()})
+    return {
+        "followed": sum(c.stats.destination_changes for c in clients),
+        "refused": dict(refused),
+    }
+
+
 def client_line(run: PoolRun) -> str:
     clients = run.nodes.clients.values()
     now = run.now
@@ -521,6 +528,7 @@ def clients_child(
         # the client kept, `--abandon-after-ms`), every one checked
         kept["late_answers"] = sum(c.stats.late_answers for c in run.nodes.clients.values())
         kept["served_at_end"] = served_at_end(run, duration)
+        kept["redirects"] = redirects(run)
         return {**kept, "offset": offset}
 
     host_pool(

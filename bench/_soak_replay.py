@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from _soak_analysis import Owners, _crash, owners_bytes
+from _soak_analysis import Owners, _crash, held_by, held_by_name, owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, ROUTER, WARMUP_S, Fault, pool_text, schedule
 from manycast.drivers.memory import MemoryNetwork
 from manycast.pool import build
@@ -53,6 +53,7 @@ class Loss:
     t: float
     cause: str  # "reset", or the client's cause (ConnectionTimedOut, no answer, ...)
     owners: list[str]  # the client's owners from 1.5/rate + 2 s before the loss to it
+    via: str | None  # the server its connection was sent to ("group": not one yet)
 
 
 @dataclass
@@ -84,15 +85,14 @@ def replay(
     lookback = 1.5 / RATE + 2.0
     result = Replay(faults, answered=sum(c.stats.requests_ok for c in run.nodes.clients.values()))
     index = {name: i for i, name in enumerate(names)}
-    for name, t, cause in losses:
+    for name, t, cause, via in losses:
         if t < WARMUP_S:
             continue
-        if _crash(faults, owners, index[name], t, lookback) is not None:
+        if _crash(faults, owners, index[name], t, lookback, via) is not None:
             result.crashed += 1
         else:
-            result.lost.append(
-                Loss(name, round(t, 3), cause, owners.sequence(index[name], t - lookback, t))
-            )
+            sequence = owners.sequence(index[name], t - lookback, t)
+            result.lost.append(Loss(name, round(t, 3), cause, sequence, via))
     return result
 
 
@@ -125,18 +125,26 @@ def scheduled_pool(
     return run, faults
 
 
-def _watch_losses(run: PoolRun, names: list[str]) -> list[tuple[str, float, str]]:
-    """Each client's session losses as (client, time, cause), as the soak's clients'
-    process records them."""
-    losses: list[tuple[str, float, str]] = []
+def _watch_losses(run: PoolRun, names: list[str]) -> list[tuple[str, float, str, str | None]]:
+    """Each client's session losses as (client, time, cause, via), as the soak's
+    clients' process records them (`_soak_hosts`): via is the server its connection
+    was sent to, which under D holds it whether or not it owns the client."""
+    losses: list[tuple[str, float, str, str | None]] = []
+    to_name = held_by_name(run.topology)
     for name in names:
         client: Client = run.nodes.clients[name]
         original = client._lost
 
         def lost(
-            now: float, reset: bool = False, cause: str = "", n: str = name, f: Any = original
+            now: float,
+            reset: bool = False,
+            cause: str = "",
+            n: str = name,
+            c: Client = client,
+            f: Any = original,
         ) -> None:
-            losses.append((n, now, "reset" if reset else cause or "closed"))
+            via = held_by(c, to_name)
+            losses.append((n, now, "reset" if reset else cause or "closed", via))
             f(now, reset, cause)
 
         client._lost = lost  # type: ignore[method-assign]

@@ -171,10 +171,16 @@ def heap_probe(args: argparse.Namespace, seconds: float) -> HeapProbe | None:
 
 
 class Victim:
-    """One server in its own `manycast run --nodes` process, killed and restarted."""
+    """One server in its own `manycast run --nodes` process, killed and restarted.
 
-    def __init__(self, name: str, path: Path, base: int, logs: Path, end: float) -> None:
+    It runs with the soak's seed, as every other process of the pool does: a pool
+    without a key file derives its key from the seed (`pool_keys`), and a server
+    built from another seed signs change-destinations that D's clients refuse (bad
+    signature), so every connection moved to it was lost (finding 35)."""
+
+    def __init__(self, name: str, path: Path, base: int, seed: int, logs: Path, end: float) -> None:
         self.name, self.path, self.base, self.logs, self.end = name, path, base, logs, end
+        self.seed = seed
         self.process: subprocess.Popen[bytes] | None = None
         self.incarnation = 0
         self.exits: list[dict[str, Any]] = []
@@ -183,7 +189,7 @@ class Victim:
         self.incarnation += 1
         log = self.logs / f"{self.name}.{self.incarnation}.log"
         remaining = max(5.0, self.end - time.monotonic())
-        command = node_command(self.path, self.name, self.base, remaining + 10, seed=SEED)
+        command = node_command(self.path, self.name, self.base, remaining + 10, self.seed)
         with log.open("wb") as err:
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)
 
@@ -306,10 +312,12 @@ def _measure(args: argparse.Namespace, logs: Path) -> dict[str, Any]:
         child.close()
         children.append((process, parent))
     end_estimate = time.monotonic() + 90 + seconds
-    victims = {v: Victim(v, path, base, logs, end_estimate) for v in VICTIMS}
+    victims = {v: Victim(v, path, base, args.seed, logs, end_estimate) for v in VICTIMS}
     for victim in victims.values():
         victim.start()
-    vip_router = Victim(VIP_VICTIM, vip_path, vip_base, logs, end_estimate) if vip_on else None
+    vip_router = (
+        Victim(VIP_VICTIM, vip_path, vip_base, args.seed, logs, end_estimate) if vip_on else None
+    )
     if vip_router is not None:
         vip_router.start()
     router = RouterProcess(ROUTER, text, base, args.seed, faults, logs)

@@ -338,6 +338,43 @@ def test_the_dns_restart_fault_loses_no_session() -> None:
     assert recovery["unrecovered"] == 0 and recovery["recovery_s_p50"] is not None
 
 
+# -- technique D across the pool's processes ---------------------------------------------
+
+
+def test_seed_20261202_connections_moved_to_a_server_in_its_own_process_are_kept() -> None:
+    """Seed 20261202 lost 321 sessions under D, every one a connection moved to s3 or
+    s4, whose clients then timed out (docs/soak.md, finding 35). Those servers run in
+    `manycast run --nodes` processes, which the soak started with its default seed
+    rather than its --seed; the pool's key is derived from the seed, so they signed
+    change-destinations with another key and the clients refused every one (bad
+    signature), while the old server had already let the connection go. Seed 20261203
+    raises s4's share to 32 % at 12.5 s, which moves about 30 of 500 connections to
+    it: before the fix 30 sessions were lost and 226 change-destinations refused;
+    now every one is followed, none refused, no session lost."""
+    result = _soak_json(
+        "--minutes",
+        "0.5",
+        "--clients-per-lan",
+        "250",
+        "--technique",
+        "D",
+        "--seed",
+        "20261203",
+        "--kinds",
+        "set_share",
+    )
+    assert result["faults"] == {"set_share": 1}
+    assert result["unexpected_exits"] == [] and result["tracebacks"] == {}
+    moved_to_s4 = [f for f in result["per_fault"] if f.get("server") == "s4"]
+    assert moved_to_s4, result["per_fault"]
+    redirects = result["redirects"]
+    assert redirects["refused"] == {}, redirects
+    assert redirects["followed"] > 10, redirects  # clients followed their moved connection
+    assert result["sessions_lost"] == 0, result["sessions_lost_detail"]
+    assert result["wrong_answers"] == 0
+    assert result["clients_served_at_end"] == 500
+
+
 # -- a VIP router killed (the vip_router_kill fault) -------------------------------------
 
 

@@ -16,6 +16,7 @@ import pytest
 from manycast.protocol import handover, server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import _soak_replay
 from _soak_replay import replay
 
 
@@ -90,3 +91,27 @@ def test_seed_13_a_state_given_as_its_query_ran_out_is_taken(
 
     monkeypatch.setattr(handover.Handover, "on_timer", forgetting)
     assert _lost(13, 101.0) == [("a2", "reset", ["s3", "s2"])]
+
+
+def test_seed_20261202_a_guest_on_a_killed_server_died_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under D a loaded owner passes new connections to a less loaded server, which
+    keeps them as guests: a client's session can live on a server that does not own
+    it. The replay of seed 20261202 counted 44 losses by 1780 s, every one a guest
+    of a killed server (s3 or s4) lost at its kill or reset by its fresh process; the
+    soak's rule gives such a loss to the crash by the server the connection was sent
+    to (`via`), which the replay did not pass. Now it does, and the replay of seed
+    20261202 loses none (docs/soak.md, finding 35). Seed 2 shows it in seconds: b84
+    and a80, s4's guests, are lost at 43-44 s: s4 was killed at 40.2 s and restarted at 43.8 s."""
+    result = replay(2, 120.0, technique="D", until=45.0)
+    assert result.crashed > 0 and result.answered > 100 * 45 * 0.8
+    assert result.lost == []
+    original = _soak_replay._crash
+    monkeypatch.setattr(
+        _soak_replay,
+        "_crash",
+        lambda *a, **k: original(*a[:5]),  # without `via`, as before
+    )
+    before = replay(2, 120.0, technique="D", until=45.0)
+    assert [(loss.client, loss.via) for loss in before.lost] == [("b84", "s4"), ("a80", "s4")]
