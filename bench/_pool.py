@@ -310,16 +310,14 @@ def run_together(
             conn.close()
 
 
-def node_command(
-    path: Path, node: str, base_port: int, duration: float, seed: int | None = None
-) -> list[str]:
+def node_command(path: Path, node: str, base_port: int, duration: float, seed: int) -> list[str]:
     """`manycast run` hosting only `node` of the topology at `path`: the process a
-    bench SIGKILLs to crash that node for real."""
+    bench SIGKILLs to crash that node for real. `seed` is the one the rest of the
+    pool was built with: without a key file the pool's key derives from it, and a
+    node of another seed signs with another key (docs/soak.md, finding 35)."""
     command = [sys.executable, "-m", "manycast", "run", str(path), "--nodes", node]
     command += ["--base-port", str(base_port), "--duration", f"{duration:g}"]
-    if seed is not None:
-        command += ["--seed", str(seed)]
-    return command
+    return [*command, "--seed", str(seed)]
 
 
 def expect(conn: Connection, name: str, what: str, wait: float) -> Any:

@@ -11,8 +11,9 @@ to s1 or s2 as the infrastructure process sends them. Floods, DNS restarts and t
 VIP pool need their processes and are not replayed.
 
 Losses are judged by the soak's own rule (`_soak_analysis._crash`): a loss within
-a kill's window of a client the killed server owned is the crash's; any other
-counts in `lost`. 200 clients over 120 s take about 10 s.
+a kill's window of a client the killed server owned, or whose connection was sent
+to it (`via`: D's guests live on a server that does not own them), is the crash's;
+any other counts in `lost`. 200 clients over 120 s take about 10 s.
 
 Run alone, it prints one json object, its last line on stdout, naming the bench
 to run (`_common.not_a_bench`).

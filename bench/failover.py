@@ -227,7 +227,7 @@ def once(index: int, path: Path, text: str) -> dict[str, Any]:
     victim_address = int(topo.address(VICTIM))
     routers = list(run.nodes.routers.values())
     servers = run.nodes.servers
-    command = [*node_command(path, VICTIM, base, CLIENTS_S + 5), "--json"]
+    command = [*node_command(path, VICTIM, base, CLIENTS_S + 5, seed), "--json"]
     victim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _expect(parent, "built", 120)

@@ -352,7 +352,13 @@ def run(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as one JSON object, last line.")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed for every random choice.")] = 1,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed for every random choice. Without [pool] key_file the pool's key "
+            "derives from it: give every process of one pool the same seed."
+        ),
+    ] = 1,
     base_port: Annotated[
         int, typer.Option(help="First UDP port of the overlay endpoints.")
     ] = 47000,
