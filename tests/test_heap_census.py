@@ -125,10 +125,16 @@ def test_a_census_counts_nothing_of_its_own(heap_census: ModuleType) -> None:
     nothing else ran between, nothing grew (they were 0.7 MB of "dict in cell", 2000
     to 3000 lists and a dict of 0.4 MB in each pool process of a soak)."""
     heap_census.census()  # a process's first count makes some 15 KiB of code objects, once
-    census = heap_census.HeapCensus()
-    census.mark(at=1.0)
-    rows = census.growth(top=10_000)
-    grown = [(name, kib, objects) for name, kib, objects in rows if kib > 0]
+    # Counted again up to three times: a thread another test left behind may fill a
+    # cache of its own while one count runs (once, 3.7 KiB of tuples in an
+    # OrderedDict), while what the census itself keeps would show in every count.
+    for _ in range(3):
+        census = heap_census.HeapCensus()
+        census.mark(at=1.0)
+        rows = census.growth(top=10_000)
+        grown = [(name, kib, objects) for name, kib, objects in rows if kib > 0]
+        if sum(kib for _, kib, _ in grown) < 1:
+            break
     assert sum(kib for _, kib, _ in grown) < 1, grown[:10]
 
 
