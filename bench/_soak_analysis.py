@@ -30,7 +30,7 @@ import _common  # noqa: F401  # isort: skip  # first: a missing package ends in 
 import bisect
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,35 @@ def held_by(client: Any, names: dict[str, str]) -> str | None:
     None with no connection."""
     key = client.conn_key
     return None if key is None else names.get(str(key[1][0]), str(key[1][0]))
+
+
+def on_losses(
+    clients: Sequence[Any], topology: Any, record: Callable[[int, float, str, str | None], None]
+) -> None:
+    """Call `record(index, now, cause, via)` at every session loss of `clients[index]`
+    (the overlay's clients' process and the memory driver's replay alike): the cause
+    is "reset", the client's own, or its failure at that instant; `via`, the server
+    its connection was sent to (`held_by`)."""
+    names = held_by_name(topology)
+    for index, client in enumerate(clients):
+        original = client._lost
+
+        def lost(
+            now: float,
+            reset: bool = False,
+            cause: str = "",
+            i: int = index,
+            c: Any = client,
+            f: Any = original,
+        ) -> None:
+            fails = c.stats.failures
+            why = "reset" if reset else cause
+            if not why:
+                why = fails[-1][1] if fails and fails[-1][0] == now else "closed"
+            record(i, now, why, held_by(c, names))
+            f(now, reset, cause)
+
+        client._lost = lost
 
 
 def _crash(

@@ -45,7 +45,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from _pool import HeapProbe, every, host_pool, servers_line
-from _soak_analysis import held_by, held_by_name, owners_bytes
+from _soak_analysis import on_losses, owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, Fault
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
@@ -370,29 +370,12 @@ def _clients_setup(state: dict[str, Any]) -> Any:
         spill = Spill(Path(state["spill"]))
         waiting: dict[int, list[list[Any]]] = defaultdict(list)
 
-        to_name = held_by_name(run.topology)
+        def lost(index: int, now: float, why: str, via: str | None) -> None:
+            record = [index, round(now - offset, 4), why, None, via]
+            losses.append(record)
+            waiting[index].append(record)
 
-        for index, client in enumerate(clients):
-            original = client._lost
-
-            def lost(
-                now: float,
-                reset: bool = False,
-                cause: str = "",
-                i: int = index,
-                c: Any = client,
-                f: Any = original,
-            ) -> None:
-                fails = c.stats.failures
-                why = "reset" if reset else cause
-                if not why:
-                    why = fails[-1][1] if fails and fails[-1][0] == now else "closed"
-                record = [i, round(now - offset, 4), why, None, held_by(c, to_name)]
-                losses.append(record)
-                waiting[i].append(record)
-                f(now, reset, cause)
-
-            client._lost = lost  # type: ignore[method-assign]
+        on_losses(clients, run.topology, lost)
 
         carried = [0] * len(clients)  # each client's last answer stays in its list
         watch: list[float] = state["watch"]

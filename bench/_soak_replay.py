@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from _soak_analysis import Owners, _crash, held_by, held_by_name, owners_bytes
+from _soak_analysis import Owners, _crash, on_losses, owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, ROUTER, WARMUP_S, Fault, pool_text, schedule
 from manycast.drivers.memory import MemoryNetwork
 from manycast.pool import build
@@ -128,27 +128,13 @@ def scheduled_pool(
 
 def _watch_losses(run: PoolRun, names: list[str]) -> list[tuple[str, float, str, str | None]]:
     """Each client's session losses as (client, time, cause, via), as the soak's
-    clients' process records them (`_soak_hosts`): via is the server its connection
-    was sent to, which under D holds it whether or not it owns the client."""
+    clients' process records them (`_soak_analysis.on_losses`): via is the server its
+    connection was sent to, which under D holds it whether or not it owns the client."""
     losses: list[tuple[str, float, str, str | None]] = []
-    to_name = held_by_name(run.topology)
-    for name in names:
-        client: Client = run.nodes.clients[name]
-        original = client._lost
-
-        def lost(
-            now: float,
-            reset: bool = False,
-            cause: str = "",
-            n: str = name,
-            c: Client = client,
-            f: Any = original,
-        ) -> None:
-            via = held_by(c, to_name)
-            losses.append((n, now, "reset" if reset else cause or "closed", via))
-            f(now, reset, cause)
-
-        client._lost = lost  # type: ignore[method-assign]
+    clients: list[Client] = [run.nodes.clients[name] for name in names]
+    on_losses(
+        clients, run.topology, lambda i, now, why, via: losses.append((names[i], now, why, via))
+    )
     return losses
 
 
