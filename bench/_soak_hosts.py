@@ -49,6 +49,7 @@ from _soak_analysis import on_losses, owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, Fault
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
+from manycast.summary import served_window
 from manycast.topology import loads
 from manycast.wire import control
 
@@ -453,15 +454,14 @@ def clients_state(names: list[str], watch: list[float], spill: Path) -> dict[str
 
 
 def served_at_end(run: PoolRun, duration: float) -> int:
-    """The clients answered in the last 3 s of the run (as the progress line says):
-    of its `duration`, not of `run.now`, which goes on while the process counts
-    its heap after the run (`--census-heap`)."""
+    """The clients answered within `served_window` of the run's end (as the
+    progress line counts, and as every scenario's summary does): of its `duration`,
+    not of `run.now`, which goes on while the process counts its heap after the run
+    (`--census-heap`)."""
+    clients = run.nodes.clients.values()
     ended = min(run.now, duration)
-    return sum(
-        1
-        for c in run.nodes.clients.values()
-        if c.stats.ok_times and c.stats.ok_times[-1] >= ended - 3.0
-    )
+    window = served_window(c.rate for c in clients)
+    return sum(1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= ended - window)
 
 
 def redirects(run: PoolRun) -> dict[str, Any]:
@@ -479,10 +479,12 @@ def redirects(run: PoolRun) -> dict[str, Any]:
 
 def client_line(run: PoolRun) -> str:
     clients = run.nodes.clients.values()
-    now = run.now
-    served = sum(1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= now - 3.0)
+    window = served_window(c.rate for c in clients)
+    served = sum(
+        1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= run.now - window
+    )
     open_ = sum(1 for c in clients if c.connected)
-    return f"served in 3 s {served}/{len(clients)} open {open_}"
+    return f"served in {window:g} s {served}/{len(clients)} open {open_}"
 
 
 def clients_child(

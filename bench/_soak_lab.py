@@ -58,6 +58,7 @@ from manycast.lab.daemons import READY_TIMEOUT, ROLES_OF, SERVER_START
 from manycast.lab.neighbours import table_fulls
 from manycast.scenario import ScenarioEngine
 from manycast.steps import Add, Kill, Rebalance, SetShare, Step
+from manycast.summary import served_window
 from manycast.topology import Topology
 
 LAB_KINDS = ("kill", "router_restart", "join", "set_share", "rebalance", "loss_burst", "flood")
@@ -180,7 +181,7 @@ class LabSoak:
         self.burst_numbers = itertools.count()  # a table of its own per burst, even overlapping
         self.cpu: dict[str, float | None] = {}
         self.end: dict[str, Any] = {}
-        self.window = 1.5 / args.rate if args.rate > 0 else 3.0
+        self.window = served_window([args.rate])  # as every scenario's summary counts
         self._record: tuple[dict[str, Any], dict[str, Any]] | None = None
 
     # -- the run -----------------------------------------------------------------
