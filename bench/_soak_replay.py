@@ -72,10 +72,12 @@ def replay(
     technique: str = "R3",
     kinds: tuple[str, ...] = REPLAYED,
     until: float | None = None,
+    faults: list[Fault] | None = None,
 ) -> Replay:
     """Run the schedule `seed` draws for a `seconds` soak, to its end or to `until`
-    (a test stops after the loss it reproduces); see the module's docstring."""
-    run, faults = scheduled_pool(seed, seconds, clients_per_lan, technique, kinds)
+    (a test stops after the loss it reproduces), or the `faults` given instead (a
+    test that sets up one moment of a schedule); see the module's docstring."""
+    run, faults = scheduled_pool(seed, seconds, clients_per_lan, technique, kinds, faults)
     network = run.network
     assert isinstance(network, MemoryNetwork)
     names = sorted(run.topology.clients)
@@ -103,10 +105,13 @@ def scheduled_pool(
     clients_per_lan: int = 100,
     technique: str = "R3",
     kinds: tuple[str, ...] = REPLAYED,
+    faults: list[Fault] | None = None,
 ) -> tuple[PoolRun, list[Fault]]:
     """The soak's pool on the memory driver with the faults `seed` draws for a
-    `seconds` soak scheduled on its clock, not yet run (`replay`, bench/allocator.py)."""
-    unknown = set(kinds) - set(REPLAYED)
+    `seconds` soak (or `faults`) scheduled on its clock, not yet run (`replay`,
+    bench/allocator.py)."""
+    unknown = {f.kind for f in faults} if faults is not None else set(kinds)
+    unknown -= set(REPLAYED)
     if unknown:
         raise ValueError(f"not replayed on the memory driver: {', '.join(sorted(unknown))}")
     text = pool_text(
@@ -120,7 +125,8 @@ def scheduled_pool(
     run = PoolRun(loads(text), "memory", seed=seed)
     network = run.network
     assert isinstance(network, MemoryNetwork)
-    faults = schedule(seed, seconds, kinds)
+    if faults is None:
+        faults = schedule(seed, seconds, kinds)
     for fault in faults:
         _schedule(run, network, fault, seed)
     return run, faults

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from manycast.protocol import handover, server
+from manycast.drivers.memory import MemoryNetwork
+from manycast.protocol import handover, redirect, server
+from manycast.wire import control
+from manycast.wire.ip import Address
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import _soak_replay
-from _soak_replay import replay
+from _soak_plan import WARMUP_S, Fault
+from _soak_replay import replay, scheduled_pool
 
 
 def _lost(seed: int, until: float) -> list[tuple[str, str, list[str]]]:
@@ -115,3 +120,62 @@ def test_seed_20261202_a_guest_on_a_killed_server_died_with_it(
     )
     before = replay(2, 120.0, technique="D", until=45.0)
     assert [(loss.client, loss.via) for loss in before.lost] == [("b84", "s4"), ("a80", "s4")]
+
+
+def _lost_when_moves_are_lost(copies_lost: int) -> list[tuple[str, str, str | None]]:
+    """The soak's D pool (50 clients a LAN) where s4's share goes to 45 % at 20 s, and
+    the first `copies_lost` copies of the first connection s1 moves to s4 are lost on
+    the way (as two or three in a row are, now and then, in a 25 % loss burst on
+    ra-rb): the sessions lost by 32 s, by the soak's rule."""
+    faults = [Fault("set_share", 20.0, None, {"server": "s4", "share": 0.45})]
+    run, _ = scheduled_pool(1, 60.0, 50, "D", (), faults)
+    network = run.network
+    assert isinstance(network, MemoryNetwork)
+    names = sorted(run.topology.clients)
+    losses = _soak_replay._watch_losses(run, names)
+    redirector = run.nodes.servers["s1"].redirector
+    assert redirector is not None
+    send, copies, s4 = redirector.send_control, [], run.topology.address("s4")
+
+    def lossy(message: control.ControlMessage, to: Address | None) -> None:
+        if isinstance(message, control.MoveConnection) and to == s4:
+            first = copies[0] if copies else message.key
+            if message.key == first:
+                copies.append(message.key)
+                if len(copies) <= copies_lost:
+                    return
+        send(message, to)
+
+    redirector.send_control = lossy
+    network.run_until(32.0)
+    assert len(copies) > copies_lost  # the move was sent again until one arrived
+    assert sum(c.stats.requests_ok for c in run.nodes.clients.values()) > 100 * 32 * 0.4
+    return [(name, cause, via) for name, t, cause, via in losses if t > WARMUP_S]
+
+
+def test_seed_20261202_a_move_sent_again_soon_outlasts_a_loss_burst(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hour of D on seed 20261202 (finding 37) lost a80's session at 2744.0 s,
+    3.3 s after a rebalance made in a 26 % loss burst on ra-rb: s1 had moved its
+    connection to s3 (owners s1, s3), but the client still sent to s1 (via s1) and
+    timed out. A move was sent again after 1 s, then 2 s: two copies lost on the
+    lossy path took it past the client's 3.2 s of patience. It is now sent again
+    after 0.25 s, then twice as long each time (six copies, 15.75 s in all): three
+    copies lost cost 1.75 s, and the session is kept; with the old timing the same
+    three copies cost 7 s and the client times out."""
+    assert _lost_when_moves_are_lost(3) == []
+    monkeypatch.setattr(redirect, "MOVE_TRIES", 4)
+    monkeypatch.setattr(redirect.Redirector, "__init__", _with_move_timeout(1.0))
+    lost = _lost_when_moves_are_lost(3)
+    assert [(cause, via) for _, cause, via in lost] == [("ConnectionTimedOut", "s1")], lost
+
+
+def _with_move_timeout(seconds: float) -> Any:
+    init = redirect.Redirector.__init__
+
+    def patched(self: redirect.Redirector, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.move_timeout = seconds
+
+    return patched
