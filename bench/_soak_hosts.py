@@ -49,7 +49,7 @@ from _soak_analysis import on_losses, owners_bytes
 from _soak_plan import CORE_LINK, LOCAL_SERVERS, Fault
 from manycast.drivers.overlay_network import OverlayNetwork
 from manycast.runtime import PoolRun
-from manycast.summary import served_window
+from manycast.summary import served_recently, served_window
 from manycast.topology import loads
 from manycast.wire import control
 
@@ -458,10 +458,9 @@ def served_at_end(run: PoolRun, duration: float) -> int:
     progress line counts, and as every scenario's summary does): of its `duration`,
     not of `run.now`, which goes on while the process counts its heap after the run
     (`--census-heap`)."""
-    clients = run.nodes.clients.values()
-    ended = min(run.now, duration)
+    clients = list(run.nodes.clients.values())
     window = served_window(c.rate for c in clients)
-    return sum(1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= ended - window)
+    return served_recently(clients, min(run.now, duration), window)
 
 
 def redirects(run: PoolRun) -> dict[str, Any]:
@@ -478,11 +477,9 @@ def redirects(run: PoolRun) -> dict[str, Any]:
 
 
 def client_line(run: PoolRun) -> str:
-    clients = run.nodes.clients.values()
+    clients = list(run.nodes.clients.values())
     window = served_window(c.rate for c in clients)
-    served = sum(
-        1 for c in clients if c.stats.ok_times and c.stats.ok_times[-1] >= run.now - window
-    )
+    served = served_recently(clients, run.now, window)
     open_ = sum(1 for c in clients if c.connected)
     return f"served in {window:g} s {served}/{len(clients)} open {open_}"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -122,7 +121,9 @@ def test_seed_20261202_a_guest_on_a_killed_server_died_with_it(
     assert [(loss.client, loss.via) for loss in before.lost] == [("b84", "s4"), ("a80", "s4")]
 
 
-def _lost_when_moves_are_lost(copies_lost: int) -> list[tuple[str, str, str | None]]:
+def _lost_when_moves_are_lost(
+    copies_lost: int, move_timeout: float | None = None
+) -> list[tuple[str, str, str | None]]:
     """The soak's D pool (50 clients a LAN) where s4's share goes to 45 % at 20 s, and
     the first `copies_lost` copies of the first connection s1 moves to s4 are lost on
     the way (as two or three in a row are, now and then, in a 25 % loss burst on
@@ -135,6 +136,8 @@ def _lost_when_moves_are_lost(copies_lost: int) -> list[tuple[str, str, str | No
     losses = _soak_replay._watch_losses(run, names)
     redirector = run.nodes.servers["s1"].redirector
     assert redirector is not None
+    if move_timeout is not None:
+        redirector.move_timeout = move_timeout
     send, copies, s4 = redirector.send_control, [], run.topology.address("s4")
 
     def lossy(message: control.ControlMessage, to: Address | None) -> None:
@@ -166,16 +169,5 @@ def test_seed_20261202_a_move_sent_again_soon_outlasts_a_loss_burst(
     three copies cost 7 s and the client times out."""
     assert _lost_when_moves_are_lost(3) == []
     monkeypatch.setattr(redirect, "MOVE_TRIES", 4)
-    monkeypatch.setattr(redirect.Redirector, "__init__", _with_move_timeout(1.0))
-    lost = _lost_when_moves_are_lost(3)
+    lost = _lost_when_moves_are_lost(3, move_timeout=1.0)
     assert [(cause, via) for _, cause, via in lost] == [("ConnectionTimedOut", "s1")], lost
-
-
-def _with_move_timeout(seconds: float) -> Any:
-    init = redirect.Redirector.__init__
-
-    def patched(self: redirect.Redirector, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **kwargs)
-        self.move_timeout = seconds
-
-    return patched
